@@ -1,0 +1,158 @@
+"""Pages to profile: synthetic documents drawn with Pillow, or image files from a folder / OmniDocBench.
+
+A ``Page`` is cheap (a path or a recipe); images are decoded only when the session runs the page, so a
+corrupt file fails that page alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+from PIL import Image, ImageDraw
+
+from llm_perf_opt.errors import ConfigError, InputError
+
+
+@attrs.frozen
+class Page:
+    page_id: str
+    path: Path | None = None
+    synthetic_size: tuple[int, int] | None = None
+    seed: int = 0
+
+    def load(self) -> Image.Image:
+        if self.synthetic_size is not None:
+            return synthetic_page(self.synthetic_size, self.seed)
+        assert self.path is not None
+        from llm_perf_opt.models.deepseek_ocr.preprocess import load_image
+
+        return load_image(self.path)
+
+    def describe(self) -> dict[str, Any]:
+        """Identity for inputs.yaml: path + size + sha256 (or the synthetic recipe)."""
+        if self.synthetic_size is not None:
+            return {"page_id": self.page_id, "synthetic": True, "size_px": list(self.synthetic_size), "seed": self.seed}
+        assert self.path is not None
+        info: dict[str, Any] = {"page_id": self.page_id, "path": str(self.path)}
+        try:
+            data = self.path.read_bytes()
+            info["sha256"] = hashlib.sha256(data).hexdigest()
+            info["bytes"] = len(data)
+        except OSError as exc:
+            info["error"] = f"unreadable: {exc}"
+        return info
+
+
+def synthetic_page(size: tuple[int, int], seed: int) -> Image.Image:
+    """A document-like page: title, paragraphs of text-like strokes, a ruled table and a figure box.
+
+    Deterministic for (size, seed).  The content only matters for realism of preprocessing (padding,
+    crops); token counts depend on the size alone.
+    """
+    w, h = size
+    rng = random.Random(seed * 1_000_003 + w * 31 + h)
+    img = Image.new("RGB", (w, h), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    margin = max(8, w // 14)
+    line_h = max(6, h // 70)
+    y = margin
+    draw.rectangle([margin, y, margin + (w - 2 * margin) * 2 // 3, y + 2 * line_h], fill=(20, 20, 20))
+    y += 4 * line_h
+    while y < h * 0.35:
+        x = margin
+        while x < w - margin - 10:
+            word = rng.randint(max(3, w // 60), max(6, w // 12))
+            draw.rectangle([x, y, min(x + word, w - margin), y + line_h // 2], fill=(40, 40, 40))
+            x += word + max(3, w // 90)
+        y += line_h + line_h // 2
+    rows, cols = 5, 4
+    tx0, ty0 = margin, int(h * 0.4)
+    tx1, ty1 = w - margin, int(h * 0.62)
+    for r in range(rows + 1):
+        yy = ty0 + (ty1 - ty0) * r // rows
+        draw.line([tx0, yy, tx1, yy], fill=(0, 0, 0), width=max(1, w // 400))
+    for c in range(cols + 1):
+        xx = tx0 + (tx1 - tx0) * c // cols
+        draw.line([xx, ty0, xx, ty1], fill=(0, 0, 0), width=max(1, w // 400))
+    fx0, fy0, fx1, fy1 = margin, int(h * 0.68), w // 2, int(h * 0.92)
+    draw.rectangle([fx0, fy0, fx1, fy1], outline=(0, 0, 180), width=max(1, w // 300))
+    draw.ellipse([fx0 + 10, fy0 + 10, fx1 - 10, fy1 - 10], fill=(200, 120, 60))
+    return img
+
+
+def _collect_files(root: Path, subset_filelist: str | None, patterns: Sequence[str]) -> list[Path]:
+    if subset_filelist:
+        listing = Path(subset_filelist)
+        if not listing.is_absolute():
+            listing = root / listing if (root / listing).exists() else listing
+        if not listing.is_file():
+            raise ConfigError(
+                f"dataset.subset_filelist not found: {listing}",
+                hint="give a text file with one image path per line (relative to dataset.root), or set it to null",
+            )
+        files = []
+        for n, line in enumerate(listing.read_text().splitlines(), start=1):
+            entry = line.strip()
+            if not entry or entry.startswith("#"):
+                continue
+            path = Path(entry) if Path(entry).is_absolute() else root / entry
+            if not path.is_file():
+                raise InputError(
+                    f"{listing}:{n}: page '{entry}' does not exist under {root}",
+                    hint="fix or remove that line of the subset file list",
+                )
+            files.append(path)
+        return files
+    found: set[Path] = set()
+    for pattern in patterns:
+        found.update(p for p in root.glob(pattern) if p.is_file())
+    return sorted(found)
+
+
+def build_pages(ds: Any, project_root: Path) -> list[Page]:
+    """Pages of the configured dataset, in a stable order; one clear error when there are none."""
+    kind = ds.get("kind", "synthetic")
+    max_pages = ds.get("max_pages")
+    if kind == "synthetic":
+        sizes = [tuple(int(v) for v in s) for s in ds.get("sizes") or []]
+        if not sizes:
+            raise ConfigError("dataset.sizes is empty", hint="e.g. dataset.sizes='[[595,842],[800,600]]'")
+        for s in sizes:
+            if len(s) != 2 or min(s) < 16:
+                raise ConfigError(f"dataset.sizes entry {list(s)} is not a [width, height] of at least 16 px")
+        pages = [
+            Page(page_id=f"synthetic-{w}x{h}-{i}", synthetic_size=(w, h), seed=int(ds.get("seed", 0)) + i)
+            for i, (w, h) in enumerate(sizes)
+        ]
+    elif kind == "files":
+        root_raw = ds.get("root")
+        if root_raw in (None, "???"):
+            raise ConfigError("dataset.root is not set", hint="e.g. dataset=folder dataset.root=/path/to/pages")
+        root = Path(str(root_raw))
+        if not root.is_absolute():
+            root = project_root / root
+        if not root.is_dir():
+            raise InputError(
+                f"dataset root does not exist: {root}",
+                hint="see datasets/README.md for where to place OmniDocBench, or use dataset=folder dataset.root=DIR",
+            )
+        files = _collect_files(root, ds.get("subset_filelist"), list(ds.get("fallback_patterns") or []))
+        if not files:
+            patterns = ", ".join(ds.get("fallback_patterns") or [])
+            raise InputError(
+                f"no images found in {root} (patterns: {patterns})",
+                hint="put .png/.jpg pages there, or point dataset.root / dataset.subset_filelist elsewhere",
+            )
+        pages = [Page(page_id=str(p.relative_to(root)) if p.is_relative_to(root) else p.name, path=p) for p in files]
+    else:
+        raise ConfigError(f"dataset.kind must be 'synthetic' or 'files', got {kind!r}")
+    if max_pages is not None:
+        if int(max_pages) < 1:
+            raise ConfigError(f"dataset.max_pages must be >= 1 or null, got {max_pages}")
+        pages = pages[: int(max_pages)]
+    return pages

@@ -1,0 +1,159 @@
+"""CLIP-L/14 vision tower of DeepSeek-OCR, run on SAM features instead of its own patches.
+
+DeepSeek-OCR never uses CLIP's patch convolution at inference: the SAM encoder's output grid
+(1024 channels, 16×16 for the global view, 10×10 for a tile) *is* the patch embedding sequence.
+The tower adds a CLS token and (resized) absolute positions, applies the pre-LayerNorm and the
+transformer, and returns the last layer's hidden states without any post-LayerNorm (the checkpoint
+has none).  Callers drop the CLS token before the projector.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llm_perf_opt.errors import ModelLoadError
+from llm_perf_opt.models.deepseek_ocr.config import ClipConfig
+
+__all__ = [
+    "ClipAttention",
+    "ClipBlock",
+    "ClipEmbeddings",
+    "ClipMlp",
+    "ClipTransformer",
+    "ClipVisionTower",
+    "interpolate_clip_pos_embed",
+    "quick_gelu",
+]
+
+
+def quick_gelu(x: Tensor) -> Tensor:
+    """OpenAI CLIP's sigmoid approximation of GELU; the weights were trained with it, not with erf GELU."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+def interpolate_clip_pos_embed(pos_embed: Tensor, hw: tuple[int, int]) -> Tensor:
+    """Fit the [1+S², C] position table (CLS first) to an h×w patch grid, keeping the CLS row as is.
+
+    The table is trained for a 16×16 grid (224/14); a 640² tile yields 10×10 SAM tokens.  The grid
+    part is resized with bicubic + antialias in float32 like the reference (which assumes a square
+    grid; h×w is the natural generalisation and identical for squares).
+    """
+    src = math.isqrt(pos_embed.shape[0] - 1)
+    if src * src != pos_embed.shape[0] - 1:
+        raise ModelLoadError(f"CLIP position table has {pos_embed.shape[0]} rows, not 1 + a square grid")
+    if (src, src) == hw:
+        return pos_embed
+    cls_pos, grid_pos = pos_embed[:1], pos_embed[1:]
+    grid = grid_pos.reshape(1, src, src, -1).permute(0, 3, 1, 2).to(torch.float32)
+    resized = F.interpolate(grid, size=hw, mode="bicubic", antialias=True, align_corners=False)
+    resized = resized.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(hw[0] * hw[1], -1)
+    return torch.cat([cls_pos, resized], dim=0)
+
+
+class ClipEmbeddings(nn.Module):
+    """CLS token + patch embeddings + absolute positions.
+
+    ``position_ids`` is registered (non-persistent, absent from the checkpoint) only for key parity
+    with the vendor module; ``forward`` reads ``position_embedding.weight`` directly, so a model
+    built on the meta device and loaded with ``assign=True`` works without re-creating the buffer.
+    """
+
+    def __init__(self, cfg: ClipConfig) -> None:
+        super().__init__()
+        self.class_embedding = nn.Parameter(torch.zeros(cfg.hidden_size))
+        self.patch_embedding = nn.Conv2d(
+            3, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False
+        )
+        self.position_embedding = nn.Embedding(cfg.num_positions, cfg.hidden_size)
+        self.register_buffer("position_ids", torch.arange(cfg.num_positions).expand((1, -1)), persistent=False)
+
+    def forward(self, pixel_values: Tensor, patch_embeds: Tensor | None = None) -> Tensor:
+        if patch_embeds is None:
+            patch_embeds = self.patch_embedding(pixel_values)
+        b, _, h, w = patch_embeds.shape
+        tokens = patch_embeds.flatten(2).transpose(1, 2)
+        cls = self.class_embedding.expand(b, 1, -1)
+        embeddings = torch.cat([cls, tokens], dim=1)
+        return embeddings + interpolate_clip_pos_embed(self.position_embedding.weight, (h, w))
+
+
+class ClipAttention(nn.Module):
+    """Full bidirectional self-attention with a fused qkv projection (the checkpoint's layout)."""
+
+    def __init__(self, cfg: ClipConfig) -> None:
+        super().__init__()
+        if cfg.hidden_size % cfg.num_attention_heads:
+            raise ModelLoadError(
+                f"CLIP width {cfg.hidden_size} is not divisible by {cfg.num_attention_heads} heads"
+            )
+        self.num_heads = cfg.num_attention_heads
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size * 3, bias=True)
+        self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, s, _ = x.shape
+        qkv = self.qkv_proj(x).view(b, s, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.out_proj(out.permute(0, 2, 1, 3).reshape(b, s, -1))
+
+
+class ClipMlp(nn.Module):
+    """fc1 → quick-GELU → fc2."""
+
+    def __init__(self, cfg: ClipConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size)
+        self.fc2 = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(quick_gelu(self.fc1(x)))
+
+
+class ClipBlock(nn.Module):
+    """Pre-norm residual block."""
+
+    def __init__(self, cfg: ClipConfig) -> None:
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.self_attn = ClipAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.mlp = ClipMlp(cfg)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class ClipTransformer(nn.Module):
+    """The layer stack; its own module so the keys read ``transformer.layers.N``."""
+
+    def __init__(self, cfg: ClipConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(ClipBlock(cfg) for _ in range(cfg.num_layers))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class ClipVisionTower(nn.Module):
+    """Embeddings → pre-LayerNorm → transformer; returns [B, 1 + h·w, hidden] including CLS."""
+
+    def __init__(self, cfg: ClipConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = ClipEmbeddings(cfg)
+        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.pre_layernorm_epsilon)
+        self.transformer = ClipTransformer(cfg)
+
+    def forward(self, pixel_values: Tensor, patch_embeds: Tensor | None = None) -> Tensor:
+        """``patch_embeds`` is SAM's [B, hidden, h, w] output; ``pixel_values`` only matter without it."""
+        x = self.embeddings(pixel_values, patch_embeds)
+        return self.transformer(self.pre_layrnorm(x))

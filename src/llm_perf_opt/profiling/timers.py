@@ -1,0 +1,57 @@
+"""Device-honest stage clocks.
+
+On CUDA a mark is an event recorded on the *current stream*, so a stage's time is the GPU time between
+two points of the stream, not the host's enqueue time.  Nothing here synchronises: the page loop calls
+``resolve`` once at the end of a page, which synchronises on the last event.  On CPU a mark is
+``time.perf_counter_ns`` (the work is synchronous, so the host clock is the truth).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+
+
+class Mark(Protocol):
+    """A point in the device's timeline."""
+
+
+class _HostMark:
+    __slots__ = ("ns",)
+
+    def __init__(self) -> None:
+        self.ns = time.perf_counter_ns()
+
+
+class DeviceClock:
+    """Marks and elapsed times for one device (CUDA events or the host clock)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.is_cuda = device.type == "cuda"
+
+    def mark(self) -> object:
+        if self.is_cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record(torch.cuda.current_stream(self.device))
+            return ev
+        return _HostMark()
+
+    def synchronize(self) -> None:
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+
+    def elapsed_ms(self, start: object, end: object) -> float:
+        """Milliseconds from ``start`` to ``end``; call after ``synchronize`` on CUDA."""
+        if self.is_cuda:
+            assert isinstance(start, torch.cuda.Event) and isinstance(end, torch.cuda.Event)
+            return float(start.elapsed_time(end))
+        assert isinstance(start, _HostMark) and isinstance(end, _HostMark)
+        return (end.ns - start.ns) / 1e6
+
+    def intervals_ms(self, marks: Sequence[object]) -> list[float]:
+        """Consecutive intervals between marks: their sum equals first→last exactly."""
+        return [self.elapsed_ms(a, b) for a, b in zip(marks[:-1], marks[1:], strict=True)]

@@ -1,0 +1,134 @@
+"""The single PyTorch-profiler pass and its operator table.
+
+Totals never double count: the "% of total" column divides an operator's *self* time by the sum of all
+self times (every operator, not only the top K), and inclusive ("total") times are shown only for
+reading.  On CUDA the table is sorted by self device time, on CPU by self CPU time.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from llm_perf_opt.results.types import OperatorRow, ProfileSummary
+
+RANGE_NAMES = ("preprocess", "prefill", "decode", "sam", "clip", "projector")
+
+
+def _device_us(evt: Any, attr: str) -> float:
+    # torch >= 2.4 names it *_device_time_total; older releases *_cuda_time_total.
+    for name in (attr, attr.replace("device", "cuda")):
+        if hasattr(evt, name):
+            return float(getattr(evt, name))
+    return 0.0
+
+
+def operator_table(prof: Any, on_device: bool, top_k: int) -> tuple[list[OperatorRow], float, str]:
+    """Top-K operators by self time and the grand total of self times (ms)."""
+    events = [e for e in prof.key_averages() if not e.key.startswith("ProfilerStep")]
+    user_ranges = set(RANGE_NAMES) | {"decode_step"}
+    ops = [e for e in events if e.key not in user_ranges]
+    if on_device:
+        sort_key = "self_device_ms"
+        ops.sort(key=lambda e: _device_us(e, "self_device_time_total"), reverse=True)
+        total_us = sum(_device_us(e, "self_device_time_total") for e in ops)
+    else:
+        sort_key = "self_cpu_ms"
+        ops.sort(key=lambda e: float(e.self_cpu_time_total), reverse=True)
+        total_us = sum(float(e.self_cpu_time_total) for e in ops)
+    rows = []
+    for e in ops[:top_k]:
+        self_dev = _device_us(e, "self_device_time_total") / 1e3 if on_device else None
+        tot_dev = _device_us(e, "device_time_total") / 1e3 if on_device else None
+        key_us = _device_us(e, "self_device_time_total") if on_device else float(e.self_cpu_time_total)
+        rows.append(
+            OperatorRow(
+                name=e.key,
+                calls=int(e.count),
+                self_device_ms=self_dev,
+                total_device_ms=tot_dev,
+                self_cpu_ms=float(e.self_cpu_time_total) / 1e3,
+                total_cpu_ms=float(e.cpu_time_total) / 1e3,
+                pct_of_total=(100.0 * key_us / total_us) if total_us > 0 else 0.0,
+            )
+        )
+    return rows, total_us / 1e3, sort_key
+
+
+def range_times_ms(prof: Any, on_device: bool) -> dict[str, float]:
+    """Inclusive time of our named ranges as the profiler saw them (CPU wall of the range on CPU)."""
+    out: dict[str, float] = {}
+    for e in prof.key_averages():
+        if e.key in RANGE_NAMES:
+            out[e.key] = float(e.cpu_time_total) / 1e3
+    return out
+
+
+def run_profiler_pass(
+    fn: Callable[[], Any],
+    device: torch.device,
+    preset: Any,
+    out_dir: Path,
+    page_id: str,
+    max_new_tokens: int,
+    top_k: int,
+    export_trace: bool,
+) -> tuple[ProfileSummary, Any]:
+    """Run ``fn`` once under the profiler; write trace.json.gz; return the summary and fn's result."""
+    on_device = device.type == "cuda"
+    activities = [ProfilerActivity.CPU]
+    wanted = [str(a).lower() for a in (preset.get("activities") or ["cpu"])]
+    if on_device and "cuda" in wanted:
+        activities.append(ProfilerActivity.CUDA)
+    on_device = ProfilerActivity.CUDA in activities
+    with profile(
+        activities=activities,
+        record_shapes=bool(preset.get("record_shapes", False)),
+        profile_memory=bool(preset.get("profile_memory", False)),
+        with_stack=bool(preset.get("with_stack", False)),
+    ) as prof:
+        result = fn()
+    rows, total_ms, sort_key = operator_table(prof, on_device, top_k)
+    trace_file = None
+    if export_trace:
+        raw = out_dir / "trace.json"
+        prof.export_chrome_trace(str(raw))
+        with open(raw, "rb") as src, gzip.open(out_dir / "trace.json.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        raw.unlink()
+        trace_file = "trace.json.gz"
+    summary = ProfileSummary(
+        page_id=page_id,
+        max_new_tokens=max_new_tokens,
+        sort_key=sort_key,
+        total_self_ms=total_ms,
+        operators=rows,
+        range_ms=range_times_ms(prof, on_device),
+        trace_file=trace_file,
+    )
+    return summary, result
+
+
+def kernel_time_in_ranges_ms(trace_gz: Path, names: tuple[str, ...] = RANGE_NAMES) -> dict[str, float]:
+    """Sum of GPU kernel durations that fall inside each GPU-side user annotation of the trace.
+
+    Used to cross-check CUDA-event stage times against what the profiler saw on the device.
+    """
+    with gzip.open(trace_gz, "rt") as fh:
+        trace = json.load(fh)
+    events = trace.get("traceEvents", [])
+    ranges = [e for e in events if e.get("cat") == "gpu_user_annotation" and e.get("name") in names]
+    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    out: dict[str, float] = {}
+    for r in ranges:
+        r0, r1 = r["ts"], r["ts"] + r.get("dur", 0)
+        busy = sum(k.get("dur", 0) for k in kernels if k["ts"] >= r0 and k["ts"] + k.get("dur", 0) <= r1)
+        out[r["name"]] = out.get(r["name"], 0.0) + busy / 1e3
+    return out

@@ -1,0 +1,309 @@
+"""report.md, operators.md and predictions.md, rendered from RunSummary (nothing is computed twice).
+
+"n/a" always comes with a reason in the "Not measured" section; no figure is shown as 0 when it was not
+measured.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from llm_perf_opt.profiling.stats import Stats
+from llm_perf_opt.results.types import PageRecord, RunSummary
+
+NA = "n/a"
+
+
+def fmt(value: float | int | None, digits: int = 2) -> str:
+    if value is None:
+        return NA
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:,.{digits}f}"
+
+
+def fmt_bytes(value: float | int | None) -> str:
+    if value is None:
+        return NA
+    v = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(v) < 1024 or unit == "TiB":
+            return f"{v:,.1f} {unit}" if unit != "B" else f"{int(v)} B"
+        v /= 1024
+    return f"{v:.1f} TiB"
+
+
+def fmt_flops(value: float | None) -> str:
+    if value is None:
+        return NA
+    for scale, unit in ((1e15, "PFLOP"), (1e12, "TFLOP"), (1e9, "GFLOP"), (1e6, "MFLOP")):
+        if abs(value) >= scale:
+            return f"{value / scale:,.2f} {unit}"
+    return f"{value:,.0f} FLOP"
+
+
+def fmt_pct(value: float | None) -> str:
+    return NA if value is None else f"{100 * value:.2f} %"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _stat_row(label: str, s: Stats | None, unit: str, digits: int = 2) -> list[str]:
+    if s is None:
+        return [label, unit] + [NA] * 7
+    ci = NA if s.ci95_half_width is None else f"± {s.ci95_half_width:,.{digits}f}"
+    return [label, unit, str(s.n), fmt(s.mean, digits), ci, fmt(s.std, digits), fmt(s.p50, digits),
+            fmt(s.p99, digits), f"{fmt(s.min, digits)} – {fmt(s.max, digits)}"]  # fmt: skip
+
+
+LATENCY_ROWS = [
+    ("TTFT (prefill: vision + first LM forward)", "prefill_ms", "ms"),
+    ("  vision (SAM + CLIP + projector + layout)", "vision_ms", "ms"),
+    ("    SAM", "sam_ms", "ms"),
+    ("    CLIP", "clip_ms", "ms"),
+    ("    projector", "projector_ms", "ms"),
+    ("decode (tokens 2..N)", "decode_ms", "ms"),
+    ("TPOT (decode ms / (tokens − 1))", "tpot_ms", "ms/token"),
+    ("decode throughput", "decode_tok_s", "tok/s"),
+    ("decode step p50 (per page)", "decode_step_p50_ms", "ms"),
+    ("decode step p99 (per page)", "decode_step_p99_ms", "ms"),
+    ("preprocess (host)", "preprocess_ms", "ms"),
+    ("end to end (preprocess + prefill + decode)", "e2e_ms", "ms"),
+    ("tokens generated", "generated_tokens", "tokens"),
+    ("prompt length (text + image tokens)", "prompt_tokens", "tokens"),
+    ("energy per page", "energy_j", "J"),
+    ("energy per output token", "energy_per_token_j", "J/token"),
+]
+
+
+def render_report(s: RunSummary, plots: dict[str, str] | None = None) -> str:
+    plots = plots or {}
+    r = s.run
+    out: list[str] = []
+    status = r.status.upper() + (f" — {r.status_reason}" if r.status_reason else "")
+    out.append(f"# Stage-1 profile — {s.model.name} on {s.hardware.gpu_name or s.hardware.device}\n")
+    out.append(f"**Status: {status}**  \nrun `{r.run_id}` · started {r.started_at} · finished {r.finished_at or NA}"
+               f" · commit `{r.git_commit or NA}`\n")  # fmt: skip
+    ok, failed = s.ok_pages, s.failed_pages
+    out.append(f"{len(ok)} page runs measured, {len(failed)} failed. Timing rules: prefill = vision + the first "
+               "language-model forward, ending when token 1 exists (TTFT, host preprocessing excluded); decode = "
+               "tokens 2..N, one forward each on the KV cache; CUDA events on CUDA, host clock on CPU. "
+               "Statistics are over pages × repeats; ± is the 95 % confidence interval of the mean.\n")  # fmt: skip
+
+    out.append("## Setup\n")
+    cfg = r.config
+    rows = [
+        ["model", f"{s.model.name} ({s.model.backend}, weights: {s.model.weights}, {s.model.dtype})"],
+        ["parameters", f"{s.model.params_total:,} total; "
+         f"{fmt(s.model.params_activated_per_token)} activated per decode token (incl. lm_head)"],
+        ["weights in memory", fmt_bytes(s.model.weights_bytes)],
+        ["tokenizer", s.model.tokenizer],
+        ["device", f"{s.hardware.device} — {s.hardware.gpu_name or s.hardware.cpu}"],
+        ["torch / CUDA / driver", f"{s.hardware.torch} / {s.hardware.cuda or NA} / {s.hardware.driver or NA}"],
+        ["peak FLOP/s used for MFU", f"{fmt_flops(s.hardware.peak_flops_per_s)}/s"
+         f" ({s.hardware.peak_flops_source or 'not available'})" if s.hardware.peak_flops_per_s else NA],
+        ["peak bandwidth used for MBU", f"{fmt_bytes(s.hardware.peak_bw_bytes_per_s)}/s"
+         f" ({s.hardware.peak_bw_source})" if s.hardware.peak_bw_bytes_per_s else NA],
+        ["dataset", f"{cfg.get('dataset', {}).get('name')} ({len({p.page_id for p in s.pages})} pages)"],
+        ["repeats × token cap", f"{cfg.get('repeats')} × {cfg.get('infer', {}).get('max_new_tokens')}"],
+        ["decoding", f"temperature {cfg.get('infer', {}).get('temperature')}, "
+         f"no_repeat_ngram_size {cfg.get('infer', {}).get('no_repeat_ngram_size')}, "
+         f"ignore_eos {cfg.get('infer', {}).get('ignore_eos')}"],
+        ["optimisations", ", ".join(f"{k}={'on' if v else 'off'}" for k, v in s.model.optimisations.items()) or NA],
+    ]  # fmt: skip
+    out.append(table(["", ""], rows) + "\n")
+
+    out.append("## Latency and throughput\n")
+    header = ["metric", "unit", "n", "mean", "95 % CI", "std", "p50", "p99", "min – max"]
+    rows = [_stat_row(label, s.aggregates.get(key), unit) for label, key, unit in LATENCY_ROWS]
+    out.append(table(header, rows) + "\n")
+
+    out.append("## Memory\n")
+    mem_rows = [
+        ["weights", fmt_bytes(s.model.weights_bytes)],
+        ["KV cache (preallocated, per page, mean)", fmt_bytes(_mean(s, "kv_cache_bytes"))],
+        ["peak allocated (CUDA, max over pages)", fmt_bytes(_max(s, "peak_mem_allocated_bytes"))],
+        ["peak reserved (CUDA, max over pages)", fmt_bytes(_max(s, "peak_mem_reserved_bytes"))],
+        ["peak RSS of the process (host)", fmt_bytes(_max(s, "peak_rss_bytes"))],
+    ]
+    out.append(table(["", ""], mem_rows) + "\n")
+
+    if s.flops or s.efficiency:
+        out.append(_render_efficiency(s))
+    if "stage_breakdown" in plots or "decode_steps" in plots:
+        out.append("## Plots\n")
+        for key, title in (("stage_breakdown", "Where the time goes"), ("decode_steps", "Per-token decode latency"),
+                           ("latency_distribution", "Latency across repeats"), ("roofline", "Roofline")):  # fmt: skip
+            if key in plots:
+                out.append(f"**{title}**\n\n![{title}]({plots[key]})\n")
+
+    out.append("## Pages\n")
+    out.append(_render_pages(s) + "\n")
+    if failed:
+        out.append("## Failed pages\n")
+        out.append(table(["page", "repeat", "error type", "reason"],
+                         [[p.page_id, str(p.repeat), p.error_type or NA, (p.error or "").replace("|", "/")]
+                          for p in failed]) + "\n")  # fmt: skip
+    flagged = [p for p in ok if p.flags]
+    if flagged:
+        out.append("## Flags\n")
+        out.extend(f"- `{p.page_id}` repeat {p.repeat}: {'; '.join(p.flags)}" for p in flagged)
+        out.append("")
+
+    if s.profile is not None:
+        prof = s.profile
+        out.append("## Profiler pass (top operators)\n")
+        out.append(f"One PyTorch-profiler pass on `{prof.page_id}` with {prof.max_new_tokens} new tokens, separate "
+                   f"from the timed repeats. Sorted by {prof.sort_key.replace('_', ' ')}; total self time "
+                   f"{prof.total_self_ms:,.2f} ms. Full table: [operators.md](operators.md)"
+                   + (f"; trace: [{prof.trace_file}]({prof.trace_file}) (open in Perfetto)" if prof.trace_file else "")
+                   + ".\n")  # fmt: skip
+        out.append(_operator_table(s, limit=10) + "\n")
+
+    if s.moe_routing:
+        out.append("## MoE routing\n")
+        out.append(_render_routing(s) + "\n")
+    if s.unavailable:
+        out.append("## Not measured\n")
+        out.extend(f"- **{u.metric}**: {u.reason}" for u in s.unavailable)
+        out.append("")
+    if s.notes:
+        out.append("## Notes\n")
+        out.extend(f"- {n}" for n in s.notes)
+        out.append("")
+    out.append("Artifacts: [metrics.json](metrics.json) · [pages.jsonl](pages.jsonl) · [predictions.md](predictions.md)"
+               " · [env.json](env.json) · [inputs.yaml](inputs.yaml) · [config.yaml](config.yaml) · run.log\n")
+    return "\n".join(out)
+
+
+def _mean(s: RunSummary, key: str) -> float | None:
+    st = s.aggregates.get(key)
+    return st.mean if st else None
+
+
+def _max(s: RunSummary, key: str) -> float | None:
+    st = s.aggregates.get(key)
+    return st.max if st else None
+
+
+def _render_pages(s: RunSummary) -> str:
+    by_page: dict[str, list[PageRecord]] = defaultdict(list)
+    for p in s.ok_pages:
+        by_page[p.page_id].append(p)
+    rows = []
+    for page_id, recs in by_page.items():
+        first = recs[0]
+
+        def mean(key: str, recs: list[PageRecord] = recs) -> float | None:
+            vals = [getattr(r, key) for r in recs if getattr(r, key) is not None]
+            return sum(vals) / len(vals) if vals else None
+
+        grid = f"{first.crop_grid[0]}×{first.crop_grid[1]}" if first.crop_grid else NA
+        size = f"{first.size_px[0]}×{first.size_px[1]}" if first.size_px else NA
+        rows.append([f"`{page_id}`", size, grid, fmt(first.n_tiles), fmt(first.image_tokens), fmt(first.prompt_tokens),
+                     str(len(recs)), fmt(mean("generated_tokens"), 1), fmt(mean("vision_ms")), fmt(mean("prefill_ms")),
+                     fmt(mean("decode_ms")), fmt(mean("tpot_ms"), 3)])  # fmt: skip
+    header = ["page", "size px", "grid w×h", "tiles", "image tokens", "prompt tokens", "runs", "tokens out (mean)",
+              "vision ms", "prefill ms", "decode ms", "TPOT ms"]  # fmt: skip
+    return table(header, rows)
+
+
+def _operator_table(s: RunSummary, limit: int | None = None) -> str:
+    assert s.profile is not None
+    ops = s.profile.operators[:limit] if limit else s.profile.operators
+    on_device = s.profile.sort_key == "self_device_ms"
+    header = ["#", "operator", "calls"]
+    header += ["self device ms", "total device ms"] if on_device else []
+    header += ["self CPU ms", "total CPU ms", "% of total self"]
+    rows = []
+    for i, op in enumerate(ops, 1):
+        row = [str(i), f"`{op.name}`", f"{op.calls:,}"]
+        if on_device:
+            row += [fmt(op.self_device_ms, 3), fmt(op.total_device_ms, 3)]
+        row += [fmt(op.self_cpu_ms, 3), fmt(op.total_cpu_ms, 3), f"{op.pct_of_total:.2f}"]
+        rows.append(row)
+    return table(header, rows)
+
+
+def render_operators(s: RunSummary) -> str:
+    assert s.profile is not None
+    p = s.profile
+    shown = sum(op.pct_of_total for op in p.operators)
+    lines = [
+        f"# Operators — profiler pass on `{p.page_id}` ({p.max_new_tokens} new tokens)\n",
+        f"Sorted by {p.sort_key.replace('_', ' ')}. Total self time over **all** operators: "
+        f"**{p.total_self_ms:,.3f} ms** (the profiler's own total; self times add up, inclusive 'total' columns do "
+        f"not and are shown for reading only). The {len(p.operators)} rows below cover {shown:.2f} % of it.\n",
+        _operator_table(s),
+        "",
+    ]
+    if p.range_ms:
+        lines.append("## Named ranges in the pass (inclusive host time)\n")
+        lines.append(table(["range", "ms"], [[k, fmt(v, 3)] for k, v in sorted(p.range_ms.items())]))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _render_efficiency(s: RunSummary) -> str:
+    out = ["## FLOPs, MFU and MBU\n",
+           "FLOPs count one multiply-add as 2 FLOPs everywhere (fvcore's counts, which are multiply-adds, are "
+           "doubled). Analytic FLOPs follow the real shapes of each page (image views, prompt length, context length "
+           "of every decode step, activated experts only). MFU = achieved FLOP/s ÷ peak FLOP/s of the device.\n"]  # fmt: skip
+    if s.flops:
+        rows = []
+        for f in s.flops:
+            flag = " ⚠" if f.flagged else ""
+            rows.append([f.stage, fmt_flops(f.analytic_flops), fmt_flops(f.fvcore_flops), fmt_flops(f.flop_counter_flops),
+                         fmt_pct(f.rel_diff_fvcore), fmt_pct(f.rel_diff_flop_counter) + flag, f.note or ""])  # fmt: skip
+        out.append("### Analytic vs counted FLOPs (representative page)\n")
+        out.append(table(["stage", "analytic", "fvcore ×2", "FlopCounterMode", "Δ fvcore", "Δ FlopCounter", "note"],
+                         rows) + "\n")  # fmt: skip
+    if s.efficiency:
+        rows = []
+        for e in s.efficiency:
+            rows.append([e.stage, fmt_flops(e.flops), fmt(e.seconds * 1e3 if e.seconds is not None else None, 3),
+                         f"{fmt_flops(e.achieved_flops_per_s)}/s" if e.achieved_flops_per_s else NA, fmt_pct(e.mfu),
+                         fmt_bytes(e.bytes_moved), fmt_pct(e.mbu), fmt(e.arithmetic_intensity, 1), e.reason or ""])  # fmt: skip
+        out.append("### Efficiency per stage (mean over measured pages)\n")
+        out.append(table(["stage", "FLOPs / page", "time ms", "achieved", "MFU", "bytes read", "MBU",
+                          "FLOP/byte", "note"], rows) + "\n")  # fmt: skip
+    if s.energy:
+        out.append(table(["energy", "value"], [[k, fmt(v, 4)] for k, v in s.energy.items()]) + "\n")
+    return "\n".join(out)
+
+
+def _render_routing(s: RunSummary) -> str:
+    r = s.moe_routing
+    lines = [f"Tokens routed per expert over the measured prefill+decode of the representative page "
+             f"({r.get('tokens', NA)} tokens × top-{r.get('top_k', NA)}). Load imbalance = max ÷ mean tokens per "
+             "expert (1.0 = perfectly balanced).\n"]  # fmt: skip
+    rows = [[str(layer), fmt(v.get("experts_hit")), fmt(v.get("max_tokens")), fmt(v.get("mean_tokens"), 1),
+             fmt(v.get("imbalance"), 2)] for layer, v in r.get("layers", {}).items()]  # fmt: skip
+    lines.append(table(["layer", "experts hit", "max tokens/expert", "mean tokens/expert", "imbalance"], rows))
+    return "\n".join(lines)
+
+
+def render_predictions(path: Path) -> str:
+    lines = ["# Predictions\n"]
+    if not path.exists():
+        lines.append("_No page finished yet._")
+        return "\n".join(lines) + "\n"
+    seen: set[str] = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        if rec["page_id"] in seen:
+            continue
+        seen.add(rec["page_id"])
+        note = "" if rec.get("text_is_meaningful") else " _(dummy weights / stand-in tokenizer: text is not meaningful)_"
+        lines.append(f"## `{rec['page_id']}`{note}\n")
+        lines.append(f"{len(rec['token_ids'])} tokens.\n")
+        lines.append("```text\n" + rec["text"][:4000] + "\n```\n")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,96 @@
+"""PNG plots for report.md (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from llm_perf_opt.results.types import RunSummary  # noqa: E402
+
+
+def write_plots(s: RunSummary, out: Path) -> dict[str, str]:
+    """Write what the data supports; returns {plot key: relative file name}."""
+    plots: dict[str, str] = {}
+    ok = s.ok_pages
+    if not ok:
+        return plots
+
+    def mean(key: str) -> float:
+        st = s.aggregates.get(key)
+        return st.mean if st else 0.0
+
+    # Stage breakdown: stacked means; the LM part of prefill is prefill − vision.
+    parts = [
+        ("SAM", mean("sam_ms")),
+        ("CLIP", mean("clip_ms")),
+        ("projector", mean("projector_ms")),
+        ("vision other", max(mean("vision_ms") - mean("sam_ms") - mean("clip_ms") - mean("projector_ms"), 0.0)),
+        ("prefill LM", max(mean("prefill_ms") - mean("vision_ms"), 0.0)),
+        ("decode", mean("decode_ms")),
+    ]
+    fig, ax = plt.subplots(figsize=(8, 2.6))
+    left = 0.0
+    for label, value in parts:
+        ax.barh([0], [value], left=left, label=f"{label} ({value:,.1f} ms)")
+        left += value
+    ax.set_yticks([])
+    ax.set_xlabel("ms per page (mean)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout()
+    fig.savefig(out / "stage_breakdown.png", dpi=110)
+    plt.close(fig)
+    plots["stage_breakdown"] = "stage_breakdown.png"
+
+    steps = [p for p in ok if p.decode_step_ms]
+    if steps:
+        fig, ax = plt.subplots(figsize=(8, 3))
+        for p in steps[:12]:
+            ax.plot(range(2, len(p.decode_step_ms) + 2), p.decode_step_ms, lw=0.8, alpha=0.7,
+                    label=f"{p.page_id} r{p.repeat}")  # fmt: skip
+        ax.set_xlabel("token index (2 = first decode step)")
+        ax.set_ylabel("ms")
+        ax.set_title("per-token decode latency (KV cache grows left to right)", fontsize=9)
+        if len(steps) <= 6:
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "decode_steps.png", dpi=110)
+        plt.close(fig)
+        plots["decode_steps"] = "decode_steps.png"
+
+    series = [(k, [getattr(p, k) for p in ok if getattr(p, k) is not None]) for k in ("prefill_ms", "tpot_ms")]
+    series = [(k, v) for k, v in series if v]
+    if series:
+        fig, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 3))
+        axes_list = list(axes) if len(series) > 1 else [axes]
+        for ax, (key, values) in zip(axes_list, series, strict=True):
+            ax.hist(values, bins=min(20, max(3, len(values))))
+            ax.set_xlabel(key)
+            ax.set_ylabel("page runs")
+        fig.tight_layout()
+        fig.savefig(out / "latency_distribution.png", dpi=110)
+        plt.close(fig)
+        plots["latency_distribution"] = "latency_distribution.png"
+
+    peak = s.hardware.peak_flops_per_s
+    bw = s.hardware.peak_bw_bytes_per_s
+    points = [e for e in s.efficiency if e.arithmetic_intensity and e.achieved_flops_per_s]
+    if peak and bw and points:
+        import numpy as np
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        x = np.logspace(-1, 4, 200)
+        ax.loglog(x, np.minimum(peak, x * bw), "k-", lw=1, label="roofline")
+        for e in points:
+            ax.loglog([e.arithmetic_intensity], [e.achieved_flops_per_s], "o", label=e.stage)
+        ax.set_xlabel("arithmetic intensity (FLOP/byte)")
+        ax.set_ylabel("FLOP/s")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "roofline.png", dpi=110)
+        plt.close(fig)
+        plots["roofline"] = "roofline.png"
+    return plots

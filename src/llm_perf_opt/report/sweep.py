@@ -1,0 +1,138 @@
+"""Sweep summary for Hydra multirun: sweep.md + sweep.json + plots in the multirun root.
+
+Runs as a Hydra callback after all jobs (``on_multirun_end``), and is also callable on any multirun
+directory (``summarize_sweep(dir)``).  A job whose metrics.json is missing or marked failed becomes a
+row with its error; the other rows are unaffected.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from llm_perf_opt.results.serialize import SchemaError, atomic_write_text, read_summary
+
+log = logging.getLogger(__name__)
+
+KEY_METRICS = [
+    ("prefill_ms", "p50", "TTFT p50 ms"),
+    ("tpot_ms", "p50", "TPOT p50 ms"),
+    ("tpot_ms", "p99", "TPOT p99 ms"),
+    ("decode_tok_s", "mean", "tok/s"),
+    ("e2e_ms", "mean", "e2e ms"),
+    ("peak_mem_allocated_bytes", "max", "peak alloc GiB"),
+]
+
+
+def _swept(job_dir: Path) -> dict[str, str]:
+    overrides = job_dir / ".hydra" / "overrides.yaml"
+    if not overrides.is_file():
+        return {}
+    items = yaml.safe_load(overrides.read_text()) or []
+    return dict(item.split("=", 1) for item in items if "=" in item)
+
+
+def _row(job_dir: Path) -> dict[str, Any]:
+    row: dict[str, Any] = {"job": job_dir.name, "swept": _swept(job_dir)}
+    metrics = job_dir / "metrics.json"
+    if not metrics.is_file():
+        log_file = job_dir / "run.log"
+        last = log_file.read_text().strip().splitlines()[-1:] if log_file.is_file() else []
+        row.update(status="failed", error=(last[0] if last else "no metrics.json written"))
+        return row
+    try:
+        s = read_summary(metrics)
+    except (SchemaError, ValueError, KeyError) as exc:
+        row.update(status="failed", error=f"unreadable metrics.json: {exc}")
+        return row
+    row["status"] = s.run.status
+    if s.run.status_reason:
+        row["error"] = s.run.status_reason
+    for key, stat, label in KEY_METRICS:
+        st = s.aggregates.get(key)
+        value = getattr(st, stat) if st else None
+        if value is not None and key.endswith("_bytes"):
+            value = value / 2**30
+        row[label] = value
+    for e in s.efficiency:
+        row[f"MFU {e.stage}"] = e.mfu
+    return row
+
+
+def summarize_sweep(root: Path) -> list[dict[str, Any]]:
+    jobs = sorted((p for p in root.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    rows = [_row(j) for j in jobs]
+    atomic_write_text(root / "sweep.json", json.dumps(rows, indent=2) + "\n")
+    keys = sorted({k for r in rows for k in r["swept"]})
+    metric_cols = [label for _, _, label in KEY_METRICS] + sorted(
+        {k for r in rows for k in r if k.startswith("MFU ")}
+    )
+    header = ["job", *keys, "status", *metric_cols]
+    lines = [f"# Sweep summary — {root.name}\n", f"{len(rows)} jobs; one run directory per job below this one.\n",
+             "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]  # fmt: skip
+    for r in rows:
+        cells = [f"[{r['job']}]({r['job']}/report.md)", *(str(r["swept"].get(k, "")) for k in keys), r["status"]]
+        for col in metric_cols:
+            v = r.get(col)
+            if v is None:
+                cells.append("n/a")
+            elif col.startswith("MFU"):
+                cells.append(f"{100 * v:.2f} %")
+            else:
+                cells.append(f"{v:,.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    failed = [r for r in rows if r["status"] == "failed"]
+    if failed:
+        lines.append("\n## Failed jobs\n")
+        lines += [f"- job {r['job']} ({r['swept']}): {r.get('error', 'unknown')}" for r in failed]
+    plots = _plots(root, rows, keys)
+    for p in plots:
+        lines.append(f"\n![{p}]({p})")
+    atomic_write_text(root / "sweep.md", "\n".join(lines) + "\n")
+    return rows
+
+
+def _plots(root: Path, rows: list[dict[str, Any]], keys: list[str]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    ok = [r for r in rows if r["status"] != "failed"]
+    for key in keys:
+        try:
+            xs = sorted({float(r["swept"][key]) for r in ok if key in r["swept"]})
+        except ValueError:
+            continue  # a non-numeric swept value (e.g. a config group): no x axis to plot against
+        if len(xs) < 2:
+            continue
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+        for ax, label in zip(axes, ("TTFT p50 ms", "TPOT p50 ms"), strict=True):
+            pts = sorted((float(r["swept"][key]), r[label]) for r in ok if r.get(label) is not None and key in r["swept"])
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o")
+            ax.set_xlabel(key)
+            ax.set_ylabel(label)
+        fig.tight_layout()
+        name = f"sweep_{key.replace('.', '_').replace('/', '_')}.png"
+        fig.savefig(root / name, dpi=100)
+        plt.close(fig)
+        written.append(name)
+    return written
+
+
+class SweepSummaryCallback(Callback):
+    """Hydra callback: write the sweep summary when a multirun ends."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        root = Path(str(config.hydra.sweep.dir))
+        if root.is_dir():
+            summarize_sweep(root)
+            log.info("sweep summary: %s", root / "sweep.md")

@@ -1,0 +1,196 @@
+"""Value objects for everything a run measures.  metrics.json is these objects, serialised by one
+cattrs converter (results/serialize.py); report.md and operators.md are rendered from them.
+
+Units are in the field names.  ``None`` means "not measured"; the reason is in ``RunSummary.unavailable``
+(never a silent 0).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import attrs
+
+from llm_perf_opt.profiling.stats import Stats
+
+SCHEMA_VERSION = "1.0"
+
+PageStatus = Literal["ok", "failed"]
+RunStatus = Literal["running", "complete", "partial", "failed"]
+
+
+@attrs.frozen
+class Unavailable:
+    """A figure that could not be computed, and why."""
+
+    metric: str
+    reason: str
+
+
+@attrs.frozen
+class PageRecord:
+    """One page in one timed repeat (or the failure that stopped it)."""
+
+    page_id: str
+    repeat: int
+    status: PageStatus
+    path: str | None = None
+    size_px: tuple[int, int] | None = None
+    crop_grid: tuple[int, int] | None = None
+    n_tiles: int | None = None
+    prompt_tokens: int | None = None
+    image_tokens: int | None = None
+    generated_tokens: int | None = None
+    hit_token_cap: bool | None = None
+    stopped_by_eos: bool | None = None
+    preprocess_ms: float | None = None
+    sam_ms: float | None = None
+    clip_ms: float | None = None
+    projector_ms: float | None = None
+    vision_ms: float | None = None
+    prefill_ms: float | None = None
+    decode_ms: float | None = None
+    e2e_ms: float | None = None
+    tpot_ms: float | None = None
+    decode_tok_s: float | None = None
+    decode_step_p50_ms: float | None = None
+    decode_step_p90_ms: float | None = None
+    decode_step_p99_ms: float | None = None
+    decode_step_ms: list[float] = attrs.field(factory=list)
+    peak_mem_allocated_bytes: int | None = None
+    peak_mem_reserved_bytes: int | None = None
+    peak_rss_bytes: int | None = None
+    kv_cache_bytes: int | None = None
+    energy_j: float | None = None
+    energy_per_token_j: float | None = None
+    experts_hit_per_layer: list[int] | None = None
+    flags: list[str] = attrs.field(factory=list)
+    error: str | None = None
+    error_type: str | None = None
+
+
+@attrs.frozen
+class Prediction:
+    page_id: str
+    path: str | None
+    text: str
+    token_ids: list[int]
+    text_is_meaningful: bool
+
+
+@attrs.frozen
+class RunInfo:
+    run_id: str
+    started_at: str
+    finished_at: str | None
+    status: RunStatus
+    argv: list[str]
+    git_commit: str | None
+    config: dict[str, Any]
+    status_reason: str | None = None
+
+
+@attrs.frozen
+class HardwareInfo:
+    device: str
+    gpu_name: str | None
+    driver: str | None
+    cuda: str | None
+    torch: str
+    cpu: str
+    peak_flops_per_s: float | None
+    peak_flops_source: str | None
+    peak_bw_bytes_per_s: float | None
+    peak_bw_source: str | None
+
+
+@attrs.frozen
+class ModelInfo:
+    name: str
+    backend: str
+    weights: str
+    dtype: str
+    params_total: int
+    params_activated_per_token: int | None
+    weights_bytes: int
+    tokenizer: str
+    optimisations: dict[str, bool] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class OperatorRow:
+    name: str
+    calls: int
+    self_device_ms: float | None
+    total_device_ms: float | None
+    self_cpu_ms: float
+    total_cpu_ms: float
+    pct_of_total: float
+
+
+@attrs.frozen
+class ProfileSummary:
+    """The single PyTorch-profiler pass (separate from the timed repeats)."""
+
+    page_id: str
+    max_new_tokens: int
+    sort_key: str
+    total_self_ms: float
+    operators: list[OperatorRow]
+    range_ms: dict[str, float] = attrs.field(factory=dict)
+    trace_file: str | None = None
+
+
+@attrs.frozen
+class StageFlops:
+    """FLOPs of one stage for the representative page: analytic and counted (2 FLOPs per multiply-add)."""
+
+    stage: str
+    analytic_flops: float
+    fvcore_flops: float | None = None
+    flop_counter_flops: float | None = None
+    rel_diff_fvcore: float | None = None
+    rel_diff_flop_counter: float | None = None
+    flagged: bool = False
+    note: str | None = None
+    components: dict[str, float] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class Efficiency:
+    """MFU / MBU of one stage: achieved rate over the device peak (None with a reason when unknown)."""
+
+    stage: str
+    flops: float
+    seconds: float | None
+    achieved_flops_per_s: float | None
+    mfu: float | None
+    bytes_moved: float | None = None
+    mbu: float | None = None
+    arithmetic_intensity: float | None = None
+    reason: str | None = None
+
+
+@attrs.frozen
+class RunSummary:
+    schema_version: str
+    run: RunInfo
+    hardware: HardwareInfo
+    model: ModelInfo
+    pages: list[PageRecord]
+    aggregates: dict[str, Stats]
+    flops: list[StageFlops] = attrs.field(factory=list)
+    efficiency: list[Efficiency] = attrs.field(factory=list)
+    profile: ProfileSummary | None = None
+    energy: dict[str, float] = attrs.field(factory=dict)
+    moe_routing: dict[str, Any] = attrs.field(factory=dict)
+    unavailable: list[Unavailable] = attrs.field(factory=list)
+    notes: list[str] = attrs.field(factory=list)
+
+    @property
+    def ok_pages(self) -> list[PageRecord]:
+        return [p for p in self.pages if p.status == "ok"]
+
+    @property
+    def failed_pages(self) -> list[PageRecord]:
+        return [p for p in self.pages if p.status == "failed"]

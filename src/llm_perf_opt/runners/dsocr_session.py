@@ -1,0 +1,353 @@
+"""DeepSeekOCRSession: load the model once, then run pages with honest prefill/decode timing.
+
+Timeline of one page (DESIGN.md, "Rules that make the numbers true")::
+
+    preprocess (host)  | prefill: upload → SAM/CLIP/projector → embed → LM forward → token 1 | decode: token 2..N
+                       ^ prefill start                                          TTFT ^        each step = one
+                                                                                              forward on the KV cache
+
+Marks are CUDA events on the current stream (host clock on CPU) and are resolved once per page, so the
+only synchronisations inside decode are the ones the eager algorithm itself needs (the host reads each
+token for no-repeat-ngram and eos).  Decode step i spans mark i → mark i+1, so Σ steps == decode_ms.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import torch
+from omegaconf import OmegaConf
+
+from llm_perf_opt.data.datasets import Page
+from llm_perf_opt.errors import ConfigError, DeviceError, InputError, ModelLoadError, RunInterrupted
+from llm_perf_opt.profiling.hooks import StageHooks
+from llm_perf_opt.profiling.ranges import RangeMarker
+from llm_perf_opt.profiling.stats import percentiles
+from llm_perf_opt.profiling.timers import DeviceClock
+from llm_perf_opt.results.types import PageRecord, Prediction
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+HOOKED_MODULES = {"sam": "model.sam_model", "clip": "model.vision_model", "projector": "model.projector"}
+
+
+def resolve_device(spec: str) -> torch.device:
+    """Parse ``cpu`` / ``cuda`` / ``cuda:N`` and check it exists here."""
+    try:
+        device = torch.device(str(spec))
+    except RuntimeError as exc:
+        raise DeviceError(f"unknown device string {spec!r}", hint="use device=cpu, device=cuda or device=cuda:N") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                f"device={spec} requested but CUDA is not available on this machine",
+                hint="run with device=cpu (the tiny model is the default), or on a machine with an NVIDIA GPU and CUDA torch",
+            )
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            raise DeviceError(f"device={spec}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        device = torch.device("cuda", index)
+    elif device.type != "cpu":
+        raise DeviceError(f"device type {device.type!r} is not supported", hint="use device=cpu or device=cuda:N")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if str(name) not in _DTYPES:
+        raise DeviceError(f"unsupported dtype {name!r}", hint=f"use one of {sorted(set(_DTYPES))}")
+    dtype = _DTYPES[str(name)]
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise DeviceError(f"bfloat16 is not supported on {torch.cuda.get_device_name(device)}", hint="use dtype=float16")
+    return dtype
+
+
+@attrs.frozen
+class PageRun:
+    """What one page produced: the timed record, the decoded text, and the inputs FLOPs need."""
+
+    record: PageRecord
+    prediction: Prediction
+    view_sizes: list[tuple[int, int, int]]  # (count, height, width) of the vision inputs: crops and global
+
+
+class NativeBackend:
+    """The plain-PyTorch model in llm_perf_opt.models.deepseek_ocr."""
+
+    name = "native"
+
+    def __init__(self, model_cfg: Any, device: torch.device, dtype: torch.dtype, seed: int, project_root: Path) -> None:
+        from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, build_model
+        from llm_perf_opt.models.deepseek_ocr.preprocess import PreprocessConfig
+        from llm_perf_opt.models.deepseek_ocr.tokenizer import load_tokenizer
+
+        path = model_cfg.get("path")
+        weights = str(model_cfg.get("weights", "checkpoint"))
+        model_dir = None
+        if path:
+            model_dir = Path(str(path))
+            if not model_dir.is_absolute():
+                model_dir = project_root / model_dir
+        if weights == "checkpoint":
+            if model_dir is None or not model_dir.is_dir():
+                raise ModelLoadError(
+                    f"model directory not found: {model_dir}",
+                    hint="download deepseek-ai/DeepSeek-OCR into models/deepseek-ocr (see models/README.md), "
+                    "or profile without it: model/deepseek_ocr/arch=deepseek_ocr.dummy (full size) or "
+                    "model/deepseek_ocr/arch=deepseek_ocr.tiny",
+                )
+            self.config = DeepseekOCRConfig.from_json(model_dir / "config.json")
+            weights_source: str | Path = model_dir
+        elif weights == "dummy":
+            self.config = DeepseekOCRConfig.from_json(_config_json_path(str(model_cfg.get("config_json")), project_root))
+            weights_source = "dummy"
+        else:
+            raise ConfigError(f"model.weights must be 'checkpoint' or 'dummy', got {weights!r}")
+
+        pp = model_cfg.get("preprocess", {})
+        self.preprocess_cfg = PreprocessConfig(
+            base_size=int(pp.get("base_size", self.config.base_size)),
+            image_size=int(pp.get("image_size", self.config.image_size)),
+            crop_mode=bool(pp.get("crop_mode", True)),
+            vendor_quirks=bool(pp.get("vendor_quirks", True)),
+        )
+        self.model = build_model(self.config, device=device, dtype=dtype, weights=weights_source, seed=seed)
+        self.model.eval()
+        self.tokenizer = load_tokenizer(model_dir if weights == "checkpoint" else None, self.config)
+        self.weights_desc = str(weights_source)
+
+    def hook_targets(self) -> dict[str, str]:
+        return HOOKED_MODULES
+
+
+def _config_json_path(spec: str, project_root: Path) -> Path:
+    if spec.startswith("builtin:"):
+        name = spec.split(":", 1)[1]
+        path = Path(__file__).resolve().parents[1] / "models" / "deepseek_ocr" / "configs" / f"{name}.json"
+        if not path.is_file():
+            raise ConfigError(f"model.config_json={spec}: no built-in config named {name!r}")
+        return path
+    path = Path(spec)
+    return path if path.is_absolute() else project_root / path
+
+
+class DeepSeekOCRSession:
+    """Model, tokenizer, preprocessing, device and dtype for the life of a run."""
+
+    def __init__(self, backend: NativeBackend, device: torch.device, dtype: torch.dtype, infer: Any, use_nvtx: bool):
+        from llm_perf_opt.profiling.hooks import module_named
+
+        self.backend = backend
+        self.model = backend.model
+        self.device = device
+        self.dtype = dtype
+        self.infer = infer
+        self.clock = DeviceClock(device)
+        self.ranges = RangeMarker(use_nvtx=use_nvtx and device.type == "cuda")
+        self.hooks = StageHooks(
+            {name: module_named(self.model, dotted) for name, dotted in backend.hook_targets().items()},
+            self.clock,
+            self.ranges,
+        )
+        prompt = str(infer.get("prompt") or "")
+        self.prompt = prompt
+        self.text_ids = backend.tokenizer.encode_prompt(prompt)
+
+    @classmethod
+    def load(cls, cfg: Any, project_root: Path) -> DeepSeekOCRSession:
+        device = resolve_device(str(cfg.device))
+        dtype = resolve_dtype(str(cfg.model.get("dtype", "bfloat16")), device)
+        backend_name = str(cfg.model.get("backend", "native"))
+        model_cfg = cfg.model
+        override = cfg.infer.get("preprocess_override")
+        if override:  # a vendor resolution mode (infer=deepseek_ocr.<mode>) sets the image geometry
+            model_cfg = OmegaConf.merge(cfg.model, {"preprocess": override})
+        if backend_name == "native":
+            backend = NativeBackend(model_cfg, device, dtype, int(cfg.seed), project_root)
+        elif backend_name == "hf_remote":
+            from llm_perf_opt.runners.hf_remote import HfRemoteBackend
+
+            backend = HfRemoteBackend(model_cfg, device, dtype, project_root)  # type: ignore[assignment]
+        else:
+            raise ConfigError(f"model.backend must be 'native' or 'hf_remote', got {backend_name!r}")
+        infer = dict(cfg.infer)
+        infer["prompt"] = cfg.model.get("prompt")
+        return cls(backend, device, dtype, infer, use_nvtx=True)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def params_total(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def weights_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def close(self) -> None:
+        self.hooks.remove()
+
+    # ------------------------------------------------------------------ one page
+    def run(
+        self,
+        page: Page,
+        max_new_tokens: int,
+        repeat: int = 0,
+        ignore_eos: bool | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> PageRun:
+        from llm_perf_opt.models.deepseek_ocr.generation import select_next_token
+        from llm_perf_opt.models.deepseek_ocr.kv_cache import StaticKVCache
+        from llm_perf_opt.models.deepseek_ocr.preprocess import preprocess_page
+
+        if max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}", hint="e.g. infer.max_new_tokens=256")
+        ignore_eos = bool(self.infer.get("ignore_eos", False)) if ignore_eos is None else ignore_eos
+        temperature = float(self.infer.get("temperature", 0.0))
+        ngram = int(self.infer.get("no_repeat_ngram_size") or 0)
+        nvtx_steps = bool(self.infer.get("nvtx_decode_step", False))
+        eos_id = self.backend.config.language.eos_token_id
+        model = self.model
+        clock = self.clock
+        generator = torch.Generator(device="cpu").manual_seed(repeat)
+
+        t0 = time.perf_counter_ns()
+        with self.ranges.range("preprocess"):
+            image = page.load()
+            prepared = preprocess_page(image, self.backend.preprocess_cfg, self.backend.config, self.text_ids)
+        preprocess_ms = (time.perf_counter_ns() - t0) / 1e6
+
+        prompt_len = int(prepared.prompt_len)
+        cache = StaticKVCache.for_model(model, batch=1, max_len=prompt_len + max_new_tokens)
+        if clock.is_cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.hooks.reset()
+        history: list[int] = [int(t) for t in prepared.input_ids[0].tolist()]
+        generated: list[int] = []
+        nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+
+        with torch.inference_mode():
+            with self.ranges.range("prefill"):
+                m_prefill = clock.mark()
+                crops = prepared.images_crop.to(self.device, self.dtype, non_blocking=True)
+                ori = prepared.images_ori.to(self.device, self.dtype, non_blocking=True)
+                ids = prepared.input_ids.to(self.device)
+                mask = prepared.images_seq_mask.to(self.device)
+                m_vision0 = clock.mark()
+                feats = model.encode_images(crops, ori, prepared.images_spatial_crop)
+                m_vision1 = clock.mark()
+                embeds = model.embed_prompt(ids, mask, [feats])
+                logits = model.prefill(embeds, cache)
+                nonfinite |= ~torch.isfinite(logits).all()
+                token = select_next_token(logits[0], history, temperature, ngram, generator)
+                m_ttft = clock.mark()
+            generated.append(token)
+            history.append(token)
+            decode_marks = [m_ttft]
+            with self.ranges.range("decode"):
+                while len(generated) < max_new_tokens and (ignore_eos or token != eos_id):
+                    if should_stop is not None and should_stop():
+                        raise RunInterrupted(
+                            f"interrupted during decode of page {page.page_id} after {len(generated)} tokens"
+                        )
+                    if nvtx_steps:
+                        self.ranges.push("decode_step")
+                    step_in = torch.tensor([[token]], device=self.device)
+                    logits = model.decode_step(step_in, cache)
+                    nonfinite |= ~torch.isfinite(logits).all()
+                    token = select_next_token(logits[0], history, temperature, ngram, generator)
+                    decode_marks.append(clock.mark())
+                    if nvtx_steps:
+                        self.ranges.pop()
+                    generated.append(token)
+                    history.append(token)
+        clock.synchronize()
+
+        comp = self.hooks.collect_ms()
+        prefill_ms = clock.elapsed_ms(m_prefill, m_ttft)
+        vision_ms = clock.elapsed_ms(m_vision0, m_vision1)
+        steps = clock.intervals_ms(decode_marks)
+        decode_ms = sum(steps)
+        n_tok = len(generated)
+        flags: list[str] = []
+        if bool(nonfinite.item()):
+            flags.append("nonfinite_logits: NaN/Inf in the logits; tokens after that point are not meaningful")
+        tpot = decode_ms / (n_tok - 1) if n_tok >= 2 and decode_ms > 0 else None
+        if n_tok < 2:
+            flags.append("single_token: eos right after prefill, no decode step to time (TPOT not available)")
+        if prefill_ms <= 0 or any(s <= 0 for s in steps):
+            flags.append("nonpositive_timing: a stage measured <= 0 ms (clock resolution?); rates left out")
+            tpot = None if decode_ms <= 0 else tpot
+        pct = percentiles(steps) if steps else None
+        peak_alloc = peak_reserved = None
+        if clock.is_cuda:
+            peak_alloc = int(torch.cuda.max_memory_allocated(self.device))
+            peak_reserved = int(torch.cuda.max_memory_reserved(self.device))
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        stopped_by_eos = (not ignore_eos) and generated[-1] == eos_id
+        routing = getattr(model, "experts_hit_per_layer", None)
+        experts_hit = routing() if callable(routing) else None
+        text = self.backend.tokenizer.decode([t for t in generated if not (t == eos_id and stopped_by_eos)])
+
+        grid = tuple(int(v) for v in prepared.images_spatial_crop)
+        record = PageRecord(
+            page_id=page.page_id,
+            repeat=repeat,
+            status="ok",
+            path=str(page.path) if page.path else None,
+            size_px=(int(prepared.page_size[0]), int(prepared.page_size[1])),
+            crop_grid=(grid[0], grid[1]),
+            n_tiles=int(prepared.n_crops),
+            prompt_tokens=prompt_len,
+            image_tokens=int(prepared.image_token_count),
+            generated_tokens=n_tok,
+            hit_token_cap=n_tok >= max_new_tokens,
+            stopped_by_eos=stopped_by_eos,
+            preprocess_ms=preprocess_ms,
+            sam_ms=comp.get("sam"),
+            clip_ms=comp.get("clip"),
+            projector_ms=comp.get("projector"),
+            vision_ms=vision_ms,
+            prefill_ms=prefill_ms,
+            decode_ms=decode_ms if steps else None,
+            e2e_ms=preprocess_ms + prefill_ms + decode_ms,
+            tpot_ms=tpot,
+            decode_tok_s=(1000.0 / tpot) if tpot else None,
+            decode_step_p50_ms=pct[0] if pct else None,
+            decode_step_p90_ms=pct[1] if pct else None,
+            decode_step_p99_ms=pct[2] if pct else None,
+            decode_step_ms=steps,
+            peak_mem_allocated_bytes=peak_alloc,
+            peak_mem_reserved_bytes=peak_reserved,
+            peak_rss_bytes=rss,
+            kv_cache_bytes=int(cache.nbytes),
+            experts_hit_per_layer=experts_hit,
+            flags=flags,
+        )
+        prediction = Prediction(
+            page_id=page.page_id,
+            path=record.path,
+            text=text,
+            token_ids=generated,
+            text_is_meaningful=not getattr(self.backend.tokenizer, "is_stand_in", False)
+            and self.backend.weights_desc != "dummy",
+        )
+        views = []
+        if prepared.n_crops > 0:
+            views.append((int(prepared.n_crops), int(crops.shape[-2]), int(crops.shape[-1])))
+        views.append((1, int(ori.shape[-2]), int(ori.shape[-1])))
+        return PageRun(record=record, prediction=prediction, view_sizes=views)
+
+
+def check_prompt(prompt: str) -> None:
+    if "<image>" not in prompt:
+        raise InputError(
+            f"prompt {prompt!r} has no <image> placeholder but every page is an image",
+            hint="use e.g. model.prompt='<image>\\n<|grounding|>Convert the document to markdown.'",
+        )

@@ -1,0 +1,406 @@
+"""run_stage1(cfg) -> RunSummary: warmup, one profiler pass, N timed repeats, reports.
+
+Reliability rules (issue 8): every finished page is appended to pages.jsonl as soon as it finishes;
+metrics.json and report.md are re-rendered atomically from those records after every page, so a crash,
+OOM or Ctrl-C never loses a finished measurement.  A failing page is recorded with its reason and the
+run goes on (unless ``fail_fast``).  SIGINT/SIGTERM stop after the current decode step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from llm_perf_opt.data.datasets import Page, build_pages
+from llm_perf_opt.errors import ConfigError, LlmPerfOptError, OutputError, RunInterrupted
+from llm_perf_opt.profiling.stats import summarize
+from llm_perf_opt.report.env import collect_env
+from llm_perf_opt.results.serialize import append_jsonl, atomic_write_text, read_page_journal, to_jsonable, write_summary
+from llm_perf_opt.results.types import (
+    SCHEMA_VERSION,
+    HardwareInfo,
+    ModelInfo,
+    PageRecord,
+    ProfileSummary,
+    RunInfo,
+    RunStatus,
+    RunSummary,
+    Unavailable,
+)
+from llm_perf_opt.runners.dsocr_session import DeepSeekOCRSession, PageRun, resolve_device
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
+JOURNAL = "pages.jsonl"
+PREDICTIONS = "predictions.jsonl"
+AGGREGATE_METRICS = (
+    "preprocess_ms", "sam_ms", "clip_ms", "projector_ms", "vision_ms", "prefill_ms", "decode_ms", "e2e_ms",
+    "tpot_ms", "decode_tok_s", "decode_step_p50_ms", "decode_step_p90_ms", "decode_step_p99_ms",
+    "generated_tokens", "prompt_tokens", "image_tokens", "peak_mem_allocated_bytes", "peak_mem_reserved_bytes",
+    "peak_rss_bytes", "kv_cache_bytes", "energy_j", "energy_per_token_j",
+)  # fmt: skip
+# Test hook (documented in tests/README.md): raise a simulated CUDA OOM in prefill of this page id.
+INJECT_OOM_ENV = "LLM_PERF_OPT_INJECT_OOM"
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; the decode loop polls it between steps."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+
+    def __call__(self) -> bool:
+        return self.signal_name is not None
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopFlag]:
+        previous = {}
+
+        def handler(signum: int, _frame: Any) -> None:
+            if self.signal_name is not None:  # second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            self.signal_name = signal.Signals(signum).name
+            log.warning("%s received: stopping after the current step; finished pages are kept", self.signal_name)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread (e.g. some launchers): signals stay with the caller
+                break
+        try:
+            yield self
+        finally:
+            for sig, prev in previous.items():
+                signal.signal(sig, prev)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Fail before loading anything when a value is out of range."""
+    repeats = cfg.get("repeats")
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        raise ConfigError(f"repeats must be an integer >= 1, got {repeats!r}", hint="e.g. repeats=3")
+    cap = effective_max_new_tokens(cfg)
+    if cap < 1:
+        raise ConfigError(
+            f"infer.max_new_tokens must be >= 1, got {cap}", hint="e.g. infer.max_new_tokens=256 (at least 1 token)"
+        )
+    rep = int(cfg.profiling.get("rep_max_new_tokens") or cap)
+    if rep < 1:
+        raise ConfigError(f"profiling.rep_max_new_tokens must be >= 1, got {rep}")
+    warm = cfg.profiling.get("warmup_rounds", 0)
+    if not isinstance(warm, int) or warm < 0:
+        raise ConfigError(f"profiling.warmup_rounds must be an integer >= 0, got {warm!r}")
+    prompt = str(cfg.model.get("prompt") or "")
+    if prompt.count("<image>") != 1:
+        raise ConfigError(
+            f"model.prompt must contain exactly one <image> placeholder, got {prompt!r}",
+            hint="e.g. model.prompt='<image>\\n<|grounding|>Convert the document to markdown.'",
+        )
+
+
+def effective_max_new_tokens(cfg: DictConfig) -> int:
+    cap = cfg.infer.get("max_new_tokens")
+    if cap is None:
+        cap = cfg.get("max_new_tokens")
+    if not isinstance(cap, int) or isinstance(cap, bool):
+        raise ConfigError(f"infer.max_new_tokens must be an integer, got {cap!r}")
+    return cap
+
+
+def prepare_run_dir(cfg: DictConfig) -> Path:
+    out = Path(str(cfg.output.dir))
+    if not out.is_absolute():
+        out = PROJECT_ROOT / out
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(
+            f"run directory {out} is not writable: {exc.strerror or exc}",
+            hint="choose another with hydra.run.dir=PATH (or fix its permissions)",
+        ) from exc
+    return out
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+class Stage1Run:
+    """State of one run: its directory, finished records, and how to render them at any moment."""
+
+    def __init__(self, cfg: DictConfig, out: Path) -> None:
+        self.cfg = cfg
+        self.out = out
+        self.started_at = _now()
+        self.records: list[PageRecord] = []
+        self.runs_for_flops: list[PageRun] = []
+        self.profile: ProfileSummary | None = None
+        self.unavailable: list[Unavailable] = []
+        self.notes: list[str] = []
+        self.session: DeepSeekOCRSession | None = None
+        self.hardware: HardwareInfo | None = None
+        self.model_info: ModelInfo | None = None
+        self.env: dict[str, Any] = {}
+
+    # -------------------------------------------------------------- rendering
+    def summary(self, status: RunStatus, reason: str | None = None) -> RunSummary:
+        from llm_perf_opt.report.efficiency import compute_efficiency
+
+        ok = [r for r in self.records if r.status == "ok"]
+        aggregates = {}
+        for metric in AGGREGATE_METRICS:
+            stats = summarize([getattr(r, metric) for r in ok if getattr(r, metric) is not None])
+            if stats is not None:
+                aggregates[metric] = stats
+        hardware = self.hardware or HardwareInfo(
+            device=str(self.cfg.device), gpu_name=None, driver=None, cuda=None, torch=torch.__version__, cpu="",
+            peak_flops_per_s=None, peak_flops_source=None, peak_bw_bytes_per_s=None, peak_bw_source=None,
+        )  # fmt: skip
+        model = self.model_info or ModelInfo(
+            name=str(self.cfg.model.get("name")), backend=str(self.cfg.model.get("backend")),
+            weights=str(self.cfg.model.get("weights")), dtype=str(self.cfg.model.get("dtype")),
+            params_total=0, params_activated_per_token=None, weights_bytes=0, tokenizer="not loaded",
+        )  # fmt: skip
+        unavailable = list(self.unavailable)
+        flops, efficiency, energy, routing, more_unavail, more_notes = compute_efficiency(self, ok)
+        unavailable.extend(more_unavail)
+        run = RunInfo(
+            run_id=self.out.name if self.out.parent.name != "multirun" else self.out.name,
+            started_at=self.started_at,
+            finished_at=None if status == "running" else _now(),
+            status=status,
+            argv=list(sys.argv),
+            git_commit=self.env.get("git_commit"),
+            config=OmegaConf.to_container(self.cfg, resolve=True),  # type: ignore[arg-type]
+            status_reason=reason,
+        )
+        return RunSummary(
+            schema_version=SCHEMA_VERSION, run=run, hardware=hardware, model=model, pages=list(self.records),
+            aggregates=aggregates, flops=flops, efficiency=efficiency, profile=self.profile, energy=energy,
+            moe_routing=routing, unavailable=unavailable, notes=self.notes + more_notes,
+        )  # fmt: skip
+
+    def write_reports(self, status: RunStatus, reason: str | None = None) -> RunSummary:
+        from llm_perf_opt.report.markdown import render_operators, render_predictions, render_report
+        from llm_perf_opt.report.plots import write_plots
+
+        summary = self.summary(status, reason)
+        write_summary(self.out / "metrics.json", summary)
+        plots: dict[str, str] = {}
+        if self.cfg.output.get("plots", True) and status != "running":
+            try:
+                plots = write_plots(summary, self.out)
+            except (ImportError, RuntimeError, ValueError) as exc:
+                log.warning("plots skipped: %s", exc)
+                self.notes.append(f"plots not written: {exc}")
+        atomic_write_text(self.out / "report.md", render_report(summary, plots))
+        if summary.profile is not None:
+            atomic_write_text(self.out / "operators.md", render_operators(summary))
+        atomic_write_text(self.out / "predictions.md", render_predictions(self.out / PREDICTIONS))
+        return summary
+
+    # -------------------------------------------------------------- one page
+    def run_page(self, page: Page, repeat: int, cap: int, stop: StopFlag) -> PageRecord:
+        assert self.session is not None
+        try:
+            if os.environ.get(INJECT_OOM_ENV) == page.page_id:
+                raise torch.OutOfMemoryError(f"CUDA out of memory (simulated by {INJECT_OOM_ENV} for page {page.page_id})")
+            result = self.session.run(page, cap, repeat=repeat, should_stop=stop)
+        except torch.OutOfMemoryError as exc:
+            self._release_memory()
+            record = PageRecord(page_id=page.page_id, repeat=repeat, status="failed", path=_path(page),
+                                error=f"out of memory: {str(exc).splitlines()[0]}", error_type="OutOfMemoryError")  # fmt: skip
+        except RunInterrupted as exc:
+            record = PageRecord(page_id=page.page_id, repeat=repeat, status="failed", path=_path(page),
+                                error=str(exc), error_type="RunInterrupted")  # fmt: skip
+            self._append(record)
+            return record
+        except (LlmPerfOptError, RuntimeError, ValueError, OSError) as exc:
+            log.debug("page %s failed", page.page_id, exc_info=True)
+            self._release_memory()
+            record = PageRecord(page_id=page.page_id, repeat=repeat, status="failed", path=_path(page),
+                                error=str(exc), error_type=type(exc).__name__)  # fmt: skip
+        else:
+            record = result.record
+            self.runs_for_flops.append(result)
+            append_jsonl(self.out / PREDICTIONS, {"repeat": repeat, **to_jsonable(result.prediction)})
+        if record.status == "failed":
+            log.error("page %s (repeat %d) failed: %s", page.page_id, repeat, record.error)
+            if self.cfg.get("fail_fast", False):
+                self._append(record)
+                raise _PageFailed(record)
+        self._append(record)
+        return record
+
+    def _append(self, record: PageRecord) -> None:
+        self.records.append(record)
+        append_jsonl(self.out / JOURNAL, record)
+
+    def _release_memory(self) -> None:
+        if self.session is not None and self.session.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+class _PageFailed(Exception):
+    def __init__(self, record: PageRecord) -> None:
+        super().__init__(record.error)
+        self.record = record
+
+
+def _path(page: Page) -> str | None:
+    return str(page.path) if page.path else None
+
+
+def _progress(cfg: DictConfig) -> Any:
+    from llm_perf_opt.report.progress import Progress
+
+    mode = str(cfg.get("progress", "auto"))
+    return Progress(enabled=(sys.stderr.isatty() if mode == "auto" else mode in ("true", "on", "1", "True")))
+
+
+def _resume_records(resume: str | None) -> list[PageRecord]:
+    if not resume:
+        return []
+    path = Path(str(resume))
+    if not path.is_absolute():
+        path = PROJECT_ROOT / path
+    journal = path / JOURNAL
+    if not journal.is_file():
+        raise ConfigError(
+            f"resume={resume}: {journal} not found", hint="point resume at an earlier run directory (tmp/stage1/<run_id>)"
+        )
+    return [r for r in read_page_journal(journal) if r.status == "ok"]
+
+
+def run_stage1(cfg: DictConfig) -> RunSummary:
+    """The whole Stage-1 run; importable and tested without Hydra's CLI."""
+    validate(cfg)
+    out = prepare_run_dir(cfg)
+    run = Stage1Run(cfg, out)
+    atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    device = resolve_device(str(cfg.device))
+    run.env = collect_env(PROJECT_ROOT, device)
+    atomic_write_text(out / "env.json", json.dumps(run.env, indent=2) + "\n")
+    pages = build_pages(cfg.dataset, PROJECT_ROOT)
+    atomic_write_text(out / "inputs.yaml", yaml.safe_dump({"pages": [p.describe() for p in pages]}, sort_keys=False))
+    cap = effective_max_new_tokens(cfg)
+    resumed = _resume_records(cfg.get("resume"))
+    done = {(r.page_id, r.repeat) for r in resumed}
+    for r in resumed:
+        run._append(r)
+    if resumed:
+        run.notes.append(f"resumed from {cfg.resume}: {len(resumed)} finished page runs carried over")
+
+    torch.manual_seed(int(cfg.seed))
+    run.session = session = DeepSeekOCRSession.load(cfg, PROJECT_ROOT)
+    from llm_perf_opt.report.efficiency import describe_hardware, describe_model
+
+    run.hardware = describe_hardware(cfg, session, run.env)
+    run.model_info = describe_model(cfg, session)
+    stop = StopFlag()
+    progress = _progress(cfg)
+    status: RunStatus = "complete"
+    reason = None
+    try:
+        with stop.installed(), progress:
+            run.write_reports("running")
+            _warmup(cfg, run, pages, cap, progress)
+            if cfg.profiling.get("enabled", True) and not stop():
+                _profile_pass(cfg, run, pages, cap, progress)
+            todo = [(r, p) for r in range(int(cfg.repeats)) for p in pages if (p.page_id, r) not in done]
+            task = progress.add("timed repeats", total=len(todo))
+            for repeat, page in todo:
+                if stop():
+                    break
+                run.run_page(page, repeat, cap, stop)
+                progress.advance(task)
+                run.write_reports("running")
+            if stop():
+                status, reason = "partial", f"stopped by {stop.signal_name}"
+    except _PageFailed as exc:
+        status, reason = "failed", f"fail_fast: page {exc.record.page_id} failed: {exc.record.error}"
+    except OutputError as exc:
+        status, reason = "partial", f"write error: {exc}"
+        log.error("%s", exc)
+        with contextlib.suppress(OutputError):  # the disk may still refuse; the journal has every finished page
+            run.write_reports(status, reason)
+        raise
+    except KeyboardInterrupt:
+        status, reason = "partial", "interrupted twice (hard stop)"
+    finally:
+        session.close()
+    summary = run.write_reports(status, reason)
+    log.info("report: %s", out / "report.md")
+    if status == "partial" and stop():
+        raise RunInterrupted(f"run stopped by {stop.signal_name}; partial report in {out}")
+    if status == "failed":
+        raise ConfigError(reason or "run failed", hint="fail_fast=true stops at the first failed page")
+    return summary
+
+
+def _warmup(cfg: DictConfig, run: Stage1Run, pages: list[Page], cap: int, progress: Any) -> None:
+    assert run.session is not None
+    rounds = int(cfg.profiling.get("warmup_rounds", 0))
+    if rounds == 0:
+        run.notes.append("no warmup rounds: the first timed page includes one-time costs")
+        return
+    first = pages[0]
+    if cfg.profiling.get("warmup_synthetic", True):
+        size = first.synthetic_size or (640, 640)
+        page = Page(page_id="warmup", synthetic_size=size, seed=12345)
+    else:
+        page = first
+    task = progress.add("warmup", total=rounds)
+    for _ in range(rounds):
+        run.session.run(page, min(cap, 8), repeat=-1)
+        progress.advance(task)
+
+
+def _profile_pass(cfg: DictConfig, run: Stage1Run, pages: list[Page], cap: int, progress: Any) -> None:
+    from llm_perf_opt.profiling.torch_profiler import run_profiler_pass
+
+    assert run.session is not None
+    session = run.session
+    rep_tokens = min(int(cfg.profiling.get("rep_max_new_tokens") or cap), cap)
+    task = progress.add("profiler pass", total=1)
+    page = pages[0]
+    try:
+        summary, _ = run_profiler_pass(
+            lambda: session.run(page, rep_tokens, repeat=-1),
+            session.device,
+            cfg.profiling,
+            run.out,
+            page.page_id,
+            rep_tokens,
+            int(cfg.output.get("top_k_operators", 30)),
+            bool(cfg.output.get("export_trace", True)),
+        )
+    except (LlmPerfOptError, RuntimeError, OSError) as exc:
+        log.error("profiler pass failed on %s: %s", page.page_id, exc)
+        log.debug("traceback", exc_info=True)
+        run.unavailable.append(Unavailable("operators", f"profiler pass failed on {page.page_id}: {exc}"))
+        return
+    finally:
+        progress.advance(task)
+    run.profile = summary
+
+
+def format_exception_for_log(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc))

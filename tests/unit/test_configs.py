@@ -1,0 +1,111 @@
+"""Every shipped config composes and validates; bad overrides fail with the right error."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from llm_perf_opt.errors import ConfigError
+from llm_perf_opt.runners.stage1 import effective_max_new_tokens, validate
+from tests.conftest import CONF
+
+ARCHES = sorted(p.stem for p in (CONF / "model/deepseek_ocr/arch").glob("*.yaml"))
+INFERS = sorted(p.stem for p in (CONF / "model/deepseek_ocr/infer").glob("*.yaml"))
+PROFILING = sorted(p.stem for p in (CONF / "profiling/torch").glob("*.yaml"))
+DATASETS = sorted(p.stem for p in (CONF / "dataset").glob("*.yaml"))
+
+
+def test_shipped_option_lists_are_complete() -> None:
+    assert {"deepseek_ocr.default", "deepseek_ocr.tiny", "deepseek_ocr.dummy"} <= set(ARCHES)
+    for mode in ("tiny", "small", "base", "large", "gundam"):
+        assert f"deepseek_ocr.{mode}" in INFERS
+    assert {"torch-profiler.default", "torch-profiler.min", "torch-profiler.max"} == set(PROFILING)
+    assert {"synthetic", "omnidocbench", "folder"} == set(DATASETS)
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+@pytest.mark.parametrize("infer", INFERS)
+def test_every_arch_and_infer_mode_composes_and_validates(compose_cfg, arch: str, infer: str) -> None:
+    cfg = compose_cfg([f"model/deepseek_ocr/arch={arch}", f"model/deepseek_ocr/infer={infer}"])
+    validate(cfg)
+    assert cfg.model.backend in ("native", "hf_remote")
+    assert cfg.model.dtype in ("float32", "bfloat16", "float16")
+    assert cfg.infer.temperature == 0.0
+    assert cfg.infer.no_repeat_ngram_size == 20
+    body = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("hydra", "output")])
+    OmegaConf.to_container(body, resolve=True)  # every interpolation outside hydra.* resolves
+
+
+@pytest.mark.parametrize("preset", PROFILING)
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_every_profiling_preset_and_dataset_composes(compose_cfg, preset: str, dataset: str) -> None:
+    overrides = [f"profiling/torch={preset}", f"dataset={dataset}"]
+    if dataset == "folder":
+        overrides.append("dataset.root=/somewhere")
+    cfg = compose_cfg(overrides)
+    validate(cfg)
+    assert set(cfg.profiling) >= {"activities", "record_shapes", "profile_memory", "with_stack", "rep_max_new_tokens",
+                                  "warmup_rounds", "warmup_synthetic"}  # fmt: skip
+
+
+def test_seed_names_and_defaults(compose_cfg) -> None:
+    cfg = compose_cfg()
+    assert cfg.experiment == "stage1"
+    assert cfg.device == "cpu"
+    assert cfg.model.name == "deepseek-ocr-tiny"
+    assert effective_max_new_tokens(cfg) == 64
+    ds = compose_cfg(["dataset=omnidocbench"]).dataset
+    assert ds.root == "datasets/omnidocbench/source-data"
+    assert list(ds.fallback_patterns) == ["images/*.png", "images/*.jpg"]
+    assert "subset_filelist" in ds
+    default = compose_cfg(["model/deepseek_ocr/arch=deepseek_ocr.default"])
+    assert default.infer.max_new_tokens == 8192
+    assert default.model.path == "models/deepseek-ocr"
+    assert default.model.preprocess.base_size == 1024 and default.model.preprocess.image_size == 640
+
+
+def test_run_dir_is_sortable_timestamp_plus_suffix(compose_cfg) -> None:
+    cfg = compose_cfg()
+    run_dir = cfg.hydra.run.dir
+    assert run_dir.startswith("tmp/stage1/")
+    stamp, suffix = run_dir.removeprefix("tmp/stage1/").rsplit("-", 1)
+    assert len(stamp) == len("20260101-000000") and len(suffix) == 4
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("repeats=0", "repeats must be an integer >= 1"),
+        ("repeats=-2", "repeats must be an integer >= 1"),
+        ("infer.max_new_tokens=0", "max_new_tokens must be >= 1"),
+        ("infer.max_new_tokens=-5", "max_new_tokens must be >= 1"),
+        ("model.prompt=no-image-here", "exactly one <image>"),
+    ],
+)
+def test_out_of_range_values_are_config_errors(compose_cfg, override: str, match: str) -> None:
+    cfg = compose_cfg([override])
+    with pytest.raises(ConfigError, match=match):
+        validate(cfg)
+
+
+def test_unknown_group_option_and_misspelled_key_fail_in_hydra(compose_cfg) -> None:
+    with pytest.raises(ConfigCompositionException):
+        compose_cfg(["dataset=nope"])
+    with pytest.raises(ConfigCompositionException):
+        compose_cfg(["repeatz=3"])
+
+
+@pytest.mark.parametrize("preset", ["local_parallel", "slurm_gpu"])
+def test_launcher_presets_compose(compose_cfg, preset: str) -> None:
+    cfg = compose_cfg([f"hydra/launcher={preset}"])
+    target = cfg.hydra.launcher._target_
+    assert ("Joblib" in target) if preset == "local_parallel" else ("Slurm" in target)
+    if preset == "slurm_gpu":
+        assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.hydra.launcher.timeout_min == 60
+
+
+def test_ray_preset_composes_when_plugin_installed(compose_cfg) -> None:
+    pytest.importorskip("hydra_plugins.hydra_ray_launcher", reason="hydra-ray-launcher is optional (needs ray)")
+    cfg = compose_cfg(["hydra/launcher=ray_local"])
+    assert cfg.hydra.launcher.ray.remote.num_gpus == 1
