@@ -62,6 +62,8 @@ class ClipEmbeddings(nn.Module):
     built on the meta device and loaded with ``assign=True`` works without re-creating the buffer.
     """
 
+    position_ids: Tensor
+
     def __init__(self, cfg: ClipConfig) -> None:
         super().__init__()
         self.class_embedding = nn.Parameter(torch.zeros(cfg.hidden_size))
@@ -87,9 +89,7 @@ class ClipAttention(nn.Module):
     def __init__(self, cfg: ClipConfig) -> None:
         super().__init__()
         if cfg.hidden_size % cfg.num_attention_heads:
-            raise ModelLoadError(
-                f"CLIP width {cfg.hidden_size} is not divisible by {cfg.num_attention_heads} heads"
-            )
+            raise ModelLoadError(f"CLIP width {cfg.hidden_size} is not divisible by {cfg.num_attention_heads} heads")
         self.num_heads = cfg.num_attention_heads
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
         self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size * 3, bias=True)
