@@ -81,7 +81,8 @@ def synthetic_page(size: tuple[int, int], seed: int) -> Image.Image:
         draw.line([xx, ty0, xx, ty1], fill=(0, 0, 0), width=max(1, w // 400))
     fx0, fy0, fx1, fy1 = margin, int(h * 0.68), w // 2, int(h * 0.92)
     draw.rectangle([fx0, fy0, fx1, fy1], outline=(0, 0, 180), width=max(1, w // 300))
-    draw.ellipse([fx0 + 10, fy0 + 10, fx1 - 10, fy1 - 10], fill=(200, 120, 60))
+    if fx1 - fx0 > 20 and fy1 - fy0 > 20:  # small pages get the box only
+        draw.ellipse([fx0 + 10, fy0 + 10, fx1 - 10, fy1 - 10], fill=(200, 120, 60))
     return img
 
 
@@ -119,7 +120,13 @@ def build_pages(ds: Any, project_root: Path) -> list[Page]:
     kind = ds.get("kind", "synthetic")
     max_pages = ds.get("max_pages")
     if kind == "synthetic":
-        sizes = [tuple(int(v) for v in s) for s in ds.get("sizes") or []]
+        try:
+            sizes = [tuple(int(v) for v in s) for s in ds.get("sizes") or []]
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(
+                f"dataset.sizes must be a list of [width, height] pairs, got {ds.get('sizes')!r}",
+                hint="e.g. dataset.sizes='[[595,842],[800,600]]'",
+            ) from exc
         if not sizes:
             raise ConfigError("dataset.sizes is empty", hint="e.g. dataset.sizes='[[595,842],[800,600]]'")
         for s in sizes:

@@ -29,7 +29,7 @@ class StageHooks:
         self.enabled = True
         for name, module in modules.items():
             self._handles.append(module.register_forward_pre_hook(self._make_pre(name)))
-            self._handles.append(module.register_forward_hook(self._make_post(name)))
+            self._handles.append(module.register_forward_hook(self._make_post(name), always_call=True))
 
     def _make_pre(self, name: str) -> Any:
         def pre(_module: nn.Module, _args: Any) -> None:
@@ -53,6 +53,8 @@ class StageHooks:
     def reset(self) -> None:
         for spans in self._spans.values():
             spans.clear()
+        for pending in self._pending.values():
+            pending.clear()
 
     def collect_ms(self) -> dict[str, float]:
         """Per-module total ms since the last reset (the caller has synchronised)."""

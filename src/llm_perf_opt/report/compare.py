@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import attrs
+import cattrs
 
 from llm_perf_opt.profiling.stats import Stats
 from llm_perf_opt.results.serialize import SchemaError, read_summary
@@ -54,11 +55,13 @@ class Delta:
 def load_run(path: Path) -> RunSummary:
     metrics = path / "metrics.json"
     if not path.is_dir() or not metrics.is_file():
-        raise CompareError(f"{path} is not a run directory (no metrics.json)", )
+        raise CompareError(f"{path} is not a run directory (no metrics.json)")
     try:
         return read_summary(metrics)
     except SchemaError as exc:
         raise CompareError(f"{exc}; re-run the profile with this version to compare") from exc
+    except (ValueError, AttributeError, cattrs.errors.BaseValidationError) as exc:
+        raise CompareError(f"{metrics} is not a readable metrics.json ({type(exc).__name__}: {exc})") from exc
 
 
 def _overlap(a: Stats, b: Stats) -> bool:

@@ -148,7 +148,7 @@ def render_report(s: RunSummary, plots: dict[str, str] | None = None) -> str:
     if failed:
         out.append("## Failed pages\n")
         out.append(table(["page", "repeat", "error type", "reason"],
-                         [[p.page_id, str(p.repeat), p.error_type or NA, (p.error or "").replace("|", "/")]
+                         [[p.page_id, str(p.repeat), p.error_type or NA, " ".join((p.error or "").split()).replace("|", "/")]
                           for p in failed]) + "\n")  # fmt: skip
     flagged = [p for p in ok if p.flags]
     if flagged:

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import cattrs
 import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
@@ -48,7 +49,7 @@ def _row(job_dir: Path) -> dict[str, Any]:
         return row
     try:
         s = read_summary(metrics)
-    except (SchemaError, ValueError, KeyError) as exc:
+    except (SchemaError, ValueError, KeyError, AttributeError, cattrs.errors.BaseValidationError) as exc:
         row.update(status="failed", error=f"unreadable metrics.json: {exc}")
         return row
     row["status"] = s.run.status

@@ -7,6 +7,7 @@ JSONL journal as each page finishes; metrics.json is re-rendered from it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -22,6 +23,8 @@ from llm_perf_opt.results.types import SCHEMA_VERSION, PageRecord, RunSummary
 T = TypeVar("T")
 
 converter = cattrs.Converter()
+# NaN/Inf are written as null (JSON has neither); read them back as NaN where a float is required.
+converter.register_structure_hook(float, lambda v, _: float("nan") if v is None else float(v))
 
 
 def _clean(obj: Any) -> Any:
@@ -41,6 +44,7 @@ def to_jsonable(obj: Any) -> Any:
 
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
+    tmp: str | None = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -49,6 +53,9 @@ def atomic_write_text(path: Path, text: str) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except OSError as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):  # best effort: the temp file may not exist any more
+                os.unlink(tmp)
         raise OutputError(
             f"could not write {path}: {exc.strerror or exc}",
             hint="check free disk space and permissions of the run directory (output.dir / hydra.run.dir)",

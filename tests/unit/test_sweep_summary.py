@@ -1,0 +1,146 @@
+"""report/sweep.py: sweep.md / sweep.json / plots over a fake Hydra multirun directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from llm_perf_opt.report.sweep import SweepSummaryCallback, summarize_sweep
+from llm_perf_opt.results.types import Efficiency
+from tests.unit.builders import make_summary, write_job_dir
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _job_summary(prefill: float, tpot: float, **kw):
+    return make_summary(
+        {
+            "prefill_ms": [prefill, prefill + 1, prefill - 1],
+            "tpot_ms": [tpot, tpot + 0.1, tpot - 0.1],
+            "decode_tok_s": [1000 / tpot] * 3,
+            "e2e_ms": [prefill + 100] * 3,
+            "peak_mem_allocated_bytes": [2 * 2**30, 3 * 2**30],
+        },
+        **kw,
+    )
+
+
+@pytest.fixture
+def multirun(tmp_path: Path) -> Path:
+    root = tmp_path / "multirun" / "2025-01-01" / "12-00-00"
+    root.mkdir(parents=True)
+    eff = [Efficiency("decode", 1e9, 0.01, 1e11, 0.125)]
+    write_job_dir(root, "0", ["infer.max_new_tokens=64", "repeats=3"], _job_summary(20.0, 10.0, efficiency=eff))
+    write_job_dir(root, "1", ["infer.max_new_tokens=256", "repeats=3"], _job_summary(21.0, 12.0, efficiency=eff))
+    job2 = write_job_dir(root, "2", ["infer.max_new_tokens=1024", "repeats=3"], None)
+    (job2 / "run.log").write_text("starting\nloading model\nModelLoadError: weights not found: /models/x\n\n")
+    (root / "multirun.yaml").write_text("not a job\n")  # non-job entries are ignored
+    (root / "notes").mkdir()
+    return root
+
+
+def test_rows_and_failed_job(multirun: Path) -> None:
+    rows = summarize_sweep(multirun)
+    assert [r["job"] for r in rows] == ["0", "1", "2"]
+    assert rows[0]["swept"] == {"infer.max_new_tokens": "64", "repeats": "3"}
+    assert rows[0]["status"] == "complete"
+    assert rows[0]["TTFT p50 ms"] == pytest.approx(20.0)
+    assert rows[1]["TPOT p50 ms"] == pytest.approx(12.0)
+    assert rows[0]["peak alloc GiB"] == pytest.approx(3.0)  # max, in GiB
+    assert rows[0]["MFU decode"] == pytest.approx(0.125)
+    failed = rows[2]
+    assert failed["status"] == "failed"
+    assert failed["error"] == "ModelLoadError: weights not found: /models/x"  # last non-blank line of run.log
+    assert "TTFT p50 ms" not in failed
+
+
+def test_sweep_json_matches_rows(multirun: Path) -> None:
+    rows = summarize_sweep(multirun)
+    assert json.loads((multirun / "sweep.json").read_text()) == rows
+
+
+def test_sweep_md_table_and_failed_section(multirun: Path) -> None:
+    summarize_sweep(multirun)
+    md = (multirun / "sweep.md").read_text()
+    assert md.startswith("# Sweep summary — 12-00-00")
+    assert "3 jobs" in md
+    header = next(line for line in md.splitlines() if line.startswith("| job"))
+    assert header.startswith("| job | infer.max_new_tokens | repeats | status | TTFT p50 ms")
+    assert header.rstrip(" |").endswith("MFU decode")
+    assert "| [0](0/report.md) | 64 | 3 | complete | 20.000 |" in md
+    assert "12.50 %" in md  # MFU rendered as a percentage
+    row2 = next(line for line in md.splitlines() if line.startswith("| [2](2/report.md)"))
+    assert "| failed |" in row2 and row2.count("n/a") == 7  # 6 key metrics + MFU
+    assert "## Failed jobs" in md
+    assert "- job 2 ({'infer.max_new_tokens': '1024', 'repeats': '3'}): ModelLoadError: weights not found" in md
+
+
+def test_plot_for_numeric_swept_key(multirun: Path) -> None:
+    summarize_sweep(multirun)
+    png = multirun / "sweep_infer_max_new_tokens.png"
+    assert png.is_file() and png.read_bytes()[:8] == PNG_MAGIC
+    # repeats has one value only → no plot
+    assert not (multirun / "sweep_repeats.png").exists()
+    assert "![sweep_infer_max_new_tokens.png](sweep_infer_max_new_tokens.png)" in (multirun / "sweep.md").read_text()
+
+
+def test_no_plot_for_non_numeric_key(tmp_path: Path) -> None:
+    write_job_dir(tmp_path, "0", ["model/deepseek_ocr/arch=deepseek_ocr.tiny"], _job_summary(10.0, 5.0))
+    write_job_dir(tmp_path, "1", ["model/deepseek_ocr/arch=deepseek_ocr.dummy"], _job_summary(11.0, 6.0))
+    rows = summarize_sweep(tmp_path)
+    assert [r["status"] for r in rows] == ["complete", "complete"]
+    assert not list(tmp_path.glob("*.png"))
+    md = (tmp_path / "sweep.md").read_text()
+    assert "![" not in md and "## Failed jobs" not in md
+
+
+def test_failed_job_without_log_and_unreadable_metrics(tmp_path: Path) -> None:
+    write_job_dir(tmp_path, "0", ["seed=1"], None)
+    job1 = write_job_dir(tmp_path, "1", ["seed=2"], _job_summary(10.0, 5.0, schema_version="7.0"))
+    write_job_dir(tmp_path, "10", ["seed=3"], _job_summary(10.0, 5.0, status="partial", status_reason="SIGINT"))
+    (job1 / "run.log").write_text("")
+    rows = summarize_sweep(tmp_path)
+    assert [r["job"] for r in rows] == ["0", "1", "10"]
+    assert rows[0]["error"] == "no metrics.json written"
+    assert rows[1]["status"] == "failed" and "unreadable metrics.json" in rows[1]["error"]
+    assert "schema_version 7.0" in rows[1]["error"]
+    assert rows[2]["status"] == "partial" and rows[2]["error"] == "SIGINT"
+    # seed is numeric, but only one job (10) did not fail → one x value, no plot
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_job_order_is_numeric(tmp_path: Path) -> None:
+    for j in ("10", "2", "1"):
+        write_job_dir(tmp_path, j, [f"seed={j}"], _job_summary(10.0, 5.0))
+    assert [r["job"] for r in summarize_sweep(tmp_path)] == ["1", "2", "10"]
+
+
+def test_job_without_overrides_file(tmp_path: Path) -> None:
+    job = write_job_dir(tmp_path, "0", [], _job_summary(10.0, 5.0))
+    (job / ".hydra" / "overrides.yaml").unlink()
+    (row,) = summarize_sweep(tmp_path)
+    assert row["swept"] == {} and row["status"] == "complete"
+
+
+def test_structurally_invalid_metrics_is_a_failed_row(tmp_path: Path) -> None:
+    write_job_dir(tmp_path, "0", ["seed=1"], _job_summary(10.0, 5.0))
+    job1 = write_job_dir(tmp_path, "1", ["seed=2"], None)
+    (job1 / "metrics.json").write_text(json.dumps({"schema_version": "1.0", "pages": []}))
+    rows = summarize_sweep(tmp_path)
+    assert rows[1]["status"] == "failed"
+    assert "unreadable metrics.json" in rows[1]["error"]
+
+
+def test_callback_writes_summary(multirun: Path) -> None:
+    cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(multirun)}}})
+    SweepSummaryCallback().on_multirun_end(cfg)
+    assert (multirun / "sweep.md").is_file() and (multirun / "sweep.json").is_file()
+
+
+def test_callback_ignores_missing_dir(tmp_path: Path) -> None:
+    cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "nope")}}})
+    SweepSummaryCallback().on_multirun_end(cfg)
+    assert not (tmp_path / "nope").exists()

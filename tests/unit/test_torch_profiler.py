@@ -1,0 +1,134 @@
+"""profiling/torch_profiler.py on CPU: the operator table's total is the profiler's own total."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from llm_perf_opt.profiling import torch_profiler
+from llm_perf_opt.profiling.torch_profiler import RANGE_NAMES, operator_table, run_profiler_pass
+
+PRESET = OmegaConf.create({"activities": ["cpu"], "record_shapes": False, "profile_memory": False, "with_stack": False})
+
+
+def _work() -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 64, generator=g)
+    b = torch.randn(64, 64, generator=g)
+    with torch.profiler.record_function("prefill"):
+        c = a @ b
+        c = c @ b
+        c = torch.relu(c + a)
+    with torch.profiler.record_function("decode"):
+        for _ in range(3):
+            c = c @ a
+    return c.sum()
+
+
+@pytest.fixture
+def profiled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Run the pass once, capturing the profiler object the module created."""
+    captured: list[Any] = []
+    real_profile = torch_profiler.profile
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        prof = real_profile(*args, **kwargs)
+        captured.append(prof)
+        return prof
+
+    monkeypatch.setattr(torch_profiler, "profile", spy)
+    summary, result = run_profiler_pass(
+        _work, torch.device("cpu"), PRESET, tmp_path, page_id="synthetic-1", max_new_tokens=4, top_k=3,
+        export_trace=True,
+    )  # fmt: skip
+    assert len(captured) == 1
+    return {"summary": summary, "result": result, "prof": captured[0], "dir": tmp_path}
+
+
+def test_returns_fn_result(profiled: dict[str, Any]) -> None:
+    expected = _work()
+    assert torch.equal(profiled["result"], expected)
+
+
+def test_total_equals_profiler_total(profiled: dict[str, Any]) -> None:
+    s, prof = profiled["summary"], profiled["prof"]
+    events = [e for e in prof.key_averages() if e.key not in RANGE_NAMES and not e.key.startswith("ProfilerStep")]
+    own_total_ms = sum(float(e.self_cpu_time_total) for e in events) / 1e3
+    assert own_total_ms > 0
+    assert s.total_self_ms == pytest.approx(own_total_ms, rel=1e-6)
+
+
+def test_table_top_k_sorted_and_percentages(profiled: dict[str, Any]) -> None:
+    s = profiled["summary"]
+    assert s.sort_key == "self_cpu_ms"
+    assert s.page_id == "synthetic-1" and s.max_new_tokens == 4
+    assert 1 <= len(s.operators) <= 3
+    names = [op.name for op in s.operators]
+    assert "aten::mm" in names or "aten::matmul" in names
+    assert not set(names) & set(RANGE_NAMES)
+    selfs = [op.self_cpu_ms for op in s.operators]
+    assert selfs == sorted(selfs, reverse=True)
+    for op in s.operators:
+        assert op.self_device_ms is None and op.total_device_ms is None
+        assert op.pct_of_total == pytest.approx(100.0 * op.self_cpu_ms / s.total_self_ms, rel=1e-6)
+        assert op.total_cpu_ms >= op.self_cpu_ms
+    assert 0 < sum(op.pct_of_total for op in s.operators) <= 100.0 + 1e-9
+
+
+def test_percentages_of_all_operators_sum_to_at_most_100(profiled: dict[str, Any]) -> None:
+    rows, total_ms, _ = operator_table(profiled["prof"], on_device=False, top_k=10_000)
+    assert total_ms == pytest.approx(profiled["summary"].total_self_ms, rel=1e-9)
+    total_pct = sum(r.pct_of_total for r in rows)
+    assert total_pct <= 100.0 + 1e-6
+    assert total_pct == pytest.approx(100.0, abs=1e-6)  # every operator listed: the whole total is covered
+    assert sum(r.self_cpu_ms for r in rows) == pytest.approx(total_ms, rel=1e-6)
+
+
+def test_range_times(profiled: dict[str, Any]) -> None:
+    s = profiled["summary"]
+    assert set(s.range_ms) == {"prefill", "decode"}
+    assert all(v > 0 for v in s.range_ms.values())
+
+
+def test_trace_written_as_valid_gzip_json(profiled: dict[str, Any]) -> None:
+    s, out = profiled["summary"], profiled["dir"]
+    assert s.trace_file == "trace.json.gz"
+    assert not (out / "trace.json").exists()  # the raw trace is removed after compressing
+    with gzip.open(out / "trace.json.gz", "rt") as fh:
+        trace = json.load(fh)
+    names = {e.get("name") for e in trace["traceEvents"]}
+    assert {"prefill", "decode"} <= names
+    assert any(str(n).startswith("aten::") for n in names)
+
+
+def test_no_trace_when_export_disabled(tmp_path: Path) -> None:
+    s, _ = run_profiler_pass(lambda: torch.ones(2) @ torch.ones(2), torch.device("cpu"), PRESET, tmp_path, "p", 1, 5,
+                             export_trace=False)  # fmt: skip
+    assert s.trace_file is None
+    assert list(tmp_path.iterdir()) == []
+    assert s.total_self_ms > 0
+
+
+def test_kernel_time_in_ranges_from_synthetic_trace(tmp_path: Path) -> None:
+    trace = {
+        "traceEvents": [
+            {"cat": "gpu_user_annotation", "name": "prefill", "ts": 100, "dur": 1000},
+            {"cat": "gpu_user_annotation", "name": "decode", "ts": 2000, "dur": 500},
+            {"cat": "gpu_user_annotation", "name": "other", "ts": 0, "dur": 99999},
+            {"cat": "kernel", "name": "k1", "ts": 150, "dur": 200},
+            {"cat": "kernel", "name": "k2", "ts": 900, "dur": 150},  # ends at 1050 ≤ 1100: inside
+            {"cat": "kernel", "name": "k3", "ts": 1050, "dur": 100},  # ends at 1150: straddles the end, excluded
+            {"cat": "kernel", "name": "k4", "ts": 2100, "dur": 300},
+        ]
+    }
+    path = tmp_path / "trace.json.gz"
+    with gzip.open(path, "wt") as fh:
+        json.dump(trace, fh)
+    out = torch_profiler.kernel_time_in_ranges_ms(path)
+    assert out == {"prefill": pytest.approx(0.35), "decode": pytest.approx(0.3)}
