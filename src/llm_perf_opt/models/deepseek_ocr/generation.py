@@ -1,0 +1,184 @@
+"""Token selection for DeepSeek-OCR decoding: greedy or temperature sampling, no-repeat-ngram, eos.
+
+Kept separate from the model so the rules are pure functions of (logits, history) and can be tested
+against HF's semantics without a model:
+
+* no-repeat-ngram follows ``transformers.NoRepeatNGramLogitsProcessor``: n-grams are collected over the
+  *whole* sequence the model has seen (prompt ids, image-token ids included, plus generated tokens); a
+  token is banned when appending it would repeat an n-gram already present.  Nothing is banned while
+  ``len(history) + 1 < n``.
+* the ban is applied before temperature, like HF's processor-then-warper order.
+* ``temperature == 0`` is greedy (``argmax``, first index on ties); otherwise softmax(logits / T) is
+  sampled on the host with the caller's CPU ``torch.Generator``, so a seed gives the same tokens on any
+  device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import attrs
+import torch
+from torch import Tensor
+
+from llm_perf_opt.errors import ConfigError
+from llm_perf_opt.models.deepseek_ocr.kv_cache import StaticKVCache
+
+__all__ = [
+    "GenerationResult",
+    "NoRepeatNGram",
+    "SupportsDecode",
+    "banned_ngram_tokens",
+    "generate",
+    "select_next_token",
+]
+
+
+def banned_ngram_tokens(history: Sequence[int], n: int) -> list[int]:
+    """Tokens that would complete an n-gram already present in ``history`` (HF semantics), sorted.
+
+    Scans for occurrences of the last ``n-1`` tokens with ``list.index`` (C speed), so a step costs
+    microseconds even with thousands of tokens of history.
+    """
+    if n <= 0:
+        return []
+    seq = list(history)
+    cur_len = len(seq)
+    if cur_len + 1 < n:
+        return []
+    if n == 1:
+        return sorted(set(seq))
+    prefix = seq[cur_len - n + 1 :]
+    first = prefix[0]
+    banned: set[int] = set()
+    last_start = cur_len - n  # last index an n-gram (of n tokens, all in history) can start at
+    i = 0
+    while i <= last_start:
+        try:
+            i = seq.index(first, i, last_start + 1)
+        except ValueError:
+            break
+        if seq[i : i + n - 1] == prefix:
+            banned.add(seq[i + n - 1])
+        i += 1
+    return sorted(banned)
+
+
+class NoRepeatNGram:
+    """The no-repeat-ngram rule of size ``n`` (0 disables it)."""
+
+    def __init__(self, n: int) -> None:
+        if n < 0:
+            raise ConfigError(f"no_repeat_ngram_size must be >= 0, got {n}", hint="use 0 to disable the rule")
+        self.n = int(n)
+
+    def banned_tokens(self, history: Sequence[int]) -> list[int]:
+        return banned_ngram_tokens(history, self.n)
+
+    def apply(self, logits: Tensor, history: Sequence[int]) -> Tensor:
+        """Return ``logits`` [V] with banned tokens set to -inf (a copy only when something is banned)."""
+        banned = self.banned_tokens(history)
+        if not banned:
+            return logits
+        index = torch.tensor(banned, dtype=torch.long, device=logits.device)
+        return logits.index_fill(-1, index, float("-inf"))
+
+
+def select_next_token(
+    logits: Tensor,
+    history: Sequence[int],
+    temperature: float = 0.0,
+    no_repeat_ngram_size: int = 0,
+    generator: torch.Generator | None = None,
+) -> int:
+    """Pick the next token id from one row of logits ([V] or [1, V]) given the full history.
+
+    ``history`` is every token id of the sequence so far (prompt included); it only matters when
+    ``no_repeat_ngram_size > 0``.  ``generator`` must be a CPU generator (sampling runs on the host).
+    """
+    if logits.dim() == 2 and logits.shape[0] == 1:
+        logits = logits[0]
+    if logits.dim() != 1:
+        raise ValueError(f"select_next_token expects logits [V] or [1, V], got {tuple(logits.shape)}")
+    if temperature < 0:
+        raise ConfigError(f"temperature must be >= 0, got {temperature}", hint="0 = greedy")
+    rule = NoRepeatNGram(no_repeat_ngram_size)
+
+    if temperature == 0:
+        token = int(torch.argmax(logits).item())
+        if rule.n == 0:
+            return token
+        banned = rule.banned_tokens(history)
+        if token not in banned:
+            # Masking only lowers banned entries, so an unbanned argmax stays the (first) argmax.
+            return token
+        return int(torch.argmax(rule.apply(logits, history)).item())
+
+    scores = rule.apply(logits, history).float() / float(temperature)
+    probs = torch.softmax(scores.cpu(), dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+class SupportsDecode(Protocol):
+    """What :func:`generate` needs from a model (``DeepseekOCRForCausalLM`` provides it)."""
+
+    def prefill(self, inputs_embeds: Tensor, cache: StaticKVCache, logits_positions: str = "last") -> Tensor: ...
+
+    def decode_step(self, token_ids: Tensor, cache: StaticKVCache) -> Tensor: ...
+
+    def new_cache(self, batch: int, max_len: int) -> StaticKVCache: ...
+
+
+@attrs.frozen
+class GenerationResult:
+    """Generated ids (eos included when it stopped generation) and, on request, the logits that chose them."""
+
+    tokens: list[int]
+    stopped_by_eos: bool
+    logits: list[Tensor] | None = None  # row i chose tokens[i]; float32 on the host
+
+
+def generate(
+    model: SupportsDecode,
+    inputs_embeds: Tensor,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    no_repeat_ngram_size: int = 0,
+    eos_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    cache: StaticKVCache | None = None,
+    keep_logits: bool = False,
+) -> GenerationResult:
+    """Prefill one prompt (batch 1), then one decode step per new token until eos or ``max_new_tokens``.
+
+    Token i is chosen from the prefill's last position (i = 0) or from decode step i; its position in the
+    sequence is ``len(prompt) + i``.  Pass ``cache`` to reuse an allocation (it must be empty).
+    """
+    if inputs_embeds.shape[0] != 1:
+        raise ValueError(f"generate() runs batch 1, got inputs_embeds batch {inputs_embeds.shape[0]}")
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    prompt_len = int(inputs_embeds.shape[1])
+    if cache is None:
+        cache = model.new_cache(batch=1, max_len=prompt_len + max_new_tokens)
+    history = [int(t) for t in prompt_ids]
+    tokens: list[int] = []
+    kept: list[Tensor] | None = [] if keep_logits else None
+
+    logits = model.prefill(inputs_embeds, cache)
+    while True:
+        row = logits[0]
+        if kept is not None:
+            kept.append(row.detach().float().cpu())
+        token = select_next_token(row, history, temperature, no_repeat_ngram_size, generator)
+        tokens.append(token)
+        history.append(token)
+        if eos_token_id is not None and token == eos_token_id:
+            return GenerationResult(tokens=tokens, stopped_by_eos=True, logits=kept)
+        if len(tokens) >= max_new_tokens:
+            return GenerationResult(tokens=tokens, stopped_by_eos=False, logits=kept)
+        step_in = torch.tensor([[token]], dtype=torch.long, device=inputs_embeds.device)
+        logits = model.decode_step(step_in, cache)

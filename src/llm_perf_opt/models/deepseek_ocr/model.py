@@ -1,0 +1,323 @@
+"""Assembly of the native DeepSeek-OCR model and its inference API.
+
+The module tree mirrors the released checkpoint (``model.sam_model``, ``model.vision_model``,
+``model.projector``, ``model.image_newline``, ``model.view_seperator`` [sic], ``model.embed_tokens``,
+``model.layers.N``, ``model.norm``, ``lm_head``) so weights load by name with no remapping.
+
+Inference is split into the stages the profiler times separately instead of one opaque ``forward``:
+
+1. :meth:`DeepseekOCRForCausalLM.encode_images` — one page's views through SAM → CLIP → projector
+   (each a separate module call, so forward hooks on the three modules fire: crops batched in one
+   call, then the global view), laid out with ``image_newline`` / ``view_seperator`` tokens;
+2. :meth:`~DeepseekOCRForCausalLM.embed_prompt` — token embeddings with the image features scattered
+   into the image-token positions;
+3. :meth:`~DeepseekOCRForCausalLM.prefill` — the decoder over the prompt, filling a
+   :class:`StaticKVCache`; ``lm_head`` runs only where logits are needed (default: last position);
+4. :meth:`~DeepseekOCRForCausalLM.decode_step` — one token per forward on the cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from llm_perf_opt.errors import InputError, ModelLoadError
+from llm_perf_opt.models.deepseek_ocr.clip import ClipVisionTower
+from llm_perf_opt.models.deepseek_ocr.config import DeepseekOCRConfig
+from llm_perf_opt.models.deepseek_ocr.decoder import DecoderLayer, MoE, RMSNorm, RotaryEmbedding
+from llm_perf_opt.models.deepseek_ocr.kv_cache import StaticKVCache
+from llm_perf_opt.models.deepseek_ocr.projector import LinearProjector
+from llm_perf_opt.models.deepseek_ocr.sam import SamEncoder
+
+__all__ = ["DeepseekOCRForCausalLM", "DeepseekOCRModel", "num_image_tokens", "parse_spatial_crop"]
+
+LOGITS_POSITIONS = ("last", "all")
+
+# cuDNN's SDPA backend builds (and caches) an execution plan per input shape.  Every decode step has a new
+# KV length and every page a new prompt length, so it re-plans on every call: ~5 ms of host time per layer
+# call on an H100 with torch 2.11, which turned a ~10 ms decode step into ~95 ms.  Flash / memory-efficient /
+# math kernels have no per-shape setup, so the model restricts SDPA to them (set ``sdpa_backends = None``
+# on the model to let PyTorch choose freely).
+DEFAULT_SDPA_BACKENDS: tuple[SDPBackend, ...] = (
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+)
+
+
+def parse_spatial_crop(images_spatial_crop: Tensor | Sequence[int] | Sequence[Sequence[int]]) -> tuple[int, int]:
+    """Read one page's crop grid as ``(grid_w, grid_h)`` from a [2] / [1, 2] tensor or a (nested) sequence."""
+    try:
+        values = [int(v) for v in torch.as_tensor(images_spatial_crop).reshape(-1).tolist()]
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise InputError(f"images_spatial_crop is not a [grid_w, grid_h] pair: {images_spatial_crop!r}") from exc
+    if len(values) != 2 or min(values) < 1:
+        raise InputError(
+            f"images_spatial_crop must be one page's [grid_w, grid_h] (both >= 1), got {values}",
+            hint="encode_images takes one page at a time",
+        )
+    return values[0], values[1]
+
+
+def num_image_tokens(
+    cfg: DeepseekOCRConfig,
+    grid_w: int = 1,
+    grid_h: int = 1,
+    base_size: int | None = None,
+    image_size: int | None = None,
+) -> int:
+    """Image-token count of one page: global view ``q_b·(q_b+1) + 1`` plus ``(g_h·q)·(g_w·q + 1)`` for tiles.
+
+    ``q_b``/``q`` are tokens per side of the global view (``base_size``) and of a tile (``image_size``):
+    ceil(size / patch / 4); both default to the config's.  A 1×1 grid means no tiles.  The prompt length
+    is this plus the text tokens (1 bos + 9 for the default markdown prompt).
+    """
+    per = cfg.sam.patch_size * 4
+    q_b = math.ceil((base_size or cfg.base_size) / per)
+    count = q_b * (q_b + 1) + 1
+    if grid_w > 1 or grid_h > 1:
+        q = math.ceil((image_size or cfg.image_size) / per)
+        count += (grid_h * q) * (grid_w * q + 1)
+    return count
+
+
+class DeepseekOCRModel(nn.Module):
+    """Vision encoders + projector + layout tokens + decoder stack (everything under the ``model.`` prefix)."""
+
+    def __init__(self, cfg: DeepseekOCRConfig) -> None:
+        super().__init__()
+        lang = cfg.language
+        if cfg.projector.n_embed != lang.hidden_size:
+            raise ModelLoadError(
+                f"projector n_embed {cfg.projector.n_embed} != language hidden_size {lang.hidden_size}",
+                hint="the image features are written into the token embedding sequence, so widths must match",
+            )
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(lang.vocab_size, lang.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(lang, i) for i in range(lang.num_hidden_layers))
+        self.norm = RMSNorm(lang.hidden_size, lang.rms_norm_eps)
+        self.rotary = RotaryEmbedding(lang.head_dim, lang.rope_theta, lang.max_position_embeddings)
+
+        self.sam_model = SamEncoder(cfg.sam)
+        self.vision_model = ClipVisionTower(cfg.clip)
+        self.projector = LinearProjector(cfg.projector)
+        self.image_newline = nn.Parameter(torch.empty(cfg.projector.n_embed))
+        self.view_seperator = nn.Parameter(torch.empty(cfg.projector.n_embed))
+
+    def forward(self, inputs_embeds: Tensor, cache: StaticKVCache | None = None) -> Tensor:
+        """Decoder over ``inputs_embeds`` [B, L, hidden] at positions ``cache.length ..`` -> normed hidden states.
+
+        Writes every layer's keys/values into ``cache`` and advances it by L once all layers ran.
+        """
+        bsz, length, _ = inputs_embeds.shape
+        start = 0
+        if cache is not None:
+            if cache.batch != bsz:
+                raise InputError(f"KV cache was sized for batch {cache.batch}, inputs have batch {bsz}")
+            cache.check_room(length)
+            start = cache.length
+        cos, sin = self.rotary(start, length, inputs_embeds.device, inputs_embeds.dtype)
+        hidden = inputs_embeds
+        for layer in self.layers:
+            hidden = layer(hidden, cos, sin, start, cache)
+        if cache is not None:
+            cache.advance(length)
+        return self.norm(hidden)
+
+
+class DeepseekOCRForCausalLM(nn.Module):
+    """DeepSeek-OCR with its LM head; the stage-by-stage inference API lives here."""
+
+    def __init__(self, cfg: DeepseekOCRConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = DeepseekOCRModel(cfg)
+        self.lm_head = nn.Linear(cfg.language.hidden_size, cfg.language.vocab_size, bias=False)
+        self.sdpa_backends: tuple[SDPBackend, ...] | None = DEFAULT_SDPA_BACKENDS
+
+    def _sdpa_policy(self) -> contextlib.AbstractContextManager[None]:
+        """Restrict scaled_dot_product_attention to ``sdpa_backends`` for one stage call (see DEFAULT_SDPA_BACKENDS)."""
+        if not self.sdpa_backends:
+            return contextlib.nullcontext()
+        return sdpa_kernel(list(self.sdpa_backends))
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def new_cache(self, batch: int, max_len: int) -> StaticKVCache:
+        """A zeroed static KV cache for ``batch`` sequences of up to ``max_len`` positions on this model's device."""
+        return StaticKVCache.for_model(self, batch=batch, max_len=max_len)
+
+    def num_image_tokens(
+        self, grid_w: int = 1, grid_h: int = 1, base_size: int | None = None, image_size: int | None = None
+    ) -> int:
+        return num_image_tokens(self.config, grid_w, grid_h, base_size, image_size)
+
+    # ------------------------------------------------------------------ MoE routing statistics
+    def moe_layers(self) -> dict[int, MoE]:
+        return {i: layer.mlp for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, MoE)}
+
+    @property
+    def last_routing(self) -> dict[int, Tensor]:
+        """Per MoE layer index: expert ids [tokens, top_k] chosen in the most recent forward (detached, on device).
+
+        Tokens are the flattened batch×positions of that forward (prefill: B·L, decode: B); ids per row are
+        sorted by gate score, highest first.
+        """
+        return {i: moe.last_topk_idx for i, moe in self.moe_layers().items() if moe.last_topk_idx is not None}
+
+    def tokens_per_expert(self) -> dict[int, list[int]]:
+        """Per MoE layer: tokens routed to each expert since the last reset (a prefill on an empty cache resets)."""
+        return {i: list(moe.tokens_per_expert) for i, moe in self.moe_layers().items()}
+
+    def experts_hit_per_layer(self) -> list[int]:
+        """Per MoE layer (in layer order): how many distinct experts got at least one token since the last reset."""
+        return [sum(1 for c in counts if c) for counts in self.tokens_per_expert().values()]
+
+    def reset_routing_stats(self) -> None:
+        for moe in self.moe_layers().values():
+            moe.reset_routing_stats()
+
+    # ------------------------------------------------------------------ stage 1: vision
+    def _encode_views(self, pixels: Tensor) -> Tensor:
+        """SAM → CLIP(SAM features) → projector for a batch of same-size views -> [n, h·w, hidden]."""
+        m = self.model
+        sam = m.sam_model(pixels)
+        clip = m.vision_model(pixels, sam)
+        feats = torch.cat((clip[:, 1:], sam.flatten(2).permute(0, 2, 1)), dim=-1)
+        out: Tensor = m.projector(feats)
+        return out
+
+    @staticmethod
+    def _side(tokens: int, what: str) -> int:
+        side = math.isqrt(tokens)
+        if side * side != tokens:
+            raise InputError(f"{what} produced {tokens} tokens per view, not a square grid")
+        return side
+
+    @torch.no_grad()
+    def encode_images(
+        self,
+        images_crop: Tensor,
+        images_ori: Tensor,
+        images_spatial_crop: Tensor | Sequence[int] | Sequence[Sequence[int]],
+    ) -> Tensor:
+        """One page's image features in sequence order -> [n_image_tokens, hidden].
+
+        ``images_crop`` [n_tiles, 3, s, s] (ignored when the grid is 1×1, e.g. the zeros placeholder),
+        ``images_ori`` [1, 3, base, base], ``images_spatial_crop`` = (grid_w, grid_h).  Layout: tiles as one
+        big grid (grid_h·q rows of grid_w·q tokens, each row + ``image_newline``), then the global view
+        (q_b rows of q_b tokens, each + ``image_newline``), then one ``view_seperator``.
+        """
+        m = self.model
+        grid_w, grid_h = parse_spatial_crop(images_spatial_crop)
+        if images_ori.dim() != 4 or images_ori.shape[0] != 1:
+            raise InputError(f"images_ori must be [1, 3, H, W] for one page, got {tuple(images_ori.shape)}")
+        dtype = self.dtype
+        hidden = m.image_newline.shape[0]
+        newline = m.image_newline.to(dtype)
+        parts: list[Tensor] = []
+
+        if grid_w > 1 or grid_h > 1:
+            n_tiles = grid_w * grid_h
+            if images_crop.dim() != 4 or images_crop.shape[0] != n_tiles:
+                raise InputError(
+                    f"crop grid {grid_w}x{grid_h} needs {n_tiles} tiles, "
+                    f"images_crop has shape {tuple(images_crop.shape)}"
+                )
+            with self._sdpa_policy():
+                local = self._encode_views(images_crop.to(device=self.device, dtype=dtype))
+            q = self._side(local.shape[1], "a tile")
+            local = (
+                local.view(grid_h, grid_w, q, q, hidden).permute(0, 2, 1, 3, 4).reshape(grid_h * q, grid_w * q, hidden)
+            )
+            local = torch.cat([local, newline.expand(grid_h * q, 1, hidden)], dim=1)
+            parts.append(local.reshape(-1, hidden))
+
+        with self._sdpa_policy():
+            glob = self._encode_views(images_ori.to(device=self.device, dtype=dtype))
+        q_b = self._side(glob.shape[1], "the global view")
+        glob = torch.cat([glob.view(q_b, q_b, hidden), newline.expand(q_b, 1, hidden)], dim=1)
+        parts.append(glob.reshape(-1, hidden))
+        parts.append(m.view_seperator.to(dtype)[None, :])
+        return torch.cat(parts, dim=0)
+
+    # ------------------------------------------------------------------ stage 2: embeddings
+    @torch.no_grad()
+    def embed_prompt(self, input_ids: Tensor, images_seq_mask: Tensor, image_features: Sequence[Tensor]) -> Tensor:
+        """Token embeddings [B, L, hidden] with row b's image positions filled, in order, by ``image_features[b]``."""
+        if input_ids.dim() != 2:
+            raise InputError(f"input_ids must be [B, L], got {tuple(input_ids.shape)}")
+        if images_seq_mask.shape != input_ids.shape:
+            raise InputError(
+                f"images_seq_mask shape {tuple(images_seq_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
+            )
+        bsz = input_ids.shape[0]
+        if len(image_features) not in (0, bsz):
+            raise InputError(f"got image features for {len(image_features)} rows, input_ids has batch {bsz}")
+        ids = input_ids.to(self.device)
+        embeds: Tensor = self.model.embed_tokens(ids)
+        mask = images_seq_mask.to(device=self.device, dtype=torch.bool)
+        counts = mask.sum(dim=1).tolist()
+        for b in range(bsz):
+            feats = image_features[b] if image_features else None
+            n_feat = 0 if feats is None else int(feats.shape[0])
+            if int(counts[b]) != n_feat:
+                raise InputError(
+                    f"row {b}: {int(counts[b])} image-token positions in the prompt but {n_feat} image feature rows",
+                    hint="the prompt's image tokens must be laid out for the same crop grid as the images "
+                    "(num_image_tokens(cfg, grid_w, grid_h))",
+                )
+            if feats is not None and n_feat:
+                embeds[b].masked_scatter_(mask[b].unsqueeze(-1), feats.to(embeds.dtype))
+        return embeds
+
+    # ------------------------------------------------------------------ stages 3/4: language model
+    def _logits(self, hidden: Tensor) -> Tensor:
+        out: Tensor = self.lm_head(hidden)
+        return out.float()
+
+    @torch.no_grad()
+    def prefill(self, inputs_embeds: Tensor, cache: StaticKVCache, logits_positions: str = "last") -> Tensor:
+        """Run the decoder over the prompt and fill ``cache``; float32 logits [B, V] ("last") or [B, L, V] ("all").
+
+        ``lm_head`` runs only on the requested positions.  A prefill on an empty cache starts a new page,
+        so it also resets the MoE routing statistics.
+        """
+        if logits_positions not in LOGITS_POSITIONS:
+            raise ValueError(f"logits_positions must be one of {LOGITS_POSITIONS}, got {logits_positions!r}")
+        if inputs_embeds.dim() != 3:
+            raise InputError(f"inputs_embeds must be [B, L, hidden], got {tuple(inputs_embeds.shape)}")
+        if cache.length == 0:
+            self.reset_routing_stats()
+        with self._sdpa_policy():
+            hidden = self.model(inputs_embeds.to(self.dtype), cache)
+        if logits_positions == "last":
+            return self._logits(hidden[:, -1])
+        return self._logits(hidden)
+
+    @torch.no_grad()
+    def decode_step(self, token_ids: Tensor, cache: StaticKVCache) -> Tensor:
+        """One forward for ``token_ids`` [B, 1] at position ``cache.length``; returns float32 logits [B, V]."""
+        if token_ids.dim() != 2 or token_ids.shape[1] != 1:
+            raise InputError(f"decode_step takes token_ids [B, 1], got {tuple(token_ids.shape)}")
+        embeds = self.model.embed_tokens(token_ids.to(self.device))
+        with self._sdpa_policy():
+            hidden = self.model(embeds, cache)
+        return self._logits(hidden[:, -1])
+
+    def forward(self, inputs_embeds: Tensor, cache: StaticKVCache | None = None) -> Tensor:
+        """Logits for every position (float32 [B, L, V]); for tools that need a plain ``forward``."""
+        with self._sdpa_policy():
+            return self._logits(self.model(inputs_embeds, cache))
