@@ -61,11 +61,11 @@ def summarize(values: Sequence[float]) -> Stats | None:
     n = int(arr.size)
     mean = float(arr.mean())
     std = float(arr.std(ddof=1)) if n > 1 else 0.0
+    lo: float | None = None
+    hi: float | None = None
     if n > 1:
         half = t_quantile_975(n - 1) * std / math.sqrt(n)
         lo, hi = mean - half, mean + half
-    else:
-        lo = hi = None
     p50, p90, p99 = (float(x) for x in np.percentile(arr, [50, 90, 99]))
     return Stats(
         n=n, mean=mean, std=std, min=float(arr.min()), max=float(arr.max()),

@@ -8,6 +8,7 @@ two points of the stream, not the host's enqueue time.  Nothing here synchronise
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Sequence
 from typing import Protocol
@@ -54,4 +55,4 @@ class DeviceClock:
 
     def intervals_ms(self, marks: Sequence[object]) -> list[float]:
         """Consecutive intervals between marks: their sum equals first→last exactly."""
-        return [self.elapsed_ms(a, b) for a, b in zip(marks[:-1], marks[1:], strict=True)]
+        return [self.elapsed_ms(a, b) for a, b in itertools.pairwise(marks)]

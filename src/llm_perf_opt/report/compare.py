@@ -91,11 +91,14 @@ def diff(a: RunSummary, b: RunSummary) -> list[Delta]:
 
 def render(a_path: Path, a: RunSummary, b_path: Path, b: RunSummary) -> str:
     rows = diff(a, b)
-    lines = [f"# Compare `{a_path.name}` (A) → `{b_path.name}` (B)\n",
-             f"A: {a.model.name} on {a.hardware.gpu_name or a.hardware.device}, status {a.run.status}  ",
-             f"B: {b.model.name} on {b.hardware.gpu_name or b.hardware.device}, status {b.run.status}\n",
-             "A difference is significant when the 95 % confidence intervals of the two means do not overlap.\n",
-             "| metric | unit | A mean | B mean | Δ | Δ % | verdict |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"# Compare `{a_path.name}` (A) → `{b_path.name}` (B)\n",
+        f"A: {a.model.name} on {a.hardware.gpu_name or a.hardware.device}, status {a.run.status}  ",
+        f"B: {b.model.name} on {b.hardware.gpu_name or b.hardware.device}, status {b.run.status}\n",
+        "A difference is significant when the 95 % confidence intervals of the two means do not overlap.\n",
+        "| metric | unit | A mean | B mean | Δ | Δ % | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for d in rows:
         pct = "n/a" if d.pct is None else f"{d.pct:+.1f} %"
         mark = f"**{d.verdict}**" if d.significant else d.verdict

@@ -58,8 +58,17 @@ def _stat_row(label: str, s: Stats | None, unit: str, digits: int = 2) -> list[s
     if s is None:
         return [label, unit] + [NA] * 7
     ci = NA if s.ci95_half_width is None else f"± {s.ci95_half_width:,.{digits}f}"
-    return [label, unit, str(s.n), fmt(s.mean, digits), ci, fmt(s.std, digits), fmt(s.p50, digits),
-            fmt(s.p99, digits), f"{fmt(s.min, digits)} – {fmt(s.max, digits)}"]  # fmt: skip
+    return [
+        label,
+        unit,
+        str(s.n),
+        fmt(s.mean, digits),
+        ci,
+        fmt(s.std, digits),
+        fmt(s.p50, digits),
+        fmt(s.p99, digits),
+        f"{fmt(s.min, digits)} – {fmt(s.max, digits)}",
+    ]
 
 
 LATENCY_ROWS = [
@@ -88,35 +97,53 @@ def render_report(s: RunSummary, plots: dict[str, str] | None = None) -> str:
     out: list[str] = []
     status = r.status.upper() + (f" — {r.status_reason}" if r.status_reason else "")
     out.append(f"# Stage-1 profile — {s.model.name} on {s.hardware.gpu_name or s.hardware.device}\n")
-    out.append(f"**Status: {status}**  \nrun `{r.run_id}` · started {r.started_at} · finished {r.finished_at or NA}"
-               f" · commit `{r.git_commit or NA}`\n")  # fmt: skip
+    out.append(
+        f"**Status: {status}**  \nrun `{r.run_id}` · started {r.started_at} · finished {r.finished_at or NA}"
+        f" · commit `{r.git_commit or NA}`\n"
+    )
     ok, failed = s.ok_pages, s.failed_pages
-    out.append(f"{len(ok)} page runs measured, {len(failed)} failed. Timing rules: prefill = vision + the first "
-               "language-model forward, ending when token 1 exists (TTFT, host preprocessing excluded); decode = "
-               "tokens 2..N, one forward each on the KV cache; CUDA events on CUDA, host clock on CPU. "
-               "Statistics are over pages × repeats; ± is the 95 % confidence interval of the mean.\n")  # fmt: skip
+    out.append(
+        f"{len(ok)} page runs measured, {len(failed)} failed. Timing rules: prefill = vision + the first "
+        "language-model forward, ending when token 1 exists (TTFT, host preprocessing excluded); decode = "
+        "tokens 2..N, one forward each on the KV cache; CUDA events on CUDA, host clock on CPU. "
+        "Statistics are over pages × repeats; ± is the 95 % confidence interval of the mean.\n"
+    )
 
     out.append("## Setup\n")
     cfg = r.config
     rows = [
         ["model", f"{s.model.name} ({s.model.backend}, weights: {s.model.weights}, {s.model.dtype})"],
-        ["parameters", f"{s.model.params_total:,} total; "
-         f"{fmt(s.model.params_activated_per_token)} activated per decode token (incl. lm_head)"],
+        [
+            "parameters",
+            f"{s.model.params_total:,} total; "
+            f"{fmt(s.model.params_activated_per_token)} activated per decode token (incl. lm_head)",
+        ],
         ["weights in memory", fmt_bytes(s.model.weights_bytes)],
         ["tokenizer", s.model.tokenizer],
         ["device", f"{s.hardware.device} — {s.hardware.gpu_name or s.hardware.cpu}"],
         ["torch / CUDA / driver", f"{s.hardware.torch} / {s.hardware.cuda or NA} / {s.hardware.driver or NA}"],
-        ["peak FLOP/s used for MFU", f"{fmt_flops(s.hardware.peak_flops_per_s)}/s"
-         f" ({s.hardware.peak_flops_source or 'not available'})" if s.hardware.peak_flops_per_s else NA],
-        ["peak bandwidth used for MBU", f"{fmt_bytes(s.hardware.peak_bw_bytes_per_s)}/s"
-         f" ({s.hardware.peak_bw_source})" if s.hardware.peak_bw_bytes_per_s else NA],
+        [
+            "peak FLOP/s used for MFU",
+            f"{fmt_flops(s.hardware.peak_flops_per_s)}/s ({s.hardware.peak_flops_source or 'not available'})"
+            if s.hardware.peak_flops_per_s
+            else NA,
+        ],
+        [
+            "peak bandwidth used for MBU",
+            f"{fmt_bytes(s.hardware.peak_bw_bytes_per_s)}/s ({s.hardware.peak_bw_source})"
+            if s.hardware.peak_bw_bytes_per_s
+            else NA,
+        ],
         ["dataset", f"{cfg.get('dataset', {}).get('name')} ({len({p.page_id for p in s.pages})} pages)"],
         ["repeats × token cap", f"{cfg.get('repeats')} × {cfg.get('infer', {}).get('max_new_tokens')}"],
-        ["decoding", f"temperature {cfg.get('infer', {}).get('temperature')}, "
-         f"no_repeat_ngram_size {cfg.get('infer', {}).get('no_repeat_ngram_size')}, "
-         f"ignore_eos {cfg.get('infer', {}).get('ignore_eos')}"],
+        [
+            "decoding",
+            f"temperature {cfg.get('infer', {}).get('temperature')}, "
+            f"no_repeat_ngram_size {cfg.get('infer', {}).get('no_repeat_ngram_size')}, "
+            f"ignore_eos {cfg.get('infer', {}).get('ignore_eos')}",
+        ],
         ["optimisations", ", ".join(f"{k}={'on' if v else 'off'}" for k, v in s.model.optimisations.items()) or NA],
-    ]  # fmt: skip
+    ]
     out.append(table(["", ""], rows) + "\n")
 
     out.append("## Latency and throughput\n")
@@ -138,8 +165,12 @@ def render_report(s: RunSummary, plots: dict[str, str] | None = None) -> str:
         out.append(_render_efficiency(s))
     if "stage_breakdown" in plots or "decode_steps" in plots:
         out.append("## Plots\n")
-        for key, title in (("stage_breakdown", "Where the time goes"), ("decode_steps", "Per-token decode latency"),
-                           ("latency_distribution", "Latency across repeats"), ("roofline", "Roofline")):  # fmt: skip
+        for key, title in (
+            ("stage_breakdown", "Where the time goes"),
+            ("decode_steps", "Per-token decode latency"),
+            ("latency_distribution", "Latency across repeats"),
+            ("roofline", "Roofline"),
+        ):
             if key in plots:
                 out.append(f"**{title}**\n\n![{title}]({plots[key]})\n")
 
@@ -147,9 +178,16 @@ def render_report(s: RunSummary, plots: dict[str, str] | None = None) -> str:
     out.append(_render_pages(s) + "\n")
     if failed:
         out.append("## Failed pages\n")
-        out.append(table(["page", "repeat", "error type", "reason"],
-                         [[p.page_id, str(p.repeat), p.error_type or NA, " ".join((p.error or "").split()).replace("|", "/")]
-                          for p in failed]) + "\n")  # fmt: skip
+        out.append(
+            table(
+                ["page", "repeat", "error type", "reason"],
+                [
+                    [p.page_id, str(p.repeat), p.error_type or NA, " ".join((p.error or "").split()).replace("|", "/")]
+                    for p in failed
+                ],
+            )
+            + "\n"
+        )
     flagged = [p for p in ok if p.flags]
     if flagged:
         out.append("## Flags\n")
@@ -159,11 +197,13 @@ def render_report(s: RunSummary, plots: dict[str, str] | None = None) -> str:
     if s.profile is not None:
         prof = s.profile
         out.append("## Profiler pass (top operators)\n")
-        out.append(f"One PyTorch-profiler pass on `{prof.page_id}` with {prof.max_new_tokens} new tokens, separate "
-                   f"from the timed repeats. Sorted by {prof.sort_key.replace('_', ' ')}; total self time "
-                   f"{prof.total_self_ms:,.2f} ms. Full table: [operators.md](operators.md)"
-                   + (f"; trace: [{prof.trace_file}]({prof.trace_file}) (open in Perfetto)" if prof.trace_file else "")
-                   + ".\n")  # fmt: skip
+        out.append(
+            f"One PyTorch-profiler pass on `{prof.page_id}` with {prof.max_new_tokens} new tokens, separate "
+            f"from the timed repeats. Sorted by {prof.sort_key.replace('_', ' ')}; total self time "
+            f"{prof.total_self_ms:,.2f} ms. Full table: [operators.md](operators.md)"
+            + (f"; trace: [{prof.trace_file}]({prof.trace_file}) (open in Perfetto)" if prof.trace_file else "")
+            + ".\n"
+        )
         out.append(_operator_table(s, limit=10) + "\n")
 
     if s.moe_routing:
@@ -177,8 +217,10 @@ def render_report(s: RunSummary, plots: dict[str, str] | None = None) -> str:
         out.append("## Notes\n")
         out.extend(f"- {n}" for n in s.notes)
         out.append("")
-    out.append("Artifacts: [metrics.json](metrics.json) · [pages.jsonl](pages.jsonl) · [predictions.md](predictions.md)"
-               " · [env.json](env.json) · [inputs.yaml](inputs.yaml) · [config.yaml](config.yaml) · run.log\n")
+    out.append(
+        "Artifacts: [metrics.json](metrics.json) · [pages.jsonl](pages.jsonl) · [predictions.md](predictions.md)"
+        " · [env.json](env.json) · [inputs.yaml](inputs.yaml) · [config.yaml](config.yaml) · run.log\n"
+    )
     return "\n".join(out)
 
 
@@ -206,11 +248,36 @@ def _render_pages(s: RunSummary) -> str:
 
         grid = f"{first.crop_grid[0]}×{first.crop_grid[1]}" if first.crop_grid else NA
         size = f"{first.size_px[0]}×{first.size_px[1]}" if first.size_px else NA
-        rows.append([f"`{page_id}`", size, grid, fmt(first.n_tiles), fmt(first.image_tokens), fmt(first.prompt_tokens),
-                     str(len(recs)), fmt(mean("generated_tokens"), 1), fmt(mean("vision_ms")), fmt(mean("prefill_ms")),
-                     fmt(mean("decode_ms")), fmt(mean("tpot_ms"), 3)])  # fmt: skip
-    header = ["page", "size px", "grid w×h", "tiles", "image tokens", "prompt tokens", "runs", "tokens out (mean)",
-              "vision ms", "prefill ms", "decode ms", "TPOT ms"]  # fmt: skip
+        rows.append(
+            [
+                f"`{page_id}`",
+                size,
+                grid,
+                fmt(first.n_tiles),
+                fmt(first.image_tokens),
+                fmt(first.prompt_tokens),
+                str(len(recs)),
+                fmt(mean("generated_tokens"), 1),
+                fmt(mean("vision_ms")),
+                fmt(mean("prefill_ms")),
+                fmt(mean("decode_ms")),
+                fmt(mean("tpot_ms"), 3),
+            ]
+        )
+    header = [
+        "page",
+        "size px",
+        "grid w×h",
+        "tiles",
+        "image tokens",
+        "prompt tokens",
+        "runs",
+        "tokens out (mean)",
+        "vision ms",
+        "prefill ms",
+        "decode ms",
+        "TPOT ms",
+    ]
     return table(header, rows)
 
 
@@ -251,28 +318,55 @@ def render_operators(s: RunSummary) -> str:
 
 
 def _render_efficiency(s: RunSummary) -> str:
-    out = ["## FLOPs, MFU and MBU\n",
-           "FLOPs count one multiply-add as 2 FLOPs everywhere (fvcore's counts, which are multiply-adds, are "
-           "doubled). Analytic FLOPs follow the real shapes of each page (image views, prompt length, context length "
-           "of every decode step, activated experts only). MFU = achieved FLOP/s ÷ peak FLOP/s of the device.\n"]  # fmt: skip
+    out = [
+        "## FLOPs, MFU and MBU\n",
+        "FLOPs count one multiply-add as 2 FLOPs everywhere (fvcore's counts, which are multiply-adds, are "
+        "doubled). Analytic FLOPs follow the real shapes of each page (image views, prompt length, context length "
+        "of every decode step, activated experts only). MFU = achieved FLOP/s ÷ peak FLOP/s of the device.\n",
+    ]
     if s.flops:
         rows = []
         for f in s.flops:
             flag = " ⚠" if f.flagged else ""
-            rows.append([f.stage, fmt_flops(f.analytic_flops), fmt_flops(f.fvcore_flops), fmt_flops(f.flop_counter_flops),
-                         fmt_pct(f.rel_diff_fvcore), fmt_pct(f.rel_diff_flop_counter) + flag, f.note or ""])  # fmt: skip
+            rows.append(
+                [
+                    f.stage,
+                    fmt_flops(f.analytic_flops),
+                    fmt_flops(f.fvcore_flops),
+                    fmt_flops(f.flop_counter_flops),
+                    fmt_pct(f.rel_diff_fvcore),
+                    fmt_pct(f.rel_diff_flop_counter) + flag,
+                    f.note or "",
+                ]
+            )
         out.append("### Analytic vs counted FLOPs (representative page)\n")
-        out.append(table(["stage", "analytic", "fvcore ×2", "FlopCounterMode", "Δ fvcore", "Δ FlopCounter", "note"],
-                         rows) + "\n")  # fmt: skip
+        out.append(
+            table(["stage", "analytic", "fvcore ×2", "FlopCounterMode", "Δ fvcore", "Δ FlopCounter", "note"], rows)
+            + "\n"
+        )
     if s.efficiency:
         rows = []
         for e in s.efficiency:
-            rows.append([e.stage, fmt_flops(e.flops), fmt(e.seconds * 1e3 if e.seconds is not None else None, 3),
-                         f"{fmt_flops(e.achieved_flops_per_s)}/s" if e.achieved_flops_per_s else NA, fmt_pct(e.mfu),
-                         fmt_bytes(e.bytes_moved), fmt_pct(e.mbu), fmt(e.arithmetic_intensity, 1), e.reason or ""])  # fmt: skip
+            rows.append(
+                [
+                    e.stage,
+                    fmt_flops(e.flops),
+                    fmt(e.seconds * 1e3 if e.seconds is not None else None, 3),
+                    f"{fmt_flops(e.achieved_flops_per_s)}/s" if e.achieved_flops_per_s else NA,
+                    fmt_pct(e.mfu),
+                    fmt_bytes(e.bytes_moved),
+                    fmt_pct(e.mbu),
+                    fmt(e.arithmetic_intensity, 1),
+                    e.reason or "",
+                ]
+            )
         out.append("### Efficiency per stage (mean over measured pages)\n")
-        out.append(table(["stage", "FLOPs / page", "time ms", "achieved", "MFU", "bytes read", "MBU",
-                          "FLOP/byte", "note"], rows) + "\n")  # fmt: skip
+        out.append(
+            table(
+                ["stage", "FLOPs / page", "time ms", "achieved", "MFU", "bytes read", "MBU", "FLOP/byte", "note"], rows
+            )
+            + "\n"
+        )
     if s.energy:
         out.append(table(["energy", "value"], [[k, fmt(v, 4)] for k, v in s.energy.items()]) + "\n")
     return "\n".join(out)
@@ -280,11 +374,22 @@ def _render_efficiency(s: RunSummary) -> str:
 
 def _render_routing(s: RunSummary) -> str:
     r = s.moe_routing
-    lines = [f"Tokens routed per expert over the measured prefill+decode of the representative page "
-             f"({r.get('tokens', NA)} tokens × top-{r.get('top_k', NA)}). Load imbalance = max ÷ mean tokens per "
-             "expert (1.0 = perfectly balanced).\n"]  # fmt: skip
-    rows = [[str(layer), fmt(v.get("experts_hit")), fmt(v.get("max_tokens")), fmt(v.get("mean_tokens"), 1),
-             fmt(v.get("imbalance"), 2)] for layer, v in r.get("layers", {}).items()]  # fmt: skip
+    lines = [
+        f"Tokens routed per expert, summed over the {r.get('pages', NA)} page(s) of the first timed repeat "
+        "(prefill + decode, "
+        f"{r.get('tokens', NA)} tokens × top-{r.get('top_k', NA)}). Load imbalance = max ÷ mean tokens per "
+        "expert (1.0 = perfectly balanced).\n"
+    ]
+    rows = [
+        [
+            str(layer),
+            fmt(v.get("experts_hit")),
+            fmt(v.get("max_tokens")),
+            fmt(v.get("mean_tokens"), 1),
+            fmt(v.get("imbalance"), 2),
+        ]
+        for layer, v in r.get("layers", {}).items()
+    ]
     lines.append(table(["layer", "experts hit", "max tokens/expert", "mean tokens/expert", "imbalance"], rows))
     return "\n".join(lines)
 
@@ -302,7 +407,9 @@ def render_predictions(path: Path) -> str:
         if rec["page_id"] in seen:
             continue
         seen.add(rec["page_id"])
-        note = "" if rec.get("text_is_meaningful") else " _(dummy weights / stand-in tokenizer: text is not meaningful)_"
+        note = (
+            "" if rec.get("text_is_meaningful") else " _(dummy weights / stand-in tokenizer: text is not meaningful)_"
+        )
         lines.append(f"## `{rec['page_id']}`{note}\n")
         lines.append(f"{len(rec['token_ids'])} tokens.\n")
         lines.append("```text\n" + rec["text"][:4000] + "\n```\n")

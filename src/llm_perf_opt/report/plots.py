@@ -7,9 +7,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from llm_perf_opt.results.types import RunSummary  # noqa: E402
+from llm_perf_opt.results.types import RunSummary
 
 
 def write_plots(s: RunSummary, out: Path) -> dict[str, str]:
@@ -49,8 +49,13 @@ def write_plots(s: RunSummary, out: Path) -> dict[str, str]:
     if steps:
         fig, ax = plt.subplots(figsize=(8, 3))
         for p in steps[:12]:
-            ax.plot(range(2, len(p.decode_step_ms) + 2), p.decode_step_ms, lw=0.8, alpha=0.7,
-                    label=f"{p.page_id} r{p.repeat}")  # fmt: skip
+            ax.plot(
+                range(2, len(p.decode_step_ms) + 2),
+                p.decode_step_ms,
+                lw=0.8,
+                alpha=0.7,
+                label=f"{p.page_id} r{p.repeat}",
+            )
         ax.set_xlabel("token index (2 = first decode step)")
         ax.set_ylabel("ms")
         ax.set_title("per-token decode latency (KV cache grows left to right)", fontsize=9)

@@ -71,12 +71,14 @@ def summarize_sweep(root: Path) -> list[dict[str, Any]]:
     rows = [_row(j) for j in jobs]
     atomic_write_text(root / "sweep.json", json.dumps(rows, indent=2) + "\n")
     keys = sorted({k for r in rows for k in r["swept"]})
-    metric_cols = [label for _, _, label in KEY_METRICS] + sorted(
-        {k for r in rows for k in r if k.startswith("MFU ")}
-    )
+    metric_cols = [label for _, _, label in KEY_METRICS] + sorted({k for r in rows for k in r if k.startswith("MFU ")})
     header = ["job", *keys, "status", *metric_cols]
-    lines = [f"# Sweep summary — {root.name}\n", f"{len(rows)} jobs; one run directory per job below this one.\n",
-             "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]  # fmt: skip
+    lines = [
+        f"# Sweep summary — {root.name}\n",
+        f"{len(rows)} jobs; one run directory per job below this one.\n",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
     for r in rows:
         cells = [f"[{r['job']}]({r['job']}/report.md)", *(str(r["swept"].get(k, "")) for k in keys), r["status"]]
         for col in metric_cols:
@@ -116,7 +118,9 @@ def _plots(root: Path, rows: list[dict[str, Any]], keys: list[str]) -> list[str]
             continue
         fig, axes = plt.subplots(1, 2, figsize=(9, 3))
         for ax, label in zip(axes, ("TTFT p50 ms", "TPOT p50 ms"), strict=True):
-            pts = sorted((float(r["swept"][key]), r[label]) for r in ok if r.get(label) is not None and key in r["swept"])
+            pts = sorted(
+                (float(r["swept"][key]), r[label]) for r in ok if r.get(label) is not None and key in r["swept"]
+            )
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], "o")
             ax.set_xlabel(key)

@@ -64,6 +64,8 @@ class PageRecord:
     energy_j: float | None = None
     energy_per_token_j: float | None = None
     experts_hit_per_layer: list[int] | None = None
+    # (count, height_px, width_px) of each batch of vision inputs: crops, then the global view.
+    vision_views: list[tuple[int, int, int]] | None = None
     flags: list[str] = attrs.field(factory=list)
     error: str | None = None
     error_type: str | None = None

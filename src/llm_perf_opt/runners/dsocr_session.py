@@ -16,8 +16,8 @@ from __future__ import annotations
 import logging
 import resource
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -44,12 +44,15 @@ def resolve_device(spec: str) -> torch.device:
     try:
         device = torch.device(str(spec))
     except RuntimeError as exc:
-        raise DeviceError(f"unknown device string {spec!r}", hint="use device=cpu, device=cuda or device=cuda:N") from exc
+        raise DeviceError(
+            f"unknown device string {spec!r}", hint="use device=cpu, device=cuda or device=cuda:N"
+        ) from exc
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise DeviceError(
                 f"device={spec} requested but CUDA is not available on this machine",
-                hint="run with device=cpu (the tiny model is the default), or on a machine with an NVIDIA GPU and CUDA torch",
+                hint="run with device=cpu (the tiny model is the default), "
+                "or on a machine with an NVIDIA GPU and CUDA torch",
             )
         index = device.index if device.index is not None else torch.cuda.current_device()
         if index >= torch.cuda.device_count():
@@ -65,7 +68,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         raise DeviceError(f"unsupported dtype {name!r}", hint=f"use one of {sorted(set(_DTYPES))}")
     dtype = _DTYPES[str(name)]
     if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-        raise DeviceError(f"bfloat16 is not supported on {torch.cuda.get_device_name(device)}", hint="use dtype=float16")
+        raise DeviceError(
+            f"bfloat16 is not supported on {torch.cuda.get_device_name(device)}", hint="use dtype=float16"
+        )
     return dtype
 
 
@@ -75,7 +80,9 @@ class PageRun:
 
     record: PageRecord
     prediction: Prediction
-    view_sizes: list[tuple[int, int, int]]  # (count, height, width) of the vision inputs: crops and global
+    prepared: Any  # the PreparedPage (inputs of the static-compute pass)
+    host_window_s: tuple[float, float]  # perf_counter at page start / after the final sync (energy window)
+    tokens_per_expert: dict[int, list[int]] | None = None
 
 
 class NativeBackend:
@@ -106,7 +113,9 @@ class NativeBackend:
             self.config = DeepseekOCRConfig.from_json(model_dir / "config.json")
             weights_source: str | Path = model_dir
         elif weights == "dummy":
-            self.config = DeepseekOCRConfig.from_json(_config_json_path(str(model_cfg.get("config_json")), project_root))
+            self.config = DeepseekOCRConfig.from_json(
+                _config_json_path(str(model_cfg.get("config_json")), project_root)
+            )
             weights_source = "dummy"
         else:
             raise ConfigError(f"model.weights must be 'checkpoint' or 'dummy', got {weights!r}")
@@ -156,6 +165,19 @@ class DeepSeekOCRSession:
             self.clock,
             self.ranges,
         )
+        from llm_perf_opt.profiling.hw import NvmlSampler, detect_device
+
+        # Power/clock sampling for energy per page (a null object without NVML or on CPU).
+        self.nvml = (
+            NvmlSampler(index=device.index or 0, pci_bus_id=detect_device(device).pci_bus_id)
+            if device.type == "cuda"
+            else None
+        )
+        if self.nvml is not None:
+            self.nvml.__enter__()
+        self.energy_unavailable_reason = (
+            "CPU run: NVML measures NVIDIA GPUs only" if self.nvml is None else self.nvml.unavailable_reason
+        )
         prompt = str(infer.get("prompt") or "")
         self.prompt = prompt
         self.text_ids = backend.tokenizer.encode_prompt(prompt)
@@ -192,6 +214,24 @@ class DeepSeekOCRSession:
 
     def close(self) -> None:
         self.hooks.remove()
+        if self.nvml is not None:
+            self.nvml.__exit__(None, None, None)
+
+    def _energy(self, t0_s: float, t1_s: float) -> float | None:
+        """Energy of the page window (J); None with ``energy_unavailable_reason`` set when NVML can't say."""
+        from llm_perf_opt.profiling.mfu import Unavailable as Missing
+
+        if self.nvml is None or not self.nvml.available:
+            return None
+        # Wait until a sample past the window exists, so the window's end can be interpolated.
+        deadline = t1_s + 2.5 * self.nvml.interval_s
+        while time.perf_counter() < deadline:
+            time.sleep(self.nvml.interval_s / 2)
+        reading = self.nvml.energy_j(t0_s, t1_s)
+        if isinstance(reading, Missing):
+            self.energy_unavailable_reason = reading.reason
+            return None
+        return float(reading.energy_j)
 
     # ------------------------------------------------------------------ one page
     def run(
@@ -207,7 +247,9 @@ class DeepSeekOCRSession:
         from llm_perf_opt.models.deepseek_ocr.preprocess import preprocess_page
 
         if max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}", hint="e.g. infer.max_new_tokens=256")
+            raise ConfigError(
+                f"max_new_tokens must be >= 1, got {max_new_tokens}", hint="e.g. infer.max_new_tokens=256"
+            )
         ignore_eos = bool(self.infer.get("ignore_eos", False)) if ignore_eos is None else ignore_eos
         temperature = float(self.infer.get("temperature", 0.0))
         ngram = int(self.infer.get("no_repeat_ngram_size") or 0)
@@ -218,6 +260,7 @@ class DeepSeekOCRSession:
         generator = torch.Generator(device="cpu").manual_seed(repeat)
 
         t0 = time.perf_counter_ns()
+        window_start_s = time.perf_counter()
         with self.ranges.range("preprocess"):
             image = page.load()
             prepared = preprocess_page(image, self.backend.preprocess_cfg, self.backend.config, self.text_ids)
@@ -268,6 +311,7 @@ class DeepSeekOCRSession:
                     generated.append(token)
                     history.append(token)
         clock.synchronize()
+        window_end_s = time.perf_counter()
 
         comp = self.hooks.collect_ms()
         prefill_ms = clock.elapsed_ms(m_prefill, m_ttft)
@@ -293,6 +337,9 @@ class DeepSeekOCRSession:
         stopped_by_eos = (not ignore_eos) and generated[-1] == eos_id
         routing = getattr(model, "experts_hit_per_layer", None)
         experts_hit = routing() if callable(routing) else None
+        per_expert = getattr(model, "tokens_per_expert", None)
+        tokens_per_expert = per_expert() if callable(per_expert) else None
+        energy = self._energy(window_start_s, window_end_s)
         text = self.backend.tokenizer.decode([t for t in generated if not (t == eos_id and stopped_by_eos)])
 
         grid = tuple(int(v) for v in prepared.images_spatial_crop)
@@ -327,7 +374,11 @@ class DeepSeekOCRSession:
             peak_mem_reserved_bytes=peak_reserved,
             peak_rss_bytes=rss,
             kv_cache_bytes=int(cache.nbytes),
+            energy_j=energy,
+            energy_per_token_j=energy / n_tok if energy is not None and n_tok else None,
             experts_hit_per_layer=experts_hit,
+            vision_views=[(int(prepared.n_crops), int(crops.shape[-2]), int(crops.shape[-1]))] * (prepared.n_crops > 0)
+            + [(1, int(ori.shape[-2]), int(ori.shape[-1]))],
             flags=flags,
         )
         prediction = Prediction(
@@ -338,11 +389,13 @@ class DeepSeekOCRSession:
             text_is_meaningful=not getattr(self.backend.tokenizer, "is_stand_in", False)
             and self.backend.weights_desc != "dummy",
         )
-        views = []
-        if prepared.n_crops > 0:
-            views.append((int(prepared.n_crops), int(crops.shape[-2]), int(crops.shape[-1])))
-        views.append((1, int(ori.shape[-2]), int(ori.shape[-1])))
-        return PageRun(record=record, prediction=prediction, view_sizes=views)
+        return PageRun(
+            record=record,
+            prediction=prediction,
+            prepared=prepared,
+            host_window_s=(window_start_s, window_end_s),
+            tokens_per_expert=tokens_per_expert,
+        )
 
 
 def check_prompt(prompt: str) -> None:

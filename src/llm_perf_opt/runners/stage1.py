@@ -28,7 +28,13 @@ from llm_perf_opt.data.datasets import Page, build_pages
 from llm_perf_opt.errors import ConfigError, LlmPerfOptError, OutputError, RunInterrupted
 from llm_perf_opt.profiling.stats import summarize
 from llm_perf_opt.report.env import collect_env
-from llm_perf_opt.results.serialize import append_jsonl, atomic_write_text, read_page_journal, to_jsonable, write_summary
+from llm_perf_opt.results.serialize import (
+    append_jsonl,
+    atomic_write_text,
+    read_page_journal,
+    to_jsonable,
+    write_summary,
+)
 from llm_perf_opt.results.types import (
     SCHEMA_VERSION,
     HardwareInfo,
@@ -38,6 +44,7 @@ from llm_perf_opt.results.types import (
     RunInfo,
     RunStatus,
     RunSummary,
+    StageFlops,
     Unavailable,
 )
 from llm_perf_opt.runners.dsocr_session import DeepSeekOCRSession, PageRun, resolve_device
@@ -48,11 +55,29 @@ PROJECT_ROOT = Path(__file__).resolve().parents[3]
 JOURNAL = "pages.jsonl"
 PREDICTIONS = "predictions.jsonl"
 AGGREGATE_METRICS = (
-    "preprocess_ms", "sam_ms", "clip_ms", "projector_ms", "vision_ms", "prefill_ms", "decode_ms", "e2e_ms",
-    "tpot_ms", "decode_tok_s", "decode_step_p50_ms", "decode_step_p90_ms", "decode_step_p99_ms",
-    "generated_tokens", "prompt_tokens", "image_tokens", "peak_mem_allocated_bytes", "peak_mem_reserved_bytes",
-    "peak_rss_bytes", "kv_cache_bytes", "energy_j", "energy_per_token_j",
-)  # fmt: skip
+    "preprocess_ms",
+    "sam_ms",
+    "clip_ms",
+    "projector_ms",
+    "vision_ms",
+    "prefill_ms",
+    "decode_ms",
+    "e2e_ms",
+    "tpot_ms",
+    "decode_tok_s",
+    "decode_step_p50_ms",
+    "decode_step_p90_ms",
+    "decode_step_p99_ms",
+    "generated_tokens",
+    "prompt_tokens",
+    "image_tokens",
+    "peak_mem_allocated_bytes",
+    "peak_mem_reserved_bytes",
+    "peak_rss_bytes",
+    "kv_cache_bytes",
+    "energy_j",
+    "energy_per_token_j",
+)
 # Test hook (documented in tests/README.md): raise a simulated CUDA OOM in prefill of this page id.
 INJECT_OOM_ENV = "LLM_PERF_OPT_INJECT_OOM"
 
@@ -151,6 +176,7 @@ class Stage1Run:
         self.started_at = _now()
         self.records: list[PageRecord] = []
         self.runs_for_flops: list[PageRun] = []
+        self.static_flops: list[StageFlops] | None = None
         self.profile: ProfileSummary | None = None
         self.unavailable: list[Unavailable] = []
         self.notes: list[str] = []
@@ -170,19 +196,35 @@ class Stage1Run:
             if stats is not None:
                 aggregates[metric] = stats
         hardware = self.hardware or HardwareInfo(
-            device=str(self.cfg.device), gpu_name=None, driver=None, cuda=None, torch=torch.__version__, cpu="",
-            peak_flops_per_s=None, peak_flops_source=None, peak_bw_bytes_per_s=None, peak_bw_source=None,
-        )  # fmt: skip
+            device=str(self.cfg.device),
+            gpu_name=None,
+            driver=None,
+            cuda=None,
+            torch=torch.__version__,
+            cpu="",
+            peak_flops_per_s=None,
+            peak_flops_source=None,
+            peak_bw_bytes_per_s=None,
+            peak_bw_source=None,
+        )
         model = self.model_info or ModelInfo(
-            name=str(self.cfg.model.get("name")), backend=str(self.cfg.model.get("backend")),
-            weights=str(self.cfg.model.get("weights")), dtype=str(self.cfg.model.get("dtype")),
-            params_total=0, params_activated_per_token=None, weights_bytes=0, tokenizer="not loaded",
-        )  # fmt: skip
+            name=str(self.cfg.model.get("name")),
+            backend=str(self.cfg.model.get("backend")),
+            weights=str(self.cfg.model.get("weights")),
+            dtype=str(self.cfg.model.get("dtype")),
+            params_total=0,
+            params_activated_per_token=None,
+            weights_bytes=0,
+            tokenizer="not loaded",
+        )
         unavailable = list(self.unavailable)
-        flops, efficiency, energy, routing, more_unavail, more_notes = compute_efficiency(self, ok)
+        flops, efficiency, energy, routing, more_unavail, more_notes = compute_efficiency(
+            self, ok, final=status != "running"
+        )
         unavailable.extend(more_unavail)
         run = RunInfo(
-            run_id=self.out.name if self.out.parent.name != "multirun" else self.out.name,
+            # A multirun job dir is <sweep stamp>/<job number>: keep both so run ids stay unique.
+            run_id=f"{self.out.parent.name}/{self.out.name}" if self.out.name.isdigit() else self.out.name,
             started_at=self.started_at,
             finished_at=None if status == "running" else _now(),
             status=status,
@@ -192,10 +234,20 @@ class Stage1Run:
             status_reason=reason,
         )
         return RunSummary(
-            schema_version=SCHEMA_VERSION, run=run, hardware=hardware, model=model, pages=list(self.records),
-            aggregates=aggregates, flops=flops, efficiency=efficiency, profile=self.profile, energy=energy,
-            moe_routing=routing, unavailable=unavailable, notes=self.notes + more_notes,
-        )  # fmt: skip
+            schema_version=SCHEMA_VERSION,
+            run=run,
+            hardware=hardware,
+            model=model,
+            pages=list(self.records),
+            aggregates=aggregates,
+            flops=flops,
+            efficiency=efficiency,
+            profile=self.profile,
+            energy=energy,
+            moe_routing=routing,
+            unavailable=unavailable,
+            notes=self.notes + more_notes,
+        )
 
     def write_reports(self, status: RunStatus, reason: str | None = None) -> RunSummary:
         from llm_perf_opt.report.markdown import render_operators, render_predictions, render_report
@@ -221,22 +273,42 @@ class Stage1Run:
         assert self.session is not None
         try:
             if os.environ.get(INJECT_OOM_ENV) == page.page_id:
-                raise torch.OutOfMemoryError(f"CUDA out of memory (simulated by {INJECT_OOM_ENV} for page {page.page_id})")
+                raise torch.OutOfMemoryError(
+                    f"CUDA out of memory (simulated by {INJECT_OOM_ENV} for page {page.page_id})"
+                )
             result = self.session.run(page, cap, repeat=repeat, should_stop=stop)
         except torch.OutOfMemoryError as exc:
             self._release_memory()
-            record = PageRecord(page_id=page.page_id, repeat=repeat, status="failed", path=_path(page),
-                                error=f"out of memory: {str(exc).splitlines()[0]}", error_type="OutOfMemoryError")  # fmt: skip
+            record = PageRecord(
+                page_id=page.page_id,
+                repeat=repeat,
+                status="failed",
+                path=_path(page),
+                error=f"out of memory: {str(exc).splitlines()[0]}",
+                error_type="OutOfMemoryError",
+            )
         except RunInterrupted as exc:
-            record = PageRecord(page_id=page.page_id, repeat=repeat, status="failed", path=_path(page),
-                                error=str(exc), error_type="RunInterrupted")  # fmt: skip
+            record = PageRecord(
+                page_id=page.page_id,
+                repeat=repeat,
+                status="failed",
+                path=_path(page),
+                error=str(exc),
+                error_type="RunInterrupted",
+            )
             self._append(record)
             return record
         except (LlmPerfOptError, RuntimeError, ValueError, OSError) as exc:
             log.debug("page %s failed", page.page_id, exc_info=True)
             self._release_memory()
-            record = PageRecord(page_id=page.page_id, repeat=repeat, status="failed", path=_path(page),
-                                error=str(exc), error_type=type(exc).__name__)  # fmt: skip
+            record = PageRecord(
+                page_id=page.page_id,
+                repeat=repeat,
+                status="failed",
+                path=_path(page),
+                error=str(exc),
+                error_type=type(exc).__name__,
+            )
         else:
             record = result.record
             self.runs_for_flops.append(result)
@@ -284,7 +356,8 @@ def _resume_records(resume: str | None) -> list[PageRecord]:
     journal = path / JOURNAL
     if not journal.is_file():
         raise ConfigError(
-            f"resume={resume}: {journal} not found", hint="point resume at an earlier run directory (tmp/stage1/<run_id>)"
+            f"resume={resume}: {journal} not found",
+            hint="point resume at an earlier run directory (tmp/stage1/<run_id>)",
         )
     return [r for r in read_page_journal(journal) if r.status == "ok"]
 
