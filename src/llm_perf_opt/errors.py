@@ -53,3 +53,7 @@ class RunInterrupted(LlmPerfOptError):
     """SIGINT/SIGTERM arrived; finished pages are on disk and the report is marked partial."""
 
     exit_code = 130
+
+
+class PageError(LlmPerfOptError):
+    """A page failed and ``fail_fast=true`` stopped the run; the pages finished before it are kept."""

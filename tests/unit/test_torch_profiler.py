@@ -115,7 +115,7 @@ def test_no_trace_when_export_disabled(tmp_path: Path) -> None:
     assert s.total_self_ms > 0
 
 
-def test_kernel_time_in_ranges_from_synthetic_trace(tmp_path: Path) -> None:
+def test_gpu_ranges_span_and_busy_from_synthetic_trace(tmp_path: Path) -> None:
     trace = {
         "traceEvents": [
             {"cat": "gpu_user_annotation", "name": "prefill", "ts": 100, "dur": 1000},
@@ -130,5 +130,7 @@ def test_kernel_time_in_ranges_from_synthetic_trace(tmp_path: Path) -> None:
     path = tmp_path / "trace.json.gz"
     with gzip.open(path, "wt") as fh:
         json.dump(trace, fh)
-    out = torch_profiler.kernel_time_in_ranges_ms(path)
-    assert out == {"prefill": pytest.approx(0.35), "decode": pytest.approx(0.3)}
+    out = torch_profiler.gpu_ranges_ms(path)
+    assert set(out) == {"prefill", "decode"}
+    assert out["prefill"] == (pytest.approx(1.0), pytest.approx(0.35))
+    assert out["decode"] == (pytest.approx(0.5), pytest.approx(0.3))

@@ -115,6 +115,22 @@ def _collect_files(root: Path, subset_filelist: str | None, patterns: Sequence[s
     return sorted(found)
 
 
+def _unique_pages(root: Path, files: list[Path]) -> list[Page]:
+    """One page per file; page ids must be unique (results, resume and reports are keyed by them)."""
+    pages: dict[str, Page] = {}
+    for path in files:
+        page_id = str(path.relative_to(root)) if path.is_relative_to(root) else path.name
+        if page_id in pages:
+            if pages[page_id].path == path:
+                continue  # the same file listed twice in a subset file: profile it once
+            raise InputError(
+                f"two pages would share the id {page_id!r}: {pages[page_id].path} and {path}",
+                hint="list pages outside dataset.root under distinct file names, or move them under dataset.root",
+            )
+        pages[page_id] = Page(page_id=page_id, path=path)
+    return list(pages.values())
+
+
 def build_pages(ds: Any, project_root: Path) -> list[Page]:
     """Pages of the configured dataset, in a stable order; one clear error when there are none."""
     kind = ds.get("kind", "synthetic")
@@ -143,19 +159,30 @@ def build_pages(ds: Any, project_root: Path) -> list[Page]:
         root = Path(str(root_raw))
         if not root.is_absolute():
             root = project_root / root
+        if root.exists() and not root.is_dir():  # "does not exist" would send the user looking in vain
+            raise InputError(
+                f"dataset root is not a directory: {root}",
+                hint="dataset.root must be the folder holding the page images",
+            )
         if not root.is_dir():
             raise InputError(
                 f"dataset root does not exist: {root}",
                 hint="see datasets/README.md for where to place OmniDocBench, or use dataset=folder dataset.root=DIR",
             )
-        files = _collect_files(root, ds.get("subset_filelist"), list(ds.get("fallback_patterns") or []))
+        subset = ds.get("subset_filelist")
+        files = _collect_files(root, subset, list(ds.get("fallback_patterns") or []))
         if not files:
-            patterns = ", ".join(ds.get("fallback_patterns") or [])
+            # With a subset file the patterns were never used: name the file that listed nothing.
+            where = (
+                f"subset file {subset} lists none"
+                if subset
+                else f"patterns: {', '.join(ds.get('fallback_patterns') or [])}"
+            )
             raise InputError(
-                f"no images found in {root} (patterns: {patterns})",
+                f"no images found in {root} ({where})",
                 hint="put .png/.jpg pages there, or point dataset.root / dataset.subset_filelist elsewhere",
             )
-        pages = [Page(page_id=str(p.relative_to(root)) if p.is_relative_to(root) else p.name, path=p) for p in files]
+        pages = _unique_pages(root, files)
     else:
         raise ConfigError(f"dataset.kind must be 'synthetic' or 'files', got {kind!r}")
     if max_pages is not None:

@@ -30,21 +30,43 @@ def _device_us(evt: Any, attr: str) -> float:
     return 0.0
 
 
+UNATTRIBUTED = "[device work not under any operator]"
+
+
 def operator_table(prof: Any, on_device: bool, top_k: int) -> tuple[list[OperatorRow], float, str]:
-    """Top-K operators by self time and the grand total of self times (ms)."""
+    """Top-K operators by self time and the grand total of self times (ms).
+
+    The profiler lists host-side operators (``aten::mm``) *and* the device kernels they launch
+    (``nvjet_…``) as separate entries, and an operator's self device time already contains its kernels:
+    summing both would count every kernel twice.  Rows are therefore host-side operators only; the total
+    is the sum of all kernel (device-side) time, and device time not under any operator gets its own row,
+    so the rows and the total describe the same work exactly once.
+    """
+    from torch.autograd import DeviceType
+
     events = [e for e in prof.key_averages() if not e.key.startswith("ProfilerStep")]
     user_ranges = set(RANGE_NAMES) | {"decode_step"}
-    ops = [e for e in events if e.key not in user_ranges]
+    host = [e for e in events if getattr(e, "device_type", DeviceType.CPU) == DeviceType.CPU]
+    ops = [e for e in host if e.key not in user_ranges]
+    extra: list[OperatorRow] = []
     if on_device:
         sort_key = "self_device_ms"
+        kernels = [e for e in events if getattr(e, "device_type", DeviceType.CPU) != DeviceType.CPU]
+        total_us = sum(_device_us(e, "self_device_time_total") for e in kernels)
+        attributed_us = sum(_device_us(e, "self_device_time_total") for e in ops)
+        unattributed_us = total_us - attributed_us
+        if unattributed_us > 1.0:  # > 1 µs: kernels launched directly inside our ranges, or outside any op
+            n_k = sum(int(e.count) for e in kernels)
+            extra.append(OperatorRow(name=UNATTRIBUTED, calls=n_k, self_device_ms=unattributed_us / 1e3,
+                                     total_device_ms=unattributed_us / 1e3, self_cpu_ms=0.0, total_cpu_ms=0.0,
+                                     pct_of_total=100.0 * unattributed_us / total_us))  # fmt: skip
         ops.sort(key=lambda e: _device_us(e, "self_device_time_total"), reverse=True)
-        total_us = sum(_device_us(e, "self_device_time_total") for e in ops)
     else:
         sort_key = "self_cpu_ms"
         ops.sort(key=lambda e: float(e.self_cpu_time_total), reverse=True)
         total_us = sum(float(e.self_cpu_time_total) for e in ops)
     rows = []
-    for e in ops[:top_k]:
+    for e in ops:
         self_dev = _device_us(e, "self_device_time_total") / 1e3 if on_device else None
         tot_dev = _device_us(e, "device_time_total") / 1e3 if on_device else None
         key_us = _device_us(e, "self_device_time_total") if on_device else float(e.self_cpu_time_total)
@@ -59,7 +81,8 @@ def operator_table(prof: Any, on_device: bool, top_k: int) -> tuple[list[Operato
                 pct_of_total=(100.0 * key_us / total_us) if total_us > 0 else 0.0,
             )
         )
-    return rows, total_us / 1e3, sort_key
+    rows = sorted(rows + extra, key=lambda r: (r.self_device_ms or 0.0) if on_device else r.self_cpu_ms, reverse=True)
+    return rows[:top_k], total_us / 1e3, sort_key
 
 
 def range_times_ms(prof: Any, on_device: bool) -> dict[str, float]:
@@ -116,19 +139,22 @@ def run_profiler_pass(
     return summary, result
 
 
-def kernel_time_in_ranges_ms(trace_gz: Path, names: tuple[str, ...] = RANGE_NAMES) -> dict[str, float]:
-    """Sum of GPU kernel durations that fall inside each GPU-side user annotation of the trace.
+def gpu_ranges_ms(trace_gz: Path, names: tuple[str, ...] = RANGE_NAMES) -> dict[str, tuple[float, float]]:
+    """Per named range: (GPU-side span, kernel busy time inside it) in ms, summed over its occurrences.
 
-    Used to cross-check CUDA-event stage times against what the profiler saw on the device.
+    The span is the GPU-timeline extent of the range (what a CUDA-event pair on the stream measures);
+    the busy time is the sum of kernel durations inside it, so busy / span is the GPU utilisation.
     """
     with gzip.open(trace_gz, "rt") as fh:
         trace = json.load(fh)
     events = trace.get("traceEvents", [])
     ranges = [e for e in events if e.get("cat") == "gpu_user_annotation" and e.get("name") in names]
-    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
-    out: dict[str, float] = {}
+    kernels = [(e["ts"], e["ts"] + e.get("dur", 0)) for e in events if e.get("cat") == "kernel"]
+    kernels.sort()
+    out: dict[str, tuple[float, float]] = {}
     for r in ranges:
-        r0, r1 = r["ts"], r["ts"] + r.get("dur", 0)
-        busy = sum(k.get("dur", 0) for k in kernels if k["ts"] >= r0 and k["ts"] + k.get("dur", 0) <= r1)
-        out[r["name"]] = out.get(r["name"], 0.0) + busy / 1e3
+        r0, r1 = float(r["ts"]), float(r["ts"]) + float(r.get("dur", 0))
+        busy = sum(k1 - k0 for k0, k1 in kernels if k0 >= r0 and k1 <= r1)
+        span, prev_busy = out.get(r["name"], (0.0, 0.0))
+        out[r["name"]] = (span + (r1 - r0) / 1e3, prev_busy + busy / 1e3)
     return out

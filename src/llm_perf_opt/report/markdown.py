@@ -45,7 +45,11 @@ def fmt_flops(value: float | None) -> str:
 
 
 def fmt_pct(value: float | None) -> str:
-    return NA if value is None else f"{100 * value:.2f} %"
+    if value is None:
+        return NA
+    pct = 100 * value
+    # Small efficiencies (decode MFU is ~0.005 %) keep 2 significant digits instead of printing 0.00 %.
+    return f"{pct:.2f} %" if abs(pct) >= 0.1 or pct == 0 else f"{pct:.2g} %"
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -310,6 +314,32 @@ def render_operators(s: RunSummary) -> str:
         _operator_table(s),
         "",
     ]
+    if p.range_checks:
+        lines.append("## Cross-check: CUDA-event stage times vs the trace's GPU timeline\n")
+        lines.append(
+            "Our CUDA events (recorded on the stream at stage edges) against the same ranges' extent on the "
+            "trace's GPU timeline; kernel busy = Σ kernel time inside the range (busy ÷ span = GPU utilisation). "
+            "The GPU span starts at the range's first kernel, the events at the moment the host enqueued the "
+            "marker: for ranges shorter than a kernel launch (the projector) the difference is launch latency, "
+            "not an error.\n"
+        )
+        lines.append(
+            table(
+                ["range", "CUDA events ms", "GPU span ms", "Δ", "kernel busy ms", "GPU busy"],
+                [
+                    [
+                        c.name,
+                        fmt(c.event_ms, 3),
+                        fmt(c.gpu_span_ms, 3),
+                        f"{100 * c.rel_diff:+.2f} %",
+                        fmt(c.kernel_busy_ms, 3),
+                        f"{100 * c.kernel_busy_ms / c.gpu_span_ms:.1f} %",
+                    ]
+                    for c in p.range_checks
+                ],
+            )
+        )
+        lines.append("")
     if p.range_ms:
         lines.append("## Named ranges in the pass (inclusive host time)\n")
         lines.append(table(["range", "ms"], [[k, fmt(v, 3)] for k, v in sorted(p.range_ms.items())]))
@@ -368,8 +398,16 @@ def _render_efficiency(s: RunSummary) -> str:
             + "\n"
         )
     if s.energy:
-        out.append(table(["energy", "value"], [[k, fmt(v, 4)] for k, v in s.energy.items()]) + "\n")
+        out.append("### Energy and clocks (NVML, during the timed repeats)\n")
+        out.append(table(["quantity", "value"], [[_unit_label(k), fmt(v, 2)] for k, v in s.energy.items()]) + "\n")
     return "\n".join(out)
+
+
+def _unit_label(key: str) -> str:
+    for suffix, unit in (("_j", "J"), ("_w", "W"), ("_mhz", "MHz"), ("_c", "°C")):
+        if key.endswith(suffix):
+            return f"{key.removesuffix(suffix).replace('_', ' ')} ({unit})"
+    return key.replace("_", " ")
 
 
 def _render_routing(s: RunSummary) -> str:

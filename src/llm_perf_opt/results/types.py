@@ -131,6 +131,17 @@ class OperatorRow:
 
 
 @attrs.frozen
+class RangeCheck:
+    """One named range in the profiler pass: our CUDA-event time vs what the trace saw on the GPU."""
+
+    name: str
+    event_ms: float
+    gpu_span_ms: float
+    kernel_busy_ms: float
+    rel_diff: float  # event_ms / gpu_span_ms - 1
+
+
+@attrs.frozen
 class ProfileSummary:
     """The single PyTorch-profiler pass (separate from the timed repeats)."""
 
@@ -141,6 +152,7 @@ class ProfileSummary:
     operators: list[OperatorRow]
     range_ms: dict[str, float] = attrs.field(factory=dict)
     trace_file: str | None = None
+    range_checks: list[RangeCheck] = attrs.field(factory=list)
 
 
 @attrs.frozen

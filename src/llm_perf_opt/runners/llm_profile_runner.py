@@ -7,14 +7,16 @@ exits non-zero; the full traceback goes to the run log only.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import sys
 from pathlib import Path
 
 import hydra
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from llm_perf_opt.errors import LlmPerfOptError
+from llm_perf_opt.errors import LlmPerfOptError, OutputError, RunInterrupted
 
 CONF_DIR = str(Path(__file__).resolve().parents[3] / "conf")
 log = logging.getLogger("llm_perf_opt")
@@ -25,7 +27,7 @@ OmegaConf.register_new_resolver("run_suffix", lambda: secrets.token_hex(2), use_
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     from llm_perf_opt.runners.stage1 import run_stage1
 
     try:
@@ -34,9 +36,73 @@ def main(cfg: DictConfig) -> None:
         _log_to_files_only(exc)
         print(exc.one_line(), file=sys.stderr)
         sys.exit(exc.exit_code)
+    except KeyboardInterrupt as exc:
+        # Ctrl-C before the run's own SIGINT handler is installed (model load, dataset scan) or after it is
+        # removed: one line like every other stop, not a traceback.
+        err = RunInterrupted(
+            f"interrupted; pages finished so far (if any) are in {cfg.output.get('dir')}/pages.jsonl",
+            hint="resume=<that run dir> carries finished pages over",
+        )
+        _log_to_files_only(exc)
+        print(err.one_line(), file=sys.stderr)
+        sys.exit(err.exit_code)
     except Exception:
         log.exception("run failed with an unexpected error (traceback above is also in the run log)")
         raise
+
+
+def main() -> None:
+    """Console entry (``python -m ...``, ``llm-perf-opt``): check the run dir can be made, then Hydra."""
+    problem = preflight_output_dir(sys.argv[1:])
+    if problem is not None:
+        print(problem.one_line(), file=sys.stderr)
+        sys.exit(problem.exit_code)
+    _hydra_main()
+
+
+_INFO_FLAGS = {"-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info", "-sc", "--shell-completion", "-p"}
+
+
+def preflight_output_dir(argv: list[str], cwd: Path | None = None) -> OutputError | None:
+    """Why the run (or sweep) dir cannot be created, or None.
+
+    Hydra creates that directory itself, before ``_hydra_main`` runs, and a failure there (a parent is a
+    regular file, or not writable) reaches the console as a raw traceback.  So the literal part of the
+    directory (up to the first ``${``) is checked here first: the nearest existing ancestor must be a
+    writable directory.
+    """
+    if any(a in _INFO_FLAGS for a in argv):
+        return None
+    multirun = any(a in ("-m", "--multirun") for a in argv) or "hydra.mode=MULTIRUN" in argv
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    value: str | None = None
+    for arg in argv:
+        name, sep, raw = arg.partition("=")
+        if sep and name.lstrip("+") == key:
+            value = raw.strip()
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]
+    if value is None:
+        try:
+            tree = yaml.safe_load((Path(CONF_DIR) / "config.yaml").read_text())
+            value = str(tree["hydra"]["sweep" if multirun else "run"]["dir"])
+        except (OSError, KeyError, TypeError, yaml.YAMLError):
+            return None  # Hydra will report a broken config itself
+    literal = value.split("${", 1)[0]
+    if not literal:
+        return None
+    target = Path(literal) if literal.endswith(("/", "\\")) or "${" not in value else Path(literal).parent
+    if not target.is_absolute():
+        target = (cwd or Path.cwd()) / target
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    hint = f"choose another with {key}=PATH"
+    if not existing.is_dir():
+        return OutputError(f"cannot create the run directory {value}: {existing} is a file, not a directory", hint)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return OutputError(f"cannot create the run directory {value}: {existing} is not writable", hint)
+    return None
 
 
 def _log_to_files_only(exc: BaseException) -> None:

@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from llm_perf_opt.data.datasets import Page, build_pages
-from llm_perf_opt.errors import ConfigError, LlmPerfOptError, OutputError, RunInterrupted
+from llm_perf_opt.errors import ConfigError, LlmPerfOptError, OutputError, PageError, RunInterrupted
 from llm_perf_opt.profiling.stats import summarize
 from llm_perf_opt.report.env import collect_env
 from llm_perf_opt.results.serialize import (
@@ -254,18 +254,38 @@ class Stage1Run:
         from llm_perf_opt.report.plots import write_plots
 
         summary = self.summary(status, reason)
-        write_summary(self.out / "metrics.json", summary)
+        # Every file is attempted on its own and the first failure is raised at the end: a disk that refuses
+        # metrics.json must not also leave report.md saying RUNNING, and a bare OSError (a write path that
+        # does not wrap it) must still reach the user as one OutputError line, not a traceback.
+        errors: list[Exception] = []
+
+        def attempt(write: Callable[[], object]) -> None:
+            try:
+                write()
+            except (OutputError, OSError) as exc:
+                errors.append(exc)
+
+        attempt(lambda: write_summary(self.out / "metrics.json", summary))
         plots: dict[str, str] = {}
         if self.cfg.output.get("plots", True) and status != "running":
             try:
                 plots = write_plots(summary, self.out)
-            except (ImportError, RuntimeError, ValueError) as exc:
+            except (ImportError, RuntimeError, ValueError, OSError) as exc:
                 log.warning("plots skipped: %s", exc)
                 self.notes.append(f"plots not written: {exc}")
-        atomic_write_text(self.out / "report.md", render_report(summary, plots))
+        attempt(lambda: atomic_write_text(self.out / "report.md", render_report(summary, plots)))
         if summary.profile is not None:
-            atomic_write_text(self.out / "operators.md", render_operators(summary))
-        atomic_write_text(self.out / "predictions.md", render_predictions(self.out / PREDICTIONS))
+            attempt(lambda: atomic_write_text(self.out / "operators.md", render_operators(summary)))
+        attempt(lambda: atomic_write_text(self.out / "predictions.md", render_predictions(self.out / PREDICTIONS)))
+        if errors:
+            first = errors[0]
+            if isinstance(first, OutputError):
+                raise first
+            where = getattr(first, "filename", None) or self.out
+            raise OutputError(
+                f"could not write {where}: {getattr(first, 'strerror', None) or first}",
+                hint="check free disk space and permissions of the run directory; pages.jsonl keeps finished pages",
+            ) from first
         return summary
 
     # -------------------------------------------------------------- one page
@@ -347,25 +367,78 @@ def _progress(cfg: DictConfig) -> Any:
     return Progress(enabled=(sys.stderr.isatty() if mode == "auto" else mode in ("true", "on", "1", "True")))
 
 
-def _resume_records(resume: str | None) -> list[PageRecord]:
-    if not resume:
-        return []
+RESUME_MUST_MATCH = ("model", "infer", "device")
+
+
+def _resume_path(resume: str) -> Path:
     path = Path(str(resume))
-    if not path.is_absolute():
-        path = PROJECT_ROOT / path
+    return path if path.is_absolute() else PROJECT_ROOT / path
+
+
+def _check_resume(cfg: DictConfig) -> None:
+    """Before anything is written to the run dir (it may be the resumed dir itself): journal and settings."""
+    resume = cfg.get("resume")
+    if not resume:
+        return
+    path = _resume_path(str(resume))
     journal = path / JOURNAL
     if not journal.is_file():
         raise ConfigError(
             f"resume={resume}: {journal} not found",
             hint="point resume at an earlier run directory (tmp/stage1/<run_id>)",
         )
-    return [r for r in read_page_journal(journal) if r.status == "ok"]
+    _check_resume_config(str(resume), path, cfg)
+
+
+def _resume_records(
+    resume: str | None, cfg: DictConfig | None = None, pages: list[Page] | None = None
+) -> list[PageRecord]:
+    if not resume:
+        return []
+    journal = _resume_path(resume) / JOURNAL
+    if not journal.is_file():
+        raise ConfigError(
+            f"resume={resume}: {journal} not found",
+            hint="point resume at an earlier run directory (tmp/stage1/<run_id>)",
+        )
+    records = [r for r in read_page_journal(journal) if r.status == "ok"]
+    if cfg is not None and pages is not None:
+        # Only pages of this run's dataset and repeats: a carried-over record outside them would enter the stats.
+        ids = {p.page_id for p in pages}
+        records = [r for r in records if r.page_id in ids and 0 <= r.repeat < int(cfg.repeats)]
+    return records
+
+
+def _check_resume_config(resume: str, path: Path, cfg: DictConfig) -> None:
+    """Carried-over pages are only comparable when model, decoding and device are the same."""
+    try:
+        earlier = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return  # an older run dir without config.yaml: nothing to compare against
+    now = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(now, dict)
+    differ = [key for top in RESUME_MUST_MATCH for key in _differing_keys(earlier.get(top), now.get(top), top)]
+    if differ:
+        shown = ", ".join(differ[:4]) + (f" (+{len(differ) - 4} more)" if len(differ) > 4 else "")
+        raise ConfigError(
+            f"resume={resume}: that run used different settings ({shown}); its pages are not comparable",
+            hint=f"resume only with the same {'/'.join(RESUME_MUST_MATCH)} settings (repeats and dataset may differ)",
+        )
+
+
+def _differing_keys(a: Any, b: Any, prefix: str) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [
+            k for key in sorted(set(a) | set(b)) for k in _differing_keys(a.get(key), b.get(key), f"{prefix}.{key}")
+        ]
+    return [] if a == b else [f"{prefix}: {a!r} -> {b!r}"]
 
 
 def run_stage1(cfg: DictConfig) -> RunSummary:
     """The whole Stage-1 run; importable and tested without Hydra's CLI."""
     validate(cfg)
     out = prepare_run_dir(cfg)
+    _check_resume(cfg)
     run = Stage1Run(cfg, out)
     atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     device = resolve_device(str(cfg.device))
@@ -374,10 +447,15 @@ def run_stage1(cfg: DictConfig) -> RunSummary:
     pages = build_pages(cfg.dataset, PROJECT_ROOT)
     atomic_write_text(out / "inputs.yaml", yaml.safe_dump({"pages": [p.describe() for p in pages]}, sort_keys=False))
     cap = effective_max_new_tokens(cfg)
-    resumed = _resume_records(cfg.get("resume"))
+    resumed = _resume_records(cfg.get("resume"), cfg, pages)
     done = {(r.page_id, r.repeat) for r in resumed}
+    # Resuming into the run dir itself (hydra.run.dir=<same dir>): its journal already holds these records.
+    same_dir = bool(resumed) and _resume_path(str(cfg.resume)).resolve() == out.resolve()
     for r in resumed:
-        run._append(r)
+        if same_dir:
+            run.records.append(r)
+        else:
+            run._append(r)
     if resumed:
         run.notes.append(f"resumed from {cfg.resume}: {len(resumed)} finished page runs carried over")
 
@@ -424,7 +502,12 @@ def run_stage1(cfg: DictConfig) -> RunSummary:
     if status == "partial" and stop():
         raise RunInterrupted(f"run stopped by {stop.signal_name}; partial report in {out}")
     if status == "failed":
-        raise ConfigError(reason or "run failed", hint="fail_fast=true stops at the first failed page")
+        # A page failure is not a config error: its own type, and the hint says where the finished pages are.
+        raise PageError(
+            reason or "run failed",
+            hint=f"pages finished before it are in {out / JOURNAL}; without fail_fast=true a failed page is "
+            "recorded and the run goes on",
+        )
     return summary
 
 
@@ -434,7 +517,7 @@ def _warmup(cfg: DictConfig, run: Stage1Run, pages: list[Page], cap: int, progre
     if rounds == 0:
         run.notes.append("no warmup rounds: the first timed page includes one-time costs")
         return
-    first = pages[0]
+    first = _representative_page(pages)
     if cfg.profiling.get("warmup_synthetic", True):
         size = first.synthetic_size or (640, 640)
         page = Page(page_id="warmup", synthetic_size=size, seed=12345)
@@ -446,6 +529,19 @@ def _warmup(cfg: DictConfig, run: Stage1Run, pages: list[Page], cap: int, progre
         progress.advance(task)
 
 
+def _representative_page(pages: list[Page]) -> Page:
+    """The first page that decodes: a corrupt first file fails its own timed runs, not warmup or the profiler
+    pass (warmup on it would abort the whole run; the profiler pass would leave operators.md out)."""
+    for page in pages:
+        try:
+            page.load()
+        except (LlmPerfOptError, OSError, ValueError) as exc:
+            log.warning("page %s not used for warmup / profiler pass: %s", page.page_id, exc)
+            continue
+        return page
+    return pages[0]
+
+
 def _profile_pass(cfg: DictConfig, run: Stage1Run, pages: list[Page], cap: int, progress: Any) -> None:
     from llm_perf_opt.profiling.torch_profiler import run_profiler_pass
 
@@ -453,9 +549,9 @@ def _profile_pass(cfg: DictConfig, run: Stage1Run, pages: list[Page], cap: int, 
     session = run.session
     rep_tokens = min(int(cfg.profiling.get("rep_max_new_tokens") or cap), cap)
     task = progress.add("profiler pass", total=1)
-    page = pages[0]
+    page = _representative_page(pages)
     try:
-        summary, _ = run_profiler_pass(
+        summary, result = run_profiler_pass(
             lambda: session.run(page, rep_tokens, repeat=-1),
             session.device,
             cfg.profiling,
@@ -472,7 +568,33 @@ def _profile_pass(cfg: DictConfig, run: Stage1Run, pages: list[Page], cap: int, 
         return
     finally:
         progress.advance(task)
-    run.profile = summary
+    run.profile = _with_range_checks(summary, result, run.out)
+
+
+def _with_range_checks(summary: ProfileSummary, result: PageRun, out: Path) -> ProfileSummary:
+    """On CUDA, compare the pass's own CUDA-event stage times with the trace's GPU-side ranges."""
+    import attrs
+
+    from llm_perf_opt.profiling.torch_profiler import gpu_ranges_ms
+    from llm_perf_opt.results.types import RangeCheck
+
+    if summary.sort_key != "self_device_ms" or summary.trace_file is None:
+        return summary
+    spans = gpu_ranges_ms(out / summary.trace_file)
+    rec = result.record
+    events = {
+        "prefill": rec.prefill_ms,
+        "decode": rec.decode_ms,
+        "sam": rec.sam_ms,
+        "clip": rec.clip_ms,
+        "projector": rec.projector_ms,
+    }
+    checks = [
+        RangeCheck(name, ev, spans[name][0], spans[name][1], ev / spans[name][0] - 1.0)
+        for name, ev in events.items()
+        if ev is not None and name in spans and spans[name][0] > 0
+    ]
+    return attrs.evolve(summary, range_checks=checks)
 
 
 def format_exception_for_log(exc: BaseException) -> str:

@@ -35,9 +35,15 @@ __all__ = [
     "MoEGate",
     "RMSNorm",
     "RotaryEmbedding",
+    "apply_experts_dense",
     "apply_experts_eager",
+    "apply_experts_gather_bmm",
+    "apply_experts_grouped",
     "apply_rotary",
+    "grouped_matmul",
     "route_tokens",
+    "set_expert_impl",
+    "stacked_expert_weights",
 ]
 
 
@@ -252,7 +258,146 @@ def apply_experts_eager(
     return routed.to(x.dtype), count_list
 
 
-EXPERT_IMPLS: dict[str, ExpertApply] = {"eager": apply_experts_eager}
+def stacked_expert_weights(experts: nn.ModuleList) -> tuple[Tensor, Tensor]:
+    """Stacked expert weights, built once: fused gate/up ``w13`` [E, 2·I, hidden] and ``down`` [E, hidden, I].
+
+    After stacking, each expert's own ``gate_proj``/``up_proj``/``down_proj`` weights are re-pointed to views
+    of the stacks (same values, contiguous rows), so there is one copy of the expert weights, the eager loop
+    still runs on the same values and ``state_dict`` keys are unchanged.  The stacks are cached on the
+    ``ModuleList`` and rebuilt if the parameters were replaced since (``.to()``, ``load_state_dict`` with
+    ``assign``).  Peak extra memory while building: one layer's experts.
+    """
+    cached: tuple[Tensor, Tensor] | None = getattr(experts, "_stacked_weights", None)
+    mlps: list[MLP] = [m for m in experts if isinstance(m, MLP)]
+    if len(mlps) != len(experts) or not mlps:
+        raise ModelLoadError("stacked_expert_weights needs a non-empty ModuleList of MLP experts")
+    ref = mlps[0].gate_proj.weight
+    if cached is not None and ref.data_ptr() == cached[0].data_ptr():
+        return cached
+    inter, hidden = ref.shape
+    with torch.no_grad():
+        w13 = torch.empty((len(mlps), 2 * inter, hidden), device=ref.device, dtype=ref.dtype)
+        down = torch.empty((len(mlps), hidden, inter), device=ref.device, dtype=ref.dtype)
+        for e, expert in enumerate(mlps):
+            w13[e, :inter].copy_(expert.gate_proj.weight)
+            w13[e, inter:].copy_(expert.up_proj.weight)
+            down[e].copy_(expert.down_proj.weight)
+            expert.gate_proj.weight = nn.Parameter(w13[e, :inter], requires_grad=False)
+            expert.up_proj.weight = nn.Parameter(w13[e, inter:], requires_grad=False)
+            expert.down_proj.weight = nn.Parameter(down[e], requires_grad=False)
+    stacked = (w13, down)
+    object.__setattr__(experts, "_stacked_weights", stacked)
+    return stacked
+
+
+def _use_grouped_mm(x: Tensor) -> bool:
+    """``torch._grouped_mm`` runs bf16 on sm90+ GPUs; PyTorch's CPU build has a reference fallback."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    return x.device.type == "cpu"
+
+
+def grouped_matmul(a: Tensor, weight: Tensor, offs: Tensor, sorted_ids: Tensor) -> Tensor:
+    """Rows of ``a`` [M, K] (sorted by expert) times their expert's ``weight[e]``ᵀ ([E, N, K]) -> [M, N].
+
+    ``offs`` [E] int32 are the cumulative row counts (end of each expert's rows), ``sorted_ids`` [M] the
+    expert of each row.  Uses ``torch._grouped_mm`` (one kernel, reads only the experts that have rows)
+    where it runs, otherwise gathers each row's expert matrix and uses ``bmm`` (fine for decode's few rows).
+    """
+    if _use_grouped_mm(a):
+        try:
+            return torch._grouped_mm(a, weight.transpose(1, 2), offs=offs)
+        except RuntimeError:  # pragma: no cover - builds whose CPU fallback is missing
+            pass
+    return torch.bmm(a.unsqueeze(1), weight.index_select(0, sorted_ids).transpose(1, 2)).squeeze(1)
+
+
+def _grouped_experts(
+    x: Tensor, topk_idx: Tensor, topk_weight: Tensor, experts: nn.ModuleList, force_bmm: bool
+) -> tuple[Tensor, list[int]]:
+    w13, down = stacked_expert_weights(experts)
+    n_tokens, k = topk_idx.shape
+    inter = down.shape[2]
+    flat_ids = topk_idx.reshape(-1)
+    sorted_ids, order = torch.sort(flat_ids, stable=True)  # (token, slot) pairs grouped by expert
+    rows = x.index_select(0, order // k)
+    if force_bmm:
+        h = torch.bmm(rows.unsqueeze(1), w13.index_select(0, sorted_ids).transpose(1, 2)).squeeze(1)
+    else:
+        arange_e = torch.arange(len(experts), device=x.device, dtype=sorted_ids.dtype)
+        offs = torch.searchsorted(sorted_ids, arange_e, right=True, out_int32=True)
+        h = grouped_matmul(rows, w13, offs, sorted_ids)
+    act = F.silu(h[:, :inter]) * h[:, inter:]
+    if force_bmm:
+        y = torch.bmm(act.unsqueeze(1), down.index_select(0, sorted_ids).transpose(1, 2)).squeeze(1)
+    else:
+        y = grouped_matmul(act, down, offs, sorted_ids)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
+    per_slot = y.index_select(0, inverse).view(n_tokens, k, -1)
+    routed = (per_slot.float() * topk_weight.float().unsqueeze(-1)).sum(dim=1)
+    return routed.to(x.dtype), []
+
+
+def apply_experts_grouped(
+    x: Tensor, topk_idx: Tensor, topk_weight: Tensor, experts: nn.ModuleList
+) -> tuple[Tensor, list[int]]:
+    """Same result as :func:`apply_experts_eager` with no Python loop over experts and no host sync.
+
+    Sort the (token, slot) pairs by expert on the device, per-expert row offsets by ``searchsorted``, then
+    two grouped matmuls over the stacked weights (fused gate/up, then down), un-permute and the same
+    float32 weighted sum over the k picks.  Returns no host-side counts (an empty list: reading them
+    would be a sync); ``MoE.last_topk_idx`` still holds the routing on the device.
+    """
+    if topk_idx.shape[0] == 0:
+        return torch.zeros_like(x), []
+    return _grouped_experts(x, topk_idx, topk_weight, experts, force_bmm=False)
+
+
+def apply_experts_gather_bmm(
+    x: Tensor, topk_idx: Tensor, topk_weight: Tensor, experts: nn.ModuleList
+) -> tuple[Tensor, list[int]]:
+    """Like :func:`apply_experts_grouped` but each row gathers its expert's matrices and uses ``bmm``.
+
+    Moves ``rows · expert_bytes`` through memory, so it only suits decode (a few rows); no host sync.
+    """
+    if topk_idx.shape[0] == 0:
+        return torch.zeros_like(x), []
+    return _grouped_experts(x, topk_idx, topk_weight, experts, force_bmm=True)
+
+
+def apply_experts_dense(
+    x: Tensor, topk_idx: Tensor, topk_weight: Tensor, experts: nn.ModuleList
+) -> tuple[Tensor, list[int]]:
+    """Every expert on every token, then the k picks' outputs gathered: E/k times the FLOPs, no sort, no sync."""
+    w13, down = stacked_expert_weights(experts)
+    n_tokens, k = topk_idx.shape
+    inter = down.shape[2]
+    h = torch.matmul(x.unsqueeze(0), w13.transpose(1, 2))  # [E, N, 2I]
+    act = F.silu(h[..., :inter]) * h[..., inter:]
+    y = torch.matmul(act, down.transpose(1, 2))  # [E, N, hidden]
+    tok = torch.arange(n_tokens, device=x.device).unsqueeze(1).expand(n_tokens, k)
+    per_slot = y[topk_idx, tok]  # [N, k, hidden]
+    routed = (per_slot.float() * topk_weight.float().unsqueeze(-1)).sum(dim=1)
+    return routed.to(x.dtype), []
+
+
+EXPERT_IMPLS: dict[str, ExpertApply] = {
+    "eager": apply_experts_eager,
+    "grouped": apply_experts_grouped,
+    "gather_bmm": apply_experts_gather_bmm,
+    "dense": apply_experts_dense,
+}
+
+
+def set_expert_impl(module: nn.Module, name: str) -> None:
+    """Select the expert implementation (a key of :data:`EXPERT_IMPLS`) for every MoE layer under ``module``."""
+    if name not in EXPERT_IMPLS:
+        raise ModelLoadError(f"unknown expert_impl {name!r}", hint=f"use one of {sorted(EXPERT_IMPLS)}")
+    for sub in module.modules():
+        if isinstance(sub, MoE):
+            sub.expert_impl = name
 
 
 class MoEGate(nn.Module):

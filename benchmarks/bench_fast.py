@@ -1,0 +1,343 @@
+"""Eager vs fast path of the native DeepSeek-OCR, side by side, on one GPU (issue 9).
+
+Full-size dummy weights in bf16, one synthetic 1224×1584 page in Gundam mode.  Measures with CUDA events
+after warm-up: vision ms, prefill ms, decode ms/token over N tokens (batch 1), peak memory, greedy-token
+parity for the first 64 steps, plus fast-path variants (decode attention, expert kernel, no graphs,
+vision SDPA backends, dense-masked MoE prefill) and a kernel profile of one fast decode step.
+
+    PYTHONPATH=src python benchmarks/bench_fast.py --out benchmarks/results
+
+Writes ``<out>/<date>-<gpu>-fast.md`` (markdown table + environment) and ``.json`` next to it.
+Imports only torch/attrs/safetensors/pillow code paths (no hydra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import functools
+import json
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llm_perf_opt.data.datasets import synthetic_page
+from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, build_model
+from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, FastModel, apply_fast_path
+from llm_perf_opt.models.deepseek_ocr.preprocess import PreprocessConfig, preprocess_page
+from llm_perf_opt.models.deepseek_ocr.tokenizer import load_tokenizer
+
+CONFIG = "src/llm_perf_opt/models/deepseek_ocr/configs/deepseek-ocr.json"
+PROMPT = "<image>\n<|grounding|>Convert the document to markdown."
+GiB = 2**30
+
+
+def cuda_ms(fn: Callable[[], Any], warmup: int = 1, reps: int = 5) -> float:
+    """Median milliseconds of ``fn`` over ``reps`` runs, CUDA events, after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+class Page:
+    def __init__(self, cfg: DeepseekOCRConfig, device: torch.device, dtype: torch.dtype) -> None:
+        ids = load_tokenizer(None, cfg).encode_prompt(PROMPT)
+        self.prep = preprocess_page(synthetic_page((1224, 1584), 0), PreprocessConfig.for_mode("gundam"), cfg, ids)
+        self.crops = self.prep.images_crop.to(device, dtype)
+        self.ori = self.prep.images_ori.to(device, dtype)
+        self.prompt_len = int(self.prep.prompt_len)
+
+    def vision(self, m: Any) -> torch.Tensor:
+        return m.encode_images(self.crops, self.ori, self.prep.images_spatial_crop)
+
+    def embeds(self, m: Any) -> torch.Tensor:
+        return m.embed_prompt(self.prep.input_ids, self.prep.images_seq_mask, [self.vision(m)])
+
+
+def decode_loop(m: Any, embeds: torch.Tensor, steps: int, keep: int) -> dict[str, Any]:
+    """Prefill, then ``steps`` host-greedy decode steps (argmax read on the host each step, as generate())."""
+    cache = m.new_cache(batch=1, max_len=embeds.shape[1] + steps + 1)
+    logits = m.prefill(embeds, cache)
+    if isinstance(m, FastModel):  # capture the graph outside the timed region
+        t0 = time.perf_counter()
+        if m.fast_config.cuda_graphs:
+            m.decoder_for(cache)._capture()
+        torch.cuda.synchronize()
+        capture_s = time.perf_counter() - t0
+    else:
+        capture_s = 0.0
+    tokens = [int(logits.argmax(-1))]
+    rows = [logits[0].float().cpu()]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        logits = m.decode_step(torch.tensor([[tokens[-1]]], device=embeds.device), cache)
+        tokens.append(int(logits.argmax(-1)))  # host sync per token, like select_next_token
+        if i + 1 < keep:
+            rows.append(logits[0].float().cpu())
+    end.record()
+    end.synchronize()
+    wall = (time.perf_counter() - t0) * 1e3
+    return {
+        "ms_per_token": start.elapsed_time(end) / steps,
+        "wall_ms_per_token": wall / steps,
+        "tokens": tokens,
+        "rows": rows,
+        "capture_s": capture_s,
+        "kv_bytes": cache.nbytes,
+    }
+
+
+def greedy_device(m: FastModel, embeds: torch.Tensor, steps: int) -> dict[str, Any]:
+    """Prefill, then ``steps`` on-device greedy steps (graph replays, no per-token host sync)."""
+    cache = m.new_cache(batch=1, max_len=embeds.shape[1] + steps + 1)
+    first = m.prefill(embeds, cache).argmax(-1, keepdim=True)
+    dec = m.decoder_for(cache)
+    if m.fast_config.cuda_graphs:
+        dec._capture()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    rows = dec.greedy(first, steps)
+    end.record()
+    end.synchronize()
+    return {"ms_per_token": start.elapsed_time(end) / steps, "tokens": [int(first[0, 0]), *rows[0]]}
+
+
+def prefill_ms(m: Any, embeds: torch.Tensor) -> float:
+    cache = m.new_cache(batch=1, max_len=embeds.shape[1] + 8)
+
+    def run() -> None:
+        cache.reset()
+        m.prefill(embeds, cache)
+
+    return cuda_ms(run, warmup=2, reps=5)
+
+
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return None
+
+
+def profile_decode_step(m: FastModel, embeds: torch.Tensor, out: Path) -> dict[str, Any]:
+    """Kernels of un-graphed fast decode steps: count and GPU time per step (what the graph replays)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    eager_cfg = FastConfig(cuda_graphs=False)
+    fm = apply_fast_path(m, eager_cfg)
+    cache = fm.new_cache(batch=1, max_len=embeds.shape[1] + 16)
+    tok = fm.prefill(embeds, cache).argmax(-1, keepdim=True)
+    for _ in range(3):
+        tok = fm.decode_step(tok, cache).argmax(-1, keepdim=True)
+    torch.cuda.synchronize()
+    n = 5
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            tok = fm.decode_step(tok, cache).argmax(-1, keepdim=True)
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    total_us = sum(e.device_time for e in events) / n if events else 0.0
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    (out / "fast_decode_profile.txt").write_text(table)
+    return {"kernels_per_step": len(events) / n, "gpu_us_per_step": total_us}
+
+
+def env_info() -> dict[str, str]:
+    try:
+        drv = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+    except OSError:
+        drv = "unknown"
+    return {
+        "gpu": torch.cuda.get_device_name(),
+        "driver": drv,
+        "torch": torch.__version__,
+        "cuda": str(torch.version.cuda),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--decode-tokens", type=int, default=256)
+    ap.add_argument("--parity-steps", type=int, default=64)
+    ap.add_argument("--eager-decode-tokens", type=int, default=128, help="eager is ~20 ms/token: fewer suffice")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_fast needs CUDA")
+    dev, dtype = torch.device("cuda"), torch.bfloat16
+    res: dict[str, Any] = {"env": env_info()}
+    t0 = time.perf_counter()
+    cfg = DeepseekOCRConfig.from_json(CONFIG)
+    model = build_model(cfg, dev, dtype, "dummy")
+    res["build_s"] = time.perf_counter() - t0
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    page = Page(cfg, dev, dtype)
+    res["prompt_len"] = page.prompt_len
+    res["grid"] = list(page.prep.images_spatial_crop)
+    steps = args.decode_tokens
+    keep = args.parity_steps
+    print(f"built in {res['build_s']:.1f}s; prompt {page.prompt_len} tokens; grid {res['grid']}", flush=True)
+
+    with torch.inference_mode():
+        # ---------------- eager
+        eager: dict[str, Any] = {}
+        eager["vision_ms"] = cuda_ms(lambda: page.vision(model), warmup=1, reps=5)
+        embeds = page.embeds(model)
+        eager["prefill_ms"] = prefill_ms(model, embeds)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base_mem = torch.cuda.memory_allocated()
+        e_dec = decode_loop(model, embeds, max(args.eager_decode_tokens, keep), keep)
+        eager["peak_gib"] = torch.cuda.max_memory_allocated() / GiB
+        eager["peak_over_base_gib"] = (torch.cuda.max_memory_allocated() - base_mem) / GiB
+        eager["decode_ms_per_token"] = e_dec["ms_per_token"]
+        eager["decode_wall_ms_per_token"] = e_dec["wall_ms_per_token"]
+        kv_bytes = e_dec["kv_bytes"]
+        print("eager:", {k: round(v, 3) for k, v in eager.items()}, flush=True)
+
+        # ---------------- fast (default config)
+        t1 = time.perf_counter()
+        fast = apply_fast_path(model, FastConfig())
+        torch.cuda.synchronize()
+        res["apply_fast_path_s"] = time.perf_counter() - t1
+        fres: dict[str, Any] = {}
+        fres["vision_ms"] = cuda_ms(lambda: page.vision(fast), warmup=1, reps=5)
+        f_embeds = page.embeds(fast)
+        fres["embeds_max_abs_diff"] = float((f_embeds.float() - embeds.float()).abs().max())
+        fres["prefill_ms"] = prefill_ms(fast, embeds)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base_mem = torch.cuda.memory_allocated()
+        f_dec = decode_loop(fast, embeds, steps, keep)
+        fres["peak_gib"] = torch.cuda.max_memory_allocated() / GiB
+        fres["peak_over_base_gib"] = (torch.cuda.max_memory_allocated() - base_mem) / GiB
+        fres["decode_ms_per_token"] = f_dec["ms_per_token"]
+        fres["decode_wall_ms_per_token"] = f_dec["wall_ms_per_token"]
+        fres["graph_capture_s"] = f_dec["capture_s"]
+        fres["capture_error"] = fast._decoder.capture_error if fast._decoder else None
+        g = greedy_device(fast, embeds, steps)
+        fres["decode_device_greedy_ms_per_token"] = g["ms_per_token"]
+        fres["device_greedy_tokens_match_step_loop"] = g["tokens"][: keep + 1] == f_dec["tokens"][: keep + 1]
+        et, ft = e_dec["tokens"][: keep + 1], f_dec["tokens"][: keep + 1]
+        fres["tokens_identical"] = et == ft
+        fres["first_divergence"] = first_divergence(et, ft)
+        diffs = [float((a - b).abs().max()) for a, b in zip(e_dec["rows"], f_dec["rows"], strict=False)]
+        scale = max(float(r.abs().max()) for r in e_dec["rows"])
+        fres["logits_max_abs_diff"] = max(diffs)
+        fres["logits_max_abs"] = scale
+        print("fast:", fres, flush=True)
+
+        # ---------------- variants
+        var: dict[str, Any] = {}
+        for name, fcfg in {
+            "attn=sdpa": FastConfig(decode_attention="sdpa"),
+            "experts=gather_bmm": FastConfig(expert_impl="gather_bmm"),
+        }.items():
+            fm = apply_fast_path(model, fcfg)
+            var[f"decode {name} (device greedy) ms/token"] = greedy_device(fm, embeds, steps)["ms_per_token"]
+            del fm
+        fm = apply_fast_path(model, FastConfig(cuda_graphs=False))
+        var["decode no graphs (host greedy) ms/token"] = decode_loop(fm, embeds, 64, 0)["ms_per_token"]
+        fm = apply_fast_path(model, FastConfig(expert_impl="dense"))
+        var["prefill experts=dense ms"] = prefill_ms(fm, embeds)
+        fm = apply_fast_path(model, FastConfig(grouped_moe=False))
+        var["prefill grouped_moe=False (fused qkv only) ms"] = prefill_ms(fm, embeds)
+        for vis in ("cudnn", "flash"):
+            vm = apply_fast_path(model, FastConfig(vision_sdpa=vis))
+            try:
+                var[f"vision sdpa={vis} ms"] = cuda_ms(functools.partial(page.vision, vm), warmup=2, reps=5)
+            except RuntimeError as exc:
+                var[f"vision sdpa={vis} ms"] = f"failed: {exc}"[:120]
+        del fm
+        try:
+            prof = profile_decode_step(fast, embeds, out)
+            var["fast decode step: kernels/step (no graph)"] = prof["kernels_per_step"]
+            var["fast decode step: GPU us/step (sum of kernels)"] = prof["gpu_us_per_step"]
+        except Exception as exc:
+            var["profile"] = f"failed: {exc}"[:200]
+        print("variants:", var, flush=True)
+
+    res.update(eager=eager, fast=fres, variants=var, weight_gib=weight_bytes / GiB, kv_gib=kv_bytes / GiB)
+    res["decode_tokens"] = steps
+    write_report(res, out, keep)
+
+
+def write_report(res: dict[str, Any], out: Path, keep: int) -> None:
+    e, f, env = res["eager"], res["fast"], res["env"]
+
+    def row(name: str, a: float, b: float, fmt: str = "{:.2f}") -> str:
+        ratio = a / b if b else float("nan")
+        return f"| {name} | {fmt.format(a)} | {fmt.format(b)} | {ratio:.1f}× |"
+
+    budget = res["weight_gib"] + res["kv_gib"] + 2.0
+    lines = [
+        f"# Fast path vs eager — {env['gpu']}",
+        "",
+        f"{env['date']}; driver {env['driver']}; torch {env['torch']} (CUDA {env['cuda']}); bf16, dummy weights;"
+        f" synthetic 1224×1584 page, Gundam, grid {res['grid']}, prompt {res['prompt_len']} tokens;"
+        f" CUDA events after warm-up, medians.",
+        "",
+        "| metric | eager | fast | eager/fast |",
+        "| --- | ---: | ---: | ---: |",
+        row(
+            f"decode ms/token (batch 1, host greedy; fast {res['decode_tokens']} tok)",
+            e["decode_ms_per_token"],
+            f["decode_ms_per_token"],
+        ),
+        row(
+            "decode ms/token, fast on-device greedy",
+            e["decode_ms_per_token"],
+            f["decode_device_greedy_ms_per_token"],
+        ),
+        row("prefill ms (LM over the prompt)", e["prefill_ms"], f["prefill_ms"]),
+        row("vision ms (SAM+CLIP+projector)", e["vision_ms"], f["vision_ms"]),
+        row("peak GiB during prefill+decode", e["peak_gib"], f["peak_gib"]),
+        f"| greedy tokens identical, {keep} steps | — | {'yes' if f['tokens_identical'] else 'no'}"
+        f" (first divergence: {f['first_divergence']}) | |",
+        "",
+        f"Weights {res['weight_gib']:.2f} GiB + KV {res['kv_gib']:.3f} GiB + 2 GiB = {budget:.2f} GiB budget;"
+        f" fast peak {f['peak_gib']:.2f} GiB. Max |Δlogit| over {keep} steps {f['logits_max_abs_diff']:.4f}"
+        f" (max |logit| {f['logits_max_abs']:.3f}). Graph capture {f['graph_capture_s']:.2f} s,"
+        f" apply_fast_path {res['apply_fast_path_s']:.2f} s. Host wall per token: eager"
+        f" {e['decode_wall_ms_per_token']:.2f} ms, fast {f['decode_wall_ms_per_token']:.2f} ms.",
+        "",
+        "| fast-path variant | value |",
+        "| --- | ---: |",
+    ]
+    for k, v in res["variants"].items():
+        lines.append(f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |")
+    text = "\n".join(lines) + "\n"
+    gpu = "h100" if "H100" in env["gpu"] else env["gpu"].split()[-1].lower()
+    stem = f"{dt.date.today().isoformat()}-{gpu}-fast"
+    (out / f"{stem}.md").write_text(text)
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=2, default=str))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

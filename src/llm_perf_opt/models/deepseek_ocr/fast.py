@@ -1,0 +1,475 @@
+"""Fast path for the native DeepSeek-OCR model: fused weights, grouped MoE, a CUDA-graph decode step.
+
+``apply_fast_path(model, FastConfig(...))`` returns a :class:`FastModel` that the session can use in
+place of :class:`~llm_perf_opt.models.deepseek_ocr.model.DeepseekOCRForCausalLM`: same stage methods
+(``encode_images``, ``embed_prompt``, ``prefill``, ``decode_step``, ``new_cache``), every other attribute
+delegated to the wrapped model (``fast.model.sam_model`` is the same module, so hooks keep firing).
+
+What changes, all at load (``apply_fast_path``), with no second copy of any weight:
+
+* ``fused_qkv``: q/k/v projections become one [3·hidden, hidden] matrix; gate/up of the dense MLP and the
+  shared experts become one [2·I, hidden] matrix.  The original ``nn.Linear`` weights are re-pointed to
+  views of the fused tensors (same values), so the eager model still works on the same storage.
+* ``grouped_moe``: routed experts are stacked ([E, 2·I, hidden] and [E, hidden, I]) and applied with
+  :func:`~llm_perf_opt.models.deepseek_ocr.decoder.apply_experts_grouped` (device-side sort by expert,
+  ``searchsorted`` offsets, ``torch._grouped_mm``): no Python loop over experts, no host sync.
+* ``cuda_graphs``: a decode step reads its token from a static buffer and its position from a static
+  device tensor; the KV write is an ``index_copy_`` at that position and attention runs over the cache's
+  whole ``max_len`` with an additive mask by position, so one captured graph serves every step of a page.
+  Greedy argmax is computed on the device inside the graph (:meth:`FastDecoder.greedy`).
+
+Exactness: the fast path computes the same function as the eager model, with different kernels (fused
+GEMMs, grouped GEMM, masked attention over ``max_len``), so logits agree to bf16 rounding, not bit for bit.
+``no_repeat_ngram`` needs the host-side history: use :meth:`FastModel.decode_step` (logits to the host,
+exact rule in :func:`~llm_perf_opt.models.deepseek_ocr.generation.select_next_token`).
+:meth:`FastDecoder.greedy` is exact greedy (first index on ties, as ``torch.argmax``) and checks eos
+every ``check_every`` steps, so up to ``check_every - 1`` tokens past eos are computed (and dropped).
+
+Routing statistics: the grouped path counts tokens per expert on the device; ``tokens_per_expert()``
+reads them (one sync, only when called).  ``last_routing`` holds the most recent forward's expert ids.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from llm_perf_opt.errors import InputError
+from llm_perf_opt.models.deepseek_ocr.decoder import (
+    EXPERT_IMPLS,
+    MLP,
+    Attention,
+    DecoderLayer,
+    MoE,
+    RMSNorm,
+    apply_experts_eager,
+    apply_experts_grouped,
+    route_tokens,
+    stacked_expert_weights,
+)
+from llm_perf_opt.models.deepseek_ocr.kv_cache import StaticKVCache
+from llm_perf_opt.models.deepseek_ocr.model import DEFAULT_SDPA_BACKENDS, DeepseekOCRForCausalLM
+
+__all__ = ["VISION_SDPA", "FastConfig", "FastDecoder", "FastModel", "apply_fast_path", "fuse_linears"]
+
+# SDPA backend lists for the vision towers (SAM's rel-pos bias rules flash out; CLIP has no mask).
+VISION_SDPA: dict[str, tuple[SDPBackend, ...] | None] = {
+    "model": None,  # whatever the wrapped model uses (DEFAULT_SDPA_BACKENDS: no cuDNN)
+    "cudnn": (SDPBackend.CUDNN_ATTENTION, *DEFAULT_SDPA_BACKENDS),
+    "flash": DEFAULT_SDPA_BACKENDS,
+}
+DECODE_ATTN = ("matmul", "sdpa")
+
+
+@attrs.frozen
+class FastConfig:
+    """Switches of the fast path (``infer.fast.*`` in the session config)."""
+
+    grouped_moe: bool = True
+    cuda_graphs: bool = True
+    fused_qkv: bool = True
+    vision_sdpa: str = attrs.field(default="model", validator=attrs.validators.in_(tuple(VISION_SDPA)))
+    decode_attention: str = attrs.field(default="matmul", validator=attrs.validators.in_(DECODE_ATTN))
+    expert_impl: str = "grouped"  # decoder.EXPERT_IMPLS key used when grouped_moe (measure "gather_bmm")
+
+
+def fuse_linears(linears: Sequence[nn.Linear]) -> Tensor:
+    """Concatenate bias-free linears' weights along the output dim; re-point each weight to a view of it."""
+    weights = [lin.weight for lin in linears]
+    if any(lin.bias is not None for lin in linears):
+        raise ValueError("fuse_linears only fuses bias-free projections")
+    fused_ptr = getattr(linears[0], "_fused_weight", None)
+    if fused_ptr is not None and weights[0].data_ptr() == fused_ptr.data_ptr():
+        return fused_ptr
+    rows = sum(w.shape[0] for w in weights)
+    with torch.no_grad():
+        fused = torch.empty((rows, weights[0].shape[1]), device=weights[0].device, dtype=weights[0].dtype)
+        begin = 0
+        for lin, w in zip(linears, weights, strict=True):
+            end = begin + w.shape[0]
+            fused[begin:end].copy_(w)
+            lin.weight = nn.Parameter(fused[begin:end], requires_grad=False)
+            begin = end
+    object.__setattr__(linears[0], "_fused_weight", fused)
+    return fused
+
+
+class _Mlp:
+    """Weights of one SiLU-gated MLP, gate/up fused when asked."""
+
+    def __init__(self, mlp: MLP, fused: bool) -> None:
+        self.mlp = mlp
+        self.inter = mlp.gate_proj.weight.shape[0]
+        self.w13 = fuse_linears([mlp.gate_proj, mlp.up_proj]) if fused else None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.w13 is None:
+            return self.mlp(x)
+        h = F.linear(x, self.w13)
+        return self.mlp.down_proj(F.silu(h[..., : self.inter]) * h[..., self.inter :])
+
+
+class _Layer:
+    """One decoder layer's weights arranged for the fast forward."""
+
+    def __init__(self, layer: DecoderLayer, cfg: FastConfig) -> None:
+        attn: Attention = layer.self_attn
+        self.idx: int = layer.layer_idx
+        self.attn = attn
+        self.in_norm: RMSNorm = layer.input_layernorm
+        self.post_norm: RMSNorm = layer.post_attention_layernorm
+        self.heads, self.kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        self.wqkv = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj]) if cfg.fused_qkv else None
+        self.moe: MoE | None = layer.mlp if isinstance(layer.mlp, MoE) else None
+        self.dense = _Mlp(layer.mlp, cfg.fused_qkv) if isinstance(layer.mlp, MLP) else None
+        self.shared = None
+        self.gate_w32: Tensor | None = None
+        if self.moe is not None:
+            if self.moe.shared_experts is not None:
+                self.shared = _Mlp(self.moe.shared_experts, cfg.fused_qkv)
+            self.gate_w32 = self.moe.gate.weight.detach().float()
+            if cfg.grouped_moe:
+                stacked_expert_weights(self.moe.experts)
+        self.expert_fn = EXPERT_IMPLS[cfg.expert_impl] if cfg.grouped_moe else apply_experts_grouped
+        self.grouped = cfg.grouped_moe
+
+    def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Rotated q [B, h, L, D], k [B, kvh, L, D] and v [B, kvh, L, D]."""
+        bsz, length, _ = x.shape
+        hq, hk, d = self.heads, self.kv_heads, self.head_dim
+        if self.wqkv is None:
+            a = self.attn
+            q = a.q_proj(x).view(bsz, length, hq, d)
+            k = a.k_proj(x).view(bsz, length, hk, d)
+            v = a.v_proj(x).view(bsz, length, hk, d)
+            qk = torch.cat((q, k), dim=2)
+        else:
+            qkv = F.linear(x, self.wqkv).view(bsz, length, hq + 2 * hk, d)
+            qk, v = qkv[:, :, : hq + hk], qkv[:, :, hq + hk :]
+        # cos/sin [L, D] broadcast over heads: rotate q and k in one pass (same values as apply_rotary).
+        cos4, sin4 = cos[:, None, :], sin[:, None, :]
+        qk = qk * cos4 + qk.roll(d // 2, dims=-1) * sin4
+        q = qk[:, :, :hq].transpose(1, 2)
+        k = qk[:, :, hq:].transpose(1, 2)
+        return q, k, v.transpose(1, 2)
+
+    def mlp(self, x: Tensor, counts: Tensor | None) -> Tensor:
+        if self.dense is not None:
+            return self.dense(x)
+        moe = self.moe
+        assert moe is not None and self.gate_w32 is not None
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        topk_idx, topk_weight = route_tokens(
+            F.linear(flat.float(), self.gate_w32),
+            moe.top_k,
+            scoring_func=moe.scoring_func,
+            topk_method=moe.topk_method,
+            norm_topk_prob=moe.norm_topk_prob,
+            routed_scaling_factor=moe.routed_scaling_factor,
+        )
+        if self.grouped:
+            routed, _ = self.expert_fn(flat, topk_idx, topk_weight, moe.experts)
+            if counts is not None:
+                counts.index_add_(0, topk_idx.reshape(-1), _ones_like_ids(topk_idx))
+        else:
+            routed, host_counts = apply_experts_eager(flat, topk_idx, topk_weight, moe.experts)
+            for expert_id, count in enumerate(host_counts):
+                if count:
+                    moe.tokens_per_expert[expert_id] += count
+        moe.last_topk_idx = topk_idx.detach()
+        if self.shared is not None:
+            routed = routed + self.shared(flat)
+        return routed.view(shape)
+
+
+def _ones_like_ids(ids: Tensor) -> Tensor:
+    return torch.ones(ids.numel(), device=ids.device, dtype=torch.int64)
+
+
+class FastModel:
+    """The fast path over a (shared, not copied) :class:`DeepseekOCRForCausalLM`; see the module doc."""
+
+    def __init__(self, model: DeepseekOCRForCausalLM, cfg: FastConfig) -> None:
+        self.base = model
+        self.fast_config = cfg
+        self.layers = [_Layer(layer, cfg) for layer in model.model.layers if isinstance(layer, DecoderLayer)]
+        self._decoder: FastDecoder | None = None
+        n_experts = model.config.language.n_routed_experts
+        self._counts: dict[int, Tensor] = {
+            layer.idx: torch.zeros(n_experts, dtype=torch.int64, device=model.device)
+            for layer in self.layers
+            if layer.moe is not None and cfg.grouped_moe
+        }
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called for names not found on FastModel: model, config, device, dtype, lm_head, ...
+        if name == "base":
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def parameters(self) -> Any:
+        return self.base.parameters()
+
+    # ------------------------------------------------------------------ routing statistics
+    def reset_routing_stats(self) -> None:
+        self.base.reset_routing_stats()
+        for counts in self._counts.values():
+            counts.zero_()
+
+    def tokens_per_expert(self) -> dict[int, list[int]]:
+        """Per MoE layer: tokens routed to each expert since the last reset (reads device counters: one sync)."""
+        if not self._counts:
+            return self.base.tokens_per_expert()
+        return {i: [int(c) for c in counts.tolist()] for i, counts in self._counts.items()}
+
+    def experts_hit_per_layer(self) -> list[int]:
+        return [sum(1 for c in counts if c) for counts in self.tokens_per_expert().values()]
+
+    # ------------------------------------------------------------------ stages 1/2: delegated
+    def _vision_policy(self) -> contextlib.AbstractContextManager[None]:
+        backends = VISION_SDPA[self.fast_config.vision_sdpa]
+        if backends is None:
+            return contextlib.nullcontext()
+        return sdpa_kernel(list(backends))
+
+    @torch.no_grad()
+    def encode_images(self, images_crop: Tensor, images_ori: Tensor, images_spatial_crop: Any) -> Tensor:
+        """The wrapped model's ``encode_images`` (SAM/CLIP/projector called as modules), SDPA per ``vision_sdpa``."""
+        base = self.base
+        saved = base.sdpa_backends
+        if VISION_SDPA[self.fast_config.vision_sdpa] is not None:
+            base.sdpa_backends = None  # the policy below decides
+        try:
+            with self._vision_policy():
+                return base.encode_images(images_crop, images_ori, images_spatial_crop)
+        finally:
+            base.sdpa_backends = saved
+
+    def embed_prompt(self, input_ids: Tensor, images_seq_mask: Tensor, image_features: Sequence[Tensor]) -> Tensor:
+        return self.base.embed_prompt(input_ids, images_seq_mask, image_features)
+
+    def new_cache(self, batch: int, max_len: int) -> StaticKVCache:
+        return self.base.new_cache(batch, max_len)
+
+    # ------------------------------------------------------------------ stage 3: prefill
+    def _counts_for(self, layer: _Layer) -> Tensor | None:
+        return self._counts.get(layer.idx)
+
+    @torch.no_grad()
+    def prefill(self, inputs_embeds: Tensor, cache: StaticKVCache, logits_positions: str = "last") -> Tensor:
+        """Decoder over the prompt with fused/grouped weights, filling ``cache``; float32 logits like the model's."""
+        if logits_positions not in ("last", "all"):
+            raise ValueError(f"logits_positions must be 'last' or 'all', got {logits_positions!r}")
+        if inputs_embeds.dim() != 3:
+            raise InputError(f"inputs_embeds must be [B, L, hidden], got {tuple(inputs_embeds.shape)}")
+        base = self.base
+        m = base.model
+        if cache.length == 0:
+            self.reset_routing_stats()
+        bsz, length, _ = inputs_embeds.shape
+        if cache.batch != bsz:
+            raise InputError(f"KV cache was sized for batch {cache.batch}, inputs have batch {bsz}")
+        cache.check_room(length)
+        start = cache.length
+        hidden = inputs_embeds.to(device=base.device, dtype=base.dtype)
+        cos, sin = m.rotary(start, length, hidden.device, hidden.dtype)
+        with base._sdpa_policy():
+            for layer in self.layers:
+                x = layer.in_norm(hidden)
+                q, k, v = layer.qkv(x, cos, sin)
+                k, v = cache.write(layer.idx, k, v, start)
+                if layer.kv_heads != layer.heads:
+                    rep = layer.heads // layer.kv_heads
+                    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+                if start == 0:
+                    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                else:
+                    q_pos = torch.arange(start, start + length, device=x.device)[:, None]
+                    k_pos = torch.arange(start + length, device=x.device)[None, :]
+                    out = F.scaled_dot_product_attention(q, k, v, attn_mask=k_pos <= q_pos)
+                out = out.transpose(1, 2).reshape(bsz, length, -1)
+                hidden = hidden + layer.attn.o_proj(out)
+                hidden = hidden + layer.mlp(layer.post_norm(hidden), self._counts_for(layer))
+        cache.advance(length)
+        hidden = m.norm(hidden)
+        if logits_positions == "last":
+            hidden = hidden[:, -1]
+        return base.lm_head(hidden).float()
+
+    # ------------------------------------------------------------------ stage 4: decode
+    def decoder_for(self, cache: StaticKVCache) -> FastDecoder:
+        """The decoder bound to ``cache`` (built, and captured, on first use; one cache at a time)."""
+        dec = self._decoder
+        if dec is None or dec.cache is not cache:
+            self._decoder = None  # free the old graph's pool first
+            dec = FastDecoder(self, cache, use_graph=self.fast_config.cuda_graphs)
+            self._decoder = dec
+        return dec
+
+    @torch.no_grad()
+    def decode_step(self, token_ids: Tensor, cache: StaticKVCache) -> Tensor:
+        """One token per row at ``cache.length``; float32 logits [B, V] (a copy, safe to keep)."""
+        if token_ids.dim() != 2 or token_ids.shape[1] != 1:
+            raise InputError(f"decode_step takes token_ids [B, 1], got {tuple(token_ids.shape)}")
+        return self.decoder_for(cache).step(token_ids).clone()
+
+    def forward(self, inputs_embeds: Tensor, cache: StaticKVCache | None = None) -> Tensor:
+        return self.base(inputs_embeds, cache)
+
+    __call__ = forward
+
+
+class FastDecoder:
+    """A sync-free decode step over one preallocated cache, replayed from a CUDA graph when ``use_graph``.
+
+    ``step(tokens[B, 1]) -> logits[B, V]`` (a static buffer, overwritten by the next step) writes position
+    ``cache.length`` and advances the cache, exactly like ``model.decode_step``.  Attention covers the
+    cache's whole ``max_len`` with an additive mask (positions past the current one get -inf).
+    """
+
+    def __init__(self, fast: FastModel, cache: StaticKVCache, max_len: int | None = None, use_graph: bool = True):
+        base = fast.base
+        self.fast = fast
+        self.cache = cache
+        self.max_len = cache.max_len if max_len is None else int(max_len)
+        if self.max_len > cache.max_len:
+            raise InputError(f"FastDecoder max_len {self.max_len} > cache max_len {cache.max_len}")
+        dev, dtype = cache.device, cache.dtype
+        self.batch = cache.batch
+        self.tokens = torch.zeros((self.batch, 1), dtype=torch.long, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.key_pos = torch.arange(self.max_len, device=dev)
+        self.mask_zero = torch.zeros((), dtype=dtype, device=dev)
+        self.mask_neg = torch.full((), float("-inf"), dtype=dtype, device=dev)
+        rot = base.model.rotary
+        rot(0, self.max_len, dev, dtype)  # build the table once, outside any capture
+        self.cos_table, self.sin_table = rot._tables[(dev, dtype)]
+        self.use_graph = bool(use_graph) and dev.type == "cuda"
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.capture_error: str | None = None
+        self.logits: Tensor | None = None
+        self.next_token: Tensor | None = None
+
+    # ------------------------------------------------------------------ the step body
+    def _forward(self) -> tuple[Tensor, Tensor]:
+        fast, base = self.fast, self.fast.base
+        m = base.model
+        cache = self.cache
+        n = self.max_len
+        hidden = m.embed_tokens(self.tokens)  # [B, 1, hidden]
+        cos = self.cos_table.index_select(0, self.pos)
+        sin = self.sin_table.index_select(0, self.pos)
+        bias = torch.where(self.key_pos <= self.pos, self.mask_zero, self.mask_neg)  # [max_len]
+        attn_sdpa = fast.fast_config.decode_attention == "sdpa"
+        bsz = self.batch
+        for layer in fast.layers:
+            x = layer.in_norm(hidden)
+            q, k, v = layer.qkv(x, cos, sin)
+            k_all, v_all = cache.k[layer.idx], cache.v[layer.idx]
+            k_all.index_copy_(2, self.pos, k)
+            v_all.index_copy_(2, self.pos, v)
+            k_all, v_all = k_all[:, :, :n], v_all[:, :, :n]
+            if layer.kv_heads != layer.heads:
+                rep = layer.heads // layer.kv_heads
+                k_all, v_all = k_all.repeat_interleave(rep, dim=1), v_all.repeat_interleave(rep, dim=1)
+            if attn_sdpa:
+                out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=bias.view(1, 1, 1, n))
+            else:
+                scores = torch.matmul(q, k_all.transpose(-1, -2)) * (layer.head_dim**-0.5) + bias
+                out = torch.matmul(scores.float().softmax(dim=-1).to(q.dtype), v_all)
+            out = out.transpose(1, 2).reshape(bsz, 1, -1)
+            hidden = hidden + layer.attn.o_proj(out)
+            hidden = hidden + layer.mlp(layer.post_norm(hidden), fast._counts_for(layer))
+        logits = base.lm_head(m.norm(hidden)[:, -1]).float()
+        return logits, logits.argmax(dim=-1, keepdim=True)
+
+    def _capture(self) -> None:
+        counts_before = {i: c.clone() for i, c in self.fast._counts.items()}
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), self.fast.base._sdpa_policy():
+            for _ in range(2):  # warm-up (cuBLAS handles, lazy inits) off the capture
+                self._forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), self.fast.base._sdpa_policy():
+            self.logits, self.next_token = self._forward()
+        self.graph = graph
+        for i, c in counts_before.items():  # undo the warm-up's routing counts
+            self.fast._counts[i].copy_(c)
+
+    def _run(self) -> Tensor:
+        if not self.use_graph:
+            with self.fast.base._sdpa_policy():
+                self.logits, self.next_token = self._forward()
+            return self.logits
+        if self.graph is None:
+            try:
+                self._capture()
+            except RuntimeError as exc:  # an op that cannot be captured: run the same step un-graphed
+                self.capture_error = f"{type(exc).__name__}: {exc}"
+                warnings.warn(f"CUDA graph capture failed, decoding without graphs ({exc})", stacklevel=2)
+                self.use_graph = False
+                return self._run()
+        assert self.graph is not None and self.logits is not None
+        self.graph.replay()
+        return self.logits
+
+    # ------------------------------------------------------------------ API
+    @torch.no_grad()
+    def step(self, token_ids: Tensor) -> Tensor:
+        """Feed ``token_ids`` [B, 1] at position ``cache.length``; float32 logits [B, V] (static buffer)."""
+        self.cache.check_room(1)
+        self.tokens.copy_(token_ids, non_blocking=True)
+        self.pos.fill_(self.cache.length)
+        logits = self._run()
+        self.cache.advance(1)
+        return logits
+
+    @torch.no_grad()
+    def greedy(
+        self, first_token: Tensor, max_new_tokens: int, eos_token_id: int | None = None, check_every: int = 16
+    ) -> list[list[int]]:
+        """Greedy decode on the device: feed ``first_token`` [B, 1], then each step's argmax, no host sync
+        except an eos check every ``check_every`` steps.  Returns per row the tokens chosen by the
+        ``max_new_tokens`` steps, cut after the first eos (rows stop together when all have hit eos)."""
+        bsz = self.batch
+        out = torch.empty((bsz, max_new_tokens), dtype=torch.long, device=self.tokens.device)
+        self.tokens.copy_(first_token, non_blocking=True)
+        done = 0
+        for i in range(max_new_tokens):
+            self.cache.check_room(1)
+            self.pos.fill_(self.cache.length)
+            self._run()
+            self.cache.advance(1)
+            assert self.next_token is not None
+            out[:, i : i + 1].copy_(self.next_token)
+            self.tokens.copy_(self.next_token)
+            done = i + 1
+            if (
+                eos_token_id is not None
+                and done % check_every == 0
+                and bool((out[:, :done] == eos_token_id).any(dim=1).all())
+            ):
+                break
+        rows: list[list[int]] = []
+        for row in out[:, :done].tolist():
+            if eos_token_id is not None and eos_token_id in row:
+                row = row[: row.index(eos_token_id) + 1]
+            rows.append(row)
+        return rows
+
+
+def apply_fast_path(model: DeepseekOCRForCausalLM | FastModel, cfg: FastConfig | None = None) -> FastModel:
+    """Prepare ``model``'s weights (fused QKV/gate-up, stacked experts; views, no copies) and wrap it."""
+    base = model.base if isinstance(model, FastModel) else model
+    return FastModel(base, cfg or FastConfig())
