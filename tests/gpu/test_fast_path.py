@@ -1,4 +1,10 @@
-"""Fast path == eager on the full-size model (bf16, dummy weights) on a GPU: tokens for 64 steps, logits close."""
+"""Fast path == eager on the full-size model (bf16, dummy weights) on a GPU.
+
+Greedy tokens must match for 64 steps wherever the eager choice is not a near-tie: both models are
+driven with the eager tokens (teacher forcing), so one near-tie cannot derail the rest of the comparison.
+With dummy weights the logits are nearly flat (top-2 gaps of ~1e-2 happen), and the fast path's kernels
+(fused GEMMs, grouped GEMM, masked attention) differ from eager's by bf16 rounding.
+"""
 
 from __future__ import annotations
 
@@ -17,29 +23,40 @@ CONFIG = "src/llm_perf_opt/models/deepseek_ocr/configs/deepseek-ocr.json"
 STEPS = 64
 
 
-def _greedy(model: object, embeds: torch.Tensor) -> tuple[list[int], list[torch.Tensor]]:
+def _forced(model: object, embeds: torch.Tensor, tokens: list[int] | None) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy decode; with ``tokens`` given, feed those instead of the model's own picks."""
     cache = model.new_cache(batch=1, max_len=embeds.shape[1] + STEPS + 1)  # type: ignore[attr-defined]
     logits = model.prefill(embeds, cache)  # type: ignore[attr-defined]
-    tokens, rows = [int(logits.argmax(-1))], [logits[0].float().cpu()]
-    for _ in range(STEPS):
-        logits = model.decode_step(torch.tensor([[tokens[-1]]], device=embeds.device), cache)  # type: ignore[attr-defined]
-        tokens.append(int(logits.argmax(-1)))
+    picks, rows = [int(logits.argmax(-1))], [logits[0].float().cpu()]
+    for i in range(STEPS):
+        feed = picks[-1] if tokens is None else tokens[i]
+        logits = model.decode_step(torch.tensor([[feed]], device=embeds.device), cache)  # type: ignore[attr-defined]
+        picks.append(int(logits.argmax(-1)))
         rows.append(logits[0].float().cpu())
-    return tokens, rows
+    return picks, rows
+
+
+@pytest.fixture(scope="module")
+def model() -> object:
+    cfg = DeepseekOCRConfig.from_json(CONFIG)
+    return build_model(cfg, "cuda", torch.bfloat16, "dummy")
 
 
 @pytest.mark.parametrize("cuda_graphs", [True, False])
-def test_fast_tokens_match_eager(cuda_graphs: bool) -> None:
-    cfg = DeepseekOCRConfig.from_json(CONFIG)
-    model = build_model(cfg, "cuda", torch.bfloat16, "dummy")
+def test_fast_tokens_match_eager(model: object, cuda_graphs: bool) -> None:
     gen = torch.Generator(device="cpu").manual_seed(0)
     with torch.inference_mode():
-        ids = torch.randint(0, cfg.language.vocab_size, (1, 300), generator=gen).cuda()
-        embeds = model.model.embed_tokens(ids)
-        ref_tokens, ref_rows = _greedy(model, embeds)
-        fast = apply_fast_path(model, FastConfig(cuda_graphs=cuda_graphs))
-        tokens, rows = _greedy(fast, embeds)
-    assert tokens == ref_tokens
+        ids = torch.randint(0, 129280, (1, 300), generator=gen).cuda()
+        embeds = model.model.embed_tokens(ids)  # type: ignore[attr-defined]
+        ref_tokens, ref_rows = _forced(model, embeds, None)
+        fast = apply_fast_path(model, FastConfig(cuda_graphs=cuda_graphs))  # type: ignore[arg-type]
+        tokens, rows = _forced(fast, embeds, ref_tokens)
     scale = max(float(r.abs().max()) for r in ref_rows)
-    worst = max(float((a - b).abs().max()) for a, b in zip(rows, ref_rows, strict=True))
-    assert worst <= 2e-2 * scale + 1e-2, (worst, scale)
+    diffs = [float((a - b).abs().max()) for a, b in zip(rows, ref_rows, strict=True)]
+    assert max(diffs) <= 2e-2 * scale + 1e-2, (max(diffs), scale)
+    for step, (got, want, row, diff) in enumerate(zip(tokens, ref_tokens, ref_rows, diffs, strict=True)):
+        top2 = row.topk(2).values
+        if float(top2[0] - top2[1]) > 2 * diff:  # a clear winner must be picked by both
+            assert got == want, (step, got, want)
+    mismatches = sum(g != w for g, w in zip(tokens, ref_tokens, strict=True))
+    assert mismatches <= 2, mismatches

@@ -17,7 +17,7 @@ from llm_perf_opt.models.deepseek_ocr.decoder import (
     set_expert_impl,
     stacked_expert_weights,
 )
-from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, apply_fast_path
+from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, apply_fast_path, first_argmax
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "deepseek_ocr_tiny"
 
@@ -121,3 +121,13 @@ def test_fast_model_delegates_and_keeps_modules() -> None:
     assert fast.config is model.config
     assert fast.device == model.device
     assert apply_fast_path(fast).base is model
+
+
+def test_first_argmax_matches_argmax_with_ties() -> None:
+    logits = torch.randn(3, 129280)
+    logits[1, 7] = logits[1, 129000] = 100.0  # tie: first index wins
+    logits[2] = 0.0
+    assert torch.equal(first_argmax(logits), logits.argmax(dim=-1, keepdim=True))
+    assert int(first_argmax(logits)[1]) == 7 and int(first_argmax(logits)[2]) == 0
+    odd = torch.randn(2, 1001)
+    assert torch.equal(first_argmax(odd), odd.argmax(dim=-1, keepdim=True))

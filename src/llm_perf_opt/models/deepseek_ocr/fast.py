@@ -58,7 +58,7 @@ from llm_perf_opt.models.deepseek_ocr.decoder import (
 from llm_perf_opt.models.deepseek_ocr.kv_cache import StaticKVCache
 from llm_perf_opt.models.deepseek_ocr.model import DEFAULT_SDPA_BACKENDS, DeepseekOCRForCausalLM
 
-__all__ = ["VISION_SDPA", "FastConfig", "FastDecoder", "FastModel", "apply_fast_path", "fuse_linears"]
+__all__ = ["VISION_SDPA", "FastConfig", "FastDecoder", "FastModel", "apply_fast_path", "first_argmax", "fuse_linears"]
 
 # SDPA backend lists for the vision towers (SAM's rel-pos bias rules flash out; CLIP has no mask).
 VISION_SDPA: dict[str, tuple[SDPBackend, ...] | None] = {
@@ -191,8 +191,29 @@ class _Layer:
         return routed.view(shape)
 
 
+_ONES: dict[tuple[int, torch.device], Tensor] = {}
+
+
 def _ones_like_ids(ids: Tensor) -> Tensor:
-    return torch.ones(ids.numel(), device=ids.device, dtype=torch.int64)
+    key = (ids.numel(), ids.device)
+    ones = _ONES.get(key)
+    if ones is None:
+        ones = _ONES[key] = torch.ones(ids.numel(), device=ids.device, dtype=torch.int64)
+    return ones
+
+
+def first_argmax(logits: Tensor, chunks: int = 256) -> Tensor:
+    """``logits.argmax(-1, keepdim=True)`` for [B, V] (first index on ties) in two stages.
+
+    A single-row argmax over 129k entries runs as one slow reduction (~28 us on an H100); per-chunk maxima
+    then the first chunk holding the overall max give the same index in a few microseconds.
+    """
+    bsz, vocab = logits.shape
+    if vocab % chunks:
+        return logits.argmax(dim=-1, keepdim=True)
+    values, within = logits.view(bsz, chunks, vocab // chunks).max(dim=-1)  # first max in each chunk
+    chunk = values.argmax(dim=-1, keepdim=True)  # first chunk with the overall max
+    return chunk * (vocab // chunks) + within.gather(1, chunk)
 
 
 class FastModel:
@@ -390,7 +411,7 @@ class FastDecoder:
             hidden = hidden + layer.attn.o_proj(out)
             hidden = hidden + layer.mlp(layer.post_norm(hidden), fast._counts_for(layer))
         logits = base.lm_head(m.norm(hidden)[:, -1]).float()
-        return logits, logits.argmax(dim=-1, keepdim=True)
+        return logits, first_argmax(logits)
 
     def _capture(self) -> None:
         counts_before = {i: c.clone() for i, c in self.fast._counts.items()}
