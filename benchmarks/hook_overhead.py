@@ -20,7 +20,7 @@ from llm_perf_opt.runners.dsocr_session import DeepSeekOCRSession
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def main(overrides: list[str], rounds: int = 10) -> None:
+def main(overrides: list[str], rounds: int = 30) -> None:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     session = DeepSeekOCRSession.load(cfg, ROOT)

@@ -52,7 +52,6 @@ def _reason(value: object) -> str | None:
 def describe_model(cfg: Any, session: DeepSeekOCRSession) -> ModelInfo:
     backend = session.backend
     model_cfg = backend.config
-    fast = dict(cfg.infer.get("fast") or {})
     return ModelInfo(
         name=str(cfg.model.get("name")),
         backend=backend.name,
@@ -62,7 +61,7 @@ def describe_model(cfg: Any, session: DeepSeekOCRSession) -> ModelInfo:
         params_activated_per_token=F.activated_params_per_token(model_cfg),
         weights_bytes=session.weights_bytes,
         tokenizer=getattr(backend.tokenizer, "name", type(backend.tokenizer).__name__),
-        optimisations={str(k): bool(v) for k, v in fast.items()},
+        optimisations=session.optimisations(),
     )
 
 

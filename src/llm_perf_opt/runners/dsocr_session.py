@@ -154,7 +154,7 @@ class DeepSeekOCRSession:
         from llm_perf_opt.profiling.hooks import module_named
 
         self.backend = backend
-        self.model = backend.model
+        self.model: Any = backend.model
         self.device = device
         self.dtype = dtype
         self.infer = infer
@@ -178,9 +178,51 @@ class DeepSeekOCRSession:
         self.energy_unavailable_reason = (
             "CPU run: NVML measures NVIDIA GPUs only" if self.nvml is None else self.nvml.unavailable_reason
         )
+        self._cache: Any = None  # the fast path reuses one bucketed cache, so its CUDA graph is captured once
+        self.fast = self._fast_config(infer.get("fast") or {}, device)
+        if self.fast is not None:
+            from llm_perf_opt.models.deepseek_ocr.fast import apply_fast_path
+
+            self.model = apply_fast_path(backend.model, self.fast)
         prompt = str(infer.get("prompt") or "")
         self.prompt = prompt
         self.text_ids = backend.tokenizer.encode_prompt(prompt)
+
+    @staticmethod
+    def _fast_config(fast: Any, device: torch.device) -> Any:
+        if not fast.get("enabled", False):
+            return None
+        from llm_perf_opt.models.deepseek_ocr.fast import FastConfig
+
+        return FastConfig(
+            grouped_moe=bool(fast.get("grouped_moe", True)),
+            cuda_graphs=bool(fast.get("cuda_graphs", True)) and device.type == "cuda",
+            fused_qkv=bool(fast.get("fused_qkv", True)),
+        )
+
+    def optimisations(self) -> dict[str, bool]:
+        """What the report lists as active: the eager path always has the static, preallocated KV cache."""
+        f = self.fast
+        return {
+            "static_kv_cache": True,
+            "grouped_moe": bool(f and f.grouped_moe),
+            "fused_qkv": bool(f and f.fused_qkv),
+            "cuda_graphs": bool(f and f.cuda_graphs),
+        }
+
+    def _page_cache(self, needed: int) -> Any:
+        """A KV cache for ``needed`` positions: fresh per page (eager), or one reused bucketed cache (fast)."""
+        from llm_perf_opt.models.deepseek_ocr.kv_cache import StaticKVCache
+
+        if self.fast is None:
+            return StaticKVCache.for_model(self.model, batch=1, max_len=needed)
+        if self._cache is None or self._cache.max_len < needed:
+            bucket = -(-needed // 256) * 256  # attention spans the whole cache: keep the slack small
+            self._cache = StaticKVCache.for_model(self.model, batch=1, max_len=bucket)
+        self._cache.reset()
+        fast_model: Any = self.model
+        fast_model.decoder_for(self._cache).prepare()
+        return self._cache
 
     @classmethod
     def load(cls, cfg: Any, project_root: Path) -> DeepSeekOCRSession:
@@ -243,7 +285,6 @@ class DeepSeekOCRSession:
         should_stop: Callable[[], bool] | None = None,
     ) -> PageRun:
         from llm_perf_opt.models.deepseek_ocr.generation import select_next_token
-        from llm_perf_opt.models.deepseek_ocr.kv_cache import StaticKVCache
         from llm_perf_opt.models.deepseek_ocr.preprocess import preprocess_page
 
         if max_new_tokens < 1:
@@ -267,7 +308,7 @@ class DeepSeekOCRSession:
         preprocess_ms = (time.perf_counter_ns() - t0) / 1e6
 
         prompt_len = int(prepared.prompt_len)
-        cache = StaticKVCache.for_model(model, batch=1, max_len=prompt_len + max_new_tokens)
+        cache = self._page_cache(prompt_len + max_new_tokens)
         if clock.is_cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         self.hooks.reset()

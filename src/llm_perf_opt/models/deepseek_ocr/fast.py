@@ -447,6 +447,22 @@ class FastDecoder:
 
     # ------------------------------------------------------------------ API
     @torch.no_grad()
+    def prepare(self) -> None:
+        """Capture the graph now, so a timed decode loop never includes the one-time capture.
+
+        The capture's warm-up writes one garbage K/V row at the current position, which the next prefill
+        or step overwrites; routing counters are restored by ``_capture``.
+        """
+        if not self.use_graph or self.graph is not None:
+            return
+        try:
+            self._capture()
+        except RuntimeError as exc:  # same fallback as _run: decode un-graphed, and say why
+            self.capture_error = f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"CUDA graph capture failed, decoding without graphs ({exc})", stacklevel=2)
+            self.use_graph = False
+
+    @torch.no_grad()
     def step(self, token_ids: Tensor) -> Tensor:
         """Feed ``token_ids`` [B, 1] at position ``cache.length``; float32 logits [B, V] (static buffer)."""
         self.cache.check_room(1)

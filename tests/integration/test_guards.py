@@ -1,0 +1,135 @@
+"""Numeric guards of a page run (dsocr_session.py flags), in-process on the tiny model.
+
+``nonfinite_logits``: NaN/Inf in the logits is flagged; ``single_token``: no decode step, so no TPOT;
+``nonpositive_timing``: a stage that measured <= 0 ms leaves rates out.  In every case no rate is a
+division by zero or an Inf/NaN, and the run's reports (metrics.json, report.md) still render.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from llm_perf_opt.data.datasets import Page
+from llm_perf_opt.results.serialize import read_summary, to_jsonable
+from llm_perf_opt.results.types import PageRecord
+from llm_perf_opt.runners.dsocr_session import DeepSeekOCRSession, PageRun
+from llm_perf_opt.runners.stage1 import Stage1Run
+from tests.integration.conftest import ROOT
+
+PAGE = Page(page_id="synthetic-300x200-0", synthetic_size=(300, 200), seed=0)
+OVERRIDES = ["dataset.sizes=[[300,200]]", "repeats=1", "+profiling.static_compute=false", "output.plots=false"]
+
+
+@pytest.fixture
+def cfg(compose_cfg: Callable[..., DictConfig], tmp_path: Path) -> DictConfig:
+    """The job config as the CLI composes it, without the hydra node (a job never sees it)."""
+    composed = compose_cfg(OVERRIDES)
+    tree = OmegaConf.to_container(composed, resolve=False)
+    assert isinstance(tree, dict)
+    tree.pop("hydra")
+    tree["output"]["dir"] = str(tmp_path / "run")
+    job = OmegaConf.create(tree)
+    assert isinstance(job, DictConfig)
+    return job
+
+
+@pytest.fixture
+def session(cfg: DictConfig) -> Any:
+    s = DeepSeekOCRSession.load(cfg, ROOT)
+    yield s
+    s.close()
+
+
+def _poison(method: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def wrapped(*args: Any, **kwargs: Any) -> torch.Tensor:
+        logits = method(*args, **kwargs)
+        return torch.full_like(logits, float("nan"))
+
+    return wrapped
+
+
+def _flag_names(record: PageRecord) -> list[str]:
+    return [f.split(":", 1)[0] for f in record.flags]
+
+
+def _assert_rates_finite_or_absent(record: PageRecord) -> None:
+    for name in ("tpot_ms", "decode_tok_s", "decode_ms", "prefill_ms", "e2e_ms", "decode_step_p50_ms"):
+        value = getattr(record, name)
+        assert value is None or math.isfinite(value), (name, value)
+    if record.tpot_ms is not None:
+        assert record.tpot_ms > 0 and record.decode_tok_s is not None and record.decode_tok_s > 0
+    # metrics.json must be strict JSON (no NaN / Infinity tokens)
+    json.dumps(to_jsonable(record), allow_nan=False)
+
+
+def _render(cfg: DictConfig, session: Any, runs: list[PageRun], out: Path) -> None:
+    """The run's own rendering path (aggregates, efficiency, report.md) over these page runs."""
+    out.mkdir(parents=True, exist_ok=True)
+    run = Stage1Run(cfg, out)
+    run.session = session
+    for result in runs:
+        run.records.append(result.record)
+        run.runs_for_flops.append(result)
+    run.write_reports("complete")
+    summary = read_summary(out / "metrics.json")
+    assert [p.page_id for p in summary.pages] == [r.record.page_id for r in runs]
+    json.loads((out / "metrics.json").read_text(), parse_constant=_reject_constant)
+    assert (out / "report.md").read_text().startswith("# Stage-1 profile")
+
+
+def _reject_constant(name: str) -> Any:
+    raise AssertionError(f"metrics.json holds {name}")
+
+
+@pytest.mark.parametrize("where", ["prefill", "decode_step"])
+def test_nan_logits_are_flagged(
+    where: str, session: Any, cfg: DictConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(session.model, where, _poison(getattr(session.model, where)))
+    result = session.run(PAGE, 6, ignore_eos=True)
+    record = result.record
+    assert "nonfinite_logits" in _flag_names(record), record.flags
+    assert record.generated_tokens == 6
+    assert len(record.decode_step_ms) == 5
+    _assert_rates_finite_or_absent(record)
+    assert record.tpot_ms is not None  # the timing itself is real; only the tokens are meaningless
+    _render(cfg, session, [result], tmp_path / "report")
+
+
+def test_clean_logits_are_not_flagged(session: Any) -> None:
+    record = session.run(PAGE, 4, ignore_eos=True).record
+    assert "nonfinite_logits" not in _flag_names(record)
+    _assert_rates_finite_or_absent(record)
+
+
+def test_single_token_has_no_tpot(session: Any, cfg: DictConfig, tmp_path: Path) -> None:
+    result = session.run(PAGE, 1)
+    record = result.record
+    assert record.generated_tokens == 1
+    assert "single_token" in _flag_names(record), record.flags
+    assert record.tpot_ms is None and record.decode_tok_s is None
+    assert record.decode_step_ms == [] and record.decode_ms is None
+    _assert_rates_finite_or_absent(record)
+    _render(cfg, session, [result], tmp_path / "report")
+
+
+def test_zero_timings_leave_rates_out(
+    session: Any, cfg: DictConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A clock too coarse to see anything: every interval is 0 ms.
+    monkeypatch.setattr(session.clock, "elapsed_ms", lambda start, end: 0.0)
+    result = session.run(PAGE, 5, ignore_eos=True)
+    record = result.record
+    assert "nonpositive_timing" in _flag_names(record), record.flags
+    assert record.decode_ms == 0.0
+    assert record.tpot_ms is None and record.decode_tok_s is None
+    _assert_rates_finite_or_absent(record)
+    _render(cfg, session, [result], tmp_path / "report")
