@@ -137,19 +137,6 @@ def test_default_run_journal_and_predictions_agree(default_run: CliResult) -> No
     assert "**Status: COMPLETE**" in (default_run.run_dir / "report.md").read_text()
 
 
-def test_ignore_eos_generates_exactly_the_cap(tmp_path: Path) -> None:
-    cap = 8
-    result = run_cli([*SMALL, "dataset.sizes=[[300,200],[400,300]]", "infer.ignore_eos=true"], tmp_path / "run")
-    assert result.returncode == 0, result.describe()
-    summary = read_summary(tmp_path / "run" / "metrics.json")
-    assert len(summary.pages) == 2
-    for page in summary.pages:
-        assert page.generated_tokens == cap, page.page_id
-        assert page.hit_token_cap is True
-        assert page.stopped_by_eos is False
-        assert len(page.decode_step_ms) == cap - 1
-
-
 # ------------------------------------------------------------------------------------------ 2. multirun
 
 
@@ -179,6 +166,20 @@ def test_multirun_local_parallel_launcher(tmp_path: Path) -> None:
     small = [a for a in SMALL if not a.startswith("repeats=")]
     result = run_cli(["-m", "hydra/launcher=local_parallel", "repeats=1,2", *small, f"hydra.sweep.dir={sweep}"])
     _check_sweep(sweep, result)
+
+
+def test_multirun_failed_job_is_a_row_and_the_sweep_goes_on(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    small = [a for a in SMALL if not a.startswith("repeats=")]
+    result = run_cli(["-m", "repeats=0,1", *small, f"hydra.sweep.dir={sweep}"])
+    assert result.returncode != 0, result.describe()
+    assert "Traceback" not in result.stderr, result.describe()
+    assert [ln for ln in result.stderr.splitlines() if ln.startswith("job 0: ConfigError:")], result.describe()
+    assert read_metrics(sweep / "1")["run"]["status"] == "complete"  # job 1 still ran
+    rows = {r["job"]: r for r in json.loads((sweep / "sweep.json").read_text())}
+    assert rows["0"]["status"] == "failed" and "repeats" in rows["0"]["error"]
+    assert rows["1"]["status"] == "complete"
+    assert "## Failed jobs" in (sweep / "sweep.md").read_text()
 
 
 # ---------------------------------------------------------------------------------------- 3. bad inputs
@@ -594,12 +595,22 @@ def test_disk_full_keeps_finished_pages(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------ 8. resume
 
 
+def _assert_exactly_cap_tokens(summary: RunSummary, cap: int) -> None:
+    """With infer.ignore_eos=true every page decodes exactly the cap: first token + cap - 1 decode steps."""
+    for page in summary.pages:
+        assert page.generated_tokens == cap, page.page_id
+        assert page.hit_token_cap is True and page.stopped_by_eos is False
+        assert len(page.decode_step_ms) == cap - 1
+
+
 def test_resume_carries_finished_pages_over(tmp_path: Path) -> None:
-    sizes = "dataset.sizes=[[300,200],[400,300]]"
-    first = run_cli([*SMALL, sizes], tmp_path / "run1")
+    # ignore_eos=true (cap 8 in SMALL) also checks the fixed-length decode on every page of both runs.
+    common = [*SMALL, "dataset.sizes=[[300,200],[400,300]]", "infer.ignore_eos=true"]
+    first = run_cli(common, tmp_path / "run1")
     assert first.returncode == 0, first.describe()
-    second = run_cli([*SMALL, sizes, "repeats=2", f"resume={tmp_path / 'run1'}"], tmp_path / "run2")
+    second = run_cli([*common, "repeats=2", f"resume={tmp_path / 'run1'}"], tmp_path / "run2")
     assert second.returncode == 0, second.describe()
+    _assert_exactly_cap_tokens(read_summary(tmp_path / "run2" / "metrics.json"), cap=8)
 
     earlier = {(r["page_id"], r["repeat"]): r for r in read_jsonl(tmp_path / "run1" / "pages.jsonl")}
     journal = read_jsonl(tmp_path / "run2" / "pages.jsonl")
@@ -617,11 +628,23 @@ def test_resume_carries_finished_pages_over(tmp_path: Path) -> None:
     assert any("resumed from" in note for note in metrics["notes"])
 
     # Carrying pages over into a run with other decoding settings would mix incomparable numbers.
-    third = run_cli(
-        [*SMALL, sizes, "repeats=2", "infer.max_new_tokens=16", f"resume={tmp_path / 'run1'}"], tmp_path / "run3"
-    )
+    third = run_cli([*common, "repeats=2", "infer.max_new_tokens=16", f"resume={tmp_path / 'run1'}"], tmp_path / "run3")
     line = assert_clean_failure(third, "ConfigError", "resume=", "infer.max_new_tokens: 8 -> 16")
     print(f"\nresume mismatch: {line}")
+
+
+def test_resume_into_the_same_run_dir(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    common = [*SMALL, "dataset.sizes=[[300,200]]"]
+    assert run_cli(common, run_dir).returncode == 0
+    again = run_cli([*common, "repeats=2", f"resume={run_dir}"], run_dir)
+    assert again.returncode == 0, again.describe()
+    # Its journal already held repeat 0: carried over in memory, not appended a second time.
+    assert [(r["page_id"], r["repeat"]) for r in read_jsonl(run_dir / "pages.jsonl")] == [
+        ("synthetic-300x200-0", 0),
+        ("synthetic-300x200-0", 1),
+    ]
+    assert len(read_metrics(run_dir)["pages"]) == 2
 
 
 # ------------------------------------------------------------------------------------------ 9. run ids
@@ -638,9 +661,16 @@ def test_default_run_dir_has_random_suffix(compose_cfg: Callable[..., Any]) -> N
 
 
 def test_two_runs_started_together_do_not_collide(tmp_path: Path) -> None:
-    args = [*SMALL, f"hydra.run.dir={tmp_path}/${{run_id}}"]
+    # The same timestamp for both (as two jobs started in the same second get): only the suffix tells them apart.
+    args = [*SMALL, "run_id=20260101-000000-${run_suffix:}", f"hydra.run.dir={tmp_path}/${{run_id}}"]
     procs = [
-        subprocess.Popen(cli_command(args), cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        subprocess.Popen(
+            cli_command(args),
+            cwd=ROOT,
+            env=cli_env({"OMP_NUM_THREADS": "1"}),  # two at once on a small machine: no thread oversubscription
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         for _ in range(2)
     ]
     outputs = [p.communicate(timeout=120) for p in procs]
@@ -649,6 +679,6 @@ def test_two_runs_started_together_do_not_collide(tmp_path: Path) -> None:
     dirs = sorted(p for p in tmp_path.iterdir() if p.is_dir())
     assert len(dirs) == 2, dirs
     for d in dirs:
-        assert RUN_ID.match(d.name), d.name
+        assert RUN_ID.match(d.name) and d.name.startswith("20260101-000000-"), d.name
         assert read_metrics(d)["run"]["status"] == "complete"
         assert len(read_jsonl(d / "pages.jsonl")) == 1

@@ -51,7 +51,13 @@ def operator_table(prof: Any, on_device: bool, top_k: int) -> tuple[list[Operato
     extra: list[OperatorRow] = []
     if on_device:
         sort_key = "self_device_ms"
-        kernels = [e for e in events if getattr(e, "device_type", DeviceType.CPU) != DeviceType.CPU]
+        # Device-side entries are kernels/memcpys plus our ranges mirrored on the GPU timeline
+        # (gpu_user_annotation, same names): the mirrors span kernels already counted, so leave them out.
+        kernels = [
+            e
+            for e in events
+            if getattr(e, "device_type", DeviceType.CPU) != DeviceType.CPU and e.key not in user_ranges
+        ]
         total_us = sum(_device_us(e, "self_device_time_total") for e in kernels)
         attributed_us = sum(_device_us(e, "self_device_time_total") for e in ops)
         unattributed_us = total_us - attributed_us

@@ -30,10 +30,18 @@ OmegaConf.register_new_resolver("run_suffix", lambda: secrets.token_hex(2), use_
 def _hydra_main(cfg: DictConfig) -> None:
     from llm_perf_opt.runners.stage1 import run_stage1
 
+    job = _sweep_job_number()
     try:
         run_stage1(cfg)
     except LlmPerfOptError as exc:
         _log_to_files_only(exc)
+        if job is not None and not isinstance(exc, RunInterrupted):
+            # One job of a sweep: sys.exit here would end the whole sweep (the in-process launcher runs the
+            # jobs in this process) and skip sweep.md.  Report it, let the other jobs run; the job's row in
+            # sweep.md is marked failed (no metrics.json / status failed) and main() exits non-zero.
+            print(f"job {job}: {exc.one_line()}", file=sys.stderr)
+            _FAILED_JOBS.append(job)
+            return
         print(exc.one_line(), file=sys.stderr)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt as exc:
@@ -48,7 +56,25 @@ def _hydra_main(cfg: DictConfig) -> None:
         sys.exit(err.exit_code)
     except Exception:
         log.exception("run failed with an unexpected error (traceback above is also in the run log)")
+        if job is not None:  # a bug hit one job: the traceback is logged; the sweep and its summary go on
+            _FAILED_JOBS.append(job)
+            return
         raise
+
+
+# Sweep jobs that failed in this process (the default launcher runs every job here).
+_FAILED_JOBS: list[int] = []
+
+
+def _sweep_job_number() -> int | None:
+    """This job's number inside a multirun, or None for a single run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    return int(hc.job.num) if hc.mode == RunMode.MULTIRUN else None
 
 
 def main() -> None:
@@ -58,6 +84,9 @@ def main() -> None:
         print(problem.one_line(), file=sys.stderr)
         sys.exit(problem.exit_code)
     _hydra_main()
+    if _FAILED_JOBS:
+        print(f"{len(_FAILED_JOBS)} sweep job(s) failed: {sorted(_FAILED_JOBS)} (see sweep.md)", file=sys.stderr)
+        sys.exit(LlmPerfOptError.exit_code)
 
 
 _INFO_FLAGS = {"-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info", "-sc", "--shell-completion", "-p"}
