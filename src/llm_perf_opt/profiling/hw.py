@@ -390,7 +390,7 @@ class DeviceFacts:
     notes: tuple[str, ...] = ()
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
             for line in fh:
@@ -401,7 +401,7 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _nvml_driver_version() -> str | Unavailable:
+def nvml_driver_version() -> str | Unavailable:
     try:
         nvml = importlib.import_module("pynvml")
     except ImportError as exc:
@@ -432,7 +432,7 @@ def detect_device(device: object) -> DeviceFacts:
             driver=None,
             cuda=torch.version.cuda,
             torch=torch.__version__,
-            cpu=_cpu_name(),
+            cpu=cpu_name(),
         )
     index = dev.index if dev.index is not None else torch.cuda.current_device()
     props = torch.cuda.get_device_properties(index)
@@ -440,7 +440,7 @@ def detect_device(device: object) -> DeviceFacts:
     pci = [getattr(props, a, None) for a in ("pci_domain_id", "pci_bus_id", "pci_device_id")]
     if all(isinstance(v, int) for v in pci):
         bus = f"{pci[0]:08X}:{pci[1]:02X}:{pci[2]:02X}.0"
-    driver = _nvml_driver_version()
+    driver = nvml_driver_version()
     if isinstance(driver, Unavailable):
         notes.append(driver.reason)
     return DeviceFacts(
@@ -449,7 +449,7 @@ def detect_device(device: object) -> DeviceFacts:
         driver=None if isinstance(driver, Unavailable) else driver,
         cuda=torch.version.cuda,
         torch=torch.__version__,
-        cpu=_cpu_name(),
+        cpu=cpu_name(),
         compute_capability=(props.major, props.minor),
         total_memory_bytes=int(props.total_memory),
         multiprocessors=int(props.multi_processor_count),

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from llm_perf_opt.profiling import hw
+
 PACKAGES = ("torch", "transformers", "hydra-core", "omegaconf", "attrs", "cattrs", "fvcore", "nvtx",
             "nvidia-ml-py", "pillow", "safetensors", "numpy", "matplotlib", "rich", "llm-perf-opt")  # fmt: skip
 
@@ -31,28 +33,11 @@ def git_commit(root: Path) -> str | None:
     return commit + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass  # not Linux: platform.processor() below is the portable answer
-    return platform.processor() or platform.machine()
-
-
-def nvidia_driver() -> str | None:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            version = pynvml.nvmlSystemGetDriverVersion()
-        finally:
-            pynvml.nvmlShutdown()
-        return version.decode() if isinstance(version, bytes) else str(version)
-    except Exception as exc:  # NVML raises its own error types; any failure means "no driver info"
-        return f"unavailable ({type(exc).__name__})"
+def _driver(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return None
+    version = hw.nvml_driver_version()
+    return version if isinstance(version, str) else f"unavailable ({version.reason})"
 
 
 def collect_env(root: Path, device: torch.device) -> dict[str, Any]:
@@ -74,12 +59,12 @@ def collect_env(root: Path, device: torch.device) -> dict[str, Any]:
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "cpu": cpu_name(),
+        "cpu": hw.cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "driver": nvidia_driver() if device.type == "cuda" else None,
+        "driver": _driver(device),
         "gpu": gpu,
         "torch_num_threads": torch.get_num_threads(),
         "packages": versions,

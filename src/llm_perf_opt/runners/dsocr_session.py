@@ -25,7 +25,9 @@ import torch
 from omegaconf import OmegaConf
 
 from llm_perf_opt.data.datasets import Page
-from llm_perf_opt.errors import ConfigError, DeviceError, InputError, ModelLoadError, RunInterrupted
+from llm_perf_opt.errors import ConfigError, InputError, ModelLoadError, RunInterrupted
+from llm_perf_opt.models.deepseek_ocr import weights
+from llm_perf_opt.models.deepseek_ocr.weights import resolve_device
 from llm_perf_opt.profiling.hooks import StageHooks
 from llm_perf_opt.profiling.ranges import RangeMarker
 from llm_perf_opt.profiling.stats import percentiles
@@ -34,43 +36,13 @@ from llm_perf_opt.results.types import PageRecord, Prediction
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
 HOOKED_MODULES = {"sam": "model.sam_model", "clip": "model.vision_model", "projector": "model.projector"}
 
 
-def resolve_device(spec: str) -> torch.device:
-    """Parse ``cpu`` / ``cuda`` / ``cuda:N`` and check it exists here."""
-    try:
-        device = torch.device(str(spec))
-    except RuntimeError as exc:
-        raise DeviceError(
-            f"unknown device string {spec!r}", hint="use device=cpu, device=cuda or device=cuda:N"
-        ) from exc
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceError(
-                f"device={spec} requested but CUDA is not available on this machine",
-                hint="run with device=cpu (the tiny model is the default), "
-                "or on a machine with an NVIDIA GPU and CUDA torch",
-            )
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if index >= torch.cuda.device_count():
-            raise DeviceError(f"device={spec}: only {torch.cuda.device_count()} CUDA device(s) visible")
-        device = torch.device("cuda", index)
-    elif device.type != "cpu":
-        raise DeviceError(f"device type {device.type!r} is not supported", hint="use device=cpu or device=cuda:N")
-    return device
-
-
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if str(name) not in _DTYPES:
-        raise DeviceError(f"unsupported dtype {name!r}", hint=f"use one of {sorted(set(_DTYPES))}")
-    dtype = _DTYPES[str(name)]
-    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-        raise DeviceError(
-            f"bfloat16 is not supported on {torch.cuda.get_device_name(device)}", hint="use dtype=float16"
-        )
+    """The model dtype from config, checked against what ``device`` supports."""
+    dtype = weights.resolve_dtype(name)
+    weights.check_dtype_on_device(dtype, device)
     return dtype
 
 

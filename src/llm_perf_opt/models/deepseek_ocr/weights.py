@@ -73,20 +73,26 @@ def resolve_device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError as exc:
-        raise DeviceError(f"unknown device {device!r}", hint="use cpu, cuda or cuda:N") from exc
+        raise DeviceError(
+            f"unknown device string {str(device)!r}", hint="use device=cpu, device=cuda or device=cuda:N"
+        ) from exc
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise DeviceError(f"device {device!r} requested but CUDA is not available", hint="use device=cpu")
+            raise DeviceError(
+                f"device={device} requested but CUDA is not available on this machine",
+                hint="run with device=cpu (the tiny model is the default), "
+                "or on a machine with an NVIDIA GPU and CUDA torch",
+            )
         index = dev.index if dev.index is not None else torch.cuda.current_device()
         if index >= torch.cuda.device_count():
             raise DeviceError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
         return torch.device("cuda", index)
     if dev.type not in ("cpu", "meta"):
-        raise DeviceError(f"device type {dev.type!r} is not supported", hint="use cpu or cuda:N")
+        raise DeviceError(f"device type {dev.type!r} is not supported", hint="use device=cpu or device=cuda:N")
     return dev
 
 
-def _check_dtype_on_device(dtype: torch.dtype, device: torch.device) -> None:
+def check_dtype_on_device(dtype: torch.dtype, device: torch.device) -> None:
     if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         raise DeviceError(
             f"bfloat16 is not supported on {torch.cuda.get_device_name(device)}", hint="use dtype=float16"
@@ -281,7 +287,7 @@ def load_weights(
     if _has_meta_params(model):
         target_device = resolve_device(device if device is not None else "cpu")
         target_dtype = resolve_dtype(dtype if dtype is not None else torch.float32)
-        _check_dtype_on_device(target_dtype, target_device)
+        check_dtype_on_device(target_dtype, target_device)
         materialize(model, target_device, target_dtype)
         targets = model.state_dict(keep_vars=True)
 
@@ -361,7 +367,7 @@ def build_model(
     """
     target_device = resolve_device(device)
     target_dtype = resolve_dtype(dtype)
-    _check_dtype_on_device(target_dtype, target_device)
+    check_dtype_on_device(target_dtype, target_device)
     model = empty_model(cfg)
     if isinstance(weights, str) and weights == "dummy":
         materialize(model, target_device, target_dtype)
