@@ -418,6 +418,18 @@ def test_preflight_output_dir(tmp_path: Path, argv: list[str], problem: str | No
         assert err is not None and problem in err.message and str(tmp_path / "afile") in err.message
 
 
+def test_preflight_unwritable_parent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a non-root user sees for a read-only parent (root ignores modes, so os.access is faked)."""
+    import llm_perf_opt.runners.llm_profile_runner as runner
+
+    monkeypatch.setattr(runner.os, "access", lambda path, mode: Path(path) != tmp_path / "ro")
+    (tmp_path / "ro").mkdir()
+    err = preflight_output_dir([f"hydra.run.dir={tmp_path / 'ro' / 'run'}"], cwd=tmp_path)
+    assert err is not None
+    assert err.one_line().startswith(f"OutputError: cannot create the run directory {tmp_path / 'ro' / 'run'}: ")
+    assert f"{tmp_path / 'ro'} is not writable" in err.message
+
+
 # ---------------------------------------------------------------------------------- 4. per-page isolation
 
 
@@ -511,13 +523,13 @@ def test_sigint_during_decode_leaves_a_partial_report(tmp_path: Path) -> None:
     with open(tmp_path / "stdout", "w") as out, open(tmp_path / "stderr", "w") as err:
         proc = subprocess.Popen(cli_command(args), cwd=ROOT, env=cli_env(), stdout=out, stderr=err)
         try:
-            deadline = time.monotonic() + 90
+            deadline = time.monotonic() + 180  # generous: a loaded CI box can be many times slower
             while time.monotonic() < deadline and proc.poll() is None:
                 if journal.is_file() and journal.read_text().count("\n") >= 1:
                     break
                 time.sleep(0.05)
             assert proc.poll() is None, "the run ended before it could be interrupted"
-            assert journal.is_file(), "no page finished within 90 s"
+            assert journal.is_file(), "no page finished within 180 s"
             sent = time.monotonic()
             proc.send_signal(signal.SIGINT)
             rc = proc.wait(timeout=30)
@@ -531,6 +543,7 @@ def test_sigint_during_decode_leaves_a_partial_report(tmp_path: Path) -> None:
     assert took < 30
     assert "Traceback" not in stderr, stderr
     assert len([ln for ln in stderr.splitlines() if ln.startswith("RunInterrupted:")]) == 1, stderr
+    assert "  hint: resume=" in stderr, stderr
     metrics = read_metrics(run_dir)
     assert metrics["run"]["status"] == "partial"
     assert "SIGINT" in (metrics["run"]["status_reason"] or "")
@@ -603,16 +616,25 @@ def _assert_exactly_cap_tokens(summary: RunSummary, cap: int) -> None:
         assert len(page.decode_step_ms) == cap - 1
 
 
-def test_resume_carries_finished_pages_over(tmp_path: Path) -> None:
-    # ignore_eos=true (cap 8 in SMALL) also checks the fixed-length decode on every page of both runs.
-    common = [*SMALL, "dataset.sizes=[[300,200],[400,300]]", "infer.ignore_eos=true"]
-    first = run_cli(common, tmp_path / "run1")
+RESUME_ARGS = [*SMALL, "dataset.sizes=[[300,200],[400,300]]", "infer.ignore_eos=true"]
+
+
+@pytest.fixture(scope="module")
+def resume_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Run 1 of the resume tests (repeats=1, two pages); tests copy it before changing it."""
+    run_dir = tmp_path_factory.mktemp("resume") / "run1"
+    first = run_cli(RESUME_ARGS, run_dir)
     assert first.returncode == 0, first.describe()
-    second = run_cli([*common, "repeats=2", f"resume={tmp_path / 'run1'}"], tmp_path / "run2")
+    return run_dir
+
+
+def test_resume_carries_finished_pages_over(tmp_path: Path, resume_base: Path) -> None:
+    second = run_cli([*RESUME_ARGS, "repeats=2", f"resume={resume_base}"], tmp_path / "run2")
     assert second.returncode == 0, second.describe()
+    # ignore_eos=true (cap 8 in SMALL): carried-over and new pages alike decoded exactly the cap.
     _assert_exactly_cap_tokens(read_summary(tmp_path / "run2" / "metrics.json"), cap=8)
 
-    earlier = {(r["page_id"], r["repeat"]): r for r in read_jsonl(tmp_path / "run1" / "pages.jsonl")}
+    earlier = {(r["page_id"], r["repeat"]): r for r in read_jsonl(resume_base / "pages.jsonl")}
     journal = read_jsonl(tmp_path / "run2" / "pages.jsonl")
     carried = [r for r in journal if r["repeat"] == 0]
     assert len(carried) == 2
@@ -627,24 +649,25 @@ def test_resume_carries_finished_pages_over(tmp_path: Path) -> None:
     )
     assert any("resumed from" in note for note in metrics["notes"])
 
+
+def test_resume_with_other_decoding_settings_is_refused(tmp_path: Path, resume_base: Path) -> None:
     # Carrying pages over into a run with other decoding settings would mix incomparable numbers.
-    third = run_cli([*common, "repeats=2", "infer.max_new_tokens=16", f"resume={tmp_path / 'run1'}"], tmp_path / "run3")
+    third = run_cli([*RESUME_ARGS, "repeats=2", "infer.max_new_tokens=16", f"resume={resume_base}"], tmp_path / "r")
     line = assert_clean_failure(third, "ConfigError", "resume=", "infer.max_new_tokens: 8 -> 16")
     print(f"\nresume mismatch: {line}")
+    assert not (tmp_path / "r" / "pages.jsonl").exists()
 
 
-def test_resume_into_the_same_run_dir(tmp_path: Path) -> None:
+def test_resume_into_the_same_run_dir(tmp_path: Path, resume_base: Path) -> None:
     run_dir = tmp_path / "run"
-    common = [*SMALL, "dataset.sizes=[[300,200]]"]
-    assert run_cli(common, run_dir).returncode == 0
-    again = run_cli([*common, "repeats=2", f"resume={run_dir}"], run_dir)
+    shutil.copytree(resume_base, run_dir)
+    again = run_cli([*RESUME_ARGS, "repeats=2", f"resume={run_dir}"], run_dir)
     assert again.returncode == 0, again.describe()
     # Its journal already held repeat 0: carried over in memory, not appended a second time.
-    assert [(r["page_id"], r["repeat"]) for r in read_jsonl(run_dir / "pages.jsonl")] == [
-        ("synthetic-300x200-0", 0),
-        ("synthetic-300x200-0", 1),
-    ]
-    assert len(read_metrics(run_dir)["pages"]) == 2
+    assert sorted((r["page_id"], r["repeat"]) for r in read_jsonl(run_dir / "pages.jsonl")) == sorted(
+        (f"synthetic-{s}-{i}", r) for r in (0, 1) for i, s in enumerate(("300x200", "400x300"))
+    )
+    assert len(read_metrics(run_dir)["pages"]) == 4
 
 
 # ------------------------------------------------------------------------------------------ 9. run ids
@@ -667,7 +690,7 @@ def test_two_runs_started_together_do_not_collide(tmp_path: Path) -> None:
         subprocess.Popen(
             cli_command(args),
             cwd=ROOT,
-            env=cli_env({"OMP_NUM_THREADS": "1"}),  # two at once on a small machine: no thread oversubscription
+            env=cli_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )

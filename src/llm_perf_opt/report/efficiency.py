@@ -193,6 +193,12 @@ def _static_flops(run: Stage1Run, notes: list[str]) -> list[StageFlops]:
     from llm_perf_opt.profiling.static_compute import static_compute, write_static_compute
 
     assert run.session is not None
+    if run.session.backend.name != "native":
+        notes.append(
+            f"counted FLOPs (static compute) run on the native model only; backend {run.session.backend.name} "
+            "has the same architecture, so the analytic FLOPs above apply"
+        )
+        return []
     first = run.runs_for_flops[0]
     try:
         rows = static_compute(run.session.model, first.prepared, run.session.device, run.session.dtype)

@@ -70,7 +70,9 @@ def summarize_sweep(root: Path) -> list[dict[str, Any]]:
     jobs = sorted((p for p in root.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
     rows = [_row(j) for j in jobs]
     atomic_write_text(root / "sweep.json", json.dumps(rows, indent=2) + "\n")
-    keys = sorted({k for r in rows for k in r["swept"]})
+    # Only overrides that differ between jobs are swept axes; constants shared by all jobs are not columns.
+    all_keys = sorted({k for r in rows for k in r["swept"]})
+    keys = [k for k in all_keys if len({r["swept"].get(k) for r in rows}) > 1] or all_keys
     metric_cols = [label for _, _, label in KEY_METRICS] + sorted({k for r in rows for k in r if k.startswith("MFU ")})
     header = ["job", *keys, "status", *metric_cols]
     lines = [
@@ -133,11 +135,17 @@ def _plots(root: Path, rows: list[dict[str, Any]], keys: list[str]) -> list[str]
     return written
 
 
+# Jobs marked failed by the last summary: with a launcher that runs jobs in other processes (joblib, SLURM)
+# this parent-side callback is the only place that sees the failures, so the CLI's exit code reads it.
+LAST_FAILED_JOBS: list[str] = []
+
+
 class SweepSummaryCallback(Callback):
     """Hydra callback: write the sweep summary when a multirun ends."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         root = Path(str(config.hydra.sweep.dir))
         if root.is_dir():
-            summarize_sweep(root)
+            rows = summarize_sweep(root)
+            LAST_FAILED_JOBS[:] = [str(r["job"]) for r in rows if r["status"] == "failed"]
             log.info("sweep summary: %s", root / "sweep.md")

@@ -46,6 +46,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
+class _BackendOwnedCache:
+    """Placeholder handed to a backend that keeps its own KV cache (hf_remote); its identity marks the page."""
+
+    nbytes = 0
+
+
 @attrs.frozen
 class PageRun:
     """What one page produced: the timed record, the decoded text, and the inputs FLOPs need."""
@@ -176,7 +182,7 @@ class DeepSeekOCRSession:
         """What the report lists as active: the eager path always has the static, preallocated KV cache."""
         f = self.fast
         return {
-            "static_kv_cache": True,
+            "static_kv_cache": not getattr(self.backend, "owns_kv_cache", False),
             "grouped_moe": bool(f and f.grouped_moe),
             "fused_qkv": bool(f and f.fused_qkv),
             "cuda_graphs": bool(f and f.cuda_graphs),
@@ -186,6 +192,8 @@ class DeepSeekOCRSession:
         """A KV cache for ``needed`` positions: fresh per page (eager), or one reused bucketed cache (fast)."""
         from llm_perf_opt.models.deepseek_ocr.kv_cache import StaticKVCache
 
+        if getattr(self.backend, "owns_kv_cache", False):
+            return _BackendOwnedCache()
         if self.fast is None:
             return StaticKVCache.for_model(self.model, batch=1, max_len=needed)
         if self._cache is None or self._cache.max_len < needed:
@@ -386,7 +394,7 @@ class DeepSeekOCRSession:
             peak_mem_allocated_bytes=peak_alloc,
             peak_mem_reserved_bytes=peak_reserved,
             peak_rss_bytes=rss,
-            kv_cache_bytes=int(cache.nbytes),
+            kv_cache_bytes=int(self.model.kv_cache_bytes() if isinstance(cache, _BackendOwnedCache) else cache.nbytes),
             energy_j=energy,
             energy_per_token_j=energy / n_tok if energy is not None and n_tok else None,
             experts_hit_per_layer=experts_hit,

@@ -84,8 +84,11 @@ def main() -> None:
         print(problem.one_line(), file=sys.stderr)
         sys.exit(problem.exit_code)
     _hydra_main()
-    if _FAILED_JOBS:
-        print(f"{len(_FAILED_JOBS)} sweep job(s) failed: {sorted(_FAILED_JOBS)} (see sweep.md)", file=sys.stderr)
+    from llm_perf_opt.report.sweep import LAST_FAILED_JOBS
+
+    failed = sorted({str(j) for j in _FAILED_JOBS} | set(LAST_FAILED_JOBS), key=int)
+    if failed:
+        print(f"{len(failed)} sweep job(s) failed: {failed} (see sweep.md)", file=sys.stderr)
         sys.exit(LlmPerfOptError.exit_code)
 
 

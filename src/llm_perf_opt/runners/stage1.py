@@ -500,7 +500,10 @@ def run_stage1(cfg: DictConfig) -> RunSummary:
     summary = run.write_reports(status, reason)
     log.info("report: %s", out / "report.md")
     if status == "partial" and stop():
-        raise RunInterrupted(f"run stopped by {stop.signal_name}; partial report in {out}")
+        raise RunInterrupted(
+            f"run stopped by {stop.signal_name}; partial report in {out}",
+            hint=f"resume={out} runs only the pages still missing",  # every stop says how to go on
+        )
     if status == "failed":
         # A page failure is not a config error: its own type, and the hint says where the finished pages are.
         raise PageError(
