@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import traceback
@@ -333,6 +334,11 @@ class Stage1Run:
             record = result.record
             self.runs_for_flops.append(result)
             append_jsonl(self.out / PREDICTIONS, {"repeat": repeat, **to_jsonable(result.prediction)})
+            if repeat == 0 and "<|det|>" in result.prediction.text:
+                from llm_perf_opt.report.viz import write_viz
+
+                stem = re.sub(r"[^A-Za-z0-9._-]+", "_", page.page_id)
+                write_viz(self.out, stem, page.load(), result.prediction.text)
         if record.status == "failed":
             log.error("page %s (repeat %d) failed: %s", page.page_id, repeat, record.error)
             if self.cfg.get("fail_fast", False):
