@@ -14,6 +14,7 @@ Imports only torch/attrs/safetensors/pillow code paths (no hydra).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import functools
 import json
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import attrs
 import torch
 
 from llm_perf_opt.data.datasets import synthetic_page
@@ -31,10 +33,12 @@ from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, build_model
 from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, FastModel, apply_fast_path
 from llm_perf_opt.models.deepseek_ocr.preprocess import PreprocessConfig, preprocess_page
 from llm_perf_opt.models.deepseek_ocr.tokenizer import load_tokenizer
+from llm_perf_opt.profiling.flops import vision_flops
 
 CONFIG = "src/llm_perf_opt/models/deepseek_ocr/configs/deepseek-ocr.json"
 PROMPT = "<image>\n<|grounding|>Convert the document to markdown."
 GiB = 2**30
+PEAK_BF16 = 989.5e12  # H100 SXM dense bf16 FLOP/s (datasheet), the MFU denominator
 
 
 def cuda_ms(fn: Callable[[], Any], warmup: int = 1, reps: int = 5) -> float:
@@ -62,6 +66,14 @@ class Page:
 
     def vision(self, m: Any) -> torch.Tensor:
         return m.encode_images(self.crops, self.ori, self.prep.images_spatial_crop)
+
+    def sam(self, m: Any) -> None:
+        """SAM alone on the page's views (tiles batched, then the global view); a FastModel's vision settings."""
+        base = m.base if isinstance(m, FastModel) else m
+        ctx = m.vision_mode() if isinstance(m, FastModel) else contextlib.nullcontext()
+        with base._sdpa_policy(), ctx:
+            base.model.sam_model(self.crops)
+            base.model.sam_model(self.ori)
 
     def embeds(self, m: Any) -> torch.Tensor:
         return m.embed_prompt(self.prep.input_ids, self.prep.images_seq_mask, [self.vision(m)])
@@ -136,11 +148,11 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
     return None
 
 
-def profile_decode_step(m: FastModel, embeds: torch.Tensor, out: Path) -> dict[str, Any]:
+def profile_decode_step(m: FastModel, embeds: torch.Tensor, out: Path, compile_mode: str = "none") -> dict[str, Any]:
     """Kernels of un-graphed fast decode steps: count and GPU time per step (what the graph replays)."""
     from torch.profiler import ProfilerActivity, profile
 
-    eager_cfg = FastConfig(cuda_graphs=False)
+    eager_cfg = FastConfig(cuda_graphs=False, decode_compile=compile_mode)
     fm = apply_fast_path(m, eager_cfg)
     cache = fm.new_cache(batch=1, max_len=embeds.shape[1] + 16)
     tok = fm.prefill(embeds, cache).argmax(-1, keepdim=True)
@@ -155,8 +167,22 @@ def profile_decode_step(m: FastModel, embeds: torch.Tensor, out: Path) -> dict[s
     events = [e for e in prof.events() if e.device_type.name == "CUDA"]
     total_us = sum(e.device_time for e in events) / n if events else 0.0
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
-    (out / "fast_decode_profile.txt").write_text(table)
+    suffix = "" if compile_mode == "none" else f"_compile_{compile_mode}"
+    (out / f"fast_decode_profile{suffix}.txt").write_text(table)
     return {"kernels_per_step": len(events) / n, "gpu_us_per_step": total_us}
+
+
+def profile_sam(m: Any, page: Page, out: Path, tag: str) -> None:
+    """Top kernels of one SAM pass over the page's views, to ``sam_profile_<tag>.txt``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    page.sam(m)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        page.sam(m)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20)
+    (out / f"sam_profile_{tag}.txt").write_text(table)
 
 
 def env_info() -> dict[str, str]:
@@ -184,6 +210,11 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=256)
     ap.add_argument("--parity-steps", type=int, default=64)
     ap.add_argument("--eager-decode-tokens", type=int, default=128, help="eager is ~20 ms/token: fewer suffice")
+    ap.add_argument(
+        "--decode-compile-variant",
+        action="store_true",
+        help="also time and profile decode_compile='default' (~35 s of compile per max_len)",
+    )
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -199,6 +230,11 @@ def main() -> None:
     page = Page(cfg, dev, dtype)
     res["prompt_len"] = page.prompt_len
     res["grid"] = list(page.prep.images_spatial_crop)
+    grid_w, grid_h = (int(v) for v in res["grid"])
+    views = [(grid_w * grid_h, cfg.image_size, cfg.image_size), (1, cfg.base_size, cfg.base_size)]
+    sam_f, clip_f, proj_f = vision_flops(cfg, views)
+    res["vision_flops"] = sam_f.total_flops + clip_f.total_flops + proj_f.total_flops
+    res["sam_flops"] = sam_f.total_flops
     steps = args.decode_tokens
     keep = args.parity_steps
     print(f"built in {res['build_s']:.1f}s; prompt {page.prompt_len} tokens; grid {res['grid']}", flush=True)
@@ -207,6 +243,7 @@ def main() -> None:
         # ---------------- eager
         eager: dict[str, Any] = {}
         eager["vision_ms"] = cuda_ms(lambda: page.vision(model), warmup=1, reps=5)
+        eager["sam_ms"] = cuda_ms(lambda: page.sam(model), warmup=1, reps=5)
         embeds = page.embeds(model)
         eager["prefill_ms"] = prefill_ms(model, embeds)
         torch.cuda.empty_cache()
@@ -225,8 +262,19 @@ def main() -> None:
         fast = apply_fast_path(model, FastConfig())
         torch.cuda.synchronize()
         res["apply_fast_path_s"] = time.perf_counter() - t1
+        res["fast_config"] = attrs.asdict(fast.fast_config)
         fres: dict[str, Any] = {}
-        fres["vision_ms"] = cuda_ms(lambda: page.vision(fast), warmup=1, reps=5)
+        t1 = time.perf_counter()
+        page.vision(fast)
+        torch.cuda.synchronize()
+        res["first_fast_vision_s"] = time.perf_counter() - t1  # includes torch.compile of SAM / CLIP blocks
+        fres["vision_ms"] = cuda_ms(lambda: page.vision(fast), warmup=2, reps=7)
+        fres["sam_ms"] = cuda_ms(lambda: page.sam(fast), warmup=2, reps=7)
+        graphs = fast._vision_graphs or ()
+        res["vision_graphs"] = {
+            "shapes": [len(g.graphs) for g in graphs],
+            "capture_errors": [g.capture_error for g in graphs],
+        }
         f_embeds = page.embeds(fast)
         fres["embeds_max_abs_diff"] = float((f_embeds.float() - embeds.float()).abs().max())
         fres["prefill_ms"] = prefill_ms(fast, embeds)
@@ -238,13 +286,16 @@ def main() -> None:
         fres["peak_over_base_gib"] = (torch.cuda.max_memory_allocated() - base_mem) / GiB
         fres["decode_ms_per_token"] = f_dec["ms_per_token"]
         fres["decode_wall_ms_per_token"] = f_dec["wall_ms_per_token"]
-        fres["graph_capture_s"] = f_dec["capture_s"]
+        fres["graph_capture_s"] = f_dec["capture_s"]  # includes torch.compile when decode_compile is on
         fres["capture_error"] = fast._decoder.capture_error if fast._decoder else None
         g = greedy_device(fast, embeds, steps)
         fres["decode_device_greedy_ms_per_token"] = g["ms_per_token"]
         fres["device_greedy_tokens_match_step_loop"] = g["tokens"][: keep + 1] == f_dec["tokens"][: keep + 1]
         et, ft = e_dec["tokens"][: keep + 1], f_dec["tokens"][: keep + 1]
         fres["tokens_identical"] = et == ft
+        for r in (eager, fres):
+            r["vision_mfu_pct"] = 100 * res["vision_flops"] / (r["vision_ms"] * 1e-3) / PEAK_BF16
+            r["sam_mfu_pct"] = 100 * res["sam_flops"] / (r["sam_ms"] * 1e-3) / PEAK_BF16
         fres["first_divergence"] = first_divergence(et, ft)
         diffs = [float((a - b).abs().max()) for a, b in zip(e_dec["rows"], f_dec["rows"], strict=False)]
         scale = max(float(r.abs().max()) for r in e_dec["rows"])
@@ -254,6 +305,35 @@ def main() -> None:
 
         # ---------------- variants
         var: dict[str, Any] = {}
+        if args.decode_compile_variant:
+            other = "none" if fast.fast_config.decode_compile != "none" else "default"
+            try:
+                t2 = time.perf_counter()
+                cm = apply_fast_path(model, FastConfig(decode_compile=other))
+                c_dec = decode_loop(cm, embeds, steps, keep)  # same max_len as above: one compile
+                var[f"decode compile={other}: first capture incl. compile s"] = time.perf_counter() - t2
+                var[f"decode compile={other} (host greedy) ms/token"] = c_dec["ms_per_token"]
+                var[f"decode compile={other} (device greedy) ms/token"] = greedy_device(cm, embeds, steps)[
+                    "ms_per_token"
+                ]
+                ct = c_dec["tokens"][: keep + 1]
+                var[f"decode compile={other}: tokens == eager, {keep} steps"] = (
+                    f"{ct == et} (first divergence {first_divergence(et, ct)})"
+                )
+                del cm, c_dec
+            except Exception as exc:  # a compile failure must not lose the rest of the report
+                var[f"decode compile={other}"] = f"failed: {type(exc).__name__}: {exc}"[:200]
+        for name, vcfg in {
+            "sam_fast=False (reference SAM, no graph), CLIP graphed": FastConfig(
+                sam_fast=False, sam_compile=False, clip_compile=False
+            ),
+            "sam_fast=True, no compile, graphs": FastConfig(sam_compile=False, clip_compile=False),
+            "sam_fast=True, compile, no graphs": FastConfig(vision_graphs=False),
+        }.items():
+            vm = apply_fast_path(model, vcfg)
+            var[f"vision {name} ms"] = cuda_ms(functools.partial(page.vision, vm), 2, 5)
+            var[f"sam only, {name} ms"] = cuda_ms(functools.partial(page.sam, vm), 2, 5)
+        var["vision sam_fast: max |Δ| of image features vs eager"] = fres["embeds_max_abs_diff"]
         for name, fcfg in {
             "attn=sdpa": FastConfig(decode_attention="sdpa"),
             "experts=gather_bmm": FastConfig(expert_impl="gather_bmm"),
@@ -280,6 +360,15 @@ def main() -> None:
             var["fast decode step: GPU us/step (sum of kernels)"] = prof["gpu_us_per_step"]
         except Exception as exc:
             var["profile"] = f"failed: {exc}"[:200]
+        if args.decode_compile_variant:
+            try:
+                prof = profile_decode_step(fast, embeds, out, "default")
+                var["compiled decode step: kernels/step (no graph)"] = prof["kernels_per_step"]
+                var["compiled decode step: GPU us/step (sum of kernels)"] = prof["gpu_us_per_step"]
+            except Exception as exc:
+                var["profile compiled"] = f"failed: {exc}"[:200]
+        profile_sam(model, page, out, "eager")
+        profile_sam(fast, page, out, "fast")
         print("variants:", var, flush=True)
 
     res.update(eager=eager, fast=fres, variants=var, weight_gib=weight_bytes / GiB, kv_gib=kv_bytes / GiB)
@@ -316,6 +405,10 @@ def write_report(res: dict[str, Any], out: Path, keep: int) -> None:
         ),
         row("prefill ms (LM over the prompt)", e["prefill_ms"], f["prefill_ms"]),
         row("vision ms (SAM+CLIP+projector)", e["vision_ms"], f["vision_ms"]),
+        row("SAM ms (all views)", e["sam_ms"], f["sam_ms"]),
+        f"| vision MFU % ({res['vision_flops'] / 1e12:.4g} TFLOP/page, 989.5 TFLOP/s bf16 peak)"
+        f" | {e['vision_mfu_pct']:.1f} | {f['vision_mfu_pct']:.1f} | |",
+        f"| SAM MFU % ({res['sam_flops'] / 1e12:.4g} TFLOP/page) | {e['sam_mfu_pct']:.1f} | {f['sam_mfu_pct']:.1f} | |",
         row("peak GiB during prefill+decode", e["peak_gib"], f["peak_gib"]),
         f"| greedy tokens identical, {keep} steps | — | {'yes' if f['tokens_identical'] else 'no'}"
         f" (first divergence: {f['first_divergence']}) | |",
@@ -323,8 +416,11 @@ def write_report(res: dict[str, Any], out: Path, keep: int) -> None:
         f"Weights {res['weight_gib']:.2f} GiB + KV {res['kv_gib']:.3f} GiB + 2 GiB = {budget:.2f} GiB budget;"
         f" fast peak {f['peak_gib']:.2f} GiB. Max |Δlogit| over {keep} steps {f['logits_max_abs_diff']:.4f}"
         f" (max |logit| {f['logits_max_abs']:.3f}). Graph capture {f['graph_capture_s']:.2f} s,"
-        f" apply_fast_path {res['apply_fast_path_s']:.2f} s. Host wall per token: eager"
+        f" apply_fast_path {res['apply_fast_path_s']:.2f} s; first fast vision call (torch.compile of the"
+        f" SAM/CLIP blocks) {res['first_fast_vision_s']:.1f} s. Host wall per token: eager"
         f" {e['decode_wall_ms_per_token']:.2f} ms, fast {f['decode_wall_ms_per_token']:.2f} ms.",
+        "",
+        f"Fast config: {res['fast_config']}. Vision graphs (SAM, CLIP): {res['vision_graphs']}.",
         "",
         "| fast-path variant | value |",
         "| --- | ---: |",

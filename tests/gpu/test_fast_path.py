@@ -60,3 +60,21 @@ def test_fast_tokens_match_eager(model: object, cuda_graphs: bool) -> None:
             assert got == want, (step, got, want)
     mismatches = sum(g != w for g, w in zip(tokens, ref_tokens, strict=True))
     assert mismatches <= 2, mismatches
+
+
+@pytest.mark.parametrize("graphs", [True, False])
+def test_fast_vision_matches_eager(model: object, graphs: bool) -> None:
+    """SAM with folded rel-pos + compiled/graphed SAM and CLIP blocks == eager encode_images to bf16 rounding."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    crops = torch.randn(6, 3, 640, 640, generator=gen).cuda().bfloat16()
+    ori = torch.randn(1, 3, 1024, 1024, generator=gen).cuda().bfloat16()
+    with torch.inference_mode():
+        ref = model.encode_images(crops, ori, [2, 3]).float()  # type: ignore[attr-defined]
+        fast = apply_fast_path(model, FastConfig(vision_graphs=graphs))  # type: ignore[arg-type]
+        for _ in range(2):  # the second call replays the captured graphs
+            out = fast.encode_images(crops, ori, [2, 3]).float()
+            rel = float((out - ref).norm() / ref.norm())
+            assert rel < 3e-2, rel
+        if graphs:
+            assert fast._vision_graphs is not None
+            assert all(g.capture_error is None and g.graphs for g in fast._vision_graphs)

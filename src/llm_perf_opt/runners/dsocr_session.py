@@ -292,6 +292,7 @@ class DeepSeekOCRSession:
         if clock.is_cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         self.hooks.reset()
+        graphs_before = getattr(self.model, "vision_graph_count", 0)
         history: list[int] = [int(t) for t in prepared.input_ids[0].tolist()]
         generated: list[int] = []
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
@@ -349,6 +350,11 @@ class DeepSeekOCRSession:
         if prefill_ms <= 0 or any(s <= 0 for s in steps):
             flags.append("nonpositive_timing: a stage measured <= 0 ms (clock resolution?); rates left out")
             tpot = None if decode_ms <= 0 else tpot
+        if getattr(self.model, "vision_graph_count", 0) > graphs_before:
+            flags.append(
+                "one_time_setup: a new view shape made the fast path compile/capture its vision graphs inside "
+                "this page's prefill; its vision and prefill times are not steady-state"
+            )
         pct = percentiles(steps) if steps else None
         peak_alloc = peak_reserved = None
         if clock.is_cuda:

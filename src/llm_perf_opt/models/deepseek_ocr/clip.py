@@ -10,6 +10,7 @@ has none).  Callers drop the CLS token before the projector.
 from __future__ import annotations
 
 import math
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,7 @@ __all__ = [
     "ClipMlp",
     "ClipTransformer",
     "ClipVisionTower",
+    "clip_block_fast",
     "interpolate_clip_pos_embed",
     "quick_gelu",
 ]
@@ -130,16 +132,64 @@ class ClipBlock(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
+def clip_block_fast(x: Tensor, weights: list[Tensor], num_heads: int, eps1: float, eps2: float) -> Tensor:
+    """One :class:`ClipBlock` as a function of its weights (the fast path's ``torch.compile`` unit).
+
+    ``weights``: layer_norm1 w/b, qkv w/b, out_proj w/b, layer_norm2 w/b, fc1 w/b, fc2 w/b.  Same math.
+    """
+    n1w, n1b, qkv_w, qkv_b, o_w, o_b, n2w, n2b, f1w, f1b, f2w, f2b = weights
+    b, s, dim = x.shape
+    h = F.layer_norm(x, (dim,), n1w, n1b, eps1)
+    qkv = F.linear(h, qkv_w, qkv_b).view(b, s, 3, num_heads, dim // num_heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    out = F.scaled_dot_product_attention(q, k, v)
+    x = x + F.linear(out.permute(0, 2, 1, 3).reshape(b, s, -1), o_w, o_b)
+    h = F.layer_norm(x, (dim,), n2w, n2b, eps2)
+    return x + F.linear(quick_gelu(F.linear(h, f1w, f1b)), f2w, f2b)
+
+
 class ClipTransformer(nn.Module):
-    """The layer stack; its own module so the keys read ``transformer.layers.N``."""
+    """The layer stack; its own module so the keys read ``transformer.layers.N``.
+
+    ``layer_fn`` (fast path, default None = the modules as written): a callable with the signature of
+    :func:`clip_block_fast`, e.g. ``torch.compile(clip_block_fast)``, run for every layer instead.
+    """
 
     def __init__(self, cfg: ClipConfig) -> None:
         super().__init__()
         self.layers = nn.ModuleList(ClipBlock(cfg) for _ in range(cfg.num_layers))
+        self.layer_fn: Any = None
+        # With ``layer_fn``: a callable run instead of :meth:`forward_fast` (the fast path's CUDA-graph replay).
+        self.forward_fn: Any = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.layer_fn is not None:
+            return self.forward_fast(x) if self.forward_fn is None else self.forward_fn(x)
         for layer in self.layers:
             x = layer(x)
+        return x
+
+    def forward_fast(self, x: Tensor) -> Tensor:
+        """The layers through ``layer_fn`` (set by the fast path)."""
+        if self.layer_fn is not None:
+            for layer in self.layers:
+                blk = cast(ClipBlock, layer)
+                a, m = blk.self_attn, blk.mlp
+                weights = [
+                    blk.layer_norm1.weight,
+                    blk.layer_norm1.bias,
+                    a.qkv_proj.weight,
+                    a.qkv_proj.bias,
+                    a.out_proj.weight,
+                    a.out_proj.bias,
+                    blk.layer_norm2.weight,
+                    blk.layer_norm2.bias,
+                    m.fc1.weight,
+                    m.fc1.bias,
+                    m.fc2.weight,
+                    m.fc2.bias,
+                ]
+                x = self.layer_fn(x, weights, a.num_heads, blk.layer_norm1.eps, blk.layer_norm2.eps)
         return x
 
 

@@ -17,6 +17,12 @@ What changes, all at load (``apply_fast_path``), with no second copy of any weig
   device tensor; the KV write is an ``index_copy_`` at that position and attention runs over the cache's
   whole ``max_len`` with an additive mask by position, so one captured graph serves every step of a page.
   Greedy argmax is computed on the device inside the graph (:meth:`FastDecoder.greedy`).
+* vision (``sam_fast``, ``sam_compile``, ``clip_compile``, ``vision_graphs``; :meth:`FastModel.vision_mode`):
+  SAM attention with the decomposed rel-pos folded into the q/k operands (no N×N bias: flash applies) and a
+  channels-last neck; SAM and CLIP blocks as ``torch.compile``'d functions of their weights; both towers'
+  forwards replayed from CUDA graphs per view shape.  Set on the shared modules only inside
+  ``encode_images`` (the modules are still called, so hooks fire); the eager model's path is untouched.
+* ``decode_compile``: ``torch.compile`` of the decode step before capture (measured no faster; off).
 
 Exactness: the fast path computes the same function as the eager model, with different kernels (fused
 GEMMs, grouped GEMM, masked attention over ``max_len``), so logits agree to bf16 rounding, not bit for bit.
@@ -43,6 +49,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from llm_perf_opt.errors import InputError
+from llm_perf_opt.models.deepseek_ocr.clip import clip_block_fast
 from llm_perf_opt.models.deepseek_ocr.decoder import (
     EXPERT_IMPLS,
     MLP,
@@ -50,6 +57,7 @@ from llm_perf_opt.models.deepseek_ocr.decoder import (
     DecoderLayer,
     MoE,
     RMSNorm,
+    _use_grouped_mm,
     apply_experts_eager,
     apply_experts_grouped,
     route_tokens,
@@ -57,6 +65,7 @@ from llm_perf_opt.models.deepseek_ocr.decoder import (
 )
 from llm_perf_opt.models.deepseek_ocr.kv_cache import StaticKVCache
 from llm_perf_opt.models.deepseek_ocr.model import DEFAULT_SDPA_BACKENDS, DeepseekOCRForCausalLM
+from llm_perf_opt.models.deepseek_ocr.sam import sam_block_fast
 
 __all__ = ["VISION_SDPA", "FastConfig", "FastDecoder", "FastModel", "apply_fast_path", "first_argmax", "fuse_linears"]
 
@@ -67,6 +76,8 @@ VISION_SDPA: dict[str, tuple[SDPBackend, ...] | None] = {
     "flash": DEFAULT_SDPA_BACKENDS,
 }
 DECODE_ATTN = ("matmul", "sdpa")
+# torch.compile of the decode step body (then captured in the CUDA graph as before): "none" or an inductor mode.
+DECODE_COMPILE = ("none", "default", "max-autotune-no-cudagraphs")
 
 
 @attrs.frozen
@@ -79,6 +90,18 @@ class FastConfig:
     vision_sdpa: str = attrs.field(default="model", validator=attrs.validators.in_(tuple(VISION_SDPA)))
     decode_attention: str = attrs.field(default="matmul", validator=attrs.validators.in_(DECODE_ATTN))
     expert_impl: str = "grouped"  # decoder.EXPERT_IMPLS key used when grouped_moe (measure "gather_bmm")
+    # SAM with rel-pos folded into the attention operands (no N×N bias, flash-eligible) and a channels-last
+    # neck (sam.SamEncoder.fast); set on the shared module only for the duration of encode_images.
+    sam_fast: bool = True
+    # torch.compile of one SAM block (sam.sam_block_fast) when sam_fast: fuses the layout copies, norms and
+    # the augmented-attention concatenations; compiled once per view shape (tiles, global view) and block kind.
+    sam_compile: bool = True
+    # the same for CLIP's layers (clip.clip_block_fast via ClipTransformer.layer_fn): one compile per view shape
+    clip_compile: bool = True
+    # replay SAM's and CLIP's fast forwards from CUDA graphs captured per input shape (vision is host-bound:
+    # ~500 launches + compiled-guard checks per page); the module calls, and so the timing hooks, stay.
+    vision_graphs: bool = True
+    decode_compile: str = attrs.field(default="none", validator=attrs.validators.in_(DECODE_COMPILE))
 
 
 def fuse_linears(linears: Sequence[nn.Linear]) -> Tensor:
@@ -100,6 +123,35 @@ def fuse_linears(linears: Sequence[nn.Linear]) -> Tensor:
             begin = end
     object.__setattr__(linears[0], "_fused_weight", fused)
     return fused
+
+
+def _grouped_experts_stacked(
+    x: Tensor, topk_idx: Tensor, topk_weight: Tensor, w13: Tensor, down: Tensor, use_gmm: bool
+) -> Tensor:
+    """:func:`~llm_perf_opt.models.deepseek_ocr.decoder.apply_experts_grouped` on weights stacked at load.
+
+    Same ops and order as the decoder's version, minus its per-call cache check of the stacks (a data-pointer
+    comparison that ``torch.compile`` cannot trace) and device-capability query: both are settled once here.
+    """
+    n_tokens, k = topk_idx.shape
+    n_experts, _, inter = down.shape
+    sorted_ids, order = torch.sort(topk_idx.reshape(-1), stable=True)
+    rows = x.index_select(0, order // k)
+    if use_gmm:
+        arange_e = torch.arange(n_experts, device=x.device, dtype=sorted_ids.dtype)
+        offs = torch.searchsorted(sorted_ids, arange_e, right=True, out_int32=True)
+        h = torch._grouped_mm(rows, w13.transpose(1, 2), offs=offs)
+    else:
+        h = torch.bmm(rows.unsqueeze(1), w13.index_select(0, sorted_ids).transpose(1, 2)).squeeze(1)
+    act = F.silu(h[:, :inter]) * h[:, inter:]
+    if use_gmm:
+        y = torch._grouped_mm(act, down.transpose(1, 2), offs=offs)
+    else:
+        y = torch.bmm(act.unsqueeze(1), down.index_select(0, sorted_ids).transpose(1, 2)).squeeze(1)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
+    per_slot = y.index_select(0, inverse).view(n_tokens, k, -1)
+    routed = (per_slot.float() * topk_weight.float().unsqueeze(-1)).sum(dim=1)
+    return routed.to(x.dtype)
 
 
 class _Mlp:
@@ -132,12 +184,16 @@ class _Layer:
         self.dense = _Mlp(layer.mlp, cfg.fused_qkv) if isinstance(layer.mlp, MLP) else None
         self.shared = None
         self.gate_w32: Tensor | None = None
+        self.stacked: tuple[Tensor, Tensor] | None = None
+        self.use_gmm = False
         if self.moe is not None:
             if self.moe.shared_experts is not None:
                 self.shared = _Mlp(self.moe.shared_experts, cfg.fused_qkv)
             self.gate_w32 = self.moe.gate.weight.detach().float()
             if cfg.grouped_moe:
-                stacked_expert_weights(self.moe.experts)
+                self.stacked = stacked_expert_weights(self.moe.experts)
+                w13 = self.stacked[0]
+                self.use_gmm = _use_grouped_mm(w13) and (w13.device.type == "cuda" or w13.dtype == torch.bfloat16)
         self.expert_fn = EXPERT_IMPLS[cfg.expert_impl] if cfg.grouped_moe else apply_experts_grouped
         self.grouped = cfg.grouped_moe
 
@@ -176,7 +232,11 @@ class _Layer:
             norm_topk_prob=moe.norm_topk_prob,
             routed_scaling_factor=moe.routed_scaling_factor,
         )
-        if self.grouped:
+        if self.grouped and self.stacked is not None and self.expert_fn is apply_experts_grouped:
+            routed = _grouped_experts_stacked(flat, topk_idx, topk_weight, *self.stacked, self.use_gmm)
+            if counts is not None:
+                counts.index_add_(0, topk_idx.reshape(-1), _ones_like_ids(topk_idx))
+        elif self.grouped:
             routed, _ = self.expert_fn(flat, topk_idx, topk_weight, moe.experts)
             if counts is not None:
                 counts.index_add_(0, topk_idx.reshape(-1), _ones_like_ids(topk_idx))
@@ -189,6 +249,64 @@ class _Layer:
         if self.shared is not None:
             routed = routed + self.shared(flat)
         return routed.view(shape)
+
+
+_COMPILED: dict[Any, Any] = {}
+
+
+def _compiled(fn: Any) -> Any:
+    """``torch.compile(fn)`` for a vision block function, shared by all models (weights are arguments, so
+    one compile per input shape and block kind)."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=False)
+    return _COMPILED[fn]
+
+
+class ShapeGraphs:
+    """``fn(x)`` replayed from a CUDA graph captured per (shape, dtype, device) of ``x``; output is a fresh copy.
+
+    Capture (on first sight of a shape) runs ``fn`` twice on a side stream first (cuBLAS / compile warm-up).
+    The graph reads the weights in place, so it stays valid while parameters are updated in place; it is
+    tied to the SDPA backend policy active at capture.  CPU tensors, grad mode, or a failed capture run
+    ``fn`` directly (the failure is kept in ``capture_error`` and warned about once).
+    """
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self.graphs: dict[tuple[Any, ...], tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
+        self.capture_error: str | None = None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if x.device.type != "cuda" or torch.is_grad_enabled() or self.capture_error is not None:
+            out: Tensor = self.fn(x)
+            return out
+        key = (tuple(x.shape), x.dtype, x.device)
+        entry = self.graphs.get(key)
+        if entry is None:
+            try:
+                entry = self.graphs[key] = self._capture(x)
+            except RuntimeError as exc:
+                self.capture_error = f"{type(exc).__name__}: {exc}"
+                warnings.warn(f"vision CUDA graph capture failed, running un-graphed ({exc})", stacklevel=2)
+                out = self.fn(x)
+                return out
+        graph, static_in, static_out = entry
+        static_in.copy_(x)
+        graph.replay()
+        return static_out.clone()
+
+    def _capture(self, x: Tensor) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor]:
+        static_in = x.clone()
+        stream = torch.cuda.Stream(x.device)
+        stream.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.fn(static_in)
+        torch.cuda.current_stream(x.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self.fn(static_in)
+        return graph, static_in, static_out
 
 
 _ONES: dict[tuple[int, torch.device], Tensor] = {}
@@ -224,6 +342,8 @@ class FastModel:
         self.fast_config = cfg
         self.layers = [_Layer(layer, cfg) for layer in model.model.layers if isinstance(layer, DecoderLayer)]
         self._decoder: FastDecoder | None = None
+        self._compiled_step: Any = None
+        self._vision_graphs: tuple[ShapeGraphs, ShapeGraphs] | None = None
         n_experts = model.config.language.n_routed_experts
         self._counts: dict[int, Tensor] = {
             layer.idx: torch.zeros(n_experts, dtype=torch.int64, device=model.device)
@@ -262,15 +382,46 @@ class FastModel:
             return contextlib.nullcontext()
         return sdpa_kernel(list(backends))
 
+    @property
+    def vision_graph_count(self) -> int:
+        """How many vision CUDA graphs exist (one per view shape seen): a rise means a one-time capture ran."""
+        if self._vision_graphs is None:
+            return 0
+        return sum(len(g.graphs) for g in self._vision_graphs)
+
+    @contextlib.contextmanager
+    def vision_mode(self) -> Any:
+        """Within: the shared SAM / CLIP modules run this config's fast vision forward (restored on exit)."""
+        base = self.base
+        cfg = self.fast_config
+        sam = base.model.sam_model
+        clip_tf = base.model.vision_model.transformer
+        saved = (sam.fast, sam.block_fn, sam.forward_fn, clip_tf.layer_fn, clip_tf.forward_fn)
+        sam.fast = cfg.sam_fast
+        if cfg.sam_compile and cfg.sam_fast:
+            sam.block_fn = _compiled(sam_block_fast)
+        clip_tf.layer_fn = _compiled(clip_block_fast) if cfg.clip_compile else clip_block_fast
+        if cfg.vision_graphs:
+            if self._vision_graphs is None:
+                self._vision_graphs = (ShapeGraphs(sam._forward_fast), ShapeGraphs(clip_tf.forward_fast))
+            if cfg.sam_fast:
+                sam.forward_fn = self._vision_graphs[0]
+            clip_tf.forward_fn = self._vision_graphs[1]
+        try:
+            yield
+        finally:
+            sam.fast, sam.block_fn, sam.forward_fn, clip_tf.layer_fn, clip_tf.forward_fn = saved
+
     @torch.no_grad()
     def encode_images(self, images_crop: Tensor, images_ori: Tensor, images_spatial_crop: Any) -> Tensor:
-        """The wrapped model's ``encode_images`` (SAM/CLIP/projector called as modules), SDPA per ``vision_sdpa``."""
+        """The wrapped model's ``encode_images`` (SAM/CLIP/projector called as modules), SDPA per ``vision_sdpa``,
+        SAM / CLIP per ``sam_fast`` / ``sam_compile`` / ``clip_compile`` (see :meth:`vision_mode`)."""
         base = self.base
         saved = base.sdpa_backends
         if VISION_SDPA[self.fast_config.vision_sdpa] is not None:
             base.sdpa_backends = None  # the policy below decides
         try:
-            with self._vision_policy():
+            with self._vision_policy(), self.vision_mode():
                 return base.encode_images(images_crop, images_ori, images_spatial_crop)
         finally:
             base.sdpa_backends = saved
@@ -327,6 +478,22 @@ class FastModel:
         return base.lm_head(hidden).float()
 
     # ------------------------------------------------------------------ stage 4: decode
+    def compiled_step(self) -> Any:
+        """``torch.compile(FastDecoder._forward)`` per ``decode_compile`` (None when "none"), one per FastModel.
+
+        Inductor fuses the step's ~600 small kernels (norm casts, rotary, routing, combine).  Shared by all
+        decoders of this model, so a new cache of the same ``max_len`` reuses the compiled code (another
+        ``max_len`` compiles once more); the decoder compiles in its capture warm-up, outside the graph.
+        """
+        mode = self.fast_config.decode_compile
+        if mode == "none":
+            return None
+        if self._compiled_step is None:
+            self._compiled_step = torch.compile(
+                FastDecoder._forward, mode=None if mode == "default" else mode, dynamic=False
+            )
+        return self._compiled_step
+
     def decoder_for(self, cache: StaticKVCache) -> FastDecoder:
         """The decoder bound to ``cache`` (built, and captured, on first use; one cache at a time)."""
         dec = self._decoder
@@ -379,6 +546,13 @@ class FastDecoder:
         self.capture_error: str | None = None
         self.logits: Tensor | None = None
         self.next_token: Tensor | None = None
+        self._compiled = fast.compiled_step()
+
+    def _body(self) -> tuple[Tensor, Tensor]:
+        if self._compiled is None:
+            return self._forward()
+        out: tuple[Tensor, Tensor] = self._compiled(self)
+        return out
 
     # ------------------------------------------------------------------ the step body
     def _forward(self) -> tuple[Tensor, Tensor]:
@@ -418,12 +592,12 @@ class FastDecoder:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), self.fast.base._sdpa_policy():
-            for _ in range(2):  # warm-up (cuBLAS handles, lazy inits) off the capture
-                self._forward()
+            for _ in range(2):  # warm-up (cuBLAS handles, lazy inits, compilation) off the capture
+                self._body()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph), self.fast.base._sdpa_policy():
-            self.logits, self.next_token = self._forward()
+            self.logits, self.next_token = self._body()
         self.graph = graph
         for i, c in counts_before.items():  # undo the warm-up's routing counts
             self.fast._counts[i].copy_(c)
@@ -431,7 +605,7 @@ class FastDecoder:
     def _run(self) -> Tensor:
         if not self.use_graph:
             with self.fast.base._sdpa_policy():
-                self.logits, self.next_token = self._forward()
+                self.logits, self.next_token = self._body()
             return self.logits
         if self.graph is None:
             try:

@@ -12,6 +12,8 @@ so a 640² tile sees the same numbers as under the vendor's code.
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -29,6 +31,8 @@ __all__ = [
     "decomposed_rel_pos_bias",
     "get_rel_pos",
     "interpolate_sam_pos_embed",
+    "rel_pos_attention",
+    "sam_block_fast",
     "window_partition",
     "window_unpartition",
 ]
@@ -113,6 +117,91 @@ def decomposed_rel_pos_bias(
     return bias.reshape(b, n_heads, q_h * q_w, k_h * k_w)
 
 
+_ONE_HOT: dict[tuple[int, int, torch.device, torch.dtype], Tensor] = {}
+
+
+def _key_one_hot(h: int, w: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """[h·w, h + w]: row n has a 1 at its key row ``n // w`` and at ``h + n % w`` (cached per shape)."""
+    key = (h, w, device, dtype)
+    table = _ONE_HOT.get(key)
+    if table is None:
+        n = torch.arange(h * w, device=device)
+        table = torch.cat((F.one_hot(n // w, h), F.one_hot(n % w, w)), dim=-1).to(dtype)
+        _ONE_HOT[key] = table
+    return table
+
+
+def rel_pos_attention(
+    q: Tensor, k: Tensor, v: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, hw: tuple[int, int]
+) -> Tensor:
+    """Attention with SAM's decomposed relative positions, without the dense [N, N] bias (fast path).
+
+    The reference logits are ``scale·q·k + q·R_h[qh, kh] + q·R_w[qw, kw]``.  The two rel-pos terms are a
+    dot product of the small per-query tables ``rel_h`` [.., N, h] and ``rel_w`` [.., N, w] with a one-hot
+    code of the key's row and column, so appending them to ``scale·q`` and the one-hot code to ``k``
+    gives the same logits from one plain (unmasked, ``scale=1``) attention: flash / cuDNN kernels apply,
+    and nothing of size N×N is ever written.  ``v`` is zero-padded to the augmented head size (the kernels
+    want equal head sizes) and the padding dropped from the output.  ``scale = head_dim**-0.5`` is a power
+    of two for SAM (1/8), so ``scale·q`` is exact in bf16; the bias terms are summed in the kernel's
+    float32 accumulator instead of being rounded to bf16 first, so this is at least as accurate.
+    """
+    h, w = hw
+    b, n_heads, n, dim = q.shape
+    r_h = get_rel_pos(h, h, rel_pos_h)
+    r_w = get_rel_pos(w, w, rel_pos_w)
+    r_q = q.reshape(b, n_heads, h, w, dim)
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, r_h).reshape(b, n_heads, n, h)
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, r_w).reshape(b, n_heads, n, w)
+    aug = dim + h + w
+    pad = (-aug) % 8  # flash / cuDNN want head sizes that are multiples of 8
+    q_parts = [q * dim**-0.5, rel_h, rel_w]
+    k_parts = [k, _key_one_hot(h, w, q.device, q.dtype).expand(b, n_heads, n, h + w)]
+    if pad:
+        q_parts.append(q.new_zeros(b, n_heads, n, pad))
+        k_parts.append(k.new_zeros(b, n_heads, n, pad))
+    q_aug = torch.cat(q_parts, dim=-1)
+    k_aug = torch.cat(k_parts, dim=-1)
+    v_aug = F.pad(v, (0, aug + pad - dim))
+    out = F.scaled_dot_product_attention(q_aug, k_aug, v_aug, scale=1.0)
+    return out[..., :dim]
+
+
+def sam_block_fast(
+    x: Tensor,
+    weights: list[Tensor | None],
+    window_size: int,
+    num_heads: int,
+    eps: float,
+) -> Tensor:
+    """One :class:`SamBlock` as a function of its weights (fast path; the unit ``torch.compile`` compiles).
+
+    ``weights`` is :meth:`SamBlock.fast_weights`: norm1 w/b, qkv w/b, proj w/b, rel_pos_h/w (None without
+    relative positions), norm2 w/b, lin1 w/b, lin2 w/b.  Same math as the module with ``fast`` attention.
+    """
+    n1w, n1b, qkv_w, qkv_b, proj_w, proj_b, rel_h, rel_w, n2w, n2b, l1w, l1b, l2w, l2b = weights
+    dim = x.shape[-1]
+    shortcut = x
+    x = F.layer_norm(x, (dim,), n1w, n1b, eps)
+    hw = (x.shape[1], x.shape[2])
+    padded_hw = hw
+    if window_size > 0:
+        x, padded_hw = window_partition(x, window_size)
+    b, h, w, _ = x.shape
+    assert qkv_w is not None and proj_w is not None
+    qkv = F.linear(x, qkv_w, qkv_b).reshape(b, h * w, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    if rel_h is not None and rel_w is not None:
+        out = rel_pos_attention(q, k, v, rel_h, rel_w, (h, w))
+    else:
+        out = F.scaled_dot_product_attention(q, k, v)
+    x = F.linear(out.permute(0, 2, 1, 3).reshape(b, h, w, -1), proj_w, proj_b)
+    if window_size > 0:
+        x = window_unpartition(x, window_size, padded_hw, hw)
+    x = shortcut + x
+    assert l1w is not None and l2w is not None
+    return x + F.linear(F.gelu(F.linear(F.layer_norm(x, (dim,), n2w, n2b, eps), l1w, l1b)), l2w, l2b)
+
+
 def interpolate_sam_pos_embed(pos_embed: Tensor, hw: tuple[int, int]) -> Tensor:
     """Resize the [1, S, S, C] absolute position grid to the token grid of the current view.
 
@@ -189,11 +278,17 @@ class SamAttention(nn.Module):
         if use_rel_pos:
             self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size[0] - 1, head_dim))
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size[1] - 1, head_dim))
+        # Fast path switch (set by SamEncoder.fast): rel-pos folded into the attention operands, see
+        # :func:`rel_pos_attention`.  Off by default: the code below is the reference-exact path.
+        self.fast = False
 
     def forward(self, x: Tensor) -> Tensor:
         b, h, w, _ = x.shape
         qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
+        if self.fast and self.use_rel_pos:
+            out = rel_pos_attention(q, k, v, self.rel_pos_h, self.rel_pos_w, (h, w))
+            return self.proj(out.permute(0, 2, 1, 3).reshape(b, h, w, -1))
         bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w)) if self.use_rel_pos else None
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         out = out.permute(0, 2, 1, 3).reshape(b, h, w, -1)
@@ -217,6 +312,26 @@ class SamBlock(nn.Module):
         )
         self.norm2 = nn.LayerNorm(dim, eps=cfg.layernorm_eps)
         self.mlp = SamMlp(dim, int(dim * cfg.mlp_ratio))
+
+    def fast_weights(self) -> list[Tensor | None]:
+        """The tensors :func:`sam_block_fast` takes, in its order."""
+        a = self.attn
+        rel = [a.rel_pos_h, a.rel_pos_w] if a.use_rel_pos else [None, None]
+        return [
+            self.norm1.weight,
+            self.norm1.bias,
+            a.qkv.weight,
+            a.qkv.bias,
+            a.proj.weight,
+            a.proj.bias,
+            *rel,
+            self.norm2.weight,
+            self.norm2.bias,
+            self.mlp.lin1.weight,
+            self.mlp.lin1.bias,
+            self.mlp.lin2.weight,
+            self.mlp.lin2.bias,
+        ]
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x
@@ -259,8 +374,61 @@ class SamEncoder(nn.Module):
         mid, out = cfg.downsample_channels
         self.net_2 = nn.Conv2d(cfg.out_chans, mid, kernel_size=3, stride=2, padding=1, bias=False)
         self.net_3 = nn.Conv2d(mid, out, kernel_size=3, stride=2, padding=1, bias=False)
+        self._fast = False
+        # With ``fast``: run the blocks through this callable (``torch.compile(sam_block_fast)``, set by the fast
+        # path's ``sam_compile``); None runs :func:`sam_block_fast` uncompiled.
+        self.block_fn: Any = None
+        # With ``fast``: a callable run instead of :meth:`_forward_fast` (the fast path's per-shape CUDA-graph
+        # replay of it); None calls :meth:`_forward_fast` directly.
+        self.forward_fn: Any = None
+
+    @property
+    def fast(self) -> bool:
+        """Fast-path switch (``FastConfig.sam_fast``), default off: the reference-exact forward.
+
+        On: attention folds the relative positions into its operands (:func:`rel_pos_attention`, no N×N
+        bias, flash-eligible) and the neck runs channels-last with ``F.layer_norm`` (float32 statistics
+        instead of the reference's bf16 ones), so bf16 results differ from the default by rounding only.
+        """
+        return self._fast
+
+    @fast.setter
+    def fast(self, on: bool) -> None:
+        self._fast = bool(on)
+        for block in self.blocks:
+            cast(SamBlock, block).attn.fast = self._fast
+
+    def _neck_fast(self, x: Tensor) -> Tensor:
+        """The neck on [B, H, W, C] tokens: 1×1 conv as a linear, LayerNorm over channels, channels-last convs."""
+        conv1, conv3 = cast(nn.Conv2d, self.neck[0]), cast(nn.Conv2d, self.neck[2])
+        ln1, ln2 = cast(LayerNorm2d, self.neck[1]), cast(LayerNorm2d, self.neck[3])
+        c = int(conv1.weight.shape[0])
+        x = F.linear(x, conv1.weight.view(c, -1))
+        x = F.layer_norm(x, (c,), ln1.weight, ln1.bias, ln1.eps)
+        x = conv3(x.permute(0, 3, 1, 2))  # a channels-last view: cuDNN keeps NHWC
+        x = F.layer_norm(x.permute(0, 2, 3, 1), (c,), ln2.weight, ln2.bias, ln2.eps).permute(0, 3, 1, 2)
+        return self.net_3(self.net_2(x)).contiguous()
+
+    def _patch_embed_fast(self, x: Tensor) -> Tensor:
+        """The stride-p patch conv as one GEMM over [B, H/p, W/p, 3·p·p] patches (cuDNN's implicit conv is slow)."""
+        proj = self.patch_embed.proj
+        p = self.cfg.patch_size
+        b, c, hh, ww = x.shape
+        patches = x.reshape(b, c, hh // p, p, ww // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, hh // p, ww // p, -1)
+        return F.linear(patches, proj.weight.reshape(proj.weight.shape[0], -1), proj.bias)
+
+    def _forward_fast(self, x: Tensor) -> Tensor:
+        x = self._patch_embed_fast(x)
+        x = x + interpolate_sam_pos_embed(self.pos_embed, (x.shape[1], x.shape[2]))
+        fn = sam_block_fast if self.block_fn is None else self.block_fn
+        for block in self.blocks:
+            blk = cast(SamBlock, block)
+            x = fn(x, blk.fast_weights(), blk.window_size, blk.attn.num_heads, blk.norm1.eps)
+        return self._neck_fast(x)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._fast:
+            return self._forward_fast(x) if self.forward_fn is None else self.forward_fn(x)
         x = self.patch_embed(x)
         x = x + interpolate_sam_pos_embed(self.pos_embed, (x.shape[1], x.shape[2]))
         for block in self.blocks:

@@ -1,0 +1,100 @@
+"""The fast SAM path (rel-pos folded into attention, channels-last neck) equals the reference (CPU, float32)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, build_model
+from llm_perf_opt.models.deepseek_ocr.clip import ClipVisionTower, clip_block_fast
+from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, apply_fast_path
+from llm_perf_opt.models.deepseek_ocr.sam import SamEncoder, decomposed_rel_pos_bias, rel_pos_attention
+
+TINY = Path(__file__).resolve().parents[1] / "fixtures" / "deepseek_ocr_tiny"
+
+
+def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual.double() - expected.double()).abs().max() / expected.double().abs().max())
+
+
+@pytest.mark.parametrize(("hw", "dim"), [((4, 4), 16), ((5, 7), 12), ((14, 14), 64), ((3, 2), 8)])
+def test_rel_pos_attention_matches_dense_bias(hw: tuple[int, int], dim: int) -> None:
+    torch.manual_seed(hw[0] * 100 + hw[1] + dim)
+    h, w = hw
+    b, heads, n = 2, 3, h * w
+    q, k, v = (torch.randn(b, heads, n, dim) for _ in range(3))
+    # tables sized for a larger trained grid, so get_rel_pos resamples them as for a 640² tile
+    rel_h, rel_w = torch.randn(2 * h + 3, dim), torch.randn(2 * w - 1, dim)
+    bias = decomposed_rel_pos_bias(q, rel_h, rel_w, hw, hw)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    actual = rel_pos_attention(q, k, v, rel_h, rel_w, hw)
+    assert actual.shape == expected.shape
+    assert _rel_err(actual, expected) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def tiny_sam() -> SamEncoder:
+    cfg = DeepseekOCRConfig.from_json(TINY / "config.json")
+    weights = load_file(TINY / "weights.safetensors")
+    sam = SamEncoder(cfg.sam)
+    prefix = "model.sam_model."
+    sam.load_state_dict({k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}, strict=True)
+    return sam.eval()
+
+
+@pytest.mark.parametrize("size_factor", [1.0, 0.625])  # the trained size and a smaller tile (resampled tables)
+def test_fast_sam_matches_reference(tiny_sam: SamEncoder, size_factor: float) -> None:
+    cfg = tiny_sam.cfg
+    side = int(cfg.img_size * size_factor) // 64 * 64
+    torch.manual_seed(side)
+    images = torch.randn(2, 3, side, side)
+    fast = copy.deepcopy(tiny_sam)
+    fast.fast = True
+    assert all(getattr(block.attn, "fast", False) for block in fast.blocks)
+    with torch.no_grad():
+        expected = tiny_sam(images)
+        actual = fast(images)
+    assert not tiny_sam.fast
+    assert actual.shape == expected.shape
+    assert _rel_err(actual, expected) < 1e-5
+    fast.fast = False
+    with torch.no_grad():
+        assert torch.equal(fast(images), expected)  # switching back restores the reference path exactly
+
+
+def test_clip_layer_fn_matches_modules() -> None:
+    cfg = DeepseekOCRConfig.from_json(TINY / "config.json")
+    weights = load_file(TINY / "weights.safetensors")
+    clip = ClipVisionTower(cfg.clip)
+    prefix = "model.vision_model."
+    clip.load_state_dict({k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}, strict=True)
+    clip.eval()
+    torch.manual_seed(1)
+    feats = torch.randn(2, cfg.clip.hidden_size, 3, 3)
+    with torch.no_grad():
+        expected = clip(None, feats)
+        clip.transformer.layer_fn = clip_block_fast
+        actual = clip(None, feats)
+    assert _rel_err(actual, expected) < 1e-5
+
+
+def test_fast_model_encode_images_matches_and_restores() -> None:
+    cfg = DeepseekOCRConfig.from_json(TINY / "config.json")
+    model = build_model(cfg, device="cpu", dtype=torch.float32, weights="dummy", seed=0)
+    for p in model.parameters():
+        p.data.normal_(0.0, 0.05)
+    torch.manual_seed(3)
+    crops = torch.randn(2, 3, cfg.image_size, cfg.image_size)
+    ori = torch.randn(1, 3, cfg.base_size, cfg.base_size)
+    expected = model.encode_images(crops, ori, [2, 1])
+    fast = apply_fast_path(model, FastConfig(sam_compile=False, clip_compile=False))
+    actual = fast.encode_images(crops, ori, [2, 1])
+    assert _rel_err(actual, expected) < 1e-5
+    sam, clip_tf = model.model.sam_model, model.model.vision_model.transformer
+    assert not sam.fast and sam.block_fn is None and sam.forward_fn is None
+    assert clip_tf.layer_fn is None and clip_tf.forward_fn is None
+    assert torch.equal(model.encode_images(crops, ori, [2, 1]), expected)
