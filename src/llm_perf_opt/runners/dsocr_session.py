@@ -255,6 +255,13 @@ class DeepSeekOCRSession:
             return None
         return float(reading.energy_j)
 
+    def crop_count(self, page: Page) -> int:
+        """How many tiles this page is cut into (preprocessing only, no model work)."""
+        from llm_perf_opt.models.deepseek_ocr.preprocess import preprocess_page
+
+        prepared = preprocess_page(page.load(), self.backend.preprocess_cfg, self.backend.config, self.text_ids)
+        return int(prepared.n_crops)
+
     # ------------------------------------------------------------------ one page
     def run(
         self,

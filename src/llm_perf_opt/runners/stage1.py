@@ -300,36 +300,15 @@ class Stage1Run:
             result = self.session.run(page, cap, repeat=repeat, should_stop=stop)
         except torch.OutOfMemoryError as exc:
             self._release_memory()
-            record = PageRecord(
-                page_id=page.page_id,
-                repeat=repeat,
-                status="failed",
-                path=_path(page),
-                error=f"out of memory: {str(exc).splitlines()[0]}",
-                error_type="OutOfMemoryError",
-            )
+            record = _failed(page, repeat, f"out of memory: {str(exc).splitlines()[0]}", "OutOfMemoryError")
         except RunInterrupted as exc:
-            record = PageRecord(
-                page_id=page.page_id,
-                repeat=repeat,
-                status="failed",
-                path=_path(page),
-                error=str(exc),
-                error_type="RunInterrupted",
-            )
+            record = _failed(page, repeat, str(exc), "RunInterrupted")
             self._append(record)
             return record
         except (LlmPerfOptError, RuntimeError, ValueError, OSError) as exc:
             log.debug("page %s failed", page.page_id, exc_info=True)
             self._release_memory()
-            record = PageRecord(
-                page_id=page.page_id,
-                repeat=repeat,
-                status="failed",
-                path=_path(page),
-                error=str(exc),
-                error_type=type(exc).__name__,
-            )
+            record = _failed(page, repeat, str(exc), type(exc).__name__)
         else:
             record = result.record
             self.runs_for_flops.append(result)
@@ -360,6 +339,12 @@ class _PageFailed(Exception):
     def __init__(self, record: PageRecord) -> None:
         super().__init__(record.error)
         self.record = record
+
+
+def _failed(page: Page, repeat: int, error: str, error_type: str) -> PageRecord:
+    return PageRecord(
+        page_id=page.page_id, repeat=repeat, status="failed", path=_path(page), error=error, error_type=error_type
+    )
 
 
 def _path(page: Page) -> str | None:
@@ -478,7 +463,7 @@ def run_stage1(cfg: DictConfig) -> RunSummary:
     try:
         with stop.installed(), progress:
             run.write_reports("running")
-            _warmup(cfg, run, pages, cap, progress)
+            _warmup(cfg, run, pages, cap, progress, stop)
             if cfg.profiling.get("enabled", True) and not stop():
                 _profile_pass(cfg, run, pages, cap, progress)
             todo = [(r, p) for r in range(int(cfg.repeats)) for p in pages if (p.page_id, r) not in done]
@@ -520,7 +505,7 @@ def run_stage1(cfg: DictConfig) -> RunSummary:
     return summary
 
 
-def _warmup(cfg: DictConfig, run: Stage1Run, pages: list[Page], cap: int, progress: Any) -> None:
+def _warmup(cfg: DictConfig, run: Stage1Run, pages: list[Page], cap: int, progress: Any, stop: StopFlag) -> None:
     assert run.session is not None
     rounds = int(cfg.profiling.get("warmup_rounds", 0))
     if rounds == 0:
@@ -532,10 +517,33 @@ def _warmup(cfg: DictConfig, run: Stage1Run, pages: list[Page], cap: int, progre
         page = Page(page_id="warmup", synthetic_size=size, seed=12345)
     else:
         page = first
-    task = progress.add("warmup", total=rounds)
+    warm_pages = [page]
+    if run.session.fast is not None:
+        # The fast path compiles and captures its vision graphs once per view shape: warm every crop count
+        # the dataset has, so no timed page pays that one-time cost.
+        warm_pages = _one_page_per_view_shape(run.session, pages, first=page)
+    task = progress.add("warmup", total=rounds * len(warm_pages))
     for _ in range(rounds):
-        run.session.run(page, min(cap, 8), repeat=-1)
-        progress.advance(task)
+        for p in warm_pages:
+            if stop():
+                return
+            try:
+                run.session.run(p, min(cap, 8), repeat=-1, should_stop=stop)
+            except RunInterrupted:
+                return
+            progress.advance(task)
+
+
+def _one_page_per_view_shape(session: DeepSeekOCRSession, pages: list[Page], first: Page) -> list[Page]:
+    """``first`` plus one page for each other crop count among ``pages`` (pages that fail to load are skipped)."""
+    chosen: dict[int, Page] = {}
+    for p in [first, *pages]:
+        try:
+            n_crops = session.crop_count(p)
+        except (LlmPerfOptError, OSError, ValueError):
+            continue  # a bad page fails in its own timed run, with its reason
+        chosen.setdefault(n_crops, p)
+    return list(chosen.values()) or [first]
 
 
 def _representative_page(pages: list[Page]) -> Page:

@@ -40,7 +40,7 @@ __all__ = [
     "apply_experts_gather_bmm",
     "apply_experts_grouped",
     "apply_rotary",
-    "grouped_matmul",
+    "grouped_experts_stacked",
     "route_tokens",
     "set_expert_impl",
     "stacked_expert_weights",
@@ -299,45 +299,44 @@ def _use_grouped_mm(x: Tensor) -> bool:
     return x.device.type == "cpu"
 
 
-def grouped_matmul(a: Tensor, weight: Tensor, offs: Tensor, sorted_ids: Tensor) -> Tensor:
-    """Rows of ``a`` [M, K] (sorted by expert) times their expert's ``weight[e]``ᵀ ([E, N, K]) -> [M, N].
+def grouped_experts_stacked(
+    x: Tensor, topk_idx: Tensor, topk_weight: Tensor, w13: Tensor, down: Tensor, use_gmm: bool
+) -> Tensor:
+    """Routed experts over stacked weights (fused gate/up ``w13`` [E, 2I, H], ``down`` [E, H, I]).
 
-    ``offs`` [E] int32 are the cumulative row counts (end of each expert's rows), ``sorted_ids`` [M] the
-    expert of each row.  Uses ``torch._grouped_mm`` (one kernel, reads only the experts that have rows)
-    where it runs, otherwise gathers each row's expert matrix and uses ``bmm`` (fine for decode's few rows).
+    Sort the (token, slot) pairs by expert on the device; with ``use_gmm`` per-expert row offsets by
+    ``searchsorted`` and two ``torch._grouped_mm`` calls (one kernel each, reading only the experts that have
+    rows), else each row gathers its expert's matrices and uses ``bmm`` (fine for decode's few rows).  Then
+    un-permute and the same float32 weighted sum over the k picks as the eager loop.  No host sync, and
+    nothing here that ``torch.compile`` cannot trace (the fast path compiles it with stacks built at load).
     """
-    if _use_grouped_mm(a):
-        try:
-            return torch._grouped_mm(a, weight.transpose(1, 2), offs=offs)
-        except RuntimeError:  # pragma: no cover - builds whose CPU fallback is missing
-            pass
-    return torch.bmm(a.unsqueeze(1), weight.index_select(0, sorted_ids).transpose(1, 2)).squeeze(1)
+    n_tokens, k = topk_idx.shape
+    n_experts, _, inter = down.shape
+    sorted_ids, order = torch.sort(topk_idx.reshape(-1), stable=True)  # (token, slot) pairs grouped by expert
+    rows = x.index_select(0, order // k)
+    if use_gmm:
+        arange_e = torch.arange(n_experts, device=x.device, dtype=sorted_ids.dtype)
+        offs = torch.searchsorted(sorted_ids, arange_e, right=True, out_int32=True)
+        h = torch._grouped_mm(rows, w13.transpose(1, 2), offs=offs)
+    else:
+        h = torch.bmm(rows.unsqueeze(1), w13.index_select(0, sorted_ids).transpose(1, 2)).squeeze(1)
+    act = F.silu(h[:, :inter]) * h[:, inter:]
+    if use_gmm:
+        y = torch._grouped_mm(act, down.transpose(1, 2), offs=offs)
+    else:
+        y = torch.bmm(act.unsqueeze(1), down.index_select(0, sorted_ids).transpose(1, 2)).squeeze(1)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
+    per_slot = y.index_select(0, inverse).view(n_tokens, k, -1)
+    routed = (per_slot.float() * topk_weight.float().unsqueeze(-1)).sum(dim=1)
+    return routed.to(x.dtype)
 
 
 def _grouped_experts(
     x: Tensor, topk_idx: Tensor, topk_weight: Tensor, experts: nn.ModuleList, force_bmm: bool
 ) -> tuple[Tensor, list[int]]:
     w13, down = stacked_expert_weights(experts)
-    n_tokens, k = topk_idx.shape
-    inter = down.shape[2]
-    flat_ids = topk_idx.reshape(-1)
-    sorted_ids, order = torch.sort(flat_ids, stable=True)  # (token, slot) pairs grouped by expert
-    rows = x.index_select(0, order // k)
-    if force_bmm:
-        h = torch.bmm(rows.unsqueeze(1), w13.index_select(0, sorted_ids).transpose(1, 2)).squeeze(1)
-    else:
-        arange_e = torch.arange(len(experts), device=x.device, dtype=sorted_ids.dtype)
-        offs = torch.searchsorted(sorted_ids, arange_e, right=True, out_int32=True)
-        h = grouped_matmul(rows, w13, offs, sorted_ids)
-    act = F.silu(h[:, :inter]) * h[:, inter:]
-    if force_bmm:
-        y = torch.bmm(act.unsqueeze(1), down.index_select(0, sorted_ids).transpose(1, 2)).squeeze(1)
-    else:
-        y = grouped_matmul(act, down, offs, sorted_ids)
-    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
-    per_slot = y.index_select(0, inverse).view(n_tokens, k, -1)
-    routed = (per_slot.float() * topk_weight.float().unsqueeze(-1)).sum(dim=1)
-    return routed.to(x.dtype), []
+    use_gmm = not force_bmm and _use_grouped_mm(x)
+    return grouped_experts_stacked(x, topk_idx, topk_weight, w13, down, use_gmm), []
 
 
 def apply_experts_grouped(

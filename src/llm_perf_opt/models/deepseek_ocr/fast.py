@@ -60,6 +60,7 @@ from llm_perf_opt.models.deepseek_ocr.decoder import (
     _use_grouped_mm,
     apply_experts_eager,
     apply_experts_grouped,
+    grouped_experts_stacked,
     route_tokens,
     stacked_expert_weights,
 )
@@ -123,35 +124,6 @@ def fuse_linears(linears: Sequence[nn.Linear]) -> Tensor:
             begin = end
     object.__setattr__(linears[0], "_fused_weight", fused)
     return fused
-
-
-def _grouped_experts_stacked(
-    x: Tensor, topk_idx: Tensor, topk_weight: Tensor, w13: Tensor, down: Tensor, use_gmm: bool
-) -> Tensor:
-    """:func:`~llm_perf_opt.models.deepseek_ocr.decoder.apply_experts_grouped` on weights stacked at load.
-
-    Same ops and order as the decoder's version, minus its per-call cache check of the stacks (a data-pointer
-    comparison that ``torch.compile`` cannot trace) and device-capability query: both are settled once here.
-    """
-    n_tokens, k = topk_idx.shape
-    n_experts, _, inter = down.shape
-    sorted_ids, order = torch.sort(topk_idx.reshape(-1), stable=True)
-    rows = x.index_select(0, order // k)
-    if use_gmm:
-        arange_e = torch.arange(n_experts, device=x.device, dtype=sorted_ids.dtype)
-        offs = torch.searchsorted(sorted_ids, arange_e, right=True, out_int32=True)
-        h = torch._grouped_mm(rows, w13.transpose(1, 2), offs=offs)
-    else:
-        h = torch.bmm(rows.unsqueeze(1), w13.index_select(0, sorted_ids).transpose(1, 2)).squeeze(1)
-    act = F.silu(h[:, :inter]) * h[:, inter:]
-    if use_gmm:
-        y = torch._grouped_mm(act, down.transpose(1, 2), offs=offs)
-    else:
-        y = torch.bmm(act.unsqueeze(1), down.index_select(0, sorted_ids).transpose(1, 2)).squeeze(1)
-    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
-    per_slot = y.index_select(0, inverse).view(n_tokens, k, -1)
-    routed = (per_slot.float() * topk_weight.float().unsqueeze(-1)).sum(dim=1)
-    return routed.to(x.dtype)
 
 
 class _Mlp:
@@ -233,7 +205,7 @@ class _Layer:
             routed_scaling_factor=moe.routed_scaling_factor,
         )
         if self.grouped and self.stacked is not None and self.expert_fn is apply_experts_grouped:
-            routed = _grouped_experts_stacked(flat, topk_idx, topk_weight, *self.stacked, self.use_gmm)
+            routed = grouped_experts_stacked(flat, topk_idx, topk_weight, *self.stacked, self.use_gmm)
             if counts is not None:
                 counts.index_add_(0, topk_idx.reshape(-1), _ones_like_ids(topk_idx))
         elif self.grouped:

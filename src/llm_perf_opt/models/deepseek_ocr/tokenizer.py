@@ -99,7 +99,23 @@ class PromptTokenizer(Protocol):
     def decode(self, ids: Sequence[int]) -> str: ...
 
 
-class HFPromptTokenizer:
+class _PromptEncoding:
+    """``encode_prompt`` shared by both tokenizers: each side of ``<image>`` encoded separately (as the
+    reference does), one image marker between them."""
+
+    image_token_id: int
+
+    def _encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode_prompt(self, prompt: str, with_image: bool = True) -> list[int]:
+        before, after = split_prompt(prompt, with_image)
+        if after is None:
+            return self._encode(before)
+        return [*self._encode(before), self.image_token_id, *self._encode(after)]
+
+
+class HFPromptTokenizer(_PromptEncoding):
     """The checkpoint's tokenizer through ``transformers.AutoTokenizer`` (fast tokenizer, no remote code)."""
 
     is_stand_in = False
@@ -140,19 +156,12 @@ class HFPromptTokenizer:
     def _encode(self, text: str) -> list[int]:
         return [int(t) for t in self._tok.encode(text, add_special_tokens=False)] if text else []
 
-    def encode_prompt(self, prompt: str, with_image: bool = True) -> list[int]:
-        """Text ids with one image marker where ``<image>`` was (each side encoded separately, as the reference)."""
-        before, after = split_prompt(prompt, with_image)
-        if after is None:
-            return self._encode(before)
-        return [*self._encode(before), self.image_token_id, *self._encode(after)]
-
     def decode(self, ids: Sequence[int]) -> str:
         """Special tokens kept: grounding output (``<|ref|>`` / ``<|det|>``) is part of the answer."""
         return str(self._tok.decode([int(t) for t in ids], skip_special_tokens=False))
 
 
-class StandInTokenizer:
+class StandInTokenizer(_PromptEncoding):
     """Deterministic stand-in for models without tokenizer files (dummy weights, tiny fixture).
 
     * Real vocabulary (129,280 ids, ``<image>`` = 128815) and the default prompt: the real ids (see
@@ -209,13 +218,6 @@ class StandInTokenizer:
             return list(self._known[text])
         n = len(self._byte_ids)
         return [self._byte_ids[b % n] for b in text.encode("utf-8")]
-
-    def encode_prompt(self, prompt: str, with_image: bool = True) -> list[int]:
-        """Text ids with one image marker where ``<image>`` was."""
-        before, after = split_prompt(prompt, with_image)
-        if after is None:
-            return self._encode(before)
-        return [*self._encode(before), self.image_token_id, *self._encode(after)]
 
     def decode(self, ids: Sequence[int]) -> str:
         parts: list[str] = []
