@@ -177,6 +177,13 @@ def compute_efficiency(
                 ("decode", rep.decode),
             )
         ]
+    if not any(r.peak_mem_allocated_bytes is not None for r in ok):
+        unavailable.append(
+            Unavailable(
+                "peak_mem_allocated_bytes",
+                "not a CUDA run: the allocator's peak counters exist on CUDA only; peak RSS of the process is shown",
+            )
+        )
     energy = _energy_summary(run, ok, unavailable)
     routing = routing_summary(run)
     if final and run.static_flops is None and run.runs_for_flops and run.cfg.profiling.get("static_compute", True):
