@@ -63,6 +63,9 @@ def _row(job_dir: Path) -> dict[str, Any]:
         row[label] = value
     for e in s.efficiency:
         row[f"MFU {e.stage}"] = e.mfu
+    mfu_missing = next((u.reason for u in s.unavailable if u.metric == "mfu"), None)
+    if mfu_missing:
+        row["mfu_unavailable"] = mfu_missing
     return row
 
 
@@ -73,7 +76,9 @@ def summarize_sweep(root: Path) -> list[dict[str, Any]]:
     # Only overrides that differ between jobs are swept axes; constants shared by all jobs are not columns.
     all_keys = sorted({k for r in rows for k in r["swept"]})
     keys = [k for k in all_keys if len({r["swept"].get(k) for r in rows}) > 1] or all_keys
-    metric_cols = [label for _, _, label in KEY_METRICS] + sorted({k for r in rows for k in r if k.startswith("MFU ")})
+    # MFU columns only where some job has a figure (a CPU sweep has none: one line says why instead).
+    mfu_cols = sorted({k for r in rows for k in r if k.startswith("MFU ") and r[k] is not None})
+    metric_cols = [label for _, _, label in KEY_METRICS] + mfu_cols
     header = ["job", *keys, "status", *metric_cols]
     lines = [
         f"# Sweep summary — {root.name}\n",
@@ -92,6 +97,9 @@ def summarize_sweep(root: Path) -> list[dict[str, Any]]:
             else:
                 cells.append(f"{v:,.3f}")
         lines.append("| " + " | ".join(cells) + " |")
+    reasons = sorted({r["mfu_unavailable"] for r in rows if r.get("mfu_unavailable")})
+    if not mfu_cols and reasons:
+        lines.append(f"\nMFU not available: {reasons[0]}")
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
         lines.append("\n## Failed jobs\n")
