@@ -7,7 +7,6 @@ Prints a markdown table; the acceptance bar is overhead < 1 % of prefill.
 
 from __future__ import annotations
 
-import statistics
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from hydra import compose, initialize_config_dir
 
 import llm_perf_opt.runners.llm_profile_runner  # noqa: F401  (registers the run_suffix resolver)
 from llm_perf_opt.data.datasets import Page
+from llm_perf_opt.profiling.stats import summarize
 from llm_perf_opt.runners.dsocr_session import DeepSeekOCRSession
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,10 +35,18 @@ def main(overrides: list[str], rounds: int = 30) -> None:
         assert rec.prefill_ms is not None
         times[enabled].append(rec.prefill_ms)
     session.close()
-    on, off = statistics.median(times[True]), statistics.median(times[False])
-    print("| hooks | prefill p50 ms | runs |\n|---|---|---|")
-    print(f"| on | {on:.3f} | {rounds} |\n| off | {off:.3f} | {rounds} |")
-    print(f"\nhook overhead: {on - off:+.3f} ms = {100 * (on - off) / off:+.2f} % of prefill (device {cfg.device})")
+    on, off = summarize(times[True]), summarize(times[False])
+    assert on is not None and off is not None
+    print("| hooks | prefill p50 ms | mean ms | 95 % CI of mean | runs |\n|---|---|---|---|---|")
+    for label, s in (("on", on), ("off", off)):
+        print(f"| {label} | {s.p50:.3f} | {s.mean:.3f} | ± {s.ci95_half_width or 0:.3f} | {s.n} |")
+    delta = on.mean - off.mean
+    overlap = not (on.ci95_high < off.ci95_low or off.ci95_high < on.ci95_low)  # type: ignore[operator]
+    verdict = "within the run's own noise (CIs overlap)" if overlap else "larger than the noise"
+    print(
+        f"\nhook overhead: {delta:+.3f} ms = {100 * delta / off.mean:+.2f} % of prefill, {verdict} "
+        f"(device {cfg.device})"
+    )
 
 
 if __name__ == "__main__":
