@@ -16,9 +16,10 @@ import hydra
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from llm_perf_opt import paths
 from llm_perf_opt.errors import LlmPerfOptError, OutputError, RunInterrupted
 
-CONF_DIR = str(Path(__file__).resolve().parents[3] / "conf")
+CONF_DIR = str(paths.CONF_DIR)
 log = logging.getLogger("llm_perf_opt")
 
 # A short random suffix, fixed for the life of the process (use_cache): run dirs of two jobs started in

@@ -16,7 +16,6 @@ import os
 import re
 import signal
 import sys
-import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,12 +26,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from llm_perf_opt.data.datasets import Page, build_pages
 from llm_perf_opt.errors import ConfigError, LlmPerfOptError, OutputError, PageError, RunInterrupted
+from llm_perf_opt.paths import PROJECT_ROOT
 from llm_perf_opt.profiling.stats import summarize
 from llm_perf_opt.report.env import collect_env
 from llm_perf_opt.results.serialize import (
     append_jsonl,
     atomic_write_text,
-    read_page_journal,
     to_jsonable,
     write_summary,
 )
@@ -49,11 +48,10 @@ from llm_perf_opt.results.types import (
     Unavailable,
 )
 from llm_perf_opt.runners.dsocr_session import DeepSeekOCRSession, PageRun, resolve_device
+from llm_perf_opt.runners.resume import JOURNAL, check_resume, resume_dir, resume_records
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[3]
-JOURNAL = "pages.jsonl"
 PREDICTIONS = "predictions.jsonl"
 AGGREGATE_METRICS = (
     "preprocess_ms",
@@ -358,78 +356,11 @@ def _progress(cfg: DictConfig) -> Any:
     return Progress(enabled=(sys.stderr.isatty() if mode == "auto" else mode in ("true", "on", "1", "True")))
 
 
-RESUME_MUST_MATCH = ("model", "infer", "device")
-
-
-def _resume_path(resume: str) -> Path:
-    path = Path(str(resume))
-    return path if path.is_absolute() else PROJECT_ROOT / path
-
-
-def _check_resume(cfg: DictConfig) -> None:
-    """Before anything is written to the run dir (it may be the resumed dir itself): journal and settings."""
-    resume = cfg.get("resume")
-    if not resume:
-        return
-    path = _resume_path(str(resume))
-    journal = path / JOURNAL
-    if not journal.is_file():
-        raise ConfigError(
-            f"resume={resume}: {journal} not found",
-            hint="point resume at an earlier run directory (tmp/stage1/<run_id>)",
-        )
-    _check_resume_config(str(resume), path, cfg)
-
-
-def _resume_records(
-    resume: str | None, cfg: DictConfig | None = None, pages: list[Page] | None = None
-) -> list[PageRecord]:
-    if not resume:
-        return []
-    journal = _resume_path(resume) / JOURNAL
-    if not journal.is_file():
-        raise ConfigError(
-            f"resume={resume}: {journal} not found",
-            hint="point resume at an earlier run directory (tmp/stage1/<run_id>)",
-        )
-    records = [r for r in read_page_journal(journal) if r.status == "ok"]
-    if cfg is not None and pages is not None:
-        # Only pages of this run's dataset and repeats: a carried-over record outside them would enter the stats.
-        ids = {p.page_id for p in pages}
-        records = [r for r in records if r.page_id in ids and 0 <= r.repeat < int(cfg.repeats)]
-    return records
-
-
-def _check_resume_config(resume: str, path: Path, cfg: DictConfig) -> None:
-    """Carried-over pages are only comparable when model, decoding and device are the same."""
-    try:
-        earlier = yaml.safe_load((path / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return  # an older run dir without config.yaml: nothing to compare against
-    now = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(now, dict)
-    differ = [key for top in RESUME_MUST_MATCH for key in _differing_keys(earlier.get(top), now.get(top), top)]
-    if differ:
-        shown = ", ".join(differ[:4]) + (f" (+{len(differ) - 4} more)" if len(differ) > 4 else "")
-        raise ConfigError(
-            f"resume={resume}: that run used different settings ({shown}); its pages are not comparable",
-            hint=f"resume only with the same {'/'.join(RESUME_MUST_MATCH)} settings (repeats and dataset may differ)",
-        )
-
-
-def _differing_keys(a: Any, b: Any, prefix: str) -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [
-            k for key in sorted(set(a) | set(b)) for k in _differing_keys(a.get(key), b.get(key), f"{prefix}.{key}")
-        ]
-    return [] if a == b else [f"{prefix}: {a!r} -> {b!r}"]
-
-
 def run_stage1(cfg: DictConfig) -> RunSummary:
     """The whole Stage-1 run; importable and tested without Hydra's CLI."""
     validate(cfg)
     out = prepare_run_dir(cfg)
-    _check_resume(cfg)
+    check_resume(cfg)
     run = Stage1Run(cfg, out)
     atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     device = resolve_device(str(cfg.device))
@@ -438,10 +369,10 @@ def run_stage1(cfg: DictConfig) -> RunSummary:
     pages = build_pages(cfg.dataset, PROJECT_ROOT)
     atomic_write_text(out / "inputs.yaml", yaml.safe_dump({"pages": [p.describe() for p in pages]}, sort_keys=False))
     cap = effective_max_new_tokens(cfg)
-    resumed = _resume_records(cfg.get("resume"), cfg, pages)
+    resumed = resume_records(cfg, pages)
     done = {(r.page_id, r.repeat) for r in resumed}
     # Resuming into the run dir itself (hydra.run.dir=<same dir>): its journal already holds these records.
-    same_dir = bool(resumed) and _resume_path(str(cfg.resume)).resolve() == out.resolve()
+    same_dir = bool(resumed) and resume_dir(str(cfg.resume)).resolve() == out.resolve()
     for r in resumed:
         if same_dir:
             run.records.append(r)
@@ -612,7 +543,3 @@ def _with_range_checks(summary: ProfileSummary, result: PageRun, out: Path) -> P
         if ev is not None and name in spans and spans[name][0] > 0
     ]
     return attrs.evolve(summary, range_checks=checks)
-
-
-def format_exception_for_log(exc: BaseException) -> str:
-    return "".join(traceback.format_exception(exc))
