@@ -210,6 +210,8 @@ def render_report(s: RunSummary, plots: dict[str, str] | None = None) -> str:
         )
         out.append(_operator_table(s, limit=10) + "\n")
 
+    if s.batches:
+        out.append(_render_batches(s) + "\n")
     if s.moe_routing:
         out.append("## MoE routing\n")
         out.append(_render_routing(s) + "\n")
@@ -401,6 +403,30 @@ def _render_efficiency(s: RunSummary) -> str:
         out.append("### Energy and clocks (NVML, during the timed repeats)\n")
         out.append(table(["quantity", "value"], [[_unit_label(k), fmt(v, 2)] for k, v in s.energy.items()]) + "\n")
     return "\n".join(out)
+
+
+def _render_batches(s: RunSummary) -> str:
+    from llm_perf_opt.profiling.stats import summarize
+
+    size = max(b.batch for b in s.batches)
+    rows = [
+        _stat_row("pages per second", summarize([b.pages_per_s for b in s.batches if b.pages_per_s]), "pages/s"),
+        _stat_row("output tokens per second", summarize([b.output_tok_s for b in s.batches if b.output_tok_s]),
+                  "tok/s"),
+        _stat_row("TTFT of the batch (vision + prefill)", summarize([b.prefill_ms for b in s.batches]), "ms"),
+        _stat_row("  vision (all pages of the batch)", summarize([b.vision_ms for b in s.batches]), "ms"),
+        _stat_row("TPOT per sequence", summarize([t for b in s.batches for t in b.tpot_ms]), "ms/token"),
+    ]  # fmt: skip
+    header = ["metric", "unit", "n", "mean", "95 % CI", "std", "p50", "p99", "min – max"]
+    return "\n".join(
+        [
+            f"## Batched throughput (batch size {size})\n",
+            f"{len(s.batches)} batches of up to {size} pages, one forward per step for the whole batch (vision "
+            "batched across pages, left-padded prefill, finished sequences masked). Statistics are over batches; "
+            "TPOT over sequences. Raw records: batches.jsonl.\n",
+            table(header, rows),
+        ]
+    )
 
 
 def _unit_label(key: str) -> str:

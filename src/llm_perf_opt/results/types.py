@@ -72,6 +72,23 @@ class PageRecord:
 
 
 @attrs.frozen
+class BatchRecord:
+    """One batch of the throughput phase (``infer.batch_size`` pages per forward)."""
+
+    repeat: int
+    page_ids: list[str]
+    batch: int
+    padded_prompt_tokens: int
+    output_tokens: int
+    vision_ms: float
+    prefill_ms: float  # vision + batched LM prefill: time to the first token of every sequence
+    decode_ms: float
+    pages_per_s: float | None
+    output_tok_s: float | None
+    tpot_ms: list[float]  # per sequence
+
+
+@attrs.frozen
 class Prediction:
     page_id: str
     path: str | None
@@ -198,6 +215,7 @@ class RunSummary:
     profile: ProfileSummary | None = None
     energy: dict[str, float] = attrs.field(factory=dict)
     moe_routing: dict[str, Any] = attrs.field(factory=dict)
+    batches: list[BatchRecord] = attrs.field(factory=list)
     unavailable: list[Unavailable] = attrs.field(factory=list)
     notes: list[str] = attrs.field(factory=list)
 

@@ -32,7 +32,7 @@ from llm_perf_opt.profiling.hooks import StageHooks
 from llm_perf_opt.profiling.ranges import RangeMarker
 from llm_perf_opt.profiling.stats import percentiles
 from llm_perf_opt.profiling.timers import DeviceClock
-from llm_perf_opt.results.types import PageRecord, Prediction
+from llm_perf_opt.results.types import BatchRecord, PageRecord, Prediction
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +156,7 @@ class DeepSeekOCRSession:
         self.energy_unavailable_reason = (
             "CPU run: NVML measures NVIDIA GPUs only" if self.nvml is None else self.nvml.unavailable_reason
         )
+        self._batched: Any = None  # BatchedGenerator, built on first use of the throughput phase
         self._cache: Any = None  # the fast path reuses one bucketed cache, so its CUDA graph is captured once
         self.fast = self._fast_config(infer.get("fast") or {}, device)
         if self.fast is not None:
@@ -255,12 +256,47 @@ class DeepSeekOCRSession:
             return None
         return float(reading.energy_j)
 
-    def crop_count(self, page: Page) -> int:
-        """How many tiles this page is cut into (preprocessing only, no model work)."""
+    def prepare(self, page: Page) -> Any:
+        """The page decoded and preprocessed (a PreparedPage): model inputs, no model work."""
         from llm_perf_opt.models.deepseek_ocr.preprocess import preprocess_page
 
-        prepared = preprocess_page(page.load(), self.backend.preprocess_cfg, self.backend.config, self.text_ids)
-        return int(prepared.n_crops)
+        return preprocess_page(page.load(), self.backend.preprocess_cfg, self.backend.config, self.text_ids)
+
+    def crop_count(self, page: Page) -> int:
+        """How many tiles this page is cut into (preprocessing only, no model work)."""
+        return int(self.prepare(page).n_crops)
+
+    def run_batch(self, pages: list[Page], max_new_tokens: int, repeat: int) -> BatchRecord:
+        """One batch of pages through the batched generator (throughput phase); greedy, per-sequence eos."""
+        from llm_perf_opt.models.deepseek_ocr.batched import BatchedGenerator
+
+        if self.backend.name != "native":
+            raise ConfigError("infer.batch_size > 1 needs model.backend=native", hint="set infer.batch_size=1")
+        if self._batched is None:
+            self._batched = BatchedGenerator(self.model)
+        prepared = [self.prepare(p) for p in pages]
+        ignore_eos = bool(self.infer.get("ignore_eos", False))
+        with torch.inference_mode():
+            res = self._batched.run(
+                prepared,
+                max_new_tokens,
+                eos_token_id=None if ignore_eos else self.backend.config.language.eos_token_id,
+                no_repeat_ngram_size=int(self.infer.get("no_repeat_ngram_size") or 0),
+                ignore_eos=ignore_eos,
+            )
+        return BatchRecord(
+            repeat=repeat,
+            page_ids=[p.page_id for p in pages],
+            batch=res.batch,
+            padded_prompt_tokens=res.padded_len,
+            output_tokens=res.output_tokens,
+            vision_ms=res.vision_s * 1e3,
+            prefill_ms=res.ttft_s * 1e3,
+            decode_ms=res.decode_s * 1e3,
+            pages_per_s=res.pages_per_s if res.total_s > 0 else None,
+            output_tok_s=res.output_tok_per_s if res.total_s > 0 else None,
+            tpot_ms=list(res.tpot_ms),
+        )
 
     # ------------------------------------------------------------------ one page
     def run(

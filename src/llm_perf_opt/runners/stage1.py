@@ -37,6 +37,7 @@ from llm_perf_opt.results.serialize import (
 )
 from llm_perf_opt.results.types import (
     SCHEMA_VERSION,
+    BatchRecord,
     HardwareInfo,
     ModelInfo,
     PageRecord,
@@ -175,6 +176,7 @@ class Stage1Run:
         self.started_at = _now()
         self.records: list[PageRecord] = []
         self.runs_for_flops: list[PageRun] = []
+        self.batches: list[BatchRecord] = []
         self.static_flops: list[StageFlops] | None = None
         self.profile: ProfileSummary | None = None
         self.unavailable: list[Unavailable] = []
@@ -244,6 +246,7 @@ class Stage1Run:
             profile=self.profile,
             energy=energy,
             moe_routing=routing,
+            batches=list(self.batches),
             unavailable=unavailable,
             notes=self.notes + more_notes,
         )
@@ -405,6 +408,8 @@ def run_stage1(cfg: DictConfig) -> RunSummary:
                 run.run_page(page, repeat, cap, stop)
                 progress.advance(task)
                 run.write_reports("running")
+            if int(cfg.infer.get("batch_size") or 1) > 1 and not stop():
+                _throughput_phase(cfg, run, pages, cap, progress, stop)
             if stop():
                 status, reason = "partial", f"stopped by {stop.signal_name}"
     except _PageFailed as exc:
@@ -434,6 +439,37 @@ def run_stage1(cfg: DictConfig) -> RunSummary:
             "recorded and the run goes on",
         )
     return summary
+
+
+def _throughput_phase(
+    cfg: DictConfig, run: Stage1Run, pages: list[Page], cap: int, progress: Any, stop: StopFlag
+) -> None:
+    """``infer.batch_size`` pages per forward, ``repeats`` rounds; one untimed warm batch first."""
+    assert run.session is not None
+    size = int(cfg.infer.batch_size)
+    chunks = [pages[i : i + size] for i in range(0, len(pages), size)]
+    try:
+        run.session.run_batch(chunks[0], min(cap, 8), repeat=-1)
+    except (LlmPerfOptError, RuntimeError, ValueError, OSError) as exc:
+        run.unavailable.append(Unavailable("batched_throughput", f"warm-up batch failed: {exc}"))
+        return
+    task = progress.add("batched throughput", total=len(chunks) * int(cfg.repeats))
+    for repeat in range(int(cfg.repeats)):
+        for chunk in chunks:
+            if stop():
+                return
+            try:
+                record = run.session.run_batch(chunk, cap, repeat)
+            except torch.OutOfMemoryError as exc:
+                run._release_memory()
+                run.notes.append(f"batch of {len(chunk)} (repeat {repeat}) ran out of memory: {exc}")
+                continue
+            except (LlmPerfOptError, RuntimeError, ValueError, OSError) as exc:
+                run.notes.append(f"batch {[p.page_id for p in chunk]} (repeat {repeat}) failed: {exc}")
+                continue
+            run.batches.append(record)
+            append_jsonl(run.out / "batches.jsonl", record)
+            progress.advance(task)
 
 
 def _warmup(cfg: DictConfig, run: Stage1Run, pages: list[Page], cap: int, progress: Any, stop: StopFlag) -> None:
