@@ -30,7 +30,7 @@ SMALL = [
     "profiling/torch=torch-profiler.min",
     "output.plots=false",
     # The counted-FLOPs pass (fvcore + FlopCounterMode) at the end of a run: covered by the default run.
-    "++profiling.static_compute=false",
+    "profiling.static_compute=false",
 ]
 
 

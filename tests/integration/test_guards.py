@@ -25,7 +25,7 @@ from llm_perf_opt.runners.stage1 import Stage1Run
 from tests.integration.conftest import ROOT
 
 PAGE = Page(page_id="synthetic-300x200-0", synthetic_size=(300, 200), seed=0)
-OVERRIDES = ["dataset.sizes=[[300,200]]", "repeats=1", "+profiling.static_compute=false", "output.plots=false"]
+OVERRIDES = ["dataset.sizes=[[300,200]]", "repeats=1", "profiling.static_compute=false", "output.plots=false"]
 
 
 @pytest.fixture
