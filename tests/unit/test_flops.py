@@ -500,3 +500,22 @@ def test_full_size_gundam_page(real_cfg: DeepseekOCRConfig) -> None:
     assert body < st["prefill_lm"] < 1.1 * body
     # Decode: 255 steps of ≈ 2 · 574M FLOPs plus attention over ~1k keys.
     assert 255 * 2 * 574_127_360 < st["decode"] < 255 * 2 * 574_127_360 * 1.1
+
+
+def test_stage_min_bytes_lower_bounds(real_cfg: DeepseekOCRConfig) -> None:
+    from llm_perf_opt.profiling.flops import kv_cache_bytes, param_counts, stage_min_bytes
+
+    views = [(6, 640, 640), (1, 1024, 1024)]
+    b = stage_min_bytes(real_cfg, views, prompt_len=913, dtype_bytes=2)
+    pc = param_counts(real_cfg)
+    # every stage reads its weights at least once, plus its inputs and outputs
+    assert b["sam"] > 2 * pc.sam_model and b["clip"] > 2 * pc.clip and b["projector"] > 2 * pc.projector
+    assert b["vision"] == b["sam"] + b["clip"] + b["projector"]
+    # 913 tokens × top-6 hit every one of the 64 experts: the whole decoder is read, plus embeddings and K/V
+    lang = real_cfg.language
+    weights = 2 * (pc.decoder_layers_total + pc.final_norm + pc.lm_head)
+    assert b["prefill_lm"] == weights + 913 * lang.hidden_size * 2 + kv_cache_bytes(lang, 913, 2)
+    assert b["prefill"] == b["vision"] + b["prefill_lm"]
+    # SAM is compute-bound on an H100 (ridge ≈ 295 FLOP/byte): its FLOP/byte upper bound is far above that
+    sam_flops = 2_930_630_000_000
+    assert sam_flops / b["sam"] > 295

@@ -62,6 +62,7 @@ __all__ = [
     "projector_flops",
     "sam_flops",
     "sam_output_grid",
+    "stage_min_bytes",
     "vision_flops",
 ]
 
@@ -697,3 +698,37 @@ def decode_bytes(
     keys_sum = steps * prompt_len + steps * (steps + 1) // 2
     comps["kv.read"] = kv_cache_bytes(cfg.language, keys_sum, dtype_bytes)
     return DecodeBytes.of(comps, [*first.notes, f"{steps} decode steps"])
+
+
+def stage_min_bytes(cfg: DeepseekOCRConfig, views: Sequence[View], prompt_len: int, dtype_bytes: int) -> dict[str, int]:
+    """Lower bounds of the device-memory traffic of the prefill stages of one page, for the roofline.
+
+    Each stage must at least read its weights once and read its input / write its output tensors;
+    traffic between the layers inside a stage (activations spilled to HBM) is left out, so these are
+    lower bounds and the arithmetic intensities derived from them are upper bounds.  The LM prefill
+    reads the routed experts its tokens hit: ``min(n_routed, prompt_len * top_k)`` per MoE layer (all
+    of them for any real prompt), writes the prompt's K/V and reads one embedding row per token.
+    """
+    _nonneg(prompt_len=prompt_len, dtype_bytes=dtype_bytes)
+    pc = param_counts(cfg)
+    sam, clip, proj = cfg.sam, cfg.clip, cfg.projector
+    out: dict[str, int] = {"sam": pc.sam_model * dtype_bytes, "clip": pc.clip * dtype_bytes,
+                           "projector": pc.projector * dtype_bytes}  # fmt: skip
+    for count, h, w in views:
+        fh, fw = sam_output_grid(sam, h, w)
+        pixels = count * 3 * h * w
+        sam_out = count * sam.downsample_channels[-1] * fh * fw
+        clip_out = count * (1 + fh * fw) * clip.hidden_size
+        proj_out = count * fh * fw * proj.n_embed
+        out["sam"] += (pixels + sam_out) * dtype_bytes
+        out["clip"] += (pixels + sam_out + clip_out) * dtype_bytes
+        out["projector"] += (count * fh * fw * proj.input_dim + proj_out) * dtype_bytes
+    out["vision"] = out["sam"] + out["clip"] + out["projector"]
+    lang = cfg.language
+    hits = [min(lang.n_routed_experts, prompt_len * lang.num_experts_per_tok)] * len(_moe_layers(lang))
+    weights = sum(_activated_weight_params(lang, hits).values()) * dtype_bytes
+    out["prefill_lm"] = (
+        weights + prompt_len * lang.hidden_size * dtype_bytes + kv_cache_bytes(lang, prompt_len, dtype_bytes)
+    )
+    out["prefill"] = out["vision"] + out["prefill_lm"]
+    return out

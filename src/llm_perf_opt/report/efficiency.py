@@ -117,6 +117,7 @@ def compute_efficiency(
     flops_sum: dict[str, float] = {}
     secs_sum: dict[str, float] = {}
     decode_bytes_sum = 0.0
+    min_bytes_sum: dict[str, float] = {}
     decode_secs_for_bytes = 0.0
     per_page: list[F.PageFlops] = []
     for rec in ok:
@@ -132,6 +133,9 @@ def compute_efficiency(
                 continue
             flops_sum[stage] = flops_sum.get(stage, 0.0) + stages[stage]
             secs_sum[stage] = secs_sum.get(stage, 0.0) + secs
+        views = [(int(v[0]), int(v[1]), int(v[2])) for v in rec.vision_views or []]
+        for stage, nbytes in F.stage_min_bytes(cfg, views, rec.prompt_tokens or 0, dtype_bytes).items():
+            min_bytes_sum[stage] = min_bytes_sum.get(stage, 0.0) + nbytes
         if rec.decode_ms and rec.decode_ms > 0 and rec.prompt_tokens and (rec.generated_tokens or 0) >= 2:
             db = F.decode_bytes(cfg, rec.prompt_tokens, rec.generated_tokens or 0, dtype_bytes)
             decode_bytes_sum += db.total_bytes
@@ -146,11 +150,20 @@ def compute_efficiency(
         achieved = fl / sec
         mfu_v = M.mfu(fl, sec, peak_flops) if peak_flops else None
         bytes_moved = mbu_v = ai = None
+        note = STAGE_NOTES.get(stage)
         if stage == "decode" and decode_secs_for_bytes > 0:
             bytes_moved = decode_bytes_sum / n_pages
             mbu_raw = M.mbu(decode_bytes_sum, decode_secs_for_bytes, peak_bw) if peak_bw else None
             mbu_v = mbu_raw if isinstance(mbu_raw, float) else None
             ai = fl / decode_bytes_sum if decode_bytes_sum else None
+        elif stage in min_bytes_sum and min_bytes_sum[stage] > 0:
+            # Lower bound of the traffic (weights + stage inputs/outputs): MBU is a lower bound, FLOP/byte an
+            # upper bound; enough to place the stage on the roofline (compute- vs memory-bound side).
+            bytes_moved = min_bytes_sum[stage] / n_pages
+            mbu_raw = M.mbu(min_bytes_sum[stage], sec, peak_bw) if peak_bw else None
+            mbu_v = mbu_raw if isinstance(mbu_raw, float) else None
+            ai = fl / min_bytes_sum[stage]
+            note = "; ".join(x for x in (note, "bytes ≥ weights + stage I/O (lower bound)") if x)
         efficiency.append(
             Efficiency(
                 stage=stage,
@@ -161,7 +174,7 @@ def compute_efficiency(
                 bytes_moved=bytes_moved,
                 mbu=mbu_v,
                 arithmetic_intensity=ai,
-                reason=STAGE_NOTES.get(stage),
+                reason=note,
             )
         )
     flops_table: list[StageFlops] = []

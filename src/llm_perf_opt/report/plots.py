@@ -92,6 +92,7 @@ def write_plots(s: RunSummary, out: Path) -> dict[str, str]:
         for e in points:
             ax.loglog([e.arithmetic_intensity], [e.achieved_flops_per_s], "o", label=e.stage)
         ax.set_xlabel("arithmetic intensity (FLOP/byte)")
+        ax.set_title("decode: bytes actually read; other stages: intensity is an upper bound", fontsize=8)
         ax.set_ylabel("FLOP/s")
         ax.legend(fontsize=8)
         fig.tight_layout()
