@@ -17,16 +17,16 @@ sweep: setup
 	$(PY) -m llm_perf_opt.runners.llm_profile_runner -m repeats=3,10 infer.max_new_tokens=64,256,1024 $(ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/mypy
 
 test: lint
 	$(VENV)/bin/pytest -q $(ARGS)
 
 format: setup
-	$(VENV)/bin/ruff format src tests
-	$(VENV)/bin/ruff check --fix src tests
+	$(VENV)/bin/ruff format src tests benchmarks
+	$(VENV)/bin/ruff check --fix src tests benchmarks
 
 compare: setup
 	$(PY) -m llm_perf_opt.cli compare $(ARGS)
