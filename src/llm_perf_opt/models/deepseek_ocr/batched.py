@@ -55,7 +55,6 @@ from llm_perf_opt.models.deepseek_ocr.decoder import (
     DecoderLayer,
     MoE,
     apply_rotary,
-    route_tokens,
 )
 from llm_perf_opt.models.deepseek_ocr.fast import VISION_SDPA, FastModel
 from llm_perf_opt.models.deepseek_ocr.generation import banned_ngram_tokens
@@ -287,14 +286,7 @@ class BatchedGenerator:
         return EXPERT_IMPLS[self.expert_impl or moe.expert_impl]
 
     def _moe(self, moe: MoE, flat: Tensor) -> Tensor:
-        topk_idx, topk_weight = route_tokens(
-            moe.gate(flat),
-            moe.top_k,
-            scoring_func=moe.scoring_func,
-            topk_method=moe.topk_method,
-            norm_topk_prob=moe.norm_topk_prob,
-            routed_scaling_factor=moe.routed_scaling_factor,
-        )
+        topk_idx, topk_weight = moe.route(moe.gate(flat))
         routed, counts = self._expert_fn(moe)(flat, topk_idx, topk_weight, moe.experts)
         moe.last_topk_idx = topk_idx.detach()
         for expert_id, count in enumerate(counts):

@@ -441,17 +441,21 @@ class MoE(nn.Module):
         self.last_topk_idx = None
         self.tokens_per_expert = [0] * len(self.experts)
 
-    def forward(self, x: Tensor) -> Tensor:
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1])
-        topk_idx, topk_weight = route_tokens(
-            self.gate(flat),
+    def route(self, gate_logits: Tensor) -> tuple[Tensor, Tensor]:
+        """This layer's routing rule applied to router logits -> (expert ids, weights) [tokens, k]."""
+        return route_tokens(
+            gate_logits,
             self.top_k,
             scoring_func=self.scoring_func,
             topk_method=self.topk_method,
             norm_topk_prob=self.norm_topk_prob,
             routed_scaling_factor=self.routed_scaling_factor,
         )
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        topk_idx, topk_weight = self.route(self.gate(flat))
         routed, counts = EXPERT_IMPLS[self.expert_impl](flat, topk_idx, topk_weight, self.experts)
         self.last_topk_idx = topk_idx.detach()
         for expert_id, count in enumerate(counts):

@@ -61,7 +61,6 @@ from llm_perf_opt.models.deepseek_ocr.decoder import (
     apply_experts_eager,
     apply_experts_grouped,
     grouped_experts_stacked,
-    route_tokens,
     stacked_expert_weights,
 )
 from llm_perf_opt.models.deepseek_ocr.kv_cache import StaticKVCache
@@ -196,14 +195,7 @@ class _Layer:
         assert moe is not None and self.gate_w32 is not None
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        topk_idx, topk_weight = route_tokens(
-            F.linear(flat.float(), self.gate_w32),
-            moe.top_k,
-            scoring_func=moe.scoring_func,
-            topk_method=moe.topk_method,
-            norm_topk_prob=moe.norm_topk_prob,
-            routed_scaling_factor=moe.routed_scaling_factor,
-        )
+        topk_idx, topk_weight = moe.route(F.linear(flat.float(), self.gate_w32))
         if self.grouped and self.stacked is not None and self.expert_fn is apply_experts_grouped:
             routed = grouped_experts_stacked(flat, topk_idx, topk_weight, *self.stacked, self.use_gmm)
             if counts is not None:
