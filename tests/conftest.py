@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,6 +18,20 @@ TINY = FIXTURES / "deepseek_ocr_tiny"
 REAL = FIXTURES / "deepseek_ocr_real"
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device machine)")
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|: the tolerance metric of fixtures/deepseek_ocr_tiny/README.md."""
+    return float((actual.float() - expected.float()).abs().max() / expected.float().abs().max())
+
+
+@pytest.fixture(scope="module")
+def tiny_reference_model() -> Any:
+    """The tiny native model with the fixture's seeded weights (fp32, CPU): the model the parity tests check."""
+    from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, build_model
+
+    cfg = DeepseekOCRConfig.from_json(TINY / "config.json")
+    return build_model(cfg, device="cpu", dtype=torch.float32, weights=TINY)
 
 
 @pytest.fixture

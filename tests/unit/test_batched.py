@@ -22,6 +22,7 @@ from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, DeepseekOCRForCa
 from llm_perf_opt.models.deepseek_ocr.batched import BatchedGenerator, BatchResult
 from llm_perf_opt.models.deepseek_ocr.generation import GenerationResult
 from llm_perf_opt.models.deepseek_ocr.preprocess import PreparedPage, PreprocessConfig, load_image, preprocess_page
+from tests.conftest import rel_err
 
 TINY = Path(__file__).resolve().parents[1] / "fixtures" / "deepseek_ocr_tiny"
 CASES = [("global_only", False), ("crop_2x1", True), ("crop_2x3", True)]  # crop mode as the fixture made them
@@ -30,14 +31,9 @@ TOL = 1e-4
 STEPS = 16
 
 
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual.float() - expected.float()).abs().max() / expected.float().abs().max())
-
-
 @pytest.fixture(scope="module")
-def model() -> DeepseekOCRForCausalLM:
-    cfg = DeepseekOCRConfig.from_json(TINY / "config.json")
-    return build_model(cfg, "cpu", torch.float32, weights=TINY / "weights.safetensors")
+def model(tiny_reference_model: DeepseekOCRForCausalLM) -> DeepseekOCRForCausalLM:
+    return tiny_reference_model
 
 
 @pytest.fixture(scope="module")

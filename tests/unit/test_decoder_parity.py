@@ -14,23 +14,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, DeepseekOCRForCausalLM, build_model, generate
+from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, DeepseekOCRForCausalLM, generate
 from llm_perf_opt.models.deepseek_ocr.decoder import MLP, MoE, RMSNorm, apply_experts_eager, route_tokens
+from tests.conftest import rel_err
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "deepseek_ocr_tiny"
 CASES = ["global_only", "crop_2x1", "crop_2x3"]
 TOL = 1e-4
 
 
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected| (the fixture README's metric)."""
-    return float((actual.float() - expected.float()).abs().max() / expected.float().abs().max())
-
-
 @pytest.fixture(scope="module")
-def model() -> DeepseekOCRForCausalLM:
-    cfg = DeepseekOCRConfig.from_json(FIXTURE / "config.json")
-    return build_model(cfg, device="cpu", dtype=torch.float32, weights=FIXTURE)
+def model(tiny_reference_model: DeepseekOCRForCausalLM) -> DeepseekOCRForCausalLM:
+    return tiny_reference_model
 
 
 @pytest.fixture(scope="module", params=CASES)

@@ -22,11 +22,11 @@ from llm_perf_opt.errors import InputError
 from llm_perf_opt.models.deepseek_ocr import (
     DeepseekOCRConfig,
     DeepseekOCRForCausalLM,
-    build_model,
     empty_model,
     generate,
     num_image_tokens,
 )
+from tests.conftest import rel_err
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 TINY = FIXTURES / "deepseek_ocr_tiny"
@@ -35,14 +35,9 @@ CASES = ["global_only", "crop_2x1", "crop_2x3"]
 TOL = 1e-4
 
 
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual.float() - expected.float()).abs().max() / expected.float().abs().max())
-
-
 @pytest.fixture(scope="module")
-def model() -> DeepseekOCRForCausalLM:
-    cfg = DeepseekOCRConfig.from_json(TINY / "config.json")
-    return build_model(cfg, device="cpu", dtype=torch.float32, weights=TINY)
+def model(tiny_reference_model: DeepseekOCRForCausalLM) -> DeepseekOCRForCausalLM:
+    return tiny_reference_model
 
 
 def _load(name: str) -> dict[str, torch.Tensor]:
