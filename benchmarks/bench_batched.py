@@ -23,7 +23,6 @@ import argparse
 import datetime as dt
 import json
 import statistics
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -35,36 +34,12 @@ from llm_perf_opt.models.deepseek_ocr.batched import BatchedGenerator
 from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, apply_fast_path
 from llm_perf_opt.models.deepseek_ocr.preprocess import PreparedPage, PreprocessConfig, preprocess_page
 from llm_perf_opt.models.deepseek_ocr.tokenizer import load_tokenizer
+from llm_perf_opt.profiling.hw import benchmark_header
 
 CONFIG = "src/llm_perf_opt/models/deepseek_ocr/configs/deepseek-ocr.json"
 PROMPT = "<image>\n<|grounding|>Convert the document to markdown."
 PAGE_SIZES = [(1224, 1584), (1700, 2200), (850, 1100), (1584, 1224), (2480, 3508)]
 GiB = 2**30
-
-
-def env_info(device: torch.device) -> dict[str, str]:
-    if device.type != "cuda":
-        return {"gpu": "cpu", "driver": "-", "torch": torch.__version__, "cuda": "-", "date": _now()}
-    try:
-        drv = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout.strip()
-    except OSError:
-        drv = "unknown"
-    return {
-        "gpu": torch.cuda.get_device_name(),
-        "driver": drv or "unknown",
-        "torch": torch.__version__,
-        "cuda": str(torch.version.cuda),
-        "date": _now(),
-    }
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _sync(device: torch.device) -> None:
@@ -88,7 +63,8 @@ def measure(
         torch.cuda.reset_peak_memory_stats(dev)
     res = gen.run(pages, tokens, eos_token_id=eos, ignore_eos=True)
     _sync(dev)
-    peak = torch.cuda.max_memory_allocated(dev) / GiB if dev.type == "cuda" else float("nan")
+    # CUDA allocator peak; None off CUDA (printed "n/a", never as a number)
+    peak = torch.cuda.max_memory_allocated(dev) / GiB if dev.type == "cuda" else None
     tpot = [t for t in res.tpot_ms if t == t]  # drop NaN (single-token sequences)
     return {
         "batch": len(pages),
@@ -103,7 +79,7 @@ def measure(
         "ttft_s": res.ttft_s,
         "tpot_p50_ms": res.step_ms_p50,
         "tpot_p90_ms": statistics.quantiles(res.step_ms, n=10)[-1] if len(res.step_ms) > 1 else res.step_ms_p50,
-        "tpot_mean_per_seq_ms": statistics.fmean(tpot) if tpot else float("nan"),
+        "tpot_mean_per_seq_ms": statistics.fmean(tpot) if tpot else None,
         "peak_gib": peak,
     }
 
@@ -116,9 +92,13 @@ def table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         lines.append(
             f"| {r['batch']} | {r['pages_per_s']:.3f} | {r['output_tok_per_s']:.1f} | {r['decode_tok_per_s']:.1f} "
-            f"| {r['ttft_s']:.3f} | {r['tpot_p50_ms']:.2f} | {r['tpot_p90_ms']:.2f} | {r['peak_gib']:.2f} |"
+            f"| {r['ttft_s']:.3f} | {r['tpot_p50_ms']:.2f} | {r['tpot_p90_ms']:.2f} | {_gib(r['peak_gib'])} |"
         )
     return "\n".join(lines)
+
+
+def _gib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def main() -> None:
@@ -157,7 +137,7 @@ def main() -> None:
     gen = BatchedGenerator(target, expert_impl=args.expert_impl, vision_batch=args.vision_batch or None)
     eos = int(cfg.language.eos_token_id)
     pages = make_pages(cfg, max(args.batches), args.mode)
-    env = env_info(device)
+    env = benchmark_header(device)
 
     rows: list[dict[str, Any]] = []
     for bsz in args.batches:
@@ -165,7 +145,7 @@ def main() -> None:
         rows.append(row)
         print(
             f"batch {bsz}: {row['pages_per_s']:.3f} pages/s, {row['output_tok_per_s']:.1f} tok/s, "
-            f"TPOT p50 {row['tpot_p50_ms']:.2f} ms, peak {row['peak_gib']:.2f} GiB",
+            f"TPOT p50 {row['tpot_p50_ms']:.2f} ms, peak {_gib(row['peak_gib'])} GiB",
             flush=True,
         )
         if device.type == "cuda":

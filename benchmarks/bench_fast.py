@@ -19,7 +19,6 @@ import datetime as dt
 import functools
 import json
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +33,7 @@ from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, FastModel, apply_f
 from llm_perf_opt.models.deepseek_ocr.preprocess import PreprocessConfig, preprocess_page
 from llm_perf_opt.models.deepseek_ocr.tokenizer import load_tokenizer
 from llm_perf_opt.profiling.flops import vision_flops
+from llm_perf_opt.profiling.hw import benchmark_header
 
 CONFIG = "src/llm_perf_opt/models/deepseek_ocr/configs/deepseek-ocr.json"
 PROMPT = "<image>\n<|grounding|>Convert the document to markdown."
@@ -185,25 +185,6 @@ def profile_sam(m: Any, page: Page, out: Path, tag: str) -> None:
     (out / f"sam_profile_{tag}.txt").write_text(table)
 
 
-def env_info() -> dict[str, str]:
-    try:
-        drv = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout.strip()
-    except OSError:
-        drv = "unknown"
-    return {
-        "gpu": torch.cuda.get_device_name(),
-        "driver": drv,
-        "torch": torch.__version__,
-        "cuda": str(torch.version.cuda),
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-    }
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results")
@@ -221,7 +202,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench_fast needs CUDA")
     dev, dtype = torch.device("cuda"), torch.bfloat16
-    res: dict[str, Any] = {"env": env_info()}
+    res: dict[str, Any] = {"env": benchmark_header(torch.device("cuda"))}
     t0 = time.perf_counter()
     cfg = DeepseekOCRConfig.from_json(CONFIG)
     model = build_model(cfg, dev, dtype, "dummy")

@@ -287,3 +287,13 @@ def test_sampler_init_failure_and_missing_device() -> None:
 def test_sampler_not_started() -> None:
     result = NvmlSampler().energy_j(0.0, 1.0)
     assert isinstance(result, Unavailable) and "never started" in result.reason
+
+
+def test_benchmark_header_on_cpu() -> None:
+    import torch
+
+    from llm_perf_opt.profiling.hw import benchmark_header
+
+    h = benchmark_header("cpu")
+    assert h["gpu"] == "cpu" and h["driver"] == "-" and h["cuda"] == "-"
+    assert h["torch"] == torch.__version__ and h["date"].endswith("UTC")

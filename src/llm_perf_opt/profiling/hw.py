@@ -834,3 +834,17 @@ class NvmlSampler:
             max_temperature_c=int(max(temp)) if temp else None,
             throttle_reasons_seen=throttle_reason_names(mask),
         )
+
+
+def benchmark_header(device: object) -> dict[str, str]:
+    """GPU, driver, torch, CUDA and the UTC time, for the header of a benchmark result file."""
+    import datetime as dt
+
+    facts = detect_device(device)
+    return {
+        "gpu": facts.gpu_name or "cpu",
+        "driver": facts.driver or ("unknown" if facts.gpu_name else "-"),
+        "torch": facts.torch,
+        "cuda": str(facts.cuda) if facts.gpu_name else "-",
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
