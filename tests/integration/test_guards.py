@@ -22,7 +22,7 @@ from llm_perf_opt.results.serialize import read_summary, to_jsonable
 from llm_perf_opt.results.types import PageRecord
 from llm_perf_opt.runners.dsocr_session import DeepSeekOCRSession, PageRun
 from llm_perf_opt.runners.stage1 import Stage1Run
-from tests.integration.conftest import ROOT
+from tests.integration.conftest import ROOT, assert_clean_failure, read_metrics, run_cli
 
 PAGE = Page(page_id="synthetic-300x200-0", synthetic_size=(300, 200), seed=0)
 OVERRIDES = ["dataset.sizes=[[300,200]]", "repeats=1", "profiling.static_compute=false", "output.plots=false"]
@@ -133,3 +133,42 @@ def test_zero_timings_leave_rates_out(
     assert record.tpot_ms is None and record.decode_tok_s is None
     _assert_rates_finite_or_absent(record)
     _render(cfg, session, [result], tmp_path / "report")
+
+
+# ------------------------------------------------------------------------------------------- fast-path switches
+
+
+def test_fast_path_runs_through_the_cli_and_reports_its_switches(tmp_path: Path) -> None:
+    """infer.fast.* reaches FastConfig; on CPU the graph switches are reported off (CUDA-only)."""
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        [
+            "repeats=1",
+            "dataset.max_pages=1",
+            "infer.fast.enabled=true",
+            "infer.fast.sam_compile=false",
+            "infer.fast.clip_compile=false",
+            "infer.max_new_tokens=8",
+        ],
+        run_dir,
+    )
+    assert result.returncode == 0, result.describe()
+    opts = read_metrics(run_dir)["model"]["optimisations"]
+    assert opts["grouped_moe"] is True and opts["fused_qkv"] is True
+    assert opts["cuda_graphs"] is False and opts["vision_graphs"] is False  # CPU: forced off, and said so
+    assert opts["sam_compile"] is False and opts["decode_kernels_triton"] is False
+    report = (run_dir / "report.md").read_text()
+    assert "grouped_moe=on" in report and "cuda_graphs=off" in report
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("+infer.fast.cuda_graph=true", "cuda_graph"),  # a typo of cuda_graphs
+        ("infer.fast.decode_kernels=cutlass", "decode_kernels"),
+    ],
+)
+def test_bad_fast_switch_is_one_clear_error(tmp_path: Path, override: str, needle: str) -> None:
+    result = run_cli(["infer.fast.enabled=true", override], tmp_path / "run")
+    line = assert_clean_failure(result, "ConfigError", needle)
+    print(f"\n{override}: {line}")

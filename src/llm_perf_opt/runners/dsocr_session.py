@@ -169,25 +169,47 @@ class DeepSeekOCRSession:
 
     @staticmethod
     def _fast_config(fast: Any, device: torch.device) -> Any:
+        """``infer.fast.*`` -> :class:`FastConfig` (None when not enabled); every FastConfig field is a switch."""
         if not fast.get("enabled", False):
             return None
         from llm_perf_opt.models.deepseek_ocr.fast import FastConfig
 
-        return FastConfig(
-            grouped_moe=bool(fast.get("grouped_moe", True)),
-            cuda_graphs=bool(fast.get("cuda_graphs", True)) and device.type == "cuda",
-            fused_qkv=bool(fast.get("fused_qkv", True)),
-        )
+        fields = {f.name: f for f in attrs.fields(FastConfig)}
+        unknown = sorted(set(fast) - set(fields) - {"enabled"})
+        if unknown:
+            raise ConfigError(
+                f"unknown infer.fast switch(es) {unknown}",
+                hint=f"valid switches: enabled, {', '.join(fields)}",
+            )
+        values: dict[str, Any] = {}
+        for name, field in fields.items():
+            if name not in fast:
+                continue
+            value = fast[name]
+            values[name] = bool(value) if isinstance(field.default, bool) else str(value)
+        if device.type != "cuda":  # graphs are CUDA-only: say so in the report by switching them off
+            values.update(cuda_graphs=False, vision_graphs=False)
+        try:
+            return FastConfig(**values)
+        except ValueError as exc:
+            reason = exc.args[0] if exc.args else str(exc)  # attrs' in_ validator: the message, then details
+            raise ConfigError(
+                f"invalid infer.fast value: {reason}", hint="see conf/model/deepseek_ocr/infer/deepseek_ocr.default.yaml"
+            ) from exc
 
     def optimisations(self) -> dict[str, bool]:
-        """What the report lists as active: the eager path always has the static, preallocated KV cache."""
+        """What the report lists as active: the eager path always has the static, preallocated KV cache; on the
+        fast path every boolean switch of FastConfig, and the Triton decode kernels."""
         f = self.fast
-        return {
-            "static_kv_cache": not getattr(self.backend, "owns_kv_cache", False),
-            "grouped_moe": bool(f and f.grouped_moe),
-            "fused_qkv": bool(f and f.fused_qkv),
-            "cuda_graphs": bool(f and f.cuda_graphs),
-        }
+        out = {"static_kv_cache": not getattr(self.backend, "owns_kv_cache", False)}
+        if f is None:
+            out.update(grouped_moe=False, fused_qkv=False, cuda_graphs=False)
+            return out
+        out.update({k: v for k, v in attrs.asdict(f).items() if isinstance(v, bool)})
+        kernels = getattr(f, "decode_kernels", None)
+        if kernels is not None:
+            out["decode_kernels_triton"] = kernels == "triton"
+        return out
 
     def _page_cache(self, needed: int) -> Any:
         """A KV cache for ``needed`` positions: fresh per page (eager), or one reused bucketed cache (fast)."""
@@ -335,7 +357,7 @@ class DeepSeekOCRSession:
         if clock.is_cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         self.hooks.reset()
-        graphs_before = getattr(self.model, "vision_graph_count", 0)
+        setups_before = getattr(self.model, "setup_count", 0)
         history: list[int] = [int(t) for t in prepared.input_ids[0].tolist()]
         generated: list[int] = []
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
@@ -393,9 +415,10 @@ class DeepSeekOCRSession:
         if prefill_ms <= 0 or any(s <= 0 for s in steps):
             flags.append("nonpositive_timing: a stage measured <= 0 ms (clock resolution?); rates left out")
             tpot = None if decode_ms <= 0 else tpot
-        if getattr(self.model, "vision_graph_count", 0) > graphs_before:
+        if getattr(self.model, "setup_count", 0) > setups_before:
             flags.append(
-                "one_time_setup: a new view shape made the fast path compile/capture its vision graphs inside "
+                "one_time_setup: a new view shape or prompt length made the fast path compile/capture its vision "
+                "or prefill graphs inside "
                 "this page's prefill; its vision and prefill times are not steady-state"
             )
         pct = percentiles(steps) if steps else None

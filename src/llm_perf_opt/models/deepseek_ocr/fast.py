@@ -76,6 +76,8 @@ VISION_SDPA: dict[str, tuple[SDPBackend, ...] | None] = {
     "flash": DEFAULT_SDPA_BACKENDS,
 }
 DECODE_ATTN = ("matmul", "sdpa")
+# decode-step kernels: "torch" (cuBLAS + PyTorch elementwise ops) or "triton" (models/deepseek_ocr/kernels.py)
+DECODE_KERNELS = ("torch", "triton")
 # torch.compile of the decode step body (then captured in the CUDA graph as before): "none" or an inductor mode.
 DECODE_COMPILE = ("none", "default", "max-autotune-no-cudagraphs")
 
@@ -89,7 +91,8 @@ class FastConfig:
     fused_qkv: bool = True
     vision_sdpa: str = attrs.field(default="model", validator=attrs.validators.in_(tuple(VISION_SDPA)))
     decode_attention: str = attrs.field(default="matmul", validator=attrs.validators.in_(DECODE_ATTN))
-    expert_impl: str = "grouped"  # decoder.EXPERT_IMPLS key used when grouped_moe (measure "gather_bmm")
+    # decoder.EXPERT_IMPLS key used when grouped_moe (measure "gather_bmm")
+    expert_impl: str = attrs.field(default="grouped", validator=attrs.validators.in_(tuple(EXPERT_IMPLS)))
     # SAM with rel-pos folded into the attention operands (no N×N bias, flash-eligible) and a channels-last
     # neck (sam.SamEncoder.fast); set on the shared module only for the duration of encode_images.
     sam_fast: bool = True
@@ -102,6 +105,9 @@ class FastConfig:
     # ~500 launches + compiled-guard checks per page); the module calls, and so the timing hooks, stay.
     vision_graphs: bool = True
     decode_compile: str = attrs.field(default="none", validator=attrs.validators.in_(DECODE_COMPILE))
+    # replay the language-model prefill from a CUDA graph per prompt length (needs cuda_graphs; batch 1)
+    prefill_graphs: bool = True
+    decode_kernels: str = attrs.field(default="torch", validator=attrs.validators.in_(DECODE_KERNELS))
 
 
 def fuse_linears(linears: Sequence[nn.Linear]) -> Tensor:
@@ -301,6 +307,8 @@ def first_argmax(logits: Tensor, chunks: int = 256) -> Tensor:
 class FastModel:
     """The fast path over a (shared, not copied) :class:`DeepseekOCRForCausalLM`; see the module doc."""
 
+    MAX_PREFILL_GRAPHS = 8  # prompt lengths kept captured (each graph holds its activations' memory pool)
+
     def __init__(self, model: DeepseekOCRForCausalLM, cfg: FastConfig) -> None:
         self.base = model
         self.fast_config = cfg
@@ -308,6 +316,10 @@ class FastModel:
         self._decoder: FastDecoder | None = None
         self._compiled_step: Any = None
         self._vision_graphs: tuple[ShapeGraphs, ShapeGraphs] | None = None
+        # prefill graphs per (embeds shape, cache storage), least recently used first; see prefill()
+        self._prefill_graphs: dict[tuple[Any, ...], tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
+        self._prefill_graph_error: str | None = None
+        self._prefill_setups = 0
         n_experts = model.config.language.n_routed_experts
         self._counts: dict[int, Tensor] = {
             layer.idx: torch.zeros(n_experts, dtype=torch.int64, device=model.device)
@@ -402,13 +414,18 @@ class FastModel:
 
     @torch.no_grad()
     def prefill(self, inputs_embeds: Tensor, cache: StaticKVCache, logits_positions: str = "last") -> Tensor:
-        """Decoder over the prompt with fused/grouped weights, filling ``cache``; float32 logits like the model's."""
+        """Decoder over the prompt with fused/grouped weights, filling ``cache``; float32 logits like the model's.
+
+        With ``prefill_graphs`` (and ``cuda_graphs``), a batch-1 prompt written at position 0 with last-position
+        logits replays a CUDA graph captured per (prompt length, cache): the un-graphed prefill is host-bound
+        (~700 launches for ~1.3 ms of tensor-core work on an H100).  The first prompt of a new length pays the
+        capture (``setup_count`` rises, so the session flags that page as one-time setup).
+        """
         if logits_positions not in ("last", "all"):
             raise ValueError(f"logits_positions must be 'last' or 'all', got {logits_positions!r}")
         if inputs_embeds.dim() != 3:
             raise InputError(f"inputs_embeds must be [B, L, hidden], got {tuple(inputs_embeds.shape)}")
         base = self.base
-        m = base.model
         if cache.length == 0:
             self.reset_routing_stats()
         bsz, length, _ = inputs_embeds.shape
@@ -417,6 +434,28 @@ class FastModel:
         cache.check_room(length)
         start = cache.length
         hidden = inputs_embeds.to(device=base.device, dtype=base.dtype)
+        cfg = self.fast_config
+        graphable = (
+            cfg.cuda_graphs
+            and cfg.prefill_graphs
+            and hidden.device.type == "cuda"
+            and bsz == 1
+            and start == 0
+            and logits_positions == "last"
+            and not torch.is_grad_enabled()
+        )
+        if graphable and self._prefill_graph_error is None:
+            logits = self._prefill_graphed(hidden, cache)
+        else:
+            logits = self._prefill_body(hidden, cache, start, logits_positions)
+        cache.advance(length)
+        return logits
+
+    def _prefill_body(self, hidden: Tensor, cache: StaticKVCache, start: int, logits_positions: str) -> Tensor:
+        """The prefill computation (writes K/V at ``start``..; does not advance the cache's length)."""
+        base = self.base
+        m = base.model
+        bsz, length, _ = hidden.shape
         cos, sin = m.rotary(start, length, hidden.device, hidden.dtype)
         with base._sdpa_policy():
             for layer in self.layers:
@@ -435,11 +474,52 @@ class FastModel:
                 out = out.transpose(1, 2).reshape(bsz, length, -1)
                 hidden = hidden + layer.attn.o_proj(out)
                 hidden = hidden + layer.mlp(layer.post_norm(hidden), self._counts_for(layer))
-        cache.advance(length)
         hidden = m.norm(hidden)
         if logits_positions == "last":
             hidden = hidden[:, -1]
-        return base.lm_head(hidden).float()
+        logits: Tensor = base.lm_head(hidden).float()
+        return logits
+
+    def _prefill_graphed(self, hidden: Tensor, cache: StaticKVCache) -> Tensor:
+        key = (tuple(hidden.shape), cache.k.data_ptr())
+        entry = self._prefill_graphs.pop(key, None)
+        if entry is None:
+            try:
+                entry = self._capture_prefill(hidden, cache)
+            except RuntimeError as exc:  # an op that cannot be captured: prefill un-graphed from now on
+                self._prefill_graph_error = f"{type(exc).__name__}: {exc}"
+                warnings.warn(f"prefill CUDA graph capture failed, running un-graphed ({exc})", stacklevel=3)
+                return self._prefill_body(hidden, cache, 0, "last")
+            while len(self._prefill_graphs) >= self.MAX_PREFILL_GRAPHS:  # least recently used first
+                self._prefill_graphs.pop(next(iter(self._prefill_graphs)))
+            self._prefill_setups += 1
+        self._prefill_graphs[key] = entry  # (re)inserted last: most recently used
+        graph, static_in, static_out = entry
+        static_in.copy_(hidden)
+        graph.replay()
+        return static_out.clone()
+
+    def _capture_prefill(self, hidden: Tensor, cache: StaticKVCache) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor]:
+        counts_before = {i: c.clone() for i, c in self._counts.items()}
+        static_in = hidden.clone()
+        stream = torch.cuda.Stream(hidden.device)
+        stream.wait_stream(torch.cuda.current_stream(hidden.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up (cuBLAS workspaces, grouped-GEMM setup) off the capture
+                self._prefill_body(static_in, cache, 0, "last")
+        torch.cuda.current_stream(hidden.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self._prefill_body(static_in, cache, 0, "last")
+        for i, c in counts_before.items():  # undo the warm-up's and capture's routing counts
+            self._counts[i].copy_(c)
+        return graph, static_in, static_out
+
+    @property
+    def setup_count(self) -> int:
+        """One-time setups done so far (vision graphs per view shape, prefill graphs per prompt length): a rise
+        during a page means that page's timings include a compile or capture."""
+        return self.vision_graph_count + self._prefill_setups
 
     # ------------------------------------------------------------------ stage 4: decode
     def compiled_step(self) -> Any:
