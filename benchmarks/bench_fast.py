@@ -1,11 +1,17 @@
-"""Eager vs fast path of the native DeepSeek-OCR, side by side, on one GPU (issue 9).
+"""Eager vs fast path of the native DeepSeek-OCR (and the vendor HF code), side by side, on one GPU (issue 9).
 
 Full-size dummy weights in bf16, one synthetic 1224×1584 page in Gundam mode.  Measures with CUDA events
-after warm-up: vision ms, prefill ms, decode ms/token over N tokens (batch 1), peak memory, greedy-token
-parity for the first 64 steps, plus fast-path variants (decode attention, expert kernel, no graphs,
-vision SDPA backends, dense-masked MoE prefill) and a kernel profile of one fast decode step.
+after warm-up: vision ms (and SAM / CLIP / projector alone), LM prefill ms, decode ms/token over N tokens
+(batch 1), peak memory, greedy-token parity for the first 64 steps, plus fast-path variants (decode kernels,
+decode attention, expert kernel, no graphs, prefill graphs, vision SDPA backends, dense-masked MoE prefill)
+and a kernel profile of one fast decode step.  The first table holds every goal of issue 9 with its
+measured value, in ONE run, so the ratios hold even though absolute times move ±25–50 % between machines.
 
-    PYTHONPATH=src python benchmarks/bench_fast.py --out benchmarks/results
+With ``--vendor DIR`` (a snapshot holding the vendor's remote code, e.g. models/deepseek-ocr) the vendor
+path is measured first in a subprocess (``benchmarks/hf_remote_check.py``; transformers 4.46.x must be
+importable there: ``--vendor-pythonpath`` is prepended to its PYTHONPATH) and gets its own column.
+
+    PYTHONPATH=src python benchmarks/bench_fast.py --out benchmarks/results [--vendor models/deepseek-ocr]
 
 Writes ``<out>/<date>-<gpu>-fast.md`` (markdown table + environment) and ``.json`` next to it.
 Imports only torch/attrs/safetensors/pillow code paths (no hydra).
@@ -18,7 +24,10 @@ import contextlib
 import datetime as dt
 import functools
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,13 +41,17 @@ from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, build_model
 from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, FastModel, apply_fast_path
 from llm_perf_opt.models.deepseek_ocr.preprocess import PreprocessConfig, preprocess_page
 from llm_perf_opt.models.deepseek_ocr.tokenizer import load_tokenizer
-from llm_perf_opt.profiling.flops import vision_flops
-from llm_perf_opt.profiling.hw import benchmark_header
+from llm_perf_opt.profiling.flops import activated_params_per_token, prefill_flops, vision_flops
+from llm_perf_opt.profiling.hw import benchmark_header, match_peak
 
 CONFIG = "src/llm_perf_opt/models/deepseek_ocr/configs/deepseek-ocr.json"
 PROMPT = "<image>\n<|grounding|>Convert the document to markdown."
 GiB = 2**30
-PEAK_BF16 = 989.5e12  # H100 SXM dense bf16 FLOP/s (datasheet), the MFU denominator
+ROOT = Path(__file__).resolve().parents[1]
+# Goals of issue 9 (H100 80GB, bf16, Gundam page, dummy weights).
+GOAL_DECODE_MS = 1.0
+GOAL_PREFILL_MS = 25.0
+GOAL_VISION_MFU = 35.0
 
 
 def cuda_ms(fn: Callable[[], Any], warmup: int = 1, reps: int = 5) -> float:
@@ -74,6 +87,35 @@ class Page:
         with base._sdpa_policy(), ctx:
             base.model.sam_model(self.crops)
             base.model.sam_model(self.ori)
+
+    def components(self, m: Any) -> dict[str, Callable[[], Any]]:
+        """SAM, CLIP and the projector each alone on the page's views (inputs precomputed), as callables."""
+        base = m.base if isinstance(m, FastModel) else m
+        ctx: Callable[[], Any] = m.vision_mode if isinstance(m, FastModel) else contextlib.nullcontext
+        mm = base.model
+        with base._sdpa_policy(), ctx():
+            sam_feats = [mm.sam_model(self.crops), mm.sam_model(self.ori)]
+            clip_feats = [mm.vision_model(x, f) for x, f in zip((self.crops, self.ori), sam_feats, strict=True)]
+            proj_in = [
+                torch.cat((c[:, 1:], f.flatten(2).permute(0, 2, 1)), dim=-1)
+                for c, f in zip(clip_feats, sam_feats, strict=True)
+            ]
+
+        def sam() -> None:
+            with base._sdpa_policy(), ctx():
+                mm.sam_model(self.crops)
+                mm.sam_model(self.ori)
+
+        def clip() -> None:
+            with base._sdpa_policy(), ctx():
+                for x, f in zip((self.crops, self.ori), sam_feats, strict=True):
+                    mm.vision_model(x, f)
+
+        def projector() -> None:
+            for t in proj_in:
+                mm.projector(t)
+
+        return {"sam": sam, "clip": clip, "projector": projector}
 
     def embeds(self, m: Any) -> torch.Tensor:
         return m.embed_prompt(self.prep.input_ids, self.prep.images_seq_mask, [self.vision(m)])
@@ -185,12 +227,55 @@ def profile_sam(m: Any, page: Page, out: Path, tag: str) -> None:
     (out / f"sam_profile_{tag}.txt").write_text(table)
 
 
+def run_vendor(path: Path, tokens: int, pythonpath: str | None, out: Path) -> dict[str, Any]:
+    """The vendor HF remote code through ``hf_remote_check.py`` in a subprocess (own transformers pin);
+    its JSON, or ``{"error": ...}`` (the rest of the benchmark still runs)."""
+    target = out / "vendor_hf_remote.json"
+    env = dict(os.environ)
+    paths = [p for p in (pythonpath, str(ROOT / "src"), env.get("PYTHONPATH")) if p]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    cmd = [sys.executable, str(ROOT / "benchmarks/hf_remote_check.py"), "--path", str(path)]
+    cmd += ["--tokens", str(tokens), "--out", str(target)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=False)
+    if not target.exists():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"error": f"hf_remote_check exit {proc.returncode}: {' | '.join(tail)}"[:400]}
+    data: dict[str, Any] = json.loads(target.read_text())
+    data["check_exit"] = proc.returncode
+    return data
+
+
+def mfu_pct(flops: float, ms: float | None, peak: float) -> float | None:
+    return None if not ms or ms <= 0 else 100 * flops / (ms * 1e-3) / peak
+
+
+def add_efficiency(res: dict[str, Any], r: dict[str, Any]) -> None:
+    """MFU of vision, SAM, CLIP, projector and the LM prefill; decode MBU (activated weights + KV per token)."""
+    peak = res["peak_bf16_flops"]
+    r["vision_mfu_pct"] = mfu_pct(res["vision_flops"], r.get("vision_ms"), peak)
+    r["sam_mfu_pct"] = mfu_pct(res["sam_flops"], r.get("sam_ms"), peak)
+    for comp, flops in res["component_flops"].items():
+        r[f"{comp}_mfu_pct"] = mfu_pct(flops, r.get(f"{comp}_alone_ms"), peak)
+    r["prefill_lm_mfu_pct"] = mfu_pct(res["prefill_lm_flops"], r.get("prefill_ms"), peak)
+    ms = r.get("decode_device_greedy_ms_per_token") or r.get("decode_ms_per_token")
+    if ms:
+        r["decode_mbu_pct"] = 100 * res["decode_bytes_per_token"] / (ms * 1e-3) / res["peak_bytes_per_s"]
+
+
+def time_components(page: Page, m: Any) -> dict[str, float]:
+    """Median ms of SAM, CLIP and the projector, each alone on the page's views."""
+    return {f"{k}_alone_ms": cuda_ms(fn, warmup=2, reps=5) for k, fn in page.components(m).items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--decode-tokens", type=int, default=256)
     ap.add_argument("--parity-steps", type=int, default=64)
     ap.add_argument("--eager-decode-tokens", type=int, default=128, help="eager is ~20 ms/token: fewer suffice")
+    ap.add_argument("--vendor", default=None, help="snapshot dir with the vendor remote code (adds its column)")
+    ap.add_argument("--vendor-pythonpath", default=None, help="prepended to PYTHONPATH for the vendor subprocess")
+    ap.add_argument("--vendor-tokens", type=int, default=64, help="vendor decode tokens (it is ~30 ms/token)")
     ap.add_argument(
         "--decode-compile-variant",
         action="store_true",
@@ -203,6 +288,18 @@ def main() -> None:
         raise SystemExit("bench_fast needs CUDA")
     dev, dtype = torch.device("cuda"), torch.bfloat16
     res: dict[str, Any] = {"env": benchmark_header(torch.device("cuda"))}
+    spec = match_peak(torch.cuda.get_device_name(dev))
+    if spec is None:
+        raise SystemExit(f"no datasheet peak for {torch.cuda.get_device_name(dev)!r} in profiling/hw.py PEAK_TABLE")
+    res["peak_bf16_flops"], res["peak_bytes_per_s"], res["peak_source"] = (
+        spec.bf16_dense_flops,
+        spec.mem_bw_bytes_per_s,
+        f"{spec.name}: {spec.source}",
+    )
+    if args.vendor:  # first, while the GPU is empty; a separate process with its own transformers
+        print("vendor HF remote code ...", flush=True)
+        res["vendor"] = run_vendor(Path(args.vendor), args.vendor_tokens, args.vendor_pythonpath, out)
+        print("vendor:", {k: v for k, v in res["vendor"].items() if not isinstance(v, dict)}, flush=True)
     t0 = time.perf_counter()
     cfg = DeepseekOCRConfig.from_json(CONFIG)
     model = build_model(cfg, dev, dtype, "dummy")
@@ -216,6 +313,14 @@ def main() -> None:
     sam_f, clip_f, proj_f = vision_flops(cfg, views)
     res["vision_flops"] = sam_f.total_flops + clip_f.total_flops + proj_f.total_flops
     res["sam_flops"] = sam_f.total_flops
+    res["component_flops"] = {"sam": sam_f.total_flops, "clip": clip_f.total_flops, "projector": proj_f.total_flops}
+    res["prefill_lm_flops"] = prefill_flops(cfg.language, page.prompt_len).total_flops
+    res["activated_params_per_token"] = activated_params_per_token(cfg)
+    lang = cfg.language
+    kv_row = 2 * lang.num_hidden_layers * lang.num_key_value_heads * (lang.hidden_size // lang.num_attention_heads) * 2
+    mean_ctx = page.prompt_len + args.decode_tokens / 2
+    res["decode_bytes_per_token"] = res["activated_params_per_token"] * 2 + kv_row * mean_ctx
+    res["decode_roofline_ms"] = res["decode_bytes_per_token"] / res["peak_bytes_per_s"] * 1e3
     steps = args.decode_tokens
     keep = args.parity_steps
     print(f"built in {res['build_s']:.1f}s; prompt {page.prompt_len} tokens; grid {res['grid']}", flush=True)
@@ -225,6 +330,7 @@ def main() -> None:
         eager: dict[str, Any] = {}
         eager["vision_ms"] = cuda_ms(lambda: page.vision(model), warmup=1, reps=5)
         eager["sam_ms"] = cuda_ms(lambda: page.sam(model), warmup=1, reps=5)
+        eager.update(time_components(page, model))
         embeds = page.embeds(model)
         eager["prefill_ms"] = prefill_ms(model, embeds)
         torch.cuda.empty_cache()
@@ -251,6 +357,7 @@ def main() -> None:
         res["first_fast_vision_s"] = time.perf_counter() - t1  # includes torch.compile of SAM / CLIP blocks
         fres["vision_ms"] = cuda_ms(lambda: page.vision(fast), warmup=2, reps=7)
         fres["sam_ms"] = cuda_ms(lambda: page.sam(fast), warmup=2, reps=7)
+        fres.update(time_components(page, fast))
         graphs = fast._vision_graphs or ()
         res["vision_graphs"] = {
             "shapes": [len(g.graphs) for g in graphs],
@@ -275,8 +382,7 @@ def main() -> None:
         et, ft = e_dec["tokens"][: keep + 1], f_dec["tokens"][: keep + 1]
         fres["tokens_identical"] = et == ft
         for r in (eager, fres):
-            r["vision_mfu_pct"] = 100 * res["vision_flops"] / (r["vision_ms"] * 1e-3) / PEAK_BF16
-            r["sam_mfu_pct"] = 100 * res["sam_flops"] / (r["sam_ms"] * 1e-3) / PEAK_BF16
+            add_efficiency(res, r)
         fres["first_divergence"] = first_divergence(et, ft)
         diffs = [float((a - b).abs().max()) for a, b in zip(e_dec["rows"], f_dec["rows"], strict=False)]
         scale = max(float(r.abs().max()) for r in e_dec["rows"])
@@ -322,6 +428,21 @@ def main() -> None:
             fm = apply_fast_path(model, fcfg)
             var[f"decode {name} (device greedy) ms/token"] = greedy_device(fm, embeds, steps)["ms_per_token"]
             del fm
+        fm = apply_fast_path(model, FastConfig(prefill_graphs=False))
+        var["prefill prefill_graphs=False ms"] = prefill_ms(fm, embeds)
+        other_kernels = "torch" if fast.fast_config.decode_kernels == "triton" else "triton"
+        try:
+            fm = apply_fast_path(model, FastConfig(decode_kernels=other_kernels))
+            k_dec = decode_loop(fm, embeds, keep, keep)
+            kt = k_dec["tokens"][: keep + 1]
+            var[f"decode decode_kernels={other_kernels} (device greedy) ms/token"] = greedy_device(fm, embeds, steps)[
+                "ms_per_token"
+            ]
+            var[f"decode decode_kernels={other_kernels}: tokens == eager, {keep} steps"] = (
+                f"{kt == et} (first divergence {first_divergence(et, kt)})"
+            )
+        except Exception as exc:  # a kernel compile failure must not lose the rest of the report
+            var[f"decode decode_kernels={other_kernels}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
         fm = apply_fast_path(model, FastConfig(cuda_graphs=False))
         var["decode no graphs (host greedy) ms/token"] = decode_loop(fm, embeds, 64, 0)["ms_per_token"]
         fm = apply_fast_path(model, FastConfig(expert_impl="dense"))
@@ -357,6 +478,116 @@ def main() -> None:
     write_report(res, out, keep)
 
 
+def _fmt(v: Any, fmt: str = "{:.2f}") -> str:
+    if v is None:
+        return "n/a"
+    return fmt.format(v) if isinstance(v, int | float) else str(v)
+
+
+def _ratio(a: Any, b: Any) -> str:
+    if not isinstance(a, int | float) or not isinstance(b, int | float) or not b:
+        return ""
+    return f"{a / b:.1f}×"
+
+
+def goals_table(res: dict[str, Any], keep: int) -> list[str]:
+    """Every goal of issue 9 with vendor / eager / fast values from this run, ratios and met/missed."""
+    e, f, v = res["eager"], res["fast"], res.get("vendor") or {}
+    vendor_ok = bool(v) and "error" not in v
+    vv = (lambda key: v.get(key)) if vendor_ok else (lambda key: None)
+    split = v.get("split", {}) if vendor_ok else {}
+    budget = res["weight_gib"] + res["kv_gib"] + 2.0
+    f_dec = f["decode_device_greedy_ms_per_token"]
+    f_pre = f["vision_ms"] + f["prefill_ms"]
+    e_pre = e["vision_ms"] + e["prefill_ms"]
+    peak = res["peak_bf16_flops"]
+    v_vis_mfu = mfu_pct(res["vision_flops"], split.get("vision_ms"), peak) if split else None
+
+    def met(ok: bool) -> str:
+        return "**met**" if ok else "missed"
+
+    def row(name: str, goal: str, vendor: Any, eager: Any, fast: Any, verdict: str, fmt: str = "{:.2f}") -> str:
+        cells = [name, goal, _fmt(vendor, fmt), _fmt(eager, fmt), _fmt(fast, fmt)]
+        if "%" in name:  # a rate (higher is better): the ratio columns are for times and sizes
+            cells += ["", "", verdict]
+        else:
+            cells += [_ratio(eager, fast), _ratio(vendor, fast), verdict]
+        return "| " + " | ".join(cells) + " |"
+
+    lines = [
+        "| metric | goal | vendor HF | eager | fast | eager/fast | vendor/fast | goal |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        row(
+            f"decode ms/token, batch 1 (fast: {res['decode_tokens']} tok on-device greedy; others host greedy)",
+            f"≤ {GOAL_DECODE_MS} ms",
+            vv("decode_ms_per_token"),
+            e["decode_ms_per_token"],
+            f_dec,
+            met(f_dec <= GOAL_DECODE_MS) + f" ({f_dec / GOAL_DECODE_MS:.1f}× the goal)",
+        ),
+        row(
+            "prefill ms (vision + LM; vendor: its whole prefill forward)",
+            f"≤ {GOAL_PREFILL_MS:g} ms",
+            vv("prefill_ms"),
+            e_pre,
+            f_pre,
+            met(f_pre <= GOAL_PREFILL_MS),
+        ),
+        row(
+            "vision MFU %",
+            f"≥ {GOAL_VISION_MFU:g} %",
+            v_vis_mfu,
+            e["vision_mfu_pct"],
+            f["vision_mfu_pct"],
+            met((f["vision_mfu_pct"] or 0) >= GOAL_VISION_MFU),
+            "{:.1f}",
+        ),
+    ]
+    for comp in ("sam", "clip", "projector"):
+        vms = vv(f"{comp}_ms")
+        lines.append(
+            row(
+                f"{comp.upper() if comp != 'projector' else 'projector'} MFU % (alone; vendor: hook time)",
+                "report",
+                mfu_pct(res["component_flops"][comp], vms, peak),
+                e[f"{comp}_mfu_pct"],
+                f[f"{comp}_mfu_pct"],
+                "",
+                "{:.1f}",
+            )
+        )
+    lines += [
+        row("LM prefill MFU %", "report", None, e["prefill_lm_mfu_pct"], f["prefill_lm_mfu_pct"], "", "{:.1f}"),
+        row(
+            f"decode MBU % (roofline {res['decode_roofline_ms']:.3f} ms/token)",
+            "report",
+            None,
+            e["decode_mbu_pct"],
+            f["decode_mbu_pct"],
+            "",
+            "{:.1f}",
+        ),
+        row(
+            f"peak GiB, batch 1 (budget weights + KV + 2 = {budget:.2f})",
+            f"≤ {budget:.2f}",
+            vv("peak_mem_allocated_gib"),
+            e["peak_gib"],
+            f["peak_gib"],
+            met(f["peak_gib"] <= budget),
+        ),
+        f"| greedy tokens vs eager, {keep} steps | identical | | — | "
+        f"{'identical' if f['tokens_identical'] else 'differ at step ' + str(f['first_divergence'])} | | |"
+        f" {met(bool(f['tokens_identical']))} |",
+        "| batched throughput, Base mode, batch 32–64 | ≥ 10,000 tok/s | | | see `*-batched.md` | | |"
+        " (benchmarks/bench_batched.py) |",
+    ]
+    if v and not vendor_ok:
+        lines.append(f"\nVendor column empty: {v['error']}")
+    elif not v:
+        lines.append("\nVendor column empty: no `--vendor` snapshot given.")
+    return lines
+
+
 def write_report(res: dict[str, Any], out: Path, keep: int) -> None:
     e, f, env = res["eager"], res["fast"], res["env"]
 
@@ -370,7 +601,14 @@ def write_report(res: dict[str, Any], out: Path, keep: int) -> None:
         "",
         f"{env['date']}; driver {env['driver']}; torch {env['torch']} (CUDA {env['cuda']}); bf16, dummy weights;"
         f" synthetic 1224×1584 page, Gundam, grid {res['grid']}, prompt {res['prompt_len']} tokens;"
-        f" CUDA events after warm-up, medians.",
+        f" CUDA events after warm-up, medians. Peaks: {res['peak_source']}"
+        f" ({res['peak_bf16_flops'] / 1e12:.1f} TFLOP/s bf16 dense, {res['peak_bytes_per_s'] / 1e12:.2f} TB/s).",
+        "",
+        "## Goals (issue 9), one run",
+        "",
+        *goals_table(res, keep),
+        "",
+        "## Detail",
         "",
         "| metric | eager | fast | eager/fast |",
         "| --- | ---: | ---: | ---: |",
@@ -387,7 +625,7 @@ def write_report(res: dict[str, Any], out: Path, keep: int) -> None:
         row("prefill ms (LM over the prompt)", e["prefill_ms"], f["prefill_ms"]),
         row("vision ms (SAM+CLIP+projector)", e["vision_ms"], f["vision_ms"]),
         row("SAM ms (all views)", e["sam_ms"], f["sam_ms"]),
-        f"| vision MFU % ({res['vision_flops'] / 1e12:.4g} TFLOP/page, 989.5 TFLOP/s bf16 peak)"
+        f"| vision MFU % ({res['vision_flops'] / 1e12:.4g} TFLOP/page)"
         f" | {e['vision_mfu_pct']:.1f} | {f['vision_mfu_pct']:.1f} | |",
         f"| SAM MFU % ({res['sam_flops'] / 1e12:.4g} TFLOP/page) | {e['sam_mfu_pct']:.1f} | {f['sam_mfu_pct']:.1f} | |",
         row("peak GiB during prefill+decode", e["peak_gib"], f["peak_gib"]),
@@ -409,7 +647,7 @@ def write_report(res: dict[str, Any], out: Path, keep: int) -> None:
     for k, v in res["variants"].items():
         lines.append(f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |")
     text = "\n".join(lines) + "\n"
-    gpu = "h100" if "H100" in env["gpu"] else env["gpu"].split()[-1].lower()
+    gpu = next((g.lower() for g in ("H100", "H200", "A100", "L40S") if g in env["gpu"]), env["gpu"].split()[-1].lower())
     stem = f"{dt.date.today().isoformat()}-{gpu}-fast"
     (out / f"{stem}.md").write_text(text)
     (out / f"{stem}.json").write_text(json.dumps(res, indent=2, default=str))
