@@ -194,7 +194,8 @@ class DeepSeekOCRSession:
         except ValueError as exc:
             reason = exc.args[0] if exc.args else str(exc)  # attrs' in_ validator: the message, then details
             raise ConfigError(
-                f"invalid infer.fast value: {reason}", hint="see conf/model/deepseek_ocr/infer/deepseek_ocr.default.yaml"
+                f"invalid infer.fast value: {reason}",
+                hint="see conf/model/deepseek_ocr/infer/deepseek_ocr.default.yaml",
             ) from exc
 
     def optimisations(self) -> dict[str, bool]:

@@ -435,9 +435,10 @@ class FastModel:
         start = cache.length
         hidden = inputs_embeds.to(device=base.device, dtype=base.dtype)
         cfg = self.fast_config
-        graphable = (
+        graphable = (  # grouped_moe: the loop-over-experts MoE reads expert counts on the host (a sync)
             cfg.cuda_graphs
             and cfg.prefill_graphs
+            and cfg.grouped_moe
             and hidden.device.type == "cuda"
             and bsz == 1
             and start == 0
