@@ -78,3 +78,42 @@ def test_fast_vision_matches_eager(model: object, graphs: bool) -> None:
         if graphs:
             assert fast._vision_graphs is not None
             assert all(g.capture_error is None and g.graphs for g in fast._vision_graphs)
+
+
+def test_prefill_graph_matches_ungraphed_and_is_reused(model: object) -> None:
+    """The graphed LM prefill gives the un-graphed logits and K/V; a second prompt of the same length replays
+    (no new capture), a new length captures once more."""
+    torch.manual_seed(0)
+    base = model.base if hasattr(model, "base") else model  # type: ignore[attr-defined]
+    hidden = base.config.language.hidden_size  # type: ignore[attr-defined]
+    embeds = torch.randn(1, 300, hidden, device="cuda", dtype=torch.bfloat16) * 0.02
+    plain = apply_fast_path(base, FastConfig(prefill_graphs=False))  # type: ignore[arg-type]
+    graphed = apply_fast_path(base, FastConfig())  # type: ignore[arg-type]
+    c_plain, c_graph = plain.new_cache(1, 320), graphed.new_cache(1, 320)
+    ref = plain.prefill(embeds, c_plain)
+    out = graphed.prefill(embeds, c_graph)
+    assert graphed._prefill_graph_error is None and graphed.setup_count == 1
+    assert c_graph.length == c_plain.length == 300
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)  # same kernels; a graph may pick other algos
+    torch.testing.assert_close(c_graph.k[:, :, :, :300], c_plain.k[:, :, :, :300], rtol=1e-2, atol=1e-2)
+    c_graph.reset()
+    again = graphed.prefill(embeds * 0.5, c_graph)
+    c_plain.reset()
+    torch.testing.assert_close(again, plain.prefill(embeds * 0.5, c_plain), rtol=1e-3, atol=1e-3)
+    assert graphed.setup_count == 1  # replayed
+    c_graph.reset()
+    graphed.prefill(embeds[:, :200], c_graph)
+    assert graphed.setup_count == 2
+
+
+def test_pinned_page_upload() -> None:
+    from llm_perf_opt.data.datasets import synthetic_page
+    from llm_perf_opt.models.deepseek_ocr.preprocess import PreprocessConfig, preprocess_page
+    from llm_perf_opt.models.deepseek_ocr.tokenizer import load_tokenizer
+
+    cfg = DeepseekOCRConfig.from_json(CONFIG)
+    ids = load_tokenizer(None, cfg).encode_prompt("<image>\nFree OCR.")
+    page = preprocess_page(synthetic_page((1224, 1584), 0), PreprocessConfig.for_mode("gundam"), cfg, ids)
+    pinned = page.pinned()
+    assert pinned.images_crop.is_pinned() and pinned.images_ori.is_pinned() and pinned.input_ids.is_pinned()
+    assert torch.equal(pinned.images_crop, page.images_crop) and pinned.n_crops == page.n_crops

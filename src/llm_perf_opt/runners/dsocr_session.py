@@ -351,6 +351,8 @@ class DeepSeekOCRSession:
         with self.ranges.range("preprocess"):
             image = page.load()
             prepared = preprocess_page(image, self.backend.preprocess_cfg, self.backend.config, self.text_ids)
+            if self.fast is not None and self.fast.pinned_upload and self.device.type == "cuda":
+                prepared = prepared.pinned()  # host-side work: counted in preprocess, not in the prefill
         preprocess_ms = (time.perf_counter_ns() - t0) / 1e6
 
         prompt_len = int(prepared.prompt_len)

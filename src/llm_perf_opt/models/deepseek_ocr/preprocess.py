@@ -189,6 +189,18 @@ class PreparedPage:
     prompt_len: int
     page_size: tuple[int, int]
 
+    def pinned(self) -> PreparedPage:
+        """The same page with its image tensors (and ids/mask) in page-locked host memory, so a
+        ``.to(cuda, non_blocking=True)`` is a true asynchronous DMA instead of a staged, blocking copy.
+        PyTorch's caching host allocator recycles the pinned blocks across pages."""
+        return attrs.evolve(
+            self,
+            images_crop=self.images_crop.pin_memory(),
+            images_ori=self.images_ori.pin_memory(),
+            input_ids=self.input_ids.pin_memory(),
+            images_seq_mask=self.images_seq_mask.pin_memory(),
+        )
+
     @property
     def images_spatial_crop_tensor(self) -> torch.Tensor:
         """``[1, 2]`` int64, as the reference's forward() takes it."""
