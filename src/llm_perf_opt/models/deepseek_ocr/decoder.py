@@ -258,7 +258,7 @@ def apply_experts_eager(
     return routed.to(x.dtype), count_list
 
 
-def stacked_expert_weights(experts: nn.ModuleList) -> tuple[Tensor, Tensor]:
+def stacked_expert_weights(experts: nn.ModuleList, extra_slots: int = 0) -> tuple[Tensor, Tensor]:
     """Stacked expert weights, built once: fused gate/up ``w13`` [E, 2·I, hidden] and ``down`` [E, hidden, I].
 
     After stacking, each expert's own ``gate_proj``/``up_proj``/``down_proj`` weights are re-pointed to views
@@ -266,18 +266,31 @@ def stacked_expert_weights(experts: nn.ModuleList) -> tuple[Tensor, Tensor]:
     still runs on the same values and ``state_dict`` keys are unchanged.  The stacks are cached on the
     ``ModuleList`` and rebuilt if the parameters were replaced since (``.to()``, ``load_state_dict`` with
     ``assign``).  Peak extra memory while building: one layer's experts.
+
+    ``extra_slots`` > 0 allocates that many more (uninitialised) expert slots after the E experts and
+    returns the whole [E + extra_slots, ...] stacks; the fast path copies the shared experts there so one
+    kernel serves routed and shared experts.  A later call with fewer extra slots gets views of the first
+    E + n slots of the same storage (no rebuild, no copy).
     """
     cached: tuple[Tensor, Tensor] | None = getattr(experts, "_stacked_weights", None)
     mlps: list[MLP] = [m for m in experts if isinstance(m, MLP)]
     if len(mlps) != len(experts) or not mlps:
         raise ModelLoadError("stacked_expert_weights needs a non-empty ModuleList of MLP experts")
+    if extra_slots < 0:
+        raise ValueError(f"extra_slots must be >= 0, got {extra_slots}")
     ref = mlps[0].gate_proj.weight
+    n_experts = len(mlps)
     if cached is not None and ref.data_ptr() == cached[0].data_ptr():
-        return cached
+        have = cached[0].shape[0] - n_experts
+        if have == extra_slots:
+            return cached
+        if have > extra_slots:
+            end = n_experts + extra_slots
+            return cached[0][:end], cached[1][:end]
     inter, hidden = ref.shape
     with torch.no_grad():
-        w13 = torch.empty((len(mlps), 2 * inter, hidden), device=ref.device, dtype=ref.dtype)
-        down = torch.empty((len(mlps), hidden, inter), device=ref.device, dtype=ref.dtype)
+        w13 = torch.empty((n_experts + extra_slots, 2 * inter, hidden), device=ref.device, dtype=ref.dtype)
+        down = torch.empty((n_experts + extra_slots, hidden, inter), device=ref.device, dtype=ref.dtype)
         for e, expert in enumerate(mlps):
             w13[e, :inter].copy_(expert.gate_proj.weight)
             w13[e, inter:].copy_(expert.up_proj.weight)

@@ -78,6 +78,7 @@ VISION_SDPA: dict[str, tuple[SDPBackend, ...] | None] = {
 DECODE_ATTN = ("matmul", "sdpa")
 # decode-step kernels: "torch" (cuBLAS + PyTorch elementwise ops) or "triton" (models/deepseek_ocr/kernels.py)
 DECODE_KERNELS = ("torch", "triton")
+TRITON_MAX_ROWS = 8  # the Triton expert kernels re-read weights per token: decode batches up to 8 rows
 # torch.compile of the decode step body (then captured in the CUDA graph as before): "none" or an inductor mode.
 DECODE_COMPILE = ("none", "default", "max-autotune-no-cudagraphs")
 
@@ -171,11 +172,35 @@ class _Layer:
                 self.shared = _Mlp(self.moe.shared_experts, cfg.fused_qkv)
             self.gate_w32 = self.moe.gate.weight.detach().float()
             if cfg.grouped_moe:
-                self.stacked = stacked_expert_weights(self.moe.experts)
+                self.stacked = self._stacks(self.moe)
                 w13 = self.stacked[0]
                 self.use_gmm = _use_grouped_mm(w13) and (w13.device.type == "cuda" or w13.dtype == torch.bfloat16)
         self.expert_fn = EXPERT_IMPLS[cfg.expert_impl] if cfg.grouped_moe else apply_experts_grouped
         self.grouped = cfg.grouped_moe
+
+    def _stacks(self, moe: MoE) -> tuple[Tensor, Tensor]:
+        """Routed experts' stacks [E, ...]; with shared experts whose width is a multiple of the routed one,
+        the stacks get that many extra slots holding the shared MLP split along its intermediate dim (a
+        copy: ~14 MB per layer), kept in ``all_stacks`` / ``n_always`` for the Triton expert kernel."""
+        self.all_stacks: tuple[Tensor, Tensor] | None = None
+        self.n_always = 0
+        shared = moe.shared_experts
+        first = moe.experts[0]
+        assert isinstance(first, MLP)
+        inter = int(first.gate_proj.weight.shape[0])
+        n_slots = 0
+        if isinstance(shared, MLP) and int(shared.gate_proj.weight.shape[0]) % inter == 0:
+            n_slots = int(shared.gate_proj.weight.shape[0]) // inter
+        w13, down = stacked_expert_weights(moe.experts, extra_slots=n_slots)
+        n_experts = len(moe.experts)
+        if n_slots and isinstance(shared, MLP):
+            hidden = int(w13.shape[-1])
+            with torch.no_grad():
+                w13[n_experts:, :inter].copy_(shared.gate_proj.weight.view(n_slots, inter, hidden))
+                w13[n_experts:, inter:].copy_(shared.up_proj.weight.view(n_slots, inter, hidden))
+                down[n_experts:].copy_(shared.down_proj.weight.view(hidden, n_slots, inter).transpose(0, 1))
+            self.all_stacks, self.n_always = (w13, down), n_slots
+        return w13[:n_experts], down[:n_experts]
 
     def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Rotated q [B, h, L, D], k [B, kvh, L, D] and v [B, kvh, L, D]."""
@@ -316,6 +341,7 @@ class FastModel:
         self.base = model
         self.fast_config = cfg
         self.layers = [_Layer(layer, cfg) for layer in model.model.layers if isinstance(layer, DecoderLayer)]
+        self.decode_kernels, self.decode_kernels_note = self._resolve_kernels(model, cfg)
         self._decoder: FastDecoder | None = None
         self._compiled_step: Any = None
         self._vision_graphs: tuple[ShapeGraphs, ShapeGraphs] | None = None
@@ -329,6 +355,27 @@ class FastModel:
             for layer in self.layers
             if layer.moe is not None and cfg.grouped_moe
         }
+
+    def _resolve_kernels(self, model: DeepseekOCRForCausalLM, cfg: FastConfig) -> tuple[str, str | None]:
+        """The decode kernels that will run: "triton" only where its kernels can (else "torch", and why)."""
+        if cfg.decode_kernels != "triton":
+            return "torch", None
+        from llm_perf_opt.models.deepseek_ocr import kernels
+
+        why = None
+        if not cfg.grouped_moe:
+            why = "decode_kernels=triton needs grouped_moe (stacked expert weights)"
+        elif not kernels.triton_available(model.device):
+            try:
+                kernels._require("decode step", model.device)
+            except kernels.KernelUnavailableError as exc:
+                why = str(exc)
+        elif any(layer.moe is not None and layer.moe.scoring_func != "softmax" for layer in self.layers):
+            why = "the Triton router implements softmax scoring only"
+        if why is None:
+            return "triton", None
+        warnings.warn(f"{why}: decoding with the torch kernels", stacklevel=3)
+        return "torch", why
 
     def __getattr__(self, name: str) -> Any:
         # Only called for names not found on FastModel: model, config, device, dtype, lm_head, ...
@@ -595,8 +642,67 @@ class FastDecoder:
         self.logits: Tensor | None = None
         self.next_token: Tensor | None = None
         self._compiled = fast.compiled_step()
+        self.kernels = fast.decode_kernels if self.batch <= TRITON_MAX_ROWS else "torch"
+
+    def _forward_triton(self) -> tuple[Tensor, Tensor]:
+        """The decode step in fused Triton kernels (models/deepseek_ocr/kernels.py) plus cuBLAS GEMMs.
+
+        Per layer: add+RMSNorm, QKV GEMM, rotary + KV write, split-K attention (2), o_proj GEMM,
+        add+RMSNorm, router (GEMV + softmax + top-k + counts), experts up and down (routed and shared
+        experts in the same two kernels); the residual add of each block is folded into the next norm.
+        Attention reads only keys 0..pos (the position is read on the device).
+        """
+        from llm_perf_opt.models.deepseek_ocr import kernels as K
+
+        fast, base = self.fast, self.fast.base
+        m = base.model
+        cache = self.cache
+        bsz = self.batch
+        delta = m.embed_tokens(self.tokens).view(bsz, -1)  # [B, hidden]
+        hidden: Tensor | None = None
+        for layer in fast.layers:
+            x, hidden = K.add_rms_norm(delta, hidden, layer.in_norm.weight, layer.in_norm.eps)
+            qkv = (
+                F.linear(x, layer.wqkv)
+                if layer.wqkv is not None
+                else torch.cat(
+                    [F.linear(x, p.weight) for p in (layer.attn.q_proj, layer.attn.k_proj, layer.attn.v_proj)], dim=-1
+                )
+            )
+            k_all, v_all = cache.k[layer.idx], cache.v[layer.idx]
+            q = K.rope_kv_write(
+                qkv, self.cos_table, self.sin_table, self.pos, k_all, v_all, layer.heads, layer.kv_heads, layer.head_dim
+            )
+            out = K.decode_attention(q, k_all, v_all, self.pos, layer.head_dim**-0.5)
+            x, hidden = K.add_rms_norm(layer.attn.o_proj(out), hidden, layer.post_norm.weight, layer.post_norm.eps)
+            moe = layer.moe
+            if moe is None or layer.gate_w32 is None:
+                assert layer.dense is not None
+                delta = layer.dense(x)
+                continue
+            idx, weights = K.moe_route(
+                x,
+                layer.gate_w32,
+                moe.top_k,
+                counts=fast._counts_for(layer),
+                scaling=moe.routed_scaling_factor,
+                renormalize=moe.norm_topk_prob,
+            )
+            moe.last_topk_idx = idx
+            if layer.all_stacks is not None:
+                delta = K.moe_experts(x, idx, weights, *layer.all_stacks, n_always=layer.n_always)
+            else:  # shared experts not expressible as slots (or none): routed in the kernel, shared in torch
+                assert layer.stacked is not None
+                delta = K.moe_experts(x, idx, weights, *layer.stacked)
+                if layer.shared is not None:
+                    delta = delta + layer.shared(x)
+        normed, _ = K.add_rms_norm(delta, hidden, m.norm.weight, m.norm.eps)
+        logits = base.lm_head(normed).float()
+        return logits, first_argmax(logits)
 
     def _body(self) -> tuple[Tensor, Tensor]:
+        if self.kernels == "triton":
+            return self._forward_triton()
         if self._compiled is None:
             return self._forward()
         out: tuple[Tensor, Tensor] = self._compiled(self)

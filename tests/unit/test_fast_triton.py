@@ -1,0 +1,88 @@
+"""The fast path's Triton decode step (``FastConfig(decode_kernels="triton")``) against its torch step.
+
+Runs the real kernels on the CPU through Triton's interpreter (``TRITON_INTERPRET=1`` set before the kernels
+module is first imported); skipped where Triton is not installed or the kernels were already imported
+compiled-mode in this process.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, build_model, kernels
+from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, apply_fast_path
+from llm_perf_opt.models.deepseek_ocr.model import DeepseekOCRForCausalLM
+from tests.conftest import TINY
+
+pytestmark = pytest.mark.skipif(
+    not kernels.triton_available("cpu"), reason="kernels imported compiled-mode before TRITON_INTERPRET was set"
+)
+
+
+def _model(seed: int) -> DeepseekOCRForCausalLM:
+    model = build_model(DeepseekOCRConfig.from_json(TINY / "config.json"), "cpu", torch.float32, "dummy", seed=seed)
+    for p in model.model.layers.parameters():  # far from the dummy init's ~0 so routing and logits differ
+        p.data.mul_(10.0)
+    return model
+
+
+def _decode(
+    fast: object, embeds: torch.Tensor, feed: list[torch.Tensor] | None, steps: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Prefill, then ``steps`` decode steps fed the argmax (or ``feed``'s [B, 1] tokens); picks and logits."""
+    cache = fast.new_cache(batch=embeds.shape[0], max_len=embeds.shape[1] + steps + 1)  # type: ignore[attr-defined]
+    logits = fast.prefill(embeds, cache)  # type: ignore[attr-defined]
+    picks, rows = [], []
+    for i in range(steps):
+        tok = logits.argmax(dim=-1, keepdim=True) if feed is None else feed[i]
+        picks.append(tok)
+        logits = fast.decode_step(tok, cache).clone()  # type: ignore[attr-defined]
+        rows.append(logits)
+    return picks, rows
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_triton_decode_step_matches_torch_step(batch: int) -> None:
+    model = _model(seed=3)
+    embeds = torch.randn(batch, 9, model.config.language.hidden_size)
+    ref = apply_fast_path(model, FastConfig(cuda_graphs=False))
+    tri = apply_fast_path(model, FastConfig(cuda_graphs=False, decode_kernels="triton"))
+    assert tri.decode_kernels == "triton" and tri.decode_kernels_note is None
+    ref_tokens, ref_rows = _decode(ref, embeds, None, 5)
+    _, rows = _decode(tri, embeds, ref_tokens, 5)  # teacher-forced: one near-tie cannot derail the rest
+    for want, got in zip(ref_rows, rows, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(got.argmax(-1), want.argmax(-1)) for got, want in zip(rows, ref_rows, strict=True))
+    # routing counts: prefill (batch x 9 tokens) + 5 steps, top-k picks each, in every MoE layer
+    k = model.config.language.num_experts_per_tok
+    assert all(sum(c) == batch * (9 + 5) * k for c in tri.tokens_per_expert().values())
+
+
+def test_triton_device_greedy_matches_torch_greedy() -> None:
+    model = _model(seed=4)
+    embeds = torch.randn(1, 7, model.config.language.hidden_size)
+    out = []
+    for kern in ("torch", "triton"):
+        fast = apply_fast_path(model, FastConfig(cuda_graphs=False, decode_kernels=kern))
+        cache = fast.new_cache(batch=1, max_len=7 + 8)
+        first = fast.prefill(embeds, cache).argmax(dim=-1, keepdim=True)
+        out.append(fast.decoder_for(cache).greedy(first, 6))
+    assert out[0] == out[1]
+
+
+def test_triton_unavailable_falls_back_with_a_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernels, "triton_available", lambda device: False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = apply_fast_path(_model(seed=5), FastConfig(cuda_graphs=False, decode_kernels="triton"))
+    assert fast.decode_kernels == "torch"
+    assert fast.decode_kernels_note and "cannot run" in fast.decode_kernels_note
+    assert any("decoding with the torch kernels" in str(w.message) for w in caught)
