@@ -1,17 +1,30 @@
-"""Batched throughput of the native DeepSeek-OCR (``models.deepseek_ocr.batched``) on one GPU.
+"""Batched throughput of the native DeepSeek-OCR (``models.deepseek_ocr.batched``) on one GPU, graph vs host decode.
 
 Full-size dummy weights in bf16, synthetic pages (``llm_perf_opt.data.datasets.synthetic_page``, several
 page sizes) in Base mode (one 1024×1024 view per page, 273 image tokens, prompt length 283), greedy with
-``ignore_eos`` so every sequence makes exactly ``--tokens`` tokens.  For each batch size (default 1, 8, 32,
-64): one short warm-up run of the same batch, then one timed run (CUDA events via ``DeviceClock``).
+``ignore_eos`` so every sequence makes exactly ``--tokens`` tokens.  The model is the fast path by default
+(``FastModel``: fused QKV / gate-up, grouped experts, fast SAM/CLIP with compiled blocks and vision graphs);
+``--model eager`` runs the plain module weights with ``--expert-impl`` experts.
+
+``--decode`` picks the decode loop of ``BatchedGenerator`` (default ``both``: graph and host side by side):
+``graph`` = the static step replayed from a CUDA graph, ``static`` = the same step un-graphed, ``host`` = the
+host-driven loop (host tensors per step, logits to the host).  For each batch size (default 1, 8, 32, 64)
+and loop: one warm-up run of the SAME shape (same pages, same ``--tokens``), which pays the one-time CUDA
+graph capture (and the vision compile / graphs of its shapes), then one timed run that only replays
+(CUDA events via ``DeviceClock``).  The capture time of the warm-up run is reported in its own column;
+a timed run that still captured is flagged.
 
     PYTHONPATH=src python benchmarks/bench_batched.py --out benchmarks/results
+    # CPU smoke check of the script (tiny model, seconds):
+    PYTHONPATH=src python benchmarks/bench_batched.py --config tiny --device cpu --dtype float32 \\
+        --batches 1,2 --tokens 4
 
-Columns: pages/s and output tok/s over the whole run (vision + prefill + decode, all tokens counted);
-decode tok/s (decode steps only); TTFT (vision + prefill, the same for every page of the batch);
-TPOT p50 = median decode-step time (each step gives every live sequence one token, so it is the per-token
-latency each sequence sees; per-sequence TPOT means are equal with ``ignore_eos``); peak memory =
-``torch.cuda.max_memory_allocated`` during the timed run (weights included).
+Columns: decode = the loop that ran; pages/s and output tok/s over the whole run (vision + prefill + decode,
+all tokens counted); decode tok/s (tokens from decode steps over decode time); TTFT (vision + prefill, the
+same for every page of the batch); TPOT p50 / p90 = decode-step time percentiles (each step gives every
+live sequence one token, so it is the per-token latency each sequence sees); capture s = host wall time of
+the warm-up run's graph capture (excluded from every other column); peak memory =
+``torch.cuda.max_memory_allocated`` during the timed run (weights and the kept graph cache included).
 
 Writes ``<out>/<date>-<gpu>-batched.md`` and ``.json`` when ``--out`` is given; always prints the table.
 Imports only torch/attrs/safetensors/pillow code paths (no hydra).
@@ -36,9 +49,14 @@ from llm_perf_opt.models.deepseek_ocr.preprocess import PreparedPage, Preprocess
 from llm_perf_opt.models.deepseek_ocr.tokenizer import load_tokenizer
 from llm_perf_opt.profiling.hw import benchmark_header
 
-CONFIG = "src/llm_perf_opt/models/deepseek_ocr/configs/deepseek-ocr.json"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {
+    "full": ROOT / "src/llm_perf_opt/models/deepseek_ocr/configs/deepseek-ocr.json",
+    "tiny": ROOT / "tests/fixtures/deepseek_ocr_tiny/config.json",  # CPU smoke checks of this script
+}
 PROMPT = "<image>\n<|grounding|>Convert the document to markdown."
 PAGE_SIZES = [(1224, 1584), (1700, 2200), (850, 1100), (1584, 1224), (2480, 3508)]
+DECODE_LOOPS = {"graph": ["graph"], "static": ["static"], "host": ["host"], "both": ["graph", "host"]}
 GiB = 2**30
 
 
@@ -53,11 +71,23 @@ def make_pages(cfg: DeepseekOCRConfig, n: int, mode: str) -> list[PreparedPage]:
     return [preprocess_page(synthetic_page(PAGE_SIZES[i % len(PAGE_SIZES)], i), pre, cfg, ids) for i in range(n)]
 
 
+def generator(target: Any, loop: str, args: argparse.Namespace) -> BatchedGenerator:
+    """The BatchedGenerator that runs decode loop ``loop`` ("graph", "static" or "host")."""
+    return BatchedGenerator(
+        target,
+        expert_impl=args.expert_impl if args.model == "eager" else None,
+        vision_batch=args.vision_batch or None,
+        static_decode=loop != "host",
+        cuda_graphs=loop == "graph",
+        check_every=args.check_every,
+    )
+
+
 def measure(
     gen: BatchedGenerator, pages: list[PreparedPage], tokens: int, eos: int, warmup_tokens: int
 ) -> dict[str, Any]:
     dev = gen.device
-    gen.run(pages, warmup_tokens, eos_token_id=eos, ignore_eos=True)  # same prefill shapes, allocator warm
+    warm = gen.run(pages, warmup_tokens, eos_token_id=eos, ignore_eos=True)  # capture, allocator, compile
     _sync(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -68,6 +98,7 @@ def measure(
     tpot = [t for t in res.tpot_ms if t == t]  # drop NaN (single-token sequences)
     return {
         "batch": len(pages),
+        "decode": res.decode_path,
         "prompt_len": res.padded_len,
         "tokens_per_seq": tokens,
         "pages_per_s": res.pages_per_s,
@@ -80,20 +111,43 @@ def measure(
         "tpot_p50_ms": res.step_ms_p50,
         "tpot_p90_ms": statistics.quantiles(res.step_ms, n=10)[-1] if len(res.step_ms) > 1 else res.step_ms_p50,
         "tpot_mean_per_seq_ms": statistics.fmean(tpot) if tpot else None,
+        "idle_steps": res.idle_steps,
+        "warmup_capture_s": warm.graph_capture_s,
+        "timed_capture_s": res.graph_capture_s,  # 0.0 unless the warm-up shape differed (--warmup-tokens)
+        "capture_error": gen.capture_error,
         "peak_gib": peak,
     }
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| batch | pages/s | output tok/s | decode tok/s | TTFT s | TPOT p50 ms | TPOT p90 ms | peak memory GiB |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| batch | decode | pages/s | output tok/s | decode tok/s | TTFT s | TPOT p50 ms | TPOT p90 ms "
+        "| capture s | peak memory GiB |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        capture = f"{r['warmup_capture_s']:.3f}" if r["decode"] == "graph" else "-"
+        if r["timed_capture_s"] > 0:
+            capture += f" (+{r['timed_capture_s']:.3f} in the timed run)"
         lines.append(
-            f"| {r['batch']} | {r['pages_per_s']:.3f} | {r['output_tok_per_s']:.1f} | {r['decode_tok_per_s']:.1f} "
-            f"| {r['ttft_s']:.3f} | {r['tpot_p50_ms']:.2f} | {r['tpot_p90_ms']:.2f} | {_gib(r['peak_gib'])} |"
+            f"| {r['batch']} | {r['decode']} | {r['pages_per_s']:.3f} | {r['output_tok_per_s']:.1f} "
+            f"| {r['decode_tok_per_s']:.1f} | {r['ttft_s']:.3f} | {r['tpot_p50_ms']:.2f} | {r['tpot_p90_ms']:.2f} "
+            f"| {capture} | {_gib(r['peak_gib'])} |"
         )
+    return "\n".join(lines)
+
+
+def speedups(rows: list[dict[str, Any]]) -> str:
+    """Per batch: static-step loop (graph, or static off CUDA) / host loop, output and decode tok/s."""
+    by = {(r["batch"], r["decode"]): r for r in rows}
+    lines = []
+    for bsz in sorted({r["batch"] for r in rows}):
+        s, h = by.get((bsz, "graph")) or by.get((bsz, "static")), by.get((bsz, "host"))
+        if s and h:
+            lines.append(
+                f"- batch {bsz}: {s['decode']} / host = {s['output_tok_per_s'] / h['output_tok_per_s']:.2f}× "
+                f"output tok/s, {s['decode_tok_per_s'] / h['decode_tok_per_s']:.2f}× decode tok/s"
+            )
     return "\n".join(lines)
 
 
@@ -101,12 +155,28 @@ def _gib(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
+def _batches(values: list[str]) -> list[int]:
+    """``--batches 1 8 32`` or ``--batches 1,8,32``."""
+    out = [int(v) for item in values for v in item.split(",") if v.strip()]
+    if not out or min(out) < 1:
+        raise SystemExit(f"--batches needs sizes >= 1, got {values}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default=CONFIG)
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
+    ap.add_argument("--config", default="full", help=f"{' / '.join(CONFIGS)} or a config.json path")
+    ap.add_argument("--batches", nargs="+", default=["1,8,32,64"], help="batch sizes: 1 8 32 64 or 1,8,32,64")
     ap.add_argument("--tokens", type=int, default=256, help="new tokens per sequence (ignore_eos)")
-    ap.add_argument("--warmup-tokens", type=int, default=4)
+    ap.add_argument(
+        "--warmup-tokens",
+        type=int,
+        default=None,
+        help="tokens of the warm-up run (default: --tokens; another value is another graph shape, so the timed "
+        "run would capture again)",
+    )
+    ap.add_argument("--decode", choices=sorted(DECODE_LOOPS), default="both", help="decode loop(s) to time")
+    ap.add_argument("--check-every", type=int, default=16, help="static loop: steps between eos checks")
     ap.add_argument("--mode", default="base", help="PreprocessConfig.for_mode name")
     ap.add_argument(
         "--vision-batch",
@@ -115,10 +185,13 @@ def main() -> None:
         help="views per SAM/CLIP call (eager SAM materialises a [views, 12, 4096, 4096] rel-pos bias at 1024 px); "
         "0 = all views in one call",
     )
-    ap.add_argument("--expert-impl", default="grouped", help="decoder.EXPERT_IMPLS key for the routed experts")
     ap.add_argument(
-        "--fast-vision", action="store_true", help="wrap in FastModel (fast SAM/CLIP, compiled blocks, vision graphs)"
+        "--model",
+        choices=["fast", "eager"],
+        default="fast",
+        help="fast: FastModel (fused weights, grouped experts, fast vision); eager: the module weights",
     )
+    ap.add_argument("--expert-impl", default="grouped", help="--model eager: decoder.EXPERT_IMPLS key")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda", help="cuda (the benchmark); cpu only to smoke-test the script")
     ap.add_argument("--dtype", default="bfloat16")
@@ -128,46 +201,70 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_batched.py needs a CUDA GPU (or --device cpu for a smoke test)")
+    batches = _batches(args.batches)
+    warmup_tokens = args.tokens if args.warmup_tokens is None else args.warmup_tokens
     torch.manual_seed(args.seed)
-    cfg = DeepseekOCRConfig.from_json(args.config)
+    cfg = DeepseekOCRConfig.from_json(CONFIGS.get(args.config, Path(args.config)))
     model = build_model(cfg, device, args.dtype, "dummy", seed=args.seed)
     target: Any = model
-    if args.fast_vision:
-        target = apply_fast_path(model, FastConfig(cuda_graphs=False))
-    gen = BatchedGenerator(target, expert_impl=args.expert_impl, vision_batch=args.vision_batch or None)
+    fast_cfg: FastConfig | None = None
+    if args.model == "fast":
+        on_gpu = device.type == "cuda"  # off CUDA: no torch.compile of the vision blocks, no vision graphs
+        fast_cfg = FastConfig(sam_compile=on_gpu, clip_compile=on_gpu, vision_graphs=on_gpu)
+        target = apply_fast_path(model, fast_cfg)
     eos = int(cfg.language.eos_token_id)
-    pages = make_pages(cfg, max(args.batches), args.mode)
+    pages = make_pages(cfg, max(batches), args.mode)
     env = benchmark_header(device)
+    loops = DECODE_LOOPS[args.decode]
 
     rows: list[dict[str, Any]] = []
-    for bsz in args.batches:
-        row = measure(gen, pages[:bsz], args.tokens, eos, args.warmup_tokens)
-        rows.append(row)
-        print(
-            f"batch {bsz}: {row['pages_per_s']:.3f} pages/s, {row['output_tok_per_s']:.1f} tok/s, "
-            f"TPOT p50 {row['tpot_p50_ms']:.2f} ms, peak {_gib(row['peak_gib'])} GiB",
-            flush=True,
-        )
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    for bsz in batches:
+        for loop in loops:
+            gen = generator(target, loop, args)
+            row = measure(gen, pages[:bsz], args.tokens, eos, warmup_tokens)
+            gen.release_decode_state()  # free the kept graph and cache before the next loop / batch size
+            rows.append(row)
+            flag = " (TIMED RUN CAPTURED)" if row["timed_capture_s"] > 0 else ""
+            print(
+                f"batch {bsz} {row['decode']}: {row['pages_per_s']:.3f} pages/s, {row['output_tok_per_s']:.1f} tok/s, "
+                f"TPOT p50 {row['tpot_p50_ms']:.2f} ms, capture {row['warmup_capture_s']:.3f} s{flag}, "
+                f"peak {_gib(row['peak_gib'])} GiB",
+                flush=True,
+            )
+            if row["capture_error"]:
+                print(f"  graph capture failed, ran un-graphed: {row['capture_error']}", flush=True)
+            del gen
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
+    model_desc = (
+        f"FastModel (experts {fast_cfg.expert_impl}, decode attention {fast_cfg.decode_attention}, "
+        f"vision compile/graphs {'on' if fast_cfg.vision_graphs else 'off'})"
+        if fast_cfg is not None
+        else f"eager modules (experts {args.expert_impl})"
+    )
     header = (
         f"# DeepSeek-OCR batched throughput — {env['gpu']}\n\n"
         f"{env['date']}; driver {env['driver']}; torch {env['torch']} (CUDA {env['cuda']}); "
-        f"{args.dtype}, dummy weights; "
+        f"{args.dtype}, dummy weights (config {args.config}); "
         f"mode {args.mode}, {args.tokens} tokens/sequence (ignore_eos), prompt length {rows[0]['prompt_len']}; "
-        f"experts {args.expert_impl}, vision batch {args.vision_batch or 'all'}, "
-        f"fast vision {'on' if args.fast_vision else 'off'}.\n"
+        f"{model_desc}; vision batch {args.vision_batch or 'all'}; decode {', '.join(loops)} "
+        f"(eos check every {args.check_every} steps); warm-up run of each shape first ({warmup_tokens} tokens), "
+        f"capture excluded from the timed run.\n"
     )
     report = f"{header}\n{table(rows)}\n"
+    extra = speedups(rows)
+    if extra:
+        report += f"\n{extra}\n"
     print()
     print(report)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         stem = f"{dt.datetime.now(dt.UTC).strftime('%Y-%m-%d')}-{env['gpu'].replace(' ', '_').lower()}-batched"
+        meta = {**vars(args), "batches": batches, "warmup_tokens": warmup_tokens}
         (out / f"{stem}.md").write_text(report)
-        (out / f"{stem}.json").write_text(json.dumps({"env": env, "args": vars(args), "rows": rows}, indent=2))
+        (out / f"{stem}.json").write_text(json.dumps({"env": env, "args": meta, "rows": rows}, indent=2))
         print(f"wrote {out / stem}.md / .json")
 
 

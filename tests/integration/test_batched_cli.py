@@ -23,7 +23,20 @@ def test_batched_throughput_phase(tmp_path: Path) -> None:
         assert 0 < b.vision_ms < b.prefill_ms
         assert b.output_tokens <= 8 * b.batch
         assert b.pages_per_s is not None and b.pages_per_s > 0
+        assert b.decode_path == "host"  # the default no_repeat_ngram_size needs each step's logits on the host
     report = (run_dir / "report.md").read_text()
     assert "## Batched throughput (batch size 2)" in report
+    assert "Decode path: host (host loop" in report
     # the per-page latency repeats still ran alongside
     assert len(s.ok_pages) == 6
+
+
+def test_batched_phase_uses_the_static_step_without_ngram_rule(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    args = [*SMALL, "dataset.sizes=[[300,200],[200,300]]", "infer.batch_size=2", "infer.no_repeat_ngram_size=0"]
+    result = run_cli(args, run_dir=run_dir)
+    assert result.returncode == 0, result.describe()
+    s = read_summary(run_dir / "metrics.json")
+    assert [b.decode_path for b in s.batches] == ["static"]  # CPU: the static step runs un-graphed
+    assert s.batches[0].graph_capture_ms == 0.0
+    assert "Decode path: static" in (run_dir / "report.md").read_text()

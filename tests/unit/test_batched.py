@@ -3,7 +3,8 @@
 The tiny fixture's three pages (prompt lengths 29, 39, 59; grids 1×1, 2×1, 2×3) run as one batch; every
 sequence must reproduce the eager ``encode_images`` / ``embed_prompt`` / ``prefill`` / ``decode_step`` loop
 (``generation.generate``): identical greedy tokens, logits within 1e-4 relative, eos / caps /
-no-repeat-ngram per sequence.
+no-repeat-ngram per sequence.  Runs without ``keep_logits`` or no-repeat-ngram take the static decode step
+(un-graphed on CPU); ``test_batched_static.py`` compares it with the host loop directly.
 """
 
 from __future__ import annotations

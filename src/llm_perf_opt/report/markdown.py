@@ -425,8 +425,28 @@ def _render_batches(s: RunSummary) -> str:
             "batched across pages, left-padded prefill, finished sequences masked). Statistics are over batches; "
             "TPOT over sequences. Raw records: batches.jsonl.\n",
             table(header, rows),
+            "",
+            _batch_paths(s),
         ]
     )
+
+
+def _batch_paths(s: RunSummary) -> str:
+    """Which decode loop the batches ran, the one-time graph captures and idle steps (not in the stage times)."""
+    paths = sorted({b.decode_path for b in s.batches})
+    captures = [b.graph_capture_ms for b in s.batches if b.graph_capture_ms > 0]
+    note = {
+        "graph": "CUDA-graph step, tokens chosen on the device",
+        "static": "static step, un-graphed",
+        "host": "host loop: logits read every step (no_repeat_ngram or kept logits)",
+    }
+    text = "Decode path: " + "; ".join(f"{p} ({note.get(p, '?')})" for p in paths) + "."
+    if captures:
+        text += f" Graph captures: {len(captures)}, {fmt(sum(captures), 1)} ms in all (outside the stage times)."
+    idle = sum(b.idle_steps for b in s.batches)
+    if idle:
+        text += f" {idle} idle step(s) after all sequences had finished (eos checked every k steps)."
+    return text + "\n"
 
 
 def _unit_label(key: str) -> str:

@@ -319,6 +319,9 @@ class DeepSeekOCRSession:
             pages_per_s=res.pages_per_s if res.total_s > 0 else None,
             output_tok_s=res.output_tok_per_s if res.total_s > 0 else None,
             tpot_ms=list(res.tpot_ms),
+            decode_path=res.decode_path,
+            graph_capture_ms=res.graph_capture_s * 1e3,
+            idle_steps=res.idle_steps,
         )
 
     # ------------------------------------------------------------------ one page

@@ -1,0 +1,124 @@
+"""Batched decode on CUDA: the CUDA-graph static step vs the host loop, and graph reuse across runs.
+
+The tiny fixture model (seeded random weights) in bf16, batch 4 with mixed prompt lengths (29, 39, 59, 29).
+Graph and host loop compute the same function with different kernels (attention over the whole masked
+cache vs the sliced one, the MoE on every row vs live rows, a FastModel's fused GEMMs), so their logits
+agree to bf16 rounding: tokens must be identical except where the host's top-2 logits are within that
+rounding (a near-tie), after which the two sequences may legitimately differ and are not compared further.
+The graph and the same step un-graphed run the same kernels: identical tokens.
+
+Skipped without CUDA; on the device machine: ``pytest -m gpu tests/gpu/test_batched_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, DeepseekOCRForCausalLM, build_model
+from llm_perf_opt.models.deepseek_ocr.batched import BatchedGenerator, BatchResult
+from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, FastModel, apply_fast_path
+from llm_perf_opt.models.deepseek_ocr.preprocess import PreparedPage, PreprocessConfig, load_image, preprocess_page
+from tests.conftest import TINY, requires_cuda
+
+pytestmark = [pytest.mark.gpu, requires_cuda]
+
+CASES = [("global_only", False), ("crop_2x1", True), ("crop_2x3", True)]
+TEXT_IDS = list(range(10, 17))
+STEPS = 32
+# a near-tie: host top-2 logits closer than this (relative to the largest |logit|) plus an absolute floor
+TIE_REL, TIE_ABS = 2e-2, 1e-2
+
+
+@pytest.fixture(scope="module")
+def model() -> DeepseekOCRForCausalLM:
+    cfg = DeepseekOCRConfig.from_json(TINY / "config.json")
+    return build_model(cfg, "cuda", torch.bfloat16, weights=TINY / "weights.safetensors")
+
+
+@pytest.fixture(scope="module")
+def fast(model: DeepseekOCRForCausalLM) -> FastModel:
+    """Fused / grouped layers over the same weights (views, same values); vision left eager (not under test)."""
+    return apply_fast_path(model, FastConfig(sam_compile=False, clip_compile=False, vision_graphs=False))
+
+
+@pytest.fixture(scope="module")
+def pages(model: DeepseekOCRForCausalLM) -> list[PreparedPage]:
+    out = []
+    for name, crop in CASES:
+        cfg = PreprocessConfig(base_size=256, image_size=128, crop_mode=crop, vendor_quirks=False)
+        out.append(preprocess_page(load_image(TINY / "cases" / f"{name}.png"), cfg, model.config, TEXT_IDS))
+    return [*out, out[0]]  # batch 4, prompt lengths 29, 39, 59, 29
+
+
+def assert_tokens_match(graph: BatchResult, host: BatchResult) -> None:
+    """Token for token, except from a step where the host's choice was a near-tie."""
+    assert host.logits is not None
+    for b, (got, want) in enumerate(zip(graph.tokens, host.tokens, strict=True)):
+        for i, (g, w) in enumerate(zip(got, want, strict=False)):
+            if g != w:
+                row = host.logits[b][i]
+                top2 = row.topk(2).values
+                gap = float(top2[0] - top2[1])
+                assert gap <= TIE_REL * float(row.abs().max()) + TIE_ABS, (b, i, g, w, gap)
+                break
+        else:
+            assert len(got) == len(want), b
+            assert graph.stopped_by_eos[b] == host.stopped_by_eos[b], b
+
+
+def _generator(model: DeepseekOCRForCausalLM, fast: FastModel, kind: str, **kw: object) -> BatchedGenerator:
+    if kind == "fast":
+        return BatchedGenerator(fast, **kw)  # type: ignore[arg-type]
+    return BatchedGenerator(model, expert_impl="grouped", **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", ["base", "fast"])
+def test_graph_matches_host_loop(
+    model: DeepseekOCRForCausalLM, fast: FastModel, pages: list[PreparedPage], kind: str
+) -> None:
+    host_gen = _generator(model, fast, kind, static_decode=False)
+    graph_gen = _generator(model, fast, kind)
+    ref = host_gen.run(pages, STEPS, eos_token_id=None, keep_logits=True)
+    res = graph_gen.run(pages, STEPS, eos_token_id=None)
+    assert ref.decode_path == "host" and res.decode_path == "graph", graph_gen.capture_error
+    assert res.graph_capture_s > 0 and res.idle_steps == 0 and len(res.step_ms) == STEPS - 1
+    assert_tokens_match(res, ref)
+
+    # eos hit by different rows at different steps (row 1's 6th host token), per-row caps
+    eos = ref.tokens[1][5]
+    caps = [STEPS, STEPS, 12, 7]
+    ref = host_gen.run(pages, caps, eos_token_id=eos, keep_logits=True)
+    res = graph_gen.run(pages, caps, eos_token_id=eos)
+    assert res.decode_path == "graph" and res.graph_capture_s == 0.0  # same shape: replayed, not captured
+    assert_tokens_match(res, ref)
+    assert ref.stopped_by_eos[1]
+
+
+@pytest.mark.parametrize("kind", ["base", "fast"])
+def test_graph_equals_ungraphed_step_and_is_reused(
+    model: DeepseekOCRForCausalLM, fast: FastModel, pages: list[PreparedPage], kind: str
+) -> None:
+    gen = _generator(model, fast, kind)
+    eager = _generator(model, fast, kind, cuda_graphs=False)
+    first = gen.run(pages, STEPS, eos_token_id=None)
+    static = gen._static
+    assert static is not None and static.graph is not None
+    graph = static.graph
+    assert first.decode_path == "graph" and first.graph_capture_s > 0
+    same = eager.run(pages, STEPS, eos_token_id=None)
+    assert same.decode_path == "static" and same.tokens == first.tokens
+
+    again = gen.run(pages, STEPS, eos_token_id=None)
+    assert gen._static is static and static.graph is graph
+    assert again.graph_capture_s == 0.0 and again.tokens == first.tokens
+    assert again.decode_s > 0 and len(again.step_ms) == STEPS - 1 and all(t > 0 for t in again.step_ms)
+
+    # same shape, other pads per row and an eos: the kept graph, reloaded state, stale K/V masked
+    swapped = [pages[2], pages[0], pages[1], pages[3]]
+    eos = first.tokens[0][3]
+    got = gen.run(swapped, STEPS, eos_token_id=eos)
+    assert static.graph is graph and got.graph_capture_s == 0.0
+    want = eager.run(swapped, STEPS, eos_token_id=eos)
+    assert got.tokens == want.tokens and got.stopped_by_eos == want.stopped_by_eos
+    assert got.idle_steps < gen.check_every

@@ -1,0 +1,201 @@
+"""The batched static decode step (``decode_path`` "static": the CUDA-graph step, un-graphed on CPU) vs the host loop.
+
+Same tiny fixture pages as ``test_batched.py`` (prompt lengths 29, 39, 59).  The host loop
+(``static_decode=False``) is the reference: the static step must give the same tokens token for token, with
+eos hit by different rows at different steps (eos ids are picked from the host loop's own greedy tokens,
+see ``EOS``), per-row caps, eos checked every ``check_every`` steps, and its cache and buffers reused
+across runs of the same shape.
+"""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+import torch
+
+from llm_perf_opt.errors import ConfigError
+from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, DeepseekOCRForCausalLM, build_model
+from llm_perf_opt.models.deepseek_ocr.batched import BatchedGenerator, BatchResult
+from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, FastModel, apply_fast_path
+from llm_perf_opt.models.deepseek_ocr.preprocess import PreparedPage, PreprocessConfig, load_image, preprocess_page
+from tests.unit.test_batched import CASES, TEXT_IDS, TINY
+
+STEPS = 24
+# Greedy tokens of the three pages (host loop, no eos): 384 is row 0's 3rd and row 1's 9th token and never
+# row 2's; 137 is the 3rd token of rows 1 and 2; 80 is the FIRST token (from the prefill) of rows 0 and 1;
+# 500 is row 0's 2nd and row 1's 7th; 278 is row 2's 14th and row 1's 16th.  ``test_eos_ids_hit_where_expected``
+# pins these positions, so a fixture change fails there first rather than weakening the other tests.
+EOS = [384, 137, 80, 500, 278]
+EXPECTED_FIRST_HIT = {384: [2, 8, None], 137: [None, 2, 2], 80: [0, 0, None], 500: [1, 6, None], 278: [None, 15, 13]}
+
+
+@pytest.fixture(scope="module")
+def model(tiny_reference_model: DeepseekOCRForCausalLM) -> DeepseekOCRForCausalLM:
+    return tiny_reference_model
+
+
+@pytest.fixture(scope="module")
+def pages(model: DeepseekOCRForCausalLM) -> list[PreparedPage]:
+    out = []
+    for name, crop in CASES:
+        cfg = PreprocessConfig(base_size=256, image_size=128, crop_mode=crop, vendor_quirks=False)
+        out.append(preprocess_page(load_image(TINY / "cases" / f"{name}.png"), cfg, model.config, TEXT_IDS))
+    return out
+
+
+@pytest.fixture(scope="module")
+def host_tokens(model: DeepseekOCRForCausalLM, pages: list[PreparedPage]) -> list[list[int]]:
+    return BatchedGenerator(model, static_decode=False).run(pages, STEPS, eos_token_id=None).tokens
+
+
+@pytest.fixture(scope="module")
+def fast_model() -> FastModel:
+    """Its own copy of the tiny model: the fast path re-points the module weights to fused storage."""
+    cfg = DeepseekOCRConfig.from_json(TINY / "config.json")
+    own = build_model(cfg, "cpu", torch.float32, weights=TINY / "weights.safetensors")
+    return apply_fast_path(
+        own, FastConfig(cuda_graphs=False, sam_compile=False, clip_compile=False, vision_graphs=False)
+    )
+
+
+def host_run(model: object, pages: list[PreparedPage], caps: int | list[int], eos: int | None) -> BatchResult:
+    return BatchedGenerator(model, static_decode=False).run(pages, caps, eos_token_id=eos)  # type: ignore[arg-type]
+
+
+def assert_same(static: BatchResult, host: BatchResult) -> None:
+    assert static.decode_path == "static" and host.decode_path == "host"
+    assert static.tokens == host.tokens
+    assert static.stopped_by_eos == host.stopped_by_eos
+    assert static.prompt_lens == host.prompt_lens and static.padded_len == host.padded_len
+    # every step that produced a token is timed; idle steps (after the last finish) only trail them
+    assert len(static.step_ms) - static.idle_steps == len(host.step_ms) == max(len(t) for t in host.tokens) - 1
+    assert static.graph_capture_s == 0.0  # CPU: never graphed
+
+
+def test_eos_ids_hit_where_expected(host_tokens: list[list[int]]) -> None:
+    for eos, where in EXPECTED_FIRST_HIT.items():
+        got = [row.index(eos) if eos in row else None for row in host_tokens]
+        assert got == where, eos
+
+
+@pytest.mark.parametrize("order", [[0, 1, 2], [2, 0], [1], [0, 0, 2, 1]], ids=["all", "long-short", "one", "dup"])
+def test_static_matches_host_loop_without_eos(
+    model: DeepseekOCRForCausalLM, pages: list[PreparedPage], order: list[int]
+) -> None:
+    batch = [pages[i] for i in order]
+    static = BatchedGenerator(model).run(batch, STEPS, eos_token_id=None)
+    host = host_run(model, batch, STEPS, None)
+    assert_same(static, host)
+    assert static.idle_steps == 0 and len(static.step_ms) == STEPS - 1
+    assert not any(static.stopped_by_eos)
+
+
+@pytest.mark.parametrize("check_every", [1, 3, 16])
+@pytest.mark.parametrize("eos", EOS)
+@pytest.mark.parametrize("caps", [STEPS, [5, STEPS, 10], [1, 12, 3]], ids=["same", "mixed", "tight"])
+def test_static_matches_host_loop_with_eos_and_caps(
+    model: DeepseekOCRForCausalLM, pages: list[PreparedPage], eos: int, caps: int | list[int], check_every: int
+) -> None:
+    static = BatchedGenerator(model, check_every=check_every).run(pages, caps, eos_token_id=eos)
+    host = host_run(model, pages, caps, eos)
+    assert_same(static, host)
+    assert 0 <= static.idle_steps < check_every
+
+
+def test_idle_steps_after_everyone_finished(model: DeepseekOCRForCausalLM, pages: list[PreparedPage]) -> None:
+    """eos 384 stops row 0 after 3 tokens and row 1 after 9; row 2's cap is 6: 8 useful steps of 23."""
+    caps = [STEPS, STEPS, 6]
+    by_check = {}
+    for check_every in (16, 3, 100):
+        res = BatchedGenerator(model, check_every=check_every).run(pages, caps, eos_token_id=384)
+        assert [len(t) for t in res.tokens] == [3, 9, 6] and res.stopped_by_eos == [True, True, False]
+        by_check[check_every] = (len(res.step_ms), res.idle_steps)
+        assert res.decode_s == pytest.approx(sum(res.step_ms) / 1e3, rel=1e-6)
+    # checks at 16 / at 3, 6, 9 / never (runs to the last slot, 23 steps)
+    assert by_check == {16: (16, 8), 3: (9, 1), 100: (23, 15)}
+
+
+def test_ignore_eos_runs_to_the_caps(model: DeepseekOCRForCausalLM, pages: list[PreparedPage]) -> None:
+    static = BatchedGenerator(model).run(pages, [4, 9, 2], eos_token_id=384, ignore_eos=True)
+    host = BatchedGenerator(model, static_decode=False).run(pages, [4, 9, 2], eos_token_id=384, ignore_eos=True)
+    assert_same(static, host)
+    assert [len(t) for t in static.tokens] == [4, 9, 2] and static.stopped_by_eos == [False] * 3
+
+
+def test_reuse_across_runs(model: DeepseekOCRForCausalLM, pages: list[PreparedPage]) -> None:
+    """The kept cache and buffers serve the next run of the same shape: stale K/V stays masked, the state
+    is reloaded (other pads, other eos), and a new shape replaces them."""
+    gen = BatchedGenerator(model)
+    first = gen.run(pages, 12, eos_token_id=384)
+    entry = gen._static
+    assert entry is not None
+    swapped = [pages[2], pages[0], pages[1]]  # same batch and padded length: other pads per row, same shape
+    other = gen.run(swapped, 12, eos_token_id=None)
+    assert gen._static is entry
+    assert other.tokens == host_run(model, swapped, 12, None).tokens
+    again = gen.run(pages, 12, eos_token_id=384)
+    assert gen._static is entry
+    assert again.tokens == first.tokens and again.stopped_by_eos == first.stopped_by_eos
+    assert again.idle_steps == first.idle_steps
+
+    gen.run(pages, 5, eos_token_id=None)  # another max_len: a new cache
+    assert gen._static is not entry and gen._static is not None and gen._static.cache.max_len == 59 + 4
+    assert gen.run(pages, 12, eos_token_id=384).tokens == first.tokens
+    gen.release_decode_state()
+    assert gen._static is None
+
+
+def test_path_selection(model: DeepseekOCRForCausalLM, pages: list[PreparedPage]) -> None:
+    gen = BatchedGenerator(model, cuda_graphs=True)  # graphs only on CUDA: CPU runs the static step
+    assert gen.decode_path_for([0, 0, 0], keep_logits=False) == "static"
+    assert gen.decode_path_for([0, 2, 0], keep_logits=False) == "host"
+    assert gen.decode_path_for([0, 0, 0], keep_logits=True) == "host"
+    assert BatchedGenerator(model, static_decode=False).decode_path_for([0], keep_logits=False) == "host"
+
+    ngram = gen.run(pages, 8, eos_token_id=None, no_repeat_ngram_size=[0, 2, 0])
+    assert ngram.decode_path == "host" and ngram.idle_steps == 0 and ngram.graph_capture_s == 0.0
+    ref = BatchedGenerator(model, static_decode=False).run(pages, 8, eos_token_id=None, no_repeat_ngram_size=[0, 2, 0])
+    assert ngram.tokens == ref.tokens
+    kept = gen.run(pages, 4, eos_token_id=None, keep_logits=True)
+    assert kept.decode_path == "host" and kept.logits is not None
+    plain = gen.run(pages, 4, eos_token_id=None)
+    assert plain.decode_path == "static" and plain.logits is None and plain.graph_capture_s == 0.0
+    assert plain.tokens == kept.tokens
+
+
+def test_graph_safety(model: DeepseekOCRForCausalLM, fast_model: FastModel) -> None:
+    """Eager experts read the routing on the host: never captured (the step runs un-graphed)."""
+    assert not BatchedGenerator(model).graph_safe()  # the tiny model's MoE layers default to "eager"
+    assert BatchedGenerator(model, expert_impl="grouped").graph_safe()
+    assert BatchedGenerator(fast_model).graph_safe()
+    eager_fast = FastModel(fast_model.base, FastConfig(grouped_moe=False, cuda_graphs=False))
+    assert not BatchedGenerator(eager_fast).graph_safe()
+
+
+def test_bad_check_every(model: DeepseekOCRForCausalLM) -> None:
+    with pytest.raises(ConfigError, match="check_every"):
+        BatchedGenerator(model, check_every=0)
+
+
+def test_routing_stats_include_finished_rows(model: DeepseekOCRForCausalLM, pages: list[PreparedPage]) -> None:
+    """Eager experts count on the host: the static step runs every row through the MoE at every step
+    (3 steps × 3 rows), the host loop only live rows (3 + 2 + 1) — the documented difference."""
+    top_k = model.config.language.num_experts_per_tok
+    prompt = 29 + 39 + 59
+    BatchedGenerator(model).run(pages, [2, 4, 3], eos_token_id=None)
+    assert all(sum(c) == (prompt + 9) * top_k for c in model.tokens_per_expert().values())
+    BatchedGenerator(model, static_decode=False).run(pages, [2, 4, 3], eos_token_id=None)
+    assert all(sum(c) == (prompt + 6) * top_k for c in model.tokens_per_expert().values())
+
+
+@pytest.mark.parametrize("attention", ["matmul", "sdpa"])
+def test_fast_model_static_step(
+    fast_model: FastModel, pages: list[PreparedPage], host_tokens: list[list[int]], attention: str
+) -> None:
+    """With a FastModel the static step runs its fused / grouped layers; same tokens as the host loop."""
+    fast = FastModel(fast_model.base, attrs.evolve(fast_model.fast_config, decode_attention=attention))
+    gen = BatchedGenerator(fast)
+    res = gen.run(pages, STEPS, eos_token_id=None)
+    assert res.decode_path == "static" and res.tokens == host_tokens
+    caps = [5, STEPS, 10]
+    assert_same(gen.run(pages, caps, eos_token_id=384), host_run(fast, pages, caps, 384))
