@@ -9,22 +9,35 @@ from __future__ import annotations
 
 import os
 import warnings
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
+from collections.abc import Iterator
 
 import pytest
 import torch
 
-pytest.importorskip("triton")
+_PREVIOUS = os.environ.get("TRITON_INTERPRET")
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton and the kernels module are first imported
+try:
+    pytest.importorskip("triton")
+    from llm_perf_opt.models.deepseek_ocr import kernels
+finally:  # leave the environment as found: CLI subprocesses of other tests inherit it
+    if _PREVIOUS is None:
+        del os.environ["TRITON_INTERPRET"]
 
-from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, build_model, kernels
-from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, apply_fast_path
-from llm_perf_opt.models.deepseek_ocr.model import DeepseekOCRForCausalLM
-from tests.conftest import TINY
+from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, build_model  # noqa: E402
+from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, apply_fast_path  # noqa: E402
+from llm_perf_opt.models.deepseek_ocr.model import DeepseekOCRForCausalLM  # noqa: E402
+from tests.conftest import TINY  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
-    not kernels.triton_available("cpu"), reason="kernels imported compiled-mode before TRITON_INTERPRET was set"
+    not kernels.INTERPRETED, reason="the kernels were imported compiled-mode before TRITON_INTERPRET was set"
 )
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The interpreter's switch is read again at launch: set it only while these tests run."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    yield
 
 
 def _model(seed: int) -> DeepseekOCRForCausalLM:

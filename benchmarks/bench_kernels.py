@@ -1,0 +1,478 @@
+"""Triton decode kernels (models/deepseek_ocr/kernels.py) vs the torch ops they replace, on one GPU.
+
+Real DeepSeek-OCR sizes from the shipped config (H=1280, 10 heads x 128, 64 experts of I=896, top-6,
+2 shared experts), bf16.  Each variant is captured as N back-to-back calls in one CUDA graph, replayed,
+and timed with CUDA events: per-call µs = replay time / N, so launch overhead is excluded exactly as in
+the graphed decode step.  The N calls cycle through ``--layers`` copies of the weights / KV caches (12,
+like the model), so nothing stays L2-resident from one call to the next, as in a real decode step.
+
+    PYTHONPATH=src python benchmarks/bench_kernels.py --out benchmarks/results
+    PYTHONPATH=src python benchmarks/bench_kernels.py --sweep          # also try block sizes for moe / attention
+    PYTHONPATH=src python benchmarks/bench_kernels.py --sm90-check     # no GPU needed: compile for sm_90
+
+Per op: torch µs, Triton µs, speedup, bytes moved (the memory-bound ops: attention's K/V up to pos,
+the experts' weights of the distinct slots used, the router's float32 gate), achieved GB/s, and the
+max |Δ| of the Triton output vs the op's ``*_ref``.  ``--sm90-check`` compiles every kernel for an
+H100 without a GPU (frontend + ptxas from the Triton wheel) and prints registers, spills and whether the
+weight/KV tiles use 16-byte loads; ``tests/unit/test_kernels.py`` runs it.  Without CUDA (and without
+``--sm90-check``) the script says so and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import inspect
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+import torch.nn.functional as F
+
+from llm_perf_opt.models.deepseek_ocr.config import DeepseekOCRConfig, LanguageConfig
+from llm_perf_opt.models.deepseek_ocr.decoder import RMSNorm, _use_grouped_mm, grouped_experts_stacked
+from llm_perf_opt.models.deepseek_ocr.kernels import (
+    add_rms_norm,
+    add_rms_norm_ref,
+    decode_attention,
+    decode_attention_ref,
+    moe_block_sizes,
+    moe_experts,
+    moe_experts_ref,
+    moe_route,
+    moe_route_ref,
+    rope_kv_write,
+    rope_kv_write_ref,
+)
+
+CONFIG = Path(__file__).resolve().parents[1] / "src/llm_perf_opt/models/deepseek_ocr/configs/deepseek-ocr.json"
+H100_SMS = 132  # SMs of an H100 SXM (NVIDIA H100 datasheet): the launch shapes --sm90-check compiles
+
+
+@attrs.frozen
+class Row:
+    """One op at one token count: median per-call times in µs, bytes it must move, max |Δ| vs its ref."""
+
+    op: str
+    tokens: int
+    torch_us: float
+    triton_us: float
+    bytes_moved: int
+    max_abs_err: float
+    note: str = ""
+
+    @property
+    def speedup(self) -> float:
+        return self.torch_us / self.triton_us
+
+    def gbps(self, us: float) -> float:
+        return self.bytes_moved / (us * 1e-6) / 1e9
+
+
+def graph_us(fns: list[Callable[[], Any]], calls: int, reps: int) -> float:
+    """Median µs per call of ``calls`` back-to-back calls (cycling through ``fns``) replayed from one graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up off the capture: Triton compiles, cuBLAS picks kernels
+        for fn in fns[:2]:
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(times)
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+class Bench:
+    """Inputs at the real sizes, ``layers`` copies of everything large, and the timing loop."""
+
+    def __init__(self, lang: LanguageConfig, args: argparse.Namespace, device: torch.device) -> None:
+        self.lang, self.args = lang, args
+        self.dev, self.dtype = device, torch.bfloat16
+        self.gen = torch.Generator(device=self.dev).manual_seed(0)
+        self.layers = args.layers
+        self.pos = torch.tensor([args.pos], device=self.dev)
+        self._moe_layers: dict[int, list[tuple[torch.Tensor, ...]]] = {}
+
+    def randn(self, *shape: int, std: float = 1.0, dtype: torch.dtype | None = None) -> torch.Tensor:
+        out = torch.randn(shape, generator=self.gen, device=self.dev, dtype=torch.float32) * std
+        return out.to(dtype or self.dtype)
+
+    def time(self, torch_fns: list[Callable[[], Any]], triton_fns: list[Callable[[], Any]]) -> tuple[float, float]:
+        a = self.args
+        return graph_us(torch_fns, a.calls, a.reps), graph_us(triton_fns, a.calls, a.reps)
+
+    # ------------------------------------------------------------------ ops
+    def norm(self, tokens: int) -> Row:
+        hid = self.lang.hidden_size
+        xs = [(self.randn(tokens, hid), self.randn(tokens, hid)) for _ in range(self.layers)]
+        norm = RMSNorm(hid, self.lang.rms_norm_eps).to(self.dev, self.dtype)
+        eps = self.lang.rms_norm_eps
+
+        def torch_fn(x: torch.Tensor, r: torch.Tensor) -> Callable[[], Any]:
+            return lambda: norm(x + r)
+
+        t_us, k_us = self.time(
+            [torch_fn(x, r) for x, r in xs],
+            [lambda x=x, r=r: add_rms_norm(x, r, norm.weight, eps) for x, r in xs],
+        )
+        x, r = xs[0]
+        err = max_err(add_rms_norm(x, r, norm.weight, eps)[0], add_rms_norm_ref(x, r, norm.weight, eps)[0])
+        return Row("add_rms_norm", tokens, t_us, k_us, 4 * tokens * hid * 2 + hid * 2, err)
+
+    def rope(self, tokens: int) -> Row:
+        lang = self.lang
+        hq, hk, d = lang.num_attention_heads, lang.num_key_value_heads, lang.head_dim
+        cos, sin = self.randn(self.args.max_len, d), self.randn(self.args.max_len, d)
+        cache_shape = (tokens, hk, self.args.max_len, d)
+        bufs = [
+            (self.randn(tokens, (hq + 2 * hk) * d), self.randn(*cache_shape), self.randn(*cache_shape))
+            for _ in range(self.layers)
+        ]
+        shape = (hq, hk, d)
+        t_us, k_us = self.time(
+            [lambda b=b: rope_kv_write_ref(b[0], cos, sin, self.pos, b[1], b[2], *shape) for b in bufs],
+            [lambda b=b: rope_kv_write(b[0], cos, sin, self.pos, b[1], b[2], *shape) for b in bufs],
+        )
+        qkv, k_cache, v_cache = bufs[0]
+        k2, v2 = k_cache.clone(), v_cache.clone()
+        q = rope_kv_write(qkv, cos, sin, self.pos, k_cache, v_cache, *shape)
+        err = max(
+            max_err(q, rope_kv_write_ref(qkv, cos, sin, self.pos, k2, v2, *shape)),
+            max_err(k_cache, k2),
+            max_err(v_cache, v2),
+        )
+        moved = tokens * d * 2 * ((hq + 2 * hk) + hq + 2 * hk) + 2 * d * 2  # qkv in; q, k, v out; cos/sin row
+        return Row("rope_kv_write", tokens, t_us, k_us, moved, err)
+
+    def attention(self, tokens: int, block_n: int | None = None) -> Row:
+        lang, n, pos = self.lang, self.args.max_len, self.args.pos
+        hq, hk, d = lang.num_attention_heads, lang.num_key_value_heads, lang.head_dim
+        scale = d**-0.5
+        bufs = [
+            (self.randn(tokens, hq, d), self.randn(tokens, hk, n, d), self.randn(tokens, hk, n, d))
+            for _ in range(self.layers)
+        ]
+        key_pos = torch.arange(n, device=self.dev)
+        zero = torch.zeros((), device=self.dev, dtype=self.dtype)
+        neg = torch.full((), float("-inf"), device=self.dev, dtype=self.dtype)
+
+        def torch_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            """fast.FastDecoder._forward, decode_attention="matmul": masked attention over all max_len keys."""
+            bias = torch.where(key_pos <= self.pos, zero, neg)
+            rep = hq // hk
+            if rep > 1:
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            scores = torch.matmul(q.unsqueeze(2), k.transpose(-1, -2)) * scale + bias
+            out = torch.matmul(scores.float().softmax(dim=-1).to(q.dtype), v)
+            return out.transpose(1, 2).reshape(q.shape[0], -1)
+
+        t_us, k_us = self.time(
+            [lambda b=b: torch_path(*b) for b in bufs],
+            [lambda b=b: decode_attention(b[0], b[1], b[2], self.pos, scale, block_n=block_n) for b in bufs],
+        )
+        q, k, v = bufs[0]
+        err = max_err(
+            decode_attention(q, k, v, self.pos, scale, block_n=block_n), decode_attention_ref(q, k, v, self.pos, scale)
+        )
+        kv_bytes = 2 * tokens * hk * (pos + 1) * d * 2
+        note = f"pos {pos} of max_len {n}" + (f", block_n {block_n}" if block_n else "")
+        return Row("decode_attention", tokens, t_us, k_us, kv_bytes, err, note)
+
+    def route(self, tokens: int) -> Row:
+        lang = self.lang
+        e, hid, k = lang.n_routed_experts, lang.hidden_size, lang.num_experts_per_tok
+        bufs = [
+            (self.randn(tokens, hid), self.randn(e, hid, std=hid**-0.5, dtype=torch.float32))
+            for _ in range(self.layers)
+        ]
+        counts = torch.zeros(e, device=self.dev, dtype=torch.int64)
+        t_us, k_us = self.time(
+            [lambda b=b: moe_route_ref(b[0], b[1], k, counts) for b in bufs],
+            [lambda b=b: moe_route(b[0], b[1], k, counts) for b in bufs],
+        )
+        x, gate = bufs[0]
+        ids, w = moe_route(x, gate, k)
+        ref_ids, ref_w = moe_route_ref(x, gate, k)
+        note = "ids identical" if torch.equal(ids, ref_ids) else "ids DIFFER"
+        return Row("moe_route", tokens, t_us, k_us, e * hid * 4, max_err(w, ref_w), note)
+
+    def experts(self, tokens: int, **blocks: Any) -> Row:
+        lang = self.lang
+        hid, inter, e, k = lang.hidden_size, lang.moe_intermediate_size, lang.n_routed_experts, lang.num_experts_per_tok
+        n_always = lang.n_shared_experts
+        if tokens not in self._moe_layers:  # kept for the sweep: ~450 MB of expert stacks per layer copy
+            layers = []
+            for _ in range(self.layers):
+                w13 = self.randn(e + n_always, 2 * inter, hid, std=hid**-0.5)
+                w2 = self.randn(e + n_always, hid, inter, std=inter**-0.5)
+                x, res = self.randn(tokens, hid), self.randn(tokens, hid)
+                idx, w = moe_route_ref(x, self.randn(e, hid, std=hid**-0.5, dtype=torch.float32), k)
+                layers.append((x, idx, w, w13, w2, res))
+            self._moe_layers[tokens] = layers
+        layers = self._moe_layers[tokens]
+        use_gmm = _use_grouped_mm(layers[0][3])
+        prepared = []  # the torch path's operands: routed stacks, fused shared gate/up [2·2I, H], shared down
+        for x, idx, w, w13, w2, res in layers:
+            s13 = torch.cat((w13[e:, :inter].reshape(-1, hid), w13[e:, inter:].reshape(-1, hid)))
+            s2 = w2[e:].transpose(0, 1).reshape(hid, -1).contiguous()
+            prepared.append((x, idx, w, w13[:e], w2[:e], res, s13, s2))
+
+        def torch_path(*p: torch.Tensor) -> torch.Tensor:
+            """fast._Layer.mlp: grouped routed experts + the shared MLP (fused gate/up), then the residual add."""
+            x, idx, w, w13, w2, res, s13, s2 = p
+            routed = grouped_experts_stacked(x, idx, w, w13, w2, use_gmm)
+            h = F.linear(x, s13)
+            half = h.shape[-1] // 2
+            return res + (routed + F.linear(F.silu(h[:, :half]) * h[:, half:], s2))
+
+        t_us, k_us = self.time(
+            [lambda p=p: torch_path(*p) for p in prepared],
+            [lambda c=c: moe_experts(*c[:5], n_always, c[5], **blocks) for c in layers],
+        )
+        x, idx, w, w13, w2, res = layers[0]
+        out = moe_experts(x, idx, w, w13, w2, n_always, res, **blocks)
+        err = max_err(out, moe_experts_ref(x, idx, w, w13, w2, n_always, res))
+        err_torch = max_err(out, torch_path(*prepared[0]))
+        per_slot = (2 * inter * hid + hid * inter) * 2
+        distinct = int(torch.unique(idx).numel()) + n_always
+        cuda = self.dev.type == "cuda"
+        sms = torch.cuda.get_device_properties(self.dev).multi_processor_count if cuda else 1
+        rows = {key: blocks.get(key) for key in ("block_n", "block_h")}
+        sizes = moe_block_sizes(tokens, k + n_always, hid, inter, sms, not cuda, **rows)
+        used = {**dict(zip(("block_n", "block_k_up", "block_h", "block_k_down"), sizes, strict=True)), **blocks}
+        note = f"{distinct} distinct slots; vs torch path max |Δ| {err_torch:.3g}; {used}"
+        return Row("moe_experts", tokens, t_us, k_us, distinct * per_slot, err, note)
+
+
+# ---------------------------------------------------------------------------------------- sm_90 check
+def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str, Any], int]]:
+    """(kernel, runtime signature, constexprs, num_warps) as the ops launch them at the real sizes."""
+    bf, f32, i64 = "*bf16", "*fp32", "*i64"
+    hq, hk, d = lang.num_attention_heads, lang.num_key_value_heads, lang.head_dim
+    hid, inter, k, n_always = (
+        lang.hidden_size,
+        lang.moe_intermediate_size,
+        lang.num_experts_per_tok,
+        lang.n_shared_experts,
+    )
+    norm = dict(x_ptr=bf, res_ptr=bf, w_ptr=bf, normed_ptr=bf, summed_ptr=bf, H="i32", eps="fp32")
+    rope = dict(qkv_ptr=bf, cos_ptr=bf, sin_ptr=bf, pos_ptr=i64, q_ptr=bf, k_ptr=bf, v_ptr=bf, max_len="i32")
+    partial = dict(q_ptr=bf, k_ptr=bf, v_ptr=bf, pos_ptr=i64, m_ptr=f32, l_ptr=f32, acc_ptr=f32)
+    partial.update(qk_scale="fp32", max_len="i32")
+    combine = dict(m_ptr=f32, l_ptr=f32, acc_ptr=f32, out_ptr=bf)
+    route = dict(x_ptr=bf, gate_ptr=f32, idx_ptr=i64, wout_ptr=f32, counts_ptr=i64, H="i32", scaling="fp32")
+    splits = 27  # B=1, 10 heads, max_len >= 27 * 64 (attention_splits)
+    specs = [
+        ("_add_rms_norm_kernel", norm, dict(HAS_RESIDUAL=True, BLOCK_H=2048), 4),
+        ("_rope_kv_write_kernel", rope, dict(HQ=hq, HK=hk, D=d, BLOCK_D=d), 1),
+        ("_attn_partial_kernel", partial, dict(HQ=hq, HK=hk, D=d, N_SPLITS=splits, BLOCK_N=64, BLOCK_D=d), 4),
+        ("_attn_combine_kernel", combine, dict(D=d, N_SPLITS=splits, BLOCK_S=32, BLOCK_D=d), 2),
+    ]
+    route_consts = dict(E=lang.n_routed_experts, TOP_K=k, RENORM=False, HAS_COUNTS=True, BLOCK_E=64, BLOCK_KSLOT=8)
+    specs.append(("_moe_route_kernel", route, {**route_consts, "BLOCK_K": 128}, 8))
+    for tokens in (1, 8):
+        bn, bku, bh, bkd = moe_block_sizes(tokens, k + n_always, hid, inter, H100_SMS)
+        up = dict(x_ptr=bf, idx_ptr=i64, w13_ptr=bf, h_ptr=bf, H="i32", INTER="i32", N_EXPERTS="i32")
+        down = dict(
+            h_ptr=bf, idx_ptr=i64, wts_ptr=f32, w2_ptr=bf, res_ptr=bf, out_ptr=bf, H="i32", INTER="i32", N_EXPERTS="i32"
+        )
+        common = dict(TOP_K=k, N_ALWAYS=n_always)
+        specs.append(("_moe_up_kernel", up, {**common, "BLOCK_N": bn, "BLOCK_K": bku, "EVEN_K": hid % bku == 0}, 4))
+        specs.append(
+            (
+                "_moe_down_kernel",
+                down,
+                {**common, "HAS_RESIDUAL": True, "BLOCK_H": bh, "BLOCK_K": bkd, "EVEN_K": inter % bkd == 0},
+                4,
+            )
+        )
+    return specs
+
+
+STREAMING = {"_attn_partial_kernel", "_moe_route_kernel", "_moe_up_kernel", "_moe_down_kernel"}
+
+
+def sm90_check(lang: LanguageConfig) -> list[dict[str, Any]]:
+    """Compile every kernel for sm_90 (no GPU needed) with the runtime's alignment specialisation."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia import compiler as nvidia
+    from triton.compiler import ASTSource
+
+    from llm_perf_opt.models.deepseek_ocr import kernels
+
+    if kernels.INTERPRETED:
+        raise SystemExit("--sm90-check compiles the kernels: unset TRITON_INTERPRET")
+    get_ptxas = getattr(nvidia, "get_ptxas", None)  # the ptxas Triton compiles with; its API moved over versions
+    ptxas = None
+    if get_ptxas is not None:
+        tool = get_ptxas(90) if inspect.signature(get_ptxas).parameters else get_ptxas()
+        ptxas = getattr(tool, "path", None)
+    results = []
+    for name, signature, constexprs, num_warps in sm90_specs(lang):
+        fn = getattr(kernels, name)
+        # the launcher specialises 16-byte aligned pointers and ints divisible by 16 (H = 1280, I = 896)
+        attrs_ = {
+            (fn.arg_names.index(arg),): [["tt.divisibility", 16]]
+            for arg, ty in signature.items()
+            if ty.startswith("*") or arg in ("H", "INTER")
+        }
+        full = {**signature, **dict.fromkeys(constexprs, "constexpr")}
+        res: dict[str, Any] = {"kernel": name, "constexprs": constexprs, "num_warps": num_warps}
+        try:
+            compiled = triton.compile(
+                ASTSource(fn, full, constexprs, attrs_),
+                target=GPUTarget("cuda", 90, 32),
+                options={"num_warps": num_warps},
+            )
+        except Exception as exc:  # recorded and reported: the check's purpose is to show compile failures
+            res["error"] = f"{type(exc).__name__}: {exc}"[-3000:]
+            results.append(res)
+            continue
+        ptx = compiled.asm["ptx"]
+        res.update(
+            error="",
+            v4_loads=len(re.findall(r"ld\.global(?:\.[\w:]+)*\.v4\.b32", ptx)),
+            shared_bytes=int(compiled.metadata.shared),
+            registers=None,
+            spill_bytes=None,  # None: ptxas not found (the cubin was still built)
+        )
+        if ptxas is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / f"{name}.ptx"
+                path.write_text(ptx)
+                cmd = [ptxas, "-arch=sm_90a", "-v", str(path), "-o", os.devnull]
+                info = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            regs = re.search(r"Used (\d+) registers", info.stderr)
+            spills = re.search(r"(\d+) bytes spill stores", info.stderr)
+            res.update(
+                error="" if info.returncode == 0 else info.stderr[-3000:],
+                registers=int(regs.group(1)) if regs else None,
+                spill_bytes=int(spills.group(1)) if spills else None,
+            )
+        results.append(res)
+    return results
+
+
+# ---------------------------------------------------------------------------------------- report
+def render(rows: list[Row], env: dict[str, str], args: argparse.Namespace, sweep: list[str]) -> str:
+    lines = [
+        f"# Triton decode kernels vs torch — {env['gpu']}",
+        "",
+        f"{env['date']}; driver {env['driver']}; torch {env['torch']} (CUDA {env['cuda']}); Triton {env['triton']};"
+        f" bf16, real DeepSeek-OCR sizes; per call: CUDA graph of {args.calls} back-to-back calls cycling through"
+        f" {args.layers} layer copies, median of {args.reps} replays (launch overhead excluded).",
+        "",
+        "| op | T | torch µs | triton µs | speedup | bytes | torch GB/s | triton GB/s | max abs err vs ref | notes |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.op} | {r.tokens} | {r.torch_us:.2f} | {r.triton_us:.2f} | {r.speedup:.2f}× | {r.bytes_moved:,} |"
+            f" {r.gbps(r.torch_us):.0f} | {r.gbps(r.triton_us):.0f} | {r.max_abs_err:.3g} | {r.note} |"
+        )
+    one = [r for r in rows if r.tokens == 1]
+    lines += [
+        "",
+        f"Sum over the T=1 ops: torch {sum(r.torch_us for r in one):.1f} µs, Triton"
+        f" {sum(r.triton_us for r in one):.1f} µs per layer (the QKV / o_proj GEMMs are not included).",
+    ]
+    if sweep:
+        lines += ["", "## Block-size sweep (Triton µs)", "", *sweep]
+    return "\n".join(lines) + "\n"
+
+
+def run_sweep(bench: Bench) -> list[str]:
+    out = ["| op | T | config | triton µs | GB/s |", "| --- | ---: | --- | ---: | ---: |"]
+    for tokens in (1, 4):
+        for bn in (16, 32, 64):
+            for bh in (4, 8, 16, 32):
+                for warps in (4, 8):
+                    r = bench.experts(tokens, block_n=bn, block_h=bh, num_warps=warps)
+                    cfg = f"block_n={bn} block_h={bh} warps={warps}"
+                    out.append(f"| moe_experts | {tokens} | {cfg} | {r.triton_us:.2f} | {r.gbps(r.triton_us):.0f} |")
+    for block_n in (32, 64, 128):
+        r = bench.attention(1, block_n=block_n)
+        out.append(f"| decode_attention | 1 | block_n={block_n} | {r.triton_us:.2f} | {r.gbps(r.triton_us):.0f} |")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None, help="write <date>-<gpu>-kernels.md (and .json) into this directory")
+    ap.add_argument("--calls", type=int, default=20, help="back-to-back calls per captured graph")
+    ap.add_argument("--reps", type=int, default=50, help="timed graph replays (median)")
+    ap.add_argument("--layers", type=int, default=12, help="copies of weights / caches the calls cycle through")
+    ap.add_argument("--max-len", type=int, default=1200, help="KV cache length (prompt ~900 + new tokens)")
+    ap.add_argument("--pos", type=int, default=1000, help="decode position attended up to")
+    ap.add_argument("--sweep", action="store_true", help="also time moe / attention block-size variants")
+    ap.add_argument("--sm90-check", action="store_true", help="compile every kernel for sm_90 (no GPU needed)")
+    ap.add_argument("--json", action="store_true", help="with --sm90-check: print the results as one JSON line")
+    args = ap.parse_args()
+    lang = DeepseekOCRConfig.from_json(CONFIG).language
+    if args.sm90_check:
+        results = sm90_check(lang)
+        if args.json:
+            print(json.dumps(results))
+            return
+        for r in results:
+            status = (
+                r["error"][:200] or f"{r['registers']} regs, {r['spill_bytes']} B spilled, {r['v4_loads']} v4 loads"
+            )
+            print(f"{r['kernel']:24s} {json.dumps(r['constexprs'])}: {status}")
+        return
+    if not torch.cuda.is_available():
+        print("bench_kernels: no CUDA device; nothing timed (--sm90-check compiles the kernels without a GPU)")
+        return
+    if args.pos >= args.max_len:
+        raise SystemExit(f"--pos {args.pos} must be < --max-len {args.max_len}")
+    import triton
+
+    from llm_perf_opt.profiling.hw import benchmark_header
+
+    env = {**benchmark_header(torch.device("cuda")), "triton": triton.__version__}
+    bench = Bench(lang, args, torch.device("cuda"))
+    rows: list[Row] = []
+    with torch.inference_mode():
+        rows += [bench.norm(1), bench.rope(1), bench.attention(1), bench.route(1), bench.experts(1)]
+        rows += [bench.route(4), bench.experts(4)]
+        sweep = run_sweep(bench) if args.sweep else []
+    text = render(rows, env, args, sweep)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        gpu = "h100" if "H100" in env["gpu"] else "h200" if "H200" in env["gpu"] else env["gpu"].split()[-1].lower()
+        stem = f"{dt.date.today().isoformat()}-{gpu}-kernels"
+        (out / f"{stem}.md").write_text(text)
+        (out / f"{stem}.json").write_text(json.dumps({"env": env, "rows": [attrs.asdict(r) for r in rows]}, indent=2))
+        print(f"wrote {out / stem}.md", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

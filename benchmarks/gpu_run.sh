@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One device call for the issue-9 measurements; STAGES picks what runs (default: all), in this order:
+#   tests   GPU tests (pytest -m gpu tests/gpu)
+#   kernels benchmarks/bench_kernels.py (Triton decode kernels vs the torch ops they replace)
+#   fast    benchmarks/bench_fast.py (goals table: vendor HF, eager, fast in one process run)
+#   batched benchmarks/bench_batched.py (Base mode, batch 1/8/32/64, graph vs host decode)
+#   cli     the profiler through the real CLI, eager and fast, full-size dummy weights, and `compare`
+# Results go to $OUT (or ./gpu-out).  Wheels for hydra & co. in .whl/ (and transformers 4.46 for the
+# vendor column in .whl-hf/) are installed into /tmp/site and /tmp/hfsite first when present.
+set -uo pipefail
+OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
+STAGES=${STAGES:-tests kernels fast batched cli}
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+if [ -d .whl-hf ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/hfsite .whl-hf/*.whl
+fi
+export PYTHONPATH=/tmp/site:src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+if has tests; then
+  python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu --tb=short 2>&1 | tail -60 > "$OUT/gpu_tests.txt"
+  tail -3 "$OUT/gpu_tests.txt"
+fi
+if has kernels; then
+  python3 benchmarks/bench_kernels.py --out "$OUT" 2>&1 | tail -30
+fi
+if has fast; then
+  VENDOR=()
+  [ -f models/deepseek-ocr/modeling_deepseekocr.py ] && VENDOR=(--vendor models/deepseek-ocr --vendor-pythonpath /tmp/hfsite)
+  python3 benchmarks/bench_fast.py --out "$OUT" "${VENDOR[@]}" 2>&1 | grep -v '^variants:\|^fast:\|^eager:' | tail -80
+fi
+if has batched; then
+  python3 benchmarks/bench_batched.py --out "$OUT" 2>&1 | tail -30
+fi
+if has cli; then
+  COMMON=(model/deepseek_ocr/arch=deepseek_ocr.dummy device=cuda:0 repeats=3 infer.max_new_tokens=128
+          infer.ignore_eos=true 'dataset.sizes=[[1224,1584],[595,842],[800,600]]' progress=false)
+  python3 -m llm_perf_opt.runners.llm_profile_runner "${COMMON[@]}" hydra.run.dir=/tmp/eager 2>&1 | tail -3
+  python3 -m llm_perf_opt.runners.llm_profile_runner "${COMMON[@]}" infer.fast.enabled=true \
+    hydra.run.dir=/tmp/fast 2>&1 | tail -3
+  python3 -m llm_perf_opt.cli compare /tmp/eager /tmp/fast -o "$OUT/compare_eager_fast.md" > /dev/null
+  tar czf "$OUT/runs.tgz" -C /tmp eager fast
+fi

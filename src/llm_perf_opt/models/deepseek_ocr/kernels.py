@@ -1,0 +1,945 @@
+"""Fused Triton kernels for one decode step (1..8 tokens) of DeepSeek-OCR's language model.
+
+The torch decode step launches ~58 kernels per layer (norm casts, rotary, KV write, masked attention,
+router GEMV + softmax + topk, sort-based grouped experts, weighted sum, residual adds).  These five ops
+cover the same layer in ~9 launches (plus the QKV and o_proj GEMMs, which stay cuBLAS):
+
+======================  =======  ==========================================================================
+op                      kernels  replaces
+======================  =======  ==========================================================================
+:func:`add_rms_norm`    1        residual add + ``RMSNorm`` (float32 norm, cast, weight multiply)
+:func:`rope_kv_write`   1        rotary on q and k, ``index_copy_`` of k and v into the cache
+:func:`decode_attention` 2       masked matmul attention over ``max_len`` (split-K partials + combine)
+:func:`moe_route`       1        float32 router GEMV, softmax, greedy top-k, routing counts
+:func:`moe_experts`     2        sort/grouped-GEMM experts, SiLU gate, weighted sum, shared experts, residual
+======================  =======  ==========================================================================
+
+Every op has a pure-torch ``<name>_ref`` with the same signature and the same rounding points as the
+torch path it replaces; the tests hold the kernels to it.  All ops are CUDA-graph capturable: positions
+are read on the device, scratch sizes depend only on host ints, nothing syncs with the host.
+
+Triton is optional.  On CUDA the kernels run compiled; on CPU tensors they run only under Triton's
+interpreter, which Triton picks when ``@triton.jit`` is applied: ``TRITON_INTERPRET=1`` must be in the
+environment before ``triton`` itself is first imported (its own library functions, ``tl.sum`` & co., are
+decorated then) and before this module is.  :func:`triton_available` says whether the kernels can run on
+a device; the public ops raise :class:`KernelUnavailableError` naming what is missing otherwise.
+
+Design notes (target: H100/H200 with Triton >= 3.2; only masked loads/stores, reductions, ``tl.where``,
+``tl.exp``/``tl.exp2``/``tl.rsqrt``, bitcasts, ``tl.atomic_add``, ``tl.static_range``, constexpr blocks):
+
+* decode is memory-bound (M <= 8 rows), so every matrix-vector product is a broadcast multiply +
+  ``tl.sum`` over [rows, BLOCK_K] tiles loaded contiguously along the reduction dim (16-byte loads once
+  the launcher has specialised the pointers and H / I as multiples of 16); no ``tl.dot``, whose M >= 16
+  tiles would mostly multiply padding;
+* block sizes are picked on the host (:func:`moe_block_sizes`, :func:`attention_splits`) so that a grid
+  has >= ~2 programs per SM at T = 1 with ~4096-element tiles (no register spills on sm_90); keyword
+  arguments of :func:`moe_experts` / :func:`decode_attention` override them
+  (``benchmarks/bench_kernels.py --sweep`` times variants, ``--sm90-check`` compiles without a GPU);
+* rounding: every place where the torch path materialises a bf16 tensor, the kernel rounds its float32
+  value to bf16 too (:func:`_round`), so results match the torch path to the last bit wherever the
+  float32 arithmetic is the same (residual adds, rotary, cache writes) and to bf16 rounding elsewhere
+  (reductions summed in another order).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from llm_perf_opt.models.deepseek_ocr.decoder import route_tokens
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as exc:  # CPU-only installs without triton: the *_ref ops still work, the kernels raise
+    HAVE_TRITON = False
+    _TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+else:
+    HAVE_TRITON = True
+    _TRITON_IMPORT_ERROR = ""
+
+__all__ = [
+    "HAVE_TRITON",
+    "INTERPRETED",
+    "KernelUnavailableError",
+    "add_rms_norm",
+    "add_rms_norm_ref",
+    "attention_splits",
+    "decode_attention",
+    "decode_attention_ref",
+    "moe_block_sizes",
+    "moe_experts",
+    "moe_experts_ref",
+    "moe_route",
+    "moe_route_ref",
+    "rope_kv_write",
+    "rope_kv_write_ref",
+    "stack_always_on",
+    "triton_available",
+]
+
+# Weights per GEMV tile (per operand): 32 per thread at 4 warps, a few 16-byte loads in flight, no spills.
+TILE_ELEMS = 4096
+# The interpreter runs one program and one loop step at a time with numpy: few large tiles are fastest.
+INTERPRETER_TILE_ELEMS = 1 << 16
+
+# Whether the kernels below were decorated for Triton's interpreter (decided once, at import).
+INTERPRETED: bool = HAVE_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+class KernelUnavailableError(RuntimeError):
+    """A Triton kernel was called where it cannot run (no Triton, or CPU tensors without the interpreter)."""
+
+
+def triton_available(device: torch.device | str) -> bool:
+    """Whether the Triton ops can run on ``device``.
+
+    CUDA: Triton imported and the kernels were compiled-mode (not built for the interpreter).  CPU: the
+    kernels were built for the interpreter (``TRITON_INTERPRET=1`` at import) and the variable is still set.
+    """
+    dev = torch.device(device)
+    if not HAVE_TRITON:
+        return False
+    if dev.type == "cuda":
+        return not INTERPRETED
+    if dev.type == "cpu":
+        return INTERPRETED and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return False
+
+
+def _require(op: str, device: torch.device) -> None:
+    if triton_available(device):
+        return
+    if not HAVE_TRITON:
+        why = f"Triton is not importable ({_TRITON_IMPORT_ERROR}); install it (pip install triton)"
+    elif device.type == "cuda":
+        why = "the kernels were built for Triton's interpreter (TRITON_INTERPRET=1 at import); unset it"
+    elif device.type == "cpu":
+        why = (
+            "CPU tensors run only under Triton's interpreter: set TRITON_INTERPRET=1 before "
+            "llm_perf_opt.models.deepseek_ocr.kernels is first imported"
+        )
+    else:
+        why = f"device type {device.type!r} is not supported"
+    raise KernelUnavailableError(f"kernels.{op} cannot run on {device}: {why} (or call {op}_ref)")
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    """SMs to fill; 1 for the interpreter, which runs programs one after another (fewest is fastest)."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).multi_processor_count)
+    return 1
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, n))))
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << max(0, math.floor(math.log2(max(1, n))))
+
+
+def _contig(t: Tensor, name: str) -> Tensor:
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous, got strides {t.stride()} for shape {tuple(t.shape)}")
+    return t
+
+
+# ======================================================================================== kernels
+if HAVE_TRITON:
+
+    @triton.jit
+    def _round(x, dt: tl.constexpr):
+        """float32 ``x`` rounded to ``dt`` (round to nearest, ties to even), returned as float32.
+
+        bf16 by integer ops on the float32 bits: the same value as the GPU's ``cvt.rn.bf16.f32`` (what
+        ``.to(tl.bfloat16)`` compiles to), and also exact under Triton's interpreter, whose fp32->bf16 cast
+        truncates; so the CPU tests check the rounding points bit for bit.  NaN payloads are not preserved.
+        """
+        if dt == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+            return bits.to(tl.float32, bitcast=True)
+        elif dt == tl.float32:
+            return x
+        else:
+            return x.to(dt).to(tl.float32)
+
+    @triton.jit
+    def _add_rms_norm_kernel(
+        x_ptr,
+        res_ptr,
+        w_ptr,
+        normed_ptr,
+        summed_ptr,
+        H,
+        eps,
+        HAS_RESIDUAL: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_H)
+        mask = cols < H
+        dt = x_ptr.dtype.element_ty
+        s = tl.load(x_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            s = s + tl.load(res_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
+            s = _round(s, dt)  # hidden + residual is rounded to the activation dtype before the norm reads it
+            tl.store(summed_ptr + row * H + cols, s.to(dt), mask=mask)
+        rstd = tl.rsqrt(tl.sum(s * s, axis=0) / H + eps)
+        normed = _round(s * rstd, dt)  # F.rms_norm in float32, then .to(x.dtype)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        out_dt = normed_ptr.dtype.element_ty
+        tl.store(normed_ptr + row * H + cols, _round(w * normed, out_dt).to(out_dt), mask=mask)
+
+    @triton.jit
+    def _rope_kv_write_kernel(
+        qkv_ptr,
+        cos_ptr,
+        sin_ptr,
+        pos_ptr,
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        max_len,
+        HQ: tl.constexpr,
+        HK: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        h = tl.program_id(1)  # 0..HQ-1: q heads, HQ..HQ+HK-1: k heads, then v heads
+        pos = tl.load(pos_ptr)
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < D
+        dt = q_ptr.dtype.element_ty
+        src = qkv_ptr + (b * (HQ + 2 * HK) + h) * D
+        x = tl.load(src + d, mask=dmask, other=0.0).to(tl.float32)
+        # roll(x, D/2)[i] = x[(i + D/2) mod D]; the sign of rotate_half is folded into the sin table
+        xr = tl.load(src + (d + D // 2) % D, mask=dmask, other=0.0).to(tl.float32)
+        c = tl.load(cos_ptr + pos * D + d, mask=dmask, other=0.0).to(tl.float32)
+        sn = tl.load(sin_ptr + pos * D + d, mask=dmask, other=0.0).to(tl.float32)
+        # torch rounds x*cos and roll(x)*sin to the activation dtype, then their sum
+        rot = _round(_round(x * c, dt) + _round(xr * sn, dt), dt).to(dt)
+        hv = d * 0 + h  # the head index as a vector: masks stay [BLOCK_D] (the interpreter rejects scalar & vector)
+        is_q = hv < HQ
+        is_k = (hv >= HQ) & (hv < HQ + HK)
+        is_v = hv >= HQ + HK
+        tl.store(q_ptr + (b * HQ + h) * D + d, rot, mask=dmask & is_q)
+        kv_row = (b * HK + (h - HQ)) * max_len + pos
+        tl.store(k_ptr + kv_row * D + d, rot, mask=dmask & is_k)
+        v_row = (b * HK + (h - HQ - HK)) * max_len + pos
+        tl.store(v_ptr + v_row * D + d, x.to(v_ptr.dtype.element_ty), mask=dmask & is_v)
+
+    @triton.jit
+    def _attn_partial_kernel(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        pos_ptr,
+        m_ptr,
+        l_ptr,
+        acc_ptr,
+        qk_scale,
+        max_len,
+        HQ: tl.constexpr,
+        HK: tl.constexpr,
+        D: tl.constexpr,
+        N_SPLITS: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = bh // HQ
+        kvh = (bh % HQ) // (HQ // HK)
+        n_keys = tl.load(pos_ptr) + 1
+        # keys 0..pos are shared evenly among the splits (BLOCK_N-aligned); late splits may get none
+        chunk = ((n_keys + N_SPLITS - 1) // N_SPLITS + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+        lo = split * chunk
+        hi = tl.minimum(lo + chunk, n_keys)
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < D
+        q = tl.load(q_ptr + bh * D + d, mask=dmask, other=0.0).to(tl.float32) * qk_scale  # scale * log2(e)
+        kv_base = (b * HK + kvh) * max_len * D
+        m_i = float("-inf")
+        l_i = 0.0
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for start in range(lo, hi, BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)
+            nmask = n < hi
+            offs = kv_base + n[:, None] * D + d[None, :]
+            tile_mask = nmask[:, None] & dmask[None, :]
+            k = tl.load(k_ptr + offs, mask=tile_mask, other=0.0).to(tl.float32)
+            s = tl.sum(k * q[None, :], axis=1)
+            s = tl.where(nmask, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new)
+            v = tl.load(v_ptr + offs, mask=tile_mask, other=0.0).to(tl.float32)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            m_i = m_new
+        part = bh * N_SPLITS + split
+        tl.store(m_ptr + part, m_i)
+        tl.store(l_ptr + part, l_i)
+        tl.store(acc_ptr + part * D + d, acc, mask=dmask)
+
+    @triton.jit
+    def _attn_combine_kernel(
+        m_ptr,
+        l_ptr,
+        acc_ptr,
+        out_ptr,
+        D: tl.constexpr,
+        N_SPLITS: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        bh = tl.program_id(0)
+        sp = tl.arange(0, BLOCK_S)
+        smask = sp < N_SPLITS
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < D
+        m = tl.load(m_ptr + bh * N_SPLITS + sp, mask=smask, other=float("-inf"))
+        m_all = tl.max(m, axis=0)  # finite: split 0 always holds key 0
+        w = tl.exp2(m - m_all)  # 0 for empty splits (m = -inf)
+        den = tl.sum(tl.load(l_ptr + bh * N_SPLITS + sp, mask=smask, other=0.0) * w, axis=0)
+        acc_offs = (bh * N_SPLITS + sp[:, None]) * D + d[None, :]
+        acc = tl.load(acc_ptr + acc_offs, mask=smask[:, None] & dmask[None, :], other=0.0)
+        out = tl.sum(acc * w[:, None], axis=0) / den
+        out_dt = out_ptr.dtype.element_ty
+        tl.store(out_ptr + bh * D + d, _round(out, out_dt).to(out_dt), mask=dmask)
+
+    @triton.jit
+    def _moe_route_kernel(
+        x_ptr,
+        gate_ptr,
+        idx_ptr,
+        wout_ptr,
+        counts_ptr,
+        H,
+        scaling,
+        E: tl.constexpr,
+        TOP_K: tl.constexpr,
+        RENORM: tl.constexpr,
+        HAS_COUNTS: tl.constexpr,
+        BLOCK_E: tl.constexpr,
+        BLOCK_KSLOT: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        t = tl.program_id(0)
+        e = tl.arange(0, BLOCK_E)
+        emask = e < E
+        logits = tl.zeros([BLOCK_E], dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            kmask = kk < H
+            xv = tl.load(x_ptr + t * H + kk, mask=kmask, other=0.0).to(tl.float32)
+            w = tl.load(gate_ptr + e[:, None] * H + kk[None, :], mask=emask[:, None] & kmask[None, :], other=0.0)
+            logits += tl.sum(w * xv[None, :], axis=1)
+        logits = tl.where(emask, logits, float("-inf"))
+        p = tl.exp(logits - tl.max(logits, axis=0))
+        probs = p / tl.sum(p, axis=0)
+        # greedy top-k: repeatedly take the largest remaining score (lowest index on ties)
+        remaining = tl.where(emask, probs, -1.0)
+        slot = tl.arange(0, BLOCK_KSLOT)
+        sel_idx = tl.zeros([BLOCK_KSLOT], dtype=tl.int32)
+        sel_w = tl.zeros([BLOCK_KSLOT], dtype=tl.float32)
+        for i in tl.static_range(TOP_K):
+            best = tl.max(remaining, axis=0)
+            # (NaN scores match nothing: clamp so a NaN row still yields valid ids, never an OOB counter)
+            best_idx = tl.minimum(tl.min(tl.where(remaining == best, e, BLOCK_E), axis=0), E - 1)
+            sel_idx = tl.where(slot == i, best_idx, sel_idx)
+            sel_w = tl.where(slot == i, best, sel_w)
+            remaining = tl.where(e == best_idx, -2.0, remaining)
+        smask = slot < TOP_K
+        if RENORM:
+            sel_w = sel_w / (tl.sum(tl.where(smask, sel_w, 0.0), axis=0) + 1e-20)
+        sel_w = sel_w * scaling
+        tl.store(idx_ptr + t * TOP_K + slot, sel_idx.to(tl.int64), mask=smask)
+        tl.store(wout_ptr + t * TOP_K + slot, sel_w, mask=smask)
+        if HAS_COUNTS:
+            tl.atomic_add(counts_ptr + sel_idx, tl.full([BLOCK_KSLOT], 1, tl.int64), mask=smask)
+
+    @triton.jit(do_not_specialize=["N_EXPERTS"])  # a stack of 1 would become a constexpr
+    def _moe_up_kernel(
+        x_ptr,
+        idx_ptr,
+        w13_ptr,
+        h_ptr,
+        H,
+        INTER,
+        N_EXPERTS,
+        TOP_K: tl.constexpr,
+        N_ALWAYS: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        EVEN_K: tl.constexpr,
+    ):
+        ts = tl.program_id(0)  # token * n_slots + slot
+        nb = tl.program_id(1)
+        t = ts // (TOP_K + N_ALWAYS)
+        s = ts % (TOP_K + N_ALWAYS)
+        routed = s < TOP_K
+        e = tl.load(idx_ptr + t * TOP_K + s, mask=routed, other=0)
+        e = tl.where(routed, e, N_EXPERTS - N_ALWAYS + (s - TOP_K)).to(tl.int64)
+        n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = n < INTER
+        gate_rows = w13_ptr + e * (2 * INTER * H) + n[:, None] * H
+        up_rows = gate_rows + INTER * H
+        g = tl.zeros([BLOCK_N], dtype=tl.float32)
+        u = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            if EVEN_K:
+                xv = tl.load(x_ptr + t * H + kk).to(tl.float32)
+                tile_mask = nmask[:, None]
+            else:
+                kmask = kk < H
+                xv = tl.load(x_ptr + t * H + kk, mask=kmask, other=0.0).to(tl.float32)
+                tile_mask = nmask[:, None] & kmask[None, :]
+            wg = tl.load(gate_rows + kk[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+            wu = tl.load(up_rows + kk[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+            g += tl.sum(wg * xv[None, :], axis=1)
+            u += tl.sum(wu * xv[None, :], axis=1)
+        dt = h_ptr.dtype.element_ty
+        g = _round(g, dt)  # the gate/up GEMM output is in the activation dtype
+        u = _round(u, dt)
+        act = _round(g / (1.0 + tl.exp(-g)), dt)  # F.silu rounds to the activation dtype
+        tl.store(h_ptr + ts * INTER + n, _round(act * u, dt).to(dt), mask=nmask)
+
+    @triton.jit(do_not_specialize=["N_EXPERTS"])  # a stack of 1 would become a constexpr
+    def _moe_down_kernel(
+        h_ptr,
+        idx_ptr,
+        wts_ptr,
+        w2_ptr,
+        res_ptr,
+        out_ptr,
+        H,
+        INTER,
+        N_EXPERTS,
+        TOP_K: tl.constexpr,
+        N_ALWAYS: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        EVEN_K: tl.constexpr,
+    ):
+        t = tl.program_id(0)
+        hb = tl.program_id(1)
+        rows = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+        rmask = rows < H
+        dt = out_ptr.dtype.element_ty
+        routed_acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+        always_acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+        # unrolled over the slots: every slot's expert id is known up front, so the weight loads of the
+        # next slot need not wait for the previous slot's reduction
+        for s in tl.static_range(TOP_K + N_ALWAYS):
+            if s < TOP_K:
+                e = tl.load(idx_ptr + t * TOP_K + s).to(tl.int64)
+            else:
+                e = (N_EXPERTS - N_ALWAYS + (s - TOP_K)).to(tl.int64)
+            w_rows = w2_ptr + e * (H * INTER) + rows[:, None] * INTER
+            h_row = h_ptr + (t * (TOP_K + N_ALWAYS) + s) * INTER
+            y = tl.zeros([BLOCK_H], dtype=tl.float32)
+            for k0 in range(0, INTER, BLOCK_K):
+                kk = k0 + tl.arange(0, BLOCK_K)
+                if EVEN_K:
+                    hv = tl.load(h_row + kk).to(tl.float32)
+                    tile_mask = rmask[:, None]
+                else:
+                    kmask = kk < INTER
+                    hv = tl.load(h_row + kk, mask=kmask, other=0.0).to(tl.float32)
+                    tile_mask = rmask[:, None] & kmask[None, :]
+                w = tl.load(w_rows + kk[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+                y += tl.sum(w * hv[None, :], axis=1)
+            if s < TOP_K:
+                # a routed expert's output is rounded (its down GEMM), then weighted and summed in float32
+                routed_acc += tl.load(wts_ptr + t * TOP_K + s) * _round(y, dt)
+            else:
+                # always-on slots are pieces of one MLP's down GEMM: summed in float32, rounded once below
+                always_acc += y
+        out = _round(routed_acc, dt)
+        if N_ALWAYS > 0:
+            out = _round(out + _round(always_acc, dt), dt)
+        if HAS_RESIDUAL:
+            out = _round(out + tl.load(res_ptr + t * H + rows, mask=rmask, other=0.0).to(tl.float32), dt)
+        tl.store(out_ptr + t * H + rows, out.to(dt), mask=rmask)
+
+
+# ======================================================================================== add_rms_norm
+def add_rms_norm_ref(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """``summed = x + residual`` (or ``x``), ``normed = RMSNorm(summed)`` exactly as ``decoder.RMSNorm``."""
+    summed = x if residual is None else x + residual
+    normed = weight * F.rms_norm(summed.float(), (summed.shape[-1],), eps=eps).to(summed.dtype)
+    return normed, summed
+
+
+def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Residual add + RMSNorm in one kernel, one program per row: ``(normed, summed)``.
+
+    ``x``, ``residual`` [T, H]; ``summed`` is ``x + residual`` rounded to ``x.dtype`` (``x`` itself when
+    ``residual`` is None); ``normed = weight * (rms_norm_fp32(summed) cast to x.dtype)`` rounded to the
+    promoted dtype of weight and x, i.e. the same rounding points as ``decoder.RMSNorm``.
+    """
+    _require("add_rms_norm", x.device)
+    x = _contig(x, "x")
+    rows, hidden = x.shape
+    if residual is not None:
+        residual = _contig(residual, "residual")
+        if residual.shape != x.shape or residual.dtype != x.dtype:
+            raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} must match x {tuple(x.shape)}")
+    if weight.shape != (hidden,):
+        raise ValueError(f"weight must be [{hidden}], got {tuple(weight.shape)}")
+    normed = torch.empty(x.shape, device=x.device, dtype=torch.promote_types(weight.dtype, x.dtype))
+    summed = x if residual is None else torch.empty_like(x)
+    block = _pow2(hidden)
+    _add_rms_norm_kernel[(rows,)](
+        x,
+        x if residual is None else residual,
+        _contig(weight, "weight"),
+        normed,
+        summed,
+        hidden,
+        float(eps),
+        HAS_RESIDUAL=residual is not None,
+        BLOCK_H=block,
+        num_warps=4 if block <= 2048 else 8,
+    )
+    return normed, summed
+
+
+# ======================================================================================== rope_kv_write
+def _check_rope_args(
+    qkv: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, n_heads: int, n_kv_heads: int, head_dim: int
+) -> None:
+    width = (n_heads + 2 * n_kv_heads) * head_dim
+    if qkv.dim() != 2 or qkv.shape[1] != width:
+        raise ValueError(f"qkv must be [B, {width}] for {n_heads}+2*{n_kv_heads} heads of {head_dim}, got {qkv.shape}")
+    want = (qkv.shape[0], n_kv_heads, k_cache.shape[2], head_dim)
+    if tuple(k_cache.shape) != want or tuple(v_cache.shape) != want:
+        raise ValueError(f"k/v cache must be one layer's [B, kv_heads, max_len, D] = {want}, got {k_cache.shape}")
+    if pos.shape != (1,) or pos.dtype != torch.int64:
+        raise ValueError(f"pos must be an int64 tensor of shape [1], got {pos.dtype} {tuple(pos.shape)}")
+
+
+def rope_kv_write_ref(
+    qkv: Tensor,
+    cos_table: Tensor,
+    sin_table: Tensor,
+    pos: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+) -> Tensor:
+    """The torch path (``fast._Layer.qkv`` + ``index_copy_``): rotate q and k, write k and v at ``pos``."""
+    _check_rope_args(qkv, k_cache, v_cache, pos, n_heads, n_kv_heads, head_dim)
+    bsz = qkv.shape[0]
+    heads = qkv.view(bsz, n_heads + 2 * n_kv_heads, head_dim)
+    qk, v = heads[:, : n_heads + n_kv_heads], heads[:, n_heads + n_kv_heads :]
+    cos, sin = cos_table.index_select(0, pos), sin_table.index_select(0, pos)  # [1, D]: broadcast
+    qk = qk * cos + qk.roll(head_dim // 2, dims=-1) * sin
+    k_cache.index_copy_(2, pos, qk[:, n_heads:, None, :].to(k_cache.dtype))
+    v_cache.index_copy_(2, pos, v[:, :, None, :].to(v_cache.dtype))
+    return qk[:, :n_heads].contiguous()
+
+
+def rope_kv_write(
+    qkv: Tensor,
+    cos_table: Tensor,
+    sin_table: Tensor,
+    pos: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+) -> Tensor:
+    """Rotary on q and k, k and v written into one layer's cache at ``pos``; returns rotated q [B, hq, D].
+
+    ``qkv`` [B, (hq + 2·hk)·D] is the fused QKV GEMM output (one token per row), ``cos_table``/``sin_table``
+    [max_positions, D] the rotary tables with rotate_half's sign folded into sin, ``pos`` an int64 device
+    tensor [1] (one position for every row, read on the device), ``k_cache``/``v_cache`` [B, hk, max_len, D].
+    Grid (B, hq + 2·hk): one program per head row; ``x*cos`` and ``roll(x)*sin`` are rounded to the
+    activation dtype before their sum, as the torch expression does (bit-identical results).  ``pos`` must
+    be < max_len: it lives on the device, so it is not checked here (``StaticKVCache.check_room`` does).
+    """
+    _require("rope_kv_write", qkv.device)
+    _check_rope_args(qkv, k_cache, v_cache, pos, n_heads, n_kv_heads, head_dim)
+    if n_heads % n_kv_heads:
+        raise ValueError(f"n_heads {n_heads} must be a multiple of n_kv_heads {n_kv_heads}")
+    bsz = qkv.shape[0]
+    q = torch.empty((bsz, n_heads, head_dim), device=qkv.device, dtype=qkv.dtype)
+    _rope_kv_write_kernel[(bsz, n_heads + 2 * n_kv_heads)](
+        _contig(qkv, "qkv"),
+        _contig(cos_table, "cos_table"),
+        _contig(sin_table, "sin_table"),
+        pos,
+        q,
+        _contig(k_cache, "k_cache"),
+        _contig(v_cache, "v_cache"),
+        k_cache.shape[2],
+        HQ=n_heads,
+        HK=n_kv_heads,
+        D=head_dim,
+        BLOCK_D=_pow2(head_dim),
+        num_warps=1,
+    )
+    return q
+
+
+# ======================================================================================== decode_attention
+def decode_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, scale: float) -> Tensor:
+    """``softmax(q·kᵀ·scale) v`` over keys ``0..pos``, all in float32, rounded once at the end.
+
+    More exact than the torch decode path (``decode_attention="matmul"`` rounds scores and probabilities to
+    bf16); the kernel follows this one.  ``q`` [B, hq, D], caches [B, hk, max_len, D]; returns [B, hq·D].
+    """
+    bsz, hq, dim = q.shape
+    rep = hq // k_cache.shape[1]
+    k, v = k_cache.float(), v_cache.float()
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = torch.einsum("bhd,bhnd->bhn", q.float(), k) * scale
+    keep = torch.arange(k.shape[2], device=q.device) <= pos
+    probs = torch.where(keep, scores, float("-inf")).softmax(dim=-1)
+    out = torch.einsum("bhn,bhnd->bhd", probs, v)
+    return out.to(q.dtype).reshape(bsz, hq * dim)
+
+
+def attention_splits(batch_heads: int, max_len: int, block_n: int, sms: int) -> int:
+    """Number of key splits per (row, head): ~2 programs per SM at most, never more splits than blocks."""
+    return max(1, min(math.ceil(max_len / block_n), math.ceil(2 * sms / batch_heads)))
+
+
+def decode_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    pos: Tensor,
+    scale: float,
+    *,
+    block_n: int | None = None,
+    n_splits: int | None = None,
+) -> Tensor:
+    """Decode attention of ``q`` [B, hq, D] over keys ``0..pos`` of one layer's cache; returns [B, hq·D].
+
+    Flash-decoding in two kernels.  (1) grid (B·hq, n_splits): the keys ``0..pos`` (``pos`` read on the
+    device) are divided evenly among the splits in ``block_n``-key blocks; each program streams its blocks
+    of K and V once ([block_n, D] tiles, contiguous along D), keeps an online-softmax max / sum / fp32
+    accumulator and writes them to scratch; keys past ``pos`` are never loaded.  (2) grid (B·hq,): rescale
+    and sum the partials, divide, round once.  ``n_splits`` (host int, from B·hq and ``max_len``; scratch is
+    [B·hq, n_splits, D] fp32) fixes the launch shape, so one CUDA graph serves every ``pos``.  GQA: query
+    head h reads kv head ``h // (hq // hk)`` (re-read per query head; the model is MHA).  ``pos`` < max_len
+    is the caller's to ensure (not checked: it lives on the device).
+    """
+    _require("decode_attention", q.device)
+    bsz, hq, dim = q.shape
+    hk, max_len = k_cache.shape[1], k_cache.shape[2]
+    if tuple(k_cache.shape) != (bsz, hk, max_len, dim) or v_cache.shape != k_cache.shape or hq % hk:
+        raise ValueError(f"caches {tuple(k_cache.shape)} do not fit q {tuple(q.shape)} (need [B, hk, max_len, D])")
+    if pos.shape != (1,) or pos.dtype != torch.int64:
+        raise ValueError(f"pos must be an int64 tensor of shape [1], got {pos.dtype} {tuple(pos.shape)}")
+    if block_n is None:  # [64, D] K and V tiles: 64 elements per thread at 4 warps (D = 128), no spills
+        block_n = 64 if q.device.type == "cuda" else 256
+    splits = n_splits or attention_splits(bsz * hq, max_len, block_n, _sm_count(q.device))
+    rows = bsz * hq
+    m = torch.empty((rows, splits), device=q.device, dtype=torch.float32)
+    den = torch.empty((rows, splits), device=q.device, dtype=torch.float32)
+    acc = torch.empty((rows, splits, dim), device=q.device, dtype=torch.float32)
+    out = torch.empty((bsz, hq * dim), device=q.device, dtype=q.dtype)
+    block_d = _pow2(dim)
+    _attn_partial_kernel[(rows, splits)](
+        _contig(q, "q"),
+        _contig(k_cache, "k_cache"),
+        _contig(v_cache, "v_cache"),
+        pos,
+        m,
+        den,
+        acc,
+        float(scale) * math.log2(math.e),
+        max_len,
+        HQ=hq,
+        HK=hk,
+        D=dim,
+        N_SPLITS=splits,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        num_warps=4,
+    )
+    _attn_combine_kernel[(rows,)](
+        m, den, acc, out, D=dim, N_SPLITS=splits, BLOCK_S=_pow2(splits), BLOCK_D=block_d, num_warps=2
+    )
+    return out
+
+
+# ======================================================================================== moe_route
+def moe_route_ref(
+    x: Tensor,
+    gate_w32: Tensor,
+    top_k: int,
+    counts: Tensor | None = None,
+    scaling: float = 1.0,
+    renormalize: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """``route_tokens(F.linear(x.float(), gate_w32), ...)`` plus ``counts.index_add_`` of the picks."""
+    idx, weights = route_tokens(
+        F.linear(x.float(), gate_w32), top_k, norm_topk_prob=renormalize, routed_scaling_factor=scaling
+    )
+    if counts is not None:
+        flat = idx.reshape(-1)
+        counts.index_add_(0, flat, torch.ones_like(flat, dtype=counts.dtype))
+    return idx, weights
+
+
+def moe_route(
+    x: Tensor,
+    gate_w32: Tensor,
+    top_k: int,
+    counts: Tensor | None = None,
+    scaling: float = 1.0,
+    renormalize: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Router in one kernel, one program per token: (expert ids int64 [T, k], weights float32 [T, k]).
+
+    float32 logits ``x.float() @ gate_w32.T`` ([E, BLOCK_K] tiles along H), softmax over all E experts,
+    greedy top-k by repeated max (sorted by weight, lowest index first on ties), optional renormalisation
+    over the k picks (+1e-20, only when k > 1, as ``route_tokens``), times ``scaling``; with ``counts``
+    (int64 [E]) one ``atomic_add`` per pick.  The ids equal ``route_tokens``' except where two scores tie
+    to float32 rounding (the GEMV sums in another order) or exactly (``torch.topk`` orders exact ties its
+    own way).  One program reads the whole router (E·H·4 bytes, 328 KB at E=64, H=1280) from one SM: fine
+    for T <= 8, but latency-bound; a split-H grid (partial logits + a top-k kernel) is the next step if the
+    benchmark shows it.
+    """
+    _require("moe_route", x.device)
+    x = _contig(x, "x")
+    n_tokens, hidden = x.shape
+    n_experts = gate_w32.shape[0]
+    if gate_w32.shape != (n_experts, hidden) or gate_w32.dtype != torch.float32:
+        raise ValueError(f"gate_w32 must be float32 [E, {hidden}], got {gate_w32.dtype} {tuple(gate_w32.shape)}")
+    if not 1 <= top_k <= n_experts:
+        raise ValueError(f"top_k must be in 1..{n_experts}, got {top_k}")
+    if counts is not None and (counts.shape != (n_experts,) or counts.dtype != torch.int64):
+        raise ValueError(f"counts must be int64 [{n_experts}], got {counts.dtype} {tuple(counts.shape)}")
+    idx = torch.empty((n_tokens, top_k), device=x.device, dtype=torch.int64)
+    weights = torch.empty((n_tokens, top_k), device=x.device, dtype=torch.float32)
+    block_e = _pow2(n_experts)
+    _moe_route_kernel[(n_tokens,)](
+        x,
+        _contig(gate_w32, "gate_w32"),
+        idx,
+        weights,
+        idx if counts is None else counts,
+        hidden,
+        float(scaling),
+        E=n_experts,
+        TOP_K=top_k,
+        RENORM=bool(renormalize) and top_k > 1,
+        HAS_COUNTS=counts is not None,
+        BLOCK_E=block_e,
+        BLOCK_KSLOT=_pow2(top_k),
+        BLOCK_K=max(16, min(_pow2(hidden), 8192 // block_e)),
+        num_warps=8,
+    )
+    return idx, weights
+
+
+# ======================================================================================== moe_experts
+def stack_always_on(
+    w13: Tensor, w2: Tensor, gate: Tensor, up: Tensor, down: Tensor, n_slots: int
+) -> tuple[Tensor, Tensor]:
+    """Routed stacks with an always-on SiLU-gated MLP appended as ``n_slots`` expert slots (a copy).
+
+    ``gate``/``up`` [n_slots·I, H], ``down`` [H, n_slots·I] (e.g. the shared experts, I·n_slots = 1792).
+    Exact: ``down(silu(G x) * (U x)) = Σ_j down[:, j-th I cols] (silu(G_j x) * (U_j x))`` since the
+    activation is elementwise over the intermediate dim; slot j gets rows ``j·I..(j+1)·I`` of gate and up
+    and the matching columns of down.  Returns (w13 [S + n_slots, 2I, H], w2 [S + n_slots, H, I]), new
+    tensors holding the routed experts too: build them once at load and re-point the modules' weights to
+    views of them (as ``stacked_expert_weights`` does) to keep a single copy of the expert weights.
+    """
+    _, two_i, hidden = w13.shape
+    inter = two_i // 2
+    if gate.shape != (n_slots * inter, hidden) or up.shape != gate.shape or down.shape != (hidden, n_slots * inter):
+        raise ValueError(f"always-on MLP must be {n_slots} x {inter} wide over hidden {hidden}, got {gate.shape}")
+    extra13 = torch.cat((gate.view(n_slots, inter, hidden), up.view(n_slots, inter, hidden)), dim=1)
+    extra2 = down.view(hidden, n_slots, inter).transpose(0, 1)
+    return torch.cat((w13, extra13.to(w13.dtype))), torch.cat((w2, extra2.to(w2.dtype)))
+
+
+def moe_block_sizes(
+    n_tokens: int,
+    n_slots: int,
+    hidden: int,
+    inter: int,
+    sms: int,
+    interpreter: bool = False,
+    block_n: int | None = None,
+    block_h: int | None = None,
+) -> tuple[int, int, int, int]:
+    """(block_n, block_k_up, block_h, block_k_down) of :func:`moe_experts`; given rows are kept.
+
+    GPU: rows per program (16..64 for up, 4..64 for down) so that each grid has >= ~2 programs per SM,
+    then a reduction width giving ~``TILE_ELEMS`` weights per tile and operand.  At T=1, 8 slots, H=1280,
+    I=896 on 132 SMs: up [16, 256] tiles on a 8x56 grid, down [4, 1024] tiles (896 masked) on 1x320.
+    The interpreter runs programs one after another with numpy: few, large tiles.
+    """
+    if interpreter:
+        block_n = block_n or min(256, _pow2(inter))
+        block_h = block_h or min(256, _pow2(hidden))
+        tile = INTERPRETER_TILE_ELEMS
+    else:
+        block_n = block_n or max(16, min(64, _pow2_floor(n_tokens * n_slots * inter // (2 * sms))))
+        block_h = block_h or max(4, min(64, _pow2_floor(n_tokens * hidden // (2 * sms))))
+        tile = TILE_ELEMS
+    block_k_up = max(32, min(_pow2(hidden), tile // block_n))
+    block_k_down = max(32, min(_pow2(inter), tile // block_h))
+    return block_n, block_k_up, block_h, block_k_down
+
+
+def moe_experts_ref(
+    x: Tensor,
+    idx: Tensor,
+    weights: Tensor,
+    w13: Tensor,
+    w2: Tensor,
+    n_always: int = 0,
+    residual: Tensor | None = None,
+) -> Tensor:
+    """Torch math of the fast path's MoE block: routed experts + the always-on MLP (+ residual).
+
+    Routed: per (token, pick) ``y = W2[e] (silu(G_e x) * (U_e x))`` with every GEMM output in ``x.dtype``,
+    then ``Σ w·y`` in float32 rounded once (``grouped_experts_stacked``).  The last ``n_always`` slots are
+    put back together into one MLP (``_Mlp``: one gate/up GEMM, one down GEMM), added in ``x.dtype``;
+    then ``residual + out`` in ``x.dtype``.
+    """
+    n_tokens, k = idx.shape
+    n_experts, two_i, hidden = w13.shape
+    inter = two_i // 2
+    out = torch.zeros_like(x)
+    if k:
+        ids = idx.reshape(-1)
+        rows = x.repeat_interleave(k, dim=0).unsqueeze(1)
+        h = torch.bmm(rows, w13.index_select(0, ids).transpose(1, 2)).squeeze(1)
+        act = F.silu(h[:, :inter]) * h[:, inter:]
+        y = torch.bmm(act.unsqueeze(1), w2.index_select(0, ids).transpose(1, 2)).squeeze(1)
+        out = (y.view(n_tokens, k, hidden).float() * weights.float().unsqueeze(-1)).sum(dim=1).to(x.dtype)
+    if n_always:
+        tail13, tail2 = w13[n_experts - n_always :], w2[n_experts - n_always :]
+        gate = tail13[:, :inter].reshape(n_always * inter, hidden)
+        up = tail13[:, inter:].reshape(n_always * inter, hidden)
+        down = tail2.transpose(0, 1).reshape(hidden, n_always * inter)
+        out = out + F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+    if residual is not None:
+        out = residual + out
+    return out
+
+
+def moe_experts(
+    x: Tensor,
+    idx: Tensor,
+    weights: Tensor,
+    w13: Tensor,
+    w2: Tensor,
+    n_always: int = 0,
+    residual: Tensor | None = None,
+    *,
+    block_n: int | None = None,
+    block_k_up: int | None = None,
+    block_h: int | None = None,
+    block_k_down: int | None = None,
+    num_warps: int = 4,
+) -> Tensor:
+    """Routed + always-on experts for a few tokens, in two GEMV kernels: [T, H] in ``x.dtype``.
+
+    ``w13`` [S, 2I, H] (rows 0..I-1 gate, I..2I-1 up, the layout of ``stacked_expert_weights``), ``w2``
+    [S, H, I]; ``idx``/``weights`` [T, k] from :func:`moe_route`.  The last ``n_always`` slots of the stack
+    run on every token with weight 1: pass the shared experts that way (:func:`stack_always_on`; exact,
+    a SiLU-gated MLP decomposes over its intermediate dim).  Result: ``Σ_k w·expert_e(x) + shared(x)
+    (+ residual)`` with the rounding points of :func:`moe_experts_ref`.
+
+    (a) up, grid (T·(k + n_always), I / block_n): each program reads ``block_n`` gate rows and the matching
+    up rows of its slot's expert in [block_n, block_k_up] tiles (contiguous along H) and writes
+    ``h = bf16(bf16(silu(bf16(g))) · bf16(u))`` to a [T, slots, I] scratch (the torch path's roundings).
+    (b) down, grid (T, H / block_h): each program runs over the slots (unrolled, so every slot's weight
+    loads can be issued early) and I, computes ``y = W2[e] tile @ h`` in float32 and accumulates
+    ``w · bf16(y)`` for routed slots (each expert's output is a bf16 tensor in torch) and plain ``y`` for the
+    always-on slots (one down GEMM in torch); then ``bf16(bf16(routed) + bf16(shared))``, ``+ residual``.
+
+    Designed for T <= 8: every token re-reads its experts' weights (T=1: 8 slots x 6.9 MB = 55 MB per
+    layer), so both kernels are memory-bound GEMVs.  Default blocks: :func:`moe_block_sizes` (>= ~2
+    programs per SM, ~4096 weights per tile: ~32 per thread at 4 warps, several 16-byte loads in flight,
+    no spills; I = 896 is not a power of two, so the down tile is masked); the keyword arguments override
+    them (``bench_kernels.py --sweep``).  For larger T (prefill) the grouped-GEMM path
+    (``grouped_experts_stacked``) reads each expert once and is the right one.
+    """
+    _require("moe_experts", x.device)
+    x = _contig(x, "x")
+    n_tokens, hidden = x.shape
+    n_experts, two_i, w_hidden = w13.shape
+    inter = two_i // 2
+    top_k = idx.shape[1]
+    if w_hidden != hidden or w2.shape != (n_experts, hidden, inter) or two_i % 2:
+        raise ValueError(f"w13 {tuple(w13.shape)} / w2 {tuple(w2.shape)} do not fit hidden {hidden}")
+    if idx.shape != (n_tokens, top_k) or weights.shape != idx.shape or idx.dtype != torch.int64:
+        raise ValueError(f"idx (int64) and weights must be [{n_tokens}, k], got {idx.shape} and {weights.shape}")
+    if not 0 <= n_always <= n_experts or top_k + n_always == 0:
+        raise ValueError(f"n_always must be in 0..{n_experts} and k + n_always > 0, got k={top_k}, {n_always}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"residual must match x {tuple(x.shape)} {x.dtype}")
+    n_slots = top_k + n_always
+    interpreter = x.device.type != "cuda"
+    auto = moe_block_sizes(n_tokens, n_slots, hidden, inter, _sm_count(x.device), interpreter, block_n, block_h)
+    block_n, block_h = auto[0], auto[2]
+    block_k_up = block_k_up or auto[1]
+    block_k_down = block_k_down or auto[3]
+    h = torch.empty((n_tokens, n_slots, inter), device=x.device, dtype=x.dtype)
+    out = torch.empty_like(x)
+    idx = _contig(idx, "idx")
+    weights = _contig(weights.float(), "weights")
+    if top_k == 0:  # no routed picks (e.g. a dense MLP passed as always-on slots): valid dummies, never read
+        idx = torch.zeros(1, device=x.device, dtype=torch.int64)
+        weights = torch.zeros(1, device=x.device, dtype=torch.float32)
+    _moe_up_kernel[(n_tokens * n_slots, triton.cdiv(inter, block_n))](
+        x,
+        idx,
+        _contig(w13, "w13"),
+        h,
+        hidden,
+        inter,
+        n_experts,
+        TOP_K=top_k,
+        N_ALWAYS=n_always,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k_up,
+        EVEN_K=hidden % block_k_up == 0,
+        num_warps=num_warps,
+    )
+    _moe_down_kernel[(n_tokens, triton.cdiv(hidden, block_h))](
+        h,
+        idx,
+        weights,
+        _contig(w2, "w2"),
+        x if residual is None else _contig(residual, "residual"),
+        out,
+        hidden,
+        inter,
+        n_experts,
+        TOP_K=top_k,
+        N_ALWAYS=n_always,
+        HAS_RESIDUAL=residual is not None,
+        BLOCK_H=block_h,
+        BLOCK_K=block_k_down,
+        EVEN_K=inter % block_k_down == 0,
+        num_warps=num_warps,
+    )
+    return out

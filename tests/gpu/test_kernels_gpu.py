@@ -1,0 +1,222 @@
+"""Triton decode kernels == their torch references at the real DeepSeek-OCR sizes, compiled, on a GPU.
+
+bf16, H=1280, 10 heads x 128, 64 experts of I=896 + 2 shared slots, top-6, KV cache of 1200 positions.
+Plus one CUDA graph holding all five ops, replayed after the position changed on the device.  The
+module is skipped before it imports Triton when there is no GPU (so the CPU interpreter tests in
+tests/unit/test_kernels.py keep a Triton they can switch to interpreter mode).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA (run on the device machine)", allow_module_level=True)
+if os.environ.get("TRITON_INTERPRET") == "1":
+    pytest.skip(
+        "TRITON_INTERPRET=1: the GPU tests need compiled kernels (run them in their own process)",
+        allow_module_level=True,
+    )
+pytest.importorskip("triton")
+
+import torch.nn.functional as F
+from torch import nn
+
+from llm_perf_opt.models.deepseek_ocr import kernels as K
+from llm_perf_opt.models.deepseek_ocr.decoder import (
+    MLP,
+    RotaryEmbedding,
+    _use_grouped_mm,
+    apply_experts_eager,
+    grouped_experts_stacked,
+    route_tokens,
+    stacked_expert_weights,
+)
+from tests.conftest import rel_err
+
+pytestmark = [pytest.mark.gpu]
+
+if not K.triton_available("cuda"):
+    pytest.skip("the kernels module was imported for Triton's interpreter in this process", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def _compiled_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triton reads TRITON_INTERPRET while compiling too (constexpr functions): keep a module collected
+    later in the session that sets it (for its CPU interpreter tests) from reaching these compiles."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+DEV, BF16 = torch.device("cuda"), torch.bfloat16
+HIDDEN, HEADS, HEAD_DIM, MAX_LEN = 1280, 10, 128, 1200
+EXPERTS, INTER, TOP_K, SHARED_SLOTS = 64, 896, 6, 2
+
+
+def _randn(*shape: int, std: float = 1.0, dtype: torch.dtype = BF16, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    return (torch.randn(shape, generator=gen, device=DEV) * std).to(dtype)
+
+
+def _assert_bf16_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    assert rel_err(actual, expected) <= 1e-2, rel_err(actual, expected)
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
+# ------------------------------------------------------------------------------------------ single ops
+@pytest.mark.parametrize("tokens", [1, 8])
+def test_add_rms_norm(tokens: int) -> None:
+    x, res = _randn(tokens, HIDDEN, seed=1), _randn(tokens, HIDDEN, std=4.0, seed=2)
+    weight = (1 + 0.3 * _randn(HIDDEN, seed=3, dtype=torch.float32)).to(BF16)
+    normed, summed = K.add_rms_norm(x, res, weight, 1e-6)
+    ref_normed, ref_summed = K.add_rms_norm_ref(x, res, weight, 1e-6)
+    assert torch.equal(summed, ref_summed)
+    _assert_bf16_close(normed, ref_normed)
+    assert (normed != ref_normed).float().mean() < 0.02  # rsqrt may differ in its last bit: rare 1-ulp flips
+
+
+@pytest.mark.parametrize(("batch", "kv_heads", "pos"), [(1, HEADS, 0), (4, HEADS, MAX_LEN - 1), (2, 2, 517)])
+def test_rope_kv_write(batch: int, kv_heads: int, pos: int) -> None:
+    cos, sin = RotaryEmbedding(HEAD_DIM, 10000.0, MAX_LEN)(0, MAX_LEN, DEV, BF16)
+    qkv = _randn(batch, (HEADS + 2 * kv_heads) * HEAD_DIM, seed=pos)
+    k_cache, v_cache = (
+        _randn(batch, kv_heads, MAX_LEN, HEAD_DIM, seed=5),
+        _randn(batch, kv_heads, MAX_LEN, HEAD_DIM, seed=6),
+    )
+    k_ref, v_ref, k_before = k_cache.clone(), v_cache.clone(), k_cache.clone()
+    position = torch.tensor([pos], device=DEV)
+    q = K.rope_kv_write(qkv, cos, sin, position, k_cache, v_cache, HEADS, kv_heads, HEAD_DIM)
+    q_ref = K.rope_kv_write_ref(qkv, cos, sin, position, k_ref, v_ref, HEADS, kv_heads, HEAD_DIM)
+    assert torch.equal(q, q_ref)  # same products, same sum, same rounding: bit-identical
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+    others = torch.arange(MAX_LEN, device=DEV) != pos
+    assert torch.equal(k_cache[:, :, others], k_before[:, :, others])
+
+
+def _matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int) -> torch.Tensor:
+    """The torch decode path (fast.FastDecoder._forward, decode_attention="matmul") over keys 0..pos."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k[:, :, : pos + 1].repeat_interleave(rep, dim=1), v[:, :, : pos + 1].repeat_interleave(rep, dim=1)
+    scores = torch.matmul(q.unsqueeze(2), k.transpose(-1, -2)) * HEAD_DIM**-0.5
+    out = torch.matmul(scores.float().softmax(dim=-1).to(q.dtype), v)
+    return out.squeeze(2).reshape(q.shape[0], -1)
+
+
+@pytest.mark.parametrize(
+    ("batch", "kv_heads", "pos"), [(1, HEADS, 0), (1, HEADS, 1000), (8, HEADS, MAX_LEN - 1), (4, 2, 333)]
+)
+def test_decode_attention(batch: int, kv_heads: int, pos: int) -> None:
+    q = _randn(batch, HEADS, HEAD_DIM, seed=pos)
+    k_cache = _randn(batch, kv_heads, MAX_LEN, HEAD_DIM, std=2.0, seed=8)
+    v_cache = _randn(batch, kv_heads, MAX_LEN, HEAD_DIM, seed=9)
+    k_cache[:, :, pos + 1 :] = float("nan")  # a single load past pos would poison the output
+    v_cache[:, :, pos + 1 :] = float("nan")
+    position = torch.tensor([pos], device=DEV)
+    out = K.decode_attention(q, k_cache, v_cache, position, HEAD_DIM**-0.5)
+    assert torch.isfinite(out.float()).all()
+    clean_k, clean_v = k_cache.nan_to_num(), v_cache.nan_to_num()
+    _assert_bf16_close(out, K.decode_attention_ref(q, clean_k, clean_v, position, HEAD_DIM**-0.5))
+    # the torch path rounds scores (|s| up to ~10 here) and probabilities to bf16 before the softmax / PV product
+    assert rel_err(out, _matmul_attention(q, clean_k, clean_v, pos)) <= 5e-2
+
+
+@pytest.mark.parametrize("tokens", [1, 4, 8])
+def test_moe_route(tokens: int) -> None:
+    x = _randn(tokens, HIDDEN, seed=tokens)
+    gate = _randn(EXPERTS, HIDDEN, std=HIDDEN**-0.5, dtype=torch.float32, seed=11)
+    counts = torch.zeros(EXPERTS, device=DEV, dtype=torch.int64)
+    idx, weights = K.moe_route(x, gate, TOP_K, counts)
+    ref_idx, ref_weights = route_tokens(F.linear(x.float(), gate), TOP_K)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-7)
+    assert torch.equal(counts, torch.bincount(ref_idx.reshape(-1), minlength=EXPERTS))
+
+
+@pytest.fixture(scope="module")
+def moe() -> dict[str, Any]:
+    """64 real-size routed experts and a shared MLP of 2 x 896, as MLP modules and as kernel stacks."""
+    torch.manual_seed(0)
+    experts = nn.ModuleList(MLP(HIDDEN, INTER) for _ in range(EXPERTS))
+    shared = MLP(HIDDEN, SHARED_SLOTS * INTER)
+    with torch.no_grad():
+        for p in [*experts.parameters(), *shared.parameters()]:
+            p.normal_(0.0, p.shape[1] ** -0.5)
+    experts, shared = experts.to(DEV, BF16), shared.to(DEV, BF16)
+    w13, w2 = stacked_expert_weights(experts)
+    with torch.no_grad():
+        all13, all2 = K.stack_always_on(
+            w13, w2, shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight, SHARED_SLOTS
+        )
+    gate = _randn(EXPERTS, HIDDEN, std=HIDDEN**-0.5, dtype=torch.float32, seed=12)
+    return dict(experts=experts, shared=shared, w13=w13, w2=w2, all13=all13, all2=all2, gate=gate)
+
+
+@pytest.mark.parametrize("tokens", [1, 4, 8])
+def test_moe_experts(moe: dict[str, Any], tokens: int) -> None:
+    x, res = _randn(tokens, HIDDEN, seed=20 + tokens), _randn(tokens, HIDDEN, seed=30)
+    idx, weights = route_tokens(F.linear(x.float(), moe["gate"]), TOP_K)
+    out = K.moe_experts(x, idx, weights, moe["all13"], moe["all2"], n_always=SHARED_SLOTS, residual=res)
+    with torch.no_grad():
+        routed, _ = apply_experts_eager(x, idx, weights, moe["experts"])
+        expected = res + (routed + moe["shared"](x))
+        grouped = grouped_experts_stacked(x, idx, weights, moe["w13"], moe["w2"], _use_grouped_mm(x))
+        torch_path = res + (grouped + moe["shared"](x))
+    _assert_bf16_close(out, expected)
+    _assert_bf16_close(out, torch_path)
+    ref = K.moe_experts_ref(x, idx, weights, moe["all13"], moe["all2"], SHARED_SLOTS, res)
+    _assert_bf16_close(out, ref)
+    routed_only = K.moe_experts(x, idx, weights, moe["w13"], moe["w2"])
+    _assert_bf16_close(routed_only, routed)
+
+
+# ------------------------------------------------------------------------------------------ CUDA graph
+def test_all_ops_in_one_cuda_graph_follow_the_device_position(moe: dict[str, Any]) -> None:
+    """Capture the five ops once, change ``pos`` on the device, replay: results as eager calls at the new pos."""
+    batch = 2
+    cos, sin = RotaryEmbedding(HEAD_DIM, 10000.0, MAX_LEN)(0, MAX_LEN, DEV, BF16)
+    delta, hidden = _randn(batch, HIDDEN, seed=40), _randn(batch, HIDDEN, seed=41)
+    norm_w = (1 + 0.1 * _randn(HIDDEN, seed=42, dtype=torch.float32)).to(BF16)
+    qkv = _randn(batch, 3 * HEADS * HEAD_DIM, seed=43)  # a static input: only Triton kernels in the graph
+    k_cache, v_cache = (
+        _randn(batch, HEADS, MAX_LEN, HEAD_DIM, seed=44),
+        _randn(batch, HEADS, MAX_LEN, HEAD_DIM, seed=45),
+    )
+    pos = torch.tensor([10], device=DEV)
+    counts = torch.zeros(EXPERTS, device=DEV, dtype=torch.int64)
+
+    def step() -> tuple[torch.Tensor, ...]:
+        x, summed = K.add_rms_norm(delta, hidden, norm_w, 1e-6)
+        q = K.rope_kv_write(qkv + x[:, :1], cos, sin, pos, k_cache, v_cache, HEADS, HEADS, HEAD_DIM)
+        attn = K.decode_attention(q, k_cache, v_cache, pos, HEAD_DIM**-0.5)
+        x2, summed2 = K.add_rms_norm(attn, summed, norm_w, 1e-6)
+        idx, weights = K.moe_route(x2, moe["gate"], TOP_K, counts)
+        out = K.moe_experts(x2, idx, weights, moe["all13"], moe["all2"], SHARED_SLOTS, summed2)
+        return q, attn, idx, weights, out
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # compile + warm up outside the capture
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    for new_pos in (700, MAX_LEN - 1):
+        pos.fill_(new_pos)
+        counts.zero_()
+        graph.replay()
+        k_before = k_cache.clone()
+        counts_graph = counts.clone()
+        counts.zero_()
+        eager = step()  # the same ops, launched directly, at the same device position
+        for got, want in zip(static, eager, strict=True):
+            assert torch.equal(got, want)
+        assert torch.equal(k_cache, k_before)  # the replay wrote row new_pos exactly as the eager call did
+        assert torch.equal(counts_graph, counts)
+        assert int(counts.sum()) == batch * TOP_K
+        ref = K.decode_attention_ref(static[0], k_cache, v_cache, pos, HEAD_DIM**-0.5)
+        _assert_bf16_close(static[1], ref)

@@ -1,0 +1,406 @@
+"""Triton decode kernels == their torch references, run on CPU through Triton's interpreter.
+
+Triton picks the interpreter when ``@triton.jit`` is applied, i.e. when ``kernels.py`` is imported, not
+when ``triton`` is.  ``TRITON_INTERPRET=1`` is set (``setdefault``) before anything here imports Triton,
+and the tests use a private copy of ``kernels.py`` executed under it: if another test module imported
+``kernels.py`` before (compiled-mode kernels, unusable on CPU tensors) nothing is skipped, and the shared
+module is never turned into an interpreted one.  The variable is then restored and set again only while
+this module's tests run (``triton_available("cpu")`` reads it), so no other test nor a CLI subprocess of
+the integration tests sees it.
+
+bf16 results are compared bit for bit where the kernel does the same float32 arithmetic as torch
+(rotary, cache writes, residual adds) and to bf16 rounding elsewhere (reductions in another order).
+Sizes are reduced (H=256, I=128, E=8, D=32) plus a few cases at the real H/I/D; the interpreter runs
+programs one at a time, so the whole module stays within ~30 s on 2 cores.  ``test_compiles_for_sm90``
+compiles every kernel for an H100 (sm_90) without a GPU, with the alignment specialisation the runtime
+applies (``benchmarks/bench_kernels.py --sm90-check``), and checks for 16-byte loads and no register spills.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+_PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton and the kernels are first imported here
+try:
+    triton = pytest.importorskip("triton")
+finally:  # leave the environment as found: CLI subprocesses of other tests inherit it
+    if _PREVIOUS_INTERPRET is None:
+        del os.environ["TRITON_INTERPRET"]
+if isinstance(triton.language.standard.sum, triton.runtime.jit.JITFunction):
+    pytest.skip(
+        "Triton was imported without TRITON_INTERPRET=1 (before this module, or the variable is set to something"
+        " else), so its library is compiled-mode and the CPU interpreter cannot run it; run"
+        " `TRITON_INTERPRET=1 pytest tests/unit/test_kernels.py`",
+        allow_module_level=True,
+    )
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from llm_perf_opt.models.deepseek_ocr.decoder import (  # noqa: E402
+    MLP,
+    apply_experts_eager,
+    route_tokens,
+    stacked_expert_weights,
+)
+from tests.conftest import ROOT, rel_err  # noqa: E402
+
+KERNELS = "llm_perf_opt.models.deepseek_ocr.kernels"
+
+
+def _private_kernels(interpret: bool) -> ModuleType:
+    """A private copy of kernels.py whose ``@triton.jit`` ran with ``TRITON_INTERPRET`` = ``interpret``.
+
+    Never the shared ``sys.modules`` entry: another test module may have imported it compiled-mode already
+    (then its kernels cannot take CPU tensors), and an interpreted shared module would break GPU tests
+    collected into the same session.
+    """
+    spec = importlib.util.find_spec(KERNELS)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+    return module
+
+
+K: Any = _private_kernels(interpret=True)
+if not K.INTERPRETED:
+    pytest.skip("Triton did not build the kernels for its interpreter", allow_module_level=True)
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    yield
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """float32: to float32 rounding; bf16: to bf16 rounding (rel err <= 1e-2 of the largest value)."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    if actual.dtype == torch.float32:
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    else:
+        assert rel_err(actual, expected) <= 1e-2, rel_err(actual, expected)
+        torch.testing.assert_close(actual, expected, rtol=2e-2, atol=2e-2)
+
+
+# ------------------------------------------------------------------------------------------ availability
+def test_availability_and_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert K.HAVE_TRITON and K.INTERPRETED
+    assert K.triton_available("cpu")
+    assert not K.triton_available("meta")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not K.triton_available("cpu")
+    x = torch.randn(2, 64)
+    with pytest.raises(K.KernelUnavailableError, match="TRITON_INTERPRET=1"):
+        K.add_rms_norm(x, None, torch.ones(64), 1e-6)
+
+
+# ------------------------------------------------------------------------------------------ add_rms_norm
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [256, 1280])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_add_rms_norm_matches_rmsnorm(dtype: torch.dtype, hidden: int, with_residual: bool) -> None:
+    gen = torch.Generator().manual_seed(hidden)
+    x = torch.randn(3, hidden, generator=gen).to(dtype)
+    residual = (torch.randn(3, hidden, generator=gen) * 4).to(dtype) if with_residual else None
+    weight = (1 + 0.3 * torch.randn(hidden, generator=gen)).to(dtype)
+    normed, summed = K.add_rms_norm(x, residual, weight, 1e-6)
+    ref_normed, ref_summed = K.add_rms_norm_ref(x, residual, weight, 1e-6)
+    assert torch.equal(summed, ref_summed)  # same float32 add, same rounding
+    if residual is None:
+        assert summed is x
+    _close(normed, ref_normed)
+    if dtype == torch.bfloat16:  # the float32 rsqrt may differ in the last bit: at most a few 1-ulp flips
+        assert (normed != ref_normed).float().mean() < 0.02
+
+
+def test_add_rms_norm_promotes_like_torch() -> None:
+    x, weight = torch.randn(2, 256).bfloat16(), torch.randn(256)
+    normed, _ = K.add_rms_norm(x, None, weight, 1e-6)
+    ref, _ = K.add_rms_norm_ref(x, None, weight, 1e-6)
+    assert normed.dtype == torch.float32
+    torch.testing.assert_close(normed, ref, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ rope_kv_write
+def _rotary_tables(n: int, dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    from llm_perf_opt.models.deepseek_ocr.decoder import RotaryEmbedding
+
+    return RotaryEmbedding(dim, 10000.0, n)(0, n, torch.device("cpu"), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("batch", "hq", "hk", "dim", "max_len", "pos"),
+    [(2, 4, 2, 32, 64, 0), (2, 4, 4, 32, 64, 63), (1, 10, 10, 128, 96, 37)],
+)
+def test_rope_kv_write_matches_torch_path(
+    dtype: torch.dtype, batch: int, hq: int, hk: int, dim: int, max_len: int, pos: int
+) -> None:
+    gen = torch.Generator().manual_seed(pos)
+    cos, sin = _rotary_tables(max_len + 8, dim, dtype)
+    qkv = torch.randn(batch, (hq + 2 * hk) * dim, generator=gen).to(dtype)
+    k_cache = torch.randn(batch, hk, max_len, dim, generator=gen).to(dtype)
+    v_cache = torch.randn(batch, hk, max_len, dim, generator=gen).to(dtype)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    position = torch.tensor([pos])
+    q = K.rope_kv_write(qkv, cos, sin, position, k_cache, v_cache, hq, hk, dim)
+    q_ref = K.rope_kv_write_ref(qkv, cos, sin, position, k_ref, v_ref, hq, hk, dim)
+    assert q.shape == (batch, hq, dim) and q.dtype == dtype
+    assert torch.equal(q, q_ref)  # same products and sum, same rounding points: bit-identical
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+    others = torch.arange(max_len) != pos
+    assert torch.equal(k_cache[:, :, others], k_before[:, :, others])  # only row `pos` is written
+    assert torch.equal(v_cache[:, :, others], v_before[:, :, others])
+    v_new = qkv.view(batch, hq + 2 * hk, dim)[:, hq + hk :]
+    assert torch.equal(v_cache[:, :, pos], v_new)
+    assert not torch.equal(k_cache[:, :, pos], k_before[:, :, pos])
+
+
+def test_rope_matches_apply_rotary() -> None:
+    from llm_perf_opt.models.deepseek_ocr.decoder import apply_rotary
+
+    cos, sin = _rotary_tables(32, 32, torch.float32)
+    qkv = torch.randn(2, 3 * 2 * 32)
+    k_cache, v_cache = torch.zeros(2, 2, 32, 32), torch.zeros(2, 2, 32, 32)
+    q = K.rope_kv_write(qkv, cos, sin, torch.tensor([9]), k_cache, v_cache, 2, 2, 32)
+    heads = qkv.view(2, 6, 1, 32)
+    torch.testing.assert_close(q, apply_rotary(heads[:, :2], cos[9:10], sin[9:10])[:, :, 0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(k_cache[:, :, 9], apply_rotary(heads[:, 2:4], cos[9:10], sin[9:10])[:, :, 0])
+
+
+# ------------------------------------------------------------------------------------------ decode_attention
+def _softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, scale: float) -> torch.Tensor:
+    """Plain float32 attention over the keys 0..pos (host-side slicing; test only)."""
+    rep = q.shape[1] // k.shape[1]
+    k = k[:, :, : pos + 1].float().repeat_interleave(rep, dim=1)
+    v = v[:, :, : pos + 1].float().repeat_interleave(rep, dim=1)
+    probs = (q.float().unsqueeze(2) @ k.transpose(-1, -2) * scale).softmax(dim=-1)
+    return (probs @ v).squeeze(2).reshape(q.shape[0], -1)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "hq", "hk", "pos"),
+    [
+        (torch.float32, 4, 4, 0),
+        (torch.bfloat16, 4, 2, 0),  # GQA
+        (torch.float32, 4, 2, 37),
+        (torch.bfloat16, 4, 4, 37),
+        (torch.bfloat16, 4, 2, 63),  # pos = max_len - 1
+        (torch.float32, 4, 4, 63),
+    ],
+)
+def test_decode_attention_over_keys_up_to_pos(dtype: torch.dtype, hq: int, hk: int, pos: int) -> None:
+    gen = torch.Generator().manual_seed(pos + hk)
+    batch, dim, max_len = 2, 32, 64
+    q = torch.randn(batch, hq, dim, generator=gen).to(dtype)
+    k_cache = (torch.randn(batch, hk, max_len, dim, generator=gen) * 2).to(dtype)
+    v_cache = torch.randn(batch, hk, max_len, dim, generator=gen).to(dtype)
+    k_cache[:, :, pos + 1 :] = float("nan")  # never read: a single load past pos would poison the output
+    v_cache[:, :, pos + 1 :] = float("nan")
+    position, scale = torch.tensor([pos]), dim**-0.5
+    expected = _softmax_attention(q, k_cache, v_cache, pos, scale)
+    ref = K.decode_attention_ref(q, k_cache.nan_to_num(), v_cache.nan_to_num(), position, scale)
+    for block_n, splits in [(16, None), (16, 5)]:  # one split of several blocks; splits of one block, some empty
+        out = K.decode_attention(q, k_cache, v_cache, position, scale, block_n=block_n, n_splits=splits)
+        assert out.shape == (batch, hq * dim) and out.dtype == dtype
+        assert torch.isfinite(out.float()).all()
+        _close(out, ref)
+        torch.testing.assert_close(out.float(), expected, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-2)
+
+
+def test_decode_attention_real_head_dim() -> None:
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 10, 128, generator=gen).bfloat16()
+    k_cache = torch.randn(1, 10, 300, 128, generator=gen).bfloat16()
+    v_cache = torch.randn(1, 10, 300, 128, generator=gen).bfloat16()
+    pos = torch.tensor([250])
+    out = K.decode_attention(q, k_cache, v_cache, pos, 128**-0.5)
+    _close(out, K.decode_attention_ref(q, k_cache, v_cache, pos, 128**-0.5))
+
+
+def test_attention_splits_fill_the_gpu() -> None:
+    assert K.attention_splits(10, 4096, 64, 132) == 27  # B=1, 10 heads: ~2 programs per SM
+    assert K.attention_splits(10, 1200, 64, 132) == 19  # one split per 64-key block of max_len at most
+    assert K.attention_splits(80, 1200, 64, 132) == 4
+    assert K.attention_splits(10, 100, 64, 132) == 2  # never more splits than key blocks
+    assert K.attention_splits(400, 4096, 64, 132) == 1
+
+
+# ------------------------------------------------------------------------------------------ moe_route
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("n_tokens", "n_experts", "hidden", "top_k"), [(1, 8, 256, 3), (5, 8, 256, 2), (2, 64, 1280, 6)]
+)
+@pytest.mark.parametrize(("renormalize", "scaling"), [(False, 1.0), (True, 2.5)])
+def test_moe_route_matches_route_tokens(
+    dtype: torch.dtype, n_tokens: int, n_experts: int, hidden: int, top_k: int, renormalize: bool, scaling: float
+) -> None:
+    gen = torch.Generator().manual_seed(n_tokens * n_experts)
+    x = torch.randn(n_tokens, hidden, generator=gen).to(dtype)
+    gate_w32 = torch.randn(n_experts, hidden, generator=gen) * hidden**-0.5
+    counts = torch.full((n_experts,), 7, dtype=torch.int64)
+    idx, weights = K.moe_route(x, gate_w32, top_k, counts, scaling=scaling, renormalize=renormalize)
+    ref_idx, ref_weights = route_tokens(
+        F.linear(x.float(), gate_w32), top_k, norm_topk_prob=renormalize, routed_scaling_factor=scaling
+    )
+    assert idx.dtype == torch.int64 and weights.dtype == torch.float32
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-7)
+    assert torch.equal(counts, 7 + torch.bincount(ref_idx.reshape(-1), minlength=n_experts))
+    assert (weights[:, :-1] >= weights[:, 1:]).all()  # sorted, highest first
+
+
+def test_moe_route_ties_lowest_index_first_and_no_counts() -> None:
+    x = torch.ones(1, 64)
+    gate_w32 = torch.zeros(8, 64)
+    gate_w32[5] = gate_w32[2] = 0.1  # experts 2 and 5 tie for first, the rest tie for third
+    idx, weights = K.moe_route(x, gate_w32, 4)
+    assert idx.tolist() == [[2, 5, 0, 1]]
+    assert weights[0, 0] == weights[0, 1] and weights[0, 2] == weights[0, 3]
+    _, ref_weights = K.moe_route_ref(x, gate_w32, 4)  # torch.topk orders exact ties its own way ([2, 5, 4, 6])
+    torch.testing.assert_close(weights, ref_weights)
+
+
+# ------------------------------------------------------------------------------------------ moe_experts
+def _experts(n: int, hidden: int, inter: int, dtype: torch.dtype, seed: int) -> tuple[nn.ModuleList, MLP]:
+    torch.manual_seed(seed)
+    experts = nn.ModuleList(MLP(hidden, inter) for _ in range(n))
+    shared = MLP(hidden, 2 * inter)  # DeepSeek-OCR: 2 shared experts = one MLP twice as wide
+    for p in [*experts.parameters(), *shared.parameters()]:
+        p.data.normal_(0.0, p.shape[1] ** -0.5)  # unit-scale activations
+    return experts.to(dtype), shared.to(dtype)
+
+
+def _moe_case(
+    n_tokens: int, hidden: int, inter: int, n_experts: int, top_k: int, dtype: torch.dtype, seed: int = 0
+) -> dict[str, Any]:
+    experts, shared = _experts(n_experts, hidden, inter, dtype, seed)
+    w13, w2 = stacked_expert_weights(experts)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(n_tokens, hidden, generator=gen).to(dtype)
+    gate_w32 = torch.randn(n_experts, hidden, generator=gen) * hidden**-0.5
+    idx, weights = route_tokens(F.linear(x.float(), gate_w32), top_k)
+    with torch.no_grad():
+        w13_all, w2_all = K.stack_always_on(
+            w13, w2, shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight, 2
+        )
+    residual = torch.randn(n_tokens, hidden, generator=gen).to(dtype)
+    return dict(x=x, idx=idx, weights=weights, experts=experts, shared=shared, w13=w13_all, w2=w2_all, res=residual)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_tokens", [1, 3])
+def test_moe_experts_match_eager_loop_plus_shared(dtype: torch.dtype, n_tokens: int) -> None:
+    c = _moe_case(n_tokens, 256, 128, 8, 3, dtype, seed=n_tokens)
+    with torch.no_grad():
+        routed, _ = apply_experts_eager(c["x"], c["idx"], c["weights"], c["experts"])
+        expected = c["res"] + (routed + c["shared"](c["x"]))
+    out = K.moe_experts(c["x"], c["idx"], c["weights"], c["w13"], c["w2"], n_always=2, residual=c["res"])
+    _close(out, expected)
+    ref = K.moe_experts_ref(c["x"], c["idx"], c["weights"], c["w13"], c["w2"], n_always=2, residual=c["res"])
+    _close(ref, expected)
+    _close(out, ref)
+    if dtype == torch.bfloat16:  # same rounding points: only reduction order differs, so rare 1-ulp flips
+        assert (out != ref).float().mean() <= 0.05, (out != ref).float().mean()
+
+
+def test_moe_experts_block_shapes_and_no_shared() -> None:
+    """GPU-like small tiles (several row blocks, masked I tail) and the routed-only / shared-only cases."""
+    c = _moe_case(2, 128, 96, 8, 2, torch.bfloat16, seed=5)  # I = 96: not a multiple of the 64-wide K tile
+    x, idx, w, w13, w2 = c["x"], c["idx"], c["weights"], c["w13"], c["w2"]
+    for kwargs in [{}, dict(block_n=16, block_k_up=64, block_h=32, block_k_down=64)]:
+        _close(
+            K.moe_experts(x, idx, w, w13, w2, 2, c["res"], **kwargs), K.moe_experts_ref(x, idx, w, w13, w2, 2, c["res"])
+        )
+    routed_stack = (w13[:-2].contiguous(), w2[:-2].contiguous())
+    with torch.no_grad():
+        routed, _ = apply_experts_eager(x, idx, w, c["experts"])
+        shared = c["shared"](x)
+    _close(K.moe_experts(x, idx, w, *routed_stack), routed)
+    no_picks = torch.empty(2, 0, dtype=torch.int64)
+    _close(K.moe_experts(x, no_picks, no_picks.float(), w13, w2, n_always=2), shared)
+
+
+def test_moe_experts_real_sizes_bf16() -> None:
+    """The real expert shape (H=1280, I=896, 2 shared slots); top-2 of 4 experts to keep the interpreter fast."""
+    c = _moe_case(1, 1280, 896, 4, 2, torch.bfloat16, seed=3)
+    out = K.moe_experts(c["x"], c["idx"], c["weights"], c["w13"], c["w2"], n_always=2, residual=c["res"])
+    with torch.no_grad():
+        routed, _ = apply_experts_eager(c["x"], c["idx"], c["weights"], c["experts"])
+        expected = c["res"] + (routed + c["shared"](c["x"]))
+    _close(out, expected)
+
+
+def test_stack_always_on_is_the_same_mlp() -> None:
+    """A SiLU-gated MLP split over its intermediate dim into slots sums back to itself (float32 exact-ish)."""
+    _, shared = _experts(1, 64, 32, torch.float32, seed=9)
+    w13, w2 = K.stack_always_on(
+        torch.empty(0, 64, 64),
+        torch.empty(0, 64, 32),
+        shared.gate_proj.weight,
+        shared.up_proj.weight,
+        shared.down_proj.weight,
+        2,
+    )
+    x = torch.randn(4, 64)
+    slots = [F.linear(F.silu(F.linear(x, w13[j, :32])) * F.linear(x, w13[j, 32:]), w2[j]) for j in range(2)]
+    with torch.no_grad():
+        torch.testing.assert_close(slots[0] + slots[1], shared(x), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ sm_90 compile
+STREAMING = {"_attn_partial_kernel", "_moe_route_kernel", "_moe_up_kernel", "_moe_down_kernel"}
+
+
+@pytest.fixture(scope="module")
+def sm90() -> list[dict[str, Any]]:
+    """``bench_kernels.py --sm90-check``: every kernel compiled for an H100 (sm_90) at the real sizes, no GPU.
+
+    In a fresh process: compiling where Triton runs in interpreter mode fails (its library is built for the
+    interpreter when ``triton`` is imported with ``TRITON_INTERPRET=1``).
+    """
+    if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 3):
+        pytest.skip(f"ASTSource's signature format differs before Triton 3.3 (have {triton.__version__})")
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("Triton's NVIDIA backend is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_kernels.py"), "--sm90-check", "--json"]
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results: list[dict[str, Any]] = json.loads(run.stdout.strip().splitlines()[-1])
+    return results
+
+
+def test_compiles_for_sm90(sm90: list[dict[str, Any]]) -> None:
+    """Each kernel compiles for sm_90 without register spills (moe kernels at T=1 and T=8 block sizes); the
+    kernels streaming weights or K/V use 16-byte loads (scalar loads would cost several x in bandwidth)."""
+    kernels = {r["kernel"] for r in sm90}
+    assert kernels >= {"_add_rms_norm_kernel", "_rope_kv_write_kernel", "_attn_combine_kernel", *STREAMING}
+    for r in sm90:
+        assert not r["error"], (r["kernel"], r["error"])
+        assert r["spill_bytes"] in (0, None), r  # None: this Triton's ptxas was not found (cubin still built)
+        if r["kernel"] in STREAMING:
+            assert r["v4_loads"] > 0, r
