@@ -207,7 +207,7 @@ class DeepSeekOCRSession:
             out.update(grouped_moe=False, fused_qkv=False, cuda_graphs=False)
             return out
         out.update({k: v for k, v in attrs.asdict(f).items() if isinstance(v, bool)})
-        kernels = getattr(f, "decode_kernels", None)
+        kernels = getattr(self.model, "decode_kernels", None)  # what runs, not what was asked (CPU: torch)
         if kernels is not None:
             out["decode_kernels_triton"] = kernels == "triton"
         return out

@@ -108,7 +108,8 @@ class FastConfig:
     decode_compile: str = attrs.field(default="none", validator=attrs.validators.in_(DECODE_COMPILE))
     # replay the language-model prefill from a CUDA graph per prompt length (needs cuda_graphs; batch 1)
     prefill_graphs: bool = True
-    decode_kernels: str = attrs.field(default="torch", validator=attrs.validators.in_(DECODE_KERNELS))
+    # fused Triton decode step (kernels.py) where Triton runs (CUDA); elsewhere the torch step, said once
+    decode_kernels: str = attrs.field(default="triton", validator=attrs.validators.in_(DECODE_KERNELS))
     # the session copies each page's pixels into page-locked memory during preprocessing, so the upload
     # inside the timed prefill is an asynchronous DMA (CUDA only)
     pinned_upload: bool = True
@@ -195,7 +196,8 @@ class _Layer:
         n_experts = len(moe.experts)
         if n_slots and isinstance(shared, MLP):
             hidden = int(w13.shape[-1])
-            with torch.no_grad():
+            # stacks first built under inference_mode are inference tensors: update them in that mode
+            with torch.inference_mode():
                 w13[n_experts:, :inter].copy_(shared.gate_proj.weight.view(n_slots, inter, hidden))
                 w13[n_experts:, inter:].copy_(shared.up_proj.weight.view(n_slots, inter, hidden))
                 down[n_experts:].copy_(shared.down_proj.weight.view(hidden, n_slots, inter).transpose(0, 1))
@@ -374,7 +376,8 @@ class FastModel:
             why = "the Triton router implements softmax scoring only"
         if why is None:
             return "triton", None
-        warnings.warn(f"{why}: decoding with the torch kernels", stacklevel=3)
+        if model.device.type == "cuda":  # on the CPU the torch step is the expected one: no warning
+            warnings.warn(f"{why}: decoding with the torch kernels", stacklevel=3)
         return "torch", why
 
     def __getattr__(self, name: str) -> Any:
