@@ -59,8 +59,9 @@ def test_fast_tokens_match_eager(model: object, cuda_graphs: bool, kernels: str)
         top2 = row.topk(2).values
         if float(top2[0] - top2[1]) > 2 * diff:  # a clear winner must be picked by both
             assert got == want, (step, got, want)
+    # the rest were near-ties, where rounding may pick either: they must stay rare
     mismatches = sum(g != w for g, w in zip(tokens, ref_tokens, strict=True))
-    assert mismatches <= 2, mismatches
+    assert mismatches <= len(tokens) // 10, mismatches
 
 
 @pytest.mark.parametrize("graphs", [True, False])

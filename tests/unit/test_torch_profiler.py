@@ -134,3 +134,32 @@ def test_gpu_ranges_span_and_busy_from_synthetic_trace(tmp_path: Path) -> None:
     assert set(out) == {"prefill", "decode"}
     assert out["prefill"] == (pytest.approx(1.0), pytest.approx(0.35))
     assert out["decode"] == (pytest.approx(0.5), pytest.approx(0.3))
+
+
+def test_device_table_leaves_out_profiler_internal_events() -> None:
+    """On CUDA the rows are host operators; CUPTI's 'Activity Buffer Request' may carry the device time of
+    kernels that ran while it was open (torch 2.11): it must not be a row nor count those kernels twice."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def evt(key: str, dev: DeviceType, self_dev: float, count: int = 1) -> SimpleNamespace:
+        return SimpleNamespace(key=key, device_type=dev, count=count, self_device_time_total=self_dev,
+                               device_time_total=self_dev, self_cpu_time_total=5.0, cpu_time_total=5.0)  # fmt: skip
+
+    cpu, cuda = DeviceType.CPU, DeviceType.CUDA
+    events = [
+        evt("prefill", cpu, 0.0),
+        evt("aten::mm", cpu, 119.7, 5),
+        evt("aten::clamp_min", cpu, 21.8, 5),
+        evt("Activity Buffer Request", cpu, 24.5),
+        evt("prefill", cuda, 509.9),  # our range mirrored on the GPU timeline
+        evt("nvjet_sm90_tst_256x128", cuda, 119.7, 5),
+        evt("vectorized_elementwise_kernel", cuda, 21.8, 5),
+    ]
+    prof = SimpleNamespace(key_averages=lambda: events)
+    rows, total_ms, sort_key = operator_table(prof, on_device=True, top_k=10)
+    assert sort_key == "self_device_ms"
+    assert [r.name for r in rows] == ["aten::mm", "aten::clamp_min"]
+    assert total_ms == pytest.approx((119.7 + 21.8) / 1e3)
+    assert sum(r.pct_of_total for r in rows) == pytest.approx(100.0)
