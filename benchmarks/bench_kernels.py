@@ -221,6 +221,29 @@ class Bench:
         note = "ids identical" if torch.equal(ids, ref_ids) else "ids DIFFER"
         return Row("moe_route", tokens, t_us, k_us, e * hid * 4, max_err(w, ref_w), note)
 
+    def route_logits_in(self, tokens: int) -> Row:
+        """The decode step's router: cuBLAS float32 logits, then the kernel's softmax / top-k / counts."""
+        lang = self.lang
+        e, hid, k = lang.n_routed_experts, lang.hidden_size, lang.num_experts_per_tok
+        bufs = [
+            (self.randn(tokens, hid), self.randn(e, hid, std=hid**-0.5, dtype=torch.float32))
+            for _ in range(self.layers)
+        ]
+        counts = torch.zeros(e, device=self.dev, dtype=torch.int64)
+
+        def fused(b: Any) -> Any:
+            return moe_route(b[0], b[1], k, counts, logits=torch.nn.functional.linear(b[0].float(), b[1]))
+
+        t_us, k_us = self.time(
+            [lambda b=b: moe_route_ref(b[0], b[1], k, counts) for b in bufs],
+            [lambda b=b: fused(b) for b in bufs],
+        )
+        x, gate = bufs[0]
+        ids, w = fused(bufs[0])
+        ref_ids, ref_w = moe_route_ref(x, gate, k)
+        note = "cuBLAS logits + top-k kernel; " + ("ids identical" if torch.equal(ids, ref_ids) else "ids DIFFER")
+        return Row("moe_route (logits in)", tokens, t_us, k_us, e * hid * 4, max_err(w, ref_w), note)
+
     def experts(self, tokens: int, **blocks: Any) -> Row:
         lang = self.lang
         hid, inter, e, k = lang.hidden_size, lang.moe_intermediate_size, lang.n_routed_experts, lang.num_experts_per_tok
@@ -294,7 +317,7 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
         ("_attn_combine_kernel", combine, dict(D=d, N_SPLITS=splits, BLOCK_S=32, BLOCK_D=d), 2),
     ]
     route_consts = dict(E=lang.n_routed_experts, TOP_K=k, RENORM=False, HAS_COUNTS=True, BLOCK_E=64, BLOCK_KSLOT=8)
-    specs.append(("_moe_route_kernel", route, {**route_consts, "BLOCK_K": 128}, 8))
+    specs.append(("_moe_route_kernel", route, {**route_consts, "BLOCK_K": 128, "LOGITS_IN": False}, 8))
     for tokens in (1, 8):
         bn, bku, bh, bkd = moe_block_sizes(tokens, k + n_always, hid, inter, H100_SMS)
         up = dict(x_ptr=bf, idx_ptr=i64, w13_ptr=bf, h_ptr=bf, H="i32", INTER="i32", N_EXPERTS="i32")
@@ -459,7 +482,8 @@ def main() -> None:
     bench = Bench(lang, args, torch.device("cuda"))
     rows: list[Row] = []
     with torch.inference_mode():
-        rows += [bench.norm(1), bench.rope(1), bench.attention(1), bench.route(1), bench.experts(1)]
+        rows += [bench.norm(1), bench.rope(1), bench.attention(1), bench.route(1), bench.route_logits_in(1)]
+        rows += [bench.experts(1)]
         rows += [bench.route(4), bench.experts(4)]
         sweep = run_sweep(bench) if args.sweep else []
     text = render(rows, env, args, sweep)

@@ -124,12 +124,14 @@ def test_decode_attention(batch: int, kv_heads: int, pos: int) -> None:
     assert rel_err(out, _matmul_attention(q, clean_k, clean_v, pos)) <= 5e-2
 
 
+@pytest.mark.parametrize("logits_in", [False, True])
 @pytest.mark.parametrize("tokens", [1, 4, 8])
-def test_moe_route(tokens: int) -> None:
+def test_moe_route(tokens: int, logits_in: bool) -> None:
     x = _randn(tokens, HIDDEN, seed=tokens)
     gate = _randn(EXPERTS, HIDDEN, std=HIDDEN**-0.5, dtype=torch.float32, seed=11)
     counts = torch.zeros(EXPERTS, device=DEV, dtype=torch.int64)
-    idx, weights = K.moe_route(x, gate, TOP_K, counts)
+    logits = F.linear(x.float(), gate) if logits_in else None
+    idx, weights = K.moe_route(x, gate, TOP_K, counts, logits=logits)
     ref_idx, ref_weights = route_tokens(F.linear(x.float(), gate), TOP_K)
     assert torch.equal(idx, ref_idx)
     torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-7)

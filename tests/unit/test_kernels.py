@@ -255,14 +255,23 @@ def test_attention_splits_fill_the_gpu() -> None:
     ("n_tokens", "n_experts", "hidden", "top_k"), [(1, 8, 256, 3), (5, 8, 256, 2), (2, 64, 1280, 6)]
 )
 @pytest.mark.parametrize(("renormalize", "scaling"), [(False, 1.0), (True, 2.5)])
+@pytest.mark.parametrize("logits_in", [False, True])
 def test_moe_route_matches_route_tokens(
-    dtype: torch.dtype, n_tokens: int, n_experts: int, hidden: int, top_k: int, renormalize: bool, scaling: float
+    dtype: torch.dtype,
+    n_tokens: int,
+    n_experts: int,
+    hidden: int,
+    top_k: int,
+    renormalize: bool,
+    scaling: float,
+    logits_in: bool,
 ) -> None:
     gen = torch.Generator().manual_seed(n_tokens * n_experts)
     x = torch.randn(n_tokens, hidden, generator=gen).to(dtype)
     gate_w32 = torch.randn(n_experts, hidden, generator=gen) * hidden**-0.5
     counts = torch.full((n_experts,), 7, dtype=torch.int64)
-    idx, weights = K.moe_route(x, gate_w32, top_k, counts, scaling=scaling, renormalize=renormalize)
+    logits = F.linear(x.float(), gate_w32) if logits_in else None
+    idx, weights = K.moe_route(x, gate_w32, top_k, counts, scaling=scaling, renormalize=renormalize, logits=logits)
     ref_idx, ref_weights = route_tokens(
         F.linear(x.float(), gate_w32), top_k, norm_topk_prob=renormalize, routed_scaling_factor=scaling
     )

@@ -690,6 +690,7 @@ class FastDecoder:
                 counts=fast._counts_for(layer),
                 scaling=moe.routed_scaling_factor,
                 renormalize=moe.norm_topk_prob,
+                logits=F.linear(x.float(), layer.gate_w32),  # cuBLAS: the torch path's exact logits
             )
             moe.last_topk_idx = idx
             if layer.all_stacks is not None:
