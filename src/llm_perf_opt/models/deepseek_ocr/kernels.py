@@ -802,9 +802,9 @@ def moe_block_sizes(
 ) -> tuple[int, int, int, int]:
     """(block_n, block_k_up, block_h, block_k_down) of :func:`moe_experts`; given rows are kept.
 
-    GPU: rows per program (16..64 for up, 4..64 for down) so that each grid has >= ~2 programs per SM,
-    then a reduction width giving ~``TILE_ELEMS`` weights per tile and operand.  At T=1, 8 slots, H=1280,
-    I=896 on 132 SMs: up [16, 256] tiles on a 8x56 grid, down [4, 1024] tiles (896 masked) on 1x320.
+    GPU: 16 rows per program for up, 4 for down (the sweep's best at T=1 and T=4), then a reduction width
+    giving ~``TILE_ELEMS`` weights per tile and operand.  At T=1, 8 slots, H=1280, I=896 on 132 SMs: up
+    [16, 256] tiles on a 8x56 grid, down [4, 1024] tiles (896 masked) on 1x320.
     The interpreter runs programs one after another with numpy: few, large tiles.
     """
     if interpreter:
@@ -812,8 +812,10 @@ def moe_block_sizes(
         block_h = block_h or min(256, _pow2(hidden))
         tile = INTERPRETER_TILE_ELEMS
     else:
-        block_n = block_n or max(16, min(64, _pow2_floor(n_tokens * n_slots * inter // (2 * sms))))
-        block_h = block_h or max(4, min(64, _pow2_floor(n_tokens * hidden // (2 * sms))))
+        # Measured (bench_kernels --sweep, H200, T=1 and T=4): the smallest row blocks tried (16 up, 4 down)
+        # were fastest at both T (T=4: 62 us vs 99 us with 64/16): more programs, more loads in flight.
+        block_n = block_n or 16
+        block_h = block_h or 4
         tile = TILE_ELEMS
     block_k_up = max(32, min(_pow2(hidden), tile // block_n))
     block_k_down = max(32, min(_pow2(inter), tile // block_h))
@@ -871,7 +873,7 @@ def moe_experts(
     block_k_up: int | None = None,
     block_h: int | None = None,
     block_k_down: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
 ) -> Tensor:
     """Routed + always-on experts for a few tokens, in two GEMV kernels: [T, H] in ``x.dtype``.
 
@@ -912,6 +914,8 @@ def moe_experts(
         raise ValueError(f"residual must match x {tuple(x.shape)} {x.dtype}")
     n_slots = top_k + n_always
     interpreter = x.device.type != "cuda"
+    if num_warps is None:  # sweep (H200): 8 warps at T=1 (27 vs 33 us), 4 from T=2 on (62 vs 70 us at T=4)
+        num_warps = 8 if n_tokens == 1 else 4
     auto = moe_block_sizes(n_tokens, n_slots, hidden, inter, _sm_count(x.device), interpreter, block_n, block_h)
     block_n, block_h = auto[0], auto[2]
     block_k_up = block_k_up or auto[1]
