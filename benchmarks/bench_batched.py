@@ -47,7 +47,7 @@ from llm_perf_opt.models.deepseek_ocr.batched import BatchedGenerator
 from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, apply_fast_path
 from llm_perf_opt.models.deepseek_ocr.preprocess import PreparedPage, PreprocessConfig, preprocess_page
 from llm_perf_opt.models.deepseek_ocr.tokenizer import load_tokenizer
-from llm_perf_opt.profiling.hw import benchmark_header
+from llm_perf_opt.profiling.hw import benchmark_header, gpu_tag
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
@@ -261,7 +261,7 @@ def main() -> None:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        stem = f"{dt.datetime.now(dt.UTC).strftime('%Y-%m-%d')}-{env['gpu'].replace(' ', '_').lower()}-batched"
+        stem = f"{dt.datetime.now(dt.UTC).strftime('%Y-%m-%d')}-{gpu_tag(env['gpu'])}-batched"
         meta = {**vars(args), "batches": batches, "warmup_tokens": warmup_tokens}
         (out / f"{stem}.md").write_text(report)
         (out / f"{stem}.json").write_text(json.dumps({"env": env, "args": meta, "rows": rows}, indent=2))

@@ -42,7 +42,7 @@ from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, FastModel, apply_f
 from llm_perf_opt.models.deepseek_ocr.preprocess import PreprocessConfig, preprocess_page
 from llm_perf_opt.models.deepseek_ocr.tokenizer import load_tokenizer
 from llm_perf_opt.profiling.flops import activated_params_per_token, prefill_flops, vision_flops
-from llm_perf_opt.profiling.hw import benchmark_header, match_peak
+from llm_perf_opt.profiling.hw import benchmark_header, gpu_tag, match_peak
 
 CONFIG = "src/llm_perf_opt/models/deepseek_ocr/configs/deepseek-ocr.json"
 PROMPT = "<image>\n<|grounding|>Convert the document to markdown."
@@ -647,7 +647,7 @@ def write_report(res: dict[str, Any], out: Path, keep: int) -> None:
     for k, v in res["variants"].items():
         lines.append(f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |")
     text = "\n".join(lines) + "\n"
-    gpu = next((g.lower() for g in ("H100", "H200", "A100", "L40S") if g in env["gpu"]), env["gpu"].split()[-1].lower())
+    gpu = gpu_tag(env["gpu"])
     stem = f"{dt.date.today().isoformat()}-{gpu}-fast"
     (out / f"{stem}.md").write_text(text)
     (out / f"{stem}.json").write_text(json.dumps(res, indent=2, default=str))

@@ -476,7 +476,7 @@ def main() -> None:
         raise SystemExit(f"--pos {args.pos} must be < --max-len {args.max_len}")
     import triton
 
-    from llm_perf_opt.profiling.hw import benchmark_header
+    from llm_perf_opt.profiling.hw import benchmark_header, gpu_tag
 
     env = {**benchmark_header(torch.device("cuda")), "triton": triton.__version__}
     bench = Bench(lang, args, torch.device("cuda"))
@@ -491,7 +491,7 @@ def main() -> None:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        gpu = "h100" if "H100" in env["gpu"] else "h200" if "H200" in env["gpu"] else env["gpu"].split()[-1].lower()
+        gpu = gpu_tag(env["gpu"])
         stem = f"{dt.date.today().isoformat()}-{gpu}-kernels"
         (out / f"{stem}.md").write_text(text)
         (out / f"{stem}.json").write_text(json.dumps({"env": env, "rows": [attrs.asdict(r) for r in rows]}, indent=2))

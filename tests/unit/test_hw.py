@@ -297,3 +297,14 @@ def test_benchmark_header_on_cpu() -> None:
     h = benchmark_header("cpu")
     assert h["gpu"] == "cpu" and h["driver"] == "-" and h["cuda"] == "-"
     assert h["torch"] == torch.__version__ and h["date"].endswith("UTC")
+
+
+@pytest.mark.parametrize(
+    ("name", "tag"),
+    [("NVIDIA H200", "h200"), ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA A100-SXM4-80GB", "a100"),
+     ("NVIDIA L40S", "l40s"), ("NVIDIA L4", "l4"), ("Tesla T4", "t4")],
+)  # fmt: skip
+def test_gpu_tag_names_result_files(name: str, tag: str) -> None:
+    from llm_perf_opt.profiling.hw import gpu_tag
+
+    assert gpu_tag(name) == tag
