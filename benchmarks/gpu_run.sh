@@ -5,10 +5,14 @@
 #   fast    benchmarks/bench_fast.py (goals table: vendor HF, eager, fast in one process run)
 #   batched benchmarks/bench_batched.py (Base mode, batch 1/8/32/64, graph vs host decode)
 #   cli     the profiler through the real CLI, eager and fast, full-size dummy weights, and `compare`
-# Results go to $OUT (or ./gpu-out).  Wheels for hydra & co. in .whl/ (and transformers 4.46 for the
+# Everything is written to $RES (default /tmp/gpu-results) and packed into $OUT/results.tgz (the
+# markdown reports are also copied to $OUT); $OUT defaults to ./gpu-out.  Wheels for hydra & co. in .whl/ (and transformers 4.46 for the
 # vendor column in .whl-hf/) are installed into /tmp/site and /tmp/hfsite first when present.
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
+FINAL_OUT=$OUT; OUT=${RES:-/tmp/gpu-results}; mkdir -p "$OUT"
+pack() { tar czf "$FINAL_OUT/results.tgz" -C "$OUT" . && cp "$OUT"/*.md "$OUT"/gpu_tests.txt "$FINAL_OUT"/ 2>/dev/null; }
+trap pack EXIT
 STAGES=${STAGES:-tests kernels fast batched cli}
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
