@@ -159,6 +159,10 @@ def test_fast_path_runs_through_the_cli_and_reports_its_switches(tmp_path: Path)
     assert opts["sam_compile"] is False and opts["decode_kernels_triton"] is False
     report = (run_dir / "report.md").read_text()
     assert "grouped_moe=on" in report and "cuda_graphs=off" in report
+    # counted FLOPs come from the eager forward of the same weights (graph replays hide ops from counters)
+    assert "static compute (counted FLOPs) failed" not in report
+    assert "counted FLOPs are taken on the eager module forward" in report
+    assert (run_dir / "static_compute.md").exists()
 
 
 @pytest.mark.parametrize(

@@ -220,8 +220,16 @@ def _static_flops(run: Stage1Run, notes: list[str]) -> list[StageFlops]:
         )
         return []
     first = run.runs_for_flops[0]
+    model = run.session.model
+    base = getattr(model, "base", None)
+    if base is not None:  # the fast path: same function, but graph replays and Triton kernels hide the ops
+        notes.append(
+            "counted FLOPs are taken on the eager module forward of the same weights: the fast path computes the "
+            "same function, but its CUDA-graph replays and Triton kernels are invisible to FLOP counters"
+        )
+        model = base
     try:
-        rows = static_compute(run.session.model, first.prepared, run.session.device, run.session.dtype)
+        rows = static_compute(model, first.prepared, run.session.device, run.session.dtype)
     except (RuntimeError, ValueError) as exc:
         notes.append(f"static compute (counted FLOPs) failed: {type(exc).__name__}: {exc}")
         return []

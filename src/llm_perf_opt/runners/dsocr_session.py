@@ -158,6 +158,10 @@ class DeepSeekOCRSession:
         )
         self._batched: Any = None  # BatchedGenerator, built on first use of the throughput phase
         self._cache: Any = None  # the fast path reuses one bucketed cache, so its CUDA graph is captured once
+        # new tokens the fast path's shared cache is sized for at least (the run's token cap, set by run_stage1):
+        # a warm-up with fewer tokens then allocates the same cache as the timed runs, so the graphs bound to it
+        # (decode step, prefill per prompt length) are captured once, in the warm-up
+        self.reserve_new_tokens = 0
         self.fast = self._fast_config(infer.get("fast") or {}, device)
         if self.fast is not None:
             from llm_perf_opt.models.deepseek_ocr.fast import apply_fast_path
@@ -212,8 +216,9 @@ class DeepSeekOCRSession:
             out["decode_kernels_triton"] = kernels == "triton"
         return out
 
-    def _page_cache(self, needed: int) -> Any:
-        """A KV cache for ``needed`` positions: fresh per page (eager), or one reused bucketed cache (fast)."""
+    def _page_cache(self, needed: int, reserve: int | None = None) -> Any:
+        """A KV cache for ``needed`` positions: fresh per page (eager), or one reused bucketed cache (fast)
+        sized for at least ``reserve`` positions."""
         from llm_perf_opt.models.deepseek_ocr.kv_cache import StaticKVCache
 
         if getattr(self.backend, "owns_kv_cache", False):
@@ -221,7 +226,8 @@ class DeepSeekOCRSession:
         if self.fast is None:
             return StaticKVCache.for_model(self.model, batch=1, max_len=needed)
         if self._cache is None or self._cache.max_len < needed:
-            bucket = -(-needed // 256) * 256  # attention spans the whole cache: keep the slack small
+            want = max(needed, reserve or 0)
+            bucket = -(-want // 256) * 256  # keep the slack small: the torch decode step attends over all of it
             self._cache = StaticKVCache.for_model(self.model, batch=1, max_len=bucket)
         self._cache.reset()
         fast_model: Any = self.model
@@ -284,10 +290,6 @@ class DeepSeekOCRSession:
         from llm_perf_opt.models.deepseek_ocr.preprocess import preprocess_page
 
         return preprocess_page(page.load(), self.backend.preprocess_cfg, self.backend.config, self.text_ids)
-
-    def crop_count(self, page: Page) -> int:
-        """How many tiles this page is cut into (preprocessing only, no model work)."""
-        return int(self.prepare(page).n_crops)
 
     def run_batch(self, pages: list[Page], max_new_tokens: int, repeat: int) -> BatchRecord:
         """One batch of pages through the batched generator (throughput phase); greedy, per-sequence eos."""
@@ -359,7 +361,7 @@ class DeepSeekOCRSession:
         preprocess_ms = (time.perf_counter_ns() - t0) / 1e6
 
         prompt_len = int(prepared.prompt_len)
-        cache = self._page_cache(prompt_len + max_new_tokens)
+        cache = self._page_cache(prompt_len + max_new_tokens, prompt_len + max(max_new_tokens, self.reserve_new_tokens))
         if clock.is_cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         self.hooks.reset()

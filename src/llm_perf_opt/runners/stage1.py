@@ -386,6 +386,7 @@ def run_stage1(cfg: DictConfig) -> RunSummary:
 
     torch.manual_seed(int(cfg.seed))
     run.session = session = DeepSeekOCRSession.load(cfg, PROJECT_ROOT)
+    session.reserve_new_tokens = cap  # warm-up pages decode fewer tokens but must size the same cache
     from llm_perf_opt.report.efficiency import describe_hardware, describe_model
 
     run.hardware = describe_hardware(cfg, session, run.env)
@@ -502,14 +503,16 @@ def _warmup(cfg: DictConfig, run: Stage1Run, pages: list[Page], cap: int, progre
 
 
 def _one_page_per_view_shape(session: DeepSeekOCRSession, pages: list[Page], first: Page) -> list[Page]:
-    """``first`` plus one page for each other crop count among ``pages`` (pages that fail to load are skipped)."""
-    chosen: dict[int, Page] = {}
+    """``first`` plus one page for each other (crop grid, prompt length) among ``pages``: the fast path captures
+    vision graphs per view shape and prefill graphs per prompt length (pages that fail to load are skipped)."""
+    chosen: dict[tuple[int, tuple[int, int], int], Page] = {}
     for p in [first, *pages]:
         try:
-            n_crops = session.crop_count(p)
+            prepared = session.prepare(p)
         except (LlmPerfOptError, OSError, ValueError):
             continue  # a bad page fails in its own timed run, with its reason
-        chosen.setdefault(n_crops, p)
+        key = (int(prepared.n_crops), tuple(prepared.images_spatial_crop), int(prepared.prompt_len))
+        chosen.setdefault(key, p)
     return list(chosen.values()) or [first]
 
 
