@@ -181,9 +181,10 @@ def main() -> None:
     ap.add_argument(
         "--vision-batch",
         type=int,
-        default=8,
-        help="views per SAM/CLIP call (eager SAM materialises a [views, 12, 4096, 4096] rel-pos bias at 1024 px); "
-        "0 = all views in one call",
+        default=None,
+        help="views per SAM/CLIP call; 0 = all views in one call. Default: all with --model fast (its SAM needs no "
+        "N×N bias; H200 batch 64: 10.6k vs 9.2k output tok/s with 8), 8 with --model eager (eager SAM materialises "
+        "a [views, 12, 4096, 4096] rel-pos bias at 1024 px)",
     )
     ap.add_argument(
         "--model",
@@ -197,6 +198,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--out", default=None, help="directory for the .md / .json report")
     args = ap.parse_args()
+    if args.vision_batch is None:
+        args.vision_batch = 0 if args.model == "fast" else 8
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
