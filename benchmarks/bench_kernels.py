@@ -203,26 +203,9 @@ class Bench:
         note = f"pos {pos} of max_len {n}" + (f", block_n {block_n}" if block_n else "")
         return Row("decode_attention", tokens, t_us, k_us, kv_bytes, err, note)
 
-    def route(self, tokens: int) -> Row:
-        lang = self.lang
-        e, hid, k = lang.n_routed_experts, lang.hidden_size, lang.num_experts_per_tok
-        bufs = [
-            (self.randn(tokens, hid), self.randn(e, hid, std=hid**-0.5, dtype=torch.float32))
-            for _ in range(self.layers)
-        ]
-        counts = torch.zeros(e, device=self.dev, dtype=torch.int64)
-        t_us, k_us = self.time(
-            [lambda b=b: moe_route_ref(b[0], b[1], k, counts) for b in bufs],
-            [lambda b=b: moe_route(b[0], b[1], k, counts) for b in bufs],
-        )
-        x, gate = bufs[0]
-        ids, w = moe_route(x, gate, k)
-        ref_ids, ref_w = moe_route_ref(x, gate, k)
-        note = "ids identical" if torch.equal(ids, ref_ids) else "ids DIFFER"
-        return Row("moe_route", tokens, t_us, k_us, e * hid * 4, max_err(w, ref_w), note)
-
-    def route_logits_in(self, tokens: int) -> Row:
-        """The decode step's router: cuBLAS float32 logits, then the kernel's softmax / top-k / counts."""
+    def route(self, tokens: int, logits_in: bool = False) -> Row:
+        """The router; with ``logits_in`` as the decode step runs it: cuBLAS float32 logits, then the kernel's
+        softmax / top-k / counts."""
         lang = self.lang
         e, hid, k = lang.n_routed_experts, lang.hidden_size, lang.num_experts_per_tok
         bufs = [
@@ -231,18 +214,21 @@ class Bench:
         ]
         counts = torch.zeros(e, device=self.dev, dtype=torch.int64)
 
-        def fused(b: Any) -> Any:
-            return moe_route(b[0], b[1], k, counts, logits=torch.nn.functional.linear(b[0].float(), b[1]))
+        def kernel(b: Any, counts: Any = counts) -> Any:
+            logits = torch.nn.functional.linear(b[0].float(), b[1]) if logits_in else None
+            return moe_route(b[0], b[1], k, counts, logits=logits)
 
         t_us, k_us = self.time(
             [lambda b=b: moe_route_ref(b[0], b[1], k, counts) for b in bufs],
-            [lambda b=b: fused(b) for b in bufs],
+            [lambda b=b: kernel(b) for b in bufs],
         )
         x, gate = bufs[0]
-        ids, w = fused(bufs[0])
+        ids, w = kernel(bufs[0], None)
         ref_ids, ref_w = moe_route_ref(x, gate, k)
-        note = "cuBLAS logits + top-k kernel; " + ("ids identical" if torch.equal(ids, ref_ids) else "ids DIFFER")
-        return Row("moe_route (logits in)", tokens, t_us, k_us, e * hid * 4, max_err(w, ref_w), note)
+        note = "cuBLAS logits + top-k kernel; " if logits_in else ""
+        note += "ids identical" if torch.equal(ids, ref_ids) else "ids DIFFER"
+        name = "moe_route (logits in)" if logits_in else "moe_route"
+        return Row(name, tokens, t_us, k_us, e * hid * 4, max_err(w, ref_w), note)
 
     def experts(self, tokens: int, **blocks: Any) -> Row:
         lang = self.lang
@@ -482,7 +468,7 @@ def main() -> None:
     bench = Bench(lang, args, torch.device("cuda"))
     rows: list[Row] = []
     with torch.inference_mode():
-        rows += [bench.norm(1), bench.rope(1), bench.attention(1), bench.route(1), bench.route_logits_in(1)]
+        rows += [bench.norm(1), bench.rope(1), bench.attention(1), bench.route(1), bench.route(1, logits_in=True)]
         rows += [bench.experts(1)]
         rows += [bench.route(4), bench.experts(4)]
         sweep = run_sweep(bench) if args.sweep else []

@@ -20,6 +20,22 @@ REAL = FIXTURES / "deepseek_ocr_real"
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device machine)")
 
 
+# The tiny fixture's page images and the crop mode each was made with; the text ids of their prompt.
+TINY_CASES = [("global_only", False), ("crop_2x1", True), ("crop_2x3", True)]
+TINY_TEXT_IDS = list(range(10, 17))
+
+
+def tiny_case_pages(config: Any) -> list[Any]:
+    """The tiny fixture's case pages preprocessed for ``config`` (prompt lengths 29, 39, 59)."""
+    from llm_perf_opt.models.deepseek_ocr.preprocess import PreprocessConfig, load_image, preprocess_page
+
+    out = []
+    for name, crop in TINY_CASES:
+        cfg = PreprocessConfig(base_size=256, image_size=128, crop_mode=crop, vendor_quirks=False)
+        out.append(preprocess_page(load_image(TINY / "cases" / f"{name}.png"), cfg, config, TINY_TEXT_IDS))
+    return out
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max |expected|: the tolerance metric of fixtures/deepseek_ocr_tiny/README.md."""
     return float((actual.float() - expected.float()).abs().max() / expected.float().abs().max())

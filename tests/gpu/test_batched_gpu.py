@@ -18,13 +18,11 @@ import torch
 from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, DeepseekOCRForCausalLM, build_model
 from llm_perf_opt.models.deepseek_ocr.batched import BatchedGenerator, BatchResult
 from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, FastModel, apply_fast_path
-from llm_perf_opt.models.deepseek_ocr.preprocess import PreparedPage, PreprocessConfig, load_image, preprocess_page
-from tests.conftest import TINY, requires_cuda
+from llm_perf_opt.models.deepseek_ocr.preprocess import PreparedPage
+from tests.conftest import TINY, requires_cuda, tiny_case_pages
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
 
-CASES = [("global_only", False), ("crop_2x1", True), ("crop_2x3", True)]
-TEXT_IDS = list(range(10, 17))
 STEPS = 32
 # a near-tie: host top-2 logits closer than this (relative to the largest |logit|) plus an absolute floor
 TIE_REL, TIE_ABS = 2e-2, 1e-2
@@ -44,10 +42,7 @@ def fast(model: DeepseekOCRForCausalLM) -> FastModel:
 
 @pytest.fixture(scope="module")
 def pages(model: DeepseekOCRForCausalLM) -> list[PreparedPage]:
-    out = []
-    for name, crop in CASES:
-        cfg = PreprocessConfig(base_size=256, image_size=128, crop_mode=crop, vendor_quirks=False)
-        out.append(preprocess_page(load_image(TINY / "cases" / f"{name}.png"), cfg, model.config, TEXT_IDS))
+    out = tiny_case_pages(model.config)
     return [*out, out[0]]  # batch 4, prompt lengths 29, 39, 59, 29
 
 

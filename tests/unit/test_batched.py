@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,12 +21,10 @@ from llm_perf_opt.errors import ConfigError
 from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, DeepseekOCRForCausalLM, build_model, generate
 from llm_perf_opt.models.deepseek_ocr.batched import BatchedGenerator, BatchResult
 from llm_perf_opt.models.deepseek_ocr.generation import GenerationResult
-from llm_perf_opt.models.deepseek_ocr.preprocess import PreparedPage, PreprocessConfig, load_image, preprocess_page
-from tests.conftest import rel_err
+from llm_perf_opt.models.deepseek_ocr.preprocess import PreparedPage
+from tests.conftest import TINY, rel_err, tiny_case_pages
+from tests.conftest import TINY_CASES as CASES
 
-TINY = Path(__file__).resolve().parents[1] / "fixtures" / "deepseek_ocr_tiny"
-CASES = [("global_only", False), ("crop_2x1", True), ("crop_2x3", True)]  # crop mode as the fixture made them
-TEXT_IDS = list(range(10, 17))
 TOL = 1e-4
 STEPS = 16
 
@@ -39,11 +36,7 @@ def model(tiny_reference_model: DeepseekOCRForCausalLM) -> DeepseekOCRForCausalL
 
 @pytest.fixture(scope="module")
 def pages(model: DeepseekOCRForCausalLM) -> list[PreparedPage]:
-    out = []
-    for name, crop in CASES:
-        cfg = PreprocessConfig(base_size=256, image_size=128, crop_mode=crop, vendor_quirks=False)
-        out.append(preprocess_page(load_image(TINY / "cases" / f"{name}.png"), cfg, model.config, TEXT_IDS))
-    return out
+    return tiny_case_pages(model.config)
 
 
 def single(

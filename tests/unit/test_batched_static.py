@@ -17,8 +17,8 @@ from llm_perf_opt.errors import ConfigError
 from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, DeepseekOCRForCausalLM, build_model
 from llm_perf_opt.models.deepseek_ocr.batched import BatchedGenerator, BatchResult
 from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, FastModel, apply_fast_path
-from llm_perf_opt.models.deepseek_ocr.preprocess import PreparedPage, PreprocessConfig, load_image, preprocess_page
-from tests.unit.test_batched import CASES, TEXT_IDS, TINY
+from llm_perf_opt.models.deepseek_ocr.preprocess import PreparedPage
+from tests.conftest import TINY, tiny_case_pages
 
 STEPS = 24
 # Greedy tokens of the three pages (host loop, no eos): 384 is row 0's 3rd and row 1's 9th token and never
@@ -36,11 +36,7 @@ def model(tiny_reference_model: DeepseekOCRForCausalLM) -> DeepseekOCRForCausalL
 
 @pytest.fixture(scope="module")
 def pages(model: DeepseekOCRForCausalLM) -> list[PreparedPage]:
-    out = []
-    for name, crop in CASES:
-        cfg = PreprocessConfig(base_size=256, image_size=128, crop_mode=crop, vendor_quirks=False)
-        out.append(preprocess_page(load_image(TINY / "cases" / f"{name}.png"), cfg, model.config, TEXT_IDS))
-    return out
+    return tiny_case_pages(model.config)
 
 
 @pytest.fixture(scope="module")
