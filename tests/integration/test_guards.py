@@ -176,3 +176,30 @@ def test_bad_fast_switch_is_one_clear_error(tmp_path: Path, override: str, needl
     result = run_cli(["infer.fast.enabled=true", override], tmp_path / "run")
     line = assert_clean_failure(result, "ConfigError", needle)
     print(f"\n{override}: {line}")
+
+
+@pytest.mark.parametrize(("ngram", "ignore_eos"), [(3, True), (2, True), (0, False)])
+def test_device_decode_loop_gives_the_host_loop_tokens(cfg: DictConfig, ngram: int, ignore_eos: bool) -> None:
+    """infer.fast.device_decode (token choice on the device, no-repeat-ngram ban included, eos every 16 steps)
+    picks exactly the tokens of the host loop (select_next_token per step), and times only the kept steps."""
+    runs = []
+    for device_decode in (False, True):
+        job = cfg.copy()
+        job.infer.fast = {"enabled": True, "device_decode": device_decode, "sam_compile": False, "clip_compile": False}
+        job.infer.no_repeat_ngram_size = ngram
+        job.infer.ignore_eos = ignore_eos
+        s = DeepSeekOCRSession.load(job, ROOT)
+        try:
+            runs.append(s.run(PAGE, 40))
+        finally:
+            s.close()
+    host, device = runs
+    assert device.prediction.token_ids == host.prediction.token_ids
+    if ngram:  # the rule did ban something: without it the tiny model repeats itself
+        ids = host.prediction.token_ids
+        grams = [tuple(ids[i : i + ngram]) for i in range(len(ids) - ngram + 1)]
+        assert len(grams) == len(set(grams))
+    rec = device.record
+    assert rec.generated_tokens == len(device.prediction.token_ids)
+    assert len(rec.decode_step_ms) == rec.generated_tokens - 1  # one mark per kept step, none past eos
+    assert rec.tpot_ms is not None and rec.tpot_ms > 0

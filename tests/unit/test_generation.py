@@ -143,3 +143,27 @@ def test_static_cache_geometry_and_overflow() -> None:
     assert cache.length == 0
     with pytest.raises(ConfigError):
         StaticKVCache(1, 1, 1, 0, 8)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+def test_banned_ngram_mask_matches_the_host_rule(n: int) -> None:
+    """The device rule == banned_ngram_tokens for every prefix length of repetitive random histories."""
+    from llm_perf_opt.models.deepseek_ocr.generation import banned_ngram_mask
+
+    gen = torch.Generator().manual_seed(n)
+    vocab, width = 7, 40
+    rows = torch.randint(0, 3, (3, width), generator=gen)  # 3 symbols: n-grams repeat often
+    rows[:, width // 2 :] = 6  # and a run of one token
+    for length in range(0, width + 1):
+        mask = banned_ngram_mask(rows, torch.tensor([length]), n, vocab)
+        for b in range(rows.shape[0]):
+            want = banned_ngram_tokens(rows[b, :length].tolist(), n)
+            assert mask[b].nonzero().flatten().tolist() == want, (n, length, b)
+
+
+def test_banned_ngram_mask_ignores_what_lies_past_length() -> None:
+    from llm_perf_opt.models.deepseek_ocr.generation import banned_ngram_mask
+
+    row = torch.tensor([[1, 2, 3, 1, 2, 9, 9, 9]])
+    assert banned_ngram_mask(row, torch.tensor([5]), 3, 10)[0].nonzero().flatten().tolist() == [3]
+    assert not banned_ngram_mask(row, torch.tensor([5]), 0, 10).any()

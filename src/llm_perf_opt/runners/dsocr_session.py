@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 from llm_perf_opt.data.datasets import Page
 from llm_perf_opt.errors import ConfigError, InputError, ModelLoadError, RunInterrupted
 from llm_perf_opt.models.deepseek_ocr import weights
+from llm_perf_opt.models.deepseek_ocr.kv_cache import StaticKVCache
 from llm_perf_opt.models.deepseek_ocr.weights import resolve_device
 from llm_perf_opt.profiling.hooks import StageHooks
 from llm_perf_opt.profiling.ranges import RangeMarker
@@ -219,8 +220,6 @@ class DeepSeekOCRSession:
     def _page_cache(self, needed: int, reserve: int | None = None) -> Any:
         """A KV cache for ``needed`` positions: fresh per page (eager), or one reused bucketed cache (fast)
         sized for at least ``reserve`` positions."""
-        from llm_perf_opt.models.deepseek_ocr.kv_cache import StaticKVCache
-
         if getattr(self.backend, "owns_kv_cache", False):
             return _BackendOwnedCache()
         if self.fast is None:
@@ -231,8 +230,48 @@ class DeepSeekOCRSession:
             self._cache = StaticKVCache.for_model(self.model, batch=1, max_len=bucket)
         self._cache.reset()
         fast_model: Any = self.model
-        fast_model.decoder_for(self._cache).prepare()
+        fast_model.decoder_for(self._cache, self._device_ngram()).prepare()
         return self._cache
+
+    @staticmethod
+    def _decode_on_device(
+        model: Any,
+        cache: Any,
+        prompt_ids: torch.Tensor,
+        first: int,
+        steps: int,
+        ngram: int,
+        eos_id: int | None,
+        marks: list[Any],
+        clock: DeviceClock,
+        page: Page,
+        should_stop: Callable[[], bool] | None,
+    ) -> tuple[list[int], torch.Tensor]:
+        """Up to ``steps`` tokens after ``first`` chosen on the device (FastDecoder.greedy): one clock mark per
+        step, no host sync but an eos check every 16 steps.  Steps computed past eos are dropped from the
+        tokens and from ``marks``, so they count in no time."""
+        dec = model.decoder_for(cache, ngram)
+        dec.set_history(prompt_ids)
+        dec.nonfinite.zero_()
+        n_before = len(marks)
+
+        def on_step() -> None:
+            marks.append(clock.mark())
+            if should_stop is not None and should_stop():
+                raise RunInterrupted(f"interrupted during decode of page {page.page_id} after {len(marks)} tokens")
+
+        first_t = torch.tensor([[first]], device=prompt_ids.device)
+        new = dec.greedy(first_t, steps, eos_id, check_every=16, on_step=on_step)[0]
+        del marks[n_before + len(new) :]
+        return new, dec.nonfinite.clone()
+
+    def _device_ngram(self) -> int | None:
+        """The no-repeat-ngram size of the on-device decode loop, or None when the host loop runs."""
+        if self.fast is None or not self.fast.device_decode or float(self.infer.get("temperature", 0.0)) != 0:
+            return None
+        if bool(self.infer.get("nvtx_decode_step", False)):  # per-step NVTX ranges need the host loop
+            return None
+        return int(self.infer.get("no_repeat_ngram_size") or 0)
 
     @classmethod
     def load(cls, cfg: Any, project_root: Path) -> DeepSeekOCRSession:
@@ -388,6 +427,17 @@ class DeepSeekOCRSession:
             generated.append(token)
             history.append(token)
             decode_marks = [m_ttft]
+            device_ngram = self._device_ngram() if isinstance(cache, StaticKVCache) else None
+            if device_ngram is not None and len(generated) < max_new_tokens and (ignore_eos or token != eos_id):
+                with self.ranges.range("decode"):
+                    new, dec_nonfinite = self._decode_on_device(
+                        model, cache, ids, token, max_new_tokens - 1, device_ngram, None if ignore_eos else eos_id,
+                        decode_marks, clock, page, should_stop,
+                    )  # fmt: skip
+                nonfinite |= dec_nonfinite
+                generated += new
+                history += new
+                token = generated[-1]
             with self.ranges.range("decode"):
                 while len(generated) < max_new_tokens and (ignore_eos or token != eos_id):
                     if should_stop is not None and should_stop():

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -63,6 +63,7 @@ from llm_perf_opt.models.deepseek_ocr.decoder import (
     grouped_experts_stacked,
     stacked_expert_weights,
 )
+from llm_perf_opt.models.deepseek_ocr.generation import banned_ngram_mask
 from llm_perf_opt.models.deepseek_ocr.kv_cache import StaticKVCache
 from llm_perf_opt.models.deepseek_ocr.model import DEFAULT_SDPA_BACKENDS, DeepseekOCRForCausalLM
 from llm_perf_opt.models.deepseek_ocr.sam import sam_block_fast
@@ -110,6 +111,10 @@ class FastConfig:
     prefill_graphs: bool = True
     # fused Triton decode step (kernels.py) where Triton runs (CUDA); elsewhere the torch step, said once
     decode_kernels: str = attrs.field(default="triton", validator=attrs.validators.in_(DECODE_KERNELS))
+    # the session's decode loop picks tokens on the device (greedy + the no-repeat-ngram ban inside the decode
+    # graph, eos checked every 16 steps) instead of reading every step's logits on the host; temperature > 0
+    # keeps the host loop
+    device_decode: bool = True
     # the session copies each page's pixels into page-locked memory during preprocessing, so the upload
     # inside the timed prefill is an asynchronous DMA (CUDA only)
     pinned_upload: bool = True
@@ -592,12 +597,17 @@ class FastModel:
             )
         return self._compiled_step
 
-    def decoder_for(self, cache: StaticKVCache) -> FastDecoder:
-        """The decoder bound to ``cache`` (built, and captured, on first use; one cache at a time)."""
+    def decoder_for(self, cache: StaticKVCache, no_repeat_ngram_size: int | None = None) -> FastDecoder:
+        """The decoder bound to ``cache`` (built, and captured, on first use; one cache at a time).
+
+        ``no_repeat_ngram_size``: the rule its on-device token choice applies (part of the graph; another value
+        rebuilds it); None takes the current decoder of ``cache`` whatever its rule (the logits are the same).
+        """
         dec = self._decoder
-        if dec is None or dec.cache is not cache:
+        ngram = no_repeat_ngram_size
+        if dec is None or dec.cache is not cache or (ngram is not None and dec.ngram != ngram):
             self._decoder = None  # free the old graph's pool first
-            dec = FastDecoder(self, cache, use_graph=self.fast_config.cuda_graphs)
+            dec = FastDecoder(self, cache, use_graph=self.fast_config.cuda_graphs, ngram=ngram or 0)
             self._decoder = dec
         return dec
 
@@ -622,7 +632,14 @@ class FastDecoder:
     cache's whole ``max_len`` with an additive mask (positions past the current one get -inf).
     """
 
-    def __init__(self, fast: FastModel, cache: StaticKVCache, max_len: int | None = None, use_graph: bool = True):
+    def __init__(
+        self,
+        fast: FastModel,
+        cache: StaticKVCache,
+        max_len: int | None = None,
+        use_graph: bool = True,
+        ngram: int = 0,
+    ):
         base = fast.base
         self.fast = fast
         self.cache = cache
@@ -646,6 +663,28 @@ class FastDecoder:
         self.next_token: Tensor | None = None
         self._compiled = fast.compiled_step()
         self.kernels = fast.decode_kernels if self.batch <= TRITON_MAX_ROWS else "torch"
+        if ngram < 0:
+            raise InputError(f"no_repeat_ngram_size must be >= 0, got {ngram}")
+        # On-device token choice: every row's tokens by position (prompt via set_history, then each fed token
+        # written at its position by the step), the no-repeat-ngram ban applied before the argmax, and a
+        # sticky flag for non-finite logits (read once, after the loop).
+        self.ngram = int(ngram)
+        self.history = torch.zeros((self.batch, self.max_len), dtype=torch.long, device=dev) if ngram else None
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
+
+    def set_history(self, ids: Tensor) -> None:
+        """The prompt's token ids [B, P] (image-token ids included) as positions 0..P-1 of the history."""
+        if self.history is not None:
+            self.history[:, : ids.shape[-1]].copy_(ids.view(self.batch, -1), non_blocking=True)
+
+    def _pick(self, logits: Tensor) -> Tensor:
+        """Next token per row on the device: argmax (first index on ties) after the no-repeat-ngram ban."""
+        self.nonfinite |= ~torch.isfinite(logits).all()
+        if self.history is None:
+            return first_argmax(logits)
+        self.history.index_copy_(1, self.pos, self.tokens)  # the fed token joins the history
+        banned = banned_ngram_mask(self.history, self.pos + 1, self.ngram, logits.shape[-1])
+        return first_argmax(logits.masked_fill(banned, float("-inf")))
 
     def _forward_triton(self) -> tuple[Tensor, Tensor]:
         """The decode step in fused Triton kernels (models/deepseek_ocr/kernels.py) plus cuBLAS GEMMs.
@@ -702,7 +741,7 @@ class FastDecoder:
                     delta = delta + layer.shared(x)
         normed, _ = K.add_rms_norm(delta, hidden, m.norm.weight, m.norm.eps)
         logits = base.lm_head(normed).float()
-        return logits, first_argmax(logits)
+        return logits, self._pick(logits)
 
     def _body(self) -> tuple[Tensor, Tensor]:
         if self.kernels == "triton":
@@ -743,7 +782,7 @@ class FastDecoder:
             hidden = hidden + layer.attn.o_proj(out)
             hidden = hidden + layer.mlp(layer.post_norm(hidden), fast._counts_for(layer))
         logits = base.lm_head(m.norm(hidden)[:, -1]).float()
-        return logits, first_argmax(logits)
+        return logits, self._pick(logits)
 
     def _capture(self) -> None:
         counts_before = {i: c.clone() for i, c in self.fast._counts.items()}
@@ -806,11 +845,18 @@ class FastDecoder:
 
     @torch.no_grad()
     def greedy(
-        self, first_token: Tensor, max_new_tokens: int, eos_token_id: int | None = None, check_every: int = 16
+        self,
+        first_token: Tensor,
+        max_new_tokens: int,
+        eos_token_id: int | None = None,
+        check_every: int = 16,
+        on_step: Callable[[], None] | None = None,
     ) -> list[list[int]]:
-        """Greedy decode on the device: feed ``first_token`` [B, 1], then each step's argmax, no host sync
-        except an eos check every ``check_every`` steps.  Returns per row the tokens chosen by the
-        ``max_new_tokens`` steps, cut after the first eos (rows stop together when all have hit eos)."""
+        """Greedy decode on the device: feed ``first_token`` [B, 1], then each step's pick (argmax after the
+        decoder's no-repeat-ngram ban), no host sync except an eos check every ``check_every`` steps.  Returns
+        per row the tokens chosen by the ``max_new_tokens`` steps, cut after the first eos (rows stop together
+        when all have hit eos, so up to ``check_every - 1`` steps past it run and are dropped).  ``on_step``
+        runs on the host after each step is queued (e.g. a CUDA-event mark, an interrupt check)."""
         bsz = self.batch
         out = torch.empty((bsz, max_new_tokens), dtype=torch.long, device=self.tokens.device)
         self.tokens.copy_(first_token, non_blocking=True)
@@ -820,6 +866,8 @@ class FastDecoder:
             self.pos.fill_(self.cache.length)
             self._run()
             self.cache.advance(1)
+            if on_step is not None:
+                on_step()
             assert self.next_token is not None
             out[:, i : i + 1].copy_(self.next_token)
             self.tokens.copy_(self.next_token)

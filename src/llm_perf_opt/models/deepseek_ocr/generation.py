@@ -29,6 +29,7 @@ __all__ = [
     "GenerationResult",
     "NoRepeatNGram",
     "SupportsDecode",
+    "banned_ngram_mask",
     "banned_ngram_tokens",
     "generate",
     "select_next_token",
@@ -63,6 +64,36 @@ def banned_ngram_tokens(history: Sequence[int], n: int) -> list[int]:
             banned.add(seq[i + n - 1])
         i += 1
     return sorted(banned)
+
+
+def banned_ngram_mask(history: Tensor, length: Tensor, n: int, vocab: int) -> Tensor:
+    """:func:`banned_ngram_tokens` on the device, for every row, with static shapes (CUDA-graph capturable).
+
+    ``history`` [B, N] int64 holds each row's tokens at positions ``0..length-1`` (what is past ``length`` is
+    ignored); ``length`` is an int64 device tensor [1] (the same for every row); returns bool [B, vocab], True
+    where appending the token would repeat an n-gram already in the row (HF semantics, as the host rule).
+    Compares every window of ``n - 1`` tokens with the row's last ``n - 1``: O(N·n) work, a few kernels.
+    """
+    if n <= 0:
+        return torch.zeros((history.shape[0], vocab), dtype=torch.bool, device=history.device)
+    bsz, width = history.shape
+    dev = history.device
+    mask = torch.zeros((bsz, vocab + 1), dtype=torch.bool, device=dev)  # column `vocab` catches non-matches
+    if width < n:
+        return mask[:, :vocab]
+    if n == 1:  # every token already in the history
+        seen = torch.arange(width, device=dev)[None, :] < length
+        mask.scatter_(1, torch.where(seen, history, vocab), True)
+        return mask[:, :vocab]
+    windows = history.unfold(1, n, 1)  # [B, S, n], S = N - n + 1: window i = tokens i .. i+n-1
+    starts = torch.arange(windows.shape[1], device=dev)
+    suffix_pos = (length - (n - 1) + torch.arange(n - 1, device=dev)).clamp_min(0)  # the last n-1 positions
+    suffix = history.index_select(1, suffix_pos)  # [B, n-1]
+    match = (windows[:, :, : n - 1] == suffix[:, None, :]).all(dim=-1)  # [B, S]
+    # window i must lie inside the history (i + n - 1 <= length - 1), and the rule needs length + 1 >= n
+    match &= (starts <= length - n)[None, :] & (length + 1 >= n)
+    mask.scatter_(1, torch.where(match, windows[:, :, n - 1], vocab), True)
+    return mask[:, :vocab]
 
 
 class NoRepeatNGram:
