@@ -5,12 +5,13 @@ place of :class:`~llm_perf_opt.models.deepseek_ocr.model.DeepseekOCRForCausalLM`
 (``encode_images``, ``embed_prompt``, ``prefill``, ``decode_step``, ``new_cache``), every other attribute
 delegated to the wrapped model (``fast.model.sam_model`` is the same module, so hooks keep firing).
 
-What changes, all at load (``apply_fast_path``), with no second copy of any weight:
+What changes, all at load (``apply_fast_path``), with no second copy of any weight but the shared experts':
 
 * ``fused_qkv``: q/k/v projections become one [3·hidden, hidden] matrix; gate/up of the dense MLP and the
   shared experts become one [2·I, hidden] matrix.  The original ``nn.Linear`` weights are re-pointed to
   views of the fused tensors (same values), so the eager model still works on the same storage.
-* ``grouped_moe``: routed experts are stacked ([E, 2·I, hidden] and [E, hidden, I]) and applied with
+* ``grouped_moe``: routed experts are stacked ([E, 2·I, hidden] and [E, hidden, I]; plus the shared experts
+  copied into extra slots, ~14 MB per layer, for the Triton expert kernel) and applied with
   :func:`~llm_perf_opt.models.deepseek_ocr.decoder.apply_experts_grouped` (device-side sort by expert,
   ``searchsorted`` offsets, ``torch._grouped_mm``): no Python loop over experts, no host sync.
 * ``cuda_graphs``: a decode step reads its token from a static buffer and its position from a static
@@ -23,6 +24,14 @@ What changes, all at load (``apply_fast_path``), with no second copy of any weig
   forwards replayed from CUDA graphs per view shape.  Set on the shared modules only inside
   ``encode_images`` (the modules are still called, so hooks fire); the eager model's path is untouched.
 * ``decode_compile``: ``torch.compile`` of the decode step before capture (measured no faster; off).
+* ``decode_kernels="triton"`` (default where Triton runs): the decode step as fused Triton kernels
+  (:mod:`~llm_perf_opt.models.deepseek_ocr.kernels`: add+RMSNorm, rotary+KV write, split-K attention over
+  keys ``0..pos`` only, router top-k, routed + shared experts in two GEMV kernels) plus cuBLAS for the QKV,
+  o_proj and lm_head GEMMs: ~170 launches per step instead of ~700 (H200: 0.88 vs 2.29 ms/token).
+* ``prefill_graphs``: the LM prefill replayed from a CUDA graph per (prompt length, cache) (LRU of 8).
+* ``device_decode`` (used by the profiler's session): :meth:`FastDecoder.greedy` with the no-repeat-ngram ban
+  computed inside the graph (:func:`~llm_perf_opt.models.deepseek_ocr.generation.banned_ngram_mask`).
+* ``pinned_upload`` (used by the session): page pixels in page-locked memory before the timed upload.
 
 Exactness: the fast path computes the same function as the eager model, with different kernels (fused
 GEMMs, grouped GEMM, masked attention over ``max_len``), so logits agree to bf16 rounding, not bit for bit.
