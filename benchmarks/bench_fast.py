@@ -41,7 +41,7 @@ from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, build_model
 from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, FastModel, apply_fast_path
 from llm_perf_opt.models.deepseek_ocr.preprocess import PreprocessConfig, preprocess_page
 from llm_perf_opt.models.deepseek_ocr.tokenizer import load_tokenizer
-from llm_perf_opt.profiling.flops import activated_params_per_token, prefill_flops, vision_flops
+from llm_perf_opt.profiling.flops import activated_params_per_token, decode_bytes, prefill_flops, vision_flops
 from llm_perf_opt.profiling.hw import benchmark_header, gpu_tag, match_peak
 
 CONFIG = "src/llm_perf_opt/models/deepseek_ocr/configs/deepseek-ocr.json"
@@ -316,10 +316,9 @@ def main() -> None:
     res["component_flops"] = {"sam": sam_f.total_flops, "clip": clip_f.total_flops, "projector": proj_f.total_flops}
     res["prefill_lm_flops"] = prefill_flops(cfg.language, page.prompt_len).total_flops
     res["activated_params_per_token"] = activated_params_per_token(cfg)
-    lang = cfg.language
-    kv_row = 2 * lang.num_hidden_layers * lang.num_key_value_heads * (lang.hidden_size // lang.num_attention_heads) * 2
-    mean_ctx = page.prompt_len + args.decode_tokens / 2
-    res["decode_bytes_per_token"] = res["activated_params_per_token"] * 2 + kv_row * mean_ctx
+    # the report's MBU numerator: activated weights + K/V read and written, summed over the decode steps
+    decode_total = decode_bytes(cfg, page.prompt_len, args.decode_tokens + 1, dtype_bytes=2).total_bytes
+    res["decode_bytes_per_token"] = decode_total / args.decode_tokens
     res["decode_roofline_ms"] = res["decode_bytes_per_token"] / res["peak_bytes_per_s"] * 1e3
     steps = args.decode_tokens
     keep = args.parity_steps

@@ -428,17 +428,17 @@ class DeepSeekOCRSession:
             history.append(token)
             decode_marks = [m_ttft]
             device_ngram = self._device_ngram() if isinstance(cache, StaticKVCache) else None
-            if device_ngram is not None and len(generated) < max_new_tokens and (ignore_eos or token != eos_id):
-                with self.ranges.range("decode"):
+            with self.ranges.range("decode"):
+                if device_ngram is not None and len(generated) < max_new_tokens and (ignore_eos or token != eos_id):
                     new, dec_nonfinite = self._decode_on_device(
                         model, cache, ids, token, max_new_tokens - 1, device_ngram, None if ignore_eos else eos_id,
                         decode_marks, clock, page, should_stop,
                     )  # fmt: skip
-                nonfinite |= dec_nonfinite
-                generated += new
-                history += new
-                token = generated[-1]
-            with self.ranges.range("decode"):
+                    nonfinite |= dec_nonfinite
+                    generated += new
+                    history += new
+                    token = generated[-1]
+                # the host loop: every step when tokens are picked on the host (nothing left after the device loop)
                 while len(generated) < max_new_tokens and (ignore_eos or token != eos_id):
                     if should_stop is not None and should_stop():
                         raise RunInterrupted(

@@ -83,7 +83,7 @@ from llm_perf_opt.models.deepseek_ocr.decoder import (
     apply_experts_eager,
     apply_rotary,
 )
-from llm_perf_opt.models.deepseek_ocr.fast import VISION_SDPA, FastModel, first_argmax
+from llm_perf_opt.models.deepseek_ocr.fast import VISION_SDPA, FastModel, capture_graph, first_argmax
 from llm_perf_opt.models.deepseek_ocr.generation import banned_ngram_tokens
 from llm_perf_opt.models.deepseek_ocr.kv_cache import StaticKVCache
 from llm_perf_opt.models.deepseek_ocr.model import DeepseekOCRForCausalLM, parse_spatial_crop
@@ -860,20 +860,10 @@ class _StaticDecode:
         step un-graphed: the error is kept in ``BatchedGenerator.capture_error`` and warned about.
         """
         dev = self.cache.device
-        policy = self.gen.base._sdpa_policy
         torch.cuda.synchronize(dev)
         begin = time.perf_counter()
         try:
-            stream = torch.cuda.Stream(dev)
-            stream.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(stream), policy():
-                for _ in range(2):
-                    self._body()
-            torch.cuda.current_stream(dev).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph), policy():
-                self._body()
-            self.graph = graph
+            self.graph, _ = capture_graph(self._body, dev, self.gen.base._sdpa_policy)
         except RuntimeError as exc:  # an op that cannot be captured: run the same step un-graphed, say why
             self.gen.capture_error = f"{type(exc).__name__}: {exc}"
             self.use_graph = False

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -276,6 +276,25 @@ def _compiled(fn: Any) -> Any:
     return _COMPILED[fn]
 
 
+def capture_graph(
+    fn: Callable[[], Any], device: torch.device, context: Callable[[], Any] = contextlib.nullcontext
+) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """Run ``fn`` twice on a side stream (cuBLAS handles, workspaces, compilation, lazy inits: work that must
+    not happen inside a capture), then capture one call; returns the graph and that call's output (static
+    buffers the graph rewrites on every replay).  ``context`` is entered around the warm-up and the capture
+    (e.g. an SDPA backend policy, which the graph is then tied to)."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream), context():
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), context():
+        out = fn()
+    return graph, out
+
+
 class ShapeGraphs:
     """``fn(x)`` replayed from a CUDA graph captured per (shape, dtype, device) of ``x``; output is a fresh copy.
 
@@ -311,15 +330,7 @@ class ShapeGraphs:
 
     def _capture(self, x: Tensor) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor]:
         static_in = x.clone()
-        stream = torch.cuda.Stream(x.device)
-        stream.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self.fn(static_in)
-        torch.cuda.current_stream(x.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = self.fn(static_in)
+        graph, static_out = capture_graph(lambda: self.fn(static_in), x.device)
         return graph, static_in, static_out
 
 
@@ -568,20 +579,20 @@ class FastModel:
         return static_out.clone()
 
     def _capture_prefill(self, hidden: Tensor, cache: StaticKVCache) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor]:
-        counts_before = {i: c.clone() for i, c in self._counts.items()}
         static_in = hidden.clone()
-        stream = torch.cuda.Stream(hidden.device)
-        stream.wait_stream(torch.cuda.current_stream(hidden.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up (cuBLAS workspaces, grouped-GEMM setup) off the capture
-                self._prefill_body(static_in, cache, 0, "last")
-        torch.cuda.current_stream(hidden.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = self._prefill_body(static_in, cache, 0, "last")
-        for i, c in counts_before.items():  # undo the warm-up's and capture's routing counts
-            self._counts[i].copy_(c)
+        with self.routing_counts_kept():
+            graph, static_out = capture_graph(lambda: self._prefill_body(static_in, cache, 0, "last"), hidden.device)
         return graph, static_in, static_out
+
+    @contextlib.contextmanager
+    def routing_counts_kept(self) -> Iterator[None]:
+        """Within: forwards that are not measured (graph warm-up and capture) leave the routing counts as found."""
+        before = {i: c.clone() for i, c in self._counts.items()}
+        try:
+            yield
+        finally:
+            for i, c in before.items():
+                self._counts[i].copy_(c)
 
     @property
     def setup_count(self) -> int:
@@ -794,19 +805,10 @@ class FastDecoder:
         return logits, self._pick(logits)
 
     def _capture(self) -> None:
-        counts_before = {i: c.clone() for i, c in self.fast._counts.items()}
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), self.fast.base._sdpa_policy():
-            for _ in range(2):  # warm-up (cuBLAS handles, lazy inits, compilation) off the capture
-                self._body()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), self.fast.base._sdpa_policy():
-            self.logits, self.next_token = self._body()
-        self.graph = graph
-        for i, c in counts_before.items():  # undo the warm-up's routing counts
-            self.fast._counts[i].copy_(c)
+        with self.fast.routing_counts_kept():
+            self.graph, (self.logits, self.next_token) = capture_graph(
+                self._body, self.cache.device, self.fast.base._sdpa_policy
+            )
 
     def _run(self) -> Tensor:
         if not self.use_graph:

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from llm_perf_opt.models.deepseek_ocr.decoder import route_tokens
+from llm_perf_opt.models.deepseek_ocr.decoder import grouped_experts_stacked, route_tokens
 
 try:
     import triton
@@ -833,22 +833,18 @@ def moe_experts_ref(
 ) -> Tensor:
     """Torch math of the fast path's MoE block: routed experts + the always-on MLP (+ residual).
 
-    Routed: per (token, pick) ``y = W2[e] (silu(G_e x) * (U_e x))`` with every GEMM output in ``x.dtype``,
-    then ``Σ w·y`` in float32 rounded once (``grouped_experts_stacked``).  The last ``n_always`` slots are
+    Routed: ``grouped_experts_stacked`` (gather + bmm): per (token, pick) ``y = W2[e] (silu(G_e x) * (U_e x))``
+    with every GEMM output in ``x.dtype``, then ``Σ w·y`` in float32 rounded once.  The last ``n_always`` slots are
     put back together into one MLP (``_Mlp``: one gate/up GEMM, one down GEMM), added in ``x.dtype``;
     then ``residual + out`` in ``x.dtype``.
     """
-    n_tokens, k = idx.shape
+    k = idx.shape[1]
     n_experts, two_i, hidden = w13.shape
     inter = two_i // 2
-    out = torch.zeros_like(x)
-    if k:
-        ids = idx.reshape(-1)
-        rows = x.repeat_interleave(k, dim=0).unsqueeze(1)
-        h = torch.bmm(rows, w13.index_select(0, ids).transpose(1, 2)).squeeze(1)
-        act = F.silu(h[:, :inter]) * h[:, inter:]
-        y = torch.bmm(act.unsqueeze(1), w2.index_select(0, ids).transpose(1, 2)).squeeze(1)
-        out = (y.view(n_tokens, k, hidden).float() * weights.float().unsqueeze(-1)).sum(dim=1).to(x.dtype)
+    routed = n_experts - n_always  # the routed experts' math is the grouped path's (gather + bmm, fp32 sum)
+    out = (
+        grouped_experts_stacked(x, idx, weights, w13[:routed], w2[:routed], use_gmm=False) if k else torch.zeros_like(x)
+    )
     if n_always:
         tail13, tail2 = w13[n_experts - n_always :], w2[n_experts - n_always :]
         gate = tail13[:, :inter].reshape(n_always * inter, hidden)
