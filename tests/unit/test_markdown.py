@@ -16,7 +16,7 @@ from llm_perf_opt.report.markdown import (
     render_report,
     table,
 )
-from llm_perf_opt.results.types import Efficiency, StageFlops, Unavailable
+from llm_perf_opt.results.types import Efficiency, OperatorRow, StageFlops, Unavailable
 from tests.unit.builders import make_failed_page, make_page, make_profile, make_summary
 
 SECTIONS = ["## Setup", "## Latency and throughput", "## Memory", "## Pages"]
@@ -155,3 +155,25 @@ def test_render_predictions(tmp_path: Path) -> None:
     assert md.count("## `p0`") == 1 and "again" not in md
     assert "2 tokens." in md and "```text\nhello\n```" in md
     assert "## `p1` _(dummy weights" in md
+
+
+def test_profiler_section_explains_graph_replayed_device_time() -> None:
+    """When most device time sits under no host operator (CUDA-graph replays), the report says why and how to
+    attribute it; a profile without that row gets no such note."""
+    import attrs
+
+    from llm_perf_opt.profiling.torch_profiler import UNATTRIBUTED
+
+    prof = make_profile()
+    graphed = attrs.evolve(
+        prof,
+        sort_key="self_device_ms",
+        operators=[
+            OperatorRow(UNATTRIBUTED, 8016, 48.3, 48.3, 0.0, 0.0, 97.5),
+            OperatorRow("aten::copy_", 140, 1.0, 1.9, 32.4, 60.3, 2.1),
+        ],
+    )
+    text = render_report(make_summary(profile=graphed))
+    assert "98 % of the device time is under no host operator" in text
+    assert "infer.fast.cuda_graphs=false" in text
+    assert "under no host operator" not in render_report(make_summary(profile=prof))

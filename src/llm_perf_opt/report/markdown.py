@@ -11,6 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from llm_perf_opt.profiling.stats import Stats
+from llm_perf_opt.profiling.torch_profiler import UNATTRIBUTED
 from llm_perf_opt.results.types import PageRecord, RunSummary
 
 NA = "n/a"
@@ -209,6 +210,15 @@ def render_report(s: RunSummary, plots: dict[str, str] | None = None) -> str:
             + ".\n"
         )
         out.append(_operator_table(s, limit=10) + "\n")
+        unattributed = next((o for o in prof.operators if o.name == UNATTRIBUTED), None)
+        if unattributed is not None and unattributed.pct_of_total > 50:
+            out.append(
+                f"{unattributed.pct_of_total:.0f} % of the device time is under no host operator: that is what "
+                "kernels replayed from CUDA graphs look like (the fast path's vision, prefill and decode graphs "
+                "launch them without any aten op). Their kernel names and times are in the trace; "
+                "`infer.fast.cuda_graphs=false infer.fast.vision_graphs=false` attributes them to operators, at "
+                "un-graphed speed.\n"
+            )
 
     if s.batches:
         out.append(_render_batches(s) + "\n")
