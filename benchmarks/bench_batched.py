@@ -47,7 +47,7 @@ from llm_perf_opt.models.deepseek_ocr.batched import BatchedGenerator
 from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, apply_fast_path
 from llm_perf_opt.models.deepseek_ocr.preprocess import PreparedPage, PreprocessConfig, preprocess_page
 from llm_perf_opt.models.deepseek_ocr.tokenizer import load_tokenizer
-from llm_perf_opt.profiling.hw import benchmark_header, gpu_tag
+from llm_perf_opt.profiling.bench_meta import benchmark_header, gpu_tag
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {

@@ -41,8 +41,9 @@ from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, build_model
 from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, FastModel, apply_fast_path
 from llm_perf_opt.models.deepseek_ocr.preprocess import PreprocessConfig, preprocess_page
 from llm_perf_opt.models.deepseek_ocr.tokenizer import load_tokenizer
+from llm_perf_opt.profiling.bench_meta import benchmark_header, gpu_tag
 from llm_perf_opt.profiling.flops import activated_params_per_token, decode_bytes, prefill_flops, vision_flops
-from llm_perf_opt.profiling.hw import benchmark_header, gpu_tag, match_peak
+from llm_perf_opt.profiling.peaks import match_peak
 
 CONFIG = "src/llm_perf_opt/models/deepseek_ocr/configs/deepseek-ocr.json"
 PROMPT = "<image>\n<|grounding|>Convert the document to markdown."
@@ -290,7 +291,7 @@ def main() -> None:
     res: dict[str, Any] = {"env": benchmark_header(torch.device("cuda"))}
     spec = match_peak(torch.cuda.get_device_name(dev))
     if spec is None:
-        raise SystemExit(f"no datasheet peak for {torch.cuda.get_device_name(dev)!r} in profiling/hw.py PEAK_TABLE")
+        raise SystemExit(f"no datasheet peak for {torch.cuda.get_device_name(dev)!r} in profiling/peaks.py PEAK_TABLE")
     res["peak_bf16_flops"], res["peak_bytes_per_s"], res["peak_source"] = (
         spec.bf16_dense_flops,
         spec.mem_bw_bytes_per_s,

@@ -462,7 +462,7 @@ def main() -> None:
         raise SystemExit(f"--pos {args.pos} must be < --max-len {args.max_len}")
     import triton
 
-    from llm_perf_opt.profiling.hw import benchmark_header, gpu_tag
+    from llm_perf_opt.profiling.bench_meta import benchmark_header, gpu_tag
 
     env = {**benchmark_header(torch.device("cuda")), "triton": triton.__version__}
     bench = Bench(lang, args, torch.device("cuda"))

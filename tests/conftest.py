@@ -27,7 +27,8 @@ TINY_TEXT_IDS = list(range(10, 17))
 
 def tiny_case_pages(config: Any) -> list[Any]:
     """The tiny fixture's case pages preprocessed for ``config`` (prompt lengths 29, 39, 59)."""
-    from llm_perf_opt.models.deepseek_ocr.preprocess import PreprocessConfig, load_image, preprocess_page
+    from llm_perf_opt.data.images import load_image
+    from llm_perf_opt.models.deepseek_ocr.preprocess import PreprocessConfig, preprocess_page
 
     out = []
     for name, crop in TINY_CASES:

@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 
 from llm_perf_opt.errors import ConfigError
-from llm_perf_opt.profiling import hw
-from llm_perf_opt.profiling.hw import NvmlSample, NvmlSampler
+from llm_perf_opt.profiling import device, peaks
+from llm_perf_opt.profiling import nvml as sampling
 from llm_perf_opt.profiling.mfu import Unavailable
+from llm_perf_opt.profiling.nvml import NvmlSample, NvmlSampler
 
 # ------------------------------------------------------------------------------------------------
 # Peak table and matching
@@ -19,9 +20,9 @@ from llm_perf_opt.profiling.mfu import Unavailable
 
 
 def test_table_entries_are_sourced_and_dense() -> None:
-    names = [s.name for s in hw.PEAK_TABLE]
+    names = [s.name for s in peaks.PEAK_TABLE]
     assert len(names) == len(set(names))
-    for spec in hw.PEAK_TABLE:
+    for spec in peaks.PEAK_TABLE:
         assert spec.source_title and spec.source_url.startswith("https://")
         assert spec.patterns
         # Ordering that holds on every listed part: bf16 tensor >= tf32 tensor >= fp32 CUDA cores.
@@ -47,7 +48,7 @@ def test_table_entries_are_sourced_and_dense() -> None:
     ],
 )
 def test_match_peak_known(device_name: str, expected: str) -> None:
-    spec = hw.match_peak(device_name)
+    spec = peaks.match_peak(device_name)
     assert spec is not None and spec.name == expected
 
 
@@ -57,11 +58,11 @@ def test_match_peak_known(device_name: str, expected: str) -> None:
      "NVIDIA GeForce RTX 4090 D", "NVIDIA GeForce RTX 4090 Laptop GPU", "Tesla T4", "cpu", ""],
 )  # fmt: skip
 def test_match_peak_unknown_or_ambiguous_is_none(device_name: str) -> None:
-    assert hw.match_peak(device_name) is None
+    assert peaks.match_peak(device_name) is None
 
 
 def test_h100_sxm_numbers() -> None:
-    spec = hw.match_peak("NVIDIA H100 80GB HBM3")
+    spec = peaks.match_peak("NVIDIA H100 80GB HBM3")
     assert spec is not None
     assert spec.bf16_dense_flops == pytest.approx(989.5e12)  # 1,979 TFLOPS with sparsity / 2
     assert spec.mem_bw_bytes_per_s == pytest.approx(3.35e12)
@@ -73,50 +74,50 @@ def test_h100_sxm_numbers() -> None:
 
 
 def test_resolve_peak_known_gpu_per_dtype() -> None:
-    flops, bw, src = hw.resolve_peak("NVIDIA H100 80GB HBM3", "bfloat16")
+    flops, bw, src = peaks.resolve_peak("NVIDIA H100 80GB HBM3", "bfloat16")
     assert flops == pytest.approx(989.5e12) and bw == pytest.approx(3.35e12)
     assert "H100 Tensor Core GPU Datasheet" in str(src) and "https://" in src.flops
-    fp32, _, _ = hw.resolve_peak("NVIDIA H100 80GB HBM3", "float32")
-    tf32, _, src32 = hw.resolve_peak("NVIDIA H100 80GB HBM3", "torch.float32", allow_tf32=True)
+    fp32, _, _ = peaks.resolve_peak("NVIDIA H100 80GB HBM3", "float32")
+    tf32, _, src32 = peaks.resolve_peak("NVIDIA H100 80GB HBM3", "torch.float32", allow_tf32=True)
     assert fp32 == pytest.approx(67e12) and tf32 == pytest.approx(494.5e12)
     assert "TF32" in src32.flops
-    unknown_dtype, _, _ = hw.resolve_peak("NVIDIA H100 80GB HBM3", "int8")
+    unknown_dtype, _, _ = peaks.resolve_peak("NVIDIA H100 80GB HBM3", "int8")
     assert isinstance(unknown_dtype, Unavailable) and "int8" in unknown_dtype.reason
 
 
 def test_resolve_peak_cpu_and_unknown_are_unavailable() -> None:
-    flops, bw, src = hw.resolve_peak("cpu", "bfloat16")
+    flops, bw, src = peaks.resolve_peak("cpu", "bfloat16")
     assert isinstance(flops, Unavailable) and isinstance(bw, Unavailable)
     assert "CPU" in flops.reason and "peak.flops_per_s" in flops.reason
     assert src.flops == "unavailable"
-    flops, _, _ = hw.resolve_peak("NVIDIA H100 NVL", "bfloat16")
+    flops, _, _ = peaks.resolve_peak("NVIDIA H100 NVL", "bfloat16")
     assert isinstance(flops, Unavailable) and "not in the sourced peak table" in flops.reason
-    flops, _, _ = hw.resolve_peak(None, "bfloat16")
+    flops, _, _ = peaks.resolve_peak(None, "bfloat16")
     assert isinstance(flops, Unavailable)
 
 
 def test_resolve_peak_override_wins_and_is_labelled() -> None:
-    flops, bw, src = hw.resolve_peak("NVIDIA H100 80GB HBM3", "bfloat16", override_flops=800e12)
+    flops, bw, src = peaks.resolve_peak("NVIDIA H100 80GB HBM3", "bfloat16", override_flops=800e12)
     assert flops == 800e12 and bw == pytest.approx(3.35e12)
     assert src.flops.startswith("user override") and "Datasheet" in src.bw
-    flops, bw, src = hw.resolve_peak("cpu", "float32", override_flops=2e12, override_bw=100e9)
+    flops, bw, src = peaks.resolve_peak("cpu", "float32", override_flops=2e12, override_bw=100e9)
     assert (flops, bw) == (2e12, 100e9)
     assert str(src) == "FLOP/s: user override (peak.flops_per_s); bandwidth: user override (peak.bw_bytes_per_s)"
     with pytest.raises(ConfigError):
-        hw.resolve_peak("cpu", "float32", override_flops=0)
+        peaks.resolve_peak("cpu", "float32", override_flops=0)
     with pytest.raises(ConfigError):
-        hw.resolve_peak("cpu", "float32", override_bw=-1.0)
+        peaks.resolve_peak("cpu", "float32", override_bw=-1.0)
 
 
 def test_detect_cpu_device() -> None:
-    facts = hw.detect_device("cpu")
+    facts = device.detect_device("cpu")
     assert facts.device == "cpu" and facts.gpu_name is None and facts.cpu
 
 
 def test_throttle_reason_names() -> None:
-    assert hw.throttle_reason_names(0) == ()
-    assert hw.throttle_reason_names(0x1 | 0x4) == ("gpu_idle", "sw_power_cap")
-    assert hw.throttle_reason_names(0x10000) == ("0x10000",)
+    assert sampling.throttle_reason_names(0) == ()
+    assert sampling.throttle_reason_names(0x1 | 0x4) == ("gpu_idle", "sw_power_cap")
+    assert sampling.throttle_reason_names(0x10000) == ("0x10000",)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -135,10 +136,10 @@ def _samples(powers_w: list[float], dt: float = 0.1, energy: bool = True) -> lis
 
 def test_trapezoid_energy_with_interpolated_edges() -> None:
     s = _samples([100.0, 200.0, 200.0, 100.0])  # t = 0, .1, .2, .3
-    full = hw.energy_from_power_j(s, 0.0, 0.3)
+    full = sampling.energy_from_power_j(s, 0.0, 0.3)
     assert not isinstance(full, Unavailable)
     assert full.energy_j == pytest.approx(0.1 * 150 + 0.1 * 200 + 0.1 * 150)
-    part = hw.energy_from_power_j(s, 0.05, 0.15)  # edges interpolated: 150 W and 200 W; sample at .1: 200 W
+    part = sampling.energy_from_power_j(s, 0.05, 0.15)  # edges interpolated: 150 W and 200 W; sample at .1: 200 W
     assert not isinstance(part, Unavailable)
     assert part.energy_j == pytest.approx(0.05 * (150 + 200) / 2 + 0.05 * (200 + 200) / 2)
     assert part.method == "power_trapezoid" and part.samples_in_window == 1
@@ -146,12 +147,12 @@ def test_trapezoid_energy_with_interpolated_edges() -> None:
 
 def test_counter_energy_and_window_checks() -> None:
     s = _samples([100.0, 200.0, 200.0, 100.0])
-    reading = hw.energy_from_counter_j(s, 0.0, 0.3)
+    reading = sampling.energy_from_counter_j(s, 0.0, 0.3)
     assert not isinstance(reading, Unavailable)
     assert reading.method == "nvml_total_energy_counter" and reading.energy_j == pytest.approx(50.0)
-    assert isinstance(hw.energy_from_counter_j(s, 0.0, 0.5), Unavailable)  # past the last sample
-    assert isinstance(hw.energy_from_power_j(s, 0.2, 0.1), Unavailable)  # t1 <= t0
-    assert isinstance(hw.energy_from_counter_j(_samples([1.0, 2.0], energy=False), 0, 0.1), Unavailable)
+    assert isinstance(sampling.energy_from_counter_j(s, 0.0, 0.5), Unavailable)  # past the last sample
+    assert isinstance(sampling.energy_from_power_j(s, 0.2, 0.1), Unavailable)  # t1 <= t0
+    assert isinstance(sampling.energy_from_counter_j(_samples([1.0, 2.0], energy=False), 0, 0.1), Unavailable)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -292,7 +293,7 @@ def test_sampler_not_started() -> None:
 def test_benchmark_header_on_cpu() -> None:
     import torch
 
-    from llm_perf_opt.profiling.hw import benchmark_header
+    from llm_perf_opt.profiling.bench_meta import benchmark_header
 
     h = benchmark_header("cpu")
     assert h["gpu"] == "cpu" and h["driver"] == "-" and h["cuda"] == "-"
@@ -305,6 +306,6 @@ def test_benchmark_header_on_cpu() -> None:
      ("NVIDIA L40S", "l40s"), ("NVIDIA L4", "l4"), ("Tesla T4", "t4")],
 )  # fmt: skip
 def test_gpu_tag_names_result_files(name: str, tag: str) -> None:
-    from llm_perf_opt.profiling.hw import gpu_tag
+    from llm_perf_opt.profiling.bench_meta import gpu_tag
 
     assert gpu_tag(name) == tag

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from llm_perf_opt.data.images import load_image
 from llm_perf_opt.errors import ConfigError, InputError
 from llm_perf_opt.models.deepseek_ocr.config import DeepseekOCRConfig
 from llm_perf_opt.models.deepseek_ocr.preprocess import (
@@ -28,7 +29,6 @@ from llm_perf_opt.models.deepseek_ocr.preprocess import (
     candidate_grids,
     choose_crop_grid,
     image_token_count,
-    load_image,
     preprocess_page,
     tokens_per_side,
 )

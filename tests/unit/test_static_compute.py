@@ -12,7 +12,8 @@ from llm_perf_opt.data.datasets import synthetic_page
 from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, build_model
 from llm_perf_opt.models.deepseek_ocr.preprocess import PreprocessConfig, preprocess_page
 from llm_perf_opt.models.deepseek_ocr.tokenizer import load_tokenizer
-from llm_perf_opt.profiling.static_compute import FLAG_REL_DIFF, static_compute, write_static_compute
+from llm_perf_opt.profiling.static_compute import FLAG_REL_DIFF, static_compute
+from llm_perf_opt.report.static_compute import write_static_compute
 from tests.conftest import TINY
 
 

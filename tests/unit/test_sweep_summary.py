@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from llm_perf_opt.report.sweep import SweepSummaryCallback, summarize_sweep
+from llm_perf_opt.errors import LlmPerfOptError
+from llm_perf_opt.report.sweep import summarize_sweep
 from llm_perf_opt.results.types import Efficiency
+from llm_perf_opt.runners.sweep_callback import SweepSummaryCallback
 from tests.unit.builders import make_summary, write_job_dir
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -136,10 +138,30 @@ def test_structurally_invalid_metrics_is_a_failed_row(tmp_path: Path) -> None:
     assert "unreadable metrics.json" in rows[1]["error"]
 
 
-def test_callback_writes_summary(multirun: Path) -> None:
+def test_callback_writes_summary_then_exits_nonzero_on_a_failed_job(
+    multirun: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The callback decides the sweep's exit status (behaviour moved here from a module-level list that the CLI
+    # read): job 2 of the fixture failed, so it exits non-zero after writing the summary.
     cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(multirun)}}})
-    SweepSummaryCallback().on_multirun_end(cfg)
+    with pytest.raises(SystemExit) as stop:
+        SweepSummaryCallback().on_multirun_end(cfg)
+    assert stop.value.code == LlmPerfOptError.exit_code  # the same status the CLI used before the move
+    assert "1 sweep job(s) failed: ['2'] (see sweep.md)" in capsys.readouterr().err
     assert (multirun / "sweep.md").is_file() and (multirun / "sweep.json").is_file()
+
+
+def test_callback_returns_when_every_job_succeeded(tmp_path: Path) -> None:
+    write_job_dir(tmp_path, "0", ["seed=1"], _job_summary(10.0, 5.0))
+    cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    SweepSummaryCallback().on_multirun_end(cfg)
+    assert (tmp_path / "sweep.md").is_file()
+
+
+def test_job_left_running_is_a_failed_row(tmp_path: Path) -> None:
+    write_job_dir(tmp_path, "0", ["seed=1"], _job_summary(10.0, 5.0, status="running"))
+    (row,) = summarize_sweep(tmp_path)
+    assert row["status"] == "failed" and "still says running" in row["error"]
 
 
 def test_callback_ignores_missing_dir(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import attrs
 from PIL import Image, ImageDraw
 
+from llm_perf_opt.data.images import load_image
 from llm_perf_opt.errors import ConfigError, InputError
 
 
@@ -29,8 +30,6 @@ class Page:
         if self.synthetic_size is not None:
             return synthetic_page(self.synthetic_size, self.seed)
         assert self.path is not None
-        from llm_perf_opt.models.deepseek_ocr.preprocess import load_image
-
         return load_image(self.path)
 
     def describe(self) -> dict[str, Any]:

@@ -10,10 +10,8 @@ Anything else above 2 % is flagged in the report.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -198,38 +196,3 @@ def static_compute(model: Any, prepared: Any, device: torch.device, dtype: torch
         )
     )
     return rows
-
-
-def write_static_compute(out: Path, rows: list[StageFlops], page_id: str) -> None:
-    from llm_perf_opt.report.markdown import fmt_flops, fmt_pct, table
-    from llm_perf_opt.results.serialize import atomic_write_text, to_jsonable
-
-    atomic_write_text(
-        out / "static_compute.json", json.dumps({"page_id": page_id, "stages": to_jsonable(rows)}, indent=2) + "\n"
-    )
-    lines = [
-        f"# Static compute — `{page_id}`\n",
-        "2 FLOPs per multiply-add everywhere (fvcore's multiply-add counts are doubled). Δ = counted ÷ "
-        "(analytic + explained gap) − 1; |Δ| > 2 % is flagged ⚠.\n",
-        table(
-            ["stage", "analytic", "fvcore ×2", "FlopCounterMode", "Δ fvcore", "Δ FlopCounter"],
-            [
-                [
-                    r.stage,
-                    fmt_flops(r.analytic_flops),
-                    fmt_flops(r.fvcore_flops),
-                    fmt_flops(r.flop_counter_flops),
-                    fmt_pct(r.rel_diff_fvcore),
-                    fmt_pct(r.rel_diff_flop_counter) + (" ⚠" if r.flagged else ""),
-                ]
-                for r in rows
-            ],
-        ),
-        "",
-    ]
-    for r in rows:
-        lines.append(f"## {r.stage}\n")
-        if r.note:
-            lines.append(f"{r.note}\n")
-        lines.append(table(["component", "analytic"], [[k, fmt_flops(v)] for k, v in r.components.items()]) + "\n")
-    atomic_write_text(out / "static_compute.md", "\n".join(lines))

@@ -9,8 +9,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import attrs
 import numpy as np
+
+from llm_perf_opt.results.types import Stats
+
+__all__ = ["Stats", "percentiles", "summarize", "t_quantile_975"]
 
 # Two-sided 97.5 % quantiles of Student's t for small n-1 (scipy is not a dependency); beyond the
 # table the normal quantile 1.96 is within 1 %.
@@ -29,28 +32,6 @@ def t_quantile_975(dof: int) -> float:
         return 1.96
     best = max(k for k in _T975 if k <= dof)
     return _T975[best]
-
-
-@attrs.frozen
-class Stats:
-    """Distribution of one metric across pages × repeats; ``ci95_*`` is None when n < 2."""
-
-    n: int
-    mean: float
-    std: float
-    min: float
-    max: float
-    p50: float
-    p90: float
-    p99: float
-    ci95_low: float | None
-    ci95_high: float | None
-
-    @property
-    def ci95_half_width(self) -> float | None:
-        if self.ci95_low is None or self.ci95_high is None:
-            return None
-        return (self.ci95_high - self.ci95_low) / 2
 
 
 def summarize(values: Sequence[float]) -> Stats | None:

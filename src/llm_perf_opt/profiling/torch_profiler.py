@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from llm_perf_opt.results.types import OperatorRow, ProfileSummary
+from llm_perf_opt.results.types import UNATTRIBUTED, OperatorRow, ProfileSummary
 
 RANGE_NAMES = ("preprocess", "prefill", "decode", "sam", "clip", "projector")
 
@@ -30,7 +30,6 @@ def _device_us(evt: Any, attr: str) -> float:
     return 0.0
 
 
-UNATTRIBUTED = "[device work not under any operator]"
 # Host-side events the profiler itself emits.  CUPTI's "Activity Buffer Request" can carry the device time
 # of kernels that ran while it was open (seen with torch 2.11 on an H200: +24 us on 140 us of kernels), which
 # would count those kernels twice; it is not an operator of the profiled program.

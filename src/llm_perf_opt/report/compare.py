@@ -13,9 +13,8 @@ from pathlib import Path
 import attrs
 import cattrs
 
-from llm_perf_opt.profiling.stats import Stats
 from llm_perf_opt.results.serialize import SchemaError, read_summary
-from llm_perf_opt.results.types import RunSummary
+from llm_perf_opt.results.types import RunSummary, Stats
 
 # (metric, unit, lower_is_better)
 COMPARED = [

@@ -10,9 +10,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from llm_perf_opt.profiling.stats import Stats
-from llm_perf_opt.profiling.torch_profiler import UNATTRIBUTED
-from llm_perf_opt.results.types import PageRecord, RunSummary
+from llm_perf_opt.results.types import UNATTRIBUTED, PageRecord, RunSummary, Stats
 
 NA = "n/a"
 
@@ -416,17 +414,15 @@ def _render_efficiency(s: RunSummary) -> str:
 
 
 def _render_batches(s: RunSummary) -> str:
-    from llm_perf_opt.profiling.stats import summarize
-
     size = max(b.batch for b in s.batches)
+    agg = s.batch_aggregates
     rows = [
-        _stat_row("pages per second", summarize([b.pages_per_s for b in s.batches if b.pages_per_s]), "pages/s"),
-        _stat_row("output tokens per second", summarize([b.output_tok_s for b in s.batches if b.output_tok_s]),
-                  "tok/s"),
-        _stat_row("TTFT of the batch (vision + prefill)", summarize([b.prefill_ms for b in s.batches]), "ms"),
-        _stat_row("  vision (all pages of the batch)", summarize([b.vision_ms for b in s.batches]), "ms"),
-        _stat_row("TPOT per sequence", summarize([t for b in s.batches for t in b.tpot_ms]), "ms/token"),
-    ]  # fmt: skip
+        _stat_row("pages per second", agg.get("pages_per_s"), "pages/s"),
+        _stat_row("output tokens per second", agg.get("output_tok_s"), "tok/s"),
+        _stat_row("TTFT of the batch (vision + prefill)", agg.get("prefill_ms"), "ms"),
+        _stat_row("  vision (all pages of the batch)", agg.get("vision_ms"), "ms"),
+        _stat_row("TPOT per sequence", agg.get("tpot_ms"), "ms/token"),
+    ]
     header = ["metric", "unit", "n", "mean", "95 % CI", "std", "p50", "p99", "min – max"]
     return "\n".join(
         [

@@ -1,7 +1,7 @@
 """Sweep summary for Hydra multirun: sweep.md + sweep.json + plots in the multirun root.
 
-Runs as a Hydra callback after all jobs (``on_multirun_end``), and is also callable on any multirun
-directory (``summarize_sweep(dir)``).  A job whose metrics.json is missing or marked failed becomes a
+Called by the runners' Hydra callback after all jobs (``runners/sweep_callback.py``), and callable on any
+multirun directory (``summarize_sweep(dir)``).  A job whose metrics.json is missing or marked failed becomes a
 row with its error; the other rows are unaffected.
 """
 
@@ -14,8 +14,6 @@ from typing import Any
 
 import cattrs
 import yaml
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
 
 from llm_perf_opt.results.serialize import SchemaError, atomic_write_text, read_summary
 
@@ -55,6 +53,8 @@ def _row(job_dir: Path) -> dict[str, Any]:
     row["status"] = s.run.status
     if s.run.status_reason:
         row["error"] = s.run.status_reason
+    if s.run.status == "running":  # the sweep is over: a job still "running" died before its final report
+        row.update(status="failed", error="job ended before its final report (metrics.json still says running)")
     for key, stat, label in KEY_METRICS:
         st = s.aggregates.get(key)
         value = getattr(st, stat) if st else None
@@ -141,19 +141,3 @@ def _plots(root: Path, rows: list[dict[str, Any]], keys: list[str]) -> list[str]
         plt.close(fig)
         written.append(name)
     return written
-
-
-# Jobs marked failed by the last summary: with a launcher that runs jobs in other processes (joblib, SLURM)
-# this parent-side callback is the only place that sees the failures, so the CLI's exit code reads it.
-LAST_FAILED_JOBS: list[str] = []
-
-
-class SweepSummaryCallback(Callback):
-    """Hydra callback: write the sweep summary when a multirun ends."""
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        root = Path(str(config.hydra.sweep.dir))
-        if root.is_dir():
-            rows = summarize_sweep(root)
-            LAST_FAILED_JOBS[:] = [str(r["job"]) for r in rows if r["status"] == "failed"]
-            log.info("sweep summary: %s", root / "sweep.md")

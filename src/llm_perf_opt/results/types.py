@@ -11,12 +11,36 @@ from typing import Any, Literal
 
 import attrs
 
-from llm_perf_opt.profiling.stats import Stats
-
 SCHEMA_VERSION = "1.0"
+
+# Name of the synthetic operator row that holds device time the profiler could not attribute to any operator
+# (CUDA-graph replays, kernels launched outside torch ops): the profiler writes it, the report explains it.
+UNATTRIBUTED = "[device work not under any operator]"
 
 PageStatus = Literal["ok", "failed"]
 RunStatus = Literal["running", "complete", "partial", "failed"]
+
+
+@attrs.frozen
+class Stats:
+    """Distribution of one metric across pages × repeats; ``ci95_*`` is None when n < 2."""
+
+    n: int
+    mean: float
+    std: float
+    min: float
+    max: float
+    p50: float
+    p90: float
+    p99: float
+    ci95_low: float | None
+    ci95_high: float | None
+
+    @property
+    def ci95_half_width(self) -> float | None:
+        if self.ci95_low is None or self.ci95_high is None:
+            return None
+        return (self.ci95_high - self.ci95_low) / 2
 
 
 @attrs.frozen
@@ -221,6 +245,9 @@ class RunSummary:
     energy: dict[str, float] = attrs.field(factory=dict)
     moe_routing: dict[str, Any] = attrs.field(factory=dict)
     batches: list[BatchRecord] = attrs.field(factory=list)
+    # Statistics over ``batches`` (pages_per_s, output_tok_s, prefill_ms, vision_ms over batches; tpot_ms over
+    # sequences), computed by the runner so the report only formats them.
+    batch_aggregates: dict[str, Stats] = attrs.field(factory=dict)
     unavailable: list[Unavailable] = attrs.field(factory=list)
     notes: list[str] = attrs.field(factory=list)
 

@@ -144,7 +144,8 @@ class DeepSeekOCRSession:
             self.clock,
             self.ranges,
         )
-        from llm_perf_opt.profiling.hw import NvmlSampler, detect_device
+        from llm_perf_opt.profiling.device import detect_device
+        from llm_perf_opt.profiling.nvml import NvmlSampler
 
         # Power/clock sampling for energy per page (a null object without NVML or on CPU).
         self.nvml = (

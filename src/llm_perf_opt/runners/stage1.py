@@ -27,8 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 from llm_perf_opt.data.datasets import Page, build_pages
 from llm_perf_opt.errors import ConfigError, LlmPerfOptError, OutputError, PageError, RunInterrupted
 from llm_perf_opt.paths import PROJECT_ROOT
+from llm_perf_opt.profiling.env import collect_env
 from llm_perf_opt.profiling.stats import summarize
-from llm_perf_opt.report.env import collect_env
 from llm_perf_opt.results.serialize import (
     append_jsonl,
     atomic_write_text,
@@ -188,7 +188,7 @@ class Stage1Run:
 
     # -------------------------------------------------------------- rendering
     def summary(self, status: RunStatus, reason: str | None = None) -> RunSummary:
-        from llm_perf_opt.report.efficiency import compute_efficiency
+        from llm_perf_opt.runners.measure import batch_aggregates, compute_efficiency
 
         ok = [r for r in self.records if r.status == "ok"]
         aggregates = {}
@@ -247,6 +247,7 @@ class Stage1Run:
             energy=energy,
             moe_routing=routing,
             batches=list(self.batches),
+            batch_aggregates=batch_aggregates(self.batches),
             unavailable=unavailable,
             notes=self.notes + more_notes,
         )
@@ -387,9 +388,9 @@ def run_stage1(cfg: DictConfig) -> RunSummary:
     torch.manual_seed(int(cfg.seed))
     run.session = session = DeepSeekOCRSession.load(cfg, PROJECT_ROOT)
     session.reserve_new_tokens = cap  # warm-up pages decode fewer tokens but must size the same cache
-    from llm_perf_opt.report.efficiency import describe_hardware, describe_model
+    from llm_perf_opt.runners.measure import describe_hardware, describe_model
 
-    run.hardware = describe_hardware(cfg, session, run.env)
+    run.hardware = describe_hardware(cfg, session)
     run.model_info = describe_model(cfg, session)
     stop = StopFlag()
     progress = _progress(cfg)

@@ -1,34 +1,58 @@
-"""Hardware/model descriptions and the FLOPs → MFU/MBU section of a run.
+"""FLOPs → MFU/MBU per stage, energy and MoE routing of a run: functions of measured records, nothing else.
 
 FLOPs of every page are recomputed from what the page really did (its vision views, prompt length and
 tokens generated), so the efficiency figures are ratios of sums over measured pages:
-Σ FLOPs ÷ Σ seconds (time-weighted, not a mean of per-page ratios).
+Σ FLOPs ÷ Σ seconds (time-weighted, not a mean of per-page ratios).  Every input is an argument and every
+output a ``results`` value object, so the runner decides what is measured and the report only formats it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+import attrs
+
+from llm_perf_opt.models.deepseek_ocr.config import DeepseekOCRConfig
 from llm_perf_opt.profiling import flops as F
 from llm_perf_opt.profiling import mfu as M
-from llm_perf_opt.profiling.hw import resolve_peak
-from llm_perf_opt.results.types import Efficiency, HardwareInfo, ModelInfo, PageRecord, StageFlops, Unavailable
+from llm_perf_opt.profiling.device import DeviceFacts, detect_device
+from llm_perf_opt.profiling.nvml import PowerSummary
+from llm_perf_opt.profiling.peaks import resolve_peak
+from llm_perf_opt.results.types import Efficiency, HardwareInfo, PageRecord, StageFlops, Unavailable
 
-if TYPE_CHECKING:
-    from llm_perf_opt.runners.dsocr_session import DeepSeekOCRSession
-    from llm_perf_opt.runners.stage1 import Stage1Run
+STAGES = ("sam", "clip", "projector", "vision", "prefill_lm", "prefill", "decode", "total")
+STAGE_NOTES = {
+    "prefill_lm": "prefill − vision: embedding scatter + LM forward + first-token pick",
+    "total": "model level: all work ÷ prefill + decode time (vision counted once)",
+}
 
-FLAG_REL_DIFF = 0.02
+
+@attrs.frozen
+class EfficiencySection:
+    """The FLOPs table (analytic, representative page), per-stage efficiency, and what could not be computed."""
+
+    flops: list[StageFlops]
+    efficiency: list[Efficiency]
+    unavailable: list[Unavailable]
 
 
-def describe_hardware(cfg: Any, session: DeepSeekOCRSession, env: dict[str, Any]) -> HardwareInfo:
-    from llm_perf_opt.profiling.hw import detect_device
+@attrs.frozen
+class EnergySection:
+    """Energy per page / token and NVML clock/power aggregates over the timed repeats."""
 
-    facts = detect_device(session.device)
+    energy: dict[str, float]
+    unavailable: list[Unavailable]
+    notes: list[str]
+
+
+def describe_hardware(
+    device: object, dtype: object, peak_flops_override: float | None, peak_bw_override: float | None
+) -> HardwareInfo:
+    """The device facts plus the peak used for MFU/MBU (a user override or the sourced datasheet entry)."""
+    facts: DeviceFacts = detect_device(device)
     name = facts.gpu_name or f"CPU {facts.cpu}"
-    peak = cfg.get("peak") or {}
-    resolved = resolve_peak(name, session.dtype, peak.get("flops_per_s"), peak.get("bw_bytes_per_s"))
+    resolved = resolve_peak(name, dtype, peak_flops_override, peak_bw_override)
     flops = resolved.flops_per_s if isinstance(resolved.flops_per_s, float) else None
     bw = resolved.bw_bytes_per_s if isinstance(resolved.bw_bytes_per_s, float) else None
     return HardwareInfo(
@@ -49,27 +73,11 @@ def _reason(value: object) -> str | None:
     return value.reason if isinstance(value, M.Unavailable) else None
 
 
-def describe_model(cfg: Any, session: DeepSeekOCRSession) -> ModelInfo:
-    backend = session.backend
-    model_cfg = backend.config
-    return ModelInfo(
-        name=str(cfg.model.get("name")),
-        backend=backend.name,
-        weights=backend.weights_desc,
-        dtype=str(session.dtype).replace("torch.", ""),
-        params_total=session.params_total,
-        params_activated_per_token=F.activated_params_per_token(model_cfg),
-        weights_bytes=session.weights_bytes,
-        tokenizer=getattr(backend.tokenizer, "name", type(backend.tokenizer).__name__),
-        optimisations=session.optimisations(),
-    )
-
-
-def page_flops_of(cfg: Any, rec: PageRecord) -> F.PageFlops | None:
+def page_flops_of(cfg: DeepseekOCRConfig, rec: PageRecord) -> F.PageFlops | None:
     if not rec.vision_views or rec.prompt_tokens is None or rec.generated_tokens is None:
         return None
-    views = [tuple(int(x) for x in v) for v in rec.vision_views]
-    return F.page_flops(cfg, views, rec.prompt_tokens, rec.generated_tokens)  # type: ignore[arg-type]
+    views = [(int(v[0]), int(v[1]), int(v[2])) for v in rec.vision_views]
+    return F.page_flops(cfg, views, rec.prompt_tokens, rec.generated_tokens)
 
 
 def _stage_seconds(rec: PageRecord) -> dict[str, float | None]:
@@ -90,29 +98,20 @@ def _stage_seconds(rec: PageRecord) -> dict[str, float | None]:
     }
 
 
-STAGE_NOTES = {
-    "prefill_lm": "prefill − vision: embedding scatter + LM forward + first-token pick",
-    "total": "model level: all work ÷ prefill + decode time (vision counted once)",
-}
-
-
 def compute_efficiency(
-    run: Stage1Run, ok: Sequence[PageRecord], final: bool = False
-) -> tuple[list[StageFlops], list[Efficiency], dict[str, float], dict[str, Any], list[Unavailable], list[str]]:
-    """FLOPs table, per-stage MFU/MBU, energy, MoE routing and what could not be computed."""
+    cfg: DeepseekOCRConfig, ok: Sequence[PageRecord], hardware: HardwareInfo | None, dtype_bytes: int
+) -> EfficiencySection:
+    """Per-stage achieved FLOP/s, MFU, bytes and MBU over the successful pages ``ok``."""
     unavailable: list[Unavailable] = []
-    notes: list[str] = []
-    if run.session is None or not ok:
-        return [], [], {}, {}, unavailable, notes
-    cfg = run.session.backend.config
-    hw = run.hardware
-    peak_flops = hw.peak_flops_per_s if hw else None
-    peak_bw = hw.peak_bw_bytes_per_s if hw else None
+    peak_flops = hardware.peak_flops_per_s if hardware else None
+    peak_bw = hardware.peak_bw_bytes_per_s if hardware else None
     if peak_flops is None:
-        unavailable.append(Unavailable("mfu", (hw.peak_flops_source if hw else None) or "no peak FLOP/s known"))
+        reason = (hardware.peak_flops_source if hardware else None) or "no peak FLOP/s known"
+        unavailable.append(Unavailable("mfu", reason))
     if peak_bw is None:
-        unavailable.append(Unavailable("mbu", (hw.peak_bw_source if hw else None) or "no peak bandwidth known"))
-    dtype_bytes = 2 if run.session.dtype.itemsize == 2 else run.session.dtype.itemsize
+        unavailable.append(
+            Unavailable("mbu", (hardware.peak_bw_source if hardware else None) or "no peak bandwidth known")
+        )
 
     flops_sum: dict[str, float] = {}
     secs_sum: dict[str, float] = {}
@@ -142,7 +141,7 @@ def compute_efficiency(
             decode_secs_for_bytes += rec.decode_ms / 1e3
     n_pages = max(len(per_page), 1)
     efficiency: list[Efficiency] = []
-    for stage in ("sam", "clip", "projector", "vision", "prefill_lm", "prefill", "decode", "total"):
+    for stage in STAGES:
         if stage not in flops_sum:
             unavailable.append(Unavailable(f"mfu.{stage}", "no page with a positive time for this stage"))
             continue
@@ -197,92 +196,52 @@ def compute_efficiency(
                 "not a CUDA run: the allocator's peak counters exist on CUDA only; peak RSS of the process is shown",
             )
         )
-    energy = _energy_summary(run, ok, unavailable)
-    routing = routing_summary(run)
-    if final and run.static_flops is None and run.runs_for_flops and run.cfg.profiling.get("static_compute", True):
-        run.static_flops = _static_flops(run, notes)
-    if run.static_flops:
-        flops_table = list(run.static_flops)
-        flagged = [f.stage for f in flops_table if f.flagged]
-        if flagged:
-            notes.append(f"counted FLOPs differ from analytic by > 2 % (unexplained) for: {', '.join(flagged)}")
-    return flops_table, efficiency, energy, routing, unavailable, notes
+    return EfficiencySection(flops=flops_table, efficiency=efficiency, unavailable=unavailable)
 
 
-def _static_flops(run: Stage1Run, notes: list[str]) -> list[StageFlops]:
-    from llm_perf_opt.profiling.static_compute import static_compute, write_static_compute
-
-    assert run.session is not None
-    if run.session.backend.name != "native":
-        notes.append(
-            f"counted FLOPs (static compute) run on the native model only; backend {run.session.backend.name} "
-            "has the same architecture, so the analytic FLOPs above apply"
-        )
-        return []
-    first = run.runs_for_flops[0]
-    model = run.session.model
-    base = getattr(model, "base", None)
-    if base is not None:  # the fast path: same function, but graph replays and Triton kernels hide the ops
-        notes.append(
-            "counted FLOPs are taken on the eager module forward of the same weights: the fast path computes the "
-            "same function, but its CUDA-graph replays and Triton kernels are invisible to FLOP counters"
-        )
-        model = base
-    try:
-        rows = static_compute(model, first.prepared, run.session.device, run.session.dtype)
-    except (RuntimeError, ValueError) as exc:
-        notes.append(f"static compute (counted FLOPs) failed: {type(exc).__name__}: {exc}")
-        return []
-    write_static_compute(run.out, rows, first.record.page_id)
-    return rows
-
-
-def _energy_summary(run: Stage1Run, ok: Sequence[PageRecord], unavailable: list[Unavailable]) -> dict[str, float]:
+def energy_summary(
+    ok: Sequence[PageRecord], power: PowerSummary | None, unavailable_reason: str | None
+) -> EnergySection:
+    """Energy totals of the pages that have a reading, plus NVML power/clock aggregates when sampled."""
     energies = [r.energy_j for r in ok if r.energy_j is not None]
-    session = run.session
     if not energies:
-        reason = (session.energy_unavailable_reason if session else None) or "no NVML samples covered the pages"
-        unavailable.append(Unavailable("energy", reason))
-        return {}
+        reason = unavailable_reason or "no NVML samples covered the pages"
+        return EnergySection(energy={}, unavailable=[Unavailable("energy", reason)], notes=[])
     tokens = sum(r.generated_tokens or 0 for r in ok if r.energy_j is not None)
     out = {"energy_total_j": float(sum(energies)), "energy_per_page_mean_j": float(sum(energies) / len(energies))}
     if tokens:
         out["energy_per_output_token_j"] = float(sum(energies) / tokens)
-    if session is not None and session.nvml is not None and session.nvml.available:
-        from llm_perf_opt.profiling.mfu import Unavailable as Missing
-
-        summary = session.nvml.summary()
-        if not isinstance(summary, Missing):
-            for key in (
-                "mean_power_w",
-                "max_power_w",
-                "mean_sm_clock_mhz",
-                "min_sm_clock_mhz",
-                "mean_mem_clock_mhz",
-                "max_temperature_c",
-            ):
-                value = getattr(summary, key)
-                if value is not None:
-                    out[key] = float(value)
-            if summary.throttle_reasons_seen:
-                run.notes.append("GPU clock throttle reasons seen: " + ", ".join(summary.throttle_reasons_seen))
-    return out
+    notes: list[str] = []
+    if power is not None:
+        for key in (
+            "mean_power_w",
+            "max_power_w",
+            "mean_sm_clock_mhz",
+            "min_sm_clock_mhz",
+            "mean_mem_clock_mhz",
+            "max_temperature_c",
+        ):
+            value = getattr(power, key)
+            if value is not None:
+                out[key] = float(value)
+        if power.throttle_reasons_seen:
+            notes.append("GPU clock throttle reasons seen: " + ", ".join(power.throttle_reasons_seen))
+    return EnergySection(energy=out, unavailable=[], notes=notes)
 
 
-def routing_summary(run: Stage1Run) -> dict[str, Any]:
-    """Tokens per expert per MoE layer, summed over the measured pages of the first timed repeat."""
-    pages = [r for r in run.runs_for_flops if r.tokens_per_expert and r.record.repeat == 0]
+def routing_summary(
+    pages: Sequence[tuple[PageRecord, Mapping[Any, Sequence[int]]]], top_k: int | None
+) -> dict[str, Any]:
+    """Tokens per expert per MoE layer, summed over ``pages`` (record, tokens per expert by layer)."""
     if not pages:
         return {}
     layers: dict[str, Any] = {}
-    total_tokens = sum((r.record.prompt_tokens or 0) + max((r.record.generated_tokens or 1) - 1, 0) for r in pages)
-    first = pages[0].tokens_per_expert
-    assert first is not None
+    total_tokens = sum((r.prompt_tokens or 0) + max((r.generated_tokens or 1) - 1, 0) for r, _ in pages)
+    first = pages[0][1]
     for layer in first:
         counts = [0] * len(first[layer])
-        for r in pages:
-            assert r.tokens_per_expert is not None
-            for i, c in enumerate(r.tokens_per_expert.get(layer, [])):
+        for _, per_expert in pages:
+            for i, c in enumerate(per_expert.get(layer, [])):
                 counts[i] += c
         mean = sum(counts) / len(counts) if counts else 0.0
         layers[str(layer)] = {
@@ -292,5 +251,4 @@ def routing_summary(run: Stage1Run) -> dict[str, Any]:
             "imbalance": (max(counts) / mean) if mean else None,
             "tokens_per_expert": counts,
         }
-    top_k = run.session.backend.config.language.num_experts_per_tok if run.session else None
     return {"pages": len(pages), "tokens": total_tokens, "top_k": top_k, "layers": layers}

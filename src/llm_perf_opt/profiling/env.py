@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from llm_perf_opt.profiling import hw
+from llm_perf_opt.profiling.device import cpu_name, nvml_driver_version
+from llm_perf_opt.profiling.mfu import Unavailable
 
 PACKAGES = ("torch", "transformers", "hydra-core", "omegaconf", "attrs", "cattrs", "fvcore", "nvtx",
             "nvidia-ml-py", "pillow", "safetensors", "numpy", "matplotlib", "rich", "llm-perf-opt")  # fmt: skip
@@ -36,8 +37,8 @@ def git_commit(root: Path) -> str | None:
 def _driver(device: torch.device) -> str | None:
     if device.type != "cuda":
         return None
-    version = hw.nvml_driver_version()
-    return version if isinstance(version, str) else f"unavailable ({version.reason})"
+    version = nvml_driver_version()
+    return f"unavailable ({version.reason})" if isinstance(version, Unavailable) else version
 
 
 def collect_env(root: Path, device: torch.device) -> dict[str, Any]:
@@ -59,7 +60,7 @@ def collect_env(root: Path, device: torch.device) -> dict[str, Any]:
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "cpu": hw.cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
