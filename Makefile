@@ -1,14 +1,17 @@
 # Two commands a newcomer needs (each installs into .venv first, idempotently):
-#   make profile [ARGS="hydra overrides"]   -> tmp/stage1/<run_id>/report.md
-#   make test                               -> lint + type check + the test suite
+#   make profile [ARGS="hydra overrides"]   -> tmp/stage1/<run_id>/report.md   (installs the main job's deps only)
+#   make test                               -> lint + type check + import contracts + the test suite (dev extra)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: setup profile sweep test lint format compare clean
+.PHONY: setup setup-dev profile sweep test lint format compare clean
 
 setup:
-	@./scripts/bootstrap.sh
+	@./scripts/bootstrap.sh main
+
+setup-dev:
+	@./scripts/bootstrap.sh dev
 
 profile: setup
 	$(PY) -m llm_perf_opt.runners.llm_profile_runner $(ARGS)
@@ -16,15 +19,16 @@ profile: setup
 sweep: setup
 	$(PY) -m llm_perf_opt.runners.llm_profile_runner -m repeats=3,10 infer.max_new_tokens=64,256,1024 $(ARGS)
 
-lint: setup
+lint: setup-dev
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 test: lint
 	$(VENV)/bin/pytest -q $(ARGS)
 
-format: setup
+format: setup-dev
 	$(VENV)/bin/ruff format src tests benchmarks
 	$(VENV)/bin/ruff check --fix src tests benchmarks
 
@@ -32,4 +36,4 @@ compare: setup
 	$(PY) -m llm_perf_opt.cli compare $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .import_linter_cache build dist
