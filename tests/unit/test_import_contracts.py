@@ -54,7 +54,9 @@ def test_report_contract_kept_then_broken_by_one_wrong_import(tmp_path: Path) ->
 
     # The leak this issue removed: a renderer reaching into the runner.
     markdown = root / "src" / "llm_perf_opt" / "report" / "markdown.py"
-    markdown.write_text(markdown.read_text() + "\n\ndef _leak() -> None:\n    from llm_perf_opt.runners import stage1\n")
+    markdown.write_text(
+        markdown.read_text() + "\n\ndef _leak() -> None:\n    from llm_perf_opt.runners import stage1\n"
+    )
     broken = _lint(root, "report")
     out = " ".join(broken.stdout.split())
     assert broken.returncode != 0
