@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -81,7 +80,3 @@ def module_named(root: nn.Module, dotted: str) -> nn.Module:
     if not isinstance(mod, nn.Module):
         raise AttributeError(f"'{dotted}' is not a module")
     return mod
-
-
-def cuda_peak_memory(device: torch.device) -> tuple[int, int]:
-    return int(torch.cuda.max_memory_allocated(device)), int(torch.cuda.max_memory_reserved(device))

@@ -54,7 +54,3 @@ class RangeMarker:
             yield
         finally:
             self.pop()
-
-
-def nvtx_available() -> bool:
-    return _NVTX is not None
