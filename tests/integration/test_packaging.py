@@ -18,8 +18,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "conf"
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
