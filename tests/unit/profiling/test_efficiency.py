@@ -1,0 +1,100 @@
+"""profiling/efficiency.py: MFU/MBU, energy and routing as functions of records (hand-computed oracles)."""
+
+from __future__ import annotations
+
+import pytest
+
+from llm_perf_opt.models.deepseek_ocr.config import DeepseekOCRConfig
+from llm_perf_opt.profiling import efficiency as E
+from llm_perf_opt.profiling import flops as F
+from llm_perf_opt.profiling.nvml import PowerSummary
+from llm_perf_opt.results.types import HardwareInfo, PageRecord
+from tests.conftest import TINY
+
+VIEWS = [(1, 64, 64)]
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg() -> DeepseekOCRConfig:
+    return DeepseekOCRConfig.from_json(TINY / "config.json")
+
+
+def _page(page_id: str, decode_ms: float, generated: int, prompt: int = 30, energy_j: float | None = None):
+    return PageRecord(
+        page_id=page_id,
+        repeat=0,
+        status="ok",
+        prompt_tokens=prompt,
+        generated_tokens=generated,
+        vision_views=list(VIEWS),
+        sam_ms=1.0,
+        clip_ms=1.0,
+        projector_ms=0.5,
+        vision_ms=3.0,
+        prefill_ms=5.0,
+        decode_ms=decode_ms,
+        energy_j=energy_j,
+    )
+
+
+def _hardware(peak_flops: float | None, peak_bw: float | None) -> HardwareInfo:
+    return HardwareInfo("cuda:0", "GPU X", None, None, "t", "c", peak_flops, "sheet", peak_bw, "sheet")
+
+
+def test_decode_efficiency_is_sum_over_sum_not_mean_of_ratios(tiny_cfg: DeepseekOCRConfig) -> None:
+    a, b = _page("a", decode_ms=10.0, generated=5), _page("b", decode_ms=30.0, generated=9)
+    section = E.compute_efficiency(tiny_cfg, [a, b], _hardware(1e12, 1e11), dtype_bytes=2)
+    decode = next(e for e in section.efficiency if e.stage == "decode")
+    fa = F.page_flops(tiny_cfg, VIEWS, 30, 5).stages()["decode"]
+    fb = F.page_flops(tiny_cfg, VIEWS, 30, 9).stages()["decode"]
+    assert decode.achieved_flops_per_s == pytest.approx((fa + fb) / 0.040)  # Σ FLOPs ÷ Σ seconds
+    assert decode.achieved_flops_per_s != pytest.approx((fa / 0.010 + fb / 0.030) / 2)
+    assert decode.mfu == pytest.approx((fa + fb) / 0.040 / 1e12)
+    assert decode.flops == pytest.approx((fa + fb) / 2) and decode.seconds == pytest.approx(0.020)
+    db = F.decode_bytes(tiny_cfg, 30, 5, 2).total_bytes + F.decode_bytes(tiny_cfg, 30, 9, 2).total_bytes
+    assert decode.mbu == pytest.approx(db / 0.040 / 1e11)
+    assert [f.stage for f in section.flops] == ["sam", "clip", "projector", "prefill_lm", "decode"]
+
+
+def test_no_peak_means_mfu_absent_with_the_sources_reason(tiny_cfg: DeepseekOCRConfig) -> None:
+    hw = HardwareInfo("cpu", None, None, None, "t", "c", None, "no sourced peak for CPUs", None, "no bw for CPUs")
+    section = E.compute_efficiency(tiny_cfg, [_page("a", 10.0, 5)], hw, dtype_bytes=4)
+    assert all(e.mfu is None and e.mbu is None for e in section.efficiency)
+    reasons = {u.metric: u.reason for u in section.unavailable}
+    assert reasons["mfu"] == "no sourced peak for CPUs" and reasons["mbu"] == "no bw for CPUs"
+    assert "peak_mem_allocated_bytes" in reasons  # no page has the CUDA allocator's peak
+
+
+def test_a_single_token_page_has_no_decode_figure(tiny_cfg: DeepseekOCRConfig) -> None:
+    section = E.compute_efficiency(tiny_cfg, [_page("a", 10.0, generated=1)], _hardware(1e12, 1e11), 2)
+    assert "decode" not in {e.stage for e in section.efficiency}
+    assert any(u.metric == "mfu.decode" for u in section.unavailable)
+
+
+def test_energy_totals_and_power_aggregates() -> None:
+    pages = [_page("a", 10.0, 10, energy_j=2.0), _page("b", 10.0, 30, energy_j=4.0), _page("c", 10.0, 7)]
+    power = PowerSummary(3, 250.0, 300.0, 1800.0, 1700, 2600.0, 71, ("sw_power_cap",))
+    out = E.energy_summary(pages, power, None)
+    assert out.energy["energy_total_j"] == 6.0
+    assert out.energy["energy_per_page_mean_j"] == 3.0
+    assert out.energy["energy_per_output_token_j"] == pytest.approx(6.0 / 40)  # page c has no reading
+    assert out.energy["max_power_w"] == 300.0 and out.energy["min_sm_clock_mhz"] == 1700.0
+    assert out.notes == ["GPU clock throttle reasons seen: sw_power_cap"] and out.unavailable == []
+
+
+def test_energy_absent_with_the_samplers_reason() -> None:
+    out = E.energy_summary([_page("a", 10.0, 5)], None, "CPU run: NVML measures NVIDIA GPUs only")
+    assert out.energy == {}
+    assert [(u.metric, u.reason) for u in out.unavailable] == [("energy", "CPU run: NVML measures NVIDIA GPUs only")]
+
+
+def test_routing_sums_pages_per_layer() -> None:
+    a, b = _page("a", 10.0, generated=3, prompt=10), _page("b", 10.0, generated=1, prompt=6)
+    out = E.routing_summary([(a, {1: [3, 0, 1, 0]}), (b, {1: [1, 0, 3, 0]})], top_k=2)
+    assert out["pages"] == 2 and out["top_k"] == 2
+    assert out["tokens"] == (10 + 2) + (6 + 0)  # prompt + decode steps (generated - 1) per page
+    layer = out["layers"]["1"]
+    assert layer["tokens_per_expert"] == [4, 0, 4, 0]
+    assert layer["experts_hit"] == 2 and layer["max_tokens"] == 4
+    assert layer["mean_tokens"] == 2.0 and layer["imbalance"] == 2.0
+    assert E.routing_summary([], top_k=2) == {}
