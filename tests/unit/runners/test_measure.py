@@ -1,0 +1,36 @@
+"""runners/measure.py: the batched-throughput statistics the report formats (computed here, not in report/)."""
+
+from __future__ import annotations
+
+import pytest
+
+from llm_perf_opt.results.types import BatchRecord
+from llm_perf_opt.runners.measure import batch_aggregates
+
+
+def _batch(pages_per_s: float | None, tok_s: float | None, tpot_ms: list[float], prefill_ms: float) -> BatchRecord:
+    return BatchRecord(
+        repeat=0,
+        page_ids=["a", "b"],
+        batch=2,
+        padded_prompt_tokens=40,
+        output_tokens=16,
+        vision_ms=prefill_ms / 2,
+        prefill_ms=prefill_ms,
+        decode_ms=50.0,
+        pages_per_s=pages_per_s,
+        output_tok_s=tok_s,
+        tpot_ms=tpot_ms,
+    )
+
+
+def test_statistics_over_batches_and_tpot_over_sequences() -> None:
+    out = batch_aggregates([_batch(2.0, 100.0, [1.0, 2.0], 10.0), _batch(4.0, None, [3.0, 4.0], 30.0)])
+    assert out["pages_per_s"].n == 2 and out["pages_per_s"].mean == pytest.approx(3.0)
+    assert out["output_tok_s"].n == 1 and out["output_tok_s"].mean == pytest.approx(100.0)  # None is not a sample
+    assert out["prefill_ms"].mean == pytest.approx(20.0) and out["vision_ms"].max == pytest.approx(15.0)
+    assert out["tpot_ms"].n == 4 and out["tpot_ms"].mean == pytest.approx(2.5)  # every sequence of every batch
+
+
+def test_no_batches_no_statistics() -> None:
+    assert batch_aggregates([]) == {}
