@@ -1,0 +1,147 @@
+"""DeepEncoder V2: the Qwen2-style decoder DeepSeek-OCR-2 runs as its vision encoder (CLIP's replacement).
+
+One view's N SAM tokens (flattened row-major) are followed by N learned queries; the sequence (positions
+0..2N−1, RoPE) goes through pre-norm blocks with GQA attention (q/k/v with bias, o without) and a SwiGLU MLP,
+then a final RMSNorm; only the last N outputs (the queries) are kept.  The attention mask is what makes it an
+encoder: image tokens see every image token (bidirectional) and no query; query i sees every image token and
+queries 0..i (causal).  It is a boolean ``[2N, 2N]`` mask for ``scaled_dot_product_attention``
+(:func:`prefix_causal_mask`); it depends on N only, so it is built once per view shape.
+
+The norm, rotary table and MLP are v1's decoder parts (same math, same float32 norm statistics).  Module names
+mirror the checkpoint (``qwen2_model.model.model.layers.N.*``, ``qwen2_model.query_768`` / ``query_1024``):
+the remote code wraps a Hugging Face ``Qwen2ForCausalLM``'s inner model twice, hence ``model.model``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llm_perf_opt.errors import InputError
+from llm_perf_opt.models.deepseek_ocr.decoder import MLP, RMSNorm, RotaryEmbedding, apply_rotary
+from llm_perf_opt.models.deepseek_ocr2.config import EncoderConfig
+
+__all__ = ["EncoderAttention", "EncoderLayer", "EncoderStack", "Qwen2Encoder", "prefix_causal_mask"]
+
+_MASKS: dict[tuple[int, torch.device], Tensor] = {}
+
+
+def prefix_causal_mask(n_image: int, device: torch.device | str = "cpu") -> Tensor:
+    """Boolean ``[2N, 2N]`` (True = may attend): rows < N see columns < N; row i ≥ N sees columns ≤ i.
+
+    Cached per (N, device): the encoder sees two view shapes (144 and 256 tokens), so the mask is built twice.
+    """
+    dev = torch.device(device)
+    key = (n_image, dev)
+    mask = _MASKS.get(key)
+    if mask is None:
+        total = 2 * n_image
+        rows = torch.arange(total, device=dev)[:, None]
+        cols = torch.arange(total, device=dev)[None, :]
+        mask = torch.where(rows < n_image, cols < n_image, cols <= rows)
+        _MASKS[key] = mask
+    return mask
+
+
+class EncoderAttention(nn.Module):
+    """Grouped-query self-attention (Qwen2: q/k/v with bias, o without) under a given boolean mask."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        hidden = cfg.hidden_size
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
+        bsz, length, _ = x.shape
+        q = self.q_proj(x).view(bsz, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(bsz, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(bsz, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        if self.num_kv_heads != self.num_heads:
+            # Query head h reads KV head h // rep (the Hugging Face ``repeat_kv`` grouping).
+            rep = self.num_heads // self.num_kv_heads
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(bsz, length, self.num_heads * self.head_dim))
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm block ``x + attn(norm(x))``, ``x + mlp(norm(x))`` with v1's SwiGLU MLP and RMSNorm."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.self_attn = EncoderAttention(cfg)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class EncoderStack(nn.Module):
+    """The layers and the final norm (the checkpoint's ``qwen2_model.model.model``)."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class _CausalLMShell(nn.Module):
+    """Only a name: the remote code's ``Qwen2ForCausalLM`` wrapper, so the keys read ``model.model.layers``."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.model = EncoderStack(cfg)
+
+
+class Qwen2Encoder(nn.Module):
+    """SAM feature map [B, C, h, w] → query outputs [B, h·w, hidden] (the checkpoint's ``qwen2_model``)."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = _CausalLMShell(cfg)
+        self.query_768 = nn.Embedding(cfg.query_768_tokens, cfg.hidden_size)
+        self.query_1024 = nn.Embedding(cfg.query_1024_tokens, cfg.hidden_size)
+        # 2N positions: 512 for the global view; the table grows on demand.
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, 2 * cfg.query_1024_tokens)
+
+    @property
+    def stack(self) -> EncoderStack:
+        return self.model.model
+
+    def queries_for(self, n_image: int) -> Tensor:
+        """The learned-query table whose size is ``n_image`` (144 → ``query_768``, 256 → ``query_1024``)."""
+        for table in (self.query_768, self.query_1024):
+            if table.weight.shape[0] == n_image:
+                return table.weight
+        raise InputError(
+            f"the encoder has learned queries for {self.query_768.weight.shape[0]} (768-px tile) and "
+            f"{self.query_1024.weight.shape[0]} (1024-px global view) SAM tokens, got a view with {n_image}",
+            hint="DeepSeek-OCR-2 views are 768 px (tiles, the 768 mode) or 1024 px (global view, the 1024 mode)",
+        )
+
+    def forward(self, sam_features: Tensor) -> Tensor:
+        tokens = sam_features.flatten(2).transpose(1, 2)
+        bsz, n_image, _ = tokens.shape
+        queries = self.queries_for(n_image).to(tokens.dtype)
+        hidden = torch.cat((tokens, queries.unsqueeze(0).expand(bsz, -1, -1)), dim=1)
+        cos, sin = self.rotary(0, 2 * n_image, hidden.device, hidden.dtype)
+        mask = prefix_causal_mask(n_image, hidden.device)
+        stack = self.stack
+        for layer in stack.layers:
+            hidden = layer(hidden, cos, sin, mask)
+        out: Tensor = stack.norm(hidden[:, n_image:])
+        return out
