@@ -1,0 +1,101 @@
+"""Analytic FLOPs of DeepSeek-OCR-2's vision stage, beside v1's (:mod:`llm_perf_opt.profiling.flops`).
+
+Same conventions as v1 (a multiply-add is 2 FLOPs; matrix work only, so q/k/v bias adds, norms, SiLU, RoPE
+and residual adds are left out; attention counts the useful pairs).  SAM and the projector are v1's formulas
+(the projector maps the N query outputs per view, 896 → 1280); the language model is v1's
+(:func:`llm_perf_opt.profiling.flops.prefill_flops` etc. apply unchanged).  New here is the encoder:
+
+* every layer runs on **2N positions** (N SAM tokens + N learned queries) for a view with N SAM tokens
+  (N = 144 for a 768-px tile, 256 for the 1024-px global view);
+* **GQA**: q and o are ``hidden × heads·head_dim``, k and v only ``hidden × kv_heads·head_dim``; the attention
+  products run for every query head;
+* **SwiGLU**: gate, up (``hidden → ffn``) and down (``ffn → hidden``);
+* **the prefix mask**: image rows attend to the N image tokens only, query row i to the N image tokens and
+  queries ≤ i, so the useful pairs are ``N² + N² + N(N+1)/2`` of the ``(2N)²`` a math kernel computes
+  (:func:`encoder_attention_pairs`).  ``useful=False`` gives the full grid, which is what
+  ``torch.utils.flop_counter`` and fvcore count for SDPA with a mask.
+
+At full size the encoder is 210.6 GFLOP per 768-px tile and 380.5 per global view (useful pairs; 213.2 and
+389.0 over the full grid, the figures issue 20 quotes), against CLIP's ≈ 62 and 162 in v1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from llm_perf_opt.models.deepseek_ocr2.config import DeepseekOCR2Config, EncoderConfig
+from llm_perf_opt.profiling.flops import (
+    FlopsBreakdown,
+    View,
+    attention_flops,
+    linear_flops,
+    projector_flops,
+    sam_flops,
+    sam_output_grid,
+)
+
+__all__ = ["encoder_attention_pairs", "encoder_flops", "v2_views", "vision_flops_v2"]
+
+
+def encoder_attention_pairs(n_image: int, useful: bool = True) -> int:
+    """Query/key pairs of one head over one view's 2N positions: the prefix mask's kept pairs, or the full grid."""
+    if n_image < 0:
+        raise ValueError(f"n_image must be >= 0, got {n_image}")
+    if not useful:
+        return (2 * n_image) ** 2
+    return n_image * n_image + n_image * n_image + n_image * (n_image + 1) // 2
+
+
+def encoder_flops(enc: EncoderConfig, n_image: int, batch: int = 1, useful: bool = True) -> FlopsBreakdown:
+    """The Qwen2-style encoder on ``batch`` views of ``n_image`` SAM tokens each (2N positions per view)."""
+    if batch < 0:
+        raise ValueError(f"batch must be >= 0, got {batch}")
+    h, hd, ffn, n = enc.hidden_size, enc.head_dim, enc.intermediate_size, enc.num_layers
+    rows = batch * 2 * n_image
+    q_width, kv_width = enc.num_attention_heads * hd, enc.num_key_value_heads * hd
+    pairs = encoder_attention_pairs(n_image, useful)
+    # attention_flops over a 1×pairs "grid" gives 2·batch·heads·pairs·(d + dv): the products per kept pair.
+    core = attention_flops(1, pairs, enc.num_attention_heads, hd, causal=False, batch=batch)
+    comps = {
+        "attn.q_proj": n * linear_flops(rows, h, q_width),
+        "attn.kv_proj": n * 2 * linear_flops(rows, h, kv_width),
+        "attn.core": n * core,
+        "attn.o_proj": n * linear_flops(rows, q_width, h),
+        "mlp.gate_up": n * 2 * linear_flops(rows, h, ffn),
+        "mlp.down": n * linear_flops(rows, ffn, h),
+    }
+    kind = "prefix-mask pairs" if useful else "full (2N)² grid"
+    notes = [
+        f"encoder batch {batch}: {n_image} SAM tokens + {n_image} queries = {2 * n_image} positions, "
+        f"attention over {kind} ({pairs} per head)"
+    ]
+    return FlopsBreakdown.of("encoder", comps, notes)
+
+
+def v2_views(cfg: DeepseekOCR2Config, n_tiles: int, base_size: int | None = None) -> tuple[View, ...]:
+    """Vision inputs of one page: ``n_tiles`` tiles of ``image_size`` (none if 0), then the global view."""
+    if n_tiles < 0:
+        raise ValueError(f"n_tiles must be >= 0, got {n_tiles}")
+    base = base_size or cfg.base_size
+    views: list[View] = []
+    if n_tiles:
+        views.append((n_tiles, cfg.image_size, cfg.image_size))
+    views.append((1, base, base))
+    return tuple(views)
+
+
+def vision_flops_v2(
+    cfg: DeepseekOCR2Config, views: Sequence[View], useful: bool = True
+) -> tuple[FlopsBreakdown, FlopsBreakdown, FlopsBreakdown]:
+    """(SAM, encoder, projector) FLOPs for a page's views, each ``(count, height, width)``, batched per size."""
+    sam_total = FlopsBreakdown.of("sam", {})
+    enc_total = FlopsBreakdown.of("encoder", {})
+    proj_total = FlopsBreakdown.of("projector", {})
+    for count, height, width in views:
+        if count <= 0:
+            continue
+        sam_total = sam_total + sam_flops(cfg.sam, height, width, batch=count)
+        gh, gw = sam_output_grid(cfg.sam, height, width)
+        enc_total = enc_total + encoder_flops(cfg.encoder, gh * gw, batch=count, useful=useful)
+        proj_total = proj_total + projector_flops(cfg.projector, count * gh * gw)
+    return sam_total, enc_total, proj_total
