@@ -8,9 +8,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm_perf_opt.models.deepseek_ocr2 import DeepseekOCR2Config, DeepseekOCR2ForCausalLM, build_model_v2
+from llm_perf_opt.models.deepseek_ocr2 import (
+    DeepseekOCR2Config,
+    DeepseekOCR2ForCausalLM,
+    build_model_v2,
+    count_parameters,
+    empty_model_v2,
+)
 from llm_perf_opt.profiling.flop_count import count_flop_counter
-from llm_perf_opt.profiling.flops_ocr2 import encoder_attention_pairs, encoder_flops, v2_views, vision_flops_v2
+from llm_perf_opt.profiling.flops_ocr2 import (
+    encoder_attention_pairs,
+    encoder_flops,
+    param_counts_v2,
+    v2_views,
+    vision_flops_v2,
+)
 
 TINY = Path(__file__).resolve().parents[1] / "fixtures" / "deepseek_ocr2_tiny"
 
@@ -65,3 +77,21 @@ def test_full_size_encoder_matches_the_issue_figures() -> None:
     enc = DeepseekOCR2Config().encoder
     assert round(encoder_flops(enc, 144, useful=False).total_flops / 1e9) == 213
     assert round(encoder_flops(enc, 256, useful=False).total_flops / 1e9) == 389
+
+
+@pytest.mark.parametrize("which", ["tiny", "real"])
+def test_param_counts_match_the_module_tree(which: str) -> None:
+    path = TINY / "config.json" if which == "tiny" else TINY.parent / "deepseek_ocr2_real" / "config.json"
+    cfg = DeepseekOCR2Config.from_json(path)
+    pc = param_counts_v2(cfg)
+    meta = empty_model_v2(cfg)
+    m = meta.model
+    assert pc.sam_model == count_parameters(m.sam_model)
+    assert pc.encoder == count_parameters(m.qwen2_model)
+    assert pc.projector == count_parameters(m.projector)
+    assert pc.lm_head == count_parameters(meta.lm_head)
+    assert pc.total == count_parameters(meta)
+    if which == "real":
+        assert pc.total == 3_389_119_360
+        # The language model is v1's: the same 574,127,360 weights per decoded token (tests/unit/test_flops.py).
+        assert pc.activated_per_token == 574_127_360

@@ -23,18 +23,31 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import attrs
+
+from llm_perf_opt.models.deepseek_ocr.config import DeepseekOCRConfig
 from llm_perf_opt.models.deepseek_ocr2.config import DeepseekOCR2Config, EncoderConfig
 from llm_perf_opt.profiling.flops import (
     FlopsBreakdown,
     View,
+    activated_params_per_token,
     attention_flops,
     linear_flops,
+    param_counts,
     projector_flops,
     sam_flops,
     sam_output_grid,
 )
 
-__all__ = ["encoder_attention_pairs", "encoder_flops", "v2_views", "vision_flops_v2"]
+__all__ = [
+    "ParamCountsV2",
+    "encoder_attention_pairs",
+    "encoder_flops",
+    "encoder_params",
+    "param_counts_v2",
+    "v2_views",
+    "vision_flops_v2",
+]
 
 
 def encoder_attention_pairs(n_image: int, useful: bool = True) -> int:
@@ -99,3 +112,47 @@ def vision_flops_v2(
         enc_total = enc_total + encoder_flops(cfg.encoder, gh * gw, batch=count, useful=useful)
         proj_total = proj_total + projector_flops(cfg.projector, count * gh * gw)
     return sam_total, enc_total, proj_total
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameters
+# --------------------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class ParamCountsV2:
+    """Parameters per component of DeepSeek-OCR-2 and those one decoded token activates (the LM's, as in v1)."""
+
+    sam_model: int
+    encoder: int
+    projector: int
+    view_separator: int
+    language_model: int  # embeddings, decoder layers, final norm (lm_head separate)
+    lm_head: int
+    activated_per_token: int
+
+    @property
+    def total(self) -> int:
+        return self.sam_model + self.encoder + self.projector + self.view_separator + self.language_model + self.lm_head
+
+
+def encoder_params(enc: EncoderConfig) -> int:
+    """Layers (GQA projections with q/k/v bias, SwiGLU, two norms), final norm and the two query tables."""
+    h, hd, ffn = enc.hidden_size, enc.head_dim, enc.intermediate_size
+    q, kv = enc.num_attention_heads * hd, enc.num_key_value_heads * hd
+    layer = (h * q + q) + 2 * (h * kv + kv) + q * h + 3 * h * ffn + 2 * h
+    return enc.num_layers * layer + h + (enc.query_768_tokens + enc.query_1024_tokens) * h
+
+
+def param_counts_v2(cfg: DeepseekOCR2Config) -> ParamCountsV2:
+    """Parameters from the config alone; SAM and the language model through v1's formulas (same modules)."""
+    v1 = param_counts(DeepseekOCRConfig(sam=cfg.sam, language=cfg.language))
+    return ParamCountsV2(
+        sam_model=v1.sam_model,
+        encoder=encoder_params(cfg.encoder),
+        projector=cfg.projector.input_dim * cfg.projector.n_embed + cfg.projector.n_embed,
+        view_separator=cfg.projector.n_embed,
+        language_model=v1.embed_tokens + v1.final_norm + v1.decoder_layers_total,
+        lm_head=v1.lm_head,
+        activated_per_token=activated_params_per_token(DeepseekOCRConfig(language=cfg.language)),
+    )
