@@ -95,3 +95,17 @@ def test_param_counts_match_the_module_tree(which: str) -> None:
         assert pc.total == 3_389_119_360
         # The language model is v1's: the same 574,127,360 weights per decoded token (tests/unit/test_flops.py).
         assert pc.activated_per_token == 574_127_360
+
+
+def test_fast_encoder_skips_the_image_to_query_block(model: DeepseekOCR2ForCausalLM) -> None:
+    """The fast path's split attention computes N·N (images) + N·2N (queries) pairs: the full grid minus the
+    N·N image→query block, which is what the counter sees (2 layers, 4 heads of 16, batch 1, N = 256)."""
+    enc = model.model.qwen2_model
+    sam_out = torch.randn(1, 64, 16, 16)
+    enc.fast = True
+    try:
+        counted = count_flop_counter(enc, sam_out).total_flops
+    finally:
+        enc.fast = False
+    full = encoder_flops(model.config.encoder, 256, useful=False).total_flops
+    assert counted == full - 2 * 2 * 4 * (16 + 16) * 256 * 256

@@ -219,3 +219,19 @@ def test_image_token_formula() -> None:
     assert num_image_tokens_v2(cfg, 0, base_size=768) == 145  # the 768 non-crop mode: 12² + 1
     with pytest.raises(InputError):
         num_image_tokens_v2(cfg, -1)
+
+
+def test_fast_encoder_attention_is_the_same_function(model: DeepseekOCR2ForCausalLM) -> None:
+    """The fast path's two mask-free SDPA calls (lower-right causal for the queries) equal the boolean mask."""
+    enc = model.model.qwen2_model
+    torch.manual_seed(0)
+    for side, batch in ((12, 2), (16, 1)):
+        sam_out = torch.randn(batch, 64, side, side, dtype=model.dtype)
+        reference = enc(sam_out)
+        enc.fast = True
+        try:
+            fast = enc(sam_out)
+        finally:
+            enc.fast = False
+        tol = 1e-12 if model.dtype == torch.float64 else 1e-5
+        assert rel_err(fast, reference) < tol

@@ -5,7 +5,9 @@ One view's N SAM tokens (flattened row-major) are followed by N learned queries;
 then a final RMSNorm; only the last N outputs (the queries) are kept.  The attention mask is what makes it an
 encoder: image tokens see every image token (bidirectional) and no query; query i sees every image token and
 queries 0..i (causal).  It is a boolean ``[2N, 2N]`` mask for ``scaled_dot_product_attention``
-(:func:`prefix_causal_mask`); it depends on N only, so it is built once per view shape.
+(:func:`prefix_causal_mask`); it depends on N only, so it is built once per view shape.  A dense mask rules
+out flash kernels, so the fast path (``Qwen2Encoder.fast``) computes the same attention as two mask-free
+calls instead (:func:`prefix_causal_attention`).
 
 The norm, rotary table and MLP are v1's decoder parts (same math, same float32 norm statistics).  Module names
 mirror the checkpoint (``qwen2_model.model.model.layers.N.*``, ``qwen2_model.query_768`` / ``query_1024``):
@@ -17,14 +19,39 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.bias import causal_lower_right
 
 from llm_perf_opt.errors import InputError
 from llm_perf_opt.models.deepseek_ocr.decoder import MLP, RMSNorm, RotaryEmbedding, apply_rotary
 from llm_perf_opt.models.deepseek_ocr2.config import EncoderConfig
 
-__all__ = ["EncoderAttention", "EncoderLayer", "EncoderStack", "Qwen2Encoder", "prefix_causal_mask"]
+__all__ = [
+    "EncoderAttention",
+    "EncoderLayer",
+    "EncoderStack",
+    "Qwen2Encoder",
+    "lower_right_bias",
+    "prefix_causal_attention",
+    "prefix_causal_mask",
+]
 
 _MASKS: dict[tuple[int, torch.device], Tensor] = {}
+_LOWER_RIGHT: dict[tuple[int, int], Tensor] = {}
+
+
+def lower_right_bias(q_len: int, kv_len: int) -> Tensor:
+    """The cached lower-right causal bias (query i sees keys ≤ kv_len − q_len + i) for ``q_len × kv_len``.
+
+    Cached because a ``CausalBias`` cannot be created while a dispatch mode is active (FlopCounterMode, the
+    profiler's counting pass raises "Creating a new Tensor subclass"); :attr:`Qwen2Encoder.fast` creates the
+    two the encoder needs when it is switched on, so counting a fast forward finds them.
+    """
+    key = (q_len, kv_len)
+    bias = _LOWER_RIGHT.get(key)
+    if bias is None:
+        bias = causal_lower_right(q_len, kv_len)
+        _LOWER_RIGHT[key] = bias
+    return bias
 
 
 def prefix_causal_mask(n_image: int, device: torch.device | str = "cpu") -> Tensor:
@@ -44,6 +71,19 @@ def prefix_causal_mask(n_image: int, device: torch.device | str = "cpu") -> Tens
     return mask
 
 
+def prefix_causal_attention(q: Tensor, k: Tensor, v: Tensor, n_image: int) -> Tensor:
+    """The prefix-mask attention over [B, heads, 2N, d] as two calls without a dense mask (the fast path).
+
+    Image rows: plain bidirectional attention over the N image keys.  Query rows: the N queries against all 2N
+    keys with a *lower-right* causal bias (query i sees keys ≤ N + i): exactly the image block plus queries ≤ i.
+    Both calls are flash / memory-efficient eligible, and the N·N image→query pairs are never computed.
+    """
+    n = n_image
+    img = F.scaled_dot_product_attention(q[:, :, :n], k[:, :, :n], v[:, :, :n])
+    qry = F.scaled_dot_product_attention(q[:, :, n:], k, v, attn_mask=lower_right_bias(q.shape[2] - n, k.shape[2]))
+    return torch.cat((img, qry), dim=2)
+
+
 class EncoderAttention(nn.Module):
     """Grouped-query self-attention (Qwen2: q/k/v with bias, o without) under a given boolean mask."""
 
@@ -58,7 +98,8 @@ class EncoderAttention(nn.Module):
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, n_image: int) -> Tensor:
+        """``mask``: the boolean prefix mask, or None for :func:`prefix_causal_attention` (same result)."""
         bsz, length, _ = x.shape
         q = self.q_proj(x).view(bsz, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(bsz, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -70,7 +111,10 @@ class EncoderAttention(nn.Module):
             rep = self.num_heads // self.num_kv_heads
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if mask is None:
+            out = prefix_causal_attention(q, k, v, n_image)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(out.transpose(1, 2).reshape(bsz, length, self.num_heads * self.head_dim))
 
 
@@ -84,8 +128,8 @@ class EncoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, n_image: int) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, n_image)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -117,6 +161,20 @@ class Qwen2Encoder(nn.Module):
         self.query_1024 = nn.Embedding(cfg.query_1024_tokens, cfg.hidden_size)
         # 2N positions: 512 for the global view; the table grows on demand.
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, 2 * cfg.query_1024_tokens)
+        self._fast = False
+
+    @property
+    def fast(self) -> bool:
+        """Fast-path switch, off by default (the boolean mask is the reference formulation): attention as two
+        mask-free SDPA calls (:func:`prefix_causal_attention`), flash-eligible, the image→query block skipped."""
+        return self._fast
+
+    @fast.setter
+    def fast(self, on: bool) -> None:
+        self._fast = bool(on)
+        if self._fast:
+            for n in (self.cfg.query_768_tokens, self.cfg.query_1024_tokens):
+                lower_right_bias(n, 2 * n)
 
     @property
     def stack(self) -> EncoderStack:
@@ -139,9 +197,9 @@ class Qwen2Encoder(nn.Module):
         queries = self.queries_for(n_image).to(tokens.dtype)
         hidden = torch.cat((tokens, queries.unsqueeze(0).expand(bsz, -1, -1)), dim=1)
         cos, sin = self.rotary(0, 2 * n_image, hidden.device, hidden.dtype)
-        mask = prefix_causal_mask(n_image, hidden.device)
+        mask = None if self._fast else prefix_causal_mask(n_image, hidden.device)
         stack = self.stack
         for layer in stack.layers:
-            hidden = layer(hidden, cos, sin, mask)
+            hidden = layer(hidden, cos, sin, mask, n_image)
         out: Tensor = stack.norm(hidden[:, n_image:])
         return out
