@@ -1,6 +1,6 @@
 """Page image → DeepSeek-OCR-2 inputs: v1's preprocessing steps with v2's geometry and token layout.
 
-The steps are v1's (:mod:`llm_perf_opt.models.deepseek_ocr.preprocess`: EXIF-aware loading, the aspect-ratio
+The steps are v1's (:mod:`llm_perf_opt.models.deepseek_ocr.preprocess`: the aspect-ratio
 grid search with its area tie-break, stretch-and-cut tiles, letterboxing with (127,127,127), normalisation,
 the prompt with the image run expanded); what changes is the geometry, as DeepSeek-OCR-2's processor sets it:
 
