@@ -7,6 +7,7 @@ Skipped where that transformers version is not installed.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,11 @@ import torch
 from safetensors.torch import load_file
 
 from llm_perf_opt.models.deepseek_ocr2 import DeepseekOCR2Config, build_model_v2
+from llm_perf_opt.models.deepseek_ocr2.hf_native import hf_native_config
 from tests.conftest import rel_err
 
 TINY = Path(__file__).resolve().parents[1] / "fixtures" / "deepseek_ocr2_tiny"
+REAL = TINY.parent / "deepseek_ocr2_real"
 # Two float64 implementations: only float32-rounded RMSNorm statistics (in both) separate them.
 TOL = 1e-6
 
@@ -29,6 +32,23 @@ def _hf_class() -> Any:
     if cls is None:
         pytest.skip(f"transformers {transformers.__version__} has no native DeepseekOcr2 (needs >= 5.10.1)")
     return cls
+
+
+def test_hf_native_config_of_the_tiny_model_is_the_fixtures() -> None:
+    """No transformers needed: the config written from our tiny config is the fixture's hf_native_config.json."""
+    expected = json.loads((TINY / "hf_native_config.json").read_text())
+    assert hf_native_config(DeepseekOCR2Config.from_json(TINY)) == expected
+
+
+def test_transformers_native_full_size_parameter_total() -> None:
+    """transformers' class built (on the meta device) from the full-size config written here: 3,389,119,360."""
+    cls = _hf_class()
+    import transformers
+
+    config = transformers.DeepseekOcr2Config(**hf_native_config(DeepseekOCR2Config.from_json(REAL)))
+    with torch.device("meta"):
+        hf = cls(config)
+    assert sum(p.numel() for p in hf.parameters()) == 3_389_119_360
 
 
 def test_transformers_native_agrees_with_native(tmp_path: Path) -> None:
