@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from llm_perf_opt.models.deepseek_ocr.preprocess import preprocess_page  # noqa: E402
-from llm_perf_opt.runners.hf_remote import HF_HOOKS, HfRemoteBackend  # noqa: E402
+from llm_perf_opt.runners.backends.hf_remote import HF_HOOKS, HfRemoteBackend  # noqa: E402
+from llm_perf_opt.runners.settings import ModelSettings, PreprocessSettings  # noqa: E402
 
 PROMPT = "<image>\n<|grounding|>Convert the document to markdown."
 
@@ -101,11 +102,12 @@ def main() -> int:
 
     device = torch.device(args.device)
     dtype = torch.bfloat16
-    model_cfg = {
-        "path": args.path,
-        "weights": "dummy",
-        "preprocess": {"base_size": 1024, "image_size": 640, "crop_mode": True, "vendor_quirks": True},
-    }
+    model_cfg = ModelSettings(
+        path=args.path,
+        weights="dummy",
+        backend="hf_remote",
+        preprocess=PreprocessSettings(base_size=1024, image_size=640, crop_mode=True, vendor_quirks=True),
+    )
     t0 = time.perf_counter()
     backend = HfRemoteBackend(model_cfg, device, dtype, ROOT)
     load_s = time.perf_counter() - t0

@@ -16,14 +16,15 @@ import llm_perf_opt.runners.llm_profile_runner  # noqa: F401  (registers the run
 from llm_perf_opt.data.datasets import Page
 from llm_perf_opt.profiling.stats import summarize
 from llm_perf_opt.runners.dsocr_session import DeepSeekOCRSession
+from llm_perf_opt.runners.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(overrides: list[str], rounds: int = 30) -> None:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    session = DeepSeekOCRSession.load(cfg, ROOT)
+        cfg = compose(config_name="config", overrides=[*overrides, "output.dir=tmp/hook-overhead"])
+    session = DeepSeekOCRSession.load(load_settings(cfg), ROOT)
     page = Page(page_id="hook-bench", synthetic_size=(1224, 1584), seed=0)
     for _ in range(3):
         session.run(page, 2)

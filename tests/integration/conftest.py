@@ -57,8 +57,8 @@ def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def cli_command(args: Sequence[str]) -> list[str]:
-    return [sys.executable, "-m", MODULE, *args]
+def cli_command(args: Sequence[str], module: str = MODULE) -> list[str]:
+    return [sys.executable, "-m", module, *args]
 
 
 def run_cli(
@@ -66,13 +66,17 @@ def run_cli(
     run_dir: Path | None = None,
     env: dict[str, str] | None = None,
     timeout: float = 120,
+    module: str = MODULE,
 ) -> CliResult:
-    """Run the CLI from the repo root; ``run_dir`` becomes ``hydra.run.dir`` (None: the args set it)."""
+    """Run the CLI from the repo root; ``run_dir`` becomes ``hydra.run.dir`` (None: the args set it).
+
+    ``module``: another ``python -m`` entry that wraps the CLI (a test-only fault injector, tests/integration).
+    """
     full = list(args)
     if run_dir is not None:
         full.append(f"hydra.run.dir={run_dir}")
     proc = subprocess.run(
-        cli_command(full),
+        cli_command(full, module),
         cwd=ROOT,
         env=cli_env(env),
         capture_output=True,

@@ -28,7 +28,7 @@ import torch
 from llm_perf_opt.results.serialize import read_summary
 from llm_perf_opt.results.types import RunSummary
 from llm_perf_opt.runners.llm_profile_runner import preflight_output_dir
-from llm_perf_opt.runners.stage1 import INJECT_OOM_ENV
+from tests.integration.inject_oom import INJECT_OOM_ENV
 from tests.integration.conftest import (
     ROOT,
     SMALL,
@@ -494,7 +494,12 @@ def test_fail_fast_stops_and_keeps_finished_pages(tmp_path: Path, mixed_pages: P
 
 def test_injected_oom_fails_only_that_page(tmp_path: Path) -> None:
     victim = "synthetic-400x300-1"
-    result = run_cli([*SMALL, "dataset.sizes=[[300,200],[400,300]]"], tmp_path / "run", env={INJECT_OOM_ENV: victim})
+    result = run_cli(
+        [*SMALL, "dataset.sizes=[[300,200],[400,300]]"],
+        tmp_path / "run",
+        env={INJECT_OOM_ENV: victim},
+        module="tests.integration.inject_oom",
+    )
     assert result.returncode == 0, result.describe()
     metrics = read_metrics(tmp_path / "run")
     assert metrics["run"]["status"] == "complete"

@@ -21,6 +21,7 @@ from llm_perf_opt.data.datasets import Page
 from llm_perf_opt.results.serialize import read_summary, to_jsonable
 from llm_perf_opt.results.types import PageRecord
 from llm_perf_opt.runners.dsocr_session import DeepSeekOCRSession, PageRun
+from llm_perf_opt.runners.settings import load_settings
 from llm_perf_opt.runners.stage1 import Stage1Run
 from tests.integration.conftest import ROOT, assert_clean_failure, read_metrics, run_cli
 
@@ -43,7 +44,7 @@ def cfg(compose_cfg: Callable[..., DictConfig], tmp_path: Path) -> DictConfig:
 
 @pytest.fixture
 def session(cfg: DictConfig) -> Any:
-    s = DeepSeekOCRSession.load(cfg, ROOT)
+    s = DeepSeekOCRSession.load(load_settings(cfg), ROOT)
     yield s
     s.close()
 
@@ -73,7 +74,7 @@ def _assert_rates_finite_or_absent(record: PageRecord) -> None:
 def _render(cfg: DictConfig, session: Any, runs: list[PageRun], out: Path) -> None:
     """The run's own rendering path (aggregates, efficiency, report.md) over these page runs."""
     out.mkdir(parents=True, exist_ok=True)
-    run = Stage1Run(cfg, out)
+    run = Stage1Run(load_settings(cfg).resolved("cpu"), out)
     run.session = session
     for result in runs:
         run.records.append(result.record)
@@ -188,7 +189,7 @@ def test_device_decode_loop_gives_the_host_loop_tokens(cfg: DictConfig, ngram: i
         job.infer.fast = {"enabled": True, "device_decode": device_decode, "sam_compile": False, "clip_compile": False}
         job.infer.no_repeat_ngram_size = ngram
         job.infer.ignore_eos = ignore_eos
-        s = DeepSeekOCRSession.load(job, ROOT)
+        s = DeepSeekOCRSession.load(load_settings(job), ROOT)
         try:
             runs.append(s.run(PAGE, 40))
         finally:

@@ -7,12 +7,14 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from llm_perf_opt.errors import ConfigError
-from llm_perf_opt.runners.stage1 import effective_max_new_tokens, validate
+from llm_perf_opt.runners.settings import load_settings
 from tests.conftest import CONF
 
 ARCHES = sorted(p.stem for p in (CONF / "model/deepseek_ocr/arch").glob("*.yaml"))
 INFERS = sorted(p.stem for p in (CONF / "model/deepseek_ocr/infer").glob("*.yaml"))
 PROFILING = sorted(p.stem for p in (CONF / "profiling/torch").glob("*.yaml"))
+# output.dir is ${hydra:runtime.output_dir}, which only a running Hydra app resolves
+OUT = "output.dir=tmp/test-run"
 DATASETS = sorted(p.stem for p in (CONF / "dataset").glob("*.yaml"))
 
 
@@ -27,8 +29,8 @@ def test_shipped_option_lists_are_complete() -> None:
 @pytest.mark.parametrize("arch", ARCHES)
 @pytest.mark.parametrize("infer", INFERS)
 def test_every_arch_and_infer_mode_composes_and_validates(compose_cfg, arch: str, infer: str) -> None:
-    cfg = compose_cfg([f"model/deepseek_ocr/arch={arch}", f"model/deepseek_ocr/infer={infer}"])
-    validate(cfg)
+    cfg = compose_cfg([f"model/deepseek_ocr/arch={arch}", f"model/deepseek_ocr/infer={infer}", OUT])
+    load_settings(cfg)
     assert cfg.model.backend in ("native", "hf_remote")
     assert cfg.model.dtype in ("float32", "bfloat16", "float16")
     assert cfg.infer.temperature == 0.0
@@ -40,21 +42,21 @@ def test_every_arch_and_infer_mode_composes_and_validates(compose_cfg, arch: str
 @pytest.mark.parametrize("preset", PROFILING)
 @pytest.mark.parametrize("dataset", DATASETS)
 def test_every_profiling_preset_and_dataset_composes(compose_cfg, preset: str, dataset: str) -> None:
-    overrides = [f"profiling/torch={preset}", f"dataset={dataset}"]
+    overrides = [f"profiling/torch={preset}", f"dataset={dataset}", OUT]
     if dataset == "folder":
         overrides.append("dataset.root=/somewhere")
     cfg = compose_cfg(overrides)
-    validate(cfg)
+    load_settings(cfg)
     assert set(cfg.profiling) >= {"activities", "record_shapes", "profile_memory", "with_stack", "rep_max_new_tokens",
                                   "warmup_rounds", "warmup_synthetic"}  # fmt: skip
 
 
 def test_seed_names_and_defaults(compose_cfg) -> None:
-    cfg = compose_cfg()
+    cfg = compose_cfg([OUT])
     assert cfg.experiment == "stage1"
     assert cfg.device == "cpu"
     assert cfg.model.name == "deepseek-ocr-tiny"
-    assert effective_max_new_tokens(cfg) == 64
+    assert load_settings(cfg).token_cap == 64
     ds = compose_cfg(["dataset=omnidocbench"]).dataset
     assert ds.root == "datasets/omnidocbench/source-data"
     assert list(ds.fallback_patterns) == ["images/*.png", "images/*.jpg"]
@@ -78,15 +80,15 @@ def test_run_dir_is_sortable_timestamp_plus_suffix(compose_cfg) -> None:
     [
         ("repeats=0", "repeats must be an integer >= 1"),
         ("repeats=-2", "repeats must be an integer >= 1"),
-        ("infer.max_new_tokens=0", "max_new_tokens must be >= 1"),
-        ("infer.max_new_tokens=-5", "max_new_tokens must be >= 1"),
+        ("infer.max_new_tokens=0", "max_new_tokens must be an integer >= 1"),
+        ("infer.max_new_tokens=-5", "max_new_tokens must be an integer >= 1"),
         ("model.prompt=no-image-here", "exactly one <image>"),
     ],
 )
 def test_out_of_range_values_are_config_errors(compose_cfg, override: str, match: str) -> None:
-    cfg = compose_cfg([override])
+    cfg = compose_cfg([override, OUT])
     with pytest.raises(ConfigError, match=match):
-        validate(cfg)
+        load_settings(cfg)
 
 
 def test_unknown_group_option_and_misspelled_key_fail_in_hydra(compose_cfg) -> None:

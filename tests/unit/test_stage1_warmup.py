@@ -7,7 +7,7 @@ from typing import Any
 
 from llm_perf_opt.data.datasets import Page
 from llm_perf_opt.errors import InputError
-from llm_perf_opt.runners.stage1 import _one_page_per_view_shape
+from llm_perf_opt.runners.phases import one_page_per_view_shape
 
 
 class _Session:
@@ -40,11 +40,11 @@ def test_one_page_per_grid_and_prompt_length() -> None:
         }
     )
     pages = [_page(p) for p in ("a", "b", "c", "d", "e")]
-    chosen = _one_page_per_view_shape(session, pages, first=_page("warm"))  # type: ignore[arg-type]
+    chosen = one_page_per_view_shape(session, pages, first=_page("warm"))  # type: ignore[arg-type]
     assert [p.page_id for p in chosen] == ["warm", "b", "d"]
 
 
 def test_all_pages_bad_falls_back_to_first() -> None:
     session = _Session({"warm": "bad", "a": "bad"})
     first = _page("warm")
-    assert _one_page_per_view_shape(session, [_page("a")], first=first) == [first]  # type: ignore[arg-type]
+    assert one_page_per_view_shape(session, [_page("a")], first=first) == [first]  # type: ignore[arg-type]

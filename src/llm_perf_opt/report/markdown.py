@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 from llm_perf_opt.results.types import UNATTRIBUTED, PageRecord, RunSummary, Stats
 
@@ -139,6 +140,7 @@ def render_report(s: RunSummary, plots: dict[str, str] | None = None) -> str:
         ],
         ["dataset", f"{cfg.get('dataset', {}).get('name')} ({len({p.page_id for p in s.pages})} pages)"],
         ["repeats × token cap", f"{cfg.get('repeats')} × {cfg.get('infer', {}).get('max_new_tokens')}"],
+        ["image geometry", _geometry(cfg.get("model", {}).get("preprocess") or {})],
         [
             "decoding",
             f"temperature {cfg.get('infer', {}).get('temperature')}, "
@@ -504,3 +506,11 @@ def render_predictions(path: Path) -> str:
         lines.append(f"{len(rec['token_ids'])} tokens.\n")
         lines.append("```text\n" + rec["text"][:4000] + "\n```\n")
     return "\n".join(lines) + "\n"
+
+
+def _geometry(pp: dict[str, Any]) -> str:
+    """The view sizes the run used (config.yaml records them after any resolution mode): global view and tiles."""
+    if not pp:
+        return NA
+    crops = f"crops {pp.get('min_crops')}–{pp.get('max_crops')} tiles" if pp.get("crop_mode") else "crop off"
+    return f"base {pp.get('base_size')} px, tile {pp.get('image_size')} px, {crops}"

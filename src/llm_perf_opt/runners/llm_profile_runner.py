@@ -29,11 +29,13 @@ OmegaConf.register_new_resolver("run_suffix", lambda: secrets.token_hex(2), use_
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
+    from llm_perf_opt.runners.settings import load_settings
     from llm_perf_opt.runners.stage1 import run_stage1
 
     job = _sweep_job_number()
     try:
-        run_stage1(cfg)
+        # the one conversion: typed, validated settings before anything is loaded or written
+        run_stage1(load_settings(cfg))
     except LlmPerfOptError as exc:
         _log_to_files_only(exc)
         if job is not None and not isinstance(exc, RunInterrupted):
@@ -49,7 +51,7 @@ def _hydra_main(cfg: DictConfig) -> None:
         # Ctrl-C before the run's own SIGINT handler is installed (model load, dataset scan) or after it is
         # removed: one line like every other stop, not a traceback.
         err = RunInterrupted(
-            f"interrupted; pages finished so far (if any) are in {cfg.output.get('dir')}/pages.jsonl",
+            f"interrupted; pages finished so far (if any) are in {OmegaConf.select(cfg, 'output.dir')}/pages.jsonl",
             hint="resume=<that run dir> carries finished pages over",
         )
         _log_to_files_only(exc)

@@ -27,18 +27,19 @@ from llm_perf_opt.results.types import (
 
 if TYPE_CHECKING:
     from llm_perf_opt.runners.dsocr_session import DeepSeekOCRSession
-    from llm_perf_opt.runners.stage1 import Stage1Run
+    from llm_perf_opt.runners.run_state import Stage1Run
+    from llm_perf_opt.runners.settings import RunSettings
 
 
-def describe_hardware(cfg: Any, session: DeepSeekOCRSession) -> HardwareInfo:
-    peak = cfg.get("peak") or {}
-    return E.describe_hardware(session.device, session.dtype, peak.get("flops_per_s"), peak.get("bw_bytes_per_s"))
+def describe_hardware(settings: RunSettings, session: DeepSeekOCRSession) -> HardwareInfo:
+    peak = settings.peak
+    return E.describe_hardware(session.device, session.dtype, peak.flops_per_s, peak.bw_bytes_per_s)
 
 
-def describe_model(cfg: Any, session: DeepSeekOCRSession) -> ModelInfo:
+def describe_model(settings: RunSettings, session: DeepSeekOCRSession) -> ModelInfo:
     backend = session.backend
     return ModelInfo(
-        name=str(cfg.model.get("name")),
+        name=settings.model.name,
         backend=backend.name,
         weights=backend.weights_desc,
         dtype=str(session.dtype).replace("torch.", ""),
@@ -77,7 +78,7 @@ def compute_efficiency(
     routing = E.routing_summary(routed, cfg.language.num_experts_per_tok)
 
     flops_table = section.flops
-    if final and run.static_flops is None and run.runs_for_flops and run.cfg.profiling.get("static_compute", True):
+    if final and run.static_flops is None and run.runs_for_flops and run.settings.profiling.static_compute:
         run.static_flops = _static_flops(run, notes)
     if run.static_flops:
         flops_table = list(run.static_flops)

@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
 
 from llm_perf_opt.data.datasets import Page
 from llm_perf_opt.errors import ConfigError
 from llm_perf_opt.paths import PROJECT_ROOT
 from llm_perf_opt.results.serialize import read_page_journal
 from llm_perf_opt.results.types import PageRecord
+from llm_perf_opt.runners.settings import RunSettings
 
 JOURNAL = "pages.jsonl"
 RESUME_MUST_MATCH = ("model", "infer", "device")
@@ -27,9 +27,9 @@ def resume_dir(resume: str) -> Path:
     return path if path.is_absolute() else PROJECT_ROOT / path
 
 
-def check_resume(cfg: DictConfig) -> None:
+def check_resume(settings: RunSettings) -> None:
     """Before anything is written to the run dir (it may be the resumed dir itself): journal and settings."""
-    resume = cfg.get("resume")
+    resume = settings.resume
     if not resume:
         return
     path = resume_dir(str(resume))
@@ -39,28 +39,27 @@ def check_resume(cfg: DictConfig) -> None:
             f"resume={resume}: {journal} not found",
             hint="point resume at an earlier run directory (tmp/stage1/<run_id>)",
         )
-    _check_same_settings(str(resume), path, cfg)
+    _check_same_settings(resume, path, settings)
 
 
-def resume_records(cfg: DictConfig, pages: list[Page]) -> list[PageRecord]:
+def resume_records(settings: RunSettings, pages: list[Page]) -> list[PageRecord]:
     """Finished pages of the earlier run that belong to this run's pages and repeats (after check_resume)."""
-    resume = cfg.get("resume")
+    resume = settings.resume
     if not resume:
         return []
     records = [r for r in read_page_journal(resume_dir(str(resume)) / JOURNAL) if r.status == "ok"]
     # Only pages of this run's dataset and repeats: a carried-over record outside them would enter the stats.
     ids = {p.page_id for p in pages}
-    return [r for r in records if r.page_id in ids and 0 <= r.repeat < int(cfg.repeats)]
+    return [r for r in records if r.page_id in ids and 0 <= r.repeat < settings.repeats]
 
 
-def _check_same_settings(resume: str, path: Path, cfg: DictConfig) -> None:
+def _check_same_settings(resume: str, path: Path, settings: RunSettings) -> None:
     """Carried-over pages are only comparable when model, decoding and device are the same."""
     try:
         earlier = yaml.safe_load((path / "config.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError):
         return  # an older run dir without config.yaml: nothing to compare against
-    now = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(now, dict)
+    now = settings.as_config()  # resolved settings, as config.yaml records them
     differ = [key for top in RESUME_MUST_MATCH for key in _differing_keys(earlier.get(top), now.get(top), top)]
     if differ:
         shown = ", ".join(differ[:4]) + (f" (+{len(differ) - 4} more)" if len(differ) > 4 else "")

@@ -23,12 +23,14 @@ import importlib.metadata
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from llm_perf_opt.errors import DeviceError, ModelLoadError
+from llm_perf_opt.runners.backends.base import Backend
+from llm_perf_opt.runners.settings import ModelSettings
 
 log = logging.getLogger(__name__)
 
@@ -219,19 +221,25 @@ def _tensor_bytes(obj: Any) -> int:
     return 0
 
 
-class HfRemoteBackend:
+class VendorCache:
+    """The page's cache handle: the vendor grows its own ``DynamicCache``; ``VendorSessionModel`` keys its state
+    to this object, so a decode step on another page's handle is refused."""
+
+
+class HfRemoteBackend(Backend):
     """AutoModel with trust_remote_code from the snapshot directory; our tokenizer loader (stand-in fallback)."""
 
-    name = "hf_remote"
+    name: ClassVar[str] = "hf_remote"
     # The vendor code grows its own cache per step: the session must not preallocate one for it.
-    owns_kv_cache = True
+    owns_kv_cache: ClassVar[bool] = True
+    hook_targets: ClassVar[dict[str, str]] = HF_HOOKS
 
-    def __init__(self, model_cfg: Any, device: torch.device, dtype: torch.dtype, project_root: Path) -> None:
+    def __init__(self, settings: ModelSettings, device: torch.device, dtype: torch.dtype, project_root: Path) -> None:
         from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig
-        from llm_perf_opt.models.deepseek_ocr.preprocess import PreprocessConfig
+        from llm_perf_opt.runners.backends.native import preprocess_config
 
         _check_environment(device)
-        path = Path(str(model_cfg.get("path") or ""))
+        path = Path(settings.path or "")
         if not path.is_absolute():
             path = project_root / path
         _check_snapshot(path)
@@ -239,15 +247,8 @@ class HfRemoteBackend:
         from transformers import AutoConfig, AutoModel
 
         self.config = DeepseekOCRConfig.from_json(path / "config.json")
-        pp = model_cfg.get("preprocess", {})
-        self.preprocess_cfg = PreprocessConfig(
-            base_size=int(pp.get("base_size", 1024)),
-            image_size=int(pp.get("image_size", 640)),
-            crop_mode=bool(pp.get("crop_mode", True)),
-            vendor_quirks=bool(pp.get("vendor_quirks", True)),
-        )
-        weights = str(model_cfg.get("weights", "checkpoint"))
-        if weights == "dummy":
+        self.preprocess_cfg = preprocess_config(settings)
+        if settings.weights == "dummy":
             hf_cfg = AutoConfig.from_pretrained(str(path), trust_remote_code=True)
             hf_cfg._attn_implementation = "eager"
             torch.manual_seed(0)
@@ -260,11 +261,20 @@ class HfRemoteBackend:
         self.vendor = model.to(device=device, dtype=dtype).eval()
         self.model = VendorSessionModel(self.vendor, self.config).eval()
         self.tokenizer = _load_tokenizer(path, self.config)
-        self.weights_desc = "dummy" if weights == "dummy" else str(path)
+        self.weights_desc = "dummy" if settings.weights == "dummy" else str(path)
         self.device = device
 
-    def hook_targets(self) -> dict[str, str]:
-        return HF_HOOKS
+    @classmethod
+    def load(
+        cls, settings: ModelSettings, device: torch.device, dtype: torch.dtype, seed: int, project_root: Path
+    ) -> HfRemoteBackend:
+        return cls(settings, device, dtype, project_root)
+
+    def new_cache(self, max_len: int) -> VendorCache:
+        return VendorCache()
+
+    def kv_cache_bytes(self, cache: Any) -> int:
+        return self.model.kv_cache_bytes()
 
     def prefill(
         self,

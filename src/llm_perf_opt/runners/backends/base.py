@@ -1,0 +1,78 @@
+"""What the session needs from a loaded model, declared once instead of probed with ``getattr``.
+
+A backend owns the model (``model``: ``encode_images`` / ``embed_prompt`` / ``prefill`` / ``decode_step``),
+its config, tokenizer and image geometry, and answers the questions where backends differ: who holds the KV
+cache, how big it is, whether the model counts expert routing, whether batching is possible.  The native
+backend delegates every answer to the model; hf_remote answers for the vendor code.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig
+    from llm_perf_opt.models.deepseek_ocr.preprocess import PreprocessConfig
+    from llm_perf_opt.runners.settings import ModelSettings
+
+# model.backend -> "module:Class"; imported on use, so the vendor backend's imports stay out of native runs
+BACKENDS = {
+    "native": "llm_perf_opt.runners.backends.native:NativeBackend",
+    "hf_remote": "llm_perf_opt.runners.backends.hf_remote:HfRemoteBackend",
+}
+
+
+class Backend(abc.ABC):
+    """One loaded model and the facts about it the session relies on."""
+
+    name: ClassVar[str]
+    # True when the model keeps its own KV cache (the session then preallocates none)
+    owns_kv_cache: ClassVar[bool] = False
+    # True when the batched-throughput phase can drive the model
+    supports_batching: ClassVar[bool] = False
+    # stage name -> dotted module path inside ``model`` that the timing hooks wrap
+    hook_targets: ClassVar[dict[str, str]]
+
+    model: Any
+    config: DeepseekOCRConfig
+    preprocess_cfg: PreprocessConfig
+    tokenizer: Any
+    # "dummy" or where the weights came from
+    weights_desc: str
+
+    @classmethod
+    @abc.abstractmethod
+    def load(
+        cls, settings: ModelSettings, device: torch.device, dtype: torch.dtype, seed: int, project_root: Path
+    ) -> Backend:
+        """Build the model on ``device`` from the model settings."""
+
+    @abc.abstractmethod
+    def new_cache(self, max_len: int) -> Any:
+        """A KV cache handle for one page of at most ``max_len`` positions."""
+
+    @abc.abstractmethod
+    def kv_cache_bytes(self, cache: Any) -> int:
+        """Bytes the page's KV cache holds (after its last step)."""
+
+    def routing_counts(self, model: Any) -> tuple[list[int] | None, dict[int, list[int]] | None]:
+        """(experts hit per MoE layer, tokens per expert) of the last page, or (None, None) when not counted."""
+        return None, None
+
+    @property
+    def text_is_meaningful(self) -> bool:
+        """Decoded text means something only with real weights and the real tokenizer."""
+        return not self.tokenizer.is_stand_in and self.weights_desc != "dummy"
+
+
+def build_backend(
+    settings: ModelSettings, device: torch.device, dtype: torch.dtype, seed: int, project_root: Path
+) -> Backend:
+    module, _, cls_name = BACKENDS[settings.backend].partition(":")  # backend name validated by ModelSettings
+    cls: type[Backend] = getattr(importlib.import_module(module), cls_name)
+    return cls.load(settings, device, dtype, seed, project_root)

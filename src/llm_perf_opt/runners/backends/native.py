@@ -1,0 +1,101 @@
+"""Backend ``native``: the plain-PyTorch model in ``llm_perf_opt.models.deepseek_ocr`` (CPU and GPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from llm_perf_opt.errors import ConfigError, ModelLoadError
+from llm_perf_opt.runners.backends.base import Backend
+from llm_perf_opt.runners.settings import ModelSettings
+
+
+class NativeBackend(Backend):
+    """Checkpoint or seeded dummy weights; every model question is answered by the model itself."""
+
+    name: ClassVar[str] = "native"
+    supports_batching: ClassVar[bool] = True
+    hook_targets: ClassVar[dict[str, str]] = {
+        "sam": "model.sam_model",
+        "clip": "model.vision_model",
+        "projector": "model.projector",
+    }
+
+    def __init__(self, model: Any, config: Any, preprocess_cfg: Any, tokenizer: Any, weights_desc: str) -> None:
+        self.model = model
+        self.config = config
+        self.preprocess_cfg = preprocess_cfg
+        self.tokenizer = tokenizer
+        self.weights_desc = weights_desc
+
+    @classmethod
+    def load(
+        cls, settings: ModelSettings, device: torch.device, dtype: torch.dtype, seed: int, project_root: Path
+    ) -> NativeBackend:
+        from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, build_model
+        from llm_perf_opt.models.deepseek_ocr.tokenizer import load_tokenizer
+
+        model_dir = None
+        if settings.path:
+            model_dir = Path(settings.path)
+            if not model_dir.is_absolute():
+                model_dir = project_root / model_dir
+        if settings.weights == "checkpoint":
+            if model_dir is None or not model_dir.is_dir():
+                raise ModelLoadError(
+                    f"model directory not found: {model_dir}",
+                    hint="download deepseek-ai/DeepSeek-OCR into models/deepseek-ocr (see models/README.md), "
+                    "or profile without it: model/deepseek_ocr/arch=deepseek_ocr.dummy (full size) or "
+                    "model/deepseek_ocr/arch=deepseek_ocr.tiny",
+                )
+            config = DeepseekOCRConfig.from_json(model_dir / "config.json")
+            weights_source: str | Path = model_dir
+        else:  # dummy: ModelSettings guarantees config_json
+            config = DeepseekOCRConfig.from_json(config_json_path(str(settings.config_json), project_root))
+            weights_source = "dummy"
+        model = build_model(config, device=device, dtype=dtype, weights=weights_source, seed=seed)
+        model.eval()
+        tokenizer = load_tokenizer(model_dir if settings.weights == "checkpoint" else None, config)
+        return cls(model, config, preprocess_config(settings), tokenizer, str(weights_source))
+
+    def new_cache(self, max_len: int) -> Any:
+        from llm_perf_opt.models.deepseek_ocr.kv_cache import StaticKVCache
+
+        return StaticKVCache.for_model(self.model, batch=1, max_len=max_len)
+
+    def kv_cache_bytes(self, cache: Any) -> int:
+        return int(cache.nbytes)
+
+    def routing_counts(self, model: Any) -> tuple[list[int] | None, dict[int, list[int]] | None]:
+        # ``model`` may be the fast path's wrapper of self.model: it counts routing the same way
+        return model.experts_hit_per_layer(), model.tokens_per_expert()
+
+
+def preprocess_config(settings: ModelSettings) -> Any:
+    """The model package's PreprocessConfig from the (resolved) image geometry settings."""
+    from llm_perf_opt.models.deepseek_ocr.preprocess import PreprocessConfig
+
+    p = settings.preprocess
+    return PreprocessConfig(
+        base_size=p.base_size,
+        image_size=p.image_size,
+        crop_mode=p.crop_mode,
+        min_crops=p.min_crops,
+        max_crops=p.max_crops,
+        vendor_quirks=p.vendor_quirks,
+    )
+
+
+def config_json_path(spec: str, project_root: Path) -> Path:
+    """``builtin:<name>`` (a config shipped in the model package) or a path (relative to the project)."""
+    if spec.startswith("builtin:"):
+        name = spec.split(":", 1)[1]
+        path = Path(__file__).resolve().parents[2] / "models" / "deepseek_ocr" / "configs" / f"{name}.json"
+        if not path.is_file():
+            raise ConfigError(f"model.config_json={spec}: no built-in config named {name!r}",
+                              hint="e.g. model.config_json=builtin:deepseek-ocr (or builtin:tiny)")  # fmt: skip
+        return path
+    path = Path(spec)
+    return path if path.is_absolute() else project_root / path

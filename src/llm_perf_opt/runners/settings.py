@@ -1,0 +1,470 @@
+"""Typed settings: the composed Hydra config converted once, at the boundary, and validated before anything loads.
+
+``load_settings(cfg)`` turns the config tree into frozen attrs objects, one class per group (run, dataset, model,
+infer, fast, profiling, output, peak).  Every field validates its own type and range, so a bad value is one
+``ConfigError`` naming the key, what it got and an example (``seed=abc``, ``infer.temperature=-1``,
+``fail_fast=no``), raised before the model loads; an unknown key is refused with a did-you-mean.  Code below the
+runner reads attributes; no ``.get("key", default)`` repeats a YAML default.
+
+``RunSettings.resolved(device)`` is the one place where requested values become the values that run: the token
+cap after its fallback, the image geometry after a resolution mode (``infer=deepseek_ocr.base``), the fast-path
+switches a CPU cannot honour.  Its ``as_config()`` is what config.yaml, metrics.json and the report record.
+
+To add a knob: a field with a validator in the group's class (and the key in its YAML); a new group: a class
+with a ``SECTION`` and a field of that class in its parent.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, TypeVar
+
+import attrs
+from omegaconf import DictConfig, OmegaConf
+
+from llm_perf_opt.errors import ConfigError
+from llm_perf_opt.models.deepseek_ocr.fast import FastConfig
+
+T = TypeVar("T")
+Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
+
+DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "half")
+ACTIVITIES = ("cpu", "cuda")
+
+
+# ---------------------------------------------------------------------------------------------- validators
+def _key(instance: Any, attribute: attrs.Attribute[Any]) -> str:
+    section = type(instance).SECTION
+    return f"{section}.{attribute.name}" if section else attribute.name
+
+
+def _integer(minimum: int | None = None, optional: bool = False, example: str = "") -> Validator:
+    def check(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is None and optional:
+            return
+        ok = isinstance(value, int) and not isinstance(value, bool) and (minimum is None or value >= minimum)
+        if not ok:
+            key = _key(instance, attribute)
+            want = "an integer" + (f" >= {minimum}" if minimum is not None else "") + (" or null" if optional else "")
+            raise ConfigError(f"{key} must be {want}, got {value!r}", hint=f"e.g. {key}={example or max(minimum or 0, 1)}")
+
+    return check
+
+
+def _number(minimum: float | None = None, positive: bool = False, optional: bool = False, example: str = "1") -> Validator:
+    def check(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is None and optional:
+            return
+        ok = isinstance(value, float) and math.isfinite(value)
+        ok = ok and (minimum is None or value >= minimum) and (not positive or value > 0)
+        if not ok:
+            key = _key(instance, attribute)
+            want = "a finite number" + (" > 0" if positive else f" >= {minimum:g}" if minimum is not None else "")
+            raise ConfigError(
+                f"{key} must be {want}{' or null' if optional else ''}, got {value!r}", hint=f"e.g. {key}={example}"
+            )
+
+    return check
+
+
+def _to_float(value: Any) -> Any:
+    """ints (and only ints) become floats; anything else is left for the validator to refuse."""
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def _boolean(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    # bool("no") is True: a string must never pass as a switch
+    if not isinstance(value, bool):
+        key = _key(instance, attribute)
+        raise ConfigError(f"{key} must be true or false, got {value!r}", hint=f"e.g. {key}=true")
+
+
+def _choice(options: tuple[str, ...], optional: bool = False) -> Validator:
+    def check(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if (value is None and optional) or value in options:
+            return
+        key = _key(instance, attribute)
+        raise ConfigError(f"{key} must be one of {', '.join(options)}, got {value!r}", hint=f"e.g. {key}={options[0]}")
+
+    return check
+
+
+def _text(optional: bool = False) -> Validator:
+    def check(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if (value is None and optional) or (isinstance(value, str) and value != "???"):
+            return
+        key = _key(instance, attribute)
+        if value == "???":
+            raise ConfigError(f"{key} is required but not set", hint=f"set it on the command line: {key}=...")
+        raise ConfigError(f"{key} must be a string{' or null' if optional else ''}, got {value!r}", hint=f"{key}=...")
+
+    return check
+
+
+def _str_tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list | tuple) else value
+
+
+# ---------------------------------------------------------------------------------------------- groups
+@attrs.frozen
+class PeakSettings:
+    """Peak figures for MFU/MBU where the device is not in the sourced table."""
+
+    SECTION: ClassVar[str] = "peak"
+    flops_per_s: float | None = attrs.field(
+        default=None, converter=_to_float, validator=_number(positive=True, optional=True, example="9.89e14")
+    )
+    bw_bytes_per_s: float | None = attrs.field(
+        default=None, converter=_to_float, validator=_number(positive=True, optional=True, example="4.8e12")
+    )
+
+
+def _sizes(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    ok = isinstance(value, tuple) and all(
+        isinstance(s, tuple) and len(s) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in s)
+        for s in value
+    )
+    if not ok:
+        raise ConfigError(
+            f"dataset.sizes must be a list of [width, height] pairs of positive integers, got {value!r}",
+            hint="e.g. dataset.sizes=[[595,842],[800,600]]",
+        )
+
+
+def _pairs(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        return tuple(tuple(v) if isinstance(v, list | tuple) else v for v in value)
+    return value
+
+
+@attrs.frozen
+class DatasetSettings:
+    """Which pages: synthetic Pillow pages, or image files under ``root``."""
+
+    SECTION: ClassVar[str] = "dataset"
+    name: str = attrs.field(default="synthetic", validator=_text())
+    kind: str = attrs.field(default="synthetic", validator=_choice(("synthetic", "files")))
+    root: str | None = attrs.field(default=None, validator=_text(optional=True))
+    subset_filelist: str | None = attrs.field(default=None, validator=_text(optional=True))
+    fallback_patterns: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)
+    max_pages: int | None = attrs.field(default=None, validator=_integer(1, optional=True, example="10"))
+    sizes: tuple[tuple[int, int], ...] = attrs.field(default=(), converter=_pairs, validator=_sizes)
+    seed: int = attrs.field(default=0, validator=_integer(0))
+
+    @fallback_patterns.validator
+    def _patterns(self, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(
+                f"dataset.fallback_patterns must be a list of glob patterns, got {value!r}",
+                hint="e.g. dataset.fallback_patterns='[images/*.png]'",
+            )
+
+    def __attrs_post_init__(self) -> None:
+        if self.kind == "files" and self.root is None:
+            raise ConfigError("dataset.root must be set for a file dataset", hint="e.g. dataset.root=/path/to/pages")
+        if self.kind == "synthetic" and not self.sizes:
+            raise ConfigError("dataset.sizes is empty: a synthetic dataset needs page sizes",
+                              hint="e.g. dataset.sizes=[[595,842]]")  # fmt: skip
+
+
+@attrs.frozen
+class PreprocessSettings:
+    """Image geometry: global view ``base_size``, tiles of ``image_size`` when ``crop_mode``."""
+
+    SECTION: ClassVar[str] = "model.preprocess"
+    base_size: int = attrs.field(default=1024, validator=_integer(1, example="1024"))
+    image_size: int = attrs.field(default=640, validator=_integer(1, example="640"))
+    crop_mode: bool = attrs.field(default=True, validator=_boolean)
+    min_crops: int = attrs.field(default=2, validator=_integer(1, example="2"))
+    max_crops: int = attrs.field(default=9, validator=_integer(1, example="9"))
+    vendor_quirks: bool = attrs.field(default=True, validator=_boolean)
+
+    def __attrs_post_init__(self) -> None:
+        if self.min_crops > self.max_crops:
+            raise ConfigError(
+                f"model.preprocess.min_crops ({self.min_crops}) exceeds max_crops ({self.max_crops})",
+                hint="e.g. model.preprocess.min_crops=2 model.preprocess.max_crops=9",
+            )
+
+
+@attrs.frozen
+class PreprocessOverride:
+    """What a vendor resolution mode (``infer=deepseek_ocr.<mode>``) sets on top of ``model.preprocess``."""
+
+    SECTION: ClassVar[str] = "infer.preprocess_override"
+    base_size: int = attrs.field(validator=_integer(1, example="1024"))
+    image_size: int = attrs.field(validator=_integer(1, example="1024"))
+    crop_mode: bool = attrs.field(validator=_boolean)
+
+
+def _prompt(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, str) or value.count("<image>") != 1:
+        raise ConfigError(
+            f"model.prompt must contain exactly one <image> placeholder, got {value!r}",
+            hint="e.g. model.prompt='<image>\\n<|grounding|>Convert the document to markdown.'",
+        )
+
+
+@attrs.frozen
+class ModelSettings:
+    """Which model, where its weights come from, how it runs, and its image geometry."""
+
+    SECTION: ClassVar[str] = "model"
+    name: str = attrs.field(default="deepseek-ocr", validator=_text())
+    path: str | None = attrs.field(default=None, validator=_text(optional=True))
+    config_json: str | None = attrs.field(default=None, validator=_text(optional=True))
+    weights: str = attrs.field(default="checkpoint", validator=_choice(("checkpoint", "dummy")))
+    dtype: str = attrs.field(default="bfloat16", validator=_choice(DTYPES))
+    backend: str = attrs.field(default="native", validator=_choice(("native", "hf_remote")))
+    preprocess: PreprocessSettings = attrs.field(factory=PreprocessSettings)
+    prompt: str = attrs.field(default="<image>\n<|grounding|>Convert the document to markdown.", validator=_prompt)
+
+    def __attrs_post_init__(self) -> None:
+        if self.backend == "native" and self.weights == "dummy" and not self.config_json:
+            raise ConfigError("model.weights=dummy needs model.config_json (the shapes to build)",
+                              hint="e.g. model.config_json=builtin:deepseek-ocr")  # fmt: skip
+
+
+@attrs.frozen
+class FastSettings:
+    """``infer.fast``: ``enabled`` plus every :class:`FastConfig` switch (the one list of fast-path knobs)."""
+
+    SECTION: ClassVar[str] = "infer.fast"
+    enabled: bool = attrs.field(default=False, validator=_boolean)
+    switches: FastConfig = attrs.field(factory=FastConfig)
+
+    @classmethod
+    def structure(cls, data: Any) -> FastSettings:
+        """The YAML mapping is flat (``infer.fast.grouped_moe``), so the switches are taken field by field."""
+        data = _mapping(data, cls.SECTION)
+        fields = {f.name: f for f in attrs.fields(FastConfig)}
+        _refuse_unknown(data, ["enabled", *fields], cls.SECTION)
+        values: dict[str, Any] = {}
+        for name, value in data.items():
+            if name == "enabled":
+                continue
+            if isinstance(fields[name].default, bool) and not isinstance(value, bool):
+                raise ConfigError(f"infer.fast.{name} must be true or false, got {value!r}",
+                                  hint=f"e.g. infer.fast.{name}=false")  # fmt: skip
+            values[name] = value
+        try:
+            switches = FastConfig(**values)
+        except (ValueError, TypeError) as exc:
+            reason = exc.args[0] if exc.args else str(exc)  # attrs' in_ validator: the message, then details
+            raise ConfigError(
+                f"invalid infer.fast value: {reason}", hint="see conf/model/deepseek_ocr/infer/deepseek_ocr.default.yaml"
+            ) from exc
+        return cls(enabled=data.get("enabled", False), switches=switches)
+
+    def unstructure(self) -> dict[str, Any]:
+        return {"enabled": self.enabled, **attrs.asdict(self.switches)}
+
+
+@attrs.frozen
+class InferSettings:
+    """Decoding rules and the phases that decode: token cap, sampling, batching, fast path, resolution mode."""
+
+    SECTION: ClassVar[str] = "infer"
+    # None: fall back to the top-level max_new_tokens (RunSettings.token_cap)
+    max_new_tokens: int | None = attrs.field(default=None, validator=_integer(1, optional=True, example="256"))
+    temperature: float = attrs.field(default=0.0, converter=_to_float, validator=_number(minimum=0.0, example="0"))
+    no_repeat_ngram_size: int = attrs.field(default=20, validator=_integer(0, example="20"))
+    ignore_eos: bool = attrs.field(default=False, validator=_boolean)
+    nvtx_decode_step: bool = attrs.field(default=False, validator=_boolean)
+    batch_size: int = attrs.field(default=1, validator=_integer(1, example="8"))
+    fast: FastSettings = attrs.field(factory=FastSettings)
+    # name of the vendor resolution mode this preset stands for (a label; its geometry is preprocess_override)
+    mode: str | None = attrs.field(default=None, validator=_text(optional=True))
+    preprocess_override: PreprocessOverride | None = None
+
+
+@attrs.frozen
+class ProfilingSettings:
+    """The single torch-profiler pass and the warmup before the timed repeats."""
+
+    SECTION: ClassVar[str] = "profiling"
+    enabled: bool = attrs.field(default=True, validator=_boolean)
+    activities: tuple[str, ...] = attrs.field(default=("cpu", "cuda"), converter=_str_tuple)
+    record_shapes: bool = attrs.field(default=False, validator=_boolean)
+    profile_memory: bool = attrs.field(default=False, validator=_boolean)
+    with_stack: bool = attrs.field(default=False, validator=_boolean)
+    # None: the run's token cap
+    rep_max_new_tokens: int | None = attrs.field(default=None, validator=_integer(1, optional=True, example="32"))
+    warmup_rounds: int = attrs.field(default=1, validator=_integer(0, example="1"))
+    warmup_synthetic: bool = attrs.field(default=True, validator=_boolean)
+    static_compute: bool = attrs.field(default=True, validator=_boolean)
+
+    @activities.validator
+    def _activities(self, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if not isinstance(value, tuple) or not value or any(a not in ACTIVITIES for a in value):
+            raise ConfigError(
+                f"profiling.activities must be a non-empty list of {', '.join(ACTIVITIES)}, got {value!r}",
+                hint="e.g. profiling.activities=[cpu,cuda]",
+            )
+
+
+@attrs.frozen
+class OutputSettings:
+    """Where the run writes and what it writes besides the journal and metrics."""
+
+    SECTION: ClassVar[str] = "output"
+    dir: str = attrs.field(validator=_text())
+    top_k_operators: int = attrs.field(default=30, validator=_integer(0, example="30"))
+    export_trace: bool = attrs.field(default=True, validator=_boolean)
+    plots: bool = attrs.field(default=True, validator=_boolean)
+
+
+def _progress(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value not in ("auto", True, False):
+        raise ConfigError(f"progress must be auto, true or false, got {value!r}", hint="e.g. progress=false")
+
+
+@attrs.frozen
+class RunSettings:
+    """The whole run; top-level keys of conf/config.yaml plus one object per group."""
+
+    SECTION: ClassVar[str] = ""
+    dataset: DatasetSettings
+    model: ModelSettings
+    infer: InferSettings
+    profiling: ProfilingSettings
+    output: OutputSettings
+    experiment: str = attrs.field(default="stage1", validator=_text())
+    run_id: str = attrs.field(default="", validator=_text())
+    repeats: int = attrs.field(default=3, validator=_integer(1, example="3"))
+    device: str = attrs.field(default="cpu", validator=_text())
+    seed: int = attrs.field(default=0, validator=_integer(0, example="0"))
+    use_flash_attn: bool = attrs.field(default=True, validator=_boolean)
+    # the token cap when infer.max_new_tokens is null
+    max_new_tokens: int = attrs.field(default=64, validator=_integer(1, example="64"))
+    fail_fast: bool = attrs.field(default=False, validator=_boolean)
+    resume: str | None = attrs.field(default=None, validator=_text(optional=True))
+    peak: PeakSettings = attrs.field(factory=PeakSettings)
+    progress: str | bool = attrs.field(default="auto", validator=_progress)
+
+    def __attrs_post_init__(self) -> None:
+        # checks across groups: still before anything loads
+        if self.model.backend != "native" and self.infer.fast.enabled:
+            raise ConfigError(f"infer.fast.enabled=true needs model.backend=native, got {self.model.backend}",
+                              hint="set infer.fast.enabled=false or model.backend=native")  # fmt: skip
+        if self.model.backend != "native" and self.infer.batch_size > 1:
+            raise ConfigError(f"infer.batch_size > 1 needs model.backend=native, got {self.model.backend}",
+                              hint="set infer.batch_size=1 or model.backend=native")  # fmt: skip
+
+    @property
+    def token_cap(self) -> int:
+        """New tokens per page: ``infer.max_new_tokens``, or the top-level fallback when that is null."""
+        return self.infer.max_new_tokens if self.infer.max_new_tokens is not None else self.max_new_tokens
+
+    @property
+    def profiler_tokens(self) -> int:
+        """Tokens decoded in the profiler pass: ``profiling.rep_max_new_tokens``, never above the token cap."""
+        rep = self.profiling.rep_max_new_tokens
+        return self.token_cap if rep is None else min(rep, self.token_cap)
+
+    def resolved(self, device_type: str) -> RunSettings:
+        """The settings as they will run on ``device_type``: what config.yaml, metrics.json and the report record.
+
+        Idempotent: the token cap is filled in, a resolution mode's geometry is folded into ``model.preprocess``
+        (``infer.mode`` stays as its label), and CUDA-only fast switches are off elsewhere.
+        """
+        model, infer = self.model, self.infer
+        if infer.preprocess_override is not None:
+            o = infer.preprocess_override
+            pre = attrs.evolve(model.preprocess, base_size=o.base_size, image_size=o.image_size, crop_mode=o.crop_mode)
+            model = attrs.evolve(model, preprocess=pre)
+        fast = infer.fast
+        if fast.enabled and device_type != "cuda":  # graphs are CUDA-only: the record says they were off
+            fast = attrs.evolve(fast, switches=attrs.evolve(fast.switches, cuda_graphs=False, vision_graphs=False))
+        infer = attrs.evolve(infer, max_new_tokens=self.token_cap, preprocess_override=None, fast=fast)
+        return attrs.evolve(self, model=model, infer=infer)
+
+    def as_config(self) -> dict[str, Any]:
+        """Plain YAML/JSON tree in the shape of conf/ (config.yaml, metrics.json ``run.config``)."""
+        return _unstructure(self)
+
+
+# ---------------------------------------------------------------------------------------------- structure
+def load_settings(cfg: DictConfig | Mapping[str, Any]) -> RunSettings:
+    """The composed config (interpolations resolved, ``hydra`` node dropped) as validated settings."""
+    try:
+        if isinstance(cfg, DictConfig):  # the hydra node (present in compose()) is Hydra's, not the run's
+            tree = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+        else:
+            tree = dict(cfg)
+    except Exception as exc:  # noqa: BLE001  (OmegaConf raises many types; each is one bad interpolation)
+        raise ConfigError(f"the config does not resolve: {exc}".splitlines()[0],
+                          hint="check the ${...} interpolations you overrode") from exc  # fmt: skip
+    assert isinstance(tree, dict)
+    tree.pop("hydra", None)
+    return structure(RunSettings, tree)
+
+
+def structure(cls: type[T], data: Any) -> T:
+    """``data`` (a mapping from YAML) as ``cls``: unknown keys refused, nested groups structured, fields validated."""
+    custom = getattr(cls, "structure", None)
+    if custom is not None:
+        result: T = custom(data)
+        return result
+    section: str = cls.SECTION  # type: ignore[attr-defined]
+    data = _mapping(data, section or "the config")
+    fields = attrs.fields_dict(cls)  # type: ignore[arg-type]
+    _refuse_unknown(data, list(fields), section)
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        sub = _group_type(cls, name)
+        if sub is not None and value is not None:
+            value = structure(sub, value)
+        kwargs[name] = value
+    missing = [n for n, f in fields.items() if f.default is attrs.NOTHING and n not in kwargs]
+    if missing:
+        key = f"{section}.{missing[0]}" if section else missing[0]
+        raise ConfigError(f"{key} is missing from the config", hint=f"set it: {key}=...")
+    return cls(**kwargs)
+
+
+# The nested groups of each class (the types attrs cannot see through ``from __future__ import annotations``).
+_GROUPS: dict[type, dict[str, type]] = {
+    RunSettings: {
+        "dataset": DatasetSettings,
+        "model": ModelSettings,
+        "infer": InferSettings,
+        "profiling": ProfilingSettings,
+        "output": OutputSettings,
+        "peak": PeakSettings,
+    },
+    ModelSettings: {"preprocess": PreprocessSettings},
+    InferSettings: {"fast": FastSettings, "preprocess_override": PreprocessOverride},
+}
+
+
+def _group_type(cls: type, name: str) -> type | None:
+    return _GROUPS.get(cls, {}).get(name)
+
+
+def _mapping(data: Any, where: str) -> dict[str, Any]:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where} must be a mapping of keys, got {data!r}", hint=f"see conf/ for the keys of {where}")
+    return dict(data)
+
+
+def _refuse_unknown(data: Mapping[str, Any], known: list[str], section: str) -> None:
+    for name in data:
+        if name in known:
+            continue
+        key = f"{section}.{name}" if section else name
+        close = difflib.get_close_matches(str(name), known, n=1)
+        hint = f"did you mean {section + '.' if section else ''}{close[0]}?" if close else f"valid keys: {', '.join(known)}"
+        raise ConfigError(f"unknown setting {key}", hint=hint)
+
+
+def _unstructure(obj: Any) -> Any:
+    if isinstance(obj, FastSettings):
+        return obj.unstructure()
+    if attrs.has(type(obj)):
+        return {f.name: _unstructure(getattr(obj, f.name)) for f in attrs.fields(type(obj))}
+    if isinstance(obj, tuple):
+        return [_unstructure(v) for v in obj]
+    return obj
