@@ -103,6 +103,11 @@ def _text(optional: bool = False) -> Validator:
     return check
 
 
+def _shown(value: Any) -> str:
+    """A value as the user typed it (lists, not the tuples the settings hold)."""
+    return repr(list(value)) if isinstance(value, tuple) else repr(value)
+
+
 def _str_tuple(value: Any) -> Any:
     return tuple(value) if isinstance(value, list | tuple) else value
 
@@ -128,7 +133,7 @@ def _sizes(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     )
     if not ok:
         raise ConfigError(
-            f"dataset.sizes must be a list of [width, height] pairs of positive integers, got {value!r}",
+            f"dataset.sizes must be a list of [width, height] pairs of positive integers, got {_shown(value)}",
             hint="e.g. dataset.sizes=[[595,842],[800,600]]",
         )
 
@@ -157,7 +162,7 @@ class DatasetSettings:
     def _patterns(self, attribute: attrs.Attribute[Any], value: Any) -> None:
         if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
             raise ConfigError(
-                f"dataset.fallback_patterns must be a list of glob patterns, got {value!r}",
+                f"dataset.fallback_patterns must be a list of glob patterns, got {_shown(value)}",
                 hint="e.g. dataset.fallback_patterns='[images/*.png]'",
             )
 
@@ -300,7 +305,7 @@ class ProfilingSettings:
     def _activities(self, attribute: attrs.Attribute[Any], value: Any) -> None:
         if not isinstance(value, tuple) or not value or any(a not in ACTIVITIES for a in value):
             raise ConfigError(
-                f"profiling.activities must be a non-empty list of {', '.join(ACTIVITIES)}, got {value!r}",
+                f"profiling.activities must be a non-empty list of {', '.join(ACTIVITIES)}, got {_shown(value)}",
                 hint="e.g. profiling.activities=[cpu,cuda]",
             )
 
