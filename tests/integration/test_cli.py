@@ -28,7 +28,6 @@ import torch
 from llm_perf_opt.results.serialize import read_summary
 from llm_perf_opt.results.types import RunSummary
 from llm_perf_opt.runners.llm_profile_runner import preflight_output_dir
-from tests.integration.inject_oom import INJECT_OOM_ENV
 from tests.integration.conftest import (
     ROOT,
     SMALL,
@@ -41,6 +40,7 @@ from tests.integration.conftest import (
     read_metrics,
     run_cli,
 )
+from tests.integration.inject_oom import INJECT_OOM_ENV
 
 RUN_FILES = (
     "report.md",

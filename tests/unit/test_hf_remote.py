@@ -9,8 +9,13 @@ import torch
 
 from llm_perf_opt.errors import DeviceError, ModelLoadError
 from llm_perf_opt.runners.backends import hf_remote
+from llm_perf_opt.runners.backends.hf_remote import (
+    HfRemoteBackend,
+    _check_environment,
+    _check_snapshot,
+    image_token_count,
+)
 from llm_perf_opt.runners.settings import ModelSettings
-from llm_perf_opt.runners.backends.hf_remote import HfRemoteBackend, _check_environment, _check_snapshot, image_token_count
 
 CUDA = torch.device("cuda", 0)
 
@@ -48,13 +53,17 @@ def test_backend_checks_snapshot_before_importing_vendor_code(tmp_path: Path, mo
     monkeypatch.setattr(hf_remote, "_check_environment", lambda _device: None)
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ModelLoadError, match="not a DeepSeek-OCR snapshot"):
-        HfRemoteBackend(ModelSettings(path=str(tmp_path), weights="dummy", backend="hf_remote"), CUDA, torch.bfloat16, tmp_path)
+        HfRemoteBackend(
+            ModelSettings(path=str(tmp_path), weights="dummy", backend="hf_remote"), CUDA, torch.bfloat16, tmp_path
+        )
 
 
 def test_backend_on_cpu_raises_device_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hf_remote.importlib.metadata, "version", lambda _name: "4.46.3")
     with pytest.raises(DeviceError):
-        HfRemoteBackend(ModelSettings(path=str(tmp_path), backend="hf_remote"), torch.device("cpu"), torch.float32, tmp_path)
+        HfRemoteBackend(
+            ModelSettings(path=str(tmp_path), backend="hf_remote"), torch.device("cpu"), torch.float32, tmp_path
+        )
 
 
 def test_gundam_image_token_count_matches_vendor_layout() -> None:

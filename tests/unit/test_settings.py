@@ -57,7 +57,9 @@ def settings_of(compose_cfg: Callable[..., DictConfig]) -> Callable[..., RunSett
         ("progress=sometimes", "progress"),
     ],
 )
-def test_bad_value_is_one_config_error_with_a_hint(settings_of: Callable[..., RunSettings], override: str, key: str) -> None:
+def test_bad_value_is_one_config_error_with_a_hint(
+    settings_of: Callable[..., RunSettings], override: str, key: str
+) -> None:
     with pytest.raises(ConfigError) as info:
         settings_of(override)
     assert key in info.value.message, info.value.message
@@ -66,9 +68,9 @@ def test_bad_value_is_one_config_error_with_a_hint(settings_of: Callable[..., Ru
 
 
 def test_cross_group_rules(settings_of: Callable[..., RunSettings]) -> None:
-    with pytest.raises(ConfigError, match="needs model.backend=native"):
+    with pytest.raises(ConfigError, match=r"needs model\.backend=native"):
         settings_of("model.backend=hf_remote", "infer.fast.enabled=true")
-    with pytest.raises(ConfigError, match="needs model.backend=native"):
+    with pytest.raises(ConfigError, match=r"needs model\.backend=native"):
         settings_of("model.backend=hf_remote", "infer.batch_size=4")
     with pytest.raises(ConfigError, match="min_crops"):
         settings_of("+model.preprocess.min_crops=5", "+model.preprocess.max_crops=3")
@@ -119,7 +121,12 @@ def test_profiler_tokens_never_exceed_the_cap(settings_of: Callable[..., RunSett
 
 @pytest.mark.parametrize(
     ("mode", "geometry"),
-    [("base", (1024, 1024, False)), ("tiny", (512, 512, False)), ("gundam", (1024, 640, True)), ("large", (1280, 1280, False))],
+    [
+        ("base", (1024, 1024, False)),
+        ("tiny", (512, 512, False)),
+        ("gundam", (1024, 640, True)),
+        ("large", (1280, 1280, False)),
+    ],
 )
 def test_resolution_mode_geometry_is_what_gets_recorded(
     settings_of: Callable[..., RunSettings], mode: str, geometry: tuple[int, int, bool]

@@ -23,6 +23,7 @@ from typing import Any, ClassVar, TypeVar
 
 import attrs
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from llm_perf_opt.errors import ConfigError
 from llm_perf_opt.models.deepseek_ocr.fast import FastConfig
@@ -48,12 +49,16 @@ def _integer(minimum: int | None = None, optional: bool = False, example: str = 
         if not ok:
             key = _key(instance, attribute)
             want = "an integer" + (f" >= {minimum}" if minimum is not None else "") + (" or null" if optional else "")
-            raise ConfigError(f"{key} must be {want}, got {value!r}", hint=f"e.g. {key}={example or max(minimum or 0, 1)}")
+            raise ConfigError(
+                f"{key} must be {want}, got {value!r}", hint=f"e.g. {key}={example or max(minimum or 0, 1)}"
+            )
 
     return check
 
 
-def _number(minimum: float | None = None, positive: bool = False, optional: bool = False, example: str = "1") -> Validator:
+def _number(
+    minimum: float | None = None, positive: bool = False, optional: bool = False, example: str = "1"
+) -> Validator:
     def check(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
         if value is None and optional:
             return
@@ -128,7 +133,9 @@ class PeakSettings:
 
 def _sizes(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     ok = isinstance(value, tuple) and all(
-        isinstance(s, tuple) and len(s) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in s)
+        isinstance(s, tuple)
+        and len(s) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in s)
         for s in value
     )
     if not ok:
@@ -259,9 +266,11 @@ class FastSettings:
         except (ValueError, TypeError) as exc:
             reason = exc.args[0] if exc.args else str(exc)  # attrs' in_ validator: the message, then details
             raise ConfigError(
-                f"invalid infer.fast value: {reason}", hint="see conf/model/deepseek_ocr/infer/deepseek_ocr.default.yaml"
+                f"invalid infer.fast value: {reason}",
+                hint="see conf/model/deepseek_ocr/infer/deepseek_ocr.default.yaml",
             ) from exc
-        return cls(enabled=data.get("enabled", False), switches=switches)
+        enabled = data.get("enabled", attrs.fields(cls).enabled.default)
+        return cls(enabled=enabled, switches=switches)
 
     def unstructure(self) -> dict[str, Any]:
         return {"enabled": self.enabled, **attrs.asdict(self.switches)}
@@ -396,10 +405,12 @@ def load_settings(cfg: DictConfig | Mapping[str, Any]) -> RunSettings:
     """The composed config (interpolations resolved, ``hydra`` node dropped) as validated settings."""
     try:
         if isinstance(cfg, DictConfig):  # the hydra node (present in compose()) is Hydra's, not the run's
-            tree = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+            tree = OmegaConf.to_container(
+                OmegaConf.masked_copy(cfg, [str(k) for k in cfg if k != "hydra"]), resolve=True
+            )
         else:
             tree = dict(cfg)
-    except Exception as exc:  # noqa: BLE001  (OmegaConf raises many types; each is one bad interpolation)
+    except (OmegaConfBaseException, ValueError) as exc:  # a bad or unresolvable interpolation
         raise ConfigError(f"the config does not resolve: {exc}".splitlines()[0],
                           hint="check the ${...} interpolations you overrode") from exc  # fmt: skip
     assert isinstance(tree, dict)
@@ -461,7 +472,11 @@ def _refuse_unknown(data: Mapping[str, Any], known: list[str], section: str) -> 
             continue
         key = f"{section}.{name}" if section else name
         close = difflib.get_close_matches(str(name), known, n=1)
-        hint = f"did you mean {section + '.' if section else ''}{close[0]}?" if close else f"valid keys: {', '.join(known)}"
+        hint = (
+            f"did you mean {section + '.' if section else ''}{close[0]}?"
+            if close
+            else f"valid keys: {', '.join(known)}"
+        )
         raise ConfigError(f"unknown setting {key}", hint=hint)
 
 
