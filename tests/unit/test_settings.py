@@ -73,7 +73,7 @@ def test_cross_group_rules(settings_of: Callable[..., RunSettings]) -> None:
     with pytest.raises(ConfigError, match=r"needs model\.backend=native"):
         settings_of("model.backend=hf_remote", "infer.batch_size=4")
     with pytest.raises(ConfigError, match="min_crops"):
-        settings_of("+model.preprocess.min_crops=5", "+model.preprocess.max_crops=3")
+        settings_of("model.preprocess.min_crops=5", "model.preprocess.max_crops=3")
 
 
 def test_folder_dataset_without_root_names_the_key(settings_of: Callable[..., RunSettings]) -> None:
