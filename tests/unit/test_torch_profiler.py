@@ -82,7 +82,8 @@ def test_table_top_k_sorted_and_percentages(profiled: dict[str, Any]) -> None:
 
 
 def test_percentages_of_all_operators_sum_to_at_most_100(profiled: dict[str, Any]) -> None:
-    rows, total_ms, _ = operator_table(profiled["prof"], on_device=False, top_k=10_000)
+    rows, total_ms, _, note = operator_table(profiled["prof"], on_device=False, top_k=10_000)
+    assert note is None
     assert total_ms == pytest.approx(profiled["summary"].total_self_ms, rel=1e-9)
     total_pct = sum(r.pct_of_total for r in rows)
     assert total_pct <= 100.0 + 1e-6
@@ -94,6 +95,8 @@ def test_range_times(profiled: dict[str, Any]) -> None:
     s = profiled["summary"]
     assert set(s.range_ms) == {"prefill", "decode"}
     assert all(v > 0 for v in s.range_ms.values())
+    assert s.range_device_ms == {}  # no device timeline on CPU
+    assert s.kernels is None and s.kernels_reason is not None and "CPU" in s.kernels_reason
 
 
 def test_trace_written_as_valid_gzip_json(profiled: dict[str, Any]) -> None:
@@ -158,8 +161,126 @@ def test_device_table_leaves_out_profiler_internal_events() -> None:
         evt("vectorized_elementwise_kernel", cuda, 21.8, 5),
     ]
     prof = SimpleNamespace(key_averages=lambda: events)
-    rows, total_ms, sort_key = operator_table(prof, on_device=True, top_k=10)
-    assert sort_key == "self_device_ms"
+    rows, total_ms, sort_key, note = operator_table(prof, on_device=True, top_k=10)
+    assert sort_key == "self_device_ms" and note is None
     assert [r.name for r in rows] == ["aten::mm", "aten::clamp_min"]
     assert total_ms == pytest.approx((119.7 + 21.8) / 1e3)
     assert sum(r.pct_of_total for r in rows) == pytest.approx(100.0)
+
+
+# ------------------------------------------------------------------ synthetic CUDA events (no GPU needed)
+
+
+def _evt(key: str, dev: Any, self_dev: float, cpu_total: float = 5.0, count: int = 1) -> Any:
+    from types import SimpleNamespace
+
+    return SimpleNamespace(key=key, device_type=dev, count=count, self_device_time_total=self_dev,
+                           device_time_total=self_dev, self_cpu_time_total=cpu_total,
+                           cpu_time_total=cpu_total)  # fmt: skip
+
+
+@pytest.mark.parametrize("device_mirror_last", [True, False])
+def test_range_times_keep_the_host_entry_over_its_device_mirror(device_mirror_last: bool) -> None:
+    """On CUDA key_averages() lists each range twice: the host entry (its wall time) and its mirror on the GPU
+    timeline with zero host time.  The committed H100/H200 runs kept the last one and reported 0 ms."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    cpu, cuda = DeviceType.CPU, DeviceType.CUDA
+    host = [_evt("prefill", cpu, 0.0, cpu_total=380_013.0), _evt("decode", cpu, 0.0, cpu_total=1_132_423.0),
+            _evt("sam", cpu, 0.0, cpu_total=74_184.0), _evt("aten::mm", cpu, 53_447.0, cpu_total=276_489.0)]  # fmt: skip
+    mirrors = [_evt("prefill", cuda, 378_843.0, cpu_total=0.0), _evt("decode", cuda, 1_132_093.0, cpu_total=0.0),
+               _evt("sam", cuda, 73_172.0, cpu_total=0.0)]  # fmt: skip
+    events = host + mirrors if device_mirror_last else mirrors + host
+    out = torch_profiler.range_times_ms(SimpleNamespace(key_averages=lambda: events))
+    assert out == {"prefill": pytest.approx(380.013), "decode": pytest.approx(1132.423), "sam": pytest.approx(74.184)}
+
+
+def test_operators_claiming_more_than_the_kernels_leave_the_total_as_measured() -> None:
+    """The total is the kernels' sum; operators claiming more is stated, never folded into a raised total."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    cpu, cuda = DeviceType.CPU, DeviceType.CUDA
+    events = [_evt("aten::copy_", cpu, 60.0), _evt("aten::mm", cpu, 50.0),
+              _evt("Memcpy HtoD", cuda, 40.0), _evt("nvjet_gemm", cuda, 50.0)]  # fmt: skip
+    rows, total_ms, _, note = operator_table(SimpleNamespace(key_averages=lambda: events), on_device=True, top_k=10)
+    assert total_ms == pytest.approx(0.090)  # 40 + 50 us of kernels, not the operators' 110 us
+    assert note is not None and "0.020 ms more" in note and "more than 100 %" in note
+    assert [r.name for r in rows] == ["aten::copy_", "aten::mm"]  # no negative "unattributed" row
+    assert rows[0].pct_of_total == pytest.approx(100 * 60 / 90)
+
+
+def _trace_with_graph_launch() -> list[dict[str, Any]]:
+    """A hand-made CUDA trace: eager kernels in sam and prefill, one CUDA-graph replay (3 kernels sharing the
+    correlation id of their cudaGraphLaunch) inside decode, a kernel launched outside every range, and a kernel
+    with no launch event (falls back to the GPU-timeline range it ran in)."""
+    host, gpu = 100, 7
+
+    def ann(name: str, ts: float, dur: float, cat: str = "user_annotation") -> dict[str, Any]:
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": host if cat == "user_annotation" else gpu}
+
+    def launch(name: str, ts: float, corr: int) -> dict[str, Any]:
+        return {"ph": "X", "cat": "cuda_runtime", "name": name, "ts": ts, "dur": 2, "tid": host,
+                "args": {"correlation": corr}}  # fmt: skip
+
+    def kernel(name: str, ts: float, dur: float, corr: int, cat: str = "kernel") -> dict[str, Any]:
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": gpu, "args": {"correlation": corr}}
+
+    return [
+        ann("prefill", 1000, 500),
+        ann("sam", 1010, 100),  # nested in prefill
+        ann("decode", 2000, 400),
+        ann("decode", 5000, 1000, cat="gpu_user_annotation"),
+        launch("cudaLaunchKernel", 1020, 1),  # in sam
+        launch("cudaLaunchKernel", 1200, 2),  # in prefill, outside sam: the LM part
+        launch("cudaGraphLaunch", 2100, 3),  # in decode: every kernel of the replay carries correlation 3
+        launch("cudaMemcpyAsync", 3000, 4),  # after every range
+        kernel("sam_gemm", 1030, 40, 1),
+        kernel("lm_gemm", 1300, 60, 2),
+        kernel("moe_up", 2200, 10, 3),
+        kernel("moe_down", 2210, 10, 3),
+        kernel("moe_up", 2220, 10, 3),
+        kernel("Memcpy DtoH", 3010, 20, 4, cat="gpu_memcpy"),
+        kernel("orphan", 5100, 50, 99),  # no launch event: inside the GPU-side decode range
+        {"ph": "f", "cat": "ac2g", "name": "ac2g", "id": 3, "ts": 2200},  # flow events are not kernels
+    ]
+
+
+def test_kernel_attribution_maps_graph_replays_to_the_launching_range() -> None:
+    att = torch_profiler.kernel_attribution(_trace_with_graph_launch(), top_k=10)
+    assert att is not None
+    total_us = 40 + 60 + 30 + 20 + 50
+    assert att.device_total_ms == pytest.approx(total_us / 1e3)
+    assert att.graph_launches == 1 and att.n_kernel_names == 6
+    stages = {s.stage: s for s in att.stages}
+    assert set(stages) == {"sam", "prefill_lm", "decode", torch_profiler.OUTSIDE_STAGES}
+    assert stages["sam"].device_ms == pytest.approx(0.040) and stages["sam"].calls == 1
+    assert stages["prefill_lm"].device_ms == pytest.approx(0.060)
+    assert stages["decode"].device_ms == pytest.approx(0.080) and stages["decode"].calls == 4
+    assert stages["decode"].graph_replayed_ms == pytest.approx(0.030)
+    assert stages[torch_profiler.OUTSIDE_STAGES].device_ms == pytest.approx(0.020)
+    assert att.attributed_pct == pytest.approx(100 * 180 / 200)
+    assert [s.stage for s in att.stages] == ["sam", "prefill_lm", "decode", torch_profiler.OUTSIDE_STAGES]
+    kernels = {k.name: k for k in att.kernels}
+    assert kernels["moe_up"].calls == 2 and kernels["moe_up"].device_ms == pytest.approx(0.020)
+    assert kernels["moe_up"].mean_device_us == pytest.approx(10.0)
+    assert kernels["lm_gemm"].pct_of_device == pytest.approx(30.0)
+    assert [k.name for k in att.kernels][:2] == ["lm_gemm", "orphan"]  # sorted by device time
+    assert len(torch_profiler.kernel_attribution(_trace_with_graph_launch(), top_k=2).kernels) == 2  # type: ignore[union-attr]
+
+
+def test_kernel_attribution_absent_without_kernels() -> None:
+    assert torch_profiler.kernel_attribution([{"ph": "X", "cat": "cpu_op", "name": "aten::mm"}], 5) is None
+
+
+def test_range_device_spans_from_the_trace() -> None:
+    events = [
+        {"cat": "gpu_user_annotation", "name": "sam", "ts": 0, "dur": 1500},
+        {"cat": "gpu_user_annotation", "name": "sam", "ts": 5000, "dur": 500},
+        {"cat": "user_annotation", "name": "sam", "ts": 0, "dur": 99999},  # host side: not a GPU span
+        {"cat": "gpu_user_annotation", "name": "decode", "ts": 9000, "dur": 250},
+    ]
+    assert torch_profiler.trace_ranges_device_ms(events) == {"sam": pytest.approx(2.0), "decode": pytest.approx(0.25)}

@@ -17,7 +17,14 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from llm_perf_opt.results.types import UNATTRIBUTED, OperatorRow, ProfileSummary
+from llm_perf_opt.results.types import (
+    UNATTRIBUTED,
+    KernelAttribution,
+    KernelRow,
+    OperatorRow,
+    ProfileSummary,
+    StageDeviceTime,
+)
 
 RANGE_NAMES = ("preprocess", "prefill", "decode", "sam", "clip", "projector")
 
@@ -36,8 +43,8 @@ def _device_us(evt: Any, attr: str) -> float:
 PROFILER_INTERNAL = frozenset({"Activity Buffer Request"})
 
 
-def operator_table(prof: Any, on_device: bool, top_k: int) -> tuple[list[OperatorRow], float, str]:
-    """Top-K operators by self time and the grand total of self times (ms).
+def operator_table(prof: Any, on_device: bool, top_k: int) -> tuple[list[OperatorRow], float, str, str | None]:
+    """Top-K operators by self time, the grand total of self times (ms), the sort key and a note on the total.
 
     The profiler lists host-side operators (``aten::mm``) *and* the device kernels they launch
     (``nvjet_…``) as separate entries, and an operator's self device time already contains its kernels:
@@ -52,6 +59,7 @@ def operator_table(prof: Any, on_device: bool, top_k: int) -> tuple[list[Operato
     host = [e for e in events if getattr(e, "device_type", DeviceType.CPU) == DeviceType.CPU]
     ops = [e for e in host if e.key not in user_ranges and e.key not in PROFILER_INTERNAL]
     extra: list[OperatorRow] = []
+    note: str | None = None
     if on_device:
         sort_key = "self_device_ms"
         # Device-side entries are kernels/memcpys plus our ranges mirrored on the GPU timeline
@@ -64,9 +72,14 @@ def operator_table(prof: Any, on_device: bool, top_k: int) -> tuple[list[Operato
         total_us = sum(_device_us(e, "self_device_time_total") for e in kernels)
         attributed_us = sum(_device_us(e, "self_device_time_total") for e in ops)
         unattributed_us = total_us - attributed_us
-        # Operators can claim slightly more device time than the kernel list holds (attribution of async
-        # copies); the total is then the operators' sum, so rows and total never disagree.
-        total_us = max(total_us, attributed_us)
+        # Operators can claim more device time than the kernel list holds (attribution of async copies): the
+        # total stays what the kernels measured and the excess is stated, never folded into the total.
+        if unattributed_us < 0:
+            note = (
+                f"host operators claim {-unattributed_us / 1e3:.3f} ms more device time than all kernels of the "
+                f"pass ({total_us / 1e3:.3f} ms): some device time is attributed to two operators (async copies?), "
+                "so the % column adds up to more than 100 % and no row holds unattributed device time"
+            )
         if unattributed_us > 0:  # kernels launched directly inside our ranges, or outside any op
             n_k = sum(int(e.count) for e in kernels)
             extra.append(OperatorRow(name=UNATTRIBUTED, calls=n_k, self_device_ms=unattributed_us / 1e3,
@@ -94,15 +107,136 @@ def operator_table(prof: Any, on_device: bool, top_k: int) -> tuple[list[Operato
             )
         )
     rows = sorted(rows + extra, key=lambda r: (r.self_device_ms or 0.0) if on_device else r.self_cpu_ms, reverse=True)
-    return rows[:top_k], total_us / 1e3, sort_key
+    return rows[:top_k], total_us / 1e3, sort_key, note
 
 
-def range_times_ms(prof: Any, on_device: bool) -> dict[str, float]:
-    """Inclusive time of our named ranges as the profiler saw them (CPU wall of the range on CPU)."""
+def range_times_ms(prof: Any) -> dict[str, float]:
+    """Inclusive host wall time (ms) of our named ranges, from their host-side entries only.
+
+    On CUDA the profiler also lists each range's mirror on the GPU timeline under the same name, with zero
+    host time; letting that entry overwrite the host one reported 0 ms for every range with device work.
+    The mirrors' GPU spans come from the trace (``trace_ranges_device_ms``).
+    """
+    from torch.autograd import DeviceType
+
     out: dict[str, float] = {}
     for e in prof.key_averages():
-        if e.key in RANGE_NAMES:
-            out[e.key] = float(e.cpu_time_total) / 1e3
+        if e.key in RANGE_NAMES and getattr(e, "device_type", DeviceType.CPU) == DeviceType.CPU:
+            out[e.key] = out.get(e.key, 0.0) + float(e.cpu_time_total) / 1e3
+    return out
+
+
+# Stages of the kernel attribution, by the innermost host range a kernel was launched in.
+RANGE_STAGE = {
+    "preprocess": "preprocess",
+    "sam": "sam",
+    "clip": "clip",
+    "projector": "projector",
+    "prefill": "prefill_lm",  # prefill outside sam/clip/projector: embedding scatter + LM forward + first pick
+    "decode": "decode",
+    "decode_step": "decode",
+}
+STAGE_ORDER = ("preprocess", "sam", "clip", "projector", "prefill_lm", "decode")
+OUTSIDE_STAGES = "[launched outside every stage range]"
+DEVICE_CATS = frozenset({"kernel", "gpu_memcpy", "gpu_memset"})
+GRAPH_LAUNCH = "cudaGraphLaunch"
+
+
+def _innermost(ranges: list[tuple[float, float, str]], ts: float) -> str | None:
+    """Name of the innermost range (sorted by start) containing ``ts``; ranges nest, so the latest start wins."""
+    best: str | None = None
+    for start, end, name in ranges:
+        if start > ts:
+            break
+        if start <= ts <= end:
+            best = name
+    return best
+
+
+def kernel_attribution(events: list[dict[str, Any]], top_k: int) -> KernelAttribution | None:
+    """Kernel table and per-stage device time from the trace's events; None when the trace holds no kernel.
+
+    A kernel's correlation id names the runtime call that launched it (``cudaLaunchKernel``, or
+    ``cudaGraphLaunch`` for every kernel of a CUDA-graph replay); that call's host timestamp falls inside the
+    host range (``user_annotation``) it was made from, which names the stage.  A kernel whose launch is not
+    in the trace falls back to the GPU-timeline range (``gpu_user_annotation``) it ran in.
+    """
+    kernels = [e for e in events if e.get("cat") in DEVICE_CATS and e.get("ph") == "X"]
+    if not kernels:
+        return None
+    launches = {
+        e["args"]["correlation"]: e
+        for e in events
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in (e.get("args") or {})
+    }
+    host_ranges: dict[Any, list[tuple[float, float, str]]] = {}
+    for e in events:
+        if e.get("cat") == "user_annotation" and e.get("name") in RANGE_STAGE:
+            start = float(e["ts"])
+            host_ranges.setdefault(e.get("tid"), []).append((start, start + float(e.get("dur", 0)), e["name"]))
+    gpu_ranges = sorted(
+        (float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), e["name"])
+        for e in events
+        if e.get("cat") == "gpu_user_annotation" and e.get("name") in RANGE_STAGE
+    )
+    for ranges in host_ranges.values():
+        ranges.sort()
+    by_name: dict[str, list[float]] = {}
+    by_stage: dict[str, list[float]] = {}  # stage -> [device us, calls, graph-replayed us]
+    graph_corr: set[Any] = set()
+    for k in kernels:
+        dur = float(k.get("dur", 0))
+        launch = launches.get((k.get("args") or {}).get("correlation"))
+        if launch is not None:
+            where = _innermost(host_ranges.get(launch.get("tid"), []), float(launch["ts"]))
+            graphed = launch.get("name") == GRAPH_LAUNCH
+            if graphed:
+                graph_corr.add(launch["args"]["correlation"])
+        else:
+            where = _innermost(gpu_ranges, float(k["ts"]))
+            graphed = False
+        stage = RANGE_STAGE.get(where or "", OUTSIDE_STAGES)
+        name_acc = by_name.setdefault(str(k.get("name")), [0.0, 0.0])
+        name_acc[0] += dur
+        name_acc[1] += 1
+        acc = by_stage.setdefault(stage, [0.0, 0.0, 0.0])
+        acc[0] += dur
+        acc[1] += 1
+        acc[2] += dur if graphed else 0.0
+    total_us = sum(v[0] for v in by_name.values())
+
+    def pct(us: float) -> float:
+        return 100.0 * us / total_us if total_us > 0 else 0.0
+
+    rows = sorted(by_name.items(), key=lambda kv: kv[1][0], reverse=True)
+    kernel_rows = [
+        KernelRow(name=n, calls=int(c), device_ms=us / 1e3, mean_device_us=us / c, pct_of_device=pct(us))
+        for n, (us, c) in rows[:top_k]
+    ]
+    order = [*STAGE_ORDER, OUTSIDE_STAGES]
+    stages = [
+        StageDeviceTime(stage=s, device_ms=v[0] / 1e3, calls=int(v[1]), graph_replayed_ms=v[2] / 1e3,
+                        pct_of_device=pct(v[0]))  # fmt: skip
+        for s in order
+        if (v := by_stage.get(s)) is not None
+    ]
+    attributed_us = sum(v[0] for s, v in by_stage.items() if s != OUTSIDE_STAGES)
+    return KernelAttribution(
+        device_total_ms=total_us / 1e3,
+        attributed_pct=pct(attributed_us),
+        graph_launches=len(graph_corr),
+        n_kernel_names=len(by_name),
+        kernels=kernel_rows,
+        stages=stages,
+    )
+
+
+def trace_ranges_device_ms(events: list[dict[str, Any]], names: tuple[str, ...] = RANGE_NAMES) -> dict[str, float]:
+    """GPU-timeline span (ms) of each named range, summed over its occurrences (the device-side mirrors)."""
+    out: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "gpu_user_annotation" and e.get("name") in names:
+            out[e["name"]] = out.get(e["name"], 0.0) + float(e.get("dur", 0)) / 1e3
     return out
 
 
@@ -130,23 +264,39 @@ def run_profiler_pass(
         with_stack=bool(preset.get("with_stack", False)),
     ) as prof:
         result = fn()
-    rows, total_ms, sort_key = operator_table(prof, on_device, top_k)
+    rows, total_ms, sort_key, note = operator_table(prof, on_device, top_k)
     trace_file = None
-    if export_trace:
-        raw = out_dir / "trace.json"
+    raw = out_dir / "trace.json"
+    events: list[dict[str, Any]] = []
+    if export_trace or on_device:  # on CUDA the trace is where kernels meet their launches and ranges
         prof.export_chrome_trace(str(raw))
-        with open(raw, "rb") as src, gzip.open(out_dir / "trace.json.gz", "wb") as dst:
-            shutil.copyfileobj(src, dst)
+        if on_device:
+            with open(raw) as fh:
+                events = json.load(fh).get("traceEvents", [])
+        if export_trace:
+            with open(raw, "rb") as src, gzip.open(out_dir / "trace.json.gz", "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            trace_file = "trace.json.gz"
         raw.unlink()
-        trace_file = "trace.json.gz"
+    attribution = kernel_attribution(events, top_k) if on_device else None
+    if attribution is not None:
+        kernels_reason = None
+    elif on_device:
+        kernels_reason = "the profiler trace holds no device kernel (CUPTI saw no activity)"
+    else:
+        kernels_reason = "no device kernels: the profiler pass ran without CUDA activity (CPU run)"
     summary = ProfileSummary(
         page_id=page_id,
         max_new_tokens=max_new_tokens,
         sort_key=sort_key,
         total_self_ms=total_ms,
         operators=rows,
-        range_ms=range_times_ms(prof, on_device),
+        range_ms=range_times_ms(prof),
         trace_file=trace_file,
+        range_device_ms=trace_ranges_device_ms(events),
+        kernels=attribution,
+        kernels_reason=kernels_reason,
+        total_note=note,
     )
     return summary, result
 

@@ -11,7 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from llm_perf_opt.results.types import UNATTRIBUTED, PageRecord, RunSummary, Stats
+from llm_perf_opt.results.types import UNATTRIBUTED, PageRecord, ProfileSummary, RunSummary, Stats
 
 NA = "n/a"
 
@@ -210,6 +210,14 @@ def render_report(s: RunSummary, plots: dict[str, str] | None = None) -> str:
             + ".\n"
         )
         out.append(_operator_table(s, limit=10) + "\n")
+        if prof.kernels is not None:
+            ka = prof.kernels
+            top = ", ".join(f"{st.stage} {st.pct_of_device:.1f} %" for st in ka.stages)
+            out.append(
+                f"Kernel attribution: **{ka.attributed_pct:.2f} %** of the pass's {ka.device_total_ms:,.2f} ms of "
+                f"device time is attributed to a stage and a kernel name ({top}; CUDA-graph replays included). "
+                "Kernel table and per-stage breakdown: [operators.md](operators.md).\n"
+            )
         unattributed = next((o for o in prof.operators if o.name == UNATTRIBUTED), None)
         if unattributed is not None and unattributed.pct_of_total > 50:
             out.append(
@@ -326,6 +334,8 @@ def render_operators(s: RunSummary) -> str:
         _operator_table(s),
         "",
     ]
+    if p.total_note:
+        lines.insert(2, f"Note: {p.total_note}.\n")
     if p.range_checks:
         lines.append("## Cross-check: CUDA-event stage times vs the trace's GPU timeline\n")
         lines.append(
@@ -353,10 +363,58 @@ def render_operators(s: RunSummary) -> str:
         )
         lines.append("")
     if p.range_ms:
-        lines.append("## Named ranges in the pass (inclusive host time)\n")
-        lines.append(table(["range", "ms"], [[k, fmt(v, 3)] for k, v in sorted(p.range_ms.items())]))
+        lines.append("## Named ranges in the pass\n")
+        lines.append(
+            "Host: inclusive wall time of the range on the host. GPU span: the range's extent on the GPU timeline "
+            "(CUDA runs only; n/a on CPU, where there is no device timeline).\n"
+        )
+        names = sorted(set(p.range_ms) | set(p.range_device_ms))
+        lines.append(
+            table(
+                ["range", "host ms", "GPU span ms"],
+                [[k, fmt(p.range_ms.get(k), 3), fmt(p.range_device_ms.get(k), 3)] for k in names],
+            )
+        )
         lines.append("")
+    lines.append(_render_kernels(p))
     return "\n".join(lines)
+
+
+def _short_kernel(name: str, width: int = 90) -> str:
+    return name if len(name) <= width else name[: width - 1] + "…"
+
+
+def _render_kernels(p: ProfileSummary) -> str:
+    """Device kernels by name and by the stage that launched them (CUDA-graph replays included)."""
+    k = p.kernels
+    if k is None:
+        return f"## Device kernels\n\nNot available: {p.kernels_reason or 'no kernel attribution recorded'}.\n"
+    out = [
+        "## Device time by stage\n",
+        f"Every kernel, memcpy and memset of the pass ({k.device_total_ms:,.3f} ms of device time) mapped to the "
+        "stage whose host range launched it (its launch call's correlation id; a CUDA-graph replay's kernels carry "
+        f"the id of their `cudaGraphLaunch`, {k.graph_launches} graph launches here). "
+        f"**{k.attributed_pct:.2f} %** of the device time is attributed to a stage and a kernel name.\n",
+        table(
+            ["stage", "device ms", "kernels", "of which graph-replayed ms", "% of device time"],
+            [
+                [st.stage, fmt(st.device_ms, 3), f"{st.calls:,}", fmt(st.graph_replayed_ms, 3), f"{st.pct_of_device:.2f}"]
+                for st in k.stages
+            ],
+        ),
+        "",
+        f"## Top device kernels ({len(k.kernels)} of {k.n_kernel_names} names)\n",
+        table(
+            ["#", "kernel", "calls", "device ms", "mean µs", "% of device time"],
+            [
+                [str(i), f"`{_short_kernel(r.name)}`", f"{r.calls:,}", fmt(r.device_ms, 3), fmt(r.mean_device_us, 2),
+                 f"{r.pct_of_device:.2f}"]  # fmt: skip
+                for i, r in enumerate(k.kernels, 1)
+            ],
+        ),
+        "",
+    ]
+    return "\n".join(out)
 
 
 def _render_efficiency(s: RunSummary) -> str:

@@ -188,6 +188,44 @@ class RangeCheck:
 
 
 @attrs.frozen
+class KernelRow:
+    """One device kernel (or memcpy/memset) name over the profiler pass, graph replays included."""
+
+    name: str
+    calls: int
+    device_ms: float
+    mean_device_us: float
+    pct_of_device: float
+
+
+@attrs.frozen
+class StageDeviceTime:
+    """Device time of the kernels launched while the host was inside one stage's range."""
+
+    stage: str
+    device_ms: float
+    calls: int
+    graph_replayed_ms: float  # part of device_ms launched by cudaGraphLaunch
+    pct_of_device: float
+
+
+@attrs.frozen
+class KernelAttribution:
+    """Every kernel of the pass mapped to its name and to the stage whose host range launched it.
+
+    ``attributed_pct`` is the share of device time that lands in a named stage (the rest was launched outside
+    every range of ours, e.g. by the profiler itself or between stages).
+    """
+
+    device_total_ms: float
+    attributed_pct: float
+    graph_launches: int
+    n_kernel_names: int
+    kernels: list[KernelRow]
+    stages: list[StageDeviceTime]
+
+
+@attrs.frozen
 class ProfileSummary:
     """The single PyTorch-profiler pass (separate from the timed repeats)."""
 
@@ -196,9 +234,14 @@ class ProfileSummary:
     sort_key: str
     total_self_ms: float
     operators: list[OperatorRow]
-    range_ms: dict[str, float] = attrs.field(factory=dict)
+    range_ms: dict[str, float] = attrs.field(factory=dict)  # host wall time of each named range
     trace_file: str | None = None
     range_checks: list[RangeCheck] = attrs.field(factory=list)
+    # GPU-timeline span of each named range (CUDA only; the device-side mirror of the host range)
+    range_device_ms: dict[str, float] = attrs.field(factory=dict)
+    kernels: KernelAttribution | None = None
+    kernels_reason: str | None = None  # why ``kernels`` is absent
+    total_note: str | None = None  # when operator rows and the kernels' total disagree, by how much and why
 
 
 @attrs.frozen
