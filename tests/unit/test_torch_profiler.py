@@ -188,10 +188,17 @@ def test_range_times_keep_the_host_entry_over_its_device_mirror(device_mirror_la
     from torch.autograd import DeviceType
 
     cpu, cuda = DeviceType.CPU, DeviceType.CUDA
-    host = [_evt("prefill", cpu, 0.0, cpu_total=380_013.0), _evt("decode", cpu, 0.0, cpu_total=1_132_423.0),
-            _evt("sam", cpu, 0.0, cpu_total=74_184.0), _evt("aten::mm", cpu, 53_447.0, cpu_total=276_489.0)]  # fmt: skip
-    mirrors = [_evt("prefill", cuda, 378_843.0, cpu_total=0.0), _evt("decode", cuda, 1_132_093.0, cpu_total=0.0),
-               _evt("sam", cuda, 73_172.0, cpu_total=0.0)]  # fmt: skip
+    host = [
+        _evt("prefill", cpu, 0.0, cpu_total=380_013.0),
+        _evt("decode", cpu, 0.0, cpu_total=1_132_423.0),
+        _evt("sam", cpu, 0.0, cpu_total=74_184.0),
+        _evt("aten::mm", cpu, 53_447.0, cpu_total=276_489.0),
+    ]
+    mirrors = [
+        _evt("prefill", cuda, 378_843.0, cpu_total=0.0),
+        _evt("decode", cuda, 1_132_093.0, cpu_total=0.0),
+        _evt("sam", cuda, 73_172.0, cpu_total=0.0),
+    ]
     events = host + mirrors if device_mirror_last else mirrors + host
     out = torch_profiler.range_times_ms(SimpleNamespace(key_averages=lambda: events))
     assert out == {"prefill": pytest.approx(380.013), "decode": pytest.approx(1132.423), "sam": pytest.approx(74.184)}
@@ -220,7 +227,8 @@ def _trace_with_graph_launch() -> list[dict[str, Any]]:
     host, gpu = 100, 7
 
     def ann(name: str, ts: float, dur: float, cat: str = "user_annotation") -> dict[str, Any]:
-        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": host if cat == "user_annotation" else gpu}
+        tid = host if cat == "user_annotation" else gpu
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": tid}
 
     def launch(name: str, ts: float, corr: int) -> dict[str, Any]:
         return {"ph": "X", "cat": "cuda_runtime", "name": name, "ts": ts, "dur": 2, "tid": host,

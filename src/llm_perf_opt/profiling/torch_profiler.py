@@ -215,8 +215,9 @@ def kernel_attribution(events: list[dict[str, Any]], top_k: int) -> KernelAttrib
     ]
     order = [*STAGE_ORDER, OUTSIDE_STAGES]
     stages = [
-        StageDeviceTime(stage=s, device_ms=v[0] / 1e3, calls=int(v[1]), graph_replayed_ms=v[2] / 1e3,
-                        pct_of_device=pct(v[0]))  # fmt: skip
+        StageDeviceTime(
+            stage=s, device_ms=v[0] / 1e3, calls=int(v[1]), graph_replayed_ms=v[2] / 1e3, pct_of_device=pct(v[0])
+        )
         for s in order
         if (v := by_stage.get(s)) is not None
     ]

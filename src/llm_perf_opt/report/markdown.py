@@ -398,7 +398,13 @@ def _render_kernels(p: ProfileSummary) -> str:
         table(
             ["stage", "device ms", "kernels", "of which graph-replayed ms", "% of device time"],
             [
-                [st.stage, fmt(st.device_ms, 3), f"{st.calls:,}", fmt(st.graph_replayed_ms, 3), f"{st.pct_of_device:.2f}"]
+                [
+                    st.stage,
+                    fmt(st.device_ms, 3),
+                    f"{st.calls:,}",
+                    fmt(st.graph_replayed_ms, 3),
+                    f"{st.pct_of_device:.2f}",
+                ]
                 for st in k.stages
             ],
         ),
@@ -407,8 +413,14 @@ def _render_kernels(p: ProfileSummary) -> str:
         table(
             ["#", "kernel", "calls", "device ms", "mean µs", "% of device time"],
             [
-                [str(i), f"`{_short_kernel(r.name)}`", f"{r.calls:,}", fmt(r.device_ms, 3), fmt(r.mean_device_us, 2),
-                 f"{r.pct_of_device:.2f}"]  # fmt: skip
+                [
+                    str(i),
+                    f"`{_short_kernel(r.name)}`",
+                    f"{r.calls:,}",
+                    fmt(r.device_ms, 3),
+                    fmt(r.mean_device_us, 2),
+                    f"{r.pct_of_device:.2f}",
+                ]
                 for i, r in enumerate(k.kernels, 1)
             ],
         ),
