@@ -92,8 +92,12 @@ def test_t_quantile_rejects_bad_dof(dof: int) -> None:
 
 
 def test_percentiles_default_and_custom() -> None:
+    """Hand-computed order statistics (linear interpolation between ranks: rank h = q/100 · (n − 1))."""
     vals = list(range(1, 101))
-    assert percentiles(vals) == pytest.approx(np.percentile(vals, [50, 90, 99]).tolist())
+    # h = 49.5 → 50 + 0.5·(51 − 50); h = 89.1 → 90 + 0.1; h = 98.01 → 99 + 0.01
+    assert percentiles(vals) == pytest.approx([50.5, 90.1, 99.01])
+    # unsorted input, unequal gaps: sorted 10, 20, 30, 40; h = 1.5 → 25, h = 2.7 → 37, h = 2.97 → 39.7
+    assert percentiles([30.0, 10.0, 40.0, 20.0]) == pytest.approx([25.0, 37.0, 39.7])
     assert percentiles(vals, qs=(0, 100)) == [1.0, 100.0]
     assert percentiles([]) is None
 

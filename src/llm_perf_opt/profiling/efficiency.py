@@ -149,6 +149,7 @@ def compute_efficiency(
         achieved = fl / sec
         mfu_v = M.mfu(fl, sec, peak_flops) if peak_flops else None
         bytes_moved = mbu_v = ai = None
+        mbu_raw: float | M.Unavailable | None = None
         note = STAGE_NOTES.get(stage)
         if stage == "decode" and decode_secs_for_bytes > 0:
             bytes_moved = decode_bytes_sum / n_pages
@@ -163,6 +164,11 @@ def compute_efficiency(
             mbu_v = mbu_raw if isinstance(mbu_raw, float) else None
             ai = fl / min_bytes_sum[stage]
             note = "; ".join(x for x in (note, "bytes ≥ weights + stage I/O (lower bound)") if x)
+        # mfu.py's contract: a value it cannot vouch for (MFU > 1: FLOPs, time or peak wrong) comes back with its
+        # reason, and the blank in the table must carry that reason, not look like "no peak"
+        for metric, value in ((f"mfu.{stage}", mfu_v), (f"mbu.{stage}", mbu_raw if bytes_moved is not None else None)):
+            if isinstance(value, M.Unavailable):
+                unavailable.append(Unavailable(metric, value.reason))
         efficiency.append(
             Efficiency(
                 stage=stage,
