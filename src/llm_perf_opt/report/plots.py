@@ -12,6 +12,31 @@ import matplotlib.pyplot as plt
 from llm_perf_opt.results.types import RunSummary
 
 
+def stage_parts(s: RunSummary) -> tuple[list[tuple[str, float]], list[str]]:
+    """Bars of the stage breakdown (label, mean ms) and the stages left out because they were not measured.
+
+    A stage without an aggregate has no bar (drawing "0.0 ms" would claim it took no time); the derived parts
+    (vision other = vision − SAM − CLIP − projector, prefill LM = prefill − vision) exist only when every input
+    they are derived from was measured.
+    """
+
+    def mean(key: str) -> float | None:
+        st = s.aggregates.get(key)
+        return st.mean if st else None
+
+    sam, clip, proj, vision = mean("sam_ms"), mean("clip_ms"), mean("projector_ms"), mean("vision_ms")
+    prefill, decode = mean("prefill_ms"), mean("decode_ms")
+    other = None
+    if vision is not None and sam is not None and clip is not None and proj is not None:
+        other = max(vision - sam - clip - proj, 0.0)
+    lm = None if prefill is None or vision is None else max(prefill - vision, 0.0)
+    candidates = [("SAM", sam), ("CLIP", clip), ("projector", proj), ("vision other", other), ("prefill LM", lm),
+                  ("decode", decode)]  # fmt: skip
+    parts = [(label, value) for label, value in candidates if value is not None]
+    missing = [label for label, value in candidates if value is None]
+    return parts, missing
+
+
 def write_plots(s: RunSummary, out: Path) -> dict[str, str]:
     """Write what the data supports; returns {plot key: relative file name}."""
     plots: dict[str, str] = {}
@@ -19,31 +44,20 @@ def write_plots(s: RunSummary, out: Path) -> dict[str, str]:
     if not ok:
         return plots
 
-    def mean(key: str) -> float:
-        st = s.aggregates.get(key)
-        return st.mean if st else 0.0
-
-    # Stage breakdown: stacked means; the LM part of prefill is prefill − vision.
-    parts = [
-        ("SAM", mean("sam_ms")),
-        ("CLIP", mean("clip_ms")),
-        ("projector", mean("projector_ms")),
-        ("vision other", max(mean("vision_ms") - mean("sam_ms") - mean("clip_ms") - mean("projector_ms"), 0.0)),
-        ("prefill LM", max(mean("prefill_ms") - mean("vision_ms"), 0.0)),
-        ("decode", mean("decode_ms")),
-    ]
-    fig, ax = plt.subplots(figsize=(8, 2.6))
-    left = 0.0
-    for label, value in parts:
-        ax.barh([0], [value], left=left, label=f"{label} ({value:,.1f} ms)")
-        left += value
-    ax.set_yticks([])
-    ax.set_xlabel("ms per page (mean)")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=3, fontsize=8, frameon=False)
-    fig.tight_layout()
-    fig.savefig(out / "stage_breakdown.png", dpi=110)
-    plt.close(fig)
-    plots["stage_breakdown"] = "stage_breakdown.png"
+    parts, missing = stage_parts(s)
+    if parts:  # nothing measured: no chart rather than an empty one
+        fig, ax = plt.subplots(figsize=(8, 2.6))
+        left = 0.0
+        for label, value in parts:
+            ax.barh([0], [value], left=left, label=f"{label} ({value:,.1f} ms)")
+            left += value
+        ax.set_yticks([])
+        ax.set_xlabel("ms per page (mean)" + (f"; not measured (no bar): {', '.join(missing)}" if missing else ""))
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=3, fontsize=8, frameon=False)
+        fig.tight_layout()
+        fig.savefig(out / "stage_breakdown.png", dpi=110)
+        plt.close(fig)
+        plots["stage_breakdown"] = "stage_breakdown.png"
 
     steps = [p for p in ok if p.decode_step_ms]
     if steps:
