@@ -36,6 +36,7 @@ import argparse
 import datetime as dt
 import json
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,9 @@ from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, apply_fast_path
 from llm_perf_opt.models.deepseek_ocr.preprocess import PreparedPage, PreprocessConfig, preprocess_page
 from llm_perf_opt.models.deepseek_ocr.tokenizer import load_tokenizer
 from llm_perf_opt.profiling.bench_meta import benchmark_header, gpu_tag
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmath next to this script, also under `python -m`
+from benchmath import batched_goal, batched_speedups, p90_ms
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
@@ -109,7 +113,7 @@ def measure(
         "decode_s": res.decode_s,
         "ttft_s": res.ttft_s,
         "tpot_p50_ms": res.step_ms_p50,
-        "tpot_p90_ms": statistics.quantiles(res.step_ms, n=10)[-1] if len(res.step_ms) > 1 else res.step_ms_p50,
+        "tpot_p90_ms": p90_ms(res.step_ms),
         "tpot_mean_per_seq_ms": statistics.fmean(tpot) if tpot else None,
         "idle_steps": res.idle_steps,
         "warmup_capture_s": warm.graph_capture_s,
@@ -131,24 +135,14 @@ def table(rows: list[dict[str, Any]]) -> str:
             capture += f" (+{r['timed_capture_s']:.3f} in the timed run)"
         lines.append(
             f"| {r['batch']} | {r['decode']} | {r['pages_per_s']:.3f} | {r['output_tok_per_s']:.1f} "
-            f"| {r['decode_tok_per_s']:.1f} | {r['ttft_s']:.3f} | {r['tpot_p50_ms']:.2f} | {r['tpot_p90_ms']:.2f} "
+            f"| {r['decode_tok_per_s']:.1f} | {r['ttft_s']:.3f} | {r['tpot_p50_ms']:.2f} | {_opt(r['tpot_p90_ms'])} "
             f"| {capture} | {_gib(r['peak_gib'])} |"
         )
     return "\n".join(lines)
 
 
-def speedups(rows: list[dict[str, Any]]) -> str:
-    """Per batch: static-step loop (graph, or static off CUDA) / host loop, output and decode tok/s."""
-    by = {(r["batch"], r["decode"]): r for r in rows}
-    lines = []
-    for bsz in sorted({r["batch"] for r in rows}):
-        s, h = by.get((bsz, "graph")) or by.get((bsz, "static")), by.get((bsz, "host"))
-        if s and h:
-            lines.append(
-                f"- batch {bsz}: {s['decode']} / host = {s['output_tok_per_s'] / h['output_tok_per_s']:.2f}× "
-                f"output tok/s, {s['decode_tok_per_s'] / h['decode_tok_per_s']:.2f}× decode tok/s"
-            )
-    return "\n".join(lines)
+def _opt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def _gib(value: float | None) -> str:
@@ -256,9 +250,10 @@ def main() -> None:
         f"capture excluded from the timed run.\n"
     )
     report = f"{header}\n{table(rows)}\n"
-    extra = speedups(rows)
+    extra = "\n".join(batched_speedups(rows))
     if extra:
         report += f"\n{extra}\n"
+    report += f"\n{batched_goal(rows, env['gpu'])}\n"
     print()
     print(report)
     if args.out:

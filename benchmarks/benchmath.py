@@ -1,0 +1,278 @@
+"""The arithmetic behind the benchmark reports (bench_fast.py, bench_batched.py): goals, ratios and verdicts.
+
+Pure functions over the benchmarks' result dicts, importable without a GPU (``from benchmarks.benchmath import
+...`` from the repo root; the scripts import it as ``benchmath``), so every published ratio and verdict is
+computed by code a unit test checks (tests/unit/test_benchmath.py).
+
+Rules the functions enforce:
+* a figure that was not measured is ``None`` (printed "n/a"), never 0;
+* a verdict names the GPU the goal was set for and the GPU that was measured;
+* a ratio of two decode runs with different token counts says so in its cell.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+
+
+@attrs.frozen
+class Goals:
+    """Targets of one issue, and the GPU they were set for (a verdict on another GPU says so)."""
+
+    issue: str
+    gpu: str
+    decode_ms_per_token: float
+    prefill_ms: float
+    vision_mfu_pct: float
+    batched_output_tok_s: float
+    batched_min_batch: int
+
+
+# Issue 9: batch-1 decode ≤ 1 ms/token, prefill ≤ 25 ms, vision MFU ≥ 35 %, ≥ 10k output tok/s batched (32–64),
+# all on an H100 80GB in bf16 with the Gundam page and dummy weights.
+ISSUE9 = Goals(
+    issue="issue 9",
+    gpu="NVIDIA H100 80GB HBM3",
+    decode_ms_per_token=1.0,
+    prefill_ms=25.0,
+    vision_mfu_pct=35.0,
+    batched_output_tok_s=10_000.0,
+    batched_min_batch=32,
+)
+
+
+def mfu_pct(flops: float, ms: float | None, peak_flops_per_s: float) -> float | None:
+    """Percent of the peak FLOP/s that ``flops`` in ``ms`` milliseconds achieve; None when not timed."""
+    if ms is None or ms <= 0 or peak_flops_per_s <= 0:
+        return None
+    return 100.0 * flops / (ms * 1e-3) / peak_flops_per_s
+
+
+def mbu_pct(bytes_per_token: float, ms_per_token: float | None, peak_bytes_per_s: float) -> float | None:
+    """Percent of the peak memory bandwidth that reading ``bytes_per_token`` every ``ms_per_token`` achieves."""
+    if ms_per_token is None or ms_per_token <= 0 or peak_bytes_per_s <= 0:
+        return None
+    return 100.0 * bytes_per_token / (ms_per_token * 1e-3) / peak_bytes_per_s
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def ratio(a: Any, b: Any, a_tokens: int | None = None, b_tokens: int | None = None) -> str:
+    """``a / b`` as "N.N×"; empty when either side is missing; names both token counts when they differ
+    (or when only one is known), since per-token decode times move with the context length."""
+    if not _num(a) or not _num(b) or not b:
+        return ""
+    text = f"{a / b:.1f}×"
+    if a_tokens != b_tokens:
+        text += f" ({_tok(a_tokens)} vs {_tok(b_tokens)})"
+    return text
+
+
+def _tok(n: int | None) -> str:
+    return "? tok" if n is None else f"{n} tok"
+
+
+def gpu_key(name: str | None) -> str:
+    """Comparable form of a GPU name ("NVIDIA H100 80GB HBM3" and "H100 80GB HBM3" are one GPU)."""
+    return " ".join((name or "").lower().replace("nvidia", " ").split())
+
+
+def verdict(ok: bool | None, goals: Goals, measured_gpu: str) -> str:
+    """ "**met**" / "missed" / "not measured", naming the measured GPU and, if another, the one the goal was
+    set for: a goal met on a faster GPU than its own is not the goal met."""
+    word = "not measured" if ok is None else ("**met**" if ok else "missed")
+    if gpu_key(goals.gpu) == gpu_key(measured_gpu):
+        return f"{word} on {measured_gpu}"
+    return f"{word} on {measured_gpu} (goal set for {goals.gpu})"
+
+
+def fmt(v: Any, spec: str = "{:.2f}") -> str:
+    if v is None:
+        return "n/a"
+    return spec.format(v) if _num(v) else str(v)
+
+
+def goals_table(res: dict[str, Any], keep: int, goals: Goals = ISSUE9) -> list[str]:
+    """Every goal of ``goals`` with vendor / eager / fast values of one bench_fast run, ratios and verdicts.
+
+    ``res`` is bench_fast's result dict: ``eager`` / ``fast`` / optional ``vendor`` sub-dicts, the FLOPs and
+    peaks, ``decode_tokens`` (fast) and ``eager_decode_tokens`` (absent in results from before it was
+    recorded: the ratio then says the eager count is unknown).
+    """
+    e, f, v = res["eager"], res["fast"], res.get("vendor") or {}
+    gpu = res["env"]["gpu"]
+    vendor_ok = bool(v) and "error" not in v
+    vv = (lambda key: v.get(key)) if vendor_ok else (lambda key: None)
+    split = v.get("split", {}) if vendor_ok else {}
+    tok_v = v.get("decode_tokens") if vendor_ok else None
+    tok_e, tok_f = res.get("eager_decode_tokens"), res["decode_tokens"]
+    budget = res["weight_gib"] + res["kv_gib"] + 2.0
+    f_dec = f.get("decode_device_greedy_ms_per_token")
+    f_pre = None if f.get("vision_ms") is None or f.get("prefill_ms") is None else f["vision_ms"] + f["prefill_ms"]
+    e_pre = None if e.get("vision_ms") is None or e.get("prefill_ms") is None else e["vision_ms"] + e["prefill_ms"]
+    peak = res["peak_bf16_flops"]
+    v_vis_mfu = mfu_pct(res["vision_flops"], split.get("vision_ms"), peak) if split else None
+
+    def le(x: float | None, goal: float) -> bool | None:
+        return None if x is None else x <= goal
+
+    def row(
+        name: str,
+        goal: str,
+        cells: tuple[Any, Any, Any],
+        verdict_text: str,
+        spec: str = "{:.2f}",
+        tokens: tuple[int | None, int | None, int | None] | None = None,
+    ) -> str:
+        vendor, eager, fast = cells
+        out = [name, goal, fmt(vendor, spec), fmt(eager, spec), fmt(fast, spec)]
+        if "%" in name:  # a rate (higher is better): the ratio columns are for times and sizes
+            out += ["", "", verdict_text]
+        else:
+            tv, te, tf = tokens if tokens is not None else (None, None, None)
+            out += [ratio(eager, fast, te, tf), ratio(vendor, fast, tv, tf), verdict_text]
+        return "| " + " | ".join(out) + " |"
+
+    lines = [
+        f"Goals of {goals.issue} were set for the {goals.gpu}; this run measured the {gpu}."
+        + ("" if gpu_key(goals.gpu) == gpu_key(gpu) else " A goal met here is not yet met on its own GPU."),
+        "",
+        "| metric | goal | vendor HF | eager | fast | eager/fast | vendor/fast | verdict |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        row(
+            f"decode ms/token, batch 1 (vendor {_tok(tok_v)}, eager {_tok(tok_e)} host greedy; "
+            f"fast {_tok(tok_f)} on-device greedy)",
+            f"≤ {goals.decode_ms_per_token} ms",
+            (vv("decode_ms_per_token"), e.get("decode_ms_per_token"), f_dec),
+            verdict(le(f_dec, goals.decode_ms_per_token), goals, gpu)
+            + ("" if f_dec is None else f" ({f_dec / goals.decode_ms_per_token:.2f}× the goal)"),
+            tokens=(tok_v, tok_e, tok_f),
+        ),
+        row(
+            "prefill ms (vision + LM; vendor: its whole prefill forward)",
+            f"≤ {goals.prefill_ms:g} ms",
+            (vv("prefill_ms"), e_pre, f_pre),
+            verdict(le(f_pre, goals.prefill_ms), goals, gpu),
+        ),
+        row(
+            "vision MFU %",
+            f"≥ {goals.vision_mfu_pct:g} %",
+            (v_vis_mfu, e.get("vision_mfu_pct"), f.get("vision_mfu_pct")),
+            verdict(
+                None if f.get("vision_mfu_pct") is None else f["vision_mfu_pct"] >= goals.vision_mfu_pct, goals, gpu
+            ),
+            "{:.1f}",
+        ),
+    ]
+    for comp in ("sam", "clip", "projector"):
+        label = comp.upper() if comp != "projector" else "projector"
+        lines.append(
+            row(
+                f"{label} MFU % (alone; vendor: hook time)",
+                "report",
+                (
+                    mfu_pct(res["component_flops"][comp], vv(f"{comp}_ms"), peak),
+                    e.get(f"{comp}_mfu_pct"),
+                    f.get(f"{comp}_mfu_pct"),
+                ),
+                "",
+                "{:.1f}",
+            )
+        )
+    lines += [
+        row(
+            "LM prefill MFU %", "report", (None, e.get("prefill_lm_mfu_pct"), f.get("prefill_lm_mfu_pct")), "", "{:.1f}"
+        ),
+        row(
+            f"decode MBU % (roofline {res['decode_roofline_ms']:.3f} ms/token)",
+            "report",
+            (None, e.get("decode_mbu_pct"), f.get("decode_mbu_pct")),
+            "",
+            "{:.1f}",
+        ),
+        row(
+            f"peak GiB, batch 1 (budget weights + KV + 2 = {budget:.2f})",
+            f"≤ {budget:.2f}",
+            (vv("peak_mem_allocated_gib"), e.get("peak_gib"), f.get("peak_gib")),
+            verdict(le(f.get("peak_gib"), budget), goals, gpu),
+            tokens=(tok_v, tok_e, tok_f),
+        ),
+        f"| greedy tokens vs eager, {keep} steps (secondary: dummy weights repeat ids; see the logits parity "
+        f"tests) | identical | | — | "
+        f"{'identical' if f['tokens_identical'] else 'differ at step ' + str(f['first_divergence'])} | | |"
+        f" {verdict(bool(f['tokens_identical']), goals, gpu)} |",
+        f"| batched output tok/s, Base mode, batch {goals.batched_min_batch}–64 | "
+        f"≥ {goals.batched_output_tok_s:,.0f} tok/s | | | see `*-batched.md` | | | (benchmarks/bench_batched.py) |",
+    ]
+    if v and not vendor_ok:
+        lines.append(f"\nVendor column empty: {v['error']}")
+    elif not v:
+        lines.append("\nVendor column empty: no `--vendor` snapshot given.")
+    return lines
+
+
+def decode_step_profile(kernel_device_us: Sequence[float], steps: int) -> dict[str, float | str | None]:
+    """Kernels and GPU µs per decode step from the profiler's device events; absent with a reason when the
+    profiler saw no device event (a 0.0 µs step would read as "free")."""
+    if steps <= 0:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not kernel_device_us:
+        return {
+            "kernels_per_step": None,
+            "gpu_us_per_step": None,
+            "reason": "the profiler recorded no device events for the decode steps (CUPTI unavailable?)",
+        }
+    return {
+        "kernels_per_step": len(kernel_device_us) / steps,
+        "gpu_us_per_step": sum(kernel_device_us) / steps,
+        "reason": None,
+    }
+
+
+def p90_ms(step_ms: Sequence[float]) -> float | None:
+    """90th percentile of decode-step times (statistics.quantiles, exclusive method); one step: that step."""
+    if not step_ms:
+        return None
+    if len(step_ms) == 1:
+        return float(step_ms[0])
+    return statistics.quantiles(step_ms, n=10)[-1]
+
+
+def batched_speedups(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Per batch size: static-step loop (graph, or static off CUDA) over the host loop, in output and decode
+    tok/s; a pair that decoded different token counts per sequence says so."""
+    by = {(r["batch"], r["decode"]): r for r in rows}
+    lines = []
+    for bsz in sorted({r["batch"] for r in rows}):
+        s, h = by.get((bsz, "graph")) or by.get((bsz, "static")), by.get((bsz, "host"))
+        if not s or not h:
+            continue
+        out = ratio(s["output_tok_per_s"], h["output_tok_per_s"], s["tokens_per_seq"], h["tokens_per_seq"])
+        dec = ratio(s["decode_tok_per_s"], h["decode_tok_per_s"], s["tokens_per_seq"], h["tokens_per_seq"])
+        lines.append(f"- batch {bsz}: {s['decode']} / host = {out} output tok/s, {dec} decode tok/s")
+    return lines
+
+
+def batched_goal(rows: Sequence[dict[str, Any]], gpu: str, goals: Goals = ISSUE9) -> str:
+    """The batched-throughput goal against the best output tok/s at batch >= ``goals.batched_min_batch``."""
+    eligible = [r for r in rows if r["batch"] >= goals.batched_min_batch and r.get("output_tok_per_s") is not None]
+    if not eligible:
+        return (
+            f"Batched goal ({goals.issue}: ≥ {goals.batched_output_tok_s:,.0f} output tok/s at batch "
+            f"{goals.batched_min_batch}–64): {verdict(None, goals, gpu)}, "
+            f"no batch of {goals.batched_min_batch} or more."
+        )
+    best = max(eligible, key=lambda r: r["output_tok_per_s"])
+    ok = best["output_tok_per_s"] >= goals.batched_output_tok_s
+    return (
+        f"Batched goal ({goals.issue}: ≥ {goals.batched_output_tok_s:,.0f} output tok/s at batch "
+        f"{goals.batched_min_batch}–64): best {best['output_tok_per_s']:,.1f} tok/s (batch {best['batch']}, "
+        f"{best['decode']} decode, {best['tokens_per_seq']} tokens/sequence, preprocessing excluded) — "
+        f"{verdict(ok, goals, gpu)}."
+    )

@@ -1,0 +1,193 @@
+"""benchmarks/benchmath.py: the goals table, ratios and verdicts behind the README's headline numbers.
+
+Hand-made result dicts with round numbers (every expected cell computed by hand below), plus the committed
+H200 result file: its verdicts must name both GPUs and its ratios the token counts they compare.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks.benchmath import (
+    ISSUE9,
+    batched_goal,
+    batched_speedups,
+    decode_step_profile,
+    goals_table,
+    mbu_pct,
+    mfu_pct,
+    p90_ms,
+    ratio,
+    verdict,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_mfu_and_mbu_percent() -> None:
+    # 2 TFLOP in 4 ms = 500 TFLOP/s of a 1000 TFLOP/s peak
+    assert mfu_pct(2e12, 4.0, 1e15) == pytest.approx(50.0)
+    # 1 GB per token every 0.5 ms = 2 TB/s of a 4 TB/s peak
+    assert mbu_pct(1e9, 0.5, 4e12) == pytest.approx(50.0)
+    for ms in (None, 0.0, -1.0):
+        assert mfu_pct(1e12, ms, 1e15) is None  # not timed: absent, never 0
+        assert mbu_pct(1e9, ms, 4e12) is None
+
+
+def test_ratio_states_differing_token_counts() -> None:
+    assert ratio(30.0, 1.2) == "25.0×"
+    assert ratio(30.0, 1.2, 256, 256) == "25.0×"
+    assert ratio(39.0, 0.75, 64, 256) == "52.0× (64 tok vs 256 tok)"
+    assert ratio(39.0, 0.75, None, 256) == "52.0× (? tok vs 256 tok)"
+    assert ratio(None, 1.0) == "" and ratio(1.0, None) == "" and ratio(1.0, 0.0) == ""
+
+
+def test_verdict_names_the_measured_gpu_and_the_goals_gpu() -> None:
+    assert verdict(True, ISSUE9, "NVIDIA H200") == "**met** on NVIDIA H200 (goal set for NVIDIA H100 80GB HBM3)"
+    assert verdict(False, ISSUE9, "NVIDIA H100 80GB HBM3") == "missed on NVIDIA H100 80GB HBM3"
+    assert verdict(None, ISSUE9, "H100 80GB HBM3") == "not measured on H100 80GB HBM3"  # "NVIDIA" prefix optional
+
+
+def _res(gpu: str = "NVIDIA H200") -> dict[str, Any]:
+    return {
+        "env": {"gpu": gpu},
+        "peak_bf16_flops": 1e15,
+        "vision_flops": 4e12,
+        "component_flops": {"sam": 3e12, "clip": 0.9e12, "projector": 0.1e12},
+        "decode_roofline_ms": 0.25,
+        "weight_gib": 6.0,
+        "kv_gib": 0.5,
+        "decode_tokens": 256,
+        "eager_decode_tokens": 128,
+        "vendor": {
+            "decode_tokens": 64,
+            "decode_ms_per_token": 40.0,
+            "prefill_ms": 200.0,
+            "split": {"vision_ms": 50.0},
+            "sam_ms": 30.0,
+            "clip_ms": 18.0,
+            "projector_ms": 1.0,
+            "peak_mem_allocated_gib": 8.0,
+        },  # fmt: skip
+        "eager": {
+            "decode_ms_per_token": 25.0,
+            "vision_ms": 50.0,
+            "prefill_ms": 75.0,
+            "vision_mfu_pct": 8.0,
+            "sam_mfu_pct": 9.0,
+            "clip_mfu_pct": 3.0,
+            "projector_mfu_pct": 5.0,
+            "prefill_lm_mfu_pct": 1.0,
+            "decode_mbu_pct": 1.0,
+            "peak_gib": 6.4,
+        },  # fmt: skip
+        "fast": {
+            "decode_device_greedy_ms_per_token": 0.8,
+            "vision_ms": 16.0,
+            "prefill_ms": 8.0,
+            "vision_mfu_pct": 25.0,
+            "sam_mfu_pct": 22.0,
+            "clip_mfu_pct": 16.0,
+            "projector_mfu_pct": 4.0,
+            "prefill_lm_mfu_pct": 11.0,
+            "decode_mbu_pct": 30.0,
+            "peak_gib": 6.8,
+            "tokens_identical": False,
+            "first_divergence": 40,
+        },  # fmt: skip
+    }
+
+
+def _cells(lines: list[str], prefix: str) -> list[str]:
+    (line,) = [ln for ln in lines if ln.startswith(f"| {prefix}")]
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_goals_table_cells_by_hand() -> None:
+    lines = goals_table(_res(), keep=64)
+    assert "set for the NVIDIA H100 80GB HBM3; this run measured the NVIDIA H200" in lines[0]
+    dec = _cells(lines, "decode ms/token")
+    assert "vendor 64 tok, eager 128 tok" in dec[0] and "fast 256 tok" in dec[0]
+    assert dec[2:5] == ["40.00", "25.00", "0.80"]
+    assert dec[5] == "31.2× (128 tok vs 256 tok)"  # 25 / 0.8 = 31.25
+    assert dec[6] == "50.0× (64 tok vs 256 tok)"  # 40 / 0.8
+    assert dec[7] == "**met** on NVIDIA H200 (goal set for NVIDIA H100 80GB HBM3) (0.80× the goal)"
+    pre = _cells(lines, "prefill ms")
+    assert pre[3:5] == ["125.00", "24.00"]  # vision + LM prefill: 50 + 75, 16 + 8
+    assert pre[5] == "5.2×" and pre[6] == "8.3×"  # 125 / 24, 200 / 24: no decode, so no token count
+    assert pre[7].startswith("**met** on NVIDIA H200")
+    vis = _cells(lines, "vision MFU %")
+    assert vis[2] == "8.0"  # vendor: 4 TFLOP in its 50 ms of vision = 80 TFLOP/s of 1000 TFLOP/s
+    assert vis[7].startswith("missed on NVIDIA H200")  # 25 % < 35 %
+    sam = _cells(lines, "SAM MFU %")
+    assert sam[2] == "10.0"  # 3 TFLOP in 30 ms = 100 TFLOP/s of 1000
+    peak = _cells(lines, "peak GiB")
+    assert "8.50" in peak[0] and peak[7].startswith("**met**")  # 6 + 0.5 + 2 = 8.5 ≥ 6.8
+    assert peak[5] == "0.9× (128 tok vs 256 tok)"
+    greedy = [ln for ln in lines if ln.startswith("| greedy tokens")][0]
+    assert "differ at step 40" in greedy and "missed on NVIDIA H200" in greedy
+
+
+def test_goals_table_missing_figures_are_not_measured() -> None:
+    res = _res("NVIDIA H100 80GB HBM3")
+    res["fast"]["decode_device_greedy_ms_per_token"] = None
+    res["fast"]["vision_mfu_pct"] = None
+    del res["vendor"]
+    lines = goals_table(res, keep=64)
+    dec = _cells(lines, "decode ms/token")
+    assert dec[2] == "n/a" and dec[4] == "n/a" and dec[5] == "" and dec[7] == "not measured on NVIDIA H100 80GB HBM3"
+    assert _cells(lines, "vision MFU %")[7] == "not measured on NVIDIA H100 80GB HBM3"
+    assert lines[-1].endswith("no `--vendor` snapshot given.")
+
+
+def test_committed_h200_goals_name_gpus_and_token_counts() -> None:
+    res = json.loads((ROOT / "benchmarks/results/2026-12-01-h200-fast.json").read_text())
+    lines = goals_table(res, keep=64)
+    dec = _cells(lines, "decode ms/token")
+    # the vendor decoded 64 tokens, the fast path 256; the eager count was not recorded in that file
+    assert dec[6].endswith("(64 tok vs 256 tok)") and dec[5].endswith("(? tok vs 256 tok)")
+    assert "(goal set for NVIDIA H100 80GB HBM3)" in dec[7] and "on NVIDIA H200" in dec[7]
+
+
+def test_decode_step_profile_absent_without_events() -> None:
+    assert decode_step_profile([10.0, 20.0, 30.0, 40.0], steps=2) == {
+        "kernels_per_step": 2.0, "gpu_us_per_step": 50.0, "reason": None,
+    }  # fmt: skip
+    none = decode_step_profile([], steps=5)
+    assert none["kernels_per_step"] is None and none["gpu_us_per_step"] is None and none["reason"]
+    with pytest.raises(ValueError, match="steps"):
+        decode_step_profile([1.0], steps=0)
+
+
+def test_p90_of_decode_steps() -> None:
+    # statistics.quantiles(n=10), exclusive method: position 0.9·(n+1) = 9.9 of 1..10 → 9 + 0.9·(10 − 9)
+    assert p90_ms([float(v) for v in range(10, 0, -1)]) == pytest.approx(9.9)
+    assert p90_ms([3.5]) == 3.5 and p90_ms([]) is None
+
+
+def _row(batch: int, decode: str, out: float, dec: float, tokens: int = 256) -> dict[str, Any]:
+    return {
+        "batch": batch,
+        "decode": decode,
+        "output_tok_per_s": out,
+        "decode_tok_per_s": dec,
+        "tokens_per_seq": tokens,
+    }
+
+
+def test_batched_speedups_and_goal() -> None:
+    rows = [_row(32, "graph", 9000.0, 12000.0), _row(32, "host", 3000.0, 4000.0),
+            _row(64, "graph", 10600.0, 14000.0), _row(64, "host", 5300.0, 7000.0, tokens=128)]  # fmt: skip
+    assert batched_speedups(rows) == [
+        "- batch 32: graph / host = 3.0× output tok/s, 3.0× decode tok/s",
+        "- batch 64: graph / host = 2.0× (256 tok vs 128 tok) output tok/s, 2.0× (256 tok vs 128 tok) decode tok/s",
+    ]
+    goal = batched_goal(rows, "NVIDIA H200")
+    assert "best 10,600.0 tok/s (batch 64, graph decode, 256 tokens/sequence" in goal
+    assert "**met** on NVIDIA H200 (goal set for NVIDIA H100 80GB HBM3)" in goal
+    small = batched_goal([_row(8, "graph", 20000.0, 1.0)], "NVIDIA H100 80GB HBM3")
+    assert "not measured on NVIDIA H100 80GB HBM3" in small  # batch 8 does not count for a batch 32–64 goal
