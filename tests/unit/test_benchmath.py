@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from benchmarks.benchmath import (
     ISSUE9,
     batched_goal,
@@ -72,7 +71,7 @@ def _res(gpu: str = "NVIDIA H200") -> dict[str, Any]:
             "clip_ms": 18.0,
             "projector_ms": 1.0,
             "peak_mem_allocated_gib": 8.0,
-        },  # fmt: skip
+        },
         "eager": {
             "decode_ms_per_token": 25.0,
             "vision_ms": 50.0,
@@ -84,7 +83,7 @@ def _res(gpu: str = "NVIDIA H200") -> dict[str, Any]:
             "prefill_lm_mfu_pct": 1.0,
             "decode_mbu_pct": 1.0,
             "peak_gib": 6.4,
-        },  # fmt: skip
+        },
         "fast": {
             "decode_device_greedy_ms_per_token": 0.8,
             "vision_ms": 16.0,
@@ -98,7 +97,7 @@ def _res(gpu: str = "NVIDIA H200") -> dict[str, Any]:
             "peak_gib": 6.8,
             "tokens_identical": False,
             "first_divergence": 40,
-        },  # fmt: skip
+        },
     }
 
 
@@ -128,7 +127,7 @@ def test_goals_table_cells_by_hand() -> None:
     peak = _cells(lines, "peak GiB")
     assert "8.50" in peak[0] and peak[7].startswith("**met**")  # 6 + 0.5 + 2 = 8.5 ≥ 6.8
     assert peak[5] == "0.9× (128 tok vs 256 tok)"
-    greedy = [ln for ln in lines if ln.startswith("| greedy tokens")][0]
+    greedy = next(ln for ln in lines if ln.startswith("| greedy tokens"))
     assert "differ at step 40" in greedy and "missed on NVIDIA H200" in greedy
 
 
