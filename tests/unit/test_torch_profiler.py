@@ -194,10 +194,12 @@ def test_range_times_keep_the_host_entry_over_its_device_mirror(device_mirror_la
         _evt("sam", cpu, 0.0, cpu_total=74_184.0),
         _evt("aten::mm", cpu, 53_447.0, cpu_total=276_489.0),
     ]
+    # the mirrors carry no host time of their own (0 in the committed runs; 7 us here, so that counting a
+    # mirror at all, not only letting it overwrite the host entry, shows)
     mirrors = [
-        _evt("prefill", cuda, 378_843.0, cpu_total=0.0),
-        _evt("decode", cuda, 1_132_093.0, cpu_total=0.0),
-        _evt("sam", cuda, 73_172.0, cpu_total=0.0),
+        _evt("prefill", cuda, 378_843.0, cpu_total=7.0),
+        _evt("decode", cuda, 1_132_093.0, cpu_total=7.0),
+        _evt("sam", cuda, 73_172.0, cpu_total=7.0),
     ]
     events = host + mirrors if device_mirror_last else mirrors + host
     out = torch_profiler.range_times_ms(SimpleNamespace(key_averages=lambda: events))
@@ -248,9 +250,11 @@ def _trace_with_graph_launch() -> list[dict[str, Any]]:
         launch("cudaMemcpyAsync", 3000, 4),  # after every range
         kernel("sam_gemm", 1030, 40, 1),
         kernel("lm_gemm", 1300, 60, 2),
-        kernel("moe_up", 2200, 10, 3),
-        kernel("moe_down", 2210, 10, 3),
-        kernel("moe_up", 2220, 10, 3),
+        # the GPU runs the replay after the host has left the decode range (it lags the host): only the launch
+        # says where these kernels belong
+        kernel("moe_up", 2600, 10, 3),
+        kernel("moe_down", 2610, 10, 3),
+        kernel("moe_up", 2620, 10, 3),
         kernel("Memcpy DtoH", 3010, 20, 4, cat="gpu_memcpy"),
         kernel("orphan", 5100, 50, 99),  # no launch event: inside the GPU-side decode range
         {"ph": "f", "cat": "ac2g", "name": "ac2g", "id": 3, "ts": 2200},  # flow events are not kernels
