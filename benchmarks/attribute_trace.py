@@ -35,6 +35,12 @@ def main() -> None:
     print("| stage | device ms | kernels | graph-replayed ms | % |\n|---|---:|---:|---:|---:|")
     for s in att.stages:
         print(f"| {s.stage} | {s.device_ms:,.3f} | {s.calls:,} | {s.graph_replayed_ms:,.3f} | {s.pct_of_device:.2f} |")
+    print("\n| stage | kernel | calls | device ms | mean µs | % of the stage |\n|---|---|---:|---:|---:|---:|")
+    for s in att.stages:
+        for k in s.top_kernels:
+            name = k.name if len(k.name) <= 80 else k.name[:79] + "…"
+            cells = [s.stage, f"`{name}`", f"{k.calls:,}", f"{k.device_ms:,.3f}", f"{k.mean_device_us:,.2f}"]
+            print("| " + " | ".join([*cells, f"{k.pct_of_device:.2f}"]) + " |")
     print("\n| kernel | calls | device ms | mean µs | % |\n|---|---:|---:|---:|---:|")
     for k in att.kernels:
         name = k.name if len(k.name) <= 80 else k.name[:79] + "…"

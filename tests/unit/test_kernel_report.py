@@ -19,6 +19,7 @@ def test_operators_md_keeps_the_operator_table_and_gains_kernels() -> None:
     assert "1 graph launches" in text
     assert "| decode | 0.080 | 4 | 0.030 | 40.00 |" in text  # 80 of 200 us, 30 us graph-replayed
     assert "| 1 | `lm_gemm` | 1 | 0.060 | 60.00 | 30.00 |" in text
+    assert "| decode | `moe_up` | 2 | 0.020 | 10.00 | 25.00 |" in text  # largest kernels of each stage
     assert "| prefill | 70.000 | 0.500 |" in text  # host ms next to the GPU span
     report = render_report(make_summary(profile=prof))
     assert "Kernel attribution: **90.00 %**" in report and "decode 40.0 %" in report

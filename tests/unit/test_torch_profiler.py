@@ -281,6 +281,9 @@ def test_kernel_attribution_maps_graph_replays_to_the_launching_range() -> None:
     assert kernels["moe_up"].mean_device_us == pytest.approx(10.0)
     assert kernels["lm_gemm"].pct_of_device == pytest.approx(30.0)
     assert [k.name for k in att.kernels][:2] == ["lm_gemm", "orphan"]  # sorted by device time
+    top = stages["decode"].top_kernels  # the stage's own kernels, shares of the stage's time
+    assert [(k.name, k.calls) for k in top] == [("orphan", 1), ("moe_up", 2), ("moe_down", 1)]
+    assert [k.pct_of_device for k in top] == [pytest.approx(62.5), pytest.approx(25.0), pytest.approx(12.5)]
     assert len(torch_profiler.kernel_attribution(_trace_with_graph_launch(), top_k=2).kernels) == 2  # type: ignore[union-attr]
 
 

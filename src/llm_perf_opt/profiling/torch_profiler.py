@@ -140,6 +140,7 @@ STAGE_ORDER = ("preprocess", "sam", "clip", "projector", "prefill_lm", "decode")
 OUTSIDE_STAGES = "[launched outside every stage range]"
 DEVICE_CATS = frozenset({"kernel", "gpu_memcpy", "gpu_memset"})
 GRAPH_LAUNCH = "cudaGraphLaunch"
+STAGE_TOP_KERNELS = 5
 
 
 def _innermost(ranges: list[tuple[float, float, str]], ts: float) -> str | None:
@@ -183,6 +184,7 @@ def kernel_attribution(events: list[dict[str, Any]], top_k: int) -> KernelAttrib
         ranges.sort()
     by_name: dict[str, list[float]] = {}
     by_stage: dict[str, list[float]] = {}  # stage -> [device us, calls, graph-replayed us]
+    by_stage_name: dict[tuple[str, str], list[float]] = {}  # (stage, kernel) -> [device us, calls]
     graph_corr: set[Any] = set()
     for k in kernels:
         dur = float(k.get("dur", 0))
@@ -199,6 +201,9 @@ def kernel_attribution(events: list[dict[str, Any]], top_k: int) -> KernelAttrib
         name_acc = by_name.setdefault(str(k.get("name")), [0.0, 0.0])
         name_acc[0] += dur
         name_acc[1] += 1
+        pair = by_stage_name.setdefault((stage, str(k.get("name"))), [0.0, 0.0])
+        pair[0] += dur
+        pair[1] += 1
         acc = by_stage.setdefault(stage, [0.0, 0.0, 0.0])
         acc[0] += dur
         acc[1] += 1
@@ -214,9 +219,28 @@ def kernel_attribution(events: list[dict[str, Any]], top_k: int) -> KernelAttrib
         for n, (us, c) in rows[:top_k]
     ]
     order = [*STAGE_ORDER, OUTSIDE_STAGES]
+
+    def stage_top(stage: str, stage_us: float) -> list[KernelRow]:
+        mine = sorted(((n, v) for (st, n), v in by_stage_name.items() if st == stage), key=lambda kv: -kv[1][0])
+        return [
+            KernelRow(
+                name=n,
+                calls=int(c),
+                device_ms=us / 1e3,
+                mean_device_us=us / c,
+                pct_of_device=100.0 * us / stage_us if stage_us > 0 else 0.0,
+            )
+            for n, (us, c) in mine[:STAGE_TOP_KERNELS]
+        ]
+
     stages = [
         StageDeviceTime(
-            stage=s, device_ms=v[0] / 1e3, calls=int(v[1]), graph_replayed_ms=v[2] / 1e3, pct_of_device=pct(v[0])
+            stage=s,
+            device_ms=v[0] / 1e3,
+            calls=int(v[1]),
+            graph_replayed_ms=v[2] / 1e3,
+            pct_of_device=pct(v[0]),
+            top_kernels=stage_top(s, v[0]),
         )
         for s in order
         if (v := by_stage.get(s)) is not None

@@ -223,7 +223,8 @@ def render_report(s: RunSummary, plots: dict[str, str] | None = None) -> str:
             out.append(
                 f"{unattributed.pct_of_total:.0f} % of the device time is under no host operator: that is what "
                 "kernels replayed from CUDA graphs look like (the fast path's vision, prefill and decode graphs "
-                "launch them without any aten op). Their kernel names and times are in the trace; "
+                "launch them without any aten op). operators.md attributes them by launch: device time per stage "
+                "and the kernels of each stage; "
                 "`infer.fast.cuda_graphs=false infer.fast.vision_graphs=false` attributes them to operators, at "
                 "un-graphed speed.\n"
             )
@@ -406,6 +407,23 @@ def _render_kernels(p: ProfileSummary) -> str:
                     f"{st.pct_of_device:.2f}",
                 ]
                 for st in k.stages
+            ],
+        ),
+        "",
+        "## Largest kernels of each stage\n",
+        table(
+            ["stage", "kernel", "calls", "device ms", "mean µs", "% of the stage"],
+            [
+                [
+                    st.stage,
+                    f"`{_short_kernel(r.name)}`",
+                    f"{r.calls:,}",
+                    fmt(r.device_ms, 3),
+                    fmt(r.mean_device_us, 2),
+                    f"{r.pct_of_device:.2f}",
+                ]
+                for st in k.stages
+                for r in st.top_kernels
             ],
         ),
         "",

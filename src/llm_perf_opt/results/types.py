@@ -207,6 +207,7 @@ class StageDeviceTime:
     calls: int
     graph_replayed_ms: float  # part of device_ms launched by cudaGraphLaunch
     pct_of_device: float
+    top_kernels: list[KernelRow] = attrs.field(factory=list)  # this stage's largest kernels (pct: of the stage)
 
 
 @attrs.frozen
