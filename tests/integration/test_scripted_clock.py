@@ -21,10 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from llm_perf_opt.data.datasets import Page
 from llm_perf_opt.profiling import flops as F
-from llm_perf_opt.report.efficiency import describe_hardware
 from llm_perf_opt.results.serialize import read_summary
 from llm_perf_opt.results.types import RunSummary
 from llm_perf_opt.runners.dsocr_session import DeepSeekOCRSession, PageRun
+from llm_perf_opt.runners.measure import describe_hardware
 from llm_perf_opt.runners.stage1 import Stage1Run
 from tests.integration.conftest import ROOT
 
@@ -125,7 +125,7 @@ def _scripted_run(
         out.mkdir(parents=True, exist_ok=True)
         run = Stage1Run(cfg, out)
         run.session = session
-        run.hardware = describe_hardware(cfg, session, {})
+        run.hardware = describe_hardware(cfg, session)
         run.records.append(result.record)
         run.runs_for_flops.append(result)
         run.write_reports("complete")
