@@ -17,7 +17,7 @@ S = "src/llm_perf_opt/"
 M = [
     (
         "TPOT divided by n_tok instead of n_tok-1",
-        S + "runners/dsocr_session.py",
+        S + "runners/page_record.py",
         "tpot = decode_ms / (n_tok - 1) if",
         "tpot = decode_ms / n_tok if",
         "tests/integration/test_scripted_clock.py::test_scripted_times_are_the_published_figures",
@@ -25,13 +25,13 @@ M = [
     (
         "every decode step time halved",
         S + "runners/dsocr_session.py",
-        "steps = clock.intervals_ms(decode_marks)",
-        "steps = [s / 2 for s in clock.intervals_ms(decode_marks)]",
+        "decode_step_ms=clock.intervals_ms(state.marks),",
+        "decode_step_ms=[s / 2 for s in clock.intervals_ms(state.marks)],",
         "tests/integration/test_scripted_clock.py::test_scripted_times_are_the_published_figures",
     ),
     (
         "p99 taken from the p90 slot",
-        S + "runners/dsocr_session.py",
+        S + "runners/page_record.py",
         "decode_step_p99_ms=pct[2] if pct else None",
         "decode_step_p99_ms=pct[1] if pct else None",
         "tests/integration/test_scripted_clock.py::test_scripted_times_are_the_published_figures",
@@ -59,7 +59,7 @@ M = [
     ),
     (
         "tok/s from decode_ms instead of TPOT",
-        S + "runners/dsocr_session.py",
+        S + "runners/page_record.py",
         "decode_tok_s=(1000.0 / tpot) if tpot else None",
         "decode_tok_s=(1000.0 / decode_ms) if tpot else None",
         "tests/integration/test_scripted_clock.py::test_scripted_times_are_the_published_figures",

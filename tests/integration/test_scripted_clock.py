@@ -25,6 +25,7 @@ from llm_perf_opt.results.serialize import read_summary
 from llm_perf_opt.results.types import RunSummary
 from llm_perf_opt.runners.dsocr_session import DeepSeekOCRSession, PageRun
 from llm_perf_opt.runners.measure import describe_hardware
+from llm_perf_opt.runners.settings import load_settings
 from llm_perf_opt.runners.stage1 import Stage1Run
 from tests.integration.conftest import ROOT
 
@@ -83,7 +84,7 @@ class ScriptedClock:
         from llm_perf_opt.profiling.hooks import module_named
 
         per_call = {"sam": SAM_MS, "clip": CLIP_MS, "projector": PROJECTOR_MS}
-        for name, dotted in session.backend.hook_targets().items():
+        for name, dotted in session.backend.hook_targets.items():
             module = module_named(model, dotted)
             ms = per_call[name]
             monkeypatch.setattr(module, "forward", after(name, module.forward, lambda ms=ms: ms))
@@ -114,7 +115,8 @@ def _scripted_run(
 
     ``model_info`` receives (model config, bytes per weight element) of the loaded model."""
     cfg = _job_cfg(compose_cfg, tmp_path / "run", extra)
-    session = DeepSeekOCRSession.load(cfg, ROOT)
+    settings = load_settings(cfg)
+    session = DeepSeekOCRSession.load(settings, ROOT)
     if model_info is not None:
         model_info += [session.backend.config, session.dtype.itemsize]
     try:
@@ -123,9 +125,9 @@ def _scripted_run(
         result = session.run(PAGE, N_TOK, ignore_eos=True)
         out = tmp_path / "run"
         out.mkdir(parents=True, exist_ok=True)
-        run = Stage1Run(cfg, out)
+        run = Stage1Run(settings.resolved("cpu"), out)
         run.session = session
-        run.hardware = describe_hardware(cfg, session)
+        run.hardware = describe_hardware(settings, session)
         run.records.append(result.record)
         run.runs_for_flops.append(result)
         run.write_reports("complete")
@@ -243,7 +245,7 @@ def test_scripted_clock_drives_the_session_not_the_host_clock(
 ) -> None:
     """Sanity of the oracle itself: the real work is done (tokens are produced), but no real time leaks in."""
     cfg = _job_cfg(compose_cfg, tmp_path / "run", [])
-    session = DeepSeekOCRSession.load(cfg, ROOT)
+    session = DeepSeekOCRSession.load(load_settings(cfg), ROOT)
     try:
         ScriptedClock().install(session, monkeypatch)
         torch.manual_seed(0)
