@@ -57,6 +57,7 @@ def profiled_page(
     import llm_perf_opt.runners.llm_profile_runner  # noqa: F401  (registers the run_suffix resolver)
     from llm_perf_opt.data.datasets import Page
     from llm_perf_opt.runners.dsocr_session import DeepSeekOCRSession
+    from llm_perf_opt.runners.settings import load_settings
     from tests.conftest import CONF
     from tests.integration.conftest import ROOT
 
@@ -69,7 +70,7 @@ def profiled_page(
     tree.pop("hydra")
     tree["output"]["dir"] = str(out)
     cfg = OmegaConf.create(tree)
-    session = DeepSeekOCRSession.load(cfg, ROOT)
+    session = DeepSeekOCRSession.load(load_settings(cfg), ROOT)
     page = Page(page_id="synthetic-1224x1584-0", synthetic_size=(1224, 1584), seed=0)
     try:
         session.run(page, 32, repeat=0, ignore_eos=True)
