@@ -1,4 +1,4 @@
-"""DeepSeek-V2 decoder layers exactly as DeepSeek-OCR configures them.
+"""DeepSeek-V2 decoder layers exactly as DeepSeek-OCR configures them, and the one layer loop.
 
 DeepSeek-OCR's language model is DeepSeek-V2 with MLA switched off: plain multi-head attention (q/k/v/o
 projections without bias, default rotary embedding), a dense SiLU-gated MLP in the first
@@ -10,14 +10,21 @@ rotary tables are computed in float32 and cast to the activation dtype, routed-e
 weighted and summed in float32.  Attention goes through ``scaled_dot_product_attention`` so the GPU
 picks a fused kernel.
 
-The MoE routing math is one pure function (:func:`route_tokens`) and the expert application is a
-separate function selected by ``MoE.expert_impl``, so a grouped/batched kernel can be added later without
-touching the routing or the bookkeeping the profiler reads (``MoE.last_topk_idx``, ``MoE.tokens_per_expert``).
+One forward for every path: :class:`DecoderLayer` is built from the modules it is given (attention, MLP or
+MoE, two norms), and :func:`run_decoder` is the only loop over layers.  The eager model builds the layers
+from the config; the fast path (``fast_layers``, ``triton_layers``) builds more :class:`DecoderLayer` s over
+the same weights with fused / grouped / Triton modules swapped in, the way torchtune passes other modules
+into the same layer classes.  Where the tokens sit and which keys they see comes in a
+:class:`~llm_perf_opt.models.deepseek_ocr.context.ForwardContext`.
+
+The MoE block is :meth:`MoE.forward` only: route, apply experts, record, add shared experts.  Variants
+override how experts are selected and applied (:meth:`MoE.select_experts`, :meth:`MoE.apply_experts`); the
+statistics the profiler reads live in one :class:`RoutingStats` shared by a layer and its conversions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +32,22 @@ from torch import Tensor, nn
 
 from llm_perf_opt.errors import ModelLoadError
 from llm_perf_opt.models.deepseek_ocr.config import LanguageConfig
-from llm_perf_opt.models.deepseek_ocr.kv_cache import StaticKVCache
+from llm_perf_opt.models.deepseek_ocr.context import ForwardContext
+from llm_perf_opt.models.deepseek_ocr.experts import (
+    EXPERT_IMPLS,
+    MLP,
+    apply_experts_dense,
+    apply_experts_eager,
+    apply_experts_gather_bmm,
+    apply_experts_grouped,
+    grouped_experts_stacked,
+    route_tokens,
+    stacked_expert_weights,
+    use_grouped_mm,
+)
 
 __all__ = [
+    "EXPERT_IMPLS",
     "MLP",
     "Attention",
     "DecoderLayer",
@@ -35,6 +55,7 @@ __all__ = [
     "MoEGate",
     "RMSNorm",
     "RotaryEmbedding",
+    "RoutingStats",
     "apply_experts_dense",
     "apply_experts_eager",
     "apply_experts_gather_bmm",
@@ -42,9 +63,14 @@ __all__ = [
     "apply_rotary",
     "grouped_experts_stacked",
     "route_tokens",
+    "run_decoder",
     "set_expert_impl",
     "stacked_expert_weights",
+    "use_grouped_mm",
 ]
+
+# the name the fast path and benchmarks used before experts.py existed
+_use_grouped_mm = use_grouped_mm
 
 
 class RMSNorm(nn.Module):
@@ -58,6 +84,15 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
+
+    def add_norm(self, delta: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Residual add then norm: ``(norm(residual + delta), residual + delta)`` (``delta`` alone when None).
+
+        The layer loop carries the residual stream this way so a kernel that fuses the add into the norm
+        (the Triton step's ``add_rms_norm``) is a module swap; the sums are the same as ``x = x + f(norm(x))``.
+        """
+        summed = delta if residual is None else residual + delta
+        return self(summed), summed
 
 
 class RotaryEmbedding(nn.Module):
@@ -111,8 +146,9 @@ def apply_rotary(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
+
 class Attention(nn.Module):
-    """Multi-head attention (MHA; GQA if the config ever asks for it) writing into a static KV cache."""
+    """Multi-head attention (MHA; GQA if the config ever asks for it); cache writes and masks per the context."""
 
     def __init__(self, cfg: LanguageConfig) -> None:
         super().__init__()
@@ -133,284 +169,50 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
 
-    def forward(
-        self,
-        x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        start: int,
-        cache: StaticKVCache | None = None,
-        layer_idx: int = 0,
-    ) -> Tensor:
-        """Attend positions ``start .. start+L-1`` of ``x`` [B, L, hidden] to themselves and the cached past.
-
-        With a cache, this layer's new keys/values are written at ``start`` (the cache's current length;
-        the caller advances the length once after all layers) and attention covers ``cache[:start+L]``.
-        Without a cache ``start`` must be 0 and attention is plain causal self-attention.
-        """
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Rotated q [B, h, L, D], k [B, kvh, L, D] and v [B, kvh, L, D]; ``cos``/``sin`` [B|1, L, D]."""
         bsz, length, _ = x.shape
         q = self.q_proj(x).view(bsz, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(bsz, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(bsz, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
+        cos4, sin4 = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
+        return apply_rotary(q, cos4, sin4), apply_rotary(k, cos4, sin4), v
 
-        if cache is not None:
-            k, v = cache.write(layer_idx, k, v, start)
-        elif start != 0:
-            raise ValueError("attention without a KV cache must start at position 0")
+    def forward(self, x: Tensor, ctx: ForwardContext, layer_idx: int) -> Tensor:
+        """Attend the new positions of ``x`` [B, L, hidden] to the keys ``ctx`` makes visible; [B, L, hidden].
 
-        if self.num_kv_heads != self.num_heads:
-            rep = self.num_heads // self.num_kv_heads
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-
-        if length == 1:
-            # One query attends to every cached position: no mask needed.
-            out = F.scaled_dot_product_attention(q, k, v)
-        elif start == 0:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            # Chunked prefill on top of a non-empty cache: causal mask offset by ``start``.
-            q_pos = torch.arange(start, start + length, device=x.device)[:, None]
-            k_pos = torch.arange(start + length, device=x.device)[None, :]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=k_pos <= q_pos)
-        out = out.transpose(1, 2).reshape(bsz, length, self.num_heads * self.head_dim)
-        return self.o_proj(out)
+        This layer's keys/values are written into ``ctx.cache`` (at ``ctx.start`` or ``ctx.slot``); the caller
+        advances the cache's length once after all layers.
+        """
+        if ctx.cos is None or ctx.sin is None:
+            raise ValueError("attention needs per-token rotary cos/sin in the context")
+        bsz, length, _ = x.shape
+        q, k, v = self.project(x, ctx.cos, ctx.sin)
+        k, v = ctx.write(layer_idx, k, v)
+        out = ctx.attend(q, k, v)
+        return self.o_proj(out.transpose(1, 2).reshape(bsz, length, self.num_heads * self.head_dim))
 
 
-class MLP(nn.Module):
-    """SiLU-gated MLP: ``down(silu(gate(x)) * up(x))``; the dense layer, each routed expert and the shared experts."""
+class RoutingStats:
+    """Routing the profiler reads, shared by an MoE layer and every converted copy of it.
 
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-def route_tokens(
-    gate_logits: Tensor,
-    top_k: int,
-    *,
-    scoring_func: str = "softmax",
-    topk_method: str = "greedy",
-    norm_topk_prob: bool = False,
-    routed_scaling_factor: float = 1.0,
-) -> tuple[Tensor, Tensor]:
-    """Pure routing math: gate logits [N, E] -> (expert ids [N, k] int64, weights [N, k] float32).
-
-    Scores are softmax (or sigmoid) over *all* routed experts in float32; the top-k are picked greedily
-    (sorted by score, highest first); the weights are the raw scores times ``routed_scaling_factor``,
-    renormalised over the k picks only when ``norm_topk_prob`` (DeepSeek-OCR: off).
+    ``last_topk_idx``: expert ids [tokens, k] of the most recent forward (on device); ``tokens_per_expert``:
+    host counts accumulated by the expert implementations that count on the host (the eager loop).
     """
-    logits32 = gate_logits.float()
-    if scoring_func == "softmax":
-        scores = logits32.softmax(dim=-1)
-    elif scoring_func == "sigmoid":
-        scores = logits32.sigmoid()
-    else:
-        raise ModelLoadError(f"unsupported MoE scoring_func {scoring_func!r}", hint="DeepSeek-OCR uses 'softmax'")
-    if topk_method != "greedy":
-        raise ModelLoadError(f"unsupported MoE topk_method {topk_method!r}", hint="DeepSeek-OCR uses 'greedy'")
-    weights, idx = torch.topk(scores, k=top_k, dim=-1, sorted=True)
-    if top_k > 1 and norm_topk_prob:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    if routed_scaling_factor != 1.0:
-        weights = weights * routed_scaling_factor
-    return idx, weights
 
+    def __init__(self, n_experts: int) -> None:
+        self.n_experts = n_experts
+        self.last_topk_idx: Tensor | None = None
+        self.tokens_per_expert: list[int] = [0] * n_experts
 
-ExpertApply = Callable[[Tensor, Tensor, Tensor, nn.ModuleList], tuple[Tensor, list[int]]]
+    def reset(self) -> None:
+        self.last_topk_idx = None
+        self.tokens_per_expert = [0] * self.n_experts
 
-
-def apply_experts_eager(
-    x: Tensor, topk_idx: Tensor, topk_weight: Tensor, experts: nn.ModuleList
-) -> tuple[Tensor, list[int]]:
-    """Run each expert that received tokens on exactly those tokens; weighted sum over the k picks in float32.
-
-    ``x`` [N, hidden], ``topk_idx``/``topk_weight`` [N, k].  Returns the routed output [N, hidden] in
-    ``x.dtype`` and the tokens-per-expert counts.  The expert ids are read on the host once (the one sync
-    the eager loop needs to know which experts to run; the reference's ``moe_infer`` does the same) and the
-    grouping permutation is computed there, so the device sees one small upload, one gather, the expert
-    MLPs, one un-permute gather and the weighted sum, in the reference's order of summation.
-    """
-    n_tokens, k = topk_idx.shape
-    if n_tokens == 0:
-        return torch.zeros_like(x), [0] * len(experts)
-    ids = topk_idx.reshape(-1).to("cpu")
-    counts = torch.bincount(ids, minlength=len(experts))
-    order = torch.argsort(ids, stable=True)  # (token, slot) pairs grouped by expert
-    perm = torch.stack((order // k, torch.argsort(order))).to(x.device)  # gather rows, inverse permutation
-    grouped = x.index_select(0, perm[0])
-    outs: list[Tensor] = []
-    begin = 0
-    count_list: list[int] = counts.tolist()
-    for expert_id, count in enumerate(count_list):
-        if count:
-            outs.append(experts[expert_id](grouped[begin : begin + count]))
-            begin += count
-    per_slot = torch.cat(outs).index_select(0, perm[1]).view(n_tokens, k, -1)
-    routed = (per_slot.float() * topk_weight.float().unsqueeze(-1)).sum(dim=1)
-    return routed.to(x.dtype), count_list
-
-
-def stacked_expert_weights(experts: nn.ModuleList, extra_slots: int = 0) -> tuple[Tensor, Tensor]:
-    """Stacked expert weights, built once: fused gate/up ``w13`` [E, 2·I, hidden] and ``down`` [E, hidden, I].
-
-    After stacking, each expert's own ``gate_proj``/``up_proj``/``down_proj`` weights are re-pointed to views
-    of the stacks (same values, contiguous rows), so there is one copy of the expert weights, the eager loop
-    still runs on the same values and ``state_dict`` keys are unchanged.  The stacks are cached on the
-    ``ModuleList`` and rebuilt if the parameters were replaced since (``.to()``, ``load_state_dict`` with
-    ``assign``).  Peak extra memory while building: one layer's experts.
-
-    ``extra_slots`` > 0 allocates that many more (uninitialised) expert slots after the E experts and
-    returns the whole [E + extra_slots, ...] stacks; the fast path copies the shared experts there so one
-    kernel serves routed and shared experts.  A later call with fewer extra slots gets views of the first
-    E + n slots of the same storage (no rebuild, no copy).
-    """
-    cached: tuple[Tensor, Tensor] | None = getattr(experts, "_stacked_weights", None)
-    mlps: list[MLP] = [m for m in experts if isinstance(m, MLP)]
-    if len(mlps) != len(experts) or not mlps:
-        raise ModelLoadError("stacked_expert_weights needs a non-empty ModuleList of MLP experts")
-    if extra_slots < 0:
-        raise ValueError(f"extra_slots must be >= 0, got {extra_slots}")
-    ref = mlps[0].gate_proj.weight
-    n_experts = len(mlps)
-    if cached is not None and ref.data_ptr() == cached[0].data_ptr():
-        have = cached[0].shape[0] - n_experts
-        if have == extra_slots:
-            return cached
-        if have > extra_slots:
-            end = n_experts + extra_slots
-            return cached[0][:end], cached[1][:end]
-    inter, hidden = ref.shape
-    with torch.no_grad():
-        w13 = torch.empty((n_experts + extra_slots, 2 * inter, hidden), device=ref.device, dtype=ref.dtype)
-        down = torch.empty((n_experts + extra_slots, hidden, inter), device=ref.device, dtype=ref.dtype)
-        for e, expert in enumerate(mlps):
-            w13[e, :inter].copy_(expert.gate_proj.weight)
-            w13[e, inter:].copy_(expert.up_proj.weight)
-            down[e].copy_(expert.down_proj.weight)
-            expert.gate_proj.weight = nn.Parameter(w13[e, :inter], requires_grad=False)
-            expert.up_proj.weight = nn.Parameter(w13[e, inter:], requires_grad=False)
-            expert.down_proj.weight = nn.Parameter(down[e], requires_grad=False)
-    stacked = (w13, down)
-    object.__setattr__(experts, "_stacked_weights", stacked)
-    return stacked
-
-
-def _use_grouped_mm(x: Tensor) -> bool:
-    """``torch._grouped_mm`` runs bf16 on sm90+ GPUs; PyTorch's CPU build has a reference fallback."""
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    if x.device.type == "cuda":
-        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
-    return x.device.type == "cpu"
-
-
-def grouped_experts_stacked(
-    x: Tensor, topk_idx: Tensor, topk_weight: Tensor, w13: Tensor, down: Tensor, use_gmm: bool
-) -> Tensor:
-    """Routed experts over stacked weights (fused gate/up ``w13`` [E, 2I, H], ``down`` [E, H, I]).
-
-    Sort the (token, slot) pairs by expert on the device; with ``use_gmm`` per-expert row offsets by
-    ``searchsorted`` and two ``torch._grouped_mm`` calls (one kernel each, reading only the experts that have
-    rows), else each row gathers its expert's matrices and uses ``bmm`` (fine for decode's few rows).  Then
-    un-permute and the same float32 weighted sum over the k picks as the eager loop.  No host sync, and
-    nothing here that ``torch.compile`` cannot trace (the fast path compiles it with stacks built at load).
-    """
-    n_tokens, k = topk_idx.shape
-    n_experts, _, inter = down.shape
-    sorted_ids, order = torch.sort(topk_idx.reshape(-1), stable=True)  # (token, slot) pairs grouped by expert
-    rows = x.index_select(0, order // k)
-    if use_gmm:
-        arange_e = torch.arange(n_experts, device=x.device, dtype=sorted_ids.dtype)
-        offs = torch.searchsorted(sorted_ids, arange_e, right=True, out_int32=True)
-        h = torch._grouped_mm(rows, w13.transpose(1, 2), offs=offs)
-    else:
-        h = torch.bmm(rows.unsqueeze(1), w13.index_select(0, sorted_ids).transpose(1, 2)).squeeze(1)
-    act = F.silu(h[:, :inter]) * h[:, inter:]
-    if use_gmm:
-        y = torch._grouped_mm(act, down.transpose(1, 2), offs=offs)
-    else:
-        y = torch.bmm(act.unsqueeze(1), down.index_select(0, sorted_ids).transpose(1, 2)).squeeze(1)
-    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
-    per_slot = y.index_select(0, inverse).view(n_tokens, k, -1)
-    routed = (per_slot.float() * topk_weight.float().unsqueeze(-1)).sum(dim=1)
-    return routed.to(x.dtype)
-
-
-def _grouped_experts(
-    x: Tensor, topk_idx: Tensor, topk_weight: Tensor, experts: nn.ModuleList, force_bmm: bool
-) -> tuple[Tensor, list[int]]:
-    w13, down = stacked_expert_weights(experts)
-    use_gmm = not force_bmm and _use_grouped_mm(x)
-    return grouped_experts_stacked(x, topk_idx, topk_weight, w13, down, use_gmm), []
-
-
-def apply_experts_grouped(
-    x: Tensor, topk_idx: Tensor, topk_weight: Tensor, experts: nn.ModuleList
-) -> tuple[Tensor, list[int]]:
-    """Same result as :func:`apply_experts_eager` with no Python loop over experts and no host sync.
-
-    Sort the (token, slot) pairs by expert on the device, per-expert row offsets by ``searchsorted``, then
-    two grouped matmuls over the stacked weights (fused gate/up, then down), un-permute and the same
-    float32 weighted sum over the k picks.  Returns no host-side counts (an empty list: reading them
-    would be a sync); ``MoE.last_topk_idx`` still holds the routing on the device.
-    """
-    if topk_idx.shape[0] == 0:
-        return torch.zeros_like(x), []
-    return _grouped_experts(x, topk_idx, topk_weight, experts, force_bmm=False)
-
-
-def apply_experts_gather_bmm(
-    x: Tensor, topk_idx: Tensor, topk_weight: Tensor, experts: nn.ModuleList
-) -> tuple[Tensor, list[int]]:
-    """Like :func:`apply_experts_grouped` but each row gathers its expert's matrices and uses ``bmm``.
-
-    Moves ``rows · expert_bytes`` through memory, so it only suits decode (a few rows); no host sync.
-    """
-    if topk_idx.shape[0] == 0:
-        return torch.zeros_like(x), []
-    return _grouped_experts(x, topk_idx, topk_weight, experts, force_bmm=True)
-
-
-def apply_experts_dense(
-    x: Tensor, topk_idx: Tensor, topk_weight: Tensor, experts: nn.ModuleList
-) -> tuple[Tensor, list[int]]:
-    """Every expert on every token, then the k picks' outputs gathered: E/k times the FLOPs, no sort, no sync."""
-    w13, down = stacked_expert_weights(experts)
-    n_tokens, k = topk_idx.shape
-    inter = down.shape[2]
-    h = torch.matmul(x.unsqueeze(0), w13.transpose(1, 2))  # [E, N, 2I]
-    act = F.silu(h[..., :inter]) * h[..., inter:]
-    y = torch.matmul(act, down.transpose(1, 2))  # [E, N, hidden]
-    tok = torch.arange(n_tokens, device=x.device).unsqueeze(1).expand(n_tokens, k)
-    per_slot = y[topk_idx, tok]  # [N, k, hidden]
-    routed = (per_slot.float() * topk_weight.float().unsqueeze(-1)).sum(dim=1)
-    return routed.to(x.dtype), []
-
-
-EXPERT_IMPLS: dict[str, ExpertApply] = {
-    "eager": apply_experts_eager,
-    "grouped": apply_experts_grouped,
-    "gather_bmm": apply_experts_gather_bmm,
-    "dense": apply_experts_dense,
-}
-
-
-def set_expert_impl(module: nn.Module, name: str) -> None:
-    """Select the expert implementation (a key of :data:`EXPERT_IMPLS`) for every MoE layer under ``module``."""
-    if name not in EXPERT_IMPLS:
-        raise ModelLoadError(f"unknown expert_impl {name!r}", hint=f"use one of {sorted(EXPERT_IMPLS)}")
-    for sub in module.modules():
-        if isinstance(sub, MoE):
-            sub.expert_impl = name
-
+    def add_host_counts(self, counts: list[int]) -> None:
+        for expert_id, count in enumerate(counts):
+            if count:
+                self.tokens_per_expert[expert_id] += count
 
 class MoEGate(nn.Module):
     """Router weight [n_routed_experts, hidden]; logits are computed in float32 like the reference."""
@@ -427,7 +229,8 @@ class MoE(nn.Module):
     """Routed experts + always-on shared experts (one MLP of width moe_intermediate_size * n_shared_experts).
 
     After each forward, ``last_topk_idx`` holds the chosen expert ids [tokens, k] (detached, on device)
-    and ``tokens_per_expert`` accumulates host-side counts until :meth:`reset_routing_stats`.
+    and ``tokens_per_expert`` accumulates host-side counts until :meth:`reset_routing_stats` (both in
+    ``routing``, shared with the fast path's conversions of this layer).
     """
 
     def __init__(self, cfg: LanguageConfig, expert_impl: str = "eager") -> None:
@@ -441,18 +244,45 @@ class MoE(nn.Module):
             MLP(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.n_routed_experts)
         )
         self.gate = MoEGate(cfg)
-        self.shared_experts: MLP | None = None
+        self.shared_experts: nn.Module | None = None
         if cfg.n_shared_experts:
             self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
         if expert_impl not in EXPERT_IMPLS:
             raise ModelLoadError(f"unknown expert_impl {expert_impl!r}", hint=f"use one of {sorted(EXPERT_IMPLS)}")
         self.expert_impl = expert_impl
-        self.last_topk_idx: Tensor | None = None
-        self.tokens_per_expert: list[int] = [0] * cfg.n_routed_experts
+        self.routing = RoutingStats(cfg.n_routed_experts)
+
+    def _copy_routing_rule(self, other: MoE) -> None:
+        """Share ``other``'s routing settings, experts and statistics (for conversions of ``other``)."""
+        self.top_k = other.top_k
+        self.scoring_func = other.scoring_func
+        self.topk_method = other.topk_method
+        self.norm_topk_prob = other.norm_topk_prob
+        self.routed_scaling_factor = other.routed_scaling_factor
+        self.experts = other.experts
+        self.gate = other.gate
+        self.expert_impl = other.expert_impl
+        self.routing = other.routing
+
+    @property
+    def last_topk_idx(self) -> Tensor | None:
+        return self.routing.last_topk_idx
+
+    @last_topk_idx.setter
+    def last_topk_idx(self, value: Tensor | None) -> None:
+        self.routing.last_topk_idx = value
+
+    @property
+    def tokens_per_expert(self) -> list[int]:
+        return self.routing.tokens_per_expert
 
     def reset_routing_stats(self) -> None:
-        self.last_topk_idx = None
-        self.tokens_per_expert = [0] * len(self.experts)
+        self.routing.reset()
+
+    @property
+    def syncs_host(self) -> bool:
+        """Whether the expert implementation reads the routing on the host (cannot be captured in a graph)."""
+        return EXPERT_IMPLS[self.expert_impl] is apply_experts_eager
 
     def route(self, gate_logits: Tensor) -> tuple[Tensor, Tensor]:
         """This layer's routing rule applied to router logits -> (expert ids, weights) [tokens, k]."""
@@ -465,31 +295,95 @@ class MoE(nn.Module):
             routed_scaling_factor=self.routed_scaling_factor,
         )
 
-    def forward(self, x: Tensor) -> Tensor:
+    def select_experts(self, flat: Tensor, ctx: ForwardContext | None) -> tuple[Tensor, Tensor]:
+        """Expert ids and weights [tokens, k] for the rows of ``flat`` [tokens, hidden]."""
+        return self.route(self.gate(flat))
+
+    def apply_experts(self, flat: Tensor, topk_idx: Tensor, topk_weight: Tensor, ctx: ForwardContext | None) -> Tensor:
+        """The routed experts' weighted sum [tokens, hidden]; host counts recorded when the impl gives them."""
+        impl = (ctx.expert_impl if ctx is not None else None) or self.expert_impl
+        routed, counts = EXPERT_IMPLS[impl](flat, topk_idx, topk_weight, self.experts)
+        self.routing.add_host_counts(counts)
+        return routed
+
+    def forward(self, x: Tensor, ctx: ForwardContext | None = None) -> Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        topk_idx, topk_weight = self.route(self.gate(flat))
-        routed, counts = EXPERT_IMPLS[self.expert_impl](flat, topk_idx, topk_weight, self.experts)
-        self.last_topk_idx = topk_idx.detach()
-        for expert_id, count in enumerate(counts):
-            if count:
-                self.tokens_per_expert[expert_id] += count
+        topk_idx, topk_weight = self.select_experts(flat, ctx)
+        routed = self.apply_experts(flat, topk_idx, topk_weight, ctx)
+        self.routing.last_topk_idx = topk_idx.detach()
         if self.shared_experts is not None:
             routed = routed + self.shared_experts(flat)
         return routed.view(shape)
 
 
-class DecoderLayer(nn.Module):
-    """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``; mlp is dense or MoE by layer index."""
+def set_expert_impl(module: nn.Module, name: str) -> None:
+    """Select the expert implementation (a key of :data:`EXPERT_IMPLS`) for every MoE layer under ``module``."""
+    if name not in EXPERT_IMPLS:
+        raise ModelLoadError(f"unknown expert_impl {name!r}", hint=f"use one of {sorted(EXPERT_IMPLS)}")
+    for sub in module.modules():
+        if isinstance(sub, MoE):
+            sub.expert_impl = name
 
-    def __init__(self, cfg: LanguageConfig, layer_idx: int) -> None:
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block over the residual stream: ``h += attn(norm(h))`` then ``h += mlp(norm(h))``.
+
+    Built from the modules it is given (:meth:`build` makes the eager ones from the config); the fast path
+    builds more layers over the same weights with other modules.  ``forward`` takes the previous layer's
+    output and the residual stream separately (see :meth:`RMSNorm.add_norm`) and returns both.
+    """
+
+    def __init__(
+        self,
+        layer_idx: int,
+        self_attn: nn.Module,
+        mlp: nn.Module,
+        input_layernorm: RMSNorm,
+        post_attention_layernorm: RMSNorm,
+    ) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.self_attn = Attention(cfg)
-        self.mlp: MLP | MoE = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = self_attn
+        self.mlp = mlp
+        self.input_layernorm = input_layernorm
+        self.post_attention_layernorm = post_attention_layernorm
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, start: int, cache: StaticKVCache | None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start, cache, self.layer_idx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    @classmethod
+    def build(cls, cfg: LanguageConfig, layer_idx: int) -> DecoderLayer:
+        """The checkpoint's layer: dense MLP in the first ``first_k_dense_replace`` layers, MoE after."""
+        mlp: nn.Module = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        return cls(
+            layer_idx,
+            Attention(cfg),
+            mlp,
+            RMSNorm(cfg.hidden_size, cfg.rms_norm_eps),
+            RMSNorm(cfg.hidden_size, cfg.rms_norm_eps),
+        )
+
+    def forward(self, hidden: Tensor, residual: Tensor | None, ctx: ForwardContext) -> tuple[Tensor, Tensor]:
+        x, residual = self.input_layernorm.add_norm(hidden, residual)
+        x, residual = self.post_attention_layernorm.add_norm(self.self_attn(x, ctx, self.layer_idx), residual)
+        return self._feed_forward(x, ctx), residual
+
+    def _feed_forward(self, x: Tensor, ctx: ForwardContext) -> Tensor:
+        """MLP / MoE on the rows ``ctx.rows`` of the flattened ``x`` (all when None); other rows get zeros
+        (pad positions, finished sequences: their outputs are never read)."""
+        if ctx.rows is None:
+            out: Tensor = self.mlp(x, ctx)
+            return out
+        flat = x.reshape(-1, x.shape[-1])
+        y = self.mlp(flat.index_select(0, ctx.rows), ctx)
+        return torch.zeros_like(flat).index_copy_(0, ctx.rows, y).view(x.shape)
+
+
+def run_decoder(layers: Iterable[nn.Module], norm: RMSNorm, hidden: Tensor, ctx: ForwardContext) -> Tensor:
+    """The decoder over ``hidden`` (embeddings): every layer, then the final norm -> normed hidden states.
+
+    The only loop over decoder layers in the package.  Does not advance ``ctx.cache``'s length (a captured
+    step must not touch host state); the caller does once all layers wrote.
+    """
+    residual: Tensor | None = None
+    for layer in layers:
+        hidden, residual = layer(hidden, residual, ctx)
+    return norm.add_norm(hidden, residual)[0]

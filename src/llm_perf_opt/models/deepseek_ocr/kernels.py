@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from llm_perf_opt.models.deepseek_ocr.decoder import grouped_experts_stacked, route_tokens
+from llm_perf_opt.models.deepseek_ocr.experts import grouped_experts_stacked, route_tokens
 
 try:
     import triton

@@ -29,7 +29,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from llm_perf_opt.errors import InputError, ModelLoadError
 from llm_perf_opt.models.deepseek_ocr.clip import ClipVisionTower
 from llm_perf_opt.models.deepseek_ocr.config import DeepseekOCRConfig
-from llm_perf_opt.models.deepseek_ocr.decoder import DecoderLayer, MoE, RMSNorm, RotaryEmbedding
+from llm_perf_opt.models.deepseek_ocr.context import ForwardContext
+from llm_perf_opt.models.deepseek_ocr.decoder import DecoderLayer, MoE, RMSNorm, RotaryEmbedding, run_decoder
 from llm_perf_opt.models.deepseek_ocr.kv_cache import StaticKVCache
 from llm_perf_opt.models.deepseek_ocr.projector import LinearProjector
 from llm_perf_opt.models.deepseek_ocr.sam import SamEncoder
@@ -99,7 +100,7 @@ class DeepseekOCRModel(nn.Module):
             )
         self.config = cfg
         self.embed_tokens = nn.Embedding(lang.vocab_size, lang.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(lang, i) for i in range(lang.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer.build(lang, i) for i in range(lang.num_hidden_layers))
         self.norm = RMSNorm(lang.hidden_size, lang.rms_norm_eps)
         self.rotary = RotaryEmbedding(lang.head_dim, lang.rope_theta, lang.max_position_embeddings)
 
@@ -109,11 +110,8 @@ class DeepseekOCRModel(nn.Module):
         self.image_newline = nn.Parameter(torch.empty(cfg.projector.n_embed))
         self.view_seperator = nn.Parameter(torch.empty(cfg.projector.n_embed))
 
-    def forward(self, inputs_embeds: Tensor, cache: StaticKVCache | None = None) -> Tensor:
-        """Decoder over ``inputs_embeds`` [B, L, hidden] at positions ``cache.length ..`` -> normed hidden states.
-
-        Writes every layer's keys/values into ``cache`` and advances it by L once all layers ran.
-        """
+    def causal_context(self, inputs_embeds: Tensor, cache: StaticKVCache | None) -> ForwardContext:
+        """The context of a plain forward: positions ``cache.length ..`` (0 without a cache), causal attention."""
         bsz, length, _ = inputs_embeds.shape
         start = 0
         if cache is not None:
@@ -121,13 +119,19 @@ class DeepseekOCRModel(nn.Module):
                 raise InputError(f"KV cache was sized for batch {cache.batch}, inputs have batch {bsz}")
             cache.check_room(length)
             start = cache.length
-        cos, sin = self.rotary(start, length, inputs_embeds.device, inputs_embeds.dtype)
-        hidden = inputs_embeds
-        for layer in self.layers:
-            hidden = layer(hidden, cos, sin, start, cache)
+        rope = self.rotary(start, length, inputs_embeds.device, inputs_embeds.dtype)
+        return ForwardContext.causal(rope, cache, start)
+
+    def forward(self, inputs_embeds: Tensor, cache: StaticKVCache | None = None) -> Tensor:
+        """Decoder over ``inputs_embeds`` [B, L, hidden] at positions ``cache.length ..`` -> normed hidden states.
+
+        Writes every layer's keys/values into ``cache`` and advances it by L once all layers ran.
+        """
+        ctx = self.causal_context(inputs_embeds, cache)
+        hidden = run_decoder(self.layers, self.norm, inputs_embeds, ctx)
         if cache is not None:
-            cache.advance(length)
-        return self.norm(hidden)
+            cache.advance(inputs_embeds.shape[1])
+        return hidden
 
 
 class DeepseekOCRForCausalLM(nn.Module):
@@ -163,6 +167,20 @@ class DeepseekOCRForCausalLM(nn.Module):
         self, grid_w: int = 1, grid_h: int = 1, base_size: int | None = None, image_size: int | None = None
     ) -> int:
         return num_image_tokens(self.config, grid_w, grid_h, base_size, image_size)
+
+    def lm_forward(self, hidden: Tensor, ctx: ForwardContext) -> Tensor:
+        """The decoder layers over ``hidden`` [B, L, hidden] with explicit positions / mask / cache slot in ``ctx``
+        -> normed hidden states (the cache's length is the caller's to advance).  The batched generator's entry."""
+        return run_decoder(self.model.layers, self.model.norm, hidden, ctx)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """float32 logits of normed hidden states (``lm_head`` on exactly the rows given)."""
+        return self._logits(hidden)
+
+    @property
+    def setup_count(self) -> int:
+        """One-time setups (compiles, graph captures) done so far: the eager model has none."""
+        return 0
 
     # ------------------------------------------------------------------ MoE routing statistics
     def moe_layers(self) -> dict[int, MoE]:
