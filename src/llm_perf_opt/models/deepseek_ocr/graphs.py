@@ -1,0 +1,91 @@
+"""CUDA-graph helpers shared by the fast path and the batched generator, and the on-device token choice.
+
+A captured step must not allocate on first use, read a device value on the host or build cuBLAS handles:
+:func:`capture_graph` runs the step twice on a side stream before capturing it; :class:`ShapeGraphs` keeps
+one graph per input shape for functions of one tensor (the vision towers); :func:`first_argmax` is the
+greedy pick computed inside a graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["ShapeGraphs", "capture_graph", "first_argmax"]
+
+
+def capture_graph(
+    fn: Callable[[], Any], device: torch.device, context: Callable[[], Any] = contextlib.nullcontext
+) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """Run ``fn`` twice on a side stream (cuBLAS handles, workspaces, compilation, lazy inits: work that must
+    not happen inside a capture), then capture one call; returns the graph and that call's output (static
+    buffers the graph rewrites on every replay).  ``context`` is entered around the warm-up and the capture
+    (e.g. an SDPA backend policy, which the graph is then tied to)."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream), context():
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), context():
+        out = fn()
+    return graph, out
+
+
+class ShapeGraphs:
+    """``fn(x)`` replayed from a CUDA graph captured per (shape, dtype, device) of ``x``; output is a fresh copy.
+
+    Capture (on first sight of a shape) runs ``fn`` twice on a side stream first (cuBLAS / compile warm-up).
+    The graph reads the weights in place, so it stays valid while parameters are updated in place; it is
+    tied to the SDPA backend policy active at capture.  CPU tensors, grad mode, or a failed capture run
+    ``fn`` directly (the failure is kept in ``capture_error`` and warned about once).
+    """
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self.graphs: dict[tuple[Any, ...], tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
+        self.capture_error: str | None = None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if x.device.type != "cuda" or torch.is_grad_enabled() or self.capture_error is not None:
+            out: Tensor = self.fn(x)
+            return out
+        key = (tuple(x.shape), x.dtype, x.device)
+        entry = self.graphs.get(key)
+        if entry is None:
+            try:
+                entry = self.graphs[key] = self._capture(x)
+            except RuntimeError as exc:
+                self.capture_error = f"{type(exc).__name__}: {exc}"
+                warnings.warn(f"vision CUDA graph capture failed, running un-graphed ({exc})", stacklevel=2)
+                out = self.fn(x)
+                return out
+        graph, static_in, static_out = entry
+        static_in.copy_(x)
+        graph.replay()
+        return static_out.clone()
+
+    def _capture(self, x: Tensor) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor]:
+        static_in = x.clone()
+        graph, static_out = capture_graph(lambda: self.fn(static_in), x.device)
+        return graph, static_in, static_out
+
+
+def first_argmax(logits: Tensor, chunks: int = 256) -> Tensor:
+    """``logits.argmax(-1, keepdim=True)`` for [B, V] (first index on ties) in two stages.
+
+    A single-row argmax over 129k entries runs as one slow reduction (~28 us on an H100); per-chunk maxima
+    then the first chunk holding the overall max give the same index in a few microseconds.
+    """
+    bsz, vocab = logits.shape
+    if vocab % chunks:
+        return logits.argmax(dim=-1, keepdim=True)
+    values, within = logits.view(bsz, chunks, vocab // chunks).max(dim=-1)  # first max in each chunk
+    chunk = values.argmax(dim=-1, keepdim=True)  # first chunk with the overall max
+    return chunk * (vocab // chunks) + within.gather(1, chunk)

@@ -1,0 +1,112 @@
+"""The Triton decode step as module swaps: fast decoder layers with their norm, attention and MoE run by kernels.
+
+:func:`triton_layers` rebuilds the fast path's layers (:mod:`~llm_perf_opt.models.deepseek_ocr.fast_layers`) with
+the modules below, over the same weights, so the Triton step is the same :class:`DecoderLayer` forward and
+:func:`~llm_perf_opt.models.deepseek_ocr.decoder.run_decoder` loop as every other path.  Per layer: add+RMSNorm
+(the residual add folded into the norm), QKV GEMM, rotary + KV write, split-K attention over keys ``0..pos``
+only, o_proj GEMM, add+RMSNorm, router (GEMV + softmax + top-k + counts), routed and shared experts in two
+kernels.  Rows are [B, hidden] (one token each); the position is ``ctx.slot`` on the device, the rotary tables
+``ctx.rope_tables``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llm_perf_opt.models.deepseek_ocr import kernels as K
+from llm_perf_opt.models.deepseek_ocr.context import ForwardContext
+from llm_perf_opt.models.deepseek_ocr.decoder import Attention, DecoderLayer, MoE, RMSNorm
+from llm_perf_opt.models.deepseek_ocr.fast_layers import FusedAttention, GroupedMoE
+
+__all__ = ["TritonAttention", "TritonMoE", "TritonRMSNorm", "triton_layers"]
+
+
+class TritonRMSNorm(RMSNorm):
+    """The same norm (shared weight) with residual add + norm in one kernel."""
+
+    def __init__(self, norm: RMSNorm) -> None:
+        nn.Module.__init__(self)
+        self.weight = norm.weight
+        self.eps = norm.eps
+
+    def add_norm(self, delta: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+        return K.add_rms_norm(delta, residual, self.weight, self.eps)
+
+
+class TritonAttention(nn.Module):
+    """One decode token per row: QKV GEMM, rotary + KV write at ``ctx.slot``, attention over keys ``0..slot``."""
+
+    def __init__(self, attn: Attention) -> None:
+        super().__init__()
+        self.attn = attn
+        self.wqkv: Tensor | None = attn.wqkv if isinstance(attn, FusedAttention) else None
+
+    def forward(self, x: Tensor, ctx: ForwardContext, layer_idx: int) -> Tensor:
+        a = self.attn
+        if ctx.cache is None or ctx.slot is None or ctx.rope_tables is None:
+            raise ValueError("the Triton decode attention needs a cache, a device slot and the rotary tables")
+        if self.wqkv is not None:
+            qkv = F.linear(x, self.wqkv)
+        else:
+            qkv = torch.cat([F.linear(x, p.weight) for p in (a.q_proj, a.k_proj, a.v_proj)], dim=-1)
+        k_all, v_all = ctx.cache.k[layer_idx], ctx.cache.v[layer_idx]
+        cos_table, sin_table = ctx.rope_tables
+        q = K.rope_kv_write(
+            qkv, cos_table, sin_table, ctx.slot, k_all, v_all, a.num_heads, a.num_kv_heads, a.head_dim
+        )
+        out = K.decode_attention(q, k_all, v_all, ctx.slot, a.head_dim**-0.5)
+        o: Tensor = a.o_proj(out)
+        return o
+
+
+class TritonMoE(MoE):
+    """A :class:`GroupedMoE`'s block with the router and the experts as kernels (shared experts in the expert
+    kernel's extra slots when the stacks have them, else added by the block as usual)."""
+
+    def __init__(self, moe: GroupedMoE) -> None:
+        nn.Module.__init__(self)
+        self._copy_routing_rule(moe)
+        if moe.stacked is None:
+            raise ValueError("the Triton MoE needs stacked expert weights (grouped_moe)")
+        self.gate_w32 = moe.gate_w32
+        self.counts = moe.counts
+        self.stacked: tuple[Tensor, Tensor] = moe.stacked
+        self.all_stacks = moe.all_stacks
+        self.n_always = moe.n_always
+        self.shared_experts = None if moe.all_stacks is not None else moe.shared_experts
+
+    def select_experts(self, flat: Tensor, ctx: ForwardContext | None) -> tuple[Tensor, Tensor]:
+        record = ctx is None or ctx.record_routing
+        return K.moe_route(
+            flat,
+            self.gate_w32,
+            self.top_k,
+            counts=self.counts if record else None,
+            scaling=self.routed_scaling_factor,
+            renormalize=self.norm_topk_prob,
+            logits=F.linear(flat.float(), self.gate_w32),  # cuBLAS: the torch path's exact logits
+        )
+
+    def apply_experts(self, flat: Tensor, topk_idx: Tensor, topk_weight: Tensor, ctx: ForwardContext | None) -> Tensor:
+        if self.all_stacks is not None:
+            return K.moe_experts(flat, topk_idx, topk_weight, *self.all_stacks, n_always=self.n_always)
+        return K.moe_experts(flat, topk_idx, topk_weight, *self.stacked)
+
+
+def triton_layers(layers: list[DecoderLayer], norm: RMSNorm) -> tuple[list[DecoderLayer], RMSNorm]:
+    """The fast layers (and the final norm) with Triton modules swapped in; dense MLPs stay as they are."""
+    out: list[DecoderLayer] = []
+    for layer in layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        assert isinstance(attn, Attention)
+        in_norm, post_norm = layer.input_layernorm, layer.post_attention_layernorm
+        assert isinstance(in_norm, RMSNorm) and isinstance(post_norm, RMSNorm)
+        new_mlp: nn.Module = TritonMoE(mlp) if isinstance(mlp, GroupedMoE) else mlp
+        out.append(
+            DecoderLayer(
+                layer.layer_idx, TritonAttention(attn), new_mlp, TritonRMSNorm(in_norm), TritonRMSNorm(post_norm)
+            )
+        )
+    return out, TritonRMSNorm(norm)
