@@ -1,0 +1,165 @@
+"""The batched generator's static decode step: static device buffers, a masked step over the whole cache, a graph.
+
+Every row writes its K/V at the same cache column ``slot`` (``L + step``) but is rotated at its own position
+(``len_b + step``); pad keys stay masked.  The step is the model's one decoder forward
+(``lm_forward``) fed a slot :class:`~llm_perf_opt.models.deepseek_ocr.context.ForwardContext`, so on CUDA it is
+captured once per (batch, cache length) and replayed.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from llm_perf_opt.models.deepseek_ocr.context import ForwardContext, decode_key_mask
+from llm_perf_opt.models.deepseek_ocr.graphs import capture_graph, first_argmax
+from llm_perf_opt.models.deepseek_ocr.model import DeepseekOCRForCausalLM
+
+__all__ = ["LanguageModel", "StaticBatchStep"]
+
+
+class LanguageModel(Protocol):
+    """The decoder forward and head the batched generator drives (the eager model and the FastModel)."""
+
+    def lm_forward(self, hidden: Tensor, ctx: ForwardContext) -> Tensor: ...
+
+    def logits(self, hidden: Tensor) -> Tensor: ...
+
+
+class StaticBatchStep:
+    """The static decode step for one (batch, cache ``max_len``): KV cache, static device buffers, CUDA graph.
+
+    Buffers (on the model's device, never reallocated, so a captured graph reads and writes them in place):
+    ``tokens`` [B, 1] the token each row feeds; ``pos`` [B] its rotary position (``len_b + step``); ``slot``
+    [1] the cache column every row writes (``L + step``); ``meta`` [3, B] caps, pads and prompt lengths;
+    ``eos`` [1] (-1 when eos is off); ``done`` / ``by_eos`` [B] bool; ``n_gen`` [B] tokens recorded per row;
+    ``out`` [B, max_len] the recorded tokens (row b's output is its first ``n_gen[b]`` entries).
+
+    One step (:meth:`_body`): embed ``tokens``; cos/sin gathered at ``pos``; additive key mask [B, 1, 1,
+    max_len] from ``slot`` and pads (keys ``pad_b <= j <= slot``); per layer K/V ``index_copy_`` at ``slot``
+    then attention over the whole cache; MLP/MoE on every row (finished ones too: static shapes; their
+    output is ignored); greedy token on the device; then :meth:`_advance` records it for live rows and
+    moves ``slot`` / ``pos`` on.  Nothing in it reads a device value on the host (unless the experts are
+    ``"eager"``, which is why those are never graphed).
+    """
+
+    def __init__(
+        self,
+        lm: LanguageModel,
+        base: DeepseekOCRForCausalLM,
+        bsz: int,
+        max_len: int,
+        *,
+        use_graph: bool,
+        matmul_attention: bool,
+        expert_impl: str | None,
+    ) -> None:
+        dev, dtype = base.device, base.dtype
+        self.lm = lm
+        self.base = base
+        self.key = (bsz, max_len, use_graph)
+        self.batch = bsz
+        self.cache = base.new_cache(bsz, max_len)
+        self.tokens = torch.zeros((bsz, 1), dtype=torch.long, device=dev)
+        self.pos = torch.zeros(bsz, dtype=torch.long, device=dev)
+        self.slot = torch.zeros(1, dtype=torch.long, device=dev)
+        self.meta = torch.zeros((3, bsz), dtype=torch.long, device=dev)
+        self.caps, self.pads = self.meta[0], self.meta[1]
+        self.eos = torch.full((1,), -1, dtype=torch.long, device=dev)
+        self.done = torch.zeros(bsz, dtype=torch.bool, device=dev)
+        self.by_eos = torch.zeros(bsz, dtype=torch.bool, device=dev)
+        self.n_gen = torch.zeros(bsz, dtype=torch.long, device=dev)
+        self.out = torch.zeros((bsz, max_len), dtype=torch.long, device=dev)
+        self.key_pos = torch.arange(max_len, device=dev)
+        self.mask_zero = torch.zeros((), dtype=dtype, device=dev)
+        self.mask_neg = torch.full((), float("-inf"), dtype=dtype, device=dev)
+        # positions reach at most max_len - 1; built here, outside any capture
+        self.cos_table, self.sin_table = base.model.rotary(0, max_len, dev, dtype)
+        self.matmul_attention = matmul_attention
+        self.expert_impl = expert_impl
+        self.use_graph = bool(use_graph) and dev.type == "cuda"
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.capture_error: str | None = None
+
+    # ------------------------------------------------------------------ state
+    def load(self, first: Tensor, lens: list[int], caps: list[int], eos: int | None) -> None:
+        """The state after the prefill: ``first`` [B, 1] (device) recorded and fed; no host sync."""
+        length = max(lens)
+        meta = torch.tensor([caps, [length - n for n in lens], lens], dtype=torch.long)
+        self.meta.copy_(meta, non_blocking=True)  # pageable source: staged at once, no device sync
+        self.pos.copy_(self.meta[2])
+        self.slot.fill_(length)
+        self.eos.fill_(-1 if eos is None else int(eos))
+        self.tokens.copy_(first)
+        self.out.zero_()
+        self.out[:, :1].copy_(first)
+        self.n_gen.fill_(1)
+        hit = first[:, 0] == self.eos
+        self.by_eos.copy_(hit)
+        self.done.copy_(hit | (self.n_gen >= self.caps))
+
+    def _advance(self, nxt: Tensor) -> None:
+        """Record ``nxt`` [B, 1] for rows still live, update done / eos flags, feed it, move slot and positions.
+
+        A finished row keeps its last token as input and records nothing more (its column write puts back
+        the value already there)."""
+        live = self.done.logical_not()
+        col = self.n_gen.clamp(max=self.out.shape[1] - 1).unsqueeze(1)
+        self.out.scatter_(1, col, torch.where(live.unsqueeze(1), nxt, self.out.gather(1, col)))
+        self.n_gen.add_(live.to(torch.long))
+        hit = live & (nxt[:, 0] == self.eos)
+        self.by_eos.logical_or_(hit)
+        self.done.logical_or_(hit | (self.n_gen >= self.caps))
+        self.tokens.copy_(torch.where(live.unsqueeze(1), nxt, self.tokens))
+        self.slot.add_(1)
+        self.pos.add_(1)
+
+    # ------------------------------------------------------------------ the step
+    def _body(self) -> None:
+        cos = self.cos_table.index_select(0, self.pos).unsqueeze(1)  # [B, 1, D]: one position per row
+        sin = self.sin_table.index_select(0, self.pos).unsqueeze(1)
+        ctx = ForwardContext(
+            cos=cos,
+            sin=sin,
+            cache=self.cache,
+            slot=self.slot,
+            key_len=self.cache.max_len,
+            mask=decode_key_mask(self.key_pos, self.pads, self.slot, self.mask_zero, self.mask_neg),
+            matmul_attention=self.matmul_attention,
+            expert_impl=self.expert_impl,
+            record_routing=False,
+        )
+        hidden = self.lm.lm_forward(self.base.model.embed_tokens(self.tokens), ctx)
+        self._advance(first_argmax(self.lm.logits(hidden[:, -1])))
+
+    def step(self) -> None:
+        """One decode step for every row: a graph replay, or the same ops launched eagerly."""
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        with self.base._sdpa_policy():
+            self._body()
+
+    def capture(self) -> float:
+        """Capture the step as a CUDA graph; host seconds it took (synchronised before and after).
+
+        Two eager warm-up steps on a side stream first (cuBLAS handles, lazy inits, expert stacks); they
+        advance the state and write K/V at slots ``L`` and ``L + 1``, so the caller reloads the state (the
+        slots are rewritten by the real steps before any row reads them).  A capture that raises leaves the
+        step un-graphed: the error is kept in ``capture_error`` and warned about.
+        """
+        dev = self.cache.device
+        torch.cuda.synchronize(dev)
+        begin = time.perf_counter()
+        try:
+            self.graph, _ = capture_graph(self._body, dev, self.base._sdpa_policy)
+        except RuntimeError as exc:  # an op that cannot be captured: run the same step un-graphed, say why
+            self.capture_error = f"{type(exc).__name__}: {exc}"
+            self.use_graph = False
+            warnings.warn(f"batched decode CUDA graph capture failed, decoding un-graphed ({exc})", stacklevel=3)
+        torch.cuda.synchronize(dev)
+        return time.perf_counter() - begin

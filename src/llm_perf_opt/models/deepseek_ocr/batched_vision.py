@@ -1,0 +1,134 @@
+"""Vision for several pages at once: views of the same pixel size batched across pages, features laid out per page.
+
+All tiles of all pages go through one SAM → CLIP → projector pass (the three modules are called as modules, so
+forward hooks fire once per pass), all global views through another (``vision_batch`` caps views per pass).
+Each page's features are then laid out exactly as :meth:`DeepseekOCRForCausalLM.encode_images` lays them out
+(tile grid with ``image_newline`` per row, global view with newlines, ``view_seperator``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from llm_perf_opt.errors import InputError
+from llm_perf_opt.models.deepseek_ocr.fast import VISION_SDPA, FastModel
+from llm_perf_opt.models.deepseek_ocr.model import DeepseekOCRForCausalLM, parse_spatial_crop
+from llm_perf_opt.models.deepseek_ocr.preprocess import PreparedPage
+
+__all__ = ["encode_pages", "layout_page_features"]
+
+
+def layout_page_features(
+    local: Tensor | None, glob: Tensor, grid: tuple[int, int], newline: Tensor, separator: Tensor
+) -> Tensor:
+    """One page's features in sequence order, exactly as ``encode_images`` lays them out -> [n, hidden].
+
+    ``local`` [grid_w·grid_h, q², hidden] (tiles row-major; None without tiles), ``glob`` [1, q_b², hidden].
+    """
+    grid_w, grid_h = grid
+    hidden = glob.shape[-1]
+    parts: list[Tensor] = []
+    if local is not None:
+        q = _side(local.shape[1], "a tile")
+        tiles = local.view(grid_h, grid_w, q, q, hidden).permute(0, 2, 1, 3, 4).reshape(grid_h * q, grid_w * q, hidden)
+        tiles = torch.cat([tiles, newline.expand(grid_h * q, 1, hidden)], dim=1)
+        parts.append(tiles.reshape(-1, hidden))
+    q_b = _side(glob.shape[1], "the global view")
+    g = torch.cat([glob.reshape(q_b, q_b, hidden), newline.expand(q_b, 1, hidden)], dim=1)
+    parts.append(g.reshape(-1, hidden))
+    parts.append(separator[None, :])
+    return torch.cat(parts, dim=0)
+
+
+def _side(tokens: int, what: str) -> int:
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise InputError(f"{what} produced {tokens} tokens per view, not a square grid")
+    return side
+
+
+@contextlib.contextmanager
+def _vision_context(base: DeepseekOCRForCausalLM, fast: FastModel | None) -> Iterator[None]:
+    """The SDPA policy and (with a FastModel) the fast vision mode that ``encode_images`` would use."""
+    if fast is None:
+        with base._sdpa_policy():
+            yield
+        return
+    saved = base.sdpa_backends
+    if VISION_SDPA[fast.fast_config.vision_sdpa] is not None:
+        base.sdpa_backends = None  # the fast path's vision policy decides, as in FastModel.encode_images
+    try:
+        with fast._vision_policy(), fast.vision_mode(), base._sdpa_policy():
+            yield
+    finally:
+        base.sdpa_backends = saved
+
+
+def _encode_views(base: DeepseekOCRForCausalLM, pixels: Tensor, vision_batch: int | None) -> Tensor:
+    """SAM → CLIP(SAM features) → projector for same-size views -> [n, h·w, hidden] (as the model does)."""
+    m = base.model
+    outs: list[Tensor] = []
+    step = pixels.shape[0] if vision_batch is None else vision_batch
+    for begin in range(0, pixels.shape[0], step):
+        chunk = pixels[begin : begin + step]
+        sam = m.sam_model(chunk)
+        clip = m.vision_model(chunk, sam)
+        feats = torch.cat((clip[:, 1:], sam.flatten(2).permute(0, 2, 1)), dim=-1)
+        outs.append(m.projector(feats))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+@torch.no_grad()
+def encode_pages(
+    base: DeepseekOCRForCausalLM, fast: FastModel | None, pages: Sequence[PreparedPage], vision_batch: int | None
+) -> list[Tensor]:
+    """Every page's image features ([n_image_tokens, hidden] each, as ``encode_images`` returns them), with the
+    views of all pages grouped by pixel size into batched vision calls (tiles before globals)."""
+    dev, dtype = base.device, base.dtype
+    grids: list[tuple[int, int]] = []
+    # group key (kind, H, W) -> list of (page index, tensor); dict order = first-seen order
+    groups: dict[tuple[str, int, int], list[tuple[int, Tensor]]] = {}
+    for i, page in enumerate(pages):
+        grid = parse_spatial_crop(page.images_spatial_crop)
+        grids.append(grid)
+        ori = page.images_ori
+        if ori.dim() != 4 or ori.shape[0] != 1:
+            raise InputError(f"page {i}: images_ori must be [1, 3, H, W], got {tuple(ori.shape)}")
+        if grid != (1, 1):
+            crops = page.images_crop
+            n_tiles = grid[0] * grid[1]
+            if crops.dim() != 4 or crops.shape[0] != n_tiles:
+                raise InputError(
+                    f"page {i}: crop grid {grid[0]}x{grid[1]} needs {n_tiles} tiles, "
+                    f"images_crop has shape {tuple(crops.shape)}"
+                )
+            groups.setdefault(("tile", int(crops.shape[2]), int(crops.shape[3])), []).append((i, crops))
+        groups.setdefault(("global", int(ori.shape[2]), int(ori.shape[3])), []).append((i, ori))
+    groups = dict(sorted(groups.items(), key=lambda kv: kv[0][0] != "tile"))  # tiles first, then globals
+
+    local: list[Tensor | None] = [None] * len(pages)
+    glob: list[Tensor | None] = [None] * len(pages)
+    with _vision_context(base, fast):
+        for (kind, _, _), members in groups.items():
+            pixels = torch.cat([t for _, t in members]).to(device=dev, dtype=dtype)
+            feats = _encode_views(base, pixels, vision_batch)
+            begin = 0
+            for i, t in members:
+                n = int(t.shape[0])
+                (local if kind == "tile" else glob)[i] = feats[begin : begin + n]
+                begin += n
+
+    m = base.model
+    newline = m.image_newline.to(dtype)
+    separator = m.view_seperator.to(dtype)
+    out: list[Tensor] = []
+    for i, grid in enumerate(grids):
+        g = glob[i]
+        assert g is not None
+        out.append(layout_page_features(local[i], g, grid, newline, separator))
+    return out
