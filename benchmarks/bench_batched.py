@@ -49,6 +49,7 @@ from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, apply_fast_path
 from llm_perf_opt.models.deepseek_ocr.preprocess import PreparedPage, PreprocessConfig, preprocess_page
 from llm_perf_opt.models.deepseek_ocr.tokenizer import load_tokenizer
 from llm_perf_opt.profiling.bench_meta import benchmark_header, gpu_tag
+from llm_perf_opt.profiling.timers import DeviceClock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmath next to this script, also under `python -m`
 from benchmath import batched_goal, batched_speedups, p90_ms
@@ -84,6 +85,7 @@ def generator(target: Any, loop: str, args: argparse.Namespace) -> BatchedGenera
         static_decode=loop != "host",
         cuda_graphs=loop == "graph",
         check_every=args.check_every,
+        clock=DeviceClock(target.device),
     )
 
 

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from llm_perf_opt.models.deepseek_ocr.config import DeepseekOCRConfig, LanguageConfig
-from llm_perf_opt.models.deepseek_ocr.decoder import RMSNorm, _use_grouped_mm, grouped_experts_stacked
+from llm_perf_opt.models.deepseek_ocr.decoder import RMSNorm, grouped_experts_stacked, use_grouped_mm
 from llm_perf_opt.models.deepseek_ocr.kernels import (
     add_rms_norm,
     add_rms_norm_ref,
@@ -244,7 +244,7 @@ class Bench:
                 layers.append((x, idx, w, w13, w2, res))
             self._moe_layers[tokens] = layers
         layers = self._moe_layers[tokens]
-        use_gmm = _use_grouped_mm(layers[0][3])
+        use_gmm = use_grouped_mm(layers[0][3])
         prepared = []  # the torch path's operands: routed stacks, fused shared gate/up [2·2I, H], shared down
         for x, idx, w, w13, w2, res in layers:
             s13 = torch.cat((w13[e:, :inter].reshape(-1, hid), w13[e:, inter:].reshape(-1, hid)))
@@ -252,7 +252,7 @@ class Bench:
             prepared.append((x, idx, w, w13[:e], w2[:e], res, s13, s2))
 
         def torch_path(*p: torch.Tensor) -> torch.Tensor:
-            """fast._Layer.mlp: grouped routed experts + the shared MLP (fused gate/up), then the residual add."""
+            """fast_layers.GroupedMoE: grouped routed experts + the shared MLP (fused gate/up), then residual add."""
             x, idx, w, w13, w2, res, s13, s2 = p
             routed = grouped_experts_stacked(x, idx, w, w13, w2, use_gmm)
             h = F.linear(x, s13)

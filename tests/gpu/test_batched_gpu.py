@@ -19,6 +19,7 @@ from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, DeepseekOCRForCa
 from llm_perf_opt.models.deepseek_ocr.batched import BatchedGenerator, BatchResult
 from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, FastModel, apply_fast_path
 from llm_perf_opt.models.deepseek_ocr.preprocess import PreparedPage
+from llm_perf_opt.profiling.timers import DeviceClock
 from tests.conftest import TINY, requires_cuda, tiny_case_pages
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
@@ -70,9 +71,10 @@ def assert_tokens_match(graph: BatchResult, host: BatchResult) -> None:
 
 
 def _generator(model: DeepseekOCRForCausalLM, fast: FastModel, kind: str, **kw: object) -> BatchedGenerator:
+    clock = DeviceClock(model.device)
     if kind == "fast":
-        return BatchedGenerator(fast, **kw)  # type: ignore[arg-type]
-    return BatchedGenerator(model, expert_impl="grouped", **kw)  # type: ignore[arg-type]
+        return BatchedGenerator(fast, clock=clock, **kw)  # type: ignore[arg-type]
+    return BatchedGenerator(model, expert_impl="grouped", clock=clock, **kw)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("kind", ["base", "fast"])

@@ -30,11 +30,11 @@ from llm_perf_opt.models.deepseek_ocr import kernels as K
 from llm_perf_opt.models.deepseek_ocr.decoder import (
     MLP,
     RotaryEmbedding,
-    _use_grouped_mm,
     apply_experts_eager,
     grouped_experts_stacked,
     route_tokens,
     stacked_expert_weights,
+    use_grouped_mm,
 )
 from tests.conftest import rel_err
 
@@ -165,7 +165,7 @@ def test_moe_experts(moe: dict[str, Any], tokens: int) -> None:
     with torch.no_grad():
         routed, _ = apply_experts_eager(x, idx, weights, moe["experts"])
         expected = res + (routed + moe["shared"](x))
-        grouped = grouped_experts_stacked(x, idx, weights, moe["w13"], moe["w2"], _use_grouped_mm(x))
+        grouped = grouped_experts_stacked(x, idx, weights, moe["w13"], moe["w2"], use_grouped_mm(x))
         torch_path = res + (grouped + moe["shared"](x))
     _assert_bf16_close(out, expected)
     _assert_bf16_close(out, torch_path)

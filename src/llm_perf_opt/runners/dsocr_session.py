@@ -209,7 +209,7 @@ class DeepSeekOCRSession:
                 hint="set infer.batch_size=1",
             )
         if self._batched is None:
-            self._batched = BatchedGenerator(self.model)
+            self._batched = BatchedGenerator(self.model, clock=self.clock)
         prepared = [self.prepare(p) for p in pages]
         ignore_eos = self.infer.ignore_eos
         with torch.inference_mode():

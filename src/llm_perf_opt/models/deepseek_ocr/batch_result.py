@@ -127,4 +127,3 @@ class StageMarks:
             graph_capture_s=graph_capture_s,
             idle_steps=idle_steps,
         )
-

@@ -63,7 +63,6 @@ once at the end of :meth:`BatchedGenerator.run`. A one-time CUDA-graph capture i
 (``BatchResult.graph_capture_s``) and is in none of the stage times.
 """
 
-
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -73,7 +72,7 @@ from torch import Tensor
 
 from llm_perf_opt.errors import ConfigError, InputError
 from llm_perf_opt.models.deepseek_ocr.batch_result import BatchResult, StageMarks
-from llm_perf_opt.models.deepseek_ocr.batched_decode import LanguageModel, StaticBatchStep
+from llm_perf_opt.models.deepseek_ocr.batched_decode import StaticBatchStep
 from llm_perf_opt.models.deepseek_ocr.batched_vision import encode_pages, layout_page_features
 from llm_perf_opt.models.deepseek_ocr.clock import Clock, HostClock
 from llm_perf_opt.models.deepseek_ocr.context import ForwardContext, padded_prefill_mask
@@ -85,6 +84,7 @@ from llm_perf_opt.models.deepseek_ocr.graphs import first_argmax
 from llm_perf_opt.models.deepseek_ocr.kv_cache import StaticKVCache
 from llm_perf_opt.models.deepseek_ocr.model import DeepseekOCRForCausalLM
 from llm_perf_opt.models.deepseek_ocr.preprocess import PreparedPage
+from llm_perf_opt.models.deepseek_ocr.protocol import LanguageModel
 
 __all__ = ["BatchResult", "BatchedGenerator", "layout_page_features"]
 
@@ -464,7 +464,6 @@ class BatchedGenerator:
                 done[b] = by_eos[b] = True
             elif len(tokens[b]) >= caps[b]:
                 done[b] = True
-
 
 
 def _per_sequence(value: int | Sequence[int], bsz: int, name: str) -> list[int]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -18,16 +17,9 @@ from torch import Tensor
 from llm_perf_opt.models.deepseek_ocr.context import ForwardContext, decode_key_mask
 from llm_perf_opt.models.deepseek_ocr.graphs import capture_graph, first_argmax
 from llm_perf_opt.models.deepseek_ocr.model import DeepseekOCRForCausalLM
+from llm_perf_opt.models.deepseek_ocr.protocol import LanguageModel
 
-__all__ = ["LanguageModel", "StaticBatchStep"]
-
-
-class LanguageModel(Protocol):
-    """The decoder forward and head the batched generator drives (the eager model and the FastModel)."""
-
-    def lm_forward(self, hidden: Tensor, ctx: ForwardContext) -> Tensor: ...
-
-    def logits(self, hidden: Tensor) -> Tensor: ...
+__all__ = ["StaticBatchStep"]
 
 
 class StaticBatchStep:

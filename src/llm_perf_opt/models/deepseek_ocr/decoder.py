@@ -69,9 +69,6 @@ __all__ = [
     "use_grouped_mm",
 ]
 
-# the name the fast path and benchmarks used before experts.py existed
-_use_grouped_mm = use_grouped_mm
-
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm computed in float32 (as the reference does), scaled in the input dtype."""
@@ -146,7 +143,6 @@ def apply_rotary(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
-
 class Attention(nn.Module):
     """Multi-head attention (MHA; GQA if the config ever asks for it); cache writes and masks per the context."""
 
@@ -213,6 +209,7 @@ class RoutingStats:
         for expert_id, count in enumerate(counts):
             if count:
                 self.tokens_per_expert[expert_id] += count
+
 
 class MoEGate(nn.Module):
     """Router weight [n_routed_experts, hidden]; logits are computed in float32 like the reference."""

@@ -6,6 +6,14 @@ place of :class:`~llm_perf_opt.models.deepseek_ocr.model.DeepseekOCRForCausalLM`
 delegated to the wrapped model (``fast.model.sam_model`` is the same module, so hooks keep firing).
 
 What changes, all at load (``apply_fast_path``), with no second copy of any weight but the shared experts':
+the decoder layers are converted (:func:`~llm_perf_opt.models.deepseek_ocr.fast_layers.convert_layer`: the
+same :class:`~llm_perf_opt.models.deepseek_ocr.decoder.DecoderLayer` class and forward over the same weights,
+fused / grouped modules swapped in; the eager model's own layers are left as they are), and every LM forward
+(prefill, torch step, Triton step with :mod:`~llm_perf_opt.models.deepseek_ocr.triton_layers` swapped in) is
+:func:`~llm_perf_opt.models.deepseek_ocr.decoder.run_decoder` fed a
+:class:`~llm_perf_opt.models.deepseek_ocr.context.ForwardContext`.  The decode step is
+:mod:`~llm_perf_opt.models.deepseek_ocr.fast_decoder`, the graph helpers
+:mod:`~llm_perf_opt.models.deepseek_ocr.graphs`.
 
 * ``fused_qkv``: q/k/v projections become one [3·hidden, hidden] matrix; gate/up of the dense MLP and the
   shared experts become one [2·I, hidden] matrix.  The original ``nn.Linear`` weights are re-pointed to
@@ -53,11 +61,12 @@ from typing import Any
 
 import attrs
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from llm_perf_opt.errors import InputError
 from llm_perf_opt.models.deepseek_ocr.clip import clip_block_fast
+from llm_perf_opt.models.deepseek_ocr.config import DeepseekOCRConfig
 from llm_perf_opt.models.deepseek_ocr.context import ForwardContext
 from llm_perf_opt.models.deepseek_ocr.decoder import EXPERT_IMPLS, DecoderLayer, MoE, RMSNorm, run_decoder
 from llm_perf_opt.models.deepseek_ocr.fast_decoder import TRITON_MAX_ROWS, FastDecoder
@@ -202,8 +211,20 @@ class FastModel:
             raise AttributeError(name)
         return getattr(self.base, name)
 
-    def parameters(self) -> Any:
+    def parameters(self) -> Iterator[nn.Parameter]:
         return self.base.parameters()
+
+    @property
+    def config(self) -> DeepseekOCRConfig:
+        return self.base.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base.dtype
 
     # ------------------------------------------------------------------ routing statistics
     def reset_routing_stats(self) -> None:

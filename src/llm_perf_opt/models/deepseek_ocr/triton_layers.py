@@ -53,9 +53,7 @@ class TritonAttention(nn.Module):
             qkv = torch.cat([F.linear(x, p.weight) for p in (a.q_proj, a.k_proj, a.v_proj)], dim=-1)
         k_all, v_all = ctx.cache.k[layer_idx], ctx.cache.v[layer_idx]
         cos_table, sin_table = ctx.rope_tables
-        q = K.rope_kv_write(
-            qkv, cos_table, sin_table, ctx.slot, k_all, v_all, a.num_heads, a.num_kv_heads, a.head_dim
-        )
+        q = K.rope_kv_write(qkv, cos_table, sin_table, ctx.slot, k_all, v_all, a.num_heads, a.num_kv_heads, a.head_dim)
         out = K.decode_attention(q, k_all, v_all, ctx.slot, a.head_dim**-0.5)
         o: Tensor = a.o_proj(out)
         return o
