@@ -192,14 +192,13 @@ class BatchedGenerator:
         """Whether the static step has no host sync, so it can be captured: every MoE layer's routed experts
         run on the device only (not ``"eager"``, whose expert loop reads the routing on the host)."""
         layers = self.fast.layers if self.fast is not None else self.base.model.layers
-        for layer in layers:
-            mlp = layer.mlp
-            if isinstance(mlp, GroupedMoE):
-                if mlp.syncs_host:
-                    return False
-            elif isinstance(mlp, MoE) and EXPERT_IMPLS[self.expert_impl or mlp.expert_impl] is apply_experts_eager:
-                return False
-        return True
+        return not any(self._syncs_host(layer.mlp) for layer in layers)
+
+    def _syncs_host(self, mlp: object) -> bool:
+        """Whether this MLP / MoE reads the routing on the host (the eager expert loop)."""
+        if isinstance(mlp, GroupedMoE):
+            return mlp.syncs_host
+        return isinstance(mlp, MoE) and EXPERT_IMPLS[self.expert_impl or mlp.expert_impl] is apply_experts_eager
 
     def decode_path_for(self, ngrams: Sequence[int], keep_logits: bool) -> str:
         """The decode loop a run with these options takes: "graph", "static" or "host" (see the class doc)."""

@@ -9,7 +9,6 @@ Each page's features are then laid out exactly as :meth:`DeepseekOCRForCausalLM.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -17,39 +16,10 @@ from torch import Tensor
 
 from llm_perf_opt.errors import InputError
 from llm_perf_opt.models.deepseek_ocr.fast import VISION_SDPA, FastModel
-from llm_perf_opt.models.deepseek_ocr.model import DeepseekOCRForCausalLM, parse_spatial_crop
+from llm_perf_opt.models.deepseek_ocr.model import DeepseekOCRForCausalLM, layout_page_features, parse_spatial_crop
 from llm_perf_opt.models.deepseek_ocr.preprocess import PreparedPage
 
 __all__ = ["encode_pages", "layout_page_features"]
-
-
-def layout_page_features(
-    local: Tensor | None, glob: Tensor, grid: tuple[int, int], newline: Tensor, separator: Tensor
-) -> Tensor:
-    """One page's features in sequence order, exactly as ``encode_images`` lays them out -> [n, hidden].
-
-    ``local`` [grid_w·grid_h, q², hidden] (tiles row-major; None without tiles), ``glob`` [1, q_b², hidden].
-    """
-    grid_w, grid_h = grid
-    hidden = glob.shape[-1]
-    parts: list[Tensor] = []
-    if local is not None:
-        q = _side(local.shape[1], "a tile")
-        tiles = local.view(grid_h, grid_w, q, q, hidden).permute(0, 2, 1, 3, 4).reshape(grid_h * q, grid_w * q, hidden)
-        tiles = torch.cat([tiles, newline.expand(grid_h * q, 1, hidden)], dim=1)
-        parts.append(tiles.reshape(-1, hidden))
-    q_b = _side(glob.shape[1], "the global view")
-    g = torch.cat([glob.reshape(q_b, q_b, hidden), newline.expand(q_b, 1, hidden)], dim=1)
-    parts.append(g.reshape(-1, hidden))
-    parts.append(separator[None, :])
-    return torch.cat(parts, dim=0)
-
-
-def _side(tokens: int, what: str) -> int:
-    side = math.isqrt(tokens)
-    if side * side != tokens:
-        raise InputError(f"{what} produced {tokens} tokens per view, not a square grid")
-    return side
 
 
 @contextlib.contextmanager

@@ -35,7 +35,13 @@ from llm_perf_opt.models.deepseek_ocr.kv_cache import StaticKVCache
 from llm_perf_opt.models.deepseek_ocr.projector import LinearProjector
 from llm_perf_opt.models.deepseek_ocr.sam import SamEncoder
 
-__all__ = ["DeepseekOCRForCausalLM", "DeepseekOCRModel", "num_image_tokens", "parse_spatial_crop"]
+__all__ = [
+    "DeepseekOCRForCausalLM",
+    "DeepseekOCRModel",
+    "layout_page_features",
+    "num_image_tokens",
+    "parse_spatial_crop",
+]
 
 LOGITS_POSITIONS = ("last", "all")
 
@@ -85,6 +91,35 @@ def num_image_tokens(
         q = math.ceil((image_size or cfg.image_size) / per)
         count += (grid_h * q) * (grid_w * q + 1)
     return count
+
+
+def layout_page_features(
+    local: Tensor | None, glob: Tensor, grid: tuple[int, int], newline: Tensor, separator: Tensor
+) -> Tensor:
+    """One page's features in sequence order, exactly as ``encode_images`` lays them out -> [n, hidden].
+
+    ``local`` [grid_w·grid_h, q², hidden] (tiles row-major; None without tiles), ``glob`` [1, q_b², hidden].
+    """
+    grid_w, grid_h = grid
+    hidden = glob.shape[-1]
+    parts: list[Tensor] = []
+    if local is not None:
+        q = _side(local.shape[1], "a tile")
+        tiles = local.view(grid_h, grid_w, q, q, hidden).permute(0, 2, 1, 3, 4).reshape(grid_h * q, grid_w * q, hidden)
+        tiles = torch.cat([tiles, newline.expand(grid_h * q, 1, hidden)], dim=1)
+        parts.append(tiles.reshape(-1, hidden))
+    q_b = _side(glob.shape[1], "the global view")
+    g = torch.cat([glob.reshape(q_b, q_b, hidden), newline.expand(q_b, 1, hidden)], dim=1)
+    parts.append(g.reshape(-1, hidden))
+    parts.append(separator[None, :])
+    return torch.cat(parts, dim=0)
+
+
+def _side(tokens: int, what: str) -> int:
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise InputError(f"{what} produced {tokens} tokens per view, not a square grid")
+    return side
 
 
 class DeepseekOCRModel(nn.Module):
@@ -217,13 +252,6 @@ class DeepseekOCRForCausalLM(nn.Module):
         out: Tensor = m.projector(feats)
         return out
 
-    @staticmethod
-    def _side(tokens: int, what: str) -> int:
-        side = math.isqrt(tokens)
-        if side * side != tokens:
-            raise InputError(f"{what} produced {tokens} tokens per view, not a square grid")
-        return side
-
     @torch.no_grad()
     def encode_images(
         self,
@@ -243,10 +271,7 @@ class DeepseekOCRForCausalLM(nn.Module):
         if images_ori.dim() != 4 or images_ori.shape[0] != 1:
             raise InputError(f"images_ori must be [1, 3, H, W] for one page, got {tuple(images_ori.shape)}")
         dtype = self.dtype
-        hidden = m.image_newline.shape[0]
-        newline = m.image_newline.to(dtype)
-        parts: list[Tensor] = []
-
+        local: Tensor | None = None
         if grid_w > 1 or grid_h > 1:
             n_tiles = grid_w * grid_h
             if images_crop.dim() != 4 or images_crop.shape[0] != n_tiles:
@@ -256,20 +281,11 @@ class DeepseekOCRForCausalLM(nn.Module):
                 )
             with self._sdpa_policy():
                 local = self._encode_views(images_crop.to(device=self.device, dtype=dtype))
-            q = self._side(local.shape[1], "a tile")
-            local = (
-                local.view(grid_h, grid_w, q, q, hidden).permute(0, 2, 1, 3, 4).reshape(grid_h * q, grid_w * q, hidden)
-            )
-            local = torch.cat([local, newline.expand(grid_h * q, 1, hidden)], dim=1)
-            parts.append(local.reshape(-1, hidden))
-
         with self._sdpa_policy():
             glob = self._encode_views(images_ori.to(device=self.device, dtype=dtype))
-        q_b = self._side(glob.shape[1], "the global view")
-        glob = torch.cat([glob.view(q_b, q_b, hidden), newline.expand(q_b, 1, hidden)], dim=1)
-        parts.append(glob.reshape(-1, hidden))
-        parts.append(m.view_seperator.to(dtype)[None, :])
-        return torch.cat(parts, dim=0)
+        return layout_page_features(
+            local, glob, (grid_w, grid_h), m.image_newline.to(dtype), m.view_seperator.to(dtype)
+        )
 
     # ------------------------------------------------------------------ stage 2: embeddings
     @torch.no_grad()

@@ -93,18 +93,16 @@ class TritonMoE(MoE):
         return K.moe_experts(flat, topk_idx, topk_weight, *self.stacked)
 
 
+def _triton_layer(layer: DecoderLayer) -> DecoderLayer:
+    attn, mlp = layer.self_attn, layer.mlp
+    assert isinstance(attn, Attention)
+    in_norm, post_norm = layer.input_layernorm, layer.post_attention_layernorm
+    assert isinstance(in_norm, RMSNorm) and isinstance(post_norm, RMSNorm)
+    new_mlp: nn.Module = TritonMoE(mlp) if isinstance(mlp, GroupedMoE) else mlp
+    norms = TritonRMSNorm(in_norm), TritonRMSNorm(post_norm)
+    return DecoderLayer(layer.layer_idx, TritonAttention(attn), new_mlp, *norms)
+
+
 def triton_layers(layers: list[DecoderLayer], norm: RMSNorm) -> tuple[list[DecoderLayer], RMSNorm]:
     """The fast layers (and the final norm) with Triton modules swapped in; dense MLPs stay as they are."""
-    out: list[DecoderLayer] = []
-    for layer in layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        assert isinstance(attn, Attention)
-        in_norm, post_norm = layer.input_layernorm, layer.post_attention_layernorm
-        assert isinstance(in_norm, RMSNorm) and isinstance(post_norm, RMSNorm)
-        new_mlp: nn.Module = TritonMoE(mlp) if isinstance(mlp, GroupedMoE) else mlp
-        out.append(
-            DecoderLayer(
-                layer.layer_idx, TritonAttention(attn), new_mlp, TritonRMSNorm(in_norm), TritonRMSNorm(post_norm)
-            )
-        )
-    return out, TritonRMSNorm(norm)
+    return [_triton_layer(layer) for layer in layers], TritonRMSNorm(norm)
