@@ -3,7 +3,7 @@
 bf16, H=1280, 10 heads x 128, 64 experts of I=896 + 2 shared slots, top-6, KV cache of 1200 positions.
 Plus one CUDA graph holding all five ops, replayed after the position changed on the device.  The
 module is skipped before it imports Triton when there is no GPU (so the CPU interpreter tests in
-tests/unit/test_kernels.py keep a Triton they can switch to interpreter mode).
+tests/unit/models/deepseek_ocr/test_kernels.py keep a Triton they can switch to interpreter mode).
 """
 
 from __future__ import annotations

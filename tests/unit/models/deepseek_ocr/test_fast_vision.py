@@ -14,7 +14,7 @@ from llm_perf_opt.models.deepseek_ocr.clip import ClipVisionTower, clip_block_fa
 from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, apply_fast_path
 from llm_perf_opt.models.deepseek_ocr.sam import SamEncoder, decomposed_rel_pos_bias, rel_pos_attention
 
-TINY = Path(__file__).resolve().parents[1] / "fixtures" / "deepseek_ocr_tiny"
+TINY = Path(__file__).resolve().parents[3] / "fixtures" / "deepseek_ocr_tiny"
 
 
 def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -19,7 +19,7 @@ from llm_perf_opt.models.deepseek_ocr.decoder import (
 )
 from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, apply_fast_path, first_argmax
 
-FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "deepseek_ocr_tiny"
+FIXTURE = Path(__file__).resolve().parents[3] / "fixtures" / "deepseek_ocr_tiny"
 
 
 def _random_model(seed: int = 0) -> DeepseekOCRForCausalLM:

@@ -28,7 +28,7 @@ from llm_perf_opt.models.deepseek_ocr import (
 )
 from tests.conftest import rel_err
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[3] / "fixtures"
 TINY = FIXTURES / "deepseek_ocr_tiny"
 REAL = FIXTURES / "deepseek_ocr_real"
 CASES = ["global_only", "crop_2x1", "crop_2x3"]

@@ -18,7 +18,7 @@ from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, DeepseekOCRForCa
 from llm_perf_opt.models.deepseek_ocr.decoder import MLP, MoE, RMSNorm, apply_experts_eager, route_tokens
 from tests.conftest import rel_err
 
-FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "deepseek_ocr_tiny"
+FIXTURE = Path(__file__).resolve().parents[3] / "fixtures" / "deepseek_ocr_tiny"
 CASES = ["global_only", "crop_2x1", "crop_2x3"]
 TOL = 1e-4
 
