@@ -14,8 +14,8 @@ Per op: torch µs, Triton µs, speedup, bytes moved (the memory-bound ops: atten
 the experts' weights of the distinct slots used, the router's float32 gate), achieved GB/s, and the
 max |Δ| of the Triton output vs the op's ``*_ref``.  ``--sm90-check`` compiles every kernel for an
 H100 without a GPU (frontend + ptxas from the Triton wheel) and prints registers, spills and whether the
-weight/KV tiles use 16-byte loads; ``tests/unit/models/deepseek_ocr/test_kernels.py`` runs it.  Without CUDA (and without
-``--sm90-check``) the script says so and exits 0.
+weight/KV tiles use 16-byte loads; ``tests/unit/models/deepseek_ocr/test_kernels.py`` runs it.  Without CUDA
+(and without ``--sm90-check``) the script says so and exits 0.
 """
 
 from __future__ import annotations
