@@ -74,7 +74,7 @@ class DeepseekOCR2Model(DeepseekOCRModel):
             )
         self.config = cfg
         self.embed_tokens = nn.Embedding(lang.vocab_size, lang.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(lang, i) for i in range(lang.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer.build(lang, i) for i in range(lang.num_hidden_layers))
         self.norm = RMSNorm(lang.hidden_size, lang.rms_norm_eps)
         self.rotary = RotaryEmbedding(lang.head_dim, lang.rope_theta, lang.max_position_embeddings)
 
