@@ -4,8 +4,8 @@ these instead of probing attributes.
 * :class:`OCRModel`: one page's stages (``encode_images`` → ``embed_prompt`` → ``prefill`` → ``decode_step``),
   one-time setup count and routing counters.  The eager
   :class:`~llm_perf_opt.models.deepseek_ocr.model.DeepseekOCRForCausalLM` and the fast
-  :class:`~llm_perf_opt.models.deepseek_ocr.fast.FastModel` satisfy it (and so does a vendor wrapper, whose
-  routing counters are None: it cannot see its routing).
+  :class:`~llm_perf_opt.models.deepseek_ocr.fast.FastModel` satisfy it (``runners/backends`` drive either
+  through these methods alone).
 * :class:`LanguageModel`: the one decoder forward with explicit positions / mask / cache slot and the head,
   which the batched generator drives (eager and fast models).
 """

@@ -136,16 +136,6 @@ class VendorSessionModel(nn.Module):
     def state(self) -> HfRemoteState | None:
         return self._state
 
-    # models.deepseek_ocr.protocol.OCRModel: the vendor code compiles and captures nothing and does not expose
-    # its routing, so the counters are unknown (None), not zero
-    setup_count = 0
-
-    def tokens_per_expert(self) -> dict[int, list[int]] | None:
-        return None
-
-    def experts_hit_per_layer(self) -> list[int] | None:
-        return None
-
     def kv_cache_bytes(self) -> int:
         """Bytes held by the vendor's own (dynamic) KV cache after the last step."""
         if self._state is None:
