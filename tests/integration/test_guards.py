@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from llm_perf_opt.data.datasets import Page
+from llm_perf_opt.errors import ConfigError
 from llm_perf_opt.results.serialize import read_summary, to_jsonable
 from llm_perf_opt.results.types import PageRecord
 from llm_perf_opt.runners.dsocr_session import DeepSeekOCRSession, PageRun
@@ -204,3 +205,42 @@ def test_device_decode_loop_gives_the_host_loop_tokens(cfg: DictConfig, ngram: i
     assert rec.generated_tokens == len(device.prediction.token_ids)
     assert len(rec.decode_step_ms) == rec.generated_tokens - 1  # one mark per kept step, none past eos
     assert rec.tpot_ms is not None and rec.tpot_ms > 0
+
+
+def test_device_decode_with_the_windowed_rule_gives_the_host_loop_tokens(cfg: DictConfig) -> None:
+    """vLLM's rule (window, exempt ids, output scope) on the device picks the host loop's tokens, and no n-gram
+    of the output repeats within the window unless it ends in an exempt id."""
+    n, window = 3, 12
+    runs = []
+    for device_decode in (False, True):
+        job = cfg.copy()
+        job.infer.fast = {"enabled": True, "device_decode": device_decode, "sam_compile": False, "clip_compile": False}
+        job.infer.no_repeat_ngram_size = n
+        job.infer.no_repeat_ngram_window = window
+        job.infer.no_repeat_ngram_exempt_ids = [7]
+        job.infer.no_repeat_ngram_scope = "output"
+        job.infer.ignore_eos = True
+        s = DeepSeekOCRSession.load(load_settings(job), ROOT)
+        try:
+            runs.append(s.run(PAGE, 40))
+        finally:
+            s.close()
+    host, device = runs
+    assert device.prediction.token_ids == host.prediction.token_ids
+    ids = host.prediction.token_ids
+    for end in range(n, len(ids) + 1):  # the gram ids[end-n:end] vs every earlier gram starting in the window
+        gram = tuple(ids[end - n : end])
+        earlier = {tuple(ids[i : i + n]) for i in range(max(0, end - 1 - window), end - n)}
+        assert gram[-1] == 7 or gram not in earlier, (end, gram)
+
+
+def test_batched_phase_refuses_the_windowed_rule(cfg: DictConfig) -> None:
+    """The batched generator applies HF's rule only: a vLLM-style rule with batch_size > 1 is one clear error
+    when the settings load (before the model), not a silently different decoding in the throughput phase."""
+    job = cfg.copy()
+    job.infer.batch_size = 2
+    job.infer.no_repeat_ngram_size = 30
+    job.infer.no_repeat_ngram_window = 90
+    with pytest.raises(ConfigError, match="batched phase") as info:
+        load_settings(job)
+    assert info.value.hint

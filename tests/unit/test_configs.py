@@ -30,11 +30,20 @@ def test_shipped_option_lists_are_complete() -> None:
 @pytest.mark.parametrize("infer", INFERS)
 def test_every_arch_and_infer_mode_composes_and_validates(compose_cfg, arch: str, infer: str) -> None:
     cfg = compose_cfg([f"model/deepseek_ocr/arch={arch}", f"model/deepseek_ocr/infer={infer}", OUT])
-    load_settings(cfg)
+    used = load_settings(cfg).resolved("cpu")
+    if infer == "deepseek_ocr.vllm_gundam":  # vLLM's recipe: 6 tiles, n-gram 30 within 90 over the output, <td> exempt
+        assert used.infer.preset == "vllm_gundam"
+        assert (used.model.preprocess.min_crops, used.model.preprocess.max_crops) == (2, 6)
+        assert (used.infer.no_repeat_ngram_window, used.infer.no_repeat_ngram_exempt_ids) == (90, (128821, 128822))
+        assert used.infer.no_repeat_ngram_scope == "output"
+    else:  # the reference infer(): 2..9 tiles, HF's rule
+        assert used.infer.preset == "reference_infer" and used.infer.ngram_rule.is_hf
+        assert (used.model.preprocess.min_crops, used.model.preprocess.max_crops) == (2, 9)
     assert cfg.model.backend in ("native", "hf_remote")
     assert cfg.model.dtype in ("float32", "bfloat16", "float16")
     assert cfg.infer.temperature == 0.0
-    assert cfg.infer.no_repeat_ngram_size == 20
+    # the reference infer() presets use HF's rule of size 20; the vLLM preset its own rule of size 30
+    assert cfg.infer.no_repeat_ngram_size == (30 if infer == "deepseek_ocr.vllm_gundam" else 20)
     body = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("hydra", "output")])
     OmegaConf.to_container(body, resolve=True)  # every interpolation outside hydra.* resolves
 

@@ -167,3 +167,99 @@ def test_banned_ngram_mask_ignores_what_lies_past_length() -> None:
     row = torch.tensor([[1, 2, 3, 1, 2, 9, 9, 9]])
     assert banned_ngram_mask(row, torch.tensor([5]), 3, 10)[0].nonzero().flatten().tolist() == [3]
     assert not banned_ngram_mask(row, torch.tensor([5]), 0, 10).any()
+
+
+# ------------------------------------------------------------------ vLLM's rule: window, exempt ids, output scope
+
+
+def vllm_style_banned(output_ids: list[int], n: int, window: int, exempt: set[int]) -> list[int]:
+    """Restatement of vLLM's DeepSeek-OCR NoRepeatNGramLogitsProcessor (it sees the output ids only)."""
+    if len(output_ids) < n:
+        return []
+    prefix = tuple(output_ids[len(output_ids) - (n - 1) :])
+    banned = set()
+    for i in range(max(0, len(output_ids) - window), len(output_ids) - n + 1):
+        gram = tuple(output_ids[i : i + n])
+        if gram[:-1] == prefix:
+            banned.add(gram[-1])
+    return sorted(banned - exempt)
+
+
+def test_windowed_rule_examples() -> None:
+    # [1, 2, 3, 9, 9, 1, 2]: the 3-gram (1, 2, 3) starts at 0; a window of 7 sees it, a window of 6 does not
+    hist = [1, 2, 3, 9, 9, 1, 2]
+    assert banned_ngram_tokens(hist, 3, window=7) == [3]
+    assert banned_ngram_tokens(hist, 3, window=6) == []
+    assert banned_ngram_tokens(hist, 3, exempt_ids={3}) == []
+    assert banned_ngram_tokens([5, 6, 5, 7, 5], 2, exempt_ids=[7]) == [6]
+    assert banned_ngram_tokens([4, 7, 4, 8], 1, window=2) == [4, 8]
+
+
+@pytest.mark.parametrize(("n", "window"), [(2, 5), (3, 8), (4, 30), (3, 3), (2, 1)])
+def test_windowed_rule_matches_vllm(n: int, window: int) -> None:
+    rng = random.Random(n * 100 + window)
+    rule = NoRepeatNGram(n, window=window, exempt_ids={1, 3}, scope="output")
+    for _ in range(300):
+        prompt = [rng.randrange(5) for _ in range(rng.randrange(0, 10))]
+        output = [rng.randrange(5) for _ in range(rng.randrange(0, 40))]
+        history = rule.host_history(prompt) + output  # output scope: the prompt is not part of it
+        assert rule.banned_tokens(history) == vllm_style_banned(output, n, window, {1, 3}), (prompt, output)
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        NoRepeatNGram(3, window=9),
+        NoRepeatNGram(2, exempt_ids={1}),
+        NoRepeatNGram(3, window=12, exempt_ids={0, 6}),
+        NoRepeatNGram(1, window=5, exempt_ids={2}),
+        NoRepeatNGram(4, window=10, exempt_ids={6}, scope="output"),
+        NoRepeatNGram(2, window=6, scope="output"),
+    ],
+    ids=lambda r: r.describe(),
+)
+def test_windowed_device_mask_matches_the_host_rule(rule: NoRepeatNGram) -> None:
+    """The device mask (the prompt as -1 for the output scope) == the host rule on its own history."""
+    from llm_perf_opt.models.deepseek_ocr.generation import banned_ngram_mask
+
+    gen = torch.Generator().manual_seed(rule.n)
+    vocab, width, prompt_len = 7, 40, 6
+    rows = torch.randint(0, 3, (3, width), generator=gen)
+    rows[:, width // 2 : width // 2 + 8] = 6
+    device_rows = rows.clone()
+    device_rows[:, :prompt_len] = rule.device_history(rows[:, :prompt_len])
+    for length in range(prompt_len, width + 1):
+        mask = banned_ngram_mask(device_rows, torch.tensor([length]), rule, vocab)
+        for b in range(rows.shape[0]):
+            host = rule.host_history(rows[b, :prompt_len].tolist()) + rows[b, prompt_len:length].tolist()
+            assert mask[b].nonzero().flatten().tolist() == rule.banned_tokens(host), (length, b)
+
+
+def test_select_next_token_with_exempt_ids() -> None:
+    logits = torch.tensor([0.0, 5.0, 1.0, 0.0])
+    history = [2, 1, 2]  # the 2-gram (2, 1) repeats if 1 follows 2
+    assert select_next_token(logits, history, 0.0, NoRepeatNGram(2)) == 2
+    assert select_next_token(logits, history, 0.0, NoRepeatNGram(2, exempt_ids={1})) == 1
+
+
+def test_rule_validation_and_settings() -> None:
+    with pytest.raises(ConfigError, match="window"):
+        NoRepeatNGram(3, window=0)
+    with pytest.raises(ConfigError, match="scope") as info:
+        NoRepeatNGram(3, scope="prompt")
+    assert info.value.hint
+    from llm_perf_opt.runners.settings import InferSettings, structure
+
+    rule = structure(
+        InferSettings,
+        {
+            "no_repeat_ngram_size": 30,
+            "no_repeat_ngram_window": 90,
+            "no_repeat_ngram_exempt_ids": [128821, 128822],
+            "no_repeat_ngram_scope": "output",
+        },
+    ).ngram_rule
+    assert rule == NoRepeatNGram(30, window=90, exempt_ids={128821, 128822}, scope="output") and not rule.is_hf
+    assert structure(InferSettings, {"no_repeat_ngram_size": 20}).ngram_rule == NoRepeatNGram(20)
+    assert NoRepeatNGram(20) == NoRepeatNGram.of(20)
+    assert NoRepeatNGram(20).is_hf and not NoRepeatNGram.of(None)

@@ -177,3 +177,36 @@ def test_profiler_section_explains_graph_replayed_device_time() -> None:
     assert "98 % of the device time is under no host operator" in text
     assert "infer.fast.cuda_graphs=false" in text
     assert "under no host operator" not in render_report(make_summary(profile=prof))
+
+
+def test_setup_names_the_preset_and_its_tile_cap() -> None:
+    """The vLLM preset's rows say 2–6 tiles and the decoding row its window, exempt ids and scope (the config as
+    the run records it: the preset's geometry folded into model.preprocess)."""
+    import attrs
+
+    s = make_summary(pages=[make_page()])
+    vllm_pp = {"base_size": 1024, "image_size": 640, "crop_mode": True, "min_crops": 2, "max_crops": 6}
+    config = {
+        **s.run.config,
+        "model": {"name": "deepseek_ocr", "preprocess": vllm_pp},
+        "infer": {
+            **s.run.config["infer"],
+            "preset": "vllm_gundam",
+            "mode": "gundam",
+            "no_repeat_ngram_size": 30,
+            "no_repeat_ngram_window": 90,
+            "no_repeat_ngram_exempt_ids": [128821, 128822],
+            "no_repeat_ngram_scope": "output",
+        },
+    }
+    text = render_report(attrs.evolve(s, run=attrs.evolve(s.run, config=config)))
+    assert "| preset | vllm_gundam (mode gundam): at most 6 tiles |" in text
+    assert "| image geometry | base 1024 px, tile 640 px, crops 2–6 tiles |" in text
+    assert "no_repeat_ngram_size 30 (window 90, exempt ids [128821, 128822], over the output)" in text
+    base = dict(
+        config,
+        model={"preprocess": {**vllm_pp, "crop_mode": False}},
+        infer={"preset": "reference_infer", "mode": "base"},
+    )
+    text = render_report(attrs.evolve(s, run=attrs.evolve(s.run, config=base)))
+    assert "| preset | reference_infer (mode base): one view, no tiles |" in text

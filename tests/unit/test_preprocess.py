@@ -32,7 +32,7 @@ from llm_perf_opt.models.deepseek_ocr.preprocess import (
     preprocess_page,
     tokens_per_side,
 )
-from llm_perf_opt.models.deepseek_ocr.tokenizer import DEFAULT_PROMPT, StandInTokenizer
+from llm_perf_opt.models.deepseek_ocr.tokenizer import DEFAULT_PROMPT_IDS_AFTER_IMAGE
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 REAL = FIXTURES / "deepseek_ocr_real"
@@ -40,7 +40,7 @@ TINY = FIXTURES / "deepseek_ocr_tiny"
 
 REAL_CFG = DeepseekOCRConfig()
 TINY_CFG = DeepseekOCRConfig.from_json(TINY / "config.json")
-REAL_PROMPT_IDS = StandInTokenizer.for_model(REAL_CFG).encode_prompt(DEFAULT_PROMPT)
+REAL_PROMPT_IDS = [128815, *DEFAULT_PROMPT_IDS_AFTER_IMAGE]  # "<image>\n<|grounding|>Convert the document to markdown."
 
 _TOKENS = json.loads((REAL / "image_tokens.json").read_text())
 _TOKEN_CASES = [
@@ -274,3 +274,44 @@ def test_prepared_page_is_frozen() -> None:
     assert isinstance(page, PreparedPage)
     with pytest.raises(AttributeError):
         page.n_crops = 3  # type: ignore[misc]
+
+
+# ------------------------------------------------------------------------------------ deployment presets
+# (page w, h) -> (reference infer() grid, tokens), (vLLM grid, tokens).  Hand-computed from the rules: the grid
+# whose aspect is nearest the page's among 2..9 (reference) or 2..6 tiles (vLLM's MAX_CROPS = 6), ties to the
+# larger grid when the page covers more than half of it; tokens = 16·17 + 1 + (10·cols + 1)·(10·rows).
+# 1920×1080 (issue 17): aspect 1.78, 2×1 and 4×2 tie at 2.0, the page's 2.07 Mpx > half of 8 tiles → 4×2 / 2×1.
+# 64×6000: aspect 0.011, nearest 1×9 (0.111) / 1×6 (0.167).  2000×2000: 2×2 and 3×3 tie exactly, the page's 4 Mpx
+# > half of 9 tiles → 3×3 (reference; vLLM has no 3×3).  A4 at 150 dpi (1240×1754, 0.707): 2×3 in both.
+_DEPLOYMENT_CASES = {
+    (1920, 1080): (((4, 2), 1093), ((2, 1), 483)),
+    (64, 6000): (((1, 9), 1263), ((1, 6), 933)),
+    (1240, 1754): (((2, 3), 903), ((2, 3), 903)),
+    (2480, 3508): (((2, 3), 903), ((2, 3), 903)),
+    (3000, 1000): (((3, 1), 583), ((3, 1), 583)),
+    (2000, 2000): (((3, 3), 1203), ((2, 2), 693)),
+    (5000, 1000): (((5, 1), 783), ((5, 1), 783)),
+    (7000, 1000): (((7, 1), 983), ((6, 1), 883)),
+    (600, 600): (((1, 1), 273), ((1, 1), 273)),
+}
+
+
+@pytest.mark.parametrize(("width", "height"), list(_DEPLOYMENT_CASES))
+@pytest.mark.parametrize("preset", ["deepseek_ocr.gundam", "deepseek_ocr.vllm_gundam"])
+def test_deployment_presets_tile_grids_and_tokens(compose_cfg, preset: str, width: int, height: int) -> None:
+    """The shipped infer presets, loaded through the settings as the CLI does, give each page the reference's or
+    vLLM's grid."""
+    from llm_perf_opt.runners.backends.native import preprocess_config
+    from llm_perf_opt.runners.settings import load_settings
+
+    cfg = compose_cfg(
+        ["model/deepseek_ocr/arch=deepseek_ocr.dummy", f"model/deepseek_ocr/infer={preset}", "output.dir=tmp/t"]
+    )
+    pcfg = preprocess_config(load_settings(cfg).resolved("cpu").model)
+    assert pcfg.max_crops == (6 if "vllm" in preset else 9)
+    grid, tokens = _DEPLOYMENT_CASES[(width, height)]["vllm" in preset]
+    page = preprocess_page(Image.new("RGB", (width, height), (255, 255, 255)), pcfg, REAL_CFG, REAL_PROMPT_IDS)
+    assert page.images_spatial_crop == grid
+    assert page.image_token_count == tokens
+    assert page.n_crops == (grid[0] * grid[1] if grid != (1, 1) else 0)
+    assert page.prompt_len == 1 + tokens + 9

@@ -55,6 +55,13 @@ def settings_of(compose_cfg: Callable[..., DictConfig]) -> Callable[..., RunSett
         ("infer.fast.decode_kernels=cutlass", "decode_kernels"),
         ("repeats=1.5", "repeats"),
         ("progress=sometimes", "progress"),
+        ("model.prompt=free_ocrr", "model.prompt"),
+        ("model.prompt='Free OCR.'", "model.prompt"),
+        ("infer.no_repeat_ngram_window=0", "infer.no_repeat_ngram_window"),
+        ("infer.no_repeat_ngram_window=10", "infer.no_repeat_ngram_window"),  # < no_repeat_ngram_size 20
+        ("infer.no_repeat_ngram_exempt_ids=[128821,-1]", "infer.no_repeat_ngram_exempt_ids"),
+        ("infer.no_repeat_ngram_exempt_ids=[td]", "infer.no_repeat_ngram_exempt_ids"),
+        ("infer.no_repeat_ngram_scope=prompt", "infer.no_repeat_ngram_scope"),
     ],
 )
 def test_bad_value_is_one_config_error_with_a_hint(
@@ -74,6 +81,44 @@ def test_cross_group_rules(settings_of: Callable[..., RunSettings]) -> None:
         settings_of("model.backend=hf_remote", "infer.batch_size=4")
     with pytest.raises(ConfigError, match="min_crops"):
         settings_of("model.preprocess.min_crops=5", "model.preprocess.max_crops=3")
+
+
+def test_prompt_presets_are_named_and_recorded(settings_of: Callable[..., RunSettings]) -> None:
+    """A typo of a preset lists the presets (not "no <image>"); a preset runs as its text and the record keeps
+    both the text (issue 17: "\\nFree OCR." is the official free-OCR prompt) and the name."""
+    with pytest.raises(ConfigError, match="unknown prompt preset 'free_ocrr'") as info:
+        settings_of("model.prompt=free_ocrr")
+    for name in ("document_markdown", "free_ocr", "grounding_ocr", "parse_figure", "describe_image"):
+        assert name in info.value.message
+    assert "model.prompt=free_ocr" in (info.value.hint or "")
+    used = settings_of("model.prompt=free_ocr").resolved("cpu")
+    assert used.model.prompt == "<image>\nFree OCR." and used.model.prompt_preset == "free_ocr"
+    assert used.resolved("cpu") == used  # idempotent
+    recorded = used.as_config()["model"]
+    assert (recorded["prompt"], recorded["prompt_preset"]) == ("<image>\nFree OCR.", "free_ocr")
+    text = settings_of("model.prompt='<image>\nOCR.'").resolved("cpu").model
+    assert (text.prompt, text.prompt_preset) == ("<image>\nOCR.", None)
+
+
+def test_vllm_preset_is_recorded_with_its_rule_and_tile_cap(settings_of: Callable[..., RunSettings]) -> None:
+    used = settings_of("model/deepseek_ocr/infer=deepseek_ocr.vllm_gundam").resolved("cpu").as_config()
+    assert used["infer"]["preset"] == "vllm_gundam" and used["infer"]["preprocess_override"] is None
+    assert {k: used["infer"][f"no_repeat_ngram_{k}"] for k in ("size", "window", "exempt_ids", "scope")} == {
+        "size": 30, "window": 90, "exempt_ids": [128821, 128822], "scope": "output"
+    }  # fmt: skip
+    pp = used["model"]["preprocess"]
+    assert (pp["base_size"], pp["image_size"], pp["crop_mode"], pp["min_crops"], pp["max_crops"]) == (
+        1024, 640, True, 2, 6
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="batched phase") as info:
+        settings_of("model/deepseek_ocr/infer=deepseek_ocr.vllm_gundam", "infer.batch_size=2")
+    assert info.value.hint
+    with pytest.raises(ConfigError, match=r"infer\.preprocess_override\.max_crops must be an integer >= 1") as info:
+        settings_of("model/deepseek_ocr/infer=deepseek_ocr.vllm_gundam", "infer.preprocess_override.max_crops=0")
+    assert info.value.hint
+    with pytest.raises(ConfigError, match="min_crops"):  # the cap below the preset's min: refused when resolved
+        vllm = "model/deepseek_ocr/infer=deepseek_ocr.vllm_gundam"
+        settings_of(vllm, "infer.preprocess_override.max_crops=1").resolved("cpu")
 
 
 def test_folder_dataset_without_root_names_the_key(settings_of: Callable[..., RunSettings]) -> None:

@@ -95,6 +95,34 @@ LATENCY_ROWS = [
 ]
 
 
+def _preset_text(cfg: dict[str, Any]) -> str:
+    """The infer preset (reference infer() or a deployment such as vLLM) and its tile cap: config.yaml records the
+    geometry that ran in ``model.preprocess`` (a preset's override folded in), so the cap is read there."""
+    infer = cfg.get("infer") or {}
+    pp = (cfg.get("model") or {}).get("preprocess") or {}
+    name = str(infer.get("preset") or NA)
+    if infer.get("mode"):
+        name = f"{name} (mode {infer['mode']})"
+    if not pp:
+        return name
+    if not pp.get("crop_mode"):
+        return f"{name}: one view, no tiles"
+    cap = pp.get("max_crops")
+    return f"{name}: at most {cap} tiles" if cap is not None else f"{name}: tile cap not recorded"
+
+
+def _ngram_extras(cfg: dict[str, Any]) -> str:
+    infer = cfg.get("infer") or {}
+    extras = []
+    if infer.get("no_repeat_ngram_window") is not None:
+        extras.append(f"window {infer['no_repeat_ngram_window']}")
+    if infer.get("no_repeat_ngram_exempt_ids"):
+        extras.append(f"exempt ids {list(infer['no_repeat_ngram_exempt_ids'])}")
+    if infer.get("no_repeat_ngram_scope"):
+        extras.append(f"over {'prompt + output' if infer['no_repeat_ngram_scope'] == 'sequence' else 'the output'}")
+    return f" ({', '.join(extras)})" if extras else ""
+
+
 def render_report(s: RunSummary, plots: dict[str, str] | None = None) -> str:
     plots = plots or {}
     r = s.run
@@ -140,11 +168,12 @@ def render_report(s: RunSummary, plots: dict[str, str] | None = None) -> str:
         ],
         ["dataset", f"{cfg.get('dataset', {}).get('name')} ({len({p.page_id for p in s.pages})} pages)"],
         ["repeats × token cap", f"{cfg.get('repeats')} × {cfg.get('infer', {}).get('max_new_tokens')}"],
+        ["preset", _preset_text(cfg)],
         ["image geometry", _geometry(cfg.get("model", {}).get("preprocess") or {})],
         [
             "decoding",
             f"temperature {cfg.get('infer', {}).get('temperature')}, "
-            f"no_repeat_ngram_size {cfg.get('infer', {}).get('no_repeat_ngram_size')}, "
+            f"no_repeat_ngram_size {cfg.get('infer', {}).get('no_repeat_ngram_size')}{_ngram_extras(cfg)}, "
             f"ignore_eos {cfg.get('infer', {}).get('ignore_eos')}",
         ],
         ["optimisations", ", ".join(f"{k}={'on' if v else 'off'}" for k, v in s.model.optimisations.items()) or NA],

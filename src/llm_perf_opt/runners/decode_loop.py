@@ -15,6 +15,7 @@ import attrs
 import torch
 
 from llm_perf_opt.errors import RunInterrupted
+from llm_perf_opt.models.deepseek_ocr.generation import NoRepeatNGram
 from llm_perf_opt.profiling.ranges import RangeMarker
 from llm_perf_opt.profiling.timers import DeviceClock
 
@@ -48,7 +49,7 @@ def decode_on_device(
     prompt_ids: torch.Tensor,
     state: DecodeState,
     steps: int,
-    ngram: int,
+    ngram: NoRepeatNGram,
     eos_id: int | None,
     clock: DeviceClock,
     page_id: str,
@@ -57,7 +58,7 @@ def decode_on_device(
     """Up to ``steps`` tokens after ``state.last`` chosen on the device: one clock mark per step, no host sync
     but an eos check every 16 steps."""
     dec = model.decoder_for(cache, ngram)
-    dec.set_history(prompt_ids)
+    dec.set_history(ngram.device_history(prompt_ids))
     dec.nonfinite.zero_()
     marks = state.marks
     n_before = len(marks)

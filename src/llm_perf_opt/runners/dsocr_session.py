@@ -29,6 +29,7 @@ import torch
 from llm_perf_opt.data.datasets import Page
 from llm_perf_opt.errors import ConfigError
 from llm_perf_opt.models.deepseek_ocr import weights
+from llm_perf_opt.models.deepseek_ocr.generation import NoRepeatNGram
 from llm_perf_opt.models.deepseek_ocr.kv_cache import StaticKVCache
 from llm_perf_opt.models.deepseek_ocr.weights import resolve_device
 from llm_perf_opt.profiling.hooks import StageHooks
@@ -111,6 +112,8 @@ class DeepSeekOCRSession:
             from llm_perf_opt.models.deepseek_ocr.fast import apply_fast_path
 
             self.model = apply_fast_path(backend.model, self.fast)
+        # the no-repeat-ngram rule: the reference's (HF, whole sequence) or vLLM's (window, exempt ids, output)
+        self.ngram_rule = infer.ngram_rule
         self.prompt = prompt
         self.text_ids = backend.tokenizer.encode_prompt(prompt)
 
@@ -123,7 +126,7 @@ class DeepSeekOCRSession:
         used = settings.resolved(device.type)
         backend = build_backend(used.model, device, dtype, used.seed, project_root)
         return cls(
-            backend, device, dtype, used.infer, used.model.prompt, use_nvtx=True, reserve_new_tokens=used.token_cap
+            backend, device, dtype, used.infer, used.model.prompt_text, use_nvtx=True, reserve_new_tokens=used.token_cap
         )
 
     def optimisations(self) -> dict[str, bool]:
@@ -155,13 +158,13 @@ class DeepSeekOCRSession:
         self.model.decoder_for(self._cache, self._device_ngram()).prepare()
         return self._cache
 
-    def _device_ngram(self) -> int | None:
-        """The no-repeat-ngram size of the on-device decode loop, or None when the host loop runs."""
+    def _device_ngram(self) -> NoRepeatNGram | None:
+        """The no-repeat-ngram rule of the on-device decode loop, or None when the host loop runs."""
         if self.fast is None or not self.fast.device_decode or self.infer.temperature != 0:
             return None
         if self.infer.nvtx_decode_step:  # per-step NVTX ranges need the host loop
             return None
-        return self.infer.no_repeat_ngram_size
+        return self.ngram_rule
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -254,7 +257,7 @@ class DeepSeekOCRSession:
                 f"max_new_tokens must be >= 1, got {max_new_tokens}", hint="e.g. infer.max_new_tokens=256"
             )
         ignore_eos = self.infer.ignore_eos if ignore_eos is None else ignore_eos
-        temperature, ngram = self.infer.temperature, self.infer.no_repeat_ngram_size
+        temperature, ngram = self.infer.temperature, self.ngram_rule
         eos_id = self.backend.config.language.eos_token_id
         generator = torch.Generator(device="cpu").manual_seed(repeat)
 
@@ -274,7 +277,7 @@ class DeepSeekOCRSession:
         setups_before = self._setup_count()
         state = DecodeState(
             generated=[],
-            history=[int(t) for t in prepared.input_ids[0].tolist()],
+            history=ngram.host_history(prepared.input_ids[0].tolist()),  # what the rule looks at
             marks=[],
             nonfinite=torch.zeros((), dtype=torch.bool, device=self.device),
         )

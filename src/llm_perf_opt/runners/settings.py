@@ -27,6 +27,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from llm_perf_opt.errors import ConfigError
 from llm_perf_opt.models.deepseek_ocr.fast import FastConfig
+from llm_perf_opt.models.deepseek_ocr.generation import NoRepeatNGram
+from llm_perf_opt.models.deepseek_ocr.tokenizer import IMAGE_PLACEHOLDER, PROMPT_PRESETS
 
 T = TypeVar("T")
 Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
@@ -203,19 +205,34 @@ class PreprocessSettings:
 
 @attrs.frozen
 class PreprocessOverride:
-    """What a vendor resolution mode (``infer=deepseek_ocr.<mode>``) sets on top of ``model.preprocess``."""
+    """What a vendor resolution mode (``infer=deepseek_ocr.<mode>``) sets on top of ``model.preprocess``; a
+    deployment preset also caps the tiles (vLLM: 6), otherwise the tile range stays ``model.preprocess``'s."""
 
     SECTION: ClassVar[str] = "infer.preprocess_override"
     base_size: int = attrs.field(validator=_integer(1, example="1024"))
     image_size: int = attrs.field(validator=_integer(1, example="1024"))
     crop_mode: bool = attrs.field(validator=_boolean)
+    min_crops: int | None = attrs.field(default=None, validator=_integer(1, optional=True, example="2"))
+    max_crops: int | None = attrs.field(default=None, validator=_integer(1, optional=True, example="6"))
 
 
 def _prompt(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if not isinstance(value, str) or value.count("<image>") != 1:
+    """A preset name (``free_ocr``) or the prompt text with exactly one ``<image>``; a word that is no preset
+    (a typo of one) is refused as a name, not with the less helpful "no <image>"."""
+    if isinstance(value, str) and value.strip() in PROMPT_PRESETS:
+        return
+    names = ", ".join(PROMPT_PRESETS)
+    if isinstance(value, str) and IMAGE_PLACEHOLDER not in value and value.strip().replace("_", "").isalnum():
+        close = difflib.get_close_matches(value.strip(), list(PROMPT_PRESETS), n=1)
         raise ConfigError(
-            f"model.prompt must contain exactly one <image> placeholder, got {value!r}",
-            hint="e.g. model.prompt='<image>\\n<|grounding|>Convert the document to markdown.'",
+            f"model.prompt: unknown prompt preset {value.strip()!r} (presets: {names})",
+            hint=(f"did you mean model.prompt={close[0]}? " if close else "")
+            + f"or give the prompt text itself with one {IMAGE_PLACEHOLDER}",
+        )
+    if not isinstance(value, str) or value.count(IMAGE_PLACEHOLDER) != 1:
+        raise ConfigError(
+            f"model.prompt must be a preset name ({names}) or text with exactly one <image> placeholder, got {value!r}",
+            hint="e.g. model.prompt=free_ocr, or text such as model.prompt='<image>\\nFree OCR.'",
         )
 
 
@@ -231,9 +248,22 @@ class ModelSettings:
     dtype: str = attrs.field(default="bfloat16", validator=_choice(DTYPES))
     backend: str = attrs.field(default="native", validator=_choice(("native", "hf_remote")))
     preprocess: PreprocessSettings = attrs.field(factory=PreprocessSettings)
+    # a preset name (PROMPT_PRESETS: free_ocr, ...) or the prompt text; resolved() records the text that ran
     prompt: str = attrs.field(default="<image>\n<|grounding|>Convert the document to markdown.", validator=_prompt)
+    # the preset the prompt came from: filled in by resolved() (null for free text), so the record names both
+    prompt_preset: str | None = attrs.field(default=None, validator=_choice(tuple(PROMPT_PRESETS), optional=True))
+
+    @property
+    def prompt_text(self) -> str:
+        """The prompt that is tokenized: a preset's text, or the text given."""
+        return PROMPT_PRESETS.get(self.prompt.strip(), self.prompt)
 
     def __attrs_post_init__(self) -> None:
+        if self.prompt_preset is not None and PROMPT_PRESETS[self.prompt_preset] != self.prompt_text:
+            raise ConfigError(
+                f"model.prompt_preset={self.prompt_preset} is not the preset of model.prompt={self.prompt!r}",
+                hint="set only model.prompt (a preset name or text); the run records prompt_preset itself",
+            )
         if self.backend == "native" and self.weights == "dummy" and not self.config_json:
             raise ConfigError("model.weights=dummy needs model.config_json (the shapes to build)",
                               hint="e.g. model.config_json=builtin:deepseek-ocr")  # fmt: skip
@@ -285,6 +315,12 @@ class InferSettings:
     max_new_tokens: int | None = attrs.field(default=None, validator=_integer(1, optional=True, example="256"))
     temperature: float = attrs.field(default=0.0, converter=_to_float, validator=_number(minimum=0.0, example="0"))
     no_repeat_ngram_size: int = attrs.field(default=20, validator=_integer(0, example="20"))
+    # only n-grams starting within the last N tokens count (None: the whole history; vLLM's recipe: 90)
+    no_repeat_ngram_window: int | None = attrs.field(default=None, validator=_integer(1, optional=True, example="90"))
+    # token ids never banned (vLLM: <td> 128821, </td> 128822)
+    no_repeat_ngram_exempt_ids: tuple[int, ...] = attrs.field(default=(), converter=_str_tuple)
+    # sequence = prompt + output (HF, the reference infer()); output = generated tokens only (vLLM)
+    no_repeat_ngram_scope: str = attrs.field(default="sequence", validator=_choice(("sequence", "output")))
     ignore_eos: bool = attrs.field(default=False, validator=_boolean)
     nvtx_decode_step: bool = attrs.field(default=False, validator=_boolean)
     batch_size: int = attrs.field(default=1, validator=_integer(1, example="8"))
@@ -292,6 +328,42 @@ class InferSettings:
     # name of the vendor resolution mode this preset stands for (a label; its geometry is preprocess_override)
     mode: str | None = attrs.field(default=None, validator=_text(optional=True))
     preprocess_override: PreprocessOverride | None = None
+    # which deployment the decoding rules reproduce (reference_infer, vllm_gundam): a label the report shows
+    preset: str = attrs.field(default="reference_infer", validator=_text())
+
+    @no_repeat_ngram_exempt_ids.validator
+    def _exempt_ids(self, attribute: attrs.Attribute[Any], value: Any) -> None:
+        ok = isinstance(value, tuple) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+        if not ok:
+            raise ConfigError(
+                f"infer.no_repeat_ngram_exempt_ids must be a list of token ids >= 0, got {_shown(value)}",
+                hint="e.g. infer.no_repeat_ngram_exempt_ids=[128821,128822] (or [] for none)",
+            )
+
+    def __attrs_post_init__(self) -> None:
+        n, window = self.no_repeat_ngram_size, self.no_repeat_ngram_window
+        if n > 0 and window is not None and window < n:
+            raise ConfigError(
+                f"infer.no_repeat_ngram_window ({window}) is smaller than no_repeat_ngram_size ({n}): "
+                "no n-gram fits in the window, so the rule could never ban anything",
+                hint=f"e.g. infer.no_repeat_ngram_window={3 * n}, or null for the whole history",
+            )
+        if self.batch_size > 1 and not self.ngram_rule.is_hf and self.ngram_rule:
+            raise ConfigError(
+                f"the batched phase applies the plain no-repeat-ngram rule only, not {self.ngram_rule.describe()}",
+                hint="set infer.batch_size=1, or infer.no_repeat_ngram_window=null "
+                "infer.no_repeat_ngram_exempt_ids=[] infer.no_repeat_ngram_scope=sequence",
+            )
+
+    @property
+    def ngram_rule(self) -> NoRepeatNGram:
+        """The no-repeat-ngram rule: the reference's (HF, whole sequence) or vLLM's (window, exempt ids, output)."""
+        return NoRepeatNGram(
+            self.no_repeat_ngram_size,
+            window=self.no_repeat_ngram_window,
+            exempt_ids=self.no_repeat_ngram_exempt_ids,
+            scope=self.no_repeat_ngram_scope,
+        )
 
 
 @attrs.frozen
@@ -381,14 +453,24 @@ class RunSettings:
     def resolved(self, device_type: str) -> RunSettings:
         """The settings as they will run on ``device_type``: what config.yaml, metrics.json and the report record.
 
-        Idempotent: the token cap is filled in, a resolution mode's geometry is folded into ``model.preprocess``
-        (``infer.mode`` stays as its label), and CUDA-only fast switches are off elsewhere.
+        Idempotent: the token cap is filled in, a resolution mode's geometry (tile cap included) is folded into
+        ``model.preprocess`` (``infer.mode`` stays as its label), a prompt preset becomes its text with the name in
+        ``model.prompt_preset``, and CUDA-only fast switches are off elsewhere.
         """
         model, infer = self.model, self.infer
         if infer.preprocess_override is not None:
             o = infer.preprocess_override
-            pre = attrs.evolve(model.preprocess, base_size=o.base_size, image_size=o.image_size, crop_mode=o.crop_mode)
+            pre = attrs.evolve(
+                model.preprocess,
+                base_size=o.base_size,
+                image_size=o.image_size,
+                crop_mode=o.crop_mode,
+                min_crops=model.preprocess.min_crops if o.min_crops is None else o.min_crops,
+                max_crops=model.preprocess.max_crops if o.max_crops is None else o.max_crops,
+            )
             model = attrs.evolve(model, preprocess=pre)
+        if model.prompt.strip() in PROMPT_PRESETS:
+            model = attrs.evolve(model, prompt=model.prompt_text, prompt_preset=model.prompt.strip())
         fast = infer.fast
         if fast.enabled and device_type != "cuda":  # graphs are CUDA-only: the record says they were off
             fast = attrs.evolve(fast, switches=attrs.evolve(fast.switches, cuda_graphs=False, vision_graphs=False))

@@ -71,6 +71,7 @@ from llm_perf_opt.models.deepseek_ocr.context import ForwardContext
 from llm_perf_opt.models.deepseek_ocr.decoder import EXPERT_IMPLS, DecoderLayer, MoE, RMSNorm, run_decoder
 from llm_perf_opt.models.deepseek_ocr.fast_decoder import TRITON_MAX_ROWS, FastDecoder
 from llm_perf_opt.models.deepseek_ocr.fast_layers import GroupedMoE, convert_layer, fuse_linears
+from llm_perf_opt.models.deepseek_ocr.generation import NoRepeatNGram
 from llm_perf_opt.models.deepseek_ocr.graphs import ShapeGraphs, capture_graph, first_argmax
 from llm_perf_opt.models.deepseek_ocr.kv_cache import StaticKVCache
 from llm_perf_opt.models.deepseek_ocr.model import DEFAULT_SDPA_BACKENDS, DeepseekOCRForCausalLM
@@ -423,14 +424,14 @@ class FastModel:
             )
         return self._compiled_step
 
-    def decoder_for(self, cache: StaticKVCache, no_repeat_ngram_size: int | None = None) -> FastDecoder:
+    def decoder_for(self, cache: StaticKVCache, no_repeat_ngram_size: int | NoRepeatNGram | None = None) -> FastDecoder:
         """The decoder bound to ``cache`` (built, and captured, on first use; one cache at a time).
 
         ``no_repeat_ngram_size``: the rule its on-device token choice applies (part of the graph; another value
         rebuilds it); None takes the current decoder of ``cache`` whatever its rule (the logits are the same).
         """
         dec = self._decoder
-        ngram = no_repeat_ngram_size
+        ngram = None if no_repeat_ngram_size is None else NoRepeatNGram.of(no_repeat_ngram_size)
         if dec is None or dec.cache is not cache or (ngram is not None and dec.ngram != ngram):
             self._decoder = None  # free the old graph's pool first
             dec = FastDecoder(self, cache, use_graph=self.fast_config.cuda_graphs, ngram=ngram or 0)

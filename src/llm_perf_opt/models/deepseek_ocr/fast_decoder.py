@@ -17,7 +17,7 @@ from torch import Tensor
 
 from llm_perf_opt.errors import InputError
 from llm_perf_opt.models.deepseek_ocr.context import ForwardContext
-from llm_perf_opt.models.deepseek_ocr.generation import banned_ngram_mask
+from llm_perf_opt.models.deepseek_ocr.generation import NoRepeatNGram, banned_ngram_mask
 from llm_perf_opt.models.deepseek_ocr.graphs import capture_graph, first_argmax
 from llm_perf_opt.models.deepseek_ocr.kv_cache import StaticKVCache
 
@@ -43,7 +43,7 @@ class FastDecoder:
         cache: StaticKVCache,
         max_len: int | None = None,
         use_graph: bool = True,
-        ngram: int = 0,
+        ngram: int | NoRepeatNGram = 0,
     ):
         base = fast.base
         self.fast = fast
@@ -68,13 +68,11 @@ class FastDecoder:
         self.next_token: Tensor | None = None
         self._compiled = fast.compiled_step()
         self.kernels = fast.decode_kernels if self.batch <= TRITON_MAX_ROWS else "torch"
-        if ngram < 0:
-            raise InputError(f"no_repeat_ngram_size must be >= 0, got {ngram}")
         # On-device token choice: every row's tokens by position (prompt via set_history, then each fed token
         # written at its position by the step), the no-repeat-ngram ban applied before the argmax, and a
         # sticky flag for non-finite logits (read once, after the loop).
-        self.ngram = int(ngram)
-        self.history = torch.zeros((self.batch, self.max_len), dtype=torch.long, device=dev) if ngram else None
+        self.ngram = NoRepeatNGram.of(ngram)  # its own check: size >= 0 (ConfigError)
+        self.history = torch.zeros((self.batch, self.max_len), dtype=torch.long, device=dev) if self.ngram else None
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
 
     def set_history(self, ids: Tensor) -> None:
