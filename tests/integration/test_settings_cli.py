@@ -32,6 +32,27 @@ def test_resolution_mode_records_the_geometry_that_ran(tmp_path: Path) -> None:
     assert "base 1024 px, tile 1024 px, crop off" in report
 
 
+def test_vllm_preset_and_prompt_preset_are_recorded(tmp_path: Path) -> None:
+    """infer=deepseek_ocr.vllm_gundam with model.prompt=free_ocr on the tiny arch: the records name the preset, its
+    tile cap (vLLM's 6) and n-gram rule (30 within 90, <td>/</td> exempt, output only), and the prompt that ran."""
+    run_dir = tmp_path / "run"
+    vllm = "model/deepseek_ocr/infer=deepseek_ocr.vllm_gundam"
+    result = run_cli([*SMALL, vllm, "infer.max_new_tokens=8", "model.prompt=free_ocr"], run_dir)
+    assert result.returncode == 0, result.describe()
+    config = read_metrics(run_dir)["run"]["config"]
+    assert yaml.safe_load((run_dir / "config.yaml").read_text()) == config
+    infer = config["infer"]
+    assert (infer["preset"], infer["mode"], infer["max_new_tokens"]) == ("vllm_gundam", "gundam", 8)
+    rule = {k: infer[f"no_repeat_ngram_{k}"] for k in ("size", "window", "exempt_ids", "scope")}
+    assert rule == {"size": 30, "window": 90, "exempt_ids": [128821, 128822], "scope": "output"}
+    pre = config["model"]["preprocess"]
+    assert (pre["base_size"], pre["image_size"], pre["min_crops"], pre["max_crops"]) == (1024, 640, 2, 6)
+    assert (config["model"]["prompt"], config["model"]["prompt_preset"]) == ("<image>\nFree OCR.", "free_ocr")
+    report = (run_dir / "report.md").read_text()
+    assert "| preset | vllm_gundam (mode gundam): at most 6 tiles |" in report
+    assert "no_repeat_ngram_size 30 (window 90, exempt ids [128821, 128822], over the output)" in report
+
+
 def test_null_token_cap_records_the_fallback(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     args = [a for a in SMALL if not a.startswith("infer.max_new_tokens")]
@@ -46,7 +67,13 @@ def test_null_token_cap_records_the_fallback(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("override", "key"),
-    [("seed=abc", "seed"), ("fail_fast=no", "fail_fast"), ("profiling.activities=[bogus]", "profiling.activities")],
+    [
+        ("seed=abc", "seed"),
+        ("fail_fast=no", "fail_fast"),
+        ("profiling.activities=[bogus]", "profiling.activities"),
+        ("model.prompt=free_ocrr", "free_ocr"),  # the message lists the presets
+        ("infer.no_repeat_ngram_scope=prompt", "infer.no_repeat_ngram_scope"),
+    ],
 )
 def test_bad_setting_fails_before_the_model_loads(tmp_path: Path, override: str, key: str) -> None:
     run_dir = tmp_path / "run"
