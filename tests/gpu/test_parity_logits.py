@@ -126,18 +126,22 @@ def test_fast_logits_match_eager_under_teacher_forcing(
 def test_fast_greedy_tokens_match_eager_for_a_minimum_length(
     full: Any, forced_case: tuple[torch.Tensor, list[int], torch.Tensor]
 ) -> None:
-    """Secondary: free-running greedy tokens agree for at least MIN_GREEDY_MATCH steps."""
+    """Secondary: free-running greedy tokens agree for at least MIN_GREEDY_MATCH steps, unless they part at a
+    near-tie of the reference: then the fast path's token must score within bf16 rounding of the reference's
+    best at that step (the eager logits along the eager path are the oracle), which is a legitimate choice."""
     embeds, _, _ = forced_case
     fast = apply_fast_path(full, FastConfig())
     with torch.inference_mode():
         want = greedy_tokens(full, embeds, STEPS)
         got = greedy_tokens(fast, embeds, STEPS)
-    where = first_divergence(got, want)
-    assert where is None or where >= MIN_GREEDY_MATCH, (
-        where,
-        got[: MIN_GREEDY_MATCH + 1],
-        want[: MIN_GREEDY_MATCH + 1],
-    )
+        where = first_divergence(got, want)
+        if where is None or where >= MIN_GREEDY_MATCH:
+            return
+        ref = forced_rows(full, embeds, want[:where])[where]
+    scale = float(ref.abs().max())
+    tol = REL_TOL * scale + ABS_TOL
+    gap = float(ref[want[where]] - ref[got[where]])
+    assert gap <= tol, ("diverged at a clear winner", where, got[where], want[where], gap, tol)
 
 
 # --------------------------------------------------------------- batched host loop vs each page alone (tiny)
@@ -166,11 +170,12 @@ def test_batched_host_logits_match_each_page_alone(tiny: Any, kind: str) -> None
     """Left-padding, the batch's masks and the shared MoE must not change any row's logits: each row of the
     batched host loop (kept logits) against that page alone through the model, fed the same tokens."""
     from llm_perf_opt.models.deepseek_ocr.batched import BatchedGenerator
+    from llm_perf_opt.profiling.timers import DeviceClock
 
     pages = tiny_case_pages(tiny.config)
     pages = [*pages, pages[0]]  # batch 4, prompt lengths 29, 39, 59, 29
     target = apply_fast_path(tiny, FastConfig(sam_compile=False, clip_compile=False, vision_graphs=False))
-    gen = BatchedGenerator(target if kind == "fast" else tiny, static_decode=False)
+    gen = BatchedGenerator(target if kind == "fast" else tiny, static_decode=False, clock=DeviceClock(tiny.device))
     with torch.inference_mode():
         res = gen.run(pages, BATCH_STEPS, eos_token_id=None, keep_logits=True)
         assert res.decode_path == "host" and res.logits is not None
