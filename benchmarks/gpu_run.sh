@@ -41,6 +41,7 @@ fi
 if has cli; then
   COMMON=(model/deepseek_ocr/arch=deepseek_ocr.dummy device=cuda:0 repeats=3 infer.max_new_tokens=128
           infer.ignore_eos=true 'dataset.sizes=[[1224,1584],[595,842],[800,600]]' progress=false)
+  rm -rf /tmp/eager /tmp/fast  # this script's own run dirs: a run never writes into a finished one
   python3 -m llm_perf_opt.runners.llm_profile_runner "${COMMON[@]}" hydra.run.dir=/tmp/eager 2>&1 | tail -3
   python3 -m llm_perf_opt.runners.llm_profile_runner "${COMMON[@]}" infer.fast.enabled=true \
     hydra.run.dir=/tmp/fast 2>&1 | tail -3

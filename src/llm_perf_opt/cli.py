@@ -45,10 +45,16 @@ def main() -> None:
 
 def _profile(overrides: list[str]) -> None:
     """Hydra parses ``sys.argv`` itself: hand it the overrides without the subcommand word."""
-    from llm_perf_opt.runners.llm_profile_runner import main as profile_main
+    from llm_perf_opt.runners.startup import install_startup_handler, restore_handlers
 
-    sys.argv = [sys.argv[0], *overrides]
-    profile_main()
+    previous = install_startup_handler()  # before the slow imports: Ctrl-C while they load is one line
+    try:
+        from llm_perf_opt.runners.llm_profile_runner import main as profile_main
+
+        sys.argv = [sys.argv[0], *overrides]
+        profile_main()
+    finally:
+        restore_handlers(previous)  # a caller in this process (a test) gets its own handlers back
 
 
 if __name__ == "__main__":

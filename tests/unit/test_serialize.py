@@ -12,9 +12,12 @@ import pytest
 from llm_perf_opt.errors import OutputError
 from llm_perf_opt.results.serialize import (
     SchemaError,
+    append_journal,
     append_jsonl,
     atomic_write_text,
     converter,
+    journal_line,
+    read_journal,
     read_page_journal,
     read_summary,
     to_jsonable,
@@ -188,14 +191,17 @@ def test_journal_skips_torn_last_line(tmp_path: Path) -> None:
     assert [r.page_id for r in recs] == ["a", "b"]
 
 
-def test_journal_corrupt_middle_line_is_fatal(tmp_path: Path) -> None:
+def test_journal_corrupt_middle_line_is_skipped_and_named(tmp_path: Path) -> None:
+    # Behaviour change (issue 16): a bad line anywhere used to end resume with a JSONDecodeError traceback;
+    # now it is skipped and reported with its line number, and every valid record is kept.
     path = tmp_path / "pages.jsonl"
-    append_jsonl(path, make_page("a"))
+    append_journal(path, make_page("a"))
     with open(path, "a", encoding="utf-8") as fh:
         fh.write('{"page_id": "tor\n')
-    append_jsonl(path, make_page("b"))
-    with pytest.raises(json.JSONDecodeError):
-        read_page_journal(path)
+    append_journal(path, make_page("b"))
+    read = read_journal(path)
+    assert [r.page_id for r in read.records] == ["a", "b"]
+    assert len(read.problems) == 1 and read.problems[0].startswith("pages.jsonl line 2: not JSON")
 
 
 def test_journal_ignores_blank_lines_and_missing_file(tmp_path: Path) -> None:
@@ -203,3 +209,98 @@ def test_journal_ignores_blank_lines_and_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "pages.jsonl"
     path.write_text("\n" + json.dumps(to_jsonable(make_page("a"))) + "\n\n   \n")
     assert [r.page_id for r in read_page_journal(path)] == ["a"]
+
+
+# ----------------------------------------------------------------------- journal that survives anything
+
+
+def test_journal_line_carries_a_crc_of_its_own_text(tmp_path: Path) -> None:
+    import zlib
+
+    line = journal_line(make_page("a")).decode()
+    assert line.endswith("}\n") and line.count("\n") == 1
+    body, crc = line[: line.rindex(', "_crc32"')] + "}", json.loads(line)["_crc32"]
+    assert crc == f"{zlib.crc32(body.encode()):08x}"  # independent recomputation of the stored checksum
+    assert json.loads(body) == to_jsonable(make_page("a"))
+
+
+def test_append_after_a_torn_tail_starts_a_new_line(tmp_path: Path) -> None:
+    path = tmp_path / "pages.jsonl"
+    append_journal(path, make_page("a"))
+    full = journal_line(make_page("b")).decode()
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(full[:40])  # SIGKILL mid-write: no newline
+    append_journal(path, make_page("c"))
+    lines = path.read_text().split("\n")
+    assert lines[1] == full[:40]  # the torn text stays on its own line, not glued to c
+    read = read_journal(path)
+    assert [r.page_id for r in read.records] == ["a", "c"]
+    assert len(read.problems) == 1 and read.problems[0].startswith("pages.jsonl line 2: not JSON"), read.problems
+
+
+BAD_LINES = [
+    (b'{"foo": 1}', "not a page record (needs page_id, repeat, status)"),
+    (b"\xff\xfe\x00garbage", "not UTF-8 text"),
+    (b"garbage", "not JSON"),
+    (b"[1, 2, 3]", "not a page record"),
+    (b'{"page_id": "x", "repeat": "abc", "status": "ok"}', "not a page record"),
+    (b'{"page_id": "x", "repeat": 0, "status": "weird"}', "not a page record"),
+    (b'{"page_id": "x", "repeat": -1, "status": "ok"}', "not a page record"),
+]
+
+
+@pytest.mark.parametrize(("bad", "why"), BAD_LINES)
+def test_invalid_journal_lines_are_skipped_with_the_line_named(tmp_path: Path, bad: bytes, why: str) -> None:
+    path = tmp_path / "pages.jsonl"
+    append_journal(path, make_page("a"))
+    with open(path, "ab") as fh:
+        fh.write(bad + b"\n")
+    append_journal(path, make_page("b"))
+    read = read_journal(path)
+    assert [r.page_id for r in read.records] == ["a", "b"]
+    assert len(read.problems) == 1 and read.problems[0].startswith(f"pages.jsonl line 2: {why}"), read.problems
+
+
+def test_edited_record_fails_its_checksum(tmp_path: Path) -> None:
+    path = tmp_path / "pages.jsonl"
+    append_journal(path, make_page("a"))
+    path.write_text(path.read_text().replace('"repeat": 0', '"repeat": 1'))
+    read = read_journal(path)
+    assert read.records == []
+    assert read.problems == ["pages.jsonl line 1: checksum mismatch (torn or edited), skipped"]
+
+
+def test_duplicate_records_collapse_to_the_last(tmp_path: Path) -> None:
+    path = tmp_path / "pages.jsonl"
+    append_journal(path, make_failed_page("a", error="oom"))
+    append_journal(path, make_page("b"))
+    append_journal(path, make_page("a"))
+    read = read_journal(path)
+    assert [(r.page_id, r.status) for r in read.records] == [("b", "ok"), ("a", "ok")]
+    assert read.problems == ["pages.jsonl line 3: second record of page a repeat 0, kept this one"]
+
+
+def test_journal_without_checksums_still_reads(tmp_path: Path) -> None:
+    path = tmp_path / "pages.jsonl"  # journals written before the checksum existed
+    path.write_text("".join(json.dumps(to_jsonable(make_page(p))) + "\n" for p in ("a", "b")))
+    assert [r.page_id for r in read_page_journal(path)] == ["a", "b"]
+
+
+def test_failed_append_leaves_no_partial_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    path = tmp_path / "pages.jsonl"
+    append_journal(path, make_page("a"))
+    before = path.read_bytes()
+    real_write = os.write
+
+    def short_write(fd: int, data: bytes) -> int:  # the device took half, then ran out of space
+        return real_write(fd, data[: len(data) // 2])
+
+    monkeypatch.setattr(os, "write", short_write)
+    with pytest.raises(OutputError, match=os.strerror(errno.ENOSPC)):
+        append_journal(path, make_page("b"))
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    append_journal(path, make_page("c"))
+    assert [r.page_id for r in read_journal(path).records] == ["a", "c"]

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import random
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
+import numpy as np
 from PIL import Image, ImageDraw
 
 from llm_perf_opt.data.images import load_image
@@ -30,6 +32,9 @@ class Page:
         if self.synthetic_size is not None:
             return synthetic_page(self.synthetic_size, self.seed)
         assert self.path is not None
+        require_regular_file(self.path)
+        if _peek_mode(self.path) in HIGH_BIT_MODES:
+            return load_high_bit_image(self.path)
         return load_image(self.path)
 
     def describe(self) -> dict[str, Any]:
@@ -101,6 +106,11 @@ def _collect_files(root: Path, subset_filelist: str | None, patterns: Sequence[s
             if not entry or entry.startswith("#"):
                 continue
             path = Path(entry) if Path(entry).is_absolute() else root / entry
+            if path.exists() and not path.is_file():
+                raise InputError(
+                    f"{listing}:{n}: page '{entry}' is {_file_kind(path)}, not an image file",
+                    hint="list image files only, one per line",
+                )
             if not path.is_file():
                 raise InputError(
                     f"{listing}:{n}: page '{entry}' does not exist under {root}",
@@ -110,8 +120,104 @@ def _collect_files(root: Path, subset_filelist: str | None, patterns: Sequence[s
         return files
     found: set[Path] = set()
     for pattern in patterns:
-        found.update(p for p in root.glob(pattern) if p.is_file())
+        # Case-insensitive (.PNG from a camera or a Windows share is a page too); is_file(): regular files only,
+        # so a FIFO or device named *.png is never opened.
+        found.update(p for p in root.glob(case_insensitive_glob(pattern)) if p.is_file())
     return sorted(found)
+
+
+def case_insensitive_glob(pattern: str) -> str:
+    """``*.png`` -> ``*.[pP][nN][gG]``; bracket expressions already in the pattern are kept as they are."""
+    out: list[str] = []
+    depth = 0
+    for ch in pattern:
+        if ch == "[":
+            depth += 1
+        elif ch == "]" and depth:
+            depth -= 1
+        elif depth == 0 and ch.isalpha() and ch.lower() != ch.upper():
+            out.append(f"[{ch.lower()}{ch.upper()}]")
+            continue
+        out.append(ch)
+    return "".join(out)
+
+
+def _file_kind(path: Path) -> str:
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def require_regular_file(path: Path) -> None:
+    """A page must be a regular file: open() on a FIFO blocks forever, a device may never end."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return  # load_image names a missing file itself
+    except OSError as exc:
+        raise InputError(f"cannot read page {path}: {exc.strerror or exc}") from exc
+    if not stat.S_ISREG(mode):
+        raise InputError(f"page {path} is {_file_kind(path)}, not an image file", hint="pages must be regular files")
+
+
+# 16-bit and 32-bit integer and float pixel modes: Pillow's convert("RGB") clips them (most pixels turn white).
+HIGH_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+_MAX_16_BIT = 65535
+
+
+def _peek_mode(path: Path) -> str | None:
+    """The pixel mode from the header (no decode); None when Pillow cannot read it (load_image says why)."""
+    try:
+        with Image.open(path) as image:
+            return str(image.mode)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def load_high_bit_image(path: Path) -> Image.Image:
+    """Decode a 16-bit / 32-bit / float page and scale it to 8 bits, or refuse it with the reason."""
+    from PIL import ImageOps
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            oriented = ImageOps.exif_transpose(image) or image
+            mode = str(oriented.mode)
+            values = np.asarray(oriented)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise InputError(f"corrupt or unreadable image: {path} ({exc})", hint="re-export the page") from exc
+    return Image.fromarray(scale_to_8_bit(values, mode, path)).convert("RGB")
+
+
+def scale_to_8_bit(values: np.ndarray, mode: str, path: Path) -> np.ndarray:
+    """Pixel values of a high-bit-depth page as uint8, scaled by the range its mode implies."""
+    data = values.astype(np.float64)
+    if not np.isfinite(data).all():
+        raise InputError(f"image {path} ({mode}) holds NaN or infinite pixel values", hint="re-export the page")
+    low, high = (float(data.min()), float(data.max())) if data.size else (0.0, 0.0)
+    if mode.startswith("I;16") or (mode == "I" and low >= 0 and high <= _MAX_16_BIT):
+        scale = 255.0 / _MAX_16_BIT  # 16-bit samples (Pillow opens 16-bit PNG/TIFF as I;16 or I)
+    elif mode == "F" and low >= 0 and high <= 1.0:
+        scale = 255.0
+    elif mode == "F" and low >= 0 and high <= 255.0:
+        scale = 1.0
+    else:
+        raise InputError(
+            f"image {path} is {mode} with values {low:g}..{high:g}: no known range to scale to 8 bits",
+            hint="export the page as 8- or 16-bit PNG/TIFF (or float in [0, 1])",
+        )
+    return np.clip(np.rint(data * scale), 0, 255).astype(np.uint8)
 
 
 def _unique_pages(root: Path, files: list[Path]) -> list[Page]:

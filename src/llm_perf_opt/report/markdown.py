@@ -54,8 +54,13 @@ def fmt_pct(value: float | None) -> str:
 
 def table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["| " + " | ".join(md_escape(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def md_escape(text: str) -> str:
+    """A cell or list item stays one cell / item whatever a file name holds: ``|`` escaped, line breaks shown."""
+    return text.replace("|", "\\|").replace("\r\n", "\\n").replace("\n", "\\n").replace("\r", "\\r")
 
 
 def _stat_row(label: str, s: Stats | None, unit: str, digits: int = 2) -> list[str]:
@@ -225,7 +230,7 @@ def render_report(s: RunSummary, plots: dict[str, str] | None = None) -> str:
     flagged = [p for p in ok if p.flags]
     if flagged:
         out.append("## Flags\n")
-        out.extend(f"- `{p.page_id}` repeat {p.repeat}: {'; '.join(p.flags)}" for p in flagged)
+        out.extend(f"- `{md_escape(p.page_id)}` repeat {p.repeat}: {'; '.join(p.flags)}" for p in flagged)
         out.append("")
 
     if s.profile is not None:
@@ -612,14 +617,17 @@ def render_predictions(path: Path) -> str:
     for line in path.read_text(encoding="utf-8").splitlines():
         if not line.strip():
             continue
-        rec = json.loads(line)
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by a crash: its page's text is lost, the report is not
         if rec["page_id"] in seen:
             continue
         seen.add(rec["page_id"])
         note = (
             "" if rec.get("text_is_meaningful") else " _(dummy weights / stand-in tokenizer: text is not meaningful)_"
         )
-        lines.append(f"## `{rec['page_id']}`{note}\n")
+        lines.append(f"## `{md_escape(rec['page_id'])}`{note}\n")
         lines.append(f"{len(rec['token_ids'])} tokens.\n")
         lines.append("```text\n" + rec["text"][:4000] + "\n```\n")
     return "\n".join(lines) + "\n"

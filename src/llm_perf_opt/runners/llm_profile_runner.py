@@ -6,6 +6,11 @@ exits non-zero; the full traceback goes to the run log only.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the slow imports below: Ctrl-C while they load is one line too
+    from llm_perf_opt.runners.startup import install_startup_handler
+
+    install_startup_handler()
+
 import logging
 import os
 import secrets
@@ -18,6 +23,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from llm_perf_opt import paths
 from llm_perf_opt.errors import LlmPerfOptError, OutputError, RunInterrupted
+from llm_perf_opt.runners.cli_errors import (
+    check_dir_argument,
+    create_run_dir,
+    interrupted_error,
+    unexpected_error_line,
+)
+from llm_perf_opt.runners.startup import take_back_sigint
 
 CONF_DIR = str(paths.CONF_DIR)
 log = logging.getLogger("llm_perf_opt")
@@ -29,11 +41,14 @@ OmegaConf.register_new_resolver("run_suffix", lambda: secrets.token_hex(2), use_
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
-    from llm_perf_opt.runners.settings import load_settings
-    from llm_perf_opt.runners.stage1 import run_stage1
-
+    # A log file on a full disk must not print "--- Logging error ---" with a traceback per record.
+    logging.raiseExceptions = False
     job = _sweep_job_number()
+    take_back_sigint()
     try:
+        from llm_perf_opt.runners.settings import load_settings
+        from llm_perf_opt.runners.stage1 import run_stage1  # slow (torch): inside the try, so Ctrl-C is one line
+
         # the one conversion: typed, validated settings before anything is loaded or written
         run_stage1(load_settings(cfg))
     except LlmPerfOptError as exc:
@@ -50,19 +65,20 @@ def _hydra_main(cfg: DictConfig) -> None:
     except KeyboardInterrupt as exc:
         # Ctrl-C before the run's own SIGINT handler is installed (model load, dataset scan) or after it is
         # removed: one line like every other stop, not a traceback.
-        err = RunInterrupted(
-            f"interrupted; pages finished so far (if any) are in {OmegaConf.select(cfg, 'output.dir')}/pages.jsonl",
-            hint="resume=<that run dir> carries finished pages over",
-        )
         _log_to_files_only(exc)
+        err = interrupted_error(Path(str(OmegaConf.select(cfg, "output.dir"))))
         print(err.one_line(), file=sys.stderr)
         sys.exit(err.exit_code)
-    except Exception:
-        log.exception("run failed with an unexpected error (traceback above is also in the run log)")
-        if job is not None:  # a bug hit one job: the traceback is logged; the sweep and its summary go on
+    except Exception as exc:
+        # A bug or an input nothing checked: one line on the console, the traceback only in run.log.
+        _log_to_files_only(exc)
+        line = unexpected_error_line(exc, _run_log())
+        if job is not None:  # the sweep and its summary go on
+            print(f"job {job}: {line}", file=sys.stderr)
             _FAILED_JOBS.append(job)
             return
-        raise
+        print(line, file=sys.stderr)
+        sys.exit(1)
 
 
 # Sweep jobs that failed in this process (the default launcher runs every job here).
@@ -86,7 +102,12 @@ def main() -> None:
     if problem is not None:
         print(problem.one_line(), file=sys.stderr)
         sys.exit(problem.exit_code)
-    _hydra_main()
+    logging.raiseExceptions = False  # Hydra logs too: a full disk must not print handler tracebacks
+    try:
+        _hydra_main()
+    except KeyboardInterrupt:  # inside Hydra's own start-up or shut-down, outside the job
+        print(interrupted_error(None).one_line(), file=sys.stderr)
+        sys.exit(RunInterrupted.exit_code)
     # A multirun with failed jobs normally ends in SweepSummaryCallback (it sees every launcher's jobs); this
     # covers a sweep run without that callback (hydra.callbacks overridden) on the in-process launcher.
     failed = sorted({str(j) for j in _FAILED_JOBS}, key=int)
@@ -110,19 +131,16 @@ def preflight_output_dir(argv: list[str], cwd: Path | None = None) -> OutputErro
         return None
     multirun = any(a in ("-m", "--multirun") for a in argv) or "hydra.mode=MULTIRUN" in argv
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-    value: str | None = None
-    for arg in argv:
-        name, sep, raw = arg.partition("=")
-        if sep and name.lstrip("+") == key:
-            value = raw.strip()
-            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-                value = value[1:-1]
+    value = _argv_value(argv, key)
     if value is None:
         try:
             tree = yaml.safe_load((Path(CONF_DIR) / "config.yaml").read_text())
             value = str(tree["hydra"]["sweep" if multirun else "run"]["dir"])
         except (OSError, KeyError, TypeError, yaml.YAMLError):
             return None  # Hydra will report a broken config itself
+    safety = check_dir_argument(key, value, _argv_value(argv, "resume"), cwd or Path.cwd(), multirun)
+    if safety is not None:
+        return safety
     literal = value.split("${", 1)[0]
     if not literal:
         return None
@@ -137,6 +155,25 @@ def preflight_output_dir(argv: list[str], cwd: Path | None = None) -> OutputErro
         return OutputError(f"cannot create the run directory {value}: {existing} is a file, not a directory", hint)
     if not os.access(existing, os.W_OK | os.X_OK):
         return OutputError(f"cannot create the run directory {value}: {existing} is not writable", hint)
+    return create_run_dir(key, value, cwd or Path.cwd()) if not multirun else None
+
+
+def _argv_value(argv: list[str], key: str) -> str | None:
+    """The value of the last ``key=value`` override (quotes stripped), or None."""
+    value: str | None = None
+    for arg in argv:
+        name, sep, raw = arg.partition("=")
+        if sep and name.lstrip("+~") == key:
+            value = raw.strip()
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]
+    return value
+
+
+def _run_log() -> Path | None:
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            return Path(handler.baseFilename)
     return None
 
 

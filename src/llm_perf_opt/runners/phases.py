@@ -18,7 +18,9 @@ from llm_perf_opt.errors import LlmPerfOptError, RunInterrupted
 from llm_perf_opt.results.serialize import append_jsonl
 from llm_perf_opt.results.types import ProfileSummary, Unavailable
 from llm_perf_opt.runners.dsocr_session import DeepSeekOCRSession, PageRun
+from llm_perf_opt.runners.outcome import batchable_pages
 from llm_perf_opt.runners.run_state import Stage1Run
+from llm_perf_opt.runners.rundir import remove_partial_trace, trace_fits
 from llm_perf_opt.runners.signals import StopFlag
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,10 @@ def throughput_phase(run: Stage1Run, pages: list[Page], progress: Any, stop: Sto
     assert run.session is not None
     cap, repeats = run.settings.token_cap, run.settings.repeats
     size = run.settings.infer.batch_size
+    pages = batchable_pages(run.session, pages, run.notes)  # one bad page must not cost the whole phase
+    if not pages:
+        run.unavailable.append(Unavailable("batched_throughput", "no page could be prepared for batching"))
+        return
     chunks = [pages[i : i + size] for i in range(0, len(pages), size)]
     try:
         run.session.run_batch(chunks[0], min(cap, WARMUP_TOKENS), repeat=-1)
@@ -124,6 +130,7 @@ def profile_pass(run: Stage1Run, pages: list[Page], progress: Any) -> None:
     rep_tokens = settings.profiler_tokens
     task = progress.add("profiler pass", total=1)
     page = representative_page(pages)
+    export_trace = trace_fits(settings.output.export_trace, run.out, run.unavailable)
     try:
         summary, result = run_profiler_pass(
             lambda: session.run(page, rep_tokens, repeat=-1),
@@ -133,9 +140,10 @@ def profile_pass(run: Stage1Run, pages: list[Page], progress: Any) -> None:
             page.page_id,
             rep_tokens,
             settings.output.top_k_operators,
-            settings.output.export_trace,
+            export_trace,
         )
     except (LlmPerfOptError, RuntimeError, OSError) as exc:
+        remove_partial_trace(run.out)
         log.error("profiler pass failed on %s: %s", page.page_id, exc)
         log.debug("traceback", exc_info=True)
         run.unavailable.append(Unavailable("operators", f"profiler pass failed on {page.page_id}: {exc}"))

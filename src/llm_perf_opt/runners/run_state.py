@@ -21,7 +21,7 @@ import torch
 from llm_perf_opt.data.datasets import Page
 from llm_perf_opt.errors import LlmPerfOptError, OutputError, RunInterrupted
 from llm_perf_opt.profiling.stats import summarize
-from llm_perf_opt.results.serialize import append_jsonl, atomic_write_text, to_jsonable, write_summary
+from llm_perf_opt.results.serialize import append_journal, append_jsonl, atomic_write_text, to_jsonable, write_summary
 from llm_perf_opt.results.types import (
     SCHEMA_VERSION,
     BatchRecord,
@@ -224,23 +224,23 @@ class Stage1Run:
         else:
             record = result.record
             self.runs_for_flops.append(result)
+            self._append(record)  # the journal first: a full disk may refuse what follows, not the measurement
             append_jsonl(self.out / PREDICTIONS, {"repeat": repeat, **to_jsonable(result.prediction)})
             if repeat == 0 and "<|det|>" in result.prediction.text:
                 from llm_perf_opt.report.viz import write_viz
 
                 stem = re.sub(r"[^A-Za-z0-9._-]+", "_", page.page_id)
                 write_viz(self.out, stem, page.load(), result.prediction.text)
-        if record.status == "failed":
-            log.error("page %s (repeat %d) failed: %s", page.page_id, repeat, record.error)
-            if self.settings.fail_fast:
-                self._append(record)
-                raise _PageFailed(record)
+            return record
+        log.error("page %s (repeat %d) failed: %s", page.page_id, repeat, record.error)
         self._append(record)
+        if self.settings.fail_fast:
+            raise _PageFailed(record)
         return record
 
     def _append(self, record: PageRecord) -> None:
         self.records.append(record)
-        append_jsonl(self.out / JOURNAL, record)
+        append_journal(self.out / JOURNAL, record)
 
     def _release_memory(self) -> None:
         if self.session is not None and self.session.device.type == "cuda":

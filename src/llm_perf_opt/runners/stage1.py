@@ -26,9 +26,11 @@ from llm_perf_opt.paths import PROJECT_ROOT
 from llm_perf_opt.results.serialize import atomic_write_text
 from llm_perf_opt.results.types import RunStatus, RunSummary
 from llm_perf_opt.runners.dsocr_session import DeepSeekOCRSession, resolve_device
+from llm_perf_opt.runners.outcome import final_status, next_step_hint
 from llm_perf_opt.runners.phases import profile_pass, throughput_phase, warmup
-from llm_perf_opt.runners.resume import JOURNAL, check_resume, resume_dir, resume_records
+from llm_perf_opt.runners.resume import JOURNAL, EarlierRun, check_resume, resume_dir, resume_records
 from llm_perf_opt.runners.run_state import Stage1Run, _PageFailed
+from llm_perf_opt.runners.rundir import SpaceReserve, claim_run_dir
 from llm_perf_opt.runners.settings import RunSettings
 from llm_perf_opt.runners.signals import StopFlag
 
@@ -77,10 +79,12 @@ def _describe(run: Stage1Run, session: DeepSeekOCRSession) -> None:
     run.model_info = describe_model(run.settings, session)
 
 
-def _carry_over(run: Stage1Run, pages: list[Page]) -> set[tuple[str, int]]:
+def _carry_over(run: Stage1Run, pages: list[Page], earlier: EarlierRun | None) -> set[tuple[str, int]]:
     """Records of the resumed run that this run keeps; the (page, repeat) pairs they cover."""
     settings = run.settings
-    resumed = resume_records(settings, pages)
+    carried = resume_records(settings, pages, earlier)
+    resumed = carried.records
+    run.notes.extend(carried.notes)
     # Resuming into the run dir itself (hydra.run.dir=<same dir>): its journal already holds these records.
     same_dir = bool(resumed) and resume_dir(str(settings.resume)).resolve() == run.out.resolve()
     for r in resumed:
@@ -98,13 +102,19 @@ def run_stage1(requested: RunSettings) -> RunSummary:
     device = resolve_device(requested.device)
     settings = requested.resolved(device.type)  # what runs: recorded in config.yaml, metrics.json, report.md
     out = prepare_run_dir(settings)
-    check_resume(settings)
+    with claim_run_dir(out, settings.resume, PROJECT_ROOT) as notes:  # one writer, and only into a run dir
+        return _run_stage1(settings, out, device, notes)
+
+
+def _run_stage1(settings: RunSettings, out: Path, device: torch.device, dir_notes: list[str]) -> RunSummary:
+    earlier = check_resume(settings)
     run = Stage1Run(settings, out)
+    run.notes.extend(dir_notes)
     atomic_write_text(out / "config.yaml", yaml.safe_dump(settings.as_config(), sort_keys=False))
     _capture_env(run, device)
     pages = build_pages(attrs.asdict(settings.dataset), PROJECT_ROOT)  # data/ may not import runners: a mapping
     atomic_write_text(out / "inputs.yaml", yaml.safe_dump({"pages": [p.describe() for p in pages]}, sort_keys=False))
-    done = _carry_over(run, pages)
+    done = _carry_over(run, pages, earlier)
 
     torch.manual_seed(settings.seed)
     run.session = session = DeepSeekOCRSession.load(settings, PROJECT_ROOT)
@@ -113,13 +123,20 @@ def run_stage1(requested: RunSettings) -> RunSummary:
     progress = _progress(settings)
     status: RunStatus = "complete"
     reason = None
+    reserve = SpaceReserve(out)  # room kept back so a full disk still gets PARTIAL/FAILED reports, never RUNNING
+    todo = [(r, p) for r in range(settings.repeats) for p in pages if (p.page_id, r) not in done]
+    carried_n = len(run.records)
+
+    def todo_left() -> int:  # page runs of this run not measured yet (an interrupted page is not measured)
+        return len(todo) - sum(1 for r in run.records[carried_n:] if r.error_type != "RunInterrupted")
+
     try:
         with stop.installed(), progress:
+            reserve.ensure()
             run.write_reports("running")
             warmup(run, pages, progress, stop)
             if settings.profiling.enabled and not stop():
                 profile_pass(run, pages, progress)
-            todo = [(r, p) for r in range(settings.repeats) for p in pages if (p.page_id, r) not in done]
             task = progress.add("timed repeats", total=len(todo))
             for repeat, page in todo:
                 if stop():
@@ -127,34 +144,40 @@ def run_stage1(requested: RunSettings) -> RunSummary:
                 run.run_page(page, repeat, settings.token_cap, stop)
                 progress.advance(task)
                 run.write_reports("running")
+                reserve.ensure_for_reports(out)
             if settings.infer.batch_size > 1 and not stop():
                 throughput_phase(run, pages, progress, stop)
-            if stop():
-                status, reason = "partial", f"stopped by {stop.signal_name}"
     except _PageFailed as exc:
         status, reason = "failed", f"fail_fast: page {exc.record.page_id} failed: {exc.record.error}"
     except OutputError as exc:
-        status, reason = "partial", f"write error: {exc}"
+        reserve.release()
+        status, reason = final_status("partial", f"write error: {exc}", run.records, None, todo_left(), len(todo))
         log.error("%s", exc)
         with contextlib.suppress(OutputError):  # the disk may still refuse; the journal has every finished page
             run.write_reports(status, reason)
         raise
     except KeyboardInterrupt:
         status, reason = "partial", "interrupted twice (hard stop)"
+    except Exception as exc:  # a bad value met mid-run, or a bug: the reports must not stay RUNNING
+        reserve.release()
+        with contextlib.suppress(OutputError):
+            run.write_reports("failed", f"{type(exc).__name__}: {exc}")
+        raise
     finally:
         session.close()
+    reserve.release()
+    status, reason = final_status(status, reason, run.records, stop.signal_name, todo_left(), len(todo))
     summary = run.write_reports(status, reason)
     log.info("report: %s", out / "report.md")
-    if status == "partial" and stop():
-        raise RunInterrupted(
-            f"run stopped by {stop.signal_name}; partial report in {out}",
-            hint=f"resume={out} runs only the pages still missing",  # every stop says how to go on
-        )
+    if stop() and status != "complete":
+        raise RunInterrupted(f"{reason}; report in {out}", hint=next_step_hint(out))
     if status == "failed":
         # A page failure is not a config error: its own type, and the hint says where the finished pages are.
         raise PageError(
             reason or "run failed",
             hint=f"pages finished before it are in {out / JOURNAL}; without fail_fast=true a failed page is "
-            "recorded and the run goes on",
+            "recorded and the run goes on"
+            if reason and reason.startswith("fail_fast")
+            else f"each page's error is in {out / 'report.md'} (Failed pages) and {out / 'run.log'}",
         )
     return summary

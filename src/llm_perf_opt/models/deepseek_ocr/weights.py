@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -175,6 +176,8 @@ def find_weight_files(path: str | Path) -> list[Path]:
             f"checkpoint path not found: {path}",
             hint="point model.path at a DeepSeek-OCR snapshot directory (config.json + *.safetensors)",
         )
+    if not path.is_dir():
+        require_regular_file(path)  # a FIFO or device would block in open() or read forever
     if path.is_file():
         if path.name.endswith(".json"):
             return _shards_from_index(path)
@@ -203,6 +206,19 @@ def find_weight_files(path: str | Path) -> list[Path]:
     )
 
 
+def require_regular_file(path: Path) -> None:
+    """Refuse FIFOs, devices and sockets before opening them: open() on a FIFO blocks with no writer."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if not stat.S_ISREG(mode):
+        raise ModelLoadError(
+            f"{path} is not a regular file (a FIFO, device or socket)",
+            hint="the checkpoint directory must hold plain config.json / *.safetensors files",
+        )
+
+
 def _shards_from_index(index: Path) -> list[Path]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -225,6 +241,7 @@ def _read_headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
 
     found: dict[str, tuple[Path, tuple[int, ...]]] = {}
     for file in files:
+        require_regular_file(file)
         try:
             with safe_open(str(file), framework="pt", device="cpu") as handle:
                 names = handle.keys()
