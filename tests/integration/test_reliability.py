@@ -466,8 +466,14 @@ def _start(args: list[str], tmp_path: Path) -> subprocess.Popen[bytes]:
 
 
 def test_ctrl_c_during_startup_is_one_line(tmp_path: Path) -> None:
-    proc = _start([*SMALL, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
-    time.sleep(1.0)  # inside the imports (Hydra, torch) or the model load
+    run_dir = tmp_path / "run"
+    proc = _start([*SMALL, f"hydra.run.dir={run_dir}"], tmp_path)
+    # The preflight creates the run dir after the start-up handler is in and Hydra is imported: from then on
+    # the signal lands in Hydra's set-up, the torch import or the model load.  (Before the interpreter reaches
+    # our first line nothing of ours can act; a test runner started in the background even ignores SIGINT.)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not run_dir.exists() and proc.poll() is None:
+        time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     rc = proc.wait(timeout=60)
     stderr = (tmp_path / "stderr").read_text()
