@@ -54,6 +54,10 @@ RUN_FILES = (
     "config.yaml",
     "run.log",
     "trace.json.gz",
+    "stakeholder_summary.md",
+    "assumptions.md",
+    "static_compute.json",
+    "static_compute.md",
 )
 
 
@@ -82,6 +86,25 @@ def test_default_run_writes_every_artifact(default_run: CliResult) -> None:
     assert default_run.run_dir is not None
     missing = [name for name in RUN_FILES if not (default_run.run_dir / name).is_file()]
     assert not missing, missing
+
+
+def test_default_run_links_every_artifact_and_states_its_quality(default_run: CliResult) -> None:
+    """report.md links files that exist (run.log included) and opens with the measurement-quality line, the
+    same verdict as metrics.json; the CPU run says how many torch threads it used and why."""
+    assert default_run.run_dir is not None
+    report = (default_run.run_dir / "report.md").read_text()
+    links = re.findall(r"\[([^\]]+)\]\(([^)]+)\)", report.split("Artifacts: ", 1)[1])
+    assert {"run.log", "static_compute.md", "stakeholder_summary.md", "assumptions.md"} <= {t for t, _ in links}
+    assert all((default_run.run_dir / target).is_file() for _, target in links), links
+    quality = read_metrics(default_run.run_dir)["quality"]
+    head = report.split("## Setup", 1)[0]
+    assert f"**Measurement quality: {quality['verdict']}**" in head
+    assert quality["host"]["samples"] >= 1 and quality["host"]["usable_cores"] >= 1
+    # cli_env sets OMP_NUM_THREADS=1 for the test subprocesses: the run follows it and says so.
+    assert quality["cpu_threads"].startswith("1 torch threads (OMP_NUM_THREADS=1")
+    assert "CPU run: 1 torch threads" in head
+    summary = (default_run.run_dir / "stakeholder_summary.md").read_text()
+    assert "dominates" in summary and "The one figure to watch" in summary
 
 
 def test_default_run_metrics_are_plausible(default_run: CliResult) -> None:

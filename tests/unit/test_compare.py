@@ -1,126 +1,181 @@
-"""report/compare.py: verdicts from CI overlap, and the exit codes of ``llm-perf-opt compare``."""
+"""report/compare.py: metric classes, the significance rule on per-page samples, settings diff and the
+"workloads differ" verdict, and the exit codes of ``llm-perf-opt compare``."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import Any
 
+import attrs
 import pytest
 
-from llm_perf_opt.profiling.stats import Stats
-from llm_perf_opt.report.compare import COMPARED, _overlap, compare_main, diff, render
-from tests.unit.builders import make_summary, write_run_dir
+from llm_perf_opt.report.compare import (
+    Thresholds,
+    compare_main,
+    diff,
+    effect_floor,
+    render,
+    settings_diff,
+    workload_differences,
+)
+from llm_perf_opt.results.types import MeasurementQuality, RunSummary
+from tests.unit.builders import make_page, make_summary, write_run_dir
 
-# Tight samples around a centre: CI half-width ≈ 0.3 for n=4.
-BASE = [100.0, 100.2, 99.8, 100.0]
+# Eight tight samples around 100 (spread ±0.3 %), no ties (the exact Mann-Whitney distribution applies).
+BASE = [100.0, 100.2, 99.8, 100.1, 99.9, 100.3, 99.7, 100.05]
 
 
 def _shift(values: list[float], by: float) -> list[float]:
     return [v + by for v in values]
 
 
-def _by_metric(a, b) -> dict[str, object]:
-    return {d.metric: d for d in diff(a, b)}
+def _run(**metrics: list[float]) -> RunSummary:
+    """A run whose pages carry ``metrics`` (one value per page run) and whose aggregates summarise them."""
+    n = len(next(iter(metrics.values())))
+    pages = [make_page(f"p{i % 4}", i // 4, **{k: v[i] for k, v in metrics.items()}) for i in range(n)]
+    keys = {"prefill_ms", "tpot_ms", "e2e_ms", "decode_tok_s", "peak_rss_bytes", "generated_tokens", *metrics}
+    return make_summary({k: [getattr(p, k) for p in pages] for k in keys}, pages=pages)
 
 
-def test_diff_verdicts_better_worse_noise() -> None:
-    a = make_summary({"prefill_ms": BASE, "tpot_ms": BASE, "e2e_ms": BASE, "decode_tok_s": BASE})
-    b = make_summary(
-        {
-            "prefill_ms": _shift(BASE, -10.0),  # lower is better, much lower → better
-            "tpot_ms": _shift(BASE, +10.0),  # lower is better, much higher → WORSE
-            "e2e_ms": _shift(BASE, +0.1),  # CIs overlap → within noise
-            "decode_tok_s": _shift(BASE, -10.0),  # higher is better, much lower → WORSE
-        }
+def _by_metric(a: RunSummary, b: RunSummary, **kw: Any) -> dict[str, Any]:
+    return {d.metric: d for d in diff(a, b, **kw)}
+
+
+def test_latency_and_throughput_verdicts() -> None:
+    a = _run(prefill_ms=BASE, tpot_ms=BASE, e2e_ms=BASE, decode_tok_s=BASE)
+    b = _run(
+        prefill_ms=_shift(BASE, -10.0),  # lower is better, 10 % lower → better
+        tpot_ms=_shift(BASE, +10.0),  # 10 % higher → WORSE
+        e2e_ms=_shift(BASE, +0.1),  # inside the spread → within noise
+        decode_tok_s=_shift(BASE, -10.0),  # higher is better, lower → WORSE
     )
     d = _by_metric(a, b)
     assert d["prefill_ms"].verdict == "better" and d["prefill_ms"].significant
-    assert d["tpot_ms"].verdict == "WORSE" and d["tpot_ms"].significant
+    assert d["tpot_ms"].verdict == "WORSE" and d["decode_tok_s"].verdict == "WORSE"
     assert d["e2e_ms"].verdict == "within noise" and not d["e2e_ms"].significant
-    assert d["decode_tok_s"].verdict == "WORSE"
-    assert d["prefill_ms"].delta == pytest.approx(-10.0)
-    assert d["prefill_ms"].pct == pytest.approx(-10.0)
-    assert d["tpot_ms"].a == pytest.approx(100.0) and d["tpot_ms"].b == pytest.approx(110.0)
+    assert d["prefill_ms"].a == pytest.approx(100.025) and d["prefill_ms"].b == pytest.approx(90.025)  # medians
+    assert d["prefill_ms"].pct == pytest.approx(-10.0 / 100.025 * 100)
+    # Completely separated 8 vs 8 samples: exact two-sided Mann-Whitney p = 2 / C(16, 8).
+    assert d["tpot_ms"].p_value == pytest.approx(2 / math.comb(16, 8))
 
 
-def test_higher_is_better_metric_improving_is_better() -> None:
-    a = make_summary({"decode_tok_s": BASE})
-    b = make_summary({"decode_tok_s": _shift(BASE, 20.0)})
-    (d,) = diff(a, b)
-    assert d.metric == "decode_tok_s" and d.unit == "tok/s" and d.verdict == "better"
+def test_effect_floor_keeps_small_but_clean_shifts_quiet() -> None:
+    """A 2 % shift with perfectly separated samples is 'significant' to a rank test, but below the 5 % floor:
+    two runs of one config drift like this with the host's load."""
+    a = _run(prefill_ms=BASE)
+    b = _run(prefill_ms=_shift(BASE, 2.0))
+    d = _by_metric(a, b)["prefill_ms"]
+    assert d.p_value is not None and d.p_value < 0.01
+    assert d.verdict == "within noise"
+    assert _by_metric(a, b, th=Thresholds(min_effect=0.01))["prefill_ms"].verdict == "WORSE"
 
 
-def test_metrics_missing_on_either_side_are_skipped_and_order_follows_compared() -> None:
-    a = make_summary({"e2e_ms": BASE, "prefill_ms": BASE, "sam_ms": BASE})
-    b = make_summary({"prefill_ms": BASE, "e2e_ms": BASE, "clip_ms": BASE})
-    metrics = [d.metric for d in diff(a, b)]
-    assert metrics == ["prefill_ms", "e2e_ms"]
-    order = [m for m, _, _ in COMPARED]
-    assert order.index("prefill_ms") < order.index("e2e_ms")
+def test_noisy_run_triples_the_effect_floor() -> None:
+    a = _run(prefill_ms=BASE)
+    b = _run(prefill_ms=_shift(BASE, 10.0))
+    assert _by_metric(a, b)["prefill_ms"].verdict == "WORSE"
+    noisy = attrs.evolve(b, quality=MeasurementQuality(verdict="noisy", reasons=["load"]))
+    assert _by_metric(a, noisy)["prefill_ms"].verdict == "within noise"  # 10 % < 15 %
+    assert _by_metric(a, attrs.evolve(noisy, pages=_run(prefill_ms=_shift(BASE, 20.0)).pages,
+                                      aggregates=_run(prefill_ms=_shift(BASE, 20.0)).aggregates))[
+        "prefill_ms"
+    ].verdict == "WORSE"  # fmt: skip
 
 
-def test_single_sample_never_significant() -> None:
-    a = make_summary({"prefill_ms": [100.0]})
-    b = make_summary({"prefill_ms": [1000.0]})
-    (d,) = diff(a, b)
-    assert d.verdict == "within noise" and not d.significant
+def test_overlapping_median_intervals_are_never_significant() -> None:
+    wide = [80.0, 90.0, 100.0, 110.0, 120.0, 95.0, 105.0, 100.0]
+    a = _run(prefill_ms=wide)
+    b = _run(prefill_ms=_shift(wide, 8.0))
+    d = _by_metric(a, b, th=Thresholds(alpha=0.9, min_effect=0.0))["prefill_ms"]
+    assert d.a_ci is not None and d.b_ci is not None and d.a_ci[1] >= d.b_ci[0]
+    assert d.verdict == "within noise"
 
 
-def test_zero_mean_gives_no_percentage() -> None:
-    a = make_summary({"prefill_ms": [0.0, 0.0, 0.0]})
-    b = make_summary({"prefill_ms": [5.0, 5.0, 5.0]})
-    (d,) = diff(a, b)
-    assert d.pct is None
-    assert d.verdict == "WORSE"  # zero-width CIs that do not touch
+def test_memory_uses_a_relative_threshold_and_prints_integers() -> None:
+    gib = 3 * 2**30
+    a = _run(peak_rss_bytes=[gib] * 8)
+    same = _run(peak_rss_bytes=[gib] * 8)
+    grown = _run(peak_rss_bytes=[int(gib * 1.2)] * 8)
+    assert _by_metric(a, same)["peak_rss_bytes"].verdict == "within ±5 %"  # zero-width: never 'better'/'WORSE'
+    d = _by_metric(a, grown)["peak_rss_bytes"]
+    assert d.verdict == "WORSE" and d.cls == "memory"
+    assert _by_metric(a, grown, th=Thresholds(mem_threshold=0.25))["peak_rss_bytes"].verdict == "within ±25 %"
+    text = render(Path("a"), a, Path("b"), grown)
+    row = next(line for line in text.splitlines() if line.startswith("| peak_rss_bytes |"))
+    assert f"| {gib:,} | {int(gib * 1.2):,} | +{int(gib * 1.2) - gib:,} |" in row
+    assert ".000" not in row
 
 
-def _stats(lo: float | None, hi: float | None) -> Stats:
-    return Stats(n=3, mean=0.0, std=0.0, min=0.0, max=0.0, p50=0.0, p90=0.0, p99=0.0, ci95_low=lo, ci95_high=hi)
+def test_workload_descriptors_get_no_verdict() -> None:
+    a = _run(generated_tokens=[51] * 8)
+    b = _run(generated_tokens=[16] * 8)
+    d = _by_metric(a, b)["generated_tokens"]
+    assert d.verdict == "workload (no verdict)" and not d.significant
 
 
-@pytest.mark.parametrize(
-    ("a", "b", "overlaps"),
-    [((0, 1), (2, 3), False), ((2, 3), (0, 1), False), ((0, 2), (1, 3), True), ((0, 1), (1, 2), True),
-     ((0, 10), (4, 5), True), ((None, None), (5, 6), True)],
-)  # fmt: skip
-def test_overlap(a: tuple, b: tuple, overlaps: bool) -> None:
-    assert _overlap(_stats(*a), _stats(*b)) is overlaps
+def test_too_few_samples_gives_no_verdict() -> None:
+    a = _run(prefill_ms=[100.0, 101.0])
+    b = _run(prefill_ms=[1000.0, 1001.0])
+    assert _by_metric(a, b)["prefill_ms"].verdict == "too few samples (< 3 per run)"
 
 
-def test_render_contains_table_and_warnings(tmp_path: Path) -> None:
-    a = make_summary({"prefill_ms": BASE}, gpu_name="H100")
-    b = make_summary({"prefill_ms": _shift(BASE, 10.0)}, gpu_name="H200", model_cfg={"name": "other"})
-    text = render(tmp_path / "runA", a, tmp_path / "runB", b)
-    assert "`runA` (A) → `runB` (B)" in text
-    assert "| prefill_ms | ms | 100.000 | 110.000 | +10.000 | +10.0 % | **WORSE** |" in text
-    assert "different devices" in text
-    assert "model configs differ" in text
+def _with_config(s: RunSummary, **changes: Any) -> RunSummary:
+    cfg = json.loads(json.dumps(s.run.config))
+    for dotted, value in changes.items():
+        node = cfg
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return attrs.evolve(s, run=attrs.evolve(s.run, config=cfg))
 
 
-def test_render_no_warnings_for_same_setup(tmp_path: Path) -> None:
-    a = make_summary({"prefill_ms": BASE})
-    text = render(tmp_path / "a", a, tmp_path / "b", a)
-    assert "| within noise |" in text
-    assert "⚠" not in text
+def test_settings_diff_first_and_workloads_differ(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a = _run(prefill_ms=BASE)
+    fast = _with_config(a, **{"infer.fast.enabled": True, "output.dir": "elsewhere"})
+    assert settings_diff(a, fast) == [("infer.fast.enabled", "(unset)", True)]  # output.* is not a setting
+    assert workload_differences(a, fast) == []
+    capped = _with_config(a, **{"infer.max_new_tokens": 16})
+    assert workload_differences(a, capped) == ["infer.max_new_tokens: 64 → 16"]
+    text = render(Path("a"), a, Path("b"), capped)
+    assert text.index("## Settings that differ") < text.index("## Metrics")
+    assert "| `infer.max_new_tokens` | 64 | 16 |" in text
+    assert "**Verdict: workloads differ**" in text
+    assert "**WORSE**" not in text and "**better**" not in text
+    other_pages = attrs.evolve(a, pages=[attrs.evolve(p, page_id="q" + p.page_id) for p in a.pages])
+    assert workload_differences(a, other_pages) == ["pages: 4 only in A, 4 only in B"]
+    ra, rb = write_run_dir(tmp_path / "a", a), write_run_dir(tmp_path / "b", capped)
+    assert compare_main([str(ra), str(rb)]) == 2
+    assert "workloads differ (exit 2)" in capsys.readouterr().out
+
+
+def test_quality_lines_are_carried(tmp_path: Path) -> None:
+    a = attrs.evolve(_run(prefill_ms=BASE), quality=MeasurementQuality(verdict="noisy", reasons=["load 7 > 2"]))
+    text = render(Path("a"), a, Path("b"), _run(prefill_ms=BASE))
+    assert "- A: **Measurement quality: noisy** — load 7 > 2" in text
+    assert "- B: measurement quality not recorded" in text
+    assert "×3 because a run is noisy" in text
 
 
 def test_compare_main_exit_0_when_nothing_worse(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    ra = write_run_dir(tmp_path / "a", make_summary({"prefill_ms": BASE, "tpot_ms": BASE}))
-    rb = write_run_dir(tmp_path / "b", make_summary({"prefill_ms": _shift(BASE, -5), "tpot_ms": _shift(BASE, 0.1)}))
+    ra = write_run_dir(tmp_path / "a", _run(prefill_ms=BASE, tpot_ms=BASE))
+    rb = write_run_dir(tmp_path / "b", _run(prefill_ms=_shift(BASE, -10), tpot_ms=_shift(BASE, 0.1)))
     out_md = tmp_path / "cmp.md"
     assert compare_main([str(ra), str(rb), "-o", str(out_md)]) == 0
     stdout = capsys.readouterr().out
     assert "**better**" in stdout and "within noise" in stdout
     assert out_md.read_text() + "\n" == stdout  # -o writes exactly the printed markdown
-    assert "| prefill_ms |" in out_md.read_text()
+    assert "no significant regression (exit 0)" in stdout
 
 
 def test_compare_main_exit_1_when_significantly_worse(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    ra = write_run_dir(tmp_path / "a", make_summary({"prefill_ms": BASE, "e2e_ms": BASE}))
-    rb = write_run_dir(tmp_path / "b", make_summary({"prefill_ms": _shift(BASE, -5), "e2e_ms": _shift(BASE, 5)}))
+    ra = write_run_dir(tmp_path / "a", _run(prefill_ms=BASE, e2e_ms=BASE))
+    rb = write_run_dir(tmp_path / "b", _run(prefill_ms=_shift(BASE, -10), e2e_ms=_shift(BASE, 10)))
     assert compare_main([str(ra), str(rb)]) == 1
     out = capsys.readouterr().out
-    assert "**WORSE**" in out and "**better**" in out
+    assert "**WORSE**" in out and "**better**" in out and "regression in e2e_ms (exit 1)" in out
 
 
 def test_compare_main_exit_2_for_non_run_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -132,8 +187,7 @@ def test_compare_main_exit_2_for_non_run_dir(tmp_path: Path, capsys: pytest.Capt
     assert "compare:" in err and str(empty) in err and "not a run directory" in err
     assert compare_main([str(tmp_path / "missing"), str(ra)]) == 2
     assert "missing" in capsys.readouterr().err
-    # a file, not a directory
-    assert compare_main([str(ra / "metrics.json"), str(ra)]) == 2
+    assert compare_main([str(ra / "metrics.json"), str(ra)]) == 2  # a file, not a directory
 
 
 def test_compare_main_exit_2_for_schema_mismatch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -141,9 +195,25 @@ def test_compare_main_exit_2_for_schema_mismatch(tmp_path: Path, capsys: pytest.
     rb = write_run_dir(tmp_path / "b", make_summary(schema_version="9.0"))
     assert compare_main([str(ra), str(rb)]) == 2
     captured = capsys.readouterr()
-    assert "schema_version 9.0" in captured.err
-    assert "re-run the profile" in captured.err
+    assert "schema_version 9.0" in captured.err and "re-run the profile" in captured.err
     assert captured.out == ""
+
+
+def test_compare_main_exit_2_for_no_measured_page(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ra = write_run_dir(tmp_path / "a", make_summary())
+    rb = write_run_dir(tmp_path / "b", make_summary(aggregates={}, pages=[], status="failed"))
+    assert compare_main([str(ra), str(rb)]) == 2
+    assert "no measured page" in capsys.readouterr().err
+
+
+def test_compare_main_exit_2_for_null_means(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ra = write_run_dir(tmp_path / "a", make_summary())
+    rb = write_run_dir(tmp_path / "b", make_summary())
+    raw = json.loads((rb / "metrics.json").read_text())
+    raw["aggregates"]["prefill_ms"]["mean"] = None  # what NaN becomes in JSON
+    (rb / "metrics.json").write_text(json.dumps(raw))
+    assert compare_main([str(ra), str(rb)]) == 2
+    assert "prefill_ms has a null mean" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("content", ["{not json", json.dumps({"schema_version": "1.0"})])
@@ -153,3 +223,16 @@ def test_compare_main_exit_2_for_unreadable_metrics(tmp_path: Path, content: str
     rb.mkdir()
     (rb / "metrics.json").write_text(content)
     assert compare_main([str(ra), str(rb)]) == 2
+
+
+def test_effect_floor_grows_with_the_runs_own_spread() -> None:
+    """A run whose prefill varies 12 % between repeats of a page cannot call a 20 % shift (< 2 × 12 %)."""
+    a = _run(prefill_ms=BASE)
+    b = _run(prefill_ms=_shift(BASE, 20.0))
+    assert _by_metric(a, b)["prefill_ms"].verdict == "WORSE"
+    spread = MeasurementQuality("good", stage_cv={"prefill_ms": 0.12, "tpot_ms": 0.01})
+    d = _by_metric(attrs.evolve(a, quality=spread), b)
+    assert d["prefill_ms"].verdict == "within noise"
+    # decode_tok_s borrows TPOT's CV (1 %): the 5 % floor applies.
+    assert effect_floor(attrs.evolve(a, quality=spread), b, "decode_tok_s", Thresholds()) == pytest.approx(0.05)
+    assert effect_floor(attrs.evolve(a, quality=spread), b, "prefill_ms", Thresholds()) == pytest.approx(0.24)

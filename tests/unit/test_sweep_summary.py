@@ -71,13 +71,13 @@ def test_sweep_md_table_and_failed_section(multirun: Path) -> None:
     assert "3 jobs" in md
     header = next(line for line in md.splitlines() if line.startswith("| job"))
     # repeats=3 is the same in every job: a constant, not a swept axis, so it is not a column
-    assert header.startswith("| job | infer.max_new_tokens | status | TTFT p50 ms")
+    assert header.startswith("| job | infer.max_new_tokens | status | quality | TTFT p50 ms")
     assert "repeats" not in header
     assert header.rstrip(" |").endswith("MFU decode")
-    assert "| [0](0/report.md) | 64 | complete | 20.000 |" in md
+    assert "| [0](0/report.md) | 64 | complete | n/a (not recorded) | 20.000 |" in md
     assert "12.50 %" in md  # MFU rendered as a percentage
     row2 = next(line for line in md.splitlines() if line.startswith("| [2](2/report.md)"))
-    assert "| failed |" in row2 and row2.count("n/a") == 7  # 6 key metrics + MFU
+    assert "| failed | n/a (failed) |" in row2 and row2.count("n/a (failed)") == 8  # quality, 6 key metrics, MFU
     assert "## Failed jobs" in md
     assert "- job 2 ({'infer.max_new_tokens': '1024', 'repeats': '3'}): ModelLoadError: weights not found" in md
 
@@ -91,14 +91,31 @@ def test_plot_for_numeric_swept_key(multirun: Path) -> None:
     assert "![sweep_infer_max_new_tokens.png](sweep_infer_max_new_tokens.png)" in (multirun / "sweep.md").read_text()
 
 
-def test_no_plot_for_non_numeric_key(tmp_path: Path) -> None:
+def test_categorical_key_is_plotted_on_a_categorical_axis(tmp_path: Path) -> None:
+    """A config-group key gets a plot too: its values are evenly spaced, labelled categories (issue 14)."""
     write_job_dir(tmp_path, "0", ["model/deepseek_ocr/arch=deepseek_ocr.tiny"], _job_summary(10.0, 5.0))
     write_job_dir(tmp_path, "1", ["model/deepseek_ocr/arch=deepseek_ocr.dummy"], _job_summary(11.0, 6.0))
     rows = summarize_sweep(tmp_path)
     assert [r["status"] for r in rows] == ["complete", "complete"]
-    assert not list(tmp_path.glob("*.png"))
+    png = tmp_path / "sweep_model_deepseek_ocr_arch.png"
+    assert png.is_file() and png.read_bytes()[:8] == PNG_MAGIC
     md = (tmp_path / "sweep.md").read_text()
-    assert "![" not in md and "## Failed jobs" not in md
+    assert "## Failed jobs" not in md
+
+
+def test_noisy_jobs_are_flagged_in_sweep_md(tmp_path: Path) -> None:
+    import attrs
+
+    from llm_perf_opt.results.types import MeasurementQuality
+
+    noisy = attrs.evolve(_job_summary(10.0, 5.0), quality=MeasurementQuality("noisy", reasons=["load 7 > 2 cores"]))
+    write_job_dir(tmp_path, "0", ["repeats=2"], noisy)
+    write_job_dir(tmp_path, "1", ["repeats=4"], attrs.evolve(noisy, quality=MeasurementQuality("good")))
+    rows = summarize_sweep(tmp_path)
+    assert [r["quality"] for r in rows] == ["noisy", "good"]
+    md = (tmp_path / "sweep.md").read_text()
+    assert "| [0](0/report.md) | 2 | complete | noisy |" in md
+    assert "**Measurement quality:** 1 of 2 jobs noisy" in md and "- job 0: load 7 > 2 cores" in md
 
 
 def test_failed_job_without_log_and_unreadable_metrics(tmp_path: Path) -> None:

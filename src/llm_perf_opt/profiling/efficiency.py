@@ -23,6 +23,7 @@ from llm_perf_opt.results.types import Efficiency, HardwareInfo, PageRecord, Sta
 
 STAGES = ("sam", "clip", "projector", "vision", "prefill_lm", "prefill", "decode", "total")
 STAGE_NOTES = {
+    "decode": "bytes modelled (activated weights + KV cache read per step): a lower bound, so MBU is too",
     "prefill_lm": "prefill − vision: embedding scatter + LM forward + first-token pick",
     "total": "model level: all work ÷ prefill + decode time (vision counted once)",
 }
@@ -73,11 +74,26 @@ def _reason(value: object) -> str | None:
     return value.reason if isinstance(value, M.Unavailable) else None
 
 
-def page_flops_of(cfg: DeepseekOCRConfig, rec: PageRecord) -> F.PageFlops | None:
+def page_flops_of(
+    cfg: DeepseekOCRConfig, rec: PageRecord, mode: str = "auto", cap: int | None = None, fixed: int | None = None
+) -> F.PageFlops | None:
+    """FLOPs of what the page did; decode at each step's real context (auto), at prompt + cap for every step
+    (max: the seed's convention, an upper bound) or at ``fixed`` keys for every step."""
     if not rec.vision_views or rec.prompt_tokens is None or rec.generated_tokens is None:
         return None
     views = [(int(v[0]), int(v[1]), int(v[2])) for v in rec.vision_views]
-    return F.page_flops(cfg, views, rec.prompt_tokens, rec.generated_tokens)
+    pf = F.page_flops(cfg, views, rec.prompt_tokens, rec.generated_tokens)
+    steps = rec.generated_tokens - 1
+    if mode == "auto" or steps < 1:
+        return pf
+    context = rec.prompt_tokens + (cap or rec.generated_tokens) if mode == "max" else int(fixed or 1)
+    one = F.decode_step_flops(cfg.language, context)
+    decode = F.FlopsBreakdown.of(
+        "decode",
+        {k: v * steps for k, v in one.components_flops.items()},
+        [f"{steps} decode steps, each at a context of {context} keys (infer.context_len_mode={mode})"],
+    )
+    return attrs.evolve(pf, decode=decode)
 
 
 def _stage_seconds(rec: PageRecord) -> dict[str, float | None]:
@@ -85,7 +101,13 @@ def _stage_seconds(rec: PageRecord) -> dict[str, float | None]:
         return None if ms is None else ms / 1e3
 
     lm = None if rec.prefill_ms is None or rec.vision_ms is None else rec.prefill_ms - rec.vision_ms
-    total = None if rec.prefill_ms is None or rec.decode_ms is None else rec.prefill_ms + rec.decode_ms
+    # A page that produced one token ran no decode step: its whole model time is the prefill.
+    no_decode = rec.decode_ms is None and (rec.generated_tokens or 0) < 2
+    total = (
+        None
+        if rec.prefill_ms is None or (rec.decode_ms is None and not no_decode)
+        else rec.prefill_ms + (rec.decode_ms or 0.0)
+    )
     return {
         "sam": s(rec.sam_ms),
         "clip": s(rec.clip_ms),
@@ -99,9 +121,15 @@ def _stage_seconds(rec: PageRecord) -> dict[str, float | None]:
 
 
 def compute_efficiency(
-    cfg: DeepseekOCRConfig, ok: Sequence[PageRecord], hardware: HardwareInfo | None, dtype_bytes: int
+    cfg: DeepseekOCRConfig,
+    ok: Sequence[PageRecord],
+    hardware: HardwareInfo | None,
+    dtype_bytes: int,
+    context: tuple[str, int | None, int | None] = ("auto", None, None),
 ) -> EfficiencySection:
-    """Per-stage achieved FLOP/s, MFU, bytes and MBU over the successful pages ``ok``."""
+    """Per-stage achieved FLOP/s, MFU, bytes and MBU over the successful pages ``ok``; ``context`` is
+    (infer.context_len_mode, token cap, infer.context_len_fixed) for the decode FLOPs."""
+    mode, cap, fixed = context
     unavailable: list[Unavailable] = []
     peak_flops = hardware.peak_flops_per_s if hardware else None
     peak_bw = hardware.peak_bw_bytes_per_s if hardware else None
@@ -120,7 +148,7 @@ def compute_efficiency(
     decode_secs_for_bytes = 0.0
     per_page: list[F.PageFlops] = []
     for rec in ok:
-        pf = page_flops_of(cfg, rec)
+        pf = page_flops_of(cfg, rec, mode, cap, fixed)
         if pf is None:
             continue
         per_page.append(pf)
@@ -143,7 +171,7 @@ def compute_efficiency(
     efficiency: list[Efficiency] = []
     for stage in STAGES:
         if stage not in flops_sum:
-            unavailable.append(Unavailable(f"mfu.{stage}", "no page with a positive time for this stage"))
+            unavailable.append(Unavailable(f"mfu.{stage}", _no_time_reason(stage, ok)))
             continue
         fl, sec = flops_sum[stage], secs_sum[stage]
         achieved = fl / sec
@@ -203,6 +231,17 @@ def compute_efficiency(
             )
         )
     return EfficiencySection(flops=flops_table, efficiency=efficiency, unavailable=unavailable)
+
+
+def _no_time_reason(stage: str, ok: Sequence[PageRecord]) -> str:
+    """Why no page gave ``stage`` a positive time: the specific cause, not a generic 'no time'."""
+    if stage == "decode" and all((r.generated_tokens or 0) < 2 for r in ok):
+        return "no page decoded a second token (infer.max_new_tokens=1, or eos right after prefill): no decode step"
+    if stage in ("sam", "clip", "projector") and all(getattr(r, f"{stage}_ms") is None for r in ok):
+        return f"no {stage} time: the backend's {stage} module was not hooked"
+    if not any(r.vision_views for r in ok):
+        return "no page recorded its vision views: FLOPs cannot be derived"
+    return "no page with a positive time for this stage (clock resolution: the stage measured <= 0 ms)"
 
 
 def energy_summary(

@@ -1,38 +1,83 @@
-"""``llm-perf-opt compare RUN_A RUN_B``: a markdown diff of two run directories.
+"""``llm-perf-opt compare RUN_A RUN_B``: a markdown diff of two run directories, built to gate releases.
 
-A difference is flagged as real only when the two runs' 95 % confidence intervals of the mean do not
-overlap; otherwise it is within the runs' own noise.  Runs with different schema majors are refused.
+Order of the output: the settings that differ (and a "workloads differ" verdict when the pages, token cap or
+decoding rules differ: then no metric gets a verdict), both runs' measurement quality, then one row per metric
+by class:
+
+- latency (lower is better) and throughput (higher is better): compared on the per-page samples.  A change is
+  significant only when all three hold: a two-sided Mann-Whitney U test gives p < ``--alpha`` (rank-based: no
+  normality assumed, an outlier counts once), the runs' 95 % intervals of the median do not overlap (when both
+  exist), and the medians differ by at least the effect floor: ``--min-effect`` (relative; tripled when either
+  run is noisy), and never less than twice the stage's repeat-to-repeat CV in either run.  Two runs of one
+  config differ by load drift, not by a shifted distribution: the floor keeps the gate quiet on them.
+- memory (one value per run: the max over pages): a relative ``--mem-threshold``.
+- workload descriptors (tokens generated, prompt length): shown, never judged.
+
+Exit status: 0 no significant regression, 1 at least one (usable as a gate), 2 unusable input (not a run
+directory, another schema major, no measured page, a null figure, or workloads that differ).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any, Literal
 
 import attrs
 import cattrs
+from scipy import stats as sps
 
 from llm_perf_opt.results.serialize import SchemaError, read_summary
-from llm_perf_opt.results.types import RunSummary, Stats
+from llm_perf_opt.results.types import RunSummary
 
-# (metric, unit, lower_is_better)
-COMPARED = [
-    ("prefill_ms", "ms", True),
-    ("vision_ms", "ms", True),
-    ("sam_ms", "ms", True),
-    ("clip_ms", "ms", True),
-    ("projector_ms", "ms", True),
-    ("decode_ms", "ms", True),
-    ("tpot_ms", "ms/token", True),
-    ("decode_tok_s", "tok/s", False),
-    ("decode_step_p99_ms", "ms", True),
-    ("e2e_ms", "ms", True),
-    ("generated_tokens", "tokens", False),
-    ("peak_mem_allocated_bytes", "bytes", True),
-    ("peak_rss_bytes", "bytes", True),
-    ("energy_per_token_j", "J/token", True),
+MetricClass = Literal["latency", "throughput", "memory", "workload"]
+
+# (metric, unit, class); order = order of the table.
+COMPARED: list[tuple[str, str, MetricClass]] = [
+    ("prefill_ms", "ms", "latency"),
+    ("vision_ms", "ms", "latency"),
+    ("sam_ms", "ms", "latency"),
+    ("clip_ms", "ms", "latency"),
+    ("projector_ms", "ms", "latency"),
+    ("decode_ms", "ms", "latency"),
+    ("tpot_ms", "ms/token", "latency"),
+    ("decode_step_p50_ms", "ms", "latency"),
+    ("decode_step_p99_ms", "ms", "latency"),
+    ("preprocess_ms", "ms", "latency"),
+    ("e2e_ms", "ms", "latency"),
+    ("energy_per_token_j", "J/token", "latency"),
+    ("decode_tok_s", "tok/s", "throughput"),
+    ("peak_mem_allocated_bytes", "bytes", "memory"),
+    ("peak_mem_reserved_bytes", "bytes", "memory"),
+    ("peak_rss_bytes", "bytes", "memory"),
+    ("kv_cache_bytes", "bytes", "memory"),
+    ("generated_tokens", "tokens", "workload"),
+    ("prompt_tokens", "tokens", "workload"),
+    ("image_tokens", "tokens", "workload"),
 ]
+# Settings that define the work itself: when they differ the runs measured different things.
+WORKLOAD_KEYS = (
+    "infer.max_new_tokens",
+    "max_new_tokens",
+    "infer.temperature",
+    "infer.no_repeat_ngram_size",
+    "infer.ignore_eos",
+    "model.prompt",
+    "infer.preprocess_override",
+)
+# Settings that name where or when a run happened, not what it measured.
+IGNORED_PREFIXES = ("run_id", "output.", "hydra.", "resume", "progress", "experiment")
+
+
+@attrs.frozen
+class Thresholds:
+    alpha: float = 0.01  # Mann-Whitney two-sided p below which a shift counts
+    min_effect: float = 0.05  # relative change of the median below which no latency/throughput verdict is given
+    mem_threshold: float = 0.05  # relative change of a memory peak that counts
+    noisy_factor: float = 3.0  # min_effect multiplier when either run's quality is noisy
 
 
 class CompareError(ValueError):
@@ -43,12 +88,17 @@ class CompareError(ValueError):
 class Delta:
     metric: str
     unit: str
+    cls: MetricClass
     a: float
     b: float
     delta: float
     pct: float | None
     significant: bool
     verdict: str
+    p_value: float | None = None
+    a_ci: tuple[float, float] | None = None
+    b_ci: tuple[float, float] | None = None
+    integer: bool = False
 
 
 def load_run(path: Path) -> RunSummary:
@@ -56,72 +106,253 @@ def load_run(path: Path) -> RunSummary:
     if not path.is_dir() or not metrics.is_file():
         raise CompareError(f"{path} is not a run directory (no metrics.json)")
     try:
-        return read_summary(metrics)
+        s = read_summary(metrics)
     except SchemaError as exc:
         raise CompareError(f"{exc}; re-run the profile with this version to compare") from exc
-    except (ValueError, AttributeError, cattrs.errors.BaseValidationError) as exc:
+    except (ValueError, AttributeError, KeyError, TypeError, cattrs.errors.BaseValidationError) as exc:
         raise CompareError(f"{metrics} is not a readable metrics.json ({type(exc).__name__}: {exc})") from exc
+    if not s.ok_pages:
+        raise CompareError(f"{path}: no measured page (status {s.run.status}); nothing to compare")
+    return s
 
 
-def _overlap(a: Stats, b: Stats) -> bool:
-    if a.ci95_low is None or b.ci95_low is None or a.ci95_high is None or b.ci95_high is None:
-        return True  # n < 2: no noise estimate, so never claim significance
-    return not (a.ci95_high < b.ci95_low or b.ci95_high < a.ci95_low)
-
-
-def diff(a: RunSummary, b: RunSummary) -> list[Delta]:
-    out = []
-    for metric, unit, lower_better in COMPARED:
-        sa, sb = a.aggregates.get(metric), b.aggregates.get(metric)
-        if sa is None or sb is None:
-            continue
-        delta = sb.mean - sa.mean
-        pct = 100.0 * delta / sa.mean if sa.mean else None
-        significant = not _overlap(sa, sb)
-        if not significant:
-            verdict = "within noise"
-        elif (delta < 0) == lower_better:
-            verdict = "better"
-        else:
-            verdict = "WORSE"
-        out.append(Delta(metric, unit, sa.mean, sb.mean, delta, pct, significant, verdict))
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}."))
     return out
 
 
-def render(a_path: Path, a: RunSummary, b_path: Path, b: RunSummary) -> str:
-    rows = diff(a, b)
+def settings_diff(a: RunSummary, b: RunSummary) -> list[tuple[str, Any, Any]]:
+    """Config keys whose resolved values differ (where/when keys left out)."""
+    fa, fb = _flatten(a.run.config), _flatten(b.run.config)
+    keys = sorted(set(fa) | set(fb))
+    return [
+        (k, fa.get(k, "(unset)"), fb.get(k, "(unset)"))
+        for k in keys
+        if fa.get(k, "(unset)") != fb.get(k, "(unset)") and not k.startswith(IGNORED_PREFIXES)
+    ]
+
+
+def _pages(s: RunSummary) -> set[tuple[str, tuple[int, int] | None]]:
+    return {(p.page_id, tuple(p.size_px) if p.size_px else None) for p in s.ok_pages}  # type: ignore[misc]
+
+
+def workload_differences(a: RunSummary, b: RunSummary) -> list[str]:
+    """Why the two runs measured different work (empty: the same pages, token cap and decoding rules)."""
+    out = [
+        f"{k}: {va!r} → {vb!r}" for k, va, vb in settings_diff(a, b) if k in WORKLOAD_KEYS or k.startswith("dataset.")
+    ]
+    pa, pb = _pages(a), _pages(b)
+    if pa != pb:
+        out.append(f"pages: {len(pa - pb)} only in A, {len(pb - pa)} only in B")
+    return out
+
+
+def _samples(s: RunSummary, metric: str) -> list[float]:
+    values = (getattr(p, metric) for p in s.ok_pages)
+    return [float(v) for v in values if v is not None and math.isfinite(float(v))]
+
+
+def _check_usable(s: RunSummary, label: str) -> None:
+    for metric, _, _ in COMPARED:
+        st = s.aggregates.get(metric)
+        if st is not None and not all(math.isfinite(x) for x in (st.mean, st.p50, st.max)):
+            raise CompareError(f"run {label}: {metric} has a null mean/median in metrics.json; the run is unusable")
+
+
+def _is_noisy(s: RunSummary) -> bool:
+    return s.quality is not None and s.quality.verdict == "noisy"
+
+
+def _ci(s: RunSummary, metric: str) -> tuple[float, float] | None:
+    st = s.aggregates.get(metric)
+    if st is None or st.median_ci95_low is None or st.median_ci95_high is None:
+        return None
+    return st.median_ci95_low, st.median_ci95_high
+
+
+# Metrics without a CV of their own take the one of the stage that makes them.
+CV_OF = {"decode_tok_s": "tpot_ms", "decode_step_p50_ms": "tpot_ms", "decode_step_p99_ms": "tpot_ms",
+         "sam_ms": "vision_ms", "clip_ms": "vision_ms", "projector_ms": "vision_ms", "e2e_ms": "decode_ms"}  # fmt: skip
+
+
+def _cv(s: RunSummary, metric: str) -> float:
+    """The run's repeat-to-repeat CV of ``metric`` (median over pages); 0 when not recorded."""
+    if s.quality is None:
+        return 0.0
+    cv = s.quality.stage_cv
+    return float(cv.get(metric, cv.get(CV_OF.get(metric, ""), 0.0)))
+
+
+def effect_floor(a: RunSummary, b: RunSummary, metric: str, th: Thresholds) -> float:
+    """Smallest relative change of the median that can be called a change for ``metric``."""
+    base = th.min_effect * (th.noisy_factor if _is_noisy(a) or _is_noisy(b) else 1.0)
+    return max(base, 2 * _cv(a, metric), 2 * _cv(b, metric))
+
+
+def diff(a: RunSummary, b: RunSummary, th: Thresholds | None = None, judge: bool = True) -> list[Delta]:
+    """One Delta per metric both runs have; ``judge=False`` (workloads differ) gives no verdicts."""
+    th = th or Thresholds()
+    out = []
+    for metric, unit, cls in COMPARED:
+        sa, sb = a.aggregates.get(metric), b.aggregates.get(metric)
+        if sa is None or sb is None:
+            continue
+        integer = unit in ("bytes", "tokens")
+        a_ci, b_ci = _ci(a, metric), _ci(b, metric)
+        if cls == "memory":
+            va, vb = sa.max, sb.max
+            a_ci = b_ci = None  # one value per run: no interval
+        else:
+            va, vb = sa.p50, sb.p50
+        delta = vb - va
+        pct = 100.0 * delta / va if va else None
+        p_value: float | None = None
+        significant = False
+        if not judge:
+            verdict = "no verdict (workloads differ)"
+        elif cls == "workload":
+            verdict = "workload (no verdict)"
+        elif cls == "memory":
+            rel = delta / va if va else (math.inf if delta else 0.0)
+            significant = abs(rel) > th.mem_threshold
+            verdict = _direction(delta, lower_better=True) if significant else f"within ±{100 * th.mem_threshold:g} %"
+        else:
+            xa, xb = _samples(a, metric), _samples(b, metric)
+            if len(xa) < 3 or len(xb) < 3:
+                verdict = "too few samples (< 3 per run)"
+            else:
+                p_value = float(sps.mannwhitneyu(xa, xb, alternative="two-sided").pvalue)
+                apart = a_ci is None or b_ci is None or a_ci[1] < b_ci[0] or b_ci[1] < a_ci[0]
+                big = abs(delta) >= effect_floor(a, b, metric, th) * abs(va) if va else delta != 0
+                significant = p_value < th.alpha and apart and big
+                verdict = _direction(delta, lower_better=cls == "latency") if significant else "within noise"
+        out.append(Delta(metric, unit, cls, va, vb, delta, pct, significant, verdict, p_value, a_ci, b_ci, integer))
+    return out
+
+
+def _direction(delta: float, lower_better: bool) -> str:
+    return "better" if (delta < 0) == lower_better else "WORSE"
+
+
+def _num(v: float, integer: bool, signed: bool = False) -> str:
+    if integer and float(v).is_integer():
+        return f"{int(v):+,}" if signed else f"{int(v):,}"
+    return f"{v:+,.3f}" if signed else f"{v:,.3f}"
+
+
+def _with_ci(v: float, ci: tuple[float, float] | None, integer: bool) -> str:
+    text = _num(v, integer)
+    return f"{text} [{_num(ci[0], integer)} – {_num(ci[1], integer)}]" if ci else text
+
+
+def _quality(s: RunSummary) -> str:
+    return s.quality.line() if s.quality is not None else "measurement quality not recorded (older run)"
+
+
+def render(a_path: Path, a: RunSummary, b_path: Path, b: RunSummary, th: Thresholds | None = None) -> str:
+    th = th or Thresholds()
+    differs = workload_differences(a, b)
+    rows = diff(a, b, th, judge=not differs)
     lines = [
         f"# Compare `{a_path.name}` (A) → `{b_path.name}` (B)\n",
-        f"A: {a.model.name} on {a.hardware.gpu_name or a.hardware.device}, status {a.run.status}  ",
-        f"B: {b.model.name} on {b.hardware.gpu_name or b.hardware.device}, status {b.run.status}\n",
-        "A difference is significant when the 95 % confidence intervals of the two means do not overlap.\n",
-        "| metric | unit | A mean | B mean | Δ | Δ % | verdict |",
-        "|---|---|---|---|---|---|---|",
+        f"A: {a.model.name} on {a.hardware.gpu_name or a.hardware.device}, status {a.run.status}, "
+        f"{len(a.ok_pages)} page runs  ",
+        f"B: {b.model.name} on {b.hardware.gpu_name or b.hardware.device}, status {b.run.status}, "
+        f"{len(b.ok_pages)} page runs\n",
+        "## Settings that differ\n",
     ]
-    for d in rows:
-        pct = "n/a" if d.pct is None else f"{d.pct:+.1f} %"
-        mark = f"**{d.verdict}**" if d.significant else d.verdict
-        lines.append(f"| {d.metric} | {d.unit} | {d.a:,.3f} | {d.b:,.3f} | {d.delta:+,.3f} | {pct} | {mark} |")
+    changed = settings_diff(a, b)
+    if changed:
+        lines += ["| setting | A | B |", "|---|---|---|"]
+        lines += [f"| `{k}` | {_cell(va)} | {_cell(vb)} |" for k, va, vb in changed]
+    else:
+        lines.append("None: the resolved configs are the same (run ids and output paths aside).")
     if a.hardware.gpu_name != b.hardware.gpu_name or a.hardware.device != b.hardware.device:
         lines.append("\n⚠ The runs are on different devices: differences include the hardware.")
-    if a.run.config.get("model") != b.run.config.get("model"):
-        lines.append("\n⚠ The model configs differ.")
+    lines.append("")
+    if differs:
+        lines.append(
+            "**Verdict: workloads differ** — " + "; ".join(differs) + ". The runs measured different work, so no "
+            "metric is judged (exit 2); compare runs of the same pages, token cap and decoding rules.\n"
+        )
+    lines += ["## Measurement quality\n", f"- A: {_quality(a)}", f"- B: {_quality(b)}", ""]
+    noisy = _is_noisy(a) or _is_noisy(b)
+    effect = th.min_effect * (th.noisy_factor if noisy else 1.0)
+    lines += [
+        "## Metrics\n",
+        f"Latency (lower is better) and throughput (higher is better) compare medians of the per-page samples "
+        f"[95 % interval of the median]: significant when Mann-Whitney p < {th.alpha:g}, the intervals do not "
+        f"overlap and the medians differ by ≥ {100 * effect:g} %"
+        + (f" (×{th.noisy_factor:g} because a run is noisy)" if noisy else "")
+        + " or twice the stage's repeat-to-repeat CV in either run, whichever is larger"
+        + f". Memory compares the peak (max over pages) against ±{100 * th.mem_threshold:g} %. Workload "
+        "descriptors are shown, not judged.\n",
+        "| metric | class | unit | A | B | Δ | Δ % | p | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for d in rows:
+        pct = "n/a (A is 0)" if d.pct is None else f"{d.pct:+.1f} %"
+        p = "" if d.p_value is None else f"{d.p_value:.3g}"
+        mark = f"**{d.verdict}**" if d.significant else d.verdict
+        lines.append(
+            f"| {d.metric} | {d.cls} | {d.unit} | {_with_ci(d.a, d.a_ci, d.integer)} | "
+            f"{_with_ci(d.b, d.b_ci, d.integer)} | {_num(d.delta, d.integer, signed=True)} | {pct} | {p} | {mark} |"
+        )
+    worse = [d.metric for d in rows if d.verdict == "WORSE"]
+    if differs:
+        lines.append("\nResult: workloads differ (exit 2).")
+    elif worse:
+        lines.append(f"\nResult: significant regression in {', '.join(worse)} (exit 1).")
+    else:
+        lines.append("\nResult: no significant regression (exit 0).")
     return "\n".join(lines) + "\n"
 
 
-def compare_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="llm-perf-opt compare", description=__doc__)
+def _cell(v: Any) -> str:
+    return str(v).replace("|", "/").replace("\n", " ")
+
+
+def exit_code(a: RunSummary, b: RunSummary, th: Thresholds | None = None) -> int:
+    if workload_differences(a, b):
+        return 2
+    return 1 if any(d.verdict == "WORSE" for d in diff(a, b, th)) else 0
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 10:
+        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.05, got {text}")
+    return value
+
+
+def compare_main(argv: Iterable[str]) -> int:
+    parser = argparse.ArgumentParser(prog="llm-perf-opt compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_a", type=Path)
     parser.add_argument("run_b", type=Path)
     parser.add_argument("-o", "--output", type=Path, help="also write the markdown here")
-    args = parser.parse_args(argv)
+    d = Thresholds()
+    parser.add_argument("--alpha", type=_fraction, default=d.alpha, help=f"Mann-Whitney p threshold ({d.alpha})")
+    parser.add_argument(
+        "--min-effect", type=_fraction, default=d.min_effect, help=f"relative median change to judge ({d.min_effect})"
+    )
+    parser.add_argument(
+        "--mem-threshold", type=_fraction, default=d.mem_threshold, help=f"relative memory change ({d.mem_threshold})"
+    )
+    args = parser.parse_args(list(argv))
+    th = Thresholds(alpha=args.alpha, min_effect=args.min_effect, mem_threshold=args.mem_threshold)
     try:
         a, b = load_run(args.run_a), load_run(args.run_b)
+        _check_usable(a, "A")
+        _check_usable(b, "B")
     except CompareError as exc:
         print(f"compare: {exc}", file=sys.stderr)
         return 2
-    text = render(args.run_a, a, args.run_b, b)
+    text = render(args.run_a, a, args.run_b, b, th)
     print(text)
     if args.output:
         args.output.write_text(text)
-    return 1 if any(d.verdict == "WORSE" for d in diff(a, b)) else 0
+    return exit_code(a, b, th)

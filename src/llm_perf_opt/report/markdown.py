@@ -11,7 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from llm_perf_opt.results.types import UNATTRIBUTED, PageRecord, ProfileSummary, RunSummary, Stats
+from llm_perf_opt.results.types import UNATTRIBUTED, PageRecord, ProfileSummary, RunSummary, Stats, Unavailable
 
 NA = "n/a"
 
@@ -63,21 +63,71 @@ def md_escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\r\n", "\\n").replace("\n", "\\n").replace("\r", "\\r")
 
 
-def _stat_row(label: str, s: Stats | None, unit: str, digits: int = 2) -> list[str]:
+STAT_HEADER = ["metric", "unit", "n", "median", "median 95 % CI", "mean", "mean 95 % CI", "p99", "min – max",
+               "outliers (> 3× median)"]  # fmt: skip
+
+
+def na(reason: str) -> str:
+    """An absent figure with its reason, in the cell itself (never a bare n/a)."""
+    return f"{NA} ({reason})"
+
+
+def _mean_ci_cell(s: Stats, digits: int) -> str:
+    if s.ci95_half_width is not None:
+        return f"± {s.ci95_half_width:,.{digits}f}"
+    why = s.mean_ci_reason or ""
+    if "outlier" in why:
+        return na("outliers pull the mean: read the median")
+    if "one sample" in why or s.n < 2:
+        return na("one sample")
+    return na("n too small or skewed: wider than the data")
+
+
+def _stat_row(label: str, s: Stats | None, unit: str, digits: int = 2, reason: str = "not measured") -> list[str]:
     if s is None:
-        return [label, unit] + [NA] * 7
-    ci = NA if s.ci95_half_width is None else f"± {s.ci95_half_width:,.{digits}f}"
+        return [label, unit, na(reason)] + [""] * (len(STAT_HEADER) - 3)
+    med_ci = (
+        f"{fmt(s.median_ci95_low, digits)} – {fmt(s.median_ci95_high, digits)}"
+        if s.median_ci95_low is not None and s.median_ci95_high is not None
+        else na("n < 6: no 95 % order-statistic interval")
+    )
     return [
         label,
         unit,
         str(s.n),
-        fmt(s.mean, digits),
-        ci,
-        fmt(s.std, digits),
         fmt(s.p50, digits),
+        med_ci,
+        fmt(s.mean, digits),
+        _mean_ci_cell(s, digits),
         fmt(s.p99, digits),
         f"{fmt(s.min, digits)} – {fmt(s.max, digits)}",
+        str(s.n_outliers),
     ]
+
+
+DECODE_KEYS = ("decode_ms", "tpot_ms", "decode_tok_s", "decode_step_p50_ms", "decode_step_p90_ms", "decode_step_p99_ms")
+
+
+def missing_reason(s: RunSummary, key: str) -> str:
+    """Why ``key`` has no aggregate: the run's own Unavailable entry, else the cause the records show."""
+    by_metric = {u.metric: u.reason for u in s.unavailable}
+    for metric in (key, key.removesuffix("_ms").removesuffix("_bytes")):
+        if metric in by_metric:
+            return by_metric[metric]
+    ok = s.ok_pages
+    if not ok:
+        return "no page was measured"
+    if key.startswith("energy") and "energy" in by_metric:
+        return by_metric["energy"]
+    if key.startswith("peak_mem_"):
+        return by_metric.get("peak_mem_allocated_bytes", "not a CUDA run: the allocator's peaks exist on CUDA only")
+    if key in DECODE_KEYS and all((p.generated_tokens or 0) < 2 for p in ok):
+        return "no decode step: every page produced at most 1 token (infer.max_new_tokens=1 or eos first)"
+    if key in ("sam_ms", "clip_ms", "projector_ms"):
+        return f"the backend ({s.model.backend}) has no hooked {key.removesuffix('_ms')} module"
+    if key == "kv_cache_bytes":
+        return f"the backend ({s.model.backend}) keeps its own KV cache"
+    return "no page recorded it"
 
 
 LATENCY_ROWS = [
@@ -135,15 +185,22 @@ def render_report(s: RunSummary, plots: dict[str, str] | None = None) -> str:
     status = r.status.upper() + (f" — {r.status_reason}" if r.status_reason else "")
     out.append(f"# Stage-1 profile — {s.model.name} on {s.hardware.gpu_name or s.hardware.device}\n")
     out.append(
-        f"**Status: {status}**  \nrun `{r.run_id}` · started {r.started_at} · finished {r.finished_at or NA}"
-        f" · commit `{r.git_commit or NA}`\n"
+        f"**Status: {status}**  \nrun `{r.run_id}` · started {r.started_at} · "
+        f"finished {r.finished_at or na('still running')}"
+        f" · commit `{r.git_commit or na('not a git checkout')}`\n"
     )
     ok, failed = s.ok_pages, s.failed_pages
+    if s.quality is not None:
+        out.append(s.quality.line() + "  ")
+        out.append(_host_line(s) + "\n")
     out.append(
         f"{len(ok)} page runs measured, {len(failed)} failed. Timing rules: prefill = vision + the first "
         "language-model forward, ending when token 1 exists (TTFT, host preprocessing excluded); decode = "
         "tokens 2..N, one forward each on the KV cache; CUDA events on CUDA, host clock on CPU. "
-        "Statistics are over pages × repeats; ± is the 95 % confidence interval of the mean.\n"
+        "Statistics are over pages × repeats: the median with its distribution-free 95 % interval (order "
+        "statistics, inside the data) leads; the mean's 95 % interval is shown only where it is meaningful. "
+        "One-screen summary: [stakeholder_summary.md](stakeholder_summary.md); modelling assumptions: "
+        "[assumptions.md](assumptions.md).\n"
     )
 
     out.append("## Setup\n")
@@ -152,24 +209,26 @@ def render_report(s: RunSummary, plots: dict[str, str] | None = None) -> str:
         ["model", f"{s.model.name} ({s.model.backend}, weights: {s.model.weights}, {s.model.dtype})"],
         [
             "parameters",
-            f"{s.model.params_total:,} total; "
-            f"{fmt(s.model.params_activated_per_token)} activated per decode token (incl. lm_head)",
+            f"{s.model.params_total:,} total; {_activated(s)} activated per decode token (incl. lm_head)",
         ],
         ["weights in memory", fmt_bytes(s.model.weights_bytes)],
         ["tokenizer", s.model.tokenizer],
         ["device", f"{s.hardware.device} — {s.hardware.gpu_name or s.hardware.cpu}"],
-        ["torch / CUDA / driver", f"{s.hardware.torch} / {s.hardware.cuda or NA} / {s.hardware.driver or NA}"],
+        [
+            "torch / CUDA / driver",
+            f"{s.hardware.torch} / {s.hardware.cuda or na('CPU build')} / {s.hardware.driver or na('no GPU driver')}",
+        ],
         [
             "peak FLOP/s used for MFU",
-            f"{fmt_flops(s.hardware.peak_flops_per_s)}/s ({s.hardware.peak_flops_source or 'not available'})"
+            f"{fmt_flops(s.hardware.peak_flops_per_s)}/s — source: {s.hardware.peak_flops_source or NA}"
             if s.hardware.peak_flops_per_s
-            else NA,
+            else na(s.hardware.peak_flops_source or "no peak known"),
         ],
         [
             "peak bandwidth used for MBU",
-            f"{fmt_bytes(s.hardware.peak_bw_bytes_per_s)}/s ({s.hardware.peak_bw_source})"
+            f"{fmt_rate_bytes(s.hardware.peak_bw_bytes_per_s)} — source: {s.hardware.peak_bw_source or NA}"
             if s.hardware.peak_bw_bytes_per_s
-            else NA,
+            else na(s.hardware.peak_bw_source or "no peak known"),
         ],
         ["dataset", f"{cfg.get('dataset', {}).get('name')} ({len({p.page_id for p in s.pages})} pages)"],
         ["repeats × token cap", f"{cfg.get('repeats')} × {cfg.get('infer', {}).get('max_new_tokens')}"],
@@ -181,23 +240,35 @@ def render_report(s: RunSummary, plots: dict[str, str] | None = None) -> str:
             f"no_repeat_ngram_size {cfg.get('infer', {}).get('no_repeat_ngram_size')}{_ngram_extras(cfg)}, "
             f"ignore_eos {cfg.get('infer', {}).get('ignore_eos')}",
         ],
-        ["optimisations", ", ".join(f"{k}={'on' if v else 'off'}" for k, v in s.model.optimisations.items()) or NA],
+        [
+            "optimisations",
+            ", ".join(f"{k}={'on' if v else 'off'}" for k, v in s.model.optimisations.items())
+            or na("none reported by the backend"),
+        ],
     ]
     out.append(table(["", ""], rows) + "\n")
 
     out.append("## Latency and throughput\n")
-    header = ["metric", "unit", "n", "mean", "95 % CI", "std", "p50", "p99", "min – max"]
-    rows = [_stat_row(label, s.aggregates.get(key), unit) for label, key, unit in LATENCY_ROWS]
-    out.append(table(header, rows) + "\n")
+    rows = [
+        _stat_row(label, s.aggregates.get(key), unit, reason=missing_reason(s, key))
+        for label, key, unit in LATENCY_ROWS
+    ]
+    out.append(table(STAT_HEADER, rows) + "\n")
+    if s.runaway is not None:
+        out.append(_render_runaway(s) + "\n")
 
     out.append("## Memory\n")
     mem_rows = [
         ["weights", fmt_bytes(s.model.weights_bytes)],
-        ["KV cache (preallocated, per page, mean)", fmt_bytes(_mean(s, "kv_cache_bytes"))],
-        ["peak allocated (CUDA, max over pages)", fmt_bytes(_max(s, "peak_mem_allocated_bytes"))],
-        ["peak reserved (CUDA, max over pages)", fmt_bytes(_max(s, "peak_mem_reserved_bytes"))],
-        ["peak RSS of the process (host)", fmt_bytes(_max(s, "peak_rss_bytes"))],
-    ]
+        ["KV cache (preallocated, per page, mean)", _or_na(fmt_bytes(_mean(s, "kv_cache_bytes")), s, "kv_cache_bytes")],
+        ["peak allocated (CUDA, max over pages)",
+         _or_na(fmt_bytes(_max(s, "peak_mem_allocated_bytes")), s, "peak_mem_allocated_bytes")],
+        ["peak reserved (CUDA, max over pages)",
+         _or_na(fmt_bytes(_max(s, "peak_mem_reserved_bytes")), s, "peak_mem_reserved_bytes")],
+        ["peak RSS of the process (host; a process-lifetime high-water mark)",
+         _or_na(fmt_bytes(_max(s, "peak_rss_bytes")), s, "peak_rss_bytes")],
+    ]  # fmt: skip
+    out.append("Memory sizes are binary (KiB/MiB/GiB = 2¹⁰/2²⁰/2³⁰ bytes); rates elsewhere are decimal.\n")
     out.append(table(["", ""], mem_rows) + "\n")
 
     if s.flops or s.efficiency:
@@ -208,7 +279,7 @@ def render_report(s: RunSummary, plots: dict[str, str] | None = None) -> str:
             ("stage_breakdown", "Where the time goes"),
             ("decode_steps", "Per-token decode latency"),
             ("latency_distribution", "Latency across repeats"),
-            ("roofline", "Roofline"),
+            ("roofline", "Roofline (bytes modelled, a lower bound: points sit at or left of the truth)"),
         ):
             if key in plots:
                 out.append(f"**{title}**\n\n![{title}]({plots[key]})\n")
@@ -268,19 +339,122 @@ def render_report(s: RunSummary, plots: dict[str, str] | None = None) -> str:
     if s.moe_routing:
         out.append("## MoE routing\n")
         out.append(_render_routing(s) + "\n")
-    if s.unavailable:
+    missing = list(s.unavailable)
+    if plots and "roofline" not in plots:
+        missing.append(
+            Unavailable(
+                "roofline plot",
+                "needs both peak FLOP/s and peak bandwidth of the device (set peak.flops_per_s and "
+                "peak.bw_bytes_per_s for a device without a sourced peak)",
+            )
+        )
+    if missing:
         out.append("## Not measured\n")
-        out.extend(f"- **{u.metric}**: {u.reason}" for u in s.unavailable)
+        out.extend(f"- **{u.metric}**: {u.reason}" for u in missing)
         out.append("")
     if s.notes:
         out.append("## Notes\n")
         out.extend(f"- {n}" for n in s.notes)
         out.append("")
-    out.append(
-        "Artifacts: [metrics.json](metrics.json) · [pages.jsonl](pages.jsonl) · [predictions.md](predictions.md)"
-        " · [env.json](env.json) · [inputs.yaml](inputs.yaml) · [config.yaml](config.yaml) · run.log\n"
-    )
+    out.append("Artifacts: " + " · ".join(f"[{name}]({name})" for name in artifacts(s)) + "\n")
     return "\n".join(out)
+
+
+def artifacts(s: RunSummary) -> list[str]:
+    """Files of the run directory that this summary implies exist (the README lists them all)."""
+    names = ["metrics.json", "stakeholder_summary.md", "assumptions.md", "pages.jsonl", "predictions.md"]
+    if s.profile is not None:
+        names.append("operators.md")
+        if s.profile.trace_file:
+            names.append(s.profile.trace_file)
+    if any(f.fvcore_flops is not None or f.flop_counter_flops is not None for f in s.flops):
+        names += ["static_compute.md", "static_compute.json"]
+    if s.batches:
+        names.append("batches.jsonl")
+    return [*names, "env.json", "inputs.yaml", "config.yaml", "run.log"]
+
+
+def _host_line(s: RunSummary) -> str:
+    q = s.quality
+    assert q is not None
+    parts = []
+    h = q.host
+    if h is not None:
+        load = f"load average (1 min) {fmt(h.load_1m_mean)} mean, {fmt(h.load_1m_max)} max"
+        other = (
+            f"other processes {100 * h.other_cpu_share_mean:.0f} % of the cores "
+            f"(max {100 * (h.other_cpu_share_max or 0):.0f} %)"
+            if h.other_cpu_share_mean is not None
+            else na(h.note or "other processes' CPU share not sampled")
+        )
+        parts.append(
+            f"Host during the run: {h.usable_cores} usable cores; {load}; {other} "
+            f"({h.samples} samples every {h.interval_s:g} s)"
+        )
+    if q.cpu_threads:
+        parts.append(f"CPU run: {q.cpu_threads}")
+    if q.gpu_throttle_reasons:
+        parts.append("GPU clock events seen: " + ", ".join(q.gpu_throttle_reasons))
+    cv = ", ".join(f"{k} {100 * v:.1f} %" for k, v in q.stage_cv.items())
+    if cv:
+        parts.append(f"spread (CV, median over pages): {cv}")
+    return ". ".join(parts) + "." if parts else ""
+
+
+def _activated(s: RunSummary) -> str:
+    value = s.model.params_activated_per_token
+    return fmt(value) if value is not None else na("not derivable for this backend")
+
+
+def _or_na(text: str, s: RunSummary, key: str) -> str:
+    return na(missing_reason(s, key)) if text == NA else text
+
+
+def fmt_rate_bytes(value: float | None) -> str:
+    """Bandwidth in decimal units (GB/s = 10⁹ B/s), like FLOP/s."""
+    if value is None:
+        return NA
+    for scale, unit in ((1e12, "TB/s"), (1e9, "GB/s"), (1e6, "MB/s")):
+        if abs(value) >= scale:
+            return f"{value / scale:,.2f} {unit}"
+    return f"{value:,.0f} B/s"
+
+
+def fmt_bytes_dec(value: float | None) -> str:
+    """Bytes moved, in decimal units (GB = 10⁹ B) so that bytes ÷ seconds reads against the bandwidth peak."""
+    if value is None:
+        return NA
+    for scale, unit in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if abs(value) >= scale:
+            return f"{value / scale:,.2f} {unit}"
+    return f"{value:,.0f} B"
+
+
+def _render_runaway(s: RunSummary) -> str:
+    rw = s.runaway
+    assert rw is not None
+    lines = [
+        "### Runaway pages\n",
+        f"A page run is runaway when it hits the token cap or its last {rw.window_tokens} tokens repeat with a "
+        f"period of at most {rw.max_period} tokens (a repetition loop). Such pages dominate decode time and distort "
+        "tok/s, so decode throughput is given with and without them.\n",
+        table(
+            ["", "value"],
+            [
+                ["page runs hitting the token cap", f"{rw.hit_token_cap} of {rw.page_runs}"],
+                ["page runs ending in a repetition loop", f"{rw.repetition_loop} of {rw.page_runs}"],
+                ["runaway (either)", f"{rw.runaway} ({100 * rw.share_of_page_runs:.0f} % of page runs)"],
+                ["their share of decode time",
+                 na("no decode time") if rw.share_of_decode_time is None else f"{100 * rw.share_of_decode_time:.0f} %"],
+                ["decode tok/s, all page runs (Σ tokens ÷ Σ decode s)",
+                 fmt(rw.decode_tok_s_all) if rw.decode_tok_s_all is not None else na("no decode time")],
+                ["decode tok/s without runaway page runs",
+                 fmt(rw.decode_tok_s_without_runaway) if rw.decode_tok_s_without_runaway is not None
+                 else na("every page run is runaway" if rw.runaway == rw.page_runs else "no decode time")],
+            ],
+        ),
+    ]  # fmt: skip
+    return "\n".join(lines)
 
 
 def _mean(s: RunSummary, key: str) -> float | None:
@@ -305,8 +479,17 @@ def _render_pages(s: RunSummary) -> str:
             vals = [getattr(r, key) for r in recs if getattr(r, key) is not None]
             return sum(vals) / len(vals) if vals else None
 
-        grid = f"{first.crop_grid[0]}×{first.crop_grid[1]}" if first.crop_grid else NA
-        size = f"{first.size_px[0]}×{first.size_px[1]}" if first.size_px else NA
+        def cell(key: str, digits: int = 2, recs: list[PageRecord] = recs) -> str:
+            value = mean(key, recs)
+            if value is not None:
+                return fmt(value, digits)
+            if key in DECODE_KEYS and all((r.generated_tokens or 0) < 2 for r in recs):
+                return na("1 token: no decode step")
+            return na("not recorded")
+
+        grid = f"{first.crop_grid[0]}×{first.crop_grid[1]}" if first.crop_grid else na("not recorded")
+        size = f"{first.size_px[0]}×{first.size_px[1]}" if first.size_px else na("not recorded")
+        loops = sorted({r.repetition_period for r in recs if r.repetition_period is not None})
         rows.append(
             [
                 f"`{page_id}`",
@@ -316,11 +499,13 @@ def _render_pages(s: RunSummary) -> str:
                 fmt(first.image_tokens),
                 fmt(first.prompt_tokens),
                 str(len(recs)),
-                fmt(mean("generated_tokens"), 1),
-                fmt(mean("vision_ms")),
-                fmt(mean("prefill_ms")),
-                fmt(mean("decode_ms")),
-                fmt(mean("tpot_ms"), 3),
+                cell("generated_tokens", 1),
+                f"{sum(1 for r in recs if r.hit_token_cap)} of {len(recs)}",
+                ("period " + ", ".join(map(str, loops))) if loops else "no",
+                cell("vision_ms"),
+                cell("prefill_ms"),
+                cell("decode_ms"),
+                cell("tpot_ms", 3),
             ]
         )
     header = [
@@ -332,6 +517,8 @@ def _render_pages(s: RunSummary) -> str:
         "prompt tokens",
         "runs",
         "tokens out (mean)",
+        "hit token cap",
+        "repetition loop",
         "vision ms",
         "prefill ms",
         "decode ms",
@@ -486,20 +673,28 @@ def _render_efficiency(s: RunSummary) -> str:
         "## FLOPs, MFU and MBU\n",
         "FLOPs count one multiply-add as 2 FLOPs everywhere (fvcore's counts, which are multiply-adds, are "
         "doubled). Analytic FLOPs follow the real shapes of each page (image views, prompt length, context length "
-        "of every decode step, activated experts only). MFU = achieved FLOP/s ÷ peak FLOP/s of the device.\n",
+        "of every decode step, activated experts only). MFU = achieved FLOP/s ÷ peak FLOP/s of the device. "
+        "FLOP/s and bytes are decimal (1 TFLOP = 10¹² FLOP, 1 GB = 10⁹ B), like the peaks; bytes are modelled "
+        "(see assumptions.md), not measured.\n",
     ]
     if s.flops:
         rows = []
+        counted_off = next((u.reason for u in s.unavailable if u.metric == "flops.counted"), None)
+        not_counted = na("profiling.static_compute=false" if counted_off else "not counted: see Notes")
         for f in s.flops:
             flag = " ⚠" if f.flagged else ""
+
+            def counted(text: str) -> str:
+                return not_counted if text == NA else text
+
             rows.append(
                 [
                     f.stage,
                     fmt_flops(f.analytic_flops),
-                    fmt_flops(f.fvcore_flops),
-                    fmt_flops(f.flop_counter_flops),
-                    fmt_pct(f.rel_diff_fvcore),
-                    fmt_pct(f.rel_diff_flop_counter) + flag,
+                    counted(fmt_flops(f.fvcore_flops)),
+                    counted(fmt_flops(f.flop_counter_flops)),
+                    counted(fmt_pct(f.rel_diff_fvcore)),
+                    counted(fmt_pct(f.rel_diff_flop_counter)) + flag,
                     f.note or "",
                 ]
             )
@@ -510,17 +705,20 @@ def _render_efficiency(s: RunSummary) -> str:
         )
     if s.efficiency:
         rows = []
+        no_peak = na("no peak FLOP/s: see Not measured")
+        no_bw = na("no peak bandwidth: see Not measured")
+        no_bytes = na("bytes not modelled for this stage")
         for e in s.efficiency:
             rows.append(
                 [
                     e.stage,
                     fmt_flops(e.flops),
-                    fmt(e.seconds * 1e3 if e.seconds is not None else None, 3),
-                    f"{fmt_flops(e.achieved_flops_per_s)}/s" if e.achieved_flops_per_s else NA,
-                    fmt_pct(e.mfu),
-                    fmt_bytes(e.bytes_moved),
-                    fmt_pct(e.mbu),
-                    fmt(e.arithmetic_intensity, 1),
+                    fmt(e.seconds * 1e3, 3) if e.seconds is not None else na("no time"),
+                    f"{fmt_flops(e.achieved_flops_per_s)}/s" if e.achieved_flops_per_s else na("no time"),
+                    fmt_pct(e.mfu) if e.mfu is not None else no_peak,
+                    fmt_bytes_dec(e.bytes_moved) if e.bytes_moved is not None else no_bytes,
+                    fmt_pct(e.mbu) if e.mbu is not None else (no_bytes if e.bytes_moved is None else no_bw),
+                    fmt(e.arithmetic_intensity, 1) if e.arithmetic_intensity is not None else no_bytes,
                     e.reason or "",
                 ]
             )
@@ -540,20 +738,31 @@ def _render_efficiency(s: RunSummary) -> str:
 def _render_batches(s: RunSummary) -> str:
     size = max(b.batch for b in s.batches)
     agg = s.batch_aggregates
+    old = na("record written before preprocessing was timed")
     rows = [
-        _stat_row("pages per second", agg.get("pages_per_s"), "pages/s"),
-        _stat_row("output tokens per second", agg.get("output_tok_s"), "tok/s"),
+        _stat_row("pages per second, model only (excl. host preprocessing)", agg.get("pages_per_s"), "pages/s"),
+        _stat_row("pages per second, end to end (incl. host preprocessing)",
+                  agg.get("pages_per_s_with_preprocess"), "pages/s", reason=old),
+        _stat_row("output tokens per second, model only (excl. host preprocessing)", agg.get("output_tok_s"), "tok/s"),
+        _stat_row("output tokens per second, end to end (incl. host preprocessing)",
+                  agg.get("output_tok_s_with_preprocess"), "tok/s", reason=old),
+        _stat_row("per page end to end (batch preprocess + prefill + decode ÷ pages)",
+                  agg.get("e2e_per_page_ms"), "ms", reason=old),
+        _stat_row("host preprocessing of the batch (single-threaded)", agg.get("preprocess_ms"), "ms", reason=old),
         _stat_row("TTFT of the batch (vision + prefill)", agg.get("prefill_ms"), "ms"),
         _stat_row("  vision (all pages of the batch)", agg.get("vision_ms"), "ms"),
-        _stat_row("TPOT per sequence", agg.get("tpot_ms"), "ms/token"),
-    ]
-    header = ["metric", "unit", "n", "mean", "95 % CI", "std", "p50", "p99", "min – max"]
+        _stat_row("TPOT per sequence", agg.get("tpot_ms"), "ms/token",
+                  reason="no decode step: every sequence ended at its first token"),
+    ]  # fmt: skip
+    header = STAT_HEADER
     return "\n".join(
         [
             f"## Batched throughput (batch size {size})\n",
             f"{len(s.batches)} batches of up to {size} pages, one forward per step for the whole batch (vision "
             "batched across pages, left-padded prefill, finished sequences masked). Statistics are over batches; "
-            "TPOT over sequences. Raw records: batches.jsonl.\n",
+            "TPOT over sequences. Model-only rates leave the host preprocessing out (it can run ahead on other "
+            "cores); end-to-end rates add it, as a single-threaded pipeline would pay it. Raw records: "
+            "[batches.jsonl](batches.jsonl).\n",
             table(header, rows),
             "",
             _batch_paths(s),
@@ -636,6 +845,6 @@ def render_predictions(path: Path) -> str:
 def _geometry(pp: dict[str, Any]) -> str:
     """The view sizes the run used (config.yaml records them after any resolution mode): global view and tiles."""
     if not pp:
-        return NA
+        return na("the run's config records no model.preprocess")
     crops = f"crops {pp.get('min_crops')}–{pp.get('max_crops')} tiles" if pp.get("crop_mode") else "crop off"
     return f"base {pp.get('base_size')} px, tile {pp.get('image_size')} px, {crops}"

@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 from llm_perf_opt.results.types import RunSummary
 
@@ -16,7 +17,7 @@ def stage_parts(s: RunSummary) -> tuple[list[tuple[str, float]], list[str]]:
     """Bars of the stage breakdown (label, mean ms) and the stages left out because they were not measured.
 
     A stage without an aggregate has no bar (drawing "0.0 ms" would claim it took no time); the derived parts
-    (vision other = vision − SAM − CLIP − projector, prefill LM = prefill − vision) exist only when every input
+    (layout = vision − SAM − CLIP − projector, prefill LM = prefill − vision) exist only when every input
     they are derived from was measured.
     """
 
@@ -30,8 +31,9 @@ def stage_parts(s: RunSummary) -> tuple[list[tuple[str, float]], list[str]]:
     if vision is not None and sam is not None and clip is not None and proj is not None:
         other = max(vision - sam - clip - proj, 0.0)
     lm = None if prefill is None or vision is None else max(prefill - vision, 0.0)
-    candidates = [("SAM", sam), ("CLIP", clip), ("projector", proj), ("vision other", other), ("prefill LM", lm),
-                  ("decode", decode)]  # fmt: skip
+    # the report's row names ("layout" = the part of vision outside SAM, CLIP and the projector)
+    candidates = [("SAM", sam), ("CLIP", clip), ("projector", proj), ("layout (rest of vision)", other),
+                  ("prefill LM (prefill − vision)", lm), ("decode (tokens 2..N)", decode)]  # fmt: skip
     parts = [(label, value) for label, value in candidates if value is not None]
     missing = [label for label, value in candidates if value is None]
     return parts, missing
@@ -72,14 +74,16 @@ def write_plots(s: RunSummary, out: Path) -> dict[str, str]:
             )
         ax.set_xlabel("token index (2 = first decode step)")
         ax.set_ylabel("ms")
-        ax.set_title("per-token decode latency (KV cache grows left to right)", fontsize=9)
-        if len(steps) <= 6:
-            ax.legend(fontsize=7)
+        ax.set_title("per-token decode latency, one line per page run (KV cache grows left to right)", fontsize=9)
+        ax.legend(
+            title="page, repeat", fontsize=6, title_fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0)
+        )
         fig.tight_layout()
         fig.savefig(out / "decode_steps.png", dpi=110)
         plt.close(fig)
         plots["decode_steps"] = "decode_steps.png"
 
+    labels = {"prefill_ms": "TTFT (prefill) ms", "tpot_ms": "TPOT ms/token"}  # the latency table's names
     series = [(k, [getattr(p, k) for p in ok if getattr(p, k) is not None]) for k in ("prefill_ms", "tpot_ms")]
     series = [(k, v) for k, v in series if v]
     if series:
@@ -87,8 +91,9 @@ def write_plots(s: RunSummary, out: Path) -> dict[str, str]:
         axes_list = list(axes) if len(series) > 1 else [axes]
         for ax, (key, values) in zip(axes_list, series, strict=True):
             ax.hist(values, bins=min(20, max(3, len(values))))
-            ax.set_xlabel(key)
+            ax.set_xlabel(labels[key])
             ax.set_ylabel("page runs")
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts: whole page runs only
         fig.tight_layout()
         fig.savefig(out / "latency_distribution.png", dpi=110)
         plt.close(fig)
@@ -106,8 +111,12 @@ def write_plots(s: RunSummary, out: Path) -> dict[str, str]:
         for e in points:
             ax.loglog([e.arithmetic_intensity], [e.achieved_flops_per_s], "o", label=e.stage)
         ax.set_xlabel("arithmetic intensity (FLOP/byte)")
-        ax.set_title("decode: bytes actually read; other stages: intensity is an upper bound", fontsize=8)
-        ax.set_ylabel("FLOP/s")
+        ax.set_title(
+            "modelled bytes: decode = weights + KV read (a lower bound);\nother stages: bytes ≥ weights + I/O, "
+            "so intensity is an upper bound",
+            fontsize=8,
+        )
+        ax.set_ylabel("FLOP/s (decimal)")
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out / "roofline.png", dpi=110)

@@ -63,6 +63,9 @@ def _row(job_dir: Path) -> dict[str, Any]:
         row[label] = value
     for e in s.efficiency:
         row[f"MFU {e.stage}"] = e.mfu
+    if s.quality is not None:
+        row["quality"] = s.quality.verdict
+        row["quality_reasons"] = list(s.quality.reasons)
     mfu_missing = next((u.reason for u in s.unavailable if u.metric == "mfu"), None)
     if mfu_missing:
         row["mfu_unavailable"] = mfu_missing
@@ -79,7 +82,7 @@ def summarize_sweep(root: Path) -> list[dict[str, Any]]:
     # MFU columns only where some job has a figure (a CPU sweep has none: one line says why instead).
     mfu_cols = sorted({k for r in rows for k in r if k.startswith("MFU ") and r[k] is not None})
     metric_cols = [label for _, _, label in KEY_METRICS] + mfu_cols
-    header = ["job", *keys, "status", *metric_cols]
+    header = ["job", *keys, "status", "quality", *metric_cols]
     lines = [
         f"# Sweep summary — {root.name}\n",
         f"{len(rows)} jobs; one run directory per job below this one.\n",
@@ -87,11 +90,16 @@ def summarize_sweep(root: Path) -> list[dict[str, Any]]:
         "|" + "|".join("---" for _ in header) + "|",
     ]
     for r in rows:
-        cells = [f"[{r['job']}]({r['job']}/report.md)", *(str(r["swept"].get(k, "")) for k in keys), r["status"]]
+        cells = [
+            f"[{r['job']}]({r['job']}/report.md)",
+            *(str(r["swept"].get(k, "")) for k in keys),
+            r["status"],
+            r.get("quality", "n/a (not recorded)" if r["status"] != "failed" else "n/a (failed)"),
+        ]
         for col in metric_cols:
             v = r.get(col)
             if v is None:
-                cells.append("n/a")
+                cells.append("n/a (failed)" if r["status"] == "failed" else "n/a (not measured: see the job's report)")
             elif col.startswith("MFU"):
                 cells.append(f"{100 * v:.2f} %")
             else:
@@ -100,6 +108,10 @@ def summarize_sweep(root: Path) -> list[dict[str, Any]]:
     reasons = sorted({r["mfu_unavailable"] for r in rows if r.get("mfu_unavailable")})
     if not mfu_cols and reasons:
         lines.append(f"\nMFU not available: {reasons[0]}")
+    noisy = [r for r in rows if r.get("quality") == "noisy"]
+    if noisy:
+        lines.append(f"\n**Measurement quality:** {len(noisy)} of {len(rows)} jobs noisy — compare them with care:")
+        lines += [f"- job {r['job']}: {'; '.join(r.get('quality_reasons', []))}" for r in noisy]
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
         lines.append("\n## Failed jobs\n")
@@ -111,7 +123,17 @@ def summarize_sweep(root: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _sort_key(value: str) -> tuple[int, float, str]:
+    """Numbers in numeric order, then everything else in text order."""
+    try:
+        return (0, float(value), "")
+    except ValueError:
+        return (1, 0.0, value)
+
+
 def _plots(root: Path, rows: list[dict[str, Any]], keys: list[str]) -> list[str]:
+    """One figure per swept key: TTFT and TPOT (p50) against the key's values as categories (evenly spaced,
+    labelled with the values), one labelled series per combination of the other swept keys."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -120,21 +142,26 @@ def _plots(root: Path, rows: list[dict[str, Any]], keys: list[str]) -> list[str]
     written = []
     ok = [r for r in rows if r["status"] != "failed"]
     for key in keys:
-        try:
-            xs = sorted({float(r["swept"][key]) for r in ok if key in r["swept"]})
-        except ValueError:
-            continue  # a non-numeric swept value (e.g. a config group): no x axis to plot against
-        if len(xs) < 2:
+        values = sorted({str(r["swept"][key]) for r in ok if key in r["swept"]}, key=_sort_key)
+        if len(values) < 2:
             continue
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+        others = [k for k in keys if k != key]
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
         for ax, label in zip(axes, ("TTFT p50 ms", "TPOT p50 ms"), strict=True):
-            pts = sorted(
-                (float(r["swept"][key]), r[label]) for r in ok if r.get(label) is not None and key in r["swept"]
-            )
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o")
-            ax.set_xlabel(key)
+            series: dict[str, list[tuple[int, float]]] = {}
+            for r in ok:
+                if r.get(label) is None or key not in r["swept"]:
+                    continue
+                name = ", ".join(f"{k}={r['swept'].get(k, '')}" for k in others) or "all jobs"
+                series.setdefault(name, []).append((values.index(str(r["swept"][key])), r[label]))
+            for name, pts in sorted(series.items()):
+                pts.sort()
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
+            ax.set_xticks(range(len(values)), values)
+            ax.set_xlabel(f"{key} (swept values)")
             ax.set_ylabel(label)
+            if len(series) > 1:
+                ax.legend(fontsize=7)
         fig.tight_layout()
         name = f"sweep_{key.replace('.', '_').replace('/', '_')}.png"
         fig.savefig(root / name, dpi=100)

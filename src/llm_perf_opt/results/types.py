@@ -11,7 +11,9 @@ from typing import Any, Literal
 
 import attrs
 
-SCHEMA_VERSION = "1.0"
+# 1.1: Stats gains the median interval and outliers; quality, runaway pages, per-page repetition loops, batch
+# preprocessing time (all optional: 1.0 files still read).
+SCHEMA_VERSION = "1.1"
 
 # Name of the synthetic operator row that holds device time the profiler could not attribute to any operator
 # (CUDA-graph replays, kernels launched outside torch ops): the profiler writes it, the report explains it.
@@ -23,7 +25,12 @@ RunStatus = Literal["running", "complete", "partial", "failed"]
 
 @attrs.frozen
 class Stats:
-    """Distribution of one metric across pages × repeats; ``ci95_*`` is None when n < 2."""
+    """Distribution of one metric across pages × repeats.
+
+    ``median_ci95_*``: order-statistic 95 % interval of the median (None when n < 6: no pair of order
+    statistics reaches 95 %).  ``ci95_*``: Student-t interval of the mean, None when not meaningful
+    (``mean_ci_reason``).  ``n_outliers``: samples above 3× the median.
+    """
 
     n: int
     mean: float
@@ -35,12 +42,23 @@ class Stats:
     p99: float
     ci95_low: float | None
     ci95_high: float | None
+    median_ci95_low: float | None = None
+    median_ci95_high: float | None = None
+    n_outliers: int = 0  # samples above 3× the median
+    mean_ci_reason: str | None = None
 
     @property
     def ci95_half_width(self) -> float | None:
         if self.ci95_low is None or self.ci95_high is None:
             return None
         return (self.ci95_high - self.ci95_low) / 2
+
+    @property
+    def cv(self) -> float | None:
+        """Coefficient of variation (std / mean); None when the mean is not positive or n < 2."""
+        if self.n < 2 or self.mean <= 0:
+            return None
+        return self.std / self.mean
 
 
 @attrs.frozen
@@ -67,6 +85,8 @@ class PageRecord:
     generated_tokens: int | None = None
     hit_token_cap: bool | None = None
     stopped_by_eos: bool | None = None
+    # Period (tokens) of the repetition loop the output ends in (profiling/noise.py), None when it does not.
+    repetition_period: int | None = None
     preprocess_ms: float | None = None
     sam_ms: float | None = None
     clip_ms: float | None = None
@@ -115,6 +135,10 @@ class BatchRecord:
     decode_path: str = "host"
     graph_capture_ms: float = 0.0  # one-time warm-up + capture of the decode graph (not in any stage time)
     idle_steps: int = 0  # steps after every sequence had finished (eos is checked every k steps)
+    preprocess_ms: float | None = None  # host preprocessing of the batch's pages (decode + resize + tiling)
+    # The same rates with the host preprocessing of the batch added to its time (pages_per_s leaves it out).
+    pages_per_s_with_preprocess: float | None = None
+    output_tok_s_with_preprocess: float | None = None
 
 
 @attrs.frozen
@@ -276,6 +300,58 @@ class Efficiency:
 
 
 @attrs.frozen
+class HostLoad:
+    """Host conditions sampled during the run (profiling/noise.py); None fields were not readable here."""
+
+    usable_cores: int
+    samples: int
+    interval_s: float
+    load_1m_mean: float | None
+    load_1m_max: float | None
+    other_cpu_share_mean: float | None  # other processes' busy time ÷ (wall × usable cores)
+    other_cpu_share_max: float | None
+    note: str | None = None
+
+
+@attrs.frozen
+class MeasurementQuality:
+    """Is the run fit for comparison: ``good`` or ``noisy`` with the reasons, and what could not be checked."""
+
+    verdict: Literal["good", "noisy"]
+    reasons: list[str] = attrs.field(factory=list)
+    not_checked: list[str] = attrs.field(factory=list)
+    stage_cv: dict[str, float] = attrs.field(factory=dict)  # median over pages of the CV across repeats
+    outlier_share: dict[str, float] = attrs.field(factory=dict)  # share of samples > 3× their page's median
+    host: HostLoad | None = None
+    gpu_throttle_reasons: list[str] = attrs.field(factory=list)
+    cpu_threads: str | None = None  # how many torch threads a CPU run used, and why
+
+    def line(self) -> str:
+        text = f"**Measurement quality: {self.verdict}**"
+        if self.reasons:
+            text += " — " + "; ".join(self.reasons)
+        if self.not_checked:
+            text += " (not checked: " + "; ".join(self.not_checked) + ")"
+        return text
+
+
+@attrs.frozen
+class RunawaySummary:
+    """Page runs that hit the token cap or ended in a repetition loop, and what they do to decode throughput."""
+
+    page_runs: int
+    hit_token_cap: int
+    repetition_loop: int
+    runaway: int  # either of the two
+    share_of_page_runs: float
+    share_of_decode_time: float | None
+    decode_tok_s_all: float | None
+    decode_tok_s_without_runaway: float | None
+    window_tokens: int
+    max_period: int
+
+
+@attrs.frozen
 class RunSummary:
     schema_version: str
     run: RunInfo
@@ -294,6 +370,8 @@ class RunSummary:
     batch_aggregates: dict[str, Stats] = attrs.field(factory=dict)
     unavailable: list[Unavailable] = attrs.field(factory=list)
     notes: list[str] = attrs.field(factory=list)
+    quality: MeasurementQuality | None = None
+    runaway: RunawaySummary | None = None
 
     @property
     def ok_pages(self) -> list[PageRecord]:

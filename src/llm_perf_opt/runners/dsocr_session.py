@@ -213,7 +213,9 @@ class DeepSeekOCRSession:
             )
         if self._batched is None:
             self._batched = BatchedGenerator(self.model, clock=self.clock)
+        t_pre = time.perf_counter()
         prepared = [self.prepare(p) for p in pages]
+        preprocess_ms = (time.perf_counter() - t_pre) * 1e3
         ignore_eos = self.infer.ignore_eos
         with torch.inference_mode():
             res = self._batched.run(
@@ -238,6 +240,9 @@ class DeepSeekOCRSession:
             decode_path=res.decode_path,
             graph_capture_ms=res.graph_capture_s * 1e3,
             idle_steps=res.idle_steps,
+            preprocess_ms=preprocess_ms,
+            pages_per_s_with_preprocess=res.batch / (res.total_s + preprocess_ms / 1e3),
+            output_tok_s_with_preprocess=res.output_tokens / (res.total_s + preprocess_ms / 1e3),
         )
 
     # ------------------------------------------------------------------ one page

@@ -60,7 +60,9 @@ def compute_efficiency(
         return [], [], {}, {}, [], []
     cfg = session.backend.config
     dtype_bytes = 2 if session.dtype.itemsize == 2 else session.dtype.itemsize
-    section = E.compute_efficiency(cfg, ok, run.hardware, dtype_bytes)
+    infer = run.settings.infer
+    context = (infer.context_len_mode, run.settings.token_cap, infer.context_len_fixed)
+    section = E.compute_efficiency(cfg, ok, run.hardware, dtype_bytes, context)
     unavailable = list(section.unavailable)
     notes: list[str] = []
 
@@ -80,6 +82,14 @@ def compute_efficiency(
     flops_table = section.flops
     if final and run.static_flops is None and run.runs_for_flops and run.settings.profiling.static_compute:
         run.static_flops = _static_flops(run, notes)
+    if not run.settings.profiling.static_compute:
+        unavailable.append(
+            Unavailable(
+                "flops.counted",
+                "profiling.static_compute=false: the counted-FLOPs pass (fvcore, FlopCounterMode) was switched off; "
+                "analytic FLOPs only",
+            )
+        )
     if run.static_flops:
         flops_table = list(run.static_flops)
         flagged = [f.stage for f in flops_table if f.flagged]
@@ -122,6 +132,19 @@ def batch_aggregates(batches: Sequence[BatchRecord]) -> dict[str, Stats]:
     series = {
         "pages_per_s": [b.pages_per_s for b in batches if b.pages_per_s],
         "output_tok_s": [b.output_tok_s for b in batches if b.output_tok_s],
+        # the same with the batch's host preprocessing added to its time, and per page end to end
+        "pages_per_s_with_preprocess": [
+            b.pages_per_s_with_preprocess for b in batches if b.pages_per_s_with_preprocess
+        ],
+        "output_tok_s_with_preprocess": [
+            b.output_tok_s_with_preprocess for b in batches if b.output_tok_s_with_preprocess
+        ],
+        "e2e_per_page_ms": [
+            (b.preprocess_ms + b.prefill_ms + b.decode_ms) / b.batch
+            for b in batches
+            if b.preprocess_ms is not None and b.batch
+        ],
+        "preprocess_ms": [b.preprocess_ms for b in batches if b.preprocess_ms is not None],
         "prefill_ms": [b.prefill_ms for b in batches],
         "vision_ms": [b.vision_ms for b in batches],
         "tpot_ms": [t for b in batches for t in b.tpot_ms],

@@ -13,6 +13,7 @@ from typing import Any
 import attrs
 
 from llm_perf_opt.data.datasets import Page
+from llm_perf_opt.profiling.noise import repetition_period
 from llm_perf_opt.profiling.stats import percentiles
 from llm_perf_opt.results.types import PageRecord, Prediction
 
@@ -86,6 +87,7 @@ def build_page_record(page: Page, repeat: int, prepared: Any, m: PageMeasurement
         generated_tokens=n_tok,
         hit_token_cap=n_tok >= m.max_new_tokens,
         stopped_by_eos=m.stopped_by_eos,
+        repetition_period=repetition_period(m.generated),
         preprocess_ms=m.preprocess_ms,
         sam_ms=m.stage_ms.get("sam"),
         clip_ms=m.stage_ms.get("clip"),

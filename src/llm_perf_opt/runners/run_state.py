@@ -16,10 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import attrs
 import torch
 
 from llm_perf_opt.data.datasets import Page
 from llm_perf_opt.errors import LlmPerfOptError, OutputError, RunInterrupted
+from llm_perf_opt.profiling.noise import HostLoadSampler, assess_quality, gpu_throttle_reasons, runaway_summary
 from llm_perf_opt.profiling.stats import summarize
 from llm_perf_opt.results.serialize import append_journal, append_jsonl, atomic_write_text, to_jsonable, write_summary
 from llm_perf_opt.results.types import (
@@ -92,6 +94,8 @@ class Stage1Run:
         self.hardware: HardwareInfo | None = None
         self.model_info: ModelInfo | None = None
         self.env: dict[str, Any] = {}
+        self.host_load: HostLoadSampler | None = None
+        self.cpu_threads: str | None = None
 
     # -------------------------------------------------------------- rendering
     def _efficiency(self, ok: list[PageRecord], final: bool) -> Any:
@@ -137,6 +141,14 @@ class Stage1Run:
         unavailable = list(self.unavailable)
         flops, efficiency, energy, routing, more_unavail, more_notes = self._efficiency(ok, final=status != "running")
         unavailable.extend(more_unavail)
+        quality = attrs.evolve(
+            assess_quality(
+                ok,
+                self.host_load.summary() if self.host_load is not None else None,
+                gpu_throttle_reasons(self.session.nvml if self.session is not None else None),
+            ),
+            cpu_threads=self.cpu_threads,
+        )
         run = RunInfo(
             # A multirun job dir is <sweep stamp>/<job number>: keep both so run ids stay unique.
             run_id=f"{self.out.parent.name}/{self.out.name}" if self.out.name.isdigit() else self.out.name,
@@ -164,6 +176,8 @@ class Stage1Run:
             batch_aggregates=self._batch_aggregates(),
             unavailable=unavailable,
             notes=self.notes + more_notes,
+            quality=quality,
+            runaway=runaway_summary(ok),
         )
 
     def write_reports(self, status: RunStatus, reason: str | None = None) -> RunSummary:
@@ -194,6 +208,11 @@ class Stage1Run:
         if summary.profile is not None:
             attempt(lambda: atomic_write_text(self.out / "operators.md", render_operators(summary)))
         attempt(lambda: atomic_write_text(self.out / "predictions.md", render_predictions(self.out / PREDICTIONS)))
+        if status != "running":
+            from llm_perf_opt.report.briefs import render_assumptions, render_stakeholder_summary
+
+            attempt(lambda: atomic_write_text(self.out / "stakeholder_summary.md", render_stakeholder_summary(summary)))
+            attempt(lambda: atomic_write_text(self.out / "assumptions.md", render_assumptions(summary)))
         if errors:
             first = errors[0]
             if isinstance(first, OutputError):

@@ -330,6 +330,10 @@ class InferSettings:
     preprocess_override: PreprocessOverride | None = None
     # which deployment the decoding rules reproduce (reference_infer, vllm_gundam): a label the report shows
     preset: str = attrs.field(default="reference_infer", validator=_text())
+    # context behind the decode FLOPs (MFU): auto = each step's real context, max = prompt + token cap for every
+    # step (the original convention), fixed = context_len_fixed keys for every step
+    context_len_mode: str = attrs.field(default="auto", validator=_choice(("auto", "max", "fixed")))
+    context_len_fixed: int | None = attrs.field(default=None, validator=_integer(1, optional=True, example="1024"))
 
     @no_repeat_ngram_exempt_ids.validator
     def _exempt_ids(self, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -341,6 +345,11 @@ class InferSettings:
             )
 
     def __attrs_post_init__(self) -> None:
+        if self.context_len_mode == "fixed" and self.context_len_fixed is None:
+            raise ConfigError(
+                "infer.context_len_mode=fixed needs infer.context_len_fixed >= 1, got None",
+                hint="e.g. infer.context_len_mode=fixed infer.context_len_fixed=1024",
+            )
         n, window = self.no_repeat_ngram_size, self.no_repeat_ngram_window
         if n > 0 and window is not None and window < n:
             raise ConfigError(
@@ -407,6 +416,12 @@ def _progress(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> Non
         raise ConfigError(f"progress must be auto, true or false, got {value!r}", hint="e.g. progress=false")
 
 
+def _cpu_threads(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    ok = value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
+    if not ok:
+        raise ConfigError(f"cpu_threads must be auto or an integer >= 1, got {value!r}", hint="e.g. cpu_threads=2")
+
+
 @attrs.frozen
 class RunSettings:
     """The whole run; top-level keys of conf/config.yaml plus one object per group."""
@@ -429,6 +444,8 @@ class RunSettings:
     resume: str | None = attrs.field(default=None, validator=_text(optional=True))
     peak: PeakSettings = attrs.field(factory=PeakSettings)
     progress: str | bool = attrs.field(default="auto", validator=_progress)
+    # torch intra-op threads on CPU: auto = OMP_NUM_THREADS when set, else the cores in the CPU affinity
+    cpu_threads: str | int = attrs.field(default="auto", validator=_cpu_threads)
 
     def __attrs_post_init__(self) -> None:
         # checks across groups: still before anything loads

@@ -110,6 +110,12 @@ def _run_stage1(settings: RunSettings, out: Path, device: torch.device, dir_note
     earlier = check_resume(settings)
     run = Stage1Run(settings, out)
     run.notes.extend(dir_notes)
+    if device.type == "cpu":
+        from llm_perf_opt.profiling.noise import pick_cpu_threads
+
+        threads, run.cpu_threads = pick_cpu_threads(settings.cpu_threads)
+        torch.set_num_threads(threads)
+        log.info("CPU run: %s", run.cpu_threads)
     atomic_write_text(out / "config.yaml", yaml.safe_dump(settings.as_config(), sort_keys=False))
     _capture_env(run, device)
     pages = build_pages(attrs.asdict(settings.dataset), PROJECT_ROOT)  # data/ may not import runners: a mapping
@@ -121,6 +127,9 @@ def _run_stage1(settings: RunSettings, out: Path, device: torch.device, dir_note
     _describe(run, session)
     stop = StopFlag()
     progress = _progress(settings)
+    from llm_perf_opt.profiling.noise import HostLoadSampler
+
+    run.host_load = HostLoadSampler().start()  # host conditions for the quality line, until the run ends
     status: RunStatus = "complete"
     reason = None
     reserve = SpaceReserve(out)  # room kept back so a full disk still gets PARTIAL/FAILED reports, never RUNNING
@@ -165,6 +174,7 @@ def _run_stage1(settings: RunSettings, out: Path, device: torch.device, dir_note
         raise
     finally:
         session.close()
+        run.host_load.stop()
     reserve.release()
     status, reason = final_status(status, reason, run.records, stop.signal_name, todo_left(), len(todo))
     summary = run.write_reports(status, reason)

@@ -1,0 +1,280 @@
+"""Is this run fit for comparison?  Host load sampled during the run, spread and outliers per stage, GPU
+clock throttling, and runaway pages (token cap / repetition loops) that distort decode throughput.
+
+A shared machine can stretch one TTFT 70× (issue 14); nothing in the numbers themselves says so unless
+the run measures its own conditions.  ``assess_quality`` turns them into one verdict (good / noisy) with
+reasons, which report.md, metrics.json, sweep.md and ``compare`` all show.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+from llm_perf_opt.results.types import HostLoad, MeasurementQuality, PageRecord, RunawaySummary
+
+# Thresholds of the verdict.  A page's repeats of one stage should agree within a few percent on an idle
+# machine (CUDA events: < 2 %; host clock on a quiet CPU: < 5 %); 15 % is well past both.
+CV_NOISY = 0.15
+# Share of decode steps above 3× their page's median step: an idle run has none; a few per thousand happen
+# on any shared host (a timer tick, a page fault), 1 % means something else competed for the cores.
+STEP_OUTLIER_SHARE_NOISY = 0.01
+# Other processes' share of the cores this process may use: above a quarter they compete for them.
+OTHER_CPU_SHARE_NOISY = 0.25
+# NVML clock-event reasons that mean the clocks were lowered while measuring (not idle / app-clock settings).
+THROTTLE_NOISY = {
+    "sw_power_cap",
+    "hw_slowdown",
+    "sw_thermal_slowdown",
+    "hw_thermal_slowdown",
+    "hw_power_brake_slowdown",
+}
+# Repetition loop: the last REPEAT_WINDOW tokens are one block of at most REPEAT_MAX_PERIOD tokens, repeated.
+REPEAT_WINDOW = 48
+REPEAT_MAX_PERIOD = 16
+STAGES = ("prefill_ms", "vision_ms", "decode_ms", "tpot_ms", "preprocess_ms")
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux: no affinity API
+        return os.cpu_count() or 1
+
+
+def pick_cpu_threads(setting: object, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Torch intra-op threads for a CPU run, and the sentence that says why.
+
+    ``auto``: OMP_NUM_THREADS when the user set it, else every core in the affinity mask (a busy shared
+    host is then flagged by the quality line, not silently under-used)."""
+    env = dict(os.environ) if env is None else env
+    cores = usable_cores()
+    if setting not in (None, "auto"):
+        if not isinstance(setting, int) or isinstance(setting, bool) or setting < 1:
+            from llm_perf_opt.errors import ConfigError
+
+            raise ConfigError(f"cpu_threads must be 'auto' or an integer >= 1, got {setting!r}", hint="cpu_threads=2")
+        return setting, f"{setting} torch threads (cpu_threads={setting}; {cores} usable cores)"
+    omp = env.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) >= 1:
+        return int(omp), f"{omp} torch threads (OMP_NUM_THREADS={omp}; {cores} usable cores)"
+    return cores, f"{cores} torch threads (auto: {cores} cores in this process's CPU affinity)"
+
+
+# --------------------------------------------------------------------------------------- host load
+def proc_stat_busy_s(cpus: set[int], clk_tck: float, path: Path = Path("/proc/stat")) -> float | None:
+    """CPU seconds spent busy (everything but idle and iowait) on ``cpus`` since boot; None off Linux."""
+    if not path.is_file():
+        return None
+    busy = 0
+    for line in path.read_text().splitlines():
+        name, _, rest = line.partition(" ")
+        if not name.startswith("cpu") or name == "cpu" or int(name[3:]) not in cpus:
+            continue
+        fields = [int(x) for x in rest.split()]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        guest = sum(fields[8:10]) if len(fields) > 9 else 0  # already counted in user/nice
+        busy += sum(fields) - idle - guest
+    return busy / clk_tck
+
+
+def _own_cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+class HostLoadSampler:
+    """Samples load average and other processes' CPU share on our cores every ``interval_s`` (a thread)."""
+
+    def __init__(self, interval_s: float = 0.5) -> None:
+        self.interval_s = interval_s
+        try:
+            self.cpus = set(os.sched_getaffinity(0))
+        except AttributeError:
+            self.cpus = set(range(os.cpu_count() or 1))
+        self.clk_tck = float(os.sysconf("SC_CLK_TCK")) if hasattr(os, "sysconf") else 100.0
+        self.load_1m: list[float] = []
+        self.other_share: list[float] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.reason: str | None = None
+
+    def _sample_loop(self) -> None:
+        prev = (time.perf_counter(), proc_stat_busy_s(self.cpus, self.clk_tck), _own_cpu_s())
+        if prev[1] is None:
+            self.reason = "no /proc/stat (not Linux): other processes' CPU share not sampled"
+        while not self._stop.wait(self.interval_s):
+            if hasattr(os, "getloadavg"):
+                self.load_1m.append(os.getloadavg()[0])
+            now = (time.perf_counter(), proc_stat_busy_s(self.cpus, self.clk_tck), _own_cpu_s())
+            if now[1] is not None and prev[1] is not None:
+                wall = now[0] - prev[0]
+                others = (now[1] - prev[1]) - (now[2] - prev[2])
+                if wall > 0:
+                    self.other_share.append(min(max(others / (wall * len(self.cpus)), 0.0), 1.0))
+            prev = now
+
+    def start(self) -> HostLoadSampler:
+        self._thread = threading.Thread(target=self._sample_loop, name="host-load", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2 * self.interval_s + 1)
+
+    def summary(self) -> HostLoad | None:
+        if not self.load_1m and not self.other_share:
+            return None
+        return HostLoad(
+            usable_cores=len(self.cpus),
+            samples=max(len(self.load_1m), len(self.other_share)),
+            interval_s=self.interval_s,
+            load_1m_mean=statistics.fmean(self.load_1m) if self.load_1m else None,
+            load_1m_max=max(self.load_1m) if self.load_1m else None,
+            other_cpu_share_mean=statistics.fmean(self.other_share) if self.other_share else None,
+            other_cpu_share_max=max(self.other_share) if self.other_share else None,
+            note=self.reason,
+        )
+
+
+# --------------------------------------------------------------------------------------- spread
+def _cv(values: Sequence[float]) -> float | None:
+    if len(values) < 2:
+        return None
+    mean = statistics.fmean(values)
+    return statistics.stdev(values) / mean if mean > 0 else None
+
+
+def _outliers(values: Sequence[float]) -> int:
+    med = statistics.median(values)
+    return sum(1 for v in values if v > 3 * med) if med > 0 else 0
+
+
+def stage_spread(ok: Sequence[PageRecord]) -> tuple[dict[str, float], dict[str, float]]:
+    """Per stage: the median over pages of the CV across that page's repeats, and the share of samples above
+    3× their page's median.  Grouping by page keeps page-to-page differences (geometry, length) out of the
+    noise.  ``decode_step`` covers the steps of each page run (a step > 3× its run's median is an outlier)."""
+    cv: dict[str, float] = {}
+    share: dict[str, float] = {}
+    for key in STAGES:
+        groups: dict[str, list[float]] = defaultdict(list)
+        for r in ok:
+            v = getattr(r, key)
+            if v is not None:
+                groups[r.page_id].append(float(v))
+        cvs = [c for c in (_cv(g) for g in groups.values()) if c is not None]
+        if cvs:
+            cv[key] = statistics.median(cvs)
+        multi = [g for g in groups.values() if len(g) >= 3]
+        if multi:
+            share[key] = sum(_outliers(g) for g in multi) / sum(len(g) for g in multi)
+    steps = [r.decode_step_ms for r in ok if len(r.decode_step_ms) >= 3]
+    if steps:
+        step_cvs = [c for c in (_cv(s) for s in steps) if c is not None]  # None: a run of 0 ms steps
+        if step_cvs:
+            cv["decode_step"] = statistics.median(step_cvs)
+        share["decode_step"] = sum(_outliers(s) for s in steps) / sum(len(s) for s in steps)
+    return cv, share
+
+
+def assess_quality(
+    ok: Sequence[PageRecord], host: HostLoad | None, throttle_reasons: Sequence[str] = ()
+) -> MeasurementQuality:
+    """good / noisy, with every reason that made it noisy (and what was not checked)."""
+    cv, share = stage_spread(ok)
+    reasons: list[str] = []
+    unchecked: list[str] = []
+    for key, value in cv.items():
+        if value > CV_NOISY and key != "decode_step":  # decode steps legitimately grow with the context
+            reasons.append(f"{key} varies {100 * value:.0f} % between repeats of a page (CV > {100 * CV_NOISY:.0f} %)")
+    for key, value in share.items():
+        limit = STEP_OUTLIER_SHARE_NOISY if key == "decode_step" else 0.0
+        if value > limit:
+            reasons.append(f"{100 * value:.1f} % of {key} samples are > 3× their page's median")
+    if not any(k != "decode_step" for k in cv):
+        unchecked.append("repeat-to-repeat spread (repeats=1: no page was measured twice)")
+    if host is None:
+        unchecked.append("host load (not sampled)")
+    else:
+        if host.other_cpu_share_mean is not None and host.other_cpu_share_mean > OTHER_CPU_SHARE_NOISY:
+            reasons.append(
+                f"other processes used {100 * host.other_cpu_share_mean:.0f} % of this run's "
+                f"{host.usable_cores} usable cores (mean; max {100 * (host.other_cpu_share_max or 0):.0f} %)"
+            )
+        if host.load_1m_mean is not None and host.load_1m_mean > host.usable_cores:
+            reasons.append(f"load average {host.load_1m_mean:.1f} > {host.usable_cores} usable cores")
+    bad = sorted(set(throttle_reasons) & THROTTLE_NOISY)
+    if bad:
+        reasons.append("GPU clocks lowered during the run: " + ", ".join(bad))
+    return MeasurementQuality(
+        verdict="noisy" if reasons else "good",
+        reasons=reasons,
+        not_checked=unchecked,
+        stage_cv=cv,
+        outlier_share=share,
+        host=host,
+        gpu_throttle_reasons=list(throttle_reasons),
+    )
+
+
+# --------------------------------------------------------------------------------------- runaway pages
+def repetition_period(
+    tokens: Sequence[int], window: int = REPEAT_WINDOW, max_period: int = REPEAT_MAX_PERIOD
+) -> int | None:
+    """The smallest period p <= max_period such that the last ``window`` tokens repeat with period p; None
+    when the tail is not a loop (or shorter than the window).  A loop of period p repeats ≥ window/p times."""
+    if len(tokens) < window:
+        return None
+    tail = list(tokens[-window:])
+    for p in range(1, max_period + 1):
+        if all(tail[i] == tail[i - p] for i in range(p, window)):
+            return p
+    return None
+
+
+def runaway_summary(ok: Sequence[PageRecord]) -> RunawaySummary | None:
+    """Pages that ran to the token cap or ended in a repetition loop: how many, their share of decode time,
+    and decode throughput with and without them (Σ decode tokens ÷ Σ decode seconds)."""
+    runs = [r for r in ok if r.generated_tokens is not None]
+    if not runs:
+        return None
+
+    def rate(rs: Sequence[PageRecord]) -> float | None:
+        secs = sum(r.decode_ms or 0.0 for r in rs) / 1e3
+        toks = sum(max((r.generated_tokens or 0) - 1, 0) for r in rs if r.decode_ms)
+        return toks / secs if secs > 0 else None
+
+    runaway = [r for r in runs if r.hit_token_cap or r.repetition_period is not None]
+    decode_total = sum(r.decode_ms or 0.0 for r in runs)
+    calm = [r for r in runs if r not in runaway]
+    return RunawaySummary(
+        page_runs=len(runs),
+        hit_token_cap=sum(1 for r in runs if r.hit_token_cap),
+        repetition_loop=sum(1 for r in runs if r.repetition_period is not None),
+        runaway=len(runaway),
+        share_of_page_runs=len(runaway) / len(runs),
+        share_of_decode_time=(sum(r.decode_ms or 0.0 for r in runaway) / decode_total) if decode_total > 0 else None,
+        decode_tok_s_all=rate(runs),
+        decode_tok_s_without_runaway=rate(calm) if calm else None,
+        window_tokens=REPEAT_WINDOW,
+        max_period=REPEAT_MAX_PERIOD,
+    )
+
+
+def gpu_throttle_reasons(nvml: object) -> tuple[str, ...]:
+    """Clock-event reasons NVML saw during the run (empty without NVML: the quality line says so)."""
+    from llm_perf_opt.profiling.nvml import NvmlSampler, PowerSummary
+
+    if not isinstance(nvml, NvmlSampler) or not nvml.available:
+        return ()
+    summary = nvml.summary()
+    return tuple(summary.throttle_reasons_seen) if isinstance(summary, PowerSummary) else ()

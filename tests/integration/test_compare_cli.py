@@ -1,0 +1,101 @@
+"""``llm-perf-opt compare`` as a regression gate, end to end through the real CLI (issue 14).
+
+Two runs of one config must compare quietly (exit 0, no **better**/**WORSE** row) even on a busy shared
+host; a run slowed by an injected sleep per decode step must fail the gate (exit 1) with the decode
+metrics marked.  The slowdown is a test double on PYTHONPATH (sitecustomize), not a switch in the product."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import ROOT, cli_env, read_metrics, run_cli
+
+# 2 pages × 4 repeats = 8 samples per metric; no profiler pass, no counted FLOPs, no plots (speed).
+GATE = [
+    "repeats=4",
+    "infer.max_new_tokens=12",
+    "dataset.sizes=[[300,200],[400,300]]",
+    "profiling/torch=torch-profiler.min",
+    "profiling.enabled=false",
+    "profiling.static_compute=false",
+    "output.plots=false",
+]
+SLOW_DECODE_S = 0.04  # per decode step: several times a tiny-model step on CPU, far above any load drift
+
+SITECUSTOMIZE = '''
+"""Test double: every decode step of the native model sleeps SLOW_DECODE_S seconds first."""
+import os
+import time
+
+from llm_perf_opt.models.deepseek_ocr import model as _model
+
+_real = _model.DeepseekOCRForCausalLM.decode_step
+
+
+def _slow_decode_step(self, *args, **kwargs):
+    time.sleep(float(os.environ["SLOW_DECODE_S"]))
+    return _real(self, *args, **kwargs)
+
+
+_model.DeepseekOCRForCausalLM.decode_step = _slow_decode_step
+'''
+
+
+def _compare(a: Path, b: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "llm_perf_opt.cli", "compare", str(a), str(b)],
+        cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+
+
+def _rows(stdout: str) -> dict[str, str]:
+    return {line.split("|")[1].strip(): line for line in stdout.splitlines() if line.startswith("| ") and "|" in line}
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("gate") / "a"
+    result = run_cli(GATE, run_dir)
+    assert result.returncode == 0, result.describe()
+    return run_dir
+
+
+def test_same_config_runs_compare_quietly(baseline: Path, tmp_path: Path) -> None:
+    other = tmp_path / "b"
+    result = run_cli(GATE, other)
+    assert result.returncode == 0, result.describe()
+    cmp = _compare(baseline, other)
+    print("\n" + cmp.stdout)
+    assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+    assert "**better**" not in cmp.stdout and "**WORSE**" not in cmp.stdout
+    assert "None: the resolved configs are the same" in cmp.stdout
+    rows = _rows(cmp.stdout)
+    assert "workload (no verdict)" in rows["generated_tokens"]
+    # Every run states its measurement quality, and compare carries it.
+    assert read_metrics(other)["quality"]["verdict"] in ("good", "noisy")
+    assert "- A: **Measurement quality:" in cmp.stdout and "- B: **Measurement quality:" in cmp.stdout
+
+
+def test_slowed_decode_fails_the_gate(baseline: Path, tmp_path: Path) -> None:
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(textwrap.dedent(SITECUSTOMIZE))
+    pythonpath = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
+    slow = tmp_path / "slow"
+    result = run_cli(GATE, slow, env={"PYTHONPATH": pythonpath, "SLOW_DECODE_S": str(SLOW_DECODE_S)})
+    assert result.returncode == 0, result.describe()
+    tpot = read_metrics(slow)["aggregates"]["tpot_ms"]["p50"]
+    assert tpot >= 1000 * SLOW_DECODE_S  # the double really ran
+    cmp = _compare(baseline, slow)
+    print("\n" + cmp.stdout)
+    assert cmp.returncode == 1, cmp.stdout + cmp.stderr
+    rows = _rows(cmp.stdout)
+    for metric in ("decode_ms", "tpot_ms", "decode_tok_s", "e2e_ms"):
+        assert "**WORSE**" in rows[metric], rows[metric]
+    assert "**WORSE**" not in rows["generated_tokens"]  # a workload descriptor is never judged
