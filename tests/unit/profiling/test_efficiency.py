@@ -98,3 +98,25 @@ def test_routing_sums_pages_per_layer() -> None:
     assert layer["experts_hit"] == 2 and layer["max_tokens"] == 4
     assert layer["mean_tokens"] == 2.0 and layer["imbalance"] == 2.0
     assert E.routing_summary([], top_k=2) == {}
+
+
+def test_one_token_pages_keep_a_model_level_mfu_and_say_why_decode_has_none(tiny_cfg: DeepseekOCRConfig) -> None:
+    """infer.max_new_tokens=1: no decode step, yet the model-level figure is the prefill's work over its time
+    (issue 14: 'mfu.total: no page with a positive time' was wrong)."""
+    pages = [_page("a", decode_ms=None, generated=1), _page("b", decode_ms=None, generated=1)]  # type: ignore[arg-type]
+    section = E.compute_efficiency(tiny_cfg, pages, _hardware(1e12, 1e11), dtype_bytes=2)
+    total = next(e for e in section.efficiency if e.stage == "total")
+    prefill = F.page_flops(tiny_cfg, VIEWS, 30, 1).stages()["prefill"]
+    assert total.achieved_flops_per_s == pytest.approx(2 * prefill / 0.010)
+    reasons = {u.metric: u.reason for u in section.unavailable}
+    assert "mfu.total" not in reasons
+    assert "no page decoded a second token" in reasons["mfu.decode"]
+
+
+def test_context_len_mode_max_counts_every_step_at_the_cap(tiny_cfg: DeepseekOCRConfig) -> None:
+    page = _page("a", decode_ms=10.0, generated=5)
+    auto = E.compute_efficiency(tiny_cfg, [page], _hardware(1e12, 1e11), dtype_bytes=2)
+    mx = E.compute_efficiency(tiny_cfg, [page], _hardware(1e12, 1e11), dtype_bytes=2, context=("max", 64, None))
+    dec = {s.stage: s for s in mx.efficiency}["decode"]
+    assert dec.flops == pytest.approx(4 * F.decode_step_flops(tiny_cfg.language, 30 + 64).total_flops)
+    assert dec.flops > {s.stage: s for s in auto.efficiency}["decode"].flops
