@@ -46,15 +46,15 @@ M = [
     (
         "compare: peak memory direction flipped",
         S + "report/compare.py",
-        '("peak_mem_allocated_bytes", "bytes", True)',
-        '("peak_mem_allocated_bytes", "bytes", False)',
+        'verdict = _direction(delta, lower_better=True) if significant else f"within ±{100 * th.mem_threshold:g} %"',
+        'verdict = _direction(delta, lower_better=False) if significant else f"within ±{100 * th.mem_threshold:g} %"',
         "tests/unit/test_compare_directions.py",
     ),
     (
-        "compare: tok/s direction flipped",
+        "compare: tok/s direction flipped (throughput judged as a latency)",
         S + "report/compare.py",
-        '("decode_tok_s", "tok/s", False)',
-        '("decode_tok_s", "tok/s", True)',
+        '("decode_tok_s", "tok/s", "throughput"),',
+        '("decode_tok_s", "tok/s", "latency"),',
         "tests/unit/test_compare_directions.py",
     ),
     (
