@@ -155,7 +155,7 @@ def _preset_text(cfg: dict[str, Any]) -> str:
     geometry that ran in ``model.preprocess`` (a preset's override folded in), so the cap is read there."""
     infer = cfg.get("infer") or {}
     pp = (cfg.get("model") or {}).get("preprocess") or {}
-    name = str(infer.get("preset") or NA)
+    name = str(infer.get("preset") or na("the run's config records no infer.preset"))
     if infer.get("mode"):
         name = f"{name} (mode {infer['mode']})"
     if not pp:
