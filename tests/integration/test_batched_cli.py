@@ -40,3 +40,25 @@ def test_batched_phase_uses_the_static_step_without_ngram_rule(tmp_path: Path) -
     assert [b.decode_path for b in s.batches] == ["static"]  # CPU: the static step runs un-graphed
     assert s.batches[0].graph_capture_ms == 0.0
     assert "Decode path: static" in (run_dir / "report.md").read_text()
+
+
+def test_batch_larger_than_dataset_warns_and_num_pages_fills_it(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    args = [*SMALL, "dataset.sizes=[[300,200],[200,300]]", "infer.batch_size=3", "infer.no_repeat_ngram_size=0"]
+    result = run_cli(args, run_dir=run_dir)
+    assert result.returncode == 0, result.describe()
+    s = read_summary(run_dir / "metrics.json")
+    assert [b.batch for b in s.batches] == [2] and s.batches[0].requested_batch == 3
+    warning = "infer.batch_size=3 exceeds the dataset's 2 page(s)"
+    assert any(warning in n for n in s.notes)
+    assert warning in result.stderr + result.stdout  # the log line
+    assert "**Warning:** infer.batch_size=3 but batches ran with at most 2 page(s)" in (run_dir / "report.md").read_text()
+
+    run_dir = tmp_path / "run2"
+    result = run_cli([*args, "dataset.num_pages=3", "repeats=1"], run_dir=run_dir)
+    assert result.returncode == 0, result.describe()
+    s = read_summary(run_dir / "metrics.json")
+    assert [b.batch for b in s.batches] == [3]
+    assert s.batches[0].page_ids == ["synthetic-300x200-0", "synthetic-200x300-1", "synthetic-300x200-2"]
+    assert not any("exceeds the dataset" in n for n in s.notes)
+    assert "**Warning:**" not in (run_dir / "report.md").read_text()

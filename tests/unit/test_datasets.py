@@ -66,6 +66,25 @@ def test_build_pages_synthetic_from_shipped_config() -> None:
     assert pages[1].load().size == (800, 600)
 
 
+def test_build_pages_num_pages_cycles_sizes_with_own_seeds() -> None:
+    pages = build_pages(_ds(sizes=[[100, 200], [300, 400]], seed=5, num_pages=5), Path("."))
+    # hand-written: page i has sizes[i % 2] and seed 5 + i
+    assert [(p.page_id, p.synthetic_size, p.seed) for p in pages] == [
+        ("synthetic-100x200-0", (100, 200), 5),
+        ("synthetic-300x400-1", (300, 400), 6),
+        ("synthetic-100x200-2", (100, 200), 7),
+        ("synthetic-300x400-3", (300, 400), 8),
+        ("synthetic-100x200-4", (100, 200), 9),
+    ]
+    # same size, different seed: different drawn strokes
+    assert not np.array_equal(np.asarray(pages[0].load()), np.asarray(pages[2].load()))
+
+
+def test_build_pages_num_pages_then_max_pages() -> None:
+    pages = build_pages(_ds(sizes=[[100, 200]], num_pages=10, max_pages=3), Path("."))
+    assert [p.seed for p in pages] == [0, 1, 2]
+
+
 def test_build_pages_synthetic_seed_offset_and_max_pages() -> None:
     pages = build_pages(_ds(sizes=[[100, 200], [300, 400], [500, 600]], seed=10, max_pages=2), Path("."))
     assert [(p.synthetic_size, p.seed) for p in pages] == [((100, 200), 10), ((300, 400), 11)]

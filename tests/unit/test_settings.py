@@ -31,6 +31,8 @@ def settings_of(compose_cfg: Callable[..., DictConfig]) -> Callable[..., RunSett
         ("dataset.max_pages=abc", "dataset.max_pages"),
         ("dataset.max_pages=0", "dataset.max_pages"),
         ("dataset.sizes=[[300]]", "dataset.sizes"),
+        ("dataset.num_pages=0", "dataset.num_pages"),
+        ("dataset.num_pages=abc", "dataset.num_pages"),
         ("infer.batch_size=0", "infer.batch_size"),
         ("infer.batch_size=-3", "infer.batch_size"),
         ("output.top_k_operators=-1", "output.top_k_operators"),
@@ -75,6 +77,8 @@ def test_bad_value_is_one_config_error_with_a_hint(
 
 
 def test_cross_group_rules(settings_of: Callable[..., RunSettings]) -> None:
+    with pytest.raises(ConfigError, match=r"num_pages=4 only applies to synthetic"):
+        settings_of("dataset=folder", "dataset.root=/tmp", "+dataset.num_pages=4")
     with pytest.raises(ConfigError, match=r"needs model\.backend=native"):
         settings_of("model.backend=hf_remote", "infer.fast.enabled=true")
     with pytest.raises(ConfigError, match=r"needs model\.backend=native"):

@@ -253,10 +253,13 @@ def build_pages(ds: Any, project_root: Path) -> list[Page]:
         for s in sizes:
             if len(s) != 2 or min(s) < 16:
                 raise ConfigError(f"dataset.sizes entry {list(s)} is not a [width, height] of at least 16 px")
-        pages = [
-            Page(page_id=f"synthetic-{w}x{h}-{i}", synthetic_size=(w, h), seed=int(ds.get("seed", 0)) + i)
-            for i, (w, h) in enumerate(sizes)
-        ]
+        # num_pages cycles through the sizes; each page has its own seed, so its own drawn strokes.
+        count = int(ds.get("num_pages") or len(sizes))
+        seed = int(ds.get("seed", 0))
+        pages = []
+        for i in range(count):
+            w, h = sizes[i % len(sizes)]
+            pages.append(Page(page_id=f"synthetic-{w}x{h}-{i}", synthetic_size=(w, h), seed=seed + i))
     elif kind == "files":
         root_raw = ds.get("root")
         if root_raw in (None, "???"):

@@ -755,9 +755,16 @@ def _render_batches(s: RunSummary) -> str:
                   reason="no decode step: every sequence ended at its first token"),
     ]  # fmt: skip
     header = STAT_HEADER
+    requested = max((b.requested_batch or 0) for b in s.batches)
+    warning = (
+        [f"**Warning:** infer.batch_size={requested} but batches ran with at most {size} page(s): the dataset is "
+         f"smaller than the batch; set dataset.num_pages>={requested} (synthetic) or add pages.\n"]
+        if requested > size else []
+    )  # fmt: skip
     return "\n".join(
         [
             f"## Batched throughput (batch size {size})\n",
+            *warning,
             f"{len(s.batches)} batches of up to {size} pages, one forward per step for the whole batch (vision "
             "batched across pages, left-padded prefill, finished sequences masked). Statistics are over batches; "
             "TPOT over sequences. Model-only rates leave the host preprocessing out (it can run ahead on other "

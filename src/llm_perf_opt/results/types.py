@@ -139,6 +139,8 @@ class BatchRecord:
     # The same rates with the host preprocessing of the batch added to its time (pages_per_s leaves it out).
     pages_per_s_with_preprocess: float | None = None
     output_tok_s_with_preprocess: float | None = None
+    # infer.batch_size as configured: more than ``batch`` when the dataset has fewer pages (the report warns)
+    requested_batch: int | None = None
 
 
 @attrs.frozen

@@ -38,6 +38,10 @@ def throughput_phase(run: Stage1Run, pages: list[Page], progress: Any, stop: Sto
     if not pages:
         run.unavailable.append(Unavailable("batched_throughput", "no page could be prepared for batching"))
         return
+    if size > len(pages):
+        warning = batch_size_warning(size, len(pages))
+        log.warning("%s", warning)
+        run.notes.append(warning)
     chunks = [pages[i : i + size] for i in range(0, len(pages), size)]
     try:
         run.session.run_batch(chunks[0], min(cap, WARMUP_TOKENS), repeat=-1)
@@ -58,9 +62,18 @@ def throughput_phase(run: Stage1Run, pages: list[Page], progress: Any, stop: Sto
             except (LlmPerfOptError, RuntimeError, ValueError, OSError) as exc:
                 run.notes.append(f"batch {[p.page_id for p in chunk]} (repeat {repeat}) failed: {exc}")
                 continue
+            record = attrs.evolve(record, requested_batch=size)
             run.batches.append(record)
             append_jsonl(run.out / "batches.jsonl", record)
             progress.advance(task)
+
+
+def batch_size_warning(batch_size: int, n_pages: int) -> str:
+    """One line for the log, the notes and the batched section: the batch the user asked for did not run."""
+    return (
+        f"infer.batch_size={batch_size} exceeds the dataset's {n_pages} page(s): batches ran with at most "
+        f"{n_pages}; set dataset.num_pages>={batch_size} (synthetic) or add pages"
+    )
 
 
 def warmup(run: Stage1Run, pages: list[Page], progress: Any, stop: StopFlag) -> None:

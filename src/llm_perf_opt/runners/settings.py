@@ -166,6 +166,9 @@ class DatasetSettings:
     max_pages: int | None = attrs.field(default=None, validator=_integer(1, optional=True, example="10"))
     sizes: tuple[tuple[int, int], ...] = attrs.field(default=(), converter=_pairs, validator=_sizes)
     seed: int = attrs.field(default=0, validator=_integer(0))
+    # Synthetic pages to draw, cycling through ``sizes`` (each with its own seed, so its own strokes); null = one
+    # page per size.  Batched throughput needs at least ``infer.batch_size`` pages.
+    num_pages: int | None = attrs.field(default=None, validator=_integer(1, optional=True, example="64"))
 
     @fallback_patterns.validator
     def _patterns(self, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -181,6 +184,9 @@ class DatasetSettings:
         if self.kind == "synthetic" and not self.sizes:
             raise ConfigError("dataset.sizes is empty: a synthetic dataset needs page sizes",
                               hint="e.g. dataset.sizes=[[595,842]]")  # fmt: skip
+        if self.kind == "files" and self.num_pages is not None:
+            raise ConfigError(f"dataset.num_pages={self.num_pages} only applies to synthetic datasets",
+                              hint="limit a file dataset with dataset.max_pages; set dataset.num_pages=null")  # fmt: skip
 
 
 @attrs.frozen
