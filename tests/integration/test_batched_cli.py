@@ -52,7 +52,8 @@ def test_batch_larger_than_dataset_warns_and_num_pages_fills_it(tmp_path: Path) 
     warning = "infer.batch_size=3 exceeds the dataset's 2 page(s)"
     assert any(warning in n for n in s.notes)
     assert warning in result.stderr + result.stdout  # the log line
-    assert "**Warning:** infer.batch_size=3 but batches ran with at most 2 page(s)" in (run_dir / "report.md").read_text()
+    report = (run_dir / "report.md").read_text()
+    assert "**Warning:** infer.batch_size=3 but batches ran with at most 2 page(s)" in report
 
     run_dir = tmp_path / "run2"
     result = run_cli([*args, "dataset.num_pages=3", "repeats=1"], run_dir=run_dir)

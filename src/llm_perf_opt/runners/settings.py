@@ -186,7 +186,7 @@ class DatasetSettings:
                               hint="e.g. dataset.sizes=[[595,842]]")  # fmt: skip
         if self.kind == "files" and self.num_pages is not None:
             raise ConfigError(f"dataset.num_pages={self.num_pages} only applies to synthetic datasets",
-                              hint="limit a file dataset with dataset.max_pages; set dataset.num_pages=null")  # fmt: skip
+                              hint="limit a file dataset with dataset.max_pages instead")  # fmt: skip
 
 
 @attrs.frozen
