@@ -63,3 +63,33 @@ def test_batch_larger_than_dataset_warns_and_num_pages_fills_it(tmp_path: Path) 
     assert s.batches[0].page_ids == ["synthetic-300x200-0", "synthetic-200x300-1", "synthetic-300x200-2"]
     assert not any("exceeds the dataset" in n for n in s.notes)
     assert "**Warning:**" not in (run_dir / "report.md").read_text()
+
+
+def test_dummy_weights_end_at_the_page_target_length(tmp_path: Path) -> None:
+    """Hand-written targets 3 and 20 with a cap of 6: page a ends at 3 ("simulated eos"), page b at the cap."""
+    from PIL import Image
+
+    root = tmp_path / "pages"
+    root.mkdir()
+    for name, size in (("a.png", (300, 200)), ("b.png", (200, 300))):
+        Image.new("RGB", size, (255, 255, 255)).save(root / name)
+    (root / "lengths.txt").write_text("a.png 3\nb.png 20\n")
+    run_dir = tmp_path / "run"
+    small = [a for a in SMALL if not a.startswith(("dataset.", "infer.max_new_tokens"))]
+    args = [*small, "dataset=folder", f"dataset.root={root}", "dataset.lengths_file=lengths.txt",
+            "infer.max_new_tokens=6", "infer.batch_size=2", "infer.no_repeat_ngram_size=0"]  # fmt: skip
+    result = run_cli(args, run_dir=run_dir)
+    assert result.returncode == 0, result.describe()
+    s = read_summary(run_dir / "metrics.json")
+    by_id = {p.page_id: p for p in s.ok_pages}
+    assert (by_id["a.png"].generated_tokens, by_id["a.png"].simulated_eos, by_id["a.png"].hit_token_cap) == (
+        3, True, False)  # fmt: skip
+    assert (by_id["b.png"].generated_tokens, by_id["b.png"].simulated_eos, by_id["b.png"].hit_token_cap) == (
+        6, False, True)  # fmt: skip
+    assert not any(p.stopped_by_eos for p in s.ok_pages)
+    (batch,) = s.batches
+    assert batch.page_ids == ["a.png", "b.png"] and batch.simulated_eos == [True, False]
+    assert batch.output_tokens == 3 + 6
+    assert any(n.startswith("simulated eos: 1 of 2 page run(s)") for n in s.notes)
+    report = (run_dir / "report.md").read_text()
+    assert "Simulated eos: 1 of 2 sequences ended at their page's target output length" in report

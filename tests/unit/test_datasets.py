@@ -11,7 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from llm_perf_opt.data.datasets import Page, build_pages, synthetic_page
+from llm_perf_opt.data.datasets import Page, build_pages, read_lengths_file, synthetic_page, synthetic_target_tokens
 from llm_perf_opt.errors import ConfigError, InputError
 from tests.conftest import CONF
 
@@ -78,6 +78,36 @@ def test_build_pages_num_pages_cycles_sizes_with_own_seeds() -> None:
     ]
     # same size, different seed: different drawn strokes
     assert not np.array_equal(np.asarray(pages[0].load()), np.asarray(pages[2].load()))
+
+
+def test_synthetic_target_tokens_hand_counted() -> None:
+    # 16x16: margin 8, line height 6, the text starts at y = 8 + 4*6 = 32 >= 0.35*16: no word strokes, so
+    # 20 table cells + title + eos = 22
+    assert synthetic_target_tokens((16, 16), seed=0) == 22
+    # 300x60: margin 21, line 6, one text line at y=45 (< 0.35*60=21? no): none either -> 22
+    assert synthetic_target_tokens((300, 60), seed=0) == 22
+    # a larger page has text: more than the fixed part, and the pages of build_pages carry it
+    page = build_pages(_ds(sizes=[[595, 842]]), Path("."))[0]
+    assert page.target_tokens is not None and page.target_tokens > 22
+
+
+def test_lengths_file_parsed_and_attached(tmp_path: Path) -> None:
+    _png(tmp_path / "a.png")
+    _png(tmp_path / "sub" / "b page.png")
+    (tmp_path / "lengths.txt").write_text("# page tokens\na.png 17\n\nsub/b page.png 1024  # spaces in the id\n")
+    assert read_lengths_file(tmp_path / "lengths.txt") == {"a.png": 17, "sub/b page.png": 1024}
+    ds = _ds(kind="files", root=str(tmp_path), fallback_patterns=["**/*.png"], lengths_file="lengths.txt")
+    pages = build_pages(ds, Path("."))
+    assert {p.page_id: p.target_tokens for p in pages} == {"a.png": 17, "sub/b page.png": 1024}
+
+
+@pytest.mark.parametrize("line", ["a.png", "a.png zero", "a.png 0", "17"])
+def test_lengths_file_bad_line_is_one_input_error(tmp_path: Path, line: str) -> None:
+    (tmp_path / "lengths.txt").write_text(f"{line}\n")
+    with pytest.raises(InputError, match=r"lengths\.txt:1: expected '<page id> <tokens>'"):
+        read_lengths_file(tmp_path / "lengths.txt")
+    with pytest.raises(ConfigError, match=r"dataset\.lengths_file not found"):
+        read_lengths_file(tmp_path / "missing.txt")
 
 
 def test_build_pages_num_pages_then_max_pages() -> None:

@@ -27,6 +27,10 @@ class Page:
     path: Path | None = None
     synthetic_size: tuple[int, int] | None = None
     seed: int = 0
+    # Output length this page stands for (tokens, eos included): dummy-weight runs end its sequence there
+    # ("simulated eos"); real weights ignore it.  Synthetic pages: :func:`synthetic_target_tokens`; file
+    # datasets: ``dataset.lengths_file``; None = no target (the run ends at eos or the cap as usual).
+    target_tokens: int | None = None
 
     def load(self) -> Image.Image:
         if self.synthetic_size is not None:
@@ -39,10 +43,12 @@ class Page:
 
     def describe(self) -> dict[str, Any]:
         """Identity for inputs.yaml: path + size + sha256 (or the synthetic recipe)."""
+        target = {} if self.target_tokens is None else {"target_tokens": self.target_tokens}
         if self.synthetic_size is not None:
-            return {"page_id": self.page_id, "synthetic": True, "size_px": list(self.synthetic_size), "seed": self.seed}
+            return {"page_id": self.page_id, "synthetic": True, "size_px": list(self.synthetic_size), "seed": self.seed,
+                    **target}  # fmt: skip
         assert self.path is not None
-        info: dict[str, Any] = {"page_id": self.page_id, "path": str(self.path)}
+        info: dict[str, Any] = {"page_id": self.page_id, "path": str(self.path), **target}
         try:
             data = self.path.read_bytes()
             info["sha256"] = hashlib.sha256(data).hexdigest()
@@ -59,21 +65,13 @@ def synthetic_page(size: tuple[int, int], seed: int) -> Image.Image:
     crops); token counts depend on the size alone.
     """
     w, h = size
-    rng = random.Random(seed * 1_000_003 + w * 31 + h)
     img = Image.new("RGB", (w, h), (255, 255, 255))
     draw = ImageDraw.Draw(img)
     margin = max(8, w // 14)
     line_h = max(6, h // 70)
-    y = margin
-    draw.rectangle([margin, y, margin + (w - 2 * margin) * 2 // 3, y + 2 * line_h], fill=(20, 20, 20))
-    y += 4 * line_h
-    while y < h * 0.35:
-        x = margin
-        while x < w - margin - 10:
-            word = rng.randint(max(3, w // 60), max(6, w // 12))
-            draw.rectangle([x, y, min(x + word, w - margin), y + line_h // 2], fill=(40, 40, 40))
-            x += word + max(3, w // 90)
-        y += line_h + line_h // 2
+    draw.rectangle([margin, margin, margin + (w - 2 * margin) * 2 // 3, margin + 2 * line_h], fill=(20, 20, 20))
+    for box in _word_boxes(size, seed):
+        draw.rectangle(box, fill=(40, 40, 40))
     rows, cols = 5, 4
     tx0, ty0 = margin, int(h * 0.4)
     tx1, ty1 = w - margin, int(h * 0.62)
@@ -88,6 +86,62 @@ def synthetic_page(size: tuple[int, int], seed: int) -> Image.Image:
     if fx1 - fx0 > 20 and fy1 - fy0 > 20:  # small pages get the box only
         draw.ellipse([fx0 + 10, fy0 + 10, fx1 - 10, fy1 - 10], fill=(200, 120, 60))
     return img
+
+
+def _word_boxes(size: tuple[int, int], seed: int) -> list[list[int]]:
+    """The text-like word strokes of :func:`synthetic_page` (one rectangle per word), deterministic for (size, seed)."""
+    w, h = size
+    rng = random.Random(seed * 1_000_003 + w * 31 + h)
+    margin = max(8, w // 14)
+    line_h = max(6, h // 70)
+    boxes = []
+    y = margin + 4 * line_h
+    while y < h * 0.35:
+        x = margin
+        while x < w - margin - 10:
+            word = rng.randint(max(3, w // 60), max(6, w // 12))
+            boxes.append([x, y, min(x + word, w - margin), y + line_h // 2])
+            x += word + max(3, w // 90)
+        y += line_h + line_h // 2
+    return boxes
+
+
+# The synthetic page's table (see synthetic_page): 5 rows x 4 columns of cells.
+SYNTHETIC_TABLE_CELLS = 20
+
+
+def synthetic_target_tokens(size: tuple[int, int], seed: int) -> int:
+    """The output length a synthetic page stands for: one token per drawn word stroke and per table cell, the
+    title line, and eos.
+
+    A documented recipe, not a tokenizer count (the page draws strokes, not text): it grows with the page's
+    text area and varies with the seed, so a batch of synthetic pages ends at a realistic mix of lengths.
+    """
+    return len(_word_boxes(size, seed)) + SYNTHETIC_TABLE_CELLS + 2  # + title + eos
+
+
+def read_lengths_file(listing: Path) -> dict[str, int]:
+    """``dataset.lengths_file``: one ``<page id> <tokens>`` per line (page id = path under dataset.root; blank
+    lines and ``#`` comments skipped).  The target output length of each listed page."""
+    if not listing.is_file():
+        raise ConfigError(
+            f"dataset.lengths_file not found: {listing}",
+            hint="give a text file with '<page path under dataset.root> <tokens>' per line, or set it to null",
+        )
+    lengths: dict[str, int] = {}
+    for n, line in enumerate(listing.read_text().splitlines(), start=1):
+        entry = line.split("#", 1)[0].strip()
+        if not entry:
+            continue
+        page_id, _, value = entry.rpartition(" ")
+        page_id = page_id.strip()
+        if not page_id or not value.isdigit() or int(value) < 1:
+            raise InputError(
+                f"{listing}:{n}: expected '<page id> <tokens>' with tokens >= 1, got {line.strip()!r}",
+                hint="e.g. 'images/page_001.png 1024'",
+            )
+        lengths[page_id] = int(value)
+    return lengths
 
 
 def _collect_files(root: Path, subset_filelist: str | None, patterns: Sequence[str]) -> list[Path]:
@@ -259,7 +313,10 @@ def build_pages(ds: Any, project_root: Path) -> list[Page]:
         pages = []
         for i in range(count):
             w, h = sizes[i % len(sizes)]
-            pages.append(Page(page_id=f"synthetic-{w}x{h}-{i}", synthetic_size=(w, h), seed=seed + i))
+            target = synthetic_target_tokens((w, h), seed + i)
+            pages.append(
+                Page(page_id=f"synthetic-{w}x{h}-{i}", synthetic_size=(w, h), seed=seed + i, target_tokens=target)
+            )
     elif kind == "files":
         root_raw = ds.get("root")
         if root_raw in (None, "???"):
@@ -291,6 +348,10 @@ def build_pages(ds: Any, project_root: Path) -> list[Page]:
                 hint="put .png/.jpg pages there, or point dataset.root / dataset.subset_filelist elsewhere",
             )
         pages = _unique_pages(root, files)
+        if ds.get("lengths_file"):
+            listing = Path(str(ds.get("lengths_file")))
+            lengths = read_lengths_file(listing if listing.is_absolute() else root / listing)
+            pages = [attrs.evolve(p, target_tokens=lengths.get(p.page_id)) for p in pages]
     else:
         raise ConfigError(f"dataset.kind must be 'synthetic' or 'files', got {kind!r}")
     if max_pages is not None:

@@ -789,6 +789,12 @@ def _batch_paths(s: RunSummary) -> str:
     text = "Decode path: " + "; ".join(f"{p} ({note.get(p, '?')})" for p in paths) + "."
     if captures:
         text += f" Graph captures: {len(captures)}, {fmt(sum(captures), 1)} ms in all (outside the stage times)."
+    simulated = sum(sum(b.simulated_eos) for b in s.batches)
+    if simulated:
+        text += (
+            f" Simulated eos: {simulated} of {sum(b.batch for b in s.batches)} sequences ended at their page's "
+            "target output length (dummy weights)."
+        )
     idle = sum(b.idle_steps for b in s.batches)
     if idle:
         text += f" {idle} idle step(s) after all sequences had finished (eos checked every k steps)."

@@ -87,6 +87,8 @@ class PageRecord:
     stopped_by_eos: bool | None = None
     # Period (tokens) of the repetition loop the output ends in (profiling/noise.py), None when it does not.
     repetition_period: int | None = None
+    # ended at the page's target output length, as dummy weights never end at eos ("simulated eos")
+    simulated_eos: bool = False
     preprocess_ms: float | None = None
     sam_ms: float | None = None
     clip_ms: float | None = None
@@ -141,6 +143,8 @@ class BatchRecord:
     output_tok_s_with_preprocess: float | None = None
     # infer.batch_size as configured: more than ``batch`` when the dataset has fewer pages (the report warns)
     requested_batch: int | None = None
+    # per sequence: ended at its page's target length ("simulated eos", dummy weights), not at eos or the cap
+    simulated_eos: list[bool] = attrs.field(factory=list)
 
 
 @attrs.frozen

@@ -217,10 +217,12 @@ class DeepSeekOCRSession:
         prepared = [self.prepare(p) for p in pages]
         preprocess_ms = (time.perf_counter() - t_pre) * 1e3
         ignore_eos = self.infer.ignore_eos
+        targets = [self.simulated_target(p) for p in pages]
+        caps = [max_new_tokens if t is None else min(max_new_tokens, t) for t in targets]
         with torch.inference_mode():
             res = self._batched.run(
                 prepared,
-                max_new_tokens,
+                caps,
                 eos_token_id=None if ignore_eos else self.backend.config.language.eos_token_id,
                 no_repeat_ngram_size=self.infer.no_repeat_ngram_size,
                 ignore_eos=ignore_eos,
@@ -243,7 +245,18 @@ class DeepSeekOCRSession:
             preprocess_ms=preprocess_ms,
             pages_per_s_with_preprocess=res.batch / (res.total_s + preprocess_ms / 1e3),
             output_tok_s_with_preprocess=res.output_tokens / (res.total_s + preprocess_ms / 1e3),
+            simulated_eos=[
+                _ended_at_target(len(t), eos, target)
+                for t, eos, target in zip(res.tokens, res.stopped_by_eos, targets, strict=True)
+            ],
         )
+
+    def simulated_target(self, page: Page) -> int | None:
+        """Where this page's sequence ends when the weights cannot say (dummy weights): its target output length;
+        None with real weights (they end at eos) or a page without a target."""
+        if self.backend.weights_desc != "dummy":
+            return None
+        return page.target_tokens
 
     # ------------------------------------------------------------------ one page
     def run(
@@ -272,6 +285,8 @@ class DeepSeekOCRSession:
         def done(token: int) -> bool:
             return not ignore_eos and token == eos_id
 
+        simulated = self.simulated_target(page)
+        cap = max_new_tokens if simulated is None else min(max_new_tokens, simulated)
         window_start_s = time.perf_counter()
         prepared, preprocess_ms = self._preprocess(page)
         prompt_len = int(prepared.prompt_len)
@@ -290,20 +305,20 @@ class DeepSeekOCRSession:
             pre = self._prefill(prepared, cache, state, choose)
             with self.ranges.range("decode"):
                 device_ngram = self._device_ngram()
-                if device_ngram is not None and len(state.generated) < max_new_tokens and not done(state.last):
+                if device_ngram is not None and len(state.generated) < cap and not done(state.last):
                     decode_on_device(
-                        self.model, cache, pre.ids, state, max_new_tokens - 1, device_ngram,
+                        self.model, cache, pre.ids, state, cap - 1, device_ngram,
                         None if ignore_eos else eos_id, self.clock, page.page_id, should_stop,
                     )  # fmt: skip
                 # the host loop: every step when tokens are picked on the host (nothing left after the device loop)
                 decode_on_host(
-                    self.model, cache, state, max_new_tokens, done, choose, self.clock, self.ranges,
+                    self.model, cache, state, cap, done, choose, self.clock, self.ranges,
                     self.infer.nvtx_decode_step, page.page_id, should_stop,
                 )  # fmt: skip
         self.clock.synchronize()
         window_end_s = time.perf_counter()
         return self._page_run(page, repeat, prepared, pre, state, cache, max_new_tokens, ignore_eos, eos_id,
-                              preprocess_ms, setups_before, (window_start_s, window_end_s))  # fmt: skip
+                              preprocess_ms, setups_before, (window_start_s, window_end_s), simulated)  # fmt: skip
 
     def _preprocess(self, page: Page) -> tuple[Any, float]:
         """Decode and preprocess the page on the host (its own stage, not part of prefill)."""
@@ -362,6 +377,7 @@ class DeepSeekOCRSession:
         preprocess_ms: float,
         setups_before: int,
         window_s: tuple[float, float],
+        simulated_target: int | None = None,
     ) -> PageRun:
         """Resolve the page's clock marks (after the final sync) into its record, text and FLOP inputs."""
         clock = self.clock
@@ -371,6 +387,7 @@ class DeepSeekOCRSession:
             peak_reserved = int(torch.cuda.max_memory_reserved(self.device))
         generated = state.generated
         stopped_by_eos = (not ignore_eos) and generated[-1] == eos_id
+        simulated_eos = _ended_at_target(len(generated), stopped_by_eos, simulated_target)
         experts_hit, tokens_per_expert = self.backend.routing_counts(self.model)
         n_crops = int(prepared.n_crops)
         views = [(n_crops, *pre.crops_hw)] * (n_crops > 0) + [(1, *pre.ori_hw)]
@@ -387,6 +404,7 @@ class DeepSeekOCRSession:
                 generated=generated,
                 max_new_tokens=max_new_tokens,
                 stopped_by_eos=stopped_by_eos,
+                simulated_eos=simulated_eos,
                 nonfinite=bool(state.nonfinite.item()),
                 one_time_setup=self._setup_count() > setups_before,
                 peak_mem_allocated_bytes=peak_alloc,
@@ -407,3 +425,9 @@ class DeepSeekOCRSession:
             text_is_meaningful=self.backend.text_is_meaningful,
         )
         return PageRun(record, prediction, prepared, window_s, tokens_per_expert)
+
+
+def _ended_at_target(n_generated: int, stopped_by_eos: bool, target: int | None) -> bool:
+    """A simulated eos: the sequence ended because it reached its page's target length (not eos, not the cap
+    below the target)."""
+    return target is not None and not stopped_by_eos and n_generated == target

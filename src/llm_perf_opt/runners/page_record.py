@@ -50,6 +50,7 @@ class PageMeasurements:
     energy_j: float | None
     experts_hit_per_layer: list[int] | None
     vision_views: list[tuple[int, int, int]]
+    simulated_eos: bool = False  # ended at the page's target length (dummy weights), see DeepSeekOCRSession
 
 
 def build_page_record(page: Page, repeat: int, prepared: Any, m: PageMeasurements) -> PageRecord:
@@ -88,6 +89,7 @@ def build_page_record(page: Page, repeat: int, prepared: Any, m: PageMeasurement
         hit_token_cap=n_tok >= m.max_new_tokens,
         stopped_by_eos=m.stopped_by_eos,
         repetition_period=repetition_period(m.generated),
+        simulated_eos=m.simulated_eos,
         preprocess_ms=m.preprocess_ms,
         sam_ms=m.stage_ms.get("sam"),
         clip_ms=m.stage_ms.get("clip"),

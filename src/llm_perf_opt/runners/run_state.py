@@ -175,7 +175,7 @@ class Stage1Run:
             batches=list(self.batches),
             batch_aggregates=self._batch_aggregates(),
             unavailable=unavailable,
-            notes=self.notes + more_notes,
+            notes=self.notes + more_notes + simulated_eos_notes(ok),
             quality=quality,
             runaway=runaway_summary(ok),
         )
@@ -280,3 +280,14 @@ def _failed(page: Page, repeat: int, error: str, error_type: str) -> PageRecord:
 
 def _path(page: Page) -> str | None:
     return str(page.path) if page.path else None
+
+
+def simulated_eos_notes(ok: list[PageRecord]) -> list[str]:
+    """Say when output lengths were simulated: dummy weights never end at eos, so such pages end at their target."""
+    simulated = sum(p.simulated_eos for p in ok)
+    if not simulated:
+        return []
+    return [
+        f"simulated eos: {simulated} of {len(ok)} page run(s) ended at the page's target output length (dummy "
+        "weights never end at eos; targets from the synthetic drawing or dataset.lengths_file)"
+    ]

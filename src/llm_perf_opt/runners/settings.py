@@ -169,6 +169,9 @@ class DatasetSettings:
     # Synthetic pages to draw, cycling through ``sizes`` (each with its own seed, so its own strokes); null = one
     # page per size.  Batched throughput needs at least ``infer.batch_size`` pages.
     num_pages: int | None = attrs.field(default=None, validator=_integer(1, optional=True, example="64"))
+    # File datasets: '<page id> <tokens>' per line (relative to root), each page's target output length, where
+    # dummy weights end its sequence ("simulated eos"); synthetic pages carry theirs from the drawing.
+    lengths_file: str | None = attrs.field(default=None, validator=_text(optional=True))
 
     @fallback_patterns.validator
     def _patterns(self, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -184,6 +187,9 @@ class DatasetSettings:
         if self.kind == "synthetic" and not self.sizes:
             raise ConfigError("dataset.sizes is empty: a synthetic dataset needs page sizes",
                               hint="e.g. dataset.sizes=[[595,842]]")  # fmt: skip
+        if self.kind == "synthetic" and self.lengths_file is not None:
+            raise ConfigError("dataset.lengths_file only applies to file datasets (synthetic pages carry their own)",
+                              hint="set dataset.lengths_file=null")  # fmt: skip
         if self.kind == "files" and self.num_pages is not None:
             raise ConfigError(f"dataset.num_pages={self.num_pages} only applies to synthetic datasets",
                               hint="limit a file dataset with dataset.max_pages instead")  # fmt: skip
