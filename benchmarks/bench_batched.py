@@ -8,7 +8,9 @@ page sizes) in Base mode (one 1024×1024 view per page, 273 image tokens, prompt
 
 ``--decode`` picks the decode loop of ``BatchedGenerator`` (default ``both``: graph and host side by side):
 ``graph`` = the static step replayed from a CUDA graph, ``static`` = the same step un-graphed, ``host`` = the
-host-driven loop (host tensors per step, logits to the host).  For each batch size (default 1, 8, 32, 64)
+host-driven loop (host tensors per step, logits to the host).  ``--ngram 0 20`` times each loop without and
+with the vendor's no-repeat-ngram rule (on the device in graph/static, on the host in the host loop) and
+prints device/host and with/without ratios.  For each batch size (default 1, 8, 32, 64)
 and loop: one warm-up run of the SAME shape (same pages, same ``--tokens``), which pays the one-time CUDA
 graph capture (and the vision compile / graphs of its shapes), then one timed run that only replays
 (CUDA events via ``DeviceClock``).  The capture time of the warm-up run is reported in its own column;
@@ -90,14 +92,15 @@ def generator(target: Any, loop: str, args: argparse.Namespace) -> BatchedGenera
 
 
 def measure(
-    gen: BatchedGenerator, pages: list[PreparedPage], tokens: int, eos: int, warmup_tokens: int
+    gen: BatchedGenerator, pages: list[PreparedPage], tokens: int, eos: int, warmup_tokens: int, ngram: int = 0
 ) -> dict[str, Any]:
     dev = gen.device
-    warm = gen.run(pages, warmup_tokens, eos_token_id=eos, ignore_eos=True)  # capture, allocator, compile
+    # warm-up: capture, allocator, compile
+    warm = gen.run(pages, warmup_tokens, eos_token_id=eos, ignore_eos=True, no_repeat_ngram_size=ngram)
     _sync(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    res = gen.run(pages, tokens, eos_token_id=eos, ignore_eos=True)
+    res = gen.run(pages, tokens, eos_token_id=eos, ignore_eos=True, no_repeat_ngram_size=ngram)
     _sync(dev)
     # CUDA allocator peak; None off CUDA (printed "n/a", never as a number)
     peak = torch.cuda.max_memory_allocated(dev) / GiB if dev.type == "cuda" else None
@@ -105,6 +108,7 @@ def measure(
     return {
         "batch": len(pages),
         "decode": res.decode_path,
+        "ngram": ngram,
         "prompt_len": res.padded_len,
         "tokens_per_seq": tokens,
         "pages_per_s": res.pages_per_s,
@@ -127,16 +131,17 @@ def measure(
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| batch | decode | pages/s | output tok/s | decode tok/s | TTFT s | TPOT p50 ms | TPOT p90 ms "
+        "| batch | decode | no-repeat n | pages/s | output tok/s | decode tok/s | TTFT s | TPOT p50 ms | TPOT p90 ms "
         "| capture s | peak memory GiB |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         capture = f"{r['warmup_capture_s']:.3f}" if r["decode"] == "graph" else "-"
         if r["timed_capture_s"] > 0:
             capture += f" (+{r['timed_capture_s']:.3f} in the timed run)"
         lines.append(
-            f"| {r['batch']} | {r['decode']} | {r['pages_per_s']:.3f} | {r['output_tok_per_s']:.1f} "
+            f"| {r['batch']} | {r['decode']} | {r['ngram'] or '-'} | {r['pages_per_s']:.3f} "
+            f"| {r['output_tok_per_s']:.1f} "
             f"| {r['decode_tok_per_s']:.1f} | {r['ttft_s']:.3f} | {r['tpot_p50_ms']:.2f} | {_opt(r['tpot_p90_ms'])} "
             f"| {capture} | {_gib(r['peak_gib'])} |"
         )
@@ -172,6 +177,14 @@ def main() -> None:
         "run would capture again)",
     )
     ap.add_argument("--decode", choices=sorted(DECODE_LOOPS), default="both", help="decode loop(s) to time")
+    ap.add_argument(
+        "--ngram",
+        nargs="+",
+        type=int,
+        default=[0],
+        help="no_repeat_ngram sizes to time (e.g. 0 20: without the rule and with the vendor's; graph/static apply "
+        "it on the device, host on the host), printed as device/host and with/without ratios",
+    )
     ap.add_argument("--check-every", type=int, default=16, help="static loop: steps between eos checks")
     ap.add_argument("--mode", default="base", help="PreprocessConfig.for_mode name")
     ap.add_argument(
@@ -218,14 +231,15 @@ def main() -> None:
 
     rows: list[dict[str, Any]] = []
     for bsz in batches:
-        for loop in loops:
+        for ngram, loop in [(n, loop) for n in args.ngram for loop in loops]:
             gen = generator(target, loop, args)
-            row = measure(gen, pages[:bsz], args.tokens, eos, warmup_tokens)
+            row = measure(gen, pages[:bsz], args.tokens, eos, warmup_tokens, ngram)
             gen.release_decode_state()  # free the kept graph and cache before the next loop / batch size
             rows.append(row)
             flag = " (TIMED RUN CAPTURED)" if row["timed_capture_s"] > 0 else ""
             print(
-                f"batch {bsz} {row['decode']}: {row['pages_per_s']:.3f} pages/s, {row['output_tok_per_s']:.1f} tok/s, "
+                f"batch {bsz} {row['decode']} no-repeat {ngram}: {row['pages_per_s']:.3f} pages/s, "
+                f"{row['output_tok_per_s']:.1f} tok/s, "
                 f"TPOT p50 {row['tpot_p50_ms']:.2f} ms, capture {row['warmup_capture_s']:.3f} s{flag}, "
                 f"peak {_gib(row['peak_gib'])} GiB",
                 flush=True,

@@ -782,9 +782,9 @@ def _batch_paths(s: RunSummary) -> str:
     paths = sorted({b.decode_path for b in s.batches})
     captures = [b.graph_capture_ms for b in s.batches if b.graph_capture_ms > 0]
     note = {
-        "graph": "CUDA-graph step, tokens chosen on the device",
+        "graph": "CUDA-graph step, tokens chosen on the device (no_repeat_ngram rule there too)",
         "static": "static step, un-graphed",
-        "host": "host loop: logits read every step (no_repeat_ngram or kept logits)",
+        "host": "host loop: logits read every step (per-sequence no_repeat_ngram sizes or kept logits)",
     }
     text = "Decode path: " + "; ".join(f"{p} ({note.get(p, '?')})" for p in paths) + "."
     if captures:

@@ -133,7 +133,7 @@ class BatchRecord:
     output_tok_s: float | None
     tpot_ms: list[float]  # per sequence
     # "graph" (CUDA-graph decode step), "static" (the same static step un-graphed) or "host" (host loop:
-    # no_repeat_ngram or kept logits need each step's logits on the host)
+    # per-sequence no_repeat_ngram sizes or kept logits need each step's logits on the host)
     decode_path: str = "host"
     graph_capture_ms: float = 0.0  # one-time warm-up + capture of the decode graph (not in any stage time)
     idle_steps: int = 0  # steps after every sequence had finished (eos is checked every k steps)

@@ -22,13 +22,14 @@ decoder forward (``lm_forward``: the eager layers, or a FastModel's fused ones) 
 * **Decode** — one forward per step for the whole batch: every sequence writes its K/V at the same cache
   slot ``L + step`` but is rotated at its own position ``len_b + step``; pad keys stay masked.  Two loops:
 
-  - the **static step** (``decode_path`` "graph" on CUDA, "static" un-graphed elsewhere; used when no
-    sequence asks for no_repeat_ngram and ``keep_logits`` is False): every input lives in a static device
-    buffer (tokens [B, 1], per-row rotary position [B], the cache slot, per-row pad offsets), the additive
+  - the **static step** (``decode_path`` "graph" on CUDA, "static" un-graphed elsewhere; used when every
+    sequence has the same no_repeat_ngram size, 0 or not, and ``keep_logits`` is False): every input lives in a
+    static device buffer (tokens [B, 1], per-row rotary position [B], the cache slot, per-row pad offsets), the additive
     key mask is built on the device from slot and pads over the cache's whole ``max_len``, K/V are written
     at the slot with ``index_copy_``, the token is chosen on the device
-    (:func:`~llm_perf_opt.models.deepseek_ocr.fast.first_argmax`) and per-row done flags, counts and an
-    output buffer [B, max_len] are updated on the device.  Shapes never change, so on CUDA the step is
+    (:func:`~llm_perf_opt.models.deepseek_ocr.fast.first_argmax`, after the no-repeat-ngram mask of
+    :func:`~llm_perf_opt.models.deepseek_ocr.generation.banned_ngram_mask` when n > 0) and per-row done flags,
+    counts and an output buffer [B, max_len] are updated on the device.  Shapes never change, so on CUDA the step is
     captured once per (batch, cache ``max_len``) as a CUDA graph and replayed; the graph and its KV cache are
     kept by the generator and reused by the next run of the same shape.  The host reads ``done.all()`` every
     ``check_every`` steps only (never without eos: the caps alone end the loop, at a known step), so up to
@@ -39,7 +40,7 @@ decoder forward (``lm_forward``: the eager layers, or a FastModel's fused ones) 
     With a :class:`~llm_perf_opt.models.deepseek_ocr.fast.FastModel` the step uses its fused / grouped
     layer weights (``FastModel.layers``: fused QKV and gate/up, stacked experts; its ``decode_attention``);
     its device routing counters are not fed (``counts=None``), as in the host loop.
-  - the **host loop** (``decode_path`` "host"; with no_repeat_ngram, ``keep_logits`` or
+  - the **host loop** (``decode_path`` "host"; with per-sequence no_repeat_ngram sizes, ``keep_logits`` or
     ``static_decode=False``): tensors built on the host each step, the mask sliced to the current length,
     float32 logits to the host for the token choice.  Finished sequences are **not compacted** (attention
     still runs for them, logits ignored) but they skip the MLP/MoE (routing statistics count live tokens).
@@ -80,7 +81,6 @@ from llm_perf_opt.models.deepseek_ocr.decoder import EXPERT_IMPLS, MoE, apply_ex
 from llm_perf_opt.models.deepseek_ocr.fast import FastModel
 from llm_perf_opt.models.deepseek_ocr.fast_layers import GroupedMoE
 from llm_perf_opt.models.deepseek_ocr.generation import banned_ngram_tokens
-from llm_perf_opt.models.deepseek_ocr.graphs import first_argmax
 from llm_perf_opt.models.deepseek_ocr.kv_cache import StaticKVCache
 from llm_perf_opt.models.deepseek_ocr.model import DeepseekOCRForCausalLM
 from llm_perf_opt.models.deepseek_ocr.preprocess import PreparedPage
@@ -102,7 +102,8 @@ class BatchedGenerator:
     a single call).
 
     Decode (see the module doc): ``static_decode`` (default True) uses the static, sync-free step whenever
-    the run allows it (no no_repeat_ngram, no ``keep_logits``); False always runs the host loop.
+    the run allows it (one no_repeat_ngram size for all sequences, no ``keep_logits``); False always runs the
+    host loop.
     ``cuda_graphs`` (default True; effective only on CUDA, and only when the experts need no host sync, i.e.
     not ``"eager"``) replays that step from a CUDA graph captured on the first run of a (batch, cache
     length) shape; the generator keeps that graph and its KV cache (one shape at a time: a new shape frees
@@ -202,8 +203,8 @@ class BatchedGenerator:
 
     def decode_path_for(self, ngrams: Sequence[int], keep_logits: bool) -> str:
         """The decode loop a run with these options takes: "graph", "static" or "host" (see the class doc)."""
-        if not self.static_decode or keep_logits or any(ngrams):
-            return "host"
+        if not self.static_decode or keep_logits or len(set(ngrams)) > 1:
+            return "host"  # the static step applies one no-repeat-ngram size to the whole batch
         if self.device.type != "cuda" or not self.cuda_graphs or not self.graph_safe():
             return "static"
         if self.capture_error is not None:  # a capture failed once: this model's step cannot be captured
@@ -214,14 +215,14 @@ class BatchedGenerator:
         """Drop the kept static-step cache, buffers and CUDA graph (the next static run rebuilds them)."""
         self._static = None
 
-    def _static_for(self, bsz: int, max_len: int, use_graph: bool) -> StaticBatchStep:
+    def _static_for(self, bsz: int, max_len: int, use_graph: bool, ngram: int = 0) -> StaticBatchStep:
         """The kept static step for (``bsz``, ``max_len``), built on first use of that shape.
 
         Keyed by batch and cache length only: the prompt length, pads and caps live in device buffers, so
         they may change between runs without a new capture.
         """
         entry = self._static
-        if entry is None or entry.key != (bsz, max_len, use_graph):
+        if entry is None or entry.key != (bsz, max_len, use_graph, ngram):
             self._static = None  # free the old cache and graph pool before allocating the new ones
             fast = self.fast
             entry = self._static = StaticBatchStep(
@@ -232,6 +233,7 @@ class BatchedGenerator:
                 use_graph=use_graph,
                 matmul_attention=fast is not None and fast.fast_config.decode_attention == "matmul",
                 expert_impl=self.expert_impl,
+                no_repeat_ngram=ngram,
             )
         return entry
 
@@ -278,13 +280,14 @@ class BatchedGenerator:
         if path == "host":
             cache = base.new_cache(bsz, max_len)
         else:
-            static = self._static_for(bsz, max_len, use_graph=path == "graph")
+            static = self._static_for(bsz, max_len, use_graph=path == "graph", ngram=ngrams[0])
             cache = static.cache
             cache.reset()  # stale K/V past a row's position stays masked until overwritten
         logits = self._prefill(pages, features, lens, cache)
         marks = StageMarks(clock, t_start, t_vision)
         if path == "host":
             return self._decode_host(pages, logits, lens, caps, ngrams, eos, keep_logits, cache, marks)
+        static.load_prompts([p.input_ids for p in pages])
         return self._decode_static(static, logits, lens, caps, eos, marks)
 
     def _prefill(
@@ -389,7 +392,7 @@ class BatchedGenerator:
         """The static step: first token and state on the device, one (graphed) step per token, eos checks
         every ``check_every`` steps, one read-back at the end."""
         clock = marks.clock
-        first = first_argmax(logits)  # [B, 1], first index on ties like the host's argmax
+        first = static.first_token(logits, max(lens))  # [B, 1], first index on ties like the host's argmax
         static.load(first, lens, caps, eos)
         t_prefill = clock.mark()
         n_steps = max(caps) - 1  # the cache holds exactly this many decode slots

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from llm_perf_opt.models.deepseek_ocr.context import ForwardContext, decode_key_mask
+from llm_perf_opt.models.deepseek_ocr.generation import banned_ngram_mask
 from llm_perf_opt.models.deepseek_ocr.graphs import capture_graph, first_argmax
 from llm_perf_opt.models.deepseek_ocr.model import DeepseekOCRForCausalLM
 from llm_perf_opt.models.deepseek_ocr.protocol import LanguageModel
@@ -37,6 +38,13 @@ class StaticBatchStep:
     output is ignored); greedy token on the device; then :meth:`_advance` records it for live rows and
     moves ``slot`` / ``pos`` on.  Nothing in it reads a device value on the host (unless the experts are
     ``"eager"``, which is why those are never graphed).
+
+    With ``no_repeat_ngram`` n > 0 the step also applies the no-repeat-ngram rule on the device
+    (:func:`~llm_perf_opt.models.deepseek_ocr.generation.banned_ngram_mask`, static shapes) before the argmax:
+    ``hist`` [B, max_len + 1] holds every row's sequence aligned with the cache columns (prompt left-padded,
+    pads hold ``vocab``, a value no token has, so no window that touches a pad matches a row's suffix and a
+    match never bans a pad), so one ``length`` (``slot + 1``) serves every row.  One n for the whole batch (it
+    is baked into the graph); a rule with more parameters (window, exempt ids) replaces :meth:`_banned`.
     """
 
     def __init__(
@@ -49,11 +57,12 @@ class StaticBatchStep:
         use_graph: bool,
         matmul_attention: bool,
         expert_impl: str | None,
+        no_repeat_ngram: int = 0,
     ) -> None:
         dev, dtype = base.device, base.dtype
         self.lm = lm
         self.base = base
-        self.key = (bsz, max_len, use_graph)
+        self.key = (bsz, max_len, use_graph, no_repeat_ngram)
         self.batch = bsz
         self.cache = base.new_cache(bsz, max_len)
         self.tokens = torch.zeros((bsz, 1), dtype=torch.long, device=dev)
@@ -66,6 +75,10 @@ class StaticBatchStep:
         self.by_eos = torch.zeros(bsz, dtype=torch.bool, device=dev)
         self.n_gen = torch.zeros(bsz, dtype=torch.long, device=dev)
         self.out = torch.zeros((bsz, max_len), dtype=torch.long, device=dev)
+        self.ngram = int(no_repeat_ngram)
+        self.vocab = int(base.lm_head.out_features)
+        # prompt + generated tokens per row, aligned with the cache columns (only with the no-repeat rule)
+        self.hist = torch.full((bsz, max_len + 1), self.vocab, dtype=torch.long, device=dev) if self.ngram else None
         self.key_pos = torch.arange(max_len, device=dev)
         self.mask_zero = torch.zeros((), dtype=dtype, device=dev)
         self.mask_neg = torch.full((), float("-inf"), dtype=dtype, device=dev)
@@ -78,6 +91,34 @@ class StaticBatchStep:
         self.capture_error: str | None = None
 
     # ------------------------------------------------------------------ state
+    def load_prompts(self, prompts: list[Tensor]) -> None:
+        """Each row's prompt ids, left-padded, into ``hist`` (no-repeat rule only; before :meth:`first_token`)."""
+        if self.hist is None:
+            return
+        length = max(int(p.numel()) for p in prompts)
+        rows = torch.full((len(prompts), length), self.vocab, dtype=torch.long)
+        for b, ids in enumerate(prompts):
+            rows[b, length - ids.numel() :] = ids.reshape(-1).cpu()
+        self.hist.fill_(self.vocab)
+        self.hist[:, :length].copy_(rows, non_blocking=True)  # pageable source: staged at once, no device sync
+
+    def first_token(self, logits: Tensor, length: int) -> Tensor:
+        """The token the prefill's logits [B, V] choose, the rule applied over the ``length`` prompt columns."""
+        return self._choose(logits, torch.full((1,), length, dtype=torch.long, device=logits.device))
+
+    def _banned(self, hist_len: Tensor) -> Tensor | None:
+        """bool [B, V]: the tokens the no-repeat rule bans given ``hist_len`` [1] columns; None without a rule."""
+        if self.hist is None:
+            return None
+        return banned_ngram_mask(self.hist, hist_len.clamp(max=self.hist.shape[1]), self.ngram, self.vocab)
+
+    def _choose(self, logits: Tensor, hist_len: Tensor) -> Tensor:
+        """Greedy [B, 1] on the device, first index on ties; banned tokens masked first (as the host loop)."""
+        banned = self._banned(hist_len)
+        if banned is not None:
+            logits = logits.masked_fill(banned, float("-inf"))
+        return first_argmax(logits)
+
     def load(self, first: Tensor, lens: list[int], caps: list[int], eos: int | None) -> None:
         """The state after the prefill: ``first`` [B, 1] (device) recorded and fed; no host sync."""
         length = max(lens)
@@ -93,6 +134,8 @@ class StaticBatchStep:
         hit = first[:, 0] == self.eos
         self.by_eos.copy_(hit)
         self.done.copy_(hit | (self.n_gen >= self.caps))
+        if self.hist is not None:
+            self.hist[:, length : length + 1].copy_(first)
 
     def _advance(self, nxt: Tensor) -> None:
         """Record ``nxt`` [B, 1] for rows still live, update done / eos flags, feed it, move slot and positions.
@@ -107,6 +150,9 @@ class StaticBatchStep:
         self.by_eos.logical_or_(hit)
         self.done.logical_or_(hit | (self.n_gen >= self.caps))
         self.tokens.copy_(torch.where(live.unsqueeze(1), nxt, self.tokens))
+        if self.hist is not None:  # the fed token is the sequence's next entry (finished rows: ignored)
+            col = (self.slot + 1).clamp(max=self.hist.shape[1] - 1).expand(self.batch).unsqueeze(1)
+            self.hist.scatter_(1, col, self.tokens)
         self.slot.add_(1)
         self.pos.add_(1)
 
@@ -126,7 +172,7 @@ class StaticBatchStep:
             record_routing=False,
         )
         hidden = self.lm.lm_forward(self.base.model.embed_tokens(self.tokens), ctx)
-        self._advance(first_argmax(self.lm.logits(hidden[:, -1])))
+        self._advance(self._choose(self.lm.logits(hidden[:, -1]), self.slot + 1))
 
     def step(self) -> None:
         """One decode step for every row: a graph replay, or the same ops launched eagerly."""
