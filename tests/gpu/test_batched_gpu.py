@@ -126,3 +126,18 @@ def test_graph_equals_ungraphed_step_and_is_reused(
     want = eager.run(swapped, STEPS, eos_token_id=eos)
     assert got.tokens == want.tokens and got.stopped_by_eos == want.stopped_by_eos
     assert got.idle_steps < gen.check_every
+
+
+@pytest.mark.parametrize("ngram", [3, 20])
+def test_graph_with_device_ngram_rule_matches_ungraphed_step(
+    model: DeepseekOCRForCausalLM, fast: FastModel, pages: list[PreparedPage], ngram: int
+) -> None:
+    """The no-repeat-ngram rule inside the captured step: same kernels as the un-graphed static step, so identical
+    tokens (the rule itself equals the host loop's on the CPU: tests/unit/models/deepseek_ocr/test_batched_static)."""
+    graph_gen = _generator(model, fast, "fast")
+    plain_gen = _generator(model, fast, "fast", cuda_graphs=False)
+    caps = [STEPS, STEPS, 12, 7]
+    res = graph_gen.run(pages, caps, eos_token_id=None, no_repeat_ngram_size=ngram)
+    ref = plain_gen.run(pages, caps, eos_token_id=None, no_repeat_ngram_size=ngram)
+    assert res.decode_path == "graph" and ref.decode_path == "static", graph_gen.capture_error
+    assert res.graph_capture_s > 0 and res.tokens == ref.tokens
