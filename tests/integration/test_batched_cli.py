@@ -29,17 +29,23 @@ def test_batched_throughput_phase(tmp_path: Path) -> None:
     report = (run_dir / "report.md").read_text()
     assert "## Batched throughput (batch size 2)" in report
     assert "Decode path: static (static step" in report
+    # pages prepared by the pool (default 4 workers): every batch records its wait; the end-to-end line adds them
+    assert all(b.page_wait_ms is not None and b.page_wait_ms >= 0 for b in s.batches)
+    assert "End to end, preprocessing included" in report
     # the per-page latency repeats still ran alongside
     assert len(s.ok_pages) == 6
 
 
 def test_batched_phase_uses_the_static_step_without_ngram_rule(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    args = [*SMALL, "dataset.sizes=[[300,200],[200,300]]", "infer.batch_size=2", "infer.no_repeat_ngram_size=0"]
+    args = [*SMALL, "dataset.sizes=[[300,200],[200,300]]", "infer.batch_size=2", "infer.no_repeat_ngram_size=0",
+            "infer.preprocess_workers=0"]  # fmt: skip
     result = run_cli(args, run_dir=run_dir)
     assert result.returncode == 0, result.describe()
     s = read_summary(run_dir / "metrics.json")
-    assert [b.decode_path for b in s.batches] == ["static"]  # CPU: the static step runs un-graphed
+    assert [b.decode_path for b in s.batches] == ["static"]
+    (wait_ms,) = [b.page_wait_ms for b in s.batches]  # serial: the batch's whole preparation is waited for
+    assert wait_ms is not None and wait_ms > 0  # CPU: the static step runs un-graphed
     assert s.batches[0].graph_capture_ms == 0.0
     assert "Decode path: static" in (run_dir / "report.md").read_text()
 

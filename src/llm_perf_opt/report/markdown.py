@@ -748,7 +748,7 @@ def _render_batches(s: RunSummary) -> str:
                   agg.get("output_tok_s_with_preprocess"), "tok/s", reason=old),
         _stat_row("per page end to end (batch preprocess + prefill + decode ÷ pages)",
                   agg.get("e2e_per_page_ms"), "ms", reason=old),
-        _stat_row("host preprocessing of the batch (single-threaded)", agg.get("preprocess_ms"), "ms", reason=old),
+        _stat_row("host preprocessing the batch waited for (all of it when serial)", agg.get("preprocess_ms"), "ms", reason=old),
         _stat_row("TTFT of the batch (vision + prefill)", agg.get("prefill_ms"), "ms"),
         _stat_row("  vision (all pages of the batch)", agg.get("vision_ms"), "ms"),
         _stat_row("TPOT per sequence", agg.get("tpot_ms"), "ms/token",
@@ -789,6 +789,19 @@ def _batch_paths(s: RunSummary) -> str:
     text = "Decode path: " + "; ".join(f"{p} ({note.get(p, '?')})" for p in paths) + "."
     if captures:
         text += f" Graph captures: {len(captures)}, {fmt(sum(captures), 1)} ms in all (outside the stage times)."
+    waits = [b.page_wait_ms for b in s.batches if b.page_wait_ms is not None]
+    if len(waits) == len(s.batches):
+        model_ms = sum(b.prefill_ms + b.decode_ms for b in s.batches)  # prefill_ms includes vision
+        wall_ms = model_ms + sum(waits)
+        pages = sum(b.batch for b in s.batches)
+        tokens = sum(b.output_tokens for b in s.batches)
+        text += (
+            f" End to end, preprocessing included (model stages + {fmt(sum(waits), 1)} ms waiting for pages, "
+            f"{fmt(100 * sum(waits) / wall_ms, 1)} % of {fmt(wall_ms, 1)} ms): {fmt(1e3 * pages / wall_ms, 2)} "
+            f"pages/s, {fmt(1e3 * tokens / wall_ms, 1)} output tok/s."
+            if wall_ms > 0
+            else " End-to-end rates not available: no time measured."
+        )
     simulated = sum(sum(b.simulated_eos) for b in s.batches)
     if simulated:
         text += (

@@ -145,6 +145,8 @@ class BatchRecord:
     requested_batch: int | None = None
     # per sequence: ended at its page's target length ("simulated eos", dummy weights), not at eos or the cap
     simulated_eos: list[bool] = attrs.field(factory=list)
+    # host ms this batch waited for its pages to be prepared (pool behind, or serial preprocessing); None: not measured
+    page_wait_ms: float | None = None
 
 
 @attrs.frozen

@@ -202,8 +202,16 @@ class DeepSeekOCRSession:
 
         return preprocess_page(page.load(), self.backend.preprocess_cfg, self.backend.config, self.text_ids)
 
-    def run_batch(self, pages: list[Page], max_new_tokens: int, repeat: int) -> BatchRecord:
-        """One batch of pages through the batched generator (throughput phase); greedy, per-sequence eos."""
+    def run_batch(
+        self,
+        pages: list[Page],
+        max_new_tokens: int,
+        repeat: int,
+        prepared: list[Any] | None = None,
+        page_wait_ms: float | None = None,
+    ) -> BatchRecord:
+        """One batch of pages through the batched generator (throughput phase); greedy, per-sequence eos.
+        ``prepared``: the pages already prepared (by the prefetcher), after ``page_wait_ms`` of waiting."""
         from llm_perf_opt.models.deepseek_ocr.batched import BatchedGenerator
 
         if not self.backend.supports_batching:
@@ -213,9 +221,12 @@ class DeepSeekOCRSession:
             )
         if self._batched is None:
             self._batched = BatchedGenerator(self.model, clock=self.clock)
-        t_pre = time.perf_counter()
-        prepared = [self.prepare(p) for p in pages]
-        preprocess_ms = (time.perf_counter() - t_pre) * 1e3
+        if prepared is None:
+            t_pre = time.perf_counter()
+            prepared = [self.prepare(p) for p in pages]
+            page_wait_ms = (time.perf_counter() - t_pre) * 1e3
+        # the host preprocessing this batch waited for: all of it when serial, what the pool had not done ahead
+        preprocess_ms = page_wait_ms
         ignore_eos = self.infer.ignore_eos
         targets = [self.simulated_target(p) for p in pages]
         caps = [max_new_tokens if t is None else min(max_new_tokens, t) for t in targets]
@@ -243,12 +254,17 @@ class DeepSeekOCRSession:
             graph_capture_ms=res.graph_capture_s * 1e3,
             idle_steps=res.idle_steps,
             preprocess_ms=preprocess_ms,
-            pages_per_s_with_preprocess=res.batch / (res.total_s + preprocess_ms / 1e3),
-            output_tok_s_with_preprocess=res.output_tokens / (res.total_s + preprocess_ms / 1e3),
+            pages_per_s_with_preprocess=None
+            if preprocess_ms is None
+            else res.batch / (res.total_s + preprocess_ms / 1e3),
+            output_tok_s_with_preprocess=(
+                None if preprocess_ms is None else res.output_tokens / (res.total_s + preprocess_ms / 1e3)
+            ),
             simulated_eos=[
                 _ended_at_target(len(t), eos, target)
                 for t, eos, target in zip(res.tokens, res.stopped_by_eos, targets, strict=True)
             ],
+            page_wait_ms=page_wait_ms,
         )
 
     def simulated_target(self, page: Page) -> int | None:

@@ -19,6 +19,7 @@ from llm_perf_opt.results.serialize import append_jsonl
 from llm_perf_opt.results.types import ProfileSummary, Unavailable
 from llm_perf_opt.runners.dsocr_session import DeepSeekOCRSession, PageRun
 from llm_perf_opt.runners.outcome import batchable_pages
+from llm_perf_opt.runners.prefetch import Prefetcher
 from llm_perf_opt.runners.run_state import Stage1Run
 from llm_perf_opt.runners.rundir import remove_partial_trace, trace_fits
 from llm_perf_opt.runners.signals import StopFlag
@@ -49,12 +50,17 @@ def throughput_phase(run: Stage1Run, pages: list[Page], progress: Any, stop: Sto
         run.unavailable.append(Unavailable("batched_throughput", f"warm-up batch failed: {exc}"))
         return
     task = progress.add("batched throughput", total=len(chunks) * repeats)
-    for repeat in range(repeats):
-        for chunk in chunks:
+    workers = run.settings.infer.preprocess_workers
+    batches = [chunk for _ in range(repeats) for chunk in chunks]
+    # the next batches' pages are prepared by worker threads while this one runs (bounded: 2 batches ahead)
+    with Prefetcher(run.session.prepare, batches, workers=workers, depth=2) as prefetcher:
+        for i, ready in enumerate(prefetcher):
+            repeat, chunk = i // len(chunks), ready.pages
             if stop():
                 return
             try:
-                record = run.session.run_batch(chunk, cap, repeat)
+                prepared = ready.prepared()
+                record = run.session.run_batch(chunk, cap, repeat, prepared, page_wait_ms=ready.wait_s * 1e3)
             except torch.OutOfMemoryError as exc:
                 run._release_memory()
                 run.notes.append(f"batch of {len(chunk)} (repeat {repeat}) ran out of memory: {exc}")

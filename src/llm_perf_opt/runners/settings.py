@@ -334,6 +334,9 @@ class InferSettings:
     # sequence = prompt + output (HF, the reference infer()); output = generated tokens only (vLLM)
     no_repeat_ngram_scope: str = attrs.field(default="sequence", validator=_choice(("sequence", "output")))
     ignore_eos: bool = attrs.field(default=False, validator=_boolean)
+    # Batched phase: threads preparing the next batches' pages while the current one runs (0 = serially, on the
+    # critical path: the reference for the pooled figures)
+    preprocess_workers: int = attrs.field(default=4, validator=_integer(0, example="4"))
     nvtx_decode_step: bool = attrs.field(default=False, validator=_boolean)
     batch_size: int = attrs.field(default=1, validator=_integer(1, example="8"))
     fast: FastSettings = attrs.field(factory=FastSettings)
