@@ -315,3 +315,39 @@ def test_deployment_presets_tile_grids_and_tokens(compose_cfg, preset: str, widt
     assert page.image_token_count == tokens
     assert page.n_crops == (grid[0] * grid[1] if grid != (1, 1) else 0)
     assert page.prompt_len == 1 + tokens + 9
+
+
+# ---------------------------------------------------------------- uint8 views, normalised on the device
+def test_normalize_pixels_equals_independent_float32_formula() -> None:
+    """Every uint8 value, each channel its own mean/std: bit-identical to numpy's float32 (x/255 - m)/s (IEEE
+    correctly rounded steps, the same on the device)."""
+    import numpy as np
+
+    from llm_perf_opt.models.deepseek_ocr.preprocess import normalize_pixels
+
+    values = np.arange(256, dtype=np.uint8)
+    pixels = np.stack([values, values[::-1], values]).reshape(3, 16, 16)
+    mean, std = (0.5, 0.25, 0.485), (0.5, 0.75, 0.229)
+    want = (pixels.astype(np.float32) / np.float32(255.0) - np.array(mean, np.float32).reshape(3, 1, 1)) / np.array(
+        std, np.float32
+    ).reshape(3, 1, 1)
+    got = normalize_pixels(torch.from_numpy(pixels), mean, std)
+    assert got.dtype == torch.float32 and torch.equal(got, torch.from_numpy(want.astype(np.float32)))
+
+
+@pytest.mark.parametrize("size", [(300, 200), (900, 640), (640, 1400)])
+def test_uint8_page_normalised_after_upload_equals_host_path(size: tuple[int, int]) -> None:
+    from llm_perf_opt.data.datasets import synthetic_page
+    from llm_perf_opt.models.deepseek_ocr.preprocess import PreprocessConfig, preprocess_page
+
+    cfg = PreprocessConfig.for_mode("gundam")
+    image = synthetic_page(size, seed=3)
+    host = preprocess_page(image, cfg, 16, 10, [1, 2])
+    raw = preprocess_page(image, cfg, 16, 10, [1, 2], uint8=True)
+    assert host.pixel_norm is None and raw.pixel_norm == (cfg.mean, cfg.std)
+    assert raw.images_ori.dtype == torch.uint8 and raw.images_crop.dtype == torch.uint8
+    ori = raw.model_pixels(raw.images_ori, torch.device("cpu"), torch.float32)
+    assert torch.equal(ori, host.images_ori)
+    if host.n_crops:
+        assert torch.equal(raw.model_pixels(raw.images_crop, torch.device("cpu"), torch.float32), host.images_crop)
+    assert torch.equal(raw.input_ids, host.input_ids) and raw.images_spatial_crop == host.images_spatial_crop

@@ -53,7 +53,7 @@ def throughput_phase(run: Stage1Run, pages: list[Page], progress: Any, stop: Sto
     workers = run.settings.infer.preprocess_workers
     batches = [chunk for _ in range(repeats) for chunk in chunks]
     # the next batches' pages are prepared by worker threads while this one runs (bounded: 2 batches ahead)
-    with Prefetcher(run.session.prepare, batches, workers=workers, depth=2) as prefetcher:
+    with Prefetcher(run.session.prepare_for_batch, batches, workers=workers, depth=2) as prefetcher:
         for i, ready in enumerate(prefetcher):
             repeat, chunk = i // len(chunks), ready.pages
             if stop():

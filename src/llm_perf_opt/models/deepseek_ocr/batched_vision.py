@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -62,7 +63,7 @@ def encode_pages(
     dev, dtype = base.device, base.dtype
     grids: list[tuple[int, int]] = []
     # group key (kind, H, W) -> list of (page index, tensor); dict order = first-seen order
-    groups: dict[tuple[str, int, int], list[tuple[int, Tensor]]] = {}
+    groups: dict[tuple[str, int, int, Any], list[tuple[int, Tensor]]] = {}
     for i, page in enumerate(pages):
         grid = parse_spatial_crop(page.images_spatial_crop)
         grids.append(grid)
@@ -77,15 +78,17 @@ def encode_pages(
                     f"page {i}: crop grid {grid[0]}x{grid[1]} needs {n_tiles} tiles, "
                     f"images_crop has shape {tuple(crops.shape)}"
                 )
-            groups.setdefault(("tile", int(crops.shape[2]), int(crops.shape[3])), []).append((i, crops))
-        groups.setdefault(("global", int(ori.shape[2]), int(ori.shape[3])), []).append((i, ori))
+            key = ("tile", int(crops.shape[2]), int(crops.shape[3]), page.pixel_norm)
+            groups.setdefault(key, []).append((i, crops))
+        groups.setdefault(("global", int(ori.shape[2]), int(ori.shape[3]), page.pixel_norm), []).append((i, ori))
     groups = dict(sorted(groups.items(), key=lambda kv: kv[0][0] != "tile"))  # tiles first, then globals
 
     local: list[Tensor | None] = [None] * len(pages)
     glob: list[Tensor | None] = [None] * len(pages)
     with _vision_context(base, fast):
-        for (kind, _, _), members in groups.items():
-            pixels = torch.cat([t for _, t in members]).to(device=dev, dtype=dtype)
+        for (kind, _, _, _), members in groups.items():
+            # uint8 views (pixel_norm set, the same for the whole group) are normalised here, after the upload
+            pixels = pages[members[0][0]].model_pixels(torch.cat([t for _, t in members]), dev, dtype)
             feats = _encode_views(base, pixels, vision_batch)
             begin = 0
             for i, t in members:

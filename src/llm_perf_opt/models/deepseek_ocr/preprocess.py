@@ -184,6 +184,17 @@ class PreparedPage:
     images_seq_mask: torch.Tensor
     prompt_len: int
     page_size: tuple[int, int]
+    # None: the image tensors are normalised float32.  (mean, std): they are uint8 pixels still to be normalised
+    # with these, on the device after the upload (:meth:`model_pixels`); the no-tile placeholder stays zeros.
+    pixel_norm: tuple[tuple[float, float, float], tuple[float, float, float]] | None = None
+
+    def model_pixels(self, pixels: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``pixels`` (this page's ``images_crop`` / ``images_ori`` or a concatenation of such) as the vision
+        encoder takes them: on ``device`` in ``dtype``, normalised there when they were uploaded as uint8."""
+        if self.pixel_norm is None:
+            return pixels.to(device=device, dtype=dtype, non_blocking=True)
+        uploaded = pixels.to(device=device, non_blocking=True)
+        return normalize_pixels(uploaded, *self.pixel_norm).to(dtype)
 
     def pinned(self) -> PreparedPage:
         """The same page with its image tensors (and ids/mask) in page-locked host memory, so a
@@ -278,16 +289,30 @@ def global_view(image: Image.Image, cfg: PreprocessConfig) -> Image.Image:
     return ImageOps.pad(image, size, method=_RESAMPLE, color=cfg.pad_color)
 
 
-def normalize(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """RGB image → ``[3, H, W]`` float32, ``(x/255 − mean) / std`` (the reference's ToTensor + Normalize)."""
+def to_uint8(image: Image.Image) -> torch.Tensor:
+    """RGB image → ``[3, H, W]`` uint8 (the bytes as they are: a quarter of float32's upload)."""
     if image.mode != "RGB":
         image = image.convert("RGB")
     width, height = image.size
     raw = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(height, width, 3)
-    x = raw.permute(2, 0, 1).to(torch.float32).div(255.0)
-    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return x.sub(m).div(s).contiguous()
+    return raw.permute(2, 0, 1).contiguous()
+
+
+def normalize_pixels(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 ``[..., 3, H, W]`` (on any device) → float32 ``(x/255 − mean) / std``.
+
+    The one normalisation of both paths: the host's :func:`normalize` and the device's (uint8 tiles uploaded,
+    normalised where they are).  Each step is one IEEE-754 float32 operation (convert, divide, subtract,
+    divide), correctly rounded on the CPU and on CUDA alike, so both give the same bits.
+    """
+    m = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    return pixels.to(torch.float32).div(255.0).sub(m).div(s).contiguous()
+
+
+def normalize(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """RGB image → ``[3, H, W]`` float32, ``(x/255 − mean) / std`` (the reference's ToTensor + Normalize)."""
+    return normalize_pixels(to_uint8(image), mean, std)
 
 
 # --------------------------------------------------------------------------------------------- prompt
@@ -331,6 +356,7 @@ def _prepare(
     prompt_ids: Sequence[int],
     image_token_id: int,
     bos_id: int,
+    uint8: bool = False,
 ) -> PreparedPage:
     if q_global <= 0 or q_tile <= 0:
         raise ConfigError(f"tokens per side must be > 0, got global {q_global}, tile {q_tile}")
@@ -341,13 +367,17 @@ def _prepare(
         raise InputError(f"page has no pixels ({width}×{height})")
 
     grid = choose_crop_grid(width, height, cfg)
-    ori = normalize(global_view(image, cfg), cfg.mean, cfg.std).unsqueeze(0)
+
+    def pixels(view: Image.Image) -> torch.Tensor:
+        return to_uint8(view) if uint8 else normalize(view, cfg.mean, cfg.std)
+
+    ori = pixels(global_view(image, cfg)).unsqueeze(0)
     has_tiles = grid[0] > 1 or grid[1] > 1  # a 1×1 grid (min_crops=1) adds no tiles, as in the reference
     if has_tiles:
         tiles = crop_tiles(image, grid, cfg.image_size)
-        crops = torch.stack([normalize(t, cfg.mean, cfg.std) for t in tiles])
+        crops = torch.stack([pixels(t) for t in tiles])
     else:
-        crops = torch.zeros((1, 3, cfg.base_size, cfg.base_size), dtype=torch.float32)
+        crops = torch.zeros((1, 3, cfg.base_size, cfg.base_size), dtype=torch.uint8 if uint8 else torch.float32)
     n_crops = grid[0] * grid[1] if has_tiles else 0
 
     count = image_token_count(grid, q_global, q_tile)
@@ -362,12 +392,19 @@ def _prepare(
         images_seq_mask=mask,
         prompt_len=int(input_ids.shape[1]),
         page_size=(width, height),
+        pixel_norm=(cfg.mean, cfg.std) if uint8 else None,
     )
 
 
 @overload
 def preprocess_page(
-    image: Image.Image, cfg: PreprocessConfig, model: DeepseekOCRConfig, prompt_ids: Sequence[int], /
+    image: Image.Image,
+    cfg: PreprocessConfig,
+    model: DeepseekOCRConfig,
+    prompt_ids: Sequence[int],
+    /,
+    *,
+    uint8: bool = ...,
 ) -> PreparedPage: ...
 
 
@@ -382,6 +419,7 @@ def preprocess_page(
     *,
     image_token_id: int = ...,
     bos_id: int = ...,
+    uint8: bool = ...,
 ) -> PreparedPage: ...
 
 
@@ -395,11 +433,14 @@ def preprocess_page(image: Image.Image, cfg: PreprocessConfig, *args: Any, **kwa
     * ``preprocess_page(image, cfg, tokens_per_side_global, tokens_per_side_tile, prompt_ids,
       image_token_id=128815, bos_id=0)`` — explicit geometry (e.g. 16 and 10 for Gundam).
 
-    ``prompt_ids``: see ``build_prompt_ids``.
+    ``prompt_ids``: see ``build_prompt_ids``.  ``uint8=True`` (keyword, both forms) keeps the views as uint8
+    pixels (``pixel_norm`` set) for normalisation on the device after a 4× smaller upload.
     """
+    uint8 = bool(kwargs.pop("uint8", False))
     if args and isinstance(args[0], DeepseekOCRConfig):
         if len(args) != 2 or kwargs:
-            raise TypeError("preprocess_page(image, cfg, model_config, prompt_ids) takes no other arguments")
+            raise TypeError("preprocess_page(image, cfg, model_config, prompt_ids, *, uint8=False) takes no other "
+                            "arguments")  # fmt: skip
         model: DeepseekOCRConfig = args[0]
         patch = model.sam.patch_size
         down = 2 ** len(model.sam.downsample_channels)
@@ -411,6 +452,7 @@ def preprocess_page(image: Image.Image, cfg: PreprocessConfig, *args: Any, **kwa
             args[1],
             model.image_token_id,
             model.language.bos_token_id,
+            uint8,
         )
     if len(args) != 3:
         raise TypeError(
@@ -428,4 +470,5 @@ def preprocess_page(image: Image.Image, cfg: PreprocessConfig, *args: Any, **kwa
         args[2],
         int(kwargs.get("image_token_id", DeepseekOCRConfig().image_token_id)),
         int(kwargs.get("bos_id", 0)),
+        uint8,
     )

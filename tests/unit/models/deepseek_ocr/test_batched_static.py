@@ -222,3 +222,22 @@ def test_device_ngram_rule_binds(model: DeepseekOCRForCausalLM, pages: list[Prep
         prompt_len = page.input_ids.numel()
         for i in range(prompt_len - 1, len(seq) - 1):  # each generated token's bigram was new when it was chosen
             assert (seq[i], seq[i + 1]) not in {(seq[j], seq[j + 1]) for j in range(i)}
+
+
+def test_uint8_pages_normalised_on_the_device_give_the_same_features_and_tokens(
+    model: DeepseekOCRForCausalLM,
+) -> None:
+    """Pages prepared as uint8 (normalised after the upload) vs the host-normalised pages: identical vision features
+    (the normalisation is bit-exact) and so identical tokens, with a mixed batch (tiles and none)."""
+    from llm_perf_opt.data.datasets import synthetic_page
+    from llm_perf_opt.models.deepseek_ocr.preprocess import PreprocessConfig, preprocess_page
+
+    cfg = PreprocessConfig.for_mode("gundam")
+    images = [synthetic_page(s, seed=i) for i, s in enumerate([(300, 200), (900, 640), (640, 1400)])]
+    host = [preprocess_page(im, cfg, model.config, [1, 2, 3]) for im in images]
+    raw = [preprocess_page(im, cfg, model.config, [1, 2, 3], uint8=True) for im in images]
+    assert any(p.n_crops for p in host) and not all(p.n_crops for p in host)
+    gen = BatchedGenerator(model)
+    for a, b in zip(gen.encode_pages(raw), gen.encode_pages(host), strict=True):
+        assert torch.equal(a, b)
+    assert gen.run(raw, 6, eos_token_id=None).tokens == gen.run(host, 6, eos_token_id=None).tokens
