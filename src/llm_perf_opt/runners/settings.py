@@ -465,7 +465,7 @@ class RunSettings:
         if self.infer.family is not None and self.infer.family != self.model.family:
             raise ConfigError(
                 f"the infer preset is for model.family={self.infer.family}, but the model is {self.model.family}",
-                hint=f"pick a {self.model.family} arch (model/deepseek_ocr/arch={self.infer.family}.*) or an infer "
+                hint=f"pick a {self.infer.family} arch (model/deepseek_ocr/arch={self.infer.family}.*) or an infer "
                 f"preset of {self.model.family} (model/deepseek_ocr/infer={self.model.family}.*)",
             )
         if self.model.family == "deepseek_ocr2":
@@ -487,7 +487,7 @@ class RunSettings:
         for key, px in views:
             if px not in V2_VIEW_PX:
                 raise ConfigError(
-                    f"DeepSeek-OCR-2 views are 768 or 1024 px, got model.preprocess.{key}={px}",
+                    f"DeepSeek-OCR-2 views are 768 or 1024 px, got {key} {px} (model.preprocess or the infer mode)",
                     hint="use a v2 resolution mode: model/deepseek_ocr/infer=deepseek_ocr2.default "
                     "(or deepseek_ocr2.1024 / deepseek_ocr2.768)",
                 )
