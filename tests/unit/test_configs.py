@@ -100,7 +100,7 @@ def test_v2_presets_resolve_to_the_processor_geometry(compose_cfg, arch: str, in
 @pytest.mark.parametrize("arch", V1_ARCHES)
 @pytest.mark.parametrize("infer", sorted(V2_GEOMETRY))
 def test_v2_infer_preset_refuses_a_v1_model(compose_cfg, arch: str, infer: str) -> None:
-    with pytest.raises(ConfigError, match="infer preset is for model.family=deepseek_ocr2") as err:
+    with pytest.raises(ConfigError, match=r"infer preset is for model\.family=deepseek_ocr2") as err:
         load_settings(compose_cfg([f"model/deepseek_ocr/arch={arch}", f"model/deepseek_ocr/infer={infer}", OUT]))
     assert err.value.hint and "deepseek_ocr2" in err.value.hint
 

@@ -112,6 +112,11 @@ def stage_names_of(cfg: DeepseekOCRConfig | DeepseekOCR2Config) -> dict[str, str
     return {"clip": "encoder"} if isinstance(cfg, DeepseekOCR2Config) else {}
 
 
+def _v1_language(cfg: DeepseekOCRConfig | DeepseekOCR2Config) -> DeepseekOCRConfig:
+    """Decode traffic is the language model's alone, and v2's language model is v1's."""
+    return DeepseekOCRConfig(sam=cfg.sam, language=cfg.language) if isinstance(cfg, DeepseekOCR2Config) else cfg
+
+
 def _min_bytes(
     cfg: DeepseekOCRConfig | DeepseekOCR2Config, views: list[F.View], prompt_len: int, dtype_bytes: int
 ) -> dict[str, int]:
@@ -188,7 +193,7 @@ def compute_efficiency(
         for stage, nbytes in _min_bytes(cfg, views, rec.prompt_tokens or 0, dtype_bytes).items():
             min_bytes_sum[stage] = min_bytes_sum.get(stage, 0.0) + nbytes
         if rec.decode_ms and rec.decode_ms > 0 and rec.prompt_tokens and (rec.generated_tokens or 0) >= 2:
-            db = F.decode_bytes(cfg, rec.prompt_tokens, rec.generated_tokens or 0, dtype_bytes)
+            db = F.decode_bytes(_v1_language(cfg), rec.prompt_tokens, rec.generated_tokens or 0, dtype_bytes)
             decode_bytes_sum += db.total_bytes
             decode_secs_for_bytes += rec.decode_ms / 1e3
     n_pages = max(len(per_page), 1)

@@ -24,6 +24,7 @@ from llm_perf_opt.profiling.flops_ocr2 import vision_flops_v2
 from llm_perf_opt.results.types import StageFlops
 
 log = logging.getLogger(__name__)
+_Counted = tuple[CountedFlops | None, CountedFlops | None]
 FLAG_REL_DIFF = 0.02
 
 
@@ -167,7 +168,10 @@ def _vision_rows_v2(model: Any, views: list[torch.Tensor], view_shapes: list[F.V
     cfg = model.config
     sam_a, enc_a, proj_a = vision_flops_v2(cfg, view_shapes)
     _, enc_full, _ = vision_flops_v2(cfg, view_shapes, useful=False)
-    sam_counts, enc_counts, proj_counts, notes = [], [], [], []
+    sam_counts: list[_Counted] = []
+    enc_counts: list[_Counted] = []
+    proj_counts: list[_Counted] = []
+    notes: list[str] = []
     for pixels in views:
         sam_out = m.sam_model(pixels)
         enc_out = m.qwen2_model(sam_out)

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 
 from llm_perf_opt.errors import ConfigError, ModelLoadError
+from llm_perf_opt.models.deepseek_ocr2.config import DeepseekOCR2Config
 from llm_perf_opt.runners.backends.native import NativeBackend
 from llm_perf_opt.runners.settings import ModelSettings
 
@@ -31,13 +32,15 @@ class NativeV2Backend(NativeBackend):
         "projector": "model.projector",
     }
     stage_names: ClassVar[dict[str, str]] = {"clip": "encoder"}
+    config: DeepseekOCR2Config  # type: ignore[assignment]  # v2's config: same .language and image_token_id as v1's
 
     @classmethod
     def load(
         cls, settings: ModelSettings, device: torch.device, dtype: torch.dtype, seed: int, project_root: Path
     ) -> NativeV2Backend:
+        from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig
         from llm_perf_opt.models.deepseek_ocr.tokenizer import load_tokenizer
-        from llm_perf_opt.models.deepseek_ocr2 import DeepseekOCR2Config, build_model_v2
+        from llm_perf_opt.models.deepseek_ocr2 import build_model_v2
 
         model_dir = None
         if settings.path:
@@ -58,9 +61,9 @@ class NativeV2Backend(NativeBackend):
             config = DeepseekOCR2Config.from_json(config_json_path_v2(str(settings.config_json), project_root))
             weights_source = "dummy"
         model = build_model_v2(config, device=device, dtype=dtype, weights=weights_source, seed=seed)
-        # v2's tokenizer files are byte-identical to v1's and the ids it needs (bos, eos, image) live in the same
-        # places of the config, so v1's loader reads them
-        tokenizer = load_tokenizer(model_dir if settings.weights == "checkpoint" else None, config)  # type: ignore[arg-type]
+        # v2's tokenizer files are byte-identical to v1's: v1's loader reads them with v2's ids (bos, eos, image)
+        ids = DeepseekOCRConfig(language=config.language, image_token_id=config.image_token_id)
+        tokenizer = load_tokenizer(model_dir if settings.weights == "checkpoint" else None, ids)
         return cls(model, config, preprocess_config_v2(settings), tokenizer, str(weights_source))
 
     def prepare_page(self, image: Any, text_ids: list[int]) -> Any:
