@@ -65,7 +65,8 @@ def _row(
     components: dict[str, int],
     notes: list[str],
     explained_gap: float = 0.0,
-    gap_reason: str = "counters count the full attention square, analytic the kept triangle",
+    gap_reason: str = "causal gap",
+    gap_detail: str = "counters count the full attention square, analytic the kept triangle",
 ) -> StageFlops:
     fv_vals = [c[0].total_flops for c in counted if c[0] is not None]
     fc_vals = [c[1].total_flops for c in counted if c[1] is not None]
@@ -81,7 +82,7 @@ def _row(
     if explained_gap:
         notes = [
             *notes,
-            f"Δ shown after the explained attention-mask gap of {explained_gap / 1e9:,.3f} GFLOP ({gap_reason})",
+            f"Δ shown after the explained {gap_reason} of {explained_gap / 1e9:,.3f} GFLOP ({gap_detail})",
         ]
     skipped: set[str] = set()
     for pair in counted:
@@ -193,7 +194,8 @@ def _vision_rows_v2(model: Any, views: list[torch.Tensor], view_shapes: list[F.V
             enc_a.components_flops,
             [],
             explained_gap=gap,
-            gap_reason="counters count the encoder's masked attention over the full (2N)² grid, analytic the "
+            gap_reason="attention-mask gap",
+            gap_detail="counters count the encoder's masked attention over the full (2N)² grid, analytic the "
             "prefix mask's pairs",
         ),
         _row("projector", proj_a.total_flops, proj_counts, proj_a.components_flops, []),
