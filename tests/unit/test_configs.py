@@ -51,9 +51,10 @@ def test_every_arch_and_infer_mode_composes_and_validates(compose_cfg, arch: str
         assert (used.model.preprocess.min_crops, used.model.preprocess.max_crops) == (2, 6)
         assert (used.infer.no_repeat_ngram_window, used.infer.no_repeat_ngram_exempt_ids) == (90, (128821, 128822))
         assert used.infer.no_repeat_ngram_scope == "output"
-    else:  # the reference infer(): 2..9 tiles, HF's rule
+    else:  # the reference infer(): 2..9 tiles (DeepSeek-OCR-2's processor: 2..6), HF's rule
         assert used.infer.preset == "reference_infer" and used.infer.ngram_rule.is_hf
-        assert (used.model.preprocess.min_crops, used.model.preprocess.max_crops) == (2, 9)
+        want = (2, 6) if arch in V2_ARCHES else (2, 9)
+        assert (used.model.preprocess.min_crops, used.model.preprocess.max_crops) == want
     assert cfg.model.backend in ("native", "hf_remote")
     assert cfg.model.dtype in ("float32", "bfloat16", "float16")
     assert cfg.infer.temperature == 0.0
