@@ -18,16 +18,31 @@ OUT = "output.dir=tmp/test-run"
 DATASETS = sorted(p.stem for p in (CONF / "dataset").glob("*.yaml"))
 
 
+# presets of DeepSeek-OCR-2 (model.family=deepseek_ocr2) and of v1, by file name
+V2_ARCHES = [a for a in ARCHES if a.startswith("deepseek_ocr2.")]
+V2_INFERS = [i for i in INFERS if i.startswith("deepseek_ocr2.")]
+V1_ARCHES = [a for a in ARCHES if a not in V2_ARCHES]
+V1_INFERS = [i for i in INFERS if i not in V2_INFERS]
+
+
 def test_shipped_option_lists_are_complete() -> None:
     assert {"deepseek_ocr.default", "deepseek_ocr.tiny", "deepseek_ocr.dummy"} <= set(ARCHES)
     for mode in ("tiny", "small", "base", "large", "gundam"):
         assert f"deepseek_ocr.{mode}" in INFERS
+    assert {"deepseek_ocr2.checkpoint", "deepseek_ocr2.dummy", "deepseek_ocr2.tiny"} == set(V2_ARCHES)
+    assert {"deepseek_ocr2.default", "deepseek_ocr2.1024", "deepseek_ocr2.768"} == set(V2_INFERS)
     assert {"torch-profiler.default", "torch-profiler.min", "torch-profiler.max"} == set(PROFILING)
     assert {"synthetic", "omnidocbench", "folder"} == set(DATASETS)
 
 
-@pytest.mark.parametrize("arch", ARCHES)
-@pytest.mark.parametrize("infer", INFERS)
+# every arch with every infer preset of its family (DeepSeek-OCR-2's arches also run v1's default infer preset: the
+# decoding rules are the same, the geometry is the arch's)
+FAMILY_PAIRS = [(a, i) for a in V1_ARCHES for i in V1_INFERS] + [
+    (a, i) for a in V2_ARCHES for i in [*V2_INFERS, "deepseek_ocr.default"]
+]
+
+
+@pytest.mark.parametrize(("arch", "infer"), FAMILY_PAIRS)
 def test_every_arch_and_infer_mode_composes_and_validates(compose_cfg, arch: str, infer: str) -> None:
     cfg = compose_cfg([f"model/deepseek_ocr/arch={arch}", f"model/deepseek_ocr/infer={infer}", OUT])
     used = load_settings(cfg).resolved("cpu")
@@ -36,9 +51,10 @@ def test_every_arch_and_infer_mode_composes_and_validates(compose_cfg, arch: str
         assert (used.model.preprocess.min_crops, used.model.preprocess.max_crops) == (2, 6)
         assert (used.infer.no_repeat_ngram_window, used.infer.no_repeat_ngram_exempt_ids) == (90, (128821, 128822))
         assert used.infer.no_repeat_ngram_scope == "output"
-    else:  # the reference infer(): 2..9 tiles, HF's rule
+    else:  # the reference infer(): 2..9 tiles (DeepSeek-OCR-2's processor: 2..6), HF's rule
         assert used.infer.preset == "reference_infer" and used.infer.ngram_rule.is_hf
-        assert (used.model.preprocess.min_crops, used.model.preprocess.max_crops) == (2, 9)
+        want = (2, 6) if arch in V2_ARCHES else (2, 9)
+        assert (used.model.preprocess.min_crops, used.model.preprocess.max_crops) == want
     assert cfg.model.backend in ("native", "hf_remote")
     assert cfg.model.dtype in ("float32", "bfloat16", "float16")
     assert cfg.infer.temperature == 0.0
@@ -58,6 +74,59 @@ def test_every_profiling_preset_and_dataset_composes(compose_cfg, preset: str, d
     load_settings(cfg)
     assert set(cfg.profiling) >= {"activities", "record_shapes", "profile_memory", "with_stack", "rep_max_new_tokens",
                                   "warmup_rounds", "warmup_synthetic"}  # fmt: skip
+
+
+# hand-written from DeepSeek-OCR-2's processor: (global view px, tile px, crop mode) of each mode
+V2_GEOMETRY = {
+    "deepseek_ocr2.default": (1024, 768, True),
+    "deepseek_ocr2.1024": (1024, 1024, False),
+    "deepseek_ocr2.768": (768, 768, False),
+}
+
+
+@pytest.mark.parametrize("arch", ["deepseek_ocr2.checkpoint", "deepseek_ocr2.dummy", "deepseek_ocr2.tiny"])
+@pytest.mark.parametrize("infer", sorted(V2_GEOMETRY))
+def test_v2_presets_resolve_to_the_processor_geometry(compose_cfg, arch: str, infer: str) -> None:
+    settings = load_settings(compose_cfg([f"model/deepseek_ocr/arch={arch}", f"model/deepseek_ocr/infer={infer}", OUT]))
+    assert settings.model.family == "deepseek_ocr2" and settings.model.backend == "native"
+    pre = settings.resolved("cpu").model.preprocess
+    assert (pre.base_size, pre.image_size, pre.crop_mode) == V2_GEOMETRY[infer]
+    assert (pre.min_crops, pre.max_crops) == (2, 6)
+    want = {"deepseek_ocr2.tiny": ("dummy", "builtin:tiny", "float32"),
+            "deepseek_ocr2.dummy": ("dummy", "builtin:deepseek-ocr2", "bfloat16"),
+            "deepseek_ocr2.checkpoint": ("checkpoint", "builtin:deepseek-ocr2", "bfloat16")}[arch]  # fmt: skip
+    assert (settings.model.weights, settings.model.config_json, settings.model.dtype) == want
+
+
+@pytest.mark.parametrize("arch", V1_ARCHES)
+@pytest.mark.parametrize("infer", sorted(V2_GEOMETRY))
+def test_v2_infer_preset_refuses_a_v1_model(compose_cfg, arch: str, infer: str) -> None:
+    with pytest.raises(ConfigError, match=r"infer preset is for model\.family=deepseek_ocr2") as err:
+        load_settings(compose_cfg([f"model/deepseek_ocr/arch={arch}", f"model/deepseek_ocr/infer={infer}", OUT]))
+    assert err.value.hint and "deepseek_ocr2" in err.value.hint
+
+
+@pytest.mark.parametrize("mode", ["tiny", "small", "large", "gundam"])
+def test_v1_modes_with_other_view_sizes_refuse_a_v2_model(compose_cfg, mode: str) -> None:
+    with pytest.raises(ConfigError, match="DeepSeek-OCR-2 views are 768 or 1024 px"):
+        load_settings(
+            compose_cfg(
+                ["model/deepseek_ocr/arch=deepseek_ocr2.tiny", f"model/deepseek_ocr/infer=deepseek_ocr.{mode}", OUT]
+            )
+        )
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("infer.fast.enabled=true", "infer.fast.enabled=true is not available for DeepSeek-OCR-2"),
+        ("infer.batch_size=4", "infer.batch_size > 1 is not available for DeepSeek-OCR-2"),
+        ("model.backend=hf_remote", "runs on model.backend=native only"),
+    ],
+)
+def test_v2_refuses_what_only_v1_has(compose_cfg, override: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_settings(compose_cfg(["model/deepseek_ocr/arch=deepseek_ocr2.dummy", override, OUT]))
 
 
 def test_seed_names_and_defaults(compose_cfg) -> None:

@@ -14,9 +14,11 @@ from typing import Any
 import attrs
 
 from llm_perf_opt.models.deepseek_ocr.config import DeepseekOCRConfig
+from llm_perf_opt.models.deepseek_ocr2.config import DeepseekOCR2Config
 from llm_perf_opt.profiling import flops as F
 from llm_perf_opt.profiling import mfu as M
 from llm_perf_opt.profiling.device import DeviceFacts, detect_device
+from llm_perf_opt.profiling.flops_ocr2 import page_flops_v2, stage_min_bytes_v2
 from llm_perf_opt.profiling.nvml import PowerSummary
 from llm_perf_opt.profiling.peaks import resolve_peak
 from llm_perf_opt.results.types import Efficiency, HardwareInfo, PageRecord, StageFlops, Unavailable
@@ -75,14 +77,22 @@ def _reason(value: object) -> str | None:
 
 
 def page_flops_of(
-    cfg: DeepseekOCRConfig, rec: PageRecord, mode: str = "auto", cap: int | None = None, fixed: int | None = None
+    cfg: DeepseekOCRConfig | DeepseekOCR2Config,
+    rec: PageRecord,
+    mode: str = "auto",
+    cap: int | None = None,
+    fixed: int | None = None,
 ) -> F.PageFlops | None:
     """FLOPs of what the page did; decode at each step's real context (auto), at prompt + cap for every step
     (max: the seed's convention, an upper bound) or at ``fixed`` keys for every step."""
     if not rec.vision_views or rec.prompt_tokens is None or rec.generated_tokens is None:
         return None
     views = [(int(v[0]), int(v[1]), int(v[2])) for v in rec.vision_views]
-    pf = F.page_flops(cfg, views, rec.prompt_tokens, rec.generated_tokens)
+    pf = (
+        page_flops_v2(cfg, views, rec.prompt_tokens, rec.generated_tokens)
+        if isinstance(cfg, DeepseekOCR2Config)
+        else F.page_flops(cfg, views, rec.prompt_tokens, rec.generated_tokens)
+    )
     steps = rec.generated_tokens - 1
     if mode == "auto" or steps < 1:
         return pf
@@ -94,6 +104,25 @@ def page_flops_of(
         [f"{steps} decode steps, each at a context of {context} keys (infer.context_len_mode={mode})"],
     )
     return attrs.evolve(pf, decode=decode)
+
+
+def stage_names_of(cfg: DeepseekOCRConfig | DeepseekOCR2Config) -> dict[str, str]:
+    """Stage slot -> the model's name for it, where they differ: DeepSeek-OCR-2's second vision stage is its
+    encoder (the record keeps v1's ``clip_ms`` slot; tables and reasons name the stage by model)."""
+    return {"clip": "encoder"} if isinstance(cfg, DeepseekOCR2Config) else {}
+
+
+def _v1_language(cfg: DeepseekOCRConfig | DeepseekOCR2Config) -> DeepseekOCRConfig:
+    """Decode traffic is the language model's alone, and v2's language model is v1's."""
+    return DeepseekOCRConfig(sam=cfg.sam, language=cfg.language) if isinstance(cfg, DeepseekOCR2Config) else cfg
+
+
+def _min_bytes(
+    cfg: DeepseekOCRConfig | DeepseekOCR2Config, views: list[F.View], prompt_len: int, dtype_bytes: int
+) -> dict[str, int]:
+    if isinstance(cfg, DeepseekOCR2Config):
+        return stage_min_bytes_v2(cfg, views, prompt_len, dtype_bytes)
+    return F.stage_min_bytes(cfg, views, prompt_len, dtype_bytes)
 
 
 def _stage_seconds(rec: PageRecord) -> dict[str, float | None]:
@@ -121,7 +150,7 @@ def _stage_seconds(rec: PageRecord) -> dict[str, float | None]:
 
 
 def compute_efficiency(
-    cfg: DeepseekOCRConfig,
+    cfg: DeepseekOCRConfig | DeepseekOCR2Config,
     ok: Sequence[PageRecord],
     hardware: HardwareInfo | None,
     dtype_bytes: int,
@@ -161,19 +190,21 @@ def compute_efficiency(
             flops_sum[stage] = flops_sum.get(stage, 0.0) + stages[stage]
             secs_sum[stage] = secs_sum.get(stage, 0.0) + secs
         views = [(int(v[0]), int(v[1]), int(v[2])) for v in rec.vision_views or []]
-        for stage, nbytes in F.stage_min_bytes(cfg, views, rec.prompt_tokens or 0, dtype_bytes).items():
+        for stage, nbytes in _min_bytes(cfg, views, rec.prompt_tokens or 0, dtype_bytes).items():
             min_bytes_sum[stage] = min_bytes_sum.get(stage, 0.0) + nbytes
         if rec.decode_ms and rec.decode_ms > 0 and rec.prompt_tokens and (rec.generated_tokens or 0) >= 2:
-            db = F.decode_bytes(cfg, rec.prompt_tokens, rec.generated_tokens or 0, dtype_bytes)
+            db = F.decode_bytes(_v1_language(cfg), rec.prompt_tokens, rec.generated_tokens or 0, dtype_bytes)
             decode_bytes_sum += db.total_bytes
             decode_secs_for_bytes += rec.decode_ms / 1e3
     n_pages = max(len(per_page), 1)
     efficiency: list[Efficiency] = []
-    for stage in STAGES:
-        if stage not in flops_sum:
-            unavailable.append(Unavailable(f"mfu.{stage}", _no_time_reason(stage, ok)))
+    names = stage_names_of(cfg)
+    for slot in STAGES:
+        stage = names.get(slot, slot)  # the model's name for the stage (v2: encoder); flops/secs are by slot
+        if slot not in flops_sum:
+            unavailable.append(Unavailable(f"mfu.{stage}", _no_time_reason(slot, ok)))
             continue
-        fl, sec = flops_sum[stage], secs_sum[stage]
+        fl, sec = flops_sum[slot], secs_sum[slot]
         achieved = fl / sec
         mfu_v = M.mfu(fl, sec, peak_flops) if peak_flops else None
         bytes_moved = mbu_v = ai = None
@@ -184,13 +215,13 @@ def compute_efficiency(
             mbu_raw = M.mbu(decode_bytes_sum, decode_secs_for_bytes, peak_bw) if peak_bw else None
             mbu_v = mbu_raw if isinstance(mbu_raw, float) else None
             ai = fl / decode_bytes_sum if decode_bytes_sum else None
-        elif stage in min_bytes_sum and min_bytes_sum[stage] > 0:
+        elif slot in min_bytes_sum and min_bytes_sum[slot] > 0:
             # Lower bound of the traffic (weights + stage inputs/outputs): MBU is a lower bound, FLOP/byte an
             # upper bound; enough to place the stage on the roofline (compute- vs memory-bound side).
-            bytes_moved = min_bytes_sum[stage] / n_pages
-            mbu_raw = M.mbu(min_bytes_sum[stage], sec, peak_bw) if peak_bw else None
+            bytes_moved = min_bytes_sum[slot] / n_pages
+            mbu_raw = M.mbu(min_bytes_sum[slot], sec, peak_bw) if peak_bw else None
             mbu_v = mbu_raw if isinstance(mbu_raw, float) else None
-            ai = fl / min_bytes_sum[stage]
+            ai = fl / min_bytes_sum[slot]
             note = "; ".join(x for x in (note, "bytes ≥ weights + stage I/O (lower bound)") if x)
         # mfu.py's contract: a value it cannot vouch for (MFU > 1: FLOPs, time or peak wrong) comes back with its
         # reason, and the blank in the table must carry that reason, not look like "no peak"
@@ -217,7 +248,7 @@ def compute_efficiency(
             StageFlops(stage=name, analytic_flops=float(bd.total_flops), components=dict(bd.components_flops))
             for name, bd in (
                 ("sam", rep.sam),
-                ("clip", rep.clip),
+                (names.get("clip", "clip"), rep.clip),
                 ("projector", rep.projector),
                 ("prefill_lm", rep.prefill_lm),
                 ("decode", rep.decode),

@@ -29,14 +29,18 @@ from llm_perf_opt.models.deepseek_ocr.config import DeepseekOCRConfig
 from llm_perf_opt.models.deepseek_ocr2.config import DeepseekOCR2Config, EncoderConfig
 from llm_perf_opt.profiling.flops import (
     FlopsBreakdown,
+    PageFlops,
     View,
     activated_params_per_token,
     attention_flops,
+    decode_flops,
     linear_flops,
     param_counts,
+    prefill_flops,
     projector_flops,
     sam_flops,
     sam_output_grid,
+    stage_min_bytes,
 )
 
 __all__ = [
@@ -44,7 +48,9 @@ __all__ = [
     "encoder_attention_pairs",
     "encoder_flops",
     "encoder_params",
+    "page_flops_v2",
     "param_counts_v2",
+    "stage_min_bytes_v2",
     "v2_views",
     "vision_flops_v2",
 ]
@@ -156,3 +162,49 @@ def param_counts_v2(cfg: DeepseekOCR2Config) -> ParamCountsV2:
         lm_head=v1.lm_head,
         activated_per_token=activated_params_per_token(DeepseekOCRConfig(language=cfg.language)),
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# A page, in the session's stage names
+# --------------------------------------------------------------------------------------------------
+
+
+def page_flops_v2(
+    cfg: DeepseekOCR2Config, views: Sequence[View], prompt_len: int, n_generated: int, lm_head_positions: int = 1
+) -> PageFlops:
+    """Every stage of one v2 page; the encoder fills :class:`PageFlops`' second vision slot (``clip``), as the
+    encoder's time fills the record's ``clip_ms``: the language-model stages are v1's formulas."""
+    sam, enc, proj = vision_flops_v2(cfg, views)
+    return PageFlops(
+        sam=sam,
+        clip=enc,
+        projector=proj,
+        prefill_lm=prefill_flops(cfg.language, prompt_len, lm_head_positions),
+        decode=decode_flops(cfg.language, prompt_len, n_generated),
+        views=tuple(views),
+        prompt_len=prompt_len,
+        n_generated=n_generated,
+    )
+
+
+def stage_min_bytes_v2(
+    cfg: DeepseekOCR2Config, views: Sequence[View], prompt_len: int, dtype_bytes: int
+) -> dict[str, int]:
+    """v1's lower bounds of the prefill stages' traffic (weights once + stage I/O), with the encoder in the
+    ``clip`` slot: it reads its weights and the SAM tokens and writes the N query outputs per view."""
+    pc = param_counts_v2(cfg)
+    v1 = stage_min_bytes(DeepseekOCRConfig(sam=cfg.sam, language=cfg.language), (), prompt_len, dtype_bytes)
+    out = {"sam": pc.sam_model * dtype_bytes, "clip": pc.encoder * dtype_bytes, "projector": pc.projector * dtype_bytes}
+    width, n_embed = cfg.encoder.hidden_size, cfg.projector.n_embed
+    for count, height, width_px in views:
+        gh, gw = sam_output_grid(cfg.sam, height, width_px)
+        pixels = count * 3 * height * width_px
+        sam_out = count * cfg.sam.downsample_channels[-1] * gh * gw
+        enc_out = count * gh * gw * width
+        out["sam"] += (pixels + sam_out) * dtype_bytes
+        out["clip"] += (sam_out + enc_out) * dtype_bytes
+        out["projector"] += (enc_out + count * gh * gw * n_embed) * dtype_bytes
+    out["vision"] = out["sam"] + out["clip"] + out["projector"]
+    out["prefill_lm"] = v1["prefill_lm"]
+    out["prefill"] = out["vision"] + out["prefill_lm"]
+    return out

@@ -17,11 +17,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from llm_perf_opt.models.deepseek_ocr2.config import DeepseekOCR2Config
 from llm_perf_opt.profiling import flops as F
 from llm_perf_opt.profiling.flop_count import CountedFlops, count_flop_counter, count_fvcore
+from llm_perf_opt.profiling.flops_ocr2 import vision_flops_v2
 from llm_perf_opt.results.types import StageFlops
 
 log = logging.getLogger(__name__)
+_Counted = tuple[CountedFlops | None, CountedFlops | None]
 FLAG_REL_DIFF = 0.02
 
 
@@ -62,6 +65,8 @@ def _row(
     components: dict[str, int],
     notes: list[str],
     explained_gap: float = 0.0,
+    gap_reason: str = "causal gap",
+    gap_detail: str = "counters count the full attention square, analytic the kept triangle",
 ) -> StageFlops:
     fv_vals = [c[0].total_flops for c in counted if c[0] is not None]
     fc_vals = [c[1].total_flops for c in counted if c[1] is not None]
@@ -77,8 +82,7 @@ def _row(
     if explained_gap:
         notes = [
             *notes,
-            f"Δ shown after the explained causal gap of {explained_gap / 1e9:,.3f} GFLOP "
-            "(counters count the full attention square, analytic the kept triangle)",
+            f"Δ shown after the explained {gap_reason} of {explained_gap / 1e9:,.3f} GFLOP ({gap_detail})",
         ]
     skipped: set[str] = set()
     for pair in counted:
@@ -115,18 +119,26 @@ def _causal_gap(lang: Any, q_len: int) -> float:
 @torch.no_grad()
 def static_compute(model: Any, prepared: Any, device: torch.device, dtype: torch.dtype) -> list[StageFlops]:
     """Analytic vs fvcore vs FlopCounterMode per stage for one prepared page (no timing here)."""
-    from llm_perf_opt.models.deepseek_ocr.kv_cache import StaticKVCache
-
     cfg = model.config
-    m = model.model
     crops = prepared.images_crop.to(device, dtype)
     ori = prepared.images_ori.to(device, dtype)
     views = [crops] if prepared.n_crops > 0 else []
     views.append(ori)
     view_shapes = [(int(v.shape[0]), int(v.shape[-2]), int(v.shape[-1])) for v in views]
-    sam_a, clip_a, proj_a = F.vision_flops(cfg, view_shapes)
-    rows: list[StageFlops] = []
+    rows: list[StageFlops] = (
+        _vision_rows_v2(model, views, view_shapes)
+        if isinstance(cfg, DeepseekOCR2Config)
+        else _vision_rows(model, views, view_shapes)
+    )
+    rows += _language_rows(model, prepared, crops, ori, device)
+    return rows
 
+
+def _vision_rows(model: Any, views: list[torch.Tensor], view_shapes: list[F.View]) -> list[StageFlops]:
+    """DeepSeek-OCR (v1): SAM, CLIP (fed SAM's features) and the projector over [CLIP ‖ SAM] features."""
+    m = model.model
+    sam_a, clip_a, proj_a = F.vision_flops(model.config, view_shapes)
+    rows: list[StageFlops] = []
     sam_counts, clip_counts, proj_counts, notes_v = [], [], [], []
     for pixels in views:
         sam_out = m.sam_model(pixels)
@@ -144,7 +156,60 @@ def static_compute(model: Any, prepared: Any, device: torch.device, dtype: torch
     rows.append(_row("sam", sam_a.total_flops, sam_counts, sam_a.components_flops, list(dict.fromkeys(notes_v))))
     rows.append(_row("clip", clip_a.total_flops, clip_counts, clip_a.components_flops, []))
     rows.append(_row("projector", proj_a.total_flops, proj_counts, proj_a.components_flops, []))
+    return rows
 
+
+def _vision_rows_v2(model: Any, views: list[torch.Tensor], view_shapes: list[F.View]) -> list[StageFlops]:
+    """DeepSeek-OCR-2: SAM, the Qwen2-style encoder (fed SAM's tokens) and the projector over its query outputs.
+
+    The counters see the encoder's SDPA over the full (2N)² grid of each view; the analytic count keeps only the
+    prefix mask's pairs, so the difference (exact, from the same formula with ``useful=False``) is the explained gap.
+    """
+    m = model.model
+    cfg = model.config
+    sam_a, enc_a, proj_a = vision_flops_v2(cfg, view_shapes)
+    _, enc_full, _ = vision_flops_v2(cfg, view_shapes, useful=False)
+    sam_counts: list[_Counted] = []
+    enc_counts: list[_Counted] = []
+    proj_counts: list[_Counted] = []
+    notes: list[str] = []
+    for pixels in views:
+        sam_out = m.sam_model(pixels)
+        enc_out = m.qwen2_model(sam_out)
+        for counts, module, inputs in (
+            (sam_counts, m.sam_model, (pixels,)),
+            (enc_counts, m.qwen2_model, (sam_out,)),
+            (proj_counts, m.projector, (enc_out,)),
+        ):
+            fv, fc, n = _count_both(module, inputs)
+            counts.append((fv, fc))
+            notes += n
+    gap = float(enc_full.total_flops - enc_a.total_flops)
+    return [
+        _row("sam", sam_a.total_flops, sam_counts, sam_a.components_flops, list(dict.fromkeys(notes))),
+        _row(
+            "encoder",
+            enc_a.total_flops,
+            enc_counts,
+            enc_a.components_flops,
+            [],
+            explained_gap=gap,
+            gap_reason="attention-mask gap",
+            gap_detail="counters count the encoder's masked attention over the full (2N)² grid, analytic the "
+            "prefix mask's pairs",
+        ),
+        _row("projector", proj_a.total_flops, proj_counts, proj_a.components_flops, []),
+    ]
+
+
+def _language_rows(
+    model: Any, prepared: Any, crops: torch.Tensor, ori: torch.Tensor, device: torch.device
+) -> list[StageFlops]:
+    """The decoder prefill over the real prompt and one decode step at the first decode context."""
+    from llm_perf_opt.models.deepseek_ocr.kv_cache import StaticKVCache
+
+    cfg = model.config
+    rows: list[StageFlops] = []
     feats_all = model.encode_images(crops, ori, prepared.images_spatial_crop)
     embeds = model.embed_prompt(prepared.input_ids.to(device), prepared.images_seq_mask.to(device), [feats_all])
     prompt_len = int(embeds.shape[1])

@@ -26,7 +26,8 @@ from llm_perf_opt.results.types import (
     StageDeviceTime,
 )
 
-RANGE_NAMES = ("preprocess", "prefill", "decode", "sam", "clip", "projector")
+# "encoder": DeepSeek-OCR-2's second vision stage (v1's is "clip")
+RANGE_NAMES = ("preprocess", "prefill", "decode", "sam", "clip", "encoder", "projector")
 
 
 def _device_us(evt: Any, attr: str) -> float:
@@ -131,12 +132,13 @@ RANGE_STAGE = {
     "preprocess": "preprocess",
     "sam": "sam",
     "clip": "clip",
+    "encoder": "encoder",
     "projector": "projector",
     "prefill": "prefill_lm",  # prefill outside sam/clip/projector: embedding scatter + LM forward + first pick
     "decode": "decode",
     "decode_step": "decode",
 }
-STAGE_ORDER = ("preprocess", "sam", "clip", "projector", "prefill_lm", "decode")
+STAGE_ORDER = ("preprocess", "sam", "clip", "encoder", "projector", "prefill_lm", "decode")
 OUTSIDE_STAGES = "[launched outside every stage range]"
 DEVICE_CATS = frozenset({"kernel", "gpu_memcpy", "gpu_memset"})
 GRAPH_LAUNCH = "cudaGraphLaunch"

@@ -178,6 +178,12 @@ def _ngram_extras(cfg: dict[str, Any]) -> str:
     return f" ({', '.join(extras)})" if extras else ""
 
 
+def _stage_label(s: RunSummary, label: str) -> str:
+    """A row label with the model's stage names: DeepSeek-OCR-2's ``clip_ms`` slot holds its encoder's time."""
+    name = s.model.stage_names.get("clip")
+    return label.replace("CLIP", name) if name else label
+
+
 def render_report(s: RunSummary, plots: dict[str, str] | None = None) -> str:
     plots = plots or {}
     r = s.run
@@ -250,7 +256,7 @@ def render_report(s: RunSummary, plots: dict[str, str] | None = None) -> str:
 
     out.append("## Latency and throughput\n")
     rows = [
-        _stat_row(label, s.aggregates.get(key), unit, reason=missing_reason(s, key))
+        _stat_row(_stage_label(s, label), s.aggregates.get(key), unit, reason=missing_reason(s, key))
         for label, key, unit in LATENCY_ROWS
     ]
     out.append(table(STAT_HEADER, rows) + "\n")

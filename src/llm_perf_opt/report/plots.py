@@ -32,7 +32,8 @@ def stage_parts(s: RunSummary) -> tuple[list[tuple[str, float]], list[str]]:
         other = max(vision - sam - clip - proj, 0.0)
     lm = None if prefill is None or vision is None else max(prefill - vision, 0.0)
     # the report's row names ("layout" = the part of vision outside SAM, CLIP and the projector)
-    candidates = [("SAM", sam), ("CLIP", clip), ("projector", proj), ("layout (rest of vision)", other),
+    second = s.model.stage_names.get("clip", "CLIP")  # DeepSeek-OCR-2: its encoder
+    candidates = [("SAM", sam), (second, clip), ("projector", proj), ("layout (rest of vision)", other),
                   ("prefill LM (prefill − vision)", lm), ("decode (tokens 2..N)", decode)]  # fmt: skip
     parts = [(label, value) for label, value in candidates if value is not None]
     missing = [label for label, value in candidates if value is None]

@@ -195,6 +195,11 @@ class ModelInfo:
     weights_bytes: int
     tokenizer: str
     optimisations: dict[str, bool] = attrs.field(factory=dict)
+    # deepseek_ocr (v1) | deepseek_ocr2
+    family: str = "deepseek_ocr"
+    # record slot -> the model's name of that stage where they differ (v2: {"clip": "encoder"}: the encoder's time
+    # is in ``clip_ms``); empty for v1
+    stage_names: dict[str, str] = attrs.field(factory=dict)
 
 
 @attrs.frozen

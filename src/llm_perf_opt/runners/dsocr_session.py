@@ -199,10 +199,7 @@ class DeepSeekOCRSession:
     def prepare(self, page: Page, uint8: bool = False) -> Any:
         """The page decoded and preprocessed (a PreparedPage): model inputs, no model work.  ``uint8``: views left
         as uint8 pixels, normalised on the device by the batched vision (4× less host work and upload)."""
-        from llm_perf_opt.models.deepseek_ocr.preprocess import preprocess_page
-
-        cfg, config = self.backend.preprocess_cfg, self.backend.config
-        return preprocess_page(page.load(), cfg, config, self.text_ids, uint8=uint8)
+        return self.backend.prepare_page(page.load(), self.text_ids, uint8=uint8)
 
     def prepare_for_batch(self, page: Page) -> Any:
         """:meth:`prepare` for the batched phase (uint8 views; run by the prefetcher's worker threads)."""
@@ -342,14 +339,17 @@ class DeepSeekOCRSession:
         return self._page_run(page, repeat, prepared, pre, state, cache, max_new_tokens, ignore_eos, eos_id,
                               preprocess_ms, setups_before, (window_start_s, window_end_s), simulated)  # fmt: skip
 
+    def _stage_ms(self) -> dict[str, float]:
+        """The hooks' times under the record's slots (v2's ``encoder`` fills ``clip``; see Backend.stage_names)."""
+        slot_of = {name: slot for slot, name in self.backend.stage_names.items()}
+        return {slot_of.get(name, name): ms for name, ms in self.hooks.collect_ms().items()}
+
     def _preprocess(self, page: Page) -> tuple[Any, float]:
         """Decode and preprocess the page on the host (its own stage, not part of prefill)."""
-        from llm_perf_opt.models.deepseek_ocr.preprocess import preprocess_page
-
         t0 = time.perf_counter_ns()
         with self.ranges.range("preprocess"):
             image = page.load()
-            prepared = preprocess_page(image, self.backend.preprocess_cfg, self.backend.config, self.text_ids)
+            prepared = self.backend.prepare_page(image, self.text_ids)
             if self.fast is not None and self.fast.pinned_upload and self.device.type == "cuda":
                 prepared = prepared.pinned()  # host-side work: counted in preprocess, not in the prefill
         return prepared, (time.perf_counter_ns() - t0) / 1e6
@@ -421,7 +421,7 @@ class DeepSeekOCRSession:
                 preprocess_ms=preprocess_ms,
                 prefill_ms=clock.elapsed_ms(pre.m_prefill, pre.m_ttft),
                 vision_ms=clock.elapsed_ms(pre.m_vision0, pre.m_vision1),
-                stage_ms=self.hooks.collect_ms(),
+                stage_ms=self._stage_ms(),
                 decode_step_ms=clock.intervals_ms(state.marks),
                 generated=generated,
                 max_new_tokens=max_new_tokens,

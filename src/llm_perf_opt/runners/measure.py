@@ -48,6 +48,8 @@ def describe_model(settings: RunSettings, session: DeepSeekOCRSession) -> ModelI
         weights_bytes=session.weights_bytes,
         tokenizer=getattr(backend.tokenizer, "name", type(backend.tokenizer).__name__),
         optimisations=session.optimisations(),
+        family=settings.model.family,
+        stage_names=dict(backend.stage_names),
     )
 
 

@@ -35,6 +35,9 @@ Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
 
 DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "half")
 ACTIVITIES = ("cpu", "cuda")
+FAMILIES = ("deepseek_ocr", "deepseek_ocr2")
+# DeepSeek-OCR-2's encoder has learned queries for these view sizes only (768-px tiles, 1024-px global view)
+V2_VIEW_PX = (768, 1024)
 
 
 # ---------------------------------------------------------------------------------------------- validators
@@ -254,6 +257,8 @@ class ModelSettings:
 
     SECTION: ClassVar[str] = "model"
     name: str = attrs.field(default="deepseek-ocr", validator=_text())
+    # which model: deepseek_ocr (v1: SAM → CLIP → projector) or deepseek_ocr2 (SAM → Qwen2-style encoder → projector)
+    family: str = attrs.field(default="deepseek_ocr", validator=_choice(FAMILIES))
     path: str | None = attrs.field(default=None, validator=_text(optional=True))
     config_json: str | None = attrs.field(default=None, validator=_text(optional=True))
     weights: str = attrs.field(default="checkpoint", validator=_choice(("checkpoint", "dummy")))
@@ -349,6 +354,8 @@ class InferSettings:
     # step (the original convention), fixed = context_len_fixed keys for every step
     context_len_mode: str = attrs.field(default="auto", validator=_choice(("auto", "max", "fixed")))
     context_len_fixed: int | None = attrs.field(default=None, validator=_integer(1, optional=True, example="1024"))
+    # the model family a preset is for (the DeepSeek-OCR-2 modes say deepseek_ocr2); null: any
+    family: str | None = attrs.field(default=None, validator=_choice(FAMILIES, optional=True))
 
     @no_repeat_ngram_exempt_ids.validator
     def _exempt_ids(self, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -470,6 +477,35 @@ class RunSettings:
         if self.model.backend != "native" and self.infer.batch_size > 1:
             raise ConfigError(f"infer.batch_size > 1 needs model.backend=native, got {self.model.backend}",
                               hint="set infer.batch_size=1 or model.backend=native")  # fmt: skip
+        if self.infer.family is not None and self.infer.family != self.model.family:
+            raise ConfigError(
+                f"the infer preset is for model.family={self.infer.family}, but the model is {self.model.family}",
+                hint=f"pick a {self.infer.family} arch (model/deepseek_ocr/arch={self.infer.family}.*) or an infer "
+                f"preset of {self.model.family} (model/deepseek_ocr/infer={self.model.family}.*)",
+            )
+        if self.model.family == "deepseek_ocr2":
+            self._check_v2()
+
+    def _check_v2(self) -> None:
+        """DeepSeek-OCR-2 runs eagerly on the native backend, one page at a time, at its own view sizes."""
+        if self.model.backend != "native":
+            raise ConfigError(f"model.family=deepseek_ocr2 runs on model.backend=native only, got {self.model.backend}",
+                              hint="set model.backend=native")  # fmt: skip
+        if self.infer.fast.enabled:
+            raise ConfigError("infer.fast.enabled=true is not available for DeepSeek-OCR-2 (the fast path is v1's)",
+                              hint="set infer.fast.enabled=false (the eager native v2 model runs)")  # fmt: skip
+        if self.infer.batch_size > 1:
+            raise ConfigError("infer.batch_size > 1 is not available for DeepSeek-OCR-2 (the batched phase is v1's)",
+                              hint="set infer.batch_size=1")  # fmt: skip
+        pre: PreprocessSettings | PreprocessOverride = self.infer.preprocess_override or self.model.preprocess
+        views = [("base_size", pre.base_size)] + [("image_size", pre.image_size)] * pre.crop_mode
+        for key, px in views:
+            if px not in V2_VIEW_PX:
+                raise ConfigError(
+                    f"DeepSeek-OCR-2 views are 768 or 1024 px, got {key} {px} (model.preprocess or the infer mode)",
+                    hint="use a v2 resolution mode: model/deepseek_ocr/infer=deepseek_ocr2.default "
+                    "(or deepseek_ocr2.1024 / deepseek_ocr2.768)",
+                )
 
     @property
     def token_cap(self) -> int:

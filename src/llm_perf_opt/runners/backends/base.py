@@ -25,6 +25,8 @@ BACKENDS = {
     "native": "llm_perf_opt.runners.backends.native:NativeBackend",
     "hf_remote": "llm_perf_opt.runners.backends.hf_remote:HfRemoteBackend",
 }
+# model.family -> backend for families other than v1 (RunSettings lets them run on the native backend only)
+FAMILY_BACKENDS = {"deepseek_ocr2": "llm_perf_opt.runners.backends.native_v2:NativeV2Backend"}
 
 
 class Backend(abc.ABC):
@@ -37,6 +39,9 @@ class Backend(abc.ABC):
     supports_batching: ClassVar[bool] = False
     # stage name -> dotted module path inside ``model`` that the timing hooks wrap
     hook_targets: ClassVar[dict[str, str]]
+    # record slot -> this model's name for the stage, where they differ (v2: {"clip": "encoder"}); the hook of
+    # that stage carries the model's name, its time fills the slot (metrics.json keys stay v1's)
+    stage_names: ClassVar[dict[str, str]] = {}
 
     model: Any
     config: DeepseekOCRConfig
@@ -60,6 +65,13 @@ class Backend(abc.ABC):
     def kv_cache_bytes(self, cache: Any) -> int:
         """Bytes the page's KV cache holds (after its last step)."""
 
+    def prepare_page(self, image: Any, text_ids: list[int], uint8: bool = False) -> Any:
+        """One page image as model inputs (a PreparedPage): views, tile grid, tensors, token layout.  ``uint8``:
+        views left as uint8 pixels for the batched phase, which normalises them on the device."""
+        from llm_perf_opt.models.deepseek_ocr.preprocess import preprocess_page
+
+        return preprocess_page(image, self.preprocess_cfg, self.config, text_ids, uint8=uint8)
+
     def routing_counts(self, model: Any) -> tuple[list[int] | None, dict[int, list[int]] | None]:
         """(experts hit per MoE layer, tokens per expert) of the last page, or (None, None) when not counted."""
         return None, None
@@ -73,6 +85,7 @@ class Backend(abc.ABC):
 def build_backend(
     settings: ModelSettings, device: torch.device, dtype: torch.dtype, seed: int, project_root: Path
 ) -> Backend:
-    module, _, cls_name = BACKENDS[settings.backend].partition(":")  # backend name validated by ModelSettings
+    spec = FAMILY_BACKENDS.get(settings.family, BACKENDS[settings.backend])  # names validated by the settings
+    module, _, cls_name = spec.partition(":")
     cls: type[Backend] = getattr(importlib.import_module(module), cls_name)
     return cls.load(settings, device, dtype, seed, project_root)
