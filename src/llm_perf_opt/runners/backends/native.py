@@ -37,19 +37,11 @@ class NativeBackend(Backend):
         from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, build_model
         from llm_perf_opt.models.deepseek_ocr.tokenizer import load_tokenizer
 
-        model_dir = None
-        if settings.path:
-            model_dir = Path(settings.path)
-            if not model_dir.is_absolute():
-                model_dir = project_root / model_dir
+        model_dir = checkpoint_dir(
+            settings, project_root, hub="DeepSeek-OCR", folder="deepseek-ocr", preset="deepseek_ocr"
+        )
         if settings.weights == "checkpoint":
-            if model_dir is None or not model_dir.is_dir():
-                raise ModelLoadError(
-                    f"model directory not found: {model_dir}",
-                    hint="download deepseek-ai/DeepSeek-OCR into models/deepseek-ocr (see models/README.md), "
-                    "or profile without it: model/deepseek_ocr/arch=deepseek_ocr.dummy (full size) or "
-                    "model/deepseek_ocr/arch=deepseek_ocr.tiny",
-                )
+            assert model_dir is not None  # checkpoint_dir raised otherwise
             config = DeepseekOCRConfig.from_json(model_dir / "config.json")
             weights_source: str | Path = model_dir
         else:  # dummy: ModelSettings guarantees config_json
@@ -71,6 +63,24 @@ class NativeBackend(Backend):
     def routing_counts(self, model: Any) -> tuple[list[int] | None, dict[int, list[int]] | None]:
         # ``model`` may be the fast path's wrapper of self.model: it counts routing the same way
         return model.experts_hit_per_layer(), model.tokens_per_expert()
+
+
+def checkpoint_dir(settings: ModelSettings, project_root: Path, *, hub: str, folder: str, preset: str) -> Path | None:
+    """The model folder (a relative path is read against the project); with ``weights=checkpoint`` it must exist,
+    else one ModelLoadError that says where to put the download and which presets run without it."""
+    model_dir = None
+    if settings.path:
+        model_dir = Path(settings.path)
+        if not model_dir.is_absolute():
+            model_dir = project_root / model_dir
+    if settings.weights == "checkpoint" and (model_dir is None or not model_dir.is_dir()):
+        raise ModelLoadError(
+            f"model directory not found: {model_dir}",
+            hint=f"download deepseek-ai/{hub} into models/{folder} (see models/README.md), "
+            f"or profile without it: model/deepseek_ocr/arch={preset}.dummy (full size) or "
+            f"model/deepseek_ocr/arch={preset}.tiny",
+        )
+    return model_dir
 
 
 def preprocess_config(settings: ModelSettings) -> Any:

@@ -15,9 +15,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from llm_perf_opt.errors import ConfigError, ModelLoadError
+from llm_perf_opt.errors import ConfigError
 from llm_perf_opt.models.deepseek_ocr2.config import DeepseekOCR2Config
-from llm_perf_opt.runners.backends.native import NativeBackend
+from llm_perf_opt.runners.backends.native import NativeBackend, checkpoint_dir
 from llm_perf_opt.runners.settings import ModelSettings
 
 
@@ -42,19 +42,11 @@ class NativeV2Backend(NativeBackend):
         from llm_perf_opt.models.deepseek_ocr.tokenizer import load_tokenizer
         from llm_perf_opt.models.deepseek_ocr2 import build_model_v2
 
-        model_dir = None
-        if settings.path:
-            model_dir = Path(settings.path)
-            if not model_dir.is_absolute():
-                model_dir = project_root / model_dir
+        model_dir = checkpoint_dir(
+            settings, project_root, hub="DeepSeek-OCR-2", folder="deepseek-ocr2", preset="deepseek_ocr2"
+        )
         if settings.weights == "checkpoint":
-            if model_dir is None or not model_dir.is_dir():
-                raise ModelLoadError(
-                    f"model directory not found: {model_dir}",
-                    hint="download deepseek-ai/DeepSeek-OCR-2 into models/deepseek-ocr2 (see models/README.md), "
-                    "or profile without it: model/deepseek_ocr/arch=deepseek_ocr2.dummy (full size) or "
-                    "model/deepseek_ocr/arch=deepseek_ocr2.tiny",
-                )
+            assert model_dir is not None  # checkpoint_dir raised otherwise
             config = DeepseekOCR2Config.from_json(model_dir / "config.json")
             weights_source: str | Path = model_dir
         else:  # dummy: ModelSettings guarantees config_json
