@@ -114,3 +114,25 @@ def build_page_record(page: Page, repeat: int, prepared: Any, m: PageMeasurement
         vision_views=m.vision_views,
         flags=flags,
     )
+
+
+SETUP_FLAG = "one_time_setup"
+
+
+def split_setup_runs(records: list[PageRecord]) -> tuple[list[PageRecord], list[PageRecord]]:
+    """(steady-state runs, runs flagged ``one_time_setup``): a page whose prefill compiled or captured graphs
+    measured the setup, not the model, so its times stay in the per-page table but never in the aggregates."""
+    setup = [r for r in records if any(f.startswith(SETUP_FLAG) for f in r.flags)]
+    steady = [r for r in records if not any(f.startswith(SETUP_FLAG) for f in r.flags)]
+    return steady, setup
+
+
+def setup_runs_note(setup: list[PageRecord]) -> list[str]:
+    """The note that says which page runs the aggregates leave out, and why (empty when none)."""
+    if not setup:
+        return []
+    which = ", ".join(f"{r.page_id} (repeat {r.repeat})" for r in setup)
+    return [
+        f"{len(setup)} page run(s) flagged {SETUP_FLAG} left out of the aggregates (their prefill includes "
+        f"graph capture/compilation; see the per-page table): {which}"
+    ]

@@ -38,6 +38,7 @@ from llm_perf_opt.results.types import (
     Unavailable,
 )
 from llm_perf_opt.runners.dsocr_session import DeepSeekOCRSession, PageRun
+from llm_perf_opt.runners.page_record import setup_runs_note, split_setup_runs
 from llm_perf_opt.runners.resume import JOURNAL
 from llm_perf_opt.runners.settings import RunSettings
 from llm_perf_opt.runners.signals import StopFlag
@@ -111,9 +112,10 @@ class Stage1Run:
 
     def summary(self, status: RunStatus, reason: str | None = None) -> RunSummary:
         ok = [r for r in self.records if r.status == "ok"]
+        steady, setup = split_setup_runs(ok)
         aggregates = {}
         for metric in AGGREGATE_METRICS:
-            stats = summarize([getattr(r, metric) for r in ok if getattr(r, metric) is not None])
+            stats = summarize([getattr(r, metric) for r in steady if getattr(r, metric) is not None])
             if stats is not None:
                 aggregates[metric] = stats
         hardware = self.hardware or HardwareInfo(
@@ -175,7 +177,7 @@ class Stage1Run:
             batches=list(self.batches),
             batch_aggregates=self._batch_aggregates(),
             unavailable=unavailable,
-            notes=self.notes + more_notes + simulated_eos_notes(ok),
+            notes=self.notes + more_notes + simulated_eos_notes(ok) + setup_runs_note(setup),
             quality=quality,
             runaway=runaway_summary(ok),
         )
