@@ -40,7 +40,7 @@ if isinstance(triton.language.standard.sum, triton.runtime.jit.JITFunction):
     pytest.skip(
         "Triton was imported without TRITON_INTERPRET=1 (before this module, or the variable is set to something"
         " else), so its library is compiled-mode and the CPU interpreter cannot run it; run"
-        " `TRITON_INTERPRET=1 pytest tests/unit/test_kernels.py`",
+        " `TRITON_INTERPRET=1 pytest tests/unit/models/deepseek_ocr/test_kernels.py`",
         allow_module_level=True,
     )
 

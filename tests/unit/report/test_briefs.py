@@ -16,7 +16,7 @@ from llm_perf_opt.results.types import MeasurementQuality, RunawaySummary
 from llm_perf_opt.runners.settings import InferSettings
 from tests.unit.builders import make_page, make_summary
 
-TINY_JSON = Path(__file__).resolve().parents[2] / "src/llm_perf_opt/models/deepseek_ocr/configs/tiny.json"
+TINY_JSON = Path(__file__).resolve().parents[3] / "src/llm_perf_opt/models/deepseek_ocr/configs/tiny.json"
 
 
 def _summary(**aggs: list[float]):

@@ -38,13 +38,13 @@ from llm_perf_opt.models.deepseek_ocr.tokenizer import (
     split_prompt,
 )
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[3] / "fixtures"
 REAL_CFG = DeepseekOCRConfig()
 TINY_CFG = DeepseekOCRConfig.from_json(FIXTURES / "deepseek_ocr_tiny" / "config.json")
 PROMPT_REF = json.loads((FIXTURES / "deepseek_ocr_real" / "image_tokens.json").read_text())["_prompt"]
 CKPT_TOKENIZER_CONFIG = json.loads((FIXTURES / "deepseek_ocr_real" / "tokenizer_config.json").read_text())
 PACKAGE_DATA = (
-    Path(__file__).resolve().parents[2] / "src/llm_perf_opt/models/deepseek_ocr/data/deepseek_ocr_added_tokens.json"
+    Path(__file__).resolve().parents[4] / "src/llm_perf_opt/models/deepseek_ocr/data/deepseek_ocr_added_tokens.json"
 )
 # The checkpoint's tokenizer.json as the Hub lists it (size, git blob id); issue 17.
 REAL_BYTES = 9_979_544

@@ -13,7 +13,7 @@ from llm_perf_opt.errors import ConfigError
 from llm_perf_opt.models.deepseek_ocr2 import DeepseekOCR2Config, build_model_v2
 from llm_perf_opt.models.deepseek_ocr2.preprocess import preprocess_config_v2, preprocess_page_v2
 
-TINY = Path(__file__).resolve().parents[1] / "fixtures" / "deepseek_ocr2_tiny"
+TINY = Path(__file__).resolve().parents[3] / "fixtures" / "deepseek_ocr2_tiny"
 REAL = DeepseekOCR2Config()
 TEXT_IDS = list(range(10, 19))  # 9 stand-in ids, as long as the default markdown prompt
 

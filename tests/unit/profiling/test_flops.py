@@ -15,8 +15,8 @@ from llm_perf_opt.models.deepseek_ocr.config import ClipConfig, DeepseekOCRConfi
 from llm_perf_opt.profiling import flops as fl
 from llm_perf_opt.profiling.flop_count import CountedFlops, count_flop_counter, count_fvcore
 
-REAL = Path(__file__).resolve().parents[1] / "fixtures" / "deepseek_ocr_real"
-TINY_JSON = Path(__file__).resolve().parents[2] / "src/llm_perf_opt/models/deepseek_ocr/configs/tiny.json"
+REAL = Path(__file__).resolve().parents[2] / "fixtures" / "deepseek_ocr_real"
+TINY_JSON = Path(__file__).resolve().parents[3] / "src/llm_perf_opt/models/deepseek_ocr/configs/tiny.json"
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from llm_perf_opt.models.deepseek_ocr2 import DeepseekOCR2Config, build_model_v2
 from llm_perf_opt.models.deepseek_ocr2.hf_native import hf_native_config
 from tests.conftest import rel_err
 
-TINY = Path(__file__).resolve().parents[1] / "fixtures" / "deepseek_ocr2_tiny"
+TINY = Path(__file__).resolve().parents[3] / "fixtures" / "deepseek_ocr2_tiny"
 REAL = TINY.parent / "deepseek_ocr2_real"
 # Two float64 implementations: only float32-rounded RMSNorm statistics (in both) separate them.
 TOL = 1e-6

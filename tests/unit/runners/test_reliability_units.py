@@ -17,7 +17,7 @@ from llm_perf_opt.runners.outcome import final_status
 from llm_perf_opt.runners.rundir import LOCK, MARKER, check_run_dir, claim_run_dir, unsafe_reason
 from tests.unit.builders import make_failed_page, make_page
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 # ------------------------------------------------------------------------------------------ run dir
 

@@ -7,7 +7,7 @@ import attrs
 from llm_perf_opt.profiling.torch_profiler import kernel_attribution
 from llm_perf_opt.report.markdown import render_operators, render_report
 from tests.unit.builders import make_profile, make_summary
-from tests.unit.test_torch_profiler import _trace_with_graph_launch
+from tests.unit.profiling.test_torch_profiler import _trace_with_graph_launch
 
 
 def test_operators_md_keeps_the_operator_table_and_gains_kernels() -> None:

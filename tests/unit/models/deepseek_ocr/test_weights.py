@@ -22,7 +22,7 @@ from llm_perf_opt.models.deepseek_ocr import (
     resolve_dtype,
 )
 
-TINY = Path(__file__).resolve().parents[1] / "fixtures" / "deepseek_ocr_tiny"
+TINY = Path(__file__).resolve().parents[3] / "fixtures" / "deepseek_ocr_tiny"
 
 
 @pytest.fixture(scope="module")

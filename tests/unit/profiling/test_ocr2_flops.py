@@ -24,7 +24,7 @@ from llm_perf_opt.profiling.flops_ocr2 import (
     vision_flops_v2,
 )
 
-TINY = Path(__file__).resolve().parents[1] / "fixtures" / "deepseek_ocr2_tiny"
+TINY = Path(__file__).resolve().parents[2] / "fixtures" / "deepseek_ocr2_tiny"
 
 
 @pytest.fixture(scope="module")

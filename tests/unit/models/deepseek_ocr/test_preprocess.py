@@ -34,7 +34,7 @@ from llm_perf_opt.models.deepseek_ocr.preprocess import (
 )
 from llm_perf_opt.models.deepseek_ocr.tokenizer import DEFAULT_PROMPT_IDS_AFTER_IMAGE
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[3] / "fixtures"
 REAL = FIXTURES / "deepseek_ocr_real"
 TINY = FIXTURES / "deepseek_ocr_tiny"
 

@@ -32,7 +32,7 @@ from llm_perf_opt.models.deepseek_ocr2 import (
 )
 from tests.conftest import rel_err
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[3] / "fixtures"
 TINY = FIXTURES / "deepseek_ocr2_tiny"
 REAL = FIXTURES / "deepseek_ocr2_real"
 TOL = 1e-4
