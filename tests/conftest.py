@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,28 @@ CONF = ROOT / "conf"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 TINY = FIXTURES / "deepseek_ocr_tiny"
 REAL = FIXTURES / "deepseek_ocr_real"
+
+
+def _import_triton_for_the_interpreter() -> None:
+    """Without CUDA, Triton can only run through its interpreter, and the choice is made when ``triton`` and our
+    kernels module are first imported.  Importing both here, with ``TRITON_INTERPRET=1``, keeps that choice
+    independent of test order (an earlier test could import Triton through torch in compiled mode, and the CPU
+    kernel tests would then fail).  The variable is unset again, so ``kernels.triton_available("cpu")`` stays
+    False for every test that does not set it itself (tests/unit/models/deepseek_ocr/test_fast_triton.py)."""
+    if torch.cuda.is_available() or "TRITON_INTERPRET" in os.environ:
+        return
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        # Triton is a dev dependency on x86-64 Linux only; where it is missing the kernel tests skip themselves.
+        with contextlib.suppress(ImportError):
+            import triton  # noqa: F401
+
+            import llm_perf_opt.models.deepseek_ocr.kernels  # noqa: F401
+    finally:
+        del os.environ["TRITON_INTERPRET"]
+
+
+_import_triton_for_the_interpreter()
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the device machine)")
 

@@ -187,6 +187,11 @@ def _cv(s: RunSummary, metric: str) -> float:
     return float(cv.get(metric, cv.get(CV_OF.get(metric, ""), 0.0)))
 
 
+# Host-only work (PIL decoding and tiling): on a host the noise sampler found contended it moves with the other
+# processes' load (35 % between two same-config runs on a loaded 2-core box), so it gets no verdict there.
+HOST_SIDE = ("preprocess_ms",)
+
+
 def effect_floor(a: RunSummary, b: RunSummary, metric: str, th: Thresholds) -> float:
     """Smallest relative change of the median that can be called a change for ``metric``."""
     base = th.min_effect * (th.noisy_factor if _is_noisy(a) or _is_noisy(b) else 1.0)
@@ -220,6 +225,8 @@ def diff(a: RunSummary, b: RunSummary, th: Thresholds | None = None, judge: bool
             rel = delta / va if va else (math.inf if delta else 0.0)
             significant = abs(rel) > th.mem_threshold
             verdict = _direction(delta, lower_better=True) if significant else f"within ±{100 * th.mem_threshold:g} %"
+        elif metric in HOST_SIDE and (_is_noisy(a) or _is_noisy(b)):
+            verdict = "no verdict (host-side time, a run is noisy)"
         else:
             xa, xb = _samples(a, metric), _samples(b, metric)
             if len(xa) < 3 or len(xb) < 3:

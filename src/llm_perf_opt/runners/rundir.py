@@ -80,7 +80,7 @@ def check_run_dir(out: Path, resume: str | None, project_root: Path) -> None:
 
 def _entries(out: Path) -> list[str]:
     try:
-        return [name for name in os.listdir(out) if name not in HYDRA_FILES and name != LOCK]
+        return [n for n in os.listdir(out) if n not in HYDRA_FILES and n != LOCK and not n.startswith(LOCK + ".")]
     except OSError as exc:
         raise OutputError(f"cannot list the run directory {out}: {exc.strerror or exc}", hint=_HINT) from exc
 
@@ -128,8 +128,16 @@ def _acquire_lock(out: Path) -> list[str]:
     lock = out / LOCK
     notes: list[str] = []
     for _attempt in range(2):
+        # The lock appears whole or not at all: written under a private name, then hard-linked into place (link
+        # fails if the lock exists). An O_EXCL create would leave a moment where a second run reads an empty lock,
+        # takes it for a stale one and takes it over (seen with two runs started together).
+        tmp = out / f"{LOCK}.{os.getpid()}"
         try:
-            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            tmp.write_text(_lock_text())
+            try:
+                os.link(tmp, lock)
+            finally:
+                tmp.unlink()
         except FileExistsError:
             holder = _lock_holder(lock)
             if holder is not None:
@@ -154,8 +162,6 @@ def _acquire_lock(out: Path) -> list[str]:
             continue
         except OSError as exc:
             raise OutputError(f"cannot create the lock file {lock}: {exc.strerror or exc}", hint=_HINT) from exc
-        with os.fdopen(fd, "w") as fh:
-            fh.write(_lock_text())
         return notes
     raise OutputError(f"another run keeps taking the lock {lock}", hint=_HINT)
 

@@ -236,3 +236,13 @@ def test_effect_floor_grows_with_the_runs_own_spread() -> None:
     # decode_tok_s borrows TPOT's CV (1 %): the 5 % floor applies.
     assert effect_floor(attrs.evolve(a, quality=spread), b, "decode_tok_s", Thresholds()) == pytest.approx(0.05)
     assert effect_floor(attrs.evolve(a, quality=spread), b, "prefill_ms", Thresholds()) == pytest.approx(0.24)
+
+
+def test_host_side_preprocess_gets_no_verdict_when_a_run_is_noisy() -> None:
+    """A 35 % preprocess shift between two same-config runs on a loaded host is load, not the code."""
+    a = _run(preprocess_ms=BASE)
+    b = _run(preprocess_ms=_shift(BASE, -35.0))
+    assert _by_metric(a, b)["preprocess_ms"].verdict == "better"  # no quality record: a real change is judged
+    noisy = attrs.evolve(a, quality=MeasurementQuality(verdict="noisy", reasons=["load 2.1 > 2"]))
+    d = _by_metric(noisy, b)["preprocess_ms"]
+    assert d.verdict == "no verdict (host-side time, a run is noisy)" and not d.significant
