@@ -20,6 +20,7 @@ import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -371,6 +372,9 @@ def init_dummy_weights(model: nn.Module, seed: int = 0, workers: int | None = No
     return model
 
 
+ModelT = TypeVar("ModelT", bound=torch.nn.Module)
+
+
 # ---------------------------------------------------------------------------------------------- entry point
 def build_model(
     cfg: DeepseekOCRConfig,
@@ -382,10 +386,17 @@ def build_model(
     """Build on meta, materialise on ``device``/``dtype``, then load ``weights`` (a checkpoint path) or
     initialise seeded dummy weights (``weights="dummy"``).  Returns the model in eval mode, no grads.
     """
+    return populate(empty_model(cfg), device, dtype, weights, seed)
+
+
+def populate(
+    model: ModelT, device: str | torch.device, dtype: str | torch.dtype, weights: str | Path, seed: int
+) -> ModelT:
+    """A model built on meta, given ``weights`` (a checkpoint path, loaded key for key) or seeded dummy weights
+    (``weights="dummy"``) on ``device``/``dtype``; eval mode, no grads.  Shared by DeepSeek-OCR and -OCR-2."""
     target_device = resolve_device(device)
     target_dtype = resolve_dtype(dtype)
     check_dtype_on_device(target_dtype, target_device)
-    model = empty_model(cfg)
     if isinstance(weights, str) and weights == "dummy":
         materialize(model, target_device, target_dtype)
         init_dummy_weights(model, seed)

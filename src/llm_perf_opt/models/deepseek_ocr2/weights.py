@@ -13,14 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llm_perf_opt.models.deepseek_ocr.weights import (
-    check_dtype_on_device,
-    init_dummy_weights,
-    load_weights,
-    materialize,
-    resolve_device,
-    resolve_dtype,
-)
+from llm_perf_opt.models.deepseek_ocr.weights import populate
 from llm_perf_opt.models.deepseek_ocr2.config import DeepseekOCR2Config
 from llm_perf_opt.models.deepseek_ocr2.model import DeepseekOCR2ForCausalLM
 
@@ -54,15 +47,4 @@ def build_model_v2(
     """Build on meta, then load ``weights`` (a checkpoint directory or file) or seeded dummy weights
     (``weights="dummy"``) on ``device``/``dtype``.  Returns the model in eval mode without grads.
     """
-    target_device = resolve_device(device)
-    target_dtype = resolve_dtype(dtype)
-    check_dtype_on_device(target_dtype, target_device)
-    model = empty_model_v2(cfg)
-    if isinstance(weights, str) and weights == "dummy":
-        materialize(model, target_device, target_dtype)
-        init_dummy_weights(model, seed)
-    else:
-        load_weights(model, weights, target_device, target_dtype)
-    model.eval()
-    model.requires_grad_(False)
-    return model
+    return populate(empty_model_v2(cfg), device, dtype, weights, seed)
