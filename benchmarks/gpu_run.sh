@@ -4,6 +4,7 @@
 #   kernels benchmarks/bench_kernels.py (Triton decode kernels vs the torch ops they replace)
 #   fast    benchmarks/bench_fast.py (goals table: vendor HF, eager, fast in one process run)
 #   batched benchmarks/bench_batched.py (Base mode, batch 1/8/32/64, graph vs host decode)
+#   hooks   benchmarks/hook_overhead.py on the fast path (the stage hooks' host cost per call and share of prefill)
 #   cli     the profiler through the real CLI, eager and fast, full-size dummy weights, and `compare`
 # Everything is written to $RES (default /tmp/gpu-results) and packed into $OUT/results.tgz (the
 # markdown reports are also copied to $OUT); $OUT defaults to ./gpu-out.  Wheels for hydra & co. in .whl/ (and transformers 4.46 for the
@@ -37,6 +38,10 @@ if has fast; then
 fi
 if has batched; then
   python3 benchmarks/bench_batched.py --out "$OUT" 2>&1 | tail -30
+fi
+if has hooks; then
+  python3 benchmarks/hook_overhead.py model/deepseek_ocr/arch=deepseek_ocr.dummy device=cuda:0 \
+    infer.fast.enabled=true 2>&1 | grep -v '^\[' | tail -12 | tee "$OUT/hook_overhead.md"
 fi
 if has cli; then
   COMMON=(model/deepseek_ocr/arch=deepseek_ocr.dummy device=cuda:0 repeats=3 infer.max_new_tokens=128

@@ -2,7 +2,8 @@
 
     python benchmarks/hook_overhead.py model/deepseek_ocr/arch=deepseek_ocr.dummy device=cuda:0
 
-Prints a markdown table; the acceptance bar is overhead < 1 % of prefill.
+Prints a markdown table and the hooks' own host cost per hooked call; the bars (issue 14): ≤ 10 µs per call and
+< 0.3 % of prefill.
 """
 
 from __future__ import annotations
@@ -48,9 +49,12 @@ def main(overrides: list[str], rounds: int = 30) -> None:
     delta = on.mean - off.mean
     overlap = not (on.ci95_high < off.ci95_low or off.ci95_high < on.ci95_low)  # type: ignore[operator]
     verdict = "within the run's own noise (CIs overlap)" if overlap else "larger than the noise"
+    share_pct = 100 * per_call_us * calls / 1e3 / off.mean
+    bars = "met" if per_call_us <= 10 and share_pct < 0.3 else "MISSED"
     print(
         f"\nhooks' own host cost: {per_call_us:.1f} µs per hooked call × {calls} calls per page = "
-        f"{per_call_us * calls / 1e3:.3f} ms = {100 * per_call_us * calls / 1e3 / off.mean:.3f} % of prefill"
+        f"{per_call_us * calls / 1e3:.3f} ms = {share_pct:.3f} % of prefill "
+        f"(bars ≤ 10 µs per call and < 0.3 % of prefill: {bars})"
     )
     print(
         f"\nhook overhead: {delta:+.3f} ms = {100 * delta / off.mean:+.2f} % of prefill, {verdict} "
@@ -73,18 +77,24 @@ def _host_cost_per_call_us(session: DeepSeekOCRSession, n: int = 2000) -> float:
     probe = torch.nn.Identity()
     hooks = StageHooks({"probe": probe}, session.clock, session.ranges)
     x = torch.zeros(1)
+    calls_per_page = 6  # Gundam: SAM, CLIP and projector once each for the crops and once for the global view
+
+    def page() -> None:
+        for _ in range(calls_per_page):
+            probe(x)
+        hooks.reset()  # once per page, as the session does: its events go back to the clock's pool
+
     for _ in range(100):
-        probe(x)
-    hooks.reset()
+        page()
     t0 = time.perf_counter_ns()
-    for _ in range(n):
-        probe(x)
-    hooked = (time.perf_counter_ns() - t0) / n
+    for _ in range(n // calls_per_page):
+        page()
+    hooked = (time.perf_counter_ns() - t0) / (n // calls_per_page * calls_per_page)
     hooks.remove()
     t0 = time.perf_counter_ns()
-    for _ in range(n):
+    for _ in range(n // calls_per_page * calls_per_page):
         probe(x)
-    bare = (time.perf_counter_ns() - t0) / n
+    bare = (time.perf_counter_ns() - t0) / (n // calls_per_page * calls_per_page)
     return (hooked - bare) / 1e3
 
 

@@ -51,6 +51,7 @@ class StageHooks:
 
     def reset(self) -> None:
         for spans in self._spans.values():
+            self.clock.release([m for span in spans for m in span])
             spans.clear()
         for pending in self._pending.values():
             pending.clear()

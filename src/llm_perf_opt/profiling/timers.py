@@ -28,18 +28,28 @@ class _HostMark:
 
 
 class DeviceClock:
-    """Marks and elapsed times for one device (CUDA events or the host clock)."""
+    """Marks and elapsed times for one device (CUDA events or the host clock).
+
+    CUDA events that a caller hands back with ``release`` are reused: creating and destroying an event per
+    mark is host time on the hot path of every hooked call (the stage hooks release theirs once per page).
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.is_cuda = device.type == "cuda"
+        self._free: list[torch.cuda.Event] = []
 
     def mark(self) -> object:
         if self.is_cuda:
-            ev = torch.cuda.Event(enable_timing=True)
+            ev = self._free.pop() if self._free else torch.cuda.Event(enable_timing=True)
             ev.record(torch.cuda.current_stream(self.device))
             return ev
         return _HostMark()
+
+    def release(self, marks: Sequence[object]) -> None:
+        """Hand back marks whose times have been read; an event recorded again overwrites its old point."""
+        if self.is_cuda:
+            self._free.extend(m for m in marks if isinstance(m, torch.cuda.Event))
 
     def synchronize(self) -> None:
         if self.is_cuda:

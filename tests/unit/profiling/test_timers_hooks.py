@@ -180,3 +180,23 @@ def test_module_named_non_module_attribute() -> None:
     root.model = nn.Linear(2, 2)
     with pytest.raises(AttributeError, match=r"'model\.weight' is not a module"):
         module_named(root, "model.weight")
+
+
+# ---------------------------------------------------------------- RangeMarker
+
+
+def test_ranges_open_record_function_only_under_a_profiler() -> None:
+    """The timed repeats pay no record_function (~6 µs a scope); the profiler pass still sees every range."""
+    from torch.profiler import ProfilerActivity, profile
+
+    marker = RangeMarker(use_nvtx=False)
+    model = _model()
+    hooks = StageHooks({"first": model[0]}, DeviceClock(CPU), marker)
+    x = torch.randn(2, 4)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(x)
+    names = [e.name for e in prof.events()]
+    assert names.count("first") == 1
+    model(x)  # outside the profiler: push/pop stay balanced without a scope
+    assert marker._open == []
+    assert len(hooks.collect_ms()) == 1 and hooks.last_calls == {"first": 2}

@@ -48,3 +48,53 @@ def test_all_pages_bad_falls_back_to_first() -> None:
     session = _Session({"warm": "bad", "a": "bad"})
     first = _page("warm")
     assert one_page_per_view_shape(session, [_page("a")], first=first) == [first]  # type: ignore[arg-type]
+
+
+class _FastSession(_Session):
+    """A session with a fast path: records which pages the warm-up ran."""
+
+    fast = object()
+
+    def __init__(self, shapes: dict[str, Any]) -> None:
+        super().__init__(shapes)
+        self.ran: list[str] = []
+
+    def run(self, page: Page, tokens: int, repeat: int, should_stop: Any = None) -> None:
+        self.ran.append(page.page_id)
+
+
+class _Progress:
+    def add(self, _name: str, total: int) -> int:
+        return total
+
+    def advance(self, _task: int) -> None:
+        pass
+
+
+def _warm_run(session: _FastSession, rounds: int = 1) -> SimpleNamespace:
+    profiling = SimpleNamespace(warmup_rounds=rounds, warmup_synthetic=False)
+    return SimpleNamespace(session=session, settings=SimpleNamespace(profiling=profiling, token_cap=64), notes=[])
+
+
+def test_warmup_covers_at_most_the_bound_and_names_what_it_left() -> None:
+    from llm_perf_opt.runners.phases import MAX_WARM_SHAPES, warmup
+
+    n_shapes = MAX_WARM_SHAPES + 5  # 37 distinct prompt lengths: 5 more than the bound
+    shapes = {f"p{i}": (6, (2, 3), 900 + i) for i in range(n_shapes)}
+    session = _FastSession(shapes)
+    run = _warm_run(session, rounds=2)
+    warmup(run, [_page(p) for p in shapes], _Progress(), stop=lambda: False)  # type: ignore[arg-type]
+    assert session.ran == [f"p{i}" for i in range(32)] * 2  # the first 32 shapes in dataset order, each round
+    assert len(run.notes) == 1 and "covered 32 of the dataset's 37" in run.notes[0]
+    assert "one_time_setup" in run.notes[0]
+
+
+def test_warmup_within_the_bound_covers_every_shape_without_a_note() -> None:
+    from llm_perf_opt.runners.phases import warmup
+
+    shapes = {"a": (6, (2, 3), 913), "b": (0, (1, 1), 283), "c": (6, (2, 3), 913)}
+    session = _FastSession(shapes)
+    run = _warm_run(session)
+    warmup(run, [_page(p) for p in shapes], _Progress(), stop=lambda: False)  # type: ignore[arg-type]
+    assert session.ran == ["a", "b"]
+    assert run.notes == []
