@@ -38,13 +38,27 @@ class DeviceClock:
         self.device = device
         self.is_cuda = device.type == "cuda"
         self._free: list[torch.cuda.Event] = []
+        self._raw_stream: int | None = None  # the current stream's handle when ``_stream`` was built
+        self._stream: torch.cuda.Stream | None = None
 
     def mark(self) -> object:
         if self.is_cuda:
             ev = self._free.pop() if self._free else torch.cuda.Event(enable_timing=True)
-            ev.record(torch.cuda.current_stream(self.device))
+            ev.record(self._current_stream())
             return ev
         return _HostMark()
+
+    def _current_stream(self) -> torch.cuda.Stream:
+        """The device's current stream; the Python object is rebuilt only when the stream changed.
+
+        ``torch.cuda.current_stream`` builds a new Stream object per call (µs of host time); the raw handle
+        is one C call, so a stream switch (a side stream, a graph capture) is still followed exactly.
+        """
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        raw = torch._C._cuda_getCurrentRawStream(index)
+        if raw != self._raw_stream or self._stream is None:
+            self._raw_stream, self._stream = raw, torch.cuda.current_stream(index)
+        return self._stream
 
     def release(self, marks: Sequence[object]) -> None:
         """Hand back marks whose times have been read; an event recorded again overwrites its old point."""
