@@ -17,7 +17,6 @@ live in ``decode_loop.py`` and the record with its guards in ``page_record.py``.
 from __future__ import annotations
 
 import logging
-import resource
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +33,7 @@ from llm_perf_opt.models.deepseek_ocr.kv_cache import StaticKVCache
 from llm_perf_opt.models.deepseek_ocr.weights import resolve_device
 from llm_perf_opt.profiling.hooks import StageHooks
 from llm_perf_opt.profiling.ranges import RangeMarker
+from llm_perf_opt.profiling.rss import peak_rss_bytes
 from llm_perf_opt.profiling.timers import DeviceClock
 from llm_perf_opt.results.types import BatchRecord, Prediction
 from llm_perf_opt.runners.backends import Backend, build_backend
@@ -431,7 +431,7 @@ class DeepSeekOCRSession:
                 one_time_setup=self._setup_count() > setups_before,
                 peak_mem_allocated_bytes=peak_alloc,
                 peak_mem_reserved_bytes=peak_reserved,
-                peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                peak_rss_bytes=peak_rss_bytes(),
                 kv_cache_bytes=self.backend.kv_cache_bytes(cache),
                 energy_j=self._energy(*window_s),
                 experts_hit_per_layer=experts_hit,

@@ -122,6 +122,11 @@ def _run_stage1(settings: RunSettings, out: Path, device: torch.device, dir_note
     atomic_write_text(out / "inputs.yaml", yaml.safe_dump({"pages": [p.describe() for p in pages]}, sort_keys=False))
     done = _carry_over(run, pages, earlier)
 
+    from llm_perf_opt.profiling.rss import reset_peak_rss
+
+    rss_note = reset_peak_rss()  # this run's peak RSS, not an earlier sweep job's
+    if rss_note is not None:
+        run.notes.append(f"peak_rss_bytes: {rss_note}; in an in-process sweep it includes earlier jobs")
     torch.manual_seed(settings.seed)
     run.session = session = DeepSeekOCRSession.load(settings, PROJECT_ROOT)
     _describe(run, session)
