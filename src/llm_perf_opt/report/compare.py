@@ -198,14 +198,41 @@ def effect_floor(a: RunSummary, b: RunSummary, metric: str, th: Thresholds) -> f
     return max(base, 2 * _cv(a, metric), 2 * _cv(b, metric))
 
 
+# The modules DeepSeek-OCR's hooks time, by record slot; a model with other modules says so in its stage_names.
+V1_STAGES = {"sam": "SAM", "clip": "CLIP", "projector": "projector"}
+
+
+def stage_of(s: RunSummary, metric: str) -> str | None:
+    """The module a per-stage metric times in this run's model (``clip_ms`` is DeepSeek-OCR-2's encoder)."""
+    slot = metric.removesuffix("_ms")
+    if slot not in V1_STAGES:
+        return None
+    return s.model.stage_names.get(slot, V1_STAGES[slot])
+
+
+def metric_label(a: RunSummary, b: RunSummary, metric: str) -> str:
+    """The row's name: the metric key, with the modules it times when they are not v1's (or differ A → B)."""
+    sa, sb = stage_of(a, metric), stage_of(b, metric)
+    if sa is None or sb is None:
+        return metric
+    if sa != sb:
+        return f"{metric} (A: {sa}, B: {sb})"
+    return metric if sa == V1_STAGES[metric.removesuffix("_ms")] else f"{metric} ({sa})"
+
+
 def diff(a: RunSummary, b: RunSummary, th: Thresholds | None = None, judge: bool = True) -> list[Delta]:
-    """One Delta per metric both runs have; ``judge=False`` (workloads differ) gives no verdicts."""
+    """One Delta per metric both runs have; ``judge=False`` (workloads differ) gives no verdicts.
+
+    A per-stage metric that times different modules in the two runs (CLIP in DeepSeek-OCR, the encoder in
+    DeepSeek-OCR-2) is shown under both names and never judged: it is not one stage getting faster or slower.
+    """
     th = th or Thresholds()
     out = []
     for metric, unit, cls in COMPARED:
         sa, sb = a.aggregates.get(metric), b.aggregates.get(metric)
         if sa is None or sb is None:
             continue
+        other_module = stage_of(a, metric) != stage_of(b, metric)
         integer = unit in ("bytes", "tokens")
         a_ci, b_ci = _ci(a, metric), _ci(b, metric)
         if cls == "memory":
@@ -219,6 +246,8 @@ def diff(a: RunSummary, b: RunSummary, th: Thresholds | None = None, judge: bool
         significant = False
         if not judge:
             verdict = "no verdict (workloads differ)"
+        elif other_module:
+            verdict = f"no verdict (different modules: {stage_of(a, metric)} vs {stage_of(b, metric)})"
         elif cls == "workload":
             verdict = "workload (no verdict)"
         elif cls == "memory":
@@ -306,7 +335,7 @@ def render(a_path: Path, a: RunSummary, b_path: Path, b: RunSummary, th: Thresho
         p = "" if d.p_value is None else f"{d.p_value:.3g}"
         mark = f"**{d.verdict}**" if d.significant else d.verdict
         lines.append(
-            f"| {d.metric} | {d.cls} | {d.unit} | {_with_ci(d.a, d.a_ci, d.integer)} | "
+            f"| {metric_label(a, b, d.metric)} | {d.cls} | {d.unit} | {_with_ci(d.a, d.a_ci, d.integer)} | "
             f"{_with_ci(d.b, d.b_ci, d.integer)} | {_num(d.delta, d.integer, signed=True)} | {pct} | {p} | {mark} |"
         )
     worse = [d.metric for d in rows if d.verdict == "WORSE"]

@@ -246,3 +246,20 @@ def test_host_side_preprocess_gets_no_verdict_when_a_run_is_noisy() -> None:
     noisy = attrs.evolve(a, quality=MeasurementQuality(verdict="noisy", reasons=["load 2.1 > 2"]))
     d = _by_metric(noisy, b)["preprocess_ms"]
     assert d.verdict == "no verdict (host-side time, a run is noisy)" and not d.significant
+
+
+def test_a_stage_that_times_other_modules_is_named_and_never_judged() -> None:
+    """DeepSeek-OCR's clip_ms is CLIP; DeepSeek-OCR-2's is its Qwen2 encoder: a 3x 'regression' there is v2's
+    bigger encoder, not a slower CLIP."""
+    v1 = _run(clip_ms=BASE, sam_ms=BASE)
+    v2 = _run(clip_ms=[3 * x for x in BASE], sam_ms=_shift(BASE, 20.0))
+    v2 = attrs.evolve(v2, model=attrs.evolve(v2.model, stage_names={"clip": "encoder"}))
+    d = _by_metric(v1, v2)
+    assert d["clip_ms"].verdict == "no verdict (different modules: CLIP vs encoder)"
+    assert not d["clip_ms"].significant
+    assert d["sam_ms"].verdict == "WORSE"  # SAM is SAM in both: still judged
+    text = render(Path("v1"), v1, Path("v2"), v2)
+    assert "| clip_ms (A: CLIP, B: encoder) |" in text
+    both_v2 = _by_metric(v2, v2)
+    assert both_v2["clip_ms"].verdict == "within noise"  # the same module in both runs: judged as usual
+    assert "| clip_ms (encoder) |" in render(Path("a"), v2, Path("b"), v2)
