@@ -21,6 +21,9 @@ fi
 if [ -d .whl-hf ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/hfsite .whl-hf/*.whl
 fi
+# the revision the tree was sent from (written beside it by `git describe --always --dirty > .source-rev`):
+# the copy's own .git may name an older commit, and env.json/report.md must name what ran
+[ -f .source-rev ] && export LLM_PERF_OPT_SOURCE_REV="$(cat .source-rev)"
 export PYTHONPATH=/tmp/site:src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
 has() { [[ " $STAGES " == *" $1 "* ]]; }

@@ -18,7 +18,19 @@ PACKAGES = ("torch", "transformers", "hydra-core", "omegaconf", "attrs", "cattrs
             "nvidia-ml-py", "pillow", "safetensors", "numpy", "matplotlib", "rich", "llm-perf-opt")  # fmt: skip
 
 
+# A source revision given by whoever copied the tree here (a copied tree's own .git can name an older commit).
+SOURCE_REV_ENV = "LLM_PERF_OPT_SOURCE_REV"
+
+
 def git_commit(root: Path) -> str | None:
+    """HEAD (``-dirty`` with uncommitted changes), or ``$LLM_PERF_OPT_SOURCE_REV`` when the tree was copied.
+
+    A remote GPU machine may receive the working tree beside a stale ``.git``; the script that ships the tree
+    names the revision it sent, and that wins (marked, so nobody mistakes it for git's own answer).
+    """
+    given = os.environ.get(SOURCE_REV_ENV, "").strip()
+    if given:
+        return f"{given} (from ${SOURCE_REV_ENV})"
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=False
