@@ -238,6 +238,24 @@ def test_resume_without_config_yaml_still_checks(tmp_path: Path, finished_run: P
     print(f"\nresume without config: {line}")
 
 
+def test_resume_into_a_run_of_an_older_version(tmp_path: Path, finished_run: Path) -> None:
+    """A run written before a setting existed lacks its key: at the default it resumes (and says so), at another
+    value it is refused like any other difference."""
+    import yaml
+
+    run_dir = _copy(finished_run, tmp_path / "run")
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del config["infer"]["context_len_mode"]  # what a round-1 run's config.yaml looks like
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    at_default = run_cli([*TWO_PAGES, "repeats=2", f"resume={run_dir}"], tmp_path / "next")
+    assert at_default.returncode == 0, at_default.describe()
+    metrics = read_metrics(tmp_path / "next")
+    assert any("predates infer.context_len_mode" in n for n in metrics["notes"]), metrics["notes"]
+    assert any("2 finished page runs carried over" in n for n in metrics["notes"]), metrics["notes"]
+    other = run_cli([*TWO_PAGES, "infer.context_len_mode=max", f"resume={run_dir}"], tmp_path / "other")
+    assert_clean_failure(other, "ConfigError", "infer.context_len_mode: 'auto' -> 'max'")
+
+
 def _png(path: Path, shade: int, size: tuple[int, int] = (300, 200)) -> None:
     Image.new("RGB", size, (shade, shade, shade)).save(path)
 

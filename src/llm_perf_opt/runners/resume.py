@@ -24,7 +24,7 @@ from llm_perf_opt.errors import ConfigError
 from llm_perf_opt.paths import PROJECT_ROOT
 from llm_perf_opt.results.serialize import read_journal
 from llm_perf_opt.results.types import PageRecord
-from llm_perf_opt.runners.settings import RunSettings
+from llm_perf_opt.runners.settings import InferSettings, ModelSettings, RunSettings, unstructured_defaults
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,8 @@ class EarlierRun:
     path: Path
     # page_id -> identity from the earlier inputs.yaml (sha256 or synthetic recipe); None: no inputs.yaml
     inputs: dict[str, dict[str, Any]] | None
+    # settings this version has and the earlier run's config lacks, where this run uses their default
+    new_keys: list[str] = attrs.field(factory=list)
 
 
 @attrs.frozen
@@ -65,8 +67,8 @@ def check_resume(settings: RunSettings) -> EarlierRun | None:
             f"resume={resume}: {journal} not found",
             hint="point resume at an earlier run directory (tmp/stage1/<run_id>) in which a page finished",
         )
-    _check_same_settings(str(resume), path, settings)
-    return EarlierRun(path, _earlier_inputs(path))
+    new_keys = _check_same_settings(str(resume), path, settings)
+    return EarlierRun(path, _earlier_inputs(path), new_keys)
 
 
 def resume_records(settings: RunSettings, pages: list[Page], earlier: EarlierRun | None) -> Resumed:
@@ -75,6 +77,11 @@ def resume_records(settings: RunSettings, pages: list[Page], earlier: EarlierRun
         return Resumed([], [])
     read = read_journal(earlier.path / JOURNAL)
     notes = [f"resume: {problem}" for problem in read.problems]
+    if earlier.new_keys:
+        notes.append(
+            f"resume: the earlier run predates {', '.join(earlier.new_keys)}; "
+            "taken as their defaults there, which this run uses too"
+        )
     for note in notes:
         log.warning("%s", note)
     by_id = {p.page_id: p for p in pages}
@@ -147,8 +154,13 @@ def _earlier_settings(resume: str, path: Path) -> dict[str, Any]:
     )
 
 
-def _check_same_settings(resume: str, path: Path, settings: RunSettings) -> None:
-    """Carried-over pages are only comparable when model, decoding, attention and device are the same."""
+def _check_same_settings(resume: str, path: Path, settings: RunSettings) -> list[str]:
+    """Carried-over pages are only comparable when model, decoding, attention and device are the same.
+
+    A key the earlier run's config lacks (it was written by an older version) counts as that key's default:
+    new settings are added with the old behaviour as default, so a run at the default still measures the same
+    thing.  Returns those keys, for the run's notes.
+    """
     earlier = _earlier_settings(resume, path)
     now = settings.as_config()  # resolved settings, as config.yaml records them
     keys = list(RESUME_MUST_MATCH)
@@ -156,18 +168,42 @@ def _check_same_settings(resume: str, path: Path, settings: RunSettings) -> None
         keys.append("seed")  # seeded random weights: another seed is another model
     if (now.get("infer") or {}).get("max_new_tokens") is None:
         keys.append("max_new_tokens")  # the fallback cap is the cap
-    differ = [key for top in keys for key in _differing_keys(earlier.get(top), now.get(top), top)]
+    new_keys: list[str] = []
+    differ = [
+        key
+        for top in keys
+        for key in _differing_keys(earlier.get(top), now.get(top), top, _DEFAULTS.get(top, _ABSENT), new_keys)
+    ]
     if differ:
         shown = ", ".join(differ[:4]) + (f" (+{len(differ) - 4} more)" if len(differ) > 4 else "")
         raise ConfigError(
             f"resume={resume}: that run used different settings ({shown}); its pages are not comparable",
             hint=_HINT + ("; seed too, for dummy weights" if "seed" in keys else ""),
         )
+    return new_keys
 
 
-def _differing_keys(a: Any, b: Any, prefix: str) -> list[str]:
+_ABSENT = object()
+# The defaults of the settings groups that must match, as config.yaml writes them.
+_DEFAULTS: dict[str, Any] = {
+    "model": unstructured_defaults(ModelSettings),
+    "infer": unstructured_defaults(InferSettings),
+}
+
+
+def _differing_keys(a: Any, b: Any, prefix: str, default: Any, new_keys: list[str]) -> list[str]:
+    """Keys whose values differ; a key absent from ``a`` (older run) is compared as ``default``."""
     if isinstance(a, dict) and isinstance(b, dict):
-        return [
-            k for key in sorted(set(a) | set(b)) for k in _differing_keys(a.get(key), b.get(key), f"{prefix}.{key}")
-        ]
+        out = []
+        for key in sorted(set(a) | set(b)):
+            sub_default = default.get(key, _ABSENT) if isinstance(default, dict) else _ABSENT
+            if key not in a and sub_default is not _ABSENT:
+                a_value = sub_default
+                if a_value == b.get(key):
+                    new_keys.append(f"{prefix}.{key}")
+                    continue
+            else:
+                a_value = a.get(key)
+            out += _differing_keys(a_value, b.get(key), f"{prefix}.{key}", sub_default, new_keys)
+        return out
     return [] if a == b else [f"{prefix}: {a!r} -> {b!r}"]

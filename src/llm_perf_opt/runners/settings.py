@@ -630,6 +630,11 @@ def _refuse_unknown(data: Mapping[str, Any], known: list[str], section: str) -> 
         raise ConfigError(f"unknown setting {key}", hint=hint)
 
 
+def unstructured_defaults(cls: type) -> dict[str, Any]:
+    """A settings group's defaults in config.yaml's shape (what an older run meant by a key it lacked)."""
+    return dict(_unstructure(cls()))
+
+
 def _unstructure(obj: Any) -> Any:
     if isinstance(obj, FastSettings):
         return obj.unstructure()
