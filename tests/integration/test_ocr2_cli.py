@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import ROOT, SMALL, assert_clean_failure, read_metrics, run_cli
+from tests.integration.conftest import ROOT, SMALL, assert_clean_failure, read_jsonl, read_metrics, run_cli
 
 V2_TINY = ["model/deepseek_ocr/arch=deepseek_ocr2.tiny"]
 PAGE = "dataset.sizes=[[1600,800]]"
@@ -118,7 +118,26 @@ def test_v2_checkpoint_missing_is_one_clear_error(tmp_path: Path) -> None:
     assert "model/deepseek_ocr/arch=deepseek_ocr2.dummy" in result.stderr
 
 
-def test_v2_fast_path_is_refused_before_loading(tmp_path: Path) -> None:
-    result = run_cli([*V2_TINY, *SMALL, "infer.fast.enabled=true"], tmp_path / "run")
-    assert_clean_failure(result, "ConfigError", "infer.fast.enabled=true is not available for DeepSeek-OCR-2")
-    assert not (tmp_path / "run" / "metrics.json").exists()
+def _token_ids(run_dir: Path) -> list[list[int]]:
+    return [r["token_ids"] for r in read_jsonl(run_dir / "predictions.jsonl")]
+
+
+def test_v2_fast_path_runs_through_the_cli(v2_run: tuple[Path, dict], tmp_path: Path) -> None:
+    """infer.fast.enabled=true on the v2 model (it used to be refused): v1's fast language model and SAM with the
+    encoder's fused layers; on the CPU the graph switches are off and reported so.  The oracle is the eager run of
+    the same page and settings (v2_run): the same greedy tokens, the same stages timed."""
+    eager_dir, eager = v2_run
+    run_dir = tmp_path / "run"
+    fast_args = ["infer.fast.enabled=true", "infer.fast.sam_compile=false", "infer.fast.clip_compile=false"]
+    result = run_cli([*V2_TINY, *SMALL, PAGE, *fast_args], run_dir, timeout=300)
+    assert result.returncode == 0, result.describe()
+    m = read_metrics(run_dir)
+    assert m["run"]["status"] == "complete" and m["model"]["family"] == "deepseek_ocr2"
+    opts = m["model"]["optimisations"]
+    assert opts["grouped_moe"] is True and opts["fused_qkv"] is True and opts["sam_fast"] is True
+    assert opts["cuda_graphs"] is False and opts["vision_graphs"] is False  # CPU: forced off, and said so
+    page = m["pages"][0]
+    assert page["error"] is None and page["image_tokens"] == IMAGE_TOKENS
+    assert 0 < page["clip_ms"] <= page["vision_ms"] and 0 < page["sam_ms"] <= page["vision_ms"]
+    assert _token_ids(run_dir) == _token_ids(eager_dir)
+    assert len(_token_ids(run_dir)[0]) == eager["pages"][0]["generated_tokens"]

@@ -109,9 +109,7 @@ class DeepSeekOCRSession:
         # the fast path's switches (None: eager); device-adjusted already (RunSettings.resolved)
         self.fast = infer.fast.switches if infer.fast.enabled else None
         if self.fast is not None:
-            from llm_perf_opt.models.deepseek_ocr.fast import apply_fast_path
-
-            self.model = apply_fast_path(backend.model, self.fast)
+            self.model = backend.fast_model(self.fast)
         # the no-repeat-ngram rule: the reference's (HF, whole sequence) or vLLM's (window, exempt ids, output)
         self.ngram_rule = infer.ngram_rule
         self.prompt = prompt

@@ -487,13 +487,10 @@ class RunSettings:
             self._check_v2()
 
     def _check_v2(self) -> None:
-        """DeepSeek-OCR-2 runs eagerly on the native backend, one page at a time, at its own view sizes."""
+        """DeepSeek-OCR-2 runs on the native backend (eager or fast), one page at a time, at its own view sizes."""
         if self.model.backend != "native":
             raise ConfigError(f"model.family=deepseek_ocr2 runs on model.backend=native only, got {self.model.backend}",
                               hint="set model.backend=native")  # fmt: skip
-        if self.infer.fast.enabled:
-            raise ConfigError("infer.fast.enabled=true is not available for DeepSeek-OCR-2 (the fast path is v1's)",
-                              hint="set infer.fast.enabled=false (the eager native v2 model runs)")  # fmt: skip
         if self.infer.batch_size > 1:
             raise ConfigError("infer.batch_size > 1 is not available for DeepSeek-OCR-2 (the batched phase is v1's)",
                               hint="set infer.batch_size=1")  # fmt: skip

@@ -26,11 +26,14 @@ fused / grouped modules swapped in; the eager model's own layers are left as the
   device tensor; the KV write is an ``index_copy_`` at that position and attention runs over the cache's
   whole ``max_len`` with an additive mask by position, so one captured graph serves every step of a page.
   Greedy argmax is computed on the device inside the graph (:meth:`FastDecoder.greedy`).
-* vision (``sam_fast``, ``sam_compile``, ``clip_compile``, ``vision_graphs``; :meth:`FastModel.vision_mode`):
+* vision (``sam_fast``, ``sam_compile``, ``clip_compile``, ``vision_graphs``; :class:`VisionFast`):
   SAM attention with the decomposed rel-pos folded into the q/k operands (no N×N bias: flash applies) and a
   channels-last neck; SAM and CLIP blocks as ``torch.compile``'d functions of their weights; both towers'
   forwards replayed from CUDA graphs per view shape.  Set on the shared modules only inside
   ``encode_images`` (the modules are still called, so hooks fire); the eager model's path is untouched.
+  The vision part is the one model-specific piece: ``apply_fast_path(model, cfg, vision=...)`` takes the
+  builder of the model's :class:`VisionFast` (v1: :class:`ClipVisionFast`; DeepSeek-OCR-2, whose language
+  model is v1's, passes its SAM + encoder one from ``llm_perf_opt.models.deepseek_ocr2.fast``).
 * ``decode_compile``: ``torch.compile`` of the decode step before capture (measured no faster; off).
 * ``decode_kernels="triton"`` (default where Triton runs): the decode step as fused Triton kernels
   (:mod:`~llm_perf_opt.models.deepseek_ocr.kernels`: add+RMSNorm, rotary+KV write, split-K attention over
@@ -56,7 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -75,15 +78,17 @@ from llm_perf_opt.models.deepseek_ocr.generation import NoRepeatNGram
 from llm_perf_opt.models.deepseek_ocr.graphs import ShapeGraphs, capture_graph, first_argmax
 from llm_perf_opt.models.deepseek_ocr.kv_cache import StaticKVCache
 from llm_perf_opt.models.deepseek_ocr.model import DEFAULT_SDPA_BACKENDS, DeepseekOCRForCausalLM
-from llm_perf_opt.models.deepseek_ocr.sam import sam_block_fast
+from llm_perf_opt.models.deepseek_ocr.sam import SamEncoder, sam_block_fast
 
 __all__ = [
     "TRITON_MAX_ROWS",
     "VISION_SDPA",
+    "ClipVisionFast",
     "FastConfig",
     "FastDecoder",
     "FastModel",
     "ShapeGraphs",
+    "VisionFast",
     "apply_fast_path",
     "capture_graph",
     "first_argmax",
@@ -150,12 +155,87 @@ def _compiled(fn: Any) -> Any:
     return _COMPILED[fn]
 
 
+class VisionFast:
+    """The fast forwards of a model's vision towers, switched on around ``encode_images`` (:meth:`mode`).
+
+    The towers stay the model's own modules (so the stage hooks fire); what changes inside :meth:`mode` is which
+    function their ``forward`` runs: SAM with rel-pos folded into the attention operands (``sam_fast``), its
+    blocks ``torch.compile``'d (``sam_compile``), each tower's forward replayed from a CUDA graph per input shape
+    (``vision_graphs``).  This base class handles SAM, which v1 and DeepSeek-OCR-2 share; a subclass adds the
+    second tower (:class:`ClipVisionFast` for v1, ``deepseek_ocr2.fast.EncoderVisionFast`` for v2) in
+    :meth:`_tower_mode`.
+    """
+
+    def __init__(self, sam: SamEncoder, cfg: FastConfig) -> None:
+        self.sam = sam
+        self.cfg = cfg
+        # one ShapeGraphs per tower, created on first use ("sam", then the second tower's name)
+        self.graphs: dict[str, ShapeGraphs] = {}
+
+    @property
+    def graph_count(self) -> int:
+        """Vision CUDA graphs captured so far, over all towers (one per tower and input shape)."""
+        return sum(len(g.graphs) for g in self.graphs.values())
+
+    def graphed(self, name: str, fn: Any) -> ShapeGraphs:
+        """The per-shape graph replay of ``fn`` for the tower ``name`` (created once, kept across pages)."""
+        if name not in self.graphs:
+            self.graphs[name] = ShapeGraphs(fn)
+        return self.graphs[name]
+
+    @contextlib.contextmanager
+    def mode(self) -> Iterator[None]:
+        sam, cfg = self.sam, self.cfg
+        saved = (sam.fast, sam.block_fn, sam.forward_fn)
+        sam.fast = cfg.sam_fast
+        if cfg.sam_compile and cfg.sam_fast:
+            sam.block_fn = _compiled(sam_block_fast)
+        if cfg.vision_graphs and cfg.sam_fast:
+            sam.forward_fn = self.graphed("sam", sam._forward_fast)
+        try:
+            with self._tower_mode():
+                yield
+        finally:
+            sam.fast, sam.block_fn, sam.forward_fn = saved
+
+    def _tower_mode(self) -> contextlib.AbstractContextManager[None]:
+        """The second tower's fast forward (set on entry, restored on exit); none in this base class."""
+        return contextlib.nullcontext()
+
+
+class ClipVisionFast(VisionFast):
+    """v1's towers: SAM (the base class) + CLIP's layers through :func:`~llm_perf_opt.models.deepseek_ocr.clip.
+    clip_block_fast` (compiled with ``clip_compile``), its forward graphed per view shape with ``vision_graphs``."""
+
+    def __init__(self, model: DeepseekOCRForCausalLM, cfg: FastConfig) -> None:
+        vision_model = getattr(model.model, "vision_model", None)
+        if vision_model is None:
+            raise InputError(
+                f"{type(model).__name__} has no CLIP tower, so v1's vision fast path does not apply",
+                hint="for DeepSeek-OCR-2 use llm_perf_opt.models.deepseek_ocr2.fast.apply_fast_path_v2",
+            )
+        super().__init__(model.model.sam_model, cfg)
+        self.clip_tf = vision_model.transformer
+
+    @contextlib.contextmanager
+    def _tower_mode(self) -> Iterator[None]:
+        clip_tf, cfg = self.clip_tf, self.cfg
+        saved = (clip_tf.layer_fn, clip_tf.forward_fn)
+        clip_tf.layer_fn = _compiled(clip_block_fast) if cfg.clip_compile else clip_block_fast
+        if cfg.vision_graphs:
+            clip_tf.forward_fn = self.graphed("clip", clip_tf.forward_fast)
+        try:
+            yield
+        finally:
+            clip_tf.layer_fn, clip_tf.forward_fn = saved
+
+
 class FastModel:
     """The fast path over a (shared, not copied) :class:`DeepseekOCRForCausalLM`; see the module doc."""
 
     MAX_PREFILL_GRAPHS = 8  # prompt lengths kept captured (each graph holds its activations' memory pool)
 
-    def __init__(self, model: DeepseekOCRForCausalLM, cfg: FastConfig) -> None:
+    def __init__(self, model: DeepseekOCRForCausalLM, cfg: FastConfig, vision: VisionFast | None = None) -> None:
         self.base = model
         self.fast_config = cfg
         # the model conversion: the same DecoderLayer class over the same weights, fused / grouped modules in
@@ -168,7 +248,8 @@ class FastModel:
         self.decode_kernels, self.decode_kernels_note = self._resolve_kernels(model, cfg)
         self._decoder: FastDecoder | None = None
         self._compiled_step: Any = None
-        self._vision_graphs: tuple[ShapeGraphs, ShapeGraphs] | None = None
+        # the vision towers' fast forwards (v1: SAM + CLIP; DeepSeek-OCR-2 passes its SAM + encoder one)
+        self.vision: VisionFast = vision if vision is not None else ClipVisionFast(model, cfg)
         # prefill graphs per (embeds shape, cache storage), least recently used first; see prefill()
         self._prefill_graphs: dict[tuple[Any, ...], tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
         self._prefill_graph_error: str | None = None
@@ -252,37 +333,21 @@ class FastModel:
     @property
     def vision_graph_count(self) -> int:
         """How many vision CUDA graphs exist (one per view shape seen): a rise means a one-time capture ran."""
-        if self._vision_graphs is None:
-            return 0
-        return sum(len(g.graphs) for g in self._vision_graphs)
+        return self.vision.graph_count
 
-    @contextlib.contextmanager
-    def vision_mode(self) -> Any:
-        """Within: the shared SAM / CLIP modules run this config's fast vision forward (restored on exit)."""
-        base = self.base
-        cfg = self.fast_config
-        sam = base.model.sam_model
-        clip_tf = base.model.vision_model.transformer
-        saved = (sam.fast, sam.block_fn, sam.forward_fn, clip_tf.layer_fn, clip_tf.forward_fn)
-        sam.fast = cfg.sam_fast
-        if cfg.sam_compile and cfg.sam_fast:
-            sam.block_fn = _compiled(sam_block_fast)
-        clip_tf.layer_fn = _compiled(clip_block_fast) if cfg.clip_compile else clip_block_fast
-        if cfg.vision_graphs:
-            if self._vision_graphs is None:
-                self._vision_graphs = (ShapeGraphs(sam._forward_fast), ShapeGraphs(clip_tf.forward_fast))
-            if cfg.sam_fast:
-                sam.forward_fn = self._vision_graphs[0]
-            clip_tf.forward_fn = self._vision_graphs[1]
-        try:
-            yield
-        finally:
-            sam.fast, sam.block_fn, sam.forward_fn, clip_tf.layer_fn, clip_tf.forward_fn = saved
+    @property
+    def _vision_graphs(self) -> tuple[ShapeGraphs, ...] | None:
+        """The vision towers' per-shape graph sets, once built (None before the first graphed vision call)."""
+        return tuple(self.vision.graphs.values()) or None
+
+    def vision_mode(self) -> contextlib.AbstractContextManager[None]:
+        """Within: the shared vision modules run this config's fast forwards (restored on exit)."""
+        return self.vision.mode()
 
     @torch.no_grad()
     def encode_images(self, images_crop: Tensor, images_ori: Tensor, images_spatial_crop: Any) -> Tensor:
         """The wrapped model's ``encode_images`` (SAM/CLIP/projector called as modules), SDPA per ``vision_sdpa``,
-        SAM / CLIP per ``sam_fast`` / ``sam_compile`` / ``clip_compile`` (see :meth:`vision_mode`)."""
+        the towers per ``sam_fast`` / ``sam_compile`` / ``clip_compile`` / ``vision_graphs`` (see :class:`VisionFast`)."""
         base = self.base
         saved = base.sdpa_backends
         if VISION_SDPA[self.fast_config.vision_sdpa] is not None:
@@ -451,7 +516,16 @@ class FastModel:
     __call__ = forward
 
 
-def apply_fast_path(model: DeepseekOCRForCausalLM | FastModel, cfg: FastConfig | None = None) -> FastModel:
-    """Prepare ``model``'s weights (fused QKV/gate-up, stacked experts; views, no copies) and wrap it."""
+def apply_fast_path(
+    model: DeepseekOCRForCausalLM | FastModel,
+    cfg: FastConfig | None = None,
+    vision: Callable[[DeepseekOCRForCausalLM, FastConfig], VisionFast] = ClipVisionFast,
+) -> FastModel:
+    """Prepare ``model``'s weights (fused QKV/gate-up, stacked experts; views, no copies) and wrap it.
+
+    ``vision`` builds the vision towers' fast path for the model (v1's SAM + CLIP by default); the language
+    model's fast path is the same for every model with v1's decoder (DeepSeek-OCR-2 passes its own ``vision``).
+    """
     base = model.base if isinstance(model, FastModel) else model
-    return FastModel(base, cfg or FastConfig())
+    cfg = cfg or FastConfig()
+    return FastModel(base, cfg, vision(base, cfg))

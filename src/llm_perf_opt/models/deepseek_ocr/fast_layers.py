@@ -31,28 +31,41 @@ from llm_perf_opt.models.deepseek_ocr.experts import (
     use_grouped_mm,
 )
 
-__all__ = ["FusedAttention", "FusedMLP", "GroupedMoE", "convert_layer", "fuse_linears"]
+__all__ = ["FusedAttention", "FusedMLP", "GroupedMoE", "convert_layer", "fuse_linears", "fuse_linears_with_bias"]
+
+
+def _fuse_params(linears: Sequence[nn.Linear], attr: str) -> Tensor:
+    """Concatenate the linears' ``attr`` tensors (weight or bias) along the output dim, once; re-point each to a
+    view of the result (same values, one storage), so the eager modules keep working on it."""
+    tensors: list[Tensor] = [getattr(lin, attr) for lin in linears]
+    cached = getattr(linears[0], f"_fused_{attr}", None)
+    if cached is not None and tensors[0].data_ptr() == cached.data_ptr():
+        return cached
+    rows = sum(t.shape[0] for t in tensors)
+    with torch.no_grad():
+        fused = torch.empty((rows, *tensors[0].shape[1:]), device=tensors[0].device, dtype=tensors[0].dtype)
+        begin = 0
+        for lin, t in zip(linears, tensors, strict=True):
+            end = begin + t.shape[0]
+            fused[begin:end].copy_(t)
+            setattr(lin, attr, nn.Parameter(fused[begin:end], requires_grad=False))
+            begin = end
+    object.__setattr__(linears[0], f"_fused_{attr}", fused)
+    return fused
 
 
 def fuse_linears(linears: Sequence[nn.Linear]) -> Tensor:
     """Concatenate bias-free linears' weights along the output dim; re-point each weight to a view of it."""
-    weights = [lin.weight for lin in linears]
     if any(lin.bias is not None for lin in linears):
         raise ValueError("fuse_linears only fuses bias-free projections")
-    fused_ptr = getattr(linears[0], "_fused_weight", None)
-    if fused_ptr is not None and weights[0].data_ptr() == fused_ptr.data_ptr():
-        return fused_ptr
-    rows = sum(w.shape[0] for w in weights)
-    with torch.no_grad():
-        fused = torch.empty((rows, weights[0].shape[1]), device=weights[0].device, dtype=weights[0].dtype)
-        begin = 0
-        for lin, w in zip(linears, weights, strict=True):
-            end = begin + w.shape[0]
-            fused[begin:end].copy_(w)
-            lin.weight = nn.Parameter(fused[begin:end], requires_grad=False)
-            begin = end
-    object.__setattr__(linears[0], "_fused_weight", fused)
-    return fused
+    return _fuse_params(linears, "weight")
+
+
+def fuse_linears_with_bias(linears: Sequence[nn.Linear]) -> tuple[Tensor, Tensor]:
+    """:func:`fuse_linears` for projections that all have a bias (Qwen2's q/k/v): fused weight and fused bias."""
+    if any(lin.bias is None for lin in linears):
+        raise ValueError("fuse_linears_with_bias needs a bias on every projection")
+    return _fuse_params(linears, "weight"), _fuse_params(linears, "bias")
 
 
 class FusedMLP(nn.Module):

@@ -6,8 +6,12 @@ then a final RMSNorm; only the last N outputs (the queries) are kept.  The atten
 encoder: image tokens see every image token (bidirectional) and no query; query i sees every image token and
 queries 0..i (causal).  It is a boolean ``[2N, 2N]`` mask for ``scaled_dot_product_attention``
 (:func:`prefix_causal_mask`); it depends on N only, so it is built once per view shape.  A dense mask rules
-out flash kernels, so the fast path (``Qwen2Encoder.fast``) computes the same attention as two mask-free
-calls instead (:func:`prefix_causal_attention`).
+out flash kernels, so ``Qwen2Encoder.fast`` computes the same attention as two mask-free calls instead
+(:func:`prefix_causal_attention`).  The model's fast path (``deepseek_ocr2.fast``) goes one step further: with
+``Qwen2Encoder.layer_fn`` set, every layer runs as :func:`encoder_layer_fast`, a function of the layer's fused
+weights (q/k/v with their biases as one GEMM, gate/up as one) that ``torch.compile`` can fuse and a CUDA graph
+can replay; its attention is the same split into image rows (no mask) and query rows (an ``[N, 2N]`` boolean
+mask tensor, :func:`query_rows_mask`, which compiles and captures like any input).
 
 The norm, rotary table and MLP are v1's decoder parts (same math, same float32 norm statistics).  Module names
 mirror the checkpoint (``qwen2_model.model.model.layers.N.*``, ``qwen2_model.query_768`` / ``query_1024``):
@@ -16,6 +20,8 @@ the remote code wraps a Hugging Face ``Qwen2ForCausalLM``'s inner model twice, h
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -23,6 +29,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from llm_perf_opt.errors import InputError
 from llm_perf_opt.models.deepseek_ocr.decoder import MLP, RMSNorm, RotaryEmbedding, apply_rotary
+from llm_perf_opt.models.deepseek_ocr.fast_layers import fuse_linears, fuse_linears_with_bias
 from llm_perf_opt.models.deepseek_ocr2.config import EncoderConfig
 
 __all__ = [
@@ -30,9 +37,11 @@ __all__ = [
     "EncoderLayer",
     "EncoderStack",
     "Qwen2Encoder",
+    "encoder_layer_fast",
     "lower_right_bias",
     "prefix_causal_attention",
     "prefix_causal_mask",
+    "query_rows_mask",
 ]
 
 _MASKS: dict[tuple[int, torch.device], Tensor] = {}
@@ -84,6 +93,63 @@ def prefix_causal_attention(q: Tensor, k: Tensor, v: Tensor, n_image: int) -> Te
     return torch.cat((img, qry), dim=2)
 
 
+_QUERY_MASKS: dict[tuple[int, torch.device], Tensor] = {}
+
+
+def query_rows_mask(n_image: int, device: torch.device | str = "cpu") -> Tensor:
+    """The query rows of :func:`prefix_causal_mask` as their own contiguous boolean ``[N, 2N]`` tensor (query i sees
+    every image token and queries ≤ i); cached per (N, device), so a compiled layer or a captured graph reads
+    the same tensor on every call."""
+    dev = torch.device(device)
+    key = (n_image, dev)
+    mask = _QUERY_MASKS.get(key)
+    if mask is None:
+        mask = _QUERY_MASKS[key] = prefix_causal_mask(n_image, dev)[n_image:].contiguous()
+    return mask
+
+
+def encoder_layer_fast(
+    x: Tensor,
+    weights: list[Tensor],
+    cos: Tensor,
+    sin: Tensor,
+    query_mask: Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    eps: float,
+) -> Tensor:
+    """One :class:`EncoderLayer` as a function of its fused weights (the fast path's ``torch.compile`` unit).
+
+    ``weights`` is :meth:`EncoderLayer.fast_weights`: input norm, q/k/v weight and bias fused, o_proj, post
+    norm, gate/up fused, down_proj.  ``query_mask`` is :func:`query_rows_mask` of the view's N.  Same math as
+    the module with the prefix mask: norms in float32, RoPE on q and k, image rows attend to the image block
+    only (mask-free SDPA, flash-eligible), query rows to the image block and earlier queries.
+    """
+    n1, wqkv, bqkv, wo, n2, w13, w2 = weights
+    bsz, length, hidden = x.shape
+    n = query_mask.shape[0]
+    head_dim = wo.shape[1] // num_heads
+    h = n1 * F.rms_norm(x.float(), (hidden,), eps=eps).to(x.dtype)
+    q, k, v = F.linear(h, wqkv, bqkv).split(
+        (num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim), dim=-1
+    )
+    q = apply_rotary(q.view(bsz, length, num_heads, head_dim).transpose(1, 2), cos, sin)
+    k = apply_rotary(k.view(bsz, length, num_kv_heads, head_dim).transpose(1, 2), cos, sin)
+    v = v.view(bsz, length, num_kv_heads, head_dim).transpose(1, 2)
+    if num_kv_heads != num_heads:  # query head h reads KV head h // rep, as EncoderAttention
+        rep = num_heads // num_kv_heads
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    img = F.scaled_dot_product_attention(q[:, :, :n], k[:, :, :n], v[:, :, :n])
+    qry = F.scaled_dot_product_attention(q[:, :, n:], k, v, attn_mask=query_mask)
+    out = torch.cat((img, qry), dim=2).transpose(1, 2).reshape(bsz, length, num_heads * head_dim)
+    x = x + F.linear(out, wo)
+    h = n2 * F.rms_norm(x.float(), (hidden,), eps=eps).to(x.dtype)
+    gate_up = F.linear(h, w13)
+    inter = w2.shape[1]
+    return x + F.linear(F.silu(gate_up[..., :inter]) * gate_up[..., inter:], w2)
+
+
 class EncoderAttention(nn.Module):
     """Grouped-query self-attention (Qwen2: q/k/v with bias, o without) under a given boolean mask."""
 
@@ -132,6 +198,23 @@ class EncoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, n_image)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def fast_weights(self) -> list[Tensor]:
+        """The tensors :func:`encoder_layer_fast` takes, in its order.  The first call fuses q/k/v (with their
+        biases) and gate/up into single tensors and re-points the modules' parameters to views of them (same
+        values, no second copy), so the eager forward keeps working on the same storage."""
+        a, m = self.self_attn, self.mlp
+        wqkv, bqkv = fuse_linears_with_bias([a.q_proj, a.k_proj, a.v_proj])
+        w13 = fuse_linears([m.gate_proj, m.up_proj])
+        return [
+            self.input_layernorm.weight,
+            wqkv,
+            bqkv,
+            a.o_proj.weight,
+            self.post_attention_layernorm.weight,
+            w13,
+            m.down_proj.weight,
+        ]
+
 
 class EncoderStack(nn.Module):
     """The layers and the final norm (the checkpoint's ``qwen2_model.model.model``)."""
@@ -162,6 +245,11 @@ class Qwen2Encoder(nn.Module):
         # 2N positions: 512 for the global view; the table grows on demand.
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, 2 * cfg.query_1024_tokens)
         self._fast = False
+        # Fast path (set by deepseek_ocr2.fast only around encode_images; default None = the modules as written):
+        # a callable with the signature of encoder_layer_fast (e.g. its torch.compile) run for every layer ...
+        self.layer_fn: Any = None
+        # ... and, with layer_fn, a callable run instead of forward_fast (the per-shape CUDA-graph replay).
+        self.forward_fn: Any = None
 
     @property
     def fast(self) -> bool:
@@ -191,15 +279,39 @@ class Qwen2Encoder(nn.Module):
             hint="DeepSeek-OCR-2 views are 768 px (tiles, the 768 mode) or 1024 px (global view, the 1024 mode)",
         )
 
-    def forward(self, sam_features: Tensor) -> Tensor:
+    def _embed(self, sam_features: Tensor) -> tuple[Tensor, int, Tensor, Tensor]:
+        """SAM tokens then the view's learned queries [B, 2N, hidden], N, and RoPE's cos / sin for 2N positions."""
         tokens = sam_features.flatten(2).transpose(1, 2)
         bsz, n_image, _ = tokens.shape
         queries = self.queries_for(n_image).to(tokens.dtype)
         hidden = torch.cat((tokens, queries.unsqueeze(0).expand(bsz, -1, -1)), dim=1)
         cos, sin = self.rotary(0, 2 * n_image, hidden.device, hidden.dtype)
+        return hidden, n_image, cos, sin
+
+    def forward(self, sam_features: Tensor) -> Tensor:
+        if self.layer_fn is not None:
+            out: Tensor = self.forward_fast(sam_features) if self.forward_fn is None else self.forward_fn(sam_features)
+            return out
+        hidden, n_image, cos, sin = self._embed(sam_features)
         mask = None if self._fast else prefix_causal_mask(n_image, hidden.device)
         stack = self.stack
         for layer in stack.layers:
             hidden = layer(hidden, cos, sin, mask, n_image)
+        out = stack.norm(hidden[:, n_image:])
+        return out
+
+    def forward_fast(self, sam_features: Tensor) -> Tensor:
+        """The layers through ``layer_fn`` (set by the fast path) over their fused weights."""
+        if self.layer_fn is None:
+            raise InputError("Qwen2Encoder.forward_fast needs layer_fn (set by the fast path)")
+        hidden, n_image, cos, sin = self._embed(sam_features)
+        query_mask = query_rows_mask(n_image, hidden.device)
+        cfg = self.cfg
+        stack = self.stack
+        for layer in stack.layers:
+            weights = cast(EncoderLayer, layer).fast_weights()
+            hidden = self.layer_fn(
+                hidden, weights, cos, sin, query_mask, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.rms_norm_eps
+            )
         out: Tensor = stack.norm(hidden[:, n_image:])
         return out

@@ -15,8 +15,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from llm_perf_opt.errors import ConfigError
+
 if TYPE_CHECKING:
     from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig
+    from llm_perf_opt.models.deepseek_ocr.fast import FastConfig
     from llm_perf_opt.models.deepseek_ocr.preprocess import PreprocessConfig
     from llm_perf_opt.runners.settings import ModelSettings
 
@@ -71,6 +74,10 @@ class Backend(abc.ABC):
         from llm_perf_opt.models.deepseek_ocr.preprocess import preprocess_page
 
         return preprocess_page(image, self.preprocess_cfg, self.config, text_ids, uint8=uint8)
+
+    def fast_model(self, switches: FastConfig) -> Any:
+        """The model on the fast path (``infer.fast.enabled=true``); the settings allow it on native backends only."""
+        raise ConfigError(f"model.backend={self.name} has no fast path", hint="set infer.fast.enabled=false")
 
     def routing_counts(self, model: Any) -> tuple[list[int] | None, dict[int, list[int]] | None]:
         """(experts hit per MoE layer, tokens per expert) of the last page, or (None, None) when not counted."""

@@ -60,6 +60,11 @@ class NativeBackend(Backend):
     def kv_cache_bytes(self, cache: Any) -> int:
         return int(cache.nbytes)
 
+    def fast_model(self, switches: Any) -> Any:
+        from llm_perf_opt.models.deepseek_ocr.fast import apply_fast_path
+
+        return apply_fast_path(self.model, switches)
+
     def routing_counts(self, model: Any) -> tuple[list[int] | None, dict[int, list[int]] | None]:
         # ``model`` may be the fast path's wrapper of self.model: it counts routing the same way
         return model.experts_hit_per_layer(), model.tokens_per_expert()

@@ -2,8 +2,8 @@
 ``llm_perf_opt.models.deepseek_ocr2``, CPU and GPU.
 
 The v2 model keeps v1's inference API (``encode_images`` / ``embed_prompt`` / ``prefill`` / ``decode_step``,
-the KV cache, MoE routing counters), so everything but loading, the hooked vision modules and the page
-preprocessing is the v1 native backend's.  The second vision stage is the Qwen2-style encoder: its hook is named
+the KV cache, MoE routing counters), so everything but loading, the hooked vision modules, the page
+preprocessing and the vision part of the fast path is the v1 native backend's.  The second vision stage is the Qwen2-style encoder: its hook is named
 ``encoder`` and its time fills the record's ``clip_ms`` slot (kept so metrics.json keys stay those of v1);
 ``stage_names`` records that mapping for the report and for scripts.
 """
@@ -57,6 +57,12 @@ class NativeV2Backend(NativeBackend):
         ids = DeepseekOCRConfig(language=config.language, image_token_id=config.image_token_id)
         tokenizer = load_tokenizer(model_dir if settings.weights == "checkpoint" else None, ids)
         return cls(model, config, preprocess_config_v2(settings), tokenizer, str(weights_source))
+
+    def fast_model(self, switches: Any) -> Any:
+        """v1's fast path for the language model and SAM, with the encoder's (fused layers, graphs per view)."""
+        from llm_perf_opt.models.deepseek_ocr2.fast import apply_fast_path_v2
+
+        return apply_fast_path_v2(self.model, switches)
 
     def prepare_page(self, image: Any, text_ids: list[int], uint8: bool = False) -> Any:
         from llm_perf_opt.models.deepseek_ocr2.preprocess import preprocess_page_v2
