@@ -119,7 +119,6 @@ def test_v1_modes_with_other_view_sizes_refuse_a_v2_model(compose_cfg, mode: str
 @pytest.mark.parametrize(
     ("override", "match"),
     [
-        ("infer.fast.enabled=true", "infer.fast.enabled=true is not available for DeepSeek-OCR-2"),
         ("infer.batch_size=4", "infer.batch_size > 1 is not available for DeepSeek-OCR-2"),
         ("model.backend=hf_remote", "runs on model.backend=native only"),
     ],
@@ -127,6 +126,17 @@ def test_v1_modes_with_other_view_sizes_refuse_a_v2_model(compose_cfg, mode: str
 def test_v2_refuses_what_only_v1_has(compose_cfg, override: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         load_settings(compose_cfg(["model/deepseek_ocr/arch=deepseek_ocr2.dummy", override, OUT]))
+
+
+def test_v2_takes_the_fast_path(compose_cfg) -> None:
+    """The fast path applies to DeepSeek-OCR-2 (v1's language model and SAM, the encoder's own); it used to be
+    refused here, so the settings must now carry every switch through."""
+    s = load_settings(
+        compose_cfg(["model/deepseek_ocr/arch=deepseek_ocr2.dummy", "infer.fast.enabled=true", "infer.fast.sam_compile=false", OUT])
+    )
+    assert s.model.family == "deepseek_ocr2" and s.infer.fast.enabled
+    assert s.infer.fast.switches.sam_compile is False and s.infer.fast.switches.vision_graphs is True
+    assert s.resolved("cpu").infer.fast.switches.vision_graphs is False  # CUDA-only, off on the CPU as for v1
 
 
 def test_seed_names_and_defaults(compose_cfg) -> None:
