@@ -132,7 +132,14 @@ def test_v2_takes_the_fast_path(compose_cfg) -> None:
     """The fast path applies to DeepSeek-OCR-2 (v1's language model and SAM, the encoder's own); it used to be
     refused here, so the settings must now carry every switch through."""
     s = load_settings(
-        compose_cfg(["model/deepseek_ocr/arch=deepseek_ocr2.dummy", "infer.fast.enabled=true", "infer.fast.sam_compile=false", OUT])
+        compose_cfg(
+            [
+                "model/deepseek_ocr/arch=deepseek_ocr2.dummy",
+                "infer.fast.enabled=true",
+                "infer.fast.sam_compile=false",
+                OUT,
+            ]
+        )
     )
     assert s.model.family == "deepseek_ocr2" and s.infer.fast.enabled
     assert s.infer.fast.switches.sam_compile is False and s.infer.fast.switches.vision_graphs is True

@@ -346,8 +346,8 @@ class FastModel:
 
     @torch.no_grad()
     def encode_images(self, images_crop: Tensor, images_ori: Tensor, images_spatial_crop: Any) -> Tensor:
-        """The wrapped model's ``encode_images`` (SAM/CLIP/projector called as modules), SDPA per ``vision_sdpa``,
-        the towers per ``sam_fast`` / ``sam_compile`` / ``clip_compile`` / ``vision_graphs`` (see :class:`VisionFast`)."""
+        """The wrapped model's ``encode_images`` (its vision modules called as modules), SDPA per ``vision_sdpa``,
+        the towers per ``sam_fast`` / ``sam_compile`` / ``clip_compile`` / ``vision_graphs`` (:class:`VisionFast`)."""
         base = self.base
         saved = base.sdpa_backends
         if VISION_SDPA[self.fast_config.vision_sdpa] is not None:

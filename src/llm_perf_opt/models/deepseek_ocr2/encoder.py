@@ -311,7 +311,14 @@ class Qwen2Encoder(nn.Module):
         for layer in stack.layers:
             weights = cast(EncoderLayer, layer).fast_weights()
             hidden = self.layer_fn(
-                hidden, weights, cos, sin, query_mask, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.rms_norm_eps
+                hidden,
+                weights,
+                cos,
+                sin,
+                query_mask,
+                cfg.num_attention_heads,
+                cfg.num_key_value_heads,
+                cfg.rms_norm_eps,
             )
         out: Tensor = stack.norm(hidden[:, n_image:])
         return out

@@ -3,9 +3,9 @@
 
 The v2 model keeps v1's inference API (``encode_images`` / ``embed_prompt`` / ``prefill`` / ``decode_step``,
 the KV cache, MoE routing counters), so everything but loading, the hooked vision modules, the page
-preprocessing and the vision part of the fast path is the v1 native backend's.  The second vision stage is the Qwen2-style encoder: its hook is named
-``encoder`` and its time fills the record's ``clip_ms`` slot (kept so metrics.json keys stay those of v1);
-``stage_names`` records that mapping for the report and for scripts.
+preprocessing and the vision part of the fast path is the v1 native backend's.  The second vision stage is the
+Qwen2-style encoder: its hook is named ``encoder`` and its time fills the record's ``clip_ms`` slot (kept so
+metrics.json keys stay those of v1); ``stage_names`` records that mapping for the report and for scripts.
 """
 
 from __future__ import annotations
