@@ -121,3 +121,26 @@ def test_fast_lm_on_a_v2_page_matches_eager(model: object, fast: object) -> None
         for _ in range(STEPS):
             host.append(int(fast.decode_step(torch.tensor([[host[-1]]], device="cuda"), cache).argmax()))  # type: ignore[attr-defined]
         assert device_tokens[: STEPS + 1] == host
+
+
+def test_prefill_graph_of_a_freed_cache_is_not_replayed(fast: object) -> None:
+    """A prefill graph is bound to its cache object, not to an address: a new cache that reuses a freed cache's
+    storage gets its own capture (replaying by address wrote K/V through the freed cache's other pointers: an
+    illegal memory access once the allocator had returned them), and its logits are the un-graphed ones."""
+    hidden = fast.config.language.hidden_size  # type: ignore[attr-defined]
+    embeds = torch.randn(1, 300, hidden, device="cuda", dtype=torch.bfloat16) * 0.02
+    with torch.inference_mode():
+        first = fast.new_cache(1, 320)  # type: ignore[attr-defined]
+        fast.prefill(embeds, first)  # type: ignore[attr-defined]
+        before, k_ptr = fast.setup_count, first.k.data_ptr()  # type: ignore[attr-defined]
+        del first
+        second = fast.new_cache(1, 320)  # type: ignore[attr-defined]  # same size: the allocator reuses the blocks
+        if second.k.data_ptr() != k_ptr:
+            pytest.skip("the allocator did not reuse the freed cache's storage (the case under test)")
+        out = fast.prefill(embeds, second)  # type: ignore[attr-defined]
+        assert fast.setup_count == before + 1  # type: ignore[attr-defined]  # captured again, for this cache
+        plain = apply_fast_path_v2(fast.base, FastConfig(prefill_graphs=False))  # type: ignore[attr-defined]
+        ref_cache = plain.new_cache(1, 320)
+        ref = plain.prefill(embeds, ref_cache)
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(second.k[:, :, :, :300], ref_cache.k[:, :, :, :300], rtol=1e-2, atol=1e-2)

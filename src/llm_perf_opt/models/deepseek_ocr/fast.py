@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -251,7 +252,11 @@ class FastModel:
         # the vision towers' fast forwards (v1: SAM + CLIP; DeepSeek-OCR-2 passes its SAM + encoder one)
         self.vision: VisionFast = vision if vision is not None else ClipVisionFast(model, cfg)
         # prefill graphs per (embeds shape, cache storage), least recently used first; see prefill()
-        self._prefill_graphs: dict[tuple[Any, ...], tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
+        # (the cache is held weakly and checked by identity on every hit: a freed cache's k storage can be handed
+        # to the next cache, whose v then lies elsewhere, and a replay by address alone would write freed memory)
+        self._prefill_graphs: dict[
+            tuple[Any, ...], tuple[torch.cuda.CUDAGraph, Tensor, Tensor, weakref.ref[StaticKVCache]]
+        ] = {}
         self._prefill_graph_error: str | None = None
         self._prefill_setups = 0
         self._counts: dict[int, Tensor] = {
@@ -432,8 +437,10 @@ class FastModel:
         return logits
 
     def _prefill_graphed(self, hidden: Tensor, cache: StaticKVCache) -> Tensor:
-        key = (tuple(hidden.shape), cache.k.data_ptr())
+        key = (tuple(hidden.shape), cache.k.data_ptr(), cache.v.data_ptr(), tuple(cache.k.shape))
         entry = self._prefill_graphs.pop(key, None)
+        if entry is not None and entry[3]() is not cache:  # captured for a cache that is gone (same addresses)
+            entry = None
         if entry is None:
             try:
                 entry = self._capture_prefill(hidden, cache)
@@ -445,16 +452,18 @@ class FastModel:
                 self._prefill_graphs.pop(next(iter(self._prefill_graphs)))
             self._prefill_setups += 1
         self._prefill_graphs[key] = entry  # (re)inserted last: most recently used
-        graph, static_in, static_out = entry
+        graph, static_in, static_out, _ = entry
         static_in.copy_(hidden)
         graph.replay()
         return static_out.clone()
 
-    def _capture_prefill(self, hidden: Tensor, cache: StaticKVCache) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor]:
+    def _capture_prefill(
+        self, hidden: Tensor, cache: StaticKVCache
+    ) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor, weakref.ref[StaticKVCache]]:
         static_in = hidden.clone()
         with self.routing_counts_kept():
             graph, static_out = capture_graph(lambda: self._prefill_body(static_in, cache, 0, "last"), hidden.device)
-        return graph, static_in, static_out
+        return graph, static_in, static_out, weakref.ref(cache)
 
     @contextlib.contextmanager
     def routing_counts_kept(self) -> Iterator[None]:
