@@ -126,10 +126,11 @@ class FastConfig:
     # torch.compile of one SAM block (sam.sam_block_fast) when sam_fast: fuses the layout copies, norms and
     # the augmented-attention concatenations; compiled once per view shape (tiles, global view) and block kind.
     sam_compile: bool = True
-    # the same for CLIP's layers (clip.clip_block_fast via ClipTransformer.layer_fn): one compile per view shape
+    # the same for CLIP's layers (clip.clip_block_fast via ClipTransformer.layer_fn): one compile per view shape;
+    # for DeepSeek-OCR-2 the second tower's: the encoder's fused layer (deepseek_ocr2.encoder.encoder_layer_fast)
     clip_compile: bool = True
-    # replay SAM's and CLIP's fast forwards from CUDA graphs captured per input shape (vision is host-bound:
-    # ~500 launches + compiled-guard checks per page); the module calls, and so the timing hooks, stay.
+    # replay SAM's and CLIP's (v2: the encoder's) fast forwards from CUDA graphs captured per input shape (vision is
+    # host-bound: ~500 launches + compiled-guard checks per page); the module calls, and so the timing hooks, stay.
     vision_graphs: bool = True
     decode_compile: str = attrs.field(default="none", validator=attrs.validators.in_(DECODE_COMPILE))
     # replay the language-model prefill from a CUDA graph per prompt length (needs cuda_graphs; batch 1)
