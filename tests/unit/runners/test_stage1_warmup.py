@@ -98,3 +98,38 @@ def test_warmup_within_the_bound_covers_every_shape_without_a_note() -> None:
     warmup(run, [_page(p) for p in shapes], _Progress(), stop=lambda: False)  # type: ignore[arg-type]
     assert session.ran == ["a", "b"]
     assert run.notes == []
+
+
+def test_v2_fast_session_warms_one_page_per_tile_count(compose_cfg: Any, tmp_path: Any) -> None:
+    """DeepSeek-OCR-2 on the fast path: its graphs are per view shape (tile count) and prompt length, and its pages
+    carry the fields the warm-up keys on.  By v2's geometry (768-px tiles, a page tiled when a side exceeds 768):
+    1600×800 is a 2×1 grid, 1224×1584 a 2×3 grid, 600×500 the global view alone; a second 1600×800 page adds
+    nothing to warm."""
+    from omegaconf import OmegaConf
+
+    from llm_perf_opt.runners.dsocr_session import DeepSeekOCRSession
+    from llm_perf_opt.runners.settings import load_settings
+    from tests.conftest import ROOT
+
+    fast = ["infer.fast.enabled=true", "infer.fast.sam_compile=false", "infer.fast.clip_compile=false"]
+    tree = OmegaConf.to_container(compose_cfg(["model/deepseek_ocr/arch=deepseek_ocr2.tiny", *fast]), resolve=False)
+    assert isinstance(tree, dict)
+    tree.pop("hydra")
+    tree["output"]["dir"] = str(tmp_path / "run")
+    session = DeepSeekOCRSession.load(load_settings(OmegaConf.create(tree)), ROOT)
+    try:
+        pages = [
+            Page(page_id=pid, synthetic_size=size, seed=seed)
+            for pid, size, seed in [
+                ("wide", (1600, 800), 0),
+                ("tall", (1224, 1584), 0),
+                ("small", (600, 500), 0),
+                ("wide-again", (1600, 800), 1),
+            ]
+        ]
+        chosen = one_page_per_view_shape(session, pages, first=pages[0])
+        assert [p.page_id for p in chosen] == ["wide", "tall", "small"]
+        grids = [tuple(session.prepare(p).images_spatial_crop) for p in chosen]
+        assert grids == [(2, 1), (2, 3), (1, 1)]
+    finally:
+        session.close()
