@@ -98,3 +98,15 @@ def test_fast_model_encode_images_matches_and_restores() -> None:
     assert not sam.fast and sam.block_fn is None and sam.forward_fn is None
     assert clip_tf.layer_fn is None and clip_tf.forward_fn is None
     assert torch.equal(model.encode_images(crops, ori, [2, 1]), expected)
+
+
+def test_vision_compile_keeps_every_shape_a_dataset_meets() -> None:
+    """A SAM block function meets, per block kind (windowed, global), one input shape per view batch: Gundam
+    crops 2-9 plus the global view = 9, times 2 kinds = 18 on DeepSeek-OCR alone.  Dynamo's default limit of 8
+    would run the rest uncompiled (a slower path measured as the fast one)."""
+    import torch
+
+    from llm_perf_opt.models.deepseek_ocr.fast import _compiled
+
+    _compiled(lambda x: x + 1)
+    assert torch._dynamo.config.recompile_limit >= 2 * (len(range(2, 10)) + 1)
