@@ -66,7 +66,7 @@ once at the end of :meth:`BatchedGenerator.run`. A one-time CUDA-graph capture i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -77,6 +77,7 @@ from llm_perf_opt.models.deepseek_ocr.batched_decode import StaticBatchStep
 from llm_perf_opt.models.deepseek_ocr.batched_vision import encode_pages, layout_page_features
 from llm_perf_opt.models.deepseek_ocr.clock import Clock, HostClock
 from llm_perf_opt.models.deepseek_ocr.context import ForwardContext, padded_prefill_mask
+from llm_perf_opt.models.deepseek_ocr.continuous import ContinuousResult, SlotDecodeStep, SlotRequest, run_continuous
 from llm_perf_opt.models.deepseek_ocr.decoder import EXPERT_IMPLS, MoE, apply_experts_eager
 from llm_perf_opt.models.deepseek_ocr.fast import FastModel
 from llm_perf_opt.models.deepseek_ocr.fast_layers import GroupedMoE
@@ -148,6 +149,7 @@ class BatchedGenerator:
             )
         self.clock: Clock = HostClock() if clock is None else clock
         self._static: StaticBatchStep | None = None  # the last static-step shape: its cache, buffers and graph
+        self._slots: SlotDecodeStep | None = None  # the last continuous-batching step: its cache, buffers, graph
         self.capture_error: str | None = None  # why a CUDA-graph capture failed (then the step runs un-graphed)
 
     @property
@@ -212,8 +214,9 @@ class BatchedGenerator:
         return "graph"
 
     def release_decode_state(self) -> None:
-        """Drop the kept static-step cache, buffers and CUDA graph (the next static run rebuilds them)."""
+        """Drop the kept static / slot steps' caches, buffers and CUDA graphs (the next run rebuilds them)."""
         self._static = None
+        self._slots = None
 
     def _static_for(self, bsz: int, max_len: int, use_graph: bool, ngram: int = 0) -> StaticBatchStep:
         """The kept static step for (``bsz``, ``max_len``), built on first use of that shape.
@@ -238,6 +241,31 @@ class BatchedGenerator:
         return entry
 
     # ------------------------------------------------------------------ run
+    def run_continuous(
+        self,
+        source: Iterable[SlotRequest],
+        slots: int,
+        *,
+        eos_token_id: int | None,
+        no_repeat_ngram_size: int = 0,
+        keep_logits: bool = False,
+    ) -> ContinuousResult:
+        """Every page of ``source`` through ``slots`` continuously refilled sequence slots
+        (:mod:`~llm_perf_opt.models.deepseek_ocr.continuous`); the static-batching :meth:`run` is kept beside it."""
+        self.release_static()
+        return run_continuous(
+            self,
+            source,
+            slots,
+            eos_token_id=eos_token_id,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+            keep_logits=keep_logits,
+        )
+
+    def release_static(self) -> None:
+        """Drop the kept static-batching step only (a continuous run needs its memory more)."""
+        self._static = None
+
     @torch.inference_mode()
     def run(
         self,

@@ -9,7 +9,8 @@ left-padded batched prefill and steps, the Triton step) is the same layer loop
   (``rope_tables``) and gathers at ``slot`` inside its kernel;
 * **cache writes** go either at a host column ``start`` (``StaticKVCache.write``; attention over
   ``[:start+L]``) or, for steps captured in a CUDA graph, at a device column ``slot`` with ``index_copy_``
-  (attention over the first ``key_len`` columns, no host value read);
+  (attention over the first ``key_len`` columns, no host value read); a ``slot`` of one column per row ([B],
+  continuous batching: every sequence slot at its own length) scatters each row's K/V to its own column;
 * **visibility** is an additive ``mask`` broadcastable to [B, heads, L, keys], or, without one, causal
   attention offset by ``start`` (``is_causal`` on an empty cache, no mask for one query).
 
@@ -36,7 +37,9 @@ class ForwardContext:
     sin: Tensor | None  # [B|1, L, D] signed sin (rotate_half's sign folded in)
     cache: StaticKVCache | None = None
     start: int = 0  # host column of the first new position (write via StaticKVCache.write)
-    slot: Tensor | None = None  # device [1] column written with index_copy_ (captured steps); overrides start
+    # device [1] column written with index_copy_ by every row, or [B] one column per row (scatter; continuous
+    # batching); captured steps; overrides start
+    slot: Tensor | None = None
     key_len: int = 0  # with slot: attention covers cache columns 0..key_len-1
     mask: Tensor | None = None  # additive, broadcastable to [B, heads, L, keys]; None: causal from start
     matmul_attention: bool = False  # two matmuls + float32 softmax instead of SDPA (needs mask)
@@ -61,8 +64,13 @@ class ForwardContext:
             return k, v
         if self.slot is not None:
             k_all, v_all = cache.k[layer], cache.v[layer]
-            k_all.index_copy_(2, self.slot, k)
-            v_all.index_copy_(2, self.slot, v)
+            if self.slot.numel() == 1:  # one column for every row (a batch of one is the same either way)
+                k_all.index_copy_(2, self.slot, k)
+                v_all.index_copy_(2, self.slot, v)
+            else:  # row b writes its one new position at its own column slot[b]
+                cols = self.slot.view(-1, 1, 1, 1).expand(k.shape[0], k.shape[1], 1, k.shape[3])
+                k_all.scatter_(2, cols, k)
+                v_all.scatter_(2, cols, v)
             n = self.key_len or cache.max_len
             return k_all[:, :, :n], v_all[:, :, :n]
         return cache.write(layer, k, v, self.start)
@@ -109,10 +117,11 @@ def padded_prefill_mask(pads: Tensor, length: int, dtype: torch.dtype) -> Tensor
 
 
 def decode_key_mask(key_pos: Tensor, first: Tensor, last: Tensor, zero: Tensor, ninf: Tensor) -> Tensor:
-    """Additive mask [B|1, 1, 1, keys] letting each row see cache columns ``first[b] <= j <= last``.
+    """Additive mask [B|1, 1, 1, keys] letting each row see cache columns ``first[b] <= j <= last[b]``.
 
-    ``key_pos`` [keys] column indices; ``first`` [B] or [1] (pads, or 0); ``last`` [1] (the column written
-    this step, a device value: no host sync, so the mask can be built inside a captured graph).
+    ``key_pos`` [keys] column indices; ``first`` [B] or [1] (pads, or 0); ``last`` [1] or [B] (the column
+    written this step, one for all rows or one per row; device values: no host sync, so the mask can be built
+    inside a captured graph).
     """
-    allowed = (key_pos[None, :] >= first[:, None]) & (key_pos[None, :] <= last)
+    allowed = (key_pos[None, :] >= first[:, None]) & (key_pos[None, :] <= last[:, None])
     return torch.where(allowed, zero, ninf)[:, None, None, :]

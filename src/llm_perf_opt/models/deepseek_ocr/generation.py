@@ -79,7 +79,8 @@ def banned_ngram_mask(history: Tensor, length: Tensor, n: int | NoRepeatNGram, v
 
     ``history`` [B, N] int64 holds each row's tokens at positions ``0..length-1`` (what is past ``length`` is
     ignored; negative ids are positions outside the rule's scope, see :meth:`NoRepeatNGram.device_history`);
-    ``length`` is an int64 device tensor [1] (the same for every row); ``n`` is the n-gram size or a whole
+    ``length`` is an int64 device tensor [1] (the same for every row) or [B] (one per row: continuous batching,
+    where every slot is at its own length); ``n`` is the n-gram size or a whole
     :class:`NoRepeatNGram` (window and exempt ids included).  Returns bool [B, vocab], True where appending the
     token would repeat an n-gram already in the row, as the host rule.  Compares every window of ``n - 1``
     tokens with the row's last ``n - 1``: O(N·n) work, a few kernels.
@@ -93,22 +94,24 @@ def banned_ngram_mask(history: Tensor, length: Tensor, n: int | NoRepeatNGram, v
     mask = torch.zeros((bsz, vocab + 1), dtype=torch.bool, device=dev)  # column `vocab` catches non-matches
     if width < n:
         return mask[:, :vocab]
+    lengths = length.reshape(-1, 1)  # [1, 1] or [B, 1]: broadcasts over the rows either way
     if n == 1:  # every token already in the history (in the window)
         pos = torch.arange(width, device=dev)[None, :]
-        seen = (pos < length) & (history >= 0)
+        seen = (pos < lengths) & (history >= 0)
         if rule.window is not None:
-            seen &= pos >= length - rule.window
+            seen &= pos >= lengths - rule.window
         mask.scatter_(1, torch.where(seen, history, vocab), True)
     else:
         windows = history.unfold(1, n, 1)  # [B, S, n], S = N - n + 1: window i = tokens i .. i+n-1
-        starts = torch.arange(windows.shape[1], device=dev)
-        suffix_pos = (length - (n - 1) + torch.arange(n - 1, device=dev)).clamp_min(0)  # the last n-1 positions
-        suffix = history.index_select(1, suffix_pos)  # [B, n-1]
+        starts = torch.arange(windows.shape[1], device=dev)[None, :]
+        # each row's last n-1 positions [B|1, n-1]
+        suffix_pos = (lengths - (n - 1) + torch.arange(n - 1, device=dev)[None, :]).clamp_min(0)
+        suffix = history.gather(1, suffix_pos.expand(bsz, n - 1))  # [B, n-1]
         match = (windows[:, :, : n - 1] == suffix[:, None, :]).all(dim=-1)  # [B, S]
         # window i must lie inside the history (i + n - 1 <= length - 1), and the rule needs length + 1 >= n
-        match &= (starts <= length - n)[None, :] & (length + 1 >= n)
+        match &= (starts <= lengths - n) & (lengths + 1 >= n)
         if rule.window is not None:
-            match &= (starts >= length - rule.window)[None, :]
+            match &= starts >= lengths - rule.window
         last = windows[:, :, n - 1]
         mask.scatter_(1, torch.where(match & (last >= 0), last, vocab), True)
     for token in rule.exempt_ids:  # python ints: a view + fill per id, nothing copied from the host

@@ -1,0 +1,525 @@
+"""Continuous batching for the native DeepSeek-OCR: a fixed number of sequence slots kept full with mixed lengths.
+
+A static batch runs until its longest sequence ends; the rows that ended earlier keep computing for nothing.
+Here ``slots`` sequences decode together and a slot whose sequence ends (eos, simulated eos through its cap, or
+the token cap) is refilled with the next page from the source: that page's vision and prefill run (several
+refills at once are batched like a static batch's), its K/V are copied into the slot's rows of the shared cache
+(columns ``0 .. len - 1``: no left padding), and the slot's state (fed token, position, cap, flags, history) is
+reset on the device.  The batch shape never changes, so the decode step stays one CUDA graph.
+
+* **Per-slot KV**: :class:`SlotDecodeStep` keeps one :class:`~llm_perf_opt.models.deepseek_ocr.kv_cache.StaticKVCache`
+  [layers, slots, heads, max_len, dim].  Each row writes its new K/V at its own column ``pos[b]``
+  (:class:`~llm_perf_opt.models.deepseek_ocr.context.ForwardContext` with a per-row ``slot`` [B]: a scatter) and
+  is rotated at that same position (no pads: column = position); its additive mask shows columns ``0 .. pos[b]``,
+  so whatever a previous sequence left past ``pos[b]`` is never read (it is overwritten column by column first).
+* **The step** is the model's one decoder forward, like the static step's, with per-row positions: tokens [B, 1],
+  ``pos`` [B], caps, eos, done flags, token counts and the output buffer all live in device buffers, so on CUDA
+  it is captured once per (slots, max_len, n-gram size) and replayed.  A finished (or empty) row keeps running
+  (static shapes) with its position frozen; it records nothing.  The vendor no-repeat-ngram rule runs on the
+  device with one history length per row (:func:`~llm_perf_opt.models.deepseek_ocr.generation.banned_ngram_mask`).
+* **When slots are refilled**: without eos the host knows when every row ends (its cap), so it runs exactly
+  the steps until the next row ends, then refills; no device value is read until the end.  With eos it also
+  reads the done flags every ``check_every`` steps (one sync each), so a row ended by eos may idle up to
+  ``check_every - 1`` steps before its slot is refilled (that shows as slot occupancy below 1).
+* **Cache length**: sized from the first fill (longest prompt + cap, rounded up to ``LEN_QUANTUM``); a later page
+  that needs more grows the cache (state copied, graph recaptured, the capture timed apart).
+
+Exactness: each row computes the same function as the page alone (masked attention over its own columns, its
+own positions), so logits agree to float rounding and greedy tokens match unless two logits tie within it.
+
+Timing: marks of the caller's clock around each fill (vision, then prefill + insert) and every decode step,
+resolved once at the end; the host time spent waiting for the source's next page is measured apart
+(``page_wait_s``) and lies outside every stage.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
+
+import attrs
+import torch
+from torch import Tensor
+
+from llm_perf_opt.errors import ConfigError
+from llm_perf_opt.models.deepseek_ocr.context import ForwardContext, decode_key_mask
+from llm_perf_opt.models.deepseek_ocr.generation import banned_ngram_mask
+from llm_perf_opt.models.deepseek_ocr.graphs import capture_graph, first_argmax
+from llm_perf_opt.models.deepseek_ocr.model import DeepseekOCRForCausalLM
+from llm_perf_opt.models.deepseek_ocr.preprocess import PreparedPage
+from llm_perf_opt.models.deepseek_ocr.protocol import LanguageModel
+
+if TYPE_CHECKING:
+    from llm_perf_opt.models.deepseek_ocr.batched import BatchedGenerator
+
+__all__ = ["LEN_QUANTUM", "ContinuousResult", "SlotDecodeStep", "SlotRequest", "run_continuous"]
+
+# Cache lengths are rounded up to a multiple of this, so runs (and repeats) with slightly different prompt
+# lengths reuse one captured graph instead of capturing a new one each.
+LEN_QUANTUM = 256
+
+
+@attrs.frozen
+class SlotRequest:
+    """One page for a slot: its prepared inputs and its own token cap (the simulated-eos target, or the cap)."""
+
+    prepared: PreparedPage
+    max_new_tokens: int
+
+
+@attrs.frozen
+class ContinuousResult:
+    """Tokens and times of one continuous-batching run over every page its source gave.
+
+    ``tokens[i]`` / ``stopped_by_eos[i]`` / ``prompt_lens[i]`` are the i-th page taken from the source.
+    ``vision_s`` and ``prefill_s`` add up every fill (the first one and each refill); ``decode_s`` every decode
+    step (``step_ms``); ``page_wait_s`` is host time blocked on the source (outside every stage); ``wall_s`` is
+    host time from the first request to the final sync, one-time graph captures (``graph_capture_s``) left out.
+    """
+
+    tokens: list[list[int]]
+    stopped_by_eos: list[bool]
+    prompt_lens: list[int]
+    slots: int
+    vision_s: float
+    prefill_s: float
+    decode_s: float
+    step_ms: list[float]
+    fills: int
+    page_wait_s: float
+    wall_s: float
+    decode_path: str
+    graph_capture_s: float = 0.0
+    logits: list[list[Tensor]] | None = None  # only with keep_logits: float32 host rows, row 0 from the prefill
+
+    @property
+    def pages(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    @property
+    def total_s(self) -> float:
+        """Stage time: every fill's vision + prefill, and every decode step."""
+        return self.vision_s + self.prefill_s + self.decode_s
+
+    @property
+    def slot_occupancy(self) -> float | None:
+        """Mean share of the slots that produced a token per decode step (None without a step)."""
+        return slot_occupancy(self.tokens, len(self.step_ms), self.slots)
+
+
+def slot_occupancy(tokens: list[list[int]], steps: int, slots: int) -> float | None:
+    """Tokens produced by decode steps (each sequence's first token comes from its prefill) over ``steps ×
+    slots``: 1.0 when every slot did useful work in every step; None when no step ran."""
+    if steps <= 0 or slots <= 0:
+        return None
+    return sum(max(len(t) - 1, 0) for t in tokens) / (steps * slots)
+
+
+class SlotDecodeStep:
+    """The continuous-batching decode step for (``slots``, cache ``max_len``): per-slot KV, device state, graph.
+
+    Buffers (never reallocated, so a captured graph reads and writes them in place): ``tokens`` [B, 1] the token
+    each row feeds; ``pos`` [B] the column (= rotary position) it is written at; ``caps`` [B]; ``eos`` [1] (-1:
+    off); ``done`` / ``by_eos`` [B] bool (an empty slot is done); ``n_gen`` [B] tokens recorded; ``out`` [B,
+    max_len] the recorded tokens; ``hist`` [B, max_len + 1] each row's prompt + output (no-repeat rule only;
+    ``vocab`` past the end).  See the module doc for the step.
+    """
+
+    def __init__(
+        self,
+        lm: LanguageModel,
+        base: DeepseekOCRForCausalLM,
+        slots: int,
+        max_len: int,
+        *,
+        use_graph: bool,
+        matmul_attention: bool,
+        expert_impl: str | None,
+        no_repeat_ngram: int = 0,
+    ) -> None:
+        dev, dtype = base.device, base.dtype
+        self.lm, self.base = lm, base
+        self.key = (slots, max_len, use_graph, no_repeat_ngram)
+        self.slots, self.max_len = slots, max_len
+        self.cache = base.new_cache(slots, max_len)
+        self.tokens = torch.zeros((slots, 1), dtype=torch.long, device=dev)
+        self.pos = torch.zeros(slots, dtype=torch.long, device=dev)
+        self.caps = torch.ones(slots, dtype=torch.long, device=dev)
+        self.eos = torch.full((1,), -1, dtype=torch.long, device=dev)
+        self.done = torch.ones(slots, dtype=torch.bool, device=dev)
+        self.by_eos = torch.zeros(slots, dtype=torch.bool, device=dev)
+        self.n_gen = torch.zeros(slots, dtype=torch.long, device=dev)
+        self.out = torch.zeros((slots, max_len), dtype=torch.long, device=dev)
+        self.ngram = int(no_repeat_ngram)
+        self.vocab = int(base.lm_head.out_features)
+        self.hist = torch.full((slots, max_len + 1), self.vocab, dtype=torch.long, device=dev) if self.ngram else None
+        self.first_col = torch.zeros(1, dtype=torch.long, device=dev)  # every row sees its keys from column 0
+        self.key_pos = torch.arange(max_len, device=dev)
+        self.mask_zero = torch.zeros((), dtype=dtype, device=dev)
+        self.mask_neg = torch.full((), float("-inf"), dtype=dtype, device=dev)
+        self.cos_table, self.sin_table = base.model.rotary(0, max_len, dev, dtype)
+        self.matmul_attention = matmul_attention
+        self.expert_impl = expert_impl
+        self.use_graph = bool(use_graph) and dev.type == "cuda"
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.capture_error: str | None = None
+        self.last_logits: Tensor | None = None  # the last step's logits [B, V] (read only with keep_logits)
+
+    def _state(self) -> list[Tensor]:
+        """The buffers a step advances (what a capture's warm-up steps must give back)."""
+        state = [self.tokens, self.pos, self.done, self.by_eos, self.n_gen, self.out]
+        return state if self.hist is None else [*state, self.hist]
+
+    # ------------------------------------------------------------------ slots
+    def load_slots(self, rows: list[int], prompts: list[Tensor], logits: Tensor, caps: list[int]) -> None:
+        """Start page i of ``prompts`` in slot ``rows[i]``: its first token chosen from ``logits`` [n, V] (the rule
+        over its prompt), recorded and fed at column ``len_i``; its K/V must already be in the slot's rows."""
+        dev = self.pos.device
+        idx = torch.tensor(rows, dtype=torch.long, device=dev)
+        lens = torch.tensor([int(p.numel()) for p in prompts], dtype=torch.long)
+        lens_d = lens.to(dev)
+        if self.hist is not None:
+            width = self.hist.shape[1]
+            hist = torch.full((len(rows), width), self.vocab, dtype=torch.long)
+            for i, ids in enumerate(prompts):
+                hist[i, : ids.numel()] = ids.reshape(-1).cpu()
+            hist_d = hist.to(dev)
+            banned = banned_ngram_mask(hist_d, lens_d, self.ngram, self.vocab)
+            logits = logits.masked_fill(banned, float("-inf"))
+        first = first_argmax(logits)  # [n, 1]
+        if self.hist is not None:
+            hist_d.scatter_(1, lens_d.unsqueeze(1), first)
+            self.hist[idx] = hist_d
+        caps_d = torch.tensor(caps, dtype=torch.long).to(dev)
+        self.pos[idx] = lens_d
+        self.caps[idx] = caps_d
+        self.tokens[idx] = first
+        out = torch.zeros((len(rows), self.out.shape[1]), dtype=torch.long, device=dev)
+        out[:, :1] = first
+        self.out[idx] = out
+        self.n_gen[idx] = 1
+        hit = first[:, 0] == self.eos
+        self.by_eos[idx] = hit
+        self.done[idx] = hit | (caps_d <= 1)
+
+    def set_eos(self, eos: int | None) -> None:
+        self.eos.fill_(-1 if eos is None else int(eos))
+
+    def clear(self) -> None:
+        """Every slot empty (done), nothing recorded: the state before a run's first fill."""
+        self.done.fill_(True)
+        self.by_eos.zero_()
+        self.n_gen.zero_()
+        self.pos.zero_()
+
+    # ------------------------------------------------------------------ the step
+    def _choose(self, logits: Tensor) -> Tensor:
+        if self.hist is not None:
+            hist_len = (self.pos + 1).clamp(max=self.hist.shape[1])  # prompt + tokens up to the one fed now
+            logits = logits.masked_fill(banned_ngram_mask(self.hist, hist_len, self.ngram, self.vocab), float("-inf"))
+        return first_argmax(logits)
+
+    def _body(self) -> None:
+        cos = self.cos_table.index_select(0, self.pos).unsqueeze(1)  # [B, 1, D]: each row at its own position
+        sin = self.sin_table.index_select(0, self.pos).unsqueeze(1)
+        ctx = ForwardContext(
+            cos=cos,
+            sin=sin,
+            cache=self.cache,
+            slot=self.pos,
+            key_len=self.max_len,
+            mask=decode_key_mask(self.key_pos, self.first_col, self.pos, self.mask_zero, self.mask_neg),
+            matmul_attention=self.matmul_attention,
+            expert_impl=self.expert_impl,
+            record_routing=False,
+        )
+        hidden = self.lm.lm_forward(self.base.model.embed_tokens(self.tokens), ctx)
+        logits = self.lm.logits(hidden[:, -1])
+        self.last_logits = logits
+        self._advance(self._choose(logits))
+
+    def _advance(self, nxt: Tensor) -> None:
+        """Record ``nxt`` [B, 1] for live rows, update their flags, feed it and move their position on; a done
+        row keeps its token and position (its writes land on its own last column, which nothing reads)."""
+        live = self.done.logical_not()
+        col = self.n_gen.clamp(max=self.out.shape[1] - 1).unsqueeze(1)
+        self.out.scatter_(1, col, torch.where(live.unsqueeze(1), nxt, self.out.gather(1, col)))
+        self.n_gen.add_(live.to(torch.long))
+        hit = live & (nxt[:, 0] == self.eos)
+        self.by_eos.logical_or_(hit)
+        self.done.logical_or_(hit | (self.n_gen >= self.caps))
+        self.tokens.copy_(torch.where(live.unsqueeze(1), nxt, self.tokens))
+        if self.hist is not None:
+            hcol = (self.pos + 1).clamp(max=self.hist.shape[1] - 1).unsqueeze(1)
+            self.hist.scatter_(1, hcol, torch.where(live.unsqueeze(1), nxt, self.hist.gather(1, hcol)))
+        self.pos.add_(live.to(torch.long)).clamp_(max=self.max_len - 1)
+
+    def step(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        with self.base._sdpa_policy():
+            self._body()
+
+    def capture(self) -> float:
+        """Capture the step as a CUDA graph (state saved and restored around the warm-up steps); host seconds."""
+        dev = self.cache.device
+        saved = [t.clone() for t in self._state()]
+        torch.cuda.synchronize(dev)
+        begin = time.perf_counter()
+        try:
+            self.graph, _ = capture_graph(self._body, dev, self.base._sdpa_policy)
+        except RuntimeError as exc:  # an op that cannot be captured: run the same step un-graphed, say why
+            self.capture_error = f"{type(exc).__name__}: {exc}"
+            self.use_graph = False
+        for buf, old in zip(self._state(), saved, strict=True):
+            buf.copy_(old)
+        torch.cuda.synchronize(dev)
+        return time.perf_counter() - begin
+
+    def grown(self, max_len: int) -> SlotDecodeStep:
+        """A step with a longer cache holding this one's state (K/V, positions, flags, outputs, histories)."""
+        new = SlotDecodeStep(
+            self.lm,
+            self.base,
+            self.slots,
+            max_len,
+            use_graph=self.use_graph,
+            matmul_attention=self.matmul_attention,
+            expert_impl=self.expert_impl,
+            no_repeat_ngram=self.ngram,
+        )
+        old = self.max_len
+        new.cache.k[:, :, :, :old].copy_(self.cache.k)
+        new.cache.v[:, :, :, :old].copy_(self.cache.v)
+        for mine, theirs in ((new.tokens, self.tokens), (new.pos, self.pos), (new.caps, self.caps)):
+            mine.copy_(theirs)
+        for mine, theirs in ((new.eos, self.eos), (new.done, self.done), (new.by_eos, self.by_eos)):
+            mine.copy_(theirs)
+        new.n_gen.copy_(self.n_gen)
+        new.out[:, :old].copy_(self.out)
+        if new.hist is not None and self.hist is not None:
+            new.hist[:, : old + 1].copy_(self.hist)
+        return new
+
+
+def cache_len_for(need: int) -> int:
+    """``need`` columns rounded up to :data:`LEN_QUANTUM`."""
+    return int(math.ceil(need / LEN_QUANTUM) * LEN_QUANTUM)
+
+
+class _Run:
+    """One continuous run's host bookkeeping (see :func:`run_continuous`)."""
+
+    def __init__(self, gen: BatchedGenerator, source: Iterator[SlotRequest], slots: int, keep_logits: bool) -> None:
+        self.gen = gen
+        self.source = source
+        self.slots = slots
+        self.exhausted = False
+        self.page_wait_s = 0.0
+        self.slot_page: list[int | None] = [None] * slots  # which page (arrival index) each slot holds
+        self.left: list[int] = [0] * slots  # decode tokens the slot's cap still allows (host mirror)
+        self.slot_cap: list[int] = [0] * slots  # the cap of the page each slot holds
+        self.tokens: list[list[int] | Tensor] = []
+        self.by_eos: list[bool] = []
+        self.prompt_lens: list[int] = []
+        self.logits: list[list[Tensor]] | None = [] if keep_logits else None
+        self.fill_marks: list[tuple[object, object, object]] = []
+        self.step_runs: list[list[object]] = []
+        self.capture_s = 0.0
+
+    def take(self, n: int) -> list[SlotRequest]:
+        got: list[SlotRequest] = []
+        while len(got) < n and not self.exhausted:
+            t0 = time.perf_counter()
+            try:
+                got.append(next(self.source))
+            except StopIteration:
+                self.exhausted = True
+            finally:
+                self.page_wait_s += time.perf_counter() - t0
+        return got
+
+
+def run_continuous(
+    gen: BatchedGenerator,
+    source: Iterable[SlotRequest],
+    slots: int,
+    *,
+    eos_token_id: int | None,
+    no_repeat_ngram_size: int = 0,
+    keep_logits: bool = False,
+) -> ContinuousResult:
+    """Decode every page of ``source`` greedily through ``slots`` continuously refilled slots (module doc).
+
+    ``eos_token_id=None``: every sequence runs to its own cap.  ``keep_logits`` (testing) keeps every chosen
+    token's float32 logits row on the host; it reads the device after every step and never uses a graph.
+    """
+    if slots < 1:
+        raise ConfigError(f"continuous batching needs at least one slot, got {slots}")
+    if no_repeat_ngram_size < 0:
+        raise ConfigError(f"no_repeat_ngram_size must be >= 0, got {no_repeat_ngram_size}")
+    path = gen.decode_path_for([no_repeat_ngram_size], False)
+    if path == "host" or keep_logits:
+        path = "static"  # the slot step is the only continuous loop; un-graphed it is exact on any device
+    clock = gen.clock
+    gen.base.reset_routing_stats()
+    run = _Run(gen, iter(source), slots, keep_logits)
+    wall0 = time.perf_counter()
+    step: SlotDecodeStep | None = None
+
+    def fill(rows: list[int]) -> None:
+        nonlocal step
+        reqs = run.take(len(rows))
+        if not reqs:
+            return
+        rows = rows[: len(reqs)]
+        for r in reqs:
+            if r.max_new_tokens < 1:
+                raise ConfigError(f"max_new_tokens must be >= 1, got {r.max_new_tokens}")
+        pages = [r.prepared for r in reqs]
+        lens = [int(p.input_ids.shape[-1]) for p in pages]
+        need = max(n + r.max_new_tokens for n, r in zip(lens, reqs, strict=True))
+        if step is None or need > step.max_len:
+            step = _step_for(gen, step, slots, cache_len_for(need), path == "graph", no_repeat_ngram_size)
+        t0 = clock.mark()
+        features = gen.encode_pages(pages)
+        t1 = clock.mark()
+        length = max(lens)
+        tmp = gen.base.new_cache(len(pages), length)
+        logits = gen._prefill(pages, features, lens, tmp)
+        for i, (row, n) in enumerate(zip(rows, lens, strict=True)):  # drop the left pads: column = position
+            step.cache.k[:, row, :, :n].copy_(tmp.k[:, i, :, length - n :])
+            step.cache.v[:, row, :, :n].copy_(tmp.v[:, i, :, length - n :])
+        step.load_slots(rows, [p.input_ids for p in pages], logits, [r.max_new_tokens for r in reqs])
+        t2 = clock.mark()
+        run.fill_marks.append((t0, t1, t2))
+        for row, r, n in zip(rows, reqs, lens, strict=True):
+            run.slot_page[row] = len(run.tokens)
+            run.slot_cap[row] = r.max_new_tokens
+            run.left[row] = r.max_new_tokens - 1
+            run.tokens.append([])
+            run.by_eos.append(False)
+            run.prompt_lens.append(n)
+        if run.logits is not None:
+            host = logits.float().cpu()
+            run.logits.extend([[host[i].clone()] for i in range(len(reqs))])
+
+    eos = eos_token_id
+    with torch.inference_mode():
+        kept = gen._slots
+        if kept is not None:
+            kept.clear()
+        fill(list(range(slots)))
+        while any(p is not None for p in run.slot_page):
+            assert step is not None
+            step.set_eos(eos)
+            occupied = [b for b in range(slots) if run.slot_page[b] is not None]
+            # slots that ended (at their cap, eos, or at once after their prefill) are refilled before any step
+            finished = _finished(run, step, occupied, eos is not None)
+            if finished:
+                for b in finished:
+                    run.slot_page[b] = None
+                fill(finished)
+                continue
+            # rows whose cap allows more tokens (with eos some of them may already be done on the device: they
+            # idle until the next check reads the flags)
+            live = [b for b in occupied if run.left[b] > 0]
+            if live:
+                n_steps = min(run.left[b] for b in live)
+                if eos is not None and not keep_logits:
+                    n_steps = min(n_steps, gen.check_every)
+                if keep_logits:
+                    n_steps = 1
+                if step.use_graph and step.graph is None:
+                    run.capture_s += step.capture()
+                marks = [clock.mark()]
+                for _ in range(n_steps):
+                    before = step.done.logical_not().tolist() if keep_logits else None
+                    step.step()
+                    marks.append(clock.mark())
+                    if before is not None and run.logits is not None and step.last_logits is not None:
+                        host = step.last_logits.float().cpu()
+                        for b in range(slots):
+                            page = run.slot_page[b]
+                            if before[b] and page is not None:
+                                run.logits[page].append(host[b].clone())
+                run.step_runs.append(marks)
+                for b in live:
+                    run.left[b] -= n_steps
+        clock.synchronize()
+    wall_s = time.perf_counter() - wall0 - run.capture_s
+    gen._slots = step
+    tokens = [t if isinstance(t, list) else [int(x) for x in t.tolist()] for t in run.tokens]
+    vision_ms = sum(clock.elapsed_ms(a, b) for a, b, _ in run.fill_marks)
+    prefill_ms = sum(clock.elapsed_ms(b, c) for _, b, c in run.fill_marks)
+    step_ms = [ms for marks in run.step_runs for ms in clock.intervals_ms(marks)]
+    return ContinuousResult(
+        tokens=tokens,
+        stopped_by_eos=run.by_eos,
+        prompt_lens=run.prompt_lens,
+        slots=slots,
+        vision_s=vision_ms / 1e3,
+        prefill_s=prefill_ms / 1e3,
+        decode_s=sum(step_ms) / 1e3,
+        step_ms=step_ms,
+        fills=len(run.fill_marks),
+        page_wait_s=run.page_wait_s,
+        wall_s=wall_s,
+        decode_path="graph" if step is not None and step.graph is not None else "static",
+        graph_capture_s=run.capture_s,
+        logits=run.logits,
+    )
+
+
+def _finished(run: _Run, step: SlotDecodeStep, occupied: list[int], eos_on: bool) -> list[int]:
+    """The occupied slots whose sequence ended; their tokens are collected (a device copy when the host knows
+    the count without eos, so nothing syncs; the host values after the eos check's sync otherwise)."""
+    if not eos_on:
+        ended = [b for b in occupied if run.left[b] <= 0]
+        for b in ended:
+            page = run.slot_page[b]
+            assert page is not None
+            run.tokens[page] = step.out[b, : run.slot_cap[b]].clone()  # read once, at the end
+        return ended
+    done = step.done.tolist()
+    n_gen = step.n_gen.tolist()
+    by_eos = step.by_eos.tolist()
+    ended = [b for b in occupied if done[b]]
+    for b in occupied:
+        run.left[b] = run.slot_cap[b] - n_gen[b] if not done[b] else 0
+    for b in ended:
+        page = run.slot_page[b]
+        assert page is not None
+        run.tokens[page] = [int(x) for x in step.out[b, : n_gen[b]].tolist()]
+        run.by_eos[page] = bool(by_eos[b])
+    return ended
+
+
+def _step_for(
+    gen: BatchedGenerator, current: SlotDecodeStep | None, slots: int, max_len: int, use_graph: bool, ngram: int
+) -> SlotDecodeStep:
+    """The step to run with: the current one grown, the generator's kept one when it fits, or a new one."""
+    if current is not None:
+        return current.grown(max(max_len, current.max_len))
+    kept = gen._slots
+    if kept is not None and kept.key == (slots, max_len, use_graph, ngram):
+        return kept
+    gen._slots = None  # free the old cache and graph pool before allocating the new ones
+    fast = gen.fast
+    return SlotDecodeStep(
+        gen.lm,
+        gen.base,
+        slots,
+        max_len,
+        use_graph=use_graph,
+        matmul_attention=fast is not None and fast.fast_config.decode_attention == "matmul",
+        expert_impl=gen.expert_impl,
+        no_repeat_ngram=ngram,
+    )

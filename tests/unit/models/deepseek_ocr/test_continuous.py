@@ -1,0 +1,175 @@
+"""Continuous batching (slots refilled as sequences end) vs every page run alone on the eager single-page path.
+
+The oracle is ``generation.generate`` over the eager ``encode_images`` / ``embed_prompt`` path, one page at a
+time: for every page of a mixed-length workload (the tiny fixture's three pages, prompt lengths 29, 39, 59,
+cycled with different caps, so slots end at different steps and are refilled while the others decode),
+continuous batching must give the same greedy tokens and every chosen token's logits within 1e-4 relative
+(random weights repeat ids, so equal tokens alone would prove little).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llm_perf_opt.errors import ConfigError
+from llm_perf_opt.models.deepseek_ocr import DeepseekOCRForCausalLM, generate
+from llm_perf_opt.models.deepseek_ocr.batched import BatchedGenerator
+from llm_perf_opt.models.deepseek_ocr.continuous import (
+    LEN_QUANTUM,
+    ContinuousResult,
+    SlotRequest,
+    cache_len_for,
+    slot_occupancy,
+)
+from llm_perf_opt.models.deepseek_ocr.generation import GenerationResult
+from llm_perf_opt.models.deepseek_ocr.preprocess import PreparedPage
+from tests.conftest import rel_err, tiny_case_pages
+
+TOL = 1e-4
+# (fixture page, cap): 8 pages through 3 slots; caps differ so slots end (and are refilled) at different steps,
+# one page ends at its prefill (cap 1)
+WORKLOAD = [(0, 9), (1, 4), (2, 13), (0, 6), (1, 1), (2, 5), (1, 11), (0, 3)]
+SLOTS = 3
+
+
+@pytest.fixture(scope="module")
+def model(tiny_reference_model: DeepseekOCRForCausalLM) -> DeepseekOCRForCausalLM:
+    return tiny_reference_model
+
+
+@pytest.fixture(scope="module")
+def pages(model: DeepseekOCRForCausalLM) -> list[PreparedPage]:
+    return tiny_case_pages(model.config)
+
+
+def alone(
+    model: DeepseekOCRForCausalLM, page: PreparedPage, cap: int, eos: int | None = None, ngram: int = 0
+) -> GenerationResult:
+    feats = model.encode_images(page.images_crop, page.images_ori, page.images_spatial_crop)
+    embeds = model.embed_prompt(page.input_ids, page.images_seq_mask, [feats])
+    return generate(
+        model, embeds, page.input_ids[0].tolist(), cap, eos_token_id=eos, no_repeat_ngram_size=ngram, keep_logits=True
+    )
+
+
+def requests(pages: list[PreparedPage]) -> list[SlotRequest]:
+    return [SlotRequest(pages[i], cap) for i, cap in WORKLOAD]
+
+
+def continuous(
+    model: DeepseekOCRForCausalLM,
+    pages: list[PreparedPage],
+    eos: int | None = None,
+    ngram: int = 0,
+    keep_logits: bool = True,
+    slots: int = SLOTS,
+) -> ContinuousResult:
+    gen = BatchedGenerator(model)
+    return gen.run_continuous(
+        requests(pages), slots, eos_token_id=eos, no_repeat_ngram_size=ngram, keep_logits=keep_logits
+    )
+
+
+def assert_matches_alone(
+    model: DeepseekOCRForCausalLM, pages: list[PreparedPage], res: ContinuousResult, eos: int | None, ngram: int
+) -> None:
+    assert res.pages == len(WORKLOAD)
+    for i, (p, cap) in enumerate(WORKLOAD):
+        ref = alone(model, pages[p], cap, eos, ngram)
+        assert res.tokens[i] == ref.tokens, f"page {i}"
+        assert res.prompt_lens[i] == pages[p].prompt_len
+        if res.logits is not None:
+            assert ref.logits is not None and len(res.logits[i]) == len(ref.logits)
+            for got, want in zip(res.logits[i], ref.logits, strict=True):
+                assert rel_err(got, want.reshape(-1)) < TOL, f"page {i}"
+
+
+@pytest.fixture(scope="module")
+def plain(model: DeepseekOCRForCausalLM, pages: list[PreparedPage]) -> ContinuousResult:
+    return continuous(model, pages)
+
+
+def test_every_page_as_alone(model: DeepseekOCRForCausalLM, pages: list[PreparedPage], plain: ContinuousResult) -> None:
+    assert_matches_alone(model, pages, plain, None, 0)
+    assert [len(t) for t in plain.tokens] == [cap for _, cap in WORKLOAD]  # every cap honoured exactly
+
+
+def test_slots_were_refilled(plain: ContinuousResult) -> None:
+    # 8 pages, 3 slots: the first fill takes 3 pages; every later page came in a refill
+    assert plain.fills >= 2 and plain.slots == SLOTS
+    decode_tokens = sum(cap - 1 for _, cap in WORKLOAD)
+    # never fewer steps than the busiest slot needs, never more than a one-slot run would
+    assert decode_tokens / SLOTS <= len(plain.step_ms) <= decode_tokens
+    assert plain.slot_occupancy == pytest.approx(decode_tokens / (len(plain.step_ms) * SLOTS))
+
+
+def test_without_kept_logits_same_tokens(
+    model: DeepseekOCRForCausalLM, pages: list[PreparedPage], plain: ContinuousResult
+) -> None:
+    res = continuous(model, pages, keep_logits=False)
+    assert res.tokens == plain.tokens and res.logits is None
+    # without eos the host knows every end: only steps that fed a live slot run, refills exactly on time
+    assert res.decode_path == "static"
+    # decode steps per page (cap - 1): 8 3 12 5 0 4 10 2 through 3 slots in arrival order, by hand: slot 1's
+    # page ends at step 3 (refill: 5 more, ends at 8); at 8 slot 0 and 1 end (refills: the 0-step page, ended
+    # at once and replaced by the 10-step one -> 18, and the 4-step one -> 12); at 12 slot 1 and 2 end (refill:
+    # 2 steps -> 14, one slot left empty); the last slot ends at step 18
+    assert len(res.step_ms) == 18
+
+
+def test_eos_ends_slots_early(model: DeepseekOCRForCausalLM, pages: list[PreparedPage]) -> None:
+    # 384: the 3rd greedy token of page 0 and the 9th of page 1 (see test_batched_static.EOS)
+    res = continuous(model, pages, eos=384)
+    assert_matches_alone(model, pages, res, 384, 0)
+    assert any(res.stopped_by_eos)
+    res_fast = continuous(model, pages, eos=384, keep_logits=False)  # eos checked every 16 steps
+    assert res_fast.tokens == res.tokens and res_fast.stopped_by_eos == res.stopped_by_eos
+
+
+def test_no_repeat_ngram_on_the_device(model: DeepseekOCRForCausalLM, pages: list[PreparedPage]) -> None:
+    res = continuous(model, pages, ngram=3)
+    assert_matches_alone(model, pages, res, None, 3)
+    assert continuous(model, pages, ngram=3, keep_logits=False).tokens == res.tokens
+
+
+def test_one_slot_and_more_slots_than_pages(model: DeepseekOCRForCausalLM, pages: list[PreparedPage]) -> None:
+    one = continuous(model, pages, keep_logits=False, slots=1)
+    many = continuous(model, pages, keep_logits=False, slots=12)
+    ref = continuous(model, pages, keep_logits=False)
+    assert one.tokens == ref.tokens == many.tokens
+    assert one.slot_occupancy == pytest.approx(1.0)  # one slot is never idle
+    assert many.fills == 1
+
+
+def test_cache_grows_for_a_longer_page(model: DeepseekOCRForCausalLM, pages: list[PreparedPage]) -> None:
+    # first fill: short prompt and cap; then a page whose prompt + cap needs more than the first cache length
+    long_cap = LEN_QUANTUM + 5
+    reqs = [SlotRequest(pages[0], 2), SlotRequest(pages[2], long_cap)]
+    res = BatchedGenerator(model).run_continuous(reqs, 1, eos_token_id=None)
+    assert res.tokens[1] == alone(model, pages[2], long_cap).tokens
+    assert cache_len_for(pages[2].prompt_len + long_cap) == 2 * LEN_QUANTUM
+
+
+def test_kept_step_reused_across_runs(model: DeepseekOCRForCausalLM, pages: list[PreparedPage]) -> None:
+    gen = BatchedGenerator(model)
+    first = gen.run_continuous(requests(pages), SLOTS, eos_token_id=None)
+    kept = gen._slots
+    second = gen.run_continuous(requests(pages), SLOTS, eos_token_id=None)
+    assert gen._slots is kept and first.tokens == second.tokens
+
+
+def test_slot_occupancy_by_hand() -> None:
+    # 2 slots, 4 steps: sequences of 5 and 3 tokens produced 4 + 2 tokens in decode steps -> 6 / 8
+    assert slot_occupancy([[1] * 5, [2] * 3], 4, 2) == pytest.approx(0.75)
+    assert slot_occupancy([[1]], 0, 2) is None
+
+
+def test_bad_arguments(model: DeepseekOCRForCausalLM, pages: list[PreparedPage]) -> None:
+    gen = BatchedGenerator(model)
+    with pytest.raises(ConfigError):
+        gen.run_continuous(requests(pages), 0, eos_token_id=None)
+    with pytest.raises(ConfigError):
+        gen.run_continuous([SlotRequest(pages[0], 0)], 1, eos_token_id=None)
+    with torch.inference_mode(), pytest.raises(ConfigError):
+        gen.run_continuous(requests(pages), 2, eos_token_id=None, no_repeat_ngram_size=-1)
