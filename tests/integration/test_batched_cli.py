@@ -10,7 +10,8 @@ from tests.integration.conftest import SMALL, read_jsonl, run_cli
 
 def test_batched_throughput_phase(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    args = [*SMALL, "dataset.sizes=[[300,200],[200,300],[260,400]]", "infer.batch_size=2", "repeats=2"]
+    args = [*SMALL, "dataset.sizes=[[300,200],[200,300],[260,400]]", "infer.batch_size=2", "repeats=2",
+            "infer.batching=static"]  # fmt: skip
     result = run_cli(args, run_dir=run_dir)
     assert result.returncode == 0, result.describe()
     s = read_summary(run_dir / "metrics.json")
@@ -39,7 +40,7 @@ def test_batched_throughput_phase(tmp_path: Path) -> None:
 def test_batched_phase_uses_the_static_step_without_ngram_rule(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     args = [*SMALL, "dataset.sizes=[[300,200],[200,300]]", "infer.batch_size=2", "infer.no_repeat_ngram_size=0",
-            "infer.preprocess_workers=0"]  # fmt: skip
+            "infer.preprocess_workers=0", "infer.batching=static"]  # fmt: skip
     result = run_cli(args, run_dir=run_dir)
     assert result.returncode == 0, result.describe()
     s = read_summary(run_dir / "metrics.json")
@@ -52,7 +53,8 @@ def test_batched_phase_uses_the_static_step_without_ngram_rule(tmp_path: Path) -
 
 def test_batch_larger_than_dataset_warns_and_num_pages_fills_it(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    args = [*SMALL, "dataset.sizes=[[300,200],[200,300]]", "infer.batch_size=3", "infer.no_repeat_ngram_size=0"]
+    args = [*SMALL, "dataset.sizes=[[300,200],[200,300]]", "infer.batch_size=3", "infer.no_repeat_ngram_size=0",
+            "infer.batching=static"]  # fmt: skip
     result = run_cli(args, run_dir=run_dir)
     assert result.returncode == 0, result.describe()
     s = read_summary(run_dir / "metrics.json")
@@ -85,7 +87,8 @@ def test_dummy_weights_end_at_the_page_target_length(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     small = [a for a in SMALL if not a.startswith(("dataset.", "infer.max_new_tokens"))]
     args = [*small, "dataset=folder", f"dataset.root={root}", "dataset.lengths_file=lengths.txt",
-            "infer.max_new_tokens=6", "infer.batch_size=2", "infer.no_repeat_ngram_size=0"]  # fmt: skip
+            "infer.max_new_tokens=6", "infer.batch_size=2", "infer.no_repeat_ngram_size=0",
+            "infer.batching=static"]  # fmt: skip
     result = run_cli(args, run_dir=run_dir)
     assert result.returncode == 0, result.describe()
     s = read_summary(run_dir / "metrics.json")
@@ -101,3 +104,45 @@ def test_dummy_weights_end_at_the_page_target_length(tmp_path: Path) -> None:
     assert any(n.startswith("simulated eos: 1 of 2 page run(s)") for n in s.notes)
     report = (run_dir / "report.md").read_text()
     assert "Simulated eos: 1 of 2 sequences ended at their page's target output length" in report
+
+
+def test_continuous_batching_phase(tmp_path: Path) -> None:
+    """The default batching: 4 pages with targets 2, 7, 3, 5 (cap 8) through 2 slots, one record per repeat;
+    pages prepared by the prefetcher, the phase summed up end to end."""
+    from PIL import Image
+
+    root = tmp_path / "pages"
+    root.mkdir()
+    targets = {"a.png": 2, "b.png": 7, "c.png": 3, "d.png": 5}
+    for i, name in enumerate(targets):
+        Image.new("RGB", (300 - 20 * i, 200 + 30 * i), (255, 255, 255)).save(root / name)
+    Image.new("RGB", (10, 10)).save(root / "e.png")
+    (root / "e.png").write_bytes(b"not a png")  # left out of the batched phase with a note, not a failed run
+    (root / "lengths.txt").write_text("".join(f"{k} {v}\n" for k, v in targets.items()) + "e.png 4\n")
+    run_dir = tmp_path / "run"
+    small = [a for a in SMALL if not a.startswith(("dataset.", "infer.max_new_tokens"))]
+    args = [*small, "dataset=folder", f"dataset.root={root}", "dataset.lengths_file=lengths.txt",
+            "infer.max_new_tokens=8", "infer.batch_size=2", "repeats=2"]  # fmt: skip
+    result = run_cli(args, run_dir=run_dir)
+    assert result.returncode == 0, result.describe()
+    s = read_summary(run_dir / "metrics.json")
+    assert [b.batching for b in s.batches] == ["continuous", "continuous"]
+    for b in s.batches:
+        assert b.batch == 2 and b.page_ids == list(targets)  # the bad page is left out, the rest in order
+        assert b.output_tokens == sum(targets.values()) and all(b.simulated_eos)
+        assert b.fills >= 2  # refilled as slots ended
+        # decode steps by hand: slot 0 runs a (1 step), then c (2), then d (4) = 7; slot 1 runs b (6 steps)
+        assert b.decode_steps == 7
+        assert b.slot_occupancy == (1 + 6 + 2 + 4) / (7 * 2)
+        assert b.page_wait_ms is not None and b.page_wait_ms >= 0
+    assert any("page e.png left out" in n for n in s.notes)
+    p = s.batched_phase
+    assert p is not None and p.batching == "continuous" and p.slots == 2 and p.pages == 8
+    assert p.output_tokens == 2 * sum(targets.values())
+    assert p.slot_occupancy == (1 + 6 + 2 + 4) / (7 * 2)
+    assert p.gpu_busy_share is None and p.gpu_busy_unavailable is not None  # CPU: said why, never a number
+    assert p.wall_ms >= p.stage_ms > 0
+    report = (run_dir / "report.md").read_text()
+    assert "Continuous batching: 2 run(s) (one per repeat) through 2 sequence slots" in report
+    assert "### The batched phase end to end" in report
+    assert "GPU busy share" in report and "no GPU (cpu)" in report

@@ -147,6 +147,45 @@ class BatchRecord:
     simulated_eos: list[bool] = attrs.field(factory=list)
     # host ms this batch waited for its pages to be prepared (pool behind, or serial preprocessing); None: not measured
     page_wait_ms: float | None = None
+    # "static" (one batch of pages until its longest sequence ends) or "continuous" (one record per repeat:
+    # ``batch`` sequence slots refilled with the next page as sequences end; ``padded_prompt_tokens`` is then the
+    # longest prompt, nothing is padded)
+    batching: str = "static"
+    # decode tokens (each sequence's first token comes from its prefill) over decode steps × slots: the mean share
+    # of the slots doing useful work per step; None without a decode step
+    slot_occupancy: float | None = None
+    # prefill rounds: 1 for a static batch; the first fill plus every refill for a continuous run
+    fills: int = 1
+    # decode steps run (idle ones included); None in records written before it was counted
+    decode_steps: int | None = None
+
+
+@attrs.frozen
+class BatchedPhase:
+    """The batched phase end to end: host wall time with page preparation included, and where it went.
+
+    ``wall_ms`` is host time from the first page requested to the last batch synchronised, one-time CUDA-graph
+    captures left out; ``stage_ms`` the device-clocked vision + prefill + decode of every batch; ``page_wait_ms``
+    the host time blocked waiting for prepared pages; ``other_ms`` the rest (host work between stages: token
+    read-back, refill bookkeeping; negative when device stages ran while the host waited for pages).
+    ``gpu_busy_share`` is ``stage_ms / wall_ms`` on CUDA (an upper bound: a gap inside a stage counts as busy);
+    absent on other devices, with the reason in ``gpu_busy_unavailable``.
+    """
+
+    batching: str
+    slots: int
+    batches: int
+    pages: int
+    output_tokens: int
+    wall_ms: float
+    stage_ms: float
+    page_wait_ms: float
+    other_ms: float
+    pages_per_s: float | None
+    output_tok_s: float | None
+    slot_occupancy: float | None
+    gpu_busy_share: float | None
+    gpu_busy_unavailable: str | None = None
 
 
 @attrs.frozen
@@ -381,6 +420,8 @@ class RunSummary:
     # Statistics over ``batches`` (pages_per_s, output_tok_s, prefill_ms, vision_ms over batches; tpot_ms over
     # sequences), computed by the runner so the report only formats them.
     batch_aggregates: dict[str, Stats] = attrs.field(factory=dict)
+    # the batched phase end to end (wall time with preparation, GPU busy share, slot occupancy); None: no phase
+    batched_phase: BatchedPhase | None = None
     unavailable: list[Unavailable] = attrs.field(factory=list)
     notes: list[str] = attrs.field(factory=list)
     quality: MeasurementQuality | None = None

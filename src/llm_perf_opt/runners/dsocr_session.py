@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -213,15 +213,9 @@ class DeepSeekOCRSession:
     ) -> BatchRecord:
         """One batch of pages through the batched generator (throughput phase); greedy, per-sequence eos.
         ``prepared``: the pages already prepared (by the prefetcher), after ``page_wait_ms`` of waiting."""
-        from llm_perf_opt.models.deepseek_ocr.batched import BatchedGenerator
+        from llm_perf_opt.models.deepseek_ocr.continuous import slot_occupancy
 
-        if not self.backend.supports_batching:
-            raise ConfigError(
-                f"infer.batch_size > 1 needs model.backend=native (got {self.backend.name})",
-                hint="set infer.batch_size=1",
-            )
-        if self._batched is None:
-            self._batched = BatchedGenerator(self.model, clock=self.clock)
+        generator = self._generator()
         if prepared is None:
             t_pre = time.perf_counter()
             prepared = [self.prepare_for_batch(p) for p in pages]
@@ -232,7 +226,7 @@ class DeepSeekOCRSession:
         targets = [self.simulated_target(p) for p in pages]
         caps = [max_new_tokens if t is None else min(max_new_tokens, t) for t in targets]
         with torch.inference_mode():
-            res = self._batched.run(
+            res = generator.run(
                 prepared,
                 caps,
                 eos_token_id=None if ignore_eos else self.backend.config.language.eos_token_id,
@@ -266,6 +260,81 @@ class DeepSeekOCRSession:
                 for t, eos, target in zip(res.tokens, res.stopped_by_eos, targets, strict=True)
             ],
             page_wait_ms=page_wait_ms,
+            batching="static",
+            slot_occupancy=slot_occupancy(res.tokens, len(res.step_ms), res.batch),
+            decode_steps=len(res.step_ms),
+        )
+
+    def _generator(self) -> Any:
+        """The BatchedGenerator of the throughput phase (built on first use, then kept with its graphs)."""
+        from llm_perf_opt.models.deepseek_ocr.batched import BatchedGenerator
+
+        if not self.backend.supports_batching:
+            raise ConfigError(
+                f"infer.batch_size > 1 needs model.backend=native (got {self.backend.name})",
+                hint="set infer.batch_size=1",
+            )
+        if self._batched is None:
+            self._batched = BatchedGenerator(self.model, clock=self.clock)
+        return self._batched
+
+    def run_continuous(
+        self, items: Iterable[tuple[Page, Any]], max_new_tokens: int, repeat: int, slots: int
+    ) -> BatchRecord:
+        """Every (page, prepared page) of ``items`` through ``slots`` continuously refilled sequence slots (the
+        batched phase with ``infer.batching=continuous``); one record for the whole run.  ``items`` is consumed
+        lazily (the prefetcher prepares pages while the slots decode); the time spent waiting on it is the run's
+        page wait."""
+        from llm_perf_opt.models.deepseek_ocr.continuous import SlotRequest
+
+        generator = self._generator()
+        taken: list[Page] = []
+        targets: list[int | None] = []
+
+        def requests() -> Iterator[SlotRequest]:
+            for page, prepared in items:
+                target = self.simulated_target(page)
+                taken.append(page)
+                targets.append(target)
+                yield SlotRequest(prepared, max_new_tokens if target is None else min(max_new_tokens, target))
+
+        ignore_eos = self.infer.ignore_eos
+        with torch.inference_mode():
+            res = generator.run_continuous(
+                requests(),
+                slots,
+                eos_token_id=None if ignore_eos else self.backend.config.language.eos_token_id,
+                no_repeat_ngram_size=self.infer.no_repeat_ngram_size,
+            )
+        wait_ms = res.page_wait_s * 1e3
+        total_s = res.total_s
+        return BatchRecord(
+            repeat=repeat,
+            page_ids=[p.page_id for p in taken],
+            batch=slots,
+            padded_prompt_tokens=max(res.prompt_lens, default=0),
+            output_tokens=res.output_tokens,
+            vision_ms=res.vision_s * 1e3,
+            prefill_ms=(res.vision_s + res.prefill_s) * 1e3,
+            decode_ms=res.decode_s * 1e3,
+            pages_per_s=res.pages / total_s if total_s > 0 else None,
+            output_tok_s=res.output_tokens / total_s if total_s > 0 else None,
+            tpot_ms=list(res.tpot_ms),
+            decode_path=res.decode_path,
+            graph_capture_ms=res.graph_capture_s * 1e3,
+            idle_steps=res.idle_steps,
+            preprocess_ms=wait_ms,
+            pages_per_s_with_preprocess=res.pages / (total_s + res.page_wait_s) if total_s > 0 else None,
+            output_tok_s_with_preprocess=res.output_tokens / (total_s + res.page_wait_s) if total_s > 0 else None,
+            simulated_eos=[
+                _ended_at_target(len(t), eos, target)
+                for t, eos, target in zip(res.tokens, res.stopped_by_eos, targets, strict=True)
+            ],
+            page_wait_ms=wait_ms,
+            batching="continuous",
+            slot_occupancy=res.slot_occupancy,
+            fills=res.fills,
+            decode_steps=len(res.step_ms),
         )
 
     def simulated_target(self, page: Page) -> int | None:

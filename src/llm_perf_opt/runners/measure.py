@@ -150,6 +150,8 @@ def batch_aggregates(batches: Sequence[BatchRecord]) -> dict[str, Stats]:
         "prefill_ms": [b.prefill_ms for b in batches],
         "vision_ms": [b.vision_ms for b in batches],
         "tpot_ms": [t for b in batches for t in b.tpot_ms],
+        "slot_occupancy": [b.slot_occupancy for b in batches if b.slot_occupancy is not None],
+        "refills": [float(b.fills - 1) for b in batches if b.batching == "continuous"],
     }
     out = {}
     for name, values in series.items():

@@ -9,10 +9,7 @@ batched phase is noted).  The ``resume=`` hint is only given when there is somet
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from llm_perf_opt.data.datasets import Page
-from llm_perf_opt.errors import LlmPerfOptError
 from llm_perf_opt.results.serialize import read_journal
 from llm_perf_opt.results.types import PageRecord, RunStatus
 
@@ -49,16 +46,3 @@ def next_step_hint(out: Path) -> str:
             f"add hydra.run.dir={out} to continue in that directory)"
         )
     return f"no page finished, so there is nothing to resume: start the run again (hydra.run.dir={out} may be reused)"
-
-
-def batchable_pages(session: Any, pages: list[Page], notes: list[str]) -> list[Page]:
-    """The pages that can be prepared (decoded and tiled); each one left out is named in the notes."""
-    kept = []
-    for page in pages:
-        try:
-            session.prepare(page)
-        except (LlmPerfOptError, OSError, ValueError) as exc:
-            notes.append(f"batched throughput: page {page.page_id} left out ({exc})")
-            continue
-        kept.append(page)
-    return kept

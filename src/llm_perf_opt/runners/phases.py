@@ -6,7 +6,11 @@ and returns; the order and the timed repeats between them are ``stage1.run_stage
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +20,8 @@ import torch
 from llm_perf_opt.data.datasets import Page
 from llm_perf_opt.errors import LlmPerfOptError, RunInterrupted
 from llm_perf_opt.results.serialize import append_jsonl
-from llm_perf_opt.results.types import ProfileSummary, Unavailable
+from llm_perf_opt.results.types import BatchedPhase, BatchRecord, ProfileSummary, Unavailable
 from llm_perf_opt.runners.dsocr_session import DeepSeekOCRSession, PageRun
-from llm_perf_opt.runners.outcome import batchable_pages
 from llm_perf_opt.runners.prefetch import Prefetcher
 from llm_perf_opt.runners.run_state import Stage1Run
 from llm_perf_opt.runners.rundir import remove_partial_trace, trace_fits
@@ -31,47 +34,164 @@ WARMUP_TOKENS = 8
 
 
 def throughput_phase(run: Stage1Run, pages: list[Page], progress: Any, stop: StopFlag) -> None:
-    """``infer.batch_size`` pages per forward, ``repeats`` rounds; one untimed warm batch first."""
+    """The batched phase: ``repeats`` rounds over the pages, ``infer.batch_size`` sequences per forward, pages
+    prepared by the prefetcher's workers while the GPU runs (a page that fails to prepare is left out with a
+    note, it does not fail a batch); one untimed warm batch first.  ``infer.batching`` picks static batches or
+    continuously refilled slots; either way one :class:`BatchedPhase` sums the phase up end to end."""
     assert run.session is not None
+    session = run.session
     cap, repeats = run.settings.token_cap, run.settings.repeats
     size = run.settings.infer.batch_size
-    pages = batchable_pages(run.session, pages, run.notes)  # one bad page must not cost the whole phase
-    if not pages:
-        run.unavailable.append(Unavailable("batched_throughput", "no page could be prepared for batching"))
-        return
+    mode = run.settings.infer.batching
     if size > len(pages):
         warning = batch_size_warning(size, len(pages))
         log.warning("%s", warning)
         run.notes.append(warning)
-    chunks = [pages[i : i + size] for i in range(0, len(pages), size)]
+    warm = warm_pages(session, pages, size, run.notes)
+    if not warm:
+        run.unavailable.append(Unavailable("batched_throughput", "no page could be prepared for batching"))
+        return
     try:
-        run.session.run_batch(chunks[0], min(cap, WARMUP_TOKENS), repeat=-1)
+        if mode == "continuous":
+            session.run_continuous(warm, min(cap, WARMUP_TOKENS), repeat=-1, slots=size)
+        else:
+            session.run_batch([p for p, _ in warm], min(cap, WARMUP_TOKENS), -1, [x for _, x in warm], 0.0)
     except (LlmPerfOptError, RuntimeError, ValueError, OSError) as exc:
         run.unavailable.append(Unavailable("batched_throughput", f"warm-up batch failed: {exc}"))
         return
-    task = progress.add("batched throughput", total=len(chunks) * repeats)
-    workers = run.settings.infer.preprocess_workers
-    batches = [chunk for _ in range(repeats) for chunk in chunks]
-    # the next batches' pages are prepared by worker threads while this one runs (bounded: 2 batches ahead)
-    with Prefetcher(run.session.prepare_for_batch, batches, workers=workers, depth=2) as prefetcher:
-        for i, ready in enumerate(prefetcher):
-            repeat, chunk = i // len(chunks), ready.pages
+    per_repeat = 1 if mode == "continuous" else -(-len(pages) // size)
+    task = progress.add("batched throughput", total=per_repeat * repeats)
+    stream = [[p] for _ in range(repeats) for p in pages]
+    phase_t0 = time.perf_counter()
+    # pages are prepared by worker threads in page order, 2 batches ahead (bounded memory), while batches run
+    with Prefetcher(session.prepare_for_batch, stream, workers=run.settings.infer.preprocess_workers,
+                    depth=2 * size) as prefetcher:  # fmt: skip
+        prepared = PreparedPages(iter(prefetcher), run.notes, stop)
+        for repeat in range(repeats):
             if stop():
-                return
+                break
+            prepared.limit(len(pages))  # this repeat's pages only
+            if mode == "continuous":
+                _record(run, repeat, size, functools.partial(session.run_continuous, prepared, cap, repeat, size))
+                progress.advance(task)
+                continue
+            while not prepared.ended and not stop():
+                t0 = prepared.wait_s
+                chunk = list(itertools.islice(prepared, size))
+                if not chunk:
+                    break
+                wait_ms = (prepared.wait_s - t0) * 1e3
+                batch = functools.partial(
+                    session.run_batch, [p for p, _ in chunk], cap, repeat, [x for _, x in chunk], page_wait_ms=wait_ms
+                )
+                _record(run, repeat, size, batch)
+                progress.advance(task)
+    wall_s = time.perf_counter() - phase_t0
+    if run.batches:
+        run.batched_phase = batched_phase_summary(run.batches, wall_s, session.device.type)
+
+
+def _record(run: Stage1Run, repeat: int, size: int, batch: Callable[[], BatchRecord]) -> None:
+    """Run one batch (or one continuous run); keep its record, or note why it failed and go on."""
+    try:
+        record = batch()
+    except torch.OutOfMemoryError as exc:
+        run._release_memory()
+        run.notes.append(f"batched phase (repeat {repeat}) ran out of memory: {exc}")
+        return
+    except (LlmPerfOptError, RuntimeError, ValueError, OSError) as exc:
+        run.notes.append(f"batched phase (repeat {repeat}) failed: {exc}")
+        return
+    record = attrs.evolve(record, requested_batch=size)
+    run.batches.append(record)
+    append_jsonl(run.out / "batches.jsonl", record)
+
+
+class PreparedPages:
+    """(page, prepared page) pairs from the prefetcher, ``limit`` at a time; a page whose preparation failed is
+    left out with one note per page; ``wait_s`` adds up the host time blocked on the prefetcher."""
+
+    def __init__(self, ready: Iterator[Any], notes: list[str], stop: StopFlag) -> None:
+        self.ready = ready
+        self.notes = notes
+        self.stop = stop
+        self.wait_s = 0.0
+        self.left = 0
+        self.ended = True
+        self.noted: set[str] = set()
+
+    def limit(self, n: int) -> None:
+        self.left = n
+        self.ended = n <= 0
+
+    def __iter__(self) -> PreparedPages:
+        return self
+
+    def __next__(self) -> tuple[Page, Any]:
+        while self.left > 0 and not self.stop():
+            self.left -= 1
+            t0 = time.perf_counter()
+            item = next(self.ready)
             try:
-                prepared = ready.prepared()
-                record = run.session.run_batch(chunk, cap, repeat, prepared, page_wait_ms=ready.wait_s * 1e3)
-            except torch.OutOfMemoryError as exc:
-                run._release_memory()
-                run.notes.append(f"batch of {len(chunk)} (repeat {repeat}) ran out of memory: {exc}")
+                (prepared,) = item.prepared()
+            except (LlmPerfOptError, OSError, ValueError) as exc:
+                page = item.pages[0]
+                if page.page_id not in self.noted:
+                    self.noted.add(page.page_id)
+                    self.notes.append(f"batched throughput: page {page.page_id} left out ({exc})")
                 continue
-            except (LlmPerfOptError, RuntimeError, ValueError, OSError) as exc:
-                run.notes.append(f"batch {[p.page_id for p in chunk]} (repeat {repeat}) failed: {exc}")
-                continue
-            record = attrs.evolve(record, requested_batch=size)
-            run.batches.append(record)
-            append_jsonl(run.out / "batches.jsonl", record)
-            progress.advance(task)
+            finally:
+                self.wait_s += time.perf_counter() - t0
+            return item.pages[0], prepared
+        self.ended = True
+        raise StopIteration
+
+
+def warm_pages(session: DeepSeekOCRSession, pages: list[Page], size: int, notes: list[str]) -> list[tuple[Page, Any]]:
+    """Up to ``size`` pages prepared in this thread for the untimed warm batch (pages that fail are skipped here
+    and noted when the timed phase meets them)."""
+    out: list[tuple[Page, Any]] = []
+    for page in pages:
+        if len(out) >= size:
+            break
+        try:
+            out.append((page, session.prepare_for_batch(page)))
+        except (LlmPerfOptError, OSError, ValueError):
+            continue
+    return out
+
+
+def batched_phase_summary(batches: list[BatchRecord], wall_s: float, device_type: str) -> BatchedPhase:
+    """The phase end to end from its records and its host wall time (one-time graph captures taken out)."""
+    wall_ms = max(wall_s * 1e3 - sum(b.graph_capture_ms for b in batches), 0.0)
+    stage_ms = sum(b.prefill_ms + b.decode_ms for b in batches)  # prefill_ms includes vision
+    wait_ms = sum(b.page_wait_ms or 0.0 for b in batches)
+    pages = sum(len(b.page_ids) for b in batches)
+    tokens = sum(b.output_tokens for b in batches)
+    timed = [b for b in batches if b.decode_steps is not None]  # records written before steps were counted: out
+    slot_steps = sum(b.decode_steps * b.batch for b in timed if b.decode_steps is not None)
+    decode_tokens = sum(b.output_tokens - len(b.page_ids) for b in timed)  # each sequence's first token: prefill
+    occupancy = decode_tokens / slot_steps if slot_steps > 0 else None
+    gpu = device_type == "cuda"
+    return BatchedPhase(
+        batching=batches[0].batching,
+        slots=max(b.batch for b in batches),
+        batches=len(batches),
+        pages=pages,
+        output_tokens=tokens,
+        wall_ms=wall_ms,
+        stage_ms=stage_ms,
+        page_wait_ms=wait_ms,
+        other_ms=wall_ms - stage_ms - wait_ms,
+        pages_per_s=1e3 * pages / wall_ms if wall_ms > 0 else None,
+        output_tok_s=1e3 * tokens / wall_ms if wall_ms > 0 else None,
+        slot_occupancy=occupancy,
+        gpu_busy_share=stage_ms / wall_ms if gpu and wall_ms > 0 else None,
+        gpu_busy_unavailable=None
+        if gpu
+        else f"no GPU ({device_type}): the stages run on the host, so their time is wall time and a busy share "
+        "would say nothing",
+    )
 
 
 def batch_size_warning(batch_size: int, n_pages: int) -> str:

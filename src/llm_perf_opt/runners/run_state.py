@@ -26,6 +26,7 @@ from llm_perf_opt.profiling.stats import summarize
 from llm_perf_opt.results.serialize import append_journal, append_jsonl, atomic_write_text, to_jsonable, write_summary
 from llm_perf_opt.results.types import (
     SCHEMA_VERSION,
+    BatchedPhase,
     BatchRecord,
     HardwareInfo,
     ModelInfo,
@@ -87,6 +88,7 @@ class Stage1Run:
         self.records: list[PageRecord] = []
         self.runs_for_flops: list[PageRun] = []
         self.batches: list[BatchRecord] = []
+        self.batched_phase: BatchedPhase | None = None  # the batched phase end to end, once it ran
         self.static_flops: list[StageFlops] | None = None
         self.profile: ProfileSummary | None = None
         self.unavailable: list[Unavailable] = []
@@ -176,6 +178,7 @@ class Stage1Run:
             moe_routing=routing,
             batches=list(self.batches),
             batch_aggregates=self._batch_aggregates(),
+            batched_phase=self.batched_phase,
             unavailable=unavailable,
             notes=self.notes + more_notes + simulated_eos_notes(ok) + setup_runs_note(setup),
             quality=quality,

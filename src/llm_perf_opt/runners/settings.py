@@ -96,7 +96,9 @@ def _choice(options: tuple[str, ...], optional: bool = False) -> Validator:
         if (value is None and optional) or value in options:
             return
         key = _key(instance, attribute)
-        raise ConfigError(f"{key} must be one of {', '.join(options)}, got {value!r}", hint=f"e.g. {key}={options[0]}")
+        close = difflib.get_close_matches(value, options, n=1) if isinstance(value, str) else []
+        hint = f"did you mean {key}={close[0]}?" if close else f"e.g. {key}={options[0]}"
+        raise ConfigError(f"{key} must be one of {', '.join(options)}, got {value!r}", hint=hint)
 
     return check
 
@@ -344,6 +346,9 @@ class InferSettings:
     preprocess_workers: int = attrs.field(default=4, validator=_integer(0, example="4"))
     nvtx_decode_step: bool = attrs.field(default=False, validator=_boolean)
     batch_size: int = attrs.field(default=1, validator=_integer(1, example="8"))
+    # Batched phase: continuous = batch_size sequence slots, each refilled with the next page as its sequence ends
+    # (the batch stays full with mixed lengths); static = batches of batch_size pages run until the longest ends
+    batching: str = attrs.field(default="continuous", validator=_choice(("continuous", "static")))
     fast: FastSettings = attrs.field(factory=FastSettings)
     # name of the vendor resolution mode this preset stands for (a label; its geometry is preprocess_override)
     mode: str | None = attrs.field(default=None, validator=_text(optional=True))

@@ -93,6 +93,8 @@ class ContinuousResult:
     decode_path: str
     graph_capture_s: float = 0.0
     logits: list[list[Tensor]] | None = None  # only with keep_logits: float32 host rows, row 0 from the prefill
+    # per page: the index in ``step_ms`` of the step that produced its second token (its slot's first step)
+    first_step: list[int] = attrs.field(factory=list)
 
     @property
     def pages(self) -> int:
@@ -106,6 +108,24 @@ class ContinuousResult:
     def total_s(self) -> float:
         """Stage time: every fill's vision + prefill, and every decode step."""
         return self.vision_s + self.prefill_s + self.decode_s
+
+    @property
+    def tpot_ms(self) -> list[float]:
+        """Per page: mean time of the decode steps that produced its tokens after the first (NaN with one token)."""
+        out: list[float] = []
+        for toks, first in zip(self.tokens, self.first_step, strict=True):
+            steps = self.step_ms[first : first + len(toks) - 1]
+            out.append(sum(steps) / len(steps) if steps else math.nan)
+        return out
+
+    @property
+    def idle_steps(self) -> int:
+        """Decode steps in which no slot produced a token (rows ended by eos wait for the next check)."""
+        busy = [False] * len(self.step_ms)
+        for toks, first in zip(self.tokens, self.first_step, strict=True):
+            for s in range(first, min(first + len(toks) - 1, len(busy))):
+                busy[s] = True
+        return busy.count(False)
 
     @property
     def slot_occupancy(self) -> float | None:
@@ -333,6 +353,8 @@ class _Run:
         self.fill_marks: list[tuple[object, object, object]] = []
         self.step_runs: list[list[object]] = []
         self.capture_s = 0.0
+        self.steps_done = 0
+        self.first_step: list[int] = []
 
     def take(self, n: int) -> list[SlotRequest]:
         got: list[SlotRequest] = []
@@ -407,6 +429,7 @@ def run_continuous(
             run.tokens.append([])
             run.by_eos.append(False)
             run.prompt_lens.append(n)
+            run.first_step.append(run.steps_done)
         if run.logits is not None:
             host = logits.float().cpu()
             run.logits.extend([[host[i].clone()] for i in range(len(reqs))])
@@ -453,6 +476,7 @@ def run_continuous(
                 run.step_runs.append(marks)
                 for b in live:
                     run.left[b] -= n_steps
+                run.steps_done += n_steps
         clock.synchronize()
     wall_s = time.perf_counter() - wall0 - run.capture_s
     gen._slots = step
@@ -475,6 +499,7 @@ def run_continuous(
         decode_path="graph" if step is not None and step.graph is not None else "static",
         graph_capture_s=run.capture_s,
         logits=run.logits,
+        first_step=run.first_step,
     )
 
 

@@ -102,6 +102,11 @@ def test_slots_were_refilled(plain: ContinuousResult) -> None:
     # never fewer steps than the busiest slot needs, never more than a one-slot run would
     assert decode_tokens / SLOTS <= len(plain.step_ms) <= decode_tokens
     assert plain.slot_occupancy == pytest.approx(decode_tokens / (len(plain.step_ms) * SLOTS))
+    # each page's TPOT is the mean of the steps its slot ran for it (found from its first step and token count)
+    for toks, first, tpot in zip(plain.tokens, plain.first_step, plain.tpot_ms, strict=True):
+        own = plain.step_ms[first : first + len(toks) - 1]
+        assert (tpot == pytest.approx(sum(own) / len(own))) if own else tpot != tpot
+    assert plain.idle_steps == 0  # without eos every step fed a live slot
 
 
 def test_without_kept_logits_same_tokens(
@@ -116,6 +121,7 @@ def test_without_kept_logits_same_tokens(
     # at once and replaced by the 10-step one -> 18, and the 4-step one -> 12); at 12 slot 1 and 2 end (refill:
     # 2 steps -> 14, one slot left empty); the last slot ends at step 18
     assert len(res.step_ms) == 18
+    assert res.first_step == [0, 0, 0, 3, 8, 8, 8, 12]
 
 
 def test_eos_ends_slots_early(model: DeepseekOCRForCausalLM, pages: list[PreparedPage]) -> None:
