@@ -7,6 +7,7 @@ corrupt file fails that page alone.
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import stat
 from collections.abc import Sequence
@@ -290,6 +291,19 @@ def _unique_pages(root: Path, files: list[Path]) -> list[Page]:
     return list(pages.values())
 
 
+# Where a synthetic page's target output length comes from (dataset.target_lengths).
+TARGET_LENGTHS = ("strokes", "lognormal")
+
+
+def lognormal_target_tokens(seed: int, median_tokens: int, sigma: float) -> int:
+    """A target output length drawn from a log-normal distribution with this median (``exp(mu)``) and ``sigma``
+    (of the log), seeded per page: a documented stand-in for real pages' output lengths, whose spread is wide
+    and right-skewed (a sparse page ends in a few hundred tokens, a dense one runs to thousands).  With
+    ``sigma=0.5`` the 10th-90th percentiles are 0.53x-1.9x the median.  At least 2 (one decode step)."""
+    rng = random.Random(seed * 7_919 + 104_729)
+    return max(2, round(rng.lognormvariate(math.log(median_tokens), sigma)))
+
+
 def build_pages(ds: Any, project_root: Path) -> list[Page]:
     """Pages of the configured dataset, in a stable order; one clear error when there are none."""
     kind = ds.get("kind", "synthetic")
@@ -310,10 +324,21 @@ def build_pages(ds: Any, project_root: Path) -> list[Page]:
         # num_pages cycles through the sizes; each page has its own seed, so its own drawn strokes.
         count = int(ds.get("num_pages") or len(sizes))
         seed = int(ds.get("seed", 0))
+        lengths = ds.get("target_lengths") or "strokes"
+        median = ds.get("target_median_tokens")
+        if lengths not in TARGET_LENGTHS:
+            raise ConfigError(f"dataset.target_lengths must be one of {', '.join(TARGET_LENGTHS)}, got {lengths!r}")
+        if lengths == "lognormal" and (median is None or int(median) < 2):
+            raise ConfigError("dataset.target_lengths=lognormal needs dataset.target_median_tokens >= 2",
+                              hint="e.g. dataset.target_median_tokens=1000")  # fmt: skip
         pages = []
         for i in range(count):
             w, h = sizes[i % len(sizes)]
-            target = synthetic_target_tokens((w, h), seed + i)
+            target = (
+                lognormal_target_tokens(seed + i, int(median), float(ds.get("target_sigma", 0.5)))
+                if lengths == "lognormal"
+                else synthetic_target_tokens((w, h), seed + i)
+            )
             pages.append(
                 Page(page_id=f"synthetic-{w}x{h}-{i}", synthetic_size=(w, h), seed=seed + i, target_tokens=target)
             )

@@ -177,6 +177,12 @@ class DatasetSettings:
     # File datasets: '<page id> <tokens>' per line (relative to root), each page's target output length, where
     # dummy weights end its sequence ("simulated eos"); synthetic pages carry theirs from the drawing.
     lengths_file: str | None = attrs.field(default=None, validator=_text(optional=True))
+    # Synthetic pages' target output lengths: strokes = one token per drawn word stroke and table cell (grows with
+    # the page, a few hundred at most); lognormal = drawn per page (seeded) from a log-normal with this median and
+    # sigma, e.g. target_median_tokens=1000 for a realistic length mix (see data.datasets.lognormal_target_tokens)
+    target_lengths: str = attrs.field(default="strokes", validator=_choice(("strokes", "lognormal")))
+    target_median_tokens: int | None = attrs.field(default=None, validator=_integer(2, optional=True, example="1000"))
+    target_sigma: float = attrs.field(default=0.5, converter=_to_float, validator=_number(minimum=0.0, example="0.5"))
 
     @fallback_patterns.validator
     def _patterns(self, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -195,6 +201,12 @@ class DatasetSettings:
         if self.kind == "synthetic" and self.lengths_file is not None:
             raise ConfigError("dataset.lengths_file only applies to file datasets (synthetic pages carry their own)",
                               hint="set dataset.lengths_file=null")  # fmt: skip
+        if self.target_lengths == "lognormal" and (self.kind != "synthetic" or self.target_median_tokens is None):
+            raise ConfigError(
+                "dataset.target_lengths=lognormal needs a synthetic dataset and dataset.target_median_tokens",
+                hint="e.g. dataset=synthetic dataset.target_lengths=lognormal dataset.target_median_tokens=1000 "
+                "(file datasets take dataset.lengths_file)",
+            )
         if self.kind == "files" and self.num_pages is not None:
             raise ConfigError(f"dataset.num_pages={self.num_pages} only applies to synthetic datasets",
                               hint="limit a file dataset with dataset.max_pages instead")  # fmt: skip

@@ -11,7 +11,14 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from llm_perf_opt.data.datasets import Page, build_pages, read_lengths_file, synthetic_page, synthetic_target_tokens
+from llm_perf_opt.data.datasets import (
+    Page,
+    build_pages,
+    lognormal_target_tokens,
+    read_lengths_file,
+    synthetic_page,
+    synthetic_target_tokens,
+)
 from llm_perf_opt.errors import ConfigError, InputError
 from tests.conftest import CONF
 
@@ -271,3 +278,25 @@ def test_describe_synthetic_page() -> None:
 def test_synthetic_page_load_matches_recipe() -> None:
     page = Page(page_id="s", synthetic_size=(120, 160), seed=2)
     assert page.load().tobytes() == synthetic_page((120, 160), 2).tobytes()
+
+
+def test_lognormal_target_lengths_seeded_with_the_median_asked_for() -> None:
+    """dataset.target_lengths=lognormal: per-page seeded draws whose median is near target_median_tokens."""
+    import math
+    import random
+    import statistics
+
+    ds = _ds(sizes=[[595, 842], [800, 600]], num_pages=400, target_lengths="lognormal", target_median_tokens=1000,
+             target_sigma=0.5)  # fmt: skip
+    pages = build_pages(ds, Path("."))
+    targets = [p.target_tokens for p in pages]
+    assert targets == [p.target_tokens for p in build_pages(ds, Path("."))]  # seeded: the same every run
+    assert all(isinstance(t, int) and t >= 2 for t in targets)
+    # 400 draws: the sample median of a log-normal lies within ~±7 % of exp(mu) at 95 % (sd of ln-median ≈
+    # 1.2533 * 0.5 / sqrt(400) = 0.031); 15 % is a safe bound that still rules out the strokes recipe (< 400)
+    assert 850 <= statistics.median(targets) <= 1150  # type: ignore[type-var]
+    assert len(set(targets)) > 300  # a mix, not one length
+    # the draw itself, by hand: random.Random(seed * 7919 + 104729).lognormvariate(ln 1000, 0.5), rounded
+    want = round(random.Random(3 * 7_919 + 104_729).lognormvariate(math.log(1000), 0.5))
+    assert lognormal_target_tokens(3, 1000, 0.5) == max(2, want) == pages[3].target_tokens
+    assert lognormal_target_tokens(3, 1000, 0.0) == 1000  # sigma 0: every page at the median

@@ -64,6 +64,11 @@ def settings_of(compose_cfg: Callable[..., DictConfig]) -> Callable[..., RunSett
         ("infer.no_repeat_ngram_exempt_ids=[128821,-1]", "infer.no_repeat_ngram_exempt_ids"),
         ("infer.no_repeat_ngram_exempt_ids=[td]", "infer.no_repeat_ngram_exempt_ids"),
         ("infer.no_repeat_ngram_scope=prompt", "infer.no_repeat_ngram_scope"),
+        ("infer.batching=dynamic", "infer.batching"),
+        ("dataset.target_lengths=gaussian", "dataset.target_lengths"),
+        ("dataset.target_lengths=lognormal", "dataset.target_lengths"),  # without a median
+        ("dataset.target_median_tokens=1", "dataset.target_median_tokens"),
+        ("dataset.target_sigma=-0.5", "dataset.target_sigma"),
     ],
 )
 def test_bad_value_is_one_config_error_with_a_hint(
@@ -204,3 +209,13 @@ def test_resolved_is_idempotent_and_switches_cuda_only_fast_paths_off_on_cpu(
 def test_recorded_config_loads_back_to_the_same_settings(settings_of: Callable[..., RunSettings]) -> None:
     used = settings_of("infer.fast.enabled=true", "dataset.max_pages=1").resolved("cpu")
     assert load_settings(used.as_config()) == used
+
+
+def test_batching_mode_default_and_did_you_mean(settings_of: Callable[..., RunSettings]) -> None:
+    assert settings_of().infer.batching == "continuous"
+    assert settings_of("infer.batching=static").infer.batching == "static"
+    with pytest.raises(ConfigError) as info:
+        settings_of("infer.batching=contnuous")
+    assert info.value.hint == "did you mean infer.batching=continuous?"
+    ds = settings_of("dataset.target_lengths=lognormal", "dataset.target_median_tokens=1000").dataset
+    assert (ds.target_lengths, ds.target_median_tokens, ds.target_sigma) == ("lognormal", 1000, 0.5)

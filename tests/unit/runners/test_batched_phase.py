@@ -1,0 +1,97 @@
+"""The batched phase's end-to-end summary (``batched_phase_summary``) and its page stream (``PreparedPages``),
+checked against hand-computed figures."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import pytest
+
+from llm_perf_opt.data.datasets import Page
+from llm_perf_opt.errors import InputError
+from llm_perf_opt.report.markdown import render_report
+from llm_perf_opt.results.types import BatchRecord
+from llm_perf_opt.runners.phases import PreparedPages, batched_phase_summary
+from llm_perf_opt.runners.prefetch import Prefetcher
+from tests.unit.builders import make_page, make_summary
+
+
+def record(pages: int, tokens: int, steps: int, slots: int, stage_ms: tuple[float, float], **kw: Any) -> BatchRecord:
+    prefill_ms, decode_ms = stage_ms
+    return BatchRecord(
+        repeat=0,
+        page_ids=[f"p{i}" for i in range(pages)],
+        batch=slots,
+        padded_prompt_tokens=10,
+        output_tokens=tokens,
+        vision_ms=prefill_ms / 2,
+        prefill_ms=prefill_ms,
+        decode_ms=decode_ms,
+        pages_per_s=None,
+        output_tok_s=None,
+        tpot_ms=[],
+        decode_steps=steps,
+        **kw,
+    )
+
+
+def test_summary_by_hand() -> None:
+    # two static batches of 4 slots: 4 pages / 40 tokens / 10 steps and 2 pages / 12 tokens / 5 steps
+    batches = [
+        record(4, 40, 10, 4, (100.0, 300.0), page_wait_ms=50.0, graph_capture_ms=200.0),
+        record(2, 12, 5, 4, (60.0, 140.0), page_wait_ms=10.0),
+    ]
+    p = batched_phase_summary(batches, wall_s=1.0, device_type="cuda")
+    assert p.wall_ms == pytest.approx(800.0)  # 1000 ms less the 200 ms capture
+    assert p.stage_ms == pytest.approx(600.0) and p.page_wait_ms == pytest.approx(60.0)
+    assert p.other_ms == pytest.approx(140.0)
+    assert p.pages == 6 and p.output_tokens == 52
+    assert p.pages_per_s == pytest.approx(7.5) and p.output_tok_s == pytest.approx(65.0)
+    # decode tokens (tokens - one prefill token per page) over slot-steps: (36 + 10) / (40 + 20)
+    assert p.slot_occupancy == pytest.approx(46 / 60)
+    assert p.gpu_busy_share == pytest.approx(0.75) and p.gpu_busy_unavailable is None
+
+
+def test_summary_on_cpu_has_no_busy_share() -> None:
+    p = batched_phase_summary([record(1, 5, 4, 1, (1.0, 2.0))], wall_s=0.01, device_type="cpu")
+    assert p.gpu_busy_share is None and p.gpu_busy_unavailable and "no GPU" in p.gpu_busy_unavailable
+    assert p.slot_occupancy == pytest.approx(1.0)
+
+
+def test_summary_without_step_counts_has_no_occupancy() -> None:
+    old = BatchRecord(0, ["a"], 1, 3, 2, 1.0, 2.0, 3.0, None, None, [])
+    assert batched_phase_summary([old], 0.01, "cpu").slot_occupancy is None
+
+
+def test_report_section_renders_the_summary() -> None:
+    batches = [record(4, 40, 10, 4, (100.0, 300.0), page_wait_ms=50.0, batching="continuous", fills=3)]
+    phase = batched_phase_summary(batches, wall_s=0.5, device_type="cpu")
+    summary = attrs.evolve(make_summary(pages=[make_page("p0")]), batches=batches, batched_phase=phase)
+    md = render_report(summary)
+    assert "### The batched phase end to end" in md
+    assert "Continuous batching: 1 run(s) (one per repeat) through 4 sequence slots" in md
+    assert "| **pages per second, end to end** | 8.00 |" in md  # 4 pages / 0.5 s
+    assert "| slot occupancy (share of slots producing a token per decode step) | 90.00 % |" in md  # 36 / 40
+    assert "n/a (no GPU (cpu)" in md
+
+
+def _prepare(page: Page) -> str:
+    if page.page_id == "bad":
+        raise InputError("cannot decode")
+    return f"prepared-{page.page_id}"
+
+
+def test_prepared_pages_skip_failures_and_stop_at_each_limit() -> None:
+    ids = ["a", "bad", "b", "c"]
+    stream = [[Page(page_id=i, synthetic_size=(16, 16))] for _ in range(2) for i in ids]
+    notes: list[str] = []
+    with Prefetcher(_prepare, stream, workers=2, depth=3) as pf:
+        pages = PreparedPages(iter(pf), notes, lambda: False)
+        for _ in range(2):  # two repeats, 4 pages each (one bad)
+            pages.limit(len(ids))
+            got = [(p.page_id, x) for p, x in pages]
+            assert got == [("a", "prepared-a"), ("b", "prepared-b"), ("c", "prepared-c")]
+            assert pages.ended
+    assert notes == ["batched throughput: page bad left out (cannot decode)"]  # once, not per repeat
+    assert pages.wait_s >= 0
