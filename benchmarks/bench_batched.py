@@ -28,6 +28,10 @@ live sequence one token, so it is the per-token latency each sequence sees); cap
 the warm-up run's graph capture (excluded from every other column); peak memory =
 ``torch.cuda.max_memory_allocated`` during the timed run (weights and the kept graph cache included).
 
+``--mixed-pages N`` adds static vs continuous batching on N pages whose output lengths are drawn log-normal
+(``--mixed-median``, ``--mixed-sigma``; each sequence ends there, "simulated eos") at batch max(--batches), with
+the ``--ngram-mixed`` rule on the device, printed as a ratio row.
+
 Writes ``<out>/<date>-<gpu>-batched.md`` and ``.json`` when ``--out`` is given; always prints the table.
 Imports only torch/attrs/safetensors/pillow code paths (no hydra).
 """
@@ -45,9 +49,10 @@ from typing import Any
 
 import torch
 
-from llm_perf_opt.data.datasets import Page, synthetic_page
+from llm_perf_opt.data.datasets import Page, lognormal_target_tokens, synthetic_page
 from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, build_model
 from llm_perf_opt.models.deepseek_ocr.batched import BatchedGenerator
+from llm_perf_opt.models.deepseek_ocr.continuous import SlotRequest
 from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, apply_fast_path
 from llm_perf_opt.models.deepseek_ocr.preprocess import PreparedPage, PreprocessConfig, preprocess_page
 from llm_perf_opt.models.deepseek_ocr.tokenizer import load_tokenizer
@@ -153,6 +158,91 @@ def measure(
     }
 
 
+def mixed_workload(
+    cfg: DeepseekOCRConfig, n: int, mode: str, median: int, sigma: float, seed: int
+) -> tuple[list[PreparedPage], list[int]]:
+    """``n`` pages of mixed sizes with per-page output lengths drawn log-normal around ``median`` (the synthetic
+    dataset's ``target_lengths=lognormal`` recipe, seeded), where each sequence ends (simulated eos)."""
+    pages = make_pages(cfg, n, mode)
+    return pages, [lognormal_target_tokens(seed + i, median, sigma) for i in range(n)]
+
+
+def static_vs_continuous(
+    gen: BatchedGenerator, pages: list[PreparedPage], caps: list[int], slots: int, ngram: int
+) -> list[dict[str, Any]]:
+    """The same mixed-length workload through static batches of ``slots`` pages (each until its longest sequence
+    ends) and through ``slots`` continuously refilled slots.  Each mode runs twice (the first run pays graph
+    captures and the vision shapes of its refills), the second is timed; rates are over stage time (vision +
+    prefill + decode, captures excluded, preprocessing excluded: the pages are prepared beforehand)."""
+    dev = gen.device
+    rows = []
+    for mode in ("static", "continuous"):
+        for timed in (False, True):
+            _sync(dev)
+            if mode == "static":
+                stage_s = 0.0
+                tokens = decode_tokens = slot_steps = 0
+                for i in range(0, len(pages), slots):
+                    res = gen.run(
+                        pages[i : i + slots], caps[i : i + slots], eos_token_id=None, no_repeat_ngram_size=ngram
+                    )
+                    stage_s += res.total_s
+                    tokens += res.output_tokens
+                    decode_tokens += res.output_tokens - res.batch
+                    slot_steps += len(res.step_ms) * res.batch
+                occupancy = decode_tokens / slot_steps if slot_steps else None
+            else:
+                cont = gen.run_continuous(
+                    [SlotRequest(p, c) for p, c in zip(pages, caps, strict=True)],
+                    slots,
+                    eos_token_id=None,
+                    no_repeat_ngram_size=ngram,
+                )
+                stage_s, tokens, occupancy = cont.total_s, cont.output_tokens, cont.slot_occupancy
+            _sync(dev)
+            if timed:
+                rows.append(
+                    {
+                        "batching": mode,
+                        "slots": slots,
+                        "pages": len(pages),
+                        "output_tokens": tokens,
+                        "stage_s": stage_s,
+                        "pages_per_s": len(pages) / stage_s,
+                        "output_tok_per_s": tokens / stage_s,
+                        "slot_occupancy": occupancy,
+                        "ngram": ngram,
+                    }
+                )
+        gen.release_decode_state()
+    return rows
+
+
+def mixed_table(rows: list[dict[str, Any]], lengths: list[int]) -> str:
+    ordered = sorted(lengths)
+    lines = [
+        f"Mixed-length workload: {rows[0]['pages']} pages, output lengths (simulated eos) median "
+        f"{statistics.median(ordered):.0f}, min {ordered[0]}, max {ordered[-1]} tokens; batch / slots "
+        f"{rows[0]['slots']}; no_repeat_ngram {rows[0]['ngram']}; stage time (vision + prefill + decode), "
+        "preprocessing and captures excluded.\n",
+        "| batching | pages/s | output tok/s | slot occupancy | stage s |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        occ = "n/a" if r["slot_occupancy"] is None else f"{100 * r['slot_occupancy']:.1f} %"
+        lines.append(
+            f"| {r['batching']} | {r['pages_per_s']:.3f} | {r['output_tok_per_s']:.1f} | {occ} | {r['stage_s']:.3f} |"
+        )
+    by = {r["batching"]: r for r in rows}
+    if "static" in by and "continuous" in by:
+        lines.append(
+            f"\n- continuous / static = {by['continuous']['output_tok_per_s'] / by['static']['output_tok_per_s']:.2f}× "
+            f"output tok/s, {by['continuous']['pages_per_s'] / by['static']['pages_per_s']:.2f}× pages/s (same pages, "
+            "same tokens)"
+        )
+    return "\n".join(lines)
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| batch | decode | no-repeat n | pages/s | output tok/s | decode tok/s | TTFT s | TPOT p50 ms | TPOT p90 ms "
@@ -215,6 +305,18 @@ def main() -> None:
         default=0,
         help="also time host preparation of max(--batches) pages: serial float32 vs this many threads with uint8 "
         "views (0 = skip)",
+    )
+    ap.add_argument(
+        "--mixed-pages",
+        type=int,
+        default=0,
+        help="also run static vs continuous batching on this many pages with log-normal output lengths (simulated "
+        "eos) at batch max(--batches), printed as a ratio (0 = skip)",
+    )
+    ap.add_argument("--mixed-median", type=int, default=1000, help="--mixed-pages: median output length (tokens)")
+    ap.add_argument("--mixed-sigma", type=float, default=0.5, help="--mixed-pages: sigma of the log-normal")
+    ap.add_argument(
+        "--ngram-mixed", type=int, default=20, help="--mixed-pages: no_repeat_ngram_size of both runs (vendor: 20)"
     )
     ap.add_argument("--check-every", type=int, default=16, help="static loop: steps between eos checks")
     ap.add_argument("--mode", default="base", help="PreprocessConfig.for_mode name")
@@ -305,6 +407,16 @@ def main() -> None:
             f"{pp['pooled_pages_per_s']:.1f} pages/s = {pp['pooled_pages_per_s'] / pp['serial_pages_per_s']:.1f}× "
             "(normalisation moves to the device).\n"
         )
+    if args.mixed_pages:
+        gen = generator(target, "graph" if device.type == "cuda" else "static", args)
+        mixed_pages, caps = mixed_workload(cfg, args.mixed_pages, args.mode, args.mixed_median, args.mixed_sigma,
+                                           args.seed)  # fmt: skip
+        mixed = static_vs_continuous(gen, mixed_pages, caps, max(batches), args.ngram_mixed)
+        del gen
+        report += "\n" + mixed_table(mixed, caps) + "\n"
+        rows_mixed: list[dict[str, Any]] = mixed
+    else:
+        rows_mixed = []
     extra = "\n".join(batched_speedups(rows))
     if extra:
         report += f"\n{extra}\n"
@@ -317,7 +429,9 @@ def main() -> None:
         stem = f"{dt.datetime.now(dt.UTC).strftime('%Y-%m-%d')}-{gpu_tag(env['gpu'])}-batched"
         meta = {**vars(args), "batches": batches, "warmup_tokens": warmup_tokens}
         (out / f"{stem}.md").write_text(report)
-        (out / f"{stem}.json").write_text(json.dumps({"env": env, "args": meta, "rows": rows}, indent=2))
+        (out / f"{stem}.json").write_text(
+            json.dumps({"env": env, "args": meta, "rows": rows, "mixed": rows_mixed}, indent=2)
+        )
         print(f"wrote {out / stem}.md / .json")
 
 

@@ -21,6 +21,8 @@ reset on the device.  The batch shape never changes, so the decode step stays on
   the steps until the next row ends, then refills; no device value is read until the end.  With eos it also
   reads the done flags every ``check_every`` steps (one sync each), so a row ended by eos may idle up to
   ``check_every - 1`` steps before its slot is refilled (that shows as slot occupancy below 1).
+* **Vision of a refill** runs page by page (the first fill batches views across pages): a batched refill of k
+  pages would be a new view shape for every k, and the fast path's vision graphs capture one per shape.
 * **Cache length**: sized from the first fill (longest prompt + cap, rounded up to ``LEN_QUANTUM``); a later page
   that needs more grows the cache (state copied, graph recaptured, the capture timed apart).
 
@@ -354,6 +356,7 @@ class _Run:
         self.step_runs: list[list[object]] = []
         self.capture_s = 0.0
         self.steps_done = 0
+        self.fills = 0
         self.first_step: list[int] = []
 
     def take(self, n: int) -> list[SlotRequest]:
@@ -411,7 +414,11 @@ def run_continuous(
         if step is None or need > step.max_len:
             step = _step_for(gen, step, slots, cache_len_for(need), path == "graph", no_repeat_ngram_size)
         t0 = clock.mark()
-        features = gen.encode_pages(pages)
+        # the first fill batches its views across pages; a refill (usually a few pages) runs vision page by page,
+        # so its view shapes are single pages' (which a warm-up captures) rather than a new shape for each count
+        first_fill = run.fills == 0
+        features = gen.encode_pages(pages) if first_fill else [f for p in pages for f in gen.encode_pages([p])]
+        run.fills += 1
         t1 = clock.mark()
         length = max(lens)
         tmp = gen.base.new_cache(len(pages), length)

@@ -1,0 +1,80 @@
+"""Continuous batching on CUDA under graph capture: the captured slot step vs the same step un-graphed vs each page
+alone.
+
+The tiny fixture model in float32 (so near-ties are out of the way and tokens can be compared exactly) through the
+fast path's fused / grouped layers (graph-safe experts); the mixed-length workload of
+``tests/unit/models/deepseek_ocr/test_continuous.py`` (8 pages, caps 1..13, 3 slots, refills while others
+decode) with the vendor-style no-repeat-ngram rule on the device.  The graph replays the same kernels as the
+un-graphed step: identical tokens; every page must give the tokens it gives alone (a batch of one).
+
+Skipped without CUDA; on the device machine: ``pytest -m gpu tests/gpu/test_continuous_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, build_model
+from llm_perf_opt.models.deepseek_ocr.batched import BatchedGenerator
+from llm_perf_opt.models.deepseek_ocr.continuous import LEN_QUANTUM, SlotRequest
+from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, FastModel, apply_fast_path
+from llm_perf_opt.models.deepseek_ocr.preprocess import PreparedPage
+from llm_perf_opt.profiling.timers import DeviceClock
+from tests.conftest import TINY, requires_cuda, tiny_case_pages
+
+pytestmark = [pytest.mark.gpu, requires_cuda]
+
+WORKLOAD = [(0, 9), (1, 4), (2, 13), (0, 6), (1, 1), (2, 5), (1, 11), (0, 3)]
+SLOTS = 3
+NGRAM = 3
+
+
+@pytest.fixture(scope="module")
+def fast() -> FastModel:
+    cfg = DeepseekOCRConfig.from_json(TINY / "config.json")
+    model = build_model(cfg, "cuda", torch.float32, weights=TINY / "weights.safetensors")
+    return apply_fast_path(model, FastConfig(sam_compile=False, clip_compile=False, vision_graphs=False))
+
+
+@pytest.fixture(scope="module")
+def pages(fast: FastModel) -> list[PreparedPage]:
+    return tiny_case_pages(fast.base.config)
+
+
+def _gen(fast: FastModel, graphs: bool = True) -> BatchedGenerator:
+    return BatchedGenerator(fast, clock=DeviceClock(fast.base.device), cuda_graphs=graphs)
+
+
+def _requests(pages: list[PreparedPage]) -> list[SlotRequest]:
+    return [SlotRequest(pages[i], cap) for i, cap in WORKLOAD]
+
+
+@pytest.mark.parametrize("eos", [None, 384])
+def test_graph_equals_ungraphed_and_each_page_alone(
+    fast: FastModel, pages: list[PreparedPage], eos: int | None
+) -> None:
+    graph = _gen(fast).run_continuous(_requests(pages), SLOTS, eos_token_id=eos, no_repeat_ngram_size=NGRAM)
+    assert graph.decode_path == "graph" and graph.graph_capture_s > 0
+    plain = _gen(fast, graphs=False).run_continuous(
+        _requests(pages), SLOTS, eos_token_id=eos, no_repeat_ngram_size=NGRAM
+    )
+    assert plain.decode_path == "static"
+    assert graph.tokens == plain.tokens and graph.stopped_by_eos == plain.stopped_by_eos
+    alone_gen = _gen(fast)
+    for i, (p, cap) in enumerate(WORKLOAD):
+        alone = alone_gen.run([pages[p]], cap, eos_token_id=eos, no_repeat_ngram_size=NGRAM)
+        assert graph.tokens[i] == alone.tokens[0], i
+    assert graph.fills >= 2 and graph.slot_occupancy is not None and 0 < graph.slot_occupancy <= 1
+
+
+def test_graph_reused_and_recaptured_after_growth(fast: FastModel, pages: list[PreparedPage]) -> None:
+    gen = _gen(fast)
+    first = gen.run_continuous(_requests(pages), SLOTS, eos_token_id=None, no_repeat_ngram_size=NGRAM)
+    again = gen.run_continuous(_requests(pages), SLOTS, eos_token_id=None, no_repeat_ngram_size=NGRAM)
+    assert again.graph_capture_s == 0.0 and again.tokens == first.tokens  # the kept graph replayed
+    long_cap = LEN_QUANTUM + 5  # a page that needs a longer cache mid-run: state copied, graph captured again
+    reqs = [SlotRequest(pages[0], 4), SlotRequest(pages[1], 3), SlotRequest(pages[2], long_cap)]
+    grown = gen.run_continuous(reqs, 2, eos_token_id=None)
+    alone = _gen(fast).run([pages[2]], long_cap, eos_token_id=None)
+    assert grown.decode_path == "graph" and grown.tokens[2] == alone.tokens[0]
