@@ -122,10 +122,11 @@ def test_continuous_batching_phase(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     small = [a for a in SMALL if not a.startswith(("dataset.", "infer.max_new_tokens"))]
     args = [*small, "dataset=folder", f"dataset.root={root}", "dataset.lengths_file=lengths.txt",
-            "infer.max_new_tokens=8", "infer.batch_size=2", "repeats=2"]  # fmt: skip
+            "infer.max_new_tokens=8", "infer.batch_size=2", "repeats=2", "per_page_pages=1"]  # fmt: skip
     result = run_cli(args, run_dir=run_dir)
     assert result.returncode == 0, result.describe()
     s = read_summary(run_dir / "metrics.json")
+    assert [(p.page_id, p.repeat) for p in s.pages] == [("a.png", 0), ("a.png", 1)]  # per-page: the first page only
     assert [b.batching for b in s.batches] == ["continuous", "continuous"]
     for b in s.batches:
         assert b.batch == 2 and b.page_ids == list(targets)  # the bad page is left out, the rest in order

@@ -474,6 +474,9 @@ class RunSettings:
     experiment: str = attrs.field(default="stage1", validator=_text())
     run_id: str = attrs.field(default="", validator=_text())
     repeats: int = attrs.field(default=3, validator=_integer(1, example="3"))
+    # the per-page timed repeats run over the first N pages only (null: all); the batched phase takes every page,
+    # so a large batched workload need not also be timed page by page
+    per_page_pages: int | None = attrs.field(default=None, validator=_integer(1, optional=True, example="4"))
     device: str = attrs.field(default="cpu", validator=_text())
     seed: int = attrs.field(default=0, validator=_integer(0, example="0"))
     use_flash_attn: bool = attrs.field(default=True, validator=_boolean)

@@ -138,7 +138,8 @@ def _run_stage1(settings: RunSettings, out: Path, device: torch.device, dir_note
     status: RunStatus = "complete"
     reason = None
     reserve = SpaceReserve(out)  # room kept back so a full disk still gets PARTIAL/FAILED reports, never RUNNING
-    todo = [(r, p) for r in range(settings.repeats) for p in pages if (p.page_id, r) not in done]
+    timed_pages = pages[: settings.per_page_pages]  # None: all
+    todo = [(r, p) for r in range(settings.repeats) for p in timed_pages if (p.page_id, r) not in done]
     carried_n = len(run.records)
 
     def todo_left() -> int:  # page runs of this run not measured yet (an interrupted page is not measured)

@@ -65,6 +65,7 @@ def settings_of(compose_cfg: Callable[..., DictConfig]) -> Callable[..., RunSett
         ("infer.no_repeat_ngram_exempt_ids=[td]", "infer.no_repeat_ngram_exempt_ids"),
         ("infer.no_repeat_ngram_scope=prompt", "infer.no_repeat_ngram_scope"),
         ("infer.batching=dynamic", "infer.batching"),
+        ("per_page_pages=0", "per_page_pages"),
         ("dataset.target_lengths=gaussian", "dataset.target_lengths"),
         ("dataset.target_lengths=lognormal", "dataset.target_lengths"),  # without a median
         ("dataset.target_median_tokens=1", "dataset.target_median_tokens"),
