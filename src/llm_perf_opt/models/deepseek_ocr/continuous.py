@@ -5,7 +5,8 @@ Here ``slots`` sequences decode together and a slot whose sequence ends (eos, si
 the token cap) is refilled with the next page from the source: that page's vision and prefill run (several
 refills at once are batched like a static batch's), its K/V are copied into the slot's rows of the shared cache
 (columns ``0 .. len - 1``: no left padding), and the slot's state (fed token, position, cap, flags, history) is
-reset on the device.  The batch shape never changes, so the decode step stays one CUDA graph.
+reset on the device.  The batch shape never changes, so the decode step stays a CUDA graph (one per attention
+width, below).
 
 * **Per-slot KV**: :class:`SlotDecodeStep` keeps one :class:`~llm_perf_opt.models.deepseek_ocr.kv_cache.StaticKVCache`
   [layers, slots, heads, max_len, dim].  Each row writes its new K/V at its own column ``pos[b]``
@@ -21,6 +22,11 @@ reset on the device.  The batch shape never changes, so the decode step stays on
   the steps until the next row ends, then refills; no device value is read until the end.  With eos it also
   reads the done flags every ``check_every`` steps (one sync each), so a row ended by eos may idle up to
   ``check_every - 1`` steps before its slot is refilled (that shows as slot occupancy below 1).
+* **Attention width**: a step attends over the first ``key_len`` cache columns, not the whole ``max_len``: the
+  host knows how far every slot can have got (prompt length + steps since its fill, at most its cap) and picks
+  the ``LEN_QUANTUM`` bucket covering it for the next run of steps; one graph per bucket, captured on first use.
+  With mixed lengths the cache is sized for the longest page, and attending over all of it every step would
+  read that many K/V columns for every slot.
 * **Vision of a refill** runs page by page (the first fill batches views across pages): a batched refill of k
   pages would be a new view shape for every k, and the fast path's vision graphs capture one per shape.
 * **Cache length**: sized from the first fill (longest prompt + cap, rounded up to ``LEN_QUANTUM``); a later page
@@ -189,9 +195,17 @@ class SlotDecodeStep:
         self.matmul_attention = matmul_attention
         self.expert_impl = expert_impl
         self.use_graph = bool(use_graph) and dev.type == "cuda"
-        self.graph: torch.cuda.CUDAGraph | None = None
+        # attention reads the first key_len cache columns only (a host value, so one graph per key_len): the host
+        # sets it to the bucket that covers every slot's position for the coming steps (see run_continuous)
+        self.key_len = max_len
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.capture_error: str | None = None
         self.last_logits: Tensor | None = None  # the last step's logits [B, V] (read only with keep_logits)
+
+    @property
+    def graph(self) -> torch.cuda.CUDAGraph | None:
+        """The graph of the current ``key_len`` (None: not captured, or no graphs)."""
+        return self.graphs.get(self.key_len)
 
     def _state(self) -> list[Tensor]:
         """The buffers a step advances (what a capture's warm-up steps must give back)."""
@@ -230,6 +244,12 @@ class SlotDecodeStep:
         self.by_eos[idx] = hit
         self.done[idx] = hit | (caps_d <= 1)
 
+    def empty(self, rows: list[int]) -> None:
+        """Slots left without a page: done, at column 0 (a stale position past ``key_len`` would see no key)."""
+        idx = torch.tensor(rows, dtype=torch.long, device=self.pos.device)
+        self.done[idx] = True
+        self.pos[idx] = 0
+
     def set_eos(self, eos: int | None) -> None:
         self.eos.fill_(-1 if eos is None else int(eos))
 
@@ -255,8 +275,8 @@ class SlotDecodeStep:
             sin=sin,
             cache=self.cache,
             slot=self.pos,
-            key_len=self.max_len,
-            mask=decode_key_mask(self.key_pos, self.first_col, self.pos, self.mask_zero, self.mask_neg),
+            key_len=self.key_len,
+            mask=decode_key_mask(self.key_pos[: self.key_len], self.first_col, self.pos, self.mask_zero, self.mask_neg),
             matmul_attention=self.matmul_attention,
             expert_impl=self.expert_impl,
             record_routing=False,
@@ -283,8 +303,9 @@ class SlotDecodeStep:
         self.pos.add_(live.to(torch.long)).clamp_(max=self.max_len - 1)
 
     def step(self) -> None:
-        if self.graph is not None:
-            self.graph.replay()
+        graph = self.graphs.get(self.key_len)
+        if graph is not None:
+            graph.replay()
             return
         with self.base._sdpa_policy():
             self._body()
@@ -296,7 +317,7 @@ class SlotDecodeStep:
         torch.cuda.synchronize(dev)
         begin = time.perf_counter()
         try:
-            self.graph, _ = capture_graph(self._body, dev, self.base._sdpa_policy)
+            self.graphs[self.key_len], _ = capture_graph(self._body, dev, self.base._sdpa_policy)
         except RuntimeError as exc:  # an op that cannot be captured: run the same step un-graphed, say why
             self.capture_error = f"{type(exc).__name__}: {exc}"
             self.use_graph = False
@@ -348,6 +369,8 @@ class _Run:
         self.slot_page: list[int | None] = [None] * slots  # which page (arrival index) each slot holds
         self.left: list[int] = [0] * slots  # decode tokens the slot's cap still allows (host mirror)
         self.slot_cap: list[int] = [0] * slots  # the cap of the page each slot holds
+        self.slot_len: list[int] = [0] * slots  # its prompt length
+        self.slot_step: list[int] = [0] * slots  # the run's step count when it was filled
         self.tokens: list[list[int] | Tensor] = []
         self.by_eos: list[bool] = []
         self.prompt_lens: list[int] = []
@@ -432,6 +455,8 @@ def run_continuous(
         for row, r, n in zip(rows, reqs, lens, strict=True):
             run.slot_page[row] = len(run.tokens)
             run.slot_cap[row] = r.max_new_tokens
+            run.slot_len[row] = n
+            run.slot_step[row] = run.steps_done
             run.left[row] = r.max_new_tokens - 1
             run.tokens.append([])
             run.by_eos.append(False)
@@ -457,6 +482,9 @@ def run_continuous(
                 for b in finished:
                     run.slot_page[b] = None
                 fill(finished)
+                unfilled = [b for b in finished if run.slot_page[b] is None]
+                if unfilled:
+                    step.empty(unfilled)
                 continue
             # rows whose cap allows more tokens (with eos some of them may already be done on the device: they
             # idle until the next check reads the flags)
@@ -467,6 +495,12 @@ def run_continuous(
                     n_steps = min(n_steps, gen.check_every)
                 if keep_logits:
                     n_steps = 1
+
+                # attention covers the columns every slot can reach by the end of these steps, in buckets; a run
+                # of steps stops where the furthest slot would cross into the next bucket
+                now = _reach(run, occupied, 0)
+                n_steps = min(n_steps, max(1, cache_len_for(now + 1) - 1 - now))
+                step.key_len = min(step.max_len, cache_len_for(_reach(run, occupied, n_steps) + 1))
                 if step.use_graph and step.graph is None:
                     run.capture_s += step.capture()
                 marks = [clock.mark()]
@@ -503,11 +537,17 @@ def run_continuous(
         fills=len(run.fill_marks),
         page_wait_s=run.page_wait_s,
         wall_s=wall_s,
-        decode_path="graph" if step is not None and step.graph is not None else "static",
+        decode_path="graph" if step is not None and step.graphs else "static",
         graph_capture_s=run.capture_s,
         logits=run.logits,
         first_step=run.first_step,
     )
+
+
+def _reach(run: _Run, occupied: list[int], after: int) -> int:
+    """The furthest cache column any occupied slot can have written ``after`` more steps from now (its prompt
+    length + the steps since its fill, at most its cap)."""
+    return max(run.slot_len[b] + min(run.steps_done + after - run.slot_step[b], run.slot_cap[b]) for b in occupied)
 
 
 def _finished(run: _Run, step: SlotDecodeStep, occupied: list[int], eos_on: bool) -> list[int]:

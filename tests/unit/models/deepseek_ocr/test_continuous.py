@@ -18,6 +18,7 @@ from llm_perf_opt.models.deepseek_ocr.batched import BatchedGenerator
 from llm_perf_opt.models.deepseek_ocr.continuous import (
     LEN_QUANTUM,
     ContinuousResult,
+    SlotDecodeStep,
     SlotRequest,
     cache_len_for,
     slot_occupancy,
@@ -148,13 +149,26 @@ def test_one_slot_and_more_slots_than_pages(model: DeepseekOCRForCausalLM, pages
     assert many.fills == 1
 
 
-def test_cache_grows_for_a_longer_page(model: DeepseekOCRForCausalLM, pages: list[PreparedPage]) -> None:
+def test_cache_grows_for_a_longer_page(
+    model: DeepseekOCRForCausalLM, pages: list[PreparedPage], monkeypatch: pytest.MonkeyPatch
+) -> None:
     # first fill: short prompt and cap; then a page whose prompt + cap needs more than the first cache length
     long_cap = LEN_QUANTUM + 5
+    widths: list[int] = []
+    step = SlotDecodeStep.step
+
+    def spy(self: SlotDecodeStep) -> None:
+        widths.append(self.key_len)
+        step(self)
+
+    monkeypatch.setattr(SlotDecodeStep, "step", spy)
     reqs = [SlotRequest(pages[0], 2), SlotRequest(pages[2], long_cap)]
     res = BatchedGenerator(model).run_continuous(reqs, 1, eos_token_id=None)
     assert res.tokens[1] == alone(model, pages[2], long_cap).tokens
     assert cache_len_for(pages[2].prompt_len + long_cap) == 2 * LEN_QUANTUM
+    # attention width by hand: page 0 (29 + 1 step) reads 256 columns; page 2 (prompt 59, 260 steps) writes
+    # columns 59..318: 256 while its steps stay below column 255 (196 steps), then 512 for the other 64
+    assert widths == [256] * (1 + 196) + [512] * 64
 
 
 def test_kept_step_reused_across_runs(model: DeepseekOCRForCausalLM, pages: list[PreparedPage]) -> None:
