@@ -6,6 +6,9 @@
 #   batched benchmarks/bench_batched.py (Base mode, batch 1/8/32/64, graph vs host decode)
 #   hooks   benchmarks/hook_overhead.py on the fast path (the stage hooks' host cost per call and share of prefill)
 #   cli     the profiler through the real CLI, eager and fast, full-size dummy weights, and `compare`
+#   cbatch  quick check of continuous batching: its GPU tests and bench_batched static vs continuous (Base, batch 64)
+#   goals18 issue 18's goals run through the real CLI: Gundam, no_repeat_ngram_size=20, mixed page sizes, log-normal
+#           output lengths (median 1,000), batch 64, preprocessing included; continuous then static, and `compare`
 # Everything is written to $RES (default /tmp/gpu-results) and packed into $OUT/results.tgz (the
 # markdown reports are also copied to $OUT); $OUT defaults to ./gpu-out.  Wheels for hydra & co. in .whl/ (and transformers 4.46 for the
 # vendor column in .whl-hf/) are installed into /tmp/site and /tmp/hfsite first when present.
@@ -55,4 +58,30 @@ if has cli; then
     hydra.run.dir=/tmp/fast 2>&1 | tail -3
   python3 -m llm_perf_opt.cli compare /tmp/eager /tmp/fast -o "$OUT/compare_eager_fast.md" > /dev/null
   tar czf "$OUT/runs.tgz" -C /tmp eager fast
+fi
+if has cbatch; then
+  python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_continuous_gpu.py tests/gpu/test_batched_gpu.py \
+    --tb=short 2>&1 | tail -30 > "$OUT/gpu_tests_cbatch.txt"
+  tail -3 "$OUT/gpu_tests_cbatch.txt"
+  python3 benchmarks/bench_batched.py --out "$OUT" --batches 64 --tokens 64 --decode graph --ngram 20 \
+    --mixed-pages ${MIXED_PAGES:-128} --mixed-median ${MIXED_MEDIAN:-256} 2>&1 | tail -20
+fi
+if has goals18; then
+  # 256 Gundam pages of six sizes (1 to 9 tiles), output lengths log-normal around 1,000 tokens (simulated eos on
+  # dummy weights), the vendor's no_repeat_ngram_size=20 on the device, 64 slots, 12 preparation threads; the
+  # per-page repeats over 2 pages only (the batched phase is the measurement)
+  G18=(model/deepseek_ocr/arch=deepseek_ocr.dummy device=cuda:0 model/deepseek_ocr/infer=deepseek_ocr.gundam
+       infer.fast.enabled=true infer.no_repeat_ngram_size=20 infer.batch_size=64 infer.preprocess_workers=12
+       dataset.num_pages=${G18_PAGES:-256}
+       'dataset.sizes=[[1224,1584],[1700,2200],[850,1100],[1584,1224],[2480,3508],[595,842]]'
+       dataset.target_lengths=lognormal dataset.target_median_tokens=1000 infer.max_new_tokens=4096
+       repeats=1 per_page_pages=2 profiling.rep_max_new_tokens=32 progress=false)
+  rm -rf /tmp/goals18-continuous /tmp/goals18-static
+  for mode in continuous static; do
+    python3 -m llm_perf_opt.runners.llm_profile_runner "${G18[@]}" infer.batching=$mode \
+      hydra.run.dir=/tmp/goals18-$mode 2>&1 | tail -3
+    cp /tmp/goals18-$mode/report.md "$OUT/goals18-$mode-report.md"
+    cp /tmp/goals18-$mode/metrics.json "$OUT/goals18-$mode-metrics.json"
+  done
+  python3 -m llm_perf_opt.cli compare /tmp/goals18-static /tmp/goals18-continuous -o "$OUT/goals18-compare.md" > /dev/null
 fi
