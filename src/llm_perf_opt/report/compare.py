@@ -338,6 +338,7 @@ def render(a_path: Path, a: RunSummary, b_path: Path, b: RunSummary, th: Thresho
             f"| {metric_label(a, b, d.metric)} | {d.cls} | {d.unit} | {_with_ci(d.a, d.a_ci, d.integer)} | "
             f"{_with_ci(d.b, d.b_ci, d.integer)} | {_num(d.delta, d.integer, signed=True)} | {pct} | {p} | {mark} |"
         )
+    lines += _batched_phase_rows(a, b)
     worse = [d.metric for d in rows if d.verdict == "WORSE"]
     if differs:
         lines.append("\nResult: workloads differ (exit 2).")
@@ -346,6 +347,42 @@ def render(a_path: Path, a: RunSummary, b_path: Path, b: RunSummary, th: Thresho
     else:
         lines.append("\nResult: no significant regression (exit 0).")
     return "\n".join(lines) + "\n"
+
+
+# (BatchedPhase field, label, digits); one value per run, so shown side by side with their ratio, never judged
+PHASE_ROWS = [
+    ("pages_per_s", "pages/s, end to end", 2),
+    ("output_tok_s", "output tok/s, end to end", 1),
+    ("slot_occupancy", "slot occupancy", 3),
+    ("gpu_busy_share", "GPU busy share", 3),
+    ("page_wait_ms", "waiting for pages (ms)", 1),
+    ("wall_ms", "wall time (ms)", 1),
+]
+
+
+def _batched_phase_rows(a: RunSummary, b: RunSummary) -> list[str]:
+    """The batched phases end to end (e.g. static vs continuous batching) when both runs have one."""
+    pa, pb = a.batched_phase, b.batched_phase
+    if pa is None or pb is None:
+        return []
+    lines = [
+        f"\n## Batched phase end to end\n\nA: {pa.batching} batching, {pa.slots} slots, {pa.pages} pages; B: "
+        f"{pb.batching} batching, {pb.slots} slots, {pb.pages} pages. One value per run (no samples): shown with "
+        "the ratio B / A, not judged.\n",
+        "| quantity | A | B | B / A |",
+        "|---|---|---|---|",
+    ]
+    for name, label, digits in PHASE_ROWS:
+        va, vb = getattr(pa, name), getattr(pb, name)
+        if va is None or vb is None:
+            ratio = f"n/a (absent in {'A' if va is None else 'B'})"
+        else:
+            ratio = f"{vb / va:.2f}×" if va else "n/a (A is 0)"
+        lines.append(
+            f"| {label} | {'n/a' if va is None else f'{va:,.{digits}f}'} | "
+            f"{'n/a' if vb is None else f'{vb:,.{digits}f}'} | {ratio} |"
+        )
+    return lines
 
 
 def _cell(v: Any) -> str:

@@ -263,3 +263,19 @@ def test_a_stage_that_times_other_modules_is_named_and_never_judged() -> None:
     both_v2 = _by_metric(v2, v2)
     assert both_v2["clip_ms"].verdict == "within noise"  # the same module in both runs: judged as usual
     assert "| clip_ms (encoder) |" in render(Path("a"), v2, Path("b"), v2)
+
+
+def test_batched_phases_shown_side_by_side_with_ratios() -> None:
+    from llm_perf_opt.results.types import BatchedPhase
+
+    def phase(batching: str, pages_per_s: float, busy: float | None) -> BatchedPhase:
+        return BatchedPhase(batching, 64, 4, 256, 280_000, 20_000.0, 18_000.0, 500.0, 1_500.0, pages_per_s,
+                            pages_per_s * 1_000, 0.5, busy, None if busy else "no GPU")  # fmt: skip
+
+    a = attrs.evolve(_run(prefill_ms=BASE), batched_phase=phase("static", 4.0, 0.8))
+    b = attrs.evolve(_run(prefill_ms=BASE), batched_phase=phase("continuous", 10.0, None))
+    text = render(Path("a"), a, Path("b"), b)
+    assert "## Batched phase end to end" in text and "A: static batching" in text
+    assert "| pages/s, end to end | 4.00 | 10.00 | 2.50× |" in text  # 10 / 4 by hand
+    assert "| GPU busy share | 0.800 | n/a | n/a (absent in B) |" in text  # B on CPU: no ratio claimed
+    assert "## Batched phase" not in render(Path("a"), a, Path("b"), _run(prefill_ms=BASE))  # one side only
