@@ -560,9 +560,8 @@ def _finished(run: _Run, step: SlotDecodeStep, occupied: list[int], eos_on: bool
             assert page is not None
             run.tokens[page] = step.out[b, : run.slot_cap[b]].clone()  # read once, at the end
         return ended
-    done = step.done.tolist()
-    n_gen = step.n_gen.tolist()
-    by_eos = step.by_eos.tolist()
+    flags = torch.stack([step.done.long(), step.n_gen, step.by_eos.long()]).tolist()  # one read-back
+    done, n_gen, by_eos = flags[0], flags[1], flags[2]
     ended = [b for b in occupied if done[b]]
     for b in occupied:
         run.left[b] = run.slot_cap[b] - n_gen[b] if not done[b] else 0
