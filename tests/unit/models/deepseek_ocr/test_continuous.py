@@ -9,6 +9,8 @@ continuous batching must give the same greedy tokens and every chosen token's lo
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -193,3 +195,36 @@ def test_bad_arguments(model: DeepseekOCRForCausalLM, pages: list[PreparedPage])
         gen.run_continuous([SlotRequest(pages[0], 0)], 1, eos_token_id=None)
     with torch.inference_mode(), pytest.raises(ConfigError):
         gen.run_continuous(requests(pages), 2, eos_token_id=None, no_repeat_ngram_size=-1)
+
+
+class ScriptedClock:
+    """Every mark is 1 ms after the previous one: stage times then count marks, so they can be checked by hand."""
+
+    def __init__(self) -> None:
+        self.now_ns = 0
+
+    def mark(self) -> object:
+        self.now_ns += 1_000_000
+        return self.now_ns
+
+    def synchronize(self) -> None:
+        return None
+
+    def elapsed_ms(self, start: object, end: object) -> float:
+        assert isinstance(start, int) and isinstance(end, int)
+        return (end - start) / 1e6
+
+    def intervals_ms(self, marks: list[object]) -> list[float]:
+        return [self.elapsed_ms(a, b) for a, b in itertools.pairwise(marks)]
+
+
+def test_stage_times_with_a_scripted_clock(model: DeepseekOCRForCausalLM, pages: list[PreparedPage]) -> None:
+    # each fill marks before vision, after vision and after prefill + insert (1 ms each); each step one mark
+    res = BatchedGenerator(model, clock=ScriptedClock()).run_continuous(requests(pages), SLOTS, eos_token_id=None)
+    assert res.vision_s == pytest.approx(res.fills * 1e-3) and res.prefill_s == pytest.approx(res.fills * 1e-3)
+    assert res.step_ms == [1.0] * 18  # the 18 steps of the hand-made schedule (test_without_kept_logits...)
+    assert res.decode_s == pytest.approx(18e-3)
+    assert res.total_s == pytest.approx((2 * res.fills + 18) * 1e-3)
+    # fills by hand: the first fill, then refills at steps 3 (1 page), 8 (2 pages, then 1 more for the page that
+    # ended at its prefill) and 12 (1 page; the other slot stays empty)
+    assert res.fills == 5
