@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from llm_perf_opt.results.serialize import read_summary
 from tests.integration.conftest import SMALL, read_jsonl, run_cli
 
@@ -64,6 +66,12 @@ def test_batch_larger_than_dataset_warns_and_num_pages_fills_it(tmp_path: Path) 
     assert warning in result.stderr + result.stdout  # the log line
     report = (run_dir / "report.md").read_text()
     assert "**Warning:** infer.batch_size=3 but batches ran with at most 2 page(s)" in report
+
+    # continuous batching: 3 slots, 2 pages -> the same warning (one slot stayed empty)
+    result = run_cli([*args[:-1], "infer.batching=continuous"], run_dir=tmp_path / "run-c")
+    assert result.returncode == 0, result.describe()
+    assert "**Warning:** infer.batch_size=3 but batches ran with at most 2 page(s)" in (
+        tmp_path / "run-c" / "report.md").read_text()  # fmt: skip
 
     run_dir = tmp_path / "run2"
     result = run_cli([*args, "dataset.num_pages=3", "repeats=1"], run_dir=run_dir)
@@ -147,3 +155,8 @@ def test_continuous_batching_phase(tmp_path: Path) -> None:
     assert "Continuous batching: 2 run(s) (one per repeat) through 2 sequence slots" in report
     assert "### The batched phase end to end" in report
     assert "GPU busy share" in report and "no GPU (cpu)" in report
+    # pages, not slots: 8 sequences (4 pages x 2 repeats) through 2 slots, all ended at their targets
+    assert "Simulated eos: 8 of 8 sequences" in report
+    e2e = s.batch_aggregates["e2e_per_page_ms"]
+    want = [(b.page_wait_ms + b.prefill_ms + b.decode_ms) / 4 for b in s.batches if b.page_wait_ms is not None]
+    assert sorted([e2e.min, e2e.max]) == pytest.approx(sorted([min(want), max(want)]))

@@ -777,10 +777,11 @@ def _render_batches(s: RunSummary) -> str:
         rows.append(_stat_row("refills per run (prefill rounds after the first fill)", agg.get("refills"), "fills",
                               digits=1, reason="no continuous run"))  # fmt: skip
     requested = max((b.requested_batch or 0) for b in s.batches)
+    filled = max(min(b.batch, len(b.page_ids)) for b in s.batches)  # continuous: slots beyond the pages stay empty
     warning = (
-        [f"**Warning:** infer.batch_size={requested} but batches ran with at most {size} page(s): the dataset is "
+        [f"**Warning:** infer.batch_size={requested} but batches ran with at most {filled} page(s): the dataset is "
          f"smaller than the batch; set dataset.num_pages>={requested} (synthetic) or add pages.\n"]
-        if requested > size else []
+        if requested > filled else []
     )  # fmt: skip
     how = (
         f"Continuous batching: {len(s.batches)} run(s) (one per repeat) through {size} sequence slots; a slot "
@@ -859,7 +860,7 @@ def _batch_paths(s: RunSummary) -> str:
     if len(waits) == len(s.batches):
         model_ms = sum(b.prefill_ms + b.decode_ms for b in s.batches)  # prefill_ms includes vision
         wall_ms = model_ms + sum(waits)
-        pages = sum(b.batch for b in s.batches)
+        pages = sum(len(b.page_ids) for b in s.batches)  # a continuous run's pages outnumber its slots
         tokens = sum(b.output_tokens for b in s.batches)
         text += (
             f" End to end, preprocessing included (model stages + {fmt(sum(waits), 1)} ms waiting for pages, "
@@ -871,7 +872,7 @@ def _batch_paths(s: RunSummary) -> str:
     simulated = sum(sum(b.simulated_eos) for b in s.batches)
     if simulated:
         text += (
-            f" Simulated eos: {simulated} of {sum(b.batch for b in s.batches)} sequences ended at their page's "
+            f" Simulated eos: {simulated} of {sum(len(b.page_ids) for b in s.batches)} sequences ended at their page's "
             "target output length (dummy weights)."
         )
     idle = sum(b.idle_steps for b in s.batches)

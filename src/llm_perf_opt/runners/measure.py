@@ -142,9 +142,9 @@ def batch_aggregates(batches: Sequence[BatchRecord]) -> dict[str, Stats]:
             b.output_tok_s_with_preprocess for b in batches if b.output_tok_s_with_preprocess
         ],
         "e2e_per_page_ms": [
-            (b.preprocess_ms + b.prefill_ms + b.decode_ms) / b.batch
+            (b.preprocess_ms + b.prefill_ms + b.decode_ms) / len(b.page_ids)
             for b in batches
-            if b.preprocess_ms is not None and b.batch
+            if b.preprocess_ms is not None and b.page_ids
         ],
         "preprocess_ms": [b.preprocess_ms for b in batches if b.preprocess_ms is not None],
         "prefill_ms": [b.prefill_ms for b in batches],
