@@ -57,6 +57,10 @@ logits tie within rounding.  The static step differs from the host loop only in 
 over the whole masked cache, the MLP on every row, a FastModel's fused GEMMs), so both loops give the same
 tokens except at such ties.
 
+Continuous batching (:meth:`BatchedGenerator.run_continuous`, a fixed number of sequence slots refilled as
+sequences end, per-slot KV and per-row positions) is :mod:`~llm_perf_opt.models.deepseek_ocr.continuous`; it
+shares this generator's vision, left-padded prefill and kept-state handling.
+
 Timing: marks of the :class:`~llm_perf_opt.models.deepseek_ocr.clock.Clock` the caller passes (the profiler
 passes its ``DeviceClock``: CUDA events on CUDA; on CPU the default is the host clock) around vision, prefill
 (embedding + decoder + first token) and every decode step (recorded between graph replays, no sync), resolved
