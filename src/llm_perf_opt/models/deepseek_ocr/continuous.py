@@ -578,6 +578,7 @@ def _step_for(
 ) -> SlotDecodeStep:
     """The step to run with: the current one grown, the generator's kept one when it fits, or a new one."""
     if current is not None:
+        gen._slots = None  # the generator must not keep the outgrown cache and graphs alive
         return current.grown(max(max_len, current.max_len))
     kept = gen._slots
     if kept is not None and kept.key == (slots, max_len, use_graph, ngram):
