@@ -277,7 +277,8 @@ class ModelSettings:
     config_json: str | None = attrs.field(default=None, validator=_text(optional=True))
     weights: str = attrs.field(default="checkpoint", validator=_choice(("checkpoint", "dummy")))
     dtype: str = attrs.field(default="bfloat16", validator=_choice(DTYPES))
-    backend: str = attrs.field(default="native", validator=_choice(("native", "hf_remote")))
+    # hf_native: transformers' own DeepseekOcr2ForConditionalGeneration (>= 5.10.1), DeepSeek-OCR-2 only
+    backend: str = attrs.field(default="native", validator=_choice(("native", "hf_remote", "hf_native")))
     preprocess: PreprocessSettings = attrs.field(factory=PreprocessSettings)
     # a preset name (PROMPT_PRESETS: free_ocr, ...) or the prompt text; resolved() records the text that ran
     prompt: str = attrs.field(default="<image>\n<|grounding|>Convert the document to markdown.", validator=_prompt)
@@ -295,7 +296,7 @@ class ModelSettings:
                 f"model.prompt_preset={self.prompt_preset} is not the preset of model.prompt={self.prompt!r}",
                 hint="set only model.prompt (a preset name or text); the run records prompt_preset itself",
             )
-        if self.backend == "native" and self.weights == "dummy" and not self.config_json:
+        if self.backend in ("native", "hf_native") and self.weights == "dummy" and not self.config_json:
             raise ConfigError("model.weights=dummy needs model.config_json (the shapes to build)",
                               hint="e.g. model.config_json=builtin:deepseek-ocr")  # fmt: skip
 
@@ -493,7 +494,8 @@ class RunSettings:
         # checks across groups: still before anything loads
         if self.model.backend != "native" and self.infer.fast.enabled:
             raise ConfigError(f"infer.fast.enabled=true needs model.backend=native, got {self.model.backend}",
-                              hint="set infer.fast.enabled=false or model.backend=native")  # fmt: skip
+                              hint="set infer.fast.enabled=false (the fast path is the native model's; "
+                              f"{self.model.backend} runs its own code eagerly) or model.backend=native")  # fmt: skip
         if self.model.backend != "native" and self.infer.batch_size > 1:
             raise ConfigError(f"infer.batch_size > 1 needs model.backend=native, got {self.model.backend}",
                               hint="set infer.batch_size=1 or model.backend=native")  # fmt: skip
@@ -503,14 +505,21 @@ class RunSettings:
                 hint=f"pick a {self.infer.family} arch (model/deepseek_ocr/arch={self.infer.family}.*) or an infer "
                 f"preset of {self.model.family} (model/deepseek_ocr/infer={self.model.family}.*)",
             )
+        if self.model.backend == "hf_native" and self.model.family != "deepseek_ocr2":
+            raise ConfigError(f"model.backend=hf_native is transformers' DeepSeek-OCR-2 class, the model is "
+                              f"model.family={self.model.family}",
+                              hint="use model/deepseek_ocr/arch=deepseek_ocr2.* with it, or model.backend=native "
+                              "(or hf_remote) for DeepSeek-OCR")  # fmt: skip
         if self.model.family == "deepseek_ocr2":
             self._check_v2()
 
     def _check_v2(self) -> None:
-        """DeepSeek-OCR-2 runs on the native backend (eager or fast), one page at a time, at its own view sizes."""
-        if self.model.backend != "native":
-            raise ConfigError(f"model.family=deepseek_ocr2 runs on model.backend=native only, got {self.model.backend}",
-                              hint="set model.backend=native")  # fmt: skip
+        """DeepSeek-OCR-2 runs on the native backend (eager or fast) or on transformers' class (hf_native, eager),
+        one page at a time, at its own view sizes."""
+        if self.model.backend not in ("native", "hf_native"):
+            raise ConfigError(f"model.family=deepseek_ocr2 runs on model.backend=native or hf_native, got "
+                              f"{self.model.backend}",
+                              hint="set model.backend=native (or hf_native: transformers' own class)")  # fmt: skip
         if self.infer.batch_size > 1:
             raise ConfigError("infer.batch_size > 1 is not available for DeepSeek-OCR-2 (the batched phase is v1's)",
                               hint="set infer.batch_size=1")  # fmt: skip

@@ -27,8 +27,10 @@ if TYPE_CHECKING:
 BACKENDS = {
     "native": "llm_perf_opt.runners.backends.native:NativeBackend",
     "hf_remote": "llm_perf_opt.runners.backends.hf_remote:HfRemoteBackend",
+    # transformers' own DeepSeek-OCR-2 class (RunSettings allows it for model.family=deepseek_ocr2 only)
+    "hf_native": "llm_perf_opt.runners.backends.hf_native:HfNativeBackend",
 }
-# model.family -> backend for families other than v1 (RunSettings lets them run on the native backend only)
+# model.family -> the native backend of families other than v1 (used when model.backend=native)
 FAMILY_BACKENDS = {"deepseek_ocr2": "llm_perf_opt.runners.backends.native_v2:NativeV2Backend"}
 
 
@@ -92,7 +94,9 @@ class Backend(abc.ABC):
 def build_backend(
     settings: ModelSettings, device: torch.device, dtype: torch.dtype, seed: int, project_root: Path
 ) -> Backend:
-    spec = FAMILY_BACKENDS.get(settings.family, BACKENDS[settings.backend])  # names validated by the settings
+    # names and (family, backend) pairs validated by the settings
+    native_spec = FAMILY_BACKENDS.get(settings.family) if settings.backend == "native" else None
+    spec = native_spec or BACKENDS[settings.backend]
     module, _, cls_name = spec.partition(":")
     cls: type[Backend] = getattr(importlib.import_module(module), cls_name)
     return cls.load(settings, device, dtype, seed, project_root)
