@@ -21,13 +21,13 @@ from tests.conftest import ROOT
 def test_registry_and_settings_agree_on_the_backend_names() -> None:
     # every name ModelSettings accepts has a class, and no class is unreachable
     accepted = set()
-    for name in ("native", "hf_remote", "vllm"):
+    for name in ("native", "hf_remote", "hf_native", "vllm"):
         try:
             ModelSettings(backend=name)
         except ConfigError:
             continue
         accepted.add(name)
-    assert accepted == set(BACKENDS) == {"native", "hf_remote"}
+    assert accepted == set(BACKENDS) == {"native", "hf_remote", "hf_native"}
 
 
 def test_native_backend_from_settings_delegates_to_its_model(compose_cfg: Callable[..., DictConfig]) -> None:

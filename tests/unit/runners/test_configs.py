@@ -120,7 +120,7 @@ def test_v1_modes_with_other_view_sizes_refuse_a_v2_model(compose_cfg, mode: str
     ("override", "match"),
     [
         ("infer.batch_size=4", "infer.batch_size > 1 is not available for DeepSeek-OCR-2"),
-        ("model.backend=hf_remote", "runs on model.backend=native only"),
+        ("model.backend=hf_remote", "runs on model.backend=native or hf_native"),
     ],
 )
 def test_v2_refuses_what_only_v1_has(compose_cfg, override: str, match: str) -> None:

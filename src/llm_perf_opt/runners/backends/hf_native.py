@@ -62,9 +62,7 @@ def hf_native_class(version: str | None = None) -> Any:
 
     cls = getattr(transformers, HF_CLASS, None)
     if cls is None:
-        raise ConfigError(
-            f"model.backend=hf_native: transformers {version} has no {HF_CLASS}", hint=INSTALL_HINT
-        )
+        raise ConfigError(f"model.backend=hf_native: transformers {version} has no {HF_CLASS}", hint=INSTALL_HINT)
     return cls
 
 
