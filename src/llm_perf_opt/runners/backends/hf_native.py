@@ -17,6 +17,7 @@ KV cache is transformers' ``DynamicCache`` (grown per step, so the session preal
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import inspect
 import re
 from pathlib import Path
@@ -201,7 +202,11 @@ def hf_from_native(hf_cls: Any, native: nn.Module, dtype: torch.dtype, device: t
     config = transformers.DeepseekOcr2Config(**hf_native_config(native.config))  # type: ignore[arg-type]
     state = native.state_dict()
     # float64 is not a grouped_mm dtype: the per-expert loop there (comparisons only; profiles use 16/32 bits)
-    extra = {"experts_implementation": "eager"} if dtype == torch.float64 else {}
+    extra: dict[str, Any] = {"experts_implementation": "eager"} if dtype == torch.float64 else {}
+    # with accelerate, a device_map keeps the tensors on ``device``; without it transformers loads them on the
+    # host and the model is moved after (slower, same values)
+    if importlib.util.find_spec("accelerate") is not None:
+        extra["device_map"] = {"": str(device)}
     hf, info = hf_cls.from_pretrained(
         None, config=config, state_dict=state, dtype=dtype, output_loading_info=True, **extra
     )
