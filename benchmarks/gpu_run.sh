@@ -9,6 +9,8 @@
 #   cbatch  quick check of continuous batching: its GPU tests and bench_batched static vs continuous (Base, batch 64)
 #   goals18 issue 18's goals run through the real CLI: Gundam, no_repeat_ngram_size=20, mixed page sizes, log-normal
 #           output lengths (median 1,000), batch 64, preprocessing included; continuous then static, and `compare`
+#   v1v2    benchmarks/bench_v1_v2.py (v1 Gundam vs DeepSeek-OCR-2 per stage, transformers' native class as the
+#           baseline column, native-vs-transformers logits on full-size dummy weights)
 # Everything is written to $RES (default /tmp/gpu-results) and packed into $OUT/results.tgz (the
 # markdown reports are also copied to $OUT); $OUT defaults to ./gpu-out.  Wheels for hydra & co. in .whl/ (and transformers 4.46 for the
 # vendor column in .whl-hf/) are installed into /tmp/site and /tmp/hfsite first when present.
@@ -17,7 +19,7 @@ OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 FINAL_OUT=$OUT; OUT=${RES:-/tmp/gpu-results}; mkdir -p "$OUT"
 pack() { tar czf "$FINAL_OUT/results.tgz" -C "$OUT" . && cp "$OUT"/*.md "$OUT"/gpu_tests.txt "$FINAL_OUT"/ 2>/dev/null; }
 trap pack EXIT
-STAGES=${STAGES:-tests kernels fast batched cli}
+STAGES=${STAGES:-tests kernels fast batched cli v1v2}
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
@@ -84,4 +86,8 @@ if has goals18; then
     cp /tmp/goals18-$mode/metrics.json "$OUT/goals18-$mode-metrics.json"
   done
   python3 -m llm_perf_opt.cli compare /tmp/goals18-static /tmp/goals18-continuous -o "$OUT/goals18-compare.md" > /dev/null
+fi
+if has v1v2; then
+  python3 -c 'import transformers; print("transformers", transformers.__version__)' 2>&1 | tee "$OUT/transformers.txt"
+  python3 benchmarks/bench_v1_v2.py --out "$OUT" ${V1V2_ARGS:-} 2>&1 | grep -v '^v[12] \|^Loading' | tail -60
 fi

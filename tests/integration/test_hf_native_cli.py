@@ -44,7 +44,7 @@ def test_hf_native_page_layout_stage_times_and_cache(hf_run: tuple[Path, dict]) 
     assert page["prompt_tokens"] == IMAGE_TOKENS + 1 + _text_ids()
     assert 1 <= page["generated_tokens"] <= 8
     # the hooks on transformers' sam_encoder / vision_encoder / multi_modal_projector fired inside vision
-    assert 0 < page["sam_ms"] and 0 < page["clip_ms"] and 0 < page["projector_ms"]
+    assert page["sam_ms"] > 0 and page["clip_ms"] > 0 and page["projector_ms"] > 0
     assert page["sam_ms"] + page["clip_ms"] + page["projector_ms"] <= page["vision_ms"] < page["prefill_ms"]
     fed = page["prompt_tokens"] + page["generated_tokens"] - 1  # the last token is picked, never fed
     assert page["kv_cache_bytes"] == 2 * 3 * 4 * 16 * 4 * fed

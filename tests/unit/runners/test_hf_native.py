@@ -49,8 +49,8 @@ def test_hf_native_runs_deepseek_ocr2(compose_cfg: Callable[..., DictConfig]) ->
     ("overrides", "match", "hint"),
     [
         (["model.backend=hf_native"], r"hf_native is transformers' DeepSeek-OCR-2 class", "deepseek_ocr2"),
-        ([V2_TINY, "model.backend=hf_native", "infer.fast.enabled=true"], r"fast\.enabled=true needs model\.backend=native",
-         "fast path is the native model's"),
+        ([V2_TINY, "model.backend=hf_native", "infer.fast.enabled=true"],
+         r"fast\.enabled=true needs model\.backend=native", "fast path is the native model's"),
         ([V2_TINY, "model.backend=hf_native", "infer.batch_size=2"], r"batch_size > 1 needs model\.backend=native",
          "batch_size=1"),
         ([V2_TINY, "model.backend=hf_remote"], r"runs on model\.backend=native or hf_native", "hf_native"),

@@ -130,8 +130,9 @@ class HfNativeSessionModel(nn.Module):
         return embeds.masked_scatter(mask.bool().unsqueeze(-1), rows)
 
     def _lm(self, cache: HfNativeCache, **inputs: Any) -> torch.Tensor:
-        n = int(next(iter(inputs.values())).shape[1])
-        pos = torch.arange(cache.length, cache.length + n, device=self.hf.lm_head.weight.device)[None]
+        first: torch.Tensor = next(iter(inputs.values()))
+        n = int(first.shape[1])
+        pos = torch.arange(cache.length, cache.length + n, device=first.device)[None]
         out = self._inner.language_model(position_ids=pos, use_cache=True, **{self._cache_kw: cache.dynamic}, **inputs)
         cache.length += n
         hidden: torch.Tensor = out.last_hidden_state
