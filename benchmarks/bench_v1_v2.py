@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import importlib.metadata
 import json
 import os
@@ -56,6 +57,8 @@ COLUMNS: dict[str, tuple[str, list[str]]] = {
         ["model/deepseek_ocr/infer=deepseek_ocr2.default", "model.backend=hf_native"],
     ),
 }
+# the order the columns run in (the table keeps COLUMNS' order)
+RUN_ORDER = ["v2 transformers native", "v2 native eager", "v1 native eager", "v2 native fast", "v1 native fast"]
 # rows of the table: (label, key of the column's figures, format)
 ROWS: list[tuple[str, str, str]] = [
     ("SAM ms", "sam_ms", "{:.2f}"),
@@ -98,10 +101,13 @@ def run_column(name: str, args: argparse.Namespace, run_dir: Path) -> dict[str, 
         "output.plots=false", f"hydra.run.dir={run_dir}",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "llm_perf_opt.runners.llm_profile_runner", *cli],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout_s, check=False,
-    )  # fmt: skip
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "llm_perf_opt.runners.llm_profile_runner", *cli],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout_s, check=False,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return {"absent": f"run did not finish within --timeout-s {args.timeout_s:g} s"}
     metrics = run_dir / "metrics.json"
     if proc.returncode != 0 or not metrics.is_file():
         lines = [ln.strip() for ln in proc.stderr.splitlines() if "Error" in ln or "hint" in ln.lower()]
@@ -318,21 +324,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "tokens": args.tokens,
         "columns": {},
     }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"{dt.date.today().isoformat()}-{gpu_tag(res['env']['gpu'])}-v1v2{'-tiny' if args.tiny else ''}"
+    partial = args.out / f"{stem}.partial.json"  # what is done so far, in case the device time runs out
+    # the logits check first (in this process; its memory is returned before the columns run), then the
+    # columns, v2 first: the rarest figures come first when a run is cut short
+    res["logits_check"] = logits_check(args)
+    gc.collect()  # both models of the check, before the columns' processes take the device
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    partial.write_text(json.dumps(res, indent=2, default=str))
+    print(f"logits check: {res['logits_check']}", flush=True)
     with tempfile.TemporaryDirectory(prefix="v1v2-") as tmp:
-        for name in COLUMNS:
+        for name in RUN_ORDER:
             if name not in args.columns:
                 res["columns"][name] = {"absent": "not selected (--columns)"}
                 continue
             t0 = time.perf_counter()
             res["columns"][name] = run_column(name, args, Path(tmp) / name.replace(" ", "_"))
             res["columns"][name]["wall_s"] = round(time.perf_counter() - t0, 1)  # the whole CLI run, load included
+            partial.write_text(json.dumps(res, indent=2, default=str))
             print(f"{name}: {res['columns'][name]}", flush=True)
-    res["logits_check"] = logits_check(args)
+    res["columns"] = {name: res["columns"][name] for name in COLUMNS}  # the table's order
     text = render(res)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"{dt.date.today().isoformat()}-{gpu_tag(res['env']['gpu'])}-v1v2{'-tiny' if args.tiny else ''}"
     (args.out / f"{stem}.md").write_text(text)
     (args.out / f"{stem}.json").write_text(json.dumps(res, indent=2, default=str))
+    partial.unlink()
     print(text)
     return res
 
