@@ -160,11 +160,9 @@ def figures(m: dict[str, Any]) -> dict[str, Any]:
 def logits_check(args: argparse.Namespace) -> dict[str, Any]:
     """Native v2 and transformers' class on the same weights and page: prefill logits, greedy and teacher-forced
     decode.  Returns the differences and a verdict against ``args.check_tol`` (max relative difference)."""
-    from llm_perf_opt.data.datasets import synthetic_page
     from llm_perf_opt.errors import ConfigError
     from llm_perf_opt.models.deepseek_ocr import weights as W
-    from llm_perf_opt.runners.backends.hf_native import HfNativeSessionModel, hf_from_native, hf_native_class
-    from llm_perf_opt.runners.backends.native_v2 import NativeV2Backend
+    from llm_perf_opt.runners.backends.hf_native import hf_native_class
     from llm_perf_opt.runners.settings import ModelSettings, PreprocessSettings
 
     try:
@@ -177,6 +175,22 @@ def logits_check(args: argparse.Namespace) -> dict[str, Any]:
         family="deepseek_ocr2", backend="native", weights="dummy", dtype=args.check_dtype, preprocess=pre,
         config_json="builtin:tiny" if args.tiny else "builtin:deepseek-ocr2",
     )  # fmt: skip
+    # plain float32 on CUDA (no TF32 in matmuls or cuDNN convolutions), so differences are the implementations'
+    saved_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        return _compare(args, settings, device, dtype, hf_cls)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved_tf32
+
+
+def _compare(
+    args: argparse.Namespace, settings: Any, device: torch.device, dtype: torch.dtype, hf_cls: Any
+) -> dict[str, Any]:
+    from llm_perf_opt.data.datasets import synthetic_page
+    from llm_perf_opt.runners.backends.hf_native import HfNativeSessionModel, hf_from_native
+    from llm_perf_opt.runners.backends.native_v2 import NativeV2Backend
+
     native = NativeV2Backend.load(settings, device, dtype, 0, ROOT)
     hf = HfNativeSessionModel(hf_from_native(hf_cls, native.model, dtype, device))
     from transformers import DynamicCache
@@ -198,6 +212,7 @@ def logits_check(args: argparse.Namespace) -> dict[str, Any]:
         diff = (n_logits - h_logits).abs()
         out: dict[str, Any] = {
             "dtype": args.check_dtype,
+            "tf32": False,
             "prompt_tokens": n,
             "prefill_max_abs_diff": float(diff.max()),
             "prefill_max_rel_diff": float(diff.max() / n_logits.abs().max()),
@@ -271,8 +286,8 @@ def render(res: dict[str, Any]) -> str:
         lines.append(f"absent: {chk['absent']}")
     else:
         lines += [
-            f"{chk['dtype']}, prompt {chk['prompt_tokens']} tokens. Prefill logits at every position: max |Δ| "
-            f"{chk['prefill_max_abs_diff']:.3g}, max rel {chk['prefill_max_rel_diff']:.3g}, argmax agrees at "
+            f"{chk['dtype']} (TF32 off), prompt {chk['prompt_tokens']} tokens. Prefill logits at every position: "
+            f"max |Δ| {chk['prefill_max_abs_diff']:.3g}, max rel {chk['prefill_max_rel_diff']:.3g}, argmax agrees at "
             f"{100 * chk['prefill_argmax_agree_frac']:.2f} % of positions. Greedy tokens equal for "
             f"{chk['greedy_steps']} steps: {'yes' if chk['greedy_tokens_equal'] else 'no'}"
             + (
@@ -303,7 +318,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=64, help="new tokens per page (eos ignored)")
     ap.add_argument("--warmup-rounds", type=int, default=1, help="untimed rounds before each column's repeats")
-    ap.add_argument("--columns", nargs="+", default=list(COLUMNS), choices=list(COLUMNS))
+    ap.add_argument("--columns", nargs="*", default=list(COLUMNS), choices=list(COLUMNS), help="none: the check only")
     ap.add_argument("--check-steps", type=int, default=16, help="greedy / teacher-forced steps of the logits check")
     ap.add_argument("--check-dtype", default="float32", help="dtype of the logits check (float32 or bfloat16)")
     ap.add_argument("--check-tol", type=float, default=None, help="max rel diff (default 1e-4 fp32, 3e-2 bf16)")
