@@ -80,6 +80,13 @@ def compute_efficiency(
         (r.record, r.tokens_per_expert) for r in run.runs_for_flops if r.tokens_per_expert and r.record.repeat == 0
     ]
     routing = E.routing_summary(routed, cfg.language.num_experts_per_tok)
+    if not routing and run.runs_for_flops and not any(r.tokens_per_expert for r in run.runs_for_flops):
+        unavailable.append(
+            Unavailable(
+                "moe_routing",
+                f"backend {session.backend.name} does not count tokens per expert (the native backend's model does)",
+            )
+        )
 
     flops_table = section.flops
     if final and run.static_flops is None and run.runs_for_flops and run.settings.profiling.static_compute:
