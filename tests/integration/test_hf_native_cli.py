@@ -56,9 +56,13 @@ def test_hf_native_analytic_flops_and_efficiency_per_stage(hf_run: tuple[Path, d
     assert rows["encoder"]["analytic_flops"] == _tiny_encoder_flops(full_grid=False)
     assert rows["projector"]["analytic_flops"] == 2 * (2 * 144 + 256) * 64 * 64
     assert {"sam", "encoder", "projector", "vision", "prefill", "decode"} <= {e["stage"] for e in m["efficiency"]}
-    # transformers' class keeps no routing counters: the section is absent, with the reason
-    assert m["moe_routing"] == {}
-    assert any(u["metric"] == "moe_routing" and "hf_native" in u["reason"] for u in m["unavailable"])
+    # routing counted from transformers' router ids: every fed token goes to top-3 experts in each MoE layer (1, 2)
+    routing = m["moe_routing"]
+    assert set(routing["layers"]) == {"1", "2"} and routing["top_k"] == 3
+    for layer in routing["layers"].values():
+        assert sum(layer["tokens_per_expert"]) == 3 * routing["tokens"]
+        assert len(layer["tokens_per_expert"]) == 8
+    assert not any(u["metric"] == "moe_routing" for u in m["unavailable"])
 
 
 def test_hf_native_report_names_the_backend_and_the_encoder(hf_run: tuple[Path, dict]) -> None:

@@ -152,3 +152,19 @@ def test_hf_native_hooks_name_modules_of_transformers_class(backends: dict[str, 
     assert sum(p.numel() for p in backend.model.parameters()) == sum(
         p.numel() for p in backends["native"].model.parameters()
     )
+
+
+def test_hf_native_routing_counts_equal_the_native_models(backends: dict[str, Any]) -> None:
+    """Tokens per expert after the fixture's prefill: transformers' router ids (counted by the backend's hooks)
+    and the native model's own counters agree, and each layer routes every position to top-3 experts."""
+    case = load_file(str(TINY / "cases" / "crop_2x1.safetensors"))
+    counts = {}
+    for name, backend in backends.items():
+        with torch.no_grad():
+            _prefill_all(backend, case)
+        hit, per_expert = backend.routing_counts(backend.model)
+        assert hit is not None and per_expert is not None
+        counts[name] = per_expert
+    assert set(counts["hf_native"]) == {1, 2}
+    assert counts["hf_native"] == counts["native"]
+    assert all(sum(c) == 3 * 553 for c in counts["hf_native"].values())

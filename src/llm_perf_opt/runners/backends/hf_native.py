@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import inspect
+import logging
 import re
 from pathlib import Path
 from typing import Any, ClassVar
@@ -29,6 +30,8 @@ from torch import nn
 from llm_perf_opt.errors import ConfigError, ModelLoadError
 from llm_perf_opt.runners.backends.native_v2 import NativeV2Backend
 from llm_perf_opt.runners.settings import ModelSettings
+
+log = logging.getLogger(__name__)
 
 # transformers' first release with the native DeepSeek-OCR-2 class
 MIN_TRANSFORMERS = (5, 10, 1)
@@ -95,6 +98,40 @@ class HfNativeSessionModel(nn.Module):
         lm: Any = hf.model.language_model  # type: ignore[union-attr]
         # transformers 5.2x renamed ``past_key_values`` to ``cache`` (the old name is deprecated until 5.40)
         self._cache_kw = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+        # tokens per expert of each MoE layer since the last prefill, counted on the device from the router's
+        # top-k ids (its last output), read once per page: what the native model's counters give
+        self._counts: dict[int, torch.Tensor] = {}
+        self.routing_unavailable: str | None = None
+        for i, layer in enumerate(lm.layers):
+            gate = getattr(layer.mlp, "gate", None)
+            if gate is not None:
+                gate.register_forward_hook(self._count_hook(i, int(gate.num_experts)))
+
+    def _count_hook(self, layer: int, n_experts: int) -> Any:
+        def hook(_mod: nn.Module, _args: Any, out: Any) -> None:
+            # the router's expert ids: its one integer tensor (5.2x returns logits, weights, ids)
+            found = [
+                t
+                for t in (out if isinstance(out, tuple) else (out,))
+                if torch.is_tensor(t) and not t.is_floating_point()
+            ]
+            if len(found) != 1:
+                if self.routing_unavailable is None:
+                    self.routing_unavailable = f"transformers' router returns {len(found)} integer tensors, not 1"
+                    log.warning("hf_native: no expert routing counts (%s)", self.routing_unavailable)
+                return
+            counts = torch.bincount(found[0].reshape(-1), minlength=n_experts)
+            self._counts[layer] = counts if layer not in self._counts else self._counts[layer] + counts
+
+        return hook
+
+    def tokens_per_expert(self) -> dict[int, list[int]]:
+        """Per MoE layer: tokens routed to each expert since the last prefill (one device sync)."""
+        return {i: [int(c) for c in t.tolist()] for i, t in sorted(self._counts.items())}
+
+    def experts_hit_per_layer(self) -> list[int]:
+        """Per MoE layer (in layer order): distinct experts that got at least one token since the last prefill."""
+        return [sum(1 for c in counts if c) for counts in self.tokens_per_expert().values()]
 
     @property
     def _inner(self) -> Any:
@@ -144,6 +181,7 @@ class HfNativeSessionModel(nn.Module):
         ([1, len, vocab]) with ``logits_positions="all"`` (for comparisons)."""
         if cache.length:
             raise RuntimeError("prefill on a cache that already holds a page; take a new_cache per page")
+        self._counts.clear()
         hidden = self._lm(cache, inputs_embeds=embeds)
         if logits_positions == "all":
             return self.hf.lm_head(hidden).float()  # type: ignore[operator]
@@ -189,7 +227,9 @@ class HfNativeBackend(NativeV2Backend):
         return int(cache.nbytes)
 
     def routing_counts(self, model: Any) -> tuple[list[int] | None, dict[int, list[int]] | None]:
-        return None, None
+        if model.routing_unavailable is not None:
+            return None, None
+        return model.experts_hit_per_layer(), model.tokens_per_expert()
 
 
 def hf_from_native(hf_cls: Any, native: nn.Module, dtype: torch.dtype, device: torch.device) -> nn.Module:
