@@ -99,7 +99,7 @@ class HfNativeSessionModel(nn.Module):
         # transformers 5.2x renamed ``past_key_values`` to ``cache`` (the old name is deprecated until 5.40)
         self._cache_kw = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
         # tokens per expert of each MoE layer since the last prefill, counted on the device from the router's
-        # top-k ids (its last output), read once per page: what the native model's counters give
+        # top-k ids, read once per page: what the native model's counters give
         self._counts: dict[int, torch.Tensor] = {}
         self.routing_unavailable: str | None = None
         for i, layer in enumerate(lm.layers):
