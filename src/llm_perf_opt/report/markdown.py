@@ -11,107 +11,28 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from llm_perf_opt.report.batched import render_batches
+from llm_perf_opt.report.format import (
+    NA,
+    STAT_HEADER,
+    fmt,
+    fmt_bytes,
+    fmt_bytes_dec,
+    fmt_flops,
+    fmt_pct,
+    fmt_rate_bytes,
+    md_escape,
+    na,
+    stat_row,
+    table,
+)
+from llm_perf_opt.report.operators import operator_table
 from llm_perf_opt.results.types import (
     UNATTRIBUTED,
-    BatchedPhase,
     PageRecord,
-    ProfileSummary,
     RunSummary,
-    Stats,
     Unavailable,
 )
-
-NA = "n/a"
-
-
-def fmt(value: float | int | None, digits: int = 2) -> str:
-    if value is None:
-        return NA
-    if isinstance(value, int):
-        return f"{value:,}"
-    return f"{value:,.{digits}f}"
-
-
-def fmt_bytes(value: float | int | None) -> str:
-    if value is None:
-        return NA
-    v = float(value)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(v) < 1024 or unit == "TiB":
-            return f"{v:,.1f} {unit}" if unit != "B" else f"{int(v)} B"
-        v /= 1024
-    return f"{v:.1f} TiB"
-
-
-def fmt_flops(value: float | None) -> str:
-    if value is None:
-        return NA
-    for scale, unit in ((1e15, "PFLOP"), (1e12, "TFLOP"), (1e9, "GFLOP"), (1e6, "MFLOP")):
-        if abs(value) >= scale:
-            return f"{value / scale:,.2f} {unit}"
-    return f"{value:,.0f} FLOP"
-
-
-def fmt_pct(value: float | None) -> str:
-    if value is None:
-        return NA
-    pct = 100 * value
-    # Small efficiencies (decode MFU is ~0.005 %) keep 2 significant digits instead of printing 0.00 %.
-    return f"{pct:.2f} %" if abs(pct) >= 0.1 or pct == 0 else f"{pct:.2g} %"
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(md_escape(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def md_escape(text: str) -> str:
-    """A cell or list item stays one cell / item whatever a file name holds: ``|`` escaped, line breaks shown."""
-    return text.replace("|", "\\|").replace("\r\n", "\\n").replace("\n", "\\n").replace("\r", "\\r")
-
-
-STAT_HEADER = ["metric", "unit", "n", "median", "median 95 % CI", "mean", "mean 95 % CI", "p99", "min – max",
-               "outliers (> 3× median)"]  # fmt: skip
-
-
-def na(reason: str) -> str:
-    """An absent figure with its reason, in the cell itself (never a bare n/a)."""
-    return f"{NA} ({reason})"
-
-
-def _mean_ci_cell(s: Stats, digits: int) -> str:
-    if s.ci95_half_width is not None:
-        return f"± {s.ci95_half_width:,.{digits}f}"
-    why = s.mean_ci_reason or ""
-    if "outlier" in why:
-        return na("outliers pull the mean: read the median")
-    if "one sample" in why or s.n < 2:
-        return na("one sample")
-    return na("n too small or skewed: wider than the data")
-
-
-def _stat_row(label: str, s: Stats | None, unit: str, digits: int = 2, reason: str = "not measured") -> list[str]:
-    if s is None:
-        return [label, unit, na(reason)] + [""] * (len(STAT_HEADER) - 3)
-    med_ci = (
-        f"{fmt(s.median_ci95_low, digits)} – {fmt(s.median_ci95_high, digits)}"
-        if s.median_ci95_low is not None and s.median_ci95_high is not None
-        else na("n < 6: no 95 % order-statistic interval")
-    )
-    return [
-        label,
-        unit,
-        str(s.n),
-        fmt(s.p50, digits),
-        med_ci,
-        fmt(s.mean, digits),
-        _mean_ci_cell(s, digits),
-        fmt(s.p99, digits),
-        f"{fmt(s.min, digits)} – {fmt(s.max, digits)}",
-        str(s.n_outliers),
-    ]
-
 
 DECODE_KEYS = ("decode_ms", "tpot_ms", "decode_tok_s", "decode_step_p50_ms", "decode_step_p90_ms", "decode_step_p99_ms")
 
@@ -264,7 +185,7 @@ def render_report(s: RunSummary, plots: dict[str, str] | None = None) -> str:
 
     out.append("## Latency and throughput\n")
     rows = [
-        _stat_row(_stage_label(s, label), s.aggregates.get(key), unit, reason=missing_reason(s, key))
+        stat_row(_stage_label(s, label), s.aggregates.get(key), unit, reason=missing_reason(s, key))
         for label, key, unit in LATENCY_ROWS
     ]
     out.append(table(STAT_HEADER, rows) + "\n")
@@ -328,7 +249,7 @@ def render_report(s: RunSummary, plots: dict[str, str] | None = None) -> str:
             + (f"; trace: [{prof.trace_file}]({prof.trace_file}) (open in Perfetto)" if prof.trace_file else "")
             + ".\n"
         )
-        out.append(_operator_table(s, limit=10) + "\n")
+        out.append(operator_table(s, limit=10) + "\n")
         if prof.kernels is not None:
             ka = prof.kernels
             top = ", ".join(f"{st.stage} {st.pct_of_device:.1f} %" for st in ka.stages)
@@ -349,7 +270,7 @@ def render_report(s: RunSummary, plots: dict[str, str] | None = None) -> str:
             )
 
     if s.batches:
-        out.append(_render_batches(s) + "\n")
+        out.append(render_batches(s) + "\n")
     if s.moe_routing:
         out.append("## MoE routing\n")
         out.append(_render_routing(s) + "\n")
@@ -422,26 +343,6 @@ def _activated(s: RunSummary) -> str:
 
 def _or_na(text: str, s: RunSummary, key: str) -> str:
     return na(missing_reason(s, key)) if text == NA else text
-
-
-def fmt_rate_bytes(value: float | None) -> str:
-    """Bandwidth in decimal units (GB/s = 10⁹ B/s), like FLOP/s."""
-    if value is None:
-        return NA
-    for scale, unit in ((1e12, "TB/s"), (1e9, "GB/s"), (1e6, "MB/s")):
-        if abs(value) >= scale:
-            return f"{value / scale:,.2f} {unit}"
-    return f"{value:,.0f} B/s"
-
-
-def fmt_bytes_dec(value: float | None) -> str:
-    """Bytes moved, in decimal units (GB = 10⁹ B) so that bytes ÷ seconds reads against the bandwidth peak."""
-    if value is None:
-        return NA
-    for scale, unit in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
-        if abs(value) >= scale:
-            return f"{value / scale:,.2f} {unit}"
-    return f"{value:,.0f} B"
 
 
 def _render_runaway(s: RunSummary) -> str:
@@ -541,147 +442,6 @@ def _render_pages(s: RunSummary) -> str:
     return table(header, rows)
 
 
-def _operator_table(s: RunSummary, limit: int | None = None) -> str:
-    assert s.profile is not None
-    ops = s.profile.operators[:limit] if limit else s.profile.operators
-    on_device = s.profile.sort_key == "self_device_ms"
-    header = ["#", "operator", "calls"]
-    header += ["self device ms", "total device ms"] if on_device else []
-    header += ["self CPU ms", "total CPU ms", "% of total self"]
-    rows = []
-    for i, op in enumerate(ops, 1):
-        row = [str(i), f"`{op.name}`", f"{op.calls:,}"]
-        if on_device:
-            row += [fmt(op.self_device_ms, 3), fmt(op.total_device_ms, 3)]
-        row += [fmt(op.self_cpu_ms, 3), fmt(op.total_cpu_ms, 3), f"{op.pct_of_total:.2f}"]
-        rows.append(row)
-    return table(header, rows)
-
-
-def render_operators(s: RunSummary) -> str:
-    assert s.profile is not None
-    p = s.profile
-    shown = sum(op.pct_of_total for op in p.operators)
-    lines = [
-        f"# Operators — profiler pass on `{p.page_id}` ({p.max_new_tokens} new tokens)\n",
-        f"Sorted by {p.sort_key.replace('_', ' ')}. Total self time over **all** operators: "
-        f"**{p.total_self_ms:,.3f} ms** (the profiler's own total; self times add up, inclusive 'total' columns do "
-        f"not and are shown for reading only). The {len(p.operators)} rows below cover {shown:.2f} % of it.\n",
-        _operator_table(s),
-        "",
-    ]
-    if p.total_note:
-        lines.insert(2, f"Note: {p.total_note}.\n")
-    if p.range_checks:
-        lines.append("## Cross-check: CUDA-event stage times vs the trace's GPU timeline\n")
-        lines.append(
-            "Our CUDA events (recorded on the stream at stage edges) against the same ranges' extent on the "
-            "trace's GPU timeline; kernel busy = Σ kernel time inside the range (busy ÷ span = GPU utilisation). "
-            "The GPU span starts at the range's first kernel, the events at the moment the host enqueued the "
-            "marker: for ranges shorter than a kernel launch (the projector) the difference is launch latency, "
-            "not an error.\n"
-        )
-        lines.append(
-            table(
-                ["range", "CUDA events ms", "GPU span ms", "Δ", "kernel busy ms", "GPU busy"],
-                [
-                    [
-                        c.name,
-                        fmt(c.event_ms, 3),
-                        fmt(c.gpu_span_ms, 3),
-                        f"{100 * c.rel_diff:+.2f} %",
-                        fmt(c.kernel_busy_ms, 3),
-                        f"{100 * c.kernel_busy_ms / c.gpu_span_ms:.1f} %",
-                    ]
-                    for c in p.range_checks
-                ],
-            )
-        )
-        lines.append("")
-    if p.range_ms:
-        lines.append("## Named ranges in the pass\n")
-        lines.append(
-            "Host: inclusive wall time of the range on the host. GPU span: the range's extent on the GPU timeline "
-            "(CUDA runs only; n/a on CPU, where there is no device timeline).\n"
-        )
-        names = sorted(set(p.range_ms) | set(p.range_device_ms))
-        lines.append(
-            table(
-                ["range", "host ms", "GPU span ms"],
-                [[k, fmt(p.range_ms.get(k), 3), fmt(p.range_device_ms.get(k), 3)] for k in names],
-            )
-        )
-        lines.append("")
-    lines.append(_render_kernels(p))
-    return "\n".join(lines)
-
-
-def _short_kernel(name: str, width: int = 90) -> str:
-    return name if len(name) <= width else name[: width - 1] + "…"
-
-
-def _render_kernels(p: ProfileSummary) -> str:
-    """Device kernels by name and by the stage that launched them (CUDA-graph replays included)."""
-    k = p.kernels
-    if k is None:
-        return f"## Device kernels\n\nNot available: {p.kernels_reason or 'no kernel attribution recorded'}.\n"
-    out = [
-        "## Device time by stage\n",
-        f"Every kernel, memcpy and memset of the pass ({k.device_total_ms:,.3f} ms of device time) mapped to the "
-        "stage whose host range launched it (its launch call's correlation id; a CUDA-graph replay's kernels carry "
-        f"the id of their `cudaGraphLaunch`, {k.graph_launches} graph launches here). "
-        f"**{k.attributed_pct:.2f} %** of the device time is attributed to a stage and a kernel name.\n",
-        table(
-            ["stage", "device ms", "kernels", "of which graph-replayed ms", "% of device time"],
-            [
-                [
-                    st.stage,
-                    fmt(st.device_ms, 3),
-                    f"{st.calls:,}",
-                    fmt(st.graph_replayed_ms, 3),
-                    f"{st.pct_of_device:.2f}",
-                ]
-                for st in k.stages
-            ],
-        ),
-        "",
-        "## Largest kernels of each stage\n",
-        table(
-            ["stage", "kernel", "calls", "device ms", "mean µs", "% of the stage"],
-            [
-                [
-                    st.stage,
-                    f"`{_short_kernel(r.name)}`",
-                    f"{r.calls:,}",
-                    fmt(r.device_ms, 3),
-                    fmt(r.mean_device_us, 2),
-                    f"{r.pct_of_device:.2f}",
-                ]
-                for st in k.stages
-                for r in st.top_kernels
-            ],
-        ),
-        "",
-        f"## Top device kernels ({len(k.kernels)} of {k.n_kernel_names} names)\n",
-        table(
-            ["#", "kernel", "calls", "device ms", "mean µs", "% of device time"],
-            [
-                [
-                    str(i),
-                    f"`{_short_kernel(r.name)}`",
-                    f"{r.calls:,}",
-                    fmt(r.device_ms, 3),
-                    fmt(r.mean_device_us, 2),
-                    f"{r.pct_of_device:.2f}",
-                ]
-                for i, r in enumerate(k.kernels, 1)
-            ],
-        ),
-        "",
-    ]
-    return "\n".join(out)
-
-
 def _render_efficiency(s: RunSummary) -> str:
     out = [
         "## FLOPs, MFU and MBU\n",
@@ -747,138 +507,6 @@ def _render_efficiency(s: RunSummary) -> str:
         out.append("### Energy and clocks (NVML, during the timed repeats)\n")
         out.append(table(["quantity", "value"], [[_unit_label(k), fmt(v, 2)] for k, v in s.energy.items()]) + "\n")
     return "\n".join(out)
-
-
-def _render_batches(s: RunSummary) -> str:
-    size = max(b.batch for b in s.batches)
-    agg = s.batch_aggregates
-    old = na("record written before preprocessing was timed")
-    rows = [
-        _stat_row("pages per second, model only (excl. host preprocessing)", agg.get("pages_per_s"), "pages/s"),
-        _stat_row("pages per second, end to end (incl. host preprocessing)",
-                  agg.get("pages_per_s_with_preprocess"), "pages/s", reason=old),
-        _stat_row("output tokens per second, model only (excl. host preprocessing)", agg.get("output_tok_s"), "tok/s"),
-        _stat_row("output tokens per second, end to end (incl. host preprocessing)",
-                  agg.get("output_tok_s_with_preprocess"), "tok/s", reason=old),
-        _stat_row("per page end to end (batch preprocess + prefill + decode ÷ pages)",
-                  agg.get("e2e_per_page_ms"), "ms", reason=old),
-        _stat_row("host preprocessing the batch waited for (all of it when serial)", agg.get("preprocess_ms"), "ms",
-                  reason=old),
-        _stat_row("TTFT of the batch (vision + prefill)", agg.get("prefill_ms"), "ms"),
-        _stat_row("  vision (all pages of the batch)", agg.get("vision_ms"), "ms"),
-        _stat_row("TPOT per sequence", agg.get("tpot_ms"), "ms/token",
-                  reason="no decode step: every sequence ended at its first token"),
-    ]  # fmt: skip
-    header = STAT_HEADER
-    continuous = any(b.batching == "continuous" for b in s.batches)
-    rows.append(_stat_row("slot occupancy (share of slots producing a token per decode step)",
-                          agg.get("slot_occupancy"), "fraction", reason="no decode step"))  # fmt: skip
-    if continuous:
-        rows.append(_stat_row("refills per run (prefill rounds after the first fill)", agg.get("refills"), "fills",
-                              digits=1, reason="no continuous run"))  # fmt: skip
-    requested = max((b.requested_batch or 0) for b in s.batches)
-    filled = max(min(b.batch, len(b.page_ids)) for b in s.batches)  # continuous: slots beyond the pages stay empty
-    warning = (
-        [f"**Warning:** infer.batch_size={requested} but batches ran with at most {filled} page(s): the dataset is "
-         f"smaller than the batch; set dataset.num_pages>={requested} (synthetic) or add pages.\n"]
-        if requested > filled else []
-    )  # fmt: skip
-    how = (
-        f"Continuous batching: {len(s.batches)} run(s) (one per repeat) through {size} sequence slots; a slot "
-        "whose sequence ends (eos, simulated eos, the cap) is refilled with the next page (its vision + prefill "
-        "run, its K/V inserted into the slot's rows), so the batch stays full with mixed lengths. Statistics "
-        "are over runs (TTFT row: all fills of a run together); TPOT over sequences."
-        if continuous
-        else f"Static batching: {len(s.batches)} batches of up to {size} pages, one forward per step for the whole "
-        "batch (vision batched across pages, left-padded prefill, finished sequences masked) until its longest "
-        "sequence ends. Statistics are over batches; TPOT over sequences."
-    )
-    return "\n".join(
-        [
-            f"## Batched throughput (batch size {size})\n",
-            *warning,
-            how + " Model-only rates leave the host preprocessing out (it can run ahead on other cores); "
-            "end-to-end rates add the time the batches waited for their pages. Raw records: "
-            "[batches.jsonl](batches.jsonl).\n",
-            table(header, rows),
-            "",
-            _batch_paths(s),
-            *([_render_phase(s.batched_phase)] if s.batched_phase is not None else []),
-        ]
-    )
-
-
-def _render_phase(p: BatchedPhase) -> str:
-    """The phase end to end: one wall clock over preparation, stages and host work, and where it went."""
-    share = lambda part: fmt_pct(part / p.wall_ms) if p.wall_ms > 0 else NA  # noqa: E731
-    busy = fmt_pct(p.gpu_busy_share) if p.gpu_busy_share is not None else na(p.gpu_busy_unavailable or "not measured")
-    other = (
-        f"{fmt(p.other_ms, 1)} ms ({share(p.other_ms)})"
-        if p.other_ms >= 0
-        else f"{fmt(p.other_ms, 1)} ms (negative: device stages ran while the host waited for pages)"
-    )
-    rows = [
-        ["batching", p.batching],
-        ["sequence slots (batch size)", fmt(p.slots)],
-        ["pages / output tokens", f"{fmt(p.pages)} / {fmt(p.output_tokens)}"],
-        ["wall time (host; page waits included, graph captures left out)", f"{fmt(p.wall_ms, 1)} ms"],
-        ["**pages per second, end to end**", fmt(p.pages_per_s, 2)],
-        ["**output tokens per second, end to end**", fmt(p.output_tok_s, 1)],
-        ["slot occupancy (share of slots producing a token per decode step)",
-         fmt_pct(p.slot_occupancy) if p.slot_occupancy is not None else na("no decode step")],
-        ["GPU busy share (device-timed stages ÷ wall; gaps inside a stage count as busy)", busy],
-        ["  stages: vision + prefill + decode", f"{fmt(p.stage_ms, 1)} ms ({share(p.stage_ms)})"],
-        ["  waiting for pages (host blocked on the prefetcher)",
-         f"{fmt(p.page_wait_ms, 1)} ms ({share(p.page_wait_ms)})"],
-        ["  other host work (token reads, refill bookkeeping, scheduling)", other],
-    ]  # fmt: skip
-    return "\n".join(
-        [
-            "### The batched phase end to end\n",
-            "One host clock from the first page requested to the last batch synchronised, with page preparation "
-            "(by the prefetcher's workers) included: what a user running the pages through gets. Recorded as "
-            "`batched_phase` in metrics.json.\n",
-            table(["quantity", "value"], rows),
-            "",
-        ]
-    )
-
-
-def _batch_paths(s: RunSummary) -> str:
-    """Which decode loop the batches ran, the one-time graph captures and idle steps (not in the stage times)."""
-    paths = sorted({b.decode_path for b in s.batches})
-    captures = [b.graph_capture_ms for b in s.batches if b.graph_capture_ms > 0]
-    note = {
-        "graph": "CUDA-graph step, tokens chosen on the device (no_repeat_ngram rule there too)",
-        "static": "static step, un-graphed",
-        "host": "host loop: logits read every step (per-sequence no_repeat_ngram sizes or kept logits)",
-    }
-    text = "Decode path: " + "; ".join(f"{p} ({note.get(p, '?')})" for p in paths) + "."
-    if captures:
-        text += f" Graph captures: {len(captures)}, {fmt(sum(captures), 1)} ms in all (outside the stage times)."
-    waits = [b.page_wait_ms for b in s.batches if b.page_wait_ms is not None]
-    if len(waits) == len(s.batches):
-        model_ms = sum(b.prefill_ms + b.decode_ms for b in s.batches)  # prefill_ms includes vision
-        wall_ms = model_ms + sum(waits)
-        pages = sum(len(b.page_ids) for b in s.batches)  # a continuous run's pages outnumber its slots
-        tokens = sum(b.output_tokens for b in s.batches)
-        text += (
-            f" End to end, preprocessing included (model stages + {fmt(sum(waits), 1)} ms waiting for pages, "
-            f"{fmt(100 * sum(waits) / wall_ms, 1)} % of {fmt(wall_ms, 1)} ms): {fmt(1e3 * pages / wall_ms, 2)} "
-            f"pages/s, {fmt(1e3 * tokens / wall_ms, 1)} output tok/s."
-            if wall_ms > 0
-            else " End-to-end rates not available: no time measured."
-        )
-    simulated = sum(sum(b.simulated_eos) for b in s.batches)
-    if simulated:
-        text += (
-            f" Simulated eos: {simulated} of {sum(len(b.page_ids) for b in s.batches)} sequences ended at their page's "
-            "target output length (dummy weights)."
-        )
-    idle = sum(b.idle_steps for b in s.batches)
-    if idle:
-        text += f" {idle} idle step(s) after all sequences had finished (eos checked every k steps)."
-    return text + "\n"
 
 
 def _unit_label(key: str) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from llm_perf_opt.report.markdown import fmt_flops, fmt_pct, table
+from llm_perf_opt.report.format import fmt_flops, fmt_pct, table
 from llm_perf_opt.results.serialize import atomic_write_text, to_jsonable
 from llm_perf_opt.results.types import StageFlops
 

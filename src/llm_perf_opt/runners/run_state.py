@@ -186,7 +186,8 @@ class Stage1Run:
         )
 
     def write_reports(self, status: RunStatus, reason: str | None = None) -> RunSummary:
-        from llm_perf_opt.report.markdown import render_operators, render_predictions, render_report
+        from llm_perf_opt.report.markdown import render_predictions, render_report
+        from llm_perf_opt.report.operators import render_operators
         from llm_perf_opt.report.plots import write_plots
 
         summary = self.summary(status, reason)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import attrs
 
 from llm_perf_opt.profiling.torch_profiler import kernel_attribution
-from llm_perf_opt.report.markdown import render_operators, render_report
+from llm_perf_opt.report.markdown import render_report
+from llm_perf_opt.report.operators import render_operators
 from tests.unit.builders import make_profile, make_summary
 from tests.unit.profiling.test_torch_profiler import _trace_with_graph_launch
 

@@ -1,21 +1,13 @@
-"""report/markdown.py: report.md and operators.md rendered from a synthetic RunSummary."""
+"""report/markdown.py, format.py and operators.py: report.md and operators.md rendered from a synthetic RunSummary."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from llm_perf_opt.report.markdown import (
-    NA,
-    fmt,
-    fmt_bytes,
-    fmt_flops,
-    fmt_pct,
-    render_operators,
-    render_predictions,
-    render_report,
-    table,
-)
+from llm_perf_opt.report.format import NA, fmt, fmt_bytes, fmt_flops, fmt_pct, table
+from llm_perf_opt.report.markdown import render_predictions, render_report
+from llm_perf_opt.report.operators import render_operators
 from llm_perf_opt.results.types import Efficiency, OperatorRow, StageFlops, Unavailable
 from tests.unit.builders import make_failed_page, make_page, make_profile, make_summary
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from llm_perf_opt.data.datasets import Page, build_pages, case_insensitive_glob, scale_to_8_bit
 from llm_perf_opt.errors import InputError, OutputError
-from llm_perf_opt.report.markdown import md_escape, table
+from llm_perf_opt.report.format import md_escape, table
 from llm_perf_opt.runners.outcome import final_status
 from llm_perf_opt.runners.rundir import LOCK, MARKER, check_run_dir, claim_run_dir, unsafe_reason
 from tests.unit.builders import make_failed_page, make_page

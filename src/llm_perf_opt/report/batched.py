@@ -1,0 +1,139 @@
+"""The batched-throughput sections of report.md: per-batch records, the phase end to end (pages/s and tok/s with
+preprocessing, slot occupancy, GPU busy share, page waits) and which decode path ran."""
+
+from __future__ import annotations
+
+from llm_perf_opt.report.format import NA, STAT_HEADER, fmt, fmt_pct, na, stat_row, table
+from llm_perf_opt.results.types import BatchedPhase, RunSummary
+
+
+def render_batches(s: RunSummary) -> str:
+    size = max(b.batch for b in s.batches)
+    agg = s.batch_aggregates
+    old = na("record written before preprocessing was timed")
+    rows = [
+        stat_row("pages per second, model only (excl. host preprocessing)", agg.get("pages_per_s"), "pages/s"),
+        stat_row("pages per second, end to end (incl. host preprocessing)",
+                  agg.get("pages_per_s_with_preprocess"), "pages/s", reason=old),
+        stat_row("output tokens per second, model only (excl. host preprocessing)", agg.get("output_tok_s"), "tok/s"),
+        stat_row("output tokens per second, end to end (incl. host preprocessing)",
+                  agg.get("output_tok_s_with_preprocess"), "tok/s", reason=old),
+        stat_row("per page end to end (batch preprocess + prefill + decode ÷ pages)",
+                  agg.get("e2e_per_page_ms"), "ms", reason=old),
+        stat_row("host preprocessing the batch waited for (all of it when serial)", agg.get("preprocess_ms"), "ms",
+                  reason=old),
+        stat_row("TTFT of the batch (vision + prefill)", agg.get("prefill_ms"), "ms"),
+        stat_row("  vision (all pages of the batch)", agg.get("vision_ms"), "ms"),
+        stat_row("TPOT per sequence", agg.get("tpot_ms"), "ms/token",
+                  reason="no decode step: every sequence ended at its first token"),
+    ]  # fmt: skip
+    header = STAT_HEADER
+    continuous = any(b.batching == "continuous" for b in s.batches)
+    rows.append(stat_row("slot occupancy (share of slots producing a token per decode step)",
+                          agg.get("slot_occupancy"), "fraction", reason="no decode step"))  # fmt: skip
+    if continuous:
+        rows.append(stat_row("refills per run (prefill rounds after the first fill)", agg.get("refills"), "fills",
+                              digits=1, reason="no continuous run"))  # fmt: skip
+    requested = max((b.requested_batch or 0) for b in s.batches)
+    filled = max(min(b.batch, len(b.page_ids)) for b in s.batches)  # continuous: slots beyond the pages stay empty
+    warning = (
+        [f"**Warning:** infer.batch_size={requested} but batches ran with at most {filled} page(s): the dataset is "
+         f"smaller than the batch; set dataset.num_pages>={requested} (synthetic) or add pages.\n"]
+        if requested > filled else []
+    )  # fmt: skip
+    how = (
+        f"Continuous batching: {len(s.batches)} run(s) (one per repeat) through {size} sequence slots; a slot "
+        "whose sequence ends (eos, simulated eos, the cap) is refilled with the next page (its vision + prefill "
+        "run, its K/V inserted into the slot's rows), so the batch stays full with mixed lengths. Statistics "
+        "are over runs (TTFT row: all fills of a run together); TPOT over sequences."
+        if continuous
+        else f"Static batching: {len(s.batches)} batches of up to {size} pages, one forward per step for the whole "
+        "batch (vision batched across pages, left-padded prefill, finished sequences masked) until its longest "
+        "sequence ends. Statistics are over batches; TPOT over sequences."
+    )
+    return "\n".join(
+        [
+            f"## Batched throughput (batch size {size})\n",
+            *warning,
+            how + " Model-only rates leave the host preprocessing out (it can run ahead on other cores); "
+            "end-to-end rates add the time the batches waited for their pages. Raw records: "
+            "[batches.jsonl](batches.jsonl).\n",
+            table(header, rows),
+            "",
+            _batch_paths(s),
+            *([_render_phase(s.batched_phase)] if s.batched_phase is not None else []),
+        ]
+    )
+
+
+def _render_phase(p: BatchedPhase) -> str:
+    """The phase end to end: one wall clock over preparation, stages and host work, and where it went."""
+    share = lambda part: fmt_pct(part / p.wall_ms) if p.wall_ms > 0 else NA  # noqa: E731
+    busy = fmt_pct(p.gpu_busy_share) if p.gpu_busy_share is not None else na(p.gpu_busy_unavailable or "not measured")
+    other = (
+        f"{fmt(p.other_ms, 1)} ms ({share(p.other_ms)})"
+        if p.other_ms >= 0
+        else f"{fmt(p.other_ms, 1)} ms (negative: device stages ran while the host waited for pages)"
+    )
+    rows = [
+        ["batching", p.batching],
+        ["sequence slots (batch size)", fmt(p.slots)],
+        ["pages / output tokens", f"{fmt(p.pages)} / {fmt(p.output_tokens)}"],
+        ["wall time (host; page waits included, graph captures left out)", f"{fmt(p.wall_ms, 1)} ms"],
+        ["**pages per second, end to end**", fmt(p.pages_per_s, 2)],
+        ["**output tokens per second, end to end**", fmt(p.output_tok_s, 1)],
+        ["slot occupancy (share of slots producing a token per decode step)",
+         fmt_pct(p.slot_occupancy) if p.slot_occupancy is not None else na("no decode step")],
+        ["GPU busy share (device-timed stages ÷ wall; gaps inside a stage count as busy)", busy],
+        ["  stages: vision + prefill + decode", f"{fmt(p.stage_ms, 1)} ms ({share(p.stage_ms)})"],
+        ["  waiting for pages (host blocked on the prefetcher)",
+         f"{fmt(p.page_wait_ms, 1)} ms ({share(p.page_wait_ms)})"],
+        ["  other host work (token reads, refill bookkeeping, scheduling)", other],
+    ]  # fmt: skip
+    return "\n".join(
+        [
+            "### The batched phase end to end\n",
+            "One host clock from the first page requested to the last batch synchronised, with page preparation "
+            "(by the prefetcher's workers) included: what a user running the pages through gets. Recorded as "
+            "`batched_phase` in metrics.json.\n",
+            table(["quantity", "value"], rows),
+            "",
+        ]
+    )
+
+
+def _batch_paths(s: RunSummary) -> str:
+    """Which decode loop the batches ran, the one-time graph captures and idle steps (not in the stage times)."""
+    paths = sorted({b.decode_path for b in s.batches})
+    captures = [b.graph_capture_ms for b in s.batches if b.graph_capture_ms > 0]
+    note = {
+        "graph": "CUDA-graph step, tokens chosen on the device (no_repeat_ngram rule there too)",
+        "static": "static step, un-graphed",
+        "host": "host loop: logits read every step (per-sequence no_repeat_ngram sizes or kept logits)",
+    }
+    text = "Decode path: " + "; ".join(f"{p} ({note.get(p, '?')})" for p in paths) + "."
+    if captures:
+        text += f" Graph captures: {len(captures)}, {fmt(sum(captures), 1)} ms in all (outside the stage times)."
+    waits = [b.page_wait_ms for b in s.batches if b.page_wait_ms is not None]
+    if len(waits) == len(s.batches):
+        model_ms = sum(b.prefill_ms + b.decode_ms for b in s.batches)  # prefill_ms includes vision
+        wall_ms = model_ms + sum(waits)
+        pages = sum(len(b.page_ids) for b in s.batches)  # a continuous run's pages outnumber its slots
+        tokens = sum(b.output_tokens for b in s.batches)
+        text += (
+            f" End to end, preprocessing included (model stages + {fmt(sum(waits), 1)} ms waiting for pages, "
+            f"{fmt(100 * sum(waits) / wall_ms, 1)} % of {fmt(wall_ms, 1)} ms): {fmt(1e3 * pages / wall_ms, 2)} "
+            f"pages/s, {fmt(1e3 * tokens / wall_ms, 1)} output tok/s."
+            if wall_ms > 0
+            else " End-to-end rates not available: no time measured."
+        )
+    simulated = sum(sum(b.simulated_eos) for b in s.batches)
+    if simulated:
+        text += (
+            f" Simulated eos: {simulated} of {sum(len(b.page_ids) for b in s.batches)} sequences ended at their page's "
+            "target output length (dummy weights)."
+        )
+    idle = sum(b.idle_steps for b in s.batches)
+    if idle:
+        text += f" {idle} idle step(s) after all sequences had finished (eos checked every k steps)."
+    return text + "\n"
