@@ -47,7 +47,9 @@ from llm_perf_opt.models.deepseek_ocr.kernels import (
     decode_attention_ref,
     moe_block_sizes,
     moe_experts,
+    moe_experts_grouped,
     moe_experts_ref,
+    moe_grouped_block_sizes,
     moe_route,
     moe_route_ref,
     rope_kv_write,
@@ -320,6 +322,20 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
                 4,
             )
         )
+    bm, bnu, bku, bnd, bkd = moe_grouped_block_sizes(32)
+    ids = dict(ids_ptr=i64, order_ptr="*i32", offs_ptr="*i32", P="i32")
+    specs.append(("_moe_align_kernel", ids, dict(E=lang.n_routed_experts, BLOCK_P=64, BLOCK_E=128), 4))
+    gmm = dict(order_ptr="*i32", offs_ptr="*i32", P="i32", T="i32", H="i32", INTER="i32", N_ROUTED="i32")
+    gmm_consts = dict(TOP_K=k, BLOCK_M=bm, PRECISION="tf32", UPCAST=False)
+    up = dict(x_ptr=bf, w13_ptr=bf, h_ptr=bf, **gmm)
+    up_consts = dict(BLOCK_N=bnu, BLOCK_K=bku, EVEN_K=hid % bku == 0)
+    specs.append(("_moe_gmm_up_kernel", up, {**gmm_consts, **up_consts}, 4))
+    down = dict(h_ptr=bf, w2_ptr=bf, y_ptr=f32, **gmm)
+    down_consts = dict(BLOCK_N=bnd, BLOCK_K=bkd, EVEN_K=inter % bkd == 0)
+    specs.append(("_moe_gmm_down_kernel", down, {**gmm_consts, **down_consts}, 4))
+    comb = dict(y_ptr=f32, wts_ptr=f32, res_ptr=bf, out_ptr=bf, P="i32", T="i32", H="i32")
+    comb_consts = dict(TOP_K=k, N_ALWAYS=n_always, HAS_RESIDUAL=True, BLOCK_H=256)
+    specs.append(("_moe_combine_kernel", comb, comb_consts, 2))
     return specs
 
 

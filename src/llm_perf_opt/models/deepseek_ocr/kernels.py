@@ -64,6 +64,7 @@ else:
     _TRITON_IMPORT_ERROR = ""
 
 __all__ = [
+    "GROUPED_MIN_ROWS",
     "HAVE_TRITON",
     "INTERPRETED",
     "KernelUnavailableError",
@@ -74,7 +75,9 @@ __all__ = [
     "decode_attention_ref",
     "moe_block_sizes",
     "moe_experts",
+    "moe_experts_grouped",
     "moe_experts_ref",
+    "moe_grouped_block_sizes",
     "moe_route",
     "moe_route_ref",
     "rope_kv_write",
@@ -478,6 +481,195 @@ if HAVE_TRITON:
         if HAS_RESIDUAL:
             out = _round(out + tl.load(res_ptr + t * H + rows, mask=rmask, other=0.0).to(tl.float32), dt)
         tl.store(out_ptr + t * H + rows, out.to(dt), mask=rmask)
+
+
+    # ------------------------------------------------------------------ grouped experts (9..64 rows)
+    @triton.jit
+    def _moe_align_kernel(
+        ids_ptr,
+        order_ptr,
+        offs_ptr,
+        P,
+        E: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_E: tl.constexpr,
+    ):
+        """Counting sort of the P (token, pick) pairs by expert, stable: ``order[pos] = pair``, ``offs[e]`` = first
+        sorted position of expert e (``offs[E] = P``).  A pair's position is the number of pairs with a smaller
+        expert id plus the earlier pairs with the same id: O(P²) compares, a few µs at P = 384, one launch."""
+        pb = tl.program_id(0)
+        p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+        pmask = p < P
+        idp = tl.load(ids_ptr + p, mask=pmask, other=E).to(tl.int32)
+        pos = tl.zeros([BLOCK_P], dtype=tl.int32)
+        for q0 in range(0, P, BLOCK_P):
+            q = q0 + tl.arange(0, BLOCK_P)
+            idq = tl.load(ids_ptr + q, mask=q < P, other=E + 1).to(tl.int32)  # padding sorts after every pair
+            before = (idq[None, :] < idp[:, None]) | ((idq[None, :] == idp[:, None]) & (q[None, :] < p[:, None]))
+            pos += tl.sum(before.to(tl.int32), axis=1)
+        tl.store(order_ptr + pos, p, mask=pmask)
+        if pb == 0:
+            e = tl.arange(0, BLOCK_E)
+            first = tl.zeros([BLOCK_E], dtype=tl.int32)
+            for q0 in range(0, P, BLOCK_P):
+                q = q0 + tl.arange(0, BLOCK_P)
+                idq = tl.load(ids_ptr + q, mask=q < P, other=E + 1).to(tl.int32)
+                first += tl.sum((idq[None, :] < e[:, None]).to(tl.int32), axis=1)
+            tl.store(offs_ptr + e, first, mask=e <= E)
+
+    @triton.jit
+    def _gmm_rows(order_ptr, offs_ptr, slot, P, T, TOP_K: tl.constexpr, N_ROUTED):
+        """Rows of one slot: [start, end) and the scratch row base; routed rows are sorted positions (``order``
+        maps them to pairs), an always-on slot's rows are the T tokens themselves, after the P routed rows."""
+        routed = slot < N_ROUTED
+        start = tl.where(routed, tl.load(offs_ptr + tl.minimum(slot, N_ROUTED)), 0)
+        end = tl.where(routed, tl.load(offs_ptr + tl.minimum(slot + 1, N_ROUTED)), T)
+        base = tl.where(routed, 0, P + (slot - N_ROUTED) * T)
+        return routed, start, end, base
+
+    @triton.jit(do_not_specialize=["N_ROUTED"])
+    def _moe_gmm_up_kernel(
+        x_ptr,
+        order_ptr,
+        offs_ptr,
+        w13_ptr,
+        h_ptr,
+        P,
+        T,
+        H,
+        INTER,
+        N_ROUTED,
+        TOP_K: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
+        """Grid (slots, I / BLOCK_N): one expert's rows x one tile of its gate and up columns, ``BLOCK_M`` rows at
+        a time (an expert with no rows reads nothing), then ``bf16(silu(g)) * u`` into ``h`` at the rows' sorted
+        positions, with the grouped GEMM's rounding points."""
+        slot = tl.program_id(0)
+        nb = tl.program_id(1)
+        routed, start, end, base = _gmm_rows(order_ptr, offs_ptr, slot, P, T, TOP_K, N_ROUTED)
+        n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = n < INTER
+        gate_cols = w13_ptr + slot.to(tl.int64) * (2 * INTER * H) + n[None, :] * H  # [1, BLOCK_N] row starts
+        up_cols = gate_cols + INTER * H
+        dt = h_ptr.dtype.element_ty
+        for m0 in range(start, end, BLOCK_M):
+            r = m0 + tl.arange(0, BLOCK_M)
+            rmask = r < end
+            routed_v = (r * 0 + slot) < N_ROUTED  # as a vector: the interpreter rejects scalar & vector masks
+            pair = tl.load(order_ptr + r, mask=rmask & routed_v, other=0)
+            tok = tl.where(routed_v, pair // TOP_K, r)
+            acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, H, BLOCK_K):
+                kk = k0 + tl.arange(0, BLOCK_K)
+                if EVEN_K:
+                    a_mask = rmask[:, None]
+                    w_mask = nmask[None, :]
+                else:
+                    a_mask = rmask[:, None] & (kk[None, :] < H)
+                    w_mask = nmask[None, :] & (kk[:, None] < H)
+                a = tl.load(x_ptr + tok[:, None] * H + kk[None, :], mask=a_mask, other=0.0)
+                wg = tl.load(gate_cols + kk[:, None], mask=w_mask, other=0.0)  # [BLOCK_K, BLOCK_N]
+                wu = tl.load(up_cols + kk[:, None], mask=w_mask, other=0.0)
+                if UPCAST:  # Triton's interpreter computes bf16 tl.dot wrongly; float32 operands are exact
+                    a, wg, wu = a.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
+                acc_g = tl.dot(a, wg, acc_g, input_precision=PRECISION)
+                acc_u = tl.dot(a, wu, acc_u, input_precision=PRECISION)
+            g = _round(acc_g, dt)  # the gate/up GEMM output is in the activation dtype
+            u = _round(acc_u, dt)
+            act = _round(g / (1.0 + tl.exp(-g)), dt)  # F.silu rounds to the activation dtype
+            out = h_ptr + (base + r)[:, None] * INTER + n[None, :]
+            tl.store(out, _round(act * u, dt).to(dt), mask=rmask[:, None] & nmask[None, :])
+
+    @triton.jit(do_not_specialize=["N_ROUTED"])
+    def _moe_gmm_down_kernel(
+        h_ptr,
+        order_ptr,
+        offs_ptr,
+        w2_ptr,
+        y_ptr,
+        P,
+        T,
+        H,
+        INTER,
+        N_ROUTED,
+        TOP_K: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
+        """Grid (slots, H / BLOCK_N): ``y = h @ W2[e]ᵀ`` for one expert's rows x one tile of hidden columns, written
+        in float32 at each row's pair index (token·k + pick), so the combine reads a token's picks in order."""
+        slot = tl.program_id(0)
+        nb = tl.program_id(1)
+        routed, start, end, base = _gmm_rows(order_ptr, offs_ptr, slot, P, T, TOP_K, N_ROUTED)
+        n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = n < H
+        w_cols = w2_ptr + slot.to(tl.int64) * (H * INTER) + n[None, :] * INTER
+        for m0 in range(start, end, BLOCK_M):
+            r = m0 + tl.arange(0, BLOCK_M)
+            rmask = r < end
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, INTER, BLOCK_K):
+                kk = k0 + tl.arange(0, BLOCK_K)
+                if EVEN_K:
+                    a_mask = rmask[:, None]
+                    w_mask = nmask[None, :]
+                else:
+                    a_mask = rmask[:, None] & (kk[None, :] < INTER)
+                    w_mask = nmask[None, :] & (kk[:, None] < INTER)
+                a = tl.load(h_ptr + (base + r)[:, None] * INTER + kk[None, :], mask=a_mask, other=0.0)
+                w = tl.load(w_cols + kk[:, None], mask=w_mask, other=0.0)
+                if UPCAST:
+                    a, w = a.to(tl.float32), w.to(tl.float32)
+                acc = tl.dot(a, w, acc, input_precision=PRECISION)
+            routed_v = (r * 0 + slot) < N_ROUTED
+            pair = tl.load(order_ptr + r, mask=rmask & routed_v, other=0)
+            dest = tl.where(routed_v, pair, base + r)
+            tl.store(y_ptr + dest[:, None] * H + n[None, :], acc, mask=rmask[:, None] & nmask[None, :])
+
+    @triton.jit
+    def _moe_combine_kernel(
+        y_ptr,
+        wts_ptr,
+        res_ptr,
+        out_ptr,
+        P,
+        T,
+        H,
+        TOP_K: tl.constexpr,
+        N_ALWAYS: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+    ):
+        """Per token: ``Σ_k w·bf16(y_k)`` in float32 in pick order, the always-on slots summed in float32 and rounded
+        once (one down GEMM in torch), then routed + shared (+ residual): the GEMV kernel's rounding points."""
+        t = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        cmask = cols < H
+        dt = out_ptr.dtype.element_ty
+        routed_acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+        for j in tl.static_range(TOP_K):
+            y = tl.load(y_ptr + (t * TOP_K + j) * H + cols, mask=cmask, other=0.0)
+            routed_acc += tl.load(wts_ptr + t * TOP_K + j) * _round(y, dt)
+        out = _round(routed_acc, dt)
+        if N_ALWAYS > 0:
+            always_acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+            for j in tl.static_range(N_ALWAYS):
+                always_acc += tl.load(y_ptr + (P + j * T + t) * H + cols, mask=cmask, other=0.0)
+            out = _round(out + _round(always_acc, dt), dt)
+        if HAS_RESIDUAL:
+            out = _round(out + tl.load(res_ptr + t * H + cols, mask=cmask, other=0.0).to(tl.float32), dt)
+        tl.store(out_ptr + t * H + cols, out.to(dt), mask=cmask)
 
 
 # ======================================================================================== add_rms_norm
@@ -955,5 +1147,148 @@ def moe_experts(
         BLOCK_K=block_k_down,
         EVEN_K=inter % block_k_down == 0,
         num_warps=num_warps,
+    )
+    return out
+
+
+# ======================================================================================== moe_experts_grouped
+# Row counts the grouped-GEMM expert kernels are for: above the GEMV kernels' (which re-read an expert's weights
+# per token), i.e. batched decode steps; prefill-sized inputs keep cuBLAS / torch._grouped_mm.
+GROUPED_MIN_ROWS = 9
+
+
+def moe_grouped_block_sizes(n_tokens: int, interpreter: bool = False) -> tuple[int, int, int, int, int]:
+    """(block_m, block_n_up, block_k_up, block_n_down, block_k_down) of :func:`moe_experts_grouped`.
+
+    GPU: 16-row blocks (``tl.dot``'s minimum; at 32..64 tokens an expert gets ~3..6 of the 6·T picks, so one
+    block holds them and each expert's tile of weights is read once), [128, 64] weight tiles.  The interpreter
+    runs programs one at a time with numpy: few, large tiles.
+    """
+    if interpreter:
+        return max(16, min(64, _pow2(n_tokens))), 128, 256, 128, 256
+    return 16, 64, 128, 64, 128
+
+
+def moe_experts_grouped(
+    x: Tensor,
+    idx: Tensor,
+    weights: Tensor,
+    w13: Tensor,
+    w2: Tensor,
+    n_always: int = 0,
+    residual: Tensor | None = None,
+    *,
+    block_m: int | None = None,
+    block_n_up: int | None = None,
+    block_k_up: int | None = None,
+    block_n_down: int | None = None,
+    block_k_down: int | None = None,
+    num_warps: int = 4,
+    num_stages: int | None = None,
+) -> Tensor:
+    """:func:`moe_experts` for 9..64+ tokens: a grouped GEMM that reads each used expert's weights once.
+
+    Same arguments, result and rounding points as :func:`moe_experts` / :func:`moe_experts_ref`.  Four launches,
+    no host sync, shapes fixed by T (CUDA-graph capturable):
+
+    (a) align, grid (P / 64,): the P = T·k (token, pick) pairs counting-sorted by expert on the device
+    (``order`` [P] sorted position -> pair, ``offs`` [E + 1] per-expert start);
+    (b) up, grid (slots, I / block_n): program (expert e, n tile) runs e's rows ``block_m`` at a time through
+    ``tl.dot`` against its gate and up tiles and writes ``bf16(silu(g))·u`` (the SwiGLU, fused) at the sorted
+    positions; an expert no pair picked returns at once, so unused experts cost no bandwidth.  The
+    ``n_always`` shared slots are more programs of the same launch whose rows are all T tokens;
+    (c) down, grid (slots, H / block_n): ``y = act @ W2[e]ᵀ`` per expert, float32, written at each row's pair
+    index (un-permuting for free);
+    (d) combine, grid (T, H / 256): the weighted sum over the k picks in pick order, + shared (+ residual).
+
+    Every launch reads only what it needs, so the bytes are: the used experts' weights once (while an expert
+    has at most ``block_m`` rows), T rows of x and the small scratch ([P + n_always·T] rows of I bf16 and H fp32).
+    """
+    _require("moe_experts_grouped", x.device)
+    x = _contig(x, "x")
+    n_tokens, hidden = x.shape
+    n_slots, two_i, w_hidden = w13.shape
+    inter = two_i // 2
+    top_k = idx.shape[1]
+    if w_hidden != hidden or w2.shape != (n_slots, hidden, inter) or two_i % 2:
+        raise ValueError(f"w13 {tuple(w13.shape)} / w2 {tuple(w2.shape)} do not fit hidden {hidden}")
+    if idx.shape != (n_tokens, top_k) or weights.shape != idx.shape or idx.dtype != torch.int64:
+        raise ValueError(f"idx (int64) and weights must be [{n_tokens}, k], got {idx.shape} and {weights.shape}")
+    if top_k < 1 or not 0 <= n_always < n_slots:
+        raise ValueError(f"need k >= 1 routed picks and 0 <= n_always < {n_slots} slots, got k={top_k}, {n_always}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"residual must match x {tuple(x.shape)} {x.dtype}")
+    n_routed = n_slots - n_always
+    interpreter = x.device.type != "cuda"
+    auto = moe_grouped_block_sizes(n_tokens, interpreter)
+    block_m = block_m or auto[0]
+    bn_up, bk_up = block_n_up or auto[1], block_k_up or auto[2]
+    bn_down, bk_down = block_n_down or auto[3], block_k_down or auto[4]
+    if block_m < 16 or min(bn_up, bn_down, bk_up, bk_down) < 16:
+        raise ValueError("tl.dot needs blocks of at least 16 (block_m, block_n_*, block_k_*)")
+    # float32 operands: no TF32 rounding; the interpreter gets float32 operands for bf16 too (see the kernels)
+    precision = "ieee" if x.dtype == torch.float32 or interpreter else "tf32"
+    stages = {} if num_stages is None else {"num_stages": num_stages}
+    n_pairs = n_tokens * top_k
+    rows = n_pairs + n_always * n_tokens
+    order = torch.empty(n_pairs, device=x.device, dtype=torch.int32)
+    offs = torch.empty(n_routed + 1, device=x.device, dtype=torch.int32)
+    h = torch.empty((rows, inter), device=x.device, dtype=x.dtype)
+    y = torch.empty((rows, hidden), device=x.device, dtype=torch.float32)
+    out = torch.empty_like(x)
+    idx = _contig(idx, "idx")
+    block_p = 64
+    _moe_align_kernel[(triton.cdiv(n_pairs, block_p),)](
+        idx, order, offs, n_pairs, E=n_routed, BLOCK_P=block_p, BLOCK_E=_pow2(n_routed + 1), num_warps=4
+    )
+    common = dict(TOP_K=top_k, BLOCK_M=block_m, PRECISION=precision, UPCAST=interpreter, num_warps=num_warps)
+    _moe_gmm_up_kernel[(n_slots, triton.cdiv(inter, bn_up))](
+        x,
+        order,
+        offs,
+        _contig(w13, "w13"),
+        h,
+        n_pairs,
+        n_tokens,
+        hidden,
+        inter,
+        n_routed,
+        BLOCK_N=bn_up,
+        BLOCK_K=bk_up,
+        EVEN_K=hidden % bk_up == 0,
+        **common,
+        **stages,
+    )
+    _moe_gmm_down_kernel[(n_slots, triton.cdiv(hidden, bn_down))](
+        h,
+        order,
+        offs,
+        _contig(w2, "w2"),
+        y,
+        n_pairs,
+        n_tokens,
+        hidden,
+        inter,
+        n_routed,
+        BLOCK_N=bn_down,
+        BLOCK_K=bk_down,
+        EVEN_K=inter % bk_down == 0,
+        **common,
+        **stages,
+    )
+    block_h = 256 if not interpreter else _pow2(hidden)
+    _moe_combine_kernel[(n_tokens, triton.cdiv(hidden, block_h))](
+        y,
+        _contig(weights.float(), "weights"),
+        x if residual is None else _contig(residual, "residual"),
+        out,
+        n_pairs,
+        n_tokens,
+        hidden,
+        TOP_K=top_k,
+        N_ALWAYS=n_always,
+        HAS_RESIDUAL=residual is not None,
+        BLOCK_H=block_h,
+        num_warps=2,
     )
     return out
