@@ -5,7 +5,8 @@ the modules below, over the same weights, so the Triton step is the same :class:
 :func:`~llm_perf_opt.models.deepseek_ocr.decoder.run_decoder` loop as every other path.  Per layer: add+RMSNorm
 (the residual add folded into the norm), QKV GEMM, rotary + KV write, split-K attention over keys ``0..pos``
 only, o_proj GEMM, add+RMSNorm, router (GEMV + softmax + top-k + counts), routed and shared experts in two
-kernels.  Rows are [B, hidden] (one token each); the position is ``ctx.slot`` on the device, the rotary tables
+kernels (up to 8 rows; from 9 rows on the grouped-GEMM kernels, four launches).  :func:`triton_row_layers` keeps
+the torch attention and swaps in the rest, for the batched decode step.  Rows are [B, hidden] (one token each); the position is ``ctx.slot`` on the device, the rotary tables
 ``ctx.rope_tables``.
 """
 
@@ -20,7 +21,7 @@ from llm_perf_opt.models.deepseek_ocr.context import ForwardContext
 from llm_perf_opt.models.deepseek_ocr.decoder import Attention, DecoderLayer, MoE, RMSNorm
 from llm_perf_opt.models.deepseek_ocr.fast_layers import FusedAttention, GroupedMoE
 
-__all__ = ["TritonAttention", "TritonMoE", "TritonRMSNorm", "triton_layers"]
+__all__ = ["TritonAttention", "TritonMoE", "TritonRMSNorm", "triton_layers", "triton_row_layers"]
 
 
 class TritonRMSNorm(RMSNorm):
@@ -32,7 +33,10 @@ class TritonRMSNorm(RMSNorm):
         self.eps = norm.eps
 
     def add_norm(self, delta: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
-        return K.add_rms_norm(delta, residual, self.weight, self.eps)
+        shape = delta.shape  # [T, H] in the Triton step, [B, 1, H] in the batched step: rows either way
+        flat_res = None if residual is None else residual.reshape(-1, shape[-1])
+        normed, summed = K.add_rms_norm(delta.reshape(-1, shape[-1]), flat_res, self.weight, self.eps)
+        return normed.view(shape), summed.view(shape)
 
 
 class TritonAttention(nn.Module):
@@ -88,9 +92,12 @@ class TritonMoE(MoE):
         )
 
     def apply_experts(self, flat: Tensor, topk_idx: Tensor, topk_weight: Tensor, ctx: ForwardContext | None) -> Tensor:
-        if self.all_stacks is not None:
-            return K.moe_experts(flat, topk_idx, topk_weight, *self.all_stacks, n_always=self.n_always)
-        return K.moe_experts(flat, topk_idx, topk_weight, *self.stacked)
+        """GEMV kernels up to 8 rows (each row re-reads its experts), grouped-GEMM kernels from 9 rows on (each
+        used expert read once); shared experts in the same launches when the stacks carry them."""
+        stacks, n_always = (self.all_stacks, self.n_always) if self.all_stacks is not None else (self.stacked, 0)
+        if flat.shape[0] >= K.GROUPED_MIN_ROWS:
+            return K.moe_experts_grouped(flat, topk_idx, topk_weight, *stacks, n_always=n_always)
+        return K.moe_experts(flat, topk_idx, topk_weight, *stacks, n_always=n_always)
 
 
 def _triton_layer(layer: DecoderLayer) -> DecoderLayer:
@@ -106,3 +113,18 @@ def _triton_layer(layer: DecoderLayer) -> DecoderLayer:
 def triton_layers(layers: list[DecoderLayer], norm: RMSNorm) -> tuple[list[DecoderLayer], RMSNorm]:
     """The fast layers (and the final norm) with Triton modules swapped in; dense MLPs stay as they are."""
     return [_triton_layer(layer) for layer in layers], TritonRMSNorm(norm)
+
+
+def _row_layer(layer: DecoderLayer) -> DecoderLayer:
+    mlp = layer.mlp
+    in_norm, post_norm = layer.input_layernorm, layer.post_attention_layernorm
+    assert isinstance(in_norm, RMSNorm) and isinstance(post_norm, RMSNorm)
+    new_mlp: nn.Module = TritonMoE(mlp) if isinstance(mlp, GroupedMoE) else mlp
+    return DecoderLayer(layer.layer_idx, layer.self_attn, new_mlp, TritonRMSNorm(in_norm), TritonRMSNorm(post_norm))
+
+
+def triton_row_layers(layers: list[DecoderLayer], norm: RMSNorm) -> tuple[list[DecoderLayer], RMSNorm]:
+    """The fast layers with Triton norms, router and experts but their own (torch) attention: for decode steps
+    whose rows sit at different positions over a padded cache (the batched step: per-row rotary, key mask),
+    which the Triton attention (one position for all rows) does not cover."""
+    return [_row_layer(layer) for layer in layers], TritonRMSNorm(norm)

@@ -62,8 +62,16 @@ def _decode(
     return picks, rows
 
 
-@pytest.mark.parametrize("batch", [1, 2])
-def test_triton_decode_step_matches_torch_step(batch: int) -> None:
+@pytest.mark.parametrize("batch", [1, 2, 12])  # 12 rows: torch attention, Triton norms + grouped-GEMM experts
+def test_triton_decode_step_matches_torch_step(batch: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    grouped_rows: list[int] = []
+    grouped = kernels.moe_experts_grouped
+
+    def counted(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        grouped_rows.append(x.shape[0])
+        return grouped(x, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kernels, "moe_experts_grouped", counted)
     model = _model(seed=3)
     embeds = torch.randn(batch, 9, model.config.language.hidden_size)
     ref = apply_fast_path(model, FastConfig(cuda_graphs=False, decode_kernels="torch"))
@@ -77,6 +85,8 @@ def test_triton_decode_step_matches_torch_step(batch: int) -> None:
     # routing counts: prefill (batch x 9 tokens) + 5 steps, top-k picks each, in every MoE layer
     k = model.config.language.num_experts_per_tok
     assert all(sum(c) == batch * (9 + 5) * k for c in tri.tokens_per_expert().values())
+    n_moe = len(tri.tokens_per_expert())
+    assert grouped_rows == ([batch] * 5 * n_moe if batch >= kernels.GROUPED_MIN_ROWS else [])
 
 
 def test_triton_device_greedy_matches_torch_greedy() -> None:

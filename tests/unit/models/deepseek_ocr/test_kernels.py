@@ -363,6 +363,77 @@ def test_moe_experts_real_sizes_bf16() -> None:
     _close(out, expected)
 
 
+# ------------------------------------------------------------------------------------------ moe_experts_grouped
+def _ragged_routing(x: torch.Tensor, n_experts: int, top_k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routing with experts 2 and 5 never picked (zero rows) and expert 0 picked by every even token (its rows
+    outnumber a 16-row block from 33 tokens on), the rest from random logits."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(x.shape[0], n_experts, generator=gen)
+    logits[:, [2, 5]] = -30.0  # still distinct after the softmax (no ties among underflowed zeros)
+    logits[::2, 0] = 8.0
+    return route_tokens(logits, top_k)
+
+
+def _grouped_expected(c: dict[str, Any], idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The independent oracle: the eager loop over experts plus the shared MLP plus the residual."""
+    with torch.no_grad():
+        routed, counts = apply_experts_eager(c["x"], idx, weights, c["experts"])
+        assert counts[2] == counts[5] == 0 and counts[0] >= (c["x"].shape[0] + 1) // 2
+        return c["res"] + (routed + c["shared"](c["x"]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_tokens", [9, 16, 33, 64])
+def test_moe_experts_grouped_match_eager_loop_plus_shared(dtype: torch.dtype, n_tokens: int) -> None:
+    c = _moe_case(n_tokens, 256, 128, 8, 3, dtype, seed=n_tokens)
+    idx, weights = _ragged_routing(c["x"], 8, 3, seed=n_tokens)
+    expected = _grouped_expected(c, idx, weights)
+    out = K.moe_experts_grouped(c["x"], idx, weights, c["w13"], c["w2"], n_always=2, residual=c["res"])
+    _close(out, expected)
+    ref = K.moe_experts_ref(c["x"], idx, weights, c["w13"], c["w2"], n_always=2, residual=c["res"])
+    _close(out, ref)
+    if dtype == torch.bfloat16:  # same rounding points: only reduction order differs, so rare 1-ulp flips
+        assert (out != ref).float().mean() <= 0.05, (out != ref).float().mean()
+
+
+def test_moe_experts_grouped_blocks_ragged_k_and_no_shared() -> None:
+    """GPU-sized 16-row blocks (expert 0's 20 rows span two), a K tail (H = 192 over 128-wide K tiles, I = 96
+    over 64), narrow N tiles; routed-only stacks without a residual."""
+    c = _moe_case(40, 192, 96, 8, 2, torch.bfloat16, seed=7)
+    idx, weights = _ragged_routing(c["x"], 8, 2, seed=7)
+    expected = _grouped_expected(c, idx, weights)
+    x, w13, w2 = c["x"], c["w13"], c["w2"]
+    blocks = dict(block_m=16, block_n_up=32, block_k_up=128, block_n_down=16, block_k_down=64)
+    _close(K.moe_experts_grouped(x, idx, weights, w13, w2, 2, c["res"], **blocks), expected)
+    with torch.no_grad():
+        routed, _ = apply_experts_eager(x, idx, weights, c["experts"])
+    routed_stack = (w13[:-2].contiguous(), w2[:-2].contiguous())
+    _close(K.moe_experts_grouped(x, idx, weights, *routed_stack, **blocks), routed)
+
+
+def test_moe_experts_grouped_real_sizes_bf16() -> None:
+    """The real expert shape (H=1280, I=896, 2 shared slots) at 9 tokens; top-2 of 4 experts to keep the
+    interpreter fast (the GPU test runs top-6 of 64)."""
+    c = _moe_case(9, 1280, 896, 4, 2, torch.bfloat16, seed=11)
+    out = K.moe_experts_grouped(c["x"], c["idx"], c["weights"], c["w13"], c["w2"], n_always=2, residual=c["res"])
+    with torch.no_grad():
+        routed, _ = apply_experts_eager(c["x"], c["idx"], c["weights"], c["experts"])
+        expected = c["res"] + (routed + c["shared"](c["x"]))
+    _close(out, expected)
+
+
+def test_moe_experts_grouped_rejects_bad_input() -> None:
+    c = _moe_case(9, 64, 32, 4, 2, torch.float32)
+    x, w13, w2 = c["x"], c["w13"], c["w2"]
+    no_picks = torch.empty(9, 0, dtype=torch.int64)
+    with pytest.raises(ValueError, match="k >= 1"):
+        K.moe_experts_grouped(x, no_picks, no_picks.float(), w13, w2, n_always=2)
+    with pytest.raises(ValueError, match="int64"):
+        K.moe_experts_grouped(x, c["idx"].int(), c["weights"], w13, w2, n_always=2)
+    with pytest.raises(ValueError, match="at least 16"):
+        K.moe_experts_grouped(x, c["idx"], c["weights"], w13, w2, n_always=2, block_m=8)
+
+
 def test_stack_always_on_is_the_same_mlp() -> None:
     """A SiLU-gated MLP split over its intermediate dim into slots sums back to itself (float32 exact-ish)."""
     _, shared = _experts(1, 64, 32, torch.float32, seed=9)
