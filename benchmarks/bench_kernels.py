@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,7 @@ class Row:
     bytes_moved: int
     max_abs_err: float
     note: str = ""
+    flops: int = 0  # useful FLOPs of the op (the expert GEMMs: 2 per multiply-add); 0 where not counted
 
     @property
     def speedup(self) -> float:
@@ -78,6 +80,9 @@ class Row:
 
     def gbps(self, us: float) -> float:
         return self.bytes_moved / (us * 1e-6) / 1e9
+
+    def tflops(self, us: float) -> float:
+        return self.flops / (us * 1e-6) / 1e12
 
 
 def graph_us(fns: list[Callable[[], Any]], calls: int, reps: int) -> float:
@@ -119,6 +124,7 @@ class Bench:
         self.layers = args.layers
         self.pos = torch.tensor([args.pos], device=self.dev)
         self._moe_layers: dict[int, list[tuple[torch.Tensor, ...]]] = {}
+        self.use_gmm = True
 
     def randn(self, *shape: int, std: float = 1.0, dtype: torch.dtype | None = None) -> torch.Tensor:
         out = torch.randn(shape, generator=self.gen, device=self.dev, dtype=torch.float32) * std
@@ -232,7 +238,9 @@ class Bench:
         name = "moe_route (logits in)" if logits_in else "moe_route"
         return Row(name, tokens, t_us, k_us, e * hid * 4, max_err(w, ref_w), note)
 
-    def experts(self, tokens: int, **blocks: Any) -> Row:
+    def _moe(self, tokens: int) -> tuple[list[tuple[torch.Tensor, ...]], list[tuple[torch.Tensor, ...]]]:
+        """Per layer copy: the kernels' operands (x, idx, w, stacks with shared slots, residual) and the torch
+        path's (routed stacks, fused shared gate/up [2·2I, H], shared down)."""
         lang = self.lang
         hid, inter, e, k = lang.hidden_size, lang.moe_intermediate_size, lang.n_routed_experts, lang.num_experts_per_tok
         n_always = lang.n_shared_experts
@@ -247,28 +255,29 @@ class Bench:
             self._moe_layers[tokens] = layers
         layers = self._moe_layers[tokens]
         use_gmm = use_grouped_mm(layers[0][3])
-        prepared = []  # the torch path's operands: routed stacks, fused shared gate/up [2·2I, H], shared down
+        prepared: list[
+            tuple[torch.Tensor, ...]
+        ] = []  # the torch path's operands: routed stacks, fused shared gate/up [2·2I, H], shared down
         for x, idx, w, w13, w2, res in layers:
             s13 = torch.cat((w13[e:, :inter].reshape(-1, hid), w13[e:, inter:].reshape(-1, hid)))
             s2 = w2[e:].transpose(0, 1).reshape(hid, -1).contiguous()
             prepared.append((x, idx, w, w13[:e], w2[:e], res, s13, s2))
+        self.use_gmm = use_gmm
+        return layers, prepared
 
-        def torch_path(*p: torch.Tensor) -> torch.Tensor:
-            """fast_layers.GroupedMoE: grouped routed experts + the shared MLP (fused gate/up), then residual add."""
-            x, idx, w, w13, w2, res, s13, s2 = p
-            routed = grouped_experts_stacked(x, idx, w, w13, w2, use_gmm)
-            h = F.linear(x, s13)
-            half = h.shape[-1] // 2
-            return res + (routed + F.linear(F.silu(h[:, :half]) * h[:, half:], s2))
-
+    def experts(self, tokens: int, **blocks: Any) -> Row:
+        lang = self.lang
+        hid, inter, k = lang.hidden_size, lang.moe_intermediate_size, lang.num_experts_per_tok
+        n_always = lang.n_shared_experts
+        layers, prepared = self._moe(tokens)
         t_us, k_us = self.time(
-            [lambda p=p: torch_path(*p) for p in prepared],
+            [lambda p=p: torch_moe(*p, use_gmm=self.use_gmm) for p in prepared],
             [lambda c=c: moe_experts(*c[:5], n_always, c[5], **blocks) for c in layers],
         )
         x, idx, w, w13, w2, res = layers[0]
         out = moe_experts(x, idx, w, w13, w2, n_always, res, **blocks)
         err = max_err(out, moe_experts_ref(x, idx, w, w13, w2, n_always, res))
-        err_torch = max_err(out, torch_path(*prepared[0]))
+        err_torch = max_err(out, torch_moe(*prepared[0], use_gmm=self.use_gmm))
         per_slot = (2 * inter * hid + hid * inter) * 2
         distinct = int(torch.unique(idx).numel()) + n_always
         cuda = self.dev.type == "cuda"
@@ -277,7 +286,43 @@ class Bench:
         sizes = moe_block_sizes(tokens, k + n_always, hid, inter, sms, not cuda, **rows)
         used = {**dict(zip(("block_n", "block_k_up", "block_h", "block_k_down"), sizes, strict=True)), **blocks}
         note = f"{distinct} distinct slots; vs torch path max |Δ| {err_torch:.3g}; {used}"
-        return Row("moe_experts", tokens, t_us, k_us, distinct * per_slot, err, note)
+        return Row("moe_experts", tokens, t_us, k_us, distinct * per_slot, err, note, _expert_flops(lang, tokens))
+
+    def experts_grouped(self, tokens: int, **blocks: Any) -> Row:
+        """The grouped-GEMM kernels vs the torch path at batched-decode row counts (same inputs as ``experts``)."""
+        lang = self.lang
+        hid, inter = lang.hidden_size, lang.moe_intermediate_size
+        n_always = lang.n_shared_experts
+        layers, prepared = self._moe(tokens)
+        t_us, k_us = self.time(
+            [lambda p=p: torch_moe(*p, use_gmm=self.use_gmm) for p in prepared],
+            [lambda c=c: moe_experts_grouped(*c[:5], n_always, c[5], **blocks) for c in layers],
+        )
+        x, idx, w, w13, w2, res = layers[0]
+        out = moe_experts_grouped(x, idx, w, w13, w2, n_always, res, **blocks)
+        err = max_err(out, moe_experts_ref(x, idx, w, w13, w2, n_always, res))
+        err_torch = max_err(out, torch_moe(*prepared[0], use_gmm=self.use_gmm))
+        distinct = int(torch.unique(idx).numel()) + n_always
+        moved = distinct * (2 * inter * hid + hid * inter) * 2 + 3 * tokens * hid * 2  # weights once; x, res, out
+        names = ("block_m", "block_n_up", "block_k_up", "block_n_down", "block_k_down")
+        used = {**dict(zip(names, moe_grouped_block_sizes(tokens), strict=True)), **blocks}
+        note = f"{distinct} distinct slots; vs torch path max |Δ| {err_torch:.3g}; {used}"
+        return Row("moe_experts_grouped", tokens, t_us, k_us, moved, err, note, _expert_flops(lang, tokens))
+
+
+def _expert_flops(lang: LanguageConfig, tokens: int) -> int:
+    """Useful FLOPs of routed + shared experts for ``tokens`` rows: 3 GEMMs of I x H per (row, slot), 2 per MAC."""
+    slots = lang.num_experts_per_tok + lang.n_shared_experts
+    return 2 * 3 * tokens * slots * lang.moe_intermediate_size * lang.hidden_size
+
+
+def torch_moe(*p: torch.Tensor, use_gmm: bool = True) -> torch.Tensor:
+    """fast_layers.GroupedMoE: grouped routed experts + the shared MLP (fused gate/up), then the residual add."""
+    x, idx, w, w13, w2, res, s13, s2 = p
+    routed = grouped_experts_stacked(x, idx, w, w13, w2, use_gmm)
+    h = F.linear(x, s13)
+    half = h.shape[-1] // 2
+    return res + (routed + F.linear(F.silu(h[:, :half]) * h[:, half:], s2))
 
 
 # ---------------------------------------------------------------------------------------- sm_90 check
@@ -405,21 +450,42 @@ def sm90_check(lang: LanguageConfig) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------- report
-def render(rows: list[Row], env: dict[str, str], args: argparse.Namespace, sweep: list[str]) -> str:
+def _pct(value: float, peak: float | None) -> str:
+    return "n/a" if peak is None else f"{100 * value / peak:.0f} %"
+
+
+def render(
+    rows: list[Row],
+    env: dict[str, str],
+    args: argparse.Namespace,
+    sweep: list[str],
+    peaks: tuple[float, float] | None = None,
+    steps: list[str] | None = None,
+) -> str:
+    """Markdown report; ``peaks`` (bytes/s, bf16 FLOP/s) from the GPU's datasheet entry (None: not in the table)."""
+    bw, fl = (peaks[0] / 1e9, peaks[1] / 1e12) if peaks else (None, None)
+    peak_note = (
+        f" Roofline: {bw:.0f} GB/s and {fl:.0f} dense bf16 TFLOP/s ({env.get('peak_source', 'datasheet')})."
+        if peaks
+        else " No datasheet peak for this GPU: % of roofline absent."
+    )
     lines = [
         f"# Triton decode kernels vs torch — {env['gpu']}",
         "",
         f"{env['date']}; driver {env['driver']}; torch {env['torch']} (CUDA {env['cuda']}); Triton {env['triton']};"
         f" bf16, real DeepSeek-OCR sizes; per call: CUDA graph of {args.calls} back-to-back calls cycling through"
-        f" {args.layers} layer copies, median of {args.reps} replays (launch overhead excluded).",
+        f" {args.layers} layer copies, median of {args.reps} replays (launch overhead excluded).{peak_note}",
         "",
-        "| op | T | torch µs | triton µs | speedup | bytes | torch GB/s | triton GB/s | max abs err vs ref | notes |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| op | T | torch µs | triton µs | speedup | bytes | torch GB/s | triton GB/s | torch % BW | triton % BW |"
+        " triton TFLOP/s (% peak) | max abs err vs ref | notes |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in rows:
+        tf = f"{r.tflops(r.triton_us):.1f} ({_pct(r.tflops(r.triton_us), fl)})" if r.flops else ""
         lines.append(
             f"| {r.op} | {r.tokens} | {r.torch_us:.2f} | {r.triton_us:.2f} | {r.speedup:.2f}× | {r.bytes_moved:,} |"
-            f" {r.gbps(r.torch_us):.0f} | {r.gbps(r.triton_us):.0f} | {r.max_abs_err:.3g} | {r.note} |"
+            f" {r.gbps(r.torch_us):.0f} | {r.gbps(r.triton_us):.0f} | {_pct(r.gbps(r.torch_us), bw)} |"
+            f" {_pct(r.gbps(r.triton_us), bw)} | {tf} | {r.max_abs_err:.3g} | {r.note} |"
         )
     one = [r for r in rows if r.tokens == 1]
     lines += [
@@ -427,6 +493,8 @@ def render(rows: list[Row], env: dict[str, str], args: argparse.Namespace, sweep
         f"Sum over the T=1 ops: torch {sum(r.torch_us for r in one):.1f} µs, Triton"
         f" {sum(r.triton_us for r in one):.1f} µs per layer (the QKV / o_proj GEMMs are not included).",
     ]
+    if steps:
+        lines += ["", "## Batched decode step (full model, CUDA graph)", "", *steps]
     if sweep:
         lines += ["", "## Block-size sweep (Triton µs)", "", *sweep]
     return "\n".join(lines) + "\n"
@@ -444,7 +512,158 @@ def run_sweep(bench: Bench) -> list[str]:
     for block_n in (32, 64, 128):
         r = bench.attention(1, block_n=block_n)
         out.append(f"| decode_attention | 1 | block_n={block_n} | {r.triton_us:.2f} | {r.gbps(r.triton_us):.0f} |")
+    out += run_grouped_sweep(bench)
     return out
+
+
+# (block_m, block_n, block_k, num_stages, num_warps) for both grouped GEMMs; the first is the default
+GROUPED_VARIANTS = [
+    (16, 64, 128, None, 4),
+    (16, 64, 128, 4, 4),
+    (16, 64, 256, 3, 4),
+    (16, 64, 64, 6, 4),
+    (16, 128, 64, 4, 4),
+    (16, 128, 128, 3, 8),
+    (16, 32, 256, 4, 4),
+    (16, 32, 128, 5, 4),
+    (32, 64, 128, 3, 4),
+]
+
+
+def run_grouped_sweep(bench: Bench, tokens_list: tuple[int, ...] = (32, 64)) -> list[str]:
+    """Block sizes of the grouped expert kernels (both GEMMs alike); a variant that does not fit (shared memory)
+    is listed with the reason."""
+    out = []
+    for tokens in tokens_list:
+        for bm, bn, bk, stages, warps in GROUPED_VARIANTS:
+            cfg = f"block_m={bm} block_n={bn} block_k={bk} stages={stages or 'default'} warps={warps}"
+            blocks = dict(block_m=bm, block_n_up=bn, block_k_up=bk, block_n_down=bn, block_k_down=bk)
+            try:
+                r = bench.experts_grouped(tokens, **blocks, num_stages=stages, num_warps=warps)
+            except Exception as exc:  # a variant that cannot compile / launch is reported, not fatal
+                out.append(f"| moe_experts_grouped | {tokens} | {cfg} | failed: {type(exc).__name__} | |")
+                continue
+            out.append(f"| moe_experts_grouped | {tokens} | {cfg} | {r.triton_us:.2f} | {r.gbps(r.triton_us):.0f} |")
+    return out
+
+
+# ---------------------------------------------------------------------------------------- batched step
+def _measure_step(fast: Any, model: Any, bsz: int, prompt_len: int, new_tokens: int, reps: int) -> dict[str, Any]:
+    """One (kernels, batch) point: capture, ``reps`` timed replays, then 3 un-graphed steps under the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from llm_perf_opt.models.deepseek_ocr.batched_decode import StaticBatchStep
+
+    dev = torch.device("cuda")
+    step = StaticBatchStep(
+        fast,
+        model,
+        bsz,
+        prompt_len + new_tokens,
+        use_graph=True,
+        matmul_attention=fast.fast_config.decode_attention == "matmul",
+        expert_impl=fast.fast_config.expert_impl,
+    )
+    gen = torch.Generator(device=dev).manual_seed(bsz)
+    first = torch.randint(0, int(model.lm_head.out_features), (bsz, 1), device=dev, generator=gen)
+
+    def reload() -> None:
+        step.load(first, [prompt_len] * bsz, [new_tokens] * bsz, None)
+
+    reload()
+    capture_s = step.capture()
+    reload()
+    times = []
+    for _ in range(min(reps, new_tokens - 1)):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step.step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    step.graph = None  # un-graphed steps for the profile: the same kernels, launched one by one
+    reload()
+    n_prof = 3
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n_prof):
+            step.step()
+        torch.cuda.synchronize()
+    per_name: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            per_name.setdefault(e.name, []).append(float(e.device_time))
+    top = sorted(per_name.items(), key=lambda kv: -sum(kv[1]))[:25]
+    return {
+        "batch": bsz,
+        "decode_kernels": fast.decode_kernels,
+        "decode_kernels_note": fast.decode_kernels_note,
+        "step_ms": statistics.median(times),
+        "step_ms_all": times,
+        "capture_s": capture_s,
+        "capture_error": step.capture_error,
+        "kernels_per_step": sum(len(v) for v in per_name.values()) / n_prof,
+        "gpu_ms_per_step": sum(sum(v) for v in per_name.values()) / n_prof / 1e3,
+        "top_kernels": [
+            {"name": name[:160], "calls_per_step": len(v) / n_prof, "us_per_step": sum(v) / n_prof} for name, v in top
+        ],
+    }
+
+
+def batched_steps(
+    batches: list[int], prompt_len: int, new_tokens: int, reps: int
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The batched decode step (``batched_decode.StaticBatchStep``, CUDA graph) of the full-size dummy model at
+    each batch size, with the torch kernels and with ``decode_kernels="triton"`` (Triton norms, router and
+    grouped-GEMM experts from 9 rows on), plus the GPU time per kernel name of un-graphed steps."""
+    from llm_perf_opt.models.deepseek_ocr import build_model
+    from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, apply_fast_path
+
+    model = build_model(DeepseekOCRConfig.from_json(CONFIG), torch.device("cuda"), torch.bfloat16, "dummy")
+    results: list[dict[str, Any]] = []
+    lines = [
+        f"Full-size dummy weights, prompt length {prompt_len} (every row), cache {prompt_len + new_tokens}; median of"
+        f" {reps} graph replays per step (each replay is one step: slot and positions advance on the device).",
+        "",
+        "| batch | decode kernels | step ms | tok/s | capture s | kernels/step (un-graphed) |"
+        " GPU ms/step (un-graphed) |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for kern in ("torch", "triton"):
+        fast = apply_fast_path(
+            model, FastConfig(decode_kernels=kern, sam_compile=False, clip_compile=False, vision_graphs=False)
+        )
+        for bsz in batches:
+            try:
+                row = _measure_step(fast, model, bsz, prompt_len, new_tokens, reps)
+            except Exception as exc:  # one failed point is reported with its error; the others still run
+                traceback.print_exc()
+                row = {"batch": bsz, "decode_kernels": fast.decode_kernels, "error": f"{type(exc).__name__}: {exc}"}
+                lines.append(f"| {bsz} | {fast.decode_kernels} | failed: {row['error'][:200]} | | | | |")
+                results.append(row)
+                continue
+            results.append(row)
+            flag = f" (capture failed: {row['capture_error']})" if row["capture_error"] else ""
+            lines.append(
+                f"| {bsz} | {row['decode_kernels']}{flag} | {row['step_ms']:.3f} | {bsz / row['step_ms'] * 1e3:.0f} |"
+                f" {row['capture_s']:.2f} | {row['kernels_per_step']:.0f} | {row['gpu_ms_per_step']:.3f} |"
+            )
+            print(lines[-1], flush=True)
+            torch.cuda.empty_cache()
+    for row in results:
+        if "top_kernels" not in row:
+            continue
+        lines += [
+            "",
+            f"Top kernels, batch {row['batch']}, {row['decode_kernels']} (GPU µs per un-graphed step):",
+            "",
+            "| kernel | calls/step | µs/step |",
+            "| --- | ---: | ---: |",
+        ]
+        lines += [
+            f"| `{k['name'][:90]}` | {k['calls_per_step']:.0f} | {k['us_per_step']:.1f} |"
+            for k in row["top_kernels"][:12]
+        ]
+    return results, lines
 
 
 def main() -> None:
@@ -458,6 +677,16 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="also time moe / attention block-size variants")
     ap.add_argument("--sm90-check", action="store_true", help="compile every kernel for sm_90 (no GPU needed)")
     ap.add_argument("--json", action="store_true", help="with --sm90-check: print the results as one JSON line")
+    ap.add_argument("--grouped-tokens", default="9,16,32,64", help="row counts of the grouped expert kernels")
+    ap.add_argument(
+        "--batched-step",
+        default="32,64",
+        help="batch sizes of the full-model batched decode step, torch vs triton kernels ('' to skip)",
+    )
+    ap.add_argument("--step-prompt-len", type=int, default=283, help="batched step: prompt length (Base mode: 283)")
+    ap.add_argument("--step-tokens", type=int, default=128, help="batched step: new tokens the cache holds")
+    ap.add_argument("--step-reps", type=int, default=100, help="batched step: timed graph replays (median)")
+    ap.add_argument("--only-grouped", action="store_true", help="skip the batch-1 decode ops (T = 1, 4)")
     args = ap.parse_args()
     lang = DeepseekOCRConfig.from_json(CONFIG).language
     if args.sm90_check:
@@ -479,16 +708,46 @@ def main() -> None:
     import triton
 
     from llm_perf_opt.profiling.bench_meta import benchmark_header, gpu_tag
+    from llm_perf_opt.profiling.peaks import match_peak
 
     env = {**benchmark_header(torch.device("cuda")), "triton": triton.__version__}
+    spec = match_peak(env["gpu"])
+    peaks = None
+    if spec is not None:
+        peaks = (spec.mem_bw_bytes_per_s, spec.bf16_dense_flops)
+        env["peak_source"] = f"{spec.name}: {spec.source_title}"
     bench = Bench(lang, args, torch.device("cuda"))
     rows: list[Row] = []
+    grouped_tokens = [int(t) for t in args.grouped_tokens.split(",") if t]
     with torch.inference_mode():
-        rows += [bench.norm(1), bench.rope(1), bench.attention(1), bench.route(1), bench.route(1, logits_in=True)]
-        rows += [bench.experts(1)]
-        rows += [bench.route(4), bench.experts(4)]
-        sweep = run_sweep(bench) if args.sweep else []
-    text = render(rows, env, args, sweep)
+        if not args.only_grouped:
+            rows += [bench.norm(1), bench.rope(1), bench.attention(1), bench.route(1), bench.route(1, logits_in=True)]
+            rows += [bench.experts(1)]
+            rows += [bench.route(4), bench.experts(4)]
+        for tokens in grouped_tokens:
+            if tokens <= 16:  # the GEMV kernels re-read weights per token: where the grouped kernels take over
+                rows.append(bench.experts(tokens))
+            rows.append(bench.experts_grouped(tokens))
+        if args.sweep:
+            sweep = (
+                run_sweep(bench)
+                if not args.only_grouped
+                else [
+                    "| op | T | config | triton µs | GB/s |",
+                    "| --- | ---: | --- | ---: | ---: |",
+                    *run_grouped_sweep(bench),
+                ]
+            )
+        else:
+            sweep = []
+        bench._moe_layers.clear()  # ~5 GB of expert copies: freed before the full model is built
+        torch.cuda.empty_cache()
+        step_rows: list[dict[str, Any]] = []
+        step_lines: list[str] = []
+        step_batches = [int(b) for b in args.batched_step.split(",") if b]
+        if step_batches:
+            step_rows, step_lines = batched_steps(step_batches, args.step_prompt_len, args.step_tokens, args.step_reps)
+    text = render(rows, env, args, sweep, peaks, step_lines)
     print(text)
     if args.out:
         out = Path(args.out)
@@ -496,7 +755,8 @@ def main() -> None:
         gpu = gpu_tag(env["gpu"])
         stem = f"{dt.date.today().isoformat()}-{gpu}-kernels"
         (out / f"{stem}.md").write_text(text)
-        (out / f"{stem}.json").write_text(json.dumps({"env": env, "rows": [attrs.asdict(r) for r in rows]}, indent=2))
+        payload = {"env": env, "rows": [attrs.asdict(r) for r in rows], "batched_step": step_rows, "sweep": sweep}
+        (out / f"{stem}.json").write_text(json.dumps(payload, indent=2))
         print(f"wrote {out / stem}.md", file=sys.stderr)
 
 

@@ -482,7 +482,6 @@ if HAVE_TRITON:
             out = _round(out + tl.load(res_ptr + t * H + rows, mask=rmask, other=0.0).to(tl.float32), dt)
         tl.store(out_ptr + t * H + rows, out.to(dt), mask=rmask)
 
-
     # ------------------------------------------------------------------ grouped experts (9..64 rows)
     @triton.jit
     def _moe_align_kernel(
@@ -525,7 +524,7 @@ if HAVE_TRITON:
         start = tl.where(routed, tl.load(offs_ptr + tl.minimum(slot, N_ROUTED)), 0)
         end = tl.where(routed, tl.load(offs_ptr + tl.minimum(slot + 1, N_ROUTED)), T)
         base = tl.where(routed, 0, P + (slot - N_ROUTED) * T)
-        return routed, start, end, base
+        return start, end, base
 
     @triton.jit(do_not_specialize=["N_ROUTED"])
     def _moe_gmm_up_kernel(
@@ -552,7 +551,7 @@ if HAVE_TRITON:
         positions, with the grouped GEMM's rounding points."""
         slot = tl.program_id(0)
         nb = tl.program_id(1)
-        routed, start, end, base = _gmm_rows(order_ptr, offs_ptr, slot, P, T, TOP_K, N_ROUTED)
+        start, end, base = _gmm_rows(order_ptr, offs_ptr, slot, P, T, TOP_K, N_ROUTED)
         n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = n < INTER
         gate_cols = w13_ptr + slot.to(tl.int64) * (2 * INTER * H) + n[None, :] * H  # [1, BLOCK_N] row starts
@@ -611,7 +610,7 @@ if HAVE_TRITON:
         in float32 at each row's pair index (token·k + pick), so the combine reads a token's picks in order."""
         slot = tl.program_id(0)
         nb = tl.program_id(1)
-        routed, start, end, base = _gmm_rows(order_ptr, offs_ptr, slot, P, T, TOP_K, N_ROUTED)
+        start, end, base = _gmm_rows(order_ptr, offs_ptr, slot, P, T, TOP_K, N_ROUTED)
         n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = n < H
         w_cols = w2_ptr + slot.to(tl.int64) * (H * INTER) + n[None, :] * INTER

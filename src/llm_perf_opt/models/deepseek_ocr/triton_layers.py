@@ -6,8 +6,8 @@ the modules below, over the same weights, so the Triton step is the same :class:
 (the residual add folded into the norm), QKV GEMM, rotary + KV write, split-K attention over keys ``0..pos``
 only, o_proj GEMM, add+RMSNorm, router (GEMV + softmax + top-k + counts), routed and shared experts in two
 kernels (up to 8 rows; from 9 rows on the grouped-GEMM kernels, four launches).  :func:`triton_row_layers` keeps
-the torch attention and swaps in the rest, for the batched decode step.  Rows are [B, hidden] (one token each); the position is ``ctx.slot`` on the device, the rotary tables
-``ctx.rope_tables``.
+the torch attention and swaps in the rest, for the batched decode step.  Rows are [B, hidden] (one token each);
+the position is ``ctx.slot`` on the device, the rotary tables ``ctx.rope_tables``.
 """
 
 from __future__ import annotations

@@ -1,0 +1,52 @@
+"""The batched CUDA-graph step with the Triton norms and grouped-GEMM experts (``decode_kernels="triton"``, more
+than 8 rows) against the host loop, which runs the torch layers.
+
+Tiny fixture model in bf16, 12 pages (the three tiny cases four times): the step's MoE runs
+``kernels.moe_experts_grouped``.  Tokens must match the host loop's except after a near-tie (the rule of
+``test_batched_gpu.assert_tokens_match``); the same step un-graphed gives identical tokens.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, build_model
+from llm_perf_opt.models.deepseek_ocr.batched import BatchedGenerator
+from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, apply_fast_path
+from llm_perf_opt.profiling.timers import DeviceClock
+from tests.conftest import TINY, requires_cuda, tiny_case_pages
+from tests.gpu.test_batched_gpu import assert_tokens_match
+
+pytestmark = [pytest.mark.gpu, requires_cuda]
+
+STEPS = 24
+
+
+def test_grouped_expert_step_matches_host_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    from llm_perf_opt.models.deepseek_ocr import kernels
+
+    calls: list[int] = []
+    grouped = kernels.moe_experts_grouped
+
+    def counted(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return grouped(x, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kernels, "moe_experts_grouped", counted)
+    cfg = DeepseekOCRConfig.from_json(TINY / "config.json")
+    model = build_model(cfg, "cuda", torch.bfloat16, weights=TINY / "weights.safetensors")
+    fast = apply_fast_path(model, FastConfig(sam_compile=False, clip_compile=False, vision_graphs=False))
+    assert fast.decode_kernels == "triton", fast.decode_kernels_note
+    pages = tiny_case_pages(model.config) * 4
+    clock = DeviceClock(model.device)
+    ref = BatchedGenerator(fast, clock=clock, static_decode=False).run(
+        pages, STEPS, eos_token_id=None, keep_logits=True
+    )
+    graph_gen = BatchedGenerator(fast, clock=clock)
+    res = graph_gen.run(pages, STEPS, eos_token_id=None)
+    assert ref.decode_path == "host" and res.decode_path == "graph", graph_gen.capture_error
+    assert calls and set(calls) == {len(pages)}  # the grouped kernels ran, at 12 rows (during warm-up / capture)
+    assert_tokens_match(res, ref)
+    plain = BatchedGenerator(fast, clock=clock, cuda_graphs=False).run(pages, STEPS, eos_token_id=None)
+    assert plain.decode_path == "static" and plain.tokens == res.tokens
