@@ -255,9 +255,8 @@ class Bench:
             self._moe_layers[tokens] = layers
         layers = self._moe_layers[tokens]
         use_gmm = use_grouped_mm(layers[0][3])
-        prepared: list[
-            tuple[torch.Tensor, ...]
-        ] = []  # the torch path's operands: routed stacks, fused shared gate/up [2·2I, H], shared down
+        # the torch path's operands: routed stacks, fused shared gate/up [2·2I, H], shared down
+        prepared: list[tuple[torch.Tensor, ...]] = []
         for x, idx, w, w13, w2, res in layers:
             s13 = torch.cat((w13[e:, :inter].reshape(-1, hid), w13[e:, inter:].reshape(-1, hid)))
             s2 = w2[e:].transpose(0, 1).reshape(hid, -1).contiguous()
@@ -728,25 +727,20 @@ def main() -> None:
             if tokens <= 16:  # the GEMV kernels re-read weights per token: where the grouped kernels take over
                 rows.append(bench.experts(tokens))
             rows.append(bench.experts_grouped(tokens))
-        if args.sweep:
-            sweep = (
-                run_sweep(bench)
-                if not args.only_grouped
-                else [
-                    "| op | T | config | triton µs | GB/s |",
-                    "| --- | ---: | --- | ---: | ---: |",
-                    *run_grouped_sweep(bench),
-                ]
-            )
-        else:
-            sweep = []
-        bench._moe_layers.clear()  # ~5 GB of expert copies: freed before the full model is built
+        print(render(rows, env, args, [], peaks), flush=True)  # the op rows first, in case a later part fails
+        bench._moe_layers.clear()  # ~5 GB of expert copies per row count: freed before the full model is built
         torch.cuda.empty_cache()
-        step_rows: list[dict[str, Any]] = []
-        step_lines: list[str] = []
-        step_batches = [int(b) for b in args.batched_step.split(",") if b]
-        if step_batches:
+    step_rows: list[dict[str, Any]] = []
+    step_lines: list[str] = []
+    step_batches = [int(b) for b in args.batched_step.split(",") if b]
+    if step_batches:  # the model as the batched generator runs it: no_grad, not inference mode
+        with torch.no_grad():
             step_rows, step_lines = batched_steps(step_batches, args.step_prompt_len, args.step_tokens, args.step_reps)
+    with torch.inference_mode():
+        sweep: list[str] = []
+        if args.sweep:
+            head = ["| op | T | config | triton µs | GB/s |", "| --- | ---: | --- | ---: | ---: |"]
+            sweep = run_sweep(bench) if not args.only_grouped else [*head, *run_grouped_sweep(bench)]
     text = render(rows, env, args, sweep, peaks, step_lines)
     print(text)
     if args.out:
