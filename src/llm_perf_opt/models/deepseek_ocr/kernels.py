@@ -491,30 +491,27 @@ if HAVE_TRITON:
         P,
         E: tl.constexpr,
         BLOCK_P: tl.constexpr,
+        BLOCK_ALL: tl.constexpr,
         BLOCK_E: tl.constexpr,
     ):
         """Counting sort of the P (token, pick) pairs by expert, stable: ``order[pos] = pair``, ``offs[e]`` = first
         sorted position of expert e (``offs[E] = P``).  A pair's position is the number of pairs with a smaller
-        expert id plus the earlier pairs with the same id: O(P²) compares, a few µs at P = 384, one launch."""
+        expert id plus the earlier pairs with the same id: every program loads all P ids at once (P <= BLOCK_ALL)
+        and places its BLOCK_P pairs with one [BLOCK_P, BLOCK_ALL] comparison; the last program writes ``offs``."""
         pb = tl.program_id(0)
-        p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-        pmask = p < P
-        idp = tl.load(ids_ptr + p, mask=pmask, other=E).to(tl.int32)
-        pos = tl.zeros([BLOCK_P], dtype=tl.int32)
-        for q0 in range(0, P, BLOCK_P):
-            q = q0 + tl.arange(0, BLOCK_P)
-            idq = tl.load(ids_ptr + q, mask=q < P, other=E + 1).to(tl.int32)  # padding sorts after every pair
+        q = tl.arange(0, BLOCK_ALL)
+        idq = tl.load(ids_ptr + q, mask=q < P, other=E + 1).to(tl.int32)  # padding sorts after every pair
+        if pb * BLOCK_P < P:
+            p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+            pmask = p < P
+            idp = tl.load(ids_ptr + p, mask=pmask, other=E).to(tl.int32)
             before = (idq[None, :] < idp[:, None]) | ((idq[None, :] == idp[:, None]) & (q[None, :] < p[:, None]))
-            pos += tl.sum(before.to(tl.int32), axis=1)
-        tl.store(order_ptr + pos, p, mask=pmask)
-        if pb == 0:
-            e = tl.arange(0, BLOCK_E)
-            first = tl.zeros([BLOCK_E], dtype=tl.int32)
-            for q0 in range(0, P, BLOCK_P):
-                q = q0 + tl.arange(0, BLOCK_P)
-                idq = tl.load(ids_ptr + q, mask=q < P, other=E + 1).to(tl.int32)
-                first += tl.sum((idq[None, :] < e[:, None]).to(tl.int32), axis=1)
-            tl.store(offs_ptr + e, first, mask=e <= E)
+            tl.store(order_ptr + tl.sum(before.to(tl.int32), axis=1), p, mask=pmask)
+        else:
+            for e0 in tl.static_range(0, BLOCK_E, BLOCK_P):
+                e = e0 + tl.arange(0, BLOCK_P)
+                first = tl.sum((idq[None, :] < e[:, None]).to(tl.int32), axis=1)
+                tl.store(offs_ptr + e, first, mask=e <= E)
 
     @triton.jit
     def _gmm_rows(order_ptr, offs_ptr, slot, P, T, TOP_K: tl.constexpr, N_ROUTED):
@@ -1160,12 +1157,15 @@ def moe_grouped_block_sizes(n_tokens: int, interpreter: bool = False) -> tuple[i
     """(block_m, block_n_up, block_k_up, block_n_down, block_k_down) of :func:`moe_experts_grouped`.
 
     GPU: 16-row blocks (``tl.dot``'s minimum; at 32..64 tokens an expert gets ~3..6 of the 6·T picks, so one
-    block holds them and each expert's tile of weights is read once), [128, 64] weight tiles.  The interpreter
+    block holds them and each expert's tile of weights is read once), 32 from 64 tokens on, [128, 64] weight
+    tiles.  The interpreter
     runs programs one at a time with numpy: few, large tiles.
     """
     if interpreter:
         return max(16, min(64, _pow2(n_tokens))), 128, 256, 128, 256
-    return 16, 64, 128, 64, 128
+    # H200 sweep (bench_kernels --sweep): 16-row blocks best at 32 tokens (128 us/layer), 32-row blocks at 64
+    # (148 vs 159 us: an expert's ~6 rows + the shared slots' 64 rows in fewer re-reads)
+    return (16 if n_tokens < 64 else 32), 64, 128, 64, 128
 
 
 def moe_experts_grouped(
@@ -1190,8 +1190,8 @@ def moe_experts_grouped(
     Same arguments, result and rounding points as :func:`moe_experts` / :func:`moe_experts_ref`.  Four launches,
     no host sync, shapes fixed by T (CUDA-graph capturable):
 
-    (a) align, grid (P / 64,): the P = T·k (token, pick) pairs counting-sorted by expert on the device
-    (``order`` [P] sorted position -> pair, ``offs`` [E + 1] per-expert start);
+    (a) align, grid (P / 16 + 1,): the P = T·k (token, pick) pairs counting-sorted by expert on the device
+    (``order`` [P] sorted position -> pair, ``offs`` [E + 1] per-expert start; P <= 8192);
     (b) up, grid (slots, I / block_n): program (expert e, n tile) runs e's rows ``block_m`` at a time through
     ``tl.dot`` against its gate and up tiles and writes ``bf16(silu(g))·u`` (the SwiGLU, fused) at the sorted
     positions; an expert no pair picked returns at once, so unused experts cost no bandwidth.  The
@@ -1218,6 +1218,11 @@ def moe_experts_grouped(
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
         raise ValueError(f"residual must match x {tuple(x.shape)} {x.dtype}")
     n_routed = n_slots - n_always
+    if n_tokens * top_k > 8192:
+        raise ValueError(
+            f"{n_tokens} tokens x {top_k} picks: too many for the align kernel (<= 8192 picks); "
+            "prefill-sized inputs belong to the grouped-GEMM torch path (grouped_experts_stacked)"
+        )
     interpreter = x.device.type != "cuda"
     auto = moe_grouped_block_sizes(n_tokens, interpreter)
     block_m = block_m or auto[0]
@@ -1236,9 +1241,10 @@ def moe_experts_grouped(
     y = torch.empty((rows, hidden), device=x.device, dtype=torch.float32)
     out = torch.empty_like(x)
     idx = _contig(idx, "idx")
-    block_p = 64
-    _moe_align_kernel[(triton.cdiv(n_pairs, block_p),)](
-        idx, order, offs, n_pairs, E=n_routed, BLOCK_P=block_p, BLOCK_E=_pow2(n_routed + 1), num_warps=4
+    block_p = 16  # [16, pow2(P)] comparisons per program: P = 384 (64 tokens) -> 24 programs + 1 for offs
+    block_e = max(block_p, _pow2(n_routed + 1))
+    _moe_align_kernel[(triton.cdiv(n_pairs, block_p) + 1,)](
+        idx, order, offs, n_pairs, E=n_routed, BLOCK_P=block_p, BLOCK_ALL=_pow2(n_pairs), BLOCK_E=block_e, num_warps=4
     )
     common = dict(TOP_K=top_k, BLOCK_M=block_m, PRECISION=precision, UPCAST=interpreter, num_warps=num_warps)
     _moe_gmm_up_kernel[(n_slots, triton.cdiv(inter, bn_up))](
