@@ -124,6 +124,35 @@ def test_decode_attention(batch: int, kv_heads: int, pos: int) -> None:
     assert rel_err(out, _matmul_attention(q, clean_k, clean_v, pos)) <= 5e-2
 
 
+def test_decode_attention_key_mask_and_row_rotary_at_batch_32() -> None:
+    """The batched step's attention at real sizes: 32 rows with left pads 0..310 over a 411-column cache, every
+    row rotated at its own position and written at one column; against the references and plain softmax."""
+    batch, max_len, slot = 32, 411, 300
+    pads = torch.arange(batch, device=DEV) * 9  # row 31: 279 pad columns
+    cos_t, sin_t = RotaryEmbedding(HEAD_DIM, 10000.0, MAX_LEN)(0, MAX_LEN, DEV, BF16)
+    positions = slot - pads
+    cos, sin = cos_t[positions].contiguous(), sin_t[positions].contiguous()
+    qkv = _randn(batch, 3 * HEADS * HEAD_DIM, seed=70)
+    k_cache, v_cache = (
+        _randn(batch, HEADS, max_len, HEAD_DIM, seed=71),
+        _randn(batch, HEADS, max_len, HEAD_DIM, seed=72),
+    )
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    pos = torch.tensor([slot], device=DEV)
+    q = K.rope_kv_write(qkv, cos, sin, pos, k_cache, v_cache, HEADS, HEADS, HEAD_DIM, row_tables=True)
+    q_ref = K.rope_kv_write_ref(qkv, cos, sin, pos, k_ref, v_ref, HEADS, HEADS, HEAD_DIM, row_tables=True)
+    assert torch.equal(q, q_ref) and torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+    cols = torch.arange(max_len, device=DEV)
+    visible = (cols[None, :] >= pads[:, None]) & (cols[None, :] <= slot)
+    mask = torch.where(visible, 0.0, float("-inf")).to(BF16)
+    out = K.decode_attention(q, k_cache, v_cache, pos, HEAD_DIM**-0.5, key_mask=mask)
+    assert torch.isfinite(out.float()).all()
+    _assert_bf16_close(out, K.decode_attention_ref(q, k_cache, v_cache, pos, HEAD_DIM**-0.5, key_mask=mask))
+    scores = torch.einsum("bhd,bhnd->bhn", q.float(), k_cache.float()) * HEAD_DIM**-0.5 + mask.float()[:, None]
+    plain = torch.einsum("bhn,bhnd->bhd", scores.softmax(-1), v_cache.float()).reshape(batch, -1)
+    assert rel_err(out, plain) <= 1e-2
+
+
 @pytest.mark.parametrize("logits_in", [False, True])
 @pytest.mark.parametrize("tokens", [1, 4, 8])
 def test_moe_route(tokens: int, logits_in: bool) -> None:

@@ -38,9 +38,9 @@ fused / grouped modules swapped in; the eager model's own layers are left as the
 * ``decode_kernels="triton"`` (default where Triton runs): the decode step as fused Triton kernels
   (:mod:`~llm_perf_opt.models.deepseek_ocr.kernels`: add+RMSNorm, rotary+KV write, split-K attention over
   keys ``0..pos`` only, router top-k, routed + shared experts in two GEMV kernels) plus cuBLAS for the QKV,
-  o_proj and lm_head GEMMs: ~170 launches per step instead of ~700 (H200: 0.88 vs 2.29 ms/token).  Decode
-  steps of more than 8 rows (the batched step) keep the torch attention and run the Triton norms, router and
-  grouped-GEMM experts (``triton_layers.triton_row_layers``).
+  o_proj and lm_head GEMMs: ~170 launches per step instead of ~700 (H200: 0.88 vs 2.29 ms/token).  The
+  batched step (rows at their own positions, left pads masked) runs the same kernels with per-row rotary rows and
+  an additive key mask, and grouped-GEMM experts from 9 rows on (``triton_layers.triton_row_layers``).
 * ``prefill_graphs``: the LM prefill replayed from a CUDA graph per (prompt length, cache) (LRU of 8).
 * ``device_decode`` (used by the profiler's session): :meth:`FastDecoder.greedy` with the no-repeat-ngram ban
   computed inside the graph (:func:`~llm_perf_opt.models.deepseek_ocr.generation.banned_ngram_mask`).
@@ -274,7 +274,7 @@ class FastModel:
             if isinstance(layer.mlp, GroupedMoE) and layer.mlp.counts is not None
         }
         self._triton: tuple[list[DecoderLayer], RMSNorm] | None = None
-        # decode steps over a slot context with torch attention (the batched step, > 8 rows): Triton norms + MoE
+        # decode steps over other slot contexts (the batched step, > 8 rows): per-row positions and key masks
         self._triton_rows: tuple[list[DecoderLayer], RMSNorm] | None = None
         if self.decode_kernels == "triton":
             from llm_perf_opt.models.deepseek_ocr.triton_layers import triton_layers, triton_row_layers
@@ -387,8 +387,8 @@ class FastModel:
         """The fast decoder layers over ``hidden`` with positions / mask / cache slot in ``ctx`` -> normed hidden
         states (the cache's length is the caller's to advance); ``triton``: the layers with the Triton modules
         swapped in (one token per row, [B, hidden]; only when ``decode_kernels == "triton"``).  Any other decode
-        step (a slot context: the batched step, the torch step of more than 8 rows) runs the Triton norms, router
-        and experts with the torch attention when ``decode_kernels == "triton"``."""
+        step (a slot context: the batched step, the torch step of more than 8 rows) runs the Triton row layers
+        (``triton_layers.triton_row_layers``) when ``decode_kernels == "triton"``."""
         if triton:
             if self._triton is None:
                 raise InputError("the Triton decode layers were not built", hint=str(self.decode_kernels_note))

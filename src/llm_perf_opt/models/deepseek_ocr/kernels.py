@@ -215,10 +215,12 @@ if HAVE_TRITON:
         HK: tl.constexpr,
         D: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        ROW_TABLES: tl.constexpr = False,
     ):
         b = tl.program_id(0)
         h = tl.program_id(1)  # 0..HQ-1: q heads, HQ..HQ+HK-1: k heads, then v heads
         pos = tl.load(pos_ptr)
+        trow = b if ROW_TABLES else pos  # cos/sin row: this batch row's own position, or the shared one
         d = tl.arange(0, BLOCK_D)
         dmask = d < D
         dt = q_ptr.dtype.element_ty
@@ -226,8 +228,8 @@ if HAVE_TRITON:
         x = tl.load(src + d, mask=dmask, other=0.0).to(tl.float32)
         # roll(x, D/2)[i] = x[(i + D/2) mod D]; the sign of rotate_half is folded into the sin table
         xr = tl.load(src + (d + D // 2) % D, mask=dmask, other=0.0).to(tl.float32)
-        c = tl.load(cos_ptr + pos * D + d, mask=dmask, other=0.0).to(tl.float32)
-        sn = tl.load(sin_ptr + pos * D + d, mask=dmask, other=0.0).to(tl.float32)
+        c = tl.load(cos_ptr + trow * D + d, mask=dmask, other=0.0).to(tl.float32)
+        sn = tl.load(sin_ptr + trow * D + d, mask=dmask, other=0.0).to(tl.float32)
         # torch rounds x*cos and roll(x)*sin to the activation dtype, then their sum
         rot = _round(_round(x * c, dt) + _round(xr * sn, dt), dt).to(dt)
         hv = d * 0 + h  # the head index as a vector: masks stay [BLOCK_D] (the interpreter rejects scalar & vector)
@@ -257,6 +259,9 @@ if HAVE_TRITON:
         N_SPLITS: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        mask_ptr=None,
+        mask_stride=0,
+        HAS_MASK: tl.constexpr = False,
     ):
         bh = tl.program_id(0)
         split = tl.program_id(1)
@@ -281,10 +286,13 @@ if HAVE_TRITON:
             tile_mask = nmask[:, None] & dmask[None, :]
             k = tl.load(k_ptr + offs, mask=tile_mask, other=0.0).to(tl.float32)
             s = tl.sum(k * q[None, :], axis=1)
+            if HAS_MASK:  # additive (natural-log scale, like the torch mask), in the log2 domain of the scores
+                s += tl.load(mask_ptr + b * mask_stride + n, mask=nmask, other=0.0).to(tl.float32) * 1.4426950408889634
             s = tl.where(nmask, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=0))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block of masked keys only: 0 weights, no NaN
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use)
             v = tl.load(v_ptr + offs, mask=tile_mask, other=0.0).to(tl.float32)
             l_i = l_i * alpha + tl.sum(p, axis=0)
             acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
@@ -712,8 +720,17 @@ def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float)
 
 # ======================================================================================== rope_kv_write
 def _check_rope_args(
-    qkv: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, n_heads: int, n_kv_heads: int, head_dim: int
+    qkv: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    pos: Tensor,
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+    row_tables: Tensor | None = None,
 ) -> None:
+    if row_tables is not None and tuple(row_tables.shape) != (qkv.shape[0], head_dim):
+        raise ValueError(f"row_tables: cos/sin must be [B, {head_dim}] (one row per batch row), got {row_tables.shape}")
     width = (n_heads + 2 * n_kv_heads) * head_dim
     if qkv.dim() != 2 or qkv.shape[1] != width:
         raise ValueError(f"qkv must be [B, {width}] for {n_heads}+2*{n_kv_heads} heads of {head_dim}, got {qkv.shape}")
@@ -734,13 +751,18 @@ def rope_kv_write_ref(
     n_heads: int,
     n_kv_heads: int,
     head_dim: int,
+    *,
+    row_tables: bool = False,
 ) -> Tensor:
     """The torch path (``fast._Layer.qkv`` + ``index_copy_``): rotate q and k, write k and v at ``pos``."""
-    _check_rope_args(qkv, k_cache, v_cache, pos, n_heads, n_kv_heads, head_dim)
+    _check_rope_args(qkv, k_cache, v_cache, pos, n_heads, n_kv_heads, head_dim, cos_table if row_tables else None)
     bsz = qkv.shape[0]
     heads = qkv.view(bsz, n_heads + 2 * n_kv_heads, head_dim)
     qk, v = heads[:, : n_heads + n_kv_heads], heads[:, n_heads + n_kv_heads :]
-    cos, sin = cos_table.index_select(0, pos), sin_table.index_select(0, pos)  # [1, D]: broadcast
+    if row_tables:  # [B, 1, D]: each row its own position (FusedAttention.project with per-row cos/sin)
+        cos, sin = cos_table.unsqueeze(1), sin_table.unsqueeze(1)
+    else:
+        cos, sin = cos_table.index_select(0, pos), sin_table.index_select(0, pos)  # [1, D]: broadcast
     qk = qk * cos + qk.roll(head_dim // 2, dims=-1) * sin
     k_cache.index_copy_(2, pos, qk[:, n_heads:, None, :].to(k_cache.dtype))
     v_cache.index_copy_(2, pos, v[:, :, None, :].to(v_cache.dtype))
@@ -757,8 +779,13 @@ def rope_kv_write(
     n_heads: int,
     n_kv_heads: int,
     head_dim: int,
+    *,
+    row_tables: bool = False,
 ) -> Tensor:
     """Rotary on q and k, k and v written into one layer's cache at ``pos``; returns rotated q [B, hq, D].
+
+    ``row_tables``: ``cos_table``/``sin_table`` are [B, D], row b's own rotary row (the batched step: every row
+    writes cache column ``pos`` but sits at its own position ``len_b + step``).
 
     ``qkv`` [B, (hq + 2·hk)·D] is the fused QKV GEMM output (one token per row), ``cos_table``/``sin_table``
     [max_positions, D] the rotary tables with rotate_half's sign folded into sin, ``pos`` an int64 device
@@ -768,7 +795,7 @@ def rope_kv_write(
     be < max_len: it lives on the device, so it is not checked here (``StaticKVCache.check_room`` does).
     """
     _require("rope_kv_write", qkv.device)
-    _check_rope_args(qkv, k_cache, v_cache, pos, n_heads, n_kv_heads, head_dim)
+    _check_rope_args(qkv, k_cache, v_cache, pos, n_heads, n_kv_heads, head_dim, cos_table if row_tables else None)
     if n_heads % n_kv_heads:
         raise ValueError(f"n_heads {n_heads} must be a multiple of n_kv_heads {n_kv_heads}")
     bsz = qkv.shape[0]
@@ -786,14 +813,17 @@ def rope_kv_write(
         HK=n_kv_heads,
         D=head_dim,
         BLOCK_D=_pow2(head_dim),
+        ROW_TABLES=row_tables,
         num_warps=1,
     )
     return q
 
 
 # ======================================================================================== decode_attention
-def decode_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, scale: float) -> Tensor:
-    """``softmax(q·kᵀ·scale) v`` over keys ``0..pos``, all in float32, rounded once at the end.
+def decode_attention_ref(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, scale: float, *, key_mask: Tensor | None = None
+) -> Tensor:
+    """``softmax(q·kᵀ·scale + key_mask) v`` over keys ``0..pos``, all in float32, rounded once at the end.
 
     More exact than the torch decode path (``decode_attention="matmul"`` rounds scores and probabilities to
     bf16); the kernel follows this one.  ``q`` [B, hq, D], caches [B, hk, max_len, D]; returns [B, hq·D].
@@ -804,6 +834,10 @@ def decode_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tenso
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     scores = torch.einsum("bhd,bhnd->bhn", q.float(), k) * scale
+    if key_mask is not None:  # [B|1, n <= max_len] additive
+        n = key_mask.shape[-1]
+        scores = scores[..., :n] + key_mask.float().reshape(-1, 1, n)
+        k, v = k[:, :, :n], v[:, :, :n]
     keep = torch.arange(k.shape[2], device=q.device) <= pos
     probs = torch.where(keep, scores, float("-inf")).softmax(dim=-1)
     out = torch.einsum("bhn,bhnd->bhd", probs, v)
@@ -824,8 +858,13 @@ def decode_attention(
     *,
     block_n: int | None = None,
     n_splits: int | None = None,
+    key_mask: Tensor | None = None,
 ) -> Tensor:
     """Decode attention of ``q`` [B, hq, D] over keys ``0..pos`` of one layer's cache; returns [B, hq·D].
+
+    ``key_mask``: an additive mask [B or 1, n] over cache columns (0 / -inf, e.g. the batched step's left pads),
+    ``n`` > ``pos`` (the caller's to ensure: ``pos`` lives on the device); added to the scores before the softmax,
+    a key block that it masks entirely contributes nothing (no NaN).
 
     Flash-decoding in two kernels.  (1) grid (B·hq, n_splits): the keys ``0..pos`` (``pos`` read on the
     device) are divided evenly among the splits in ``block_n``-key blocks; each program streams its blocks
@@ -843,6 +882,13 @@ def decode_attention(
         raise ValueError(f"caches {tuple(k_cache.shape)} do not fit q {tuple(q.shape)} (need [B, hk, max_len, D])")
     if pos.shape != (1,) or pos.dtype != torch.int64:
         raise ValueError(f"pos must be an int64 tensor of shape [1], got {pos.dtype} {tuple(pos.shape)}")
+    mask_args: dict[str, object] = {}
+    if key_mask is not None:
+        if key_mask.dim() != 2 or key_mask.shape[0] not in (1, bsz) or key_mask.shape[1] > max_len:
+            raise ValueError(f"key_mask must be [{bsz} or 1, n <= {max_len}], got {tuple(key_mask.shape)}")
+        key_mask = _contig(key_mask, "key_mask")
+        stride = key_mask.stride(0) if key_mask.shape[0] == bsz and bsz > 1 else 0
+        mask_args = dict(mask_ptr=key_mask, mask_stride=stride, HAS_MASK=True)
     if block_n is None:  # [64, D] K and V tiles: 64 elements per thread at 4 warps (D = 128), no spills
         block_n = 64 if q.device.type == "cuda" else 256
     splits = n_splits or attention_splits(bsz * hq, max_len, block_n, _sm_count(q.device))
@@ -869,6 +915,7 @@ def decode_attention(
         BLOCK_N=block_n,
         BLOCK_D=block_d,
         num_warps=4,
+        **mask_args,
     )
     _attn_combine_kernel[(rows,)](
         m, den, acc, out, D=dim, N_SPLITS=splits, BLOCK_S=_pow2(splits), BLOCK_D=block_d, num_warps=2

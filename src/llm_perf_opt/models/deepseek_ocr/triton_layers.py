@@ -5,9 +5,9 @@ the modules below, over the same weights, so the Triton step is the same :class:
 :func:`~llm_perf_opt.models.deepseek_ocr.decoder.run_decoder` loop as every other path.  Per layer: add+RMSNorm
 (the residual add folded into the norm), QKV GEMM, rotary + KV write, split-K attention over keys ``0..pos``
 only, o_proj GEMM, add+RMSNorm, router (GEMV + softmax + top-k + counts), routed and shared experts in two
-kernels (up to 8 rows; from 9 rows on the grouped-GEMM kernels, four launches).  :func:`triton_row_layers` keeps
-the torch attention and swaps in the rest, for the batched decode step.  Rows are [B, hidden] (one token each);
-the position is ``ctx.slot`` on the device, the rotary tables ``ctx.rope_tables``.
+kernels (up to 8 rows; from 9 rows on the grouped-GEMM kernels, four launches).  :func:`triton_row_layers` does
+the same for the batched decode step, whose rows sit at their own positions over a left-padded cache.  Rows are
+[B, hidden] (one token each); the position is ``ctx.slot`` on the device, the rotary tables ``ctx.rope_tables``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from llm_perf_opt.models.deepseek_ocr.context import ForwardContext
 from llm_perf_opt.models.deepseek_ocr.decoder import Attention, DecoderLayer, MoE, RMSNorm
 from llm_perf_opt.models.deepseek_ocr.fast_layers import FusedAttention, GroupedMoE
 
-__all__ = ["TritonAttention", "TritonMoE", "TritonRMSNorm", "triton_layers", "triton_row_layers"]
+__all__ = ["TritonAttention", "TritonMoE", "TritonRMSNorm", "TritonRowAttention", "triton_layers", "triton_row_layers"]
 
 
 class TritonRMSNorm(RMSNorm):
@@ -61,6 +61,48 @@ class TritonAttention(nn.Module):
         out = K.decode_attention(q, k_all, v_all, ctx.slot, a.head_dim**-0.5)
         o: Tensor = a.o_proj(out)
         return o
+
+
+class TritonRowAttention(nn.Module):
+    """A decode step over a slot context whose rows sit at their own positions (per-row ``ctx.cos``/``ctx.sin``
+    [B|1, 1, D]) and see their own keys (additive ``ctx.mask`` [B|1, 1, 1, n]): the batched step.  QKV GEMM,
+    rotary at each row's position + K/V written at ``ctx.slot``, split-K attention over keys ``0..slot`` with the
+    mask added, o_proj.  Any other context (several positions per row, no slot) runs the wrapped attention."""
+
+    def __init__(self, attn: Attention) -> None:
+        super().__init__()
+        self.attn = attn
+        self.wqkv: Tensor | None = attn.wqkv if isinstance(attn, FusedAttention) else None
+
+    def _fits(self, x: Tensor, ctx: ForwardContext) -> bool:
+        if ctx.cache is None or ctx.slot is None or ctx.cos is None or ctx.sin is None or x.shape[1] != 1:
+            return False
+        rows_ok = ctx.cos.shape[0] in (1, x.shape[0]) and ctx.cos.shape[1] == 1
+        mask = ctx.mask
+        return rows_ok and (mask is None or (mask.dim() == 4 and mask.shape[1] == mask.shape[2] == 1))
+
+    def forward(self, x: Tensor, ctx: ForwardContext, layer_idx: int) -> Tensor:
+        if not self._fits(x, ctx):
+            out: Tensor = self.attn(x, ctx, layer_idx)
+            return out
+        assert ctx.cache is not None and ctx.slot is not None and ctx.cos is not None and ctx.sin is not None
+        a = self.attn
+        bsz = x.shape[0]
+        flat = x.reshape(bsz, -1)
+        if self.wqkv is not None:
+            qkv = F.linear(flat, self.wqkv)
+        else:
+            qkv = torch.cat([F.linear(flat, p.weight) for p in (a.q_proj, a.k_proj, a.v_proj)], dim=-1)
+        cos = ctx.cos.reshape(ctx.cos.shape[0], -1).expand(bsz, -1).contiguous()  # [B, D]: one row per batch row
+        sin = ctx.sin.reshape(ctx.sin.shape[0], -1).expand(bsz, -1).contiguous()
+        k_all, v_all = ctx.cache.k[layer_idx], ctx.cache.v[layer_idx]
+        q = K.rope_kv_write(
+            qkv, cos, sin, ctx.slot, k_all, v_all, a.num_heads, a.num_kv_heads, a.head_dim, row_tables=True
+        )
+        mask = None if ctx.mask is None else ctx.mask.reshape(ctx.mask.shape[0], -1)
+        out = K.decode_attention(q, k_all, v_all, ctx.slot, a.head_dim**-0.5, key_mask=mask)
+        o: Tensor = a.o_proj(out)
+        return o.view(bsz, 1, -1)
 
 
 class TritonMoE(MoE):
@@ -116,15 +158,17 @@ def triton_layers(layers: list[DecoderLayer], norm: RMSNorm) -> tuple[list[Decod
 
 
 def _row_layer(layer: DecoderLayer) -> DecoderLayer:
-    mlp = layer.mlp
+    attn, mlp = layer.self_attn, layer.mlp
+    assert isinstance(attn, Attention)
     in_norm, post_norm = layer.input_layernorm, layer.post_attention_layernorm
     assert isinstance(in_norm, RMSNorm) and isinstance(post_norm, RMSNorm)
     new_mlp: nn.Module = TritonMoE(mlp) if isinstance(mlp, GroupedMoE) else mlp
-    return DecoderLayer(layer.layer_idx, layer.self_attn, new_mlp, TritonRMSNorm(in_norm), TritonRMSNorm(post_norm))
+    norms = TritonRMSNorm(in_norm), TritonRMSNorm(post_norm)
+    return DecoderLayer(layer.layer_idx, TritonRowAttention(attn), new_mlp, *norms)
 
 
 def triton_row_layers(layers: list[DecoderLayer], norm: RMSNorm) -> tuple[list[DecoderLayer], RMSNorm]:
-    """The fast layers with Triton norms, router and experts but their own (torch) attention: for decode steps
-    whose rows sit at different positions over a padded cache (the batched step: per-row rotary, key mask),
-    which the Triton attention (one position for all rows) does not cover."""
+    """The fast layers with Triton norms, router, experts and a row attention (:class:`TritonRowAttention`: per-row
+    rotary positions and key masks over a padded cache) for decode steps over slot contexts: the batched step
+    (and the torch step of more than 8 rows)."""
     return [_row_layer(layer) for layer in layers], TritonRMSNorm(norm)

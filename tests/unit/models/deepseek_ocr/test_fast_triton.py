@@ -24,9 +24,10 @@ finally:  # leave the environment as found: CLI subprocesses of other tests inhe
         del os.environ["TRITON_INTERPRET"]
 
 from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, build_model  # noqa: E402
-from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, apply_fast_path  # noqa: E402
+from llm_perf_opt.models.deepseek_ocr.batched import BatchedGenerator  # noqa: E402
+from llm_perf_opt.models.deepseek_ocr.fast import TRITON_MAX_ROWS, FastConfig, apply_fast_path  # noqa: E402
 from llm_perf_opt.models.deepseek_ocr.model import DeepseekOCRForCausalLM  # noqa: E402
-from tests.conftest import TINY  # noqa: E402
+from tests.conftest import TINY, tiny_case_pages  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not kernels.INTERPRETED, reason="the kernels were imported compiled-mode before TRITON_INTERPRET was set"
@@ -72,6 +73,7 @@ def test_triton_decode_step_matches_torch_step(batch: int, monkeypatch: pytest.M
         return grouped(x, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(kernels, "moe_experts_grouped", counted)
+    masked = _count_masked_attention(monkeypatch)
     model = _model(seed=3)
     embeds = torch.randn(batch, 9, model.config.language.hidden_size)
     ref = apply_fast_path(model, FastConfig(cuda_graphs=False, decode_kernels="torch"))
@@ -87,6 +89,44 @@ def test_triton_decode_step_matches_torch_step(batch: int, monkeypatch: pytest.M
     assert all(sum(c) == batch * (9 + 5) * k for c in tri.tokens_per_expert().values())
     n_moe = len(tri.tokens_per_expert())
     assert grouped_rows == ([batch] * 5 * n_moe if batch >= kernels.GROUPED_MIN_ROWS else [])
+    # more than 8 rows: the torch step's slot context runs the row attention (one shared position, mask [1, n])
+    n_layers = model.config.language.num_hidden_layers
+    assert masked == ([batch] * 5 * n_layers if batch > TRITON_MAX_ROWS else [])
+
+
+def _count_masked_attention(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Rows of every ``kernels.decode_attention`` call made with a key mask (the row attention's)."""
+    calls: list[int] = []
+    attention = kernels.decode_attention
+
+    def counted(q: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        if kwargs.get("key_mask") is not None:
+            calls.append(q.shape[0])
+        return attention(q, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kernels, "decode_attention", counted)
+    return calls
+
+
+@pytest.mark.parametrize("copies", [1, 4])  # 3 rows (GEMV experts) and 12 rows (grouped-GEMM experts)
+def test_triton_batched_step_matches_torch_host_loop(copies: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batched static step with the Triton row layers (each row at its own position over the left-padded
+    cache: prompt lengths 29, 39, 59) gives the host loop's tokens with the torch layers (float32)."""
+    masked = _count_masked_attention(monkeypatch)
+    model = build_model(
+        DeepseekOCRConfig.from_json(TINY / "config.json"), "cpu", torch.float32, TINY / "weights.safetensors"
+    )
+    pages = tiny_case_pages(model.config) * copies
+    common = dict(cuda_graphs=False, sam_compile=False, clip_compile=False, vision_graphs=False)
+    ref_fast = apply_fast_path(model, FastConfig(decode_kernels="torch", **common))  # type: ignore[arg-type]
+    ref = BatchedGenerator(ref_fast, static_decode=False).run(pages, 8, eos_token_id=None)
+    tri_fast = apply_fast_path(model, FastConfig(decode_kernels="triton", **common))  # type: ignore[arg-type]
+    assert tri_fast.decode_kernels == "triton"
+    res = BatchedGenerator(tri_fast).run(pages, 8, eos_token_id=None)
+    assert ref.decode_path == "host" and res.decode_path == "static"
+    assert res.tokens == ref.tokens
+    n_layers = model.config.language.num_hidden_layers
+    assert masked and set(masked) == {len(pages)} and len(masked) % n_layers == 0
 
 
 def test_triton_device_greedy_matches_torch_greedy() -> None:

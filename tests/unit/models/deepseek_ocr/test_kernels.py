@@ -191,6 +191,34 @@ def test_rope_matches_apply_rotary() -> None:
     torch.testing.assert_close(k_cache[:, :, 9], apply_rotary(heads[:, 2:4], cos[9:10], sin[9:10])[:, :, 0])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_kv_write_row_tables_rotate_each_row_at_its_own_position(dtype: torch.dtype) -> None:
+    """The batched step: every row writes cache column ``pos`` but is rotated at its own position (rows 3, 17, 40
+    of the tables); independent oracle: ``apply_rotary`` per row."""
+    from llm_perf_opt.models.deepseek_ocr.decoder import apply_rotary
+
+    cos, sin = _rotary_tables(64, 32, dtype)
+    positions = torch.tensor([3, 17, 40])
+    qkv = torch.randn(3, 3 * 2 * 32, generator=torch.Generator().manual_seed(4)).to(dtype)
+    k_cache, v_cache = torch.zeros(3, 2, 48, 32, dtype=dtype), torch.zeros(3, 2, 48, 32, dtype=dtype)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    slot = torch.tensor([45])
+    rows = (cos[positions], sin[positions])
+    q = K.rope_kv_write(qkv, *rows, slot, k_cache, v_cache, 2, 2, 32, row_tables=True)
+    q_ref = K.rope_kv_write_ref(qkv, *rows, slot, k_ref, v_ref, 2, 2, 32, row_tables=True)
+    assert torch.equal(q, q_ref) and torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+    heads = qkv.view(3, 6, 32)
+    for b, p in enumerate(positions.tolist()):
+        want_q = apply_rotary(heads[b, :2, None], cos[p : p + 1], sin[p : p + 1])[:, 0]
+        want_k = apply_rotary(heads[b, 2:4, None], cos[p : p + 1], sin[p : p + 1])[:, 0]
+        _close(q[b], want_q)
+        _close(k_cache[b, :, 45], want_k)
+    assert torch.equal(v_cache[:, :, 45], heads[:, 4:])
+    assert not k_cache[:, :, :45].any()  # only column `slot` is written
+    with pytest.raises(ValueError, match="row_tables"):
+        K.rope_kv_write(qkv, cos, sin, slot, k_cache, v_cache, 2, 2, 32, row_tables=True)
+
+
 # ------------------------------------------------------------------------------------------ decode_attention
 def _softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, scale: float) -> torch.Tensor:
     """Plain float32 attention over the keys 0..pos (host-side slicing; test only)."""
@@ -229,6 +257,45 @@ def test_decode_attention_over_keys_up_to_pos(dtype: torch.dtype, hq: int, hk: i
         assert torch.isfinite(out.float()).all()
         _close(out, ref)
         torch.testing.assert_close(out.float(), expected, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_attention_key_mask_left_pads(dtype: torch.dtype) -> None:
+    """Per-row additive mask (left pads of 0, 20 and 50 keys over a 64-column cache, the batched step's
+    ``decode_key_mask``): whole key blocks and whole splits masked give no NaN; oracle: plain softmax over each
+    row's visible keys.  A broadcast [1, n] mask (n < max_len) hides the same keys for every row."""
+    gen = torch.Generator().manual_seed(8)
+    batch, heads, dim, max_len, pos = 3, 2, 32, 64, 55
+    q = torch.randn(batch, heads, dim, generator=gen).to(dtype)
+    k_cache = torch.randn(batch, heads, max_len, dim, generator=gen).to(dtype)
+    v_cache = torch.randn(batch, heads, max_len, dim, generator=gen).to(dtype)
+    pads = torch.tensor([0, 20, 50])
+    cols = torch.arange(max_len)
+    visible = (cols[None, :] >= pads[:, None]) & (cols[None, :] <= pos)
+    mask = torch.where(visible, 0.0, float("-inf")).to(dtype)
+    scale = dim**-0.5
+    want = torch.stack(
+        [
+            _softmax_attention(
+                q[b : b + 1, :, :], k_cache[b : b + 1, :, p:], v_cache[b : b + 1, :, p:], pos - p, scale
+            )[0]
+            for b, p in enumerate(pads.tolist())
+        ]
+    )
+    ref = K.decode_attention_ref(q, k_cache, v_cache, torch.tensor([pos]), scale, key_mask=mask)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # the ref rounds its float32 result once to dtype
+    torch.testing.assert_close(ref.float(), want, rtol=tol, atol=tol)
+    for block_n, splits in [(16, None), (16, 4)]:  # split 0 of row 2 holds only masked keys
+        out = K.decode_attention(
+            q, k_cache, v_cache, torch.tensor([pos]), scale, block_n=block_n, n_splits=splits, key_mask=mask
+        )
+        assert torch.isfinite(out.float()).all()
+        _close(out, ref)
+    shared = mask[2:3, :60]  # one row's mask for all rows, narrower than the cache
+    out = K.decode_attention(q, k_cache, v_cache, torch.tensor([pos]), scale, block_n=16, key_mask=shared)
+    _close(out, K.decode_attention_ref(q, k_cache, v_cache, torch.tensor([pos]), scale, key_mask=shared))
+    with pytest.raises(ValueError, match="key_mask"):
+        K.decode_attention(q, k_cache, v_cache, torch.tensor([pos]), scale, key_mask=mask[:2])
 
 
 def test_decode_attention_real_head_dim() -> None:
