@@ -621,6 +621,7 @@ def batched_steps(
     grouped-GEMM experts from 9 rows on), plus the GPU time per kernel name of un-graphed steps."""
     from llm_perf_opt.models.deepseek_ocr import build_model
     from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, apply_fast_path
+    from llm_perf_opt.models.deepseek_ocr.triton_layers import TritonRowAttention
 
     model = build_model(DeepseekOCRConfig.from_json(CONFIG), torch.device("cuda"), torch.bfloat16, "dummy")
     results: list[dict[str, Any]] = []
@@ -632,19 +633,27 @@ def batched_steps(
         " GPU ms/step (un-graphed) |",
         "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for kern in ("torch", "triton"):
+    for variant in ("torch", "triton, torch attention", "triton"):
+        kern = variant.split(",")[0]
         fast = apply_fast_path(
             model, FastConfig(decode_kernels=kern, sam_compile=False, clip_compile=False, vision_graphs=False)
         )
+        if variant == "triton, torch attention" and fast._triton_rows is not None:
+            for layer in fast._triton_rows[0]:  # bench only: the row layers' attention back to the torch module
+                if isinstance(layer.self_attn, TritonRowAttention):
+                    layer.self_attn = layer.self_attn.attn
         for bsz in batches:
             try:
                 row = _measure_step(fast, model, bsz, prompt_len, new_tokens, reps)
             except Exception as exc:  # one failed point is reported with its error; the others still run
                 traceback.print_exc()
-                row = {"batch": bsz, "decode_kernels": fast.decode_kernels, "error": f"{type(exc).__name__}: {exc}"}
-                lines.append(f"| {bsz} | {fast.decode_kernels} | failed: {row['error'][:200]} | | | | |")
+                row = {"batch": bsz, "decode_kernels": variant, "error": f"{type(exc).__name__}: {exc}"}
+                lines.append(f"| {bsz} | {variant} | failed: {row['error'][:200]} | | | | |")
                 results.append(row)
                 continue
+            if fast.decode_kernels != kern:
+                row["decode_kernels_note"] = f"asked for {kern}, ran {fast.decode_kernels}: {fast.decode_kernels_note}"
+            row["decode_kernels"] = variant if fast.decode_kernels == kern else fast.decode_kernels
             results.append(row)
             flag = f" (capture failed: {row['capture_error']})" if row["capture_error"] else ""
             lines.append(
