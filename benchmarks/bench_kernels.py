@@ -9,13 +9,18 @@ like the model), so nothing stays L2-resident from one call to the next, as in a
     PYTHONPATH=src python benchmarks/bench_kernels.py --out benchmarks/results
     PYTHONPATH=src python benchmarks/bench_kernels.py --sweep          # also try block sizes for moe / attention
     PYTHONPATH=src python benchmarks/bench_kernels.py --sm90-check     # no GPU needed: compile for sm_90
+    PYTHONPATH=src python benchmarks/bench_kernels.py --only-grouped   # batched-decode rows and step only
 
 Per op: torch µs, Triton µs, speedup, bytes moved (the memory-bound ops: attention's K/V up to pos,
-the experts' weights of the distinct slots used, the router's float32 gate), achieved GB/s, and the
-max |Δ| of the Triton output vs the op's ``*_ref``.  ``--sm90-check`` compiles every kernel for an
-H100 without a GPU (frontend + ptxas from the Triton wheel) and prints registers, spills and whether the
-weight/KV tiles use 16-byte loads; ``tests/unit/models/deepseek_ocr/test_kernels.py`` runs it.  Without CUDA
-(and without ``--sm90-check``) the script says so and exits 0.
+the experts' weights of the distinct slots used, the router's float32 gate), achieved GB/s and % of the
+datasheet bandwidth (``profiling/peaks.py``), TFLOP/s for the expert kernels, and the max |Δ| of the Triton
+output vs the op's ``*_ref``.  The grouped-GEMM expert kernels run at ``--grouped-tokens`` rows (9,16,32,64;
+the GEMV kernels next to them up to 16), then the full-size model's batched decode step (``--batched-step``
+batch sizes: torch kernels, Triton with the torch attention, Triton) with a per-kernel profile.
+``--sm90-check`` compiles every kernel for an H100 without a GPU (frontend + ptxas from the Triton wheel) and
+prints registers, spills and whether the weight/KV tiles use 16-byte loads;
+``tests/unit/models/deepseek_ocr/test_kernels.py`` runs it.  Without CUDA (and without ``--sm90-check``) the
+script says so and exits 0.
 """
 
 from __future__ import annotations
@@ -492,11 +497,12 @@ def render(
             f" {_pct(r.gbps(r.triton_us), bw)} | {tf} | {r.max_abs_err:.3g} | {r.note} |"
         )
     one = [r for r in rows if r.tokens == 1]
-    lines += [
-        "",
-        f"Sum over the T=1 ops: torch {sum(r.torch_us for r in one):.1f} µs, Triton"
-        f" {sum(r.triton_us for r in one):.1f} µs per layer (the QKV / o_proj GEMMs are not included).",
-    ]
+    if one:  # absent (not 0.0) when the T = 1 ops were not run (--only-grouped)
+        lines += [
+            "",
+            f"Sum over the T=1 ops: torch {sum(r.torch_us for r in one):.1f} µs, Triton"
+            f" {sum(r.triton_us for r in one):.1f} µs per layer (the QKV / o_proj GEMMs are not included).",
+        ]
     if steps:
         lines += ["", "## Batched decode step (full model, CUDA graph)", "", *steps]
     if sweep:
