@@ -53,3 +53,20 @@ def test_dummy_native_weights_need_a_config_json() -> None:
     with pytest.raises(ConfigError, match="config_json"):
         ModelSettings(weights="dummy", config_json=None)
     attrs.evolve(ModelSettings(weights="dummy", config_json="builtin:tiny"), backend="hf_remote", config_json=None)
+
+
+@pytest.mark.parametrize(
+    ("package", "wanted", "shipped"),
+    [("deepseek_ocr", "deepseek-ocr2", "builtin:deepseek-ocr, builtin:tiny"),
+     ("deepseek_ocr2", "deepseek-ocr", "builtin:deepseek-ocr2, builtin:tiny")],
+)  # fmt: skip
+def test_an_unknown_builtin_config_names_the_family_and_what_ships(package: str, wanted: str, shipped: str) -> None:
+    """Each family reads its own package's configs: v1's name under v2 (and back) is one error listing the
+    configs that do ship (the files in models/<package>/configs/)."""
+    from llm_perf_opt.runners.backends.native import config_json_path
+
+    with pytest.raises(ConfigError) as exc:
+        config_json_path(f"builtin:{wanted}", ROOT, package)
+    assert f"no built-in config named '{wanted}' for {package}" in str(exc.value)
+    assert exc.value.hint == f"the shipped ones: {shipped}"
+    assert config_json_path("builtin:tiny", ROOT, package).parent.parent.name == package

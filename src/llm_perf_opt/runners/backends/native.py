@@ -30,27 +30,53 @@ class NativeBackend(Backend):
         self.tokenizer = tokenizer
         self.weights_desc = weights_desc
 
+    # where the checkpoint comes from, for the error when it is missing: hub repo, models/<folder>, arch preset stem
+    checkpoint_place: ClassVar[tuple[str, str, str]] = ("DeepSeek-OCR", "deepseek-ocr", "deepseek_ocr")
+    # the model package whose configs/<name>.json ``model.config_json=builtin:<name>`` names
+    builtin_configs: ClassVar[str] = "deepseek_ocr"
+
     @classmethod
     def load(
         cls, settings: ModelSettings, device: torch.device, dtype: torch.dtype, seed: int, project_root: Path
     ) -> NativeBackend:
-        from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, build_model
+        """The one load sequence of every native family; a family overrides only the steps that differ."""
         from llm_perf_opt.models.deepseek_ocr.tokenizer import load_tokenizer
 
-        model_dir = checkpoint_dir(
-            settings, project_root, hub="DeepSeek-OCR", folder="deepseek-ocr", preset="deepseek_ocr"
-        )
+        hub, folder, preset = cls.checkpoint_place
+        model_dir = checkpoint_dir(settings, project_root, hub=hub, folder=folder, preset=preset)
         if settings.weights == "checkpoint":
             assert model_dir is not None  # checkpoint_dir raised otherwise
-            config = DeepseekOCRConfig.from_json(model_dir / "config.json")
+            config_file = model_dir / "config.json"
             weights_source: str | Path = model_dir
         else:  # dummy: ModelSettings guarantees config_json
-            config = DeepseekOCRConfig.from_json(config_json_path(str(settings.config_json), project_root))
+            config_file = config_json_path(str(settings.config_json), project_root, cls.builtin_configs)
             weights_source = "dummy"
-        model = build_model(config, device=device, dtype=dtype, weights=weights_source, seed=seed)
-        model.eval()
-        tokenizer = load_tokenizer(model_dir if settings.weights == "checkpoint" else None, config)
-        return cls(model, config, preprocess_config(settings), tokenizer, str(weights_source))
+        config = cls.read_config(config_file)
+        model = cls.build(config, device, dtype, weights_source, seed)
+        tokenizer = load_tokenizer(model_dir if settings.weights == "checkpoint" else None, cls.tokenizer_ids(config))
+        return cls(model, config, cls.preprocess(settings), tokenizer, str(weights_source))
+
+    @classmethod
+    def read_config(cls, path: Path) -> Any:
+        from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig
+
+        return DeepseekOCRConfig.from_json(path)
+
+    @classmethod
+    def build(cls, config: Any, device: torch.device, dtype: torch.dtype, weights: str | Path, seed: int) -> Any:
+        """The model on ``device`` in eval mode: checkpoint weights, or seeded dummy weights of the real shapes."""
+        from llm_perf_opt.models.deepseek_ocr import build_model
+
+        return build_model(config, device=device, dtype=dtype, weights=weights, seed=seed)
+
+    @classmethod
+    def tokenizer_ids(cls, config: Any) -> Any:
+        """The config whose special-token ids (bos, eos, image) the tokenizer loader reads."""
+        return config
+
+    @classmethod
+    def preprocess(cls, settings: ModelSettings) -> Any:
+        return preprocess_config(settings)
 
     def new_cache(self, max_len: int) -> Any:
         from llm_perf_opt.models.deepseek_ocr.kv_cache import StaticKVCache
@@ -103,14 +129,16 @@ def preprocess_config(settings: ModelSettings) -> Any:
     )
 
 
-def config_json_path(spec: str, project_root: Path) -> Path:
-    """``builtin:<name>`` (a config shipped in the model package) or a path (relative to the project)."""
+def config_json_path(spec: str, project_root: Path, package: str = "deepseek_ocr") -> Path:
+    """``builtin:<name>`` (a config shipped in the model package ``package``) or a path (relative to the
+    project)."""
     if spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]
-        path = Path(__file__).resolve().parents[2] / "models" / "deepseek_ocr" / "configs" / f"{name}.json"
+        path = Path(__file__).resolve().parents[2] / "models" / package / "configs" / f"{name}.json"
         if not path.is_file():
-            raise ConfigError(f"model.config_json={spec}: no built-in config named {name!r}",
-                              hint="e.g. model.config_json=builtin:deepseek-ocr (or builtin:tiny)")  # fmt: skip
+            shipped = sorted(f"builtin:{p.stem}" for p in path.parent.glob("*.json"))
+            raise ConfigError(f"model.config_json={spec}: no built-in config named {name!r} for {package}",
+                              hint=f"the shipped ones: {', '.join(shipped)}")  # fmt: skip
         return path
     path = Path(spec)
     return path if path.is_absolute() else project_root / path

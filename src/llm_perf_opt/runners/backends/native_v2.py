@@ -17,7 +17,7 @@ import torch
 
 from llm_perf_opt.errors import ConfigError
 from llm_perf_opt.models.deepseek_ocr2.config import DeepseekOCR2Config
-from llm_perf_opt.runners.backends.native import NativeBackend, checkpoint_dir
+from llm_perf_opt.runners.backends.native import NativeBackend, config_json_path
 from llm_perf_opt.runners.settings import ModelSettings
 
 
@@ -34,29 +34,29 @@ class NativeV2Backend(NativeBackend):
     stage_names: ClassVar[dict[str, str]] = {"clip": "encoder"}
     config: DeepseekOCR2Config  # type: ignore[assignment]  # v2's config: same .language and image_token_id as v1's
 
+    checkpoint_place: ClassVar[tuple[str, str, str]] = ("DeepSeek-OCR-2", "deepseek-ocr2", "deepseek_ocr2")
+    builtin_configs: ClassVar[str] = "deepseek_ocr2"
+
     @classmethod
-    def load(
-        cls, settings: ModelSettings, device: torch.device, dtype: torch.dtype, seed: int, project_root: Path
-    ) -> NativeV2Backend:
-        from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig
-        from llm_perf_opt.models.deepseek_ocr.tokenizer import load_tokenizer
+    def read_config(cls, path: Path) -> DeepseekOCR2Config:
+        return DeepseekOCR2Config.from_json(path)
+
+    @classmethod
+    def build(cls, config: Any, device: torch.device, dtype: torch.dtype, weights: str | Path, seed: int) -> Any:
         from llm_perf_opt.models.deepseek_ocr2 import build_model_v2
 
-        model_dir = checkpoint_dir(
-            settings, project_root, hub="DeepSeek-OCR-2", folder="deepseek-ocr2", preset="deepseek_ocr2"
-        )
-        if settings.weights == "checkpoint":
-            assert model_dir is not None  # checkpoint_dir raised otherwise
-            config = DeepseekOCR2Config.from_json(model_dir / "config.json")
-            weights_source: str | Path = model_dir
-        else:  # dummy: ModelSettings guarantees config_json
-            config = DeepseekOCR2Config.from_json(config_json_path_v2(str(settings.config_json), project_root))
-            weights_source = "dummy"
-        model = build_model_v2(config, device=device, dtype=dtype, weights=weights_source, seed=seed)
-        # v2's tokenizer files are byte-identical to v1's: v1's loader reads them with v2's ids (bos, eos, image)
-        ids = DeepseekOCRConfig(language=config.language, image_token_id=config.image_token_id)
-        tokenizer = load_tokenizer(model_dir if settings.weights == "checkpoint" else None, ids)
-        return cls(model, config, preprocess_config_v2(settings), tokenizer, str(weights_source))
+        return build_model_v2(config, device=device, dtype=dtype, weights=weights, seed=seed)
+
+    @classmethod
+    def tokenizer_ids(cls, config: Any) -> Any:
+        """v2's tokenizer files are byte-identical to v1's: v1's loader reads them with v2's ids."""
+        from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig
+
+        return DeepseekOCRConfig(language=config.language, image_token_id=config.image_token_id)
+
+    @classmethod
+    def preprocess(cls, settings: ModelSettings) -> Any:
+        return preprocess_config_v2(settings)
 
     def fast_model(self, switches: Any) -> Any:
         """v1's fast path for the language model and SAM, with the encoder's (fused layers, graphs per view)."""
@@ -92,12 +92,4 @@ def preprocess_config_v2(settings: ModelSettings) -> Any:
 
 def config_json_path_v2(spec: str, project_root: Path) -> Path:
     """``builtin:<name>`` (``deepseek-ocr2`` or ``tiny``, shipped in the v2 model package) or a path."""
-    if spec.startswith("builtin:"):
-        name = spec.split(":", 1)[1]
-        path = Path(__file__).resolve().parents[2] / "models" / "deepseek_ocr2" / "configs" / f"{name}.json"
-        if not path.is_file():
-            raise ConfigError(f"model.config_json={spec}: no built-in DeepSeek-OCR-2 config named {name!r}",
-                              hint="e.g. model.config_json=builtin:deepseek-ocr2 (or builtin:tiny)")  # fmt: skip
-        return path
-    path = Path(spec)
-    return path if path.is_absolute() else project_root / path
+    return config_json_path(spec, project_root, NativeV2Backend.builtin_configs)
