@@ -20,10 +20,94 @@ from llm_perf_opt.models.deepseek_ocr.graphs import capture_graph, first_argmax
 from llm_perf_opt.models.deepseek_ocr.model import DeepseekOCRForCausalLM
 from llm_perf_opt.models.deepseek_ocr.protocol import LanguageModel
 
-__all__ = ["StaticBatchStep"]
+__all__ = ["DecodeRows", "StaticBatchStep"]
 
 
-class StaticBatchStep:
+class DecodeRows:
+    """Device state and step pieces shared by the static step and continuous batching's slot step.
+
+    Buffers (on the model's device, never reallocated, so a captured graph reads and writes them in place):
+    ``tokens`` [B, 1] the token each row feeds; ``pos`` [B] its rotary position; ``eos`` [1] (-1 when eos is
+    off); ``done`` / ``by_eos`` [B] bool; ``n_gen`` [B] tokens recorded per row; ``out`` [B, max_len] the
+    recorded tokens (row b's output is its first ``n_gen[b]`` entries); ``hist`` [B, max_len + 1] each row's
+    sequence for the no-repeat rule (``vocab``, a value no token has, where there is none).  A subclass adds
+    ``caps`` [B] and how its rows map to cache columns (the context of :meth:`_logits`).
+    """
+
+    caps: Tensor
+
+    def __init__(
+        self,
+        lm: LanguageModel,
+        base: DeepseekOCRForCausalLM,
+        rows: int,
+        max_len: int,
+        *,
+        use_graph: bool,
+        matmul_attention: bool,
+        expert_impl: str | None,
+        no_repeat_ngram: int,
+    ) -> None:
+        dev, dtype = base.device, base.dtype
+        self.lm, self.base = lm, base
+        self.key = (rows, max_len, use_graph, no_repeat_ngram)
+        self.cache = base.new_cache(rows, max_len)
+        self.tokens = torch.zeros((rows, 1), dtype=torch.long, device=dev)
+        self.pos = torch.zeros(rows, dtype=torch.long, device=dev)
+        self.eos = torch.full((1,), -1, dtype=torch.long, device=dev)
+        self.done = torch.zeros(rows, dtype=torch.bool, device=dev)
+        self.by_eos = torch.zeros(rows, dtype=torch.bool, device=dev)
+        self.n_gen = torch.zeros(rows, dtype=torch.long, device=dev)
+        self.out = torch.zeros((rows, max_len), dtype=torch.long, device=dev)
+        self.ngram = int(no_repeat_ngram)
+        self.vocab = int(base.lm_head.out_features)
+        self.hist = torch.full((rows, max_len + 1), self.vocab, dtype=torch.long, device=dev) if self.ngram else None
+        self.key_pos = torch.arange(max_len, device=dev)
+        self.mask_zero = torch.zeros((), dtype=dtype, device=dev)
+        self.mask_neg = torch.full((), float("-inf"), dtype=dtype, device=dev)
+        # positions reach at most max_len - 1; built here, outside any capture
+        self.cos_table, self.sin_table = base.model.rotary(0, max_len, dev, dtype)
+        self.matmul_attention = matmul_attention
+        self.expert_impl = expert_impl
+        self.use_graph = bool(use_graph) and dev.type == "cuda"
+        self.capture_error: str | None = None
+
+    def _logits(self, slot: Tensor, key_len: int, mask: Tensor) -> Tensor:
+        """float32 logits [B, V] of one decoder forward of ``tokens``, each row rotated at its own ``pos``, K/V
+        written at ``slot`` and attention over the first ``key_len`` columns under ``mask``."""
+        cos = self.cos_table.index_select(0, self.pos).unsqueeze(1)  # [B, 1, D]: one position per row
+        sin = self.sin_table.index_select(0, self.pos).unsqueeze(1)
+        ctx = ForwardContext(
+            cos=cos,
+            sin=sin,
+            cache=self.cache,
+            slot=slot,
+            key_len=key_len,
+            mask=mask,
+            matmul_attention=self.matmul_attention,
+            expert_impl=self.expert_impl,
+            record_routing=False,
+        )
+        hidden = self.lm.lm_forward(self.base.model.embed_tokens(self.tokens), ctx)
+        return self.lm.logits(hidden[:, -1])
+
+    def _record(self, nxt: Tensor) -> Tensor:
+        """Record ``nxt`` [B, 1] for rows still live, update done / eos flags and feed it; the live mask [B].
+
+        A finished row keeps its last token as input and records nothing more (its column write puts back the
+        value already there)."""
+        live = self.done.logical_not()
+        col = self.n_gen.clamp(max=self.out.shape[1] - 1).unsqueeze(1)
+        self.out.scatter_(1, col, torch.where(live.unsqueeze(1), nxt, self.out.gather(1, col)))
+        self.n_gen.add_(live.to(torch.long))
+        hit = live & (nxt[:, 0] == self.eos)
+        self.by_eos.logical_or_(hit)
+        self.done.logical_or_(hit | (self.n_gen >= self.caps))
+        self.tokens.copy_(torch.where(live.unsqueeze(1), nxt, self.tokens))
+        return live
+
+
+class StaticBatchStep(DecodeRows):
     """The static decode step for one (batch, cache ``max_len``): KV cache, static device buffers, CUDA graph.
 
     Buffers (on the model's device, never reallocated, so a captured graph reads and writes them in place):
@@ -59,36 +143,22 @@ class StaticBatchStep:
         expert_impl: str | None,
         no_repeat_ngram: int = 0,
     ) -> None:
-        dev, dtype = base.device, base.dtype
-        self.lm = lm
-        self.base = base
-        self.key = (bsz, max_len, use_graph, no_repeat_ngram)
+        super().__init__(
+            lm,
+            base,
+            bsz,
+            max_len,
+            use_graph=use_graph,
+            matmul_attention=matmul_attention,
+            expert_impl=expert_impl,
+            no_repeat_ngram=no_repeat_ngram,
+        )
+        dev = base.device
         self.batch = bsz
-        self.cache = base.new_cache(bsz, max_len)
-        self.tokens = torch.zeros((bsz, 1), dtype=torch.long, device=dev)
-        self.pos = torch.zeros(bsz, dtype=torch.long, device=dev)
         self.slot = torch.zeros(1, dtype=torch.long, device=dev)
         self.meta = torch.zeros((3, bsz), dtype=torch.long, device=dev)
         self.caps, self.pads = self.meta[0], self.meta[1]
-        self.eos = torch.full((1,), -1, dtype=torch.long, device=dev)
-        self.done = torch.zeros(bsz, dtype=torch.bool, device=dev)
-        self.by_eos = torch.zeros(bsz, dtype=torch.bool, device=dev)
-        self.n_gen = torch.zeros(bsz, dtype=torch.long, device=dev)
-        self.out = torch.zeros((bsz, max_len), dtype=torch.long, device=dev)
-        self.ngram = int(no_repeat_ngram)
-        self.vocab = int(base.lm_head.out_features)
-        # prompt + generated tokens per row, aligned with the cache columns (only with the no-repeat rule)
-        self.hist = torch.full((bsz, max_len + 1), self.vocab, dtype=torch.long, device=dev) if self.ngram else None
-        self.key_pos = torch.arange(max_len, device=dev)
-        self.mask_zero = torch.zeros((), dtype=dtype, device=dev)
-        self.mask_neg = torch.full((), float("-inf"), dtype=dtype, device=dev)
-        # positions reach at most max_len - 1; built here, outside any capture
-        self.cos_table, self.sin_table = base.model.rotary(0, max_len, dev, dtype)
-        self.matmul_attention = matmul_attention
-        self.expert_impl = expert_impl
-        self.use_graph = bool(use_graph) and dev.type == "cuda"
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.capture_error: str | None = None
 
     # ------------------------------------------------------------------ state
     def load_prompts(self, prompts: list[Tensor]) -> None:
@@ -138,18 +208,8 @@ class StaticBatchStep:
             self.hist[:, length : length + 1].copy_(first)
 
     def _advance(self, nxt: Tensor) -> None:
-        """Record ``nxt`` [B, 1] for rows still live, update done / eos flags, feed it, move slot and positions.
-
-        A finished row keeps its last token as input and records nothing more (its column write puts back
-        the value already there)."""
-        live = self.done.logical_not()
-        col = self.n_gen.clamp(max=self.out.shape[1] - 1).unsqueeze(1)
-        self.out.scatter_(1, col, torch.where(live.unsqueeze(1), nxt, self.out.gather(1, col)))
-        self.n_gen.add_(live.to(torch.long))
-        hit = live & (nxt[:, 0] == self.eos)
-        self.by_eos.logical_or_(hit)
-        self.done.logical_or_(hit | (self.n_gen >= self.caps))
-        self.tokens.copy_(torch.where(live.unsqueeze(1), nxt, self.tokens))
+        """Record ``nxt`` (:meth:`_record`), then move the shared cache column and every row's position on."""
+        self._record(nxt)
         if self.hist is not None:  # the fed token is the sequence's next entry (finished rows: ignored)
             col = (self.slot + 1).clamp(max=self.hist.shape[1] - 1).expand(self.batch).unsqueeze(1)
             self.hist.scatter_(1, col, self.tokens)
@@ -158,21 +218,9 @@ class StaticBatchStep:
 
     # ------------------------------------------------------------------ the step
     def _body(self) -> None:
-        cos = self.cos_table.index_select(0, self.pos).unsqueeze(1)  # [B, 1, D]: one position per row
-        sin = self.sin_table.index_select(0, self.pos).unsqueeze(1)
-        ctx = ForwardContext(
-            cos=cos,
-            sin=sin,
-            cache=self.cache,
-            slot=self.slot,
-            key_len=self.cache.max_len,
-            mask=decode_key_mask(self.key_pos, self.pads, self.slot, self.mask_zero, self.mask_neg),
-            matmul_attention=self.matmul_attention,
-            expert_impl=self.expert_impl,
-            record_routing=False,
-        )
-        hidden = self.lm.lm_forward(self.base.model.embed_tokens(self.tokens), ctx)
-        self._advance(self._choose(self.lm.logits(hidden[:, -1]), self.slot + 1))
+        mask = decode_key_mask(self.key_pos, self.pads, self.slot, self.mask_zero, self.mask_neg)
+        logits = self._logits(self.slot, self.cache.max_len, mask)
+        self._advance(self._choose(logits, self.slot + 1))
 
     def step(self) -> None:
         """One decode step for every row: a graph replay, or the same ops launched eagerly."""

@@ -52,7 +52,8 @@ import torch
 from torch import Tensor
 
 from llm_perf_opt.errors import ConfigError
-from llm_perf_opt.models.deepseek_ocr.context import ForwardContext, decode_key_mask
+from llm_perf_opt.models.deepseek_ocr.batched_decode import DecodeRows
+from llm_perf_opt.models.deepseek_ocr.context import decode_key_mask
 from llm_perf_opt.models.deepseek_ocr.generation import banned_ngram_mask
 from llm_perf_opt.models.deepseek_ocr.graphs import capture_graph, first_argmax
 from llm_perf_opt.models.deepseek_ocr.model import DeepseekOCRForCausalLM
@@ -149,7 +150,7 @@ def slot_occupancy(tokens: list[list[int]], steps: int, slots: int) -> float | N
     return sum(max(len(t) - 1, 0) for t in tokens) / (steps * slots)
 
 
-class SlotDecodeStep:
+class SlotDecodeStep(DecodeRows):
     """The continuous-batching decode step for (``slots``, cache ``max_len``): per-slot KV, device state, graph.
 
     Buffers (never reallocated, so a captured graph reads and writes them in place): ``tokens`` [B, 1] the token
@@ -171,35 +172,25 @@ class SlotDecodeStep:
         expert_impl: str | None,
         no_repeat_ngram: int = 0,
     ) -> None:
-        dev, dtype = base.device, base.dtype
-        self.lm, self.base = lm, base
-        self.key = (slots, max_len, use_graph, no_repeat_ngram)
+        super().__init__(
+            lm,
+            base,
+            slots,
+            max_len,
+            use_graph=use_graph,
+            matmul_attention=matmul_attention,
+            expert_impl=expert_impl,
+            no_repeat_ngram=no_repeat_ngram,
+        )
+        dev = base.device
         self.slots, self.max_len = slots, max_len
-        self.cache = base.new_cache(slots, max_len)
-        self.tokens = torch.zeros((slots, 1), dtype=torch.long, device=dev)
-        self.pos = torch.zeros(slots, dtype=torch.long, device=dev)
         self.caps = torch.ones(slots, dtype=torch.long, device=dev)
-        self.eos = torch.full((1,), -1, dtype=torch.long, device=dev)
-        self.done = torch.ones(slots, dtype=torch.bool, device=dev)
-        self.by_eos = torch.zeros(slots, dtype=torch.bool, device=dev)
-        self.n_gen = torch.zeros(slots, dtype=torch.long, device=dev)
-        self.out = torch.zeros((slots, max_len), dtype=torch.long, device=dev)
-        self.ngram = int(no_repeat_ngram)
-        self.vocab = int(base.lm_head.out_features)
-        self.hist = torch.full((slots, max_len + 1), self.vocab, dtype=torch.long, device=dev) if self.ngram else None
+        self.done.fill_(True)  # every slot starts empty
         self.first_col = torch.zeros(1, dtype=torch.long, device=dev)  # every row sees its keys from column 0
-        self.key_pos = torch.arange(max_len, device=dev)
-        self.mask_zero = torch.zeros((), dtype=dtype, device=dev)
-        self.mask_neg = torch.full((), float("-inf"), dtype=dtype, device=dev)
-        self.cos_table, self.sin_table = base.model.rotary(0, max_len, dev, dtype)
-        self.matmul_attention = matmul_attention
-        self.expert_impl = expert_impl
-        self.use_graph = bool(use_graph) and dev.type == "cuda"
         # attention reads the first key_len cache columns only (a host value, so one graph per key_len): the host
         # sets it to the bucket that covers every slot's position for the coming steps (see run_continuous)
         self.key_len = max_len
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.capture_error: str | None = None
         self.last_logits: Tensor | None = None  # the last step's logits [B, V] (read only with keep_logits)
 
     @property
@@ -268,35 +259,15 @@ class SlotDecodeStep:
         return first_argmax(logits)
 
     def _body(self) -> None:
-        cos = self.cos_table.index_select(0, self.pos).unsqueeze(1)  # [B, 1, D]: each row at its own position
-        sin = self.sin_table.index_select(0, self.pos).unsqueeze(1)
-        ctx = ForwardContext(
-            cos=cos,
-            sin=sin,
-            cache=self.cache,
-            slot=self.pos,
-            key_len=self.key_len,
-            mask=decode_key_mask(self.key_pos[: self.key_len], self.first_col, self.pos, self.mask_zero, self.mask_neg),
-            matmul_attention=self.matmul_attention,
-            expert_impl=self.expert_impl,
-            record_routing=False,
-        )
-        hidden = self.lm.lm_forward(self.base.model.embed_tokens(self.tokens), ctx)
-        logits = self.lm.logits(hidden[:, -1])
+        mask = decode_key_mask(self.key_pos[: self.key_len], self.first_col, self.pos, self.mask_zero, self.mask_neg)
+        logits = self._logits(self.pos, self.key_len, mask)  # each row writes its K/V at its own position
         self.last_logits = logits
         self._advance(self._choose(logits))
 
     def _advance(self, nxt: Tensor) -> None:
-        """Record ``nxt`` [B, 1] for live rows, update their flags, feed it and move their position on; a done
-        row keeps its token and position (its writes land on its own last column, which nothing reads)."""
-        live = self.done.logical_not()
-        col = self.n_gen.clamp(max=self.out.shape[1] - 1).unsqueeze(1)
-        self.out.scatter_(1, col, torch.where(live.unsqueeze(1), nxt, self.out.gather(1, col)))
-        self.n_gen.add_(live.to(torch.long))
-        hit = live & (nxt[:, 0] == self.eos)
-        self.by_eos.logical_or_(hit)
-        self.done.logical_or_(hit | (self.n_gen >= self.caps))
-        self.tokens.copy_(torch.where(live.unsqueeze(1), nxt, self.tokens))
+        """Record ``nxt`` (:meth:`_record`), then move live rows' positions on; a done row keeps its token and
+        position (its writes land on its own last column, which nothing reads)."""
+        live = self._record(nxt)
         if self.hist is not None:
             hcol = (self.pos + 1).clamp(max=self.hist.shape[1] - 1).unsqueeze(1)
             self.hist.scatter_(1, hcol, torch.where(live.unsqueeze(1), nxt, self.hist.gather(1, hcol)))
