@@ -142,33 +142,24 @@ class TritonMoE(MoE):
         return K.moe_experts(flat, topk_idx, topk_weight, *stacks, n_always=n_always)
 
 
-def _triton_layer(layer: DecoderLayer) -> DecoderLayer:
+def _triton_layer(layer: DecoderLayer, attention: type[TritonAttention | TritonRowAttention]) -> DecoderLayer:
+    """``layer`` with Triton norms, ``attention`` around its attention and Triton experts for a grouped MoE."""
     attn, mlp = layer.self_attn, layer.mlp
     assert isinstance(attn, Attention)
     in_norm, post_norm = layer.input_layernorm, layer.post_attention_layernorm
     assert isinstance(in_norm, RMSNorm) and isinstance(post_norm, RMSNorm)
     new_mlp: nn.Module = TritonMoE(mlp) if isinstance(mlp, GroupedMoE) else mlp
     norms = TritonRMSNorm(in_norm), TritonRMSNorm(post_norm)
-    return DecoderLayer(layer.layer_idx, TritonAttention(attn), new_mlp, *norms)
+    return DecoderLayer(layer.layer_idx, attention(attn), new_mlp, *norms)
 
 
 def triton_layers(layers: list[DecoderLayer], norm: RMSNorm) -> tuple[list[DecoderLayer], RMSNorm]:
     """The fast layers (and the final norm) with Triton modules swapped in; dense MLPs stay as they are."""
-    return [_triton_layer(layer) for layer in layers], TritonRMSNorm(norm)
-
-
-def _row_layer(layer: DecoderLayer) -> DecoderLayer:
-    attn, mlp = layer.self_attn, layer.mlp
-    assert isinstance(attn, Attention)
-    in_norm, post_norm = layer.input_layernorm, layer.post_attention_layernorm
-    assert isinstance(in_norm, RMSNorm) and isinstance(post_norm, RMSNorm)
-    new_mlp: nn.Module = TritonMoE(mlp) if isinstance(mlp, GroupedMoE) else mlp
-    norms = TritonRMSNorm(in_norm), TritonRMSNorm(post_norm)
-    return DecoderLayer(layer.layer_idx, TritonRowAttention(attn), new_mlp, *norms)
+    return [_triton_layer(layer, TritonAttention) for layer in layers], TritonRMSNorm(norm)
 
 
 def triton_row_layers(layers: list[DecoderLayer], norm: RMSNorm) -> tuple[list[DecoderLayer], RMSNorm]:
     """The fast layers with Triton norms, router, experts and a row attention (:class:`TritonRowAttention`: per-row
     rotary positions and key masks over a padded cache) for decode steps over slot contexts: the batched step
     (and the torch step of more than 8 rows)."""
-    return [_row_layer(layer) for layer in layers], TritonRMSNorm(norm)
+    return [_triton_layer(layer, TritonRowAttention) for layer in layers], TritonRMSNorm(norm)
