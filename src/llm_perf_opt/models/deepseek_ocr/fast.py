@@ -172,8 +172,8 @@ class VisionFast:
     function their ``forward`` runs: SAM with rel-pos folded into the attention operands (``sam_fast``), its
     blocks ``torch.compile``'d (``sam_compile``), each tower's forward replayed from a CUDA graph per input shape
     (``vision_graphs``).  This base class handles SAM, which v1 and DeepSeek-OCR-2 share; a subclass adds the
-    second tower (:class:`ClipVisionFast` for v1, ``deepseek_ocr2.fast.EncoderVisionFast`` for v2) in
-    :meth:`_tower_mode`.
+    second tower (:class:`ClipVisionFast` for v1, ``deepseek_ocr2.fast.EncoderVisionFast`` for v2) through
+    :meth:`_set_tower`: a module with ``layer_fn`` / ``forward_fn`` / ``forward_fast`` and its fast layer function.
     """
 
     def __init__(self, sam: SamEncoder, cfg: FastConfig) -> None:
@@ -181,6 +181,13 @@ class VisionFast:
         self.cfg = cfg
         # one ShapeGraphs per tower, created on first use ("sam", then the second tower's name)
         self.graphs: dict[str, ShapeGraphs] = {}
+        # the second tower: (graph name, module, fast layer function); None in this base class
+        self._tower: tuple[str, Any, Any] | None = None
+
+    def _set_tower(self, name: str, module: Any, layer_fast: Any) -> None:
+        """The second tower: its layers run ``layer_fast`` (compiled with ``clip_compile``) and its forward is
+        replayed per view shape under ``name`` with ``vision_graphs``."""
+        self._tower = (name, module, layer_fast)
 
     @property
     def graph_count(self) -> int:
@@ -208,9 +215,21 @@ class VisionFast:
         finally:
             sam.fast, sam.block_fn, sam.forward_fn = saved
 
-    def _tower_mode(self) -> contextlib.AbstractContextManager[None]:
-        """The second tower's fast forward (set on entry, restored on exit); none in this base class."""
-        return contextlib.nullcontext()
+    @contextlib.contextmanager
+    def _tower_mode(self) -> Iterator[None]:
+        """The second tower's fast forward (set on entry, restored on exit)."""
+        if self._tower is None:
+            yield
+            return
+        name, tower, layer_fast = self._tower
+        saved = (tower.layer_fn, tower.forward_fn)
+        tower.layer_fn = _compiled(layer_fast) if self.cfg.clip_compile else layer_fast
+        if self.cfg.vision_graphs:
+            tower.forward_fn = self.graphed(name, tower.forward_fast)
+        try:
+            yield
+        finally:
+            tower.layer_fn, tower.forward_fn = saved
 
 
 class ClipVisionFast(VisionFast):
@@ -225,19 +244,7 @@ class ClipVisionFast(VisionFast):
                 hint="for DeepSeek-OCR-2 use llm_perf_opt.models.deepseek_ocr2.fast.apply_fast_path_v2",
             )
         super().__init__(model.model.sam_model, cfg)
-        self.clip_tf = vision_model.transformer
-
-    @contextlib.contextmanager
-    def _tower_mode(self) -> Iterator[None]:
-        clip_tf, cfg = self.clip_tf, self.cfg
-        saved = (clip_tf.layer_fn, clip_tf.forward_fn)
-        clip_tf.layer_fn = _compiled(clip_block_fast) if cfg.clip_compile else clip_block_fast
-        if cfg.vision_graphs:
-            clip_tf.forward_fn = self.graphed("clip", clip_tf.forward_fast)
-        try:
-            yield
-        finally:
-            clip_tf.layer_fn, clip_tf.forward_fn = saved
+        self._set_tower("clip", vision_model.transformer, clip_block_fast)
 
 
 class FastModel:

@@ -22,8 +22,6 @@ vision part; the result is a :class:`FastModel` with the v2 model as ``base``.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import cast
 
 from llm_perf_opt.errors import InputError
@@ -31,7 +29,6 @@ from llm_perf_opt.models.deepseek_ocr.fast import (
     FastConfig,
     FastModel,
     VisionFast,
-    _compiled,
     apply_fast_path,
 )
 from llm_perf_opt.models.deepseek_ocr.model import DeepseekOCRForCausalLM
@@ -51,21 +48,10 @@ class EncoderVisionFast(VisionFast):
                 hint="for DeepSeek-OCR (v1) use llm_perf_opt.models.deepseek_ocr.fast.apply_fast_path",
             )
         super().__init__(model.model.sam_model, cfg)
-        self.encoder: Qwen2Encoder = model.model.qwen2_model
-        for layer in self.encoder.stack.layers:  # fuse q/k/v and gate/up now, at load, not inside a first capture
+        encoder: Qwen2Encoder = model.model.qwen2_model
+        for layer in encoder.stack.layers:  # fuse q/k/v and gate/up now, at load, not inside a first capture
             cast(EncoderLayer, layer).fast_weights()
-
-    @contextlib.contextmanager
-    def _tower_mode(self) -> Iterator[None]:
-        enc, cfg = self.encoder, self.cfg
-        saved = (enc.layer_fn, enc.forward_fn)
-        enc.layer_fn = _compiled(encoder_layer_fast) if cfg.clip_compile else encoder_layer_fast
-        if cfg.vision_graphs:
-            enc.forward_fn = self.graphed("encoder", enc.forward_fast)
-        try:
-            yield
-        finally:
-            enc.layer_fn, enc.forward_fn = saved
+        self._set_tower("encoder", encoder, encoder_layer_fast)
 
 
 def apply_fast_path_v2(model: DeepseekOCR2ForCausalLM | FastModel, cfg: FastConfig | None = None) -> FastModel:
