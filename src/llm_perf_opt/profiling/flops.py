@@ -493,13 +493,28 @@ def page_flops(
     lm_head_positions: int = 1,
 ) -> PageFlops:
     """Every stage of one page: vision on ``views``, prefill of ``prompt_len``, ``n_generated`` tokens."""
-    sam, clip, proj = vision_flops(cfg, views)
+    return page_flops_with_vision(
+        cfg.language, vision_flops(cfg, views), views, prompt_len, n_generated, lm_head_positions
+    )
+
+
+def page_flops_with_vision(
+    language: LanguageConfig,
+    vision: tuple[FlopsBreakdown, FlopsBreakdown, FlopsBreakdown],
+    views: Sequence[View],
+    prompt_len: int,
+    n_generated: int,
+    lm_head_positions: int,
+) -> PageFlops:
+    """A page's stages from its vision breakdowns (SAM, the second tower, projector: a model's own) and the
+    language model's prefill and decode, which DeepSeek-OCR and -OCR-2 share."""
+    sam, second, proj = vision
     return PageFlops(
         sam=sam,
-        clip=clip,
+        clip=second,
         projector=proj,
-        prefill_lm=prefill_flops(cfg.language, prompt_len, lm_head_positions),
-        decode=decode_flops(cfg.language, prompt_len, n_generated),
+        prefill_lm=prefill_flops(language, prompt_len, lm_head_positions),
+        decode=decode_flops(language, prompt_len, n_generated),
         views=tuple(views),
         prompt_len=prompt_len,
         n_generated=n_generated,

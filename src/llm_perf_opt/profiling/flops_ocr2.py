@@ -33,10 +33,9 @@ from llm_perf_opt.profiling.flops import (
     View,
     activated_params_per_token,
     attention_flops,
-    decode_flops,
     linear_flops,
+    page_flops_with_vision,
     param_counts,
-    prefill_flops,
     projector_flops,
     sam_flops,
     sam_output_grid,
@@ -174,16 +173,8 @@ def page_flops_v2(
 ) -> PageFlops:
     """Every stage of one v2 page; the encoder fills :class:`PageFlops`' second vision slot (``clip``), as the
     encoder's time fills the record's ``clip_ms``: the language-model stages are v1's formulas."""
-    sam, enc, proj = vision_flops_v2(cfg, views)
-    return PageFlops(
-        sam=sam,
-        clip=enc,
-        projector=proj,
-        prefill_lm=prefill_flops(cfg.language, prompt_len, lm_head_positions),
-        decode=decode_flops(cfg.language, prompt_len, n_generated),
-        views=tuple(views),
-        prompt_len=prompt_len,
-        n_generated=n_generated,
+    return page_flops_with_vision(
+        cfg.language, vision_flops_v2(cfg, views), views, prompt_len, n_generated, lm_head_positions
     )
 
 
