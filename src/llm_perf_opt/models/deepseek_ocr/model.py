@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -125,8 +126,20 @@ def _side(tokens: int, what: str) -> int:
 class DeepseekOCRModel(nn.Module):
     """Vision encoders + projector + layout tokens + decoder stack (everything under the ``model.`` prefix)."""
 
+    config: DeepseekOCRConfig
+
     def __init__(self, cfg: DeepseekOCRConfig) -> None:
         super().__init__()
+        self._init_decoder(cfg)
+        self.sam_model = SamEncoder(cfg.sam)
+        self.vision_model = ClipVisionTower(cfg.clip)
+        self.projector = LinearProjector(cfg.projector)
+        self.image_newline = nn.Parameter(torch.empty(cfg.projector.n_embed))
+        self.view_seperator = nn.Parameter(torch.empty(cfg.projector.n_embed))
+
+    def _init_decoder(self, cfg: Any) -> None:
+        """The config and the decoder's modules (embeddings, layers, norm, rotary), after checking that the
+        projector writes features as wide as the token embeddings; DeepSeek-OCR-2 builds its decoder here too."""
         lang = cfg.language
         if cfg.projector.n_embed != lang.hidden_size:
             raise ModelLoadError(
@@ -138,12 +151,6 @@ class DeepseekOCRModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer.build(lang, i) for i in range(lang.num_hidden_layers))
         self.norm = RMSNorm(lang.hidden_size, lang.rms_norm_eps)
         self.rotary = RotaryEmbedding(lang.head_dim, lang.rope_theta, lang.max_position_embeddings)
-
-        self.sam_model = SamEncoder(cfg.sam)
-        self.vision_model = ClipVisionTower(cfg.clip)
-        self.projector = LinearProjector(cfg.projector)
-        self.image_newline = nn.Parameter(torch.empty(cfg.projector.n_embed))
-        self.view_seperator = nn.Parameter(torch.empty(cfg.projector.n_embed))
 
     def causal_context(self, inputs_embeds: Tensor, cache: StaticKVCache | None) -> ForwardContext:
         """The context of a plain forward: positions ``cache.length ..`` (0 without a cache), causal attention."""

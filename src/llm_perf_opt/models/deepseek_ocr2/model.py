@@ -23,8 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from llm_perf_opt.errors import InputError, ModelLoadError
-from llm_perf_opt.models.deepseek_ocr.decoder import DecoderLayer, RMSNorm, RotaryEmbedding
+from llm_perf_opt.errors import InputError
 from llm_perf_opt.models.deepseek_ocr.model import (
     DEFAULT_SDPA_BACKENDS,
     DeepseekOCRForCausalLM,
@@ -66,18 +65,7 @@ class DeepseekOCR2Model(DeepseekOCRModel):
 
     def __init__(self, cfg: DeepseekOCR2Config) -> None:
         nn.Module.__init__(self)
-        lang = cfg.language
-        if cfg.projector.n_embed != lang.hidden_size:
-            raise ModelLoadError(
-                f"projector n_embed {cfg.projector.n_embed} != language hidden_size {lang.hidden_size}",
-                hint="the image features are written into the token embedding sequence, so widths must match",
-            )
-        self.config = cfg
-        self.embed_tokens = nn.Embedding(lang.vocab_size, lang.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer.build(lang, i) for i in range(lang.num_hidden_layers))
-        self.norm = RMSNorm(lang.hidden_size, lang.rms_norm_eps)
-        self.rotary = RotaryEmbedding(lang.head_dim, lang.rope_theta, lang.max_position_embeddings)
-
+        self._init_decoder(cfg)
         self.sam_model = SamEncoder(cfg.sam)
         self.qwen2_model = Qwen2Encoder(cfg.encoder)
         self.projector = LinearProjector(cfg.projector)
