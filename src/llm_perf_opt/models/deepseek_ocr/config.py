@@ -179,14 +179,17 @@ class DeepseekOCRConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> DeepseekOCRConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise ModelLoadError(
-                f"config file not found: {path}",
-                hint="point model.path at a DeepSeek-OCR snapshot (see models/README.md) or use model/arch=tiny",
-            )
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ModelLoadError(f"{path} is not valid JSON ({exc})") from exc
-        return cls.from_dict(raw, source=str(path))
+        hint = "point model.path at a DeepSeek-OCR snapshot (see models/README.md) or use model/arch=tiny"
+        return cls.from_dict(read_config_json(Path(path), hint), source=str(path))
+
+
+def read_config_json(path: Path, hint: str) -> dict[str, Any]:
+    """A checkpoint's config.json as a dict; a missing file or bad JSON is one ModelLoadError (``hint`` on the
+    missing file: where the model's snapshot goes)."""
+    if not path.is_file():
+        raise ModelLoadError(f"config file not found: {path}", hint=hint)
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{path} is not valid JSON ({exc})") from exc
+    return raw

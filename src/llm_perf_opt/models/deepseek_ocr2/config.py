@@ -14,14 +14,13 @@ other value could not run.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import attrs
 
 from llm_perf_opt.errors import ModelLoadError
-from llm_perf_opt.models.deepseek_ocr.config import LanguageConfig, ProjectorConfig, SamConfig
+from llm_perf_opt.models.deepseek_ocr.config import LanguageConfig, ProjectorConfig, SamConfig, read_config_json
 
 __all__ = ["DeepseekOCR2Config", "EncoderConfig", "LanguageConfig", "ProjectorConfig", "SamConfig"]
 
@@ -156,13 +155,5 @@ class DeepseekOCR2Config:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        if not path.is_file():
-            raise ModelLoadError(
-                f"config file not found: {path}",
-                hint="point model.path at a DeepSeek-OCR-2 snapshot (config.json + model.safetensors)",
-            )
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ModelLoadError(f"{path} is not valid JSON ({exc})") from exc
-        return cls.from_dict(raw, source=str(path))
+        hint = "point model.path at a DeepSeek-OCR-2 snapshot (config.json + model.safetensors)"
+        return cls.from_dict(read_config_json(path, hint), source=str(path))
