@@ -289,6 +289,16 @@ def global_view(image: Image.Image, cfg: PreprocessConfig) -> Image.Image:
     return ImageOps.pad(image, size, method=_RESAMPLE, color=cfg.pad_color)
 
 
+def rgb_page(image: Image.Image) -> tuple[Image.Image, tuple[int, int]]:
+    """The page in RGB and its (width, height); a page without pixels is one InputError."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise InputError(f"page has no pixels ({width}×{height})")
+    return image, (width, height)
+
+
 def to_uint8(image: Image.Image) -> torch.Tensor:
     """RGB image → ``[3, H, W]`` uint8 (the bytes as they are: a quarter of float32's upload)."""
     if image.mode != "RGB":
@@ -360,11 +370,7 @@ def _prepare(
 ) -> PreparedPage:
     if q_global <= 0 or q_tile <= 0:
         raise ConfigError(f"tokens per side must be > 0, got global {q_global}, tile {q_tile}")
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    width, height = image.size
-    if width <= 0 or height <= 0:
-        raise InputError(f"page has no pixels ({width}×{height})")
+    image, (width, height) = rgb_page(image)
 
     grid = choose_crop_grid(width, height, cfg)
 

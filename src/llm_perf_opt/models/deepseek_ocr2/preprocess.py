@@ -20,7 +20,7 @@ from typing import Final
 import torch
 from PIL import Image
 
-from llm_perf_opt.errors import ConfigError, InputError
+from llm_perf_opt.errors import ConfigError
 from llm_perf_opt.models.deepseek_ocr.preprocess import (
     PreparedPage,
     PreprocessConfig,
@@ -29,6 +29,7 @@ from llm_perf_opt.models.deepseek_ocr.preprocess import (
     crop_tiles,
     global_view,
     normalize,
+    rgb_page,
 )
 from llm_perf_opt.models.deepseek_ocr2.config import DeepseekOCR2Config
 from llm_perf_opt.models.deepseek_ocr2.model import num_image_tokens_v2
@@ -82,11 +83,7 @@ def preprocess_page_v2(
     _check_view(model, cfg.base_size, "the global view")
     if cfg.crop_mode:
         _check_view(model, cfg.image_size, "a tile")
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    width, height = image.size
-    if width <= 0 or height <= 0:
-        raise InputError(f"page has no pixels ({width}×{height})")
+    image, (width, height) = rgb_page(image)
 
     grid = choose_crop_grid(width, height, cfg)
     ori = normalize(global_view(image, cfg), cfg.mean, cfg.std).unsqueeze(0)
