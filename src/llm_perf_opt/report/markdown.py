@@ -200,8 +200,7 @@ def render_report(s: RunSummary, plots: dict[str, str] | None = None) -> str:
          _or_na(fmt_bytes(_max(s, "peak_mem_allocated_bytes")), s, "peak_mem_allocated_bytes")],
         ["peak reserved (CUDA, max over pages)",
          _or_na(fmt_bytes(_max(s, "peak_mem_reserved_bytes")), s, "peak_mem_reserved_bytes")],
-        ["peak RSS of the process (host; a process-lifetime high-water mark)",
-         _or_na(fmt_bytes(_max(s, "peak_rss_bytes")), s, "peak_rss_bytes")],
+        [_rss_label(s), _or_na(fmt_bytes(_max(s, "peak_rss_bytes")), s, "peak_rss_bytes")],
     ]  # fmt: skip
     out.append("Memory sizes are binary (KiB/MiB/GiB = 2¹⁰/2²⁰/2³⁰ bytes); rates elsewhere are decimal.\n")
     out.append(table(["", ""], mem_rows) + "\n")
@@ -343,6 +342,14 @@ def _activated(s: RunSummary) -> str:
 
 def _or_na(text: str, s: RunSummary, key: str) -> str:
     return na(missing_reason(s, key)) if text == NA else text
+
+
+def _rss_label(s: RunSummary) -> str:
+    """What the RSS peak covers: this run (the high-water mark reset before the model loaded), or the process's
+    lifetime where the reset was refused (the run's notes say why)."""
+    if any(n.startswith("peak_rss_bytes:") for n in s.notes):
+        return "peak RSS of the process (host; its lifetime high-water mark: the reset was refused, see Notes)"
+    return "peak RSS of the process (host; this run's high-water mark, reset before the model loaded)"
 
 
 def _render_runaway(s: RunSummary) -> str:

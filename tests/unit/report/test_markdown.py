@@ -275,3 +275,13 @@ def test_peaks_are_decimal_and_the_source_is_not_double_wrapped() -> None:
     assert "| peak FLOP/s used for MFU | 989.00 TFLOP/s — source: user override (peak.flops_per_s) |" in md
     assert "| peak bandwidth used for MBU | 4.80 TB/s — source: user override (peak.bw_bytes_per_s) |" in md
     assert "(user override (peak" not in md
+
+
+def test_peak_rss_label_says_what_the_peak_covers() -> None:
+    """A run resets the process's high-water mark before loading the model; where the kernel refused, the peak
+    is the lifetime one and the row must say so (the refusal is in the notes)."""
+    own = render_report(_summary())
+    assert "| peak RSS of the process (host; this run's high-water mark, reset before the model loaded) |" in own
+    refused = _summary(notes=["peak_rss_bytes: could not reset the process's peak RSS (Permission denied): ..."])
+    text = render_report(refused)
+    assert "| peak RSS of the process (host; its lifetime high-water mark: the reset was refused, see Notes) |" in text
