@@ -344,16 +344,27 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
     rope = dict(qkv_ptr=bf, cos_ptr=bf, sin_ptr=bf, pos_ptr=i64, q_ptr=bf, k_ptr=bf, v_ptr=bf, max_len="i32")
     partial = dict(q_ptr=bf, k_ptr=bf, v_ptr=bf, pos_ptr=i64, m_ptr=f32, l_ptr=f32, acc_ptr=f32)
     partial.update(qk_scale="fp32", max_len="i32")
+    tail = dict(key_limit="i32")  # after the mask arguments
     combine = dict(m_ptr=f32, l_ptr=f32, acc_ptr=f32, out_ptr=bf)
     route = dict(x_ptr=bf, gate_ptr=f32, idx_ptr=i64, wout_ptr=f32, counts_ptr=i64, H="i32", scaling="fp32")
     splits = 27  # B=1, 10 heads, max_len >= 27 * 64 (attention_splits)
     attn = dict(HQ=hq, HK=hk, D=d, N_SPLITS=splits, BLOCK_N=64, BLOCK_D=d)
     specs = [
         ("_add_rms_norm_kernel", norm, dict(HAS_RESIDUAL=True, BLOCK_H=2048), 4),
-        ("_rope_kv_write_kernel", rope, dict(HQ=hq, HK=hk, D=d, BLOCK_D=d, ROW_TABLES=False), 1),
-        ("_rope_kv_write_kernel", rope, dict(HQ=hq, HK=hk, D=d, BLOCK_D=d, ROW_TABLES=True), 1),
-        ("_attn_partial_kernel", {**partial, "mask_stride": "i32"}, {**attn, "mask_ptr": None, "HAS_MASK": False}, 4),
-        ("_attn_partial_kernel", {**partial, "mask_ptr": bf, "mask_stride": "i32"}, {**attn, "HAS_MASK": True}, 4),
+        ("_rope_kv_write_kernel", rope, dict(HQ=hq, HK=hk, D=d, BLOCK_D=d, ROW_TABLES=False, POS_STRIDE=0), 1),
+        ("_rope_kv_write_kernel", rope, dict(HQ=hq, HK=hk, D=d, BLOCK_D=d, ROW_TABLES=True, POS_STRIDE=1), 1),
+        (
+            "_attn_partial_kernel",
+            {**partial, "mask_stride": "i32", **tail},
+            {**attn, "mask_ptr": None, "HAS_MASK": False, "POS_STRIDE": 0},
+            4,
+        ),
+        (
+            "_attn_partial_kernel",
+            {**partial, "mask_ptr": bf, "mask_stride": "i32", **tail},
+            {**attn, "HAS_MASK": True, "POS_STRIDE": 1},
+            4,
+        ),
         ("_attn_combine_kernel", combine, dict(D=d, N_SPLITS=splits, BLOCK_S=32, BLOCK_D=d), 2),
     ]
     route_consts = dict(E=lang.n_routed_experts, TOP_K=k, RENORM=False, HAS_COUNTS=True, BLOCK_E=64, BLOCK_KSLOT=8)

@@ -216,10 +216,11 @@ if HAVE_TRITON:
         D: tl.constexpr,
         BLOCK_D: tl.constexpr,
         ROW_TABLES: tl.constexpr = False,
+        POS_STRIDE: tl.constexpr = 0,
     ):
         b = tl.program_id(0)
         h = tl.program_id(1)  # 0..HQ-1: q heads, HQ..HQ+HK-1: k heads, then v heads
-        pos = tl.load(pos_ptr)
+        pos = tl.load(pos_ptr + b * POS_STRIDE)  # one column for every row (stride 0), or row b's own
         trow = b if ROW_TABLES else pos  # cos/sin row: this batch row's own position, or the shared one
         d = tl.arange(0, BLOCK_D)
         dmask = d < D
@@ -262,12 +263,15 @@ if HAVE_TRITON:
         mask_ptr=None,
         mask_stride=0,
         HAS_MASK: tl.constexpr = False,
+        POS_STRIDE: tl.constexpr = 0,
+        key_limit=0,
     ):
         bh = tl.program_id(0)
         split = tl.program_id(1)
         b = bh // HQ
         kvh = (bh % HQ) // (HQ // HK)
-        n_keys = tl.load(pos_ptr) + 1
+        # keys 0..pos (one pos for every row, or row b's own), never past the mask's width
+        n_keys = tl.minimum(tl.load(pos_ptr + b * POS_STRIDE) + 1, key_limit)
         # keys 0..pos are shared evenly among the splits (BLOCK_N-aligned); late splits may get none
         chunk = ((n_keys + N_SPLITS - 1) // N_SPLITS + BLOCK_N - 1) // BLOCK_N * BLOCK_N
         lo = split * chunk
@@ -737,8 +741,15 @@ def _check_rope_args(
     want = (qkv.shape[0], n_kv_heads, k_cache.shape[2], head_dim)
     if tuple(k_cache.shape) != want or tuple(v_cache.shape) != want:
         raise ValueError(f"k/v cache must be one layer's [B, kv_heads, max_len, D] = {want}, got {k_cache.shape}")
-    if pos.shape != (1,) or pos.dtype != torch.int64:
-        raise ValueError(f"pos must be an int64 tensor of shape [1], got {pos.dtype} {tuple(pos.shape)}")
+    _check_pos(pos, qkv.shape[0])
+
+
+def _check_pos(pos: Tensor, batch: int) -> None:
+    if pos.dtype != torch.int64 or pos.shape not in ((1,), (batch,)):
+        raise ValueError(
+            f"pos must be an int64 tensor of shape [1] (one column for all rows) or [{batch}] (one per row), got"
+            f" {pos.dtype} {tuple(pos.shape)}"
+        )
 
 
 def rope_kv_write_ref(
@@ -764,8 +775,10 @@ def rope_kv_write_ref(
     else:
         cos, sin = cos_table.index_select(0, pos), sin_table.index_select(0, pos)  # [1, D]: broadcast
     qk = qk * cos + qk.roll(head_dim // 2, dims=-1) * sin
-    k_cache.index_copy_(2, pos, qk[:, n_heads:, None, :].to(k_cache.dtype))
-    v_cache.index_copy_(2, pos, v[:, :, None, :].to(v_cache.dtype))
+    rows = torch.arange(bsz, device=qkv.device)
+    cols = pos.expand(bsz)  # [B]: row b's column (the same one for every row when pos is [1])
+    k_cache[rows, :, cols] = qk[:, n_heads:].to(k_cache.dtype)
+    v_cache[rows, :, cols] = v.to(v_cache.dtype)
     return qk[:, :n_heads].contiguous()
 
 
@@ -789,7 +802,8 @@ def rope_kv_write(
 
     ``qkv`` [B, (hq + 2·hk)·D] is the fused QKV GEMM output (one token per row), ``cos_table``/``sin_table``
     [max_positions, D] the rotary tables with rotate_half's sign folded into sin, ``pos`` an int64 device
-    tensor [1] (one position for every row, read on the device), ``k_cache``/``v_cache`` [B, hk, max_len, D].
+    tensor [1] (one position for every row, read on the device) or [B] (row b writes column ``pos[b]``: the
+    continuous-batching step, whose slots sit at their own columns), ``k_cache``/``v_cache`` [B, hk, max_len, D].
     Grid (B, hq + 2·hk): one program per head row; ``x*cos`` and ``roll(x)*sin`` are rounded to the
     activation dtype before their sum, as the torch expression does (bit-identical results).  ``pos`` must
     be < max_len: it lives on the device, so it is not checked here (``StaticKVCache.check_room`` does).
@@ -814,6 +828,7 @@ def rope_kv_write(
         D=head_dim,
         BLOCK_D=_pow2(head_dim),
         ROW_TABLES=row_tables,
+        POS_STRIDE=0 if pos.shape[0] == 1 else 1,
         num_warps=1,
     )
     return q
@@ -838,7 +853,7 @@ def decode_attention_ref(
         n = key_mask.shape[-1]
         scores = scores[..., :n] + key_mask.float().reshape(-1, 1, n)
         k, v = k[:, :, :n], v[:, :, :n]
-    keep = torch.arange(k.shape[2], device=q.device) <= pos
+    keep = torch.arange(k.shape[2], device=q.device) <= pos.view(-1, 1, 1)  # [B|1, 1, n]: per row or shared
     probs = torch.where(keep, scores, float("-inf")).softmax(dim=-1)
     out = torch.einsum("bhn,bhnd->bhd", probs, v)
     return out.to(q.dtype).reshape(bsz, hq * dim)
@@ -864,7 +879,8 @@ def decode_attention(
 
     ``key_mask``: an additive mask [B or 1, n] over cache columns (0 / -inf, e.g. the batched step's left pads),
     ``n`` > ``pos`` (the caller's to ensure: ``pos`` lives on the device); added to the scores before the softmax,
-    a key block that it masks entirely contributes nothing (no NaN).
+    a key block that it masks entirely contributes nothing (no NaN); keys past its width are not read.  ``pos``
+    [1] (one last key for every row) or [B] (row b's own: the continuous-batching step).
 
     Flash-decoding in two kernels.  (1) grid (B·hq, n_splits): the keys ``0..pos`` (``pos`` read on the
     device) are divided evenly among the splits in ``block_n``-key blocks; each program streams its blocks
@@ -880,15 +896,16 @@ def decode_attention(
     hk, max_len = k_cache.shape[1], k_cache.shape[2]
     if tuple(k_cache.shape) != (bsz, hk, max_len, dim) or v_cache.shape != k_cache.shape or hq % hk:
         raise ValueError(f"caches {tuple(k_cache.shape)} do not fit q {tuple(q.shape)} (need [B, hk, max_len, D])")
-    if pos.shape != (1,) or pos.dtype != torch.int64:
-        raise ValueError(f"pos must be an int64 tensor of shape [1], got {pos.dtype} {tuple(pos.shape)}")
+    _check_pos(pos, bsz)
     mask_args: dict[str, object] = {}
+    key_limit = max_len
     if key_mask is not None:
         if key_mask.dim() != 2 or key_mask.shape[0] not in (1, bsz) or key_mask.shape[1] > max_len:
             raise ValueError(f"key_mask must be [{bsz} or 1, n <= {max_len}], got {tuple(key_mask.shape)}")
         key_mask = _contig(key_mask, "key_mask")
         stride = key_mask.stride(0) if key_mask.shape[0] == bsz and bsz > 1 else 0
         mask_args = dict(mask_ptr=key_mask, mask_stride=stride, HAS_MASK=True)
+        key_limit = key_mask.shape[1]
     if block_n is None:  # [64, D] K and V tiles: 64 elements per thread at 4 warps (D = 128), no spills
         block_n = 64 if q.device.type == "cuda" else 256
     splits = n_splits or attention_splits(bsz * hq, max_len, block_n, _sm_count(q.device))
@@ -915,6 +932,8 @@ def decode_attention(
         BLOCK_N=block_n,
         BLOCK_D=block_d,
         num_warps=4,
+        POS_STRIDE=0 if pos.shape[0] == 1 else 1,
+        key_limit=key_limit,
         **mask_args,
     )
     _attn_combine_kernel[(rows,)](

@@ -65,7 +65,8 @@ class TritonAttention(nn.Module):
 
 class TritonRowAttention(nn.Module):
     """A decode step over a slot context whose rows sit at their own positions (per-row ``ctx.cos``/``ctx.sin``
-    [B|1, 1, D]) and see their own keys (additive ``ctx.mask`` [B|1, 1, 1, n]): the batched step.  QKV GEMM,
+    [B|1, 1, D]) and see their own keys (additive ``ctx.mask`` [B|1, 1, 1, n]): the batched step (one cache
+    column ``ctx.slot`` [1] for every row) and the continuous-batching step (``ctx.slot`` [B], each row's own).  QKV GEMM,
     rotary at each row's position + K/V written at ``ctx.slot``, split-K attention over keys ``0..slot`` with the
     mask added, o_proj.  Any other context (several positions per row, no slot) runs the wrapped attention."""
 
@@ -78,6 +79,7 @@ class TritonRowAttention(nn.Module):
         if ctx.cache is None or ctx.slot is None or ctx.cos is None or ctx.sin is None or x.shape[1] != 1:
             return False
         rows_ok = ctx.cos.shape[0] in (1, x.shape[0]) and ctx.cos.shape[1] == 1
+        rows_ok = rows_ok and tuple(ctx.slot.shape) in ((1,), (x.shape[0],))
         mask = ctx.mask
         return rows_ok and (mask is None or (mask.dim() == 4 and mask.shape[1] == mask.shape[2] == 1))
 

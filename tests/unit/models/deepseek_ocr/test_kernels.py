@@ -219,6 +219,32 @@ def test_rope_kv_write_row_tables_rotate_each_row_at_its_own_position(dtype: tor
         K.rope_kv_write(qkv, cos, sin, slot, k_cache, v_cache, 2, 2, 32, row_tables=True)
 
 
+def test_rope_kv_write_per_row_columns() -> None:
+    """The continuous-batching step: row b is rotated at its own position and writes its K/V at its own column
+    (``pos`` [B]); oracle: ``apply_rotary`` per row and the untouched columns."""
+    from llm_perf_opt.models.deepseek_ocr.decoder import apply_rotary
+
+    cos, sin = _rotary_tables(64, 32, torch.float32)
+    positions = torch.tensor([3, 17, 40])
+    qkv = torch.randn(3, 3 * 2 * 32, generator=torch.Generator().manual_seed(5))
+    k_cache, v_cache = torch.zeros(3, 2, 48, 32), torch.zeros(3, 2, 48, 32)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    rows = (cos[positions], sin[positions])
+    q = K.rope_kv_write(qkv, *rows, positions, k_cache, v_cache, 2, 2, 32, row_tables=True)
+    K.rope_kv_write_ref(qkv, *rows, positions, k_ref, v_ref, 2, 2, 32, row_tables=True)
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+    heads = qkv.view(3, 6, 32)
+    written = torch.zeros(3, 48, dtype=torch.bool)
+    for b, p in enumerate(positions.tolist()):
+        _close(q[b], apply_rotary(heads[b, :2, None], cos[p : p + 1], sin[p : p + 1])[:, 0])
+        _close(k_cache[b, :, p], apply_rotary(heads[b, 2:4, None], cos[p : p + 1], sin[p : p + 1])[:, 0])
+        assert torch.equal(v_cache[b, :, p], heads[b, 4:])
+        written[b, p] = True
+    assert not k_cache.permute(0, 2, 1, 3)[~written].any() and not v_cache.permute(0, 2, 1, 3)[~written].any()
+    with pytest.raises(ValueError, match=r"pos must be an int64 tensor of shape \[1\].*or \[3\]"):
+        K.rope_kv_write(qkv, *rows, positions[:2], k_cache, v_cache, 2, 2, 32, row_tables=True)
+
+
 # ------------------------------------------------------------------------------------------ decode_attention
 def _softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, scale: float) -> torch.Tensor:
     """Plain float32 attention over the keys 0..pos (host-side slicing; test only)."""
@@ -296,6 +322,40 @@ def test_decode_attention_key_mask_left_pads(dtype: torch.dtype) -> None:
     _close(out, K.decode_attention_ref(q, k_cache, v_cache, torch.tensor([pos]), scale, key_mask=shared))
     with pytest.raises(ValueError, match="key_mask"):
         K.decode_attention(q, k_cache, v_cache, torch.tensor([pos]), scale, key_mask=mask[:2])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_attention_per_row_last_key(dtype: torch.dtype) -> None:
+    """``pos`` [B]: row b attends over its own keys 0..pos[b] (the continuous-batching step) under a mask of
+    key_len = 48 columns; keys past each row's pos (and past the mask) are NaN, so a single stray load would
+    show.  Oracle: plain softmax per row."""
+    gen = torch.Generator().manual_seed(9)
+    batch, heads, dim, max_len, key_len = 3, 2, 32, 64, 48
+    positions = torch.tensor([0, 20, 47])
+    q = torch.randn(batch, heads, dim, generator=gen).to(dtype)
+    k_cache = torch.randn(batch, heads, max_len, dim, generator=gen).to(dtype)
+    v_cache = torch.randn(batch, heads, max_len, dim, generator=gen).to(dtype)
+    clean_k, clean_v = k_cache.clone(), v_cache.clone()
+    for b, p in enumerate(positions.tolist()):
+        k_cache[b, :, p + 1 :] = float("nan")
+        v_cache[b, :, p + 1 :] = float("nan")
+    mask = torch.zeros(batch, key_len, dtype=dtype)
+    scale = dim**-0.5
+    want = torch.cat(
+        [
+            _softmax_attention(q[b : b + 1], clean_k[b : b + 1], clean_v[b : b + 1], p, scale)
+            for b, p in enumerate(positions.tolist())
+        ]
+    )
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    ref = K.decode_attention_ref(q, clean_k, clean_v, positions, scale, key_mask=mask)
+    torch.testing.assert_close(ref.float(), want, rtol=tol, atol=tol)
+    for block_n, splits in [(16, None), (16, 4)]:
+        out = K.decode_attention(q, k_cache, v_cache, positions, scale, block_n=block_n, n_splits=splits, key_mask=mask)
+        assert torch.isfinite(out.float()).all()
+        _close(out, ref)
+    with pytest.raises(ValueError, match="pos must be"):
+        K.decode_attention(q, k_cache, v_cache, positions[:2], scale)
 
 
 def test_decode_attention_real_head_dim() -> None:
