@@ -1,8 +1,9 @@
 """DeepSeek-OCR (v1, Gundam) beside DeepSeek-OCR-2 (v2, its default mode), per stage, on the same pages (issue 20).
 
-Five columns, each one run of the profiler itself (the real CLI in a subprocess, one after the other on the same
-device, so each starts with an empty allocator): v1 native eager, v1 native fast, v2 native eager, v2 native fast
-and v2 in transformers' own class (``model.backend=hf_native``, the baseline).  Per column: SAM, CLIP / encoder
+Six columns, each one run of the profiler itself (the real CLI in a subprocess, one after the other on the same
+device, so each starts with an empty allocator): v1 native eager, v1 native fast, v2 native eager, v2 native eager
+with grouped experts (like for like with transformers' default ``grouped_mm`` experts), v2 native fast and v2 in
+transformers' own class (``model.backend=hf_native``, the baseline).  Per column: SAM, CLIP / encoder
 and projector ms (the stage hooks), vision ms, LM prefill ms (prefill − vision), prefill (TTFT) ms, decode
 ms/token, image tokens, prompt length, peak memory, the analytic FLOPs of every stage and the run's MFU for it —
 all read from the run's metrics.json, nothing recomputed here.  A column whose run is refused (e.g. a fast path
@@ -46,11 +47,35 @@ ROOT = Path(__file__).resolve().parents[1]
 GiB = 2**30
 PROMPT = "<image>\n<|grounding|>Convert the document to markdown."
 
+# the fast-path switches a like-for-like comparison with transformers' class turns off (all but grouped_moe)
+EAGER_OFF = (
+    "cuda_graphs",
+    "fused_qkv",
+    "sam_fast",
+    "sam_compile",
+    "clip_compile",
+    "vision_graphs",
+    "prefill_graphs",
+    "device_decode",
+    "pinned_upload",
+)
 # column -> (model family, CLI overrides); the arch preset (dummy or tiny) is added per run
 COLUMNS: dict[str, tuple[str, list[str]]] = {
     "v1 native eager": ("deepseek_ocr", ["model/deepseek_ocr/infer=deepseek_ocr.gundam"]),
     "v1 native fast": ("deepseek_ocr", ["model/deepseek_ocr/infer=deepseek_ocr.gundam", "infer.fast.enabled=true"]),
     "v2 native eager": ("deepseek_ocr2", ["model/deepseek_ocr/infer=deepseek_ocr2.default"]),
+    # like for like with transformers' class, whose experts default to one grouped GEMM (experts_implementation
+    # "grouped_mm" since 5.x): the native model with the grouped experts and every other fast-path switch off
+    # (no fused QKV, no compile, no CUDA graphs, torch decode ops, host token loop)
+    "v2 native eager + grouped experts": (
+        "deepseek_ocr2",
+        [
+            "model/deepseek_ocr/infer=deepseek_ocr2.default",
+            "infer.fast.enabled=true",
+            *(f"infer.fast.{k}=false" for k in EAGER_OFF),
+            "infer.fast.decode_kernels=torch",
+        ],
+    ),
     "v2 native fast": ("deepseek_ocr2", ["model/deepseek_ocr/infer=deepseek_ocr2.default", "infer.fast.enabled=true"]),
     "v2 transformers native": (
         "deepseek_ocr2",
@@ -58,7 +83,14 @@ COLUMNS: dict[str, tuple[str, list[str]]] = {
     ),
 }
 # the order the columns run in (the table keeps COLUMNS' order)
-RUN_ORDER = ["v2 transformers native", "v2 native eager", "v1 native eager", "v2 native fast", "v1 native fast"]
+RUN_ORDER = [
+    "v2 transformers native",
+    "v2 native eager",
+    "v2 native eager + grouped experts",
+    "v1 native eager",
+    "v2 native fast",
+    "v1 native fast",
+]
 # rows of the table: (label, key of the column's figures, format)
 ROWS: list[tuple[str, str, str]] = [
     ("SAM ms", "sam_ms", "{:.2f}"),

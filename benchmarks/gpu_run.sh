@@ -9,19 +9,25 @@
 #   cbatch  quick check of continuous batching: its GPU tests and bench_batched static vs continuous (Base, batch 64)
 #   goals18 issue 18's goals run through the real CLI: Gundam, no_repeat_ngram_size=20, mixed page sizes, log-normal
 #           output lengths (median 1,000), batch 64, preprocessing included; continuous then static, and `compare`
+#   samattn benchmarks/bench_sam_attention.py (SAM's global attention: augmented flash vs FlexAttention, op and tower)
 #   v1v2    benchmarks/bench_v1_v2.py (v1 Gundam vs DeepSeek-OCR-2 per stage, transformers' native class as the
 #           baseline column, native-vs-transformers logits on full-size dummy weights)
 # Everything is written to $RES (default /tmp/gpu-results) and packed into $OUT/results.tgz (the
 # markdown reports are also copied to $OUT); $OUT defaults to ./gpu-out.  Wheels for hydra & co. in .whl/ (and transformers 4.46 for the
-# vendor column in .whl-hf/) are installed into /tmp/site and /tmp/hfsite first when present.
+# vendor column in .whl-hf/) are installed into /tmp/site and /tmp/hfsite first when present; a newer transformers
+# for v1v2's baseline column in .whl-tf/ (with its hub / tokenizers) goes to /tmp/tfsite, first on v1v2's path only.
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 FINAL_OUT=$OUT; OUT=${RES:-/tmp/gpu-results}; mkdir -p "$OUT"
 pack() { tar czf "$FINAL_OUT/results.tgz" -C "$OUT" . && cp "$OUT"/*.md "$OUT"/gpu_tests.txt "$FINAL_OUT"/ 2>/dev/null; }
 trap pack EXIT
 STAGES=${STAGES:-tests kernels fast batched cli v1v2}
+has() { [[ " $STAGES " == *" $1 "* ]]; }
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+if [ -d .whl-tf ] && has v1v2; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/tfsite .whl-tf/*.whl
 fi
 if [ -d .whl-hf ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/hfsite .whl-hf/*.whl
@@ -31,7 +37,6 @@ fi
 [ -f .source-rev ] && export LLM_PERF_OPT_SOURCE_REV="$(cat .source-rev)"
 export PYTHONPATH=/tmp/site:src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
-has() { [[ " $STAGES " == *" $1 "* ]]; }
 if has tests; then
   python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu --tb=short 2>&1 | tail -60 > "$OUT/gpu_tests.txt"
   tail -3 "$OUT/gpu_tests.txt"
@@ -79,15 +84,20 @@ if has goals18; then
        dataset.target_lengths=lognormal dataset.target_median_tokens=1000 infer.max_new_tokens=4096
        repeats=1 per_page_pages=2 profiling.rep_max_new_tokens=32 progress=false)
   rm -rf /tmp/goals18-continuous /tmp/goals18-static
-  for mode in continuous static; do
+  for mode in ${G18_MODES:-continuous static}; do
     python3 -m llm_perf_opt.runners.llm_profile_runner "${G18[@]}" infer.batching=$mode \
       hydra.run.dir=/tmp/goals18-$mode 2>&1 | tail -3
     cp /tmp/goals18-$mode/report.md "$OUT/goals18-$mode-report.md"
     cp /tmp/goals18-$mode/metrics.json "$OUT/goals18-$mode-metrics.json"
   done
-  python3 -m llm_perf_opt.cli compare /tmp/goals18-static /tmp/goals18-continuous -o "$OUT/goals18-compare.md" > /dev/null
+  [ -d /tmp/goals18-static ] && [ -d /tmp/goals18-continuous ] &&
+    python3 -m llm_perf_opt.cli compare /tmp/goals18-static /tmp/goals18-continuous -o "$OUT/goals18-compare.md" > /dev/null
+fi
+if has samattn; then
+  python3 benchmarks/bench_sam_attention.py --out "$OUT" 2>&1 | grep -v '^\[' | tail -40
 fi
 if has v1v2; then
-  python3 -c 'import transformers; print("transformers", transformers.__version__)' 2>&1 | tee "$OUT/transformers.txt"
-  python3 benchmarks/bench_v1_v2.py --out "$OUT" ${V1V2_ARGS:-} 2>&1 | grep -v '^v[12] \|^Loading' | tail -60
+  TF_PATH=$PYTHONPATH; [ -d /tmp/tfsite ] && TF_PATH=/tmp/tfsite:$PYTHONPATH
+  PYTHONPATH=$TF_PATH python3 -c 'import transformers; print("transformers", transformers.__version__)' 2>&1 | tee "$OUT/transformers.txt"
+  PYTHONPATH=$TF_PATH python3 benchmarks/bench_v1_v2.py --out "$OUT" ${V1V2_ARGS:-} 2>&1 | grep -v '^v[12] \|^Loading' | tail -60
 fi

@@ -19,7 +19,14 @@ from llm_perf_opt.errors import ConfigError
 from llm_perf_opt.runners.backends.hf_native import hf_native_class
 from tests.integration.conftest import ROOT, cli_env
 
-COLUMNS = ["v1 native eager", "v1 native fast", "v2 native eager", "v2 native fast", "v2 transformers native"]
+COLUMNS = [
+    "v1 native eager",
+    "v1 native fast",
+    "v2 native eager",
+    "v2 native eager + grouped experts",
+    "v2 native fast",
+    "v2 transformers native",
+]
 IMAGE_TOKENS = {"v1": 16 * (16 + 1) + 1, "v2": 16 * 16 + 1}
 
 

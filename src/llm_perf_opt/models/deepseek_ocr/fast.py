@@ -81,7 +81,7 @@ from llm_perf_opt.models.deepseek_ocr.generation import NoRepeatNGram
 from llm_perf_opt.models.deepseek_ocr.graphs import ShapeGraphs, capture_graph, first_argmax
 from llm_perf_opt.models.deepseek_ocr.kv_cache import StaticKVCache
 from llm_perf_opt.models.deepseek_ocr.model import DEFAULT_SDPA_BACKENDS, DeepseekOCRForCausalLM
-from llm_perf_opt.models.deepseek_ocr.sam import SamEncoder, sam_block_fast
+from llm_perf_opt.models.deepseek_ocr.sam import SAM_ATTENTION, SamEncoder, sam_block_fast
 
 __all__ = [
     "TRITON_MAX_ROWS",
@@ -125,6 +125,10 @@ class FastConfig:
     # SAM with rel-pos folded into the attention operands (no N×N bias, flash-eligible) and a channels-last
     # neck (sam.SamEncoder.fast); set on the shared module only for the duration of encode_images.
     sam_fast: bool = True
+    # the global SAM blocks' attention with sam_fast (sam.SAM_ATTENTION): "flex" keeps head size 64 and adds the
+    # relative positions inside a FlexAttention kernel (needs sam_compile to be fast); "augmented" folds them into
+    # 192-wide flash operands (sam.rel_pos_attention)
+    sam_attention: str = attrs.field(default="flex", validator=attrs.validators.in_(SAM_ATTENTION))
     # torch.compile of one SAM block (sam.sam_block_fast) when sam_fast: fuses the layout copies, norms and
     # the augmented-attention concatenations; compiled once per view shape (tiles, global view) and block kind.
     sam_compile: bool = True
@@ -203,8 +207,9 @@ class VisionFast:
     @contextlib.contextmanager
     def mode(self) -> Iterator[None]:
         sam, cfg = self.sam, self.cfg
-        saved = (sam.fast, sam.block_fn, sam.forward_fn)
+        saved = (sam.fast, sam.block_fn, sam.forward_fn, sam.global_attention)
         sam.fast = cfg.sam_fast
+        sam.global_attention = cfg.sam_attention
         if cfg.sam_compile and cfg.sam_fast:
             sam.block_fn = _compiled(sam_block_fast)
         if cfg.vision_graphs and cfg.sam_fast:
@@ -213,7 +218,7 @@ class VisionFast:
             with self._tower_mode():
                 yield
         finally:
-            sam.fast, sam.block_fn, sam.forward_fn = saved
+            sam.fast, sam.block_fn, sam.forward_fn, sam.global_attention = saved
 
     @contextlib.contextmanager
     def _tower_mode(self) -> Iterator[None]:

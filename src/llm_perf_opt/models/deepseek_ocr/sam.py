@@ -32,6 +32,7 @@ __all__ = [
     "get_rel_pos",
     "interpolate_sam_pos_embed",
     "rel_pos_attention",
+    "rel_pos_flex_attention",
     "sam_block_fast",
     "window_partition",
     "window_unpartition",
@@ -166,17 +167,53 @@ def rel_pos_attention(
     return out[..., :dim]
 
 
+def rel_pos_flex_attention(
+    q: Tensor, k: Tensor, v: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, hw: tuple[int, int]
+) -> Tensor:
+    """Attention with SAM's decomposed relative positions at the real head size, through FlexAttention.
+
+    The same logits as :func:`decomposed_rel_pos_bias` + SDPA: ``scale·q·k`` plus, inside the kernel (a
+    ``score_mod``), the per-query tables ``rel_h`` [.., N, h] and ``rel_w`` [.., N, w] read at the key's row
+    ``kv // w`` and column ``kv % w``.  Unlike :func:`rel_pos_attention` the q·k product and the value product
+    stay at head size 64 (the augmented operands are 192 wide, v zero-padded to match), so the global blocks do
+    about a third of the work; nothing of size N×N is written.  Fast only under ``torch.compile`` (the fast
+    path compiles the block); called eagerly, FlexAttention runs its unfused reference (same numbers).
+    """
+    from torch.nn.attention.flex_attention import flex_attention
+
+    h, w = hw
+    b, n_heads, n, dim = q.shape
+    r_q = q.reshape(b, n_heads, h, w, dim)
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, get_rel_pos(h, h, rel_pos_h)).reshape(b, n_heads, n, h)
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, get_rel_pos(w, w, rel_pos_w)).reshape(b, n_heads, n, w)
+
+    def rel_pos_bias(score: Tensor, bi: Tensor, hi: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
+        return score + rel_h[bi, hi, qi, ki // w] + rel_w[bi, hi, qi, ki % w]
+
+    out = flex_attention(q, k, v, score_mod=rel_pos_bias, scale=dim**-0.5)
+    assert isinstance(out, Tensor)  # no return_lse: one tensor
+    return out
+
+
+# How a fast global-attention block applies the relative positions (``FastConfig.sam_attention``): "augmented"
+# (:func:`rel_pos_attention`, flash over 192-wide operands) or "flex" (:func:`rel_pos_flex_attention`, head size 64).
+SAM_ATTENTION = ("augmented", "flex")
+
+
 def sam_block_fast(
     x: Tensor,
     weights: list[Tensor | None],
     window_size: int,
     num_heads: int,
     eps: float,
+    global_attention: str = "augmented",
 ) -> Tensor:
     """One :class:`SamBlock` as a function of its weights (fast path; the unit ``torch.compile`` compiles).
 
     ``weights`` is :meth:`SamBlock.fast_weights`: norm1 w/b, qkv w/b, proj w/b, rel_pos_h/w (None without
-    relative positions), norm2 w/b, lin1 w/b, lin2 w/b.  Same math as the module with ``fast`` attention.
+    relative positions), norm2 w/b, lin1 w/b, lin2 w/b.  Same math as the module with ``fast`` attention;
+    ``global_attention`` (:data:`SAM_ATTENTION`) picks the kernel of the global blocks (``window_size`` 0).
+    Windowed blocks (14×14 windows: 196 keys) always run the augmented flash attention.
     """
     n1w, n1b, qkv_w, qkv_b, proj_w, proj_b, rel_h, rel_w, n2w, n2b, l1w, l1b, l2w, l2b = weights
     dim = x.shape[-1]
@@ -190,7 +227,9 @@ def sam_block_fast(
     assert qkv_w is not None and proj_w is not None
     qkv = F.linear(x, qkv_w, qkv_b).reshape(b, h * w, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
-    if rel_h is not None and rel_w is not None:
+    if rel_h is not None and rel_w is not None and window_size == 0 and global_attention == "flex":
+        out = rel_pos_flex_attention(q, k, v, rel_h, rel_w, (h, w))
+    elif rel_h is not None and rel_w is not None:
         out = rel_pos_attention(q, k, v, rel_h, rel_w, (h, w))
     else:
         out = F.scaled_dot_product_attention(q, k, v)
@@ -381,6 +420,8 @@ class SamEncoder(nn.Module):
         # With ``fast``: a callable run instead of :meth:`_forward_fast` (the fast path's per-shape CUDA-graph
         # replay of it); None calls :meth:`_forward_fast` directly.
         self.forward_fn: Any = None
+        # With ``fast``: the global blocks' attention kernel (:data:`SAM_ATTENTION`, ``FastConfig.sam_attention``)
+        self.global_attention = "augmented"
 
     @property
     def fast(self) -> bool:
@@ -423,7 +464,7 @@ class SamEncoder(nn.Module):
         fn = sam_block_fast if self.block_fn is None else self.block_fn
         for block in self.blocks:
             blk = cast(SamBlock, block)
-            x = fn(x, blk.fast_weights(), blk.window_size, blk.attn.num_heads, blk.norm1.eps)
+            x = fn(x, blk.fast_weights(), blk.window_size, blk.attn.num_heads, blk.norm1.eps, self.global_attention)
         return self._neck_fast(x)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -66,9 +66,10 @@ class TritonAttention(nn.Module):
 class TritonRowAttention(nn.Module):
     """A decode step over a slot context whose rows sit at their own positions (per-row ``ctx.cos``/``ctx.sin``
     [B|1, 1, D]) and see their own keys (additive ``ctx.mask`` [B|1, 1, 1, n]): the batched step (one cache
-    column ``ctx.slot`` [1] for every row) and the continuous-batching step (``ctx.slot`` [B], each row's own).  QKV GEMM,
-    rotary at each row's position + K/V written at ``ctx.slot``, split-K attention over keys ``0..slot`` with the
-    mask added, o_proj.  Any other context (several positions per row, no slot) runs the wrapped attention."""
+    column ``ctx.slot`` [1] for every row) and the continuous-batching step (``ctx.slot`` [B], each row's own).
+    QKV GEMM, rotary at each row's position + K/V written at ``ctx.slot``, split-K attention over keys
+    ``0..slot`` with the mask added, o_proj.  Any other context (several positions per row, no slot) runs the
+    wrapped attention."""
 
     def __init__(self, attn: Attention) -> None:
         super().__init__()

@@ -12,7 +12,12 @@ from safetensors.torch import load_file
 from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, build_model
 from llm_perf_opt.models.deepseek_ocr.clip import ClipVisionTower, clip_block_fast
 from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, apply_fast_path
-from llm_perf_opt.models.deepseek_ocr.sam import SamEncoder, decomposed_rel_pos_bias, rel_pos_attention
+from llm_perf_opt.models.deepseek_ocr.sam import (
+    SamEncoder,
+    decomposed_rel_pos_bias,
+    rel_pos_attention,
+    rel_pos_flex_attention,
+)
 
 TINY = Path(__file__).resolve().parents[3] / "fixtures" / "deepseek_ocr_tiny"
 
@@ -36,6 +41,22 @@ def test_rel_pos_attention_matches_dense_bias(hw: tuple[int, int], dim: int) -> 
     assert _rel_err(actual, expected) < 1e-5
 
 
+@pytest.mark.parametrize(("hw", "dim"), [((4, 4), 16), ((5, 7), 12), ((3, 2), 8)])
+def test_rel_pos_flex_attention_matches_dense_bias(hw: tuple[int, int], dim: int) -> None:
+    """FlexAttention with the relative positions as a score_mod (key row ``kv // w``, column ``kv % w``) gives
+    the dense-bias SDPA logits; float64, so any index mix-up (row/column, h/w swapped on a 5×7 grid) shows."""
+    torch.manual_seed(hw[0] * 10 + hw[1] + dim)
+    h, w = hw
+    q, k, v = (torch.randn(2, 3, h * w, dim, dtype=torch.float64) for _ in range(3))
+    rel_h = torch.randn(2 * h + 3, dim, dtype=torch.float64)  # resampled by get_rel_pos, as for a tile
+    rel_w = torch.randn(2 * w - 1, dim, dtype=torch.float64)
+    bias = decomposed_rel_pos_bias(q, rel_h, rel_w, hw, hw)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    actual = rel_pos_flex_attention(q, k, v, rel_h, rel_w, hw)
+    assert actual.shape == expected.shape
+    assert _rel_err(actual, expected) < 1e-12
+
+
 @pytest.fixture(scope="module")
 def tiny_sam() -> SamEncoder:
     cfg = DeepseekOCRConfig.from_json(TINY / "config.json")
@@ -46,14 +67,17 @@ def tiny_sam() -> SamEncoder:
     return sam.eval()
 
 
+@pytest.mark.parametrize("global_attention", ["augmented", "flex"])
 @pytest.mark.parametrize("size_factor", [1.0, 0.625])  # the trained size and a smaller tile (resampled tables)
-def test_fast_sam_matches_reference(tiny_sam: SamEncoder, size_factor: float) -> None:
+def test_fast_sam_matches_reference(tiny_sam: SamEncoder, size_factor: float, global_attention: str) -> None:
     cfg = tiny_sam.cfg
     side = int(cfg.img_size * size_factor) // 64 * 64
     torch.manual_seed(side)
     images = torch.randn(2, 3, side, side)
     fast = copy.deepcopy(tiny_sam)
     fast.fast = True
+    fast.global_attention = global_attention
+    assert any(block.window_size == 0 for block in fast.blocks)  # the tiny SAM has global blocks to switch
     assert all(getattr(block.attn, "fast", False) for block in fast.blocks)
     with torch.no_grad():
         expected = tiny_sam(images)
@@ -82,7 +106,8 @@ def test_clip_layer_fn_matches_modules() -> None:
     assert _rel_err(actual, expected) < 1e-5
 
 
-def test_fast_model_encode_images_matches_and_restores() -> None:
+@pytest.mark.parametrize("sam_attention", ["augmented", "flex"])
+def test_fast_model_encode_images_matches_and_restores(sam_attention: str) -> None:
     cfg = DeepseekOCRConfig.from_json(TINY / "config.json")
     model = build_model(cfg, device="cpu", dtype=torch.float32, weights="dummy", seed=0)
     for p in model.parameters():
@@ -91,11 +116,12 @@ def test_fast_model_encode_images_matches_and_restores() -> None:
     crops = torch.randn(2, 3, cfg.image_size, cfg.image_size)
     ori = torch.randn(1, 3, cfg.base_size, cfg.base_size)
     expected = model.encode_images(crops, ori, [2, 1])
-    fast = apply_fast_path(model, FastConfig(sam_compile=False, clip_compile=False))
+    fast = apply_fast_path(model, FastConfig(sam_compile=False, clip_compile=False, sam_attention=sam_attention))
     actual = fast.encode_images(crops, ori, [2, 1])
     assert _rel_err(actual, expected) < 1e-5
     sam, clip_tf = model.model.sam_model, model.model.vision_model.transformer
     assert not sam.fast and sam.block_fn is None and sam.forward_fn is None
+    assert sam.global_attention == "augmented"  # restored after encode_images
     assert clip_tf.layer_fn is None and clip_tf.forward_fn is None
     assert torch.equal(model.encode_images(crops, ori, [2, 1]), expected)
 

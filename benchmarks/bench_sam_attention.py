@@ -1,0 +1,211 @@
+"""SAM's global attention on the GPU: augmented flash operands vs FlexAttention at head size 64, op and tower.
+
+    PYTHONPATH=src python benchmarks/bench_sam_attention.py --out /tmp/res
+
+SAM's four global blocks add decomposed relative positions to the attention logits.  The fast path had one way
+to keep that on a fused kernel: fold the two position terms into the operands (``sam.rel_pos_attention``: q and
+k 64 + h + w = 192 wide, v zero-padded to 192, flash).  ``sam.rel_pos_flex_attention`` keeps head size 64 and
+adds the terms inside a FlexAttention kernel (``score_mod``).  Per view shape of DeepSeek-OCR (Gundam: 640-px
+tiles ×6 and the 1024-px global view) and DeepSeek-OCR-2 (768-px tiles ×6, the 1024-px global view), this prints
+
+* the attention op alone (both compiled, CUDA events, median of replays): ms, useful TFLOP/s (4·B·heads·N²·64),
+  max |Δ| against the dense-bias reference (``decomposed_rel_pos_bias`` + SDPA in float32);
+* the whole SAM tower on the fast path (compiled blocks, CUDA graph per shape) with each global-attention kernel:
+  ms per view batch, and max |Δ| of the output against the reference tower in bf16.
+
+Weights are seeded random of the real shapes (bf16).  Without CUDA the script says so and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig  # noqa: E402
+from llm_perf_opt.models.deepseek_ocr.graphs import ShapeGraphs  # noqa: E402
+from llm_perf_opt.models.deepseek_ocr.sam import (  # noqa: E402
+    SamBlock,
+    SamEncoder,
+    decomposed_rel_pos_bias,
+    rel_pos_attention,
+    rel_pos_flex_attention,
+    sam_block_fast,
+)
+
+# (model, view, views in the batch, side in px)
+VIEWS = [
+    ("v1 Gundam", "tiles 640", 6, 640),
+    ("v1 / v2", "global 1024", 1, 1024),
+    ("v2", "tiles 768", 6, 768),
+]
+KINDS = ("augmented", "flex")
+CONFIG = ROOT / "src/llm_perf_opt/models/deepseek_ocr/configs/deepseek-ocr.json"
+
+
+def cuda_ms(fn: Any, warmup: int = 3, reps: int = 20) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def op_rows(sam: SamEncoder, dev: torch.device) -> list[dict[str, Any]]:
+    """The global-attention op alone at each view's token grid."""
+    block = next(cast(SamBlock, b) for b in sam.blocks if cast(SamBlock, b).window_size == 0)
+    attn = block.attn
+    heads = int(attn.num_heads)
+    dim = int(sam.cfg.embed_dim) // heads
+    fns = {"augmented": torch.compile(rel_pos_attention), "flex": torch.compile(rel_pos_flex_attention)}
+    rows = []
+    gen = torch.Generator(device=dev).manual_seed(0)
+    for model, view, batch, side in VIEWS:
+        grid = side // int(sam.cfg.patch_size)
+        n = grid * grid
+        q, k, v = (torch.randn(batch, heads, n, dim, device=dev, generator=gen, dtype=torch.bfloat16) for _ in range(3))
+        rel_h, rel_w = attn.rel_pos_h.detach(), attn.rel_pos_w.detach()
+        bias = decomposed_rel_pos_bias(q.float(), rel_h.float(), rel_w.float(), (grid, grid), (grid, grid))
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias)
+        del bias
+        flops = 4 * batch * heads * n * n * dim
+        for kind, fn in fns.items():
+            out = fn(q, k, v, rel_h, rel_w, (grid, grid))
+            ms = cuda_ms(functools.partial(fn, q, k, v, rel_h, rel_w, (grid, grid)))
+            rows.append(
+                dict(
+                    model=model,
+                    view=view,
+                    batch=batch,
+                    tokens=n,
+                    kind=kind,
+                    ms=ms,
+                    tflops=flops / ms / 1e9,
+                    max_abs_diff=float((out.float() - ref).abs().max()),
+                    ref_max_abs=float(ref.abs().max()),
+                )
+            )
+        del ref
+    return rows
+
+
+def tower_rows(sam: SamEncoder, dev: torch.device) -> list[dict[str, Any]]:
+    """The whole SAM tower on the fast path (compiled blocks, graph per shape) with each global kernel."""
+    rows = []
+    compiled = torch.compile(sam_block_fast, dynamic=False)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    gen = torch.Generator(device=dev).manual_seed(1)
+    for model, view, batch, side in VIEWS:
+        x = torch.randn(batch, 3, side, side, device=dev, generator=gen, dtype=torch.bfloat16)
+        sam.fast = False
+        with torch.no_grad():
+            ref = sam(x).float()
+        outs = {}
+        for kind in KINDS:
+            sam.fast, sam.block_fn, sam.global_attention = True, compiled, kind
+            graphed = ShapeGraphs(sam._forward_fast)
+            sam.forward_fn = graphed
+            with torch.no_grad():
+                outs[kind] = sam(x).float()
+                ms = cuda_ms(functools.partial(sam, x))
+            rows.append(
+                dict(
+                    model=model,
+                    view=view,
+                    batch=batch,
+                    kind=kind,
+                    ms=ms,
+                    graphed=graphed.capture_error is None,
+                    max_abs_diff_vs_reference=float((outs[kind] - ref).abs().max()),
+                    ref_max_abs=float(ref.abs().max()),
+                )
+            )
+            sam.fast, sam.block_fn, sam.forward_fn, sam.global_attention = False, None, None, "augmented"
+    return rows
+
+
+def render(ops: list[dict[str, Any]], towers: list[dict[str, Any]], env: dict[str, str]) -> str:
+    lines = [
+        f"# SAM global attention: augmented flash vs FlexAttention — {env['gpu']}",
+        "",
+        f"{env['date']}; torch {env['torch']}; bf16, seeded random weights of the real shapes; CUDA events,"
+        " median of 20 runs after 3 warm-ups.",
+        "",
+        "## The op alone (one global block's attention, compiled)",
+        "",
+        "| model | view | batch | tokens | kernel | ms | useful TFLOP/s | max abs Δ vs fp32 dense-bias ref (ref max) |",
+        "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: |",
+    ]
+    for r in ops:
+        lines.append(
+            f"| {r['model']} | {r['view']} | {r['batch']} | {r['tokens']} | {r['kind']} | {r['ms']:.3f} |"
+            f" {r['tflops']:.0f} | {r['max_abs_diff']:.3g} ({r['ref_max_abs']:.3g}) |"
+        )
+    lines += [
+        "",
+        "## The SAM tower on the fast path (compiled blocks, CUDA graph per shape)",
+        "",
+        "| model | view | batch | global kernel | ms | graphed | max abs Δ vs reference tower (ref max) |",
+        "| --- | --- | ---: | --- | ---: | --- | ---: |",
+    ]
+    for r in towers:
+        lines.append(
+            f"| {r['model']} | {r['view']} | {r['batch']} | {r['kind']} | {r['ms']:.3f} | {r['graphed']} |"
+            f" {r['max_abs_diff_vs_reference']:.3g} ({r['ref_max_abs']:.3g}) |"
+        )
+    by = {(r["view"], r["kind"]): r["ms"] for r in towers}
+    pairs = [(v, by[(v, "augmented")], by[(v, "flex")]) for _, v, _, _ in VIEWS]
+    lines += ["", "Tower speed-up flex vs augmented: " + ", ".join(f"{v} {a / f:.2f}×" for v, a, f in pairs) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=None, help="folder for sam_attention.md / .json")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_sam_attention: no CUDA device; nothing timed")
+        return
+    dev = torch.device("cuda:0")
+    cfg = DeepseekOCRConfig.from_json(CONFIG)
+    torch.manual_seed(0)
+    sam = SamEncoder(cfg.sam).to(dev, torch.bfloat16).eval()
+    with torch.no_grad():
+        for p in sam.parameters():
+            p.normal_(0.0, 0.02)
+    env = dict(
+        gpu=torch.cuda.get_device_name(dev),
+        torch=torch.__version__,
+        date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    )
+    with torch.no_grad():
+        ops = op_rows(sam, dev)
+    towers = tower_rows(sam, dev)
+    text = render(ops, towers, env)
+    print(text)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "sam_attention.md").write_text(text)
+        (args.out / "sam_attention.json").write_text(json.dumps(dict(env=env, ops=ops, towers=towers), indent=1))
+
+
+if __name__ == "__main__":
+    main()
