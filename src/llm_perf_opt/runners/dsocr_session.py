@@ -278,6 +278,12 @@ class DeepSeekOCRSession:
             self._batched = BatchedGenerator(self.model, clock=self.clock)
         return self._batched
 
+    def warm_batched_vision(self, prepared: list[Any]) -> int:
+        """Compile / capture the batched phase's vision chunk shapes for these pages' view sizes before it is
+        timed (fast path only; see ``BatchedGenerator.warm_vision``); returns the shapes run."""
+        n: int = self._generator().warm_vision(prepared)
+        return n
+
     def run_continuous(
         self, items: Iterable[tuple[Page, Any]], max_new_tokens: int, repeat: int, slots: int
     ) -> BatchRecord:

@@ -52,6 +52,7 @@ def throughput_phase(run: Stage1Run, pages: list[Page], progress: Any, stop: Sto
         run.unavailable.append(Unavailable("batched_throughput", "no page could be prepared for batching"))
         return
     try:
+        session.warm_batched_vision([x for _, x in warm])
         if mode == "continuous":
             session.run_continuous(warm, min(cap, WARMUP_TOKENS), repeat=-1, slots=size)
         else:

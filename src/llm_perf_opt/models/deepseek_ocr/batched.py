@@ -78,7 +78,7 @@ from torch import Tensor
 from llm_perf_opt.errors import ConfigError, InputError
 from llm_perf_opt.models.deepseek_ocr.batch_result import BatchResult, StageMarks
 from llm_perf_opt.models.deepseek_ocr.batched_decode import StaticBatchStep
-from llm_perf_opt.models.deepseek_ocr.batched_vision import encode_pages, layout_page_features
+from llm_perf_opt.models.deepseek_ocr.batched_vision import encode_pages, layout_page_features, warm_view_chunks
 from llm_perf_opt.models.deepseek_ocr.clock import Clock, HostClock
 from llm_perf_opt.models.deepseek_ocr.context import ForwardContext, padded_prefill_mask
 from llm_perf_opt.models.deepseek_ocr.continuous import ContinuousResult, SlotDecodeStep, SlotRequest, run_continuous
@@ -163,6 +163,13 @@ class BatchedGenerator:
     @property
     def dtype(self) -> torch.dtype:
         return self.base.dtype
+
+    def warm_vision(self, pages: Sequence[PreparedPage]) -> int:
+        """With a FastModel: compile and capture every vision chunk shape the pages' view sizes can meet
+        (:func:`batched_vision.warm_view_chunks`), outside any timed region; returns the shapes run (0 without)."""
+        if self.fast is None:
+            return 0
+        return warm_view_chunks(self.base, self.fast, pages, self.vision_batch)
 
     @torch.no_grad()
     def encode_pages(self, pages: Sequence[PreparedPage]) -> list[Tensor]:

@@ -20,7 +20,32 @@ from llm_perf_opt.models.deepseek_ocr.fast import VISION_SDPA, FastModel
 from llm_perf_opt.models.deepseek_ocr.model import DeepseekOCRForCausalLM, layout_page_features, parse_spatial_crop
 from llm_perf_opt.models.deepseek_ocr.preprocess import PreparedPage
 
-__all__ = ["encode_pages", "layout_page_features"]
+__all__ = ["VIEW_CHUNK_MAX", "encode_pages", "layout_page_features", "view_chunks", "warm_view_chunks"]
+
+# With the fast path a view batch is cut into power-of-two chunks of at most this many views: every chunk size is
+# one compiled and graphed shape per view size, so refills of any number of pages (continuous batching refills 1-3
+# at a time, each with 2-9 tiles) reuse at most log2(VIEW_CHUNK_MAX) + 1 shapes, warmed before the timed run,
+# instead of compiling one per view count inside it.
+VIEW_CHUNK_MAX = 32
+
+
+def view_chunks(n: int, cap: int | None, pow2: bool) -> list[int]:
+    """Sizes of the consecutive chunks ``n`` views are encoded in: ``cap`` at a time (all at once without a cap),
+    or with ``pow2`` the largest power of two that fits, at most ``min(cap, VIEW_CHUNK_MAX)`` (e.g. 23 -> 16, 4,
+    2, 1)."""
+    if n <= 0:
+        return []
+    if not pow2:
+        step = n if cap is None else cap
+        return [min(step, n - begin) for begin in range(0, n, step)]
+    limit = VIEW_CHUNK_MAX if cap is None else min(cap, VIEW_CHUNK_MAX)
+    largest = 1 << (limit.bit_length() - 1)
+    sizes: list[int] = []
+    while n > 0:
+        size = min(largest, 1 << (n.bit_length() - 1))
+        sizes.append(size)
+        n -= size
+    return sizes
 
 
 @contextlib.contextmanager
@@ -40,13 +65,15 @@ def _vision_context(base: DeepseekOCRForCausalLM, fast: FastModel | None) -> Ite
         base.sdpa_backends = saved
 
 
-def _encode_views(base: DeepseekOCRForCausalLM, pixels: Tensor, vision_batch: int | None) -> Tensor:
-    """SAM → CLIP(SAM features) → projector for same-size views -> [n, h·w, hidden] (as the model does)."""
+def _encode_views(base: DeepseekOCRForCausalLM, pixels: Tensor, vision_batch: int | None, pow2: bool) -> Tensor:
+    """SAM → CLIP(SAM features) → projector for same-size views -> [n, h·w, hidden] (as the model does), in the
+    chunks of :func:`view_chunks`."""
     m = base.model
     outs: list[Tensor] = []
-    step = pixels.shape[0] if vision_batch is None else vision_batch
-    for begin in range(0, pixels.shape[0], step):
-        chunk = pixels[begin : begin + step]
+    begin = 0
+    for size in view_chunks(int(pixels.shape[0]), vision_batch, pow2):
+        chunk = pixels[begin : begin + size]
+        begin += size
         sam = m.sam_model(chunk)
         clip = m.vision_model(chunk, sam)
         feats = torch.cat((clip[:, 1:], sam.flatten(2).permute(0, 2, 1)), dim=-1)
@@ -89,7 +116,7 @@ def encode_pages(
         for (kind, _, _, _), members in groups.items():
             # uint8 views (pixel_norm set, the same for the whole group) are normalised here, after the upload
             pixels = pages[members[0][0]].model_pixels(torch.cat([t for _, t in members]), dev, dtype)
-            feats = _encode_views(base, pixels, vision_batch)
+            feats = _encode_views(base, pixels, vision_batch, pow2=fast is not None)
             begin = 0
             for i, t in members:
                 n = int(t.shape[0])
@@ -105,3 +132,26 @@ def encode_pages(
         assert g is not None
         out.append(layout_page_features(local[i], g, grid, newline, separator))
     return out
+
+
+@torch.no_grad()
+def warm_view_chunks(
+    base: DeepseekOCRForCausalLM, fast: FastModel, pages: Sequence[PreparedPage], vision_batch: int | None
+) -> int:
+    """Encode zero views of every chunk size :func:`view_chunks` can produce, for every view size of ``pages``
+    (tiles and global views), so each compiled / graphed vision shape exists before a timed run; returns the
+    number of chunk shapes run."""
+    dev, dtype = base.device, base.dtype
+    sizes = {(int(p.images_ori.shape[2]), int(p.images_ori.shape[3])) for p in pages}
+    sizes |= {
+        (int(p.images_crop.shape[2]), int(p.images_crop.shape[3]))
+        for p in pages
+        if parse_spatial_crop(p.images_spatial_crop) != (1, 1)
+    }
+    limit = VIEW_CHUNK_MAX if vision_batch is None else min(vision_batch, VIEW_CHUNK_MAX)
+    chunk_sizes = [1 << i for i in range(limit.bit_length())]
+    with _vision_context(base, fast):
+        for h, w in sorted(sizes):
+            for n in chunk_sizes:
+                _encode_views(base, torch.zeros(n, 3, h, w, device=dev, dtype=dtype), None, pow2=True)
+    return len(sizes) * len(chunk_sizes)

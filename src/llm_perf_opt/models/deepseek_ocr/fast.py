@@ -125,10 +125,11 @@ class FastConfig:
     # SAM with rel-pos folded into the attention operands (no N×N bias, flash-eligible) and a channels-last
     # neck (sam.SamEncoder.fast); set on the shared module only for the duration of encode_images.
     sam_fast: bool = True
-    # the global SAM blocks' attention with sam_fast (sam.SAM_ATTENTION): "flex" keeps head size 64 and adds the
-    # relative positions inside a FlexAttention kernel (needs sam_compile to be fast); "augmented" folds them into
-    # 192-wide flash operands (sam.rel_pos_attention)
-    sam_attention: str = attrs.field(default="flex", validator=attrs.validators.in_(SAM_ATTENTION))
+    # the global SAM blocks' attention with sam_fast (sam.SAM_ATTENTION): "augmented" folds the relative positions
+    # into 192-wide flash operands (sam.rel_pos_attention); "flex" keeps head size 64 and adds them inside a
+    # FlexAttention kernel.  Measured on an H200 (benchmarks/results/2026-12-02-h200-sam-attention.md), flex is
+    # 7-24x slower per op (its score_mod gathers), so augmented stays the default
+    sam_attention: str = attrs.field(default="augmented", validator=attrs.validators.in_(SAM_ATTENTION))
     # torch.compile of one SAM block (sam.sam_block_fast) when sam_fast: fuses the layout copies, norms and
     # the augmented-attention concatenations; compiled once per view shape (tiles, global view) and block kind.
     sam_compile: bool = True

@@ -20,6 +20,8 @@ from torch import nn
 from llm_perf_opt.errors import ConfigError
 from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, DeepseekOCRForCausalLM, build_model, generate
 from llm_perf_opt.models.deepseek_ocr.batched import BatchedGenerator, BatchResult
+from llm_perf_opt.models.deepseek_ocr.batched_vision import view_chunks
+from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, apply_fast_path
 from llm_perf_opt.models.deepseek_ocr.generation import GenerationResult
 from llm_perf_opt.models.deepseek_ocr.preprocess import PreparedPage
 from tests.conftest import TINY, rel_err, tiny_case_pages
@@ -106,6 +108,51 @@ def test_vision_chunked_calls(model: DeepseekOCRForCausalLM, pages: list[Prepare
     chunked = BatchedGenerator(model, vision_batch=3).encode_pages(pages)
     for a, b in zip(whole, chunked, strict=True):
         assert rel_err(a, b) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("n", "cap", "pow2", "want"),
+    [
+        (8, None, False, [8]),
+        (8, 3, False, [3, 3, 2]),
+        (23, None, True, [16, 4, 2, 1]),  # binary digits of 23
+        (70, None, True, [32, 32, 4, 2]),  # at most VIEW_CHUNK_MAX = 32 per call
+        (7, 3, True, [2, 2, 2, 1]),  # a cap that is no power of two: its largest power of two below
+        (1, None, True, [1]),
+        (0, None, True, []),
+    ],
+)
+def test_view_chunks(n: int, cap: int | None, pow2: bool, want: list[int]) -> None:
+    assert view_chunks(n, cap, pow2) == want
+
+
+def test_fast_vision_runs_power_of_two_chunks_and_warms_them(
+    model: DeepseekOCRForCausalLM, pages: list[PreparedPage]
+) -> None:
+    """With the fast path the 8 tiles and 3 global views go through SAM in chunks of 8 and 2 + 1 (each chunk size
+    one compiled / graphed shape); the features equal the eager model's per page.  ``warm_vision`` runs every
+    chunk size up to 32 for each view size of the pages (tile side and global side: 2 × 6 calls)."""
+    fast = apply_fast_path(model, FastConfig(cuda_graphs=False, sam_compile=False, clip_compile=False,
+                                             vision_graphs=False))  # fmt: skip
+    calls: list[tuple[int, int]] = []
+    handle = model.model.sam_model.register_forward_hook(
+        lambda _m, args, _out: calls.append((int(args[0].shape[0]), int(args[0].shape[-1])))
+    )
+    try:
+        gen = BatchedGenerator(fast)
+        feats = gen.encode_pages(pages)
+        encoded = list(calls)
+        calls.clear()
+        assert gen.warm_vision(pages) == 12
+    finally:
+        handle.remove()
+    tile, glob = int(pages[1].images_crop.shape[-1]), int(pages[0].images_ori.shape[-1])
+    assert encoded == [(8, tile), (2, glob), (1, glob)]
+    assert sorted(calls) == sorted((n, side) for side in (tile, glob) for n in (1, 2, 4, 8, 16, 32))
+    for page, got in zip(pages, feats, strict=True):
+        ref = model.encode_images(page.images_crop, page.images_ori, page.images_spatial_crop)
+        assert rel_err(got, ref) < 1e-5
+    assert BatchedGenerator(model).warm_vision(pages) == 0  # eager: nothing compiled, nothing to warm
 
 
 def test_batch_matches_single_path(
