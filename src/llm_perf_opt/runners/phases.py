@@ -53,6 +53,12 @@ def throughput_phase(run: Stage1Run, pages: list[Page], progress: Any, stop: Sto
         return
     try:
         session.warm_batched_vision([x for _, x in warm])
+    except (LlmPerfOptError, RuntimeError, ValueError) as exc:  # the phase still runs; its compiles are then timed
+        run.notes.append(
+            f"batched phase: the vision chunk shapes were not warmed ({type(exc).__name__}: {exc}); a shape first"
+            " met inside the timed run is compiled / captured there, so its first use is slower"
+        )
+    try:
         if mode == "continuous":
             session.run_continuous(warm, min(cap, WARMUP_TOKENS), repeat=-1, slots=size)
         else:

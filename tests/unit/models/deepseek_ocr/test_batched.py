@@ -135,15 +135,23 @@ def test_fast_vision_runs_power_of_two_chunks_and_warms_them(
     fast = apply_fast_path(model, FastConfig(cuda_graphs=False, sam_compile=False, clip_compile=False,
                                              vision_graphs=False))  # fmt: skip
     calls: list[tuple[int, int]] = []
-    handle = model.model.sam_model.register_forward_hook(
-        lambda _m, args, _out: calls.append((int(args[0].shape[0]), int(args[0].shape[-1])))
-    )
+    modes: set[bool] = set()
+
+    def hook(_m: nn.Module, args: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
+        calls.append((int(args[0].shape[0]), int(args[0].shape[-1])))
+        modes.add(torch.is_inference_mode_enabled())
+
+    handle = model.model.sam_model.register_forward_hook(hook)
     try:
         gen = BatchedGenerator(fast)
         feats = gen.encode_pages(pages)
         encoded = list(calls)
         calls.clear()
+        modes.clear()
         assert gen.warm_vision(pages) == 12
+        # the session times the phase under inference_mode; the warm-up must match it, or the CUDA graphs' input
+        # buffers made by earlier pages (inference tensors) refuse its in-place copy (seen on the H200)
+        assert modes == {True}
     finally:
         handle.remove()
     tile, glob = int(pages[1].images_crop.shape[-1]), int(pages[0].images_ori.shape[-1])
