@@ -25,7 +25,6 @@ import datetime as dt
 import functools
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -46,28 +45,13 @@ from llm_perf_opt.profiling.flops import activated_params_per_token, decode_byte
 from llm_perf_opt.profiling.peaks import match_peak
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmath next to this script, also under `python -m`
-from benchmath import decode_step_profile, fmt, goals_table, mbu_pct, mfu_pct, ratio
+from benchmath import cuda_ms, decode_step_profile, fmt, goals_table, mbu_pct, mfu_pct, ratio
 
 CONFIG = "src/llm_perf_opt/models/deepseek_ocr/configs/deepseek-ocr.json"
 PROMPT = "<image>\n<|grounding|>Convert the document to markdown."
 GiB = 2**30
 ROOT = Path(__file__).resolve().parents[1]
 # Goals of issue 9 (set for an H100 80GB, bf16, Gundam page, dummy weights): benchmath.ISSUE9.
-
-
-def cuda_ms(fn: Callable[[], Any], warmup: int = 1, reps: int = 5) -> float:
-    """Median milliseconds of ``fn`` over ``reps`` runs, CUDA events, after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 class Page:

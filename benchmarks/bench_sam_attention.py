@@ -22,7 +22,6 @@ import argparse
 import datetime
 import functools
 import json
-import statistics
 import sys
 from pathlib import Path
 from typing import Any, cast
@@ -32,6 +31,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmath next to this script
+from benchmath import cuda_ms  # noqa: E402
 
 from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig  # noqa: E402
 from llm_perf_opt.models.deepseek_ocr.graphs import ShapeGraphs  # noqa: E402
@@ -54,21 +55,6 @@ KINDS = ("augmented", "flex")
 CONFIG = ROOT / "src/llm_perf_opt/models/deepseek_ocr/configs/deepseek-ocr.json"
 
 
-def cuda_ms(fn: Any, warmup: int = 3, reps: int = 20) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def op_rows(sam: SamEncoder, dev: torch.device) -> list[dict[str, Any]]:
     """The global-attention op alone at each view's token grid."""
     block = next(cast(SamBlock, b) for b in sam.blocks if cast(SamBlock, b).window_size == 0)
@@ -89,7 +75,7 @@ def op_rows(sam: SamEncoder, dev: torch.device) -> list[dict[str, Any]]:
         flops = 4 * batch * heads * n * n * dim
         for kind, fn in fns.items():
             out = fn(q, k, v, rel_h, rel_w, (grid, grid))
-            ms = cuda_ms(functools.partial(fn, q, k, v, rel_h, rel_w, (grid, grid)))
+            ms = cuda_ms(functools.partial(fn, q, k, v, rel_h, rel_w, (grid, grid)), warmup=3, reps=20)
             rows.append(
                 dict(
                     model=model,
@@ -125,7 +111,7 @@ def tower_rows(sam: SamEncoder, dev: torch.device) -> list[dict[str, Any]]:
             sam.forward_fn = graphed
             with torch.no_grad():
                 outs[kind] = sam(x).float()
-                ms = cuda_ms(functools.partial(sam, x))
+                ms = cuda_ms(functools.partial(sam, x), warmup=3, reps=20)
             rows.append(
                 dict(
                     model=model,

@@ -45,6 +45,23 @@ ISSUE9 = Goals(
 )
 
 
+def cuda_ms(fn: Any, warmup: int = 1, reps: int = 5) -> float:
+    """Median milliseconds of ``fn`` over ``reps`` runs, CUDA events around each, after ``warmup`` runs."""
+    import torch  # here, not at the top: the rest of this module is plain arithmetic, tested without torch
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
 def mfu_pct(flops: float, ms: float | None, peak_flops_per_s: float) -> float | None:
     """Percent of the peak FLOP/s that ``flops`` in ``ms`` milliseconds achieve; None when not timed."""
     if ms is None or ms <= 0 or peak_flops_per_s <= 0:
