@@ -143,6 +143,8 @@ def test_continuous_batching_phase(tmp_path: Path) -> None:
         # decode steps by hand: slot 0 runs a (1 step), then c (2), then d (4) = 7; slot 1 runs b (6 steps)
         assert b.decode_steps == 7
         assert b.slot_occupancy == (1 + 6 + 2 + 4) / (7 * 2)
+        # the last page (d) starts decoding at step 3: steps 3-6 drain, producing b's last 3 tokens and d's 4
+        assert (b.drain_steps, b.drain_tokens) == (4, 7)
         assert b.page_wait_ms is not None and b.page_wait_ms >= 0
     assert any("page e.png left out" in n for n in s.notes)
     p = s.batched_phase

@@ -82,6 +82,16 @@ def _render_phase(p: BatchedPhase) -> str:
         ["wall time (host; page waits included, graph captures left out)", f"{fmt(p.wall_ms, 1)} ms"],
         ["**pages per second, end to end**", fmt(p.pages_per_s, 2)],
         ["**output tokens per second, end to end**", fmt(p.output_tok_s, 1)],
+        *(
+            [
+                ["  drain (slots emptying after the last page started decoding)",
+                 f"{fmt(p.drain_ms, 1)} ms ({share(p.drain_ms)})"],
+                ["  steady state, drain left out: pages/s", fmt(p.steady_pages_per_s, 2)],
+                ["  steady state, drain left out: output tok/s", fmt(p.steady_output_tok_s, 1)],
+            ]
+            if p.drain_ms is not None
+            else []
+        ),
         ["slot occupancy (share of slots producing a token per decode step)",
          fmt_pct(p.slot_occupancy) if p.slot_occupancy is not None else na("no decode step")],
         ["GPU busy share (device-timed stages ÷ wall; gaps inside a stage count as busy)", busy],
@@ -97,6 +107,16 @@ def _render_phase(p: BatchedPhase) -> str:
             "(by the prefetcher's workers) included: what a user running the pages through gets. Recorded as "
             "`batched_phase` in metrics.json.\n",
             table(["quantity", "value"], rows),
+            *(
+                [
+                    "\nThe drain is the end of each continuous run, from the step at which its last page started "
+                    "decoding: no page is left to refill a slot, so the slots empty one by one. A run over far more "
+                    "pages spends a smaller share of its time there; the steady-state rates (wall time minus the "
+                    "drain, the tokens it produced left out) are what such a run approaches.",
+                ]
+                if p.drain_ms is not None
+                else []
+            ),
             "",
         ]
     )

@@ -353,6 +353,7 @@ def render(a_path: Path, a: RunSummary, b_path: Path, b: RunSummary, th: Thresho
 PHASE_ROWS = [
     ("pages_per_s", "pages/s, end to end", 2),
     ("output_tok_s", "output tok/s, end to end", 1),
+    ("steady_output_tok_s", "output tok/s, steady state (drain left out)", 1),
     ("slot_occupancy", "slot occupancy", 3),
     ("gpu_busy_share", "GPU busy share", 3),
     ("page_wait_ms", "waiting for pages (ms)", 1),

@@ -158,6 +158,11 @@ class BatchRecord:
     fills: int = 1
     # decode steps run (idle ones included); None in records written before it was counted
     decode_steps: int | None = None
+    # continuous only: the drain, from the step at which the last page started decoding (the source ran dry) to
+    # the end: its decode steps, their ms and the tokens they produced (None for static batches and old records)
+    drain_steps: int | None = None
+    drain_ms: float | None = None
+    drain_tokens: int | None = None
 
 
 @attrs.frozen
@@ -186,6 +191,12 @@ class BatchedPhase:
     slot_occupancy: float | None
     gpu_busy_share: float | None
     gpu_busy_unavailable: str | None = None
+    # continuous batching: the drains of its runs (slots emptying after the last page started) summed, and the
+    # rates without them (wall minus drain; every page entered a slot before it): what a run over far more pages
+    # approaches.  None for static batches (each batch ends with its longest sequence, an inherent cost of the mode)
+    drain_ms: float | None = None
+    steady_pages_per_s: float | None = None
+    steady_output_tok_s: float | None = None
 
 
 @attrs.frozen

@@ -314,6 +314,7 @@ class DeepSeekOCRSession:
             )
         wait_ms = res.page_wait_s * 1e3
         total_s = res.total_s
+        drain_steps, drain_ms, drain_tokens = res.drain
         return BatchRecord(
             repeat=repeat,
             page_ids=[p.page_id for p in taken],
@@ -341,6 +342,9 @@ class DeepSeekOCRSession:
             slot_occupancy=res.slot_occupancy,
             fills=res.fills,
             decode_steps=len(res.step_ms),
+            drain_steps=drain_steps,
+            drain_ms=drain_ms,
+            drain_tokens=drain_tokens,
         )
 
     def simulated_target(self, page: Page) -> int | None:

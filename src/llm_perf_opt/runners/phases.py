@@ -180,6 +180,10 @@ def batched_phase_summary(batches: list[BatchRecord], wall_s: float, device_type
     decode_tokens = sum(b.output_tokens - len(b.page_ids) for b in timed)  # each sequence's first token: prefill
     occupancy = decode_tokens / slot_steps if slot_steps > 0 else None
     gpu = device_type == "cuda"
+    drained = [b for b in batches if b.drain_ms is not None and b.drain_tokens is not None]
+    drain_ms = sum(b.drain_ms or 0.0 for b in drained) if drained and len(drained) == len(batches) else None
+    steady_ms = wall_ms - drain_ms if drain_ms is not None else 0.0
+    steady_tokens = tokens - sum(b.drain_tokens or 0 for b in drained)
     return BatchedPhase(
         batching=batches[0].batching,
         slots=max(b.batch for b in batches),
@@ -193,6 +197,9 @@ def batched_phase_summary(batches: list[BatchRecord], wall_s: float, device_type
         pages_per_s=1e3 * pages / wall_ms if wall_ms > 0 else None,
         output_tok_s=1e3 * tokens / wall_ms if wall_ms > 0 else None,
         slot_occupancy=occupancy,
+        drain_ms=drain_ms,
+        steady_pages_per_s=1e3 * pages / steady_ms if steady_ms > 0 else None,
+        steady_output_tok_s=1e3 * steady_tokens / steady_ms if steady_ms > 0 else None,
         gpu_busy_share=stage_ms / wall_ms if gpu and wall_ms > 0 else None,
         gpu_busy_unavailable=None
         if gpu

@@ -53,6 +53,22 @@ def test_summary_by_hand() -> None:
     assert p.gpu_busy_share == pytest.approx(0.75) and p.gpu_busy_unavailable is None
 
 
+def test_continuous_drain_and_steady_state_by_hand() -> None:
+    """Two continuous runs (two repeats): 8 pages / 80 tokens and 8 / 60; drains 100 ms / 20 tokens and 50 ms / 10
+    tokens; wall 1,000 ms.  Steady state: (1000 - 150) ms for 16 pages and 140 - 30 = 110 tokens."""
+    batches = [
+        record(8, 80, 30, 4, (100.0, 300.0), batching="continuous", drain_steps=5, drain_ms=100.0, drain_tokens=20),
+        record(8, 60, 20, 4, (100.0, 200.0), batching="continuous", drain_steps=3, drain_ms=50.0, drain_tokens=10),
+    ]
+    p = batched_phase_summary(batches, wall_s=1.0, device_type="cpu")
+    assert p.drain_ms == pytest.approx(150.0)
+    assert p.steady_pages_per_s == pytest.approx(16 / 0.85)
+    assert p.steady_output_tok_s == pytest.approx(110 / 0.85)
+    assert p.output_tok_s == pytest.approx(140.0)  # the end-to-end rate keeps the drain
+    static = batched_phase_summary([record(4, 40, 10, 4, (100.0, 300.0))], wall_s=1.0, device_type="cpu")
+    assert static.drain_ms is None and static.steady_output_tok_s is None and static.steady_pages_per_s is None
+
+
 def test_summary_on_cpu_has_no_busy_share() -> None:
     p = batched_phase_summary([record(1, 5, 4, 1, (1.0, 2.0))], wall_s=0.01, device_type="cpu")
     assert p.gpu_busy_share is None and p.gpu_busy_unavailable and "no GPU" in p.gpu_busy_unavailable
@@ -73,6 +89,13 @@ def test_report_section_renders_the_summary() -> None:
     assert "Continuous batching: 1 run(s) (one per repeat) through 4 sequence slots" in md
     assert "| **pages per second, end to end** | 8.00 |" in md  # 4 pages / 0.5 s
     assert "| slot occupancy (share of slots producing a token per decode step) | 90.00 % |" in md  # 36 / 40
+    assert "drain" not in md.split("### The batched phase end to end")[1]  # no drain recorded: no drain rows
+    drained = [attrs.evolve(batches[0], drain_steps=2, drain_ms=100.0, drain_tokens=8)]
+    phase = batched_phase_summary(drained, wall_s=0.5, device_type="cpu")
+    md = render_report(attrs.evolve(summary, batches=drained, batched_phase=phase))
+    assert "|   drain (slots emptying after the last page started decoding) | 100.0 ms (20.00 %) |" in md
+    assert "|   steady state, drain left out: pages/s | 10.00 |" in md  # 4 pages / 0.4 s
+    assert "|   steady state, drain left out: output tok/s | 80.0 |" in md  # (40 - 8) tokens / 0.4 s
     assert "n/a (no GPU (cpu)" in md
 
 

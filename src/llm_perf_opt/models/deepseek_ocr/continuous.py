@@ -128,6 +128,20 @@ class ContinuousResult:
         return out
 
     @property
+    def drain(self) -> tuple[int, float, int]:
+        """The run's drain, after the source ran dry: (steps, their ms, tokens they produced) from the step at
+        which the last page started decoding to the end.  Until then every refill found a page waiting; after it
+        the slots only empty, so a run over more pages would not spend that time (a run over a million pages
+        barely drains).  Page p decodes its tokens after the first at steps ``first_step[p]`` onwards, one per
+        step."""
+        start = max(self.first_step, default=len(self.step_ms))
+        tokens = sum(
+            max(0, first + len(toks) - 1 - max(first, start))
+            for toks, first in zip(self.tokens, self.first_step, strict=True)
+        )
+        return len(self.step_ms) - start, sum(self.step_ms[start:]), tokens
+
+    @property
     def idle_steps(self) -> int:
         """Decode steps in which no slot produced a token (rows ended by eos wait for the next check)."""
         busy = [False] * len(self.step_ms)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 
+import attrs
 import pytest
 import torch
 
@@ -185,6 +186,30 @@ def test_slot_occupancy_by_hand() -> None:
     # 2 slots, 4 steps: sequences of 5 and 3 tokens produced 4 + 2 tokens in decode steps -> 6 / 8
     assert slot_occupancy([[1] * 5, [2] * 3], 4, 2) == pytest.approx(0.75)
     assert slot_occupancy([[1]], 0, 2) is None
+
+
+def test_drain_by_hand() -> None:
+    """2 slots, 5 steps of 1..5 ms: A (5 tokens) and B (3) start at step 0, C (4) takes B's slot at step 2, so
+    the source ran dry at step 2.  Steps 2-4 drain (3 + 4 + 5 ms); tokens produced there: A's at steps 2 and 3,
+    C's at 2, 3 and 4 = 5."""
+    res = ContinuousResult(
+        tokens=[[1] * 5, [2] * 3, [3] * 4],
+        stopped_by_eos=[False] * 3,
+        prompt_lens=[4, 4, 4],
+        slots=2,
+        vision_s=0.0,
+        prefill_s=0.0,
+        decode_s=0.015,
+        step_ms=[1.0, 2.0, 3.0, 4.0, 5.0],
+        fills=2,
+        page_wait_s=0.0,
+        wall_s=0.02,
+        decode_path="static",
+        first_step=[0, 0, 2],
+    )
+    assert res.drain == (3, 12.0, 5)
+    no_steps = attrs.evolve(res, tokens=[[1]], stopped_by_eos=[False], prompt_lens=[4], step_ms=[], first_step=[0])
+    assert no_steps.drain == (0, 0.0, 0)
 
 
 def test_bad_arguments(model: DeepseekOCRForCausalLM, pages: list[PreparedPage]) -> None:
