@@ -90,6 +90,13 @@ def test_report_section_renders_the_summary() -> None:
     assert "| **pages per second, end to end** | 8.00 |" in md  # 4 pages / 0.5 s
     assert "| slot occupancy (share of slots producing a token per decode step) | 90.00 % |" in md  # 36 / 40
     assert "drain" not in md.split("### The batched phase end to end")[1]  # no drain recorded: no drain rows
+    # a continuous run's fills are summed: labelled as such, never as a time to first token
+    assert "| vision + prefill of all fills of a run (the first fill and every refill) | ms |" in md
+    assert "TTFT of the batch" not in md
+    static = [attrs.evolve(batches[0], batching="static")]
+    static_md = render_report(attrs.evolve(summary, batches=static, batched_phase=None))
+    assert "| TTFT of the batch (vision + prefill) | ms |" in static_md
+    assert "all fills of a run" not in static_md
     drained = [attrs.evolve(batches[0], drain_steps=2, drain_ms=100.0, drain_tokens=8)]
     phase = batched_phase_summary(drained, wall_s=0.5, device_type="cpu")
     md = render_report(attrs.evolve(summary, batches=drained, batched_phase=phase))
