@@ -141,3 +141,24 @@ def test_graph_with_device_ngram_rule_matches_ungraphed_step(
     ref = plain_gen.run(pages, caps, eos_token_id=None, no_repeat_ngram_size=ngram)
     assert res.decode_path == "graph" and ref.decode_path == "static", graph_gen.capture_error
     assert res.graph_capture_s > 0 and res.tokens == ref.tokens
+
+
+def test_vision_chunks_warmed_in_inference_mode_after_graphed_pages(model: DeepseekOCRForCausalLM) -> None:
+    """The batched phase's order on the device: pages encoded under inference_mode (the vision graphs' static
+    input buffers become inference tensors), then ``warm_vision`` for every chunk shape, then pages again.  The
+    first version of the warm-up ran outside inference_mode and the graphs refused its copy (H200, goals-18 run).
+    Oracle: the eager model's features per page."""
+    fast = apply_fast_path(model, FastConfig(sam_compile=False, clip_compile=False, vision_graphs=True))
+    pages = tiny_case_pages(model.config)
+    gen = BatchedGenerator(fast, clock=DeviceClock(model.device))
+    with torch.inference_mode():
+        before = gen.encode_pages(pages)
+    assert gen.warm_vision(pages) == 12  # tile and global side × chunk sizes 1..32
+    with torch.inference_mode():
+        after = gen.encode_pages(pages)
+        for page, a, b in zip(pages, before, after, strict=True):
+            ref = model.encode_images(page.images_crop.to("cuda", torch.bfloat16),
+                                      page.images_ori.to("cuda", torch.bfloat16), page.images_spatial_crop)  # fmt: skip
+            assert torch.equal(a, b)  # the same graphs replayed
+            rel = float((a.float() - ref.float()).norm() / ref.float().norm())
+            assert rel < 3e-2, rel  # bf16 rounding of the fast vision (as test_fast_path.py)
