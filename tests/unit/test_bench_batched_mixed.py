@@ -1,0 +1,21 @@
+"""benchmarks/bench_batched.py's mixed-workload table: the steady-state column (drain left out) on hand-written
+rows; a static row has no drain and says so."""
+
+from __future__ import annotations
+
+from benchmarks.bench_batched import mixed_table
+
+
+def test_mixed_table_has_the_steady_state_column() -> None:
+    rows = [
+        {"batching": "static", "slots": 2, "pages": 4, "output_tokens": 17, "stage_s": 2.0, "pages_per_s": 2.0,
+         "output_tok_per_s": 8.5, "slot_occupancy": 0.5, "steady_output_tok_per_s": None, "ngram": 20},
+        {"batching": "continuous", "slots": 2, "pages": 4, "output_tokens": 17, "stage_s": 1.0, "pages_per_s": 4.0,
+         "output_tok_per_s": 17.0, "slot_occupancy": 0.75, "steady_output_tok_per_s": 12.5, "ngram": 20},
+    ]  # fmt: skip
+    text = mixed_table(rows, [3, 7, 2, 5])
+    assert "| batching | pages/s | output tok/s | steady-state output tok/s | slot occupancy | stage s |" in text
+    assert "| static | 2.000 | 8.5 | n/a (no drain) | 50.0 % | 2.000 |" in text
+    assert "| continuous | 4.000 | 17.0 | 12.5 | 75.0 % | 1.000 |" in text
+    assert "continuous / static = 2.00× output tok/s" in text
+    assert "median 4, min 2, max 7 tokens" in text
