@@ -1110,6 +1110,23 @@ def moe_experts_ref(
     return out
 
 
+def _check_moe_args(
+    x: Tensor, idx: Tensor, weights: Tensor, w13: Tensor, w2: Tensor, residual: Tensor | None
+) -> tuple[int, int, int, int, int]:
+    """The shape checks both expert kernels share; returns (tokens, hidden, stack slots, intermediate, k)."""
+    n_tokens, hidden = x.shape
+    n_stack, two_i, w_hidden = w13.shape
+    inter = two_i // 2
+    top_k = idx.shape[1]
+    if w_hidden != hidden or w2.shape != (n_stack, hidden, inter) or two_i % 2:
+        raise ValueError(f"w13 {tuple(w13.shape)} / w2 {tuple(w2.shape)} do not fit hidden {hidden}")
+    if idx.shape != (n_tokens, top_k) or weights.shape != idx.shape or idx.dtype != torch.int64:
+        raise ValueError(f"idx (int64) and weights must be [{n_tokens}, k], got {idx.shape} and {weights.shape}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"residual must match x {tuple(x.shape)} {x.dtype}")
+    return n_tokens, hidden, n_stack, inter, top_k
+
+
 def moe_experts(
     x: Tensor,
     idx: Tensor,
@@ -1150,18 +1167,9 @@ def moe_experts(
     """
     _require("moe_experts", x.device)
     x = _contig(x, "x")
-    n_tokens, hidden = x.shape
-    n_experts, two_i, w_hidden = w13.shape
-    inter = two_i // 2
-    top_k = idx.shape[1]
-    if w_hidden != hidden or w2.shape != (n_experts, hidden, inter) or two_i % 2:
-        raise ValueError(f"w13 {tuple(w13.shape)} / w2 {tuple(w2.shape)} do not fit hidden {hidden}")
-    if idx.shape != (n_tokens, top_k) or weights.shape != idx.shape or idx.dtype != torch.int64:
-        raise ValueError(f"idx (int64) and weights must be [{n_tokens}, k], got {idx.shape} and {weights.shape}")
+    n_tokens, hidden, n_experts, inter, top_k = _check_moe_args(x, idx, weights, w13, w2, residual)
     if not 0 <= n_always <= n_experts or top_k + n_always == 0:
         raise ValueError(f"n_always must be in 0..{n_experts} and k + n_always > 0, got k={top_k}, {n_always}")
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        raise ValueError(f"residual must match x {tuple(x.shape)} {x.dtype}")
     n_slots = top_k + n_always
     interpreter = x.device.type != "cuda"
     if num_warps is None:  # sweep (H200): 8 warps at T=1 (27 vs 33 us), 4 from T=2 on (62 vs 70 us at T=4)
@@ -1271,18 +1279,9 @@ def moe_experts_grouped(
     """
     _require("moe_experts_grouped", x.device)
     x = _contig(x, "x")
-    n_tokens, hidden = x.shape
-    n_slots, two_i, w_hidden = w13.shape
-    inter = two_i // 2
-    top_k = idx.shape[1]
-    if w_hidden != hidden or w2.shape != (n_slots, hidden, inter) or two_i % 2:
-        raise ValueError(f"w13 {tuple(w13.shape)} / w2 {tuple(w2.shape)} do not fit hidden {hidden}")
-    if idx.shape != (n_tokens, top_k) or weights.shape != idx.shape or idx.dtype != torch.int64:
-        raise ValueError(f"idx (int64) and weights must be [{n_tokens}, k], got {idx.shape} and {weights.shape}")
+    n_tokens, hidden, n_slots, inter, top_k = _check_moe_args(x, idx, weights, w13, w2, residual)
     if top_k < 1 or not 0 <= n_always < n_slots:
         raise ValueError(f"need k >= 1 routed picks and 0 <= n_always < {n_slots} slots, got k={top_k}, {n_always}")
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        raise ValueError(f"residual must match x {tuple(x.shape)} {x.dtype}")
     n_routed = n_slots - n_always
     if n_tokens * top_k > 8192:
         raise ValueError(
