@@ -164,6 +164,11 @@ class BatchedGenerator:
     def dtype(self) -> torch.dtype:
         return self.base.dtype
 
+    @property
+    def matmul_attention(self) -> bool:
+        """Whether the decode steps attend with two GEMMs (the FastModel's ``decode_attention="matmul"``)."""
+        return self.fast is not None and self.fast.fast_config.decode_attention == "matmul"
+
     def warm_vision(self, pages: Sequence[PreparedPage]) -> int:
         """With a FastModel: compile and capture every vision chunk shape the pages' view sizes can meet
         (:func:`batched_vision.warm_view_chunks`), outside any timed region; returns the shapes run (0 without)."""
@@ -238,14 +243,13 @@ class BatchedGenerator:
         entry = self._static
         if entry is None or entry.key != (bsz, max_len, use_graph, ngram):
             self._static = None  # free the old cache and graph pool before allocating the new ones
-            fast = self.fast
             entry = self._static = StaticBatchStep(
                 self.lm,
                 self.base,
                 bsz,
                 max_len,
                 use_graph=use_graph,
-                matmul_attention=fast is not None and fast.fast_config.decode_attention == "matmul",
+                matmul_attention=self.matmul_attention,
                 expert_impl=self.expert_impl,
                 no_repeat_ngram=ngram,
             )

@@ -29,6 +29,12 @@ __all__ = ["VIEW_CHUNK_MAX", "encode_pages", "layout_page_features", "view_chunk
 VIEW_CHUNK_MAX = 32
 
 
+def _largest_chunk(cap: int | None) -> int:
+    """The largest power-of-two chunk: at most ``min(cap, VIEW_CHUNK_MAX)`` views."""
+    limit = VIEW_CHUNK_MAX if cap is None else min(cap, VIEW_CHUNK_MAX)
+    return 1 << (limit.bit_length() - 1)
+
+
 def view_chunks(n: int, cap: int | None, pow2: bool) -> list[int]:
     """Sizes of the consecutive chunks ``n`` views are encoded in: ``cap`` at a time (all at once without a cap),
     or with ``pow2`` the largest power of two that fits, at most ``min(cap, VIEW_CHUNK_MAX)`` (e.g. 23 -> 16, 4,
@@ -38,8 +44,7 @@ def view_chunks(n: int, cap: int | None, pow2: bool) -> list[int]:
     if not pow2:
         step = n if cap is None else cap
         return [min(step, n - begin) for begin in range(0, n, step)]
-    limit = VIEW_CHUNK_MAX if cap is None else min(cap, VIEW_CHUNK_MAX)
-    largest = 1 << (limit.bit_length() - 1)
+    largest = _largest_chunk(cap)
     sizes: list[int] = []
     while n > 0:
         size = min(largest, 1 << (n.bit_length() - 1))
@@ -148,8 +153,7 @@ def warm_view_chunks(
         for p in pages
         if parse_spatial_crop(p.images_spatial_crop) != (1, 1)
     }
-    limit = VIEW_CHUNK_MAX if vision_batch is None else min(vision_batch, VIEW_CHUNK_MAX)
-    chunk_sizes = [1 << i for i in range(limit.bit_length())]
+    chunk_sizes = [1 << i for i in range(_largest_chunk(vision_batch).bit_length())]  # 1, 2, 4, ... largest
     with _vision_context(base, fast):
         for h, w in sorted(sizes):
             for n in chunk_sizes:

@@ -569,14 +569,13 @@ def _step_for(
     if kept is not None and kept.key == (slots, max_len, use_graph, ngram):
         return kept
     gen._slots = None  # free the old cache and graph pool before allocating the new ones
-    fast = gen.fast
     return SlotDecodeStep(
         gen.lm,
         gen.base,
         slots,
         max_len,
         use_graph=use_graph,
-        matmul_attention=fast is not None and fast.fast_config.decode_attention == "matmul",
+        matmul_attention=gen.matmul_attention,
         expert_impl=gen.expert_impl,
         no_repeat_ngram=ngram,
     )
