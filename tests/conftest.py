@@ -61,6 +61,18 @@ def tiny_case_pages(config: Any) -> list[Any]:
     return out
 
 
+def generate_alone(model: Any, page: Any, cap: int, eos: int | None = None, ngram: int = 0) -> Any:
+    """One prepared page through the single-page eager path (vision, prompt, greedy ``generate`` with kept
+    logits): the oracle the batched and continuous paths are held to."""
+    from llm_perf_opt.models.deepseek_ocr import generate
+
+    feats = model.encode_images(page.images_crop, page.images_ori, page.images_spatial_crop)
+    embeds = model.embed_prompt(page.input_ids, page.images_seq_mask, [feats])
+    return generate(
+        model, embeds, page.input_ids[0].tolist(), cap, eos_token_id=eos, no_repeat_ngram_size=ngram, keep_logits=True
+    )
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max |expected|: the tolerance metric of fixtures/deepseek_ocr_tiny/README.md."""
     return float((actual.float() - expected.float()).abs().max() / expected.float().abs().max())

@@ -18,13 +18,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from llm_perf_opt.errors import ConfigError
-from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, DeepseekOCRForCausalLM, build_model, generate
+from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, DeepseekOCRForCausalLM, build_model
 from llm_perf_opt.models.deepseek_ocr.batched import BatchedGenerator, BatchResult
 from llm_perf_opt.models.deepseek_ocr.batched_vision import view_chunks
 from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, apply_fast_path
 from llm_perf_opt.models.deepseek_ocr.generation import GenerationResult
 from llm_perf_opt.models.deepseek_ocr.preprocess import PreparedPage
-from tests.conftest import TINY, rel_err, tiny_case_pages
+from tests.conftest import TINY, generate_alone, rel_err, tiny_case_pages
 from tests.conftest import TINY_CASES as CASES
 
 TOL = 1e-4
@@ -41,26 +41,9 @@ def pages(model: DeepseekOCRForCausalLM) -> list[PreparedPage]:
     return tiny_case_pages(model.config)
 
 
-def single(
-    model: DeepseekOCRForCausalLM, page: PreparedPage, steps: int, eos: int | None = None, ngram: int = 0
-) -> GenerationResult:
-    """The single-page eager path."""
-    feats = model.encode_images(page.images_crop, page.images_ori, page.images_spatial_crop)
-    embeds = model.embed_prompt(page.input_ids, page.images_seq_mask, [feats])
-    return generate(
-        model,
-        embeds,
-        page.input_ids[0].tolist(),
-        steps,
-        eos_token_id=eos,
-        no_repeat_ngram_size=ngram,
-        keep_logits=True,
-    )
-
-
 @pytest.fixture(scope="module")
 def reference(model: DeepseekOCRForCausalLM, pages: list[PreparedPage]) -> list[GenerationResult]:
-    return [single(model, p, STEPS) for p in pages]
+    return [generate_alone(model, p, STEPS) for p in pages]
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +191,7 @@ def test_eos_per_sequence(
     eos = reference[1].tokens[4]  # sequence 1 stops at its 5th token; others wherever eos first shows up
     res = BatchedGenerator(model).run(pages, STEPS, eos_token_id=eos)
     for b, page in enumerate(pages):
-        expected = single(model, page, STEPS, eos=eos)
+        expected = generate_alone(model, page, STEPS, eos=eos)
         assert res.tokens[b] == expected.tokens, f"sequence {b}"
         assert res.stopped_by_eos[b] == expected.stopped_by_eos
     assert res.stopped_by_eos[1] and len(res.tokens[1]) <= 5
@@ -238,7 +221,7 @@ def test_no_repeat_ngram_per_sequence(model: DeepseekOCRForCausalLM, pages: list
     sizes = [2, 0, 3]
     res = BatchedGenerator(model).run(pages, 24, eos_token_id=None, no_repeat_ngram_size=sizes)
     for b, (page, n) in enumerate(zip(pages, sizes, strict=True)):
-        assert res.tokens[b] == single(model, page, 24, ngram=n).tokens, f"sequence {b}"
+        assert res.tokens[b] == generate_alone(model, page, 24, ngram=n).tokens, f"sequence {b}"
     # the fixture's no-repeat case is page 1 (crop_2x1) with n = 2
     case = load_file(str(TINY / "cases" / "crop_2x1_no_repeat_2.safetensors"))
     res2 = BatchedGenerator(model).run(pages, 24, eos_token_id=None, no_repeat_ngram_size=[0, 2, 0])

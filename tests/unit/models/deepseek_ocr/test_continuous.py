@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from llm_perf_opt.errors import ConfigError
-from llm_perf_opt.models.deepseek_ocr import DeepseekOCRForCausalLM, generate
+from llm_perf_opt.models.deepseek_ocr import DeepseekOCRForCausalLM
 from llm_perf_opt.models.deepseek_ocr.batched import BatchedGenerator
 from llm_perf_opt.models.deepseek_ocr.continuous import (
     LEN_QUANTUM,
@@ -26,9 +26,8 @@ from llm_perf_opt.models.deepseek_ocr.continuous import (
     cache_len_for,
     slot_occupancy,
 )
-from llm_perf_opt.models.deepseek_ocr.generation import GenerationResult
 from llm_perf_opt.models.deepseek_ocr.preprocess import PreparedPage
-from tests.conftest import rel_err, tiny_case_pages
+from tests.conftest import generate_alone, rel_err, tiny_case_pages
 
 TOL = 1e-4
 # (fixture page, cap): 8 pages through 3 slots; caps differ so slots end (and are refilled) at different steps,
@@ -45,16 +44,6 @@ def model(tiny_reference_model: DeepseekOCRForCausalLM) -> DeepseekOCRForCausalL
 @pytest.fixture(scope="module")
 def pages(model: DeepseekOCRForCausalLM) -> list[PreparedPage]:
     return tiny_case_pages(model.config)
-
-
-def alone(
-    model: DeepseekOCRForCausalLM, page: PreparedPage, cap: int, eos: int | None = None, ngram: int = 0
-) -> GenerationResult:
-    feats = model.encode_images(page.images_crop, page.images_ori, page.images_spatial_crop)
-    embeds = model.embed_prompt(page.input_ids, page.images_seq_mask, [feats])
-    return generate(
-        model, embeds, page.input_ids[0].tolist(), cap, eos_token_id=eos, no_repeat_ngram_size=ngram, keep_logits=True
-    )
 
 
 def requests(pages: list[PreparedPage]) -> list[SlotRequest]:
@@ -80,7 +69,7 @@ def assert_matches_alone(
 ) -> None:
     assert res.pages == len(WORKLOAD)
     for i, (p, cap) in enumerate(WORKLOAD):
-        ref = alone(model, pages[p], cap, eos, ngram)
+        ref = generate_alone(model, pages[p], cap, eos, ngram)
         assert res.tokens[i] == ref.tokens, f"page {i}"
         assert res.prompt_lens[i] == pages[p].prompt_len
         if res.logits is not None:
@@ -167,7 +156,7 @@ def test_cache_grows_for_a_longer_page(
     monkeypatch.setattr(SlotDecodeStep, "step", spy)
     reqs = [SlotRequest(pages[0], 2), SlotRequest(pages[2], long_cap)]
     res = BatchedGenerator(model).run_continuous(reqs, 1, eos_token_id=None)
-    assert res.tokens[1] == alone(model, pages[2], long_cap).tokens
+    assert res.tokens[1] == generate_alone(model, pages[2], long_cap).tokens
     assert cache_len_for(pages[2].prompt_len + long_cap) == 2 * LEN_QUANTUM
     # attention width by hand: page 0 (29 + 1 step) reads 256 columns; page 2 (prompt 59, 260 steps) writes
     # columns 59..318: 256 while its steps stay below column 255 (196 steps), then 512 for the other 64
