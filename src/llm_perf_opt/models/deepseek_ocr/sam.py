@@ -33,6 +33,7 @@ __all__ = [
     "interpolate_sam_pos_embed",
     "rel_pos_attention",
     "rel_pos_flex_attention",
+    "rel_pos_terms",
     "sam_block_fast",
     "window_partition",
     "window_unpartition",
@@ -93,6 +94,21 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: Tensor) -> Tensor:
     return table[relative_coords.long()]
 
 
+def rel_pos_terms(
+    q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, q_size: tuple[int, int], k_size: tuple[int, int]
+) -> tuple[Tensor, Tensor]:
+    """The two per-query tables of MViTv2's decomposed relative positions: ``q·R_h`` [B, heads, q_h, q_w, k_h]
+    and ``q·R_w`` [B, heads, q_h, q_w, k_w] (from the *unscaled* query ``q`` [B, heads, q_h·q_w, head_dim]);
+    key (kh, kw) gets ``rel_h[..., kh] + rel_w[..., kw]`` added to its logit."""
+    q_h, q_w = q_size
+    k_h, k_w = k_size
+    b, n_heads, _, dim = q.shape
+    r_q = q.reshape(b, n_heads, q_h, q_w, dim)
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, get_rel_pos(q_h, k_h, rel_pos_h))
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, get_rel_pos(q_w, k_w, rel_pos_w))
+    return rel_h, rel_w
+
+
 def decomposed_rel_pos_bias(
     q: Tensor,
     rel_pos_h: Tensor,
@@ -106,16 +122,9 @@ def decomposed_rel_pos_bias(
     logits, so handing this bias to ``scaled_dot_product_attention`` as ``attn_mask`` reproduces the
     reference logits exactly.  ``q`` is [B, heads, q_h·q_w, head_dim].
     """
-    q_h, q_w = q_size
-    k_h, k_w = k_size
-    r_h = get_rel_pos(q_h, k_h, rel_pos_h)
-    r_w = get_rel_pos(q_w, k_w, rel_pos_w)
-    b, n_heads, _, dim = q.shape
-    r_q = q.reshape(b, n_heads, q_h, q_w, dim)
-    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, r_h)
-    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, r_w)
+    rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, q_size, k_size)
     bias = rel_h[..., :, None] + rel_w[..., None, :]
-    return bias.reshape(b, n_heads, q_h * q_w, k_h * k_w)
+    return bias.reshape(q.shape[0], q.shape[1], q_size[0] * q_size[1], k_size[0] * k_size[1])
 
 
 _ONE_HOT: dict[tuple[int, int, torch.device, torch.dtype], Tensor] = {}
@@ -148,11 +157,8 @@ def rel_pos_attention(
     """
     h, w = hw
     b, n_heads, n, dim = q.shape
-    r_h = get_rel_pos(h, h, rel_pos_h)
-    r_w = get_rel_pos(w, w, rel_pos_w)
-    r_q = q.reshape(b, n_heads, h, w, dim)
-    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, r_h).reshape(b, n_heads, n, h)
-    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, r_w).reshape(b, n_heads, n, w)
+    rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, hw, hw)
+    rel_h, rel_w = rel_h.reshape(b, n_heads, n, h), rel_w.reshape(b, n_heads, n, w)
     aug = dim + h + w
     pad = (-aug) % 8  # flash / cuDNN want head sizes that are multiples of 8
     q_parts = [q * dim**-0.5, rel_h, rel_w]
@@ -183,9 +189,8 @@ def rel_pos_flex_attention(
 
     h, w = hw
     b, n_heads, n, dim = q.shape
-    r_q = q.reshape(b, n_heads, h, w, dim)
-    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, get_rel_pos(h, h, rel_pos_h)).reshape(b, n_heads, n, h)
-    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, get_rel_pos(w, w, rel_pos_w)).reshape(b, n_heads, n, w)
+    rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, hw, hw)
+    rel_h, rel_w = rel_h.reshape(b, n_heads, n, h), rel_w.reshape(b, n_heads, n, w)
 
     def rel_pos_bias(score: Tensor, bi: Tensor, hi: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
         return score + rel_h[bi, hi, qi, ki // w] + rel_w[bi, hi, qi, ki % w]
