@@ -24,15 +24,18 @@ def render_batches(s: RunSummary) -> str:
                   reason=old),
     ]  # fmt: skip
     continuous = any(b.batching == "continuous" for b in s.batches)
-    if continuous:  # a run's fills add up to no one's time to first token
-        rows += [stat_row("vision + prefill of all fills of a run (the first fill and every refill)",
-                          agg.get("prefill_ms"), "ms"),
-                 stat_row("  vision (all pages of the run)", agg.get("vision_ms"), "ms")]  # fmt: skip
-    else:
-        rows += [stat_row("TTFT of the batch (vision + prefill)", agg.get("prefill_ms"), "ms"),
-                 stat_row("  vision (all pages of the batch)", agg.get("vision_ms"), "ms")]  # fmt: skip
-    rows.append(stat_row("TPOT per sequence", agg.get("tpot_ms"), "ms/token",
-                         reason="no decode step: every sequence ended at its first token"))  # fmt: skip
+    # a continuous run's fills add up to no one's time to first token: labelled as the sum they are
+    prefill_label, unit = (
+        ("vision + prefill of all fills of a run (the first fill and every refill)", "run")
+        if continuous
+        else ("TTFT of the batch (vision + prefill)", "batch")
+    )
+    rows += [
+        stat_row(prefill_label, agg.get("prefill_ms"), "ms"),
+        stat_row(f"  vision (all pages of the {unit})", agg.get("vision_ms"), "ms"),
+        stat_row("TPOT per sequence", agg.get("tpot_ms"), "ms/token",
+                 reason="no decode step: every sequence ended at its first token"),
+    ]  # fmt: skip
     header = STAT_HEADER
     rows.append(stat_row("slot occupancy (share of slots producing a token per decode step)",
                           agg.get("slot_occupancy"), "fraction", reason="no decode step"))  # fmt: skip

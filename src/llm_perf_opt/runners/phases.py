@@ -180,10 +180,12 @@ def batched_phase_summary(batches: list[BatchRecord], wall_s: float, device_type
     decode_tokens = sum(b.output_tokens - len(b.page_ids) for b in timed)  # each sequence's first token: prefill
     occupancy = decode_tokens / slot_steps if slot_steps > 0 else None
     gpu = device_type == "cuda"
-    drained = [b for b in batches if b.drain_ms is not None and b.drain_tokens is not None]
-    drain_ms = sum(b.drain_ms or 0.0 for b in drained) if drained and len(drained) == len(batches) else None
+    # the drain only when every record has one (continuous runs of this version): the steady window is then known
+    drains = [(b.drain_ms, b.drain_tokens) for b in batches]
+    known = [(ms, n) for ms, n in drains if ms is not None and n is not None]
+    drain_ms = sum(ms for ms, _ in known) if len(known) == len(drains) else None
     steady_ms = wall_ms - drain_ms if drain_ms is not None else 0.0
-    steady_tokens = tokens - sum(b.drain_tokens or 0 for b in drained)
+    steady_tokens = tokens - sum(n for _, n in known)
     return BatchedPhase(
         batching=batches[0].batching,
         slots=max(b.batch for b in batches),
