@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import inspect
 import json
 import os
@@ -47,8 +48,10 @@ import torch.nn.functional as F
 from llm_perf_opt.models.deepseek_ocr.config import DeepseekOCRConfig, LanguageConfig
 from llm_perf_opt.models.deepseek_ocr.decoder import RMSNorm, grouped_experts_stacked, use_grouped_mm
 from llm_perf_opt.models.deepseek_ocr.kernels import (
+    KEYS_PER_SPLIT,
     add_rms_norm,
     add_rms_norm_ref,
+    attention_splits,
     decode_attention,
     decode_attention_ref,
     moe_block_sizes,
@@ -216,6 +219,63 @@ class Bench:
         note = f"pos {pos} of max_len {n}" + (f", block_n {block_n}" if block_n else "")
         return Row("decode_attention", tokens, t_us, k_us, kv_bytes, err, note)
 
+    def attention_split_rules(self) -> list[str]:
+        """The split rule before / after in one run: ``attention_splits`` with the SM rule alone (``keys_per_split``
+        past every length: what ran before) vs the default (also <= ``KEYS_PER_SPLIT`` keys per program), on the
+        key layouts the decode paths see: batch 1; the batched step's equal rows; the continuous step's 64 slots
+        at their own lengths (913-token Gundam prompts plus 0..4,087 tokens out, a 5,120-column bucket); and its
+        drain (4 long rows left, 60 empty slots at column 0)."""
+        lang = self.lang
+        hq, hk, d = lang.num_attention_heads, lang.num_key_value_heads, lang.head_dim
+        scale = d**-0.5
+        cases = [
+            ("batch 1, pos 1000", [1000], 1200),
+            ("batch 64, every row at 411 (batched step)", [411] * 64, 539),
+            ("64 slots, 913..5,000 keys (continuous)", [913 + (4087 * b) // 63 for b in range(64)], 5120),
+            ("64 slots, drain: 4 rows at ~4,900, 60 empty", [4900 + b for b in range(4)] + [0] * 60, 5120),
+        ]
+        sms = torch.cuda.get_device_properties(self.dev).multi_processor_count
+        out = [
+            "| keys | splits before | µs before | GB/s before | µs, ≤ 128 keys per split |"
+            f" splits now (≤ {KEYS_PER_SPLIT}) | µs now | GB/s now | µs, ≤ 512 keys per split | now vs before |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for label, positions, width in cases:
+            rows = len(positions)
+            pos = torch.tensor(positions, device=self.dev)
+            pos_arg = pos if rows > 1 else pos[:1]
+            mask = torch.zeros((rows, width), device=self.dev, dtype=self.dtype)
+            copies = 2 if rows > 1 else self.layers  # a 64-row layer's K/V (~1 GB) is far past L2 already
+            bufs = [
+                (self.randn(rows, hq, d), self.randn(rows, hk, width, d), self.randn(rows, hk, width, d))
+                for _ in range(copies)
+            ]
+            kv_bytes = sum(2 * hk * (p + 1) * d * 2 for p in positions)
+            timed = []
+            for per_split in (1 << 30, 128, KEYS_PER_SPLIT, 512):
+                splits = attention_splits(rows * hq, width, 64, sms, per_split)
+
+                fns: list[Callable[[], Any]] = [
+                    functools.partial(decode_attention, *b, pos_arg, scale, n_splits=splits, key_mask=mask)
+                    for b in bufs
+                ]
+                us = graph_us(fns, self.args.calls, self.args.reps)
+                timed.append((splits, us))
+            q, k, v = bufs[0]
+            err = max_err(
+                decode_attention(q, k, v, pos_arg, scale, key_mask=mask),
+                decode_attention_ref(q, k, v, pos_arg, scale, key_mask=mask),
+            )
+            (s0, t0), (_, t128), (s1, t1), (_, t512) = timed
+            out.append(
+                f"| {label} (max err {err:.2g}) | {s0} | {t0:.1f} | {kv_bytes / t0 / 1e3:.0f} | {t128:.1f} | {s1} |"
+                f" {t1:.1f} | {kv_bytes / t1 / 1e3:.0f} | {t512:.1f} | {t0 / t1:.2f}× |"
+            )
+            print(out[-1], flush=True)
+            del bufs
+            torch.cuda.empty_cache()
+        return out
+
     def route(self, tokens: int, logits_in: bool = False) -> Row:
         """The router; with ``logits_in`` as the decode step runs it: cuBLAS float32 logits, then the kernel's
         softmax / top-k / counts."""
@@ -343,12 +403,11 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
     norm = dict(x_ptr=bf, res_ptr=bf, w_ptr=bf, normed_ptr=bf, summed_ptr=bf, H="i32", eps="fp32")
     rope = dict(qkv_ptr=bf, cos_ptr=bf, sin_ptr=bf, pos_ptr=i64, q_ptr=bf, k_ptr=bf, v_ptr=bf, max_len="i32")
     partial = dict(q_ptr=bf, k_ptr=bf, v_ptr=bf, pos_ptr=i64, m_ptr=f32, l_ptr=f32, acc_ptr=f32)
-    partial.update(qk_scale="fp32", max_len="i32")
+    partial.update(qk_scale="fp32", max_len="i32", N_SPLITS="i32")
     tail = dict(key_limit="i32")  # after the mask arguments
-    combine = dict(m_ptr=f32, l_ptr=f32, acc_ptr=f32, out_ptr=bf)
+    combine = dict(m_ptr=f32, l_ptr=f32, acc_ptr=f32, out_ptr=bf, N_SPLITS="i32")
     route = dict(x_ptr=bf, gate_ptr=f32, idx_ptr=i64, wout_ptr=f32, counts_ptr=i64, H="i32", scaling="fp32")
-    splits = 27  # B=1, 10 heads, max_len >= 27 * 64 (attention_splits)
-    attn = dict(HQ=hq, HK=hk, D=d, N_SPLITS=splits, BLOCK_N=64, BLOCK_D=d)
+    attn = dict(HQ=hq, HK=hk, D=d, BLOCK_N=64, BLOCK_D=d)  # N_SPLITS is a runtime int
     specs = [
         ("_add_rms_norm_kernel", norm, dict(HAS_RESIDUAL=True, BLOCK_H=2048), 4),
         ("_rope_kv_write_kernel", rope, dict(HQ=hq, HK=hk, D=d, BLOCK_D=d, ROW_TABLES=False, POS_STRIDE=0), 1),
@@ -365,7 +424,7 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
             {**attn, "HAS_MASK": True, "POS_STRIDE": 1},
             4,
         ),
-        ("_attn_combine_kernel", combine, dict(D=d, N_SPLITS=splits, BLOCK_S=32, BLOCK_D=d), 2),
+        ("_attn_combine_kernel", combine, dict(D=d, BLOCK_S=32, BLOCK_D=d), 2),
     ]
     route_consts = dict(E=lang.n_routed_experts, TOP_K=k, RENORM=False, HAS_COUNTS=True, BLOCK_E=64, BLOCK_KSLOT=8)
     specs.append(("_moe_route_kernel", route, {**route_consts, "BLOCK_K": 128, "LOGITS_IN": False}, 8))
@@ -481,6 +540,7 @@ def render(
     sweep: list[str],
     peaks: tuple[float, float] | None = None,
     steps: list[str] | None = None,
+    splits: list[str] | None = None,
 ) -> str:
     """Markdown report; ``peaks`` (bytes/s, bf16 FLOP/s) from the GPU's datasheet entry (None: not in the table)."""
     bw, fl = (peaks[0] / 1e9, peaks[1] / 1e12) if peaks else (None, None)
@@ -514,6 +574,8 @@ def render(
             f"Sum over the T=1 ops: torch {sum(r.torch_us for r in one):.1f} µs, Triton"
             f" {sum(r.triton_us for r in one):.1f} µs per layer (the QKV / o_proj GEMMs are not included).",
         ]
+    if splits:
+        lines += ["", "## decode_attention: the split rule before / after (per layer, one op)", "", *splits]
     if steps:
         lines += ["", "## Batched decode step (full model, CUDA graph)", "", *steps]
     if sweep:
@@ -759,6 +821,7 @@ def main() -> None:
                 rows.append(bench.experts(tokens))
             rows.append(bench.experts_grouped(tokens))
         print(render(rows, env, args, [], peaks), flush=True)  # the op rows first, in case a later part fails
+        split_lines = [] if args.only_grouped else bench.attention_split_rules()
         bench._moe_layers.clear()  # ~5 GB of expert copies per row count: freed before the full model is built
         torch.cuda.empty_cache()
     step_rows: list[dict[str, Any]] = []
@@ -772,7 +835,7 @@ def main() -> None:
         if args.sweep:
             head = ["| op | T | config | triton µs | GB/s |", "| --- | ---: | --- | ---: | ---: |"]
             sweep = run_sweep(bench) if not args.only_grouped else [*head, *run_grouped_sweep(bench)]
-    text = render(rows, env, args, sweep, peaks, step_lines)
+    text = render(rows, env, args, sweep, peaks, step_lines, split_lines)
     print(text)
     if args.out:
         out = Path(args.out)
@@ -780,7 +843,13 @@ def main() -> None:
         gpu = gpu_tag(env["gpu"])
         stem = f"{dt.date.today().isoformat()}-{gpu}-kernels"
         (out / f"{stem}.md").write_text(text)
-        payload = {"env": env, "rows": [attrs.asdict(r) for r in rows], "batched_step": step_rows, "sweep": sweep}
+        payload = {
+            "env": env,
+            "rows": [attrs.asdict(r) for r in rows],
+            "attention_split_rules": split_lines,
+            "batched_step": step_rows,
+            "sweep": sweep,
+        }
         (out / f"{stem}.json").write_text(json.dumps(payload, indent=2))
         print(f"wrote {out / stem}.md", file=sys.stderr)
 

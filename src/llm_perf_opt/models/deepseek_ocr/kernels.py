@@ -67,6 +67,7 @@ __all__ = [
     "GROUPED_MIN_ROWS",
     "HAVE_TRITON",
     "INTERPRETED",
+    "KEYS_PER_SPLIT",
     "KernelUnavailableError",
     "add_rms_norm",
     "add_rms_norm_ref",
@@ -257,7 +258,7 @@ if HAVE_TRITON:
         HQ: tl.constexpr,
         HK: tl.constexpr,
         D: tl.constexpr,
-        N_SPLITS: tl.constexpr,
+        N_SPLITS,  # a runtime int: the continuous step's split count follows its key bucket, one compile for all
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
         mask_ptr=None,
@@ -271,7 +272,7 @@ if HAVE_TRITON:
         b = bh // HQ
         kvh = (bh % HQ) // (HQ // HK)
         # keys 0..pos (one pos for every row, or row b's own), never past the mask's width
-        n_keys = tl.minimum(tl.load(pos_ptr + b * POS_STRIDE) + 1, key_limit)
+        n_keys = tl.minimum(tl.load(pos_ptr + b * POS_STRIDE).to(tl.int32) + 1, key_limit)  # 32-bit division below
         # keys 0..pos are shared evenly among the splits (BLOCK_N-aligned); late splits may get none
         chunk = ((n_keys + N_SPLITS - 1) // N_SPLITS + BLOCK_N - 1) // BLOCK_N * BLOCK_N
         lo = split * chunk
@@ -313,7 +314,7 @@ if HAVE_TRITON:
         acc_ptr,
         out_ptr,
         D: tl.constexpr,
-        N_SPLITS: tl.constexpr,
+        N_SPLITS,
         BLOCK_S: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
@@ -859,9 +860,19 @@ def decode_attention_ref(
     return out.to(q.dtype).reshape(bsz, hq * dim)
 
 
-def attention_splits(batch_heads: int, max_len: int, block_n: int, sms: int) -> int:
-    """Number of key splits per (row, head): ~2 programs per SM at most, never more splits than blocks."""
-    return max(1, min(math.ceil(max_len / block_n), math.ceil(2 * sms / batch_heads)))
+# Keys one attention program streams at most (before a row's keys are cut into more splits): a program's blocks
+# are a chain of dependent loads and reductions, so one (row, head) over thousands of keys in one program is
+# latency-bound however many other programs run (the continuous step at 64 slots with 5,000-key rows).
+KEYS_PER_SPLIT = 256
+
+
+def attention_splits(
+    batch_heads: int, n_keys: int, block_n: int, sms: int, keys_per_split: int = KEYS_PER_SPLIT
+) -> int:
+    """Number of key splits per (row, head) over (at most) ``n_keys`` keys: enough for ~2 programs per SM, and
+    enough that no program streams more than ``keys_per_split`` keys; never more splits than ``block_n`` blocks."""
+    wanted = max(math.ceil(2 * sms / batch_heads), math.ceil(n_keys / keys_per_split))
+    return max(1, min(math.ceil(n_keys / block_n), wanted))
 
 
 def decode_attention(
@@ -873,6 +884,7 @@ def decode_attention(
     *,
     block_n: int | None = None,
     n_splits: int | None = None,
+    keys_per_split: int = KEYS_PER_SPLIT,
     key_mask: Tensor | None = None,
 ) -> Tensor:
     """Decode attention of ``q`` [B, hq, D] over keys ``0..pos`` of one layer's cache; returns [B, hq·D].
@@ -886,7 +898,8 @@ def decode_attention(
     device) are divided evenly among the splits in ``block_n``-key blocks; each program streams its blocks
     of K and V once ([block_n, D] tiles, contiguous along D), keeps an online-softmax max / sum / fp32
     accumulator and writes them to scratch; keys past ``pos`` are never loaded.  (2) grid (B·hq,): rescale
-    and sum the partials, divide, round once.  ``n_splits`` (host int, from B·hq and ``max_len``; scratch is
+    and sum the partials, divide, round once.  ``n_splits`` (host int; by default :func:`attention_splits` of B·hq
+    and the keys that can be read, ``max_len`` or the mask's width, with ``keys_per_split``; scratch is
     [B·hq, n_splits, D] fp32) fixes the launch shape, so one CUDA graph serves every ``pos``.  GQA: query
     head h reads kv head ``h // (hq // hk)`` (re-read per query head; the model is MHA).  ``pos`` < max_len
     is the caller's to ensure (not checked: it lives on the device).
@@ -908,7 +921,7 @@ def decode_attention(
         key_limit = key_mask.shape[1]
     if block_n is None:  # [64, D] K and V tiles: 64 elements per thread at 4 warps (D = 128), no spills
         block_n = 64 if q.device.type == "cuda" else 256
-    splits = n_splits or attention_splits(bsz * hq, max_len, block_n, _sm_count(q.device))
+    splits = n_splits or attention_splits(bsz * hq, key_limit, block_n, _sm_count(q.device), keys_per_split)
     rows = bsz * hq
     m = torch.empty((rows, splits), device=q.device, dtype=torch.float32)
     den = torch.empty((rows, splits), device=q.device, dtype=torch.float32)

@@ -350,8 +350,19 @@ def test_decode_attention_per_row_last_key(dtype: torch.dtype) -> None:
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     ref = K.decode_attention_ref(q, clean_k, clean_v, positions, scale, key_mask=mask)
     torch.testing.assert_close(ref.float(), want, rtol=tol, atol=tol)
-    for block_n, splits in [(16, None), (16, 4)]:
-        out = K.decode_attention(q, k_cache, v_cache, positions, scale, block_n=block_n, n_splits=splits, key_mask=mask)
+    # one split; four; three from keys_per_split (48 mask columns / 16: row 0's one key leaves two splits empty)
+    for block_n, splits, per_split in [(16, None, K.KEYS_PER_SPLIT), (16, 4, K.KEYS_PER_SPLIT), (16, None, 16)]:
+        out = K.decode_attention(
+            q,
+            k_cache,
+            v_cache,
+            positions,
+            scale,
+            block_n=block_n,
+            n_splits=splits,
+            keys_per_split=per_split,
+            key_mask=mask,
+        )
         assert torch.isfinite(out.float()).all()
         _close(out, ref)
     with pytest.raises(ValueError, match="pos must be"):
@@ -369,11 +380,15 @@ def test_decode_attention_real_head_dim() -> None:
 
 
 def test_attention_splits_fill_the_gpu() -> None:
-    assert K.attention_splits(10, 4096, 64, 132) == 27  # B=1, 10 heads: ~2 programs per SM
-    assert K.attention_splits(10, 1200, 64, 132) == 19  # one split per 64-key block of max_len at most
-    assert K.attention_splits(80, 1200, 64, 132) == 4
+    assert K.attention_splits(10, 4096, 64, 132) == 27  # B=1, 10 heads: ceil(2·132 / 10) for ~2 programs per SM
+    assert K.attention_splits(10, 1200, 64, 132) == 19  # one split per 64-key block at most: ceil(1200 / 64)
     assert K.attention_splits(10, 100, 64, 132) == 2  # never more splits than key blocks
-    assert K.attention_splits(400, 4096, 64, 132) == 1
+    # many rows: the SMs are full with one split each, but no program may stream more than 256 keys
+    assert K.attention_splits(80, 1200, 64, 132) == 5  # max(ceil(264 / 80) = 4, ceil(1200 / 256) = 5)
+    assert K.attention_splits(400, 4096, 64, 132) == 16  # 4096 / 256
+    assert K.attention_splits(640, 5120, 64, 132) == 20  # 64 slots x 10 heads over a 5,120-column bucket
+    assert K.attention_splits(640, 200, 64, 132) == 1
+    assert K.attention_splits(400, 4096, 64, 132, keys_per_split=4096) == 1  # the SM rule alone
 
 
 # ------------------------------------------------------------------------------------------ moe_route
