@@ -78,3 +78,18 @@ def test_graph_reused_and_recaptured_after_growth(fast: FastModel, pages: list[P
     grown = gen.run_continuous(reqs, 2, eos_token_id=None)
     alone = _gen(fast).run([pages[2]], long_cap, eos_token_id=None)
     assert grown.decode_path == "graph" and grown.tokens[2] == alone.tokens[0]
+
+
+def test_drain_narrowing_under_graphs(fast: FastModel, pages: list[PreparedPage]) -> None:
+    """12 slots for 8 pages: the drain narrows 12 -> 8 -> 4 -> 2 -> 1 rows, each width captured as its own graph
+    over the first rows of the one cache; the same tokens as the full-width run, graphed and not."""
+    gen = _gen(fast)
+    narrow = gen.run_continuous(_requests(pages), 12, eos_token_id=None, no_repeat_ngram_size=NGRAM)
+    assert narrow.decode_path == "graph" and sorted(set(narrow.step_rows)) == [1, 2, 4, 8, 12]
+    wide = _gen(fast).run_continuous(
+        _requests(pages), 12, eos_token_id=None, no_repeat_ngram_size=NGRAM, narrow_drain=False
+    )
+    plain = _gen(fast, graphs=False).run_continuous(_requests(pages), 12, eos_token_id=None, no_repeat_ngram_size=NGRAM)
+    assert narrow.tokens == wide.tokens == plain.tokens
+    again = gen.run_continuous(_requests(pages), 12, eos_token_id=None, no_repeat_ngram_size=NGRAM)
+    assert again.graph_capture_s == 0.0 and again.tokens == narrow.tokens  # the narrower graphs kept and replayed

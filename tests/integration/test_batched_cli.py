@@ -145,6 +145,8 @@ def test_continuous_batching_phase(tmp_path: Path) -> None:
         assert b.slot_occupancy == (1 + 6 + 2 + 4) / (7 * 2)
         # the last page (d) starts decoding at step 3: steps 3-6 drain, producing b's last 3 tokens and d's 4
         assert (b.drain_steps, b.drain_tokens) == (4, 7)
+        # b ends after step 5 with no page left: d (one row of two) runs its last step 6 on a one-row step
+        assert b.narrowed_steps == 1
         assert b.page_wait_ms is not None and b.page_wait_ms >= 0
     assert any("page e.png left out" in n for n in s.notes)
     p = s.batched_phase

@@ -93,7 +93,7 @@ def _render_phase(p: BatchedPhase) -> str:
         *(
             [
                 ["  drain (slots emptying after the last page started decoding)",
-                 f"{fmt(p.drain_ms, 1)} ms ({share(p.drain_ms)})"],
+                 f"{fmt(p.drain_ms, 1)} ms ({share(p.drain_ms)}){_drain_steps(p)}"],
                 ["  steady state, drain left out: pages/s", fmt(p.steady_pages_per_s, 2)],
                 ["  steady state, drain left out: output tok/s", fmt(p.steady_output_tok_s, 1)],
             ]
@@ -118,9 +118,11 @@ def _render_phase(p: BatchedPhase) -> str:
             *(
                 [
                     "\nThe drain is the end of each continuous run, from the step at which its last page started "
-                    "decoding: no page is left to refill a slot, so the slots empty one by one. A run over far more "
-                    "pages spends a smaller share of its time there; the steady-state rates (wall time minus the "
-                    "drain, the tokens it produced left out) are what such a run approaches.",
+                    "decoding: no page is left to refill a slot, so the slots empty one by one. Once at most half "
+                    "the slots hold a sequence, the step narrows to the power of two of rows covering them (the "
+                    "same tokens; fewer rows through every kernel). A run over far more pages spends a smaller "
+                    "share of its time there; the steady-state rates (wall time minus the drain, the tokens it "
+                    "produced left out) are what such a run approaches.",
                 ]
                 if p.drain_ms is not None
                 else []
@@ -128,6 +130,14 @@ def _render_phase(p: BatchedPhase) -> str:
             "",
         ]
     )
+
+
+def _drain_steps(p: BatchedPhase) -> str:
+    """ "; 3,471 decode steps, 3,402 of them on a narrower batch" (nothing for records without the counts)."""
+    if p.drain_steps is None:
+        return ""
+    narrowed = "" if p.narrowed_steps is None else f", {fmt(p.narrowed_steps)} of them on a narrower batch"
+    return f"; {fmt(p.drain_steps)} decode steps{narrowed}"
 
 
 def _batch_paths(s: RunSummary) -> str:

@@ -163,6 +163,9 @@ class BatchRecord:
     drain_steps: int | None = None
     drain_ms: float | None = None
     drain_tokens: int | None = None
+    # continuous only: decode steps run on a narrower step than ``batch`` rows (the drain, once at most half the
+    # slots held a sequence); None for static batches and old records
+    narrowed_steps: int | None = None
 
 
 @attrs.frozen
@@ -197,6 +200,9 @@ class BatchedPhase:
     drain_ms: float | None = None
     steady_pages_per_s: float | None = None
     steady_output_tok_s: float | None = None
+    # the drains' decode steps, and how many of them ran on a narrower step (None where a record lacks them)
+    drain_steps: int | None = None
+    narrowed_steps: int | None = None
 
 
 @attrs.frozen

@@ -345,6 +345,7 @@ class DeepSeekOCRSession:
             drain_steps=drain_steps,
             drain_ms=drain_ms,
             drain_tokens=drain_tokens,
+            narrowed_steps=sum(1 for rows in res.step_rows if rows < slots),
         )
 
     def simulated_target(self, page: Page) -> int | None:

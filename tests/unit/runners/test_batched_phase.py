@@ -65,6 +65,9 @@ def test_continuous_drain_and_steady_state_by_hand() -> None:
     assert p.steady_pages_per_s == pytest.approx(16 / 0.85)
     assert p.steady_output_tok_s == pytest.approx(110 / 0.85)
     assert p.output_tok_s == pytest.approx(140.0)  # the end-to-end rate keeps the drain
+    assert p.drain_steps == 8 and p.narrowed_steps is None  # these records never counted narrowed steps
+    narrowed = [attrs.evolve(b, narrowed_steps=n) for b, n in zip(batches, (4, 2), strict=True)]
+    assert batched_phase_summary(narrowed, wall_s=1.0, device_type="cpu").narrowed_steps == 6
     static = batched_phase_summary([record(4, 40, 10, 4, (100.0, 300.0))], wall_s=1.0, device_type="cpu")
     assert static.drain_ms is None and static.steady_output_tok_s is None and static.steady_pages_per_s is None
 
@@ -97,10 +100,11 @@ def test_report_section_renders_the_summary() -> None:
     static_md = render_report(attrs.evolve(summary, batches=static, batched_phase=None))
     assert "| TTFT of the batch (vision + prefill) | ms |" in static_md
     assert "all fills of a run" not in static_md
-    drained = [attrs.evolve(batches[0], drain_steps=2, drain_ms=100.0, drain_tokens=8)]
+    drained = [attrs.evolve(batches[0], drain_steps=2, drain_ms=100.0, drain_tokens=8, narrowed_steps=1)]
     phase = batched_phase_summary(drained, wall_s=0.5, device_type="cpu")
     md = render_report(attrs.evolve(summary, batches=drained, batched_phase=phase))
-    assert "|   drain (slots emptying after the last page started decoding) | 100.0 ms (20.00 %) |" in md
+    drain_row = "|   drain (slots emptying after the last page started decoding) | 100.0 ms (20.00 %);"
+    assert f"{drain_row} 2 decode steps, 1 of them on a narrower batch |" in md
     assert "|   steady state, drain left out: pages/s | 10.00 |" in md  # 4 pages / 0.4 s
     assert "|   steady state, drain left out: output tok/s | 80.0 |" in md  # (40 - 8) tokens / 0.4 s
     assert "n/a (no GPU (cpu)" in md

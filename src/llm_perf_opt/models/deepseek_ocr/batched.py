@@ -264,6 +264,7 @@ class BatchedGenerator:
         eos_token_id: int | None,
         no_repeat_ngram_size: int = 0,
         keep_logits: bool = False,
+        narrow_drain: bool = True,
     ) -> ContinuousResult:
         """Every page of ``source`` through ``slots`` continuously refilled sequence slots
         (:mod:`~llm_perf_opt.models.deepseek_ocr.continuous`); the static-batching :meth:`run` is kept beside it."""
@@ -275,6 +276,7 @@ class BatchedGenerator:
             eos_token_id=eos_token_id,
             no_repeat_ngram_size=no_repeat_ngram_size,
             keep_logits=keep_logits,
+            narrow_drain=narrow_drain,
         )
 
     def release_static(self) -> None:

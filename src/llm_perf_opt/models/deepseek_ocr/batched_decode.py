@@ -17,6 +17,7 @@ from torch import Tensor
 from llm_perf_opt.models.deepseek_ocr.context import ForwardContext, decode_key_mask
 from llm_perf_opt.models.deepseek_ocr.generation import banned_ngram_mask
 from llm_perf_opt.models.deepseek_ocr.graphs import capture_graph, first_argmax
+from llm_perf_opt.models.deepseek_ocr.kv_cache import StaticKVCache
 from llm_perf_opt.models.deepseek_ocr.model import DeepseekOCRForCausalLM
 from llm_perf_opt.models.deepseek_ocr.protocol import LanguageModel
 
@@ -47,11 +48,14 @@ class DecodeRows:
         matmul_attention: bool,
         expert_impl: str | None,
         no_repeat_ngram: int,
+        cache: StaticKVCache | None = None,
     ) -> None:
         dev, dtype = base.device, base.dtype
         self.lm, self.base = lm, base
         self.key = (rows, max_len, use_graph, no_repeat_ngram)
-        self.cache = base.new_cache(rows, max_len)
+        if cache is not None and (cache.batch, cache.max_len) != (rows, max_len):
+            raise ValueError(f"cache of {cache.batch} rows x {cache.max_len} does not fit {rows} x {max_len}")
+        self.cache = base.new_cache(rows, max_len) if cache is None else cache  # a given one: e.g. a view of rows
         self.tokens = torch.zeros((rows, 1), dtype=torch.long, device=dev)
         self.pos = torch.zeros(rows, dtype=torch.long, device=dev)
         self.eos = torch.full((1,), -1, dtype=torch.long, device=dev)

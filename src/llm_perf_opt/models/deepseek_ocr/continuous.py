@@ -29,6 +29,12 @@ width, below).
   read that many K/V columns for every slot.
 * **Vision of a refill** runs page by page (the first fill batches views across pages): a batched refill of k
   pages would be a new view shape for every k, and the fast path's vision graphs capture one per shape.
+* **The drain**: once the source is dry, slots only empty; a step over 64 rows of which a few still decode
+  still routes 64 tokens through the experts and runs every kernel over 64 rows.  When at most half the rows
+  hold a sequence, the run goes on with a step over the first ``n`` rows of the same cache (``n`` the power of
+  two covering them): the live rows' K/V and state move to the front, each row computes the same function
+  (:meth:`SlotDecodeStep.narrowed`, kept with its graphs for later runs).  ``ContinuousResult.step_rows``
+  records each step's width.
 * **Cache length**: sized from the first fill (longest prompt + cap, rounded up to ``LEN_QUANTUM``); a later page
   that needs more grows the cache (state copied, graph recaptured, the capture timed apart).
 
@@ -56,6 +62,7 @@ from llm_perf_opt.models.deepseek_ocr.batched_decode import DecodeRows
 from llm_perf_opt.models.deepseek_ocr.context import decode_key_mask
 from llm_perf_opt.models.deepseek_ocr.generation import banned_ngram_mask
 from llm_perf_opt.models.deepseek_ocr.graphs import capture_graph, first_argmax
+from llm_perf_opt.models.deepseek_ocr.kv_cache import StaticKVCache
 from llm_perf_opt.models.deepseek_ocr.model import DeepseekOCRForCausalLM
 from llm_perf_opt.models.deepseek_ocr.preprocess import PreparedPage
 from llm_perf_opt.models.deepseek_ocr.protocol import LanguageModel
@@ -104,6 +111,8 @@ class ContinuousResult:
     logits: list[list[Tensor]] | None = None  # only with keep_logits: float32 host rows, row 0 from the prefill
     # per page: the index in ``step_ms`` of the step that produced its second token (its slot's first step)
     first_step: list[int] = attrs.field(factory=list)
+    # per decode step: the rows of the step that ran it (``slots``, or fewer once the drain narrowed the batch)
+    step_rows: list[int] = attrs.field(factory=list)
 
     @property
     def pages(self) -> int:
@@ -185,6 +194,7 @@ class SlotDecodeStep(DecodeRows):
         matmul_attention: bool,
         expert_impl: str | None,
         no_repeat_ngram: int = 0,
+        cache: StaticKVCache | None = None,
     ) -> None:
         super().__init__(
             lm,
@@ -195,6 +205,7 @@ class SlotDecodeStep(DecodeRows):
             matmul_attention=matmul_attention,
             expert_impl=expert_impl,
             no_repeat_ngram=no_repeat_ngram,
+            cache=cache,
         )
         dev = base.device
         self.slots, self.max_len = slots, max_len
@@ -206,6 +217,10 @@ class SlotDecodeStep(DecodeRows):
         self.key_len = max_len
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.last_logits: Tensor | None = None  # the last step's logits [B, V] (read only with keep_logits)
+        # the drain's narrower steps over the first rows of this step's cache (:meth:`narrowed`), kept with their
+        # graphs on the full-width step (``root``) for later runs
+        self.root: SlotDecodeStep = self
+        self.narrower: dict[int, SlotDecodeStep] = {}
 
     @property
     def graph(self) -> torch.cuda.CUDAGraph | None:
@@ -311,8 +326,54 @@ class SlotDecodeStep(DecodeRows):
         torch.cuda.synchronize(dev)
         return time.perf_counter() - begin
 
+    def narrowed(self, rows: list[int]) -> SlotDecodeStep:
+        """The step over the first ``n`` rows of the same cache (``n``: the power of two covering ``rows``, less
+        than this step's width) holding the state of this step's ``rows``: row i there is ``rows[i]`` here (its
+        K/V moved to cache row i, in place), rows past ``len(rows)`` are empty.  For the drain: once no page is
+        left to refill with, a step over 64 rows of which 3 still decode reads every expert for 64 tokens and
+        keeps empty rows in every kernel; the narrower step computes each row's same function on fewer rows.
+        Narrower steps share the full-width step's cache (views) and are kept on it, graphs and all."""
+        width = 1 << max(0, math.ceil(math.log2(max(1, len(rows)))))
+        if not rows or width >= self.slots:
+            raise ValueError(f"narrowing {len(rows)} of {self.slots} rows must leave fewer rows")
+        root = self.root
+        small = root.narrower.get(width)
+        if small is None:
+            small = SlotDecodeStep(
+                self.lm,
+                self.base,
+                width,
+                root.max_len,
+                use_graph=root.use_graph,
+                matmul_attention=root.matmul_attention,
+                expert_impl=root.expert_impl,
+                no_repeat_ngram=root.ngram,
+                cache=root.cache.first_rows(width),
+            )
+            small.root = root
+            root.narrower[width] = small
+        idx = torch.tensor(rows, dtype=torch.long, device=self.pos.device)
+        n = len(rows)
+        for layer in range(self.cache.num_layers):  # a layer at a time: the gathered copy stays small
+            for buf in (self.cache.k, self.cache.v):
+                buf[layer, :n].copy_(buf[layer].index_select(0, idx))
+        mine = [small.tokens, small.pos, small.caps, small.done, small.by_eos, small.n_gen, small.out]
+        theirs = [self.tokens, self.pos, self.caps, self.done, self.by_eos, self.n_gen, self.out]
+        if small.hist is not None and self.hist is not None:
+            mine.append(small.hist)
+            theirs.append(self.hist)
+        for dst, src in zip(mine, theirs, strict=True):
+            dst[:n].copy_(src.index_select(0, idx))
+        small.eos.copy_(self.eos)
+        if width > n:
+            small.empty(list(range(n, width)))
+        small.key_len = self.key_len
+        return small
+
     def grown(self, max_len: int) -> SlotDecodeStep:
         """A step with a longer cache holding this one's state (K/V, positions, flags, outputs, histories)."""
+        if self.root is not self:
+            raise RuntimeError("a narrowed (drain) step is never grown: no page is left to fill it with")
         new = SlotDecodeStep(
             self.lm,
             self.base,
@@ -366,6 +427,7 @@ class _Run:
         self.steps_done = 0
         self.fills = 0
         self.first_step: list[int] = []
+        self.step_rows: list[int] = []  # the width of the step each decode step ran (narrower in the drain)
 
     def take(self, n: int) -> list[SlotRequest]:
         got: list[SlotRequest] = []
@@ -388,11 +450,14 @@ def run_continuous(
     eos_token_id: int | None,
     no_repeat_ngram_size: int = 0,
     keep_logits: bool = False,
+    narrow_drain: bool = True,
 ) -> ContinuousResult:
     """Decode every page of ``source`` greedily through ``slots`` continuously refilled slots (module doc).
 
     ``eos_token_id=None``: every sequence runs to its own cap.  ``keep_logits`` (testing) keeps every chosen
     token's float32 logits row on the host; it reads the device after every step and never uses a graph.
+    ``narrow_drain``: once the source is dry and at most half the step's rows hold a sequence, go on with a
+    step half as wide or narrower (:meth:`SlotDecodeStep.narrowed`); False keeps the full width to the end.
     """
     if slots < 1:
         raise ConfigError(f"continuous batching needs at least one slot, got {slots}")
@@ -460,7 +525,7 @@ def run_continuous(
         while any(p is not None for p in run.slot_page):
             assert step is not None
             step.set_eos(eos)
-            occupied = [b for b in range(slots) if run.slot_page[b] is not None]
+            occupied = [b for b in range(step.slots) if run.slot_page[b] is not None]
             # slots that ended (at their cap, eos, or at once after their prefill) are refilled before any step
             finished = _finished(run, step, occupied, eos is not None)
             if finished:
@@ -470,6 +535,8 @@ def run_continuous(
                 unfilled = [b for b in finished if run.slot_page[b] is None]
                 if unfilled:
                     step.empty(unfilled)
+                    if narrow_drain and run.exhausted:
+                        step = _narrow(run, step)
                 continue
             # rows whose cap allows more tokens (with eos some of them may already be done on the device: they
             # idle until the next check reads the flags)
@@ -495,17 +562,18 @@ def run_continuous(
                     marks.append(clock.mark())
                     if before is not None and run.logits is not None and step.last_logits is not None:
                         host = step.last_logits.float().cpu()
-                        for b in range(slots):
+                        for b in range(step.slots):
                             page = run.slot_page[b]
                             if before[b] and page is not None:
                                 run.logits[page].append(host[b].clone())
                 run.step_runs.append(marks)
+                run.step_rows += [step.slots] * n_steps
                 for b in live:
                     run.left[b] -= n_steps
                 run.steps_done += n_steps
         clock.synchronize()
     wall_s = time.perf_counter() - wall0 - run.capture_s
-    gen._slots = step
+    gen._slots = None if step is None else step.root  # the full-width step (its narrower ones hang on it)
     tokens = [t if isinstance(t, list) else [int(x) for x in t.tolist()] for t in run.tokens]
     vision_ms = sum(clock.elapsed_ms(a, b) for a, b, _ in run.fill_marks)
     prefill_ms = sum(clock.elapsed_ms(b, c) for _, b, c in run.fill_marks)
@@ -526,7 +594,23 @@ def run_continuous(
         graph_capture_s=run.capture_s,
         logits=run.logits,
         first_step=run.first_step,
+        step_rows=run.step_rows,
     )
+
+
+def _narrow(run: _Run, step: SlotDecodeStep) -> SlotDecodeStep:
+    """``step`` narrowed to the occupied slots when they are at most half its rows (the drain), the host's
+    per-slot records moved along (slot i of the narrower step is the i-th occupied one); else ``step``."""
+    rows = [b for b in range(step.slots) if run.slot_page[b] is not None]
+    if not rows or len(rows) > step.slots // 2:
+        return step
+    small = step.narrowed(rows)
+    pad = small.slots - len(rows)
+    run.slot_page = [run.slot_page[b] for b in rows] + [None] * pad
+    for name in ("left", "slot_cap", "slot_len", "slot_step"):
+        old: list[int] = getattr(run, name)
+        setattr(run, name, [old[b] for b in rows] + [0] * pad)
+    return small
 
 
 def _reach(run: _Run, occupied: list[int], after: int) -> int:

@@ -64,6 +64,15 @@ class StaticKVCache:
             dtype=param.dtype,
         )
 
+    def first_rows(self, n: int) -> StaticKVCache:
+        """A cache over batch rows ``0..n-1`` of this one: views, no copy (what it writes, this one holds).
+        Each layer's [n, heads, max_len, dim] stays contiguous, as the decode kernels need."""
+        if not 1 <= n <= self.batch:
+            raise ValueError(f"first_rows needs 1 <= n <= {self.batch}, got {n}")
+        view = object.__new__(StaticKVCache)
+        view.k, view.v, view.length = self.k[:, :n], self.v[:, :n], self.length
+        return view
+
     # ------------------------------------------------------------------ geometry
     @property
     def num_layers(self) -> int:

@@ -115,6 +115,32 @@ def test_without_kept_logits_same_tokens(
     # 2 steps -> 14, one slot left empty); the last slot ends at step 18
     assert len(res.step_ms) == 18
     assert res.first_step == [0, 0, 0, 3, 8, 8, 8, 12]
+    # the drain: at step 12 the source ran dry (one slot left empty), at 14 only the 10-step page is left:
+    # one row of three, so the last 4 steps run on a one-row step
+    assert res.step_rows == [3] * 14 + [1] * 4
+
+
+def test_drain_narrowing_keeps_every_token(
+    model: DeepseekOCRForCausalLM, pages: list[PreparedPage], plain: ContinuousResult
+) -> None:
+    """12 slots for 8 pages: the drain narrows 12 -> 8 -> 4 -> 2 -> 1 rows (each width the power of two covering
+    the sequences left, once they are at most half the rows), moving K/V and state each time; every page's
+    tokens and logits stay those of the page alone, and the same as a run that never narrows."""
+    gen = BatchedGenerator(model)
+    res = gen.run_continuous(requests(pages), 12, eos_token_id=None, keep_logits=True)
+    assert_matches_alone(model, pages, res, None, 0)
+    # by hand: decode steps per page 8 3 12 5 0 4 10 2, all 8 pages in the first fill (the source is dry), page 4
+    # ends at its prefill: 7 sequences on 12 rows.  Pages end after steps 2 (page 7: 6 left <= 12/2 -> 8 rows),
+    # 3 (page 1: 5 left > 4), 4 (page 5: 4 left -> 4 rows), 5 (page 3: 3 left > 2), 8 (page 0: 2 left -> 2 rows),
+    # 10 (page 6: 1 left -> 1 row) and 12 (page 2)
+    assert len(res.step_ms) == 12
+    assert res.step_rows == [12] * 2 + [8] * 2 + [4] * 4 + [2] * 2 + [1] * 2
+    assert gen._slots is not None and sorted(gen._slots.narrower) == [1, 2, 4, 8]  # kept for the next run
+    wide = gen.run_continuous(requests(pages), 12, eos_token_id=None, narrow_drain=False)
+    assert wide.tokens == res.tokens == plain.tokens
+    assert wide.step_rows == [12] * 12
+    again = gen.run_continuous(requests(pages), 12, eos_token_id=None)  # the kept narrower steps, reloaded
+    assert again.tokens == plain.tokens and again.step_rows == res.step_rows
 
 
 def test_eos_ends_slots_early(model: DeepseekOCRForCausalLM, pages: list[PreparedPage]) -> None:
