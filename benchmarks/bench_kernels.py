@@ -583,15 +583,32 @@ def render(
     return "\n".join(lines) + "\n"
 
 
+# moe_experts variants: the 2026-12-01 sweep (block_n 16..64 x block_h 4..32 x 4/8 warps, both kernels alike) found
+# the smallest blocks and 8 warps fastest at T = 1; these go below those, one kernel at a time (the other at its
+# default): the up kernel's gate/up rows per program, then the down kernel's hidden rows and its own warps
+UP_VARIANTS = [(4, 8), (8, 4), (8, 8), (16, 4), (16, 8)]  # (block_n, warps)
+DOWN_VARIANTS = [(1, 4), (1, 8), (2, 2), (2, 4), (2, 8), (4, 4), (4, 8)]  # (block_h, warps of the down kernel)
+
+
 def run_sweep(bench: Bench) -> list[str]:
     out = ["| op | T | config | triton µs | GB/s |", "| --- | ---: | --- | ---: | ---: |"]
     for tokens in (1, 4):
-        for bn in (16, 32, 64):
-            for bh in (4, 8, 16, 32):
-                for warps in (4, 8):
-                    r = bench.experts(tokens, block_n=bn, block_h=bh, num_warps=warps)
-                    cfg = f"block_n={bn} block_h={bh} warps={warps}"
-                    out.append(f"| moe_experts | {tokens} | {cfg} | {r.triton_us:.2f} | {r.gbps(r.triton_us):.0f} |")
+        r = bench.experts(tokens)
+        out.append(f"| moe_experts | {tokens} | defaults | {r.triton_us:.2f} | {r.gbps(r.triton_us):.0f} |")
+        variants = [
+            (f"up: block_n={bn} warps={w} (down: defaults)", dict(block_n=bn, num_warps=w)) for bn, w in UP_VARIANTS
+        ]
+        variants += [
+            (f"down: block_h={bh} warps={w} (up: defaults)", dict(block_h=bh, num_warps_down=w))
+            for bh, w in DOWN_VARIANTS
+        ]
+        for cfg, blocks in variants:
+            try:
+                r = bench.experts(tokens, **blocks)
+            except Exception as exc:  # a variant that cannot compile / launch is reported, not fatal
+                out.append(f"| moe_experts | {tokens} | {cfg} | failed: {type(exc).__name__} | |")
+                continue
+            out.append(f"| moe_experts | {tokens} | {cfg} | {r.triton_us:.2f} | {r.gbps(r.triton_us):.0f} |")
     for block_n in (32, 64, 128):
         r = bench.attention(1, block_n=block_n)
         out.append(f"| decode_attention | 1 | block_n={block_n} | {r.triton_us:.2f} | {r.gbps(r.triton_us):.0f} |")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call for the issue-9 measurements; STAGES picks what runs (default: all), in this order:
 #   tests   GPU tests (pytest -m gpu tests/gpu)
-#   kernels benchmarks/bench_kernels.py (Triton decode kernels vs the torch ops they replace)
+#   kernels benchmarks/bench_kernels.py (Triton decode kernels vs the torch ops they replace; KERNELS_ARGS=--sweep adds the block sweeps)
 #   fast    benchmarks/bench_fast.py (goals table: vendor HF, eager, fast in one process run)
 #   batched benchmarks/bench_batched.py (Base mode, batch 1/8/32/64, graph vs host decode)
 #   hooks   benchmarks/hook_overhead.py on the fast path (the stage hooks' host cost per call and share of prefill)
@@ -42,7 +42,7 @@ if has tests; then
   tail -3 "$OUT/gpu_tests.txt"
 fi
 if has kernels; then
-  python3 benchmarks/bench_kernels.py --out "$OUT" 2>&1 | tail -30
+  python3 benchmarks/bench_kernels.py --out "$OUT" ${KERNELS_ARGS:-} 2>&1 | tail -30
 fi
 if has fast; then
   VENDOR=()

@@ -1154,6 +1154,7 @@ def moe_experts(
     block_h: int | None = None,
     block_k_down: int | None = None,
     num_warps: int | None = None,
+    num_warps_down: int | None = None,
 ) -> Tensor:
     """Routed + always-on experts for a few tokens, in two GEMV kernels: [T, H] in ``x.dtype``.
 
@@ -1187,6 +1188,7 @@ def moe_experts(
     interpreter = x.device.type != "cuda"
     if num_warps is None:  # sweep (H200): 8 warps at T=1 (27 vs 33 us), 4 from T=2 on (62 vs 70 us at T=4)
         num_warps = 8 if n_tokens == 1 else 4
+    num_warps_down = num_warps_down or num_warps  # the down kernel's own (``bench_kernels.py --sweep``)
     auto = moe_block_sizes(n_tokens, n_slots, hidden, inter, _sm_count(x.device), interpreter, block_n, block_h)
     block_n, block_h = auto[0], auto[2]
     block_k_up = block_k_up or auto[1]
@@ -1229,7 +1231,7 @@ def moe_experts(
         BLOCK_H=block_h,
         BLOCK_K=block_k_down,
         EVEN_K=inter % block_k_down == 0,
-        num_warps=num_warps,
+        num_warps=num_warps_down,
     )
     return out
 
