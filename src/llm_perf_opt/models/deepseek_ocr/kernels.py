@@ -1069,9 +1069,10 @@ def moe_block_sizes(
 ) -> tuple[int, int, int, int]:
     """(block_n, block_k_up, block_h, block_k_down) of :func:`moe_experts`; given rows are kept.
 
-    GPU: 16 rows per program for up, 4 for down (the sweep's best at T=1 and T=4), then a reduction width
-    giving ~``TILE_ELEMS`` weights per tile and operand.  At T=1, 8 slots, H=1280, I=896 on 132 SMs: up
-    [16, 256] tiles on a 8x56 grid, down [4, 1024] tiles (896 masked) on 1x320.
+    GPU: 16 rows per program for up; for down 2 at T=1 and 4 from T=2 on (the sweeps' best: H200, 2026-12-01
+    and 2026-12-02, ``bench_kernels.py --sweep``), then a reduction width giving ~``TILE_ELEMS`` weights per tile
+    and operand.  At T=1, 8 slots, H=1280, I=896 on 132 SMs: up [16, 256] tiles on a 8x56 grid, down [2, 1024]
+    tiles (896 masked) on 1x640.
     The interpreter runs programs one after another with numpy: few, large tiles.
     """
     if interpreter:
@@ -1080,9 +1081,11 @@ def moe_block_sizes(
         tile = INTERPRETER_TILE_ELEMS
     else:
         # Measured (bench_kernels --sweep, H200, T=1 and T=4): the smallest row blocks tried (16 up, 4 down)
-        # were fastest at both T (T=4: 62 us vs 99 us with 64/16): more programs, more loads in flight.
+        # were fastest at both T (T=4: 62 us vs 99 us with 64/16): more programs, more loads in flight.  Below
+        # those (2026-12-02): up 4 / 8 rows lost; down 2 rows at 4 warps took T=1 from 28.0 to 23.6 us per layer
+        # (1 row: 23.9), T=4 unchanged (61.4 either way)
         block_n = block_n or 16
-        block_h = block_h or 4
+        block_h = block_h or (2 if n_tokens == 1 else 4)
         tile = TILE_ELEMS
     block_k_up = max(32, min(_pow2(hidden), tile // block_n))
     block_k_down = max(32, min(_pow2(inter), tile // block_h))
@@ -1186,9 +1189,10 @@ def moe_experts(
         raise ValueError(f"n_always must be in 0..{n_experts} and k + n_always > 0, got k={top_k}, {n_always}")
     n_slots = top_k + n_always
     interpreter = x.device.type != "cuda"
-    if num_warps is None:  # sweep (H200): 8 warps at T=1 (27 vs 33 us), 4 from T=2 on (62 vs 70 us at T=4)
-        num_warps = 8 if n_tokens == 1 else 4
-    num_warps_down = num_warps_down or num_warps  # the down kernel's own (``bench_kernels.py --sweep``)
+    # sweeps (H200): up 8 warps at T=1 (27 vs 33 us), 4 from T=2 on (62 vs 70 us at T=4); down 4 warps at
+    # every T (T=1 with its 2-row blocks: 23.6 vs 25.8 us at 8).  ``num_warps`` is the up kernel's.
+    num_warps = num_warps or (8 if n_tokens == 1 else 4)
+    num_warps_down = num_warps_down or 4
     auto = moe_block_sizes(n_tokens, n_slots, hidden, inter, _sm_count(x.device), interpreter, block_n, block_h)
     block_n, block_h = auto[0], auto[2]
     block_k_up = block_k_up or auto[1]
