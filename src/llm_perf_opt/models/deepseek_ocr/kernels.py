@@ -32,7 +32,8 @@ Design notes (target: H100/H200 with Triton >= 3.2; only masked loads/stores, re
   the launcher has specialised the pointers and H / I as multiples of 16); no ``tl.dot``, whose M >= 16
   tiles would mostly multiply padding;
 * block sizes are picked on the host (:func:`moe_block_sizes`, :func:`attention_splits`) so that a grid
-  has >= ~2 programs per SM at T = 1 with ~4096-element tiles (no register spills on sm_90); keyword
+  has >= ~2 programs per SM at T = 1 with ~4096-element tiles (no register spills on sm_90), and no attention
+  program streams more than :data:`KEYS_PER_SPLIT` keys (the continuous step's long rows); keyword
   arguments of :func:`moe_experts` / :func:`decode_attention` override them
   (``benchmarks/bench_kernels.py --sweep`` times variants, ``--sm90-check`` compiles without a GPU);
 * rounding: every place where the torch path materialises a bf16 tensor, the kernel rounds its float32
