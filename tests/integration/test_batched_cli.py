@@ -114,24 +114,31 @@ def test_dummy_weights_end_at_the_page_target_length(tmp_path: Path) -> None:
     assert "Simulated eos: 1 of 2 sequences ended at their page's target output length" in report
 
 
-def test_continuous_batching_phase(tmp_path: Path) -> None:
-    """The default batching: 4 pages with targets 2, 7, 3, 5 (cap 8) through 2 slots, one record per repeat;
-    pages prepared by the prefetcher, the phase summed up end to end."""
+TARGETS = {"a.png": 2, "b.png": 7, "c.png": 3, "d.png": 5}
+
+
+def _continuous_args(tmp_path: Path) -> list[str]:
+    """4 pages with targets 2, 7, 3, 5 (cap 8) plus one unreadable page, through 2 slots."""
     from PIL import Image
 
     root = tmp_path / "pages"
     root.mkdir()
-    targets = {"a.png": 2, "b.png": 7, "c.png": 3, "d.png": 5}
-    for i, name in enumerate(targets):
+    for i, name in enumerate(TARGETS):
         Image.new("RGB", (300 - 20 * i, 200 + 30 * i), (255, 255, 255)).save(root / name)
     Image.new("RGB", (10, 10)).save(root / "e.png")
     (root / "e.png").write_bytes(b"not a png")  # left out of the batched phase with a note, not a failed run
-    (root / "lengths.txt").write_text("".join(f"{k} {v}\n" for k, v in targets.items()) + "e.png 4\n")
-    run_dir = tmp_path / "run"
+    (root / "lengths.txt").write_text("".join(f"{k} {v}\n" for k, v in TARGETS.items()) + "e.png 4\n")
     small = [a for a in SMALL if not a.startswith(("dataset.", "infer.max_new_tokens"))]
-    args = [*small, "dataset=folder", f"dataset.root={root}", "dataset.lengths_file=lengths.txt",
-            "infer.max_new_tokens=8", "infer.batch_size=2", "repeats=2", "per_page_pages=1"]  # fmt: skip
-    result = run_cli(args, run_dir=run_dir)
+    return [*small, "dataset=folder", f"dataset.root={root}", "dataset.lengths_file=lengths.txt",
+            "infer.max_new_tokens=8", "infer.batch_size=2", "per_page_pages=1"]  # fmt: skip
+
+
+def test_continuous_batching_phase(tmp_path: Path) -> None:
+    """The default batching: 4 pages with targets 2, 7, 3, 5 (cap 8) through 2 slots, one record per repeat;
+    pages prepared by the prefetcher, the phase summed up end to end."""
+    targets = TARGETS
+    run_dir = tmp_path / "run"
+    result = run_cli([*_continuous_args(tmp_path), "repeats=2"], run_dir=run_dir)
     assert result.returncode == 0, result.describe()
     s = read_summary(run_dir / "metrics.json")
     assert [(p.page_id, p.repeat) for p in s.pages] == [("a.png", 0), ("a.png", 1)]  # per-page: the first page only
@@ -164,3 +171,15 @@ def test_continuous_batching_phase(tmp_path: Path) -> None:
     e2e = s.batch_aggregates["e2e_per_page_ms"]
     want = [(b.page_wait_ms + b.prefill_ms + b.decode_ms) / 4 for b in s.batches if b.page_wait_ms is not None]
     assert sorted([e2e.min, e2e.max]) == pytest.approx(sorted([min(want), max(want)]))
+
+
+def test_continuous_batching_without_narrowing(tmp_path: Path) -> None:
+    """``infer.narrow_drain=false``: the same steps and tokens at full width to the end (nothing narrowed)."""
+    run_dir = tmp_path / "run"
+    result = run_cli([*_continuous_args(tmp_path), "repeats=1", "infer.narrow_drain=false"], run_dir=run_dir)
+    assert result.returncode == 0, result.describe()
+    (b,) = read_summary(run_dir / "metrics.json").batches
+    assert (b.decode_steps, b.drain_steps, b.narrowed_steps) == (7, 4, 0)
+    assert b.output_tokens == sum(TARGETS.values())
+    report = (run_dir / "report.md").read_text()
+    assert "4 decode steps, 0 of them on a narrower batch" in report

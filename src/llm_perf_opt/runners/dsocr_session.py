@@ -311,6 +311,7 @@ class DeepSeekOCRSession:
                 slots,
                 eos_token_id=None if ignore_eos else self.backend.config.language.eos_token_id,
                 no_repeat_ngram_size=self.infer.no_repeat_ngram_size,
+                narrow_drain=self.infer.narrow_drain,
             )
         wait_ms = res.page_wait_s * 1e3
         total_s = res.total_s

@@ -362,6 +362,10 @@ class InferSettings:
     # Batched phase: continuous = batch_size sequence slots, each refilled with the next page as its sequence ends
     # (the batch stays full with mixed lengths); static = batches of batch_size pages run until the longest ends
     batching: str = attrs.field(default="continuous", validator=_choice(("continuous", "static")))
+    # Continuous batching's drain (no page left to refill with): once at most half the slots hold a sequence, go on
+    # with a step over the power of two of rows covering them (same tokens, fewer rows per kernel); false keeps
+    # the full width to the end (to measure what narrowing saves)
+    narrow_drain: bool = attrs.field(default=True, validator=_boolean)
     fast: FastSettings = attrs.field(factory=FastSettings)
     # name of the vendor resolution mode this preset stands for (a label; its geometry is preprocess_override)
     mode: str | None = attrs.field(default=None, validator=_text(optional=True))
