@@ -326,6 +326,20 @@ class SlotDecodeStep(DecodeRows):
         torch.cuda.synchronize(dev)
         return time.perf_counter() - begin
 
+    def _like(self, slots: int, max_len: int, cache: StaticKVCache | None = None) -> SlotDecodeStep:
+        """A step of this one's model and settings for (``slots``, ``max_len``), on ``cache`` when given."""
+        return SlotDecodeStep(
+            self.lm,
+            self.base,
+            slots,
+            max_len,
+            use_graph=self.use_graph,
+            matmul_attention=self.matmul_attention,
+            expert_impl=self.expert_impl,
+            no_repeat_ngram=self.ngram,
+            cache=cache,
+        )
+
     def narrowed(self, rows: list[int]) -> SlotDecodeStep:
         """The step over the first ``n`` rows of the same cache (``n``: the power of two covering ``rows``, less
         than this step's width) holding the state of this step's ``rows``: row i there is ``rows[i]`` here (its
@@ -339,17 +353,7 @@ class SlotDecodeStep(DecodeRows):
         root = self.root
         small = root.narrower.get(width)
         if small is None:
-            small = SlotDecodeStep(
-                self.lm,
-                self.base,
-                width,
-                root.max_len,
-                use_graph=root.use_graph,
-                matmul_attention=root.matmul_attention,
-                expert_impl=root.expert_impl,
-                no_repeat_ngram=root.ngram,
-                cache=root.cache.first_rows(width),
-            )
+            small = root._like(width, root.max_len, cache=root.cache.first_rows(width))
             small.root = root
             root.narrower[width] = small
         idx = torch.tensor(rows, dtype=torch.long, device=self.pos.device)
@@ -374,16 +378,7 @@ class SlotDecodeStep(DecodeRows):
         """A step with a longer cache holding this one's state (K/V, positions, flags, outputs, histories)."""
         if self.root is not self:
             raise RuntimeError("a narrowed (drain) step is never grown: no page is left to fill it with")
-        new = SlotDecodeStep(
-            self.lm,
-            self.base,
-            self.slots,
-            max_len,
-            use_graph=self.use_graph,
-            matmul_attention=self.matmul_attention,
-            expert_impl=self.expert_impl,
-            no_repeat_ngram=self.ngram,
-        )
+        new = self._like(self.slots, max_len)
         old = self.max_len
         new.cache.k[:, :, :, :old].copy_(self.cache.k)
         new.cache.v[:, :, :, :old].copy_(self.cache.v)
