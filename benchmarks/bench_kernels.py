@@ -435,7 +435,10 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
             h_ptr=bf, idx_ptr=i64, wts_ptr=f32, w2_ptr=bf, res_ptr=bf, out_ptr=bf, H="i32", INTER="i32", N_EXPERTS="i32"
         )
         common = dict(TOP_K=k, N_ALWAYS=n_always)
-        specs.append(("_moe_up_kernel", up, {**common, "BLOCK_N": bn, "BLOCK_K": bku, "EVEN_K": hid % bku == 0}, 4))
+        up_warps = 8 if tokens == 1 else 4  # moe_experts' defaults (the down kernel: 4 at every T)
+        specs.append(
+            ("_moe_up_kernel", up, {**common, "BLOCK_N": bn, "BLOCK_K": bku, "EVEN_K": hid % bku == 0}, up_warps)
+        )
         specs.append(
             (
                 "_moe_down_kernel",
