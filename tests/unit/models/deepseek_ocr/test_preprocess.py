@@ -318,6 +318,27 @@ def test_deployment_presets_tile_grids_and_tokens(compose_cfg, preset: str, widt
 
 
 # ---------------------------------------------------------------- uint8 views, normalised on the device
+@pytest.mark.parametrize(("width", "height"), [(3, 2), (1, 1), (1, 5), (4, 1)])
+def test_to_uint8_channels_first_by_hand(width: int, height: int) -> None:
+    """Pixel (x, y) set to (r, g, b) = (x, y, 7x + 11y + 5 mod 256) with putpixel: channel c of the tensor at
+    [y, x] holds exactly that value, in a fresh writable contiguous [3, H, W] uint8 tensor (1-pixel sides too)."""
+    from llm_perf_opt.models.deepseek_ocr.preprocess import to_uint8
+
+    image = Image.new("RGB", (width, height))
+    for y in range(height):
+        for x in range(width):
+            image.putpixel((x, y), (x, y, (7 * x + 11 * y + 5) % 256))
+    got = to_uint8(image)
+    assert got.dtype == torch.uint8 and tuple(got.shape) == (3, height, width) and got.is_contiguous()
+    for y in range(height):
+        for x in range(width):
+            assert got[:, y, x].tolist() == [x, y, (7 * x + 11 * y + 5) % 256]
+    got[0, 0, 0] = 200  # writable, and not PIL's buffer
+    assert image.getpixel((0, 0))[0] == 0
+    gray = to_uint8(Image.new("L", (2, 2), 9))  # other modes go through RGB
+    assert gray.shape == (3, 2, 2) and bool((gray == 9).all())
+
+
 def test_normalize_pixels_equals_independent_float32_formula() -> None:
     """Every uint8 value, each channel its own mean/std: bit-identical to numpy's float32 (x/255 - m)/s (IEEE
     correctly rounded steps, the same on the device)."""
