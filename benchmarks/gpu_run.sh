@@ -9,6 +9,7 @@
 #   cbatch  quick check of continuous batching: its GPU tests and bench_batched static vs continuous (Base, batch 64)
 #   goals18 issue 18's goals run through the real CLI: Gundam, no_repeat_ngram_size=20, mixed page sizes, log-normal
 #           output lengths (median 1,000), batch 64, preprocessing included; continuous then static, and `compare`
+#           (G18_MODES="continuous continuous-wide" measures the drain's narrowing: on vs infer.narrow_drain=false)
 #   samattn benchmarks/bench_sam_attention.py (SAM's global attention: augmented flash vs FlexAttention, op and tower)
 #   v1v2    benchmarks/bench_v1_v2.py (v1 Gundam vs DeepSeek-OCR-2 per stage, transformers' native class as the
 #           baseline column, native-vs-transformers logits on full-size dummy weights)
@@ -83,15 +84,21 @@ if has goals18; then
        'dataset.sizes=[[1224,1584],[1700,2200],[850,1100],[1584,1224],[2480,3508],[595,842]]'
        dataset.target_lengths=lognormal dataset.target_median_tokens=1000 infer.max_new_tokens=4096
        repeats=1 per_page_pages=2 profiling.rep_max_new_tokens=32 progress=false)
-  rm -rf /tmp/goals18-continuous /tmp/goals18-static
+  rm -rf /tmp/goals18-continuous /tmp/goals18-static /tmp/goals18-continuous-wide
+  # modes: continuous, static, and continuous-wide (continuous without the drain's narrowing: what it saves)
   for mode in ${G18_MODES:-continuous static}; do
-    python3 -m llm_perf_opt.runners.llm_profile_runner "${G18[@]}" infer.batching=$mode \
+    MODE_ARGS=(infer.batching=${mode%-wide})
+    [ "$mode" = continuous-wide ] && MODE_ARGS+=(infer.narrow_drain=false)
+    python3 -m llm_perf_opt.runners.llm_profile_runner "${G18[@]}" "${MODE_ARGS[@]}" \
       hydra.run.dir=/tmp/goals18-$mode 2>&1 | tail -3
     cp /tmp/goals18-$mode/report.md "$OUT/goals18-$mode-report.md"
     cp /tmp/goals18-$mode/metrics.json "$OUT/goals18-$mode-metrics.json"
   done
   [ -d /tmp/goals18-static ] && [ -d /tmp/goals18-continuous ] &&
     python3 -m llm_perf_opt.cli compare /tmp/goals18-static /tmp/goals18-continuous -o "$OUT/goals18-compare.md" > /dev/null
+  [ -d /tmp/goals18-continuous-wide ] && [ -d /tmp/goals18-continuous ] &&
+    python3 -m llm_perf_opt.cli compare /tmp/goals18-continuous-wide /tmp/goals18-continuous \
+      -o "$OUT/goals18-compare-narrowing.md" > /dev/null
 fi
 if has samattn; then
   python3 benchmarks/bench_sam_attention.py --out "$OUT" 2>&1 | grep -v '^\[' | tail -40
