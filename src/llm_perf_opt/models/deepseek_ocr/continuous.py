@@ -347,7 +347,7 @@ class SlotDecodeStep(DecodeRows):
         left to refill with, a step over 64 rows of which 3 still decode reads every expert for 64 tokens and
         keeps empty rows in every kernel; the narrower step computes each row's same function on fewer rows.
         Narrower steps share the full-width step's cache (views) and are kept on it, graphs and all."""
-        width = 1 << max(0, math.ceil(math.log2(max(1, len(rows)))))
+        width = 1 << (len(rows) - 1).bit_length()  # the power of two covering them: 1, 2, 4, ...
         if not rows or width >= self.slots:
             raise ValueError(f"narrowing {len(rows)} of {self.slots} rows must leave fewer rows")
         root = self.root
@@ -361,12 +361,8 @@ class SlotDecodeStep(DecodeRows):
         for layer in range(self.cache.num_layers):  # a layer at a time: the gathered copy stays small
             for buf in (self.cache.k, self.cache.v):
                 buf[layer, :n].copy_(buf[layer].index_select(0, idx))
-        mine = [small.tokens, small.pos, small.caps, small.done, small.by_eos, small.n_gen, small.out]
-        theirs = [self.tokens, self.pos, self.caps, self.done, self.by_eos, self.n_gen, self.out]
-        if small.hist is not None and self.hist is not None:
-            mine.append(small.hist)
-            theirs.append(self.hist)
-        for dst, src in zip(mine, theirs, strict=True):
+        # every per-row buffer: the advancing state and the caps (one n-gram size, so both lists match)
+        for dst, src in zip([small.caps, *small._state()], [self.caps, *self._state()], strict=True):
             dst[:n].copy_(src.index_select(0, idx))
         small.eos.copy_(self.eos)
         if width > n:
