@@ -186,8 +186,6 @@ def batched_phase_summary(batches: list[BatchRecord], wall_s: float, device_type
     drain_ms = sum(ms for ms, _ in known) if len(known) == len(drains) else None
     steady_ms = wall_ms - drain_ms if drain_ms is not None else 0.0
     steady_tokens = tokens - sum(n for _, n in known)
-    drain_steps = [b.drain_steps for b in batches]
-    narrowed = [b.narrowed_steps for b in batches]
     return BatchedPhase(
         batching=batches[0].batching,
         slots=max(b.batch for b in batches),
@@ -204,14 +202,20 @@ def batched_phase_summary(batches: list[BatchRecord], wall_s: float, device_type
         drain_ms=drain_ms,
         steady_pages_per_s=1e3 * pages / steady_ms if steady_ms > 0 else None,
         steady_output_tok_s=1e3 * steady_tokens / steady_ms if steady_ms > 0 else None,
-        drain_steps=sum(n for n in drain_steps if n is not None) if None not in drain_steps else None,
-        narrowed_steps=sum(n for n in narrowed if n is not None) if None not in narrowed else None,
+        drain_steps=_total([b.drain_steps for b in batches]),
+        narrowed_steps=_total([b.narrowed_steps for b in batches]),
         gpu_busy_share=stage_ms / wall_ms if gpu and wall_ms > 0 else None,
         gpu_busy_unavailable=None
         if gpu
         else f"no GPU ({device_type}): the stages run on the host, so their time is wall time and a busy share "
         "would say nothing",
     )
+
+
+def _total(counts: list[int | None]) -> int | None:
+    """The sum when every record has the count; None when one lacks it (records written before it was kept)."""
+    known = [n for n in counts if n is not None]
+    return sum(known) if len(known) == len(counts) else None
 
 
 def batch_size_warning(batch_size: int, n_pages: int) -> str:
