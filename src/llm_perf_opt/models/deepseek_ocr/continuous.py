@@ -27,8 +27,10 @@ width, below).
   the ``LEN_QUANTUM`` bucket covering it for the next run of steps; one graph per bucket, captured on first use.
   With mixed lengths the cache is sized for the longest page, and attending over all of it every step would
   read that many K/V columns for every slot.
-* **Vision of a refill** runs page by page (the first fill batches views across pages): a batched refill of k
-  pages would be a new view shape for every k, and the fast path's vision graphs capture one per shape.
+* **Vision of a refill** runs page by page (the first fill batches views across pages).  This was chosen when a
+  batched refill of k pages meant a new compiled vision shape for every k; since the fast path cuts views into
+  warmed power-of-two chunks (``batched_vision.view_chunks``) that reason is gone, and batching a refill's views
+  is the untried, unmeasured alternative.
 * **The drain**: once the source is dry, slots only empty; a step over 64 rows of which a few still decode
   still routes 64 tokens through the experts and runs every kernel over 64 rows.  When at most half the rows
   hold a sequence, the run goes on with a step over the first ``n`` rows of the same cache (``n`` the power of
@@ -478,8 +480,8 @@ def run_continuous(
         if step is None or need > step.max_len:
             step = _step_for(gen, step, slots, cache_len_for(need), path == "graph", no_repeat_ngram_size)
         t0 = clock.mark()
-        # the first fill batches its views across pages; a refill (usually a few pages) runs vision page by page,
-        # so its view shapes are single pages' (which a warm-up captures) rather than a new shape for each count
+        # the first fill batches its views across pages; a refill (usually a few pages) runs vision page by page
+        # (see the module doc: measured this way, the batched alternative is not)
         first_fill = run.fills == 0
         features = gen.encode_pages(pages) if first_fill else [f for p in pages for f in gen.encode_pages([p])]
         run.fills += 1
