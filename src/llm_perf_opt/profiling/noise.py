@@ -14,10 +14,10 @@ import statistics
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from llm_perf_opt.results.types import HostLoad, MeasurementQuality, PageRecord, RunawaySummary
+from llm_perf_opt.results.types import HostLoad, MeasurementQuality, PageRecord, RunawaySummary, probe_shift
 
 # Thresholds of the verdict.  A page's repeats of one stage should agree within a few percent on an idle
 # machine (CUDA events: < 2 %; host clock on a quiet CPU: < 5 %); 15 % is well past both.
@@ -35,6 +35,11 @@ THROTTLE_NOISY = {
     "hw_thermal_slowdown",
     "hw_power_brake_slowdown",
 }
+# The host speed probe: a fixed CPU workload timed at the start and the end of a run.  Its trials agree within a
+# few percent on a quiet host; a fifth slower at the end means the host changed speed under the run.
+PROBE_SHIFT_NOISY = 0.20
+PROBE_N, PROBE_MATMULS, PROBE_TRIALS = 192, 64, 5
+PROBE_WORK = f"{PROBE_MATMULS} fp32 {PROBE_N}×{PROBE_N} matmuls on the run's torch threads, median of {PROBE_TRIALS}"
 # Repetition loop: the last REPEAT_WINDOW tokens are one block of at most REPEAT_MAX_PERIOD tokens, repeated.
 REPEAT_WINDOW = 48
 REPEAT_MAX_PERIOD = 16
@@ -90,10 +95,31 @@ def _own_cpu_s() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-class HostLoadSampler:
-    """Samples load average and other processes' CPU share on our cores every ``interval_s`` (a thread)."""
+def host_probe_ms(timer: Callable[[], float] = time.perf_counter, trials: int = PROBE_TRIALS) -> float:
+    """Median ms of a fixed CPU workload (``PROBE_WORK``): the host's speed, independent of the model.
 
-    def __init__(self, interval_s: float = 0.5) -> None:
+    A chain of matmuls by a matrix whose every entry is 1/N keeps every value at 1/N (no growth, no denormals),
+    so each trial does the same arithmetic on the same data."""
+    import torch
+
+    n = PROBE_N
+    a = torch.full((n, n), 1.0 / n, dtype=torch.float32)
+    times = []
+    for _ in range(trials):
+        t0 = timer()
+        x = a
+        for _ in range(PROBE_MATMULS):
+            x = x @ a
+        float(x[0, 0])  # the result is used: nothing is left pending when the clock stops
+        times.append(1e3 * (timer() - t0))
+    return statistics.median(times)
+
+
+class HostLoadSampler:
+    """Samples load average and other processes' CPU share on our cores every ``interval_s`` (a thread), and
+    times the host speed probe when it starts and when it stops (``probe=None``: no probe)."""
+
+    def __init__(self, interval_s: float = 0.5, probe: Callable[[], float] | None = host_probe_ms) -> None:
         self.interval_s = interval_s
         try:
             self.cpus = set(os.sched_getaffinity(0))
@@ -105,6 +131,9 @@ class HostLoadSampler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.reason: str | None = None
+        self.probe = probe
+        self.probe_ms_start: float | None = None
+        self.probe_ms_end: float | None = None
 
     def _sample_loop(self) -> None:
         prev = (time.perf_counter(), proc_stat_busy_s(self.cpus, self.clk_tck), _own_cpu_s())
@@ -122,6 +151,8 @@ class HostLoadSampler:
             prev = now
 
     def start(self) -> HostLoadSampler:
+        if self.probe is not None:
+            self.probe_ms_start = self.probe()
         self._thread = threading.Thread(target=self._sample_loop, name="host-load", daemon=True)
         self._thread.start()
         return self
@@ -130,9 +161,11 @@ class HostLoadSampler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=2 * self.interval_s + 1)
+        if self.probe is not None and self.probe_ms_end is None and self.probe_ms_start is not None:
+            self.probe_ms_end = self.probe()
 
     def summary(self) -> HostLoad | None:
-        if not self.load_1m and not self.other_share:
+        if not self.load_1m and not self.other_share and self.probe_ms_start is None:
             return None
         return HostLoad(
             usable_cores=len(self.cpus),
@@ -143,6 +176,9 @@ class HostLoadSampler:
             other_cpu_share_mean=statistics.fmean(self.other_share) if self.other_share else None,
             other_cpu_share_max=max(self.other_share) if self.other_share else None,
             note=self.reason,
+            probe_ms_start=self.probe_ms_start,
+            probe_ms_end=self.probe_ms_end,
+            probe_work=PROBE_WORK if self.probe_ms_start is not None else None,
         )
 
 
@@ -212,6 +248,12 @@ def assess_quality(
             )
         if host.load_1m_mean is not None and host.load_1m_mean > host.usable_cores:
             reasons.append(f"load average {host.load_1m_mean:.1f} > {host.usable_cores} usable cores")
+        shift = probe_shift(host.probe_ms_start, host.probe_ms_end)
+        if shift is not None and abs(shift) > PROBE_SHIFT_NOISY:
+            reasons.append(
+                f"the host's speed changed during the run: its CPU probe took {host.probe_ms_start:.2f} ms at the "
+                f"start and {host.probe_ms_end:.2f} ms at the end ({100 * shift:+.0f} %)"
+            )
     bad = sorted(set(throttle_reasons) & THROTTLE_NOISY)
     if bad:
         reasons.append("GPU clocks lowered during the run: " + ", ".join(bad))

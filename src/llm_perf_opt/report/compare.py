@@ -8,13 +8,18 @@ by class:
   significant only when all three hold: a two-sided Mann-Whitney U test gives p < ``--alpha`` (rank-based: no
   normality assumed, an outlier counts once), the runs' 95 % intervals of the median do not overlap (when both
   exist), and the medians differ by at least the effect floor: ``--min-effect`` (relative; tripled when either
-  run is noisy), and never less than twice the stage's repeat-to-repeat CV in either run.  Two runs of one
-  config differ by load drift, not by a shifted distribution: the floor keeps the gate quiet on them.
+  run is noisy), and never less than twice the stage's repeat-to-repeat CV in either run, nor (for what the
+  host's speed sets: every stage of a CPU run, host-side time of a GPU run) ``HOST_FLOOR_FACTOR`` × the change
+  of the host's own speed between the runs, by the fixed CPU probe each run times at its start and end.  Two
+  runs of one config differ by load drift, not by a shifted distribution: the floor keeps the gate quiet on them.
 - memory (one value per run: the max over pages): a relative ``--mem-threshold``.
 - workload descriptors (tokens generated, prompt length): shown, never judged.
 
 Exit status: 0 no significant regression, 1 at least one (usable as a gate), 2 unusable input (not a run
-directory, another schema major, no measured page, a null figure, or workloads that differ).
+directory, another schema major, no measured page, a null figure, or workloads that differ) and also 2 when the
+runs cannot be judged: no regression, but the host's own speed differed between them by more than
+``HOST_SHIFT_LIMIT``, so what it sets was judged only against a floor widened by that change (a gate can re-run
+both on a quiet host).  ``make compare`` can pass on 0, 1 and 2 only, which is why "cannot judge" shares 2.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import cattrs
 from scipy import stats as sps
 
 from llm_perf_opt.results.serialize import SchemaError, read_summary
-from llm_perf_opt.results.types import RunSummary
+from llm_perf_opt.results.types import HostLoad, RunSummary, probe_shift
 
 MetricClass = Literal["latency", "throughput", "memory", "workload"]
 
@@ -187,15 +192,58 @@ def _cv(s: RunSummary, metric: str) -> float:
     return float(cv.get(metric, cv.get(CV_OF.get(metric, ""), 0.0)))
 
 
-# Host-only work (PIL decoding and tiling): on a host the noise sampler found contended it moves with the other
-# processes' load (35 % between two same-config runs on a loaded 2-core box), so it gets no verdict there.
-HOST_SIDE = ("preprocess_ms",)
+# Host-only work (PIL decoding and tiling), and the end-to-end time that includes it: on a host the noise sampler
+# found contended it moves with the other processes' load (preprocess 35 % between two same-config runs on a
+# loaded 2-core box; with one busy process beside it, 10× at the median and e2e 4.7×), so no verdict there.
+HOST_SIDE = ("preprocess_ms", "e2e_ms")
+
+
+def _hosts(a: RunSummary, b: RunSummary) -> tuple[HostLoad, HostLoad] | None:
+    """Both runs' host records when both timed the host speed probe; None otherwise (older runs)."""
+    ha = a.quality.host if a.quality is not None else None
+    hb = b.quality.host if b.quality is not None else None
+    if ha is None or hb is None or ha.probe_ms is None or hb.probe_ms is None:
+        return None
+    return ha, hb
+
+
+def host_shift(a: RunSummary, b: RunSummary) -> float | None:
+    """How much slower (+) or faster (−) B's host ran than A's, by each run's fixed CPU probe; None when a run
+    has no probe."""
+    hosts = _hosts(a, b)
+    return probe_shift(hosts[0].probe_ms, hosts[1].probe_ms) if hosts is not None else None
+
+
+# The host's own speed, by the fixed CPU probe each run times at its start and end.  Below HOST_SHIFT_SHOWN the
+# two hosts ran alike (the probe's trials agree within ~3 % on a quiet box).  Above it, a change of what the host
+# sets must exceed HOST_FLOOR_FACTOR × the shift to be called one: on the loaded 2-core box, one busy process
+# moved the probe +72 % and the model's stages +14 % to +161 % (0.2-2.2× the shift).  Above HOST_SHIFT_LIMIT a run
+# with nothing beyond that floor is inconclusive (exit 2), not "no regression": smaller ones cannot be seen.
+HOST_SHIFT_SHOWN = 0.05
+HOST_FLOOR_FACTOR = 3.0
+HOST_SHIFT_LIMIT = 0.15
+HOST_DIFFERS = "no verdict (host speed"
+
+
+def host_differs(a: RunSummary, b: RunSummary) -> bool:
+    shift = host_shift(a, b)
+    return shift is not None and abs(shift) > HOST_SHIFT_LIMIT
+
+
+def host_bound(a: RunSummary, b: RunSummary, metric: str) -> bool:
+    """Does the host's own speed set ``metric``?  Host-side work always; on CPU runs every timed stage (a GPU
+    run's stages are timed on the device, whose clocks the throttle reasons cover)."""
+    return metric in HOST_SIDE or (a.hardware.device == "cpu" and b.hardware.device == "cpu")
 
 
 def effect_floor(a: RunSummary, b: RunSummary, metric: str, th: Thresholds) -> float:
-    """Smallest relative change of the median that can be called a change for ``metric``."""
+    """Smallest relative change of the median that can be called a change for ``metric``: the configured
+    effect (tripled when a run is noisy), twice the stage's repeat-to-repeat CV in either run, and, where the
+    host sets the metric, ``HOST_FLOOR_FACTOR`` × the host's own speed change between the runs."""
     base = th.min_effect * (th.noisy_factor if _is_noisy(a) or _is_noisy(b) else 1.0)
-    return max(base, 2 * _cv(a, metric), 2 * _cv(b, metric))
+    shift = host_shift(a, b) if host_bound(a, b, metric) else None
+    host = HOST_FLOOR_FACTOR * abs(shift) if shift is not None and abs(shift) >= HOST_SHIFT_SHOWN else 0.0
+    return max(base, 2 * _cv(a, metric), 2 * _cv(b, metric), host)
 
 
 # The modules DeepSeek-OCR's hooks time, by record slot; a model with other modules says so in its stage_names.
@@ -255,7 +303,7 @@ def diff(a: RunSummary, b: RunSummary, th: Thresholds | None = None, judge: bool
             significant = abs(rel) > th.mem_threshold
             verdict = _direction(delta, lower_better=True) if significant else f"within ±{100 * th.mem_threshold:g} %"
         elif metric in HOST_SIDE and (_is_noisy(a) or _is_noisy(b)):
-            verdict = "no verdict (host-side time, a run is noisy)"
+            verdict = "no verdict (includes host-side time, a run is noisy)"
         else:
             xa, xb = _samples(a, metric), _samples(b, metric)
             if len(xa) < 3 or len(xb) < 3:
@@ -265,7 +313,15 @@ def diff(a: RunSummary, b: RunSummary, th: Thresholds | None = None, judge: bool
                 apart = a_ci is None or b_ci is None or a_ci[1] < b_ci[0] or b_ci[1] < a_ci[0]
                 big = abs(delta) >= effect_floor(a, b, metric, th) * abs(va) if va else delta != 0
                 significant = p_value < th.alpha and apart and big
-                verdict = _direction(delta, lower_better=cls == "latency") if significant else "within noise"
+                if significant:
+                    verdict = _direction(delta, lower_better=cls == "latency")
+                elif host_differs(a, b) and host_bound(a, b, metric):
+                    floor = effect_floor(a, b, metric, th)
+                    verdict = (
+                        f"{HOST_DIFFERS} {100 * (host_shift(a, b) or 0.0):+.0f} % in B: ±{100 * floor:.0f} % unseen)"
+                    )
+                else:
+                    verdict = "within noise"
         out.append(Delta(metric, unit, cls, va, vb, delta, pct, significant, verdict, p_value, a_ci, b_ci, integer))
     return out
 
@@ -315,7 +371,8 @@ def render(a_path: Path, a: RunSummary, b_path: Path, b: RunSummary, th: Thresho
             "**Verdict: workloads differ** — " + "; ".join(differs) + ". The runs measured different work, so no "
             "metric is judged (exit 2); compare runs of the same pages, token cap and decoding rules.\n"
         )
-    lines += ["## Measurement quality\n", f"- A: {_quality(a)}", f"- B: {_quality(b)}", ""]
+    lines += ["## Measurement quality\n", f"- A: {_quality(a)}", f"- B: {_quality(b)}"]
+    lines += [_host_speed_line(a, b), ""]
     noisy = _is_noisy(a) or _is_noisy(b)
     effect = th.min_effect * (th.noisy_factor if noisy else 1.0)
     lines += [
@@ -324,7 +381,9 @@ def render(a_path: Path, a: RunSummary, b_path: Path, b: RunSummary, th: Thresho
         f"[95 % interval of the median]: significant when Mann-Whitney p < {th.alpha:g}, the intervals do not "
         f"overlap and the medians differ by ≥ {100 * effect:g} %"
         + (f" (×{th.noisy_factor:g} because a run is noisy)" if noisy else "")
-        + " or twice the stage's repeat-to-repeat CV in either run, whichever is larger"
+        + " or twice the stage's repeat-to-repeat CV in either run"
+        + (f" or {HOST_FLOOR_FACTOR:g}× the host's speed change (above)" if host_shift(a, b) is not None else "")
+        + ", whichever is larger"
         + f". Memory compares the peak (max over pages) against ±{100 * th.mem_threshold:g} %. Workload "
         "descriptors are shown, not judged.\n",
         "| metric | class | unit | A | B | Δ | Δ % | p | verdict |",
@@ -340,13 +399,43 @@ def render(a_path: Path, a: RunSummary, b_path: Path, b: RunSummary, th: Thresho
         )
     lines += _batched_phase_rows(a, b)
     worse = [d.metric for d in rows if d.verdict == "WORSE"]
+    withheld = [d.metric for d in rows if d.verdict.startswith(HOST_DIFFERS)]
     if differs:
         lines.append("\nResult: workloads differ (exit 2).")
     elif worse:
         lines.append(f"\nResult: significant regression in {', '.join(worse)} (exit 1).")
+    elif withheld:
+        lines.append(
+            f"\nResult: inconclusive — the hosts ran at different speeds, so a change of {', '.join(withheld)} "
+            "below the widened floor could not be seen (exit 2)."
+        )
     else:
         lines.append("\nResult: no significant regression (exit 0).")
     return "\n".join(lines) + "\n"
+
+
+def _host_speed_line(a: RunSummary, b: RunSummary) -> str:
+    """The hosts' own speed, A → B, by the fixed CPU probe each run timed at its start and end."""
+    hosts, shift = _hosts(a, b), host_shift(a, b)
+    if hosts is None or shift is None:
+        return "- Host speed: not compared (a run has no host probe: recorded from schema 1.2 on)."
+    ha, hb = hosts
+    text = (
+        f"- Host speed: the fixed CPU probe ({ha.probe_work or 'host probe'}) took {ha.probe_ms:.2f} ms in A and "
+        f"{hb.probe_ms:.2f} ms in B ({100 * shift:+.0f} %)"
+    )
+    if abs(shift) < HOST_SHIFT_SHOWN:
+        return text + ": the same host speed."
+    where = "every timed metric" if a.hardware.device == "cpu" and b.hardware.device == "cpu" else "host-side time"
+    slower = "slower" if shift > 0 else "faster"
+    floor = f"a change of {where} smaller than {100 * HOST_FLOOR_FACTOR * abs(shift):.0f} % is not called one"
+    if abs(shift) > HOST_SHIFT_LIMIT:
+        return (
+            f"{text}. ⚠ **The host itself ran {slower} in B**, by more than {100 * HOST_SHIFT_LIMIT:.0f} %: {floor}, "
+            "and without a larger one the result is inconclusive (exit 2). Run both on the same quiet host; the "
+            "quality lines above say what else ran."
+        )
+    return f"{text}. The host itself ran {slower} in B: {floor}."
 
 
 # (BatchedPhase field, label, digits); one value per run, so shown side by side with their ratio, never judged
@@ -393,7 +482,10 @@ def _cell(v: Any) -> str:
 def exit_code(a: RunSummary, b: RunSummary, th: Thresholds | None = None) -> int:
     if workload_differences(a, b):
         return 2
-    return 1 if any(d.verdict == "WORSE" for d in diff(a, b, th)) else 0
+    rows = diff(a, b, th)
+    if any(d.verdict == "WORSE" for d in rows):
+        return 1
+    return 2 if any(d.verdict.startswith(HOST_DIFFERS) for d in rows) else 0
 
 
 def _fraction(text: str) -> float:

@@ -325,6 +325,12 @@ def _host_line(s: RunSummary) -> str:
             f"Host during the run: {h.usable_cores} usable cores; {load}; {other} "
             f"({h.samples} samples every {h.interval_s:g} s)"
         )
+        if h.probe_ms_start is not None:
+            end = f"{h.probe_ms_end:.2f} ms at the end" if h.probe_ms_end is not None else "no end probe yet"
+            parts.append(
+                f"Host speed probe ({h.probe_work}): {h.probe_ms_start:.2f} ms at the start, {end}; "
+                "`compare` sets it against the other run's"
+            )
     if q.cpu_threads:
         parts.append(f"CPU run: {q.cpu_threads}")
     if q.gpu_throttle_reasons:

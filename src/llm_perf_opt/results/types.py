@@ -13,7 +13,7 @@ import attrs
 
 # 1.1: Stats gains the median interval and outliers; quality, runaway pages, per-page repetition loops, batch
 # preprocessing time (all optional: 1.0 files still read).
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 
 # Name of the synthetic operator row that holds device time the profiler could not attribute to any operator
 # (CUDA-graph replays, kernels launched outside torch ops): the profiler writes it, the report explains it.
@@ -368,6 +368,13 @@ class Efficiency:
     reason: str | None = None
 
 
+def probe_shift(before: float | None, after: float | None) -> float | None:
+    """Relative change of a host probe time from ``before`` to ``after`` (+0.5: the host ran 1.5× slower)."""
+    if before is None or after is None or before <= 0:
+        return None
+    return after / before - 1.0
+
+
 @attrs.frozen
 class HostLoad:
     """Host conditions sampled during the run (profiling/noise.py); None fields were not readable here."""
@@ -380,6 +387,18 @@ class HostLoad:
     other_cpu_share_mean: float | None  # other processes' busy time ÷ (wall × usable cores)
     other_cpu_share_max: float | None
     note: str | None = None
+    # The host's own speed: a fixed CPU workload (``probe_work``) timed when the run starts and when it ends, in
+    # ms (median of a few trials).  Other processes' share misses a slower host (a co-tenant VM, lowered clocks);
+    # this does not, and ``compare`` sets one run's probe against the other's.
+    probe_ms_start: float | None = None
+    probe_ms_end: float | None = None
+    probe_work: str | None = None
+
+    @property
+    def probe_ms(self) -> float | None:
+        """The run's probe time: the mean of its start and end probes (either alone when one is missing)."""
+        vals = [v for v in (self.probe_ms_start, self.probe_ms_end) if v is not None]
+        return sum(vals) / len(vals) if vals else None
 
 
 @attrs.frozen

@@ -20,7 +20,7 @@ from llm_perf_opt.report.compare import (
     settings_diff,
     workload_differences,
 )
-from llm_perf_opt.results.types import MeasurementQuality, RunSummary
+from llm_perf_opt.results.types import HostLoad, MeasurementQuality, RunSummary
 from tests.unit.builders import make_page, make_summary, write_run_dir
 
 # Eight tight samples around 100 (spread ±0.3 %), no ties (the exact Mann-Whitney distribution applies).
@@ -245,7 +245,7 @@ def test_host_side_preprocess_gets_no_verdict_when_a_run_is_noisy() -> None:
     assert _by_metric(a, b)["preprocess_ms"].verdict == "better"  # no quality record: a real change is judged
     noisy = attrs.evolve(a, quality=MeasurementQuality(verdict="noisy", reasons=["load 2.1 > 2"]))
     d = _by_metric(noisy, b)["preprocess_ms"]
-    assert d.verdict == "no verdict (host-side time, a run is noisy)" and not d.significant
+    assert d.verdict == "no verdict (includes host-side time, a run is noisy)" and not d.significant
 
 
 def test_a_stage_that_times_other_modules_is_named_and_never_judged() -> None:
@@ -279,3 +279,60 @@ def test_batched_phases_shown_side_by_side_with_ratios() -> None:
     assert "| pages/s, end to end | 4.00 | 10.00 | 2.50× |" in text  # 10 / 4 by hand
     assert "| GPU busy share | 0.800 | n/a | n/a (absent in B) |" in text  # B on CPU: no ratio claimed
     assert "## Batched phase" not in render(Path("a"), a, Path("b"), _run(prefill_ms=BASE))  # one side only
+
+
+# ------------------------------------------------------------------------------------------ host speed probe
+def _probed(s: RunSummary, probe_ms: float, device: str = "cpu") -> RunSummary:
+    """``s`` with a quiet, good quality line whose host probe took ``probe_ms`` at both ends of the run."""
+    host = HostLoad(usable_cores=2, samples=4, interval_s=0.5, load_1m_mean=0.2, load_1m_max=0.3,
+                    other_cpu_share_mean=0.0, other_cpu_share_max=0.0, probe_ms_start=probe_ms,
+                    probe_ms_end=probe_ms, probe_work="a fixed workload")  # fmt: skip
+    quality = MeasurementQuality(verdict="good", host=host)
+    return attrs.evolve(s, quality=quality, hardware=attrs.evolve(s.hardware, device=device))
+
+
+def test_a_host_ten_percent_slower_widens_the_floor_to_thirty() -> None:
+    a = _probed(_run(prefill_ms=BASE), 10.0)
+    same = _probed(_run(prefill_ms=_shift(BASE, 25.0)), 10.2)  # +2 %: the same host speed, floor stays 5 %
+    slower = _probed(_run(prefill_ms=_shift(BASE, 25.0)), 11.0)  # +10 %: floor 3 × 10 % = 30 % > the 25 % shift
+    assert effect_floor(a, same, "prefill_ms", Thresholds()) == pytest.approx(0.05)
+    assert effect_floor(a, slower, "prefill_ms", Thresholds()) == pytest.approx(0.3)
+    assert _by_metric(a, same)["prefill_ms"].verdict == "WORSE"
+    assert _by_metric(a, slower)["prefill_ms"].verdict == "within noise"  # +10 % is within the limit: no exit 2
+    beyond = _probed(_run(prefill_ms=_shift(BASE, 35.0)), 11.0)  # 35 % > 30 %: still a regression
+    assert _by_metric(a, beyond)["prefill_ms"].verdict == "WORSE"
+    text = render(Path("a"), a, Path("b"), slower)
+    assert "took 10.00 ms in A and 11.00 ms in B (+10 %)" in text and "smaller than 30 % is not called one" in text
+    assert "the same host speed" in render(Path("a"), a, Path("b"), same)
+
+
+def test_a_host_that_changed_speed_a_lot_is_inconclusive_unless_the_change_is_larger(tmp_path: Path) -> None:
+    """What CI saw: the second run's host 50 % slower, every stage 40-70 % up, both runs 'good'."""
+    a = _probed(_run(prefill_ms=BASE, tpot_ms=BASE), 10.0)
+    b = _probed(_run(prefill_ms=[1.5 * v for v in BASE], tpot_ms=[1.7 * v for v in BASE]), 15.0)
+    d = _by_metric(a, b)
+    assert d["prefill_ms"].verdict == "no verdict (host speed +50 % in B: ±150 % unseen)"
+    assert not d["prefill_ms"].significant and d["tpot_ms"].verdict == d["prefill_ms"].verdict
+    text = render(Path("a"), a, Path("b"), b)
+    assert "**The host itself ran slower in B**" in text and "Result: inconclusive" in text
+    ra, rb = write_run_dir(tmp_path / "a", a), write_run_dir(tmp_path / "b", b)
+    assert compare_main([str(ra), str(rb)]) == 2
+    # A change no host drift explains (decode 3× slower: +200 % > 150 %) is still a regression: exit 1.
+    c = _probed(_run(prefill_ms=[1.5 * v for v in BASE], tpot_ms=[3.0 * v for v in BASE]), 15.0)
+    assert _by_metric(a, c)["tpot_ms"].verdict == "WORSE"
+    assert compare_main([str(ra), str(write_run_dir(tmp_path / "c", c))]) == 1
+
+
+def test_on_a_gpu_run_the_host_probe_only_governs_host_side_time() -> None:
+    a = _probed(_run(prefill_ms=BASE, preprocess_ms=BASE), 10.0, device="cuda:0")
+    b = _probed(_run(prefill_ms=_shift(BASE, 10.0), preprocess_ms=_shift(BASE, 10.0)), 15.0, device="cuda:0")
+    d = _by_metric(a, b)
+    assert d["prefill_ms"].verdict == "WORSE"  # timed on the device: the host's speed does not excuse it
+    assert d["preprocess_ms"].verdict == "no verdict (host speed +50 % in B: ±150 % unseen)"
+
+
+def test_runs_without_a_probe_are_compared_as_before() -> None:
+    a = _run(prefill_ms=BASE)
+    b = _probed(_run(prefill_ms=_shift(BASE, 10.0)), 20.0)
+    assert _by_metric(a, b)["prefill_ms"].verdict == "WORSE"
+    assert "Host speed: not compared" in render(Path("a"), a, Path("b"), b)
