@@ -154,12 +154,14 @@ def test_continuous_batching_phase(tmp_path: Path) -> None:
         assert (b.drain_steps, b.drain_tokens) == (4, 7)
         # b ends after step 5 with no page left: d (one row of two) runs its last step 6 on a one-row step
         assert b.narrowed_steps == 1
+        assert b.row_steps == 6 * 2 + 1 * 1  # the narrowed step computed one row
         assert b.page_wait_ms is not None and b.page_wait_ms >= 0
     assert any("page e.png left out" in n for n in s.notes)
     p = s.batched_phase
     assert p is not None and p.batching == "continuous" and p.slots == 2 and p.pages == 8
     assert p.output_tokens == 2 * sum(targets.values())
     assert p.slot_occupancy == (1 + 6 + 2 + 4) / (7 * 2)
+    assert p.row_occupancy == 1.0  # 13 decode tokens from 13 computed rows: no row computed in vain
     assert p.gpu_busy_share is None and p.gpu_busy_unavailable is not None  # CPU: said why, never a number
     assert p.wall_ms >= p.stage_ms > 0
     report = (run_dir / "report.md").read_text()
@@ -180,6 +182,7 @@ def test_continuous_batching_without_narrowing(tmp_path: Path) -> None:
     assert result.returncode == 0, result.describe()
     (b,) = read_summary(run_dir / "metrics.json").batches
     assert (b.decode_steps, b.drain_steps, b.narrowed_steps) == (7, 4, 0)
+    assert b.row_steps == 7 * 2  # the last step still computes b's finished row
     assert b.output_tokens == sum(TARGETS.values())
     report = (run_dir / "report.md").read_text()
     assert "4 decode steps, 0 of them on a narrower batch" in report

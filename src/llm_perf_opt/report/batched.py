@@ -102,6 +102,9 @@ def _render_phase(p: BatchedPhase) -> str:
         ),
         ["slot occupancy (share of slots producing a token per decode step)",
          fmt_pct(p.slot_occupancy) if p.slot_occupancy is not None else na("no decode step")],
+        ["  row occupancy (share of the rows the decode steps computed that produced a token; a narrowed "
+         "step counts its own width)",
+         fmt_pct(p.row_occupancy) if p.row_occupancy is not None else na("rows per step not recorded")],
         ["GPU busy share (device-timed stages ÷ wall; gaps inside a stage count as busy)", busy],
         ["  stages: vision + prefill + decode", f"{fmt(p.stage_ms, 1)} ms ({share(p.stage_ms)})"],
         ["  waiting for pages (host blocked on the prefetcher)",

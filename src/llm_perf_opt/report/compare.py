@@ -444,6 +444,7 @@ PHASE_ROWS = [
     ("output_tok_s", "output tok/s, end to end", 1),
     ("steady_output_tok_s", "output tok/s, steady state (drain left out)", 1),
     ("slot_occupancy", "slot occupancy", 3),
+    ("row_occupancy", "row occupancy (rows computed that produced a token)", 3),
     ("gpu_busy_share", "GPU busy share", 3),
     ("page_wait_ms", "waiting for pages (ms)", 1),
     ("wall_ms", "wall time (ms)", 1),

@@ -166,6 +166,9 @@ class BatchRecord:
     # continuous only: decode steps run on a narrower step than ``batch`` rows (the drain, once at most half the
     # slots held a sequence); None for static batches and old records
     narrowed_steps: int | None = None
+    # rows the decode steps computed, summed over the steps (decode_steps × batch for a static batch; a narrowed
+    # drain step counts its own width); None in records written before it was counted
+    row_steps: int | None = None
 
 
 @attrs.frozen
@@ -203,6 +206,9 @@ class BatchedPhase:
     # the drains' decode steps, and how many of them ran on a narrower step (None where a record lacks them)
     drain_steps: int | None = None
     narrowed_steps: int | None = None
+    # decode tokens over the rows the steps computed (``row_steps``): the share of the GPU's decode rows that
+    # produced a token.  Above slot_occupancy once the drain narrows (its empty slots are no longer computed)
+    row_occupancy: float | None = None
 
 
 @attrs.frozen

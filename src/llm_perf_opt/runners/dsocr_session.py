@@ -263,6 +263,7 @@ class DeepSeekOCRSession:
             batching="static",
             slot_occupancy=slot_occupancy(res.tokens, len(res.step_ms), res.batch),
             decode_steps=len(res.step_ms),
+            row_steps=len(res.step_ms) * res.batch,
         )
 
     def _generator(self) -> Any:
@@ -347,6 +348,7 @@ class DeepSeekOCRSession:
             drain_ms=drain_ms,
             drain_tokens=drain_tokens,
             narrowed_steps=sum(1 for rows in res.step_rows if rows < slots),
+            row_steps=sum(res.step_rows),
         )
 
     def simulated_target(self, page: Page) -> int | None:

@@ -179,6 +179,7 @@ def batched_phase_summary(batches: list[BatchRecord], wall_s: float, device_type
     slot_steps = sum(b.decode_steps * b.batch for b in timed if b.decode_steps is not None)
     decode_tokens = sum(b.output_tokens - len(b.page_ids) for b in timed)  # each sequence's first token: prefill
     occupancy = decode_tokens / slot_steps if slot_steps > 0 else None
+    row_steps = _total([b.row_steps for b in timed])
     gpu = device_type == "cuda"
     # the drain only when every record has one (continuous runs of this version): the steady window is then known
     drains = [(b.drain_ms, b.drain_tokens) for b in batches]
@@ -204,6 +205,7 @@ def batched_phase_summary(batches: list[BatchRecord], wall_s: float, device_type
         steady_output_tok_s=1e3 * steady_tokens / steady_ms if steady_ms > 0 else None,
         drain_steps=_total([b.drain_steps for b in batches]),
         narrowed_steps=_total([b.narrowed_steps for b in batches]),
+        row_occupancy=decode_tokens / row_steps if row_steps else None,
         gpu_busy_share=stage_ms / wall_ms if gpu and wall_ms > 0 else None,
         gpu_busy_unavailable=None
         if gpu

@@ -68,6 +68,12 @@ def test_continuous_drain_and_steady_state_by_hand() -> None:
     assert p.drain_steps == 8 and p.narrowed_steps is None  # these records never counted narrowed steps
     narrowed = [attrs.evolve(b, narrowed_steps=n) for b, n in zip(batches, (4, 2), strict=True)]
     assert batched_phase_summary(narrowed, wall_s=1.0, device_type="cpu").narrowed_steps == 6
+    # rows computed: 30 steps × 4 less 4 narrowed to 2 rows = 112; 20 × 4 less 2 narrowed to 1 row = 74
+    rows = [attrs.evolve(b, row_steps=n) for b, n in zip(narrowed, (30 * 4 - 4 * 2, 20 * 4 - 2 * 3), strict=True)]
+    p_rows = batched_phase_summary(rows, wall_s=1.0, device_type="cpu")
+    assert p_rows.slot_occupancy == pytest.approx((72 + 52) / (30 * 4 + 20 * 4))
+    assert p_rows.row_occupancy == pytest.approx((72 + 52) / (112 + 74))
+    assert p.row_occupancy is None  # a record without row counts: not guessed
     static = batched_phase_summary([record(4, 40, 10, 4, (100.0, 300.0))], wall_s=1.0, device_type="cpu")
     assert static.drain_ms is None and static.steady_output_tok_s is None and static.steady_pages_per_s is None
 
@@ -100,7 +106,10 @@ def test_report_section_renders_the_summary() -> None:
     static_md = render_report(attrs.evolve(summary, batches=static, batched_phase=None))
     assert "| TTFT of the batch (vision + prefill) | ms |" in static_md
     assert "all fills of a run" not in static_md
-    drained = [attrs.evolve(batches[0], drain_steps=2, drain_ms=100.0, drain_tokens=8, narrowed_steps=1)]
+    row = "|   row occupancy (share of the rows the decode steps computed that produced a token; a narrowed step "
+    assert f"{row}counts its own width) | n/a (rows per step not recorded) |" in md
+    drained = [attrs.evolve(batches[0], drain_steps=2, drain_ms=100.0, drain_tokens=8, narrowed_steps=1,
+                            row_steps=10 * 4 - 1 * 2)]  # fmt: skip
     phase = batched_phase_summary(drained, wall_s=0.5, device_type="cpu")
     md = render_report(attrs.evolve(summary, batches=drained, batched_phase=phase))
     drain_row = "|   drain (slots emptying after the last page started decoding) | 100.0 ms (20.00 %);"
@@ -108,6 +117,7 @@ def test_report_section_renders_the_summary() -> None:
     assert "|   steady state, drain left out: pages/s | 10.00 |" in md  # 4 pages / 0.4 s
     assert "|   steady state, drain left out: output tok/s | 80.0 |" in md  # (40 - 8) tokens / 0.4 s
     assert "n/a (no GPU (cpu)" in md
+    assert f"{row}counts its own width) | 94.74 % |" in md  # 36 decode tokens / 38 rows
 
 
 def _prepare(page: Page) -> str:
