@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,8 @@ def _row(job_dir: Path) -> dict[str, Any]:
     if s.quality is not None:
         row["quality"] = s.quality.verdict
         row["quality_reasons"] = list(s.quality.reasons)
+        if s.quality.host is not None and s.quality.host.probe_ms is not None:
+            row["host_probe_ms"] = s.quality.host.probe_ms
     mfu_missing = next((u.reason for u in s.unavailable if u.metric == "mfu"), None)
     if mfu_missing:
         row["mfu_unavailable"] = mfu_missing
@@ -112,6 +115,7 @@ def summarize_sweep(root: Path) -> list[dict[str, Any]]:
     if noisy:
         lines.append(f"\n**Measurement quality:** {len(noisy)} of {len(rows)} jobs noisy — compare them with care:")
         lines += [f"- job {r['job']}: {'; '.join(r.get('quality_reasons', []))}" for r in noisy]
+    lines += _host_speed(rows)
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
         lines.append("\n## Failed jobs\n")
@@ -121,6 +125,32 @@ def summarize_sweep(root: Path) -> list[dict[str, Any]]:
         lines.append(f"\n![{p}]({p})")
     atomic_write_text(root / "sweep.md", "\n".join(lines) + "\n")
     return rows
+
+
+# A job whose host speed probe is further than this from the jobs' median ran on a host of another speed: its
+# figures differ from the others' by more than the swept setting (compare's HOST_SHIFT_LIMIT, same reason).
+HOST_SHIFT_FLAGGED = 0.15
+
+
+def _host_speed(rows: list[dict[str, Any]]) -> list[str]:
+    """Each job timed the same fixed CPU workload at its start and end: jobs far from the median ran on a host
+    that was faster or slower than the others', so their differences are not only the swept setting's."""
+    probes = {r["job"]: r["host_probe_ms"] for r in rows if r.get("host_probe_ms") is not None}
+    if len(probes) < 2:
+        return []
+    med = statistics.median(probes.values())
+    off = {job: ms / med - 1 for job, ms in probes.items() if abs(ms / med - 1) > HOST_SHIFT_FLAGGED}
+    head = (
+        f"\n**Host speed:** the fixed CPU probe took {min(probes.values()):.2f}–{max(probes.values()):.2f} ms over "
+        f"{len(probes)} jobs (median {med:.2f} ms)"
+    )
+    if not off:
+        return [f"{head}: every job within ±{100 * HOST_SHIFT_FLAGGED:.0f} % of it."]
+    return [
+        f"{head}; {len(off)} job(s) ran on a host more than {100 * HOST_SHIFT_FLAGGED:.0f} % off it — their "
+        "differences from the others are not only the swept setting's:",
+        *(f"- job {job}: {probes[job]:.2f} ms ({100 * shift:+.0f} %)" for job, shift in off.items()),
+    ]
 
 
 def _sort_key(value: str) -> tuple[int, float, str]:
