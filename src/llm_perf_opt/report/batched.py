@@ -125,13 +125,24 @@ def _render_phase(p: BatchedPhase) -> str:
                     "the slots hold a sequence, the step narrows to the power of two of rows covering them (the "
                     "same tokens; fewer rows through every kernel). A run over far more pages spends a smaller "
                     "share of its time there; the steady-state rates (wall time minus the drain, the tokens it "
-                    "produced left out) are what such a run approaches.",
+                    "produced left out) are what such a run approaches." + _steady_below(p),
                 ]
                 if p.drain_ms is not None
                 else []
             ),
             "",
         ]
+    )
+
+
+def _steady_below(p: BatchedPhase) -> str:
+    """The sentence for a run whose steady-state token rate came out below its end-to-end one (else nothing)."""
+    if p.steady_output_tok_s is None or p.output_tok_s is None or p.steady_output_tok_s >= p.output_tok_s:
+        return ""
+    return (
+        " Here the steady-state token rate is below the end-to-end one: the drain produced tokens faster than "
+        "the rest of the run (no refill's vision and prefill in it, and narrower steps), as in short runs where "
+        "the fills weigh most; a longer run's end-to-end rate comes down towards the steady one."
     )
 
 

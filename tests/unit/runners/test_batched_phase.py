@@ -118,6 +118,13 @@ def test_report_section_renders_the_summary() -> None:
     assert "|   steady state, drain left out: output tok/s | 80.0 |" in md  # (40 - 8) tokens / 0.4 s
     assert "n/a (no GPU (cpu)" in md
     assert f"{row}counts its own width) | 94.74 % |" in md  # 36 decode tokens / 38 rows
+    assert "the steady-state token rate is below the end-to-end one" not in md
+    # steady (40 - 8) / 0.4 s = 80.0 tok/s equals 40 / 0.5 s = 80.0 end to end: not below, no sentence.
+    fast_drain = [attrs.evolve(drained[0], drain_tokens=20)]  # half the tokens in a fifth of the time
+    phase = batched_phase_summary(fast_drain, wall_s=0.5, device_type="cpu")
+    assert phase.steady_output_tok_s == pytest.approx(50.0) and phase.output_tok_s == pytest.approx(80.0)
+    md = render_report(attrs.evolve(summary, batches=fast_drain, batched_phase=phase))
+    assert "Here the steady-state token rate is below the end-to-end one" in md
 
 
 def _prepare(page: Page) -> str:
