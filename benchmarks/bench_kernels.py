@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 from llm_perf_opt.models.deepseek_ocr.config import DeepseekOCRConfig, LanguageConfig
 from llm_perf_opt.models.deepseek_ocr.decoder import RMSNorm, grouped_experts_stacked, use_grouped_mm
+from llm_perf_opt.models.deepseek_ocr.graphs import first_argmax
 from llm_perf_opt.models.deepseek_ocr.kernels import (
     KEYS_PER_SPLIT,
     add_rms_norm,
@@ -61,6 +62,7 @@ from llm_perf_opt.models.deepseek_ocr.kernels import (
     moe_grouped_block_sizes,
     moe_route,
     moe_route_ref,
+    pick_token,
     rope_kv_write,
     rope_kv_write_ref,
 )
@@ -303,6 +305,23 @@ class Bench:
         name = "moe_route (logits in)" if logits_in else "moe_route"
         return Row(name, tokens, t_us, k_us, e * hid * 4, max_err(w, ref_w), note)
 
+    def pick(self, tokens: int) -> Row:
+        """The token pick after the lm_head, as ``FastDecoder._pick`` runs it without the n-gram rule: the
+        non-finite flag (isfinite + all + or) and ``first_argmax``, against :func:`pick_token`'s two launches."""
+        vocab = self.lang.vocab_size
+        bufs = [self.randn(tokens, vocab, dtype=torch.float32) for _ in range(self.layers)]
+        flag = torch.zeros((), dtype=torch.bool, device=self.dev)
+
+        def torch_fn(x: torch.Tensor) -> Any:
+            flag.logical_or_(~torch.isfinite(x).all())
+            return first_argmax(x)
+
+        t_us, k_us = self.time(
+            [lambda x=x: torch_fn(x) for x in bufs], [lambda x=x: pick_token(x, None, flag) for x in bufs]
+        )
+        same = torch.equal(pick_token(bufs[0], None, flag), first_argmax(bufs[0]))
+        return Row("pick_token", tokens, t_us, k_us, tokens * vocab * 4, 0.0, "ids identical" if same else "ids DIFFER")
+
     def _moe(self, tokens: int) -> tuple[list[tuple[torch.Tensor, ...]], list[tuple[torch.Tensor, ...]]]:
         """Per layer copy: the kernels' operands (x, idx, w, stacks with shared slots, residual) and the torch
         path's (routed stacks, fused shared gate/up [2·2I, H], shared down)."""
@@ -463,10 +482,23 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
     comb = dict(y_ptr=f32, wts_ptr=f32, res_ptr=bf, out_ptr=bf, P="i32", T="i32", H="i32")
     comb_consts = dict(TOP_K=k, N_ALWAYS=n_always, HAS_RESIDUAL=True, BLOCK_H=256)
     specs.append(("_moe_combine_kernel", comb, comb_consts, 2))
+    pick = dict(logits_ptr=f32, ban_ptr="*i1", val_ptr=f32, idx_ptr="*i32", bad_ptr="*i32", V="i32")
+    pick.update(ban_stride="i32", N_CHUNKS="i32")
+    n_chunks = -(-lang.vocab_size // kernels_pick_block())
+    for has_ban in (False, True):
+        specs.append(("_pick_partial_kernel", pick, dict(BLOCK=kernels_pick_block(), HAS_BAN=has_ban), 4))
+    final = dict(val_ptr=f32, idx_ptr="*i32", bad_ptr="*i32", out_ptr=i64, flag_ptr="*i1", V="i32", N_CHUNKS="i32")
+    specs.append(("_pick_final_kernel", final, dict(BLOCK_C=1 << (n_chunks - 1).bit_length()), 1))
     return specs
 
 
-STREAMING = {"_attn_partial_kernel", "_moe_route_kernel", "_moe_up_kernel", "_moe_down_kernel"}
+def kernels_pick_block() -> int:
+    from llm_perf_opt.models.deepseek_ocr.kernels import PICK_BLOCK
+
+    return PICK_BLOCK
+
+
+STREAMING = {"_attn_partial_kernel", "_moe_route_kernel", "_moe_up_kernel", "_moe_down_kernel", "_pick_partial_kernel"}
 
 
 def sm90_check(lang: LanguageConfig) -> list[dict[str, Any]]:
@@ -488,11 +520,11 @@ def sm90_check(lang: LanguageConfig) -> list[dict[str, Any]]:
     results = []
     for name, signature, constexprs, num_warps in sm90_specs(lang):
         fn = getattr(kernels, name)
-        # the launcher specialises 16-byte aligned pointers and ints divisible by 16 (H = 1280, I = 896)
+        # the launcher specialises 16-byte aligned pointers and ints divisible by 16 (H = 1280, I = 896, V = 129,280)
         attrs_ = {
             (fn.arg_names.index(arg),): [["tt.divisibility", 16]]
             for arg, ty in signature.items()
-            if ty.startswith("*") or arg in ("H", "INTER")
+            if ty.startswith("*") or arg in ("H", "INTER", "V")
         }
         full = {**signature, **dict.fromkeys(constexprs, "constexpr")}
         res: dict[str, Any] = {"kernel": name, "constexprs": constexprs, "num_warps": num_warps}
@@ -834,6 +866,7 @@ def main() -> None:
     with torch.inference_mode():
         if not args.only_grouped:
             rows += [bench.norm(1), bench.rope(1), bench.attention(1), bench.route(1), bench.route(1, logits_in=True)]
+            rows += [bench.pick(1)]
             rows += [bench.experts(1)]
             rows += [bench.route(4), bench.experts(4)]
         for tokens in grouped_tokens:

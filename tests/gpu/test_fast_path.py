@@ -119,3 +119,23 @@ def test_pinned_page_upload() -> None:
     pinned = page.pinned()
     assert pinned.images_crop.is_pinned() and pinned.images_ori.is_pinned() and pinned.input_ids.is_pinned()
     assert torch.equal(pinned.images_crop, page.images_crop) and pinned.n_crops == page.n_crops
+
+
+@pytest.mark.parametrize("ngram", [0, 20])
+def test_fused_pick_gives_the_same_graphed_greedy_tokens(model: object, ngram: int) -> None:
+    """``fused_pick`` under graph capture at full size: the device greedy tokens of the default pick, step for
+    step (the logits are the same kernels' in both, so this is exact), with the vendor's n-gram rule too."""
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    out = []
+    with torch.inference_mode():
+        ids = torch.randint(0, 129280, (1, 300), generator=gen).cuda()
+        embeds = model.model.embed_tokens(ids)  # type: ignore[attr-defined]
+        for fused in (False, True):
+            fast = apply_fast_path(model, FastConfig(fused_pick=fused))  # type: ignore[arg-type]
+            assert fast.decode_kernels == "triton", fast.decode_kernels_note
+            cache = fast.new_cache(batch=1, max_len=embeds.shape[1] + STEPS + 1)
+            first = fast.prefill(embeds, cache).argmax(-1, keepdim=True)
+            dec = fast.decoder_for(cache, ngram)
+            out.append(dec.greedy(first, STEPS))
+            assert dec.fused_pick == fused and dec.graph is not None and not bool(dec.nonfinite)
+    assert out[0] == out[1]

@@ -144,6 +144,10 @@ class FastConfig:
     prefill_graphs: bool = True
     # fused Triton decode step (kernels.py) where Triton runs (CUDA); elsewhere the torch step, said once
     decode_kernels: str = attrs.field(default="triton", validator=attrs.validators.in_(DECODE_KERNELS))
+    # with the Triton decode step at batch 1-8: the token pick after the lm_head (non-finite flag, n-gram ban,
+    # first argmax) as kernels.pick_token's two launches instead of ~6 torch kernels.  Off until measured on a
+    # GPU: the same tokens (CPU interpreter tests), its speed not yet timed (bench_kernels' pick_token row).
+    fused_pick: bool = False
     # the session's decode loop picks tokens on the device (greedy + the no-repeat-ngram ban inside the decode
     # graph, eos checked every 16 steps) instead of reading every step's logits on the host; temperature > 0
     # keeps the host loop

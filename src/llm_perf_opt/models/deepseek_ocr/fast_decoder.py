@@ -68,6 +68,7 @@ class FastDecoder:
         self.next_token: Tensor | None = None
         self._compiled = fast.compiled_step()
         self.kernels = fast.decode_kernels if self.batch <= TRITON_MAX_ROWS else "torch"
+        self.fused_pick = self.kernels == "triton" and fast.fast_config.fused_pick
         # On-device token choice: every row's tokens by position (prompt via set_history, then each fed token
         # written at its position by the step), the no-repeat-ngram ban applied before the argmax, and a
         # sticky flag for non-finite logits (read once, after the loop).
@@ -81,12 +82,19 @@ class FastDecoder:
             self.history[:, : ids.shape[-1]].copy_(ids.view(self.batch, -1), non_blocking=True)
 
     def _pick(self, logits: Tensor) -> Tensor:
-        """Next token per row on the device: argmax (first index on ties) after the no-repeat-ngram ban."""
+        """Next token per row on the device: argmax (first index on ties) after the no-repeat-ngram ban; with
+        ``fused_pick`` (Triton step only) the flag, ban and argmax in :func:`kernels.pick_token`'s two launches."""
+        banned = None
+        if self.history is not None:
+            self.history.index_copy_(1, self.pos, self.tokens)  # the fed token joins the history
+            banned = banned_ngram_mask(self.history, self.pos + 1, self.ngram, logits.shape[-1])
+        if self.fused_pick:
+            from llm_perf_opt.models.deepseek_ocr.kernels import pick_token
+
+            return pick_token(logits, banned, self.nonfinite)
         self.nonfinite |= ~torch.isfinite(logits).all()
-        if self.history is None:
+        if banned is None:
             return first_argmax(logits)
-        self.history.index_copy_(1, self.pos, self.tokens)  # the fed token joins the history
-        banned = banned_ngram_mask(self.history, self.pos + 1, self.ngram, logits.shape[-1])
         return first_argmax(logits.masked_fill(banned, float("-inf")))
 
     def _forward_triton(self) -> tuple[Tensor, Tensor]:

@@ -141,6 +141,34 @@ def test_triton_device_greedy_matches_torch_greedy() -> None:
     assert out[0] == out[1]
 
 
+@pytest.mark.parametrize("ngram", [0, 2])
+def test_fused_pick_gives_the_torch_greedy_tokens(ngram: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``fused_pick``: the same greedy tokens as the torch step's pick, with and without the n-gram ban (size 2
+    bans most of the tiny vocabulary's repeats, so the ban decides many steps); it is really the kernel that
+    picks, and the non-finite flag stays clear on finite logits."""
+    calls: list[int] = []
+    pick = kernels.pick_token
+
+    def counted(logits: torch.Tensor, *args: object) -> torch.Tensor:
+        calls.append(logits.shape[0])
+        return pick(logits, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kernels, "pick_token", counted)
+    model = _model(seed=6)
+    embeds = torch.randn(2, 7, model.config.language.hidden_size)
+    out = []
+    for kern, fused in (("torch", False), ("triton", True)):
+        fast = apply_fast_path(model, FastConfig(cuda_graphs=False, decode_kernels=kern, fused_pick=fused))
+        cache = fast.new_cache(batch=2, max_len=7 + 24)
+        first = fast.prefill(embeds, cache).argmax(dim=-1, keepdim=True)
+        dec = fast.decoder_for(cache, ngram)
+        out.append(dec.greedy(first, 20))
+        assert not bool(dec.nonfinite)
+    assert out[0] == out[1]
+    assert calls == [2] * 20  # every step's pick, on both rows, by the kernel
+    assert ngram == 0 or any(len(set(row)) > 2 for row in out[0])  # the ban really steered the tokens
+
+
 def test_triton_unavailable_falls_back_with_a_reason(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where the kernels cannot run, the torch step runs and the model says why (warned only on CUDA, where
     Triton was expected; on the CPU the torch step is the normal one)."""

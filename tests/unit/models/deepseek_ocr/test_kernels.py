@@ -593,8 +593,63 @@ def test_stack_always_on_is_the_same_mlp() -> None:
         torch.testing.assert_close(slots[0] + slots[1], shared(x), rtol=1e-5, atol=1e-5)
 
 
+# ------------------------------------------------------------------------------------------ pick_token
+@pytest.mark.parametrize("block", [64, 256])
+def test_pick_token_first_argmax_ties_and_chunk_edges(block: int) -> None:
+    """Hand-placed maxima: ties inside a chunk and across chunks, at a chunk edge, in the ragged last chunk."""
+    vocab = 1000  # 16 chunks of 64 (the last holds 40), or 4 of 256 (the last holds 232)
+    logits = torch.zeros(5, vocab)
+    logits[0, [63, 64, 500]] = 3.0  # first of three ties: 63, the last entry of chunk 0 at block 64
+    logits[1, [999, 998]] = 2.0  # ties in the ragged last chunk: 998
+    logits[2, 0] = -1.0  # all the rest 0: the first 0 is index 1
+    logits[3] = -5.0  # all equal: index 0
+    logits[4, 777] = 1e-30  # one entry barely above zero
+    out = K.pick_token(logits, block=block)
+    assert out.dtype == torch.int64 and out.shape == (5, 1)
+    assert out.view(-1).tolist() == [63, 998, 1, 0, 777]
+
+
+def test_pick_token_ban_and_nonfinite_flag() -> None:
+    vocab = 300
+    logits = torch.zeros(2, vocab)
+    logits[0, 10], logits[0, 20] = 5.0, 4.0
+    logits[1, 7] = 9.0
+    wide = torch.zeros(2, vocab + 1, dtype=torch.bool)  # a column slice, as banned_ngram_mask returns it
+    wide[0, 10] = True
+    flag = torch.zeros((), dtype=torch.bool)
+    out = K.pick_token(logits, wide[:, :vocab], flag, block=64)
+    assert out.view(-1).tolist() == [20, 7] and not bool(flag)  # row 0's best is banned: the next best
+    everything = torch.ones(2, vocab, dtype=torch.bool)  # every token banned: index 0, as argmax over -inf
+    assert K.pick_token(logits, everything, flag, block=64).view(-1).tolist() == [0, 0]
+    logits[1, 250] = float("inf")  # flagged before the ban; the flag is sticky
+    banned_inf = torch.zeros(2, vocab, dtype=torch.bool)
+    banned_inf[1, 250] = True
+    assert K.pick_token(logits, banned_inf, flag, block=64).view(-1).tolist() == [10, 7] and bool(flag)
+    assert bool(flag) and K.pick_token(torch.zeros(2, vocab), None, flag, block=64).view(-1).tolist() == [0, 0]
+    assert bool(flag)  # never cleared by a clean step
+    nan = torch.zeros(1, vocab)
+    nan[0, 3] = float("nan")
+    fresh = torch.zeros((), dtype=torch.bool)
+    tok = int(K.pick_token(nan, None, fresh, block=64))
+    assert bool(fresh) and 0 <= tok < vocab  # a NaN row: flagged, and its token still a valid id
+
+
+@pytest.mark.parametrize("ban", [False, True])
+def test_pick_token_matches_the_reference_on_random_logits(ban: bool) -> None:
+    gen = torch.Generator().manual_seed(7)
+    logits = (torch.randn(4, 5000, generator=gen) * 3).round()  # many exact ties
+    banned = torch.rand(4, 5000, generator=gen) < 0.3 if ban else None
+    flag, ref_flag = torch.zeros((), dtype=torch.bool), torch.zeros((), dtype=torch.bool)
+    assert torch.equal(K.pick_token(logits, banned, flag, block=512), K.pick_token_ref(logits, banned, ref_flag))
+    assert bool(flag) == bool(ref_flag) is False
+    with pytest.raises(ValueError, match="float32"):
+        K.pick_token(logits.to(torch.bfloat16))
+    with pytest.raises(ValueError, match="banned must be bool"):
+        K.pick_token(logits, torch.zeros(4, 5000, dtype=torch.bool).t().contiguous().t())
+
+
 # ------------------------------------------------------------------------------------------ sm_90 compile
-STREAMING = {"_attn_partial_kernel", "_moe_route_kernel", "_moe_up_kernel", "_moe_down_kernel"}
+STREAMING = {"_attn_partial_kernel", "_moe_route_kernel", "_moe_up_kernel", "_moe_down_kernel", "_pick_partial_kernel"}
 
 
 @pytest.fixture(scope="module")
@@ -621,6 +676,7 @@ def test_compiles_for_sm90(sm90: list[dict[str, Any]]) -> None:
     kernels streaming weights or K/V use 16-byte loads (scalar loads would cost several x in bandwidth)."""
     kernels = {r["kernel"] for r in sm90}
     assert kernels >= {"_add_rms_norm_kernel", "_rope_kv_write_kernel", "_attn_combine_kernel", *STREAMING}
+    assert kernels >= {"_pick_partial_kernel", "_pick_final_kernel"}
     for r in sm90:
         assert not r["error"], (r["kernel"], r["error"])
         assert r["spill_bytes"] in (0, None), r  # None: this Triton's ptxas was not found (cubin still built)
