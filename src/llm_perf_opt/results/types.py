@@ -393,18 +393,18 @@ class HostLoad:
     other_cpu_share_mean: float | None  # other processes' busy time ÷ (wall × usable cores)
     other_cpu_share_max: float | None
     note: str | None = None
-    # The host's own speed: a fixed CPU workload (``probe_work``) timed when the run starts and when it ends, in
-    # ms (median of a few trials).  Other processes' share misses a slower host (a co-tenant VM, lowered clocks);
-    # this does not, and ``compare`` sets one run's probe against the other's.
+    # The host's own speed: a fixed CPU workload (``probe_work``) timed in a window when the run starts and one
+    # when it ends, in ms (the fastest trial of each).  Other processes' share misses a slower host (a co-tenant
+    # VM, lowered clocks); this does not, and ``compare`` sets one run's probe against the other's.
     probe_ms_start: float | None = None
     probe_ms_end: float | None = None
     probe_work: str | None = None
 
     @property
     def probe_ms(self) -> float | None:
-        """The run's probe time: the mean of its start and end probes (either alone when one is missing)."""
+        """The run's probe time: the faster of its two windows (a burst of other work can fill one window)."""
         vals = [v for v in (self.probe_ms_start, self.probe_ms_end) if v is not None]
-        return sum(vals) / len(vals) if vals else None
+        return min(vals) if vals else None
 
 
 @attrs.frozen

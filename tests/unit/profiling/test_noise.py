@@ -151,9 +151,9 @@ def test_zero_time_steps_give_no_cv_instead_of_failing() -> None:
 
 
 # ------------------------------------------------------------------------------------------ host speed probe
-def test_probe_is_the_median_trial_on_the_timer_it_is_given() -> None:
+def test_probe_is_the_fastest_trial_on_the_timer_it_is_given() -> None:
     ticks = iter([0.0, 0.004, 1.0, 1.003, 2.0, 2.010, 3.0, 3.005, 4.0, 4.006])  # trials 4, 3, 10, 5, 6 ms
-    assert host_probe_ms(timer=lambda: next(ticks), trials=5) == pytest.approx(5.0)
+    assert host_probe_ms(timer=lambda: next(ticks), trials=5) == pytest.approx(3.0)
 
 
 def test_sampler_times_the_probe_at_start_and_stop() -> None:
@@ -162,16 +162,12 @@ def test_sampler_times_the_probe_at_start_and_stop() -> None:
     sampler.stop()
     h = sampler.summary()  # no load sample in so short a run, but the probes make a host record
     assert h is not None and h.samples == 0
-    assert (h.probe_ms_start, h.probe_ms_end, h.probe_ms) == (10.0, 13.0, 11.5)
+    assert (h.probe_ms_start, h.probe_ms_end, h.probe_ms) == (10.0, 13.0, 10.0)  # the run: its faster window
     assert h.probe_work == PROBE_WORK
     assert HostLoadSampler(interval_s=60.0, probe=None).start().summary() is None
 
 
-@pytest.mark.parametrize(("end_ms", "noisy"), [(11.0, False), (8.5, False), (13.0, True), (7.0, True)])
-def test_host_speed_change_during_the_run_makes_it_noisy(end_ms: float, noisy: bool) -> None:
-    host = attrs.evolve(QUIET_HOST, probe_ms_start=10.0, probe_ms_end=end_ms)
-    q = assess_quality(_steady(), host)
-    changed = [r for r in q.reasons if "the host's speed changed during the run" in r]
-    assert (q.verdict == "noisy") == noisy and bool(changed) == noisy
-    if noisy:
-        assert f"10.00 ms at the start and {end_ms:.2f} ms at the end ({100 * (end_ms / 10 - 1):+.0f} %)" in changed[0]
+def test_a_slow_probe_window_alone_does_not_make_a_run_noisy() -> None:
+    """Two windows cannot tell a burst of other work from a host that changed speed: no verdict from them."""
+    host = attrs.evolve(QUIET_HOST, probe_ms_start=10.0, probe_ms_end=17.0)
+    assert assess_quality(_steady(), host).verdict == "good"

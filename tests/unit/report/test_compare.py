@@ -282,18 +282,19 @@ def test_batched_phases_shown_side_by_side_with_ratios() -> None:
 
 
 # ------------------------------------------------------------------------------------------ host speed probe
-def _probed(s: RunSummary, probe_ms: float, device: str = "cpu") -> RunSummary:
-    """``s`` with a quiet, good quality line whose host probe took ``probe_ms`` at both ends of the run."""
+def _probed(s: RunSummary, probe_ms: float, device: str = "cpu", end_ms: float | None = None) -> RunSummary:
+    """``s`` with a quiet, good quality line whose host probe took ``probe_ms`` at the start of the run and
+    ``end_ms`` (default: the same) at its end."""
     host = HostLoad(usable_cores=2, samples=4, interval_s=0.5, load_1m_mean=0.2, load_1m_max=0.3,
                     other_cpu_share_mean=0.0, other_cpu_share_max=0.0, probe_ms_start=probe_ms,
-                    probe_ms_end=probe_ms, probe_work="a fixed workload")  # fmt: skip
+                    probe_ms_end=probe_ms if end_ms is None else end_ms, probe_work="a fixed workload")  # fmt: skip
     quality = MeasurementQuality(verdict="good", host=host)
     return attrs.evolve(s, quality=quality, hardware=attrs.evolve(s.hardware, device=device))
 
 
 def test_a_host_ten_percent_slower_widens_the_floor_to_thirty() -> None:
     a = _probed(_run(prefill_ms=BASE), 10.0)
-    same = _probed(_run(prefill_ms=_shift(BASE, 25.0)), 10.2)  # +2 %: the same host speed, floor stays 5 %
+    same = _probed(_run(prefill_ms=_shift(BASE, 25.0)), 10.8)  # +8 %: the same host speed, floor stays 5 %
     slower = _probed(_run(prefill_ms=_shift(BASE, 25.0)), 11.0)  # +10 %: floor 3 × 10 % = 30 % > the 25 % shift
     assert effect_floor(a, same, "prefill_ms", Thresholds()) == pytest.approx(0.05)
     assert effect_floor(a, slower, "prefill_ms", Thresholds()) == pytest.approx(0.3)
@@ -303,6 +304,8 @@ def test_a_host_ten_percent_slower_widens_the_floor_to_thirty() -> None:
     assert _by_metric(a, beyond)["prefill_ms"].verdict == "WORSE"
     text = render(Path("a"), a, Path("b"), slower)
     assert "took 10.00 ms in A and 11.00 ms in B (+10 %)" in text and "smaller than 30 % is not called one" in text
+    burst = _probed(_run(prefill_ms=_shift(BASE, 25.0)), 11.0, end_ms=16.0)  # a burst filled B's end window
+    assert effect_floor(a, burst, "prefill_ms", Thresholds()) == pytest.approx(0.3)  # B's faster window: +10 %
     assert "the same host speed" in render(Path("a"), a, Path("b"), same)
 
 
@@ -321,6 +324,14 @@ def test_a_host_that_changed_speed_a_lot_is_inconclusive_unless_the_change_is_la
     c = _probed(_run(prefill_ms=[1.5 * v for v in BASE], tpot_ms=[3.0 * v for v in BASE]), 15.0)
     assert _by_metric(a, c)["tpot_ms"].verdict == "WORSE"
     assert compare_main([str(ra), str(write_run_dir(tmp_path / "c", c))]) == 1
+
+
+def test_under_a_changed_host_the_step_tail_is_not_compared() -> None:
+    a = _probed(_run(prefill_ms=BASE, decode_step_p99_ms=BASE), 10.0)
+    b = _probed(_run(prefill_ms=BASE, decode_step_p99_ms=[5 * v for v in BASE]), 15.0)  # p99 5×: contention
+    d = _by_metric(a, b)
+    assert d["decode_step_p99_ms"].verdict == "no verdict (host speed +50 % in B: tails not compared)"
+    assert _by_metric(a, _probed(b, 10.0))["decode_step_p99_ms"].verdict == "WORSE"  # on one host speed: judged
 
 
 def test_on_a_gpu_run_the_host_probe_only_governs_host_side_time() -> None:
