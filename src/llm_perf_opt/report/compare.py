@@ -388,7 +388,11 @@ def render(a_path: Path, a: RunSummary, b_path: Path, b: RunSummary, th: Thresho
         f"overlap and the medians differ by ≥ {100 * effect:g} %"
         + (f" (×{th.noisy_factor:g} because a run is noisy)" if noisy else "")
         + " or twice the stage's repeat-to-repeat CV in either run"
-        + (f" or {HOST_FLOOR_FACTOR:g}× the host's speed change (above)" if host_shift(a, b) is not None else "")
+        + (
+            f" or {HOST_FLOOR_FACTOR:g}× the host's speed change (above)"
+            if abs(host_shift(a, b) or 0.0) >= HOST_SHIFT_SHOWN
+            else ""
+        )
         + ", whichever is larger"
         + f". Memory compares the peak (max over pages) against ±{100 * th.mem_threshold:g} %. Workload "
         "descriptors are shown, not judged.\n",

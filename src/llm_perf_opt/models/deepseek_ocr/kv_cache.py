@@ -69,9 +69,19 @@ class StaticKVCache:
         Each layer's [n, heads, max_len, dim] stays contiguous, as the decode kernels need."""
         if not 1 <= n <= self.batch:
             raise ValueError(f"first_rows needs 1 <= n <= {self.batch}, got {n}")
-        view = object.__new__(StaticKVCache)
-        view.k, view.v, view.length = self.k[:, :n], self.v[:, :n], self.length
-        return view
+        return StaticKVCache.over(self.k[:, :n], self.v[:, :n], self.length)
+
+    @classmethod
+    def over(cls, k: Tensor, v: Tensor, length: int = 0) -> StaticKVCache:
+        """A cache over existing ``k`` / ``v`` tensors ([layers, batch, kv_heads, max_len, head_dim], views
+        allowed), nothing allocated; ``length`` positions already written."""
+        if k.dim() != 5 or k.shape != v.shape or k.dtype != v.dtype or k.device != v.device:
+            raise ValueError(f"k and v must be one 5-d shape, dtype and device, got {k.shape} and {v.shape}")
+        if not 0 <= length <= k.shape[3]:
+            raise ValueError(f"length must be in 0..{k.shape[3]}, got {length}")
+        cache = cls.__new__(cls)
+        cache.k, cache.v, cache.length = k, v, length
+        return cache
 
     # ------------------------------------------------------------------ geometry
     @property
