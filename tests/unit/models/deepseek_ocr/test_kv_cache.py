@@ -31,7 +31,7 @@ def test_over_takes_tensors_as_they_are_and_refuses_mismatches() -> None:
     assert cache.k is k and cache.length == 2 and cache.remaining == 1
     with pytest.raises(ValueError, match="one 5-d shape"):
         StaticKVCache.over(k, torch.zeros(2, 1, 1, 4, 2))
-    with pytest.raises(ValueError, match="length must be in 0..3"):
+    with pytest.raises(ValueError, match=r"length must be in 0\.\.3"):
         StaticKVCache.over(k, torch.zeros_like(k), length=4)
     with pytest.raises(ConfigError, match="must be >= 1"):
         StaticKVCache(num_layers=0, batch=1, num_kv_heads=1, max_len=1, head_dim=1)
