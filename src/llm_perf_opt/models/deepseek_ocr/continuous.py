@@ -30,9 +30,9 @@ width, below).
 * **Vision of a refill** runs page by page (the first fill batches views across pages).  This was chosen when a
   batched refill of k pages meant a new compiled vision shape for every k; since the fast path cuts views into
   warmed power-of-two chunks (``batched_vision.view_chunks``) that reason is gone, and batching a refill's views
-  is the untried, unmeasured alternative.  It would change little: in the H200 goals run (256 pages, 64 slots)
-  the 192 pages after the first fill came in 184 refills (185 fills in all), 1.04 pages each.  The refills' cost is that they run
-  between decode steps, not beside them.
+  is the untried, unmeasured alternative.  It would change little: in the H200 goals run (256 pages, 64
+  slots) the 192 pages after the first fill came in 184 refills (185 fills in all), 1.04 pages each.  The
+  refills' cost is that they run between decode steps, not beside them.
 * **The drain**: once the source is dry, slots only empty; a step over 64 rows of which a few still decode
   still routes 64 tokens through the experts and runs every kernel over 64 rows.  When at most half the rows
   hold a sequence, the run goes on with a step over the first ``n`` rows of the same cache (``n`` the power of
