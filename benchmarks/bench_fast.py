@@ -407,20 +407,25 @@ def main() -> None:
             fm = apply_fast_path(model, fcfg)
             var[f"decode {name} (device greedy) ms/token"] = greedy_device(fm, embeds, steps)["ms_per_token"]
             del fm
-        if fast.fast_config.decode_kernels == "triton":  # the other pick, beside the default, in this run
-            other_pick = not fast.fast_config.fused_pick
-            try:
-                fm = apply_fast_path(model, FastConfig(fused_pick=other_pick))
-                g_pick = greedy_device(fm, embeds, steps)  # the pick runs in the device greedy loop only
-                pt, gt = g_pick["tokens"][: keep + 1], g["tokens"][: keep + 1]
-                key = f"decode fused_pick={other_pick}"
-                var[f"{key} (device greedy) ms/token"] = g_pick["ms_per_token"]
-                var[f"{key}: device greedy tokens == the default's, {keep} steps"] = (
-                    f"{pt == gt} (first divergence {first_divergence(gt, pt)})"
-                )
-                del fm
-            except Exception as exc:  # a kernel compile failure must not lose the rest of the report
-                var[f"decode fused_pick={other_pick}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
+        if fast.fast_config.decode_kernels == "triton":  # the opt-in decode switches beside the default, one run
+            d = fast.fast_config
+            switches = {
+                f"fused_pick={not d.fused_pick}": {"fused_pick": not d.fused_pick},
+                f"norm_router_f32={not d.norm_router_f32}": {"norm_router_f32": not d.norm_router_f32},
+            }
+            switches["both"] = {k: v for sw in list(switches.values()) for k, v in sw.items()}
+            for key, change in switches.items():
+                try:
+                    fm = apply_fast_path(model, attrs.evolve(d, **change))
+                    g_sw = greedy_device(fm, embeds, steps)  # the switches act in the device greedy loop
+                    st, gt = g_sw["tokens"][: keep + 1], g["tokens"][: keep + 1]
+                    var[f"decode {key} (device greedy) ms/token"] = g_sw["ms_per_token"]
+                    var[f"decode {key}: device greedy tokens == the default's, {keep} steps"] = (
+                        f"{st == gt} (first divergence {first_divergence(gt, st)})"
+                    )
+                    del fm
+                except Exception as exc:  # a kernel compile failure must not lose the rest of the report
+                    var[f"decode {key}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
         fm = apply_fast_path(model, FastConfig(prefill_graphs=False))
         var["prefill prefill_graphs=False ms"] = prefill_ms(fm, embeds)
         other_kernels = "torch" if fast.fast_config.decode_kernels == "triton" else "triton"

@@ -419,7 +419,7 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
         lang.num_experts_per_tok,
         lang.n_shared_experts,
     )
-    norm = dict(x_ptr=bf, res_ptr=bf, w_ptr=bf, normed_ptr=bf, summed_ptr=bf, H="i32", eps="fp32")
+    norm = dict(x_ptr=bf, res_ptr=bf, w_ptr=bf, normed_ptr=bf, summed_ptr=bf, f32_ptr=f32, H="i32", eps="fp32")
     rope = dict(qkv_ptr=bf, cos_ptr=bf, sin_ptr=bf, pos_ptr=i64, q_ptr=bf, k_ptr=bf, v_ptr=bf, max_len="i32")
     partial = dict(q_ptr=bf, k_ptr=bf, v_ptr=bf, pos_ptr=i64, m_ptr=f32, l_ptr=f32, acc_ptr=f32)
     partial.update(qk_scale="fp32", max_len="i32", N_SPLITS="i32")
@@ -428,7 +428,8 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
     route = dict(x_ptr=bf, gate_ptr=f32, idx_ptr=i64, wout_ptr=f32, counts_ptr=i64, H="i32", scaling="fp32")
     attn = dict(HQ=hq, HK=hk, D=d, BLOCK_N=64, BLOCK_D=d)  # N_SPLITS is a runtime int
     specs = [
-        ("_add_rms_norm_kernel", norm, dict(HAS_RESIDUAL=True, BLOCK_H=2048), 4),
+        ("_add_rms_norm_kernel", norm, dict(HAS_RESIDUAL=True, BLOCK_H=2048, HAS_F32=False), 4),
+        ("_add_rms_norm_kernel", norm, dict(HAS_RESIDUAL=True, BLOCK_H=2048, HAS_F32=True), 4),
         ("_rope_kv_write_kernel", rope, dict(HQ=hq, HK=hk, D=d, BLOCK_D=d, ROW_TABLES=False, POS_STRIDE=0), 1),
         ("_rope_kv_write_kernel", rope, dict(HQ=hq, HK=hk, D=d, BLOCK_D=d, ROW_TABLES=True, POS_STRIDE=1), 1),
         (

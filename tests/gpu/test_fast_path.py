@@ -139,3 +139,22 @@ def test_fused_pick_gives_the_same_graphed_greedy_tokens(model: object, ngram: i
             out.append(dec.greedy(first, STEPS))
             assert dec.fused_pick == fused and dec.graph is not None and not bool(dec.nonfinite)
     assert out[0] == out[1]
+
+
+def test_norm_router_f32_gives_bit_identical_graphed_logits(model: object) -> None:
+    """``norm_router_f32`` under graph capture at full size: the router reads the same float32 values, so every
+    logit of a teacher-forced decode equals the default step's, bit for bit."""
+    gen = torch.Generator(device="cpu").manual_seed(2)
+    rows = []
+    with torch.inference_mode():
+        ids = torch.randint(0, 129280, (1, 300), generator=gen).cuda()
+        embeds = model.model.embed_tokens(ids)  # type: ignore[attr-defined]
+        feed = torch.randint(0, 129280, (STEPS,), generator=gen).tolist()
+        for keep in (False, True):
+            fast = apply_fast_path(model, FastConfig(norm_router_f32=keep))  # type: ignore[arg-type]
+            assert fast.decode_kernels == "triton", fast.decode_kernels_note
+            cache = fast.new_cache(batch=1, max_len=embeds.shape[1] + STEPS + 1)
+            fast.prefill(embeds, cache)
+            out = [fast.decode_step(torch.tensor([[t]], device="cuda"), cache).clone() for t in feed]
+            rows.append(torch.stack(out))
+    assert torch.equal(rows[0], rows[1])

@@ -148,6 +148,10 @@ class FastConfig:
     # first argmax) as kernels.pick_token's two launches instead of ~6 torch kernels.  Off until measured on a
     # GPU: the same tokens (CPU interpreter tests), its speed not yet timed (bench_kernels' pick_token row).
     fused_pick: bool = False
+    # with the Triton decode step: each MoE layer's post-attention norm kernel also writes the router's float32
+    # input (the same values as ``normed.float()``), saving one cast launch per MoE layer.  Off until measured
+    # on a GPU (bit-identical router logits in the CPU interpreter tests)
+    norm_router_f32: bool = False
     # the session's decode loop picks tokens on the device (greedy + the no-repeat-ngram ban inside the decode
     # graph, eos checked every 16 steps) instead of reading every step's logits on the host; temperature > 0
     # keeps the host loop
@@ -296,9 +300,9 @@ class FastModel:
         if self.decode_kernels == "triton":
             from llm_perf_opt.models.deepseek_ocr.triton_layers import triton_layers, triton_row_layers
 
-            self._triton = triton_layers(self.layers, self.norm)
+            self._triton = triton_layers(self.layers, self.norm, cfg.norm_router_f32)
             if cfg.decode_compile == "none":  # a compiled step traces the torch layers
-                self._triton_rows = triton_row_layers(self.layers, self.norm)
+                self._triton_rows = triton_row_layers(self.layers, self.norm, cfg.norm_router_f32)
 
     def _resolve_kernels(self, model: DeepseekOCRForCausalLM, cfg: FastConfig) -> tuple[str, str | None]:
         """The decode kernels that will run: "triton" only where its kernels can (else "torch", and why)."""

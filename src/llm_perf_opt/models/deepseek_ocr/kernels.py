@@ -71,6 +71,7 @@ __all__ = [
     "KEYS_PER_SPLIT",
     "KernelUnavailableError",
     "add_rms_norm",
+    "add_rms_norm_f32",
     "add_rms_norm_ref",
     "attention_splits",
     "decode_attention",
@@ -185,10 +186,12 @@ if HAVE_TRITON:
         w_ptr,
         normed_ptr,
         summed_ptr,
+        f32_ptr,
         H,
         eps,
         HAS_RESIDUAL: tl.constexpr,
         BLOCK_H: tl.constexpr,
+        HAS_F32: tl.constexpr = False,
     ):
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK_H)
@@ -203,7 +206,10 @@ if HAVE_TRITON:
         normed = _round(s * rstd, dt)  # F.rms_norm in float32, then .to(x.dtype)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         out_dt = normed_ptr.dtype.element_ty
-        tl.store(normed_ptr + row * H + cols, _round(w * normed, out_dt).to(out_dt), mask=mask)
+        out = _round(w * normed, out_dt)
+        tl.store(normed_ptr + row * H + cols, out.to(out_dt), mask=mask)
+        if HAS_F32:  # the same rounded values in float32: what ``normed.float()`` would give the router
+            tl.store(f32_ptr + row * H + cols, out, mask=mask)
 
     @triton.jit
     def _rope_kv_write_kernel(
@@ -747,6 +753,21 @@ def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float)
     ``residual`` is None); ``normed = weight * (rms_norm_fp32(summed) cast to x.dtype)`` rounded to the
     promoted dtype of weight and x, i.e. the same rounding points as ``decoder.RMSNorm``.
     """
+    normed, summed, _ = _add_rms_norm(x, residual, weight, eps, f32=False)
+    return normed, summed
+
+
+def add_rms_norm_f32(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`add_rms_norm` plus ``normed.float()`` written by the same kernel: the router's float32 input
+    without a cast launch (the same values: each float32 entry is the rounded normed entry, exactly)."""
+    normed, summed, f32 = _add_rms_norm(x, residual, weight, eps, f32=True)
+    assert f32 is not None
+    return normed, summed, f32
+
+
+def _add_rms_norm(
+    x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, f32: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
     _require("add_rms_norm", x.device)
     x = _contig(x, "x")
     rows, hidden = x.shape
@@ -758,6 +779,7 @@ def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float)
         raise ValueError(f"weight must be [{hidden}], got {tuple(weight.shape)}")
     normed = torch.empty(x.shape, device=x.device, dtype=torch.promote_types(weight.dtype, x.dtype))
     summed = x if residual is None else torch.empty_like(x)
+    normed_f32 = torch.empty(x.shape, device=x.device, dtype=torch.float32) if f32 else None
     block = _pow2(hidden)
     _add_rms_norm_kernel[(rows,)](
         x,
@@ -765,13 +787,15 @@ def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float)
         _contig(weight, "weight"),
         normed,
         summed,
+        normed if normed_f32 is None else normed_f32,
         hidden,
         float(eps),
         HAS_RESIDUAL=residual is not None,
         BLOCK_H=block,
+        HAS_F32=f32,
         num_warps=4 if block <= 2048 else 8,
     )
-    return normed, summed
+    return normed, summed, normed_f32
 
 
 # ======================================================================================== rope_kv_write

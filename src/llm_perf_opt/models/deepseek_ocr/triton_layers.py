@@ -25,18 +25,37 @@ __all__ = ["TritonAttention", "TritonMoE", "TritonRMSNorm", "TritonRowAttention"
 
 
 class TritonRMSNorm(RMSNorm):
-    """The same norm (shared weight) with residual add + norm in one kernel."""
+    """The same norm (shared weight) with residual add + norm in one kernel.  With ``keep_f32`` the kernel also
+    writes ``normed.float()`` and the norm keeps it (:meth:`f32_of`): a MoE's router input, without a cast."""
 
-    def __init__(self, norm: RMSNorm) -> None:
+    def __init__(self, norm: RMSNorm, keep_f32: bool = False) -> None:
         nn.Module.__init__(self)
         self.weight = norm.weight
         self.eps = norm.eps
+        self.keep_f32 = keep_f32
+        self._f32: tuple[Tensor, Tensor] | None = None  # (the normed rows it was made with, their float32 copy)
 
     def add_norm(self, delta: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
         shape = delta.shape  # [T, H] in the Triton step, [B, 1, H] in the batched step: rows either way
         flat_res = None if residual is None else residual.reshape(-1, shape[-1])
-        normed, summed = K.add_rms_norm(delta.reshape(-1, shape[-1]), flat_res, self.weight, self.eps)
+        flat = delta.reshape(-1, shape[-1])
+        if self.keep_f32:
+            normed, summed, f32 = K.add_rms_norm_f32(flat, flat_res, self.weight, self.eps)
+            self._f32 = (normed, f32)
+        else:
+            normed, summed = K.add_rms_norm(flat, flat_res, self.weight, self.eps)
         return normed.view(shape), summed.view(shape)
+
+    def f32_of(self, rows: Tensor) -> Tensor:
+        """``rows.float()``: the copy the last :meth:`add_norm` wrote when ``rows`` are its output (same storage,
+        shape and dtype), else a cast."""
+        kept = self._f32
+        if kept is not None:
+            normed, f32 = kept
+            same = rows.data_ptr() == normed.data_ptr() and rows.shape == normed.shape and rows.dtype == normed.dtype
+            if same and rows.is_contiguous():
+                return f32
+        return rows.float()
 
 
 class TritonAttention(nn.Module):
@@ -112,9 +131,12 @@ class TritonMoE(MoE):
     """A :class:`GroupedMoE`'s block with the router and the experts as kernels (shared experts in the expert
     kernel's extra slots when the stacks have them, else added by the block as usual)."""
 
-    def __init__(self, moe: GroupedMoE) -> None:
+    def __init__(self, moe: GroupedMoE, router_input: TritonRMSNorm | None = None) -> None:
         nn.Module.__init__(self)
         self._copy_routing_rule(moe)
+        # the layer's post-attention norm when it writes the router's float32 input (``keep_f32``); set past
+        # nn.Module's registration: the layer owns that norm, this only reads it
+        object.__setattr__(self, "router_input", router_input)
         if moe.stacked is None:
             raise ValueError("the Triton MoE needs stacked expert weights (grouped_moe)")
         self.gate_w32 = moe.gate_w32
@@ -133,8 +155,12 @@ class TritonMoE(MoE):
             counts=self.counts if record else None,
             scaling=self.routed_scaling_factor,
             renormalize=self.norm_topk_prob,
-            logits=F.linear(flat.float(), self.gate_w32),  # cuBLAS: the torch path's exact logits
+            logits=F.linear(self._f32(flat), self.gate_w32),  # cuBLAS: the torch path's exact logits
         )
+
+    def _f32(self, flat: Tensor) -> Tensor:
+        norm = self.__dict__["router_input"]
+        return flat.float() if norm is None else norm.f32_of(flat)
 
     def apply_experts(self, flat: Tensor, topk_idx: Tensor, topk_weight: Tensor, ctx: ForwardContext | None) -> Tensor:
         """GEMV kernels up to 8 rows (each row re-reads its experts), grouped-GEMM kernels from 9 rows on (each
@@ -145,24 +171,32 @@ class TritonMoE(MoE):
         return K.moe_experts(flat, topk_idx, topk_weight, *stacks, n_always=n_always)
 
 
-def _triton_layer(layer: DecoderLayer, attention: type[TritonAttention | TritonRowAttention]) -> DecoderLayer:
-    """``layer`` with Triton norms, ``attention`` around its attention and Triton experts for a grouped MoE."""
+def _triton_layer(
+    layer: DecoderLayer, attention: type[TritonAttention | TritonRowAttention], router_f32: bool
+) -> DecoderLayer:
+    """``layer`` with Triton norms, ``attention`` around its attention and Triton experts for a grouped MoE
+    (``router_f32``: its post-attention norm also writes the router's float32 input)."""
     attn, mlp = layer.self_attn, layer.mlp
     assert isinstance(attn, Attention)
     in_norm, post_norm = layer.input_layernorm, layer.post_attention_layernorm
     assert isinstance(in_norm, RMSNorm) and isinstance(post_norm, RMSNorm)
-    new_mlp: nn.Module = TritonMoE(mlp) if isinstance(mlp, GroupedMoE) else mlp
-    norms = TritonRMSNorm(in_norm), TritonRMSNorm(post_norm)
-    return DecoderLayer(layer.layer_idx, attention(attn), new_mlp, *norms)
+    moe = isinstance(mlp, GroupedMoE)
+    post = TritonRMSNorm(post_norm, keep_f32=router_f32 and moe)
+    new_mlp: nn.Module = TritonMoE(mlp, post if post.keep_f32 else None) if isinstance(mlp, GroupedMoE) else mlp
+    return DecoderLayer(layer.layer_idx, attention(attn), new_mlp, TritonRMSNorm(in_norm), post)
 
 
-def triton_layers(layers: list[DecoderLayer], norm: RMSNorm) -> tuple[list[DecoderLayer], RMSNorm]:
+def triton_layers(
+    layers: list[DecoderLayer], norm: RMSNorm, router_f32: bool = False
+) -> tuple[list[DecoderLayer], RMSNorm]:
     """The fast layers (and the final norm) with Triton modules swapped in; dense MLPs stay as they are."""
-    return [_triton_layer(layer, TritonAttention) for layer in layers], TritonRMSNorm(norm)
+    return [_triton_layer(layer, TritonAttention, router_f32) for layer in layers], TritonRMSNorm(norm)
 
 
-def triton_row_layers(layers: list[DecoderLayer], norm: RMSNorm) -> tuple[list[DecoderLayer], RMSNorm]:
+def triton_row_layers(
+    layers: list[DecoderLayer], norm: RMSNorm, router_f32: bool = False
+) -> tuple[list[DecoderLayer], RMSNorm]:
     """The fast layers with Triton norms, router, experts and a row attention (:class:`TritonRowAttention`: per-row
     rotary positions and key masks over a padded cache) for decode steps over slot contexts: the batched step
     (and the torch step of more than 8 rows)."""
-    return [_triton_layer(layer, TritonRowAttention) for layer in layers], TritonRMSNorm(norm)
+    return [_triton_layer(layer, TritonRowAttention, router_f32) for layer in layers], TritonRMSNorm(norm)

@@ -169,6 +169,32 @@ def test_fused_pick_gives_the_torch_greedy_tokens(ngram: int, monkeypatch: pytes
     assert ngram == 0 or any(len(set(row)) > 2 for row in out[0])  # the ban really steered the tokens
 
 
+def test_norm_router_f32_gives_the_same_logits_without_the_casts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``norm_router_f32``: the router reads the norm kernel's float32 copy (no ``.float()`` of the normed rows)
+    and every logit is bit-identical to the step without it (the router's input values are the same)."""
+    from llm_perf_opt.models.deepseek_ocr.triton_layers import TritonRMSNorm
+
+    kept: list[bool] = []
+    real = TritonRMSNorm.f32_of
+
+    def spy(self: TritonRMSNorm, rows: torch.Tensor) -> torch.Tensor:
+        out = real(self, rows)
+        kept.append(self._f32 is not None and out is self._f32[1])
+        return out
+
+    monkeypatch.setattr(TritonRMSNorm, "f32_of", spy)
+    model = _model(seed=7)
+    embeds = torch.randn(2, 7, model.config.language.hidden_size)
+    runs = []
+    for keep in (False, True):
+        fast = apply_fast_path(model, FastConfig(cuda_graphs=False, decode_kernels="triton", norm_router_f32=keep))
+        picks, rows = _decode(fast, embeds, None if not runs else runs[0][0], 6)
+        runs.append((picks, rows))
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
+    n_moe = sum(1 for layer in model.model.layers if layer.mlp.__class__.__name__ != "MLP")
+    assert n_moe > 0 and kept == [True] * (6 * n_moe)  # every decode step's every MoE router took the copy
+
+
 def test_triton_unavailable_falls_back_with_a_reason(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where the kernels cannot run, the torch step runs and the model says why (warned only on CUDA, where
     Triton was expected; on the CPU the torch step is the normal one)."""

@@ -135,6 +135,19 @@ def test_add_rms_norm_matches_rmsnorm(dtype: torch.dtype, hidden: int, with_resi
         assert (normed != ref_normed).float().mean() < 0.02
 
 
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_add_rms_norm_f32_copy_is_the_normed_values(with_residual: bool) -> None:
+    """The float32 copy is ``normed.float()`` bit for bit, and normed / summed are add_rms_norm's own."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 1280, generator=gen).bfloat16()
+    residual = (torch.randn(3, 1280, generator=gen) * 4).bfloat16() if with_residual else None
+    weight = (1 + 0.3 * torch.randn(1280, generator=gen)).bfloat16()
+    normed, summed, f32 = K.add_rms_norm_f32(x, residual, weight, 1e-6)
+    plain_normed, plain_summed = K.add_rms_norm(x, residual, weight, 1e-6)
+    assert f32.dtype == torch.float32 and torch.equal(f32, normed.float())
+    assert torch.equal(normed, plain_normed) and torch.equal(summed, plain_summed)
+
+
 def test_add_rms_norm_promotes_like_torch() -> None:
     x, weight = torch.randn(2, 256).bfloat16(), torch.randn(256)
     normed, _ = K.add_rms_norm(x, None, weight, 1e-6)
