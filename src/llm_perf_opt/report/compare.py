@@ -240,14 +240,34 @@ def host_bound(a: RunSummary, b: RunSummary, metric: str) -> bool:
     return metric in HOST_SIDE or (a.hardware.device == "cpu" and b.hardware.device == "cpu")
 
 
+# The GPU's mean SM clock over each run (NVML): at a lower clock a compute-bound stage takes up to that much longer
+# (a memory-bound one less).  From GPU_CLOCK_SHOWN apart, a change of a device-timed metric must exceed twice the
+# clock's change to be called one.
+GPU_CLOCK_SHOWN = 0.05
+
+
+def gpu_clock_shift(a: RunSummary, b: RunSummary) -> float | None:
+    """How much lower (+) or higher (−) B's mean SM clock ran than A's, as the time a compute-bound stage gains
+    (A's clock ÷ B's − 1); None unless both runs sampled the clock (CUDA with NVML)."""
+    ca, cb = a.energy.get("mean_sm_clock_mhz"), b.energy.get("mean_sm_clock_mhz")
+    if not ca or not cb:
+        return None
+    return float(ca) / float(cb) - 1.0
+
+
 def effect_floor(a: RunSummary, b: RunSummary, metric: str, th: Thresholds) -> float:
     """Smallest relative change of the median that can be called a change for ``metric``: the configured
-    effect (tripled when a run is noisy), twice the stage's repeat-to-repeat CV in either run, and, where the
-    host sets the metric, ``HOST_FLOOR_FACTOR`` × the host's own speed change between the runs."""
+    effect (tripled when a run is noisy), twice the stage's repeat-to-repeat CV in either run, where the host
+    sets the metric ``HOST_FLOOR_FACTOR`` × the host's own speed change between the runs, and elsewhere on a
+    GPU twice the change of its mean SM clock."""
     base = th.min_effect * (th.noisy_factor if _is_noisy(a) or _is_noisy(b) else 1.0)
-    shift = host_shift(a, b) if host_bound(a, b, metric) else None
-    host = HOST_FLOOR_FACTOR * abs(shift) if shift is not None and abs(shift) >= HOST_SHIFT_SHOWN else 0.0
-    return max(base, 2 * _cv(a, metric), 2 * _cv(b, metric), host)
+    if host_bound(a, b, metric):
+        shift = host_shift(a, b)
+        moved = HOST_FLOOR_FACTOR * abs(shift) if shift is not None and abs(shift) >= HOST_SHIFT_SHOWN else 0.0
+    else:
+        clock = gpu_clock_shift(a, b)
+        moved = 2 * abs(clock) if clock is not None and abs(clock) >= GPU_CLOCK_SHOWN else 0.0
+    return max(base, 2 * _cv(a, metric), 2 * _cv(b, metric), moved)
 
 
 # The modules DeepSeek-OCR's hooks time, by record slot; a model with other modules says so in its stage_names.
@@ -378,7 +398,7 @@ def render(a_path: Path, a: RunSummary, b_path: Path, b: RunSummary, th: Thresho
             "metric is judged (exit 2); compare runs of the same pages, token cap and decoding rules.\n"
         )
     lines += ["## Measurement quality\n", f"- A: {_quality(a)}", f"- B: {_quality(b)}"]
-    lines += [_host_speed_line(a, b), ""]
+    lines += [_host_speed_line(a, b), *_gpu_clock_line(a, b), ""]
     noisy = _is_noisy(a) or _is_noisy(b)
     effect = th.min_effect * (th.noisy_factor if noisy else 1.0)
     lines += [
@@ -447,6 +467,22 @@ def _host_speed_line(a: RunSummary, b: RunSummary) -> str:
             "quality lines above say what else ran."
         )
     return f"{text}. The host itself ran {slower} in B: {floor}."
+
+
+def _gpu_clock_line(a: RunSummary, b: RunSummary) -> list[str]:
+    """The GPUs' mean SM clocks over the runs (NVML), when both runs sampled them."""
+    shift = gpu_clock_shift(a, b)
+    if shift is None:
+        return []
+    ca, cb = float(a.energy["mean_sm_clock_mhz"]), float(b.energy["mean_sm_clock_mhz"])
+    text = f"- GPU SM clock, mean over the run (NVML): {ca:,.0f} MHz in A, {cb:,.0f} MHz in B"
+    if abs(shift) < GPU_CLOCK_SHOWN:
+        return [text + ": the same clocks."]
+    return [
+        f"{text}: a compute-bound stage takes up to {100 * shift:+.0f} % in B for that alone, so a change of a "
+        f"device-timed metric smaller than {100 * 2 * abs(shift):.0f} % is not called one (the quality lines say "
+        "why the clocks moved)."
+    ]
 
 
 # (BatchedPhase field, label, digits); one value per run, so shown side by side with their ratio, never judged

@@ -347,3 +347,21 @@ def test_runs_without_a_probe_are_compared_as_before() -> None:
     b = _probed(_run(prefill_ms=_shift(BASE, 10.0)), 20.0)
     assert _by_metric(a, b)["prefill_ms"].verdict == "WORSE"
     assert "Host speed: not compared" in render(Path("a"), a, Path("b"), b)
+
+
+def test_gpu_clock_difference_widens_the_device_floor() -> None:
+    """B's GPU at 1,800 MHz against A's 1,980: a compute-bound stage up to 10 % slower for the clock alone, so a
+    device-timed change must exceed 20 %; on the same clocks a 15 % change is a regression."""
+    a = _probed(_run(prefill_ms=BASE), 10.0, device="cuda:0")
+    a = attrs.evolve(a, energy={"mean_sm_clock_mhz": 1980.0})
+    b15 = _probed(_run(prefill_ms=_shift(BASE, 15.0)), 10.0, device="cuda:0")
+    same = attrs.evolve(b15, energy={"mean_sm_clock_mhz": 1975.0})
+    lower = attrs.evolve(b15, energy={"mean_sm_clock_mhz": 1800.0})
+    assert _by_metric(a, same)["prefill_ms"].verdict == "WORSE"
+    assert effect_floor(a, lower, "prefill_ms", Thresholds()) == pytest.approx(0.2)
+    assert _by_metric(a, lower)["prefill_ms"].verdict == "within noise"
+    text = render(Path("a"), a, Path("b"), lower)
+    assert "- GPU SM clock, mean over the run (NVML): 1,980 MHz in A, 1,800 MHz in B: a compute-bound stage" in text
+    assert "smaller than 20 % is not called one" in text
+    assert "1,975 MHz in B: the same clocks." in render(Path("a"), a, Path("b"), same)
+    assert "GPU SM clock" not in render(Path("a"), _run(prefill_ms=BASE), Path("b"), _run(prefill_ms=BASE))
