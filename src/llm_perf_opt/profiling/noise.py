@@ -36,7 +36,7 @@ THROTTLE_NOISY = {
     "hw_power_brake_slowdown",
 }
 # The host speed probe: a fixed CPU workload timed in two windows, when the run starts and when it ends.  On the
-# shared 2-core box a window's trials agree within ~2 % and fresh processes within ~5 % of each other, but about
+# shared 2-core box a window's trials agree within ~2 % and fresh processes within ~9 % of each other, but about
 # one window in ten falls in a burst of other work (everything 1.7× slower for ~50-100 ms): a window reports its
 # fastest trial, and the run the faster window, so one burst does not make a slow host.  Two windows cannot say
 # whether the host changed speed *during* the run, so the quality verdict does not use them; ``compare`` sets one
