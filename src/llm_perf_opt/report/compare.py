@@ -7,7 +7,8 @@ by class:
 - latency (lower is better) and throughput (higher is better): compared on the per-page samples.  A change is
   significant only when all three hold: a two-sided Mann-Whitney U test gives p < ``--alpha`` (rank-based: no
   normality assumed, an outlier counts once), the runs' 95 % intervals of the median do not overlap (when both
-  exist), and the medians differ by at least the effect floor: ``--min-effect`` (relative; tripled when either
+  exist), and the medians differ by at least the effect floor (as a fold change: the larger median over the
+  smaller, minus one, so a rate halving and a time doubling count alike): ``--min-effect`` (tripled when either
   run is noisy), and never less than twice the stage's repeat-to-repeat CV in either run, nor (for what the
   host's speed sets: every stage of a CPU run, host-side time of a GPU run) ``HOST_FLOOR_FACTOR`` × the change
   of the host's own speed between the runs, by the fixed CPU probe each run times at its start and end.  Two
@@ -337,7 +338,7 @@ def diff(a: RunSummary, b: RunSummary, th: Thresholds | None = None, judge: bool
             else:
                 p_value = float(sps.mannwhitneyu(xa, xb, alternative="two-sided").pvalue)
                 apart = a_ci is None or b_ci is None or a_ci[1] < b_ci[0] or b_ci[1] < a_ci[0]
-                big = abs(delta) >= effect_floor(a, b, metric, th) * abs(va) if va else delta != 0
+                big = fold_change(va, vb) >= effect_floor(a, b, metric, th)
                 significant = p_value < th.alpha and apart and big
                 if significant:
                     verdict = _direction(delta, lower_better=cls == "latency")
@@ -350,6 +351,18 @@ def diff(a: RunSummary, b: RunSummary, th: Thresholds | None = None, judge: bool
                     verdict = "within noise"
         out.append(Delta(metric, unit, cls, va, vb, delta, pct, significant, verdict, p_value, a_ci, b_ci, integer))
     return out
+
+
+def fold_change(va: float, vb: float) -> float:
+    """How far apart two medians are, as the larger over the smaller, minus one: a rate that halves and a time
+    that doubles are both 1.0 (a relative change of a rate cannot pass -100 %, so a floor above that would make
+    every slowdown of a throughput invisible).  Near zero it is the relative change; with a zero or negative
+    value, the change relative to A's magnitude (infinite when A is zero and B is not)."""
+    if va > 0 and vb > 0:
+        return max(va, vb) / min(va, vb) - 1.0
+    if va == vb:
+        return 0.0
+    return abs(vb - va) / abs(va) if va else math.inf
 
 
 def _direction(delta: float, lower_better: bool) -> str:

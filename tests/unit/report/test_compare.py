@@ -16,6 +16,7 @@ from llm_perf_opt.report.compare import (
     compare_main,
     diff,
     effect_floor,
+    fold_change,
     render,
     settings_diff,
     workload_differences,
@@ -365,3 +366,18 @@ def test_gpu_clock_difference_widens_the_device_floor() -> None:
     assert "smaller than 20 % is not called one" in text
     assert "1,975 MHz in B: the same clocks." in render(Path("a"), a, Path("b"), same)
     assert "GPU SM clock" not in render(Path("a"), _run(prefill_ms=BASE), Path("b"), _run(prefill_ms=BASE))
+
+
+def test_fold_change_treats_a_halved_rate_like_a_doubled_time() -> None:
+    assert fold_change(100.0, 200.0) == pytest.approx(1.0) and fold_change(200.0, 100.0) == pytest.approx(1.0)
+    assert fold_change(100.0, 105.0) == pytest.approx(0.05)
+    assert fold_change(0.0, 0.0) == 0.0 and fold_change(0.0, 1.0) == math.inf
+    assert fold_change(-2.0, -1.0) == pytest.approx(0.5)
+
+
+def test_a_throughput_collapse_is_seen_even_under_a_changed_host() -> None:
+    """Host +50 %: the floor is 150 %.  Decode rate down to a quarter (fold 3.0) is far beyond it; measured as a
+    relative change (-75 %) it could never reach a floor above 100 %."""
+    a = _probed(_run(decode_tok_s=BASE), 10.0)
+    b = _probed(_run(decode_tok_s=[v / 4 for v in BASE]), 15.0)
+    assert _by_metric(a, b)["decode_tok_s"].verdict == "WORSE"
