@@ -42,7 +42,7 @@ THROTTLE_NOISY = {
 # whether the host changed speed *during* the run, so the quality verdict does not use them; ``compare`` sets one
 # run's probe against another's.
 PROBE_N, PROBE_MATMULS, PROBE_TRIALS = 384, 8, 9
-PROBE_WORK = f"{PROBE_MATMULS} fp32 {PROBE_N}×{PROBE_N} matmuls on the run's torch threads, fastest of {PROBE_TRIALS}"
+PROBE_WORK = f"{PROBE_MATMULS} fp32 {PROBE_N}×{PROBE_N} matmuls on every usable core, fastest of {PROBE_TRIALS}"
 # Repetition loop: the last REPEAT_WINDOW tokens are one block of at most REPEAT_MAX_PERIOD tokens, repeated.
 REPEAT_WINDOW = 48
 REPEAT_MAX_PERIOD = 16
@@ -103,19 +103,26 @@ def host_probe_ms(timer: Callable[[], float] = time.perf_counter, trials: int = 
     of the model.
 
     A chain of matmuls by a matrix whose every entry is 1/N keeps every value at 1/N (no growth, no denormals),
-    so each trial does the same arithmetic on the same data."""
+    so each trial does the same arithmetic on the same data.  It runs on as many torch threads as the process has
+    usable cores, whatever the run's own ``cpu_threads``: two runs that differ in their thread count must not
+    read as two hosts of different speed (the run's setting is restored afterwards)."""
     import torch
 
     n = PROBE_N
     a = torch.full((n, n), 1.0 / n, dtype=torch.float32)
     times = []
-    for _ in range(trials):
-        t0 = timer()
-        x = a
-        for _ in range(PROBE_MATMULS):
-            x = x @ a
-        float(x[0, 0])  # the result is used: nothing is left pending when the clock stops
-        times.append(1e3 * (timer() - t0))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(usable_cores())
+    try:
+        for _ in range(trials):
+            t0 = timer()
+            x = a
+            for _ in range(PROBE_MATMULS):
+                x = x @ a
+            float(x[0, 0])  # the result is used: nothing is left pending when the clock stops
+            times.append(1e3 * (timer() - t0))
+    finally:
+        torch.set_num_threads(threads)
     return min(times)
 
 

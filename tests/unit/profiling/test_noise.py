@@ -151,9 +151,26 @@ def test_zero_time_steps_give_no_cv_instead_of_failing() -> None:
 
 
 # ------------------------------------------------------------------------------------------ host speed probe
-def test_probe_is_the_fastest_trial_on_the_timer_it_is_given() -> None:
+def test_probe_is_the_fastest_trial_on_every_usable_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fastest trial on the scripted timer; every trial on as many threads as usable cores, whatever the
+    run set (a run with cpu_threads=1 and one with 2 are on one host), and the run's setting restored."""
+    import torch
+
+    monkeypatch.setattr("llm_perf_opt.profiling.noise.usable_cores", lambda: 3)
     ticks = iter([0.0, 0.004, 1.0, 1.003, 2.0, 2.010, 3.0, 3.005, 4.0, 4.006])  # trials 4, 3, 10, 5, 6 ms
-    assert host_probe_ms(timer=lambda: next(ticks), trials=5) == pytest.approx(3.0)
+    seen: list[int] = []
+
+    def timer() -> float:
+        seen.append(torch.get_num_threads())
+        return next(ticks)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert host_probe_ms(timer=timer, trials=5) == pytest.approx(3.0)
+        assert seen == [3] * 10 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_sampler_times_the_probe_at_start_and_stop() -> None:
