@@ -37,7 +37,7 @@ import cattrs
 from scipy import stats as sps
 
 from llm_perf_opt.results.serialize import SchemaError, read_summary
-from llm_perf_opt.results.types import HostLoad, RunSummary, probe_shift
+from llm_perf_opt.results.types import RunSummary
 
 MetricClass = Literal["latency", "throughput", "memory", "workload"]
 
@@ -199,20 +199,22 @@ def _cv(s: RunSummary, metric: str) -> float:
 HOST_SIDE = ("preprocess_ms", "e2e_ms")
 
 
-def _hosts(a: RunSummary, b: RunSummary) -> tuple[HostLoad, HostLoad] | None:
-    """Both runs' host records when both timed the host speed probe; None otherwise (older runs)."""
-    ha = a.quality.host if a.quality is not None else None
-    hb = b.quality.host if b.quality is not None else None
-    if ha is None or hb is None or ha.probe_ms is None or hb.probe_ms is None:
-        return None
-    return ha, hb
+def _probe_ms(s: RunSummary) -> float | None:
+    """The run's host speed probe (ms); None for runs recorded before it (schema < 1.2)."""
+    host = s.quality.host if s.quality is not None else None
+    return host.probe_ms if host is not None else None
+
+
+def _longer(a_ms: float, b_ms: float) -> float:
+    """How much longer B's time is than A's (+0.5: 1.5×; negative when shorter)."""
+    return b_ms / a_ms - 1.0
 
 
 def host_shift(a: RunSummary, b: RunSummary) -> float | None:
     """How much slower (+) or faster (−) B's host ran than A's, by each run's fixed CPU probe; None when a run
     has no probe."""
-    hosts = _hosts(a, b)
-    return probe_shift(hosts[0].probe_ms, hosts[1].probe_ms) if hosts is not None else None
+    pa, pb = _probe_ms(a), _probe_ms(b)
+    return _longer(pa, pb) if pa is not None and pb is not None else None
 
 
 # The host's own speed, by the fixed CPU probe each run times at its start and end.  Below HOST_SHIFT_SHOWN the
@@ -235,10 +237,14 @@ def host_differs(a: RunSummary, b: RunSummary) -> bool:
     return shift is not None and abs(shift) > HOST_SHIFT_LIMIT
 
 
+def _both_cpu(a: RunSummary, b: RunSummary) -> bool:
+    return a.hardware.device == "cpu" and b.hardware.device == "cpu"
+
+
 def host_bound(a: RunSummary, b: RunSummary, metric: str) -> bool:
     """Does the host's own speed set ``metric``?  Host-side work always; on CPU runs every timed stage (a GPU
     run's stages are timed on the device, whose clocks the throttle reasons cover)."""
-    return metric in HOST_SIDE or (a.hardware.device == "cpu" and b.hardware.device == "cpu")
+    return metric in HOST_SIDE or _both_cpu(a, b)
 
 
 # The GPU's mean SM clock over each run (NVML): at a lower clock a compute-bound stage takes up to that much longer
@@ -253,7 +259,7 @@ def gpu_clock_shift(a: RunSummary, b: RunSummary) -> float | None:
     ca, cb = a.energy.get("mean_sm_clock_mhz"), b.energy.get("mean_sm_clock_mhz")
     if not ca or not cb:
         return None
-    return float(ca) / float(cb) - 1.0
+    return _longer(float(cb), float(ca))  # a cycle's time is 1 / clock
 
 
 def effect_floor(a: RunSummary, b: RunSummary, metric: str, th: Thresholds) -> float:
@@ -460,17 +466,16 @@ def render(a_path: Path, a: RunSummary, b_path: Path, b: RunSummary, th: Thresho
 
 def _host_speed_line(a: RunSummary, b: RunSummary) -> str:
     """The hosts' own speed, A → B, by the fixed CPU probe each run timed at its start and end."""
-    hosts, shift = _hosts(a, b), host_shift(a, b)
-    if hosts is None or shift is None:
+    shift, pa, pb = host_shift(a, b), _probe_ms(a), _probe_ms(b)
+    if shift is None or pa is None or pb is None or a.quality is None or a.quality.host is None:
         return "- Host speed: not compared (a run has no host probe: recorded from schema 1.2 on)."
-    ha, hb = hosts
     text = (
-        f"- Host speed: the fixed CPU probe ({ha.probe_work or 'host probe'}) took {ha.probe_ms:.2f} ms in A and "
-        f"{hb.probe_ms:.2f} ms in B ({100 * shift:+.0f} %)"
+        f"- Host speed: the fixed CPU probe ({a.quality.host.probe_work or 'host probe'}) took {pa:.2f} ms in A "
+        f"and {pb:.2f} ms in B ({100 * shift:+.0f} %)"
     )
     if abs(shift) < HOST_SHIFT_SHOWN:
         return text + ": the same host speed."
-    where = "every timed metric" if a.hardware.device == "cpu" and b.hardware.device == "cpu" else "host-side time"
+    where = "every timed metric" if _both_cpu(a, b) else "host-side time"
     slower = "slower" if shift > 0 else "faster"
     floor = f"a change of {where} smaller than {100 * HOST_FLOOR_FACTOR * abs(shift):.0f} % is not called one"
     if abs(shift) > HOST_SHIFT_LIMIT:

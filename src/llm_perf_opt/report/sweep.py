@@ -16,6 +16,7 @@ from typing import Any
 import cattrs
 import yaml
 
+from llm_perf_opt.report.compare import HOST_SHIFT_LIMIT
 from llm_perf_opt.results.serialize import SchemaError, atomic_write_text, read_summary
 
 log = logging.getLogger(__name__)
@@ -127,27 +128,23 @@ def summarize_sweep(root: Path) -> list[dict[str, Any]]:
     return rows
 
 
-# A job whose host speed probe is further than this from the jobs' median ran on a host of another speed: its
-# figures differ from the others' by more than the swept setting (compare's HOST_SHIFT_LIMIT, same reason).
-HOST_SHIFT_FLAGGED = 0.15
-
-
 def _host_speed(rows: list[dict[str, Any]]) -> list[str]:
-    """Each job timed the same fixed CPU workload at its start and end: jobs far from the median ran on a host
-    that was faster or slower than the others', so their differences are not only the swept setting's."""
+    """Each job timed the same fixed CPU workload at its start and end: jobs further from the median than
+    ``compare`` tolerates between two runs (``HOST_SHIFT_LIMIT``) ran on a host faster or slower than the
+    others', so their differences are not only the swept setting's."""
     probes = {r["job"]: r["host_probe_ms"] for r in rows if r.get("host_probe_ms") is not None}
     if len(probes) < 2:
         return []
     med = statistics.median(probes.values())
-    off = {job: ms / med - 1 for job, ms in probes.items() if abs(ms / med - 1) > HOST_SHIFT_FLAGGED}
+    off = {job: ms / med - 1 for job, ms in probes.items() if abs(ms / med - 1) > HOST_SHIFT_LIMIT}
     head = (
         f"\n**Host speed:** the fixed CPU probe took {min(probes.values()):.2f}–{max(probes.values()):.2f} ms over "
         f"{len(probes)} jobs (median {med:.2f} ms)"
     )
     if not off:
-        return [f"{head}: every job within ±{100 * HOST_SHIFT_FLAGGED:.0f} % of it."]
+        return [f"{head}: every job within ±{100 * HOST_SHIFT_LIMIT:.0f} % of it."]
     return [
-        f"{head}; {len(off)} job(s) ran on a host more than {100 * HOST_SHIFT_FLAGGED:.0f} % off it — their "
+        f"{head}; {len(off)} job(s) ran on a host more than {100 * HOST_SHIFT_LIMIT:.0f} % off it — their "
         "differences from the others are not only the swept setting's:",
         *(f"- job {job}: {probes[job]:.2f} ms ({100 * shift:+.0f} %)" for job, shift in off.items()),
     ]

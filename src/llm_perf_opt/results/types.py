@@ -374,13 +374,6 @@ class Efficiency:
     reason: str | None = None
 
 
-def probe_shift(before: float | None, after: float | None) -> float | None:
-    """Relative change of a host probe time from ``before`` to ``after`` (+0.5: the host ran 1.5× slower)."""
-    if before is None or after is None or before <= 0:
-        return None
-    return after / before - 1.0
-
-
 @attrs.frozen
 class HostLoad:
     """Host conditions sampled during the run (profiling/noise.py); None fields were not readable here."""
