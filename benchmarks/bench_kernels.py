@@ -50,6 +50,7 @@ from llm_perf_opt.models.deepseek_ocr.decoder import RMSNorm, grouped_experts_st
 from llm_perf_opt.models.deepseek_ocr.graphs import first_argmax
 from llm_perf_opt.models.deepseek_ocr.kernels import (
     KEYS_PER_SPLIT,
+    PICK_BLOCK,
     add_rms_norm,
     add_rms_norm_ref,
     attention_splits,
@@ -485,18 +486,12 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
     specs.append(("_moe_combine_kernel", comb, comb_consts, 2))
     pick = dict(logits_ptr=f32, ban_ptr="*i1", val_ptr=f32, idx_ptr="*i32", bad_ptr="*i32", V="i32")
     pick.update(ban_stride="i32", N_CHUNKS="i32")
-    n_chunks = -(-lang.vocab_size // kernels_pick_block())
+    n_chunks = -(-lang.vocab_size // PICK_BLOCK)
     for has_ban in (False, True):
-        specs.append(("_pick_partial_kernel", pick, dict(BLOCK=kernels_pick_block(), HAS_BAN=has_ban), 4))
+        specs.append(("_pick_partial_kernel", pick, dict(BLOCK=PICK_BLOCK, HAS_BAN=has_ban), 4))
     final = dict(val_ptr=f32, idx_ptr="*i32", bad_ptr="*i32", out_ptr=i64, flag_ptr="*i1", V="i32", N_CHUNKS="i32")
     specs.append(("_pick_final_kernel", final, dict(BLOCK_C=1 << (n_chunks - 1).bit_length()), 1))
     return specs
-
-
-def kernels_pick_block() -> int:
-    from llm_perf_opt.models.deepseek_ocr.kernels import PICK_BLOCK
-
-    return PICK_BLOCK
 
 
 STREAMING = {"_attn_partial_kernel", "_moe_route_kernel", "_moe_up_kernel", "_moe_down_kernel", "_pick_partial_kernel"}
