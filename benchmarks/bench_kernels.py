@@ -320,8 +320,9 @@ class Bench:
         t_us, k_us = self.time(
             [lambda x=x: torch_fn(x) for x in bufs], [lambda x=x: pick_token(x, None, flag) for x in bufs]
         )
-        same = torch.equal(pick_token(bufs[0], None, flag), first_argmax(bufs[0]))
-        return Row("pick_token", tokens, t_us, k_us, tokens * vocab * 4, 0.0, "ids identical" if same else "ids DIFFER")
+        ids, ref_ids = pick_token(bufs[0], None, flag), first_argmax(bufs[0])
+        note = "ids identical" if torch.equal(ids, ref_ids) else "ids DIFFER"
+        return Row("pick_token", tokens, t_us, k_us, tokens * vocab * 4, max_err(ids, ref_ids), note)
 
     def _moe(self, tokens: int) -> tuple[list[tuple[torch.Tensor, ...]], list[tuple[torch.Tensor, ...]]]:
         """Per layer copy: the kernels' operands (x, idx, w, stacks with shared slots, residual) and the torch
