@@ -410,10 +410,9 @@ def main() -> None:
         if fast.fast_config.decode_kernels == "triton":  # the opt-in decode switches beside the default, one run
             d = fast.fast_config
             switches = {
-                f"fused_pick={not d.fused_pick}": {"fused_pick": not d.fused_pick},
-                f"norm_router_f32={not d.norm_router_f32}": {"norm_router_f32": not d.norm_router_f32},
+                f"{name}={not getattr(d, name)}": {name: not getattr(d, name)}
+                for name in ("fused_pick", "norm_router_f32", "pdl")
             }
-            switches["both"] = {k: v for sw in list(switches.values()) for k, v in sw.items()}
             for key, change in switches.items():
                 try:
                     fm = apply_fast_path(model, attrs.evolve(d, **change))

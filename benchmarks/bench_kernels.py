@@ -515,8 +515,15 @@ def sm90_check(lang: LanguageConfig) -> list[dict[str, Any]]:
         tool = get_ptxas(90) if inspect.signature(get_ptxas).parameters else get_ptxas()
         ptxas = getattr(tool, "path", None)
     results = []
-    for name, signature, constexprs, num_warps in sm90_specs(lang):
+    specs = [(name, sig, {**consts, "USE_GDC": False}, warps) for name, sig, consts, warps in sm90_specs(lang)]
+    first: dict[str, tuple[str, dict[str, str], dict[str, Any], int]] = {}
+    for spec in specs:
+        first.setdefault(spec[0], spec)
+    # each kernel once more as a programmatic dependent launch (kernels.dependent_launches: USE_GDC + launch_pdl)
+    specs += [(name, sig, {**consts, "USE_GDC": True}, warps) for name, sig, consts, warps in first.values()]
+    for name, signature, constexprs, num_warps in specs:
         fn = getattr(kernels, name)
+        pdl = bool(constexprs.get("USE_GDC", False))
         # the launcher specialises 16-byte aligned pointers and ints divisible by 16 (H = 1280, I = 896, V = 129,280)
         attrs_ = {
             (fn.arg_names.index(arg),): [["tt.divisibility", 16]]
@@ -529,7 +536,7 @@ def sm90_check(lang: LanguageConfig) -> list[dict[str, Any]]:
             compiled = triton.compile(
                 ASTSource(fn, full, constexprs, attrs_),
                 target=GPUTarget("cuda", 90, 32),
-                options={"num_warps": num_warps},
+                options={"num_warps": num_warps, **({"launch_pdl": True} if pdl else {})},
             )
         except Exception as exc:  # recorded and reported: the check's purpose is to show compile failures
             res["error"] = f"{type(exc).__name__}: {exc}"[-3000:]
@@ -539,6 +546,8 @@ def sm90_check(lang: LanguageConfig) -> list[dict[str, Any]]:
         res.update(
             error="",
             v4_loads=len(re.findall(r"ld\.global(?:\.[\w:]+)*\.v4\.b32", ptx)),
+            # the dependent-launch instructions in the PTX (griddepcontrol.wait / .launch_dependents)
+            griddepcontrol=sorted(set(re.findall(r"griddepcontrol\.(\w+)", ptx))),
             shared_bytes=int(compiled.metadata.shared),
             registers=None,
             spill_bytes=None,  # None: ptxas not found (the cubin was still built)
@@ -746,7 +755,8 @@ def batched_steps(
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """The batched decode step (``batched_decode.StaticBatchStep``, CUDA graph) of the full-size dummy model at
     each batch size, with the torch kernels and with ``decode_kernels="triton"`` (Triton norms, router and
-    grouped-GEMM experts from 9 rows on), plus the GPU time per kernel name of un-graphed steps."""
+    grouped-GEMM experts from 9 rows on), the Triton step again with its kernels as programmatic dependent launches
+    (``pdl``), plus the GPU time per kernel name of un-graphed steps."""
     from llm_perf_opt.models.deepseek_ocr import build_model
     from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, apply_fast_path
     from llm_perf_opt.models.deepseek_ocr.triton_layers import TritonRowAttention
@@ -761,10 +771,17 @@ def batched_steps(
         " GPU ms/step (un-graphed) |",
         "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for variant in ("torch", "triton, torch attention", "triton"):
+    for variant in ("torch", "triton, torch attention", "triton", "triton, pdl"):
         kern = variant.split(",")[0]
         fast = apply_fast_path(
-            model, FastConfig(decode_kernels=kern, sam_compile=False, clip_compile=False, vision_graphs=False)
+            model,
+            FastConfig(
+                decode_kernels=kern,
+                pdl=variant.endswith("pdl"),
+                sam_compile=False,
+                clip_compile=False,
+                vision_graphs=False,
+            ),
         )
         if variant == "triton, torch attention" and fast._triton_rows is not None:
             for layer in fast._triton_rows[0]:  # bench only: the row layers' attention back to the torch module

@@ -162,3 +162,19 @@ def test_vision_chunks_warmed_in_inference_mode_after_graphed_pages(model: Deeps
             assert torch.equal(a, b)  # the same graphs replayed
             rel = float((a.float() - ref.float()).norm() / ref.float().norm())
             assert rel < 3e-2, rel  # bf16 rounding of the fast vision (as test_fast_path.py)
+
+
+def test_dependent_launches_give_the_same_graphed_tokens(
+    model: DeepseekOCRForCausalLM, fast: FastModel, pages: list[PreparedPage]
+) -> None:
+    """``pdl``: the batched step's Triton kernels (row attention, and at 12 rows the grouped expert kernels) as
+    programmatic dependent launches in the captured graph give the plain launches' tokens (the same arithmetic:
+    each kernel waits on the device before its first load)."""
+    twelve = pages * 3
+    pdl = apply_fast_path(model, FastConfig(sam_compile=False, clip_compile=False, vision_graphs=False, pdl=True))
+    for rows in (pages, twelve):
+        ref = _generator(model, fast, "fast").run(rows, STEPS, eos_token_id=None, no_repeat_ngram_size=20)
+        gen = _generator(model, pdl, "fast")
+        res = gen.run(rows, STEPS, eos_token_id=None, no_repeat_ngram_size=20)
+        assert ref.decode_path == "graph" and res.decode_path == "graph", gen.capture_error
+        assert res.tokens == ref.tokens, len(rows)

@@ -158,3 +158,30 @@ def test_norm_router_f32_gives_bit_identical_graphed_logits(model: object) -> No
             out = [fast.decode_step(torch.tensor([[t]], device="cuda"), cache).clone() for t in feed]
             rows.append(torch.stack(out))
     assert torch.equal(rows[0], rows[1])
+
+
+def test_dependent_launches_give_bit_identical_graphed_logits_and_tokens(model: object) -> None:
+    """``pdl`` under graph capture at full size: every Triton kernel waits on the device for the one before it, so
+    a teacher-forced decode's logits equal the plain launches' bit for bit, and so do the device greedy tokens
+    (fused pick and the vendor's n-gram rule included).  A missing wait would read a previous kernel's outputs
+    early: logits off by far more than zero."""
+    gen = torch.Generator(device="cpu").manual_seed(3)
+    rows, greedy = [], []
+    with torch.inference_mode():
+        ids = torch.randint(0, 129280, (1, 300), generator=gen).cuda()
+        embeds = model.model.embed_tokens(ids)  # type: ignore[attr-defined]
+        feed = torch.randint(0, 129280, (STEPS,), generator=gen).tolist()
+        for pdl in (False, True):
+            fast = apply_fast_path(model, FastConfig(pdl=pdl))  # type: ignore[arg-type]
+            assert fast.decode_kernels == "triton", fast.decode_kernels_note
+            cache = fast.new_cache(batch=1, max_len=embeds.shape[1] + STEPS + 1)
+            fast.prefill(embeds, cache)
+            out = [fast.decode_step(torch.tensor([[t]], device="cuda"), cache).clone() for t in feed]
+            rows.append(torch.stack(out))
+            cache = fast.new_cache(batch=1, max_len=embeds.shape[1] + STEPS + 1)
+            first = fast.prefill(embeds, cache).argmax(-1, keepdim=True)
+            dec = fast.decoder_for(cache, 20)
+            greedy.append(dec.greedy(first, STEPS))
+            assert dec.graph is not None and not bool(dec.nonfinite)
+    assert torch.equal(rows[0], rows[1])
+    assert greedy[0] == greedy[1]

@@ -145,13 +145,18 @@ class FastConfig:
     # fused Triton decode step (kernels.py) where Triton runs (CUDA); elsewhere the torch step, said once
     decode_kernels: str = attrs.field(default="triton", validator=attrs.validators.in_(DECODE_KERNELS))
     # with the Triton decode step at batch 1-8: the token pick after the lm_head (non-finite flag, n-gram ban,
-    # first argmax) as kernels.pick_token's two launches instead of ~6 torch kernels.  Off until measured on a
-    # GPU: the same tokens (CPU interpreter tests), its speed not yet timed (bench_kernels' pick_token row).
-    fused_pick: bool = False
+    # first argmax) as kernels.pick_token's two launches instead of ~6 torch kernels.  On an H200 (bench_fast,
+    # 2026-12-02 r7): 0.854 -> 0.819 ms/token with the same 64 greedy tokens; the pick itself 34.4 -> 3.1 us.
+    fused_pick: bool = True
     # with the Triton decode step: each MoE layer's post-attention norm kernel also writes the router's float32
-    # input (the same values as ``normed.float()``), saving one cast launch per MoE layer.  Off until measured
-    # on a GPU (bit-identical router logits in the CPU interpreter tests)
-    norm_router_f32: bool = False
+    # input (the same values as ``normed.float()``), saving one cast launch per MoE layer.  On an H200
+    # (bench_fast, 2026-12-02 r7): 0.854 -> 0.827 ms/token, bit-identical logits (GPU and interpreter tests)
+    norm_router_f32: bool = True
+    # with the Triton decode step: every Triton kernel launched as a programmatic dependent launch (Hopper PDL,
+    # kernels.dependent_launches): a kernel's programs are scheduled while the one before it finishes and wait on
+    # the device before their first load, so results are bit-identical and launch latency overlaps.  Off until
+    # timed on a GPU (bench_fast's pdl variant)
+    pdl: bool = False
     # the session's decode loop picks tokens on the device (greedy + the no-repeat-ngram ban inside the decode
     # graph, eos checked every 16 steps) instead of reading every step's logits on the host; temperature > 0
     # keeps the host loop
@@ -413,10 +418,21 @@ class FastModel:
         if triton:
             if self._triton is None:
                 raise InputError("the Triton decode layers were not built", hint=str(self.decode_kernels_note))
-            return run_decoder(self._triton[0], self._triton[1], hidden, ctx)
+            with self.triton_launches():
+                return run_decoder(self._triton[0], self._triton[1], hidden, ctx)
         if self._triton_rows is not None and ctx.slot is not None:
-            return run_decoder(self._triton_rows[0], self._triton_rows[1], hidden, ctx)
+            with self.triton_launches():
+                return run_decoder(self._triton_rows[0], self._triton_rows[1], hidden, ctx)
         return run_decoder(self.layers, self.norm, hidden, ctx)
+
+    def triton_launches(self) -> contextlib.AbstractContextManager[None]:
+        """How the Triton decode kernels are launched here: as programmatic dependent launches when
+        ``infer.fast.pdl`` (:func:`kernels.dependent_launches`), plainly otherwise."""
+        if not self.fast_config.pdl:
+            return contextlib.nullcontext()
+        from llm_perf_opt.models.deepseek_ocr.kernels import dependent_launches
+
+        return dependent_launches()
 
     def logits(self, hidden: Tensor) -> Tensor:
         """float32 logits of normed hidden states."""

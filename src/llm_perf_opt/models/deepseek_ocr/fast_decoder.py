@@ -91,7 +91,8 @@ class FastDecoder:
         if self.fused_pick:
             from llm_perf_opt.models.deepseek_ocr.kernels import pick_token
 
-            return pick_token(logits, banned, self.nonfinite)
+            with self.fast.triton_launches():
+                return pick_token(logits, banned, self.nonfinite)
         self.nonfinite |= ~torch.isfinite(logits).all()
         if banned is None:
             return first_argmax(logits)

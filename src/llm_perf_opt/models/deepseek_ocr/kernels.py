@@ -39,14 +39,23 @@ Design notes (target: H100/H200 with Triton >= 3.2; only masked loads/stores, re
 * rounding: every place where the torch path materialises a bf16 tensor, the kernel rounds its float32
   value to bf16 too (:func:`_round`), so results match the torch path to the last bit wherever the
   float32 arithmetic is the same (residual adds, rotary, cache writes) and to bf16 rounding elsewhere
-  (reductions summed in another order).
+  (reductions summed in another order);
+* launches: inside :func:`dependent_launches` (``infer.fast.pdl``) every kernel is launched as a
+  programmatic dependent launch (Hopper's PDL, CUDA graphs keep it): its programs may be scheduled while the
+  kernel before it in the stream still runs, and each first waits (``griddepcontrol.wait``) until that kernel
+  has finished and its writes are visible, before any load, then lets the next kernel be scheduled.  No data
+  is read early, so results are bit-identical; what the overlap saves is launch and scheduling latency
+  between the step's ~130 small Triton launches.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 import os
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +85,7 @@ __all__ = [
     "attention_splits",
     "decode_attention",
     "decode_attention_ref",
+    "dependent_launches",
     "moe_block_sizes",
     "moe_experts",
     "moe_experts_grouped",
@@ -159,8 +169,42 @@ def _contig(t: Tensor, name: str) -> Tensor:
     return t
 
 
+# Whether kernels launched now are programmatic dependent launches (:func:`dependent_launches`).
+_DEPENDENT_LAUNCH: contextvars.ContextVar[bool] = contextvars.ContextVar("dependent_launch", default=False)
+
+
+@contextlib.contextmanager
+def dependent_launches(enabled: bool = True) -> Iterator[None]:
+    """Launch every kernel of this module as a programmatic dependent launch (PDL, sm_90+) inside the block.
+
+    Each kernel then waits on the device for the previous kernel in the stream (and its writes) before its
+    first load, so results do not change; a CUDA graph captured inside the block keeps the dependent edges, so
+    capturing is what matters, not replaying.  Under Triton's interpreter (no device) the flag does nothing.
+    """
+    token = _DEPENDENT_LAUNCH.set(enabled)
+    try:
+        yield
+    finally:
+        _DEPENDENT_LAUNCH.reset(token)
+
+
+def _pdl() -> dict[str, bool]:
+    """Launch options for one kernel: a dependent launch (and its wait compiled in) inside
+    :func:`dependent_launches` on a device; nothing otherwise (the interpreter has no grid dependencies)."""
+    if _DEPENDENT_LAUNCH.get() and not INTERPRETED:
+        return {"USE_GDC": True, "launch_pdl": True}
+    return {}
+
+
 # ======================================================================================== kernels
 if HAVE_TRITON:
+
+    @triton.jit
+    def _dependent_launch():
+        """First thing in a kernel launched as a dependent launch: wait until the kernel before it has finished
+        and its writes are visible, then let the next kernel's programs be scheduled (they wait in turn)."""
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
     def _round(x, dt: tl.constexpr):
@@ -192,7 +236,10 @@ if HAVE_TRITON:
         HAS_RESIDUAL: tl.constexpr,
         BLOCK_H: tl.constexpr,
         HAS_F32: tl.constexpr = False,
+        USE_GDC: tl.constexpr = False,
     ):
+        if USE_GDC:
+            _dependent_launch()
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK_H)
         mask = cols < H
@@ -227,7 +274,10 @@ if HAVE_TRITON:
         BLOCK_D: tl.constexpr,
         ROW_TABLES: tl.constexpr = False,
         POS_STRIDE: tl.constexpr = 0,
+        USE_GDC: tl.constexpr = False,
     ):
+        if USE_GDC:
+            _dependent_launch()
         b = tl.program_id(0)
         h = tl.program_id(1)  # 0..HQ-1: q heads, HQ..HQ+HK-1: k heads, then v heads
         pos = tl.load(pos_ptr + b * POS_STRIDE)  # one column for every row (stride 0), or row b's own
@@ -275,7 +325,10 @@ if HAVE_TRITON:
         HAS_MASK: tl.constexpr = False,
         POS_STRIDE: tl.constexpr = 0,
         key_limit=0,
+        USE_GDC: tl.constexpr = False,
     ):
+        if USE_GDC:
+            _dependent_launch()
         bh = tl.program_id(0)
         split = tl.program_id(1)
         b = bh // HQ
@@ -326,7 +379,10 @@ if HAVE_TRITON:
         N_SPLITS,
         BLOCK_S: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        USE_GDC: tl.constexpr = False,
     ):
+        if USE_GDC:
+            _dependent_launch()
         bh = tl.program_id(0)
         sp = tl.arange(0, BLOCK_S)
         smask = sp < N_SPLITS
@@ -359,7 +415,10 @@ if HAVE_TRITON:
         BLOCK_KSLOT: tl.constexpr,
         BLOCK_K: tl.constexpr,
         LOGITS_IN: tl.constexpr,
+        USE_GDC: tl.constexpr = False,
     ):
+        if USE_GDC:
+            _dependent_launch()
         t = tl.program_id(0)
         e = tl.arange(0, BLOCK_E)
         emask = e < E
@@ -412,7 +471,10 @@ if HAVE_TRITON:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         EVEN_K: tl.constexpr,
+        USE_GDC: tl.constexpr = False,
     ):
+        if USE_GDC:
+            _dependent_launch()
         ts = tl.program_id(0)  # token * n_slots + slot
         nb = tl.program_id(1)
         t = ts // (TOP_K + N_ALWAYS)
@@ -462,7 +524,10 @@ if HAVE_TRITON:
         BLOCK_H: tl.constexpr,
         BLOCK_K: tl.constexpr,
         EVEN_K: tl.constexpr,
+        USE_GDC: tl.constexpr = False,
     ):
+        if USE_GDC:
+            _dependent_launch()
         t = tl.program_id(0)
         hb = tl.program_id(1)
         rows = hb * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -515,11 +580,14 @@ if HAVE_TRITON:
         BLOCK_P: tl.constexpr,
         BLOCK_ALL: tl.constexpr,
         BLOCK_E: tl.constexpr,
+        USE_GDC: tl.constexpr = False,
     ):
         """Counting sort of the P (token, pick) pairs by expert, stable: ``order[pos] = pair``, ``offs[e]`` = first
         sorted position of expert e (``offs[E] = P``).  A pair's position is the number of pairs with a smaller
         expert id plus the earlier pairs with the same id: every program loads all P ids at once (P <= BLOCK_ALL)
         and places its BLOCK_P pairs with one [BLOCK_P, BLOCK_ALL] comparison; the last program writes ``offs``."""
+        if USE_GDC:
+            _dependent_launch()
         pb = tl.program_id(0)
         q = tl.arange(0, BLOCK_ALL)
         idq = tl.load(ids_ptr + q, mask=q < P, other=E + 1).to(tl.int32)  # padding sorts after every pair
@@ -564,10 +632,13 @@ if HAVE_TRITON:
         EVEN_K: tl.constexpr,
         PRECISION: tl.constexpr,
         UPCAST: tl.constexpr,
+        USE_GDC: tl.constexpr = False,
     ):
         """Grid (slots, I / BLOCK_N): one expert's rows x one tile of its gate and up columns, ``BLOCK_M`` rows at
         a time (an expert with no rows reads nothing), then ``bf16(silu(g)) * u`` into ``h`` at the rows' sorted
         positions, with the grouped GEMM's rounding points."""
+        if USE_GDC:
+            _dependent_launch()
         slot = tl.program_id(0)
         nb = tl.program_id(1)
         start, end, base = _gmm_rows(order_ptr, offs_ptr, slot, P, T, TOP_K, N_ROUTED)
@@ -624,9 +695,12 @@ if HAVE_TRITON:
         EVEN_K: tl.constexpr,
         PRECISION: tl.constexpr,
         UPCAST: tl.constexpr,
+        USE_GDC: tl.constexpr = False,
     ):
         """Grid (slots, H / BLOCK_N): ``y = h @ W2[e]ᵀ`` for one expert's rows x one tile of hidden columns, written
         in float32 at each row's pair index (token·k + pick), so the combine reads a token's picks in order."""
+        if USE_GDC:
+            _dependent_launch()
         slot = tl.program_id(0)
         nb = tl.program_id(1)
         start, end, base = _gmm_rows(order_ptr, offs_ptr, slot, P, T, TOP_K, N_ROUTED)
@@ -668,9 +742,12 @@ if HAVE_TRITON:
         N_ALWAYS: tl.constexpr,
         HAS_RESIDUAL: tl.constexpr,
         BLOCK_H: tl.constexpr,
+        USE_GDC: tl.constexpr = False,
     ):
         """Per token: ``Σ_k w·bf16(y_k)`` in float32 in pick order, the always-on slots summed in float32 and rounded
         once (one down GEMM in torch), then routed + shared (+ residual): the GEMV kernel's rounding points."""
+        if USE_GDC:
+            _dependent_launch()
         t = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         cmask = cols < H
@@ -701,9 +778,12 @@ if HAVE_TRITON:
         N_CHUNKS,
         BLOCK: tl.constexpr,
         HAS_BAN: tl.constexpr,
+        USE_GDC: tl.constexpr = False,
     ):
         """One chunk of one row: whether it holds a non-finite logit (before the ban), then its largest logit
         after the ban and the first index holding it."""
+        if USE_GDC:
+            _dependent_launch()
         row = tl.program_id(0)
         c = tl.program_id(1)
         offs = c * BLOCK + tl.arange(0, BLOCK)
@@ -721,11 +801,15 @@ if HAVE_TRITON:
         tl.store(bad_ptr + row * N_CHUNKS + c, bad)
 
     @triton.jit
-    def _pick_final_kernel(val_ptr, idx_ptr, bad_ptr, out_ptr, flag_ptr, V, N_CHUNKS, BLOCK_C: tl.constexpr):
+    def _pick_final_kernel(
+        val_ptr, idx_ptr, bad_ptr, out_ptr, flag_ptr, V, N_CHUNKS, BLOCK_C: tl.constexpr, USE_GDC: tl.constexpr = False
+    ):
         """Per row: the first chunk index holding the row's largest value (chunks are in index order, so the
         smallest index among the tied chunk maxima is the row's first argmax), clamped into the vocabulary (a
         NaN row matches nothing, and its token must still be a valid embedding row); the sticky flag set when
         any chunk saw a non-finite logit."""
+        if USE_GDC:
+            _dependent_launch()
         row = tl.program_id(0)
         c = tl.arange(0, BLOCK_C)
         m = c < N_CHUNKS
@@ -794,6 +878,7 @@ def _add_rms_norm(
         BLOCK_H=block,
         HAS_F32=f32,
         num_warps=4 if block <= 2048 else 8,
+        **_pdl(),
     )
     return normed, summed, normed_f32
 
@@ -906,6 +991,7 @@ def rope_kv_write(
         ROW_TABLES=row_tables,
         POS_STRIDE=0 if pos.shape[0] == 1 else 1,
         num_warps=1,
+        **_pdl(),
     )
     return q
 
@@ -1023,9 +1109,10 @@ def decode_attention(
         POS_STRIDE=0 if pos.shape[0] == 1 else 1,
         key_limit=key_limit,
         **mask_args,
+        **_pdl(),
     )
     _attn_combine_kernel[(rows,)](
-        m, den, acc, out, D=dim, N_SPLITS=splits, BLOCK_S=_pow2(splits), BLOCK_D=block_d, num_warps=2
+        m, den, acc, out, D=dim, N_SPLITS=splits, BLOCK_S=_pow2(splits), BLOCK_D=block_d, num_warps=2, **_pdl()
     )
     return out
 
@@ -1106,6 +1193,7 @@ def moe_route(
         BLOCK_K=max(16, min(_pow2(hidden), 8192 // block_e)),
         LOGITS_IN=logits is not None,
         num_warps=8 if logits is None else 2,
+        **_pdl(),
     )
     return idx, weights
 
@@ -1293,6 +1381,7 @@ def moe_experts(
         BLOCK_K=block_k_up,
         EVEN_K=hidden % block_k_up == 0,
         num_warps=num_warps,
+        **_pdl(),
     )
     _moe_down_kernel[(n_tokens, triton.cdiv(hidden, block_h))](
         h,
@@ -1311,6 +1400,7 @@ def moe_experts(
         BLOCK_K=block_k_down,
         EVEN_K=inter % block_k_down == 0,
         num_warps=num_warps_down,
+        **_pdl(),
     )
     return out
 
@@ -1403,7 +1493,16 @@ def moe_experts_grouped(
     block_p = 16  # [16, pow2(P)] comparisons per program: P = 384 (64 tokens) -> 24 programs + 1 for offs
     block_e = max(block_p, _pow2(n_routed + 1))
     _moe_align_kernel[(triton.cdiv(n_pairs, block_p) + 1,)](
-        idx, order, offs, n_pairs, E=n_routed, BLOCK_P=block_p, BLOCK_ALL=_pow2(n_pairs), BLOCK_E=block_e, num_warps=4
+        idx,
+        order,
+        offs,
+        n_pairs,
+        E=n_routed,
+        BLOCK_P=block_p,
+        BLOCK_ALL=_pow2(n_pairs),
+        BLOCK_E=block_e,
+        num_warps=4,
+        **_pdl(),
     )
     common = dict(TOP_K=top_k, BLOCK_M=block_m, PRECISION=precision, UPCAST=interpreter, num_warps=num_warps)
     _moe_gmm_up_kernel[(n_slots, triton.cdiv(inter, bn_up))](
@@ -1422,6 +1521,7 @@ def moe_experts_grouped(
         EVEN_K=hidden % bk_up == 0,
         **common,
         **stages,
+        **_pdl(),
     )
     _moe_gmm_down_kernel[(n_slots, triton.cdiv(hidden, bn_down))](
         h,
@@ -1439,6 +1539,7 @@ def moe_experts_grouped(
         EVEN_K=inter % bk_down == 0,
         **common,
         **stages,
+        **_pdl(),
     )
     block_h = 256 if not interpreter else _pow2(hidden)
     _moe_combine_kernel[(n_tokens, triton.cdiv(hidden, block_h))](
@@ -1454,6 +1555,7 @@ def moe_experts_grouped(
         HAS_RESIDUAL=residual is not None,
         BLOCK_H=block_h,
         num_warps=2,
+        **_pdl(),
     )
     return out
 
@@ -1517,6 +1619,9 @@ def pick_token(
         BLOCK=blk,
         HAS_BAN=banned is not None,
         num_warps=4,
+        **_pdl(),
     )
-    _pick_final_kernel[(bsz,)](vals, idx, bad, out, flag, vocab, n_chunks, BLOCK_C=_pow2(n_chunks), num_warps=1)
+    _pick_final_kernel[(bsz,)](
+        vals, idx, bad, out, flag, vocab, n_chunks, BLOCK_C=_pow2(n_chunks), num_warps=1, **_pdl()
+    )
     return out

@@ -195,6 +195,38 @@ def test_norm_router_f32_gives_the_same_logits_without_the_casts(monkeypatch: py
     assert n_moe > 0 and kept == [True] * (6 * n_moe)  # every decode step's every MoE router took the copy
 
 
+@pytest.mark.parametrize("pdl", [False, True])
+def test_pdl_launches_every_decode_kernel_as_a_dependent_launch(pdl: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``pdl``: every Triton launch of a decode step (the single-page step with its fused pick, and the batched
+    row step) happens inside ``kernels.dependent_launches``, and nothing outside the step does; the interpreter
+    itself launches plainly (no device to depend on), so the tokens are those of the plain launches."""
+    seen: list[bool] = []
+    real = kernels._pdl
+
+    def spy() -> dict[str, bool]:
+        seen.append(kernels._DEPENDENT_LAUNCH.get())
+        return real()
+
+    monkeypatch.setattr(kernels, "_pdl", spy)
+    model = _model(seed=8)
+    embeds = torch.randn(2, 7, model.config.language.hidden_size)
+    common = dict(cuda_graphs=False, sam_compile=False, clip_compile=False, vision_graphs=False)
+    fast = apply_fast_path(model, FastConfig(decode_kernels="triton", pdl=pdl, **common))  # type: ignore[arg-type]
+    cache = fast.new_cache(batch=2, max_len=7 + 8)
+    first = fast.prefill(embeds, cache).argmax(dim=-1, keepdim=True)
+    n_layers = model.config.language.num_hidden_layers
+    tokens = fast.decoder_for(cache, 2).greedy(first, 4)
+    # >= 4 launches per layer per step (norm, rotary, attention, combine) plus the pick's two
+    assert len(seen) >= 4 * (4 * n_layers + 2) and set(seen) == {pdl}
+    single = len(seen)
+    res = BatchedGenerator(fast).run(tiny_case_pages(model.config) * 2, 4, eos_token_id=None)
+    assert res.decode_path == "static" and len(seen) > single and set(seen) == {pdl}
+    assert not kernels._DEPENDENT_LAUNCH.get() and real() == {}  # reset after the step; plain in the interpreter
+    plain = apply_fast_path(model, FastConfig(decode_kernels="triton", **common))  # type: ignore[arg-type]
+    cache = plain.new_cache(batch=2, max_len=7 + 8)
+    assert plain.decoder_for(cache, 2).greedy(plain.prefill(embeds, cache).argmax(dim=-1, keepdim=True), 4) == tokens
+
+
 def test_triton_unavailable_falls_back_with_a_reason(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where the kernels cannot run, the torch step runs and the model says why (warned only on CUDA, where
     Triton was expected; on the CPU the torch step is the normal one)."""

@@ -695,3 +695,17 @@ def test_compiles_for_sm90(sm90: list[dict[str, Any]]) -> None:
         assert r["spill_bytes"] in (0, None), r  # None: this Triton's ptxas was not found (cubin still built)
         if r["kernel"] in STREAMING:
             assert r["v4_loads"] > 0, r
+
+
+def test_dependent_launch_variants_wait_before_they_read(sm90: list[dict[str, Any]]) -> None:
+    """``infer.fast.pdl``: every kernel also compiles as a programmatic dependent launch, with both grid-dependency
+    instructions in its PTX (the wait, without which a dependent launch could read the previous kernel's outputs
+    early); the plain variants hold neither (a stray wait would be harmless, a missing one a race)."""
+    pdl = {r["kernel"]: r for r in sm90 if r["constexprs"]["USE_GDC"]}
+    assert set(pdl) == {r["kernel"] for r in sm90}  # every kernel has its dependent-launch variant
+    for r in pdl.values():
+        assert not r["error"] and r["spill_bytes"] in (0, None), r
+        assert r["griddepcontrol"] == ["launch_dependents", "wait"], r
+    for r in sm90:
+        if not r["constexprs"]["USE_GDC"]:
+            assert r["griddepcontrol"] == [], r
