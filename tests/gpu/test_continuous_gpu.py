@@ -77,7 +77,8 @@ def test_graph_reused_and_recaptured_after_growth(fast: FastModel, pages: list[P
     reqs = [SlotRequest(pages[0], 4), SlotRequest(pages[1], 3), SlotRequest(pages[2], long_cap)]
     grown = gen.run_continuous(reqs, 2, eos_token_id=None)
     alone = _gen(fast).run([pages[2]], long_cap, eos_token_id=None)
-    assert grown.decode_path == "graph" and grown.tokens[2] == alone.tokens[0]
+    assert grown.decode_path == "graph", gen.capture_error
+    assert grown.tokens[2] == alone.tokens[0]
 
 
 def test_drain_narrowing_under_graphs(fast: FastModel, pages: list[PreparedPage]) -> None:

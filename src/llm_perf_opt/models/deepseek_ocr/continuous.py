@@ -550,6 +550,8 @@ def run_continuous(
                 step.key_len = min(step.max_len, cache_len_for(_reach(run, occupied, n_steps) + 1))
                 if step.use_graph and step.graph is None:
                     run.capture_s += step.capture()
+                    if step.capture_error is not None:  # the generator's record: its report says why, once
+                        gen.capture_error = step.capture_error
                 marks = [clock.mark()]
                 for _ in range(n_steps):
                     before = step.done.logical_not().tolist() if keep_logits else None

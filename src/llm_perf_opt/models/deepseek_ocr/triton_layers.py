@@ -48,8 +48,10 @@ class TritonRMSNorm(RMSNorm):
 
     def f32_of(self, rows: Tensor) -> Tensor:
         """``rows.float()``: the copy the last :meth:`add_norm` wrote when ``rows`` are its output (same storage,
-        shape and dtype), else a cast."""
-        kept = self._f32
+        shape and dtype), else a cast.  The norm lets go of the copy here: one kept past its step would hold a
+        block of a CUDA graph's private memory pool, and the graph captured after that pool's graph was dropped
+        (the continuous step's cache growth) would free it mid-capture, which the allocator cannot do."""
+        kept, self._f32 = self._f32, None
         if kept is not None:
             normed, f32 = kept
             same = rows.data_ptr() == normed.data_ptr() and rows.shape == normed.shape and rows.dtype == normed.dtype
