@@ -9,6 +9,7 @@ greedy pick computed inside a graph.
 from __future__ import annotations
 
 import contextlib
+import gc
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -25,16 +26,28 @@ def capture_graph(
     """Run ``fn`` twice on a side stream (cuBLAS handles, workspaces, compilation, lazy inits: work that must
     not happen inside a capture), then capture one call; returns the graph and that call's output (static
     buffers the graph rewrites on every replay).  ``context`` is entered around the warm-up and the capture
-    (e.g. an SDPA backend policy, which the graph is then tied to)."""
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream), context():
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), context():
-        out = fn()
+    (e.g. an SDPA backend policy, which the graph is then tied to).
+
+    Python's garbage collector is run first and kept off until the capture ends: an unreachable graph in a
+    reference cycle (a dropped decode step whose narrower steps point back at it) destroyed by an automatic
+    collection in the middle of a capture resets itself there, which invalidates the capture ("operation not
+    permitted when stream is capturing"; torch no longer collects before a capture by default)."""
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream), context():
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), context():
+            out = fn()
+    finally:
+        if was_enabled:
+            gc.enable()
     return graph, out
 
 
