@@ -48,9 +48,8 @@ class TritonRMSNorm(RMSNorm):
 
     def f32_of(self, rows: Tensor) -> Tensor:
         """``rows.float()``: the copy the last :meth:`add_norm` wrote when ``rows`` are its output (same storage,
-        shape and dtype), else a cast.  The norm lets go of the copy here: one kept past its step would hold a
-        block of a CUDA graph's private memory pool, and the graph captured after that pool's graph was dropped
-        (the continuous step's cache growth) would free it mid-capture, which the allocator cannot do."""
+        shape and dtype), else a cast.  The norm lets go of the copy here, so no copy outlives its step (under
+        a CUDA graph it is a block of the graph's private memory pool, which should go with the graph)."""
         kept, self._f32 = self._f32, None
         if kept is not None:
             normed, f32 = kept
