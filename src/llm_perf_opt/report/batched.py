@@ -164,6 +164,12 @@ def _batch_paths(s: RunSummary) -> str:
         "host": "host loop: logits read every step (per-sequence no_repeat_ngram sizes or kept logits)",
     }
     text = "Decode path: " + "; ".join(f"{p} ({note.get(p, '?')})" for p in paths) + "."
+    failed = sorted({b.graph_capture_error for b in s.batches if b.graph_capture_error})
+    if failed:  # the un-graphed step is slower than the graphed one would be: say so, and why
+        text += (
+            f" The decode step's CUDA-graph capture failed ({'; '.join(e[:300] for e in failed)}), so the step ran"
+            " un-graphed from there on: its decode times include the launch overhead a graph removes."
+        )
     if captures:
         text += f" Graph captures: {len(captures)}, {fmt(sum(captures), 1)} ms in all (outside the stage times)."
     waits = [b.page_wait_ms for b in s.batches if b.page_wait_ms is not None]

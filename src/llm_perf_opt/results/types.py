@@ -12,8 +12,8 @@ from typing import Any, Literal
 import attrs
 
 # 1.1: Stats gains the median interval and outliers; quality, runaway pages, per-page repetition loops, batch
-# preprocessing time (all optional: 1.0 files still read).
-SCHEMA_VERSION = "1.2"
+# preprocessing time (all optional: 1.0 files still read).  1.3: BatchRecord.graph_capture_error (optional).
+SCHEMA_VERSION = "1.3"
 
 # Name of the synthetic operator row that holds device time the profiler could not attribute to any operator
 # (CUDA-graph replays, kernels launched outside torch ops): the profiler writes it, the report explains it.
@@ -136,6 +136,7 @@ class BatchRecord:
     # per-sequence no_repeat_ngram sizes or kept logits need each step's logits on the host)
     decode_path: str = "host"
     graph_capture_ms: float = 0.0  # one-time warm-up + capture of the decode graph (not in any stage time)
+    graph_capture_error: str | None = None  # why the decode graph's capture failed (the step then ran un-graphed)
     idle_steps: int = 0  # steps after every sequence had finished (eos is checked every k steps)
     preprocess_ms: float | None = None  # host preprocessing of the batch's pages (decode + resize + tiling)
     # The same rates with the host preprocessing of the batch added to its time (pages_per_s leaves it out).

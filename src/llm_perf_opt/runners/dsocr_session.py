@@ -247,6 +247,7 @@ class DeepSeekOCRSession:
             tpot_ms=list(res.tpot_ms),
             decode_path=res.decode_path,
             graph_capture_ms=res.graph_capture_s * 1e3,
+            graph_capture_error=res.graph_capture_error,
             idle_steps=res.idle_steps,
             preprocess_ms=preprocess_ms,
             pages_per_s_with_preprocess=None
@@ -331,6 +332,7 @@ class DeepSeekOCRSession:
             tpot_ms=list(res.tpot_ms),
             decode_path=res.decode_path,
             graph_capture_ms=res.graph_capture_s * 1e3,
+            graph_capture_error=res.graph_capture_error,
             idle_steps=res.idle_steps,
             preprocess_ms=wait_ms,
             pages_per_s_with_preprocess=res.pages / (total_s + res.page_wait_s) if total_s > 0 else None,

@@ -127,6 +127,19 @@ def test_report_section_renders_the_summary() -> None:
     assert "Here the steady-state token rate is below the end-to-end one" in md
 
 
+def test_report_says_why_the_decode_step_ran_ungraphed() -> None:
+    """A failed CUDA-graph capture is named in the decode-path line (its decode times carry the launch overhead a
+    graph removes); a run whose capture worked says nothing of the kind."""
+    ok = record(4, 40, 10, 4, (100.0, 300.0), decode_path="graph", graph_capture_ms=12.0)
+    summary = attrs.evolve(make_summary(pages=[make_page("p0")]), batches=[ok])
+    assert "capture failed" not in render_report(summary)
+    error = "AcceleratorError: CUDA error: operation failed due to a previous error during capture"
+    failed = attrs.evolve(ok, decode_path="static", graph_capture_error=error)
+    md = render_report(attrs.evolve(summary, batches=[ok, failed]))
+    assert f"The decode step's CUDA-graph capture failed ({error}), so the step ran un-graphed" in md
+    assert "Decode path: graph (CUDA-graph step" in md and "; static (static step, un-graphed)." in md
+
+
 def _prepare(page: Page) -> str:
     if page.page_id == "bad":
         raise InputError("cannot decode")

@@ -26,7 +26,8 @@ class BatchResult:
     (the same step un-graphed: CPU, ``cuda_graphs=False``, experts that sync, or a failed capture) or "host"
     (host-driven loop).  ``graph_capture_s`` is the host wall time of this run's one-time graph capture
     (warm-up steps + capture, synchronised), 0.0 when the graph was reused or none was captured; it is in
-    none of the stage times (``total_s`` excludes it).
+    none of the stage times (``total_s`` excludes it).  ``graph_capture_error`` says why a capture failed (the
+    step then ran un-graphed: ``decode_path`` "static"), None when none did.
     """
 
     tokens: list[list[int]]
@@ -41,6 +42,7 @@ class BatchResult:
     decode_path: str = "host"
     graph_capture_s: float = 0.0
     idle_steps: int = 0
+    graph_capture_error: str | None = None
 
     @property
     def batch(self) -> int:
@@ -110,6 +112,7 @@ class StageMarks:
         decode_path: str,
         graph_capture_s: float = 0.0,
         idle_steps: int = 0,
+        graph_capture_error: str | None = None,
     ) -> BatchResult:
         """``step_marks[0]`` opens the decode (the prefill mark, or the mark after a graph capture)."""
         c = self.clock
@@ -126,4 +129,5 @@ class StageMarks:
             decode_path=decode_path,
             graph_capture_s=graph_capture_s,
             idle_steps=idle_steps,
+            graph_capture_error=graph_capture_error,
         )

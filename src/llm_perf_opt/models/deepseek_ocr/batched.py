@@ -475,6 +475,7 @@ class BatchedGenerator:
             decode_path="graph" if static.use_graph else "static",
             graph_capture_s=capture_s,
             idle_steps=steps - busy,
+            graph_capture_error=static.capture_error,
         )
 
     @staticmethod

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
@@ -112,6 +113,7 @@ class ContinuousResult:
     wall_s: float
     decode_path: str
     graph_capture_s: float = 0.0
+    graph_capture_error: str | None = None  # why a capture of the step failed (that step then ran un-graphed)
     logits: list[list[Tensor]] | None = None  # only with keep_logits: float32 host rows, row 0 from the prefill
     # per page: the index in ``step_ms`` of the step that produced its second token (its slot's first step)
     first_step: list[int] = attrs.field(factory=list)
@@ -325,6 +327,7 @@ class SlotDecodeStep(DecodeRows):
         except RuntimeError as exc:  # an op that cannot be captured: run the same step un-graphed, say why
             self.capture_error = f"{type(exc).__name__}: {exc}"
             self.use_graph = False
+            warnings.warn(f"continuous decode CUDA graph capture failed, decoding un-graphed ({exc})", stacklevel=3)
         for buf, old in zip(self._state(), saved, strict=True):
             buf.copy_(old)
         torch.cuda.synchronize(dev)
@@ -419,6 +422,7 @@ class _Run:
         self.fill_marks: list[tuple[object, object, object]] = []
         self.step_runs: list[list[object]] = []
         self.capture_s = 0.0
+        self.capture_error: str | None = None
         self.steps_done = 0
         self.fills = 0
         self.first_step: list[int] = []
@@ -550,8 +554,8 @@ def run_continuous(
                 step.key_len = min(step.max_len, cache_len_for(_reach(run, occupied, n_steps) + 1))
                 if step.use_graph and step.graph is None:
                     run.capture_s += step.capture()
-                    if step.capture_error is not None:  # the generator's record: its report says why, once
-                        gen.capture_error = step.capture_error
+                    if step.capture_error is not None:  # the run's record (its report says why), the generator's
+                        run.capture_error = gen.capture_error = step.capture_error  # (later runs: un-graphed)
                 marks = [clock.mark()]
                 for _ in range(n_steps):
                     before = step.done.logical_not().tolist() if keep_logits else None
@@ -589,6 +593,7 @@ def run_continuous(
         wall_s=wall_s,
         decode_path="graph" if step is not None and step.graphs else "static",
         graph_capture_s=run.capture_s,
+        graph_capture_error=run.capture_error,
         logits=run.logits,
         first_step=run.first_step,
         step_rows=run.step_rows,
