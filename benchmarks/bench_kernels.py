@@ -56,6 +56,8 @@ from llm_perf_opt.models.deepseek_ocr.kernels import (
     attention_splits,
     decode_attention,
     decode_attention_ref,
+    linear_block_sizes,
+    linear_rows,
     moe_block_sizes,
     moe_experts,
     moe_experts_grouped,
@@ -324,6 +326,27 @@ class Bench:
         note = "ids identical" if torch.equal(ids, ref_ids) else "ids DIFFER"
         return Row("pick_token", tokens, t_us, k_us, tokens * vocab * 4, max_err(ids, ref_ids), note)
 
+    def linear(self, tokens: int, n_out: int, name: str) -> Row:
+        """One decode projection (the fused QKV or o_proj) of ``tokens`` rows: cuBLAS's ``F.linear`` against
+        :func:`linear_rows`; max |Δ| between the two (both float32-accumulated, summed in different orders)."""
+        hid = self.lang.hidden_size
+        ops = [(self.randn(tokens, hid), self.randn(n_out, hid, std=hid**-0.5)) for _ in range(self.layers)]
+        t_us, k_us = self.time(
+            [lambda x=x, w=w: F.linear(x, w) for x, w in ops], [lambda x=x, w=w: linear_rows(x, w) for x, w in ops]
+        )
+        x, w = ops[0]
+        bn, bk = linear_block_sizes(n_out, hid, torch.cuda.get_device_properties(self.dev).multi_processor_count)
+        note = f"{name}; vs cuBLAS; block_n {bn}, block_k {bk}"
+        return Row(
+            f"linear_rows ({name})",
+            tokens,
+            t_us,
+            k_us,
+            n_out * hid * 2,
+            max_err(linear_rows(x, w), F.linear(x, w)),
+            note,
+        )
+
     def _moe(self, tokens: int) -> tuple[list[tuple[torch.Tensor, ...]], list[tuple[torch.Tensor, ...]]]:
         """Per layer copy: the kernels' operands (x, idx, w, stacks with shared slots, residual) and the torch
         path's (routed stacks, fused shared gate/up [2·2I, H], shared down)."""
@@ -492,10 +515,22 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
         specs.append(("_pick_partial_kernel", pick, dict(BLOCK=PICK_BLOCK, HAS_BAN=has_ban), 4))
     final = dict(val_ptr=f32, idx_ptr="*i32", bad_ptr="*i32", out_ptr=i64, flag_ptr="*i1", V="i32", N_CHUNKS="i32")
     specs.append(("_pick_final_kernel", final, dict(BLOCK_C=1 << (n_chunks - 1).bit_length()), 1))
+    linear = dict(x_ptr=bf, w_ptr=bf, y_ptr=bf, N="i32")
+    qkv_n = (hq + 2 * hk) * d
+    for n_out in (qkv_n, hid):  # the fused QKV and o_proj, as linear_rows launches them on an H100
+        bn, bk = linear_block_sizes(n_out, hid, H100_SMS)
+        specs.append(("_linear_rows_kernel", linear, dict(K=hid, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=hid % bk == 0), 4))
     return specs
 
 
-STREAMING = {"_attn_partial_kernel", "_moe_route_kernel", "_moe_up_kernel", "_moe_down_kernel", "_pick_partial_kernel"}
+STREAMING = {
+    "_attn_partial_kernel",
+    "_moe_route_kernel",
+    "_moe_up_kernel",
+    "_moe_down_kernel",
+    "_pick_partial_kernel",
+    "_linear_rows_kernel",
+}
 
 
 def sm90_check(lang: LanguageConfig) -> list[dict[str, Any]]:
@@ -881,6 +916,9 @@ def main() -> None:
         if not args.only_grouped:
             rows += [bench.norm(1), bench.rope(1), bench.attention(1), bench.route(1), bench.route(1, logits_in=True)]
             rows += [bench.pick(1)]
+            lang = bench.lang
+            qkv_n = (lang.num_attention_heads + 2 * lang.num_key_value_heads) * lang.head_dim
+            rows += [bench.linear(1, qkv_n, "QKV"), bench.linear(1, lang.hidden_size, "o_proj")]
             rows += [bench.experts(1)]
             rows += [bench.route(4), bench.experts(4)]
         for tokens in grouped_tokens:

@@ -42,14 +42,23 @@ def model() -> object:
     return build_model(cfg, "cuda", torch.bfloat16, "dummy")
 
 
-@pytest.mark.parametrize(("cuda_graphs", "kernels"), [(True, "triton"), (True, "torch"), (False, "triton")])
-def test_fast_tokens_match_eager(model: object, cuda_graphs: bool, kernels: str) -> None:
+@pytest.mark.parametrize(
+    ("cuda_graphs", "kernels", "switches"),
+    [
+        (True, "triton", {}),
+        (True, "torch", {}),
+        (False, "triton", {}),
+        (True, "triton", {"triton_linear": True}),  # QKV / o_proj as Triton GEMVs, graphed, full size
+    ],
+)
+def test_fast_tokens_match_eager(model: object, cuda_graphs: bool, kernels: str, switches: dict[str, bool]) -> None:
     gen = torch.Generator(device="cpu").manual_seed(0)
     with torch.inference_mode():
         ids = torch.randint(0, 129280, (1, 300), generator=gen).cuda()
         embeds = model.model.embed_tokens(ids)  # type: ignore[attr-defined]
         ref_tokens, ref_rows = _forced(model, embeds, None)
-        fast = apply_fast_path(model, FastConfig(cuda_graphs=cuda_graphs, decode_kernels=kernels))  # type: ignore[arg-type]
+        cfg = FastConfig(cuda_graphs=cuda_graphs, decode_kernels=kernels, **switches)
+        fast = apply_fast_path(model, cfg)  # type: ignore[arg-type]
         assert fast.decode_kernels == kernels, fast.decode_kernels_note
         tokens, rows = _forced(fast, embeds, ref_tokens)
     scale = max(float(r.abs().max()) for r in ref_rows)

@@ -306,3 +306,25 @@ def test_all_ops_in_one_cuda_graph_follow_the_device_position(moe: dict[str, Any
         assert int(counts.sum()) == batch * TOP_K
         ref = K.decode_attention_ref(static[0], k_cache, v_cache, pos, HEAD_DIM**-0.5)
         _assert_bf16_close(static[1], ref)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("n_out", [3840, 1280])  # the fused QKV and o_proj of DeepSeek-OCR's decoder
+def test_linear_rows_compiled_within_one_bf16_rounding(rows: int, n_out: int) -> None:
+    """Compiled ``linear_rows`` at the real sizes against the float64 product: within one bf16 rounding of the
+    value (float32 accumulator, one rounding); the same through a CUDA graph replay."""
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    x = torch.randn(rows, 1280, device="cuda", generator=gen).to(torch.bfloat16)
+    w = (torch.randn(n_out, 1280, device="cuda", generator=gen) / 1280**0.5).to(torch.bfloat16)
+    exact = x.double() @ w.double().T
+    ulp = exact.abs().clamp_min(1e-3) * 2.0**-7
+    out = K.linear_rows(x, w)
+    assert bool(((out.double() - exact).abs() <= ulp).all())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = K.linear_rows(x, w)
+    x.copy_(-x)  # new input in place: the replay must read it
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static, K.linear_rows(x, w))
+    assert bool(((static.double() + exact).abs() <= ulp).all())

@@ -157,6 +157,10 @@ class FastConfig:
     # the device before their first load, so results are bit-identical and launch latency overlaps.  Off until
     # timed on a GPU (bench_fast's pdl variant)
     pdl: bool = False
+    # with the Triton decode step at batch 1-8: the fused QKV and the o_proj products as Triton GEMVs
+    # (kernels.linear_rows: float32 accumulator, one rounding, like cuBLAS's, summed in another order) instead of
+    # cuBLAS's small GEMMs (0.7-1.9 TB/s on an H200, 120 us per step).  Off until timed on a GPU
+    triton_linear: bool = False
     # the session's decode loop picks tokens on the device (greedy + the no-repeat-ngram ban inside the decode
     # graph, eos checked every 16 steps) instead of reading every step's logits on the host; temperature > 0
     # keeps the host loop
@@ -305,7 +309,7 @@ class FastModel:
         if self.decode_kernels == "triton":
             from llm_perf_opt.models.deepseek_ocr.triton_layers import triton_layers, triton_row_layers
 
-            self._triton = triton_layers(self.layers, self.norm, cfg.norm_router_f32)
+            self._triton = triton_layers(self.layers, self.norm, cfg.norm_router_f32, cfg.triton_linear)
             if cfg.decode_compile == "none":  # a compiled step traces the torch layers
                 self._triton_rows = triton_row_layers(self.layers, self.norm, cfg.norm_router_f32)
 

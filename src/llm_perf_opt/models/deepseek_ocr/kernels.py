@@ -78,6 +78,7 @@ __all__ = [
     "HAVE_TRITON",
     "INTERPRETED",
     "KEYS_PER_SPLIT",
+    "LINEAR_MAX_ROWS",
     "KernelUnavailableError",
     "add_rms_norm",
     "add_rms_norm_f32",
@@ -86,6 +87,9 @@ __all__ = [
     "decode_attention",
     "decode_attention_ref",
     "dependent_launches",
+    "linear_block_sizes",
+    "linear_rows",
+    "linear_rows_ref",
     "moe_block_sizes",
     "moe_experts",
     "moe_experts_grouped",
@@ -765,6 +769,44 @@ if HAVE_TRITON:
         if HAS_RESIDUAL:
             out = _round(out + tl.load(res_ptr + t * H + cols, mask=cmask, other=0.0).to(tl.float32), dt)
         tl.store(out_ptr + t * H + cols, out.to(dt), mask=cmask)
+
+    @triton.jit
+    def _linear_rows_kernel(
+        x_ptr,
+        w_ptr,
+        y_ptr,
+        N,
+        K: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        USE_GDC: tl.constexpr = False,
+    ):
+        """Grid (rows, N / BLOCK_N): one row of ``x`` times ``BLOCK_N`` rows of ``w`` (contiguous along K), float32
+        products summed per K block, rounded once to the output dtype (a GEMV with a float32 accumulator).  The K
+        loop is unrolled (``K`` is a compile-time constant: the model's hidden size), so a program's weight
+        loads are independent of each other and all in flight at once, not one K block per memory round trip."""
+        if USE_GDC:
+            _dependent_launch()
+        t = tl.program_id(0)
+        nb = tl.program_id(1)
+        n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = n < N
+        rows = w_ptr + n.to(tl.int64)[:, None] * K
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k0 in tl.static_range(0, K, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            if EVEN_K:
+                xv = tl.load(x_ptr + t * K + kk).to(tl.float32)
+                tile_mask = nmask[:, None]
+            else:
+                kmask = kk < K
+                xv = tl.load(x_ptr + t * K + kk, mask=kmask, other=0.0).to(tl.float32)
+                tile_mask = nmask[:, None] & kmask[None, :]
+            wv = tl.load(rows + kk[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+            acc += tl.sum(wv * xv[None, :], axis=1)
+        out_dt = y_ptr.dtype.element_ty
+        tl.store(y_ptr + t * N + n, acc.to(out_dt), mask=nmask)
 
     @triton.jit
     def _pick_partial_kernel(
@@ -1623,5 +1665,59 @@ def pick_token(
     )
     _pick_final_kernel[(bsz,)](
         vals, idx, bad, out, flag, vocab, n_chunks, BLOCK_C=_pow2(n_chunks), num_warps=1, **_pdl()
+    )
+    return out
+
+
+# ======================================================================================== linear_rows
+LINEAR_MAX_ROWS = 8
+
+
+def linear_rows_ref(x: Tensor, weight: Tensor) -> Tensor:
+    """``x @ weight.T`` in float32, rounded once to ``x``'s dtype: what a GEMV with a float32 accumulator gives,
+    up to the order of the sum."""
+    return (x.float() @ weight.float().T).to(x.dtype)
+
+
+def linear_block_sizes(n: int, k: int, sms: int, interpreter: bool = False) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K) of :func:`linear_rows`: ~4096-element weight tiles (the interpreter: whole rows), and
+    ``BLOCK_N`` small enough for ~2 programs per SM at one row (o_proj's 1,280 outputs: 8 rows per program)."""
+    if interpreter:
+        return min(_pow2(n), 64), min(_pow2(k), INTERPRETER_TILE_ELEMS // 64)
+    block_k = min(_pow2(k), 256)
+    block_n = max(1, min(TILE_ELEMS // block_k, _pow2_floor(max(1, n // (2 * sms)))))
+    return block_n, block_k
+
+
+def linear_rows(x: Tensor, weight: Tensor, *, block_n: int | None = None, block_k: int | None = None) -> Tensor:
+    """``F.linear(x, weight)`` (no bias) for a few rows (decode: 1 to :data:`LINEAR_MAX_ROWS`) as one Triton
+    GEMV launch: ``x`` [T, K] and ``weight`` [N, K] contiguous, same dtype; returns [T, N].
+
+    Each program streams ``block_n`` rows of the weight once per row of ``x`` (rows past the first re-read them
+    from L2), multiplies in float32 and rounds once: the same function as cuBLAS's bf16 GEMM with its float32
+    accumulator, summed in another order (results within one rounding of each other).  Meant for the decode
+    step's QKV and o_proj, where cuBLAS's small GEMMs move their weights at 0.7-1.9 TB/s on an H200."""
+    _require("linear_rows", x.device)
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1] or x.dtype != weight.dtype:
+        raise ValueError(
+            f"linear_rows needs x [T, K] and weight [N, K] of one dtype, got {x.dtype} {tuple(x.shape)} and "
+            f"{weight.dtype} {tuple(weight.shape)}"
+        )
+    rows, k = x.shape
+    n = weight.shape[0]
+    bn, bk = linear_block_sizes(n, k, _sm_count(x.device), INTERPRETED)
+    bn, bk = block_n or bn, block_k or bk
+    out = torch.empty((rows, n), device=x.device, dtype=x.dtype)
+    _linear_rows_kernel[(rows, triton.cdiv(n, bn))](
+        _contig(x, "x"),
+        _contig(weight, "weight"),
+        out,
+        n,
+        k,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        EVEN_K=k % bk == 0,
+        num_warps=4,
+        **_pdl(),
     )
     return out

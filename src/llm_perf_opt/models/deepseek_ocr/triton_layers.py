@@ -12,6 +12,8 @@ the same for the batched decode step, whose rows sit at their own positions over
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -60,25 +62,35 @@ class TritonRMSNorm(RMSNorm):
 
 
 class TritonAttention(nn.Module):
-    """One decode token per row: QKV GEMM, rotary + KV write at ``ctx.slot``, attention over keys ``0..slot``."""
+    """One decode token per row: QKV GEMM, rotary + KV write at ``ctx.slot``, attention over keys ``0..slot``.
+    With ``linear`` the fused QKV and the o_proj products run as :func:`kernels.linear_rows` (Triton GEMVs)
+    instead of cuBLAS."""
 
-    def __init__(self, attn: Attention) -> None:
+    def __init__(self, attn: Attention, linear: bool = False) -> None:
         super().__init__()
         self.attn = attn
         self.wqkv: Tensor | None = attn.wqkv if isinstance(attn, FusedAttention) else None
+        self.linear = linear
+
+    def _project(self, x: Tensor, weight: Tensor) -> Tensor:
+        if self.linear and x.shape[0] <= K.LINEAR_MAX_ROWS:
+            return K.linear_rows(x, weight)
+        return F.linear(x, weight)
 
     def forward(self, x: Tensor, ctx: ForwardContext, layer_idx: int) -> Tensor:
         a = self.attn
         if ctx.cache is None or ctx.slot is None or ctx.rope_tables is None:
             raise ValueError("the Triton decode attention needs a cache, a device slot and the rotary tables")
         if self.wqkv is not None:
-            qkv = F.linear(x, self.wqkv)
+            qkv = self._project(x, self.wqkv)
         else:
             qkv = torch.cat([F.linear(x, p.weight) for p in (a.q_proj, a.k_proj, a.v_proj)], dim=-1)
         k_all, v_all = ctx.cache.k[layer_idx], ctx.cache.v[layer_idx]
         cos_table, sin_table = ctx.rope_tables
         q = K.rope_kv_write(qkv, cos_table, sin_table, ctx.slot, k_all, v_all, a.num_heads, a.num_kv_heads, a.head_dim)
         out = K.decode_attention(q, k_all, v_all, ctx.slot, a.head_dim**-0.5)
+        if a.o_proj.bias is None:
+            return self._project(out, a.o_proj.weight)
         o: Tensor = a.o_proj(out)
         return o
 
@@ -172,9 +184,7 @@ class TritonMoE(MoE):
         return K.moe_experts(flat, topk_idx, topk_weight, *stacks, n_always=n_always)
 
 
-def _triton_layer(
-    layer: DecoderLayer, attention: type[TritonAttention | TritonRowAttention], router_f32: bool
-) -> DecoderLayer:
+def _triton_layer(layer: DecoderLayer, attention: Callable[[Attention], nn.Module], router_f32: bool) -> DecoderLayer:
     """``layer`` with Triton norms, ``attention`` around its attention and Triton experts for a grouped MoE
     (``router_f32``: its post-attention norm also writes the router's float32 input)."""
     attn, mlp = layer.self_attn, layer.mlp
@@ -188,10 +198,15 @@ def _triton_layer(
 
 
 def triton_layers(
-    layers: list[DecoderLayer], norm: RMSNorm, router_f32: bool = False
+    layers: list[DecoderLayer], norm: RMSNorm, router_f32: bool = False, linear: bool = False
 ) -> tuple[list[DecoderLayer], RMSNorm]:
-    """The fast layers (and the final norm) with Triton modules swapped in; dense MLPs stay as they are."""
-    return [_triton_layer(layer, TritonAttention, router_f32) for layer in layers], TritonRMSNorm(norm)
+    """The fast layers (and the final norm) with Triton modules swapped in; dense MLPs stay as they are
+    (``linear``: the attention's QKV and o_proj as Triton GEMVs)."""
+
+    def attention(attn: Attention) -> nn.Module:
+        return TritonAttention(attn, linear)
+
+    return [_triton_layer(layer, attention, router_f32) for layer in layers], TritonRMSNorm(norm)
 
 
 def triton_row_layers(

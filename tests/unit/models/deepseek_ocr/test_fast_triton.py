@@ -228,6 +228,32 @@ def test_pdl_launches_every_decode_kernel_as_a_dependent_launch(pdl: bool, monke
     assert plain.decoder_for(cache, 2).greedy(plain.prefill(embeds, cache).argmax(dim=-1, keepdim=True), 4) == tokens
 
 
+def test_triton_linear_projects_qkv_and_o_proj_with_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``triton_linear``: every decode step's fused QKV and o_proj go through ``kernels.linear_rows`` (two per layer
+    per step), and teacher-forced logits equal the cuBLAS-projection step's to float32 rounding (the same
+    products, summed in another order); the prefill keeps its GEMMs."""
+    shapes: list[tuple[int, int]] = []
+    real = kernels.linear_rows
+
+    def counted(x: torch.Tensor, w: torch.Tensor, **kw: object) -> torch.Tensor:
+        shapes.append((x.shape[0], w.shape[0]))
+        return real(x, w, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kernels, "linear_rows", counted)
+    model = _model(seed=9)
+    lang = model.config.language
+    embeds = torch.randn(2, 7, lang.hidden_size)
+    runs = []
+    for linear in (False, True):
+        fast = apply_fast_path(model, FastConfig(cuda_graphs=False, decode_kernels="triton", triton_linear=linear))
+        runs.append(_decode(fast, embeds, None if not runs else runs[0][0], 5))
+    qkv = (lang.num_attention_heads + 2 * lang.num_key_value_heads) * lang.head_dim
+    assert shapes == [(2, qkv), (2, lang.hidden_size)] * (5 * lang.num_hidden_layers)
+    scale = max(float(r.abs().max()) for r in runs[0][1])
+    for a, b in zip(runs[0][1], runs[1][1], strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-4 * scale)  # fp32 rounding, through every layer
+
+
 def test_triton_unavailable_falls_back_with_a_reason(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where the kernels cannot run, the torch step runs and the model says why (warned only on CUDA, where
     Triton was expected; on the CPU the torch step is the normal one)."""

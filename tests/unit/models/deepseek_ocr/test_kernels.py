@@ -662,7 +662,64 @@ def test_pick_token_matches_the_reference_on_random_logits(ban: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------------ sm_90 compile
-STREAMING = {"_attn_partial_kernel", "_moe_route_kernel", "_moe_up_kernel", "_moe_down_kernel", "_pick_partial_kernel"}
+STREAMING = {
+    "_attn_partial_kernel",
+    "_moe_route_kernel",
+    "_moe_up_kernel",
+    "_moe_down_kernel",
+    "_pick_partial_kernel",
+    "_linear_rows_kernel",
+}
+
+
+# ------------------------------------------------------------------------------------------ linear_rows
+def test_linear_rows_by_hand() -> None:
+    """Hand-computed products: row t of ``x`` is t+1 times the all-ones vector, row n of the weight holds n in
+    each of its K entries, so ``y[t, n] = (t + 1) * n * K``; N and K off the block sizes (ragged tiles)."""
+    rows, n, k = 3, 21, 37
+    x = torch.arange(1, rows + 1, dtype=torch.float32)[:, None].expand(rows, k).contiguous()
+    w = torch.arange(n, dtype=torch.float32)[:, None].expand(n, k).contiguous()
+    out = K.linear_rows(x, w, block_n=8, block_k=16)
+    want = torch.tensor([[(t + 1) * j * k for j in range(n)] for t in range(rows)], dtype=torch.float32)
+    assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("n", "k", "blocks"), [(96, 64, (16, 32)), (40, 100, (8, 64)), (3840, 1280, (None, None))])
+def test_linear_rows_match_a_float64_product(
+    dtype: torch.dtype, n: int, k: int, blocks: tuple[int | None, int | None]
+) -> None:
+    """Against the float64 product rounded once to the dtype: float32 to float32 rounding, bf16 within one bf16
+    rounding of the output (a float32 accumulator summed in another order than cuBLAS's); the real QKV size."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, k, generator=gen).to(dtype)
+    w = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype)
+    out = K.linear_rows(x, w, block_n=blocks[0], block_k=blocks[1])
+    exact = x.double() @ w.double().T
+    assert out.dtype == dtype and out.shape == (2, n)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5)
+    else:
+        ulp = exact.abs().clamp_min(1e-3) * 2.0**-7  # one bf16 ulp at the value (8 significant bits)
+        assert bool(((out.double() - exact).abs() <= ulp).all())
+
+
+def test_linear_block_sizes_fill_an_h200() -> None:
+    """Programs per SM at one row for the decode step's QKV (3,840 x 1,280) and o_proj (1,280 x 1,280) on 132
+    SMs: at least 2, with <= 4,096-element tiles."""
+    for n, k in ((3840, 1280), (1280, 1280)):
+        bn, bk = K.linear_block_sizes(n, k, 132)
+        assert bn * bk <= 4096 and -(-n // bn) >= 2 * 132, (n, bn, bk)
+
+
+def test_linear_rows_rejects_bad_input() -> None:
+    x, w = torch.zeros(1, 8), torch.zeros(4, 8)
+    with pytest.raises(ValueError, match=r"x \[T, K\] and weight \[N, K\]"):
+        K.linear_rows(x, torch.zeros(4, 9))
+    with pytest.raises(ValueError, match="one dtype"):
+        K.linear_rows(x, w.to(torch.bfloat16))
+    with pytest.raises(ValueError, match="contiguous"):
+        K.linear_rows(x, torch.zeros(8, 4).T)
 
 
 @pytest.fixture(scope="module")
