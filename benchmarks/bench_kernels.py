@@ -326,24 +326,27 @@ class Bench:
         note = "ids identical" if torch.equal(ids, ref_ids) else "ids DIFFER"
         return Row("pick_token", tokens, t_us, k_us, tokens * vocab * 4, max_err(ids, ref_ids), note)
 
-    def linear(self, tokens: int, n_out: int, name: str) -> Row:
+    def linear(self, tokens: int, n_out: int, name: str, **blocks: int) -> Row:
         """One decode projection (the fused QKV or o_proj) of ``tokens`` rows: cuBLAS's ``F.linear`` against
-        :func:`linear_rows`; max |Δ| between the two (both float32-accumulated, summed in different orders)."""
+        :func:`linear_rows` (``blocks``: its block_n / block_k / num_warps); max |Δ| between the two (both
+        float32-accumulated, summed in different orders)."""
         hid = self.lang.hidden_size
         ops = [(self.randn(tokens, hid), self.randn(n_out, hid, std=hid**-0.5)) for _ in range(self.layers)]
         t_us, k_us = self.time(
-            [lambda x=x, w=w: F.linear(x, w) for x, w in ops], [lambda x=x, w=w: linear_rows(x, w) for x, w in ops]
+            [lambda x=x, w=w: F.linear(x, w) for x, w in ops],
+            [lambda x=x, w=w: linear_rows(x, w, **blocks) for x, w in ops],
         )
         x, w = ops[0]
         bn, bk = linear_block_sizes(n_out, hid, torch.cuda.get_device_properties(self.dev).multi_processor_count)
-        note = f"{name}; vs cuBLAS; block_n {bn}, block_k {bk}"
+        bn, bk = blocks.get("block_n", bn), blocks.get("block_k", bk)
+        note = f"{name}; vs cuBLAS; block_n {bn}, block_k {bk}, {blocks.get('num_warps', 4)} warps"
         return Row(
             f"linear_rows ({name})",
             tokens,
             t_us,
             k_us,
             n_out * hid * 2,
-            max_err(linear_rows(x, w), F.linear(x, w)),
+            max_err(linear_rows(x, w, **blocks), F.linear(x, w)),
             note,
         )
 
@@ -688,8 +691,23 @@ def run_sweep(bench: Bench) -> list[str]:
     for block_n in (32, 64, 128):
         r = bench.attention(1, block_n=block_n)
         out.append(f"| decode_attention | 1 | block_n={block_n} | {r.triton_us:.2f} | {r.gbps(r.triton_us):.0f} |")
+    lang = bench.lang
+    qkv_n = (lang.num_attention_heads + 2 * lang.num_key_value_heads) * lang.head_dim
+    for name, n_out in (("QKV", qkv_n), ("o_proj", lang.hidden_size)):
+        for bn, bk, warps in LINEAR_VARIANTS:
+            cfg = f"{name}: block_n={bn} block_k={bk} warps={warps}"
+            try:
+                r = bench.linear(1, n_out, name, block_n=bn, block_k=bk, num_warps=warps)
+            except Exception as exc:  # a variant that cannot compile / launch is reported, not fatal
+                out.append(f"| linear_rows | 1 | {cfg} | failed: {type(exc).__name__} | |")
+                continue
+            out.append(f"| linear_rows | 1 | {cfg} | {r.triton_us:.2f} | {r.gbps(r.triton_us):.0f} |")
     out += run_grouped_sweep(bench)
     return out
+
+
+# (block_n, block_k, num_warps) of linear_rows at one row: tile shape and width against programs per SM
+LINEAR_VARIANTS = [(2, 256, 4), (4, 256, 4), (8, 256, 4), (16, 256, 4), (8, 128, 4), (8, 512, 4), (16, 512, 8)]
 
 
 # (block_m, block_n, block_k, num_stages, num_warps) for both grouped GEMMs; the first is the default

@@ -1689,7 +1689,9 @@ def linear_block_sizes(n: int, k: int, sms: int, interpreter: bool = False) -> t
     return block_n, block_k
 
 
-def linear_rows(x: Tensor, weight: Tensor, *, block_n: int | None = None, block_k: int | None = None) -> Tensor:
+def linear_rows(
+    x: Tensor, weight: Tensor, *, block_n: int | None = None, block_k: int | None = None, num_warps: int = 4
+) -> Tensor:
     """``F.linear(x, weight)`` (no bias) for a few rows (decode: 1 to :data:`LINEAR_MAX_ROWS`) as one Triton
     GEMV launch: ``x`` [T, K] and ``weight`` [N, K] contiguous, same dtype; returns [T, N].
 
@@ -1717,7 +1719,7 @@ def linear_rows(x: Tensor, weight: Tensor, *, block_n: int | None = None, block_
         BLOCK_N=bn,
         BLOCK_K=bk,
         EVEN_K=k % bk == 0,
-        num_warps=4,
+        num_warps=num_warps,
         **_pdl(),
     )
     return out
