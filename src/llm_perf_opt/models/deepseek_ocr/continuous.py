@@ -55,6 +55,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+import weakref
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
@@ -224,9 +225,21 @@ class SlotDecodeStep(DecodeRows):
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.last_logits: Tensor | None = None  # the last step's logits [B, V] (read only with keep_logits)
         # the drain's narrower steps over the first rows of this step's cache (:meth:`narrowed`), kept with their
-        # graphs on the full-width step (``root``) for later runs
-        self.root: SlotDecodeStep = self
+        # graphs on the full-width step (``root``) for later runs; a narrower step links back weakly, so no step
+        # is in a reference cycle: a dropped step (a grown cache's old one) frees its graphs and cache at once,
+        # never in a later garbage collection that could land inside another graph's capture
+        self._root: weakref.ref[SlotDecodeStep] | None = None
         self.narrower: dict[int, SlotDecodeStep] = {}
+
+    @property
+    def root(self) -> SlotDecodeStep:
+        """The full-width step this one narrows (itself for a full-width step)."""
+        if self._root is None:
+            return self
+        root = self._root()
+        if root is None:
+            raise RuntimeError("a narrowed step outlived its full-width step (which holds the shared cache)")
+        return root
 
     @property
     def graph(self) -> torch.cuda.CUDAGraph | None:
@@ -361,7 +374,7 @@ class SlotDecodeStep(DecodeRows):
         small = root.narrower.get(width)
         if small is None:
             small = root._like(width, root.max_len, cache=root.cache.first_rows(width))
-            small.root = root
+            small._root = weakref.ref(root)
             root.narrower[width] = small
         idx = torch.tensor(rows, dtype=torch.long, device=self.pos.device)
         n = len(rows)
@@ -423,6 +436,8 @@ class _Run:
         self.step_runs: list[list[object]] = []
         self.capture_s = 0.0
         self.capture_error: str | None = None
+        # the full-width step of the run (its narrower steps link to it weakly): held here for the whole run
+        self.root: SlotDecodeStep | None = None
         self.steps_done = 0
         self.fills = 0
         self.first_step: list[int] = []
@@ -484,7 +499,7 @@ def run_continuous(
         lens = [int(p.input_ids.shape[-1]) for p in pages]
         need = max(n + r.max_new_tokens for n, r in zip(lens, reqs, strict=True))
         if step is None or need > step.max_len:
-            step = _step_for(gen, step, slots, cache_len_for(need), path == "graph", no_repeat_ngram_size)
+            step = run.root = _step_for(gen, step, slots, cache_len_for(need), path == "graph", no_repeat_ngram_size)
         t0 = clock.mark()
         # the first fill batches its views across pages; a refill (usually a few pages) runs vision page by page
         # (see the module doc: measured this way, the batched alternative is not)
@@ -574,7 +589,7 @@ def run_continuous(
                 run.steps_done += n_steps
         clock.synchronize()
     wall_s = time.perf_counter() - wall0 - run.capture_s
-    gen._slots = None if step is None else step.root  # the full-width step (its narrower ones hang on it)
+    gen._slots = run.root  # the full-width step (its narrower ones hang on it), kept for the next run
     tokens = [t if isinstance(t, list) else [int(x) for x in t.tolist()] for t in run.tokens]
     vision_ms = sum(clock.elapsed_ms(a, b) for a, b, _ in run.fill_marks)
     prefill_ms = sum(clock.elapsed_ms(b, c) for _, b, c in run.fill_marks)

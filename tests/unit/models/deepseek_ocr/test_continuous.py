@@ -268,3 +268,34 @@ def test_stage_times_with_a_scripted_clock(model: DeepseekOCRForCausalLM, pages:
     # fills by hand: the first fill, then refills at steps 3 (1 page), 8 (2 pages, then 1 more for the page that
     # ended at its prefill) and 12 (1 page; the other slot stays empty)
     assert res.fills == 5
+
+
+def test_dropped_steps_are_freed_without_a_garbage_collection(model: DeepseekOCRForCausalLM) -> None:
+    """No step is in a reference cycle (a narrower step links back to its full-width step weakly): a grown
+    step's predecessor, and a full-width step with its narrower steps, go the moment their last reference does.
+    On a GPU a step left to the collector was destroyed, graphs and all, in the middle of a later capture."""
+    import gc
+    import weakref
+
+    gen = BatchedGenerator(model)
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        root = SlotDecodeStep(
+            gen.lm, gen.base, 4, LEN_QUANTUM, use_graph=False, matmul_attention=True, expert_impl=gen.expert_impl
+        )
+        small = root.narrowed([1])
+        assert small.root is root and root.narrower == {1: small} and small.slots == 1
+        grown = root.grown(2 * LEN_QUANTUM)
+        assert grown.root is grown and grown.max_len == 2 * LEN_QUANTUM
+        old, old_small = weakref.ref(root), weakref.ref(small)
+        del root, small
+        assert old() is None and old_small() is None  # freed by reference counting alone
+        kept_small = grown.narrowed([0, 2])
+        assert kept_small.root is grown
+        del grown
+        with pytest.raises(RuntimeError, match="outlived its full-width step"):
+            _ = kept_small.root
+    finally:
+        if was:
+            gc.enable()
