@@ -150,22 +150,32 @@ def test_fused_pick_gives_the_same_graphed_greedy_tokens(model: object, ngram: i
     assert out[0] == out[1]
 
 
+def _prompt_and_feed(seed: int, model: object) -> tuple[torch.Tensor, list[int]]:
+    """A 300-token random prompt's embeddings and STEPS random tokens to feed (teacher forcing)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    ids = torch.randint(0, 129280, (1, 300), generator=gen).cuda()
+    feed = torch.randint(0, 129280, (STEPS,), generator=gen).tolist()
+    return model.model.embed_tokens(ids), feed  # type: ignore[attr-defined]
+
+
+def _forced_logits(fast: object, embeds: torch.Tensor, feed: list[int]) -> torch.Tensor:
+    """[STEPS, V] logits of the graphed fast decode step fed ``feed`` after the prompt's prefill."""
+    assert fast.decode_kernels == "triton", fast.decode_kernels_note  # type: ignore[attr-defined]
+    cache = fast.new_cache(batch=1, max_len=embeds.shape[1] + STEPS + 1)  # type: ignore[attr-defined]
+    fast.prefill(embeds, cache)  # type: ignore[attr-defined]
+    step = fast.decode_step  # type: ignore[attr-defined]
+    return torch.stack([step(torch.tensor([[t]], device="cuda"), cache).clone() for t in feed])
+
+
 def test_norm_router_f32_gives_bit_identical_graphed_logits(model: object) -> None:
     """``norm_router_f32`` under graph capture at full size: the router reads the same float32 values, so every
     logit of a teacher-forced decode equals the default step's, bit for bit."""
-    gen = torch.Generator(device="cpu").manual_seed(2)
-    rows = []
     with torch.inference_mode():
-        ids = torch.randint(0, 129280, (1, 300), generator=gen).cuda()
-        embeds = model.model.embed_tokens(ids)  # type: ignore[attr-defined]
-        feed = torch.randint(0, 129280, (STEPS,), generator=gen).tolist()
-        for keep in (False, True):
-            fast = apply_fast_path(model, FastConfig(norm_router_f32=keep))  # type: ignore[arg-type]
-            assert fast.decode_kernels == "triton", fast.decode_kernels_note
-            cache = fast.new_cache(batch=1, max_len=embeds.shape[1] + STEPS + 1)
-            fast.prefill(embeds, cache)
-            out = [fast.decode_step(torch.tensor([[t]], device="cuda"), cache).clone() for t in feed]
-            rows.append(torch.stack(out))
+        embeds, feed = _prompt_and_feed(2, model)
+        rows = [
+            _forced_logits(apply_fast_path(model, FastConfig(norm_router_f32=keep)), embeds, feed)  # type: ignore[arg-type]
+            for keep in (False, True)
+        ]
     assert torch.equal(rows[0], rows[1])
 
 
@@ -174,19 +184,12 @@ def test_dependent_launches_give_bit_identical_graphed_logits_and_tokens(model: 
     a teacher-forced decode's logits equal the plain launches' bit for bit, and so do the device greedy tokens
     (fused pick and the vendor's n-gram rule included).  A missing wait would read a previous kernel's outputs
     early: logits off by far more than zero."""
-    gen = torch.Generator(device="cpu").manual_seed(3)
     rows, greedy = [], []
     with torch.inference_mode():
-        ids = torch.randint(0, 129280, (1, 300), generator=gen).cuda()
-        embeds = model.model.embed_tokens(ids)  # type: ignore[attr-defined]
-        feed = torch.randint(0, 129280, (STEPS,), generator=gen).tolist()
+        embeds, feed = _prompt_and_feed(3, model)
         for pdl in (False, True):
             fast = apply_fast_path(model, FastConfig(pdl=pdl))  # type: ignore[arg-type]
-            assert fast.decode_kernels == "triton", fast.decode_kernels_note
-            cache = fast.new_cache(batch=1, max_len=embeds.shape[1] + STEPS + 1)
-            fast.prefill(embeds, cache)
-            out = [fast.decode_step(torch.tensor([[t]], device="cuda"), cache).clone() for t in feed]
-            rows.append(torch.stack(out))
+            rows.append(_forced_logits(fast, embeds, feed))
             cache = fast.new_cache(batch=1, max_len=embeds.shape[1] + STEPS + 1)
             first = fast.prefill(embeds, cache).argmax(-1, keepdim=True)
             dec = fast.decoder_for(cache, 20)

@@ -228,6 +228,19 @@ if HAVE_TRITON:
             return x.to(dt).to(tl.float32)
 
     @triton.jit
+    def _row_block(row_ptr, kk, nmask, K, EVEN_K: tl.constexpr):
+        """The ``kk`` block of one activation row (float32, zeros past ``K``) and the mask of the [rows, kk]
+        weight tile it multiplies (``nmask``: which weight rows exist), for the GEMV kernels' K loops."""
+        if EVEN_K:
+            xv = tl.load(row_ptr + kk).to(tl.float32)
+            tile_mask = nmask[:, None]
+        else:
+            kmask = kk < K
+            xv = tl.load(row_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
+            tile_mask = nmask[:, None] & kmask[None, :]
+        return xv, tile_mask
+
+    @triton.jit
     def _add_rms_norm_kernel(
         x_ptr,
         res_ptr,
@@ -494,13 +507,7 @@ if HAVE_TRITON:
         u = tl.zeros([BLOCK_N], dtype=tl.float32)
         for k0 in range(0, H, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
-            if EVEN_K:
-                xv = tl.load(x_ptr + t * H + kk).to(tl.float32)
-                tile_mask = nmask[:, None]
-            else:
-                kmask = kk < H
-                xv = tl.load(x_ptr + t * H + kk, mask=kmask, other=0.0).to(tl.float32)
-                tile_mask = nmask[:, None] & kmask[None, :]
+            xv, tile_mask = _row_block(x_ptr + t * H, kk, nmask, H, EVEN_K)
             wg = tl.load(gate_rows + kk[None, :], mask=tile_mask, other=0.0).to(tl.float32)
             wu = tl.load(up_rows + kk[None, :], mask=tile_mask, other=0.0).to(tl.float32)
             g += tl.sum(wg * xv[None, :], axis=1)
@@ -551,13 +558,7 @@ if HAVE_TRITON:
             y = tl.zeros([BLOCK_H], dtype=tl.float32)
             for k0 in range(0, INTER, BLOCK_K):
                 kk = k0 + tl.arange(0, BLOCK_K)
-                if EVEN_K:
-                    hv = tl.load(h_row + kk).to(tl.float32)
-                    tile_mask = rmask[:, None]
-                else:
-                    kmask = kk < INTER
-                    hv = tl.load(h_row + kk, mask=kmask, other=0.0).to(tl.float32)
-                    tile_mask = rmask[:, None] & kmask[None, :]
+                hv, tile_mask = _row_block(h_row, kk, rmask, INTER, EVEN_K)
                 w = tl.load(w_rows + kk[None, :], mask=tile_mask, other=0.0).to(tl.float32)
                 y += tl.sum(w * hv[None, :], axis=1)
             if s < TOP_K:
@@ -796,13 +797,7 @@ if HAVE_TRITON:
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for k0 in tl.static_range(0, K, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
-            if EVEN_K:
-                xv = tl.load(x_ptr + t * K + kk).to(tl.float32)
-                tile_mask = nmask[:, None]
-            else:
-                kmask = kk < K
-                xv = tl.load(x_ptr + t * K + kk, mask=kmask, other=0.0).to(tl.float32)
-                tile_mask = nmask[:, None] & kmask[None, :]
+            xv, tile_mask = _row_block(x_ptr + t * K, kk, nmask, K, EVEN_K)
             wv = tl.load(rows + kk[None, :], mask=tile_mask, other=0.0).to(tl.float32)
             acc += tl.sum(wv * xv[None, :], axis=1)
         out_dt = y_ptr.dtype.element_ty
