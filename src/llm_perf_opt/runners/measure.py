@@ -66,7 +66,7 @@ def compute_efficiency(
     context = (infer.context_len_mode, run.settings.token_cap, infer.context_len_fixed)
     section = E.compute_efficiency(cfg, ok, run.hardware, dtype_bytes, context)
     unavailable = list(section.unavailable)
-    notes: list[str] = []
+    notes: list[str] = graph_capture_notes(session)
 
     power = None
     if session.nvml is not None and session.nvml.available:
@@ -105,6 +105,17 @@ def compute_efficiency(
         if flagged:
             notes.append(f"counted FLOPs differ from analytic by > 2 % (unexplained) for: {', '.join(flagged)}")
     return flops_table, section.efficiency, energy.energy, routing, unavailable, notes
+
+
+def graph_capture_notes(session: DeepSeekOCRSession) -> list[str]:
+    """One note per fast-path part whose CUDA-graph capture failed: it ran un-graphed, so its times are not the
+    graphed path's (the Setup table lists the switches as configured, not what ran)."""
+    errors = session.model.graph_capture_errors() if session.fast is not None else {}
+    return [
+        f"CUDA-graph capture failed for the {part} ({why[:300]}): it ran un-graphed, so its times include the"
+        " launch overhead a graph removes"
+        for part, why in errors.items()
+    ]
 
 
 def _static_flops(run: Stage1Run, notes: list[str]) -> list[StageFlops]:

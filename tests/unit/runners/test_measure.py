@@ -34,3 +34,38 @@ def test_statistics_over_batches_and_tpot_over_sequences() -> None:
 
 def test_no_batches_no_statistics() -> None:
     assert batch_aggregates([]) == {}
+
+
+def test_failed_graph_captures_become_report_notes() -> None:
+    """Each part of the fast path whose capture failed gets one note naming it and the error; none without the
+    fast path or without failures (the fast model's record is scripted here)."""
+    from types import SimpleNamespace
+
+    from llm_perf_opt.runners.measure import graph_capture_notes
+
+    errors = {"decode step": "RuntimeError: operation not permitted when stream is capturing"}
+    fast = SimpleNamespace(fast=object(), model=SimpleNamespace(graph_capture_errors=lambda: errors))
+    (note,) = graph_capture_notes(fast)  # type: ignore[arg-type]
+    assert note.startswith("CUDA-graph capture failed for the decode step (RuntimeError: operation not permitted")
+    assert "ran un-graphed" in note
+    clean = SimpleNamespace(fast=object(), model=SimpleNamespace(graph_capture_errors=dict))
+    eager = SimpleNamespace(fast=None, model=None)
+    assert graph_capture_notes(clean) == [] and graph_capture_notes(eager) == []  # type: ignore[arg-type]
+
+
+def test_fast_model_lists_what_ran_ungraphed() -> None:
+    """``FastModel.graph_capture_errors``: the prefill's and the decoder's recorded failures by part (set here as
+    the capture paths record them), nothing on a fresh model."""
+    import torch
+
+    from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, build_model
+    from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, apply_fast_path
+    from tests.conftest import TINY
+
+    model = build_model(DeepseekOCRConfig.from_json(TINY / "config.json"), "cpu", torch.float32, "dummy", seed=1)
+    fast = apply_fast_path(model, FastConfig(cuda_graphs=False))
+    assert fast.graph_capture_errors() == {}
+    fast._prefill_graph_error = "RuntimeError: prefill"
+    dec = fast.decoder_for(fast.new_cache(batch=1, max_len=8))
+    dec.capture_error = "RuntimeError: decode"
+    assert fast.graph_capture_errors() == {"LM prefill": "RuntimeError: prefill", "decode step": "RuntimeError: decode"}

@@ -383,6 +383,16 @@ class FastModel:
         """How many vision CUDA graphs exist (one per view shape seen): a rise means a one-time capture ran."""
         return self.vision.graph_count
 
+    def graph_capture_errors(self) -> dict[str, str]:
+        """What ran un-graphed because its CUDA-graph capture failed, and why: the vision towers (by name), the
+        LM prefill and the single-page decode step; empty when every capture so far worked."""
+        out = {f"vision ({name})": g.capture_error for name, g in self.vision.graphs.items() if g.capture_error}
+        if self._prefill_graph_error is not None:
+            out["LM prefill"] = self._prefill_graph_error
+        if self._decoder is not None and self._decoder.capture_error is not None:
+            out["decode step"] = self._decoder.capture_error
+        return out
+
     @property
     def _vision_graphs(self) -> tuple[ShapeGraphs, ...] | None:
         """The vision towers' per-shape graph sets, once built (None before the first graphed vision call)."""
