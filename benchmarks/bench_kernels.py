@@ -53,6 +53,7 @@ from llm_perf_opt.models.deepseek_ocr.kernels import (
     PICK_BLOCK,
     add_rms_norm,
     add_rms_norm_ref,
+    attention_counters,
     attention_splits,
     decode_attention,
     decode_attention_ref,
@@ -190,7 +191,8 @@ class Bench:
         moved = tokens * d * 2 * ((hq + 2 * hk) + hq + 2 * hk) + 2 * d * 2  # qkv in; q, k, v out; cos/sin row
         return Row("rope_kv_write", tokens, t_us, k_us, moved, err)
 
-    def attention(self, tokens: int, block_n: int | None = None) -> Row:
+    def attention(self, tokens: int, block_n: int | None = None, one_launch: bool = False) -> Row:
+        """Decode attention vs the torch path; ``one_launch``: the form without the combine launch (counters)."""
         lang, n, pos = self.lang, self.args.max_len, self.args.pos
         hq, hk, d = lang.num_attention_heads, lang.num_key_value_heads, lang.head_dim
         scale = d**-0.5
@@ -212,17 +214,18 @@ class Bench:
             out = torch.matmul(scores.float().softmax(dim=-1).to(q.dtype), v)
             return out.transpose(1, 2).reshape(q.shape[0], -1)
 
-        t_us, k_us = self.time(
-            [lambda b=b: torch_path(*b) for b in bufs],
-            [lambda b=b: decode_attention(b[0], b[1], b[2], self.pos, scale, block_n=block_n) for b in bufs],
-        )
+        counters = attention_counters(tokens * hq, self.dev) if one_launch else None
+
+        def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return decode_attention(q, k, v, self.pos, scale, block_n=block_n, counters=counters)
+
+        t_us, k_us = self.time([lambda b=b: torch_path(*b) for b in bufs], [lambda b=b: kernel(*b) for b in bufs])
         q, k, v = bufs[0]
-        err = max_err(
-            decode_attention(q, k, v, self.pos, scale, block_n=block_n), decode_attention_ref(q, k, v, self.pos, scale)
-        )
+        err = max_err(kernel(q, k, v), decode_attention_ref(q, k, v, self.pos, scale))
         kv_bytes = 2 * tokens * hk * (pos + 1) * d * 2
         note = f"pos {pos} of max_len {n}" + (f", block_n {block_n}" if block_n else "")
-        return Row("decode_attention", tokens, t_us, k_us, kv_bytes, err, note)
+        name = "decode_attention (one launch)" if one_launch else "decode_attention"
+        return Row(name, tokens, t_us, k_us, kv_bytes, err, note)
 
     def attention_split_rules(self) -> list[str]:
         """The split rule before / after in one run: ``attention_splits`` with the SM rule alone (``keys_per_split``
@@ -455,6 +458,7 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
     combine = dict(m_ptr=f32, l_ptr=f32, acc_ptr=f32, out_ptr=bf, N_SPLITS="i32")
     route = dict(x_ptr=bf, gate_ptr=f32, idx_ptr=i64, wout_ptr=f32, counts_ptr=i64, H="i32", scaling="fp32")
     attn = dict(HQ=hq, HK=hk, D=d, BLOCK_N=64, BLOCK_D=d)  # N_SPLITS is a runtime int
+    two_launch = dict(out_ptr=None, count_ptr=None, BLOCK_S=1, FUSED_COMBINE=False)  # the combine kernel follows
     specs = [
         ("_add_rms_norm_kernel", norm, dict(HAS_RESIDUAL=True, BLOCK_H=2048, HAS_F32=False), 4),
         ("_add_rms_norm_kernel", norm, dict(HAS_RESIDUAL=True, BLOCK_H=2048, HAS_F32=True), 4),
@@ -463,13 +467,19 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
         (
             "_attn_partial_kernel",
             {**partial, "mask_stride": "i32", **tail},
-            {**attn, "mask_ptr": None, "HAS_MASK": False, "POS_STRIDE": 0},
+            {**attn, "mask_ptr": None, "HAS_MASK": False, "POS_STRIDE": 0, **two_launch},
             4,
         ),
         (
             "_attn_partial_kernel",
             {**partial, "mask_ptr": bf, "mask_stride": "i32", **tail},
-            {**attn, "HAS_MASK": True, "POS_STRIDE": 1},
+            {**attn, "HAS_MASK": True, "POS_STRIDE": 1, **two_launch},
+            4,
+        ),
+        (  # the one-launch form (decode_attention(counters=...)): the last split combines
+            "_attn_partial_kernel",
+            {**partial, "mask_stride": "i32", **tail, "out_ptr": bf, "count_ptr": "*i32"},
+            {**attn, "mask_ptr": None, "HAS_MASK": False, "POS_STRIDE": 0, "BLOCK_S": 32, "FUSED_COMBINE": True},
             4,
         ),
         ("_attn_combine_kernel", combine, dict(D=d, BLOCK_S=32, BLOCK_D=d), 2),
@@ -586,6 +596,9 @@ def sm90_check(lang: LanguageConfig) -> list[dict[str, Any]]:
             v4_loads=len(re.findall(r"ld\.global(?:\.[\w:]+)*\.v4\.b32", ptx)),
             # the dependent-launch instructions in the PTX (griddepcontrol.wait / .launch_dependents)
             griddepcontrol=sorted(set(re.findall(r"griddepcontrol\.(\w+)", ptx))),
+            # atomics (with their scope and memory order) and loads that bypass L1 (.cg)
+            atomics=sorted(set(re.findall(r"\batom\.global\.([\w.]+)", ptx))),
+            cg_loads=len(re.findall(r"\bld\.global\.cg\b", ptx)),
             shared_bytes=int(compiled.metadata.shared),
             registers=None,
             spill_bytes=None,  # None: ptxas not found (the cubin was still built)
@@ -932,7 +945,8 @@ def main() -> None:
     grouped_tokens = [int(t) for t in args.grouped_tokens.split(",") if t]
     with torch.inference_mode():
         if not args.only_grouped:
-            rows += [bench.norm(1), bench.rope(1), bench.attention(1), bench.route(1), bench.route(1, logits_in=True)]
+            rows += [bench.norm(1), bench.rope(1), bench.attention(1), bench.attention(1, one_launch=True)]
+            rows += [bench.route(1), bench.route(1, logits_in=True)]
             rows += [bench.pick(1)]
             lang = bench.lang
             qkv_n = (lang.num_attention_heads + 2 * lang.num_key_value_heads) * lang.head_dim

@@ -197,3 +197,16 @@ def test_dependent_launches_give_bit_identical_graphed_logits_and_tokens(model: 
             assert dec.graph is not None and not bool(dec.nonfinite)
     assert torch.equal(rows[0], rows[1])
     assert greedy[0] == greedy[1]
+
+
+def test_one_launch_attention_gives_bit_identical_graphed_logits(model: object) -> None:
+    """``one_launch_attention`` under graph capture at full size (10 heads x ~20 splits racing for each counter):
+    the last split's combine reads every partial, so the logits equal the two-launch step's bit for bit; a
+    missed partial or a counter left non-zero would change them."""
+    with torch.inference_mode():
+        embeds, feed = _prompt_and_feed(4, model)
+        rows = [
+            _forced_logits(apply_fast_path(model, FastConfig(one_launch_attention=one)), embeds, feed)  # type: ignore[arg-type]
+            for one in (False, True)
+        ]
+    assert torch.equal(rows[0], rows[1])

@@ -328,3 +328,26 @@ def test_linear_rows_compiled_within_one_bf16_rounding(rows: int, n_out: int) ->
     torch.cuda.synchronize()
     assert torch.equal(static, K.linear_rows(x, w))
     assert bool(((static.double() + exact).abs() <= ulp).all())
+
+
+def test_one_launch_attention_under_replays_equals_two_launches() -> None:
+    """The one-launch decode attention compiled at the real sizes (10 heads, 1,000 keys, ~19 splits per head
+    racing for each counter), replayed 200 times from one graph with the position moving on the device: every
+    replay equals the two-launch form bit for bit, and the counters are zero afterwards."""
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    q = torch.randn(1, 10, 128, device="cuda", generator=gen).to(torch.bfloat16)
+    k = torch.randn(1, 10, 1200, 128, device="cuda", generator=gen).to(torch.bfloat16)
+    v = torch.randn(1, 10, 1200, 128, device="cuda", generator=gen).to(torch.bfloat16)
+    pos = torch.tensor([999], device="cuda")
+    counters = K.attention_counters(10, "cuda")
+    K.decode_attention(q, k, v, pos, 128**-0.5, counters=counters)  # compiled outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = K.decode_attention(q, k, v, pos, 128**-0.5, counters=counters)
+        pos.add_(-1)
+    for i in range(200):
+        graph.replay()
+        torch.cuda.synchronize()
+        want = K.decode_attention(q, k, v, torch.tensor([999 - i], device="cuda"), 128**-0.5)
+        assert torch.equal(out, want), i
+    assert int(counters.abs().sum()) == 0

@@ -161,6 +161,10 @@ class FastConfig:
     # (kernels.linear_rows: float32 accumulator, one rounding, like cuBLAS's, summed in another order) instead of
     # cuBLAS's small GEMMs (0.7-1.9 TB/s on an H200, 120 us per step).  Off until timed on a GPU
     triton_linear: bool = False
+    # with the Triton decode step at batch 1-8: decode attention in one launch instead of two (the split that
+    # finishes last for a row-head combines the partials, ordered by an acq_rel counter), 12 launches fewer per
+    # step.  Off until timed on a GPU (bit-identical outputs in the interpreter)
+    one_launch_attention: bool = False
     # the session's decode loop picks tokens on the device (greedy + the no-repeat-ngram ban inside the decode
     # graph, eos checked every 16 steps) instead of reading every step's logits on the host; temperature > 0
     # keeps the host loop
@@ -309,7 +313,9 @@ class FastModel:
         if self.decode_kernels == "triton":
             from llm_perf_opt.models.deepseek_ocr.triton_layers import triton_layers, triton_row_layers
 
-            self._triton = triton_layers(self.layers, self.norm, cfg.norm_router_f32, cfg.triton_linear)
+            self._triton = triton_layers(
+                self.layers, self.norm, cfg.norm_router_f32, cfg.triton_linear, cfg.one_launch_attention
+            )
             if cfg.decode_compile == "none":  # a compiled step traces the torch layers
                 self._triton_rows = triton_row_layers(self.layers, self.norm, cfg.norm_router_f32)
 

@@ -9,7 +9,9 @@ op                      kernels  replaces
 ======================  =======  ==========================================================================
 :func:`add_rms_norm`    1        residual add + ``RMSNorm`` (float32 norm, cast, weight multiply)
 :func:`rope_kv_write`   1        rotary on q and k, ``index_copy_`` of k and v into the cache
-:func:`decode_attention` 2       masked matmul attention over ``max_len`` (split-K partials + combine)
+:func:`decode_attention` 2 (1)   masked matmul attention over ``max_len`` (split-K partials + combine; with
+                                 ``counters`` the last split of a row-head combines: one launch)
+:func:`linear_rows`     1        a decode projection (QKV, o_proj) for a few rows, instead of cuBLAS
 :func:`moe_route`       1        float32 router GEMV, softmax, greedy top-k, routing counts
 :func:`moe_experts`     2        sort/grouped-GEMM experts, SiLU gate, weighted sum, shared experts, residual
 ======================  =======  ==========================================================================
@@ -83,6 +85,7 @@ __all__ = [
     "add_rms_norm",
     "add_rms_norm_f32",
     "add_rms_norm_ref",
+    "attention_counters",
     "attention_splits",
     "decode_attention",
     "decode_attention_ref",
@@ -342,6 +345,10 @@ if HAVE_TRITON:
         HAS_MASK: tl.constexpr = False,
         POS_STRIDE: tl.constexpr = 0,
         key_limit=0,
+        out_ptr=None,
+        count_ptr=None,
+        BLOCK_S: tl.constexpr = 1,
+        FUSED_COMBINE: tl.constexpr = False,
         USE_GDC: tl.constexpr = False,
     ):
         if USE_GDC:
@@ -385,6 +392,17 @@ if HAVE_TRITON:
         tl.store(m_ptr + part, m_i)
         tl.store(l_ptr + part, l_i)
         tl.store(acc_ptr + part * D + d, acc, mask=dmask)
+        if FUSED_COMBINE:
+            # the split that finishes last combines the row-head: the counter's acq_rel add publishes this split's
+            # partials and, for the last one, makes every other split's visible; it then re-arms the counter.
+            # The add is one thread's: the barrier before it orders every thread's stores ahead of its release,
+            # the one after it every thread's combine loads behind its acquire
+            tl.debug_barrier()
+            done = tl.atomic_add(count_ptr + bh, 1, sem="acq_rel", scope="gpu")
+            tl.debug_barrier()
+            if done == N_SPLITS - 1:
+                _attn_combine_row(m_ptr, l_ptr, acc_ptr, out_ptr, bh, D, N_SPLITS, BLOCK_S, BLOCK_D)
+                tl.atomic_xchg(count_ptr + bh, 0, sem="relaxed", scope="gpu")
 
     @triton.jit
     def _attn_combine_kernel(
@@ -400,17 +418,24 @@ if HAVE_TRITON:
     ):
         if USE_GDC:
             _dependent_launch()
-        bh = tl.program_id(0)
+        _attn_combine_row(m_ptr, l_ptr, acc_ptr, out_ptr, tl.program_id(0), D, N_SPLITS, BLOCK_S, BLOCK_D)
+
+    @triton.jit
+    def _attn_combine_row(
+        m_ptr, l_ptr, acc_ptr, out_ptr, bh, D: tl.constexpr, N_SPLITS, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr
+    ):
+        """Row-head ``bh``'s output from its splits' partials: rescale to the largest max, sum, divide, round once.
+        The partials are read past L1 (``.cg``): in the fused path other programs wrote them moments ago."""
         sp = tl.arange(0, BLOCK_S)
         smask = sp < N_SPLITS
         d = tl.arange(0, BLOCK_D)
         dmask = d < D
-        m = tl.load(m_ptr + bh * N_SPLITS + sp, mask=smask, other=float("-inf"))
+        m = tl.load(m_ptr + bh * N_SPLITS + sp, mask=smask, other=float("-inf"), cache_modifier=".cg")
         m_all = tl.max(m, axis=0)  # finite: split 0 always holds key 0
         w = tl.exp2(m - m_all)  # 0 for empty splits (m = -inf)
-        den = tl.sum(tl.load(l_ptr + bh * N_SPLITS + sp, mask=smask, other=0.0) * w, axis=0)
+        den = tl.sum(tl.load(l_ptr + bh * N_SPLITS + sp, mask=smask, other=0.0, cache_modifier=".cg") * w, axis=0)
         acc_offs = (bh * N_SPLITS + sp[:, None]) * D + d[None, :]
-        acc = tl.load(acc_ptr + acc_offs, mask=smask[:, None] & dmask[None, :], other=0.0)
+        acc = tl.load(acc_ptr + acc_offs, mask=smask[:, None] & dmask[None, :], other=0.0, cache_modifier=".cg")
         out = tl.sum(acc * w[:, None], axis=0) / den
         out_dt = out_ptr.dtype.element_ty
         tl.store(out_ptr + bh * D + d, _round(out, out_dt).to(out_dt), mask=dmask)
@@ -1084,6 +1109,7 @@ def decode_attention(
     n_splits: int | None = None,
     keys_per_split: int = KEYS_PER_SPLIT,
     key_mask: Tensor | None = None,
+    counters: Tensor | None = None,
 ) -> Tensor:
     """Decode attention of ``q`` [B, hq, D] over keys ``0..pos`` of one layer's cache; returns [B, hq·D].
 
@@ -1101,6 +1127,10 @@ def decode_attention(
     [B·hq, n_splits, D] fp32) fixes the launch shape, so one CUDA graph serves every ``pos``.  GQA: query
     head h reads kv head ``h // (hq // hk)`` (re-read per query head; the model is MHA).  ``pos`` < max_len
     is the caller's to ensure (not checked: it lives on the device).
+
+    ``counters``: int32 [>= B·hq], all zero (:func:`attention_counters`), kept by the caller across calls: then
+    one launch instead of two, the split that finishes last for a row-head combining its partials (and setting
+    its counter back to zero, so the buffer serves the next call and every graph replay).
     """
     _require("decode_attention", q.device)
     bsz, hq, dim = q.shape
@@ -1108,14 +1138,14 @@ def decode_attention(
     if tuple(k_cache.shape) != (bsz, hk, max_len, dim) or v_cache.shape != k_cache.shape or hq % hk:
         raise ValueError(f"caches {tuple(k_cache.shape)} do not fit q {tuple(q.shape)} (need [B, hk, max_len, D])")
     _check_pos(pos, bsz)
-    mask_args: dict[str, object] = {}
+    launch_args: dict[str, object] = {}
     key_limit = max_len
     if key_mask is not None:
         if key_mask.dim() != 2 or key_mask.shape[0] not in (1, bsz) or key_mask.shape[1] > max_len:
             raise ValueError(f"key_mask must be [{bsz} or 1, n <= {max_len}], got {tuple(key_mask.shape)}")
         key_mask = _contig(key_mask, "key_mask")
         stride = key_mask.stride(0) if key_mask.shape[0] == bsz and bsz > 1 else 0
-        mask_args = dict(mask_ptr=key_mask, mask_stride=stride, HAS_MASK=True)
+        launch_args = dict(mask_ptr=key_mask, mask_stride=stride, HAS_MASK=True)
         key_limit = key_mask.shape[1]
     if block_n is None:  # [64, D] K and V tiles: 64 elements per thread at 4 warps (D = 128), no spills
         block_n = 64 if q.device.type == "cuda" else 256
@@ -1126,6 +1156,10 @@ def decode_attention(
     acc = torch.empty((rows, splits, dim), device=q.device, dtype=torch.float32)
     out = torch.empty((bsz, hq * dim), device=q.device, dtype=q.dtype)
     block_d = _pow2(dim)
+    if counters is not None:
+        if counters.dtype != torch.int32 or counters.dim() != 1 or counters.numel() < rows:
+            raise ValueError(f"counters must be int32 [>= {rows}], got {counters.dtype} {tuple(counters.shape)}")
+        launch_args.update(out_ptr=out, count_ptr=counters, BLOCK_S=_pow2(splits), FUSED_COMBINE=True)
     _attn_partial_kernel[(rows, splits)](
         _contig(q, "q"),
         _contig(k_cache, "k_cache"),
@@ -1145,13 +1179,19 @@ def decode_attention(
         num_warps=4,
         POS_STRIDE=0 if pos.shape[0] == 1 else 1,
         key_limit=key_limit,
-        **mask_args,
+        **launch_args,
         **_pdl(),
     )
-    _attn_combine_kernel[(rows,)](
-        m, den, acc, out, D=dim, N_SPLITS=splits, BLOCK_S=_pow2(splits), BLOCK_D=block_d, num_warps=2, **_pdl()
-    )
+    if counters is None:
+        _attn_combine_kernel[(rows,)](
+            m, den, acc, out, D=dim, N_SPLITS=splits, BLOCK_S=_pow2(splits), BLOCK_D=block_d, num_warps=2, **_pdl()
+        )
     return out
+
+
+def attention_counters(rows: int, device: torch.device | str) -> Tensor:
+    """The zeroed per-row-head counters of :func:`decode_attention`'s one-launch form (``rows`` = B·hq)."""
+    return torch.zeros(rows, dtype=torch.int32, device=device)
 
 
 # ======================================================================================== moe_route

@@ -64,13 +64,23 @@ class TritonRMSNorm(RMSNorm):
 class TritonAttention(nn.Module):
     """One decode token per row: QKV GEMM, rotary + KV write at ``ctx.slot``, attention over keys ``0..slot``.
     With ``linear`` the fused QKV and the o_proj products run as :func:`kernels.linear_rows` (Triton GEMVs)
-    instead of cuBLAS."""
+    instead of cuBLAS; with ``one_launch`` the attention is one launch (the last split of a row-head combines:
+    :func:`kernels.decode_attention` with counters this module keeps)."""
 
-    def __init__(self, attn: Attention, linear: bool = False) -> None:
+    def __init__(self, attn: Attention, linear: bool = False, one_launch: bool = False) -> None:
         super().__init__()
         self.attn = attn
         self.wqkv: Tensor | None = attn.wqkv if isinstance(attn, FusedAttention) else None
         self.linear = linear
+        self.one_launch = one_launch
+        self._counters: Tensor | None = None  # zero between calls: the kernel's last split sets them back
+
+    def _counters_for(self, rows: int, device: torch.device) -> Tensor | None:
+        if not self.one_launch:
+            return None
+        if self._counters is None or self._counters.numel() < rows:
+            self._counters = K.attention_counters(rows, device)
+        return self._counters
 
     def _project(self, x: Tensor, weight: Tensor) -> Tensor:
         if self.linear and x.shape[0] <= K.LINEAR_MAX_ROWS:
@@ -88,7 +98,8 @@ class TritonAttention(nn.Module):
         k_all, v_all = ctx.cache.k[layer_idx], ctx.cache.v[layer_idx]
         cos_table, sin_table = ctx.rope_tables
         q = K.rope_kv_write(qkv, cos_table, sin_table, ctx.slot, k_all, v_all, a.num_heads, a.num_kv_heads, a.head_dim)
-        out = K.decode_attention(q, k_all, v_all, ctx.slot, a.head_dim**-0.5)
+        counters = self._counters_for(q.shape[0] * q.shape[1], q.device)
+        out = K.decode_attention(q, k_all, v_all, ctx.slot, a.head_dim**-0.5, counters=counters)
         if a.o_proj.bias is None:
             return self._project(out, a.o_proj.weight)
         o: Tensor = a.o_proj(out)
@@ -198,13 +209,18 @@ def _triton_layer(layer: DecoderLayer, attention: Callable[[Attention], nn.Modul
 
 
 def triton_layers(
-    layers: list[DecoderLayer], norm: RMSNorm, router_f32: bool = False, linear: bool = False
+    layers: list[DecoderLayer],
+    norm: RMSNorm,
+    router_f32: bool = False,
+    linear: bool = False,
+    one_launch_attention: bool = False,
 ) -> tuple[list[DecoderLayer], RMSNorm]:
     """The fast layers (and the final norm) with Triton modules swapped in; dense MLPs stay as they are
-    (``linear``: the attention's QKV and o_proj as Triton GEMVs)."""
+    (``linear``: the attention's QKV and o_proj as Triton GEMVs; ``one_launch_attention``: attention without
+    its combine launch)."""
 
     def attention(attn: Attention) -> nn.Module:
-        return TritonAttention(attn, linear)
+        return TritonAttention(attn, linear, one_launch_attention)
 
     return [_triton_layer(layer, attention, router_f32) for layer in layers], TritonRMSNorm(norm)
 

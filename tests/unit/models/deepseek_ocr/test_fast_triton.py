@@ -254,6 +254,28 @@ def test_triton_linear_projects_qkv_and_o_proj_with_the_kernel(monkeypatch: pyte
         torch.testing.assert_close(b, a, rtol=0, atol=1e-4 * scale)  # fp32 rounding, through every layer
 
 
+def test_one_launch_attention_gives_bit_identical_logits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``one_launch_attention``: every decode step's attention runs with counters (no combine launch) and the
+    teacher-forced logits equal the two-launch step's bit for bit (the same combine arithmetic)."""
+    with_counters: list[bool] = []
+    real = kernels.decode_attention
+
+    def spy(*args: object, **kw: object) -> torch.Tensor:
+        with_counters.append(kw.get("counters") is not None)
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kernels, "decode_attention", spy)
+    model = _model(seed=10)
+    embeds = torch.randn(2, 7, model.config.language.hidden_size)
+    runs = []
+    for one in (False, True):
+        fast = apply_fast_path(model, FastConfig(cuda_graphs=False, decode_kernels="triton", one_launch_attention=one))
+        runs.append(_decode(fast, embeds, None if not runs else runs[0][0], 4))
+    steps = 4 * model.config.language.num_hidden_layers
+    assert with_counters == [False] * steps + [True] * steps
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
+
+
 def test_triton_unavailable_falls_back_with_a_reason(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where the kernels cannot run, the torch step runs and the model says why (warned only on CUDA, where
     Triton was expected; on the CPU the torch step is the normal one)."""

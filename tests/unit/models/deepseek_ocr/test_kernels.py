@@ -299,6 +299,37 @@ def test_decode_attention_over_keys_up_to_pos(dtype: torch.dtype, hq: int, hk: i
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_attention_one_launch_form_equals_two_launches(dtype: torch.dtype) -> None:
+    """``counters``: the split finishing last combines in the same launch; the output equals the two-launch form
+    bit for bit (the same combine arithmetic), empty splits included, with a key mask and per-row positions too,
+    and the counters are zero again afterwards (the next call, or a graph replay, reuses them)."""
+    gen = torch.Generator().manual_seed(17)
+    batch, hq, hk, dim, max_len = 3, 4, 2, 32, 96
+    q = torch.randn(batch, hq, dim, generator=gen).to(dtype)
+    k_cache = torch.randn(batch, hk, max_len, dim, generator=gen).to(dtype)
+    v_cache = torch.randn(batch, hk, max_len, dim, generator=gen).to(dtype)
+    counters = K.attention_counters(batch * hq + 5, "cpu")  # longer than needed is fine
+    cases = [
+        dict(pos=torch.tensor([70]), n_splits=3),
+        dict(pos=torch.tensor([20]), n_splits=6),  # later splits get no keys
+        dict(pos=torch.tensor([5, 60, 95]), n_splits=4),  # each row its own last key
+    ]
+    mask = torch.zeros(batch, max_len, dtype=dtype)
+    mask[0, :3] = float("-inf")  # row 0's left pads
+    for case in cases:
+        for key_mask in (None, mask):
+            args = (q, k_cache, v_cache, case["pos"], dim**-0.5)
+            two = K.decode_attention(*args, block_n=16, n_splits=case["n_splits"], key_mask=key_mask)
+            one = K.decode_attention(*args, block_n=16, n_splits=case["n_splits"], key_mask=key_mask, counters=counters)
+            assert torch.equal(one, two)
+            assert int(counters.abs().sum()) == 0
+    with pytest.raises(ValueError, match="counters must be int32"):
+        K.decode_attention(q, k_cache, v_cache, torch.tensor([3]), 1.0, counters=torch.zeros(batch * hq))
+    with pytest.raises(ValueError, match="counters must be int32"):
+        K.decode_attention(q, k_cache, v_cache, torch.tensor([3]), 1.0, counters=K.attention_counters(2, "cpu"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_attention_key_mask_left_pads(dtype: torch.dtype) -> None:
     """Per-row additive mask (left pads of 0, 20 and 50 keys over a 64-column cache, the batched step's
     ``decode_key_mask``): whole key blocks and whole splits masked give no NaN; oracle: plain softmax over each
@@ -752,6 +783,19 @@ def test_compiles_for_sm90(sm90: list[dict[str, Any]]) -> None:
         assert r["spill_bytes"] in (0, None), r  # None: this Triton's ptxas was not found (cubin still built)
         if r["kernel"] in STREAMING:
             assert r["v4_loads"] > 0, r
+
+
+def test_one_launch_attention_orders_its_partials(sm90: list[dict[str, Any]]) -> None:
+    """The one-launch attention (``decode_attention(counters=...)``): its counter add is acq_rel at GPU scope (the
+    last split must see every other split's partials), it re-arms the counter, and it reads the partials past L1;
+    the two-launch variant has no atomics at all."""
+    fused = [r for r in sm90 if r["kernel"] == "_attn_partial_kernel" and r["constexprs"].get("FUSED_COMBINE")]
+    plain = [r for r in sm90 if r["kernel"] == "_attn_partial_kernel" and not r["constexprs"].get("FUSED_COMBINE")]
+    assert fused and plain
+    for r in fused:
+        assert "gpu.acq_rel.add.u32" in r["atomics"] and "gpu.relaxed.exch.b32" in r["atomics"], r
+        assert r["cg_loads"] >= 3, r  # the splits' maxima, sums and accumulators
+    assert all(r["atomics"] == [] for r in plain)
 
 
 def test_dependent_launch_variants_wait_before_they_read(sm90: list[dict[str, Any]]) -> None:
