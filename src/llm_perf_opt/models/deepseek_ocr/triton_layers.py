@@ -73,14 +73,19 @@ class TritonAttention(nn.Module):
         self.wqkv: Tensor | None = attn.wqkv if isinstance(attn, FusedAttention) else None
         self.linear = linear
         self.one_launch = one_launch
-        self._counters: Tensor | None = None  # zero between calls: the kernel's last split sets them back
+        # zero between calls (the kernel's last split sets them back); never freed while this module lives: a
+        # captured graph keeps the address of the buffer it was captured with
+        self._counters: list[Tensor] = []
 
     def _counters_for(self, rows: int, device: torch.device) -> Tensor | None:
         if not self.one_launch:
             return None
-        if self._counters is None or self._counters.numel() < rows:
-            self._counters = K.attention_counters(rows, device)
-        return self._counters
+        for buf in self._counters:
+            if buf.numel() >= rows and buf.device == device:
+                return buf
+        # the single-page steps go up to 8 rows: one buffer for all of them
+        self._counters.append(K.attention_counters(max(rows, 8 * self.attn.num_heads), device))
+        return self._counters[-1]
 
     def _project(self, x: Tensor, weight: Tensor) -> Tensor:
         if self.linear and x.shape[0] <= K.LINEAR_MAX_ROWS:

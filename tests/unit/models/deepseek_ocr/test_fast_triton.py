@@ -276,6 +276,28 @@ def test_one_launch_attention_gives_bit_identical_logits(monkeypatch: pytest.Mon
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
 
 
+def test_one_launch_attention_keeps_one_counter_buffer_per_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A captured graph keeps the address of the counters it was captured with, so a layer never swaps its buffer:
+    decoding one row and then eight (the single-page step's widest) uses the same zeroed buffer in each layer."""
+    seen: list[int] = []
+    real = kernels.decode_attention
+
+    def spy(*args: object, **kw: object) -> torch.Tensor:
+        counters = kw["counters"]
+        assert isinstance(counters, torch.Tensor)
+        seen.append(counters.data_ptr())
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kernels, "decode_attention", spy)
+    model = _model(seed=11)
+    fast = apply_fast_path(model, FastConfig(cuda_graphs=False, decode_kernels="triton", one_launch_attention=True))
+    n_layers = model.config.language.num_hidden_layers
+    for rows in (1, TRITON_MAX_ROWS):
+        embeds = torch.randn(rows, 5, model.config.language.hidden_size)
+        _decode(fast, embeds, None, 1)
+    assert len(seen) == 2 * n_layers and seen[:n_layers] == seen[n_layers:]
+
+
 def test_triton_unavailable_falls_back_with_a_reason(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where the kernels cannot run, the torch step runs and the model says why (warned only on CUDA, where
     Triton was expected; on the CPU the torch step is the normal one)."""
