@@ -63,6 +63,19 @@ def _decode(
     return picks, rows
 
 
+def _off_and_on(
+    model: DeepseekOCRForCausalLM, switch: str, steps: int
+) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """Teacher-forced Triton decodes of a 2-row, 7-position prompt with ``FastConfig(<switch>=False)``, then
+    ``True`` fed the first run's picks: [(picks, logits)] for off and on."""
+    embeds = torch.randn(2, 7, model.config.language.hidden_size)
+    runs: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+    for on in (False, True):
+        fast = apply_fast_path(model, FastConfig(cuda_graphs=False, decode_kernels="triton", **{switch: on}))
+        runs.append(_decode(fast, embeds, None if not runs else runs[0][0], steps))
+    return runs
+
+
 @pytest.mark.parametrize("batch", [1, 2, 12])  # 12 rows: torch attention, Triton norms + grouped-GEMM experts
 def test_triton_decode_step_matches_torch_step(batch: int, monkeypatch: pytest.MonkeyPatch) -> None:
     grouped_rows: list[int] = []
@@ -185,12 +198,7 @@ def test_norm_router_f32_gives_the_same_logits_without_the_casts(monkeypatch: py
 
     monkeypatch.setattr(TritonRMSNorm, "f32_of", spy)
     model = _model(seed=7)
-    embeds = torch.randn(2, 7, model.config.language.hidden_size)
-    runs = []
-    for keep in (False, True):
-        fast = apply_fast_path(model, FastConfig(cuda_graphs=False, decode_kernels="triton", norm_router_f32=keep))
-        picks, rows = _decode(fast, embeds, None if not runs else runs[0][0], 6)
-        runs.append((picks, rows))
+    runs = _off_and_on(model, "norm_router_f32", 6)
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
     n_moe = sum(1 for layer in model.model.layers if layer.mlp.__class__.__name__ != "MLP")
     assert n_moe > 0 and kept == [True] * (6 * n_moe)  # every decode step's every MoE router took the copy
@@ -242,11 +250,7 @@ def test_triton_linear_projects_qkv_and_o_proj_with_the_kernel(monkeypatch: pyte
     monkeypatch.setattr(kernels, "linear_rows", counted)
     model = _model(seed=9)
     lang = model.config.language
-    embeds = torch.randn(2, 7, lang.hidden_size)
-    runs = []
-    for linear in (False, True):
-        fast = apply_fast_path(model, FastConfig(cuda_graphs=False, decode_kernels="triton", triton_linear=linear))
-        runs.append(_decode(fast, embeds, None if not runs else runs[0][0], 5))
+    runs = _off_and_on(model, "triton_linear", 5)
     qkv = (lang.num_attention_heads + 2 * lang.num_key_value_heads) * lang.head_dim
     assert shapes == [(2, qkv), (2, lang.hidden_size)] * (5 * lang.num_hidden_layers)
     scale = max(float(r.abs().max()) for r in runs[0][1])
@@ -266,11 +270,7 @@ def test_one_launch_attention_gives_bit_identical_logits(monkeypatch: pytest.Mon
 
     monkeypatch.setattr(kernels, "decode_attention", spy)
     model = _model(seed=10)
-    embeds = torch.randn(2, 7, model.config.language.hidden_size)
-    runs = []
-    for one in (False, True):
-        fast = apply_fast_path(model, FastConfig(cuda_graphs=False, decode_kernels="triton", one_launch_attention=one))
-        runs.append(_decode(fast, embeds, None if not runs else runs[0][0], 4))
+    runs = _off_and_on(model, "one_launch_attention", 4)
     steps = 4 * model.config.language.num_hidden_layers
     assert with_counters == [False] * steps + [True] * steps
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
