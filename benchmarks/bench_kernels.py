@@ -529,11 +529,17 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
     final = dict(val_ptr=f32, idx_ptr="*i32", bad_ptr="*i32", out_ptr=i64, flag_ptr="*i1", V="i32", N_CHUNKS="i32")
     specs.append(("_pick_final_kernel", final, dict(BLOCK_C=1 << (n_chunks - 1).bit_length()), 1))
     linear = dict(x_ptr=bf, w_ptr=bf, y_ptr=bf, N="i32")
-    qkv_n = (hq + 2 * hk) * d
-    for n_out in (qkv_n, hid):  # the fused QKV and o_proj, as linear_rows launches them on an H100
+    for _, n_out in projections(lang):  # as linear_rows launches them on an H100
         bn, bk = linear_block_sizes(n_out, hid, H100_SMS)
         specs.append(("_linear_rows_kernel", linear, dict(K=hid, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=hid % bk == 0), 4))
     return specs
+
+
+def projections(lang: LanguageConfig) -> tuple[tuple[str, int], ...]:
+    """The decode step's attention projections linear_rows serves, as (name, output width): the fused QKV and
+    o_proj (both read the hidden size)."""
+    qkv = (lang.num_attention_heads + 2 * lang.num_key_value_heads) * lang.head_dim
+    return ("QKV", qkv), ("o_proj", lang.hidden_size)
 
 
 STREAMING = {
@@ -704,9 +710,7 @@ def run_sweep(bench: Bench) -> list[str]:
     for block_n in (32, 64, 128):
         r = bench.attention(1, block_n=block_n)
         out.append(f"| decode_attention | 1 | block_n={block_n} | {r.triton_us:.2f} | {r.gbps(r.triton_us):.0f} |")
-    lang = bench.lang
-    qkv_n = (lang.num_attention_heads + 2 * lang.num_key_value_heads) * lang.head_dim
-    for name, n_out in (("QKV", qkv_n), ("o_proj", lang.hidden_size)):
+    for name, n_out in projections(bench.lang):
         for bn, bk, warps in LINEAR_VARIANTS:
             cfg = f"{name}: block_n={bn} block_k={bk} warps={warps}"
             try:
@@ -948,9 +952,7 @@ def main() -> None:
             rows += [bench.norm(1), bench.rope(1), bench.attention(1), bench.attention(1, one_launch=True)]
             rows += [bench.route(1), bench.route(1, logits_in=True)]
             rows += [bench.pick(1)]
-            lang = bench.lang
-            qkv_n = (lang.num_attention_heads + 2 * lang.num_key_value_heads) * lang.head_dim
-            rows += [bench.linear(1, qkv_n, "QKV"), bench.linear(1, lang.hidden_size, "o_proj")]
+            rows += [bench.linear(1, n_out, name) for name, n_out in projections(bench.lang)]
             rows += [bench.experts(1)]
             rows += [bench.route(4), bench.experts(4)]
         for tokens in grouped_tokens:

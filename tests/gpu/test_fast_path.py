@@ -167,14 +167,17 @@ def _forced_logits(fast: object, embeds: torch.Tensor, feed: list[int]) -> torch
     return torch.stack([step(torch.tensor([[t]], device="cuda"), cache).clone() for t in feed])
 
 
-def test_norm_router_f32_gives_bit_identical_graphed_logits(model: object) -> None:
-    """``norm_router_f32`` under graph capture at full size: the router reads the same float32 values, so every
-    logit of a teacher-forced decode equals the default step's, bit for bit."""
+@pytest.mark.parametrize(("switch", "seed"), [("norm_router_f32", 2), ("one_launch_attention", 4)])
+def test_exact_switches_give_bit_identical_graphed_logits(model: object, switch: str, seed: int) -> None:
+    """Switches that compute the same values another way, under graph capture at full size: every logit of a
+    teacher-forced decode equals the step's without the switch, bit for bit.  ``norm_router_f32``: the router
+    reads the same float32 values.  ``one_launch_attention`` (10 heads x ~20 splits racing for each counter): the
+    last split's combine reads every partial; a missed partial or a counter left non-zero would change them."""
     with torch.inference_mode():
-        embeds, feed = _prompt_and_feed(2, model)
+        embeds, feed = _prompt_and_feed(seed, model)
         rows = [
-            _forced_logits(apply_fast_path(model, FastConfig(norm_router_f32=keep)), embeds, feed)  # type: ignore[arg-type]
-            for keep in (False, True)
+            _forced_logits(apply_fast_path(model, FastConfig(**{switch: on})), embeds, feed)  # type: ignore[arg-type]
+            for on in (False, True)
         ]
     assert torch.equal(rows[0], rows[1])
 
@@ -197,16 +200,3 @@ def test_dependent_launches_give_bit_identical_graphed_logits_and_tokens(model: 
             assert dec.graph is not None and not bool(dec.nonfinite)
     assert torch.equal(rows[0], rows[1])
     assert greedy[0] == greedy[1]
-
-
-def test_one_launch_attention_gives_bit_identical_graphed_logits(model: object) -> None:
-    """``one_launch_attention`` under graph capture at full size (10 heads x ~20 splits racing for each counter):
-    the last split's combine reads every partial, so the logits equal the two-launch step's bit for bit; a
-    missed partial or a counter left non-zero would change them."""
-    with torch.inference_mode():
-        embeds, feed = _prompt_and_feed(4, model)
-        rows = [
-            _forced_logits(apply_fast_path(model, FastConfig(one_launch_attention=one)), embeds, feed)  # type: ignore[arg-type]
-            for one in (False, True)
-        ]
-    assert torch.equal(rows[0], rows[1])

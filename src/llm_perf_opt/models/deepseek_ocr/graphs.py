@@ -28,10 +28,11 @@ def capture_graph(
     buffers the graph rewrites on every replay).  ``context`` is entered around the warm-up and the capture
     (e.g. an SDPA backend policy, which the graph is then tied to).
 
-    Python's garbage collector is run first and kept off until the capture ends: an unreachable graph in a
-    reference cycle (a dropped decode step whose narrower steps point back at it) destroyed by an automatic
-    collection in the middle of a capture resets itself there, which invalidates the capture ("operation not
-    permitted when stream is capturing"; torch no longer collects before a capture by default)."""
+    Python's garbage collector is run first and kept off until the capture ends: an unreachable graph held in
+    a reference cycle, destroyed by an automatic collection in the middle of a capture, resets itself there,
+    which invalidates the capture ("operation not permitted when stream is capturing"; torch no longer collects
+    before a capture by default).  Seen on an H200 when continuous decode steps were such cycles (they no
+    longer are); this keeps any other cycle from doing the same."""
     gc.collect()
     was_enabled = gc.isenabled()
     gc.disable()

@@ -80,7 +80,6 @@ __all__ = [
     "HAVE_TRITON",
     "INTERPRETED",
     "KEYS_PER_SPLIT",
-    "LINEAR_MAX_ROWS",
     "KernelUnavailableError",
     "add_rms_norm",
     "add_rms_norm_f32",
@@ -1705,9 +1704,6 @@ def pick_token(
 
 
 # ======================================================================================== linear_rows
-LINEAR_MAX_ROWS = 8
-
-
 def linear_rows_ref(x: Tensor, weight: Tensor) -> Tensor:
     """``x @ weight.T`` in float32, rounded once to ``x``'s dtype: what a GEMV with a float32 accumulator gives,
     up to the order of the sum."""
@@ -1716,7 +1712,8 @@ def linear_rows_ref(x: Tensor, weight: Tensor) -> Tensor:
 
 def linear_block_sizes(n: int, k: int, sms: int, interpreter: bool = False) -> tuple[int, int]:
     """(BLOCK_N, BLOCK_K) of :func:`linear_rows`: ~4096-element weight tiles (the interpreter: whole rows), and
-    ``BLOCK_N`` small enough for ~2 programs per SM at one row (o_proj's 1,280 outputs: 8 rows per program)."""
+    ``BLOCK_N`` small enough for ~2 programs per SM at one row (on 132 SMs: 8 weight rows per program for the
+    QKV's 3,840 outputs, 4 for o_proj's 1,280)."""
     if interpreter:
         return min(_pow2(n), 64), min(_pow2(k), INTERPRETER_TILE_ELEMS // 64)
     block_k = min(_pow2(k), 256)
@@ -1727,7 +1724,7 @@ def linear_block_sizes(n: int, k: int, sms: int, interpreter: bool = False) -> t
 def linear_rows(
     x: Tensor, weight: Tensor, *, block_n: int | None = None, block_k: int | None = None, num_warps: int = 4
 ) -> Tensor:
-    """``F.linear(x, weight)`` (no bias) for a few rows (decode: 1 to :data:`LINEAR_MAX_ROWS`) as one Triton
+    """``F.linear(x, weight)`` (no bias) for a few rows (the single-page decode step's 1 to 8) as one Triton
     GEMV launch: ``x`` [T, K] and ``weight`` [N, K] contiguous, same dtype; returns [T, N].
 
     Each program streams ``block_n`` rows of the weight once per row of ``x`` (rows past the first re-read them

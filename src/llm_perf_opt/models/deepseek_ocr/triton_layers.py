@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from llm_perf_opt.models.deepseek_ocr import kernels as K
 from llm_perf_opt.models.deepseek_ocr.context import ForwardContext
 from llm_perf_opt.models.deepseek_ocr.decoder import Attention, DecoderLayer, MoE, RMSNorm
+from llm_perf_opt.models.deepseek_ocr.fast_decoder import TRITON_MAX_ROWS
 from llm_perf_opt.models.deepseek_ocr.fast_layers import FusedAttention, GroupedMoE
 
 __all__ = ["TritonAttention", "TritonMoE", "TritonRMSNorm", "TritonRowAttention", "triton_layers", "triton_row_layers"]
@@ -83,14 +84,14 @@ class TritonAttention(nn.Module):
         for buf in self._counters:
             if buf.numel() >= rows and buf.device == device:
                 return buf
-        # the single-page steps go up to 8 rows: one buffer for all of them
-        self._counters.append(K.attention_counters(max(rows, 8 * self.attn.num_heads), device))
+        # one buffer for every single-page step (up to TRITON_MAX_ROWS rows)
+        self._counters.append(K.attention_counters(max(rows, TRITON_MAX_ROWS * self.attn.num_heads), device))
         return self._counters[-1]
 
     def _project(self, x: Tensor, weight: Tensor) -> Tensor:
-        if self.linear and x.shape[0] <= K.LINEAR_MAX_ROWS:
-            return K.linear_rows(x, weight)
-        return F.linear(x, weight)
+        """``F.linear(x, weight)``: a Triton GEMV with ``linear`` (this module runs the single-page step: at most
+        TRITON_MAX_ROWS rows), cuBLAS otherwise."""
+        return K.linear_rows(x, weight) if self.linear else F.linear(x, weight)
 
     def forward(self, x: Tensor, ctx: ForwardContext, layer_idx: int) -> Tensor:
         a = self.attn
