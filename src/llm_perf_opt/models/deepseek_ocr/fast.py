@@ -159,12 +159,13 @@ class FastConfig:
     pdl: bool = False
     # with the Triton decode step at batch 1-8: the fused QKV and the o_proj products as Triton GEMVs
     # (kernels.linear_rows: float32 accumulator, one rounding, like cuBLAS's, summed in another order) instead of
-    # cuBLAS's small GEMMs (0.7-1.9 TB/s on an H200, 120 us per step).  Off until timed on a GPU
-    triton_linear: bool = False
+    # cuBLAS's small GEMMs (0.7-1.9 TB/s on an H200, 120 us per step).  H200: 0.787 -> 0.772 ms/token, the same
+    # greedy tokens over 64 steps
+    triton_linear: bool = True
     # with the Triton decode step at batch 1-8: decode attention in one launch instead of two (the split that
     # finishes last for a row-head combines the partials, ordered by an acq_rel counter), 12 launches fewer per
-    # step.  Off until timed on a GPU (bit-identical outputs in the interpreter)
-    one_launch_attention: bool = False
+    # step; bit-identical to the two launches (both sum the splits in one fixed order)
+    one_launch_attention: bool = True
     # the session's decode loop picks tokens on the device (greedy + the no-repeat-ngram ban inside the decode
     # graph, eos checked every 16 steps) instead of reading every step's logits on the host; temperature > 0
     # keeps the host loop

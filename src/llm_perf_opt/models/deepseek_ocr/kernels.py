@@ -204,6 +204,8 @@ def _pdl() -> dict[str, bool]:
 
 # ======================================================================================== kernels
 if HAVE_TRITON:
+    # splits whose partials one combine step loads at once (then sums in order): 19 splits at batch 1 are two steps
+    COMBINE_CHUNK = tl.constexpr(16)
 
     @triton.jit
     def _dependent_launch():
@@ -424,18 +426,30 @@ if HAVE_TRITON:
         m_ptr, l_ptr, acc_ptr, out_ptr, bh, D: tl.constexpr, N_SPLITS, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr
     ):
         """Row-head ``bh``'s output from its splits' partials: rescale to the largest max, sum, divide, round once.
-        The partials are read past L1 (``.cg``): in the fused path other programs wrote them moments ago."""
+        The partials are read past L1 (``.cg``): in the fused path other programs wrote them moments ago.
+
+        The splits are summed one after the other, split 0 first (``COMBINE_CHUNK`` of them loaded at once), not
+        by ``tl.sum``: a reduction's order follows the tensor's layout, which follows the kernel it is compiled
+        into (the two-launch combine and the one-launch partial kernel differ), and the two forms must agree
+        bit for bit.  A split past ``N_SPLITS`` or an empty one adds exact zeros."""
         sp = tl.arange(0, BLOCK_S)
-        smask = sp < N_SPLITS
         d = tl.arange(0, BLOCK_D)
         dmask = d < D
-        m = tl.load(m_ptr + bh * N_SPLITS + sp, mask=smask, other=float("-inf"), cache_modifier=".cg")
-        m_all = tl.max(m, axis=0)  # finite: split 0 always holds key 0
-        w = tl.exp2(m - m_all)  # 0 for empty splits (m = -inf)
-        den = tl.sum(tl.load(l_ptr + bh * N_SPLITS + sp, mask=smask, other=0.0, cache_modifier=".cg") * w, axis=0)
-        acc_offs = (bh * N_SPLITS + sp[:, None]) * D + d[None, :]
-        acc = tl.load(acc_ptr + acc_offs, mask=smask[:, None] & dmask[None, :], other=0.0, cache_modifier=".cg")
-        out = tl.sum(acc * w[:, None], axis=0) / den
+        base = bh * N_SPLITS
+        m = tl.load(m_ptr + base + sp, mask=sp < N_SPLITS, other=float("-inf"), cache_modifier=".cg")
+        m_all = tl.max(m, axis=0)  # finite: split 0 always holds key 0 (a max is exact in any order)
+        den = 0.0
+        out = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for c0 in range(0, N_SPLITS, COMBINE_CHUNK):
+            for j in tl.static_range(COMBINE_CHUNK):
+                s = tl.full([], c0 + j, tl.int32)  # a tensor under the interpreter too, so its mask is one
+                ok = s < N_SPLITS
+                w = tl.exp2(tl.load(m_ptr + base + s, mask=ok, other=float("-inf"), cache_modifier=".cg") - m_all)
+                den += tl.load(l_ptr + base + s, mask=ok, other=0.0, cache_modifier=".cg") * w  # w = 0: empty
+                tile_ok = dmask & (s + d * 0 < N_SPLITS)  # (the interpreter cannot broadcast a 0-d mask)
+                a = tl.load(acc_ptr + (base + s) * D + d, mask=tile_ok, other=0.0, cache_modifier=".cg")
+                out += a * w
+        out = out / den
         out_dt = out_ptr.dtype.element_ty
         tl.store(out_ptr + bh * D + d, _round(out, out_dt).to(out_dt), mask=dmask)
 
@@ -1704,6 +1718,11 @@ def pick_token(
 
 
 # ======================================================================================== linear_rows
+# weight rows per linear_rows program: the H200 sweep (benchmarks/results/2026-12-02-h200-r8/kernels-start.md) timed
+# the QKV at 7.4 / 5.4 / 6.8 / 11.0 us with 2 / 4 / 8 / 16 rows, o_proj at 4.4 / 3.4 / 4.2 / 7.4 us
+LINEAR_ROWS_PER_PROGRAM = 4
+
+
 def linear_rows_ref(x: Tensor, weight: Tensor) -> Tensor:
     """``x @ weight.T`` in float32, rounded once to ``x``'s dtype: what a GEMV with a float32 accumulator gives,
     up to the order of the sum."""
@@ -1711,13 +1730,14 @@ def linear_rows_ref(x: Tensor, weight: Tensor) -> Tensor:
 
 
 def linear_block_sizes(n: int, k: int, sms: int, interpreter: bool = False) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_K) of :func:`linear_rows`: ~4096-element weight tiles (the interpreter: whole rows), and
-    ``BLOCK_N`` small enough for ~2 programs per SM at one row (on 132 SMs: 8 weight rows per program for the
-    QKV's 3,840 outputs, 4 for o_proj's 1,280)."""
+    """(BLOCK_N, BLOCK_K) of :func:`linear_rows`: 256-wide K blocks (the interpreter: whole rows), and at most
+    ``LINEAR_ROWS_PER_PROGRAM`` weight rows per program, fewer where that would leave under ~2 programs per SM at
+    one row (on 132 SMs: 4 rows per program for the QKV's 3,840 outputs and for o_proj's 1,280)."""
     if interpreter:
         return min(_pow2(n), 64), min(_pow2(k), INTERPRETER_TILE_ELEMS // 64)
     block_k = min(_pow2(k), 256)
-    block_n = max(1, min(TILE_ELEMS // block_k, _pow2_floor(max(1, n // (2 * sms)))))
+    fill = _pow2_floor(max(1, n // (2 * sms)))
+    block_n = max(1, min(TILE_ELEMS // block_k, LINEAR_ROWS_PER_PROGRAM, fill))
     return block_n, block_k
 
 

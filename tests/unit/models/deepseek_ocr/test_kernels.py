@@ -329,6 +329,22 @@ def test_decode_attention_one_launch_form_equals_two_launches(dtype: torch.dtype
         K.decode_attention(q, k_cache, v_cache, torch.tensor([3]), 1.0, counters=K.attention_counters(2, "cpu"))
 
 
+def test_attention_combine_sums_the_splits_in_order() -> None:
+    """The combine adds the splits one after the other, split 0 first, whatever the launch it is compiled into:
+    16 splits, the first holding 2**24 in its sum and its accumulator, the other 15 each 1 and 0.  In float32,
+    in order, every later 1 is lost (2**24 + 1 rounds back to 2**24): the output is exactly 1.0.  A tree or
+    8-way reduction keeps some of them (2**24 + 2 is representable) and would give less."""
+    splits, dim = 16, 4
+    m = torch.zeros(1, splits)  # every split has the same max: all weights are exactly 1
+    den = torch.ones(1, splits)
+    den[0, 0] = 2.0**24
+    acc = torch.zeros(1, splits, dim)
+    acc[0, 0] = 2.0**24
+    out = torch.full((1, dim), -1.0)
+    K._attn_combine_kernel[(1,)](m, den, acc, out, D=dim, N_SPLITS=splits, BLOCK_S=splits, BLOCK_D=dim)
+    assert out.tolist() == [[1.0] * dim]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_attention_key_mask_left_pads(dtype: torch.dtype) -> None:
     """Per-row additive mask (left pads of 0, 20 and 50 keys over a 64-column cache, the batched step's
@@ -736,11 +752,12 @@ def test_linear_rows_match_a_float64_product(
 
 
 def test_linear_block_sizes_fill_an_h200() -> None:
-    """Programs per SM at one row for the decode step's QKV (3,840 x 1,280) and o_proj (1,280 x 1,280) on 132
-    SMs: at least 2, with <= 4,096-element tiles."""
-    for n, k in ((3840, 1280), (1280, 1280)):
-        bn, bk = K.linear_block_sizes(n, k, 132)
-        assert bn * bk <= 4096 and -(-n // bn) >= 2 * 132, (n, bn, bk)
+    """The decode step's QKV (3,840 x 1,280) and o_proj (1,280 x 1,280) on 132 SMs: 4 weight rows of 256-wide K
+    blocks per program (the H200 sweep's fastest), i.e. 960 and 320 programs at one row."""
+    assert K.linear_block_sizes(3840, 1280, 132) == (4, 256)
+    assert K.linear_block_sizes(1280, 1280, 132) == (4, 256)
+    # a narrow projection keeps ~2 programs per SM instead: 512 outputs -> 1 row per program, 512 programs
+    assert K.linear_block_sizes(512, 1280, 132) == (1, 256)
 
 
 def test_linear_rows_rejects_bad_input() -> None:
