@@ -200,3 +200,13 @@ def test_dependent_launches_give_bit_identical_graphed_logits_and_tokens(model: 
             assert dec.graph is not None and not bool(dec.nonfinite)
     assert torch.equal(rows[0], rows[1])
     assert greedy[0] == greedy[1]
+
+
+def test_default_switches_all_apply_on_this_gpu(model: object) -> None:
+    """The default fast path on this GPU (sm_90+: the suite's H200) runs what it is configured to: the Triton
+    decode kernels and dependent launches, so the report has no fallback note."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("dependent launches need sm_90+")
+    fast = apply_fast_path(model, FastConfig())  # type: ignore[arg-type]
+    assert fast.fast_config.pdl and fast.decode_kernels == "triton"
+    assert fast.fallbacks() == {} and fast.pdl_note is None

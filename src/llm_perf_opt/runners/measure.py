@@ -66,7 +66,7 @@ def compute_efficiency(
     context = (infer.context_len_mode, run.settings.token_cap, infer.context_len_fixed)
     section = E.compute_efficiency(cfg, ok, run.hardware, dtype_bytes, context)
     unavailable = list(section.unavailable)
-    notes: list[str] = graph_capture_notes(session)
+    notes: list[str] = graph_capture_notes(session) + fallback_notes(session)
 
     power = None
     if session.nvml is not None and session.nvml.available:
@@ -116,6 +116,13 @@ def graph_capture_notes(session: DeepSeekOCRSession) -> list[str]:
         " launch overhead a graph removes"
         for part, why in errors.items()
     ]
+
+
+def fallback_notes(session: DeepSeekOCRSession) -> list[str]:
+    """One note per configured fast-path switch that did not apply on this GPU, and why (the Setup table lists
+    the switches as configured)."""
+    fallbacks = session.model.fallbacks() if session.fast is not None else {}
+    return [f"infer.fast.{switch} was configured but did not apply: {why[:300]}" for switch, why in fallbacks.items()]
 
 
 def _static_flops(run: Stage1Run, notes: list[str]) -> list[StageFlops]:

@@ -69,3 +69,44 @@ def test_fast_model_lists_what_ran_ungraphed() -> None:
     dec = fast.decoder_for(fast.new_cache(batch=1, max_len=8))
     dec.capture_error = "RuntimeError: decode"
     assert fast.graph_capture_errors() == {"LM prefill": "RuntimeError: prefill", "decode step": "RuntimeError: decode"}
+
+
+def test_switches_that_did_not_apply_become_report_notes() -> None:
+    """``fallback_notes``: one note per configured switch the fast model could not apply, naming it and why;
+    none without the fast path or on a GPU where everything applied (the fast model's record is scripted)."""
+    from types import SimpleNamespace
+
+    from llm_perf_opt.runners.measure import fallback_notes
+
+    why = {"pdl": "infer.fast.pdl needs an sm_90+ GPU (Hopper: programmatic dependent launches); this one is sm_80"}
+    fast = SimpleNamespace(fast=object(), model=SimpleNamespace(fallbacks=lambda: why))
+    (note,) = fallback_notes(fast)  # type: ignore[arg-type]
+    assert note == f"infer.fast.pdl was configured but did not apply: {why['pdl']}"
+    clean = SimpleNamespace(fast=object(), model=SimpleNamespace(fallbacks=dict))
+    eager = SimpleNamespace(fast=None, model=None)
+    assert fallback_notes(clean) == [] and fallback_notes(eager) == []  # type: ignore[arg-type]
+
+
+def test_pdl_applies_from_sm90_only() -> None:
+    """Programmatic dependent launches exist from compute capability 9.0 (Hopper) on: an A100 (8.0) and an L4
+    (8.9) get a reason naming their architecture, an H100/H200 (9.0) and a B200 (10.0) none."""
+    from llm_perf_opt.models.deepseek_ocr.fast import pdl_unsupported
+
+    assert pdl_unsupported((9, 0)) is None and pdl_unsupported((10, 0)) is None
+    for cap, name in (((8, 0), "sm_80"), ((8, 9), "sm_89")):
+        why = pdl_unsupported(cap)
+        assert why is not None and f"this one is {name}" in why and "launched plainly" in why
+
+
+def test_fast_model_on_the_cpu_reports_no_fallbacks() -> None:
+    """On the CPU the torch decode step is the expected one: ``FastModel.fallbacks`` is empty (no report note)
+    whatever ``decode_kernels=triton`` resolved to, and ``pdl`` has no GPU to check against."""
+    import torch
+
+    from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, build_model
+    from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, apply_fast_path
+    from tests.conftest import TINY
+
+    model = build_model(DeepseekOCRConfig.from_json(TINY / "config.json"), "cpu", torch.float32, "dummy", seed=1)
+    fast = apply_fast_path(model, FastConfig(cuda_graphs=False, decode_kernels="triton", pdl=True))
+    assert fast.fallbacks() == {} and fast.pdl_note is None

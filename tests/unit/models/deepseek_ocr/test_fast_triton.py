@@ -231,7 +231,7 @@ def test_pdl_launches_every_decode_kernel_as_a_dependent_launch(pdl: bool, monke
     res = BatchedGenerator(fast).run(tiny_case_pages(model.config) * 2, 4, eos_token_id=None)
     assert res.decode_path == "static" and len(seen) > single and set(seen) == {pdl}
     assert not kernels._DEPENDENT_LAUNCH.get() and real() == {}  # reset after the step; plain in the interpreter
-    plain = apply_fast_path(model, FastConfig(decode_kernels="triton", **common))  # type: ignore[arg-type]
+    plain = apply_fast_path(model, FastConfig(decode_kernels="triton", pdl=False, **common))  # type: ignore[arg-type]
     cache = plain.new_cache(batch=2, max_len=7 + 8)
     assert plain.decoder_for(cache, 2).greedy(plain.prefill(embeds, cache).argmax(dim=-1, keepdim=True), 4) == tokens
 
