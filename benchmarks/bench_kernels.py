@@ -602,6 +602,13 @@ def sm90_check(lang: LanguageConfig) -> list[dict[str, Any]]:
             v4_loads=len(re.findall(r"ld\.global(?:\.[\w:]+)*\.v4\.b32", ptx)),
             # the dependent-launch instructions in the PTX (griddepcontrol.wait / .launch_dependents)
             griddepcontrol=sorted(set(re.findall(r"griddepcontrol\.(\w+)", ptx))),
+            # global loads the PTX issues before its first wait (None: no wait): only reads of what no kernel of
+            # the step writes (linear_rows' weights) may come before it
+            loads_before_wait=(
+                len(re.findall(r"\bld\.global\b", ptx.split("griddepcontrol.wait", 1)[0]))
+                if "griddepcontrol.wait" in ptx
+                else None
+            ),
             # atomics (with their scope and memory order) and loads that bypass L1 (.cg)
             atomics=sorted(set(re.findall(r"\batom\.global\.([\w.]+)", ptx))),
             cg_loads=len(re.findall(r"\bld\.global\.cg\b", ptx)),

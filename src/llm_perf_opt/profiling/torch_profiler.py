@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -156,6 +157,26 @@ def _innermost(ranges: list[tuple[float, float, str]], ts: float) -> str | None:
     return best
 
 
+def stream_busy_us(kernels: list[dict[str, Any]]) -> dict[int, float]:
+    """Each device event's share of its stream's busy time (µs, by ``id`` of the event): its duration from the
+    later of its start and the end of everything before it on the same stream (device ``pid``, stream ``tid``).
+    One stream runs its work in order, so only an overlap with the previous work (a programmatic dependent
+    launch's programs waiting for it) is cut; the shares then add up to the time the stream was busy.  Work on
+    different streams may overlap and is counted in full."""
+    by_stream: dict[tuple[Any, Any], list[dict[str, Any]]] = {}
+    for k in kernels:
+        by_stream.setdefault((k.get("pid"), k.get("tid")), []).append(k)
+    out: dict[int, float] = {}
+    for evs in by_stream.values():
+        frontier = -math.inf
+        for e in sorted(evs, key=lambda e: float(e["ts"])):
+            start = float(e["ts"])
+            end = start + float(e.get("dur", 0))
+            out[id(e)] = max(0.0, end - max(start, frontier))
+            frontier = max(frontier, end)
+    return out
+
+
 def kernel_attribution(events: list[dict[str, Any]], top_k: int) -> KernelAttribution | None:
     """Kernel table and per-stage device time from the trace's events; None when the trace holds no kernel.
 
@@ -163,10 +184,15 @@ def kernel_attribution(events: list[dict[str, Any]], top_k: int) -> KernelAttrib
     ``cudaGraphLaunch`` for every kernel of a CUDA-graph replay); that call's host timestamp falls inside the
     host range (``user_annotation``) it was made from, which names the stage.  A kernel whose launch is not
     in the trace falls back to the GPU-timeline range (``gpu_user_annotation``) it ran in.
+
+    Each kernel counts from the end of the one before it on its stream (:func:`stream_busy_us`): under
+    programmatic dependent launches a kernel's programs start, and wait, while its predecessor finishes, and
+    summing raw durations would count that stretch twice.
     """
     kernels = [e for e in events if e.get("cat") in DEVICE_CATS and e.get("ph") == "X"]
     if not kernels:
         return None
+    busy = stream_busy_us(kernels)
     launches = {
         e["args"]["correlation"]: e
         for e in events
@@ -189,7 +215,7 @@ def kernel_attribution(events: list[dict[str, Any]], top_k: int) -> KernelAttrib
     by_stage_name: dict[tuple[str, str], list[float]] = {}  # (stage, kernel) -> [device us, calls]
     graph_corr: set[Any] = set()
     for k in kernels:
-        dur = float(k.get("dur", 0))
+        dur = busy[id(k)]
         launch = launches.get((k.get("args") or {}).get("correlation"))
         if launch is not None:
             where = _innermost(host_ranges.get(launch.get("tid"), []), float(launch["ts"]))
@@ -253,6 +279,7 @@ def kernel_attribution(events: list[dict[str, Any]], top_k: int) -> KernelAttrib
         attributed_pct=pct(attributed_us),
         graph_launches=len(graph_corr),
         n_kernel_names=len(by_name),
+        stream_overlap_ms=(sum(float(k.get("dur", 0)) for k in kernels) - total_us) / 1e3,
         kernels=kernel_rows,
         stages=stages,
     )

@@ -96,7 +96,14 @@ def _render_kernels(p: ProfileSummary) -> str:
         f"Every kernel, memcpy and memset of the pass ({k.device_total_ms:,.3f} ms of device time) mapped to the "
         "stage whose host range launched it (its launch call's correlation id; a CUDA-graph replay's kernels carry "
         f"the id of their `cudaGraphLaunch`, {k.graph_launches} graph launches here). "
-        f"**{k.attributed_pct:.2f} %** of the device time is attributed to a stage and a kernel name.\n",
+        f"**{k.attributed_pct:.2f} %** of the device time is attributed to a stage and a kernel name."
+        + (
+            f" {k.stream_overlap_ms:,.3f} ms of kernel time overlapped the work before it on its stream (programmatic"
+            " dependent launches: a kernel's programs start, and wait, while the one before it finishes) and is not"
+            " counted: each kernel counts from the end of the one before it.\n"
+            if k.stream_overlap_ms > 0.0005
+            else "\n"
+        ),
         table(
             ["stage", "device ms", "kernels", "of which graph-replayed ms", "% of device time"],
             [

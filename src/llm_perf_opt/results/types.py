@@ -13,7 +13,8 @@ import attrs
 
 # 1.1: Stats gains the median interval and outliers; quality, runaway pages, per-page repetition loops, batch
 # preprocessing time (all optional: 1.0 files still read).  1.3: BatchRecord.graph_capture_error (optional).
-SCHEMA_VERSION = "1.3"
+# 1.4: KernelAttribution.stream_overlap_ms (optional: kernels then count from the end of the one before them).
+SCHEMA_VERSION = "1.4"
 
 # Name of the synthetic operator row that holds device time the profiler could not attribute to any operator
 # (CUDA-graph replays, kernels launched outside torch ops): the profiler writes it, the report explains it.
@@ -324,6 +325,9 @@ class KernelAttribution:
     n_kernel_names: int
     kernels: list[KernelRow]
     stages: list[StageDeviceTime]
+    # device time that overlapped the previous work on the same stream (programmatic dependent launches) and is
+    # not counted: each kernel counts from the end of the one before it, so the rows add up to busy time
+    stream_overlap_ms: float = 0.0
 
 
 @attrs.frozen

@@ -24,6 +24,15 @@ def test_operators_md_keeps_the_operator_table_and_gains_kernels() -> None:
     assert "| prefill | 70.000 | 0.500 |" in text  # host ms next to the GPU span
     report = render_report(make_summary(profile=prof))
     assert "Kernel attribution: **90.00 %**" in report and "decode 40.0 %" in report
+    assert "overlapped the work before it" not in text  # no overlap in this trace: no sentence about it
+
+
+def test_operators_md_says_how_much_overlap_was_not_counted() -> None:
+    """Kernels overlapping their predecessor on a stream (dependent launches): the uncounted time is stated."""
+    att = attrs.evolve(kernel_attribution(_trace_with_graph_launch(), top_k=10), stream_overlap_ms=1.25)
+    prof = attrs.evolve(make_profile(), sort_key="self_device_ms", kernels=att)
+    text = render_operators(make_summary(profile=prof))
+    assert "1.250 ms of kernel time overlapped the work before it on its stream" in text
 
 
 def test_cpu_profile_says_why_there_is_no_kernel_table() -> None:

@@ -299,3 +299,43 @@ def test_range_device_spans_from_the_trace() -> None:
         {"cat": "gpu_user_annotation", "name": "decode", "ts": 9000, "dur": 250},
     ]
     assert torch_profiler.trace_ranges_device_ms(events) == {"sam": pytest.approx(2.0), "decode": pytest.approx(0.25)}
+
+
+def test_overlapping_kernels_on_a_stream_count_from_the_end_of_the_one_before() -> None:
+    """Programmatic dependent launches: a kernel's programs start (and wait) while the one before it on the
+    stream finishes.  Hand-made trace on stream 7: a [1000, 1050), b [1040, 1070) (10 µs inside a), c [1065, 1070)
+    (wholly inside b); on stream 8 a concurrent d [1000, 1030).  Busy shares: a 50, b 20, c 0, d 30 (another
+    stream is counted in full), so the decode stage has 100 µs and the overlap is 10 + 5 = 15 µs."""
+    host = 100
+
+    def kernel(name: str, ts: float, dur: float, stream: int) -> dict[str, Any]:
+        return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur, "pid": 0, "tid": stream,
+                "args": {"correlation": 1}}  # fmt: skip
+
+    launched = {"correlation": 1}
+    trace = [
+        {"ph": "X", "cat": "user_annotation", "name": "decode", "ts": 900, "dur": 50, "tid": host},
+        {
+            "ph": "X",
+            "cat": "cuda_runtime",
+            "name": "cudaGraphLaunch",
+            "ts": 910,
+            "dur": 2,
+            "tid": host,
+            "args": launched,
+        },
+        kernel("a", 1000, 50, 7),
+        kernel("b", 1040, 30, 7),
+        kernel("c", 1065, 5, 7),
+        kernel("d", 1000, 30, 8),
+    ]
+    att = torch_profiler.kernel_attribution(trace, top_k=10)
+    assert att is not None
+    rows = {r.name: r.device_ms * 1e3 for r in att.kernels}
+    assert rows == pytest.approx({"a": 50.0, "b": 20.0, "c": 0.0, "d": 30.0})
+    (decode,) = att.stages
+    assert decode.stage == "decode" and decode.device_ms == pytest.approx(0.100)
+    assert att.device_total_ms == pytest.approx(0.100) and att.stream_overlap_ms == pytest.approx(0.015)
+    # without overlap nothing is cut: the graph-launch trace's kernels keep their durations
+    plain = torch_profiler.kernel_attribution(_trace_with_graph_launch(), top_k=10)
+    assert plain is not None and plain.stream_overlap_ms == 0.0

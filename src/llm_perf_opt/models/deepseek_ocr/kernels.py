@@ -824,20 +824,28 @@ if HAVE_TRITON:
         """Grid (rows, N / BLOCK_N): one row of ``x`` times ``BLOCK_N`` rows of ``w`` (contiguous along K), float32
         products summed per K block, rounded once to the output dtype (a GEMV with a float32 accumulator).  The K
         loop is unrolled (``K`` is a compile-time constant: the model's hidden size), so a program's weight
-        loads are independent of each other and all in flight at once, not one K block per memory round trip."""
-        if USE_GDC:
-            _dependent_launch()
+        loads are independent of each other and all in flight at once, not one K block per memory round trip.
+
+        The weight tiles are loaded first and held (a tuple of K blocks), the activation row after: as a dependent
+        launch (``USE_GDC``) the weights, which no kernel of the step writes, stream in while the previous kernel
+        finishes, and only the row waits for it.  The sums are the same either way (same blocks, same order)."""
         t = tl.program_id(0)
         nb = tl.program_id(1)
         n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = n < N
         rows = w_ptr + n.to(tl.int64)[:, None] * K
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        tiles = ()
         for k0 in tl.static_range(0, K, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
-            xv, tile_mask = _row_block(x_ptr + t * K, kk, nmask, K, EVEN_K)
-            wv = tl.load(rows + kk[None, :], mask=tile_mask, other=0.0).to(tl.float32)
-            acc += tl.sum(wv * xv[None, :], axis=1)
+            tile_mask = nmask[:, None] if EVEN_K else nmask[:, None] & (kk < K)[None, :]
+            tiles = tiles + (tl.load(rows + kk[None, :], mask=tile_mask, other=0.0),)  # noqa: RUF005 (Triton's JIT)
+        if USE_GDC:
+            _dependent_launch()
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for i in tl.static_range(len(tiles)):
+            kk = i * BLOCK_K + tl.arange(0, BLOCK_K)
+            xv, _ = _row_block(x_ptr + t * K, kk, nmask, K, EVEN_K)
+            acc += tl.sum(tiles[i].to(tl.float32) * xv[None, :], axis=1)
         out_dt = y_ptr.dtype.element_ty
         tl.store(y_ptr + t * N + n, acc.to(out_dt), mask=nmask)
 

@@ -824,6 +824,16 @@ def test_dependent_launch_variants_wait_before_they_read(sm90: list[dict[str, An
     for r in pdl.values():
         assert not r["error"] and r["spill_bytes"] in (0, None), r
         assert r["griddepcontrol"] == ["launch_dependents", "wait"], r
+        if r["kernel"] != "_linear_rows_kernel":  # nothing read before the wait
+            assert r["loads_before_wait"] == 0, r
+
+
+def test_linear_rows_loads_its_weights_before_the_wait(sm90: list[dict[str, Any]]) -> None:
+    """As a dependent launch, ``linear_rows`` issues its weight loads (a QKV program: 4 rows x 1,280 bf16 in
+    16-byte loads = 5 per thread at 4 warps) before ``griddepcontrol.wait``, and the activation row after it."""
+    (r,) = [r for r in sm90 if r["kernel"] == "_linear_rows_kernel" and r["constexprs"]["USE_GDC"]
+            and r["constexprs"]["BLOCK_N"] == 4 and r["num_warps"] == 4][:1]  # fmt: skip
+    assert r["loads_before_wait"] >= 5 and r["v4_loads"] > r["loads_before_wait"] - 1, r
     for r in sm90:
         if not r["constexprs"]["USE_GDC"]:
             assert r["griddepcontrol"] == [], r
