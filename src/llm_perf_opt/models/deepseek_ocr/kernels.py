@@ -838,7 +838,7 @@ if HAVE_TRITON:
         for k0 in tl.static_range(0, K, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             tile_mask = nmask[:, None] if EVEN_K else nmask[:, None] & (kk < K)[None, :]
-            tiles = tiles + (tl.load(rows + kk[None, :], mask=tile_mask, other=0.0),)  # noqa: RUF005 (Triton's JIT)
+            tiles = tiles + (tl.load(rows + kk[None, :], mask=tile_mask, other=0.0),)  # type: ignore[assignment]  # noqa: RUF005
         if USE_GDC:
             _dependent_launch()
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
