@@ -154,18 +154,18 @@ class FastConfig:
     norm_router_f32: bool = True
     # with the Triton decode step: every Triton kernel launched as a programmatic dependent launch (Hopper PDL,
     # kernels.dependent_launches): a kernel's programs are scheduled while the one before it finishes and wait on
-    # the device before their first load, so results are bit-identical and launch latency overlaps on
-    # the device (H200: 0.759 -> 0.729 ms/token, the same greedy tokens; neutral at 32 and 64 rows).  sm_90+ only:
-    # on an older GPU the kernels launch plainly and the report says so
+    # the device before their first load of anything the step writes, so results are bit-identical and launch
+    # latency overlaps (H200, round 8: 0.756 -> 0.722 ms/token, the same greedy tokens; neutral at 32 and 64
+    # rows).  sm_90+ only: on an older GPU the kernels launch plainly and the report says so
     pdl: bool = True
     # with the Triton decode step at batch 1-8: the fused QKV and the o_proj products as Triton GEMVs
     # (kernels.linear_rows: float32 accumulator, one rounding, like cuBLAS's, summed in another order) instead of
-    # cuBLAS's small GEMMs (0.7-1.9 TB/s on an H200, 120 us per step).  H200: 0.787 -> 0.772 ms/token, the same
-    # greedy tokens over 64 steps
+    # cuBLAS's small GEMMs (0.7-1.9 TB/s on an H200, 120 us per step).  H200, round 8: 0.786 -> 0.722 ms/token,
+    # the same greedy tokens over 64 steps
     triton_linear: bool = True
     # with the Triton decode step at batch 1-8: decode attention in one launch instead of two (the split that
     # finishes last for a row-head combines the partials, ordered by an acq_rel counter), 12 launches fewer per
-    # step; bit-identical to the two launches (both sum the splits in one fixed order)
+    # step; bit-identical to the two launches (both sum the splits in one fixed order).  H200: 0.727 -> 0.722
     one_launch_attention: bool = True
     # the session's decode loop picks tokens on the device (greedy + the no-repeat-ngram ban inside the decode
     # graph, eos checked every 16 steps) instead of reading every step's logits on the host; temperature > 0
