@@ -428,7 +428,7 @@ if HAVE_TRITON:
         """Row-head ``bh``'s output from its splits' partials: rescale to the largest max, sum, divide, round once.
         The partials are read past L1 (``.cg``): in the fused path other programs wrote them moments ago.
 
-        The splits are summed one after the other, split 0 first (``COMBINE_CHUNK`` of them loaded at once), not
+        The splits are summed one after the other, split 0 first (up to ``COMBINE_CHUNK`` loaded at once), not
         by ``tl.sum``: a reduction's order follows the tensor's layout, which follows the kernel it is compiled
         into (the two-launch combine and the one-launch partial kernel differ), and the two forms must agree
         bit for bit.  A split past ``N_SPLITS`` or an empty one adds exact zeros."""
@@ -440,8 +440,9 @@ if HAVE_TRITON:
         m_all = tl.max(m, axis=0)  # finite: split 0 always holds key 0 (a max is exact in any order)
         den = 0.0
         out = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for c0 in range(0, N_SPLITS, COMBINE_CHUNK):
-            for j in tl.static_range(COMBINE_CHUNK):
+        STEP: tl.constexpr = BLOCK_S if BLOCK_S < COMBINE_CHUNK else COMBINE_CHUNK  # no more than there are
+        for c0 in range(0, N_SPLITS, STEP):
+            for j in tl.static_range(STEP):
                 s = tl.full([], c0 + j, tl.int32)  # a tensor under the interpreter too, so its mask is one
                 ok = s < N_SPLITS
                 w = tl.exp2(tl.load(m_ptr + base + s, mask=ok, other=float("-inf"), cache_modifier=".cg") - m_all)
