@@ -830,7 +830,7 @@ if HAVE_TRITON:
         The weight tiles are loaded first and held (a tuple of K blocks), the activation row after: as a dependent
         launch (``USE_GDC``) the weights, which no kernel of the step writes, may stream in while the previous
         kernel finishes, and only the row waits for it.  The sums are the same either way (same blocks, same
-        order).  Measured on an H200 at batch 1: no change in the step (0.722 -> 0.721 ms/token, within noise)."""
+        order).  Measured on an H200 at batch 1: no change in the step (0.721 -> 0.722 ms/token, within noise)."""
         t = tl.program_id(0)
         nb = tl.program_id(1)
         n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
