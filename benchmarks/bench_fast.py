@@ -411,7 +411,14 @@ def main() -> None:
             d = fast.fast_config
             switches = {
                 f"{name}={not getattr(d, name)}": {name: not getattr(d, name)}
-                for name in ("fused_pick", "norm_router_f32", "pdl", "triton_linear", "one_launch_attention")
+                for name in (
+                    "fused_pick",
+                    "norm_router_f32",
+                    "pdl",
+                    "triton_linear",
+                    "one_launch_attention",
+                    "fused_router",
+                )
             }
             for key, change in switches.items():
                 try:

@@ -52,7 +52,10 @@ from llm_perf_opt.models.deepseek_ocr.kernels import (
     KEYS_PER_SPLIT,
     PICK_BLOCK,
     add_rms_norm,
+    add_rms_norm_f32,
     add_rms_norm_ref,
+    add_rms_norm_route,
+    add_rms_norm_route_ref,
     attention_counters,
     attention_splits,
     decode_attention,
@@ -69,6 +72,7 @@ from llm_perf_opt.models.deepseek_ocr.kernels import (
     pick_token,
     rope_kv_write,
     rope_kv_write_ref,
+    route_flags,
 )
 
 CONFIG = Path(__file__).resolve().parents[1] / "src/llm_perf_opt/models/deepseek_ocr/configs/deepseek-ocr.json"
@@ -311,6 +315,40 @@ class Bench:
         name = "moe_route (logits in)" if logits_in else "moe_route"
         return Row(name, tokens, t_us, k_us, e * hid * 4, max_err(w, ref_w), note)
 
+    def norm_route(self, tokens: int) -> Row:
+        """A MoE layer's post-attention norm and router: in one launch (``add_rms_norm_route``) against the four
+        launches the step ran before (``add_rms_norm_f32``, cuBLAS float32 logits, ``moe_route``'s top-k)."""
+        lang = self.lang
+        e, hid, k, eps = lang.n_routed_experts, lang.hidden_size, lang.num_experts_per_tok, lang.rms_norm_eps
+        bufs = [
+            (
+                self.randn(tokens, hid),
+                self.randn(tokens, hid),
+                1 + 0.1 * self.randn(hid),
+                self.randn(e, hid, std=hid**-0.5, dtype=torch.float32),
+            )
+            for _ in range(self.layers)
+        ]
+        counts = torch.zeros(e, device=self.dev, dtype=torch.int64)
+        flags = route_flags(tokens, self.dev)
+
+        def unfused(b: Any) -> Any:
+            normed, _, f32 = add_rms_norm_f32(b[0], b[1], b[2], eps)
+            return normed, moe_route(normed, b[3], k, counts, logits=torch.nn.functional.linear(f32, b[3]))
+
+        def fused(b: Any) -> Any:
+            return add_rms_norm_route(b[0], b[1], b[2], eps, b[3], k, flags, counts)
+
+        t_us, k_us = self.time([lambda b=b: unfused(b) for b in bufs], [lambda b=b: fused(b) for b in bufs])
+        b = bufs[0]
+        normed, _, ids, w = fused(b)
+        ref_normed, _, ref_ids, ref_w = add_rms_norm_route_ref(b[0], b[1], b[2], eps, b[3], k)
+        note = "vs add_rms_norm_f32 + cuBLAS logits + moe_route (4 launches); "
+        note += "ids identical" if torch.equal(ids, ref_ids) else "ids DIFFER"
+        note += f"; normed max |Δ| vs torch {max_err(normed, ref_normed):.3g}"
+        nbytes = e * hid * 4 + 3 * tokens * hid * 2 + hid * 2
+        return Row("add_rms_norm_route", tokens, t_us, k_us, nbytes, max_err(w, ref_w), note)
+
     def pick(self, tokens: int) -> Row:
         """The token pick after the lm_head, as ``FastDecoder._pick`` runs it without the n-gram rule: the
         non-finite flag (isfinite + all + or) and ``first_argmax``, against :func:`pick_token`'s two launches."""
@@ -486,6 +524,10 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
     ]
     route_consts = dict(E=lang.n_routed_experts, TOP_K=k, RENORM=False, HAS_COUNTS=True, BLOCK_E=64, BLOCK_KSLOT=8)
     specs.append(("_moe_route_kernel", route, {**route_consts, "BLOCK_K": 128, "LOGITS_IN": False}, 8))
+    norm_route = dict(x_ptr=bf, res_ptr=bf, nw_ptr=bf, normed_ptr=bf, summed_ptr=bf, gate_ptr=f32, logits_ptr=f32)
+    norm_route.update(flag_ptr="*i32", idx_ptr=i64, wout_ptr=f32, counts_ptr=i64, H="i32", eps="fp32", scaling="fp32")
+    fused_consts = dict(HAS_RESIDUAL=True, E_PER=4, BLOCK_H=2048)  # add_rms_norm_route's launch at E = 64
+    specs.append(("_norm_route_kernel", norm_route, {**route_consts, **fused_consts}, 4))
     for tokens in (1, 8):
         bn, bku, bh, bkd = moe_block_sizes(tokens, k + n_always, hid, inter, H100_SMS)
         up = dict(x_ptr=bf, idx_ptr=i64, w13_ptr=bf, h_ptr=bf, H="i32", INTER="i32", N_EXPERTS="i32")
@@ -494,9 +536,9 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
         )
         common = dict(TOP_K=k, N_ALWAYS=n_always)
         up_warps = 8 if tokens == 1 else 4  # moe_experts' defaults (the down kernel: 4 at every T)
-        specs.append(
-            ("_moe_up_kernel", up, {**common, "BLOCK_N": bn, "BLOCK_K": bku, "EVEN_K": hid % bku == 0}, up_warps)
-        )
+        up_consts = {**common, "BLOCK_N": bn, "BLOCK_K": bku, "EVEN_K": hid % bku == 0, "K_STEPS": 0}
+        specs.append(("_moe_up_kernel", up, up_consts, up_warps))
+        specs.append(("_moe_up_kernel", up, {**up_consts, "K_STEPS": -(-hid // bku)}, up_warps))  # unroll_up
         specs.append(
             (
                 "_moe_down_kernel",
@@ -544,6 +586,7 @@ def projections(lang: LanguageConfig) -> tuple[tuple[str, int], ...]:
 
 STREAMING = {
     "_attn_partial_kernel",
+    "_norm_route_kernel",
     "_moe_route_kernel",
     "_moe_up_kernel",
     "_moe_down_kernel",
@@ -957,11 +1000,13 @@ def main() -> None:
     with torch.inference_mode():
         if not args.only_grouped:
             rows += [bench.norm(1), bench.rope(1), bench.attention(1), bench.attention(1, one_launch=True)]
-            rows += [bench.route(1), bench.route(1, logits_in=True)]
+            rows += [bench.route(1), bench.route(1, logits_in=True), bench.norm_route(1)]
             rows += [bench.pick(1)]
             rows += [bench.linear(1, n_out, name) for name, n_out in projections(bench.lang)]
-            rows += [bench.experts(1)]
-            rows += [bench.route(4), bench.experts(4)]
+            # the up kernel's K loop rolled and unrolled, in the same run (moe_experts(unroll_up=...))
+            rows += [bench.experts(1, unroll_up=False), bench.experts(1, unroll_up=True)]
+            rows += [bench.route(4), bench.norm_route(4)]
+            rows += [bench.experts(4, unroll_up=False), bench.experts(4, unroll_up=True)]
         for tokens in grouped_tokens:
             if tokens <= 16:  # the GEMV kernels re-read weights per token: where the grouped kernels take over
                 rows.append(bench.experts(tokens))

@@ -49,6 +49,7 @@ def model() -> object:
         (True, "torch", {}),
         (False, "triton", {}),
         (True, "triton", {"triton_linear": False}),  # QKV / o_proj through cuBLAS (the default: Triton GEMVs)
+        (True, "triton", {"fused_router": False}),  # norm, cuBLAS router logits, top-k kernel: four launches
     ],
 )
 def test_fast_tokens_match_eager(model: object, cuda_graphs: bool, kernels: str, switches: dict[str, bool]) -> None:
@@ -167,6 +168,11 @@ def _forced_logits(fast: object, embeds: torch.Tensor, feed: list[int]) -> torch
     return torch.stack([step(torch.tensor([[t]], device="cuda"), cache).clone() for t in feed])
 
 
+def _switched(switch: str, on: bool) -> FastConfig:
+    """The default config with ``switch`` set; ``norm_router_f32`` acts only without the fused router."""
+    return FastConfig(**{switch: on, **({"fused_router": False} if switch == "norm_router_f32" else {})})  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(("switch", "seed"), [("norm_router_f32", 2), ("one_launch_attention", 4)])
 def test_exact_switches_give_bit_identical_graphed_logits(model: object, switch: str, seed: int) -> None:
     """Switches that compute the same values another way, under graph capture at full size: every logit of a
@@ -176,10 +182,33 @@ def test_exact_switches_give_bit_identical_graphed_logits(model: object, switch:
     with torch.inference_mode():
         embeds, feed = _prompt_and_feed(seed, model)
         rows = [
-            _forced_logits(apply_fast_path(model, FastConfig(**{switch: on})), embeds, feed)  # type: ignore[arg-type]
+            _forced_logits(apply_fast_path(model, _switched(switch, on)), embeds, feed)  # type: ignore[arg-type]
             for on in (False, True)
         ]
     assert torch.equal(rows[0], rows[1])
+
+
+def test_fused_router_under_replays_routes_like_the_four_launches(model: object) -> None:
+    """``fused_router`` under graph capture at full size (64 routers x 11 layers, 16 programs per row racing for
+    each counter): teacher-forced logits within bf16 rounding of the four-launch router's (its float32 logits are
+    summed in another order) and the same number of picks per layer (each counted once: no replay losing its
+    routing to a counter left non-zero), nearly all on the same experts (a bf16 step in a hidden state can move a
+    near-tie of a later router)."""
+    rows, counts = [], []
+    with torch.inference_mode():
+        embeds, feed = _prompt_and_feed(5, model)
+        for on in (False, True):
+            fast = apply_fast_path(model, FastConfig(fused_router=on))  # type: ignore[arg-type]
+            fast.reset_routing_stats()
+            rows.append(_forced_logits(fast, embeds, feed))
+            counts.append(fast.tokens_per_expert())
+    scale = float(rows[0].abs().max())
+    assert float((rows[0] - rows[1]).abs().max()) <= 2e-2 * scale + 1e-2
+    assert counts[0].keys() == counts[1].keys()
+    for layer, off in counts[0].items():
+        on = counts[1][layer]
+        assert sum(on) == sum(off)  # prefill rows + STEPS steps, top-k picks each
+        assert sum(abs(a - b) for a, b in zip(on, off, strict=True)) <= 0.02 * sum(off), layer
 
 
 def test_dependent_launches_give_bit_identical_graphed_logits_and_tokens(model: object) -> None:

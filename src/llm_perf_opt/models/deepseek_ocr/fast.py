@@ -167,6 +167,11 @@ class FastConfig:
     # finishes last for a row-head combines the partials, ordered by an acq_rel counter), 12 launches fewer per
     # step; bit-identical to the two launches (both sum the splits in one fixed order).  H200: 0.727 -> 0.722
     one_launch_attention: bool = True
+    # with the Triton decode step at batch 1-8: each MoE layer's post-attention add+RMSNorm, router logits, top-k
+    # and routing counts in one launch (kernels.add_rms_norm_route; the last program of a row routes it) instead of
+    # four (norm, cuBLAS's two-kernel float32 GEMV, the top-k kernel).  The logits are summed in another order than
+    # cuBLAS's: ids equal except at float32 near-ties.  Replaces norm_router_f32 where it applies
+    fused_router: bool = True
     # the session's decode loop picks tokens on the device (greedy + the no-repeat-ngram ban inside the decode
     # graph, eos checked every 16 steps) instead of reading every step's logits on the host; temperature > 0
     # keeps the host loop
@@ -321,7 +326,12 @@ class FastModel:
             from llm_perf_opt.models.deepseek_ocr.triton_layers import triton_layers, triton_row_layers
 
             self._triton = triton_layers(
-                self.layers, self.norm, cfg.norm_router_f32, cfg.triton_linear, cfg.one_launch_attention
+                self.layers,
+                self.norm,
+                cfg.norm_router_f32,
+                cfg.triton_linear,
+                cfg.one_launch_attention,
+                cfg.fused_router,
             )
             if cfg.decode_compile == "none":  # a compiled step traces the torch layers
                 self._triton_rows = triton_row_layers(self.layers, self.norm, cfg.norm_router_f32)

@@ -84,6 +84,8 @@ __all__ = [
     "add_rms_norm",
     "add_rms_norm_f32",
     "add_rms_norm_ref",
+    "add_rms_norm_route",
+    "add_rms_norm_route_ref",
     "attention_counters",
     "attention_splits",
     "decode_attention",
@@ -103,6 +105,7 @@ __all__ = [
     "pick_token_ref",
     "rope_kv_write",
     "rope_kv_write_ref",
+    "route_flags",
     "stack_always_on",
     "triton_available",
 ]
@@ -489,6 +492,30 @@ if HAVE_TRITON:
                 wmask = emask[:, None] & kmask[None, :]
                 w = tl.load(gate_ptr + e[:, None] * H + kk[None, :], mask=wmask, other=0.0)
                 logits += tl.sum(w * xv[None, :], axis=1)
+        _route_topk(
+            logits, t, idx_ptr, wout_ptr, counts_ptr, scaling, E, TOP_K, RENORM, HAS_COUNTS, BLOCK_E, BLOCK_KSLOT
+        )
+
+    @triton.jit
+    def _route_topk(
+        logits,
+        t,
+        idx_ptr,
+        wout_ptr,
+        counts_ptr,
+        scaling,
+        E: tl.constexpr,
+        TOP_K: tl.constexpr,
+        RENORM: tl.constexpr,
+        HAS_COUNTS: tl.constexpr,
+        BLOCK_E: tl.constexpr,
+        BLOCK_KSLOT: tl.constexpr,
+    ):
+        """Row ``t``'s routing from its float32 logits [BLOCK_E] (entries past ``E`` ignored): softmax, greedy
+        top-k (largest first, lowest index on ties), optional renormalisation, scaling; ids, weights and counts
+        stored.  Shared by the router kernel and the fused norm + router kernel."""
+        e = tl.arange(0, BLOCK_E)
+        emask = e < E
         logits = tl.where(emask, logits, float("-inf"))
         p = tl.exp(logits - tl.max(logits, axis=0))
         probs = p / tl.sum(p, axis=0)
@@ -513,6 +540,72 @@ if HAVE_TRITON:
         if HAS_COUNTS:
             tl.atomic_add(counts_ptr + sel_idx, tl.full([BLOCK_KSLOT], 1, tl.int64), mask=smask)
 
+    @triton.jit
+    def _norm_route_kernel(
+        x_ptr,
+        res_ptr,
+        nw_ptr,
+        normed_ptr,
+        summed_ptr,
+        gate_ptr,
+        logits_ptr,
+        flag_ptr,
+        idx_ptr,
+        wout_ptr,
+        counts_ptr,
+        H,
+        eps,
+        scaling,
+        E: tl.constexpr,
+        TOP_K: tl.constexpr,
+        RENORM: tl.constexpr,
+        HAS_COUNTS: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr,
+        E_PER: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        BLOCK_E: tl.constexpr,
+        BLOCK_KSLOT: tl.constexpr,
+        USE_GDC: tl.constexpr = False,
+    ):
+        t = tl.program_id(0)
+        p = tl.program_id(1)
+        n_progs = tl.num_programs(1)
+        cols = tl.arange(0, BLOCK_H)
+        cmask = cols < H
+        ep = p * E_PER + tl.arange(0, E_PER)
+        epmask = ep < E
+        # the router rows and the norm weight do not depend on the kernel before: loaded ahead of the wait
+        gw = tl.load(gate_ptr + ep[:, None] * H + cols[None, :], mask=epmask[:, None] & cmask[None, :], other=0.0)
+        nw = tl.load(nw_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        if USE_GDC:
+            _dependent_launch()
+        dt = x_ptr.dtype.element_ty
+        # every program normalises the whole row (the add_rms_norm kernel's math) and stores its slice of it
+        s = tl.load(x_ptr + t * H + cols, mask=cmask, other=0.0).to(tl.float32)
+        width = tl.cdiv(H, n_progs)
+        mine = cmask & (cols >= p * width) & (cols < p * width + width)
+        if HAS_RESIDUAL:
+            s = s + tl.load(res_ptr + t * H + cols, mask=cmask, other=0.0).to(tl.float32)
+            s = _round(s, dt)
+            tl.store(summed_ptr + t * H + cols, s.to(dt), mask=mine)
+        rstd = tl.rsqrt(tl.sum(s * s, axis=0) / H + eps)
+        out_dt = normed_ptr.dtype.element_ty
+        out = _round(nw * _round(s * rstd, dt), out_dt)
+        tl.store(normed_ptr + t * H + cols, out.to(out_dt), mask=mine)
+        # this program's experts' float32 logits, then the last program of the row routes it
+        part = tl.sum(gw * out[None, :], axis=1)
+        tl.store(logits_ptr + t * E + ep, part, mask=epmask)
+        tl.debug_barrier()  # every thread's stores ahead of the release below (one thread's atomic)
+        done = tl.atomic_add(flag_ptr + t, 1, sem="acq_rel", scope="gpu")
+        tl.debug_barrier()  # ...and every thread's loads below behind its acquire
+        if done == n_progs - 1:
+            e = tl.arange(0, BLOCK_E)
+            logits = tl.load(logits_ptr + t * E + e, mask=e < E, other=0.0, cache_modifier=".cg")
+            _route_topk(
+                logits, t, idx_ptr, wout_ptr, counts_ptr, scaling, E, TOP_K, RENORM, HAS_COUNTS, BLOCK_E, BLOCK_KSLOT
+            )
+            tl.atomic_xchg(flag_ptr + t, 0, sem="relaxed", scope="gpu")
+
     @triton.jit(do_not_specialize=["N_EXPERTS"])  # a stack of 1 would become a constexpr
     def _moe_up_kernel(
         x_ptr,
@@ -528,6 +621,7 @@ if HAVE_TRITON:
         BLOCK_K: tl.constexpr,
         EVEN_K: tl.constexpr,
         USE_GDC: tl.constexpr = False,
+        K_STEPS: tl.constexpr = 0,
     ):
         if USE_GDC:
             _dependent_launch()
@@ -544,13 +638,24 @@ if HAVE_TRITON:
         up_rows = gate_rows + INTER * H
         g = tl.zeros([BLOCK_N], dtype=tl.float32)
         u = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            xv, tile_mask = _row_block(x_ptr + t * H, kk, nmask, H, EVEN_K)
-            wg = tl.load(gate_rows + kk[None, :], mask=tile_mask, other=0.0).to(tl.float32)
-            wu = tl.load(up_rows + kk[None, :], mask=tile_mask, other=0.0).to(tl.float32)
-            g += tl.sum(wg * xv[None, :], axis=1)
-            u += tl.sum(wu * xv[None, :], axis=1)
+        if K_STEPS > 0:
+            # the K loop unrolled (K_STEPS = ceil(H / BLOCK_K)): every step's weight loads can be issued before
+            # the first reduction, several times the bytes in flight per thread of the rolled loop below
+            for i in tl.static_range(K_STEPS):
+                kk = i * BLOCK_K + tl.arange(0, BLOCK_K)
+                xv, tile_mask = _row_block(x_ptr + t * H, kk, nmask, H, EVEN_K)
+                wg = tl.load(gate_rows + kk[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+                wu = tl.load(up_rows + kk[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+                g += tl.sum(wg * xv[None, :], axis=1)
+                u += tl.sum(wu * xv[None, :], axis=1)
+        else:
+            for k0 in range(0, H, BLOCK_K):
+                kk = k0 + tl.arange(0, BLOCK_K)
+                xv, tile_mask = _row_block(x_ptr + t * H, kk, nmask, H, EVEN_K)
+                wg = tl.load(gate_rows + kk[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+                wu = tl.load(up_rows + kk[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+                g += tl.sum(wg * xv[None, :], axis=1)
+                u += tl.sum(wu * xv[None, :], axis=1)
         dt = h_ptr.dtype.element_ty
         g = _round(g, dt)  # the gate/up GEMM output is in the activation dtype
         u = _round(u, dt)
@@ -1298,6 +1403,114 @@ def moe_route(
     return idx, weights
 
 
+# ======================================================================================== add_rms_norm_route
+def add_rms_norm_route_ref(
+    x: Tensor,
+    residual: Tensor | None,
+    weight: Tensor,
+    eps: float,
+    gate_w32: Tensor,
+    top_k: int,
+    counts: Tensor | None = None,
+    scaling: float = 1.0,
+    renormalize: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Torch math of :func:`add_rms_norm_route`: ``(normed, summed)`` of :func:`add_rms_norm_ref`, then
+    :func:`moe_route_ref` of ``normed`` -> (normed, summed, ids, weights)."""
+    normed, summed = add_rms_norm_ref(x, residual, weight, eps)
+    idx, weights = moe_route_ref(normed, gate_w32, top_k, counts, scaling, renormalize)
+    return normed, summed, idx, weights
+
+
+def route_flags(rows: int, device: torch.device | str) -> Tensor:
+    """The zeroed per-row counters of :func:`add_rms_norm_route` (the kernel sets them back to zero)."""
+    return torch.zeros(rows, dtype=torch.int32, device=device)
+
+
+def add_rms_norm_route(
+    x: Tensor,
+    residual: Tensor | None,
+    weight: Tensor,
+    eps: float,
+    gate_w32: Tensor,
+    top_k: int,
+    flags: Tensor,
+    counts: Tensor | None = None,
+    scaling: float = 1.0,
+    renormalize: bool = False,
+    *,
+    experts_per_program: int = 4,
+    num_warps: int = 4,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A MoE layer's post-attention residual add + RMSNorm and its router in one launch:
+    (normed, summed, expert ids int64 [T, k], weights float32 [T, k]).
+
+    Replaces :func:`add_rms_norm` followed by the router (cuBLAS float32 logits + :func:`moe_route`): four
+    launches, each a few microseconds of latency at one row.  Grid (T, ceil(E / experts_per_program)): every
+    program adds and normalises the whole row (:func:`add_rms_norm`'s math and rounding points; it stores its
+    slice of ``normed`` and ``summed``), computes the float32 logits of its experts (router rows loaded before
+    the dependent-launch wait, since they do not depend on the kernel before) and stores them to a scratch
+    row; the program that finishes last (a per-row counter in ``flags``, int32 [>= T], zero between calls;
+    :func:`route_flags`) reads the row's logits and routes it as :func:`moe_route` does, then re-arms its
+    counter.  The logits are summed in another order than cuBLAS's, so ids match the torch path's except where
+    two scores tie to float32 rounding.
+    """
+    _require("add_rms_norm_route", x.device)
+    x = _contig(x, "x")
+    rows, hidden = x.shape
+    n_experts = gate_w32.shape[0]
+    if residual is not None:
+        residual = _contig(residual, "residual")
+        if residual.shape != x.shape or residual.dtype != x.dtype:
+            raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} must match x {tuple(x.shape)}")
+    if weight.shape != (hidden,):
+        raise ValueError(f"weight must be [{hidden}], got {tuple(weight.shape)}")
+    if gate_w32.shape != (n_experts, hidden) or gate_w32.dtype != torch.float32:
+        raise ValueError(f"gate_w32 must be float32 [E, {hidden}], got {gate_w32.dtype} {tuple(gate_w32.shape)}")
+    if not 1 <= top_k <= n_experts:
+        raise ValueError(f"top_k must be in 1..{n_experts}, got {top_k}")
+    if counts is not None and (counts.shape != (n_experts,) or counts.dtype != torch.int64):
+        raise ValueError(f"counts must be int64 [{n_experts}], got {counts.dtype} {tuple(counts.shape)}")
+    if flags.dtype != torch.int32 or flags.dim() != 1 or flags.numel() < rows:
+        raise ValueError(f"flags must be int32 [>= {rows}] (route_flags), got {flags.dtype} {tuple(flags.shape)}")
+    if experts_per_program < 1 or experts_per_program & (experts_per_program - 1):
+        raise ValueError(f"experts_per_program must be a power of two, got {experts_per_program}")
+    normed = torch.empty(x.shape, device=x.device, dtype=torch.promote_types(weight.dtype, x.dtype))
+    summed = x if residual is None else torch.empty_like(x)
+    logits = torch.empty((rows, n_experts), device=x.device, dtype=torch.float32)
+    idx = torch.empty((rows, top_k), device=x.device, dtype=torch.int64)
+    weights = torch.empty((rows, top_k), device=x.device, dtype=torch.float32)
+    per = min(experts_per_program, _pow2(n_experts))
+    _norm_route_kernel[(rows, triton.cdiv(n_experts, per))](
+        x,
+        x if residual is None else residual,
+        _contig(weight, "weight"),
+        normed,
+        summed,
+        _contig(gate_w32, "gate_w32"),
+        logits,
+        flags,
+        idx,
+        weights,
+        idx if counts is None else counts,
+        hidden,
+        float(eps),
+        float(scaling),
+        E=n_experts,
+        TOP_K=top_k,
+        RENORM=bool(renormalize) and top_k > 1,
+        HAS_COUNTS=counts is not None,
+        HAS_RESIDUAL=residual is not None,
+        E_PER=per,
+        BLOCK_H=_pow2(hidden),
+        BLOCK_E=_pow2(n_experts),
+        BLOCK_KSLOT=_pow2(top_k),
+        num_warps=num_warps,
+        **_pdl(),
+    )
+    return normed, summed, idx, weights
+
+
 # ======================================================================================== moe_experts
 def stack_always_on(
     w13: Tensor, w2: Tensor, gate: Tensor, up: Tensor, down: Tensor, n_slots: int
@@ -1318,6 +1531,10 @@ def stack_always_on(
     extra13 = torch.cat((gate.view(n_slots, inter, hidden), up.view(n_slots, inter, hidden)), dim=1)
     extra2 = down.view(hidden, n_slots, inter).transpose(0, 1)
     return torch.cat((w13, extra13.to(w13.dtype))), torch.cat((w2, extra2.to(w2.dtype)))
+
+
+# the up kernel's K loop unrolled (``moe_experts(unroll_up=...)`` overrides; ``bench_kernels.py`` times both)
+UNROLL_UP = False
 
 
 def moe_block_sizes(
@@ -1421,6 +1638,7 @@ def moe_experts(
     block_k_down: int | None = None,
     num_warps: int | None = None,
     num_warps_down: int | None = None,
+    unroll_up: bool | None = None,
 ) -> Tensor:
     """Routed + always-on experts for a few tokens, in two GEMV kernels: [T, H] in ``x.dtype``.
 
@@ -1481,6 +1699,7 @@ def moe_experts(
         BLOCK_K=block_k_up,
         EVEN_K=hidden % block_k_up == 0,
         num_warps=num_warps,
+        K_STEPS=triton.cdiv(hidden, block_k_up) if (UNROLL_UP if unroll_up is None else unroll_up) else 0,
         **_pdl(),
     )
     _moe_down_kernel[(n_tokens, triton.cdiv(hidden, block_h))](

@@ -12,6 +12,7 @@ the same for the batched decode step, whose rows sit at their own positions over
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -27,39 +28,90 @@ from llm_perf_opt.models.deepseek_ocr.fast_layers import FusedAttention, Grouped
 __all__ = ["TritonAttention", "TritonMoE", "TritonRMSNorm", "TritonRowAttention", "triton_layers", "triton_row_layers"]
 
 
+@dataclasses.dataclass(frozen=True)
+class Router:
+    """What a MoE layer's router needs (from its :class:`GroupedMoE`): the fused norm + router kernel's inputs."""
+
+    gate_w32: Tensor
+    top_k: int
+    counts: Tensor | None
+    scaling: float
+    renormalize: bool
+
+    @classmethod
+    def of(cls, moe: GroupedMoE) -> Router:
+        return cls(moe.gate_w32, moe.top_k, moe.counts, float(moe.routed_scaling_factor), bool(moe.norm_topk_prob))
+
+
 class TritonRMSNorm(RMSNorm):
     """The same norm (shared weight) with residual add + norm in one kernel.  With ``keep_f32`` the kernel also
-    writes ``normed.float()`` and the norm keeps it (:meth:`f32_of`): a MoE's router input, without a cast."""
+    writes ``normed.float()`` and the norm keeps it (:meth:`f32_of`): a MoE's router input, without a cast.
+    With ``router`` (a MoE layer's post-attention norm) the kernel also routes the rows
+    (:func:`kernels.add_rms_norm_route`: norm, router logits, top-k and the routing counts in one launch) and the
+    norm keeps the ids and weights for the MoE block (:meth:`routing_of`)."""
 
-    def __init__(self, norm: RMSNorm, keep_f32: bool = False) -> None:
+    def __init__(self, norm: RMSNorm, keep_f32: bool = False, router: Router | None = None) -> None:
         nn.Module.__init__(self)
         self.weight = norm.weight
         self.eps = norm.eps
         self.keep_f32 = keep_f32
         self._f32: tuple[Tensor, Tensor] | None = None  # (the normed rows it was made with, their float32 copy)
+        self.router = router
+        self._routed: tuple[Tensor, Tensor, Tensor] | None = None  # (normed rows, their expert ids, weights)
+        # per-row counters of the fused kernel: zero between calls; kept while the module lives, since a captured
+        # graph keeps the address of the buffer it was captured with
+        self._flags: list[Tensor] = []
+
+    def _flags_for(self, rows: int, device: torch.device) -> Tensor:
+        for buf in self._flags:
+            if buf.numel() >= rows and buf.device == device:
+                return buf
+        self._flags.append(K.route_flags(max(rows, TRITON_MAX_ROWS), device))
+        return self._flags[-1]
 
     def add_norm(self, delta: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
         shape = delta.shape  # [T, H] in the Triton step, [B, 1, H] in the batched step: rows either way
         flat_res = None if residual is None else residual.reshape(-1, shape[-1])
         flat = delta.reshape(-1, shape[-1])
-        if self.keep_f32:
+        if self.router is not None:
+            r = self.router
+            flags = self._flags_for(flat.shape[0], flat.device)
+            normed, summed, idx, weights = K.add_rms_norm_route(
+                flat, flat_res, self.weight, self.eps, r.gate_w32, r.top_k, flags, r.counts, r.scaling, r.renormalize
+            )
+            self._routed = (normed, idx, weights)
+        elif self.keep_f32:
             normed, summed, f32 = K.add_rms_norm_f32(flat, flat_res, self.weight, self.eps)
             self._f32 = (normed, f32)
         else:
             normed, summed = K.add_rms_norm(flat, flat_res, self.weight, self.eps)
         return normed.view(shape), summed.view(shape)
 
+    @staticmethod
+    def _is_output(rows: Tensor, normed: Tensor) -> bool:
+        same = rows.data_ptr() == normed.data_ptr() and rows.shape == normed.shape and rows.dtype == normed.dtype
+        return same and rows.is_contiguous()
+
     def f32_of(self, rows: Tensor) -> Tensor:
         """``rows.float()``: the copy the last :meth:`add_norm` wrote when ``rows`` are its output (same storage,
         shape and dtype), else a cast.  The norm lets go of the copy here, so no copy outlives its step (under
         a CUDA graph it is a block of the graph's private memory pool, which should go with the graph)."""
         kept, self._f32 = self._f32, None
-        if kept is not None:
-            normed, f32 = kept
-            same = rows.data_ptr() == normed.data_ptr() and rows.shape == normed.shape and rows.dtype == normed.dtype
-            if same and rows.is_contiguous():
-                return f32
+        if kept is not None and self._is_output(rows, kept[0]):
+            return kept[1]
         return rows.float()
+
+    def routing_of(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """(expert ids, weights) the last :meth:`add_norm` computed for ``rows``, which must be its output: its
+        kernel has already counted those picks, so routing other rows here would count twice (the fused router
+        is built only for the single-page step, whose MoE blocks get the norm's output as it is)."""
+        kept, self._routed = self._routed, None
+        if kept is None or not self._is_output(rows, kept[0]):
+            raise RuntimeError(
+                "the fused norm + router has no routing for these rows: the MoE block must get its post-attention"
+                " norm's output unchanged (no row subset)"
+            )
+        return kept[1], kept[2]
 
 
 class TritonAttention(nn.Module):
@@ -178,6 +230,11 @@ class TritonMoE(MoE):
 
     def select_experts(self, flat: Tensor, ctx: ForwardContext | None) -> tuple[Tensor, Tensor]:
         record = ctx is None or ctx.record_routing
+        norm = self.__dict__["router_input"]
+        if norm is not None and norm.router is not None:  # routed (and counted) by the norm's kernel
+            if not record:
+                raise RuntimeError("the fused norm + router always counts its picks: it needs record_routing")
+            return norm.routing_of(flat)
         return K.moe_route(
             flat,
             self.gate_w32,
@@ -201,16 +258,22 @@ class TritonMoE(MoE):
         return K.moe_experts(flat, topk_idx, topk_weight, *stacks, n_always=n_always)
 
 
-def _triton_layer(layer: DecoderLayer, attention: Callable[[Attention], nn.Module], router_f32: bool) -> DecoderLayer:
+def _triton_layer(
+    layer: DecoderLayer, attention: Callable[[Attention], nn.Module], router_f32: bool, fused_router: bool = False
+) -> DecoderLayer:
     """``layer`` with Triton norms, ``attention`` around its attention and Triton experts for a grouped MoE
-    (``router_f32``: its post-attention norm also writes the router's float32 input)."""
+    (``router_f32``: its post-attention norm also writes the router's float32 input; ``fused_router``: that norm's
+    kernel routes the rows itself)."""
     attn, mlp = layer.self_attn, layer.mlp
     assert isinstance(attn, Attention)
     in_norm, post_norm = layer.input_layernorm, layer.post_attention_layernorm
     assert isinstance(in_norm, RMSNorm) and isinstance(post_norm, RMSNorm)
-    moe = isinstance(mlp, GroupedMoE)
-    post = TritonRMSNorm(post_norm, keep_f32=router_f32 and moe)
-    new_mlp: nn.Module = TritonMoE(mlp, post if post.keep_f32 else None) if isinstance(mlp, GroupedMoE) else mlp
+    if isinstance(mlp, GroupedMoE) and fused_router:
+        post = TritonRMSNorm(post_norm, router=Router.of(mlp))
+    else:
+        post = TritonRMSNorm(post_norm, keep_f32=router_f32 and isinstance(mlp, GroupedMoE))
+    reads_norm = post.keep_f32 or post.router is not None
+    new_mlp: nn.Module = TritonMoE(mlp, post if reads_norm else None) if isinstance(mlp, GroupedMoE) else mlp
     return DecoderLayer(layer.layer_idx, attention(attn), new_mlp, TritonRMSNorm(in_norm), post)
 
 
@@ -220,15 +283,16 @@ def triton_layers(
     router_f32: bool = False,
     linear: bool = False,
     one_launch_attention: bool = False,
+    fused_router: bool = False,
 ) -> tuple[list[DecoderLayer], RMSNorm]:
     """The fast layers (and the final norm) with Triton modules swapped in; dense MLPs stay as they are
     (``linear``: the attention's QKV and o_proj as Triton GEMVs; ``one_launch_attention``: attention without
-    its combine launch)."""
+    its combine launch; ``fused_router``: each MoE layer's post-attention norm and router in one launch)."""
 
     def attention(attn: Attention) -> nn.Module:
         return TritonAttention(attn, linear, one_launch_attention)
 
-    return [_triton_layer(layer, attention, router_f32) for layer in layers], TritonRMSNorm(norm)
+    return [_triton_layer(layer, attention, router_f32, fused_router) for layer in layers], TritonRMSNorm(norm)
 
 
 def triton_row_layers(

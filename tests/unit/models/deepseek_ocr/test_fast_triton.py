@@ -64,14 +64,15 @@ def _decode(
 
 
 def _off_and_on(
-    model: DeepseekOCRForCausalLM, switch: str, steps: int
+    model: DeepseekOCRForCausalLM, switch: str, steps: int, **others: bool
 ) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
     """Teacher-forced Triton decodes of a 2-row, 7-position prompt with ``FastConfig(<switch>=False)``, then
-    ``True`` fed the first run's picks: [(picks, logits)] for off and on."""
+    ``True`` fed the first run's picks (``others``: further switches for both): [(picks, logits)] for off and on."""
     embeds = torch.randn(2, 7, model.config.language.hidden_size)
     runs: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
     for on in (False, True):
-        fast = apply_fast_path(model, FastConfig(cuda_graphs=False, decode_kernels="triton", **{switch: on}))
+        cfg = FastConfig(cuda_graphs=False, decode_kernels="triton", **{switch: on, **others})  # type: ignore[arg-type]
+        fast = apply_fast_path(model, cfg)
         runs.append(_decode(fast, embeds, None if not runs else runs[0][0], steps))
     return runs
 
@@ -198,10 +199,63 @@ def test_norm_router_f32_gives_the_same_logits_without_the_casts(monkeypatch: py
 
     monkeypatch.setattr(TritonRMSNorm, "f32_of", spy)
     model = _model(seed=7)
-    runs = _off_and_on(model, "norm_router_f32", 6)
+    runs = _off_and_on(model, "norm_router_f32", 6, fused_router=False)  # (the fused router needs no copy)
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
     n_moe = sum(1 for layer in model.model.layers if layer.mlp.__class__.__name__ != "MLP")
     assert n_moe > 0 and kept == [True] * (6 * n_moe)  # every decode step's every MoE router took the copy
+
+
+def test_fused_router_routes_every_moe_layer_in_the_norm_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``fused_router``: every decode step's MoE layers are routed by the post-attention norm's kernel (no router
+    kernel, no cuBLAS logits), the teacher-forced logits equal the four-launch step's to float32 rounding (the
+    router logits are summed in another order) and the routing counts are the same (each pick counted once)."""
+    fused: list[int] = []
+    routed: list[int] = []
+    real_fused, real_route = kernels.add_rms_norm_route, kernels.moe_route
+
+    def spy_fused(x: torch.Tensor, *args: object, **kw: object) -> tuple[torch.Tensor, ...]:
+        fused.append(x.shape[0])
+        return real_fused(x, *args, **kw)  # type: ignore[arg-type]
+
+    def spy_route(x: torch.Tensor, *args: object, **kw: object) -> tuple[torch.Tensor, torch.Tensor]:
+        routed.append(x.shape[0])
+        return real_route(x, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kernels, "add_rms_norm_route", spy_fused)
+    monkeypatch.setattr(kernels, "moe_route", spy_route)
+    model = _model(seed=12)
+    embeds = torch.randn(2, 7, model.config.language.hidden_size)
+    runs, counts = [], []
+    for on in (False, True):
+        fast = apply_fast_path(model, FastConfig(cuda_graphs=False, decode_kernels="triton", fused_router=on))
+        fast.reset_routing_stats()
+        runs.append(_decode(fast, embeds, None if not runs else runs[0][0], 5))
+        counts.append(fast.tokens_per_expert())
+    n_moe = sum(1 for layer in model.model.layers if layer.mlp.__class__.__name__ != "MLP")
+    assert n_moe > 0 and routed == [2] * (5 * n_moe) and fused == [2] * (5 * n_moe)  # off: router; on: the norm
+    scale = max(float(r.abs().max()) for r in runs[0][1])
+    for a, b in zip(runs[0][1], runs[1][1], strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-4 * scale)
+    assert counts[0] == counts[1] and all(sum(c) > 0 for c in counts[1].values())
+
+
+def test_fused_router_refuses_rows_it_did_not_route() -> None:
+    """The norm's kernel has counted its rows' picks: routing any other rows from it would count twice."""
+    from llm_perf_opt.models.deepseek_ocr.decoder import RMSNorm
+    from llm_perf_opt.models.deepseek_ocr.triton_layers import Router, TritonRMSNorm
+
+    counts = torch.zeros(8, dtype=torch.int64)
+    norm = TritonRMSNorm(RMSNorm(64, 1e-6), router=Router(torch.randn(8, 64), 2, counts, 1.0, False))
+    normed, _ = norm.add_norm(torch.randn(3, 64), torch.randn(3, 64))
+    assert int(counts.sum()) == 3 * 2
+    with pytest.raises(RuntimeError, match="no row subset"):
+        norm.routing_of(normed[1:].clone())
+    norm.add_norm(torch.randn(3, 64), None)
+    with pytest.raises(RuntimeError, match="no row subset"):
+        norm.routing_of(normed)  # an earlier call's output
+    second, _ = norm.add_norm(torch.randn(3, 64), None)
+    idx, weights = norm.routing_of(second)
+    assert idx.shape == weights.shape == (3, 2) and int(counts.sum()) == 3 * 2 * 3
 
 
 @pytest.mark.parametrize("pdl", [False, True])

@@ -495,6 +495,64 @@ def test_moe_route_ties_lowest_index_first_and_no_counts() -> None:
     torch.testing.assert_close(weights, ref_weights)
 
 
+# ------------------------------------------------------------------------------------------ add_rms_norm_route
+@pytest.mark.parametrize(
+    ("n_tokens", "n_experts", "hidden", "top_k", "per"),
+    [(1, 8, 256, 3, 4), (5, 8, 256, 2, 1), (3, 8, 256, 2, 16), (2, 64, 1280, 6, 4)],
+)
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_add_rms_norm_route_is_the_norm_then_the_router(
+    n_tokens: int, n_experts: int, hidden: int, top_k: int, per: int, with_residual: bool
+) -> None:
+    """Oracle: decoder.RMSNorm's math (add_rms_norm_ref) then route_tokens on float32 logits of the normed rows.
+    Each case runs twice on the same counters: the last program of a row must have set them back to zero."""
+    gen = torch.Generator().manual_seed(n_tokens * hidden + per)
+    x = torch.randn(n_tokens, hidden, generator=gen).bfloat16()
+    residual = (torch.randn(n_tokens, hidden, generator=gen) * 4).bfloat16() if with_residual else None
+    weight = (1 + 0.3 * torch.randn(hidden, generator=gen)).bfloat16()
+    gate_w32 = torch.randn(n_experts, hidden, generator=gen) * hidden**-0.5
+    flags = K.route_flags(8, "cpu")
+    counts = torch.full((n_experts,), 3, dtype=torch.int64)
+    ref_normed, ref_summed = K.add_rms_norm_ref(x, residual, weight, 1e-6)
+    for call in (1, 2):
+        normed, summed, idx, weights = K.add_rms_norm_route(
+            x, residual, weight, 1e-6, gate_w32, top_k, flags, counts, 2.5, True, experts_per_program=per
+        )
+        assert torch.equal(summed, ref_summed)
+        _close(normed, ref_normed)
+        assert (normed != ref_normed).float().mean() < 0.02  # the float32 rsqrt may differ in the last bit
+        # the routing of the normed rows the kernel wrote: logits are summed in another order than torch's
+        ref_idx, ref_weights = route_tokens(
+            F.linear(normed.float(), gate_w32), top_k, norm_topk_prob=True, routed_scaling_factor=2.5
+        )
+        assert torch.equal(idx, ref_idx)
+        torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-6)
+        assert torch.equal(counts, 3 + call * torch.bincount(ref_idx.reshape(-1), minlength=n_experts))
+        assert torch.equal(flags, torch.zeros_like(flags))
+
+
+def test_add_rms_norm_route_matches_the_separate_kernels() -> None:
+    """Bit for bit what add_rms_norm writes (same math, same rounding points), at the real H and E."""
+    gen = torch.Generator().manual_seed(11)
+    x, residual = (torch.randn(2, 1280, generator=gen).bfloat16() for _ in range(2))
+    weight = (1 + 0.3 * torch.randn(1280, generator=gen)).bfloat16()
+    gate_w32 = torch.randn(64, 1280, generator=gen) * 1280**-0.5
+    normed, summed, idx, _ = K.add_rms_norm_route(x, residual, weight, 1e-6, gate_w32, 6, K.route_flags(2, "cpu"))
+    plain_normed, plain_summed = K.add_rms_norm(x, residual, weight, 1e-6)
+    assert torch.equal(normed, plain_normed) and torch.equal(summed, plain_summed)
+    assert torch.equal(idx, K.moe_route(plain_normed, gate_w32, 6)[0])
+
+
+def test_add_rms_norm_route_rejects_bad_counters() -> None:
+    x, weight, gate = torch.randn(3, 64), torch.ones(64), torch.randn(8, 64)
+    with pytest.raises(ValueError, match="flags must be int32"):
+        K.add_rms_norm_route(x, None, weight, 1e-6, gate, 2, K.route_flags(2, "cpu"))
+    with pytest.raises(ValueError, match="flags must be int32"):
+        K.add_rms_norm_route(x, None, weight, 1e-6, gate, 2, torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="power of two"):
+        K.add_rms_norm_route(x, None, weight, 1e-6, gate, 2, K.route_flags(3, "cpu"), experts_per_program=3)
+
+
 # ------------------------------------------------------------------------------------------ moe_experts
 def _experts(n: int, hidden: int, inter: int, dtype: torch.dtype, seed: int) -> tuple[nn.ModuleList, MLP]:
     torch.manual_seed(seed)
@@ -553,6 +611,21 @@ def test_moe_experts_block_shapes_and_no_shared() -> None:
     _close(K.moe_experts(x, idx, w, *routed_stack), routed)
     no_picks = torch.empty(2, 0, dtype=torch.int64)
     _close(K.moe_experts(x, no_picks, no_picks.float(), w13, w2, n_always=2), shared)
+
+
+@pytest.mark.parametrize("hidden", [256, 320])  # 320: the last of the K steps is masked (block_k_up 128)
+def test_moe_experts_unrolled_up_loop_sums_in_the_same_order(hidden: int) -> None:
+    """``unroll_up``: the up kernel's K loop unrolled gives the rolled loop's output bit for bit (the same blocks
+    summed in the same order), and the eager experts' to bf16 rounding."""
+    c = _moe_case(2, hidden, 96, 8, 2, torch.bfloat16, seed=hidden)
+    args = (c["x"], c["idx"], c["weights"], c["w13"], c["w2"], 2, c["res"])
+    blocks = dict(block_n=16, block_k_up=128, block_h=32, block_k_down=64)
+    rolled = K.moe_experts(*args, unroll_up=False, **blocks)
+    unrolled = K.moe_experts(*args, unroll_up=True, **blocks)
+    assert torch.equal(rolled, unrolled)
+    with torch.no_grad():
+        routed, _ = apply_experts_eager(c["x"], c["idx"], c["weights"], c["experts"])
+    _close(unrolled, c["res"] + (routed + c["shared"](c["x"])))
 
 
 def test_moe_experts_real_sizes_bf16() -> None:
@@ -815,6 +888,20 @@ def test_one_launch_attention_orders_its_partials(sm90: list[dict[str, Any]]) ->
     assert all(r["atomics"] == [] for r in plain)
 
 
+def test_norm_route_orders_its_logits_and_reads_only_weights_early(sm90: list[dict[str, Any]]) -> None:
+    """The fused norm + router: its counter add is acq_rel at GPU scope (the last program must see every other
+    program's logits), it re-arms the counter and reads the logits past L1; as a dependent launch it loads the
+    router rows and norm weight before the wait (no kernel of the step writes them) and the rows after it."""
+    rows = [r for r in sm90 if r["kernel"] == "_norm_route_kernel"]
+    assert len(rows) == 2
+    for r in rows:
+        assert "gpu.acq_rel.add.u32" in r["atomics"] and "gpu.relaxed.exch.b32" in r["atomics"], r
+        assert r["cg_loads"] >= 1, r
+    (pdl,) = [r for r in rows if r["constexprs"]["USE_GDC"]]
+    # 4 router rows x 2,048 (1,280 live) float32 + 2,048 bf16 at 4 warps: 16-byte loads, several per thread
+    assert pdl["loads_before_wait"] >= 4, pdl
+
+
 def test_dependent_launch_variants_wait_before_they_read(sm90: list[dict[str, Any]]) -> None:
     """``infer.fast.pdl``: every kernel also compiles as a programmatic dependent launch, with both grid-dependency
     instructions in its PTX (the wait, without which a dependent launch could read the previous kernel's outputs
@@ -824,7 +911,7 @@ def test_dependent_launch_variants_wait_before_they_read(sm90: list[dict[str, An
     for r in pdl.values():
         assert not r["error"] and r["spill_bytes"] in (0, None), r
         assert r["griddepcontrol"] == ["launch_dependents", "wait"], r
-        if r["kernel"] != "_linear_rows_kernel":  # nothing read before the wait
+        if r["kernel"] not in ("_linear_rows_kernel", "_norm_route_kernel"):  # nothing read before the wait
             assert r["loads_before_wait"] == 0, r
 
 
