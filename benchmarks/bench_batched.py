@@ -26,7 +26,10 @@ all tokens counted); decode tok/s (tokens from decode steps over decode time); T
 same for every page of the batch); TPOT p50 / p90 = decode-step time percentiles (each step gives every
 live sequence one token, so it is the per-token latency each sequence sees); capture s = host wall time of
 the warm-up run's graph capture (excluded from every other column); peak memory =
-``torch.cuda.max_memory_allocated`` during the timed run (weights and the kept graph cache included).
+``torch.cuda.max_memory_allocated`` during the timed run (weights and the kept graph cache included); expert
+slots read = distinct routed experts + shared-expert slots per MoE layer per decode step, from an untimed 8-step
+un-graphed run of the same pages (the bytes a step's expert kernels stream: dummy weights decode repeated ids,
+so rows share experts more than on real pages; compare with ``bench_kernels.py``'s step on random rows).
 
 ``--mixed-pages N`` adds static vs continuous batching on N pages whose output lengths are drawn log-normal
 (``--mixed-median``, ``--mixed-sigma``; each sequence ends there, "simulated eos") at batch max(--batches), with
@@ -252,11 +255,42 @@ def mixed_table(rows: list[dict[str, Any]], lengths: list[int]) -> str:
     return "\n".join(lines)
 
 
+def experts_read(
+    target: Any, pages: list[PreparedPage], tokens: int, eos: int, args: argparse.Namespace
+) -> float | None:
+    """Mean expert slots each MoE layer's decode step reads (distinct routed experts + the shared-expert slots), over
+    ``tokens`` un-graphed steps of ``pages`` (an untimed run): what a step's expert kernels stream, so a TPOT here
+    can be set beside ``bench_kernels.py``'s step (random hidden states: ~62 slots at 32 rows).  None when the
+    decode step does not run the Triton expert kernels (eager model, torch decode kernels)."""
+    from llm_perf_opt.models.deepseek_ocr import kernels
+
+    seen: list[int] = []
+    real = {name: getattr(kernels, name) for name in ("moe_experts", "moe_experts_grouped")}
+
+    def spy(name: str) -> Any:
+        def run(x: torch.Tensor, idx: torch.Tensor, *rest: Any, **kw: Any) -> torch.Tensor:
+            seen.append(int(torch.unique(idx).numel()) + int(kw.get("n_always", 0)))
+            return real[name](x, idx, *rest, **kw)
+
+        return run
+
+    gen = generator(target, "static", args)
+    try:
+        for name in real:
+            setattr(kernels, name, spy(name))
+        gen.run(pages, tokens, eos_token_id=eos, ignore_eos=True)
+    finally:
+        for name, fn in real.items():
+            setattr(kernels, name, fn)
+        gen.release_decode_state()
+    return statistics.fmean(seen) if seen else None
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| batch | decode | no-repeat n | pages/s | output tok/s | decode tok/s | TTFT s | TPOT p50 ms | TPOT p90 ms "
-        "| capture s | peak memory GiB |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| capture s | peak memory GiB | expert slots read per MoE layer-step |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         capture = f"{r['warmup_capture_s']:.3f}" if r["decode"] == "graph" else "-"
@@ -266,13 +300,13 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {r['batch']} | {r['decode']} | {r['ngram'] or '-'} | {r['pages_per_s']:.3f} "
             f"| {r['output_tok_per_s']:.1f} "
             f"| {r['decode_tok_per_s']:.1f} | {r['ttft_s']:.3f} | {r['tpot_p50_ms']:.2f} | {_opt(r['tpot_p90_ms'])} "
-            f"| {capture} | {_gib(r['peak_gib'])} |"
+            f"| {capture} | {_gib(r['peak_gib'])} | {_opt(r.get('experts_read'), 1)} |"
         )
     return "\n".join(lines)
 
 
-def _opt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
+def _opt(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def _gib(value: float | None) -> str:
@@ -373,10 +407,13 @@ def main() -> None:
 
     rows: list[dict[str, Any]] = []
     for bsz in batches:
+        read = experts_read(target, pages[:bsz], 8, eos, args) if args.model == "fast" else None
+        print(f"batch {bsz}: {_opt(read, 1)} expert slots read per MoE layer per decode step", flush=True)
         for ngram, loop in [(n, loop) for n in args.ngram for loop in loops]:
             gen = generator(target, loop, args)
             row = measure(gen, pages[:bsz], args.tokens, eos, warmup_tokens, ngram)
             gen.release_decode_state()  # free the kept graph and cache before the next loop / batch size
+            row["experts_read"] = read
             rows.append(row)
             flag = " (TIMED RUN CAPTURED)" if row["timed_capture_s"] > 0 else ""
             print(

@@ -60,6 +60,7 @@ from llm_perf_opt.models.deepseek_ocr.kernels import (
     attention_splits,
     decode_attention,
     decode_attention_ref,
+    dependent_launches,
     linear_block_sizes,
     linear_rows,
     moe_block_sizes,
@@ -417,14 +418,21 @@ class Bench:
         self.use_gmm = use_gmm
         return layers, prepared
 
-    def experts(self, tokens: int, **blocks: Any) -> Row:
+    def experts(self, tokens: int, pdl: bool = False, **blocks: Any) -> Row:
+        """The expert kernels vs the torch path; ``pdl``: the kernels launched as programmatic dependent launches
+        (each call's up kernel waits on the previous call's down kernel, as in the step)."""
         lang = self.lang
         hid, inter, k = lang.hidden_size, lang.moe_intermediate_size, lang.num_experts_per_tok
         n_always = lang.n_shared_experts
         layers, prepared = self._moe(tokens)
+
+        def kernel(c: tuple[torch.Tensor, ...]) -> torch.Tensor:
+            with dependent_launches(pdl):
+                return moe_experts(*c[:5], n_always, c[5], **blocks)
+
         t_us, k_us = self.time(
             [lambda p=p: torch_moe(*p, use_gmm=self.use_gmm) for p in prepared],
-            [lambda c=c: moe_experts(*c[:5], n_always, c[5], **blocks) for c in layers],
+            [lambda c=c: kernel(c) for c in layers],
         )
         x, idx, w, w13, w2, res = layers[0]
         out = moe_experts(x, idx, w, w13, w2, n_always, res, **blocks)
@@ -438,6 +446,9 @@ class Bench:
         sizes = moe_block_sizes(tokens, k + n_always, hid, inter, sms, not cuda, **rows)
         used = {**dict(zip(("block_n", "block_k_up", "block_h", "block_k_down"), sizes, strict=True)), **blocks}
         note = f"{distinct} distinct slots; vs torch path max |Δ| {err_torch:.3g}; {used}"
+        if pdl:
+            same = torch.equal(kernel(layers[0]), out)
+            note += f"; dependent launches ({'bit-identical' if same else 'DIFFERENT output'})"
         return Row("moe_experts", tokens, t_us, k_us, distinct * per_slot, err, note, _expert_flops(lang, tokens))
 
     def experts_grouped(self, tokens: int, **blocks: Any) -> Row:
@@ -539,14 +550,9 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
         up_consts = {**common, "BLOCK_N": bn, "BLOCK_K": bku, "EVEN_K": hid % bku == 0, "K_STEPS": 0}
         specs.append(("_moe_up_kernel", up, up_consts, up_warps))
         specs.append(("_moe_up_kernel", up, {**up_consts, "K_STEPS": -(-hid // bku)}, up_warps))  # unroll_up
-        specs.append(
-            (
-                "_moe_down_kernel",
-                down,
-                {**common, "HAS_RESIDUAL": True, "BLOCK_H": bh, "BLOCK_K": bkd, "EVEN_K": inter % bkd == 0},
-                4,
-            )
-        )
+        down_consts = {**common, "HAS_RESIDUAL": True, "BLOCK_H": bh, "BLOCK_K": bkd, "EVEN_K": inter % bkd == 0}
+        specs.append(("_moe_down_kernel", down, {**down_consts, "PREFETCH": False}, 4))
+        specs.append(("_moe_down_kernel", down, {**down_consts, "PREFETCH": True}, 4))  # prefetch_down
     ids = dict(ids_ptr=i64, order_ptr="*i32", offs_ptr="*i32", P="i32")
     align = dict(E=lang.n_routed_experts, BLOCK_P=16, BLOCK_ALL=512, BLOCK_E=128)  # 64 tokens x top-6
     specs.append(("_moe_align_kernel", ids, align, 4))
@@ -618,6 +624,8 @@ def sm90_check(lang: LanguageConfig) -> list[dict[str, Any]]:
         first.setdefault(spec[0], spec)
     # each kernel once more as a programmatic dependent launch (kernels.dependent_launches: USE_GDC + launch_pdl)
     specs += [(name, sig, {**consts, "USE_GDC": True}, warps) for name, sig, consts, warps in first.values()]
+    # and the variants whose point is what they load before the wait
+    specs += [(n, sig, {**c, "USE_GDC": True}, w) for n, sig, c, w in specs if c.get("PREFETCH") and not c["USE_GDC"]]
     for name, signature, constexprs, num_warps in specs:
         fn = getattr(kernels, name)
         pdl = bool(constexprs.get("USE_GDC", False))
@@ -1003,10 +1011,13 @@ def main() -> None:
             rows += [bench.route(1), bench.route(1, logits_in=True), bench.norm_route(1)]
             rows += [bench.pick(1)]
             rows += [bench.linear(1, n_out, name) for name, n_out in projections(bench.lang)]
-            # the up kernel's K loop rolled and unrolled, in the same run (moe_experts(unroll_up=...))
-            rows += [bench.experts(1, unroll_up=False), bench.experts(1, unroll_up=True)]
-            rows += [bench.route(4), bench.norm_route(4)]
-            rows += [bench.experts(4, unroll_up=False), bench.experts(4, unroll_up=True)]
+            # the up kernel's K loop rolled and unrolled, and as dependent launches the down kernel's weights
+            # loaded before or after its wait, in the same run (moe_experts(unroll_up=..., prefetch_down=...))
+            for tokens in (1, 4):
+                if tokens == 4:
+                    rows += [bench.route(4), bench.norm_route(4)]
+                rows += [bench.experts(tokens, unroll_up=False), bench.experts(tokens, unroll_up=True)]
+                rows += [bench.experts(tokens, pdl=True, prefetch_down=p) for p in (False, True)]
         for tokens in grouped_tokens:
             if tokens <= 16:  # the GEMV kernels re-read weights per token: where the grouped kernels take over
                 rows.append(bench.experts(tokens))

@@ -19,3 +19,16 @@ def test_mixed_table_has_the_steady_state_column() -> None:
     assert "| continuous | 4.000 | 17.0 | 12.5 | 75.0 % | 1.000 |" in text
     assert "continuous / static = 2.00× output tok/s" in text
     assert "median 4, min 2, max 7 tokens" in text
+
+
+def test_table_shows_the_expert_slots_read_or_why_not() -> None:
+    """The step table's last column: expert slots read per MoE layer-step, n/a where none were recorded."""
+    from benchmarks.bench_batched import table
+
+    base = {"decode": "graph", "ngram": 0, "pages_per_s": 1.0, "output_tok_per_s": 2.0, "decode_tok_per_s": 3.0,
+            "ttft_s": 0.5, "tpot_p50_ms": 1.25, "tpot_p90_ms": None, "warmup_capture_s": 0.1,
+            "timed_capture_s": 0.0, "peak_gib": None}  # fmt: skip
+    text = table([{**base, "batch": 32, "experts_read": 41.25}, {**base, "batch": 1, "experts_read": None}])
+    assert "| expert slots read per MoE layer-step |" in text
+    assert "| 32 | graph | - | 1.000 | 2.0 | 3.0 | 0.500 | 1.25 | n/a | 0.100 | n/a | 41.2 |" in text
+    assert "| 1 | graph | - | 1.000 | 2.0 | 3.0 | 0.500 | 1.25 | n/a | 0.100 | n/a | n/a |" in text

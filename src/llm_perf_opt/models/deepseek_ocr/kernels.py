@@ -639,15 +639,21 @@ if HAVE_TRITON:
         g = tl.zeros([BLOCK_N], dtype=tl.float32)
         u = tl.zeros([BLOCK_N], dtype=tl.float32)
         if K_STEPS > 0:
-            # the K loop unrolled (K_STEPS = ceil(H / BLOCK_K)): every step's weight loads can be issued before
-            # the first reduction, several times the bytes in flight per thread of the rolled loop below
+            # the K loop unrolled (K_STEPS = ceil(H / BLOCK_K)) with every step's weight tiles loaded first and
+            # held: all of a program's loads in flight at once (K_STEPS times the rolled loop's), then the sums
+            # in the rolled loop's order
+            g_tiles = ()
+            u_tiles = ()
             for i in tl.static_range(K_STEPS):
                 kk = i * BLOCK_K + tl.arange(0, BLOCK_K)
-                xv, tile_mask = _row_block(x_ptr + t * H, kk, nmask, H, EVEN_K)
-                wg = tl.load(gate_rows + kk[None, :], mask=tile_mask, other=0.0).to(tl.float32)
-                wu = tl.load(up_rows + kk[None, :], mask=tile_mask, other=0.0).to(tl.float32)
-                g += tl.sum(wg * xv[None, :], axis=1)
-                u += tl.sum(wu * xv[None, :], axis=1)
+                tile_mask = nmask[:, None] if EVEN_K else nmask[:, None] & (kk < H)[None, :]
+                g_tiles = g_tiles + (tl.load(gate_rows + kk[None, :], mask=tile_mask, other=0.0),)  # type: ignore[assignment]  # noqa: RUF005
+                u_tiles = u_tiles + (tl.load(up_rows + kk[None, :], mask=tile_mask, other=0.0),)  # type: ignore[assignment]  # noqa: RUF005
+            for i in tl.static_range(K_STEPS):
+                kk = i * BLOCK_K + tl.arange(0, BLOCK_K)
+                xv, _ = _row_block(x_ptr + t * H, kk, nmask, H, EVEN_K)
+                g += tl.sum(g_tiles[i].to(tl.float32) * xv[None, :], axis=1)
+                u += tl.sum(u_tiles[i].to(tl.float32) * xv[None, :], axis=1)
         else:
             for k0 in range(0, H, BLOCK_K):
                 kk = k0 + tl.arange(0, BLOCK_K)
@@ -680,8 +686,9 @@ if HAVE_TRITON:
         BLOCK_K: tl.constexpr,
         EVEN_K: tl.constexpr,
         USE_GDC: tl.constexpr = False,
+        PREFETCH: tl.constexpr = False,
     ):
-        if USE_GDC:
+        if USE_GDC and not PREFETCH:
             _dependent_launch()
         t = tl.program_id(0)
         hb = tl.program_id(1)
@@ -690,9 +697,35 @@ if HAVE_TRITON:
         dt = out_ptr.dtype.element_ty
         routed_acc = tl.zeros([BLOCK_H], dtype=tl.float32)
         always_acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+        if PREFETCH:
+            # one K block per slot (BLOCK_K >= INTER).  Every slot's routing and weight tile are loaded before the
+            # dependent-launch wait, only the up kernel's output after it.  The routing was written by the kernel
+            # before the up kernel: this grid can start only once every program of the up kernel has passed its
+            # own wait (which that kernel's completion released), so the routing is visible; it is read past L1
+            kk = tl.arange(0, BLOCK_K)
+            tile_mask = rmask[:, None] if EVEN_K else rmask[:, None] & (kk < INTER)[None, :]
+            tiles = ()
+            gates = ()
+            for s in tl.static_range(TOP_K + N_ALWAYS):
+                if s < TOP_K:
+                    e = tl.load(idx_ptr + t * TOP_K + s, cache_modifier=".cg").to(tl.int64)
+                    gates = gates + (tl.load(wts_ptr + t * TOP_K + s, cache_modifier=".cg"),)  # type: ignore[assignment]  # noqa: RUF005
+                else:
+                    e = (N_EXPERTS - N_ALWAYS + (s - TOP_K)).to(tl.int64)
+                w_rows = w2_ptr + e * (H * INTER) + rows[:, None] * INTER
+                tiles = tiles + (tl.load(w_rows + kk[None, :], mask=tile_mask, other=0.0),)  # type: ignore[assignment]  # noqa: RUF005
+            if USE_GDC:
+                _dependent_launch()
+            for s in tl.static_range(TOP_K + N_ALWAYS):
+                hv, _ = _row_block(h_ptr + (t * (TOP_K + N_ALWAYS) + s) * INTER, kk, rmask, INTER, EVEN_K)
+                y = tl.sum(tiles[s].to(tl.float32) * hv[None, :], axis=1)
+                if s < TOP_K:
+                    routed_acc += gates[s] * _round(y, dt)
+                else:
+                    always_acc += y
         # unrolled over the slots: every slot's expert id is known up front, so the weight loads of the
         # next slot need not wait for the previous slot's reduction
-        for s in tl.static_range(TOP_K + N_ALWAYS):
+        for s in tl.static_range(0 if PREFETCH else TOP_K + N_ALWAYS):
             if s < TOP_K:
                 e = tl.load(idx_ptr + t * TOP_K + s).to(tl.int64)
             else:
@@ -1535,6 +1568,9 @@ def stack_always_on(
 
 # the up kernel's K loop unrolled (``moe_experts(unroll_up=...)`` overrides; ``bench_kernels.py`` times both)
 UNROLL_UP = False
+# the down kernel's routing and weights loaded before its dependent-launch wait (``moe_experts(prefetch_down=...)``
+# overrides; ``bench_kernels.py`` times both as dependent launches)
+PREFETCH_DOWN = False
 
 
 def moe_block_sizes(
@@ -1639,6 +1675,7 @@ def moe_experts(
     num_warps: int | None = None,
     num_warps_down: int | None = None,
     unroll_up: bool | None = None,
+    prefetch_down: bool | None = None,
 ) -> Tensor:
     """Routed + always-on experts for a few tokens, in two GEMV kernels: [T, H] in ``x.dtype``.
 
@@ -1719,6 +1756,8 @@ def moe_experts(
         BLOCK_K=block_k_down,
         EVEN_K=inter % block_k_down == 0,
         num_warps=num_warps_down,
+        # one K block per slot only (the default blocks at every T): the tiles are held across the wait
+        PREFETCH=(PREFETCH_DOWN if prefetch_down is None else prefetch_down) and block_k_down >= inter,
         **_pdl(),
     )
     return out

@@ -628,6 +628,22 @@ def test_moe_experts_unrolled_up_loop_sums_in_the_same_order(hidden: int) -> Non
     _close(unrolled, c["res"] + (routed + c["shared"](c["x"])))
 
 
+@pytest.mark.parametrize("n_tokens", [1, 3])
+def test_moe_experts_prefetched_down_tiles_give_the_same_output(n_tokens: int) -> None:
+    """``prefetch_down``: the down kernel's routing and weight tiles loaded first and held (one K block per slot,
+    I = 96 masked in a 128-wide block) give the plain kernel's output bit for bit, and the eager experts' to bf16
+    rounding."""
+    c = _moe_case(n_tokens, 128, 96, 8, 3, torch.bfloat16, seed=20 + n_tokens)
+    args = (c["x"], c["idx"], c["weights"], c["w13"], c["w2"], 2, c["res"])
+    blocks = dict(block_n=16, block_k_up=64, block_h=32, block_k_down=128)
+    plain = K.moe_experts(*args, prefetch_down=False, **blocks)
+    held = K.moe_experts(*args, prefetch_down=True, **blocks)
+    assert torch.equal(plain, held)
+    with torch.no_grad():
+        routed, _ = apply_experts_eager(c["x"], c["idx"], c["weights"], c["experts"])
+    _close(held, c["res"] + (routed + c["shared"](c["x"])))
+
+
 def test_moe_experts_real_sizes_bf16() -> None:
     """The real expert shape (H=1280, I=896, 2 shared slots); top-2 of 4 experts to keep the interpreter fast."""
     c = _moe_case(1, 1280, 896, 4, 2, torch.bfloat16, seed=3)
@@ -902,6 +918,16 @@ def test_norm_route_orders_its_logits_and_reads_only_weights_early(sm90: list[di
     assert pdl["loads_before_wait"] >= 4, pdl
 
 
+def test_prefetched_down_kernel_loads_routing_and_weights_before_the_wait(sm90: list[dict[str, Any]]) -> None:
+    """``prefetch_down`` as a dependent launch: the routing (ids and weights, past L1: written by another kernel
+    of the step) and the 8 slots' weight tiles are loaded before ``griddepcontrol.wait``; the plain variant loads
+    nothing before it."""
+    rows = [r for r in sm90 if r["kernel"] == "_moe_down_kernel" and r["constexprs"]["USE_GDC"]]
+    (held,) = [r for r in rows if r["constexprs"].get("PREFETCH")][:1]
+    assert held["loads_before_wait"] >= 8 + 6 and held["cg_loads"] >= 6, held  # 8 tiles, 6 ids (+ 6 weights)
+    assert all(r["loads_before_wait"] == 0 for r in rows if not r["constexprs"].get("PREFETCH"))
+
+
 def test_dependent_launch_variants_wait_before_they_read(sm90: list[dict[str, Any]]) -> None:
     """``infer.fast.pdl``: every kernel also compiles as a programmatic dependent launch, with both grid-dependency
     instructions in its PTX (the wait, without which a dependent launch could read the previous kernel's outputs
@@ -911,7 +937,8 @@ def test_dependent_launch_variants_wait_before_they_read(sm90: list[dict[str, An
     for r in pdl.values():
         assert not r["error"] and r["spill_bytes"] in (0, None), r
         assert r["griddepcontrol"] == ["launch_dependents", "wait"], r
-        if r["kernel"] not in ("_linear_rows_kernel", "_norm_route_kernel"):  # nothing read before the wait
+        early = r["kernel"] in ("_linear_rows_kernel", "_norm_route_kernel") or r["constexprs"].get("PREFETCH")
+        if not early:  # nothing read before the wait
             assert r["loads_before_wait"] == 0, r
 
 
