@@ -551,8 +551,7 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
         specs.append(("_moe_up_kernel", up, up_consts, up_warps))
         specs.append(("_moe_up_kernel", up, {**up_consts, "K_STEPS": -(-hid // bku)}, up_warps))  # unroll_up
         down_consts = {**common, "HAS_RESIDUAL": True, "BLOCK_H": bh, "BLOCK_K": bkd, "EVEN_K": inter % bkd == 0}
-        specs.append(("_moe_down_kernel", down, {**down_consts, "PREFETCH": False}, 4))
-        specs.append(("_moe_down_kernel", down, {**down_consts, "PREFETCH": True}, 4))  # prefetch_down
+        specs.append(("_moe_down_kernel", down, down_consts, 4))
     ids = dict(ids_ptr=i64, order_ptr="*i32", offs_ptr="*i32", P="i32")
     align = dict(E=lang.n_routed_experts, BLOCK_P=16, BLOCK_ALL=512, BLOCK_E=128)  # 64 tokens x top-6
     specs.append(("_moe_align_kernel", ids, align, 4))
@@ -580,6 +579,12 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
     for _, n_out in projections(lang):  # as linear_rows launches them on an H100
         bn, bk = linear_block_sizes(n_out, hid, H100_SMS)
         specs.append(("_linear_rows_kernel", linear, dict(K=hid, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=hid % bk == 0), 4))
+    qkv_rope = dict(
+        x_ptr=bf, w_ptr=bf, cos_ptr=bf, sin_ptr=bf, pos_ptr=i64, q_ptr=bf, k_ptr=bf, v_ptr=bf, max_len="i32"
+    )
+    bn, bk = linear_block_sizes(projections(lang)[0][1], hid, H100_SMS)  # as qkv_rope launches it: 2 pairs at 4 rows
+    rope_consts = dict(K=hid, HQ=hq, HK=hk, D=d, PAIRS=max(1, bn // 2), BLOCK_K=bk, EVEN_K=hid % bk == 0)
+    specs.append(("_qkv_rope_kernel", qkv_rope, rope_consts, 4))
     return specs
 
 
@@ -598,6 +603,7 @@ STREAMING = {
     "_moe_down_kernel",
     "_pick_partial_kernel",
     "_linear_rows_kernel",
+    "_qkv_rope_kernel",
 }
 
 
@@ -624,8 +630,6 @@ def sm90_check(lang: LanguageConfig) -> list[dict[str, Any]]:
         first.setdefault(spec[0], spec)
     # each kernel once more as a programmatic dependent launch (kernels.dependent_launches: USE_GDC + launch_pdl)
     specs += [(name, sig, {**consts, "USE_GDC": True}, warps) for name, sig, consts, warps in first.values()]
-    # and the variants whose point is what they load before the wait
-    specs += [(n, sig, {**c, "USE_GDC": True}, w) for n, sig, c, w in specs if c.get("PREFETCH") and not c["USE_GDC"]]
     for name, signature, constexprs, num_warps in specs:
         fn = getattr(kernels, name)
         pdl = bool(constexprs.get("USE_GDC", False))
@@ -1011,13 +1015,13 @@ def main() -> None:
             rows += [bench.route(1), bench.route(1, logits_in=True), bench.norm_route(1)]
             rows += [bench.pick(1)]
             rows += [bench.linear(1, n_out, name) for name, n_out in projections(bench.lang)]
-            # the up kernel's K loop rolled and unrolled, and as dependent launches the down kernel's weights
-            # loaded before or after its wait, in the same run (moe_experts(unroll_up=..., prefetch_down=...))
+            # the up kernel's K loop rolled and unrolled in the same run (moe_experts(unroll_up=...)), and the
+            # default kernels as dependent launches (each call's up kernel waits on the previous call's down)
             for tokens in (1, 4):
                 if tokens == 4:
                     rows += [bench.route(4), bench.norm_route(4)]
                 rows += [bench.experts(tokens, unroll_up=False), bench.experts(tokens, unroll_up=True)]
-                rows += [bench.experts(tokens, pdl=True, prefetch_down=p) for p in (False, True)]
+                rows += [bench.experts(tokens, pdl=True)]
         for tokens in grouped_tokens:
             if tokens <= 16:  # the GEMV kernels re-read weights per token: where the grouped kernels take over
                 rows.append(bench.experts(tokens))

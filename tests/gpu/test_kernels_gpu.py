@@ -97,6 +97,24 @@ def test_rope_kv_write(batch: int, kv_heads: int, pos: int) -> None:
     assert torch.equal(k_cache[:, :, others], k_before[:, :, others])
 
 
+@pytest.mark.parametrize(("batch", "kv_heads", "pos"), [(1, HEADS, 0), (4, HEADS, MAX_LEN - 1), (2, 2, 517)])
+def test_qkv_rope_equals_linear_rows_then_rope_kv_write(batch: int, kv_heads: int, pos: int) -> None:
+    """The fused QKV GEMV + rotary at the real sizes, compiled: q and both caches equal the two launches' bit for
+    bit (the same [4, 256] tiles and K order, the same rotary arithmetic), as a plain and a dependent launch."""
+    cos, sin = RotaryEmbedding(HEAD_DIM, 10000.0, MAX_LEN)(0, MAX_LEN, DEV, BF16)
+    x = _randn(batch, HIDDEN, seed=pos + 1)
+    w = _randn((HEADS + 2 * kv_heads) * HEAD_DIM, HIDDEN, std=HIDDEN**-0.5, seed=pos + 2)
+    caches = (_randn(batch, kv_heads, MAX_LEN, HEAD_DIM, seed=5), _randn(batch, kv_heads, MAX_LEN, HEAD_DIM, seed=6))
+    position = torch.tensor([pos], device=DEV)
+    k_ref, v_ref = (c.clone() for c in caches)
+    q_ref = K.rope_kv_write(K.linear_rows(x, w), cos, sin, position, k_ref, v_ref, HEADS, kv_heads, HEAD_DIM)
+    for pdl in (False, True):
+        k_cache, v_cache = (c.clone() for c in caches)
+        with K.dependent_launches(pdl):
+            q = K.qkv_rope(x, w, cos, sin, position, k_cache, v_cache, HEADS, kv_heads, HEAD_DIM)
+        assert torch.equal(q, q_ref) and torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref), pdl
+
+
 def _matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int) -> torch.Tensor:
     """The torch decode path (fast.FastDecoder._forward, decode_attention="matmul") over keys 0..pos."""
     rep = q.shape[1] // k.shape[1]

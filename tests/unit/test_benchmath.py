@@ -153,13 +153,20 @@ def test_committed_h200_goals_name_gpus_and_token_counts() -> None:
 
 
 def test_decode_step_profile_absent_without_events() -> None:
-    assert decode_step_profile([10.0, 20.0, 30.0, 40.0], steps=2) == {
-        "kernels_per_step": 2.0, "gpu_us_per_step": 50.0, "reason": None,
+    # back to back on one stream: busy = raw = (10 + 20 + 30 + 40) / 2 steps
+    serial = [(0.0, 10.0, 7), (10.0, 20.0, 7), (30.0, 30.0, 7), (60.0, 40.0, 7)]
+    assert decode_step_profile(serial, steps=2) == {
+        "kernels_per_step": 2.0, "gpu_us_per_step": 50.0, "raw_us_per_step": 50.0, "reason": None,
     }  # fmt: skip
+    # a dependent launch starting at 5 inside a kernel running 0..10 and ending at 25: it counts from 10 (15 µs);
+    # a kernel on another stream overlapping both counts in full (8 µs)
+    overlapped = [(0.0, 10.0, 7), (5.0, 20.0, 7), (2.0, 8.0, 9)]
+    prof = decode_step_profile(overlapped, steps=1)
+    assert prof["gpu_us_per_step"] == 10.0 + 15.0 + 8.0 and prof["raw_us_per_step"] == 38.0
     none = decode_step_profile([], steps=5)
     assert none["kernels_per_step"] is None and none["gpu_us_per_step"] is None and none["reason"]
     with pytest.raises(ValueError, match="steps"):
-        decode_step_profile([1.0], steps=0)
+        decode_step_profile([(0.0, 1.0, 0)], steps=0)
 
 
 def test_p90_of_decode_steps() -> None:

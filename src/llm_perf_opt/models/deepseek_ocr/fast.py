@@ -172,6 +172,9 @@ class FastConfig:
     # four (norm, cuBLAS's two-kernel float32 GEMV, the top-k kernel).  The logits are summed in another order than
     # cuBLAS's: ids equal except at float32 near-ties.  Replaces norm_router_f32 where it applies
     fused_router: bool = True
+    # with triton_linear: the rotary and the K/V cache writes in the QKV GEMV's epilogue (kernels.qkv_rope: each
+    # program computes rotary pairs of one head), one launch fewer per layer; bit-identical to the two launches
+    fused_rope: bool = True
     # the session's decode loop picks tokens on the device (greedy + the no-repeat-ngram ban inside the decode
     # graph, eos checked every 16 steps) instead of reading every step's logits on the host; temperature > 0
     # keeps the host loop
@@ -332,6 +335,7 @@ class FastModel:
                 cfg.triton_linear,
                 cfg.one_launch_attention,
                 cfg.fused_router,
+                cfg.fused_rope,
             )
             if cfg.decode_compile == "none":  # a compiled step traces the torch layers
                 self._triton_rows = triton_row_layers(self.layers, self.norm, cfg.norm_router_f32)

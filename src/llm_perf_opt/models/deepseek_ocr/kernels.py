@@ -103,6 +103,7 @@ __all__ = [
     "moe_route_ref",
     "pick_token",
     "pick_token_ref",
+    "qkv_rope",
     "rope_kv_write",
     "rope_kv_write_ref",
     "route_flags",
@@ -380,6 +381,9 @@ if HAVE_TRITON:
             offs = kv_base + n[:, None] * D + d[None, :]
             tile_mask = nmask[:, None] & dmask[None, :]
             k = tl.load(k_ptr + offs, mask=tile_mask, other=0.0).to(tl.float32)
+            # the values are loaded with the keys, not after the softmax: one memory round trip per block, not two
+            # (at batch 1 each split holds one block, so the trip is most of a program's time)
+            v = tl.load(v_ptr + offs, mask=tile_mask, other=0.0).to(tl.float32)
             s = tl.sum(k * q[None, :], axis=1)
             if HAS_MASK:  # additive (natural-log scale, like the torch mask), in the log2 domain of the scores
                 s += tl.load(mask_ptr + b * mask_stride + n, mask=nmask, other=0.0).to(tl.float32) * 1.4426950408889634
@@ -388,7 +392,6 @@ if HAVE_TRITON:
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block of masked keys only: 0 weights, no NaN
             alpha = tl.exp2(m_i - m_use)
             p = tl.exp2(s - m_use)
-            v = tl.load(v_ptr + offs, mask=tile_mask, other=0.0).to(tl.float32)
             l_i = l_i * alpha + tl.sum(p, axis=0)
             acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
             m_i = m_new
@@ -686,9 +689,8 @@ if HAVE_TRITON:
         BLOCK_K: tl.constexpr,
         EVEN_K: tl.constexpr,
         USE_GDC: tl.constexpr = False,
-        PREFETCH: tl.constexpr = False,
     ):
-        if USE_GDC and not PREFETCH:
+        if USE_GDC:
             _dependent_launch()
         t = tl.program_id(0)
         hb = tl.program_id(1)
@@ -697,35 +699,9 @@ if HAVE_TRITON:
         dt = out_ptr.dtype.element_ty
         routed_acc = tl.zeros([BLOCK_H], dtype=tl.float32)
         always_acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-        if PREFETCH:
-            # one K block per slot (BLOCK_K >= INTER).  Every slot's routing and weight tile are loaded before the
-            # dependent-launch wait, only the up kernel's output after it.  The routing was written by the kernel
-            # before the up kernel: this grid can start only once every program of the up kernel has passed its
-            # own wait (which that kernel's completion released), so the routing is visible; it is read past L1
-            kk = tl.arange(0, BLOCK_K)
-            tile_mask = rmask[:, None] if EVEN_K else rmask[:, None] & (kk < INTER)[None, :]
-            tiles = ()
-            gates = ()
-            for s in tl.static_range(TOP_K + N_ALWAYS):
-                if s < TOP_K:
-                    e = tl.load(idx_ptr + t * TOP_K + s, cache_modifier=".cg").to(tl.int64)
-                    gates = gates + (tl.load(wts_ptr + t * TOP_K + s, cache_modifier=".cg"),)  # type: ignore[assignment]  # noqa: RUF005
-                else:
-                    e = (N_EXPERTS - N_ALWAYS + (s - TOP_K)).to(tl.int64)
-                w_rows = w2_ptr + e * (H * INTER) + rows[:, None] * INTER
-                tiles = tiles + (tl.load(w_rows + kk[None, :], mask=tile_mask, other=0.0),)  # type: ignore[assignment]  # noqa: RUF005
-            if USE_GDC:
-                _dependent_launch()
-            for s in tl.static_range(TOP_K + N_ALWAYS):
-                hv, _ = _row_block(h_ptr + (t * (TOP_K + N_ALWAYS) + s) * INTER, kk, rmask, INTER, EVEN_K)
-                y = tl.sum(tiles[s].to(tl.float32) * hv[None, :], axis=1)
-                if s < TOP_K:
-                    routed_acc += gates[s] * _round(y, dt)
-                else:
-                    always_acc += y
         # unrolled over the slots: every slot's expert id is known up front, so the weight loads of the
         # next slot need not wait for the previous slot's reduction
-        for s in tl.static_range(0 if PREFETCH else TOP_K + N_ALWAYS):
+        for s in tl.static_range(TOP_K + N_ALWAYS):
             if s < TOP_K:
                 e = tl.load(idx_ptr + t * TOP_K + s).to(tl.int64)
             else:
@@ -990,6 +966,79 @@ if HAVE_TRITON:
         tl.store(y_ptr + t * N + n, acc.to(out_dt), mask=nmask)
 
     @triton.jit
+    def _qkv_rope_kernel(
+        x_ptr,
+        w_ptr,
+        cos_ptr,
+        sin_ptr,
+        pos_ptr,
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        max_len,
+        K: tl.constexpr,
+        HQ: tl.constexpr,
+        HK: tl.constexpr,
+        D: tl.constexpr,
+        PAIRS: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        USE_GDC: tl.constexpr = False,
+    ):
+        """:func:`qkv_rope`'s kernel: ``_linear_rows_kernel`` over ``2·PAIRS`` rows of one head, chosen as
+        ``PAIRS`` rotary pairs (channel j and j + D/2, interleaved), so the program holds both halves of what
+        the rotary mixes and applies it (and the cache writes) to its own outputs."""
+        t = tl.program_id(0)
+        nb = tl.program_id(1)
+        GROUPS: tl.constexpr = D // 2 // PAIRS  # pair groups per head
+        h = nb // GROUPS
+        j0 = (nb % GROUPS) * PAIRS
+        i = tl.arange(0, 2 * PAIRS)
+        chan = h * D + j0 + i // 2 + (i % 2) * (D // 2)  # [lo0, hi0, lo1, hi1, ...]
+        rows = w_ptr + chan.to(tl.int64)[:, None] * K
+        tiles = ()
+        for k0 in tl.static_range(0, K, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            if EVEN_K:
+                tiles = tiles + (tl.load(rows + kk[None, :]),)  # type: ignore[assignment]  # noqa: RUF005
+            else:
+                tiles = tiles + (tl.load(rows + kk[None, :], mask=(kk < K)[None, :], other=0.0),)  # type: ignore[assignment]  # noqa: RUF005
+        if USE_GDC:
+            _dependent_launch()
+        acc = tl.zeros([2 * PAIRS], dtype=tl.float32)
+        all_rows = i < 2 * PAIRS
+        for s in tl.static_range(len(tiles)):
+            kk = s * BLOCK_K + tl.arange(0, BLOCK_K)
+            xv, _ = _row_block(x_ptr + t * K, kk, all_rows, K, EVEN_K)
+            acc += tl.sum(tiles[s].to(tl.float32) * xv[None, :], axis=1)
+        dt = q_ptr.dtype.element_ty
+        y = acc.to(dt).to(tl.float32)  # the projection's output, as linear_rows stores it
+        lo, hi = tl.split(tl.reshape(y, [PAIRS, 2]))
+        j = j0 + tl.arange(0, PAIRS)
+        pos = tl.load(pos_ptr)
+        c_lo = tl.load(cos_ptr + pos * D + j).to(tl.float32)
+        c_hi = tl.load(cos_ptr + pos * D + j + D // 2).to(tl.float32)
+        s_lo = tl.load(sin_ptr + pos * D + j).to(tl.float32)
+        s_hi = tl.load(sin_ptr + pos * D + j + D // 2).to(tl.float32)
+        # rope_kv_write's arithmetic: roll(x, D/2) pairs channel j with j + D/2 (rotate_half's sign is in sin)
+        rot_lo = _round(_round(lo * c_lo, dt) + _round(hi * s_lo, dt), dt).to(dt)
+        rot_hi = _round(_round(hi * c_hi, dt) + _round(lo * s_hi, dt), dt).to(dt)
+        hv = j * 0 + h  # the head as a vector: masks stay [PAIRS] (the interpreter rejects scalar & vector)
+        is_q = hv < HQ
+        is_k = (hv >= HQ) & (hv < HQ + HK)
+        is_v = hv >= HQ + HK
+        q_row = q_ptr + (t * HQ + h) * D
+        tl.store(q_row + j, rot_lo, mask=is_q)
+        tl.store(q_row + j + D // 2, rot_hi, mask=is_q)
+        k_row = k_ptr + ((t * HK + (h - HQ)) * max_len + pos) * D
+        tl.store(k_row + j, rot_lo, mask=is_k)
+        tl.store(k_row + j + D // 2, rot_hi, mask=is_k)
+        v_row = v_ptr + ((t * HK + (h - HQ - HK)) * max_len + pos) * D
+        vt = v_ptr.dtype.element_ty
+        tl.store(v_row + j, lo.to(vt), mask=is_v)
+        tl.store(v_row + j + D // 2, hi.to(vt), mask=is_v)
+
+    @triton.jit
     def _pick_partial_kernel(
         logits_ptr,
         ban_ptr,
@@ -1214,6 +1263,66 @@ def rope_kv_write(
         ROW_TABLES=row_tables,
         POS_STRIDE=0 if pos.shape[0] == 1 else 1,
         num_warps=1,
+        **_pdl(),
+    )
+    return q
+
+
+def qkv_rope(
+    x: Tensor,
+    wqkv: Tensor,
+    cos_table: Tensor,
+    sin_table: Tensor,
+    pos: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+) -> Tensor:
+    """:func:`linear_rows` of the fused QKV weight followed by :func:`rope_kv_write`, in one launch: returns the
+    rotated q [T, hq, D] and writes the rotated k and the v of every row at cache column ``pos`` ([1], one
+    position for every row: the single-page step).
+
+    Each program computes ``2·PAIRS`` output channels of one head, chosen as rotary pairs (j, j + D/2), so it
+    holds both values the rotary mixes: the projection's sums are linear_rows' (the same [4, 256] weight tiles at
+    the default sizes, the same K-block order, one rounding) and the rotary is rope_kv_write's arithmetic, so the
+    outputs equal the two launches' bit for bit at those sizes.  Saves one launch per layer."""
+    _require("qkv_rope", x.device)
+    if x.dim() != 2 or wqkv.dim() != 2 or x.shape[1] != wqkv.shape[1] or x.dtype != wqkv.dtype:
+        raise ValueError(
+            f"qkv_rope needs x [T, K] and wqkv [N, K] of one dtype, got {tuple(x.shape)} {tuple(wqkv.shape)}"
+        )
+    rows, k = x.shape
+    n = wqkv.shape[0]
+    if n != (n_heads + 2 * n_kv_heads) * head_dim or head_dim % 2 or n_heads % n_kv_heads:
+        raise ValueError(f"wqkv [{n}, {k}] does not hold q/k/v of {n_heads}+2*{n_kv_heads} heads of {head_dim}")
+    _check_rope_args(x.new_empty((rows, n)), k_cache, v_cache, pos, n_heads, n_kv_heads, head_dim)
+    if pos.shape != (1,):
+        raise ValueError(f"qkv_rope writes one cache column for every row: pos must be [1], got {tuple(pos.shape)}")
+    bn, bk = linear_block_sizes(n, k, _sm_count(x.device), INTERPRETED)
+    pairs = max(1, min(bn // 2, head_dim // 2))
+    while (head_dim // 2) % pairs:
+        pairs //= 2
+    q = torch.empty((rows, n_heads, head_dim), device=x.device, dtype=x.dtype)
+    _qkv_rope_kernel[(rows, n // (2 * pairs))](
+        _contig(x, "x"),
+        _contig(wqkv, "wqkv"),
+        _contig(cos_table, "cos_table"),
+        _contig(sin_table, "sin_table"),
+        pos,
+        q,
+        _contig(k_cache, "k_cache"),
+        _contig(v_cache, "v_cache"),
+        k_cache.shape[2],
+        k,
+        HQ=n_heads,
+        HK=n_kv_heads,
+        D=head_dim,
+        PAIRS=pairs,
+        BLOCK_K=bk,
+        EVEN_K=k % bk == 0,
+        num_warps=4,
         **_pdl(),
     )
     return q
@@ -1566,11 +1675,12 @@ def stack_always_on(
     return torch.cat((w13, extra13.to(w13.dtype))), torch.cat((w2, extra2.to(w2.dtype)))
 
 
-# the up kernel's K loop unrolled (``moe_experts(unroll_up=...)`` overrides; ``bench_kernels.py`` times both)
-UNROLL_UP = False
-# the down kernel's routing and weights loaded before its dependent-launch wait (``moe_experts(prefetch_down=...)``
-# overrides; ``bench_kernels.py`` times both as dependent launches)
-PREFETCH_DOWN = False
+# From this many rows on, the up kernel's K loop is unrolled with its tiles held (``moe_experts(unroll_up=...)``
+# overrides; ``bench_kernels.py`` times both).  H200, round 9: T=4 61.7 -> 53.4 us per layer (both kernels);
+# T=1 23.1 -> 24.4 (at 8 warps the held tiles halve the programs per SM), so batch 1 keeps the rolled loop.
+# Also measured and dropped: the down kernel's routing and weights loaded before its dependent-launch wait
+# (T=1 26.5 -> 26.0 us as dependent launches, T=4 60.1 -> 70.9).
+UNROLL_UP_FROM_ROWS = 2
 
 
 def moe_block_sizes(
@@ -1675,7 +1785,6 @@ def moe_experts(
     num_warps: int | None = None,
     num_warps_down: int | None = None,
     unroll_up: bool | None = None,
-    prefetch_down: bool | None = None,
 ) -> Tensor:
     """Routed + always-on experts for a few tokens, in two GEMV kernels: [T, H] in ``x.dtype``.
 
@@ -1736,7 +1845,9 @@ def moe_experts(
         BLOCK_K=block_k_up,
         EVEN_K=hidden % block_k_up == 0,
         num_warps=num_warps,
-        K_STEPS=triton.cdiv(hidden, block_k_up) if (UNROLL_UP if unroll_up is None else unroll_up) else 0,
+        K_STEPS=triton.cdiv(hidden, block_k_up)
+        if (n_tokens >= UNROLL_UP_FROM_ROWS if unroll_up is None else unroll_up)
+        else 0,
         **_pdl(),
     )
     _moe_down_kernel[(n_tokens, triton.cdiv(hidden, block_h))](
@@ -1756,8 +1867,6 @@ def moe_experts(
         BLOCK_K=block_k_down,
         EVEN_K=inter % block_k_down == 0,
         num_warps=num_warps_down,
-        # one K block per slot only (the default blocks at every T): the tiles are held across the wait
-        PREFETCH=(PREFETCH_DOWN if prefetch_down is None else prefetch_down) and block_k_down >= inter,
         **_pdl(),
     )
     return out

@@ -120,12 +120,14 @@ class TritonAttention(nn.Module):
     instead of cuBLAS; with ``one_launch`` the attention is one launch (the last split of a row-head combines:
     :func:`kernels.decode_attention` with counters this module keeps)."""
 
-    def __init__(self, attn: Attention, linear: bool = False, one_launch: bool = False) -> None:
+    def __init__(self, attn: Attention, linear: bool = False, one_launch: bool = False, rope: bool = False) -> None:
         super().__init__()
         self.attn = attn
         self.wqkv: Tensor | None = attn.wqkv if isinstance(attn, FusedAttention) else None
         self.linear = linear
         self.one_launch = one_launch
+        # the rotary and the cache writes in the QKV GEMV's epilogue (kernels.qkv_rope): with ``linear`` only
+        self.rope = rope and linear
         # zero between calls (the kernel's last split sets them back); never freed while this module lives: a
         # captured graph keeps the address of the buffer it was captured with
         self._counters: list[Tensor] = []
@@ -149,13 +151,17 @@ class TritonAttention(nn.Module):
         a = self.attn
         if ctx.cache is None or ctx.slot is None or ctx.rope_tables is None:
             raise ValueError("the Triton decode attention needs a cache, a device slot and the rotary tables")
-        if self.wqkv is not None:
-            qkv = self._project(x, self.wqkv)
-        else:
-            qkv = torch.cat([F.linear(x, p.weight) for p in (a.q_proj, a.k_proj, a.v_proj)], dim=-1)
         k_all, v_all = ctx.cache.k[layer_idx], ctx.cache.v[layer_idx]
         cos_table, sin_table = ctx.rope_tables
-        q = K.rope_kv_write(qkv, cos_table, sin_table, ctx.slot, k_all, v_all, a.num_heads, a.num_kv_heads, a.head_dim)
+        heads = (a.num_heads, a.num_kv_heads, a.head_dim)
+        if self.rope and self.wqkv is not None and ctx.slot.shape == (1,):
+            q = K.qkv_rope(x, self.wqkv, cos_table, sin_table, ctx.slot, k_all, v_all, *heads)
+        else:
+            if self.wqkv is not None:
+                qkv = self._project(x, self.wqkv)
+            else:
+                qkv = torch.cat([F.linear(x, p.weight) for p in (a.q_proj, a.k_proj, a.v_proj)], dim=-1)
+            q = K.rope_kv_write(qkv, cos_table, sin_table, ctx.slot, k_all, v_all, *heads)
         counters = self._counters_for(q.shape[0] * q.shape[1], q.device)
         out = K.decode_attention(q, k_all, v_all, ctx.slot, a.head_dim**-0.5, counters=counters)
         if a.o_proj.bias is None:
@@ -284,13 +290,15 @@ def triton_layers(
     linear: bool = False,
     one_launch_attention: bool = False,
     fused_router: bool = False,
+    fused_rope: bool = False,
 ) -> tuple[list[DecoderLayer], RMSNorm]:
     """The fast layers (and the final norm) with Triton modules swapped in; dense MLPs stay as they are
     (``linear``: the attention's QKV and o_proj as Triton GEMVs; ``one_launch_attention``: attention without
-    its combine launch; ``fused_router``: each MoE layer's post-attention norm and router in one launch)."""
+    its combine launch; ``fused_router``: each MoE layer's post-attention norm and router in one launch;
+    ``fused_rope``: with ``linear``, the rotary and the cache writes in the QKV GEMV)."""
 
     def attention(attn: Attention) -> nn.Module:
-        return TritonAttention(attn, linear, one_launch_attention)
+        return TritonAttention(attn, linear, one_launch_attention, fused_rope)
 
     return [_triton_layer(layer, attention, router_f32, fused_router) for layer in layers], TritonRMSNorm(norm)
 

@@ -239,6 +239,30 @@ def test_fused_router_routes_every_moe_layer_in_the_norm_kernel(monkeypatch: pyt
     assert counts[0] == counts[1] and all(sum(c) > 0 for c in counts[1].values())
 
 
+def test_fused_rope_projects_and_rotates_in_one_launch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``fused_rope``: every decode step's QKV goes through ``kernels.qkv_rope`` (no separate rotary launch, the
+    o_proj still through linear_rows) and the teacher-forced logits equal the two-launch step's bit for bit."""
+    fused: list[int] = []
+    rotary: list[int] = []
+    real_fused, real_rope = kernels.qkv_rope, kernels.rope_kv_write
+
+    def spy_fused(x: torch.Tensor, *args: object) -> torch.Tensor:
+        fused.append(x.shape[0])
+        return real_fused(x, *args)  # type: ignore[arg-type]
+
+    def spy_rope(qkv: torch.Tensor, *args: object, **kw: object) -> torch.Tensor:
+        rotary.append(qkv.shape[0])
+        return real_rope(qkv, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kernels, "qkv_rope", spy_fused)
+    monkeypatch.setattr(kernels, "rope_kv_write", spy_rope)
+    model = _model(seed=13)
+    runs = _off_and_on(model, "fused_rope", 4)
+    steps = 4 * model.config.language.num_hidden_layers
+    assert rotary == [2] * steps and fused == [2] * steps  # off: the rotary kernel; on: the fused projection
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
+
+
 def test_fused_router_refuses_rows_it_did_not_route() -> None:
     """The norm's kernel has counted its rows' picks: routing any other rows from it would count twice."""
     from llm_perf_opt.models.deepseek_ocr.decoder import RMSNorm
@@ -304,7 +328,7 @@ def test_triton_linear_projects_qkv_and_o_proj_with_the_kernel(monkeypatch: pyte
     monkeypatch.setattr(kernels, "linear_rows", counted)
     model = _model(seed=9)
     lang = model.config.language
-    runs = _off_and_on(model, "triton_linear", 5)
+    runs = _off_and_on(model, "triton_linear", 5, fused_rope=False)  # (fused_rope: the QKV in qkv_rope)
     qkv = (lang.num_attention_heads + 2 * lang.num_key_value_heads) * lang.head_dim
     assert shapes == [(2, qkv), (2, lang.hidden_size)] * (5 * lang.num_hidden_layers)
     scale = max(float(r.abs().max()) for r in runs[0][1])

@@ -451,6 +451,46 @@ def test_attention_splits_fill_the_gpu() -> None:
     assert K.attention_splits(400, 4096, 64, 132, keys_per_split=4096) == 1  # the SM rule alone
 
 
+# ------------------------------------------------------------------------------------------ qkv_rope
+@pytest.mark.parametrize(("rows", "hq", "hk", "dim", "hidden", "pos"), [(1, 4, 2, 32, 96, 5), (3, 10, 10, 128, 256, 0)])
+def test_qkv_rope_is_linear_rows_then_rope_kv_write(
+    rows: int, hq: int, hk: int, dim: int, hidden: int, pos: int
+) -> None:
+    """One launch equals the two it replaces bit for bit (q, and every cache entry: the row at ``pos`` written,
+    the rest untouched), and the torch path (F.linear, then the rotary of FusedAttention) to bf16 rounding."""
+    gen = torch.Generator().manual_seed(rows * dim + pos)
+    max_len = 8
+    x = torch.randn(rows, hidden, generator=gen).bfloat16()
+    w = (torch.randn((hq + 2 * hk) * dim, hidden, generator=gen) * hidden**-0.5).bfloat16()
+    cos, sin = _rotary_tables(max_len, dim, torch.bfloat16)
+    p = torch.tensor([pos])
+    caches = [torch.randn(rows, hk, max_len, dim, generator=gen).bfloat16() for _ in range(2)]
+    k1, v1 = (c.clone() for c in caches)
+    q1 = K.qkv_rope(x, w, cos, sin, p, k1, v1, hq, hk, dim)
+    k2, v2 = (c.clone() for c in caches)
+    q2 = K.rope_kv_write(K.linear_rows(x, w), cos, sin, p, k2, v2, hq, hk, dim)
+    assert torch.equal(q1, q2) and torch.equal(k1, k2) and torch.equal(v1, v2)
+    k3, v3 = (c.clone() for c in caches)
+    q3 = K.rope_kv_write_ref(F.linear(x.float(), w.float()).bfloat16(), cos, sin, p, k3, v3, hq, hk, dim)
+    _close(q1, q3)
+    _close(k1, k3)
+    _close(v1, v3)
+    others = torch.arange(max_len) != pos
+    assert torch.equal(k1[:, :, others], caches[0][:, :, others]) and torch.equal(
+        v1[:, :, others], caches[1][:, :, others]
+    )
+
+
+def test_qkv_rope_rejects_per_row_positions_and_bad_shapes() -> None:
+    x, w = torch.randn(2, 64), torch.randn(3 * 2 * 16, 64)
+    cos, sin = _rotary_tables(8, 16, torch.float32)
+    k, v = torch.zeros(2, 2, 8, 16), torch.zeros(2, 2, 8, 16)
+    with pytest.raises(ValueError, match="pos must be \\[1\\]"):
+        K.qkv_rope(x, w, cos, sin, torch.tensor([1, 2]), k, v, 2, 2, 16)
+    with pytest.raises(ValueError, match="does not hold q/k/v"):
+        K.qkv_rope(x, w[:-1], cos, sin, torch.tensor([1]), k, v, 2, 2, 16)
+
+
 # ------------------------------------------------------------------------------------------ moe_route
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
@@ -626,22 +666,6 @@ def test_moe_experts_unrolled_up_loop_sums_in_the_same_order(hidden: int) -> Non
     with torch.no_grad():
         routed, _ = apply_experts_eager(c["x"], c["idx"], c["weights"], c["experts"])
     _close(unrolled, c["res"] + (routed + c["shared"](c["x"])))
-
-
-@pytest.mark.parametrize("n_tokens", [1, 3])
-def test_moe_experts_prefetched_down_tiles_give_the_same_output(n_tokens: int) -> None:
-    """``prefetch_down``: the down kernel's routing and weight tiles loaded first and held (one K block per slot,
-    I = 96 masked in a 128-wide block) give the plain kernel's output bit for bit, and the eager experts' to bf16
-    rounding."""
-    c = _moe_case(n_tokens, 128, 96, 8, 3, torch.bfloat16, seed=20 + n_tokens)
-    args = (c["x"], c["idx"], c["weights"], c["w13"], c["w2"], 2, c["res"])
-    blocks = dict(block_n=16, block_k_up=64, block_h=32, block_k_down=128)
-    plain = K.moe_experts(*args, prefetch_down=False, **blocks)
-    held = K.moe_experts(*args, prefetch_down=True, **blocks)
-    assert torch.equal(plain, held)
-    with torch.no_grad():
-        routed, _ = apply_experts_eager(c["x"], c["idx"], c["weights"], c["experts"])
-    _close(held, c["res"] + (routed + c["shared"](c["x"])))
 
 
 def test_moe_experts_real_sizes_bf16() -> None:
@@ -918,16 +942,6 @@ def test_norm_route_orders_its_logits_and_reads_only_weights_early(sm90: list[di
     assert pdl["loads_before_wait"] >= 4, pdl
 
 
-def test_prefetched_down_kernel_loads_routing_and_weights_before_the_wait(sm90: list[dict[str, Any]]) -> None:
-    """``prefetch_down`` as a dependent launch: the routing (ids and weights, past L1: written by another kernel
-    of the step) and the 8 slots' weight tiles are loaded before ``griddepcontrol.wait``; the plain variant loads
-    nothing before it."""
-    rows = [r for r in sm90 if r["kernel"] == "_moe_down_kernel" and r["constexprs"]["USE_GDC"]]
-    (held,) = [r for r in rows if r["constexprs"].get("PREFETCH")][:1]
-    assert held["loads_before_wait"] >= 8 + 6 and held["cg_loads"] >= 6, held  # 8 tiles, 6 ids (+ 6 weights)
-    assert all(r["loads_before_wait"] == 0 for r in rows if not r["constexprs"].get("PREFETCH"))
-
-
 def test_dependent_launch_variants_wait_before_they_read(sm90: list[dict[str, Any]]) -> None:
     """``infer.fast.pdl``: every kernel also compiles as a programmatic dependent launch, with both grid-dependency
     instructions in its PTX (the wait, without which a dependent launch could read the previous kernel's outputs
@@ -937,8 +951,8 @@ def test_dependent_launch_variants_wait_before_they_read(sm90: list[dict[str, An
     for r in pdl.values():
         assert not r["error"] and r["spill_bytes"] in (0, None), r
         assert r["griddepcontrol"] == ["launch_dependents", "wait"], r
-        early = r["kernel"] in ("_linear_rows_kernel", "_norm_route_kernel") or r["constexprs"].get("PREFETCH")
-        if not early:  # nothing read before the wait
+        early = ("_linear_rows_kernel", "_qkv_rope_kernel", "_norm_route_kernel")  # weights only (tests below)
+        if r["kernel"] not in early:  # nothing read before the wait
             assert r["loads_before_wait"] == 0, r
 
 
@@ -948,6 +962,8 @@ def test_linear_rows_loads_its_weights_before_the_wait(sm90: list[dict[str, Any]
     (r,) = [r for r in sm90 if r["kernel"] == "_linear_rows_kernel" and r["constexprs"]["USE_GDC"]
             and r["constexprs"]["BLOCK_N"] == 4 and r["num_warps"] == 4][:1]  # fmt: skip
     assert r["loads_before_wait"] >= 5 and r["v4_loads"] > r["loads_before_wait"] - 1, r
+    (fused,) = [r for r in sm90 if r["kernel"] == "_qkv_rope_kernel" and r["constexprs"]["USE_GDC"]]
+    assert fused["loads_before_wait"] >= 5, fused  # qkv_rope: the same weight tiles, ahead of the wait too
     for r in sm90:
         if not r["constexprs"]["USE_GDC"]:
             assert r["griddepcontrol"] == [], r
