@@ -421,6 +421,7 @@ def main() -> None:
                     "one_launch_attention",
                     "fused_router",
                     "fused_rope",
+                    "fused_input_norm",
                 )
             }
             for key, change in switches.items():

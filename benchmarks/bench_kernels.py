@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from llm_perf_opt.models.deepseek_ocr.config import DeepseekOCRConfig, LanguageConfig
-from llm_perf_opt.models.deepseek_ocr.decoder import RMSNorm, grouped_experts_stacked, use_grouped_mm
+from llm_perf_opt.models.deepseek_ocr.decoder import RMSNorm, RotaryEmbedding, grouped_experts_stacked, use_grouped_mm
 from llm_perf_opt.models.deepseek_ocr.graphs import first_argmax
 from llm_perf_opt.models.deepseek_ocr.kernels import (
     KEYS_PER_SPLIT,
@@ -71,6 +71,7 @@ from llm_perf_opt.models.deepseek_ocr.kernels import (
     moe_route,
     moe_route_ref,
     pick_token,
+    qkv_rope,
     rope_kv_write,
     rope_kv_write_ref,
     route_flags,
@@ -392,6 +393,39 @@ class Bench:
             note,
         )
 
+    def qkv_rope(self, tokens: int) -> Row:
+        """A layer's attention input as the step runs it: add + RMSNorm, QKV GEMV, rotary + K/V cache writes in one
+        launch (``qkv_rope`` with its norm) against the three launches it replaces (``add_rms_norm``,
+        ``linear_rows``, ``rope_kv_write``); outputs compared bit for bit."""
+        lang = self.lang
+        hid, hq, hk, d = lang.hidden_size, lang.num_attention_heads, lang.num_key_value_heads, lang.head_dim
+        n_out, max_len, eps = (hq + 2 * hk) * d, self.args.max_len, lang.rms_norm_eps
+        cos, sin = RotaryEmbedding(d, 10000.0, max_len)(0, max_len, self.dev, self.dtype)
+        ops = [
+            (
+                self.randn(tokens, hid),
+                self.randn(tokens, hid),
+                1 + 0.1 * self.randn(hid),
+                self.randn(n_out, hid, std=hid**-0.5),
+                torch.zeros(tokens, hk, max_len, d, device=self.dev, dtype=self.dtype),
+                torch.zeros(tokens, hk, max_len, d, device=self.dev, dtype=self.dtype),
+            )
+            for _ in range(self.layers)
+        ]
+        summed = torch.empty(tokens, hid, device=self.dev, dtype=self.dtype)
+
+        def three(o: Any) -> Any:
+            normed, _ = add_rms_norm(o[0], o[1], o[2], eps)
+            return rope_kv_write(linear_rows(normed, o[3]), cos, sin, self.pos, o[4], o[5], hq, hk, d)
+
+        def one(o: Any) -> Any:
+            return qkv_rope(o[0], o[3], cos, sin, self.pos, o[4], o[5], hq, hk, d, norm=(o[1], o[2], eps, summed))
+
+        t_us, k_us = self.time([lambda o=o: three(o) for o in ops], [lambda o=o: one(o) for o in ops])
+        same = torch.equal(one(ops[0]), three(ops[0]))
+        note = f"vs add_rms_norm + linear_rows + rope_kv_write (3 launches); q {'bit-identical' if same else 'DIFFERS'}"
+        return Row("qkv_rope + input norm", tokens, t_us, k_us, n_out * hid * 2, 0.0 if same else float("nan"), note)
+
     def _moe(self, tokens: int) -> tuple[list[tuple[torch.Tensor, ...]], list[tuple[torch.Tensor, ...]]]:
         """Per layer copy: the kernels' operands (x, idx, w, stacks with shared slots, residual) and the torch
         path's (routed stacks, fused shared gate/up [2·2I, H], shared down)."""
@@ -584,7 +618,13 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
     )
     bn, bk = linear_block_sizes(projections(lang)[0][1], hid, H100_SMS)  # as qkv_rope launches it: 2 pairs at 4 rows
     rope_consts = dict(K=hid, HQ=hq, HK=hk, D=d, PAIRS=max(1, bn // 2), BLOCK_K=bk, EVEN_K=hid % bk == 0)
-    specs.append(("_qkv_rope_kernel", qkv_rope, rope_consts, 4))
+    # as the step launches it (fused_input_norm: the input add + RMSNorm first; the dependent-launch variant), then
+    # without the norm (fused_rope alone)
+    with_norm = {**qkv_rope, "res_ptr": bf, "nw_ptr": bf, "summed_ptr": bf, "eps": "fp32"}
+    norm_consts = dict(HAS_NORM=True, HAS_RESIDUAL=True, BLOCK_H=2048)
+    specs.append(("_qkv_rope_kernel", with_norm, {**rope_consts, **norm_consts}, 4))
+    no_norm = dict(res_ptr=None, nw_ptr=None, summed_ptr=None, HAS_NORM=False, HAS_RESIDUAL=False, BLOCK_H=1)
+    specs.append(("_qkv_rope_kernel", {**qkv_rope, "eps": "fp32"}, {**rope_consts, **no_norm}, 4))
     return specs
 
 
@@ -1015,6 +1055,7 @@ def main() -> None:
             rows += [bench.route(1), bench.route(1, logits_in=True), bench.norm_route(1)]
             rows += [bench.pick(1)]
             rows += [bench.linear(1, n_out, name) for name, n_out in projections(bench.lang)]
+            rows += [bench.qkv_rope(1)]
             # the up kernel's K loop rolled and unrolled in the same run (moe_experts(unroll_up=...)), and the
             # default kernels as dependent launches (each call's up kernel waits on the previous call's down)
             for tokens in (1, 4):

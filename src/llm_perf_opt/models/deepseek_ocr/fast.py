@@ -175,6 +175,9 @@ class FastConfig:
     # with triton_linear: the rotary and the K/V cache writes in the QKV GEMV's epilogue (kernels.qkv_rope: each
     # program computes rotary pairs of one head), one launch fewer per layer; bit-identical to the two launches
     fused_rope: bool = True
+    # with fused_rope: each layer's input residual add + RMSNorm inside that QKV kernel too (every program normalises
+    # the row it multiplies; the norm launch goes), one launch fewer per layer; bit-identical to the norm kernel
+    fused_input_norm: bool = True
     # the session's decode loop picks tokens on the device (greedy + the no-repeat-ngram ban inside the decode
     # graph, eos checked every 16 steps) instead of reading every step's logits on the host; temperature > 0
     # keeps the host loop
@@ -336,6 +339,7 @@ class FastModel:
                 cfg.one_launch_attention,
                 cfg.fused_router,
                 cfg.fused_rope,
+                cfg.fused_input_norm,
             )
             if cfg.decode_compile == "none":  # a compiled step traces the torch layers
                 self._triton_rows = triton_row_layers(self.layers, self.norm, cfg.norm_router_f32)

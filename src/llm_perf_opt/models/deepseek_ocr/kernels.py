@@ -58,6 +58,7 @@ import functools
 import math
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -984,10 +985,20 @@ if HAVE_TRITON:
         BLOCK_K: tl.constexpr,
         EVEN_K: tl.constexpr,
         USE_GDC: tl.constexpr = False,
+        res_ptr=None,
+        nw_ptr=None,
+        summed_ptr=None,
+        eps=0.0,
+        HAS_NORM: tl.constexpr = False,
+        HAS_RESIDUAL: tl.constexpr = False,
+        BLOCK_H: tl.constexpr = 1,
     ):
         """:func:`qkv_rope`'s kernel: ``_linear_rows_kernel`` over ``2·PAIRS`` rows of one head, chosen as
         ``PAIRS`` rotary pairs (channel j and j + D/2, interleaved), so the program holds both halves of what
-        the rotary mixes and applies it (and the cache writes) to its own outputs."""
+        the rotary mixes and applies it (and the cache writes) to its own outputs.  ``HAS_NORM``: ``x`` is the
+        layer's un-normalised input; every program adds the residual and takes the row's RMS as the add+RMSNorm
+        kernel does (one [BLOCK_H] reduction), then normalises each K block as it multiplies it; the first
+        program of a row stores the sum (the residual stream)."""
         t = tl.program_id(0)
         nb = tl.program_id(1)
         GROUPS: tl.constexpr = D // 2 // PAIRS  # pair groups per head
@@ -1005,13 +1016,28 @@ if HAVE_TRITON:
                 tiles = tiles + (tl.load(rows + kk[None, :], mask=(kk < K)[None, :], other=0.0),)  # type: ignore[assignment]  # noqa: RUF005
         if USE_GDC:
             _dependent_launch()
+        dt = q_ptr.dtype.element_ty
+        rstd = 0.0
+        if HAS_NORM:
+            cols = tl.arange(0, BLOCK_H)
+            cmask = cols < K
+            srow = tl.load(x_ptr + t * K + cols, mask=cmask, other=0.0).to(tl.float32)
+            if HAS_RESIDUAL:
+                srow = _round(srow + tl.load(res_ptr + t * K + cols, mask=cmask, other=0.0).to(tl.float32), dt)
+                tl.store(summed_ptr + t * K + cols, srow.to(dt), mask=cmask & (cols * 0 + nb == 0))  # (a vector mask)
+            rstd = tl.rsqrt(tl.sum(srow * srow, axis=0) / K + eps)
         acc = tl.zeros([2 * PAIRS], dtype=tl.float32)
         all_rows = i < 2 * PAIRS
         for s in tl.static_range(len(tiles)):
             kk = s * BLOCK_K + tl.arange(0, BLOCK_K)
             xv, _ = _row_block(x_ptr + t * K, kk, all_rows, K, EVEN_K)
+            if HAS_NORM:  # this block of the normed row, with the add+RMSNorm kernel's rounding points
+                if HAS_RESIDUAL:
+                    rv, _ = _row_block(res_ptr + t * K, kk, all_rows, K, EVEN_K)
+                    xv = _round(xv + rv, dt)
+                wv, _ = _row_block(nw_ptr, kk, all_rows, K, EVEN_K)
+                xv = _round(wv * _round(xv * rstd, dt), dt)
             acc += tl.sum(tiles[s].to(tl.float32) * xv[None, :], axis=1)
-        dt = q_ptr.dtype.element_ty
         y = acc.to(dt).to(tl.float32)  # the projection's output, as linear_rows stores it
         lo, hi = tl.split(tl.reshape(y, [PAIRS, 2]))
         j = j0 + tl.arange(0, PAIRS)
@@ -1279,10 +1305,16 @@ def qkv_rope(
     n_heads: int,
     n_kv_heads: int,
     head_dim: int,
+    *,
+    norm: tuple[Tensor | None, Tensor, float, Tensor] | None = None,
 ) -> Tensor:
     """:func:`linear_rows` of the fused QKV weight followed by :func:`rope_kv_write`, in one launch: returns the
     rotated q [T, hq, D] and writes the rotated k and the v of every row at cache column ``pos`` ([1], one
     position for every row: the single-page step).
+
+    ``norm = (residual, weight, eps, summed)``: ``x`` is the layer's input before its add + RMSNorm, which the
+    kernel applies first (:func:`add_rms_norm`'s math; ``summed`` [T, K] receives ``x + residual``, unless
+    ``residual`` is None: then it must be ``x`` itself and is not written), so the norm's launch goes too.
 
     Each program computes ``2·PAIRS`` output channels of one head, chosen as rotary pairs (j, j + D/2), so it
     holds both values the rotary mixes: the projection's sums are linear_rows' (the same [4, 256] weight tiles at
@@ -1300,6 +1332,24 @@ def qkv_rope(
     _check_rope_args(x.new_empty((rows, n)), k_cache, v_cache, pos, n_heads, n_kv_heads, head_dim)
     if pos.shape != (1,):
         raise ValueError(f"qkv_rope writes one cache column for every row: pos must be [1], got {tuple(pos.shape)}")
+    norm_args: dict[str, Any] = {}
+    if norm is not None:
+        residual, weight, eps, summed = norm
+        if weight.shape != (k,) or weight.dtype != x.dtype:
+            raise ValueError(f"norm weight must be [{k}] {x.dtype}, got {weight.dtype} {tuple(weight.shape)}")
+        if residual is None and summed is not x:
+            raise ValueError("without a residual the sum is x itself: pass summed=x")
+        if residual is not None and (residual.shape != x.shape or summed.shape != x.shape or summed is x):
+            raise ValueError(f"residual and summed must be new [{rows}, {k}] tensors like x")
+        norm_args = dict(
+            res_ptr=x if residual is None else _contig(residual, "residual"),
+            nw_ptr=_contig(weight, "norm weight"),
+            summed_ptr=_contig(summed, "summed"),
+            eps=float(eps),
+            HAS_NORM=True,
+            HAS_RESIDUAL=residual is not None,
+            BLOCK_H=_pow2(k),
+        )
     bn, bk = linear_block_sizes(n, k, _sm_count(x.device), INTERPRETED)
     pairs = max(1, min(bn // 2, head_dim // 2))
     while (head_dim // 2) % pairs:
@@ -1323,6 +1373,7 @@ def qkv_rope(
         BLOCK_K=bk,
         EVEN_K=k % bk == 0,
         num_warps=4,
+        **norm_args,
         **_pdl(),
     )
     return q

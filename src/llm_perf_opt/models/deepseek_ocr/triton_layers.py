@@ -50,11 +50,17 @@ class TritonRMSNorm(RMSNorm):
     (:func:`kernels.add_rms_norm_route`: norm, router logits, top-k and the routing counts in one launch) and the
     norm keeps the ids and weights for the MoE block (:meth:`routing_of`)."""
 
-    def __init__(self, norm: RMSNorm, keep_f32: bool = False, router: Router | None = None) -> None:
+    def __init__(
+        self, norm: RMSNorm, keep_f32: bool = False, router: Router | None = None, deferred: bool = False
+    ) -> None:
         nn.Module.__init__(self)
         self.weight = norm.weight
         self.eps = norm.eps
         self.keep_f32 = keep_f32
+        # an input norm folded into its attention's QKV kernel (kernels.qkv_rope with the norm): add_norm launches
+        # nothing, keeps its inputs for the attention (pending_for) and returns them as they are
+        self.deferred = deferred
+        self._pending: tuple[Tensor, Tensor | None, Tensor] | None = None
         self._f32: tuple[Tensor, Tensor] | None = None  # (the normed rows it was made with, their float32 copy)
         self.router = router
         self._routed: tuple[Tensor, Tensor, Tensor] | None = None  # (normed rows, their expert ids, weights)
@@ -73,6 +79,12 @@ class TritonRMSNorm(RMSNorm):
         shape = delta.shape  # [T, H] in the Triton step, [B, 1, H] in the batched step: rows either way
         flat_res = None if residual is None else residual.reshape(-1, shape[-1])
         flat = delta.reshape(-1, shape[-1])
+        if self.deferred:
+            # ``summed`` is written by the attention's kernel (or is ``delta`` itself, before the first layer); the
+            # "normed" rows returned are ``delta``: only the attention, which asks for them here, may read them
+            summed = flat if flat_res is None else torch.empty_like(flat)
+            self._pending = (flat, flat_res, summed)
+            return delta, summed.view(shape)
         if self.router is not None:
             r = self.router
             flags = self._flags_for(flat.shape[0], flat.device)
@@ -100,6 +112,18 @@ class TritonRMSNorm(RMSNorm):
         if kept is not None and self._is_output(rows, kept[0]):
             return kept[1]
         return rows.float()
+
+    def pending_for(self, rows: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+        """A deferred norm's (delta, residual, summed buffer) of the last :meth:`add_norm`, whose returned rows
+        ``rows`` must be: the attention normalises them itself (never any other rows, which would be read
+        un-normalised)."""
+        kept, self._pending = self._pending, None
+        if kept is None or not self._is_output(rows.reshape(-1, rows.shape[-1]), kept[0]):
+            raise RuntimeError(
+                "the input norm is folded into the attention's QKV kernel but was given other rows: its output must"
+                " go to the attention unchanged"
+            )
+        return kept
 
     def routing_of(self, rows: Tensor) -> tuple[Tensor, Tensor]:
         """(expert ids, weights) the last :meth:`add_norm` computed for ``rows``, which must be its output: its
@@ -154,7 +178,17 @@ class TritonAttention(nn.Module):
         k_all, v_all = ctx.cache.k[layer_idx], ctx.cache.v[layer_idx]
         cos_table, sin_table = ctx.rope_tables
         heads = (a.num_heads, a.num_kv_heads, a.head_dim)
-        if self.rope and self.wqkv is not None and ctx.slot.shape == (1,):
+        fused = self.rope and self.wqkv is not None and ctx.slot.shape == (1,)
+        norm = self.__dict__.get("input_norm")
+        if norm is not None:  # x is the un-normalised delta: the kernel adds the residual and normalises
+            delta, residual, summed = norm.pending_for(x)
+            if not fused or self.wqkv is None:
+                raise RuntimeError("the input norm folded into the QKV kernel needs the fused rope step ([1] slot)")
+            q = K.qkv_rope(
+                delta, self.wqkv, cos_table, sin_table, ctx.slot, k_all, v_all, *heads,
+                norm=(residual, norm.weight, norm.eps, summed),
+            )  # fmt: skip
+        elif fused and self.wqkv is not None:
             q = K.qkv_rope(x, self.wqkv, cos_table, sin_table, ctx.slot, k_all, v_all, *heads)
         else:
             if self.wqkv is not None:
@@ -265,11 +299,16 @@ class TritonMoE(MoE):
 
 
 def _triton_layer(
-    layer: DecoderLayer, attention: Callable[[Attention], nn.Module], router_f32: bool, fused_router: bool = False
+    layer: DecoderLayer,
+    attention: Callable[[Attention], nn.Module],
+    router_f32: bool,
+    fused_router: bool = False,
+    fused_input_norm: bool = False,
 ) -> DecoderLayer:
     """``layer`` with Triton norms, ``attention`` around its attention and Triton experts for a grouped MoE
     (``router_f32``: its post-attention norm also writes the router's float32 input; ``fused_router``: that norm's
-    kernel routes the rows itself)."""
+    kernel routes the rows itself; ``fused_input_norm``: the input norm runs inside a fused-rope attention's QKV
+    kernel)."""
     attn, mlp = layer.self_attn, layer.mlp
     assert isinstance(attn, Attention)
     in_norm, post_norm = layer.input_layernorm, layer.post_attention_layernorm
@@ -280,7 +319,12 @@ def _triton_layer(
         post = TritonRMSNorm(post_norm, keep_f32=router_f32 and isinstance(mlp, GroupedMoE))
     reads_norm = post.keep_f32 or post.router is not None
     new_mlp: nn.Module = TritonMoE(mlp, post if reads_norm else None) if isinstance(mlp, GroupedMoE) else mlp
-    return DecoderLayer(layer.layer_idx, attention(attn), new_mlp, TritonRMSNorm(in_norm), post)
+    new_attn = attention(attn)
+    fold = fused_input_norm and isinstance(new_attn, TritonAttention) and new_attn.rope and new_attn.wqkv is not None
+    new_in = TritonRMSNorm(in_norm, deferred=fold)
+    if fold:  # set past nn.Module's registration: the layer owns the norm, the attention only reads it
+        object.__setattr__(new_attn, "input_norm", new_in)
+    return DecoderLayer(layer.layer_idx, new_attn, new_mlp, new_in, post)
 
 
 def triton_layers(
@@ -291,16 +335,19 @@ def triton_layers(
     one_launch_attention: bool = False,
     fused_router: bool = False,
     fused_rope: bool = False,
+    fused_input_norm: bool = False,
 ) -> tuple[list[DecoderLayer], RMSNorm]:
     """The fast layers (and the final norm) with Triton modules swapped in; dense MLPs stay as they are
     (``linear``: the attention's QKV and o_proj as Triton GEMVs; ``one_launch_attention``: attention without
     its combine launch; ``fused_router``: each MoE layer's post-attention norm and router in one launch;
-    ``fused_rope``: with ``linear``, the rotary and the cache writes in the QKV GEMV)."""
+    ``fused_rope``: with ``linear``, the rotary and the cache writes in the QKV GEMV; ``fused_input_norm``: with
+    ``fused_rope``, each layer's input add + RMSNorm in that kernel too)."""
 
     def attention(attn: Attention) -> nn.Module:
         return TritonAttention(attn, linear, one_launch_attention, fused_rope)
 
-    return [_triton_layer(layer, attention, router_f32, fused_router) for layer in layers], TritonRMSNorm(norm)
+    fast = [_triton_layer(layer, attention, router_f32, fused_router, fused_input_norm) for layer in layers]
+    return fast, TritonRMSNorm(norm)
 
 
 def triton_row_layers(

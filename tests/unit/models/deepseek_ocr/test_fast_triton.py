@@ -246,9 +246,9 @@ def test_fused_rope_projects_and_rotates_in_one_launch(monkeypatch: pytest.Monke
     rotary: list[int] = []
     real_fused, real_rope = kernels.qkv_rope, kernels.rope_kv_write
 
-    def spy_fused(x: torch.Tensor, *args: object) -> torch.Tensor:
+    def spy_fused(x: torch.Tensor, *args: object, **kw: object) -> torch.Tensor:
         fused.append(x.shape[0])
-        return real_fused(x, *args)  # type: ignore[arg-type]
+        return real_fused(x, *args, **kw)  # type: ignore[arg-type]
 
     def spy_rope(qkv: torch.Tensor, *args: object, **kw: object) -> torch.Tensor:
         rotary.append(qkv.shape[0])
@@ -257,10 +257,58 @@ def test_fused_rope_projects_and_rotates_in_one_launch(monkeypatch: pytest.Monke
     monkeypatch.setattr(kernels, "qkv_rope", spy_fused)
     monkeypatch.setattr(kernels, "rope_kv_write", spy_rope)
     model = _model(seed=13)
-    runs = _off_and_on(model, "fused_rope", 4)
+    runs = _off_and_on(model, "fused_rope", 4, fused_input_norm=False)  # (that one is tested below)
     steps = 4 * model.config.language.num_hidden_layers
     assert rotary == [2] * steps and fused == [2] * steps  # off: the rotary kernel; on: the fused projection
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
+
+
+def test_fused_input_norm_runs_the_input_norm_inside_the_qkv_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``fused_input_norm``: every decode step's input norms run inside ``qkv_rope`` (the norm kernel runs only for
+    the post-attention norms of dense layers and the final norm) and the teacher-forced logits equal the step with
+    the norm launches bit for bit."""
+    with_norm: list[bool] = []
+    norms: list[int] = []
+    real_fused, real_norm = kernels.qkv_rope, kernels.add_rms_norm
+
+    def spy_fused(x: torch.Tensor, *args: object, **kw: object) -> torch.Tensor:
+        with_norm.append(kw.get("norm") is not None)
+        return real_fused(x, *args, **kw)  # type: ignore[arg-type]
+
+    def spy_norm(x: torch.Tensor, *args: object) -> tuple[torch.Tensor, torch.Tensor]:
+        norms.append(x.shape[0])
+        return real_norm(x, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kernels, "qkv_rope", spy_fused)
+    monkeypatch.setattr(kernels, "add_rms_norm", spy_norm)
+    model = _model(seed=14)
+    runs = _off_and_on(model, "fused_input_norm", 4)
+    lang = model.config.language
+    n_dense = sum(1 for layer in model.model.layers if layer.mlp.__class__.__name__ == "MLP")
+    steps = 4 * lang.num_hidden_layers
+    assert with_norm == [False] * steps + [True] * steps
+    # off: every input norm, the dense layers' post-attention norms and the final norm; on: the last two only
+    assert len(norms) == 4 * (lang.num_hidden_layers + n_dense + 1) + 4 * (n_dense + 1)
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
+
+
+def test_folded_input_norm_refuses_rows_it_did_not_get() -> None:
+    """The folded norm returns its input un-normalised: any rows but those, handed to its attention, are an error."""
+    from llm_perf_opt.models.deepseek_ocr.decoder import RMSNorm
+    from llm_perf_opt.models.deepseek_ocr.triton_layers import TritonRMSNorm
+
+    norm = TritonRMSNorm(RMSNorm(64, 1e-6), deferred=True)
+    delta, residual = torch.randn(3, 64), torch.randn(3, 64)
+    out, summed = norm.add_norm(delta, residual)
+    assert out is delta and summed.shape == delta.shape and summed.data_ptr() != delta.data_ptr()
+    with pytest.raises(RuntimeError, match="unchanged"):
+        norm.pending_for(delta.clone())
+    out, summed = norm.add_norm(delta, None)
+    assert summed.data_ptr() == delta.data_ptr()  # the first layer: the sum is the embeddings themselves
+    got, res, buf = norm.pending_for(out)
+    assert got.data_ptr() == delta.data_ptr() and res is None and buf.data_ptr() == delta.data_ptr()
+    with pytest.raises(RuntimeError, match="unchanged"):
+        norm.pending_for(out)  # taken once
 
 
 def test_fused_router_refuses_rows_it_did_not_route() -> None:

@@ -481,6 +481,43 @@ def test_qkv_rope_is_linear_rows_then_rope_kv_write(
     )
 
 
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_qkv_rope_with_the_norm_is_add_rms_norm_then_qkv_rope(with_residual: bool) -> None:
+    """The input norm folded in: the same q, cache entries and residual sum as add_rms_norm followed by qkv_rope,
+    bit for bit (the same reduction for the row's RMS, the same rounding points), at the real hidden size."""
+    gen = torch.Generator().manual_seed(31)
+    rows, hq, hk, dim, hidden, pos, max_len = 2, 4, 4, 32, 1280, 3, 6
+    x = torch.randn(rows, hidden, generator=gen).bfloat16()
+    residual = (torch.randn(rows, hidden, generator=gen) * 4).bfloat16() if with_residual else None
+    weight = (1 + 0.3 * torch.randn(hidden, generator=gen)).bfloat16()
+    w = (torch.randn((hq + 2 * hk) * dim, hidden, generator=gen) * hidden**-0.5).bfloat16()
+    cos, sin = _rotary_tables(max_len, dim, torch.bfloat16)
+    p = torch.tensor([pos])
+    caches = [torch.randn(rows, hk, max_len, dim, generator=gen).bfloat16() for _ in range(2)]
+    k1, v1 = (c.clone() for c in caches)
+    summed = torch.empty_like(x) if with_residual else x
+    q1 = K.qkv_rope(x, w, cos, sin, p, k1, v1, hq, hk, dim, norm=(residual, weight, 1e-6, summed))
+    normed, ref_summed = K.add_rms_norm(x, residual, weight, 1e-6)
+    k2, v2 = (c.clone() for c in caches)
+    q2 = K.qkv_rope(normed, w, cos, sin, p, k2, v2, hq, hk, dim)
+    assert torch.equal(summed, ref_summed)
+    assert torch.equal(q1, q2) and torch.equal(k1, k2) and torch.equal(v1, v2)
+    with pytest.raises(ValueError, match="summed=x" if not with_residual else "new"):
+        K.qkv_rope(
+            x,
+            w,
+            cos,
+            sin,
+            p,
+            k1,
+            v1,
+            hq,
+            hk,
+            dim,
+            norm=(residual, weight, 1e-6, torch.empty_like(x) if not with_residual else x),
+        )
+
+
 def test_qkv_rope_rejects_per_row_positions_and_bad_shapes() -> None:
     x, w = torch.randn(2, 64), torch.randn(3 * 2 * 16, 64)
     cos, sin = _rotary_tables(8, 16, torch.float32)
