@@ -436,6 +436,26 @@ def main() -> None:
                     del fm
                 except Exception as exc:  # a kernel compile failure must not lose the rest of the report
                     var[f"decode {key}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
+            # the expert up kernel's software pipelining (a kernels-module setting, not a FastConfig switch)
+            from llm_perf_opt.models.deepseek_ocr import kernels as triton_kernels
+
+            default_stages = triton_kernels.UP_STAGES
+            for stages in sorted({0, 2, 3, 4} - {default_stages}):
+                key = f"kernels.UP_STAGES={stages}"
+                try:
+                    triton_kernels.UP_STAGES = stages
+                    fm = apply_fast_path(model, d)
+                    g_sw = greedy_device(fm, embeds, steps)
+                    st, gt = g_sw["tokens"][: keep + 1], g["tokens"][: keep + 1]
+                    var[f"decode {key} (device greedy) ms/token"] = g_sw["ms_per_token"]
+                    var[f"decode {key}: device greedy tokens == the default's, {keep} steps"] = (
+                        f"{st == gt} (first divergence {first_divergence(gt, st)})"
+                    )
+                    del fm
+                except Exception as exc:
+                    var[f"decode {key}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
+                finally:
+                    triton_kernels.UP_STAGES = default_stages
         fm = apply_fast_path(model, FastConfig(prefill_graphs=False))
         var["prefill prefill_graphs=False ms"] = prefill_ms(fm, embeds)
         other_kernels = "torch" if fast.fast_config.decode_kernels == "triton" else "triton"

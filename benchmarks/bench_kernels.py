@@ -581,8 +581,9 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
         )
         common = dict(TOP_K=k, N_ALWAYS=n_always)
         up_warps = 8 if tokens == 1 else 4  # moe_experts' defaults (the down kernel: 4 at every T)
-        up_consts = {**common, "BLOCK_N": bn, "BLOCK_K": bku, "EVEN_K": hid % bku == 0, "K_STEPS": 0}
+        up_consts = {**common, "BLOCK_N": bn, "BLOCK_K": bku, "EVEN_K": hid % bku == 0, "K_STEPS": 0, "STAGES": 0}
         specs.append(("_moe_up_kernel", up, up_consts, up_warps))
+        specs.append(("_moe_up_kernel", up, {**up_consts, "STAGES": 3}, up_warps))  # stages_up
         specs.append(("_moe_up_kernel", up, {**up_consts, "K_STEPS": -(-hid // bku)}, up_warps))  # unroll_up
         down_consts = {**common, "HAS_RESIDUAL": True, "BLOCK_H": bh, "BLOCK_K": bkd, "EVEN_K": inter % bkd == 0}
         specs.append(("_moe_down_kernel", down, down_consts, 4))
@@ -695,6 +696,12 @@ def sm90_check(lang: LanguageConfig) -> list[dict[str, Any]]:
         res.update(
             error="",
             v4_loads=len(re.findall(r"ld\.global(?:\.[\w:]+)*\.v4\.b32", ptx)),
+            # 16-byte asynchronous copies into shared memory (a software-pipelined loop's loads)
+            cp_async_16=len(
+                re.findall(
+                    r"cp\.async\.\w+\.shared\.global[^;]*,\s*0x10\b|cp\.async\.\w+\.shared\.global[^;]*,\s*16\b", ptx
+                )
+            ),
             # the dependent-launch instructions in the PTX (griddepcontrol.wait / .launch_dependents)
             griddepcontrol=sorted(set(re.findall(r"griddepcontrol\.(\w+)", ptx))),
             # global loads the PTX issues before its first wait (None: no wait): only reads of what no kernel of
@@ -1062,6 +1069,7 @@ def main() -> None:
                 if tokens == 4:
                     rows += [bench.route(4), bench.norm_route(4)]
                 rows += [bench.experts(tokens, unroll_up=False), bench.experts(tokens, unroll_up=True)]
+                rows += [bench.experts(tokens, unroll_up=False, stages_up=n) for n in (2, 3, 4)]
                 rows += [bench.experts(tokens, pdl=True)]
         for tokens in grouped_tokens:
             if tokens <= 16:  # the GEMV kernels re-read weights per token: where the grouped kernels take over

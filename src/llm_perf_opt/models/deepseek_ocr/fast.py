@@ -170,14 +170,19 @@ class FastConfig:
     # with the Triton decode step at batch 1-8: each MoE layer's post-attention add+RMSNorm, router logits, top-k
     # and routing counts in one launch (kernels.add_rms_norm_route; the last program of a row routes it) instead of
     # four (norm, cuBLAS's two-kernel float32 GEMV, the top-k kernel).  The logits are summed in another order than
-    # cuBLAS's: ids equal except at float32 near-ties.  Replaces norm_router_f32 where it applies
+    # cuBLAS's: ids equal except at float32 near-ties.  Replaces norm_router_f32 where it applies.  H200, round 9:
+    # 0.722 -> 0.670 ms/token, the same 64 greedy tokens
     fused_router: bool = True
     # with triton_linear: the rotary and the K/V cache writes in the QKV GEMV's epilogue (kernels.qkv_rope: each
     # program computes rotary pairs of one head), one launch fewer per layer; bit-identical to the two launches
+    # (H200, round 9: 0.667 -> 0.661 ms/token)
     fused_rope: bool = True
     # with fused_rope: each layer's input residual add + RMSNorm inside that QKV kernel too (every program normalises
-    # the row it multiplies; the norm launch goes), one launch fewer per layer; bit-identical to the norm kernel
-    fused_input_norm: bool = True
+    # the row it multiplies; the norm launch goes), one launch fewer per layer; bit-identical to the norm kernel.
+    # Off: on an H200 it pays alone (bench_kernels: 9.8 -> 7.5 us for the three launches it replaces) but not in
+    # the step with dependent launches, which already hide the norm launch while the fused kernel puts the
+    # row's RMS on its critical path (round 9: 0.661 ms/token without, 0.670 with).  Worth trying where pdl is off
+    fused_input_norm: bool = False
     # the session's decode loop picks tokens on the device (greedy + the no-repeat-ngram ban inside the decode
     # graph, eos checked every 16 steps) instead of reading every step's logits on the host; temperature > 0
     # keeps the host loop

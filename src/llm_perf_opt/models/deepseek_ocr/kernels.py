@@ -626,6 +626,7 @@ if HAVE_TRITON:
         EVEN_K: tl.constexpr,
         USE_GDC: tl.constexpr = False,
         K_STEPS: tl.constexpr = 0,
+        STAGES: tl.constexpr = 0,
     ):
         if USE_GDC:
             _dependent_launch()
@@ -658,6 +659,16 @@ if HAVE_TRITON:
                 xv, _ = _row_block(x_ptr + t * H, kk, nmask, H, EVEN_K)
                 g += tl.sum(g_tiles[i].to(tl.float32) * xv[None, :], axis=1)
                 u += tl.sum(u_tiles[i].to(tl.float32) * xv[None, :], axis=1)
+        elif STAGES > 0:
+            # software-pipelined: the weight tiles of the next STAGES - 1 steps are copied into shared memory
+            # asynchronously (cp.async) while this one is summed, bytes in flight without registers
+            for k0 in tl.range(0, H, BLOCK_K, num_stages=STAGES):
+                kk = k0 + tl.arange(0, BLOCK_K)
+                xv, tile_mask = _row_block(x_ptr + t * H, kk, nmask, H, EVEN_K)
+                wg = tl.load(gate_rows + kk[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+                wu = tl.load(up_rows + kk[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+                g += tl.sum(wg * xv[None, :], axis=1)
+                u += tl.sum(wu * xv[None, :], axis=1)
         else:
             for k0 in range(0, H, BLOCK_K):
                 kk = k0 + tl.arange(0, BLOCK_K)
@@ -1732,6 +1743,9 @@ def stack_always_on(
 # Also measured and dropped: the down kernel's routing and weights loaded before its dependent-launch wait
 # (T=1 26.5 -> 26.0 us as dependent launches, T=4 60.1 -> 70.9).
 UNROLL_UP_FROM_ROWS = 2
+# The rolled up loop software-pipelined over this many stages (cp.async into shared memory; 0: not pipelined;
+# ``moe_experts(stages_up=...)`` overrides, ``bench_kernels.py`` times 2-4 against 0)
+UP_STAGES = 0
 
 
 def moe_block_sizes(
@@ -1836,6 +1850,7 @@ def moe_experts(
     num_warps: int | None = None,
     num_warps_down: int | None = None,
     unroll_up: bool | None = None,
+    stages_up: int | None = None,
 ) -> Tensor:
     """Routed + always-on experts for a few tokens, in two GEMV kernels: [T, H] in ``x.dtype``.
 
@@ -1875,6 +1890,7 @@ def moe_experts(
     block_n, block_h = auto[0], auto[2]
     block_k_up = block_k_up or auto[1]
     block_k_down = block_k_down or auto[3]
+    unrolled = n_tokens >= UNROLL_UP_FROM_ROWS if unroll_up is None else unroll_up
     h = torch.empty((n_tokens, n_slots, inter), device=x.device, dtype=x.dtype)
     out = torch.empty_like(x)
     idx = _contig(idx, "idx")
@@ -1896,9 +1912,8 @@ def moe_experts(
         BLOCK_K=block_k_up,
         EVEN_K=hidden % block_k_up == 0,
         num_warps=num_warps,
-        K_STEPS=triton.cdiv(hidden, block_k_up)
-        if (n_tokens >= UNROLL_UP_FROM_ROWS if unroll_up is None else unroll_up)
-        else 0,
+        K_STEPS=triton.cdiv(hidden, block_k_up) if unrolled else 0,
+        STAGES=0 if unrolled else (UP_STAGES if stages_up is None else stages_up),
         **_pdl(),
     )
     _moe_down_kernel[(n_tokens, triton.cdiv(hidden, block_h))](
