@@ -51,6 +51,7 @@ from llm_perf_opt.models.deepseek_ocr.graphs import first_argmax
 from llm_perf_opt.models.deepseek_ocr.kernels import (
     KEYS_PER_SPLIT,
     PICK_BLOCK,
+    UP_STAGES,
     add_rms_norm,
     add_rms_norm_f32,
     add_rms_norm_ref,
@@ -581,10 +582,9 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
         )
         common = dict(TOP_K=k, N_ALWAYS=n_always)
         up_warps = 8 if tokens == 1 else 4  # moe_experts' defaults (the down kernel: 4 at every T)
-        up_consts = {**common, "BLOCK_N": bn, "BLOCK_K": bku, "EVEN_K": hid % bku == 0, "K_STEPS": 0, "STAGES": 0}
-        specs.append(("_moe_up_kernel", up, up_consts, up_warps))
-        specs.append(("_moe_up_kernel", up, {**up_consts, "STAGES": 3}, up_warps))  # stages_up
-        specs.append(("_moe_up_kernel", up, {**up_consts, "K_STEPS": -(-hid // bku)}, up_warps))  # unroll_up
+        up_consts = {**common, "BLOCK_N": bn, "BLOCK_K": bku, "EVEN_K": hid % bku == 0, "STAGES": UP_STAGES}
+        specs.append(("_moe_up_kernel", up, up_consts, up_warps))  # as launched (pipelined), then the plain loop
+        specs.append(("_moe_up_kernel", up, {**up_consts, "STAGES": 0}, up_warps))
         down_consts = {**common, "HAS_RESIDUAL": True, "BLOCK_H": bh, "BLOCK_K": bkd, "EVEN_K": inter % bkd == 0}
         specs.append(("_moe_down_kernel", down, down_consts, 4))
     ids = dict(ids_ptr=i64, order_ptr="*i32", offs_ptr="*i32", P="i32")
@@ -704,10 +704,14 @@ def sm90_check(lang: LanguageConfig) -> list[dict[str, Any]]:
             ),
             # the dependent-launch instructions in the PTX (griddepcontrol.wait / .launch_dependents)
             griddepcontrol=sorted(set(re.findall(r"griddepcontrol\.(\w+)", ptx))),
-            # global loads the PTX issues before its first wait (None: no wait): only reads of what no kernel of
-            # the step writes (linear_rows' weights) may come before it
+            # global loads (and async copies to shared memory) the PTX issues before its first wait (None: no
+            # wait): only reads of what no kernel of the step writes (linear_rows' weights) may come before it
             loads_before_wait=(
-                len(re.findall(r"\bld\.global\b", ptx.split("griddepcontrol.wait", 1)[0]))
+                len(
+                    re.findall(
+                        r"\bld\.global\b|\bcp\.async\.\w+\.shared\.global\b", ptx.split("griddepcontrol.wait", 1)[0]
+                    )
+                )
                 if "griddepcontrol.wait" in ptx
                 else None
             ),
@@ -1063,13 +1067,12 @@ def main() -> None:
             rows += [bench.pick(1)]
             rows += [bench.linear(1, n_out, name) for name, n_out in projections(bench.lang)]
             rows += [bench.qkv_rope(1)]
-            # the up kernel's K loop rolled and unrolled in the same run (moe_experts(unroll_up=...)), and the
-            # default kernels as dependent launches (each call's up kernel waits on the previous call's down)
+            # the up kernel's loop plain and software-pipelined (moe_experts(stages_up=...)) in the same run, and
+            # the default kernels as dependent launches (each call's up kernel waits on the previous call's down)
             for tokens in (1, 4):
                 if tokens == 4:
                     rows += [bench.route(4), bench.norm_route(4)]
-                rows += [bench.experts(tokens, unroll_up=False), bench.experts(tokens, unroll_up=True)]
-                rows += [bench.experts(tokens, unroll_up=False, stages_up=n) for n in (2, 3, 4)]
+                rows += [bench.experts(tokens, stages_up=n) for n in (0, 2, 3)]
                 rows += [bench.experts(tokens, pdl=True)]
         for tokens in grouped_tokens:
             if tokens <= 16:  # the GEMV kernels re-read weights per token: where the grouped kernels take over

@@ -625,7 +625,6 @@ if HAVE_TRITON:
         BLOCK_K: tl.constexpr,
         EVEN_K: tl.constexpr,
         USE_GDC: tl.constexpr = False,
-        K_STEPS: tl.constexpr = 0,
         STAGES: tl.constexpr = 0,
     ):
         if USE_GDC:
@@ -643,23 +642,7 @@ if HAVE_TRITON:
         up_rows = gate_rows + INTER * H
         g = tl.zeros([BLOCK_N], dtype=tl.float32)
         u = tl.zeros([BLOCK_N], dtype=tl.float32)
-        if K_STEPS > 0:
-            # the K loop unrolled (K_STEPS = ceil(H / BLOCK_K)) with every step's weight tiles loaded first and
-            # held: all of a program's loads in flight at once (K_STEPS times the rolled loop's), then the sums
-            # in the rolled loop's order
-            g_tiles = ()
-            u_tiles = ()
-            for i in tl.static_range(K_STEPS):
-                kk = i * BLOCK_K + tl.arange(0, BLOCK_K)
-                tile_mask = nmask[:, None] if EVEN_K else nmask[:, None] & (kk < H)[None, :]
-                g_tiles = g_tiles + (tl.load(gate_rows + kk[None, :], mask=tile_mask, other=0.0),)  # type: ignore[assignment]  # noqa: RUF005
-                u_tiles = u_tiles + (tl.load(up_rows + kk[None, :], mask=tile_mask, other=0.0),)  # type: ignore[assignment]  # noqa: RUF005
-            for i in tl.static_range(K_STEPS):
-                kk = i * BLOCK_K + tl.arange(0, BLOCK_K)
-                xv, _ = _row_block(x_ptr + t * H, kk, nmask, H, EVEN_K)
-                g += tl.sum(g_tiles[i].to(tl.float32) * xv[None, :], axis=1)
-                u += tl.sum(u_tiles[i].to(tl.float32) * xv[None, :], axis=1)
-        elif STAGES > 0:
+        if STAGES > 0:
             # software-pipelined: the weight tiles of the next STAGES - 1 steps are copied into shared memory
             # asynchronously (cp.async) while this one is summed, bytes in flight without registers
             for k0 in tl.range(0, H, BLOCK_K, num_stages=STAGES):
@@ -1737,15 +1720,13 @@ def stack_always_on(
     return torch.cat((w13, extra13.to(w13.dtype))), torch.cat((w2, extra2.to(w2.dtype)))
 
 
-# From this many rows on, the up kernel's K loop is unrolled with its tiles held (``moe_experts(unroll_up=...)``
-# overrides; ``bench_kernels.py`` times both).  H200, round 9: T=4 61.7 -> 53.4 us per layer (both kernels);
-# T=1 23.1 -> 24.4 (at 8 warps the held tiles halve the programs per SM), so batch 1 keeps the rolled loop.
-# Also measured and dropped: the down kernel's routing and weights loaded before its dependent-launch wait
-# (T=1 26.5 -> 26.0 us as dependent launches, T=4 60.1 -> 70.9).
-UNROLL_UP_FROM_ROWS = 2
-# The rolled up loop software-pipelined over this many stages (cp.async into shared memory; 0: not pipelined;
-# ``moe_experts(stages_up=...)`` overrides, ``bench_kernels.py`` times 2-4 against 0)
-UP_STAGES = 0
+# The up kernel's K loop software-pipelined over this many stages: the next step's gate/up tiles are copied into
+# shared memory (cp.async) while this one is summed; 0: a plain loop.  ``moe_experts(stages_up=...)`` overrides.
+# H200, round 9 (bench_kernels, both expert kernels per layer): T=1 23.0 -> 22.0 us (3 stages 22.7, 4 23.6), T=4
+# 62.2 -> 48.5 us; in the batch-1 step 0.659 -> 0.658 ms/token, the same greedy tokens.  Also measured and dropped:
+# the K loop unrolled with its tiles held in registers (T=1 24.4 us, T=4 53.5) and the down kernel's routing and
+# weights loaded before its dependent-launch wait (T=1 26.5 -> 26.0 us as dependent launches, T=4 60.1 -> 70.9).
+UP_STAGES = 2
 
 
 def moe_block_sizes(
@@ -1849,7 +1830,6 @@ def moe_experts(
     block_k_down: int | None = None,
     num_warps: int | None = None,
     num_warps_down: int | None = None,
-    unroll_up: bool | None = None,
     stages_up: int | None = None,
 ) -> Tensor:
     """Routed + always-on experts for a few tokens, in two GEMV kernels: [T, H] in ``x.dtype``.
@@ -1890,7 +1870,6 @@ def moe_experts(
     block_n, block_h = auto[0], auto[2]
     block_k_up = block_k_up or auto[1]
     block_k_down = block_k_down or auto[3]
-    unrolled = n_tokens >= UNROLL_UP_FROM_ROWS if unroll_up is None else unroll_up
     h = torch.empty((n_tokens, n_slots, inter), device=x.device, dtype=x.dtype)
     out = torch.empty_like(x)
     idx = _contig(idx, "idx")
@@ -1912,8 +1891,7 @@ def moe_experts(
         BLOCK_K=block_k_up,
         EVEN_K=hidden % block_k_up == 0,
         num_warps=num_warps,
-        K_STEPS=triton.cdiv(hidden, block_k_up) if unrolled else 0,
-        STAGES=0 if unrolled else (UP_STAGES if stages_up is None else stages_up),
+        STAGES=UP_STAGES if stages_up is None else stages_up,
         **_pdl(),
     )
     _moe_down_kernel[(n_tokens, triton.cdiv(hidden, block_h))](

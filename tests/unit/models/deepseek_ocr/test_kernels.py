@@ -690,28 +690,13 @@ def test_moe_experts_block_shapes_and_no_shared() -> None:
     _close(K.moe_experts(x, no_picks, no_picks.float(), w13, w2, n_always=2), shared)
 
 
-@pytest.mark.parametrize("hidden", [256, 320])  # 320: the last of the K steps is masked (block_k_up 128)
-def test_moe_experts_unrolled_up_loop_sums_in_the_same_order(hidden: int) -> None:
-    """``unroll_up``: the up kernel's K loop unrolled gives the rolled loop's output bit for bit (the same blocks
-    summed in the same order), and the eager experts' to bf16 rounding."""
-    c = _moe_case(2, hidden, 96, 8, 2, torch.bfloat16, seed=hidden)
-    args = (c["x"], c["idx"], c["weights"], c["w13"], c["w2"], 2, c["res"])
-    blocks = dict(block_n=16, block_k_up=128, block_h=32, block_k_down=64)
-    rolled = K.moe_experts(*args, unroll_up=False, **blocks)
-    unrolled = K.moe_experts(*args, unroll_up=True, **blocks)
-    assert torch.equal(rolled, unrolled)
-    with torch.no_grad():
-        routed, _ = apply_experts_eager(c["x"], c["idx"], c["weights"], c["experts"])
-    _close(unrolled, c["res"] + (routed + c["shared"](c["x"])))
-
-
 @pytest.mark.parametrize("stages", [2, 3])
 def test_moe_experts_pipelined_up_loop_sums_in_the_same_order(stages: int) -> None:
     """``stages_up``: the pipelined up loop gives the plain loop's output bit for bit (the same blocks in the same
     order; only when the tiles are fetched changes)."""
     c = _moe_case(1, 320, 96, 8, 2, torch.bfloat16, seed=40 + stages)
     args = (c["x"], c["idx"], c["weights"], c["w13"], c["w2"], 2, c["res"])
-    blocks = dict(block_n=16, block_k_up=128, block_h=32, block_k_down=64, unroll_up=False)
+    blocks = dict(block_n=16, block_k_up=128, block_h=32, block_k_down=64)
     assert torch.equal(K.moe_experts(*args, stages_up=stages, **blocks), K.moe_experts(*args, stages_up=0, **blocks))
 
 
