@@ -150,7 +150,8 @@ class FastConfig:
     fused_pick: bool = True
     # with the Triton decode step: each MoE layer's post-attention norm kernel also writes the router's float32
     # input (the same values as ``normed.float()``), saving one cast launch per MoE layer.  On an H200
-    # (bench_fast, 2026-12-02 r7): 0.854 -> 0.827 ms/token, bit-identical logits (GPU and interpreter tests)
+    # (bench_fast, 2026-12-02 r7): 0.854 -> 0.827 ms/token, bit-identical logits (GPU and interpreter tests).
+    # Applies only with fused_router off (the fused router reads the normed rows in its own kernel)
     norm_router_f32: bool = True
     # with the Triton decode step: every Triton kernel launched as a programmatic dependent launch (Hopper PDL,
     # kernels.dependent_launches): a kernel's programs are scheduled while the one before it finishes and wait on
