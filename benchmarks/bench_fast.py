@@ -424,36 +424,29 @@ def main() -> None:
                     "fused_input_norm",
                 )
             }
-            for key, change in switches.items():
+
+            def time_variant(key: str, cfg: FastConfig) -> None:
+                """Device-greedy ms/token of ``cfg`` (the switches act in that loop) and its tokens vs the default's."""
                 try:
-                    fm = apply_fast_path(model, attrs.evolve(d, **change))
-                    g_sw = greedy_device(fm, embeds, steps)  # the switches act in the device greedy loop
+                    g_sw = greedy_device(apply_fast_path(model, cfg), embeds, steps)
                     st, gt = g_sw["tokens"][: keep + 1], g["tokens"][: keep + 1]
                     var[f"decode {key} (device greedy) ms/token"] = g_sw["ms_per_token"]
                     var[f"decode {key}: device greedy tokens == the default's, {keep} steps"] = (
                         f"{st == gt} (first divergence {first_divergence(gt, st)})"
                     )
-                    del fm
                 except Exception as exc:  # a kernel compile failure must not lose the rest of the report
                     var[f"decode {key}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
+
+            for key, change in switches.items():
+                time_variant(key, attrs.evolve(d, **change))
             # the expert up kernel's software pipelining (a kernels-module setting, not a FastConfig switch)
             from llm_perf_opt.models.deepseek_ocr import kernels as triton_kernels
 
             default_stages = triton_kernels.UP_STAGES
             for stages in sorted({0, 2, 3, 4} - {default_stages}):
-                key = f"kernels.UP_STAGES={stages}"
+                triton_kernels.UP_STAGES = stages
                 try:
-                    triton_kernels.UP_STAGES = stages
-                    fm = apply_fast_path(model, d)
-                    g_sw = greedy_device(fm, embeds, steps)
-                    st, gt = g_sw["tokens"][: keep + 1], g["tokens"][: keep + 1]
-                    var[f"decode {key} (device greedy) ms/token"] = g_sw["ms_per_token"]
-                    var[f"decode {key}: device greedy tokens == the default's, {keep} steps"] = (
-                        f"{st == gt} (first divergence {first_divergence(gt, st)})"
-                    )
-                    del fm
-                except Exception as exc:
-                    var[f"decode {key}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
+                    time_variant(f"kernels.UP_STAGES={stages}", d)
                 finally:
                     triton_kernels.UP_STAGES = default_stages
         fm = apply_fast_path(model, FastConfig(prefill_graphs=False))

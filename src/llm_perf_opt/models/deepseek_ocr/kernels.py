@@ -250,6 +250,16 @@ if HAVE_TRITON:
         return xv, tile_mask
 
     @triton.jit
+    def _add_rms(x_row_ptr, res_row_ptr, cols, mask, H, eps, HAS_RESIDUAL: tl.constexpr, dt: tl.constexpr):
+        """One row's ``x + residual`` (float32, rounded to ``dt`` as torch's sum is; ``x`` alone without a residual)
+        and the reciprocal of its RMS: the add + RMSNorm math every norm-carrying kernel shares, so they reduce the
+        row in the same way."""
+        s = tl.load(x_row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            s = _round(s + tl.load(res_row_ptr + cols, mask=mask, other=0.0).to(tl.float32), dt)
+        return s, tl.rsqrt(tl.sum(s * s, axis=0) / H + eps)
+
+    @triton.jit
     def _add_rms_norm_kernel(
         x_ptr,
         res_ptr,
@@ -270,12 +280,10 @@ if HAVE_TRITON:
         cols = tl.arange(0, BLOCK_H)
         mask = cols < H
         dt = x_ptr.dtype.element_ty
-        s = tl.load(x_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
+        # hidden + residual is rounded to the activation dtype before the norm reads it
+        s, rstd = _add_rms(x_ptr + row * H, res_ptr + row * H, cols, mask, H, eps, HAS_RESIDUAL, dt)
         if HAS_RESIDUAL:
-            s = s + tl.load(res_ptr + row * H + cols, mask=mask, other=0.0).to(tl.float32)
-            s = _round(s, dt)  # hidden + residual is rounded to the activation dtype before the norm reads it
             tl.store(summed_ptr + row * H + cols, s.to(dt), mask=mask)
-        rstd = tl.rsqrt(tl.sum(s * s, axis=0) / H + eps)
         normed = _round(s * rstd, dt)  # F.rms_norm in float32, then .to(x.dtype)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         out_dt = normed_ptr.dtype.element_ty
@@ -585,14 +593,11 @@ if HAVE_TRITON:
             _dependent_launch()
         dt = x_ptr.dtype.element_ty
         # every program normalises the whole row (the add_rms_norm kernel's math) and stores its slice of it
-        s = tl.load(x_ptr + t * H + cols, mask=cmask, other=0.0).to(tl.float32)
+        s, rstd = _add_rms(x_ptr + t * H, res_ptr + t * H, cols, cmask, H, eps, HAS_RESIDUAL, dt)
         width = tl.cdiv(H, n_progs)
         mine = cmask & (cols >= p * width) & (cols < p * width + width)
         if HAS_RESIDUAL:
-            s = s + tl.load(res_ptr + t * H + cols, mask=cmask, other=0.0).to(tl.float32)
-            s = _round(s, dt)
             tl.store(summed_ptr + t * H + cols, s.to(dt), mask=mine)
-        rstd = tl.rsqrt(tl.sum(s * s, axis=0) / H + eps)
         out_dt = normed_ptr.dtype.element_ty
         out = _round(nw * _round(s * rstd, dt), out_dt)
         tl.store(normed_ptr + t * H + cols, out.to(out_dt), mask=mine)
@@ -1015,11 +1020,9 @@ if HAVE_TRITON:
         if HAS_NORM:
             cols = tl.arange(0, BLOCK_H)
             cmask = cols < K
-            srow = tl.load(x_ptr + t * K + cols, mask=cmask, other=0.0).to(tl.float32)
+            srow, rstd = _add_rms(x_ptr + t * K, res_ptr + t * K, cols, cmask, K, eps, HAS_RESIDUAL, dt)
             if HAS_RESIDUAL:
-                srow = _round(srow + tl.load(res_ptr + t * K + cols, mask=cmask, other=0.0).to(tl.float32), dt)
                 tl.store(summed_ptr + t * K + cols, srow.to(dt), mask=cmask & (cols * 0 + nb == 0))  # (a vector mask)
-            rstd = tl.rsqrt(tl.sum(srow * srow, axis=0) / K + eps)
         acc = tl.zeros([2 * PAIRS], dtype=tl.float32)
         all_rows = i < 2 * PAIRS
         for s in tl.static_range(len(tiles)):
@@ -1141,18 +1144,24 @@ def add_rms_norm_f32(x: Tensor, residual: Tensor | None, weight: Tensor, eps: fl
     return normed, summed, f32
 
 
+def _check_norm_args(x: Tensor, residual: Tensor | None, weight: Tensor) -> Tensor | None:
+    """The add + RMSNorm kernels' argument checks; returns ``residual`` made contiguous."""
+    if residual is not None:
+        residual = _contig(residual, "residual")
+        if residual.shape != x.shape or residual.dtype != x.dtype:
+            raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} must match x {tuple(x.shape)}")
+    if weight.shape != (x.shape[1],):
+        raise ValueError(f"weight must be [{x.shape[1]}], got {tuple(weight.shape)}")
+    return residual
+
+
 def _add_rms_norm(
     x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, f32: bool
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     _require("add_rms_norm", x.device)
     x = _contig(x, "x")
     rows, hidden = x.shape
-    if residual is not None:
-        residual = _contig(residual, "residual")
-        if residual.shape != x.shape or residual.dtype != x.dtype:
-            raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} must match x {tuple(x.shape)}")
-    if weight.shape != (hidden,):
-        raise ValueError(f"weight must be [{hidden}], got {tuple(weight.shape)}")
+    residual = _check_norm_args(x, residual, weight)
     normed = torch.empty(x.shape, device=x.device, dtype=torch.promote_types(weight.dtype, x.dtype))
     summed = x if residual is None else torch.empty_like(x)
     normed_f32 = torch.empty(x.shape, device=x.device, dtype=torch.float32) if f32 else None
@@ -1528,6 +1537,18 @@ def moe_route_ref(
     return idx, weights
 
 
+def _check_router_args(hidden: int, gate_w32: Tensor, top_k: int, counts: Tensor | None) -> int:
+    """The router kernels' argument checks; returns the number of experts."""
+    n_experts = gate_w32.shape[0]
+    if gate_w32.shape != (n_experts, hidden) or gate_w32.dtype != torch.float32:
+        raise ValueError(f"gate_w32 must be float32 [E, {hidden}], got {gate_w32.dtype} {tuple(gate_w32.shape)}")
+    if not 1 <= top_k <= n_experts:
+        raise ValueError(f"top_k must be in 1..{n_experts}, got {top_k}")
+    if counts is not None and (counts.shape != (n_experts,) or counts.dtype != torch.int64):
+        raise ValueError(f"counts must be int64 [{n_experts}], got {counts.dtype} {tuple(counts.shape)}")
+    return n_experts
+
+
 def moe_route(
     x: Tensor,
     gate_w32: Tensor,
@@ -1556,13 +1577,7 @@ def moe_route(
     _require("moe_route", x.device)
     x = _contig(x, "x")
     n_tokens, hidden = x.shape
-    n_experts = gate_w32.shape[0]
-    if gate_w32.shape != (n_experts, hidden) or gate_w32.dtype != torch.float32:
-        raise ValueError(f"gate_w32 must be float32 [E, {hidden}], got {gate_w32.dtype} {tuple(gate_w32.shape)}")
-    if not 1 <= top_k <= n_experts:
-        raise ValueError(f"top_k must be in 1..{n_experts}, got {top_k}")
-    if counts is not None and (counts.shape != (n_experts,) or counts.dtype != torch.int64):
-        raise ValueError(f"counts must be int64 [{n_experts}], got {counts.dtype} {tuple(counts.shape)}")
+    n_experts = _check_router_args(hidden, gate_w32, top_k, counts)
     if logits is not None and (logits.shape != (n_tokens, n_experts) or logits.dtype != torch.float32):
         raise ValueError(f"logits must be float32 [{n_tokens}, {n_experts}], got {logits.dtype} {tuple(logits.shape)}")
     idx = torch.empty((n_tokens, top_k), device=x.device, dtype=torch.int64)
@@ -1645,19 +1660,8 @@ def add_rms_norm_route(
     _require("add_rms_norm_route", x.device)
     x = _contig(x, "x")
     rows, hidden = x.shape
-    n_experts = gate_w32.shape[0]
-    if residual is not None:
-        residual = _contig(residual, "residual")
-        if residual.shape != x.shape or residual.dtype != x.dtype:
-            raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} must match x {tuple(x.shape)}")
-    if weight.shape != (hidden,):
-        raise ValueError(f"weight must be [{hidden}], got {tuple(weight.shape)}")
-    if gate_w32.shape != (n_experts, hidden) or gate_w32.dtype != torch.float32:
-        raise ValueError(f"gate_w32 must be float32 [E, {hidden}], got {gate_w32.dtype} {tuple(gate_w32.shape)}")
-    if not 1 <= top_k <= n_experts:
-        raise ValueError(f"top_k must be in 1..{n_experts}, got {top_k}")
-    if counts is not None and (counts.shape != (n_experts,) or counts.dtype != torch.int64):
-        raise ValueError(f"counts must be int64 [{n_experts}], got {counts.dtype} {tuple(counts.shape)}")
+    residual = _check_norm_args(x, residual, weight)
+    n_experts = _check_router_args(hidden, gate_w32, top_k, counts)
     if flags.dtype != torch.int32 or flags.dim() != 1 or flags.numel() < rows:
         raise ValueError(f"flags must be int32 [>= {rows}] (route_flags), got {flags.dtype} {tuple(flags.shape)}")
     if experts_per_program < 1 or experts_per_program & (experts_per_program - 1):

@@ -28,6 +28,19 @@ from llm_perf_opt.models.deepseek_ocr.fast_layers import FusedAttention, Grouped
 __all__ = ["TritonAttention", "TritonMoE", "TritonRMSNorm", "TritonRowAttention", "triton_layers", "triton_row_layers"]
 
 
+def _kept_counters(
+    kept: list[Tensor], rows: int, at_least: int, device: torch.device, make: Callable[[int, torch.device], Tensor]
+) -> Tensor:
+    """A zeroed counter buffer of >= ``rows`` entries from ``kept`` (``make`` builds one of at least ``at_least``
+    and it is kept when none fits): the last-program-finishes kernels set their counters back to zero, and a
+    captured graph keeps the address of the buffer it was captured with, so a module never lets go of one."""
+    for buf in kept:
+        if buf.numel() >= rows and buf.device == device:
+            return buf
+    kept.append(make(max(rows, at_least), device))
+    return kept[-1]
+
+
 @dataclasses.dataclass(frozen=True)
 class Router:
     """What a MoE layer's router needs (from its :class:`GroupedMoE`): the fused norm + router kernel's inputs."""
@@ -68,13 +81,6 @@ class TritonRMSNorm(RMSNorm):
         # graph keeps the address of the buffer it was captured with
         self._flags: list[Tensor] = []
 
-    def _flags_for(self, rows: int, device: torch.device) -> Tensor:
-        for buf in self._flags:
-            if buf.numel() >= rows and buf.device == device:
-                return buf
-        self._flags.append(K.route_flags(max(rows, TRITON_MAX_ROWS), device))
-        return self._flags[-1]
-
     def add_norm(self, delta: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
         shape = delta.shape  # [T, H] in the Triton step, [B, 1, H] in the batched step: rows either way
         flat_res = None if residual is None else residual.reshape(-1, shape[-1])
@@ -87,7 +93,7 @@ class TritonRMSNorm(RMSNorm):
             return delta, summed.view(shape)
         if self.router is not None:
             r = self.router
-            flags = self._flags_for(flat.shape[0], flat.device)
+            flags = _kept_counters(self._flags, flat.shape[0], TRITON_MAX_ROWS, flat.device, K.route_flags)
             normed, summed, idx, weights = K.add_rms_norm_route(
                 flat, flat_res, self.weight, self.eps, r.gate_w32, r.top_k, flags, r.counts, r.scaling, r.renormalize
             )
@@ -159,12 +165,8 @@ class TritonAttention(nn.Module):
     def _counters_for(self, rows: int, device: torch.device) -> Tensor | None:
         if not self.one_launch:
             return None
-        for buf in self._counters:
-            if buf.numel() >= rows and buf.device == device:
-                return buf
         # one buffer for every single-page step (up to TRITON_MAX_ROWS rows)
-        self._counters.append(K.attention_counters(max(rows, TRITON_MAX_ROWS * self.attn.num_heads), device))
-        return self._counters[-1]
+        return _kept_counters(self._counters, rows, TRITON_MAX_ROWS * self.attn.num_heads, device, K.attention_counters)
 
     def _project(self, x: Tensor, weight: Tensor) -> Tensor:
         """``F.linear(x, weight)``: a Triton GEMV with ``linear`` (this module runs the single-page step: at most
