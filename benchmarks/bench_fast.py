@@ -402,6 +402,21 @@ def main() -> None:
             var[f"vision {name} ms"] = cuda_ms(functools.partial(page.vision, vm), 2, 5)
             var[f"sam only, {name} ms"] = cuda_ms(functools.partial(page.sam, vm), 2, 5)
         var["vision sam_fast: max |Δ| of image features vs eager"] = fres["embeds_max_abs_diff"]
+        # SAM's global-attention kernels other than the default, each on the whole fast vision (compiled, graphed)
+        for kind in [k for k in ("augmented", "triton") if k != fast.fast_config.sam_attention]:
+            try:
+                vm = apply_fast_path(model, FastConfig(sam_attention=kind))
+                if vm.vision.sam_attention != kind:
+                    var[f"vision sam_attention={kind}"] = f"not run: {vm.vision.sam_attention_note}"
+                    continue
+                var[f"vision sam_attention={kind} ms"] = cuda_ms(functools.partial(page.vision, vm), 2, 7)
+                var[f"sam only, sam_attention={kind} ms"] = cuda_ms(functools.partial(page.sam, vm), 2, 7)
+                var[f"vision sam_attention={kind}: max |Δ| of image features vs eager"] = float(
+                    (page.embeds(vm).float() - embeds.float()).abs().max()
+                )
+                del vm
+            except Exception as exc:  # a kernel compile failure must not lose the rest of the report
+                var[f"vision sam_attention={kind}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
         for name, fcfg in {
             "attn=sdpa": FastConfig(decode_attention="sdpa"),
             "experts=gather_bmm": FastConfig(expert_impl="gather_bmm"),

@@ -1,15 +1,17 @@
-"""SAM's global attention on the GPU: augmented flash operands vs FlexAttention at head size 64, op and tower.
+"""SAM's rel-pos attention on the GPU: augmented flash operands vs FlexAttention vs the Triton kernel, op and tower.
 
     PYTHONPATH=src python benchmarks/bench_sam_attention.py --out /tmp/res
 
-SAM's four global blocks add decomposed relative positions to the attention logits.  The fast path had one way
-to keep that on a fused kernel: fold the two position terms into the operands (``sam.rel_pos_attention``: q and
-k 64 + h + w = 192 wide, v zero-padded to 192, flash).  ``sam.rel_pos_flex_attention`` keeps head size 64 and
-adds the terms inside a FlexAttention kernel (``score_mod``).  Per view shape of DeepSeek-OCR (Gundam: 640-px
-tiles ×6 and the 1024-px global view) and DeepSeek-OCR-2 (768-px tiles ×6, the 1024-px global view), this prints
+SAM's four global blocks add decomposed relative positions to the attention logits.  Three kernels apply them:
+``sam.rel_pos_attention`` folds the two position terms into the operands (q and k 64 + h + w = 192 wide, v
+zero-padded to 192, flash); ``sam.rel_pos_flex_attention`` keeps head size 64 and adds them in a FlexAttention
+``score_mod`` (``--flex``: slow, measured in round 6); ``sam_kernels.rel_pos_triton_attention`` keeps head size 64
+and adds them per key row in one Triton kernel (``infer.fast.sam_attention=triton``).  Per view shape of
+DeepSeek-OCR (Gundam: 640-px tiles ×6 and the 1024-px global view) and DeepSeek-OCR-2 (768-px tiles ×6), this prints
 
-* the attention op alone (both compiled, CUDA events, median of replays): ms, useful TFLOP/s (4·B·heads·N²·64),
-  max |Δ| against the dense-bias reference (``decomposed_rel_pos_bias`` + SDPA in float32);
+* the attention op alone (each compiled, CUDA events, median of replays): ms, useful TFLOP/s (4·B·heads·N²·64),
+  max |Δ| against the dense-bias reference (``decomposed_rel_pos_bias`` + SDPA in float32); also at the windowed
+  blocks' shape (14×14 windows of each view, augmented vs Triton: the windowed blocks always run augmented today);
 * the whole SAM tower on the fast path (compiled blocks, CUDA graph per shape) with each global-attention kernel:
   ms per view batch, and max |Δ| of the output against the reference tower in bf16.
 
@@ -42,6 +44,7 @@ from llm_perf_opt.models.deepseek_ocr.sam import (  # noqa: E402
     decomposed_rel_pos_bias,
     rel_pos_attention,
     rel_pos_flex_attention,
+    rel_pos_triton_attention,
     sam_block_fast,
 )
 
@@ -51,21 +54,28 @@ VIEWS = [
     ("v1 / v2", "global 1024", 1, 1024),
     ("v2", "tiles 768", 6, 768),
 ]
-KINDS = ("augmented", "flex")
+# the windowed blocks' attention at each v1 view: 14x14 windows over the padded grid (42² -> 9 per tile, 70² -> 25)
+WINDOW_VIEWS = [("v1 Gundam", "tiles 640, 14x14 windows", 6 * 9, 14), ("v1 / v2", "global 1024, 14x14 windows", 25, 14)]
+KINDS = ("augmented", "flex", "triton")
 CONFIG = ROOT / "src/llm_perf_opt/models/deepseek_ocr/configs/deepseek-ocr.json"
 
 
-def op_rows(sam: SamEncoder, dev: torch.device) -> list[dict[str, Any]]:
+def op_rows(sam: SamEncoder, dev: torch.device, kinds: tuple[str, ...]) -> list[dict[str, Any]]:
     """The global-attention op alone at each view's token grid."""
     block = next(cast(SamBlock, b) for b in sam.blocks if cast(SamBlock, b).window_size == 0)
     attn = block.attn
     heads = int(attn.num_heads)
     dim = int(sam.cfg.embed_dim) // heads
-    fns = {"augmented": torch.compile(rel_pos_attention), "flex": torch.compile(rel_pos_flex_attention)}
+    fns = {
+        "augmented": torch.compile(rel_pos_attention),
+        "flex": torch.compile(rel_pos_flex_attention),
+        "triton": torch.compile(rel_pos_triton_attention),
+    }
     rows = []
     gen = torch.Generator(device=dev).manual_seed(0)
-    for model, view, batch, side in VIEWS:
-        grid = side // int(sam.cfg.patch_size)
+    shapes = [(m, v, b, side // int(sam.cfg.patch_size), kinds) for m, v, b, side in VIEWS]
+    shapes += [(m, v, b, grid, ("augmented", "triton")) for m, v, b, grid in WINDOW_VIEWS]
+    for model, view, batch, grid, kinds in shapes:
         n = grid * grid
         q, k, v = (torch.randn(batch, heads, n, dim, device=dev, generator=gen, dtype=torch.bfloat16) for _ in range(3))
         rel_h, rel_w = attn.rel_pos_h.detach(), attn.rel_pos_w.detach()
@@ -73,7 +83,8 @@ def op_rows(sam: SamEncoder, dev: torch.device) -> list[dict[str, Any]]:
         ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias)
         del bias
         flops = 4 * batch * heads * n * n * dim
-        for kind, fn in fns.items():
+        for kind in kinds:
+            fn = fns[kind]
             out = fn(q, k, v, rel_h, rel_w, (grid, grid))
             ms = cuda_ms(functools.partial(fn, q, k, v, rel_h, rel_w, (grid, grid)), warmup=3, reps=20)
             rows.append(
@@ -93,7 +104,7 @@ def op_rows(sam: SamEncoder, dev: torch.device) -> list[dict[str, Any]]:
     return rows
 
 
-def tower_rows(sam: SamEncoder, dev: torch.device) -> list[dict[str, Any]]:
+def tower_rows(sam: SamEncoder, dev: torch.device, kinds: tuple[str, ...]) -> list[dict[str, Any]]:
     """The whole SAM tower on the fast path (compiled blocks, graph per shape) with each global kernel."""
     rows = []
     compiled = torch.compile(sam_block_fast, dynamic=False)
@@ -105,7 +116,7 @@ def tower_rows(sam: SamEncoder, dev: torch.device) -> list[dict[str, Any]]:
         with torch.no_grad():
             ref = sam(x).float()
         outs = {}
-        for kind in KINDS:
+        for kind in kinds:
             sam.fast, sam.block_fn, sam.global_attention = True, compiled, kind
             graphed = ShapeGraphs(sam._forward_fast)
             sam.forward_fn = graphed
@@ -130,12 +141,12 @@ def tower_rows(sam: SamEncoder, dev: torch.device) -> list[dict[str, Any]]:
 
 def render(ops: list[dict[str, Any]], towers: list[dict[str, Any]], env: dict[str, str]) -> str:
     lines = [
-        f"# SAM global attention: augmented flash vs FlexAttention — {env['gpu']}",
+        f"# SAM rel-pos attention: augmented flash vs FlexAttention vs Triton — {env['gpu']}",
         "",
         f"{env['date']}; torch {env['torch']}; bf16, seeded random weights of the real shapes; CUDA events,"
         " median of 20 runs after 3 warm-ups.",
         "",
-        "## The op alone (one global block's attention, compiled)",
+        "## The op alone (one block's attention, compiled)",
         "",
         "| model | view | batch | tokens | kernel | ms | useful TFLOP/s | max abs Δ vs fp32 dense-bias ref (ref max) |",
         "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: |",
@@ -158,14 +169,17 @@ def render(ops: list[dict[str, Any]], towers: list[dict[str, Any]], env: dict[st
             f" {r['max_abs_diff_vs_reference']:.3g} ({r['ref_max_abs']:.3g}) |"
         )
     by = {(r["view"], r["kind"]): r["ms"] for r in towers}
-    pairs = [(v, by[(v, "augmented")], by[(v, "flex")]) for _, v, _, _ in VIEWS]
-    lines += ["", "Tower speed-up flex vs augmented: " + ", ".join(f"{v} {a / f:.2f}×" for v, a, f in pairs) + "."]
+    for kind in KINDS[1:]:
+        pairs = [(v, by[(v, "augmented")], by[(v, kind)]) for _, v, _, _ in VIEWS if (v, kind) in by]
+        speedups = ", ".join(f"{v} {a / f:.2f}×" for v, a, f in pairs)
+        lines += ["", f"Tower speed-up {kind} vs augmented: {speedups}."]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None, help="folder for sam_attention.md / .json")
+    ap.add_argument("--flex", action="store_true", help="also time FlexAttention (slow to compile and to run)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_sam_attention: no CUDA device; nothing timed")
@@ -183,8 +197,9 @@ def main() -> None:
         date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     )
     with torch.no_grad():
-        ops = op_rows(sam, dev)
-    towers = tower_rows(sam, dev)
+        kinds = KINDS if args.flex else tuple(k for k in KINDS if k != "flex")
+        ops = op_rows(sam, dev, kinds)
+    towers = tower_rows(sam, dev, kinds)
     text = render(ops, towers, env)
     print(text)
     if args.out is not None:

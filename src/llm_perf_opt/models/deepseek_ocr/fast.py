@@ -127,8 +127,10 @@ class FastConfig:
     sam_fast: bool = True
     # the global SAM blocks' attention with sam_fast (sam.SAM_ATTENTION): "augmented" folds the relative positions
     # into 192-wide flash operands (sam.rel_pos_attention); "flex" keeps head size 64 and adds them inside a
-    # FlexAttention kernel.  Measured on an H200 (benchmarks/results/2026-12-02-h200-sam-attention.md), flex is
-    # 7-24x slower per op (its score_mod gathers), so augmented stays the default
+    # FlexAttention kernel; "triton" keeps head size 64 and adds them per key row in one Triton kernel
+    # (sam_kernels; falls back to augmented, with a note in fallbacks(), where Triton cannot run).  Measured on an
+    # H200 (benchmarks/results/2026-12-02-h200-sam-attention.md), flex is 7-24x slower per op (its score_mod
+    # gathers), so augmented stays the default
     sam_attention: str = attrs.field(default="augmented", validator=attrs.validators.in_(SAM_ATTENTION))
     # torch.compile of one SAM block (sam.sam_block_fast) when sam_fast: fuses the layout copies, norms and
     # the augmented-attention concatenations; compiled once per view shape (tiles, global view) and block kind.
@@ -210,6 +212,21 @@ def _compiled(fn: Any) -> Any:
     return _COMPILED[fn]
 
 
+def _resolve_sam_attention(kind: str, device: torch.device) -> tuple[str, str | None]:
+    """``kind``, or "augmented" and why where it is "triton" and its kernel cannot run on ``device`` (a CPU
+    without Triton's interpreter, no Triton); warns on CUDA, where the Triton kernel was expected to run."""
+    if kind != "triton":
+        return kind, None
+    from llm_perf_opt.models.deepseek_ocr import sam_kernels
+
+    why = sam_kernels.unavailable_reason(device)
+    if not why:
+        return kind, None
+    if device.type == "cuda":
+        warnings.warn(f"sam_attention=triton: {why}; SAM's global blocks run the augmented attention", stacklevel=3)
+    return "augmented", why
+
+
 class VisionFast:
     """The fast forwards of a model's vision towers, switched on around ``encode_images`` (:meth:`mode`).
 
@@ -224,6 +241,8 @@ class VisionFast:
     def __init__(self, sam: SamEncoder, cfg: FastConfig) -> None:
         self.sam = sam
         self.cfg = cfg
+        # the global blocks' attention that runs: cfg.sam_attention, or "augmented" where its kernel cannot (and why)
+        self.sam_attention, self.sam_attention_note = _resolve_sam_attention(cfg.sam_attention, sam.pos_embed.device)
         # one ShapeGraphs per tower, created on first use ("sam", then the second tower's name)
         self.graphs: dict[str, ShapeGraphs] = {}
         # the second tower: (graph name, module, fast layer function); None in this base class
@@ -250,7 +269,7 @@ class VisionFast:
         sam, cfg = self.sam, self.cfg
         saved = (sam.fast, sam.block_fn, sam.forward_fn, sam.global_attention)
         sam.fast = cfg.sam_fast
-        sam.global_attention = cfg.sam_attention
+        sam.global_attention = self.sam_attention
         if cfg.sam_compile and cfg.sam_fast:
             sam.block_fn = _compiled(sam_block_fast)
         if cfg.vision_graphs and cfg.sam_fast:
@@ -440,6 +459,8 @@ class FastModel:
             out["decode_kernels=triton"] = f"{self.decode_kernels_note}: the torch decode kernels ran"
         if self.pdl_note is not None:
             out["pdl"] = self.pdl_note
+        if self.vision.sam_attention_note is not None:
+            out["sam_attention=triton"] = f"{self.vision.sam_attention_note}: the augmented flash attention ran"
         return out
 
     @property

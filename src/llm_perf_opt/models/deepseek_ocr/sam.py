@@ -34,6 +34,7 @@ __all__ = [
     "rel_pos_attention",
     "rel_pos_flex_attention",
     "rel_pos_terms",
+    "rel_pos_triton_attention",
     "sam_block_fast",
     "window_partition",
     "window_unpartition",
@@ -200,9 +201,21 @@ def rel_pos_flex_attention(
     return out
 
 
+def rel_pos_triton_attention(
+    q: Tensor, k: Tensor, v: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, hw: tuple[int, int]
+) -> Tensor:
+    """Attention with SAM's decomposed relative positions at head size 64 in one Triton kernel, the tables added
+    per key row (:mod:`~llm_perf_opt.models.deepseek_ocr.sam_kernels`, imported here so that Triton is imported
+    only when this kernel is chosen); same logits as :func:`decomposed_rel_pos_bias` + SDPA."""
+    from llm_perf_opt.models.deepseek_ocr import sam_kernels
+
+    return sam_kernels.rel_pos_triton_attention(q, k, v, rel_pos_h, rel_pos_w, hw)
+
+
 # How a fast global-attention block applies the relative positions (``FastConfig.sam_attention``): "augmented"
-# (:func:`rel_pos_attention`, flash over 192-wide operands) or "flex" (:func:`rel_pos_flex_attention`, head size 64).
-SAM_ATTENTION = ("augmented", "flex")
+# (:func:`rel_pos_attention`, flash over 192-wide operands), "flex" (:func:`rel_pos_flex_attention`, head size
+# 64, FlexAttention) or "triton" (:func:`rel_pos_triton_attention`, head size 64, the tables added per key row).
+SAM_ATTENTION = ("augmented", "flex", "triton")
 
 
 def sam_block_fast(
@@ -234,6 +247,8 @@ def sam_block_fast(
     q, k, v = qkv.unbind(0)
     if rel_h is not None and rel_w is not None and window_size == 0 and global_attention == "flex":
         out = rel_pos_flex_attention(q, k, v, rel_h, rel_w, (h, w))
+    elif rel_h is not None and rel_w is not None and window_size == 0 and global_attention == "triton":
+        out = rel_pos_triton_attention(q, k, v, rel_h, rel_w, (h, w))
     elif rel_h is not None and rel_w is not None:
         out = rel_pos_attention(q, k, v, rel_h, rel_w, (h, w))
     else:

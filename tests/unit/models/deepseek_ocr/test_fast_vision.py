@@ -67,9 +67,24 @@ def tiny_sam() -> SamEncoder:
     return sam.eval()
 
 
-@pytest.mark.parametrize("global_attention", ["augmented", "flex"])
+def _triton_kernel_or_skip(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``kind`` "triton" runs sam_kernels through Triton's interpreter: set its switch, or skip where the module was
+    imported compiled-mode (a CUDA machine: tests/gpu covers it there)."""
+    if kind != "triton":
+        return
+    from llm_perf_opt.models.deepseek_ocr import sam_kernels
+
+    if not sam_kernels.INTERPRETED:
+        pytest.skip("sam_kernels was imported compiled-mode; the GPU suite runs the Triton kernel")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.mark.parametrize("global_attention", ["augmented", "flex", "triton"])
 @pytest.mark.parametrize("size_factor", [1.0, 0.625])  # the trained size and a smaller tile (resampled tables)
-def test_fast_sam_matches_reference(tiny_sam: SamEncoder, size_factor: float, global_attention: str) -> None:
+def test_fast_sam_matches_reference(
+    tiny_sam: SamEncoder, size_factor: float, global_attention: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _triton_kernel_or_skip(global_attention, monkeypatch)
     cfg = tiny_sam.cfg
     side = int(cfg.img_size * size_factor) // 64 * 64
     torch.manual_seed(side)
@@ -106,8 +121,9 @@ def test_clip_layer_fn_matches_modules() -> None:
     assert _rel_err(actual, expected) < 1e-5
 
 
-@pytest.mark.parametrize("sam_attention", ["augmented", "flex"])
-def test_fast_model_encode_images_matches_and_restores(sam_attention: str) -> None:
+@pytest.mark.parametrize("sam_attention", ["augmented", "flex", "triton"])
+def test_fast_model_encode_images_matches_and_restores(sam_attention: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    _triton_kernel_or_skip(sam_attention, monkeypatch)
     cfg = DeepseekOCRConfig.from_json(TINY / "config.json")
     model = build_model(cfg, device="cpu", dtype=torch.float32, weights="dummy", seed=0)
     for p in model.parameters():
@@ -117,6 +133,7 @@ def test_fast_model_encode_images_matches_and_restores(sam_attention: str) -> No
     ori = torch.randn(1, 3, cfg.base_size, cfg.base_size)
     expected = model.encode_images(crops, ori, [2, 1])
     fast = apply_fast_path(model, FastConfig(sam_compile=False, clip_compile=False, sam_attention=sam_attention))
+    assert fast.vision.sam_attention == sam_attention  # the configured kernel runs, no fallback
     actual = fast.encode_images(crops, ori, [2, 1])
     assert _rel_err(actual, expected) < 1e-5
     sam, clip_tf = model.model.sam_model, model.model.vision_model.transformer
@@ -136,3 +153,15 @@ def test_vision_compile_keeps_every_shape_a_dataset_meets() -> None:
 
     _compiled(lambda x: x + 1)
     assert torch._dynamo.config.recompile_limit >= 2 * (len(range(2, 10)) + 1)
+
+
+def test_sam_attention_triton_falls_back_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the Triton kernel cannot run (a CPU without Triton's interpreter switched on) SAM's global blocks run
+    the augmented attention, and the reason is kept (``FastModel.fallbacks`` reports it on a GPU)."""
+    from llm_perf_opt.models.deepseek_ocr.fast import _resolve_sam_attention
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    kind, why = _resolve_sam_attention("triton", torch.device("cpu"))
+    assert kind == "augmented"
+    assert why is not None and ("TRITON_INTERPRET=1" in why or "not importable" in why)
+    assert _resolve_sam_attention("flex", torch.device("cpu")) == ("flex", None)

@@ -1,0 +1,267 @@
+"""SAM's attention with decomposed relative positions at head size 64, in one Triton kernel (fast path).
+
+SAM's logits are ``scale·q·k + rel_h[q, key row] + rel_w[q, key column]`` with two small per-query tables
+(:func:`llm_perf_opt.models.deepseek_ocr.sam.rel_pos_terms`).  The default fast path folds them into the
+operands (q and k 64 + h + w wide, v zero-padded to match: three times the work of head size 64, on flash);
+FlexAttention applies them per score and gathers both tables for every logit (7–24× slower on an H200).
+This kernel walks the keys one key *row* at a time, so neither needs a gather:
+
+* a program owns ``BLOCK_M`` queries of one (batch, head) and loads its ``rel_w`` rows once, a
+  [BLOCK_M, BLOCK_W] tile laid out like the scores of one key row (``BLOCK_W`` = the grid width rounded up to a
+  power of two; the padding columns get ``-inf``);
+* step ``kh`` takes the ``w`` keys of grid row ``kh``: one [BLOCK_W, 64] tile of k and of v, and one column of
+  ``rel_h`` (``rel_h[:, kh]``, contiguous over queries: the table is passed key-row major), added to every
+  score of the row;
+* the rest is flash attention's online softmax in float32 (``exp2`` with ``log2 e`` folded into the scale and
+  the tables), P rounded to the input dtype for the P·V product, the output divided once at the end.
+
+Waste: a 40-wide grid (640-px tiles) runs 64-wide steps (62.5 % of the columns are keys); 64- and 48-wide
+grids (1024-px global view, v2's 768-px tiles) run 100 % and 75 %.  Against the augmented operands' 3× that
+is still 1.6× less work.  Scores are summed in another order than SDPA's, so results equal the dense-bias
+reference to bf16 rounding, not bit for bit.
+
+Triton is optional, as for :mod:`kernels`: compiled on CUDA; on CPU tensors only under Triton's interpreter
+(``TRITON_INTERPRET=1`` before ``triton`` and this module are first imported).  On CUDA the kernel is wrapped
+in a ``torch.library`` custom op (``llm_perf_opt::sam_rel_pos_attention``), so ``torch.compile`` of a SAM block
+treats it as one opaque call and CUDA graphs capture it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor
+
+from llm_perf_opt.models.deepseek_ocr.kernels import KernelUnavailableError
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as exc:  # CPU-only installs without triton: rel_pos_triton_attention raises
+    HAVE_TRITON = False
+    _TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+else:
+    HAVE_TRITON = True
+    _TRITON_IMPORT_ERROR = ""
+
+__all__ = [
+    "HAVE_TRITON",
+    "INTERPRETED",
+    "attention_blocks",
+    "rel_pos_tables",
+    "rel_pos_triton_attention",
+    "unavailable_reason",
+]
+
+# Whether the kernel below was decorated for Triton's interpreter (decided once, at import).
+INTERPRETED: bool = HAVE_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_LOG2E = 1.4426950408889634
+
+
+def unavailable_reason(device: torch.device | str) -> str:
+    """'' when the kernel can run on ``device``, else why not (the :mod:`kernels` rules)."""
+    device = torch.device(device)
+    if not HAVE_TRITON:
+        return f"Triton is not importable ({_TRITON_IMPORT_ERROR}); install it (pip install triton)"
+    if device.type == "cuda":
+        return "" if not INTERPRETED else "the kernel was built for Triton's interpreter (TRITON_INTERPRET=1 at import)"
+    if device.type == "cpu":
+        if INTERPRETED and os.environ.get("TRITON_INTERPRET", "0") == "1":
+            return ""
+        return "CPU tensors run only under Triton's interpreter: set TRITON_INTERPRET=1 before importing triton"
+    return f"device type {device.type!r} is not supported"
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _rel_pos_attention_kernel(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        rh_ptr,
+        rw_ptr,
+        out_ptr,
+        s_qb,
+        s_qh,
+        s_qn,
+        s_kb,
+        s_kh,
+        s_kn,
+        s_vb,
+        s_vh,
+        s_vn,
+        N,
+        HEADS,
+        KH,
+        KW,
+        qk_scale,
+        D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_W: tl.constexpr,
+        STAGES: tl.constexpr,
+        PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // HEADS
+        head = bh % HEADS
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < N
+        d = tl.arange(0, D)
+        cols = tl.arange(0, BLOCK_W)
+        cmask = cols < KW
+        q = tl.load(q_ptr + b * s_qb + head * s_qh + rows[:, None] * s_qn + d[None, :], mask=rmask[:, None], other=0.0)
+        if UPCAST:  # Triton's interpreter computes bf16 tl.dot wrongly; float32 operands are exact
+            q = q.to(tl.float32)
+        # rel_w [B·heads, N, KW]: this program's rows, laid out like one key row's scores; padding columns -inf
+        rw = tl.load(
+            rw_ptr + (bh * N + rows[:, None]) * KW + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0
+        )
+        rw = tl.where(cmask[None, :], rw.to(tl.float32) * 1.4426950408889634, float("-inf"))
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+        k_base = k_ptr + b * s_kb + head * s_kh
+        v_base = v_ptr + b * s_vb + head * s_vh
+        for kh in tl.range(0, KH, num_stages=STAGES):
+            keys = kh * KW + cols
+            kt = tl.load(k_base + keys[:, None] * s_kn + d[None, :], mask=cmask[:, None], other=0.0)
+            vt = tl.load(v_base + keys[:, None] * s_vn + d[None, :], mask=cmask[:, None], other=0.0)
+            # rel_h [B·heads, KH, N] (key-row major): this key row's term for every query, contiguous
+            rh = tl.load(rh_ptr + (bh * KH + kh) * N + rows, mask=rmask, other=0.0).to(tl.float32)
+            pv_dt = vt.dtype
+            if UPCAST:
+                kt, vt = kt.to(tl.float32), vt.to(tl.float32)
+            s = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * qk_scale + rw + rh[:, None] * 1.4426950408889634
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            p_in = p.to(pv_dt)  # P in the input dtype for the P·V product, as flash kernels do
+            if UPCAST:
+                p_in = p_in.to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p_in, vt, input_precision=PRECISION)
+            m_i = m_new
+        out = acc / l_i[:, None]
+        # out [B, N, heads, D]: the layout the block's output projection reads (no permute copy)
+        dst = out_ptr + ((b * N + rows[:, None]) * HEADS + head) * D + d[None, :]
+        tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+
+
+def attention_blocks(n_queries: int, grid_w: int, interpreter: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_W, num_warps, stages) for ``n_queries`` queries over a ``grid_w``-wide key grid.
+
+    GPU: 128 queries per program at 8 warps (a [128, 64] score tile per step), k/v tiles double-buffered
+    (2 stages); ``BLOCK_W`` is ``grid_w`` rounded up to a power of two, at least 16 (``tl.dot``'s minimum).
+    Interpreter: 16-query programs, no pipelining (programs run one by one with numpy).
+    """
+    block_w = max(16, 1 << math.ceil(math.log2(max(1, grid_w))))
+    if interpreter:
+        return 16, block_w, 1, 1
+    block_m = 128 if n_queries > 64 else 64
+    return block_m, block_w, (8 if block_m == 128 else 4), 2
+
+
+def rel_pos_tables(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """The kernel's two position tables from the *unscaled* query ``q`` [B, heads, h·w, C]:
+    ``rel_h`` [B·heads, h (key row), h·w] (key-row major) and ``rel_w`` [B·heads, h·w, w (key column)], both in
+    ``q.dtype``, the products :func:`sam.rel_pos_terms` computes (same einsum operands, another output order)."""
+    from llm_perf_opt.models.deepseek_ocr.sam import get_rel_pos
+
+    h, w = hw
+    b, n_heads, n, dim = q.shape
+    r_q = q.reshape(b, n_heads, h, w, dim)
+    rel_h = torch.einsum("bnhwc,hkc->bnkhw", r_q, get_rel_pos(h, h, rel_pos_h)).reshape(b * n_heads, h, n)
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, get_rel_pos(w, w, rel_pos_w)).reshape(b * n_heads, n, w)
+    return rel_h.contiguous(), rel_w.contiguous()
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, hw: tuple[int, int]) -> None:
+    h, w = hw
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must be [B, heads, N, C] of one shape, got {q.shape}, {k.shape}, {v.shape}")
+    n, dim = q.shape[2], q.shape[3]
+    if n != h * w:
+        raise ValueError(f"{n} tokens do not fill the {h}x{w} grid")
+    if dim < 16 or dim & (dim - 1):
+        raise ValueError(f"head size must be a power of two >= 16 (tl.dot), got {dim}")
+    if any(t.stride(-1) != 1 for t in (q, k, v)):
+        raise ValueError("q, k, v must be contiguous along the head dimension")
+
+
+def _launch(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, h: int, w: int) -> Tensor:
+    """Run the kernel; returns [B, N, heads, C] (contiguous) in ``q.dtype``."""
+    b, n_heads, n, dim = q.shape
+    interpreter = q.device.type != "cuda"
+    block_m, block_w, warps, stages = attention_blocks(n, w, interpreter)
+    out = torch.empty((b, n, n_heads, dim), device=q.device, dtype=q.dtype)
+    _rel_pos_attention_kernel[(triton.cdiv(n, block_m), b * n_heads)](
+        q,
+        k,
+        v,
+        rel_h,
+        rel_w,
+        out,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        n,
+        n_heads,
+        h,
+        w,
+        dim**-0.5 * _LOG2E,
+        D=dim,
+        BLOCK_M=block_m,
+        BLOCK_W=block_w,
+        STAGES=stages,
+        PRECISION="ieee" if interpreter or q.dtype == torch.float32 else "tf32",
+        UPCAST=interpreter,
+        num_warps=warps,
+    )
+    return out
+
+
+if HAVE_TRITON and not INTERPRETED:
+
+    @torch.library.custom_op("llm_perf_opt::sam_rel_pos_attention", mutates_args=())
+    def _attention_op(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, h: int, w: int) -> Tensor:
+        return _launch(q, k, v, rel_h, rel_w, h, w)
+
+    @_attention_op.register_fake
+    def _(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, h: int, w: int) -> Tensor:
+        b, n_heads, n, dim = q.shape
+        return q.new_empty((b, n, n_heads, dim))
+
+
+def rel_pos_triton_attention(
+    q: Tensor, k: Tensor, v: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, hw: tuple[int, int]
+) -> Tensor:
+    """SAM attention with decomposed relative positions, head size kept: [B, heads, N, C] like SDPA's output.
+
+    Same arguments and logits as :func:`sam.rel_pos_attention` (``q``, ``k``, ``v`` [B, heads, h·w, C], strided
+    views allowed as long as the head dimension is contiguous; the checkpoint's ``rel_pos_h`` / ``rel_pos_w``
+    tables, resampled for the grid ``hw``).  The result is a [B, heads, N, C] view of a [B, N, heads, C] tensor,
+    so the caller's ``permute(0, 2, 1, 3).reshape`` to tokens costs no copy.
+    """
+    why = unavailable_reason(q.device)
+    if why:
+        raise KernelUnavailableError(f"sam_kernels.rel_pos_triton_attention cannot run on {q.device}: {why}")
+    _check(q, k, v, hw)
+    rel_h, rel_w = rel_pos_tables(q, rel_pos_h, rel_pos_w, hw)
+    h, w = hw
+    if q.device.type == "cuda":
+        out = _attention_op(q, k, v, rel_h, rel_w, h, w)
+    else:
+        out = _launch(q, k, v, rel_h, rel_w, h, w)
+    return out.permute(0, 2, 1, 3)

@@ -1,0 +1,82 @@
+"""SAM's rel-pos attention kernel (``sam_kernels``) at the real view shapes on a GPU, against the float32 reference.
+
+The oracle is the reference's math in float32: ``decomposed_rel_pos_bias`` + SDPA with the dense [N, N] bias.  The
+kernel's bf16 result must be as close to it as bf16 allows: within twice the error of the augmented flash path (an
+independent bf16 implementation of the same logits) plus a quarter bf16 step of the largest output.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llm_perf_opt.models.deepseek_ocr.sam import decomposed_rel_pos_bias, rel_pos_attention
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+HEADS, DIM = 12, 64  # SAM-B
+
+
+@pytest.mark.parametrize(
+    ("batch", "grid"),
+    [(6, 40), (1, 64), (6, 48), (2, 14)],  # v1 640-px tiles, the 1024-px global view, v2 768-px tiles, a 14x14 grid
+)
+def test_matches_float32_dense_bias_at_real_sizes(batch: int, grid: int) -> None:
+    from llm_perf_opt.models.deepseek_ocr import sam_kernels
+
+    gen = torch.Generator(device="cuda").manual_seed(grid)
+    n = grid * grid
+    qkv = torch.randn(batch, n, 3, HEADS, DIM, device="cuda", generator=gen, dtype=torch.bfloat16)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # the block's strided views
+    rel_h = (torch.randn(127, DIM, device="cuda", generator=gen) * 0.5).bfloat16()  # a 64-grid table, resampled
+    rel_w = (torch.randn(127, DIM, device="cuda", generator=gen) * 0.5).bfloat16()
+    with torch.inference_mode():
+        bias = decomposed_rel_pos_bias(q.float(), rel_h.float(), rel_w.float(), (grid, grid), (grid, grid))
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias)
+        del bias
+        out = sam_kernels.rel_pos_triton_attention(q, k, v, rel_h, rel_w, (grid, grid))
+        aug = rel_pos_attention(q, k, v, rel_h, rel_w, (grid, grid))
+    assert out.shape == ref.shape and out.dtype == torch.bfloat16
+    assert bool(torch.isfinite(out).all())
+    err = float((out.float() - ref).abs().max())
+    err_aug = float((aug.float() - ref).abs().max())
+    step = float(ref.abs().max()) * 2.0**-8  # one bf16 step at the largest output
+    assert err <= 2 * err_aug + step / 4, (err, err_aug, step)
+
+
+def test_in_a_cuda_graph_under_torch_compile() -> None:
+    """Compiled (the custom op is opaque to inductor) and captured in a CUDA graph, the kernel gives the eager
+    launch's result bit for bit on new inputs copied into the graph's buffers."""
+    from llm_perf_opt.models.deepseek_ocr import sam_kernels
+
+    grid, batch = 40, 2
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def inputs() -> tuple[torch.Tensor, ...]:
+        shape = (batch, HEADS, grid * grid, DIM)
+        return tuple(torch.randn(shape, device="cuda", generator=gen).bfloat16() for _ in range(3))
+
+    rel_h = torch.randn(79, DIM, device="cuda", generator=gen).bfloat16()
+    rel_w = torch.randn(79, DIM, device="cuda", generator=gen).bfloat16()
+
+    def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return sam_kernels.rel_pos_triton_attention(q, k, v, rel_h, rel_w, (grid, grid)) * 1.0
+
+    compiled = torch.compile(fn, dynamic=False)
+    static = inputs()
+    with torch.inference_mode():
+        for _ in range(2):
+            compiled(*static)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = compiled(*static)
+        for _ in range(2):
+            fresh = inputs()
+            for dst, src in zip(static, fresh, strict=True):
+                dst.copy_(src)
+            graph.replay()
+            assert torch.equal(out, fn(*fresh))

@@ -1,0 +1,130 @@
+"""SAM's rel-pos attention kernel (``sam_kernels``) == the dense-bias reference, on CPU through Triton's interpreter.
+
+The oracle is the reference's own math in float64: the [N, N] bias of ``decomposed_rel_pos_bias`` handed to SDPA.
+Grids cover a power-of-two width (no padding columns), widths that pad (3 -> 16, 5 -> 16, 20 -> 32), a query count
+that is not a multiple of the 16-query block, h != w (a row/column mix-up shows), strided q/k/v views (the block's
+``qkv.unbind``) and tables sized for a larger trained grid (resampled, as for a tile).  ``tests/conftest.py`` imports
+the module with ``TRITON_INTERPRET=1`` on machines without CUDA; elsewhere these tests skip (the GPU suite covers
+real sizes: tests/gpu/test_fast_path.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llm_perf_opt.models.deepseek_ocr import sam_kernels as SK
+from llm_perf_opt.models.deepseek_ocr.kernels import KernelUnavailableError
+from llm_perf_opt.models.deepseek_ocr.sam import decomposed_rel_pos_bias
+from tests.conftest import rel_err
+
+pytestmark = pytest.mark.skipif(
+    not SK.INTERPRETED, reason="sam_kernels was imported compiled-mode (a CUDA machine runs the GPU tests instead)"
+)
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    yield
+
+
+def _case(hw: tuple[int, int], dim: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:
+    """q, k, v as the strided views a SAM block makes (``qkv.reshape(...).permute(2, 0, 3, 1, 4).unbind(0)``) and
+    rel-pos tables sized for a grid 1.5x larger (so ``get_rel_pos`` resamples them)."""
+    gen = torch.Generator().manual_seed(seed)
+    h, w = hw
+    b, heads = 2, 3
+    qkv = torch.randn(b, h * w, 3, heads, dim, generator=gen).to(dtype).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    rel_h = torch.randn(2 * (3 * h // 2) - 1, dim, generator=gen).to(dtype)
+    rel_w = torch.randn(2 * (3 * w // 2) - 1, dim, generator=gen).to(dtype)
+    return q, k, v, rel_h, rel_w
+
+
+def _oracle(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, hw: tuple[int, int]
+) -> torch.Tensor:
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    bias = decomposed_rel_pos_bias(q64, rel_h.double(), rel_w.double(), hw, hw)
+    return F.scaled_dot_product_attention(q64, k64, v64, attn_mask=bias)
+
+
+@pytest.mark.parametrize(("hw", "dim"), [((4, 4), 16), ((3, 5), 16), ((5, 3), 32), ((2, 20), 16), ((6, 16), 16)])
+def test_matches_dense_bias_float32(hw: tuple[int, int], dim: int) -> None:
+    q, k, v, rel_h, rel_w = _case(hw, dim, torch.float32, seed=hw[0] * 31 + hw[1])
+    actual = SK.rel_pos_triton_attention(q, k, v, rel_h, rel_w, hw)
+    expected = _oracle(q, k, v, rel_h, rel_w, hw)
+    assert actual.shape == expected.shape == q.shape
+    assert actual.dtype == torch.float32
+    assert rel_err(actual, expected) < 2e-6
+
+
+@pytest.mark.parametrize("hw", [(4, 4), (5, 3)])
+def test_matches_dense_bias_bf16(hw: tuple[int, int]) -> None:
+    """bf16 operands: the tables are bf16 products (as in the reference), P is rounded to bf16 for P·V as in
+    flash kernels; to bf16 rounding of the float64 oracle (the reference's own bf16 path is no closer)."""
+    q, k, v, rel_h, rel_w = _case(hw, 16, torch.bfloat16, seed=7 + hw[0])
+    actual = SK.rel_pos_triton_attention(q, k, v, rel_h, rel_w, hw)
+    expected = _oracle(q, k, v, rel_h, rel_w, hw)
+    assert actual.dtype == torch.bfloat16
+    reference_bf16 = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=decomposed_rel_pos_bias(q, rel_h, rel_w, hw, hw)
+    )  # the reference path's own error in bf16: the bound is a small multiple of it
+    bound = max(2e-2, 3 * rel_err(reference_bf16, expected))
+    assert rel_err(actual, expected) < bound
+
+
+def test_output_is_a_view_of_token_major_storage() -> None:
+    """The [B, heads, N, C] result permutes back to [B, N, heads·C] tokens without a copy (what the block's
+    output projection reads)."""
+    hw = (3, 5)
+    q, k, v, rel_h, rel_w = _case(hw, 16, torch.float32, seed=3)
+    out = SK.rel_pos_triton_attention(q, k, v, rel_h, rel_w, hw)
+    tokens = out.permute(0, 2, 1, 3)
+    assert tokens.is_contiguous()
+    assert tokens.reshape(2, 15, 48).data_ptr() == out.data_ptr()
+
+
+def test_tables_equal_rel_pos_terms() -> None:
+    """The kernel's key-row-major tables hold the products ``sam.rel_pos_terms`` computes."""
+    from llm_perf_opt.models.deepseek_ocr.sam import rel_pos_terms
+
+    hw = (3, 5)
+    q, _, _, rel_h, rel_w = _case(hw, 16, torch.float32, seed=5)
+    th, tw = SK.rel_pos_tables(q, rel_h, rel_w, hw)
+    eh, ew = rel_pos_terms(q, rel_h, rel_w, hw, hw)  # [B, heads, h, w, kh], [B, heads, h, w, kw]
+    torch.testing.assert_close(th, eh.reshape(6, 15, 3).transpose(1, 2), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(tw, ew.reshape(6, 15, 5), rtol=1e-6, atol=1e-6)
+
+
+def test_bad_input_is_refused_with_the_reason() -> None:
+    q, k, v, rel_h, rel_w = _case((4, 4), 16, torch.float32, seed=1)
+    with pytest.raises(ValueError, match="do not fill the 4x5 grid"):
+        SK.rel_pos_triton_attention(q, k, v, rel_h, rel_w, (4, 5))
+    with pytest.raises(ValueError, match="one shape"):
+        SK.rel_pos_triton_attention(q, k[:, :, :8], v, rel_h, rel_w, (4, 4))
+    q12 = torch.randn(2, 3, 16, 12)
+    with pytest.raises(ValueError, match="power of two >= 16"):
+        SK.rel_pos_triton_attention(q12, q12, q12, torch.randn(7, 12), torch.randn(7, 12), (4, 4))
+
+
+def test_unavailable_without_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert SK.unavailable_reason("cpu") == ""
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert "TRITON_INTERPRET=1" in SK.unavailable_reason("cpu")
+    q, k, v, rel_h, rel_w = _case((4, 4), 16, torch.float32, seed=1)
+    with pytest.raises(KernelUnavailableError, match="TRITON_INTERPRET=1"):
+        SK.rel_pos_triton_attention(q, k, v, rel_h, rel_w, (4, 4))
+
+
+def test_block_sizes() -> None:
+    """Power-of-two key-row width of at least 16 (``tl.dot``), 128-query programs at 8 warps on a GPU."""
+    assert SK.attention_blocks(1600, 40, interpreter=False) == (128, 64, 8, 2)
+    assert SK.attention_blocks(4096, 64, interpreter=False) == (128, 64, 8, 2)
+    assert SK.attention_blocks(2304, 48, interpreter=False) == (128, 64, 8, 2)
+    assert SK.attention_blocks(49, 7, interpreter=False) == (64, 16, 4, 2)
+    assert SK.attention_blocks(15, 5, interpreter=True) == (16, 16, 1, 1)
