@@ -104,6 +104,36 @@ def op_rows(sam: SamEncoder, dev: torch.device, kinds: tuple[str, ...]) -> list[
     return rows
 
 
+# (queries per program, warps, k/v pipeline stages) tried by --sweep
+SWEEP = [(m, w, s) for m in (64, 128) for w in (4, 8) for s in (1, 2, 3)]
+
+
+def sweep_rows(sam: SamEncoder, dev: torch.device) -> list[dict[str, Any]]:
+    """The Triton kernel's launch settings at each view's global grid and the windows' (ms, useful TFLOP/s)."""
+    block = next(cast(SamBlock, b) for b in sam.blocks if cast(SamBlock, b).window_size == 0)
+    heads = int(block.attn.num_heads)
+    dim = int(sam.cfg.embed_dim) // heads
+    rel_h, rel_w = block.attn.rel_pos_h.detach(), block.attn.rel_pos_w.detach()
+    gen = torch.Generator(device=dev).manual_seed(2)
+    shapes = [(v, b, side // int(sam.cfg.patch_size)) for _, v, b, side in VIEWS] + [
+        (v, b, g) for _, v, b, g in WINDOW_VIEWS
+    ]
+    rows = []
+    for view, batch, grid in shapes:
+        n = grid * grid
+        q, k, v = (torch.randn(batch, heads, n, dim, device=dev, generator=gen, dtype=torch.bfloat16) for _ in range(3))
+        for block_m, warps, stages in SWEEP:
+            fn = functools.partial(rel_pos_triton_attention, block_m=block_m, num_warps=warps, stages=stages)
+            try:
+                ms = cuda_ms(functools.partial(fn, q, k, v, rel_h, rel_w, (grid, grid)), warmup=3, reps=20)
+            except Exception as exc:  # a launch setting that does not compile is a row, not the end of the sweep
+                rows.append(dict(view=view, block_m=block_m, warps=warps, stages=stages, error=str(exc)[:200]))
+                continue
+            flops = 4 * batch * heads * n * n * dim
+            rows.append(dict(view=view, block_m=block_m, warps=warps, stages=stages, ms=ms, tflops=flops / ms / 1e9))
+    return rows
+
+
 def tower_rows(sam: SamEncoder, dev: torch.device, kinds: tuple[str, ...]) -> list[dict[str, Any]]:
     """The whole SAM tower on the fast path (compiled blocks, graph per shape) with each global kernel."""
     rows = []
@@ -139,7 +169,9 @@ def tower_rows(sam: SamEncoder, dev: torch.device, kinds: tuple[str, ...]) -> li
     return rows
 
 
-def render(ops: list[dict[str, Any]], towers: list[dict[str, Any]], env: dict[str, str]) -> str:
+def render(
+    ops: list[dict[str, Any]], towers: list[dict[str, Any]], env: dict[str, str], sweep: list[dict[str, Any]]
+) -> str:
     lines = [
         f"# SAM rel-pos attention: augmented flash vs FlexAttention vs Triton — {env['gpu']}",
         "",
@@ -173,6 +205,17 @@ def render(ops: list[dict[str, Any]], towers: list[dict[str, Any]], env: dict[st
         pairs = [(v, by[(v, "augmented")], by[(v, kind)]) for _, v, _, _ in VIEWS if (v, kind) in by]
         speedups = ", ".join(f"{v} {a / f:.2f}×" for v, a, f in pairs)
         lines += ["", f"Tower speed-up {kind} vs augmented: {speedups}."]
+    if sweep:
+        lines += [
+            "",
+            "## The Triton kernel's launch settings (--sweep; default: sam_kernels.attention_blocks)",
+            "",
+            "| view | queries per program | warps | stages | ms | useful TFLOP/s |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for r in sweep:
+            cells = f"{r['ms']:.3f} | {r['tflops']:.0f}" if "ms" in r else f"failed: {r['error']} |"
+            lines.append(f"| {r['view']} | {r['block_m']} | {r['warps']} | {r['stages']} | {cells} |")
     return "\n".join(lines) + "\n"
 
 
@@ -180,6 +223,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None, help="folder for sam_attention.md / .json")
     ap.add_argument("--flex", action="store_true", help="also time FlexAttention (slow to compile and to run)")
+    ap.add_argument("--sweep", action="store_true", help="also sweep the Triton kernel's launch settings")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_sam_attention: no CUDA device; nothing timed")
@@ -200,12 +244,18 @@ def main() -> None:
         kinds = KINDS if args.flex else tuple(k for k in KINDS if k != "flex")
         ops = op_rows(sam, dev, kinds)
     towers = tower_rows(sam, dev, kinds)
-    text = render(ops, towers, env)
+    sweep = []
+    if args.sweep:
+        with torch.no_grad():
+            sweep = sweep_rows(sam, dev)
+    text = render(ops, towers, env, sweep)
     print(text)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "sam_attention.md").write_text(text)
-        (args.out / "sam_attention.json").write_text(json.dumps(dict(env=env, ops=ops, towers=towers), indent=1))
+        (args.out / "sam_attention.json").write_text(
+            json.dumps(dict(env=env, ops=ops, towers=towers, sweep=sweep), indent=1)
+        )
 
 
 if __name__ == "__main__":

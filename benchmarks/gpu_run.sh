@@ -10,7 +10,8 @@
 #   goals18 issue 18's goals run through the real CLI: Gundam, no_repeat_ngram_size=20, mixed page sizes, log-normal
 #           output lengths (median 1,000), batch 64, preprocessing included; continuous then static, and `compare`
 #           (G18_MODES="continuous continuous-wide" measures the drain's narrowing: on vs infer.narrow_drain=false)
-#   samattn benchmarks/bench_sam_attention.py (SAM's global attention: augmented flash vs FlexAttention, op and tower)
+#   samattn benchmarks/bench_sam_attention.py (SAM's rel-pos attention: augmented flash vs the Triton kernel, op and
+#           tower; SAMATTN_ARGS="--sweep --flex" adds the Triton launch sweep and FlexAttention)
 #   v1v2    benchmarks/bench_v1_v2.py (v1 Gundam vs DeepSeek-OCR-2 per stage, transformers' native class as the
 #           baseline column, native-vs-transformers logits on full-size dummy weights)
 # Everything is written to $RES (default /tmp/gpu-results) and packed into $OUT/results.tgz (the
@@ -101,7 +102,7 @@ if has goals18; then
       -o "$OUT/goals18-compare-narrowing.md" > /dev/null
 fi
 if has samattn; then
-  python3 benchmarks/bench_sam_attention.py --out "$OUT" 2>&1 | grep -v '^\[' | tail -40
+  python3 benchmarks/bench_sam_attention.py --out "$OUT" ${SAMATTN_ARGS:-} 2>&1 | grep -v '^\[' | tail -40
 fi
 if has v1v2; then
   TF_PATH=$PYTHONPATH; [ -d /tmp/tfsite ] && TF_PATH=/tmp/tfsite:$PYTHONPATH

@@ -194,11 +194,15 @@ def _check(q: Tensor, k: Tensor, v: Tensor, hw: tuple[int, int]) -> None:
         raise ValueError("q, k, v must be contiguous along the head dimension")
 
 
-def _launch(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, h: int, w: int) -> Tensor:
-    """Run the kernel; returns [B, N, heads, C] (contiguous) in ``q.dtype``."""
+def _launch(
+    q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, h: int, w: int, block_m: int, warps: int, stages: int
+) -> Tensor:
+    """Run the kernel; returns [B, N, heads, C] (contiguous) in ``q.dtype``.  ``block_m`` / ``warps`` / ``stages``
+    override :func:`attention_blocks` where non-zero (``bench_sam_attention.py --sweep``)."""
     b, n_heads, n, dim = q.shape
     interpreter = q.device.type != "cuda"
-    block_m, block_w, warps, stages = attention_blocks(n, w, interpreter)
+    auto_m, block_w, auto_warps, auto_stages = attention_blocks(n, w, interpreter)
+    block_m, warps, stages = block_m or auto_m, warps or auto_warps, stages or auto_stages
     out = torch.empty((b, n, n_heads, dim), device=q.device, dtype=q.dtype)
     _rel_pos_attention_kernel[(triton.cdiv(n, block_m), b * n_heads)](
         q,
@@ -235,24 +239,56 @@ def _launch(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, h: in
 if HAVE_TRITON and not INTERPRETED:
 
     @torch.library.custom_op("llm_perf_opt::sam_rel_pos_attention", mutates_args=())
-    def _attention_op(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, h: int, w: int) -> Tensor:
-        return _launch(q, k, v, rel_h, rel_w, h, w)
+    def _attention_op(
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        rel_h: Tensor,
+        rel_w: Tensor,
+        h: int,
+        w: int,
+        block_m: int,
+        warps: int,
+        stages: int,
+    ) -> Tensor:
+        return _launch(q, k, v, rel_h, rel_w, h, w, block_m, warps, stages)
 
     @_attention_op.register_fake
-    def _(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, h: int, w: int) -> Tensor:
+    def _(
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        rel_h: Tensor,
+        rel_w: Tensor,
+        h: int,
+        w: int,
+        block_m: int,
+        warps: int,
+        stages: int,
+    ) -> Tensor:
         b, n_heads, n, dim = q.shape
         return q.new_empty((b, n, n_heads, dim))
 
 
 def rel_pos_triton_attention(
-    q: Tensor, k: Tensor, v: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, hw: tuple[int, int]
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rel_pos_h: Tensor,
+    rel_pos_w: Tensor,
+    hw: tuple[int, int],
+    *,
+    block_m: int = 0,
+    num_warps: int = 0,
+    stages: int = 0,
 ) -> Tensor:
     """SAM attention with decomposed relative positions, head size kept: [B, heads, N, C] like SDPA's output.
 
     Same arguments and logits as :func:`sam.rel_pos_attention` (``q``, ``k``, ``v`` [B, heads, h·w, C], strided
     views allowed as long as the head dimension is contiguous; the checkpoint's ``rel_pos_h`` / ``rel_pos_w``
     tables, resampled for the grid ``hw``).  The result is a [B, heads, N, C] view of a [B, N, heads, C] tensor,
-    so the caller's ``permute(0, 2, 1, 3).reshape`` to tokens costs no copy.
+    so the caller's ``permute(0, 2, 1, 3).reshape`` to tokens costs no copy.  ``block_m`` (queries per program),
+    ``num_warps`` and ``stages`` (k/v pipelining) override :func:`attention_blocks` where non-zero.
     """
     why = unavailable_reason(q.device)
     if why:
@@ -260,8 +296,10 @@ def rel_pos_triton_attention(
     _check(q, k, v, hw)
     rel_h, rel_w = rel_pos_tables(q, rel_pos_h, rel_pos_w, hw)
     h, w = hw
+    if block_m and (block_m < 16 or block_m & (block_m - 1)):
+        raise ValueError(f"block_m must be a power of two >= 16 (tl.dot), got {block_m}")
     if q.device.type == "cuda":
-        out = _attention_op(q, k, v, rel_h, rel_w, h, w)
+        out = _attention_op(q, k, v, rel_h, rel_w, h, w, block_m, num_warps, stages)
     else:
-        out = _launch(q, k, v, rel_h, rel_w, h, w)
+        out = _launch(q, k, v, rel_h, rel_w, h, w, block_m, num_warps, stages)
     return out.permute(0, 2, 1, 3)

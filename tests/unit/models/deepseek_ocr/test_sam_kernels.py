@@ -110,6 +110,8 @@ def test_bad_input_is_refused_with_the_reason() -> None:
     q12 = torch.randn(2, 3, 16, 12)
     with pytest.raises(ValueError, match="power of two >= 16"):
         SK.rel_pos_triton_attention(q12, q12, q12, torch.randn(7, 12), torch.randn(7, 12), (4, 4))
+    with pytest.raises(ValueError, match="block_m must be a power of two"):
+        SK.rel_pos_triton_attention(q, k, v, rel_h, rel_w, (4, 4), block_m=24)
 
 
 def test_unavailable_without_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
