@@ -1757,6 +1757,9 @@ def stack_always_on(
 # 62.2 -> 48.5 us; in the batch-1 step 0.659 -> 0.658 ms/token, the same greedy tokens.  Also measured and dropped:
 # the K loop unrolled with its tiles held in registers (T=1 24.4 us, T=4 53.5) and the down kernel's routing and
 # weights loaded before its dependent-launch wait (T=1 26.5 -> 26.0 us as dependent launches, T=4 60.1 -> 70.9).
+# Round 10 also measured the down kernel's (slot, K block) steps as one software-pipelined loop (cp.async copies
+# after the wait, bit-identical): both kernels T=1 21.9 -> 23.1 / 22.1 / 22.9 us at 2 / 3 / 4 stages, T=4 48.4 ->
+# 52.4 / 53.0 / 53.8; the batch-1 step 0.652 -> 0.750 / 0.678 / 0.690 ms/token.  Dropped (code removed).
 UP_STAGES = 2
 # The down kernel's (slot, K block) steps as one loop software-pipelined over this many stages (the next steps'
 # weight tiles copied into shared memory while this one is summed; the same sums in the same order, so the same
