@@ -457,14 +457,13 @@ def main() -> None:
             # the expert up kernel's software pipelining (a kernels-module setting, not a FastConfig switch)
             from llm_perf_opt.models.deepseek_ocr import kernels as triton_kernels
 
-            for setting in ("UP_STAGES", "DOWN_STAGES"):  # and the down kernel's (slot, K block) loop
-                default_stages = getattr(triton_kernels, setting)
-                for stages in sorted({0, 2, 3, 4} - {default_stages}):
-                    setattr(triton_kernels, setting, stages)
-                    try:
-                        time_variant(f"kernels.{setting}={stages}", d)
-                    finally:
-                        setattr(triton_kernels, setting, default_stages)
+            default_stages = triton_kernels.UP_STAGES
+            for stages in sorted({0, 2, 3, 4} - {default_stages}):
+                triton_kernels.UP_STAGES = stages
+                try:
+                    time_variant(f"kernels.UP_STAGES={stages}", d)
+                finally:
+                    triton_kernels.UP_STAGES = default_stages
         fm = apply_fast_path(model, FastConfig(prefill_graphs=False))
         var["prefill prefill_graphs=False ms"] = prefill_ms(fm, embeds)
         other_kernels = "torch" if fast.fast_config.decode_kernels == "triton" else "triton"

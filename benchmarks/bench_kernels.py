@@ -49,7 +49,6 @@ from llm_perf_opt.models.deepseek_ocr.config import DeepseekOCRConfig, LanguageC
 from llm_perf_opt.models.deepseek_ocr.decoder import RMSNorm, RotaryEmbedding, grouped_experts_stacked, use_grouped_mm
 from llm_perf_opt.models.deepseek_ocr.graphs import first_argmax
 from llm_perf_opt.models.deepseek_ocr.kernels import (
-    DOWN_STAGES,
     KEYS_PER_SPLIT,
     PICK_BLOCK,
     UP_STAGES,
@@ -482,10 +481,6 @@ class Bench:
         sizes = moe_block_sizes(tokens, k + n_always, hid, inter, sms, not cuda, **rows)
         used = {**dict(zip(("block_n", "block_k_up", "block_h", "block_k_down"), sizes, strict=True)), **blocks}
         note = f"{distinct} distinct slots; vs torch path max |Δ| {err_torch:.3g}; {used}"
-        for key in ("stages_up", "stages_down"):  # a pipelined loop sums in the plain loop's order: the same bits
-            if blocks.get(key):
-                same = torch.equal(moe_experts(x, idx, w, w13, w2, n_always, res, **{**blocks, key: 0}), out)
-                note += f"; {'bit-identical to' if same else 'DIFFERENT output from'} {key}=0"
         if pdl:
             same = torch.equal(kernel(layers[0]), out)
             note += f"; dependent launches ({'bit-identical' if same else 'DIFFERENT output'})"
@@ -591,9 +586,7 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
         specs.append(("_moe_up_kernel", up, up_consts, up_warps))  # as launched (pipelined), then the plain loop
         specs.append(("_moe_up_kernel", up, {**up_consts, "STAGES": 0}, up_warps))
         down_consts = {**common, "HAS_RESIDUAL": True, "BLOCK_H": bh, "BLOCK_K": bkd, "EVEN_K": inter % bkd == 0}
-        # as launched, then the other of plain / pipelined over 2 stages (moe_experts(stages_down=...))
-        for stages in dict.fromkeys((DOWN_STAGES, 2 if DOWN_STAGES == 0 else 0)):
-            specs.append(("_moe_down_kernel", down, {**down_consts, "STAGES": stages}, 4))
+        specs.append(("_moe_down_kernel", down, down_consts, 4))
     ids = dict(ids_ptr=i64, order_ptr="*i32", offs_ptr="*i32", P="i32")
     align = dict(E=lang.n_routed_experts, BLOCK_P=16, BLOCK_ALL=512, BLOCK_E=128)  # 64 tokens x top-6
     specs.append(("_moe_align_kernel", ids, align, 4))
@@ -673,11 +666,10 @@ def sm90_check(lang: LanguageConfig) -> list[dict[str, Any]]:
         ptxas = getattr(tool, "path", None)
     results = []
     specs = [(name, sig, {**consts, "USE_GDC": False}, warps) for name, sig, consts, warps in sm90_specs(lang)]
-    first: dict[tuple[str, Any], tuple[str, dict[str, str], dict[str, Any], int]] = {}
+    first: dict[str, tuple[str, dict[str, str], dict[str, Any], int]] = {}
     for spec in specs:
-        first.setdefault((spec[0], spec[2].get("STAGES")), spec)
-    # each kernel (each loop form: plain / software-pipelined) once more as a programmatic dependent launch
-    # (kernels.dependent_launches: USE_GDC + launch_pdl)
+        first.setdefault(spec[0], spec)
+    # each kernel once more as a programmatic dependent launch (kernels.dependent_launches: USE_GDC + launch_pdl)
     specs += [(name, sig, {**consts, "USE_GDC": True}, warps) for name, sig, consts, warps in first.values()]
     for name, signature, constexprs, num_warps in specs:
         fn = getattr(kernels, name)
@@ -1044,9 +1036,8 @@ def main() -> None:
             print(json.dumps(results))
             return
         for r in results:
-            status = r["error"][:200] or (
-                f"{r['registers']} regs, {r['spill_bytes']} B spilled, {r['v4_loads']} v4 loads,"
-                f" {r['cp_async_16']} 16-byte cp.async, {r['loads_before_wait']} loads before the wait"
+            status = (
+                r["error"][:200] or f"{r['registers']} regs, {r['spill_bytes']} B spilled, {r['v4_loads']} v4 loads"
             )
             print(f"{r['kernel']:24s} {json.dumps(r['constexprs'])}: {status}")
         return
@@ -1076,16 +1067,12 @@ def main() -> None:
             rows += [bench.pick(1)]
             rows += [bench.linear(1, n_out, name) for name, n_out in projections(bench.lang)]
             rows += [bench.qkv_rope(1)]
-            # the up kernel's loop and the down kernel's (slot, K block) loop plain and software-pipelined
-            # (moe_experts(stages_up=... / stages_down=...)) in the same run, and the default kernels as dependent
-            # launches (each call's up kernel waits on the previous call's down)
+            # the up kernel's loop plain and software-pipelined (moe_experts(stages_up=...)) in the same run, and
+            # the default kernels as dependent launches (each call's up kernel waits on the previous call's down)
             for tokens in (1, 4):
                 if tokens == 4:
                     rows += [bench.route(4), bench.norm_route(4)]
                 rows += [bench.experts(tokens, stages_up=n) for n in (0, 2, 3)]
-                # stages_down 4 too: a pipelined loop waits with up to STAGES - 1 steps' tiles in flight (the plain
-                # loop with one), and the down kernel's steps do little arithmetic to hide behind
-                rows += [bench.experts(tokens, stages_down=n) for n in (0, 2, 3, 4)]
                 rows += [bench.experts(tokens, pdl=True)]
         for tokens in grouped_tokens:
             if tokens <= 16:  # the GEMV kernels re-read weights per token: where the grouped kernels take over

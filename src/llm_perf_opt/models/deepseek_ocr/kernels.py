@@ -689,7 +689,6 @@ if HAVE_TRITON:
         BLOCK_K: tl.constexpr,
         EVEN_K: tl.constexpr,
         USE_GDC: tl.constexpr = False,
-        STAGES: tl.constexpr = 0,
     ):
         if USE_GDC:
             _dependent_launch()
@@ -700,53 +699,27 @@ if HAVE_TRITON:
         dt = out_ptr.dtype.element_ty
         routed_acc = tl.zeros([BLOCK_H], dtype=tl.float32)
         always_acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-        if STAGES > 0:
-            # software-pipelined over the (slot, K block) steps as ONE loop (Triton pipelines innermost loops
-            # only, and a loop per slot kind would drain the pipeline between the routed and the always-on slots):
-            # the weight tiles of the next STAGES - 1 steps are copied into shared memory (cp.async) while this one
-            # is summed.  The same sums in the same order as the unrolled loop below: slots 0.. in order, a slot's
-            # y summed over its K blocks in order and added to its accumulator at its last block, then reset
-            n_k = tl.cdiv(INTER, BLOCK_K)
+        # unrolled over the slots: every slot's expert id is known up front, so the weight loads of the
+        # next slot need not wait for the previous slot's reduction
+        for s in tl.static_range(TOP_K + N_ALWAYS):
+            if s < TOP_K:
+                e = tl.load(idx_ptr + t * TOP_K + s).to(tl.int64)
+            else:
+                e = (N_EXPERTS - N_ALWAYS + (s - TOP_K)).to(tl.int64)
+            w_rows = w2_ptr + e * (H * INTER) + rows[:, None] * INTER
+            h_row = h_ptr + (t * (TOP_K + N_ALWAYS) + s) * INTER
             y = tl.zeros([BLOCK_H], dtype=tl.float32)
-            for i in tl.range(0, (TOP_K + N_ALWAYS) * n_k, num_stages=STAGES):
-                s = i // n_k
-                k0 = (i - s * n_k) * BLOCK_K
-                routed = s < TOP_K
-                e = tl.load(idx_ptr + t * TOP_K + s, mask=routed, other=0)
-                e = tl.where(routed, e, N_EXPERTS - N_ALWAYS + (s - TOP_K)).to(tl.int64)
-                w_rows = w2_ptr + e * (H * INTER) + rows[:, None] * INTER
-                h_row = h_ptr + (t * (TOP_K + N_ALWAYS) + s) * INTER
+            for k0 in range(0, INTER, BLOCK_K):
                 kk = k0 + tl.arange(0, BLOCK_K)
                 hv, tile_mask = _row_block(h_row, kk, rmask, INTER, EVEN_K)
                 w = tl.load(w_rows + kk[None, :], mask=tile_mask, other=0.0).to(tl.float32)
                 y += tl.sum(w * hv[None, :], axis=1)
-                last = k0 + BLOCK_K >= INTER
-                wt = tl.load(wts_ptr + t * TOP_K + s, mask=routed, other=0.0)
-                routed_acc = tl.where(last & routed, routed_acc + wt * _round(y, dt), routed_acc)
-                always_acc = tl.where(last & (s >= TOP_K), always_acc + y, always_acc)
-                y = tl.where(last, 0.0, y)
-        else:
-            # unrolled over the slots: every slot's expert id is known up front, so the weight loads of the
-            # next slot need not wait for the previous slot's reduction
-            for s in tl.static_range(TOP_K + N_ALWAYS):
-                if s < TOP_K:
-                    e = tl.load(idx_ptr + t * TOP_K + s).to(tl.int64)
-                else:
-                    e = (N_EXPERTS - N_ALWAYS + (s - TOP_K)).to(tl.int64)
-                w_rows = w2_ptr + e * (H * INTER) + rows[:, None] * INTER
-                h_row = h_ptr + (t * (TOP_K + N_ALWAYS) + s) * INTER
-                y = tl.zeros([BLOCK_H], dtype=tl.float32)
-                for k0 in range(0, INTER, BLOCK_K):
-                    kk = k0 + tl.arange(0, BLOCK_K)
-                    hv, tile_mask = _row_block(h_row, kk, rmask, INTER, EVEN_K)
-                    w = tl.load(w_rows + kk[None, :], mask=tile_mask, other=0.0).to(tl.float32)
-                    y += tl.sum(w * hv[None, :], axis=1)
-                if s < TOP_K:
-                    # a routed expert's output is rounded (its down GEMM), then weighted and summed in float32
-                    routed_acc += tl.load(wts_ptr + t * TOP_K + s) * _round(y, dt)
-                else:
-                    # always-on slots are pieces of one MLP's down GEMM: summed in float32, rounded once below
-                    always_acc += y
+            if s < TOP_K:
+                # a routed expert's output is rounded (its down GEMM), then weighted and summed in float32
+                routed_acc += tl.load(wts_ptr + t * TOP_K + s) * _round(y, dt)
+            else:
+                # always-on slots are pieces of one MLP's down GEMM: summed in float32, rounded once below
+                always_acc += y
         out = _round(routed_acc, dt)
         if N_ALWAYS > 0:
             out = _round(out + _round(always_acc, dt), dt)
@@ -1761,13 +1734,6 @@ def stack_always_on(
 # after the wait, bit-identical): both kernels T=1 21.9 -> 23.1 / 22.1 / 22.9 us at 2 / 3 / 4 stages, T=4 48.4 ->
 # 52.4 / 53.0 / 53.8; the batch-1 step 0.652 -> 0.750 / 0.678 / 0.690 ms/token.  Dropped (code removed).
 UP_STAGES = 2
-# The down kernel's (slot, K block) steps as one loop software-pipelined over this many stages (the next steps'
-# weight tiles copied into shared memory while this one is summed; the same sums in the same order, so the same
-# bits); 0: the slots unrolled with a plain K loop each (the loop boundaries keep a slot's loads behind the previous
-# slot's sums).  A pipelined program waits with up to STAGES - 1 steps' tiles in flight (sm_90 PTX: 2 stages one
-# buffer, 3 two).  0 until an H200 measurement says otherwise (at T=1 the down kernel streams ~1.9 TB/s, the up
-# kernel ~3.1).  ``moe_experts(stages_down=...)`` overrides.
-DOWN_STAGES = 0
 
 
 def moe_block_sizes(
@@ -1872,7 +1838,6 @@ def moe_experts(
     num_warps: int | None = None,
     num_warps_down: int | None = None,
     stages_up: int | None = None,
-    stages_down: int | None = None,
 ) -> Tensor:
     """Routed + always-on experts for a few tokens, in two GEMV kernels: [T, H] in ``x.dtype``.
 
@@ -1889,8 +1854,6 @@ def moe_experts(
     loads can be issued early) and I, computes ``y = W2[e] tile @ h`` in float32 and accumulates
     ``w · bf16(y)`` for routed slots (each expert's output is a bf16 tensor in torch) and plain ``y`` for the
     always-on slots (one down GEMM in torch); then ``bf16(bf16(routed) + bf16(shared))``, ``+ residual``.
-    ``stages_up`` / ``stages_down`` (default ``UP_STAGES`` / ``DOWN_STAGES``; 0: plain loops): the up kernel's K
-    loop / the down kernel's (slot, K block) loop software-pipelined over that many stages; the same bits.
 
     Designed for T <= 8: every token re-reads its experts' weights (T=1: 8 slots x 6.9 MB = 55 MB per
     layer), so both kernels are memory-bound GEMVs.  Default blocks: :func:`moe_block_sizes` (>= ~2
@@ -1955,7 +1918,6 @@ def moe_experts(
         BLOCK_K=block_k_down,
         EVEN_K=inter % block_k_down == 0,
         num_warps=num_warps_down,
-        STAGES=DOWN_STAGES if stages_down is None else stages_down,
         **_pdl(),
     )
     return out

@@ -700,28 +700,6 @@ def test_moe_experts_pipelined_up_loop_sums_in_the_same_order(stages: int) -> No
     assert torch.equal(K.moe_experts(*args, stages_up=stages, **blocks), K.moe_experts(*args, stages_up=0, **blocks))
 
 
-@pytest.mark.parametrize("stages", [2, 3])
-@pytest.mark.parametrize("n_tokens", [1, 3])
-@pytest.mark.parametrize("slots", ["routed+always", "routed", "always"])
-def test_moe_experts_pipelined_down_loop_sums_in_the_same_order(stages: int, n_tokens: int, slots: str) -> None:
-    """``stages_down``: the down kernel's pipelined (slot, K block) loop gives the unrolled loop's output bit for
-    bit (the same sums in the same order, the same roundings), with and without always-on slots and with no routed
-    picks (TOP_K = 0); one K block per slot at T=1 (as at batch 1 on the GPU), two (the second masked) at T=3."""
-    c = _moe_case(n_tokens, 128, 96, 8, 2, torch.bfloat16, seed=60 + n_tokens)
-    x, idx, w, w13, w2 = c["x"], c["idx"], c["weights"], c["w13"], c["w2"]
-    n_always = 0 if slots == "routed" else 2
-    if slots == "routed":
-        w13, w2 = w13[:-2].contiguous(), w2[:-2].contiguous()
-    if slots == "always":
-        idx = torch.empty(n_tokens, 0, dtype=torch.int64)
-        w = idx.float()
-    args = (x, idx, w, w13, w2, n_always, c["res"])
-    blocks = dict(block_n=32, block_h=64, block_k_down=128 if n_tokens == 1 else 64)  # 2 row blocks of H = 128
-    out = K.moe_experts(*args, stages_down=stages, **blocks)
-    assert torch.equal(out, K.moe_experts(*args, stages_down=0, **blocks))
-    _close(out, K.moe_experts_ref(*args))
-
-
 def test_moe_experts_real_sizes_bf16() -> None:
     """The real expert shape (H=1280, I=896, 2 shared slots); top-2 of 4 experts to keep the interpreter fast."""
     c = _moe_case(1, 1280, 896, 4, 2, torch.bfloat16, seed=3)
@@ -1007,19 +985,6 @@ def test_dependent_launch_variants_wait_before_they_read(sm90: list[dict[str, An
         assert r["griddepcontrol"] == ["launch_dependents", "wait"], r
         early = ("_linear_rows_kernel", "_qkv_rope_kernel", "_norm_route_kernel")  # weights only (tests below)
         if r["kernel"] not in early:  # nothing read before the wait
-            assert r["loads_before_wait"] == 0, r
-
-
-def test_pipelined_down_kernel_copies_its_tiles_asynchronously_after_the_wait(sm90: list[dict[str, Any]]) -> None:
-    """``moe_experts(stages_down=2)``: the down kernel's (slot, K block) loop compiles to 16-byte async copies into
-    shared memory (the pipeliner did not give up on the flattened loop or its expert-id indirection) at the T=1 and
-    T=8 blocks, and as a dependent launch issues none of them before the wait (h is the up kernel's output)."""
-    rows = [r for r in sm90 if r["kernel"] == "_moe_down_kernel" and r["constexprs"]["STAGES"] == 2]
-    assert len([r for r in rows if not r["constexprs"]["USE_GDC"]]) == 2  # T=1 and T=8 blocks
-    assert any(r["constexprs"]["USE_GDC"] for r in rows)
-    for r in rows:
-        assert not r["error"] and r["spill_bytes"] in (0, None) and r["cp_async_16"] > 0, r
-        if r["constexprs"]["USE_GDC"]:
             assert r["loads_before_wait"] == 0, r
 
 
