@@ -458,12 +458,18 @@ def main() -> None:
             from llm_perf_opt.models.deepseek_ocr import kernels as triton_kernels
 
             default_stages = triton_kernels.UP_STAGES
-            for stages in sorted({0, 2, 3, 4} - {default_stages}):
+            for stages in sorted({0, 2, 3} - {default_stages}):
                 triton_kernels.UP_STAGES = stages
                 try:
                     time_variant(f"kernels.UP_STAGES={stages}", d)
                 finally:
                     triton_kernels.UP_STAGES = default_stages
+            default_const = triton_kernels.DOWN_CONST_INTER  # the down kernel with I compiled in, or not
+            triton_kernels.DOWN_CONST_INTER = not default_const
+            try:
+                time_variant(f"kernels.DOWN_CONST_INTER={not default_const}", d)
+            finally:
+                triton_kernels.DOWN_CONST_INTER = default_const
         fm = apply_fast_path(model, FastConfig(prefill_graphs=False))
         var["prefill prefill_graphs=False ms"] = prefill_ms(fm, embeds)
         other_kernels = "torch" if fast.fast_config.decode_kernels == "triton" else "triton"

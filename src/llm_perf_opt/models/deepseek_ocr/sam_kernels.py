@@ -105,6 +105,7 @@ if HAVE_TRITON:
         STAGES: tl.constexpr,
         PRECISION: tl.constexpr,
         UPCAST: tl.constexpr,
+        PREFETCH_RH: tl.constexpr = True,
     ):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
@@ -128,12 +129,19 @@ if HAVE_TRITON:
         acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
         k_base = k_ptr + b * s_kb + head * s_kh
         v_base = v_ptr + b * s_vb + head * s_vh
+        rh_row = rh_ptr + bh * KH * N + rows
+        rh_next = tl.load(rh_row, mask=rmask, other=0.0)
         for kh in tl.range(0, KH, num_stages=STAGES):
             keys = kh * KW + cols
             kt = tl.load(k_base + keys[:, None] * s_kn + d[None, :], mask=cmask[:, None], other=0.0)
             vt = tl.load(v_base + keys[:, None] * s_vn + d[None, :], mask=cmask[:, None], other=0.0)
-            # rel_h [B·heads, KH, N] (key-row major): this key row's term for every query, contiguous
-            rh = tl.load(rh_ptr + (bh * KH + kh) * N + rows, mask=rmask, other=0.0).to(tl.float32)
+            # rel_h [B·heads, KH, N] (key-row major): this key row's term for every query, contiguous; with
+            # PREFETCH_RH the next row's is loaded here and used in the next step (its latency behind this step)
+            if PREFETCH_RH:
+                rh = rh_next.to(tl.float32)
+                rh_next = tl.load(rh_row + tl.minimum(kh + 1, KH - 1) * N, mask=rmask, other=0.0)  # last: reread
+            else:
+                rh = tl.load(rh_row + kh * N, mask=rmask, other=0.0).to(tl.float32)
             pv_dt = vt.dtype
             if UPCAST:
                 kt, vt = kt.to(tl.float32), vt.to(tl.float32)
@@ -195,7 +203,17 @@ def _check(q: Tensor, k: Tensor, v: Tensor, hw: tuple[int, int]) -> None:
 
 
 def _launch(
-    q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, h: int, w: int, block_m: int, warps: int, stages: int
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rel_h: Tensor,
+    rel_w: Tensor,
+    h: int,
+    w: int,
+    block_m: int,
+    warps: int,
+    stages: int,
+    prefetch: bool = True,
 ) -> Tensor:
     """Run the kernel; returns [B, N, heads, C] (contiguous) in ``q.dtype``.  ``block_m`` / ``warps`` / ``stages``
     override :func:`attention_blocks` where non-zero (``bench_sam_attention.py --sweep``)."""
@@ -231,6 +249,7 @@ def _launch(
         STAGES=stages,
         PRECISION="ieee" if interpreter or q.dtype == torch.float32 else "tf32",
         UPCAST=interpreter,
+        PREFETCH_RH=prefetch,
         num_warps=warps,
     )
     return out
@@ -250,8 +269,9 @@ if HAVE_TRITON and not INTERPRETED:
         block_m: int,
         warps: int,
         stages: int,
+        prefetch: bool,
     ) -> Tensor:
-        return _launch(q, k, v, rel_h, rel_w, h, w, block_m, warps, stages)
+        return _launch(q, k, v, rel_h, rel_w, h, w, block_m, warps, stages, prefetch)
 
     @_attention_op.register_fake
     def _(
@@ -265,6 +285,7 @@ if HAVE_TRITON and not INTERPRETED:
         block_m: int,
         warps: int,
         stages: int,
+        prefetch: bool,
     ) -> Tensor:
         b, n_heads, n, dim = q.shape
         return q.new_empty((b, n, n_heads, dim))
@@ -281,6 +302,7 @@ def rel_pos_triton_attention(
     block_m: int = 0,
     num_warps: int = 0,
     stages: int = 0,
+    prefetch_rh: bool = True,
 ) -> Tensor:
     """SAM attention with decomposed relative positions, head size kept: [B, heads, N, C] like SDPA's output.
 
@@ -288,7 +310,8 @@ def rel_pos_triton_attention(
     views allowed as long as the head dimension is contiguous; the checkpoint's ``rel_pos_h`` / ``rel_pos_w``
     tables, resampled for the grid ``hw``).  The result is a [B, heads, N, C] view of a [B, N, heads, C] tensor,
     so the caller's ``permute(0, 2, 1, 3).reshape`` to tokens costs no copy.  ``block_m`` (queries per program),
-    ``num_warps`` and ``stages`` (k/v pipelining) override :func:`attention_blocks` where non-zero.
+    ``num_warps`` and ``stages`` (k/v pipelining) override :func:`attention_blocks` where non-zero;
+    ``prefetch_rh=False`` loads each key row's ``rel_h`` column in its own step instead of one step ahead.
     """
     why = unavailable_reason(q.device)
     if why:
@@ -299,7 +322,7 @@ def rel_pos_triton_attention(
     if block_m and (block_m < 16 or block_m & (block_m - 1)):
         raise ValueError(f"block_m must be a power of two >= 16 (tl.dot), got {block_m}")
     if q.device.type == "cuda":
-        out = _attention_op(q, k, v, rel_h, rel_w, h, w, block_m, num_warps, stages)
+        out = _attention_op(q, k, v, rel_h, rel_w, h, w, block_m, num_warps, stages, prefetch_rh)
     else:
-        out = _launch(q, k, v, rel_h, rel_w, h, w, block_m, num_warps, stages)
+        out = _launch(q, k, v, rel_h, rel_w, h, w, block_m, num_warps, stages, prefetch_rh)
     return out.permute(0, 2, 1, 3)
