@@ -414,6 +414,7 @@ def main() -> None:
                 var[f"vision sam_attention={kind}: max |Δ| of image features vs eager"] = float(
                     (page.embeds(vm).float() - embeds.float()).abs().max()
                 )
+                profile_sam(vm, page, out, f"fast_sam_attention_{kind}")
                 del vm
             except Exception as exc:  # a kernel compile failure must not lose the rest of the report
                 var[f"vision sam_attention={kind}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
@@ -464,12 +465,6 @@ def main() -> None:
                     time_variant(f"kernels.UP_STAGES={stages}", d)
                 finally:
                     triton_kernels.UP_STAGES = default_stages
-            default_const = triton_kernels.DOWN_CONST_INTER  # the down kernel with I compiled in, or not
-            triton_kernels.DOWN_CONST_INTER = not default_const
-            try:
-                time_variant(f"kernels.DOWN_CONST_INTER={not default_const}", d)
-            finally:
-                triton_kernels.DOWN_CONST_INTER = default_const
         fm = apply_fast_path(model, FastConfig(prefill_graphs=False))
         var["prefill prefill_graphs=False ms"] = prefill_ms(fm, embeds)
         other_kernels = "torch" if fast.fast_config.decode_kernels == "triton" else "triton"

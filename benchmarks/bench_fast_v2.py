@@ -222,6 +222,19 @@ def main() -> None:
             min(len(fres["tokens"]), len(eager["tokens"])),
         )
         print("fast:", {k: v for k, v in fres.items() if k != "tokens"}, flush=True)
+        # SAM's other global-attention kernel on the whole fast vision (default beside it, timed in turn)
+        other = "augmented" if fast.fast_config.sam_attention != "augmented" else "triton"
+        vm = apply_fast_path_v2(model, FastConfig(sam_attention=other))
+        res["sam_attention_variant"] = {
+            "default": fast.vision.sam_attention,
+            "other": vm.vision.sam_attention,
+            "other_note": vm.vision.sam_attention_note,
+            "vision_ms_default": cuda_ms(lambda: page.vision(fast), warmup=2, reps=7),
+            "vision_ms_other": cuda_ms(lambda: page.vision(vm), warmup=2, reps=7),
+            "image_features_rel_err_other": float(
+                (page.embeds(vm).float() - embeds.float()).norm() / embeds.float().norm()
+            ),
+        }
     for r in (eager, fres):
         r.pop("tokens")
     res.update(eager=eager, fast=fres)
@@ -296,6 +309,14 @@ def write_report(res: dict[str, Any], out: Path) -> None:
         "",
         f"Fast config: {res['fast_config']}.",
     ]
+    if "sam_attention_variant" in res:
+        v = res["sam_attention_variant"]
+        lines += [
+            "",
+            f"SAM's global-attention kernel: vision {v['vision_ms_default']:.2f} ms with the default ({v['default']}),"
+            f" {v['vision_ms_other']:.2f} ms with {v['other']} (timed in turn; image features rel err vs eager"
+            f" {v['image_features_rel_err_other']:.2e}){'; ' + v['other_note'] if v['other_note'] else ''}.",
+        ]
     text = "\n".join(lines) + "\n"
     stem = f"{dt.date.today().isoformat()}-{gpu_tag(env['gpu'])}-fast-v2"
     (out / f"{stem}.md").write_text(text)

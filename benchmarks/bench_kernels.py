@@ -49,7 +49,6 @@ from llm_perf_opt.models.deepseek_ocr.config import DeepseekOCRConfig, LanguageC
 from llm_perf_opt.models.deepseek_ocr.decoder import RMSNorm, RotaryEmbedding, grouped_experts_stacked, use_grouped_mm
 from llm_perf_opt.models.deepseek_ocr.graphs import first_argmax
 from llm_perf_opt.models.deepseek_ocr.kernels import (
-    DOWN_CONST_INTER,
     KEYS_PER_SPLIT,
     PICK_BLOCK,
     UP_STAGES,
@@ -482,7 +481,7 @@ class Bench:
         sizes = moe_block_sizes(tokens, k + n_always, hid, inter, sms, not cuda, **rows)
         used = {**dict(zip(("block_n", "block_k_up", "block_h", "block_k_down"), sizes, strict=True)), **blocks}
         note = f"{distinct} distinct slots; vs torch path max |Δ| {err_torch:.3g}; {used}"
-        changed = {key: blocks[key] for key in ("stages_up", "const_inter") if key in blocks}
+        changed = {key: blocks[key] for key in ("stages_up",) if key in blocks}
         if changed:  # a setting that must not change the sums
             same = torch.equal(out, moe_experts(x, idx, w, w13, w2, n_always, res))
             note += f"; {'bit-identical to' if same else 'DIFFERENT output from'} the default settings"
@@ -591,9 +590,7 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
         specs.append(("_moe_up_kernel", up, up_consts, up_warps))  # as launched (pipelined), then the plain loop
         specs.append(("_moe_up_kernel", up, {**up_consts, "STAGES": 0}, up_warps))
         down_consts = {**common, "HAS_RESIDUAL": True, "BLOCK_H": bh, "BLOCK_K": bkd, "EVEN_K": inter % bkd == 0}
-        launched = inter if DOWN_CONST_INTER else 0  # I compiled in (kernels.DOWN_CONST_INTER) or an argument
-        specs.append(("_moe_down_kernel", down, {**down_consts, "INTER_C": launched}, 4))  # as launched, then the other
-        specs.append(("_moe_down_kernel", down, {**down_consts, "INTER_C": inter - launched}, 4))
+        specs.append(("_moe_down_kernel", down, down_consts, 4))
     ids = dict(ids_ptr=i64, order_ptr="*i32", offs_ptr="*i32", P="i32")
     align = dict(E=lang.n_routed_experts, BLOCK_P=16, BLOCK_ALL=512, BLOCK_E=128)  # 64 tokens x top-6
     specs.append(("_moe_align_kernel", ids, align, 4))
@@ -1080,8 +1077,6 @@ def main() -> None:
                 if tokens == 4:
                     rows += [bench.route(4), bench.norm_route(4)]
                 rows += [bench.experts(tokens, stages_up=n) for n in (0, 2, 3)]
-                # the down kernel with I compiled in (moe_experts(const_inter=...)), the other setting
-                rows += [bench.experts(tokens, const_inter=not DOWN_CONST_INTER)]
                 rows += [bench.experts(tokens, pdl=True)]
         for tokens in grouped_tokens:
             if tokens <= 16:  # the GEMV kernels re-read weights per token: where the grouped kernels take over

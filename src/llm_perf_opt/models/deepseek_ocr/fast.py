@@ -125,13 +125,13 @@ class FastConfig:
     # SAM with rel-pos folded into the attention operands (no N×N bias, flash-eligible) and a channels-last
     # neck (sam.SamEncoder.fast); set on the shared module only for the duration of encode_images.
     sam_fast: bool = True
-    # the global SAM blocks' attention with sam_fast (sam.SAM_ATTENTION): "augmented" folds the relative positions
-    # into 192-wide flash operands (sam.rel_pos_attention); "flex" keeps head size 64 and adds them inside a
-    # FlexAttention kernel; "triton" keeps head size 64 and adds them per key row in one Triton kernel
-    # (sam_kernels; falls back to augmented, with a note in fallbacks(), where Triton cannot run).  Measured on an
-    # H200 (benchmarks/results/2026-12-02-h200-sam-attention.md), flex is 7-24x slower per op (its score_mod
-    # gathers), so augmented stays the default
-    sam_attention: str = attrs.field(default="augmented", validator=attrs.validators.in_(SAM_ATTENTION))
+    # the global SAM blocks' attention with sam_fast (sam.SAM_ATTENTION): "triton" keeps head size 64 and adds the
+    # relative positions per key row in one Triton kernel (sam_kernels; augmented, with a note in fallbacks(), where
+    # Triton cannot run); "augmented" folds them into 192-wide flash operands (sam.rel_pos_attention); "flex" adds
+    # them inside a FlexAttention kernel.  H200, bench_fast (v1 Gundam page, the fast vision as the profiler runs
+    # it): vision 15.8-16.0 -> 14.1-14.5 ms with triton (two calls); flex is 7-24x slower per op (its score_mod
+    # gathers; benchmarks/results/2026-12-02-h200-sam-attention.md)
+    sam_attention: str = attrs.field(default="triton", validator=attrs.validators.in_(SAM_ATTENTION))
     # torch.compile of one SAM block (sam.sam_block_fast) when sam_fast: fuses the layout copies, norms and
     # the augmented-attention concatenations; compiled once per view shape (tiles, global view) and block kind.
     sam_compile: bool = True

@@ -689,12 +689,7 @@ if HAVE_TRITON:
         BLOCK_K: tl.constexpr,
         EVEN_K: tl.constexpr,
         USE_GDC: tl.constexpr = False,
-        INTER_C: tl.constexpr = 0,
     ):
-        if INTER_C > 0:
-            # the intermediate size compiled in (DOWN_CONST_INTER): a K loop of one block folds away, so nothing
-            # keeps one slot's weight loads behind the previous slot's sums
-            INTER = INTER_C
         if USE_GDC:
             _dependent_launch()
         t = tl.program_id(0)
@@ -1737,12 +1732,10 @@ def stack_always_on(
 # weights loaded before its dependent-launch wait (T=1 26.5 -> 26.0 us as dependent launches, T=4 60.1 -> 70.9).
 # Round 10 also measured the down kernel's (slot, K block) steps as one software-pipelined loop (cp.async copies
 # after the wait, bit-identical): both kernels T=1 21.9 -> 23.1 / 22.1 / 22.9 us at 2 / 3 / 4 stages, T=4 48.4 ->
-# 52.4 / 53.0 / 53.8; the batch-1 step 0.652 -> 0.750 / 0.678 / 0.690 ms/token.  Dropped (code removed).
+# 52.4 / 53.0 / 53.8; the batch-1 step 0.652 -> 0.750 / 0.678 / 0.690 ms/token; and the down kernel compiled for
+# I = 896 (a constexpr, so its one-block K loop folds away): T=1 21.8 -> 22.9 us, T=4 48.4 -> 56.3, the step 0.652
+# -> 0.641 ms/token.  Both dropped (code removed).
 UP_STAGES = 2
-# The down kernel compiled for the model's intermediate size (a constexpr, one compile per size) instead of taking it
-# as an argument: at T=1 its K loop is one block (BLOCK_K 1024 >= I 896), which then folds away and leaves the
-# unrolled slots' weight loads free to be issued together.  ``moe_experts(const_inter=...)`` overrides.
-DOWN_CONST_INTER = False
 
 
 def moe_block_sizes(
@@ -1847,7 +1840,6 @@ def moe_experts(
     num_warps: int | None = None,
     num_warps_down: int | None = None,
     stages_up: int | None = None,
-    const_inter: bool | None = None,
 ) -> Tensor:
     """Routed + always-on experts for a few tokens, in two GEMV kernels: [T, H] in ``x.dtype``.
 
@@ -1864,8 +1856,8 @@ def moe_experts(
     loads can be issued early) and I, computes ``y = W2[e] tile @ h`` in float32 and accumulates
     ``w · bf16(y)`` for routed slots (each expert's output is a bf16 tensor in torch) and plain ``y`` for the
     always-on slots (one down GEMM in torch); then ``bf16(bf16(routed) + bf16(shared))``, ``+ residual``.
-    ``stages_up`` (default ``UP_STAGES``): the up kernel's K loop software-pipelined over that many stages;
-    ``const_inter`` (default ``DOWN_CONST_INTER``): the down kernel compiled for I; the same bits either way.
+    ``stages_up`` (default ``UP_STAGES``): the up kernel's K loop software-pipelined over that many stages (the
+    same bits).
 
     Designed for T <= 8: every token re-reads its experts' weights (T=1: 8 slots x 6.9 MB = 55 MB per
     layer), so both kernels are memory-bound GEMVs.  Default blocks: :func:`moe_block_sizes` (>= ~2
@@ -1930,7 +1922,6 @@ def moe_experts(
         BLOCK_K=block_k_down,
         EVEN_K=inter % block_k_down == 0,
         num_warps=num_warps_down,
-        INTER_C=inter if (DOWN_CONST_INTER if const_inter is None else const_inter) else 0,
         **_pdl(),
     )
     return out

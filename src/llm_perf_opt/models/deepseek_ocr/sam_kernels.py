@@ -50,6 +50,7 @@ __all__ = [
     "HAVE_TRITON",
     "INTERPRETED",
     "attention_blocks",
+    "attention_kernel",
     "rel_pos_tables",
     "rel_pos_triton_attention",
     "unavailable_reason",
@@ -202,7 +203,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor, hw: tuple[int, int]) -> None:
         raise ValueError("q, k, v must be contiguous along the head dimension")
 
 
-def _launch(
+def attention_kernel(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -215,8 +216,9 @@ def _launch(
     stages: int,
     prefetch: bool = True,
 ) -> Tensor:
-    """Run the kernel; returns [B, N, heads, C] (contiguous) in ``q.dtype``.  ``block_m`` / ``warps`` / ``stages``
-    override :func:`attention_blocks` where non-zero (``bench_sam_attention.py --sweep``)."""
+    """The kernel alone on the tables of :func:`rel_pos_tables` (no checks): [B, N, heads, C] (contiguous) in
+    ``q.dtype``.  ``block_m`` / ``warps`` / ``stages`` override :func:`attention_blocks` where non-zero
+    (``bench_sam_attention.py --sweep`` times this)."""
     b, n_heads, n, dim = q.shape
     interpreter = q.device.type != "cuda"
     auto_m, block_w, auto_warps, auto_stages = attention_blocks(n, w, interpreter)
@@ -271,7 +273,7 @@ if HAVE_TRITON and not INTERPRETED:
         stages: int,
         prefetch: bool,
     ) -> Tensor:
-        return _launch(q, k, v, rel_h, rel_w, h, w, block_m, warps, stages, prefetch)
+        return attention_kernel(q, k, v, rel_h, rel_w, h, w, block_m, warps, stages, prefetch)
 
     @_attention_op.register_fake
     def _(
@@ -324,5 +326,5 @@ def rel_pos_triton_attention(
     if q.device.type == "cuda":
         out = _attention_op(q, k, v, rel_h, rel_w, h, w, block_m, num_warps, stages, prefetch_rh)
     else:
-        out = _launch(q, k, v, rel_h, rel_w, h, w, block_m, num_warps, stages, prefetch_rh)
+        out = attention_kernel(q, k, v, rel_h, rel_w, h, w, block_m, num_warps, stages, prefetch_rh)
     return out.permute(0, 2, 1, 3)

@@ -131,7 +131,11 @@ def test_triton_batched_step_matches_torch_host_loop(copies: int, monkeypatch: p
         DeepseekOCRConfig.from_json(TINY / "config.json"), "cpu", torch.float32, TINY / "weights.safetensors"
     )
     pages = tiny_case_pages(model.config) * copies
-    common = dict(cuda_graphs=False, sam_compile=False, clip_compile=False, vision_graphs=False)
+    # SAM's global blocks on the augmented attention: the interpreter would otherwise run the Triton SAM kernel on
+    # every page (test_sam_kernels and test_fast_vision cover it); what these tests hold is the decode step
+    common = dict(
+        cuda_graphs=False, sam_compile=False, clip_compile=False, vision_graphs=False, sam_attention="augmented"
+    )
     ref_fast = apply_fast_path(model, FastConfig(decode_kernels="torch", **common))  # type: ignore[arg-type]
     ref = BatchedGenerator(ref_fast, static_decode=False).run(pages, 8, eos_token_id=None)
     tri_fast = apply_fast_path(model, FastConfig(decode_kernels="triton", **common))  # type: ignore[arg-type]
@@ -345,7 +349,11 @@ def test_pdl_launches_every_decode_kernel_as_a_dependent_launch(pdl: bool, monke
     monkeypatch.setattr(kernels, "_pdl", spy)
     model = _model(seed=8)
     embeds = torch.randn(2, 7, model.config.language.hidden_size)
-    common = dict(cuda_graphs=False, sam_compile=False, clip_compile=False, vision_graphs=False)
+    # SAM's global blocks on the augmented attention: the interpreter would otherwise run the Triton SAM kernel on
+    # every page (test_sam_kernels and test_fast_vision cover it); what these tests hold is the decode step
+    common = dict(
+        cuda_graphs=False, sam_compile=False, clip_compile=False, vision_graphs=False, sam_attention="augmented"
+    )
     fast = apply_fast_path(model, FastConfig(decode_kernels="triton", pdl=pdl, **common))  # type: ignore[arg-type]
     cache = fast.new_cache(batch=2, max_len=7 + 8)
     first = fast.prefill(embeds, cache).argmax(dim=-1, keepdim=True)

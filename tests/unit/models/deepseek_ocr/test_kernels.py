@@ -700,19 +700,6 @@ def test_moe_experts_pipelined_up_loop_sums_in_the_same_order(stages: int) -> No
     assert torch.equal(K.moe_experts(*args, stages_up=stages, **blocks), K.moe_experts(*args, stages_up=0, **blocks))
 
 
-@pytest.mark.parametrize(("n_tokens", "block_k_down"), [(1, None), (3, 32)])  # one K block / three, the last masked
-def test_moe_experts_down_kernel_with_inter_compiled_in_sums_in_the_same_order(
-    n_tokens: int, block_k_down: int | None
-) -> None:
-    """``const_inter``: the down kernel compiled for I gives the argument form's output bit for bit, and both equal
-    the torch reference's roundings (an independent oracle) to bf16 rounding."""
-    c = _moe_case(n_tokens, 320, 96, 8, 2, torch.bfloat16, seed=60 + n_tokens)
-    args = (c["x"], c["idx"], c["weights"], c["w13"], c["w2"], 2, c["res"])
-    out = K.moe_experts(*args, const_inter=True, block_k_down=block_k_down)
-    assert torch.equal(out, K.moe_experts(*args, const_inter=False, block_k_down=block_k_down))
-    _close(out, K.moe_experts_ref(*args))
-
-
 def test_moe_experts_real_sizes_bf16() -> None:
     """The real expert shape (H=1280, I=896, 2 shared slots); top-2 of 4 experts to keep the interpreter fast."""
     c = _moe_case(1, 1280, 896, 4, 2, torch.bfloat16, seed=3)
