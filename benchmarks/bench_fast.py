@@ -486,12 +486,11 @@ def main() -> None:
         var["prefill experts=dense ms"] = prefill_ms(fm, embeds)
         fm = apply_fast_path(model, FastConfig(grouped_moe=False))
         var["prefill grouped_moe=False (fused qkv only) ms"] = prefill_ms(fm, embeds)
-        # Not a backend comparison: the compiled SAM / CLIP blocks are shared by every FastModel of the process and
-        # Dynamo does not recompile when the SDPA backend policy changes (no guard on it; a CPU torch.compile shows
-        # one graph for two policies), so these reuse the backend the first compile chose.
+        # each policy gets its own compiled graph of the vision blocks (graphs.check_sdpa_policy; before round 10 they
+        # reused the first compile's backend, so these rows timed the default's)
         for vis in ("cudnn", "flash"):
             vm = apply_fast_path(model, FastConfig(vision_sdpa=vis))
-            key = f"vision sdpa={vis} ms (compiled blocks keep the first compile's SDPA backend)"
+            key = f"vision sdpa={vis} ms"
             try:
                 var[key] = cuda_ms(functools.partial(page.vision, vm), warmup=2, reps=5)
             except RuntimeError as exc:

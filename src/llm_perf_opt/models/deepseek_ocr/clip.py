@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from llm_perf_opt.errors import ModelLoadError
 from llm_perf_opt.models.deepseek_ocr.config import ClipConfig
+from llm_perf_opt.models.deepseek_ocr.graphs import check_sdpa_policy
 
 __all__ = [
     "ClipAttention",
@@ -132,11 +133,16 @@ class ClipBlock(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
-def clip_block_fast(x: Tensor, weights: list[Tensor], num_heads: int, eps1: float, eps2: float) -> Tensor:
+def clip_block_fast(
+    x: Tensor, weights: list[Tensor], num_heads: int, eps1: float, eps2: float, sdpa_policy: str = "model"
+) -> Tensor:
     """One :class:`ClipBlock` as a function of its weights (the fast path's ``torch.compile`` unit).
 
     ``weights``: layer_norm1 w/b, qkv w/b, out_proj w/b, layer_norm2 w/b, fc1 w/b, fc2 w/b.  Same math.
+    ``sdpa_policy``: the SDPA backend policy in force (a compiled block is specialised on it,
+    :func:`~llm_perf_opt.models.deepseek_ocr.graphs.check_sdpa_policy`).
     """
+    check_sdpa_policy(sdpa_policy)
     n1w, n1b, qkv_w, qkv_b, o_w, o_b, n2w, n2b, f1w, f1b, f2w, f2b = weights
     b, s, dim = x.shape
     h = F.layer_norm(x, (dim,), n1w, n1b, eps1)

@@ -60,6 +60,7 @@ reads them (one sync, only when called).  ``last_routing`` holds the most recent
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -202,14 +203,16 @@ _COMPILED: dict[Any, Any] = {}
 VISION_RECOMPILE_LIMIT = 64
 
 
-def _compiled(fn: Any) -> Any:
+def _compiled(fn: Any, sdpa_policy: str) -> Any:
     """``torch.compile(fn)`` for a vision block function, shared by all models (weights are arguments, so
-    one compile per input shape and block kind)."""
+    one compile per input shape and block kind), called with ``sdpa_policy`` (``FastConfig.vision_sdpa``): the
+    block functions check it (:func:`graphs.check_sdpa_policy`), so each policy gets its own graph with the SDPA
+    backend chosen under that policy, also when several configs run in one process (a Hydra multirun)."""
     if fn not in _COMPILED:
         config = torch._dynamo.config
         config.recompile_limit = max(config.recompile_limit, VISION_RECOMPILE_LIMIT)
         _COMPILED[fn] = torch.compile(fn, dynamic=False)
-    return _COMPILED[fn]
+    return functools.partial(_COMPILED[fn], sdpa_policy=sdpa_policy)
 
 
 def _resolve_sam_attention(kind: str, device: torch.device) -> tuple[str, str | None]:
@@ -271,7 +274,7 @@ class VisionFast:
         sam.fast = cfg.sam_fast
         sam.global_attention = self.sam_attention
         if cfg.sam_compile and cfg.sam_fast:
-            sam.block_fn = _compiled(sam_block_fast)
+            sam.block_fn = _compiled(sam_block_fast, cfg.vision_sdpa)
         if cfg.vision_graphs and cfg.sam_fast:
             sam.forward_fn = self.graphed("sam", sam._forward_fast)
         try:
@@ -288,7 +291,7 @@ class VisionFast:
             return
         name, tower, layer_fast = self._tower
         saved = (tower.layer_fn, tower.forward_fn)
-        tower.layer_fn = _compiled(layer_fast) if self.cfg.clip_compile else layer_fast
+        tower.layer_fn = _compiled(layer_fast, self.cfg.vision_sdpa) if self.cfg.clip_compile else layer_fast
         if self.cfg.vision_graphs:
             tower.forward_fn = self.graphed(name, tower.forward_fast)
         try:

@@ -17,7 +17,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["ShapeGraphs", "capture_graph", "first_argmax"]
+__all__ = ["SDPA_POLICIES", "ShapeGraphs", "capture_graph", "check_sdpa_policy", "first_argmax"]
+
+# The vision towers' SDPA backend policies (``FastConfig.vision_sdpa``).  The SDPA backend of a compiled block is
+# chosen while Dynamo traces it, from the backend flags the policy's context sets, and Dynamo does not guard on
+# those flags: a block compiled under one policy would keep its backend under every later one.  So each compiled
+# vision block takes the policy in force as an argument and checks it with :func:`check_sdpa_policy`; comparing
+# the argument is what makes Dynamo specialise on it, one graph per policy.
+SDPA_POLICIES = ("model", "cudnn", "flash")
+
+
+def check_sdpa_policy(policy: str) -> None:
+    """Refuse an unknown SDPA policy name (and, inside a compiled block, key the compiled graph on it)."""
+    if policy not in SDPA_POLICIES:
+        raise ValueError(f"unknown vision SDPA policy {policy!r}; expected one of {', '.join(SDPA_POLICIES)}")
 
 
 def capture_graph(

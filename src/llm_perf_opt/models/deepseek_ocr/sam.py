@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from llm_perf_opt.errors import ModelLoadError
 from llm_perf_opt.models.deepseek_ocr.config import SamConfig
+from llm_perf_opt.models.deepseek_ocr.graphs import check_sdpa_policy
 
 __all__ = [
     "LayerNorm2d",
@@ -225,14 +226,18 @@ def sam_block_fast(
     num_heads: int,
     eps: float,
     global_attention: str = "augmented",
+    sdpa_policy: str = "model",
 ) -> Tensor:
     """One :class:`SamBlock` as a function of its weights (fast path; the unit ``torch.compile`` compiles).
 
     ``weights`` is :meth:`SamBlock.fast_weights`: norm1 w/b, qkv w/b, proj w/b, rel_pos_h/w (None without
     relative positions), norm2 w/b, lin1 w/b, lin2 w/b.  Same math as the module with ``fast`` attention;
     ``global_attention`` (:data:`SAM_ATTENTION`) picks the kernel of the global blocks (``window_size`` 0).
-    Windowed blocks (14×14 windows: 196 keys) always run the augmented flash attention.
+    Windowed blocks (14×14 windows: 196 keys) always run the augmented flash attention.  ``sdpa_policy``: the
+    SDPA backend policy in force (:func:`~llm_perf_opt.models.deepseek_ocr.graphs.check_sdpa_policy`: a compiled
+    block is specialised on it).
     """
+    check_sdpa_policy(sdpa_policy)
     n1w, n1b, qkv_w, qkv_b, proj_w, proj_b, rel_h, rel_w, n2w, n2b, l1w, l1b, l2w, l2b = weights
     dim = x.shape[-1]
     shortcut = x

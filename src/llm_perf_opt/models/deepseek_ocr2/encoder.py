@@ -30,6 +30,7 @@ from torch.nn.attention.bias import causal_lower_right
 from llm_perf_opt.errors import InputError
 from llm_perf_opt.models.deepseek_ocr.decoder import MLP, RMSNorm, RotaryEmbedding, apply_rotary
 from llm_perf_opt.models.deepseek_ocr.fast_layers import fuse_linears, fuse_linears_with_bias
+from llm_perf_opt.models.deepseek_ocr.graphs import check_sdpa_policy
 from llm_perf_opt.models.deepseek_ocr2.config import EncoderConfig
 
 __all__ = [
@@ -117,14 +118,18 @@ def encoder_layer_fast(
     num_heads: int,
     num_kv_heads: int,
     eps: float,
+    sdpa_policy: str = "model",
 ) -> Tensor:
     """One :class:`EncoderLayer` as a function of its fused weights (the fast path's ``torch.compile`` unit).
 
     ``weights`` is :meth:`EncoderLayer.fast_weights`: input norm, q/k/v weight and bias fused, o_proj, post
     norm, gate/up fused, down_proj.  ``query_mask`` is :func:`query_rows_mask` of the view's N.  Same math as
     the module with the prefix mask: norms in float32, RoPE on q and k, image rows attend to the image block
-    only (mask-free SDPA, flash-eligible), query rows to the image block and earlier queries.
+    only (mask-free SDPA, flash-eligible), query rows to the image block and earlier queries.  ``sdpa_policy``:
+    the SDPA backend policy in force (a compiled layer is specialised on it,
+    :func:`~llm_perf_opt.models.deepseek_ocr.graphs.check_sdpa_policy`).
     """
+    check_sdpa_policy(sdpa_policy)
     n1, wqkv, bqkv, wo, n2, w13, w2 = weights
     bsz, length, hidden = x.shape
     n = query_mask.shape[0]

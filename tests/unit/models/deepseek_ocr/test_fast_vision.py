@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 from pathlib import Path
 
 import pytest
@@ -151,8 +152,57 @@ def test_vision_compile_keeps_every_shape_a_dataset_meets() -> None:
 
     from llm_perf_opt.models.deepseek_ocr.fast import _compiled
 
-    _compiled(lambda x: x + 1)
+    seen: list[str] = []
+
+    def block(x: torch.Tensor, sdpa_policy: str) -> torch.Tensor:
+        seen.append(sdpa_policy)  # runs while Dynamo traces (a side effect: a graph break, fine here)
+        return x + 1
+
+    assert torch.equal(_compiled(block, "flash")(torch.zeros(2)), torch.ones(2))  # called with the policy given
+    assert seen and set(seen) == {"flash"}
     assert torch._dynamo.config.recompile_limit >= 2 * (len(range(2, 10)) + 1)
+
+
+def test_compiled_vision_blocks_get_one_graph_per_sdpa_policy(tiny_sam: SamEncoder) -> None:
+    """Dynamo picks SDPA's backend while tracing and does not guard on the backend flags, so a block compiled
+    under one ``vision_sdpa`` policy would keep that backend under the next (a multirun over the switch would time
+    one backend for every job).  The blocks take the policy as an argument and check it: one graph per policy, none
+    for a policy seen before.  Oracle: Dynamo's own graph counter (backend "eager": no inductor compile)."""
+    from torch._dynamo.utils import counters
+
+    from llm_perf_opt.models.deepseek_ocr.clip import clip_block_fast
+    from llm_perf_opt.models.deepseek_ocr.sam import sam_block_fast
+
+    block = next(b for b in tiny_sam.blocks if b.window_size == 0)
+    x = torch.randn(1, 4, 4, tiny_sam.cfg.embed_dim)
+    args = (x, block.fast_weights(), 0, block.attn.num_heads, block.norm1.eps)
+    with torch.no_grad():
+        expected = sam_block_fast(*args)  # fills sam's key one-hot cache first (its first fill is itself a guard)
+    sam_fn = torch.compile(sam_block_fast, backend="eager", dynamic=False)
+    dim, heads = 32, 2
+    clip_weights = [torch.ones(dim), torch.zeros(dim), torch.randn(3 * dim, dim), torch.zeros(3 * dim)]
+    clip_weights += [torch.randn(dim, dim), torch.zeros(dim), torch.ones(dim), torch.zeros(dim)]
+    clip_weights += [torch.randn(4 * dim, dim), torch.zeros(4 * dim), torch.randn(dim, 4 * dim), torch.zeros(dim)]
+    clip_args = (torch.randn(2, 5, dim), clip_weights, heads, 1e-5, 1e-5)
+    clip_fn = torch.compile(clip_block_fast, backend="eager", dynamic=False)
+    graphs = []
+    with torch.no_grad():
+        for policy in ("model", "flash", "model", "cudnn", "flash"):
+            out = sam_fn(*args, sdpa_policy=policy)
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+            clip_fn(*clip_args, sdpa_policy=policy)
+            graphs.append(counters["stats"]["unique_graphs"])
+    new = [b - a for a, b in itertools.pairwise(graphs)]
+    assert new == [2, 0, 2, 0], graphs  # a new policy: one graph per block function; a policy seen: none
+    with pytest.raises(ValueError, match="unknown vision SDPA policy 'fast'"):
+        sam_block_fast(*args, sdpa_policy="fast")
+
+
+def test_vision_sdpa_names_are_the_policies_the_blocks_accept() -> None:
+    from llm_perf_opt.models.deepseek_ocr.fast import VISION_SDPA
+    from llm_perf_opt.models.deepseek_ocr.graphs import SDPA_POLICIES
+
+    assert tuple(VISION_SDPA) == SDPA_POLICIES
 
 
 def test_sam_attention_triton_falls_back_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
