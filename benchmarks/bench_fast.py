@@ -490,11 +490,10 @@ def main() -> None:
         # reused the first compile's backend, so these rows timed the default's)
         for vis in ("cudnn", "flash"):
             vm = apply_fast_path(model, FastConfig(vision_sdpa=vis))
-            key = f"vision sdpa={vis} ms"
             try:
-                var[key] = cuda_ms(functools.partial(page.vision, vm), warmup=2, reps=5)
+                var[f"vision sdpa={vis} ms"] = cuda_ms(functools.partial(page.vision, vm), warmup=2, reps=5)
             except RuntimeError as exc:
-                var[key] = f"failed: {exc}"[:120]
+                var[f"vision sdpa={vis} ms"] = f"failed: {exc}"[:120]
         del fm
         try:
             prof = profile_decode_step(fast, embeds, out)

@@ -60,12 +60,16 @@ KINDS = ("augmented", "flex", "triton")
 CONFIG = ROOT / "src/llm_perf_opt/models/deepseek_ocr/configs/deepseek-ocr.json"
 
 
+def global_attention(sam: SamEncoder) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    """(heads, head size, rel_pos_h, rel_pos_w) of SAM's first global-attention block."""
+    block = next(cast(SamBlock, b) for b in sam.blocks if cast(SamBlock, b).window_size == 0)
+    heads = int(block.attn.num_heads)
+    return heads, int(sam.cfg.embed_dim) // heads, block.attn.rel_pos_h.detach(), block.attn.rel_pos_w.detach()
+
+
 def op_rows(sam: SamEncoder, dev: torch.device, kinds: tuple[str, ...]) -> list[dict[str, Any]]:
     """The global-attention op alone at each view's token grid."""
-    block = next(cast(SamBlock, b) for b in sam.blocks if cast(SamBlock, b).window_size == 0)
-    attn = block.attn
-    heads = int(attn.num_heads)
-    dim = int(sam.cfg.embed_dim) // heads
+    heads, dim, rel_h, rel_w = global_attention(sam)
     fns = {
         "augmented": torch.compile(rel_pos_attention),
         "flex": torch.compile(rel_pos_flex_attention),
@@ -78,7 +82,6 @@ def op_rows(sam: SamEncoder, dev: torch.device, kinds: tuple[str, ...]) -> list[
     for model, view, batch, grid, kinds in shapes:
         n = grid * grid
         q, k, v = (torch.randn(batch, heads, n, dim, device=dev, generator=gen, dtype=torch.bfloat16) for _ in range(3))
-        rel_h, rel_w = attn.rel_pos_h.detach(), attn.rel_pos_w.detach()
         bias = decomposed_rel_pos_bias(q.float(), rel_h.float(), rel_w.float(), (grid, grid), (grid, grid))
         ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias)
         del bias
@@ -110,10 +113,7 @@ SWEEP = [(m, w, s, p) for m in (64, 128) for w in (4, 8) for s in (1, 2, 3) for 
 
 def sweep_rows(sam: SamEncoder, dev: torch.device) -> list[dict[str, Any]]:
     """The Triton kernel's launch settings at each view's global grid and the windows' (ms, useful TFLOP/s)."""
-    block = next(cast(SamBlock, b) for b in sam.blocks if cast(SamBlock, b).window_size == 0)
-    heads = int(block.attn.num_heads)
-    dim = int(sam.cfg.embed_dim) // heads
-    rel_h, rel_w = block.attn.rel_pos_h.detach(), block.attn.rel_pos_w.detach()
+    heads, dim, rel_h, rel_w = global_attention(sam)
     gen = torch.Generator(device=dev).manual_seed(2)
     shapes = [(v, b, side // int(sam.cfg.patch_size)) for _, v, b, side in VIEWS] + [
         (v, b, g) for _, v, b, g in WINDOW_VIEWS

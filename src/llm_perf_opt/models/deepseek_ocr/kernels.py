@@ -110,6 +110,7 @@ __all__ = [
     "route_flags",
     "stack_always_on",
     "triton_available",
+    "unavailable_reason",
 ]
 
 # Weights per GEMV tile (per operand): 32 per thread at 4 warps, a few 16-byte loads in flight, no spills.
@@ -125,36 +126,40 @@ class KernelUnavailableError(RuntimeError):
     """A Triton kernel was called where it cannot run (no Triton, or CPU tensors without the interpreter)."""
 
 
-def triton_available(device: torch.device | str) -> bool:
-    """Whether the Triton ops can run on ``device``.
+def unavailable_reason(device: torch.device | str, interpreted: bool | None = None, module: str = __name__) -> str:
+    """'' when Triton kernels can run on ``device``, else why not.
 
-    CUDA: Triton imported and the kernels were compiled-mode (not built for the interpreter).  CPU: the
-    kernels were built for the interpreter (``TRITON_INTERPRET=1`` at import) and the variable is still set.
+    CUDA: Triton imported and the kernels were compiled-mode (not built for the interpreter).  CPU: the kernels
+    were built for the interpreter (``TRITON_INTERPRET=1`` at import) and the variable is still set.
+    ``interpreted`` / ``module``: how and where the kernels were decorated (default: this module's; another kernel
+    module, e.g. ``sam_kernels``, passes its own).
     """
     dev = torch.device(device)
+    interpreted = INTERPRETED if interpreted is None else interpreted
     if not HAVE_TRITON:
-        return False
+        return f"Triton is not importable ({_TRITON_IMPORT_ERROR}); install it (pip install triton)"
     if dev.type == "cuda":
-        return not INTERPRETED
+        if not interpreted:
+            return ""
+        return "the kernels were built for Triton's interpreter (TRITON_INTERPRET=1 at import); unset it"
     if dev.type == "cpu":
-        return INTERPRETED and os.environ.get("TRITON_INTERPRET", "0") == "1"
-    return False
+        if interpreted and os.environ.get("TRITON_INTERPRET", "0") == "1":
+            return ""
+        return (
+            f"CPU tensors run only under Triton's interpreter: set TRITON_INTERPRET=1 before {module} is first imported"
+        )
+    return f"device type {dev.type!r} is not supported"
+
+
+def triton_available(device: torch.device | str) -> bool:
+    """Whether the Triton ops can run on ``device`` (:func:`unavailable_reason` is empty)."""
+    return not unavailable_reason(device)
 
 
 def _require(op: str, device: torch.device) -> None:
     if triton_available(device):
         return
-    if not HAVE_TRITON:
-        why = f"Triton is not importable ({_TRITON_IMPORT_ERROR}); install it (pip install triton)"
-    elif device.type == "cuda":
-        why = "the kernels were built for Triton's interpreter (TRITON_INTERPRET=1 at import); unset it"
-    elif device.type == "cpu":
-        why = (
-            "CPU tensors run only under Triton's interpreter: set TRITON_INTERPRET=1 before "
-            "llm_perf_opt.models.deepseek_ocr.kernels is first imported"
-        )
-    else:
-        why = f"device type {device.type!r} is not supported"
+    why = unavailable_reason(device)
     raise KernelUnavailableError(f"kernels.{op} cannot run on {device}: {why} (or call {op}_ref)")
 
 

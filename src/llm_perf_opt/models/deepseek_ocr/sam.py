@@ -216,7 +216,12 @@ def rel_pos_triton_attention(
 # How a fast global-attention block applies the relative positions (``FastConfig.sam_attention``): "augmented"
 # (:func:`rel_pos_attention`, flash over 192-wide operands), "flex" (:func:`rel_pos_flex_attention`, head size
 # 64, FlexAttention) or "triton" (:func:`rel_pos_triton_attention`, head size 64, the tables added per key row).
-SAM_ATTENTION = ("augmented", "flex", "triton")
+_REL_POS_ATTENTION = {
+    "augmented": rel_pos_attention,
+    "flex": rel_pos_flex_attention,
+    "triton": rel_pos_triton_attention,
+}
+SAM_ATTENTION = tuple(_REL_POS_ATTENTION)
 
 
 def sam_block_fast(
@@ -250,12 +255,9 @@ def sam_block_fast(
     assert qkv_w is not None and proj_w is not None
     qkv = F.linear(x, qkv_w, qkv_b).reshape(b, h * w, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
-    if rel_h is not None and rel_w is not None and window_size == 0 and global_attention == "flex":
-        out = rel_pos_flex_attention(q, k, v, rel_h, rel_w, (h, w))
-    elif rel_h is not None and rel_w is not None and window_size == 0 and global_attention == "triton":
-        out = rel_pos_triton_attention(q, k, v, rel_h, rel_w, (h, w))
-    elif rel_h is not None and rel_w is not None:
-        out = rel_pos_attention(q, k, v, rel_h, rel_w, (h, w))
+    if rel_h is not None and rel_w is not None:
+        kind = global_attention if window_size == 0 else "augmented"
+        out = _REL_POS_ATTENTION[kind](q, k, v, rel_h, rel_w, (h, w))
     else:
         out = F.scaled_dot_product_attention(q, k, v)
     x = F.linear(out.permute(0, 2, 1, 3).reshape(b, h, w, -1), proj_w, proj_b)

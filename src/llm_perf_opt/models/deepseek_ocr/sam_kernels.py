@@ -35,17 +35,12 @@ import os
 import torch
 from torch import Tensor
 
-from llm_perf_opt.models.deepseek_ocr.kernels import KernelUnavailableError
+from llm_perf_opt.models.deepseek_ocr import kernels
+from llm_perf_opt.models.deepseek_ocr.kernels import HAVE_TRITON, KernelUnavailableError
 
-try:
+if HAVE_TRITON:
     import triton
     import triton.language as tl
-except ImportError as exc:  # CPU-only installs without triton: rel_pos_triton_attention raises
-    HAVE_TRITON = False
-    _TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
-else:
-    HAVE_TRITON = True
-    _TRITON_IMPORT_ERROR = ""
 
 __all__ = [
     "HAVE_TRITON",
@@ -64,20 +59,13 @@ _LOG2E = 1.4426950408889634
 
 
 def unavailable_reason(device: torch.device | str) -> str:
-    """'' when the kernel can run on ``device``, else why not (the :mod:`kernels` rules)."""
-    device = torch.device(device)
-    if not HAVE_TRITON:
-        return f"Triton is not importable ({_TRITON_IMPORT_ERROR}); install it (pip install triton)"
-    if device.type == "cuda":
-        return "" if not INTERPRETED else "the kernel was built for Triton's interpreter (TRITON_INTERPRET=1 at import)"
-    if device.type == "cpu":
-        if INTERPRETED and os.environ.get("TRITON_INTERPRET", "0") == "1":
-            return ""
-        return "CPU tensors run only under Triton's interpreter: set TRITON_INTERPRET=1 before importing triton"
-    return f"device type {device.type!r} is not supported"
+    """'' when the kernel can run on ``device``, else why not (:func:`kernels.unavailable_reason`'s rules, for the
+    way this module was decorated)."""
+    return kernels.unavailable_reason(device, INTERPRETED, __name__)
 
 
 if HAVE_TRITON:
+    LOG2E = tl.constexpr(_LOG2E)  # the tables are scaled by it in the kernel (exp2 softmax)
 
     @triton.jit
     def _rel_pos_attention_kernel(
@@ -125,7 +113,7 @@ if HAVE_TRITON:
         rw = tl.load(
             rw_ptr + (bh * N + rows[:, None]) * KW + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0
         )
-        rw = tl.where(cmask[None, :], rw.to(tl.float32) * 1.4426950408889634, float("-inf"))
+        rw = tl.where(cmask[None, :], rw.to(tl.float32) * LOG2E, float("-inf"))
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
@@ -147,7 +135,7 @@ if HAVE_TRITON:
             pv_dt = vt.dtype
             if UPCAST:
                 kt, vt = kt.to(tl.float32), vt.to(tl.float32)
-            s = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * qk_scale + rw + rh[:, None] * 1.4426950408889634
+            s = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * qk_scale + rw + rh[:, None] * LOG2E
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
@@ -178,17 +166,16 @@ def attention_blocks(n_queries: int, grid_w: int, interpreter: bool) -> tuple[in
 
 
 def rel_pos_tables(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """The kernel's two position tables from the *unscaled* query ``q`` [B, heads, h·w, C]:
-    ``rel_h`` [B·heads, h (key row), h·w] (key-row major) and ``rel_w`` [B·heads, h·w, w (key column)], both in
-    ``q.dtype``, the products :func:`sam.rel_pos_terms` computes (same einsum operands, another output order)."""
-    from llm_perf_opt.models.deepseek_ocr.sam import get_rel_pos
+    """The kernel's two position tables from the *unscaled* query ``q`` [B, heads, h·w, C]: :func:`sam.rel_pos_terms`
+    laid out as ``rel_h`` [B·heads, h (key row), h·w] (key-row major) and ``rel_w`` [B·heads, h·w, w (key column)],
+    both contiguous in ``q.dtype``."""
+    from llm_perf_opt.models.deepseek_ocr.sam import rel_pos_terms
 
     h, w = hw
-    b, n_heads, n, dim = q.shape
-    r_q = q.reshape(b, n_heads, h, w, dim)
-    rel_h = torch.einsum("bnhwc,hkc->bnkhw", r_q, get_rel_pos(h, h, rel_pos_h)).reshape(b * n_heads, h, n)
-    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, get_rel_pos(w, w, rel_pos_w)).reshape(b * n_heads, n, w)
-    return rel_h.contiguous(), rel_w.contiguous()
+    b, n_heads, n, _ = q.shape
+    rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, hw, hw)  # [B, heads, h, w, kh], [B, heads, h, w, kw]
+    rel_h = rel_h.permute(0, 1, 4, 2, 3).reshape(b * n_heads, h, n)
+    return rel_h.contiguous(), rel_w.reshape(b * n_heads, n, w).contiguous()
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, hw: tuple[int, int]) -> None:
@@ -320,10 +307,10 @@ def rel_pos_triton_attention(
     if why:
         raise KernelUnavailableError(f"sam_kernels.rel_pos_triton_attention cannot run on {q.device}: {why}")
     _check(q, k, v, hw)
-    rel_h, rel_w = rel_pos_tables(q, rel_pos_h, rel_pos_w, hw)
-    h, w = hw
     if block_m and (block_m < 16 or block_m & (block_m - 1)):
         raise ValueError(f"block_m must be a power of two >= 16 (tl.dot), got {block_m}")
+    rel_h, rel_w = rel_pos_tables(q, rel_pos_h, rel_pos_w, hw)
+    h, w = hw
     if q.device.type == "cuda":
         out = _attention_op(q, k, v, rel_h, rel_w, h, w, block_m, num_warps, stages, prefetch_rh)
     else:

@@ -29,6 +29,13 @@ from llm_perf_opt.models.deepseek_ocr.fast import TRITON_MAX_ROWS, FastConfig, a
 from llm_perf_opt.models.deepseek_ocr.model import DeepseekOCRForCausalLM  # noqa: E402
 from tests.conftest import TINY, tiny_case_pages  # noqa: E402
 
+# Switches of the tests below that run pages or decode steps on the CPU: no graphs or compiles, and SAM's global
+# blocks on the augmented attention (the interpreter would otherwise run the Triton SAM kernel on every page;
+# test_sam_kernels and test_fast_vision cover it): what these tests hold is the decode step.
+NO_GRAPHS_PLAIN_VISION: dict[str, object] = dict(
+    cuda_graphs=False, sam_compile=False, clip_compile=False, vision_graphs=False, sam_attention="augmented"
+)
+
 pytestmark = pytest.mark.skipif(
     not kernels.INTERPRETED, reason="the kernels were imported compiled-mode before TRITON_INTERPRET was set"
 )
@@ -131,11 +138,7 @@ def test_triton_batched_step_matches_torch_host_loop(copies: int, monkeypatch: p
         DeepseekOCRConfig.from_json(TINY / "config.json"), "cpu", torch.float32, TINY / "weights.safetensors"
     )
     pages = tiny_case_pages(model.config) * copies
-    # SAM's global blocks on the augmented attention: the interpreter would otherwise run the Triton SAM kernel on
-    # every page (test_sam_kernels and test_fast_vision cover it); what these tests hold is the decode step
-    common = dict(
-        cuda_graphs=False, sam_compile=False, clip_compile=False, vision_graphs=False, sam_attention="augmented"
-    )
+    common = NO_GRAPHS_PLAIN_VISION
     ref_fast = apply_fast_path(model, FastConfig(decode_kernels="torch", **common))  # type: ignore[arg-type]
     ref = BatchedGenerator(ref_fast, static_decode=False).run(pages, 8, eos_token_id=None)
     tri_fast = apply_fast_path(model, FastConfig(decode_kernels="triton", **common))  # type: ignore[arg-type]
@@ -349,11 +352,7 @@ def test_pdl_launches_every_decode_kernel_as_a_dependent_launch(pdl: bool, monke
     monkeypatch.setattr(kernels, "_pdl", spy)
     model = _model(seed=8)
     embeds = torch.randn(2, 7, model.config.language.hidden_size)
-    # SAM's global blocks on the augmented attention: the interpreter would otherwise run the Triton SAM kernel on
-    # every page (test_sam_kernels and test_fast_vision cover it); what these tests hold is the decode step
-    common = dict(
-        cuda_graphs=False, sam_compile=False, clip_compile=False, vision_graphs=False, sam_attention="augmented"
-    )
+    common = NO_GRAPHS_PLAIN_VISION
     fast = apply_fast_path(model, FastConfig(decode_kernels="triton", pdl=pdl, **common))  # type: ignore[arg-type]
     cache = fast.new_cache(batch=2, max_len=7 + 8)
     first = fast.prefill(embeds, cache).argmax(dim=-1, keepdim=True)
