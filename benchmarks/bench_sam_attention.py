@@ -11,9 +11,13 @@ DeepSeek-OCR (Gundam: 640-px tiles ×6 and the 1024-px global view) and DeepSeek
 
 * the attention op alone (each compiled, CUDA events, median of replays): ms, useful TFLOP/s (4·B·heads·N²·64),
   max |Δ| against the dense-bias reference (``decomposed_rel_pos_bias`` + SDPA in float32); also at the windowed
-  blocks' shape (14×14 windows of each view, augmented vs Triton: the windowed blocks always run augmented today);
-* the whole SAM tower on the fast path (compiled blocks, CUDA graph per shape) with each global-attention kernel:
-  ms per view batch, and max |Δ| of the output against the reference tower in bf16.
+  blocks' shape (14×14 windows of each view; ``infer.fast.sam_window_attention``);
+* the whole SAM tower on the fast path (compiled blocks, CUDA graph per shape) per variant (global and windowed
+  blocks' kernels, SDPA policy): ms per view batch, and max |Δ| of the output against the reference tower in bf16.
+
+Everything runs under an SDPA backend policy as the product does: the model's own (flash, efficient, math: no
+cuDNN) unless a row says cuDNN (``infer.fast.vision_sdpa=cudnn``).  Until round 11 this script set none, so SDPA was
+free to pick cuDNN for the augmented rows, unlike the product (round 10's op and tower rows disagreed with it).
 
 Weights are seeded random of the real shapes (bf16).  Without CUDA the script says so and exits 0.
 """
@@ -35,16 +39,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmath next to this script
 from benchmath import cuda_ms  # noqa: E402
+from torch.nn.attention import sdpa_kernel  # noqa: E402
 
 from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, sam_kernels  # noqa: E402
+from llm_perf_opt.models.deepseek_ocr.fast import VISION_SDPA  # noqa: E402
 from llm_perf_opt.models.deepseek_ocr.graphs import ShapeGraphs  # noqa: E402
+from llm_perf_opt.models.deepseek_ocr.model import DEFAULT_SDPA_BACKENDS  # noqa: E402
 from llm_perf_opt.models.deepseek_ocr.sam import (  # noqa: E402
     SamBlock,
     SamEncoder,
     decomposed_rel_pos_bias,
     rel_pos_attention,
     rel_pos_flex_attention,
-    rel_pos_triton_attention,
     sam_block_fast,
 )
 
@@ -67,36 +73,57 @@ def global_attention(sam: SamEncoder) -> tuple[int, int, torch.Tensor, torch.Ten
     return heads, int(sam.cfg.embed_dim) // heads, block.attn.rel_pos_h.detach(), block.attn.rel_pos_w.detach()
 
 
+def _policy(name: str) -> Any:
+    """The SDPA backend context of a vision SDPA policy, as the product applies it: "model" is the model's own
+    DEFAULT_SDPA_BACKENDS (the stage call's context), the others ``FastConfig.vision_sdpa``'s lists.  Without it SDPA
+    may pick cuDNN for the augmented operands, which the product never runs by default (round 10's op rows)."""
+    backends = VISION_SDPA[name] or DEFAULT_SDPA_BACKENDS
+    return sdpa_kernel(list(backends))
+
+
+# (label, kernel, SDPA policy, Triton block_n: 0 = attention_blocks' default)
+OP_VARIANTS = [
+    ("augmented", "augmented", "model", 0),
+    ("augmented, cudnn", "augmented", "cudnn", 0),
+    ("flex", "flex", "model", 0),
+    ("triton", "triton", "model", 0),
+    ("triton, 128-wide key steps", "triton", "model", 128),
+]
+
+
 def op_rows(sam: SamEncoder, dev: torch.device, kinds: tuple[str, ...]) -> list[dict[str, Any]]:
-    """The global-attention op alone at each view's token grid."""
+    """The rel-pos attention op alone at each view's token grid and each windowed grid, per variant."""
     heads, dim, rel_h, rel_w = global_attention(sam)
     fns = {
         "augmented": torch.compile(rel_pos_attention),
         "flex": torch.compile(rel_pos_flex_attention),
-        "triton": torch.compile(rel_pos_triton_attention),
+        "triton": torch.compile(sam_kernels.rel_pos_triton_attention),  # takes block_n
     }
     rows = []
     gen = torch.Generator(device=dev).manual_seed(0)
-    shapes = [(m, v, b, side // int(sam.cfg.patch_size), kinds) for m, v, b, side in VIEWS]
-    shapes += [(m, v, b, grid, ("augmented", "triton")) for m, v, b, grid in WINDOW_VIEWS]
-    for model, view, batch, grid, kinds in shapes:
+    shapes = [(m, v, b, side // int(sam.cfg.patch_size)) for m, v, b, side in VIEWS] + WINDOW_VIEWS
+    for model, view, batch, grid in shapes:
         n = grid * grid
         q, k, v = (torch.randn(batch, heads, n, dim, device=dev, generator=gen, dtype=torch.bfloat16) for _ in range(3))
         bias = decomposed_rel_pos_bias(q.float(), rel_h.float(), rel_w.float(), (grid, grid), (grid, grid))
         ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias)
         del bias
         flops = 4 * batch * heads * n * n * dim
-        for kind in kinds:
-            fn = fns[kind]
-            out = fn(q, k, v, rel_h, rel_w, (grid, grid))
-            ms = cuda_ms(functools.partial(fn, q, k, v, rel_h, rel_w, (grid, grid)), warmup=3, reps=20)
+        for label, kind, policy, block_n in OP_VARIANTS:
+            if kind not in kinds or (block_n and block_n < grid):
+                continue
+            extra = dict(block_n=block_n) if block_n else {}
+            fn = functools.partial(fns[kind], q, k, v, rel_h, rel_w, (grid, grid), **extra)
+            with _policy(policy):
+                out = fn()
+                ms = cuda_ms(fn, warmup=3, reps=20)
             rows.append(
                 dict(
                     model=model,
                     view=view,
                     batch=batch,
                     tokens=n,
-                    kind=kind,
+                    kind=label,
                     ms=ms,
                     tflops=flops / ms / 1e9,
                     max_abs_diff=float((out.float() - ref).abs().max()),
@@ -107,8 +134,14 @@ def op_rows(sam: SamEncoder, dev: torch.device, kinds: tuple[str, ...]) -> list[
     return rows
 
 
-# (queries per program, warps, k/v pipeline stages, rel_h prefetched a step ahead) tried by --sweep
-SWEEP = [(m, w, s, p) for m in (64, 128) for w in (4, 8) for s in (1, 2, 3) for p in (True, False)]
+def sweep_settings(grid: int) -> list[tuple[int, int, int, int, bool]]:
+    """(queries per program, key columns per step, warps, stages, rel_h prefetched) tried by --sweep at a grid width:
+    key steps of one row (the width rounded up to a power of two) up to 128 columns (several whole rows)."""
+    width = max(16, 1 << (grid - 1).bit_length())
+    widths = [n for n in (16, 32, 64, 128) if n >= width] or [width]
+    programs = [(64, 4, 2), (128, 4, 2), (128, 8, 2), (128, 8, 3)]
+    out = [(m, n, w, s, True) for n in widths for m, w, s in programs]
+    return [*out, (128, width, 8, 2, False)]
 
 
 def sweep_rows(sam: SamEncoder, dev: torch.device) -> list[dict[str, Any]]:
@@ -125,11 +158,17 @@ def sweep_rows(sam: SamEncoder, dev: torch.device) -> list[dict[str, Any]]:
         tables = functools.partial(sam_kernels.rel_pos_tables, q, rel_h, rel_w, (grid, grid))
         rows.append(dict(view=view, setting="the two tables alone (einsums)", ms=cuda_ms(tables, warmup=3, reps=20)))
         th, tw = tables()
-        for block_m, warps, stages, prefetch in SWEEP:
+        default = sam_kernels.attention_blocks(n, grid, interpreter=False)
+        rows.append(dict(view=view, setting=f"default: {default}", ms=float("nan")))
+        for block_m, block_n, warps, stages, prefetch in sweep_settings(grid):
             kernel = functools.partial(
-                sam_kernels.attention_kernel, q, k, v, th, tw, grid, grid, block_m, warps, stages, prefetch
+                sam_kernels.attention_kernel, q, k, v, th, tw, grid, grid, block_m, block_n, warps, stages, prefetch
             )
-            setting = f"{block_m} queries, {warps} warps, {stages} stages, rel_h prefetch {prefetch}"
+            rows_per_step = block_n // grid
+            setting = (
+                f"{block_m} queries, {block_n} keys ({rows_per_step} rows), {warps} warps, {stages} stages,"
+                f" rel_h prefetch {prefetch}"
+            )
             try:
                 ms = cuda_ms(kernel, warmup=3, reps=20)
             except Exception as exc:  # a launch setting that does not compile is a row, not the end of the sweep
@@ -140,8 +179,19 @@ def sweep_rows(sam: SamEncoder, dev: torch.device) -> list[dict[str, Any]]:
     return rows
 
 
+# (label, global blocks' kernel, windowed blocks' kernel, SDPA policy)
+TOWER_VARIANTS = [
+    ("augmented", "augmented", "augmented", "model"),
+    ("augmented, cudnn", "augmented", "augmented", "cudnn"),
+    ("flex", "flex", "augmented", "model"),
+    ("triton (global blocks)", "triton", "augmented", "model"),
+    ("triton (global + windowed blocks)", "triton", "triton", "model"),
+]
+
+
 def tower_rows(sam: SamEncoder, dev: torch.device, kinds: tuple[str, ...]) -> list[dict[str, Any]]:
-    """The whole SAM tower on the fast path (compiled blocks, graph per shape) with each global kernel."""
+    """The whole SAM tower on the fast path (compiled blocks, graph per shape) per variant, under its SDPA policy
+    as the product runs it (the block function is called with the policy, so each gets its own graph)."""
     rows = []
     compiled = torch.compile(sam_block_fast, dynamic=False)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -149,29 +199,32 @@ def tower_rows(sam: SamEncoder, dev: torch.device, kinds: tuple[str, ...]) -> li
     for model, view, batch, side in VIEWS:
         x = torch.randn(batch, 3, side, side, device=dev, generator=gen, dtype=torch.bfloat16)
         sam.fast = False
-        with torch.no_grad():
+        with torch.no_grad(), _policy("model"):
             ref = sam(x).float()
-        outs = {}
-        for kind in kinds:
-            sam.fast, sam.block_fn, sam.global_attention = True, compiled, kind
+        for label, global_kind, window_kind, policy in TOWER_VARIANTS:
+            if global_kind not in kinds:
+                continue
+            sam.fast, sam.global_attention, sam.window_attention = True, global_kind, window_kind
+            sam.block_fn = functools.partial(compiled, sdpa_policy=policy)
             graphed = ShapeGraphs(sam._forward_fast)
             sam.forward_fn = graphed
-            with torch.no_grad():
-                outs[kind] = sam(x).float()
+            with torch.no_grad(), _policy(policy):
+                out = sam(x).float()
                 ms = cuda_ms(functools.partial(sam, x), warmup=3, reps=20)
             rows.append(
                 dict(
                     model=model,
                     view=view,
                     batch=batch,
-                    kind=kind,
+                    kind=label,
                     ms=ms,
                     graphed=graphed.capture_error is None,
-                    max_abs_diff_vs_reference=float((outs[kind] - ref).abs().max()),
+                    max_abs_diff_vs_reference=float((out - ref).abs().max()),
                     ref_max_abs=float(ref.abs().max()),
                 )
             )
-            sam.fast, sam.block_fn, sam.forward_fn, sam.global_attention = False, None, None, "augmented"
+            sam.fast, sam.block_fn, sam.forward_fn = False, None, None
+            sam.global_attention = sam.window_attention = "augmented"
     return rows
 
 
@@ -207,10 +260,11 @@ def render(
             f" {r['max_abs_diff_vs_reference']:.3g} ({r['ref_max_abs']:.3g}) |"
         )
     by = {(r["view"], r["kind"]): r["ms"] for r in towers}
-    for kind in KINDS[1:]:
-        pairs = [(v, by[(v, "augmented")], by[(v, kind)]) for _, v, _, _ in VIEWS if (v, kind) in by]
-        speedups = ", ".join(f"{v} {a / f:.2f}×" for v, a, f in pairs)
-        lines += ["", f"Tower speed-up {kind} vs augmented: {speedups}."]
+    for label, *_ in TOWER_VARIANTS[1:]:
+        pairs = [(v, by[(v, "augmented")], by[(v, label)]) for _, v, _, _ in VIEWS if (v, label) in by]
+        if pairs:
+            speedups = ", ".join(f"{v} {a / f:.2f}×" for v, a, f in pairs)
+            lines += ["", f"Tower speed-up {label} vs augmented: {speedups}."]
     if sweep:
         lines += [
             "",
@@ -225,6 +279,8 @@ def render(
         for r in sweep:
             if "error" in r:
                 cells = f"failed: {r['error']} | "
+            elif r["ms"] != r["ms"]:  # the default setting's row: no timing of its own
+                cells = " | "
             else:
                 cells = f"{r['ms']:.3f} | {r['tflops']:.0f}" if "tflops" in r else f"{r['ms']:.3f} | "
             lines.append(f"| {r['view']} | {r['setting']} | {cells} |")

@@ -74,17 +74,27 @@ def test_fast_tokens_match_eager(model: object, cuda_graphs: bool, kernels: str,
     assert mismatches <= len(tokens) // 10, mismatches
 
 
-@pytest.mark.parametrize(("graphs", "sam_attention"), [(True, "augmented"), (False, "augmented"), (True, "triton")])
-def test_fast_vision_matches_eager(model: object, graphs: bool, sam_attention: str) -> None:
-    """SAM with folded rel-pos (or the Triton rel-pos kernel in its global blocks) + compiled/graphed SAM and CLIP
-    blocks == eager encode_images to bf16 rounding."""
+@pytest.mark.parametrize(
+    ("graphs", "sam_attention", "window"),
+    [
+        (True, "augmented", "augmented"),
+        (False, "augmented", "augmented"),
+        (True, "triton", "augmented"),
+        (True, "triton", "triton"),
+    ],
+)
+def test_fast_vision_matches_eager(model: object, graphs: bool, sam_attention: str, window: str) -> None:
+    """SAM with folded rel-pos (or the Triton rel-pos kernel in its global / windowed blocks) + compiled/graphed SAM
+    and CLIP blocks == eager encode_images to bf16 rounding."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     crops = torch.randn(6, 3, 640, 640, generator=gen).cuda().bfloat16()
     ori = torch.randn(1, 3, 1024, 1024, generator=gen).cuda().bfloat16()
     with torch.inference_mode():
         ref = model.encode_images(crops, ori, [2, 3]).float()  # type: ignore[attr-defined]
-        fast = apply_fast_path(model, FastConfig(vision_graphs=graphs, sam_attention=sam_attention))  # type: ignore[arg-type]
+        cfg = FastConfig(vision_graphs=graphs, sam_attention=sam_attention, sam_window_attention=window)
+        fast = apply_fast_path(model, cfg)  # type: ignore[arg-type]
         assert fast.vision.sam_attention == sam_attention, fast.vision.sam_attention_note
+        assert fast.vision.sam_window_attention == window, fast.vision.sam_window_attention_note
         for _ in range(2):  # the second call replays the captured graphs
             out = fast.encode_images(crops, ori, [2, 3]).float()
             rel = float((out - ref).norm() / ref.norm())

@@ -22,10 +22,22 @@ HEADS, DIM = 12, 64  # SAM-B
 
 
 @pytest.mark.parametrize(
-    ("batch", "grid"),
-    [(6, 40), (1, 64), (6, 48), (2, 14)],  # v1 640-px tiles, the 1024-px global view, v2 768-px tiles, a 14x14 grid
+    ("batch", "grid", "block_n"),
+    # v1 640-px tiles, the 1024-px global view, v2 768-px tiles, 14x14 windows; one key row per step (block_n 0:
+    # the default) and several (3, 2, 2 rows of 128; 4 and 9 rows of a window, the last step partial)
+    [
+        (6, 40, 0),
+        (6, 40, 128),
+        (1, 64, 0),
+        (1, 64, 128),
+        (6, 48, 0),
+        (6, 48, 128),
+        (2, 14, 0),
+        (54, 14, 64),
+        (25, 14, 128),
+    ],
 )
-def test_matches_float32_dense_bias_at_real_sizes(batch: int, grid: int) -> None:
+def test_matches_float32_dense_bias_at_real_sizes(batch: int, grid: int, block_n: int) -> None:
     from llm_perf_opt.models.deepseek_ocr import sam_kernels
 
     gen = torch.Generator(device="cuda").manual_seed(grid)
@@ -38,7 +50,7 @@ def test_matches_float32_dense_bias_at_real_sizes(batch: int, grid: int) -> None
         bias = decomposed_rel_pos_bias(q.float(), rel_h.float(), rel_w.float(), (grid, grid), (grid, grid))
         ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias)
         del bias
-        out = sam_kernels.rel_pos_triton_attention(q, k, v, rel_h, rel_w, (grid, grid))
+        out = sam_kernels.rel_pos_triton_attention(q, k, v, rel_h, rel_w, (grid, grid), block_n=block_n)
         aug = rel_pos_attention(q, k, v, rel_h, rel_w, (grid, grid))
     assert out.shape == ref.shape and out.dtype == torch.bfloat16
     assert bool(torch.isfinite(out).all())

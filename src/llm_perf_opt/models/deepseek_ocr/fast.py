@@ -133,6 +133,9 @@ class FastConfig:
     # it): vision 15.8-16.0 -> 14.1-14.5 ms with triton (two calls); flex is 7-24x slower per op (its score_mod
     # gathers; benchmarks/results/2026-12-02-h200-sam-attention.md)
     sam_attention: str = attrs.field(default="triton", validator=attrs.validators.in_(SAM_ATTENTION))
+    # the same choice for SAM's windowed blocks (14x14 windows, 196 keys; the fallback and its note as above):
+    # "triton" runs the kernel with several key rows per step (sam_kernels.attention_blocks)
+    sam_window_attention: str = attrs.field(default="augmented", validator=attrs.validators.in_(SAM_ATTENTION))
     # torch.compile of one SAM block (sam.sam_block_fast) when sam_fast: fuses the layout copies, norms and
     # the augmented-attention concatenations; compiled once per view shape (tiles, global view) and block kind.
     sam_compile: bool = True
@@ -215,9 +218,10 @@ def _compiled(fn: Any, sdpa_policy: str) -> Any:
     return functools.partial(_COMPILED[fn], sdpa_policy=sdpa_policy)
 
 
-def _resolve_sam_attention(kind: str, device: torch.device) -> tuple[str, str | None]:
+def _resolve_sam_attention(kind: str, device: torch.device, blocks: str = "global") -> tuple[str, str | None]:
     """``kind``, or "augmented" and why where it is "triton" and its kernel cannot run on ``device`` (a CPU
-    without Triton's interpreter, no Triton); warns on CUDA, where the Triton kernel was expected to run."""
+    without Triton's interpreter, no Triton); warns on CUDA, where the Triton kernel was expected to run
+    (``blocks`` names SAM's blocks in the warning: "global" or "windowed")."""
     if kind != "triton":
         return kind, None
     from llm_perf_opt.models.deepseek_ocr import sam_kernels
@@ -226,7 +230,8 @@ def _resolve_sam_attention(kind: str, device: torch.device) -> tuple[str, str | 
     if not why:
         return kind, None
     if device.type == "cuda":
-        warnings.warn(f"sam_attention=triton: {why}; SAM's global blocks run the augmented attention", stacklevel=3)
+        name = "sam_attention" if blocks == "global" else "sam_window_attention"
+        warnings.warn(f"{name}=triton: {why}; SAM's {blocks} blocks run the augmented attention", stacklevel=3)
     return "augmented", why
 
 
@@ -246,6 +251,9 @@ class VisionFast:
         self.cfg = cfg
         # the global blocks' attention that runs: cfg.sam_attention, or "augmented" where its kernel cannot (and why)
         self.sam_attention, self.sam_attention_note = _resolve_sam_attention(cfg.sam_attention, sam.pos_embed.device)
+        self.sam_window_attention, self.sam_window_attention_note = _resolve_sam_attention(
+            cfg.sam_window_attention, sam.pos_embed.device, "windowed"
+        )
         # one ShapeGraphs per tower, created on first use ("sam", then the second tower's name)
         self.graphs: dict[str, ShapeGraphs] = {}
         # the second tower: (graph name, module, fast layer function); None in this base class
@@ -270,9 +278,9 @@ class VisionFast:
     @contextlib.contextmanager
     def mode(self) -> Iterator[None]:
         sam, cfg = self.sam, self.cfg
-        saved = (sam.fast, sam.block_fn, sam.forward_fn, sam.global_attention)
+        saved = (sam.fast, sam.block_fn, sam.forward_fn, sam.global_attention, sam.window_attention)
         sam.fast = cfg.sam_fast
-        sam.global_attention = self.sam_attention
+        sam.global_attention, sam.window_attention = self.sam_attention, self.sam_window_attention
         if cfg.sam_compile and cfg.sam_fast:
             sam.block_fn = _compiled(sam_block_fast, cfg.vision_sdpa)
         if cfg.vision_graphs and cfg.sam_fast:
@@ -281,7 +289,7 @@ class VisionFast:
             with self._tower_mode():
                 yield
         finally:
-            sam.fast, sam.block_fn, sam.forward_fn, sam.global_attention = saved
+            sam.fast, sam.block_fn, sam.forward_fn, sam.global_attention, sam.window_attention = saved
 
     @contextlib.contextmanager
     def _tower_mode(self) -> Iterator[None]:
@@ -464,6 +472,10 @@ class FastModel:
             out["pdl"] = self.pdl_note
         if self.vision.sam_attention_note is not None:
             out["sam_attention=triton"] = f"{self.vision.sam_attention_note}: the augmented flash attention ran"
+        if self.vision.sam_window_attention_note is not None:
+            out["sam_window_attention=triton"] = (
+                f"{self.vision.sam_window_attention_note}: the augmented flash attention ran"
+            )
         return out
 
     @property

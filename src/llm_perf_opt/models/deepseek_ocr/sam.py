@@ -213,7 +213,8 @@ def rel_pos_triton_attention(
     return sam_kernels.rel_pos_triton_attention(q, k, v, rel_pos_h, rel_pos_w, hw)
 
 
-# How a fast global-attention block applies the relative positions (``FastConfig.sam_attention``): "augmented"
+# How a fast SAM block applies the relative positions (``FastConfig.sam_attention`` for the global blocks,
+# ``sam_window_attention`` for the windowed ones): "augmented"
 # (:func:`rel_pos_attention`, flash over 192-wide operands), "flex" (:func:`rel_pos_flex_attention`, head size
 # 64, FlexAttention) or "triton" (:func:`rel_pos_triton_attention`, head size 64, the tables added per key row).
 _REL_POS_ATTENTION = {
@@ -232,13 +233,14 @@ def sam_block_fast(
     eps: float,
     global_attention: str = "augmented",
     sdpa_policy: str = "model",
+    window_attention: str = "augmented",
 ) -> Tensor:
     """One :class:`SamBlock` as a function of its weights (fast path; the unit ``torch.compile`` compiles).
 
     ``weights`` is :meth:`SamBlock.fast_weights`: norm1 w/b, qkv w/b, proj w/b, rel_pos_h/w (None without
     relative positions), norm2 w/b, lin1 w/b, lin2 w/b.  Same math as the module with ``fast`` attention;
-    ``global_attention`` (:data:`SAM_ATTENTION`) picks the kernel of the global blocks (``window_size`` 0).
-    Windowed blocks (14×14 windows: 196 keys) always run the augmented flash attention.  ``sdpa_policy``: the
+    ``global_attention`` (:data:`SAM_ATTENTION`) picks the kernel of the global blocks (``window_size`` 0),
+    ``window_attention`` that of the windowed blocks (14×14 windows: 196 keys).  ``sdpa_policy``: the
     SDPA backend policy in force (:func:`~llm_perf_opt.models.deepseek_ocr.graphs.check_sdpa_policy`: a compiled
     block is specialised on it).
     """
@@ -256,7 +258,7 @@ def sam_block_fast(
     qkv = F.linear(x, qkv_w, qkv_b).reshape(b, h * w, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     if rel_h is not None and rel_w is not None:
-        kind = global_attention if window_size == 0 else "augmented"
+        kind = global_attention if window_size == 0 else window_attention
         out = _REL_POS_ATTENTION[kind](q, k, v, rel_h, rel_w, (h, w))
     else:
         out = F.scaled_dot_product_attention(q, k, v)
@@ -447,8 +449,10 @@ class SamEncoder(nn.Module):
         # With ``fast``: a callable run instead of :meth:`_forward_fast` (the fast path's per-shape CUDA-graph
         # replay of it); None calls :meth:`_forward_fast` directly.
         self.forward_fn: Any = None
-        # With ``fast``: the global blocks' attention kernel (:data:`SAM_ATTENTION`, ``FastConfig.sam_attention``)
+        # With ``fast``: the global and the windowed blocks' attention kernels (:data:`SAM_ATTENTION`,
+        # ``FastConfig.sam_attention`` / ``sam_window_attention``)
         self.global_attention = "augmented"
+        self.window_attention = "augmented"
 
     @property
     def fast(self) -> bool:
@@ -491,7 +495,15 @@ class SamEncoder(nn.Module):
         fn = sam_block_fast if self.block_fn is None else self.block_fn
         for block in self.blocks:
             blk = cast(SamBlock, block)
-            x = fn(x, blk.fast_weights(), blk.window_size, blk.attn.num_heads, blk.norm1.eps, self.global_attention)
+            x = fn(
+                x,
+                blk.fast_weights(),
+                blk.window_size,
+                blk.attn.num_heads,
+                blk.norm1.eps,
+                self.global_attention,
+                window_attention=self.window_attention,
+            )
         return self._neck_fast(x)
 
     def forward(self, x: Tensor) -> Tensor:

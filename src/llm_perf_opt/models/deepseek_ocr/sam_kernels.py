@@ -5,21 +5,22 @@ SAM's logits are ``scale·q·k + rel_h[q, key row] + rel_w[q, key column]`` with
 operands (q and k 64 + h + w wide, v zero-padded to match: three times the work of head size 64, on flash);
 FlexAttention applies them per score and gathers both tables for every logit (7–24× slower on an H200).
 This kernel (``sam_attention=triton``, the default: H200 fast vision 15.7 -> 14.1 ms per Gundam page) walks the
-keys one key *row* at a time, so neither needs a gather:
+keys a few whole key *rows* at a time, so neither needs a gather:
 
 * a program owns ``BLOCK_M`` queries of one (batch, head) and loads its ``rel_w`` rows once, a
-  [BLOCK_M, BLOCK_W] tile laid out like the scores of one key row (``BLOCK_W`` = the grid width rounded up to a
-  power of two; the padding columns get ``-inf``);
-* step ``kh`` takes the ``w`` keys of grid row ``kh``: one [BLOCK_W, 64] tile of k and of v, and one column of
-  ``rel_h`` (``rel_h[:, kh]``, contiguous over queries: the table is passed key-row major), added to every
-  score of the row;
+  [BLOCK_M, BLOCK_N] tile laid out like the scores of one step (``BLOCK_N`` a power of two holding ``ROWS`` key
+  rows of ``w`` columns each: column c is key row ``c // w``, key column ``c % w``; the padding columns from
+  ``ROWS·w`` on get ``-inf``);
+* a step takes the ``ROWS·w`` consecutive keys of its key rows: one [BLOCK_N, 64] tile of k and of v, and for
+  each of its key rows one column of ``rel_h`` (contiguous over queries: the table is passed key-row major),
+  added to that row's scores;
 * the rest is flash attention's online softmax in float32 (``exp2`` with ``log2 e`` folded into the scale and
   the tables), P rounded to the input dtype for the P·V product, the output divided once at the end.
 
-Waste: a 40-wide grid (640-px tiles) runs 64-wide steps (62.5 % of the columns are keys); 64- and 48-wide
-grids (1024-px global view, v2's 768-px tiles) run 100 % and 75 %.  Against the augmented operands' 3× that
-is still 1.6× less work.  Scores are summed in another order than SDPA's, so results equal the dense-bias
-reference to bf16 rounding, not bit for bit.
+Waste: one key row per step in a 64-wide tile leaves a 40-wide grid (640-px tiles) 62.5 % useful; three rows in a
+128-wide tile, 94 % (14-wide windows: one row per 16-wide step 87.5 %, and four per 64-wide step just as much,
+with a quarter of the steps).  Against the augmented operands' 3× that is still less work.  Scores are summed in
+another order than SDPA's, so results equal the dense-bias reference to bf16 rounding, not bit for bit.
 
 Triton is optional, as for :mod:`kernels`: compiled on CUDA; on CPU tensors only under Triton's interpreter
 (``TRITON_INTERPRET=1`` before ``triton`` and this module are first imported).  On CUDA the kernel is wrapped
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -45,6 +47,7 @@ if HAVE_TRITON:
 __all__ = [
     "HAVE_TRITON",
     "INTERPRETED",
+    "Blocks",
     "attention_blocks",
     "attention_kernel",
     "rel_pos_tables",
@@ -91,7 +94,8 @@ if HAVE_TRITON:
         qk_scale,
         D: tl.constexpr,
         BLOCK_M: tl.constexpr,
-        BLOCK_W: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        ROWS: tl.constexpr,
         STAGES: tl.constexpr,
         PRECISION: tl.constexpr,
         UPCAST: tl.constexpr,
@@ -104,14 +108,19 @@ if HAVE_TRITON:
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < N
         d = tl.arange(0, D)
-        cols = tl.arange(0, BLOCK_W)
-        cmask = cols < KW
+        # a step's BLOCK_N key columns hold ROWS whole key rows, ROWS·KW consecutive keys: column c is key row
+        # step·ROWS + seg[c], key column kcol[c]; columns from ROWS·KW on are padding
+        cols = tl.arange(0, BLOCK_N)
+        seg = cols // KW
+        kcol = cols - seg * KW
+        cmask = seg < ROWS
         q = tl.load(q_ptr + b * s_qb + head * s_qh + rows[:, None] * s_qn + d[None, :], mask=rmask[:, None], other=0.0)
         if UPCAST:  # Triton's interpreter computes bf16 tl.dot wrongly; float32 operands are exact
             q = q.to(tl.float32)
-        # rel_w [B·heads, N, KW]: this program's rows, laid out like one key row's scores; padding columns -inf
+        # rel_w [B·heads, N, KW]: this program's rows, laid out like one step's scores (every key row of the step
+        # takes the same KW columns); padding columns -inf
         rw = tl.load(
-            rw_ptr + (bh * N + rows[:, None]) * KW + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0
+            rw_ptr + (bh * N + rows[:, None]) * KW + kcol[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0
         )
         rw = tl.where(cmask[None, :], rw.to(tl.float32) * LOG2E, float("-inf"))
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -120,22 +129,31 @@ if HAVE_TRITON:
         k_base = k_ptr + b * s_kb + head * s_kh
         v_base = v_ptr + b * s_vb + head * s_vh
         rh_row = rh_ptr + bh * KH * N + rows
+        steps = tl.cdiv(KH, ROWS)
         rh_next = tl.load(rh_row, mask=rmask, other=0.0)
-        for kh in tl.range(0, KH, num_stages=STAGES):
-            keys = kh * KW + cols
-            kt = tl.load(k_base + keys[:, None] * s_kn + d[None, :], mask=cmask[:, None], other=0.0)
-            vt = tl.load(v_base + keys[:, None] * s_vn + d[None, :], mask=cmask[:, None], other=0.0)
-            # rel_h [B·heads, KH, N] (key-row major): this key row's term for every query, contiguous; with
-            # PREFETCH_RH the next row's is loaded here and used in the next step (its latency behind this step)
+        for step in tl.range(0, steps, num_stages=STAGES):
+            kr0 = step * ROWS
+            keys = kr0 * KW + cols
+            kmask = cmask & (keys < N)  # the last step may hold fewer than ROWS key rows
+            kt = tl.load(k_base + keys[:, None] * s_kn + d[None, :], mask=kmask[:, None], other=0.0)
+            vt = tl.load(v_base + keys[:, None] * s_vn + d[None, :], mask=kmask[:, None], other=0.0)
+            # rel_h [B·heads, KH, N] (key-row major): each key row's term for every query, contiguous; with
+            # PREFETCH_RH the step's first row's is loaded one step ahead (its latency behind this step)
             if PREFETCH_RH:
-                rh = rh_next.to(tl.float32)
-                rh_next = tl.load(rh_row + tl.minimum(kh + 1, KH - 1) * N, mask=rmask, other=0.0)  # last: reread
+                rh0 = rh_next.to(tl.float32)
+                rh_next = tl.load(rh_row + tl.minimum(kr0 + ROWS, KH - 1) * N, mask=rmask, other=0.0)  # last: reread
             else:
-                rh = tl.load(rh_row + kh * N, mask=rmask, other=0.0).to(tl.float32)
+                rh0 = tl.load(rh_row + kr0 * N, mask=rmask, other=0.0).to(tl.float32)
+            bias = tl.broadcast_to(rh0[:, None], (BLOCK_M, BLOCK_N))
+            for r in tl.static_range(1, ROWS):  # the step's other key rows; a row past the grid's end gets -inf
+                in_grid = tl.full([BLOCK_M], kr0 + r, tl.int32) < KH
+                rh_r = tl.load(rh_row + (kr0 + r) * N, mask=rmask & in_grid, other=0.0).to(tl.float32)
+                rh_r = tl.where(in_grid, rh_r, float("-inf"))
+                bias = tl.where(seg[None, :] == r, rh_r[:, None], bias)
             pv_dt = vt.dtype
             if UPCAST:
                 kt, vt = kt.to(tl.float32), vt.to(tl.float32)
-            s = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * qk_scale + rw + rh[:, None] * LOG2E
+            s = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * qk_scale + rw + bias * LOG2E
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
@@ -151,18 +169,52 @@ if HAVE_TRITON:
         tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
 
 
-def attention_blocks(n_queries: int, grid_w: int, interpreter: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_W, num_warps, stages) for ``n_queries`` queries over a ``grid_w``-wide key grid.
+class Blocks(NamedTuple):
+    """One launch setting of the kernel: queries per program, key columns per step (a power of two holding
+    ``rows`` whole key rows), warps, k/v pipeline stages."""
 
-    GPU: 128 queries per program at 8 warps (a [128, 64] score tile per step), k/v tiles double-buffered
-    (2 stages); ``BLOCK_W`` is ``grid_w`` rounded up to a power of two, at least 16 (``tl.dot``'s minimum).
-    Interpreter: 16-query programs, no pipelining (programs run one by one with numpy).
+    block_m: int
+    block_n: int
+    rows: int
+    warps: int
+    stages: int
+
+
+def _pow2(n: int) -> int:
+    return max(16, 1 << math.ceil(math.log2(max(1, n))))  # at least 16: tl.dot's minimum
+
+
+def attention_blocks(
+    n_queries: int,
+    grid_w: int,
+    interpreter: bool,
+    *,
+    block_m: int = 0,
+    block_n: int = 0,
+    warps: int = 0,
+    stages: int = 0,
+) -> Blocks:
+    """The launch setting for ``n_queries`` queries over a ``grid_w``-wide key grid; a non-zero argument overrides
+    its field (``rows`` follows from ``block_n``: as many whole key rows as fit, at most the grid's).
+
+    Default ``block_n``: ``grid_w`` rounded up to a power of two (one key row per step).  GPU: 128 queries per
+    program at 8 warps (a [128, 64] score tile per step), k/v tiles double-buffered (2 stages).  Interpreter:
+    16-query programs, no pipelining (programs run one by one with numpy).  Raises ``ValueError`` for a block size
+    that is not a power of two >= 16 or a ``block_n`` narrower than one key row.
     """
-    block_w = max(16, 1 << math.ceil(math.log2(max(1, grid_w))))
+    for name, size in (("block_m", block_m), ("block_n", block_n)):
+        if size and (size < 16 or size & (size - 1)):
+            raise ValueError(f"{name} must be a power of two >= 16 (tl.dot), got {size}")
+    if block_n and block_n < grid_w:
+        raise ValueError(f"block_n={block_n} cannot hold one {grid_w}-wide key row; use at least {_pow2(grid_w)}")
+    block_n = block_n or _pow2(grid_w)
     if interpreter:
-        return 16, block_w, 1, 1
-    block_m = 128 if n_queries > 64 else 64
-    return block_m, block_w, (8 if block_m == 128 else 4), 2
+        auto = Blocks(16, block_n, 0, 1, 1)
+    else:
+        auto_m = 128 if n_queries > 64 else 64
+        auto = Blocks(auto_m, block_n, 0, 8 if auto_m == 128 else 4, 2)
+    rows = min(block_n // grid_w, max(1, n_queries // grid_w))  # never more rows per step than the grid has
+    return Blocks(block_m or auto.block_m, block_n, rows, warps or auto.warps, stages or auto.stages)
 
 
 def rel_pos_tables(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
@@ -200,19 +252,19 @@ def attention_kernel(
     h: int,
     w: int,
     block_m: int,
+    block_n: int,
     warps: int,
     stages: int,
     prefetch: bool = True,
 ) -> Tensor:
-    """The kernel alone on the tables of :func:`rel_pos_tables` (no checks): [B, N, heads, C] (contiguous) in
-    ``q.dtype``.  ``block_m`` / ``warps`` / ``stages`` override :func:`attention_blocks` where non-zero
-    (``bench_sam_attention.py --sweep`` times this)."""
+    """The kernel alone on the tables of :func:`rel_pos_tables` (no input checks): [B, N, heads, C] (contiguous)
+    in ``q.dtype``.  ``block_m`` / ``block_n`` / ``warps`` / ``stages`` override :func:`attention_blocks` where
+    non-zero (``bench_sam_attention.py --sweep`` times this)."""
     b, n_heads, n, dim = q.shape
     interpreter = q.device.type != "cuda"
-    auto_m, block_w, auto_warps, auto_stages = attention_blocks(n, w, interpreter)
-    block_m, warps, stages = block_m or auto_m, warps or auto_warps, stages or auto_stages
+    blocks = attention_blocks(n, w, interpreter, block_m=block_m, block_n=block_n, warps=warps, stages=stages)
     out = torch.empty((b, n, n_heads, dim), device=q.device, dtype=q.dtype)
-    _rel_pos_attention_kernel[(triton.cdiv(n, block_m), b * n_heads)](
+    _rel_pos_attention_kernel[(triton.cdiv(n, blocks.block_m), b * n_heads)](
         q,
         k,
         v,
@@ -234,13 +286,14 @@ def attention_kernel(
         w,
         dim**-0.5 * _LOG2E,
         D=dim,
-        BLOCK_M=block_m,
-        BLOCK_W=block_w,
-        STAGES=stages,
+        BLOCK_M=blocks.block_m,
+        BLOCK_N=blocks.block_n,
+        ROWS=blocks.rows,
+        STAGES=blocks.stages,
         PRECISION="ieee" if interpreter or q.dtype == torch.float32 else "tf32",
         UPCAST=interpreter,
         PREFETCH_RH=prefetch,
-        num_warps=warps,
+        num_warps=blocks.warps,
     )
     return out
 
@@ -257,11 +310,12 @@ if HAVE_TRITON and not INTERPRETED:
         h: int,
         w: int,
         block_m: int,
+        block_n: int,
         warps: int,
         stages: int,
         prefetch: bool,
     ) -> Tensor:
-        return attention_kernel(q, k, v, rel_h, rel_w, h, w, block_m, warps, stages, prefetch)
+        return attention_kernel(q, k, v, rel_h, rel_w, h, w, block_m, block_n, warps, stages, prefetch)
 
     @_attention_op.register_fake
     def _(
@@ -273,6 +327,7 @@ if HAVE_TRITON and not INTERPRETED:
         h: int,
         w: int,
         block_m: int,
+        block_n: int,
         warps: int,
         stages: int,
         prefetch: bool,
@@ -290,6 +345,7 @@ def rel_pos_triton_attention(
     hw: tuple[int, int],
     *,
     block_m: int = 0,
+    block_n: int = 0,
     num_warps: int = 0,
     stages: int = 0,
     prefetch_rh: bool = True,
@@ -300,19 +356,19 @@ def rel_pos_triton_attention(
     views allowed as long as the head dimension is contiguous; the checkpoint's ``rel_pos_h`` / ``rel_pos_w``
     tables, resampled for the grid ``hw``).  The result is a [B, heads, N, C] view of a [B, N, heads, C] tensor,
     so the caller's ``permute(0, 2, 1, 3).reshape`` to tokens costs no copy.  ``block_m`` (queries per program),
-    ``num_warps`` and ``stages`` (k/v pipelining) override :func:`attention_blocks` where non-zero;
+    ``block_n`` (key columns per step: as many whole key rows as fit), ``num_warps`` and ``stages`` (k/v
+    pipelining) override :func:`attention_blocks` where non-zero;
     ``prefetch_rh=False`` loads each key row's ``rel_h`` column in its own step instead of one step ahead.
     """
     why = unavailable_reason(q.device)
     if why:
         raise KernelUnavailableError(f"sam_kernels.rel_pos_triton_attention cannot run on {q.device}: {why}")
     _check(q, k, v, hw)
-    if block_m and (block_m < 16 or block_m & (block_m - 1)):
-        raise ValueError(f"block_m must be a power of two >= 16 (tl.dot), got {block_m}")
-    rel_h, rel_w = rel_pos_tables(q, rel_pos_h, rel_pos_w, hw)
     h, w = hw
+    attention_blocks(h * w, w, True, block_m=block_m, block_n=block_n)  # bad block sizes fail before any work
+    rel_h, rel_w = rel_pos_tables(q, rel_pos_h, rel_pos_w, hw)
     if q.device.type == "cuda":
-        out = _attention_op(q, k, v, rel_h, rel_w, h, w, block_m, num_warps, stages, prefetch_rh)
+        out = _attention_op(q, k, v, rel_h, rel_w, h, w, block_m, block_n, num_warps, stages, prefetch_rh)
     else:
-        out = attention_kernel(q, k, v, rel_h, rel_w, h, w, block_m, num_warps, stages, prefetch_rh)
+        out = attention_kernel(q, k, v, rel_h, rel_w, h, w, block_m, block_n, num_warps, stages, prefetch_rh)
     return out.permute(0, 2, 1, 3)

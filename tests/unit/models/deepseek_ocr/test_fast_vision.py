@@ -80,10 +80,17 @@ def _triton_kernel_or_skip(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-@pytest.mark.parametrize("global_attention", ["augmented", "flex", "triton"])
+@pytest.mark.parametrize(
+    ("global_attention", "window_attention"),
+    [("augmented", "augmented"), ("flex", "augmented"), ("triton", "augmented"), ("triton", "triton")],
+)
 @pytest.mark.parametrize("size_factor", [1.0, 0.625])  # the trained size and a smaller tile (resampled tables)
 def test_fast_sam_matches_reference(
-    tiny_sam: SamEncoder, size_factor: float, global_attention: str, monkeypatch: pytest.MonkeyPatch
+    tiny_sam: SamEncoder,
+    size_factor: float,
+    global_attention: str,
+    window_attention: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     _triton_kernel_or_skip(global_attention, monkeypatch)
     cfg = tiny_sam.cfg
@@ -92,8 +99,9 @@ def test_fast_sam_matches_reference(
     images = torch.randn(2, 3, side, side)
     fast = copy.deepcopy(tiny_sam)
     fast.fast = True
-    fast.global_attention = global_attention
+    fast.global_attention, fast.window_attention = global_attention, window_attention
     assert any(block.window_size == 0 for block in fast.blocks)  # the tiny SAM has global blocks to switch
+    assert any(block.window_size > 0 for block in fast.blocks)  # and windowed ones
     assert all(getattr(block.attn, "fast", False) for block in fast.blocks)
     with torch.no_grad():
         expected = tiny_sam(images)
@@ -122,8 +130,12 @@ def test_clip_layer_fn_matches_modules() -> None:
     assert _rel_err(actual, expected) < 1e-5
 
 
-@pytest.mark.parametrize("sam_attention", ["augmented", "flex", "triton"])
-def test_fast_model_encode_images_matches_and_restores(sam_attention: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("sam_attention", "window"), [("augmented", "augmented"), ("flex", "augmented"), ("triton", "triton")]
+)
+def test_fast_model_encode_images_matches_and_restores(
+    sam_attention: str, window: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _triton_kernel_or_skip(sam_attention, monkeypatch)
     cfg = DeepseekOCRConfig.from_json(TINY / "config.json")
     model = build_model(cfg, device="cpu", dtype=torch.float32, weights="dummy", seed=0)
@@ -133,13 +145,16 @@ def test_fast_model_encode_images_matches_and_restores(sam_attention: str, monke
     crops = torch.randn(2, 3, cfg.image_size, cfg.image_size)
     ori = torch.randn(1, 3, cfg.base_size, cfg.base_size)
     expected = model.encode_images(crops, ori, [2, 1])
-    fast = apply_fast_path(model, FastConfig(sam_compile=False, clip_compile=False, sam_attention=sam_attention))
-    assert fast.vision.sam_attention == sam_attention  # the configured kernel runs, no fallback
+    cfg_fast = FastConfig(
+        sam_compile=False, clip_compile=False, sam_attention=sam_attention, sam_window_attention=window
+    )
+    fast = apply_fast_path(model, cfg_fast)
+    assert (fast.vision.sam_attention, fast.vision.sam_window_attention) == (sam_attention, window)  # no fallback
     actual = fast.encode_images(crops, ori, [2, 1])
     assert _rel_err(actual, expected) < 1e-5
     sam, clip_tf = model.model.sam_model, model.model.vision_model.transformer
     assert not sam.fast and sam.block_fn is None and sam.forward_fn is None
-    assert sam.global_attention == "augmented"  # restored after encode_images
+    assert sam.global_attention == sam.window_attention == "augmented"  # restored after encode_images
     assert clip_tf.layer_fn is None and clip_tf.forward_fn is None
     assert torch.equal(model.encode_images(crops, ori, [2, 1]), expected)
 
@@ -211,7 +226,8 @@ def test_sam_attention_triton_falls_back_with_the_reason(monkeypatch: pytest.Mon
     from llm_perf_opt.models.deepseek_ocr.fast import _resolve_sam_attention
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    kind, why = _resolve_sam_attention("triton", torch.device("cpu"))
-    assert kind == "augmented"
-    assert why is not None and ("TRITON_INTERPRET=1" in why or "not importable" in why)
+    for blocks in ("global", "windowed"):
+        kind, why = _resolve_sam_attention("triton", torch.device("cpu"), blocks)
+        assert kind == "augmented"
+        assert why is not None and ("TRITON_INTERPRET=1" in why or "not importable" in why)
     assert _resolve_sam_attention("flex", torch.device("cpu")) == ("flex", None)

@@ -1,7 +1,8 @@
 """SAM's rel-pos attention kernel (``sam_kernels``) == the dense-bias reference, on CPU through Triton's interpreter.
 
 The oracle is the reference's own math in float64: the [N, N] bias of ``decomposed_rel_pos_bias`` handed to SDPA.
-Grids cover a power-of-two width (no padding columns), widths that pad (3 -> 16, 5 -> 16, 20 -> 32), a query count
+Grids cover a power-of-two width (no padding columns), widths that pad (3 -> 16, 5 -> 16, 20 -> 32), several key
+rows per step (whole and partial last steps), a query count
 that is not a multiple of the 16-query block, h != w (a row/column mix-up shows), strided q/k/v views (the block's
 ``qkv.unbind``) and tables sized for a larger trained grid (resampled, as for a tile).  ``tests/conftest.py`` imports
 the module with ``TRITON_INTERPRET=1`` on machines without CUDA; elsewhere these tests skip (the GPU suite covers
@@ -80,6 +81,23 @@ def test_matches_dense_bias_bf16(hw: tuple[int, int]) -> None:
     assert rel_err(actual, expected) < bound
 
 
+@pytest.mark.parametrize(
+    ("hw", "block_n", "rows"),
+    [((7, 5), 16, 3), ((5, 7), 32, 4), ((3, 20), 64, 3), ((4, 16), 32, 2), ((6, 5), 32, 6)],
+)
+def test_several_key_rows_per_step(hw: tuple[int, int], block_n: int, rows: int) -> None:
+    """``block_n`` wider than a key row: ``rows`` whole key rows per step, each with its own ``rel_h`` column; a
+    last step with fewer rows (7 = 3+3+1, 5 = 4+1, 3 of 3, 4 = 2+2, 6 in one) must mask the rows past the grid."""
+    assert SK.attention_blocks(hw[0] * hw[1], hw[1], interpreter=True, block_n=block_n).rows == rows
+    q, k, v, rel_h, rel_w = _case(hw, 16, torch.float32, seed=hw[0] * 7 + hw[1] + block_n)
+    actual = SK.rel_pos_triton_attention(q, k, v, rel_h, rel_w, hw, block_n=block_n)
+    expected = _oracle(q, k, v, rel_h, rel_w, hw)
+    assert rel_err(actual, expected) < 2e-6
+    assert torch.equal(
+        actual, SK.rel_pos_triton_attention(q, k, v, rel_h, rel_w, hw, block_n=block_n, prefetch_rh=False)
+    )
+
+
 def test_output_is_a_view_of_token_major_storage() -> None:
     """The [B, heads, N, C] result permutes back to [B, N, heads·C] tokens without a copy (what the block's
     output projection reads)."""
@@ -114,6 +132,8 @@ def test_bad_input_is_refused_with_the_reason() -> None:
         SK.rel_pos_triton_attention(q12, q12, q12, torch.randn(7, 12), torch.randn(7, 12), (4, 4))
     with pytest.raises(ValueError, match="block_m must be a power of two"):
         SK.rel_pos_triton_attention(q, k, v, rel_h, rel_w, (4, 4), block_m=24)
+    with pytest.raises(ValueError, match="block_n must be a power of two"):
+        SK.rel_pos_triton_attention(q, k, v, rel_h, rel_w, (4, 4), block_n=8)
 
 
 def test_unavailable_without_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -126,9 +146,23 @@ def test_unavailable_without_the_interpreter(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_block_sizes() -> None:
-    """Power-of-two key-row width of at least 16 (``tl.dot``), 128-query programs at 8 warps on a GPU."""
-    assert SK.attention_blocks(1600, 40, interpreter=False) == (128, 64, 8, 2)
-    assert SK.attention_blocks(4096, 64, interpreter=False) == (128, 64, 8, 2)
-    assert SK.attention_blocks(2304, 48, interpreter=False) == (128, 64, 8, 2)
-    assert SK.attention_blocks(49, 7, interpreter=False) == (64, 16, 4, 2)
-    assert SK.attention_blocks(15, 5, interpreter=True) == (16, 16, 1, 1)
+    """(block_m, block_n, rows, warps, stages): key tiles a power of two of at least 16 (``tl.dot``) holding as many
+    whole key rows as fit, 128-query programs at 8 warps on a GPU; overrides replace their field."""
+    assert SK.attention_blocks(1600, 40, interpreter=False) == (128, 64, 1, 8, 2)
+    assert SK.attention_blocks(4096, 64, interpreter=False) == (128, 64, 1, 8, 2)
+    assert SK.attention_blocks(2304, 48, interpreter=False) == (128, 64, 1, 8, 2)
+    assert SK.attention_blocks(49, 7, interpreter=False) == (64, 16, 2, 4, 2)
+    assert SK.attention_blocks(15, 5, interpreter=True) == (16, 16, 3, 1, 1)
+    assert SK.attention_blocks(1600, 40, interpreter=False, block_n=128) == (128, 128, 3, 8, 2)
+    assert SK.attention_blocks(16, 4, interpreter=True, block_n=64).rows == 4  # no more rows than the grid's 4
+    assert SK.attention_blocks(196, 14, interpreter=False, block_m=64, block_n=64, warps=4, stages=3) == (
+        64,
+        64,
+        4,
+        4,
+        3,
+    )
+    with pytest.raises(ValueError, match="block_n=32 cannot hold one 40-wide key row; use at least 64"):
+        SK.attention_blocks(1600, 40, interpreter=False, block_n=32)
+    with pytest.raises(ValueError, match="block_n must be a power of two"):
+        SK.attention_blocks(1600, 40, interpreter=False, block_n=96)
