@@ -213,6 +213,21 @@ def profile_sam(m: Any, page: Page, out: Path, tag: str) -> None:
     (out / f"sam_profile_{tag}.txt").write_text(table)
 
 
+def profile_prefill(m: Any, embeds: torch.Tensor, out: Path) -> None:
+    """Top kernels of one LM prefill over the page's prompt (``m`` ungraphed), to ``prefill_profile_fast.txt``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cache = m.new_cache(batch=1, max_len=embeds.shape[1] + 8)
+    m.prefill(embeds, cache)
+    torch.cuda.synchronize()
+    cache.reset()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        m.prefill(embeds, cache)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+    (out / "prefill_profile_fast.txt").write_text(table)
+
+
 def run_vendor(path: Path, tokens: int, pythonpath: str | None, out: Path) -> dict[str, Any]:
     """The vendor HF remote code through ``hf_remote_check.py`` in a subprocess (own transformers pin);
     its JSON, or ``{"error": ...}`` (the rest of the benchmark still runs)."""
@@ -402,22 +417,26 @@ def main() -> None:
             var[f"vision {name} ms"] = cuda_ms(functools.partial(page.vision, vm), 2, 5)
             var[f"sam only, {name} ms"] = cuda_ms(functools.partial(page.sam, vm), 2, 5)
         var["vision sam_fast: max |Δ| of image features vs eager"] = fres["embeds_max_abs_diff"]
-        # SAM's global-attention kernels other than the default, each on the whole fast vision (compiled, graphed)
-        for kind in [k for k in ("augmented", "triton") if k != fast.fast_config.sam_attention]:
-            try:
-                vm = apply_fast_path(model, FastConfig(sam_attention=kind))
-                if vm.vision.sam_attention != kind:
-                    var[f"vision sam_attention={kind}"] = f"not run: {vm.vision.sam_attention_note}"
-                    continue
-                var[f"vision sam_attention={kind} ms"] = cuda_ms(functools.partial(page.vision, vm), 2, 7)
-                var[f"sam only, sam_attention={kind} ms"] = cuda_ms(functools.partial(page.sam, vm), 2, 7)
-                var[f"vision sam_attention={kind}: max |Δ| of image features vs eager"] = float(
-                    (page.embeds(vm).float() - embeds.float()).abs().max()
-                )
-                profile_sam(vm, page, out, f"fast_sam_attention_{kind}")
-                del vm
-            except Exception as exc:  # a kernel compile failure must not lose the rest of the report
-                var[f"vision sam_attention={kind}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
+        # SAM's rel-pos attention kernels other than the default, global and windowed blocks, each on the whole fast
+        # vision (compiled, graphed)
+        d = fast.fast_config
+        for switch in ("sam_attention", "sam_window_attention"):
+            for kind in [k for k in ("augmented", "triton") if k != getattr(d, switch)]:
+                key = f"{switch}={kind}"
+                try:
+                    vm = apply_fast_path(model, attrs.evolve(d, **{switch: kind}))
+                    if getattr(vm.vision, switch) != kind:
+                        var[f"vision {key}"] = f"not run: {getattr(vm.vision, switch + '_note')}"
+                        continue
+                    var[f"vision {key} ms"] = cuda_ms(functools.partial(page.vision, vm), 2, 7)
+                    var[f"sam only, {key} ms"] = cuda_ms(functools.partial(page.sam, vm), 2, 7)
+                    var[f"vision {key}: max |Δ| of image features vs eager"] = float(
+                        (page.embeds(vm).float() - embeds.float()).abs().max()
+                    )
+                    profile_sam(vm, page, out, f"fast_{switch}_{kind}")
+                    del vm
+                except Exception as exc:  # a kernel compile failure must not lose the rest of the report
+                    var[f"vision {key}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
         for name, fcfg in {
             "attn=sdpa": FastConfig(decode_attention="sdpa"),
             "experts=gather_bmm": FastConfig(expert_impl="gather_bmm"),
@@ -467,6 +486,7 @@ def main() -> None:
                     triton_kernels.UP_STAGES = default_stages
         fm = apply_fast_path(model, FastConfig(prefill_graphs=False))
         var["prefill prefill_graphs=False ms"] = prefill_ms(fm, embeds)
+        profile_prefill(fm, embeds, out)  # ungraphed: the profiler sees each kernel
         other_kernels = "torch" if fast.fast_config.decode_kernels == "triton" else "triton"
         try:
             fm = apply_fast_path(model, FastConfig(decode_kernels=other_kernels))

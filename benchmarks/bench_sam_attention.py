@@ -95,10 +95,11 @@ def op_rows(sam: SamEncoder, dev: torch.device, kinds: tuple[str, ...]) -> list[
     """The rel-pos attention op alone at each view's token grid and each windowed grid, per variant."""
     heads, dim, rel_h, rel_w = global_attention(sam)
     fns = {
-        "augmented": torch.compile(rel_pos_attention),
-        "flex": torch.compile(rel_pos_flex_attention),
-        "triton": torch.compile(sam_kernels.rel_pos_triton_attention),  # takes block_n
+        "augmented": torch.compile(rel_pos_attention, dynamic=False),  # static shapes, as the product compiles
+        "flex": torch.compile(rel_pos_flex_attention, dynamic=False),
+        "triton": torch.compile(sam_kernels.rel_pos_triton_attention, dynamic=False),  # takes block_n
     }
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     rows = []
     gen = torch.Generator(device=dev).manual_seed(0)
     shapes = [(m, v, b, side // int(sam.cfg.patch_size)) for m, v, b, side in VIEWS] + WINDOW_VIEWS

@@ -133,9 +133,11 @@ class FastConfig:
     # it): vision 15.8-16.0 -> 14.1-14.5 ms with triton (two calls); flex is 7-24x slower per op (its score_mod
     # gathers; benchmarks/results/2026-12-02-h200-sam-attention.md)
     sam_attention: str = attrs.field(default="triton", validator=attrs.validators.in_(SAM_ATTENTION))
-    # the same choice for SAM's windowed blocks (14x14 windows, 196 keys; the fallback and its note as above):
-    # "triton" runs the kernel with several key rows per step (sam_kernels.attention_blocks)
-    sam_window_attention: str = attrs.field(default="augmented", validator=attrs.validators.in_(SAM_ATTENTION))
+    # the same choice for SAM's windowed blocks (14x14 windows, 196 keys; the fallback and its note as above).  H200
+    # (bench_sam_attention, round 11): flash on the augmented operands is faster per call than the kernel here, but
+    # the kernel reads the block's qkv views and needs no concatenated operands: the tower is 0.3 ms (640-px tiles
+    # x6) and 0.16 ms (1024-px view) faster with triton
+    sam_window_attention: str = attrs.field(default="triton", validator=attrs.validators.in_(SAM_ATTENTION))
     # torch.compile of one SAM block (sam.sam_block_fast) when sam_fast: fuses the layout copies, norms and
     # the augmented-attention concatenations; compiled once per view shape (tiles, global view) and block kind.
     sam_compile: bool = True

@@ -18,9 +18,10 @@ keys a few whole key *rows* at a time, so neither needs a gather:
   the tables), P rounded to the input dtype for the P·V product, the output divided once at the end.
 
 Waste: one key row per step in a 64-wide tile leaves a 40-wide grid (640-px tiles) 62.5 % useful; three rows in a
-128-wide tile, 94 % (14-wide windows: one row per 16-wide step 87.5 %, and four per 64-wide step just as much,
-with a quarter of the steps).  Against the augmented operands' 3× that is still less work.  Scores are summed in
-another order than SDPA's, so results equal the dense-bias reference to bf16 rounding, not bit for bit.
+128-wide tile would be 94 %, but on an H200 that runs slower (the per-row ``rel_h`` selects cost more than the
+padding saves: :func:`attention_blocks`), so the default is one row per step.  Against the augmented operands' 3×
+that is still less work.  Scores are summed in another order than SDPA's, so results equal the dense-bias
+reference to bf16 rounding, not bit for bit.
 
 Triton is optional, as for :mod:`kernels`: compiled on CUDA; on CPU tensors only under Triton's interpreter
 (``TRITON_INTERPRET=1`` before ``triton`` and this module are first imported).  On CUDA the kernel is wrapped
@@ -184,6 +185,16 @@ def _pow2(n: int) -> int:
     return max(16, 1 << math.ceil(math.log2(max(1, n))))  # at least 16: tl.dot's minimum
 
 
+def _check_blocks(block_m: int, block_n: int, grid_w: int) -> None:
+    """Refuse a block size that is not a power of two >= 16, or a ``block_n`` narrower than one key row (plain
+    comparisons only: also traced by Dynamo, where ``grid_w`` may be symbolic)."""
+    for name, size in (("block_m", block_m), ("block_n", block_n)):
+        if size and (size < 16 or size & (size - 1)):
+            raise ValueError(f"{name} must be a power of two >= 16 (tl.dot), got {size}")
+    if block_n and block_n < grid_w:
+        raise ValueError(f"block_n={block_n} cannot hold one {grid_w}-wide key row; use at least {_pow2(grid_w)}")
+
+
 def attention_blocks(
     n_queries: int,
     grid_w: int,
@@ -197,22 +208,18 @@ def attention_blocks(
     """The launch setting for ``n_queries`` queries over a ``grid_w``-wide key grid; a non-zero argument overrides
     its field (``rows`` follows from ``block_n``: as many whole key rows as fit, at most the grid's).
 
-    Default ``block_n``: ``grid_w`` rounded up to a power of two (one key row per step).  GPU: 128 queries per
-    program at 8 warps (a [128, 64] score tile per step), k/v tiles double-buffered (2 stages).  Interpreter:
-    16-query programs, no pipelining (programs run one by one with numpy).  Raises ``ValueError`` for a block size
+    Default ``block_n``: ``grid_w`` rounded up to a power of two (one key row per step).  GPU: 64 queries per
+    program at 4 warps, k/v tiles double-buffered (2 stages).  H200 sweep (``bench_sam_attention.py --sweep``,
+    round 11), ms for one block's attention at v1's 640-px tiles ×6 / the 1024-px view / v2's 768-px tiles ×6 /
+    v1's 14×14 windows of the tiles: this 0.307 / 0.209 / 0.478 / 0.106; round 10's 128 queries at 8 warps 0.427 /
+    0.287 / 0.695 / 0.126; several key rows per 128-wide step (3 / 2 / 2 rows) 0.531 / 0.238 / 0.543 at best, and
+    0.143 for four window rows per 64-wide step: the per-row ``rel_h`` selects cost more than the padding saves.
+    Interpreter: 16-query programs, no pipelining (programs run one by one with numpy).  Raises ``ValueError`` for a block size
     that is not a power of two >= 16 or a ``block_n`` narrower than one key row.
     """
-    for name, size in (("block_m", block_m), ("block_n", block_n)):
-        if size and (size < 16 or size & (size - 1)):
-            raise ValueError(f"{name} must be a power of two >= 16 (tl.dot), got {size}")
-    if block_n and block_n < grid_w:
-        raise ValueError(f"block_n={block_n} cannot hold one {grid_w}-wide key row; use at least {_pow2(grid_w)}")
+    _check_blocks(block_m, block_n, grid_w)
     block_n = block_n or _pow2(grid_w)
-    if interpreter:
-        auto = Blocks(16, block_n, 0, 1, 1)
-    else:
-        auto_m = 128 if n_queries > 64 else 64
-        auto = Blocks(auto_m, block_n, 0, 8 if auto_m == 128 else 4, 2)
+    auto = Blocks(16, block_n, 0, 1, 1) if interpreter else Blocks(64, block_n, 0, 4, 2)
     rows = min(block_n // grid_w, max(1, n_queries // grid_w))  # never more rows per step than the grid has
     return Blocks(block_m or auto.block_m, block_n, rows, warps or auto.warps, stages or auto.stages)
 
@@ -365,7 +372,7 @@ def rel_pos_triton_attention(
         raise KernelUnavailableError(f"sam_kernels.rel_pos_triton_attention cannot run on {q.device}: {why}")
     _check(q, k, v, hw)
     h, w = hw
-    attention_blocks(h * w, w, True, block_m=block_m, block_n=block_n)  # bad block sizes fail before any work
+    _check_blocks(block_m, block_n, w)  # bad block sizes fail before any work
     rel_h, rel_w = rel_pos_tables(q, rel_pos_h, rel_pos_w, hw)
     if q.device.type == "cuda":
         out = _attention_op(q, k, v, rel_h, rel_w, h, w, block_m, block_n, num_warps, stages, prefetch_rh)

@@ -30,10 +30,15 @@ from llm_perf_opt.models.deepseek_ocr.model import DeepseekOCRForCausalLM  # noq
 from tests.conftest import TINY, tiny_case_pages  # noqa: E402
 
 # Switches of the tests below that run pages or decode steps on the CPU: no graphs or compiles, and SAM's global
-# blocks on the augmented attention (the interpreter would otherwise run the Triton SAM kernel on every page;
-# test_sam_kernels and test_fast_vision cover it): what these tests hold is the decode step.
+# and windowed blocks on the augmented attention (the interpreter would otherwise run the Triton SAM kernel on every
+# page; test_sam_kernels and test_fast_vision cover it): what these tests hold is the decode step.
 NO_GRAPHS_PLAIN_VISION: dict[str, object] = dict(
-    cuda_graphs=False, sam_compile=False, clip_compile=False, vision_graphs=False, sam_attention="augmented"
+    cuda_graphs=False,
+    sam_compile=False,
+    clip_compile=False,
+    vision_graphs=False,
+    sam_attention="augmented",
+    sam_window_attention="augmented",
 )
 
 pytestmark = pytest.mark.skipif(

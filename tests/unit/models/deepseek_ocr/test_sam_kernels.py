@@ -147,13 +147,15 @@ def test_unavailable_without_the_interpreter(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_block_sizes() -> None:
     """(block_m, block_n, rows, warps, stages): key tiles a power of two of at least 16 (``tl.dot``) holding as many
-    whole key rows as fit, 128-query programs at 8 warps on a GPU; overrides replace their field."""
-    assert SK.attention_blocks(1600, 40, interpreter=False) == (128, 64, 1, 8, 2)
-    assert SK.attention_blocks(4096, 64, interpreter=False) == (128, 64, 1, 8, 2)
-    assert SK.attention_blocks(2304, 48, interpreter=False) == (128, 64, 1, 8, 2)
+    whole key rows as fit, 64-query programs at 4 warps on a GPU (the H200 sweep's best); overrides replace their
+    field."""
+    assert SK.attention_blocks(1600, 40, interpreter=False) == (64, 64, 1, 4, 2)
+    assert SK.attention_blocks(4096, 64, interpreter=False) == (64, 64, 1, 4, 2)
+    assert SK.attention_blocks(2304, 48, interpreter=False) == (64, 64, 1, 4, 2)
+    assert SK.attention_blocks(196, 14, interpreter=False) == (64, 16, 1, 4, 2)
     assert SK.attention_blocks(49, 7, interpreter=False) == (64, 16, 2, 4, 2)
     assert SK.attention_blocks(15, 5, interpreter=True) == (16, 16, 3, 1, 1)
-    assert SK.attention_blocks(1600, 40, interpreter=False, block_n=128) == (128, 128, 3, 8, 2)
+    assert SK.attention_blocks(1600, 40, interpreter=False, block_n=128, block_m=128, warps=8) == (128, 128, 3, 8, 2)
     assert SK.attention_blocks(16, 4, interpreter=True, block_n=64).rows == 4  # no more rows than the grid's 4
     assert SK.attention_blocks(196, 14, interpreter=False, block_m=64, block_n=64, warps=4, stages=3) == (
         64,
