@@ -1,0 +1,171 @@
+"""Candidate fusions for the prefill's unfused elementwise work, each against what runs today (H200 decisions).
+
+    PYTHONPATH=src python benchmarks/bench_fusions.py --out /tmp/res
+
+Round 11's profiles (``benchmarks/results/2026-12-03-h200-r11/``) put ~0.8 ms of SAM's 9.1 ms in GELU passes over
+the MLP's 3072-wide hidden rows, and ~3.5 ms of the LM prefill's 6.4 ms outside its GEMMs (sorting, gathers,
+conversions, elementwise).  Per candidate this prints ms (CUDA events, median of 20 after 3 warm-ups) and the
+max |Δ| against the eager float32 math:
+
+* SAM's MLP up projection + GELU at the Gundam view batches: ``F.gelu(F.linear(...))`` (exact GELU, what the
+  compiled block runs: an nvjet GEMM and an inductor GELU pass) vs ``torch._addmm_activation(use_gelu=True)``
+  (cuBLASLt's GELU epilogue, the tanh approximation) eager;
+* the MoE routing sort at the prompt's (token, slot) count: int64 keys vs uint8 keys;
+* one MoE layer of the LM at 913 prompt tokens (router, routing, grouped experts, shared experts): eager vs
+  ``torch.compile`` (inductor, static shapes).
+
+Weights are seeded random of the real shapes (bf16).  Without CUDA the script says so and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmath next to this script
+from benchmath import cuda_ms  # noqa: E402
+
+from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig  # noqa: E402
+from llm_perf_opt.models.deepseek_ocr.decoder import MoE  # noqa: E402
+from llm_perf_opt.models.deepseek_ocr.fast_layers import GroupedMoE  # noqa: E402
+
+CONFIG = ROOT / "src/llm_perf_opt/models/deepseek_ocr/configs/deepseek-ocr.json"
+PROMPT = 913  # the Gundam 1224x1584 page's prompt (bench_fast)
+
+
+def gelu_rows(dev: torch.device, width: int, hidden: int) -> list[dict[str, Any]]:
+    rows = []
+    gen = torch.Generator(device=dev).manual_seed(0)
+    w = (torch.randn(hidden, width, device=dev, generator=gen) * width**-0.5).bfloat16()
+    b = (torch.randn(hidden, device=dev, generator=gen) * 0.1).bfloat16()
+    for view, tokens in (("tiles 640 x6", 6 * 40 * 40), ("global 1024", 64 * 64)):
+        x = torch.randn(tokens, width, device=dev, generator=gen).bfloat16()
+        ref = F.gelu(F.linear(x.float(), w.float(), b.float()))
+        compiled = torch.compile(lambda x: F.gelu(F.linear(x, w, b)), dynamic=False)
+        variants = {
+            "linear + exact GELU (compiled, as in the block)": functools.partial(compiled, x),
+            "linear + exact GELU (eager)": lambda x=x: F.gelu(F.linear(x, w, b)),
+            "cuBLASLt GELU epilogue (_addmm_activation, tanh GELU)": lambda x=x: torch._addmm_activation(
+                b, x, w.t(), use_gelu=True
+            ),
+            "linear alone (no GELU)": lambda x=x: F.linear(x, w, b),
+        }
+        for name, fn in variants.items():
+            out = fn()
+            rows.append(
+                dict(
+                    part=f"SAM MLP up + GELU, {view} ({tokens} tokens)",
+                    variant=name,
+                    ms=cuda_ms(fn, warmup=3, reps=20),
+                    max_abs_diff=float((out.float() - ref).abs().max()) if name != "linear alone (no GELU)" else None,
+                )
+            )
+    return rows
+
+
+def sort_rows(dev: torch.device, n_experts: int, top_k: int) -> list[dict[str, Any]]:
+    gen = torch.Generator(device=dev).manual_seed(1)
+    ids = torch.randint(0, n_experts, (PROMPT * top_k,), device=dev, generator=gen)
+    ref = torch.sort(ids, stable=True)[1]
+    rows = []
+    for name, dtype in (("int64 keys", torch.int64), ("int32 keys", torch.int32), ("uint8 keys", torch.uint8)):
+        keys = ids.to(dtype)
+        same = bool(torch.equal(torch.sort(keys, stable=True)[1], ref))
+        ms = cuda_ms(lambda keys=keys: torch.sort(keys, stable=True), warmup=3, reps=20)
+        rows.append(dict(part=f"routing sort, {ids.numel()} (token, slot) pairs", variant=name, ms=ms, same_order=same))
+    return rows
+
+
+def moe_rows(dev: torch.device, cfg: DeepseekOCRConfig) -> list[dict[str, Any]]:
+    lang = cfg.language
+    torch.manual_seed(2)
+    moe = MoE(lang).to(dev, torch.bfloat16).eval()
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0.0, 0.02)
+    fast = GroupedMoE(moe, grouped=True, expert_impl="grouped", fused=True)
+    x = (torch.randn(PROMPT, lang.hidden_size, device=dev) * 0.5).bfloat16()
+    rows = []
+    with torch.inference_mode():
+        ref = moe(x.float().bfloat16()).float()
+        compiled = torch.compile(fast, dynamic=False)
+        for name, fn in (("eager (today)", fast), ("torch.compile (inductor)", compiled)):
+            out = fn(x)
+            ms = cuda_ms(functools.partial(fn, x), warmup=3, reps=20)
+            rows.append(
+                dict(
+                    part=f"one MoE layer at {PROMPT} tokens",
+                    variant=name,
+                    ms=ms,
+                    max_abs_diff=float((out.float() - ref).abs().max()),
+                    ref_max_abs=float(ref.abs().max()),
+                )
+            )
+    return rows
+
+
+def render(rows: list[dict[str, Any]], env: dict[str, str]) -> str:
+    lines = [
+        f"# Prefill fusion candidates — {env['gpu']}",
+        "",
+        f"{env['date']}; torch {env['torch']}; bf16, seeded random weights of the real shapes; CUDA events, median of"
+        " 20 after 3 warm-ups.",
+        "",
+        "| part | variant | ms | note |",
+        "| --- | --- | ---: | --- |",
+    ]
+    for r in rows:
+        note = ", ".join(
+            f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in r.items()
+            if k not in {"part", "variant", "ms"} and v is not None
+        )
+        lines.append(f"| {r['part']} | {r['variant']} | {r['ms']:.3f} | {note} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=None, help="folder for fusions.md / .json")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_fusions: no CUDA device; nothing timed")
+        return
+    dev = torch.device("cuda:0")
+    cfg = DeepseekOCRConfig.from_json(CONFIG)
+    env = dict(
+        gpu=torch.cuda.get_device_name(dev),
+        torch=torch.__version__,
+        date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    )
+    rows: list[dict[str, Any]] = []
+    for part in (
+        lambda: gelu_rows(dev, cfg.sam.embed_dim, int(cfg.sam.embed_dim * cfg.sam.mlp_ratio)),
+        lambda: sort_rows(dev, cfg.language.n_routed_experts, cfg.language.num_experts_per_tok),
+        lambda: moe_rows(dev, cfg),
+    ):
+        try:
+            with torch.no_grad():
+                rows += part()
+        except Exception as exc:  # one failing candidate must not lose the others
+            rows.append(dict(part="failed", variant=f"{type(exc).__name__}: {exc}"[:300], ms=float("nan")))
+    text = render(rows, env)
+    print(text)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "fusions.md").write_text(text)
+        (args.out / "fusions.json").write_text(json.dumps(dict(env=env, rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()
