@@ -420,12 +420,16 @@ def main() -> None:
         # SAM's rel-pos attention kernels other than the default, global and windowed blocks, each on the whole fast
         # vision (compiled, graphed)
         d = fast.fast_config
-        for switch in ("sam_attention", "sam_window_attention"):
-            for kind in [k for k in ("augmented", "triton") if k != getattr(d, switch)]:
+        for switch, choices in (
+            ("sam_attention", ("augmented", "triton")),
+            ("sam_window_attention", ("augmented", "triton")),
+            ("sam_gelu_epilogue", (False, True)),
+        ):
+            for kind in [k for k in choices if k != getattr(d, switch)]:
                 key = f"{switch}={kind}"
                 try:
                     vm = apply_fast_path(model, attrs.evolve(d, **{switch: kind}))
-                    if getattr(vm.vision, switch) != kind:
+                    if isinstance(kind, str) and getattr(vm.vision, switch) != kind:
                         var[f"vision {key}"] = f"not run: {getattr(vm.vision, switch + '_note')}"
                         continue
                     var[f"vision {key} ms"] = cuda_ms(functools.partial(page.vision, vm), 2, 7)

@@ -92,3 +92,35 @@ def test_in_a_cuda_graph_under_torch_compile() -> None:
                 dst.copy_(src)
             graph.replay()
             assert torch.equal(out, fn(*fresh))
+
+
+def _gelu_tanh_float64(x: torch.Tensor) -> torch.Tensor:
+    x = x.double()
+    return 0.5 * x * (1.0 + torch.tanh((2.0 / torch.pi) ** 0.5 * (x + 0.044715 * x**3)))
+
+
+def test_linear_gelu_epilogue_is_the_tanh_gelu() -> None:
+    """cuBLASLt's GELU epilogue (``sam.linear_gelu_tanh``) at SAM's MLP shape: float32 operands (no TF32) give the
+    float64 tanh-GELU of the GEMM to float32 rounding, measurably closer than to the exact (erf) GELU (what the
+    docstring claims it computes); bf16 operands are within one bf16 step of the largest output of it."""
+    from llm_perf_opt.models.deepseek_ocr.sam import linear_gelu_tanh
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.randn(4096, 768, device="cuda", generator=gen)
+    w = torch.randn(3072, 768, device="cuda", generator=gen) * 768**-0.5
+    b = torch.randn(3072, device="cuda", generator=gen) * 0.5
+    pre = x.double() @ w.double().T + b.double()
+    tanh_ref, exact_ref = _gelu_tanh_float64(pre), F.gelu(pre)
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        out = linear_gelu_tanh(x, w, b)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    err_tanh = float((out.double() - tanh_ref).abs().max())
+    err_exact = float((out.double() - exact_ref).abs().max())
+    assert err_tanh < 1e-4 and err_tanh < err_exact / 4, (err_tanh, err_exact)
+    out16 = linear_gelu_tanh(x.bfloat16(), w.bfloat16(), b.bfloat16())
+    assert out16.dtype == torch.bfloat16
+    step = float(tanh_ref.abs().max()) * 2.0**-8
+    assert float((out16.double() - tanh_ref).abs().max()) <= step

@@ -32,6 +32,7 @@ __all__ = [
     "decomposed_rel_pos_bias",
     "get_rel_pos",
     "interpolate_sam_pos_embed",
+    "linear_gelu_tanh",
     "rel_pos_attention",
     "rel_pos_flex_attention",
     "rel_pos_terms",
@@ -213,6 +214,35 @@ def rel_pos_triton_attention(
     return sam_kernels.rel_pos_triton_attention(q, k, v, rel_pos_h, rel_pos_w, hw)
 
 
+@torch.library.custom_op("llm_perf_opt::linear_gelu_tanh", mutates_args=())
+def linear_gelu_tanh(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """``gelu_tanh(x @ weight.T + bias)`` for 2-D ``x`` in one GEMM: on CUDA cuBLASLt applies bias and GELU in its
+    epilogue (``torch._addmm_activation``), instead of a GEMM and a GELU pass over the [tokens, 4·dim] output.
+
+    cuBLASLt's GELU is the tanh approximation, not the exact (erf) GELU SAM was trained with; the two differ by
+    at most ~3e-4, a fraction of a bf16 step at the activations' size (H200, the Gundam tile batch against the
+    float32 exact GELU: max |Δ| 0.0156 with the epilogue, 0.0161 for the exact GELU rounded to bf16).  A custom
+    op so that ``torch.compile`` of a block keeps it one call (inductor would split it back into GEMM + GELU).
+    Elsewhere the same tanh GELU after the GEMM (PyTorch's CPU ``_addmm_activation`` would apply the exact one).
+    """
+    if x.device.type == "cuda":
+        return torch._addmm_activation(bias, x, weight.t(), use_gelu=True)
+    return F.gelu(torch.addmm(bias, x, weight.t()), approximate="tanh")
+
+
+@linear_gelu_tanh.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def _mlp_up(x: Tensor, weight: Tensor, bias: Tensor | None, epilogue: bool) -> Tensor:
+    """SAM's MLP up projection and GELU: exact GELU after the GEMM, or (``epilogue``) :func:`linear_gelu_tanh`."""
+    if not epilogue or bias is None:
+        return F.gelu(F.linear(x, weight, bias))
+    out = linear_gelu_tanh(x.reshape(-1, x.shape[-1]), weight, bias)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
 # How a fast SAM block applies the relative positions (``FastConfig.sam_attention`` for the global blocks,
 # ``sam_window_attention`` for the windowed ones): "augmented"
 # (:func:`rel_pos_attention`, flash over 192-wide operands), "flex" (:func:`rel_pos_flex_attention`, head size
@@ -234,13 +264,15 @@ def sam_block_fast(
     global_attention: str = "augmented",
     sdpa_policy: str = "model",
     window_attention: str = "augmented",
+    gelu_epilogue: bool = False,
 ) -> Tensor:
     """One :class:`SamBlock` as a function of its weights (fast path; the unit ``torch.compile`` compiles).
 
     ``weights`` is :meth:`SamBlock.fast_weights`: norm1 w/b, qkv w/b, proj w/b, rel_pos_h/w (None without
     relative positions), norm2 w/b, lin1 w/b, lin2 w/b.  Same math as the module with ``fast`` attention;
     ``global_attention`` (:data:`SAM_ATTENTION`) picks the kernel of the global blocks (``window_size`` 0),
-    ``window_attention`` that of the windowed blocks (14×14 windows: 196 keys).  ``sdpa_policy``: the
+    ``window_attention`` that of the windowed blocks (14×14 windows: 196 keys); ``gelu_epilogue`` runs the MLP's
+    up projection and GELU as one GEMM (:func:`linear_gelu_tanh`: the tanh GELU).  ``sdpa_policy``: the
     SDPA backend policy in force (:func:`~llm_perf_opt.models.deepseek_ocr.graphs.check_sdpa_policy`: a compiled
     block is specialised on it).
     """
@@ -267,7 +299,7 @@ def sam_block_fast(
         x = window_unpartition(x, window_size, padded_hw, hw)
     x = shortcut + x
     assert l1w is not None and l2w is not None
-    return x + F.linear(F.gelu(F.linear(F.layer_norm(x, (dim,), n2w, n2b, eps), l1w, l1b)), l2w, l2b)
+    return x + F.linear(_mlp_up(F.layer_norm(x, (dim,), n2w, n2b, eps), l1w, l1b, gelu_epilogue), l2w, l2b)
 
 
 def interpolate_sam_pos_embed(pos_embed: Tensor, hw: tuple[int, int]) -> Tensor:
@@ -453,6 +485,9 @@ class SamEncoder(nn.Module):
         # ``FastConfig.sam_attention`` / ``sam_window_attention``)
         self.global_attention = "augmented"
         self.window_attention = "augmented"
+        # With ``fast``: the MLPs' up projection + GELU as one GEMM with cuBLASLt's (tanh) GELU epilogue
+        # (``FastConfig.sam_gelu_epilogue``)
+        self.gelu_epilogue = False
 
     @property
     def fast(self) -> bool:
@@ -503,6 +538,7 @@ class SamEncoder(nn.Module):
                 blk.norm1.eps,
                 self.global_attention,
                 window_attention=self.window_attention,
+                gelu_epilogue=self.gelu_epilogue,
             )
         return self._neck_fast(x)
 

@@ -214,8 +214,8 @@ def attention_blocks(
     v1's 14×14 windows of the tiles: this 0.307 / 0.209 / 0.478 / 0.106; round 10's 128 queries at 8 warps 0.427 /
     0.287 / 0.695 / 0.126; several key rows per 128-wide step (3 / 2 / 2 rows) 0.531 / 0.238 / 0.543 at best, and
     0.143 for four window rows per 64-wide step: the per-row ``rel_h`` selects cost more than the padding saves.
-    Interpreter: 16-query programs, no pipelining (programs run one by one with numpy).  Raises ``ValueError`` for a block size
-    that is not a power of two >= 16 or a ``block_n`` narrower than one key row.
+    Interpreter: 16-query programs, no pipelining (programs run one by one with numpy).  Raises ``ValueError`` for a
+    block size that is not a power of two >= 16 or a ``block_n`` narrower than one key row.
     """
     _check_blocks(block_m, block_n, grid_w)
     block_n = block_n or _pow2(grid_w)
