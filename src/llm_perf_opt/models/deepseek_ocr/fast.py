@@ -142,6 +142,9 @@ class FastConfig:
     # approximation of the exact GELU, within bf16 rounding of it) instead of a GEMM and a GELU pass over the
     # 3072-wide rows.  H200 (bench_fusions, round 11): Gundam tiles x6 0.189 -> 0.103 ms per block's up projection
     sam_gelu_epilogue: bool = True
+    # with decode_kernels=triton (where its kernels run): the prefill's residual add + RMSNorm as one Triton kernel
+    # (kernels.add_rms_norm, the torch norm's rounding points) instead of five torch kernels per norm
+    triton_prefill_norms: bool = True
     # torch.compile of one SAM block (sam.sam_block_fast) when sam_fast: fuses the layout copies, norms and
     # the augmented-attention concatenations; compiled once per view shape (tiles, global view) and block kind.
     sam_compile: bool = True
@@ -388,6 +391,12 @@ class FastModel:
             )
             if cfg.decode_compile == "none":  # a compiled step traces the torch layers
                 self._triton_rows = triton_row_layers(self.layers, self.norm, cfg.norm_router_f32)
+        # the prefill's (and any other multi-token forward's) layers: the fast layers, norms on the Triton kernel
+        self._prompt_layers: tuple[list[DecoderLayer], RMSNorm] = (self.layers, self.norm)
+        if self.decode_kernels == "triton" and cfg.triton_prefill_norms:
+            from llm_perf_opt.models.deepseek_ocr.triton_layers import triton_norm_layers
+
+            self._prompt_layers = triton_norm_layers(self.layers, self.norm)
 
     def _resolve_kernels(self, model: DeepseekOCRForCausalLM, cfg: FastConfig) -> tuple[str, str | None]:
         """The decode kernels that will run: "triton" only where its kernels can (else "torch", and why)."""
@@ -531,7 +540,7 @@ class FastModel:
         if self._triton_rows is not None and ctx.slot is not None:
             with self.triton_launches():
                 return run_decoder(self._triton_rows[0], self._triton_rows[1], hidden, ctx)
-        return run_decoder(self.layers, self.norm, hidden, ctx)
+        return run_decoder(*self._prompt_layers, hidden, ctx)
 
     def triton_launches(self) -> contextlib.AbstractContextManager[None]:
         """How the Triton decode kernels are launched here: as programmatic dependent launches when

@@ -25,7 +25,15 @@ from llm_perf_opt.models.deepseek_ocr.decoder import Attention, DecoderLayer, Mo
 from llm_perf_opt.models.deepseek_ocr.fast_decoder import TRITON_MAX_ROWS
 from llm_perf_opt.models.deepseek_ocr.fast_layers import FusedAttention, GroupedMoE
 
-__all__ = ["TritonAttention", "TritonMoE", "TritonRMSNorm", "TritonRowAttention", "triton_layers", "triton_row_layers"]
+__all__ = [
+    "TritonAttention",
+    "TritonMoE",
+    "TritonRMSNorm",
+    "TritonRowAttention",
+    "triton_layers",
+    "triton_norm_layers",
+    "triton_row_layers",
+]
 
 
 def _kept_counters(
@@ -359,3 +367,19 @@ def triton_row_layers(
     rotary positions and key masks over a padded cache) for decode steps over slot contexts: the batched step
     (and the torch step of more than 8 rows)."""
     return [_triton_layer(layer, TritonRowAttention, router_f32) for layer in layers], TritonRMSNorm(norm)
+
+
+def triton_norm_layers(layers: list[DecoderLayer], norm: RMSNorm) -> tuple[list[DecoderLayer], RMSNorm]:
+    """The fast layers with only their norms swapped for :class:`TritonRMSNorm` (residual add + norm in one
+    kernel, one program per row, ``decoder.RMSNorm``'s rounding points): the prefill's layers, where the torch norm
+    is five kernels over the prompt's rows (add, float cast, rms_norm, cast back, weight)."""
+    return [
+        DecoderLayer(
+            layer.layer_idx,
+            layer.self_attn,
+            layer.mlp,
+            TritonRMSNorm(layer.input_layernorm),
+            TritonRMSNorm(layer.post_attention_layernorm),
+        )
+        for layer in layers
+    ], TritonRMSNorm(norm)

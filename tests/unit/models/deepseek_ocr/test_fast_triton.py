@@ -27,7 +27,7 @@ from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, build_model  # n
 from llm_perf_opt.models.deepseek_ocr.batched import BatchedGenerator  # noqa: E402
 from llm_perf_opt.models.deepseek_ocr.fast import TRITON_MAX_ROWS, FastConfig, apply_fast_path  # noqa: E402
 from llm_perf_opt.models.deepseek_ocr.model import DeepseekOCRForCausalLM  # noqa: E402
-from tests.conftest import TINY, tiny_case_pages  # noqa: E402
+from tests.conftest import TINY, rel_err, tiny_case_pages  # noqa: E402
 
 # Switches of the tests below that run pages or decode steps on the CPU: no graphs or compiles, and SAM's global
 # and windowed blocks on the augmented attention (the interpreter would otherwise run the Triton SAM kernel on every
@@ -449,3 +449,27 @@ def test_triton_unavailable_falls_back_with_a_reason(monkeypatch: pytest.MonkeyP
     assert apply_fast_path(fast, FastConfig(grouped_moe=False)).decode_kernels_note == (
         "decode_kernels=triton needs grouped_moe (stacked expert weights)"
     )
+
+
+def test_triton_prefill_norms_run_every_prefill_norm_in_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``triton_prefill_norms``: the prompt's residual add + RMSNorm (two per layer, then the final norm) each run
+    the Triton kernel; the prefill logits equal the eager model's (the oracle) to float32 rounding."""
+    calls: list[int] = []
+    real = kernels.add_rms_norm
+
+    def spy(x: torch.Tensor, *args: object) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(x.shape[0])
+        return real(x, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kernels, "add_rms_norm", spy)
+    model = _model(seed=11)
+    embeds = torch.randn(2, 7, model.config.language.hidden_size)
+    expected = model.prefill(embeds, model.new_cache(batch=2, max_len=8))
+    for on in (False, True):
+        calls.clear()
+        cfg = FastConfig(cuda_graphs=False, decode_kernels="triton", triton_prefill_norms=on)
+        fast = apply_fast_path(model, cfg)
+        actual = fast.prefill(embeds, fast.new_cache(batch=2, max_len=8))
+        assert rel_err(actual, expected) < 1e-5
+        n_layers = len(model.model.layers)
+        assert calls == ([2 * 7] * (2 * n_layers + 1) if on else [])  # every norm, over all 14 prompt rows
