@@ -491,9 +491,9 @@ def main() -> None:
         fm = apply_fast_path(model, FastConfig(prefill_graphs=False))
         var["prefill prefill_graphs=False ms"] = prefill_ms(fm, embeds)
         profile_prefill(fm, embeds, out)  # ungraphed: the profiler sees each kernel
-        if fast.fast_config.triton_prefill_norms:
-            fm = apply_fast_path(model, attrs.evolve(fast.fast_config, triton_prefill_norms=False))
-            var["prefill triton_prefill_norms=False ms"] = prefill_ms(fm, embeds)
+        if fast.fast_config.triton_prefill:
+            fm = apply_fast_path(model, attrs.evolve(fast.fast_config, triton_prefill=False))
+            var["prefill triton_prefill=False ms"] = prefill_ms(fm, embeds)
         other_kernels = "torch" if fast.fast_config.decode_kernels == "triton" else "triton"
         try:
             fm = apply_fast_path(model, FastConfig(decode_kernels=other_kernels))

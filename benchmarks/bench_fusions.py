@@ -12,7 +12,9 @@ max |Δ| against the eager float32 math:
   (cuBLASLt's GELU epilogue, the tanh approximation) eager;
 * the MoE routing sort at the prompt's (token, slot) count: int64 keys vs uint8 keys;
 * one MoE layer of the LM at 913 prompt tokens (router, routing, grouped experts, shared experts): eager vs
-  ``torch.compile`` (inductor, static shapes).
+  ``torch.compile`` (inductor, static shapes);
+* the LM prefill's causal attention per SDPA backend (flash is what runs), and its rotary embedding eager vs
+  compiled.
 
 Weights are seeded random of the real shapes (bf16).  Without CUDA the script says so and exits 0.
 """
@@ -114,6 +116,71 @@ def moe_rows(dev: torch.device, cfg: DeepseekOCRConfig) -> list[dict[str, Any]]:
     return rows
 
 
+def attention_rows(dev: torch.device, cfg: DeepseekOCRConfig) -> list[dict[str, Any]]:
+    """The LM prefill's causal attention at the prompt (q, and k/v as the static cache's strided views), per SDPA
+    backend: flash is what the model's policy picks today (its split-KV form at one prompt's 10 heads)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    lang = cfg.language
+    heads, dim = lang.num_attention_heads, lang.hidden_size // lang.num_attention_heads
+    gen = torch.Generator(device=dev).manual_seed(3)
+    q = torch.randn(1, PROMPT, heads, dim, device=dev, generator=gen).bfloat16().transpose(1, 2)
+    cache = torch.randn(2, 1, heads, 8192, dim, device=dev, generator=gen).bfloat16()
+    k, v = cache[0][:, :, :PROMPT], cache[1][:, :, :PROMPT]
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    rows = []
+    for name, backend in (
+        ("flash (today)", SDPBackend.FLASH_ATTENTION),
+        ("cuDNN", SDPBackend.CUDNN_ATTENTION),
+        ("memory-efficient", SDPBackend.EFFICIENT_ATTENTION),
+    ):
+        fn = functools.partial(F.scaled_dot_product_attention, q, k, v, is_causal=True)
+        try:
+            with sdpa_kernel([backend]):
+                out = fn()
+                ms = cuda_ms(fn, warmup=3, reps=20)
+        except RuntimeError as exc:
+            rows.append(dict(part="LM prefill attention", variant=name, ms=float("nan"), error=str(exc)[:120]))
+            continue
+        rows.append(
+            dict(
+                part=f"LM prefill attention, {PROMPT} tokens x {heads} heads x {dim}",
+                variant=name,
+                ms=ms,
+                max_abs_diff=float((out.float() - ref).abs().max()),
+            )
+        )
+    return rows
+
+
+def rotary_rows(dev: torch.device, cfg: DeepseekOCRConfig) -> list[dict[str, Any]]:
+    """The prefill's rotary embedding of q and k (``fast_layers.FusedAttention.project``): eager (a roll, two
+    products, a sum) vs the same expression compiled (one fused kernel)."""
+    lang = cfg.language
+    heads, dim = lang.num_attention_heads, lang.hidden_size // lang.num_attention_heads
+    gen = torch.Generator(device=dev).manual_seed(4)
+    qk = torch.randn(1, PROMPT, 2 * heads, dim, device=dev, generator=gen).bfloat16()
+    cos = torch.randn(1, PROMPT, 1, dim, device=dev, generator=gen).bfloat16()
+    sin = torch.randn(1, PROMPT, 1, dim, device=dev, generator=gen).bfloat16()
+
+    def rotate(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return qk * cos + qk.roll(dim // 2, dims=-1) * sin
+
+    ref = rotate(qk.float(), cos.float(), sin.float())
+    rows = []
+    for name, fn in (("eager (today)", rotate), ("torch.compile", torch.compile(rotate, dynamic=True))):
+        out = fn(qk, cos, sin)
+        rows.append(
+            dict(
+                part=f"LM prefill rotary of q and k, {PROMPT} tokens",
+                variant=name,
+                ms=cuda_ms(functools.partial(fn, qk, cos, sin), warmup=3, reps=20),
+                max_abs_diff=float((out.float() - ref).abs().max()),
+            )
+        )
+    return rows
+
+
 def render(rows: list[dict[str, Any]], env: dict[str, str]) -> str:
     lines = [
         f"# Prefill fusion candidates — {env['gpu']}",
@@ -153,6 +220,8 @@ def main() -> None:
         lambda: gelu_rows(dev, cfg.sam.embed_dim, int(cfg.sam.embed_dim * cfg.sam.mlp_ratio)),
         lambda: sort_rows(dev, cfg.language.n_routed_experts, cfg.language.num_experts_per_tok),
         lambda: moe_rows(dev, cfg),
+        lambda: attention_rows(dev, cfg),
+        lambda: rotary_rows(dev, cfg),
     ):
         try:
             with torch.no_grad():

@@ -97,6 +97,20 @@ def test_rope_kv_write(batch: int, kv_heads: int, pos: int) -> None:
     assert torch.equal(k_cache[:, :, others], k_before[:, :, others])
 
 
+@pytest.mark.parametrize(("batch", "length", "start"), [(1, 913, 0), (2, 257, 100)])
+def test_prompt_rope_kv_write(batch: int, length: int, start: int) -> None:
+    """The prefill's rotary + cache write at the Gundam prompt (913 tokens) and a continued batch-2 prompt:
+    bit-identical to the torch path (q and the whole cache)."""
+    cos, sin = RotaryEmbedding(HEAD_DIM, 10000.0, MAX_LEN)(start, length, DEV, BF16)
+    qkv = _randn(batch, length, 3 * HEADS * HEAD_DIM, seed=start)
+    k_cache, v_cache = _randn(batch, HEADS, MAX_LEN, HEAD_DIM, seed=5), _randn(batch, HEADS, MAX_LEN, HEAD_DIM, seed=6)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    q = K.prompt_rope_kv_write(qkv, cos[None], sin[None], k_cache, v_cache, start, HEADS, HEADS, HEAD_DIM)
+    q_ref = K.prompt_rope_kv_write_ref(qkv, cos[None], sin[None], k_ref, v_ref, start, HEADS, HEADS, HEAD_DIM)
+    assert torch.equal(q, q_ref)
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+
+
 @pytest.mark.parametrize(("batch", "kv_heads", "pos"), [(1, HEADS, 0), (4, HEADS, MAX_LEN - 1), (2, 2, 517)])
 def test_qkv_rope_equals_linear_rows_then_rope_kv_write(batch: int, kv_heads: int, pos: int) -> None:
     """The fused QKV GEMV + rotary at the real sizes, compiled: q and both caches equal the two launches' bit for

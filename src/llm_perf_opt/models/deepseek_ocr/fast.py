@@ -143,8 +143,9 @@ class FastConfig:
     # 3072-wide rows.  H200 (bench_fusions, round 11): Gundam tiles x6 0.189 -> 0.103 ms per block's up projection
     sam_gelu_epilogue: bool = True
     # with decode_kernels=triton (where its kernels run): the prefill's residual add + RMSNorm as one Triton kernel
-    # (kernels.add_rms_norm, the torch norm's rounding points) instead of five torch kernels per norm
-    triton_prefill_norms: bool = True
+    # (kernels.add_rms_norm, the torch norm's rounding points) instead of five torch kernels per norm, and its
+    # rotary of q/k + cache write of k/v as one (kernels.prompt_rope_kv_write, bit-identical) instead of six
+    triton_prefill: bool = True
     # torch.compile of one SAM block (sam.sam_block_fast) when sam_fast: fuses the layout copies, norms and
     # the augmented-attention concatenations; compiled once per view shape (tiles, global view) and block kind.
     sam_compile: bool = True
@@ -391,12 +392,13 @@ class FastModel:
             )
             if cfg.decode_compile == "none":  # a compiled step traces the torch layers
                 self._triton_rows = triton_row_layers(self.layers, self.norm, cfg.norm_router_f32)
-        # the prefill's (and any other multi-token forward's) layers: the fast layers, norms on the Triton kernel
+        # the prefill's (and any other multi-position forward's) layers: the fast layers, or with triton_prefill
+        # their norms and rotary + cache write on Triton kernels
         self._prompt_layers: tuple[list[DecoderLayer], RMSNorm] = (self.layers, self.norm)
-        if self.decode_kernels == "triton" and cfg.triton_prefill_norms:
-            from llm_perf_opt.models.deepseek_ocr.triton_layers import triton_norm_layers
+        if self.decode_kernels == "triton" and cfg.triton_prefill:
+            from llm_perf_opt.models.deepseek_ocr.triton_layers import triton_prompt_layers
 
-            self._prompt_layers = triton_norm_layers(self.layers, self.norm)
+            self._prompt_layers = triton_prompt_layers(self.layers, self.norm)
 
     def _resolve_kernels(self, model: DeepseekOCRForCausalLM, cfg: FastConfig) -> tuple[str, str | None]:
         """The decode kernels that will run: "triton" only where its kernels can (else "torch", and why)."""

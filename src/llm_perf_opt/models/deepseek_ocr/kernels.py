@@ -104,6 +104,8 @@ __all__ = [
     "moe_route_ref",
     "pick_token",
     "pick_token_ref",
+    "prompt_rope_kv_write",
+    "prompt_rope_kv_write_ref",
     "qkv_rope",
     "rope_kv_write",
     "rope_kv_write_ref",
@@ -298,6 +300,58 @@ if HAVE_TRITON:
             tl.store(f32_ptr + row * H + cols, out, mask=mask)
 
     @triton.jit
+    def _rotate(x, rolled_ptrs, mask, c, sn, dt: tl.constexpr):
+        """RoPE of float32 ``x`` as torch's ``x * cos + x.roll(D/2) * signed_sin`` rounds it: both products and then
+        their sum rounded to ``dt``; ``rolled_ptrs`` address ``roll(x, D/2)[i] = x[(i + D/2) mod D]`` (the sign of
+        rotate_half is folded into the sin table).  Float32 result (rounded values)."""
+        xr = tl.load(rolled_ptrs, mask=mask, other=0.0).to(tl.float32)
+        return _round(_round(x * c, dt) + _round(xr * sn, dt), dt)
+
+    @triton.jit
+    def _prompt_rope_kv_kernel(
+        qkv_ptr,
+        cos_ptr,
+        sin_ptr,
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        L,
+        start,
+        max_len,
+        s_cb,
+        HQ: tl.constexpr,
+        HK: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        USE_GDC: tl.constexpr = False,
+    ):
+        if USE_GDC:
+            _dependent_launch()
+        row = tl.program_id(0)  # one prompt token (batch row b, position l) and all its q, k and v heads
+        b = row // L
+        pos = row % L
+        h = tl.arange(0, BLOCK_H)
+        d = tl.arange(0, D)
+        n_heads: tl.constexpr = HQ + 2 * HK
+        mask = (h < n_heads)[:, None] & (d < D)[None, :]
+        src = qkv_ptr + row * n_heads * D
+        x = tl.load(src + h[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        c = tl.load(cos_ptr + b * s_cb + pos * D + d).to(tl.float32)
+        sn = tl.load(sin_ptr + b * s_cb + pos * D + d).to(tl.float32)
+        dt = q_ptr.dtype.element_ty
+        rolled = src + h[:, None] * D + ((d + D // 2) % D)[None, :]
+        rot = _rotate(x, rolled, mask, c[None, :], sn[None, :], dt).to(dt)
+        is_q = (h < HQ)[:, None]
+        is_k = ((h >= HQ) & (h < HQ + HK))[:, None]
+        is_v = ((h >= HQ + HK) & (h < n_heads))[:, None]
+        tl.store(q_ptr + (row * HQ + h[:, None]) * D + d[None, :], rot, mask=mask & is_q)
+        # this layer's cache [B, HK, max_len, D]: head hk's column start + pos
+        k_rows = (b * HK + (h - HQ)) * max_len + start + pos
+        tl.store(k_ptr + k_rows[:, None] * D + d[None, :], rot.to(k_ptr.dtype.element_ty), mask=mask & is_k)
+        v_rows = (b * HK + (h - HQ - HK)) * max_len + start + pos
+        tl.store(v_ptr + v_rows[:, None] * D + d[None, :], x.to(v_ptr.dtype.element_ty), mask=mask & is_v)
+
+    @triton.jit
     def _rope_kv_write_kernel(
         qkv_ptr,
         cos_ptr,
@@ -326,12 +380,9 @@ if HAVE_TRITON:
         dt = q_ptr.dtype.element_ty
         src = qkv_ptr + (b * (HQ + 2 * HK) + h) * D
         x = tl.load(src + d, mask=dmask, other=0.0).to(tl.float32)
-        # roll(x, D/2)[i] = x[(i + D/2) mod D]; the sign of rotate_half is folded into the sin table
-        xr = tl.load(src + (d + D // 2) % D, mask=dmask, other=0.0).to(tl.float32)
         c = tl.load(cos_ptr + trow * D + d, mask=dmask, other=0.0).to(tl.float32)
         sn = tl.load(sin_ptr + trow * D + d, mask=dmask, other=0.0).to(tl.float32)
-        # torch rounds x*cos and roll(x)*sin to the activation dtype, then their sum
-        rot = _round(_round(x * c, dt) + _round(xr * sn, dt), dt).to(dt)
+        rot = _rotate(x, src + (d + D // 2) % D, dmask, c, sn, dt).to(dt)
         hv = d * 0 + h  # the head index as a vector: masks stay [BLOCK_D] (the interpreter rejects scalar & vector)
         is_q = hv < HQ
         is_k = (hv >= HQ) & (hv < HQ + HK)
@@ -1382,6 +1433,91 @@ def qkv_rope(
         EVEN_K=k % bk == 0,
         num_warps=4,
         **norm_args,
+        **_pdl(),
+    )
+    return q
+
+
+# ======================================================================================== prompt_rope_kv_write
+def _check_prompt_rope_args(
+    qkv: Tensor, cos: Tensor, k_cache: Tensor, v_cache: Tensor, start: int, n_heads: int, n_kv_heads: int, head_dim: int
+) -> None:
+    bsz, length, width = qkv.shape
+    if width != (n_heads + 2 * n_kv_heads) * head_dim:
+        raise ValueError(f"qkv rows must be (q, k, v heads) x {head_dim}, got width {width}")
+    if cos.shape not in ((1, length, head_dim), (bsz, length, head_dim)):
+        raise ValueError(f"cos/sin must be [1|{bsz}, {length}, {head_dim}], got {tuple(cos.shape)}")
+    want = (bsz, n_kv_heads, k_cache.shape[2], head_dim)
+    if k_cache.shape != want or v_cache.shape != want:
+        raise ValueError(f"k/v cache must be {want}, got {tuple(k_cache.shape)} / {tuple(v_cache.shape)}")
+    if not 0 <= start <= k_cache.shape[2] - length:
+        raise ValueError(f"positions {start}..{start + length - 1} do not fit the cache's {k_cache.shape[2]} columns")
+
+
+def prompt_rope_kv_write_ref(
+    qkv: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    start: int,
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+) -> Tensor:
+    """The torch path of a prompt's attention input (``FusedAttention.project`` + ``StaticKVCache.write``): rotate
+    q and k of ``qkv`` [B, L, (HQ + 2·HK)·D] by ``cos`` / signed ``sin`` [B|1, L, D], write k and v into this
+    layer's cache [B, HK, max_len, D] at columns ``start..start+L-1``; the rotated q [B, L, HQ, D]."""
+    _check_prompt_rope_args(qkv, cos, k_cache, v_cache, start, n_heads, n_kv_heads, head_dim)
+    bsz, length, _ = qkv.shape
+    heads = qkv.view(bsz, length, n_heads + 2 * n_kv_heads, head_dim)
+    qk, v = heads[:, :, : n_heads + n_kv_heads], heads[:, :, n_heads + n_kv_heads :]
+    cos4, sin4 = cos.unsqueeze(2), sin.unsqueeze(2)
+    qk = qk * cos4 + qk.roll(head_dim // 2, dims=-1) * sin4
+    k_cache[:, :, start : start + length] = qk[:, :, n_heads:].transpose(1, 2)
+    v_cache[:, :, start : start + length] = v.transpose(1, 2)
+    return qk[:, :, :n_heads].contiguous()
+
+
+def prompt_rope_kv_write(
+    qkv: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    start: int,
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+) -> Tensor:
+    """:func:`prompt_rope_kv_write_ref` in one kernel, one program per prompt token (all its heads): the same
+    rounding points as torch's rotation (bit-identical q and cache contents), one launch instead of a roll, two
+    products, a sum and two cache copies."""
+    _require("prompt_rope_kv_write", qkv.device)
+    _check_prompt_rope_args(qkv, cos, k_cache, v_cache, start, n_heads, n_kv_heads, head_dim)
+    if head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim must be a power of two, got {head_dim}")
+    _contig(k_cache, "k_cache"), _contig(v_cache, "v_cache")  # the kernel addresses the cache densely
+    bsz, length, _ = qkv.shape
+    qkv = _contig(qkv, "qkv")
+    cos, sin = _contig(cos, "cos"), _contig(sin, "sin")
+    q = torch.empty((bsz, length, n_heads, head_dim), device=qkv.device, dtype=qkv.dtype)
+    _prompt_rope_kv_kernel[(bsz * length,)](
+        qkv,
+        cos,
+        sin,
+        q,
+        k_cache,
+        v_cache,
+        length,
+        start,
+        k_cache.shape[2],
+        0 if cos.shape[0] == 1 else length * head_dim,
+        HQ=n_heads,
+        HK=n_kv_heads,
+        D=head_dim,
+        BLOCK_H=_pow2(n_heads + 2 * n_kv_heads),
+        num_warps=4,
         **_pdl(),
     )
     return q

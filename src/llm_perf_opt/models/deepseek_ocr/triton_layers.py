@@ -28,10 +28,11 @@ from llm_perf_opt.models.deepseek_ocr.fast_layers import FusedAttention, Grouped
 __all__ = [
     "TritonAttention",
     "TritonMoE",
+    "TritonPromptAttention",
     "TritonRMSNorm",
     "TritonRowAttention",
     "triton_layers",
-    "triton_norm_layers",
+    "triton_prompt_layers",
     "triton_row_layers",
 ]
 
@@ -369,14 +370,43 @@ def triton_row_layers(
     return [_triton_layer(layer, TritonRowAttention, router_f32) for layer in layers], TritonRMSNorm(norm)
 
 
-def triton_norm_layers(layers: list[DecoderLayer], norm: RMSNorm) -> tuple[list[DecoderLayer], RMSNorm]:
-    """The fast layers with only their norms swapped for :class:`TritonRMSNorm` (residual add + norm in one
-    kernel, one program per row, ``decoder.RMSNorm``'s rounding points): the prefill's layers, where the torch norm
-    is five kernels over the prompt's rows (add, float cast, rms_norm, cast back, weight)."""
+class TritonPromptAttention(nn.Module):
+    """A prompt's attention (the prefill: many positions per row, written at ``ctx.start``) with the rotary of q
+    and k and the cache write of k and v in one kernel (:func:`kernels.prompt_rope_kv_write`: torch's rounding
+    points, bit-identical) between cuBLAS's QKV GEMM and SDPA.  Contexts it does not cover (slot writes, no cache,
+    no cos/sin, an unfused attention) run the wrapped module."""
+
+    def __init__(self, attn: nn.Module) -> None:
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, x: Tensor, ctx: ForwardContext, layer_idx: int) -> Tensor:
+        a, cache = self.attn, ctx.cache
+        if not isinstance(a, FusedAttention) or cache is None or ctx.slot is not None or ctx.cos is None:
+            out: Tensor = a(x, ctx, layer_idx)
+            return out
+        assert ctx.sin is not None
+        bsz, length, _ = x.shape
+        end = ctx.start + length
+        if end > cache.max_len:
+            cache.check_room(end - cache.length)  # raises: the prompt does not fit
+        k_layer, v_layer = cache.k[layer_idx], cache.v[layer_idx]
+        q = K.prompt_rope_kv_write(
+            F.linear(x, a.wqkv), ctx.cos, ctx.sin, k_layer, v_layer, ctx.start, a.num_heads, a.num_kv_heads, a.head_dim
+        )
+        out = ctx.attend(q.transpose(1, 2), k_layer[:, :, :end], v_layer[:, :, :end])
+        return a.o_proj(out.transpose(1, 2).reshape(bsz, length, a.num_heads * a.head_dim))
+
+
+def triton_prompt_layers(layers: list[DecoderLayer], norm: RMSNorm) -> tuple[list[DecoderLayer], RMSNorm]:
+    """The fast layers for prompts (the prefill): norms as :class:`TritonRMSNorm` (residual add + norm in one
+    kernel, one program per row, ``decoder.RMSNorm``'s rounding points; the torch norm is five kernels over the
+    prompt's rows) and the attention as :class:`TritonPromptAttention` (rotary + cache write in one kernel instead
+    of a roll, two products, a sum and two copies)."""
     return [
         DecoderLayer(
             layer.layer_idx,
-            layer.self_attn,
+            TritonPromptAttention(layer.self_attn),
             layer.mlp,
             TritonRMSNorm(layer.input_layernorm),
             TritonRMSNorm(layer.post_attention_layernorm),

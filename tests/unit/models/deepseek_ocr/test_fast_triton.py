@@ -345,8 +345,9 @@ def test_fused_router_refuses_rows_it_did_not_route() -> None:
 @pytest.mark.parametrize("pdl", [False, True])
 def test_pdl_launches_every_decode_kernel_as_a_dependent_launch(pdl: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """``pdl``: every Triton launch of a decode step (the single-page step with its fused pick, and the batched
-    row step) happens inside ``kernels.dependent_launches``, and nothing outside the step does; the interpreter
-    itself launches plainly (no device to depend on), so the tokens are those of the plain launches."""
+    row step) happens inside ``kernels.dependent_launches``, and nothing outside the step does (the prefill's
+    norm and rotary kernels launch plainly); the interpreter itself launches plainly (no device to depend on), so
+    the tokens are those of the plain launches."""
     seen: list[bool] = []
     real = kernels._pdl
 
@@ -362,12 +363,17 @@ def test_pdl_launches_every_decode_kernel_as_a_dependent_launch(pdl: bool, monke
     cache = fast.new_cache(batch=2, max_len=7 + 8)
     first = fast.prefill(embeds, cache).argmax(dim=-1, keepdim=True)
     n_layers = model.config.language.num_hidden_layers
+    prompt = 3 * n_layers + 1  # a prefill's Triton launches (two norms and the rotary per layer, the final norm)
+    assert seen == [False] * prompt
+    seen.clear()
     tokens = fast.decoder_for(cache, 2).greedy(first, 4)
     # >= 4 launches per layer per step (norm, rotary, attention, combine) plus the pick's two
     assert len(seen) >= 4 * (4 * n_layers + 2) and set(seen) == {pdl}
-    single = len(seen)
+    seen.clear()
     res = BatchedGenerator(fast).run(tiny_case_pages(model.config) * 2, 4, eos_token_id=None)
-    assert res.decode_path == "static" and len(seen) > single and set(seen) == {pdl}
+    assert res.decode_path == "static" and seen.count(pdl) > prompt
+    if pdl:  # the plain launches are its prefills'
+        assert seen.count(False) % prompt == 0
     assert not kernels._DEPENDENT_LAUNCH.get() and real() == {}  # reset after the step; plain in the interpreter
     plain = apply_fast_path(model, FastConfig(decode_kernels="triton", pdl=False, **common))  # type: ignore[arg-type]
     cache = plain.new_cache(batch=2, max_len=7 + 8)
@@ -451,25 +457,35 @@ def test_triton_unavailable_falls_back_with_a_reason(monkeypatch: pytest.MonkeyP
     )
 
 
-def test_triton_prefill_norms_run_every_prefill_norm_in_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``triton_prefill_norms``: the prompt's residual add + RMSNorm (two per layer, then the final norm) each run
-    the Triton kernel; the prefill logits equal the eager model's (the oracle) to float32 rounding."""
-    calls: list[int] = []
-    real = kernels.add_rms_norm
+def test_triton_prefill_runs_every_norm_and_rotary_in_the_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``triton_prefill``: the prompt's residual add + RMSNorm (two per layer, then the final norm) and each layer's
+    rotary + cache write run the Triton kernels; the prefill logits and the cache's keys and values equal the eager
+    model's (the oracle) to float32 rounding, for a prompt at column 0 and one continuing the cache (start 7)."""
+    calls: list[str] = []
+    real_norm, real_rope = kernels.add_rms_norm, kernels.prompt_rope_kv_write
 
-    def spy(x: torch.Tensor, *args: object) -> tuple[torch.Tensor, torch.Tensor]:
-        calls.append(x.shape[0])
-        return real(x, *args)  # type: ignore[arg-type]
+    def norm_spy(x: torch.Tensor, *args: object) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(f"norm {x.shape[0]}")
+        return real_norm(x, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(kernels, "add_rms_norm", spy)
+    def rope_spy(qkv: torch.Tensor, *args: object) -> torch.Tensor:
+        calls.append(f"rope {qkv.shape[1]}")
+        return real_rope(qkv, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kernels, "add_rms_norm", norm_spy)
+    monkeypatch.setattr(kernels, "prompt_rope_kv_write", rope_spy)
     model = _model(seed=11)
-    embeds = torch.randn(2, 7, model.config.language.hidden_size)
-    expected = model.prefill(embeds, model.new_cache(batch=2, max_len=8))
+    n_layers = len(model.model.layers)
+    gen = torch.Generator().manual_seed(5)  # (a seed without float32 near-ties in the top-k routing)
+    first, more = (torch.randn(2, n, model.config.language.hidden_size, generator=gen) for n in (7, 3))
+    ref_cache = model.new_cache(batch=2, max_len=12)
+    expected = [model.prefill(first, ref_cache), model.prefill(more, ref_cache)]
     for on in (False, True):
         calls.clear()
-        cfg = FastConfig(cuda_graphs=False, decode_kernels="triton", triton_prefill_norms=on)
-        fast = apply_fast_path(model, cfg)
-        actual = fast.prefill(embeds, fast.new_cache(batch=2, max_len=8))
-        assert rel_err(actual, expected) < 1e-5
-        n_layers = len(model.model.layers)
-        assert calls == ([2 * 7] * (2 * n_layers + 1) if on else [])  # every norm, over all 14 prompt rows
+        fast = apply_fast_path(model, FastConfig(cuda_graphs=False, decode_kernels="triton", triton_prefill=on))
+        cache = fast.new_cache(batch=2, max_len=12)
+        for embeds, want in zip((first, more), expected, strict=True):
+            assert rel_err(fast.prefill(embeds, cache), want) < 1e-5
+        assert rel_err(cache.k, ref_cache.k) < 1e-5 and rel_err(cache.v, ref_cache.v) < 1e-5
+        per_prompt = [[f"norm {2 * n}", f"rope {n}", f"norm {2 * n}"] * n_layers + [f"norm {2 * n}"] for n in (7, 3)]
+        assert calls == (per_prompt[0] + per_prompt[1] if on else [])

@@ -205,6 +205,56 @@ def test_rope_matches_apply_rotary() -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("batch", "length", "start", "hq", "hk", "shared_tables"),
+    [(1, 9, 0, 3, 3, True), (2, 5, 4, 4, 2, True), (2, 6, 3, 2, 2, False)],  # MHA, GQA, per-row cos/sin
+)
+def test_prompt_rope_kv_write_matches_the_torch_path(
+    dtype: torch.dtype, batch: int, length: int, start: int, hq: int, hk: int, shared_tables: bool
+) -> None:
+    """A prompt's rotation of q and k and its cache write in one kernel == the torch path (the rotation of
+    ``FusedAttention.project`` and the slice write of ``StaticKVCache.write``) bit for bit, and q/k equal
+    ``apply_rotary`` per position (independent oracle); cache columns outside ``start..start+L-1`` untouched."""
+    from llm_perf_opt.models.deepseek_ocr.decoder import apply_rotary
+
+    dim, max_len = 32, 16
+    gen = torch.Generator().manual_seed(start * 10 + length)
+    cos_t, sin_t = _rotary_tables(max_len, dim, dtype)
+    cos, sin = cos_t[start : start + length][None], sin_t[start : start + length][None]
+    if not shared_tables:  # each batch row its own table rows (padded batched prefill): row b shifted by b
+        cos = torch.stack([cos_t[start + b : start + b + length] for b in range(batch)])
+        sin = torch.stack([sin_t[start + b : start + b + length] for b in range(batch)])
+    qkv = torch.randn(batch, length, (hq + 2 * hk) * dim, generator=gen).to(dtype)
+    k_cache = torch.randn(batch, hk, max_len, dim, generator=gen).to(dtype)
+    v_cache = torch.randn(batch, hk, max_len, dim, generator=gen).to(dtype)
+    k_ref, v_ref, k_before = k_cache.clone(), v_cache.clone(), k_cache.clone()
+    q = K.prompt_rope_kv_write(qkv, cos, sin, k_cache, v_cache, start, hq, hk, dim)
+    q_ref = K.prompt_rope_kv_write_ref(qkv, cos, sin, k_ref, v_ref, start, hq, hk, dim)
+    assert q.shape == (batch, length, hq, dim) and q.dtype == dtype
+    assert torch.equal(q, q_ref) and torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+    heads = qkv.view(batch, length, hq + 2 * hk, dim).transpose(1, 2)  # [B, heads, L, D]
+    b_cos, b_sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B|1, 1, L, D]
+    _close(q.transpose(1, 2), apply_rotary(heads[:, :hq], b_cos, b_sin))
+    _close(k_cache[:, :, start : start + length], apply_rotary(heads[:, hq : hq + hk], b_cos, b_sin))
+    assert torch.equal(v_cache[:, :, start : start + length], heads[:, hq + hk :])
+    outside = torch.ones(max_len, dtype=torch.bool)
+    outside[start : start + length] = False
+    assert torch.equal(k_cache[:, :, outside], k_before[:, :, outside])
+
+
+def test_prompt_rope_kv_write_refuses_what_does_not_fit() -> None:
+    cos, sin = _rotary_tables(8, 32, torch.float32)
+    qkv = torch.randn(1, 4, 6 * 32)
+    cache = torch.zeros(1, 2, 8, 32)
+    with pytest.raises(ValueError, match=r"positions 6\.\.9 do not fit the cache's 8 columns"):
+        K.prompt_rope_kv_write(qkv, cos[None, :4], sin[None, :4], cache, cache.clone(), 6, 2, 2, 32)
+    with pytest.raises(ValueError, match="qkv rows must be"):
+        K.prompt_rope_kv_write(qkv[..., :-1], cos[None, :4], sin[None, :4], cache, cache.clone(), 0, 2, 2, 32)
+    with pytest.raises(ValueError, match="cos/sin must be"):
+        K.prompt_rope_kv_write(qkv, cos[None, :3], sin[None, :3], cache, cache.clone(), 0, 2, 2, 32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_rope_kv_write_row_tables_rotate_each_row_at_its_own_position(dtype: torch.dtype) -> None:
     """The batched step: every row writes cache column ``pos`` but is rotated at its own position (rows 3, 17, 40
     of the tables); independent oracle: ``apply_rotary`` per row."""
