@@ -165,7 +165,13 @@ def use_grouped_mm(x: Tensor) -> bool:
 
 
 def grouped_experts_stacked(
-    x: Tensor, topk_idx: Tensor, topk_weight: Tensor, w13: Tensor, down: Tensor, use_gmm: bool
+    x: Tensor,
+    topk_idx: Tensor,
+    topk_weight: Tensor,
+    w13: Tensor,
+    down: Tensor,
+    use_gmm: bool,
+    combine: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Routed experts over stacked weights (fused gate/up ``w13`` [E, 2I, H], ``down`` [E, H, I]).
 
@@ -174,6 +180,8 @@ def grouped_experts_stacked(
     rows), else each row gathers its expert's matrices and uses ``bmm`` (fine for decode's few rows).  Then
     un-permute and the same float32 weighted sum over the k picks as the eager loop.  No host sync, and
     nothing here that ``torch.compile`` cannot trace (the fast path compiles it with stacks built at load).
+    ``combine(y, inverse)``, when given, replaces the un-permute and weighted sum (expert outputs ``y`` in sorted
+    order, ``inverse`` each (token, pick)'s row of ``y``): a fused kernel's (``kernels.moe_gather_combine``).
     """
     n_tokens, k = topk_idx.shape
     n_experts, _, inter = down.shape
@@ -195,6 +203,8 @@ def grouped_experts_stacked(
     else:
         y = torch.bmm(act.unsqueeze(1), down.index_select(0, expert_of_row).transpose(1, 2)).squeeze(1)
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
+    if combine is not None:
+        return combine(y, inverse)
     per_slot = y.index_select(0, inverse).view(n_tokens, k, -1)
     routed = (per_slot.float() * topk_weight.float().unsqueeze(-1)).sum(dim=1)
     return routed.to(x.dtype)

@@ -140,7 +140,8 @@ class FastConfig:
     sam_window_attention: str = attrs.field(default="triton", validator=attrs.validators.in_(SAM_ATTENTION))
     # SAM's MLP up projection and GELU as one GEMM with cuBLASLt's GELU epilogue (sam.linear_gelu_tanh: the tanh
     # approximation of the exact GELU, within bf16 rounding of it) instead of a GEMM and a GELU pass over the
-    # 3072-wide rows.  H200 (bench_fusions, round 11): Gundam tiles x6 0.189 -> 0.103 ms per block's up projection
+    # 3072-wide rows; on CUDA only (elsewhere there is no epilogue to gain).  H200 (bench_fusions, round 11):
+    # Gundam tiles x6 0.189 -> 0.103 ms per block's up projection
     sam_gelu_epilogue: bool = True
     # with decode_kernels=triton (where its kernels run): the prefill's residual add + RMSNorm as one Triton kernel
     # (kernels.add_rms_norm, the torch norm's rounding points) instead of five torch kernels per norm, and its
@@ -264,6 +265,8 @@ class VisionFast:
         self.sam_window_attention, self.sam_window_attention_note = _resolve_sam_attention(
             cfg.sam_window_attention, sam.pos_embed.device, "windowed"
         )
+        # the GELU epilogue is cuBLASLt's: elsewhere it would only swap the exact GELU for the tanh one
+        self.sam_gelu_epilogue = cfg.sam_gelu_epilogue and sam.pos_embed.device.type == "cuda"
         # one ShapeGraphs per tower, created on first use ("sam", then the second tower's name)
         self.graphs: dict[str, ShapeGraphs] = {}
         # the second tower: (graph name, module, fast layer function); None in this base class
@@ -291,7 +294,7 @@ class VisionFast:
         saved = (sam.fast, sam.block_fn, sam.forward_fn, sam.global_attention, sam.window_attention, sam.gelu_epilogue)
         sam.fast = cfg.sam_fast
         sam.global_attention, sam.window_attention = self.sam_attention, self.sam_window_attention
-        sam.gelu_epilogue = cfg.sam_gelu_epilogue
+        sam.gelu_epilogue = self.sam_gelu_epilogue
         if cfg.sam_compile and cfg.sam_fast:
             sam.block_fn = _compiled(sam_block_fast, cfg.vision_sdpa)
         if cfg.vision_graphs and cfg.sam_fast:

@@ -180,9 +180,13 @@ class GroupedMoE(MoE):
             routed = grouped_experts_stacked(flat, topk_idx, topk_weight, *self.stacked, self.use_gmm)
         else:
             routed, _ = self.expert_fn(flat, topk_idx, topk_weight, self.experts)
+        self.count(topk_idx, ctx)
+        return routed
+
+    def count(self, topk_idx: Tensor, ctx: ForwardContext | None) -> None:
+        """Add this forward's picks to the device counters (``ctx.record_routing``; always without a context)."""
         if self.counts is not None and (ctx is None or ctx.record_routing):
             self.counts.index_add_(0, topk_idx.reshape(-1), _ones_like_ids(topk_idx))
-        return routed
 
 
 def convert_layer(layer: DecoderLayer, *, fused: bool, grouped: bool, expert_impl: str) -> DecoderLayer:

@@ -99,6 +99,8 @@ __all__ = [
     "moe_experts",
     "moe_experts_grouped",
     "moe_experts_ref",
+    "moe_gather_combine",
+    "moe_gather_combine_ref",
     "moe_grouped_block_sizes",
     "moe_route",
     "moe_route_ref",
@@ -979,6 +981,34 @@ if HAVE_TRITON:
         if HAS_RESIDUAL:
             out = _round(out + tl.load(res_ptr + t * H + cols, mask=cmask, other=0.0).to(tl.float32), dt)
         tl.store(out_ptr + t * H + cols, out.to(dt), mask=cmask)
+
+    @triton.jit
+    def _moe_gather_combine_kernel(
+        y_ptr,
+        inv_ptr,
+        wts_ptr,
+        shared_ptr,
+        out_ptr,
+        H,
+        TOP_K: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        USE_GDC: tl.constexpr = False,
+    ):
+        """Per token: its k expert rows gathered from the grouped GEMM's output (row ``inv[t·k + j]``), ``Σ_j w·y``
+        in float32 in pick order, rounded, plus the shared experts' row, rounded: the torch tail's rounding points."""
+        if USE_GDC:
+            _dependent_launch()
+        t = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        cmask = cols < H
+        dt = out_ptr.dtype.element_ty
+        acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+        for j in tl.static_range(TOP_K):
+            row = tl.load(inv_ptr + t * TOP_K + j)
+            y = tl.load(y_ptr + row * H + cols, mask=cmask, other=0.0).to(tl.float32)
+            acc += tl.load(wts_ptr + t * TOP_K + j) * y
+        shared = tl.load(shared_ptr + t * H + cols, mask=cmask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + t * H + cols, _round(_round(acc, dt) + shared, dt).to(dt), mask=cmask)
 
     @triton.jit
     def _linear_rows_kernel(
@@ -2218,6 +2248,48 @@ def moe_experts_grouped(
         HAS_RESIDUAL=residual is not None,
         BLOCK_H=block_h,
         num_warps=2,
+        **_pdl(),
+    )
+    return out
+
+
+# ======================================================================================== moe_gather_combine
+def moe_gather_combine_ref(y: Tensor, inverse: Tensor, weights: Tensor, shared: Tensor) -> Tensor:
+    """The torch tail of a prompt's MoE block (``experts.grouped_experts_stacked``, then ``+ shared`` in
+    ``MoE.forward``): expert outputs ``y`` [T·k, H] in expert order, ``inverse`` [T·k] each (token, pick)'s row of
+    ``y``, ``weights`` [T, k] float32, ``shared`` [T, H]; ``Σ_j w·y`` in float32, rounded to ``y.dtype``, plus
+    ``shared``."""
+    n_tokens, top_k = weights.shape
+    per_slot = y.index_select(0, inverse).view(n_tokens, top_k, -1)
+    routed = (per_slot.float() * weights.float().unsqueeze(-1)).sum(dim=1).to(y.dtype)
+    return routed + shared
+
+
+def moe_gather_combine(y: Tensor, inverse: Tensor, weights: Tensor, shared: Tensor) -> Tensor:
+    """:func:`moe_gather_combine_ref` in one kernel (instead of a gather, a float32 copy of every (token, pick) row,
+    the products, the sum, a cast and the shared add): the same rounding points, the k products summed in pick
+    order (torch's sum may pair them otherwise: float32 rounding apart)."""
+    _require("moe_gather_combine", y.device)
+    n_tokens, top_k = weights.shape
+    hidden = y.shape[1]
+    if y.dim() != 2 or inverse.shape != (n_tokens * top_k,) or shared.shape != (n_tokens, hidden):
+        raise ValueError(
+            f"y [T·k, H], inverse [T·k], weights [T, k], shared [T, H] expected, got {tuple(y.shape)},"
+            f" {tuple(inverse.shape)}, {tuple(weights.shape)}, {tuple(shared.shape)}"
+        )
+    y, shared = _contig(y, "y"), _contig(shared, "shared")
+    out = torch.empty_like(shared)
+    block_h = min(1024, _pow2(hidden))
+    _moe_gather_combine_kernel[(n_tokens, triton.cdiv(hidden, block_h))](
+        y,
+        _contig(inverse, "inverse"),
+        _contig(weights.float(), "weights"),
+        shared,
+        out,
+        hidden,
+        TOP_K=top_k,
+        BLOCK_H=block_h,
+        num_warps=4,
         **_pdl(),
     )
     return out

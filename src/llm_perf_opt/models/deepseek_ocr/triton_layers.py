@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from llm_perf_opt.models.deepseek_ocr import kernels as K
 from llm_perf_opt.models.deepseek_ocr.context import ForwardContext
 from llm_perf_opt.models.deepseek_ocr.decoder import Attention, DecoderLayer, MoE, RMSNorm
+from llm_perf_opt.models.deepseek_ocr.experts import apply_experts_grouped, grouped_experts_stacked
 from llm_perf_opt.models.deepseek_ocr.fast_decoder import TRITON_MAX_ROWS
 from llm_perf_opt.models.deepseek_ocr.fast_layers import FusedAttention, GroupedMoE
 
@@ -29,6 +30,7 @@ __all__ = [
     "TritonAttention",
     "TritonMoE",
     "TritonPromptAttention",
+    "TritonPromptMoE",
     "TritonRMSNorm",
     "TritonRowAttention",
     "triton_layers",
@@ -381,33 +383,75 @@ class TritonPromptAttention(nn.Module):
         self.attn = attn
 
     def forward(self, x: Tensor, ctx: ForwardContext, layer_idx: int) -> Tensor:
-        a, cache = self.attn, ctx.cache
-        if not isinstance(a, FusedAttention) or cache is None or ctx.slot is not None or ctx.cos is None:
+        a, cache, cos = self.attn, ctx.cache, ctx.cos
+        bsz, length, _ = x.shape
+        tables = cos is not None and cos.dim() == 3 and cos.shape[0] in (1, bsz) and cos.shape[1] == length
+        if not isinstance(a, FusedAttention) or cache is None or ctx.slot is not None or not tables:
             out: Tensor = a(x, ctx, layer_idx)
             return out
-        assert ctx.sin is not None
-        bsz, length, _ = x.shape
+        assert cos is not None and ctx.sin is not None
         end = ctx.start + length
         if end > cache.max_len:
             cache.check_room(end - cache.length)  # raises: the prompt does not fit
         k_layer, v_layer = cache.k[layer_idx], cache.v[layer_idx]
         q = K.prompt_rope_kv_write(
-            F.linear(x, a.wqkv), ctx.cos, ctx.sin, k_layer, v_layer, ctx.start, a.num_heads, a.num_kv_heads, a.head_dim
+            F.linear(x, a.wqkv),
+            cos.contiguous(),
+            ctx.sin.contiguous(),
+            k_layer,
+            v_layer,
+            ctx.start,
+            a.num_heads,
+            a.num_kv_heads,
+            a.head_dim,
         )
         out = ctx.attend(q.transpose(1, 2), k_layer[:, :, :end], v_layer[:, :, :end])
         return a.o_proj(out.transpose(1, 2).reshape(bsz, length, a.num_heads * a.head_dim))
 
 
+class TritonPromptMoE(nn.Module):
+    """A prompt's MoE block (:class:`GroupedMoE` over stacked experts) whose un-permute, weighted sum over the
+    picks and shared-expert add are one kernel (:func:`kernels.moe_gather_combine`) after the grouped GEMMs;
+    routing, GEMMs, counters and ``last_topk_idx`` as the wrapped block's.  Blocks it does not cover (no stacks or
+    shared experts, another expert implementation) run the wrapped module."""
+
+    def __init__(self, moe: nn.Module) -> None:
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, x: Tensor, ctx: ForwardContext | None = None) -> Tensor:
+        m = self.moe
+        if not isinstance(m, GroupedMoE) or m.stacked is None or m.expert_fn is not apply_experts_grouped:
+            out: Tensor = m(x, ctx)
+            return out
+        if m.shared_experts is None:
+            out = m(x, ctx)
+            return out
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        topk_idx, topk_weight = m.select_experts(flat, ctx)
+        shared = m.shared_experts(flat)
+
+        def combine(y: Tensor, inverse: Tensor) -> Tensor:
+            return K.moe_gather_combine(y, inverse, topk_weight, shared)
+
+        out = grouped_experts_stacked(flat, topk_idx, topk_weight, *m.stacked, m.use_gmm, combine=combine)
+        m.count(topk_idx, ctx)
+        m.routing.last_topk_idx = topk_idx.detach()
+        return out.view(shape)
+
+
 def triton_prompt_layers(layers: list[DecoderLayer], norm: RMSNorm) -> tuple[list[DecoderLayer], RMSNorm]:
     """The fast layers for prompts (the prefill): norms as :class:`TritonRMSNorm` (residual add + norm in one
     kernel, one program per row, ``decoder.RMSNorm``'s rounding points; the torch norm is five kernels over the
-    prompt's rows) and the attention as :class:`TritonPromptAttention` (rotary + cache write in one kernel instead
-    of a roll, two products, a sum and two copies)."""
+    prompt's rows), the attention as :class:`TritonPromptAttention` (rotary + cache write in one kernel instead
+    of a roll, two products, a sum and two copies) and MoE blocks as :class:`TritonPromptMoE` (their weighted sum
+    and shared add in one kernel)."""
     return [
         DecoderLayer(
             layer.layer_idx,
             TritonPromptAttention(layer.self_attn),
-            layer.mlp,
+            TritonPromptMoE(layer.mlp) if isinstance(layer.mlp, GroupedMoE) else layer.mlp,
             TritonRMSNorm(layer.input_layernorm),
             TritonRMSNorm(layer.post_attention_layernorm),
         )

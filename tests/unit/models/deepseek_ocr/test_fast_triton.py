@@ -457,12 +457,13 @@ def test_triton_unavailable_falls_back_with_a_reason(monkeypatch: pytest.MonkeyP
     )
 
 
-def test_triton_prefill_runs_every_norm_and_rotary_in_the_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``triton_prefill``: the prompt's residual add + RMSNorm (two per layer, then the final norm) and each layer's
-    rotary + cache write run the Triton kernels; the prefill logits and the cache's keys and values equal the eager
-    model's (the oracle) to float32 rounding, for a prompt at column 0 and one continuing the cache (start 7)."""
+def test_triton_prefill_runs_every_norm_rotary_and_moe_tail_in_the_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``triton_prefill``: the prompt's residual add + RMSNorm (two per layer, then the final norm), each layer's
+    rotary + cache write and each MoE block's weighted sum + shared add run the Triton kernels; the prefill logits,
+    the cache's keys and values and the routing counters equal the eager model's (the oracle) to float32 rounding,
+    for a prompt at column 0 and one continuing the cache (start 7)."""
     calls: list[str] = []
-    real_norm, real_rope = kernels.add_rms_norm, kernels.prompt_rope_kv_write
+    real_norm, real_rope, real_combine = kernels.add_rms_norm, kernels.prompt_rope_kv_write, kernels.moe_gather_combine
 
     def norm_spy(x: torch.Tensor, *args: object) -> tuple[torch.Tensor, torch.Tensor]:
         calls.append(f"norm {x.shape[0]}")
@@ -472,14 +473,24 @@ def test_triton_prefill_runs_every_norm_and_rotary_in_the_kernels(monkeypatch: p
         calls.append(f"rope {qkv.shape[1]}")
         return real_rope(qkv, *args)  # type: ignore[arg-type]
 
+    def combine_spy(
+        y: torch.Tensor, inverse: torch.Tensor, weights: torch.Tensor, shared: torch.Tensor
+    ) -> torch.Tensor:
+        calls.append(f"moe {weights.shape[0]}")
+        return real_combine(y, inverse, weights, shared)
+
     monkeypatch.setattr(kernels, "add_rms_norm", norm_spy)
     monkeypatch.setattr(kernels, "prompt_rope_kv_write", rope_spy)
+    monkeypatch.setattr(kernels, "moe_gather_combine", combine_spy)
     model = _model(seed=11)
-    n_layers = len(model.model.layers)
+    layers = list(model.model.layers)
+    moe = [layer.mlp.__class__.__name__ == "MoE" for layer in layers]
+    assert any(moe) and not all(moe)  # the tiny model has a dense first layer and MoE layers
     gen = torch.Generator().manual_seed(5)  # (a seed without float32 near-ties in the top-k routing)
     first, more = (torch.randn(2, n, model.config.language.hidden_size, generator=gen) for n in (7, 3))
     ref_cache = model.new_cache(batch=2, max_len=12)
     expected = [model.prefill(first, ref_cache), model.prefill(more, ref_cache)]
+    expected_counts = {i: list(layer.mlp.tokens_per_expert) for i, layer in enumerate(layers) if moe[i]}
     for on in (False, True):
         calls.clear()
         fast = apply_fast_path(model, FastConfig(cuda_graphs=False, decode_kernels="triton", triton_prefill=on))
@@ -487,5 +498,10 @@ def test_triton_prefill_runs_every_norm_and_rotary_in_the_kernels(monkeypatch: p
         for embeds, want in zip((first, more), expected, strict=True):
             assert rel_err(fast.prefill(embeds, cache), want) < 1e-5
         assert rel_err(cache.k, ref_cache.k) < 1e-5 and rel_err(cache.v, ref_cache.v) < 1e-5
-        per_prompt = [[f"norm {2 * n}", f"rope {n}", f"norm {2 * n}"] * n_layers + [f"norm {2 * n}"] for n in (7, 3)]
-        assert calls == (per_prompt[0] + per_prompt[1] if on else [])
+        assert fast.tokens_per_expert() == expected_counts
+        per_prompt = []
+        for n in (7, 3):
+            for m in moe:
+                per_prompt += [f"norm {2 * n}", f"rope {n}", f"norm {2 * n}"] + ([f"moe {2 * n}"] if m else [])
+            per_prompt.append(f"norm {2 * n}")
+        assert calls == (per_prompt if on else [])

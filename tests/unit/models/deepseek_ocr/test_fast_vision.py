@@ -289,3 +289,12 @@ def test_sam_block_with_the_epilogue_compiles_as_one_op(tiny_sam: SamEncoder) ->
         exact = sam_block_fast(*args, gelu_epilogue=False)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
     assert 0 < _rel_err(expected, exact) < 2e-3  # the tanh GELU ran, and it is close to the exact one
+
+
+def test_gelu_epilogue_is_for_cuda_only() -> None:
+    """``sam_gelu_epilogue`` is cuBLASLt's fused epilogue: on the CPU it stays off (it would only replace the exact
+    GELU by the tanh one), so the CPU fast vision keeps the reference GELU."""
+    cfg = DeepseekOCRConfig.from_json(TINY / "config.json")
+    model = build_model(cfg, device="cpu", dtype=torch.float32, weights="dummy", seed=0)
+    fast = apply_fast_path(model, FastConfig(sam_compile=False, clip_compile=False))
+    assert FastConfig().sam_gelu_epilogue and not fast.vision.sam_gelu_epilogue

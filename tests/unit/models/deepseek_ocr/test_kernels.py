@@ -255,6 +255,30 @@ def test_prompt_rope_kv_write_refuses_what_does_not_fit() -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_moe_gather_combine_matches_the_torch_tail(dtype: torch.dtype) -> None:
+    """Each token's k expert rows (found through ``inverse`` in the expert-sorted output), weighted, summed, plus the
+    shared row: against a float64 loop over tokens and picks (independent oracle) and the torch tail it replaces."""
+    gen = torch.Generator().manual_seed(6)
+    n_tokens, top_k, hidden = 5, 3, 80  # hidden not a power of two: a masked column block
+    y = torch.randn(n_tokens * top_k, hidden, generator=gen).to(dtype)
+    inverse = torch.randperm(n_tokens * top_k, generator=gen)
+    weights = torch.rand(n_tokens, top_k, generator=gen)
+    shared = torch.randn(n_tokens, hidden, generator=gen).to(dtype)
+    out = K.moe_gather_combine(y, inverse, weights, shared)
+    oracle = torch.zeros(n_tokens, hidden, dtype=torch.float64)
+    for t in range(n_tokens):
+        for j in range(top_k):
+            oracle[t] += float(weights[t, j]) * y[int(inverse[t * top_k + j])].double()
+    oracle += shared.double()
+    assert out.shape == shared.shape and out.dtype == dtype
+    assert rel_err(out, oracle) < (1e-6 if dtype == torch.float32 else 8e-3)
+    ref = K.moe_gather_combine_ref(y, inverse, weights, shared)
+    assert rel_err(out, ref) < 1e-6 if dtype == torch.float32 else (out != ref).float().mean() < 0.02
+    with pytest.raises(ValueError, match="inverse"):
+        K.moe_gather_combine(y, inverse[:-1], weights, shared)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_rope_kv_write_row_tables_rotate_each_row_at_its_own_position(dtype: torch.dtype) -> None:
     """The batched step: every row writes cache column ``pos`` but is rotated at its own position (rows 3, 17, 40
     of the tables); independent oracle: ``apply_rotary`` per row."""
