@@ -172,6 +172,7 @@ def grouped_experts_stacked(
     down: Tensor,
     use_gmm: bool,
     combine: Callable[[Tensor, Tensor], Tensor] | None = None,
+    swiglu: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Routed experts over stacked weights (fused gate/up ``w13`` [E, 2I, H], ``down`` [E, H, I]).
 
@@ -181,7 +182,8 @@ def grouped_experts_stacked(
     un-permute and the same float32 weighted sum over the k picks as the eager loop.  No host sync, and
     nothing here that ``torch.compile`` cannot trace (the fast path compiles it with stacks built at load).
     ``combine(y, inverse)``, when given, replaces the un-permute and weighted sum (expert outputs ``y`` in sorted
-    order, ``inverse`` each (token, pick)'s row of ``y``): a fused kernel's (``kernels.moe_gather_combine``).
+    order, ``inverse`` each (token, pick)'s row of ``y``): a fused kernel's (``kernels.moe_gather_combine``);
+    ``swiglu(h)`` the ``silu(gate) * up`` over the gate/up GEMM's output (``kernels.silu_mul``).
     """
     n_tokens, k = topk_idx.shape
     n_experts, _, inter = down.shape
@@ -197,7 +199,7 @@ def grouped_experts_stacked(
     else:
         expert_of_row = sorted_ids.long()  # index_select takes int32/int64 indices
         h = torch.bmm(rows.unsqueeze(1), w13.index_select(0, expert_of_row).transpose(1, 2)).squeeze(1)
-    act = F.silu(h[:, :inter]) * h[:, inter:]
+    act = F.silu(h[:, :inter]) * h[:, inter:] if swiglu is None else swiglu(h)
     if use_gmm:
         y = torch._grouped_mm(act, down.transpose(1, 2), offs=offs)
     else:

@@ -112,6 +112,8 @@ __all__ = [
     "rope_kv_write",
     "rope_kv_write_ref",
     "route_flags",
+    "silu_mul",
+    "silu_mul_ref",
     "stack_always_on",
     "triton_available",
     "unavailable_reason",
@@ -981,6 +983,21 @@ if HAVE_TRITON:
         if HAS_RESIDUAL:
             out = _round(out + tl.load(res_ptr + t * H + cols, mask=cmask, other=0.0).to(tl.float32), dt)
         tl.store(out_ptr + t * H + cols, out.to(dt), mask=cmask)
+
+    @triton.jit
+    def _silu_mul_kernel(h_ptr, out_ptr, INTER, BLOCK: tl.constexpr, USE_GDC: tl.constexpr = False):
+        """One row block of SwiGLU over ``h`` [rows, 2·INTER] (gate | up): ``bf16(silu(g)) · u`` rounded as torch's
+        ``F.silu(g) * u`` is (silu rounded to the activation dtype, then the product)."""
+        if USE_GDC:
+            _dependent_launch()
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < INTER
+        dt = out_ptr.dtype.element_ty
+        g = tl.load(h_ptr + row * 2 * INTER + cols, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(h_ptr + row * 2 * INTER + INTER + cols, mask=mask, other=0.0).to(tl.float32)
+        act = _round(g / (1.0 + tl.exp(-g)), dt)
+        tl.store(out_ptr + row * INTER + cols, _round(act * u, dt).to(dt), mask=mask)
 
     @triton.jit
     def _moe_gather_combine_kernel(
@@ -2292,6 +2309,28 @@ def moe_gather_combine(y: Tensor, inverse: Tensor, weights: Tensor, shared: Tens
         num_warps=4,
         **_pdl(),
     )
+    return out
+
+
+# ======================================================================================== silu_mul
+def silu_mul_ref(h: Tensor) -> Tensor:
+    """SwiGLU of ``h`` [..., 2·I] (gate | up, the fused gate/up GEMM's output): ``F.silu(gate) * up`` [..., I]."""
+    inter = h.shape[-1] // 2
+    return F.silu(h[..., :inter]) * h[..., inter:]
+
+
+def silu_mul(h: Tensor) -> Tensor:
+    """:func:`silu_mul_ref` in one kernel (torch: a SiLU pass over the strided gate half, then the product), the
+    same rounding points (SiLU's exp may differ from torch's in its last bit: rare 1-ulp flips)."""
+    _require("silu_mul", h.device)
+    h = _contig(h, "h")
+    if h.shape[-1] % 2:
+        raise ValueError(f"h must hold gate and up halves of equal width, got {h.shape[-1]} columns")
+    inter = h.shape[-1] // 2
+    rows = h.numel() // h.shape[-1]
+    out = torch.empty((*h.shape[:-1], inter), device=h.device, dtype=h.dtype)
+    block = min(1024, _pow2(inter))
+    _silu_mul_kernel[(rows, triton.cdiv(inter, block))](h, out, inter, BLOCK=block, num_warps=4, **_pdl())
     return out
 
 

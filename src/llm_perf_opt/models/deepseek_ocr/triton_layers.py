@@ -24,15 +24,17 @@ from llm_perf_opt.models.deepseek_ocr.context import ForwardContext
 from llm_perf_opt.models.deepseek_ocr.decoder import Attention, DecoderLayer, MoE, RMSNorm
 from llm_perf_opt.models.deepseek_ocr.experts import apply_experts_grouped, grouped_experts_stacked
 from llm_perf_opt.models.deepseek_ocr.fast_decoder import TRITON_MAX_ROWS
-from llm_perf_opt.models.deepseek_ocr.fast_layers import FusedAttention, GroupedMoE
+from llm_perf_opt.models.deepseek_ocr.fast_layers import FusedAttention, FusedMLP, GroupedMoE
 
 __all__ = [
     "TritonAttention",
     "TritonMoE",
     "TritonPromptAttention",
+    "TritonPromptMLP",
     "TritonPromptMoE",
     "TritonRMSNorm",
     "TritonRowAttention",
+    "swiglu_mlp",
     "triton_layers",
     "triton_prompt_layers",
     "triton_row_layers",
@@ -409,6 +411,26 @@ class TritonPromptAttention(nn.Module):
         return a.o_proj(out.transpose(1, 2).reshape(bsz, length, a.num_heads * a.head_dim))
 
 
+def swiglu_mlp(mlp: nn.Module, x: Tensor) -> Tensor:
+    """``mlp(x)`` with a :class:`FusedMLP`'s ``silu(gate) * up`` as one kernel (:func:`kernels.silu_mul`) between
+    its two GEMMs; any other module is called as it is."""
+    if not isinstance(mlp, FusedMLP):
+        out: Tensor = mlp(x)
+        return out
+    return mlp.down_proj(K.silu_mul(F.linear(x, mlp.w13)))
+
+
+class TritonPromptMLP(nn.Module):
+    """A prompt's dense SiLU-gated MLP (the first layer's) with its SwiGLU in one kernel (:func:`swiglu_mlp`)."""
+
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, x: Tensor, ctx: ForwardContext | None = None) -> Tensor:
+        return swiglu_mlp(self.mlp, x)
+
+
 class TritonPromptMoE(nn.Module):
     """A prompt's MoE block (:class:`GroupedMoE` over stacked experts) whose un-permute, weighted sum over the
     picks and shared-expert add are one kernel (:func:`kernels.moe_gather_combine`) after the grouped GEMMs;
@@ -430,12 +452,14 @@ class TritonPromptMoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         topk_idx, topk_weight = m.select_experts(flat, ctx)
-        shared = m.shared_experts(flat)
+        shared = swiglu_mlp(m.shared_experts, flat)
 
         def combine(y: Tensor, inverse: Tensor) -> Tensor:
             return K.moe_gather_combine(y, inverse, topk_weight, shared)
 
-        out = grouped_experts_stacked(flat, topk_idx, topk_weight, *m.stacked, m.use_gmm, combine=combine)
+        out = grouped_experts_stacked(
+            flat, topk_idx, topk_weight, *m.stacked, m.use_gmm, combine=combine, swiglu=K.silu_mul
+        )
         m.count(topk_idx, ctx)
         m.routing.last_topk_idx = topk_idx.detach()
         return out.view(shape)
@@ -445,13 +469,13 @@ def triton_prompt_layers(layers: list[DecoderLayer], norm: RMSNorm) -> tuple[lis
     """The fast layers for prompts (the prefill): norms as :class:`TritonRMSNorm` (residual add + norm in one
     kernel, one program per row, ``decoder.RMSNorm``'s rounding points; the torch norm is five kernels over the
     prompt's rows), the attention as :class:`TritonPromptAttention` (rotary + cache write in one kernel instead
-    of a roll, two products, a sum and two copies) and MoE blocks as :class:`TritonPromptMoE` (their weighted sum
-    and shared add in one kernel)."""
+    of a roll, two products, a sum and two copies), MoE blocks as :class:`TritonPromptMoE` (their weighted sum
+    and shared add in one kernel) and every SwiGLU (routed, shared and dense MLPs) as one kernel."""
     return [
         DecoderLayer(
             layer.layer_idx,
             TritonPromptAttention(layer.self_attn),
-            TritonPromptMoE(layer.mlp) if isinstance(layer.mlp, GroupedMoE) else layer.mlp,
+            TritonPromptMoE(layer.mlp) if isinstance(layer.mlp, GroupedMoE) else TritonPromptMLP(layer.mlp),
             TritonRMSNorm(layer.input_layernorm),
             TritonRMSNorm(layer.post_attention_layernorm),
         )

@@ -459,7 +459,8 @@ def test_triton_unavailable_falls_back_with_a_reason(monkeypatch: pytest.MonkeyP
 
 def test_triton_prefill_runs_every_norm_rotary_and_moe_tail_in_the_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     """``triton_prefill``: the prompt's residual add + RMSNorm (two per layer, then the final norm), each layer's
-    rotary + cache write and each MoE block's weighted sum + shared add run the Triton kernels; the prefill logits,
+    rotary + cache write, every SwiGLU and each MoE block's weighted sum + shared add run the Triton kernels; the
+    prefill logits,
     the cache's keys and values and the routing counters equal the eager model's (the oracle) to float32 rounding,
     for a prompt at column 0 and one continuing the cache (start 7)."""
     calls: list[str] = []
@@ -479,12 +480,20 @@ def test_triton_prefill_runs_every_norm_rotary_and_moe_tail_in_the_kernels(monke
         calls.append(f"moe {weights.shape[0]}")
         return real_combine(y, inverse, weights, shared)
 
+    real_silu = kernels.silu_mul
+
+    def silu_spy(h: torch.Tensor) -> torch.Tensor:
+        calls.append(f"swiglu {h.numel() // h.shape[-1]}")
+        return real_silu(h)
+
     monkeypatch.setattr(kernels, "add_rms_norm", norm_spy)
     monkeypatch.setattr(kernels, "prompt_rope_kv_write", rope_spy)
     monkeypatch.setattr(kernels, "moe_gather_combine", combine_spy)
+    monkeypatch.setattr(kernels, "silu_mul", silu_spy)
     model = _model(seed=11)
     layers = list(model.model.layers)
     moe = [layer.mlp.__class__.__name__ == "MoE" for layer in layers]
+    top_k = model.config.language.num_experts_per_tok
     assert any(moe) and not all(moe)  # the tiny model has a dense first layer and MoE layers
     gen = torch.Generator().manual_seed(5)  # (a seed without float32 near-ties in the top-k routing)
     first, more = (torch.randn(2, n, model.config.language.hidden_size, generator=gen) for n in (7, 3))
@@ -502,6 +511,8 @@ def test_triton_prefill_runs_every_norm_rotary_and_moe_tail_in_the_kernels(monke
         per_prompt = []
         for n in (7, 3):
             for m in moe:
-                per_prompt += [f"norm {2 * n}", f"rope {n}", f"norm {2 * n}"] + ([f"moe {2 * n}"] if m else [])
+                rows = 2 * n  # a MoE block: shared SwiGLU, routed SwiGLU over k picks per row, the tail
+                tail = [f"swiglu {rows}", f"swiglu {rows * top_k}", f"moe {rows}"] if m else [f"swiglu {rows}"]
+                per_prompt += [f"norm {rows}", f"rope {n}", f"norm {rows}", *tail]
             per_prompt.append(f"norm {2 * n}")
         assert calls == (per_prompt if on else [])

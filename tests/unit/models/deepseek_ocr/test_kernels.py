@@ -255,6 +255,21 @@ def test_prompt_rope_kv_write_refuses_what_does_not_fit() -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_is_swiglu_of_the_gate_and_up_halves(dtype: torch.dtype) -> None:
+    """``silu(gate) * up`` over [rows, 2·I]: against the float64 formula (independent oracle) and torch's SiLU-then-
+    product it replaces (its rounding points; exp may differ in the last bit)."""
+    h = (torch.randn(7, 2 * 48, generator=torch.Generator().manual_seed(9)) * 3).to(dtype)
+    out = K.silu_mul(h)
+    g, u = h[:, :48].double(), h[:, 48:].double()
+    assert out.shape == (7, 48) and out.dtype == dtype
+    assert rel_err(out, g * torch.sigmoid(g) * u) < (1e-6 if dtype == torch.float32 else 8e-3)
+    ref = K.silu_mul_ref(h)
+    assert rel_err(out, ref) < 1e-6 if dtype == torch.float32 else (out != ref).float().mean() < 0.02
+    with pytest.raises(ValueError, match="gate and up halves"):
+        K.silu_mul(h[:, :-1].contiguous())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_moe_gather_combine_matches_the_torch_tail(dtype: torch.dtype) -> None:
     """Each token's k expert rows (found through ``inverse`` in the expert-sorted output), weighted, summed, plus the
     shared row: against a float64 loop over tokens and picks (independent oracle) and the torch tail it replaces."""
