@@ -210,8 +210,9 @@ def attention_blocks(
 
     Default ``block_n``: ``grid_w`` rounded up to a power of two (one key row per step).  GPU: 64 queries per
     program at 4 warps, k/v tiles double-buffered (2 stages).  H200 sweep (``bench_sam_attention.py --sweep``,
-    round 11), ms for one block's attention at v1's 640-px tiles ×6 / the 1024-px view / v2's 768-px tiles ×6 /
-    v1's 14×14 windows of the tiles: this 0.307 / 0.209 / 0.478 / 0.106; round 10's 128 queries at 8 warps 0.427 /
+    round 11), ms of the kernel alone on one block's views at v1's 640-px tiles ×6 / the 1024-px view / v2's
+    768-px tiles ×6 / v1's 14×14 windows of the tiles: this 0.307 / 0.209 / 0.478 / 0.106; round 10's 128 queries
+    at 8 warps 0.427 /
     0.287 / 0.695 / 0.126; several key rows per 128-wide step (3 / 2 / 2 rows) 0.531 / 0.238 / 0.543 at best, and
     0.143 for four window rows per 64-wide step: the per-row ``rel_h`` selects cost more than the padding saves.
     Interpreter: 16-query programs, no pipelining (programs run one by one with numpy).  Raises ``ValueError`` for a
