@@ -1,4 +1,4 @@
-"""Candidate fusions for the prefill's unfused elementwise work, each against what runs today (H200 decisions).
+"""Candidate fusions for the prefill's unfused elementwise work, each against the torch path (H200 decisions).
 
     PYTHONPATH=src python benchmarks/bench_fusions.py --out /tmp/res
 
@@ -8,13 +8,13 @@ conversions, elementwise).  Per candidate this prints ms (CUDA events, median of
 max |Δ| against the eager float32 math:
 
 * SAM's MLP up projection + GELU at the Gundam view batches: ``F.gelu(F.linear(...))`` (exact GELU, what the
-  compiled block runs: an nvjet GEMM and an inductor GELU pass) vs ``torch._addmm_activation(use_gelu=True)``
-  (cuBLASLt's GELU epilogue, the tanh approximation) eager;
+  compiled block runs with ``sam_gelu_epilogue`` off: an nvjet GEMM and an inductor GELU pass) vs
+  ``torch._addmm_activation(use_gelu=True)`` (cuBLASLt's GELU epilogue, the tanh approximation: the default) eager;
 * the MoE routing sort at the prompt's (token, slot) count: int64 keys vs uint8 keys;
-* one MoE layer of the LM at 913 prompt tokens (router, routing, grouped experts, shared experts): eager vs
-  ``torch.compile`` (inductor, static shapes);
-* the LM prefill's causal attention per SDPA backend (flash is what runs), and its rotary embedding eager vs
-  compiled.
+* one MoE layer of the LM at 913 prompt tokens (router, routing, grouped experts, shared experts): the torch path
+  eager vs ``torch.compile`` (inductor, static shapes);
+* the LM prefill's causal attention per SDPA backend (flash is what runs), and its rotary embedding (the torch
+  path) eager vs compiled.
 
 Weights are seeded random of the real shapes (bf16).  Without CUDA the script says so and exits 0.
 """
@@ -55,7 +55,7 @@ def gelu_rows(dev: torch.device, width: int, hidden: int) -> list[dict[str, Any]
         ref = F.gelu(F.linear(x.float(), w.float(), b.float()))
         compiled = torch.compile(lambda x: F.gelu(F.linear(x, w, b)), dynamic=False)
         variants = {
-            "linear + exact GELU (compiled, as in the block)": functools.partial(compiled, x),
+            "linear + exact GELU (compiled, as in the block with the epilogue off)": functools.partial(compiled, x),
             "linear + exact GELU (eager)": lambda x=x: F.gelu(F.linear(x, w, b)),
             "cuBLASLt GELU epilogue (_addmm_activation, tanh GELU)": lambda x=x: torch._addmm_activation(
                 b, x, w.t(), use_gelu=True
@@ -99,9 +99,9 @@ def moe_rows(dev: torch.device, cfg: DeepseekOCRConfig) -> list[dict[str, Any]]:
     x = (torch.randn(PROMPT, lang.hidden_size, device=dev) * 0.5).bfloat16()
     rows = []
     with torch.inference_mode():
-        ref = moe(x.float().bfloat16()).float()
+        ref = moe(x).float()
         compiled = torch.compile(fast, dynamic=False)
-        for name, fn in (("eager (today)", fast), ("torch.compile (inductor)", compiled)):
+        for name, fn in (("eager (the torch path)", fast), ("torch.compile (inductor)", compiled)):
             out = fn(x)
             ms = cuda_ms(functools.partial(fn, x), warmup=3, reps=20)
             rows.append(
@@ -168,7 +168,7 @@ def rotary_rows(dev: torch.device, cfg: DeepseekOCRConfig) -> list[dict[str, Any
 
     ref = rotate(qk.float(), cos.float(), sin.float())
     rows = []
-    for name, fn in (("eager (today)", rotate), ("torch.compile", torch.compile(rotate, dynamic=True))):
+    for name, fn in (("eager (the torch path)", rotate), ("torch.compile", torch.compile(rotate, dynamic=True))):
         out = fn(qk, cos, sin)
         rows.append(
             dict(

@@ -164,6 +164,20 @@ def use_grouped_mm(x: Tensor) -> bool:
     return x.device.type == "cpu"
 
 
+def silu_gate_up(h: Tensor) -> Tensor:
+    """SwiGLU over a fused gate/up GEMM's output ``h`` [..., 2·I] (gate | up): ``silu(gate) * up`` [..., I]."""
+    inter = h.shape[-1] // 2
+    return F.silu(h[..., :inter]) * h[..., inter:]
+
+
+def combine_picks(y: Tensor, inverse: Tensor, topk_weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """Each token's weighted sum over its k picks: expert outputs ``y`` [T·k, H] in expert-sorted order, ``inverse``
+    [T·k] each (token, pick)'s row of ``y``, ``topk_weight`` [T, k]; summed in float32, rounded to ``dtype``."""
+    n_tokens, k = topk_weight.shape
+    per_slot = y.index_select(0, inverse).view(n_tokens, k, -1)
+    return (per_slot.float() * topk_weight.float().unsqueeze(-1)).sum(dim=1).to(dtype)
+
+
 def grouped_experts_stacked(
     x: Tensor,
     topk_idx: Tensor,
@@ -185,8 +199,8 @@ def grouped_experts_stacked(
     order, ``inverse`` each (token, pick)'s row of ``y``): a fused kernel's (``kernels.moe_gather_combine``);
     ``swiglu(h)`` the ``silu(gate) * up`` over the gate/up GEMM's output (``kernels.silu_mul``).
     """
-    n_tokens, k = topk_idx.shape
-    n_experts, _, inter = down.shape
+    k = topk_idx.shape[1]
+    n_experts = down.shape[0]
     # (token, slot) pairs grouped by expert: a stable sort of the ids as the narrowest integer that holds them (a
     # GPU radix sort makes one pass per key byte: 1 instead of 8 for int64 ids; the order is the same)
     key_dtype = torch.uint8 if n_experts <= 256 else torch.int32
@@ -199,7 +213,7 @@ def grouped_experts_stacked(
     else:
         expert_of_row = sorted_ids.long()  # index_select takes int32/int64 indices
         h = torch.bmm(rows.unsqueeze(1), w13.index_select(0, expert_of_row).transpose(1, 2)).squeeze(1)
-    act = F.silu(h[:, :inter]) * h[:, inter:] if swiglu is None else swiglu(h)
+    act = (silu_gate_up if swiglu is None else swiglu)(h)
     if use_gmm:
         y = torch._grouped_mm(act, down.transpose(1, 2), offs=offs)
     else:
@@ -207,9 +221,7 @@ def grouped_experts_stacked(
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
     if combine is not None:
         return combine(y, inverse)
-    per_slot = y.index_select(0, inverse).view(n_tokens, k, -1)
-    routed = (per_slot.float() * topk_weight.float().unsqueeze(-1)).sum(dim=1)
-    return routed.to(x.dtype)
+    return combine_picks(y, inverse, topk_weight, x.dtype)
 
 
 def _grouped_experts(
@@ -253,10 +265,8 @@ def apply_experts_dense(
     """Every expert on every token, then the k picks' outputs gathered: E/k times the FLOPs, no sort, no sync."""
     w13, down = stacked_expert_weights(experts)
     n_tokens, k = topk_idx.shape
-    inter = down.shape[2]
     h = torch.matmul(x.unsqueeze(0), w13.transpose(1, 2))  # [E, N, 2I]
-    act = F.silu(h[..., :inter]) * h[..., inter:]
-    y = torch.matmul(act, down.transpose(1, 2))  # [E, N, hidden]
+    y = torch.matmul(silu_gate_up(h), down.transpose(1, 2))  # [E, N, hidden]
     tok = torch.arange(n_tokens, device=x.device).unsqueeze(1).expand(n_tokens, k)
     per_slot = y[topk_idx, tok]  # [N, k, hidden]
     routed = (per_slot.float() * topk_weight.float().unsqueeze(-1)).sum(dim=1)

@@ -27,6 +27,7 @@ from llm_perf_opt.models.deepseek_ocr.experts import (
     apply_experts_eager,
     apply_experts_grouped,
     grouped_experts_stacked,
+    silu_gate_up,
     stacked_expert_weights,
     use_grouped_mm,
 )
@@ -73,13 +74,11 @@ class FusedMLP(nn.Module):
 
     def __init__(self, mlp: MLP) -> None:
         super().__init__()
-        self.inter = int(mlp.gate_proj.weight.shape[0])
         self.w13 = fuse_linears([mlp.gate_proj, mlp.up_proj])
         self.down_proj = mlp.down_proj
 
     def forward(self, x: Tensor, ctx: object = None) -> Tensor:
-        h = F.linear(x, self.w13)
-        out: Tensor = self.down_proj(F.silu(h[..., : self.inter]) * h[..., self.inter :])
+        out: Tensor = self.down_proj(silu_gate_up(F.linear(x, self.w13)))
         return out
 
 

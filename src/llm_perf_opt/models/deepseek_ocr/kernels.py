@@ -64,7 +64,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from llm_perf_opt.models.deepseek_ocr.experts import grouped_experts_stacked, route_tokens
+from llm_perf_opt.models.deepseek_ocr.experts import (
+    combine_picks,
+    grouped_experts_stacked,
+    route_tokens,
+    silu_gate_up,
+)
 
 try:
     import triton
@@ -2272,14 +2277,11 @@ def moe_experts_grouped(
 
 # ======================================================================================== moe_gather_combine
 def moe_gather_combine_ref(y: Tensor, inverse: Tensor, weights: Tensor, shared: Tensor) -> Tensor:
-    """The torch tail of a prompt's MoE block (``experts.grouped_experts_stacked``, then ``+ shared`` in
-    ``MoE.forward``): expert outputs ``y`` [T·k, H] in expert order, ``inverse`` [T·k] each (token, pick)'s row of
-    ``y``, ``weights`` [T, k] float32, ``shared`` [T, H]; ``Σ_j w·y`` in float32, rounded to ``y.dtype``, plus
-    ``shared``."""
-    n_tokens, top_k = weights.shape
-    per_slot = y.index_select(0, inverse).view(n_tokens, top_k, -1)
-    routed = (per_slot.float() * weights.float().unsqueeze(-1)).sum(dim=1).to(y.dtype)
-    return routed + shared
+    """The torch tail of a prompt's MoE block (``experts.combine_picks`` in ``grouped_experts_stacked``, then
+    ``+ shared`` in ``MoE.forward``): expert outputs ``y`` [T·k, H] in expert order, ``inverse`` [T·k] each (token,
+    pick)'s row of ``y``, ``weights`` [T, k] float32, ``shared`` [T, H]; ``Σ_j w·y`` in float32, rounded to
+    ``y.dtype``, plus ``shared``."""
+    return combine_picks(y, inverse, weights, y.dtype) + shared
 
 
 def moe_gather_combine(y: Tensor, inverse: Tensor, weights: Tensor, shared: Tensor) -> Tensor:
@@ -2314,9 +2316,9 @@ def moe_gather_combine(y: Tensor, inverse: Tensor, weights: Tensor, shared: Tens
 
 # ======================================================================================== silu_mul
 def silu_mul_ref(h: Tensor) -> Tensor:
-    """SwiGLU of ``h`` [..., 2·I] (gate | up, the fused gate/up GEMM's output): ``F.silu(gate) * up`` [..., I]."""
-    inter = h.shape[-1] // 2
-    return F.silu(h[..., :inter]) * h[..., inter:]
+    """SwiGLU of ``h`` [..., 2·I] (gate | up, the fused gate/up GEMM's output): the torch path,
+    ``experts.silu_gate_up``."""
+    return silu_gate_up(h)
 
 
 def silu_mul(h: Tensor) -> Tensor:

@@ -31,7 +31,6 @@ treats it as one opaque call and CUDA graphs capture it.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import NamedTuple
 
@@ -182,7 +181,7 @@ class Blocks(NamedTuple):
 
 
 def _pow2(n: int) -> int:
-    return max(16, 1 << math.ceil(math.log2(max(1, n))))  # at least 16: tl.dot's minimum
+    return max(16, kernels._pow2(n))  # at least 16: tl.dot's minimum
 
 
 def _check_blocks(block_m: int, block_n: int, grid_w: int) -> None:
@@ -212,9 +211,9 @@ def attention_blocks(
     program at 4 warps, k/v tiles double-buffered (2 stages).  H200 sweep (``bench_sam_attention.py --sweep``,
     round 11), ms of the kernel alone on one block's views at v1's 640-px tiles ×6 / the 1024-px view / v2's
     768-px tiles ×6 / v1's 14×14 windows of the tiles: this 0.307 / 0.209 / 0.478 / 0.106; round 10's 128 queries
-    at 8 warps 0.427 /
-    0.287 / 0.695 / 0.126; several key rows per 128-wide step (3 / 2 / 2 rows) 0.531 / 0.238 / 0.543 at best, and
-    0.143 for four window rows per 64-wide step: the per-row ``rel_h`` selects cost more than the padding saves.
+    at 8 warps 0.427 / 0.287 / 0.695 / 0.126; several key rows per 128-wide step (3 / 2 / 2 rows) 0.531 / 0.238 /
+    0.543 at best, and 0.143 for four window rows per 64-wide step: the per-row ``rel_h`` selects cost more than the
+    padding saves.
     Interpreter: 16-query programs, no pipelining (programs run one by one with numpy).  Raises ``ValueError`` for a
     block size that is not a power of two >= 16 or a ``block_n`` narrower than one key row.
     """

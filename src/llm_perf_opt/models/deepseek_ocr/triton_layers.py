@@ -443,12 +443,11 @@ class TritonPromptMoE(nn.Module):
 
     def forward(self, x: Tensor, ctx: ForwardContext | None = None) -> Tensor:
         m = self.moe
-        if not isinstance(m, GroupedMoE) or m.stacked is None or m.expert_fn is not apply_experts_grouped:
+        covered = isinstance(m, GroupedMoE) and m.stacked is not None and m.expert_fn is apply_experts_grouped
+        if not covered or m.shared_experts is None:
             out: Tensor = m(x, ctx)
             return out
-        if m.shared_experts is None:
-            out = m(x, ctx)
-            return out
+        assert isinstance(m, GroupedMoE) and m.stacked is not None
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         topk_idx, topk_weight = m.select_experts(flat, ctx)
