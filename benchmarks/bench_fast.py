@@ -424,6 +424,7 @@ def main() -> None:
             ("sam_attention", ("augmented", "triton")),
             ("sam_window_attention", ("augmented", "triton")),
             ("sam_gelu_epilogue", (False, True)),
+            ("vision_streams", (False, True)),
         ):
             for kind in [k for k in choices if k != getattr(d, switch)]:
                 key = f"{switch}={kind}"

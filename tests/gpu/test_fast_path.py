@@ -104,6 +104,43 @@ def test_fast_vision_matches_eager(model: object, graphs: bool, sam_attention: s
             assert all(g.capture_error is None and g.graphs for g in fast._vision_graphs)
 
 
+def test_vision_streams_give_the_serial_features_and_time_each_view(model: object) -> None:
+    """The global view on its own stream (``vision_streams``) gives the serial path's features bit for bit (the
+    same graphs and kernels, only another stream), the features are complete when encode_images returns (read
+    right after on the current stream), and the stage hooks still time both views' SAM, CLIP and projector."""
+    from llm_perf_opt.profiling.hooks import StageHooks
+    from llm_perf_opt.profiling.ranges import RangeMarker
+    from llm_perf_opt.profiling.timers import DeviceClock
+
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    crops = torch.randn(6, 3, 640, 640, generator=gen).cuda().bfloat16()
+    ori = torch.randn(1, 3, 1024, 1024, generator=gen).cuda().bfloat16()
+    with torch.inference_mode():
+        serial = apply_fast_path(model, FastConfig())  # type: ignore[arg-type]
+        ref = serial.encode_images(crops, ori, [2, 3]).clone()
+        fast = apply_fast_path(model, FastConfig(vision_streams=True))  # type: ignore[arg-type]
+        assert fast.view_stream is not None
+        inner = model.model  # type: ignore[attr-defined]
+        clock = DeviceClock(torch.device("cuda"))
+        hooks = StageHooks(
+            {"sam": inner.sam_model, "clip": inner.vision_model, "projector": inner.projector},
+            clock,
+            RangeMarker(use_nvtx=False),
+        )
+        try:
+            for _ in range(3):  # capture, then replays
+                hooks.reset()
+                out = fast.encode_images(crops, ori, [2, 3])
+                assert torch.equal(out, ref)
+            torch.cuda.synchronize()
+            ms = hooks.collect_ms()
+            assert hooks.last_calls == {"sam": 2, "clip": 2, "projector": 2}
+            assert all(v > 0 for v in ms.values()), ms
+        finally:
+            hooks.remove()
+    assert model.view_stream is None  # type: ignore[attr-defined]  # restored after each call
+
+
 def test_prefill_graph_matches_ungraphed_and_is_reused(model: object) -> None:
     """The graphed LM prefill gives the un-graphed logits and K/V; a second prompt of the same length replays
     (no new capture), a new length captures once more."""

@@ -199,12 +199,16 @@ def test_resolution_mode_geometry_is_what_gets_recorded(
 def test_resolved_is_idempotent_and_switches_cuda_only_fast_paths_off_on_cpu(
     settings_of: Callable[..., RunSettings],
 ) -> None:
-    s = settings_of("infer.fast.enabled=true", "model/deepseek_ocr/infer=deepseek_ocr.base")
+    s = settings_of(
+        "infer.fast.enabled=true", "infer.fast.vision_streams=true", "model/deepseek_ocr/infer=deepseek_ocr.base"
+    )
     cpu = s.resolved("cpu")
     assert cpu.infer.fast.switches.cuda_graphs is False and cpu.infer.fast.switches.vision_graphs is False
+    assert cpu.infer.fast.switches.vision_streams is False
     assert cpu.infer.fast.switches.grouped_moe is True
     assert cpu.resolved("cpu") == cpu
-    assert s.resolved("cuda").infer.fast.switches.cuda_graphs is True
+    cuda = s.resolved("cuda").infer.fast.switches
+    assert cuda.cuda_graphs is True and cuda.vision_streams is True
 
 
 def test_recorded_config_loads_back_to_the_same_settings(settings_of: Callable[..., RunSettings]) -> None:

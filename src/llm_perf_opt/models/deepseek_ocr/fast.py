@@ -165,6 +165,11 @@ class FastConfig:
     # replay SAM's and CLIP's (v2: the encoder's) fast forwards from CUDA graphs captured per input shape (vision is
     # host-bound: ~500 launches + compiled-guard checks per page); the module calls, and so the timing hooks, stay.
     vision_graphs: bool = True
+    # a page's global view through SAM / the second tower / the projector on a second CUDA stream while its crops
+    # run on the current one (model._encode_page_views; CUDA and a crop grid only): the two chains are independent
+    # until the layout and each leaves SMs idle in its small kernels.  The stage hooks then time each view on its
+    # own stream, and the two views' intervals overlap (the report says so)
+    vision_streams: bool = False
     decode_compile: str = attrs.field(default="none", validator=attrs.validators.in_(DECODE_COMPILE))
     # replay the language-model prefill from a CUDA graph per prompt length (needs cuda_graphs; batch 1)
     prefill_graphs: bool = True
@@ -370,6 +375,7 @@ class FastModel:
             if self.pdl_note is not None:
                 warnings.warn(self.pdl_note, stacklevel=2)
         self._decoder: FastDecoder | None = None
+        self._view_stream: torch.cuda.Stream | None = None
         self._compiled_step: Any = None
         # the vision towers' fast forwards (v1: SAM + CLIP; DeepSeek-OCR-2 passes its SAM + encoder one)
         self.vision: VisionFast = vision if vision is not None else ClipVisionFast(model, cfg)
@@ -524,14 +530,24 @@ class FastModel:
         """The wrapped model's ``encode_images`` (its vision modules called as modules), SDPA per ``vision_sdpa``,
         the towers per ``sam_fast`` / ``sam_compile`` / ``clip_compile`` / ``vision_graphs`` (:class:`VisionFast`)."""
         base = self.base
-        saved = base.sdpa_backends
+        saved = base.sdpa_backends, base.view_stream
         if VISION_SDPA[self.fast_config.vision_sdpa] is not None:
             base.sdpa_backends = None  # the policy below decides
+        base.view_stream = self.view_stream
         try:
             with self._vision_policy(), self.vision_mode():
                 return base.encode_images(images_crop, images_ori, images_spatial_crop)
         finally:
-            base.sdpa_backends = saved
+            base.sdpa_backends, base.view_stream = saved
+
+    @property
+    def view_stream(self) -> torch.cuda.Stream | None:
+        """The global view's stream with ``vision_streams`` on CUDA (created once), else None."""
+        if not self.fast_config.vision_streams or self.device.type != "cuda":
+            return None
+        if self._view_stream is None:
+            self._view_stream = torch.cuda.Stream(self.device)
+        return self._view_stream
 
     def embed_prompt(self, input_ids: Tensor, images_seq_mask: Tensor, image_features: Sequence[Tensor]) -> Tensor:
         return self.base.embed_prompt(input_ids, images_seq_mask, image_features)

@@ -185,6 +185,9 @@ class DeepseekOCRForCausalLM(nn.Module):
         self.model = DeepseekOCRModel(cfg)
         self.lm_head = nn.Linear(cfg.language.hidden_size, cfg.language.vocab_size, bias=False)
         self.sdpa_backends: tuple[SDPBackend, ...] | None = DEFAULT_SDPA_BACKENDS
+        # A CUDA stream for the global view while the crops run on the current one (the fast path's
+        # ``vision_streams`` sets it for the duration of encode_images); None: the views one after the other.
+        self.view_stream: torch.cuda.Stream | None = None
 
     def _sdpa_policy(self) -> contextlib.AbstractContextManager[None]:
         """Restrict scaled_dot_product_attention to ``sdpa_backends`` for one stage call (see DEFAULT_SDPA_BACKENDS)."""
@@ -259,6 +262,48 @@ class DeepseekOCRForCausalLM(nn.Module):
         out: Tensor = m.projector(feats)
         return out
 
+    @staticmethod
+    def _page_crops(images_crop: Tensor, grid_w: int, grid_h: int) -> Tensor | None:
+        """The crops to encode for a ``grid_w`` x ``grid_h`` grid (None for 1x1: ``images_crop`` is a placeholder)."""
+        if grid_w == 1 and grid_h == 1:
+            return None
+        n_tiles = grid_w * grid_h
+        if images_crop.dim() != 4 or images_crop.shape[0] != n_tiles:
+            raise InputError(
+                f"crop grid {grid_w}x{grid_h} needs {n_tiles} tiles, images_crop has shape {tuple(images_crop.shape)}"
+            )
+        return images_crop
+
+    def _encode_page_views(self, crops: Tensor | None, ori: Tensor) -> tuple[Tensor | None, Tensor]:
+        """:meth:`_encode_views` of a page's crops (None: no grid) and of its global view -> (local, global).
+
+        With ``view_stream`` set (CUDA) and crops present, the global view's towers run on that stream while the
+        crops' run on the current one: the two chains are independent until the layout, and each leaves SMs idle
+        in its small kernels.  The current stream waits for the side stream before returning, so everything after
+        (and any timer recorded on the current stream) sees both views done.  The stage hooks then time each
+        view's tower on its own stream, and the two views' intervals overlap."""
+        dev, dtype = self.device, self.dtype
+        side = self.view_stream if crops is not None and dev.type == "cuda" else None
+        if side is None:
+            local = None
+            if crops is not None:
+                with self._sdpa_policy():
+                    local = self._encode_views(crops.to(device=dev, dtype=dtype))
+            with self._sdpa_policy():
+                glob = self._encode_views(ori.to(device=dev, dtype=dtype))
+            return local, glob
+        assert crops is not None
+        current = torch.cuda.current_stream(dev)
+        side.wait_stream(current)  # the pixels (uploaded on the current stream) are in place
+        with torch.cuda.stream(side), self._sdpa_policy():
+            glob = self._encode_views(ori.to(device=dev, dtype=dtype))
+        with self._sdpa_policy():
+            local = self._encode_views(crops.to(device=dev, dtype=dtype))
+        current.wait_stream(side)
+        # allocated on the side stream, read (and freed) on the current one: not reused before that use is done
+        glob.record_stream(current)
+        return local, glob
+
     @torch.no_grad()
     def encode_images(
         self,
@@ -278,18 +323,7 @@ class DeepseekOCRForCausalLM(nn.Module):
         if images_ori.dim() != 4 or images_ori.shape[0] != 1:
             raise InputError(f"images_ori must be [1, 3, H, W] for one page, got {tuple(images_ori.shape)}")
         dtype = self.dtype
-        local: Tensor | None = None
-        if grid_w > 1 or grid_h > 1:
-            n_tiles = grid_w * grid_h
-            if images_crop.dim() != 4 or images_crop.shape[0] != n_tiles:
-                raise InputError(
-                    f"crop grid {grid_w}x{grid_h} needs {n_tiles} tiles, "
-                    f"images_crop has shape {tuple(images_crop.shape)}"
-                )
-            with self._sdpa_policy():
-                local = self._encode_views(images_crop.to(device=self.device, dtype=dtype))
-        with self._sdpa_policy():
-            glob = self._encode_views(images_ori.to(device=self.device, dtype=dtype))
+        local, glob = self._encode_page_views(self._page_crops(images_crop, grid_w, grid_h), images_ori)
         return layout_page_features(
             local, glob, (grid_w, grid_h), m.image_newline.to(dtype), m.view_seperator.to(dtype)
         )

@@ -84,6 +84,7 @@ class DeepseekOCR2ForCausalLM(DeepseekOCRForCausalLM):
         self.model = DeepseekOCR2Model(cfg)
         self.lm_head = nn.Linear(cfg.language.hidden_size, cfg.language.vocab_size, bias=False)
         self.sdpa_backends = DEFAULT_SDPA_BACKENDS
+        self.view_stream = None  # v1's (DeepseekOCRForCausalLM._encode_page_views)
 
     def num_image_tokens(  # type: ignore[override]
         self, n_tiles: int = 0, base_size: int | None = None, image_size: int | None = None
@@ -116,19 +117,8 @@ class DeepseekOCR2ForCausalLM(DeepseekOCRForCausalLM):
             raise InputError(f"images_ori must be [1, 3, H, W] for one page, got {tuple(images_ori.shape)}")
         dtype = self.dtype
         hidden = m.view_seperator.shape[0]
-        parts: list[Tensor] = []
-        if grid_w > 1 or grid_h > 1:
-            n_tiles = grid_w * grid_h
-            if images_crop.dim() != 4 or images_crop.shape[0] != n_tiles:
-                raise InputError(
-                    f"crop grid {grid_w}x{grid_h} needs {n_tiles} tiles, "
-                    f"images_crop has shape {tuple(images_crop.shape)}"
-                )
-            with self._sdpa_policy():
-                local = self._encode_views(images_crop.to(device=self.device, dtype=dtype))
-            parts.append(local.reshape(-1, hidden))
-        with self._sdpa_policy():
-            glob = self._encode_views(images_ori.to(device=self.device, dtype=dtype))
+        local, glob = self._encode_page_views(self._page_crops(images_crop, grid_w, grid_h), images_ori)
+        parts = [] if local is None else [local.reshape(-1, hidden)]
         parts.append(glob.reshape(-1, hidden))
         parts.append(m.view_seperator.to(dtype)[None, :])
         return torch.cat(parts, dim=0)
