@@ -189,6 +189,13 @@ def render_report(s: RunSummary, plots: dict[str, str] | None = None) -> str:
         for label, key, unit in LATENCY_ROWS
     ]
     out.append(table(STAT_HEADER, rows) + "\n")
+    if s.model.optimisations.get("vision_streams"):
+        out.append(
+            "SAM, CLIP and projector overlap: with `infer.fast.vision_streams` a page's global view runs on a second "
+            "CUDA stream beside its crops, so each stage's time (its crops' and its global view's intervals) "
+            "includes time the two views shared the GPU. The three can sum to more than the vision time, and "
+            "per-stage MFU reads low; `infer.fast.vision_streams=false` times the views one after the other.\n"
+        )
     if s.runaway is not None:
         out.append(_render_runaway(s) + "\n")
 

@@ -42,6 +42,17 @@ def test_report_sections_and_header() -> None:
     assert "| repeats × token cap | 3 × 64 |" in md
 
 
+def test_overlapping_view_streams_are_said_under_the_latency_table() -> None:
+    plain = render_report(_summary())
+    assert "vision_streams" not in plain
+    summary = _summary()
+    summary.model.optimisations["vision_streams"] = True
+    md = render_report(summary)
+    latency = md.split("## Latency and throughput")[1].split("## Memory")[0]
+    assert "SAM, CLIP and projector overlap" in latency
+    assert "`infer.fast.vision_streams=false`" in latency
+
+
 def test_none_fields_render_na() -> None:
     md = render_report(_summary(finished_at=None, git_commit=None))
     assert "finished n/a (still running)" in md and "commit `n/a (not a git checkout)`" in md

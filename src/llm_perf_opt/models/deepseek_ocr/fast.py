@@ -285,6 +285,19 @@ class VisionFast:
         self.graphs: dict[str, ShapeGraphs] = {}
         # the second tower: (graph name, module, fast layer function); None in this base class
         self._tower: tuple[str, Any, Any] | None = None
+        # vision_streams (CUDA): the global view's stream, and one capture stream per view chain (the chains' graphs
+        # replay concurrently, so they must not share the cuBLAS workspace of one capture stream: capture_graph)
+        self.view_stream: torch.cuda.Stream | None = None
+        self._capture_streams: tuple[torch.cuda.Stream, torch.cuda.Stream] | None = None
+        device = sam.pos_embed.device
+        if cfg.vision_streams and device.type == "cuda":
+            self.view_stream = torch.cuda.Stream(device)
+            # torch hands out pool streams round-robin: draw until the crops' chain has a stream of its own
+            own = torch.cuda.Stream(device)
+            crops = torch.cuda.Stream(device)
+            while crops.cuda_stream == own.cuda_stream:
+                crops = torch.cuda.Stream(device)
+            self._capture_streams = (own, crops)
 
     def _set_tower(self, name: str, module: Any, layer_fast: Any) -> None:
         """The second tower: its layers run ``layer_fast`` (compiled with ``clip_compile``) and its forward is
@@ -299,8 +312,15 @@ class VisionFast:
     def graphed(self, name: str, fn: Any) -> ShapeGraphs:
         """The per-shape graph replay of ``fn`` for the tower ``name`` (created once, kept across pages)."""
         if name not in self.graphs:
-            self.graphs[name] = ShapeGraphs(fn)
+            self.graphs[name] = ShapeGraphs(fn, None if self._capture_streams is None else self._capture_stream)
         return self.graphs[name]
+
+    def _capture_stream(self) -> torch.cuda.Stream | None:
+        """The capture stream of the view chain running now: the global view's on ``view_stream``, else the crops'."""
+        if self._capture_streams is None or self.view_stream is None:
+            return None
+        current = torch.cuda.current_stream(self.view_stream.device)
+        return self._capture_streams[0 if current.cuda_stream == self.view_stream.cuda_stream else 1]
 
     @contextlib.contextmanager
     def mode(self) -> Iterator[None]:
@@ -375,7 +395,6 @@ class FastModel:
             if self.pdl_note is not None:
                 warnings.warn(self.pdl_note, stacklevel=2)
         self._decoder: FastDecoder | None = None
-        self._view_stream: torch.cuda.Stream | None = None
         self._compiled_step: Any = None
         # the vision towers' fast forwards (v1: SAM + CLIP; DeepSeek-OCR-2 passes its SAM + encoder one)
         self.vision: VisionFast = vision if vision is not None else ClipVisionFast(model, cfg)
@@ -542,12 +561,8 @@ class FastModel:
 
     @property
     def view_stream(self) -> torch.cuda.Stream | None:
-        """The global view's stream with ``vision_streams`` on CUDA (created once), else None."""
-        if not self.fast_config.vision_streams or self.device.type != "cuda":
-            return None
-        if self._view_stream is None:
-            self._view_stream = torch.cuda.Stream(self.device)
-        return self._view_stream
+        """The global view's stream with ``vision_streams`` on CUDA, else None (:class:`VisionFast`)."""
+        return self.vision.view_stream
 
     def embed_prompt(self, input_ids: Tensor, images_seq_mask: Tensor, image_features: Sequence[Tensor]) -> Tensor:
         return self.base.embed_prompt(input_ids, images_seq_mask, image_features)

@@ -34,7 +34,10 @@ def check_sdpa_policy(policy: str) -> None:
 
 
 def capture_graph(
-    fn: Callable[[], Any], device: torch.device, context: Callable[[], Any] = contextlib.nullcontext
+    fn: Callable[[], Any],
+    device: torch.device,
+    context: Callable[[], Any] = contextlib.nullcontext,
+    stream: torch.cuda.Stream | None = None,
 ) -> tuple[torch.cuda.CUDAGraph, Any]:
     """Run ``fn`` twice on a side stream (cuBLAS handles, workspaces, compilation, lazy inits: work that must
     not happen inside a capture), then capture one call; returns the graph and that call's output (static
@@ -45,19 +48,24 @@ def capture_graph(
     a reference cycle, destroyed by an automatic collection in the middle of a capture, resets itself there,
     which invalidates the capture ("operation not permitted when stream is capturing"; torch no longer collects
     before a capture by default).  Seen on an H200 when continuous decode steps were such cycles (they no
-    longer are); this keeps any other cycle from doing the same."""
+    longer are); this keeps any other cycle from doing the same.
+
+    ``stream``: warm up and capture on it (default: a pool stream for the warm-up, torch's shared capture stream
+    for the capture).  cuBLAS keeps one workspace per (handle, stream) and a graph bakes in the workspace of the
+    stream it was captured on, so graphs that will replay *concurrently* must be captured on different streams
+    (the vision's two view chains, ``vision_streams``), or they scribble over one workspace."""
     gc.collect()
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream), context():
+        warm = stream if stream is not None else torch.cuda.Stream(device)
+        warm.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(warm), context():
             for _ in range(2):
                 fn()
-        torch.cuda.current_stream(device).wait_stream(stream)
+        torch.cuda.current_stream(device).wait_stream(warm)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), context():
+        with torch.cuda.graph(graph, stream=stream), context():
             out = fn()
     finally:
         if was_enabled:
@@ -74,8 +82,11 @@ class ShapeGraphs:
     ``fn`` directly (the failure is kept in ``capture_error`` and warned about once).
     """
 
-    def __init__(self, fn: Any) -> None:
+    def __init__(self, fn: Any, capture_stream: Callable[[], torch.cuda.Stream | None] | None = None) -> None:
         self.fn = fn
+        # which stream to capture a new shape on, asked at capture time (None: capture_graph's default); see
+        # capture_graph on graphs that replay concurrently
+        self.capture_stream = capture_stream
         self.graphs: dict[tuple[Any, ...], tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
         self.capture_error: str | None = None
 
@@ -100,7 +111,8 @@ class ShapeGraphs:
 
     def _capture(self, x: Tensor) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor]:
         static_in = x.clone()
-        graph, static_out = capture_graph(lambda: self.fn(static_in), x.device)
+        stream = None if self.capture_stream is None else self.capture_stream()
+        graph, static_out = capture_graph(lambda: self.fn(static_in), x.device, stream=stream)
         return graph, static_in, static_out
 
 
