@@ -462,6 +462,7 @@ def main() -> None:
                     "fused_router",
                     "fused_rope",
                     "fused_input_norm",
+                    "moe_down_split",
                 )
             }
 

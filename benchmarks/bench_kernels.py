@@ -49,6 +49,7 @@ from llm_perf_opt.models.deepseek_ocr.config import DeepseekOCRConfig, LanguageC
 from llm_perf_opt.models.deepseek_ocr.decoder import RMSNorm, RotaryEmbedding, grouped_experts_stacked, use_grouped_mm
 from llm_perf_opt.models.deepseek_ocr.graphs import first_argmax
 from llm_perf_opt.models.deepseek_ocr.kernels import (
+    DOWN_SPLIT_STAGES,
     KEYS_PER_SPLIT,
     PICK_BLOCK,
     UP_STAGES,
@@ -62,9 +63,11 @@ from llm_perf_opt.models.deepseek_ocr.kernels import (
     decode_attention,
     decode_attention_ref,
     dependent_launches,
+    down_counters,
     linear_block_sizes,
     linear_rows,
     moe_block_sizes,
+    moe_down_split_block_sizes,
     moe_experts,
     moe_experts_grouped,
     moe_experts_ref,
@@ -455,11 +458,20 @@ class Bench:
 
     def experts(self, tokens: int, pdl: bool = False, **blocks: Any) -> Row:
         """The expert kernels vs the torch path; ``pdl``: the kernels launched as programmatic dependent launches
-        (each call's up kernel waits on the previous call's down kernel, as in the step)."""
+        (each call's up kernel waits on the previous call's down kernel, as in the step).  ``down="split"``: the
+        split down form (row "moe_experts (down=split)"), with one counter buffer kept across the calls as a caller
+        would (not a zeroed buffer per call: that memset would be timed too)."""
         lang = self.lang
         hid, inter, k = lang.hidden_size, lang.moe_intermediate_size, lang.num_experts_per_tok
         n_always = lang.n_shared_experts
         layers, prepared = self._moe(tokens)
+        cuda = self.dev.type == "cuda"
+        split = blocks.get("down") == "split"
+        if split:
+            split_h, split_k = moe_down_split_block_sizes(
+                hid, inter, not cuda, blocks.get("block_h"), blocks.get("block_k_down")
+            )
+            blocks = {**blocks, "counters": down_counters(tokens, hid, self.dev, block_h=split_h)}
 
         def kernel(c: tuple[torch.Tensor, ...]) -> torch.Tensor:
             with dependent_launches(pdl):
@@ -475,20 +487,28 @@ class Bench:
         err_torch = max_err(out, torch_moe(*prepared[0], use_gmm=self.use_gmm))
         per_slot = (2 * inter * hid + hid * inter) * 2
         distinct = int(torch.unique(idx).numel()) + n_always
-        cuda = self.dev.type == "cuda"
         sms = torch.cuda.get_device_properties(self.dev).multi_processor_count if cuda else 1
         rows = {key: blocks.get(key) for key in ("block_n", "block_h")}
         sizes = moe_block_sizes(tokens, k + n_always, hid, inter, sms, not cuda, **rows)
         used = {**dict(zip(("block_n", "block_k_up", "block_h", "block_k_down"), sizes, strict=True)), **blocks}
+        if split:  # the down kernel's own blocks and stages, not the rows form's
+            used.update(block_h=split_h, block_k_down=split_k, stages_down=blocks.get("stages_down", DOWN_SPLIT_STAGES))
+            used.pop("counters")
         note = f"{distinct} distinct slots; vs torch path max |Δ| {err_torch:.3g}; {used}"
-        changed = {key: blocks[key] for key in ("stages_up",) if key in blocks}
-        if changed:  # a setting that must not change the sums
-            same = torch.equal(out, moe_experts(x, idx, w, w13, w2, n_always, res))
+        stages = ("stages_up", "stages_down")
+        if any(key in blocks for key in stages):  # settings that must not change the sums: vs the same call without
+            base = {key: value for key, value in blocks.items() if key not in stages}
+            same = torch.equal(out, moe_experts(x, idx, w, w13, w2, n_always, res, **base))
             note += f"; {'bit-identical to' if same else 'DIFFERENT output from'} the default settings"
+        if split:  # the same combine, but y summed in another order: a few bf16 ulps may differ
+            rows_out = moe_experts(x, idx, w, w13, w2, n_always, res, down="rows")
+            differ, gap = int((out != rows_out).sum()), max_err(out, rows_out)
+            note += f"; vs the rows form: {differ} of {out.numel()} elements differ (max |Δ| {gap:.3g})"
         if pdl:
             same = torch.equal(kernel(layers[0]), out)
             note += f"; dependent launches ({'bit-identical' if same else 'DIFFERENT output'})"
-        return Row("moe_experts", tokens, t_us, k_us, distinct * per_slot, err, note, _expert_flops(lang, tokens))
+        op = "moe_experts (down=split)" if split else "moe_experts"
+        return Row(op, tokens, t_us, k_us, distinct * per_slot, err, note, _expert_flops(lang, tokens))
 
     def experts_grouped(self, tokens: int, **blocks: Any) -> Row:
         """The grouped-GEMM kernels vs the torch path at batched-decode row counts (same inputs as ``experts``)."""
@@ -591,6 +611,17 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
         specs.append(("_moe_up_kernel", up, {**up_consts, "STAGES": 0}, up_warps))
         down_consts = {**common, "HAS_RESIDUAL": True, "BLOCK_H": bh, "BLOCK_K": bkd, "EVEN_K": inter % bkd == 0}
         specs.append(("_moe_down_kernel", down, down_consts, 4))
+    # the split down form (moe_experts(down="split"); its blocks do not depend on T): as launched (pipelined), then
+    # the plain loop
+    split_h, split_k = moe_down_split_block_sizes(hid, inter)
+    split = dict(
+        h_ptr=bf, idx_ptr=i64, wts_ptr=f32, w2_ptr=bf, res_ptr=bf, out_ptr=bf, y_ptr=f32, count_ptr="*i32", H="i32"
+    )
+    split.update(INTER="i32", N_EXPERTS="i32")
+    split_consts = dict(TOP_K=k, N_ALWAYS=n_always, HAS_RESIDUAL=True, BLOCK_H=split_h, BLOCK_K=split_k)
+    split_consts.update(EVEN_K=inter % split_k == 0, STAGES=DOWN_SPLIT_STAGES)
+    specs.append(("_moe_down_split_kernel", split, split_consts, 4))
+    specs.append(("_moe_down_split_kernel", split, {**split_consts, "STAGES": 0}, 4))
     ids = dict(ids_ptr=i64, order_ptr="*i32", offs_ptr="*i32", P="i32")
     align = dict(E=lang.n_routed_experts, BLOCK_P=16, BLOCK_ALL=512, BLOCK_E=128)  # 64 tokens x top-6
     specs.append(("_moe_align_kernel", ids, align, 4))
@@ -646,6 +677,7 @@ STREAMING = {
     "_moe_route_kernel",
     "_moe_up_kernel",
     "_moe_down_kernel",
+    "_moe_down_split_kernel",
     "_pick_partial_kernel",
     "_linear_rows_kernel",
     "_qkv_rope_kernel",
@@ -803,6 +835,10 @@ def render(
 # default): the up kernel's gate/up rows per program, then the down kernel's hidden rows and its own warps
 UP_VARIANTS = [(4, 8), (8, 4), (8, 8), (16, 4), (16, 8)]  # (block_n, warps)
 DOWN_VARIANTS = [(1, 4), (1, 8), (2, 2), (2, 4), (2, 8), (4, 4), (4, 8)]  # (block_h, warps of the down kernel)
+# the split down form (moe_experts(down="split")): (block_h, block_k, stages, warps) of its kernel, every row block x
+# K width x pipelining at 4 warps, then 8 warps at each row block (the defaults: moe_down_split_block_sizes)
+SPLIT_VARIANTS = [(bh, bk, st, 4) for bh in (8, 16, 32) for bk in (128, 256) for st in (0, 2)]
+SPLIT_VARIANTS += [(bh, 128, 2, 8) for bh in (8, 16, 32)]
 
 
 def run_sweep(bench: Bench) -> list[str]:
@@ -816,6 +852,13 @@ def run_sweep(bench: Bench) -> list[str]:
         variants += [
             (f"down: block_h={bh} warps={w} (up: defaults)", dict(block_h=bh, num_warps_down=w))
             for bh, w in DOWN_VARIANTS
+        ]
+        variants += [
+            (
+                f"down=split: block_h={bh} block_k={bk} stages={st} warps={w} (up: defaults)",
+                dict(down="split", block_h=bh, block_k_down=bk, stages_down=st, num_warps_down=w),
+            )
+            for bh, bk, st, w in SPLIT_VARIANTS
         ]
         for cfg, blocks in variants:
             try:
@@ -1078,6 +1121,9 @@ def main() -> None:
                     rows += [bench.route(4), bench.norm_route(4)]
                 rows += [bench.experts(tokens, stages_up=n) for n in (0, 2, 3)]
                 rows += [bench.experts(tokens, pdl=True)]
+                # the split down form (moe_experts(down="split")) in the same run: before / after in one table
+                rows += [bench.experts(tokens, down="split", stages_down=n) for n in (0, DOWN_SPLIT_STAGES)]
+                rows += [bench.experts(tokens, down="split", pdl=True)]
         for tokens in grouped_tokens:
             if tokens <= 16:  # the GEMV kernels re-read weights per token: where the grouped kernels take over
                 rows.append(bench.experts(tokens))

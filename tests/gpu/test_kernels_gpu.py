@@ -259,6 +259,39 @@ def test_moe_experts(moe: dict[str, Any], tokens: int) -> None:
     _assert_bf16_close(routed_only, routed)
 
 
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_moe_experts_split_down(moe: dict[str, Any], tokens: int) -> None:
+    """The split down form (``down="split"``: a program per token, slot and 16-row block, the slot finishing last
+    combines) at the real sizes, against the reference as the rows form is held to it; then captured in a CUDA
+    graph with kept counters and replayed twice: identical outputs (the counters re-armed), all zero afterwards."""
+    x, res = _randn(tokens, HIDDEN, seed=70 + tokens), _randn(tokens, HIDDEN, seed=32)
+    idx, weights = route_tokens(F.linear(x.float(), moe["gate"]), TOP_K)
+    args = (x, idx, weights, moe["all13"], moe["all2"], SHARED_SLOTS, res)
+    out = K.moe_experts(*args, down="split")
+    ref = K.moe_experts_ref(*args)
+    _assert_bf16_close(out, ref)
+    assert (out != ref).float().mean() < 0.05  # same rounding points: only the GEMMs' summation order differs
+    rows_form = K.moe_experts(*args, down="rows")
+    assert (out != rows_form).float().mean() < 0.05  # the same combine; y summed in another order
+    counters = K.down_counters(tokens, HIDDEN, DEV)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # compiled outside the capture
+        K.moe_experts(*args, down="split", counters=counters)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = K.moe_experts(*args, down="split", counters=counters)
+    replays = []
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        replays.append(static.clone())
+    assert torch.equal(replays[0], replays[1])
+    assert torch.equal(replays[0], out)  # the same programs and sums as the eager call
+    assert int(counters.abs().sum()) == 0
+
+
 @pytest.mark.parametrize("tokens", [9, 16, 32, 64])
 def test_moe_experts_grouped(moe: dict[str, Any], tokens: int) -> None:
     """The grouped-GEMM kernels at the batched-decode row counts against the eager loop, the torch path

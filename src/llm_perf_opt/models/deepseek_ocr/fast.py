@@ -215,6 +215,11 @@ class FastConfig:
     # the step with dependent launches, which already hide the norm launch while the fused kernel puts the
     # row's RMS on its critical path (round 9: 0.661 ms/token without, 0.670 with).  Worth trying where pdl is off
     fused_input_norm: bool = False
+    # with the Triton decode step at batch 1-8: the experts' down GEMV with the slots split across programs
+    # (kernels.moe_experts(down="split"): a program per (row, slot, 16 hidden rows), pipelined K loop like the up
+    # kernel's; the slot finishing last combines them with the same rounding points) instead of a program per (row,
+    # 2 hidden rows) over all slots
+    moe_down_split: bool = False
     # the session's decode loop picks tokens on the device (greedy + the no-repeat-ngram ban inside the decode
     # graph, eos checked every 16 steps) instead of reading every step's logits on the host; temperature > 0
     # keeps the host loop
@@ -426,6 +431,7 @@ class FastModel:
                 cfg.fused_router,
                 cfg.fused_rope,
                 cfg.fused_input_norm,
+                cfg.moe_down_split,
             )
             if cfg.decode_compile == "none":  # a compiled step traces the torch layers
                 self._triton_rows = triton_row_layers(self.layers, self.norm, cfg.norm_router_f32)

@@ -82,6 +82,9 @@ else:
     _TRITON_IMPORT_ERROR = ""
 
 __all__ = [
+    "DOWN_FORM",
+    "DOWN_FORMS",
+    "DOWN_SPLIT_STAGES",
     "GROUPED_MIN_ROWS",
     "HAVE_TRITON",
     "INTERPRETED",
@@ -97,10 +100,12 @@ __all__ = [
     "decode_attention",
     "decode_attention_ref",
     "dependent_launches",
+    "down_counters",
     "linear_block_sizes",
     "linear_rows",
     "linear_rows_ref",
     "moe_block_sizes",
+    "moe_down_split_block_sizes",
     "moe_experts",
     "moe_experts_grouped",
     "moe_experts_ref",
@@ -785,6 +790,109 @@ if HAVE_TRITON:
             else:
                 # always-on slots are pieces of one MLP's down GEMM: summed in float32, rounded once below
                 always_acc += y
+        out = _round(routed_acc, dt)
+        if N_ALWAYS > 0:
+            out = _round(out + _round(always_acc, dt), dt)
+        if HAS_RESIDUAL:
+            out = _round(out + tl.load(res_ptr + t * H + rows, mask=rmask, other=0.0).to(tl.float32), dt)
+        tl.store(out_ptr + t * H + rows, out.to(dt), mask=rmask)
+
+    @triton.jit(do_not_specialize=["N_EXPERTS"])  # a stack of 1 would become a constexpr
+    def _moe_down_split_kernel(
+        h_ptr,
+        idx_ptr,
+        wts_ptr,
+        w2_ptr,
+        res_ptr,
+        out_ptr,
+        y_ptr,
+        count_ptr,
+        H,
+        INTER,
+        N_EXPERTS,
+        TOP_K: tl.constexpr,
+        N_ALWAYS: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        USE_GDC: tl.constexpr = False,
+        STAGES: tl.constexpr = 0,
+    ):
+        """The down GEMV with the slots split across programs (``moe_experts(down="split")``), shaped like the
+        up kernel: program (t·slots + s, hb) computes ``y = W2[e_s][rows] @ h[t, s]`` in float32 over a K loop
+        (software-pipelined over ``STAGES`` like the up kernel's, a plain loop at 0), stores it to the [T, slots,
+        H] scratch, and the program that finishes last for (t, hb) combines the slots in order with the rows
+        kernel's rounding points (see :func:`_moe_down_combine`)."""
+        if USE_GDC:
+            _dependent_launch()
+        ts = tl.program_id(0)  # token * n_slots + slot
+        hb = tl.program_id(1)
+        t = ts // (TOP_K + N_ALWAYS)
+        s = ts % (TOP_K + N_ALWAYS)
+        routed = s < TOP_K
+        e = tl.load(idx_ptr + t * TOP_K + s, mask=routed, other=0)
+        e = tl.where(routed, e, N_EXPERTS - N_ALWAYS + (s - TOP_K)).to(tl.int64)
+        rows = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+        rmask = rows < H
+        w_rows = w2_ptr + e * (H * INTER) + rows[:, None] * INTER
+        h_row = h_ptr + ts * INTER
+        y = tl.zeros([BLOCK_H], dtype=tl.float32)
+        if STAGES > 0:
+            # the next STAGES - 1 weight tiles are copied into shared memory (cp.async) while this one is summed
+            for k0 in tl.range(0, INTER, BLOCK_K, num_stages=STAGES):
+                kk = k0 + tl.arange(0, BLOCK_K)
+                hv, tile_mask = _row_block(h_row, kk, rmask, INTER, EVEN_K)
+                w = tl.load(w_rows + kk[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+                y += tl.sum(w * hv[None, :], axis=1)
+        else:
+            for k0 in range(0, INTER, BLOCK_K):
+                kk = k0 + tl.arange(0, BLOCK_K)
+                hv, tile_mask = _row_block(h_row, kk, rmask, INTER, EVEN_K)
+                w = tl.load(w_rows + kk[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+                y += tl.sum(w * hv[None, :], axis=1)
+        tl.store(y_ptr + ts * H + rows, y, mask=rmask)
+        # the slot that finishes last for (t, hb) combines: the counter's acq_rel add publishes this slot's y and,
+        # for the last one, makes every other slot's visible; it then re-arms the counter (the next call and every
+        # graph replay find it at zero).  The add is one thread's: the barrier before it orders every thread's
+        # stores ahead of its release, the one after it every thread's combine loads behind its acquire
+        tl.debug_barrier()
+        count = count_ptr + t * tl.num_programs(1) + hb
+        done = tl.atomic_add(count, 1, sem="acq_rel", scope="gpu")
+        tl.debug_barrier()
+        if done == TOP_K + N_ALWAYS - 1:
+            _moe_down_combine(
+                y_ptr, wts_ptr, res_ptr, out_ptr, t, rows, rmask, H, TOP_K, N_ALWAYS, HAS_RESIDUAL, BLOCK_H
+            )
+            tl.atomic_xchg(count, 0, sem="relaxed", scope="gpu")
+
+    @triton.jit
+    def _moe_down_combine(
+        y_ptr,
+        wts_ptr,
+        res_ptr,
+        out_ptr,
+        t,
+        rows,
+        rmask,
+        H,
+        TOP_K: tl.constexpr,
+        N_ALWAYS: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+    ):
+        """Token ``t``'s output rows from its slots' float32 ``y`` (scratch [T, slots, H]), with the rounding points
+        of :func:`_moe_down_kernel`, slot 0 first: so for the same ``y`` the two forms agree bit for bit.  The
+        ``y`` are read past L1 (``.cg``): other programs wrote them moments ago."""
+        dt = out_ptr.dtype.element_ty
+        routed_acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+        always_acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+        for s in tl.static_range(TOP_K + N_ALWAYS):
+            y = tl.load(y_ptr + (t * (TOP_K + N_ALWAYS) + s) * H + rows, mask=rmask, other=0.0, cache_modifier=".cg")
+            if s < TOP_K:
+                routed_acc += tl.load(wts_ptr + t * TOP_K + s) * _round(y, dt)  # a routed expert's bf16 output
+            else:
+                always_acc += y  # the always-on MLP's one down GEMM: rounded once below
         out = _round(routed_acc, dt)
         if N_ALWAYS > 0:
             out = _round(out + _round(always_acc, dt), dt)
@@ -1966,6 +2074,54 @@ def moe_block_sizes(
     return block_n, block_k_up, block_h, block_k_down
 
 
+# The down GEMV's two forms (``moe_experts(down=...)``).  "rows": :func:`_moe_down_kernel`, a program per (token,
+# block of hidden rows) runs over every slot (at T=1 on an H200: 18.4 MB per layer in 9.7 us, 1.9 TB/s, where the
+# up kernel moves 3.1 TB/s).  "split": :func:`_moe_down_split_kernel`, a program per (token, slot, row block), shaped
+# like the up kernel; the slot finishing last combines.  ``DOWN_FORM`` is the default until the GPU has timed both
+# (``bench_kernels.py``: the moe_experts rows, ``--sweep``).
+DOWN_FORMS = ("rows", "split")
+DOWN_FORM = "rows"
+# The split form's K loop software-pipelined over this many stages, as the up kernel's (``UP_STAGES``); 0: a plain
+# loop.  ``moe_experts(stages_down=...)`` overrides.  A guess, not yet measured.
+DOWN_SPLIT_STAGES = 2
+
+
+def _split_block_h(hidden: int, interpreter: bool) -> int:
+    """The split down form's default rows per program: 16 on a GPU, few large blocks for the interpreter."""
+    return min(256, _pow2(hidden)) if interpreter else 16
+
+
+def moe_down_split_block_sizes(
+    hidden: int,
+    inter: int,
+    interpreter: bool = False,
+    block_h: int | None = None,
+    block_k: int | None = None,
+) -> tuple[int, int]:
+    """(block_h, block_k) of :func:`moe_experts`' split down form (``down="split"``); given sizes are kept.
+
+    GPU (a guess until ``bench_kernels.py --sweep`` has timed it): 16 hidden rows per program, as the up kernel's
+    16 gate/up rows, then the wider of ``TILE_ELEMS // block_h`` and half of it that divides I, so the K loop has no
+    masked tail (else the wider one).  At T=1, 8 slots, H=1280, I=896: [16, 128] tiles, 7 K steps, on an 8x80 grid
+    (640 programs, as the rows form's 1x640).  The interpreter runs programs one after another: few, large tiles.
+    """
+    block_h = block_h or _split_block_h(hidden, interpreter)
+    if block_k is None:
+        wide = max(32, min(_pow2(inter), (INTERPRETER_TILE_ELEMS if interpreter else TILE_ELEMS) // block_h))
+        narrow = max(32, wide // 2)
+        block_k = narrow if not interpreter and inter % wide and not inter % narrow else wide
+    return block_h, block_k
+
+
+def down_counters(rows: int, hidden: int, device: torch.device | str, block_h: int | None = None) -> Tensor:
+    """The zeroed per-(token, row block) counters of :func:`moe_experts`' split down form: ``rows`` (tokens) x
+    ``cdiv(hidden, block_h)`` int32 (``block_h`` None: the form's default on ``device``).  Keep one across calls
+    (the kernel sets every counter back to zero) and in a CUDA graph (the graph holds its address)."""
+    dev = torch.device(device)
+    block_h = block_h or _split_block_h(hidden, dev.type != "cuda")
+    return torch.zeros(rows * -(-hidden // block_h), dtype=torch.int32, device=dev)
+
+
 def moe_experts_ref(
     x: Tensor,
     idx: Tensor,
@@ -2033,6 +2189,9 @@ def moe_experts(
     num_warps: int | None = None,
     num_warps_down: int | None = None,
     stages_up: int | None = None,
+    down: str | None = None,
+    counters: Tensor | None = None,
+    stages_down: int | None = None,
 ) -> Tensor:
     """Routed + always-on experts for a few tokens, in two GEMV kernels: [T, H] in ``x.dtype``.
 
@@ -2052,6 +2211,20 @@ def moe_experts(
     ``stages_up`` (default ``UP_STAGES``): the up kernel's K loop software-pipelined over that many stages (the
     same bits).
 
+    ``down``: which form of (b), ``"rows"`` (the above) or ``"split"`` (None: ``DOWN_FORM``).  (b') split, grid
+    (T·(k + n_always), H / block_h): shaped like (a), program (t·slots + s, hb) computes ``y = W2[e_s] rows @
+    h[t, s]`` in float32 over I ([block_h, block_k_down] tiles, contiguous along I; the loop software-pipelined
+    over ``stages_down`` stages, default ``DOWN_SPLIT_STAGES``) and stores it to a [T, slots, H] float32 scratch;
+    the program finishing last for (t, hb) (an int32 counter per (t, hb): acq_rel add, re-armed to 0 by that
+    program) combines the slots in order 0.. with (b)'s rounding points, so for the same ``y`` both forms agree bit
+    for bit (``y`` itself may differ in its last bits: another float32 summation order on a GPU).  Why: at T=1 (b)
+    is 640 programs of 8 unrolled [2, 1024] slot tiles (masked to I = 896) and streams weights at ~60 % of (a)'s
+    rate; (b') is 640 programs of one slot each, [16, 128] tiles in a pipelined K loop as in (a), for a float32
+    round trip of the slots' ``y`` (40 KB at T=1) and one counter add per program.  ``counters``: int32 zeros
+    [>= T·cdiv(H, block_h)] (:func:`down_counters`), kept by the caller across calls and graph replays (None: a
+    zeroed buffer per call); the rows form ignores them.  ``block_h`` / ``block_k_down`` / ``num_warps_down`` are
+    the down kernel's in either form (split defaults: :func:`moe_down_split_block_sizes`).
+
     Designed for T <= 8: every token re-reads its experts' weights (T=1: 8 slots x 6.9 MB = 55 MB per
     layer), so both kernels are memory-bound GEMVs.  Default blocks: :func:`moe_block_sizes` (>= ~2
     programs per SM, ~4096 weights per tile: ~32 per thread at 4 warps, several 16-byte loads in flight,
@@ -2065,15 +2238,36 @@ def moe_experts(
     if not 0 <= n_always <= n_experts or top_k + n_always == 0:
         raise ValueError(f"n_always must be in 0..{n_experts} and k + n_always > 0, got k={top_k}, {n_always}")
     n_slots = top_k + n_always
+    form = DOWN_FORM if down is None else down
+    if form not in DOWN_FORMS:
+        raise ValueError(f"down must be one of {DOWN_FORMS} (None: DOWN_FORM = {DOWN_FORM!r}), got {form!r}")
+    if form == "rows" and stages_down is not None:
+        raise ValueError("stages_down is the split down form's (down='split'); the rows form has no pipelined loop")
     interpreter = x.device.type != "cuda"
     # sweeps (H200): up 8 warps at T=1 (27 vs 33 us), 4 from T=2 on (62 vs 70 us at T=4); down 4 warps at
     # every T (T=1 with its 2-row blocks: 23.6 vs 25.8 us at 8).  ``num_warps`` is the up kernel's.
     num_warps = num_warps or (8 if n_tokens == 1 else 4)
     num_warps_down = num_warps_down or 4
-    auto = moe_block_sizes(n_tokens, n_slots, hidden, inter, _sm_count(x.device), interpreter, block_n, block_h)
-    block_n, block_h = auto[0], auto[2]
+    rows_h = block_h if form == "rows" else None
+    auto = moe_block_sizes(n_tokens, n_slots, hidden, inter, _sm_count(x.device), interpreter, block_n, rows_h)
+    block_n = auto[0]
     block_k_up = block_k_up or auto[1]
-    block_k_down = block_k_down or auto[3]
+    if form == "rows":
+        block_h = auto[2]
+        block_k_down = block_k_down or auto[3]
+    else:
+        block_h, block_k_down = moe_down_split_block_sizes(hidden, inter, interpreter, block_h, block_k_down)
+        need = n_tokens * triton.cdiv(hidden, block_h)
+        if counters is None:
+            counters = torch.zeros(need, device=x.device, dtype=torch.int32)
+        elif counters.dtype != torch.int32 or counters.dim() != 1 or counters.numel() < need:
+            raise ValueError(
+                f"counters must be int32 [>= {need}] (T x cdiv(H, block_h) = {n_tokens} x"
+                f" {triton.cdiv(hidden, block_h)}; see down_counters), got {counters.dtype} {tuple(counters.shape)}"
+            )
+        elif counters.device != x.device:
+            raise ValueError(f"counters must be on {x.device} like x, got {counters.device}")
+        counters = _contig(counters, "counters")
     h = torch.empty((n_tokens, n_slots, inter), device=x.device, dtype=x.dtype)
     out = torch.empty_like(x)
     idx = _contig(idx, "idx")
@@ -2098,6 +2292,30 @@ def moe_experts(
         STAGES=UP_STAGES if stages_up is None else stages_up,
         **_pdl(),
     )
+    if form == "split":
+        _moe_down_split_kernel[(n_tokens * n_slots, triton.cdiv(hidden, block_h))](
+            h,
+            idx,
+            weights,
+            _contig(w2, "w2"),
+            x if residual is None else _contig(residual, "residual"),
+            out,
+            torch.empty((n_tokens, n_slots, hidden), device=x.device, dtype=torch.float32),
+            counters,
+            hidden,
+            inter,
+            n_experts,
+            TOP_K=top_k,
+            N_ALWAYS=n_always,
+            HAS_RESIDUAL=residual is not None,
+            BLOCK_H=block_h,
+            BLOCK_K=block_k_down,
+            EVEN_K=inter % block_k_down == 0,
+            num_warps=num_warps_down,
+            STAGES=DOWN_SPLIT_STAGES if stages_down is None else stages_down,
+            **_pdl(),
+        )
+        return out
     _moe_down_kernel[(n_tokens, triton.cdiv(hidden, block_h))](
         h,
         idx,

@@ -268,8 +268,11 @@ class TritonMoE(MoE):
     """A :class:`GroupedMoE`'s block with the router and the experts as kernels (shared experts in the expert
     kernel's extra slots when the stacks have them, else added by the block as usual)."""
 
-    def __init__(self, moe: GroupedMoE, router_input: TritonRMSNorm | None = None) -> None:
+    def __init__(self, moe: GroupedMoE, router_input: TritonRMSNorm | None = None, down: str = "rows") -> None:
         nn.Module.__init__(self)
+        # the GEMV path's down kernel form (kernels.DOWN_FORMS); the split form's counters are kept here
+        self.down = down
+        self._down_counters: list[Tensor] = []
         self._copy_routing_rule(moe)
         # the layer's post-attention norm when it writes the router's float32 input (``keep_f32``); set past
         # nn.Module's registration: the layer owns that norm, this only reads it
@@ -310,6 +313,18 @@ class TritonMoE(MoE):
         stacks, n_always = (self.all_stacks, self.n_always) if self.all_stacks is not None else (self.stacked, 0)
         if flat.shape[0] >= K.GROUPED_MIN_ROWS:
             return K.moe_experts_grouped(flat, topk_idx, topk_weight, *stacks, n_always=n_always)
+        if self.down == "split":
+            hidden = flat.shape[1]
+            counters = _kept_counters(
+                self._down_counters,
+                K.down_counters(flat.shape[0], hidden, flat.device).numel(),
+                K.down_counters(TRITON_MAX_ROWS, hidden, flat.device).numel(),
+                flat.device,
+                lambda n, dev: torch.zeros(n, dtype=torch.int32, device=dev),
+            )
+            return K.moe_experts(
+                flat, topk_idx, topk_weight, *stacks, n_always=n_always, down="split", counters=counters
+            )
         return K.moe_experts(flat, topk_idx, topk_weight, *stacks, n_always=n_always)
 
 
@@ -319,6 +334,7 @@ def _triton_layer(
     router_f32: bool,
     fused_router: bool = False,
     fused_input_norm: bool = False,
+    down: str = "rows",
 ) -> DecoderLayer:
     """``layer`` with Triton norms, ``attention`` around its attention and Triton experts for a grouped MoE
     (``router_f32``: its post-attention norm also writes the router's float32 input; ``fused_router``: that norm's
@@ -333,7 +349,7 @@ def _triton_layer(
     else:
         post = TritonRMSNorm(post_norm, keep_f32=router_f32 and isinstance(mlp, GroupedMoE))
     reads_norm = post.keep_f32 or post.router is not None
-    new_mlp: nn.Module = TritonMoE(mlp, post if reads_norm else None) if isinstance(mlp, GroupedMoE) else mlp
+    new_mlp: nn.Module = TritonMoE(mlp, post if reads_norm else None, down) if isinstance(mlp, GroupedMoE) else mlp
     new_attn = attention(attn)
     fold = fused_input_norm and isinstance(new_attn, TritonAttention) and new_attn.rope and new_attn.wqkv is not None
     new_in = TritonRMSNorm(in_norm, deferred=fold)
@@ -351,17 +367,20 @@ def triton_layers(
     fused_router: bool = False,
     fused_rope: bool = False,
     fused_input_norm: bool = False,
+    down_split: bool = False,
 ) -> tuple[list[DecoderLayer], RMSNorm]:
     """The fast layers (and the final norm) with Triton modules swapped in; dense MLPs stay as they are
     (``linear``: the attention's QKV and o_proj as Triton GEMVs; ``one_launch_attention``: attention without
     its combine launch; ``fused_router``: each MoE layer's post-attention norm and router in one launch;
     ``fused_rope``: with ``linear``, the rotary and the cache writes in the QKV GEMV; ``fused_input_norm``: with
-    ``fused_rope``, each layer's input add + RMSNorm in that kernel too)."""
+    ``fused_rope``, each layer's input add + RMSNorm in that kernel too; ``down_split``: the experts' down GEMV in
+    its split form, ``kernels.moe_experts(down="split")``)."""
 
     def attention(attn: Attention) -> nn.Module:
         return TritonAttention(attn, linear, one_launch_attention, fused_rope)
 
-    fast = [_triton_layer(layer, attention, router_f32, fused_router, fused_input_norm) for layer in layers]
+    down = "split" if down_split else "rows"
+    fast = [_triton_layer(layer, attention, router_f32, fused_router, fused_input_norm, down) for layer in layers]
     return fast, TritonRMSNorm(norm)
 
 

@@ -447,6 +447,35 @@ def test_one_launch_attention_keeps_one_counter_buffer_per_layer(monkeypatch: py
     assert len(seen) == 2 * n_layers and seen[:n_layers] == seen[n_layers:]
 
 
+def test_moe_down_split_runs_the_split_down_kernel_with_one_kept_counter_buffer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``moe_down_split``: every decode step's experts run the split down form with counters a layer keeps (one
+    buffer from 1 row to the widest single-page step: a captured graph holds its address), and the teacher-forced
+    logits equal the rows form's (the tiny sizes fit one K tile in both forms, so the float32 sums are the same)."""
+    forms: list[tuple[str, int | None]] = []
+    real = kernels.moe_experts
+
+    def spy(*args: object, **kw: object) -> torch.Tensor:
+        counters = kw.get("counters")
+        forms.append((str(kw.get("down", "rows")), None if counters is None else counters.data_ptr()))  # type: ignore[attr-defined]
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kernels, "moe_experts", spy)
+    model = _model(seed=15)
+    runs = _off_and_on(model, "moe_down_split", 3)
+    n_moe = sum(1 for layer in model.model.layers if layer.mlp.__class__.__name__ == "MoE")
+    assert n_moe > 0
+    assert [f for f, _ in forms] == ["rows"] * 3 * n_moe + ["split"] * 3 * n_moe
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
+    forms.clear()
+    fast = apply_fast_path(model, FastConfig(cuda_graphs=False, decode_kernels="triton", moe_down_split=True))
+    for rows in (1, TRITON_MAX_ROWS):
+        _decode(fast, torch.randn(rows, 5, model.config.language.hidden_size), None, 1)
+    ptrs = [p for _, p in forms]
+    assert None not in ptrs and ptrs[:n_moe] == ptrs[n_moe:]
+
+
 def test_triton_unavailable_falls_back_with_a_reason(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where the kernels cannot run, the torch step runs and the model says why (warned only on CUDA, where
     Triton was expected; on the CPU the torch step is the normal one)."""

@@ -799,6 +799,132 @@ def test_moe_experts_real_sizes_bf16() -> None:
     _close(out, expected)
 
 
+# ------------------------------------------------------------------------------------------ moe_experts(down="split")
+def _eager_expected(c: dict[str, Any], shared: bool, residual: bool) -> torch.Tensor:
+    """The independent oracle: the eager loop over the routed experts (+ the shared MLP) (+ the residual)."""
+    with torch.no_grad():
+        out, _ = apply_experts_eager(c["x"], c["idx"], c["weights"], c["experts"])
+        if shared:
+            out = out + c["shared"](c["x"])
+    return c["res"] + out if residual else out
+
+
+def _stacks(c: dict[str, Any], shared: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(w13, w2, n_always): the stacks with the 2 shared slots appended, or the routed experts alone."""
+    if shared:
+        return c["w13"], c["w2"], 2
+    return c["w13"][:-2].contiguous(), c["w2"][:-2].contiguous(), 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_tokens", [1, 3])
+def test_moe_experts_split_down_matches_eager_loop(dtype: torch.dtype, n_tokens: int) -> None:
+    """The split down form (a program per token, slot and row block; the last slot to finish combines) against the
+    eager loop over experts, with and without the shared slots and the residual; the interpreter's default blocks
+    (one row block) and GPU-like ones (4 row blocks racing for their counters, 2 K steps)."""
+    c = _moe_case(n_tokens, 128, 64, 8, 3, dtype, seed=60 + n_tokens)
+    for shared in (True, False):
+        w13, w2, n_always = _stacks(c, shared)
+        for residual in (True, False):
+            res = c["res"] if residual else None
+            expected = _eager_expected(c, shared, residual)
+            ref = K.moe_experts_ref(c["x"], c["idx"], c["weights"], w13, w2, n_always, res)
+            for blocks in ({}, dict(block_h=32, block_k_down=32)):
+                out = K.moe_experts(c["x"], c["idx"], c["weights"], w13, w2, n_always, res, down="split", **blocks)
+                _close(out, expected)
+                _close(out, ref)
+                if dtype == torch.bfloat16:  # same rounding points: only reduction order differs
+                    assert (out != ref).float().mean() <= 0.05, (out != ref).float().mean()
+
+
+@pytest.mark.parametrize("stages", [0, 2])
+def test_moe_experts_split_down_ragged_blocks(stages: int) -> None:
+    """H = 200 over 32-row blocks (the last holds 8 rows), I = 96 over 64-wide K tiles (a masked tail), the K loop
+    plain and pipelined; the experts of both tokens picked from all 8, and the shared-only case (no picks)."""
+    c = _moe_case(2, 200, 96, 8, 2, torch.bfloat16, seed=70 + stages)
+    blocks = dict(block_h=32, block_k_down=64, stages_down=stages)
+    x, idx, w, w13, w2 = c["x"], c["idx"], c["weights"], c["w13"], c["w2"]
+    _close(K.moe_experts(x, idx, w, w13, w2, 2, c["res"], down="split", **blocks), _eager_expected(c, True, True))
+    no_picks = torch.empty(2, 0, dtype=torch.int64)
+    with torch.no_grad():
+        shared = c["shared"](x)
+    _close(K.moe_experts(x, no_picks, no_picks.float(), w13, w2, n_always=2, down="split", **blocks), shared)
+
+
+def test_moe_experts_split_down_counters_are_rearmed() -> None:
+    """A kept counter buffer (longer than needed) is all zeros after each call: a second call with it gives the
+    same output, and a call on new inputs gives what a fresh buffer gives (a counter left above zero would keep
+    every (token, row block) from being combined: its output would be whatever ``torch.empty`` held)."""
+    c = _moe_case(3, 128, 64, 8, 3, torch.bfloat16, seed=80)
+    blocks = dict(block_h=32, block_k_down=32)
+    counters = K.down_counters(3, 128, "cpu", block_h=32)
+    assert counters.shape == (3 * 4,) and counters.dtype == torch.int32
+    counters = torch.cat((counters, torch.zeros(5, dtype=torch.int32)))
+    args = (c["idx"], c["weights"], c["w13"], c["w2"], 2, c["res"])
+    first = K.moe_experts(c["x"], *args, down="split", counters=counters, **blocks)
+    assert int(counters.abs().sum()) == 0
+    second = K.moe_experts(c["x"], *args, down="split", counters=counters, **blocks)
+    assert int(counters.abs().sum()) == 0
+    assert torch.equal(first, second)
+    _close(first, _eager_expected(c, True, True))
+    x_new = torch.randn(c["x"].shape, generator=torch.Generator().manual_seed(1234)).to(torch.bfloat16)
+    third = K.moe_experts(x_new, *args, down="split", counters=counters, **blocks)
+    assert int(counters.abs().sum()) == 0
+    assert torch.equal(third, K.moe_experts(x_new, *args, down="split", **blocks))
+    assert not torch.equal(third, first)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_k", [128, 32])
+def test_moe_experts_split_down_equals_rows_form_bit_for_bit(dtype: torch.dtype, block_k: int) -> None:
+    """Both down forms with the same [block_h, block_k] tiles: each slot's ``y`` is the same sequence of tile sums
+    (one tile covering I = 96, or three), and the split form's combine has the rows kernel's rounding points in
+    the rows kernel's slot order, so the outputs agree bit for bit.  (On a GPU a tile's ``tl.sum`` order follows
+    the kernel's layout, so there the forms may differ in the last bits of ``y``.)"""
+    c = _moe_case(3, 128, 96, 8, 3, dtype, seed=90)
+    for shared, residual in ((True, True), (False, False)):
+        w13, w2, n_always = _stacks(c, shared)
+        args = (c["x"], c["idx"], c["weights"], w13, w2, n_always, c["res"] if residual else None)
+        blocks = dict(block_h=64, block_k_down=block_k)
+        rows = K.moe_experts(*args, down="rows", **blocks)
+        assert torch.equal(K.moe_experts(*args, down="split", **blocks), rows)
+        assert torch.equal(K.moe_experts(*args, **blocks), rows)  # DOWN_FORM: the rows form by default
+
+
+def test_moe_experts_split_down_rejects_bad_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    c = _moe_case(2, 64, 32, 4, 2, torch.float32)
+    args = (c["x"], c["idx"], c["weights"], c["w13"], c["w2"], 2)
+    with pytest.raises(ValueError, match="down must be one of"):
+        K.moe_experts(*args, down="columns")
+    with pytest.raises(ValueError, match="stages_down is the split down form's"):
+        K.moe_experts(*args, down="rows", stages_down=2)
+    with pytest.raises(ValueError, match=r"counters must be int32 \[>= 4\]"):  # 2 tokens x 2 row blocks of 32
+        K.moe_experts(*args, down="split", block_h=32, counters=torch.zeros(4))
+    with pytest.raises(ValueError, match=r"counters must be int32 \[>= 4\]"):
+        K.moe_experts(*args, down="split", block_h=32, counters=K.down_counters(1, 64, "cpu", block_h=32))
+    with pytest.raises(ValueError, match="counters must be int32"):
+        K.moe_experts(*args, down="split", block_h=32, counters=torch.zeros(2, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="counters must be contiguous"):
+        K.moe_experts(*args, down="split", block_h=32, counters=torch.zeros(8, dtype=torch.int32)[::2])
+    monkeypatch.setattr(K, "DOWN_FORM", "columns")
+    with pytest.raises(ValueError, match="DOWN_FORM = 'columns'"):
+        K.moe_experts(*args)
+
+
+def test_moe_down_split_block_sizes() -> None:
+    """GPU: 16 rows, then K tiles as wide as ~4096 weights allow that divide I (no masked tail) when half that
+    width does; overrides kept.  The counters follow the row blocks."""
+    assert K.moe_down_split_block_sizes(1280, 896) == (16, 128)  # 256 leaves a tail of 128; 128 divides 896
+    assert K.moe_down_split_block_sizes(1280, 1024) == (16, 256)
+    assert K.moe_down_split_block_sizes(1280, 896, block_h=32) == (32, 128)
+    assert K.moe_down_split_block_sizes(1280, 896, block_h=8) == (8, 512)  # neither 512 nor 256 divides 896
+    assert K.moe_down_split_block_sizes(1280, 896, block_h=8, block_k=256) == (8, 256)
+    assert K.moe_down_split_block_sizes(1280, 896, interpreter=True) == (256, 256)
+    assert K.down_counters(4, 1280, "cpu", block_h=16).shape == (4 * 80,)
+    assert K.down_counters(4, 1280, "cpu").shape == (4 * 5,)  # the interpreter's 256-row blocks
+    assert K.DOWN_FORM == "rows"  # until the GPU has timed both forms
+
+
 # ------------------------------------------------------------------------------------------ moe_experts_grouped
 def _ragged_routing(x: torch.Tensor, n_experts: int, top_k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Routing with experts 2 and 5 never picked (zero rows) and expert 0 picked by every even token (its rows
@@ -948,6 +1074,7 @@ STREAMING = {
     "_moe_route_kernel",
     "_moe_up_kernel",
     "_moe_down_kernel",
+    "_moe_down_split_kernel",
     "_pick_partial_kernel",
     "_linear_rows_kernel",
 }
@@ -1047,6 +1174,18 @@ def test_one_launch_attention_orders_its_partials(sm90: list[dict[str, Any]]) ->
         assert "gpu.acq_rel.add.u32" in r["atomics"] and "gpu.relaxed.exch.b32" in r["atomics"], r
         assert r["cg_loads"] >= 3, r  # the splits' maxima, sums and accumulators
     assert all(r["atomics"] == [] for r in plain)
+
+
+def test_split_down_orders_its_partials(sm90: list[dict[str, Any]]) -> None:
+    """The split down form (``moe_experts(down="split")``), pipelined and plain: its counter add is acq_rel at GPU
+    scope (the last slot must see every other slot's ``y``), it re-arms the counter, and it reads the 8 slots' ``y``
+    past L1; the rows form has no atomics."""
+    split = [r for r in sm90 if r["kernel"] == "_moe_down_split_kernel"]
+    assert {r["constexprs"]["STAGES"] for r in split} == {0, 2}
+    for r in split:
+        assert "gpu.acq_rel.add.u32" in r["atomics"] and "gpu.relaxed.exch.b32" in r["atomics"], r
+        assert r["cg_loads"] >= 8, r  # one per slot: 6 routed + 2 shared
+    assert all(r["atomics"] == [] for r in sm90 if r["kernel"] == "_moe_down_kernel")
 
 
 def test_norm_route_orders_its_logits_and_reads_only_weights_early(sm90: list[dict[str, Any]]) -> None:
