@@ -417,6 +417,13 @@ def main() -> None:
             var[f"vision {name} ms"] = cuda_ms(functools.partial(page.vision, vm), 2, 5)
             var[f"sam only, {name} ms"] = cuda_ms(functools.partial(page.sam, vm), 2, 5)
         var["vision sam_fast: max |Δ| of image features vs eager"] = fres["embeds_max_abs_diff"]
+        if fast.view_stream is not None:  # vision_streams: the global view's stream at the highest priority instead
+            vm = apply_fast_path(model, fast.fast_config)
+            vm.vision.view_stream = torch.cuda.Stream(vm.device, priority=-1)  # lower is higher
+            var["vision vision_streams, the global view's stream at high priority ms"] = cuda_ms(
+                functools.partial(page.vision, vm), 2, 7
+            )
+            del vm
         # SAM's rel-pos attention kernels other than the default, global and windowed blocks, each on the whole fast
         # vision (compiled, graphed)
         d = fast.fast_config

@@ -116,6 +116,72 @@ def moe_rows(dev: torch.device, cfg: DeepseekOCRConfig) -> list[dict[str, Any]]:
     return rows
 
 
+# (block_m, block_n, block_k, num_stages, num_warps) of kernels.moe_experts_grouped at the prompt's 913 tokens (~86
+# rows per routed expert): its decode defaults (16-row blocks) first, then wider row blocks for tensor cores
+PREFILL_GROUPED_VARIANTS = [
+    (16, 64, 128, None, 4),
+    (32, 64, 128, None, 4),
+    (64, 64, 64, 3, 4),
+    (64, 64, 128, 3, 4),
+    (64, 128, 64, 3, 4),
+    (64, 128, 64, 4, 8),
+    (128, 64, 64, 3, 8),
+    (128, 128, 64, 3, 8),
+]
+
+
+def grouped_prefill_rows(dev: torch.device, cfg: DeepseekOCRConfig) -> list[dict[str, Any]]:
+    """The routed experts of one MoE layer at the prompt's 913 tokens (top-6 of 64, random routing): the prefill's
+    torch path (sort, ``torch._grouped_mm`` x2 with the SwiGLU kernel between, torch un-permute and weighted sum)
+    vs the Triton grouped-GEMM kernels of the batched decode step (``kernels.moe_experts_grouped``, routed slots
+    only), per block size; max |Δ| against ``kernels.moe_experts_ref``."""
+    from llm_perf_opt.models.deepseek_ocr import kernels as K
+    from llm_perf_opt.models.deepseek_ocr.experts import grouped_experts_stacked
+
+    lang = cfg.language
+    e, hidden, inter, k = lang.n_routed_experts, lang.hidden_size, lang.moe_intermediate_size, lang.num_experts_per_tok
+    gen = torch.Generator(device=dev).manual_seed(5)
+    w13 = (torch.randn(e, 2 * inter, hidden, device=dev, generator=gen) * hidden**-0.5).bfloat16()
+    w2 = (torch.randn(e, hidden, inter, device=dev, generator=gen) * inter**-0.5).bfloat16()
+    x = torch.randn(PROMPT, hidden, device=dev, generator=gen).bfloat16()
+    idx = torch.stack([torch.randperm(e, device=dev, generator=gen)[:k] for _ in range(PROMPT)])
+    wts = torch.softmax(torch.randn(PROMPT, k, device=dev, generator=gen), -1)
+    ref = K.moe_experts_ref(x, idx, wts, w13, w2).float()
+    part = f"routed experts of one MoE layer at {PROMPT} tokens (random top-{k} of {e})"
+    rows = []
+
+    def torch_path() -> torch.Tensor:
+        return grouped_experts_stacked(x, idx, wts, w13, w2, use_gmm=True, swiglu=K.silu_mul)
+
+    out = torch_path()
+    rows.append(
+        dict(
+            part=part,
+            variant="torch._grouped_mm x2 + SwiGLU kernel (the prefill's path)",
+            ms=cuda_ms(torch_path, warmup=3, reps=20),
+            max_abs_diff=float((out.float() - ref).abs().max()),
+        )
+    )
+    for bm, bn, bk, stages, warps in PREFILL_GROUPED_VARIANTS:
+        blocks = dict(block_m=bm, block_n_up=bn, block_k_up=bk, block_n_down=bn, block_k_down=bk)
+        fn = functools.partial(K.moe_experts_grouped, x, idx, wts, w13, w2, 0, None, **blocks)
+        name = f"moe_experts_grouped block_m={bm} block_n={bn} block_k={bk} stages={stages or 'default'} warps={warps}"
+        try:
+            fn = functools.partial(fn, num_stages=stages, num_warps=warps)
+            out = fn()
+            rows.append(
+                dict(
+                    part=part,
+                    variant=name,
+                    ms=cuda_ms(fn, warmup=3, reps=20),
+                    max_abs_diff=float((out.float() - ref).abs().max()),
+                )
+            )
+        except Exception as exc:  # a variant that does not fit (shared memory) is reported, not fatal
+            rows.append(dict(part=part, variant=f"{name}: {type(exc).__name__}"[:200], ms=float("nan")))
+    return rows
+
+
 def attention_rows(dev: torch.device, cfg: DeepseekOCRConfig) -> list[dict[str, Any]]:
     """The LM prefill's causal attention at the prompt (q, and k/v as the static cache's strided views), per SDPA
     backend: flash is what the model's policy picks today (its split-KV form at one prompt's 10 heads)."""
@@ -181,6 +247,9 @@ def rotary_rows(dev: torch.device, cfg: DeepseekOCRConfig) -> list[dict[str, Any
     return rows
 
 
+PARTS = ("gelu", "sort", "moe", "grouped", "attention", "rotary")
+
+
 def render(rows: list[dict[str, Any]], env: dict[str, str]) -> str:
     lines = [
         f"# Prefill fusion candidates — {env['gpu']}",
@@ -204,7 +273,11 @@ def render(rows: list[dict[str, Any]], env: dict[str, str]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None, help="folder for fusions.md / .json")
+    ap.add_argument("--parts", default="", help="comma-separated candidates to time (default: all)")
     args = ap.parse_args()
+    unknown = sorted(set(args.parts.split(",") if args.parts else []) - set(PARTS))
+    if unknown:
+        ap.error(f"unknown --parts {unknown}; choose from {', '.join(PARTS)}")
     if not torch.cuda.is_available():
         print("bench_fusions: no CUDA device; nothing timed")
         return
@@ -216,13 +289,16 @@ def main() -> None:
         date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     )
     rows: list[dict[str, Any]] = []
-    for part in (
-        lambda: gelu_rows(dev, cfg.sam.embed_dim, int(cfg.sam.embed_dim * cfg.sam.mlp_ratio)),
-        lambda: sort_rows(dev, cfg.language.n_routed_experts, cfg.language.num_experts_per_tok),
-        lambda: moe_rows(dev, cfg),
-        lambda: attention_rows(dev, cfg),
-        lambda: rotary_rows(dev, cfg),
-    ):
+    parts = {
+        "gelu": lambda: gelu_rows(dev, cfg.sam.embed_dim, int(cfg.sam.embed_dim * cfg.sam.mlp_ratio)),
+        "sort": lambda: sort_rows(dev, cfg.language.n_routed_experts, cfg.language.num_experts_per_tok),
+        "moe": lambda: moe_rows(dev, cfg),
+        "grouped": lambda: grouped_prefill_rows(dev, cfg),
+        "attention": lambda: attention_rows(dev, cfg),
+        "rotary": lambda: rotary_rows(dev, cfg),
+    }
+    chosen = args.parts.split(",") if args.parts else list(parts)
+    for part in (parts[name] for name in chosen):
         try:
             with torch.no_grad():
                 rows += part()
