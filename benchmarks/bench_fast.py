@@ -362,6 +362,10 @@ def main() -> None:
         f_embeds = page.embeds(fast)
         fres["embeds_max_abs_diff"] = float((f_embeds.float() - embeds.float()).abs().max())
         fres["prefill_ms"] = prefill_ms(fast, embeds)
+        # the routed experts the (last) prefill read per MoE layer: on dummy weights the page's tokens route to few
+        # experts, so the LM prefill reads less than a real checkpoint's would (bench_fusions' "grouped" part times
+        # the experts under random routing)
+        fres["prefill_experts_hit_per_layer"] = fast.experts_hit_per_layer()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base_mem = torch.cuda.memory_allocated()
@@ -617,6 +621,9 @@ def write_report(res: dict[str, Any], out: Path, keep: int) -> None:
         f" {e['decode_wall_ms_per_token']:.2f} ms, fast {f['decode_wall_ms_per_token']:.2f} ms.",
         "",
         f"Fast config: {res['fast_config']}. Vision graphs (SAM, CLIP): {res['vision_graphs']}.",
+        "",
+        f"Routed experts the fast LM prefill read per MoE layer (dummy weights concentrate the routing; a real"
+        f" checkpoint's page spreads over more): {f.get('prefill_experts_hit_per_layer')}.",
         "",
         "| fast-path variant | value |",
         "| --- | ---: |",
