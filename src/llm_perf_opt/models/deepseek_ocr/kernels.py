@@ -685,6 +685,16 @@ if HAVE_TRITON:
             )
             tl.atomic_xchg(flag_ptr + t, 0, sem="relaxed", scope="gpu")
 
+    @triton.jit
+    def _slot_expert(idx_ptr, ts, N_EXPERTS, TOP_K: tl.constexpr, N_ALWAYS: tl.constexpr):
+        """(token, expert id as int64) of program row ``ts`` = token · (k + n_always) + slot: a routed slot's pick,
+        else the always-on slot's place at the end of the stack."""
+        t = ts // (TOP_K + N_ALWAYS)
+        s = ts % (TOP_K + N_ALWAYS)
+        routed = s < TOP_K
+        e = tl.load(idx_ptr + t * TOP_K + s, mask=routed, other=0)
+        return t, tl.where(routed, e, N_EXPERTS - N_ALWAYS + (s - TOP_K)).to(tl.int64)
+
     @triton.jit(do_not_specialize=["N_EXPERTS"])  # a stack of 1 would become a constexpr
     def _moe_up_kernel(
         x_ptr,
@@ -706,11 +716,7 @@ if HAVE_TRITON:
             _dependent_launch()
         ts = tl.program_id(0)  # token * n_slots + slot
         nb = tl.program_id(1)
-        t = ts // (TOP_K + N_ALWAYS)
-        s = ts % (TOP_K + N_ALWAYS)
-        routed = s < TOP_K
-        e = tl.load(idx_ptr + t * TOP_K + s, mask=routed, other=0)
-        e = tl.where(routed, e, N_EXPERTS - N_ALWAYS + (s - TOP_K)).to(tl.int64)
+        t, e = _slot_expert(idx_ptr, ts, N_EXPERTS, TOP_K, N_ALWAYS)
         n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = n < INTER
         gate_rows = w13_ptr + e * (2 * INTER * H) + n[:, None] * H
@@ -828,11 +834,7 @@ if HAVE_TRITON:
             _dependent_launch()
         ts = tl.program_id(0)  # token * n_slots + slot
         hb = tl.program_id(1)
-        t = ts // (TOP_K + N_ALWAYS)
-        s = ts % (TOP_K + N_ALWAYS)
-        routed = s < TOP_K
-        e = tl.load(idx_ptr + t * TOP_K + s, mask=routed, other=0)
-        e = tl.where(routed, e, N_EXPERTS - N_ALWAYS + (s - TOP_K)).to(tl.int64)
+        t, e = _slot_expert(idx_ptr, ts, N_EXPERTS, TOP_K, N_ALWAYS)
         rows = hb * BLOCK_H + tl.arange(0, BLOCK_H)
         rmask = rows < H
         w_rows = w2_ptr + e * (H * INTER) + rows[:, None] * INTER
