@@ -312,6 +312,7 @@ def main() -> None:
     res["component_flops"] = {"sam": sam_f.total_flops, "clip": clip_f.total_flops, "projector": proj_f.total_flops}
     res["prefill_lm_flops"] = prefill_flops(cfg.language, page.prompt_len).total_flops
     res["activated_params_per_token"] = activated_params_per_token(cfg)
+    res["n_routed_experts"] = cfg.language.n_routed_experts
     # the report's MBU numerator: activated weights + K/V read and written, summed over the decode steps
     decode_total = decode_bytes(cfg, page.prompt_len, args.decode_tokens + 1, dtype_bytes=2).total_bytes
     res["decode_bytes_per_token"] = decode_total / args.decode_tokens
@@ -362,9 +363,9 @@ def main() -> None:
         f_embeds = page.embeds(fast)
         fres["embeds_max_abs_diff"] = float((f_embeds.float() - embeds.float()).abs().max())
         fres["prefill_ms"] = prefill_ms(fast, embeds)
-        # the routed experts the (last) prefill read per MoE layer: on dummy weights the page's tokens route to few
-        # experts, so the LM prefill reads less than a real checkpoint's would (bench_fusions' "grouped" part times
-        # the experts under random routing)
+        # the routed experts the prefill read per MoE layer: dummy weights route the page's 913 tokens to fewer
+        # experts than random top-6 routing would (all 64), so the LM prefill reads fewer expert weights than
+        # that; bench_fusions' "grouped" part times the experts under random routing
         fres["prefill_experts_hit_per_layer"] = fast.experts_hit_per_layer()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -622,8 +623,8 @@ def write_report(res: dict[str, Any], out: Path, keep: int) -> None:
         "",
         f"Fast config: {res['fast_config']}. Vision graphs (SAM, CLIP): {res['vision_graphs']}.",
         "",
-        f"Routed experts the fast LM prefill read per MoE layer (dummy weights concentrate the routing; a real"
-        f" checkpoint's page spreads over more): {f.get('prefill_experts_hit_per_layer')}.",
+        f"Routed experts the fast LM prefill read per MoE layer, of {res['n_routed_experts']} (dummy weights;"
+        f" random top-k routing of the prompt would reach nearly all): {f.get('prefill_experts_hit_per_layer')}.",
         "",
         "| fast-path variant | value |",
         "| --- | ---: |",

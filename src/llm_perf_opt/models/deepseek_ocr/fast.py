@@ -169,7 +169,8 @@ class FastConfig:
     # run on the current one (model._encode_page_views; CUDA and a crop grid only): the two chains are independent
     # until the layout and each leaves SMs idle in its small kernels.  The stage hooks then time each view on its
     # own stream, and the two views' intervals overlap (the report says so).  H200 (bench_fast, round 12, Gundam
-    # page): vision 11.87 -> 11.24 ms, features bit-identical to the serial path's (GPU test)
+    # page, two calls): vision 11.87 -> 11.24 and 12.04 -> 11.36 ms, features bit-identical to the serial path's
+    # (GPU test); the global view's stream at high priority gains nothing (11.41 ms)
     vision_streams: bool = True
     decode_compile: str = attrs.field(default="none", validator=attrs.validators.in_(DECODE_COMPILE))
     # replay the language-model prefill from a CUDA graph per prompt length (needs cuda_graphs; batch 1)
@@ -220,7 +221,8 @@ class FastConfig:
     # (kernels.moe_experts(down="split"): a program per (row, slot, 16 hidden rows), pipelined K loop like the up
     # kernel's; the slot finishing last combines them with the same rounding points) instead of a program per (row,
     # 2 hidden rows) over all slots.  Off: on an H200 (round 12) it is no faster (both kernels of a layer at T=1
-    # 21.8 vs 21.9 us, T=4 49.5 vs 48.6; the step 0.653 vs 0.654 ms/token, the same greedy tokens)
+    # 21.8 vs 21.9 us, T=4 49.5 vs 48.6; the step 0.653 vs 0.654 and 0.650 vs 0.651 ms/token in two calls, the same
+    # greedy tokens)
     moe_down_split: bool = False
     # the session's decode loop picks tokens on the device (greedy + the no-repeat-ngram ban inside the decode
     # graph, eos checked every 16 steps) instead of reading every step's logits on the host; temperature > 0
