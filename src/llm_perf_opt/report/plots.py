@@ -18,7 +18,8 @@ def stage_parts(s: RunSummary) -> tuple[list[tuple[str, float]], list[str]]:
 
     A stage without an aggregate has no bar (drawing "0.0 ms" would claim it took no time); the derived parts
     (layout = vision − SAM − CLIP − projector, prefill LM = prefill − vision) exist only when every input
-    they are derived from was measured.
+    they are derived from was measured.  With ``vision_streams`` on, a page's two view chains ran at once and the
+    SAM / CLIP / projector times overlap, so they are not parts of a sum: vision is one bar.
     """
 
     def mean(key: str) -> float | None:
@@ -35,6 +36,8 @@ def stage_parts(s: RunSummary) -> tuple[list[tuple[str, float]], list[str]]:
     second = s.model.stage_names.get("clip", "CLIP")  # DeepSeek-OCR-2: its encoder
     candidates = [("SAM", sam), (second, clip), ("projector", proj), ("layout (rest of vision)", other),
                   ("prefill LM (prefill − vision)", lm), ("decode (tokens 2..N)", decode)]  # fmt: skip
+    if s.model.optimisations.get("vision_streams"):
+        candidates[:4] = [("vision (its views on two streams: stage times overlap)", vision)]
     parts = [(label, value) for label, value in candidates if value is not None]
     missing = [label for label, value in candidates if value is None]
     return parts, missing

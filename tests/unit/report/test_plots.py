@@ -27,6 +27,21 @@ def test_every_stage_measured() -> None:
     ]  # fmt: skip
 
 
+def test_overlapping_view_streams_draw_vision_as_one_bar() -> None:
+    """With vision_streams the hooks' stage times overlap (here they sum to 10.5 ms of a 9 ms vision): stacking
+    them would draw a prefill longer than it was, so vision is one bar of its own measured time."""
+    s = make_summary({"sam_ms": [6.0], "clip_ms": [4.0], "projector_ms": [0.5], "vision_ms": [9.0],
+                      "prefill_ms": [20.0], "decode_ms": [50.0]})  # fmt: skip
+    s.model.optimisations["vision_streams"] = True
+    parts, missing = stage_parts(s)
+    assert missing == []
+    assert parts == [
+        ("vision (its views on two streams: stage times overlap)", 9.0),
+        ("prefill LM (prefill − vision)", pytest.approx(11.0)), ("decode (tokens 2..N)", 50.0),
+    ]  # fmt: skip
+    assert sum(v for _, v in parts[:2]) == pytest.approx(20.0)  # the bars add up to the prefill
+
+
 def test_unmeasured_stages_have_no_bar() -> None:
     """A backend without vision hooks (hf_remote) and a run with one token (no decode): those bars are absent,
     and so are the parts derived from them (layout), not drawn as 0.0 ms."""
