@@ -235,6 +235,15 @@ def main() -> None:
                 (page.embeds(vm).float() - embeds.float()).norm() / embeds.float().norm()
             ),
         }
+        # the page's two view chains on two streams (vision_streams) against the other setting, timed in turn
+        on = fast.fast_config.vision_streams
+        vs = apply_fast_path_v2(model, attrs.evolve(fast.fast_config, vision_streams=not on))
+        res["vision_streams_variant"] = {
+            "default": on,
+            "vision_ms_default": cuda_ms(lambda: page.vision(fast), warmup=2, reps=7),
+            "vision_ms_other": cuda_ms(lambda: page.vision(vs), warmup=2, reps=7),
+            "features_identical": bool(torch.equal(page.vision(vs), page.vision(fast))),
+        }
     for r in (eager, fres):
         r.pop("tokens")
     res.update(eager=eager, fast=fres)
@@ -316,6 +325,14 @@ def write_report(res: dict[str, Any], out: Path) -> None:
             f"SAM's global-attention kernel: vision {v['vision_ms_default']:.2f} ms with the default ({v['default']}),"
             f" {v['vision_ms_other']:.2f} ms with {v['other']} (timed in turn; image features rel err vs eager"
             f" {v['image_features_rel_err_other']:.2e}){'; ' + v['other_note'] if v['other_note'] else ''}.",
+        ]
+    if "vision_streams_variant" in res:
+        v = res["vision_streams_variant"]
+        lines += [
+            "",
+            f"vision_streams: vision {v['vision_ms_default']:.2f} ms with the default ({v['default']}),"
+            f" {v['vision_ms_other']:.2f} ms with {not v['default']} (timed in turn; image features identical:"
+            f" {v['features_identical']}).",
         ]
     text = "\n".join(lines) + "\n"
     stem = f"{dt.date.today().isoformat()}-{gpu_tag(env['gpu'])}-fast-v2"
