@@ -2294,49 +2294,25 @@ def moe_experts(
         STAGES=UP_STAGES if stages_up is None else stages_up,
         **_pdl(),
     )
+    operands = (h, idx, weights, _contig(w2, "w2"), x if residual is None else _contig(residual, "residual"), out)
+    shapes = dict(H=hidden, INTER=inter, N_EXPERTS=n_experts, TOP_K=top_k, N_ALWAYS=n_always)
+    blocks = dict(BLOCK_H=block_h, BLOCK_K=block_k_down, EVEN_K=inter % block_k_down == 0, num_warps=num_warps_down)
     if form == "split":
+        scratch = torch.empty((n_tokens, n_slots, hidden), device=x.device, dtype=torch.float32)
         _moe_down_split_kernel[(n_tokens * n_slots, triton.cdiv(hidden, block_h))](
-            h,
-            idx,
-            weights,
-            _contig(w2, "w2"),
-            x if residual is None else _contig(residual, "residual"),
-            out,
-            torch.empty((n_tokens, n_slots, hidden), device=x.device, dtype=torch.float32),
+            *operands,
+            scratch,
             counters,
-            hidden,
-            inter,
-            n_experts,
-            TOP_K=top_k,
-            N_ALWAYS=n_always,
+            **shapes,
             HAS_RESIDUAL=residual is not None,
-            BLOCK_H=block_h,
-            BLOCK_K=block_k_down,
-            EVEN_K=inter % block_k_down == 0,
-            num_warps=num_warps_down,
+            **blocks,
             STAGES=DOWN_SPLIT_STAGES if stages_down is None else stages_down,
             **_pdl(),
         )
-        return out
-    _moe_down_kernel[(n_tokens, triton.cdiv(hidden, block_h))](
-        h,
-        idx,
-        weights,
-        _contig(w2, "w2"),
-        x if residual is None else _contig(residual, "residual"),
-        out,
-        hidden,
-        inter,
-        n_experts,
-        TOP_K=top_k,
-        N_ALWAYS=n_always,
-        HAS_RESIDUAL=residual is not None,
-        BLOCK_H=block_h,
-        BLOCK_K=block_k_down,
-        EVEN_K=inter % block_k_down == 0,
-        num_warps=num_warps_down,
-        **_pdl(),
-    )
+    else:
+        _moe_down_kernel[(n_tokens, triton.cdiv(hidden, block_h))](
+            *operands, **shapes, HAS_RESIDUAL=residual is not None, **blocks, **_pdl()
+        )
     return out
 
 
