@@ -36,8 +36,13 @@ class _Doomed:
         EVENTS.append("cycle freed")
 
 
+# the streams work was put on: ("warm-up", stream) per torch.cuda.stream context, ("capture", stream) per capture
+streams_used: list[tuple[str, object]] = []
+
+
 @contextlib.contextmanager
-def _graph(graph: object) -> Iterator[None]:
+def _graph(graph: object, stream: object = None) -> Iterator[None]:
+    streams_used.append(("capture", stream))
     EVENTS.append("capture begins")
     yield
     EVENTS.append("capture ends")
@@ -47,10 +52,11 @@ def _graph(graph: object) -> Iterator[None]:
 def scripted_cuda(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(torch.cuda, "Stream", _Stream)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _Stream())
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: streams_used.append(("warm-up", s)) or contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
     monkeypatch.setattr(torch.cuda, "graph", _graph)
     EVENTS.clear()
+    streams_used.clear()
     was = gc.isenabled()
     yield
     if was:
@@ -92,3 +98,17 @@ def test_collector_state_restored_when_the_step_fails() -> None:
     gc.disable()  # a caller that had it off keeps it off
     capture_graph(_step, torch.device("cpu"))
     assert not gc.isenabled()
+
+
+def test_a_given_stream_takes_the_warm_up_and_the_capture() -> None:
+    """Graphs that will replay at the same time must not share cuBLAS's per-(handle, stream) workspace, so a caller
+    can name the stream: the warm-up and the capture both run on it; without one the warm-up gets a fresh stream
+    and the capture torch's default (None)."""
+    own = _Stream()
+    capture_graph(_step, torch.device("cpu"), stream=own)  # type: ignore[arg-type]
+    assert streams_used == [("warm-up", own), ("capture", own)]
+    streams_used.clear()
+    capture_graph(_step, torch.device("cpu"))
+    (warm, fresh), (capture, default) = streams_used
+    assert (warm, capture, default) == ("warm-up", "capture", None)
+    assert isinstance(fresh, _Stream) and fresh is not own
