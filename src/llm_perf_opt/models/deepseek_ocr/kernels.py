@@ -100,6 +100,7 @@ __all__ = [
     "decode_attention",
     "decode_attention_ref",
     "dependent_launches",
+    "down_counter_count",
     "down_counters",
     "linear_block_sizes",
     "linear_rows",
@@ -747,6 +748,21 @@ if HAVE_TRITON:
         act = _round(g / (1.0 + tl.exp(-g)), dt)  # F.silu rounds to the activation dtype
         tl.store(h_ptr + ts * INTER + n, _round(act * u, dt).to(dt), mask=nmask)
 
+    @triton.jit
+    def _down_store(
+        routed_acc, always_acc, res_ptr, out_ptr, t, rows, rmask, H, N_ALWAYS: tl.constexpr, HAS_RESIDUAL: tl.constexpr
+    ):
+        """Token ``t``'s down output rows from the float32 sums over its slots, with the torch path's rounding points
+        (both down forms end here, so they agree bit for bit for the same sums): the routed sum rounded, plus the
+        always-on MLP's sum rounded once, rounded; plus the residual, rounded."""
+        dt = out_ptr.dtype.element_ty
+        out = _round(routed_acc, dt)
+        if N_ALWAYS > 0:
+            out = _round(out + _round(always_acc, dt), dt)
+        if HAS_RESIDUAL:
+            out = _round(out + tl.load(res_ptr + t * H + rows, mask=rmask, other=0.0).to(tl.float32), dt)
+        tl.store(out_ptr + t * H + rows, out.to(dt), mask=rmask)
+
     @triton.jit(do_not_specialize=["N_EXPERTS"])  # a stack of 1 would become a constexpr
     def _moe_down_kernel(
         h_ptr,
@@ -796,12 +812,7 @@ if HAVE_TRITON:
             else:
                 # always-on slots are pieces of one MLP's down GEMM: summed in float32, rounded once below
                 always_acc += y
-        out = _round(routed_acc, dt)
-        if N_ALWAYS > 0:
-            out = _round(out + _round(always_acc, dt), dt)
-        if HAS_RESIDUAL:
-            out = _round(out + tl.load(res_ptr + t * H + rows, mask=rmask, other=0.0).to(tl.float32), dt)
-        tl.store(out_ptr + t * H + rows, out.to(dt), mask=rmask)
+        _down_store(routed_acc, always_acc, res_ptr, out_ptr, t, rows, rmask, H, N_ALWAYS, HAS_RESIDUAL)
 
     @triton.jit(do_not_specialize=["N_EXPERTS"])  # a stack of 1 would become a constexpr
     def _moe_down_split_kernel(
@@ -895,12 +906,7 @@ if HAVE_TRITON:
                 routed_acc += tl.load(wts_ptr + t * TOP_K + s) * _round(y, dt)  # a routed expert's bf16 output
             else:
                 always_acc += y  # the always-on MLP's one down GEMM: rounded once below
-        out = _round(routed_acc, dt)
-        if N_ALWAYS > 0:
-            out = _round(out + _round(always_acc, dt), dt)
-        if HAS_RESIDUAL:
-            out = _round(out + tl.load(res_ptr + t * H + rows, mask=rmask, other=0.0).to(tl.float32), dt)
-        tl.store(out_ptr + t * H + rows, out.to(dt), mask=rmask)
+        _down_store(routed_acc, always_acc, res_ptr, out_ptr, t, rows, rmask, H, N_ALWAYS, HAS_RESIDUAL)
 
     # ------------------------------------------------------------------ grouped experts (9..64 rows)
     @triton.jit
@@ -2115,13 +2121,19 @@ def moe_down_split_block_sizes(
     return block_h, block_k
 
 
+def down_counter_count(rows: int, hidden: int, device: torch.device | str, block_h: int | None = None) -> int:
+    """How many counters :func:`moe_experts`' split down form needs: ``rows`` (tokens) x ``cdiv(hidden, block_h)``
+    (``block_h`` None: the form's default on ``device``)."""
+    block_h = block_h or _split_block_h(hidden, torch.device(device).type != "cuda")
+    return rows * -(-hidden // block_h)
+
+
 def down_counters(rows: int, hidden: int, device: torch.device | str, block_h: int | None = None) -> Tensor:
-    """The zeroed per-(token, row block) counters of :func:`moe_experts`' split down form: ``rows`` (tokens) x
-    ``cdiv(hidden, block_h)`` int32 (``block_h`` None: the form's default on ``device``).  Keep one across calls
-    (the kernel sets every counter back to zero) and in a CUDA graph (the graph holds its address)."""
-    dev = torch.device(device)
-    block_h = block_h or _split_block_h(hidden, dev.type != "cuda")
-    return torch.zeros(rows * -(-hidden // block_h), dtype=torch.int32, device=dev)
+    """The zeroed per-(token, row block) counters of :func:`moe_experts`' split down form, int32
+    [:func:`down_counter_count`].  Keep one across calls (the kernel sets every counter back to zero) and in a CUDA
+    graph (the graph holds its address)."""
+    n = down_counter_count(rows, hidden, device, block_h)
+    return torch.zeros(n, dtype=torch.int32, device=torch.device(device))
 
 
 def moe_experts_ref(
@@ -2259,7 +2271,7 @@ def moe_experts(
         block_k_down = block_k_down or auto[3]
     else:
         block_h, block_k_down = moe_down_split_block_sizes(hidden, inter, interpreter, block_h, block_k_down)
-        need = n_tokens * triton.cdiv(hidden, block_h)
+        need = down_counter_count(n_tokens, hidden, x.device, block_h)
         if counters is None:
             counters = torch.zeros(need, device=x.device, dtype=torch.int32)
         elif counters.dtype != torch.int32 or counters.dim() != 1 or counters.numel() < need:

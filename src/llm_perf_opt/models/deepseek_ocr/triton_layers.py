@@ -314,12 +314,12 @@ class TritonMoE(MoE):
         if flat.shape[0] >= K.GROUPED_MIN_ROWS:
             return K.moe_experts_grouped(flat, topk_idx, topk_weight, *stacks, n_always=n_always)
         if self.down == "split":
-            hidden = flat.shape[1]
+            hidden, dev = flat.shape[1], flat.device
             counters = _kept_counters(
                 self._down_counters,
-                K.down_counters(flat.shape[0], hidden, flat.device).numel(),
-                K.down_counters(TRITON_MAX_ROWS, hidden, flat.device).numel(),
-                flat.device,
+                K.down_counter_count(flat.shape[0], hidden, dev),
+                K.down_counter_count(TRITON_MAX_ROWS, hidden, dev),  # one buffer for every single-page step
+                dev,
                 lambda n, dev: torch.zeros(n, dtype=torch.int32, device=dev),
             )
             return K.moe_experts(
