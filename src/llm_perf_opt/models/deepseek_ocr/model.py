@@ -283,22 +283,18 @@ class DeepseekOCRForCausalLM(nn.Module):
         (and any timer recorded on the current stream) sees both views done.  The stage hooks then time each
         view's tower on its own stream, and the two views' intervals overlap."""
         dev, dtype = self.device, self.dtype
-        side = self.view_stream if crops is not None and dev.type == "cuda" else None
-        if side is None:
-            local = None
-            if crops is not None:
-                with self._sdpa_policy():
-                    local = self._encode_views(crops.to(device=dev, dtype=dtype))
+
+        def encode(pixels: Tensor) -> Tensor:
             with self._sdpa_policy():
-                glob = self._encode_views(ori.to(device=dev, dtype=dtype))
-            return local, glob
-        assert crops is not None
-        current = torch.cuda.current_stream(dev)
+                return self._encode_views(pixels.to(device=dev, dtype=dtype))
+
+        if crops is None or self.view_stream is None or dev.type != "cuda":
+            return (None if crops is None else encode(crops)), encode(ori)
+        side, current = self.view_stream, torch.cuda.current_stream(dev)
         side.wait_stream(current)  # the pixels (uploaded on the current stream) are in place
-        with torch.cuda.stream(side), self._sdpa_policy():
-            glob = self._encode_views(ori.to(device=dev, dtype=dtype))
-        with self._sdpa_policy():
-            local = self._encode_views(crops.to(device=dev, dtype=dtype))
+        with torch.cuda.stream(side):
+            glob = encode(ori)
+        local = encode(crops)
         current.wait_stream(side)
         # allocated on the side stream, read (and freed) on the current one: not reused before that use is done
         glob.record_stream(current)
