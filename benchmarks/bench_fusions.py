@@ -275,7 +275,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="folder for fusions.md / .json")
     ap.add_argument("--parts", default="", help="comma-separated candidates to time (default: all)")
     args = ap.parse_args()
-    unknown = sorted(set(args.parts.split(",") if args.parts else []) - set(PARTS))
+    chosen = args.parts.split(",") if args.parts else list(PARTS)
+    unknown = sorted(set(chosen) - set(PARTS))
     if unknown:
         ap.error(f"unknown --parts {unknown}; choose from {', '.join(PARTS)}")
     if not torch.cuda.is_available():
@@ -297,7 +298,6 @@ def main() -> None:
         "attention": lambda: attention_rows(dev, cfg),
         "rotary": lambda: rotary_rows(dev, cfg),
     }
-    chosen = args.parts.split(",") if args.parts else list(parts)
     for part in (parts[name] for name in chosen):
         try:
             with torch.no_grad():
