@@ -508,6 +508,12 @@ def main() -> None:
         if fast.fast_config.triton_prefill:
             fm = apply_fast_path(model, attrs.evolve(fast.fast_config, triton_prefill=False))
             var["prefill triton_prefill=False ms"] = prefill_ms(fm, embeds)
+            other = "torch" if fast.fast_config.prefill_experts == "triton" else "triton"
+            try:
+                fm = apply_fast_path(model, attrs.evolve(fast.fast_config, prefill_experts=other))
+                var[f"prefill prefill_experts={other} ms"] = prefill_ms(fm, embeds)
+            except Exception as exc:  # a kernel compile failure must not lose the rest of the report
+                var[f"prefill prefill_experts={other}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
         other_kernels = "torch" if fast.fast_config.decode_kernels == "triton" else "triton"
         try:
             fm = apply_fast_path(model, FastConfig(decode_kernels=other_kernels))

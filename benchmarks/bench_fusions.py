@@ -182,6 +182,173 @@ def grouped_prefill_rows(dev: torch.device, cfg: DeepseekOCRConfig) -> list[dict
     return rows
 
 
+# (block_m, block_n, block_k, num_warps, num_stages) of prompt_moe's grouped GEMMs swept at the prompt's 913 tokens
+PROMPT_UP_VARIANTS = [
+    (64, 128, 64, 8, 3),
+    (64, 128, 64, 4, 3),
+    (64, 128, 64, 8, 4),
+    (64, 128, 128, 8, 3),
+    (64, 64, 128, 4, 4),
+    (64, 64, 64, 4, 5),
+    (32, 128, 64, 4, 4),
+    (32, 64, 128, 4, 5),
+    (128, 128, 64, 8, 3),
+    (128, 64, 64, 4, 4),
+    (128, 64, 64, 8, 4),
+    (64, 256, 64, 8, 3),
+]
+PROMPT_DOWN_VARIANTS = [
+    (64, 128, 64, 4, 4),
+    (64, 128, 64, 8, 4),
+    (64, 128, 128, 4, 3),
+    (64, 64, 128, 4, 4),
+    (64, 256, 64, 8, 3),
+    (32, 128, 128, 4, 4),
+    (128, 128, 64, 8, 3),
+    (128, 64, 64, 4, 4),
+    (128, 128, 128, 8, 3),
+]
+
+
+def prompt_expert_rows(dev: torch.device, cfg: DeepseekOCRConfig) -> list[dict[str, Any]]:
+    """The routed experts of one MoE layer at the prompt's 913 tokens (top-6 of 64, random routing: a real page's
+    spread) through ``prompt_moe`` (``infer.fast.prefill_experts=triton``) vs the torch path, whole and by piece:
+    the sort (align vs radix sort + searchsorted + inverse scatter), the up GEMM + SwiGLU and the down GEMM per
+    launch setting; max |Δ| against the torch path (the GEMMs) or bit-equality (the sort)."""
+    from llm_perf_opt.models.deepseek_ocr import kernels as K
+    from llm_perf_opt.models.deepseek_ocr import prompt_moe as PM
+    from llm_perf_opt.models.deepseek_ocr.experts import grouped_experts_stacked
+
+    lang = cfg.language
+    e, hidden, inter, k = lang.n_routed_experts, lang.hidden_size, lang.moe_intermediate_size, lang.num_experts_per_tok
+    gen = torch.Generator(device=dev).manual_seed(5)
+    w13 = (torch.randn(e, 2 * inter, hidden, device=dev, generator=gen) * hidden**-0.5).bfloat16()
+    w2 = (torch.randn(e, hidden, inter, device=dev, generator=gen) * inter**-0.5).bfloat16()
+    x = torch.randn(PROMPT, hidden, device=dev, generator=gen).bfloat16()
+    shared = torch.randn(PROMPT, hidden, device=dev, generator=gen).bfloat16()
+    idx = torch.stack([torch.randperm(e, device=dev, generator=gen)[:k] for _ in range(PROMPT)])
+    wts = torch.softmax(torch.randn(PROMPT, k, device=dev, generator=gen), -1)
+    part = f"routed experts at {PROMPT} tokens (random top-{k} of {e})"
+    rows: list[dict[str, Any]] = []
+
+    def torch_path() -> torch.Tensor:
+        return grouped_experts_stacked(
+            x,
+            idx,
+            wts,
+            w13,
+            w2,
+            use_gmm=True,
+            swiglu=K.silu_mul,
+            combine=lambda y, inv: K.moe_gather_combine(y, inv, wts, shared),
+        )
+
+    def triton_path() -> torch.Tensor:
+        al = PM.align(idx, e)
+        act = PM.grouped_swiglu(x, al.order, al.offs, w13, k)
+        return K.moe_gather_combine(PM.grouped_down(act, al.offs, w2), al.inverse, wts, shared)
+
+    ref = torch_path()
+    for name, fn in (("whole: torch path (prefill today)", torch_path), ("whole: prompt_moe (triton)", triton_path)):
+        out = fn()
+        rows.append(
+            dict(
+                part=part,
+                variant=name,
+                ms=cuda_ms(fn, warmup=3, reps=20),
+                max_abs_diff=float((out.float() - ref.float()).abs().max()),
+            )
+        )
+
+    def torch_sort() -> Any:
+        sorted_ids, order = torch.sort(idx.reshape(-1).to(torch.uint8), stable=True)
+        offs = torch.searchsorted(
+            sorted_ids, torch.arange(e, device=dev, dtype=torch.uint8), right=True, out_int32=True
+        )
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=dev))
+        return order, offs, inverse
+
+    al_ref = PM.align_ref(idx, e)
+    al = PM.align(idx, e)
+    same = bool(
+        torch.equal(al.order, al_ref.order)
+        and torch.equal(al.inverse, al_ref.inverse)
+        and torch.equal(al.offs, al_ref.offs)
+    )
+    rows.append(
+        dict(
+            part=part,
+            variant="sort: uint8 radix sort + searchsorted + inverse scatter (torch)",
+            ms=cuda_ms(torch_sort, warmup=3, reps=20),
+        )
+    )
+    rows.append(
+        dict(
+            part=part,
+            variant="sort: prompt_moe.align (2 launches)",
+            ms=cuda_ms(lambda: PM.align(idx, e), warmup=3, reps=20),
+            same_as_torch_sort=same,
+        )
+    )
+
+    rows_sorted = x.index_select(0, al.order.long() // k)
+    offs64 = al.offs[1:].contiguous()
+    h = torch._grouped_mm(rows_sorted, w13.transpose(1, 2), offs=offs64)
+    act_ref = K.silu_mul(h)
+    rows.append(
+        dict(
+            part=part,
+            variant="up: gather + torch._grouped_mm + silu_mul (torch)",
+            ms=cuda_ms(
+                lambda: K.silu_mul(
+                    torch._grouped_mm(x.index_select(0, al.order.long() // k), w13.transpose(1, 2), offs=offs64)
+                ),
+                warmup=3,
+                reps=20,
+            ),
+        )
+    )
+    for blocks in PROMPT_UP_VARIANTS:
+        b = PM.GemmBlocks(*blocks)
+        try:
+            fn = functools.partial(PM.grouped_swiglu, x, al.order, al.offs, w13, k, b)
+            out = fn()
+            rows.append(
+                dict(
+                    part=part,
+                    variant=f"up: grouped_swiglu {b}",
+                    ms=cuda_ms(fn, warmup=3, reps=20),
+                    max_abs_diff=float((out.float() - act_ref.float()).abs().max()),
+                )
+            )
+        except Exception as exc:  # a variant that does not fit (shared memory) is reported, not fatal
+            rows.append(dict(part=part, variant=f"up: grouped_swiglu {b}: {type(exc).__name__}"[:200], ms=float("nan")))
+    y_ref = torch._grouped_mm(act_ref, w2.transpose(1, 2), offs=offs64)
+    rows.append(
+        dict(
+            part=part,
+            variant="down: torch._grouped_mm (torch)",
+            ms=cuda_ms(lambda: torch._grouped_mm(act_ref, w2.transpose(1, 2), offs=offs64), warmup=3, reps=20),
+        )
+    )
+    for blocks in PROMPT_DOWN_VARIANTS:
+        b = PM.GemmBlocks(*blocks)
+        try:
+            fn = functools.partial(PM.grouped_down, act_ref, al.offs, w2, b)
+            out = fn()
+            rows.append(
+                dict(
+                    part=part,
+                    variant=f"down: grouped_down {b}",
+                    ms=cuda_ms(fn, warmup=3, reps=20),
+                    max_abs_diff=float((out.float() - y_ref.float()).abs().max()),
+                )
+            )
+        except Exception as exc:
+            rows.append(dict(part=part, variant=f"down: grouped_down {b}: {type(exc).__name__}"[:200], ms=float("nan")))
+    return rows
+
+
 def attention_rows(dev: torch.device, cfg: DeepseekOCRConfig) -> list[dict[str, Any]]:
     """The LM prefill's causal attention at the prompt (q, and k/v as the static cache's strided views), per SDPA
     backend: flash is what the model's policy picks today (its split-KV form at one prompt's 10 heads)."""
@@ -247,7 +414,7 @@ def rotary_rows(dev: torch.device, cfg: DeepseekOCRConfig) -> list[dict[str, Any
     return rows
 
 
-PARTS = ("gelu", "sort", "moe", "grouped", "attention", "rotary")
+PARTS = ("gelu", "sort", "moe", "grouped", "prompt_experts", "attention", "rotary")
 
 
 def render(rows: list[dict[str, Any]], env: dict[str, str]) -> str:
@@ -295,6 +462,7 @@ def main() -> None:
         "sort": lambda: sort_rows(dev, cfg.language.n_routed_experts, cfg.language.num_experts_per_tok),
         "moe": lambda: moe_rows(dev, cfg),
         "grouped": lambda: grouped_prefill_rows(dev, cfg),
+        "prompt_experts": lambda: prompt_expert_rows(dev, cfg),
         "attention": lambda: attention_rows(dev, cfg),
         "rotary": lambda: rotary_rows(dev, cfg),
     }

@@ -115,6 +115,8 @@ VISION_SDPA: dict[str, tuple[SDPBackend, ...] | None] = {
 DECODE_ATTN = ("matmul", "sdpa")
 # decode-step kernels: "torch" (cuBLAS + PyTorch elementwise ops) or "triton" (models/deepseek_ocr/kernels.py)
 DECODE_KERNELS = ("torch", "triton")
+# a prompt's routed experts with triton_prefill: "torch" (experts.grouped_experts_stacked) or "triton" (prompt_moe.py)
+PREFILL_EXPERTS = ("torch", "triton")
 # torch.compile of the decode step body (then captured in the CUDA graph as before): "none" or an inductor mode.
 DECODE_COMPILE = ("none", "default", "max-autotune-no-cudagraphs")
 
@@ -156,6 +158,11 @@ class FastConfig:
     # (kernels.moe_gather_combine) as one Triton kernel each (triton_layers.triton_prompt_layers).  H200 (bench_fast,
     # round 11): LM prefill 6.45 -> 4.42 ms on the Gundam page's 913 tokens
     triton_prefill: bool = True
+    # with triton_prefill: the prompt's routed experts as prompt_moe's kernels ("triton": the router's top-k in one
+    # kernel over cuBLAS's float32 logits, a two-launch counting sort by expert, and two tiled grouped GEMMs that
+    # gather their token rows and fuse the SwiGLU) instead of torch's routing kernels, radix sort, gathers and
+    # torch._grouped_mm ("torch")
+    prefill_experts: str = attrs.field(default="triton", validator=attrs.validators.in_(PREFILL_EXPERTS))
     # torch.compile of one SAM block (sam.sam_block_fast) when sam_fast: fuses the layout copies, norms and
     # the augmented-attention concatenations; compiled once per view shape (tiles, global view) and block kind.
     sam_compile: bool = True
@@ -445,7 +452,7 @@ class FastModel:
         if self.decode_kernels == "triton" and cfg.triton_prefill:
             from llm_perf_opt.models.deepseek_ocr.triton_layers import triton_prompt_layers
 
-            self._prompt_layers = triton_prompt_layers(self.layers, self.norm)
+            self._prompt_layers = triton_prompt_layers(self.layers, self.norm, cfg.prefill_experts)
 
     def _resolve_kernels(self, model: DeepseekOCRForCausalLM, cfg: FastConfig) -> tuple[str, str | None]:
         """The decode kernels that will run: "triton" only where its kernels can (else "torch", and why)."""

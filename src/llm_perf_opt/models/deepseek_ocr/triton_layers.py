@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llm_perf_opt.models.deepseek_ocr import kernels as K
+from llm_perf_opt.models.deepseek_ocr import prompt_moe as PM
 from llm_perf_opt.models.deepseek_ocr.context import ForwardContext
 from llm_perf_opt.models.deepseek_ocr.decoder import Attention, DecoderLayer, MoE, RMSNorm
 from llm_perf_opt.models.deepseek_ocr.experts import apply_experts_grouped, grouped_experts_stacked
@@ -453,12 +454,19 @@ class TritonPromptMLP(nn.Module):
 class TritonPromptMoE(nn.Module):
     """A prompt's MoE block (:class:`GroupedMoE` over stacked experts) whose un-permute, weighted sum over the
     picks and shared-expert add are one kernel (:func:`kernels.moe_gather_combine`) after the grouped GEMMs;
-    routing, GEMMs, counters and ``last_topk_idx`` as the wrapped block's.  Blocks it does not cover (no stacks or
-    shared experts, another expert implementation) run the wrapped module."""
+    counters and ``last_topk_idx`` as the wrapped block's.  ``experts``: "torch" routes with torch and runs the
+    routed experts through ``torch._grouped_mm`` (``experts.grouped_experts_stacked``); "triton" routes with
+    :func:`kernels.moe_route` over cuBLAS's float32 logits (the torch path's logits; ids equal except at float32
+    near-ties of the softmax) and runs :mod:`prompt_moe`'s sort and grouped GEMMs (``infer.fast.prefill_experts``).
+    Blocks it does not cover (no stacks or shared experts, another expert implementation, a router other than
+    softmax) run the wrapped module."""
 
-    def __init__(self, moe: nn.Module) -> None:
+    def __init__(self, moe: nn.Module, experts: str = "torch") -> None:
         super().__init__()
+        if experts not in ("torch", "triton"):
+            raise ValueError(f"experts must be 'torch' or 'triton', got {experts!r}")
         self.moe = moe
+        self.experts = experts
 
     def forward(self, x: Tensor, ctx: ForwardContext | None = None) -> Tensor:
         m = self.moe
@@ -469,31 +477,50 @@ class TritonPromptMoE(nn.Module):
         assert isinstance(m, GroupedMoE) and m.stacked is not None
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        topk_idx, topk_weight = m.select_experts(flat, ctx)
-        shared = swiglu_mlp(m.shared_experts, flat)
+        if self.experts == "triton" and m.scoring_func == "softmax":
+            record = m.counts is not None and (ctx is None or ctx.record_routing)
+            topk_idx, topk_weight = K.moe_route(
+                flat,
+                m.gate_w32,
+                m.top_k,
+                scaling=m.routed_scaling_factor,
+                renormalize=m.norm_topk_prob,
+                logits=F.linear(flat.float(), m.gate_w32),  # cuBLAS: the torch path's exact logits
+            )
+            shared = swiglu_mlp(m.shared_experts, flat)
+            w13, w2 = m.stacked
+            al = PM.align(topk_idx, w2.shape[0], counts=m.counts if record else None)
+            act = PM.grouped_swiglu(flat, al.order, al.offs, w13, m.top_k)
+            out = K.moe_gather_combine(PM.grouped_down(act, al.offs, w2), al.inverse, topk_weight, shared)
+        else:
+            topk_idx, topk_weight = m.select_experts(flat, ctx)
+            shared = swiglu_mlp(m.shared_experts, flat)
 
-        def combine(y: Tensor, inverse: Tensor) -> Tensor:
-            return K.moe_gather_combine(y, inverse, topk_weight, shared)
+            def combine(y: Tensor, inverse: Tensor) -> Tensor:
+                return K.moe_gather_combine(y, inverse, topk_weight, shared)
 
-        out = grouped_experts_stacked(
-            flat, topk_idx, topk_weight, *m.stacked, m.use_gmm, combine=combine, swiglu=K.silu_mul
-        )
-        m.count(topk_idx, ctx)
+            out = grouped_experts_stacked(
+                flat, topk_idx, topk_weight, *m.stacked, m.use_gmm, combine=combine, swiglu=K.silu_mul
+            )
+            m.count(topk_idx, ctx)
         m.routing.last_topk_idx = topk_idx.detach()
         return out.view(shape)
 
 
-def triton_prompt_layers(layers: list[DecoderLayer], norm: RMSNorm) -> tuple[list[DecoderLayer], RMSNorm]:
+def triton_prompt_layers(
+    layers: list[DecoderLayer], norm: RMSNorm, experts: str = "torch"
+) -> tuple[list[DecoderLayer], RMSNorm]:
     """The fast layers for prompts (the prefill): norms as :class:`TritonRMSNorm` (residual add + norm in one
     kernel, one program per row, ``decoder.RMSNorm``'s rounding points; the torch norm is five kernels over the
     prompt's rows), the attention as :class:`TritonPromptAttention` (rotary + cache write in one kernel instead
     of a roll, two products, a sum and two copies), MoE blocks as :class:`TritonPromptMoE` (their weighted sum
-    and shared add in one kernel) and every SwiGLU (routed, shared and dense MLPs) as one kernel."""
+    and shared add in one kernel; ``experts="triton"``: routing and routed experts on :mod:`prompt_moe`'s kernels)
+    and every SwiGLU (routed, shared and dense MLPs) as one kernel."""
     return [
         DecoderLayer(
             layer.layer_idx,
             TritonPromptAttention(layer.self_attn),
-            TritonPromptMoE(layer.mlp) if isinstance(layer.mlp, GroupedMoE) else TritonPromptMLP(layer.mlp),
+            TritonPromptMoE(layer.mlp, experts) if isinstance(layer.mlp, GroupedMoE) else TritonPromptMLP(layer.mlp),
             TritonRMSNorm(layer.input_layernorm),
             TritonRMSNorm(layer.post_attention_layernorm),
         )

@@ -19,6 +19,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton and the kernels 
 try:
     pytest.importorskip("triton")
     from llm_perf_opt.models.deepseek_ocr import kernels
+    from llm_perf_opt.models.deepseek_ocr import prompt_moe as PM
 finally:  # leave the environment as found: CLI subprocesses of other tests inherit it
     if _PREVIOUS is None:
         del os.environ["TRITON_INTERPRET"]
@@ -493,10 +494,11 @@ def test_triton_unavailable_falls_back_with_a_reason(monkeypatch: pytest.MonkeyP
 
 def test_triton_prefill_runs_every_norm_rotary_and_moe_tail_in_the_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     """``triton_prefill``: the prompt's residual add + RMSNorm (two per layer, then the final norm), each layer's
-    rotary + cache write, every SwiGLU and each MoE block's weighted sum + shared add run the Triton kernels; the
-    prefill logits,
-    the cache's keys and values and the routing counters equal the eager model's (the oracle) to float32 rounding,
-    for a prompt at column 0 and one continuing the cache (start 7)."""
+    rotary + cache write, every SwiGLU and each MoE block's weighted sum + shared add run the Triton kernels; with
+    ``prefill_experts=triton`` also the routing (one router kernel, the sort by expert) and the routed experts
+    (prompt_moe's grouped GEMMs, their SwiGLU inside); the prefill logits, the cache's keys and values and the
+    routing counters equal the eager model's (the oracle) to float32 rounding, for a prompt at column 0 and one
+    continuing the cache (start 7)."""
     calls: list[str] = []
     real_norm, real_rope, real_combine = kernels.add_rms_norm, kernels.prompt_rope_kv_write, kernels.moe_gather_combine
 
@@ -520,6 +522,18 @@ def test_triton_prefill_runs_every_norm_rotary_and_moe_tail_in_the_kernels(monke
         calls.append(f"swiglu {h.numel() // h.shape[-1]}")
         return real_silu(h)
 
+    real_route, real_up = kernels.moe_route, PM.grouped_swiglu
+
+    def route_spy(x: torch.Tensor, *args: object, **kw: object) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(f"route {x.shape[0]}")
+        return real_route(x, *args, **kw)  # type: ignore[arg-type]
+
+    def up_spy(x: torch.Tensor, order: torch.Tensor, *args: object) -> torch.Tensor:
+        calls.append(f"experts {order.numel()}")
+        return real_up(x, order, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kernels, "moe_route", route_spy)
+    monkeypatch.setattr(PM, "grouped_swiglu", up_spy)
     monkeypatch.setattr(kernels, "add_rms_norm", norm_spy)
     monkeypatch.setattr(kernels, "prompt_rope_kv_write", rope_spy)
     monkeypatch.setattr(kernels, "moe_gather_combine", combine_spy)
@@ -534,9 +548,10 @@ def test_triton_prefill_runs_every_norm_rotary_and_moe_tail_in_the_kernels(monke
     ref_cache = model.new_cache(batch=2, max_len=12)
     expected = [model.prefill(first, ref_cache), model.prefill(more, ref_cache)]
     expected_counts = {i: list(layer.mlp.tokens_per_expert) for i, layer in enumerate(layers) if moe[i]}
-    for on in (False, True):
+    for on, experts in ((False, "torch"), (True, "torch"), (True, "triton")):
         calls.clear()
-        fast = apply_fast_path(model, FastConfig(cuda_graphs=False, decode_kernels="triton", triton_prefill=on))
+        cfg = FastConfig(cuda_graphs=False, decode_kernels="triton", triton_prefill=on, prefill_experts=experts)
+        fast = apply_fast_path(model, cfg)
         cache = fast.new_cache(batch=2, max_len=12)
         for embeds, want in zip((first, more), expected, strict=True):
             assert rel_err(fast.prefill(embeds, cache), want) < 1e-5
@@ -546,7 +561,10 @@ def test_triton_prefill_runs_every_norm_rotary_and_moe_tail_in_the_kernels(monke
         for n in (7, 3):
             for m in moe:
                 rows = 2 * n  # a MoE block: shared SwiGLU, routed SwiGLU over k picks per row, the tail
-                tail = [f"swiglu {rows}", f"swiglu {rows * top_k}", f"moe {rows}"] if m else [f"swiglu {rows}"]
+                routed = [f"route {rows}", f"swiglu {rows}", f"experts {rows * top_k}"]  # shared SwiGLU between
+                if experts == "torch":
+                    routed = [f"swiglu {rows}", f"swiglu {rows * top_k}"]
+                tail = [*routed, f"moe {rows}"] if m else [f"swiglu {rows}"]
                 per_prompt += [f"norm {rows}", f"rope {n}", f"norm {rows}", *tail]
             per_prompt.append(f"norm {2 * n}")
         assert calls == (per_prompt if on else [])

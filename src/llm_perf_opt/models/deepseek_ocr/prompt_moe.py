@@ -1,0 +1,459 @@
+"""A prompt's routed experts as Triton kernels: a counting sort by expert and two tiled grouped GEMMs (fast path).
+
+The prefill's torch path for one MoE layer (``experts.grouped_experts_stacked``) is ~14 kernels at 913 prompt
+tokens: a radix sort of the (token, pick) ids, a gather of the rows, ``searchsorted``, ``torch._grouped_mm``
+twice with the SwiGLU between, a scatter for the inverse permutation, and the router's softmax / top-k kernels
+before it.  On an H200 the grouped GEMMs move the used experts' weights (up to 440 MB per layer) at ~1 TB/s, and
+the sorting and indexing around them cost ~50 us per layer.  ``infer.fast.prefill_experts=triton`` replaces them:
+
+* :func:`align`, two launches: per-chunk expert histograms, then each chunk places its pairs at
+  ``offs[e] + (pairs of e in earlier chunks) + (rank within the chunk)``: the same stable order as
+  ``torch.sort(..., stable=True)``, plus the inverse permutation, the per-expert offsets and (optionally) the
+  layer's routing counters, with no host sync;
+* :func:`grouped_swiglu`: a grid over (row tile, column tile) where each expert's rows are cut into
+  ``block_m`` tiles (an expert with no rows has none; tiles past the last are empty programs, so the grid
+  depends only on the pair count and CUDA graphs can capture it).  A program gathers its tile's token rows
+  itself (no gathered copy), runs them against one column tile of the expert's gate and up weights, and
+  writes ``bf16(silu(bf16 g)) * bf16 u`` rounded to bf16 (torch's rounding points) at the rows' sorted
+  positions;
+* :func:`grouped_down`: the same tiling over the SwiGLU output and the down weights, bf16 out in sorted order,
+  which ``kernels.moe_gather_combine`` un-permutes, weights and adds to the shared experts' output.
+
+Programs of one column tile are adjacent in launch order and an expert's row tiles are consecutive, so the second
+tile of an expert finds that weight tile in L2.  Results equal the torch path to bf16 rounding (the GEMMs sum in
+another order); the sort is bit-identical.
+
+Triton is optional, as for :mod:`kernels`: compiled on CUDA; on CPU tensors only under Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from llm_perf_opt.models.deepseek_ocr import kernels
+from llm_perf_opt.models.deepseek_ocr.experts import silu_gate_up
+from llm_perf_opt.models.deepseek_ocr.kernels import HAVE_TRITON, KernelUnavailableError
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    from llm_perf_opt.models.deepseek_ocr.kernels import _dependent_launch, _round
+
+__all__ = [
+    "ALIGN_MAX_CHUNKS",
+    "HAVE_TRITON",
+    "INTERPRETED",
+    "Alignment",
+    "GemmBlocks",
+    "align",
+    "align_ref",
+    "gemm_blocks",
+    "grouped_down",
+    "grouped_down_ref",
+    "grouped_swiglu",
+    "grouped_swiglu_ref",
+    "row_tiles",
+    "unavailable_reason",
+]
+
+# Whether the kernels below were decorated for Triton's interpreter (decided once, at import).
+INTERPRETED: bool = HAVE_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# The place kernel loads every chunk's histogram at once ([chunks, experts] int32): at most this many chunks.
+ALIGN_MAX_CHUNKS = 256
+
+
+def unavailable_reason(device: torch.device | str) -> str:
+    """'' when the kernels can run on ``device``, else why not (:func:`kernels.unavailable_reason`'s rules)."""
+    return kernels.unavailable_reason(device, INTERPRETED, __name__)
+
+
+def _require(op: str, device: torch.device) -> None:
+    why = unavailable_reason(device)
+    if why:
+        raise KernelUnavailableError(f"prompt_moe.{op} cannot run on {device}: {why} (or call {op}_ref)")
+
+
+class Alignment(NamedTuple):
+    """The (token, pick) pairs of a routing sorted by expert, stable: ``order`` [P] int32, sorted position ->
+    pair (token·k + pick); ``inverse`` [P] int64, pair -> sorted position; ``offs`` [E + 1] int32, expert e's
+    pairs are sorted positions ``offs[e]:offs[e + 1]``."""
+
+    order: Tensor
+    inverse: Tensor
+    offs: Tensor
+
+
+class GemmBlocks(NamedTuple):
+    """Launch settings of one grouped GEMM: rows per tile, output columns per tile, K per step, warps, stages."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# H200 defaults (benchmarks/bench_fusions.py --parts prompt_experts); the interpreter runs programs one at a time
+# with numpy: few, large tiles.
+UP_BLOCKS = GemmBlocks(64, 128, 64, 8, 3)
+DOWN_BLOCKS = GemmBlocks(64, 128, 64, 4, 4)
+
+
+def gemm_blocks(which: str, interpreter: bool) -> GemmBlocks:
+    """The default :class:`GemmBlocks` of ``which`` ("up" or "down") on a GPU, or under the interpreter."""
+    if which not in ("up", "down"):
+        raise ValueError(f"which must be 'up' or 'down', got {which!r}")
+    if interpreter:
+        return GemmBlocks(32, 64, 64, 4, 1)
+    return UP_BLOCKS if which == "up" else DOWN_BLOCKS
+
+
+def row_tiles(n_pairs: int, n_experts: int, block_m: int) -> int:
+    """Programs along the row axis of a grouped GEMM: an upper bound of Σ_e ceil(rows_e / block_m) over any
+    routing of ``n_pairs`` pairs (each expert's last tile may be partial), so the grid depends only on sizes."""
+    return -(-n_pairs // block_m) + n_experts
+
+
+# ======================================================================================== kernels
+if HAVE_TRITON:
+
+    @triton.jit
+    def _align_hist_kernel(ids_ptr, hist_ptr, P, E: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr):
+        """Chunk c's histogram of expert ids: ``hist[c, e]`` = pairs c·BLOCK_P .. (c+1)·BLOCK_P - 1 routed to e."""
+        c = tl.program_id(0)
+        p = c * BLOCK_P + tl.arange(0, BLOCK_P)
+        ids = tl.load(ids_ptr + p, mask=p < P, other=E).to(tl.int32)  # padding: id E, counted in no real bin
+        e = tl.arange(0, BLOCK_E)
+        onehot = (ids[:, None] == e[None, :]).to(tl.int32)
+        tl.store(hist_ptr + c * BLOCK_E + e, tl.sum(onehot, axis=0))
+
+    @triton.jit
+    def _align_place_kernel(
+        ids_ptr,
+        hist_ptr,
+        order_ptr,
+        inverse_ptr,
+        offs_ptr,
+        counts_ptr,
+        P,
+        C,
+        E: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_E: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        HAS_COUNTS: tl.constexpr,
+    ):
+        """Chunk c's pairs to their sorted positions: ``offs[e]`` (all pairs with a smaller id) + the pairs of e
+        in earlier chunks + the pair's rank among its chunk's pairs of e (an inclusive scan of the one-hot
+        rows): a stable counting sort.  Chunk 0 also writes ``offs`` [E + 1] and adds the totals to ``counts``."""
+        c = tl.program_id(0)
+        e = tl.arange(0, BLOCK_E)
+        cc = tl.arange(0, BLOCK_C)
+        hist = tl.load(hist_ptr + cc[:, None] * BLOCK_E + e[None, :], mask=(cc < C)[:, None], other=0)
+        total = tl.sum(hist, axis=0)  # [BLOCK_E]: pairs per expert (0 past E)
+        offs = tl.cumsum(total, axis=0) - total  # exclusive: first sorted position of each expert
+        earlier = tl.sum(tl.where((cc < c)[:, None], hist, 0), axis=0)
+        base = offs + earlier
+        p = c * BLOCK_P + tl.arange(0, BLOCK_P)
+        pmask = p < P
+        ids = tl.load(ids_ptr + p, mask=pmask, other=E).to(tl.int32)
+        onehot = (ids[:, None] == e[None, :]).to(tl.int32)
+        rank = tl.sum(tl.cumsum(onehot, axis=0) * onehot, axis=1) - 1  # earlier pairs of this chunk with my id
+        pos = tl.sum(onehot * base[None, :], axis=1) + rank
+        tl.store(order_ptr + pos, p, mask=pmask)
+        tl.store(inverse_ptr + p, pos.to(tl.int64), mask=pmask)
+        if c == 0:
+            tl.store(offs_ptr + e, offs, mask=e <= E)  # offs[E] = P: BLOCK_E > E holds the end
+            if HAS_COUNTS:
+                emask = e < E
+                old = tl.load(counts_ptr + e, mask=emask, other=0)
+                tl.store(counts_ptr + e, old + total.to(tl.int64), mask=emask)
+
+    @triton.jit
+    def _tile_of(offs_ptr, t, E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr):
+        """Row tile ``t`` -> (expert, first sorted row, end row of the expert); expert == E past the last tile.
+
+        Each expert's rows are ceil(rows / BLOCK_M) tiles, in expert order: ``t`` falls in the expert whose
+        inclusive tile count is the first above ``t``."""
+        e = tl.arange(0, BLOCK_E)
+        emask = e < E
+        start = tl.load(offs_ptr + e, mask=emask, other=0)
+        end = tl.load(offs_ptr + e + 1, mask=emask, other=0)
+        tiles = (end - start + BLOCK_M - 1) // BLOCK_M
+        cum = tl.cumsum(tiles, axis=0)
+        expert = tl.sum((cum <= t).to(tl.int32), axis=0)
+        mine = e == expert
+        first_tile = tl.sum(tl.where(mine, cum - tiles, 0), axis=0)
+        row0 = tl.sum(tl.where(mine, start, 0), axis=0) + (t - first_tile) * BLOCK_M
+        return expert, row0, tl.sum(tl.where(mine, end, 0), axis=0)
+
+    @triton.jit(do_not_specialize=["P"])
+    def _grouped_gemm_kernel(
+        a_ptr,
+        order_ptr,
+        offs_ptr,
+        w_ptr,
+        out_ptr,
+        P,
+        N,
+        K,
+        E: tl.constexpr,
+        TOP_K: tl.constexpr,
+        GATHER: tl.constexpr,
+        SWIGLU: tl.constexpr,
+        BLOCK_E: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        EVEN_N: tl.constexpr,
+        PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr,
+        USE_GDC: tl.constexpr = False,
+    ):
+        """Program (row tile t, column tile nb) of one grouped GEMM over sorted rows.
+
+        ``GATHER``: the A rows are token rows ``order[r] // TOP_K`` of ``a`` [T, K] (the up GEMM), else sorted
+        rows of ``a`` [P, K] (the down GEMM).  ``SWIGLU``: ``w`` [E, 2N, K] holds gate rows then up rows; two
+        accumulators, and the output is ``bf16(silu(bf16 g)) * bf16 u`` rounded; else ``w`` [E, N, K] and the
+        output is the accumulator rounded.  ``out`` [P, N] at the sorted rows."""
+        if USE_GDC:
+            _dependent_launch()
+        t = tl.program_id(0)
+        nb = tl.program_id(1)
+        expert, row0, row_end = _tile_of(offs_ptr, t, E, BLOCK_E, BLOCK_M)
+        if expert < E:
+            r = row0 + tl.arange(0, BLOCK_M)
+            rmask = r < row_end
+            if GATHER:  # noqa: SIM108 (a constexpr branch)
+                arow = tl.load(order_ptr + r, mask=rmask, other=0) // TOP_K
+            else:
+                arow = r
+            n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+            nmask = n < N
+            w_rows = 2 * N if SWIGLU else N
+            w_base = w_ptr + expert.to(tl.int64) * w_rows * K
+            a_rows = a_ptr + arow.to(tl.int64)[:, None] * K
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + tl.arange(0, BLOCK_K)
+                a_mask = rmask[:, None]
+                w_mask = nmask[:, None]
+                if not EVEN_K:
+                    a_mask = a_mask & (kk[None, :] < K)
+                    w_mask = w_mask & (kk[None, :] < K)
+                a = tl.load(a_rows + kk[None, :], mask=a_mask, other=0.0)
+                if EVEN_N and EVEN_K:
+                    w = tl.load(w_base + n[:, None] * K + kk[None, :])  # [BLOCK_N, BLOCK_K], contiguous along K
+                else:
+                    w = tl.load(w_base + n[:, None] * K + kk[None, :], mask=w_mask, other=0.0)
+                if UPCAST:  # Triton's interpreter computes bf16 tl.dot wrongly; float32 operands are exact
+                    a, w = a.to(tl.float32), w.to(tl.float32)
+                acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
+                if SWIGLU:
+                    if EVEN_N and EVEN_K:
+                        wu = tl.load(w_base + (N + n)[:, None] * K + kk[None, :])
+                    else:
+                        wu = tl.load(w_base + (N + n)[:, None] * K + kk[None, :], mask=w_mask, other=0.0)
+                    if UPCAST:
+                        wu = wu.to(tl.float32)
+                    acc_u = tl.dot(a, tl.trans(wu), acc_u, input_precision=PRECISION)
+            dt = out_ptr.dtype.element_ty
+            if SWIGLU:
+                g = _round(acc, dt)  # the gate/up GEMM's output is in the activation dtype
+                u = _round(acc_u, dt)
+                act = _round(g / (1.0 + tl.exp(-g)), dt)  # F.silu rounds to the activation dtype
+                val = _round(act * u, dt)
+            else:
+                val = _round(acc, dt)
+            out = out_ptr + r.to(tl.int64)[:, None] * N + n[None, :]
+            tl.store(out, val.to(dt), mask=rmask[:, None] & nmask[None, :])
+
+
+# ======================================================================================== align
+def align_ref(idx: Tensor, n_experts: int, counts: Tensor | None = None) -> Alignment:
+    """:func:`align` in torch: a stable sort of the flattened ids, the inverse permutation by a scatter, offsets by
+    ``searchsorted`` (the torch prefill path's steps); ``counts`` += the per-expert totals."""
+    flat = idx.reshape(-1)
+    _, order = torch.sort(flat, stable=True)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=idx.device))
+    bins = torch.bincount(flat, minlength=n_experts)
+    offs = torch.zeros(n_experts + 1, dtype=torch.int32, device=idx.device)
+    offs[1:] = torch.cumsum(bins, 0).to(torch.int32)
+    if counts is not None:
+        counts += bins.to(counts.dtype)
+    return Alignment(order.to(torch.int32), inverse.to(torch.int64), offs)
+
+
+def _align_chunk(n_pairs: int) -> int:
+    """Pairs per chunk: 128, doubled until the chunks fit :data:`ALIGN_MAX_CHUNKS`."""
+    chunk = 128
+    while -(-n_pairs // chunk) > ALIGN_MAX_CHUNKS:
+        chunk *= 2
+    return chunk
+
+
+def align(idx: Tensor, n_experts: int, counts: Tensor | None = None) -> Alignment:
+    """The routing ``idx`` [T, k] (expert ids, any integer dtype) sorted by expert, stable, in two launches; the same
+    :class:`Alignment` as :func:`align_ref`, bit for bit.  ``counts`` (int64 [E]): the picks per expert are added
+    on the device (the routing counters)."""
+    _require("align", idx.device)
+    if idx.dim() != 2 or idx.dtype.is_floating_point:
+        raise ValueError(f"idx must be integer expert ids [tokens, k], got {idx.dtype} {tuple(idx.shape)}")
+    if counts is not None and (counts.shape != (n_experts,) or counts.dtype != torch.int64):
+        raise ValueError(f"counts must be int64 [{n_experts}], got {counts.dtype} {tuple(counts.shape)}")
+    idx = kernels._contig(idx, "idx")
+    n_pairs = idx.numel()
+    dev = idx.device
+    chunk = _align_chunk(n_pairs)
+    chunks = max(1, -(-n_pairs // chunk))
+    block_e = kernels._pow2(n_experts + 1)  # room for offs[E]
+    hist = torch.empty((chunks, block_e), dtype=torch.int32, device=dev)
+    order = torch.empty(n_pairs, dtype=torch.int32, device=dev)
+    inverse = torch.empty(n_pairs, dtype=torch.int64, device=dev)
+    offs = torch.empty(n_experts + 1, dtype=torch.int32, device=dev)
+    _align_hist_kernel[(chunks,)](idx, hist, n_pairs, E=n_experts, BLOCK_P=chunk, BLOCK_E=block_e, num_warps=4)
+    _align_place_kernel[(chunks,)](
+        idx,
+        hist,
+        order,
+        inverse,
+        offs,
+        offs if counts is None else counts,
+        n_pairs,
+        chunks,
+        E=n_experts,
+        BLOCK_P=chunk,
+        BLOCK_E=block_e,
+        BLOCK_C=kernels._pow2(chunks),
+        HAS_COUNTS=counts is not None,
+        num_warps=4,
+    )
+    return Alignment(order, inverse, offs)
+
+
+# ======================================================================================== grouped GEMMs
+def grouped_swiglu_ref(x: Tensor, order: Tensor, offs: Tensor, w13: Tensor, top_k: int) -> Tensor:
+    """The up GEMM and SwiGLU of :func:`grouped_swiglu` in torch, expert by expert: sorted rows ``x[order // k]``
+    times the expert's fused gate/up weights, bf16 output, then ``experts.silu_gate_up`` (the torch path's steps)."""
+    rows = x.index_select(0, order.long() // top_k)
+    out = torch.empty((rows.shape[0], w13.shape[1] // 2), dtype=x.dtype, device=x.device)
+    bounds = offs.tolist()
+    for e in range(w13.shape[0]):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi > lo:
+            out[lo:hi] = silu_gate_up(rows[lo:hi] @ w13[e].T)
+    return out
+
+
+def grouped_down_ref(act: Tensor, offs: Tensor, w2: Tensor) -> Tensor:
+    """:func:`grouped_down` in torch, expert by expert: sorted rows of ``act`` times the expert's down weights."""
+    out = torch.empty((act.shape[0], w2.shape[1]), dtype=act.dtype, device=act.device)
+    bounds = offs.tolist()
+    for e in range(w2.shape[0]):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi > lo:
+            out[lo:hi] = act[lo:hi] @ w2[e].T
+    return out
+
+
+def _launch_gemm(
+    a: Tensor,
+    order: Tensor,
+    offs: Tensor,
+    w: Tensor,
+    out: Tensor,
+    n: int,
+    top_k: int,
+    gather: bool,
+    swiglu: bool,
+    blocks: GemmBlocks,
+) -> Tensor:
+    n_pairs, k = out.shape[0], a.shape[1]
+    n_experts = w.shape[0]
+    bm, bn, bk, warps, stages = blocks
+    if min(bm, bn, bk) < 16:
+        raise ValueError(f"tl.dot needs blocks of at least 16, got {blocks}")
+    interpreter = a.device.type != "cuda"
+    precision = "ieee" if a.dtype == torch.float32 or interpreter else "tf32"
+    grid = (row_tiles(n_pairs, n_experts, bm), -(-n // bn))
+    _grouped_gemm_kernel[grid](
+        a,
+        order,
+        offs,
+        w,
+        out,
+        n_pairs,
+        n,
+        k,
+        E=n_experts,
+        TOP_K=top_k,
+        GATHER=gather,
+        SWIGLU=swiglu,
+        BLOCK_E=kernels._pow2(n_experts),
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        EVEN_K=k % bk == 0,
+        EVEN_N=n % bn == 0,
+        PRECISION=precision,
+        UPCAST=interpreter,
+        num_warps=warps,
+        num_stages=stages,
+        **kernels._pdl(),
+    )
+    return out
+
+
+def _check_alignment(order: Tensor, offs: Tensor, n_experts: int) -> None:
+    if order.dtype != torch.int32 or order.dim() != 1:
+        raise ValueError(f"order must be int32 [pairs], got {order.dtype} {tuple(order.shape)}")
+    if offs.dtype != torch.int32 or offs.shape != (n_experts + 1,):
+        raise ValueError(
+            f"offs must be int32 [{n_experts + 1}] (one per expert + the end), got {offs.dtype} {tuple(offs.shape)}"
+        )
+
+
+def grouped_swiglu(
+    x: Tensor, order: Tensor, offs: Tensor, w13: Tensor, top_k: int, blocks: GemmBlocks | None = None
+) -> Tensor:
+    """SwiGLU of the routed experts' gate/up GEMM at the sorted rows: ``x`` [T, H] token rows, ``order`` / ``offs``
+    from :func:`align`, ``w13`` [E, 2I, H] (gate rows, then up rows) -> [P, I] in the activation dtype, row r for
+    sorted position r.  Equals :func:`grouped_swiglu_ref` to bf16 rounding (the K sum runs in another order)."""
+    _require("grouped_swiglu", x.device)
+    x, w13 = kernels._contig(x, "x"), kernels._contig(w13, "w13")
+    n_experts, two_i, hidden = w13.shape
+    _check_alignment(order, offs, n_experts)
+    if x.dim() != 2 or x.shape[1] != hidden or two_i % 2 or x.dtype != w13.dtype:
+        raise ValueError(
+            f"x [T, {hidden}] and w13 [E, 2I, {hidden}] of one dtype expected, got x {x.dtype} "
+            f"{tuple(x.shape)}, w13 {w13.dtype} {tuple(w13.shape)}"
+        )
+    if order.numel() != x.shape[0] * top_k:
+        raise ValueError(f"order holds {order.numel()} pairs, expected tokens x k = {x.shape[0] * top_k}")
+    inter = two_i // 2
+    out = torch.empty((order.numel(), inter), dtype=x.dtype, device=x.device)
+    blocks = blocks or gemm_blocks("up", x.device.type != "cuda")
+    return _launch_gemm(x, order, offs, w13, out, inter, top_k, True, True, blocks)
+
+
+def grouped_down(act: Tensor, offs: Tensor, w2: Tensor, blocks: GemmBlocks | None = None) -> Tensor:
+    """The routed experts' down GEMM over sorted rows: ``act`` [P, I] (from :func:`grouped_swiglu`), ``w2`` [E, H, I]
+    -> [P, H] in ``act``'s dtype at the same sorted rows (``kernels.moe_gather_combine`` un-permutes them)."""
+    _require("grouped_down", act.device)
+    act, w2 = kernels._contig(act, "act"), kernels._contig(w2, "w2")
+    n_experts, hidden, inter = w2.shape
+    if act.dim() != 2 or act.shape[1] != inter or act.dtype != w2.dtype:
+        raise ValueError(f"act [P, {inter}] of w2's dtype expected, got {act.dtype} {tuple(act.shape)}")
+    if offs.dtype != torch.int32 or offs.shape != (n_experts + 1,):
+        raise ValueError(f"offs must be int32 [{n_experts + 1}], got {offs.dtype} {tuple(offs.shape)}")
+    out = torch.empty((act.shape[0], hidden), dtype=act.dtype, device=act.device)
+    blocks = blocks or gemm_blocks("down", act.device.type != "cuda")
+    return _launch_gemm(act, offs, offs, w2, out, hidden, 1, False, False, blocks)

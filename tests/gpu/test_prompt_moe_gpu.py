@@ -1,0 +1,123 @@
+"""A prompt's routed experts on ``prompt_moe``'s kernels == the torch prefill path at the real sizes, on a GPU.
+
+bf16, 913 prompt tokens (the Gundam page's), 64 experts of I=896, H=1280, top-6: the sort bit-identical to torch's
+stable sort, the grouped GEMMs within bf16 rounding of ``torch._grouped_mm`` + SwiGLU, and the whole routed-experts
+chain captured in one CUDA graph following new routing on replay (the grid depends only on the sizes).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA (run on the device machine)", allow_module_level=True)
+if os.environ.get("TRITON_INTERPRET") == "1":
+    pytest.skip("TRITON_INTERPRET=1: the GPU tests need compiled kernels", allow_module_level=True)
+pytest.importorskip("triton")
+
+from llm_perf_opt.models.deepseek_ocr import kernels as K
+from llm_perf_opt.models.deepseek_ocr import prompt_moe as PM
+from llm_perf_opt.models.deepseek_ocr.experts import grouped_experts_stacked
+from tests.conftest import rel_err
+
+pytestmark = [pytest.mark.gpu]
+
+if PM.unavailable_reason("cuda"):
+    pytest.skip("prompt_moe was imported for Triton's interpreter in this process", allow_module_level=True)
+
+DEV, BF16 = torch.device("cuda"), torch.bfloat16
+TOKENS, HIDDEN, EXPERTS, INTER, TOP_K = 913, 1280, 64, 896, 6
+
+
+@pytest.fixture(autouse=True)
+def _compiled_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+def _randn(*shape: int, std: float = 1.0, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    return (torch.randn(shape, generator=gen, device=DEV) * std).to(BF16)
+
+
+def _routing(seed: int, skew: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random top-6 of 64 (a real page's spread), or skewed: expert 0 in every token (913 rows: 15 row tiles of 64)
+    and the other five picks among experts 1-9."""
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    if skew:
+        zero = torch.zeros(1, dtype=torch.int64, device=DEV)
+        rows = [torch.cat([zero, 1 + torch.randperm(9, device=DEV, generator=gen)[: TOP_K - 1]]) for _ in range(TOKENS)]
+    else:
+        rows = [torch.randperm(EXPERTS, device=DEV, generator=gen)[:TOP_K] for _ in range(TOKENS)]
+    wts = torch.softmax(torch.randn(TOKENS, TOP_K, device=DEV, generator=gen), -1)
+    return torch.stack(rows), wts
+
+
+@pytest.fixture(scope="module")
+def weights() -> tuple[torch.Tensor, torch.Tensor]:
+    return (
+        _randn(EXPERTS, 2 * INTER, HIDDEN, std=HIDDEN**-0.5, seed=1),
+        _randn(EXPERTS, HIDDEN, INTER, std=INTER**-0.5, seed=2),
+    )
+
+
+@pytest.mark.parametrize("skew", [False, True])
+def test_prompt_experts_match_the_torch_prefill_path(weights: tuple[torch.Tensor, torch.Tensor], skew: bool) -> None:
+    w13, w2 = weights
+    x, shared = _randn(TOKENS, HIDDEN, seed=3), _randn(TOKENS, HIDDEN, seed=4)
+    idx, wts = _routing(5, skew)
+    counts = torch.zeros(EXPERTS, dtype=torch.int64, device=DEV)
+    al = PM.align(idx, EXPERTS, counts=counts)
+    ref = PM.align_ref(idx, EXPERTS)
+    assert torch.equal(al.order, ref.order) and torch.equal(al.inverse, ref.inverse) and torch.equal(al.offs, ref.offs)
+    assert torch.equal(counts, torch.bincount(idx.reshape(-1), minlength=EXPERTS))
+    act = PM.grouped_swiglu(x, al.order, al.offs, w13, TOP_K)
+    act_ref = K.silu_mul(
+        torch._grouped_mm(
+            x.index_select(0, al.order.long() // TOP_K), w13.transpose(1, 2), offs=al.offs[1:].contiguous()
+        )
+    )
+    assert rel_err(act, act_ref) <= 1e-2, rel_err(act, act_ref)
+    out = K.moe_gather_combine(PM.grouped_down(act, al.offs, w2), al.inverse, wts, shared)
+    torch_path = grouped_experts_stacked(
+        x,
+        idx,
+        wts,
+        w13,
+        w2,
+        use_gmm=True,
+        swiglu=K.silu_mul,
+        combine=lambda y, inv: K.moe_gather_combine(y, inv, wts, shared),
+    )
+    assert rel_err(out, torch_path) <= 1e-2, rel_err(out, torch_path)
+    torch.testing.assert_close(out.float(), torch_path.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_prompt_experts_in_a_cuda_graph_follow_new_routing(weights: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """The chain captured once; new routing written on the device (other experts, other rows per expert, skewed
+    into multi-tile experts) gives on replay what eager calls give."""
+    w13, w2 = weights
+    x, shared = _randn(TOKENS, HIDDEN, seed=6), _randn(TOKENS, HIDDEN, seed=7)
+    idx, wts = _routing(8, skew=False)
+
+    def chain() -> torch.Tensor:
+        al = PM.align(idx, EXPERTS)
+        act = PM.grouped_swiglu(x, al.order, al.offs, w13, TOP_K)
+        return K.moe_gather_combine(PM.grouped_down(act, al.offs, w2), al.inverse, wts, shared)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        chain()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = chain()
+    for seed, skew in ((9, False), (10, True)):
+        new_idx, new_wts = _routing(seed, skew)
+        idx.copy_(new_idx)
+        wts.copy_(new_wts)
+        graph.replay()
+        assert torch.equal(static, chain())
