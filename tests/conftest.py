@@ -35,6 +35,7 @@ def _import_triton_for_the_interpreter() -> None:
             import triton  # noqa: F401
 
             import llm_perf_opt.models.deepseek_ocr.kernels
+            import llm_perf_opt.models.deepseek_ocr.prompt_attention
             import llm_perf_opt.models.deepseek_ocr.prompt_moe
             import llm_perf_opt.models.deepseek_ocr.sam_kernels  # noqa: F401
     finally:

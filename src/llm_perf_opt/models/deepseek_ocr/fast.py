@@ -117,6 +117,8 @@ DECODE_ATTN = ("matmul", "sdpa")
 DECODE_KERNELS = ("torch", "triton")
 # a prompt's routed experts with triton_prefill: "torch" (experts.grouped_experts_stacked) or "triton" (prompt_moe.py)
 PREFILL_EXPERTS = ("torch", "triton")
+# a prompt's causal attention with triton_prefill: "sdpa" (the model's SDPA policy) or "triton" (prompt_attention.py)
+PREFILL_ATTENTION = ("sdpa", "triton")
 # torch.compile of the decode step body (then captured in the CUDA graph as before): "none" or an inductor mode.
 DECODE_COMPILE = ("none", "default", "max-autotune-no-cudagraphs")
 
@@ -163,6 +165,10 @@ class FastConfig:
     # gather their token rows and fuse the SwiGLU) instead of torch's routing kernels, radix sort, gathers and
     # torch._grouped_mm ("torch")
     prefill_experts: str = attrs.field(default="triton", validator=attrs.validators.in_(PREFILL_EXPERTS))
+    # with triton_prefill: the prompt's causal attention over the cache as prompt_attention's kernel ("triton": flash
+    # attention's online softmax, heaviest query blocks first, GQA in place, output in the o_proj's layout) instead
+    # of SDPA ("sdpa": flash's split-KV form and its combine at one page's 913 positions x 10 heads)
+    prefill_attention: str = attrs.field(default="triton", validator=attrs.validators.in_(PREFILL_ATTENTION))
     # torch.compile of one SAM block (sam.sam_block_fast) when sam_fast: fuses the layout copies, norms and
     # the augmented-attention concatenations; compiled once per view shape (tiles, global view) and block kind.
     sam_compile: bool = True
@@ -452,7 +458,9 @@ class FastModel:
         if self.decode_kernels == "triton" and cfg.triton_prefill:
             from llm_perf_opt.models.deepseek_ocr.triton_layers import triton_prompt_layers
 
-            self._prompt_layers = triton_prompt_layers(self.layers, self.norm, cfg.prefill_experts)
+            self._prompt_layers = triton_prompt_layers(
+                self.layers, self.norm, cfg.prefill_experts, cfg.prefill_attention
+            )
 
     def _resolve_kernels(self, model: DeepseekOCRForCausalLM, cfg: FastConfig) -> tuple[str, str | None]:
         """The decode kernels that will run: "triton" only where its kernels can (else "torch", and why)."""

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llm_perf_opt.models.deepseek_ocr import kernels as K
+from llm_perf_opt.models.deepseek_ocr import prompt_attention as PA
 from llm_perf_opt.models.deepseek_ocr import prompt_moe as PM
 from llm_perf_opt.models.deepseek_ocr.context import ForwardContext
 from llm_perf_opt.models.deepseek_ocr.decoder import Attention, DecoderLayer, MoE, RMSNorm
@@ -398,11 +399,16 @@ class TritonPromptAttention(nn.Module):
     """A prompt's attention (the prefill: many positions per row, written at ``ctx.start``) with the rotary of q
     and k and the cache write of k and v in one kernel (:func:`kernels.prompt_rope_kv_write`: torch's rounding
     points, bit-identical) between cuBLAS's QKV GEMM and SDPA.  Contexts it does not cover (slot writes, no cache,
-    no cos/sin, an unfused attention) run the wrapped module."""
+    no cos/sin, an unfused attention) run the wrapped module.  ``kernel``: "sdpa" attends with the context's SDPA;
+    "triton" with :func:`prompt_attention.prompt_attention` where the context has no additive mask
+    (``infer.fast.prefill_attention``)."""
 
-    def __init__(self, attn: nn.Module) -> None:
+    def __init__(self, attn: nn.Module, kernel: str = "sdpa") -> None:
         super().__init__()
+        if kernel not in ("sdpa", "triton"):
+            raise ValueError(f"kernel must be 'sdpa' or 'triton', got {kernel!r}")
         self.attn = attn
+        self.kernel = kernel
 
     def forward(self, x: Tensor, ctx: ForwardContext, layer_idx: int) -> Tensor:
         a, cache, cos = self.attn, ctx.cache, ctx.cos
@@ -427,6 +433,9 @@ class TritonPromptAttention(nn.Module):
             a.num_kv_heads,
             a.head_dim,
         )
+        if self.kernel == "triton" and ctx.mask is None and not ctx.matmul_attention and length > 1:
+            out = PA.prompt_attention(q, k_layer, v_layer, ctx.start)  # [B, L, heads, D]: no transposing copy
+            return a.o_proj(out.reshape(bsz, length, a.num_heads * a.head_dim))
         out = ctx.attend(q.transpose(1, 2), k_layer[:, :, :end], v_layer[:, :, :end])
         return a.o_proj(out.transpose(1, 2).reshape(bsz, length, a.num_heads * a.head_dim))
 
@@ -508,18 +517,18 @@ class TritonPromptMoE(nn.Module):
 
 
 def triton_prompt_layers(
-    layers: list[DecoderLayer], norm: RMSNorm, experts: str = "torch"
+    layers: list[DecoderLayer], norm: RMSNorm, experts: str = "torch", attention: str = "sdpa"
 ) -> tuple[list[DecoderLayer], RMSNorm]:
     """The fast layers for prompts (the prefill): norms as :class:`TritonRMSNorm` (residual add + norm in one
     kernel, one program per row, ``decoder.RMSNorm``'s rounding points; the torch norm is five kernels over the
     prompt's rows), the attention as :class:`TritonPromptAttention` (rotary + cache write in one kernel instead
-    of a roll, two products, a sum and two copies), MoE blocks as :class:`TritonPromptMoE` (their weighted sum
-    and shared add in one kernel; ``experts="triton"``: routing and routed experts on :mod:`prompt_moe`'s kernels)
-    and every SwiGLU (routed, shared and dense MLPs) as one kernel."""
+    of a roll, two products, a sum and two copies; ``attention="triton"``: the attention too), MoE blocks as
+    :class:`TritonPromptMoE` (their weighted sum and shared add in one kernel; ``experts="triton"``: routing and
+    routed experts on :mod:`prompt_moe`'s kernels) and every SwiGLU (routed, shared and dense MLPs) as one kernel."""
     return [
         DecoderLayer(
             layer.layer_idx,
-            TritonPromptAttention(layer.self_attn),
+            TritonPromptAttention(layer.self_attn, attention),
             TritonPromptMoE(layer.mlp, experts) if isinstance(layer.mlp, GroupedMoE) else TritonPromptMLP(layer.mlp),
             TritonRMSNorm(layer.input_layernorm),
             TritonRMSNorm(layer.post_attention_layernorm),

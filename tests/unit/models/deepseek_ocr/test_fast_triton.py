@@ -19,6 +19,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton and the kernels 
 try:
     pytest.importorskip("triton")
     from llm_perf_opt.models.deepseek_ocr import kernels
+    from llm_perf_opt.models.deepseek_ocr import prompt_attention as PA
     from llm_perf_opt.models.deepseek_ocr import prompt_moe as PM
 finally:  # leave the environment as found: CLI subprocesses of other tests inherit it
     if _PREVIOUS is None:
@@ -496,7 +497,8 @@ def test_triton_prefill_runs_every_norm_rotary_and_moe_tail_in_the_kernels(monke
     """``triton_prefill``: the prompt's residual add + RMSNorm (two per layer, then the final norm), each layer's
     rotary + cache write, every SwiGLU and each MoE block's weighted sum + shared add run the Triton kernels; with
     ``prefill_experts=triton`` also the routing (one router kernel, the sort by expert) and the routed experts
-    (prompt_moe's grouped GEMMs, their SwiGLU inside); the prefill logits, the cache's keys and values and the
+    (prompt_moe's grouped GEMMs, their SwiGLU inside), with ``prefill_attention=triton`` the causal attention
+    (prompt_attention's kernel); the prefill logits, the cache's keys and values and the
     routing counters equal the eager model's (the oracle) to float32 rounding, for a prompt at column 0 and one
     continuing the cache (start 7)."""
     calls: list[str] = []
@@ -532,6 +534,13 @@ def test_triton_prefill_runs_every_norm_rotary_and_moe_tail_in_the_kernels(monke
         calls.append(f"experts {order.numel()}")
         return real_up(x, order, *args)  # type: ignore[arg-type]
 
+    real_attn = PA.prompt_attention
+
+    def attn_spy(q: torch.Tensor, *args: object) -> torch.Tensor:
+        calls.append(f"attn {q.shape[1]}")
+        return real_attn(q, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(PA, "prompt_attention", attn_spy)
     monkeypatch.setattr(kernels, "moe_route", route_spy)
     monkeypatch.setattr(PM, "grouped_swiglu", up_spy)
     monkeypatch.setattr(kernels, "add_rms_norm", norm_spy)
@@ -548,9 +557,15 @@ def test_triton_prefill_runs_every_norm_rotary_and_moe_tail_in_the_kernels(monke
     ref_cache = model.new_cache(batch=2, max_len=12)
     expected = [model.prefill(first, ref_cache), model.prefill(more, ref_cache)]
     expected_counts = {i: list(layer.mlp.tokens_per_expert) for i, layer in enumerate(layers) if moe[i]}
-    for on, experts in ((False, "torch"), (True, "torch"), (True, "triton")):
+    for on, experts, attention in ((False, "torch", "sdpa"), (True, "torch", "sdpa"), (True, "triton", "triton")):
         calls.clear()
-        cfg = FastConfig(cuda_graphs=False, decode_kernels="triton", triton_prefill=on, prefill_experts=experts)
+        cfg = FastConfig(
+            cuda_graphs=False,
+            decode_kernels="triton",
+            triton_prefill=on,
+            prefill_experts=experts,
+            prefill_attention=attention,
+        )
         fast = apply_fast_path(model, cfg)
         cache = fast.new_cache(batch=2, max_len=12)
         for embeds, want in zip((first, more), expected, strict=True):
@@ -565,6 +580,7 @@ def test_triton_prefill_runs_every_norm_rotary_and_moe_tail_in_the_kernels(monke
                 if experts == "torch":
                     routed = [f"swiglu {rows}", f"swiglu {rows * top_k}"]
                 tail = [*routed, f"moe {rows}"] if m else [f"swiglu {rows}"]
-                per_prompt += [f"norm {rows}", f"rope {n}", f"norm {rows}", *tail]
+                attn = [f"attn {n}"] if attention == "triton" else []
+                per_prompt += [f"norm {rows}", f"rope {n}", *attn, f"norm {rows}", *tail]
             per_prompt.append(f"norm {2 * n}")
         assert calls == (per_prompt if on else [])
