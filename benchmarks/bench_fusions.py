@@ -383,7 +383,40 @@ def attention_rows(dev: torch.device, cfg: DeepseekOCRConfig) -> list[dict[str, 
                 max_abs_diff=float((out.float() - ref).abs().max()),
             )
         )
+    from llm_perf_opt.models.deepseek_ocr import prompt_attention as PA
+
+    q_rows = q.transpose(1, 2)  # [1, L, heads, D]: what the rotary kernel hands over
+    for blocks in PROMPT_ATTENTION_VARIANTS:
+        name = f"prompt_attention (triton) blocks (m, n, warps, stages)={blocks}"
+        try:
+            fn = functools.partial(PA.prompt_attention, q_rows, cache[0], cache[1], 0, blocks)
+            out = fn().transpose(1, 2)
+            rows.append(
+                dict(
+                    part=f"LM prefill attention, {PROMPT} tokens x {heads} heads x {dim}",
+                    variant=name,
+                    ms=cuda_ms(fn, warmup=3, reps=20),
+                    max_abs_diff=float((out.float() - ref).abs().max()),
+                )
+            )
+        except Exception as exc:  # a variant that does not fit (shared memory) is reported, not fatal
+            rows.append(
+                dict(part="LM prefill attention", variant=f"{name}: {type(exc).__name__}"[:200], ms=float("nan"))
+            )
     return rows
+
+
+# (block_m, block_n, num_warps, num_stages) of prompt_attention swept at the prompt
+PROMPT_ATTENTION_VARIANTS = [
+    (64, 64, 4, 3),
+    (64, 64, 4, 2),
+    (64, 32, 4, 3),
+    (64, 128, 8, 2),
+    (128, 64, 8, 3),
+    (128, 32, 8, 3),
+    (32, 64, 4, 3),
+    (16, 64, 4, 3),
+]
 
 
 def rotary_rows(dev: torch.device, cfg: DeepseekOCRConfig) -> list[dict[str, Any]]:
