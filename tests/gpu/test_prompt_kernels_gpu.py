@@ -1,4 +1,5 @@
-"""A prompt's routed experts on ``prompt_moe``'s kernels == the torch prefill path at the real sizes, on a GPU.
+"""The prefill's Triton kernels at the real sizes, on a GPU: the routed experts on ``prompt_moe``'s kernels == the
+torch prefill path, and ``prompt_attention`` == SDPA with the position mask.
 
 bf16, 913 prompt tokens (the Gundam page's), 64 experts of I=896, H=1280, top-6: the sort bit-identical to torch's
 stable sort, the grouped GEMMs within bf16 rounding of ``torch._grouped_mm`` + SwiGLU, and the whole routed-experts
@@ -19,6 +20,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 pytest.importorskip("triton")
 
 from llm_perf_opt.models.deepseek_ocr import kernels as K
+from llm_perf_opt.models.deepseek_ocr import prompt_attention as PA
 from llm_perf_opt.models.deepseek_ocr import prompt_moe as PM
 from llm_perf_opt.models.deepseek_ocr.experts import grouped_experts_stacked
 from tests.conftest import rel_err
@@ -121,3 +123,17 @@ def test_prompt_experts_in_a_cuda_graph_follow_new_routing(weights: tuple[torch.
         wts.copy_(new_wts)
         graph.replay()
         assert torch.equal(static, chain())
+
+
+@pytest.mark.parametrize(("length", "start"), [(TOKENS, 0), (300, 613)])
+def test_prompt_attention_matches_sdpa(length: int, start: int) -> None:
+    """913 positions x 10 heads of 128 from column 0, and a 300-position chunk continuing a 613-position cache;
+    q a strided view of the QKV rows, k/v the cache's layers (8192 slots)."""
+    heads, dim = 10, 128
+    qkv = _randn(1, length, 3 * heads, dim, seed=20)
+    q = qkv[:, :, :heads]
+    cache = _randn(2, 1, heads, 8192, dim, seed=21)
+    out = PA.prompt_attention(q, cache[0], cache[1], start)
+    ref = PA.prompt_attention_ref(q, cache[0], cache[1], start)
+    assert rel_err(out, ref) <= 1e-2, rel_err(out, ref)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
