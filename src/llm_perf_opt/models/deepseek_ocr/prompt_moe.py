@@ -124,8 +124,18 @@ def row_tiles(n_pairs: int, n_experts: int, block_m: int) -> int:
 if HAVE_TRITON:
 
     @triton.jit
-    def _align_hist_kernel(ids_ptr, hist_ptr, P, E: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr):
+    def _align_hist_kernel(
+        ids_ptr,
+        hist_ptr,
+        P,
+        E: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_E: tl.constexpr,
+        USE_GDC: tl.constexpr = False,
+    ):
         """Chunk c's histogram of expert ids: ``hist[c, e]`` = pairs c·BLOCK_P .. (c+1)·BLOCK_P - 1 routed to e."""
+        if USE_GDC:
+            _dependent_launch()
         c = tl.program_id(0)
         p = c * BLOCK_P + tl.arange(0, BLOCK_P)
         ids = tl.load(ids_ptr + p, mask=p < P, other=E).to(tl.int32)  # padding: id E, counted in no real bin
@@ -148,10 +158,13 @@ if HAVE_TRITON:
         BLOCK_E: tl.constexpr,
         BLOCK_C: tl.constexpr,
         HAS_COUNTS: tl.constexpr,
+        USE_GDC: tl.constexpr = False,
     ):
         """Chunk c's pairs to their sorted positions: ``offs[e]`` (all pairs with a smaller id) + the pairs of e
         in earlier chunks + the pair's rank among its chunk's pairs of e (an inclusive scan of the one-hot
         rows): a stable counting sort.  Chunk 0 also writes ``offs`` [E + 1] and adds the totals to ``counts``."""
+        if USE_GDC:
+            _dependent_launch()
         c = tl.program_id(0)
         e = tl.arange(0, BLOCK_E)
         cc = tl.arange(0, BLOCK_C)
@@ -319,7 +332,9 @@ def align(idx: Tensor, n_experts: int, counts: Tensor | None = None) -> Alignmen
     order = torch.empty(n_pairs, dtype=torch.int32, device=dev)
     inverse = torch.empty(n_pairs, dtype=torch.int64, device=dev)
     offs = torch.empty(n_experts + 1, dtype=torch.int32, device=dev)
-    _align_hist_kernel[(chunks,)](idx, hist, n_pairs, E=n_experts, BLOCK_P=chunk, BLOCK_E=block_e, num_warps=4)
+    _align_hist_kernel[(chunks,)](
+        idx, hist, n_pairs, E=n_experts, BLOCK_P=chunk, BLOCK_E=block_e, num_warps=4, **kernels._pdl()
+    )
     _align_place_kernel[(chunks,)](
         idx,
         hist,
@@ -335,6 +350,7 @@ def align(idx: Tensor, n_experts: int, counts: Tensor | None = None) -> Alignmen
         BLOCK_C=kernels._pow2(chunks),
         HAS_COUNTS=counts is not None,
         num_warps=4,
+        **kernels._pdl(),
     )
     return Alignment(order, inverse, offs)
 

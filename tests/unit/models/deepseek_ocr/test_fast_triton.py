@@ -241,7 +241,9 @@ def test_fused_router_routes_every_moe_layer_in_the_norm_kernel(monkeypatch: pyt
     embeds = torch.randn(2, 7, model.config.language.hidden_size)
     runs, counts = [], []
     for on in (False, True):
-        fast = apply_fast_path(model, FastConfig(cuda_graphs=False, decode_kernels="triton", fused_router=on))
+        # (the prompt's MoE blocks on the torch routing: this test counts the decode steps' router launches)
+        cfg = FastConfig(cuda_graphs=False, decode_kernels="triton", fused_router=on, prefill_experts="torch")
+        fast = apply_fast_path(model, cfg)
         fast.reset_routing_stats()
         runs.append(_decode(fast, embeds, None if not runs else runs[0][0], 5))
         counts.append(fast.tokens_per_expert())
@@ -368,9 +370,10 @@ def test_pdl_launches_every_decode_kernel_as_a_dependent_launch(pdl: bool, monke
     first = fast.prefill(embeds, cache).argmax(dim=-1, keepdim=True)
     n_layers = model.config.language.num_hidden_layers
     n_moe = sum(1 for layer in model.model.layers if layer.mlp.__class__.__name__ == "MoE")
-    # a prefill's Triton launches: per layer two norms, the rotary and a SwiGLU, per MoE block one more SwiGLU and
-    # the combine, then the final norm
-    prompt = 4 * n_layers + 2 * n_moe + 1
+    # a prefill's Triton launches: per layer two norms, the rotary, the attention and a SwiGLU (the dense MLP's or
+    # the shared experts'); per MoE block the router, the sort's two launches, the two grouped GEMMs and the
+    # combine; then the final norm
+    prompt = 5 * n_layers + 6 * n_moe + 1
     assert seen == [False] * prompt
     seen.clear()
     tokens = fast.decoder_for(cache, 2).greedy(first, 4)
@@ -379,8 +382,8 @@ def test_pdl_launches_every_decode_kernel_as_a_dependent_launch(pdl: bool, monke
     seen.clear()
     res = BatchedGenerator(fast).run(tiny_case_pages(model.config) * 2, 4, eos_token_id=None)
     assert res.decode_path == "static" and seen.count(pdl) > prompt
-    if pdl:  # the plain launches are its prefills'
-        assert seen.count(False) % prompt == 0
+    if pdl:  # the plain launches are its prefills' (left-padded rows: an additive mask, so SDPA attends there)
+        assert seen.count(False) % (prompt - n_layers) == 0
     assert not kernels._DEPENDENT_LAUNCH.get() and real() == {}  # reset after the step; plain in the interpreter
     plain = apply_fast_path(model, FastConfig(decode_kernels="triton", pdl=False, **common))  # type: ignore[arg-type]
     cache = plain.new_cache(batch=2, max_len=7 + 8)
