@@ -508,12 +508,26 @@ def main() -> None:
         if fast.fast_config.triton_prefill:
             fm = apply_fast_path(model, attrs.evolve(fast.fast_config, triton_prefill=False))
             var["prefill triton_prefill=False ms"] = prefill_ms(fm, embeds)
-            other = "torch" if fast.fast_config.prefill_experts == "triton" else "triton"
-            try:
-                fm = apply_fast_path(model, attrs.evolve(fast.fast_config, prefill_experts=other))
-                var[f"prefill prefill_experts={other} ms"] = prefill_ms(fm, embeds)
-            except Exception as exc:  # a kernel compile failure must not lose the rest of the report
-                var[f"prefill prefill_experts={other}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
+            from llm_perf_opt.models.deepseek_ocr import prompt_moe
+
+            for key, change in (
+                ("prefill_experts", {"torch": "triton", "triton": "torch"}[fast.fast_config.prefill_experts]),
+                ("prefill_attention", {"sdpa": "triton", "triton": "sdpa"}[fast.fast_config.prefill_attention]),
+            ):
+                try:
+                    fm = apply_fast_path(model, attrs.evolve(fast.fast_config, **{key: change}))
+                    var[f"prefill {key}={change} ms"] = prefill_ms(fm, embeds)
+                except Exception as exc:  # a kernel compile failure must not lose the rest of the report
+                    var[f"prefill {key}={change}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
+            if fast.fast_config.prefill_experts == "triton":  # its down GEMM (a module setting, not a switch)
+                default_down = prompt_moe.DOWN_GEMM
+                for down in sorted(set(prompt_moe.DOWN_GEMMS) - {default_down}):
+                    prompt_moe.DOWN_GEMM = down
+                    try:
+                        fm = apply_fast_path(model, fast.fast_config)
+                        var[f"prefill prompt_moe.DOWN_GEMM={down} ms"] = prefill_ms(fm, embeds)
+                    finally:
+                        prompt_moe.DOWN_GEMM = default_down
         other_kernels = "torch" if fast.fast_config.decode_kernels == "triton" else "triton"
         try:
             fm = apply_fast_path(model, FastConfig(decode_kernels=other_kernels))

@@ -23,7 +23,7 @@ from llm_perf_opt.models.deepseek_ocr import kernels as K
 from llm_perf_opt.models.deepseek_ocr import prompt_attention as PA
 from llm_perf_opt.models.deepseek_ocr import prompt_moe as PM
 from llm_perf_opt.models.deepseek_ocr.experts import grouped_experts_stacked
-from tests.conftest import rel_err
+from tests.conftest import ROOT, rel_err
 
 pytestmark = [pytest.mark.gpu]
 
@@ -137,3 +137,31 @@ def test_prompt_attention_matches_sdpa(length: int, start: int) -> None:
     ref = PA.prompt_attention_ref(q, cache[0], cache[1], start)
     assert rel_err(out, ref) <= 1e-2, rel_err(out, ref)
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("down", PM.DOWN_GEMMS)
+def test_prompt_moe_block_matches_the_torch_block(down: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One real-size MoE block at 913 prompt rows through ``TritonPromptMoE`` with ``experts="triton"`` (either down
+    GEMM) == the same block on the torch experts path, and the same routing counters."""
+    from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig
+    from llm_perf_opt.models.deepseek_ocr.decoder import MoE
+    from llm_perf_opt.models.deepseek_ocr.fast_layers import GroupedMoE
+    from llm_perf_opt.models.deepseek_ocr.triton_layers import TritonPromptMoE
+
+    monkeypatch.setattr(PM, "DOWN_GEMM", down)
+    cfg = DeepseekOCRConfig.from_json(ROOT / "src/llm_perf_opt/models/deepseek_ocr/configs/deepseek-ocr.json")
+    torch.manual_seed(0)
+    moe = MoE(cfg.language).to(DEV, BF16).eval()
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0.0, 0.02)
+        moe.gate.weight.normal_(0.0, 1.0)  # logits far apart: no float32 near-ties between the two routers
+    x = _randn(1, TOKENS, HIDDEN, seed=30)
+    outs, counts = [], []
+    for experts in ("torch", "triton"):
+        block = TritonPromptMoE(GroupedMoE(moe, grouped=True, expert_impl="grouped", fused=True), experts)
+        with torch.inference_mode():
+            outs.append(block(x))
+        counts.append(block.moe.counts.clone())
+    assert torch.equal(counts[0], counts[1]) and int(counts[1].sum()) == TOKENS * TOP_K
+    assert rel_err(outs[1], outs[0]) <= 1e-2, rel_err(outs[1], outs[0])

@@ -46,6 +46,8 @@ if HAVE_TRITON:
 
 __all__ = [
     "ALIGN_MAX_CHUNKS",
+    "DOWN_GEMM",
+    "DOWN_GEMMS",
     "HAVE_TRITON",
     "INTERPRETED",
     "Alignment",
@@ -103,6 +105,10 @@ class GemmBlocks(NamedTuple):
 # with numpy: few, large tiles.
 UP_BLOCKS = GemmBlocks(64, 128, 64, 8, 3)
 DOWN_BLOCKS = GemmBlocks(64, 128, 64, 4, 4)
+# The down GEMM of infer.fast.prefill_experts=triton on a GPU where torch has grouped GEMMs: "triton"
+# (:func:`grouped_down`) or "torch" (``torch._grouped_mm`` over the same sorted rows and offsets).
+DOWN_GEMMS = ("triton", "torch")
+DOWN_GEMM = "triton"
 
 
 def gemm_blocks(which: str, interpreter: bool) -> GemmBlocks:

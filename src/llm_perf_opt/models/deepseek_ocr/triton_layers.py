@@ -500,7 +500,11 @@ class TritonPromptMoE(nn.Module):
             w13, w2 = m.stacked
             al = PM.align(topk_idx, w2.shape[0], counts=m.counts if record else None)
             act = PM.grouped_swiglu(flat, al.order, al.offs, w13, m.top_k)
-            out = K.moe_gather_combine(PM.grouped_down(act, al.offs, w2), al.inverse, topk_weight, shared)
+            if PM.DOWN_GEMM == "torch" and m.use_gmm:
+                y = torch._grouped_mm(act, w2.transpose(1, 2), offs=al.offs[1:])  # offs[1:]: each expert's end
+            else:
+                y = PM.grouped_down(act, al.offs, w2)
+            out = K.moe_gather_combine(y, al.inverse, topk_weight, shared)
         else:
             topk_idx, topk_weight = m.select_experts(flat, ctx)
             shared = swiglu_mlp(m.shared_experts, flat)
