@@ -163,11 +163,15 @@ class FastConfig:
     # with triton_prefill: the prompt's routed experts as prompt_moe's kernels ("triton": the router's top-k in one
     # kernel over cuBLAS's float32 logits, a two-launch counting sort by expert, and two tiled grouped GEMMs that
     # gather their token rows and fuse the SwiGLU) instead of torch's routing kernels, radix sort, gathers and
-    # torch._grouped_mm ("torch")
+    # torch._grouped_mm ("torch").  H200 (bench_fast, round 13, call 3, Gundam page, 913-token prompt on dummy
+    # routing): LM prefill 4.38 -> 3.69 ms; one layer under random routing (bench_fusions, from CUDA graphs) 0.219 ->
+    # 0.216 ms at the first launch settings (the sort 0.030 -> 0.010 ms; up + SwiGLU 0.124 -> 0.110 at the settings now
+    # default, down 0.058 -> 0.059)
     prefill_experts: str = attrs.field(default="triton", validator=attrs.validators.in_(PREFILL_EXPERTS))
     # with triton_prefill: the prompt's causal attention over the cache as prompt_attention's kernel ("triton": flash
     # attention's online softmax, heaviest query blocks first, GQA in place, output in the o_proj's layout) instead
-    # of SDPA ("sdpa": flash's split-KV form and its combine at one page's 913 positions x 10 heads)
+    # of SDPA ("sdpa": flash's split-KV form and its combine at one page's 913 positions x 10 heads).  H200 (round 13,
+    # call 3): 0.029 -> 0.020 ms per layer (bench_fusions, from CUDA graphs); LM prefill 3.79 -> 3.69 ms (bench_fast)
     prefill_attention: str = attrs.field(default="triton", validator=attrs.validators.in_(PREFILL_ATTENTION))
     # torch.compile of one SAM block (sam.sam_block_fast) when sam_fast: fuses the layout copies, norms and
     # the augmented-attention concatenations; compiled once per view shape (tiles, global view) and block kind.
