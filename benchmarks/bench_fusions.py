@@ -143,14 +143,9 @@ PREFILL_GROUPED_VARIANTS = [
 ]
 
 
-def grouped_prefill_rows(dev: torch.device, cfg: DeepseekOCRConfig) -> list[dict[str, Any]]:
-    """The routed experts of one MoE layer at the prompt's 913 tokens (top-6 of 64, random routing): the prefill's
-    torch path (sort, ``torch._grouped_mm`` x2 with the SwiGLU kernel between, torch un-permute and weighted sum)
-    vs the Triton grouped-GEMM kernels of the batched decode step (``kernels.moe_experts_grouped``, routed slots
-    only), per block size; max |Δ| against ``kernels.moe_experts_ref``."""
-    from llm_perf_opt.models.deepseek_ocr import kernels as K
-    from llm_perf_opt.models.deepseek_ocr.experts import grouped_experts_stacked
-
+def random_routed_case(dev: torch.device, cfg: DeepseekOCRConfig) -> tuple[Any, ...]:
+    """One MoE layer's routed experts at the prompt's 913 tokens, seeded: (E, k, the generator for further draws,
+    w13 [E, 2I, H], w2 [E, H, I], x [T, H] bf16, random top-k ids [T, k], softmax weights [T, k] float32)."""
     lang = cfg.language
     e, hidden, inter, k = lang.n_routed_experts, lang.hidden_size, lang.moe_intermediate_size, lang.num_experts_per_tok
     gen = torch.Generator(device=dev).manual_seed(5)
@@ -159,6 +154,18 @@ def grouped_prefill_rows(dev: torch.device, cfg: DeepseekOCRConfig) -> list[dict
     x = torch.randn(PROMPT, hidden, device=dev, generator=gen).bfloat16()
     idx = torch.stack([torch.randperm(e, device=dev, generator=gen)[:k] for _ in range(PROMPT)])
     wts = torch.softmax(torch.randn(PROMPT, k, device=dev, generator=gen), -1)
+    return e, k, gen, w13, w2, x, idx, wts
+
+
+def grouped_prefill_rows(dev: torch.device, cfg: DeepseekOCRConfig) -> list[dict[str, Any]]:
+    """The routed experts of one MoE layer at the prompt's 913 tokens (top-6 of 64, random routing): the prefill's
+    torch path (sort, ``torch._grouped_mm`` x2 with the SwiGLU kernel between, torch un-permute and weighted sum)
+    vs the Triton grouped-GEMM kernels of the batched decode step (``kernels.moe_experts_grouped``, routed slots
+    only), per block size; max |Δ| against ``kernels.moe_experts_ref``."""
+    from llm_perf_opt.models.deepseek_ocr import kernels as K
+    from llm_perf_opt.models.deepseek_ocr.experts import grouped_experts_stacked
+
+    e, k, _gen, w13, w2, x, idx, wts = random_routed_case(dev, cfg)
     ref = K.moe_experts_ref(x, idx, wts, w13, w2).float()
     part = f"routed experts of one MoE layer at {PROMPT} tokens (random top-{k} of {e})"
     rows = []
@@ -224,15 +231,8 @@ def prompt_expert_rows(dev: torch.device, cfg: DeepseekOCRConfig) -> list[dict[s
     from llm_perf_opt.models.deepseek_ocr import prompt_moe as PM
     from llm_perf_opt.models.deepseek_ocr.experts import grouped_experts_stacked
 
-    lang = cfg.language
-    e, hidden, inter, k = lang.n_routed_experts, lang.hidden_size, lang.moe_intermediate_size, lang.num_experts_per_tok
-    gen = torch.Generator(device=dev).manual_seed(5)
-    w13 = (torch.randn(e, 2 * inter, hidden, device=dev, generator=gen) * hidden**-0.5).bfloat16()
-    w2 = (torch.randn(e, hidden, inter, device=dev, generator=gen) * inter**-0.5).bfloat16()
-    x = torch.randn(PROMPT, hidden, device=dev, generator=gen).bfloat16()
-    shared = torch.randn(PROMPT, hidden, device=dev, generator=gen).bfloat16()
-    idx = torch.stack([torch.randperm(e, device=dev, generator=gen)[:k] for _ in range(PROMPT)])
-    wts = torch.softmax(torch.randn(PROMPT, k, device=dev, generator=gen), -1)
+    e, k, gen, w13, w2, x, idx, wts = random_routed_case(dev, cfg)
+    shared = torch.randn(PROMPT, x.shape[1], device=dev, generator=gen).bfloat16()
     part = f"routed experts at {PROMPT} tokens (random top-{k} of {e})"
     rows: list[dict[str, Any]] = []
 
