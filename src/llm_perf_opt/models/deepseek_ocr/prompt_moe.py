@@ -104,11 +104,11 @@ class GemmBlocks(NamedTuple):
 # H200 defaults from benchmarks/bench_fusions.py --parts prompt_experts (round 13, call 3; one MoE layer at 913
 # tokens, random top-6 of 64, timed from CUDA graphs): up + SwiGLU 0.134 ms at the first guess (64, 128, 64, 8, 3),
 # 0.113 at (128, 64, 64, 8, 4), 0.110 at (128, 128, 64, 8, 3), torch._grouped_mm + silu_mul 0.124; down 0.065 at
-# (64, 128, 64, 4, 4), 0.059 at (128, 128, 64, 8, 3), torch._grouped_mm 0.058.  The up setting is the one of the two
-# fastest that compiles for sm_90 without register spills (ptxas from this repo's Triton 3.9, not the device's
-# 3.6: 0 vs 468 bytes); every down setting tried spills there (60 bytes at this one).  The interpreter runs programs
-# one at a time with numpy: few, large tiles.
-UP_BLOCKS = GemmBlocks(128, 64, 64, 8, 4)
+# (64, 128, 64, 4, 4), 0.059 at (128, 128, 64, 8, 3), torch._grouped_mm 0.058.  Compiled for sm_90 with the
+# launcher's specialisation (pointers, N and K divisible by 16), both defaults pipeline their K loop (16-byte async
+# copies, three stages), use wgmma and do not spill (212 and 114 registers; ptxas of the local Triton).  The
+# interpreter runs programs one at a time with numpy: few, large tiles.
+UP_BLOCKS = GemmBlocks(128, 128, 64, 8, 3)
 DOWN_BLOCKS = GemmBlocks(128, 128, 64, 8, 3)
 # The down GEMM of infer.fast.prefill_experts=triton on a GPU where torch has grouped GEMMs: "triton"
 # (:func:`grouped_down`) or "torch" (``torch._grouped_mm`` over the same sorted rows and offsets).  H200 (bench_fast,
