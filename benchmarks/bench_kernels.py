@@ -661,6 +661,48 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
     specs.append(("_qkv_rope_kernel", with_norm, {**rope_consts, **norm_consts}, 4))
     no_norm = dict(res_ptr=None, nw_ptr=None, summed_ptr=None, HAS_NORM=False, HAS_RESIDUAL=False, BLOCK_H=1)
     specs.append(("_qkv_rope_kernel", {**qkv_rope, "eps": "fp32"}, {**rope_consts, **no_norm}, 4))
+    specs += prompt_specs(lang)
+    return specs
+
+
+# Integer arguments of the prefill's kernels that the launcher sees divisible by 16 at the real sizes (and so
+# specialises: 16-byte loads and async copies depend on it): the GEMMs' N and K, the attention's strides.
+PROMPT_DIVISIBLE = {"N", "K", "s_qb", "s_ql", "s_qh", "s_kb", "s_kh", "s_kn", "s_vb", "s_vh", "s_vn"}
+
+
+def prompt_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str, Any], int]]:
+    """The prefill's kernels (``prompt_moe``, ``prompt_attention``; names prefixed by their module) as they launch
+    at one Gundam page's 913-token prompt with their GPU defaults (all at three pipeline stages, the compile's
+    default)."""
+    from llm_perf_opt.models.deepseek_ocr import prompt_attention, prompt_moe
+
+    bf = "*bf16"
+    n_experts, k = lang.n_routed_experts, lang.num_experts_per_tok
+    block_e = 1 << n_experts.bit_length()  # _pow2(E + 1): room for the offsets' end
+    chunks = -(-913 * k // 128)
+    hist = dict(ids_ptr="*i64", hist_ptr="*i32", P="i32")
+    place = dict(ids_ptr="*i64", hist_ptr="*i32", order_ptr="*i32", inverse_ptr="*i64", offs_ptr="*i32")
+    place.update(counts_ptr="*i64", P="i32", C="i32")
+    place_consts = dict(E=n_experts, BLOCK_P=128, BLOCK_E=block_e, BLOCK_C=1 << (chunks - 1).bit_length())
+    specs: list[tuple[str, dict[str, str], dict[str, Any], int]] = [
+        ("prompt_moe._align_hist_kernel", hist, dict(E=n_experts, BLOCK_P=128, BLOCK_E=block_e), 4),
+        ("prompt_moe._align_place_kernel", place, {**place_consts, "HAS_COUNTS": True}, 4),
+    ]
+    gemm = dict(a_ptr=bf, order_ptr="*i32", offs_ptr="*i32", w_ptr=bf, out_ptr=bf, P="i32", N="i32", K="i32")
+    hid, inter = lang.hidden_size, lang.moe_intermediate_size
+    for which, n, kk, gather in (("up", inter, hid, True), ("down", hid, inter, False)):
+        bm, bn, bk, warps, stages = prompt_moe.gemm_blocks(which, interpreter=False)
+        assert stages == 3, "the check compiles at Triton's default of three stages"
+        consts = dict(E=n_experts, TOP_K=k, GATHER=gather, SWIGLU=gather, BLOCK_E=1 << (n_experts - 1).bit_length())
+        consts.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=kk % bk == 0, EVEN_N=n % bn == 0)
+        specs.append(("prompt_moe._grouped_gemm_kernel", gemm, {**consts, "PRECISION": "tf32", "UPCAST": False}, warps))
+    attn = dict(q_ptr=bf, k_ptr=bf, v_ptr=bf, o_ptr=bf)
+    attn.update(dict.fromkeys(("s_qb", "s_ql", "s_qh", "s_kb", "s_kh", "s_kn", "s_vb", "s_vh", "s_vn"), "i32"))
+    attn.update(L="i32", start="i32", HEADS="i32", GROUP="i32", qk_scale="fp32")
+    bm, bn, warps, stages = prompt_attention.BLOCKS
+    assert stages == 3, "the check compiles at Triton's default of three stages"
+    attn_consts = dict(D=lang.head_dim, BLOCK_M=bm, BLOCK_N=bn, PRECISION="tf32", UPCAST=False)
+    specs.append(("prompt_attention._prompt_attention_kernel", attn, attn_consts, warps))
     return specs
 
 
@@ -707,14 +749,18 @@ def sm90_check(lang: LanguageConfig) -> list[dict[str, Any]]:
         first.setdefault(spec[0], spec)
     # each kernel once more as a programmatic dependent launch (kernels.dependent_launches: USE_GDC + launch_pdl)
     specs += [(name, sig, {**consts, "USE_GDC": True}, warps) for name, sig, consts, warps in first.values()]
+    from llm_perf_opt.models.deepseek_ocr import prompt_attention, prompt_moe
+
+    modules = {"": kernels, "prompt_moe": prompt_moe, "prompt_attention": prompt_attention}
     for name, signature, constexprs, num_warps in specs:
-        fn = getattr(kernels, name)
+        module, _, kernel_name = name.rpartition(".")
+        fn = getattr(modules[module], kernel_name)
         pdl = bool(constexprs.get("USE_GDC", False))
         # the launcher specialises 16-byte aligned pointers and ints divisible by 16 (H = 1280, I = 896, V = 129,280)
         attrs_ = {
             (fn.arg_names.index(arg),): [["tt.divisibility", 16]]
             for arg, ty in signature.items()
-            if ty.startswith("*") or arg in ("H", "INTER", "V")
+            if ty.startswith("*") or arg in ("H", "INTER", "V") or (module and arg in PROMPT_DIVISIBLE)
         }
         full = {**signature, **dict.fromkeys(constexprs, "constexpr")}
         res: dict[str, Any] = {"kernel": name, "constexprs": constexprs, "num_warps": num_warps}

@@ -1227,3 +1227,21 @@ def test_linear_rows_loads_its_weights_before_the_wait(sm90: list[dict[str, Any]
     for r in sm90:
         if not r["constexprs"]["USE_GDC"]:
             assert r["griddepcontrol"] == [], r
+
+
+def test_prompt_kernels_compile_pipelined_for_sm90(sm90: list[dict[str, Any]]) -> None:
+    """The prefill's kernels (``prompt_moe``, ``prompt_attention``) at their GPU defaults, with the launcher's
+    divisibility hints: every one compiles without spills, and the grouped GEMMs' and the attention's loops are
+    software-pipelined through 16-byte async copies (without the hints they were neither vectorised nor
+    pipelined: the check must pass them)."""
+    rows = [r for r in sm90 if r["kernel"].startswith(("prompt_moe.", "prompt_attention."))]
+    assert {r["kernel"] for r in rows} == {
+        "prompt_moe._align_hist_kernel",
+        "prompt_moe._align_place_kernel",
+        "prompt_moe._grouped_gemm_kernel",
+        "prompt_attention._prompt_attention_kernel",
+    }
+    for r in rows:
+        assert not r["error"] and r["spill_bytes"] in (0, None), r
+        if r["kernel"].endswith(("_grouped_gemm_kernel", "_prompt_attention_kernel")):
+            assert r["cp_async_16"] > 0, r
