@@ -173,11 +173,13 @@ def triton_available(device: torch.device | str) -> bool:
     return not unavailable_reason(device)
 
 
-def _require(op: str, device: torch.device) -> None:
-    if triton_available(device):
-        return
-    why = unavailable_reason(device)
-    raise KernelUnavailableError(f"kernels.{op} cannot run on {device}: {why} (or call {op}_ref)")
+def _require(op: str, device: torch.device, interpreted: bool | None = None, module: str = __name__) -> None:
+    """Raise :class:`KernelUnavailableError` naming ``op`` and why, unless Triton kernels can run on ``device``
+    (``interpreted`` / ``module``: another kernel module's, as for :func:`unavailable_reason`)."""
+    why = unavailable_reason(device, interpreted, module)
+    if why:
+        name = module.rsplit(".", 1)[-1]
+        raise KernelUnavailableError(f"{name}.{op} cannot run on {device}: {why} (or call {op}_ref)")
 
 
 @functools.cache

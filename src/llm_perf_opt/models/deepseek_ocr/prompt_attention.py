@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from llm_perf_opt.models.deepseek_ocr import kernels
-from llm_perf_opt.models.deepseek_ocr.kernels import HAVE_TRITON, KernelUnavailableError
+from llm_perf_opt.models.deepseek_ocr.kernels import HAVE_TRITON
 
 if HAVE_TRITON:
     import triton
@@ -180,9 +180,7 @@ def prompt_attention(
     output), ``k``/``v`` [B, kv_heads, S, D] with unit stride along D (the cache's layers); returns a contiguous
     [B, L, heads, D] (reshape to [B, L, heads·D] is free).  ``blocks``: (block_m, block_n, warps, stages)."""
     dev = q.device
-    why = unavailable_reason(dev)
-    if why:
-        raise KernelUnavailableError(f"prompt_attention cannot run on {dev}: {why} (or call prompt_attention_ref)")
+    kernels._require("prompt_attention", dev, INTERPRETED, __name__)
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
         raise ValueError(
             f"q [B, L, heads, D] and k, v [B, kv_heads, S, D] expected, got {tuple(q.shape)}, "

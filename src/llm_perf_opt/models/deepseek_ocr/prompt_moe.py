@@ -36,7 +36,7 @@ from torch import Tensor
 
 from llm_perf_opt.models.deepseek_ocr import kernels
 from llm_perf_opt.models.deepseek_ocr.experts import silu_gate_up
-from llm_perf_opt.models.deepseek_ocr.kernels import HAVE_TRITON, KernelUnavailableError
+from llm_perf_opt.models.deepseek_ocr.kernels import HAVE_TRITON
 
 if HAVE_TRITON:
     import triton
@@ -76,9 +76,7 @@ def unavailable_reason(device: torch.device | str) -> str:
 
 
 def _require(op: str, device: torch.device) -> None:
-    why = unavailable_reason(device)
-    if why:
-        raise KernelUnavailableError(f"prompt_moe.{op} cannot run on {device}: {why} (or call {op}_ref)")
+    kernels._require(op, device, INTERPRETED, __name__)
 
 
 class Alignment(NamedTuple):
