@@ -476,10 +476,8 @@ class FastModel:
         if not cfg.grouped_moe:
             why = "decode_kernels=triton needs grouped_moe (stacked expert weights)"
         elif not kernels.triton_available(model.device):
-            try:
-                kernels._require("decode step", model.device)
-            except kernels.KernelUnavailableError as exc:
-                why = str(exc)
+            reason = kernels.unavailable_reason(model.device)
+            why = f"the Triton decode step cannot run on {model.device}" + (f": {reason}" if reason else "")
         elif any(isinstance(layer.mlp, MoE) and layer.mlp.scoring_func != "softmax" for layer in self.layers):
             why = "the Triton router implements softmax scoring only"
         if why is None:
