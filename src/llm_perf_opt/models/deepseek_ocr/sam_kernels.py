@@ -14,12 +14,18 @@ keys a few whole key *rows* at a time, so neither needs a gather:
 * a step takes the ``ROWS·w`` consecutive keys of its key rows: one [BLOCK_N, 64] tile of k and of v, and for
   each of its key rows one column of ``rel_h`` (contiguous over queries: the table is passed key-row major),
   added to that row's scores;
+* with several key rows per step (``ROWS`` > 1) both tables' terms come from two small products with one-hot
+  matrices instead: ``rel_h`` [BLOCK_M, the step's key rows] × [key row, column] and ``rel_w`` [BLOCK_M, w] ×
+  [key column, column], on the tensor cores, each logit a single non-zero product (exact in float32);
 * the rest is flash attention's online softmax in float32 (``exp2`` with ``log2 e`` folded into the scale and
   the tables), P rounded to the input dtype for the P·V product, the output divided once at the end.
 
-Waste: one key row per step in a 64-wide tile leaves a 40-wide grid (640-px tiles) 62.5 % useful; three rows in a
-128-wide tile would be 94 %, but on an H200 that runs slower (the per-row ``rel_h`` selects cost more than the
-padding saves: :func:`attention_blocks`), so the default is one row per step.  Against the augmented operands' 3×
+Waste: one key row per step in a 64-wide tile leaves a 40-wide grid (640-px tiles) 62.5 % useful, and a 14×14
+window's 16-wide steps are too short to keep the tensor cores busy; three rows in a 128-wide tile would be 94 %
+useful, nine window rows two steps.  Round 11's H200 sweep found several rows per step slower when each row's
+``rel_h`` was selected into the tile (one ``where`` per row over the whole tile); the one-hot products above
+replaced those selects and have not been timed on a GPU yet, so the default stays one row per step
+(:func:`attention_blocks`; ``bench_sam_attention.py --sweep`` times both).  Against the augmented operands' 3×
 that is still less work.  Scores are summed in another order than SDPA's, so results equal the dense-bias
 reference to bf16 rounding, not bit for bit.
 
@@ -96,6 +102,8 @@ if HAVE_TRITON:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         ROWS: tl.constexpr,
+        ROW_PAD: tl.constexpr,
+        COL_PAD: tl.constexpr,
         STAGES: tl.constexpr,
         PRECISION: tl.constexpr,
         UPCAST: tl.constexpr,
@@ -117,12 +125,27 @@ if HAVE_TRITON:
         q = tl.load(q_ptr + b * s_qb + head * s_qh + rows[:, None] * s_qn + d[None, :], mask=rmask[:, None], other=0.0)
         if UPCAST:  # Triton's interpreter computes bf16 tl.dot wrongly; float32 operands are exact
             q = q.to(tl.float32)
-        # rel_w [B·heads, N, KW]: this program's rows, laid out like one step's scores (every key row of the step
-        # takes the same KW columns); padding columns -inf
-        rw = tl.load(
-            rw_ptr + (bh * N + rows[:, None]) * KW + kcol[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0
-        )
-        rw = tl.where(cmask[None, :], rw.to(tl.float32) * LOG2E, float("-inf"))
+        if ROWS > 1:
+            # both tables' terms of a step as products with one-hot matrices (column c's key row, its key column):
+            # [BLOCK_M, ROW_PAD] x [ROW_PAD, BLOCK_N] and [BLOCK_M, COL_PAD] x [COL_PAD, BLOCK_N], one non-zero
+            # product per logit each, so exact in float32; the padding columns are masked after (kmask)
+            rsel = tl.arange(0, ROW_PAD)
+            onehot_h = (rsel[:, None] == seg[None, :]).to(q.dtype)
+            csel = tl.arange(0, COL_PAD)
+            onehot_w = (csel[:, None] == kcol[None, :]).to(q.dtype)
+            rw_t = tl.load(
+                rw_ptr + (bh * N + rows[:, None]) * KW + csel[None, :],
+                mask=rmask[:, None] & (csel[None, :] < KW),
+                other=0.0,
+            )
+            if UPCAST:
+                rw_t = rw_t.to(tl.float32)
+        else:
+            # rel_w [B·heads, N, KW]: this program's rows, laid out like one step's scores; padding columns -inf
+            rw = tl.load(
+                rw_ptr + (bh * N + rows[:, None]) * KW + kcol[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0
+            )
+            rw = tl.where(cmask[None, :], rw.to(tl.float32) * LOG2E, float("-inf"))
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
@@ -137,23 +160,32 @@ if HAVE_TRITON:
             kmask = cmask & (keys < N)  # the last step may hold fewer than ROWS key rows
             kt = tl.load(k_base + keys[:, None] * s_kn + d[None, :], mask=kmask[:, None], other=0.0)
             vt = tl.load(v_base + keys[:, None] * s_vn + d[None, :], mask=kmask[:, None], other=0.0)
-            # rel_h [B·heads, KH, N] (key-row major): each key row's term for every query, contiguous; with
-            # PREFETCH_RH the step's first row's is loaded one step ahead (its latency behind this step)
-            if PREFETCH_RH:
-                rh0 = rh_next.to(tl.float32)
-                rh_next = tl.load(rh_row + tl.minimum(kr0 + ROWS, KH - 1) * N, mask=rmask, other=0.0)  # last: reread
-            else:
-                rh0 = tl.load(rh_row + kr0 * N, mask=rmask, other=0.0).to(tl.float32)
-            bias = tl.broadcast_to(rh0[:, None], (BLOCK_M, BLOCK_N))
-            for r in tl.static_range(1, ROWS):  # the step's other key rows; a row past the grid's end gets -inf
-                in_grid = tl.full([BLOCK_M], kr0 + r, tl.int32) < KH
-                rh_r = tl.load(rh_row + (kr0 + r) * N, mask=rmask & in_grid, other=0.0).to(tl.float32)
-                rh_r = tl.where(in_grid, rh_r, float("-inf"))
-                bias = tl.where(seg[None, :] == r, rh_r[:, None], bias)
+            # rel_h [B·heads, KH, N] (key-row major): each key row's term for every query, contiguous
+            if ROWS > 1:
+                in_step = (rsel < ROWS) & (kr0 + rsel < KH)
+                rh_t = tl.load(
+                    rh_row[:, None] + (kr0 + rsel[None, :]) * N, mask=rmask[:, None] & in_step[None, :], other=0.0
+                )
+                if UPCAST:
+                    rh_t = rh_t.to(tl.float32)
+                terms = tl.dot(rh_t, onehot_h, input_precision="ieee")
+                terms = tl.dot(rw_t, onehot_w, acc=terms, input_precision="ieee")
+            else:  # one key row: its column broadcast; with PREFETCH_RH loaded one step ahead (latency hidden)
+                if PREFETCH_RH:
+                    rh0 = rh_next.to(tl.float32)
+                    rh_next = tl.load(rh_row + tl.minimum(kr0 + 1, KH - 1) * N, mask=rmask, other=0.0)  # last: reread
+                else:
+                    rh0 = tl.load(rh_row + kr0 * N, mask=rmask, other=0.0).to(tl.float32)
+                bias = tl.broadcast_to(rh0[:, None], (BLOCK_M, BLOCK_N))
             pv_dt = vt.dtype
             if UPCAST:
                 kt, vt = kt.to(tl.float32), vt.to(tl.float32)
-            s = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * qk_scale + rw + bias * LOG2E
+            s = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * qk_scale
+            # a constexpr branch (ruff's ternary would not do): padding columns, key rows past the grid get -inf
+            if ROWS > 1:  # noqa: SIM108
+                s = tl.where(kmask[None, :], s + terms * LOG2E, float("-inf"))
+            else:
+                s = s + rw + bias * LOG2E
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
@@ -213,7 +245,7 @@ def attention_blocks(
     768-px tiles ×6 / v1's 14×14 windows of the tiles: this 0.307 / 0.209 / 0.478 / 0.106; round 10's 128 queries
     at 8 warps 0.427 / 0.287 / 0.695 / 0.126; several key rows per 128-wide step (3 / 2 / 2 rows) 0.531 / 0.238 /
     0.543 at best, and 0.143 for four window rows per 64-wide step: the per-row ``rel_h`` selects cost more than the
-    padding saves.
+    padding saved.  Those selects are now one-hot products (module docstring), not yet re-timed.
     Interpreter: 16-query programs, no pipelining (programs run one by one with numpy).  Raises ``ValueError`` for a
     block size that is not a power of two >= 16 or a ``block_n`` narrower than one key row.
     """
@@ -296,6 +328,8 @@ def attention_kernel(
         BLOCK_M=blocks.block_m,
         BLOCK_N=blocks.block_n,
         ROWS=blocks.rows,
+        ROW_PAD=_pow2(blocks.rows),
+        COL_PAD=_pow2(w),
         STAGES=blocks.stages,
         PRECISION="ieee" if interpreter or q.dtype == torch.float32 else "tf32",
         UPCAST=interpreter,

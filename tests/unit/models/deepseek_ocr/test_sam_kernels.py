@@ -83,11 +83,12 @@ def test_matches_dense_bias_bf16(hw: tuple[int, int]) -> None:
 
 @pytest.mark.parametrize(
     ("hw", "block_n", "rows"),
-    [((7, 5), 16, 3), ((5, 7), 32, 4), ((3, 20), 64, 3), ((4, 16), 32, 2), ((6, 5), 32, 6)],
+    [((7, 5), 16, 3), ((5, 7), 32, 4), ((3, 20), 64, 3), ((4, 16), 32, 2), ((6, 5), 32, 6), ((14, 14), 128, 9)],
 )
 def test_several_key_rows_per_step(hw: tuple[int, int], block_n: int, rows: int) -> None:
-    """``block_n`` wider than a key row: ``rows`` whole key rows per step, each with its own ``rel_h`` column; a
-    last step with fewer rows (7 = 3+3+1, 5 = 4+1, 3 of 3, 4 = 2+2, 6 in one) must mask the rows past the grid."""
+    """``block_n`` wider than a key row: ``rows`` whole key rows per step, each with its own ``rel_h`` column (both
+    tables added through one-hot products); a last step with fewer rows (7 = 3+3+1, 5 = 4+1, 3 of 3, 4 = 2+2, 6 in
+    one, a 14x14 window's 14 = 9+5) must mask the rows past the grid, and the padding columns of every step."""
     assert SK.attention_blocks(hw[0] * hw[1], hw[1], interpreter=True, block_n=block_n).rows == rows
     q, k, v, rel_h, rel_w = _case(hw, 16, torch.float32, seed=hw[0] * 7 + hw[1] + block_n)
     actual = SK.rel_pos_triton_attention(q, k, v, rel_h, rel_w, hw, block_n=block_n)
@@ -96,6 +97,19 @@ def test_several_key_rows_per_step(hw: tuple[int, int], block_n: int, rows: int)
     assert torch.equal(
         actual, SK.rel_pos_triton_attention(q, k, v, rel_h, rel_w, hw, block_n=block_n, prefetch_rh=False)
     )
+
+
+@pytest.mark.parametrize(("hw", "block_n"), [((14, 14), 256), ((3, 20), 128)])
+def test_several_key_rows_per_step_bf16(hw: tuple[int, int], block_n: int) -> None:
+    """The one-hot products in bf16 (as on a GPU): each logit's table terms are single products, so the result
+    matches the float64 oracle about as closely as the one-row form does (a whole 14x14 window in one step; a
+    3x20 grid's three key rows in one 128-wide step)."""
+    q, k, v, rel_h, rel_w = _case(hw, 16, torch.bfloat16, seed=11 + hw[1])
+    expected = _oracle(q, k, v, rel_h, rel_w, hw)
+    several = SK.rel_pos_triton_attention(q, k, v, rel_h, rel_w, hw, block_n=block_n)
+    one_row = SK.rel_pos_triton_attention(q, k, v, rel_h, rel_w, hw)
+    assert SK.attention_blocks(hw[0] * hw[1], hw[1], interpreter=True, block_n=block_n).rows > 1
+    assert rel_err(several, expected) < max(2e-2, 1.5 * rel_err(one_row, expected))
 
 
 def test_output_is_a_view_of_token_major_storage() -> None:
