@@ -662,6 +662,37 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
     no_norm = dict(res_ptr=None, nw_ptr=None, summed_ptr=None, HAS_NORM=False, HAS_RESIDUAL=False, BLOCK_H=1)
     specs.append(("_qkv_rope_kernel", {**qkv_rope, "eps": "fp32"}, {**rope_consts, **no_norm}, 4))
     specs += prompt_specs(lang)
+    specs += sam_specs()
+    return specs
+
+
+# SAM's attention grids at v1's views: the 640-px tiles (40×40), the 1024-px view (64×64), the 14×14 windows; with
+# the launch settings the sweep weighs beside the default one row per step (several rows per 64/128-wide step).
+SAM_GRIDS = ((40, ((64, 128, 4), (128, 128, 8))), (64, ()), (14, ((64, 64, 4), (64, 128, 4), (128, 128, 8))))
+SAM_DIVISIBLE = {"s_qb", "s_qh", "s_qn", "s_kb", "s_kh", "s_kn", "s_vb", "s_vh", "s_vn"}
+
+
+def sam_specs() -> list[tuple[str, dict[str, str], dict[str, Any], int]]:
+    """SAM's rel-pos attention kernel (``sam_kernels``) at head size 64 on each grid of :data:`SAM_GRIDS`: the
+    default launch (one key row per step) and several-rows settings (q/k/v strides of the block's fused qkv
+    are multiples of 16: hinted; N only where the grid is, not 14² = 196)."""
+    from llm_perf_opt.models.deepseek_ocr import sam_kernels
+
+    bf = "*bf16"
+    sig = dict(q_ptr=bf, k_ptr=bf, v_ptr=bf, rh_ptr=bf, rw_ptr=bf, out_ptr=bf)
+    sig.update(dict.fromkeys((*sorted(SAM_DIVISIBLE), "N", "HEADS", "KH", "KW"), "i32"), qk_scale="fp32")
+    specs = []
+    for grid, several in SAM_GRIDS:
+        default = sam_kernels.attention_blocks(grid * grid, grid, interpreter=False)
+        settings = [(default.block_m, default.block_n, default.warps), *several]
+        for block_m, block_n, warps in settings:
+            b = sam_kernels.attention_blocks(
+                grid * grid, grid, interpreter=False, block_m=block_m, block_n=block_n, warps=warps
+            )
+            consts = dict(D=64, BLOCK_M=b.block_m, BLOCK_N=b.block_n, ROWS=b.rows, STAGES=b.stages)
+            consts.update(ROW_PAD=sam_kernels._pow2(b.rows), COL_PAD=sam_kernels._pow2(grid))
+            consts.update(PRECISION="tf32", UPCAST=False, PREFETCH_RH=True, N_DIVISIBLE=grid * grid % 16 == 0)
+            specs.append(("sam_kernels._rel_pos_attention_kernel", sig, consts, b.warps))
     return specs
 
 
@@ -749,18 +780,24 @@ def sm90_check(lang: LanguageConfig) -> list[dict[str, Any]]:
         first.setdefault(spec[0], spec)
     # each kernel once more as a programmatic dependent launch (kernels.dependent_launches: USE_GDC + launch_pdl)
     specs += [(name, sig, {**consts, "USE_GDC": True}, warps) for name, sig, consts, warps in first.values()]
-    from llm_perf_opt.models.deepseek_ocr import prompt_attention, prompt_moe
+    from llm_perf_opt.models.deepseek_ocr import prompt_attention, prompt_moe, sam_kernels
 
-    modules = {"": kernels, "prompt_moe": prompt_moe, "prompt_attention": prompt_attention}
+    modules = {"": kernels, "prompt_moe": prompt_moe, "prompt_attention": prompt_attention, "sam_kernels": sam_kernels}
     for name, signature, constexprs, num_warps in specs:
         module, _, kernel_name = name.rpartition(".")
         fn = getattr(modules[module], kernel_name)
+        # a kernel never launched dependently (SAM's) compiles once, as it launches (its USE_GDC entry dropped)
+        if "USE_GDC" not in fn.arg_names and constexprs.pop("USE_GDC"):
+            continue
         pdl = bool(constexprs.get("USE_GDC", False))
         # the launcher specialises 16-byte aligned pointers and ints divisible by 16 (H = 1280, I = 896, V = 129,280)
+        hinted = PROMPT_DIVISIBLE if module.startswith("prompt_") else SAM_DIVISIBLE if module else set()
+        if constexprs.pop("N_DIVISIBLE", False):
+            hinted = {*hinted, "N"}
         attrs_ = {
             (fn.arg_names.index(arg),): [["tt.divisibility", 16]]
             for arg, ty in signature.items()
-            if ty.startswith("*") or arg in ("H", "INTER", "V") or (module and arg in PROMPT_DIVISIBLE)
+            if ty.startswith("*") or arg in ("H", "INTER", "V") or arg in hinted
         }
         full = {**signature, **dict.fromkeys(constexprs, "constexpr")}
         res: dict[str, Any] = {"kernel": name, "constexprs": constexprs, "num_warps": num_warps}
