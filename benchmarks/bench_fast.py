@@ -106,6 +106,19 @@ class Page:
         return m.embed_prompt(self.prep.input_ids, self.prep.images_seq_mask, [self.vision(m)])
 
 
+# sam_kernels.BY_GRID settings bench_fast times on the whole vision (label, {grid width: (block_m, block_n, warps,
+# stages)}): the windows' 14-wide grid at 4 and 9 key rows per step, the 640/768-px tiles' 40/48-wide grids at 3 and
+# 2 rows per 128-wide step, the 1024-px view's 64-wide grid at 2; each compiled for sm_90 without spills with the
+# local Triton (bench_kernels --sm90-check holds the window and 640-px ones to it).
+SAM_GRID_CANDIDATES: list[tuple[str, dict[int, tuple[int, int, int, int]]]] = [
+    ("windows 64x64", {14: (64, 64, 4, 2)}),
+    ("windows 64x128", {14: (64, 128, 4, 2)}),
+    ("windows 128x128 8 warps", {14: (128, 128, 8, 2)}),
+    ("tiles 64x128", {40: (64, 128, 4, 2), 48: (64, 128, 4, 2)}),
+    ("global view 128x128 8 warps", {64: (128, 128, 8, 2)}),
+]
+
+
 def decode_loop(m: Any, embeds: torch.Tensor, steps: int, keep: int) -> dict[str, Any]:
     """Prefill, then ``steps`` host-greedy decode steps (argmax read on the host each step, as generate())."""
     cache = m.new_cache(batch=1, max_len=embeds.shape[1] + steps + 1)
@@ -454,6 +467,29 @@ def main() -> None:
                     del vm
                 except Exception as exc:  # a kernel compile failure must not lose the rest of the report
                     var[f"vision {key}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
+        # sam_kernels.BY_GRID candidates (several key rows per step, their position terms through one-hot
+        # products), each on the whole fast vision (compiled, graphed) beside the one-row default above
+        if "triton" in (d.sam_attention, d.sam_window_attention):
+            from llm_perf_opt.models.deepseek_ocr import sam_kernels
+
+            default_by_grid = dict(sam_kernels.BY_GRID)
+            for label, by_grid in SAM_GRID_CANDIDATES:
+                key = f"sam_kernels.BY_GRID={label}"
+                sam_kernels.BY_GRID.clear()
+                sam_kernels.BY_GRID.update(by_grid)
+                try:
+                    vm = apply_fast_path(model, d)
+                    var[f"vision {key} ms"] = cuda_ms(functools.partial(page.vision, vm), 2, 7)
+                    var[f"sam only, {key} ms"] = cuda_ms(functools.partial(page.sam, vm), 2, 7)
+                    var[f"vision {key}: max |Δ| of image features vs eager"] = float(
+                        (page.embeds(vm).float() - embeds.float()).abs().max()
+                    )
+                    del vm
+                except Exception as exc:  # a launch setting that fails must not lose the rest of the report
+                    var[f"vision {key}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
+                finally:
+                    sam_kernels.BY_GRID.clear()
+                    sam_kernels.BY_GRID.update(default_by_grid)
         for name, fcfg in {
             "attn=sdpa": FastConfig(decode_attention="sdpa"),
             "experts=gather_bmm": FastConfig(expert_impl="gather_bmm"),

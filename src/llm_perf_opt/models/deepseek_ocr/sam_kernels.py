@@ -24,10 +24,10 @@ Waste: one key row per step in a 64-wide tile leaves a 40-wide grid (640-px tile
 window's 16-wide steps are too short to keep the tensor cores busy; three rows in a 128-wide tile would be 94 %
 useful, nine window rows two steps.  Round 11's H200 sweep found several rows per step slower when each row's
 ``rel_h`` was selected into the tile (one ``where`` per row over the whole tile); the one-hot products above
-replaced those selects and have not been timed on a GPU yet, so the default stays one row per step
-(:func:`attention_blocks`; ``bench_sam_attention.py --sweep`` times both).  Against the augmented operands' 3×
-that is still less work.  Scores are summed in another order than SDPA's, so results equal the dense-bias
-reference to bf16 rounding, not bit for bit.
+replaced those selects and have not been timed on a GPU yet, so SAM's grids (all wider than 8) keep one row per
+step (:func:`attention_blocks`, :data:`BY_GRID`; ``bench_sam_attention.py --sweep`` times both).  Against the
+augmented operands' 3× that is still less work.  Scores are summed in another order than SDPA's, so results equal
+the dense-bias reference to bf16 rounding, not bit for bit.
 
 Triton is optional, as for :mod:`kernels`: compiled on CUDA; on CPU tensors only under Triton's interpreter
 (``TRITON_INTERPRET=1`` before ``triton`` and this module are first imported).  On CUDA the kernel is wrapped
@@ -51,6 +51,7 @@ if HAVE_TRITON:
     import triton.language as tl
 
 __all__ = [
+    "BY_GRID",
     "HAVE_TRITON",
     "INTERPRETED",
     "Blocks",
@@ -226,6 +227,13 @@ def _check_blocks(block_m: int, block_n: int, grid_w: int) -> None:
         raise ValueError(f"block_n={block_n} cannot hold one {grid_w}-wide key row; use at least {_pow2(grid_w)}")
 
 
+# Launch settings by key-grid width that replace attention_blocks' GPU defaults, as (block_m, block_n, warps,
+# stages), 0 keeping a field's default; an explicit argument still wins.  Empty: no several-rows setting has been
+# timed on a GPU since the one-hot products (bench_sam_attention.py --sweep times the kernel alone, and
+# bench_fast.py the whole vision with candidates set here), so every grid runs the one-row default.
+BY_GRID: dict[int, tuple[int, int, int, int]] = {}
+
+
 def attention_blocks(
     n_queries: int,
     grid_w: int,
@@ -246,9 +254,13 @@ def attention_blocks(
     at 8 warps 0.427 / 0.287 / 0.695 / 0.126; several key rows per 128-wide step (3 / 2 / 2 rows) 0.531 / 0.238 /
     0.543 at best, and 0.143 for four window rows per 64-wide step: the per-row ``rel_h`` selects cost more than the
     padding saved.  Those selects are now one-hot products (module docstring), not yet re-timed.
-    Interpreter: 16-query programs, no pipelining (programs run one by one with numpy).  Raises ``ValueError`` for a
-    block size that is not a power of two >= 16 or a ``block_n`` narrower than one key row.
+    Interpreter: 16-query programs, no pipelining (programs run one by one with numpy).  On a GPU, :data:`BY_GRID`
+    replaces the defaults for the grid widths it names.  Raises ``ValueError`` for a block size that is not a power
+    of two >= 16 or a ``block_n`` narrower than one key row.
     """
+    if not interpreter and grid_w in BY_GRID:
+        by_m, by_n, by_w, by_s = BY_GRID[grid_w]
+        block_m, block_n, warps, stages = block_m or by_m, block_n or by_n, warps or by_w, stages or by_s
     _check_blocks(block_m, block_n, grid_w)
     block_n = block_n or _pow2(grid_w)
     auto = Blocks(16, block_n, 0, 1, 1) if interpreter else Blocks(64, block_n, 0, 4, 2)

@@ -150,6 +150,20 @@ def test_bad_input_is_refused_with_the_reason() -> None:
         SK.rel_pos_triton_attention(q, k, v, rel_h, rel_w, (4, 4), block_n=8)
 
 
+def test_settings_by_grid_replace_the_gpu_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``BY_GRID`` (the setting bench_fast's candidates set): its fields replace the GPU defaults for the grid widths
+    it names (0 keeps one), rows follow from its ``block_n``, explicit arguments still win, the interpreter and other
+    grids are untouched, and a bad entry is refused like a bad argument."""
+    monkeypatch.setitem(SK.BY_GRID, 14, (32, 128, 0, 1))
+    assert SK.attention_blocks(196, 14, interpreter=False) == (32, 128, 9, 4, 1)
+    assert SK.attention_blocks(196, 14, interpreter=False, block_n=64, warps=8) == (32, 64, 4, 8, 1)
+    assert SK.attention_blocks(196, 14, interpreter=True) == (16, 16, 1, 1, 1)
+    assert SK.attention_blocks(1600, 40, interpreter=False) == (64, 64, 1, 4, 2)
+    monkeypatch.setitem(SK.BY_GRID, 40, (0, 96, 0, 0))
+    with pytest.raises(ValueError, match="block_n must be a power of two"):
+        SK.attention_blocks(1600, 40, interpreter=False)
+
+
 def test_unavailable_without_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     assert SK.unavailable_reason("cpu") == ""
     monkeypatch.delenv("TRITON_INTERPRET")
