@@ -24,10 +24,12 @@ HEADS, DIM = 12, 64  # SAM-B
 @pytest.mark.parametrize(
     ("batch", "grid", "block_n"),
     # v1 640-px tiles, the 1024-px global view, v2 768-px tiles, 14x14 windows; one key row per step (block_n 0:
-    # the default) and several (3, 2, 2 rows of 128; 4 and 9 rows of a window, the last step partial)
+    # the default) and several (3, 2, 2 rows of 128; 4 and 9 rows of a window, the last step partial; a whole window
+    # in one 256-wide step; 6 rows of 40 in 256), their position terms through one-hot products
     [
         (6, 40, 0),
         (6, 40, 128),
+        (6, 40, 256),
         (1, 64, 0),
         (1, 64, 128),
         (6, 48, 0),
@@ -35,6 +37,7 @@ HEADS, DIM = 12, 64  # SAM-B
         (2, 14, 0),
         (54, 14, 64),
         (25, 14, 128),
+        (54, 14, 256),
     ],
 )
 def test_matches_float32_dense_bias_at_real_sizes(batch: int, grid: int, block_n: int) -> None:
