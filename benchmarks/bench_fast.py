@@ -226,6 +226,20 @@ def profile_sam(m: Any, page: Page, out: Path, tag: str) -> None:
     (out / f"sam_profile_{tag}.txt").write_text(table)
 
 
+def profile_vision(m: Any, page: Page, out: Path, tag: str) -> None:
+    """Top kernels of one whole vision pass (SAM, CLIP, projector, layout) over the page's views, to
+    ``vision_profile_<tag>.txt``: where CLIP's time goes beside SAM's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    page.vision(m)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        page.vision(m)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=45)
+    (out / f"vision_profile_{tag}.txt").write_text(table)
+
+
 def profile_prefill(m: Any, embeds: torch.Tensor, out: Path) -> None:
     """Top kernels of one LM prefill over the page's prompt (``m`` ungraphed), to ``prefill_profile_fast.txt``."""
     from torch.profiler import ProfilerActivity, profile
@@ -614,6 +628,12 @@ def main() -> None:
                 var["profile compiled"] = f"failed: {exc}"[:200]
         profile_sam(model, page, out, "eager")
         profile_sam(fast, page, out, "fast")
+        try:  # the whole vision, views one after the other (kernel times not shared between two streams)
+            serial = apply_fast_path(model, attrs.evolve(fast.fast_config, vision_streams=False))
+            profile_vision(serial, page, out, "fast_serial")
+            del serial
+        except Exception as exc:  # a profile failure must not lose the rest of the report
+            var["vision profile"] = f"failed: {type(exc).__name__}: {exc}"[:200]
         print("variants:", var, flush=True)
 
     res.update(eager=eager, fast=fres, variants=var, weight_gib=weight_bytes / GiB, kv_gib=kv_bytes / GiB)
