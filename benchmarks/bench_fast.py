@@ -213,31 +213,19 @@ def profile_decode_step(m: FastModel, embeds: torch.Tensor, out: Path, compile_m
     return decode_step_profile(spans, n)
 
 
-def profile_sam(m: Any, page: Page, out: Path, tag: str) -> None:
-    """Top kernels of one SAM pass over the page's views, to ``sam_profile_<tag>.txt``."""
+def profile_sam(m: Any, page: Page, out: Path, tag: str, stage: str = "sam", rows: int = 20) -> None:
+    """Top kernels of one ``stage`` pass over the page's views (``sam``; ``vision``: SAM, CLIP, projector and
+    layout, where CLIP's time goes beside SAM's), to ``<stage>_profile_<tag>.txt``."""
     from torch.profiler import ProfilerActivity, profile
 
-    page.sam(m)
+    run = getattr(page, stage)
+    run(m)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        page.sam(m)
+        run(m)
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20)
-    (out / f"sam_profile_{tag}.txt").write_text(table)
-
-
-def profile_vision(m: Any, page: Page, out: Path, tag: str) -> None:
-    """Top kernels of one whole vision pass (SAM, CLIP, projector, layout) over the page's views, to
-    ``vision_profile_<tag>.txt``: where CLIP's time goes beside SAM's."""
-    from torch.profiler import ProfilerActivity, profile
-
-    page.vision(m)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        page.vision(m)
-        torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=45)
-    (out / f"vision_profile_{tag}.txt").write_text(table)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows)
+    (out / f"{stage}_profile_{tag}.txt").write_text(table)
 
 
 def profile_prefill(m: Any, embeds: torch.Tensor, out: Path) -> None:
@@ -630,7 +618,7 @@ def main() -> None:
         profile_sam(fast, page, out, "fast")
         try:  # the whole vision, views one after the other (kernel times not shared between two streams)
             serial = apply_fast_path(model, attrs.evolve(fast.fast_config, vision_streams=False))
-            profile_vision(serial, page, out, "fast_serial")
+            profile_sam(serial, page, out, "fast_serial", stage="vision", rows=45)
             del serial
         except Exception as exc:  # a profile failure must not lose the rest of the report
             var["vision profile"] = f"failed: {type(exc).__name__}: {exc}"[:200]
