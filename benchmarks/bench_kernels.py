@@ -689,7 +689,7 @@ def sam_specs() -> list[tuple[str, dict[str, str], dict[str, Any], int]]:
             b = sam_kernels.attention_blocks(
                 grid * grid, grid, interpreter=False, block_m=block_m, block_n=block_n, warps=warps
             )
-            consts = dict(D=64, BLOCK_M=b.block_m, BLOCK_N=b.block_n, ROWS=b.rows, STAGES=b.stages)
+            consts: dict[str, Any] = dict(D=64, BLOCK_M=b.block_m, BLOCK_N=b.block_n, ROWS=b.rows, STAGES=b.stages)
             consts.update(ROW_PAD=sam_kernels._pow2(b.rows), COL_PAD=sam_kernels._pow2(grid))
             consts.update(PRECISION="tf32", UPCAST=False, PREFETCH_RH=True, N_DIVISIBLE=grid * grid % 16 == 0)
             specs.append(("sam_kernels._rel_pos_attention_kernel", sig, consts, b.warps))
