@@ -55,6 +55,7 @@ def settings_of(compose_cfg: Callable[..., DictConfig]) -> Callable[..., RunSett
         ("model.preprocess.crop_mode=maybe", "model.preprocess.crop_mode"),
         ("infer.fast.grouped_moe=yes", "infer.fast.grouped_moe"),
         ("infer.fast.decode_kernels=cutlass", "decode_kernels"),
+        ("infer.fast.vision_compile_mode=max-autotune", "vision_compile_mode"),
         ("repeats=1.5", "repeats"),
         ("progress=sometimes", "progress"),
         ("model.prompt=free_ocrr", "model.prompt"),

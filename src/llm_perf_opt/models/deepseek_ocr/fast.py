@@ -93,6 +93,7 @@ from llm_perf_opt.models.deepseek_ocr.sam import SAM_ATTENTION, SamEncoder, sam_
 
 __all__ = [
     "TRITON_MAX_ROWS",
+    "VISION_COMPILE_MODES",
     "VISION_SDPA",
     "ClipVisionFast",
     "FastConfig",
@@ -121,6 +122,7 @@ PREFILL_EXPERTS = ("torch", "triton")
 PREFILL_ATTENTION = ("sdpa", "triton")
 # torch.compile of the decode step body (then captured in the CUDA graph as before): "none" or an inductor mode.
 DECODE_COMPILE = ("none", "default", "max-autotune-no-cudagraphs")
+VISION_COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
 @attrs.frozen
@@ -179,6 +181,10 @@ class FastConfig:
     # the same for CLIP's layers (clip.clip_block_fast via ClipTransformer.layer_fn): one compile per view shape;
     # for DeepSeek-OCR-2 the second tower's: the encoder's fused layer (deepseek_ocr2.encoder.encoder_layer_fast)
     clip_compile: bool = True
+    # torch.compile's mode for those blocks: "default", or "max-autotune-no-cudagraphs" (inductor times Triton GEMM
+    # templates with fused epilogues, e.g. CLIP's bias + quick GELU, against cuBLAS per shape: the first vision call
+    # compiles for minutes; the graphs stay ours). Not yet timed on a GPU: bench_fast times it as a variant.
+    vision_compile_mode: str = attrs.field(default="default", validator=attrs.validators.in_(VISION_COMPILE_MODES))
     # replay SAM's and CLIP's (v2: the encoder's) fast forwards from CUDA graphs captured per input shape (vision is
     # host-bound: ~500 launches + compiled-guard checks per page); the module calls, and so the timing hooks, stay.
     vision_graphs: bool = True
@@ -257,16 +263,19 @@ _COMPILED: dict[Any, Any] = {}
 VISION_RECOMPILE_LIMIT = 64
 
 
-def _compiled(fn: Any, sdpa_policy: str) -> Any:
+def _compiled(fn: Any, sdpa_policy: str, mode: str = "default") -> Any:
     """``torch.compile(fn)`` for a vision block function, shared by all models (weights are arguments, so
     one compile per input shape and block kind), called with ``sdpa_policy`` (``FastConfig.vision_sdpa``): the
     block functions check it (:func:`graphs.check_sdpa_policy`), so each policy gets its own graph with the SDPA
-    backend chosen under that policy, also when several configs run in one process (a Hydra multirun)."""
-    if fn not in _COMPILED:
+    backend chosen under that policy, also when several configs run in one process (a Hydra multirun).
+    ``mode``: ``FastConfig.vision_compile_mode`` (one compiled function per mode)."""
+    if mode not in VISION_COMPILE_MODES:
+        raise ValueError(f"vision compile mode must be one of {VISION_COMPILE_MODES}, got {mode!r}")
+    if (fn, mode) not in _COMPILED:
         config = torch._dynamo.config
         config.recompile_limit = max(config.recompile_limit, VISION_RECOMPILE_LIMIT)
-        _COMPILED[fn] = torch.compile(fn, dynamic=False)
-    return functools.partial(_COMPILED[fn], sdpa_policy=sdpa_policy)
+        _COMPILED[fn, mode] = torch.compile(fn, dynamic=False, mode=None if mode == "default" else mode)
+    return functools.partial(_COMPILED[fn, mode], sdpa_policy=sdpa_policy)
 
 
 def _resolve_sam_attention(kind: str, device: torch.device, blocks: str = "global") -> tuple[str, str | None]:
@@ -356,7 +365,7 @@ class VisionFast:
         sam.global_attention, sam.window_attention = self.sam_attention, self.sam_window_attention
         sam.gelu_epilogue = self.sam_gelu_epilogue
         if cfg.sam_compile and cfg.sam_fast:
-            sam.block_fn = _compiled(sam_block_fast, cfg.vision_sdpa)
+            sam.block_fn = _compiled(sam_block_fast, cfg.vision_sdpa, cfg.vision_compile_mode)
         if cfg.vision_graphs and cfg.sam_fast:
             sam.forward_fn = self.graphed("sam", sam._forward_fast)
         try:
@@ -375,7 +384,10 @@ class VisionFast:
             return
         name, tower, layer_fast = self._tower
         saved = (tower.layer_fn, tower.forward_fn)
-        tower.layer_fn = _compiled(layer_fast, self.cfg.vision_sdpa) if self.cfg.clip_compile else layer_fast
+        cfg = self.cfg
+        tower.layer_fn = (
+            _compiled(layer_fast, cfg.vision_sdpa, cfg.vision_compile_mode) if cfg.clip_compile else layer_fast
+        )
         if self.cfg.vision_graphs:
             tower.forward_fn = self.graphed(name, tower.forward_fast)
         try:

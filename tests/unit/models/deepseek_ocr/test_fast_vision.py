@@ -193,6 +193,35 @@ def test_vision_compile_keeps_every_shape_a_dataset_meets() -> None:
     assert torch._dynamo.config.recompile_limit >= 2 * (len(range(2, 10)) + 1)
 
 
+def test_vision_compile_mode_reaches_torch_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``vision_compile_mode``: "default" compiles with torch's default mode (None), the autotuning mode is passed
+    as given; one compiled function per (block function, mode), reused; an unknown mode is refused before any
+    compile.  Oracle: the arguments a recording stand-in for ``torch.compile`` received."""
+    import torch
+
+    from llm_perf_opt.models.deepseek_ocr import fast
+
+    calls: list[dict[str, object]] = []
+
+    def recording_compile(fn: object, **kwargs: object) -> object:
+        calls.append(kwargs)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    monkeypatch.setattr(fast, "_COMPILED", {})
+
+    def block(x: torch.Tensor, sdpa_policy: str) -> torch.Tensor:
+        return x
+
+    for mode in ("default", "max-autotune-no-cudagraphs", "default"):
+        fast._compiled(block, "model", mode)(torch.zeros(1))
+    assert [c["mode"] for c in calls] == [None, "max-autotune-no-cudagraphs"]
+    assert all(c["dynamic"] is False for c in calls)
+    with pytest.raises(ValueError, match="vision compile mode must be one of"):
+        fast._compiled(block, "model", "max-autotune")
+    assert len(calls) == 2
+
+
 def test_compiled_vision_blocks_get_one_graph_per_sdpa_policy(tiny_sam: SamEncoder) -> None:
     """Dynamo picks SDPA's backend while tracing and does not guard on the backend flags, so a block compiled
     under one ``vision_sdpa`` policy would keep that backend under the next (a multirun over the switch would time
