@@ -319,6 +319,12 @@ def main() -> None:
         action="store_true",
         help="also time and profile decode_compile='default' (~35 s of compile per max_len)",
     )
+    ap.add_argument(
+        "--vision-compile-variant",
+        action="store_true",
+        help="also time vision_compile_mode='max-autotune-no-cudagraphs' (inductor autotunes every block shape: "
+        "its first vision call may take minutes)",
+    )
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -474,13 +480,15 @@ def main() -> None:
         # SAM's rel-pos attention kernels other than the default, global and windowed blocks, each on the whole fast
         # vision (compiled, graphed)
         d = fast.fast_config
-        for switch, choices in (
+        vision_switches: list[tuple[str, tuple[Any, ...]]] = [
             ("sam_attention", ("augmented", "triton")),
             ("sam_window_attention", ("augmented", "triton")),
             ("sam_gelu_epilogue", (False, True)),
             ("vision_streams", (False, True)),
-            ("vision_compile_mode", ("default", "max-autotune-no-cudagraphs")),
-        ):
+        ]
+        if args.vision_compile_variant:
+            vision_switches.append(("vision_compile_mode", ("default", "max-autotune-no-cudagraphs")))
+        for switch, choices in vision_switches:
             for kind in [k for k in choices if k != getattr(d, switch)]:
                 key = f"{switch}={kind}"
                 try:

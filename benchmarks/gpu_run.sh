@@ -2,7 +2,8 @@
 # One device call for the issue-9 measurements; STAGES picks what runs (default: all), in this order:
 #   tests   GPU tests (pytest -m gpu tests/gpu)
 #   kernels benchmarks/bench_kernels.py (Triton decode kernels vs the torch ops they replace; KERNELS_ARGS=--sweep adds the block sweeps)
-#   fast    benchmarks/bench_fast.py (goals table: vendor HF, eager, fast in one process run)
+#   fast    benchmarks/bench_fast.py (goals table: vendor HF, eager, fast in one process run; FAST_ARGS adds options,
+#           e.g. --vision-compile-variant)
 #   batched benchmarks/bench_batched.py (Base mode, batch 1/8/32/64, graph vs host decode)
 #   hooks   benchmarks/hook_overhead.py on the fast path (the stage hooks' host cost per call and share of prefill)
 #   cli     the profiler through the real CLI, eager and fast, full-size dummy weights, and `compare`
@@ -54,7 +55,7 @@ fi
 if has fast; then
   VENDOR=()
   [ -f models/deepseek-ocr/modeling_deepseekocr.py ] && VENDOR=(--vendor models/deepseek-ocr --vendor-pythonpath /tmp/hfsite)
-  python3 benchmarks/bench_fast.py --out "$OUT" "${VENDOR[@]}" 2>&1 | grep -v '^variants:\|^fast:\|^eager:' | tail -80
+  python3 benchmarks/bench_fast.py --out "$OUT" "${VENDOR[@]}" ${FAST_ARGS:-} 2>&1 | grep -v '^variants:\|^fast:\|^eager:' | tail -80
 fi
 if has batched; then
   python3 benchmarks/bench_batched.py --out "$OUT" 2>&1 | tail -30
