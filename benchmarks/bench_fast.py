@@ -477,6 +477,15 @@ def main() -> None:
                 functools.partial(page.vision, vm), 2, 7
             )
             del vm
+
+        def time_vision_variant(key: str, vm: FastModel) -> None:
+            """The whole fast vision (compiled, graphed) and SAM alone of ``vm``, and its features against eager."""
+            var[f"vision {key} ms"] = cuda_ms(functools.partial(page.vision, vm), 2, 7)
+            var[f"sam only, {key} ms"] = cuda_ms(functools.partial(page.sam, vm), 2, 7)
+            var[f"vision {key}: max |Δ| of image features vs eager"] = float(
+                (page.embeds(vm).float() - embeds.float()).abs().max()
+            )
+
         # SAM's rel-pos attention kernels other than the default, global and windowed blocks, each on the whole fast
         # vision (compiled, graphed)
         d = fast.fast_config
@@ -500,11 +509,7 @@ def main() -> None:
                     page.vision(vm)  # the first call: compiles (and, for a compile mode, autotunes) and captures
                     torch.cuda.synchronize()
                     var[f"vision {key}: first call (compile, capture) s"] = time.perf_counter() - t0
-                    var[f"vision {key} ms"] = cuda_ms(functools.partial(page.vision, vm), 2, 7)
-                    var[f"sam only, {key} ms"] = cuda_ms(functools.partial(page.sam, vm), 2, 7)
-                    var[f"vision {key}: max |Δ| of image features vs eager"] = float(
-                        (page.embeds(vm).float() - embeds.float()).abs().max()
-                    )
+                    time_vision_variant(key, vm)
                     profile_sam(vm, page, out, f"fast_{switch}_{kind}")
                     del vm
                 except Exception as exc:  # a kernel compile failure must not lose the rest of the report
@@ -521,11 +526,7 @@ def main() -> None:
                 sam_kernels.BY_GRID.update(by_grid)
                 try:
                     vm = apply_fast_path(model, d)
-                    var[f"vision {key} ms"] = cuda_ms(functools.partial(page.vision, vm), 2, 7)
-                    var[f"sam only, {key} ms"] = cuda_ms(functools.partial(page.sam, vm), 2, 7)
-                    var[f"vision {key}: max |Δ| of image features vs eager"] = float(
-                        (page.embeds(vm).float() - embeds.float()).abs().max()
-                    )
+                    time_vision_variant(key, vm)
                     del vm
                 except Exception as exc:  # a launch setting that fails must not lose the rest of the report
                     var[f"vision {key}"] = f"failed: {type(exc).__name__}: {exc}"[:300]

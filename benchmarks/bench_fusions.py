@@ -41,7 +41,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmath next to this script
-from bench_kernels import graph_us  # noqa: E402
+from bench_kernels import graph_ms  # noqa: E402
 from benchmath import cuda_ms  # noqa: E402
 
 from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig  # noqa: E402
@@ -50,12 +50,6 @@ from llm_perf_opt.models.deepseek_ocr.fast_layers import GroupedMoE  # noqa: E40
 
 CONFIG = ROOT / "src/llm_perf_opt/models/deepseek_ocr/configs/deepseek-ocr.json"
 PROMPT = 913  # the Gundam 1224x1584 page's prompt (bench_fast)
-
-
-def graph_ms(fn: Any) -> float:
-    """Milliseconds per call of ``fn`` replayed from a CUDA graph of 10 back-to-back calls (median of 10 replays):
-    the GPU's time, without the Python launch cost the prefill's graph does not pay either."""
-    return graph_us([fn], calls=10, reps=10) / 1e3
 
 
 def gelu_rows(dev: torch.device, width: int, hidden: int) -> list[dict[str, Any]]:

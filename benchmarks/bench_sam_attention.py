@@ -38,7 +38,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmath next to this script
-from bench_kernels import graph_us  # noqa: E402
+from bench_kernels import graph_ms  # noqa: E402
 from benchmath import cuda_ms  # noqa: E402
 from torch.nn.attention import sdpa_kernel  # noqa: E402
 
@@ -145,12 +145,6 @@ def sweep_settings(grid: int) -> list[tuple[int, int, int, int, bool]]:
     programs = [(64, 4, 2), (128, 4, 2), (128, 8, 2), (128, 8, 3)] + ([(32, 4, 2)] if grid <= 16 else [])
     out = [(m, n, w, s, True) for n in widths for m, w, s in programs]
     return [*out, (128, width, 8, 2, False)]
-
-
-def graph_ms(fn: Any) -> float:
-    """ms per call, replayed from a CUDA graph of 10 calls (as the product's vision graphs run the kernel): a
-    Python-timed loop of sub-0.3 ms kernels measures the host's launches (round 13)."""
-    return graph_us([fn], calls=10, reps=10) / 1e3
 
 
 def sweep_rows(sam: SamEncoder, dev: torch.device) -> list[dict[str, Any]]:

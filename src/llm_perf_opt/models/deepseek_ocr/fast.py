@@ -388,7 +388,7 @@ class VisionFast:
         tower.layer_fn = (
             _compiled(layer_fast, cfg.vision_sdpa, cfg.vision_compile_mode) if cfg.clip_compile else layer_fast
         )
-        if self.cfg.vision_graphs:
+        if cfg.vision_graphs:
             tower.forward_fn = self.graphed(name, tower.forward_fast)
         try:
             yield
