@@ -441,6 +441,18 @@ def main() -> None:
 
         # ---------------- variants
         var: dict[str, Any] = {}
+
+        def checkpoint(next_part: str | None) -> None:
+            """Write the report as it stands: a call cut short by its time limit keeps what was measured."""
+            res.update(eager=eager, fast=fres, variants=var, weight_gib=weight_bytes / GiB, kv_gib=kv_bytes / GiB)
+            res["decode_tokens"] = steps
+            if next_part is None:
+                res.pop("partial", None)
+            else:
+                res["partial"] = f"written before {next_part} ran; rows after it are missing if the run stopped there"
+            write_report(res, out, keep, echo=next_part is None)
+
+        checkpoint("the variants")
         if args.decode_compile_variant:
             other = "none" if fast.fast_config.decode_compile != "none" else "default"
             try:
@@ -459,6 +471,7 @@ def main() -> None:
                 del cm, c_dec
             except Exception as exc:  # a compile failure must not lose the rest of the report
                 var[f"decode compile={other}"] = f"failed: {type(exc).__name__}: {exc}"[:200]
+        checkpoint("the vision variants")
         for name, vcfg in {
             "sam_fast=False (reference SAM, no graph), CLIP graphed": FastConfig(
                 sam_fast=False, sam_compile=False, clip_compile=False
@@ -495,27 +508,33 @@ def main() -> None:
             ("sam_gelu_epilogue", (False, True)),
             ("vision_streams", (False, True)),
         ]
-        if args.vision_compile_variant:
-            vision_switches.append(("vision_compile_mode", ("default", "max-autotune-no-cudagraphs")))
-        for switch, choices in vision_switches:
-            for kind in [k for k in choices if k != getattr(d, switch)]:
-                key = f"{switch}={kind}"
-                try:
-                    vm = apply_fast_path(model, attrs.evolve(d, **{switch: kind}))
-                    if isinstance(kind, str) and getattr(vm.vision, switch, kind) != kind:  # resolved elsewhere
-                        var[f"vision {key}"] = f"not run: {getattr(vm.vision, switch + '_note')}"
-                        continue
-                    t0 = time.perf_counter()
-                    page.vision(vm)  # the first call: compiles (and, for a compile mode, autotunes) and captures
-                    torch.cuda.synchronize()
-                    var[f"vision {key}: first call (compile, capture) s"] = time.perf_counter() - t0
-                    time_vision_variant(key, vm)
-                    profile_sam(vm, page, out, f"fast_{switch}_{kind}")
-                    del vm
-                except Exception as exc:  # a kernel compile failure must not lose the rest of the report
-                    var[f"vision {key}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
+
+        def time_vision_switches(switches: list[tuple[str, tuple[Any, ...]]]) -> None:
+            """Each other choice of each vision switch: its first call (compile, capture), the whole vision, SAM
+            alone, its features against eager, and a SAM kernel profile."""
+            for switch, choices in switches:
+                for kind in [k for k in choices if k != getattr(d, switch)]:
+                    key = f"{switch}={kind}"
+                    checkpoint(f"vision {key}")
+                    try:
+                        vm = apply_fast_path(model, attrs.evolve(d, **{switch: kind}))
+                        if isinstance(kind, str) and getattr(vm.vision, switch, kind) != kind:  # resolved elsewhere
+                            var[f"vision {key}"] = f"not run: {getattr(vm.vision, switch + '_note')}"
+                            continue
+                        t0 = time.perf_counter()
+                        page.vision(vm)  # the first call: compiles (and, for a compile mode, autotunes) and captures
+                        torch.cuda.synchronize()
+                        var[f"vision {key}: first call (compile, capture) s"] = time.perf_counter() - t0
+                        time_vision_variant(key, vm)
+                        profile_sam(vm, page, out, f"fast_{switch}_{kind}")
+                        del vm
+                    except Exception as exc:  # a kernel compile failure must not lose the rest of the report
+                        var[f"vision {key}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
+
+        time_vision_switches(vision_switches)
         # sam_kernels.BY_GRID candidates (several key rows per step, their position terms through one-hot
         # products), each on the whole fast vision (compiled, graphed) beside the one-row default above
+        checkpoint("the sam_kernels.BY_GRID candidates")
         if "triton" in (d.sam_attention, d.sam_window_attention):
             from llm_perf_opt.models.deepseek_ocr import sam_kernels
 
@@ -533,6 +552,7 @@ def main() -> None:
                 finally:
                     sam_kernels.BY_GRID.clear()
                     sam_kernels.BY_GRID.update(default_by_grid)
+        checkpoint("the decode variants")
         for name, fcfg in {
             "attn=sdpa": FastConfig(decode_attention="sdpa"),
             "experts=gather_bmm": FastConfig(expert_impl="gather_bmm"),
@@ -581,6 +601,7 @@ def main() -> None:
                     time_variant(f"kernels.UP_STAGES={stages}", d)
                 finally:
                     triton_kernels.UP_STAGES = default_stages
+        checkpoint("the prefill variants")
         fm = apply_fast_path(model, FastConfig(prefill_graphs=False))
         var["prefill prefill_graphs=False ms"] = prefill_ms(fm, embeds)
         profile_prefill(fm, embeds, out)  # ungraphed: the profiler sees each kernel
@@ -616,6 +637,7 @@ def main() -> None:
                         var[f"prefill {SPREAD_LABEL} ms"] = prefill_ms(fm, embeds)
                 except Exception as exc:  # must not lose the rest of the report
                     var[f"prefill {SPREAD_LABEL}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
+        checkpoint("the torch decode kernels, the ungraphed decode and the vision SDPA policies")
         other_kernels = "torch" if fast.fast_config.decode_kernels == "triton" else "triton"
         try:
             fm = apply_fast_path(model, FastConfig(decode_kernels=other_kernels))
@@ -644,6 +666,7 @@ def main() -> None:
             except RuntimeError as exc:
                 var[f"vision sdpa={vis} ms"] = f"failed: {exc}"[:120]
         del fm
+        checkpoint("the kernel profiles")
         try:
             prof = profile_decode_step(fast, embeds, out)
             var["fast decode step: kernels/step (no graph)"] = prof["kernels_per_step"] or f"n/a: {prof['reason']}"
@@ -672,14 +695,14 @@ def main() -> None:
             del serial
         except Exception as exc:  # a profile failure must not lose the rest of the report
             var["vision profile"] = f"failed: {type(exc).__name__}: {exc}"[:200]
+        if args.vision_compile_variant:  # last: inductor's autotuning of every block shape may take minutes
+            time_vision_switches([("vision_compile_mode", ("default", "max-autotune-no-cudagraphs"))])
         print("variants:", var, flush=True)
-
-    res.update(eager=eager, fast=fres, variants=var, weight_gib=weight_bytes / GiB, kv_gib=kv_bytes / GiB)
-    res["decode_tokens"] = steps
-    write_report(res, out, keep)
+        checkpoint(None)
 
 
-def write_report(res: dict[str, Any], out: Path, keep: int) -> None:
+def write_report(res: dict[str, Any], out: Path, keep: int, echo: bool = True) -> None:
+    """The markdown table and the JSON beside it; ``res["partial"]`` (a run still going) is said at the top."""
     e, f, env = res["eager"], res["fast"], res["env"]
 
     tok_e, tok_f = res.get("eager_decode_tokens"), res["decode_tokens"]
@@ -697,6 +720,7 @@ def write_report(res: dict[str, Any], out: Path, keep: int) -> None:
         f" CUDA events after warm-up, medians. Peaks: {res['peak_source']}"
         f" ({res['peak_bf16_flops'] / 1e12:.1f} TFLOP/s bf16 dense, {res['peak_bytes_per_s'] / 1e12:.2f} TB/s).",
         "",
+        *([f"**Partial report:** {res['partial']}.", ""] if res.get("partial") else []),
         "## Goals (issue 9), one run",
         "",
         *goals_table(res, keep),
@@ -751,7 +775,8 @@ def write_report(res: dict[str, Any], out: Path, keep: int) -> None:
     stem = f"{dt.date.today().isoformat()}-{gpu}-fast"
     (out / f"{stem}.md").write_text(text)
     (out / f"{stem}.json").write_text(json.dumps(res, indent=2, default=str))
-    print(text)
+    if echo:
+        print(text)
 
 
 if __name__ == "__main__":
