@@ -552,6 +552,21 @@ def main() -> None:
                 finally:
                     sam_kernels.BY_GRID.clear()
                     sam_kernels.BY_GRID.update(default_by_grid)
+            # the kernel's position tables in their other form (a module setting: one dense GEMM + gather, or the
+            # reference's two einsums batched over query rows)
+            default_tables = sam_kernels.TABLES
+            for form in [f for f in sam_kernels.TABLE_FORMS if f != default_tables]:
+                key = f"sam_kernels.TABLES={form}"
+                sam_kernels.TABLES = form
+                try:
+                    vm = apply_fast_path(model, d)
+                    time_vision_variant(key, vm)
+                    profile_sam(vm, page, out, f"fast_tables_{form}")
+                    del vm
+                except Exception as exc:  # must not lose the rest of the report
+                    var[f"vision {key}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
+                finally:
+                    sam_kernels.TABLES = default_tables
         checkpoint("the decode variants")
         for name, fcfg in {
             "attn=sdpa": FastConfig(decode_attention="sdpa"),

@@ -159,7 +159,18 @@ def sweep_rows(sam: SamEncoder, dev: torch.device) -> list[dict[str, Any]]:
         n = grid * grid
         q, k, v = (torch.randn(batch, heads, n, dim, device=dev, generator=gen, dtype=torch.bfloat16) for _ in range(3))
         tables = functools.partial(sam_kernels.rel_pos_tables, q, rel_h, rel_w, (grid, grid))
-        rows.append(dict(view=view, setting="the two tables alone (einsums)", ms=graph_ms(tables)))
+        default_form = sam_kernels.TABLES
+        for form in sam_kernels.TABLE_FORMS:  # compiled, as inside the fast path's SAM blocks
+            sam_kernels.TABLES = form
+            try:
+                compiled = torch.compile(tables, dynamic=False)
+                compiled()  # compile outside the graph capture
+                ms = graph_ms(compiled)
+            except Exception as exc:  # one form failing must not lose the sweep
+                ms, form = float("nan"), f"{form} (failed: {type(exc).__name__}: {exc})"[:200]
+            finally:
+                sam_kernels.TABLES = default_form
+            rows.append(dict(view=view, setting=f"the two tables alone, compiled, TABLES={form}", ms=ms))
         th, tw = tables()
         default = sam_kernels.attention_blocks(n, grid, interpreter=False)
         rows.append(dict(view=view, setting=f"default: {default}", ms=float("nan")))
@@ -274,7 +285,8 @@ def render(
             "## The Triton kernel's launch settings (--sweep; default: sam_kernels.attention_blocks)",
             "",
             "Each setting is the kernel alone on precomputed tables, timed from a CUDA graph of 10 calls (median of",
-            "10 replays); the first row per view is the tables' einsums alone. Several key rows per step add the",
+            "10 replays); the first rows per view are the tables alone (compiled) in each form of sam_kernels.TABLES.",
+            "Several key rows per step add the",
             "position terms through one-hot products (since round 14; round 11's several-rows rows selected them).",
             "",
             "| view | setting | ms | useful TFLOP/s |",

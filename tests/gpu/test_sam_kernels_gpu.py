@@ -130,3 +130,32 @@ def test_linear_gelu_epilogue_is_the_tanh_gelu() -> None:
     ref16 = _gelu_tanh_float64(x16.double() @ w16.double().T + b16.double())  # of the bf16 operands
     step = float(ref16.abs().max()) * 2.0**-8
     assert float((out16.double() - ref16).abs().max()) <= step
+
+
+@pytest.mark.parametrize(("batch", "grid"), [(6, 40), (1, 64), (54, 14)])
+@pytest.mark.parametrize("form", ["gemm", "einsum"])
+def test_tables_compiled_match_float64_products(
+    batch: int, grid: int, form: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both forms of ``sam_kernels.rel_pos_tables``, compiled as inside the fast path's SAM blocks, hold the
+    reference's products (oracle: ``sam.rel_pos_terms`` in float64) to bf16 rounding: each entry is one 64-term dot
+    product rounded to bf16 once, so within half a bf16 step (2**-9 relative) of the largest entry plus fp32 slack."""
+    from llm_perf_opt.models.deepseek_ocr import sam_kernels
+    from llm_perf_opt.models.deepseek_ocr.sam import rel_pos_terms
+
+    monkeypatch.setattr(sam_kernels, "TABLES", form)
+    gen = torch.Generator(device="cuda").manual_seed(grid + 1)
+    qkv = torch.randn(batch, grid * grid, 3, HEADS, DIM, device="cuda", generator=gen, dtype=torch.bfloat16)
+    q = qkv.permute(2, 0, 3, 1, 4)[0]  # the block's strided view
+    rel_h = (torch.randn(127, DIM, device="cuda", generator=gen) * 0.5).bfloat16()
+    rel_w = (torch.randn(127, DIM, device="cuda", generator=gen) * 0.5).bfloat16()
+    hw = (grid, grid)
+    with torch.inference_mode():
+        th, tw = torch.compile(sam_kernels.rel_pos_tables, dynamic=False)(q, rel_h, rel_w, hw)
+        eh, ew = rel_pos_terms(q.double(), rel_h.double(), rel_w.double(), hw, hw)
+    n = grid * grid
+    ref_h = eh.reshape(batch * HEADS, n, grid).transpose(1, 2)
+    ref_w = ew.reshape(batch * HEADS, n, grid)
+    for got, ref in ((th, ref_h), (tw, ref_w)):
+        assert got.shape == ref.shape and got.dtype == torch.bfloat16 and got.is_contiguous()
+        assert float((got.double() - ref).abs().max()) <= float(ref.abs().max()) * 2**-8

@@ -37,6 +37,7 @@ __all__ = [
     "rel_pos_flex_attention",
     "rel_pos_terms",
     "rel_pos_triton_attention",
+    "resample_rel_pos",
     "sam_block_fast",
     "window_partition",
     "window_unpartition",
@@ -73,6 +74,20 @@ def window_unpartition(windows: Tensor, window_size: int, padded_hw: tuple[int, 
     return x
 
 
+def resample_rel_pos(rel_pos: Tensor, length: int) -> Tensor:
+    """One axis' relative-position table [L, C] at ``length`` rows: as stored when it has them, else resampled
+    linearly in float32 (and cast back) as the reference does (a 640² tile's 40-wide grid needs 2·40−1 rows of the
+    2·64−1 stored for SAM-B's 1024² grid)."""
+    if rel_pos.shape[0] == length:
+        return rel_pos
+    resized = F.interpolate(
+        rel_pos.to(torch.float32).reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1),
+        size=length,
+        mode="linear",
+    ).to(rel_pos.dtype)
+    return resized.reshape(-1, length).permute(1, 0)
+
+
 def get_rel_pos(q_size: int, k_size: int, rel_pos: Tensor) -> Tensor:
     """Gather the [q_size, k_size, C] relative-position table for one axis.
 
@@ -82,15 +97,7 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: Tensor) -> Tensor:
     self-attention, kept for exactness).
     """
     max_rel_dist = 2 * max(q_size, k_size) - 1
-    if rel_pos.shape[0] != max_rel_dist:
-        resized = F.interpolate(
-            rel_pos.to(torch.float32).reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1),
-            size=max_rel_dist,
-            mode="linear",
-        ).to(rel_pos.dtype)
-        table = resized.reshape(-1, max_rel_dist).permute(1, 0)
-    else:
-        table = rel_pos
+    table = resample_rel_pos(rel_pos, max_rel_dist)
     q_coords = torch.arange(q_size, device=rel_pos.device)[:, None] * max(k_size / q_size, 1.0)
     k_coords = torch.arange(k_size, device=rel_pos.device)[None, :] * max(q_size / k_size, 1.0)
     relative_coords = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)

@@ -54,6 +54,8 @@ __all__ = [
     "BY_GRID",
     "HAVE_TRITON",
     "INTERPRETED",
+    "TABLES",
+    "TABLE_FORMS",
     "Blocks",
     "attention_blocks",
     "attention_kernel",
@@ -268,17 +270,44 @@ def attention_blocks(
     return Blocks(block_m or auto.block_m, block_n, rows, warps or auto.warps, stages or auto.stages)
 
 
+TABLES: str = "gemm"
+"""How :func:`rel_pos_tables` computes the two tables: ``"gemm"`` (one dense product of the queries with both axes'
+resampled tables, then each query's own rows picked out) or ``"einsum"`` (:func:`sam.rel_pos_terms`'s two einsums,
+the reference's form: batched over query rows, which inductor hands to a small-tile batched GEMM).  A module setting,
+so ``bench_fast`` can time both in one run."""
+TABLE_FORMS = ("gemm", "einsum")
+
+
 def rel_pos_tables(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
     """The kernel's two position tables from the *unscaled* query ``q`` [B, heads, h·w, C]: :func:`sam.rel_pos_terms`
     laid out as ``rel_h`` [B·heads, h (key row), h·w] (key-row major) and ``rel_w`` [B·heads, h·w, w (key column)],
-    both contiguous in ``q.dtype``."""
-    from llm_perf_opt.models.deepseek_ocr.sam import rel_pos_terms
+    both contiguous in ``q.dtype``.
 
+    Query (qh, qw) and key row kh take row ``qh − kh + h − 1`` of the resampled ``rel_pos_h`` (likewise for columns),
+    so with :data:`TABLES` ``"gemm"`` one product ``q`` × [``rel_pos_h``; ``rel_pos_w``]ᵀ ([B·heads·N, 2h−1 + 2w−1],
+    every query against every table row) holds all of them, and a gather picks each query's ``h`` + ``w``: twice the
+    multiply-adds of the two einsums (small: a 64-deep product), in one dense GEMM instead of two products batched
+    over query rows.  Each entry is the same 64-term dot product in float32, rounded to ``q.dtype`` once; only the
+    order of its terms may differ from the einsums'."""
+    from llm_perf_opt.models.deepseek_ocr.sam import rel_pos_terms, resample_rel_pos
+
+    if TABLES not in TABLE_FORMS:
+        raise ValueError(f"sam_kernels.TABLES must be one of {TABLE_FORMS}, got {TABLES!r}")
     h, w = hw
     b, n_heads, n, _ = q.shape
-    rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, hw, hw)  # [B, heads, h, w, kh], [B, heads, h, w, kw]
-    rel_h = rel_h.permute(0, 1, 4, 2, 3).reshape(b * n_heads, h, n)
-    return rel_h.contiguous(), rel_w.reshape(b * n_heads, n, w).contiguous()
+    if TABLES == "einsum":
+        rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, hw, hw)  # [B, heads, h, w, kh], [B, heads, h, w, kw]
+        rel_h = rel_h.permute(0, 1, 4, 2, 3).reshape(b * n_heads, h, n)
+        return rel_h.contiguous(), rel_w.reshape(b * n_heads, n, w).contiguous()
+    table = torch.cat((resample_rel_pos(rel_pos_h, 2 * h - 1), resample_rel_pos(rel_pos_w, 2 * w - 1)))
+    full = torch.matmul(q, table.to(q.dtype).t()).view(b * n_heads, h, w, table.shape[0])
+    rows = torch.arange(h, device=q.device)
+    cols = torch.arange(w, device=q.device)
+    pick_h = (rows[:, None] - rows[None, :] + h - 1).view(1, h, 1, h).expand(b * n_heads, h, w, h)  # [., qh, ., kh]
+    pick_w = (cols[:, None] - cols[None, :] + 2 * h + w - 2).view(1, 1, w, w).expand(b * n_heads, h, w, w)
+    rel_h = torch.gather(full, 3, pick_h).permute(0, 3, 1, 2).reshape(b * n_heads, h, n)
+    rel_w = torch.gather(full, 3, pick_w).reshape(b * n_heads, n, w)
+    return rel_h.contiguous(), rel_w.contiguous()
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, hw: tuple[int, int]) -> None:

@@ -123,16 +123,48 @@ def test_output_is_a_view_of_token_major_storage() -> None:
     assert tokens.reshape(2, 15, 48).data_ptr() == out.data_ptr()
 
 
-def test_tables_equal_rel_pos_terms() -> None:
-    """The kernel's key-row-major tables hold the products ``sam.rel_pos_terms`` computes."""
+@pytest.mark.parametrize("form", SK.TABLE_FORMS)
+@pytest.mark.parametrize("hw", [(3, 5), (4, 4), (14, 14)])
+def test_tables_hold_the_reference_products(form: str, hw: tuple[int, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both table forms lay out the products of the reference's ``rel_pos_terms`` (oracle: that function in float64,
+    the reference model's path) key-row major, to float32 rounding; their tables are resampled (a 1.5x grid)."""
     from llm_perf_opt.models.deepseek_ocr.sam import rel_pos_terms
 
-    hw = (3, 5)
+    monkeypatch.setattr(SK, "TABLES", form)
+    h, w = hw
     q, _, _, rel_h, rel_w = _case(hw, 16, torch.float32, seed=5)
     th, tw = SK.rel_pos_tables(q, rel_h, rel_w, hw)
-    eh, ew = rel_pos_terms(q, rel_h, rel_w, hw, hw)  # [B, heads, h, w, kh], [B, heads, h, w, kw]
-    torch.testing.assert_close(th, eh.reshape(6, 15, 3).transpose(1, 2), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(tw, ew.reshape(6, 15, 5), rtol=1e-6, atol=1e-6)
+    eh, ew = rel_pos_terms(q.double(), rel_h.double(), rel_w.double(), hw, hw)  # [B, heads, h, w, kh|kw]
+    assert th.dtype == tw.dtype == torch.float32 and th.is_contiguous() and tw.is_contiguous()
+    torch.testing.assert_close(th.double(), eh.reshape(6, h * w, h).transpose(1, 2), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tw.double(), ew.reshape(6, h * w, w), rtol=1e-5, atol=1e-5)
+
+
+def test_gemm_tables_by_hand_without_resampling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tables stored at the grid's size (no resampling): entry (query (qh, qw), key row kh) is ``q · rel_pos_h[qh −
+    kh + h − 1]`` and (query, key column kw) is ``q · rel_pos_w[qw − kw + w − 1]``, written out element by element."""
+    monkeypatch.setattr(SK, "TABLES", "gemm")
+    h, w, dim = 3, 4, 16
+    gen = torch.Generator().manual_seed(9)
+    q = torch.randn(1, 2, h * w, dim, generator=gen, dtype=torch.float64)
+    rph = torch.randn(2 * h - 1, dim, generator=gen, dtype=torch.float64)
+    rpw = torch.randn(2 * w - 1, dim, generator=gen, dtype=torch.float64)
+    th, tw = SK.rel_pos_tables(q, rph, rpw, (h, w))
+    for head in range(2):
+        for qh in range(h):
+            for qw in range(w):
+                n = qh * w + qw
+                for kh in range(h):
+                    assert th[head, kh, n] == pytest.approx(float(q[0, head, n] @ rph[qh - kh + h - 1]), abs=1e-12)
+                for kw in range(w):
+                    assert tw[head, n, kw] == pytest.approx(float(q[0, head, n] @ rpw[qw - kw + w - 1]), abs=1e-12)
+
+
+def test_unknown_table_form_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(SK, "TABLES", "bmm")
+    q, _, _, rel_h, rel_w = _case((4, 4), 16, torch.float32, seed=1)
+    with pytest.raises(ValueError, match=r"TABLES must be one of \('gemm', 'einsum'\), got 'bmm'"):
+        SK.rel_pos_tables(q, rel_h, rel_w, (4, 4))
 
 
 def test_bad_input_is_refused_with_the_reason() -> None:
