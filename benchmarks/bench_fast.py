@@ -644,14 +644,24 @@ def main() -> None:
                     finally:
                         prompt_moe.DOWN_GEMM = default_down
                 # a real page's expert reads: the routing spread at random after the router runs (the dummy
-                # weights route the prompt to 28-46 of the 64 experts per layer, a real checkpoint to nearly all)
+                # weights route the prompt to 28-46 of the 64 experts per layer, a real checkpoint to nearly all);
+                # then both, with the grouped GEMMs' weight tiles through the other load form (prompt_moe.W_TMA)
                 lang = model.config.language
-                try:
-                    with spread_routing(embeds.shape[1], lang.n_routed_experts, lang.num_experts_per_tok):
-                        fm = apply_fast_path(model, fast.fast_config)
-                        var[f"prefill {SPREAD_LABEL} ms"] = prefill_ms(fm, embeds)
-                except Exception as exc:  # must not lose the rest of the report
-                    var[f"prefill {SPREAD_LABEL}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
+                default_tma = prompt_moe.W_TMA
+                for tma in (default_tma, not default_tma):
+                    prompt_moe.W_TMA = tma
+                    tag = "" if tma == default_tma else f", prompt_moe.W_TMA={tma}"
+                    try:
+                        if tma != default_tma:
+                            fm = apply_fast_path(model, fast.fast_config)
+                            var[f"prefill prompt_moe.W_TMA={tma} ms"] = prefill_ms(fm, embeds)
+                        with spread_routing(embeds.shape[1], lang.n_routed_experts, lang.num_experts_per_tok):
+                            fm = apply_fast_path(model, fast.fast_config)
+                            var[f"prefill {SPREAD_LABEL}{tag} ms"] = prefill_ms(fm, embeds)
+                    except Exception as exc:  # must not lose the rest of the report
+                        var[f"prefill {SPREAD_LABEL}{tag}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
+                    finally:
+                        prompt_moe.W_TMA = default_tma
         checkpoint("the torch decode kernels, the ungraphed decode and the vision SDPA policies")
         other_kernels = "torch" if fast.fast_config.decode_kernels == "triton" else "triton"
         try:

@@ -724,14 +724,19 @@ def prompt_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[s
         ("prompt_moe._align_hist_kernel", hist, dict(E=n_experts, BLOCK_P=128, BLOCK_E=block_e), 4),
         ("prompt_moe._align_place_kernel", place, {**place_consts, "HAS_COUNTS": True}, 4),
     ]
-    gemm = dict(a_ptr=bf, order_ptr="*i32", offs_ptr="*i32", w_ptr=bf, out_ptr=bf, P="i32", N="i32", K="i32")
+    gemm = dict(a_ptr=bf, order_ptr="*i32", offs_ptr="*i32", w_ptr=bf, w_desc=bf, out_ptr=bf)
+    gemm.update(P="i32", N="i32", K="i32")
     hid, inter = lang.hidden_size, lang.moe_intermediate_size
     for which, n, kk, gather in (("up", inter, hid, True), ("down", hid, inter, False)):
         bm, bn, bk, warps, stages = prompt_moe.gemm_blocks(which, interpreter=False)
         assert stages == 3, "the check compiles at Triton's default of three stages"
         consts = dict(E=n_experts, TOP_K=k, GATHER=gather, SWIGLU=gather, BLOCK_E=1 << (n_experts - 1).bit_length())
         consts.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=kk % bk == 0, EVEN_N=n % bn == 0)
-        specs.append(("prompt_moe._grouped_gemm_kernel", gemm, {**consts, "PRECISION": "tf32", "UPCAST": False}, warps))
+        consts.update(PRECISION="tf32", UPCAST=False)
+        specs.append(("prompt_moe._grouped_gemm_kernel", gemm, {**consts, "W_TMA": False}, warps))
+        # prompt_moe.W_TMA: the weight tiles through a tensor descriptor (the launcher passes one of [bn, bk] blocks)
+        tma = {**gemm, "w_desc": f"tensordesc<bf16[{bn},{bk}]>"}
+        specs.append(("prompt_moe._grouped_gemm_kernel", tma, {**consts, "W_TMA": True}, warps))
     attn = dict(q_ptr=bf, k_ptr=bf, v_ptr=bf, o_ptr=bf)
     attn.update(dict.fromkeys(("s_qb", "s_ql", "s_qh", "s_kb", "s_kh", "s_kn", "s_vb", "s_vh", "s_vn"), "i32"))
     attn.update(L="i32", start="i32", HEADS="i32", GROUP="i32", qk_scale="fp32")
@@ -834,6 +839,8 @@ def sm90_check(lang: LanguageConfig) -> list[dict[str, Any]]:
                     r"cp\.async\.\w+\.shared\.global[^;]*,\s*0x10\b|cp\.async\.\w+\.shared\.global[^;]*,\s*16\b", ptx
                 )
             ),
+            # tensor-descriptor (TMA) copies into shared memory (prompt_moe.W_TMA's weight tiles)
+            tma_copies=len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
             # the dependent-launch instructions in the PTX (griddepcontrol.wait / .launch_dependents)
             griddepcontrol=sorted(set(re.findall(r"griddepcontrol\.(\w+)", ptx))),
             # global loads (and async copies to shared memory) the PTX issues before its first wait (None: no

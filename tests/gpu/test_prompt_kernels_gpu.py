@@ -65,8 +65,12 @@ def weights() -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
+@pytest.mark.parametrize("tma", [False, True])  # prompt_moe.W_TMA: weight tiles through a TMA descriptor
 @pytest.mark.parametrize("skew", [False, True])
-def test_prompt_experts_match_the_torch_prefill_path(weights: tuple[torch.Tensor, torch.Tensor], skew: bool) -> None:
+def test_prompt_experts_match_the_torch_prefill_path(
+    weights: tuple[torch.Tensor, torch.Tensor], skew: bool, tma: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(PM, "W_TMA", tma)
     w13, w2 = weights
     x, shared = _randn(TOKENS, HIDDEN, seed=3), _randn(TOKENS, HIDDEN, seed=4)
     idx, wts = _routing(5, skew)
@@ -97,9 +101,14 @@ def test_prompt_experts_match_the_torch_prefill_path(weights: tuple[torch.Tensor
     torch.testing.assert_close(out.float(), torch_path.float(), rtol=2e-2, atol=2e-2)
 
 
-def test_prompt_experts_in_a_cuda_graph_follow_new_routing(weights: tuple[torch.Tensor, torch.Tensor]) -> None:
+@pytest.mark.parametrize("tma", [False, True])
+def test_prompt_experts_in_a_cuda_graph_follow_new_routing(
+    weights: tuple[torch.Tensor, torch.Tensor], tma: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The chain captured once; new routing written on the device (other experts, other rows per expert, skewed
-    into multi-tile experts) gives on replay what eager calls give."""
+    into multi-tile experts) gives on replay what eager calls give (with ``W_TMA`` the graph holds the descriptors
+    by value)."""
+    monkeypatch.setattr(PM, "W_TMA", tma)
     w13, w2 = weights
     x, shared = _randn(TOKENS, HIDDEN, seed=6), _randn(TOKENS, HIDDEN, seed=7)
     idx, wts = _routing(8, skew=False)

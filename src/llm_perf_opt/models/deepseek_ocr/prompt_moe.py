@@ -50,6 +50,7 @@ __all__ = [
     "DOWN_GEMMS",
     "HAVE_TRITON",
     "INTERPRETED",
+    "W_TMA",
     "Alignment",
     "GemmBlocks",
     "align",
@@ -113,6 +114,12 @@ DOWN_BLOCKS = GemmBlocks(128, 128, 64, 8, 3)
 # round 13, call 3, the graphed LM prefill on dummy routing): 3.69 ms with triton, 3.85 with torch.
 DOWN_GEMMS = ("triton", "torch")
 DOWN_GEMM = "triton"
+# Whether the grouped GEMMs read their weight tiles through a TMA tensor descriptor (Hopper's copy engine: one
+# thread issues a [BLOCK_N, BLOCK_K] tile, the loop's stages wait on barriers) instead of per-thread pointer loads
+# (16-byte async copies).  Off until measured: round 13's H200 profile had the grouped GEMMs moving the experts'
+# weights at ~2.6 TB/s (1.64 of the LM prefill's 3.24 ms of kernel time); bench_fast times it as a variant.  Applies
+# where N and K are whole tiles (DeepSeek-OCR's 896 and 1280 are); elsewhere the pointer loads run.
+W_TMA = False
 
 
 def gemm_blocks(which: str, interpreter: bool) -> GemmBlocks:
@@ -222,6 +229,7 @@ if HAVE_TRITON:
         order_ptr,
         offs_ptr,
         w_ptr,
+        w_desc,
         out_ptr,
         P,
         N,
@@ -238,6 +246,7 @@ if HAVE_TRITON:
         EVEN_N: tl.constexpr,
         PRECISION: tl.constexpr,
         UPCAST: tl.constexpr,
+        W_TMA: tl.constexpr = False,
         USE_GDC: tl.constexpr = False,
     ):
         """Program (row tile t, column tile nb) of one grouped GEMM over sorted rows.
@@ -245,7 +254,9 @@ if HAVE_TRITON:
         ``GATHER``: the A rows are token rows ``order[r] // TOP_K`` of ``a`` [T, K] (the up GEMM), else sorted
         rows of ``a`` [P, K] (the down GEMM).  ``SWIGLU``: ``w`` [E, 2N, K] holds gate rows then up rows; two
         accumulators, and the output is ``bf16(silu(bf16 g)) * bf16 u`` rounded; else ``w`` [E, N, K] and the
-        output is the accumulator rounded.  ``out`` [P, N] at the sorted rows."""
+        output is the accumulator rounded.  ``out`` [P, N] at the sorted rows.  ``W_TMA`` (N and K whole tiles): the
+        weight tiles come through ``w_desc``, a tensor descriptor of ``w`` as [E·rows, K] with [BLOCK_N, BLOCK_K]
+        blocks (Hopper's TMA engine copies them, no per-thread addresses); else through pointers."""
         if USE_GDC:
             _dependent_launch()
         t = tl.program_id(0)
@@ -262,6 +273,7 @@ if HAVE_TRITON:
             nmask = n < N
             w_rows = 2 * N if SWIGLU else N
             w_base = w_ptr + expert.to(tl.int64) * w_rows * K
+            w_row0 = expert * w_rows + nb * BLOCK_N  # the tile's first row of w as [E·rows, K] (W_TMA)
             a_rows = a_ptr + arow.to(tl.int64)[:, None] * K
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -273,7 +285,9 @@ if HAVE_TRITON:
                     a_mask = a_mask & (kk[None, :] < K)
                     w_mask = w_mask & (kk[None, :] < K)
                 a = tl.load(a_rows + kk[None, :], mask=a_mask, other=0.0)
-                if EVEN_N and EVEN_K:
+                if W_TMA:
+                    w = w_desc.load([w_row0, k0])
+                elif EVEN_N and EVEN_K:
                     w = tl.load(w_base + n[:, None] * K + kk[None, :])  # [BLOCK_N, BLOCK_K], contiguous along K
                 else:
                     w = tl.load(w_base + n[:, None] * K + kk[None, :], mask=w_mask, other=0.0)
@@ -281,7 +295,9 @@ if HAVE_TRITON:
                     a, w = a.to(tl.float32), w.to(tl.float32)
                 acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
                 if SWIGLU:
-                    if EVEN_N and EVEN_K:
+                    if W_TMA:
+                        wu = w_desc.load([w_row0 + N, k0])
+                    elif EVEN_N and EVEN_K:
                         wu = tl.load(w_base + (N + n)[:, None] * K + kk[None, :])
                     else:
                         wu = tl.load(w_base + (N + n)[:, None] * K + kk[None, :], mask=w_mask, other=0.0)
@@ -410,11 +426,19 @@ def _launch_gemm(
     interpreter = a.device.type != "cuda"
     precision = "ieee" if a.dtype == torch.float32 or interpreter else "tf32"
     grid = (row_tiles(n_pairs, n_experts, bm), -(-n // bn))
+    w_tma = W_TMA and n % bn == 0 and k % bk == 0
+    if w_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        w_desc: object = TensorDescriptor.from_tensor(w.view(-1, k), [bn, bk])
+    else:
+        w_desc = w  # not read
     _grouped_gemm_kernel[grid](
         a,
         order,
         offs,
         w,
+        w_desc,
         out,
         n_pairs,
         n,
@@ -431,6 +455,7 @@ def _launch_gemm(
         EVEN_N=n % bn == 0,
         PRECISION=precision,
         UPCAST=interpreter,
+        W_TMA=w_tma,
         num_warps=warps,
         num_stages=stages,
         **kernels._pdl(),

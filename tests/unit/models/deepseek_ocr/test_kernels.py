@@ -1260,3 +1260,9 @@ def test_prompt_kernels_compile_pipelined_for_sm90(sm90: list[dict[str, Any]]) -
         assert not r["error"] and r["spill_bytes"] in (0, None), r
         if r["kernel"].endswith(("_grouped_gemm_kernel", "_prompt_attention_kernel")):
             assert r["cp_async_16"] > 0, r
+    # prompt_moe.W_TMA: the weight tiles come through TMA copies (the gathered A rows keep their async copies);
+    # without it, none
+    gemms = [r for r in rows if r["kernel"].endswith("_grouped_gemm_kernel")]
+    assert {r["constexprs"]["W_TMA"] for r in gemms} == {False, True}
+    for r in gemms:
+        assert (r["tma_copies"] > 0) == r["constexprs"]["W_TMA"], r

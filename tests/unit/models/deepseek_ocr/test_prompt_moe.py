@@ -142,6 +142,43 @@ def test_grouped_gemms_match_the_per_pair_oracle(
     torch.testing.assert_close(y.float(), PM.grouped_down_ref(act, al.offs, w2).float(), rtol=2**-7, atol=2**-7)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tma_weight_tiles_match_the_per_pair_oracle(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``W_TMA``: both GEMMs read their weight tiles through a tensor descriptor (counted: one per launch, each over
+    the weights as [E·rows, K] with [BLOCK_N, BLOCK_K] blocks) and still equal the float64 per-pair oracle; a ragged
+    N keeps the pointer loads (no descriptor)."""
+    from triton.tools import tensor_descriptor
+
+    made: list[tuple[tuple[int, ...], list[int]]] = []
+    real = tensor_descriptor.TensorDescriptor.from_tensor
+
+    def spy(t: torch.Tensor, block_shape: list[int]) -> object:
+        made.append((tuple(t.shape), list(block_shape)))
+        return real(t, block_shape)
+
+    monkeypatch.setattr(tensor_descriptor.TensorDescriptor, "from_tensor", staticmethod(spy))
+    monkeypatch.setattr(PM, "W_TMA", True)
+    n_experts, top_k, n_tokens, hidden, inter = 8, 3, 37, 64, 32
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(n_tokens, hidden, generator=gen).to(dtype)
+    w13 = (torch.randn(n_experts, 2 * inter, hidden, generator=gen) * hidden**-0.5).to(dtype)
+    w2 = (torch.randn(n_experts, hidden, inter, generator=gen) * inter**-0.5).to(dtype)
+    idx = _routing(n_tokens, n_experts, top_k, seed=3)
+    al = PM.align(idx, n_experts)
+    act = PM.grouped_swiglu(x, al.order, al.offs, w13, top_k, PM.GemmBlocks(16, 16, 32, 4, 1))
+    y = PM.grouped_down(act, al.offs, w2, PM.GemmBlocks(16, 32, 16, 4, 1))
+    assert made == [((n_experts * 2 * inter, hidden), [16, 32]), ((n_experts * hidden, inter), [32, 16])]
+    want_act, want_y = _pair_oracle(x, idx, w13, w2)
+    got_act, got_y = act.double()[al.inverse], y.double()[al.inverse]
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2**-7, atol=2**-7)
+    torch.testing.assert_close(got_act, want_act, **tol)
+    torch.testing.assert_close(got_y, want_y, **tol)
+    made.clear()
+    w2_ragged = torch.randn(n_experts, 40, inter, generator=gen).to(dtype)  # N = 40: not whole 32-wide tiles
+    PM.grouped_down(act, al.offs, w2_ragged, PM.GemmBlocks(16, 32, 16, 4, 1))
+    assert made == []
+
+
 def test_bad_inputs_are_refused_with_what_to_fix() -> None:
     idx = _routing(5, 8, 2, seed=0)
     al = PM.align(idx, 8)
