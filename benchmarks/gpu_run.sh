@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One device call for the issue-9 measurements; STAGES picks what runs (default: all), in this order:
-#   tests   GPU tests (pytest -m gpu tests/gpu)
-#   kernels benchmarks/bench_kernels.py (Triton decode kernels vs the torch ops they replace; KERNELS_ARGS=--sweep adds the block sweeps)
+#   tests   GPU tests (pytest -m gpu tests/gpu; TESTS_PATHS narrows, TESTS_TIMEOUT bounds it)
+#   kernels benchmarks/bench_kernels.py (Triton decode kernels vs the torch ops they replace; KERNELS_ARGS=--sweep adds the block sweeps;
+#           KERNELS_TIMEOUT bounds it)
 #   fast    benchmarks/bench_fast.py (goals table: vendor HF, eager, fast in one process run; FAST_ARGS adds options,
-#           e.g. --vision-compile-variant)
+#           e.g. --vision-compile-variant; FAST_TIMEOUT bounds it)
 #   batched benchmarks/bench_batched.py (Base mode, batch 1/8/32/64, graph vs host decode)
 #   hooks   benchmarks/hook_overhead.py on the fast path (the stage hooks' host cost per call and share of prefill)
 #   cli     the profiler through the real CLI, eager and fast, full-size dummy weights, and `compare`
@@ -43,19 +44,22 @@ nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv > "$OUT/gp
 if has tests; then
   # written to a file as it runs (not through a pipe), so a suite cut short by a caller's time limit still leaves
   # what it reported (round 11: a fresh machine's first suite took more than 250 s); TESTS_TIMEOUT bounds it here
-  timeout "${TESTS_TIMEOUT:-540}" python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu --tb=short \
+  # TESTS_PATHS narrows the run (default: every GPU test)
+  timeout "${TESTS_TIMEOUT:-540}" python3 -m pytest -q -p no:cacheprovider -m gpu ${TESTS_PATHS:-tests/gpu} --tb=short \
     > "$OUT/gpu_tests_full.txt" 2>&1
   echo "pytest exit $?" >> "$OUT/gpu_tests_full.txt"
   tail -60 "$OUT/gpu_tests_full.txt" > "$OUT/gpu_tests.txt"
   tail -4 "$OUT/gpu_tests.txt"
 fi
 if has kernels; then
-  python3 benchmarks/bench_kernels.py --out "$OUT" ${KERNELS_ARGS:-} 2>&1 | tail -30
+  timeout "${KERNELS_TIMEOUT:-0}" python3 benchmarks/bench_kernels.py --out "$OUT" ${KERNELS_ARGS:-} 2>&1 | tail -30
 fi
 if has fast; then
   VENDOR=()
   [ -f models/deepseek-ocr/modeling_deepseekocr.py ] && VENDOR=(--vendor models/deepseek-ocr --vendor-pythonpath /tmp/hfsite)
-  python3 benchmarks/bench_fast.py --out "$OUT" "${VENDOR[@]}" ${FAST_ARGS:-} 2>&1 | grep -v '^variants:\|^fast:\|^eager:' | tail -80
+  # FAST_TIMEOUT bounds it (0: none); its report is rewritten after each stage, so a cut run keeps its rows
+  timeout "${FAST_TIMEOUT:-0}" python3 benchmarks/bench_fast.py --out "$OUT" "${VENDOR[@]}" ${FAST_ARGS:-} 2>&1 \
+    | grep -v '^variants:\|^fast:\|^eager:' | tail -80
 fi
 if has batched; then
   python3 benchmarks/bench_batched.py --out "$OUT" 2>&1 | tail -30
