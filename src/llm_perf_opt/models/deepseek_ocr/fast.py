@@ -243,10 +243,11 @@ class FastConfig:
     # with the Triton decode step at batch 1-8: the experts' down GEMV with the slots split across programs
     # (kernels.moe_experts(down="split"): a program per (row, slot, 16 hidden rows), pipelined K loop like the up
     # kernel's; the slot finishing last combines them with the same rounding points) instead of a program per (row,
-    # 2 hidden rows) over all slots.  Off: on an H200 (round 12) it is no faster (both kernels of a layer at T=1
-    # 21.8 vs 21.9 us, T=4 49.5 vs 48.6; the step 0.653 vs 0.654 and 0.650 vs 0.651 ms/token in two calls, the same
-    # greedy tokens)
-    moe_down_split: bool = False
+    # 2 hidden rows) over all slots.  On since round 15: the H200 step 0.654 -> 0.632 and 0.654 -> 0.633 ms/token in
+    # two bench_fast runs (the same greedy tokens; the other switches' no-op rows within 0.002 of the default).
+    # Round 12 had found it no faster (0.653 vs 0.654 ms/token; both expert kernels of a layer at T=4 49.5 vs 48.6 us,
+    # so a 2-8-row step may lose ~1 us per layer)
+    moe_down_split: bool = True
     # the session's decode loop picks tokens on the device (greedy + the no-repeat-ngram ban inside the decode
     # graph, eos checked every 16 steps) instead of reading every step's logits on the host; temperature > 0
     # keeps the host loop

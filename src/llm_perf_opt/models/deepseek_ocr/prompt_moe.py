@@ -116,9 +116,10 @@ DOWN_GEMMS = ("triton", "torch")
 DOWN_GEMM = "triton"
 # Whether the grouped GEMMs read their weight tiles through a TMA tensor descriptor (Hopper's copy engine: one
 # thread issues a [BLOCK_N, BLOCK_K] tile, the loop's stages wait on barriers) instead of per-thread pointer loads
-# (16-byte async copies).  Off until measured: round 13's H200 profile had the grouped GEMMs moving the experts'
-# weights at ~2.6 TB/s (1.64 of the LM prefill's 3.24 ms of kernel time); bench_fast times it as a variant.  Applies
-# where N and K are whole tiles (DeepSeek-OCR's 896 and 1280 are); elsewhere the pointer loads run.
+# (16-byte async copies).  Applies where N and K are whole tiles (DeepSeek-OCR's 896 and 1280 are); elsewhere the
+# pointer loads run.  Off: slower on an H200 (round 15, bench_fast, the graphed LM prefill at the default blocks):
+# 3.40 -> 3.64 ms on the dummy routing, 3.80 -> 3.91 with every expert read (the grouped GEMMs move the experts'
+# weights at ~2.6 TB/s either way; both forms compile for sm_90 without spills, 212 / 171 registers for the up GEMM).
 W_TMA = False
 
 

@@ -270,11 +270,17 @@ def attention_blocks(
     return Blocks(block_m or auto.block_m, block_n, rows, warps or auto.warps, stages or auto.stages)
 
 
-TABLES: str = "gemm"
-"""How :func:`rel_pos_tables` computes the two tables: ``"gemm"`` (one dense product of the queries with both axes'
-resampled tables, then each query's own rows picked out) or ``"einsum"`` (:func:`sam.rel_pos_terms`'s two einsums,
-the reference's form: batched over query rows, which inductor hands to a small-tile batched GEMM).  A module setting,
-so ``bench_fast`` can time both in one run."""
+TABLES: str = "einsum"
+"""How :func:`rel_pos_tables` computes the two tables: ``"einsum"`` (:func:`sam.rel_pos_terms`'s two einsums, the
+reference's form, batched over query rows) or ``"gemm"`` (one product of the queries with both axes' resampled
+tables, then each query's own rows picked out).  A module setting, so ``bench_fast`` times both in one run.
+
+H200, round 15 (bench_fast, whole fast vision): einsum 11.32 ms, gemm 11.70; SAM's kernel time 8.66 vs 8.99 ms.
+Under ``torch.compile`` the einsums become 32 sm80 batched GEMMs of 13.4 us (0.43 ms a page); the gemm form did not
+become the one dense GEMM it was meant to be: ``q`` is a strided view of the QKV output, so inductor kept it batched
+over (batch, head), with a 158-wide output (not a multiple of 8: no Hopper kernel) on the same sm80 kernels (20
+calls of 31 us) plus three gathers (0.33 ms).  A contiguous ``q`` and a width padded to a multiple of 8 are the
+untried next step."""
 TABLE_FORMS = ("gemm", "einsum")
 
 
