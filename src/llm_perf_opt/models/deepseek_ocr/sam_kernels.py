@@ -279,8 +279,10 @@ H200, round 15 (bench_fast, whole fast vision): einsum 11.32 ms, gemm 11.70; SAM
 Under ``torch.compile`` the einsums become 32 sm80 batched GEMMs of 13.4 us (0.43 ms a page); the gemm form did not
 become the one dense GEMM it was meant to be: ``q`` is a strided view of the QKV output, so inductor kept it batched
 over (batch, head), with a 158-wide output (not a multiple of 8: no Hopper kernel) on the same sm80 kernels (20
-calls of 31 us) plus three gathers (0.33 ms).  A contiguous ``q`` and a width padded to a multiple of 8 are the
-untried next step."""
+calls of 31 us) plus three gathers (0.33 ms).  A contiguous ``q`` and a width padded to a multiple of 8 would give
+the dense GEMM, but by the bytes it moves (a copy of ``q``, a 160-wide product, the gathers: ~30 us per 640-px global
+block against the einsums' ~33) not much less time; the lever is the tables computed inside the kernel, from the
+``q`` tile it already holds (not tried: Triton has no per-row gather within a register tile)."""
 TABLE_FORMS = ("gemm", "einsum")
 
 
