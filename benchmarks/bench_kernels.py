@@ -698,6 +698,12 @@ def sam_specs() -> list[tuple[str, dict[str, str], dict[str, Any], int]]:
             consts.update(ROW_PAD=sam_kernels._pow2(b.rows), COL_PAD=sam_kernels._pow2(grid))
             consts.update(PRECISION="tf32", UPCAST=False, PREFETCH_RH=True, N_DIVISIBLE=grid * grid % 16 == 0)
             specs.append(("sam_kernels._rel_pos_attention_kernel", sig, consts, b.warps))
+    # sam_kernels.TABLES="triton": the two tables' kernel (a program per query row / column) on the same grids
+    tables = dict(q_ptr=bf, pos_ptr=bf, out_ptr=bf, s_qb="i32", s_qh="i32", s_qn="i32", HEADS="i32", H="i32", W="i32")
+    for grid, _ in SAM_GRIDS:
+        for row_table in (True, False):
+            consts = dict(D=64, SIDE=max(16, sam_kernels._pow2(grid)), ROW_TABLE=row_table, PRECISION="tf32")
+            specs.append(("sam_kernels._rel_pos_tables_kernel", tables, {**consts, "UPCAST": False}, 4))
     return specs
 
 

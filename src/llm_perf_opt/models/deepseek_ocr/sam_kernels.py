@@ -61,6 +61,7 @@ __all__ = [
     "attention_kernel",
     "rel_pos_tables",
     "rel_pos_triton_attention",
+    "tables_kernel",
     "unavailable_reason",
 ]
 
@@ -203,6 +204,57 @@ if HAVE_TRITON:
         dst = out_ptr + ((b * N + rows[:, None]) * HEADS + head) * D + d[None, :]
         tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
 
+    @triton.jit
+    def _rel_pos_tables_kernel(
+        q_ptr,
+        pos_ptr,
+        out_ptr,
+        s_qb,
+        s_qh,
+        s_qn,
+        HEADS,
+        H,
+        W,
+        D: tl.constexpr,
+        SIDE: tl.constexpr,
+        ROW_TABLE: tl.constexpr,
+        PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
+        """Program (line i, batch·head) of one table.  ``ROW_TABLE``: ``rel_h`` of query row i, whose W queries all
+        read the position rows ``i − kh + H − 1`` (kh < H: one contiguous window of ``pos``, reversed), so the
+        line's [W, H] block is one product q[row i] × window ᵀ, stored key-row major ([B·heads, H, N]).  Else
+        ``rel_w`` of query column i: its H queries (strided by W) × rows ``i − kw + W − 1``, stored [B·heads, N, W].
+        ``pos`` [2·keys − 1, D] contiguous, resampled for the grid; each entry one D-term dot product in float32,
+        rounded to the output dtype once."""
+        i = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // HEADS
+        head = bh % HEADS
+        n_tok = H * W
+        j = tl.arange(0, SIDE)  # the line's queries
+        kk = tl.arange(0, SIDE)  # key rows (ROW_TABLE) or key columns
+        d = tl.arange(0, D)
+        if ROW_TABLE:
+            lines, line_len, keys = H, W, H
+            n = i * W + j
+        else:
+            lines, line_len, keys = W, H, W
+            n = j * W + i
+        jm = j < line_len
+        km = kk < keys
+        if i < lines:
+            qt = tl.load(q_ptr + b * s_qb + head * s_qh + n[:, None] * s_qn + d[None, :], mask=jm[:, None], other=0.0)
+            pt = tl.load(pos_ptr + (i - kk + keys - 1)[:, None] * D + d[None, :], mask=km[:, None], other=0.0)
+            if UPCAST:  # Triton's interpreter computes bf16 tl.dot wrongly; float32 operands are exact
+                qt, pt = qt.to(tl.float32), pt.to(tl.float32)
+            vals = tl.dot(qt, tl.trans(pt), input_precision=PRECISION)  # [query j, key kk]
+            if ROW_TABLE:
+                dst = out_ptr + (bh * H + kk[None, :]) * n_tok + n[:, None]
+            else:
+                dst = out_ptr + (bh * n_tok + n[:, None]) * W + kk[None, :]
+            tl.store(dst, vals.to(out_ptr.dtype.element_ty), mask=jm[:, None] & km[None, :])
+
 
 class Blocks(NamedTuple):
     """One launch setting of the kernel: queries per program, key columns per step (a power of two holding
@@ -272,8 +324,11 @@ def attention_blocks(
 
 TABLES: str = "einsum"
 """How :func:`rel_pos_tables` computes the two tables: ``"einsum"`` (:func:`sam.rel_pos_terms`'s two einsums, the
-reference's form, batched over query rows) or ``"gemm"`` (one product of the queries with both axes' resampled
-tables, then each query's own rows picked out).  A module setting, so ``bench_fast`` times both in one run.
+reference's form, batched over query rows), ``"gemm"`` (one product of the queries with both axes' resampled
+tables, then each query's own rows picked out) or ``"triton"`` (:func:`tables_kernel`: one program per query row
+(``rel_h``) or column (``rel_w``), whose queries share one contiguous window of position rows, so each is one small
+product written straight into the attention kernel's layout: q read twice, the tables written once, no copies; not
+yet timed on a GPU).  A module setting, so ``bench_fast`` times every form in one run.
 
 H200, round 15 (bench_fast, whole fast vision): einsum 11.32 ms, gemm 11.70; SAM's kernel time 8.66 vs 8.99 ms.
 Under ``torch.compile`` the einsums become 32 sm80 batched GEMMs of 13.4 us (0.43 ms a page); the gemm form did not
@@ -281,9 +336,10 @@ become the one dense GEMM it was meant to be: ``q`` is a strided view of the QKV
 over (batch, head), with a 158-wide output (not a multiple of 8: no Hopper kernel) on the same sm80 kernels (20
 calls of 31 us) plus three gathers (0.33 ms).  A contiguous ``q`` and a width padded to a multiple of 8 would give
 the dense GEMM, but by the bytes it moves (a copy of ``q``, a 160-wide product, the gathers: ~30 us per 640-px global
-block against the einsums' ~33) not much less time; the lever is the tables computed inside the kernel, from the
-``q`` tile it already holds (not tried: Triton has no per-row gather within a register tile)."""
-TABLE_FORMS = ("gemm", "einsum")
+block against the einsums' ~33) not much less time.  The ``"triton"`` form moves fewer (q read twice, the tables
+written once: ~12 us of bytes for that block); it has run only under Triton's interpreter and the sm_90 compile
+check so far, hence not the default."""
+TABLE_FORMS = ("einsum", "gemm", "triton")
 
 
 def rel_pos_tables(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
@@ -307,6 +363,12 @@ def rel_pos_tables(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, hw: tuple[in
         rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, hw, hw)  # [B, heads, h, w, kh], [B, heads, h, w, kw]
         rel_h = rel_h.permute(0, 1, 4, 2, 3).reshape(b * n_heads, h, n)
         return rel_h.contiguous(), rel_w.reshape(b * n_heads, n, w).contiguous()
+    if TABLES == "triton":
+        pos_h = resample_rel_pos(rel_pos_h, 2 * h - 1).to(q.dtype).contiguous()
+        pos_w = resample_rel_pos(rel_pos_w, 2 * w - 1).to(q.dtype).contiguous()
+        if q.device.type == "cuda":
+            return _tables_op(q, pos_h, pos_w, h, w)
+        return tables_kernel(q, pos_h, pos_w, h, w)
     table = torch.cat((resample_rel_pos(rel_pos_h, 2 * h - 1), resample_rel_pos(rel_pos_w, 2 * w - 1)))
     full = torch.matmul(q, table.to(q.dtype).t()).view(b * n_heads, h, w, table.shape[0])
     rows = torch.arange(h, device=q.device)
@@ -316,6 +378,46 @@ def rel_pos_tables(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, hw: tuple[in
     rel_h = torch.gather(full, 3, pick_h).permute(0, 3, 1, 2).reshape(b * n_heads, h, n)
     rel_w = torch.gather(full, 3, pick_w).reshape(b * n_heads, n, w)
     return rel_h.contiguous(), rel_w.contiguous()
+
+
+def tables_kernel(q: Tensor, pos_h: Tensor, pos_w: Tensor, h: int, w: int) -> tuple[Tensor, Tensor]:
+    """:data:`TABLES` ``"triton"``: ``rel_h`` [B·heads, h, N] and ``rel_w`` [B·heads, N, w] in ``q.dtype`` from the
+    unscaled ``q`` [B, heads, N, C] (head dimension contiguous) and the position tables already resampled for the
+    grid, ``pos_h`` [2h − 1, C] and ``pos_w`` [2w − 1, C] (contiguous, ``q.dtype``); two launches."""
+    why = unavailable_reason(q.device)
+    if why:
+        raise KernelUnavailableError(f"sam_kernels.tables_kernel cannot run on {q.device}: {why}")
+    b, n_heads, n, dim = q.shape
+    if n != h * w or q.stride(-1) != 1:
+        raise ValueError(f"q must be [B, heads, {h}·{w}, C] with a contiguous head dimension, got {tuple(q.shape)}")
+    for pos, size in ((pos_h, h), (pos_w, w)):
+        if pos.shape != (2 * size - 1, dim) or not pos.is_contiguous() or pos.dtype != q.dtype:
+            raise ValueError(
+                f"position table [{2 * size - 1}, {dim}] contiguous in {q.dtype} expected, got {tuple(pos.shape)}"
+            )
+    interpreter = q.device.type != "cuda"
+    rel_h = torch.empty((b * n_heads, h, n), device=q.device, dtype=q.dtype)
+    rel_w = torch.empty((b * n_heads, n, w), device=q.device, dtype=q.dtype)
+    side = max(16, _pow2(max(h, w)))  # tl.dot wants at least 16 along each side
+    for row_table, lines, pos, out in ((True, h, pos_h, rel_h), (False, w, pos_w, rel_w)):
+        _rel_pos_tables_kernel[(lines, b * n_heads)](
+            q,
+            pos,
+            out,
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            n_heads,
+            h,
+            w,
+            D=dim,
+            SIDE=side,
+            ROW_TABLE=row_table,
+            PRECISION="ieee" if interpreter or q.dtype == torch.float32 else "tf32",
+            UPCAST=interpreter,
+            num_warps=4,
+        )
+    return rel_h, rel_w
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, hw: tuple[int, int]) -> None:
@@ -424,6 +526,15 @@ if HAVE_TRITON and not INTERPRETED:
     ) -> Tensor:
         b, n_heads, n, dim = q.shape
         return q.new_empty((b, n, n_heads, dim))
+
+    @torch.library.custom_op("llm_perf_opt::sam_rel_pos_tables", mutates_args=())
+    def _tables_op(q: Tensor, pos_h: Tensor, pos_w: Tensor, h: int, w: int) -> tuple[Tensor, Tensor]:
+        return tables_kernel(q, pos_h, pos_w, h, w)
+
+    @_tables_op.register_fake
+    def _(q: Tensor, pos_h: Tensor, pos_w: Tensor, h: int, w: int) -> tuple[Tensor, Tensor]:
+        b, n_heads, n, _ = q.shape
+        return q.new_empty((b * n_heads, h, n)), q.new_empty((b * n_heads, n, w))
 
 
 def rel_pos_triton_attention(

@@ -1176,6 +1176,18 @@ def test_sam_attention_compiles_without_spills_for_sm90(sm90: list[dict[str, Any
         assert r["cp_async_16"] > 0, r
 
 
+def test_sam_tables_kernel_compiles_without_spills_for_sm90(sm90: list[dict[str, Any]]) -> None:
+    """``sam_kernels.TABLES="triton"``: the tables' kernel, both tables, on v1's three grids (lines padded to 64,
+    64 and 16 queries), compiles for sm_90 without spills."""
+    rows = [r for r in sm90 if r["kernel"] == "sam_kernels._rel_pos_tables_kernel"]
+    assert {(r["constexprs"]["SIDE"], r["constexprs"]["ROW_TABLE"]) for r in rows} == {
+        (side, row) for side in (64, 16) for row in (True, False)
+    }
+    assert len(rows) == 6
+    for r in rows:
+        assert not r["error"] and r["spill_bytes"] in (0, None), r
+
+
 def test_one_launch_attention_orders_its_partials(sm90: list[dict[str, Any]]) -> None:
     """The one-launch attention (``decode_attention(counters=...)``): its counter add is acq_rel at GPU scope (the
     last split must see every other split's partials), it re-arms the counter, and it reads the partials past L1;
@@ -1220,9 +1232,10 @@ def test_dependent_launch_variants_wait_before_they_read(sm90: list[dict[str, An
     instructions in its PTX (the wait, without which a dependent launch could read the previous kernel's outputs
     early); the plain variants hold neither (a stray wait would be harmless, a missing one a race)."""
     pdl = {r["kernel"]: r for r in sm90 if r["constexprs"].get("USE_GDC", False)}
-    # every kernel has its dependent-launch variant, but SAM's (it runs inside the compiled vision blocks, never
-    # under kernels.dependent_launches, and has no USE_GDC)
-    assert set(pdl) == {r["kernel"] for r in sm90} - {"sam_kernels._rel_pos_attention_kernel"}
+    # every kernel has its dependent-launch variant, but SAM's (they run inside the compiled vision blocks, never
+    # under kernels.dependent_launches, and have no USE_GDC)
+    sam = {"sam_kernels._rel_pos_attention_kernel", "sam_kernels._rel_pos_tables_kernel"}
+    assert set(pdl) == {r["kernel"] for r in sm90} - sam
     for r in pdl.values():
         assert not r["error"] and r["spill_bytes"] in (0, None), r
         assert r["griddepcontrol"] == ["launch_dependents", "wait"], r

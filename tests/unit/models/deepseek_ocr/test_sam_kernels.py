@@ -140,30 +140,59 @@ def test_tables_hold_the_reference_products(form: str, hw: tuple[int, int], monk
     torch.testing.assert_close(tw.double(), ew.reshape(6, h * w, w), rtol=1e-5, atol=1e-5)
 
 
-def test_gemm_tables_by_hand_without_resampling(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("form", ["gemm", "triton"])
+def test_tables_by_hand_without_resampling(form: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tables stored at the grid's size (no resampling): entry (query (qh, qw), key row kh) is ``q · rel_pos_h[qh −
     kh + h − 1]`` and (query, key column kw) is ``q · rel_pos_w[qw − kw + w − 1]``, written out element by element."""
-    monkeypatch.setattr(SK, "TABLES", "gemm")
+    monkeypatch.setattr(SK, "TABLES", form)
     h, w, dim = 3, 4, 16
     gen = torch.Generator().manual_seed(9)
-    q = torch.randn(1, 2, h * w, dim, generator=gen, dtype=torch.float64)
-    rph = torch.randn(2 * h - 1, dim, generator=gen, dtype=torch.float64)
-    rpw = torch.randn(2 * w - 1, dim, generator=gen, dtype=torch.float64)
+    dt = torch.float64 if form == "gemm" else torch.float32  # the kernel: float32, exact products under "ieee"
+    tol = 1e-12 if form == "gemm" else 1e-5
+    q = torch.randn(1, 2, h * w, dim, generator=gen, dtype=torch.float64).to(dt)
+    rph = torch.randn(2 * h - 1, dim, generator=gen, dtype=torch.float64).to(dt)
+    rpw = torch.randn(2 * w - 1, dim, generator=gen, dtype=torch.float64).to(dt)
     th, tw = SK.rel_pos_tables(q, rph, rpw, (h, w))
+    q64, rph64, rpw64 = q.double(), rph.double(), rpw.double()
     for head in range(2):
         for qh in range(h):
             for qw in range(w):
                 n = qh * w + qw
                 for kh in range(h):
-                    assert th[head, kh, n] == pytest.approx(float(q[0, head, n] @ rph[qh - kh + h - 1]), abs=1e-12)
+                    want = float(q64[0, head, n] @ rph64[qh - kh + h - 1])
+                    assert float(th[head, kh, n]) == pytest.approx(want, abs=tol)
                 for kw in range(w):
-                    assert tw[head, n, kw] == pytest.approx(float(q[0, head, n] @ rpw[qw - kw + w - 1]), abs=1e-12)
+                    want = float(q64[0, head, n] @ rpw64[qw - kw + w - 1])
+                    assert float(tw[head, n, kw]) == pytest.approx(want, abs=tol)
+
+
+def test_tables_kernel_refuses_bad_position_tables() -> None:
+    q, _, _, _, _ = _case((4, 4), 16, torch.float32, seed=1)
+    good = torch.randn(7, 16)
+    with pytest.raises(
+        ValueError, match=r"position table \[7, 16\] contiguous in torch.float32 expected, got \(9, 16\)"
+    ):
+        SK.tables_kernel(q, torch.randn(9, 16), good, 4, 4)
+    with pytest.raises(ValueError, match="must be \\[B, heads, 4·5, C\\]"):
+        SK.tables_kernel(q, good, torch.randn(9, 16), 4, 5)
+
+
+@pytest.mark.parametrize("hw", [(4, 4), (14, 14)])
+def test_attention_on_the_triton_tables_matches_dense_bias(
+    hw: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The attention kernel on :data:`TABLES` ``"triton"``'s tables: the float64 dense-bias oracle, as on the
+    einsums' (float32, resampled tables)."""
+    monkeypatch.setattr(SK, "TABLES", "triton")
+    q, k, v, rel_h, rel_w = _case(hw, 16, torch.float32, seed=13)
+    out = SK.rel_pos_triton_attention(q, k, v, rel_h, rel_w, hw)
+    torch.testing.assert_close(out.double(), _oracle(q, k, v, rel_h, rel_w, hw), rtol=2e-5, atol=2e-5)
 
 
 def test_unknown_table_form_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(SK, "TABLES", "bmm")
     q, _, _, rel_h, rel_w = _case((4, 4), 16, torch.float32, seed=1)
-    with pytest.raises(ValueError, match=r"TABLES must be one of \('gemm', 'einsum'\), got 'bmm'"):
+    with pytest.raises(ValueError, match=r"TABLES must be one of \('einsum', 'gemm', 'triton'\), got 'bmm'"):
         SK.rel_pos_tables(q, rel_h, rel_w, (4, 4))
 
 
