@@ -45,7 +45,7 @@ from llm_perf_opt.profiling.flops import activated_params_per_token, decode_byte
 from llm_perf_opt.profiling.peaks import match_peak
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmath next to this script, also under `python -m`
-from benchmath import cuda_ms, decode_step_profile, fmt, goals_table, mbu_pct, mfu_pct, ratio
+from benchmath import cuda_ms, decode_step_profile, fmt, goals_table, mbu_pct, mfu_pct, module_setting, ratio
 
 CONFIG = "src/llm_perf_opt/models/deepseek_ocr/configs/deepseek-ocr.json"
 PROMPT = "<image>\n<|grounding|>Convert the document to markdown."
@@ -538,35 +538,27 @@ def main() -> None:
         if "triton" in (d.sam_attention, d.sam_window_attention):
             from llm_perf_opt.models.deepseek_ocr import sam_kernels
 
-            default_by_grid = dict(sam_kernels.BY_GRID)
             for label, by_grid in SAM_GRID_CANDIDATES:
                 key = f"sam_kernels.BY_GRID={label}"
-                sam_kernels.BY_GRID.clear()
-                sam_kernels.BY_GRID.update(by_grid)
                 try:
-                    vm = apply_fast_path(model, d)
-                    time_vision_variant(key, vm)
-                    del vm
+                    with module_setting(sam_kernels, "BY_GRID", dict(by_grid)):
+                        vm = apply_fast_path(model, d)
+                        time_vision_variant(key, vm)
+                        del vm
                 except Exception as exc:  # a launch setting that fails must not lose the rest of the report
                     var[f"vision {key}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
-                finally:
-                    sam_kernels.BY_GRID.clear()
-                    sam_kernels.BY_GRID.update(default_by_grid)
             # the kernel's position tables in their other form (a module setting: one dense GEMM + gather, or the
             # reference's two einsums batched over query rows)
-            default_tables = sam_kernels.TABLES
-            for form in [f for f in sam_kernels.TABLE_FORMS if f != default_tables]:
+            for form in [f for f in sam_kernels.TABLE_FORMS if f != sam_kernels.TABLES]:
                 key = f"sam_kernels.TABLES={form}"
-                sam_kernels.TABLES = form
                 try:
-                    vm = apply_fast_path(model, d)
-                    time_vision_variant(key, vm)
-                    profile_sam(vm, page, out, f"fast_tables_{form}")
-                    del vm
+                    with module_setting(sam_kernels, "TABLES", form):
+                        vm = apply_fast_path(model, d)
+                        time_vision_variant(key, vm)
+                        profile_sam(vm, page, out, f"fast_tables_{form}")
+                        del vm
                 except Exception as exc:  # must not lose the rest of the report
                     var[f"vision {key}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
-                finally:
-                    sam_kernels.TABLES = default_tables
         checkpoint("the decode variants")
         for name, fcfg in {
             "attn=sdpa": FastConfig(decode_attention="sdpa"),
@@ -609,13 +601,9 @@ def main() -> None:
             # the expert up kernel's software pipelining (a kernels-module setting, not a FastConfig switch)
             from llm_perf_opt.models.deepseek_ocr import kernels as triton_kernels
 
-            default_stages = triton_kernels.UP_STAGES
-            for stages in sorted({0, 2, 3} - {default_stages}):
-                triton_kernels.UP_STAGES = stages
-                try:
+            for stages in sorted({0, 2, 3} - {triton_kernels.UP_STAGES}):
+                with module_setting(triton_kernels, "UP_STAGES", stages):
                     time_variant(f"kernels.UP_STAGES={stages}", d)
-                finally:
-                    triton_kernels.UP_STAGES = default_stages
         checkpoint("the prefill variants")
         fm = apply_fast_path(model, FastConfig(prefill_graphs=False))
         var["prefill prefill_graphs=False ms"] = prefill_ms(fm, embeds)
@@ -635,33 +623,27 @@ def main() -> None:
                 except Exception as exc:  # a kernel compile failure must not lose the rest of the report
                     var[f"prefill {key}={change}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
             if fast.fast_config.prefill_experts == "triton":  # its down GEMM (a module setting, not a switch)
-                default_down = prompt_moe.DOWN_GEMM
-                for down in sorted(set(prompt_moe.DOWN_GEMMS) - {default_down}):
-                    prompt_moe.DOWN_GEMM = down
-                    try:
+                for down in sorted(set(prompt_moe.DOWN_GEMMS) - {prompt_moe.DOWN_GEMM}):
+                    with module_setting(prompt_moe, "DOWN_GEMM", down):
                         fm = apply_fast_path(model, fast.fast_config)
                         var[f"prefill prompt_moe.DOWN_GEMM={down} ms"] = prefill_ms(fm, embeds)
-                    finally:
-                        prompt_moe.DOWN_GEMM = default_down
                 # a real page's expert reads: the routing spread at random after the router runs (the dummy
                 # weights route the prompt to 28-46 of the 64 experts per layer, a real checkpoint to nearly all);
                 # then both, with the grouped GEMMs' weight tiles through the other load form (prompt_moe.W_TMA)
                 lang = model.config.language
                 default_tma = prompt_moe.W_TMA
                 for tma in (default_tma, not default_tma):
-                    prompt_moe.W_TMA = tma
                     tag = "" if tma == default_tma else f", prompt_moe.W_TMA={tma}"
                     try:
-                        if tma != default_tma:
-                            fm = apply_fast_path(model, fast.fast_config)
-                            var[f"prefill prompt_moe.W_TMA={tma} ms"] = prefill_ms(fm, embeds)
-                        with spread_routing(embeds.shape[1], lang.n_routed_experts, lang.num_experts_per_tok):
-                            fm = apply_fast_path(model, fast.fast_config)
-                            var[f"prefill {SPREAD_LABEL}{tag} ms"] = prefill_ms(fm, embeds)
+                        with module_setting(prompt_moe, "W_TMA", tma):
+                            if tma != default_tma:
+                                fm = apply_fast_path(model, fast.fast_config)
+                                var[f"prefill prompt_moe.W_TMA={tma} ms"] = prefill_ms(fm, embeds)
+                            with spread_routing(embeds.shape[1], lang.n_routed_experts, lang.num_experts_per_tok):
+                                fm = apply_fast_path(model, fast.fast_config)
+                                var[f"prefill {SPREAD_LABEL}{tag} ms"] = prefill_ms(fm, embeds)
                     except Exception as exc:  # must not lose the rest of the report
                         var[f"prefill {SPREAD_LABEL}{tag}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
-                    finally:
-                        prompt_moe.W_TMA = default_tma
         checkpoint("the torch decode kernels, the ungraphed decode and the vision SDPA policies")
         other_kernels = "torch" if fast.fast_config.decode_kernels == "triton" else "triton"
         try:

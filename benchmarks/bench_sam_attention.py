@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmath next to this script
 from bench_kernels import graph_ms  # noqa: E402
-from benchmath import cuda_ms  # noqa: E402
+from benchmath import cuda_ms, module_setting  # noqa: E402
 from torch.nn.attention import sdpa_kernel  # noqa: E402
 
 from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, sam_kernels  # noqa: E402
@@ -159,17 +159,14 @@ def sweep_rows(sam: SamEncoder, dev: torch.device) -> list[dict[str, Any]]:
         n = grid * grid
         q, k, v = (torch.randn(batch, heads, n, dim, device=dev, generator=gen, dtype=torch.bfloat16) for _ in range(3))
         tables = functools.partial(sam_kernels.rel_pos_tables, q, rel_h, rel_w, (grid, grid))
-        default_form = sam_kernels.TABLES
         for form in sam_kernels.TABLE_FORMS:  # compiled, as inside the fast path's SAM blocks
-            sam_kernels.TABLES = form
             try:
-                compiled = torch.compile(tables, dynamic=False)
-                compiled()  # compile outside the graph capture
-                ms = graph_ms(compiled)
+                with module_setting(sam_kernels, "TABLES", form):
+                    compiled = torch.compile(tables, dynamic=False)
+                    compiled()  # compile outside the graph capture
+                    ms = graph_ms(compiled)
             except Exception as exc:  # one form failing must not lose the sweep
                 ms, form = float("nan"), f"{form} (failed: {type(exc).__name__}: {exc})"[:200]
-            finally:
-                sam_kernels.TABLES = default_form
             rows.append(dict(view=view, setting=f"the two tables alone, compiled, TABLES={form}", ms=ms))
         th, tw = tables()
         default = sam_kernels.attention_blocks(n, grid, interpreter=False)

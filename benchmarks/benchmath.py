@@ -12,8 +12,10 @@ Rules the functions enforce:
 
 from __future__ import annotations
 
+import contextlib
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from types import ModuleType
 from typing import Any
 
 import attrs
@@ -45,6 +47,23 @@ ISSUE9 = Goals(
     batched_output_tok_s=10_000.0,
     batched_min_batch=32,
 )
+
+
+@contextlib.contextmanager
+def module_setting(module: ModuleType, name: str, value: Any) -> Iterator[None]:
+    """``module.name`` set to ``value`` inside the block and restored after it, also when the block raises.
+
+    The kernel modules keep some launch forms as module settings (``sam_kernels.TABLES``, ``prompt_moe.W_TMA``,
+    ...) that their functions read at call time; a benchmark times the other forms inside this block.
+    """
+    if not hasattr(module, name):
+        raise AttributeError(f"{module.__name__} has no setting {name!r}")
+    before = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, before)
 
 
 def cuda_ms(fn: Any, warmup: int = 1, reps: int = 5) -> float:

@@ -7,6 +7,7 @@ H200 result file: its verdicts must name both GPUs and its ratios the token coun
 from __future__ import annotations
 
 import json
+import types
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from benchmarks.benchmath import (
     goals_table,
     mbu_pct,
     mfu_pct,
+    module_setting,
     p90_ms,
     ratio,
     verdict,
@@ -207,3 +209,22 @@ def test_batched_speedups_and_goal() -> None:
     assert "**met** on NVIDIA H200 (goal set for NVIDIA H100 80GB HBM3)" in goal
     small = batched_goal([_row(8, "graph", 20000.0, 1.0)], "NVIDIA H100 80GB HBM3")
     assert "not measured on NVIDIA H100 80GB HBM3" in small  # batch 8 does not count for a batch 32–64 goal
+
+
+def test_module_setting_sets_inside_and_restores_after_a_raise() -> None:
+    mod = types.ModuleType("kernels_double")
+    mod.FORM = "einsum"  # type: ignore[attr-defined]
+    with module_setting(mod, "FORM", "triton"):
+        assert mod.FORM == "triton"  # type: ignore[attr-defined]
+    assert mod.FORM == "einsum"  # type: ignore[attr-defined]
+    with pytest.raises(RuntimeError, match="compile failed"), module_setting(mod, "FORM", "gemm"):
+        assert mod.FORM == "gemm"  # type: ignore[attr-defined]
+        raise RuntimeError("compile failed")
+    assert mod.FORM == "einsum"  # type: ignore[attr-defined]
+
+
+def test_module_setting_refuses_a_misspelt_name() -> None:
+    mod = types.ModuleType("kernels_double")
+    with pytest.raises(AttributeError, match="has no setting 'TABELS'"), module_setting(mod, "TABELS", "x"):
+        pass
+    assert not hasattr(mod, "TABELS")
