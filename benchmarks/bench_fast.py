@@ -305,6 +305,11 @@ def time_components(page: Page, m: Any) -> dict[str, float]:
     return {f"{k}_alone_ms": cuda_ms(fn, warmup=2, reps=5) for k, fn in page.components(m).items()}
 
 
+# bench_fast's variant groups (--parts): each times the switches of one part beside the default, in this order; the
+# kernel profiles (decode step, SAM, the serial vision) always run
+VARIANT_PARTS = ("vision", "by-grid", "tables", "decode", "prefill", "other")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results")
@@ -325,7 +330,17 @@ def main() -> None:
         help="also time vision_compile_mode='max-autotune-no-cudagraphs' (inductor autotunes every block shape: "
         "its first vision call may take minutes)",
     )
+    ap.add_argument(
+        "--parts",
+        default=",".join(VARIANT_PARTS),
+        help="comma-separated variant groups to run after the eager and default fast rows (default: all of "
+        f"{', '.join(VARIANT_PARTS)}); fewer fit a short device call",
+    )
     args = ap.parse_args()
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(VARIANT_PARTS))
+    if unknown:
+        raise SystemExit(f"--parts: unknown group(s) {unknown}; choose from {', '.join(VARIANT_PARTS)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not torch.cuda.is_available():
@@ -472,18 +487,21 @@ def main() -> None:
             except Exception as exc:  # a compile failure must not lose the rest of the report
                 var[f"decode compile={other}"] = f"failed: {type(exc).__name__}: {exc}"[:200]
         checkpoint("the vision variants")
-        for name, vcfg in {
+        vision_configs = {
             "sam_fast=False (reference SAM, no graph), CLIP graphed": FastConfig(
                 sam_fast=False, sam_compile=False, clip_compile=False
             ),
             "sam_fast=True, no compile, graphs": FastConfig(sam_compile=False, clip_compile=False),
             "sam_fast=True, compile, no graphs": FastConfig(vision_graphs=False),
-        }.items():
+        }
+        for name, vcfg in vision_configs.items() if "vision" in parts else ():
             vm = apply_fast_path(model, vcfg)
             var[f"vision {name} ms"] = cuda_ms(functools.partial(page.vision, vm), 2, 5)
             var[f"sam only, {name} ms"] = cuda_ms(functools.partial(page.sam, vm), 2, 5)
         var["vision sam_fast: max |Δ| of image features vs eager"] = fres["embeds_max_abs_diff"]
-        if fast.view_stream is not None:  # vision_streams: the global view's stream at the highest priority instead
+        if (
+            fast.view_stream is not None and "vision" in parts
+        ):  # vision_streams: the global view's stream at the highest priority instead
             vm = apply_fast_path(model, fast.fast_config)
             vm.vision.view_stream = torch.cuda.Stream(vm.device, priority=-1)  # lower is higher
             var["vision vision_streams, the global view's stream at high priority ms"] = cuda_ms(
@@ -531,14 +549,15 @@ def main() -> None:
                     except Exception as exc:  # a kernel compile failure must not lose the rest of the report
                         var[f"vision {key}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
 
-        time_vision_switches(vision_switches)
+        if "vision" in parts:
+            time_vision_switches(vision_switches)
         # sam_kernels.BY_GRID candidates (several key rows per step, their position terms through one-hot
         # products), each on the whole fast vision (compiled, graphed) beside the one-row default above
         checkpoint("the sam_kernels.BY_GRID candidates")
         if "triton" in (d.sam_attention, d.sam_window_attention):
             from llm_perf_opt.models.deepseek_ocr import sam_kernels
 
-            for label, by_grid in SAM_GRID_CANDIDATES:
+            for label, by_grid in SAM_GRID_CANDIDATES if "by-grid" in parts else ():
                 key = f"sam_kernels.BY_GRID={label}"
                 try:
                     with module_setting(sam_kernels, "BY_GRID", dict(by_grid)):
@@ -549,7 +568,7 @@ def main() -> None:
                     var[f"vision {key}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
             # the kernel's position tables in their other form (a module setting: one dense GEMM + gather, or the
             # reference's two einsums batched over query rows)
-            for form in [f for f in sam_kernels.TABLE_FORMS if f != sam_kernels.TABLES]:
+            for form in [f for f in sam_kernels.TABLE_FORMS if f != sam_kernels.TABLES and "tables" in parts]:
                 key = f"sam_kernels.TABLES={form}"
                 try:
                     with module_setting(sam_kernels, "TABLES", form):
@@ -560,14 +579,15 @@ def main() -> None:
                 except Exception as exc:  # must not lose the rest of the report
                     var[f"vision {key}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
         checkpoint("the decode variants")
-        for name, fcfg in {
+        decode_configs = {
             "attn=sdpa": FastConfig(decode_attention="sdpa"),
             "experts=gather_bmm": FastConfig(expert_impl="gather_bmm"),
-        }.items():
+        }
+        for name, fcfg in decode_configs.items() if "decode" in parts else ():
             fm = apply_fast_path(model, fcfg)
             var[f"decode {name} (device greedy) ms/token"] = greedy_device(fm, embeds, steps)["ms_per_token"]
             del fm
-        if fast.fast_config.decode_kernels == "triton":  # the opt-in decode switches beside the default, one run
+        if fast.fast_config.decode_kernels == "triton" and "decode" in parts:  # the opt-in switches, one run
             d = fast.fast_config
             switches = {
                 f"{name}={not getattr(d, name)}": {name: not getattr(d, name)}
@@ -605,74 +625,76 @@ def main() -> None:
                 with module_setting(triton_kernels, "UP_STAGES", stages):
                     time_variant(f"kernels.UP_STAGES={stages}", d)
         checkpoint("the prefill variants")
-        fm = apply_fast_path(model, FastConfig(prefill_graphs=False))
-        var["prefill prefill_graphs=False ms"] = prefill_ms(fm, embeds)
-        profile_prefill(fm, embeds, out)  # ungraphed: the profiler sees each kernel
-        if fast.fast_config.triton_prefill:
-            fm = apply_fast_path(model, attrs.evolve(fast.fast_config, triton_prefill=False))
-            var["prefill triton_prefill=False ms"] = prefill_ms(fm, embeds)
-            from llm_perf_opt.models.deepseek_ocr import prompt_moe
+        if "prefill" in parts:
+            fm = apply_fast_path(model, FastConfig(prefill_graphs=False))
+            var["prefill prefill_graphs=False ms"] = prefill_ms(fm, embeds)
+            profile_prefill(fm, embeds, out)  # ungraphed: the profiler sees each kernel
+            if fast.fast_config.triton_prefill:
+                fm = apply_fast_path(model, attrs.evolve(fast.fast_config, triton_prefill=False))
+                var["prefill triton_prefill=False ms"] = prefill_ms(fm, embeds)
+                from llm_perf_opt.models.deepseek_ocr import prompt_moe
 
-            for key, change in (
-                ("prefill_experts", {"torch": "triton", "triton": "torch"}[fast.fast_config.prefill_experts]),
-                ("prefill_attention", {"sdpa": "triton", "triton": "sdpa"}[fast.fast_config.prefill_attention]),
-            ):
-                try:
-                    fm = apply_fast_path(model, attrs.evolve(fast.fast_config, **{key: change}))
-                    var[f"prefill {key}={change} ms"] = prefill_ms(fm, embeds)
-                except Exception as exc:  # a kernel compile failure must not lose the rest of the report
-                    var[f"prefill {key}={change}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
-            if fast.fast_config.prefill_experts == "triton":  # its down GEMM (a module setting, not a switch)
-                for down in sorted(set(prompt_moe.DOWN_GEMMS) - {prompt_moe.DOWN_GEMM}):
-                    with module_setting(prompt_moe, "DOWN_GEMM", down):
-                        fm = apply_fast_path(model, fast.fast_config)
-                        var[f"prefill prompt_moe.DOWN_GEMM={down} ms"] = prefill_ms(fm, embeds)
-                # a real page's expert reads: the routing spread at random after the router runs (the dummy
-                # weights route the prompt to 28-46 of the 64 experts per layer, a real checkpoint to nearly all);
-                # then both, with the grouped GEMMs' weight tiles through the other load form (prompt_moe.W_TMA)
-                lang = model.config.language
-                default_tma = prompt_moe.W_TMA
-                for tma in (default_tma, not default_tma):
-                    tag = "" if tma == default_tma else f", prompt_moe.W_TMA={tma}"
+                for key, change in (
+                    ("prefill_experts", {"torch": "triton", "triton": "torch"}[fast.fast_config.prefill_experts]),
+                    ("prefill_attention", {"sdpa": "triton", "triton": "sdpa"}[fast.fast_config.prefill_attention]),
+                ):
                     try:
-                        with module_setting(prompt_moe, "W_TMA", tma):
-                            if tma != default_tma:
-                                fm = apply_fast_path(model, fast.fast_config)
-                                var[f"prefill prompt_moe.W_TMA={tma} ms"] = prefill_ms(fm, embeds)
-                            with spread_routing(embeds.shape[1], lang.n_routed_experts, lang.num_experts_per_tok):
-                                fm = apply_fast_path(model, fast.fast_config)
-                                var[f"prefill {SPREAD_LABEL}{tag} ms"] = prefill_ms(fm, embeds)
-                    except Exception as exc:  # must not lose the rest of the report
-                        var[f"prefill {SPREAD_LABEL}{tag}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
+                        fm = apply_fast_path(model, attrs.evolve(fast.fast_config, **{key: change}))
+                        var[f"prefill {key}={change} ms"] = prefill_ms(fm, embeds)
+                    except Exception as exc:  # a kernel compile failure must not lose the rest of the report
+                        var[f"prefill {key}={change}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
+                if fast.fast_config.prefill_experts == "triton":  # its down GEMM (a module setting, not a switch)
+                    for down in sorted(set(prompt_moe.DOWN_GEMMS) - {prompt_moe.DOWN_GEMM}):
+                        with module_setting(prompt_moe, "DOWN_GEMM", down):
+                            fm = apply_fast_path(model, fast.fast_config)
+                            var[f"prefill prompt_moe.DOWN_GEMM={down} ms"] = prefill_ms(fm, embeds)
+                    # a real page's expert reads: the routing spread at random after the router runs (the dummy
+                    # weights route the prompt to 28-46 of the 64 experts per layer, a real checkpoint to nearly all);
+                    # then both, with the grouped GEMMs' weight tiles through the other load form (prompt_moe.W_TMA)
+                    lang = model.config.language
+                    default_tma = prompt_moe.W_TMA
+                    for tma in (default_tma, not default_tma):
+                        tag = "" if tma == default_tma else f", prompt_moe.W_TMA={tma}"
+                        try:
+                            with module_setting(prompt_moe, "W_TMA", tma):
+                                if tma != default_tma:
+                                    fm = apply_fast_path(model, fast.fast_config)
+                                    var[f"prefill prompt_moe.W_TMA={tma} ms"] = prefill_ms(fm, embeds)
+                                with spread_routing(embeds.shape[1], lang.n_routed_experts, lang.num_experts_per_tok):
+                                    fm = apply_fast_path(model, fast.fast_config)
+                                    var[f"prefill {SPREAD_LABEL}{tag} ms"] = prefill_ms(fm, embeds)
+                        except Exception as exc:  # must not lose the rest of the report
+                            var[f"prefill {SPREAD_LABEL}{tag}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
         checkpoint("the torch decode kernels, the ungraphed decode and the vision SDPA policies")
-        other_kernels = "torch" if fast.fast_config.decode_kernels == "triton" else "triton"
-        try:
-            fm = apply_fast_path(model, FastConfig(decode_kernels=other_kernels))
-            k_dec = decode_loop(fm, embeds, keep, keep)
-            kt = k_dec["tokens"][: keep + 1]
-            var[f"decode decode_kernels={other_kernels} (device greedy) ms/token"] = greedy_device(fm, embeds, steps)[
-                "ms_per_token"
-            ]
-            var[f"decode decode_kernels={other_kernels}: tokens == eager, {keep} steps"] = (
-                f"{kt == et} (first divergence {first_divergence(et, kt)})"
-            )
-        except Exception as exc:  # a kernel compile failure must not lose the rest of the report
-            var[f"decode decode_kernels={other_kernels}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
-        fm = apply_fast_path(model, FastConfig(cuda_graphs=False))
-        var["decode no graphs (host greedy) ms/token"] = decode_loop(fm, embeds, 64, 0)["ms_per_token"]
-        fm = apply_fast_path(model, FastConfig(expert_impl="dense"))
-        var["prefill experts=dense ms"] = prefill_ms(fm, embeds)
-        fm = apply_fast_path(model, FastConfig(grouped_moe=False))
-        var["prefill grouped_moe=False (fused qkv only) ms"] = prefill_ms(fm, embeds)
-        # each policy gets its own compiled graph of the vision blocks (graphs.check_sdpa_policy; before round 10 they
-        # reused the first compile's backend, so these rows timed the default's)
-        for vis in ("cudnn", "flash"):
-            vm = apply_fast_path(model, FastConfig(vision_sdpa=vis))
+        if "other" in parts:
+            other_kernels = "torch" if fast.fast_config.decode_kernels == "triton" else "triton"
             try:
-                var[f"vision sdpa={vis} ms"] = cuda_ms(functools.partial(page.vision, vm), warmup=2, reps=5)
-            except RuntimeError as exc:
-                var[f"vision sdpa={vis} ms"] = f"failed: {exc}"[:120]
-        del fm
+                fm = apply_fast_path(model, FastConfig(decode_kernels=other_kernels))
+                k_dec = decode_loop(fm, embeds, keep, keep)
+                kt = k_dec["tokens"][: keep + 1]
+                var[f"decode decode_kernels={other_kernels} (device greedy) ms/token"] = greedy_device(
+                    fm, embeds, steps
+                )["ms_per_token"]
+                var[f"decode decode_kernels={other_kernels}: tokens == eager, {keep} steps"] = (
+                    f"{kt == et} (first divergence {first_divergence(et, kt)})"
+                )
+            except Exception as exc:  # a kernel compile failure must not lose the rest of the report
+                var[f"decode decode_kernels={other_kernels}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
+            fm = apply_fast_path(model, FastConfig(cuda_graphs=False))
+            var["decode no graphs (host greedy) ms/token"] = decode_loop(fm, embeds, 64, 0)["ms_per_token"]
+            fm = apply_fast_path(model, FastConfig(expert_impl="dense"))
+            var["prefill experts=dense ms"] = prefill_ms(fm, embeds)
+            fm = apply_fast_path(model, FastConfig(grouped_moe=False))
+            var["prefill grouped_moe=False (fused qkv only) ms"] = prefill_ms(fm, embeds)
+            # each policy gets its own compiled graph of the vision blocks (graphs.check_sdpa_policy; before round 10
+            # they reused the first compile's backend, so these rows timed the default's)
+            for vis in ("cudnn", "flash"):
+                vm = apply_fast_path(model, FastConfig(vision_sdpa=vis))
+                try:
+                    var[f"vision sdpa={vis} ms"] = cuda_ms(functools.partial(page.vision, vm), warmup=2, reps=5)
+                except RuntimeError as exc:
+                    var[f"vision sdpa={vis} ms"] = f"failed: {exc}"[:120]
+            del fm
         checkpoint("the kernel profiles")
         try:
             prof = profile_decode_step(fast, embeds, out)

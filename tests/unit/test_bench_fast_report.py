@@ -59,3 +59,14 @@ def test_partial_report_says_so_and_the_final_one_does_not(tmp_path: Path, capsy
     assert "Partial report" not in text and "| vision z ms | 11.000 |" in text.splitlines()
     assert "partial" not in json.loads(js.read_text())
     assert "| vision z ms | 11.000 |" in capsys.readouterr().out
+
+
+def test_parts_names_an_unknown_group_before_anything_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--parts`` with a misspelt group stops at once (before the CUDA check) and names the valid groups."""
+    import sys
+
+    from benchmarks import bench_fast
+
+    monkeypatch.setattr(sys, "argv", ["bench_fast.py", "--parts", "vision,tabels"])
+    with pytest.raises(SystemExit, match=r"unknown group\(s\) \['tabels'\]; choose from vision, by-grid, tables"):
+        bench_fast.main()

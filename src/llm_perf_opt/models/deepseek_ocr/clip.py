@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from llm_perf_opt.errors import ModelLoadError
 from llm_perf_opt.models.deepseek_ocr.config import ClipConfig
-from llm_perf_opt.models.deepseek_ocr.graphs import check_sdpa_policy
+from llm_perf_opt.models.deepseek_ocr.graphs import ResizedTables, check_sdpa_policy
 
 __all__ = [
     "ClipAttention",
@@ -75,15 +75,24 @@ class ClipEmbeddings(nn.Module):
         )
         self.position_embedding = nn.Embedding(cfg.num_positions, cfg.hidden_size)
         self.register_buffer("position_ids", torch.arange(cfg.num_positions).expand((1, -1)), persistent=False)
+        # the fast forward's position table per grid, resized once (:meth:`forward_fast`)
+        self.resized_pos = ResizedTables(interpolate_clip_pos_embed)
 
     def forward(self, pixel_values: Tensor, patch_embeds: Tensor | None = None) -> Tensor:
         if patch_embeds is None:
             patch_embeds = self.patch_embedding(pixel_values)
+        return self._embed(patch_embeds, interpolate_clip_pos_embed)
+
+    def forward_fast(self, patch_embeds: Tensor) -> Tensor:
+        """:meth:`forward` on given patch embeddings with the position table kept per grid (same values)."""
+        return self._embed(patch_embeds, self.resized_pos)
+
+    def _embed(self, patch_embeds: Tensor, positions: Any) -> Tensor:
         b, _, h, w = patch_embeds.shape
         tokens = patch_embeds.flatten(2).transpose(1, 2)
         cls = self.class_embedding.expand(b, 1, -1)
         embeddings = torch.cat([cls, tokens], dim=1)
-        return embeddings + interpolate_clip_pos_embed(self.position_embedding.weight, (h, w))
+        return embeddings + positions(self.position_embedding.weight, (h, w))
 
 
 class ClipAttention(nn.Module):
@@ -177,7 +186,14 @@ class ClipTransformer(nn.Module):
 
     def forward_fast(self, x: Tensor) -> Tensor:
         """The layers through ``layer_fn`` (set by the fast path)."""
-        if self.layer_fn is not None:
+        return self.run_layers(x, self.layer_fn)
+
+    def run_layers(self, x: Tensor, layer_fn: Any) -> Tensor:
+        """The layers through ``layer_fn`` (a :func:`clip_block_fast` signature), or as modules when it is None."""
+        if layer_fn is None:
+            for layer in self.layers:
+                x = layer(x)
+        else:
             for layer in self.layers:
                 blk = cast(ClipBlock, layer)
                 a, m = blk.self_attn, blk.mlp
@@ -195,12 +211,18 @@ class ClipTransformer(nn.Module):
                     m.fc2.weight,
                     m.fc2.bias,
                 ]
-                x = self.layer_fn(x, weights, a.num_heads, blk.layer_norm1.eps, blk.layer_norm2.eps)
+                x = layer_fn(x, weights, a.num_heads, blk.layer_norm1.eps, blk.layer_norm2.eps)
         return x
 
 
 class ClipVisionTower(nn.Module):
-    """Embeddings → pre-LayerNorm → transformer; returns [B, 1 + h·w, hidden] including CLS."""
+    """Embeddings → pre-LayerNorm → transformer; returns [B, 1 + h·w, hidden] including CLS.
+
+    ``layer_fn`` (fast path, default None = the modules as written): with patch embeddings given, the whole tower
+    runs :meth:`forward_fast` (its layers through ``layer_fn``, a :func:`clip_block_fast` signature), or
+    ``forward_fn`` instead when set (the fast path's per-shape CUDA-graph replay of :meth:`forward_fast`, which so
+    holds the embeddings and the pre-LayerNorm too, not only the layers).
+    """
 
     def __init__(self, cfg: ClipConfig) -> None:
         super().__init__()
@@ -208,8 +230,19 @@ class ClipVisionTower(nn.Module):
         self.embeddings = ClipEmbeddings(cfg)
         self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.pre_layernorm_epsilon)
         self.transformer = ClipTransformer(cfg)
+        self.layer_fn: Any = None
+        self.forward_fn: Any = None
 
     def forward(self, pixel_values: Tensor, patch_embeds: Tensor | None = None) -> Tensor:
         """``patch_embeds`` is SAM's [B, hidden, h, w] output; ``pixel_values`` only matter without it."""
+        if self.layer_fn is not None and patch_embeds is not None:
+            out: Tensor = self.forward_fast(patch_embeds) if self.forward_fn is None else self.forward_fn(patch_embeds)
+            return out
         x = self.embeddings(pixel_values, patch_embeds)
         return self.transformer(self.pre_layrnorm(x))
+
+    def forward_fast(self, patch_embeds: Tensor) -> Tensor:
+        """The tower on SAM's features: the embeddings with their kept position table, the pre-LayerNorm, and the
+        layers through ``layer_fn`` (set by the fast path)."""
+        x = self.pre_layrnorm(self.embeddings.forward_fast(patch_embeds))
+        return self.transformer.run_layers(x, self.layer_fn)

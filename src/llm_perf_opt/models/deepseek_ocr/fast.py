@@ -178,7 +178,7 @@ class FastConfig:
     # torch.compile of one SAM block (sam.sam_block_fast) when sam_fast: fuses the layout copies, norms and
     # the augmented-attention concatenations; compiled once per view shape (tiles, global view) and block kind.
     sam_compile: bool = True
-    # the same for CLIP's layers (clip.clip_block_fast via ClipTransformer.layer_fn): one compile per view shape;
+    # the same for CLIP's layers (clip.clip_block_fast via ClipVisionTower.layer_fn): one compile per view shape;
     # for DeepSeek-OCR-2 the second tower's: the encoder's fused layer (deepseek_ocr2.encoder.encoder_layer_fast)
     clip_compile: bool = True
     # torch.compile's mode for those blocks: "default", or "max-autotune-no-cudagraphs" (inductor times Triton GEMM
@@ -398,8 +398,9 @@ class VisionFast:
 
 
 class ClipVisionFast(VisionFast):
-    """v1's towers: SAM (the base class) + CLIP's layers through :func:`~llm_perf_opt.models.deepseek_ocr.clip.
-    clip_block_fast` (compiled with ``clip_compile``), its forward graphed per view shape with ``vision_graphs``."""
+    """v1's towers: SAM (the base class) + CLIP, its layers through :func:`~llm_perf_opt.models.deepseek_ocr.clip.
+    clip_block_fast` (compiled with ``clip_compile``), its whole forward (embeddings, pre-LayerNorm, layers) graphed
+    per view shape with ``vision_graphs``."""
 
     def __init__(self, model: DeepseekOCRForCausalLM, cfg: FastConfig) -> None:
         vision_model = getattr(model.model, "vision_model", None)
@@ -409,7 +410,7 @@ class ClipVisionFast(VisionFast):
                 hint="for DeepSeek-OCR-2 use llm_perf_opt.models.deepseek_ocr2.fast.apply_fast_path_v2",
             )
         super().__init__(model.model.sam_model, cfg)
-        self._set_tower("clip", vision_model.transformer, clip_block_fast)
+        self._set_tower("clip", vision_model, clip_block_fast)
 
 
 class FastModel:

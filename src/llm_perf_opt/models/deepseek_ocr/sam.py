@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from llm_perf_opt.errors import ModelLoadError
 from llm_perf_opt.models.deepseek_ocr.config import SamConfig
-from llm_perf_opt.models.deepseek_ocr.graphs import check_sdpa_policy
+from llm_perf_opt.models.deepseek_ocr.graphs import ResizedTables, check_sdpa_policy
 
 __all__ = [
     "LayerNorm2d",
@@ -495,6 +495,8 @@ class SamEncoder(nn.Module):
         # With ``fast``: the MLPs' up projection + GELU as one GEMM with cuBLASLt's (tanh) GELU epilogue
         # (``FastConfig.sam_gelu_epilogue``)
         self.gelu_epilogue = False
+        # With ``fast``: the position table resized per grid once (the reference path resizes on every call)
+        self.resized_pos = ResizedTables(interpolate_sam_pos_embed)
 
     @property
     def fast(self) -> bool:
@@ -533,7 +535,7 @@ class SamEncoder(nn.Module):
 
     def _forward_fast(self, x: Tensor) -> Tensor:
         x = self._patch_embed_fast(x)
-        x = x + interpolate_sam_pos_embed(self.pos_embed, (x.shape[1], x.shape[2]))
+        x = x + self.resized_pos(self.pos_embed, (x.shape[1], x.shape[2]))
         fn = sam_block_fast if self.block_fn is None else self.block_fn
         for block in self.blocks:
             blk = cast(SamBlock, block)

@@ -322,23 +322,23 @@ def attention_blocks(
     return Blocks(block_m or auto.block_m, block_n, rows, warps or auto.warps, stages or auto.stages)
 
 
-TABLES: str = "einsum"
-"""How :func:`rel_pos_tables` computes the two tables: ``"einsum"`` (:func:`sam.rel_pos_terms`'s two einsums, the
-reference's form, batched over query rows), ``"gemm"`` (one product of the queries with both axes' resampled
-tables, then each query's own rows picked out) or ``"triton"`` (:func:`tables_kernel`: one program per query row
-(``rel_h``) or column (``rel_w``), whose queries share one contiguous window of position rows, so each is one small
-product written straight into the attention kernel's layout: q read twice, the tables written once, no copies; not
-yet timed on a GPU).  A module setting, so ``bench_fast`` times every form in one run.
+TABLES: str = "triton"
+"""How :func:`rel_pos_tables` computes the two tables: ``"triton"`` (the default: :func:`tables_kernel`, one program
+per query row (``rel_h``) or column (``rel_w``), whose queries share one contiguous window of position rows, so each
+is one small product written straight into the attention kernel's layout: q read twice, the tables written once, no
+copies), ``"einsum"`` (:func:`sam.rel_pos_terms`'s two einsums, the reference's form, batched over query rows) or
+``"gemm"`` (one product of the queries with both axes' resampled tables, then each query's own rows picked out).  A
+module setting, so ``bench_fast`` times every form in one run.
 
+H200, round 16 (``bench_sam_attention --sweep``, each form compiled alone, graph-timed): per global block, 640-px
+tiles (6) triton 0.030 ms, einsum 0.041, gemm 0.082; the 1024-px view 0.009 / 0.026 / 0.049; per windowed block,
+tiles 0.024 / 0.053 / 0.028, the view's windows 0.014 / 0.029 / 0.016.  Over a Gundam page's 4 global and 8
+windowed blocks the kernel form saves ~0.46 ms of the einsums' kernel time.
 H200, round 15 (bench_fast, whole fast vision): einsum 11.32 ms, gemm 11.70; SAM's kernel time 8.66 vs 8.99 ms.
-Under ``torch.compile`` the einsums become 32 sm80 batched GEMMs of 13.4 us (0.43 ms a page); the gemm form did not
-become the one dense GEMM it was meant to be: ``q`` is a strided view of the QKV output, so inductor kept it batched
-over (batch, head), with a 158-wide output (not a multiple of 8: no Hopper kernel) on the same sm80 kernels (20
-calls of 31 us) plus three gathers (0.33 ms).  A contiguous ``q`` and a width padded to a multiple of 8 would give
-the dense GEMM, but by the bytes it moves (a copy of ``q``, a 160-wide product, the gathers: ~30 us per 640-px global
-block against the einsums' ~33) not much less time.  The ``"triton"`` form moves fewer (q read twice, the tables
-written once: ~12 us of bytes for that block); it has run only under Triton's interpreter and the sm_90 compile
-check so far, hence not the default."""
+Under ``torch.compile`` the einsums become 32 sm80 batched GEMMs of 13.4 us (0.43 ms a page) plus layout copies; the
+gemm form did not become the one dense GEMM it was meant to be: ``q`` is a strided view of the QKV output, so
+inductor kept it batched over (batch, head), with a 158-wide output (not a multiple of 8: no Hopper kernel) on the
+same sm80 kernels plus three gathers."""
 TABLE_FORMS = ("einsum", "gemm", "triton")
 
 

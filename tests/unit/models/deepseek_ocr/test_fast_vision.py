@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,36 @@ def test_fast_sam_matches_reference(
         assert torch.equal(fast(images), expected)  # switching back restores the reference path exactly
 
 
+def test_fast_sam_resizes_its_position_table_once_per_grid(tiny_sam: SamEncoder) -> None:
+    """The fast SAM keeps the resized table per grid: two calls on a smaller tile resize once and give the
+    reference's output both times; a new table (another tensor, as a reload assigns) is resized again."""
+    fast = copy.deepcopy(tiny_sam)
+    fast.fast = True
+    calls: list[tuple[int, int]] = []
+    resize = fast.resized_pos._resize
+
+    def counted(table: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        calls.append(hw)
+        return resize(table, hw)
+
+    fast.resized_pos._resize = counted  # type: ignore[method-assign]
+    side = int(tiny_sam.cfg.img_size * 0.625) // 64 * 64
+    grid = side // tiny_sam.cfg.patch_size
+    assert grid != tiny_sam.pos_embed.shape[1]  # the table needs resizing at this size
+    torch.manual_seed(7)
+    images = torch.randn(1, 3, side, side)
+    with torch.no_grad():
+        expected = tiny_sam(images)
+        for _ in range(2):
+            assert _rel_err(fast(images), expected) < 1e-5
+        assert calls == [(grid, grid)]
+        fast.pos_embed = torch.nn.Parameter(fast.pos_embed * 2.0)  # another table: resized anew
+        ref = copy.deepcopy(tiny_sam)
+        ref.pos_embed.data.mul_(2.0)
+        assert _rel_err(fast(images), ref(images)) < 1e-5
+    assert calls == [(grid, grid), (grid, grid)]
+
+
 def test_clip_layer_fn_matches_modules() -> None:
     cfg = DeepseekOCRConfig.from_json(TINY / "config.json")
     weights = load_file(TINY / "weights.safetensors")
@@ -138,6 +169,46 @@ def test_clip_layer_fn_matches_modules() -> None:
         clip.transformer.layer_fn = clip_block_fast
         actual = clip(None, feats)
     assert _rel_err(actual, expected) < 1e-5
+
+
+def test_clip_tower_fast_forward_matches_modules_and_resizes_positions_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole tower's fast forward (embeddings with the kept position table, pre-LayerNorm, layers through
+    ``layer_fn``) against the modules as written, on two grids that both need the table resized; the resize runs
+    once per grid however often the tower runs, and again after the table is written in place."""
+    from llm_perf_opt.models.deepseek_ocr import clip as clip_mod
+
+    cfg = DeepseekOCRConfig.from_json(TINY / "config.json")
+    weights = load_file(TINY / "weights.safetensors")
+    clip = ClipVisionTower(cfg.clip)
+    prefix = "model.vision_model."
+    clip.load_state_dict({k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}, strict=True)
+    clip.eval()
+    calls: list[tuple[int, int]] = []
+    resize = clip.embeddings.resized_pos._resize
+
+    def counted(table: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        calls.append(hw)
+        return resize(table, hw)
+
+    monkeypatch.setattr(clip.embeddings.resized_pos, "_resize", counted)
+    src = math.isqrt(cfg.clip.num_positions - 1)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for grid in (3, 2, 3):
+            assert grid != src  # the table is resized for both grids
+            feats = torch.randn(2, cfg.clip.hidden_size, grid, grid)
+            clip.layer_fn = None
+            expected = clip(None, feats)
+            clip.layer_fn = clip_block_fast
+            assert _rel_err(clip(None, feats), expected) < 1e-5
+        assert calls == [(3, 3), (2, 2)]
+        clip.embeddings.position_embedding.weight.mul_(2.0)  # written in place: the kept tables are stale
+        clip.layer_fn = None
+        expected = clip(None, feats)
+        clip.layer_fn = clip_block_fast
+        assert _rel_err(clip(None, feats), expected) < 1e-5
+    assert calls == [(3, 3), (2, 2), (3, 3)]
+    assert clip_mod.interpolate_clip_pos_embed is resize  # the kept tables come from the reference's own resize
 
 
 @pytest.mark.parametrize(
@@ -166,11 +237,11 @@ def test_fast_model_encode_images_matches_and_restores(
     assert (fast.vision.sam_attention, fast.vision.sam_window_attention) == (sam_attention, window)  # no fallback
     actual = fast.encode_images(crops, ori, [2, 1])
     assert _rel_err(actual, expected) < 1e-5
-    sam, clip_tf = model.model.sam_model, model.model.vision_model.transformer
+    sam, clip = model.model.sam_model, model.model.vision_model
     assert not sam.fast and sam.block_fn is None and sam.forward_fn is None
     assert sam.global_attention == sam.window_attention == "augmented"  # restored after encode_images
     assert not sam.gelu_epilogue
-    assert clip_tf.layer_fn is None and clip_tf.forward_fn is None
+    assert clip.layer_fn is None and clip.forward_fn is None
     assert torch.equal(model.encode_images(crops, ori, [2, 1]), expected)
 
 
