@@ -107,15 +107,15 @@ class Page:
 
 
 # sam_kernels.BY_GRID settings bench_fast times on the whole vision (label, {grid width: (block_m, block_n, warps,
-# stages)}): the windows' 14-wide grid at 4 and 9 key rows per step, the 640/768-px tiles' 40/48-wide grids at 3 and
-# 2 rows per 128-wide step, the 1024-px view's 64-wide grid at 2; each compiled for sm_90 without spills with the
-# local Triton (bench_kernels --sm90-check holds the window and 640-px ones to it).
-SAM_GRID_CANDIDATES: list[tuple[str, dict[int, tuple[int, int, int, int]]]] = [
-    ("windows 64x64", {14: (64, 64, 4, 2)}),
-    ("windows 64x128", {14: (64, 128, 4, 2)}),
-    ("windows 128x128 8 warps", {14: (128, 128, 8, 2)}),
-    ("tiles 64x128", {40: (64, 128, 4, 2), 48: (64, 128, 4, 2)}),
-    ("global view 128x128 8 warps", {64: (128, 128, 8, 2)}),
+# stages, patch_w)}); each compiled for sm_90 without spills with the local Triton (bench_kernels --sm90-check holds
+# the 640-px ones to it).
+SAM_GRID_CANDIDATES: list[tuple[str, dict[int, tuple[int, ...]]]] = [
+    # round 16: the tiles' 40-wide grid (v2's 48-wide) in patches of 8 key columns, 64 keys a step with no padding
+    # columns (the default's one-row steps leave 24 of 64 empty); round 15's several-whole-rows candidates were all
+    # slower or within 1 % (benchmarks/README.md) and are not re-timed
+    ("tiles 8x8 patches", {40: (64, 64, 4, 2, 8), 48: (64, 64, 4, 2, 8)}),
+    ("tiles 8x8 patches, 128 queries 8 warps", {40: (128, 64, 8, 2, 8), 48: (128, 64, 8, 2, 8)}),
+    ("tiles 16x8 patches, 128 queries 8 warps", {40: (128, 128, 8, 2, 8), 48: (128, 128, 8, 2, 8)}),
 ]
 
 

@@ -674,8 +674,13 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
 
 
 # SAM's attention grids at v1's views: the 640-px tiles (40×40), the 1024-px view (64×64), the 14×14 windows; with
-# the launch settings the sweep weighs beside the default one row per step (several rows per 64/128-wide step).
-SAM_GRIDS = ((40, ((64, 128, 4), (128, 128, 8))), (64, ()), (14, ((64, 64, 4), (64, 128, 4), (128, 128, 8))))
+# the launch settings the sweep weighs beside the default one row per step: (block_m, block_n, warps[, patch_w]),
+# several rows per 64/128-wide step, or patches of 8 key columns (the tiles in 8×8 patches of 64 keys)
+SAM_GRIDS: tuple[tuple[int, tuple[tuple[int, ...], ...]], ...] = (
+    (40, ((64, 128, 4), (128, 128, 8), (64, 64, 4, 8), (128, 64, 8, 8), (128, 128, 8, 8))),
+    (64, ()),
+    (14, ((64, 64, 4), (64, 128, 4), (128, 128, 8))),
+)
 SAM_DIVISIBLE = {"s_qb", "s_qh", "s_qn", "s_kb", "s_kh", "s_kn", "s_vb", "s_vh", "s_vn"}
 
 
@@ -690,12 +695,19 @@ def sam_specs() -> list[tuple[str, dict[str, str], dict[str, Any], int]]:
     sig.update(dict.fromkeys((*sorted(SAM_DIVISIBLE), "N", "HEADS", "KH", "KW"), "i32"), qk_scale="fp32")
     specs = []
     for grid, several in SAM_GRIDS:
-        for block_m, block_n, warps in ((0, 0, 0), *several):  # zeros: attention_blocks' default
+        for block_m, block_n, warps, *patch in ((0, 0, 0), *several):  # zeros: attention_blocks' default
             b = sam_kernels.attention_blocks(
-                grid * grid, grid, interpreter=False, block_m=block_m, block_n=block_n, warps=warps
+                grid * grid,
+                grid,
+                False,
+                block_m=block_m,
+                block_n=block_n,
+                warps=warps,
+                patch_w=patch[0] if patch else 0,
             )
             consts: dict[str, Any] = dict(D=64, BLOCK_M=b.block_m, BLOCK_N=b.block_n, ROWS=b.rows, STAGES=b.stages)
-            consts.update(ROW_PAD=sam_kernels._pow2(b.rows), COL_PAD=sam_kernels._pow2(grid))
+            consts.update(ROW_PAD=sam_kernels._pow2(b.rows), COL_PAD=sam_kernels._pow2(b.patch_w or grid))
+            consts.update(PATCH_W=b.patch_w)
             consts.update(PRECISION="tf32", UPCAST=False, PREFETCH_RH=True, N_DIVISIBLE=grid * grid % 16 == 0)
             specs.append(("sam_kernels._rel_pos_attention_kernel", sig, consts, b.warps))
     # sam_kernels.TABLES="triton": the two tables' kernel (a program per query row / column) on the same grids

@@ -136,15 +136,19 @@ def op_rows(sam: SamEncoder, dev: torch.device, kinds: tuple[str, ...]) -> list[
     return rows
 
 
-def sweep_settings(grid: int) -> list[tuple[int, int, int, int, bool]]:
-    """(queries per program, key columns per step, warps, stages, rel_h prefetched) tried by --sweep at a grid width:
-    key steps of one row (the width rounded up to a power of two) up to 256 columns (several whole rows, their
-    position terms through one-hot products; a 14x14 window whole in one step); 32-query programs for windows."""
+def sweep_settings(grid: int) -> list[tuple[int, int, int, int, bool, int]]:
+    """(queries per program, key columns per step, warps, stages, rel_h prefetched, patch width) tried by --sweep at
+    a grid width: key steps of one row (the width rounded up to a power of two) up to 256 columns (several whole
+    rows, their position terms through one-hot products; a 14x14 window whole in one step); 32-query programs for
+    windows; on a grid whose width is a multiple of 8 but no power of two (the 640/768-px tiles' 40/48), steps of
+    8-column patches of 64 and 128 keys (no padding columns)."""
     width = max(16, 1 << (grid - 1).bit_length())
     widths = [n for n in (16, 32, 64, 128, 256) if n >= width] or [width]
     programs = [(64, 4, 2), (128, 4, 2), (128, 8, 2), (128, 8, 3)] + ([(32, 4, 2)] if grid <= 16 else [])
-    out = [(m, n, w, s, True) for n in widths for m, w, s in programs]
-    return [*out, (128, width, 8, 2, False)]
+    out = [(m, n, w, s, True, 0) for n in widths for m, w, s in programs]
+    if grid % 8 == 0 and grid != width:
+        out += [(m, n, w, s, True, 8) for n in (64, 128) for m, w, s in programs]
+    return [*out, (128, width, 8, 2, False, 0)]
 
 
 def sweep_rows(sam: SamEncoder, dev: torch.device) -> list[dict[str, Any]]:
@@ -171,13 +175,14 @@ def sweep_rows(sam: SamEncoder, dev: torch.device) -> list[dict[str, Any]]:
         th, tw = tables()
         default = sam_kernels.attention_blocks(n, grid, interpreter=False)
         rows.append(dict(view=view, setting=f"default: {default}", ms=float("nan")))
-        for block_m, block_n, warps, stages, prefetch in sweep_settings(grid):
+        for block_m, block_n, warps, stages, prefetch, patch_w in sweep_settings(grid):
             kernel = functools.partial(
-                sam_kernels.attention_kernel, q, k, v, th, tw, grid, grid, block_m, block_n, warps, stages, prefetch
+                sam_kernels.attention_kernel,
+                *(q, k, v, th, tw, grid, grid, block_m, block_n, warps, stages, prefetch, patch_w),
             )
-            rows_per_step = block_n // grid
+            shape = f"{block_n // patch_w}x{patch_w} patches" if patch_w else f"{block_n // grid} rows"
             setting = (
-                f"{block_m} queries, {block_n} keys ({rows_per_step} rows), {warps} warps, {stages} stages,"
+                f"{block_m} queries, {block_n} keys ({shape}), {warps} warps, {stages} stages,"
                 f" rel_h prefetch {prefetch}"
             )
             try:

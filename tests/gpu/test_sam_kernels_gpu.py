@@ -22,25 +22,29 @@ HEADS, DIM = 12, 64  # SAM-B
 
 
 @pytest.mark.parametrize(
-    ("batch", "grid", "block_n"),
+    ("batch", "grid", "block_n", "patch_w"),
     # v1 640-px tiles, the 1024-px global view, v2 768-px tiles, 14x14 windows; one key row per step (block_n 0:
     # the default) and several (3, 2, 2 rows of 128; 4 and 9 rows of a window, the last step partial; a whole window
-    # in one 256-wide step; 6 rows of 40 in 256), their position terms through one-hot products
+    # in one 256-wide step; 6 rows of 40 in 256), their position terms through one-hot products; patches of 8 key
+    # columns (8x8 in 64 keys; 16x8 in 128, 40 rows = 16+16+8)
     [
-        (6, 40, 0),
-        (6, 40, 128),
-        (6, 40, 256),
-        (1, 64, 0),
-        (1, 64, 128),
-        (6, 48, 0),
-        (6, 48, 128),
-        (2, 14, 0),
-        (54, 14, 64),
-        (25, 14, 128),
-        (54, 14, 256),
+        (6, 40, 0, 0),
+        (6, 40, 128, 0),
+        (6, 40, 256, 0),
+        (6, 40, 64, 8),
+        (6, 40, 128, 8),
+        (1, 64, 0, 0),
+        (1, 64, 128, 0),
+        (6, 48, 0, 0),
+        (6, 48, 128, 0),
+        (6, 48, 64, 8),
+        (2, 14, 0, 0),
+        (54, 14, 64, 0),
+        (25, 14, 128, 0),
+        (54, 14, 256, 0),
     ],
 )
-def test_matches_float32_dense_bias_at_real_sizes(batch: int, grid: int, block_n: int) -> None:
+def test_matches_float32_dense_bias_at_real_sizes(batch: int, grid: int, block_n: int, patch_w: int) -> None:
     from llm_perf_opt.models.deepseek_ocr import sam_kernels
 
     gen = torch.Generator(device="cuda").manual_seed(grid)
@@ -53,7 +57,9 @@ def test_matches_float32_dense_bias_at_real_sizes(batch: int, grid: int, block_n
         bias = decomposed_rel_pos_bias(q.float(), rel_h.float(), rel_w.float(), (grid, grid), (grid, grid))
         ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias)
         del bias
-        out = sam_kernels.rel_pos_triton_attention(q, k, v, rel_h, rel_w, (grid, grid), block_n=block_n)
+        out = sam_kernels.rel_pos_triton_attention(
+            q, k, v, rel_h, rel_w, (grid, grid), block_n=block_n, patch_w=patch_w
+        )
         aug = rel_pos_attention(q, k, v, rel_h, rel_w, (grid, grid))
     assert out.shape == ref.shape and out.dtype == torch.bfloat16
     assert bool(torch.isfinite(out).all())

@@ -17,6 +17,10 @@ keys a few whole key *rows* at a time, so neither needs a gather:
 * with several key rows per step (``ROWS`` > 1) both tables' terms come from two small products with one-hot
   matrices instead: ``rel_h`` [BLOCK_M, the step's key rows] × [key row, column] and ``rel_w`` [BLOCK_M, w] ×
   [key column, column], on the tensor cores, each logit a single non-zero product (exact in float32);
+* with ``PATCH_W`` (:class:`Blocks` ``patch_w``, dividing the grid's width) a step is a patch of key rows ×
+  ``PATCH_W`` key columns instead of whole rows, both terms through the same one-hot products, ``rel_w``'s only
+  ``PATCH_W`` (padded to 16) deep: the 640-px tiles' 40-wide grid in 8×8 patches fills every column of a 64-key
+  step, where one row per step leaves 24 of 64 empty;
 * the rest is flash attention's online softmax in float32 (``exp2`` with ``log2 e`` folded into the scale and
   the tables), P rounded to the input dtype for the P·V product, the output divided once at the end.
 
@@ -112,6 +116,7 @@ if HAVE_TRITON:
         PRECISION: tl.constexpr,
         UPCAST: tl.constexpr,
         PREFETCH_RH: tl.constexpr = True,
+        PATCH_W: tl.constexpr = 0,
     ):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
@@ -123,13 +128,20 @@ if HAVE_TRITON:
         # a step's BLOCK_N key columns hold ROWS whole key rows, ROWS·KW consecutive keys: column c is key row
         # step·ROWS + seg[c], key column kcol[c]; columns from ROWS·KW on are padding
         cols = tl.arange(0, BLOCK_N)
-        seg = cols // KW
-        kcol = cols - seg * KW
+        # PATCH_W > 0: a step is a patch of ROWS key rows x PATCH_W key columns (PATCH_W divides KW): column c is
+        # patch row seg[c], patch column kcol[c], so a grid whose width is no power of two (40) needs no padding
+        KCOLS: tl.constexpr = PATCH_W if PATCH_W > 0 else 0
+        if PATCH_W > 0:
+            seg = cols // KCOLS
+            kcol = cols - seg * KCOLS
+        else:
+            seg = cols // KW
+            kcol = cols - seg * KW
         cmask = seg < ROWS
         q = tl.load(q_ptr + b * s_qb + head * s_qh + rows[:, None] * s_qn + d[None, :], mask=rmask[:, None], other=0.0)
         if UPCAST:  # Triton's interpreter computes bf16 tl.dot wrongly; float32 operands are exact
             q = q.to(tl.float32)
-        if ROWS > 1:
+        if ROWS > 1 or PATCH_W > 0:
             # both tables' terms of a step as products with one-hot matrices (column c's key row, its key column):
             # [BLOCK_M, ROW_PAD] x [ROW_PAD, BLOCK_N] and [BLOCK_M, COL_PAD] x [COL_PAD, BLOCK_N], one non-zero
             # product per logit each, so exact in float32; the padding columns are masked after (kmask)
@@ -137,7 +149,7 @@ if HAVE_TRITON:
             onehot_h = (rsel[:, None] == seg[None, :]).to(q.dtype)
             csel = tl.arange(0, COL_PAD)
             onehot_w = (csel[:, None] == kcol[None, :]).to(q.dtype)
-            rw_t = tl.load(
+            rw_t = tl.load(  # whole rows: every step's columns (a patch reloads its own columns each step)
                 rw_ptr + (bh * N + rows[:, None]) * KW + csel[None, :],
                 mask=rmask[:, None] & (csel[None, :] < KW),
                 other=0.0,
@@ -156,16 +168,32 @@ if HAVE_TRITON:
         k_base = k_ptr + b * s_kb + head * s_kh
         v_base = v_ptr + b * s_vb + head * s_vh
         rh_row = rh_ptr + bh * KH * N + rows
-        steps = tl.cdiv(KH, ROWS)
+        if PATCH_W > 0:  # noqa: SIM108  (a constexpr branch)
+            steps = tl.cdiv(KH, ROWS) * (KW // KCOLS)
+        else:
+            steps = tl.cdiv(KH, ROWS)
         rh_next = tl.load(rh_row, mask=rmask, other=0.0)
         for step in tl.range(0, steps, num_stages=STAGES):
-            kr0 = step * ROWS
-            keys = kr0 * KW + cols
-            kmask = cmask & (keys < N)  # the last step may hold fewer than ROWS key rows
+            if PATCH_W > 0:  # patches row-major: the KW // PATCH_W patches of ROWS key rows, then the next rows
+                kr0 = (step // (KW // KCOLS)) * ROWS
+                c0 = (step % (KW // KCOLS)) * KCOLS
+                keys = (kr0 + seg) * KW + c0 + kcol
+                kmask = cmask & (kr0 + seg < KH)  # the last patch row may hold fewer than ROWS key rows
+                rw_t = tl.load(
+                    rw_ptr + (bh * N + rows[:, None]) * KW + c0 + csel[None, :],
+                    mask=rmask[:, None] & (csel[None, :] < KCOLS),
+                    other=0.0,
+                )
+                if UPCAST:
+                    rw_t = rw_t.to(tl.float32)
+            else:
+                kr0 = step * ROWS
+                keys = kr0 * KW + cols
+                kmask = cmask & (keys < N)  # the last step may hold fewer than ROWS key rows
             kt = tl.load(k_base + keys[:, None] * s_kn + d[None, :], mask=kmask[:, None], other=0.0)
             vt = tl.load(v_base + keys[:, None] * s_vn + d[None, :], mask=kmask[:, None], other=0.0)
             # rel_h [B·heads, KH, N] (key-row major): each key row's term for every query, contiguous
-            if ROWS > 1:
+            if ROWS > 1 or PATCH_W > 0:
                 in_step = (rsel < ROWS) & (kr0 + rsel < KH)
                 rh_t = tl.load(
                     rh_row[:, None] + (kr0 + rsel[None, :]) * N, mask=rmask[:, None] & in_step[None, :], other=0.0
@@ -186,7 +214,7 @@ if HAVE_TRITON:
                 kt, vt = kt.to(tl.float32), vt.to(tl.float32)
             s = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * qk_scale
             # a constexpr branch (ruff's ternary would not do): padding columns, key rows past the grid get -inf
-            if ROWS > 1:  # noqa: SIM108
+            if ROWS > 1 or PATCH_W > 0:
                 s = tl.where(kmask[None, :], s + terms * LOG2E, float("-inf"))
             else:
                 s = s + rw + bias * LOG2E
@@ -258,34 +286,43 @@ if HAVE_TRITON:
 
 class Blocks(NamedTuple):
     """One launch setting of the kernel: queries per program, key columns per step (a power of two holding
-    ``rows`` whole key rows), warps, k/v pipeline stages."""
+    ``rows`` whole key rows, or with ``patch_w`` a patch of ``rows`` key rows × ``patch_w`` key columns), warps,
+    k/v pipeline stages."""
 
     block_m: int
     block_n: int
     rows: int
     warps: int
     stages: int
+    patch_w: int = 0
 
 
 def _pow2(n: int) -> int:
     return max(16, kernels._pow2(n))  # at least 16: tl.dot's minimum
 
 
-def _check_blocks(block_m: int, block_n: int, grid_w: int) -> None:
-    """Refuse a block size that is not a power of two >= 16, or a ``block_n`` narrower than one key row (plain
-    comparisons only: also traced by Dynamo, where ``grid_w`` may be symbolic)."""
+def _check_blocks(block_m: int, block_n: int, grid_w: int, patch_w: int = 0) -> None:
+    """Refuse a block size that is not a power of two >= 16, a ``block_n`` narrower than one key row (or one patch
+    row), or a ``patch_w`` that does not divide the grid's width (plain comparisons only: also traced by Dynamo,
+    where ``grid_w`` may be symbolic)."""
     for name, size in (("block_m", block_m), ("block_n", block_n)):
         if size and (size < 16 or size & (size - 1)):
             raise ValueError(f"{name} must be a power of two >= 16 (tl.dot), got {size}")
-    if block_n and block_n < grid_w:
+    if patch_w:
+        if patch_w < 0 or grid_w % patch_w:
+            raise ValueError(f"patch_w={patch_w} must divide the {grid_w}-wide key grid (or be 0: whole key rows)")
+        if block_n and block_n < patch_w:
+            raise ValueError(f"block_n={block_n} cannot hold one {patch_w}-wide patch row")
+    elif block_n and block_n < grid_w:
         raise ValueError(f"block_n={block_n} cannot hold one {grid_w}-wide key row; use at least {_pow2(grid_w)}")
 
 
 # Launch settings by key-grid width that replace attention_blocks' GPU defaults, as (block_m, block_n, warps,
-# stages), 0 keeping a field's default; an explicit argument still wins.  Empty: no several-rows setting has been
-# timed on a GPU since the one-hot products (bench_sam_attention.py --sweep times the kernel alone, and
-# bench_fast.py the whole vision with candidates set here), so every grid runs the one-row default.
-BY_GRID: dict[int, tuple[int, int, int, int]] = {}
+# stages) or (block_m, block_n, warps, stages, patch_w), 0 keeping a field's default; an explicit argument still
+# wins.  Empty: no several-rows or patch setting has been measured faster on a GPU (bench_sam_attention.py --sweep
+# times the kernel alone, and bench_fast.py the whole vision with candidates set here), so every grid runs the
+# one-row default.
+BY_GRID: dict[int, tuple[int, ...]] = {}
 
 
 def attention_blocks(
@@ -297,6 +334,7 @@ def attention_blocks(
     block_n: int = 0,
     warps: int = 0,
     stages: int = 0,
+    patch_w: int = 0,
 ) -> Blocks:
     """The launch setting for ``n_queries`` queries over a ``grid_w``-wide key grid; a non-zero argument overrides
     its field (``rows`` follows from ``block_n``: as many whole key rows as fit, at most the grid's).
@@ -313,13 +351,19 @@ def attention_blocks(
     of two >= 16 or a ``block_n`` narrower than one key row.
     """
     if not interpreter and grid_w in BY_GRID:
-        by_m, by_n, by_w, by_s = BY_GRID[grid_w]
+        by_m, by_n, by_w, by_s, *by_p = BY_GRID[grid_w]
         block_m, block_n, warps, stages = block_m or by_m, block_n or by_n, warps or by_w, stages or by_s
-    _check_blocks(block_m, block_n, grid_w)
-    block_n = block_n or _pow2(grid_w)
+        patch_w = patch_w or (by_p[0] if by_p else 0)
+    if patch_w == grid_w:
+        patch_w = 0  # a patch as wide as the grid is a whole key row
+    _check_blocks(block_m, block_n, grid_w, patch_w)
+    block_n = block_n or (_pow2(patch_w) if patch_w else _pow2(grid_w))
     auto = Blocks(16, block_n, 0, 1, 1) if interpreter else Blocks(64, block_n, 0, 4, 2)
-    rows = min(block_n // grid_w, max(1, n_queries // grid_w))  # never more rows per step than the grid has
-    return Blocks(block_m or auto.block_m, block_n, rows, warps or auto.warps, stages or auto.stages)
+    if patch_w:  # never more patch rows than the grid has (a square grid: as many rows as columns)
+        rows = min(block_n // patch_w, max(1, n_queries // grid_w))
+    else:
+        rows = min(block_n // grid_w, max(1, n_queries // grid_w))  # never more rows per step than the grid has
+    return Blocks(block_m or auto.block_m, block_n, rows, warps or auto.warps, stages or auto.stages, patch_w)
 
 
 TABLES: str = "triton"
@@ -446,13 +490,16 @@ def attention_kernel(
     warps: int,
     stages: int,
     prefetch: bool = True,
+    patch_w: int = 0,
 ) -> Tensor:
     """The kernel alone on the tables of :func:`rel_pos_tables` (no input checks): [B, N, heads, C] (contiguous)
-    in ``q.dtype``.  ``block_m`` / ``block_n`` / ``warps`` / ``stages`` override :func:`attention_blocks` where
-    non-zero (``bench_sam_attention.py --sweep`` times this)."""
+    in ``q.dtype``.  ``block_m`` / ``block_n`` / ``warps`` / ``stages`` / ``patch_w`` override
+    :func:`attention_blocks` where non-zero (``bench_sam_attention.py --sweep`` times this)."""
     b, n_heads, n, dim = q.shape
     interpreter = q.device.type != "cuda"
-    blocks = attention_blocks(n, w, interpreter, block_m=block_m, block_n=block_n, warps=warps, stages=stages)
+    blocks = attention_blocks(
+        n, w, interpreter, block_m=block_m, block_n=block_n, warps=warps, stages=stages, patch_w=patch_w
+    )
     out = torch.empty((b, n, n_heads, dim), device=q.device, dtype=q.dtype)
     _rel_pos_attention_kernel[(triton.cdiv(n, blocks.block_m), b * n_heads)](
         q,
@@ -480,11 +527,12 @@ def attention_kernel(
         BLOCK_N=blocks.block_n,
         ROWS=blocks.rows,
         ROW_PAD=_pow2(blocks.rows),
-        COL_PAD=_pow2(w),
+        COL_PAD=_pow2(blocks.patch_w or w),
         STAGES=blocks.stages,
         PRECISION="ieee" if interpreter or q.dtype == torch.float32 else "tf32",
         UPCAST=interpreter,
         PREFETCH_RH=prefetch,
+        PATCH_W=blocks.patch_w,
         num_warps=blocks.warps,
     )
     return out
@@ -506,8 +554,9 @@ if HAVE_TRITON and not INTERPRETED:
         warps: int,
         stages: int,
         prefetch: bool,
+        patch_w: int,
     ) -> Tensor:
-        return attention_kernel(q, k, v, rel_h, rel_w, h, w, block_m, block_n, warps, stages, prefetch)
+        return attention_kernel(q, k, v, rel_h, rel_w, h, w, block_m, block_n, warps, stages, prefetch, patch_w)
 
     @_attention_op.register_fake
     def _(
@@ -523,6 +572,7 @@ if HAVE_TRITON and not INTERPRETED:
         warps: int,
         stages: int,
         prefetch: bool,
+        patch_w: int,
     ) -> Tensor:
         b, n_heads, n, dim = q.shape
         return q.new_empty((b, n, n_heads, dim))
@@ -550,6 +600,7 @@ def rel_pos_triton_attention(
     num_warps: int = 0,
     stages: int = 0,
     prefetch_rh: bool = True,
+    patch_w: int = 0,
 ) -> Tensor:
     """SAM attention with decomposed relative positions, head size kept: [B, heads, N, C] like SDPA's output.
 
@@ -559,17 +610,17 @@ def rel_pos_triton_attention(
     so the caller's ``permute(0, 2, 1, 3).reshape`` to tokens costs no copy.  ``block_m`` (queries per program),
     ``block_n`` (key columns per step: as many whole key rows as fit), ``num_warps`` and ``stages`` (k/v
     pipelining) override :func:`attention_blocks` where non-zero;
-    ``prefetch_rh=False`` loads each key row's ``rel_h`` column in its own step instead of one step ahead.
+    ``prefetch_rh=False`` loads each key row's ``rel_h`` column in its own step instead of one step ahead;
+    ``patch_w`` (dividing the grid's width): each step is a patch of key rows × ``patch_w`` key columns instead of
+    whole key rows (a 40-wide grid in 8×8 patches of 64 keys, no padding columns).
     """
     why = unavailable_reason(q.device)
     if why:
         raise KernelUnavailableError(f"sam_kernels.rel_pos_triton_attention cannot run on {q.device}: {why}")
     _check(q, k, v, hw)
     h, w = hw
-    _check_blocks(block_m, block_n, w)  # bad block sizes fail before any work
+    _check_blocks(block_m, block_n, w, patch_w)  # bad block sizes fail before any work
     rel_h, rel_w = rel_pos_tables(q, rel_pos_h, rel_pos_w, hw)
-    if q.device.type == "cuda":
-        out = _attention_op(q, k, v, rel_h, rel_w, h, w, block_m, block_n, num_warps, stages, prefetch_rh)
-    else:
-        out = attention_kernel(q, k, v, rel_h, rel_w, h, w, block_m, block_n, num_warps, stages, prefetch_rh)
+    args = (q, k, v, rel_h, rel_w, h, w, block_m, block_n, num_warps, stages, prefetch_rh, patch_w)
+    out = _attention_op(*args) if q.device.type == "cuda" else attention_kernel(*args)
     return out.permute(0, 2, 1, 3)

@@ -112,6 +112,49 @@ def test_several_key_rows_per_step_bf16(hw: tuple[int, int], block_n: int) -> No
     assert rel_err(several, expected) < max(2e-2, 1.5 * rel_err(one_row, expected))
 
 
+@pytest.mark.parametrize(
+    ("hw", "patch_w", "block_n", "rows"),
+    [((8, 8), 4, 16, 4), ((6, 12), 4, 16, 4), ((4, 10), 5, 16, 3), ((10, 10), 5, 32, 6), ((5, 24), 8, 64, 5)],
+)
+def test_key_patches_per_step(hw: tuple[int, int], patch_w: int, block_n: int, rows: int) -> None:
+    """``patch_w``: each step a patch of ``rows`` key rows × ``patch_w`` key columns (both tables through one-hot
+    products over the patch's own columns), patches row-major; a last patch row with fewer key rows (6 = 4+2,
+    4 = 3+1, 10 = 6+4) and padding columns past ``rows·patch_w`` (15 of 16, 30 of 32) must be masked."""
+    assert SK.attention_blocks(hw[0] * hw[1], hw[1], interpreter=True, block_n=block_n, patch_w=patch_w) == (
+        16,
+        block_n,
+        rows,
+        1,
+        1,
+        patch_w,
+    )
+    q, k, v, rel_h, rel_w = _case(hw, 16, torch.float32, seed=hw[0] * 5 + hw[1] + patch_w)
+    actual = SK.rel_pos_triton_attention(q, k, v, rel_h, rel_w, hw, block_n=block_n, patch_w=patch_w)
+    expected = _oracle(q, k, v, rel_h, rel_w, hw)
+    assert rel_err(actual, expected) < 2e-6
+
+
+def test_key_patches_bf16() -> None:
+    """8x8 patches of 64 keys in bf16 (the 640-px tiles' setting, on an 8x40 grid): as close to the float64 oracle
+    as the one-row form."""
+    hw = (8, 40)
+    q, k, v, rel_h, rel_w = _case(hw, 16, torch.bfloat16, seed=40)
+    expected = _oracle(q, k, v, rel_h, rel_w, hw)
+    patches = SK.rel_pos_triton_attention(q, k, v, rel_h, rel_w, hw, block_n=64, patch_w=8)
+    one_row = SK.rel_pos_triton_attention(q, k, v, rel_h, rel_w, hw)
+    assert rel_err(patches, expected) < max(2e-2, 1.5 * rel_err(one_row, expected))
+
+
+def test_bad_patch_widths_are_refused() -> None:
+    q, k, v, rel_h, rel_w = _case((4, 8), 16, torch.float32, seed=2)
+    with pytest.raises(ValueError, match="patch_w=3 must divide the 8-wide key grid"):
+        SK.rel_pos_triton_attention(q, k, v, rel_h, rel_w, (4, 8), patch_w=3)
+    with pytest.raises(ValueError, match="block_n=16 cannot hold one 20-wide patch row"):
+        SK.attention_blocks(1600, 40, interpreter=False, block_n=16, patch_w=20)
+    # a patch as wide as the grid is whole key rows
+    assert SK.attention_blocks(32, 8, interpreter=True, patch_w=8) == SK.attention_blocks(32, 8, interpreter=True)
+
+
 def test_output_is_a_view_of_token_major_storage() -> None:
     """The [B, heads, N, C] result permutes back to [B, N, heads·C] tokens without a copy (what the block's
     output projection reads)."""
@@ -216,10 +259,13 @@ def test_settings_by_grid_replace_the_gpu_defaults(monkeypatch: pytest.MonkeyPat
     it names (0 keeps one), rows follow from its ``block_n``, explicit arguments still win, the interpreter and other
     grids are untouched, and a bad entry is refused like a bad argument."""
     monkeypatch.setitem(SK.BY_GRID, 14, (32, 128, 0, 1))
-    assert SK.attention_blocks(196, 14, interpreter=False) == (32, 128, 9, 4, 1)
-    assert SK.attention_blocks(196, 14, interpreter=False, block_n=64, warps=8) == (32, 64, 4, 8, 1)
-    assert SK.attention_blocks(196, 14, interpreter=True) == (16, 16, 1, 1, 1)
-    assert SK.attention_blocks(1600, 40, interpreter=False) == (64, 64, 1, 4, 2)
+    assert SK.attention_blocks(196, 14, interpreter=False) == (32, 128, 9, 4, 1, 0)
+    assert SK.attention_blocks(196, 14, interpreter=False, block_n=64, warps=8) == (32, 64, 4, 8, 1, 0)
+    assert SK.attention_blocks(196, 14, interpreter=True) == (16, 16, 1, 1, 1, 0)
+    assert SK.attention_blocks(1600, 40, interpreter=False) == (64, 64, 1, 4, 2, 0)
+    monkeypatch.setitem(SK.BY_GRID, 40, (128, 64, 8, 0, 8))  # with a patch width: 8x8 patches
+    assert SK.attention_blocks(1600, 40, interpreter=False) == (128, 64, 8, 8, 2, 8)
+    assert SK.attention_blocks(1600, 40, interpreter=False, patch_w=5) == (128, 64, 12, 8, 2, 5)
     monkeypatch.setitem(SK.BY_GRID, 40, (0, 96, 0, 0))
     with pytest.raises(ValueError, match="block_n must be a power of two"):
         SK.attention_blocks(1600, 40, interpreter=False)
@@ -238,13 +284,13 @@ def test_block_sizes() -> None:
     """(block_m, block_n, rows, warps, stages): key tiles a power of two of at least 16 (``tl.dot``) holding as many
     whole key rows as fit, 64-query programs at 4 warps on a GPU (the H200 sweep's best); overrides replace their
     field."""
-    assert SK.attention_blocks(1600, 40, interpreter=False) == (64, 64, 1, 4, 2)
-    assert SK.attention_blocks(4096, 64, interpreter=False) == (64, 64, 1, 4, 2)
-    assert SK.attention_blocks(2304, 48, interpreter=False) == (64, 64, 1, 4, 2)
-    assert SK.attention_blocks(196, 14, interpreter=False) == (64, 16, 1, 4, 2)
-    assert SK.attention_blocks(49, 7, interpreter=False) == (64, 16, 2, 4, 2)
-    assert SK.attention_blocks(15, 5, interpreter=True) == (16, 16, 3, 1, 1)
-    assert SK.attention_blocks(1600, 40, interpreter=False, block_n=128, block_m=128, warps=8) == (128, 128, 3, 8, 2)
+    assert SK.attention_blocks(1600, 40, interpreter=False) == (64, 64, 1, 4, 2, 0)
+    assert SK.attention_blocks(4096, 64, interpreter=False) == (64, 64, 1, 4, 2, 0)
+    assert SK.attention_blocks(2304, 48, interpreter=False) == (64, 64, 1, 4, 2, 0)
+    assert SK.attention_blocks(196, 14, interpreter=False) == (64, 16, 1, 4, 2, 0)
+    assert SK.attention_blocks(49, 7, interpreter=False) == (64, 16, 2, 4, 2, 0)
+    assert SK.attention_blocks(15, 5, interpreter=True) == (16, 16, 3, 1, 1, 0)
+    assert SK.attention_blocks(1600, 40, interpreter=False, block_n=128, block_m=128, warps=8) == (128, 128, 3, 8, 2, 0)
     assert SK.attention_blocks(16, 4, interpreter=True, block_n=64).rows == 4  # no more rows than the grid's 4
     assert SK.attention_blocks(196, 14, interpreter=False, block_m=64, block_n=64, warps=4, stages=3) == (
         64,
@@ -252,6 +298,7 @@ def test_block_sizes() -> None:
         4,
         4,
         3,
+        0,
     )
     with pytest.raises(ValueError, match="block_n=32 cannot hold one 40-wide key row; use at least 64"):
         SK.attention_blocks(1600, 40, interpreter=False, block_n=32)
