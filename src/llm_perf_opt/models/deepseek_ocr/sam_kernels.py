@@ -25,11 +25,11 @@ keys a few whole key *rows* at a time, so neither needs a gather:
   the tables), P rounded to the input dtype for the P·V product, the output divided once at the end.
 
 Waste: one key row per step in a 64-wide tile leaves a 40-wide grid (640-px tiles) 62.5 % useful, and a 14×14
-window's 16-wide steps are too short to keep the tensor cores busy; three rows in a 128-wide tile would be 94 %
-useful, nine window rows two steps.  Round 11's H200 sweep found several rows per step slower when each row's
-``rel_h`` was selected into the tile (one ``where`` per row over the whole tile); the one-hot products above
-replaced those selects and have not been timed on a GPU yet, so SAM's grids (all wider than 8) keep one row per
-step (:func:`attention_blocks`, :data:`BY_GRID`; ``bench_sam_attention.py --sweep`` times both).  Against the
+window's 16-wide steps are too short to keep the tensor cores busy.  Several whole rows per step (one-hot products
+with ``rel_w`` as deep as the padded row) measured no faster on an H200 (rounds 11, 15); 8×8 patches (round 16)
+fill the tiles' steps and are their default (:data:`BY_GRID`: 0.219 vs 0.269 ms a global block of v1's six tiles);
+the 1024-px view's 64-wide rows need no patches, and the windows keep one row per step
+(:func:`attention_blocks`; ``bench_sam_attention.py --sweep`` times every form).  Against the
 augmented operands' 3× that is still less work.  Scores are summed in another order than SDPA's, so results equal
 the dense-bias reference to bf16 rounding, not bit for bit.
 
@@ -319,10 +319,15 @@ def _check_blocks(block_m: int, block_n: int, grid_w: int, patch_w: int = 0) -> 
 
 # Launch settings by key-grid width that replace attention_blocks' GPU defaults, as (block_m, block_n, warps,
 # stages) or (block_m, block_n, warps, stages, patch_w), 0 keeping a field's default; an explicit argument still
-# wins.  Empty: no several-rows or patch setting has been measured faster on a GPU (bench_sam_attention.py --sweep
-# times the kernel alone, and bench_fast.py the whole vision with candidates set here), so every grid runs the
-# one-row default.
-BY_GRID: dict[int, tuple[int, ...]] = {}
+# wins.  H200, round 16 (bench_sam_attention.py --sweep, the kernel alone on one global block's 6 tiles; bench_fast.py,
+# the whole fast vision of a Gundam page, one run):
+# * 40 (v1's 640-px tiles): 8x8 patches of 64 keys, 64 queries, 4 warps: 0.219 ms (216 TFLOP/s) against one row per
+#   step's 0.269 (176); whole vision 10.50 ms against 10.75, SAM alone 8.10 ms, image features as close to eager
+#   (max |diff| 0.172 vs 0.188).  128 queries / 8 warps and 16x8 patches were slower (10.93-10.96 ms).
+# * 48 (v2's 768-px tiles): 8x8 patches, 128 queries, 8 warps, 3 stages: 0.341 ms (287 TFLOP/s) against 0.437 (224);
+#   the kernel alone only: v2's whole vision has not been timed with it.
+# The 1024-px view's 64-wide rows have no padding, and the 14x14 windows' several-rows steps were slower (round 15).
+BY_GRID: dict[int, tuple[int, ...]] = {40: (64, 64, 4, 2, 8), 48: (128, 64, 8, 3, 8)}
 
 
 def attention_blocks(

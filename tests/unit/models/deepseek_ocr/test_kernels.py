@@ -1164,26 +1164,26 @@ def test_compiles_for_sm90(sm90: list[dict[str, Any]]) -> None:
 
 
 def test_sam_attention_compiles_without_spills_for_sm90(sm90: list[dict[str, Any]]) -> None:
-    """SAM's rel-pos kernel on v1's three grids (640-px tiles 40x40, the 1024-px view 64x64, 14x14 windows):
-    the default one key row per step and the several-rows settings the sweep weighs (both tables through one-hot
-    products) compile for sm_90 without spills, its k/v loop pipelined (the per-row selects they replaced spilled
+    """SAM's rel-pos kernel on v1's three grids (640-px tiles 40x40, the 1024-px view 64x64, 14x14 windows) and v2's
+    768-px tiles: the defaults (one key row per step; the tiles' 8x8 patches), the several-rows settings and the
+    patch settings the sweep weighs (both tables through one-hot products) compile for sm_90 without spills, its k/v loop pipelined (the per-row selects they replaced spilled
     296-400 bytes at the 128-wide settings)."""
     rows = [r for r in sm90 if r["kernel"] == "sam_kernels._rel_pos_attention_kernel"]
-    seen = {(r["constexprs"]["BLOCK_N"], r["constexprs"]["ROWS"]) for r in rows}
-    assert seen >= {(64, 1), (16, 1), (128, 3), (64, 4), (128, 9)}, seen
+    seen = {(r["constexprs"]["BLOCK_N"], r["constexprs"]["ROWS"], r["constexprs"]["PATCH_W"]) for r in rows}
+    assert seen >= {(64, 1, 0), (16, 1, 0), (128, 3, 0), (64, 4, 0), (128, 9, 0), (64, 8, 8), (128, 16, 8)}, seen
     for r in rows:
         assert not r["error"] and r["spill_bytes"] in (0, None), r
         assert r["cp_async_16"] > 0, r
 
 
 def test_sam_tables_kernel_compiles_without_spills_for_sm90(sm90: list[dict[str, Any]]) -> None:
-    """``sam_kernels.TABLES="triton"``: the tables' kernel, both tables, on v1's three grids (lines padded to 64,
-    64 and 16 queries), compiles for sm_90 without spills."""
+    """``sam_kernels.TABLES="triton"`` (the default): the tables' kernel, both tables, on v1's three grids and v2's
+    768-px tiles (lines padded to 64, 64, 16 and 64 queries), compiles for sm_90 without spills."""
     rows = [r for r in sm90 if r["kernel"] == "sam_kernels._rel_pos_tables_kernel"]
     assert {(r["constexprs"]["SIDE"], r["constexprs"]["ROW_TABLE"]) for r in rows} == {
         (side, row) for side in (64, 16) for row in (True, False)
     }
-    assert len(rows) == 6
+    assert len(rows) == 8
     for r in rows:
         assert not r["error"] and r["spill_bytes"] in (0, None), r
 

@@ -145,6 +145,17 @@ def test_key_patches_bf16() -> None:
     assert rel_err(patches, expected) < max(2e-2, 1.5 * rel_err(one_row, expected))
 
 
+def test_shipped_settings_by_grid_are_valid_patch_launches() -> None:
+    """Each shipped :data:`BY_GRID` entry is a launch :func:`attention_blocks` accepts at its grid, and a patch width
+    fills its key steps (rows x patch_w = block_n: no padding columns, the point of the patches) on the GPU only."""
+    for grid, entry in SK.BY_GRID.items():
+        blocks = SK.attention_blocks(grid * grid, grid, interpreter=False)
+        assert (blocks.block_m, blocks.block_n, blocks.warps, blocks.stages) == tuple(entry[:4])
+        if len(entry) > 4 and entry[4]:
+            assert grid % blocks.patch_w == 0 and blocks.rows * blocks.patch_w == blocks.block_n
+        assert SK.attention_blocks(grid * grid, grid, interpreter=True).patch_w == 0
+
+
 def test_bad_patch_widths_are_refused() -> None:
     q, k, v, rel_h, rel_w = _case((4, 8), 16, torch.float32, seed=2)
     with pytest.raises(ValueError, match="patch_w=3 must divide the 8-wide key grid"):
@@ -258,6 +269,7 @@ def test_settings_by_grid_replace_the_gpu_defaults(monkeypatch: pytest.MonkeyPat
     """``BY_GRID`` (the setting bench_fast's candidates set): its fields replace the GPU defaults for the grid widths
     it names (0 keeps one), rows follow from its ``block_n``, explicit arguments still win, the interpreter and other
     grids are untouched, and a bad entry is refused like a bad argument."""
+    monkeypatch.setattr(SK, "BY_GRID", {})
     monkeypatch.setitem(SK.BY_GRID, 14, (32, 128, 0, 1))
     assert SK.attention_blocks(196, 14, interpreter=False) == (32, 128, 9, 4, 1, 0)
     assert SK.attention_blocks(196, 14, interpreter=False, block_n=64, warps=8) == (32, 64, 4, 8, 1, 0)
@@ -280,10 +292,11 @@ def test_unavailable_without_the_interpreter(monkeypatch: pytest.MonkeyPatch) ->
         SK.rel_pos_triton_attention(q, k, v, rel_h, rel_w, (4, 4))
 
 
-def test_block_sizes() -> None:
-    """(block_m, block_n, rows, warps, stages): key tiles a power of two of at least 16 (``tl.dot``) holding as many
-    whole key rows as fit, 64-query programs at 4 warps on a GPU (the H200 sweep's best); overrides replace their
-    field."""
+def test_block_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """(block_m, block_n, rows, warps, stages, patch_w) without :data:`BY_GRID`: key tiles a power of two of at least
+    16 (``tl.dot``) holding as many whole key rows as fit, 64-query programs at 4 warps on a GPU (the H200 sweep's
+    best); overrides replace their field."""
+    monkeypatch.setattr(SK, "BY_GRID", {})
     assert SK.attention_blocks(1600, 40, interpreter=False) == (64, 64, 1, 4, 2, 0)
     assert SK.attention_blocks(4096, 64, interpreter=False) == (64, 64, 1, 4, 2, 0)
     assert SK.attention_blocks(2304, 48, interpreter=False) == (64, 64, 1, 4, 2, 0)
