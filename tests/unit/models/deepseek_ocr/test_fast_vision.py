@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, build_model
 from llm_perf_opt.models.deepseek_ocr.clip import ClipVisionTower, clip_block_fast
 from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, apply_fast_path
+from llm_perf_opt.models.deepseek_ocr.graphs import ResizedTables
 from llm_perf_opt.models.deepseek_ocr.sam import (
     SamEncoder,
     decomposed_rel_pos_bias,
@@ -130,14 +131,7 @@ def test_fast_sam_resizes_its_position_table_once_per_grid(tiny_sam: SamEncoder)
     reference's output both times; a new table (another tensor, as a reload assigns) is resized again."""
     fast = copy.deepcopy(tiny_sam)
     fast.fast = True
-    calls: list[tuple[int, int]] = []
-    resize = fast.resized_pos._resize
-
-    def counted(table: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        calls.append(hw)
-        return resize(table, hw)
-
-    fast.resized_pos._resize = counted  # type: ignore[method-assign]
+    calls = _count_resizes(fast.resized_pos)
     side = int(tiny_sam.cfg.img_size * 0.625) // 64 * 64
     grid = side // tiny_sam.cfg.patch_size
     assert grid != tiny_sam.pos_embed.shape[1]  # the table needs resizing at this size
@@ -155,13 +149,31 @@ def test_fast_sam_resizes_its_position_table_once_per_grid(tiny_sam: SamEncoder)
     assert calls == [(grid, grid), (grid, grid)]
 
 
-def test_clip_layer_fn_matches_modules() -> None:
+def _tiny_clip() -> tuple[DeepseekOCRConfig, ClipVisionTower]:
+    """The tiny fixture's config and its CLIP tower with the fixture's weights, in eval mode."""
     cfg = DeepseekOCRConfig.from_json(TINY / "config.json")
     weights = load_file(TINY / "weights.safetensors")
     clip = ClipVisionTower(cfg.clip)
     prefix = "model.vision_model."
     clip.load_state_dict({k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}, strict=True)
-    clip.eval()
+    return cfg, clip.eval()
+
+
+def _count_resizes(tables: ResizedTables) -> list[tuple[int, int]]:
+    """The grids ``tables`` resizes its position table for from now on, in order (its resize wrapped in place)."""
+    calls: list[tuple[int, int]] = []
+    resize = tables._resize
+
+    def counted(table: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        calls.append(hw)
+        return resize(table, hw)
+
+    tables._resize = counted  # type: ignore[method-assign]
+    return calls
+
+
+def test_clip_layer_fn_matches_modules() -> None:
+    cfg, clip = _tiny_clip()
     torch.manual_seed(1)
     feats = torch.randn(2, cfg.clip.hidden_size, 3, 3)
     with torch.no_grad():
@@ -171,26 +183,15 @@ def test_clip_layer_fn_matches_modules() -> None:
     assert _rel_err(actual, expected) < 1e-5
 
 
-def test_clip_tower_fast_forward_matches_modules_and_resizes_positions_once(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_clip_tower_fast_forward_matches_modules_and_resizes_positions_once() -> None:
     """The whole tower's fast forward (embeddings with the kept position table, pre-LayerNorm, layers through
     ``layer_fn``) against the modules as written, on two grids that both need the table resized; the resize runs
     once per grid however often the tower runs, and again after the table is written in place."""
     from llm_perf_opt.models.deepseek_ocr import clip as clip_mod
 
-    cfg = DeepseekOCRConfig.from_json(TINY / "config.json")
-    weights = load_file(TINY / "weights.safetensors")
-    clip = ClipVisionTower(cfg.clip)
-    prefix = "model.vision_model."
-    clip.load_state_dict({k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}, strict=True)
-    clip.eval()
-    calls: list[tuple[int, int]] = []
+    cfg, clip = _tiny_clip()
     resize = clip.embeddings.resized_pos._resize
-
-    def counted(table: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        calls.append(hw)
-        return resize(table, hw)
-
-    monkeypatch.setattr(clip.embeddings.resized_pos, "_resize", counted)
+    calls = _count_resizes(clip.embeddings.resized_pos)
     src = math.isqrt(cfg.clip.num_positions - 1)
     torch.manual_seed(1)
     with torch.no_grad():

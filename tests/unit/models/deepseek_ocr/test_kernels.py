@@ -1166,8 +1166,8 @@ def test_compiles_for_sm90(sm90: list[dict[str, Any]]) -> None:
 def test_sam_attention_compiles_without_spills_for_sm90(sm90: list[dict[str, Any]]) -> None:
     """SAM's rel-pos kernel on v1's three grids (640-px tiles 40x40, the 1024-px view 64x64, 14x14 windows) and v2's
     768-px tiles: the defaults (one key row per step; the tiles' 8x8 patches), the several-rows settings and the
-    patch settings the sweep weighs (both tables through one-hot products) compile for sm_90 without spills, its k/v loop pipelined (the per-row selects they replaced spilled
-    296-400 bytes at the 128-wide settings)."""
+    patch settings the sweep weighs (both tables through one-hot products) compile for sm_90 without spills, its
+    k/v loop pipelined (the per-row selects they replaced spilled 296-400 bytes at the 128-wide settings)."""
     rows = [r for r in sm90 if r["kernel"] == "sam_kernels._rel_pos_attention_kernel"]
     seen = {(r["constexprs"]["BLOCK_N"], r["constexprs"]["ROWS"], r["constexprs"]["PATCH_W"]) for r in rows}
     assert seen >= {(64, 1, 0), (16, 1, 0), (128, 3, 0), (64, 4, 0), (128, 9, 0), (64, 8, 8), (128, 16, 8)}, seen
