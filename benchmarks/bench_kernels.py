@@ -691,21 +691,15 @@ def sam_specs() -> list[tuple[str, dict[str, str], dict[str, Any], int]]:
     are multiples of 16: hinted; N only where the grid is, not 14² = 196)."""
     from llm_perf_opt.models.deepseek_ocr import sam_kernels
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmath next to this script
-    from benchmath import module_setting
-
     bf = "*bf16"
     sig = dict(q_ptr=bf, k_ptr=bf, v_ptr=bf, rh_ptr=bf, rw_ptr=bf, out_ptr=bf)
     sig.update(dict.fromkeys((*sorted(SAM_DIVISIBLE), "N", "HEADS", "KH", "KW"), "i32"), qk_scale="fp32")
     specs = []
     for grid, several in SAM_GRIDS:
         for block_m, block_n, warps, *patch in ((0, 0, 0), *several):  # zeros: attention_blocks' default
-            # the default with sam_kernels.BY_GRID, a candidate as written (without it: no patch width inherited)
-            by_grid = sam_kernels.BY_GRID if (block_m, block_n, warps) == (0, 0, 0) else {}
-            with module_setting(sam_kernels, "BY_GRID", by_grid):
-                b = sam_kernels.attention_blocks(
-                    grid * grid, grid, False, block_m=block_m, block_n=block_n, warps=warps, patch_w=(patch or [0])[0]
-                )
+            b = sam_kernels.attention_blocks(  # the default with sam_kernels.BY_GRID, a candidate as written
+                grid * grid, grid, False, block_m=block_m, block_n=block_n, warps=warps, patch_w=(patch or [0])[0]
+            )
             consts: dict[str, Any] = dict(D=64, BLOCK_M=b.block_m, BLOCK_N=b.block_n, ROWS=b.rows, STAGES=b.stages)
             consts.update(ROW_PAD=sam_kernels._pow2(b.rows), COL_PAD=sam_kernels._pow2(b.patch_w or grid))
             consts.update(PATCH_W=b.patch_w)

@@ -151,13 +151,6 @@ def sweep_settings(grid: int) -> list[tuple[int, int, int, int, bool, int]]:
     return [*out, (128, width, 8, 2, False, 0)]
 
 
-def with_settings_as_written(kernel: Any, *args: Any) -> Any:
-    """``kernel(*args)`` with ``sam_kernels.BY_GRID`` empty, so a sweep row's zeros mean the generic defaults (one
-    whole key row per step), not the shipped setting for its grid width."""
-    with module_setting(sam_kernels, "BY_GRID", {}):
-        return kernel(*args)
-
-
 def sweep_rows(sam: SamEncoder, dev: torch.device) -> list[dict[str, Any]]:
     """The Triton kernel's launch settings at each view's global grid and the windows' (ms, useful TFLOP/s)."""
     heads, dim, rel_h, rel_w = global_attention(sam)
@@ -183,9 +176,7 @@ def sweep_rows(sam: SamEncoder, dev: torch.device) -> list[dict[str, Any]]:
         default = sam_kernels.attention_blocks(n, grid, interpreter=False)
         rows.append(dict(view=view, setting=f"default: {default}", ms=float("nan")))
         for block_m, block_n, warps, stages, prefetch, patch_w in sweep_settings(grid):
-            # each setting as written: sam_kernels.BY_GRID (the default's patch width) set aside while it runs
-            kernel = functools.partial(
-                with_settings_as_written,
+            kernel = functools.partial(  # block_n given: whole key rows unless the setting names a patch width
                 sam_kernels.attention_kernel,
                 *(q, k, v, th, tw, grid, grid, block_m, block_n, warps, stages, prefetch, patch_w),
             )

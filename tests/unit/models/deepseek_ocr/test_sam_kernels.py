@@ -278,6 +278,8 @@ def test_settings_by_grid_replace_the_gpu_defaults(monkeypatch: pytest.MonkeyPat
     monkeypatch.setitem(SK.BY_GRID, 40, (128, 64, 8, 0, 8))  # with a patch width: 8x8 patches
     assert SK.attention_blocks(1600, 40, interpreter=False) == (128, 64, 8, 8, 2, 8)
     assert SK.attention_blocks(1600, 40, interpreter=False, patch_w=5) == (128, 64, 12, 8, 2, 5)
+    # a block_n of the caller's own: whole key rows (the entry's patch width belongs to its block_n)
+    assert SK.attention_blocks(1600, 40, interpreter=False, block_n=128) == (128, 128, 3, 8, 2, 0)
     monkeypatch.setitem(SK.BY_GRID, 40, (0, 96, 0, 0))
     with pytest.raises(ValueError, match="block_n must be a power of two"):
         SK.attention_blocks(1600, 40, interpreter=False)
