@@ -79,20 +79,23 @@ class ResizedTables:
     The towers fit their absolute position tables to each view's grid with a bicubic antialiased resize (55 us a
     call for the 640-px tiles on an H200, inside the forward's graph), though the result depends only on the
     weights and the grid.  ``resize(table, hw)`` is the reference's own function, so a kept table holds the same
-    bits; it is made again when ``table`` is another tensor or was written in place since (its version counter).
+    bits; it is made again when ``table`` is another tensor object or was written in place since (its version
+    counter; an inference tensor, made under ``torch.inference_mode``, has none, so only a new tensor re-makes its
+    tables).
     """
 
     def __init__(self, resize: Callable[[Tensor, tuple[int, int]], Tensor]) -> None:
         self._resize = resize
-        self._kept: dict[tuple[int, int], tuple[tuple[int, int], Tensor]] = {}
+        # per grid: the source table (held, so no later tensor can take its address), its version, the resized table
+        self._kept: dict[tuple[int, int], tuple[Tensor, int, Tensor]] = {}
 
     def __call__(self, table: Tensor, hw: tuple[int, int]) -> Tensor:
-        stamp = (table.data_ptr(), table._version)
+        version = -1 if table.is_inference() else table._version
         kept = self._kept.get(hw)
-        if kept is None or kept[0] != stamp:
+        if kept is None or kept[0] is not table or kept[1] != version:
             with torch.no_grad():
-                kept = self._kept[hw] = (stamp, self._resize(table, hw))
-        return kept[1]
+                kept = self._kept[hw] = (table, version, self._resize(table, hw))
+        return kept[2]
 
 
 class ShapeGraphs:

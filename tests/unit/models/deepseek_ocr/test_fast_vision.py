@@ -172,6 +172,22 @@ def _count_resizes(tables: ResizedTables) -> list[tuple[int, int]]:
     return calls
 
 
+def test_resized_tables_take_an_inference_tensor() -> None:
+    """A table made under ``torch.inference_mode`` (no version counter) is resized once per grid, to the values of
+    the resize itself; another tensor is resized anew."""
+    tables = ResizedTables(lambda t, hw: t[: hw[0] * hw[1]] * 2.0)
+    calls = _count_resizes(tables)
+    with torch.inference_mode():
+        table = torch.arange(6.0)
+    assert table.is_inference()
+    assert torch.equal(tables(table, (2, 2)), torch.tensor([0.0, 2.0, 4.0, 6.0]))
+    assert torch.equal(tables(table, (2, 2)), torch.tensor([0.0, 2.0, 4.0, 6.0]))
+    assert calls == [(2, 2)]
+    other = torch.ones(6)
+    assert torch.equal(tables(other, (2, 2)), torch.full((4,), 2.0))
+    assert calls == [(2, 2), (2, 2)]
+
+
 def test_clip_layer_fn_matches_modules() -> None:
     cfg, clip = _tiny_clip()
     torch.manual_seed(1)
