@@ -499,9 +499,8 @@ def main() -> None:
             var[f"vision {name} ms"] = cuda_ms(functools.partial(page.vision, vm), 2, 5)
             var[f"sam only, {name} ms"] = cuda_ms(functools.partial(page.sam, vm), 2, 5)
         var["vision sam_fast: max |Δ| of image features vs eager"] = fres["embeds_max_abs_diff"]
-        if (
-            fast.view_stream is not None and "vision" in parts
-        ):  # vision_streams: the global view's stream at the highest priority instead
+        # vision_streams: the global view's stream at the highest priority instead
+        if fast.view_stream is not None and "vision" in parts:
             vm = apply_fast_path(model, fast.fast_config)
             vm.vision.view_stream = torch.cuda.Stream(vm.device, priority=-1)  # lower is higher
             var["vision vision_streams, the global view's stream at high priority ms"] = cuda_ms(
@@ -551,8 +550,8 @@ def main() -> None:
 
         if "vision" in parts:
             time_vision_switches(vision_switches)
-        # sam_kernels.BY_GRID candidates (several key rows per step, their position terms through one-hot
-        # products), each on the whole fast vision (compiled, graphed) beside the one-row default above
+        # sam_kernels.BY_GRID candidates (each replacing the shipped settings), each on the whole fast vision
+        # (compiled, graphed) beside the default above
         checkpoint("the sam_kernels.BY_GRID candidates")
         if "triton" in (d.sam_attention, d.sam_window_attention):
             from llm_perf_opt.models.deepseek_ocr import sam_kernels

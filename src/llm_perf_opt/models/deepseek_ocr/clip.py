@@ -164,29 +164,15 @@ def clip_block_fast(
 
 
 class ClipTransformer(nn.Module):
-    """The layer stack; its own module so the keys read ``transformer.layers.N``.
-
-    ``layer_fn`` (fast path, default None = the modules as written): a callable with the signature of
-    :func:`clip_block_fast`, e.g. ``torch.compile(clip_block_fast)``, run for every layer instead.
-    """
+    """The layer stack; its own module so the keys read ``transformer.layers.N``.  The fast path runs its layers
+    through :meth:`run_layers` with a :func:`clip_block_fast` (``ClipVisionTower.layer_fn``)."""
 
     def __init__(self, cfg: ClipConfig) -> None:
         super().__init__()
         self.layers = nn.ModuleList(ClipBlock(cfg) for _ in range(cfg.num_layers))
-        self.layer_fn: Any = None
-        # With ``layer_fn``: a callable run instead of :meth:`forward_fast` (the fast path's CUDA-graph replay).
-        self.forward_fn: Any = None
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.layer_fn is not None:
-            return self.forward_fast(x) if self.forward_fn is None else self.forward_fn(x)
-        for layer in self.layers:
-            x = layer(x)
-        return x
-
-    def forward_fast(self, x: Tensor) -> Tensor:
-        """The layers through ``layer_fn`` (set by the fast path)."""
-        return self.run_layers(x, self.layer_fn)
+        return self.run_layers(x, None)
 
     def run_layers(self, x: Tensor, layer_fn: Any) -> Tensor:
         """The layers through ``layer_fn`` (a :func:`clip_block_fast` signature), or as modules when it is None."""

@@ -130,10 +130,9 @@ if HAVE_TRITON:
         cols = tl.arange(0, BLOCK_N)
         # PATCH_W > 0: a step is a patch of ROWS key rows x PATCH_W key columns (PATCH_W divides KW): column c is
         # patch row seg[c], patch column kcol[c], so a grid whose width is no power of two (40) needs no padding
-        KCOLS: tl.constexpr = PATCH_W if PATCH_W > 0 else 0
         if PATCH_W > 0:
-            seg = cols // KCOLS
-            kcol = cols - seg * KCOLS
+            seg = cols // PATCH_W
+            kcol = cols - seg * PATCH_W
         else:
             seg = cols // KW
             kcol = cols - seg * KW
@@ -149,13 +148,14 @@ if HAVE_TRITON:
             onehot_h = (rsel[:, None] == seg[None, :]).to(q.dtype)
             csel = tl.arange(0, COL_PAD)
             onehot_w = (csel[:, None] == kcol[None, :]).to(q.dtype)
-            rw_t = tl.load(  # whole rows: every step's columns (a patch reloads its own columns each step)
-                rw_ptr + (bh * N + rows[:, None]) * KW + csel[None, :],
-                mask=rmask[:, None] & (csel[None, :] < KW),
-                other=0.0,
-            )
-            if UPCAST:
-                rw_t = rw_t.to(tl.float32)
+            if PATCH_W == 0:  # whole rows: every step's columns (a patch loads its own columns in its step)
+                rw_t = tl.load(
+                    rw_ptr + (bh * N + rows[:, None]) * KW + csel[None, :],
+                    mask=rmask[:, None] & (csel[None, :] < KW),
+                    other=0.0,
+                )
+                if UPCAST:
+                    rw_t = rw_t.to(tl.float32)
         else:
             # rel_w [B·heads, N, KW]: this program's rows, laid out like one step's scores; padding columns -inf
             rw = tl.load(
@@ -169,19 +169,19 @@ if HAVE_TRITON:
         v_base = v_ptr + b * s_vb + head * s_vh
         rh_row = rh_ptr + bh * KH * N + rows
         if PATCH_W > 0:  # noqa: SIM108  (a constexpr branch)
-            steps = tl.cdiv(KH, ROWS) * (KW // KCOLS)
+            steps = tl.cdiv(KH, ROWS) * (KW // PATCH_W)
         else:
             steps = tl.cdiv(KH, ROWS)
         rh_next = tl.load(rh_row, mask=rmask, other=0.0)
         for step in tl.range(0, steps, num_stages=STAGES):
             if PATCH_W > 0:  # patches row-major: the KW // PATCH_W patches of ROWS key rows, then the next rows
-                kr0 = (step // (KW // KCOLS)) * ROWS
-                c0 = (step % (KW // KCOLS)) * KCOLS
+                kr0 = (step // (KW // PATCH_W)) * ROWS
+                c0 = (step % (KW // PATCH_W)) * PATCH_W
                 keys = (kr0 + seg) * KW + c0 + kcol
                 kmask = cmask & (kr0 + seg < KH)  # the last patch row may hold fewer than ROWS key rows
                 rw_t = tl.load(
                     rw_ptr + (bh * N + rows[:, None]) * KW + c0 + csel[None, :],
-                    mask=rmask[:, None] & (csel[None, :] < KCOLS),
+                    mask=rmask[:, None] & (csel[None, :] < PATCH_W),
                     other=0.0,
                 )
                 if UPCAST:
@@ -365,12 +365,9 @@ def attention_blocks(
     if patch_w == grid_w:
         patch_w = 0  # a patch as wide as the grid is a whole key row
     _check_blocks(block_m, block_n, grid_w, patch_w)
-    block_n = block_n or (_pow2(patch_w) if patch_w else _pow2(grid_w))
+    block_n = block_n or _pow2(patch_w or grid_w)
     auto = Blocks(16, block_n, 0, 1, 1) if interpreter else Blocks(64, block_n, 0, 4, 2)
-    if patch_w:  # never more patch rows than the grid has (a square grid: as many rows as columns)
-        rows = min(block_n // patch_w, max(1, n_queries // grid_w))
-    else:
-        rows = min(block_n // grid_w, max(1, n_queries // grid_w))  # never more rows per step than the grid has
+    rows = min(block_n // (patch_w or grid_w), max(1, n_queries // grid_w))  # never more rows than the grid has
     return Blocks(block_m or auto.block_m, block_n, rows, warps or auto.warps, stages or auto.stages, patch_w)
 
 
