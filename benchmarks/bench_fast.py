@@ -186,26 +186,33 @@ SPREAD_LABEL = "routing spread at random after the router (every expert of every
 
 @contextlib.contextmanager
 def spread_routing(tokens: int, n_experts: int, top_k: int, seed: int = 0, device: str = "cuda") -> Iterator[None]:
-    """Inside the block, a ``tokens``-row call of ``kernels.moe_route`` (the Triton prefill's router) runs as usual
-    and then returns fixed random picks instead of its ids: each token's ``top_k`` distinct experts drawn uniformly
-    (seeded), so the sort and grouped GEMMs that follow read every expert's weights, as a real checkpoint's spread
-    routing does.  The router's own cost stays in the time; other row counts (decode) are left alone.  A benchmark
-    double only: the logits are then not the model's."""
+    """Inside the block, a ``tokens``-row call of the Triton prefill's router (``kernels.moe_route_rows``, or
+    ``kernels.moe_route`` with ``triton_layers.PROMPT_ROUTER="cublas"``) runs as usual and then returns fixed random
+    picks instead of its ids: each token's ``top_k`` distinct experts drawn uniformly (seeded), so the sort and
+    grouped GEMMs that follow read every expert's weights, as a real checkpoint's spread routing does.  The router's
+    own cost stays in the time; other row counts (decode) are left alone.  A benchmark double only: the logits are
+    then not the model's."""
     from llm_perf_opt.models.deepseek_ocr import kernels
 
     gen = torch.Generator().manual_seed(seed)
     picks = torch.rand(tokens, n_experts, generator=gen).argsort(dim=1)[:, :top_k].to(device)
-    real = kernels.moe_route
+    names = ("moe_route", "moe_route_rows")
+    real = {name: getattr(kernels, name) for name in names}
 
-    def route(x: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        idx, weights = real(x, *args, **kwargs)
-        return (picks.to(idx.dtype), weights) if x.shape[0] == tokens else (idx, weights)
+    def spread(router: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> Callable[..., Any]:
+        def route(x: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            idx, weights = router(x, *args, **kwargs)
+            return (picks.to(idx.dtype), weights) if x.shape[0] == tokens else (idx, weights)
 
-    kernels.moe_route = route
+        return route
+
     try:
+        for name in names:
+            setattr(kernels, name, spread(real[name]))
         yield
     finally:
-        kernels.moe_route = real
+        for name in names:
+            setattr(kernels, name, real[name])
 
 
 def first_divergence(a: list[int], b: list[int]) -> int | None:
@@ -647,6 +654,16 @@ def main() -> None:
                         with module_setting(prompt_moe, "DOWN_GEMM", down):
                             fm = apply_fast_path(model, fast.fast_config)
                             var[f"prefill prompt_moe.DOWN_GEMM={down} ms"] = prefill_ms(fm, embeds)
+                    # the prompt router's other form (a triton_layers setting: one kernel, or cuBLAS logits + top-k)
+                    from llm_perf_opt.models.deepseek_ocr import triton_layers
+
+                    for router in sorted(set(triton_layers.PROMPT_ROUTERS) - {triton_layers.PROMPT_ROUTER}):
+                        try:
+                            with module_setting(triton_layers, "PROMPT_ROUTER", router):
+                                fm = apply_fast_path(model, fast.fast_config)
+                                var[f"prefill triton_layers.PROMPT_ROUTER={router} ms"] = prefill_ms(fm, embeds)
+                        except Exception as exc:  # must not lose the rest of the report
+                            var[f"prefill triton_layers.PROMPT_ROUTER={router}"] = f"failed: {exc}"[:300]
                     # a real page's expert reads: the routing spread at random after the router runs (the dummy
                     # weights route the prompt to 28-46 of the 64 experts per layer, a real checkpoint to nearly all);
                     # then both, with the grouped GEMMs' weight tiles through the other load form (prompt_moe.W_TMA)

@@ -74,6 +74,7 @@ from llm_perf_opt.models.deepseek_ocr.kernels import (
     moe_grouped_block_sizes,
     moe_route,
     moe_route_ref,
+    moe_route_rows,
     pick_token,
     qkv_rope,
     rope_kv_write,
@@ -362,6 +363,33 @@ class Bench:
         nbytes = e * hid * 4 + 3 * tokens * hid * 2 + hid * 2
         return Row("add_rms_norm_route", tokens, t_us, k_us, nbytes, max_err(w, ref_w), note)
 
+    def route_rows(self, tokens: int, **blocks: Any) -> Row:
+        """A prompt's router (``moe_route_rows``: logits + top-k in one launch) against what the prefill ran before
+        (``TritonPromptMoE`` with ``PROMPT_ROUTER="cublas"``): the float32 cast, cuBLAS's float32 GEMM and
+        ``moe_route``'s top-k; ``blocks`` are ``moe_route_rows``' launch settings (the sweep)."""
+        lang = self.lang
+        e, hid, k = lang.n_routed_experts, lang.hidden_size, lang.num_experts_per_tok
+        bufs = [
+            (self.randn(tokens, hid), self.randn(e, hid, std=hid**-0.5, dtype=torch.float32))
+            for _ in range(self.layers)
+        ]
+
+        def cublas(b: Any) -> Any:
+            return moe_route(b[0], b[1], k, logits=torch.nn.functional.linear(b[0].float(), b[1]))
+
+        t_us, k_us = self.time(
+            [lambda b=b: cublas(b) for b in bufs], [lambda b=b: moe_route_rows(b[0], b[1], k, **blocks) for b in bufs]
+        )
+        x, gate = bufs[0]
+        ids, w = moe_route_rows(x, gate, k, **blocks)
+        ref_ids, ref_w = moe_route_ref(x, gate, k)
+        differ = int((ids != ref_ids).any(dim=1).sum())
+        note = "vs cast + cuBLAS float32 logits + moe_route (3 launches); "
+        note += "ids identical" if not differ else f"ids differ in {differ} of {tokens} rows"
+        if blocks:
+            note += f"; {blocks}"
+        return Row("moe_route_rows", tokens, t_us, k_us, e * hid * 4 + tokens * hid * 2, max_err(w, ref_w), note)
+
     def pick(self, tokens: int) -> Row:
         """The token pick after the lm_head, as ``FastDecoder._pick`` runs it without the n-gram rule: the
         non-finite flag (isfinite + all + or) and ``first_argmax``, against :func:`pick_token`'s two launches."""
@@ -605,6 +633,11 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
     norm_route.update(flag_ptr="*i32", idx_ptr=i64, wout_ptr=f32, counts_ptr=i64, H="i32", eps="fp32", scaling="fp32")
     fused_consts = dict(HAS_RESIDUAL=True, E_PER=4, BLOCK_H=2048)  # add_rms_norm_route's launch at E = 64
     specs.append(("_norm_route_kernel", norm_route, {**route_consts, **fused_consts}, 4))
+    # the prompt router (moe_route_rows): tl.dot in IEEE float32 (the GPU default), then broadcast products
+    rows = dict(x_ptr=bf, gate_ptr=f32, idx_ptr=i64, wout_ptr=f32, T="i32", H="i32", scaling="fp32")
+    rows_consts = dict(E=lang.n_routed_experts, TOP_K=k, RENORM=False, BLOCK_E=64, BLOCK_KSLOT=8)
+    for bm, bk, dot in ((16, 32, True), (32, 32, True), (8, 16, False)):
+        specs.append(("_route_rows_kernel", rows, {**rows_consts, "BLOCK_M": bm, "BLOCK_K": bk, "DOT": dot}, 4))
     for tokens in (1, 8):
         bn, bku, bh, bkd = moe_block_sizes(tokens, k + n_always, hid, inter, H100_SMS)
         up = dict(x_ptr=bf, idx_ptr=i64, w13_ptr=bf, h_ptr=bf, H="i32", INTER="i32", N_EXPERTS="i32")
@@ -955,11 +988,16 @@ DOWN_VARIANTS = [(1, 4), (1, 8), (2, 2), (2, 4), (2, 8), (4, 4), (4, 8)]  # (blo
 # K width x pipelining at 4 warps, then 8 warps at each row block (the defaults: moe_down_split_block_sizes)
 SPLIT_VARIANTS = [(bh, bk, st, 4) for bh in (8, 16, 32) for bk in (128, 256) for st in (0, 2)]
 SPLIT_VARIANTS += [(bh, 128, 2, 8) for bh in (8, 16, 32)]
+# deeper pipelines and wider row blocks (round 17: the form had never been swept on a GPU)
+SPLIT_VARIANTS += [(16, 128, 3, 4), (16, 128, 4, 4), (32, 128, 3, 4), (32, 64, 3, 4), (64, 64, 2, 4), (64, 64, 2, 8)]
+SWEEP_PARTS = ("experts", "attention", "linear", "grouped")
 
 
-def run_sweep(bench: Bench) -> list[str]:
+def run_sweep(bench: Bench, parts: tuple[str, ...] = SWEEP_PARTS) -> list[str]:
+    """The block-size variants of ``parts`` (``SWEEP_PARTS``: the expert GEMVs, decode attention, the attention
+    projections, the grouped expert kernels), each against its default in the same run."""
     out = ["| op | T | config | triton µs | GB/s |", "| --- | ---: | --- | ---: | ---: |"]
-    for tokens in (1, 4):
+    for tokens in (1, 4) if "experts" in parts else ():
         r = bench.experts(tokens)
         out.append(f"| moe_experts | {tokens} | defaults | {r.triton_us:.2f} | {r.gbps(r.triton_us):.0f} |")
         variants = [
@@ -983,10 +1021,10 @@ def run_sweep(bench: Bench) -> list[str]:
                 out.append(f"| moe_experts | {tokens} | {cfg} | failed: {type(exc).__name__} | |")
                 continue
             out.append(f"| moe_experts | {tokens} | {cfg} | {r.triton_us:.2f} | {r.gbps(r.triton_us):.0f} |")
-    for block_n in (32, 64, 128):
+    for block_n in (32, 64, 128) if "attention" in parts else ():
         r = bench.attention(1, block_n=block_n)
         out.append(f"| decode_attention | 1 | block_n={block_n} | {r.triton_us:.2f} | {r.gbps(r.triton_us):.0f} |")
-    for name, n_out in projections(bench.lang):
+    for name, n_out in projections(bench.lang) if "linear" in parts else ():
         for bn, bk, warps in LINEAR_VARIANTS:
             cfg = f"{name}: block_n={bn} block_k={bk} warps={warps}"
             try:
@@ -995,12 +1033,25 @@ def run_sweep(bench: Bench) -> list[str]:
                 out.append(f"| linear_rows | 1 | {cfg} | failed: {type(exc).__name__} | |")
                 continue
             out.append(f"| linear_rows | 1 | {cfg} | {r.triton_us:.2f} | {r.gbps(r.triton_us):.0f} |")
-    out += run_grouped_sweep(bench)
+    if "grouped" in parts:
+        out += run_grouped_sweep(bench)
     return out
 
 
 # (block_n, block_k, num_warps) of linear_rows at one row: tile shape and width against programs per SM
 LINEAR_VARIANTS = [(2, 256, 4), (4, 256, 4), (8, 256, 4), (16, 256, 4), (8, 128, 4), (8, 512, 4), (16, 512, 8)]
+
+
+# moe_route_rows' launch forms besides its default (route_rows_block_sizes): rows per program (each program reads
+# the whole router from L2) x tl.dot in IEEE float32 or broadcast products x warps
+ROUTE_ROWS_VARIANTS: list[dict[str, Any]] = [
+    dict(block_m=16, block_k=32, dot=True, num_warps=8),
+    dict(block_m=32, block_k=32, dot=True, num_warps=4),
+    dict(block_m=16, block_k=64, dot=True, num_warps=4),
+    dict(block_m=8, block_k=16, dot=False, num_warps=4),
+    dict(block_m=4, block_k=32, dot=False, num_warps=4),
+    dict(block_m=16, block_k=16, dot=False, num_warps=8),
+]
 
 
 # (block_m, block_n, block_k, num_stages, num_warps) for both grouped GEMMs; the first is the default
@@ -1179,6 +1230,11 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=1200, help="KV cache length (prompt ~900 + new tokens)")
     ap.add_argument("--pos", type=int, default=1000, help="decode position attended up to")
     ap.add_argument("--sweep", action="store_true", help="also time moe / attention block-size variants")
+    ap.add_argument(
+        "--sweep-parts",
+        default=",".join(SWEEP_PARTS),
+        help=f"with --sweep: which variant groups ({', '.join(SWEEP_PARTS)}; comma-separated)",
+    )
     ap.add_argument("--sm90-check", action="store_true", help="compile every kernel for sm_90 (no GPU needed)")
     ap.add_argument("--json", action="store_true", help="with --sm90-check: print the results as one JSON line")
     ap.add_argument("--grouped-tokens", default="9,16,32,64", help="row counts of the grouped expert kernels")
@@ -1191,7 +1247,12 @@ def main() -> None:
     ap.add_argument("--step-tokens", type=int, default=128, help="batched step: new tokens the cache holds")
     ap.add_argument("--step-reps", type=int, default=100, help="batched step: timed graph replays (median)")
     ap.add_argument("--only-grouped", action="store_true", help="skip the batch-1 decode ops (T = 1, 4)")
+    ap.add_argument("--prompt-rows", type=int, default=913, help="the prompt router's rows (the Gundam page: 913)")
     args = ap.parse_args()
+    parts = tuple(p for p in args.sweep_parts.split(",") if p)
+    unknown = sorted(set(parts) - set(SWEEP_PARTS))
+    if unknown:
+        raise SystemExit(f"--sweep-parts: unknown {', '.join(unknown)}; choose from {', '.join(SWEEP_PARTS)}")
     lang = DeepseekOCRConfig.from_json(CONFIG).language
     if args.sm90_check:
         results = sm90_check(lang)
@@ -1228,6 +1289,9 @@ def main() -> None:
             rows += [bench.norm(1), bench.rope(1), bench.attention(1), bench.attention(1, one_launch=True)]
             rows += [bench.route(1), bench.route(1, logits_in=True), bench.norm_route(1)]
             rows += [bench.pick(1)]
+            # the prompt router at the Gundam page's 913 rows: its default launch, then the other forms
+            rows += [bench.route_rows(args.prompt_rows)]
+            rows += [bench.route_rows(args.prompt_rows, **blocks) for blocks in ROUTE_ROWS_VARIANTS]
             rows += [bench.linear(1, n_out, name) for name, n_out in projections(bench.lang)]
             rows += [bench.qkv_rope(1)]
             # the up kernel's loop plain and software-pipelined (moe_experts(stages_up=...)) in the same run, and
@@ -1258,7 +1322,7 @@ def main() -> None:
         sweep: list[str] = []
         if args.sweep:
             head = ["| op | T | config | triton µs | GB/s |", "| --- | ---: | --- | ---: | ---: |"]
-            sweep = run_sweep(bench) if not args.only_grouped else [*head, *run_grouped_sweep(bench)]
+            sweep = run_sweep(bench, parts) if not args.only_grouped else [*head, *run_grouped_sweep(bench)]
     text = render(rows, env, args, sweep, peaks, step_lines, split_lines)
     print(text)
     if args.out:

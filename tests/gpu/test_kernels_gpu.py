@@ -222,6 +222,25 @@ def test_moe_route(tokens: int, logits_in: bool) -> None:
     assert torch.equal(counts, torch.bincount(ref_idx.reshape(-1), minlength=EXPERTS))
 
 
+@pytest.mark.parametrize("gate_dtype", [torch.float32, BF16])
+@pytest.mark.parametrize("blocks", [{}, {"block_m": 32}, {"block_m": 8, "block_k": 16, "dot": False}])
+def test_moe_route_rows_at_the_prompts_rows(gate_dtype: torch.dtype, blocks: dict[str, Any]) -> None:
+    """The prompt router compiled, at the Gundam page's 913 rows, against torch's float32 logits + ``route_tokens``
+    (the oracle): the same ids wherever the oracle's top-7 logits are apart by more than float32 summation noise
+    (its sums run in another order than cuBLAS's), the weights to float32 rounding, in every launch form."""
+    rows = 913
+    x = _randn(rows, HIDDEN, seed=13)
+    gate = _randn(EXPERTS, HIDDEN, std=HIDDEN**-0.5, dtype=gate_dtype, seed=14)
+    idx, weights = K.moe_route_rows(x, gate, TOP_K, scaling=1.5, renormalize=True, **blocks)
+    logits = F.linear(x.float(), gate.float())
+    ref_idx, ref_weights = route_tokens(logits, TOP_K, norm_topk_prob=True, routed_scaling_factor=1.5)
+    top = logits.topk(TOP_K + 1, dim=1).values
+    clear = ((top[:, :-1] - top[:, 1:]) > 1e-4).all(dim=1)  # rows without a near-tie in the picks' order
+    assert int(clear.sum()) >= rows * 0.95
+    assert torch.equal(idx[clear], ref_idx[clear])
+    torch.testing.assert_close(weights[clear], ref_weights[clear], rtol=1e-5, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def moe() -> dict[str, Any]:
     """64 real-size routed experts and a shared MLP of 2 x 896, as MLP modules and as kernel stacks."""

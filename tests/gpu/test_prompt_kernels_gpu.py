@@ -148,16 +148,18 @@ def test_prompt_attention_matches_sdpa(length: int, start: int) -> None:
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("down", PM.DOWN_GEMMS)
-def test_prompt_moe_block_matches_the_torch_block(down: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("down", "router"), [(down, "kernel") for down in PM.DOWN_GEMMS] + [(PM.DOWN_GEMM, "cublas")])
+def test_prompt_moe_block_matches_the_torch_block(down: str, router: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """One real-size MoE block at 913 prompt rows through ``TritonPromptMoE`` with ``experts="triton"`` (either down
-    GEMM) == the same block on the torch experts path, and the same routing counters."""
+    GEMM, either prompt router) == the same block on the torch experts path, and the same routing counters."""
     from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig
+    from llm_perf_opt.models.deepseek_ocr import triton_layers as TL
     from llm_perf_opt.models.deepseek_ocr.decoder import MoE
     from llm_perf_opt.models.deepseek_ocr.fast_layers import GroupedMoE
     from llm_perf_opt.models.deepseek_ocr.triton_layers import TritonPromptMoE
 
     monkeypatch.setattr(PM, "DOWN_GEMM", down)
+    monkeypatch.setattr(TL, "PROMPT_ROUTER", router)
     cfg = DeepseekOCRConfig.from_json(ROOT / "src/llm_perf_opt/models/deepseek_ocr/configs/deepseek-ocr.json")
     torch.manual_seed(0)
     moe = MoE(cfg.language).to(DEV, BF16).eval()

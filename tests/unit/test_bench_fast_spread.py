@@ -1,6 +1,6 @@
 """``bench_fast.spread_routing``: the benchmark double that spreads the Triton prefill's routing (CPU, through
 Triton's interpreter).  Oracles: the picks' own properties (distinct per token, every expert hit at a page's size),
-the router's weights from an unpatched call, and ``kernels.moe_route`` restored after the block."""
+the router's weights from an unpatched call, and both prompt routers restored after the block."""
 
 from __future__ import annotations
 
@@ -34,3 +34,22 @@ def test_spread_routing_replaces_the_prompt_picks_only(monkeypatch: pytest.Monke
     assert not torch.equal(idx, idx_real)
     assert torch.equal(w, w_real)  # the router still ran: its weights are the real call's
     assert torch.equal(one_idx, idx_real[:1])
+
+
+def test_spread_routing_covers_the_one_kernel_prompt_router(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default prompt router (``kernels.moe_route_rows``) is spread the same way, and restored."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from benchmarks.bench_fast import spread_routing
+
+    tokens, experts, top_k, hidden = 100, 16, 4, 32
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(tokens, hidden, generator=gen)
+    gate = torch.randn(experts, hidden, generator=gen)
+    real = kernels.moe_route_rows
+    idx_real, w_real = real(x, gate, top_k)
+    with spread_routing(tokens, experts, top_k, device="cpu"):
+        idx, w = kernels.moe_route_rows(x, gate, top_k)
+    assert kernels.moe_route_rows is real
+    assert all(len(set(row)) == top_k for row in idx.tolist())
+    assert set(idx.flatten().tolist()) == set(range(experts)) and not torch.equal(idx, idx_real)
+    assert torch.equal(w, w_real)

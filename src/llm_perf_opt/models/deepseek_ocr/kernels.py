@@ -115,6 +115,7 @@ __all__ = [
     "moe_grouped_block_sizes",
     "moe_route",
     "moe_route_ref",
+    "moe_route_rows",
     "pick_token",
     "pick_token_ref",
     "prompt_rope_kv_write",
@@ -123,6 +124,7 @@ __all__ = [
     "rope_kv_write",
     "rope_kv_write_ref",
     "route_flags",
+    "route_rows_block_sizes",
     "silu_mul",
     "silu_mul_ref",
     "stack_always_on",
@@ -687,6 +689,67 @@ if HAVE_TRITON:
                 logits, t, idx_ptr, wout_ptr, counts_ptr, scaling, E, TOP_K, RENORM, HAS_COUNTS, BLOCK_E, BLOCK_KSLOT
             )
             tl.atomic_xchg(flag_ptr + t, 0, sem="relaxed", scope="gpu")
+
+    @triton.jit
+    def _route_rows_kernel(
+        x_ptr,
+        gate_ptr,
+        idx_ptr,
+        wout_ptr,
+        T,
+        H,
+        scaling,
+        E: tl.constexpr,
+        TOP_K: tl.constexpr,
+        RENORM: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_E: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_KSLOT: tl.constexpr,
+        DOT: tl.constexpr,
+        USE_GDC: tl.constexpr = False,
+    ):
+        """``BLOCK_M`` rows' float32 router logits over all experts (``DOT``: ``tl.dot`` in IEEE float32, else
+        broadcast products summed along K), then :func:`_route_topk`'s softmax / greedy top-k / renormalisation
+        / scaling for every row at once ([BLOCK_M, BLOCK_E] reductions along the experts)."""
+        if USE_GDC:
+            _dependent_launch()
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < T
+        e = tl.arange(0, BLOCK_E)
+        emask = e < E
+        logits = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            kmask = kk < H
+            xt = tl.load(x_ptr + rows[:, None] * H + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            gt = tl.load(gate_ptr + e[None, :] * H + kk[:, None], mask=kmask[:, None] & emask[None, :], other=0.0)
+            if DOT:
+                logits = tl.dot(xt.to(tl.float32), gt.to(tl.float32), logits, input_precision="ieee")
+            else:
+                logits += tl.sum(xt.to(tl.float32)[:, :, None] * gt.to(tl.float32)[None, :, :], axis=1)
+        logits = tl.where(emask[None, :], logits, float("-inf"))
+        p = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+        probs = p / tl.sum(p, axis=1)[:, None]
+        remaining = tl.where(emask[None, :], probs, -1.0)
+        slot = tl.arange(0, BLOCK_KSLOT)
+        sel_idx = tl.zeros([BLOCK_M, BLOCK_KSLOT], dtype=tl.int32)
+        sel_w = tl.zeros([BLOCK_M, BLOCK_KSLOT], dtype=tl.float32)
+        for i in tl.static_range(TOP_K):
+            best = tl.max(remaining, axis=1)
+            # lowest index on ties; NaN rows still get valid ids (clamped), as in _route_topk
+            best_idx = tl.minimum(tl.min(tl.where(remaining == best[:, None], e[None, :], BLOCK_E), axis=1), E - 1)
+            sel_idx = tl.where(slot[None, :] == i, best_idx[:, None], sel_idx)
+            sel_w = tl.where(slot[None, :] == i, best[:, None], sel_w)
+            remaining = tl.where(e[None, :] == best_idx[:, None], -2.0, remaining)
+        smask = slot < TOP_K
+        if RENORM:
+            sel_w = sel_w / (tl.sum(tl.where(smask[None, :], sel_w, 0.0), axis=1)[:, None] + 1e-20)
+        sel_w = sel_w * scaling
+        out = rows[:, None] * TOP_K + slot[None, :]
+        omask = rmask[:, None] & smask[None, :]
+        tl.store(idx_ptr + out, sel_idx.to(tl.int64), mask=omask)
+        tl.store(wout_ptr + out, sel_w, mask=omask)
 
     @triton.jit
     def _slot_expert(idx_ptr, ts, N_EXPERTS, TOP_K: tl.constexpr, N_ALWAYS: tl.constexpr):
@@ -1911,6 +1974,79 @@ def moe_route(
         BLOCK_K=max(16, min(_pow2(hidden), 8192 // block_e)),
         LOGITS_IN=logits is not None,
         num_warps=8 if logits is None else 2,
+        **_pdl(),
+    )
+    return idx, weights
+
+
+def route_rows_block_sizes(n_tokens: int, interpreter: bool = False) -> tuple[int, int, bool]:
+    """(block_m, block_k, dot) of :func:`moe_route_rows`: the GPU's a guess until ``bench_kernels.py`` has timed
+    the variants (each program reads the whole router from L2, so fewer, larger row blocks read it fewer times;
+    ``dot``: ``tl.dot`` in IEEE float32 needs >= 16 rows); the interpreter's few large blocks."""
+    if interpreter:
+        return 64, 128, False
+    return 16, 32, True
+
+
+def moe_route_rows(
+    x: Tensor,
+    gate: Tensor,
+    top_k: int,
+    scaling: float = 1.0,
+    renormalize: bool = False,
+    *,
+    block_m: int | None = None,
+    block_k: int | None = None,
+    dot: bool | None = None,
+    num_warps: int = 4,
+) -> tuple[Tensor, Tensor]:
+    """The router of a prompt's rows in one launch: (expert ids int64 [T, k], weights float32 [T, k]).
+
+    Replaces ``moe_route(x, gate_w32, logits=F.linear(x.float(), gate_w32))``: the float32 cast of ``x``, cuBLAS's
+    float32 GEMM (on an H200 two sm80 kernels, ~14 us at the Gundam page's 913 rows, CUDA cores at ~10 TFLOP/s)
+    and the top-k kernel.  Grid cdiv(T, block_m): a program computes its rows' float32 logits ``x.float() @
+    gate.float().T`` over [block_m, block_k] x [block_k, E] tiles (``x`` read in its own dtype and widened
+    exactly; ``gate`` [E, H] in any float dtype, widened exactly: pass the model's router weight, bf16 on the
+    fast path, or its float32 copy, the same values), then routes every row as :func:`moe_route` does (softmax
+    over E, greedy top-k, lowest index first on ties, optional renormalisation over the k picks (+1e-20, only
+    when k > 1), times ``scaling``).  The logits are float32 sums in another order than cuBLAS's, so the ids
+    equal ``route_tokens``' except where two scores tie to float32 rounding.  No counts: the prompt path counts
+    its picks in its sort (:func:`prompt_moe.align`).
+    """
+    _require("moe_route_rows", x.device)
+    x = _contig(x, "x")
+    n_tokens, hidden = x.shape
+    n_experts = gate.shape[0]
+    if gate.shape != (n_experts, hidden) or not gate.is_floating_point():
+        raise ValueError(f"gate must be a float [E, {hidden}] router weight, got {gate.dtype} {tuple(gate.shape)}")
+    if not 1 <= top_k <= n_experts:
+        raise ValueError(f"top_k must be in 1..{n_experts}, got {top_k}")
+    auto = route_rows_block_sizes(n_tokens, x.device.type != "cuda")
+    block_m, block_k = block_m or auto[0], block_k or auto[1]
+    dot = auto[2] if dot is None else dot
+    if dot and (block_m < 16 or block_k < 16):
+        raise ValueError(f"dot=True needs block_m and block_k >= 16 (tl.dot's smallest tile), got {block_m}, {block_k}")
+    idx = torch.empty((n_tokens, top_k), device=x.device, dtype=torch.int64)
+    weights = torch.empty((n_tokens, top_k), device=x.device, dtype=torch.float32)
+    if n_tokens == 0:
+        return idx, weights
+    _route_rows_kernel[(triton.cdiv(n_tokens, block_m),)](
+        x,
+        _contig(gate, "gate"),
+        idx,
+        weights,
+        n_tokens,
+        hidden,
+        float(scaling),
+        E=n_experts,
+        TOP_K=top_k,
+        RENORM=bool(renormalize) and top_k > 1,
+        BLOCK_M=block_m,
+        BLOCK_E=max(16, _pow2(n_experts)),
+        BLOCK_K=block_k,
+        BLOCK_KSLOT=_pow2(top_k),
+        DOT=dot,
+        num_warps=num_warps,
         **_pdl(),
     )
     return idx, weights

@@ -460,13 +460,33 @@ class TritonPromptMLP(nn.Module):
         return swiglu_mlp(self.mlp, x)
 
 
+# How a prompt's MoE rows are routed on the "triton" experts path: "kernel" (:func:`kernels.moe_route_rows`: the
+# float32 logits and the top-k in one launch, the logits summed in another order than cuBLAS's) or "cublas" (the
+# float32 cast, cuBLAS's float32 GEMM, then :func:`kernels.moe_route`'s top-k: three launches, ~23 us per layer at
+# the Gundam page's 913 rows on an H200, round 15's profile).  ``bench_fast`` times both in one run.
+PROMPT_ROUTERS = ("kernel", "cublas")
+PROMPT_ROUTER = "kernel"
+
+
+def _route_prompt(flat: Tensor, m: GroupedMoE) -> tuple[Tensor, Tensor]:
+    """(expert ids, weights) of a prompt's rows by ``PROMPT_ROUTER``; ids equal the torch path's except where two
+    scores tie to float32 rounding (either way: the kernel's summation order, or the softmax's near-ties)."""
+    if PROMPT_ROUTER not in PROMPT_ROUTERS:
+        raise ValueError(f"PROMPT_ROUTER must be one of {PROMPT_ROUTERS}, got {PROMPT_ROUTER!r}")
+    scaling, renormalize = m.routed_scaling_factor, m.norm_topk_prob
+    if PROMPT_ROUTER == "kernel":
+        return K.moe_route_rows(flat, m.gate_w32, m.top_k, scaling=scaling, renormalize=renormalize)
+    logits = F.linear(flat.float(), m.gate_w32)  # cuBLAS: the torch path's exact logits
+    return K.moe_route(flat, m.gate_w32, m.top_k, scaling=scaling, renormalize=renormalize, logits=logits)
+
+
 class TritonPromptMoE(nn.Module):
     """A prompt's MoE block (:class:`GroupedMoE` over stacked experts) whose un-permute, weighted sum over the
     picks and shared-expert add are one kernel (:func:`kernels.moe_gather_combine`) after the grouped GEMMs;
     counters and ``last_topk_idx`` as the wrapped block's.  ``experts``: "torch" routes with torch and runs the
-    routed experts through ``torch._grouped_mm`` (``experts.grouped_experts_stacked``); "triton" routes with
-    :func:`kernels.moe_route` over cuBLAS's float32 logits (the torch path's logits; ids equal except at float32
-    near-ties of the softmax) and runs :mod:`prompt_moe`'s sort and grouped GEMMs (``infer.fast.prefill_experts``).
+    routed experts through ``torch._grouped_mm`` (``experts.grouped_experts_stacked``); "triton" routes by
+    ``PROMPT_ROUTER`` (:func:`kernels.moe_route_rows` by default; ids equal the torch path's except at float32
+    near-ties) and runs :mod:`prompt_moe`'s sort and grouped GEMMs (``infer.fast.prefill_experts``).
     Blocks it does not cover (no stacks or shared experts, another expert implementation, a router other than
     softmax) run the wrapped module."""
 
@@ -488,14 +508,7 @@ class TritonPromptMoE(nn.Module):
         flat = x.reshape(-1, shape[-1])
         if self.experts == "triton" and m.scoring_func == "softmax":
             record = m.counts is not None and (ctx is None or ctx.record_routing)
-            topk_idx, topk_weight = K.moe_route(
-                flat,
-                m.gate_w32,
-                m.top_k,
-                scaling=m.routed_scaling_factor,
-                renormalize=m.norm_topk_prob,
-                logits=F.linear(flat.float(), m.gate_w32),  # cuBLAS: the torch path's exact logits
-            )
+            topk_idx, topk_weight = _route_prompt(flat, m)
             shared = swiglu_mlp(m.shared_experts, flat)
             w13, w2 = m.stacked
             al = PM.align(topk_idx, w2.shape[0], counts=m.counts if record else None)

@@ -26,6 +26,7 @@ finally:  # leave the environment as found: CLI subprocesses of other tests inhe
         del os.environ["TRITON_INTERPRET"]
 
 from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, build_model  # noqa: E402
+from llm_perf_opt.models.deepseek_ocr import triton_layers as TL  # noqa: E402
 from llm_perf_opt.models.deepseek_ocr.batched import BatchedGenerator  # noqa: E402
 from llm_perf_opt.models.deepseek_ocr.fast import TRITON_MAX_ROWS, FastConfig, apply_fast_path  # noqa: E402
 from llm_perf_opt.models.deepseek_ocr.model import DeepseekOCRForCausalLM  # noqa: E402
@@ -527,11 +528,15 @@ def test_triton_prefill_runs_every_norm_rotary_and_moe_tail_in_the_kernels(monke
         calls.append(f"swiglu {h.numel() // h.shape[-1]}")
         return real_silu(h)
 
-    real_route, real_up = kernels.moe_route, PM.grouped_swiglu
+    real_route, real_route_rows, real_up = kernels.moe_route, kernels.moe_route_rows, PM.grouped_swiglu
 
     def route_spy(x: torch.Tensor, *args: object, **kw: object) -> tuple[torch.Tensor, torch.Tensor]:
-        calls.append(f"route {x.shape[0]}")
+        calls.append(f"route {x.shape[0]} cublas")
         return real_route(x, *args, **kw)  # type: ignore[arg-type]
+
+    def route_rows_spy(x: torch.Tensor, *args: object, **kw: object) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(f"route {x.shape[0]} kernel")
+        return real_route_rows(x, *args, **kw)  # type: ignore[arg-type]
 
     def up_spy(x: torch.Tensor, order: torch.Tensor, *args: object) -> torch.Tensor:
         calls.append(f"experts {order.numel()}")
@@ -545,6 +550,7 @@ def test_triton_prefill_runs_every_norm_rotary_and_moe_tail_in_the_kernels(monke
 
     monkeypatch.setattr(PA, "prompt_attention", attn_spy)
     monkeypatch.setattr(kernels, "moe_route", route_spy)
+    monkeypatch.setattr(kernels, "moe_route_rows", route_rows_spy)
     monkeypatch.setattr(PM, "grouped_swiglu", up_spy)
     monkeypatch.setattr(kernels, "add_rms_norm", norm_spy)
     monkeypatch.setattr(kernels, "prompt_rope_kv_write", rope_spy)
@@ -560,8 +566,11 @@ def test_triton_prefill_runs_every_norm_rotary_and_moe_tail_in_the_kernels(monke
     ref_cache = model.new_cache(batch=2, max_len=12)
     expected = [model.prefill(first, ref_cache), model.prefill(more, ref_cache)]
     expected_counts = {i: list(layer.mlp.tokens_per_expert) for i, layer in enumerate(layers) if moe[i]}
-    for on, experts, attention in ((False, "torch", "sdpa"), (True, "torch", "sdpa"), (True, "triton", "triton")):
+    runs = [(False, "torch", "sdpa", "kernel"), (True, "torch", "sdpa", "kernel")]
+    runs += [(True, "triton", "triton", router) for router in TL.PROMPT_ROUTERS]
+    for on, experts, attention, router in runs:
         calls.clear()
+        monkeypatch.setattr(TL, "PROMPT_ROUTER", router)
         cfg = FastConfig(
             cuda_graphs=False,
             decode_kernels="triton",
@@ -579,7 +588,7 @@ def test_triton_prefill_runs_every_norm_rotary_and_moe_tail_in_the_kernels(monke
         for n in (7, 3):
             for m in moe:
                 rows = 2 * n  # a MoE block: shared SwiGLU, routed SwiGLU over k picks per row, the tail
-                routed = [f"route {rows}", f"swiglu {rows}", f"experts {rows * top_k}"]  # shared SwiGLU between
+                routed = [f"route {rows} {router}", f"swiglu {rows}", f"experts {rows * top_k}"]  # shared SwiGLU
                 if experts == "torch":
                     routed = [f"swiglu {rows}", f"swiglu {rows * top_k}"]
                 tail = [*routed, f"moe {rows}"] if m else [f"swiglu {rows}"]

@@ -661,6 +661,70 @@ def test_moe_route_ties_lowest_index_first_and_no_counts() -> None:
     torch.testing.assert_close(weights, ref_weights)
 
 
+# ------------------------------------------------------------------------------------------ moe_route_rows
+@pytest.mark.parametrize("gate_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("n_tokens", "n_experts", "hidden", "top_k", "blocks"),
+    [
+        (37, 8, 256, 3, {}),  # the interpreter's blocks: one program of 64 rows, 27 of them masked
+        (37, 20, 96, 6, {"block_m": 16, "block_k": 32, "dot": True}),  # the GPU's form: 3 programs, last partial
+        (9, 64, 1280, 6, {"block_m": 8, "block_k": 16, "dot": False}),  # the real router's E and H
+    ],
+)
+@pytest.mark.parametrize(("renormalize", "scaling"), [(False, 1.0), (True, 2.5)])
+def test_moe_route_rows_matches_route_tokens(
+    gate_dtype: torch.dtype,
+    n_tokens: int,
+    n_experts: int,
+    hidden: int,
+    top_k: int,
+    blocks: dict[str, Any],
+    renormalize: bool,
+    scaling: float,
+) -> None:
+    """The prompt router (logits and top-k in one launch, every row block's rows routed at once) against torch's
+    float32 logits and ``route_tokens`` (the oracle): the same ids, the weights to float32 rounding, the gate read
+    in its own dtype and widened exactly (a bf16 gate routes as its float32 copy)."""
+    gen = torch.Generator().manual_seed(n_tokens * n_experts + hidden)
+    x = torch.randn(n_tokens, hidden, generator=gen).to(torch.bfloat16)
+    gate = (torch.randn(n_experts, hidden, generator=gen) * hidden**-0.5).to(gate_dtype)
+    idx, weights = K.moe_route_rows(x, gate, top_k, scaling=scaling, renormalize=renormalize, **blocks)
+    ref_idx, ref_weights = route_tokens(
+        F.linear(x.float(), gate.float()), top_k, norm_topk_prob=renormalize, routed_scaling_factor=scaling
+    )
+    assert idx.dtype == torch.int64 and weights.dtype == torch.float32
+    assert idx.shape == weights.shape == (n_tokens, top_k)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-7)
+
+
+def test_moe_route_rows_ties_lowest_index_first_per_row() -> None:
+    """Exact ties: the lowest expert id first in every row of a block (as the one-row router), rows independent."""
+    x = torch.zeros(3, 64)
+    x[0], x[1, :32], x[2] = 1.0, 1.0, -1.0
+    gate = torch.zeros(8, 64)
+    gate[5] = gate[2] = 0.1  # row 0: experts 2 and 5 tie first; row 2: they tie last
+    idx, weights = K.moe_route_rows(x, gate, 4, block_m=16, block_k=16, dot=False)
+    assert idx.tolist() == [[2, 5, 0, 1], [2, 5, 0, 1], [0, 1, 3, 4]]
+    assert weights[0, 0] == weights[0, 1] and weights[0, 2] == weights[0, 3]
+    one_row = torch.cat([K.moe_route(x[i : i + 1], gate, 4)[0] for i in range(3)])
+    assert torch.equal(idx, one_row)
+
+
+def test_moe_route_rows_rejects_bad_arguments() -> None:
+    x = torch.randn(4, 32)
+    with pytest.raises(ValueError, match="gate must be a float \\[E, 32\\]"):
+        K.moe_route_rows(x, torch.randn(8, 16), 2)
+    with pytest.raises(ValueError, match="gate must be a float"):
+        K.moe_route_rows(x, torch.ones(8, 32, dtype=torch.int32), 2)
+    with pytest.raises(ValueError, match=r"top_k must be in 1\.\.8"):
+        K.moe_route_rows(x, torch.randn(8, 32), 9)
+    with pytest.raises(ValueError, match="dot=True needs block_m and block_k >= 16"):
+        K.moe_route_rows(x, torch.randn(8, 32), 2, block_m=8, dot=True)
+    idx, weights = K.moe_route_rows(x[:0], torch.randn(8, 32), 2)  # no rows: nothing launched
+    assert idx.shape == weights.shape == (0, 2)
+
+
 # ------------------------------------------------------------------------------------------ add_rms_norm_route
 @pytest.mark.parametrize(
     ("n_tokens", "n_experts", "hidden", "top_k", "per"),
