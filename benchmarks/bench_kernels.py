@@ -1122,10 +1122,23 @@ def _measure_step(fast: Any, model: Any, bsz: int, prompt_len: int, new_tokens: 
     step.graph = None  # un-graphed steps for the profile: the same kernels, launched one by one
     reload()
     n_prof = 3
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(n_prof):
-            step.step()
-        torch.cuda.synchronize()
+    from llm_perf_opt.models.deepseek_ocr import kernels
+
+    hits: list[int] = []  # distinct routed experts per grouped expert call (a MoE layer of one step)
+    real_grouped = kernels.moe_experts_grouped
+
+    def grouped_spy(x: torch.Tensor, idx: torch.Tensor, *rest: Any, **kw: Any) -> torch.Tensor:
+        hits.append(int(torch.unique(idx).numel()))  # a sync, outside the timed replays
+        return real_grouped(x, idx, *rest, **kw)
+
+    kernels.moe_experts_grouped = grouped_spy
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(n_prof):
+                step.step()
+            torch.cuda.synchronize()
+    finally:
+        kernels.moe_experts_grouped = real_grouped
     per_name: dict[str, list[float]] = {}
     for e in prof.events():
         if e.device_type.name == "CUDA":
@@ -1139,6 +1152,10 @@ def _measure_step(fast: Any, model: Any, bsz: int, prompt_len: int, new_tokens: 
         "step_ms_all": times,
         "capture_s": capture_s,
         "capture_error": step.capture_error,
+        # routed experts read per MoE layer, mean over the profiled steps (the grouped kernels' calls; none when the
+        # step runs other expert code), and the keys the middle profiled step attends
+        "routed_hit_per_layer": [statistics.fmean(hits[i :: len(hits) // n_prof]) for i in range(len(hits) // n_prof)],
+        "context_len": prompt_len + 2,
         "kernels_per_step": sum(len(v) for v in per_name.values()) / n_prof,
         "gpu_ms_per_step": sum(sum(v) for v in per_name.values()) / n_prof / 1e3,
         "top_kernels": [
@@ -1147,8 +1164,41 @@ def _measure_step(fast: Any, model: Any, bsz: int, prompt_len: int, new_tokens: 
     }
 
 
+def step_floor_lines(results: list[dict[str, Any]], bandwidth: float | None) -> list[str]:
+    """Per batch size: the bytes a step must move (``flops.decode_bytes_per_step``: every weight it reads once, the
+    routed experts the profiled steps hit, each row's K/V) and the step time that moving them at ``bandwidth``
+    (the datasheet's, bytes/s) takes: the floor no kernel beats, beside the fastest measured step."""
+    from llm_perf_opt.profiling.flops import decode_bytes_per_step
+
+    cfg = DeepseekOCRConfig.from_json(CONFIG)
+    lines = [
+        "",
+        "Floor per step: the bytes a step must move (weights once, the routed experts the profiled steps read, each"
+        " row's K/V) at the datasheet bandwidth.",
+        "",
+        "| batch | routed experts read per MoE layer | GB per step | floor ms | fastest step ms | floor / fastest |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for bsz in sorted({r["batch"] for r in results}):
+        mine = [r for r in results if r["batch"] == bsz and "step_ms" in r]
+        hit = next((r for r in mine if r.get("routed_hit_per_layer")), None)
+        if not mine or hit is None or bandwidth is None:
+            why = "no step ran the grouped expert kernels" if hit is None else "no datasheet bandwidth for this GPU"
+            lines.append(f"| {bsz} | not computed: {why if mine else 'no step measured'} | | | | |")
+            continue
+        per_layer = [round(h) for h in hit["routed_hit_per_layer"]]
+        need = decode_bytes_per_step(cfg, hit["context_len"], 2, per_layer, batch=bsz).total_bytes
+        floor_ms = need / bandwidth * 1e3
+        best = min(r["step_ms"] for r in mine)
+        lines.append(
+            f"| {bsz} | {statistics.fmean(per_layer):.1f} | {need / 1e9:.2f} | {floor_ms:.3f} | {best:.3f} |"
+            f" {floor_ms / best:.0%} |"
+        )
+    return lines
+
+
 def batched_steps(
-    batches: list[int], prompt_len: int, new_tokens: int, reps: int
+    batches: list[int], prompt_len: int, new_tokens: int, reps: int, bandwidth: float | None = None
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """The batched decode step (``batched_decode.StaticBatchStep``, CUDA graph) of the full-size dummy model at
     each batch size, with the torch kernels and with ``decode_kernels="triton"`` (Triton norms, router and
@@ -1204,6 +1254,7 @@ def batched_steps(
             )
             print(lines[-1], flush=True)
             torch.cuda.empty_cache()
+    lines += step_floor_lines(results, bandwidth)
     for row in results:
         if "top_kernels" not in row:
             continue
@@ -1317,7 +1368,10 @@ def main() -> None:
     step_batches = [int(b) for b in args.batched_step.split(",") if b]
     if step_batches:  # the model as the batched generator runs it: no_grad, not inference mode
         with torch.no_grad():
-            step_rows, step_lines = batched_steps(step_batches, args.step_prompt_len, args.step_tokens, args.step_reps)
+            bandwidth = None if peaks is None else peaks[0]
+            step_rows, step_lines = batched_steps(
+                step_batches, args.step_prompt_len, args.step_tokens, args.step_reps, bandwidth
+            )
     with torch.inference_mode():
         sweep: list[str] = []
         if args.sweep:
