@@ -5,6 +5,7 @@ the ratio, and the reasons a floor is not computed."""
 from __future__ import annotations
 
 from benchmarks.bench_kernels import CONFIG, step_floor_lines
+
 from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig
 from llm_perf_opt.profiling.flops import decode_bytes_per_step
 
