@@ -187,7 +187,7 @@ SPREAD_LABEL = "routing spread at random after the router (every expert of every
 @contextlib.contextmanager
 def spread_routing(tokens: int, n_experts: int, top_k: int, seed: int = 0, device: str = "cuda") -> Iterator[None]:
     """Inside the block, a ``tokens``-row call of the Triton prefill's router (``kernels.moe_route_rows``, or
-    ``kernels.moe_route`` with ``triton_layers.PROMPT_ROUTER="cublas"``) runs as usual and then returns fixed random
+    ``kernels.moe_route`` with ``triton_layers.ROWS_ROUTER="cublas"``) runs as usual and then returns fixed random
     picks instead of its ids: each token's ``top_k`` distinct experts drawn uniformly (seeded), so the sort and
     grouped GEMMs that follow read every expert's weights, as a real checkpoint's spread routing does.  The router's
     own cost stays in the time; other row counts (decode) are left alone.  A benchmark double only: the logits are
@@ -657,13 +657,13 @@ def main() -> None:
                     # the prompt router's other form (a triton_layers setting: one kernel, or cuBLAS logits + top-k)
                     from llm_perf_opt.models.deepseek_ocr import triton_layers
 
-                    for router in sorted(set(triton_layers.PROMPT_ROUTERS) - {triton_layers.PROMPT_ROUTER}):
+                    for router in sorted(set(triton_layers.ROWS_ROUTERS) - {triton_layers.ROWS_ROUTER}):
                         try:
-                            with module_setting(triton_layers, "PROMPT_ROUTER", router):
+                            with module_setting(triton_layers, "ROWS_ROUTER", router):
                                 fm = apply_fast_path(model, fast.fast_config)
-                                var[f"prefill triton_layers.PROMPT_ROUTER={router} ms"] = prefill_ms(fm, embeds)
+                                var[f"prefill triton_layers.ROWS_ROUTER={router} ms"] = prefill_ms(fm, embeds)
                         except Exception as exc:  # must not lose the rest of the report
-                            var[f"prefill triton_layers.PROMPT_ROUTER={router}"] = f"failed: {exc}"[:300]
+                            var[f"prefill triton_layers.ROWS_ROUTER={router}"] = f"failed: {exc}"[:300]
                     # a real page's expert reads: the routing spread at random after the router runs (the dummy
                     # weights route the prompt to 28-46 of the 64 experts per layer, a real checkpoint to nearly all);
                     # then both, with the grouped GEMMs' weight tiles through the other load form (prompt_moe.W_TMA)

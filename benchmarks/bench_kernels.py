@@ -64,6 +64,7 @@ from llm_perf_opt.models.deepseek_ocr.kernels import (
     decode_attention_ref,
     dependent_launches,
     down_counters,
+    exact_bf16,
     linear_block_sizes,
     linear_rows,
     moe_block_sizes,
@@ -363,29 +364,34 @@ class Bench:
         nbytes = e * hid * 4 + 3 * tokens * hid * 2 + hid * 2
         return Row("add_rms_norm_route", tokens, t_us, k_us, nbytes, max_err(w, ref_w), note)
 
-    def route_rows(self, tokens: int, **blocks: Any) -> Row:
-        """A prompt's router (``moe_route_rows``: logits + top-k in one launch) against what the prefill ran before
-        (``TritonPromptMoE`` with ``PROMPT_ROUTER="cublas"``): the float32 cast, cuBLAS's float32 GEMM and
-        ``moe_route``'s top-k; ``blocks`` are ``moe_route_rows``' launch settings (the sweep)."""
+    def route_rows(self, tokens: int, fp32: bool = False, **blocks: Any) -> Row:
+        """The many-row router (``moe_route_rows``: logits + top-k in one launch) against what the prefill and the
+        batched step ran before (``triton_layers.ROWS_ROUTER="cublas"``): the float32 cast, cuBLAS's float32 GEMM
+        and ``moe_route``'s top-k.  The router is a bf16 checkpoint's widened to float32 (as the fast path keeps it);
+        the kernel gets its bf16 values (``exact_bf16``, as the model passes them), or with ``fp32`` the float32
+        operands; ``blocks`` are ``moe_route_rows``' launch settings (the sweep)."""
         lang = self.lang
         e, hid, k = lang.n_routed_experts, lang.hidden_size, lang.num_experts_per_tok
-        bufs = [
-            (self.randn(tokens, hid), self.randn(e, hid, std=hid**-0.5, dtype=torch.float32))
-            for _ in range(self.layers)
-        ]
+        bufs = []
+        for _ in range(self.layers):
+            gate32 = self.randn(e, hid, std=hid**-0.5).float()
+            low = exact_bf16(gate32)
+            assert low is not None  # randn rounded to bf16, widened
+            bufs.append((self.randn(tokens, hid), gate32, gate32 if fp32 else low))
 
         def cublas(b: Any) -> Any:
             return moe_route(b[0], b[1], k, logits=torch.nn.functional.linear(b[0].float(), b[1]))
 
         t_us, k_us = self.time(
-            [lambda b=b: cublas(b) for b in bufs], [lambda b=b: moe_route_rows(b[0], b[1], k, **blocks) for b in bufs]
+            [lambda b=b: cublas(b) for b in bufs], [lambda b=b: moe_route_rows(b[0], b[2], k, **blocks) for b in bufs]
         )
-        x, gate = bufs[0]
-        ids, w = moe_route_rows(x, gate, k, **blocks)
+        x, gate, operand = bufs[0]
+        ids, w = moe_route_rows(x, operand, k, **blocks)
         ref_ids, ref_w = moe_route_ref(x, gate, k)
         differ = int((ids != ref_ids).any(dim=1).sum())
         note = "vs cast + cuBLAS float32 logits + moe_route (3 launches); "
         note += "ids identical" if not differ else f"ids differ in {differ} of {tokens} rows"
+        note += "; float32 operands (IEEE)" if fp32 else "; bf16 operands (tensor cores)"
         if blocks:
             note += f"; {blocks}"
         return Row("moe_route_rows", tokens, t_us, k_us, e * hid * 4 + tokens * hid * 2, max_err(w, ref_w), note)
@@ -504,7 +510,7 @@ class Bench:
         split = blocks.get("down") == "split"
         if split:
             split_h, split_k = moe_down_split_block_sizes(
-                hid, inter, not cuda, blocks.get("block_h"), blocks.get("block_k_down")
+                hid, inter, not cuda, blocks.get("block_h"), blocks.get("block_k_down"), tokens
             )
             blocks = {**blocks, "counters": down_counters(tokens, hid, self.dev, block_h=split_h)}
 
@@ -633,11 +639,16 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
     norm_route.update(flag_ptr="*i32", idx_ptr=i64, wout_ptr=f32, counts_ptr=i64, H="i32", eps="fp32", scaling="fp32")
     fused_consts = dict(HAS_RESIDUAL=True, E_PER=4, BLOCK_H=2048)  # add_rms_norm_route's launch at E = 64
     specs.append(("_norm_route_kernel", norm_route, {**route_consts, **fused_consts}, 4))
-    # the prompt router (moe_route_rows): tl.dot in IEEE float32 (the GPU default), then broadcast products
-    rows = dict(x_ptr=bf, gate_ptr=f32, idx_ptr=i64, wout_ptr=f32, T="i32", H="i32", scaling="fp32")
-    rows_consts = dict(E=lang.n_routed_experts, TOP_K=k, RENORM=False, BLOCK_E=64, BLOCK_KSLOT=8)
-    for bm, bk, dot in ((16, 32, True), (32, 32, True), (8, 16, False)):
-        specs.append(("_route_rows_kernel", rows, {**rows_consts, "BLOCK_M": bm, "BLOCK_K": bk, "DOT": dot}, 4))
+    # the many-row router (moe_route_rows): bf16 operands on the tensor cores (the default blocks first), the batched
+    # decode step's form (counts kept), then float32 operands (IEEE float32)
+    rows = dict(x_ptr=bf, gate_ptr=bf, idx_ptr=i64, wout_ptr=f32, counts_ptr=i64, T="i32", H="i32", scaling="fp32")
+    rows_consts = dict(E=lang.n_routed_experts, TOP_K=k, RENORM=False, BLOCK_E=64, BLOCK_KSLOT=8, HAS_COUNTS=False)
+    rows_consts["UPCAST"] = False
+    for bm, bk in ((32, 64), (16, 64), (64, 128)):
+        specs.append(("_route_rows_kernel", rows, {**rows_consts, "BLOCK_M": bm, "BLOCK_K": bk}, 4))
+    counted = {**rows_consts, "BLOCK_M": 32, "BLOCK_K": 64, "HAS_COUNTS": True}
+    specs.append(("_route_rows_kernel", rows, counted, 4))
+    specs.append(("_route_rows_kernel", {**rows, "gate_ptr": f32}, {**rows_consts, "BLOCK_M": 32, "BLOCK_K": 64}, 4))
     for tokens in (1, 8):
         bn, bku, bh, bkd = moe_block_sizes(tokens, k + n_always, hid, inter, H100_SMS)
         up = dict(x_ptr=bf, idx_ptr=i64, w13_ptr=bf, h_ptr=bf, H="i32", INTER="i32", N_EXPERTS="i32")
@@ -651,17 +662,18 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
         specs.append(("_moe_up_kernel", up, {**up_consts, "STAGES": 0}, up_warps))
         down_consts = {**common, "HAS_RESIDUAL": True, "BLOCK_H": bh, "BLOCK_K": bkd, "EVEN_K": inter % bkd == 0}
         specs.append(("_moe_down_kernel", down, down_consts, 4))
-    # the split down form (moe_experts(down="split"); its blocks do not depend on T): as launched (pipelined), then
-    # the plain loop
-    split_h, split_k = moe_down_split_block_sizes(hid, inter)
+    # the split down form (moe_experts(down="split")) at one token and at more: as launched (pipelined), then the
+    # plain loop
     split = dict(
         h_ptr=bf, idx_ptr=i64, wts_ptr=f32, w2_ptr=bf, res_ptr=bf, out_ptr=bf, y_ptr=f32, count_ptr="*i32", H="i32"
     )
     split.update(INTER="i32", N_EXPERTS="i32")
-    split_consts = dict(TOP_K=k, N_ALWAYS=n_always, HAS_RESIDUAL=True, BLOCK_H=split_h, BLOCK_K=split_k)
-    split_consts.update(EVEN_K=inter % split_k == 0, STAGES=DOWN_SPLIT_STAGES)
-    specs.append(("_moe_down_split_kernel", split, split_consts, 4))
-    specs.append(("_moe_down_split_kernel", split, {**split_consts, "STAGES": 0}, 4))
+    for tokens in (1, 8):
+        split_h, split_k = moe_down_split_block_sizes(hid, inter, n_tokens=tokens)
+        split_consts = dict(TOP_K=k, N_ALWAYS=n_always, HAS_RESIDUAL=True, BLOCK_H=split_h, BLOCK_K=split_k)
+        split_consts.update(EVEN_K=inter % split_k == 0, STAGES=DOWN_SPLIT_STAGES)
+        specs.append(("_moe_down_split_kernel", split, split_consts, 4))
+        specs.append(("_moe_down_split_kernel", split, {**split_consts, "STAGES": 0}, 4))
     ids = dict(ids_ptr=i64, order_ptr="*i32", offs_ptr="*i32", P="i32")
     align = dict(E=lang.n_routed_experts, BLOCK_P=16, BLOCK_ALL=512, BLOCK_E=128)  # 64 tokens x top-6
     specs.append(("_moe_align_kernel", ids, align, 4))
@@ -1043,14 +1055,15 @@ LINEAR_VARIANTS = [(2, 256, 4), (4, 256, 4), (8, 256, 4), (16, 256, 4), (8, 128,
 
 
 # moe_route_rows' launch forms besides its default (route_rows_block_sizes): rows per program (each program reads
-# the whole router from L2) x tl.dot in IEEE float32 or broadcast products x warps
+# the whole router from L2) x K width x warps, on bf16 operands (round 17's first sweep, on float32 operands in IEEE
+# float32 on the CUDA cores, took 41-98 us at 913 rows against the three launches' 24)
 ROUTE_ROWS_VARIANTS: list[dict[str, Any]] = [
-    dict(block_m=16, block_k=32, dot=True, num_warps=8),
-    dict(block_m=32, block_k=32, dot=True, num_warps=4),
-    dict(block_m=16, block_k=64, dot=True, num_warps=4),
-    dict(block_m=8, block_k=16, dot=False, num_warps=4),
-    dict(block_m=4, block_k=32, dot=False, num_warps=4),
-    dict(block_m=16, block_k=16, dot=False, num_warps=8),
+    dict(block_m=16, block_k=64),
+    dict(block_m=64, block_k=64),
+    dict(block_m=32, block_k=128),
+    dict(block_m=64, block_k=128),
+    dict(block_m=32, block_k=64, num_warps=8),
+    dict(block_m=16, block_k=128, num_warps=2),
 ]
 
 
@@ -1343,6 +1356,7 @@ def main() -> None:
             # the prompt router at the Gundam page's 913 rows: its default launch, then the other forms
             rows += [bench.route_rows(args.prompt_rows)]
             rows += [bench.route_rows(args.prompt_rows, **blocks) for blocks in ROUTE_ROWS_VARIANTS]
+            rows += [bench.route_rows(args.prompt_rows, fp32=True), bench.route_rows(32), bench.route_rows(64)]
             rows += [bench.linear(1, n_out, name) for name, n_out in projections(bench.lang)]
             rows += [bench.qkv_rope(1)]
             # the up kernel's loop plain and software-pipelined (moe_experts(stages_up=...)) in the same run, and

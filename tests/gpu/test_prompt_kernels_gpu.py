@@ -159,7 +159,7 @@ def test_prompt_moe_block_matches_the_torch_block(down: str, router: str, monkey
     from llm_perf_opt.models.deepseek_ocr.triton_layers import TritonPromptMoE
 
     monkeypatch.setattr(PM, "DOWN_GEMM", down)
-    monkeypatch.setattr(TL, "PROMPT_ROUTER", router)
+    monkeypatch.setattr(TL, "ROWS_ROUTER", router)
     cfg = DeepseekOCRConfig.from_json(ROOT / "src/llm_perf_opt/models/deepseek_ocr/configs/deepseek-ocr.json")
     torch.manual_seed(0)
     moe = MoE(cfg.language).to(DEV, BF16).eval()

@@ -102,6 +102,7 @@ __all__ = [
     "dependent_launches",
     "down_counter_count",
     "down_counters",
+    "exact_bf16",
     "linear_block_sizes",
     "linear_rows",
     "linear_rows_ref",
@@ -696,6 +697,7 @@ if HAVE_TRITON:
         gate_ptr,
         idx_ptr,
         wout_ptr,
+        counts_ptr,
         T,
         H,
         scaling,
@@ -706,12 +708,14 @@ if HAVE_TRITON:
         BLOCK_E: tl.constexpr,
         BLOCK_K: tl.constexpr,
         BLOCK_KSLOT: tl.constexpr,
-        DOT: tl.constexpr,
+        HAS_COUNTS: tl.constexpr = False,
+        UPCAST: tl.constexpr = False,
         USE_GDC: tl.constexpr = False,
     ):
-        """``BLOCK_M`` rows' float32 router logits over all experts (``DOT``: ``tl.dot`` in IEEE float32, else
-        broadcast products summed along K), then :func:`_route_topk`'s softmax / greedy top-k / renormalisation
-        / scaling for every row at once ([BLOCK_M, BLOCK_E] reductions along the experts)."""
+        """``BLOCK_M`` rows' float32 router logits over all experts (``tl.dot`` with a float32 accumulator: bf16
+        operands on the tensor cores, whose products are exact in float32; float32 operands in IEEE float32), then
+        :func:`_route_topk`'s softmax / greedy top-k / renormalisation / scaling for every row at once
+        ([BLOCK_M, BLOCK_E] reductions along the experts)."""
         if USE_GDC:
             _dependent_launch()
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -723,11 +727,12 @@ if HAVE_TRITON:
             kk = k0 + tl.arange(0, BLOCK_K)
             kmask = kk < H
             xt = tl.load(x_ptr + rows[:, None] * H + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-            gt = tl.load(gate_ptr + e[None, :] * H + kk[:, None], mask=kmask[:, None] & emask[None, :], other=0.0)
-            if DOT:
+            # [E, K] rows, contiguous along K, transposed for the product
+            gt = tl.trans(tl.load(gate_ptr + e[:, None] * H + kk[None, :], mask=emask[:, None] & kmask[None, :]))
+            if gt.dtype == tl.float32 or UPCAST:  # (Triton's interpreter computes bf16 tl.dot wrongly)
                 logits = tl.dot(xt.to(tl.float32), gt.to(tl.float32), logits, input_precision="ieee")
             else:
-                logits += tl.sum(xt.to(tl.float32)[:, :, None] * gt.to(tl.float32)[None, :, :], axis=1)
+                logits = tl.dot(xt, gt, logits)
         logits = tl.where(emask[None, :], logits, float("-inf"))
         p = tl.exp(logits - tl.max(logits, axis=1)[:, None])
         probs = p / tl.sum(p, axis=1)[:, None]
@@ -750,6 +755,8 @@ if HAVE_TRITON:
         omask = rmask[:, None] & smask[None, :]
         tl.store(idx_ptr + out, sel_idx.to(tl.int64), mask=omask)
         tl.store(wout_ptr + out, sel_w, mask=omask)
+        if HAS_COUNTS:
+            tl.atomic_add(counts_ptr + sel_idx, tl.full([BLOCK_M, BLOCK_KSLOT], 1, tl.int64), mask=omask)
 
     @triton.jit
     def _slot_expert(idx_ptr, ts, N_EXPERTS, TOP_K: tl.constexpr, N_ALWAYS: tl.constexpr):
@@ -1979,13 +1986,21 @@ def moe_route(
     return idx, weights
 
 
-def route_rows_block_sizes(n_tokens: int, interpreter: bool = False) -> tuple[int, int, bool]:
-    """(block_m, block_k, dot) of :func:`moe_route_rows`: the GPU's a guess until ``bench_kernels.py`` has timed
-    the variants (each program reads the whole router from L2, so fewer, larger row blocks read it fewer times;
-    ``dot``: ``tl.dot`` in IEEE float32 needs >= 16 rows); the interpreter's few large blocks."""
+def route_rows_block_sizes(n_tokens: int, interpreter: bool = False) -> tuple[int, int]:
+    """(block_m, block_k) of :func:`moe_route_rows`: each program reads the whole router from L2, so fewer, larger row
+    blocks read it fewer times (a guess until ``bench_kernels.py`` has timed the variants); the interpreter's few
+    large blocks."""
     if interpreter:
-        return 64, 128, False
-    return 16, 32, True
+        return 64, 128
+    return 32, 64
+
+
+def exact_bf16(gate: Tensor) -> Tensor | None:
+    """``gate`` as bf16 when that loses nothing (every value is a bf16 value: a bf16 checkpoint's router widened to
+    float32), else None: :func:`moe_route_rows` then multiplies bf16 rows by it on the tensor cores, products
+    exact in float32, instead of float32 operands in IEEE float32 on the CUDA cores."""
+    low = gate.to(torch.bfloat16)
+    return low if torch.equal(low.to(gate.dtype), gate) else None
 
 
 def moe_route_rows(
@@ -1995,23 +2010,24 @@ def moe_route_rows(
     scaling: float = 1.0,
     renormalize: bool = False,
     *,
+    counts: Tensor | None = None,
     block_m: int | None = None,
     block_k: int | None = None,
-    dot: bool | None = None,
     num_warps: int = 4,
 ) -> tuple[Tensor, Tensor]:
-    """The router of a prompt's rows in one launch: (expert ids int64 [T, k], weights float32 [T, k]).
+    """The router of many rows in one launch: (expert ids int64 [T, k], weights float32 [T, k]).
 
     Replaces ``moe_route(x, gate_w32, logits=F.linear(x.float(), gate_w32))``: the float32 cast of ``x``, cuBLAS's
-    float32 GEMM (on an H200 two sm80 kernels, ~14 us at the Gundam page's 913 rows, CUDA cores at ~10 TFLOP/s)
-    and the top-k kernel.  Grid cdiv(T, block_m): a program computes its rows' float32 logits ``x.float() @
-    gate.float().T`` over [block_m, block_k] x [block_k, E] tiles (``x`` read in its own dtype and widened
-    exactly; ``gate`` [E, H] in any float dtype, widened exactly: pass the model's router weight, bf16 on the
-    fast path, or its float32 copy, the same values), then routes every row as :func:`moe_route` does (softmax
-    over E, greedy top-k, lowest index first on ties, optional renormalisation over the k picks (+1e-20, only
-    when k > 1), times ``scaling``).  The logits are float32 sums in another order than cuBLAS's, so the ids
-    equal ``route_tokens``' except where two scores tie to float32 rounding.  No counts: the prompt path counts
-    its picks in its sort (:func:`prompt_moe.align`).
+    float32 GEMM (on an H200 two sm80 kernels, ~14 us at the Gundam page's 913 rows) and the top-k kernel.  Grid
+    cdiv(T, block_m): a program computes its rows' float32 logits ``x.float() @ gate.float().T`` with ``tl.dot``
+    over [block_m, block_k] x [block_k, E] tiles into a float32 accumulator, then routes every row as
+    :func:`moe_route` does (softmax over E, greedy top-k, lowest index first on ties, optional renormalisation over
+    the k picks (+1e-20, only when k > 1), times ``scaling``).  ``x`` bf16 with ``gate`` bf16 (:func:`exact_bf16`
+    of a bf16 checkpoint's router: the same values as its float32 copy) runs on the tensor cores, every product
+    exact in float32; float32 operands (either of them) run in IEEE float32 (several times slower on a GPU).  The
+    logits are float32 sums in another order than cuBLAS's, so the ids equal ``route_tokens``' except where two
+    scores tie to float32 rounding.  ``counts`` (int64 [E]): one ``atomic_add`` per pick (the batched decode step's
+    routing counters; the prompt path counts its picks in its sort, :func:`prompt_moe.align`, and passes none).
     """
     _require("moe_route_rows", x.device)
     x = _contig(x, "x")
@@ -2021,11 +2037,14 @@ def moe_route_rows(
         raise ValueError(f"gate must be a float [E, {hidden}] router weight, got {gate.dtype} {tuple(gate.shape)}")
     if not 1 <= top_k <= n_experts:
         raise ValueError(f"top_k must be in 1..{n_experts}, got {top_k}")
+    if counts is not None and (counts.shape != (n_experts,) or counts.dtype != torch.int64):
+        raise ValueError(f"counts must be int64 [{n_experts}], got {counts.dtype} {tuple(counts.shape)}")
     auto = route_rows_block_sizes(n_tokens, x.device.type != "cuda")
     block_m, block_k = block_m or auto[0], block_k or auto[1]
-    dot = auto[2] if dot is None else dot
-    if dot and (block_m < 16 or block_k < 16):
-        raise ValueError(f"dot=True needs block_m and block_k >= 16 (tl.dot's smallest tile), got {block_m}, {block_k}")
+    if block_m < 16 or block_k < 16:
+        raise ValueError(f"block_m and block_k must be >= 16 (tl.dot's smallest tile), got {block_m}, {block_k}")
+    if x.dtype != gate.dtype:  # one operand dtype for tl.dot: float32 unless both are bf16
+        x, gate = (x, gate) if gate.dtype == torch.float32 else (x, gate.float())
     idx = torch.empty((n_tokens, top_k), device=x.device, dtype=torch.int64)
     weights = torch.empty((n_tokens, top_k), device=x.device, dtype=torch.float32)
     if n_tokens == 0:
@@ -2035,17 +2054,19 @@ def moe_route_rows(
         _contig(gate, "gate"),
         idx,
         weights,
+        idx if counts is None else counts,
         n_tokens,
         hidden,
         float(scaling),
         E=n_experts,
         TOP_K=top_k,
         RENORM=bool(renormalize) and top_k > 1,
+        HAS_COUNTS=counts is not None,
+        UPCAST=x.device.type != "cuda",
         BLOCK_M=block_m,
         BLOCK_E=max(16, _pow2(n_experts)),
         BLOCK_K=block_k,
         BLOCK_KSLOT=_pow2(top_k),
-        DOT=dot,
         num_warps=num_warps,
         **_pdl(),
     )
@@ -2228,13 +2249,22 @@ def moe_block_sizes(
 DOWN_FORMS = ("rows", "split")
 DOWN_FORM = "rows"
 # The split form's K loop software-pipelined over this many stages, as the up kernel's (``UP_STAGES``); 0: a plain
-# loop.  ``moe_experts(stages_down=...)`` overrides.  A guess, not yet measured.
+# loop.  ``moe_experts(stages_down=...)`` overrides.  H200 (round 17 sweep, both expert kernels at T=1): [16, 128]
+# tiles 21.90 us at 2 stages vs 22.43 plain, 22.20 / 22.08 at 3 / 4; [8, 256] 20.84 vs 21.32 plain.
 DOWN_SPLIT_STAGES = 2
 
 
-def _split_block_h(hidden: int, interpreter: bool) -> int:
-    """The split down form's default rows per program: 16 on a GPU, few large blocks for the interpreter."""
-    return min(256, _pow2(hidden)) if interpreter else 16
+# The split form's tiles at one token, (block_h, block_k): the H200 sweep's fastest (round 17, bench_kernels --sweep:
+# both expert kernels of a layer 21.90 -> 20.84 us against [16, 128]; at T=4 [8, 256] was slower, 52.1 vs 49.6 us)
+SPLIT_T1_BLOCKS = (8, 256)
+
+
+def _split_block_h(hidden: int, interpreter: bool, n_tokens: int | None = None) -> int:
+    """The split down form's default rows per program: 16 on a GPU (``SPLIT_T1_BLOCKS``' 8 at one token), few large
+    blocks for the interpreter."""
+    if interpreter:
+        return min(256, _pow2(hidden))
+    return SPLIT_T1_BLOCKS[0] if n_tokens == 1 else 16
 
 
 def moe_down_split_block_sizes(
@@ -2243,15 +2273,20 @@ def moe_down_split_block_sizes(
     interpreter: bool = False,
     block_h: int | None = None,
     block_k: int | None = None,
+    n_tokens: int | None = None,
 ) -> tuple[int, int]:
-    """(block_h, block_k) of :func:`moe_experts`' split down form (``down="split"``); given sizes are kept.
+    """(block_h, block_k) of :func:`moe_experts`' split down form (``down="split"``) for ``n_tokens`` rows (None:
+    more than one); given sizes are kept.
 
-    GPU (a guess until ``bench_kernels.py --sweep`` has timed it): 16 hidden rows per program, as the up kernel's
-    16 gate/up rows, then the wider of ``TILE_ELEMS // block_h`` and half of it that divides I, so the K loop has no
-    masked tail (else the wider one).  At T=1, 8 slots, H=1280, I=896: [16, 128] tiles, 7 K steps, on an 8x80 grid
-    (640 programs, as the rows form's 1x640).  The interpreter runs programs one after another: few, large tiles.
+    GPU: at one token ``SPLIT_T1_BLOCKS`` ([8, 256] tiles, the K loop's last step masked to I = 896: 4 steps, on an
+    8x160 grid); otherwise 16 hidden rows per program, as the up kernel's 16 gate/up rows, then the wider of
+    ``TILE_ELEMS // block_h`` and half of it that divides I, so the K loop has no masked tail (else the wider one):
+    at 8 slots, H=1280, I=896, [16, 128] tiles, 7 K steps, on an 8x80 grid.  The interpreter runs programs one after
+    another: few, large tiles.
     """
-    block_h = block_h or _split_block_h(hidden, interpreter)
+    if n_tokens == 1 and not interpreter and block_h is None and block_k is None:
+        return SPLIT_T1_BLOCKS
+    block_h = block_h or _split_block_h(hidden, interpreter, n_tokens)
     if block_k is None:
         wide = max(32, min(_pow2(inter), (INTERPRETER_TILE_ELEMS if interpreter else TILE_ELEMS) // block_h))
         narrow = max(32, wide // 2)
@@ -2261,8 +2296,8 @@ def moe_down_split_block_sizes(
 
 def down_counter_count(rows: int, hidden: int, device: torch.device | str, block_h: int | None = None) -> int:
     """How many counters :func:`moe_experts`' split down form needs: ``rows`` (tokens) x ``cdiv(hidden, block_h)``
-    (``block_h`` None: the form's default on ``device``)."""
-    block_h = block_h or _split_block_h(hidden, torch.device(device).type != "cuda")
+    (``block_h`` None: the form's default for ``rows`` on ``device``)."""
+    block_h = block_h or _split_block_h(hidden, torch.device(device).type != "cuda", rows)
     return rows * -(-hidden // block_h)
 
 
@@ -2408,7 +2443,7 @@ def moe_experts(
         block_h = auto[2]
         block_k_down = block_k_down or auto[3]
     else:
-        block_h, block_k_down = moe_down_split_block_sizes(hidden, inter, interpreter, block_h, block_k_down)
+        block_h, block_k_down = moe_down_split_block_sizes(hidden, inter, interpreter, block_h, block_k_down, n_tokens)
         need = down_counter_count(n_tokens, hidden, x.device, block_h)
         if counters is None:
             counters = torch.zeros(need, device=x.device, dtype=torch.int32)

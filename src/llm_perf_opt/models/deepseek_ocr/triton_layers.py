@@ -134,6 +134,10 @@ class TritonRMSNorm(RMSNorm):
             return kept[1]
         return rows.float()
 
+    def drop_f32(self) -> None:
+        """Let go of the float32 copy the last :meth:`add_norm` wrote, unread (its reader widens the rows itself)."""
+        self._f32 = None
+
     def pending_for(self, rows: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
         """A deferred norm's (delta, residual, summed buffer) of the last :meth:`add_norm`, whose returned rows
         ``rows`` must be: the attention normalises them itself (never any other rows, which would be read
@@ -282,6 +286,7 @@ class TritonMoE(MoE):
         if moe.stacked is None:
             raise ValueError("the Triton MoE needs stacked expert weights (grouped_moe)")
         self.gate_w32 = moe.gate_w32
+        self.gate_bf16 = K.exact_bf16(moe.gate_w32)  # the many-row router's operand (route_rows), when exact
         self.counts = moe.counts
         self.stacked: tuple[Tensor, Tensor] = moe.stacked
         self.all_stacks = moe.all_stacks
@@ -295,11 +300,18 @@ class TritonMoE(MoE):
             if not record:
                 raise RuntimeError("the fused norm + router always counts its picks: it needs record_routing")
             return norm.routing_of(flat)
+        counts = self.counts if record else None
+        if flat.shape[0] >= K.GROUPED_MIN_ROWS:  # the batched step's rows: ROWS_ROUTER's form
+            if ROWS_ROUTER == "kernel":
+                if norm is not None:
+                    norm.drop_f32()  # the norm's float32 copy is not read: the kernel widens the rows itself
+                return route_rows(flat, self, self.gate_bf16, counts)
+            return route_rows(flat, self, None, counts, self._f32(flat))
         return K.moe_route(
             flat,
             self.gate_w32,
             self.top_k,
-            counts=self.counts if record else None,
+            counts=counts,
             scaling=self.routed_scaling_factor,
             renormalize=self.norm_topk_prob,
             logits=F.linear(self._f32(flat), self.gate_w32),  # cuBLAS: the torch path's exact logits
@@ -460,24 +472,36 @@ class TritonPromptMLP(nn.Module):
         return swiglu_mlp(self.mlp, x)
 
 
-# How a prompt's MoE rows are routed on the "triton" experts path: "kernel" (:func:`kernels.moe_route_rows`: the
-# float32 logits and the top-k in one launch, the logits summed in another order than cuBLAS's) or "cublas" (the
-# float32 cast, cuBLAS's float32 GEMM, then :func:`kernels.moe_route`'s top-k: three launches, ~23 us per layer at
-# the Gundam page's 913 rows on an H200, round 15's profile).  ``bench_fast`` times both in one run.
-PROMPT_ROUTERS = ("kernel", "cublas")
-PROMPT_ROUTER = "kernel"
+# How blocks of many rows are routed: a prompt's MoE rows on the "triton" experts path and the batched decode step's
+# rows (from ``kernels.GROUPED_MIN_ROWS`` on).  "kernel": :func:`kernels.moe_route_rows`, the float32 logits and the
+# top-k in one launch (the logits summed in another order than cuBLAS's); "cublas": the float32 rows (a cast, or the
+# norm's float32 copy), cuBLAS's float32 GEMM, then :func:`kernels.moe_route`'s top-k (on an H200, ~23 us per layer
+# at the Gundam page's 913 rows, round 15's profile; ~8 us at 32 batched rows).  ``bench_fast`` times both.
+ROWS_ROUTERS = ("kernel", "cublas")
+ROWS_ROUTER = "kernel"
 
 
-def _route_prompt(flat: Tensor, m: GroupedMoE) -> tuple[Tensor, Tensor]:
-    """(expert ids, weights) of a prompt's rows by ``PROMPT_ROUTER``; ids equal the torch path's except where two
-    scores tie to float32 rounding (either way: the kernel's summation order, or the softmax's near-ties)."""
-    if PROMPT_ROUTER not in PROMPT_ROUTERS:
-        raise ValueError(f"PROMPT_ROUTER must be one of {PROMPT_ROUTERS}, got {PROMPT_ROUTER!r}")
-    scaling, renormalize = m.routed_scaling_factor, m.norm_topk_prob
-    if PROMPT_ROUTER == "kernel":
-        return K.moe_route_rows(flat, m.gate_w32, m.top_k, scaling=scaling, renormalize=renormalize)
-    logits = F.linear(flat.float(), m.gate_w32)  # cuBLAS: the torch path's exact logits
-    return K.moe_route(flat, m.gate_w32, m.top_k, scaling=scaling, renormalize=renormalize, logits=logits)
+def route_rows(
+    flat: Tensor,
+    moe: GroupedMoE | TritonMoE,
+    gate_bf16: Tensor | None,
+    counts: Tensor | None = None,
+    f32: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(expert ids, weights) of ``flat``'s rows by ``ROWS_ROUTER`` with ``moe``'s router (``gate_bf16``: its
+    :func:`kernels.exact_bf16`, the kernel's tensor-core operand, or None; ``counts``: the picks added on the device;
+    ``f32``: ``flat.float()`` when the caller already has it, for the cuBLAS form).  The ids equal the torch path's
+    except where two scores tie to float32 rounding (either form: the kernel's summation order, or the softmax's
+    near-ties)."""
+    if ROWS_ROUTER not in ROWS_ROUTERS:
+        raise ValueError(f"ROWS_ROUTER must be one of {ROWS_ROUTERS}, got {ROWS_ROUTER!r}")
+    gate, top_k = moe.gate_w32, moe.top_k
+    scaling, renormalize = moe.routed_scaling_factor, moe.norm_topk_prob
+    if ROWS_ROUTER == "kernel":
+        operand = gate_bf16 if gate_bf16 is not None and flat.dtype == gate_bf16.dtype else gate
+        return K.moe_route_rows(flat, operand, top_k, scaling=scaling, renormalize=renormalize, counts=counts)
+    logits = F.linear(flat.float() if f32 is None else f32, gate)  # cuBLAS: the torch path's exact logits
+    return K.moe_route(flat, gate, top_k, counts, scaling=scaling, renormalize=renormalize, logits=logits)
 
 
 class TritonPromptMoE(nn.Module):
@@ -485,7 +509,7 @@ class TritonPromptMoE(nn.Module):
     picks and shared-expert add are one kernel (:func:`kernels.moe_gather_combine`) after the grouped GEMMs;
     counters and ``last_topk_idx`` as the wrapped block's.  ``experts``: "torch" routes with torch and runs the
     routed experts through ``torch._grouped_mm`` (``experts.grouped_experts_stacked``); "triton" routes by
-    ``PROMPT_ROUTER`` (:func:`kernels.moe_route_rows` by default; ids equal the torch path's except at float32
+    ``ROWS_ROUTER`` (:func:`kernels.moe_route_rows` by default; ids equal the torch path's except at float32
     near-ties) and runs :mod:`prompt_moe`'s sort and grouped GEMMs (``infer.fast.prefill_experts``).
     Blocks it does not cover (no stacks or shared experts, another expert implementation, a router other than
     softmax) run the wrapped module."""
@@ -496,6 +520,8 @@ class TritonPromptMoE(nn.Module):
             raise ValueError(f"experts must be 'torch' or 'triton', got {experts!r}")
         self.moe = moe
         self.experts = experts
+        # the router's bf16 operand (route_rows), when exact: made here, not under a graph capture
+        self.gate_bf16 = K.exact_bf16(moe.gate_w32) if isinstance(moe, GroupedMoE) else None
 
     def forward(self, x: Tensor, ctx: ForwardContext | None = None) -> Tensor:
         m = self.moe
@@ -508,7 +534,7 @@ class TritonPromptMoE(nn.Module):
         flat = x.reshape(-1, shape[-1])
         if self.experts == "triton" and m.scoring_func == "softmax":
             record = m.counts is not None and (ctx is None or ctx.record_routing)
-            topk_idx, topk_weight = _route_prompt(flat, m)
+            topk_idx, topk_weight = route_rows(flat, m, self.gate_bf16)
             shared = swiglu_mlp(m.shared_experts, flat)
             w13, w2 = m.stacked
             al = PM.align(topk_idx, w2.shape[0], counts=m.counts if record else None)

@@ -137,11 +137,23 @@ def _count_masked_attention(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("copies", [1, 4])  # 3 rows (GEMV experts) and 12 rows (grouped-GEMM experts)
-def test_triton_batched_step_matches_torch_host_loop(copies: int, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("copies", "router"), [(1, "kernel"), (4, "kernel"), (4, "cublas")]
+)  # 3 rows (GEMV experts) and 12 rows (grouped-GEMM experts, routed by TL.ROWS_ROUTER's form)
+def test_triton_batched_step_matches_torch_host_loop(copies: int, router: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The batched static step with the Triton row layers (each row at its own position over the left-padded
-    cache: prompt lengths 29, 39, 59) gives the host loop's tokens with the torch layers (float32)."""
+    cache: prompt lengths 29, 39, 59) gives the host loop's tokens with the torch layers (float32); from 9 rows on
+    its MoE rows are routed by the one-launch router (``ROWS_ROUTER="kernel"``) or cuBLAS's logits + top-k."""
     masked = _count_masked_attention(monkeypatch)
+    monkeypatch.setattr(TL, "ROWS_ROUTER", router)
+    one_launch: list[int] = []
+    real_rows = kernels.moe_route_rows
+
+    def rows_spy(x: torch.Tensor, *args: object, **kw: object) -> tuple[torch.Tensor, torch.Tensor]:
+        one_launch.append(x.shape[0])
+        return real_rows(x, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kernels, "moe_route_rows", rows_spy)
     model = build_model(
         DeepseekOCRConfig.from_json(TINY / "config.json"), "cpu", torch.float32, TINY / "weights.safetensors"
     )
@@ -156,6 +168,10 @@ def test_triton_batched_step_matches_torch_host_loop(copies: int, monkeypatch: p
     assert res.tokens == ref.tokens
     n_layers = model.config.language.num_hidden_layers
     assert masked and set(masked) == {len(pages)} and len(masked) % n_layers == 0
+    steps = len(masked) // n_layers
+    n_moe = sum(1 for layer in model.model.layers if layer.mlp.__class__.__name__ != "MLP")
+    decode_rows = [n for n in one_launch if n == len(pages)]  # (the prompts' own routing has other row counts)
+    assert decode_rows == ([len(pages)] * (steps * n_moe) if copies == 4 and router == "kernel" else [])
 
 
 def test_triton_device_greedy_matches_torch_greedy() -> None:
@@ -567,10 +583,10 @@ def test_triton_prefill_runs_every_norm_rotary_and_moe_tail_in_the_kernels(monke
     expected = [model.prefill(first, ref_cache), model.prefill(more, ref_cache)]
     expected_counts = {i: list(layer.mlp.tokens_per_expert) for i, layer in enumerate(layers) if moe[i]}
     runs = [(False, "torch", "sdpa", "kernel"), (True, "torch", "sdpa", "kernel")]
-    runs += [(True, "triton", "triton", router) for router in TL.PROMPT_ROUTERS]
+    runs += [(True, "triton", "triton", router) for router in TL.ROWS_ROUTERS]
     for on, experts, attention, router in runs:
         calls.clear()
-        monkeypatch.setattr(TL, "PROMPT_ROUTER", router)
+        monkeypatch.setattr(TL, "ROWS_ROUTER", router)
         cfg = FastConfig(
             cuda_graphs=False,
             decode_kernels="triton",

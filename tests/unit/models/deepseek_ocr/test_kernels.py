@@ -667,8 +667,8 @@ def test_moe_route_ties_lowest_index_first_and_no_counts() -> None:
     ("n_tokens", "n_experts", "hidden", "top_k", "blocks"),
     [
         (37, 8, 256, 3, {}),  # the interpreter's blocks: one program of 64 rows, 27 of them masked
-        (37, 20, 96, 6, {"block_m": 16, "block_k": 32, "dot": True}),  # the GPU's form: 3 programs, last partial
-        (9, 64, 1280, 6, {"block_m": 8, "block_k": 16, "dot": False}),  # the real router's E and H
+        (37, 20, 96, 6, {"block_m": 16, "block_k": 32}),  # 3 programs, the last partial; K off the block
+        (9, 64, 1280, 6, {"block_m": 32, "block_k": 64}),  # the real router's E and H, the GPU's blocks
     ],
 )
 @pytest.mark.parametrize(("renormalize", "scaling"), [(False, 1.0), (True, 2.5)])
@@ -682,9 +682,9 @@ def test_moe_route_rows_matches_route_tokens(
     renormalize: bool,
     scaling: float,
 ) -> None:
-    """The prompt router (logits and top-k in one launch, every row block's rows routed at once) against torch's
-    float32 logits and ``route_tokens`` (the oracle): the same ids, the weights to float32 rounding, the gate read
-    in its own dtype and widened exactly (a bf16 gate routes as its float32 copy)."""
+    """The many-row router (logits and top-k in one launch, every row block's rows routed at once) against torch's
+    float32 logits and ``route_tokens`` (the oracle): the same ids, the weights to float32 rounding; a bf16 gate
+    (the tensor-core form) routes as its float32 copy, a float32 one in IEEE float32."""
     gen = torch.Generator().manual_seed(n_tokens * n_experts + hidden)
     x = torch.randn(n_tokens, hidden, generator=gen).to(torch.bfloat16)
     gate = (torch.randn(n_experts, hidden, generator=gen) * hidden**-0.5).to(gate_dtype)
@@ -698,13 +698,33 @@ def test_moe_route_rows_matches_route_tokens(
     torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-7)
 
 
+def test_moe_route_rows_counts_every_pick() -> None:
+    """``counts``: one added per pick (a batched decode step's routing counters), on top of what they held."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(21, 64, generator=gen).to(torch.bfloat16)
+    gate = torch.randn(8, 64, generator=gen).to(torch.bfloat16)
+    counts = torch.full((8,), 5, dtype=torch.int64)
+    idx, _ = K.moe_route_rows(x, gate, 3, counts=counts, block_m=16, block_k=32)
+    assert torch.equal(counts, 5 + torch.bincount(idx.reshape(-1), minlength=8))
+    assert int(counts.sum()) == 5 * 8 + 21 * 3
+
+
+def test_exact_bf16_only_where_nothing_is_lost() -> None:
+    """A bf16 checkpoint's router widened to float32 comes back as bf16 (the same values); a float32 one with
+    values between bf16's does not."""
+    widened = torch.randn(8, 32).to(torch.bfloat16).float()
+    low = K.exact_bf16(widened)
+    assert low is not None and low.dtype == torch.bfloat16 and torch.equal(low.float(), widened)
+    assert K.exact_bf16(widened + 2.0**-12) is None
+
+
 def test_moe_route_rows_ties_lowest_index_first_per_row() -> None:
     """Exact ties: the lowest expert id first in every row of a block (as the one-row router), rows independent."""
     x = torch.zeros(3, 64)
     x[0], x[1, :32], x[2] = 1.0, 1.0, -1.0
     gate = torch.zeros(8, 64)
     gate[5] = gate[2] = 0.1  # row 0: experts 2 and 5 tie first; row 2: they tie last
-    idx, weights = K.moe_route_rows(x, gate, 4, block_m=16, block_k=16, dot=False)
+    idx, weights = K.moe_route_rows(x, gate, 4, block_m=16, block_k=16)
     assert idx.tolist() == [[2, 5, 0, 1], [2, 5, 0, 1], [0, 1, 3, 4]]
     assert weights[0, 0] == weights[0, 1] and weights[0, 2] == weights[0, 3]
     one_row = torch.cat([K.moe_route(x[i : i + 1], gate, 4)[0] for i in range(3)])
@@ -719,8 +739,10 @@ def test_moe_route_rows_rejects_bad_arguments() -> None:
         K.moe_route_rows(x, torch.ones(8, 32, dtype=torch.int32), 2)
     with pytest.raises(ValueError, match=r"top_k must be in 1\.\.8"):
         K.moe_route_rows(x, torch.randn(8, 32), 9)
-    with pytest.raises(ValueError, match="dot=True needs block_m and block_k >= 16"):
-        K.moe_route_rows(x, torch.randn(8, 32), 2, block_m=8, dot=True)
+    with pytest.raises(ValueError, match="block_m and block_k must be >= 16"):
+        K.moe_route_rows(x, torch.randn(8, 32), 2, block_m=8)
+    with pytest.raises(ValueError, match="counts must be int64 \\[8\\]"):
+        K.moe_route_rows(x, torch.randn(8, 32), 2, counts=torch.zeros(8, dtype=torch.int32))
     idx, weights = K.moe_route_rows(x[:0], torch.randn(8, 32), 2)  # no rows: nothing launched
     assert idx.shape == weights.shape == (0, 2)
 
@@ -984,6 +1006,12 @@ def test_moe_down_split_block_sizes() -> None:
     assert K.moe_down_split_block_sizes(1280, 896, block_h=8) == (8, 512)  # neither 512 nor 256 divides 896
     assert K.moe_down_split_block_sizes(1280, 896, block_h=8, block_k=256) == (8, 256)
     assert K.moe_down_split_block_sizes(1280, 896, interpreter=True) == (256, 256)
+    # one token: the H200 sweep's [8, 256] (the K loop's last step masked), unless a size is given
+    assert K.moe_down_split_block_sizes(1280, 896, n_tokens=1) == (8, 256)
+    assert K.moe_down_split_block_sizes(1280, 896, n_tokens=4) == (16, 128)
+    assert K.moe_down_split_block_sizes(1280, 896, block_h=16, n_tokens=1) == (16, 128)
+    assert K.moe_down_split_block_sizes(1280, 896, interpreter=True, n_tokens=1) == (256, 256)
+    assert K.down_counter_count(1, 1280, "cuda") == 160 and K.down_counter_count(4, 1280, "cuda") == 320
     assert K.down_counters(4, 1280, "cpu", block_h=16).shape == (4 * 80,)
     assert K.down_counters(4, 1280, "cpu").shape == (4 * 5,)  # the interpreter's 256-row blocks
     assert K.DOWN_FORM == "rows"  # until the GPU has timed both forms
