@@ -314,7 +314,9 @@ def time_components(page: Page, m: Any) -> dict[str, float]:
 
 # bench_fast's variant groups (--parts): each times the switches of one part beside the default, in this order; the
 # kernel profiles (decode step, SAM, the serial vision) always run
-VARIANT_PARTS = ("vision", "by-grid", "tables", "decode", "prefill", "other")
+# ("settings": the kernel modules' launch settings this round changed, each timed as it was: the split down kernel's
+# one-token tiles in the decode step and the many-row router's form in the prefill)
+VARIANT_PARTS = ("vision", "by-grid", "tables", "decode", "prefill", "settings", "other")
 
 
 def main() -> None:
@@ -654,16 +656,6 @@ def main() -> None:
                         with module_setting(prompt_moe, "DOWN_GEMM", down):
                             fm = apply_fast_path(model, fast.fast_config)
                             var[f"prefill prompt_moe.DOWN_GEMM={down} ms"] = prefill_ms(fm, embeds)
-                    # the prompt router's other form (a triton_layers setting: one kernel, or cuBLAS logits + top-k)
-                    from llm_perf_opt.models.deepseek_ocr import triton_layers
-
-                    for router in sorted(set(triton_layers.ROWS_ROUTERS) - {triton_layers.ROWS_ROUTER}):
-                        try:
-                            with module_setting(triton_layers, "ROWS_ROUTER", router):
-                                fm = apply_fast_path(model, fast.fast_config)
-                                var[f"prefill triton_layers.ROWS_ROUTER={router} ms"] = prefill_ms(fm, embeds)
-                        except Exception as exc:  # must not lose the rest of the report
-                            var[f"prefill triton_layers.ROWS_ROUTER={router}"] = f"failed: {exc}"[:300]
                     # a real page's expert reads: the routing spread at random after the router runs (the dummy
                     # weights route the prompt to 28-46 of the 64 experts per layer, a real checkpoint to nearly all);
                     # then both, with the grouped GEMMs' weight tiles through the other load form (prompt_moe.W_TMA)
@@ -681,6 +673,32 @@ def main() -> None:
                                     var[f"prefill {SPREAD_LABEL}{tag} ms"] = prefill_ms(fm, embeds)
                         except Exception as exc:  # must not lose the rest of the report
                             var[f"prefill {SPREAD_LABEL}{tag}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
+        checkpoint("this round's kernel settings")
+        if "settings" in parts and fast.fast_config.decode_kernels == "triton":
+            from llm_perf_opt.models.deepseek_ocr import kernels as triton_kernels
+            from llm_perf_opt.models.deepseek_ocr import triton_layers
+
+            # the split down kernel's one-token tiles as before this round (the decode step's only change)
+            try:
+                with module_setting(triton_kernels, "SPLIT_T1_BLOCKS", (16, 128)):
+                    g_sw = greedy_device(apply_fast_path(model, fast.fast_config), embeds, steps)
+                key = "decode kernels.SPLIT_T1_BLOCKS=(16, 128)"
+                var[f"{key} (device greedy) ms/token"] = g_sw["ms_per_token"]
+                st, gt = g_sw["tokens"][: keep + 1], g["tokens"][: keep + 1]
+                var[f"{key}: device greedy tokens == the default's, {keep} steps"] = (
+                    f"{st == gt} (first divergence {first_divergence(gt, st)})"
+                )
+            except Exception as exc:  # must not lose the rest of the report
+                var["decode kernels.SPLIT_T1_BLOCKS=(16, 128)"] = f"failed: {type(exc).__name__}: {exc}"[:300]
+            # the many-row router's other form (one kernel, or the cast + cuBLAS float32 logits + the top-k kernel)
+            if fast.fast_config.triton_prefill and fast.fast_config.prefill_experts == "triton":
+                for router in sorted(set(triton_layers.ROWS_ROUTERS) - {triton_layers.ROWS_ROUTER}):
+                    try:
+                        with module_setting(triton_layers, "ROWS_ROUTER", router):
+                            fm = apply_fast_path(model, fast.fast_config)
+                            var[f"prefill triton_layers.ROWS_ROUTER={router} ms"] = prefill_ms(fm, embeds)
+                    except Exception as exc:  # must not lose the rest of the report
+                        var[f"prefill triton_layers.ROWS_ROUTER={router}"] = f"failed: {exc}"[:300]
         checkpoint("the torch decode kernels, the ungraphed decode and the vision SDPA policies")
         if "other" in parts:
             other_kernels = "torch" if fast.fast_config.decode_kernels == "triton" else "triton"
