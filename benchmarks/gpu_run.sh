@@ -16,6 +16,8 @@
 #           tower; SAMATTN_ARGS="--sweep --flex" adds the Triton launch sweep and FlexAttention)
 #   v1v2    benchmarks/bench_v1_v2.py (v1 Gundam vs DeepSeek-OCR-2 per stage, transformers' native class as the
 #           baseline column, native-vs-transformers logits on full-size dummy weights)
+#   fastv2  benchmarks/bench_fast_v2.py (DeepSeek-OCR-2's eager vs fast path in one process: vision, LM prefill,
+#           decode, its goals table; FASTV2_ARGS adds options, FASTV2_TIMEOUT bounds it)
 # Everything is written to $RES (default /tmp/gpu-results) and packed into $OUT/results.tgz (the
 # markdown reports are also copied to $OUT); $OUT defaults to ./gpu-out.  Wheels for hydra & co. in .whl/ (and transformers 4.46 for the
 # vendor column in .whl-hf/) are installed into /tmp/site and /tmp/hfsite first when present; a newer transformers
@@ -114,6 +116,9 @@ if has goals18; then
 fi
 if has samattn; then
   python3 benchmarks/bench_sam_attention.py --out "$OUT" ${SAMATTN_ARGS:-} 2>&1 | grep -v '^\[' | tail -40
+fi
+if has fastv2; then
+  timeout "${FASTV2_TIMEOUT:-0}" python3 benchmarks/bench_fast_v2.py --out "$OUT" ${FASTV2_ARGS:-} 2>&1 | tail -40
 fi
 if has v1v2; then
   TF_PATH=$PYTHONPATH; [ -d /tmp/tfsite ] && TF_PATH=/tmp/tfsite:$PYTHONPATH
