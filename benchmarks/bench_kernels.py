@@ -1336,7 +1336,7 @@ def main() -> None:
         raise SystemExit(f"--pos {args.pos} must be < --max-len {args.max_len}")
     import triton
 
-    from llm_perf_opt.profiling.bench_meta import benchmark_header, gpu_tag
+    from llm_perf_opt.profiling.bench_meta import benchmark_header
     from llm_perf_opt.profiling.peaks import match_peak
 
     env = {**benchmark_header(torch.device("cuda")), "triton": triton.__version__}
@@ -1375,6 +1375,8 @@ def main() -> None:
             rows.append(bench.experts_grouped(tokens))
         print(render(rows, env, args, [], peaks), flush=True)  # the op rows first, in case a later part fails
         split_lines = [] if args.only_grouped else bench.attention_split_rules()
+        # ...and written, marked partial, so a call cut short during the batched step keeps them (rewritten below)
+        write_results(args.out, env, rows, split_lines, [], [], render(rows, env, args, [], peaks, [], split_lines))
         bench._moe_layers.clear()  # ~5 GB of expert copies per row count: freed before the full model is built
         torch.cuda.empty_cache()
     step_rows: list[dict[str, Any]] = []
@@ -1393,21 +1395,41 @@ def main() -> None:
             sweep = run_sweep(bench, parts) if not args.only_grouped else [*head, *run_grouped_sweep(bench)]
     text = render(rows, env, args, sweep, peaks, step_lines, split_lines)
     print(text)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        gpu = gpu_tag(env["gpu"])
-        stem = f"{dt.date.today().isoformat()}-{gpu}-kernels"
-        (out / f"{stem}.md").write_text(text)
-        payload = {
-            "env": env,
-            "rows": [attrs.asdict(r) for r in rows],
-            "attention_split_rules": split_lines,
-            "batched_step": step_rows,
-            "sweep": sweep,
-        }
-        (out / f"{stem}.json").write_text(json.dumps(payload, indent=2))
-        print(f"wrote {out / stem}.md", file=sys.stderr)
+    write_results(args.out, env, rows, split_lines, step_rows, sweep, text, partial=False)
+
+
+def write_results(
+    out_dir: str | None,
+    env: dict[str, Any],
+    rows: list[Row],
+    split_lines: list[str],
+    step_rows: list[dict[str, Any]],
+    sweep: list[str],
+    text: str,
+    partial: bool = True,
+) -> None:
+    """``<date>-<gpu>-kernels.md`` and ``.json`` in ``out_dir`` (nothing when None); ``partial``: written before the
+    batched step and the sweep ran, and says so at its top."""
+    if not out_dir:
+        return
+    from llm_perf_opt.profiling.bench_meta import gpu_tag
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{dt.date.today().isoformat()}-{gpu_tag(env['gpu'])}-kernels"
+    if partial:
+        text = "**Partial: the op rows only; the batched step and the sweep had not run yet.**\n\n" + text
+    (out / f"{stem}.md").write_text(text)
+    payload = {
+        "env": env,
+        "partial": partial,
+        "rows": [attrs.asdict(r) for r in rows],
+        "attention_split_rules": split_lines,
+        "batched_step": step_rows,
+        "sweep": sweep,
+    }
+    (out / f"{stem}.json").write_text(json.dumps(payload, indent=2))
+    print(f"wrote {out / stem}.md{' (partial)' if partial else ''}", file=sys.stderr)
 
 
 if __name__ == "__main__":

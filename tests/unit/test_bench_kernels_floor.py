@@ -1,10 +1,14 @@
-"""``bench_kernels.step_floor_lines``: the batched step's bandwidth floor beside its fastest measured step.  Oracles:
-``flops.decode_bytes_per_step`` (the byte model, tested on its own) for the bytes, hand arithmetic for the floor and
-the ratio, and the reasons a floor is not computed."""
+"""``bench_kernels.step_floor_lines``: the batched step's bandwidth floor beside its fastest measured step, and
+``write_results`` (partial, then whole).  Oracles: ``flops.decode_bytes_per_step`` (the byte model, tested on its
+own) for the bytes, hand arithmetic for the floor and the ratio, the reasons a floor is not computed, and the files
+as written."""
 
 from __future__ import annotations
 
-from benchmarks.bench_kernels import CONFIG, step_floor_lines
+import json
+from pathlib import Path
+
+from benchmarks.bench_kernels import CONFIG, step_floor_lines, write_results
 
 from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig
 from llm_perf_opt.profiling.flops import decode_bytes_per_step
@@ -35,3 +39,19 @@ def test_no_floor_without_expert_reads_or_a_bandwidth() -> None:
     assert "no datasheet bandwidth for this GPU" in step_floor_lines(_rows(64, [61.0] * 11), None)[-1]
     failed = step_floor_lines([{"batch": 8, "error": "OOM"}], 4.0e12)[-1]
     assert failed.startswith("| 8 | not computed: no step measured")
+
+
+def test_results_written_partial_then_whole(tmp_path: Path) -> None:
+    """``write_results``: the op rows are written marked partial (a call cut short keeps them), the final write
+    replaces them unmarked; nothing is written without an output directory."""
+    env = {"gpu": "NVIDIA H200"}
+    write_results(None, env, [], [], [], [], "ignored")
+    assert not list(tmp_path.iterdir())
+    write_results(str(tmp_path), env, [], ["split"], [], [], "| op rows |")
+    (md,) = tmp_path.glob("*-kernels.md")
+    assert md.read_text().startswith("**Partial: the op rows only") and "| op rows |" in md.read_text()
+    assert json.loads(md.with_suffix(".json").read_text())["partial"] is True
+    write_results(str(tmp_path), env, [], ["split"], [{"batch": 32}], [], "| all |", partial=False)
+    assert md.read_text() == "| all |"
+    payload = json.loads(md.with_suffix(".json").read_text())
+    assert payload["partial"] is False and payload["batched_step"] == [{"batch": 32}]
