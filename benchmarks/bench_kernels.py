@@ -1137,19 +1137,24 @@ def _measure_step(fast: Any, model: Any, bsz: int, prompt_len: int, new_tokens: 
     n_prof = 3
     from llm_perf_opt.models.deepseek_ocr import kernels
 
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n_prof):
+            step.step()
+        torch.cuda.synchronize()
+    # the routed experts each MoE layer reads, from the same steps run again outside the profile (the count's own
+    # kernels are no part of a step)
     hits: list[int] = []  # distinct routed experts per grouped expert call (a MoE layer of one step)
     real_grouped = kernels.moe_experts_grouped
 
     def grouped_spy(x: torch.Tensor, idx: torch.Tensor, *rest: Any, **kw: Any) -> torch.Tensor:
-        hits.append(int(torch.unique(idx).numel()))  # a sync, outside the timed replays
+        hits.append(int(torch.unique(idx).numel()))
         return real_grouped(x, idx, *rest, **kw)
 
+    reload()
     kernels.moe_experts_grouped = grouped_spy
     try:
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(n_prof):
-                step.step()
-            torch.cuda.synchronize()
+        for _ in range(n_prof):
+            step.step()
     finally:
         kernels.moe_experts_grouped = real_grouped
     per_name: dict[str, list[float]] = {}
@@ -1231,13 +1236,17 @@ def batched_steps(
         " GPU ms/step (un-graphed) |",
         "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for variant in ("torch", "triton, torch attention", "triton", "triton, pdl"):
+    from llm_perf_opt.models.deepseek_ocr import triton_layers
+
+    for variant in ("torch", "triton, torch attention", "triton", "triton, pdl", "triton, pdl, kernel router"):
         kern = variant.split(",")[0]
+        # (the last: triton_layers.BATCHED_ROUTER="kernel", the one-launch router with per-expert counts)
+        router = "kernel" if variant.endswith("kernel router") else triton_layers.BATCHED_ROUTER
         fast = apply_fast_path(
             model,
             FastConfig(
                 decode_kernels=kern,
-                pdl=variant.endswith("pdl"),
+                pdl="pdl" in variant,
                 sam_compile=False,
                 clip_compile=False,
                 vision_graphs=False,
@@ -1248,7 +1257,9 @@ def batched_steps(
                 if isinstance(layer.self_attn, TritonRowAttention):
                     layer.self_attn = layer.self_attn.attn
         for bsz in batches:
+            saved_router = triton_layers.BATCHED_ROUTER
             try:
+                triton_layers.BATCHED_ROUTER = router
                 row = _measure_step(fast, model, bsz, prompt_len, new_tokens, reps)
             except Exception as exc:  # one failed point is reported with its error; the others still run
                 traceback.print_exc()
@@ -1256,6 +1267,8 @@ def batched_steps(
                 lines.append(f"| {bsz} | {variant} | failed: {row['error'][:200]} | | | | |")
                 results.append(row)
                 continue
+            finally:
+                triton_layers.BATCHED_ROUTER = saved_router
             if fast.decode_kernels != kern:
                 row["decode_kernels_note"] = f"asked for {kern}, ran {fast.decode_kernels}: {fast.decode_kernels_note}"
             row["decode_kernels"] = variant if fast.decode_kernels == kern else fast.decode_kernels

@@ -755,8 +755,9 @@ if HAVE_TRITON:
         omask = rmask[:, None] & smask[None, :]
         tl.store(idx_ptr + out, sel_idx.to(tl.int64), mask=omask)
         tl.store(wout_ptr + out, sel_w, mask=omask)
-        if HAS_COUNTS:
-            tl.atomic_add(counts_ptr + sel_idx, tl.full([BLOCK_M, BLOCK_KSLOT], 1, tl.int64), mask=omask)
+        if HAS_COUNTS:  # the block's picks per expert (marked -2 above), then one add per expert it picked
+            per_expert = tl.sum(((remaining == -2.0) & rmask[:, None]).to(tl.int64), axis=0)
+            tl.atomic_add(counts_ptr + e, per_expert, mask=emask & (per_expert > 0))
 
     @triton.jit
     def _slot_expert(idx_ptr, ts, N_EXPERTS, TOP_K: tl.constexpr, N_ALWAYS: tl.constexpr):
@@ -1987,12 +1988,13 @@ def moe_route(
 
 
 def route_rows_block_sizes(n_tokens: int, interpreter: bool = False) -> tuple[int, int]:
-    """(block_m, block_k) of :func:`moe_route_rows`: each program reads the whole router from L2, so fewer, larger row
-    blocks read it fewer times (a guess until ``bench_kernels.py`` has timed the variants); the interpreter's few
-    large blocks."""
+    """(block_m, block_k) of :func:`moe_route_rows`; the interpreter's few large blocks.  H200 (round 17,
+    bench_kernels, bf16 operands, graph-timed): at 913 rows [64, 128] 7.46 us, [16, 128] at 2 warps 7.53, [16, 64]
+    7.81, [64, 64] 9.13, [32, 64] 9.73, [32, 128] 9.99 (the cast + cuBLAS + top-k it replaces: 24.2); at 32 and 64
+    rows [32, 64] 8.7 us (vs 14.1 / 14.5).  Each program reads the whole router from L2: few, large row blocks."""
     if interpreter:
         return 64, 128
-    return 32, 64
+    return (64, 128) if n_tokens >= 256 else (32, 64)
 
 
 def exact_bf16(gate: Tensor) -> Tensor | None:

@@ -301,12 +301,10 @@ class TritonMoE(MoE):
                 raise RuntimeError("the fused norm + router always counts its picks: it needs record_routing")
             return norm.routing_of(flat)
         counts = self.counts if record else None
-        if flat.shape[0] >= K.GROUPED_MIN_ROWS:  # the batched step's rows: ROWS_ROUTER's form
-            if ROWS_ROUTER == "kernel":
-                if norm is not None:
-                    norm.drop_f32()  # the norm's float32 copy is not read: the kernel widens the rows itself
-                return route_rows(flat, self, self.gate_bf16, counts)
-            return route_rows(flat, self, None, counts, self._f32(flat))
+        if flat.shape[0] >= K.GROUPED_MIN_ROWS and BATCHED_ROUTER == "kernel":  # the batched step's rows
+            if norm is not None:
+                norm.drop_f32()  # the norm's float32 copy is not read: the kernel widens the rows itself
+            return route_rows(flat, self, self.gate_bf16, counts, form="kernel")
         return K.moe_route(
             flat,
             self.gate_w32,
@@ -472,13 +470,17 @@ class TritonPromptMLP(nn.Module):
         return swiglu_mlp(self.mlp, x)
 
 
-# How blocks of many rows are routed: a prompt's MoE rows on the "triton" experts path and the batched decode step's
-# rows (from ``kernels.GROUPED_MIN_ROWS`` on).  "kernel": :func:`kernels.moe_route_rows`, the float32 logits and the
-# top-k in one launch (the logits summed in another order than cuBLAS's); "cublas": the float32 rows (a cast, or the
-# norm's float32 copy), cuBLAS's float32 GEMM, then :func:`kernels.moe_route`'s top-k (on an H200, ~23 us per layer
-# at the Gundam page's 913 rows, round 15's profile; ~8 us at 32 batched rows).  ``bench_fast`` times both.
+# How a prompt's MoE rows are routed on the "triton" experts path (``ROWS_ROUTER``) and the batched decode step's
+# rows from ``kernels.GROUPED_MIN_ROWS`` on (``BATCHED_ROUTER``).  "kernel": :func:`kernels.moe_route_rows`, the
+# float32 logits and the top-k in one launch (the logits summed in another order than cuBLAS's); "cublas": the
+# float32 rows (a cast, or the norm's float32 copy), cuBLAS's float32 GEMM, then :func:`kernels.moe_route`'s top-k.
+# H200, round 17: the prompt (bench_fast, one run) LM prefill 3.59 -> 3.35 ms with "kernel" (the router alone,
+# graph-timed: 24.2 -> 9.7 us at 913 rows); the batched step at 32 rows (un-graphed profile) 8.5 us per layer for
+# cuBLAS + top-k against 11.8 for the kernel as it then counted (one atomic per pick): "cublas" stays the batched
+# default until the kernel's per-expert counts (one atomic per expert a block picked) are timed.
 ROWS_ROUTERS = ("kernel", "cublas")
 ROWS_ROUTER = "kernel"
+BATCHED_ROUTER = "cublas"
 
 
 def route_rows(
@@ -487,17 +489,19 @@ def route_rows(
     gate_bf16: Tensor | None,
     counts: Tensor | None = None,
     f32: Tensor | None = None,
+    form: str | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(expert ids, weights) of ``flat``'s rows by ``ROWS_ROUTER`` with ``moe``'s router (``gate_bf16``: its
-    :func:`kernels.exact_bf16`, the kernel's tensor-core operand, or None; ``counts``: the picks added on the device;
-    ``f32``: ``flat.float()`` when the caller already has it, for the cuBLAS form).  The ids equal the torch path's
-    except where two scores tie to float32 rounding (either form: the kernel's summation order, or the softmax's
-    near-ties)."""
-    if ROWS_ROUTER not in ROWS_ROUTERS:
-        raise ValueError(f"ROWS_ROUTER must be one of {ROWS_ROUTERS}, got {ROWS_ROUTER!r}")
+    """(expert ids, weights) of ``flat``'s rows in ``form`` (None: ``ROWS_ROUTER``) with ``moe``'s router
+    (``gate_bf16``: its :func:`kernels.exact_bf16`, the kernel's tensor-core operand, or None; ``counts``: the picks
+    added on the device; ``f32``: ``flat.float()`` when the caller already has it, for the cuBLAS form).  The ids
+    equal the torch path's except where two scores tie to float32 rounding (either form: the kernel's summation
+    order, or the softmax's near-ties)."""
+    form = ROWS_ROUTER if form is None else form
+    if form not in ROWS_ROUTERS:
+        raise ValueError(f"the router form must be one of {ROWS_ROUTERS}, got {form!r}")
     gate, top_k = moe.gate_w32, moe.top_k
     scaling, renormalize = moe.routed_scaling_factor, moe.norm_topk_prob
-    if ROWS_ROUTER == "kernel":
+    if form == "kernel":
         operand = gate_bf16 if gate_bf16 is not None and flat.dtype == gate_bf16.dtype else gate
         return K.moe_route_rows(flat, operand, top_k, scaling=scaling, renormalize=renormalize, counts=counts)
     logits = F.linear(flat.float() if f32 is None else f32, gate)  # cuBLAS: the torch path's exact logits

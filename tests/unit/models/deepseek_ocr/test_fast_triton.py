@@ -139,13 +139,13 @@ def _count_masked_attention(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 @pytest.mark.parametrize(
     ("copies", "router"), [(1, "kernel"), (4, "kernel"), (4, "cublas")]
-)  # 3 rows (GEMV experts) and 12 rows (grouped-GEMM experts, routed by TL.ROWS_ROUTER's form)
+)  # 3 rows (GEMV experts) and 12 rows (grouped-GEMM experts, routed by TL.BATCHED_ROUTER's form)
 def test_triton_batched_step_matches_torch_host_loop(copies: int, router: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The batched static step with the Triton row layers (each row at its own position over the left-padded
     cache: prompt lengths 29, 39, 59) gives the host loop's tokens with the torch layers (float32); from 9 rows on
-    its MoE rows are routed by the one-launch router (``ROWS_ROUTER="kernel"``) or cuBLAS's logits + top-k."""
+    its MoE rows are routed by the one-launch router (``BATCHED_ROUTER="kernel"``) or cuBLAS's logits + top-k."""
     masked = _count_masked_attention(monkeypatch)
-    monkeypatch.setattr(TL, "ROWS_ROUTER", router)
+    monkeypatch.setattr(TL, "BATCHED_ROUTER", router)
     one_launch: list[int] = []
     real_rows = kernels.moe_route_rows
 
