@@ -223,7 +223,9 @@ def test_moe_route(tokens: int, logits_in: bool) -> None:
 
 
 @pytest.mark.parametrize("gate_dtype", [torch.float32, BF16])
-@pytest.mark.parametrize("blocks", [{}, {"block_m": 16}, {"block_m": 32, "block_k": 64}, {"block_m": 64, "block_k": 32}])
+@pytest.mark.parametrize(
+    "blocks", [{}, {"block_m": 16}, {"block_m": 32, "block_k": 64}, {"block_m": 64, "block_k": 32}]
+)
 def test_moe_route_rows_at_the_prompts_rows(gate_dtype: torch.dtype, blocks: dict[str, Any]) -> None:
     """The many-row router compiled, at the Gundam page's 913 rows, against torch's float32 logits + ``route_tokens``
     (the oracle): the same ids wherever the oracle's top-7 logits are apart by more than float32 summation noise

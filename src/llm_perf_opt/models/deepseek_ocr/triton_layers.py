@@ -475,9 +475,9 @@ class TritonPromptMLP(nn.Module):
 # float32 logits and the top-k in one launch (the logits summed in another order than cuBLAS's); "cublas": the
 # float32 rows (a cast, or the norm's float32 copy), cuBLAS's float32 GEMM, then :func:`kernels.moe_route`'s top-k.
 # H200, round 17: the prompt (bench_fast, one run) LM prefill 3.59 -> 3.35 ms with "kernel" (the router alone,
-# graph-timed: 24.2 -> 9.7 us at 913 rows); the batched step at 32 rows (un-graphed profile) 8.5 us per layer for
-# cuBLAS + top-k against 11.8 for the kernel as it then counted (one atomic per pick): "cublas" stays the batched
-# default until the kernel's per-expert counts (one atomic per expert a block picked) are timed.
+# graph-timed: 24.2 -> 9.7 us at 913 rows); the batched step (bench_kernels, graph replays) 2.253 -> 2.260 ms at 32
+# rows and 2.648 -> 2.700 at 64 with "kernel", though the kernel alone is 8.7 us there against 14.1: "cublas" stays
+# the batched default.
 ROWS_ROUTERS = ("kernel", "cublas")
 ROWS_ROUTER = "kernel"
 BATCHED_ROUTER = "cublas"
@@ -488,14 +488,12 @@ def route_rows(
     moe: GroupedMoE | TritonMoE,
     gate_bf16: Tensor | None,
     counts: Tensor | None = None,
-    f32: Tensor | None = None,
     form: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(expert ids, weights) of ``flat``'s rows in ``form`` (None: ``ROWS_ROUTER``) with ``moe``'s router
     (``gate_bf16``: its :func:`kernels.exact_bf16`, the kernel's tensor-core operand, or None; ``counts``: the picks
-    added on the device; ``f32``: ``flat.float()`` when the caller already has it, for the cuBLAS form).  The ids
-    equal the torch path's except where two scores tie to float32 rounding (either form: the kernel's summation
-    order, or the softmax's near-ties)."""
+    added on the device).  The ids equal the torch path's except where two scores tie to float32 rounding (either
+    form: the kernel's summation order, or the softmax's near-ties)."""
     form = ROWS_ROUTER if form is None else form
     if form not in ROWS_ROUTERS:
         raise ValueError(f"the router form must be one of {ROWS_ROUTERS}, got {form!r}")
@@ -504,7 +502,7 @@ def route_rows(
     if form == "kernel":
         operand = gate_bf16 if gate_bf16 is not None and flat.dtype == gate_bf16.dtype else gate
         return K.moe_route_rows(flat, operand, top_k, scaling=scaling, renormalize=renormalize, counts=counts)
-    logits = F.linear(flat.float() if f32 is None else f32, gate)  # cuBLAS: the torch path's exact logits
+    logits = F.linear(flat.float(), gate)  # cuBLAS: the torch path's exact logits
     return K.moe_route(flat, gate, top_k, counts, scaling=scaling, renormalize=renormalize, logits=logits)
 
 
