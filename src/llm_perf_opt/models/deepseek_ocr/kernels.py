@@ -1987,14 +1987,16 @@ def moe_route(
     return idx, weights
 
 
-def route_rows_block_sizes(n_tokens: int, interpreter: bool = False) -> tuple[int, int]:
-    """(block_m, block_k) of :func:`moe_route_rows`; the interpreter's few large blocks.  H200 (round 17,
-    bench_kernels, bf16 operands, graph-timed): at 913 rows [64, 128] 7.46 us, [16, 128] at 2 warps 7.53, [16, 64]
-    7.81, [64, 64] 9.13, [32, 64] 9.73, [32, 128] 9.99 (the cast + cuBLAS + top-k it replaces: 24.2); at 32 and 64
-    rows [32, 64] 8.7 us (vs 14.1 / 14.5).  Each program reads the whole router from L2: few, large row blocks."""
+def route_rows_block_sizes(n_tokens: int, interpreter: bool = False, bf16: bool = True) -> tuple[int, int]:
+    """(block_m, block_k) of :func:`moe_route_rows` (``bf16``: the tensor-core operands, else float32); the
+    interpreter's few large blocks.  H200 (round 17, bench_kernels, bf16 operands, graph-timed): at 913 rows
+    [64, 128] 7.46 us, [16, 128] at 2 warps 7.53, [16, 64] 7.81, [64, 64] 9.13, [32, 64] 9.73, [32, 128] 9.99 (the
+    cast + cuBLAS + top-k it replaces: 24.2); at 32 and 64 rows [32, 64] 8.7 us (vs 14.1 / 14.5).  Each program
+    reads the whole router from L2: few, large row blocks.  Float32 operands keep [32, 64], the form the GPU tests
+    ran (98 us at 913 rows: a fallback for float32 models, not a fast path)."""
     if interpreter:
         return 64, 128
-    return (64, 128) if n_tokens >= 256 else (32, 64)
+    return (64, 128) if bf16 and n_tokens >= 256 else (32, 64)
 
 
 def exact_bf16(gate: Tensor) -> Tensor | None:
@@ -2041,12 +2043,13 @@ def moe_route_rows(
         raise ValueError(f"top_k must be in 1..{n_experts}, got {top_k}")
     if counts is not None and (counts.shape != (n_experts,) or counts.dtype != torch.int64):
         raise ValueError(f"counts must be int64 [{n_experts}], got {counts.dtype} {tuple(counts.shape)}")
-    auto = route_rows_block_sizes(n_tokens, x.device.type != "cuda")
+    if x.dtype != gate.dtype:  # one operand dtype for tl.dot: float32 unless both are bf16
+        x, gate = (x, gate) if gate.dtype == torch.float32 else (x, gate.float())
+    bf16 = x.dtype == gate.dtype == torch.bfloat16
+    auto = route_rows_block_sizes(n_tokens, x.device.type != "cuda", bf16)
     block_m, block_k = block_m or auto[0], block_k or auto[1]
     if block_m < 16 or block_k < 16:
         raise ValueError(f"block_m and block_k must be >= 16 (tl.dot's smallest tile), got {block_m}, {block_k}")
-    if x.dtype != gate.dtype:  # one operand dtype for tl.dot: float32 unless both are bf16
-        x, gate = (x, gate) if gate.dtype == torch.float32 else (x, gate.float())
     idx = torch.empty((n_tokens, top_k), device=x.device, dtype=torch.int64)
     weights = torch.empty((n_tokens, top_k), device=x.device, dtype=torch.float32)
     if n_tokens == 0:

@@ -709,6 +709,15 @@ def test_moe_route_rows_counts_every_pick() -> None:
     assert int(counts.sum()) == 5 * 8 + 21 * 3
 
 
+def test_route_rows_block_sizes() -> None:
+    """GPU: [64, 128] row blocks for a prompt's rows on bf16 operands, [32, 64] for fewer rows and for float32
+    operands (the H200 sweep's figures are in the docstring); the interpreter's one large block."""
+    assert K.route_rows_block_sizes(913) == (64, 128)
+    assert K.route_rows_block_sizes(32) == (32, 64) and K.route_rows_block_sizes(255) == (32, 64)
+    assert K.route_rows_block_sizes(913, bf16=False) == (32, 64)
+    assert K.route_rows_block_sizes(913, interpreter=True) == (64, 128)
+
+
 def test_exact_bf16_only_where_nothing_is_lost() -> None:
     """A bf16 checkpoint's router widened to float32 comes back as bf16 (the same values); a float32 one with
     values between bf16's does not."""
