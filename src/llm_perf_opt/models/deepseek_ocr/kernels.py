@@ -16,6 +16,10 @@ op                      kernels  replaces
 :func:`moe_experts`     2        sort/grouped-GEMM experts, SiLU gate, weighted sum, shared experts, residual
 ======================  =======  ==========================================================================
 
+Beyond the decode step: :func:`moe_route_rows` routes many rows at once (a prompt's MoE layers: float32 logits
+with ``tl.dot`` on the tensor cores, bf16 operands whose products are exact in float32, then every row's top-k),
+:func:`moe_experts_grouped` runs the batched step's experts from 9 rows on.
+
 Every op has a pure-torch ``<name>_ref`` with the same signature and the same rounding points as the
 torch path it replaces; the tests hold the kernels to it.  All ops are CUDA-graph capturable: positions
 are read on the device, scratch sizes depend only on host ints, nothing syncs with the host.
@@ -32,7 +36,7 @@ Design notes (target: H100/H200 with Triton >= 3.2; only masked loads/stores, re
 * decode is memory-bound (M <= 8 rows), so every matrix-vector product is a broadcast multiply +
   ``tl.sum`` over [rows, BLOCK_K] tiles loaded contiguously along the reduction dim (16-byte loads once
   the launcher has specialised the pointers and H / I as multiples of 16); no ``tl.dot``, whose M >= 16
-  tiles would mostly multiply padding;
+  tiles would mostly multiply padding (the many-row kernels use it);
 * block sizes are picked on the host (:func:`moe_block_sizes`, :func:`attention_splits`) so that a grid
   has >= ~2 programs per SM at T = 1 with ~4096-element tiles (no register spills on sm_90), and no attention
   program streams more than :data:`KEYS_PER_SPLIT` keys (the continuous step's long rows); keyword
