@@ -587,6 +587,20 @@ def main() -> None:
                 except Exception as exc:  # must not lose the rest of the report
                     var[f"vision {key}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
         checkpoint("the decode variants")
+
+        def time_variant(key: str, cfg: FastConfig) -> None:
+            """Device-greedy ms/token of ``cfg`` (the switches and module settings in force act in that loop) and its
+            tokens vs the default's."""
+            try:
+                g_sw = greedy_device(apply_fast_path(model, cfg), embeds, steps)
+                st, gt = g_sw["tokens"][: keep + 1], g["tokens"][: keep + 1]
+                var[f"decode {key} (device greedy) ms/token"] = g_sw["ms_per_token"]
+                var[f"decode {key}: device greedy tokens == the default's, {keep} steps"] = (
+                    f"{st == gt} (first divergence {first_divergence(gt, st)})"
+                )
+            except Exception as exc:  # a kernel compile failure must not lose the rest of the report
+                var[f"decode {key}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
+
         decode_configs = {
             "attn=sdpa": FastConfig(decode_attention="sdpa"),
             "experts=gather_bmm": FastConfig(expert_impl="gather_bmm"),
@@ -611,18 +625,6 @@ def main() -> None:
                     "moe_down_split",
                 )
             }
-
-            def time_variant(key: str, cfg: FastConfig) -> None:
-                """Device-greedy ms/token of ``cfg`` (the switches act in that loop) and its tokens vs the default's."""
-                try:
-                    g_sw = greedy_device(apply_fast_path(model, cfg), embeds, steps)
-                    st, gt = g_sw["tokens"][: keep + 1], g["tokens"][: keep + 1]
-                    var[f"decode {key} (device greedy) ms/token"] = g_sw["ms_per_token"]
-                    var[f"decode {key}: device greedy tokens == the default's, {keep} steps"] = (
-                        f"{st == gt} (first divergence {first_divergence(gt, st)})"
-                    )
-                except Exception as exc:  # a kernel compile failure must not lose the rest of the report
-                    var[f"decode {key}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
 
             for key, change in switches.items():
                 time_variant(key, attrs.evolve(d, **change))
@@ -679,17 +681,8 @@ def main() -> None:
             from llm_perf_opt.models.deepseek_ocr import triton_layers
 
             # the split down kernel's one-token tiles as before this round (the decode step's only change)
-            try:
-                with module_setting(triton_kernels, "SPLIT_T1_BLOCKS", (16, 128)):
-                    g_sw = greedy_device(apply_fast_path(model, fast.fast_config), embeds, steps)
-                key = "decode kernels.SPLIT_T1_BLOCKS=(16, 128)"
-                var[f"{key} (device greedy) ms/token"] = g_sw["ms_per_token"]
-                st, gt = g_sw["tokens"][: keep + 1], g["tokens"][: keep + 1]
-                var[f"{key}: device greedy tokens == the default's, {keep} steps"] = (
-                    f"{st == gt} (first divergence {first_divergence(gt, st)})"
-                )
-            except Exception as exc:  # must not lose the rest of the report
-                var["decode kernels.SPLIT_T1_BLOCKS=(16, 128)"] = f"failed: {type(exc).__name__}: {exc}"[:300]
+            with module_setting(triton_kernels, "SPLIT_T1_BLOCKS", (16, 128)):
+                time_variant("kernels.SPLIT_T1_BLOCKS=(16, 128)", fast.fast_config)
             # the many-row router's other form (one kernel, or the cast + cuBLAS float32 logits + the top-k kernel)
             if fast.fast_config.triton_prefill and fast.fast_config.prefill_experts == "triton":
                 for router in sorted(set(triton_layers.ROWS_ROUTERS) - {triton_layers.ROWS_ROUTER}):

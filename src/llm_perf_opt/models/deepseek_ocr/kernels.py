@@ -1923,11 +1923,16 @@ def moe_route_ref(
     return idx, weights
 
 
-def _check_router_args(hidden: int, gate_w32: Tensor, top_k: int, counts: Tensor | None) -> int:
-    """The router kernels' argument checks; returns the number of experts."""
+def _check_router_args(
+    hidden: int, gate_w32: Tensor, top_k: int, counts: Tensor | None, any_float: bool = False
+) -> int:
+    """The router kernels' argument checks (``any_float``: the router weight in any float dtype, as
+    :func:`moe_route_rows` takes it, else float32); returns the number of experts."""
     n_experts = gate_w32.shape[0]
-    if gate_w32.shape != (n_experts, hidden) or gate_w32.dtype != torch.float32:
-        raise ValueError(f"gate_w32 must be float32 [E, {hidden}], got {gate_w32.dtype} {tuple(gate_w32.shape)}")
+    name, wanted = ("gate", "a float") if any_float else ("gate_w32", "float32")
+    fits = gate_w32.is_floating_point() if any_float else gate_w32.dtype == torch.float32
+    if gate_w32.shape != (n_experts, hidden) or not fits:
+        raise ValueError(f"{name} must be {wanted} [E, {hidden}], got {gate_w32.dtype} {tuple(gate_w32.shape)}")
     if not 1 <= top_k <= n_experts:
         raise ValueError(f"top_k must be in 1..{n_experts}, got {top_k}")
     if counts is not None and (counts.shape != (n_experts,) or counts.dtype != torch.int64):
@@ -2034,19 +2039,14 @@ def moe_route_rows(
     of a bf16 checkpoint's router: the same values as its float32 copy) runs on the tensor cores, every product
     exact in float32; float32 operands (either of them) run in IEEE float32 (several times slower on a GPU).  The
     logits are float32 sums in another order than cuBLAS's, so the ids equal ``route_tokens``' except where two
-    scores tie to float32 rounding.  ``counts`` (int64 [E]): one ``atomic_add`` per pick (the batched decode step's
-    routing counters; the prompt path counts its picks in its sort, :func:`prompt_moe.align`, and passes none).
+    scores tie to float32 rounding.  ``counts`` (int64 [E]): each program adds its rows' picks per expert, one
+    ``atomic_add`` per expert it picked (the batched decode step's routing counters; the prompt path counts its picks
+    in its sort, :func:`prompt_moe.align`, and passes none).
     """
     _require("moe_route_rows", x.device)
     x = _contig(x, "x")
     n_tokens, hidden = x.shape
-    n_experts = gate.shape[0]
-    if gate.shape != (n_experts, hidden) or not gate.is_floating_point():
-        raise ValueError(f"gate must be a float [E, {hidden}] router weight, got {gate.dtype} {tuple(gate.shape)}")
-    if not 1 <= top_k <= n_experts:
-        raise ValueError(f"top_k must be in 1..{n_experts}, got {top_k}")
-    if counts is not None and (counts.shape != (n_experts,) or counts.dtype != torch.int64):
-        raise ValueError(f"counts must be int64 [{n_experts}], got {counts.dtype} {tuple(counts.shape)}")
+    n_experts = _check_router_args(hidden, gate, top_k, counts, any_float=True)
     if x.dtype != gate.dtype:  # one operand dtype for tl.dot: float32 unless both are bf16
         x, gate = (x, gate) if gate.dtype == torch.float32 else (x, gate.float())
     bf16 = x.dtype == gate.dtype == torch.bfloat16
