@@ -314,6 +314,41 @@ def test_moe_experts_split_down(moe: dict[str, Any], tokens: int) -> None:
     assert int(counters.abs().sum()) == 0
 
 
+@pytest.mark.parametrize("prefetch", ["down", "down+shared"])
+@pytest.mark.parametrize("evict_first", [False, True])
+def test_moe_experts_l2_prefetch_changes_no_value(
+    moe: dict[str, Any], prefetch: str, evict_first: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The up kernel's L2 prefetches (``prefetch=``, and the gate / up loads' eviction hint) are hints: at one token,
+    split down form, as dependent launches in a CUDA graph replayed after a new routing, the output is the same bits
+    as without them, and within bf16 rounding of the reference; the counters end at zero."""
+    monkeypatch.setattr(K, "UP_EVICT_FIRST", evict_first)
+    x, res = _randn(1, HIDDEN, seed=81), _randn(1, HIDDEN, seed=82)
+    idx, weights = route_tokens(F.linear(x.float(), moe["gate"]), TOP_K)
+    args = (x, idx, weights, moe["all13"], moe["all2"], SHARED_SLOTS, res)
+    plain = K.moe_experts(*args, down="split", prefetch="off")
+    _assert_bf16_close(plain, K.moe_experts_ref(*args))
+    assert torch.equal(K.moe_experts(*args, down="split", prefetch=prefetch), plain)
+    counters = K.down_counters(1, HIDDEN, DEV)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), K.dependent_launches():  # compiled outside the capture
+        K.moe_experts(*args, down="split", counters=counters, prefetch=prefetch)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), K.dependent_launches():
+        static = K.moe_experts(*args, down="split", counters=counters, prefetch=prefetch)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static, plain)
+    # another routing in the same buffers (other experts' down matrices asked for): the plain launch's bits again
+    idx.copy_((idx + 7) % EXPERTS)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static, K.moe_experts(*args, down="split", prefetch="off"))
+    assert int(counters.abs().sum()) == 0
+
+
 @pytest.mark.parametrize("tokens", [9, 16, 32, 64])
 def test_moe_experts_grouped(moe: dict[str, Any], tokens: int) -> None:
     """The grouped-GEMM kernels at the batched-decode row counts against the eager loop, the torch path
@@ -460,4 +495,42 @@ def test_one_launch_attention_under_replays_equals_two_launches() -> None:
         torch.cuda.synchronize()
         want = K.decode_attention(q, k, v, torch.tensor([999 - i], device="cuda"), 128**-0.5)
         assert torch.equal(out, want), i
+    assert int(counters.abs().sum()) == 0
+
+
+def test_attention_kv_prefetch_after_the_cache_write_changes_no_value() -> None:
+    """The decode attention asking L2 for its K / V rows before its dependent-launch wait (``prefetch=True``), right
+    after the kernel that writes row ``pos`` (the rotary + KV write, also a dependent launch), in one graph replayed
+    with the position and the fed row moving on the device: every replay's output and cache equal the same two
+    kernels launched plainly without the prefetch, bit for bit, and the counters end at zero."""
+    cos, sin = RotaryEmbedding(HEAD_DIM, 10000.0, MAX_LEN)(0, MAX_LEN, DEV, BF16)
+    qkv = _randn(1, 3 * HEADS * HEAD_DIM, seed=91)
+    k, v = _randn(1, HEADS, MAX_LEN, HEAD_DIM, seed=92), _randn(1, HEADS, MAX_LEN, HEAD_DIM, seed=93)
+    k_ref, v_ref = k.clone(), v.clone()
+    pos = torch.tensor([900], device=DEV)
+    counters = K.attention_counters(HEADS, DEV)
+
+    def layer(kc: torch.Tensor, vc: torch.Tensor, at: torch.Tensor, prefetch: bool) -> torch.Tensor:
+        q = K.rope_kv_write(qkv, cos, sin, at, kc, vc, HEADS, HEADS, HEAD_DIM)
+        return K.decode_attention(q, kc, vc, at, HEAD_DIM**-0.5, counters=counters, prefetch=prefetch)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), K.dependent_launches():  # compiled outside the capture
+        layer(k.clone(), v.clone(), pos, True)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), K.dependent_launches():
+        out = layer(k, v, pos, True)
+        pos.add_(1)
+        qkv.mul_(-1)  # the next replay feeds another row
+    for i in range(40):
+        at = torch.tensor([900 + i], device=DEV)
+        graph.replay()
+        torch.cuda.synchronize()
+        qkv.mul_(-1)  # back to the row the replay fed (the graph flipped it after using it)...
+        want = layer(k_ref, v_ref, at, False)
+        qkv.mul_(-1)  # ...and on to the next replay's
+        assert torch.equal(out, want), i
+        assert torch.equal(k, k_ref) and torch.equal(v, v_ref), i
     assert int(counters.abs().sum()) == 0

@@ -251,6 +251,32 @@ if HAVE_TRITON:
         tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
+    def _prefetch_l2(ptr, n_elems, LANES: tl.constexpr):
+        """Ask L2 for ``n_elems`` elements from ``ptr`` (``prefetch.global.L2``, one 128-byte line per lane and
+        round; ``LANES`` = the program's threads, so each thread issues one): nothing is loaded into registers or
+        waited for, and no value changes.  Compiled code only: the interpreter has no inline assembly."""
+        per_line: tl.constexpr = 128 // (ptr.dtype.element_ty.primitive_bitwidth // 8)
+        for l0 in range(0, tl.cdiv(n_elems, per_line), LANES):
+            first = (l0 + tl.arange(0, LANES)) * per_line
+            wanted = (first < n_elems).to(tl.int32)
+            tl.inline_asm_elementwise(
+                "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+                "=r,l,r",
+                [ptr + first, wanted],
+                dtype=tl.int32,
+                is_pure=False,
+                pack=1,
+            )
+
+    @triton.jit
+    def _prefetch_share(ptr, n_elems, part, parts, LANES: tl.constexpr):
+        """:func:`_prefetch_l2` of share ``part`` of ``parts`` (whole 128-byte lines) of ``n_elems`` elements."""
+        per_line: tl.constexpr = 128 // (ptr.dtype.element_ty.primitive_bitwidth // 8)
+        share = tl.cdiv(tl.cdiv(n_elems, parts), per_line) * per_line
+        lo = part * share
+        _prefetch_l2(ptr + lo, tl.minimum(share, n_elems - lo), LANES)
+
+    @triton.jit
     def _round(x, dt: tl.constexpr):
         """float32 ``x`` rounded to ``dt`` (round to nearest, ties to even), returned as float32.
 
@@ -444,23 +470,30 @@ if HAVE_TRITON:
         BLOCK_S: tl.constexpr = 1,
         FUSED_COMBINE: tl.constexpr = False,
         USE_GDC: tl.constexpr = False,
+        PF_KV: tl.constexpr = False,
+        PF_LANES: tl.constexpr = 128,
     ):
-        if USE_GDC:
-            _dependent_launch()
+        """``PF_KV`` (GPU only: :func:`_prefetch_l2`): before the dependent-launch wait, ask L2 for the K and V rows
+        this program will read, by the position as it reads then.  Only a hint: the keys are loaded after the wait
+        by the position read again, so a position the kernel before were still writing would cost a miss, not a
+        value (the cache rows before it were written by earlier steps; row ``pos`` itself is written by the kernel
+        before, and a prefetch only moves lines into L2, where that write lands)."""
         bh = tl.program_id(0)
         split = tl.program_id(1)
         b = bh // HQ
         kvh = (bh % HQ) // (HQ // HK)
-        # keys 0..pos (one pos for every row, or row b's own), never past the mask's width
-        n_keys = tl.minimum(tl.load(pos_ptr + b * POS_STRIDE).to(tl.int32) + 1, key_limit)  # 32-bit division below
-        # keys 0..pos are shared evenly among the splits (BLOCK_N-aligned); late splits may get none
-        chunk = ((n_keys + N_SPLITS - 1) // N_SPLITS + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-        lo = split * chunk
-        hi = tl.minimum(lo + chunk, n_keys)
+        kv_base = (b * HK + kvh) * max_len * D
+        if PF_KV:
+            pf_lo, pf_hi = _split_keys(pos_ptr, b, POS_STRIDE, key_limit, N_SPLITS, BLOCK_N, split)
+            pf_n = tl.maximum(pf_hi - pf_lo, 0) * D
+            _prefetch_l2(k_ptr + kv_base + pf_lo * D, pf_n, PF_LANES)
+            _prefetch_l2(v_ptr + kv_base + pf_lo * D, pf_n, PF_LANES)
+        if USE_GDC:
+            _dependent_launch()
+        lo, hi = _split_keys(pos_ptr, b, POS_STRIDE, key_limit, N_SPLITS, BLOCK_N, split)
         d = tl.arange(0, BLOCK_D)
         dmask = d < D
         q = tl.load(q_ptr + bh * D + d, mask=dmask, other=0.0).to(tl.float32) * qk_scale  # scale * log2(e)
-        kv_base = (b * HK + kvh) * max_len * D
         m_i = float("-inf")
         l_i = 0.0
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -499,6 +532,15 @@ if HAVE_TRITON:
             if done == N_SPLITS - 1:
                 _attn_combine_row(m_ptr, l_ptr, acc_ptr, out_ptr, bh, D, N_SPLITS, BLOCK_S, BLOCK_D)
                 tl.atomic_xchg(count_ptr + bh, 0, sem="relaxed", scope="gpu")
+
+    @triton.jit
+    def _split_keys(pos_ptr, b, POS_STRIDE: tl.constexpr, key_limit, N_SPLITS, BLOCK_N: tl.constexpr, split):
+        """Keys [lo, hi) of ``split``: keys 0..pos (one pos for every row, or row b's own), never past the mask's
+        width, shared evenly among the splits in BLOCK_N-aligned chunks; late splits may get none."""
+        n_keys = tl.minimum(tl.load(pos_ptr + b * POS_STRIDE).to(tl.int32) + 1, key_limit)  # 32-bit division below
+        chunk = ((n_keys + N_SPLITS - 1) // N_SPLITS + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+        lo = split * chunk
+        return lo, tl.minimum(lo + chunk, n_keys)
 
     @triton.jit
     def _attn_combine_kernel(
@@ -789,12 +831,39 @@ if HAVE_TRITON:
         EVEN_K: tl.constexpr,
         USE_GDC: tl.constexpr = False,
         STAGES: tl.constexpr = 0,
+        w2_ptr=None,
+        PF_DOWN: tl.constexpr = False,
+        PF_SHARED: tl.constexpr = False,
+        PF_LANES: tl.constexpr = 128,
+        EVICT: tl.constexpr = "",
     ):
-        if USE_GDC:
-            _dependent_launch()
+        """``PF_DOWN`` / ``PF_SHARED`` (GPU only: :func:`_prefetch_l2`, never under the interpreter): L2 prefetches
+        that change no value.  ``PF_DOWN``: each program asks for its share (1 / ``num_programs(1)``) of its slot's
+        expert's down matrix ``w2[e]``, so the down kernel that follows reads it from L2; an always-on slot (whose
+        expert needs no routing) asks before the dependent-launch wait, a routed one once its id is loaded.
+        ``PF_SHARED``: an always-on slot's program asks for its own gate / up rows before the wait, so they stream
+        in while the kernel before (the router) runs.  ``EVICT``: the gate / up loads' L2 eviction policy (read once
+        a step: "evict_first" keeps them from pushing out the prefetched lines)."""
         ts = tl.program_id(0)  # token * n_slots + slot
         nb = tl.program_id(1)
+        s = ts % (TOP_K + N_ALWAYS)
+        if PF_DOWN or PF_SHARED:  # noqa: SIM102  (a compile-time test around a runtime one)
+            if s >= TOP_K:  # an always-on slot: its expert is known before the router's kernel has finished
+                e_on = (N_EXPERTS - N_ALWAYS + (s - TOP_K)).to(tl.int64)
+                if PF_DOWN:
+                    _prefetch_share(w2_ptr + e_on * (H * INTER), H * INTER, nb, tl.num_programs(1), PF_LANES)
+                if PF_SHARED:
+                    n0 = nb * BLOCK_N
+                    n_rows = tl.minimum(BLOCK_N, INTER - n0)
+                    own = w13_ptr + e_on * (2 * INTER * H) + n0 * H
+                    _prefetch_l2(own, n_rows * H, PF_LANES)
+                    _prefetch_l2(own + INTER * H, n_rows * H, PF_LANES)
+        if USE_GDC:
+            _dependent_launch()
         t, e = _slot_expert(idx_ptr, ts, N_EXPERTS, TOP_K, N_ALWAYS)
+        if PF_DOWN:  # noqa: SIM102  (a compile-time test around a runtime one)
+            if s < TOP_K:
+                _prefetch_share(w2_ptr + e * (H * INTER), H * INTER, nb, tl.num_programs(1), PF_LANES)
         n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = n < INTER
         gate_rows = w13_ptr + e * (2 * INTER * H) + n[:, None] * H
@@ -807,18 +876,18 @@ if HAVE_TRITON:
             for k0 in tl.range(0, H, BLOCK_K, num_stages=STAGES):
                 kk = k0 + tl.arange(0, BLOCK_K)
                 xv, tile_mask = _row_block(x_ptr + t * H, kk, nmask, H, EVEN_K)
-                wg = tl.load(gate_rows + kk[None, :], mask=tile_mask, other=0.0).to(tl.float32)
-                wu = tl.load(up_rows + kk[None, :], mask=tile_mask, other=0.0).to(tl.float32)
-                g += tl.sum(wg * xv[None, :], axis=1)
-                u += tl.sum(wu * xv[None, :], axis=1)
+                wg = tl.load(gate_rows + kk[None, :], mask=tile_mask, other=0.0, eviction_policy=EVICT)
+                wu = tl.load(up_rows + kk[None, :], mask=tile_mask, other=0.0, eviction_policy=EVICT)
+                g += tl.sum(wg.to(tl.float32) * xv[None, :], axis=1)
+                u += tl.sum(wu.to(tl.float32) * xv[None, :], axis=1)
         else:
             for k0 in range(0, H, BLOCK_K):
                 kk = k0 + tl.arange(0, BLOCK_K)
                 xv, tile_mask = _row_block(x_ptr + t * H, kk, nmask, H, EVEN_K)
-                wg = tl.load(gate_rows + kk[None, :], mask=tile_mask, other=0.0).to(tl.float32)
-                wu = tl.load(up_rows + kk[None, :], mask=tile_mask, other=0.0).to(tl.float32)
-                g += tl.sum(wg * xv[None, :], axis=1)
-                u += tl.sum(wu * xv[None, :], axis=1)
+                wg = tl.load(gate_rows + kk[None, :], mask=tile_mask, other=0.0, eviction_policy=EVICT)
+                wu = tl.load(up_rows + kk[None, :], mask=tile_mask, other=0.0, eviction_policy=EVICT)
+                g += tl.sum(wg.to(tl.float32) * xv[None, :], axis=1)
+                u += tl.sum(wu.to(tl.float32) * xv[None, :], axis=1)
         dt = h_ptr.dtype.element_ty
         g = _round(g, dt)  # the gate/up GEMM output is in the activation dtype
         u = _round(u, dt)
@@ -1798,6 +1867,11 @@ def decode_attention_ref(
 # latency-bound however many other programs run (the continuous step at 64 slots with 5,000-key rows).
 KEYS_PER_SPLIT = 256
 
+# Whether a decode attention launched as a dependent launch (:func:`dependent_launches`) asks L2 for its K and V rows
+# before its wait (``_attn_partial_kernel``'s ``PF_KV``: a hint that changes no value), so they stream in while the
+# kernel before (the QKV projection) runs.  ``decode_attention(prefetch=...)`` overrides.  GPU only.
+ATTN_PREFETCH = False
+
 
 def attention_splits(
     batch_heads: int, n_keys: int, block_n: int, sms: int, keys_per_split: int = KEYS_PER_SPLIT
@@ -1820,6 +1894,7 @@ def decode_attention(
     keys_per_split: int = KEYS_PER_SPLIT,
     key_mask: Tensor | None = None,
     counters: Tensor | None = None,
+    prefetch: bool | None = None,
 ) -> Tensor:
     """Decode attention of ``q`` [B, hq, D] over keys ``0..pos`` of one layer's cache; returns [B, hq·D].
 
@@ -1841,6 +1916,9 @@ def decode_attention(
     ``counters``: int32 [>= B·hq], all zero (:func:`attention_counters`), kept by the caller across calls: then
     one launch instead of two, the split that finishes last for a row-head combining its partials (and setting
     its counter back to zero, so the buffer serves the next call and every graph replay).
+
+    ``prefetch`` (None: ``ATTN_PREFETCH``): as a dependent launch on a GPU, each program asks L2 for its K / V rows
+    before the wait; no value changes, and elsewhere it does nothing.
     """
     _require("decode_attention", q.device)
     bsz, hq, dim = q.shape
@@ -1870,6 +1948,10 @@ def decode_attention(
         if counters.dtype != torch.int32 or counters.dim() != 1 or counters.numel() < rows:
             raise ValueError(f"counters must be int32 [>= {rows}], got {counters.dtype} {tuple(counters.shape)}")
         launch_args.update(out_ptr=out, count_ptr=counters, BLOCK_S=_pow2(splits), FUSED_COMBINE=True)
+    warps = 4
+    pdl = _pdl()
+    if pdl and (ATTN_PREFETCH if prefetch is None else prefetch):  # ahead of the wait only: with a dependent launch
+        launch_args.update(PF_KV=True, PF_LANES=32 * warps)
     _attn_partial_kernel[(rows, splits)](
         _contig(q, "q"),
         _contig(k_cache, "k_cache"),
@@ -1886,11 +1968,11 @@ def decode_attention(
         N_SPLITS=splits,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
-        num_warps=4,
+        num_warps=warps,
         POS_STRIDE=0 if pos.shape[0] == 1 else 1,
         key_limit=key_limit,
         **launch_args,
-        **_pdl(),
+        **pdl,
     )
     if counters is None:
         _attn_combine_kernel[(rows,)](
@@ -2214,6 +2296,18 @@ def stack_always_on(
 # -> 0.641 ms/token.  Both dropped (code removed).
 UP_STAGES = 2
 
+# L2 prefetches issued by the up kernel (``moe_experts(prefetch=...)``; they change no value): "down", every slot's
+# down matrix, so the down kernel reads its weights from L2 (always-on slots ask before the dependent-launch wait,
+# routed ones once their id is loaded); "down+shared", also the always-on slots' own gate / up rows before the wait
+# (they stream in while the router's kernel runs); "off", none.  Only up to ``UP_PREFETCH_MAX_TOKENS`` rows: each
+# row's slots ask for whole experts (8 x 2.3 MB at one token), more rows would ask for more than L2 holds.
+# ``UP_EVICT_FIRST``: the up kernel's gate / up loads with L2 eviction policy "evict_first" while it prefetches (read
+# once a step, they should not push out the prefetched lines).  GPU only: the interpreter has no inline assembly.
+UP_PREFETCHES = ("off", "down", "down+shared")
+UP_PREFETCH = "off"
+UP_PREFETCH_MAX_TOKENS = 1
+UP_EVICT_FIRST = False
+
 
 def moe_block_sizes(
     n_tokens: int,
@@ -2369,6 +2463,19 @@ def _check_moe_args(
     return n_tokens, hidden, n_stack, inter, top_k
 
 
+def _up_prefetch_args(prefetch: str, w2: Tensor, num_warps: int) -> dict[str, object]:
+    """The up kernel's prefetch arguments for ``prefetch`` (one of ``UP_PREFETCHES``; "off": none)."""
+    if prefetch == "off":
+        return {}
+    return dict(
+        w2_ptr=w2,
+        PF_DOWN=True,
+        PF_SHARED=prefetch == "down+shared",
+        PF_LANES=32 * num_warps,
+        EVICT="evict_first" if UP_EVICT_FIRST else "",
+    )
+
+
 def moe_experts(
     x: Tensor,
     idx: Tensor,
@@ -2388,6 +2495,7 @@ def moe_experts(
     down: str | None = None,
     counters: Tensor | None = None,
     stages_down: int | None = None,
+    prefetch: str | None = None,
 ) -> Tensor:
     """Routed + always-on experts for a few tokens, in two GEMV kernels: [T, H] in ``x.dtype``.
 
@@ -2421,6 +2529,9 @@ def moe_experts(
     zeroed buffer per call); the rows form ignores them.  ``block_h`` / ``block_k_down`` / ``num_warps_down`` are
     the down kernel's in either form (split defaults: :func:`moe_down_split_block_sizes`).
 
+    ``prefetch``: the up kernel's L2 prefetches, one of ``UP_PREFETCHES`` (None: ``UP_PREFETCH`` up to
+    ``UP_PREFETCH_MAX_TOKENS`` rows, else "off"); they change no value, and on the interpreter they are off.
+
     Designed for T <= 8: every token re-reads its experts' weights (T=1: 8 slots x 6.9 MB = 55 MB per
     layer), so both kernels are memory-bound GEMVs.  Default blocks: :func:`moe_block_sizes` (>= ~2
     programs per SM, ~4096 weights per tile: ~32 per thread at 4 warps, several 16-byte loads in flight,
@@ -2440,6 +2551,14 @@ def moe_experts(
     if form == "rows" and stages_down is not None:
         raise ValueError("stages_down is the split down form's (down='split'); the rows form has no pipelined loop")
     interpreter = x.device.type != "cuda"
+    if prefetch is None:
+        prefetch = UP_PREFETCH if n_tokens <= UP_PREFETCH_MAX_TOKENS else "off"
+    if prefetch not in UP_PREFETCHES:
+        raise ValueError(
+            f"prefetch must be one of {UP_PREFETCHES} (None: UP_PREFETCH = {UP_PREFETCH!r}), got {prefetch!r}"
+        )
+    if interpreter:
+        prefetch = "off"  # inline assembly: compiled code only
     # sweeps (H200): up 8 warps at T=1 (27 vs 33 us), 4 from T=2 on (62 vs 70 us at T=4); down 4 warps at
     # every T (T=1 with its 2-row blocks: 23.6 vs 25.8 us at 8).  ``num_warps`` is the up kernel's.
     num_warps = num_warps or (8 if n_tokens == 1 else 4)
@@ -2487,6 +2606,7 @@ def moe_experts(
         num_warps=num_warps,
         STAGES=UP_STAGES if stages_up is None else stages_up,
         **_pdl(),
+        **_up_prefetch_args(prefetch, w2, num_warps),
     )
     operands = (h, idx, weights, _contig(w2, "w2"), x if residual is None else _contig(residual, "residual"), out)
     shapes = dict(H=hidden, INTER=inter, N_EXPERTS=n_experts, TOP_K=top_k, N_ALWAYS=n_always)
