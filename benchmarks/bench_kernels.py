@@ -666,13 +666,13 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
         )
         common = dict(TOP_K=k, N_ALWAYS=n_always)
         up_warps = 8 if tokens == 1 else 4  # moe_experts' defaults (the down kernel: 4 at every T)
-        no_pf = dict(w2_ptr=None, PF_DOWN=False, PF_SHARED=False, PF_LANES=128, EVICT="")  # no L2 prefetches
+        no_pf = dict(w2_ptr=None, PF_DOWN=False, PF_SHARED=False, PF_LANES=128)  # no L2 prefetches
         up_consts = {**common, "BLOCK_N": bn, "BLOCK_K": bku, "EVEN_K": hid % bku == 0, "STAGES": UP_STAGES}
         # as launched (pipelined), then the plain loop
         specs.append(("_moe_up_kernel", up, {**up_consts, **no_pf}, up_warps))
         specs.append(("_moe_up_kernel", up, {**up_consts, **no_pf, "STAGES": 0}, up_warps))
-        if tokens == 1:  # with the L2 prefetches (kernels.UP_PREFETCH), both kinds, and the gate / up loads' hint
-            pf = dict(PF_DOWN=True, PF_SHARED=True, PF_LANES=32 * up_warps, EVICT="evict_first")
+        if tokens == 1:  # with the L2 prefetches (kernels.UP_PREFETCH), both kinds
+            pf = dict(PF_DOWN=True, PF_SHARED=True, PF_LANES=32 * up_warps)
             specs.append(("_moe_up_kernel", {**up, "w2_ptr": bf}, {**up_consts, **pf}, up_warps))
         down_consts = {**common, "HAS_RESIDUAL": True, "BLOCK_H": bh, "BLOCK_K": bkd, "EVEN_K": inter % bkd == 0}
         specs.append(("_moe_down_kernel", down, down_consts, 4))

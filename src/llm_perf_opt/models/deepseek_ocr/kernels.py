@@ -835,15 +835,13 @@ if HAVE_TRITON:
         PF_DOWN: tl.constexpr = False,
         PF_SHARED: tl.constexpr = False,
         PF_LANES: tl.constexpr = 128,
-        EVICT: tl.constexpr = "",
     ):
         """``PF_DOWN`` / ``PF_SHARED`` (GPU only: :func:`_prefetch_l2`, never under the interpreter): L2 prefetches
         that change no value.  ``PF_DOWN``: each program asks for its share (1 / ``num_programs(1)``) of its slot's
         expert's down matrix ``w2[e]``, so the down kernel that follows reads it from L2; an always-on slot (whose
         expert needs no routing) asks before the dependent-launch wait, a routed one once its id is loaded.
         ``PF_SHARED``: an always-on slot's program asks for its own gate / up rows before the wait, so they stream
-        in while the kernel before (the router) runs.  ``EVICT``: the gate / up loads' L2 eviction policy (read once
-        a step: "evict_first" keeps them from pushing out the prefetched lines)."""
+        in while the kernel before (the router) runs."""
         ts = tl.program_id(0)  # token * n_slots + slot
         nb = tl.program_id(1)
         s = ts % (TOP_K + N_ALWAYS)
@@ -876,16 +874,16 @@ if HAVE_TRITON:
             for k0 in tl.range(0, H, BLOCK_K, num_stages=STAGES):
                 kk = k0 + tl.arange(0, BLOCK_K)
                 xv, tile_mask = _row_block(x_ptr + t * H, kk, nmask, H, EVEN_K)
-                wg = tl.load(gate_rows + kk[None, :], mask=tile_mask, other=0.0, eviction_policy=EVICT)
-                wu = tl.load(up_rows + kk[None, :], mask=tile_mask, other=0.0, eviction_policy=EVICT)
+                wg = tl.load(gate_rows + kk[None, :], mask=tile_mask, other=0.0)
+                wu = tl.load(up_rows + kk[None, :], mask=tile_mask, other=0.0)
                 g += tl.sum(wg.to(tl.float32) * xv[None, :], axis=1)
                 u += tl.sum(wu.to(tl.float32) * xv[None, :], axis=1)
         else:
             for k0 in range(0, H, BLOCK_K):
                 kk = k0 + tl.arange(0, BLOCK_K)
                 xv, tile_mask = _row_block(x_ptr + t * H, kk, nmask, H, EVEN_K)
-                wg = tl.load(gate_rows + kk[None, :], mask=tile_mask, other=0.0, eviction_policy=EVICT)
-                wu = tl.load(up_rows + kk[None, :], mask=tile_mask, other=0.0, eviction_policy=EVICT)
+                wg = tl.load(gate_rows + kk[None, :], mask=tile_mask, other=0.0)
+                wu = tl.load(up_rows + kk[None, :], mask=tile_mask, other=0.0)
                 g += tl.sum(wg.to(tl.float32) * xv[None, :], axis=1)
                 u += tl.sum(wu.to(tl.float32) * xv[None, :], axis=1)
         dt = h_ptr.dtype.element_ty
@@ -1870,7 +1868,8 @@ KEYS_PER_SPLIT = 256
 # Whether a decode attention launched as a dependent launch (:func:`dependent_launches`) asks L2 for its K and V rows
 # before its wait (``_attn_partial_kernel``'s ``PF_KV``: a hint that changes no value), so they stream in while the
 # kernel before (the QKV projection) runs.  ``decode_attention(prefetch=...)`` overrides.  GPU only.
-ATTN_PREFETCH = False
+# H200, round 18 (bench_fast, decode step, one run): 0.605 -> 0.590 ms/token, the same greedy tokens.
+ATTN_PREFETCH = True
 
 
 def attention_splits(
@@ -2298,15 +2297,16 @@ UP_STAGES = 2
 
 # L2 prefetches issued by the up kernel (``moe_experts(prefetch=...)``; they change no value): "down", every slot's
 # down matrix, so the down kernel reads its weights from L2 (always-on slots ask before the dependent-launch wait,
-# routed ones once their id is loaded); "down+shared", also the always-on slots' own gate / up rows before the wait
-# (they stream in while the router's kernel runs); "off", none.  Only up to ``UP_PREFETCH_MAX_TOKENS`` rows: each
-# row's slots ask for whole experts (8 x 2.3 MB at one token), more rows would ask for more than L2 holds.
-# ``UP_EVICT_FIRST``: the up kernel's gate / up loads with L2 eviction policy "evict_first" while it prefetches (read
-# once a step, they should not push out the prefetched lines).  GPU only: the interpreter has no inline assembly.
-UP_PREFETCHES = ("off", "down", "down+shared")
+# routed ones once their id is loaded); "shared", the always-on slots' own gate / up rows before the wait (they
+# stream in while the router's kernel runs); "down+shared", both; "off", none.  Only up to
+# ``UP_PREFETCH_MAX_TOKENS`` rows: each row's slots ask for whole experts (8 x 2.3 MB at one token), more rows would
+# ask for more than L2 holds.  GPU only: the interpreter has no inline assembly.
+# H200, round 18 (bench_fast, decode step, one run): off 0.605 ms/token, "down" 0.636, "down+shared" 0.634 (either
+# also with the gate / up loads hinted "evict_first" in L2: 0.635 / 0.634, a hint since removed).  Asking for the
+# down matrices while the up kernel streams its own weights costs more than the down kernel gains.
+UP_PREFETCHES = ("off", "shared", "down", "down+shared")
 UP_PREFETCH = "off"
 UP_PREFETCH_MAX_TOKENS = 1
-UP_EVICT_FIRST = False
 
 
 def moe_block_sizes(
@@ -2469,10 +2469,9 @@ def _up_prefetch_args(prefetch: str, w2: Tensor, num_warps: int) -> dict[str, ob
         return {}
     return dict(
         w2_ptr=w2,
-        PF_DOWN=True,
-        PF_SHARED=prefetch == "down+shared",
+        PF_DOWN="down" in prefetch,
+        PF_SHARED="shared" in prefetch,
         PF_LANES=32 * num_warps,
-        EVICT="evict_first" if UP_EVICT_FIRST else "",
     )
 
 

@@ -1022,11 +1022,10 @@ def test_moe_experts_l2_prefetch_setting(monkeypatch: pytest.MonkeyPatch) -> Non
     _close(K.moe_experts(*args, prefetch="down+shared", down="split"), _eager_expected(c, True, True))
     w2 = c["w2"]
     assert K._up_prefetch_args("off", w2, 8) == {}
-    monkeypatch.setattr(K, "UP_EVICT_FIRST", False)
-    assert K._up_prefetch_args("down", w2, 8) == dict(w2_ptr=w2, PF_DOWN=True, PF_SHARED=False, PF_LANES=256, EVICT="")
-    monkeypatch.setattr(K, "UP_EVICT_FIRST", True)
-    shared = K._up_prefetch_args("down+shared", w2, 4)
-    assert shared == dict(w2_ptr=w2, PF_DOWN=True, PF_SHARED=True, PF_LANES=128, EVICT="evict_first")
+    assert K._up_prefetch_args("down", w2, 8) == dict(w2_ptr=w2, PF_DOWN=True, PF_SHARED=False, PF_LANES=256)
+    assert K._up_prefetch_args("down+shared", w2, 4) == dict(w2_ptr=w2, PF_DOWN=True, PF_SHARED=True, PF_LANES=128)
+    only_shared = K._up_prefetch_args("shared", w2, 8)
+    assert only_shared == dict(w2_ptr=w2, PF_DOWN=False, PF_SHARED=True, PF_LANES=256)
 
 
 def test_moe_down_split_block_sizes() -> None:
