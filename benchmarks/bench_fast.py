@@ -315,7 +315,7 @@ def time_components(page: Page, m: Any) -> dict[str, float]:
 # bench_fast's variant groups (--parts): each times the switches of one part beside the default, in this order; the
 # kernel profiles (decode step, SAM, the serial vision) always run
 # ("settings": the kernel modules' launch settings of the last rounds, each form beside the default: the decode
-# attention's and the expert up kernel's L2 prefetches in the decode step, the many-row router's form in the prefill)
+# attention's K / V prefetch in the decode step, the many-row router's form in the prefill)
 VARIANT_PARTS = ("vision", "by-grid", "tables", "decode", "prefill", "settings", "other")
 
 
@@ -680,14 +680,10 @@ def main() -> None:
             from llm_perf_opt.models.deepseek_ocr import kernels as triton_kernels
             from llm_perf_opt.models.deepseek_ocr import triton_layers
 
-            # the decode attention's K / V prefetch (kernels.ATTN_PREFETCH) flipped, then the expert up kernel's L2
-            # prefetch forms (kernels.UP_PREFETCH) beside the default
+            # the decode attention's K / V prefetch (kernels.ATTN_PREFETCH) flipped
             attn_pf = not triton_kernels.ATTN_PREFETCH
             with module_setting(triton_kernels, "ATTN_PREFETCH", attn_pf):
                 time_variant(f"kernels.ATTN_PREFETCH={attn_pf}", fast.fast_config)
-            for pf in [p for p in triton_kernels.UP_PREFETCHES if p != triton_kernels.UP_PREFETCH]:
-                with module_setting(triton_kernels, "UP_PREFETCH", pf):
-                    time_variant(f"kernels.UP_PREFETCH={pf}", fast.fast_config)
             # the many-row router's other form (one kernel, or the cast + cuBLAS float32 logits + the top-k kernel)
             if fast.fast_config.triton_prefill and fast.fast_config.prefill_experts == "triton":
                 for router in sorted(set(triton_layers.ROWS_ROUTERS) - {triton_layers.ROWS_ROUTER}):

@@ -52,7 +52,6 @@ from llm_perf_opt.models.deepseek_ocr.kernels import (
     DOWN_SPLIT_STAGES,
     KEYS_PER_SPLIT,
     PICK_BLOCK,
-    UP_PREFETCHES,
     UP_STAGES,
     add_rms_norm,
     add_rms_norm_f32,
@@ -537,7 +536,7 @@ class Bench:
             used.update(block_h=split_h, block_k_down=split_k, stages_down=blocks.get("stages_down", DOWN_SPLIT_STAGES))
             used.pop("counters")
         note = f"{distinct} distinct slots; vs torch path max |Δ| {err_torch:.3g}; {used}"
-        stages = ("stages_up", "stages_down", "prefetch")
+        stages = ("stages_up", "stages_down")
         if any(key in blocks for key in stages):  # settings that must not change the sums: vs the same call without
             base = {key: value for key, value in blocks.items() if key not in stages}
             same = torch.equal(out, moe_experts(x, idx, w, w13, w2, n_always, res, **base))
@@ -666,14 +665,9 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
         )
         common = dict(TOP_K=k, N_ALWAYS=n_always)
         up_warps = 8 if tokens == 1 else 4  # moe_experts' defaults (the down kernel: 4 at every T)
-        no_pf = dict(w2_ptr=None, PF_DOWN=False, PF_SHARED=False, PF_LANES=128)  # no L2 prefetches
         up_consts = {**common, "BLOCK_N": bn, "BLOCK_K": bku, "EVEN_K": hid % bku == 0, "STAGES": UP_STAGES}
-        # as launched (pipelined), then the plain loop
-        specs.append(("_moe_up_kernel", up, {**up_consts, **no_pf}, up_warps))
-        specs.append(("_moe_up_kernel", up, {**up_consts, **no_pf, "STAGES": 0}, up_warps))
-        if tokens == 1:  # with the L2 prefetches (kernels.UP_PREFETCH), both kinds
-            pf = dict(PF_DOWN=True, PF_SHARED=True, PF_LANES=32 * up_warps)
-            specs.append(("_moe_up_kernel", {**up, "w2_ptr": bf}, {**up_consts, **pf}, up_warps))
+        specs.append(("_moe_up_kernel", up, up_consts, up_warps))  # as launched (pipelined), then the plain loop
+        specs.append(("_moe_up_kernel", up, {**up_consts, "STAGES": 0}, up_warps))
         down_consts = {**common, "HAS_RESIDUAL": True, "BLOCK_H": bh, "BLOCK_K": bkd, "EVEN_K": inter % bkd == 0}
         specs.append(("_moe_down_kernel", down, down_consts, 4))
     # the split down form (moe_experts(down="split")) at one token and at more: as launched (pipelined), then the
@@ -1396,8 +1390,6 @@ def main() -> None:
                 # the split down form (moe_experts(down="split")) in the same run: before / after in one table
                 rows += [bench.experts(tokens, down="split", stages_down=n) for n in (0, DOWN_SPLIT_STAGES)]
                 rows += [bench.experts(tokens, down="split", pdl=True)]
-                if tokens == 1:  # the up kernel's L2 prefetches (kernels.UP_PREFETCH), as the step launches them
-                    rows += [bench.experts(1, down="split", pdl=True, prefetch=pf) for pf in UP_PREFETCHES]
         for tokens in grouped_tokens:
             if tokens <= 16:  # the GEMV kernels re-read weights per token: where the grouped kernels take over
                 rows.append(bench.experts(tokens))

@@ -269,14 +269,6 @@ if HAVE_TRITON:
             )
 
     @triton.jit
-    def _prefetch_share(ptr, n_elems, part, parts, LANES: tl.constexpr):
-        """:func:`_prefetch_l2` of share ``part`` of ``parts`` (whole 128-byte lines) of ``n_elems`` elements."""
-        per_line: tl.constexpr = 128 // (ptr.dtype.element_ty.primitive_bitwidth // 8)
-        share = tl.cdiv(tl.cdiv(n_elems, parts), per_line) * per_line
-        lo = part * share
-        _prefetch_l2(ptr + lo, tl.minimum(share, n_elems - lo), LANES)
-
-    @triton.jit
     def _round(x, dt: tl.constexpr):
         """float32 ``x`` rounded to ``dt`` (round to nearest, ties to even), returned as float32.
 
@@ -831,37 +823,12 @@ if HAVE_TRITON:
         EVEN_K: tl.constexpr,
         USE_GDC: tl.constexpr = False,
         STAGES: tl.constexpr = 0,
-        w2_ptr=None,
-        PF_DOWN: tl.constexpr = False,
-        PF_SHARED: tl.constexpr = False,
-        PF_LANES: tl.constexpr = 128,
     ):
-        """``PF_DOWN`` / ``PF_SHARED`` (GPU only: :func:`_prefetch_l2`, never under the interpreter): L2 prefetches
-        that change no value.  ``PF_DOWN``: each program asks for its share (1 / ``num_programs(1)``) of its slot's
-        expert's down matrix ``w2[e]``, so the down kernel that follows reads it from L2; an always-on slot (whose
-        expert needs no routing) asks before the dependent-launch wait, a routed one once its id is loaded.
-        ``PF_SHARED``: an always-on slot's program asks for its own gate / up rows before the wait, so they stream
-        in while the kernel before (the router) runs."""
-        ts = tl.program_id(0)  # token * n_slots + slot
-        nb = tl.program_id(1)
-        s = ts % (TOP_K + N_ALWAYS)
-        if PF_DOWN or PF_SHARED:  # noqa: SIM102  (a compile-time test around a runtime one)
-            if s >= TOP_K:  # an always-on slot: its expert is known before the router's kernel has finished
-                e_on = (N_EXPERTS - N_ALWAYS + (s - TOP_K)).to(tl.int64)
-                if PF_DOWN:
-                    _prefetch_share(w2_ptr + e_on * (H * INTER), H * INTER, nb, tl.num_programs(1), PF_LANES)
-                if PF_SHARED:
-                    n0 = nb * BLOCK_N
-                    n_rows = tl.minimum(BLOCK_N, INTER - n0)
-                    own = w13_ptr + e_on * (2 * INTER * H) + n0 * H
-                    _prefetch_l2(own, n_rows * H, PF_LANES)
-                    _prefetch_l2(own + INTER * H, n_rows * H, PF_LANES)
         if USE_GDC:
             _dependent_launch()
+        ts = tl.program_id(0)  # token * n_slots + slot
+        nb = tl.program_id(1)
         t, e = _slot_expert(idx_ptr, ts, N_EXPERTS, TOP_K, N_ALWAYS)
-        if PF_DOWN:  # noqa: SIM102  (a compile-time test around a runtime one)
-            if s < TOP_K:
-                _prefetch_share(w2_ptr + e * (H * INTER), H * INTER, nb, tl.num_programs(1), PF_LANES)
         n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = n < INTER
         gate_rows = w13_ptr + e * (2 * INTER * H) + n[:, None] * H
@@ -874,18 +841,18 @@ if HAVE_TRITON:
             for k0 in tl.range(0, H, BLOCK_K, num_stages=STAGES):
                 kk = k0 + tl.arange(0, BLOCK_K)
                 xv, tile_mask = _row_block(x_ptr + t * H, kk, nmask, H, EVEN_K)
-                wg = tl.load(gate_rows + kk[None, :], mask=tile_mask, other=0.0)
-                wu = tl.load(up_rows + kk[None, :], mask=tile_mask, other=0.0)
-                g += tl.sum(wg.to(tl.float32) * xv[None, :], axis=1)
-                u += tl.sum(wu.to(tl.float32) * xv[None, :], axis=1)
+                wg = tl.load(gate_rows + kk[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+                wu = tl.load(up_rows + kk[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+                g += tl.sum(wg * xv[None, :], axis=1)
+                u += tl.sum(wu * xv[None, :], axis=1)
         else:
             for k0 in range(0, H, BLOCK_K):
                 kk = k0 + tl.arange(0, BLOCK_K)
                 xv, tile_mask = _row_block(x_ptr + t * H, kk, nmask, H, EVEN_K)
-                wg = tl.load(gate_rows + kk[None, :], mask=tile_mask, other=0.0)
-                wu = tl.load(up_rows + kk[None, :], mask=tile_mask, other=0.0)
-                g += tl.sum(wg.to(tl.float32) * xv[None, :], axis=1)
-                u += tl.sum(wu.to(tl.float32) * xv[None, :], axis=1)
+                wg = tl.load(gate_rows + kk[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+                wu = tl.load(up_rows + kk[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+                g += tl.sum(wg * xv[None, :], axis=1)
+                u += tl.sum(wu * xv[None, :], axis=1)
         dt = h_ptr.dtype.element_ty
         g = _round(g, dt)  # the gate/up GEMM output is in the activation dtype
         u = _round(u, dt)
@@ -2292,21 +2259,13 @@ def stack_always_on(
 # after the wait, bit-identical): both kernels T=1 21.9 -> 23.1 / 22.1 / 22.9 us at 2 / 3 / 4 stages, T=4 48.4 ->
 # 52.4 / 53.0 / 53.8; the batch-1 step 0.652 -> 0.750 / 0.678 / 0.690 ms/token; and the down kernel compiled for
 # I = 896 (a constexpr, so its one-block K loop folds away): T=1 21.8 -> 22.9 us, T=4 48.4 -> 56.3, the step 0.652
-# -> 0.641 ms/token.  Both dropped (code removed).
+# -> 0.641 ms/token.  Both dropped (code removed).  Round 18 measured L2 prefetches (``prefetch.global.L2``) issued
+# by this kernel, each form in two bench_fast runs of the batch-1 step: every slot's down matrix (always-on slots
+# before the dependent-launch wait, routed ones once their id was loaded) 0.605 -> 0.636 and 0.593 -> 0.624 ms/token;
+# with the always-on slots' own gate / up rows too 0.634 / 0.622; those rows alone 0.593 -> 0.597; an "evict_first"
+# hint on the gate / up loads changed nothing.  Dropped (code removed): the prefetch traffic slows the latency-bound
+# kernel it overlaps more than the expert kernels gain.
 UP_STAGES = 2
-
-# L2 prefetches issued by the up kernel (``moe_experts(prefetch=...)``; they change no value): "down", every slot's
-# down matrix, so the down kernel reads its weights from L2 (always-on slots ask before the dependent-launch wait,
-# routed ones once their id is loaded); "shared", the always-on slots' own gate / up rows before the wait (they
-# stream in while the router's kernel runs); "down+shared", both; "off", none.  Only up to
-# ``UP_PREFETCH_MAX_TOKENS`` rows: each row's slots ask for whole experts (8 x 2.3 MB at one token), more rows would
-# ask for more than L2 holds.  GPU only: the interpreter has no inline assembly.
-# H200, round 18 (bench_fast, decode step, one run): off 0.605 ms/token, "down" 0.636, "down+shared" 0.634 (either
-# also with the gate / up loads hinted "evict_first" in L2: 0.635 / 0.634, a hint since removed).  Asking for the
-# down matrices while the up kernel streams its own weights costs more than the down kernel gains.
-UP_PREFETCHES = ("off", "shared", "down", "down+shared")
-UP_PREFETCH = "off"
-UP_PREFETCH_MAX_TOKENS = 1
 
 
 def moe_block_sizes(
@@ -2463,18 +2422,6 @@ def _check_moe_args(
     return n_tokens, hidden, n_stack, inter, top_k
 
 
-def _up_prefetch_args(prefetch: str, w2: Tensor, num_warps: int) -> dict[str, object]:
-    """The up kernel's prefetch arguments for ``prefetch`` (one of ``UP_PREFETCHES``; "off": none)."""
-    if prefetch == "off":
-        return {}
-    return dict(
-        w2_ptr=w2,
-        PF_DOWN="down" in prefetch,
-        PF_SHARED="shared" in prefetch,
-        PF_LANES=32 * num_warps,
-    )
-
-
 def moe_experts(
     x: Tensor,
     idx: Tensor,
@@ -2494,7 +2441,6 @@ def moe_experts(
     down: str | None = None,
     counters: Tensor | None = None,
     stages_down: int | None = None,
-    prefetch: str | None = None,
 ) -> Tensor:
     """Routed + always-on experts for a few tokens, in two GEMV kernels: [T, H] in ``x.dtype``.
 
@@ -2528,9 +2474,6 @@ def moe_experts(
     zeroed buffer per call); the rows form ignores them.  ``block_h`` / ``block_k_down`` / ``num_warps_down`` are
     the down kernel's in either form (split defaults: :func:`moe_down_split_block_sizes`).
 
-    ``prefetch``: the up kernel's L2 prefetches, one of ``UP_PREFETCHES`` (None: ``UP_PREFETCH`` up to
-    ``UP_PREFETCH_MAX_TOKENS`` rows, else "off"); they change no value, and on the interpreter they are off.
-
     Designed for T <= 8: every token re-reads its experts' weights (T=1: 8 slots x 6.9 MB = 55 MB per
     layer), so both kernels are memory-bound GEMVs.  Default blocks: :func:`moe_block_sizes` (>= ~2
     programs per SM, ~4096 weights per tile: ~32 per thread at 4 warps, several 16-byte loads in flight,
@@ -2550,14 +2493,6 @@ def moe_experts(
     if form == "rows" and stages_down is not None:
         raise ValueError("stages_down is the split down form's (down='split'); the rows form has no pipelined loop")
     interpreter = x.device.type != "cuda"
-    if prefetch is None:
-        prefetch = UP_PREFETCH if n_tokens <= UP_PREFETCH_MAX_TOKENS else "off"
-    if prefetch not in UP_PREFETCHES:
-        raise ValueError(
-            f"prefetch must be one of {UP_PREFETCHES} (None: UP_PREFETCH = {UP_PREFETCH!r}), got {prefetch!r}"
-        )
-    if interpreter:
-        prefetch = "off"  # inline assembly: compiled code only
     # sweeps (H200): up 8 warps at T=1 (27 vs 33 us), 4 from T=2 on (62 vs 70 us at T=4); down 4 warps at
     # every T (T=1 with its 2-row blocks: 23.6 vs 25.8 us at 8).  ``num_warps`` is the up kernel's.
     num_warps = num_warps or (8 if n_tokens == 1 else 4)
@@ -2605,7 +2540,6 @@ def moe_experts(
         num_warps=num_warps,
         STAGES=UP_STAGES if stages_up is None else stages_up,
         **_pdl(),
-        **_up_prefetch_args(prefetch, w2, num_warps),
     )
     operands = (h, idx, weights, _contig(w2, "w2"), x if residual is None else _contig(residual, "residual"), out)
     shapes = dict(H=hidden, INTER=inter, N_EXPERTS=n_experts, TOP_K=top_k, N_ALWAYS=n_always)

@@ -1006,28 +1006,6 @@ def test_moe_experts_split_down_rejects_bad_input(monkeypatch: pytest.MonkeyPatc
         K.moe_experts(*args)
 
 
-def test_moe_experts_l2_prefetch_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``prefetch`` is checked (also the module default's value); on the interpreter, which has no inline assembly,
-    it is accepted and off: the eager loop's result either way.  The launch arguments each setting gives."""
-    c = _moe_case(1, 64, 32, 4, 2, torch.float32)
-    args = (c["x"], c["idx"], c["weights"], *_stacks(c, True), c["res"])
-    with pytest.raises(ValueError, match="prefetch must be one of"):
-        K.moe_experts(*args, prefetch="everything")
-    monkeypatch.setattr(K, "UP_PREFETCH", "all")
-    with pytest.raises(ValueError, match="UP_PREFETCH = 'all'"):
-        K.moe_experts(*args)
-    monkeypatch.setattr(K, "UP_PREFETCH_MAX_TOKENS", 0)  # past the row limit: off, the module value unread
-    _close(K.moe_experts(*args), _eager_expected(c, True, True))
-    monkeypatch.setattr(K, "UP_PREFETCH", "down+shared")
-    _close(K.moe_experts(*args, prefetch="down+shared", down="split"), _eager_expected(c, True, True))
-    w2 = c["w2"]
-    assert K._up_prefetch_args("off", w2, 8) == {}
-    assert K._up_prefetch_args("down", w2, 8) == dict(w2_ptr=w2, PF_DOWN=True, PF_SHARED=False, PF_LANES=256)
-    assert K._up_prefetch_args("down+shared", w2, 4) == dict(w2_ptr=w2, PF_DOWN=True, PF_SHARED=True, PF_LANES=128)
-    only_shared = K._up_prefetch_args("shared", w2, 8)
-    assert only_shared == dict(w2_ptr=w2, PF_DOWN=False, PF_SHARED=True, PF_LANES=256)
-
-
 def test_moe_down_split_block_sizes() -> None:
     """GPU: 16 rows, then K tiles as wide as ~4096 weights allow that divide I (no masked tail) when half that
     width does; overrides kept.  The counters follow the row blocks."""
