@@ -45,6 +45,9 @@ import attrs
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmath next to this script, also under `python -m`
+from benchmath import module_setting
+
 from llm_perf_opt.models.deepseek_ocr.config import DeepseekOCRConfig, LanguageConfig
 from llm_perf_opt.models.deepseek_ocr.decoder import RMSNorm, RotaryEmbedding, grouped_experts_stacked, use_grouped_mm
 from llm_perf_opt.models.deepseek_ocr.graphs import first_argmax
@@ -1244,12 +1247,14 @@ def batched_steps(
         " GPU ms/step (un-graphed) |",
         "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    from llm_perf_opt.models.deepseek_ocr import triton_layers
 
-    for variant in ("torch", "triton, torch attention", "triton", "triton, pdl", "triton, pdl, kernel router"):
+    from llm_perf_opt.models.deepseek_ocr import kernels as triton_kernels
+
+    no_prefetch = "triton, pdl, no attention prefetch"
+    for variant in ("torch", "triton, torch attention", "triton", "triton, pdl", no_prefetch):
         kern = variant.split(",")[0]
-        # (the last: triton_layers.BATCHED_ROUTER="kernel", the one-launch router with per-expert counts)
-        router = "kernel" if variant.endswith("kernel router") else triton_layers.BATCHED_ROUTER
+        # (the last: kernels.ATTN_PREFETCH flipped, the row attention's K / V prefetch before its wait)
+        attn_prefetch = (variant == no_prefetch) != triton_kernels.ATTN_PREFETCH
         fast = apply_fast_path(
             model,
             FastConfig(
@@ -1265,18 +1270,15 @@ def batched_steps(
                 if isinstance(layer.self_attn, TritonRowAttention):
                     layer.self_attn = layer.self_attn.attn
         for bsz in batches:
-            saved_router = triton_layers.BATCHED_ROUTER
             try:
-                triton_layers.BATCHED_ROUTER = router
-                row = _measure_step(fast, model, bsz, prompt_len, new_tokens, reps)
+                with module_setting(triton_kernels, "ATTN_PREFETCH", attn_prefetch):  # read at the graph's capture
+                    row = _measure_step(fast, model, bsz, prompt_len, new_tokens, reps)
             except Exception as exc:  # one failed point is reported with its error; the others still run
                 traceback.print_exc()
                 row = {"batch": bsz, "decode_kernels": variant, "error": f"{type(exc).__name__}: {exc}"}
                 lines.append(f"| {bsz} | {variant} | failed: {row['error'][:200]} | | | | |")
                 results.append(row)
                 continue
-            finally:
-                triton_layers.BATCHED_ROUTER = saved_router
             if fast.decode_kernels != kern:
                 row["decode_kernels_note"] = f"asked for {kern}, ran {fast.decode_kernels}: {fast.decode_kernels_note}"
             row["decode_kernels"] = variant if fast.decode_kernels == kern else fast.decode_kernels
