@@ -74,7 +74,8 @@ class Page:
             base.model.sam_model(self.ori)
 
     def components(self, m: Any) -> dict[str, Callable[[], Any]]:
-        """SAM, CLIP and the projector each alone on the page's views (inputs precomputed), as callables."""
+        """SAM, CLIP and the projector each alone on the page's views (inputs precomputed), as callables (CLIP as the
+        page runs it: both views in one call with ``clip_merged_views``)."""
         base = m.base if isinstance(m, FastModel) else m
         ctx: Callable[[], Any] = m.vision_mode if isinstance(m, FastModel) else contextlib.nullcontext
         mm = base.model
@@ -93,6 +94,9 @@ class Page:
 
         def clip() -> None:
             with base._sdpa_policy(), ctx():
+                if getattr(mm.vision_model, "views_layer_fn", None) is not None:  # clip_merged_views: one call
+                    mm.vision_model(None, tuple(sam_feats))
+                    return
                 for x, f in zip((self.crops, self.ori), sam_feats, strict=True):
                     mm.vision_model(x, f)
 
@@ -314,8 +318,8 @@ def time_components(page: Page, m: Any) -> dict[str, float]:
 
 # bench_fast's variant groups (--parts): each times the switches of one part beside the default, in this order; the
 # kernel profiles (decode step, SAM, the serial vision) always run
-# ("settings": the kernel modules' launch settings of the last rounds, each form beside the default: the decode
-# attention's K / V prefetch in the decode step, the many-row router's form in the prefill)
+# ("settings": this round's settings, each form beside the default: CLIP over a page's views at once or per view,
+# the decode attention's K / V prefetch in the decode step, the many-row router's form in the prefill)
 VARIANT_PARTS = ("vision", "by-grid", "tables", "decode", "prefill", "settings", "other")
 
 
@@ -680,6 +684,16 @@ def main() -> None:
             from llm_perf_opt.models.deepseek_ocr import kernels as triton_kernels
             from llm_perf_opt.models.deepseek_ocr import triton_layers
 
+            # CLIP per view instead of over both views at once (clip_merged_views), or the other way round
+            merged = not fast.fast_config.clip_merged_views
+            try:
+                vm = apply_fast_path(model, attrs.evolve(fast.fast_config, clip_merged_views=merged))
+                page.vision(vm)  # the first call: compiles and captures
+                time_vision_variant(f"clip_merged_views={merged}", vm)
+                var[f"clip alone, clip_merged_views={merged} ms"] = time_components(page, vm)["clip_alone_ms"]
+                del vm
+            except Exception as exc:  # must not lose the rest of the report
+                var[f"vision clip_merged_views={merged}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
             # the decode attention's K / V prefetch (kernels.ATTN_PREFETCH) flipped
             attn_pf = not triton_kernels.ATTN_PREFETCH
             with module_setting(triton_kernels, "ATTN_PREFETCH", attn_pf):

@@ -10,7 +10,7 @@ has none).  Callers drop the CLS token before the projector.
 from __future__ import annotations
 
 import math
-from typing import Any, cast
+from typing import Any, cast, overload
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,8 @@ __all__ = [
     "ClipTransformer",
     "ClipVisionTower",
     "clip_block_fast",
+    "clip_block_views",
+    "clip_block_weights",
     "interpolate_clip_pos_embed",
     "quick_gelu",
 ]
@@ -163,6 +165,58 @@ def clip_block_fast(
     return x + F.linear(quick_gelu(F.linear(h, f1w, f1b)), f2w, f2b)
 
 
+def clip_block_views(
+    x: Tensor,
+    weights: list[Tensor],
+    num_heads: int,
+    eps1: float,
+    eps2: float,
+    views: tuple[tuple[int, int], ...],
+    sdpa_policy: str = "model",
+) -> Tensor:
+    """:func:`clip_block_fast` over several views' tokens in one sequence: ``x`` [T, dim] holds, in order, each view's
+    ``n`` images of ``s`` tokens (``views`` = ((n, s), ...), T = Σ n·s).  The norms, projections and MLP run once
+    over all T rows (one GEMM per weight instead of one per view: at a Gundam page's 606 + 257 tokens the per-view
+    GEMMs are too small to fill the GPU); attention runs per view, each image attending to its own tokens only.  Per
+    token the same math as the per-view block.
+    """
+    check_sdpa_policy(sdpa_policy)
+    n1w, n1b, qkv_w, qkv_b, o_w, o_b, n2w, n2b, f1w, f1b, f2w, f2b = weights
+    dim = x.shape[-1]
+    head_dim = dim // num_heads
+    h = F.layer_norm(x, (dim,), n1w, n1b, eps1)
+    qkv = F.linear(h, qkv_w, qkv_b)
+    outs, start = [], 0
+    for n, s in views:
+        part = qkv[start : start + n * s].view(n, s, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = part.unbind(0)
+        outs.append(F.scaled_dot_product_attention(q, k, v).permute(0, 2, 1, 3).reshape(n * s, dim))
+        start += n * s
+    x = x + F.linear(torch.cat(outs), o_w, o_b)
+    h = F.layer_norm(x, (dim,), n2w, n2b, eps2)
+    return x + F.linear(quick_gelu(F.linear(h, f1w, f1b)), f2w, f2b)
+
+
+def clip_block_weights(layer: nn.Module) -> list[Tensor]:
+    """A :class:`ClipBlock`'s weights in the order :func:`clip_block_fast` takes them."""
+    blk = cast(ClipBlock, layer)
+    a, m = blk.self_attn, blk.mlp
+    return [
+        blk.layer_norm1.weight,
+        blk.layer_norm1.bias,
+        a.qkv_proj.weight,
+        a.qkv_proj.bias,
+        a.out_proj.weight,
+        a.out_proj.bias,
+        blk.layer_norm2.weight,
+        blk.layer_norm2.bias,
+        m.fc1.weight,
+        m.fc1.bias,
+        m.fc2.weight,
+        m.fc2.bias,
+    ]
+
+
 class ClipTransformer(nn.Module):
     """The layer stack; its own module so the keys read ``transformer.layers.N``.  The fast path runs its layers
     through :meth:`run_layers` with a :func:`clip_block_fast` (``ClipVisionTower.layer_fn``)."""
@@ -182,22 +236,18 @@ class ClipTransformer(nn.Module):
         else:
             for layer in self.layers:
                 blk = cast(ClipBlock, layer)
-                a, m = blk.self_attn, blk.mlp
-                weights = [
-                    blk.layer_norm1.weight,
-                    blk.layer_norm1.bias,
-                    a.qkv_proj.weight,
-                    a.qkv_proj.bias,
-                    a.out_proj.weight,
-                    a.out_proj.bias,
-                    blk.layer_norm2.weight,
-                    blk.layer_norm2.bias,
-                    m.fc1.weight,
-                    m.fc1.bias,
-                    m.fc2.weight,
-                    m.fc2.bias,
-                ]
-                x = layer_fn(x, weights, a.num_heads, blk.layer_norm1.eps, blk.layer_norm2.eps)
+                x = layer_fn(
+                    x, clip_block_weights(blk), blk.self_attn.num_heads, blk.layer_norm1.eps, blk.layer_norm2.eps
+                )
+        return x
+
+    def run_layers_views(self, x: Tensor, views: tuple[tuple[int, int], ...], views_layer_fn: Any) -> Tensor:
+        """The layers over several views' tokens in one sequence (``x`` [T, dim]) through ``views_layer_fn`` (a
+        :func:`clip_block_views` signature)."""
+        for layer in self.layers:
+            blk = cast(ClipBlock, layer)
+            eps1, eps2 = blk.layer_norm1.eps, blk.layer_norm2.eps
+            x = views_layer_fn(x, clip_block_weights(blk), blk.self_attn.num_heads, eps1, eps2, views)
         return x
 
 
@@ -208,6 +258,10 @@ class ClipVisionTower(nn.Module):
     runs :meth:`forward_fast` (its layers through ``layer_fn``, a :func:`clip_block_fast` signature), or
     ``forward_fn`` instead when set (the fast path's per-shape CUDA-graph replay of :meth:`forward_fast`, which so
     holds the embeddings and the pre-LayerNorm too, not only the layers).
+
+    Several views' patch embeddings at once (a tuple: a page's tiles and its global view) give a tuple of outputs,
+    one per view: view by view, or with ``views_layer_fn`` set (a :func:`clip_block_views` signature) as one
+    sequence through :meth:`forward_views_fast` (or ``views_fn``, its CUDA-graph replay per shapes).
     """
 
     def __init__(self, cfg: ClipConfig) -> None:
@@ -218,9 +272,29 @@ class ClipVisionTower(nn.Module):
         self.transformer = ClipTransformer(cfg)
         self.layer_fn: Any = None
         self.forward_fn: Any = None
+        self.views_layer_fn: Any = None
+        self.views_fn: Any = None
 
-    def forward(self, pixel_values: Tensor, patch_embeds: Tensor | None = None) -> Tensor:
-        """``patch_embeds`` is SAM's [B, hidden, h, w] output; ``pixel_values`` only matter without it."""
+    @overload
+    def forward(self, pixel_values: Tensor | None, patch_embeds: Tensor | None = None) -> Tensor: ...
+
+    @overload
+    def forward(self, pixel_values: Tensor | None, patch_embeds: tuple[Tensor, ...]) -> tuple[Tensor, ...]: ...
+
+    def forward(
+        self, pixel_values: Tensor | None, patch_embeds: Tensor | tuple[Tensor, ...] | None = None
+    ) -> Tensor | tuple[Tensor, ...]:
+        """``patch_embeds`` is SAM's [B, hidden, h, w] output (or a tuple of several views', see the class doc);
+        ``pixel_values`` only matter without it."""
+        if isinstance(patch_embeds, tuple):
+            if self.views_layer_fn is None:
+                return tuple(self.forward(pixel_values, p) for p in patch_embeds)
+            views_out: tuple[Tensor, ...] = (
+                self.forward_views_fast(*patch_embeds) if self.views_fn is None else self.views_fn(*patch_embeds)
+            )
+            return views_out
+        if pixel_values is None and patch_embeds is None:
+            raise ValueError("the CLIP tower needs pixel values or patch embeddings")
         if self.layer_fn is not None and patch_embeds is not None:
             out: Tensor = self.forward_fast(patch_embeds) if self.forward_fn is None else self.forward_fn(patch_embeds)
             return out
@@ -232,3 +306,15 @@ class ClipVisionTower(nn.Module):
         layers through ``layer_fn`` (set by the fast path)."""
         x = self.pre_layrnorm(self.embeddings.forward_fast(patch_embeds))
         return self.transformer.run_layers(x, self.layer_fn)
+
+    def forward_views_fast(self, *patch_embeds: Tensor) -> tuple[Tensor, ...]:
+        """Several views' towers as one sequence: each view's embeddings (kept position tables), then the
+        pre-LayerNorm and the layers (``views_layer_fn``) over all views' tokens at once, split back per view
+        ([n, 1 + h·w, hidden] each, as :meth:`forward_fast` returns)."""
+        embedded = [self.embeddings.forward_fast(p) for p in patch_embeds]
+        views = tuple((int(e.shape[0]), int(e.shape[1])) for e in embedded)
+        x = self.pre_layrnorm(torch.cat([e.reshape(-1, e.shape[-1]) for e in embedded]))
+        x = self.transformer.run_layers_views(x, views, self.views_layer_fn)
+        return tuple(
+            part.view(n, s, -1) for part, (n, s) in zip(x.split([n * s for n, s in views]), views, strict=True)
+        )

@@ -79,7 +79,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from llm_perf_opt.errors import InputError
-from llm_perf_opt.models.deepseek_ocr.clip import clip_block_fast
+from llm_perf_opt.models.deepseek_ocr.clip import clip_block_fast, clip_block_views
 from llm_perf_opt.models.deepseek_ocr.config import DeepseekOCRConfig
 from llm_perf_opt.models.deepseek_ocr.context import ForwardContext
 from llm_perf_opt.models.deepseek_ocr.decoder import EXPERT_IMPLS, DecoderLayer, MoE, RMSNorm, run_decoder
@@ -195,6 +195,10 @@ class FastConfig:
     # page, two calls): vision 11.87 -> 11.24 and 12.04 -> 11.36 ms, features bit-identical to the serial path's
     # (GPU test); the global view's stream at high priority gains nothing (11.41 ms)
     vision_streams: bool = True
+    # v1: a page's tiles and global view through CLIP as one sequence (clip.clip_block_views: each weight's GEMM once
+    # over all 863 tokens of a Gundam page instead of once per view at 606 and 257 rows, attention per view), after
+    # both views' SAM (model._encode_page_views_merged); the projector per view.  Same math per token
+    clip_merged_views: bool = True
     decode_compile: str = attrs.field(default="none", validator=attrs.validators.in_(DECODE_COMPILE))
     # replay the language-model prefill from a CUDA graph per prompt length (needs cuda_graphs; batch 1)
     prefill_graphs: bool = True
@@ -319,8 +323,9 @@ class VisionFast:
         self.sam_gelu_epilogue = cfg.sam_gelu_epilogue and sam.pos_embed.device.type == "cuda"
         # one ShapeGraphs per tower, created on first use ("sam", then the second tower's name)
         self.graphs: dict[str, ShapeGraphs] = {}
-        # the second tower: (graph name, module, fast layer function); None in this base class
-        self._tower: tuple[str, Any, Any] | None = None
+        # the second tower: (graph name, module, fast layer function, several views' layer function or None); None
+        # in this base class
+        self._tower: tuple[str, Any, Any, Any] | None = None
         # vision_streams (CUDA): the global view's stream, and one capture stream per view chain (the chains' graphs
         # replay concurrently, so they must not share the cuBLAS workspace of one capture stream: capture_graph)
         self.view_stream: torch.cuda.Stream | None = None
@@ -335,10 +340,11 @@ class VisionFast:
                 crops = torch.cuda.Stream(device)
             self._capture_streams = (own, crops)
 
-    def _set_tower(self, name: str, module: Any, layer_fast: Any) -> None:
+    def _set_tower(self, name: str, module: Any, layer_fast: Any, views_fast: Any = None) -> None:
         """The second tower: its layers run ``layer_fast`` (compiled with ``clip_compile``) and its forward is
-        replayed per view shape under ``name`` with ``vision_graphs``."""
-        self._tower = (name, module, layer_fast)
+        replayed per view shape under ``name`` with ``vision_graphs``; with ``views_fast`` (and ``clip_merged_views``)
+        a page's views run as one sequence through it (the module's ``views_layer_fn`` / ``views_fn``)."""
+        self._tower = (name, module, layer_fast, views_fast)
 
     @property
     def graph_count(self) -> int:
@@ -383,7 +389,7 @@ class VisionFast:
         if self._tower is None:
             yield
             return
-        name, tower, layer_fast = self._tower
+        name, tower, layer_fast, views_fast = self._tower
         saved = (tower.layer_fn, tower.forward_fn)
         cfg = self.cfg
         tower.layer_fn = (
@@ -391,10 +397,20 @@ class VisionFast:
         )
         if cfg.vision_graphs:
             tower.forward_fn = self.graphed(name, tower.forward_fast)
+        merged = views_fast is not None and cfg.clip_merged_views
+        if merged:
+            saved_views = (tower.views_layer_fn, tower.views_fn)
+            tower.views_layer_fn = (
+                _compiled(views_fast, cfg.vision_sdpa, cfg.vision_compile_mode) if cfg.clip_compile else views_fast
+            )
+            if cfg.vision_graphs:
+                tower.views_fn = self.graphed(f"{name}-views", tower.forward_views_fast)
         try:
             yield
         finally:
             tower.layer_fn, tower.forward_fn = saved
+            if merged:
+                tower.views_layer_fn, tower.views_fn = saved_views
 
 
 class ClipVisionFast(VisionFast):
@@ -410,7 +426,7 @@ class ClipVisionFast(VisionFast):
                 hint="for DeepSeek-OCR-2 use llm_perf_opt.models.deepseek_ocr2.fast.apply_fast_path_v2",
             )
         super().__init__(model.model.sam_model, cfg)
-        self._set_tower("clip", vision_model, clip_block_fast)
+        self._set_tower("clip", vision_model, clip_block_fast, clip_block_views)
 
 
 class FastModel:

@@ -99,12 +99,14 @@ class ResizedTables:
 
 
 class ShapeGraphs:
-    """``fn(x)`` replayed from a CUDA graph captured per (shape, dtype, device) of ``x``; output is a fresh copy.
+    """``fn(*xs)`` replayed from a CUDA graph captured per (shape, dtype, device) of the inputs ``xs`` (one tensor,
+    or several: e.g. a page's views); the output (a tensor or a tuple of them) is a fresh copy.
 
     Capture (on first sight of a shape) runs ``fn`` twice on a side stream first (cuBLAS / compile warm-up).
     The graph reads the weights in place, so it stays valid while parameters are updated in place; it is
     tied to the SDPA backend policy active at capture.  CPU tensors, grad mode, or a failed capture run
-    ``fn`` directly (the failure is kept in ``capture_error`` and warned about once).
+    ``fn`` directly (the failure is kept in ``capture_error`` and warned about once).  A graph's key is
+    (shape, dtype, device) for one input, a tuple of those for several.
     """
 
     def __init__(self, fn: Any, capture_stream: Callable[[], torch.cuda.Stream | None] | None = None) -> None:
@@ -112,32 +114,34 @@ class ShapeGraphs:
         # which stream to capture a new shape on, asked at capture time (None: capture_graph's default); see
         # capture_graph on graphs that replay concurrently
         self.capture_stream = capture_stream
-        self.graphs: dict[tuple[Any, ...], tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
+        self.graphs: dict[tuple[Any, ...], tuple[torch.cuda.CUDAGraph, tuple[Tensor, ...], Any]] = {}
         self.capture_error: str | None = None
 
-    def __call__(self, x: Tensor) -> Tensor:
-        if x.device.type != "cuda" or torch.is_grad_enabled() or self.capture_error is not None:
-            out: Tensor = self.fn(x)
-            return out
-        key = (tuple(x.shape), x.dtype, x.device)
+    def __call__(self, *xs: Tensor) -> Any:
+        if xs[0].device.type != "cuda" or torch.is_grad_enabled() or self.capture_error is not None:
+            return self.fn(*xs)
+        keys = tuple((tuple(x.shape), x.dtype, x.device) for x in xs)
+        key = keys[0] if len(keys) == 1 else keys
         entry = self.graphs.get(key)
         if entry is None:
             try:
-                entry = self.graphs[key] = self._capture(x)
+                entry = self.graphs[key] = self._capture(xs)
             except RuntimeError as exc:
                 self.capture_error = f"{type(exc).__name__}: {exc}"
                 warnings.warn(f"vision CUDA graph capture failed, running un-graphed ({exc})", stacklevel=2)
-                out = self.fn(x)
-                return out
+                return self.fn(*xs)
         graph, static_in, static_out = entry
-        static_in.copy_(x)
+        for buf, x in zip(static_in, xs, strict=True):
+            buf.copy_(x)
         graph.replay()
-        return static_out.clone()
+        if isinstance(static_out, Tensor):
+            return static_out.clone()
+        return tuple(out.clone() for out in static_out)
 
-    def _capture(self, x: Tensor) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor]:
-        static_in = x.clone()
+    def _capture(self, xs: tuple[Tensor, ...]) -> tuple[torch.cuda.CUDAGraph, tuple[Tensor, ...], Any]:
+        static_in = tuple(x.clone() for x in xs)
         stream = None if self.capture_stream is None else self.capture_stream()
-        graph, static_out = capture_graph(lambda: self.fn(static_in), x.device, stream=stream)
+        graph, static_out = capture_graph(lambda: self.fn(*static_in), xs[0].device, stream=stream)
         return graph, static_in, static_out
 
 

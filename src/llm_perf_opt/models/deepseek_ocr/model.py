@@ -257,10 +257,43 @@ class DeepseekOCRForCausalLM(nn.Module):
         """SAM → CLIP(SAM features) → projector for a batch of same-size views -> [n, h·w, hidden]."""
         m = self.model
         sam = m.sam_model(pixels)
-        clip = m.vision_model(pixels, sam)
+        return self._project(sam, m.vision_model(pixels, sam))
+
+    def _project(self, sam: Tensor, clip: Tensor) -> Tensor:
+        """The projector over CLIP's tokens (CLS dropped) beside SAM's features, per view -> [n, h·w, hidden]."""
         feats = torch.cat((clip[:, 1:], sam.flatten(2).permute(0, 2, 1)), dim=-1)
-        out: Tensor = m.projector(feats)
+        out: Tensor = self.model.projector(feats)
         return out
+
+    def _clip_views_merged(self) -> bool:
+        """Whether the CLIP tower runs several views as one sequence now (the fast path's ``clip_merged_views``)."""
+        tower = getattr(self.model, "vision_model", None)
+        return tower is not None and getattr(tower, "views_layer_fn", None) is not None
+
+    def _encode_page_views_merged(self, crops: Tensor, ori: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`_encode_page_views` with CLIP over both views at once: SAM per view (the global view's on
+        ``view_stream`` when set, as there), then one CLIP call on the current stream over the crops' and the global
+        view's features as one sequence (the tower's ``views_layer_fn``), then the projector per view."""
+        m, dev, dtype = self.model, self.device, self.dtype
+
+        def sam(pixels: Tensor) -> Tensor:
+            with self._sdpa_policy():
+                out: Tensor = m.sam_model(pixels.to(device=dev, dtype=dtype))
+                return out
+
+        if self.view_stream is None or dev.type != "cuda":
+            sam_local, sam_glob = sam(crops), sam(ori)
+        else:
+            side, current = self.view_stream, torch.cuda.current_stream(dev)
+            side.wait_stream(current)  # the pixels (uploaded on the current stream) are in place
+            with torch.cuda.stream(side):
+                sam_glob = sam(ori)
+            sam_local = sam(crops)
+            current.wait_stream(side)
+            sam_glob.record_stream(current)  # allocated on the side stream, read (and freed) on the current one
+        with self._sdpa_policy():
+            clip_local, clip_glob = m.vision_model(None, (sam_local, sam_glob))
+            return self._project(sam_local, clip_local), self._project(sam_glob, clip_glob)
 
     @staticmethod
     def _page_crops(images_crop: Tensor, grid_w: int, grid_h: int) -> Tensor | None:
@@ -282,6 +315,8 @@ class DeepseekOCRForCausalLM(nn.Module):
         in its small kernels.  The current stream waits for the side stream before returning, so everything after
         (and any timer recorded on the current stream) sees both views done.  The stage hooks then time each
         view's tower on its own stream, and the two views' intervals overlap."""
+        if crops is not None and self._clip_views_merged():
+            return self._encode_page_views_merged(crops, ori)
         dev, dtype = self.device, self.dtype
 
         def encode(pixels: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, build_model
-from llm_perf_opt.models.deepseek_ocr.clip import ClipVisionTower, clip_block_fast
+from llm_perf_opt.models.deepseek_ocr.clip import ClipVisionTower, clip_block_fast, clip_block_views, clip_block_weights
 from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, apply_fast_path
 from llm_perf_opt.models.deepseek_ocr.graphs import ResizedTables
 from llm_perf_opt.models.deepseek_ocr.sam import (
@@ -228,6 +228,84 @@ def test_clip_tower_fast_forward_matches_modules_and_resizes_positions_once() ->
     assert clip_mod.interpolate_clip_pos_embed is resize  # the kept tables come from the reference's own resize
 
 
+def test_clip_block_views_is_the_block_per_view() -> None:
+    """Two views' tokens (3 images of 5 tokens, 1 of 10) as one sequence through ``clip_block_views``: each view's
+    rows equal ``clip_block_fast`` on that view alone (attention stays within each image)."""
+    cfg, clip = _tiny_clip()
+    blk = clip.transformer.layers[0]
+    weights = clip_block_weights(blk)
+    heads, eps1, eps2 = blk.self_attn.num_heads, blk.layer_norm1.eps, blk.layer_norm2.eps
+    torch.manual_seed(2)
+    a, b = torch.randn(3, 5, cfg.clip.hidden_size), torch.randn(1, 10, cfg.clip.hidden_size)
+    with torch.no_grad():
+        joint = clip_block_views(
+            torch.cat((a.reshape(15, -1), b.reshape(10, -1))), weights, heads, eps1, eps2, ((3, 5), (1, 10))
+        )
+        alone_a = clip_block_fast(a, weights, heads, eps1, eps2)
+        alone_b = clip_block_fast(b, weights, heads, eps1, eps2)
+        # the images mixed into one attention would differ: the split per view is what makes these equal
+        mixed = clip_block_fast(
+            torch.cat((a.reshape(1, 15, -1), b.reshape(1, 10, -1)), dim=1), weights, heads, eps1, eps2
+        )
+    assert joint.shape == (25, cfg.clip.hidden_size)
+    assert _rel_err(joint[:15].view(3, 5, -1), alone_a) < 1e-6
+    assert _rel_err(joint[15:].view(1, 10, -1), alone_b) < 1e-6
+    assert _rel_err(joint, mixed.view(25, -1)) > 1e-3
+
+
+def test_clip_tower_takes_several_views() -> None:
+    """A tuple of views' features gives a tuple of outputs: view by view as the modules are written, and as one
+    sequence with ``views_layer_fn`` (the fast forward), each equal to the tower on that view alone."""
+    cfg, clip = _tiny_clip()
+    torch.manual_seed(4)
+    tiles, whole = torch.randn(2, cfg.clip.hidden_size, 3, 3), torch.randn(1, cfg.clip.hidden_size, 4, 4)
+    with torch.no_grad():
+        expected = (clip(None, tiles), clip(None, whole))
+        plain = clip(None, (tiles, whole))
+        clip.layer_fn, clip.views_layer_fn = clip_block_fast, clip_block_views
+        joint = clip(None, (tiles, whole))
+    assert isinstance(plain, tuple) and len(plain) == 2 and all(map(torch.equal, plain, expected))
+    assert [o.shape for o in joint] == [(2, 10, cfg.clip.hidden_size), (1, 17, cfg.clip.hidden_size)]
+    assert all(_rel_err(j, e) < 1e-5 for j, e in zip(joint, expected, strict=True))
+    with pytest.raises(ValueError, match="needs pixel values or patch embeddings"):
+        clip(None, None)
+
+
+@pytest.mark.parametrize("merged", [True, False])
+def test_fast_encode_images_runs_clip_once_per_page_with_merged_views(merged: bool) -> None:
+    """``clip_merged_views``: a page with crops runs SAM per view, CLIP once over both views, the projector per view
+    (forward calls counted by hooks, as the stage timers see them); without it CLIP runs per view.  A page without
+    crops (1x1 grid) runs CLIP once either way.  The features equal the eager model's."""
+    cfg = DeepseekOCRConfig.from_json(TINY / "config.json")
+    model = build_model(cfg, device="cpu", dtype=torch.float32, weights="dummy", seed=0)
+    for p in model.parameters():
+        p.data.normal_(0.0, 0.05)
+    torch.manual_seed(3)
+    crops = torch.randn(2, 3, cfg.image_size, cfg.image_size)
+    ori = torch.randn(1, 3, cfg.base_size, cfg.base_size)
+    expected = model.encode_images(crops, ori, [2, 1])
+    inner = model.model
+    calls = {"sam": 0, "clip": 0, "projector": 0}
+    handles = [
+        module.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+        for name, module in (("sam", inner.sam_model), ("clip", inner.vision_model), ("projector", inner.projector))
+    ]
+    try:
+        fast = apply_fast_path(
+            model, FastConfig(sam_compile=False, clip_compile=False, sam_gelu_epilogue=False, clip_merged_views=merged)
+        )
+        actual = fast.encode_images(crops, ori, [2, 1])
+        assert calls == {"sam": 2, "clip": 1 if merged else 2, "projector": 2}
+        single = fast.encode_images(crops[:1], ori, [1, 1])
+        assert calls == {"sam": 3, "clip": 2 if merged else 3, "projector": 3}
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert _rel_err(actual, expected) < 1e-5
+    assert _rel_err(single, model.encode_images(crops[:1], ori, [1, 1])) < 1e-5
+    assert inner.vision_model.views_layer_fn is None and inner.vision_model.views_fn is None  # restored
+
+
 @pytest.mark.parametrize(
     ("sam_attention", "window"), [("augmented", "augmented"), ("flex", "augmented"), ("triton", "triton")]
 )
@@ -259,6 +337,7 @@ def test_fast_model_encode_images_matches_and_restores(
     assert sam.global_attention == sam.window_attention == "augmented"  # restored after encode_images
     assert not sam.gelu_epilogue
     assert clip.layer_fn is None and clip.forward_fn is None
+    assert clip.views_layer_fn is None and clip.views_fn is None
     assert torch.equal(model.encode_images(crops, ori, [2, 1]), expected)
 
 
