@@ -319,7 +319,8 @@ def time_components(page: Page, m: Any) -> dict[str, float]:
 # bench_fast's variant groups (--parts): each times the switches of one part beside the default, in this order; the
 # kernel profiles (decode step, SAM, the serial vision) always run
 # ("settings": this round's settings, each form beside the default: CLIP over a page's views at once or per view,
-# the decode attention's K / V prefetch in the decode step, the many-row router's form in the prefill)
+# the dense MLP's kernels and the decode attention's K / V prefetch in the decode step, the many-row router's form
+# in the prefill)
 VARIANT_PARTS = ("vision", "by-grid", "tables", "decode", "prefill", "settings", "other")
 
 
@@ -627,6 +628,7 @@ def main() -> None:
                     "fused_rope",
                     "fused_input_norm",
                     "moe_down_split",
+                    "triton_dense_mlp",
                 )
             }
 
@@ -694,6 +696,9 @@ def main() -> None:
                 del vm
             except Exception as exc:  # must not lose the rest of the report
                 var[f"vision clip_merged_views={merged}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
+            # the first layer's dense MLP on cuBLAS instead of the expert kernels (triton_dense_mlp), or the other way
+            dense = not fast.fast_config.triton_dense_mlp
+            time_variant(f"triton_dense_mlp={dense}", attrs.evolve(fast.fast_config, triton_dense_mlp=dense))
             # the decode attention's K / V prefetch (kernels.ATTN_PREFETCH) flipped
             attn_pf = not triton_kernels.ATTN_PREFETCH
             with module_setting(triton_kernels, "ATTN_PREFETCH", attn_pf):

@@ -499,3 +499,34 @@ def test_attention_kv_prefetch_after_the_cache_write_changes_no_value() -> None:
         assert torch.equal(out, want), i
         assert torch.equal(k, k_ref) and torch.equal(v, v_ref), i
     assert int(counters.abs().sum()) == 0
+
+
+def test_dense_mlp_on_the_expert_kernels_at_the_real_width() -> None:
+    """The first layer's dense MLP (6,848 wide) as one always-on slot of the expert kernels (``TritonDenseMLP``) at
+    one token: within bf16 rounding of the cuBLAS MLP; as dependent launches in a CUDA graph, the same bits as the
+    plain launch."""
+    from llm_perf_opt.models.deepseek_ocr.fast_layers import FusedMLP
+    from llm_perf_opt.models.deepseek_ocr.triton_layers import TritonDenseMLP
+
+    torch.manual_seed(17)
+    mlp = MLP(HIDDEN, 6848)
+    for p in mlp.parameters():
+        p.data.normal_(0.0, p.shape[1] ** -0.5)
+    fused = FusedMLP(mlp.to(DEV, BF16))
+    dense = TritonDenseMLP(fused)
+    x = _randn(1, HIDDEN, seed=18)
+    with torch.no_grad():
+        want = fused(x)
+        out = dense(x)
+        _assert_bf16_close(out, want)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), K.dependent_launches():  # compiled outside the capture
+            dense(x)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), K.dependent_launches():
+            static = dense(x)
+        graph.replay()
+        torch.cuda.synchronize()
+    assert torch.equal(static, out)

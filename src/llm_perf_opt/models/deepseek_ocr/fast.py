@@ -252,6 +252,10 @@ class FastConfig:
     # Round 12 had found it no faster (0.653 vs 0.654 ms/token; both expert kernels of a layer at T=4 49.5 vs 48.6 us,
     # so a 2-8-row step may lose ~1 us per layer)
     moe_down_split: bool = True
+    # with the Triton decode step at batch 1-8: the first layer's dense MLP on the expert GEMV kernels as one always-on
+    # slot (triton_layers.TritonDenseMLP: two dependent launches, SwiGLU fused) instead of cuBLAS's GEMMs and an
+    # elementwise SwiGLU (four launches, outside the dependent-launch chain)
+    triton_dense_mlp: bool = True
     # the session's decode loop picks tokens on the device (greedy + the no-repeat-ngram ban inside the decode
     # graph, eos checked every 16 steps) instead of reading every step's logits on the host; temperature > 0
     # keeps the host loop
@@ -483,6 +487,7 @@ class FastModel:
                 cfg.fused_rope,
                 cfg.fused_input_norm,
                 cfg.moe_down_split,
+                cfg.triton_dense_mlp,
             )
             if cfg.decode_compile == "none":  # a compiled step traces the torch layers
                 self._triton_rows = triton_row_layers(self.layers, self.norm, cfg.norm_router_f32)

@@ -30,6 +30,7 @@ from llm_perf_opt.models.deepseek_ocr.fast_layers import FusedAttention, FusedML
 
 __all__ = [
     "TritonAttention",
+    "TritonDenseMLP",
     "TritonMoE",
     "TritonPromptAttention",
     "TritonPromptMLP",
@@ -340,6 +341,34 @@ class TritonMoE(MoE):
         return K.moe_experts(flat, topk_idx, topk_weight, *stacks, n_always=n_always)
 
 
+class TritonDenseMLP(nn.Module):
+    """A decode step's dense SiLU-gated MLP (DeepSeek-OCR's first layer, 6,848 wide) on the expert GEMV kernels as
+    one always-on slot (:func:`kernels.moe_experts` with no routed picks): gate / up GEMV with the SwiGLU in one
+    kernel, then the down GEMV (its rows form: at 6,848 columns the split form would have only H / 8 programs),
+    instead of cuBLAS's gate / up GEMM, an elementwise SwiGLU and cuBLAS's split-K down GEMM with its reduce.  The
+    slot's stacks are views of the :class:`FusedMLP`'s own weights (``w13``: gate rows then up rows, as a stack
+    slot lays them out; ``down_proj.weight``: [H, I], a slot's down matrix): no copy.  The torch path's rounding
+    points (the GEMM outputs, the SiLU and the product in the activation dtype; the down sum rounded once).
+    More than ``TRITON_MAX_ROWS`` rows run the wrapped MLP."""
+
+    def __init__(self, mlp: FusedMLP) -> None:
+        super().__init__()
+        self.mlp = mlp
+        inter = mlp.down_proj.weight.shape[1]
+        if tuple(mlp.w13.shape) != (2 * inter, mlp.down_proj.weight.shape[0]):
+            raise ValueError(f"a fused MLP's w13 {tuple(mlp.w13.shape)} does not fit its down_proj {inter} wide")
+
+    def forward(self, x: Tensor, ctx: ForwardContext | None = None) -> Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] > TRITON_MAX_ROWS:
+            out: Tensor = self.mlp(x)
+            return out
+        w13, w2 = self.mlp.w13, self.mlp.down_proj.weight
+        none = torch.empty((flat.shape[0], 0), dtype=torch.int64, device=flat.device)  # no routed picks
+        y = K.moe_experts(flat, none, none.float(), w13.unsqueeze(0), w2.unsqueeze(0), n_always=1, down="rows")
+        return y.view(x.shape)
+
+
 def _triton_layer(
     layer: DecoderLayer,
     attention: Callable[[Attention], nn.Module],
@@ -347,11 +376,12 @@ def _triton_layer(
     fused_router: bool = False,
     fused_input_norm: bool = False,
     down: str = "rows",
+    dense: bool = False,
 ) -> DecoderLayer:
     """``layer`` with Triton norms, ``attention`` around its attention and Triton experts for a grouped MoE
     (``router_f32``: its post-attention norm also writes the router's float32 input; ``fused_router``: that norm's
     kernel routes the rows itself; ``fused_input_norm``: the input norm runs inside a fused-rope attention's QKV
-    kernel)."""
+    kernel; ``dense``: a dense :class:`FusedMLP` on the expert kernels, :class:`TritonDenseMLP`)."""
     attn, mlp = layer.self_attn, layer.mlp
     assert isinstance(attn, Attention)
     in_norm, post_norm = layer.input_layernorm, layer.post_attention_layernorm
@@ -361,7 +391,11 @@ def _triton_layer(
     else:
         post = TritonRMSNorm(post_norm, keep_f32=router_f32 and isinstance(mlp, GroupedMoE))
     reads_norm = post.keep_f32 or post.router is not None
-    new_mlp: nn.Module = TritonMoE(mlp, post if reads_norm else None, down) if isinstance(mlp, GroupedMoE) else mlp
+    new_mlp: nn.Module = mlp
+    if isinstance(mlp, GroupedMoE):
+        new_mlp = TritonMoE(mlp, post if reads_norm else None, down)
+    elif dense and isinstance(mlp, FusedMLP):
+        new_mlp = TritonDenseMLP(mlp)
     new_attn = attention(attn)
     fold = fused_input_norm and isinstance(new_attn, TritonAttention) and new_attn.rope and new_attn.wqkv is not None
     new_in = TritonRMSNorm(in_norm, deferred=fold)
@@ -380,19 +414,22 @@ def triton_layers(
     fused_rope: bool = False,
     fused_input_norm: bool = False,
     down_split: bool = False,
+    dense: bool = False,
 ) -> tuple[list[DecoderLayer], RMSNorm]:
-    """The fast layers (and the final norm) with Triton modules swapped in; dense MLPs stay as they are
-    (``linear``: the attention's QKV and o_proj as Triton GEMVs; ``one_launch_attention``: attention without
-    its combine launch; ``fused_router``: each MoE layer's post-attention norm and router in one launch;
-    ``fused_rope``: with ``linear``, the rotary and the cache writes in the QKV GEMV; ``fused_input_norm``: with
-    ``fused_rope``, each layer's input add + RMSNorm in that kernel too; ``down_split``: the experts' down GEMV in
-    its split form, ``kernels.moe_experts(down="split")``)."""
+    """The fast layers (and the final norm) with Triton modules swapped in (``linear``: the attention's QKV and
+    o_proj as Triton GEMVs; ``one_launch_attention``: attention without its combine launch; ``fused_router``: each
+    MoE layer's post-attention norm and router in one launch; ``fused_rope``: with ``linear``, the rotary and the
+    cache writes in the QKV GEMV; ``fused_input_norm``: with ``fused_rope``, each layer's input add + RMSNorm in
+    that kernel too; ``down_split``: the experts' down GEMV in its split form, ``kernels.moe_experts(down="split")``;
+    ``dense``: dense MLPs on the expert kernels, :class:`TritonDenseMLP`, else as they are)."""
 
     def attention(attn: Attention) -> nn.Module:
         return TritonAttention(attn, linear, one_launch_attention, fused_rope)
 
     down = "split" if down_split else "rows"
-    fast = [_triton_layer(layer, attention, router_f32, fused_router, fused_input_norm, down) for layer in layers]
+    fast = [
+        _triton_layer(layer, attention, router_f32, fused_router, fused_input_norm, down, dense) for layer in layers
+    ]
     return fast, TritonRMSNorm(norm)
 
 

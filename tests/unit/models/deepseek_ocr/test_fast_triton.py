@@ -485,17 +485,49 @@ def test_moe_down_split_runs_the_split_down_kernel_with_one_kept_counter_buffer(
 
     monkeypatch.setattr(kernels, "moe_experts", spy)
     model = _model(seed=15)
-    runs = _off_and_on(model, "moe_down_split", 3)
+    runs = _off_and_on(model, "moe_down_split", 3, triton_dense_mlp=False)  # the MoE layers' calls only
     n_moe = sum(1 for layer in model.model.layers if layer.mlp.__class__.__name__ == "MoE")
     assert n_moe > 0
     assert [f for f, _ in forms] == ["rows"] * 3 * n_moe + ["split"] * 3 * n_moe
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
     forms.clear()
-    fast = apply_fast_path(model, FastConfig(cuda_graphs=False, decode_kernels="triton", moe_down_split=True))
+    cfg = FastConfig(cuda_graphs=False, decode_kernels="triton", moe_down_split=True, triton_dense_mlp=False)
+    fast = apply_fast_path(model, cfg)
     for rows in (1, TRITON_MAX_ROWS):
         _decode(fast, torch.randn(rows, 5, model.config.language.hidden_size), None, 1)
     ptrs = [p for _, p in forms]
     assert None not in ptrs and ptrs[:n_moe] == ptrs[n_moe:]
+
+
+def test_triton_dense_mlp_runs_the_dense_layer_on_the_expert_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``triton_dense_mlp``: the first layer's dense MLP runs as one always-on slot of the expert kernels (no routed
+    picks, the fused MLP's own weights as the slot's stacks: no copy) in every decode step of up to 8 rows; the
+    teacher-forced logits equal the cuBLAS MLP's within float32 summation order.  More rows run the MLP as it is."""
+    dense_calls: list[tuple[int, int, int, bool]] = []
+    real = kernels.moe_experts
+
+    def spy(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, *a, **kw):  # type: ignore[no-untyped-def]
+        if idx.shape[1] == 0:
+            dense_calls.append(
+                (x.shape[0], w13.shape[0], kw.get("n_always", a[0] if a else 0), kw.get("down") == "rows")
+            )
+        return real(x, idx, w, w13, w2, *a, **kw)
+
+    monkeypatch.setattr(kernels, "moe_experts", spy)
+    model = _model(seed=16)
+    dense = model.model.layers[0].mlp
+    assert dense.__class__.__name__ == "MLP"  # the tiny model's first layer is dense, as the real one's
+    runs = _off_and_on(model, "triton_dense_mlp", 3)
+    assert dense_calls == [(2, 1, 1, True)] * 3  # on: each of the 3 steps' 2 rows, one always-on slot
+    for want, got in zip(runs[0][1], runs[1][1], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    fast = apply_fast_path(model, FastConfig(cuda_graphs=False, decode_kernels="triton", triton_dense_mlp=True))
+    layer0 = fast._triton[0][0].mlp  # type: ignore[index]
+    assert isinstance(layer0, TL.TritonDenseMLP)
+    assert layer0.mlp.w13.data_ptr() == fast.layers[0].mlp.w13.data_ptr()  # the fused MLP's own weights
+    dense_calls.clear()
+    _decode(fast, torch.randn(TRITON_MAX_ROWS + 1, 5, model.config.language.hidden_size), None, 1)
+    assert dense_calls == []  # 9 rows: the batched step's layers, the MLP as it is
 
 
 def test_triton_unavailable_falls_back_with_a_reason(monkeypatch: pytest.MonkeyPatch) -> None:
