@@ -189,7 +189,15 @@ def render_report(s: RunSummary, plots: dict[str, str] | None = None) -> str:
         for label, key, unit in LATENCY_ROWS
     ]
     out.append(table(STAT_HEADER, rows) + "\n")
-    if s.model.optimisations.get("vision_streams"):
+    if s.model.optimisations.get("vision_streams") and s.model.optimisations.get("clip_merged_views"):
+        out.append(
+            "SAM's time overlaps: with `infer.fast.vision_streams` a page's global view runs through SAM on a second "
+            "CUDA stream beside its crops, so SAM's time (its crops' and its global view's intervals) includes time "
+            "the two views shared the GPU; it can sum with CLIP and the projector to more than the vision time, and "
+            "SAM's MFU reads low. CLIP then runs once over both views' tokens (`infer.fast.clip_merged_views`); "
+            "`infer.fast.vision_streams=false` times the views' SAM one after the other.\n"
+        )
+    elif s.model.optimisations.get("vision_streams"):
         out.append(
             "SAM, CLIP and projector overlap: with `infer.fast.vision_streams` a page's global view runs on a second "
             "CUDA stream beside its crops, so each stage's time (its crops' and its global view's intervals) "

@@ -137,6 +137,8 @@ class DeepSeekOCRSession:
             return out
         out.update({k: v for k, v in attrs.asdict(f).items() if isinstance(v, bool)})
         out["decode_kernels_triton"] = self.model.decode_kernels == "triton"  # what runs (CPU: torch)
+        vision = getattr(self.model, "vision", None)  # a model without CLIP (DeepSeek-OCR-2) has no merged form
+        out["clip_merged_views"] = bool(f.clip_merged_views and getattr(vision, "merges_views", False))
         return out
 
     def _setup_count(self) -> int:

@@ -51,6 +51,11 @@ def test_overlapping_view_streams_are_said_under_the_latency_table() -> None:
     latency = md.split("## Latency and throughput")[1].split("## Memory")[0]
     assert "SAM, CLIP and projector overlap" in latency
     assert "`infer.fast.vision_streams=false`" in latency
+    # CLIP over both views at once: only SAM's views overlap, and the note says CLIP runs once
+    summary.model.optimisations["clip_merged_views"] = True
+    latency = render_report(summary).split("## Latency and throughput")[1].split("## Memory")[0]
+    assert "SAM's time overlaps" in latency and "SAM, CLIP and projector overlap" not in latency
+    assert "CLIP then runs once over both views' tokens (`infer.fast.clip_merged_views`)" in latency
 
 
 def test_none_fields_render_na() -> None:

@@ -351,6 +351,12 @@ class VisionFast:
         self._tower = (name, module, layer_fast, views_fast)
 
     @property
+    def merges_views(self) -> bool:
+        """Whether a page's views run through the second tower as one sequence (``clip_merged_views`` where the
+        tower has that form: v1's CLIP; DeepSeek-OCR-2's encoder has none)."""
+        return self._tower is not None and self._tower[3] is not None and self.cfg.clip_merged_views
+
+    @property
     def graph_count(self) -> int:
         """Vision CUDA graphs captured so far, over all towers (one per tower and input shape)."""
         return sum(len(g.graphs) for g in self.graphs.values())
