@@ -45,7 +45,17 @@ from llm_perf_opt.profiling.flops import activated_params_per_token, decode_byte
 from llm_perf_opt.profiling.peaks import match_peak
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmath next to this script, also under `python -m`
-from benchmath import cuda_ms, decode_step_profile, fmt, goals_table, mbu_pct, mfu_pct, module_setting, ratio
+from benchmath import (
+    cuda_ms,
+    decode_step_profile,
+    fmt,
+    goals_table,
+    mbu_pct,
+    mfu_pct,
+    module_setting,
+    ratio,
+    step_timeline,
+)
 
 CONFIG = "src/llm_perf_opt/models/deepseek_ocr/configs/deepseek-ocr.json"
 PROMPT = "<image>\n<|grounding|>Convert the document to markdown."
@@ -249,6 +259,45 @@ def profile_decode_step(m: FastModel, embeds: torch.Tensor, out: Path, compile_m
     (out / f"fast_decode_profile{suffix}.txt").write_text(table)
     spans = [(float(e.time_range.start), float(e.device_time), e.device_resource_id) for e in events]
     return decode_step_profile(spans, n)
+
+
+def profile_graphed_decode_step(m: FastModel, embeds: torch.Tensor, out: Path, steps: int = 20) -> dict[str, Any]:
+    """Where the graphed decode step's time goes (``m``'s own config: CUDA graph, dependent launches): ``steps``
+    replays under the profiler, which records each kernel of a graph replay; per kernel its busy and idle-before µs
+    per step (:func:`benchmath.step_timeline`), written to ``fast_decode_timeline.md``.  The un-graphed profile
+    (:func:`profile_decode_step`) counts kernels as launched one by one; this one is the step as it runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cache = m.new_cache(batch=1, max_len=embeds.shape[1] + steps + 8)
+    tok = m.prefill(embeds, cache).argmax(-1, keepdim=True)
+    for _ in range(3):  # capture, then replays
+        m.decode_step(tok, cache)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            m.decode_step(tok, cache)
+        torch.cuda.synchronize()
+    kernels = [
+        (e.name, float(e.time_range.start), float(e.device_time), e.device_resource_id)
+        for e in prof.events()
+        if e.device_type.name == "CUDA"
+    ]
+    tl = step_timeline(kernels, steps)
+    lines = [
+        f"Graphed decode step, {steps} replays (batch 1, the page's prompt, each step's token fed back unchanged):"
+        f" busy {tl['busy_us_per_step']:.1f} µs + idle {tl['idle_us_per_step']:.1f} µs = span"
+        f" {tl['span_us_per_step']:.1f} µs per step on the device, {len(kernels) / steps:.0f} kernels per step.",
+        "",
+        "| kernel | calls/step | busy µs/step | idle µs before it/step | raw µs/call |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    lines += [
+        f"| `{r['kernel'][:70]}` | {r['calls_per_step']:.1f} | {r['busy_us_per_step']:.1f} |"
+        f" {r['idle_us_before_per_step']:.1f} | {r['raw_us_per_call']:.2f} |"
+        for r in tl["rows"]
+    ]
+    (out / "fast_decode_timeline.md").write_text("\n".join(lines) + "\n")
+    return tl
 
 
 def profile_sam(m: Any, page: Page, out: Path, tag: str, stage: str = "sam", rows: int = 20) -> None:
@@ -754,6 +803,12 @@ def main() -> None:
             )
         except Exception as exc:
             var["profile"] = f"failed: {exc}"[:200]
+        try:
+            tl = profile_graphed_decode_step(fast, embeds, out)
+            var["fast decode step, graphed: busy us/step"] = tl["busy_us_per_step"]
+            var["fast decode step, graphed: idle us/step (the stream waiting between kernels)"] = tl["idle_us_per_step"]
+        except Exception as exc:  # must not lose the rest of the report
+            var["profile graphed"] = f"failed: {type(exc).__name__}: {exc}"[:300]
         if args.decode_compile_variant:
             try:
                 prof = profile_decode_step(fast, embeds, out, "default")

@@ -281,6 +281,53 @@ def decode_step_profile(kernels: Sequence[tuple[float, float, Any]], steps: int)
     }
 
 
+def step_timeline(kernels: Sequence[tuple[str, float, float, Any]], steps: int) -> dict[str, Any]:
+    """Where a (graphed) decode step's time goes, from the profiler's device events ``(name, start µs, duration µs,
+    stream)`` of ``steps`` steps: per kernel name its calls, busy µs (its duration from the later of its start and
+    the end of the work before it on its stream: the rule of :func:`decode_step_profile`) and idle µs before it (from
+    that end to its start, when it starts later: the stream waited, e.g. on a launch) per step, and its raw µs per
+    call; and the totals per step (busy, idle, their sum: the stream's span).  A stream's first kernel has no idle
+    time before it.  Rows are sorted by busy + idle time, largest first."""
+    if steps <= 0:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    rows: dict[str, dict[str, float]] = {}
+    by_stream: dict[Any, list[tuple[str, float, float]]] = {}
+    for name, start, dur, stream in kernels:
+        by_stream.setdefault(stream, []).append((name, float(start), float(dur)))
+    busy_total = idle_total = 0.0
+    for evs in by_stream.values():
+        frontier: float | None = None
+        for name, start, dur in sorted(evs, key=lambda e: e[1]):
+            end = start + dur
+            busy = end - start if frontier is None else max(0.0, end - max(start, frontier))
+            idle = 0.0 if frontier is None else max(0.0, start - frontier)
+            row = rows.setdefault(name, {"calls": 0.0, "busy": 0.0, "idle": 0.0, "raw": 0.0})
+            row["calls"] += 1
+            row["busy"] += busy
+            row["idle"] += idle
+            row["raw"] += dur
+            busy_total += busy
+            idle_total += idle
+            frontier = end if frontier is None else max(frontier, end)
+    table = [
+        {
+            "kernel": name,
+            "calls_per_step": r["calls"] / steps,
+            "busy_us_per_step": r["busy"] / steps,
+            "idle_us_before_per_step": r["idle"] / steps,
+            "raw_us_per_call": r["raw"] / r["calls"],
+        }
+        for name, r in rows.items()
+    ]
+    table.sort(key=lambda r: -(r["busy_us_per_step"] + r["idle_us_before_per_step"]))
+    return {
+        "rows": table,
+        "busy_us_per_step": busy_total / steps,
+        "idle_us_per_step": idle_total / steps,
+        "span_us_per_step": (busy_total + idle_total) / steps,
+    }
+
+
 def p90_ms(step_ms: Sequence[float]) -> float | None:
     """90th percentile of decode-step times (statistics.quantiles, exclusive method); one step: that step."""
     if not step_ms:

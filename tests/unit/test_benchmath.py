@@ -23,6 +23,7 @@ from benchmarks.benchmath import (
     module_setting,
     p90_ms,
     ratio,
+    step_timeline,
     verdict,
 )
 
@@ -169,6 +170,35 @@ def test_decode_step_profile_absent_without_events() -> None:
     assert none["kernels_per_step"] is None and none["gpu_us_per_step"] is None and none["reason"]
     with pytest.raises(ValueError, match="steps"):
         decode_step_profile([(0.0, 1.0, 0)], steps=0)
+
+
+def test_step_timeline_splits_each_stream_into_busy_and_idle_time_per_kernel() -> None:
+    """Two steps on stream 7 (a, b overlapping as a dependent launch, then c after an idle gap) and one kernel on
+    stream 9; by hand: a busy 10 (first on its stream: no idle), b starts at 8 inside a (ends 10) and ends at 15:
+    busy 5, idle 0; c starts at 20 after the frontier 15: busy 5, idle 5; the next step's a at 30: idle 5, busy
+    10 (30..40); b 38..45: busy 5; c 50..55: busy 5, idle 5.  Stream 9's lone kernel: busy 4, no idle."""
+    kernels = [
+        ("a", 0.0, 10.0, 7), ("b", 8.0, 7.0, 7), ("c", 20.0, 5.0, 7),
+        ("a", 30.0, 10.0, 7), ("b", 38.0, 7.0, 7), ("c", 50.0, 5.0, 7),
+        ("x", 3.0, 4.0, 9),
+    ]  # fmt: skip
+    tl = step_timeline(kernels, steps=2)
+    rows = {r["kernel"]: r for r in tl["rows"]}
+    assert rows["a"] == {
+        "kernel": "a", "calls_per_step": 1.0, "busy_us_per_step": 10.0, "idle_us_before_per_step": 2.5,
+        "raw_us_per_call": 10.0,
+    }  # fmt: skip
+    assert (rows["b"]["busy_us_per_step"], rows["b"]["idle_us_before_per_step"], rows["b"]["raw_us_per_call"]) == (
+        5.0, 0.0, 7.0,
+    )  # fmt: skip
+    assert (rows["c"]["busy_us_per_step"], rows["c"]["idle_us_before_per_step"]) == (5.0, 5.0)
+    assert (rows["x"]["busy_us_per_step"], rows["x"]["idle_us_before_per_step"]) == (2.0, 0.0)
+    assert [r["kernel"] for r in tl["rows"]] == ["a", "c", "b", "x"]  # by busy + idle: 12.5, 10, 5, 2
+    assert tl["busy_us_per_step"] == (10 + 5 + 5 + 10 + 5 + 5 + 4) / 2
+    assert tl["idle_us_per_step"] == (5 + 5 + 5) / 2
+    assert tl["span_us_per_step"] == tl["busy_us_per_step"] + tl["idle_us_per_step"]
+    with pytest.raises(ValueError, match="steps"):
+        step_timeline(kernels, steps=0)
 
 
 def test_p90_of_decode_steps() -> None:
