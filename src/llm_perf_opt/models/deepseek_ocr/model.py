@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -281,16 +281,7 @@ class DeepseekOCRForCausalLM(nn.Module):
                 out: Tensor = m.sam_model(pixels.to(device=dev, dtype=dtype))
                 return out
 
-        if self.view_stream is None or dev.type != "cuda":
-            sam_local, sam_glob = sam(crops), sam(ori)
-        else:
-            side, current = self.view_stream, torch.cuda.current_stream(dev)
-            side.wait_stream(current)  # the pixels (uploaded on the current stream) are in place
-            with torch.cuda.stream(side):
-                sam_glob = sam(ori)
-            sam_local = sam(crops)
-            current.wait_stream(side)
-            sam_glob.record_stream(current)  # allocated on the side stream, read (and freed) on the current one
+        sam_local, sam_glob = self._views_on_streams(sam, crops, ori)
         with self._sdpa_policy():
             clip_local, clip_glob = m.vision_model(None, (sam_local, sam_glob))
             return self._project(sam_local, clip_local), self._project(sam_glob, clip_glob)
@@ -323,13 +314,22 @@ class DeepseekOCRForCausalLM(nn.Module):
             with self._sdpa_policy():
                 return self._encode_views(pixels.to(device=dev, dtype=dtype))
 
-        if crops is None or self.view_stream is None or dev.type != "cuda":
-            return (None if crops is None else encode(crops)), encode(ori)
+        if crops is None:
+            return None, encode(ori)
+        return self._views_on_streams(encode, crops, ori)
+
+    def _views_on_streams(self, fn: Callable[[Tensor], Tensor], crops: Tensor, ori: Tensor) -> tuple[Tensor, Tensor]:
+        """(``fn(crops)``, ``fn(ori)``): with ``view_stream`` set (CUDA) the global view's call runs on that stream
+        while the crops' runs on the current one, and the current stream waits for the side stream before this
+        returns; otherwise one after the other on the current stream."""
+        dev = self.device
+        if self.view_stream is None or dev.type != "cuda":
+            return fn(crops), fn(ori)
         side, current = self.view_stream, torch.cuda.current_stream(dev)
         side.wait_stream(current)  # the pixels (uploaded on the current stream) are in place
         with torch.cuda.stream(side):
-            glob = encode(ori)
-        local = encode(crops)
+            glob = fn(ori)
+        local = fn(crops)
         current.wait_stream(side)
         # allocated on the side stream, read (and freed) on the current one: not reused before that use is done
         glob.record_stream(current)

@@ -15,6 +15,7 @@ from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, build_model
 from llm_perf_opt.models.deepseek_ocr.clip import ClipVisionTower, clip_block_fast, clip_block_views, clip_block_weights
 from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, apply_fast_path
 from llm_perf_opt.models.deepseek_ocr.graphs import ResizedTables
+from llm_perf_opt.models.deepseek_ocr.model import DeepseekOCRForCausalLM
 from llm_perf_opt.models.deepseek_ocr.sam import (
     SamEncoder,
     decomposed_rel_pos_bias,
@@ -271,11 +272,9 @@ def test_clip_tower_takes_several_views() -> None:
         clip(None, None)
 
 
-@pytest.mark.parametrize("merged", [True, False])
-def test_fast_encode_images_runs_clip_once_per_page_with_merged_views(merged: bool) -> None:
-    """``clip_merged_views``: a page with crops runs SAM per view, CLIP once over both views, the projector per view
-    (forward calls counted by hooks, as the stage timers see them); without it CLIP runs per view.  A page without
-    crops (1x1 grid) runs CLIP once either way.  The features equal the eager model's."""
+def _tiny_page() -> tuple[DeepseekOCRForCausalLM, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tiny model (float32, weights at a scale that moves the features) and a 2x1-tile page: (model, crops,
+    global view, the eager model's features of the page)."""
     cfg = DeepseekOCRConfig.from_json(TINY / "config.json")
     model = build_model(cfg, device="cpu", dtype=torch.float32, weights="dummy", seed=0)
     for p in model.parameters():
@@ -283,7 +282,15 @@ def test_fast_encode_images_runs_clip_once_per_page_with_merged_views(merged: bo
     torch.manual_seed(3)
     crops = torch.randn(2, 3, cfg.image_size, cfg.image_size)
     ori = torch.randn(1, 3, cfg.base_size, cfg.base_size)
-    expected = model.encode_images(crops, ori, [2, 1])
+    return model, crops, ori, model.encode_images(crops, ori, [2, 1])
+
+
+@pytest.mark.parametrize("merged", [True, False])
+def test_fast_encode_images_runs_clip_once_per_page_with_merged_views(merged: bool) -> None:
+    """``clip_merged_views``: a page with crops runs SAM per view, CLIP once over both views, the projector per view
+    (forward calls counted by hooks, as the stage timers see them); without it CLIP runs per view.  A page without
+    crops (1x1 grid) runs CLIP once either way.  The features equal the eager model's."""
+    model, crops, ori, expected = _tiny_page()
     inner = model.model
     calls = {"sam": 0, "clip": 0, "projector": 0}
     handles = [
@@ -313,14 +320,7 @@ def test_fast_model_encode_images_matches_and_restores(
     sam_attention: str, window: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _triton_kernel_or_skip(sam_attention, monkeypatch)
-    cfg = DeepseekOCRConfig.from_json(TINY / "config.json")
-    model = build_model(cfg, device="cpu", dtype=torch.float32, weights="dummy", seed=0)
-    for p in model.parameters():
-        p.data.normal_(0.0, 0.05)
-    torch.manual_seed(3)
-    crops = torch.randn(2, 3, cfg.image_size, cfg.image_size)
-    ori = torch.randn(1, 3, cfg.base_size, cfg.base_size)
-    expected = model.encode_images(crops, ori, [2, 1])
+    model, crops, ori, expected = _tiny_page()
     cfg_fast = FastConfig(
         sam_compile=False,
         clip_compile=False,
