@@ -49,9 +49,11 @@ Design notes (target: H100/H200 with Triton >= 3.2; only masked loads/stores, re
 * launches: inside :func:`dependent_launches` (``infer.fast.pdl``) every kernel is launched as a
   programmatic dependent launch (Hopper's PDL, CUDA graphs keep it): its programs may be scheduled while the
   kernel before it in the stream still runs, and each first waits (``griddepcontrol.wait``) until that kernel
-  has finished and its writes are visible, before any load, then lets the next kernel be scheduled.  No data
-  is read early, so results are bit-identical; what the overlap saves is launch and scheduling latency
-  between the step's ~130 small Triton launches.
+  has finished and its writes are visible, then lets the next kernel be scheduled.  Before the wait a kernel
+  loads only what no kernel of the step writes (the GEMVs' weight tiles, the router's rows) or asks L2 for
+  lines without reading them (the decode attention's K / V rows, ``ATTN_PREFETCH``), so results are
+  bit-identical; what the overlap saves is launch and scheduling latency between the step's ~100 small Triton
+  launches, and the weights' first memory round trip.
 """
 
 from __future__ import annotations
@@ -467,7 +469,7 @@ if HAVE_TRITON:
     ):
         """``PF_KV`` (GPU only: :func:`_prefetch_l2`): before the dependent-launch wait, ask L2 for the K and V rows
         this program will read, by the position as it reads then.  Only a hint: the keys are loaded after the wait
-        by the position read again, so a position the kernel before were still writing would cost a miss, not a
+        by the position read again, so a position the kernel before was still writing would cost a miss, not a
         value (the cache rows before it were written by earlier steps; row ``pos`` itself is written by the kernel
         before, and a prefetch only moves lines into L2, where that write lands)."""
         bh = tl.program_id(0)
@@ -1835,7 +1837,8 @@ KEYS_PER_SPLIT = 256
 # Whether a decode attention launched as a dependent launch (:func:`dependent_launches`) asks L2 for its K and V rows
 # before its wait (``_attn_partial_kernel``'s ``PF_KV``: a hint that changes no value), so they stream in while the
 # kernel before (the QKV projection) runs.  ``decode_attention(prefetch=...)`` overrides.  GPU only.
-# H200, round 18 (bench_fast, decode step, one run): 0.605 -> 0.590 ms/token, the same greedy tokens.
+# H200, round 18 (bench_fast, decode step, three runs, each on / off in one run): 0.605 -> 0.590, 0.604 -> 0.593,
+# 0.601 -> 0.593 ms/token, the same greedy tokens.
 ATTN_PREFETCH = True
 
 
