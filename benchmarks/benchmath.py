@@ -20,7 +20,7 @@ from typing import Any
 
 import attrs
 
-from llm_perf_opt.profiling.torch_profiler import stream_busy_us
+from llm_perf_opt.profiling.torch_profiler import stream_busy_us, stream_shares_us
 
 
 @attrs.frozen
@@ -290,25 +290,18 @@ def step_timeline(kernels: Sequence[tuple[str, float, float, Any]], steps: int) 
     time before it.  Rows are sorted by busy + idle time, largest first."""
     if steps <= 0:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    events = [{"ts": start, "dur": dur, "pid": 0, "tid": stream, "name": name} for name, start, dur, stream in kernels]
+    shares = stream_shares_us(events)
     rows: dict[str, dict[str, float]] = {}
-    by_stream: dict[Any, list[tuple[str, float, float]]] = {}
-    for name, start, dur, stream in kernels:
-        by_stream.setdefault(stream, []).append((name, float(start), float(dur)))
-    busy_total = idle_total = 0.0
-    for evs in by_stream.values():
-        frontier: float | None = None
-        for name, start, dur in sorted(evs, key=lambda e: e[1]):
-            end = start + dur
-            busy = end - start if frontier is None else max(0.0, end - max(start, frontier))
-            idle = 0.0 if frontier is None else max(0.0, start - frontier)
-            row = rows.setdefault(name, {"calls": 0.0, "busy": 0.0, "idle": 0.0, "raw": 0.0})
-            row["calls"] += 1
-            row["busy"] += busy
-            row["idle"] += idle
-            row["raw"] += dur
-            busy_total += busy
-            idle_total += idle
-            frontier = end if frontier is None else max(frontier, end)
+    for e in events:
+        busy, idle = shares[id(e)]
+        row = rows.setdefault(e["name"], {"calls": 0.0, "busy": 0.0, "idle": 0.0, "raw": 0.0})
+        row["calls"] += 1
+        row["busy"] += busy
+        row["idle"] += idle
+        row["raw"] += float(e["dur"])
+    busy_total = sum(busy for busy, _ in shares.values())
+    idle_total = sum(idle for _, idle in shares.values())
     table = [
         {
             "kernel": name,

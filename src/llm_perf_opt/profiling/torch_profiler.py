@@ -163,16 +163,27 @@ def stream_busy_us(kernels: list[dict[str, Any]]) -> dict[int, float]:
     One stream runs its work in order, so only an overlap with the previous work (a programmatic dependent
     launch's programs waiting for it) is cut; the shares then add up to the time the stream was busy.  Work on
     different streams may overlap and is counted in full."""
+    return {key: busy for key, (busy, _idle) in stream_shares_us(kernels).items()}
+
+
+def stream_shares_us(kernels: list[dict[str, Any]]) -> dict[int, tuple[float, float]]:
+    """Each device event's (busy, idle) µs on its stream, by ``id`` of the event: busy as :func:`stream_busy_us`
+    counts it; idle from the end of everything before it on the same stream to its start, when it starts later
+    (the stream waited: on a launch, on the host), 0 for a stream's first event.  Per stream, busy + idle add up
+    to the span from its first start to its last end."""
     by_stream: dict[tuple[Any, Any], list[dict[str, Any]]] = {}
     for k in kernels:
         by_stream.setdefault((k.get("pid"), k.get("tid")), []).append(k)
-    out: dict[int, float] = {}
+    out: dict[int, tuple[float, float]] = {}
     for evs in by_stream.values():
         frontier = -math.inf
         for e in sorted(evs, key=lambda e: float(e["ts"])):
             start = float(e["ts"])
             end = start + float(e.get("dur", 0))
-            out[id(e)] = max(0.0, end - max(start, frontier))
+            out[id(e)] = (
+                max(0.0, end - max(start, frontier)),
+                max(0.0, start - frontier) if frontier > -math.inf else 0.0,
+            )
             frontier = max(frontier, end)
     return out
 

@@ -12,7 +12,13 @@ import torch
 from omegaconf import OmegaConf
 
 from llm_perf_opt.profiling import torch_profiler
-from llm_perf_opt.profiling.torch_profiler import RANGE_NAMES, operator_table, run_profiler_pass
+from llm_perf_opt.profiling.torch_profiler import (
+    RANGE_NAMES,
+    operator_table,
+    run_profiler_pass,
+    stream_busy_us,
+    stream_shares_us,
+)
 
 PRESET = OmegaConf.create({"activities": ["cpu"], "record_shapes": False, "profile_memory": False, "with_stack": False})
 
@@ -339,3 +345,16 @@ def test_overlapping_kernels_on_a_stream_count_from_the_end_of_the_one_before() 
     # without overlap nothing is cut: the graph-launch trace's kernels keep their durations
     plain = torch_profiler.kernel_attribution(_trace_with_graph_launch(), top_k=10)
     assert plain is not None and plain.stream_overlap_ms == 0.0
+
+
+def test_stream_shares_split_each_stream_into_busy_and_idle_time() -> None:
+    """By hand, stream (0, 7): a 0..10; b 8..15 starts inside a (a dependent launch): busy 15 - 10 = 5, idle 0;
+    c 20..25 after the frontier 15: busy 5, idle 5.  Stream (0, 9): its first event has no idle time.  Busy is
+    stream_busy_us's share."""
+    a = {"ts": 0.0, "dur": 10.0, "pid": 0, "tid": 7}
+    b = {"ts": 8.0, "dur": 7.0, "pid": 0, "tid": 7}
+    c = {"ts": 20.0, "dur": 5.0, "pid": 0, "tid": 7}
+    x = {"ts": 30.0, "dur": 4.0, "pid": 0, "tid": 9}
+    shares = stream_shares_us([c, a, x, b])  # any order: each stream is walked by start time
+    assert shares == {id(a): (10.0, 0.0), id(b): (5.0, 0.0), id(c): (5.0, 5.0), id(x): (4.0, 0.0)}
+    assert stream_busy_us([c, a, x, b]) == {id(a): 10.0, id(b): 5.0, id(c): 5.0, id(x): 4.0}
