@@ -104,7 +104,7 @@ class Page:
 
         def clip() -> None:
             with base._sdpa_policy(), ctx():
-                if getattr(mm.vision_model, "views_layer_fn", None) is not None:  # clip_merged_views: one call
+                if base._clip_views_merged():  # clip_merged_views: one call, as the page's encode makes it
                     mm.vision_model(None, tuple(sam_feats))
                     return
                 for x, f in zip((self.crops, self.ori), sam_feats, strict=True):
