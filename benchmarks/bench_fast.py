@@ -367,9 +367,9 @@ def time_components(page: Page, m: Any) -> dict[str, float]:
 
 # bench_fast's variant groups (--parts): each times the switches of one part beside the default, in this order; the
 # kernel profiles (decode step, SAM, the serial vision) always run
-# ("settings": this round's settings, each form beside the default: CLIP over a page's views at once or per view,
-# the dense MLP's kernels and the decode attention's K / V prefetch in the decode step, the many-row router's form
-# in the prefill)
+# ("settings": this round's settings, each form beside the default: CLIP's attention as one kernel over a page's views
+# or SDPA per view, CLIP over a page's views at once or per view, the decode attention's K / V prefetch in the decode
+# step, the many-row router's form in the prefill)
 VARIANT_PARTS = ("vision", "by-grid", "tables", "decode", "prefill", "settings", "other")
 
 
@@ -735,19 +735,21 @@ def main() -> None:
             from llm_perf_opt.models.deepseek_ocr import kernels as triton_kernels
             from llm_perf_opt.models.deepseek_ocr import triton_layers
 
-            # CLIP per view instead of over both views at once (clip_merged_views), or the other way round
-            merged = not fast.fast_config.clip_merged_views
-            try:
-                vm = apply_fast_path(model, attrs.evolve(fast.fast_config, clip_merged_views=merged))
-                page.vision(vm)  # the first call: compiles and captures
-                time_vision_variant(f"clip_merged_views={merged}", vm)
-                var[f"clip alone, clip_merged_views={merged} ms"] = time_components(page, vm)["clip_alone_ms"]
-                del vm
-            except Exception as exc:  # must not lose the rest of the report
-                var[f"vision clip_merged_views={merged}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
-            # the first layer's dense MLP on cuBLAS instead of the expert kernels (triton_dense_mlp), or the other way
-            dense = not fast.fast_config.triton_dense_mlp
-            time_variant(f"triton_dense_mlp={dense}", attrs.evolve(fast.fast_config, triton_dense_mlp=dense))
+            # CLIP's attention through SDPA per view instead of one Triton kernel over the page's views
+            # (clip_attention), or the other way round; and CLIP per view (clip_merged_views) flipped
+            other_attention = "sdpa" if fast.fast_config.clip_attention == "triton" else "triton"
+            for key, change in (
+                ("clip_attention", other_attention),
+                ("clip_merged_views", not fast.fast_config.clip_merged_views),
+            ):
+                try:
+                    vm = apply_fast_path(model, attrs.evolve(fast.fast_config, **{key: change}))
+                    page.vision(vm)  # the first call: compiles and captures
+                    time_vision_variant(f"{key}={change}", vm)
+                    var[f"clip alone, {key}={change} ms"] = time_components(page, vm)["clip_alone_ms"]
+                    del vm
+                except Exception as exc:  # must not lose the rest of the report
+                    var[f"vision {key}={change}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
             # the decode attention's K / V prefetch (kernels.ATTN_PREFETCH) flipped
             attn_pf = not triton_kernels.ATTN_PREFETCH
             with module_setting(triton_kernels, "ATTN_PREFETCH", attn_pf):

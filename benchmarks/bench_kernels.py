@@ -779,7 +779,7 @@ def prompt_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[s
     """The prefill's kernels (``prompt_moe``, ``prompt_attention``; names prefixed by their module) as they launch
     at one Gundam page's 913-token prompt with their GPU defaults (all at three pipeline stages, the compile's
     default)."""
-    from llm_perf_opt.models.deepseek_ocr import prompt_attention, prompt_moe
+    from llm_perf_opt.models.deepseek_ocr import clip_attention, prompt_attention, prompt_moe
 
     bf = "*bf16"
     n_experts, k = lang.n_routed_experts, lang.num_experts_per_tok
@@ -813,6 +813,12 @@ def prompt_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[s
     assert stages == 3, "the check compiles at Triton's default of three stages"
     attn_consts = dict(D=lang.head_dim, BLOCK_M=bm, BLOCK_N=bn, PRECISION="tf32", UPCAST=False)
     specs.append(("prompt_attention._prompt_attention_kernel", attn, attn_consts, warps))
+    # CLIP's attention over a page's views (clip_attention): CLIP-L's 16 heads of 64
+    views = dict(qkv_ptr=bf, o_ptr=bf, N0="i32", S0="i32", N1="i32", S1="i32", qk_scale="fp32")
+    bm, bn, warps, stages = clip_attention.BLOCKS
+    assert stages == 3, "the check compiles at Triton's default of three stages"
+    views_consts = dict(HEADS=16, D=64, BLOCK_M=bm, BLOCK_N=bn, PRECISION="tf32", UPCAST=False)
+    specs.append(("clip_attention._views_attention_kernel", views, views_consts, warps))
     return specs
 
 
@@ -853,9 +859,10 @@ def sm90_check(lang: LanguageConfig) -> list[dict[str, Any]]:
         tool = get_ptxas(90) if inspect.signature(get_ptxas).parameters else get_ptxas()
         ptxas = getattr(tool, "path", None)
     results = []
-    from llm_perf_opt.models.deepseek_ocr import prompt_attention, prompt_moe, sam_kernels
+    from llm_perf_opt.models.deepseek_ocr import clip_attention, prompt_attention, prompt_moe, sam_kernels
 
     modules = {"": kernels, "prompt_moe": prompt_moe, "prompt_attention": prompt_attention, "sam_kernels": sam_kernels}
+    modules["clip_attention"] = clip_attention
 
     def kernel_fn(name: str) -> Any:
         module, _, kernel_name = name.rpartition(".")

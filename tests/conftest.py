@@ -34,6 +34,7 @@ def _import_triton_for_the_interpreter() -> None:
         with contextlib.suppress(ImportError):
             import triton  # noqa: F401
 
+            import llm_perf_opt.models.deepseek_ocr.clip_attention
             import llm_perf_opt.models.deepseek_ocr.kernels
             import llm_perf_opt.models.deepseek_ocr.prompt_attention
             import llm_perf_opt.models.deepseek_ocr.prompt_moe

@@ -75,25 +75,29 @@ def test_fast_tokens_match_eager(model: object, cuda_graphs: bool, kernels: str,
 
 
 @pytest.mark.parametrize(
-    ("graphs", "sam_attention", "window"),
+    ("graphs", "sam_attention", "window", "clip"),
     [
-        (True, "augmented", "augmented"),
-        (False, "augmented", "augmented"),
-        (True, "triton", "augmented"),
-        (True, "triton", "triton"),
+        (True, "augmented", "augmented", "sdpa"),
+        (False, "augmented", "augmented", "triton"),
+        (True, "triton", "augmented", "sdpa"),
+        (True, "triton", "triton", "triton"),
     ],
 )
-def test_fast_vision_matches_eager(model: object, graphs: bool, sam_attention: str, window: str) -> None:
+def test_fast_vision_matches_eager(model: object, graphs: bool, sam_attention: str, window: str, clip: str) -> None:
     """SAM with folded rel-pos (or the Triton rel-pos kernel in its global / windowed blocks) + compiled/graphed SAM
-    and CLIP blocks == eager encode_images to bf16 rounding."""
+    and CLIP blocks (CLIP's attention per view through SDPA, or all views in one Triton kernel) == eager
+    encode_images to bf16 rounding."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     crops = torch.randn(6, 3, 640, 640, generator=gen).cuda().bfloat16()
     ori = torch.randn(1, 3, 1024, 1024, generator=gen).cuda().bfloat16()
     with torch.inference_mode():
         ref = model.encode_images(crops, ori, [2, 3]).float()  # type: ignore[attr-defined]
-        cfg = FastConfig(vision_graphs=graphs, sam_attention=sam_attention, sam_window_attention=window)
+        cfg = FastConfig(
+            vision_graphs=graphs, sam_attention=sam_attention, sam_window_attention=window, clip_attention=clip
+        )
         fast = apply_fast_path(model, cfg)  # type: ignore[arg-type]
         assert fast.vision.sam_attention == sam_attention, fast.vision.sam_attention_note
+        assert fast.vision.clip_attention == clip, fast.vision.clip_attention_note
         assert fast.vision.sam_window_attention == window, fast.vision.sam_window_attention_note
         for _ in range(2):  # the second call replays the captured graphs
             out = fast.encode_images(crops, ori, [2, 3]).float()
@@ -300,4 +304,5 @@ def test_default_switches_all_apply_on_this_gpu(model: object) -> None:
         pytest.skip("dependent launches need sm_90+")
     fast = apply_fast_path(model, FastConfig())  # type: ignore[arg-type]
     assert fast.fast_config.pdl and fast.decode_kernels == "triton"
+    assert fast.vision.clip_attention == "triton"
     assert fast.fallbacks() == {} and fast.pdl_note is None

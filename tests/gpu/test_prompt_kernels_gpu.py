@@ -148,6 +148,24 @@ def test_prompt_attention_matches_sdpa(length: int, start: int) -> None:
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("views", [((6, 101), (1, 257)), ((1, 257),), ((2, 101), (1, 257))])
+def test_clip_views_attention_matches_sdpa_per_view(views: tuple[tuple[int, int], ...]) -> None:
+    """CLIP's attention over a page's views in one kernel (16 heads of 64: a Gundam page's six 101-token crops and
+    its 257-token global view; a global view alone) == SDPA per view from float32 operands, to bf16 rounding; and
+    under ``torch.compile`` (the custom op, as the compiled CLIP block calls it) the same output as the plain call."""
+    from llm_perf_opt.models.deepseek_ocr import clip_attention as CA
+
+    rows = sum(n * s for n, s in views)
+    qkv = _randn(rows, 3 * 1024, seed=22)
+    out = CA.views_attention(qkv, views, 16)
+    ref = CA.views_attention_ref(qkv.float(), views, 16)
+    assert out.shape == (rows, 1024) and out.dtype == BF16
+    assert rel_err(out, ref) <= 1e-2, rel_err(out, ref)
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+    compiled = torch.compile(CA.views_attention, dynamic=False)
+    assert torch.equal(compiled(qkv, views, 16), out)
+
+
 @pytest.mark.parametrize(("down", "router"), [(down, "kernel") for down in PM.DOWN_GEMMS] + [(PM.DOWN_GEMM, "cublas")])
 def test_prompt_moe_block_matches_the_torch_block(down: str, router: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """One real-size MoE block at 913 prompt rows through ``TritonPromptMoE`` with ``experts="triton"`` (either down

@@ -129,7 +129,7 @@ class DeepSeekOCRSession:
 
     def optimisations(self) -> dict[str, bool]:
         """What the report lists as active: the eager path always has the static, preallocated KV cache; on the
-        fast path every boolean switch of FastConfig, and the Triton decode kernels."""
+        fast path every boolean switch of FastConfig, the Triton decode kernels and CLIP's Triton attention."""
         f = self.fast
         out = {"static_kv_cache": not self.backend.owns_kv_cache}
         if f is None:
@@ -139,6 +139,7 @@ class DeepSeekOCRSession:
         out["decode_kernels_triton"] = self.model.decode_kernels == "triton"  # what runs (CPU: torch)
         vision = getattr(self.model, "vision", None)  # a model without CLIP (DeepSeek-OCR-2) has no merged form
         out["clip_merged_views"] = bool(f.clip_merged_views and getattr(vision, "merges_views", False))
+        out["clip_attention_triton"] = getattr(vision, "clip_attention", None) == "triton"  # what runs (CPU: SDPA)
         return out
 
     def _setup_count(self) -> int:

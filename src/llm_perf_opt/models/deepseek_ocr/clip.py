@@ -21,6 +21,7 @@ from llm_perf_opt.models.deepseek_ocr.config import ClipConfig
 from llm_perf_opt.models.deepseek_ocr.graphs import ResizedTables, check_sdpa_policy
 
 __all__ = [
+    "CLIP_ATTENTION",
     "ClipAttention",
     "ClipBlock",
     "ClipEmbeddings",
@@ -33,6 +34,11 @@ __all__ = [
     "interpolate_clip_pos_embed",
     "quick_gelu",
 ]
+
+
+# the fast blocks' attention (``infer.fast.clip_attention``): SDPA per view, or one Triton kernel over a page's views
+# (:mod:`~llm_perf_opt.models.deepseek_ocr.clip_attention`)
+CLIP_ATTENTION = ("sdpa", "triton")
 
 
 def quick_gelu(x: Tensor) -> Tensor:
@@ -145,24 +151,37 @@ class ClipBlock(nn.Module):
 
 
 def clip_block_fast(
-    x: Tensor, weights: list[Tensor], num_heads: int, eps1: float, eps2: float, sdpa_policy: str = "model"
+    x: Tensor,
+    weights: list[Tensor],
+    num_heads: int,
+    eps1: float,
+    eps2: float,
+    sdpa_policy: str = "model",
+    attention: str = "sdpa",
 ) -> Tensor:
-    """One :class:`ClipBlock` as a function of its weights (the fast path's ``torch.compile`` unit).
+    """One :class:`ClipBlock` as a function of its weights (the fast path's ``torch.compile`` unit) over ``x``
+    [B, S, dim]: :func:`clip_block_views` with the B images as one view.
 
     ``weights``: layer_norm1 w/b, qkv w/b, out_proj w/b, layer_norm2 w/b, fc1 w/b, fc2 w/b.  Same math.
     ``sdpa_policy``: the SDPA backend policy in force (a compiled block is specialised on it,
-    :func:`~llm_perf_opt.models.deepseek_ocr.graphs.check_sdpa_policy`).
+    :func:`~llm_perf_opt.models.deepseek_ocr.graphs.check_sdpa_policy`); ``attention``: :func:`clip_block_views`'.
     """
-    check_sdpa_policy(sdpa_policy)
-    n1w, n1b, qkv_w, qkv_b, o_w, o_b, n2w, n2b, f1w, f1b, f2w, f2b = weights
     b, s, dim = x.shape
-    h = F.layer_norm(x, (dim,), n1w, n1b, eps1)
-    qkv = F.linear(h, qkv_w, qkv_b).view(b, s, 3, num_heads, dim // num_heads).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    out = F.scaled_dot_product_attention(q, k, v)
-    x = x + F.linear(out.permute(0, 2, 1, 3).reshape(b, s, -1), o_w, o_b)
-    h = F.layer_norm(x, (dim,), n2w, n2b, eps2)
-    return x + F.linear(quick_gelu(F.linear(h, f1w, f1b)), f2w, f2b)
+    out = clip_block_views(x.reshape(b * s, dim), weights, num_heads, eps1, eps2, ((b, s),), sdpa_policy, attention)
+    return out.view(b, s, dim)
+
+
+def _views_attention(qkv: Tensor, views: tuple[tuple[int, int], ...], num_heads: int, attention: str) -> Tensor:
+    """The views' attention from the QKV GEMM's rows: SDPA per view ("sdpa"), or one Triton kernel for all of them
+    ("triton": :mod:`~llm_perf_opt.models.deepseek_ocr.clip_attention`, imported here so that Triton is imported
+    only where that kernel runs)."""
+    from llm_perf_opt.models.deepseek_ocr import clip_attention
+
+    if attention == "triton":
+        return clip_attention.views_attention(qkv, views, num_heads)
+    if attention != "sdpa":
+        raise ValueError(f"CLIP attention must be one of {CLIP_ATTENTION}, got {attention!r}")
+    return clip_attention.views_attention_ref(qkv, views, num_heads)
 
 
 def clip_block_views(
@@ -173,26 +192,21 @@ def clip_block_views(
     eps2: float,
     views: tuple[tuple[int, int], ...],
     sdpa_policy: str = "model",
+    attention: str = "sdpa",
 ) -> Tensor:
-    """:func:`clip_block_fast` over several views' tokens in one sequence: ``x`` [T, dim] holds, in order, each view's
+    """:class:`ClipBlock` over several views' tokens in one sequence: ``x`` [T, dim] holds, in order, each view's
     ``n`` images of ``s`` tokens (``views`` = ((n, s), ...), T = Σ n·s).  The norms, projections and MLP run once
     over all T rows (one GEMM per weight instead of one per view: at a Gundam page's 606 + 257 tokens the per-view
-    GEMMs are too small to fill the GPU); attention runs per view, each image attending to its own tokens only.  Per
-    token the same math as the per-view block.
+    GEMMs are too small to fill the GPU); each image attends to its own tokens only: SDPA per view
+    (``attention="sdpa"``) or one Triton kernel over all views (``"triton"``, at most two views).  Per token the same
+    math as the module's block.
     """
     check_sdpa_policy(sdpa_policy)
     n1w, n1b, qkv_w, qkv_b, o_w, o_b, n2w, n2b, f1w, f1b, f2w, f2b = weights
     dim = x.shape[-1]
-    head_dim = dim // num_heads
     h = F.layer_norm(x, (dim,), n1w, n1b, eps1)
     qkv = F.linear(h, qkv_w, qkv_b)
-    outs, start = [], 0
-    for n, s in views:
-        part = qkv[start : start + n * s].view(n, s, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = part.unbind(0)
-        outs.append(F.scaled_dot_product_attention(q, k, v).permute(0, 2, 1, 3).reshape(n * s, dim))
-        start += n * s
-    x = x + F.linear(torch.cat(outs), o_w, o_b)
+    x = x + F.linear(_views_attention(qkv, views, num_heads, attention), o_w, o_b)
     h = F.layer_norm(x, (dim,), n2w, n2b, eps2)
     return x + F.linear(quick_gelu(F.linear(h, f1w, f1b)), f2w, f2b)
 

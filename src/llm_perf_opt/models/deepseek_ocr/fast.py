@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -79,7 +80,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from llm_perf_opt.errors import InputError
-from llm_perf_opt.models.deepseek_ocr.clip import clip_block_fast, clip_block_views
+from llm_perf_opt.models.deepseek_ocr.clip import CLIP_ATTENTION, clip_block_fast, clip_block_views
 from llm_perf_opt.models.deepseek_ocr.config import DeepseekOCRConfig
 from llm_perf_opt.models.deepseek_ocr.context import ForwardContext
 from llm_perf_opt.models.deepseek_ocr.decoder import EXPERT_IMPLS, DecoderLayer, MoE, RMSNorm, run_decoder
@@ -199,6 +200,12 @@ class FastConfig:
     # over all 863 tokens of a Gundam page instead of once per view at 606 and 257 rows, attention per view), after
     # both views' SAM (model._encode_page_views_merged); the projector per view.  Same math per token
     clip_merged_views: bool = True
+    # v1: CLIP's attention in its fast blocks (clip.CLIP_ATTENTION): "triton" runs one layer's attention for every
+    # view of the page in one kernel (clip_attention.views_attention: q, k, v read in place from the QKV GEMM's rows,
+    # the output written in the out_proj's layout; "sdpa" where Triton cannot run, with a note in fallbacks());
+    # "sdpa": SDPA per view (flash, the global view's 257 tokens in its split-KV form plus a combine kernel, and the
+    # heads' layout copies around it)
+    clip_attention: str = attrs.field(default="triton", validator=attrs.validators.in_(CLIP_ATTENTION))
     decode_compile: str = attrs.field(default="none", validator=attrs.validators.in_(DECODE_COMPILE))
     # replay the language-model prefill from a CUDA graph per prompt length (needs cuda_graphs; batch 1)
     prefill_graphs: bool = True
@@ -272,36 +279,43 @@ _COMPILED: dict[Any, Any] = {}
 VISION_RECOMPILE_LIMIT = 64
 
 
-def _compiled(fn: Any, sdpa_policy: str, mode: str = "default") -> Any:
+def _compiled(fn: Any, sdpa_policy: str, mode: str = "default", **bound: Any) -> Any:
     """``torch.compile(fn)`` for a vision block function, shared by all models (weights are arguments, so
     one compile per input shape and block kind), called with ``sdpa_policy`` (``FastConfig.vision_sdpa``): the
     block functions check it (:func:`graphs.check_sdpa_policy`), so each policy gets its own graph with the SDPA
     backend chosen under that policy, also when several configs run in one process (a Hydra multirun).
-    ``mode``: ``FastConfig.vision_compile_mode`` (one compiled function per mode)."""
+    ``mode``: ``FastConfig.vision_compile_mode`` (one compiled function per mode); ``bound``: further keyword
+    arguments the calls pass (constants the graph is specialised on, like the policy: CLIP's attention kind)."""
     if mode not in VISION_COMPILE_MODES:
         raise ValueError(f"vision compile mode must be one of {VISION_COMPILE_MODES}, got {mode!r}")
     if (fn, mode) not in _COMPILED:
         config = torch._dynamo.config
         config.recompile_limit = max(config.recompile_limit, VISION_RECOMPILE_LIMIT)
         _COMPILED[fn, mode] = torch.compile(fn, dynamic=False, mode=None if mode == "default" else mode)
-    return functools.partial(_COMPILED[fn, mode], sdpa_policy=sdpa_policy)
+    return functools.partial(_COMPILED[fn, mode], sdpa_policy=sdpa_policy, **bound)
 
 
-def _resolve_sam_attention(kind: str, device: torch.device, blocks: str = "global") -> tuple[str, str | None]:
-    """``kind``, or "augmented" and why where it is "triton" and its kernel cannot run on ``device`` (a CPU
-    without Triton's interpreter, no Triton); warns on CUDA, where the Triton kernel was expected to run
-    (``blocks`` names SAM's blocks in the warning: "global" or "windowed")."""
+def _resolve_kernel(
+    kind: str, device: torch.device, module: str, setting: str, fallback: str
+) -> tuple[str, str | None]:
+    """``kind``, or ``fallback`` and why where it is "triton" and the kernels of ``module`` (a module of this
+    package with ``unavailable_reason``) cannot run on ``device`` (a CPU without Triton's interpreter, no Triton);
+    warns on CUDA, where the Triton kernel was expected to run (``setting`` names the switch in the warning)."""
     if kind != "triton":
         return kind, None
-    from llm_perf_opt.models.deepseek_ocr import sam_kernels
-
-    why = sam_kernels.unavailable_reason(device)
+    why = importlib.import_module(f"llm_perf_opt.models.deepseek_ocr.{module}").unavailable_reason(device)
     if not why:
         return kind, None
     if device.type == "cuda":
-        name = "sam_attention" if blocks == "global" else "sam_window_attention"
-        warnings.warn(f"{name}=triton: {why}; SAM's {blocks} blocks run the augmented attention", stacklevel=3)
-    return "augmented", why
+        warnings.warn(f"{setting}=triton: {why}; {setting}={fallback} runs instead", stacklevel=3)
+    return fallback, why
+
+
+def _resolve_sam_attention(kind: str, device: torch.device, blocks: str = "global") -> tuple[str, str | None]:
+    """``kind``, or "augmented" and why where it is "triton" and its kernel cannot run on ``device``
+    (:func:`_resolve_kernel`; ``blocks`` names SAM's blocks: "global" or "windowed")."""
+    setting = "sam_attention" if blocks == "global" else "sam_window_attention"
+    return _resolve_kernel(kind, device, "sam_kernels", setting, "augmented")
 
 
 class VisionFast:
@@ -327,9 +341,12 @@ class VisionFast:
         self.sam_gelu_epilogue = cfg.sam_gelu_epilogue and sam.pos_embed.device.type == "cuda"
         # one ShapeGraphs per tower, created on first use ("sam", then the second tower's name)
         self.graphs: dict[str, ShapeGraphs] = {}
-        # the second tower: (graph name, module, fast layer function, several views' layer function or None); None
-        # in this base class
-        self._tower: tuple[str, Any, Any, Any] | None = None
+        # the second tower: (graph name, module, fast layer function, several views' layer function or None, keyword
+        # arguments both functions are called with); None in this base class
+        self._tower: tuple[str, Any, Any, Any, dict[str, Any]] | None = None
+        # v1's CLIP attention that runs (ClipVisionFast): cfg.clip_attention, or "sdpa" where its kernel cannot
+        self.clip_attention: str | None = None
+        self.clip_attention_note: str | None = None
         # vision_streams (CUDA): the global view's stream, and one capture stream per view chain (the chains' graphs
         # replay concurrently, so they must not share the cuBLAS workspace of one capture stream: capture_graph)
         self.view_stream: torch.cuda.Stream | None = None
@@ -344,11 +361,12 @@ class VisionFast:
                 crops = torch.cuda.Stream(device)
             self._capture_streams = (own, crops)
 
-    def _set_tower(self, name: str, module: Any, layer_fast: Any, views_fast: Any = None) -> None:
+    def _set_tower(self, name: str, module: Any, layer_fast: Any, views_fast: Any = None, **bound: Any) -> None:
         """The second tower: its layers run ``layer_fast`` (compiled with ``clip_compile``) and its forward is
         replayed per view shape under ``name`` with ``vision_graphs``; with ``views_fast`` (and ``clip_merged_views``)
-        a page's views run as one sequence through it (the module's ``views_layer_fn`` / ``views_fn``)."""
-        self._tower = (name, module, layer_fast, views_fast)
+        a page's views run as one sequence through it (the module's ``views_layer_fn`` / ``views_fn``).  Both
+        functions are called with the keyword arguments ``bound``."""
+        self._tower = (name, module, layer_fast, views_fast, bound)
 
     @property
     def merges_views(self) -> bool:
@@ -399,20 +417,22 @@ class VisionFast:
         if self._tower is None:
             yield
             return
-        name, tower, layer_fast, views_fast = self._tower
+        name, tower, layer_fast, views_fast, bound = self._tower
         saved = (tower.layer_fn, tower.forward_fn)
         cfg = self.cfg
-        tower.layer_fn = (
-            _compiled(layer_fast, cfg.vision_sdpa, cfg.vision_compile_mode) if cfg.clip_compile else layer_fast
-        )
+
+        def fast_fn(fn: Any) -> Any:
+            if cfg.clip_compile:
+                return _compiled(fn, cfg.vision_sdpa, cfg.vision_compile_mode, **bound)
+            return functools.partial(fn, **bound) if bound else fn
+
+        tower.layer_fn = fast_fn(layer_fast)
         if cfg.vision_graphs:
             tower.forward_fn = self.graphed(name, tower.forward_fast)
         merged = views_fast is not None and cfg.clip_merged_views
         if merged:
             saved_views = (tower.views_layer_fn, tower.views_fn)
-            tower.views_layer_fn = (
-                _compiled(views_fast, cfg.vision_sdpa, cfg.vision_compile_mode) if cfg.clip_compile else views_fast
-            )
+            tower.views_layer_fn = fast_fn(views_fast)
             if cfg.vision_graphs:
                 tower.views_fn = self.graphed(f"{name}-views", tower.forward_views_fast)
         try:
@@ -436,7 +456,11 @@ class ClipVisionFast(VisionFast):
                 hint="for DeepSeek-OCR-2 use llm_perf_opt.models.deepseek_ocr2.fast.apply_fast_path_v2",
             )
         super().__init__(model.model.sam_model, cfg)
-        self._set_tower("clip", vision_model, clip_block_fast, clip_block_views)
+        device = self.sam.pos_embed.device
+        self.clip_attention, self.clip_attention_note = _resolve_kernel(
+            cfg.clip_attention, device, "clip_attention", "clip_attention", "sdpa"
+        )
+        self._set_tower("clip", vision_model, clip_block_fast, clip_block_views, attention=self.clip_attention)
 
 
 class FastModel:
@@ -601,6 +625,8 @@ class FastModel:
             out["sam_window_attention=triton"] = (
                 f"{self.vision.sam_window_attention_note}: the augmented flash attention ran"
             )
+        if self.vision.clip_attention_note is not None:
+            out["clip_attention=triton"] = f"{self.vision.clip_attention_note}: SDPA per view ran"
         return out
 
     @property

@@ -231,7 +231,8 @@ def test_clip_tower_fast_forward_matches_modules_and_resizes_positions_once() ->
 
 def test_clip_block_views_is_the_block_per_view() -> None:
     """Two views' tokens (3 images of 5 tokens, 1 of 10) as one sequence through ``clip_block_views``: each view's
-    rows equal ``clip_block_fast`` on that view alone (attention stays within each image)."""
+    rows equal CLIP's block module on that view alone (attention stays within each image), and so does
+    ``clip_block_fast``, the one-view form."""
     cfg, clip = _tiny_clip()
     blk = clip.transformer.layers[0]
     weights = clip_block_weights(blk)
@@ -242,15 +243,14 @@ def test_clip_block_views_is_the_block_per_view() -> None:
         joint = clip_block_views(
             torch.cat((a.reshape(15, -1), b.reshape(10, -1))), weights, heads, eps1, eps2, ((3, 5), (1, 10))
         )
-        alone_a = clip_block_fast(a, weights, heads, eps1, eps2)
-        alone_b = clip_block_fast(b, weights, heads, eps1, eps2)
+        alone_a, alone_b = blk(a), blk(b)
         # the images mixed into one attention would differ: the split per view is what makes these equal
-        mixed = clip_block_fast(
-            torch.cat((a.reshape(1, 15, -1), b.reshape(1, 10, -1)), dim=1), weights, heads, eps1, eps2
-        )
+        mixed = blk(torch.cat((a.reshape(1, 15, -1), b.reshape(1, 10, -1)), dim=1))
+        one_view = clip_block_fast(a, weights, heads, eps1, eps2)
     assert joint.shape == (25, cfg.clip.hidden_size)
     assert _rel_err(joint[:15].view(3, 5, -1), alone_a) < 1e-6
     assert _rel_err(joint[15:].view(1, 10, -1), alone_b) < 1e-6
+    assert _rel_err(one_view, alone_a) < 1e-6
     assert _rel_err(joint, mixed.view(25, -1)) > 1e-3
 
 
