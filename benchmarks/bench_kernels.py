@@ -683,8 +683,15 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
         split_h, split_k = moe_down_split_block_sizes(hid, inter, n_tokens=tokens)
         split_consts = dict(TOP_K=k, N_ALWAYS=n_always, HAS_RESIDUAL=True, BLOCK_H=split_h, BLOCK_K=split_k)
         split_consts.update(EVEN_K=inter % split_k == 0, STAGES=DOWN_SPLIT_STAGES)
-        specs.append(("_moe_down_split_kernel", split, split_consts, 4))
-        specs.append(("_moe_down_split_kernel", split, {**split_consts, "STAGES": 0}, 4))
+        no_norm = dict(nres_ptr=None, nw_ptr=None, normed_ptr=None, nsum_ptr=None, row_count_ptr=None)
+        no_norm.update(HAS_NORM=False, BLOCK_R=1)
+        plain = {**split, "eps": "fp32"}
+        specs.append(("_moe_down_split_kernel", plain, {**split_consts, **no_norm}, 4))
+        specs.append(("_moe_down_split_kernel", plain, {**split_consts, **no_norm, "STAGES": 0}, 4))
+        # with the next norm (moe_experts(norm=...), FastConfig.down_norm: the single-page step's default)
+        with_norm = {**split, "nres_ptr": bf, "nw_ptr": bf, "normed_ptr": bf, "nsum_ptr": bf, "row_count_ptr": "*i32"}
+        with_norm["eps"] = "fp32"
+        specs.append(("_moe_down_split_kernel", with_norm, {**split_consts, "HAS_NORM": True, "BLOCK_R": 2048}, 4))
     ids = dict(ids_ptr=i64, order_ptr="*i32", offs_ptr="*i32", P="i32")
     align = dict(E=lang.n_routed_experts, BLOCK_P=16, BLOCK_ALL=512, BLOCK_E=128)  # 64 tokens x top-6
     specs.append(("_moe_align_kernel", ids, align, 4))

@@ -237,14 +237,18 @@ def _switched(switch: str, on: bool) -> FastConfig:
     return FastConfig(**{switch: on, **({"fused_router": False} if switch == "norm_router_f32" else {})})  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("switch", "seed"), [("norm_router_f32", 2), ("one_launch_attention", 4), ("fused_rope", 6)])
+@pytest.mark.parametrize(
+    ("switch", "seed"), [("norm_router_f32", 2), ("one_launch_attention", 4), ("fused_rope", 6), ("down_norm", 8)]
+)
 def test_exact_switches_give_bit_identical_graphed_logits(model: object, switch: str, seed: int) -> None:
     """Switches that compute the same values another way, under graph capture at full size: every logit of a
     teacher-forced decode equals the step's without the switch, bit for bit.  ``norm_router_f32``: the router
     reads the same float32 values.  ``one_launch_attention`` (10 heads x ~20 splits racing for each counter): the
     last split's combine reads every partial; a missed partial or a counter left non-zero would change them.
     ``fused_rope``: the QKV GEMV's [4, 256] tiles sum as linear_rows' do and its epilogue is the rotary kernel's
-    arithmetic, so q and the cache entries are the two launches' bit for bit."""
+    arithmetic, so q and the cache entries are the two launches' bit for bit.  ``down_norm`` (80 row blocks per
+    token racing for its row counter): the program finishing the row last runs the norm kernel's code with the same
+    warps and block, after reading every block's output."""
     with torch.inference_mode():
         embeds, feed = _prompt_and_feed(seed, model)
         rows = [

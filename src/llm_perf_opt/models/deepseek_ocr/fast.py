@@ -263,6 +263,11 @@ class FastConfig:
     # slot (triton_layers.TritonDenseMLP: two dependent launches, SwiGLU fused) instead of cuBLAS's GEMMs and an
     # elementwise SwiGLU (four launches, outside the dependent-launch chain)
     triton_dense_mlp: bool = True
+    # with moe_down_split: the norm after each MoE layer (the next layer's input residual add + RMSNorm, or the final
+    # norm) in that layer's down kernel, run by the program that finishes a token's row last (kernels.moe_experts'
+    # ``norm``: add_rms_norm's math and rounding points), one launch fewer per MoE layer; where fused_input_norm
+    # folds that norm into the next QKV kernel instead, that fold stays
+    down_norm: bool = True
     # the session's decode loop picks tokens on the device (greedy + the no-repeat-ngram ban inside the decode
     # graph, eos checked every 16 steps) instead of reading every step's logits on the host; temperature > 0
     # keeps the host loop
@@ -518,6 +523,7 @@ class FastModel:
                 cfg.fused_input_norm,
                 cfg.moe_down_split,
                 cfg.triton_dense_mlp,
+                cfg.down_norm,
             )
             if cfg.decode_compile == "none":  # a compiled step traces the torch layers
                 self._triton_rows = triton_row_layers(self.layers, self.norm, cfg.norm_router_f32)

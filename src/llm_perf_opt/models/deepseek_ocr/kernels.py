@@ -301,11 +301,16 @@ if HAVE_TRITON:
         return xv, tile_mask
 
     @triton.jit
-    def _add_rms(x_row_ptr, res_row_ptr, cols, mask, H, eps, HAS_RESIDUAL: tl.constexpr, dt: tl.constexpr):
+    def _add_rms(
+        x_row_ptr, res_row_ptr, cols, mask, H, eps, HAS_RESIDUAL: tl.constexpr, dt: tl.constexpr, CG: tl.constexpr
+    ):
         """One row's ``x + residual`` (float32, rounded to ``dt`` as torch's sum is; ``x`` alone without a residual)
         and the reciprocal of its RMS: the add + RMSNorm math every norm-carrying kernel shares, so they reduce the
-        row in the same way."""
-        s = tl.load(x_row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        row in the same way.  ``CG``: ``x`` is read past L1 (other programs of the same kernel wrote it)."""
+        if CG:
+            s = tl.load(x_row_ptr + cols, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+        else:
+            s = tl.load(x_row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
             s = _round(s + tl.load(res_row_ptr + cols, mask=mask, other=0.0).to(tl.float32), dt)
         return s, tl.rsqrt(tl.sum(s * s, axis=0) / H + eps)
@@ -327,21 +332,43 @@ if HAVE_TRITON:
     ):
         if USE_GDC:
             _dependent_launch()
-        row = tl.program_id(0)
+        row = tl.program_id(0) * H
+        _norm_row(
+            x_ptr + row, res_ptr + row, w_ptr, normed_ptr + row, summed_ptr + row, f32_ptr + row, H, eps,
+            HAS_RESIDUAL, BLOCK_H, HAS_F32, False,
+        )  # fmt: skip
+
+    @triton.jit
+    def _norm_row(
+        x_row,
+        res_row,
+        w_ptr,
+        normed_row,
+        summed_row,
+        f32_row,
+        H,
+        eps,
+        HAS_RESIDUAL: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        HAS_F32: tl.constexpr,
+        CG: tl.constexpr,
+    ):
+        """One row's residual add + RMSNorm (:func:`add_rms_norm`'s math and rounding points), stored: the sum (with
+        a residual), the normed row and, with ``HAS_F32``, its float32 copy.  ``CG``: :func:`_add_rms`'s."""
         cols = tl.arange(0, BLOCK_H)
         mask = cols < H
-        dt = x_ptr.dtype.element_ty
+        dt = x_row.dtype.element_ty
         # hidden + residual is rounded to the activation dtype before the norm reads it
-        s, rstd = _add_rms(x_ptr + row * H, res_ptr + row * H, cols, mask, H, eps, HAS_RESIDUAL, dt)
+        s, rstd = _add_rms(x_row, res_row, cols, mask, H, eps, HAS_RESIDUAL, dt, CG)
         if HAS_RESIDUAL:
-            tl.store(summed_ptr + row * H + cols, s.to(dt), mask=mask)
+            tl.store(summed_row + cols, s.to(dt), mask=mask)
         normed = _round(s * rstd, dt)  # F.rms_norm in float32, then .to(x.dtype)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        out_dt = normed_ptr.dtype.element_ty
+        out_dt = normed_row.dtype.element_ty
         out = _round(w * normed, out_dt)
-        tl.store(normed_ptr + row * H + cols, out.to(out_dt), mask=mask)
+        tl.store(normed_row + cols, out.to(out_dt), mask=mask)
         if HAS_F32:  # the same rounded values in float32: what ``normed.float()`` would give the router
-            tl.store(f32_ptr + row * H + cols, out, mask=mask)
+            tl.store(f32_row + cols, out, mask=mask)
 
     @triton.jit
     def _rotate(x, rolled_ptrs, mask, c, sn, dt: tl.constexpr):
@@ -709,7 +736,7 @@ if HAVE_TRITON:
             _dependent_launch()
         dt = x_ptr.dtype.element_ty
         # every program normalises the whole row (the add_rms_norm kernel's math) and stores its slice of it
-        s, rstd = _add_rms(x_ptr + t * H, res_ptr + t * H, cols, cmask, H, eps, HAS_RESIDUAL, dt)
+        s, rstd = _add_rms(x_ptr + t * H, res_ptr + t * H, cols, cmask, H, eps, HAS_RESIDUAL, dt, False)
         width = tl.cdiv(H, n_progs)
         mine = cmask & (cols >= p * width) & (cols < p * width + width)
         if HAS_RESIDUAL:
@@ -948,12 +975,22 @@ if HAVE_TRITON:
         EVEN_K: tl.constexpr,
         USE_GDC: tl.constexpr = False,
         STAGES: tl.constexpr = 0,
+        nres_ptr=None,
+        nw_ptr=None,
+        normed_ptr=None,
+        nsum_ptr=None,
+        row_count_ptr=None,
+        eps=0.0,
+        HAS_NORM: tl.constexpr = False,
+        BLOCK_R: tl.constexpr = 1,
     ):
         """The down GEMV with the slots split across programs (``moe_experts(down="split")``), shaped like the
         up kernel: program (t·slots + s, hb) computes ``y = W2[e_s][rows] @ h[t, s]`` in float32 over a K loop
         (software-pipelined over ``STAGES`` like the up kernel's, a plain loop at 0), stores it to the [T, slots,
         H] scratch, and the program that finishes last for (t, hb) combines the slots in order with the rows
-        kernel's rounding points (see :func:`_moe_down_combine`)."""
+        kernel's rounding points (see :func:`_moe_down_combine`).  ``HAS_NORM``: of those, the one that finishes
+        token t's row last (a second counter per token, ordered the same way) adds the residual stream to the row
+        and normalises it (:func:`_norm_row`: the next norm's add_rms_norm, in this launch)."""
         if USE_GDC:
             _dependent_launch()
         ts = tl.program_id(0)  # token * n_slots + slot
@@ -991,6 +1028,16 @@ if HAVE_TRITON:
                 y_ptr, wts_ptr, res_ptr, out_ptr, t, rows, rmask, H, TOP_K, N_ALWAYS, HAS_RESIDUAL, BLOCK_H
             )
             tl.atomic_xchg(count, 0, sem="relaxed", scope="gpu")
+            if HAS_NORM:  # the same publish / acquire pattern, over the row's blocks
+                tl.debug_barrier()
+                rdone = tl.atomic_add(row_count_ptr + t, 1, sem="acq_rel", scope="gpu")
+                tl.debug_barrier()
+                if rdone == tl.num_programs(1) - 1:
+                    _norm_row(
+                        out_ptr + t * H, nres_ptr + t * H, nw_ptr, normed_ptr + t * H, nsum_ptr + t * H,
+                        normed_ptr + t * H, H, eps, True, BLOCK_R, False, True,
+                    )  # fmt: skip
+                    tl.atomic_xchg(row_count_ptr + t, 0, sem="relaxed", scope="gpu")
 
     @triton.jit
     def _moe_down_combine(
@@ -1357,7 +1404,7 @@ if HAVE_TRITON:
         if HAS_NORM:
             cols = tl.arange(0, BLOCK_H)
             cmask = cols < K
-            srow, rstd = _add_rms(x_ptr + t * K, res_ptr + t * K, cols, cmask, K, eps, HAS_RESIDUAL, dt)
+            srow, rstd = _add_rms(x_ptr + t * K, res_ptr + t * K, cols, cmask, K, eps, HAS_RESIDUAL, dt, False)
             if HAS_RESIDUAL:
                 tl.store(summed_ptr + t * K + cols, srow.to(dt), mask=cmask & (cols * 0 + nb == 0))  # (a vector mask)
         acc = tl.zeros([2 * PAIRS], dtype=tl.float32)
@@ -2444,6 +2491,7 @@ def moe_experts(
     down: str | None = None,
     counters: Tensor | None = None,
     stages_down: int | None = None,
+    norm: tuple[Tensor, Tensor, float, Tensor, Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Routed + always-on experts for a few tokens, in two GEMV kernels: [T, H] in ``x.dtype``.
 
@@ -2476,6 +2524,12 @@ def moe_experts(
     [>= T·cdiv(H, block_h)] (:func:`down_counters`), kept by the caller across calls and graph replays (None: a
     zeroed buffer per call); the rows form ignores them.  ``block_h`` / ``block_k_down`` / ``num_warps_down`` are
     the down kernel's in either form (split defaults: :func:`moe_down_split_block_sizes`).
+
+    ``norm = (residual, weight, eps, normed, summed, row_counters)`` (split form only): the next norm too, in the
+    down launch: :func:`add_rms_norm` of the result and ``residual`` [T, H] (the residual stream) with ``weight``
+    and ``eps``, written to ``normed`` and ``summed`` ([T, H] buffers of the caller) by the program finishing each
+    token's row last (``row_counters``: int32 zeros [>= T], kept like ``counters``; re-armed to 0).  One launch
+    fewer: the next layer's input norm (or the final norm) is then done.
 
     Designed for T <= 8: every token re-reads its experts' weights (T=1: 8 slots x 6.9 MB = 55 MB per
     layer), so both kernels are memory-bound GEMVs.  Default blocks: :func:`moe_block_sizes` (>= ~2
@@ -2520,6 +2574,7 @@ def moe_experts(
         elif counters.device != x.device:
             raise ValueError(f"counters must be on {x.device} like x, got {counters.device}")
         counters = _contig(counters, "counters")
+    norm_args = _down_norm_args(norm, x, form)
     h = torch.empty((n_tokens, n_slots, inter), device=x.device, dtype=x.dtype)
     out = torch.empty_like(x)
     idx = _contig(idx, "idx")
@@ -2557,6 +2612,7 @@ def moe_experts(
             HAS_RESIDUAL=residual is not None,
             **blocks,
             STAGES=DOWN_SPLIT_STAGES if stages_down is None else stages_down,
+            **norm_args,
             **_pdl(),
         )
     else:
@@ -2564,6 +2620,39 @@ def moe_experts(
             *operands, **shapes, HAS_RESIDUAL=residual is not None, **blocks, **_pdl()
         )
     return out
+
+
+def _down_norm_args(
+    norm: tuple[Tensor, Tensor, float, Tensor, Tensor, Tensor] | None, x: Tensor, form: str
+) -> dict[str, Any]:
+    """The split down kernel's next-norm arguments (:func:`moe_experts`' ``norm``), checked; {} without one."""
+    if norm is None:
+        return {}
+    if form != "split":
+        raise ValueError("the next norm runs in the split down kernel only: pass down='split' with norm")
+    residual, weight, eps, normed, summed, row_counters = norm
+    rows, hidden = x.shape
+    for name, t in (("residual", residual), ("normed", normed), ("summed", summed)):
+        if t.shape != x.shape or t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(f"norm's {name} must be [{rows}, {hidden}] {x.dtype} on {x.device} like x")
+    if weight.shape != (hidden,) or weight.dtype != x.dtype:
+        raise ValueError(f"norm weight must be [{hidden}] {x.dtype}, got {weight.dtype} {tuple(weight.shape)}")
+    if len({normed.data_ptr(), summed.data_ptr(), residual.data_ptr()}) < 3:
+        raise ValueError("norm's normed, summed and residual must be three different tensors")
+    if row_counters.dtype != torch.int32 or row_counters.dim() != 1 or row_counters.numel() < rows:
+        raise ValueError(
+            f"norm's row counters must be int32 zeros [>= {rows}], got {row_counters.dtype} {tuple(row_counters.shape)}"
+        )
+    return dict(
+        nres_ptr=_contig(residual, "residual"),
+        nw_ptr=_contig(weight, "norm weight"),
+        normed_ptr=_contig(normed, "normed"),
+        nsum_ptr=_contig(summed, "summed"),
+        row_count_ptr=_contig(row_counters, "row counters"),
+        eps=float(eps),
+        HAS_NORM=True,
+        BLOCK_R=_pow2(hidden),
+    )
 
 
 # ======================================================================================== moe_experts_grouped

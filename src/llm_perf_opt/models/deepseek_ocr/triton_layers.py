@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -96,11 +97,33 @@ class TritonRMSNorm(RMSNorm):
         # per-row counters of the fused kernel: zero between calls; kept while the module lives, since a captured
         # graph keeps the address of the buffer it was captured with
         self._flags: list[Tensor] = []
+        # a norm run ahead, in the previous MoE layer's down kernel (TritonMoE.norm_ahead): add_norm launches nothing
+        # and returns what that kernel wrote, (the MoE's output it was given, residual, normed, summed) kept here
+        self.ahead = False
+        self._ahead: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+        # a MoE layer's post-attention norm whose sum (the residual stream) that MoE's down kernel reads (summed_for)
+        self.keep_summed = False
+        self._summed: tuple[Tensor, Tensor] | None = None  # (the normed rows it was made with, their sum)
 
     def add_norm(self, delta: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+        normed, summed = self._add_norm(delta, residual)
+        if self.keep_summed:
+            self._summed = (normed.reshape(-1, delta.shape[-1]), summed.reshape(-1, delta.shape[-1]))
+        return normed, summed
+
+    def _add_norm(self, delta: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
         shape = delta.shape  # [T, H] in the Triton step, [B, 1, H] in the batched step: rows either way
         flat_res = None if residual is None else residual.reshape(-1, shape[-1])
         flat = delta.reshape(-1, shape[-1])
+        if self.ahead:
+            kept, self._ahead = self._ahead, None
+            same_res = kept is not None and flat_res is not None and flat_res.data_ptr() == kept[1].data_ptr()
+            if kept is None or not same_res or not self._is_output(flat, kept[0]):
+                raise RuntimeError(
+                    "this norm runs in the previous MoE layer's down kernel (down_norm) but was given other rows:"
+                    " that layer's output and residual stream must come here unchanged"
+                )
+            return kept[2].view(shape), kept[3].view(shape)
         if self.deferred:
             # ``summed`` is written by the attention's kernel (or is ``delta`` itself, before the first layer); the
             # "normed" rows returned are ``delta``: only the attention, which asks for them here, may read them
@@ -138,6 +161,21 @@ class TritonRMSNorm(RMSNorm):
     def drop_f32(self) -> None:
         """Let go of the float32 copy the last :meth:`add_norm` wrote, unread (its reader widens the rows itself)."""
         self._f32 = None
+
+    def summed_for(self, rows: Tensor) -> Tensor:
+        """The residual stream (``residual + delta``) of the last :meth:`add_norm`, whose normed output ``rows``
+        must be (``keep_summed``: the MoE block after this norm adds it in its down kernel)."""
+        kept, self._summed = self._summed, None
+        if kept is None or not self._is_output(rows, kept[0]):
+            raise RuntimeError(
+                "the MoE block's down kernel runs the next norm but its input is not this norm's output: the block"
+                " must get its post-attention norm's output unchanged"
+            )
+        return kept[1]
+
+    def expect(self, delta: Tensor, residual: Tensor, normed: Tensor, summed: Tensor) -> None:
+        """An ``ahead`` norm's result for ``delta`` and ``residual``, written by the MoE down kernel before it."""
+        self._ahead = (delta, residual, normed, summed)
 
     def pending_for(self, rows: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
         """A deferred norm's (delta, residual, summed buffer) of the last :meth:`add_norm`, whose returned rows
@@ -280,6 +318,9 @@ class TritonMoE(MoE):
         # the GEMV path's down kernel form (kernels.DOWN_FORMS); the split form's counters are kept here
         self.down = down
         self._down_counters: list[Tensor] = []
+        self._row_counters: list[Tensor] = []  # the down kernel's per-token counters for the next norm
+        # (this layer's post-attention norm, the next norm) when the split down kernel runs the next norm
+        self._norms: tuple[TritonRMSNorm, TritonRMSNorm] | None = None
         self._copy_routing_rule(moe)
         # the layer's post-attention norm when it writes the router's float32 input (``keep_f32``); set past
         # nn.Module's registration: the layer owns that norm, this only reads it
@@ -316,6 +357,15 @@ class TritonMoE(MoE):
             logits=F.linear(self._f32(flat), self.gate_w32),  # cuBLAS: the torch path's exact logits
         )
 
+    def norm_ahead(self, post: TritonRMSNorm, nxt: TritonRMSNorm) -> None:
+        """Run ``nxt`` (the next layer's input norm, or the final norm) in this block's split down kernel: the sum
+        of the block's output and the residual stream ``post`` (this layer's post-attention norm) made, and its
+        norm (:func:`kernels.moe_experts`' ``norm``).  ``nxt`` then launches nothing (``ahead``)."""
+        if self.down != "split":
+            raise ValueError("the next norm runs in the split down kernel only (moe_down_split)")
+        post.keep_summed, nxt.ahead = True, True
+        object.__setattr__(self, "_norms", (post, nxt))  # the layers own the norms; this block only reads them
+
     def _f32(self, flat: Tensor) -> Tensor:
         norm = self.__dict__["router_input"]
         return flat.float() if norm is None else norm.f32_of(flat)
@@ -335,9 +385,22 @@ class TritonMoE(MoE):
                 dev,
                 lambda n, dev: torch.zeros(n, dtype=torch.int32, device=dev),
             )
-            return K.moe_experts(
-                flat, topk_idx, topk_weight, *stacks, n_always=n_always, down="split", counters=counters
+            norm = None
+            if self._norms is not None:
+                post, nxt = self._norms
+                rows = _kept_counters(
+                    self._row_counters, flat.shape[0], TRITON_MAX_ROWS, dev,
+                    lambda n, dev: torch.zeros(n, dtype=torch.int32, device=dev),
+                )  # fmt: skip
+                residual = post.summed_for(flat)
+                normed, summed = torch.empty_like(flat), torch.empty_like(flat)
+                norm = (residual, nxt.weight, nxt.eps, normed, summed, rows)
+            out = K.moe_experts(
+                flat, topk_idx, topk_weight, *stacks, n_always=n_always, down="split", counters=counters, norm=norm
             )
+            if norm is not None:
+                nxt.expect(out, norm[0], norm[3], norm[4])
+            return out
         return K.moe_experts(flat, topk_idx, topk_weight, *stacks, n_always=n_always)
 
 
@@ -415,13 +478,16 @@ def triton_layers(
     fused_input_norm: bool = False,
     down_split: bool = False,
     dense: bool = False,
+    down_norm: bool = False,
 ) -> tuple[list[DecoderLayer], RMSNorm]:
     """The fast layers (and the final norm) with Triton modules swapped in (``linear``: the attention's QKV and
     o_proj as Triton GEMVs; ``one_launch_attention``: attention without its combine launch; ``fused_router``: each
     MoE layer's post-attention norm and router in one launch; ``fused_rope``: with ``linear``, the rotary and the
     cache writes in the QKV GEMV; ``fused_input_norm``: with ``fused_rope``, each layer's input add + RMSNorm in
     that kernel too; ``down_split``: the experts' down GEMV in its split form, ``kernels.moe_experts(down="split")``;
-    ``dense``: dense MLPs on the expert kernels, :class:`TritonDenseMLP`, else as they are)."""
+    ``dense``: dense MLPs on the expert kernels, :class:`TritonDenseMLP`, else as they are; ``down_norm``: with
+    ``down_split``, the norm after each MoE layer (the next layer's input norm, or the final norm) in that layer's
+    down kernel, :meth:`TritonMoE.norm_ahead`, where that norm is not folded into a QKV kernel)."""
 
     def attention(attn: Attention) -> nn.Module:
         return TritonAttention(attn, linear, one_launch_attention, fused_rope)
@@ -430,7 +496,13 @@ def triton_layers(
     fast = [
         _triton_layer(layer, attention, router_f32, fused_router, fused_input_norm, down, dense) for layer in layers
     ]
-    return fast, TritonRMSNorm(norm)
+    final = TritonRMSNorm(norm)
+    if down_norm and down_split:
+        nexts = [cast(TritonRMSNorm, layer.input_layernorm) for layer in fast[1:]] + [final]
+        for layer, nxt in zip(fast, nexts, strict=True):
+            if isinstance(layer.mlp, TritonMoE) and not nxt.deferred:
+                layer.mlp.norm_ahead(cast(TritonRMSNorm, layer.post_attention_layernorm), nxt)
+    return fast, final
 
 
 def triton_row_layers(

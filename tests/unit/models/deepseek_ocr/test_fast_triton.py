@@ -315,7 +315,7 @@ def test_fused_input_norm_runs_the_input_norm_inside_the_qkv_kernel(monkeypatch:
     monkeypatch.setattr(kernels, "qkv_rope", spy_fused)
     monkeypatch.setattr(kernels, "add_rms_norm", spy_norm)
     model = _model(seed=14)
-    runs = _off_and_on(model, "fused_input_norm", 4)
+    runs = _off_and_on(model, "fused_input_norm", 4, down_norm=False)  # down_norm: tested below
     lang = model.config.language
     n_dense = sum(1 for layer in model.model.layers if layer.mlp.__class__.__name__ == "MLP")
     steps = 4 * lang.num_hidden_layers
@@ -497,6 +497,80 @@ def test_moe_down_split_runs_the_split_down_kernel_with_one_kept_counter_buffer(
         _decode(fast, torch.randn(rows, 5, model.config.language.hidden_size), None, 1)
     ptrs = [p for _, p in forms]
     assert None not in ptrs and ptrs[:n_moe] == ptrs[n_moe:]
+
+
+def test_down_norm_runs_the_next_norm_in_each_moe_down_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``down_norm``: every MoE layer's split down kernel runs the norm after it (the next layer's input norm, or the
+    final norm), so per decode step the norm kernel runs once per MoE layer less, and the teacher-forced logits
+    equal the step with the norm launches bit for bit (the same math and rounding points; the interpreter sums in
+    one order).  With ``fused_input_norm`` the next layers' input norms stay in their QKV kernels and only the final
+    norm moves."""
+    norms: list[int] = []
+    with_norm: list[bool] = []
+    real_norm, real_experts = kernels.add_rms_norm, kernels.moe_experts
+
+    def spy_norm(x: torch.Tensor, *args: object) -> tuple[torch.Tensor, torch.Tensor]:
+        norms.append(x.shape[0])
+        return real_norm(x, *args)  # type: ignore[arg-type]
+
+    def spy_experts(*args: object, **kw: object) -> torch.Tensor:
+        with_norm.append(kw.get("norm") is not None)
+        return real_experts(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kernels, "add_rms_norm", spy_norm)
+    monkeypatch.setattr(kernels, "moe_experts", spy_experts)
+    model = _model(seed=16)
+    runs = _off_and_on(model, "down_norm", 4, triton_dense_mlp=False)  # the MoE layers' expert calls only
+    lang = model.config.language
+    n_moe = sum(1 for layer in model.model.layers if layer.mlp.__class__.__name__ == "MoE")
+    n_dense = lang.num_hidden_layers - n_moe
+    assert n_moe > 0
+    assert with_norm == [False] * 4 * n_moe + [True] * 4 * n_moe
+    # decode steps (2 rows): every input norm, the dense layers' post-attention norms and the final norm; on: one
+    # per MoE layer fewer
+    assert norms.count(2) == 4 * (lang.num_hidden_layers + n_dense + 1) + 4 * (
+        lang.num_hidden_layers + n_dense + 1 - n_moe
+    )
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
+    # with the input norms folded into the QKV kernels, only the final norm runs in the last MoE layer's down kernel
+    with_norm.clear()
+    cfg = FastConfig(cuda_graphs=False, decode_kernels="triton", fused_input_norm=True, triton_dense_mlp=False)
+    _decode(apply_fast_path(model, cfg), torch.randn(2, 7, lang.hidden_size), None, 1)
+    last_moe = max(i for i, layer in enumerate(model.model.layers) if layer.mlp.__class__.__name__ == "MoE")
+    assert with_norm == [
+        i == last_moe for i, layer in enumerate(model.model.layers) if layer.mlp.__class__.__name__ == "MoE"
+    ]
+
+
+def test_norm_run_ahead_refuses_rows_its_moe_did_not_produce() -> None:
+    """A norm run in the MoE down kernel before it returns that kernel's result only for that kernel's output and
+    the residual stream it read; a post-attention norm hands its sum only to the MoE that got its output."""
+    from llm_perf_opt.models.deepseek_ocr.decoder import RMSNorm
+    from llm_perf_opt.models.deepseek_ocr.triton_layers import TritonRMSNorm
+
+    nxt = TritonRMSNorm(RMSNorm(64, 1e-6))
+    nxt.ahead = True
+    delta, residual, normed, summed = (torch.randn(3, 64) for _ in range(4))
+    with pytest.raises(RuntimeError, match="unchanged"):
+        nxt.add_norm(delta, residual)  # nothing run ahead
+    nxt.expect(delta, residual, normed, summed)
+    with pytest.raises(RuntimeError, match="unchanged"):
+        nxt.add_norm(delta.clone(), residual)
+    nxt.expect(delta, residual, normed, summed)
+    with pytest.raises(RuntimeError, match="unchanged"):
+        nxt.add_norm(delta, residual.clone())
+    nxt.expect(delta, residual, normed, summed)
+    got_normed, got_summed = nxt.add_norm(delta.view(3, 1, 64), residual.view(3, 1, 64))
+    assert got_normed.data_ptr() == normed.data_ptr() and got_summed.data_ptr() == summed.data_ptr()
+    assert got_normed.shape == (3, 1, 64)
+    post = TritonRMSNorm(RMSNorm(64, 1e-6))
+    post.keep_summed = True
+    out, total = post.add_norm(delta, residual)
+    torch.testing.assert_close(total, delta + residual)
+    with pytest.raises(RuntimeError, match="unchanged"):
+        post.summed_for(out.clone())
+    out, total = post.add_norm(delta, residual)
+    assert post.summed_for(out).data_ptr() == total.data_ptr()
 
 
 def test_triton_dense_mlp_runs_the_dense_layer_on_the_expert_kernels(monkeypatch: pytest.MonkeyPatch) -> None:

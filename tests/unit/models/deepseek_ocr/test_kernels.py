@@ -986,6 +986,59 @@ def test_moe_experts_split_down_equals_rows_form_bit_for_bit(dtype: torch.dtype,
         assert torch.equal(K.moe_experts(*args, **blocks), rows)  # DOWN_FORM: the rows form by default
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_moe_experts_split_down_runs_the_next_norm(dtype: torch.dtype) -> None:
+    """``norm``: the split down kernel also writes the next add + RMSNorm of its output and the residual stream,
+    by the program finishing each token's row last (4 row blocks racing for the row counter): against the eager
+    loop's output through the torch norm (independent of the kernel), and bit for bit the norm kernel's result of
+    the kernel's own output; the row counters are re-armed, so a second call with them finds zeros."""
+    c = _moe_case(3, 128, 64, 8, 3, dtype, seed=95)
+    gen = torch.Generator().manual_seed(96)
+    stream = torch.randn(3, 128, generator=gen).to(dtype)
+    weight = (1.0 + 0.1 * torch.randn(128, generator=gen)).to(dtype)
+    rows = torch.zeros(5, dtype=torch.int32)
+    for _ in range(2):
+        normed, summed = torch.empty_like(c["x"]), torch.empty_like(c["x"])
+        out = K.moe_experts(
+            c["x"], c["idx"], c["weights"], c["w13"], c["w2"], 2, down="split", block_h=32, block_k_down=32,
+            norm=(stream, weight, 1e-6, normed, summed, rows),
+        )  # fmt: skip
+        assert int(rows.abs().sum()) == 0
+        expected = _eager_expected(c, True, False)
+        _close(out, expected)
+        want_summed = (stream.float() + expected.float()).to(dtype)
+        want = weight * F.rms_norm(want_summed.float(), (128,), eps=1e-6).to(dtype)
+        _close(summed, want_summed)
+        _close(normed, want)
+        plain_normed, plain_summed = K.add_rms_norm(out, stream, weight, 1e-6)
+        assert torch.equal(normed, plain_normed) and torch.equal(summed, plain_summed)
+
+
+def test_moe_experts_next_norm_rejects_bad_input() -> None:
+    c = _moe_case(2, 64, 32, 4, 2, torch.float32)
+    args = (c["x"], c["idx"], c["weights"], c["w13"], c["w2"], 2)
+    x = c["x"]
+    w, rows = torch.ones(64), torch.zeros(2, dtype=torch.int32)
+
+    def norm(**kw: Any) -> tuple[Any, ...]:
+        parts = dict(residual=torch.randn(2, 64), weight=w, eps=1e-6, normed=torch.empty_like(x))
+        parts.update(summed=torch.empty_like(x), rows=rows)
+        parts.update(kw)
+        return tuple(parts.values())
+
+    with pytest.raises(ValueError, match="split down kernel only"):
+        K.moe_experts(*args, down="rows", norm=norm())
+    with pytest.raises(ValueError, match=r"norm's residual must be \[2, 64\]"):
+        K.moe_experts(*args, down="split", norm=norm(residual=torch.randn(3, 64)))
+    with pytest.raises(ValueError, match="norm weight must be"):
+        K.moe_experts(*args, down="split", norm=norm(weight=torch.ones(32)))
+    same = torch.empty_like(x)
+    with pytest.raises(ValueError, match="three different tensors"):
+        K.moe_experts(*args, down="split", norm=norm(normed=same, summed=same))
+    with pytest.raises(ValueError, match="row counters must be int32 zeros"):
+        K.moe_experts(*args, down="split", norm=norm(rows=torch.zeros(1, dtype=torch.int32)))
+
+
 def test_moe_experts_split_down_rejects_bad_input(monkeypatch: pytest.MonkeyPatch) -> None:
     c = _moe_case(2, 64, 32, 4, 2, torch.float32)
     args = (c["x"], c["idx"], c["weights"], c["w13"], c["w2"], 2)
