@@ -678,6 +678,7 @@ def main() -> None:
                     "fused_input_norm",
                     "moe_down_split",
                     "triton_dense_mlp",
+                    "down_norm",
                 )
             }
 
