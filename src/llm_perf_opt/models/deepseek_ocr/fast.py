@@ -265,9 +265,12 @@ class FastConfig:
     triton_dense_mlp: bool = True
     # with moe_down_split: the norm after each MoE layer (the next layer's input residual add + RMSNorm, or the final
     # norm) in that layer's down kernel, run by the program that finishes a token's row last (kernels.moe_experts'
-    # ``norm``: add_rms_norm's math and rounding points), one launch fewer per MoE layer; where fused_input_norm
-    # folds that norm into the next QKV kernel instead, that fold stays
-    down_norm: bool = True
+    # ``norm``: add_rms_norm's math and rounding points, bit-identical logits on the GPU), one launch fewer per MoE
+    # layer; where fused_input_norm folds that norm into the next QKV kernel instead, that fold stays.  Off: on an
+    # H200 (bench_fast, round 19, call 3) 0.590 ms/token without, 0.600 with; the graphed step's timeline shows the
+    # 11 norm launches gone (-37 us) and the down kernel 3.1 us a call longer (+34 us): the row's second counter
+    # and its tail cost what a dependent launch's boundary costs
+    down_norm: bool = False
     # the session's decode loop picks tokens on the device (greedy + the no-repeat-ngram ban inside the decode
     # graph, eos checked every 16 steps) instead of reading every step's logits on the host; temperature > 0
     # keeps the host loop

@@ -534,7 +534,9 @@ def test_down_norm_runs_the_next_norm_in_each_moe_down_kernel(monkeypatch: pytes
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
     # with the input norms folded into the QKV kernels, only the final norm runs in the last MoE layer's down kernel
     with_norm.clear()
-    cfg = FastConfig(cuda_graphs=False, decode_kernels="triton", fused_input_norm=True, triton_dense_mlp=False)
+    cfg = FastConfig(
+        cuda_graphs=False, decode_kernels="triton", fused_input_norm=True, down_norm=True, triton_dense_mlp=False
+    )
     _decode(apply_fast_path(model, cfg), torch.randn(2, 7, lang.hidden_size), None, 1)
     last_moe = max(i for i, layer in enumerate(model.model.layers) if layer.mlp.__class__.__name__ == "MoE")
     assert with_norm == [
