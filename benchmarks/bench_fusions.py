@@ -16,7 +16,9 @@ max |Δ| against the eager float32 math:
 * the LM prefill's causal attention per SDPA backend and ``prompt_attention``'s kernel per launch setting, and its
   rotary embedding (the torch path) eager vs compiled;
 * ``prompt_experts``: one MoE layer's routed experts at 913 tokens under random routing through ``prompt_moe``
-  (``infer.fast.prefill_experts=triton``) vs the torch path, whole and by piece, per launch setting.
+  (``infer.fast.prefill_experts=triton``) vs the torch path, whole and by piece, per launch setting;
+* ``clip_attention``: one CLIP layer's attention over a Gundam page's views, SDPA per view vs
+  ``clip_attention.views_attention`` per launch setting (``infer.fast.clip_attention``).
 
 The prompt kernels and the attention are timed from CUDA graphs (``graph_ms``), as the prefill runs them: timed as
 Python calls, a slow host's launch cost hides the GPU time (round 12's 0.502 ms per expert layer under random
@@ -413,6 +415,45 @@ PROMPT_ATTENTION_VARIANTS = [
 ]
 
 
+# (block_m, block_n, num_warps, num_stages) of clip_attention.views_attention swept at a Gundam page's views
+CLIP_ATTENTION_VARIANTS = [
+    (64, 64, 4, 3),
+    (32, 64, 4, 3),
+    (64, 128, 4, 3),
+    (128, 64, 8, 3),
+    (32, 32, 2, 3),
+    (64, 64, 4, 2),
+]
+
+
+def clip_attention_rows(dev: torch.device, cfg: DeepseekOCRConfig) -> list[dict[str, Any]]:
+    """One CLIP layer's attention over a Gundam page's views (six 101-token crops, the 257-token global view; CLIP-L's
+    16 heads of 64) from the QKV GEMM's rows: SDPA per view (with its layout copies: the "sdpa" choice) vs
+    ``clip_attention.views_attention`` per launch setting, each against the float32 SDPA; from CUDA graphs."""
+    from llm_perf_opt.models.deepseek_ocr import clip_attention as CA
+
+    views = ((6, 101), (1, 257))
+    heads = cfg.clip.num_attention_heads
+    rows_n = sum(n * s for n, s in views)
+    gen = torch.Generator(device=dev).manual_seed(5)
+    qkv = torch.randn(rows_n, 3 * cfg.clip.hidden_size, device=dev, generator=gen).bfloat16()
+    ref = CA.views_attention_ref(qkv.float(), views, heads)
+    part = f"CLIP attention, views {views} x {heads} heads"
+    rows = []
+    candidates = [("SDPA per view (sdpa)", functools.partial(CA.views_attention_ref, qkv, views, heads))]
+    for blocks in CLIP_ATTENTION_VARIANTS:
+        name = f"views_attention (triton) blocks (m, n, warps, stages)={blocks}"
+        candidates.append((name, functools.partial(CA.views_attention, qkv, views, heads, blocks)))
+    for name, fn in candidates:
+        try:
+            out = fn()
+            diff = float((out.float() - ref).abs().max())
+            rows.append(dict(part=part, variant=name, ms=graph_ms(fn), max_abs_diff=diff))
+        except Exception as exc:  # a variant that does not fit (shared memory) is reported, not fatal
+            rows.append(dict(part=part, variant=f"{name}: {type(exc).__name__}"[:200], ms=float("nan")))
+    return rows
+
+
 def rotary_rows(dev: torch.device, cfg: DeepseekOCRConfig) -> list[dict[str, Any]]:
     """The prefill's rotary embedding of q and k (``fast_layers.FusedAttention.project``): eager (a roll, two
     products, a sum) vs the same expression compiled (one fused kernel)."""
@@ -441,7 +482,7 @@ def rotary_rows(dev: torch.device, cfg: DeepseekOCRConfig) -> list[dict[str, Any
     return rows
 
 
-PARTS = ("gelu", "sort", "moe", "grouped", "prompt_experts", "attention", "rotary")
+PARTS = ("gelu", "sort", "moe", "grouped", "prompt_experts", "attention", "rotary", "clip_attention")
 
 
 def render(rows: list[dict[str, Any]], env: dict[str, str]) -> str:
@@ -492,6 +533,7 @@ def main() -> None:
         "prompt_experts": lambda: prompt_expert_rows(dev, cfg),
         "attention": lambda: attention_rows(dev, cfg),
         "rotary": lambda: rotary_rows(dev, cfg),
+        "clip_attention": lambda: clip_attention_rows(dev, cfg),
     }
     for part in (parts[name] for name in chosen):
         try:
