@@ -160,6 +160,7 @@ def test_fast_path_runs_through_the_cli_and_reports_its_switches(tmp_path: Path)
     assert opts["cuda_graphs"] is False and opts["vision_graphs"] is False  # CPU: forced off, and said so
     assert opts["sam_compile"] is False and opts["decode_kernels_triton"] is False
     assert opts["clip_merged_views"] is True  # v1's CLIP over a page's views at once (device-independent)
+    assert opts["clip_attention_triton"] is False  # its Triton attention needs CUDA (or the interpreter): SDPA ran
     report = (run_dir / "report.md").read_text()
     assert "grouped_moe=on" in report and "cuda_graphs=off" in report
     # counted FLOPs come from the eager forward of the same weights (graph replays hide ops from counters)

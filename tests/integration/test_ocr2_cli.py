@@ -137,6 +137,7 @@ def test_v2_fast_path_runs_through_the_cli(v2_run: tuple[Path, dict], tmp_path: 
     assert opts["grouped_moe"] is True and opts["fused_qkv"] is True and opts["sam_fast"] is True
     assert opts["cuda_graphs"] is False and opts["vision_graphs"] is False  # CPU: forced off, and said so
     assert opts["clip_merged_views"] is False  # v2 has no CLIP: the switch (on by default) does not apply
+    assert opts["clip_attention_triton"] is False  # nor CLIP's attention kernel
     page = m["pages"][0]
     assert page["error"] is None and page["image_tokens"] == IMAGE_TOKENS
     assert 0 < page["clip_ms"] <= page["vision_ms"] and 0 < page["sam_ms"] <= page["vision_ms"]
