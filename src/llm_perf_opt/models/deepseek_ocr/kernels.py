@@ -823,7 +823,12 @@ if HAVE_TRITON:
         tl.store(idx_ptr + out, sel_idx.to(tl.int64), mask=omask)
         tl.store(wout_ptr + out, sel_w, mask=omask)
         if HAS_COUNTS:  # the block's picks per expert (marked -2 above), then one add per expert it picked
-            per_expert = tl.sum(((remaining == -2.0) & rmask[:, None]).to(tl.int64), axis=0)
+            marks = ((remaining == -2.0) & rmask[:, None]).to(tl.int64)
+            per_expert = tl.sum(marks, axis=0)
+            # a pick is marked once however often it was stored: only a NaN row repeats one, the clamped last
+            # expert, so its repeats are what its row lacks of k marks; counted as stored, as _route_topk counts
+            repeats = tl.sum(tl.where(rmask, TOP_K - tl.sum(marks, axis=1), 0), axis=0)
+            per_expert += tl.where(e == E - 1, repeats, 0)
             tl.atomic_add(counts_ptr + e, per_expert, mask=emask & (per_expert > 0))
 
     @triton.jit

@@ -709,6 +709,26 @@ def test_moe_route_rows_counts_every_pick() -> None:
     assert int(counts.sum()) == 5 * 8 + 21 * 3
 
 
+def test_moe_route_rows_counts_a_nan_rows_picks_as_stored() -> None:
+    """A row whose logits are NaN (a broken page) still gets valid ids: its k picks clamp to the last expert.  The
+    counts add what the ids hold, k for that expert (the one-row router's rule, :func:`moe_route`), so the routing
+    counters never disagree with the stored picks; the other rows route as usual."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 64, generator=gen)
+    x[2] = float("nan")
+    gate = torch.randn(8, 64, generator=gen)
+    counts = torch.zeros(8, dtype=torch.int64)
+    idx, _ = K.moe_route_rows(x, gate, 3, counts=counts, block_m=16, block_k=32)
+    assert idx[2].tolist() == [7, 7, 7]
+    assert torch.equal(counts, torch.bincount(idx.reshape(-1), minlength=8))
+    one_row = torch.zeros(8, dtype=torch.int64)
+    ids, _ = K.moe_route(x[2:3], gate, 3, counts=one_row)
+    assert ids.tolist() == [[7, 7, 7]] and one_row.tolist() == [0] * 7 + [3]
+    finite = [0, 1, 3, 4]
+    ref_idx, _ = route_tokens(F.linear(x[finite], gate), 3)
+    assert torch.equal(idx[finite], ref_idx)
+
+
 def test_route_rows_block_sizes() -> None:
     """GPU: [64, 128] row blocks for a prompt's rows on bf16 operands, [32, 64] for fewer rows and for float32
     operands (the H200 sweep's figures are in the docstring); the interpreter's one large block."""
