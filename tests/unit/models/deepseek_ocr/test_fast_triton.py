@@ -32,9 +32,10 @@ from llm_perf_opt.models.deepseek_ocr.fast import TRITON_MAX_ROWS, FastConfig, a
 from llm_perf_opt.models.deepseek_ocr.model import DeepseekOCRForCausalLM  # noqa: E402
 from tests.conftest import TINY, rel_err, tiny_case_pages  # noqa: E402
 
-# Switches of the tests below that run pages or decode steps on the CPU: no graphs or compiles, and SAM's global
-# and windowed blocks on the augmented attention (the interpreter would otherwise run the Triton SAM kernel on every
-# page; test_sam_kernels and test_fast_vision cover it): what these tests hold is the decode step.
+# Switches of the tests below that run pages or decode steps on the CPU: no graphs or compiles, SAM's global and
+# windowed blocks on the augmented attention and CLIP's on SDPA (the interpreter would otherwise run the Triton SAM
+# and CLIP kernels on every page; test_sam_kernels, test_clip_attention and test_fast_vision cover them): what these
+# tests hold is the decode step.
 NO_GRAPHS_PLAIN_VISION: dict[str, object] = dict(
     cuda_graphs=False,
     sam_compile=False,
@@ -42,6 +43,7 @@ NO_GRAPHS_PLAIN_VISION: dict[str, object] = dict(
     vision_graphs=False,
     sam_attention="augmented",
     sam_window_attention="augmented",
+    clip_attention="sdpa",
 )
 
 pytestmark = pytest.mark.skipif(

@@ -313,6 +313,43 @@ def test_fast_encode_images_runs_clip_once_per_page_with_merged_views(merged: bo
     assert inner.vision_model.views_layer_fn is None and inner.vision_model.views_fn is None  # restored
 
 
+@pytest.mark.parametrize("merged", [True, False])
+def test_clip_attention_kernel_runs_once_per_layer_in_the_fast_vision(
+    merged: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``clip_attention=triton`` through the interpreter: a page's CLIP layers each run the views kernel once (over
+    both views with ``clip_merged_views``, else once per view) and the features equal the eager model's; without the
+    interpreter the same config runs SDPA and says why."""
+    from llm_perf_opt.models.deepseek_ocr import clip_attention
+
+    if not clip_attention.INTERPRETED:
+        pytest.skip("clip_attention was imported compiled-mode; the GPU suite runs the Triton kernel")
+    model, crops, ori, expected = _tiny_page()
+    cfg = FastConfig(sam_compile=False, clip_compile=False, sam_gelu_epilogue=False, clip_merged_views=merged)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    plain = apply_fast_path(model, cfg)
+    assert plain.vision.clip_attention == "sdpa" and "TRITON_INTERPRET=1" in (plain.vision.clip_attention_note or "")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    views: list[tuple[tuple[int, int], ...]] = []
+    real = clip_attention.views_attention
+
+    def spy(qkv: torch.Tensor, seen: tuple[tuple[int, int], ...], *args: object) -> torch.Tensor:
+        views.append(seen)
+        return real(qkv, seen, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(clip_attention, "views_attention", spy)
+    fast = apply_fast_path(model, cfg)
+    assert fast.vision.clip_attention == "triton" and fast.vision.clip_attention_note is None
+    actual = fast.encode_images(crops, ori, [2, 1])
+    layers = model.config.clip.num_layers
+    crop_tokens, whole_tokens = views[0][0][1], views[-1][-1][1]
+    if merged:
+        assert views == [((2, crop_tokens), (1, whole_tokens))] * layers
+    else:
+        assert sorted(views) == sorted([((2, crop_tokens),)] * layers + [((1, whole_tokens),)] * layers)
+    assert _rel_err(actual, expected) < 1e-5
+
+
 @pytest.mark.parametrize(
     ("sam_attention", "window"), [("augmented", "augmented"), ("flex", "augmented"), ("triton", "triton")]
 )
