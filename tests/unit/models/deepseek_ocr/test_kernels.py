@@ -1406,10 +1406,14 @@ def test_dependent_launch_variants_wait_before_they_read(sm90: list[dict[str, An
     instructions in its PTX (the wait, without which a dependent launch could read the previous kernel's outputs
     early); the plain variants hold neither (a stray wait would be harmless, a missing one a race)."""
     pdl = {r["kernel"]: r for r in sm90 if r["constexprs"].get("USE_GDC", False)}
-    # every kernel has its dependent-launch variant, but SAM's (they run inside the compiled vision blocks, never
-    # under kernels.dependent_launches, and have no USE_GDC)
-    sam = {"sam_kernels._rel_pos_attention_kernel", "sam_kernels._rel_pos_tables_kernel"}
-    assert set(pdl) == {r["kernel"] for r in sm90} - sam
+    # every kernel has its dependent-launch variant, but SAM's and CLIP's (they run inside the compiled vision blocks,
+    # never under kernels.dependent_launches, and have no USE_GDC)
+    vision = {
+        "sam_kernels._rel_pos_attention_kernel",
+        "sam_kernels._rel_pos_tables_kernel",
+        "clip_attention._views_attention_kernel",
+    }
+    assert set(pdl) == {r["kernel"] for r in sm90} - vision
     for r in pdl.values():
         assert not r["error"] and r["spill_bytes"] in (0, None), r
         assert r["griddepcontrol"] == ["launch_dependents", "wait"], r
