@@ -688,7 +688,7 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
         plain = {**split, "eps": "fp32"}
         specs.append(("_moe_down_split_kernel", plain, {**split_consts, **no_norm}, 4))
         specs.append(("_moe_down_split_kernel", plain, {**split_consts, **no_norm, "STAGES": 0}, 4))
-        # with the next norm (moe_experts(norm=...), FastConfig.down_norm: the single-page step's default)
+        # with the next norm (moe_experts(norm=...), FastConfig.down_norm: off by default, measured slower)
         with_norm = {**split, "nres_ptr": bf, "nw_ptr": bf, "normed_ptr": bf, "nsum_ptr": bf, "row_count_ptr": "*i32"}
         with_norm["eps"] = "fp32"
         specs.append(("_moe_down_split_kernel", with_norm, {**split_consts, "HAS_NORM": True, "BLOCK_R": 2048}, 4))

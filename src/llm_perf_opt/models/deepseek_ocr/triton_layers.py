@@ -58,6 +58,11 @@ def _kept_counters(
     return kept[-1]
 
 
+def _int32_zeros(n: int, device: torch.device) -> Tensor:
+    """A zeroed int32 counter buffer of ``n`` entries (the split down kernel's counters, per row block or per row)."""
+    return torch.zeros(n, dtype=torch.int32, device=device)
+
+
 @dataclasses.dataclass(frozen=True)
 class Router:
     """What a MoE layer's router needs (from its :class:`GroupedMoE`): the fused norm + router kernel's inputs."""
@@ -383,15 +388,12 @@ class TritonMoE(MoE):
                 K.down_counter_count(flat.shape[0], hidden, dev),
                 K.down_counter_count(TRITON_MAX_ROWS, hidden, dev),  # one buffer for every single-page step
                 dev,
-                lambda n, dev: torch.zeros(n, dtype=torch.int32, device=dev),
+                _int32_zeros,
             )
             norm = None
             if self._norms is not None:
                 post, nxt = self._norms
-                rows = _kept_counters(
-                    self._row_counters, flat.shape[0], TRITON_MAX_ROWS, dev,
-                    lambda n, dev: torch.zeros(n, dtype=torch.int32, device=dev),
-                )  # fmt: skip
+                rows = _kept_counters(self._row_counters, flat.shape[0], TRITON_MAX_ROWS, dev, _int32_zeros)
                 residual = post.summed_for(flat)
                 normed, summed = torch.empty_like(flat), torch.empty_like(flat)
                 norm = (residual, nxt.weight, nxt.eps, normed, summed, rows)
