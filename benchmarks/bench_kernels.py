@@ -774,6 +774,15 @@ def sam_specs() -> list[tuple[str, dict[str, str], dict[str, Any], int]]:
         for row_table in (True, False):
             consts = dict(D=64, SIDE=max(16, sam_kernels._pow2(grid)), ROW_TABLE=row_table, PRECISION="tf32")
             specs.append(("sam_kernels._rel_pos_tables_kernel", tables, {**consts, "UPCAST": False}, 4))
+    # sam_kernels.TABLES="gather": both tables in one launch, at sam_kernels.GATHER_BLOCK and the sweep's largest
+    gather = dict(q_ptr=bf, pos_h_ptr=bf, pos_w_ptr=bf, rh_ptr=bf, rw_ptr=bf, s_qb="i32", s_qh="i32", s_qn="i32")
+    gather.update(HEADS="i32", H="i32", W="i32")
+    for grid, _ in SAM_GRIDS:
+        pads = dict(KH_PAD=sam_kernels._pow2(grid), KW_PAD=sam_kernels._pow2(grid))
+        pads.update(PH_PAD=sam_kernels._pow2(2 * grid - 1), PW_PAD=sam_kernels._pow2(2 * grid - 1))
+        for block, warps in {sam_kernels.GATHER_BLOCK, (128, 8)}:
+            consts = dict(D=64, BLOCK=block, **pads, PRECISION="tf32", UPCAST=False)
+            specs.append(("sam_kernels._rel_pos_tables_gather_kernel", gather, consts, warps))
     return specs
 
 

@@ -151,6 +151,51 @@ def sweep_settings(grid: int) -> list[tuple[int, int, int, int, bool, int]]:
     return [*out, (128, width, 8, 2, False, 0)]
 
 
+# (queries per program, warps) of sam_kernels.tables_gather_kernel tried by the tables' rows
+GATHER_SETTINGS = [(16, 1), (32, 2), (32, 4), (64, 4), (64, 8), (128, 8)]
+
+
+def table_rows(view: str, tables: Any, q: torch.Tensor, grid: int) -> list[dict[str, Any]]:
+    """The two tables alone at one view (compiled, as inside the fast path's SAM blocks, graph-timed): each form of
+    ``sam_kernels.TABLES``, then the gather form at each of :data:`GATHER_SETTINGS`.  GB/s counts one read of
+    ``q`` and one write of both tables (the least any form must move)."""
+    batch, heads, n, dim = q.shape
+    useful = batch * heads * n * (dim + 2 * grid) * q.element_size()
+    runs = [(form, None) for form in sam_kernels.TABLE_FORMS] + [("gather", s) for s in GATHER_SETTINGS]
+    rows = []
+    for form, setting in runs:
+        label = f"the two tables alone, compiled, TABLES={form}" + (
+            f", {setting[0]} queries / {setting[1]} warps" if setting else ""
+        )
+        try:
+            # GATHER_BLOCK is read inside the custom op at each call, TABLES while tracing (a guard: recompiled)
+            block = setting or sam_kernels.GATHER_BLOCK
+            with module_setting(sam_kernels, "TABLES", form), module_setting(sam_kernels, "GATHER_BLOCK", block):
+                compiled = torch.compile(tables, dynamic=False)
+                compiled()  # compile outside the graph capture
+                ms = graph_ms(compiled)
+        except Exception as exc:  # one form failing must not lose the sweep
+            rows.append(dict(view=view, setting=label, error=f"{type(exc).__name__}: {exc}"[:200]))
+            continue
+        rows.append(dict(view=view, setting=label, ms=ms, gbps=useful / ms / 1e6))
+    return rows
+
+
+def tables_only_rows(sam: SamEncoder, dev: torch.device) -> list[dict[str, Any]]:
+    """``--tables``: :func:`table_rows` at each view's global grid and the windows' (no attention settings)."""
+    heads, dim, rel_h, rel_w = global_attention(sam)
+    gen = torch.Generator(device=dev).manual_seed(2)
+    shapes = [(v, b, side // int(sam.cfg.patch_size)) for _, v, b, side in VIEWS] + [
+        (v, b, g) for _, v, b, g in WINDOW_VIEWS
+    ]
+    rows = []
+    for view, batch, grid in shapes:
+        qkv = torch.randn(batch, grid * grid, 3, heads, dim, device=dev, generator=gen, dtype=torch.bfloat16)
+        q = qkv.permute(2, 0, 3, 1, 4)[0]  # the block's strided view of its QKV output
+        rows += table_rows(view, functools.partial(sam_kernels.rel_pos_tables, q, rel_h, rel_w, (grid, grid)), q, grid)
+    return rows
+
+
 def sweep_rows(sam: SamEncoder, dev: torch.device) -> list[dict[str, Any]]:
     """The Triton kernel's launch settings at each view's global grid and the windows' (ms, useful TFLOP/s)."""
     heads, dim, rel_h, rel_w = global_attention(sam)
@@ -163,15 +208,7 @@ def sweep_rows(sam: SamEncoder, dev: torch.device) -> list[dict[str, Any]]:
         n = grid * grid
         q, k, v = (torch.randn(batch, heads, n, dim, device=dev, generator=gen, dtype=torch.bfloat16) for _ in range(3))
         tables = functools.partial(sam_kernels.rel_pos_tables, q, rel_h, rel_w, (grid, grid))
-        for form in sam_kernels.TABLE_FORMS:  # compiled, as inside the fast path's SAM blocks
-            try:
-                with module_setting(sam_kernels, "TABLES", form):
-                    compiled = torch.compile(tables, dynamic=False)
-                    compiled()  # compile outside the graph capture
-                    ms = graph_ms(compiled)
-            except Exception as exc:  # one form failing must not lose the sweep
-                ms, form = float("nan"), f"{form} (failed: {type(exc).__name__}: {exc})"[:200]
-            rows.append(dict(view=view, setting=f"the two tables alone, compiled, TABLES={form}", ms=ms))
+        rows += table_rows(view, tables, q, grid)
         th, tw = tables()
         default = sam_kernels.attention_blocks(n, grid, interpreter=False)
         rows.append(dict(view=view, setting=f"default: {default}", ms=float("nan")))
@@ -244,14 +281,8 @@ def tower_rows(sam: SamEncoder, dev: torch.device, kinds: tuple[str, ...]) -> li
     return rows
 
 
-def render(
-    ops: list[dict[str, Any]], towers: list[dict[str, Any]], env: dict[str, str], sweep: list[dict[str, Any]]
-) -> str:
+def _op_tower_lines(ops: list[dict[str, Any]], towers: list[dict[str, Any]]) -> list[str]:
     lines = [
-        f"# SAM rel-pos attention: augmented flash vs FlexAttention vs Triton — {env['gpu']}",
-        "",
-        f"{env['date']}; torch {env['torch']}; bf16, seeded random weights of the real shapes; CUDA events,"
-        " median of 20 runs after 3 warm-ups.",
         "",
         "## The op alone (one block's attention, compiled)",
         "",
@@ -281,6 +312,20 @@ def render(
         if pairs:
             speedups = ", ".join(f"{v} {a / f:.2f}×" for v, a, f in pairs)
             lines += ["", f"Tower speed-up {label} vs augmented: {speedups}."]
+    return lines
+
+
+def render(
+    ops: list[dict[str, Any]], towers: list[dict[str, Any]], env: dict[str, str], sweep: list[dict[str, Any]]
+) -> str:
+    lines = [
+        f"# SAM rel-pos attention: augmented flash vs FlexAttention vs Triton — {env['gpu']}",
+        "",
+        f"{env['date']}; torch {env['torch']}; bf16, seeded random weights of the real shapes; CUDA events,"
+        " median of 20 runs after 3 warm-ups.",
+    ]
+    if ops or towers:  # --tables times the tables alone
+        lines += _op_tower_lines(ops, towers)
     if sweep:
         lines += [
             "",
@@ -291,7 +336,7 @@ def render(
             "Several key rows per step add the",
             "position terms through one-hot products (since round 14; round 11's several-rows rows selected them).",
             "",
-            "| view | setting | ms | useful TFLOP/s |",
+            "| view | setting | ms | useful rate (the tables: one read of q + the writes) |",
             "| --- | --- | ---: | ---: |",
         ]
         for r in sweep:
@@ -299,8 +344,10 @@ def render(
                 cells = f"failed: {r['error']} | "
             elif r["ms"] != r["ms"]:  # the default setting's row: no timing of its own
                 cells = " | "
+            elif "tflops" in r:
+                cells = f"{r['ms']:.3f} | {r['tflops']:.0f} TFLOP/s"
             else:
-                cells = f"{r['ms']:.3f} | {r['tflops']:.0f}" if "tflops" in r else f"{r['ms']:.3f} | "
+                cells = f"{r['ms']:.3f} | {r['gbps']:.0f} GB/s" if "gbps" in r else f"{r['ms']:.3f} | "
             lines.append(f"| {r['view']} | {r['setting']} | {cells} |")
     return "\n".join(lines) + "\n"
 
@@ -310,6 +357,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="folder for sam_attention.md / .json")
     ap.add_argument("--flex", action="store_true", help="also time FlexAttention (slow to compile and to run)")
     ap.add_argument("--sweep", action="store_true", help="also sweep the Triton kernel's launch settings")
+    ap.add_argument("--tables", action="store_true", help="only the position tables' forms and settings")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_sam_attention: no CUDA device; nothing timed")
@@ -326,14 +374,20 @@ def main() -> None:
         torch=torch.__version__,
         date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     )
-    with torch.no_grad():
-        kinds = KINDS if args.flex else tuple(k for k in KINDS if k != "flex")
-        ops = op_rows(sam, dev, kinds)
-    towers = tower_rows(sam, dev, kinds)
-    sweep = []
-    if args.sweep:
+    ops: list[dict[str, Any]] = []
+    towers: list[dict[str, Any]] = []
+    if args.tables:
         with torch.no_grad():
-            sweep = sweep_rows(sam, dev)
+            sweep = tables_only_rows(sam, dev)
+    else:
+        with torch.no_grad():
+            kinds = KINDS if args.flex else tuple(k for k in KINDS if k != "flex")
+            ops = op_rows(sam, dev, kinds)
+        towers = tower_rows(sam, dev, kinds)
+        sweep = []
+        if args.sweep:
+            with torch.no_grad():
+                sweep = sweep_rows(sam, dev)
     text = render(ops, towers, env, sweep)
     print(text)
     if args.out is not None:

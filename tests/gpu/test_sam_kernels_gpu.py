@@ -139,7 +139,7 @@ def test_linear_gelu_epilogue_is_the_tanh_gelu() -> None:
 
 
 @pytest.mark.parametrize(("batch", "grid"), [(6, 40), (1, 64), (54, 14)])
-@pytest.mark.parametrize("form", ["einsum", "gemm", "triton"])
+@pytest.mark.parametrize("form", ["einsum", "gemm", "triton", "gather"])
 def test_tables_compiled_match_float64_products(
     batch: int, grid: int, form: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -56,6 +56,7 @@ if HAVE_TRITON:
 
 __all__ = [
     "BY_GRID",
+    "GATHER_BLOCK",
     "HAVE_TRITON",
     "INTERPRETED",
     "TABLES",
@@ -65,6 +66,7 @@ __all__ = [
     "attention_kernel",
     "rel_pos_tables",
     "rel_pos_triton_attention",
+    "tables_gather_kernel",
     "tables_kernel",
     "unavailable_reason",
 ]
@@ -283,6 +285,65 @@ if HAVE_TRITON:
                 dst = out_ptr + (bh * n_tok + n[:, None]) * W + kk[None, :]
             tl.store(dst, vals.to(out_ptr.dtype.element_ty), mask=jm[:, None] & km[None, :])
 
+    @triton.jit
+    def _rel_pos_tables_gather_kernel(
+        q_ptr,
+        pos_h_ptr,
+        pos_w_ptr,
+        rh_ptr,
+        rw_ptr,
+        s_qb,
+        s_qh,
+        s_qn,
+        HEADS,
+        H,
+        W,
+        D: tl.constexpr,
+        BLOCK: tl.constexpr,
+        KH_PAD: tl.constexpr,
+        KW_PAD: tl.constexpr,
+        PH_PAD: tl.constexpr,
+        PW_PAD: tl.constexpr,
+        PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
+        """Program (block of ``BLOCK`` consecutive queries, batch·head): both tables from one read of q.  The block
+        against every row of both resampled position tables (two products, [BLOCK, 2H − 1] and [BLOCK, 2W − 1],
+        padded to powers of two), then each query's own entries gathered in registers: query (qh, qw) and key row
+        kh take column ``qh − kh + H − 1`` of the first, key column kw column ``qw − kw + W − 1`` of the second.
+        Stored as :func:`tables_kernel` stores them: ``rel_h`` [B·heads, H, N] key-row major, ``rel_w`` [B·heads, N,
+        W].  Each entry the same 64-term dot product in float32 as there, rounded to the output dtype once."""
+        pid = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // HEADS
+        head = bh % HEADS
+        n_tok = H * W
+        n = pid * BLOCK + tl.arange(0, BLOCK)
+        nm = n < n_tok
+        d = tl.arange(0, D)
+        qt = tl.load(q_ptr + b * s_qb + head * s_qh + n[:, None] * s_qn + d[None, :], mask=nm[:, None], other=0.0)
+        ph = tl.arange(0, PH_PAD)
+        pt_h = tl.load(pos_h_ptr + ph[:, None] * D + d[None, :], mask=(ph < 2 * H - 1)[:, None], other=0.0)
+        pw = tl.arange(0, PW_PAD)
+        pt_w = tl.load(pos_w_ptr + pw[:, None] * D + d[None, :], mask=(pw < 2 * W - 1)[:, None], other=0.0)
+        if UPCAST:  # Triton's interpreter computes bf16 tl.dot wrongly; float32 operands are exact
+            qt, pt_h, pt_w = qt.to(tl.float32), pt_h.to(tl.float32), pt_w.to(tl.float32)
+        qh = n // W
+        qw = n - qh * W
+        kh = tl.arange(0, KH_PAD)
+        all_h = tl.dot(qt, tl.trans(pt_h), input_precision=PRECISION)  # [query, position row]
+        # padding key rows (kh >= H) and queries past the grid point outside [0, 2H − 2]: clamped, never stored
+        pick_h = tl.minimum(tl.maximum(qh[:, None] - kh[None, :] + H - 1, 0), PH_PAD - 1)
+        vals_h = tl.gather(all_h, pick_h, 1)
+        dst_h = rh_ptr + (bh * H + kh[None, :]).to(tl.int64) * n_tok + n[:, None]
+        tl.store(dst_h, vals_h.to(rh_ptr.dtype.element_ty), mask=nm[:, None] & (kh < H)[None, :])
+        kw = tl.arange(0, KW_PAD)
+        all_w = tl.dot(qt, tl.trans(pt_w), input_precision=PRECISION)
+        pick_w = tl.minimum(tl.maximum(qw[:, None] - kw[None, :] + W - 1, 0), PW_PAD - 1)
+        vals_w = tl.gather(all_w, pick_w, 1)
+        dst_w = rw_ptr + (bh * n_tok + n[:, None]).to(tl.int64) * W + kw[None, :]
+        tl.store(dst_w, vals_w.to(rw_ptr.dtype.element_ty), mask=nm[:, None] & (kw < W)[None, :])
+
 
 class Blocks(NamedTuple):
     """One launch setting of the kernel: queries per program, key columns per step (a power of two holding
@@ -388,7 +449,7 @@ Under ``torch.compile`` the einsums become 32 sm80 batched GEMMs of 13.4 us (0.4
 gemm form did not become the one dense GEMM it was meant to be: ``q`` is a strided view of the QKV output, so
 inductor kept it batched over (batch, head), with a 158-wide output (not a multiple of 8: no Hopper kernel) on the
 same sm80 kernels plus three gathers."""
-TABLE_FORMS = ("einsum", "gemm", "triton")
+TABLE_FORMS = ("einsum", "gemm", "triton", "gather")
 
 
 def rel_pos_tables(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
@@ -412,12 +473,13 @@ def rel_pos_tables(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, hw: tuple[in
         rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, hw, hw)  # [B, heads, h, w, kh], [B, heads, h, w, kw]
         rel_h = rel_h.permute(0, 1, 4, 2, 3).reshape(b * n_heads, h, n)
         return rel_h.contiguous(), rel_w.reshape(b * n_heads, n, w).contiguous()
-    if TABLES == "triton":
+    if TABLES in ("triton", "gather"):
         pos_h = resample_rel_pos(rel_pos_h, 2 * h - 1).to(q.dtype).contiguous()
         pos_w = resample_rel_pos(rel_pos_w, 2 * w - 1).to(q.dtype).contiguous()
+        gather = TABLES == "gather"
         if q.device.type == "cuda":
-            return _tables_op(q, pos_h, pos_w, h, w)
-        return tables_kernel(q, pos_h, pos_w, h, w)
+            return _tables_op(q, pos_h, pos_w, h, w, gather)
+        return (tables_gather_kernel if gather else tables_kernel)(q, pos_h, pos_w, h, w)
     table = torch.cat((resample_rel_pos(rel_pos_h, 2 * h - 1), resample_rel_pos(rel_pos_w, 2 * w - 1)))
     full = torch.matmul(q, table.to(q.dtype).t()).view(b * n_heads, h, w, table.shape[0])
     rows = torch.arange(h, device=q.device)
@@ -433,20 +495,9 @@ def tables_kernel(q: Tensor, pos_h: Tensor, pos_w: Tensor, h: int, w: int) -> tu
     """:data:`TABLES` ``"triton"``: ``rel_h`` [B·heads, h, N] and ``rel_w`` [B·heads, N, w] in ``q.dtype`` from the
     unscaled ``q`` [B, heads, N, C] (head dimension contiguous) and the position tables already resampled for the
     grid, ``pos_h`` [2h − 1, C] and ``pos_w`` [2w − 1, C] (contiguous, ``q.dtype``); two launches."""
-    why = unavailable_reason(q.device)
-    if why:
-        raise KernelUnavailableError(f"sam_kernels.tables_kernel cannot run on {q.device}: {why}")
-    b, n_heads, n, dim = q.shape
-    if n != h * w or q.stride(-1) != 1:
-        raise ValueError(f"q must be [B, heads, {h}·{w}, C] with a contiguous head dimension, got {tuple(q.shape)}")
-    for pos, size in ((pos_h, h), (pos_w, w)):
-        if pos.shape != (2 * size - 1, dim) or not pos.is_contiguous() or pos.dtype != q.dtype:
-            raise ValueError(
-                f"position table [{2 * size - 1}, {dim}] contiguous in {q.dtype} expected, got {tuple(pos.shape)}"
-            )
+    rel_h, rel_w = _tables_out(q, pos_h, pos_w, h, w, "tables_kernel")
+    b, n_heads, _, dim = q.shape
     interpreter = q.device.type != "cuda"
-    rel_h = torch.empty((b * n_heads, h, n), device=q.device, dtype=q.dtype)
-    rel_w = torch.empty((b * n_heads, n, w), device=q.device, dtype=q.dtype)
     side = max(16, _pow2(max(h, w)))  # tl.dot wants at least 16 along each side
     for row_table, lines, pos, out in ((True, h, pos_h, rel_h), (False, w, pos_w, rel_w)):
         _rel_pos_tables_kernel[(lines, b * n_heads)](
@@ -466,6 +517,67 @@ def tables_kernel(q: Tensor, pos_h: Tensor, pos_w: Tensor, h: int, w: int) -> tu
             UPCAST=interpreter,
             num_warps=4,
         )
+    return rel_h, rel_w
+
+
+def _tables_out(q: Tensor, pos_h: Tensor, pos_w: Tensor, h: int, w: int, op: str) -> tuple[Tensor, Tensor]:
+    """The two tables' outputs, empty, after the checks both table kernels share (the device, the shapes)."""
+    why = unavailable_reason(q.device)
+    if why:
+        raise KernelUnavailableError(f"sam_kernels.{op} cannot run on {q.device}: {why}")
+    b, n_heads, n, dim = q.shape
+    if n != h * w or q.stride(-1) != 1:
+        raise ValueError(f"q must be [B, heads, {h}·{w}, C] with a contiguous head dimension, got {tuple(q.shape)}")
+    for pos, size in ((pos_h, h), (pos_w, w)):
+        if pos.shape != (2 * size - 1, dim) or not pos.is_contiguous() or pos.dtype != q.dtype:
+            raise ValueError(
+                f"position table [{2 * size - 1}, {dim}] contiguous in {q.dtype} expected, got {tuple(pos.shape)}"
+            )
+    rel_h = torch.empty((b * n_heads, h, n), device=q.device, dtype=q.dtype)
+    rel_w = torch.empty((b * n_heads, n, w), device=q.device, dtype=q.dtype)
+    return rel_h, rel_w
+
+
+# Queries per program and warps of :func:`tables_gather_kernel` on a GPU (the interpreter: 16 queries).  A first
+# guess, to be set from ``bench_sam_attention.py --tables``.
+GATHER_BLOCK = (64, 4)
+
+
+def tables_gather_kernel(
+    q: Tensor, pos_h: Tensor, pos_w: Tensor, h: int, w: int, block: int = 0, warps: int = 0
+) -> tuple[Tensor, Tensor]:
+    """:data:`TABLES` ``"gather"``: :func:`tables_kernel`'s two tables in one launch that reads ``q`` once, a
+    program per ``block`` consecutive queries (a power of two >= 16; default :data:`GATHER_BLOCK`) of one
+    (batch, head): the block against every row of both position tables, each query's entries gathered in
+    registers."""
+    rel_h, rel_w = _tables_out(q, pos_h, pos_w, h, w, "tables_gather_kernel")
+    b, n_heads, n, dim = q.shape
+    interpreter = q.device.type != "cuda"
+    block = block or (16 if interpreter else GATHER_BLOCK[0])
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"block must be a power of two >= 16 (tl.dot), got {block}")
+    _rel_pos_tables_gather_kernel[(triton.cdiv(n, block), b * n_heads)](
+        q,
+        pos_h,
+        pos_w,
+        rel_h,
+        rel_w,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        n_heads,
+        h,
+        w,
+        D=dim,
+        BLOCK=block,
+        KH_PAD=_pow2(h),
+        KW_PAD=_pow2(w),
+        PH_PAD=_pow2(2 * h - 1),
+        PW_PAD=_pow2(2 * w - 1),
+        PRECISION="ieee" if interpreter or q.dtype == torch.float32 else "tf32",
+        UPCAST=interpreter,
+        num_warps=warps or (1 if interpreter else GATHER_BLOCK[1]),
+    )
     return rel_h, rel_w
 
 
@@ -583,11 +695,11 @@ if HAVE_TRITON and not INTERPRETED:
         return q.new_empty((b, n, n_heads, dim))
 
     @torch.library.custom_op("llm_perf_opt::sam_rel_pos_tables", mutates_args=())
-    def _tables_op(q: Tensor, pos_h: Tensor, pos_w: Tensor, h: int, w: int) -> tuple[Tensor, Tensor]:
-        return tables_kernel(q, pos_h, pos_w, h, w)
+    def _tables_op(q: Tensor, pos_h: Tensor, pos_w: Tensor, h: int, w: int, gather: bool) -> tuple[Tensor, Tensor]:
+        return (tables_gather_kernel if gather else tables_kernel)(q, pos_h, pos_w, h, w)
 
     @_tables_op.register_fake
-    def _(q: Tensor, pos_h: Tensor, pos_w: Tensor, h: int, w: int) -> tuple[Tensor, Tensor]:
+    def _(q: Tensor, pos_h: Tensor, pos_w: Tensor, h: int, w: int, gather: bool) -> tuple[Tensor, Tensor]:
         b, n_heads, n, _ = q.shape
         return q.new_empty((b * n_heads, h, n)), q.new_empty((b * n_heads, n, w))
 

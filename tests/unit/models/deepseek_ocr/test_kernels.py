@@ -1362,6 +1362,19 @@ def test_sam_tables_kernel_compiles_without_spills_for_sm90(sm90: list[dict[str,
         assert not r["error"] and r["spill_bytes"] in (0, None), r
 
 
+def test_sam_gather_tables_kernel_compiles_without_spills_for_sm90(sm90: list[dict[str, Any]]) -> None:
+    """``sam_kernels.TABLES="gather"``: both tables in one launch, at ``GATHER_BLOCK`` and at 128 queries, on every
+    SAM grid (position tables padded to 128 rows at the 40-, 48- and 64-wide grids, 32 at the windows), compiles
+    for sm_90 without spills."""
+    from llm_perf_opt.models.deepseek_ocr import sam_kernels
+
+    rows = [r for r in sm90 if r["kernel"] == "sam_kernels._rel_pos_tables_gather_kernel"]
+    seen = {(r["constexprs"]["BLOCK"], r["constexprs"]["PH_PAD"]) for r in rows}
+    assert seen == {(block, pad) for block in (sam_kernels.GATHER_BLOCK[0], 128) for pad in (128, 32)}, seen
+    for r in rows:
+        assert not r["error"] and r["spill_bytes"] in (0, None), r
+
+
 def test_one_launch_attention_orders_its_partials(sm90: list[dict[str, Any]]) -> None:
     """The one-launch attention (``decode_attention(counters=...)``): its counter add is acq_rel at GPU scope (the
     last split must see every other split's partials), it re-arms the counter, and it reads the partials past L1;
@@ -1411,6 +1424,7 @@ def test_dependent_launch_variants_wait_before_they_read(sm90: list[dict[str, An
     vision = {
         "sam_kernels._rel_pos_attention_kernel",
         "sam_kernels._rel_pos_tables_kernel",
+        "sam_kernels._rel_pos_tables_gather_kernel",
         "clip_attention._views_attention_kernel",
     }
     assert set(pdl) == {r["kernel"] for r in sm90} - vision

@@ -194,14 +194,14 @@ def test_tables_hold_the_reference_products(form: str, hw: tuple[int, int], monk
     torch.testing.assert_close(tw.double(), ew.reshape(6, h * w, w), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("form", ["gemm", "triton"])
+@pytest.mark.parametrize("form", ["gemm", "triton", "gather"])
 def test_tables_by_hand_without_resampling(form: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tables stored at the grid's size (no resampling): entry (query (qh, qw), key row kh) is ``q · rel_pos_h[qh −
     kh + h − 1]`` and (query, key column kw) is ``q · rel_pos_w[qw − kw + w − 1]``, written out element by element."""
     monkeypatch.setattr(SK, "TABLES", form)
     h, w, dim = 3, 4, 16
     gen = torch.Generator().manual_seed(9)
-    dt = torch.float64 if form == "gemm" else torch.float32  # the kernel: float32, exact products under "ieee"
+    dt = torch.float64 if form == "gemm" else torch.float32  # the kernels: float32, exact products under "ieee"
     tol = 1e-12 if form == "gemm" else 1e-5
     q = torch.randn(1, 2, h * w, dim, generator=gen, dtype=torch.float64).to(dt)
     rph = torch.randn(2 * h - 1, dim, generator=gen, dtype=torch.float64).to(dt)
@@ -231,13 +231,42 @@ def test_tables_kernel_refuses_bad_position_tables() -> None:
         SK.tables_kernel(q, good, torch.randn(9, 16), 4, 5)
 
 
+@pytest.mark.parametrize(("hw", "block"), [((3, 5), 16), ((3, 5), 32), ((14, 14), 16), ((14, 14), 64), ((6, 20), 32)])
+def test_gather_tables_at_any_block_hold_the_products(hw: tuple[int, int], block: int) -> None:
+    """The gather form's programs at any block size: a block shorter than a query row, spanning several rows, or
+    running past the grid's last query (masked) hold the same products (oracle: ``sam.rel_pos_terms`` in float64 on
+    tables stored at the grid's size)."""
+    from llm_perf_opt.models.deepseek_ocr.sam import rel_pos_terms
+
+    h, w = hw
+    gen = torch.Generator().manual_seed(h * 100 + w + block)
+    q = torch.randn(2, 2, h * w, 16, generator=gen)
+    pos_h, pos_w = torch.randn(2 * h - 1, 16, generator=gen), torch.randn(2 * w - 1, 16, generator=gen)
+    th, tw = SK.tables_gather_kernel(q, pos_h, pos_w, h, w, block=block)
+    eh, ew = rel_pos_terms(q.double(), pos_h.double(), pos_w.double(), hw, hw)
+    torch.testing.assert_close(th.double(), eh.reshape(4, h * w, h).transpose(1, 2), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tw.double(), ew.reshape(4, h * w, w), rtol=1e-5, atol=1e-5)
+
+
+def test_gather_tables_refuse_a_bad_block() -> None:
+    q = torch.randn(1, 1, 16, 16)
+    pos = torch.randn(7, 16)
+    with pytest.raises(ValueError, match=r"block must be a power of two >= 16 \(tl.dot\), got 24"):
+        SK.tables_gather_kernel(q, pos, pos, 4, 4, block=24)
+    with pytest.raises(
+        ValueError, match=r"position table \[7, 16\] contiguous in torch.float32 expected, got \(9, 16\)"
+    ):
+        SK.tables_gather_kernel(q, torch.randn(9, 16), pos, 4, 4)
+
+
+@pytest.mark.parametrize("form", ["triton", "gather"])
 @pytest.mark.parametrize("hw", [(4, 4), (14, 14)])
 def test_attention_on_the_triton_tables_matches_dense_bias(
-    hw: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+    hw: tuple[int, int], form: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The attention kernel on :data:`TABLES` ``"triton"``'s tables: the float64 dense-bias oracle, as on the
-    einsums' (float32, resampled tables)."""
-    monkeypatch.setattr(SK, "TABLES", "triton")
+    """The attention kernel on the table kernels' tables (:data:`TABLES` ``"triton"``, ``"gather"``): the float64
+    dense-bias oracle, as on the einsums' (float32, resampled tables)."""
+    monkeypatch.setattr(SK, "TABLES", form)
     q, k, v, rel_h, rel_w = _case(hw, 16, torch.float32, seed=13)
     out = SK.rel_pos_triton_attention(q, k, v, rel_h, rel_w, hw)
     torch.testing.assert_close(out.double(), _oracle(q, k, v, rel_h, rel_w, hw), rtol=2e-5, atol=2e-5)
@@ -246,7 +275,7 @@ def test_attention_on_the_triton_tables_matches_dense_bias(
 def test_unknown_table_form_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(SK, "TABLES", "bmm")
     q, _, _, rel_h, rel_w = _case((4, 4), 16, torch.float32, seed=1)
-    with pytest.raises(ValueError, match=r"TABLES must be one of \('einsum', 'gemm', 'triton'\), got 'bmm'"):
+    with pytest.raises(ValueError, match=r"TABLES must be one of \('einsum', 'gemm', 'triton', 'gather'\), got 'bmm'"):
         SK.rel_pos_tables(q, rel_h, rel_w, (4, 4))
 
 
