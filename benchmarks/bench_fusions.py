@@ -215,6 +215,16 @@ PROMPT_DOWN_VARIANTS = [
     (128, 128, 128, 8, 3),
     (64, 128, 64, 8, 4),
 ]
+# Persistent forms (GemmBlocks.programs: the last field, as a multiple of the GPU's SM count), both GEMMs: the
+# default tiles at one and two programs per SM and deeper pipelines, smaller tiles at two per SM.
+PROMPT_PERSISTENT_VARIANTS = [
+    (128, 128, 64, 8, 3, 1),
+    (128, 128, 64, 8, 4, 1),
+    (128, 128, 64, 8, 3, 2),
+    (64, 128, 64, 4, 3, 2),
+    (64, 128, 64, 4, 4, 2),
+    (128, 64, 64, 4, 4, 2),
+]
 
 
 def prompt_expert_rows(dev: torch.device, cfg: DeepseekOCRConfig) -> list[dict[str, Any]]:
@@ -307,16 +317,22 @@ def prompt_expert_rows(dev: torch.device, cfg: DeepseekOCRConfig) -> list[dict[s
             ),
         )
     )
-    for blocks in PROMPT_UP_VARIANTS:
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    persistent = [(*v[:5], v[5] * sms) for v in PROMPT_PERSISTENT_VARIANTS]
+    used = int((al.offs[1:] > al.offs[:-1]).sum())  # experts with rows: the weights each GEMM must read
+    up_bytes, down_bytes = used * w13[0].numel() * w13.element_size(), used * w2[0].numel() * w2.element_size()
+    for blocks in [*PROMPT_UP_VARIANTS, *persistent]:
         b = PM.GemmBlocks(*blocks)
         try:
             fn = functools.partial(PM.grouped_swiglu, x, al.order, al.offs, w13, k, b)
             out = fn()
+            ms = graph_ms(fn)
             rows.append(
                 dict(
                     part=part,
                     variant=f"up: grouped_swiglu {b}",
-                    ms=graph_ms(fn),
+                    ms=ms,
+                    weights_tb_s=up_bytes / ms / 1e9,
                     max_abs_diff=float((out.float() - act_ref.float()).abs().max()),
                 )
             )
@@ -330,16 +346,18 @@ def prompt_expert_rows(dev: torch.device, cfg: DeepseekOCRConfig) -> list[dict[s
             ms=graph_ms(lambda: torch._grouped_mm(act_ref, w2.transpose(1, 2), offs=offs64)),
         )
     )
-    for blocks in PROMPT_DOWN_VARIANTS:
+    for blocks in [*PROMPT_DOWN_VARIANTS, *persistent]:
         b = PM.GemmBlocks(*blocks)
         try:
             fn = functools.partial(PM.grouped_down, act_ref, al.offs, w2, b)
             out = fn()
+            ms = graph_ms(fn)
             rows.append(
                 dict(
                     part=part,
                     variant=f"down: grouped_down {b}",
-                    ms=graph_ms(fn),
+                    ms=ms,
+                    weights_tb_s=down_bytes / ms / 1e9,
                     max_abs_diff=float((out.float() - y_ref.float()).abs().max()),
                 )
             )

@@ -91,13 +91,16 @@ class Alignment(NamedTuple):
 
 
 class GemmBlocks(NamedTuple):
-    """Launch settings of one grouped GEMM: rows per tile, output columns per tile, K per step, warps, stages."""
+    """Launch settings of one grouped GEMM: rows per tile, output columns per tile, K per step, warps, stages;
+    ``programs`` > 0: that many persistent programs walk the real tiles (:func:`_launch_gemm`), else one program per
+    possible tile."""
 
     block_m: int
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
+    programs: int = 0
 
 
 # H200 defaults from benchmarks/bench_fusions.py --parts prompt_experts (round 13, call 3; one MoE layer at 913
@@ -316,6 +319,102 @@ if HAVE_TRITON:
             out = out_ptr + r.to(tl.int64)[:, None] * N + n[None, :]
             tl.store(out, val.to(dt), mask=rmask[:, None] & nmask[None, :])
 
+    @triton.jit(do_not_specialize=["P"])
+    def _grouped_gemm_persistent_kernel(
+        a_ptr,
+        order_ptr,
+        offs_ptr,
+        w_ptr,
+        out_ptr,
+        P,
+        N,
+        K,
+        E: tl.constexpr,
+        TOP_K: tl.constexpr,
+        GATHER: tl.constexpr,
+        SWIGLU: tl.constexpr,
+        BLOCK_E: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        EVEN_N: tl.constexpr,
+        PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr,
+        USE_GDC: tl.constexpr = False,
+    ):
+        """:func:`_grouped_gemm_kernel`'s tiles walked by ``num_programs`` persistent programs: program p takes real
+        tiles p, p + programs, ... in the same order (row tiles fastest, so the programs running together share
+        an expert's weight tile), with one K loop flattened across its tiles (``tl.range(flatten=True)``), so the
+        loads of a tile's first steps are in flight while the last tile's epilogue runs.  Only real tiles are
+        walked (the experts' tile counts summed on the device): no empty programs, the grid fixed by the GPU."""
+        if USE_GDC:
+            _dependent_launch()
+        e = tl.arange(0, BLOCK_E)
+        emask = e < E
+        start = tl.load(offs_ptr + e, mask=emask, other=0)
+        end = tl.load(offs_ptr + e + 1, mask=emask, other=0)
+        tiles = (end - start + BLOCK_M - 1) // BLOCK_M
+        cum = tl.cumsum(tiles, axis=0)
+        row_tiles = tl.sum(tiles, axis=0)
+        col_tiles = tl.cdiv(N, BLOCK_N)
+        w_rows = 2 * N if SWIGLU else N
+        dt = out_ptr.dtype.element_ty
+        for tile in tl.range(tl.program_id(0), row_tiles * col_tiles, tl.num_programs(0), flatten=True):
+            t = tile % row_tiles
+            nb = tile // row_tiles
+            expert = tl.sum((cum <= t).to(tl.int32), axis=0)
+            mine = e == expert
+            row0 = (
+                tl.sum(tl.where(mine, start, 0), axis=0)
+                + (t - tl.sum(tl.where(mine, cum - tiles, 0), axis=0)) * BLOCK_M
+            )
+            row_end = tl.sum(tl.where(mine, end, 0), axis=0)
+            r = row0 + tl.arange(0, BLOCK_M)
+            rmask = r < row_end
+            if GATHER:  # noqa: SIM108 (a constexpr branch)
+                arow = tl.load(order_ptr + r, mask=rmask, other=0) // TOP_K
+            else:
+                arow = r
+            n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+            nmask = n < N
+            w_base = w_ptr + expert.to(tl.int64) * w_rows * K
+            a_rows = a_ptr + arow.to(tl.int64)[:, None] * K
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + tl.arange(0, BLOCK_K)
+                a_mask = rmask[:, None]
+                w_mask = nmask[:, None]
+                if not EVEN_K:
+                    a_mask = a_mask & (kk[None, :] < K)
+                    w_mask = w_mask & (kk[None, :] < K)
+                a = tl.load(a_rows + kk[None, :], mask=a_mask, other=0.0)
+                if EVEN_N and EVEN_K:
+                    w = tl.load(w_base + n[:, None] * K + kk[None, :])
+                else:
+                    w = tl.load(w_base + n[:, None] * K + kk[None, :], mask=w_mask, other=0.0)
+                if UPCAST:  # Triton's interpreter computes bf16 tl.dot wrongly; float32 operands are exact
+                    a, w = a.to(tl.float32), w.to(tl.float32)
+                acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
+                if SWIGLU:
+                    if EVEN_N and EVEN_K:
+                        wu = tl.load(w_base + (N + n)[:, None] * K + kk[None, :])
+                    else:
+                        wu = tl.load(w_base + (N + n)[:, None] * K + kk[None, :], mask=w_mask, other=0.0)
+                    if UPCAST:
+                        wu = wu.to(tl.float32)
+                    acc_u = tl.dot(a, tl.trans(wu), acc_u, input_precision=PRECISION)
+            if SWIGLU:
+                g = _round(acc, dt)  # the gate/up GEMM's output is in the activation dtype
+                u = _round(acc_u, dt)
+                act = _round(g / (1.0 + tl.exp(-g)), dt)  # F.silu rounds to the activation dtype
+                val = _round(act * u, dt)
+            else:
+                val = _round(acc, dt)
+            out = out_ptr + r.to(tl.int64)[:, None] * N + n[None, :]
+            tl.store(out, val.to(dt), mask=rmask[:, None] & nmask[None, :])
+
 
 # ======================================================================================== align
 def align_ref(idx: Tensor, n_experts: int, counts: Tensor | None = None) -> Alignment:
@@ -421,11 +520,40 @@ def _launch_gemm(
 ) -> Tensor:
     n_pairs, k = out.shape[0], a.shape[1]
     n_experts = w.shape[0]
-    bm, bn, bk, warps, stages = blocks
+    bm, bn, bk, warps, stages, programs = blocks
     if min(bm, bn, bk) < 16:
         raise ValueError(f"tl.dot needs blocks of at least 16, got {blocks}")
+    if programs < 0:
+        raise ValueError(f"programs must be >= 0 (0: one program per possible tile), got {blocks}")
     interpreter = a.device.type != "cuda"
     precision = "ieee" if a.dtype == torch.float32 or interpreter else "tf32"
+    if programs:
+        _grouped_gemm_persistent_kernel[(programs,)](
+            a,
+            order,
+            offs,
+            w,
+            out,
+            n_pairs,
+            n,
+            k,
+            E=n_experts,
+            TOP_K=top_k,
+            GATHER=gather,
+            SWIGLU=swiglu,
+            BLOCK_E=kernels._pow2(n_experts),
+            BLOCK_M=bm,
+            BLOCK_N=bn,
+            BLOCK_K=bk,
+            EVEN_K=k % bk == 0,
+            EVEN_N=n % bn == 0,
+            PRECISION=precision,
+            UPCAST=interpreter,
+            num_warps=warps,
+            num_stages=stages,
+            **kernels._pdl(),
+        )
+        return out
     grid = (row_tiles(n_pairs, n_experts, bm), -(-n // bn))
     w_tma = W_TMA and n % bn == 0 and k % bk == 0
     if w_tma:
