@@ -733,37 +733,41 @@ def main() -> None:
                             var[f"prefill {SPREAD_LABEL}{tag}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
         checkpoint("this round's kernel settings")
         if "settings" in parts and fast.fast_config.decode_kernels == "triton":
-            from llm_perf_opt.models.deepseek_ocr import kernels as triton_kernels
-            from llm_perf_opt.models.deepseek_ocr import triton_layers
+            from llm_perf_opt.models.deepseek_ocr import prompt_moe, sam_kernels
 
-            # CLIP's attention through SDPA per view instead of one Triton kernel over the page's views
-            # (clip_attention), or the other way round; and CLIP per view (clip_merged_views) flipped
-            other_attention = "sdpa" if fast.fast_config.clip_attention == "triton" else "triton"
-            for key, change in (
-                ("clip_attention", other_attention),
-                ("clip_merged_views", not fast.fast_config.clip_merged_views),
-            ):
-                try:
-                    vm = apply_fast_path(model, attrs.evolve(fast.fast_config, **{key: change}))
+            # the rel-pos tables' kernel by grid width (sam_kernels.GATHER_MAX_GRID: the windows' tables in one launch
+            # per window-head, or the line kernel everywhere) flipped
+            max_grid = 0 if sam_kernels.GATHER_MAX_GRID else 16
+            try:
+                with module_setting(sam_kernels, "GATHER_MAX_GRID", max_grid):
+                    vm = apply_fast_path(model, fast.fast_config)
                     page.vision(vm)  # the first call: compiles and captures
-                    time_vision_variant(f"{key}={change}", vm)
-                    var[f"clip alone, {key}={change} ms"] = time_components(page, vm)["clip_alone_ms"]
+                    time_vision_variant(f"sam_kernels.GATHER_MAX_GRID={max_grid}", vm)
                     del vm
-                except Exception as exc:  # must not lose the rest of the report
-                    var[f"vision {key}={change}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
-            # the decode attention's K / V prefetch (kernels.ATTN_PREFETCH) flipped
-            attn_pf = not triton_kernels.ATTN_PREFETCH
-            with module_setting(triton_kernels, "ATTN_PREFETCH", attn_pf):
-                time_variant(f"kernels.ATTN_PREFETCH={attn_pf}", fast.fast_config)
-            # the many-row router's other form (one kernel, or the cast + cuBLAS float32 logits + the top-k kernel)
+            except Exception as exc:  # must not lose the rest of the report
+                var[f"vision sam_kernels.GATHER_MAX_GRID={max_grid}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
+            # the prompt's down GEMM as persistent programs (prompt_moe.GemmBlocks.programs, one per SM, four
+            # stages) or back to a program per tile, on the dummy routing and spread as on a real page
             if fast.fast_config.triton_prefill and fast.fast_config.prefill_experts == "triton":
-                for router in sorted(set(triton_layers.ROWS_ROUTERS) - {triton_layers.ROWS_ROUTER}):
+                lang = model.config.language
+                down = prompt_moe.DOWN_BLOCKS
+                other = (
+                    down._replace(num_stages=3, programs=0)
+                    if down.programs
+                    else down._replace(num_stages=4, programs=1)
+                )
+                for blocks in (down, other):
+                    tag = "" if blocks == down else f", prompt_moe.DOWN_BLOCKS={tuple(blocks)}"
                     try:
-                        with module_setting(triton_layers, "ROWS_ROUTER", router):
-                            fm = apply_fast_path(model, fast.fast_config)
-                            var[f"prefill triton_layers.ROWS_ROUTER={router} ms"] = prefill_ms(fm, embeds)
+                        with module_setting(prompt_moe, "DOWN_BLOCKS", blocks):
+                            if blocks != down:
+                                fm = apply_fast_path(model, fast.fast_config)
+                                var[f"prefill prompt_moe.DOWN_BLOCKS={tuple(blocks)} ms"] = prefill_ms(fm, embeds)
+                            with spread_routing(embeds.shape[1], lang.n_routed_experts, lang.num_experts_per_tok):
+                                fm = apply_fast_path(model, fast.fast_config)
+                                var[f"prefill {SPREAD_LABEL}{tag} ms"] = prefill_ms(fm, embeds)
                     except Exception as exc:  # must not lose the rest of the report
-                        var[f"prefill triton_layers.ROWS_ROUTER={router}"] = f"failed: {exc}"[:300]
+                        var[f"prefill {SPREAD_LABEL}{tag}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
         checkpoint("the torch decode kernels, the ungraphed decode and the vision SDPA policies")
         if "other" in parts:
             other_kernels = "torch" if fast.fast_config.decode_kernels == "triton" else "triton"

@@ -215,8 +215,8 @@ PROMPT_DOWN_VARIANTS = [
     (128, 128, 128, 8, 3),
     (64, 128, 64, 8, 4),
 ]
-# Persistent forms (GemmBlocks.programs: the last field, as a multiple of the GPU's SM count), both GEMMs: the
-# default tiles at one and two programs per SM and deeper pipelines, smaller tiles at two per SM.
+# Persistent forms (GemmBlocks.programs: the last field, programs per SM), both GEMMs: the default tiles at one
+# and two programs per SM and deeper pipelines, smaller tiles at two per SM.
 PROMPT_PERSISTENT_VARIANTS = [
     (128, 128, 64, 8, 3, 1),
     (128, 128, 64, 8, 4, 1),
@@ -317,11 +317,9 @@ def prompt_expert_rows(dev: torch.device, cfg: DeepseekOCRConfig) -> list[dict[s
             ),
         )
     )
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    persistent = [(*v[:5], v[5] * sms) for v in PROMPT_PERSISTENT_VARIANTS]
     used = int((al.offs[1:] > al.offs[:-1]).sum())  # experts with rows: the weights each GEMM must read
     up_bytes, down_bytes = used * w13[0].numel() * w13.element_size(), used * w2[0].numel() * w2.element_size()
-    for blocks in [*PROMPT_UP_VARIANTS, *persistent]:
+    for blocks in [*PROMPT_UP_VARIANTS, *PROMPT_PERSISTENT_VARIANTS]:
         b = PM.GemmBlocks(*blocks)
         try:
             fn = functools.partial(PM.grouped_swiglu, x, al.order, al.offs, w13, k, b)
@@ -346,7 +344,7 @@ def prompt_expert_rows(dev: torch.device, cfg: DeepseekOCRConfig) -> list[dict[s
             ms=graph_ms(lambda: torch._grouped_mm(act_ref, w2.transpose(1, 2), offs=offs64)),
         )
     )
-    for blocks in [*PROMPT_DOWN_VARIANTS, *persistent]:
+    for blocks in [*PROMPT_DOWN_VARIANTS, *PROMPT_PERSISTENT_VARIANTS]:
         b = PM.GemmBlocks(*blocks)
         try:
             fn = functools.partial(PM.grouped_down, act_ref, al.offs, w2, b)

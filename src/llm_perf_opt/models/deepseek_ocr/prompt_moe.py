@@ -92,8 +92,8 @@ class Alignment(NamedTuple):
 
 class GemmBlocks(NamedTuple):
     """Launch settings of one grouped GEMM: rows per tile, output columns per tile, K per step, warps, stages;
-    ``programs`` > 0: that many persistent programs walk the real tiles (:func:`_launch_gemm`), else one program per
-    possible tile."""
+    ``programs`` > 0: that many persistent programs per SM (per GPU SM; one "SM" under the interpreter) walk the
+    real tiles (``_grouped_gemm_persistent_kernel``), else one program per possible tile."""
 
     block_m: int
     block_n: int
@@ -528,7 +528,8 @@ def _launch_gemm(
     interpreter = a.device.type != "cuda"
     precision = "ieee" if a.dtype == torch.float32 or interpreter else "tf32"
     if programs:
-        _grouped_gemm_persistent_kernel[(programs,)](
+        sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.device.type == "cuda" else 1
+        _grouped_gemm_persistent_kernel[(programs * sms,)](
             a,
             order,
             offs,

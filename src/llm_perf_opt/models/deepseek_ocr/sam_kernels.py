@@ -57,6 +57,7 @@ if HAVE_TRITON:
 __all__ = [
     "BY_GRID",
     "GATHER_BLOCK",
+    "GATHER_MAX_GRID",
     "HAVE_TRITON",
     "INTERPRETED",
     "TABLES",
@@ -436,9 +437,12 @@ TABLES: str = "triton"
 """How :func:`rel_pos_tables` computes the two tables: ``"triton"`` (the default: :func:`tables_kernel`, one program
 per query row (``rel_h``) or column (``rel_w``), whose queries share one contiguous window of position rows, so each
 is one small product written straight into the attention kernel's layout: q read twice, the tables written once, no
-copies), ``"einsum"`` (:func:`sam.rel_pos_terms`'s two einsums, the reference's form, batched over query rows) or
-``"gemm"`` (one product of the queries with both axes' resampled tables, then each query's own rows picked out).  A
-module setting, so ``bench_fast`` times every form in one run.
+copies; on grids up to :data:`GATHER_MAX_GRID` wide, the windows', :func:`tables_gather_kernel` instead),
+``"gather"`` (:func:`tables_gather_kernel` on every grid: both tables in one launch from one read of q, each query's
+entries gathered from its block's product with every position row), ``"einsum"`` (:func:`sam.rel_pos_terms`'s two
+einsums, the reference's form, batched over query rows) or ``"gemm"`` (one product of the queries with both axes'
+resampled tables, then each query's own rows picked out).  A module setting, so ``bench_fast`` times the forms in
+one run.
 
 H200, round 16 (``bench_sam_attention --sweep``, each form compiled alone, graph-timed): per global block, 640-px
 tiles (6) triton 0.030 ms, einsum 0.041, gemm 0.082; the 1024-px view 0.009 / 0.026 / 0.049; per windowed block,
@@ -476,7 +480,7 @@ def rel_pos_tables(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, hw: tuple[in
     if TABLES in ("triton", "gather"):
         pos_h = resample_rel_pos(rel_pos_h, 2 * h - 1).to(q.dtype).contiguous()
         pos_w = resample_rel_pos(rel_pos_w, 2 * w - 1).to(q.dtype).contiguous()
-        gather = TABLES == "gather"
+        gather = TABLES == "gather" or max(h, w) <= GATHER_MAX_GRID
         if q.device.type == "cuda":
             return _tables_op(q, pos_h, pos_w, h, w, gather)
         return (tables_gather_kernel if gather else tables_kernel)(q, pos_h, pos_w, h, w)
@@ -538,9 +542,17 @@ def _tables_out(q: Tensor, pos_h: Tensor, pos_w: Tensor, h: int, w: int, op: str
     return rel_h, rel_w
 
 
-# Queries per program and warps of :func:`tables_gather_kernel` on a GPU (the interpreter: 16 queries).  A first
-# guess, to be set from ``bench_sam_attention.py --tables``.
+# Queries per program and warps of :func:`tables_gather_kernel` on a GPU (the interpreter: 16 queries).  H200,
+# round 20 (``bench_sam_attention.py --tables``, compiled, graph-timed, q the block's strided view): 64 / 4 is within
+# 0.001 ms of the best of six settings on every grid (16 / 1 to 128 / 8).
 GATHER_BLOCK = (64, 4)
+# The :data:`TABLES` ``"triton"`` form runs :func:`tables_gather_kernel` on grids at most this wide and
+# :func:`tables_kernel` (a program per query line) on wider ones; 0: the line kernel everywhere (round 19).  H200,
+# round 20 (``bench_sam_attention.py --tables``, both tables alone): the 14x14 windows (a program per window-head
+# instead of 14 tiny ones per table) 0.052 -> 0.047 ms for the tiles' 54 windows, 0.042 -> 0.039 for the 1024-px
+# view's 25; the global grids slower by the gather of a 128-wide product (40-wide tiles 0.032 -> 0.062 ms, 64-wide
+# view 0.009 -> 0.023).
+GATHER_MAX_GRID = 16
 
 
 def tables_gather_kernel(

@@ -177,14 +177,21 @@ def test_output_is_a_view_of_token_major_storage() -> None:
     assert tokens.reshape(2, 15, 48).data_ptr() == out.data_ptr()
 
 
-@pytest.mark.parametrize("form", SK.TABLE_FORMS)
-@pytest.mark.parametrize("hw", [(3, 5), (4, 4), (14, 14)])
-def test_tables_hold_the_reference_products(form: str, hw: tuple[int, int], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Both table forms lay out the products of the reference's ``rel_pos_terms`` (oracle: that function in float64,
+# every form of sam_kernels.TABLES; "triton" also with GATHER_MAX_GRID=0 (its line kernel on these small grids too)
+TABLE_CASES = [(form, SK.GATHER_MAX_GRID) for form in SK.TABLE_FORMS] + [("triton", 0)]
+
+
+@pytest.mark.parametrize(("form", "max_grid"), TABLE_CASES)
+@pytest.mark.parametrize("hw", [(3, 5), (4, 4), (14, 14), (17, 18)])
+def test_tables_hold_the_reference_products(
+    form: str, max_grid: int, hw: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every table form lays out the products of the reference's ``rel_pos_terms`` (oracle: that function in float64,
     the reference model's path) key-row major, to float32 rounding; their tables are resampled (a 1.5x grid)."""
     from llm_perf_opt.models.deepseek_ocr.sam import rel_pos_terms
 
     monkeypatch.setattr(SK, "TABLES", form)
+    monkeypatch.setattr(SK, "GATHER_MAX_GRID", max_grid)
     h, w = hw
     q, _, _, rel_h, rel_w = _case(hw, 16, torch.float32, seed=5)
     th, tw = SK.rel_pos_tables(q, rel_h, rel_w, hw)
@@ -194,11 +201,12 @@ def test_tables_hold_the_reference_products(form: str, hw: tuple[int, int], monk
     torch.testing.assert_close(tw.double(), ew.reshape(6, h * w, w), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("form", ["gemm", "triton", "gather"])
-def test_tables_by_hand_without_resampling(form: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("form", "max_grid"), [c for c in TABLE_CASES if c[0] != "einsum"])
+def test_tables_by_hand_without_resampling(form: str, max_grid: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tables stored at the grid's size (no resampling): entry (query (qh, qw), key row kh) is ``q · rel_pos_h[qh −
     kh + h − 1]`` and (query, key column kw) is ``q · rel_pos_w[qw − kw + w − 1]``, written out element by element."""
     monkeypatch.setattr(SK, "TABLES", form)
+    monkeypatch.setattr(SK, "GATHER_MAX_GRID", max_grid)
     h, w, dim = 3, 4, 16
     gen = torch.Generator().manual_seed(9)
     dt = torch.float64 if form == "gemm" else torch.float32  # the kernels: float32, exact products under "ieee"
@@ -246,6 +254,26 @@ def test_gather_tables_at_any_block_hold_the_products(hw: tuple[int, int], block
     eh, ew = rel_pos_terms(q.double(), pos_h.double(), pos_w.double(), hw, hw)
     torch.testing.assert_close(th.double(), eh.reshape(4, h * w, h).transpose(1, 2), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(tw.double(), ew.reshape(4, h * w, w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("max_grid", "hw", "want"), [(16, (14, 14), "gather"), (16, (17, 5), "lines"), (0, (14, 14), "lines")]
+)
+def test_triton_tables_pick_their_kernel_by_grid(
+    max_grid: int, hw: tuple[int, int], want: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``TABLES="triton"``: the gather kernel on grids at most ``GATHER_MAX_GRID`` wide (the windows), the line
+    kernel on wider ones (either side of the grid counts) or everywhere with 0."""
+    calls: list[str] = []
+    for name, label in (("tables_gather_kernel", "gather"), ("tables_kernel", "lines")):
+        real = getattr(SK, name)
+        monkeypatch.setattr(SK, name, lambda *a, _real=real, _label=label: calls.append(_label) or _real(*a))
+    monkeypatch.setattr(SK, "TABLES", "triton")
+    monkeypatch.setattr(SK, "GATHER_MAX_GRID", max_grid)
+    h, w = hw
+    q = torch.randn(1, 2, h * w, 16)
+    SK.rel_pos_tables(q, torch.randn(2 * h - 1, 16), torch.randn(2 * w - 1, 16), hw)
+    assert calls == [want]
 
 
 def test_gather_tables_refuse_a_bad_block() -> None:
