@@ -733,7 +733,13 @@ def main() -> None:
                             var[f"prefill {SPREAD_LABEL}{tag}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
         checkpoint("this round's kernel settings")
         if "settings" in parts and fast.fast_config.decode_kernels == "triton":
-            from llm_perf_opt.models.deepseek_ocr import prompt_moe, sam_kernels
+            from llm_perf_opt.models.deepseek_ocr import fast_decoder, prompt_moe, sam_kernels
+
+            # the greedy step's end: on the device only (the graph replayed back to back), or with round 19's three
+            # device ops between replays as well (fast_decoder.HOST_STEP_END)
+            host_end = not fast_decoder.HOST_STEP_END
+            with module_setting(fast_decoder, "HOST_STEP_END", host_end):
+                time_variant(f"fast_decoder.HOST_STEP_END={host_end}", fast.fast_config)
 
             # the rel-pos tables' kernel by grid width (sam_kernels.GATHER_MAX_GRID: the windows' tables in one launch
             # per window-head, or the line kernel everywhere) flipped

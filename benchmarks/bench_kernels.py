@@ -713,8 +713,10 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
     n_chunks = -(-lang.vocab_size // PICK_BLOCK)
     for has_ban in (False, True):
         specs.append(("_pick_partial_kernel", pick, dict(BLOCK=PICK_BLOCK, HAS_BAN=has_ban), 4))
-    final = dict(val_ptr=f32, idx_ptr="*i32", bad_ptr="*i32", out_ptr=i64, flag_ptr="*i1", V="i32", N_CHUNKS="i32")
-    specs.append(("_pick_final_kernel", final, dict(BLOCK_C=1 << (n_chunks - 1).bit_length()), 1))
+    final = dict(val_ptr=f32, idx_ptr="*i32", bad_ptr="*i32", out_ptr=i64, flag_ptr="*i1", tokens_ptr=i64)
+    final.update(chosen_ptr=i64, pos_ptr=i64, V="i32", N_CHUNKS="i32", ROWS="i32", SLOTS="i32")
+    for feed in (False, True):  # the decoder's step ends in it (feed) or not
+        specs.append(("_pick_final_kernel", final, dict(BLOCK_C=1 << (n_chunks - 1).bit_length(), FEED=feed), 1))
     linear = dict(x_ptr=bf, w_ptr=bf, y_ptr=bf, N="i32")
     for _, n_out in projections(lang):  # as linear_rows launches them on an H100
         bn, bk = linear_block_sizes(n_out, hid, H100_SMS)

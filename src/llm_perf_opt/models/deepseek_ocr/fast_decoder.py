@@ -3,7 +3,8 @@
 :class:`FastDecoder` feeds the fast model's layers (:meth:`FastModel.lm_forward`) one token per row at a
 position held in a device tensor, so one captured graph serves every step of a page; with the Triton kernels
 the same layer loop runs with Triton modules swapped in.  Greedy argmax and the no-repeat-ngram ban are
-computed inside the graph (:meth:`FastDecoder.greedy`).
+computed inside the graph, and so is the step's end: the token fed back, kept at its position, the position
+advanced (:meth:`FastDecoder.greedy` replays the graph step after step with no other device op between).
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ if TYPE_CHECKING:
 __all__ = ["TRITON_MAX_ROWS", "FastDecoder"]
 
 TRITON_MAX_ROWS = 8  # the Triton expert kernels re-read weights per token: decode batches up to 8 rows
+# True: greedy() also runs round 19's three device ops between the graph's replays (the position set, the token
+# copied out and fed back), on top of the step's own end on the device; a module setting so bench_fast times both.
+HOST_STEP_END = False
 
 
 class FastDecoder:
@@ -35,6 +39,11 @@ class FastDecoder:
     ``step(tokens[B, 1]) -> logits[B, V]`` (a static buffer, overwritten by the next step) writes position
     ``cache.length`` and advances the cache, exactly like ``model.decode_step``.  Attention covers the
     cache's whole ``max_len`` with an additive mask (positions past the current one get -inf).
+
+    Each step ends on the device (:func:`kernels.feed_back`, inside the token pick's last launch with
+    ``fused_pick``): its token becomes the next step's input (``tokens``), is kept at the step's position
+    (``chosen`` [B, max_len]) and ``pos`` advances (clamped to ``max_len - 1``; the host checks the room).
+    :meth:`step` sets ``tokens`` and ``pos`` itself before every step, so it sees none of that.
     """
 
     def __init__(
@@ -75,6 +84,7 @@ class FastDecoder:
         self.ngram = NoRepeatNGram.of(ngram)  # its own check: size >= 0 (ConfigError)
         self.history = torch.zeros((self.batch, self.max_len), dtype=torch.long, device=dev) if self.ngram else None
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
+        self.chosen = torch.zeros((self.batch, self.max_len), dtype=torch.long, device=dev)
 
     def set_history(self, ids: Tensor) -> None:
         """The prompt's token ids [B, P] (image-token ids included) as positions 0..P-1 of the history."""
@@ -82,21 +92,23 @@ class FastDecoder:
             self.history[:, : ids.shape[-1]].copy_(ids.view(self.batch, -1), non_blocking=True)
 
     def _pick(self, logits: Tensor) -> Tensor:
-        """Next token per row on the device: argmax (first index on ties) after the no-repeat-ngram ban; with
-        ``fused_pick`` (Triton step only) the flag, ban and argmax in :func:`kernels.pick_token`'s two launches."""
+        """Next token per row on the device: argmax (first index on ties) after the no-repeat-ngram ban, then the
+        step's end (:func:`kernels.feed_back`); with ``fused_pick`` (Triton step only) the flag, ban, argmax and
+        the step's end in :func:`kernels.pick_token`'s two launches."""
+        from llm_perf_opt.models.deepseek_ocr.kernels import feed_back, pick_token
+
         banned = None
         if self.history is not None:
             self.history.index_copy_(1, self.pos, self.tokens)  # the fed token joins the history
             banned = banned_ngram_mask(self.history, self.pos + 1, self.ngram, logits.shape[-1])
+        feed = (self.tokens, self.chosen, self.pos)
         if self.fused_pick:
-            from llm_perf_opt.models.deepseek_ocr.kernels import pick_token
-
             with self.fast.triton_launches():
-                return pick_token(logits, banned, self.nonfinite)
+                return pick_token(logits, banned, self.nonfinite, feed=feed)
         self.nonfinite |= ~torch.isfinite(logits).all()
-        if banned is None:
-            return first_argmax(logits)
-        return first_argmax(logits.masked_fill(banned, float("-inf")))
+        token = first_argmax(logits if banned is None else logits.masked_fill(banned, float("-inf")))
+        feed_back(token, *feed)
+        return token
 
     def _forward_triton(self) -> tuple[Tensor, Tensor]:
         """The decode step with the Triton modules swapped in (:mod:`~llm_perf_opt.models.deepseek_ocr.triton_layers`)
@@ -140,10 +152,14 @@ class FastDecoder:
         return logits, self._pick(logits)
 
     def _capture(self) -> None:
+        # the warm-up runs the step twice, each ending on the device (tokens fed back, pos advanced): both put back
+        kept = (self.tokens.clone(), self.pos.clone())
         with self.fast.routing_counts_kept():
             self.graph, (self.logits, self.next_token) = capture_graph(
                 self._body, self.cache.device, self.fast.base._sdpa_policy
             )
+        self.tokens.copy_(kept[0])
+        self.pos.copy_(kept[1])
 
     def _run(self) -> Tensor:
         if not self.use_graph:
@@ -203,29 +219,31 @@ class FastDecoder:
         per row the tokens chosen by the ``max_new_tokens`` steps, cut after the first eos (rows stop together
         when all have hit eos, so up to ``check_every - 1`` steps past it run and are dropped).  ``on_step``
         runs on the host after each step is queued (e.g. a CUDA-event mark, an interrupt check)."""
-        bsz = self.batch
-        out = torch.empty((bsz, max_new_tokens), dtype=torch.long, device=self.tokens.device)
+        start = self.cache.length
         self.tokens.copy_(first_token, non_blocking=True)
+        self.pos.fill_(start)
         done = 0
         for i in range(max_new_tokens):
             self.cache.check_room(1)
-            self.pos.fill_(self.cache.length)
-            self._run()
+            if HOST_STEP_END:
+                self.pos.fill_(self.cache.length)
+            self._run()  # ends on the device: the token fed back, kept in chosen at its position, pos advanced
+            if HOST_STEP_END:
+                assert self.next_token is not None
+                self.chosen[:, start + i : start + i + 1].copy_(self.next_token)
+                self.tokens.copy_(self.next_token)
             self.cache.advance(1)
             if on_step is not None:
                 on_step()
-            assert self.next_token is not None
-            out[:, i : i + 1].copy_(self.next_token)
-            self.tokens.copy_(self.next_token)
             done = i + 1
             if (
                 eos_token_id is not None
                 and done % check_every == 0
-                and bool((out[:, :done] == eos_token_id).any(dim=1).all())
+                and bool((self.chosen[:, start : start + done] == eos_token_id).any(dim=1).all())
             ):
                 break
         rows: list[list[int]] = []
-        for row in out[:, :done].tolist():
+        for row in self.chosen[:, start : start + done].tolist():
             if eos_token_id is not None and eos_token_id in row:
                 row = row[: row.index(eos_token_id) + 1]
             rows.append(row)

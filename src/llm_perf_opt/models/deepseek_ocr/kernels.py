@@ -109,6 +109,7 @@ __all__ = [
     "down_counter_count",
     "down_counters",
     "exact_bf16",
+    "feed_back",
     "linear_block_sizes",
     "linear_rows",
     "linear_rows_ref",
@@ -1486,24 +1487,56 @@ if HAVE_TRITON:
 
     @triton.jit
     def _pick_final_kernel(
-        val_ptr, idx_ptr, bad_ptr, out_ptr, flag_ptr, V, N_CHUNKS, BLOCK_C: tl.constexpr, USE_GDC: tl.constexpr = False
+        val_ptr,
+        idx_ptr,
+        bad_ptr,
+        out_ptr,
+        flag_ptr,
+        tokens_ptr,
+        chosen_ptr,
+        pos_ptr,
+        V,
+        N_CHUNKS,
+        ROWS,
+        SLOTS,
+        BLOCK_C: tl.constexpr,
+        FEED: tl.constexpr = False,
+        USE_GDC: tl.constexpr = False,
     ):
         """Per row: the first chunk index holding the row's largest value (chunks are in index order, so the
         smallest index among the tied chunk maxima is the row's first argmax), clamped into the vocabulary (a
         NaN row matches nothing, and its token must still be a valid embedding row); the sticky flag set when
-        any chunk saw a non-finite logit."""
+        any chunk saw a non-finite logit.
+
+        ``FEED`` (one program for every row): each row's token is also fed back (``tokens[row]``) and kept at the
+        step's position (``chosen[row, pos]``), then ``pos`` advances (clamped to ``SLOTS - 1``), so a graph
+        replayed step after step needs no host op between steps; one program, so no row reads ``pos`` after it
+        moved."""
         if USE_GDC:
             _dependent_launch()
-        row = tl.program_id(0)
         c = tl.arange(0, BLOCK_C)
         m = c < N_CHUNKS
-        v = tl.load(val_ptr + row * N_CHUNKS + c, mask=m, other=float("-inf"))
-        i = tl.load(idx_ptr + row * N_CHUNKS + c, mask=m, other=V)
-        bad = tl.max(tl.load(bad_ptr + row * N_CHUNKS + c, mask=m, other=0), axis=0)
-        best = tl.max(v, axis=0)
-        tok = tl.minimum(tl.min(tl.where(m & (v == best), i, V), axis=0), V - 1)
-        tl.store(out_ptr + row, tok.to(tl.int64))
-        tl.store(flag_ptr, bad.to(flag_ptr.dtype.element_ty), mask=bad > 0)  # only ever set: rows may race
+        if FEED:
+            pos = tl.load(pos_ptr)
+            first_row = 0
+            rows = ROWS
+        else:
+            first_row = tl.program_id(0)
+            rows = 1
+        for r in range(rows):
+            row = first_row + r
+            v = tl.load(val_ptr + row * N_CHUNKS + c, mask=m, other=float("-inf"))
+            i = tl.load(idx_ptr + row * N_CHUNKS + c, mask=m, other=V)
+            bad = tl.max(tl.load(bad_ptr + row * N_CHUNKS + c, mask=m, other=0), axis=0)
+            best = tl.max(v, axis=0)
+            tok = tl.minimum(tl.min(tl.where(m & (v == best), i, V), axis=0), V - 1).to(tl.int64)
+            tl.store(out_ptr + row, tok)
+            tl.store(flag_ptr, bad.to(flag_ptr.dtype.element_ty), mask=bad > 0)  # only ever set: rows may race
+            if FEED:
+                tl.store(tokens_ptr + row, tok)
+                tl.store(chosen_ptr + row * SLOTS + pos, tok)
+        if FEED:
+            tl.store(pos_ptr, tl.minimum(pos + 1, SLOTS - 1))
 
 
 # ======================================================================================== add_rms_norm
@@ -2881,22 +2914,60 @@ def silu_mul(h: Tensor) -> Tensor:
 PICK_BLOCK = 2048
 
 
-def pick_token_ref(logits: Tensor, banned: Tensor | None = None, nonfinite: Tensor | None = None) -> Tensor:
+def pick_token_ref(
+    logits: Tensor,
+    banned: Tensor | None = None,
+    nonfinite: Tensor | None = None,
+    feed: tuple[Tensor, Tensor, Tensor] | None = None,
+) -> Tensor:
     """Greedy token per row [B, 1] int64: ``argmax`` (first index on ties) after ``masked_fill(banned, -inf)``;
-    ``nonfinite`` (a bool scalar) is or-ed with "some logit is NaN or ±inf" (checked before the ban)."""
+    ``nonfinite`` (a bool scalar) is or-ed with "some logit is NaN or ±inf" (checked before the ban); ``feed``:
+    :func:`feed_back`."""
     if nonfinite is not None:
         nonfinite |= ~torch.isfinite(logits).all()
     if banned is not None:
         logits = logits.masked_fill(banned, float("-inf"))
-    return logits.argmax(dim=-1, keepdim=True)
+    token = logits.argmax(dim=-1, keepdim=True)
+    if feed is not None:
+        feed_back(token, *feed)
+    return token
+
+
+def _check_feed(token_rows: int, tokens: Tensor, chosen: Tensor, pos: Tensor) -> None:
+    if tokens.shape != (token_rows, 1) or tokens.dtype != torch.int64 or not tokens.is_contiguous():
+        raise ValueError(
+            f"feed's tokens must be int64 [{token_rows}, 1] contiguous, got {tokens.dtype} {tuple(tokens.shape)}"
+        )
+    if chosen.dim() != 2 or chosen.shape[0] != token_rows or chosen.dtype != torch.int64 or not chosen.is_contiguous():
+        raise ValueError(
+            f"feed's chosen must be int64 [{token_rows}, slots] contiguous, got {chosen.dtype} {tuple(chosen.shape)}"
+        )
+    if pos.shape != (1,) or pos.dtype != torch.int64:
+        raise ValueError(f"feed's pos must be int64 [1], got {pos.dtype} {tuple(pos.shape)}")
+
+
+def feed_back(token: Tensor, tokens: Tensor, chosen: Tensor, pos: Tensor) -> None:
+    """A greedy step's end on the device, in torch: ``token`` [B, 1] fed back (``tokens``), kept at the step's
+    position (``chosen[:, pos]``, ``chosen`` [B, slots]), then ``pos`` advanced, clamped to ``slots - 1`` (what
+    :func:`pick_token`'s ``feed`` does inside its last launch)."""
+    _check_feed(token.shape[0], tokens, chosen, pos)
+    chosen.index_copy_(1, pos, token)
+    tokens.copy_(token)
+    pos.copy_((pos + 1).clamp_max(chosen.shape[1] - 1))
 
 
 def pick_token(
-    logits: Tensor, banned: Tensor | None = None, nonfinite: Tensor | None = None, block: int | None = None
+    logits: Tensor,
+    banned: Tensor | None = None,
+    nonfinite: Tensor | None = None,
+    block: int | None = None,
+    feed: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> Tensor:
     """:func:`pick_token_ref` in two launches (per-chunk maxima, then per row), instead of the torch path's
     isfinite + all + or + chunked max + argmax + gather (three of them single-output reductions over the whole
-    vocabulary, ~15 us each on an H200 at batch 1).
+    vocabulary, ~15 us each on an H200 at batch 1).  ``feed`` = (``tokens`` [B, 1], ``chosen`` [B, slots],
+    ``pos`` [1], int64 on the device): :func:`feed_back` inside the second launch (one program for all rows then),
+    so a decode graph replays step after step with no host op between.
 
     ``logits`` float32 [B, V] contiguous; ``banned`` bool [B, V] with unit column stride (a column slice of a
     wider mask is fine: ``banned_ngram_mask``'s is); ``nonfinite`` a bool scalar on the same device, set (never
@@ -2914,6 +2985,8 @@ def pick_token(
         )
     if nonfinite is not None and (nonfinite.dim() != 0 or nonfinite.dtype != torch.bool):
         raise ValueError(f"nonfinite must be a bool scalar tensor, got {nonfinite.dtype} {tuple(nonfinite.shape)}")
+    if feed is not None:
+        _check_feed(bsz, *feed)
     blk = block or (INTERPRETER_TILE_ELEMS if INTERPRETED else PICK_BLOCK)
     blk = min(_pow2(blk), _pow2(vocab))
     n_chunks = triton.cdiv(vocab, blk)
@@ -2937,8 +3010,24 @@ def pick_token(
         num_warps=4,
         **_pdl(),
     )
-    _pick_final_kernel[(bsz,)](
-        vals, idx, bad, out, flag, vocab, n_chunks, BLOCK_C=_pow2(n_chunks), num_warps=1, **_pdl()
+    tokens, chosen, pos = feed if feed is not None else (out, out, out)  # not read without FEED
+    _pick_final_kernel[(1 if feed is not None else bsz,)](
+        vals,
+        idx,
+        bad,
+        out,
+        flag,
+        tokens,
+        chosen,
+        pos,
+        vocab,
+        n_chunks,
+        bsz,
+        chosen.shape[1] if feed is not None else 1,
+        BLOCK_C=_pow2(n_chunks),
+        FEED=feed is not None,
+        num_warps=1,
+        **_pdl(),
     )
     return out
 

@@ -100,7 +100,13 @@ def test_fast_model_matches_eager(fused_qkv: bool, grouped: bool) -> None:
         assert all(sum(c) == 2 * (23 + 8) * model.config.language.num_experts_per_tok for c in counts.values())
 
 
-def test_fast_greedy_on_device_matches_step_loop() -> None:
+@pytest.mark.parametrize("host_end", [False, True])
+def test_fast_greedy_on_device_matches_step_loop(host_end: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On-device greedy gives the eager step loop's tokens, the step's end on the device alone or with round 19's
+    host-issued ops between steps as well (``fast_decoder.HOST_STEP_END``)."""
+    from llm_perf_opt.models.deepseek_ocr import fast_decoder
+
+    monkeypatch.setattr(fast_decoder, "HOST_STEP_END", host_end)
     model = _random_model(seed=2)
     for p in model.model.layers.parameters():
         p.data.mul_(10.0)
@@ -112,6 +118,34 @@ def test_fast_greedy_on_device_matches_step_loop() -> None:
     rows = fast.decoder_for(cache).greedy(first, 6)
     assert [int(first[0, 0]), *rows[0][:5]] == ref_tokens
     assert cache.length == 11 + 6
+
+
+def test_fast_greedy_to_the_last_cache_slot_then_steps_again() -> None:
+    """Greedy decoding ends each step on the device (the token fed back, the position advanced, held at the last
+    slot): filling the cache to its last slot gives the eager step loop's tokens; a host ``decode_step`` after a
+    greedy run sets its own token and position (oracle: the eager model's logits for that token there)."""
+    model = _random_model(seed=3)
+    for p in model.model.layers.parameters():
+        p.data.mul_(10.0)  # meaningful argmax (see test_fast_model_matches_eager)
+    embeds = torch.randn(1, 9, model.config.language.hidden_size)
+    ref_tokens, _ = _prefill_and_decode(model, embeds, 5)
+    fast = apply_fast_path(model, FastConfig(cuda_graphs=False))
+    cache = fast.new_cache(batch=1, max_len=9 + 4)
+    first = fast.prefill(embeds, cache).argmax(dim=-1, keepdim=True)
+    dec = fast.decoder_for(cache)
+    rows = dec.greedy(first, 4)
+    assert [int(first[0, 0]), *rows[0]] == ref_tokens and cache.length == 13 and int(dec.pos) == 12
+    # two greedy steps, then a host step with a token of our own at the next position
+    cache = fast.new_cache(batch=1, max_len=9 + 4)
+    first = fast.prefill(embeds, cache).argmax(dim=-1, keepdim=True)
+    (two,) = fast.decoder_for(cache).greedy(first, 2)
+    got = fast.decode_step(torch.tensor([[5]]), cache)
+    eager = model.new_cache(batch=1, max_len=9 + 4)
+    model.prefill(embeds, eager)
+    for tok in (int(first[0, 0]), two[0], 5):
+        want = model.decode_step(torch.tensor([[tok]]), eager)
+    assert two == ref_tokens[1:3]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_fast_model_delegates_and_keeps_modules() -> None:

@@ -192,13 +192,15 @@ def test_triton_device_greedy_matches_torch_greedy() -> None:
 def test_fused_pick_gives_the_torch_greedy_tokens(ngram: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """``fused_pick``: the same greedy tokens as the torch step's pick, with and without the n-gram ban (size 2
     bans most of the tiny vocabulary's repeats, so the ban decides many steps); it is really the kernel that
-    picks, and the non-finite flag stays clear on finite logits."""
+    picks and ends the step (``feed``: the token fed back, kept, the position advanced), and the non-finite flag
+    stays clear on finite logits."""
     calls: list[int] = []
     pick = kernels.pick_token
 
-    def counted(logits: torch.Tensor, *args: object) -> torch.Tensor:
+    def counted(logits: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        assert kwargs.get("feed") is not None
         calls.append(logits.shape[0])
-        return pick(logits, *args)  # type: ignore[arg-type]
+        return pick(logits, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(kernels, "pick_token", counted)
     model = _model(seed=6)

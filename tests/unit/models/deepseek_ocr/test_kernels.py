@@ -1242,6 +1242,48 @@ def test_pick_token_matches_the_reference_on_random_logits(ban: bool) -> None:
         K.pick_token(logits, torch.zeros(4, 5000, dtype=torch.bool).t().contiguous().t())
 
 
+@pytest.mark.parametrize("pick", ["kernel", "torch"])
+def test_pick_token_feed_ends_the_step_on_the_device(pick: str) -> None:
+    """``feed``: each row's token fed back and kept at the step's position, nothing else in ``chosen`` touched,
+    the position advanced by one, and held at the last slot once there (hand-placed maxima; the torch form,
+    ``pick_token_ref``'s ``feed_back``, must do the same)."""
+    logits = torch.zeros(3, 200)
+    logits[0, 17], logits[1, 199], logits[2, 64] = 1.0, 2.0, 3.0
+    tokens = torch.full((3, 1), -7, dtype=torch.int64)
+    chosen = torch.full((3, 6), -1, dtype=torch.int64)
+    pos = torch.tensor([4])
+
+    def run() -> torch.Tensor:
+        if pick == "kernel":
+            return K.pick_token(logits, block=64, feed=(tokens, chosen, pos))
+        return K.pick_token_ref(logits, feed=(tokens, chosen, pos))
+
+    out = run()
+    assert out.view(-1).tolist() == [17, 199, 64] and tokens.view(-1).tolist() == [17, 199, 64]
+    assert chosen[:, 4].tolist() == [17, 199, 64] and int(pos) == 5
+    assert (chosen[:, :4] == -1).all() and (chosen[:, 5] == -1).all()
+    logits[1, 3] = 5.0
+    run()  # at the last slot: written there, the position stays (the host checks the room first)
+    assert chosen[:, 5].tolist() == [17, 3, 64] and int(pos) == 5
+    run()
+    assert chosen[:, 5].tolist() == [17, 3, 64] and int(pos) == 5 and chosen[:, 4].tolist() == [17, 199, 64]
+
+
+def test_pick_token_feed_refuses_bad_buffers() -> None:
+    logits = torch.zeros(2, 100)
+    good = (
+        torch.zeros(2, 1, dtype=torch.int64),
+        torch.zeros(2, 9, dtype=torch.int64),
+        torch.zeros(1, dtype=torch.int64),
+    )
+    with pytest.raises(ValueError, match=r"feed's tokens must be int64 \[2, 1\]"):
+        K.pick_token(logits, feed=(torch.zeros(2, 1, dtype=torch.int32), *good[1:]))
+    with pytest.raises(ValueError, match=r"feed's chosen must be int64 \[2, slots\]"):
+        K.pick_token(logits, feed=(good[0], torch.zeros(3, 9, dtype=torch.int64), good[2]))
+    with pytest.raises(ValueError, match=r"feed's pos must be int64 \[1\]"):
+        K.feed_back(torch.zeros(2, 1, dtype=torch.int64), *good[:2], torch.zeros((), dtype=torch.int64))
+
+
 # ------------------------------------------------------------------------------------------ sm_90 compile
 STREAMING = {
     "_attn_partial_kernel",
