@@ -816,10 +816,9 @@ def prompt_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[s
     hid, inter = lang.hidden_size, lang.moe_intermediate_size
     for which, n, kk, gather in (("up", inter, hid, True), ("down", hid, inter, False)):
         bm, bn, bk, warps, stages, _ = prompt_moe.gemm_blocks(which, interpreter=False)
-        assert stages == 3, "the check compiles at Triton's default of three stages"
         consts = dict(E=n_experts, TOP_K=k, GATHER=gather, SWIGLU=gather, BLOCK_E=1 << (n_experts - 1).bit_length())
         consts.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=kk % bk == 0, EVEN_N=n % bn == 0)
-        consts.update(PRECISION="tf32", UPCAST=False)
+        consts.update(PRECISION="tf32", UPCAST=False, NUM_STAGES=stages)
         specs.append(("prompt_moe._grouped_gemm_kernel", gemm, {**consts, "W_TMA": False}, warps))
         # prompt_moe.W_TMA: the weight tiles through a tensor descriptor (the launcher passes one of [bn, bk] blocks)
         tma = {**gemm, "w_desc": f"tensordesc<bf16[{bn},{bk}]>"}
@@ -909,6 +908,7 @@ def sm90_check(lang: LanguageConfig) -> list[dict[str, Any]]:
         hinted = PROMPT_DIVISIBLE if module.startswith("prompt_") else SAM_DIVISIBLE if module else set()
         if constexprs.pop("N_DIVISIBLE", False):
             hinted = {*hinted, "N"}
+        stages = constexprs.pop("NUM_STAGES", None)  # a launch option, not a constexpr (Triton's default: 3)
         attrs_ = {
             (fn.arg_names.index(arg),): [["tt.divisibility", 16]]
             for arg, ty in signature.items()
@@ -920,7 +920,11 @@ def sm90_check(lang: LanguageConfig) -> list[dict[str, Any]]:
             compiled = triton.compile(
                 ASTSource(fn, full, constexprs, attrs_),
                 target=GPUTarget("cuda", 90, 32),
-                options={"num_warps": num_warps, **({"launch_pdl": True} if pdl else {})},
+                options={
+                    "num_warps": num_warps,
+                    **({"launch_pdl": True} if pdl else {}),
+                    **({"num_stages": stages} if stages else {}),
+                },
             )
         except Exception as exc:  # recorded and reported: the check's purpose is to show compile failures
             res["error"] = f"{type(exc).__name__}: {exc}"[-3000:]

@@ -110,7 +110,13 @@ class GemmBlocks(NamedTuple):
 # launcher's specialisation (pointers, N and K divisible by 16), both defaults pipeline their K loop (16-byte async
 # copies, three stages), use wgmma and do not spill (212 and 114 registers; ptxas of the local Triton).  The
 # interpreter runs programs one at a time with numpy: few, large tiles.
-UP_BLOCKS = GemmBlocks(128, 128, 64, 8, 3)
+# Round 20 (the same bench, one layer at random routing, call 6): the up GEMM at four stages 0.110 -> 0.104 ms (2.67 ->
+# 2.82 TB/s of expert weights; 192 KB of shared memory); the down GEMM at four stages 0.059 -> 0.062 (kept at three).
+# Persistent programs (GemmBlocks.programs, a K loop flattened across each program's tiles): up 0.113 at best, down
+# 0.056 (one per SM, four stages) and 0.055 (64-row tiles, two per SM); the whole LM prefill with the persistent down
+# GEMM read 3.38 -> 3.57 and 3.37 -> 3.32 ms on the dummy routing, 3.74 -> 3.61 and 3.51 -> 3.46 with the routing
+# spread (bench_fast calls 3-4): inside the run-to-run spread, so it stays a setting.
+UP_BLOCKS = GemmBlocks(128, 128, 64, 8, 4)
 DOWN_BLOCKS = GemmBlocks(128, 128, 64, 8, 3)
 # The down GEMM of infer.fast.prefill_experts=triton on a GPU where torch has grouped GEMMs: "triton"
 # (:func:`grouped_down`) or "torch" (``torch._grouped_mm`` over the same sorted rows and offsets).  H200 (bench_fast,
