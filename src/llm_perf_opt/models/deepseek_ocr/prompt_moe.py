@@ -21,8 +21,8 @@ the sorting and indexing around them cost ~50 us per layer.  ``infer.fast.prefil
 
 Programs of one column tile are adjacent in launch order and an expert's row tiles are consecutive, so the second
 tile of an expert finds that weight tile in L2.  :class:`GemmBlocks` ``programs`` > 0 runs either GEMM as persistent
-programs over the real tiles instead (a setting: measured no better on the page, round 20).  Results equal the torch path to bf16 rounding (the GEMMs sum in
-another order); the sort is bit-identical.
+programs over the real tiles instead (a setting: measured no better on the page, round 20).  Results equal the
+torch path to bf16 rounding (the GEMMs sum in another order); the sort is bit-identical.
 
 Triton is optional, as for :mod:`kernels`: compiled on CUDA; on CPU tensors only under Triton's interpreter.
 """
