@@ -208,6 +208,9 @@ PROMPT_UP_VARIANTS = [
     (64, 64, 64, 4, 5),
     (128, 64, 64, 4, 4),
     (128, 128, 64, 8, 4),
+    (128, 128, 32, 8, 6),
+    (128, 128, 32, 8, 8),
+    (128, 256, 32, 8, 4),
 ]
 PROMPT_DOWN_VARIANTS = [
     (64, 128, 64, 4, 4),
@@ -216,6 +219,9 @@ PROMPT_DOWN_VARIANTS = [
     (128, 128, 128, 8, 3),
     (64, 128, 64, 8, 4),
     (128, 128, 64, 8, 4),
+    (128, 128, 32, 8, 6),
+    (128, 256, 64, 8, 3),
+    (64, 128, 64, 4, 3),
 ]
 # Persistent forms (GemmBlocks.programs: the last field, programs per SM), both GEMMs: the default tiles at one
 # and two programs per SM and deeper pipelines, smaller tiles at two per SM.
