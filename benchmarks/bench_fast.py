@@ -752,31 +752,18 @@ def main() -> None:
                     del vm
             except Exception as exc:  # must not lose the rest of the report
                 var[f"vision sam_kernels.GATHER_MAX_GRID={max_grid}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
-            # the prompt's grouped GEMMs' launch settings: the up GEMM at three stages instead of four (or back), the
-            # down GEMM as persistent programs (GemmBlocks.programs: one per SM, four stages; or back to a program per
-            # tile), each on the dummy routing and spread as on a real page; the defaults first, spread too
+            # the prompt's up GEMM at three stages instead of four (or the other way), on the dummy routing and spread
+            # as on a real page; the defaults first, spread too
             if fast.fast_config.triton_prefill and fast.fast_config.prefill_experts == "triton":
                 lang = model.config.language
-                up, down = prompt_moe.UP_BLOCKS, prompt_moe.DOWN_BLOCKS
-                changes: list[tuple[str, Any]] = [
-                    ("", None),
-                    ("UP_BLOCKS", up._replace(num_stages=7 - up.num_stages) if up.num_stages in (3, 4) else None),
-                    (
-                        "DOWN_BLOCKS",
-                        down._replace(num_stages=3, programs=0)
-                        if down.programs
-                        else down._replace(num_stages=4, programs=1),
-                    ),
-                ]
-                for name, blocks in changes:
-                    if name and blocks is None:
-                        continue
-                    tag = f", prompt_moe.{name}={tuple(blocks)}" if name else ""
+                up = prompt_moe.UP_BLOCKS
+                for blocks in (up, up._replace(num_stages=3 if up.num_stages == 4 else 4)):
+                    tag = "" if blocks == up else f", prompt_moe.UP_BLOCKS={tuple(blocks)}"
                     try:
-                        with module_setting(prompt_moe, name or "UP_BLOCKS", blocks if name else up):
-                            if name:
+                        with module_setting(prompt_moe, "UP_BLOCKS", blocks):
+                            if blocks != up:
                                 fm = apply_fast_path(model, fast.fast_config)
-                                var[f"prefill prompt_moe.{name}={tuple(blocks)} ms"] = prefill_ms(fm, embeds)
+                                var[f"prefill prompt_moe.UP_BLOCKS={tuple(blocks)} ms"] = prefill_ms(fm, embeds)
                             with spread_routing(embeds.shape[1], lang.n_routed_experts, lang.num_experts_per_tok):
                                 fm = apply_fast_path(model, fast.fast_config)
                                 var[f"prefill {SPREAD_LABEL}{tag} ms"] = prefill_ms(fm, embeds)

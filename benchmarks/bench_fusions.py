@@ -223,16 +223,6 @@ PROMPT_DOWN_VARIANTS = [
     (128, 256, 64, 8, 3),
     (64, 128, 64, 4, 3),
 ]
-# Persistent forms (GemmBlocks.programs: the last field, programs per SM), both GEMMs: the default tiles at one
-# and two programs per SM and deeper pipelines, smaller tiles at two per SM.
-PROMPT_PERSISTENT_VARIANTS = [
-    (128, 128, 64, 8, 3, 1),
-    (128, 128, 64, 8, 4, 1),
-    (128, 128, 64, 8, 3, 2),
-    (64, 128, 64, 4, 3, 2),
-    (64, 128, 64, 4, 4, 2),
-    (128, 64, 64, 4, 4, 2),
-]
 
 
 def prompt_expert_rows(dev: torch.device, cfg: DeepseekOCRConfig) -> list[dict[str, Any]]:
@@ -327,7 +317,7 @@ def prompt_expert_rows(dev: torch.device, cfg: DeepseekOCRConfig) -> list[dict[s
     )
     used = int((al.offs[1:] > al.offs[:-1]).sum())  # experts with rows: the weights each GEMM must read
     up_bytes, down_bytes = used * w13[0].numel() * w13.element_size(), used * w2[0].numel() * w2.element_size()
-    for blocks in [*PROMPT_UP_VARIANTS, *PROMPT_PERSISTENT_VARIANTS]:
+    for blocks in PROMPT_UP_VARIANTS:
         b = PM.GemmBlocks(*blocks)
         try:
             fn = functools.partial(PM.grouped_swiglu, x, al.order, al.offs, w13, k, b)
@@ -352,7 +342,7 @@ def prompt_expert_rows(dev: torch.device, cfg: DeepseekOCRConfig) -> list[dict[s
             ms=graph_ms(lambda: torch._grouped_mm(act_ref, w2.transpose(1, 2), offs=offs64)),
         )
     )
-    for blocks in [*PROMPT_DOWN_VARIANTS, *PROMPT_PERSISTENT_VARIANTS]:
+    for blocks in PROMPT_DOWN_VARIANTS:
         b = PM.GemmBlocks(*blocks)
         try:
             fn = functools.partial(PM.grouped_down, act_ref, al.offs, w2, b)

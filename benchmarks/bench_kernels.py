@@ -815,7 +815,7 @@ def prompt_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[s
     gemm.update(P="i32", N="i32", K="i32")
     hid, inter = lang.hidden_size, lang.moe_intermediate_size
     for which, n, kk, gather in (("up", inter, hid, True), ("down", hid, inter, False)):
-        bm, bn, bk, warps, stages, _ = prompt_moe.gemm_blocks(which, interpreter=False)
+        bm, bn, bk, warps, stages = prompt_moe.gemm_blocks(which, interpreter=False)
         consts = dict(E=n_experts, TOP_K=k, GATHER=gather, SWIGLU=gather, BLOCK_E=1 << (n_experts - 1).bit_length())
         consts.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=kk % bk == 0, EVEN_N=n % bn == 0)
         consts.update(PRECISION="tf32", UPCAST=False, NUM_STAGES=stages)
@@ -823,9 +823,6 @@ def prompt_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[s
         # prompt_moe.W_TMA: the weight tiles through a tensor descriptor (the launcher passes one of [bn, bk] blocks)
         tma = {**gemm, "w_desc": f"tensordesc<bf16[{bn},{bk}]>"}
         specs.append(("prompt_moe._grouped_gemm_kernel", tma, {**consts, "W_TMA": True}, warps))
-        # GemmBlocks.programs > 0: persistent programs over the real tiles, one K loop flattened across them
-        persistent = {key: v for key, v in gemm.items() if key != "w_desc"}
-        specs.append(("prompt_moe._grouped_gemm_persistent_kernel", persistent, consts, warps))
     attn = dict(q_ptr=bf, k_ptr=bf, v_ptr=bf, o_ptr=bf)
     attn.update(dict.fromkeys(("s_qb", "s_ql", "s_qh", "s_kb", "s_kh", "s_kn", "s_vb", "s_vh", "s_vn"), "i32"))
     attn.update(L="i32", start="i32", HEADS="i32", GROUP="i32", qk_scale="fp32")

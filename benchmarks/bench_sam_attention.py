@@ -181,15 +181,19 @@ def table_rows(view: str, tables: Any, q: torch.Tensor, grid: int) -> list[dict[
     return rows
 
 
+def grid_shapes(sam: SamEncoder) -> list[tuple[str, int, int]]:
+    """(view, batch, key-grid width) of each view's global blocks and of the windows, as the sweeps walk them."""
+    return [(v, b, side // int(sam.cfg.patch_size)) for _, v, b, side in VIEWS] + [
+        (v, b, g) for _, v, b, g in WINDOW_VIEWS
+    ]
+
+
 def tables_only_rows(sam: SamEncoder, dev: torch.device) -> list[dict[str, Any]]:
     """``--tables``: :func:`table_rows` at each view's global grid and the windows' (no attention settings)."""
     heads, dim, rel_h, rel_w = global_attention(sam)
     gen = torch.Generator(device=dev).manual_seed(2)
-    shapes = [(v, b, side // int(sam.cfg.patch_size)) for _, v, b, side in VIEWS] + [
-        (v, b, g) for _, v, b, g in WINDOW_VIEWS
-    ]
     rows = []
-    for view, batch, grid in shapes:
+    for view, batch, grid in grid_shapes(sam):
         qkv = torch.randn(batch, grid * grid, 3, heads, dim, device=dev, generator=gen, dtype=torch.bfloat16)
         q = qkv.permute(2, 0, 3, 1, 4)[0]  # the block's strided view of its QKV output
         rows += table_rows(view, functools.partial(sam_kernels.rel_pos_tables, q, rel_h, rel_w, (grid, grid)), q, grid)
@@ -200,11 +204,8 @@ def sweep_rows(sam: SamEncoder, dev: torch.device) -> list[dict[str, Any]]:
     """The Triton kernel's launch settings at each view's global grid and the windows' (ms, useful TFLOP/s)."""
     heads, dim, rel_h, rel_w = global_attention(sam)
     gen = torch.Generator(device=dev).manual_seed(2)
-    shapes = [(v, b, side // int(sam.cfg.patch_size)) for _, v, b, side in VIEWS] + [
-        (v, b, g) for _, v, b, g in WINDOW_VIEWS
-    ]
     rows = []
-    for view, batch, grid in shapes:
+    for view, batch, grid in grid_shapes(sam):
         n = grid * grid
         q, k, v = (torch.randn(batch, heads, n, dim, device=dev, generator=gen, dtype=torch.bfloat16) for _ in range(3))
         tables = functools.partial(sam_kernels.rel_pos_tables, q, rel_h, rel_w, (grid, grid))

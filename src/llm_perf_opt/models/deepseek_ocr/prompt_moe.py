@@ -20,9 +20,8 @@ the sorting and indexing around them cost ~50 us per layer.  ``infer.fast.prefil
   which ``kernels.moe_gather_combine`` un-permutes, weights and adds to the shared experts' output.
 
 Programs of one column tile are adjacent in launch order and an expert's row tiles are consecutive, so the second
-tile of an expert finds that weight tile in L2.  :class:`GemmBlocks` ``programs`` > 0 runs either GEMM as persistent
-programs over the real tiles instead (a setting: measured no better on the page, round 20).  Results equal the
-torch path to bf16 rounding (the GEMMs sum in another order); the sort is bit-identical.
+tile of an expert finds that weight tile in L2.  Results equal the torch path to bf16 rounding (the GEMMs sum in
+another order); the sort is bit-identical.
 
 Triton is optional, as for :mod:`kernels`: compiled on CUDA; on CPU tensors only under Triton's interpreter.
 """
@@ -92,16 +91,13 @@ class Alignment(NamedTuple):
 
 
 class GemmBlocks(NamedTuple):
-    """Launch settings of one grouped GEMM: rows per tile, output columns per tile, K per step, warps, stages;
-    ``programs`` > 0: that many persistent programs per SM (per GPU SM; one "SM" under the interpreter) walk the
-    real tiles (``_grouped_gemm_persistent_kernel``), else one program per possible tile."""
+    """Launch settings of one grouped GEMM: rows per tile, output columns per tile, K per step, warps, stages."""
 
     block_m: int
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
-    programs: int = 0
 
 
 # H200 defaults from benchmarks/bench_fusions.py --parts prompt_experts (round 13, call 3; one MoE layer at 913
@@ -109,14 +105,14 @@ class GemmBlocks(NamedTuple):
 # 0.113 at (128, 64, 64, 8, 4), 0.110 at (128, 128, 64, 8, 3), torch._grouped_mm + silu_mul 0.124; down 0.065 at
 # (64, 128, 64, 4, 4), 0.059 at (128, 128, 64, 8, 3), torch._grouped_mm 0.058.  Compiled for sm_90 with the
 # launcher's specialisation (pointers, N and K divisible by 16), both defaults pipeline their K loop (16-byte async
-# copies, three stages), use wgmma and do not spill (212 and 114 registers; ptxas of the local Triton).  The
+# copies, three stages; the up GEMM four since round 20), use wgmma and do not spill (212 and 114 registers).  The
 # interpreter runs programs one at a time with numpy: few, large tiles.
 # Round 20 (the same bench, one layer at random routing, call 6): the up GEMM at four stages 0.110 -> 0.104 ms (2.67 ->
 # 2.82 TB/s of expert weights; 192 KB of shared memory); the down GEMM at four stages 0.059 -> 0.062 (kept at three).
-# Persistent programs (GemmBlocks.programs, a K loop flattened across each program's tiles): up 0.113 at best, down
-# 0.056 (one per SM, four stages) and 0.055 (64-row tiles, two per SM); the whole LM prefill with the persistent down
-# GEMM read 3.38 -> 3.57 and 3.37 -> 3.32 ms on the dummy routing, 3.74 -> 3.61 and 3.51 -> 3.46 with the routing
-# spread (bench_fast calls 3-4): inside the run-to-run spread, so it stays a setting.
+# Persistent programs walking the real tiles, one K loop flattened across each program's tiles (built in round 20,
+# commit 46e2d99, then removed): up 0.113 at best, down 0.056 (one per SM, four stages) and 0.055 (64-row tiles, two
+# per SM); the whole LM prefill with the persistent down GEMM read 3.38 -> 3.57, 3.37 -> 3.32 and 3.14 -> 3.35 ms on
+# the dummy routing, 3.74 -> 3.61, 3.51 -> 3.46 and 3.37 -> 3.34 with the routing spread (bench_fast calls 3, 4, 7).
 UP_BLOCKS = GemmBlocks(128, 128, 64, 8, 4)
 DOWN_BLOCKS = GemmBlocks(128, 128, 64, 8, 3)
 # The down GEMM of infer.fast.prefill_experts=triton on a GPU where torch has grouped GEMMs: "triton"
@@ -326,102 +322,6 @@ if HAVE_TRITON:
             out = out_ptr + r.to(tl.int64)[:, None] * N + n[None, :]
             tl.store(out, val.to(dt), mask=rmask[:, None] & nmask[None, :])
 
-    @triton.jit(do_not_specialize=["P"])
-    def _grouped_gemm_persistent_kernel(
-        a_ptr,
-        order_ptr,
-        offs_ptr,
-        w_ptr,
-        out_ptr,
-        P,
-        N,
-        K,
-        E: tl.constexpr,
-        TOP_K: tl.constexpr,
-        GATHER: tl.constexpr,
-        SWIGLU: tl.constexpr,
-        BLOCK_E: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-        EVEN_K: tl.constexpr,
-        EVEN_N: tl.constexpr,
-        PRECISION: tl.constexpr,
-        UPCAST: tl.constexpr,
-        USE_GDC: tl.constexpr = False,
-    ):
-        """:func:`_grouped_gemm_kernel`'s tiles walked by ``num_programs`` persistent programs: program p takes real
-        tiles p, p + programs, ... in the same order (row tiles fastest, so the programs running together share
-        an expert's weight tile), with one K loop flattened across its tiles (``tl.range(flatten=True)``), so the
-        loads of a tile's first steps are in flight while the last tile's epilogue runs.  Only real tiles are
-        walked (the experts' tile counts summed on the device): no empty programs, the grid fixed by the GPU."""
-        if USE_GDC:
-            _dependent_launch()
-        e = tl.arange(0, BLOCK_E)
-        emask = e < E
-        start = tl.load(offs_ptr + e, mask=emask, other=0)
-        end = tl.load(offs_ptr + e + 1, mask=emask, other=0)
-        tiles = (end - start + BLOCK_M - 1) // BLOCK_M
-        cum = tl.cumsum(tiles, axis=0)
-        row_tiles = tl.sum(tiles, axis=0)
-        col_tiles = tl.cdiv(N, BLOCK_N)
-        w_rows = 2 * N if SWIGLU else N
-        dt = out_ptr.dtype.element_ty
-        for tile in tl.range(tl.program_id(0), row_tiles * col_tiles, tl.num_programs(0), flatten=True):
-            t = tile % row_tiles
-            nb = tile // row_tiles
-            expert = tl.sum((cum <= t).to(tl.int32), axis=0)
-            mine = e == expert
-            row0 = (
-                tl.sum(tl.where(mine, start, 0), axis=0)
-                + (t - tl.sum(tl.where(mine, cum - tiles, 0), axis=0)) * BLOCK_M
-            )
-            row_end = tl.sum(tl.where(mine, end, 0), axis=0)
-            r = row0 + tl.arange(0, BLOCK_M)
-            rmask = r < row_end
-            if GATHER:  # noqa: SIM108 (a constexpr branch)
-                arow = tl.load(order_ptr + r, mask=rmask, other=0) // TOP_K
-            else:
-                arow = r
-            n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-            nmask = n < N
-            w_base = w_ptr + expert.to(tl.int64) * w_rows * K
-            a_rows = a_ptr + arow.to(tl.int64)[:, None] * K
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                kk = k0 + tl.arange(0, BLOCK_K)
-                a_mask = rmask[:, None]
-                w_mask = nmask[:, None]
-                if not EVEN_K:
-                    a_mask = a_mask & (kk[None, :] < K)
-                    w_mask = w_mask & (kk[None, :] < K)
-                a = tl.load(a_rows + kk[None, :], mask=a_mask, other=0.0)
-                if EVEN_N and EVEN_K:
-                    w = tl.load(w_base + n[:, None] * K + kk[None, :])
-                else:
-                    w = tl.load(w_base + n[:, None] * K + kk[None, :], mask=w_mask, other=0.0)
-                if UPCAST:  # Triton's interpreter computes bf16 tl.dot wrongly; float32 operands are exact
-                    a, w = a.to(tl.float32), w.to(tl.float32)
-                acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
-                if SWIGLU:
-                    if EVEN_N and EVEN_K:
-                        wu = tl.load(w_base + (N + n)[:, None] * K + kk[None, :])
-                    else:
-                        wu = tl.load(w_base + (N + n)[:, None] * K + kk[None, :], mask=w_mask, other=0.0)
-                    if UPCAST:
-                        wu = wu.to(tl.float32)
-                    acc_u = tl.dot(a, tl.trans(wu), acc_u, input_precision=PRECISION)
-            if SWIGLU:
-                g = _round(acc, dt)  # the gate/up GEMM's output is in the activation dtype
-                u = _round(acc_u, dt)
-                act = _round(g / (1.0 + tl.exp(-g)), dt)  # F.silu rounds to the activation dtype
-                val = _round(act * u, dt)
-            else:
-                val = _round(acc, dt)
-            out = out_ptr + r.to(tl.int64)[:, None] * N + n[None, :]
-            tl.store(out, val.to(dt), mask=rmask[:, None] & nmask[None, :])
-
 
 # ======================================================================================== align
 def align_ref(idx: Tensor, n_experts: int, counts: Tensor | None = None) -> Alignment:
@@ -527,41 +427,11 @@ def _launch_gemm(
 ) -> Tensor:
     n_pairs, k = out.shape[0], a.shape[1]
     n_experts = w.shape[0]
-    bm, bn, bk, warps, stages, programs = blocks
+    bm, bn, bk, warps, stages = blocks
     if min(bm, bn, bk) < 16:
         raise ValueError(f"tl.dot needs blocks of at least 16, got {blocks}")
-    if programs < 0:
-        raise ValueError(f"programs must be >= 0 (0: one program per possible tile), got {blocks}")
     interpreter = a.device.type != "cuda"
     precision = "ieee" if a.dtype == torch.float32 or interpreter else "tf32"
-    if programs:
-        sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.device.type == "cuda" else 1
-        _grouped_gemm_persistent_kernel[(programs * sms,)](
-            a,
-            order,
-            offs,
-            w,
-            out,
-            n_pairs,
-            n,
-            k,
-            E=n_experts,
-            TOP_K=top_k,
-            GATHER=gather,
-            SWIGLU=swiglu,
-            BLOCK_E=kernels._pow2(n_experts),
-            BLOCK_M=bm,
-            BLOCK_N=bn,
-            BLOCK_K=bk,
-            EVEN_K=k % bk == 0,
-            EVEN_N=n % bn == 0,
-            PRECISION=precision,
-            UPCAST=interpreter,
-            num_warps=warps,
-            num_stages=stages,
-            **kernels._pdl(),
-        )
-        return out
     grid = (row_tiles(n_pairs, n_experts, bm), -(-n // bn))
     w_tma = W_TMA and n % bn == 0 and k % bk == 0
     if w_tma:

@@ -112,9 +112,6 @@ def _pair_oracle(
         (torch.float32, 64, 48, PM.GemmBlocks(16, 32, 32, 4, 1), PM.GemmBlocks(16, 32, 16, 4, 1)),  # ragged N, K
         (torch.bfloat16, 96, 32, PM.GemmBlocks(16, 16, 64, 4, 1), PM.GemmBlocks(32, 64, 32, 4, 1)),
         (torch.bfloat16, 64, 32, None, None),  # the interpreter's default blocks
-        # persistent programs: fewer than the tiles (each walks several, across experts and column tiles), more
-        (torch.float32, 64, 48, PM.GemmBlocks(16, 32, 32, 4, 1, 3), PM.GemmBlocks(16, 32, 16, 4, 1, 5)),
-        (torch.bfloat16, 96, 32, PM.GemmBlocks(16, 16, 64, 4, 1, 64), PM.GemmBlocks(32, 64, 32, 4, 1, 1)),
     ],
 )
 def test_grouped_gemms_match_the_per_pair_oracle(
@@ -202,8 +199,6 @@ def test_bad_inputs_are_refused_with_what_to_fix() -> None:
         PM.grouped_swiglu(torch.randn(5, 16), al.order, al.offs, w13, 2)
     with pytest.raises(ValueError, match="at least 16"):
         PM.grouped_swiglu(x, al.order, al.offs, w13, 2, PM.GemmBlocks(8, 16, 16, 4, 1))
-    with pytest.raises(ValueError, match="programs must be >= 0"):
-        PM.grouped_swiglu(x, al.order, al.offs, w13, 2, PM.GemmBlocks(16, 16, 16, 4, 1, -1))
     with pytest.raises(ValueError, match=r"act \[P, 16\]"):
         PM.grouped_down(torch.randn(10, 8), al.offs, w2)
     with pytest.raises(ValueError, match="'up' or 'down'"):
