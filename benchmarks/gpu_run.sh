@@ -18,6 +18,7 @@
 #           baseline column, native-vs-transformers logits on full-size dummy weights)
 #   fastv2  benchmarks/bench_fast_v2.py (DeepSeek-OCR-2's eager vs fast path in one process: vision, LM prefill,
 #           decode, its goals table; FASTV2_ARGS adds options, FASTV2_TIMEOUT bounds it)
+# Then POST, a shell command of the caller's (below), before the results are packed.
 # Everything is written to $RES (default /tmp/gpu-results) and packed into $OUT/results.tgz (the
 # markdown reports are also copied to $OUT); $OUT defaults to ./gpu-out.  Wheels for hydra & co. in .whl/ (and transformers 4.46 for the
 # vendor column in .whl-hf/) are installed into /tmp/site and /tmp/hfsite first when present; a newer transformers
@@ -124,4 +125,10 @@ if has v1v2; then
   TF_PATH=$PYTHONPATH; [ -d /tmp/tfsite ] && TF_PATH=/tmp/tfsite:$PYTHONPATH
   PYTHONPATH=$TF_PATH python3 -c 'import transformers; print("transformers", transformers.__version__)' 2>&1 | tee "$OUT/transformers.txt"
   PYTHONPATH=$TF_PATH python3 benchmarks/bench_v1_v2.py --out "$OUT" ${V1V2_ARGS:-} 2>&1 | grep -v '^v[12] \|^Loading' | tail -60
+fi
+# POST: one more shell command after the stages, with $OUT (here: the results folder) and the installed wheels' path
+# set, so what it writes under "$OUT" is packed with the rest (round 20 lost a table run after this script: the pack
+# had already happened); e.g. POST='python3 benchmarks/bench_fusions.py --parts prompt_experts --out "$OUT"'
+if [ -n "${POST:-}" ]; then
+  OUT="$OUT" bash -c "$POST" 2>&1 | tail -40
 fi
