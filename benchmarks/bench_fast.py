@@ -690,6 +690,31 @@ def main() -> None:
             for stages in sorted({0, 2, 3} - {triton_kernels.UP_STAGES}):
                 with module_setting(triton_kernels, "UP_STAGES", stages):
                     time_variant(f"kernels.UP_STAGES={stages}", d)
+
+        def time_prompt_setting(name: str, other: Any, label: str) -> None:
+            """The LM prefill with ``prompt_moe.<name>`` at ``other`` (a module setting: the fast path re-applied
+            under it), and with the routing spread at random after the router runs, at the default and at ``other``:
+            a real page's expert reads (the dummy weights route the prompt to 28-46 of the 64 experts per layer, a
+            real checkpoint to nearly all).  The default's spread row is timed once per report."""
+            from llm_perf_opt.models.deepseek_ocr import prompt_moe
+
+            lang = model.config.language
+            default = getattr(prompt_moe, name)
+            for is_default, value in ((True, default), (False, other)):
+                tag = "" if is_default else f", prompt_moe.{name}={label}"
+                if is_default and f"prefill {SPREAD_LABEL} ms" in var:
+                    continue
+                try:
+                    with module_setting(prompt_moe, name, value):
+                        if not is_default:
+                            fm = apply_fast_path(model, fast.fast_config)
+                            var[f"prefill prompt_moe.{name}={label} ms"] = prefill_ms(fm, embeds)
+                        with spread_routing(embeds.shape[1], lang.n_routed_experts, lang.num_experts_per_tok):
+                            fm = apply_fast_path(model, fast.fast_config)
+                            var[f"prefill {SPREAD_LABEL}{tag} ms"] = prefill_ms(fm, embeds)
+                except Exception as exc:  # must not lose the rest of the report
+                    var[f"prefill {SPREAD_LABEL}{tag}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
+
         checkpoint("the prefill variants")
         if "prefill" in parts:
             fm = apply_fast_path(model, FastConfig(prefill_graphs=False))
@@ -714,23 +739,9 @@ def main() -> None:
                         with module_setting(prompt_moe, "DOWN_GEMM", down):
                             fm = apply_fast_path(model, fast.fast_config)
                             var[f"prefill prompt_moe.DOWN_GEMM={down} ms"] = prefill_ms(fm, embeds)
-                    # a real page's expert reads: the routing spread at random after the router runs (the dummy
-                    # weights route the prompt to 28-46 of the 64 experts per layer, a real checkpoint to nearly all);
-                    # then both, with the grouped GEMMs' weight tiles through the other load form (prompt_moe.W_TMA)
-                    lang = model.config.language
-                    default_tma = prompt_moe.W_TMA
-                    for tma in (default_tma, not default_tma):
-                        tag = "" if tma == default_tma else f", prompt_moe.W_TMA={tma}"
-                        try:
-                            with module_setting(prompt_moe, "W_TMA", tma):
-                                if tma != default_tma:
-                                    fm = apply_fast_path(model, fast.fast_config)
-                                    var[f"prefill prompt_moe.W_TMA={tma} ms"] = prefill_ms(fm, embeds)
-                                with spread_routing(embeds.shape[1], lang.n_routed_experts, lang.num_experts_per_tok):
-                                    fm = apply_fast_path(model, fast.fast_config)
-                                    var[f"prefill {SPREAD_LABEL}{tag} ms"] = prefill_ms(fm, embeds)
-                        except Exception as exc:  # must not lose the rest of the report
-                            var[f"prefill {SPREAD_LABEL}{tag}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
+                    # a real page's expert reads, then with the grouped GEMMs' weight tiles through the other load
+                    # form (prompt_moe.W_TMA)
+                    time_prompt_setting("W_TMA", not prompt_moe.W_TMA, str(not prompt_moe.W_TMA))
         checkpoint("this round's kernel settings")
         if "settings" in parts and fast.fast_config.decode_kernels == "triton":
             from llm_perf_opt.models.deepseek_ocr import fast_decoder, prompt_moe, sam_kernels
@@ -752,23 +763,11 @@ def main() -> None:
                     del vm
             except Exception as exc:  # must not lose the rest of the report
                 var[f"vision sam_kernels.GATHER_MAX_GRID={max_grid}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
-            # the prompt's up GEMM at three stages instead of four (or the other way), on the dummy routing and spread
-            # as on a real page; the defaults first, spread too
+            # the prompt's up GEMM at three stages instead of four (or the other way)
             if fast.fast_config.triton_prefill and fast.fast_config.prefill_experts == "triton":
-                lang = model.config.language
                 up = prompt_moe.UP_BLOCKS
-                for blocks in (up, up._replace(num_stages=3 if up.num_stages == 4 else 4)):
-                    tag = "" if blocks == up else f", prompt_moe.UP_BLOCKS={tuple(blocks)}"
-                    try:
-                        with module_setting(prompt_moe, "UP_BLOCKS", blocks):
-                            if blocks != up:
-                                fm = apply_fast_path(model, fast.fast_config)
-                                var[f"prefill prompt_moe.UP_BLOCKS={tuple(blocks)} ms"] = prefill_ms(fm, embeds)
-                            with spread_routing(embeds.shape[1], lang.n_routed_experts, lang.num_experts_per_tok):
-                                fm = apply_fast_path(model, fast.fast_config)
-                                var[f"prefill {SPREAD_LABEL}{tag} ms"] = prefill_ms(fm, embeds)
-                    except Exception as exc:  # must not lose the rest of the report
-                        var[f"prefill {SPREAD_LABEL}{tag}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
+                other_up = up._replace(num_stages=3 if up.num_stages == 4 else 4)
+                time_prompt_setting("UP_BLOCKS", other_up, str(tuple(other_up)))
         checkpoint("the torch decode kernels, the ungraphed decode and the vision SDPA policies")
         if "other" in parts:
             other_kernels = "torch" if fast.fast_config.decode_kernels == "triton" else "triton"
