@@ -53,7 +53,6 @@ from llm_perf_opt.models.deepseek_ocr.decoder import RMSNorm, RotaryEmbedding, g
 from llm_perf_opt.models.deepseek_ocr.graphs import first_argmax
 from llm_perf_opt.models.deepseek_ocr.kernels import (
     DOWN_SPLIT_STAGES,
-    FUSED_STAGES,
     KEYS_PER_SPLIT,
     PICK_BLOCK,
     UP_STAGES,
@@ -69,7 +68,6 @@ from llm_perf_opt.models.deepseek_ocr.kernels import (
     dependent_launches,
     down_counters,
     exact_bf16,
-    fused_scratch,
     linear_block_sizes,
     linear_rows,
     moe_block_sizes,
@@ -77,7 +75,6 @@ from llm_perf_opt.models.deepseek_ocr.kernels import (
     moe_experts,
     moe_experts_grouped,
     moe_experts_ref,
-    moe_fused_block_sizes,
     moe_grouped_block_sizes,
     moe_route,
     moe_route_ref,
@@ -514,10 +511,6 @@ class Bench:
         layers, prepared = self._moe(tokens)
         cuda = self.dev.type == "cuda"
         split = blocks.get("down") == "split"
-        fused = blocks.get("down") == "fused"
-        if fused:  # kept zeroed buffers, as a caller keeps them (a memset per call would be timed too)
-            scratch, counts = fused_scratch(tokens, k + n_always, hid, self.dev)
-            blocks = {**blocks, "scratch": scratch, "counters": counts}
         if split:
             split_h, split_k = moe_down_split_block_sizes(
                 hid, inter, not cuda, blocks.get("block_h"), blocks.get("block_k_down"), tokens
@@ -545,29 +538,20 @@ class Bench:
         if split:  # the down kernel's own blocks and stages, not the rows form's
             used.update(block_h=split_h, block_k_down=split_k, stages_down=blocks.get("stages_down", DOWN_SPLIT_STAGES))
             used.pop("counters")
-        if fused:  # the one kernel's blocks and stages
-            fbn, fbk, fbh = moe_fused_block_sizes(
-                hid, inter, not cuda, blocks.get("block_n"), blocks.get("block_k_up"), blocks.get("block_h")
-            )
-            fst = (blocks.get("stages_up", FUSED_STAGES[0]), blocks.get("stages_down", FUSED_STAGES[1]))
-            used = dict(down="fused", block_n=fbn, block_k=fbk, block_h=fbh, stages=fst)
-            used["warps"] = blocks.get("num_warps") or (8 if tokens == 1 else 4)
         note = f"{distinct} distinct slots; vs torch path max |Δ| {err_torch:.3g}; {used}"
         stages = ("stages_up", "stages_down")
-        if not fused and any(
-            key in blocks for key in stages
-        ):  # settings that must not change the sums: vs the same call without
+        if any(key in blocks for key in stages):  # settings that must not change the sums: vs the same call without
             base = {key: value for key, value in blocks.items() if key not in stages}
             same = torch.equal(out, moe_experts(x, idx, w, w13, w2, n_always, res, **base))
             note += f"; {'bit-identical to' if same else 'DIFFERENT output from'} the default settings"
-        if split or fused:  # the same combine, but y summed in another order: a few bf16 ulps may differ
+        if split:  # the same combine, but y summed in another order: a few bf16 ulps may differ
             rows_out = moe_experts(x, idx, w, w13, w2, n_always, res, down="rows")
             differ, gap = int((out != rows_out).sum()), max_err(out, rows_out)
             note += f"; vs the rows form: {differ} of {out.numel()} elements differ (max |Δ| {gap:.3g})"
         if pdl:
             same = torch.equal(kernel(layers[0]), out)
             note += f"; dependent launches ({'bit-identical' if same else 'DIFFERENT output'})"
-        op = "moe_experts (down=split)" if split else "moe_experts (down=fused)" if fused else "moe_experts"
+        op = "moe_experts (down=split)" if split else "moe_experts"
         return Row(op, tokens, t_us, k_us, distinct * per_slot, err, note, _expert_flops(lang, tokens))
 
     def experts_grouped(self, tokens: int, **blocks: Any) -> Row:
@@ -708,19 +692,6 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
         with_norm = {**split, "nres_ptr": bf, "nw_ptr": bf, "normed_ptr": bf, "nsum_ptr": bf, "row_count_ptr": "*i32"}
         with_norm["eps"] = "fp32"
         specs.append(("_moe_down_split_kernel", with_norm, {**split_consts, "HAS_NORM": True, "BLOCK_R": 2048}, 4))
-    # the fused form (moe_experts(down="fused")): both GEMVs in one kernel, pipelined loops as launched, then plain
-    fused = dict(x_ptr=bf, idx_ptr=i64, wts_ptr=f32, w13_ptr=bf, w2_ptr=bf, res_ptr=bf, out_ptr=bf, y_ptr=f32)
-    fused.update(count_ptr="*i32", H="i32", INTER="i32", N_EXPERTS="i32")
-    fbn, fbk, fbh = moe_fused_block_sizes(hid, inter)
-    fused_consts = dict(TOP_K=k, N_ALWAYS=n_always, HAS_RESIDUAL=True, BLOCK_N=fbn, BLOCK_K=fbk)
-    fused_consts.update(EVEN_K=hid % fbk == 0, BLOCK_H=fbh, BLOCK_R=1024)
-    stages_up, stages_down = FUSED_STAGES
-    for tokens in (1, 8):
-        fused_warps = 8 if tokens == 1 else 4
-        specs.append(
-            ("_moe_fused_kernel", fused, {**fused_consts, "STAGES": stages_up, "STAGES_DOWN": stages_down}, fused_warps)
-        )
-    specs.append(("_moe_fused_kernel", fused, {**fused_consts, "STAGES": 0, "STAGES_DOWN": 0}, 8))
     ids = dict(ids_ptr=i64, order_ptr="*i32", offs_ptr="*i32", P="i32")
     align = dict(E=lang.n_routed_experts, BLOCK_P=16, BLOCK_ALL=512, BLOCK_E=128)  # 64 tokens x top-6
     specs.append(("_moe_align_kernel", ids, align, 4))
@@ -882,7 +853,6 @@ STREAMING = {
     "_moe_up_kernel",
     "_moe_down_kernel",
     "_moe_down_split_kernel",
-    "_moe_fused_kernel",
     "_pick_partial_kernel",
     "_linear_rows_kernel",
     "_qkv_rope_kernel",
@@ -1072,10 +1042,6 @@ SPLIT_VARIANTS = [(bh, bk, st, 4) for bh in (8, 16, 32) for bk in (128, 256) for
 SPLIT_VARIANTS += [(bh, 128, 2, 8) for bh in (8, 16, 32)]
 # deeper pipelines and wider row blocks (round 17: the form had never been swept on a GPU)
 SPLIT_VARIANTS += [(16, 128, 3, 4), (16, 128, 4, 4), (32, 128, 3, 4), (32, 64, 3, 4), (64, 64, 2, 4), (64, 64, 2, 8)]
-# the fused form (moe_experts(down="fused")): (block_n, block_k, block_h, stages up, stages down, warps)
-FUSED_VARIANTS = [(bn, 4096 // bn, 128, 2, 2, w) for bn in (16, 32, 64) for w in (4, 8)]
-FUSED_VARIANTS += [(32, 128, bh, 2, st, 8) for bh in (64, 256) for st in (0, 2, 3)]
-FUSED_VARIANTS += [(32, 256, 128, 3, 2, 8), (32, 128, 128, 0, 0, 8), (16, 256, 256, 2, 2, 8)]
 SWEEP_PARTS = ("experts", "attention", "linear", "grouped")
 
 
@@ -1099,13 +1065,6 @@ def run_sweep(bench: Bench, parts: tuple[str, ...] = SWEEP_PARTS) -> list[str]:
                 dict(down="split", block_h=bh, block_k_down=bk, stages_down=st, num_warps_down=w),
             )
             for bh, bk, st, w in SPLIT_VARIANTS
-        ]
-        variants += [
-            (
-                f"down=fused: block_n={bn} block_k={bk} block_h={bh} stages={su}/{sd} warps={w}",
-                dict(down="fused", block_n=bn, block_k_up=bk, block_h=bh, stages_up=su, stages_down=sd, num_warps=w),
-            )
-            for bn, bk, bh, su, sd, w in FUSED_VARIANTS
         ]
         for cfg, blocks in variants:
             try:
@@ -1462,8 +1421,6 @@ def main() -> None:
                 # the split down form (moe_experts(down="split")) in the same run: before / after in one table
                 rows += [bench.experts(tokens, down="split", stages_down=n) for n in (0, DOWN_SPLIT_STAGES)]
                 rows += [bench.experts(tokens, down="split", pdl=True)]
-                # both GEMVs in one kernel (moe_experts(down="fused")), plain and as dependent launches
-                rows += [bench.experts(tokens, down="fused"), bench.experts(tokens, down="fused", pdl=True)]
         for tokens in grouped_tokens:
             if tokens <= 16:  # the GEMV kernels re-read weights per token: where the grouped kernels take over
                 rows.append(bench.experts(tokens))

@@ -91,8 +91,6 @@ __all__ = [
     "DOWN_FORM",
     "DOWN_FORMS",
     "DOWN_SPLIT_STAGES",
-    "FUSED_BLOCKS",
-    "FUSED_STAGES",
     "GROUPED_MIN_ROWS",
     "HAVE_TRITON",
     "INTERPRETED",
@@ -112,7 +110,6 @@ __all__ = [
     "down_counters",
     "exact_bf16",
     "feed_back",
-    "fused_scratch",
     "linear_block_sizes",
     "linear_rows",
     "linear_rows_ref",
@@ -121,7 +118,6 @@ __all__ = [
     "moe_experts",
     "moe_experts_grouped",
     "moe_experts_ref",
-    "moe_fused_block_sizes",
     "moe_gather_combine",
     "moe_gather_combine_ref",
     "moe_grouped_block_sizes",
@@ -870,30 +866,6 @@ if HAVE_TRITON:
         t, e = _slot_expert(idx_ptr, ts, N_EXPERTS, TOP_K, N_ALWAYS)
         n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = n < INTER
-        dt = h_ptr.dtype.element_ty
-        act = _swiglu_rows(x_ptr + t * H, w13_ptr, e, n, nmask, H, INTER, BLOCK_N, BLOCK_K, EVEN_K, STAGES, dt)
-        tl.store(h_ptr + ts * INTER + n, act.to(dt), mask=nmask)
-
-    @triton.jit
-    def _swiglu_rows(
-        x_row_ptr,
-        w13_ptr,
-        e,
-        n,
-        nmask,
-        H,
-        INTER,
-        BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-        EVEN_K: tl.constexpr,
-        STAGES: tl.constexpr,
-        dt: tl.constexpr,
-    ):
-        """``bf16(bf16(silu(bf16(g))) · bf16(u))`` for the intermediate columns ``n`` of expert ``e`` and one
-        activation row (float32 holding ``dt`` values; 0 where ``nmask`` is off): the gate and up rows ``n`` of
-        ``w13[e]`` in [BLOCK_N, BLOCK_K] tiles (contiguous along H) times the row, summed in float32, with the
-        torch path's rounding points (the GEMM outputs, the SiLU and the product in the activation dtype).
-        ``STAGES`` > 0: the K loop software-pipelined (the next tiles copied into shared memory by cp.async)."""
         gate_rows = w13_ptr + e * (2 * INTER * H) + n[:, None] * H
         up_rows = gate_rows + INTER * H
         g = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -903,7 +875,7 @@ if HAVE_TRITON:
             # asynchronously (cp.async) while this one is summed, bytes in flight without registers
             for k0 in tl.range(0, H, BLOCK_K, num_stages=STAGES):
                 kk = k0 + tl.arange(0, BLOCK_K)
-                xv, tile_mask = _row_block(x_row_ptr, kk, nmask, H, EVEN_K)
+                xv, tile_mask = _row_block(x_ptr + t * H, kk, nmask, H, EVEN_K)
                 wg = tl.load(gate_rows + kk[None, :], mask=tile_mask, other=0.0).to(tl.float32)
                 wu = tl.load(up_rows + kk[None, :], mask=tile_mask, other=0.0).to(tl.float32)
                 g += tl.sum(wg * xv[None, :], axis=1)
@@ -911,92 +883,16 @@ if HAVE_TRITON:
         else:
             for k0 in range(0, H, BLOCK_K):
                 kk = k0 + tl.arange(0, BLOCK_K)
-                xv, tile_mask = _row_block(x_row_ptr, kk, nmask, H, EVEN_K)
+                xv, tile_mask = _row_block(x_ptr + t * H, kk, nmask, H, EVEN_K)
                 wg = tl.load(gate_rows + kk[None, :], mask=tile_mask, other=0.0).to(tl.float32)
                 wu = tl.load(up_rows + kk[None, :], mask=tile_mask, other=0.0).to(tl.float32)
                 g += tl.sum(wg * xv[None, :], axis=1)
                 u += tl.sum(wu * xv[None, :], axis=1)
+        dt = h_ptr.dtype.element_ty
         g = _round(g, dt)  # the gate/up GEMM output is in the activation dtype
         u = _round(u, dt)
         act = _round(g / (1.0 + tl.exp(-g)), dt)  # F.silu rounds to the activation dtype
-        return _round(act * u, dt)
-
-    @triton.jit(do_not_specialize=["N_EXPERTS"])  # a stack of 1 would become a constexpr
-    def _moe_fused_kernel(
-        x_ptr,
-        idx_ptr,
-        wts_ptr,
-        w13_ptr,
-        w2_ptr,
-        res_ptr,
-        out_ptr,
-        y_ptr,
-        count_ptr,
-        H,
-        INTER,
-        N_EXPERTS,
-        TOP_K: tl.constexpr,
-        N_ALWAYS: tl.constexpr,
-        HAS_RESIDUAL: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-        EVEN_K: tl.constexpr,
-        BLOCK_H: tl.constexpr,
-        BLOCK_R: tl.constexpr,
-        USE_GDC: tl.constexpr = False,
-        STAGES: tl.constexpr = 0,
-        STAGES_DOWN: tl.constexpr = 0,
-    ):
-        """Both expert GEMVs in one launch (``moe_experts(down="fused")``): program (t·slots + s, nb) computes
-        the SwiGLU of intermediate columns ``n`` (:func:`_swiglu_rows`, the up kernel's math), multiplies them
-        by the same columns of the slot's down matrix ([BLOCK_H, BLOCK_N] tiles of W2[e], every hidden row) and
-        adds that partial ``y`` into the float32 scratch [T, slots, H] (atomic adds: the I blocks' partials
-        are summed in the order they arrive).  The program that finishes last for token t (an int32 counter per
-        token, acq_rel) combines the slots with the other forms' rounding points (:func:`_moe_down_combine`),
-        zeroes the token's scratch for the next call and re-arms the counter.  No [T, slots, I] round trip
-        and no kernel boundary between the GEMVs: the weights of both stream in one grid."""
-        if USE_GDC:
-            _dependent_launch()
-        ts = tl.program_id(0)  # token * n_slots + slot
-        nb = tl.program_id(1)
-        t, e = _slot_expert(idx_ptr, ts, N_EXPERTS, TOP_K, N_ALWAYS)
-        n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-        nmask = n < INTER
-        dt = out_ptr.dtype.element_ty
-        act = _swiglu_rows(x_ptr + t * H, w13_ptr, e, n, nmask, H, INTER, BLOCK_N, BLOCK_K, EVEN_K, STAGES, dt)
-        down_cols = w2_ptr + e * (H * INTER) + n[None, :]
-        y_row = y_ptr + ts * H
-        if STAGES_DOWN > 0:
-            for r0 in tl.range(0, H, BLOCK_H, num_stages=STAGES_DOWN):
-                rows = r0 + tl.arange(0, BLOCK_H)
-                rmask = rows < H
-                w = tl.load(down_cols + rows[:, None] * INTER, mask=rmask[:, None] & nmask[None, :], other=0.0)
-                part = tl.sum(w.to(tl.float32) * act[None, :], axis=1)
-                tl.atomic_add(y_row + rows, part, mask=rmask, sem="relaxed", scope="gpu")
-        else:
-            for r0 in range(0, H, BLOCK_H):
-                rows = r0 + tl.arange(0, BLOCK_H)
-                rmask = rows < H
-                w = tl.load(down_cols + rows[:, None] * INTER, mask=rmask[:, None] & nmask[None, :], other=0.0)
-                part = tl.sum(w.to(tl.float32) * act[None, :], axis=1)
-                tl.atomic_add(y_row + rows, part, mask=rmask, sem="relaxed", scope="gpu")
-        # the last of token t's programs combines: the barrier orders every thread's adds ahead of the counter's
-        # release (one thread's add), the second one every thread's combine loads behind its acquire
-        tl.debug_barrier()
-        count = count_ptr + t
-        done = tl.atomic_add(count, 1, sem="acq_rel", scope="gpu")
-        tl.debug_barrier()
-        if done == (TOP_K + N_ALWAYS) * tl.num_programs(1) - 1:
-            for r0 in range(0, H, BLOCK_R):
-                rows = r0 + tl.arange(0, BLOCK_R)
-                rmask = rows < H
-                _moe_down_combine(
-                    y_ptr, wts_ptr, res_ptr, out_ptr, t, rows, rmask, H, TOP_K, N_ALWAYS, HAS_RESIDUAL, BLOCK_R
-                )
-                zero = tl.zeros([BLOCK_R], dtype=tl.float32)
-                for s in tl.static_range(TOP_K + N_ALWAYS):
-                    tl.store(y_ptr + (t * (TOP_K + N_ALWAYS) + s) * H + rows, zero, mask=rmask)
-            tl.atomic_xchg(count, 0, sem="relaxed", scope="gpu")
+        tl.store(h_ptr + ts * INTER + n, _round(act * u, dt).to(dt), mask=nmask)
 
     @triton.jit
     def _down_store(
@@ -2500,7 +2396,7 @@ def moe_block_sizes(
 # up kernel moves 3.1 TB/s).  "split": :func:`_moe_down_split_kernel`, a program per (token, slot, row block), shaped
 # like the up kernel; the slot finishing last combines.  ``DOWN_FORM`` is the default until the GPU has timed both
 # (``bench_kernels.py``: the moe_experts rows, ``--sweep``).
-DOWN_FORMS = ("rows", "split", "fused")
+DOWN_FORMS = ("rows", "split")
 DOWN_FORM = "rows"
 # The split form's K loop software-pipelined over this many stages, as the up kernel's (``UP_STAGES``); 0: a plain
 # loop.  ``moe_experts(stages_down=...)`` overrides.  H200 (round 17 sweep, both expert kernels at T=1): [16, 128]
@@ -2561,113 +2457,6 @@ def down_counters(rows: int, hidden: int, device: torch.device | str, block_h: i
     graph (the graph holds its address)."""
     n = down_counter_count(rows, hidden, device, block_h)
     return torch.zeros(n, dtype=torch.int32, device=torch.device(device))
-
-
-# The fused form's blocks (``moe_experts(down="fused")``), (block_n, block_k, block_h): intermediate columns per
-# program, the gate/up K loop's width, the down tiles' hidden rows.  32 columns: the down tiles' rows are 64-byte
-# runs of W2 (contiguous along I), and at T=1, 8 slots, I = 896 the grid is 8 x 28 = 224 programs.
-FUSED_BLOCKS = (32, 128, 128)
-# The fused form's K loops software-pipelined over this many stages (gate/up, down); 0: plain loops
-FUSED_STAGES = (2, 2)
-
-
-def moe_fused_block_sizes(
-    hidden: int,
-    inter: int,
-    interpreter: bool = False,
-    block_n: int | None = None,
-    block_k: int | None = None,
-    block_h: int | None = None,
-) -> tuple[int, int, int]:
-    """(block_n, block_k, block_h) of :func:`moe_experts`' fused form; given sizes are kept.  GPU:
-    ``FUSED_BLOCKS``; the interpreter runs programs one after another: few, large tiles."""
-    big = (min(256, _pow2(inter)), min(256, _pow2(hidden)), min(256, _pow2(hidden)))
-    auto = big if interpreter else FUSED_BLOCKS
-    return block_n or auto[0], block_k or auto[1], block_h or auto[2]
-
-
-def fused_scratch(rows: int, slots: int, hidden: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
-    """The zeroed buffers of :func:`moe_experts`' fused form for up to ``rows`` tokens of ``slots`` slots:
-    (float32 [rows·slots·hidden] partial sums, int32 [rows] counters).  Keep them across calls and in a CUDA
-    graph: the kernel leaves both zeroed again."""
-    dev = torch.device(device)
-    return (
-        torch.zeros(rows * slots * hidden, dtype=torch.float32, device=dev),
-        torch.zeros(rows, dtype=torch.int32, device=dev),
-    )
-
-
-def _check_zeroed(t: Tensor, name: str, dtype: torch.dtype, need: int, device: torch.device, hint: str) -> Tensor:
-    """``t`` as a contiguous 1-D ``dtype`` buffer of >= ``need`` entries on ``device``, or a ValueError."""
-    if t.dtype != dtype or t.dim() != 1 or t.numel() < need:
-        raise ValueError(f"{name} must be {dtype} [>= {need}] ({hint}), got {t.dtype} {tuple(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{name} must be on {device} like x, got {t.device}")
-    return _contig(t, name)
-
-
-def _moe_experts_fused(
-    x: Tensor,
-    idx: Tensor,
-    weights: Tensor,
-    w13: Tensor,
-    w2: Tensor,
-    n_always: int,
-    residual: Tensor | None,
-    counters: Tensor | None,
-    scratch: Tensor | None,
-    block_n: int | None,
-    block_k: int | None,
-    block_h: int | None,
-    num_warps: int | None,
-    stages: tuple[int, int] | None,
-) -> Tensor:
-    """:func:`moe_experts`' fused form: one launch of :func:`_moe_fused_kernel` (arguments checked there)."""
-    n_tokens, hidden, n_experts, inter, top_k = _check_moe_args(x, idx, weights, w13, w2, residual)
-    n_slots = top_k + n_always
-    interpreter = x.device.type != "cuda"
-    block_n, block_k, block_h = moe_fused_block_sizes(hidden, inter, interpreter, block_n, block_k, block_h)
-    hint = "see fused_scratch: kept across calls, left zeroed by the kernel"
-    if scratch is None or counters is None:
-        fresh = fused_scratch(n_tokens, n_slots, hidden, x.device)
-        scratch = fresh[0] if scratch is None else scratch
-        counters = fresh[1] if counters is None else counters
-    scratch = _check_zeroed(scratch, "scratch", torch.float32, n_tokens * n_slots * hidden, x.device, hint)
-    counters = _check_zeroed(counters, "counters", torch.int32, n_tokens, x.device, hint)
-    out = torch.empty_like(x)
-    idx = _contig(idx, "idx")
-    weights = _contig(weights.float(), "weights")
-    if top_k == 0:  # no routed picks (e.g. a dense MLP passed as always-on slots): valid dummies, never read
-        idx = torch.zeros(1, device=x.device, dtype=torch.int64)
-        weights = torch.zeros(1, device=x.device, dtype=torch.float32)
-    stages_up, stages_down = FUSED_STAGES if stages is None else stages
-    _moe_fused_kernel[(n_tokens * n_slots, triton.cdiv(inter, block_n))](
-        x,
-        idx,
-        weights,
-        _contig(w13, "w13"),
-        _contig(w2, "w2"),
-        x if residual is None else _contig(residual, "residual"),
-        out,
-        scratch,
-        counters,
-        hidden,
-        inter,
-        n_experts,
-        TOP_K=top_k,
-        N_ALWAYS=n_always,
-        HAS_RESIDUAL=residual is not None,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        EVEN_K=hidden % block_k == 0,
-        BLOCK_H=block_h,
-        BLOCK_R=min(1024, _pow2(hidden)),
-        STAGES=stages_up,
-        STAGES_DOWN=stages_down,
-        num_warps=num_warps or (8 if n_tokens == 1 else 4),
-        **_pdl(),
-    )
-    return out
 
 
 def moe_experts_ref(
@@ -2741,7 +2530,6 @@ def moe_experts(
     counters: Tensor | None = None,
     stages_down: int | None = None,
     norm: tuple[Tensor, Tensor, float, Tensor, Tensor, Tensor] | None = None,
-    scratch: Tensor | None = None,
 ) -> Tensor:
     """Routed + always-on experts for a few tokens, in two GEMV kernels: [T, H] in ``x.dtype``.
 
@@ -2781,16 +2569,6 @@ def moe_experts(
     token's row last (``row_counters``: int32 zeros [>= T], kept like ``counters``; re-armed to 0).  One launch
     fewer: the next layer's input norm (or the final norm) is then done.
 
-    ``down="fused"``: both GEMVs in one kernel (:func:`_moe_fused_kernel`), grid (T·(k + n_always), I / block_n):
-    each program computes ``block_n`` intermediate columns of its slot as (a) does, multiplies them by those
-    columns of the slot's down matrix for every hidden row, and adds the partial ``y`` into a float32 scratch
-    [T, slots, H] with atomic adds; the program finishing last for a token combines the slots as (b') does.
-    The same rounding points, but each ``y`` summed over I in the order the adds arrive: a few bf16 ulps may differ
-    from the other forms, and from one run to the next.  ``scratch`` / ``counters``: float32 / int32 zeros
-    (:func:`fused_scratch`), kept like the split form's counters (None: zeroed buffers per call).  ``block_n`` /
-    ``block_k_up`` / ``block_h`` / ``num_warps`` are this kernel's (defaults: :func:`moe_fused_block_sizes`),
-    ``stages_up`` / ``stages_down`` its two loops' pipelining (``FUSED_STAGES``).
-
     Designed for T <= 8: every token re-reads its experts' weights (T=1: 8 slots x 6.9 MB = 55 MB per
     layer), so both kernels are memory-bound GEMVs.  Default blocks: :func:`moe_block_sizes` (>= ~2
     programs per SM, ~4096 weights per tile: ~32 per thread at 4 warps, several 16-byte loads in flight,
@@ -2807,33 +2585,6 @@ def moe_experts(
     form = DOWN_FORM if down is None else down
     if form not in DOWN_FORMS:
         raise ValueError(f"down must be one of {DOWN_FORMS} (None: DOWN_FORM = {DOWN_FORM!r}), got {form!r}")
-    if scratch is not None and form != "fused":
-        raise ValueError("scratch is the fused form's (down='fused')")
-    if form == "fused":
-        if norm is not None or num_warps_down is not None or block_k_down is not None:
-            raise ValueError("the fused form has one kernel: pass block_n / block_k_up / block_h / num_warps, no norm")
-        stages = None
-        if stages_up is not None or stages_down is not None:
-            stages = (
-                FUSED_STAGES[0] if stages_up is None else stages_up,
-                FUSED_STAGES[1] if stages_down is None else stages_down,
-            )
-        return _moe_experts_fused(
-            x,
-            idx,
-            weights,
-            w13,
-            w2,
-            n_always,
-            residual,
-            counters,
-            scratch,
-            block_n,
-            block_k_up,
-            block_h,
-            num_warps,
-            stages,
-        )
     if form == "rows" and stages_down is not None:
         raise ValueError("stages_down is the split down form's (down='split'); the rows form has no pipelined loop")
     interpreter = x.device.type != "cuda"
