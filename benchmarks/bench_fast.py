@@ -53,6 +53,7 @@ from benchmath import (
     mbu_pct,
     mfu_pct,
     module_setting,
+    paired_ab,
     ratio,
     step_timeline,
 )
@@ -399,7 +400,16 @@ def main() -> None:
         help="comma-separated variant groups to run after the eager and default fast rows (default: all of "
         f"{', '.join(VARIANT_PARTS)}); fewer fit a short device call",
     )
+    ap.add_argument(
+        "--ab-rounds",
+        type=int,
+        default=6,
+        help="rounds of the paired A/B rows (a vision or prefill variant and the default timed alternately, judged "
+        "by the sign test over the rounds; 0: no paired rows)",
+    )
     args = ap.parse_args()
+    if args.ab_rounds < 0:
+        raise SystemExit(f"--ab-rounds must be >= 0, got {args.ab_rounds}")
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = sorted(set(parts) - set(VARIANT_PARTS))
     if unknown:
@@ -571,13 +581,45 @@ def main() -> None:
             )
             del vm
 
-        def time_vision_variant(key: str, vm: FastModel) -> None:
-            """The whole fast vision (compiled, graphed) and SAM alone of ``vm``, and its features against eager."""
+        def paired(label: str, time_default: Callable[[], float], time_variant: Callable[[], float]) -> None:
+            """``label``'s paired A/B row: the default (a) and the variant (b) timed in ``--ab-rounds`` alternating
+            rounds; single timings of the whole vision move ±0.25 ms between runs on an H200, more than many of
+            the changes they would judge."""
+            if args.ab_rounds:
+                ab = paired_ab(time_default, time_variant, args.ab_rounds)
+                var[f"{label}: paired A/B, b - a (the default)"] = ab.cell()
+
+        def default_side(setting: tuple[Any, str] | None) -> contextlib.AbstractContextManager[None]:
+            """The default's side of a paired A/B: ``setting`` = (module, name) put back to its default value,
+            ``defaults[(module, name)]``, while a variant runs under another one."""
+            if setting is None:
+                return contextlib.nullcontext()
+            module, name = setting
+            return module_setting(module, name, defaults[(module.__name__, name)])
+
+        defaults: dict[tuple[str, str], Any] = {}  # module settings at their defaults, kept before any is changed
+        from llm_perf_opt.models.deepseek_ocr import prompt_moe as _pm
+        from llm_perf_opt.models.deepseek_ocr import sam_kernels as _sk
+
+        for module, names in ((_sk, ("TABLES", "GATHER_MAX_GRID", "BY_GRID")), (_pm, ("UP_BLOCKS", "W_TMA"))):
+            for name in names:
+                defaults[(module.__name__, name)] = getattr(module, name)
+
+        def time_vision_variant(key: str, vm: FastModel, setting: tuple[Any, str] | None = None) -> None:
+            """The whole fast vision (compiled, graphed) and SAM alone of ``vm``, and its features against eager;
+            then the whole vision paired with the default's (``setting``: the module setting the variant runs
+            under, put back to its default for the default's rounds)."""
             var[f"vision {key} ms"] = cuda_ms(functools.partial(page.vision, vm), 2, 7)
             var[f"sam only, {key} ms"] = cuda_ms(functools.partial(page.sam, vm), 2, 7)
             var[f"vision {key}: max |Δ| of image features vs eager"] = float(
                 (page.embeds(vm).float() - embeds.float()).abs().max()
             )
+
+            def time_default() -> float:
+                with default_side(setting):
+                    return cuda_ms(functools.partial(page.vision, fast), 1, 3)
+
+            paired(f"vision {key}", time_default, lambda: cuda_ms(functools.partial(page.vision, vm), 1, 3))
 
         # SAM's rel-pos attention kernels other than the default, global and windowed blocks, each on the whole fast
         # vision (compiled, graphed)
@@ -624,7 +666,7 @@ def main() -> None:
                 try:
                     with module_setting(sam_kernels, "BY_GRID", dict(by_grid)):
                         vm = apply_fast_path(model, d)
-                        time_vision_variant(key, vm)
+                        time_vision_variant(key, vm, (sam_kernels, "BY_GRID"))
                         del vm
                 except Exception as exc:  # a launch setting that fails must not lose the rest of the report
                     var[f"vision {key}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
@@ -635,7 +677,7 @@ def main() -> None:
                 try:
                     with module_setting(sam_kernels, "TABLES", form):
                         vm = apply_fast_path(model, d)
-                        time_vision_variant(key, vm)
+                        time_vision_variant(key, vm, (sam_kernels, "TABLES"))
                         profile_sam(vm, page, out, f"fast_tables_{form}")
                         del vm
                 except Exception as exc:  # must not lose the rest of the report
@@ -709,6 +751,14 @@ def main() -> None:
                         if not is_default:
                             fm = apply_fast_path(model, fast.fast_config)
                             var[f"prefill prompt_moe.{name}={label} ms"] = prefill_ms(fm, embeds)
+
+                            def time_default() -> float:
+                                with default_side((prompt_moe, name)):
+                                    return prefill_ms(fast, embeds)
+
+                            paired(
+                                f"prefill prompt_moe.{name}={label}", time_default, lambda fm=fm: prefill_ms(fm, embeds)
+                            )
                         with spread_routing(embeds.shape[1], lang.n_routed_experts, lang.num_experts_per_tok):
                             fm = apply_fast_path(model, fast.fast_config)
                             var[f"prefill {SPREAD_LABEL}{tag} ms"] = prefill_ms(fm, embeds)
@@ -759,7 +809,7 @@ def main() -> None:
                 with module_setting(sam_kernels, "GATHER_MAX_GRID", max_grid):
                     vm = apply_fast_path(model, fast.fast_config)
                     page.vision(vm)  # the first call: compiles and captures
-                    time_vision_variant(f"sam_kernels.GATHER_MAX_GRID={max_grid}", vm)
+                    time_vision_variant(f"sam_kernels.GATHER_MAX_GRID={max_grid}", vm, (sam_kernels, "GATHER_MAX_GRID"))
                     del vm
             except Exception as exc:  # must not lose the rest of the report
                 var[f"vision sam_kernels.GATHER_MAX_GRID={max_grid}"] = f"failed: {type(exc).__name__}: {exc}"[:300]

@@ -13,8 +13,9 @@ Rules the functions enforce:
 from __future__ import annotations
 
 import contextlib
+import math
 import statistics
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -81,6 +82,79 @@ def cuda_ms(fn: Any, warmup: int = 1, reps: int = 5) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+@attrs.frozen
+class PairedAB:
+    """An A/B of two timed functions in alternating rounds (:func:`paired_ab`): each side's median, the median
+    of the per-round differences ``b - a`` and their range, and the sign test's two-sided p over the rounds."""
+
+    a_ms: float
+    b_ms: float
+    delta_ms: float
+    delta_min_ms: float
+    delta_max_ms: float
+    rounds: int
+    p_value: float
+
+    @property
+    def verdict(self) -> str:
+        """ "b faster" / "b slower" when the rounds agree in sign at p <= ``AB_ALPHA``, else "within noise"."""
+        if self.p_value > AB_ALPHA or self.delta_ms == 0:
+            return "within noise"
+        return "b faster" if self.delta_ms < 0 else "b slower"
+
+    def cell(self) -> str:
+        """``Δ median [min, max] ms over n rounds, p = ..: verdict`` for a report row."""
+        return (
+            f"Δ {self.delta_ms:+.3f} ms [{self.delta_min_ms:+.3f}, {self.delta_max_ms:+.3f}] over {self.rounds} rounds,"
+            f" sign test p = {self.p_value:.3g}: {self.verdict}"
+        )
+
+
+# The sign test's level for a paired A/B verdict: six rounds that all agree in sign give p = 2 / 2**6 = 0.031
+AB_ALPHA = 0.05
+
+
+def sign_test_p(deltas: Sequence[float]) -> float:
+    """Two-sided p of the sign test: the chance that rounds with no true difference (each sign 1/2) split at
+    least as unevenly as ``deltas`` do; ties (0) are dropped, as the test does.  1.0 with no non-zero delta."""
+    signs = [d for d in deltas if d != 0]
+    n = len(signs)
+    if n == 0:
+        return 1.0
+    k = min(sum(d > 0 for d in signs), sum(d < 0 for d in signs))
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def paired_ab(time_a: Callable[[], float], time_b: Callable[[], float], rounds: int = 6) -> PairedAB:
+    """Time ``a`` and ``b`` (each call returns one measurement in ms, e.g. a median of a few runs) in ``rounds``
+    alternating rounds, ordered a b, b a, a b, ... so a drift of the machine (clocks, temperature, another
+    process) falls on both sides alike, and compare them round by round: a difference is reported as real only
+    when the rounds agree in sign (:func:`sign_test_p`).  Two single timings taken minutes apart cannot tell a
+    0.1 ms change from the run-to-run spread; this can, or says it cannot."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    a_ms: list[float] = []
+    b_ms: list[float] = []
+    for i in range(rounds):
+        if i % 2 == 0:
+            a_ms.append(time_a())
+            b_ms.append(time_b())
+        else:
+            b_ms.append(time_b())
+            a_ms.append(time_a())
+    deltas = [b - a for a, b in zip(a_ms, b_ms, strict=True)]
+    return PairedAB(
+        a_ms=statistics.median(a_ms),
+        b_ms=statistics.median(b_ms),
+        delta_ms=statistics.median(deltas),
+        delta_min_ms=min(deltas),
+        delta_max_ms=max(deltas),
+        rounds=rounds,
+        p_value=sign_test_p(deltas),
+    )
 
 
 def mfu_pct(flops: float, ms: float | None, peak_flops_per_s: float) -> float | None:

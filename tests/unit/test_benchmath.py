@@ -22,7 +22,9 @@ from benchmarks.benchmath import (
     mfu_pct,
     module_setting,
     p90_ms,
+    paired_ab,
     ratio,
+    sign_test_p,
     step_timeline,
     verdict,
 )
@@ -258,3 +260,59 @@ def test_module_setting_refuses_a_misspelt_name() -> None:
     with pytest.raises(AttributeError, match="has no setting 'TABELS'"), module_setting(mod, "TABELS", "x"):
         pass
     assert not hasattr(mod, "TABELS")
+
+
+def test_sign_test_p_by_hand() -> None:
+    assert sign_test_p([-1.0] * 6) == pytest.approx(2 / 64)  # all six agree: 2 x (1/2)^6
+    assert sign_test_p([1.0] * 5 + [-1.0]) == pytest.approx(2 * (1 + 6) / 64)  # one of six against
+    assert sign_test_p([0.5, -0.5, 0.0, 0.0]) == 1.0  # ties dropped; 1 vs 1 is no evidence (2 x 3/4, capped)
+    assert sign_test_p([0.0, 0.0]) == 1.0  # nothing to test
+    assert sign_test_p([2.0, 3.0, 1.0]) == pytest.approx(2 / 8)  # three rounds can never reach 0.05
+
+
+def _scripted(values: list[float], log: list[str], name: str) -> Any:
+    """A timer returning ``values`` in turn and noting each call's side in ``log``."""
+    it = iter(values)
+
+    def timer() -> float:
+        log.append(name)
+        return next(it)
+
+    return timer
+
+
+def test_paired_ab_alternates_and_compares_round_by_round() -> None:
+    log: list[str] = []
+    a = _scripted([10.0, 10.2, 10.1, 10.0, 10.3, 10.1], log, "a")
+    b = _scripted([9.8, 9.9, 9.9, 9.7, 10.0, 9.9], log, "b")
+    r = paired_ab(a, b, rounds=6)
+    assert log == ["a", "b", "b", "a", "a", "b", "b", "a", "a", "b", "b", "a"]  # a b, b a, ...
+    # per round b - a: -0.2, -0.3, -0.2, -0.3, -0.3, -0.2 -> median -0.25, all negative
+    assert r.delta_ms == pytest.approx(-0.25)
+    assert (r.delta_min_ms, r.delta_max_ms) == (pytest.approx(-0.3), pytest.approx(-0.2))
+    assert r.a_ms == pytest.approx(10.1) and r.b_ms == pytest.approx(9.9)
+    assert r.p_value == pytest.approx(2 / 64) and r.verdict == "b faster"
+    assert r.cell() == "Δ -0.250 ms [-0.300, -0.200] over 6 rounds, sign test p = 0.0312: b faster"
+
+
+def test_paired_ab_drift_is_not_a_difference() -> None:
+    """A machine slowing by 0.1 ms a call, a and b equally fast: timed a a a then b b b, b reads 0.3 ms slower;
+    alternated a b, b a, ... the rounds split evenly and the verdict is noise."""
+    clock = iter(10.0 + 0.1 * i for i in range(100))
+    r = paired_ab(lambda: next(clock), lambda: next(clock), rounds=6)
+    # rounds: a=10.0 b=10.1 (+0.1), b=10.2 a=10.3 (-0.1), ... three of each sign
+    assert r.delta_ms == pytest.approx(0.0) and r.verdict == "within noise"
+    assert r.p_value == 1.0
+    clock = iter(10.0 + 0.1 * i for i in range(100))
+    a_block = [next(clock) for _ in range(3)]
+    b_block = [next(clock) for _ in range(3)]
+    assert sum(b_block) / 3 - sum(a_block) / 3 == pytest.approx(0.3)  # what back-to-back blocks would claim
+
+
+def test_paired_ab_slower_and_refusals() -> None:
+    r = paired_ab(lambda: 1.0, iter([1.5, 1.4, 1.6, 1.5, 1.5, 1.5]).__next__, rounds=6)
+    assert r.verdict == "b slower" and r.delta_ms == pytest.approx(0.5)
+    same = paired_ab(lambda: 1.0, lambda: 1.0, rounds=4)
+    assert same.delta_ms == 0.0 and same.verdict == "within noise" and same.p_value == 1.0
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        paired_ab(lambda: 1.0, lambda: 1.0, rounds=0)

@@ -2396,6 +2396,15 @@ def moe_block_sizes(
 # up kernel moves 3.1 TB/s).  "split": :func:`_moe_down_split_kernel`, a program per (token, slot, row block), shaped
 # like the up kernel; the slot finishing last combines.  ``DOWN_FORM`` is the default until the GPU has timed both
 # (``bench_kernels.py``: the moe_experts rows, ``--sweep``).
+# Round 21 built and measured a third form, both GEMVs in one kernel (commit 94145eb, then removed): a program per
+# (token, slot, 32 intermediate columns) computed its SwiGLU columns, multiplied them by the same columns of the
+# slot's down matrix for every hidden row and added the partial y into a float32 scratch with atomic adds, the
+# last program of a token combining.  H200 (bench_kernels, both GEMVs of a layer at T=1, CUDA graphs): 28.8 us at
+# the first guess, 23.1 at the best of 15 launch settings (16 columns, 256-row down tiles), against 20.9-21.3 for
+# up + split down; at T=4 47.8 vs 47.5.  The down matrix's columns are 32-64-byte runs (W2 is contiguous along I)
+# and a program's down reads wait on its own gate/up sums: the one stream of weights did not make up for that.
+# Its T=4 / T=8 outputs on the GPU also differed from the reference past hidden row 1,024 (not seen under the
+# interpreter, not diagnosed before the form was removed).
 DOWN_FORMS = ("rows", "split")
 DOWN_FORM = "rows"
 # The split form's K loop software-pipelined over this many stages, as the up kernel's (``UP_STAGES``); 0: a plain
