@@ -813,6 +813,27 @@ def main() -> None:
                     del vm
             except Exception as exc:  # must not lose the rest of the report
                 var[f"vision sam_kernels.GATHER_MAX_GRID={max_grid}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
+            # the prompt's shared experts on their own stream beside the routed ones (FastConfig.prefill_shared_stream)
+            # flipped: on the dummy routing and with the routing spread, each paired with the default
+            if fast.fast_config.triton_prefill and fast.fast_config.prefill_experts == "triton":
+                flip = not fast.fast_config.prefill_shared_stream
+                key = f"prefill_shared_stream={flip}"
+                try:
+                    sm = apply_fast_path(model, attrs.evolve(fast.fast_config, prefill_shared_stream=flip))
+                    var[f"prefill {key} ms"] = prefill_ms(sm, embeds)
+                    paired(f"prefill {key}", lambda: prefill_ms(fast, embeds), lambda: prefill_ms(sm, embeds))
+                    lang = model.config.language
+                    with spread_routing(embeds.shape[1], lang.n_routed_experts, lang.num_experts_per_tok):
+                        spread_a = apply_fast_path(model, fast.fast_config)
+                        spread_b = apply_fast_path(model, attrs.evolve(fast.fast_config, prefill_shared_stream=flip))
+                        paired(
+                            f"prefill {SPREAD_LABEL}, {key}",
+                            lambda: prefill_ms(spread_a, embeds),
+                            lambda: prefill_ms(spread_b, embeds),
+                        )
+                    del sm, spread_a, spread_b
+                except Exception as exc:  # must not lose the rest of the report
+                    var[f"prefill {key}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
             # the prompt's up GEMM at three stages instead of four (or the other way)
             if fast.fast_config.triton_prefill and fast.fast_config.prefill_experts == "triton":
                 up = prompt_moe.UP_BLOCKS

@@ -176,6 +176,11 @@ class FastConfig:
     # of SDPA ("sdpa": flash's split-KV form and its combine at one page's 913 positions x 10 heads).  H200 (round 13,
     # call 3): 0.029 -> 0.020 ms per layer (bench_fusions, from CUDA graphs); LM prefill 3.79 -> 3.69 ms (bench_fast)
     prefill_attention: str = attrs.field(default="triton", validator=attrs.validators.in_(PREFILL_ATTENTION))
+    # with prefill_experts=triton on CUDA: each MoE layer's shared experts (two GEMMs and the SwiGLU between) on a
+    # second stream while the router, the sort and the routed experts' grouped GEMMs run on the current one
+    # (triton_layers.TritonPromptMoE._shared_beside): the router's and the sort's launches are a few programs each and
+    # leave most SMs idle.  The same kernels, so the same bits
+    prefill_shared_stream: bool = False
     # torch.compile of one SAM block (sam.sam_block_fast) when sam_fast: fuses the layout copies, norms and
     # the augmented-attention concatenations; compiled once per view shape (tiles, global view) and block kind.
     sam_compile: bool = True
@@ -538,8 +543,11 @@ class FastModel:
         if self.decode_kernels == "triton" and cfg.triton_prefill:
             from llm_perf_opt.models.deepseek_ocr.triton_layers import triton_prompt_layers
 
+            side = None
+            if cfg.prefill_shared_stream and cfg.prefill_experts == "triton" and model.device.type == "cuda":
+                side = torch.cuda.Stream(model.device)
             self._prompt_layers = triton_prompt_layers(
-                self.layers, self.norm, cfg.prefill_experts, cfg.prefill_attention
+                self.layers, self.norm, cfg.prefill_experts, cfg.prefill_attention, side
             )
 
     def _resolve_kernels(self, model: DeepseekOCRForCausalLM, cfg: FastConfig) -> tuple[str, str | None]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import cast
+from typing import TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,9 @@ __all__ = [
     "triton_prompt_layers",
     "triton_row_layers",
 ]
+
+
+_T = TypeVar("_T")
 
 
 def _kept_counters(
@@ -627,12 +630,15 @@ class TritonPromptMoE(nn.Module):
     Blocks it does not cover (no stacks or shared experts, another expert implementation, a router other than
     softmax) run the wrapped module."""
 
-    def __init__(self, moe: nn.Module, experts: str = "torch") -> None:
+    def __init__(self, moe: nn.Module, experts: str = "torch", shared_stream: torch.cuda.Stream | None = None) -> None:
         super().__init__()
         if experts not in ("torch", "triton"):
             raise ValueError(f"experts must be 'torch' or 'triton', got {experts!r}")
         self.moe = moe
         self.experts = experts
+        # the shared experts' stream (FastConfig.prefill_shared_stream): they run there while the router, the sort
+        # and the routed experts run on the current stream (:meth:`_shared_beside`); None: in line
+        self.shared_stream = shared_stream
         # the router's bf16 operand (route_rows), when exact: made here, not under a graph capture
         self.gate_bf16 = K.exact_bf16(moe.gate_w32) if isinstance(moe, GroupedMoE) else None
 
@@ -647,16 +653,20 @@ class TritonPromptMoE(nn.Module):
         flat = x.reshape(-1, shape[-1])
         if self.experts == "triton" and m.scoring_func == "softmax":
             record = m.counts is not None and (ctx is None or ctx.record_routing)
-            topk_idx, topk_weight = route_rows(flat, m, self.gate_bf16)
-            shared = swiglu_mlp(m.shared_experts, flat)
             w13, w2 = m.stacked
-            al = PM.align(topk_idx, w2.shape[0], counts=m.counts if record else None)
-            act = PM.grouped_swiglu(flat, al.order, al.offs, w13, m.top_k)
-            if PM.DOWN_GEMM == "torch" and m.use_gmm:
-                y = torch._grouped_mm(act, w2.transpose(1, 2), offs=al.offs[1:])  # offs[1:]: each expert's end
-            else:
-                y = PM.grouped_down(act, al.offs, w2)
-            out = K.moe_gather_combine(y, al.inverse, topk_weight, shared)
+
+            def routed() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                topk_idx, topk_weight = route_rows(flat, m, self.gate_bf16)
+                al = PM.align(topk_idx, w2.shape[0], counts=m.counts if record else None)
+                act = PM.grouped_swiglu(flat, al.order, al.offs, w13, m.top_k)
+                if PM.DOWN_GEMM == "torch" and m.use_gmm:
+                    y = torch._grouped_mm(act, w2.transpose(1, 2), offs=al.offs[1:])  # offs[1:]: each expert's end
+                else:
+                    y = PM.grouped_down(act, al.offs, w2)
+                return topk_idx, topk_weight, y, al.inverse
+
+            shared, (topk_idx, topk_weight, y, inverse) = self._shared_beside(m.shared_experts, flat, routed)
+            out = K.moe_gather_combine(y, inverse, topk_weight, shared)
         else:
             topk_idx, topk_weight = m.select_experts(flat, ctx)
             shared = swiglu_mlp(m.shared_experts, flat)
@@ -671,21 +681,47 @@ class TritonPromptMoE(nn.Module):
         m.routing.last_topk_idx = topk_idx.detach()
         return out.view(shape)
 
+    def _shared_beside(self, shared_mlp: nn.Module, flat: Tensor, routed: Callable[[], _T]) -> tuple[Tensor, _T]:
+        """(the shared experts of ``flat``, ``routed()``).  With ``shared_stream`` (CUDA tensors) the shared experts
+        run on it, forked from the current stream after ``flat`` is made and joined before this returns, so their
+        GEMMs fill the SMs the router's and the sort's few programs leave idle; the same kernels either way, so the
+        same bits.  cuBLAS keeps a workspace per stream: the two streams' GEMMs cannot share one."""
+        side = self.shared_stream
+        if side is None or flat.device.type != "cuda":
+            return swiglu_mlp(shared_mlp, flat), routed()
+        current = torch.cuda.current_stream(flat.device)
+        side.wait_stream(current)  # flat is in place
+        with torch.cuda.stream(side):
+            shared = swiglu_mlp(shared_mlp, flat)
+        result = routed()
+        current.wait_stream(side)
+        # allocated on the side stream, read (and freed) on the current one: not reused before that use is done
+        shared.record_stream(current)
+        return shared, result
+
 
 def triton_prompt_layers(
-    layers: list[DecoderLayer], norm: RMSNorm, experts: str = "torch", attention: str = "sdpa"
+    layers: list[DecoderLayer],
+    norm: RMSNorm,
+    experts: str = "torch",
+    attention: str = "sdpa",
+    shared_stream: torch.cuda.Stream | None = None,
 ) -> tuple[list[DecoderLayer], RMSNorm]:
     """The fast layers for prompts (the prefill): norms as :class:`TritonRMSNorm` (residual add + norm in one
     kernel, one program per row, ``decoder.RMSNorm``'s rounding points; the torch norm is five kernels over the
     prompt's rows), the attention as :class:`TritonPromptAttention` (rotary + cache write in one kernel instead
     of a roll, two products, a sum and two copies; ``attention="triton"``: the attention too), MoE blocks as
     :class:`TritonPromptMoE` (their weighted sum and shared add in one kernel; ``experts="triton"``: routing and
-    routed experts on :mod:`prompt_moe`'s kernels) and every SwiGLU (routed, shared and dense MLPs) as one kernel."""
+    routed experts on :mod:`prompt_moe`'s kernels; ``shared_stream``: their shared experts on that stream beside the
+    routed ones, :meth:`TritonPromptMoE._shared_beside`) and every SwiGLU (routed, shared and dense MLPs) as one
+    kernel."""
     return [
         DecoderLayer(
             layer.layer_idx,
             TritonPromptAttention(layer.self_attn, attention),
-            TritonPromptMoE(layer.mlp, experts) if isinstance(layer.mlp, GroupedMoE) else TritonPromptMLP(layer.mlp),
+            TritonPromptMoE(layer.mlp, experts, shared_stream)
+            if isinstance(layer.mlp, GroupedMoE)
+            else TritonPromptMLP(layer.mlp),
             TritonRMSNorm(layer.input_layernorm),
             TritonRMSNorm(layer.post_attention_layernorm),
         )

@@ -716,7 +716,8 @@ def test_triton_prefill_runs_every_norm_rotary_and_moe_tail_in_the_kernels(monke
         for n in (7, 3):
             for m in moe:
                 rows = 2 * n  # a MoE block: shared SwiGLU, routed SwiGLU over k picks per row, the tail
-                routed = [f"route {rows} {router}", f"swiglu {rows}", f"experts {rows * top_k}"]  # shared SwiGLU
+                # the shared SwiGLU first (issued before the routing: with prefill_shared_stream on its own stream)
+                routed = [f"swiglu {rows}", f"route {rows} {router}", f"experts {rows * top_k}"]
                 if experts == "torch":
                     routed = [f"swiglu {rows}", f"swiglu {rows * top_k}"]
                 tail = [*routed, f"moe {rows}"] if m else [f"swiglu {rows}"]
