@@ -158,6 +158,7 @@ def test_fast_path_runs_through_the_cli_and_reports_its_switches(tmp_path: Path)
     opts = read_metrics(run_dir)["model"]["optimisations"]
     assert opts["grouped_moe"] is True and opts["fused_qkv"] is True
     assert opts["cuda_graphs"] is False and opts["vision_graphs"] is False  # CPU: forced off, and said so
+    assert opts["vision_streams"] is False and opts["prefill_shared_stream"] is False  # streams: CUDA only
     assert opts["sam_compile"] is False and opts["decode_kernels_triton"] is False
     assert opts["clip_merged_views"] is True  # v1's CLIP over a page's views at once (device-independent)
     assert opts["clip_attention_triton"] is False  # its Triton attention needs CUDA (or the interpreter): SDPA ran

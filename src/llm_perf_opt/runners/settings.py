@@ -571,7 +571,9 @@ class RunSettings:
             model = attrs.evolve(model, prompt=model.prompt_text, prompt_preset=model.prompt.strip())
         fast = infer.fast
         if fast.enabled and device_type != "cuda":  # graphs and streams are CUDA-only: the record says they were off
-            switches = attrs.evolve(fast.switches, cuda_graphs=False, vision_graphs=False, vision_streams=False)
+            switches = attrs.evolve(
+                fast.switches, cuda_graphs=False, vision_graphs=False, vision_streams=False, prefill_shared_stream=False
+            )
             fast = attrs.evolve(fast, switches=switches)
         infer = attrs.evolve(infer, max_new_tokens=self.token_cap, preprocess_override=None, fast=fast)
         return attrs.evolve(self, model=model, infer=infer)

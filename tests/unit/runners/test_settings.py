@@ -206,10 +206,11 @@ def test_resolved_is_idempotent_and_switches_cuda_only_fast_paths_off_on_cpu(
     cpu = s.resolved("cpu")
     assert cpu.infer.fast.switches.cuda_graphs is False and cpu.infer.fast.switches.vision_graphs is False
     assert cpu.infer.fast.switches.vision_streams is False
+    assert cpu.infer.fast.switches.prefill_shared_stream is False  # the shipped presets turn it on
     assert cpu.infer.fast.switches.grouped_moe is True
     assert cpu.resolved("cpu") == cpu
     cuda = s.resolved("cuda").infer.fast.switches
-    assert cuda.cuda_graphs is True and cuda.vision_streams is True
+    assert cuda.cuda_graphs is True and cuda.vision_streams is True and cuda.prefill_shared_stream is True
 
 
 def test_recorded_config_loads_back_to_the_same_settings(settings_of: Callable[..., RunSettings]) -> None:
