@@ -598,10 +598,16 @@ def main() -> None:
             return module_setting(module, name, defaults[(module.__name__, name)])
 
         defaults: dict[tuple[str, str], Any] = {}  # module settings at their defaults, kept before any is changed
+        from llm_perf_opt.models.deepseek_ocr import prompt_attention as _pa
         from llm_perf_opt.models.deepseek_ocr import prompt_moe as _pm
         from llm_perf_opt.models.deepseek_ocr import sam_kernels as _sk
 
-        for module, names in ((_sk, ("TABLES", "GATHER_MAX_GRID", "BY_GRID")), (_pm, ("UP_BLOCKS", "W_TMA"))):
+        settings = (
+            (_sk, ("TABLES", "GATHER_MAX_GRID", "BY_GRID")),
+            (_pm, ("UP_BLOCKS", "W_TMA")),
+            (_pa, ("SPLIT_STEPS",)),
+        )
+        for module, names in settings:
             for name in names:
                 defaults[(module.__name__, name)] = getattr(module, name)
 
@@ -733,32 +739,33 @@ def main() -> None:
                 with module_setting(triton_kernels, "UP_STAGES", stages):
                     time_variant(f"kernels.UP_STAGES={stages}", d)
 
-        def time_prompt_setting(name: str, other: Any, label: str) -> None:
-            """The LM prefill with ``prompt_moe.<name>`` at ``other`` (a module setting: the fast path re-applied
-            under it), and with the routing spread at random after the router runs, at the default and at ``other``:
-            a real page's expert reads (the dummy weights route the prompt to 28-46 of the 64 experts per layer, a
-            real checkpoint to nearly all).  The default's spread row is timed once per report."""
+        def time_prompt_setting(name: str, other: Any, label: str, module: Any = None) -> None:
+            """The LM prefill with ``<module>.<name>`` (default ``prompt_moe``) at ``other`` (a module setting: the
+            fast path re-applied under it), paired with the default, and with the routing spread at random after the
+            router runs, at the default and at ``other``: a real page's expert reads (the dummy weights route the
+            prompt to 28-46 of the 64 experts per layer, a real checkpoint to nearly all).  The default's spread row
+            is timed once per report."""
             from llm_perf_opt.models.deepseek_ocr import prompt_moe
 
+            module = module or prompt_moe
+            setting = f"{module.__name__.rsplit('.', 1)[-1]}.{name}"
             lang = model.config.language
-            default = getattr(prompt_moe, name)
+            default = getattr(module, name)
             for is_default, value in ((True, default), (False, other)):
-                tag = "" if is_default else f", prompt_moe.{name}={label}"
+                tag = "" if is_default else f", {setting}={label}"
                 if is_default and f"prefill {SPREAD_LABEL} ms" in var:
                     continue
                 try:
-                    with module_setting(prompt_moe, name, value):
+                    with module_setting(module, name, value):
                         if not is_default:
                             fm = apply_fast_path(model, fast.fast_config)
-                            var[f"prefill prompt_moe.{name}={label} ms"] = prefill_ms(fm, embeds)
+                            var[f"prefill {setting}={label} ms"] = prefill_ms(fm, embeds)
 
                             def time_default() -> float:
-                                with default_side((prompt_moe, name)):
+                                with default_side((module, name)):
                                     return prefill_ms(fast, embeds)
 
-                            paired(
-                                f"prefill prompt_moe.{name}={label}", time_default, lambda fm=fm: prefill_ms(fm, embeds)
-                            )
+                            paired(f"prefill {setting}={label}", time_default, lambda fm=fm: prefill_ms(fm, embeds))
                         with spread_routing(embeds.shape[1], lang.n_routed_experts, lang.num_experts_per_tok):
                             fm = apply_fast_path(model, fast.fast_config)
                             var[f"prefill {SPREAD_LABEL}{tag} ms"] = prefill_ms(fm, embeds)
@@ -834,6 +841,12 @@ def main() -> None:
                     del sm, spread_a, spread_b
                 except Exception as exc:  # must not lose the rest of the report
                     var[f"prefill {key}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
+            # the prompt attention's split form (prompt_attention.SPLIT_STEPS) on at each chunk length, or off
+            if fast.fast_config.triton_prefill and fast.fast_config.prefill_attention == "triton":
+                from llm_perf_opt.models.deepseek_ocr import prompt_attention
+
+                for steps in [n for n in (0, 4, 6) if n != prompt_attention.SPLIT_STEPS]:
+                    time_prompt_setting("SPLIT_STEPS", steps, str(steps), prompt_attention)
             # the prompt's up GEMM at three stages instead of four (or the other way)
             if fast.fast_config.triton_prefill and fast.fast_config.prefill_experts == "triton":
                 up = prompt_moe.UP_BLOCKS

@@ -399,10 +399,17 @@ def attention_rows(dev: torch.device, cfg: DeepseekOCRConfig) -> list[dict[str, 
     from llm_perf_opt.models.deepseek_ocr import prompt_attention as PA
 
     q_rows = q.transpose(1, 2)  # [1, L, heads, D]: what the rotary kernel hands over
-    for blocks in PROMPT_ATTENTION_VARIANTS:
+    variants = [(blocks, 0) for blocks in PROMPT_ATTENTION_VARIANTS]
+    variants += [(blocks, steps) for blocks, steps in PROMPT_ATTENTION_SPLITS]
+    for blocks, steps in variants:
         name = f"prompt_attention (triton) blocks (m, n, warps, stages)={blocks}"
+        if steps:  # the split form: a query block's keys in chunks of ~steps key blocks, merged by the last chunk
+            name += f", split_steps={steps}"
         try:
-            fn = functools.partial(PA.prompt_attention, q_rows, cache[0], cache[1], 0, blocks)
+            counters = PA.split_counters(1, heads, PROMPT, dev, blocks[0]) if steps else None
+            fn = functools.partial(
+                PA.prompt_attention, q_rows, cache[0], cache[1], 0, blocks, split_steps=steps, counters=counters
+            )
             out = fn().transpose(1, 2)
             rows.append(
                 dict(
@@ -426,6 +433,21 @@ PROMPT_ATTENTION_VARIANTS = [
     (32, 64, 4, 3),
     (64, 32, 4, 3),
     (128, 64, 8, 3),
+]
+
+
+# the split form (prompt_attention(split_steps=...)): (block_m, block_n, num_warps, num_stages), key steps per chunk
+PROMPT_ATTENTION_SPLITS = [
+    ((64, 64, 4, 3), 2),
+    ((64, 64, 4, 3), 3),
+    ((64, 64, 4, 3), 4),
+    ((64, 64, 4, 3), 6),
+    ((64, 64, 4, 3), 8),
+    ((64, 64, 4, 2), 4),
+    ((64, 64, 8, 3), 4),
+    ((64, 128, 4, 2), 2),
+    ((64, 128, 8, 2), 3),
+    ((32, 64, 4, 3), 4),
 ]
 
 

@@ -830,6 +830,12 @@ def prompt_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[s
     assert stages == 3, "the check compiles at Triton's default of three stages"
     attn_consts = dict(D=lang.head_dim, BLOCK_M=bm, BLOCK_N=bn, PRECISION="tf32", UPCAST=False)
     specs.append(("prompt_attention._prompt_attention_kernel", attn, attn_consts, warps))
+    # its split form (prompt_attention.SPLIT_STEPS): chunks of a query block's keys, merged by the last one
+    split_attn = {**attn, "part_ptr": "*fp32", "ml_ptr": "*fp32", "count_ptr": "*i32"}
+    split_attn.update(SPLIT_STEPS="i32", SLOTS="i32")
+    order = ["q_ptr", "k_ptr", "v_ptr", "o_ptr", "part_ptr", "ml_ptr", "count_ptr"]  # the kernel's argument order
+    split_attn = {name: split_attn[name] for name in order} | {k: v for k, v in split_attn.items() if k not in order}
+    specs.append(("prompt_attention._prompt_attention_split_kernel", split_attn, attn_consts, warps))
     # CLIP's attention over a page's views (clip_attention): CLIP-L's 16 heads of 64
     views = dict(qkv_ptr=bf, o_ptr=bf, N0="i32", S0="i32", N1="i32", S1="i32", qk_scale="fp32")
     bm, bn, warps, stages = clip_attention.BLOCKS

@@ -148,6 +148,40 @@ def test_prompt_attention_matches_sdpa(length: int, start: int) -> None:
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize(("length", "start", "steps"), [(913, 0, 4), (913, 0, 2), (300, 613, 3), (913, 0, 8)])
+def test_prompt_attention_split_matches_sdpa_and_replays(length: int, start: int, steps: int) -> None:
+    """The split form at the real sizes (a query block's keys in chunks of ``steps`` 64-key steps, up to 15 steps
+    at 913 positions: up to eight chunks racing for a block's counter) == SDPA with the position mask to bf16
+    rounding, as the one-program kernel is; then captured in a CUDA graph with kept counters and replayed: every
+    replay equals the eager call bit for bit (the merge runs in chunk order, whichever chunk ends last), and the
+    counters are back at zero."""
+    heads, dim = 10, 128
+    qkv = _randn(1, length, 3 * heads, dim, seed=23)
+    q = qkv[:, :, :heads]
+    cache = _randn(2, 1, heads, 8192, dim, seed=24)
+    counters = PA.split_counters(1, heads, length, DEV)
+    out = PA.prompt_attention(q, cache[0], cache[1], start, split_steps=steps, counters=counters)
+    ref = PA.prompt_attention_ref(q, cache[0], cache[1], start)
+    assert rel_err(out, ref) <= 1e-2, rel_err(out, ref)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    whole = PA.prompt_attention(q, cache[0], cache[1], start, split_steps=0)
+    assert rel_err(out, whole) <= 1e-2
+    assert int(counters.abs().sum()) == 0
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        PA.prompt_attention(q, cache[0], cache[1], start, split_steps=steps, counters=counters)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = PA.prompt_attention(q, cache[0], cache[1], start, split_steps=steps, counters=counters)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static, out)
+    assert int(counters.abs().sum()) == 0
+
+
 @pytest.mark.parametrize("views", [((6, 101), (1, 257)), ((1, 257),), ((2, 101), (1, 257))])
 def test_clip_views_attention_matches_sdpa_per_view(views: tuple[tuple[int, int], ...]) -> None:
     """CLIP's attention over a page's views in one kernel (16 heads of 64: a Gundam page's six 101-token crops and

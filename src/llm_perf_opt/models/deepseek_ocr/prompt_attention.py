@@ -32,7 +32,16 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-__all__ = ["BLOCKS", "HAVE_TRITON", "INTERPRETED", "prompt_attention", "prompt_attention_ref", "unavailable_reason"]
+__all__ = [
+    "BLOCKS",
+    "HAVE_TRITON",
+    "INTERPRETED",
+    "SPLIT_STEPS",
+    "prompt_attention",
+    "prompt_attention_ref",
+    "split_counters",
+    "unavailable_reason",
+]
 
 # Whether the kernel below was decorated for Triton's interpreter (decided once, at import).
 INTERPRETED: bool = HAVE_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -44,6 +53,9 @@ _LOG2E = 1.4426950408889634
 # at the other swept settings; SDPA's flash 0.029 (split-KV + combine), cuDNN 0.019 (which plans per shape: left out
 # of the model's SDPA policy)
 BLOCKS = (64, 64, 4, 3)
+# The split form (:func:`prompt_attention`'s ``split_steps``): a query block's keys in chunks of about this many
+# ``block_n`` steps, a program each (0: off, one program per query block)
+SPLIT_STEPS = 0
 
 
 def unavailable_reason(device: torch.device | str) -> str:
@@ -157,6 +169,129 @@ if HAVE_TRITON:
         tl.store(o_rows, out.to(dt), mask=rmask[:, None])
 
 
+if HAVE_TRITON:
+
+    @triton.jit(do_not_specialize=["start", "SPLIT_STEPS", "SLOTS"])
+    def _prompt_attention_split_kernel(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        o_ptr,
+        part_ptr,
+        ml_ptr,
+        count_ptr,
+        s_qb,
+        s_ql,
+        s_qh,
+        s_kb,
+        s_kh,
+        s_kn,
+        s_vb,
+        s_vh,
+        s_vn,
+        L,
+        start,
+        HEADS,
+        GROUP,
+        qk_scale,
+        SPLIT_STEPS,
+        SLOTS,
+        D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr,
+        USE_GDC: tl.constexpr = False,
+    ):
+        """:func:`_prompt_attention_kernel` with a query block's keys cut into up to ``SLOTS`` chunks of about
+        ``SPLIT_STEPS`` key steps, a program per chunk (program (block·SLOTS + chunk, batch·head); chunks a block
+        does not have return at once), so the causal triangle's long rows no longer set the kernel's length.
+
+        A block of ``n`` key steps (``u`` of them seen by every query) has ``c = ceil(n / SPLIT_STEPS)`` chunks; chunk
+        j covers steps ``min(j·n // c, u - 1)`` up to the next chunk's first (the last: up to ``n``), so only the
+        last holds the masked diagonal steps and every chunk starts on a step every query sees (no row of a chunk
+        is all -inf; a chunk the clamp leaves empty contributes nothing).  One chunk: the output directly.  More:
+        each chunk stores its float32 (m, l, acc) to scratch, adds to its block's counter (acq_rel), and the chunk
+        that arrives last merges all of them in chunk order (so the result does not depend on which one that was),
+        writes the output and re-arms the counter."""
+        if USE_GDC:
+            kernels._dependent_launch()
+        n_blocks = tl.num_programs(0) // SLOTS
+        pid_m = n_blocks - 1 - tl.program_id(0) // SLOTS  # the longest causal rows first
+        chunk = tl.program_id(0) % SLOTS
+        bh = tl.program_id(1)
+        b = bh // HEADS
+        head = bh % HEADS
+        first_row = pid_m * BLOCK_M
+        unmasked = (start + first_row + 1) // BLOCK_N  # steps every query of the block sees
+        n_steps = tl.cdiv(start + tl.minimum(first_row + BLOCK_M, L), BLOCK_N)
+        n_chunks = tl.maximum(1, tl.cdiv(n_steps, SPLIT_STEPS))
+        if chunk < n_chunks:
+            # inner boundaries at most unmasked - 1: every chunk after the first starts on a step all rows see (so
+            # no row is all -inf there); chunk 0 starts at key 0, which every row sees.  More than one chunk means
+            # n_steps > SPLIT_STEPS >= 2 and (block_m <= block_n) at most two masked steps: unmasked >= 1
+            lo = tl.minimum(chunk * n_steps // n_chunks, unmasked - 1) if chunk > 0 else 0
+            hi = tl.minimum((chunk + 1) * n_steps // n_chunks, unmasked - 1) if chunk + 1 < n_chunks else n_steps
+            kv_head = head // GROUP
+            rows = first_row + tl.arange(0, BLOCK_M)
+            rmask = rows < L
+            d = tl.arange(0, D)
+            q = tl.load(
+                q_ptr + b * s_qb + rows[:, None] * s_ql + head * s_qh + d[None, :], mask=rmask[:, None], other=0.0
+            )
+            if UPCAST:
+                q = q.to(tl.float32)
+            q_pos = start + tl.minimum(rows, L - 1)  # padding rows see what the last real query sees
+            k_base = k_ptr + b * s_kb + kv_head * s_kh
+            v_base = v_ptr + b * s_vb + kv_head * s_vh
+            m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+            for step in range(lo, tl.minimum(hi, unmasked)):
+                acc, m_i, l_i = _attend_block(
+                    q, acc, m_i, l_i, k_base, v_base, s_kn, s_vn, step * BLOCK_N, q_pos, d, qk_scale, False,
+                    BLOCK_N, PRECISION, UPCAST,
+                )  # fmt: skip
+            for step in range(tl.maximum(lo, unmasked), hi):
+                acc, m_i, l_i = _attend_block(
+                    q, acc, m_i, l_i, k_base, v_base, s_kn, s_vn, step * BLOCK_N, q_pos, d, qk_scale, True,
+                    BLOCK_N, PRECISION, UPCAST,
+                )  # fmt: skip
+            dt = o_ptr.dtype.element_ty
+            o_rows = o_ptr + (b * L + rows)[:, None] * (HEADS * D) + head * D + d[None, :]
+            if n_chunks == 1:
+                tl.store(o_rows, (acc / l_i[:, None]).to(dt), mask=rmask[:, None])
+            else:
+                r = tl.arange(0, BLOCK_M)
+                slot0 = (bh * n_blocks + pid_m) * SLOTS  # this block's first chunk slot
+                tl.store(part_ptr + ((slot0 + chunk) * BLOCK_M + r[:, None]) * D + d[None, :], acc)
+                tl.store(ml_ptr + ((slot0 + chunk) * 2) * BLOCK_M + r, m_i)
+                tl.store(ml_ptr + ((slot0 + chunk) * 2 + 1) * BLOCK_M + r, l_i)
+                # the chunk that arrives last merges: the barrier orders every thread's stores ahead of the
+                # counter's release (one thread's add), the second one every thread's loads behind its acquire
+                tl.debug_barrier()
+                count = count_ptr + bh * n_blocks + pid_m
+                done = tl.atomic_add(count, 1, sem="acq_rel", scope="gpu")
+                tl.debug_barrier()
+                if done == n_chunks - 1:
+                    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+                    for j in range(0, n_chunks):
+                        m = tl.maximum(m, tl.load(ml_ptr + ((slot0 + j) * 2) * BLOCK_M + r, cache_modifier=".cg"))
+                    total = tl.zeros([BLOCK_M], dtype=tl.float32)
+                    out = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+                    for j in range(0, n_chunks):
+                        m_j = tl.load(ml_ptr + ((slot0 + j) * 2) * BLOCK_M + r, cache_modifier=".cg")
+                        l_j = tl.load(ml_ptr + ((slot0 + j) * 2 + 1) * BLOCK_M + r, cache_modifier=".cg")
+                        a_j = tl.load(
+                            part_ptr + ((slot0 + j) * BLOCK_M + r[:, None]) * D + d[None, :], cache_modifier=".cg"
+                        )
+                        w = tl.exp2(m_j - m)  # a chunk with no step for a row: m_j = -inf, weight 0
+                        total += l_j * w
+                        out += a_j * w[:, None]
+                    tl.store(o_rows, (out / total[:, None]).to(dt), mask=rmask[:, None])
+                    tl.atomic_xchg(count, 0, sem="relaxed", scope="gpu")
+
+
 def prompt_attention_ref(q: Tensor, k: Tensor, v: Tensor, start: int) -> Tensor:
     """Causal attention of the prompt's queries ``q`` [B, L, heads, D] (positions ``start .. start + L - 1``) over
     ``k``/``v`` [B, kv_heads, S >= start + L, D] (the cache, keys at their positions) -> [B, L, heads, D]: SDPA with
@@ -173,12 +308,30 @@ def prompt_attention_ref(q: Tensor, k: Tensor, v: Tensor, start: int) -> Tensor:
     return out.transpose(1, 2)
 
 
+def split_counters(batch: int, heads: int, length: int, device: torch.device | str, block_m: int = 0) -> Tensor:
+    """Zeroed int32 counters for :func:`prompt_attention`'s split form: one per (batch, head, query block) of a
+    ``length``-query prompt (``block_m`` 0: the GPU default's).  Keep them across calls and in a CUDA graph (the
+    kernel leaves them at zero); one buffer serves any shorter prompt."""
+    block_m = block_m or BLOCKS[0]
+    return torch.zeros(batch * heads * -(-length // block_m), dtype=torch.int32, device=torch.device(device))
+
+
 def prompt_attention(
-    q: Tensor, k: Tensor, v: Tensor, start: int, blocks: tuple[int, int, int, int] | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    start: int,
+    blocks: tuple[int, int, int, int] | None = None,
+    split_steps: int | None = None,
+    counters: Tensor | None = None,
 ) -> Tensor:
     """:func:`prompt_attention_ref` in one kernel; ``q`` [B, L, heads, D] may be a strided view (the rotary kernel's
     output), ``k``/``v`` [B, kv_heads, S, D] with unit stride along D (the cache's layers); returns a contiguous
-    [B, L, heads, D] (reshape to [B, L, heads·D] is free).  ``blocks``: (block_m, block_n, warps, stages)."""
+    [B, L, heads, D] (reshape to [B, L, heads·D] is free).  ``blocks``: (block_m, block_n, warps, stages).
+
+    ``split_steps`` (None: ``SPLIT_STEPS``; 0: off): a query block whose keys take more than that many
+    ``block_n`` steps is split into chunks of about that many, a program each, merged by the chunk that finishes
+    last (:func:`_prompt_attention_split_kernel`); ``counters``: :func:`split_counters` (None: zeroed per call)."""
     dev = q.device
     kernels._require("prompt_attention", dev, INTERPRETED, __name__)
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
@@ -201,9 +354,60 @@ def prompt_attention(
     block_m, block_n, warps, stages = blocks or ((16, 16, 4, 1) if interpreter else BLOCKS)
     if min(block_m, block_n) < 16:
         raise ValueError(f"tl.dot needs blocks of at least 16, got {block_m}, {block_n}")
+    split = SPLIT_STEPS if split_steps is None else split_steps
+    if split == 1 or split < 0:
+        raise ValueError(f"split_steps must be 0 (off) or >= 2, got {split}")
+    if split and block_m > block_n:
+        raise ValueError(f"the split form needs block_m <= block_n, got {block_m}, {block_n}")
     out = torch.empty((bsz, length, heads, dim), dtype=q.dtype, device=dev)
     precision = "ieee" if q.dtype == torch.float32 or interpreter else "tf32"
-    _prompt_attention_kernel[(triton.cdiv(length, block_m), bsz * heads)](
+    n_blocks = triton.cdiv(length, block_m)
+    if split:
+        slots = max(1, triton.cdiv(triton.cdiv(start + length, block_n), split))
+        need = bsz * heads * n_blocks
+        if counters is None:
+            counters = torch.zeros(need, dtype=torch.int32, device=dev)
+        elif counters.dtype != torch.int32 or counters.dim() != 1 or counters.numel() < need or counters.device != dev:
+            raise ValueError(
+                f"counters must be int32 [>= {need}] on {dev} (batch x heads x query blocks; see split_counters), "
+                f"got {counters.dtype} {tuple(counters.shape)} on {counters.device}"
+            )
+        parts = bsz * heads * n_blocks * slots
+        _prompt_attention_split_kernel[(n_blocks * slots, bsz * heads)](
+            q,
+            k,
+            v,
+            out,
+            torch.empty(parts * block_m * dim, dtype=torch.float32, device=dev),
+            torch.empty(parts * 2 * block_m, dtype=torch.float32, device=dev),
+            counters,
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            v.stride(0),
+            v.stride(1),
+            v.stride(2),
+            length,
+            start,
+            heads,
+            heads // kv_heads,
+            dim**-0.5 * _LOG2E,
+            split,
+            slots,
+            D=dim,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            PRECISION=precision,
+            UPCAST=interpreter,
+            num_warps=warps,
+            num_stages=stages,
+            **kernels._pdl(),
+        )
+        return out
+    _prompt_attention_kernel[(n_blocks, bsz * heads)](
         q,
         k,
         v,

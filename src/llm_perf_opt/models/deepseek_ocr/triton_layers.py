@@ -533,6 +533,7 @@ class TritonPromptAttention(nn.Module):
             raise ValueError(f"kernel must be 'sdpa' or 'triton', got {kernel!r}")
         self.attn = attn
         self.kernel = kernel
+        self._split_counters: list[Tensor] = []  # the split form's per-block counters (prompt_attention.SPLIT_STEPS)
 
     def forward(self, x: Tensor, ctx: ForwardContext, layer_idx: int) -> Tensor:
         a, cache, cos = self.attn, ctx.cache, ctx.cos
@@ -558,7 +559,11 @@ class TritonPromptAttention(nn.Module):
             a.head_dim,
         )
         if self.kernel == "triton" and ctx.mask is None and not ctx.matmul_attention and length > 1:
-            out = PA.prompt_attention(q, k_layer, v_layer, ctx.start)  # [B, L, heads, D]: no transposing copy
+            counters = None
+            if PA.SPLIT_STEPS and x.device.type == "cuda":  # kept: a captured prefill graph holds their address
+                need = bsz * a.num_heads * -(-length // PA.BLOCKS[0])
+                counters = _kept_counters(self._split_counters, need, need, x.device, _int32_zeros)
+            out = PA.prompt_attention(q, k_layer, v_layer, ctx.start, counters=counters)  # [B, L, heads, D]
             return a.o_proj(out.reshape(bsz, length, a.num_heads * a.head_dim))
         out = ctx.attend(q.transpose(1, 2), k_layer[:, :, :end], v_layer[:, :, :end])
         return a.o_proj(out.transpose(1, 2).reshape(bsz, length, a.num_heads * a.head_dim))

@@ -76,6 +76,45 @@ def test_matches_the_float64_causal_attention(
     torch.testing.assert_close(ref, want, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize(
+    ("length", "start", "split"),
+    [
+        (100, 0, 2),  # seven 16-key steps in the last block: four chunks
+        (100, 0, 3),
+        (90, 7, 2),  # a start off the key blocks: two masked steps per block
+        (33, 31, 2),  # start + first row + 1 on a key block's edge: the diagonal step unseen by the first row
+        (100, 16, 5),
+        (20, 0, 8),  # no block long enough to split: one chunk each, written directly
+    ],
+)
+def test_split_form_matches_the_float64_causal_attention(length: int, start: int, split: int) -> None:
+    """The split form (a query block's keys in chunks of ``split`` steps, merged by the chunk that ends last) at
+    16-wide blocks, against the float64 oracle; the kept counters are back at zero after every call, and a
+    second call with them gives the same output."""
+    gen = torch.Generator().manual_seed(length * 3 + start)
+    heads, dim = 2, 16
+    q = torch.randn(1, length, heads, dim, generator=gen)
+    k = torch.randn(1, 1, start + length + 3, dim, generator=gen)
+    v = torch.randn(1, 1, start + length + 3, dim, generator=gen)
+    counters = PA.split_counters(1, heads, length, "cpu", block_m=16)
+    out = PA.prompt_attention(q, k, v, start, (16, 16, 4, 1), split_steps=split, counters=counters)
+    torch.testing.assert_close(out.double(), _oracle(q, k, v, start), rtol=1e-5, atol=1e-5)
+    assert int(counters.abs().sum()) == 0
+    again = PA.prompt_attention(q, k, v, start, (16, 16, 4, 1), split_steps=split, counters=counters)
+    assert torch.equal(again, out)
+
+
+def test_split_form_refusals() -> None:
+    q = torch.randn(1, 40, 2, 16)
+    k = v = torch.randn(1, 2, 48, 16)
+    with pytest.raises(ValueError, match="0 \\(off\\) or >= 2"):
+        PA.prompt_attention(q, k, v, 0, (16, 16, 4, 1), split_steps=1)
+    with pytest.raises(ValueError, match="block_m <= block_n"):
+        PA.prompt_attention(q, k, v, 0, (32, 16, 4, 1), split_steps=2)
+    with pytest.raises(ValueError, match="see split_counters"):
+        PA.prompt_attention(q, k, v, 0, (16, 16, 4, 1), split_steps=2, counters=torch.zeros(2, dtype=torch.int32))
+
+
 def test_bad_inputs_are_refused_with_what_to_fix() -> None:
     q = torch.randn(1, 8, 4, 16)
     k = v = torch.randn(1, 2, 12, 16)
