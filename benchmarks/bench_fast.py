@@ -845,8 +845,8 @@ def main() -> None:
             if fast.fast_config.triton_prefill and fast.fast_config.prefill_attention == "triton":
                 from llm_perf_opt.models.deepseek_ocr import prompt_attention
 
-                for steps in [n for n in (0, 4, 6) if n != prompt_attention.SPLIT_STEPS]:
-                    time_prompt_setting("SPLIT_STEPS", steps, str(steps), prompt_attention)
+                for chunk_steps in [n for n in (0, 6, 8) if n != prompt_attention.SPLIT_STEPS]:
+                    time_prompt_setting("SPLIT_STEPS", chunk_steps, str(chunk_steps), prompt_attention)
             # the prompt's up GEMM at three stages instead of four (or the other way)
             if fast.fast_config.triton_prefill and fast.fast_config.prefill_experts == "triton":
                 up = prompt_moe.UP_BLOCKS

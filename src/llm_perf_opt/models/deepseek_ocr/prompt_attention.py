@@ -54,8 +54,11 @@ _LOG2E = 1.4426950408889634
 # of the model's SDPA policy)
 BLOCKS = (64, 64, 4, 3)
 # The split form (:func:`prompt_attention`'s ``split_steps``): a query block's keys in chunks of about this many
-# ``block_n`` steps, a program each (0: off, one program per query block)
-SPLIT_STEPS = 0
+# ``block_n`` steps, a program each (0: off, one program per query block).  H200, round 21 (bench_fusions, 913
+# positions x 10 heads of 128, from CUDA graphs, one run): one program per block 0.020 ms; chunks of 2 / 3 / 4 / 6 /
+# 8 steps 0.034 / 0.026 / 0.025 / 0.018 / 0.018 (short chunks pay the merge: 32 KB of float32 partials each); the
+# LM prefill paired with the unsplit kernel (bench_fast, six alternating rounds) -0.030 ms at 6, within the noise
+SPLIT_STEPS = 6
 
 
 def unavailable_reason(device: torch.device | str) -> str:

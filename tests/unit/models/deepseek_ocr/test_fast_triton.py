@@ -672,9 +672,9 @@ def test_triton_prefill_runs_every_norm_rotary_and_moe_tail_in_the_kernels(monke
 
     real_attn = PA.prompt_attention
 
-    def attn_spy(q: torch.Tensor, *args: object) -> torch.Tensor:
+    def attn_spy(q: torch.Tensor, *args: object, **kw: object) -> torch.Tensor:
         calls.append(f"attn {q.shape[1]}")
-        return real_attn(q, *args)  # type: ignore[arg-type]
+        return real_attn(q, *args, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(PA, "prompt_attention", attn_spy)
     monkeypatch.setattr(kernels, "moe_route", route_spy)

@@ -51,7 +51,9 @@ def _oracle(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> to
         (2, 33, 4, 4, 32, 5, torch.bfloat16, None),
     ],
 )
+@pytest.mark.parametrize("split", [0, 2])  # one program per query block; the split form (chunks of two steps)
 def test_matches_the_float64_causal_attention(
+    split: int,
     bsz: int,
     length: int,
     heads: int,
@@ -61,13 +63,15 @@ def test_matches_the_float64_causal_attention(
     dtype: torch.dtype,
     blocks: tuple[int, int, int, int] | None,
 ) -> None:
+    if split and blocks is not None and blocks[0] > blocks[1]:
+        pytest.skip("the split form needs block_m <= block_n (its refusal: test_split_form_refusals)")
     gen = torch.Generator().manual_seed(length + start)
     slots = start + length + 7  # the cache holds more positions than the prompt reaches
     qkv = torch.randn(bsz, length, heads + 2 * kv_heads, dim, generator=gen).to(dtype)
     q = qkv[:, :, :heads]  # a strided view, as the rotary kernel hands it over
     k = torch.randn(bsz, kv_heads, slots, dim, generator=gen).to(dtype)
     v = torch.randn(bsz, kv_heads, slots, dim, generator=gen).to(dtype)
-    out = PA.prompt_attention(q, k, v, start, blocks)
+    out = PA.prompt_attention(q, k, v, start, blocks, split_steps=split)
     assert out.shape == (bsz, length, heads, dim) and out.is_contiguous() and out.dtype == dtype
     want = _oracle(q, k, v, start)
     tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: P is rounded for the P·V product, as in flash attention
