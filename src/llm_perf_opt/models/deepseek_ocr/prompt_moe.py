@@ -28,6 +28,7 @@ Triton is optional, as for :mod:`kernels`: compiled on CUDA; on CPU tensors only
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple
 
@@ -55,6 +56,7 @@ __all__ = [
     "GemmBlocks",
     "align",
     "align_ref",
+    "fit_stages",
     "gemm_blocks",
     "grouped_down",
     "grouped_down_ref",
@@ -413,6 +415,24 @@ def grouped_down_ref(act: Tensor, offs: Tensor, w2: Tensor) -> Tensor:
     return out
 
 
+@functools.cache
+def _max_shared(device_index: int) -> int:
+    """The shared memory a block may have on CUDA device ``device_index``, as Triton checks it at launch."""
+    from triton.runtime import driver
+
+    return int(driver.active.utils.get_device_properties(device_index)["max_shared_mem"])
+
+
+def fit_stages(stages: int, stage_bytes: int, limit: int) -> int:
+    """The most pipeline stages up to ``stages`` whose shared memory fits ``limit`` bytes: a K loop software-
+    pipelined over S stages keeps S - 1 steps' tiles (``stage_bytes`` each) in flight (an H200: a float32 up GEMM
+    at [128, 128, 64] tiles and four stages asks for 3 x 96 KB = 294,912 bytes of the 232,448 a block may have;
+    bf16 takes half).  At least one stage (a plain loop)."""
+    while stages > 1 and (stages - 1) * stage_bytes > limit:
+        stages -= 1
+    return max(1, stages)
+
+
 def _launch_gemm(
     a: Tensor,
     order: Tensor,
@@ -432,6 +452,9 @@ def _launch_gemm(
         raise ValueError(f"tl.dot needs blocks of at least 16, got {blocks}")
     interpreter = a.device.type != "cuda"
     precision = "ieee" if a.dtype == torch.float32 or interpreter else "tf32"
+    if not interpreter:  # the blocks are sized for bf16: float32 operands take twice the shared memory a stage
+        tile_bytes = (bm * bk + (2 if swiglu else 1) * bn * bk) * a.element_size()
+        stages = fit_stages(stages, tile_bytes, _max_shared(a.device.index or 0))
     grid = (row_tiles(n_pairs, n_experts, bm), -(-n // bn))
     w_tma = W_TMA and n % bn == 0 and k % bk == 0
     if w_tma:

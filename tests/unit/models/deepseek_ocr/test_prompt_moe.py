@@ -75,6 +75,20 @@ def test_align_chunks_grow_to_stay_within_the_place_kernels_budget() -> None:
     assert PM._align_chunk(1000 * PM.ALIGN_MAX_CHUNKS) == 1024
 
 
+def test_fit_stages_keeps_the_pipeline_within_shared_memory() -> None:
+    """By hand, an H200's 232,448 bytes a block: the up GEMM's [128, 128, 64] tiles (one A tile, gate and up W
+    tiles) are 48 KB a stage in bf16, so four stages (three in flight, 144 KB) fit; in float32 96 KB a stage,
+    3 x 96 KB = 294,912 does not: three stages (192 KB).  The down GEMM's two tiles in float32 (64 KB) fit four."""
+    h200 = 232_448
+    up_bf16, up_f32 = (128 * 64 + 2 * 128 * 64) * 2, (128 * 64 + 2 * 128 * 64) * 4
+    assert (up_bf16, up_f32) == (49_152, 98_304)
+    assert PM.fit_stages(4, up_bf16, h200) == 4
+    assert PM.fit_stages(4, up_f32, h200) == 3
+    assert PM.fit_stages(4, (128 * 64 * 2) * 4, h200) == 4
+    assert PM.fit_stages(3, 10**6, h200) == 1  # nothing fits: a plain loop
+    assert PM.fit_stages(1, 10**6, 0) == 1
+
+
 def test_row_tiles_bounds_every_routing() -> None:
     # 300 pairs over 8 experts in 16-row tiles: ceil(300 / 16) = 19, plus one partial tile per expert at most
     assert PM.row_tiles(300, 8, 16) == 27
