@@ -823,19 +823,14 @@ def prompt_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[s
         # prompt_moe.W_TMA: the weight tiles through a tensor descriptor (the launcher passes one of [bn, bk] blocks)
         tma = {**gemm, "w_desc": f"tensordesc<bf16[{bn},{bk}]>"}
         specs.append(("prompt_moe._grouped_gemm_kernel", tma, {**consts, "W_TMA": True}, warps))
-    attn = dict(q_ptr=bf, k_ptr=bf, v_ptr=bf, o_ptr=bf)
+    # the prompt's attention (one kernel for both forms: prompt_attention.SPLIT_STEPS chunks, or one per block)
+    attn = dict(q_ptr=bf, k_ptr=bf, v_ptr=bf, o_ptr=bf, part_ptr="*fp32", ml_ptr="*fp32", count_ptr="*i32")
     attn.update(dict.fromkeys(("s_qb", "s_ql", "s_qh", "s_kb", "s_kh", "s_kn", "s_vb", "s_vh", "s_vn"), "i32"))
-    attn.update(L="i32", start="i32", HEADS="i32", GROUP="i32", qk_scale="fp32")
+    attn.update(L="i32", start="i32", HEADS="i32", GROUP="i32", qk_scale="fp32", SPLIT_STEPS="i32", SLOTS="i32")
     bm, bn, warps, stages = prompt_attention.BLOCKS
     assert stages == 3, "the check compiles at Triton's default of three stages"
     attn_consts = dict(D=lang.head_dim, BLOCK_M=bm, BLOCK_N=bn, PRECISION="tf32", UPCAST=False)
     specs.append(("prompt_attention._prompt_attention_kernel", attn, attn_consts, warps))
-    # its split form (prompt_attention.SPLIT_STEPS): chunks of a query block's keys, merged by the last one
-    split_attn = {**attn, "part_ptr": "*fp32", "ml_ptr": "*fp32", "count_ptr": "*i32"}
-    split_attn.update(SPLIT_STEPS="i32", SLOTS="i32")
-    order = ["q_ptr", "k_ptr", "v_ptr", "o_ptr", "part_ptr", "ml_ptr", "count_ptr"]  # the kernel's argument order
-    split_attn = {name: split_attn[name] for name in order} | {k: v for k, v in split_attn.items() if k not in order}
-    specs.append(("prompt_attention._prompt_attention_split_kernel", split_attn, attn_consts, warps))
     # CLIP's attention over a page's views (clip_attention): CLIP-L's 16 heads of 64
     views = dict(qkv_ptr=bf, o_ptr=bf, N0="i32", S0="i32", N1="i32", S1="i32", qk_scale="fp32")
     bm, bn, warps, stages = clip_attention.BLOCKS

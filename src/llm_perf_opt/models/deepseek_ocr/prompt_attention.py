@@ -5,8 +5,10 @@ positions x 10 heads of 128 its flash backend picks the split-KV form (too few q
 a combine kernel: 29 us per layer from a CUDA graph (benchmarks/bench_fusions.py, round 13), 20 us here.  This kernel
 (``infer.fast.prefill_attention=triton``):
 
-* a program owns ``BLOCK_M`` queries of one (batch, head), the heaviest (last) query blocks first, so the causal
-  triangle's long rows start early; GQA reads kv head ``head // (heads / kv_heads)`` in place (no repeat);
+* a program owns ``BLOCK_M`` queries of one (batch, head) and a chunk of their keys (``SPLIT_STEPS`` key blocks:
+  the last query block's 15 at 913 positions are three chunks; a block's chunks are merged in order by the one that
+  ends last), the heaviest (last) query blocks first, so the causal triangle's long rows start early; GQA reads kv
+  head ``head // (heads / kv_heads)`` in place (no repeat);
 * keys are walked ``BLOCK_N`` at a time up to the block's last visible position, first the blocks every query of
   the program sees (no mask), then the diagonal ones with the causal mask ``key <= start + query``, so a prompt
   continuing the cache (``start > 0``) is one call too;
@@ -108,74 +110,8 @@ if HAVE_TRITON:
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
         return acc, m_new, l_i
 
-    @triton.jit(do_not_specialize=["start"])
-    def _prompt_attention_kernel(
-        q_ptr,
-        k_ptr,
-        v_ptr,
-        o_ptr,
-        s_qb,
-        s_ql,
-        s_qh,
-        s_kb,
-        s_kh,
-        s_kn,
-        s_vb,
-        s_vh,
-        s_vn,
-        L,
-        start,
-        HEADS,
-        GROUP,
-        qk_scale,
-        D: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        PRECISION: tl.constexpr,
-        UPCAST: tl.constexpr,
-        USE_GDC: tl.constexpr = False,
-    ):
-        if USE_GDC:
-            kernels._dependent_launch()
-        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest causal rows first
-        bh = tl.program_id(1)
-        b = bh // HEADS
-        head = bh % HEADS
-        kv_head = head // GROUP
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rmask = rows < L
-        d = tl.arange(0, D)
-        q = tl.load(q_ptr + b * s_qb + rows[:, None] * s_ql + head * s_qh + d[None, :], mask=rmask[:, None], other=0.0)
-        if UPCAST:  # Triton's interpreter computes bf16 tl.dot wrongly; float32 operands are exact
-            q = q.to(tl.float32)
-        # padding rows take the last real query's position: they see what it sees (never stored)
-        q_pos = start + tl.minimum(rows, L - 1)
-        k_base = k_ptr + b * s_kb + kv_head * s_kh
-        v_base = v_ptr + b * s_vb + kv_head * s_vh
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-        # keys every query of the block sees: 0 .. start + first row; whole blocks of them unmasked
-        unmasked = (start + pid_m * BLOCK_M + 1) // BLOCK_N * BLOCK_N
-        for n0 in range(0, unmasked, BLOCK_N):
-            acc, m_i, l_i = _attend_block(
-                q, acc, m_i, l_i, k_base, v_base, s_kn, s_vn, n0, q_pos, d, qk_scale, False, BLOCK_N, PRECISION, UPCAST
-            )
-        last = start + tl.minimum(pid_m * BLOCK_M + BLOCK_M, L)  # one past the block's last visible key
-        for n0 in range(unmasked, last, BLOCK_N):
-            acc, m_i, l_i = _attend_block(
-                q, acc, m_i, l_i, k_base, v_base, s_kn, s_vn, n0, q_pos, d, qk_scale, True, BLOCK_N, PRECISION, UPCAST
-            )
-        out = acc / l_i[:, None]
-        dt = o_ptr.dtype.element_ty
-        o_rows = o_ptr + (b * L + rows)[:, None] * (HEADS * D) + head * D + d[None, :]
-        tl.store(o_rows, out.to(dt), mask=rmask[:, None])
-
-
-if HAVE_TRITON:
-
     @triton.jit(do_not_specialize=["start", "SPLIT_STEPS", "SLOTS"])
-    def _prompt_attention_split_kernel(
+    def _prompt_attention_kernel(
         q_ptr,
         k_ptr,
         v_ptr,
@@ -206,9 +142,12 @@ if HAVE_TRITON:
         UPCAST: tl.constexpr,
         USE_GDC: tl.constexpr = False,
     ):
-        """:func:`_prompt_attention_kernel` with a query block's keys cut into up to ``SLOTS`` chunks of about
-        ``SPLIT_STEPS`` key steps, a program per chunk (program (block·SLOTS + chunk, batch·head); chunks a block
-        does not have return at once), so the causal triangle's long rows no longer set the kernel's length.
+        """The prompt's causal attention, a query block's keys cut into up to ``SLOTS`` chunks of about
+        ``SPLIT_STEPS`` key steps, a program per chunk (program (block·SLOTS + chunk, batch·head), the heaviest
+        blocks first; chunks a block does not have return at once), so the causal triangle's long rows need not set
+        the kernel's length.  ``SLOTS`` = 1 with ``SPLIT_STEPS`` past every block's length: a program per query
+        block, over all of its keys (the form before round 21).  Keys are walked ``BLOCK_N`` at a time, first the
+        steps every query of the block sees (no mask), then the diagonal ones with the causal mask.
 
         A block of ``n`` key steps (``u`` of them seen by every query) has ``c = ceil(n / SPLIT_STEPS)`` chunks; chunk
         j covers steps ``min(j·n // c, u - 1)`` up to the next chunk's first (the last: up to ``n``), so only the
@@ -334,7 +273,7 @@ def prompt_attention(
 
     ``split_steps`` (None: ``SPLIT_STEPS``; 0: off): a query block whose keys take more than that many
     ``block_n`` steps is split into chunks of about that many, a program each, merged by the chunk that finishes
-    last (:func:`_prompt_attention_split_kernel`); ``counters``: :func:`split_counters` (None: zeroed per call)."""
+    last (:func:`_prompt_attention_kernel`); ``counters``: :func:`split_counters` (None: zeroed per call)."""
     dev = q.device
     kernels._require("prompt_attention", dev, INTERPRETED, __name__)
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
@@ -365,9 +304,13 @@ def prompt_attention(
     out = torch.empty((bsz, length, heads, dim), dtype=q.dtype, device=dev)
     precision = "ieee" if q.dtype == torch.float32 or interpreter else "tf32"
     n_blocks = triton.cdiv(length, block_m)
-    if split:
+    need = bsz * heads * n_blocks
+    if not split:  # one chunk per query block: no partials, no counters (never touched; one-element stand-ins)
+        slots, split = 1, 1 << 30
+        counters = torch.zeros(1, dtype=torch.int32, device=dev)
+        parts_acc = parts_ml = torch.empty(1, dtype=torch.float32, device=dev)
+    else:
         slots = max(1, triton.cdiv(triton.cdiv(start + length, block_n), split))
-        need = bsz * heads * n_blocks
         if counters is None:
             counters = torch.zeros(need, dtype=torch.int32, device=dev)
         elif counters.dtype != torch.int32 or counters.dim() != 1 or counters.numel() < need or counters.device != dev:
@@ -375,46 +318,16 @@ def prompt_attention(
                 f"counters must be int32 [>= {need}] on {dev} (batch x heads x query blocks; see split_counters), "
                 f"got {counters.dtype} {tuple(counters.shape)} on {counters.device}"
             )
-        parts = bsz * heads * n_blocks * slots
-        _prompt_attention_split_kernel[(n_blocks * slots, bsz * heads)](
-            q,
-            k,
-            v,
-            out,
-            torch.empty(parts * block_m * dim, dtype=torch.float32, device=dev),
-            torch.empty(parts * 2 * block_m, dtype=torch.float32, device=dev),
-            counters,
-            q.stride(0),
-            q.stride(1),
-            q.stride(2),
-            k.stride(0),
-            k.stride(1),
-            k.stride(2),
-            v.stride(0),
-            v.stride(1),
-            v.stride(2),
-            length,
-            start,
-            heads,
-            heads // kv_heads,
-            dim**-0.5 * _LOG2E,
-            split,
-            slots,
-            D=dim,
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            PRECISION=precision,
-            UPCAST=interpreter,
-            num_warps=warps,
-            num_stages=stages,
-            **kernels._pdl(),
-        )
-        return out
-    _prompt_attention_kernel[(n_blocks, bsz * heads)](
+        parts_acc = torch.empty(need * slots * block_m * dim, dtype=torch.float32, device=dev)
+        parts_ml = torch.empty(need * slots * 2 * block_m, dtype=torch.float32, device=dev)
+    _prompt_attention_kernel[(n_blocks * slots, bsz * heads)](
         q,
         k,
         v,
         out,
+        parts_acc,
+        parts_ml,
+        counters,
         q.stride(0),
         q.stride(1),
         q.stride(2),
@@ -429,6 +342,8 @@ def prompt_attention(
         heads,
         heads // kv_heads,
         dim**-0.5 * _LOG2E,
+        split,
+        slots,
         D=dim,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
