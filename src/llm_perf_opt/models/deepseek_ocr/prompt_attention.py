@@ -271,9 +271,10 @@ def prompt_attention(
     output), ``k``/``v`` [B, kv_heads, S, D] with unit stride along D (the cache's layers); returns a contiguous
     [B, L, heads, D] (reshape to [B, L, heads·D] is free).  ``blocks``: (block_m, block_n, warps, stages).
 
-    ``split_steps`` (None: ``SPLIT_STEPS``; 0: off): a query block whose keys take more than that many
-    ``block_n`` steps is split into chunks of about that many, a program each, merged by the chunk that finishes
-    last (:func:`_prompt_attention_kernel`); ``counters``: :func:`split_counters` (None: zeroed per call)."""
+    ``split_steps`` (None: ``SPLIT_STEPS`` on a GPU, 0 under the interpreter; 0: off): a query block whose keys
+    take more than that many ``block_n`` steps is split into chunks of about that many, a program each, merged by
+    the chunk that finishes last (:func:`_prompt_attention_kernel`); ``counters``: :func:`split_counters` (None:
+    zeroed per call)."""
     dev = q.device
     kernels._require("prompt_attention", dev, INTERPRETED, __name__)
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
@@ -296,7 +297,9 @@ def prompt_attention(
     block_m, block_n, warps, stages = blocks or ((16, 16, 4, 1) if interpreter else BLOCKS)
     if min(block_m, block_n) < 16:
         raise ValueError(f"tl.dot needs blocks of at least 16, got {block_m}, {block_n}")
-    split = SPLIT_STEPS if split_steps is None else split_steps
+    # the interpreter runs programs one after another: chunks there only add programs and merges (the tests pass
+    # split_steps to check the split form on CPU)
+    split = (0 if interpreter else SPLIT_STEPS) if split_steps is None else split_steps
     if split == 1 or split < 0:
         raise ValueError(f"split_steps must be 0 (off) or >= 2, got {split}")
     if split and block_m > block_n:
