@@ -41,6 +41,7 @@ __all__ = [
     "SPLIT_STEPS",
     "prompt_attention",
     "prompt_attention_ref",
+    "split_counter_count",
     "split_counters",
     "unavailable_reason",
 ]
@@ -250,12 +251,17 @@ def prompt_attention_ref(q: Tensor, k: Tensor, v: Tensor, start: int) -> Tensor:
     return out.transpose(1, 2)
 
 
+def split_counter_count(batch: int, heads: int, length: int, block_m: int = 0) -> int:
+    """How many counters :func:`prompt_attention`'s split form needs: one per (batch, head, query block) of a
+    ``length``-query prompt (``block_m`` 0: the GPU default's)."""
+    return batch * heads * -(-length // (block_m or BLOCKS[0]))
+
+
 def split_counters(batch: int, heads: int, length: int, device: torch.device | str, block_m: int = 0) -> Tensor:
-    """Zeroed int32 counters for :func:`prompt_attention`'s split form: one per (batch, head, query block) of a
-    ``length``-query prompt (``block_m`` 0: the GPU default's).  Keep them across calls and in a CUDA graph (the
-    kernel leaves them at zero); one buffer serves any shorter prompt."""
-    block_m = block_m or BLOCKS[0]
-    return torch.zeros(batch * heads * -(-length // block_m), dtype=torch.int32, device=torch.device(device))
+    """Zeroed int32 counters for :func:`prompt_attention`'s split form (:func:`split_counter_count` of them).  Keep
+    them across calls and in a CUDA graph (the kernel leaves them at zero); one buffer serves any shorter prompt."""
+    n = split_counter_count(batch, heads, length, block_m)
+    return torch.zeros(n, dtype=torch.int32, device=torch.device(device))
 
 
 def prompt_attention(
@@ -307,10 +313,10 @@ def prompt_attention(
     out = torch.empty((bsz, length, heads, dim), dtype=q.dtype, device=dev)
     precision = "ieee" if q.dtype == torch.float32 or interpreter else "tf32"
     n_blocks = triton.cdiv(length, block_m)
-    need = bsz * heads * n_blocks
+    need = split_counter_count(bsz, heads, length, block_m)
     if not split:  # one chunk per query block: no partials, no counters (never touched; one-element stand-ins)
         slots, split = 1, 1 << 30
-        counters = torch.zeros(1, dtype=torch.int32, device=dev)
+        counters = torch.empty(1, dtype=torch.int32, device=dev)
         parts_acc = parts_ml = torch.empty(1, dtype=torch.float32, device=dev)
     else:
         slots = max(1, triton.cdiv(triton.cdiv(start + length, block_n), split))

@@ -561,7 +561,7 @@ class TritonPromptAttention(nn.Module):
         if self.kernel == "triton" and ctx.mask is None and not ctx.matmul_attention and length > 1:
             counters = None
             if PA.SPLIT_STEPS and x.device.type == "cuda":  # kept: a captured prefill graph holds their address
-                need = bsz * a.num_heads * -(-length // PA.BLOCKS[0])
+                need = PA.split_counter_count(bsz, a.num_heads, length)
                 counters = _kept_counters(self._split_counters, need, need, x.device, _int32_zeros)
             out = PA.prompt_attention(q, k_layer, v_layer, ctx.start, counters=counters)  # [B, L, heads, D]
             return a.o_proj(out.reshape(bsz, length, a.num_heads * a.head_dim))
