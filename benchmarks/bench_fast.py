@@ -589,32 +589,15 @@ def main() -> None:
                 ab = paired_ab(time_default, time_variant, args.ab_rounds)
                 var[f"{label}: paired A/B, b - a (the default)"] = ab.cell()
 
-        def default_side(setting: tuple[Any, str] | None) -> contextlib.AbstractContextManager[None]:
-            """The default's side of a paired A/B: ``setting`` = (module, name) put back to its default value,
-            ``defaults[(module, name)]``, while a variant runs under another one."""
-            if setting is None:
-                return contextlib.nullcontext()
-            module, name = setting
-            return module_setting(module, name, defaults[(module.__name__, name)])
+        def default_side(setting: tuple[Any, str, Any] | None) -> contextlib.AbstractContextManager[Any]:
+            """The default's side of a paired A/B: ``setting`` = (module, name, default value), put back while a
+            variant runs under another value (the ``before`` its ``module_setting`` block was given)."""
+            return contextlib.nullcontext() if setting is None else module_setting(*setting)
 
-        defaults: dict[tuple[str, str], Any] = {}  # module settings at their defaults, kept before any is changed
-        from llm_perf_opt.models.deepseek_ocr import prompt_attention as _pa
-        from llm_perf_opt.models.deepseek_ocr import prompt_moe as _pm
-        from llm_perf_opt.models.deepseek_ocr import sam_kernels as _sk
-
-        settings = (
-            (_sk, ("TABLES", "GATHER_MAX_GRID", "BY_GRID")),
-            (_pm, ("UP_BLOCKS", "W_TMA")),
-            (_pa, ("SPLIT_STEPS",)),
-        )
-        for module, names in settings:
-            for name in names:
-                defaults[(module.__name__, name)] = getattr(module, name)
-
-        def time_vision_variant(key: str, vm: FastModel, setting: tuple[Any, str] | None = None) -> None:
+        def time_vision_variant(key: str, vm: FastModel, setting: tuple[Any, str, Any] | None = None) -> None:
             """The whole fast vision (compiled, graphed) and SAM alone of ``vm``, and its features against eager;
             then the whole vision paired with the default's (``setting``: the module setting the variant runs
-            under, put back to its default for the default's rounds)."""
+            under, with its default value, put back for the default's rounds)."""
             var[f"vision {key} ms"] = cuda_ms(functools.partial(page.vision, vm), 2, 7)
             var[f"sam only, {key} ms"] = cuda_ms(functools.partial(page.sam, vm), 2, 7)
             var[f"vision {key}: max |Δ| of image features vs eager"] = float(
@@ -670,9 +653,9 @@ def main() -> None:
             for label, by_grid in SAM_GRID_CANDIDATES if "by-grid" in parts else ():
                 key = f"sam_kernels.BY_GRID={label}"
                 try:
-                    with module_setting(sam_kernels, "BY_GRID", dict(by_grid)):
+                    with module_setting(sam_kernels, "BY_GRID", dict(by_grid)) as before:
                         vm = apply_fast_path(model, d)
-                        time_vision_variant(key, vm, (sam_kernels, "BY_GRID"))
+                        time_vision_variant(key, vm, (sam_kernels, "BY_GRID", before))
                         del vm
                 except Exception as exc:  # a launch setting that fails must not lose the rest of the report
                     var[f"vision {key}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
@@ -681,9 +664,9 @@ def main() -> None:
             for form in [f for f in ("triton", "gather") if f != sam_kernels.TABLES and "tables" in parts]:
                 key = f"sam_kernels.TABLES={form}"
                 try:
-                    with module_setting(sam_kernels, "TABLES", form):
+                    with module_setting(sam_kernels, "TABLES", form) as before:
                         vm = apply_fast_path(model, d)
-                        time_vision_variant(key, vm, (sam_kernels, "TABLES"))
+                        time_vision_variant(key, vm, (sam_kernels, "TABLES", before))
                         profile_sam(vm, page, out, f"fast_tables_{form}")
                         del vm
                 except Exception as exc:  # must not lose the rest of the report
@@ -762,7 +745,7 @@ def main() -> None:
                             var[f"prefill {setting}={label} ms"] = prefill_ms(fm, embeds)
 
                             def time_default() -> float:
-                                with default_side((module, name)):
+                                with default_side((module, name, default)):
                                     return prefill_ms(fast, embeds)
 
                             paired(f"prefill {setting}={label}", time_default, lambda fm=fm: prefill_ms(fm, embeds))
@@ -813,10 +796,11 @@ def main() -> None:
             # per window-head, or the line kernel everywhere) flipped
             max_grid = 0 if sam_kernels.GATHER_MAX_GRID else 16
             try:
-                with module_setting(sam_kernels, "GATHER_MAX_GRID", max_grid):
+                with module_setting(sam_kernels, "GATHER_MAX_GRID", max_grid) as before:
                     vm = apply_fast_path(model, fast.fast_config)
                     page.vision(vm)  # the first call: compiles and captures
-                    time_vision_variant(f"sam_kernels.GATHER_MAX_GRID={max_grid}", vm, (sam_kernels, "GATHER_MAX_GRID"))
+                    setting = (sam_kernels, "GATHER_MAX_GRID", before)
+                    time_vision_variant(f"sam_kernels.GATHER_MAX_GRID={max_grid}", vm, setting)
                     del vm
             except Exception as exc:  # must not lose the rest of the report
                 var[f"vision sam_kernels.GATHER_MAX_GRID={max_grid}"] = f"failed: {type(exc).__name__}: {exc}"[:300]

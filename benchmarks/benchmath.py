@@ -51,8 +51,9 @@ ISSUE9 = Goals(
 
 
 @contextlib.contextmanager
-def module_setting(module: ModuleType, name: str, value: Any) -> Iterator[None]:
-    """``module.name`` set to ``value`` inside the block and restored after it, also when the block raises.
+def module_setting(module: ModuleType, name: str, value: Any) -> Iterator[Any]:
+    """``module.name`` set to ``value`` inside the block and restored after it, also when the block raises; the
+    block gets the value it replaced (``with module_setting(...) as before``).
 
     The kernel modules keep some launch forms as module settings (``sam_kernels.TABLES``, ``prompt_moe.W_TMA``,
     ...) that their functions read at call time; a benchmark times the other forms inside this block.
@@ -62,7 +63,7 @@ def module_setting(module: ModuleType, name: str, value: Any) -> Iterator[None]:
     before = getattr(module, name)
     setattr(module, name, value)
     try:
-        yield
+        yield before
     finally:
         setattr(module, name, before)
 

@@ -246,8 +246,9 @@ def test_batched_speedups_and_goal() -> None:
 def test_module_setting_sets_inside_and_restores_after_a_raise() -> None:
     mod = types.ModuleType("kernels_double")
     mod.FORM = "einsum"  # type: ignore[attr-defined]
-    with module_setting(mod, "FORM", "triton"):
+    with module_setting(mod, "FORM", "triton") as before:
         assert mod.FORM == "triton"  # type: ignore[attr-defined]
+        assert before == "einsum"  # the value it replaced, for a caller that times the default beside it
     assert mod.FORM == "einsum"  # type: ignore[attr-defined]
     with pytest.raises(RuntimeError, match="compile failed"), module_setting(mod, "FORM", "gemm"):
         assert mod.FORM == "gemm"  # type: ignore[attr-defined]
