@@ -792,18 +792,23 @@ def main() -> None:
             with module_setting(fast_decoder, "HOST_STEP_END", host_end):
                 time_variant(f"fast_decoder.HOST_STEP_END={host_end}", fast.fast_config)
 
-            # the rel-pos tables' kernel by grid width (sam_kernels.GATHER_MAX_GRID: the windows' tables in one launch
-            # per window-head, or the line kernel everywhere) flipped
-            max_grid = 0 if sam_kernels.GATHER_MAX_GRID else 16
-            try:
-                with module_setting(sam_kernels, "GATHER_MAX_GRID", max_grid) as before:
-                    vm = apply_fast_path(model, fast.fast_config)
-                    page.vision(vm)  # the first call: compiles and captures
-                    setting = (sam_kernels, "GATHER_MAX_GRID", before)
-                    time_vision_variant(f"sam_kernels.GATHER_MAX_GRID={max_grid}", vm, setting)
-                    del vm
-            except Exception as exc:  # must not lose the rest of the report
-                var[f"vision sam_kernels.GATHER_MAX_GRID={max_grid}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
+            # SAM's module settings flipped, each on a fast model compiled and captured under it: the rel-pos tables'
+            # kernel by grid width (GATHER_MAX_GRID: the windows' tables in one launch per window-head, or the line
+            # kernel everywhere), the one-hot steps' position terms as the score product's accumulator or added after
+            # it (BIAS_IN_MMA)
+            for name, flipped in (
+                ("GATHER_MAX_GRID", 0 if sam_kernels.GATHER_MAX_GRID else 16),
+                ("BIAS_IN_MMA", not sam_kernels.BIAS_IN_MMA),
+            ):
+                key = f"sam_kernels.{name}={flipped}"
+                try:
+                    with module_setting(sam_kernels, name, flipped) as before:
+                        vm = apply_fast_path(model, fast.fast_config)
+                        page.vision(vm)  # the first call: compiles and captures
+                        time_vision_variant(key, vm, (sam_kernels, name, before))
+                        del vm
+                except Exception as exc:  # must not lose the rest of the report
+                    var[f"vision {key}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
             # the prompt's shared experts on their own stream beside the routed ones (FastConfig.prefill_shared_stream)
             # flipped: on the dummy routing and with the routing spread, each paired with the default
             if fast.fast_config.triton_prefill and fast.fast_config.prefill_experts == "triton":

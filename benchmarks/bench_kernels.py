@@ -743,7 +743,7 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
 # several rows per 64/128-wide step, or patches of 8 key columns (the tiles in 8×8 patches of 64 keys)
 SAM_GRIDS: tuple[tuple[int, tuple[tuple[int, ...], ...]], ...] = (
     (40, ((64, 128, 4), (128, 128, 8), (64, 64, 4, 8), (128, 64, 8, 8), (128, 128, 8, 8))),
-    (64, ()),
+    (64, ((64, 64, 4, 8),)),  # the 1024-px view in 8x8 patches (round 22's candidate with BIAS_IN_MMA)
     (14, ((64, 64, 4), (64, 128, 4), (128, 128, 8))),
     (48, ()),  # v2's 768-px tiles: the default is sam_kernels.BY_GRID's 8x8 patches at 128 queries, 3 stages
 )
@@ -769,6 +769,7 @@ def sam_specs() -> list[tuple[str, dict[str, str], dict[str, Any], int]]:
             consts.update(ROW_PAD=sam_kernels._pow2(b.rows), COL_PAD=sam_kernels._pow2(b.patch_w or grid))
             consts.update(PATCH_W=b.patch_w)
             consts.update(PRECISION="tf32", UPCAST=False, PREFETCH_RH=True, N_DIVISIBLE=grid * grid % 16 == 0)
+            consts.update(sam_kernels._bias_acc(64, grid, grid, b))  # the position terms' form as launched
             specs.append(("sam_kernels._rel_pos_attention_kernel", sig, consts, b.warps))
     # sam_kernels.TABLES="triton": the two tables' kernel (a program per query row / column) on the same grids
     tables = dict(q_ptr=bf, pos_ptr=bf, out_ptr=bf, s_qb="i32", s_qh="i32", s_qn="i32", HEADS="i32", H="i32", W="i32")

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmath next to this script
 from bench_kernels import graph_ms  # noqa: E402
-from benchmath import cuda_ms, module_setting  # noqa: E402
+from benchmath import cuda_ms, module_setting, paired_ab  # noqa: E402
 from torch.nn.attention import sdpa_kernel  # noqa: E402
 
 from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, sam_kernels  # noqa: E402
@@ -233,6 +233,87 @@ def sweep_rows(sam: SamEncoder, dev: torch.device) -> list[dict[str, Any]]:
     return rows
 
 
+# --forms: launch settings per key-grid width, (block_m, block_n, warps, stages, patch_w), zeros = attention_blocks'
+# default; each one-hot setting (patches, several rows) is timed in both forms of sam_kernels.BIAS_IN_MMA, paired.
+# The 1024-px view's 64-wide grid in 8x8 patches is new: with the terms in the accumulator the one-hot steps do less
+# float32 work per score than one key row a step.
+FORM_SETTINGS: dict[int, list[tuple[int, int, int, int, int]]] = {
+    40: [(0, 0, 0, 0, 0), (128, 64, 8, 3, 8), (128, 64, 4, 2, 8)],
+    64: [(0, 0, 0, 0, 0), (64, 64, 4, 2, 8), (128, 64, 8, 3, 8), (128, 64, 4, 2, 8), (64, 128, 4, 2, 8)],
+    48: [(0, 0, 0, 0, 0), (64, 64, 4, 2, 8)],
+    14: [(0, 0, 0, 0, 0), (64, 64, 4, 2, 0), (64, 32, 4, 2, 0)],
+}
+
+
+def forms_rows(sam: SamEncoder, dev: torch.device, rounds: int) -> list[dict[str, Any]]:
+    """``--forms``: the kernel alone (graph-timed) at each :data:`FORM_SETTINGS` setting per view; a one-hot
+    setting in both forms of ``sam_kernels.BIAS_IN_MMA``, round 21's (a) and the accumulator's (b), paired over
+    ``rounds`` (the sign test), with the largest |Δ| between the two forms' outputs."""
+    heads, dim, rel_h, rel_w = global_attention(sam)
+    gen = torch.Generator(device=dev).manual_seed(3)
+    rows = []
+    for view, batch, grid in grid_shapes(sam):
+        n = grid * grid
+        q, k, v = (torch.randn(batch, heads, n, dim, device=dev, generator=gen, dtype=torch.bfloat16) for _ in range(3))
+        th, tw = sam_kernels.rel_pos_tables(q, rel_h, rel_w, (grid, grid))
+        flops = 4 * batch * heads * n * n * dim
+        for block_m, block_n, warps, stages, patch_w in FORM_SETTINGS.get(grid, [(0, 0, 0, 0, 0)]):
+            b = sam_kernels.attention_blocks(
+                n, grid, False, block_m=block_m, block_n=block_n, warps=warps, stages=stages, patch_w=patch_w
+            )
+            kernel = functools.partial(
+                sam_kernels.attention_kernel, *(q, k, v, th, tw, grid, grid, b.block_m, b.block_n, b.warps, b.stages)
+            )
+            kernel = functools.partial(kernel, True, b.patch_w)
+            label = ("default: " if not any((block_m, block_n, warps, stages, patch_w)) else "") + str(b)
+
+            def timed(form: bool, fn: Any = kernel) -> float:
+                with module_setting(sam_kernels, "BIAS_IN_MMA", form):
+                    return graph_ms(fn)
+
+            try:
+                if b.rows > 1 or b.patch_w:
+                    with module_setting(sam_kernels, "BIAS_IN_MMA", False):
+                        old = kernel()
+                    diff = float((kernel().float() - old.float()).abs().max())
+                    ab = paired_ab(functools.partial(timed, False), functools.partial(timed, True), rounds)
+                    rows.append(
+                        dict(view=view, setting=label, a_ms=ab.a_ms, ms=ab.b_ms, tflops=flops / ab.b_ms / 1e9)
+                        | dict(paired=ab.cell(), forms_max_abs_diff=diff)
+                    )
+                else:
+                    ms = graph_ms(kernel)
+                    rows.append(dict(view=view, setting=label, ms=ms, tflops=flops / ms / 1e9))
+            except Exception as exc:  # a setting that does not compile is a row, not the end of the run
+                rows.append(dict(view=view, setting=label, error=f"{type(exc).__name__}: {exc}"[:200]))
+    return rows
+
+
+def forms_lines(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "",
+        "## The position terms' two forms (--forms: sam_kernels.BIAS_IN_MMA), the kernel alone",
+        "",
+        "a: the terms scaled and added after the score product (round 21); b: the terms as the product's",
+        "accumulator (one-hot steps only; one key row a step has one form). CUDA graph of 10 calls, median of 10",
+        "replays per round; the rounds alternate a b / b a.",
+        "",
+        "| view | setting | a ms | b ms | b TFLOP/s | b - a, paired | max abs Δ a vs b |",
+        "| --- | --- | ---: | ---: | ---: | --- | ---: |",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['view']} | {r['setting']} | failed: {r['error']} | | | | |")
+        elif "a_ms" in r:
+            lines.append(
+                f"| {r['view']} | {r['setting']} | {r['a_ms']:.4f} | {r['ms']:.4f} | {r['tflops']:.0f} |"
+                f" {r['paired']} | {r['forms_max_abs_diff']:.3g} |"
+            )
+        else:
+            lines.append(f"| {r['view']} | {r['setting']} | | {r['ms']:.4f} | {r['tflops']:.0f} | one form | |")
+    return lines
+
+
 # (label, global blocks' kernel, windowed blocks' kernel, SDPA policy)
 TOWER_VARIANTS = [
     ("augmented", "augmented", "augmented", "model"),
@@ -317,7 +398,11 @@ def _op_tower_lines(ops: list[dict[str, Any]], towers: list[dict[str, Any]]) -> 
 
 
 def render(
-    ops: list[dict[str, Any]], towers: list[dict[str, Any]], env: dict[str, str], sweep: list[dict[str, Any]]
+    ops: list[dict[str, Any]],
+    towers: list[dict[str, Any]],
+    env: dict[str, str],
+    sweep: list[dict[str, Any]],
+    forms: list[dict[str, Any]] | None = None,
 ) -> str:
     lines = [
         f"# SAM rel-pos attention: augmented flash vs FlexAttention vs Triton — {env['gpu']}",
@@ -350,6 +435,8 @@ def render(
             else:
                 cells = f"{r['ms']:.3f} | {r['gbps']:.0f} GB/s" if "gbps" in r else f"{r['ms']:.3f} | "
             lines.append(f"| {r['view']} | {r['setting']} | {cells} |")
+    if forms:
+        lines += forms_lines(forms)
     return "\n".join(lines) + "\n"
 
 
@@ -359,7 +446,13 @@ def main() -> None:
     ap.add_argument("--flex", action="store_true", help="also time FlexAttention (slow to compile and to run)")
     ap.add_argument("--sweep", action="store_true", help="also sweep the Triton kernel's launch settings")
     ap.add_argument("--tables", action="store_true", help="only the position tables' forms and settings")
+    ap.add_argument(
+        "--forms", action="store_true", help="only the position terms' two forms (BIAS_IN_MMA), paired, kernel alone"
+    )
+    ap.add_argument("--ab-rounds", type=int, default=6, help="rounds of --forms' paired rows")
     args = ap.parse_args()
+    if args.ab_rounds < 1:
+        raise SystemExit(f"--ab-rounds must be >= 1, got {args.ab_rounds}")
     if not torch.cuda.is_available():
         print("bench_sam_attention: no CUDA device; nothing timed")
         return
@@ -377,7 +470,12 @@ def main() -> None:
     )
     ops: list[dict[str, Any]] = []
     towers: list[dict[str, Any]] = []
-    if args.tables:
+    forms: list[dict[str, Any]] = []
+    sweep: list[dict[str, Any]] = []
+    if args.forms:
+        with torch.no_grad():
+            forms = forms_rows(sam, dev, args.ab_rounds)
+    elif args.tables:
         with torch.no_grad():
             sweep = tables_only_rows(sam, dev)
     else:
@@ -385,17 +483,16 @@ def main() -> None:
             kinds = KINDS if args.flex else tuple(k for k in KINDS if k != "flex")
             ops = op_rows(sam, dev, kinds)
         towers = tower_rows(sam, dev, kinds)
-        sweep = []
         if args.sweep:
             with torch.no_grad():
                 sweep = sweep_rows(sam, dev)
-    text = render(ops, towers, env, sweep)
+    text = render(ops, towers, env, sweep, forms)
     print(text)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "sam_attention.md").write_text(text)
         (args.out / "sam_attention.json").write_text(
-            json.dumps(dict(env=env, ops=ops, towers=towers, sweep=sweep), indent=1)
+            json.dumps(dict(env=env, ops=ops, towers=towers, sweep=sweep, forms=forms), indent=1)
         )
 
 

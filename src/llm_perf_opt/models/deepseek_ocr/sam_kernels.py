@@ -41,6 +41,7 @@ treats it as one opaque call and CUDA graphs capture it.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import NamedTuple
 
@@ -55,6 +56,7 @@ if HAVE_TRITON:
     import triton.language as tl
 
 __all__ = [
+    "BIAS_IN_MMA",
     "BY_GRID",
     "GATHER_BLOCK",
     "GATHER_MAX_GRID",
@@ -120,6 +122,9 @@ if HAVE_TRITON:
         UPCAST: tl.constexpr,
         PREFETCH_RH: tl.constexpr = True,
         PATCH_W: tl.constexpr = 0,
+        BIAS_ACC: tl.constexpr = False,
+        FULL: tl.constexpr = False,
+        BIAS_SCALE: tl.constexpr = 1.0,
     ):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
@@ -147,10 +152,13 @@ if HAVE_TRITON:
             # both tables' terms of a step as products with one-hot matrices (column c's key row, its key column):
             # [BLOCK_M, ROW_PAD] x [ROW_PAD, BLOCK_N] and [BLOCK_M, COL_PAD] x [COL_PAD, BLOCK_N], one non-zero
             # product per logit each, so exact in float32; the padding columns are masked after (kmask)
+            # BIAS_ACC: the one-hot entries are BIAS_SCALE (a power of two: exact), so the terms come out in the
+            # score product's units and that product accumulates onto them
+            one = BIAS_SCALE if BIAS_ACC else 1.0
             rsel = tl.arange(0, ROW_PAD)
-            onehot_h = (rsel[:, None] == seg[None, :]).to(q.dtype)
+            onehot_h = tl.where(rsel[:, None] == seg[None, :], one, 0.0).to(q.dtype)
             csel = tl.arange(0, COL_PAD)
-            onehot_w = (csel[:, None] == kcol[None, :]).to(q.dtype)
+            onehot_w = tl.where(csel[:, None] == kcol[None, :], one, 0.0).to(q.dtype)
             if PATCH_W == 0:  # whole rows: every step's columns (a patch loads its own columns in its step)
                 rw_t = tl.load(
                     rw_ptr + (bh * N + rows[:, None]) * KW + csel[None, :],
@@ -215,14 +223,23 @@ if HAVE_TRITON:
             pv_dt = vt.dtype
             if UPCAST:
                 kt, vt = kt.to(tl.float32), vt.to(tl.float32)
-            s = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * qk_scale
-            # a constexpr branch (ruff's ternary would not do): padding columns, key rows past the grid get -inf
-            if ROWS > 1 or PATCH_W > 0:
-                s = tl.where(kmask[None, :], s + terms * LOG2E, float("-inf"))
+            if BIAS_ACC:  # (with the one-hot products only: their terms come out in the product's layout)
+                # the position terms are the score product's accumulator (its units: the logit / qk_scale), so the
+                # tensor cores add them and the one per-score multiply is the exponent's fused multiply-add
+                s = tl.dot(q, tl.trans(kt), acc=terms, input_precision=PRECISION)
+                if not FULL:  # padding columns, key rows past the grid: -inf (FULL: a step has none)
+                    s = tl.where(kmask[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+                p = tl.exp2(s * qk_scale - m_new[:, None])
             else:
-                s = s + rw + bias * LOG2E
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            p = tl.exp2(s - m_new[:, None])
+                s = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * qk_scale
+                # a constexpr branch (ruff's ternary would not do): padding columns, key rows past the grid get -inf
+                if ROWS > 1 or PATCH_W > 0:
+                    s = tl.where(kmask[None, :], s + terms * LOG2E, float("-inf"))
+                else:
+                    s = s + rw + bias * LOG2E
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             p_in = p.to(pv_dt)  # P in the input dtype for the P·V product, as flash kernels do
@@ -662,9 +679,37 @@ def attention_kernel(
         UPCAST=interpreter,
         PREFETCH_RH=prefetch,
         PATCH_W=blocks.patch_w,
+        **_bias_acc(dim, h, w, blocks),
         num_warps=blocks.warps,
     )
     return out
+
+
+BIAS_IN_MMA: bool = True
+"""Whether, in the steps whose position terms are one-hot products (key patches, several key rows a step), those
+terms are the score product's accumulator (``tl.dot(q, kᵀ, acc=terms)``), in the product's units (the one-hot
+entries are log2 e / ``qk_scale`` = √64 = 8, a power of two: exact), so the tensor cores add them and the exponent's
+one fused multiply-add applies the scale; else (round 21) each score is scaled and the terms scaled and added after
+the product, and every step selects its padding columns even where it has none.  sm_90 PTX of the 640-px tiles' 8x8
+patches: per thread and step, 34 multiplies and no selects instead of 64 and 32 (the same 34 exp2, 34 fused
+multiply-adds), 167 registers instead of 179.  At head size 64 the softmax's per-score float32 and exp2 work is
+about as slow as the MMA (4·64 multiply-adds per score), so those operations are much of the kernel's time.  One key
+row a step keeps its form: there the terms are a loaded tile and a column, and as the accumulator they cost a
+64×64 float32 layout conversion a step (sm_90 TTGIR), more than the two per-score operations they would save.  Only
+where √(head size) is a power of two (16, 64, 256).  A module setting, read at each launch (a captured graph keeps
+the form it was captured with), so ``bench_fast`` times both in one run."""
+
+
+def _bias_acc(dim: int, h: int, w: int, blocks: Blocks) -> dict[str, object]:
+    """The kernel's :data:`BIAS_IN_MMA` arguments for head size ``dim`` on an ``h``×``w`` key grid in ``blocks``'
+    steps: the form (one-hot steps only), the terms' scale (√dim, exact only as a power of two) and whether every
+    key step is full (no padding column, no key row past the grid: no select)."""
+    root = math.isqrt(dim)
+    one_hot = blocks.rows > 1 or blocks.patch_w > 0
+    if not BIAS_IN_MMA or not one_hot or root * root != dim or root & (root - 1):
+        return {}
+    full = blocks.rows * (blocks.patch_w or w) == blocks.block_n and h % blocks.rows == 0
+    return dict(BIAS_ACC=True, FULL=full, BIAS_SCALE=float(root))
 
 
 if HAVE_TRITON and not INTERPRETED:

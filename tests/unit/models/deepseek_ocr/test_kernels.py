@@ -1387,6 +1387,12 @@ def test_sam_attention_compiles_without_spills_for_sm90(sm90: list[dict[str, Any
     rows = [r for r in sm90 if r["kernel"] == "sam_kernels._rel_pos_attention_kernel"]
     seen = {(r["constexprs"]["BLOCK_N"], r["constexprs"]["ROWS"], r["constexprs"]["PATCH_W"]) for r in rows}
     assert seen >= {(64, 1, 0), (16, 1, 0), (128, 3, 0), (64, 4, 0), (128, 9, 0), (64, 8, 8), (128, 16, 8)}, seen
+    # the one-hot steps compile as launched, their position terms the score product's accumulator (BIAS_IN_MMA);
+    # the 8x8 patches of the 40- and 64-wide grids hold no padding column (FULL: no select)
+    one_hot = [r for r in rows if r["constexprs"]["ROWS"] > 1 or r["constexprs"]["PATCH_W"]]
+    assert one_hot and all(r["constexprs"].get("BIAS_ACC") for r in one_hot), one_hot
+    full = {r["constexprs"]["BLOCK_N"] for r in one_hot if r["constexprs"].get("FULL")}
+    assert 64 in full, full
     for r in rows:
         assert not r["error"] and r["spill_bytes"] in (0, None), r
         assert r["cp_async_16"] > 0, r

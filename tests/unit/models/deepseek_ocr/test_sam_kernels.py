@@ -33,6 +33,14 @@ def _interpreter(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
 
 
+@pytest.fixture(params=[True, False], ids=["bias-in-mma", "bias-after"])
+def bias_form(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Both forms of the kernel's position terms (:data:`sam_kernels.BIAS_IN_MMA`): the score product's accumulator
+    (the default where √(head size) is a power of two: the 16-wide cases here) or added after the product."""
+    monkeypatch.setattr(SK, "BIAS_IN_MMA", request.param)
+    return bool(request.param)
+
+
 def _case(hw: tuple[int, int], dim: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:
     """q, k, v as the strided views a SAM block makes (``qkv.reshape(...).permute(2, 0, 3, 1, 4).unbind(0)``) and
     rel-pos tables sized for a grid 1.5x larger (so ``get_rel_pos`` resamples them)."""
@@ -55,7 +63,7 @@ def _oracle(
 
 
 @pytest.mark.parametrize(("hw", "dim"), [((4, 4), 16), ((3, 5), 16), ((5, 3), 32), ((2, 20), 16), ((6, 16), 16)])
-def test_matches_dense_bias_float32(hw: tuple[int, int], dim: int) -> None:
+def test_matches_dense_bias_float32(hw: tuple[int, int], dim: int, bias_form: bool) -> None:
     q, k, v, rel_h, rel_w = _case(hw, dim, torch.float32, seed=hw[0] * 31 + hw[1])
     actual = SK.rel_pos_triton_attention(q, k, v, rel_h, rel_w, hw)
     expected = _oracle(q, k, v, rel_h, rel_w, hw)
@@ -67,7 +75,7 @@ def test_matches_dense_bias_float32(hw: tuple[int, int], dim: int) -> None:
 
 
 @pytest.mark.parametrize("hw", [(4, 4), (5, 3)])
-def test_matches_dense_bias_bf16(hw: tuple[int, int]) -> None:
+def test_matches_dense_bias_bf16(hw: tuple[int, int], bias_form: bool) -> None:
     """bf16 operands: the tables are bf16 products (as in the reference), P is rounded to bf16 for P·V as in
     flash kernels; to bf16 rounding of the float64 oracle (the reference's own bf16 path is no closer)."""
     q, k, v, rel_h, rel_w = _case(hw, 16, torch.bfloat16, seed=7 + hw[0])
@@ -85,7 +93,7 @@ def test_matches_dense_bias_bf16(hw: tuple[int, int]) -> None:
     ("hw", "block_n", "rows"),
     [((7, 5), 16, 3), ((5, 7), 32, 4), ((3, 20), 64, 3), ((4, 16), 32, 2), ((6, 5), 32, 6), ((14, 14), 128, 9)],
 )
-def test_several_key_rows_per_step(hw: tuple[int, int], block_n: int, rows: int) -> None:
+def test_several_key_rows_per_step(hw: tuple[int, int], block_n: int, rows: int, bias_form: bool) -> None:
     """``block_n`` wider than a key row: ``rows`` whole key rows per step, each with its own ``rel_h`` column (both
     tables added through one-hot products); a last step with fewer rows (7 = 3+3+1, 5 = 4+1, 3 of 3, 4 = 2+2, 6 in
     one, a 14x14 window's 14 = 9+5) must mask the rows past the grid, and the padding columns of every step."""
@@ -116,7 +124,7 @@ def test_several_key_rows_per_step_bf16(hw: tuple[int, int], block_n: int) -> No
     ("hw", "patch_w", "block_n", "rows"),
     [((8, 8), 4, 16, 4), ((6, 12), 4, 16, 4), ((4, 10), 5, 16, 3), ((10, 10), 5, 32, 6), ((5, 24), 8, 64, 5)],
 )
-def test_key_patches_per_step(hw: tuple[int, int], patch_w: int, block_n: int, rows: int) -> None:
+def test_key_patches_per_step(hw: tuple[int, int], patch_w: int, block_n: int, rows: int, bias_form: bool) -> None:
     """``patch_w``: each step a patch of ``rows`` key rows × ``patch_w`` key columns (both tables through one-hot
     products over the patch's own columns), patches row-major; a last patch row with fewer key rows (6 = 4+2,
     4 = 3+1, 10 = 6+4) and padding columns past ``rows·patch_w`` (15 of 16, 30 of 32) must be masked."""
@@ -134,7 +142,7 @@ def test_key_patches_per_step(hw: tuple[int, int], patch_w: int, block_n: int, r
     assert rel_err(actual, expected) < 2e-6
 
 
-def test_key_patches_bf16() -> None:
+def test_key_patches_bf16(bias_form: bool) -> None:
     """8x8 patches of 64 keys in bf16 (the 640-px tiles' setting, on an 8x40 grid): as close to the float64 oracle
     as the one-row form."""
     hw = (8, 40)
@@ -143,6 +151,23 @@ def test_key_patches_bf16() -> None:
     patches = SK.rel_pos_triton_attention(q, k, v, rel_h, rel_w, hw, block_n=64, patch_w=8)
     one_row = SK.rel_pos_triton_attention(q, k, v, rel_h, rel_w, hw)
     assert rel_err(patches, expected) < max(2e-2, 1.5 * rel_err(one_row, expected))
+
+
+def test_bias_in_mma_arguments_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The accumulator form's launch arguments: one-hot steps only; the terms' scale is √(head size) where that is a
+    power of two (64 -> 8, 16 -> 4), no form otherwise (32: √32 is not exact) or when switched off; a step is full
+    only where its rows fill ``block_n`` and divide the grid's height (the 40-wide tiles' 8x8 patches: 8 x 8 = 64,
+    40 = 5 x 8)."""
+    tiles = SK.Blocks(64, 64, 8, 4, 2, 8)
+    assert SK._bias_acc(64, 40, 40, tiles) == dict(BIAS_ACC=True, FULL=True, BIAS_SCALE=8.0)
+    assert SK._bias_acc(16, 40, 40, tiles) == dict(BIAS_ACC=True, FULL=True, BIAS_SCALE=4.0)
+    assert SK._bias_acc(32, 40, 40, tiles) == {}
+    assert SK._bias_acc(64, 41, 40, tiles)["FULL"] is False  # 41 key rows: the last patch row holds one
+    assert SK._bias_acc(64, 10, 10, SK.Blocks(64, 32, 6, 4, 2, 5))["FULL"] is False  # 6 x 5 = 30 of 32 columns
+    assert SK._bias_acc(64, 4, 16, SK.Blocks(64, 32, 2, 4, 2))["FULL"] is True  # two whole 16-wide rows
+    assert SK._bias_acc(64, 14, 14, SK.Blocks(64, 16, 1, 4, 2)) == {}  # one key row a step: the round-21 form
+    monkeypatch.setattr(SK, "BIAS_IN_MMA", False)
+    assert SK._bias_acc(64, 40, 40, tiles) == {}
 
 
 def test_shipped_settings_by_grid_are_valid_patch_launches() -> None:
