@@ -56,6 +56,7 @@ if HAVE_TRITON:
     import triton.language as tl
 
 __all__ = [
+    "BIAS_AFTER_GRIDS",
     "BIAS_IN_MMA",
     "BY_GRID",
     "GATHER_BLOCK",
@@ -700,14 +701,21 @@ where √(head size) is a power of two (16, 64, 256).  A module setting, read at
 the form it was captured with), so ``bench_fast`` times both in one run."""
 
 
+# Key-grid widths whose launch keeps round 21's form under BIAS_IN_MMA.  H200, round 22 (bench_sam_attention --forms,
+# the kernel alone, paired over six rounds, all six agreeing): v2's 768-px tiles (48) at their BY_GRID setting (128
+# queries, 8 warps, 3 stages, 8x8 patches) 0.338 -> 0.359 ms with the terms in the accumulator, where v1's 640-px
+# tiles' 64-query 8x8 patches went 0.218 -> 0.202.
+BIAS_AFTER_GRIDS: frozenset[int] = frozenset({48})
+
+
 def _bias_acc(dim: int, h: int, w: int, blocks: Blocks) -> dict[str, object]:
     """The kernel's :data:`BIAS_IN_MMA` arguments for head size ``dim`` on an ``h``×``w`` key grid in ``blocks``'
-    steps: the form (one-hot steps only), the terms' scale (√dim, exact only as a power of two) and whether every
-    key step is full (no padding column, no key row past the grid: no select)."""
+    steps: the form (one-hot steps only, not on :data:`BIAS_AFTER_GRIDS`), the terms' scale (√dim, exact only as a
+    power of two) and whether every key step is full (no padding column, no key row past the grid: no select)."""
     root = math.isqrt(dim)
     one_hot = blocks.rows > 1 or blocks.patch_w > 0
-    if not BIAS_IN_MMA or not one_hot or root * root != dim or root & (root - 1):
-        return {}
+    if not BIAS_IN_MMA or not one_hot or w in BIAS_AFTER_GRIDS or root * root != dim or root & (root - 1):
+        return dict(BIAS_ACC=False, FULL=False, BIAS_SCALE=1.0)
     full = blocks.rows * (blocks.patch_w or w) == blocks.block_n and h % blocks.rows == 0
     return dict(BIAS_ACC=True, FULL=full, BIAS_SCALE=float(root))
 

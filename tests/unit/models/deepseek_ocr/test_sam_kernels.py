@@ -155,19 +155,21 @@ def test_key_patches_bf16(bias_form: bool) -> None:
 
 def test_bias_in_mma_arguments_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
     """The accumulator form's launch arguments: one-hot steps only; the terms' scale is √(head size) where that is a
-    power of two (64 -> 8, 16 -> 4), no form otherwise (32: √32 is not exact) or when switched off; a step is full
-    only where its rows fill ``block_n`` and divide the grid's height (the 40-wide tiles' 8x8 patches: 8 x 8 = 64,
-    40 = 5 x 8)."""
+    power of two (64 -> 8, 16 -> 4), round 21's form otherwise (32: √32 is not exact), on BIAS_AFTER_GRIDS (v2's
+    48-wide tiles) or when switched off; a step is full only where its rows fill ``block_n`` and divide the grid's
+    height (the 40-wide tiles' 8x8 patches: 8 x 8 = 64, 40 = 5 x 8)."""
+    off = dict(BIAS_ACC=False, FULL=False, BIAS_SCALE=1.0)
     tiles = SK.Blocks(64, 64, 8, 4, 2, 8)
     assert SK._bias_acc(64, 40, 40, tiles) == dict(BIAS_ACC=True, FULL=True, BIAS_SCALE=8.0)
     assert SK._bias_acc(16, 40, 40, tiles) == dict(BIAS_ACC=True, FULL=True, BIAS_SCALE=4.0)
-    assert SK._bias_acc(32, 40, 40, tiles) == {}
+    assert SK._bias_acc(32, 40, 40, tiles) == off
+    assert SK._bias_acc(64, 48, 48, SK.Blocks(128, 64, 8, 8, 3, 8)) == off  # v2's tiles keep round 21's form
     assert SK._bias_acc(64, 41, 40, tiles)["FULL"] is False  # 41 key rows: the last patch row holds one
     assert SK._bias_acc(64, 10, 10, SK.Blocks(64, 32, 6, 4, 2, 5))["FULL"] is False  # 6 x 5 = 30 of 32 columns
     assert SK._bias_acc(64, 4, 16, SK.Blocks(64, 32, 2, 4, 2))["FULL"] is True  # two whole 16-wide rows
-    assert SK._bias_acc(64, 14, 14, SK.Blocks(64, 16, 1, 4, 2)) == {}  # one key row a step: the round-21 form
+    assert SK._bias_acc(64, 14, 14, SK.Blocks(64, 16, 1, 4, 2)) == off  # one key row a step: the round-21 form
     monkeypatch.setattr(SK, "BIAS_IN_MMA", False)
-    assert SK._bias_acc(64, 40, 40, tiles) == {}
+    assert SK._bias_acc(64, 40, 40, tiles) == off
 
 
 def test_shipped_settings_by_grid_are_valid_patch_launches() -> None:
