@@ -238,21 +238,26 @@ def sweep_rows(sam: SamEncoder, dev: torch.device) -> list[dict[str, Any]]:
 # The 1024-px view's 64-wide grid in 8x8 patches is new: with the terms in the accumulator the one-hot steps do less
 # float32 work per score than one key row a step.
 FORM_SETTINGS: dict[int, list[tuple[int, int, int, int, int]]] = {
-    40: [(0, 0, 0, 0, 0), (128, 64, 8, 3, 8), (128, 64, 4, 2, 8)],
+    40: [(0, 0, 0, 0, 0), (128, 64, 8, 3, 8), (128, 64, 4, 2, 8), (64, 64, 4, 3, 8), (64, 64, 8, 2, 8)],
     64: [(0, 0, 0, 0, 0), (64, 64, 4, 2, 8), (128, 64, 8, 3, 8), (128, 64, 4, 2, 8), (64, 128, 4, 2, 8)],
-    48: [(0, 0, 0, 0, 0), (64, 64, 4, 2, 8)],
+    48: [(0, 0, 0, 0, 0), (64, 64, 4, 2, 8), (128, 64, 8, 2, 8), (128, 64, 4, 3, 8), (64, 64, 4, 3, 8)],
     14: [(0, 0, 0, 0, 0), (64, 64, 4, 2, 0), (64, 32, 4, 2, 0)],
 }
 
 
-def forms_rows(sam: SamEncoder, dev: torch.device, rounds: int) -> list[dict[str, Any]]:
+def forms_rows(
+    sam: SamEncoder, dev: torch.device, rounds: int, grids: frozenset[int] = frozenset()
+) -> list[dict[str, Any]]:
     """``--forms``: the kernel alone (graph-timed) at each :data:`FORM_SETTINGS` setting per view; a one-hot
     setting in both forms of ``sam_kernels.BIAS_IN_MMA``, round 21's (a) and the accumulator's (b), paired over
-    ``rounds`` (the sign test), with the largest |Δ| between the two forms' outputs."""
+    ``rounds`` (the sign test), with the largest |Δ| between the two forms' outputs; ``grids`` (key-grid widths)
+    narrows the views (empty: all)."""
     heads, dim, rel_h, rel_w = global_attention(sam)
     gen = torch.Generator(device=dev).manual_seed(3)
     rows = []
     for view, batch, grid in grid_shapes(sam):
+        if grids and grid not in grids:
+            continue
         n = grid * grid
         q, k, v = (torch.randn(batch, heads, n, dim, device=dev, generator=gen, dtype=torch.bfloat16) for _ in range(3))
         th, tw = sam_kernels.rel_pos_tables(q, rel_h, rel_w, (grid, grid))
@@ -450,6 +455,7 @@ def main() -> None:
         "--forms", action="store_true", help="only the position terms' two forms (BIAS_IN_MMA), paired, kernel alone"
     )
     ap.add_argument("--ab-rounds", type=int, default=6, help="rounds of --forms' paired rows")
+    ap.add_argument("--forms-grids", default="", help="--forms on these key-grid widths only, e.g. 40,48")
     args = ap.parse_args()
     if args.ab_rounds < 1:
         raise SystemExit(f"--ab-rounds must be >= 1, got {args.ab_rounds}")
@@ -474,7 +480,8 @@ def main() -> None:
     sweep: list[dict[str, Any]] = []
     if args.forms:
         with torch.no_grad():
-            forms = forms_rows(sam, dev, args.ab_rounds)
+            grids = frozenset(int(g) for g in args.forms_grids.split(",") if g.strip())
+            forms = forms_rows(sam, dev, args.ab_rounds, grids)
     elif args.tables:
         with torch.no_grad():
             sweep = tables_only_rows(sam, dev)
