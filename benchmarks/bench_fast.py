@@ -125,6 +125,8 @@ class Page:
 # stages, patch_w)}); each compiled for sm_90 without spills with the local Triton (bench_kernels --sm90-check holds
 # the 640-px ones to it).
 SAM_GRID_CANDIDATES: list[tuple[str, dict[int, tuple[int, ...]]]] = [
+    # round 22: round 21's shipped settings (the tiles' patches at 2 k/v stages; the default is 3 since round 22)
+    ("round 21's settings (tiles at 2 stages)", {40: (64, 64, 4, 2, 8), 48: (128, 64, 8, 3, 8)}),
     # round 16: the tiles' 40-wide grid (v2's 48-wide) in patches of 8 key columns, 64 keys a step with no padding
     # columns (the default's one-row steps leave 24 of 64 empty); round 15's several-whole-rows candidates were all
     # slower or within 1 % (benchmarks/README.md) and are not re-timed

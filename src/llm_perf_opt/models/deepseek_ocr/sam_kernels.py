@@ -407,7 +407,12 @@ def _check_blocks(block_m: int, block_n: int, grid_w: int, patch_w: int = 0) -> 
 # * 48 (v2's 768-px tiles): 8x8 patches, 128 queries, 8 warps, 3 stages: 0.341 ms (287 TFLOP/s) against 0.437 (224);
 #   the kernel alone only: v2's whole vision has not been timed with it.
 # The 1024-px view's 64-wide rows have no padding, and the 14x14 windows' several-rows steps were slower (round 15).
-BY_GRID: dict[int, tuple[int, ...]] = {40: (64, 64, 4, 2, 8), 48: (128, 64, 8, 3, 8)}
+# Round 22 (bench_sam_attention --forms, the kernel alone, graph-timed; the position terms in the accumulator,
+# BIAS_IN_MMA): the 640-px tiles' patches at 3 k/v stages 0.190 ms (248 TFLOP/s) against 2 stages' 0.203 (round
+# 21's form: 0.210 vs 0.219); 8 warps at 64 queries 0.340, 128 queries 0.219-0.279.  In the 1024-px view 8x8
+# patches (0.180-0.225) stay slower than its one-row steps (0.167).  v2's 128 queries at 4 warps / 3 stages 0.333 vs
+# its 0.340 (within 2 %: not changed, v2's whole vision not timed).
+BY_GRID: dict[int, tuple[int, ...]] = {40: (64, 64, 4, 3, 8), 48: (128, 64, 8, 3, 8)}
 
 
 def attention_blocks(
