@@ -429,7 +429,7 @@ def attention_blocks(
     """The launch setting for ``n_queries`` queries over a ``grid_w``-wide key grid; a non-zero argument overrides
     its field (``rows`` follows from ``block_n``: as many whole key rows as fit, at most the grid's; with
     ``patch_w``, as many patch rows).  A :data:`BY_GRID` entry's patch width comes with its ``block_n``: a caller's
-    own ``block_n`` without ``patch_w`` means whole key rows.
+    own ``block_n`` without ``patch_w`` means whole key rows, and its ``stages`` too come only with its ``block_n``.
 
     Default ``block_n``: ``grid_w`` rounded up to a power of two (one key row per step).  GPU: 64 queries per
     program at 4 warps, k/v tiles double-buffered (2 stages).  H200 sweep (``bench_sam_attention.py --sweep``,
@@ -444,9 +444,11 @@ def attention_blocks(
     """
     if not interpreter and grid_w in BY_GRID:
         by_m, by_n, by_w, by_s, *by_p = BY_GRID[grid_w]
-        if not block_n:  # the entry's key step, its patch width with it (a block_n given means whole rows)
-            block_n, patch_w = by_n, patch_w or (by_p[0] if by_p else 0)
-        block_m, warps, stages = block_m or by_m, warps or by_w, stages or by_s
+        if not block_n:  # the entry's key step, its patch width and k/v stages with it (a block_n given means
+            # whole rows, at the default's stages: the entry's three stages of a 256-wide k/v tile would need more
+            # shared memory than a block has, round 22's GPU suite)
+            block_n, patch_w, stages = by_n, patch_w or (by_p[0] if by_p else 0), stages or by_s
+        block_m, warps = block_m or by_m, warps or by_w
     if patch_w == grid_w:
         patch_w = 0  # a patch as wide as the grid is a whole key row
     _check_blocks(block_m, block_n, grid_w, patch_w)

@@ -356,7 +356,9 @@ def test_settings_by_grid_replace_the_gpu_defaults(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(SK, "BY_GRID", {})
     monkeypatch.setitem(SK.BY_GRID, 14, (32, 128, 0, 1))
     assert SK.attention_blocks(196, 14, interpreter=False) == (32, 128, 9, 4, 1, 0)
-    assert SK.attention_blocks(196, 14, interpreter=False, block_n=64, warps=8) == (32, 64, 4, 8, 1, 0)
+    # a block_n of the caller's own: the entry's stages belong to its block_n (the default's two stages)
+    assert SK.attention_blocks(196, 14, interpreter=False, block_n=64, warps=8) == (32, 64, 4, 8, 2, 0)
+    assert SK.attention_blocks(196, 14, interpreter=False, block_n=64, stages=1) == (32, 64, 4, 4, 1, 0)
     assert SK.attention_blocks(196, 14, interpreter=True) == (16, 16, 1, 1, 1, 0)
     assert SK.attention_blocks(1600, 40, interpreter=False) == (64, 64, 1, 4, 2, 0)
     monkeypatch.setitem(SK.BY_GRID, 40, (128, 64, 8, 0, 8))  # with a patch width: 8x8 patches
@@ -364,6 +366,9 @@ def test_settings_by_grid_replace_the_gpu_defaults(monkeypatch: pytest.MonkeyPat
     assert SK.attention_blocks(1600, 40, interpreter=False, patch_w=5) == (128, 64, 12, 8, 2, 5)
     # a block_n of the caller's own: whole key rows (the entry's patch width belongs to its block_n)
     assert SK.attention_blocks(1600, 40, interpreter=False, block_n=128) == (128, 128, 3, 8, 2, 0)
+    monkeypatch.setitem(SK.BY_GRID, 40, (64, 64, 4, 3, 8))  # the shipped entry: 3 stages with its own block_n only
+    assert SK.attention_blocks(1600, 40, interpreter=False) == (64, 64, 8, 4, 3, 8)
+    assert SK.attention_blocks(1600, 40, interpreter=False, block_n=256) == (64, 256, 6, 4, 2, 0)
     monkeypatch.setitem(SK.BY_GRID, 40, (0, 96, 0, 0))
     with pytest.raises(ValueError, match="block_n must be a power of two"):
         SK.attention_blocks(1600, 40, interpreter=False)
