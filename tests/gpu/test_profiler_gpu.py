@@ -48,7 +48,7 @@ STAGE_RANGES = ("prefill", "decode", "sam", "clip", "projector")
 @pytest.fixture(scope="module", params=[False, True], ids=["eager", "fast"])
 def profiled_page(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[object, object, bool]:
+) -> tuple[object, object, bool, Path]:
     """One full-size page (dummy weights, bf16, Gundam) through the session under the profiler pass, after a
     warm-up run of the same page (the fast path captures its graphs there, as stage1's warm-up does)."""
     from hydra import compose, initialize_config_dir
@@ -81,14 +81,41 @@ def profiled_page(
         )  # fmt: skip
     finally:
         session.close()
-    return summary, result, bool(request.param)
+    return summary, result, bool(request.param), out
 
 
-def test_every_range_matches_the_cuda_event_stage_times(profiled_page: tuple[object, object, bool]) -> None:
+def _range_edges(trace: Path, name: str, n: int = 4) -> str:
+    """Where a range's GPU span comes from, for a failure message: its device-side mirrors (start, duration) and
+    the first and last ``n`` device events inside them (µs from the first mirror's start, duration, stream, name).
+    Round 22: the fast prefill's span read ~1.55 ms over its CUDA events in a machine's first test process (twice),
+    and passed when run after a benchmark; what the extra stretch holds was not in the message."""
+    with gzip.open(trace, "rt") as fh:
+        events = json.load(fh)["traceEvents"]
+    mirrors = sorted(
+        (float(e["ts"]), float(e.get("dur", 0)))
+        for e in events
+        if e.get("cat") == "gpu_user_annotation" and e.get("name") == name
+    )
+    if not mirrors:
+        return f"no device-side mirror of {name!r} in the trace"
+    t0 = mirrors[0][0]
+    inside = sorted(
+        (float(e["ts"]) - t0, float(e.get("dur", 0)), e.get("tid"), str(e.get("name"))[:60])
+        for e in events
+        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
+        and any(s <= float(e["ts"]) <= s + d for s, d in mirrors)
+    )
+    rows = [*inside[:n], (float("nan"), 0.0, "...", "..."), *inside[-n:]] if len(inside) > 2 * n else inside
+    return f"mirrors {[(round(s - t0, 1), round(d, 1)) for s, d in mirrors]} us; edges " + "; ".join(
+        f"{ts:.1f}+{dur:.1f} us stream {tid} {nm}" for ts, dur, tid, nm in rows
+    )
+
+
+def test_every_range_matches_the_cuda_event_stage_times(profiled_page: tuple[object, object, bool, Path]) -> None:
     """Host range times are real (the committed runs showed 0 ms: a device mirror overwrote the host entry), and
     each range's GPU span agrees with the CUDA-event time of the same stage within 5 % (+0.5 ms for ranges shorter
     than a launch: the events start when the host enqueues, the span at the range's first kernel)."""
-    summary, result, _ = profiled_page
+    summary, result, _, out = profiled_page
     rec = result.record  # type: ignore[attr-defined]
     events = {"prefill": rec.prefill_ms, "decode": rec.decode_ms, "sam": rec.sam_ms, "clip": rec.clip_ms,
               "projector": rec.projector_ms}  # fmt: skip
@@ -100,15 +127,20 @@ def test_every_range_matches_the_cuda_event_stage_times(profiled_page: tuple[obj
     for name in STAGE_RANGES:
         ev = events[name]
         assert ev is not None and ev > 0, (name, events)
-        assert abs(spans[name] - ev) <= 0.05 * ev + 0.5, (name, spans[name], ev)
+        assert abs(spans[name] - ev) <= 0.05 * ev + 0.5, (
+            name,
+            spans[name],
+            ev,
+            _range_edges(out / "trace.json.gz", name),
+        )
     # the host waits for the GPU at the end of prefill (first token) and of every decode step
     for name in ("prefill", "decode"):
         assert summary.range_ms[name] >= 0.95 * events[name], (name, summary.range_ms[name], events[name])  # type: ignore[attr-defined]
 
 
-def test_kernels_attributed_to_a_stage_on_eager_and_fast(profiled_page: tuple[object, object, bool]) -> None:
+def test_kernels_attributed_to_a_stage_on_eager_and_fast(profiled_page: tuple[object, object, bool, Path]) -> None:
     """≥ 95 % of the pass's device time lands in a stage and a kernel name, CUDA-graph replays included."""
-    summary, _, fast = profiled_page
+    summary, _, fast, _ = profiled_page
     att = summary.kernels  # type: ignore[attr-defined]
     assert att is not None, summary.kernels_reason  # type: ignore[attr-defined]
     assert att.attributed_pct >= 95.0, att.stages
