@@ -370,9 +370,11 @@ def time_components(page: Page, m: Any) -> dict[str, float]:
 
 # bench_fast's variant groups (--parts): each times the switches of one part beside the default, in this order; the
 # kernel profiles (decode step, SAM, the serial vision) always run
-# ("settings": this round's settings, each form beside the default: CLIP's attention as one kernel over a page's views
-# or SDPA per view, CLIP over a page's views at once or per view, the decode attention's K / V prefetch in the decode
-# step, the many-row router's form in the prefill)
+# ("settings": the recent rounds' module settings and switches, each flipped beside the default, vision and prefill
+# rows paired: the greedy step's end on the device (fast_decoder.HOST_STEP_END), the windows' tables in one launch
+# (sam_kernels.GATHER_MAX_GRID), SAM's one-hot position terms in the score product's accumulator
+# (sam_kernels.BIAS_IN_MMA), the prompt's shared experts on a second stream (prefill_shared_stream, also with the
+# routing spread), the prompt attention's key chunks (prompt_attention.SPLIT_STEPS) and the up GEMM's stages)
 VARIANT_PARTS = ("vision", "by-grid", "tables", "decode", "prefill", "settings", "other")
 
 
