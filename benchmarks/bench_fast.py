@@ -373,7 +373,8 @@ def time_components(page: Page, m: Any) -> dict[str, float]:
 # ("settings": the recent rounds' module settings and switches, each flipped beside the default, vision and prefill
 # rows paired: the greedy step's end on the device (fast_decoder.HOST_STEP_END), the windows' tables in one launch
 # (sam_kernels.GATHER_MAX_GRID), SAM's one-hot position terms in the score product's accumulator
-# (sam_kernels.BIAS_IN_MMA), the prompt's shared experts on a second stream (prefill_shared_stream, also with the
+# (sam_kernels.BIAS_IN_MMA), the one-row steps' rel_h term in the row's max (sam_kernels.ROW_TERM_IN_MAX), the
+# prompt's shared experts on a second stream (prefill_shared_stream, also with the
 # routing spread), the prompt attention's key chunks (prompt_attention.SPLIT_STEPS) and the up GEMM's stages)
 VARIANT_PARTS = ("vision", "by-grid", "tables", "decode", "prefill", "settings", "other")
 
@@ -799,10 +800,11 @@ def main() -> None:
             # SAM's module settings flipped, each on a fast model compiled and captured under it: the rel-pos tables'
             # kernel by grid width (GATHER_MAX_GRID: the windows' tables in one launch per window-head, or the line
             # kernel everywhere), the one-hot steps' position terms as the score product's accumulator or added after
-            # it (BIAS_IN_MMA)
+            # it (BIAS_IN_MMA), the one-row steps' rel_h term as a shift of the row's max (ROW_TERM_IN_MAX)
             for name, flipped in (
                 ("GATHER_MAX_GRID", 0 if sam_kernels.GATHER_MAX_GRID else 16),
                 ("BIAS_IN_MMA", not sam_kernels.BIAS_IN_MMA),
+                ("ROW_TERM_IN_MAX", not sam_kernels.ROW_TERM_IN_MAX),
             ):
                 key = f"sam_kernels.{name}={flipped}"
                 try:

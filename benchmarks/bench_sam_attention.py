@@ -249,7 +249,8 @@ def forms_rows(
     sam: SamEncoder, dev: torch.device, rounds: int, grids: frozenset[int] = frozenset()
 ) -> list[dict[str, Any]]:
     """``--forms``: the kernel alone (graph-timed) at each :data:`FORM_SETTINGS` setting per view; a one-hot
-    setting in both forms of ``sam_kernels.BIAS_IN_MMA``, round 21's (a) and the accumulator's (b), paired over
+    setting in both forms of ``sam_kernels.BIAS_IN_MMA``, round 21's (a) and the accumulator's (b), a one-row setting
+    in both forms of ``sam_kernels.ROW_TERM_IN_MAX`` (off a, on b), paired over
     ``rounds`` (the sign test), with the largest |Δ| between the two forms' outputs; ``grids`` (key-grid widths)
     narrows the views (empty: all)."""
     heads, dim, rel_h, rel_w = global_attention(sam)
@@ -286,9 +287,21 @@ def forms_rows(
                         dict(view=view, setting=label, a_ms=ab.a_ms, ms=ab.b_ms, tflops=flops / ab.b_ms / 1e9)
                         | dict(paired=ab.cell(), forms_max_abs_diff=diff)
                     )
-                else:
-                    ms = graph_ms(kernel)
-                    rows.append(dict(view=view, setting=label, ms=ms, tflops=flops / ms / 1e9))
+                else:  # one key row a step: round 21's form (a) vs the row's term in the max (b, ROW_TERM_IN_MAX)
+                    with module_setting(sam_kernels, "ROW_TERM_IN_MAX", False):
+                        old = kernel()
+                    with module_setting(sam_kernels, "ROW_TERM_IN_MAX", True):
+                        diff = float((kernel().float() - old.float()).abs().max())
+
+                    def timed_row(form: bool, fn: Any = kernel) -> float:
+                        with module_setting(sam_kernels, "ROW_TERM_IN_MAX", form):
+                            return graph_ms(fn)
+
+                    ab = paired_ab(functools.partial(timed_row, False), functools.partial(timed_row, True), rounds)
+                    rows.append(
+                        dict(view=view, setting=label, a_ms=ab.a_ms, ms=ab.b_ms, tflops=flops / ab.b_ms / 1e9)
+                        | dict(paired=ab.cell(), forms_max_abs_diff=diff, row_shift=True)
+                    )
             except Exception as exc:  # a setting that does not compile is a row, not the end of the run
                 rows.append(dict(view=view, setting=label, error=f"{type(exc).__name__}: {exc}"[:200]))
     return rows
@@ -299,9 +312,10 @@ def forms_lines(rows: list[dict[str, Any]]) -> list[str]:
         "",
         "## The position terms' two forms (--forms: sam_kernels.BIAS_IN_MMA), the kernel alone",
         "",
-        "a: the terms scaled and added after the score product (round 21); b: the terms as the product's",
-        "accumulator (one-hot steps only; one key row a step has one form). CUDA graph of 10 calls, median of 10",
-        "replays per round; the rounds alternate a b / b a.",
+        "One-hot steps (patches, several rows): a, the terms scaled and added after the score product (round 21);",
+        "b, the terms as the product's accumulator (BIAS_IN_MMA). One key row a step (rows marked 'row'): a, the",
+        "row's rel_h term added to every score; b, the term as a shift of the row's max (ROW_TERM_IN_MAX). CUDA",
+        "graph of 10 calls, median of 10 replays per round; the rounds alternate a b / b a.",
         "",
         "| view | setting | a ms | b ms | b TFLOP/s | b - a, paired | max abs Δ a vs b |",
         "| --- | --- | ---: | ---: | ---: | --- | ---: |",
@@ -310,8 +324,9 @@ def forms_lines(rows: list[dict[str, Any]]) -> list[str]:
         if "error" in r:
             lines.append(f"| {r['view']} | {r['setting']} | failed: {r['error']} | | | | |")
         elif "a_ms" in r:
+            mark = " (row)" if r.get("row_shift") else ""
             lines.append(
-                f"| {r['view']} | {r['setting']} | {r['a_ms']:.4f} | {r['ms']:.4f} | {r['tflops']:.0f} |"
+                f"| {r['view']} | {r['setting']}{mark} | {r['a_ms']:.4f} | {r['ms']:.4f} | {r['tflops']:.0f} |"
                 f" {r['paired']} | {r['forms_max_abs_diff']:.3g} |"
             )
         else:

@@ -63,6 +63,7 @@ __all__ = [
     "GATHER_MAX_GRID",
     "HAVE_TRITON",
     "INTERPRETED",
+    "ROW_TERM_IN_MAX",
     "TABLES",
     "TABLE_FORMS",
     "Blocks",
@@ -126,6 +127,7 @@ if HAVE_TRITON:
         BIAS_ACC: tl.constexpr = False,
         FULL: tl.constexpr = False,
         BIAS_SCALE: tl.constexpr = 1.0,
+        ROW_SHIFT: tl.constexpr = False,
     ):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
@@ -232,6 +234,13 @@ if HAVE_TRITON:
                     s = tl.where(kmask[None, :], s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
                 p = tl.exp2(s * qk_scale - m_new[:, None])
+            elif ROW_SHIFT and ROWS == 1 and PATCH_W == 0:
+                # one key row a step: its rel_h term is one number per query, a shift of the query's whole row of
+                # scores, so it moves into the row's max (a [BLOCK_M] vector) instead of being added to every score
+                s = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * qk_scale + rw
+                shift = rh0 * LOG2E
+                m_new = tl.maximum(m_i, tl.max(s, axis=1) + shift)
+                p = tl.exp2(s - (m_new - shift)[:, None])
             else:
                 s = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * qk_scale
                 # a constexpr branch (ruff's ternary would not do): padding columns, key rows past the grid get -inf
@@ -688,6 +697,7 @@ def attention_kernel(
         PREFETCH_RH=prefetch,
         PATCH_W=blocks.patch_w,
         **_bias_acc(dim, h, w, blocks),
+        ROW_SHIFT=ROW_TERM_IN_MAX and blocks.rows == 1 and not blocks.patch_w,
         num_warps=blocks.warps,
     )
     return out
@@ -707,6 +717,16 @@ row a step keeps its form: there the terms are a loaded tile and a column, and a
 where √(head size) is a power of two (16, 64, 256).  A module setting, read at each launch (a captured graph keeps
 the form it was captured with), so ``bench_fast`` times both in one run."""
 
+
+ROW_TERM_IN_MAX: bool = False
+"""Staged in round 22, not yet timed on a GPU (off): in the steps of one whole key row (the 1024-px view's global
+blocks and the 14x14 windows), that row's ``rel_h`` term is one number per query, so it shifts the query's whole row
+of the step's scores; with this on it joins the row's running max (one add per query) instead of every score (one
+add per score), and the exponent subtracts the shifted max.  sm_90 TTGIR of the view's 64x64 step: one float32
+add per score fewer (fma, add, add, exp2, max, sum, and the accumulator's rescale become fma, add, exp2, max, sum,
+rescale).  Sums in another order than the default's: equal to float32 rounding, checked against float64 on the CPU.
+``bench_sam_attention --forms`` pairs it with the default on the one-row settings; ``bench_fast``'s settings part
+flips it on the whole vision."""
 
 # Key-grid widths whose launch keeps round 21's form under BIAS_IN_MMA.  H200, round 22 (bench_sam_attention --forms,
 # the kernel alone, paired over six rounds, all six agreeing): v2's 768-px tiles (48) at their BY_GRID setting (128

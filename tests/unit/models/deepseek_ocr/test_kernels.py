@@ -1394,6 +1394,9 @@ def test_sam_attention_compiles_without_spills_for_sm90(sm90: list[dict[str, Any
     assert one_hot and grid_48 <= {128}, one_hot
     full = {r["constexprs"]["BLOCK_N"] for r in one_hot if r["constexprs"].get("FULL")}
     assert 64 in full, full
+    # the one-row steps also compile with the row's rel_h term in the max (ROW_TERM_IN_MAX, staged in round 22)
+    shifted = {r["constexprs"]["BLOCK_N"] for r in rows if r["constexprs"].get("ROW_SHIFT")}
+    assert shifted >= {16, 64}, shifted
     for r in rows:
         assert not r["error"] and r["spill_bytes"] in (0, None), r
         assert r["cp_async_16"] > 0, r

@@ -33,12 +33,18 @@ def _interpreter(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
 
 
-@pytest.fixture(params=[True, False], ids=["bias-in-mma", "bias-after"])
+@pytest.fixture(
+    params=[(True, False), (False, False), (True, True)], ids=["bias-in-mma", "bias-after", "row-term-in-max"]
+)
 def bias_form(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
-    """Both forms of the kernel's position terms (:data:`sam_kernels.BIAS_IN_MMA`): the score product's accumulator
-    (the default where √(head size) is a power of two: the 16-wide cases here) or added after the product."""
-    monkeypatch.setattr(SK, "BIAS_IN_MMA", request.param)
-    return bool(request.param)
+    """Each form of the kernel's position terms: in one-hot steps the score product's accumulator
+    (:data:`sam_kernels.BIAS_IN_MMA`, the default where √(head size) is a power of two: the 16-wide cases here) or
+    added after the product; in one-row steps each score's or, with :data:`sam_kernels.ROW_TERM_IN_MAX`, the row's
+    max (the row's ``rel_h`` term as a shift)."""
+    in_mma, row_in_max = request.param
+    monkeypatch.setattr(SK, "BIAS_IN_MMA", in_mma)
+    monkeypatch.setattr(SK, "ROW_TERM_IN_MAX", row_in_max)
+    return bool(in_mma)
 
 
 def _case(hw: tuple[int, int], dim: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:
@@ -170,6 +176,29 @@ def test_bias_in_mma_arguments_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
     assert SK._bias_acc(64, 14, 14, SK.Blocks(64, 16, 1, 4, 2)) == off  # one key row a step: the round-21 form
     monkeypatch.setattr(SK, "BIAS_IN_MMA", False)
     assert SK._bias_acc(64, 40, 40, tiles) == off
+
+
+def test_row_term_in_max_reaches_one_row_launches_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ROW_TERM_IN_MAX`` launches the shift form on one-row steps (it has no meaning where a step holds several
+    key rows), off by default; the float64 comparisons above run every form."""
+    real = SK._rel_pos_attention_kernel
+    seen: list[tuple[int, int, bool]] = []
+
+    class Spy:
+        def __getitem__(self, grid: object) -> object:
+            def launch(*args: object, **kw: object) -> object:
+                seen.append((int(kw["ROWS"]), int(kw["PATCH_W"]), bool(kw["ROW_SHIFT"])))  # type: ignore[call-overload]
+                return real[grid](*args, **kw)
+
+            return launch
+
+    monkeypatch.setattr(SK, "_rel_pos_attention_kernel", Spy())
+    q, k, v, rel_h, rel_w = _case((4, 16), 16, torch.float32, seed=3)
+    SK.rel_pos_triton_attention(q, k, v, rel_h, rel_w, (4, 16))
+    monkeypatch.setattr(SK, "ROW_TERM_IN_MAX", True)
+    SK.rel_pos_triton_attention(q, k, v, rel_h, rel_w, (4, 16))
+    SK.rel_pos_triton_attention(q, k, v, rel_h, rel_w, (4, 16), block_n=16, patch_w=4)
+    assert seen == [(1, 0, False), (1, 0, True), (4, 4, False)], seen
 
 
 def test_shipped_settings_by_grid_are_valid_patch_launches() -> None:
