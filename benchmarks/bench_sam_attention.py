@@ -234,7 +234,8 @@ def sweep_rows(sam: SamEncoder, dev: torch.device) -> list[dict[str, Any]]:
 
 
 # --forms: launch settings per key-grid width, (block_m, block_n, warps, stages, patch_w), zeros = attention_blocks'
-# default; each one-hot setting (patches, several rows) is timed in both forms of sam_kernels.BIAS_IN_MMA, paired.
+# default; each one-hot setting (patches, several rows) is timed in both forms of sam_kernels.BIAS_IN_MMA, each
+# one-row setting in both forms of sam_kernels.ROW_TERM_IN_MAX, paired.
 # The 1024-px view's 64-wide grid in 8x8 patches is new: with the terms in the accumulator the one-hot steps do less
 # float32 work per score than one key row a step.
 FORM_SETTINGS: dict[int, list[tuple[int, int, int, int, int]]] = {
@@ -310,7 +311,7 @@ def forms_rows(
 def forms_lines(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         "",
-        "## The position terms' two forms (--forms: sam_kernels.BIAS_IN_MMA), the kernel alone",
+        "## The position terms' forms (--forms: sam_kernels.BIAS_IN_MMA, ROW_TERM_IN_MAX), the kernel alone",
         "",
         "One-hot steps (patches, several rows): a, the terms scaled and added after the score product (round 21);",
         "b, the terms as the product's accumulator (BIAS_IN_MMA). One key row a step (rows marked 'row'): a, the",
@@ -467,7 +468,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="also sweep the Triton kernel's launch settings")
     ap.add_argument("--tables", action="store_true", help="only the position tables' forms and settings")
     ap.add_argument(
-        "--forms", action="store_true", help="only the position terms' two forms (BIAS_IN_MMA), paired, kernel alone"
+        "--forms", action="store_true", help="only the position terms' forms (BIAS_IN_MMA, ROW_TERM_IN_MAX), paired"
     )
     ap.add_argument("--ab-rounds", type=int, default=6, help="rounds of --forms' paired rows")
     ap.add_argument("--forms-grids", default="", help="--forms on these key-grid widths only, e.g. 40,48")

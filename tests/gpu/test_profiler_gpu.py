@@ -87,8 +87,8 @@ def profiled_page(
 def _range_edges(trace: Path, name: str, n: int = 4) -> str:
     """Where a range's GPU span comes from, for a failure message: its device-side mirrors (start, duration) and
     the first and last ``n`` device events inside them (µs from the first mirror's start, duration, stream, name).
-    Round 22: the fast prefill's span read ~1.55 ms over its CUDA events in a machine's first test process (twice),
-    and passed when run after a benchmark; what the extra stretch holds was not in the message."""
+    Round 22: the fast prefill's span read ~1.55 ms over its CUDA events in two device calls and agreed in two
+    others (one of them a fresh machine); what the extra stretch holds was not in the message."""
     with gzip.open(trace, "rt") as fh:
         events = json.load(fh)["traceEvents"]
     mirrors = sorted(
@@ -100,10 +100,13 @@ def _range_edges(trace: Path, name: str, n: int = 4) -> str:
         return f"no device-side mirror of {name!r} in the trace"
     t0 = mirrors[0][0]
     inside = sorted(
-        (float(e["ts"]) - t0, float(e.get("dur", 0)), e.get("tid"), str(e.get("name"))[:60])
-        for e in events
-        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
-        and any(s <= float(e["ts"]) <= s + d for s, d in mirrors)
+        (
+            (float(e["ts"]) - t0, float(e.get("dur", 0)), e.get("tid"), str(e.get("name"))[:60])
+            for e in events
+            if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
+            and any(s <= float(e["ts"]) <= s + d for s, d in mirrors)
+        ),
+        key=lambda r: (r[0], r[1]),  # by time only: stream ids need not compare
     )
     rows = [*inside[:n], (float("nan"), 0.0, "...", "..."), *inside[-n:]] if len(inside) > 2 * n else inside
     return f"mirrors {[(round(s - t0, 1), round(d, 1)) for s, d in mirrors]} us; edges " + "; ".join(

@@ -722,9 +722,9 @@ ROW_TERM_IN_MAX: bool = False
 """Staged in round 22, not yet timed on a GPU (off): in the steps of one whole key row (the 1024-px view's global
 blocks and the 14x14 windows), that row's ``rel_h`` term is one number per query, so it shifts the query's whole row
 of the step's scores; with this on it joins the row's running max (one add per query) instead of every score (one
-add per score), and the exponent subtracts the shifted max.  sm_90 TTGIR of the view's 64x64 step: one float32
-add per score fewer (fma, add, add, exp2, max, sum, and the accumulator's rescale become fma, add, exp2, max, sum,
-rescale).  Sums in another order than the default's: equal to float32 rounding, checked against float64 on the CPU.
+add per score), and the exponent subtracts the shifted max.  sm_90 PTX of the view's 64x64 step, per thread: 38
+fused multiply-adds instead of 66, the rest the same (34 exp2, 32 multiplies of the accumulator's rescale).  Sums
+in another order than the default's: equal to float32 rounding, checked against float64 on the CPU.
 ``bench_sam_attention --forms`` pairs it with the default on the one-row settings; ``bench_fast``'s settings part
 flips it on the whole vision."""
 
