@@ -769,10 +769,9 @@ def sam_specs() -> list[tuple[str, dict[str, str], dict[str, Any], int]]:
             consts.update(ROW_PAD=sam_kernels._pow2(b.rows), COL_PAD=sam_kernels._pow2(b.patch_w or grid))
             consts.update(PATCH_W=b.patch_w)
             consts.update(PRECISION="tf32", UPCAST=False, PREFETCH_RH=True, N_DIVISIBLE=grid * grid % 16 == 0)
-            consts.update(sam_kernels._bias_acc(64, grid, grid, b))  # the position terms' form as launched
-            consts.update(ROW_SHIFT=False)
+            consts.update(sam_kernels._term_forms(64, grid, grid, b))  # the position terms' form as launched
             specs.append(("sam_kernels._rel_pos_attention_kernel", sig, consts, b.warps))
-            if b.rows == 1 and not b.patch_w:  # one-row steps also with the row's term in the max (ROW_TERM_IN_MAX)
+            if not b.one_hot:  # one-row steps also with the row's term in the max (ROW_TERM_IN_MAX)
                 specs.append(("sam_kernels._rel_pos_attention_kernel", sig, {**consts, "ROW_SHIFT": True}, b.warps))
     # sam_kernels.TABLES="triton": the two tables' kernel (a program per query row / column) on the same grids
     tables = dict(q_ptr=bf, pos_ptr=bf, out_ptr=bf, s_qb="i32", s_qh="i32", s_qn="i32", HEADS="i32", H="i32", W="i32")

@@ -269,40 +269,27 @@ def forms_rows(
                 n, grid, False, block_m=block_m, block_n=block_n, warps=warps, stages=stages, patch_w=patch_w
             )
             kernel = functools.partial(
-                sam_kernels.attention_kernel, *(q, k, v, th, tw, grid, grid, b.block_m, b.block_n, b.warps, b.stages)
+                sam_kernels.attention_kernel,
+                *(q, k, v, th, tw, grid, grid, b.block_m, b.block_n, b.warps, b.stages, True, b.patch_w),
             )
-            kernel = functools.partial(kernel, True, b.patch_w)
             label = ("default: " if not any((block_m, block_n, warps, stages, patch_w)) else "") + str(b)
+            # the form that applies to these steps: one-hot steps BIAS_IN_MMA, one-row steps ROW_TERM_IN_MAX
+            name = "BIAS_IN_MMA" if b.one_hot else "ROW_TERM_IN_MAX"
 
-            def timed(form: bool, fn: Any = kernel) -> float:
-                with module_setting(sam_kernels, "BIAS_IN_MMA", form):
+            def timed(form: bool, fn: Any = kernel, name: str = name) -> float:
+                with module_setting(sam_kernels, name, form):
                     return graph_ms(fn)
 
             try:
-                if b.rows > 1 or b.patch_w:
-                    with module_setting(sam_kernels, "BIAS_IN_MMA", False):
-                        old = kernel()
+                with module_setting(sam_kernels, name, False):
+                    old = kernel()
+                with module_setting(sam_kernels, name, True):
                     diff = float((kernel().float() - old.float()).abs().max())
-                    ab = paired_ab(functools.partial(timed, False), functools.partial(timed, True), rounds)
-                    rows.append(
-                        dict(view=view, setting=label, a_ms=ab.a_ms, ms=ab.b_ms, tflops=flops / ab.b_ms / 1e9)
-                        | dict(paired=ab.cell(), forms_max_abs_diff=diff)
-                    )
-                else:  # one key row a step: round 21's form (a) vs the row's term in the max (b, ROW_TERM_IN_MAX)
-                    with module_setting(sam_kernels, "ROW_TERM_IN_MAX", False):
-                        old = kernel()
-                    with module_setting(sam_kernels, "ROW_TERM_IN_MAX", True):
-                        diff = float((kernel().float() - old.float()).abs().max())
-
-                    def timed_row(form: bool, fn: Any = kernel) -> float:
-                        with module_setting(sam_kernels, "ROW_TERM_IN_MAX", form):
-                            return graph_ms(fn)
-
-                    ab = paired_ab(functools.partial(timed_row, False), functools.partial(timed_row, True), rounds)
-                    rows.append(
-                        dict(view=view, setting=label, a_ms=ab.a_ms, ms=ab.b_ms, tflops=flops / ab.b_ms / 1e9)
-                        | dict(paired=ab.cell(), forms_max_abs_diff=diff, row_shift=True)
-                    )
+                ab = paired_ab(functools.partial(timed, False), functools.partial(timed, True), rounds)
+                rows.append(
+                    dict(view=view, setting=label, a_ms=ab.a_ms, ms=ab.b_ms, tflops=flops / ab.b_ms / 1e9)
+                    | dict(paired=ab.cell(), forms_max_abs_diff=diff, row_shift=not b.one_hot)
+                )
             except Exception as exc:  # a setting that does not compile is a row, not the end of the run
                 rows.append(dict(view=view, setting=label, error=f"{type(exc).__name__}: {exc}"[:200]))
     return rows
@@ -324,14 +311,12 @@ def forms_lines(rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['view']} | {r['setting']} | failed: {r['error']} | | | | |")
-        elif "a_ms" in r:
-            mark = " (row)" if r.get("row_shift") else ""
+        else:
+            mark = " (row)" if r["row_shift"] else ""
             lines.append(
                 f"| {r['view']} | {r['setting']}{mark} | {r['a_ms']:.4f} | {r['ms']:.4f} | {r['tflops']:.0f} |"
                 f" {r['paired']} | {r['forms_max_abs_diff']:.3g} |"
             )
-        else:
-            lines.append(f"| {r['view']} | {r['setting']} | | {r['ms']:.4f} | {r['tflops']:.0f} | one form | |")
     return lines
 
 

@@ -385,6 +385,12 @@ class Blocks(NamedTuple):
     stages: int
     patch_w: int = 0
 
+    @property
+    def one_hot(self) -> bool:
+        """Whether a step's position terms come from the one-hot products (several key rows or a patch a step);
+        else a step is one whole key row, its ``rel_w`` tile loaded once and its ``rel_h`` one column."""
+        return self.rows > 1 or self.patch_w > 0
+
 
 def _pow2(n: int) -> int:
     return max(16, kernels._pow2(n))  # at least 16: tl.dot's minimum
@@ -696,8 +702,7 @@ def attention_kernel(
         UPCAST=interpreter,
         PREFETCH_RH=prefetch,
         PATCH_W=blocks.patch_w,
-        **_bias_acc(dim, h, w, blocks),
-        ROW_SHIFT=ROW_TERM_IN_MAX and blocks.rows == 1 and not blocks.patch_w,
+        **_term_forms(dim, h, w, blocks),
         num_warps=blocks.warps,
     )
     return out
@@ -735,16 +740,17 @@ flips it on the whole vision."""
 BIAS_AFTER_GRIDS: frozenset[int] = frozenset({48})
 
 
-def _bias_acc(dim: int, h: int, w: int, blocks: Blocks) -> dict[str, object]:
-    """The kernel's :data:`BIAS_IN_MMA` arguments for head size ``dim`` on an ``h``×``w`` key grid in ``blocks``'
-    steps: the form (one-hot steps only, not on :data:`BIAS_AFTER_GRIDS`), the terms' scale (√dim, exact only as a
-    power of two) and whether every key step is full (no padding column, no key row past the grid: no select)."""
+def _term_forms(dim: int, h: int, w: int, blocks: Blocks) -> dict[str, object]:
+    """The kernel's position-term arguments for head size ``dim`` on an ``h``×``w`` key grid in ``blocks``' steps.
+    One-hot steps: the :data:`BIAS_IN_MMA` form (not on :data:`BIAS_AFTER_GRIDS`), the terms' scale (√dim, exact
+    only as a power of two) and whether every key step is full (no padding column, no key row past the grid: no
+    select).  One-row steps: the :data:`ROW_TERM_IN_MAX` form."""
+    row_shift = ROW_TERM_IN_MAX and not blocks.one_hot
     root = math.isqrt(dim)
-    one_hot = blocks.rows > 1 or blocks.patch_w > 0
-    if not BIAS_IN_MMA or not one_hot or w in BIAS_AFTER_GRIDS or root * root != dim or root & (root - 1):
-        return dict(BIAS_ACC=False, FULL=False, BIAS_SCALE=1.0)
+    if not BIAS_IN_MMA or not blocks.one_hot or w in BIAS_AFTER_GRIDS or root * root != dim or root & (root - 1):
+        return dict(BIAS_ACC=False, FULL=False, BIAS_SCALE=1.0, ROW_SHIFT=row_shift)
     full = blocks.rows * (blocks.patch_w or w) == blocks.block_n and h % blocks.rows == 0
-    return dict(BIAS_ACC=True, FULL=full, BIAS_SCALE=float(root))
+    return dict(BIAS_ACC=True, FULL=full, BIAS_SCALE=float(root), ROW_SHIFT=row_shift)
 
 
 if HAVE_TRITON and not INTERPRETED:

@@ -163,19 +163,22 @@ def test_bias_in_mma_arguments_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
     """The accumulator form's launch arguments: one-hot steps only; the terms' scale is √(head size) where that is a
     power of two (64 -> 8, 16 -> 4), round 21's form otherwise (32: √32 is not exact), on BIAS_AFTER_GRIDS (v2's
     48-wide tiles) or when switched off; a step is full only where its rows fill ``block_n`` and divide the grid's
-    height (the 40-wide tiles' 8x8 patches: 8 x 8 = 64, 40 = 5 x 8)."""
-    off = dict(BIAS_ACC=False, FULL=False, BIAS_SCALE=1.0)
+    height (the 40-wide tiles' 8x8 patches: 8 x 8 = 64, 40 = 5 x 8).  ROW_TERM_IN_MAX's shift: one-row steps only."""
+    off = dict(BIAS_ACC=False, FULL=False, BIAS_SCALE=1.0, ROW_SHIFT=False)
     tiles = SK.Blocks(64, 64, 8, 4, 2, 8)
-    assert SK._bias_acc(64, 40, 40, tiles) == dict(BIAS_ACC=True, FULL=True, BIAS_SCALE=8.0)
-    assert SK._bias_acc(16, 40, 40, tiles) == dict(BIAS_ACC=True, FULL=True, BIAS_SCALE=4.0)
-    assert SK._bias_acc(32, 40, 40, tiles) == off
-    assert SK._bias_acc(64, 48, 48, SK.Blocks(128, 64, 8, 8, 3, 8)) == off  # v2's tiles keep round 21's form
-    assert SK._bias_acc(64, 41, 40, tiles)["FULL"] is False  # 41 key rows: the last patch row holds one
-    assert SK._bias_acc(64, 10, 10, SK.Blocks(64, 32, 6, 4, 2, 5))["FULL"] is False  # 6 x 5 = 30 of 32 columns
-    assert SK._bias_acc(64, 4, 16, SK.Blocks(64, 32, 2, 4, 2))["FULL"] is True  # two whole 16-wide rows
-    assert SK._bias_acc(64, 14, 14, SK.Blocks(64, 16, 1, 4, 2)) == off  # one key row a step: the round-21 form
+    assert SK._term_forms(64, 40, 40, tiles) == dict(BIAS_ACC=True, FULL=True, BIAS_SCALE=8.0, ROW_SHIFT=False)
+    assert SK._term_forms(16, 40, 40, tiles) == dict(BIAS_ACC=True, FULL=True, BIAS_SCALE=4.0, ROW_SHIFT=False)
+    assert SK._term_forms(32, 40, 40, tiles) == off
+    assert SK._term_forms(64, 48, 48, SK.Blocks(128, 64, 8, 8, 3, 8)) == off  # v2's tiles keep round 21's form
+    assert SK._term_forms(64, 41, 40, tiles)["FULL"] is False  # 41 key rows: the last patch row holds one
+    assert SK._term_forms(64, 10, 10, SK.Blocks(64, 32, 6, 4, 2, 5))["FULL"] is False  # 6 x 5 = 30 of 32 columns
+    assert SK._term_forms(64, 4, 16, SK.Blocks(64, 32, 2, 4, 2))["FULL"] is True  # two whole 16-wide rows
+    assert SK._term_forms(64, 14, 14, SK.Blocks(64, 16, 1, 4, 2)) == off  # one key row a step: the round-21 form
     monkeypatch.setattr(SK, "BIAS_IN_MMA", False)
-    assert SK._bias_acc(64, 40, 40, tiles) == off
+    assert SK._term_forms(64, 40, 40, tiles) == off
+    monkeypatch.setattr(SK, "ROW_TERM_IN_MAX", True)  # one-row steps only
+    assert SK._term_forms(64, 14, 14, SK.Blocks(64, 16, 1, 4, 2)) == {**off, "ROW_SHIFT": True}
+    assert SK._term_forms(64, 40, 40, tiles) == off
 
 
 def test_row_term_in_max_reaches_one_row_launches_only(monkeypatch: pytest.MonkeyPatch) -> None:
