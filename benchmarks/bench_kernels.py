@@ -88,6 +88,11 @@ from llm_perf_opt.models.deepseek_ocr.kernels import (
 
 CONFIG = Path(__file__).resolve().parents[1] / "src/llm_perf_opt/models/deepseek_ocr/configs/deepseek-ocr.json"
 H100_SMS = 132  # SMs of an H100 SXM (NVIDIA H100 datasheet): the launch shapes --sm90-check compiles
+# Shared memory one block may have on compute capability 9.0 (H100, H200), opt-in: 227 KB (CUDA C++ Programming
+# Guide, "Technical Specifications per Compute Capability"), the limit Triton checks at launch (round 22's GPU suite:
+# "Required: 260096, Hardware limit: 232448").  --sm90-check compares every kernel's compiled need against it, so a
+# launch setting that cannot fit fails on the CPU, not first on a GPU (rounds 21 and 22 each found one there).
+SM90_MAX_SHARED = 232_448
 
 
 @attrs.frozen
@@ -743,10 +748,17 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
 # several rows per 64/128-wide step, or patches of 8 key columns (the tiles in 8×8 patches of 64 keys)
 SAM_GRIDS: tuple[tuple[int, tuple[tuple[int, ...], ...]], ...] = (
     (40, ((64, 128, 4), (128, 128, 8), (64, 64, 4, 8), (128, 64, 8, 8), (128, 128, 8, 8))),
-    (64, ((64, 64, 4, 8),)),  # the 1024-px view in 8x8 patches (round 22's candidate with BIAS_IN_MMA)
+    (64, ((64, 64, 4, 8), (0, 128, 0))),  # the 1024-px view in 8x8 patches (round 22's candidate with BIAS_IN_MMA)
     (14, ((64, 64, 4), (64, 128, 4), (128, 128, 8))),
-    (48, ()),  # v2's 768-px tiles: the default is sam_kernels.BY_GRID's 8x8 patches at 128 queries, 3 stages
+    (48, ((0, 128, 0), (0, 64, 0, 8))),  # v2's 768-px tiles: the default is BY_GRID's 8x8 patches at 128 queries
 )
+# The GPU tests' 256-wide steps (grid, block_n): correctness settings only, never launched by the model (they spill,
+# 248-584 B): compiled with the role "test", so the check holds them to shared memory, not to spills
+SAM_TEST_STEPS: tuple[tuple[int, int], ...] = ((40, 256), (14, 256))
+# ...and one launch that cannot fit, compiled as a probe (its result's role: "probe"): round 22's 256-wide
+# steps of the 40-wide grid at BY_GRID[40]'s three k/v stages, which asked the GPU for 260,096 bytes; the check must
+# see the same need, or its shared-memory figures prove nothing
+SAM_OVER_LIMIT_PROBE = dict(grid=40, block_m=64, block_n=256, warps=4, stages=3)
 SAM_DIVISIBLE = {"s_qb", "s_qh", "s_qn", "s_kb", "s_kh", "s_kn", "s_vb", "s_vh", "s_vn"}
 
 
@@ -760,19 +772,31 @@ def sam_specs() -> list[tuple[str, dict[str, str], dict[str, Any], int]]:
     sig = dict(q_ptr=bf, k_ptr=bf, v_ptr=bf, rh_ptr=bf, rw_ptr=bf, out_ptr=bf)
     sig.update(dict.fromkeys((*sorted(SAM_DIVISIBLE), "N", "HEADS", "KH", "KW"), "i32"), qk_scale="fp32")
     specs = []
+
+    def attention(grid: int, b: sam_kernels.Blocks) -> dict[str, Any]:
+        consts: dict[str, Any] = dict(D=64, BLOCK_M=b.block_m, BLOCK_N=b.block_n, ROWS=b.rows, STAGES=b.stages)
+        consts.update(ROW_PAD=sam_kernels._pow2(b.rows), COL_PAD=sam_kernels._pow2(b.patch_w or grid))
+        consts.update(PATCH_W=b.patch_w)
+        consts.update(PRECISION="tf32", UPCAST=False, PREFETCH_RH=True, N_DIVISIBLE=grid * grid % 16 == 0)
+        consts.update(sam_kernels._term_forms(64, grid, grid, b))  # the position terms' form as launched
+        return consts
+
     for grid, several in SAM_GRIDS:
         for block_m, block_n, warps, *patch in ((0, 0, 0), *several):  # zeros: attention_blocks' default
             b = sam_kernels.attention_blocks(  # the default with sam_kernels.BY_GRID, a candidate as written
                 grid * grid, grid, False, block_m=block_m, block_n=block_n, warps=warps, patch_w=(patch or [0])[0]
             )
-            consts: dict[str, Any] = dict(D=64, BLOCK_M=b.block_m, BLOCK_N=b.block_n, ROWS=b.rows, STAGES=b.stages)
-            consts.update(ROW_PAD=sam_kernels._pow2(b.rows), COL_PAD=sam_kernels._pow2(b.patch_w or grid))
-            consts.update(PATCH_W=b.patch_w)
-            consts.update(PRECISION="tf32", UPCAST=False, PREFETCH_RH=True, N_DIVISIBLE=grid * grid % 16 == 0)
-            consts.update(sam_kernels._term_forms(64, grid, grid, b))  # the position terms' form as launched
+            consts = attention(grid, b)
             specs.append(("sam_kernels._rel_pos_attention_kernel", sig, consts, b.warps))
             if not b.one_hot:  # one-row steps also with the row's term in the max (ROW_TERM_IN_MAX)
                 specs.append(("sam_kernels._rel_pos_attention_kernel", sig, {**consts, "ROW_SHIFT": True}, b.warps))
+    for grid, block_n in SAM_TEST_STEPS:
+        b = sam_kernels.attention_blocks(grid * grid, grid, False, block_n=block_n)
+        specs.append(("sam_kernels._rel_pos_attention_kernel", sig, {**attention(grid, b), "ROLE": "test"}, b.warps))
+    probe = dict(SAM_OVER_LIMIT_PROBE)
+    grid = probe.pop("grid")
+    b = sam_kernels.attention_blocks(grid * grid, grid, False, **probe)
+    specs.append(("sam_kernels._rel_pos_attention_kernel", sig, {**attention(grid, b), "ROLE": "probe"}, b.warps))
     # sam_kernels.TABLES="triton": the two tables' kernel (a program per query row / column) on the same grids
     tables = dict(q_ptr=bf, pos_ptr=bf, out_ptr=bf, s_qb="i32", s_qh="i32", s_qn="i32", HEADS="i32", H="i32", W="i32")
     for grid, _ in SAM_GRIDS:
@@ -823,6 +847,13 @@ def prompt_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[s
         consts.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=kk % bk == 0, EVEN_N=n % bn == 0)
         consts.update(PRECISION="tf32", UPCAST=False, NUM_STAGES=stages)
         specs.append(("prompt_moe._grouped_gemm_kernel", gemm, {**consts, "W_TMA": False}, warps))
+        # a float32 model's launch: the same blocks, the stages fitted to the block's shared memory (fit_stages, as
+        # _launch_gemm does; round 21's four-stage float32 up GEMM asked for 294,912 bytes on the GPU)
+        tile_bytes = (bm * bk + (2 if gather else 1) * bn * bk) * 4
+        f32 = {**gemm, **{arg: "*fp32" for arg in ("a_ptr", "w_ptr", "w_desc", "out_ptr")}}
+        fitted = prompt_moe.fit_stages(stages, tile_bytes, SM90_MAX_SHARED)
+        f32_consts = {**consts, "PRECISION": "ieee", "NUM_STAGES": fitted, "W_TMA": False, "ROLE": "float32"}
+        specs.append(("prompt_moe._grouped_gemm_kernel", f32, f32_consts, warps))
         # prompt_moe.W_TMA: the weight tiles through a tensor descriptor (the launcher passes one of [bn, bk] blocks)
         tma = {**gemm, "w_desc": f"tensordesc<bf16[{bn},{bk}]>"}
         specs.append(("prompt_moe._grouped_gemm_kernel", tma, {**consts, "W_TMA": True}, warps))
@@ -910,13 +941,16 @@ def sm90_check(lang: LanguageConfig) -> list[dict[str, Any]]:
         if constexprs.pop("N_DIVISIBLE", False):
             hinted = {*hinted, "N"}
         stages = constexprs.pop("NUM_STAGES", None)  # a launch option, not a constexpr (Triton's default: 3)
+        # "launch": as the model launches it or a sweep weighs it; "float32": a float32 model's launch, "test": a GPU
+        # test's setting (both correctness paths: they must fit, may spill); "probe": known not to fit
+        role = constexprs.pop("ROLE", "launch")
         attrs_ = {
             (fn.arg_names.index(arg),): [["tt.divisibility", 16]]
             for arg, ty in signature.items()
             if ty.startswith("*") or arg in ("H", "INTER", "V") or arg in hinted
         }
         full = {**signature, **dict.fromkeys(constexprs, "constexpr")}
-        res: dict[str, Any] = {"kernel": name, "constexprs": constexprs, "num_warps": num_warps}
+        res: dict[str, Any] = {"kernel": name, "constexprs": constexprs, "num_warps": num_warps, "role": role}
         try:
             compiled = triton.compile(
                 ASTSource(fn, full, constexprs, attrs_),
@@ -978,6 +1012,16 @@ def sm90_check(lang: LanguageConfig) -> list[dict[str, Any]]:
             )
         results.append(res)
     return results
+
+
+def over_limit(result: dict[str, Any]) -> str:
+    """A compiled kernel's note on its shared memory: '' when it fits :data:`SM90_MAX_SHARED`, else how far over
+    (and, for the probe, that this was expected)."""
+    need = result.get("shared_bytes") or 0
+    if need <= SM90_MAX_SHARED:
+        return ""
+    expected = ": the probe, as expected" if result.get("role") == "probe" else ""
+    return f" (OVER the {SM90_MAX_SHARED:,} B limit{expected})"
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -1380,8 +1424,9 @@ def main() -> None:
             print(json.dumps(results))
             return
         for r in results:
-            status = (
-                r["error"][:200] or f"{r['registers']} regs, {r['spill_bytes']} B spilled, {r['v4_loads']} v4 loads"
+            status = r["error"][:200] or (
+                f"{r['registers']} regs, {r['spill_bytes']} B spilled, {r['v4_loads']} v4 loads, "
+                f"{r['shared_bytes']:,} B shared{over_limit(r)}"
             )
             print(f"{r['kernel']:24s} {json.dumps(r['constexprs'])}: {status}")
         return

@@ -1374,9 +1374,33 @@ def test_compiles_for_sm90(sm90: list[dict[str, Any]]) -> None:
     assert kernels >= {"_pick_partial_kernel", "_pick_final_kernel"}
     for r in sm90:
         assert not r["error"], (r["kernel"], r["error"])
+        if r["role"] != "launch":  # a float32 model's, a GPU test's or the probe's setting: held to shared memory
+            continue
         assert r["spill_bytes"] in (0, None), r  # None: this Triton's ptxas was not found (cubin still built)
         if r["kernel"] in STREAMING:  # 16-byte loads, or 16-byte async copies where the loop is pipelined
             assert r["v4_loads"] > 0 or (r["constexprs"].get("STAGES") and r["cp_async_16"] > 0), r
+
+
+def test_every_launch_fits_a_blocks_shared_memory_on_sm90(sm90: list[dict[str, Any]]) -> None:
+    """Every kernel as launched (bf16 and a float32 model's grouped GEMMs, SAM's settings and the GPU tests' wide
+    steps) needs at most the 232,448 bytes of shared memory a block may have on an H100 / H200, so a launch setting
+    that cannot fit fails here, not first on a GPU (round 21: the float32 up GEMM at four stages asked for 294,912
+    bytes; round 22: 256-wide SAM steps at three stages, 260,096).  The probe, round 22's launch rebuilt, must read
+    over the limit: the oracle is the GPU's own refusal, so a check blind to it proves nothing."""
+    from benchmarks.bench_kernels import SM90_MAX_SHARED
+
+    assert SM90_MAX_SHARED == 227 * 1024  # compute capability 9.0's opt-in maximum per block (CUDA guide)
+    probes = [r for r in sm90 if r["role"] == "probe"]
+    assert len(probes) == 1 and probes[0]["shared_bytes"] > SM90_MAX_SHARED, probes
+    float32 = [r for r in sm90 if r["role"] == "float32"]
+    assert {r["constexprs"]["GATHER"] for r in float32} == {True, False}, float32  # the up and the down GEMM
+    assert {(r["constexprs"]["BLOCK_N"], r["constexprs"]["ROWS"]) for r in sm90 if r["role"] == "test"} == {
+        (256, 6),
+        (256, 14),
+    }
+    over = [(r["kernel"], r["constexprs"], r["shared_bytes"]) for r in sm90 if r["role"] != "probe"]
+    over = [o for o in over if o[2] is None or o[2] > SM90_MAX_SHARED]
+    assert not over, over
 
 
 def test_sam_attention_compiles_without_spills_for_sm90(sm90: list[dict[str, Any]]) -> None:
@@ -1398,7 +1422,8 @@ def test_sam_attention_compiles_without_spills_for_sm90(sm90: list[dict[str, Any
     shifted = {r["constexprs"]["BLOCK_N"] for r in rows if r["constexprs"].get("ROW_SHIFT")}
     assert shifted >= {16, 64}, shifted
     for r in rows:
-        assert not r["error"] and r["spill_bytes"] in (0, None), r
+        assert not r["error"], r
+        assert r["role"] != "launch" or r["spill_bytes"] in (0, None), r  # the GPU tests' 256-wide steps spill
         assert r["cp_async_16"] > 0, r
 
 
@@ -1514,7 +1539,9 @@ def test_prompt_kernels_compile_pipelined_for_sm90(sm90: list[dict[str, Any]]) -
         "prompt_attention._prompt_attention_kernel",
     }
     for r in rows:
-        assert not r["error"] and r["spill_bytes"] in (0, None), r
+        assert not r["error"], r
+        # a float32 model's grouped GEMM (at the bf16 blocks, fewer stages) spills: a correctness path
+        assert r["role"] == "float32" or r["spill_bytes"] in (0, None), r
         if r["kernel"].endswith(("_grouped_gemm_kernel", "_prompt_attention_kernel")):
             assert r["cp_async_16"] > 0, r
     # prompt_moe.W_TMA: the weight tiles come through TMA copies (the gathered A rows keep their async copies);
