@@ -42,7 +42,8 @@ def render_operators(s: RunSummary) -> str:
         lines.append("## Cross-check: CUDA-event stage times vs the trace's GPU timeline\n")
         lines.append(
             "Our CUDA events (recorded on the stream at stage edges) against the same ranges' extent on the "
-            "trace's GPU timeline; kernel busy = Σ kernel time inside the range (busy ÷ span = GPU utilisation). "
+            "trace's GPU timeline (the union over the streams the range's work ran on); kernel busy = the time at "
+            "least one kernel was running inside the range (busy ÷ span = GPU utilisation). "
             "The GPU span starts at the range's first kernel, the events at the moment the host enqueued the "
             "marker: for ranges shorter than a kernel launch (the projector) the difference is launch latency, "
             "not an error.\n"
@@ -67,7 +68,8 @@ def render_operators(s: RunSummary) -> str:
     if p.range_ms:
         lines.append("## Named ranges in the pass\n")
         lines.append(
-            "Host: inclusive wall time of the range on the host. GPU span: the range's extent on the GPU timeline "
+            "Host: inclusive wall time of the range on the host. GPU span: the range's extent on the GPU timeline, "
+            "over every stream it ran on "
             "(CUDA runs only; n/a on CPU, where there is no device timeline).\n"
         )
         names = sorted(set(p.range_ms) | set(p.range_device_ms))

@@ -307,6 +307,32 @@ def test_range_device_spans_from_the_trace() -> None:
     assert torch_profiler.trace_ranges_device_ms(events) == {"sam": pytest.approx(2.0), "decode": pytest.approx(0.25)}
 
 
+def test_a_range_on_two_streams_spans_the_union_of_its_mirrors(tmp_path: Path) -> None:
+    """Kineto writes one device-side mirror per range and *stream*: the fast prefill's side-stream work gave a second,
+    overlapping "prefill" mirror, and adding the two read 17.7 ms against 16.2 ms of CUDA events (round 22).  The
+    span is their union (hand-computed below); occurrences one after another still add up."""
+    events = [
+        # prefill on the main stream (tid 7) and, inside it, 1.55 ms on a side stream (tid 9)
+        {"cat": "gpu_user_annotation", "name": "prefill", "ts": 0, "dur": 16_000, "pid": 0, "tid": 7},
+        {"cat": "gpu_user_annotation", "name": "prefill", "ts": 2_000, "dur": 1_550, "pid": 0, "tid": 9},
+        # SAM: the tiles on stream 7 (0-1000) and 9 (800-1500, overlapping), then the global view (3000-3500)
+        {"cat": "gpu_user_annotation", "name": "sam", "ts": 0, "dur": 1_000, "pid": 0, "tid": 7},
+        {"cat": "gpu_user_annotation", "name": "sam", "ts": 800, "dur": 700, "pid": 0, "tid": 9},
+        {"cat": "gpu_user_annotation", "name": "sam", "ts": 3_000, "dur": 500, "pid": 0, "tid": 7},
+        # two kernels at once on the two streams inside SAM's first stretch: busy 100-400 = 300 µs, not 200 + 200
+        {"cat": "kernel", "name": "a", "ts": 100, "dur": 200, "pid": 0, "tid": 7},
+        {"cat": "kernel", "name": "b", "ts": 200, "dur": 200, "pid": 0, "tid": 9},
+        {"cat": "kernel", "name": "c", "ts": 3_100, "dur": 100, "pid": 0, "tid": 7},
+    ]
+    assert torch_profiler.trace_ranges_device_ms(events) == {"prefill": pytest.approx(16.0), "sam": pytest.approx(2.0)}
+    path = tmp_path / "trace.json.gz"
+    with gzip.open(path, "wt") as fh:
+        json.dump({"traceEvents": events}, fh)
+    out = torch_profiler.gpu_ranges_ms(path)
+    assert out["prefill"] == (pytest.approx(16.0), pytest.approx(0.4))  # a-b's union 0.3 + c 0.1
+    assert out["sam"] == (pytest.approx(2.0), pytest.approx(0.4))
+
+
 def test_overlapping_kernels_on_a_stream_count_from_the_end_of_the_one_before() -> None:
     """Programmatic dependent launches: a kernel's programs start (and wait) while the one before it on the
     stream finishes.  Hand-made trace on stream 7: a [1000, 1050), b [1040, 1070) (10 µs inside a), c [1065, 1070)
