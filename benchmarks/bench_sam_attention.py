@@ -242,7 +242,9 @@ FORM_SETTINGS: dict[int, list[tuple[int, int, int, int, int]]] = {
     40: [(0, 0, 0, 0, 0), (128, 64, 8, 3, 8), (128, 64, 4, 2, 8), (64, 64, 4, 3, 8), (64, 64, 8, 2, 8)],
     64: [(0, 0, 0, 0, 0), (64, 64, 4, 2, 8), (128, 64, 8, 3, 8), (128, 64, 4, 2, 8), (64, 128, 4, 2, 8)],
     48: [(0, 0, 0, 0, 0), (64, 64, 4, 2, 8), (128, 64, 8, 2, 8), (128, 64, 4, 3, 8), (64, 64, 4, 3, 8)],
-    14: [(0, 0, 0, 0, 0), (64, 64, 4, 2, 0), (64, 32, 4, 2, 0)],
+    # the windows: also a whole 14x14 window in one 256-wide step at 8 warps and one stage (nothing to pipeline: 255
+    # registers, no spill for sm_90, where 4 warps or 2 stages spill 72-184 B), and 9 rows a 128-wide step at 8 warps
+    14: [(0, 0, 0, 0, 0), (64, 64, 4, 2, 0), (64, 32, 4, 2, 0), (64, 256, 8, 1, 0), (64, 128, 8, 2, 0)],
 }
 
 
