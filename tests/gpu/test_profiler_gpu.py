@@ -89,8 +89,9 @@ def _range_edges(trace: Path, name: str, n: int = 4) -> str:
     the first and last ``n`` device events inside them (µs from the first mirror's start, duration, stream, name).
     Round 22: the fast prefill's span read ~1.55 ms over its CUDA events in two device calls and agreed in two
     others (one of them a fresh machine).  Round 23 (no GPU): Kineto writes one mirror per range *and stream*, and
-    the span added the mirrors' lengths, so work on a second stream was counted twice; the span is now their union
-    (``torch_profiler._range_intervals``).  The mirrors listed here show whether a failure still has another cause."""
+    the span added the mirrors' lengths, so work on a second stream was counted twice; an occurrence's span is now
+    the union of its mirrors (``torch_profiler._range_occurrences``).  The mirrors listed here show whether a
+    failure still has another cause."""
     with gzip.open(trace, "rt") as fh:
         events = json.load(fh)["traceEvents"]
     mirrors = sorted(

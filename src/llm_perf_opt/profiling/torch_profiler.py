@@ -307,26 +307,40 @@ def _merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return out
 
 
-def _range_intervals(events: list[dict[str, Any]], names: tuple[str, ...]) -> dict[str, list[tuple[float, float]]]:
-    """Per named range, the GPU-timeline intervals (µs) its device-side mirrors cover, merged.
+def _range_occurrences(
+    events: list[dict[str, Any]], names: tuple[str, ...]
+) -> dict[str, list[list[tuple[float, float]]]]:
+    """Per named range, its occurrences' GPU-timeline intervals (µs): one merged list per host occurrence.
 
-    Kineto writes one mirror (``gpu_user_annotation``) per range occurrence *per stream* (its user-event map is
-    keyed by device and stream): a range whose work runs on two streams at once (the fast prefill's two view chains,
-    its shared experts' stream) has two overlapping mirrors.  Adding their lengths counted the overlap twice (round
-    22's GPU suite: a prefill span of 17.7 ms against 16.2 ms of CUDA events); their union is the range's extent.
-    Occurrences one after another (SAM on the tiles, then on the global view) still add up: disjoint intervals."""
-    spans: dict[str, list[tuple[float, float]]] = {}
-    for e in events:
+    Kineto writes one device-side mirror (``gpu_user_annotation``) per host occurrence *and stream*: its user-event
+    map is keyed by device and stream, and the mirror carries the host occurrence's ``External id``.  One occurrence
+    whose work runs on two streams at once (the fast prefill: the global view's chain, the shared experts' stream)
+    has two overlapping mirrors; adding their lengths counted the overlap twice (round 22's GPU suite: a prefill span
+    of 17.7 ms against 16.2 ms of CUDA events).  So the mirrors of one occurrence are merged into their union, and
+    occurrences stay apart: summed, as a CUDA-event pair around each of them is (SAM on the tiles' chain and on the
+    global view's is two occurrences, each timed by its own hook).  A mirror without an ``External id`` is an
+    occurrence of its own."""
+    groups: dict[tuple[str, object], list[tuple[float, float]]] = {}
+    for i, e in enumerate(events):
         if e.get("cat") == "gpu_user_annotation" and e.get("name") in names:
             start = float(e["ts"])
-            spans.setdefault(e["name"], []).append((start, start + float(e.get("dur", 0))))
-    return {name: _merged(intervals) for name, intervals in spans.items()}
+            occurrence = (e.get("args") or {}).get("External id", ("no id", i))
+            groups.setdefault((e["name"], occurrence), []).append((start, start + float(e.get("dur", 0))))
+    out: dict[str, list[list[tuple[float, float]]]] = {}
+    for (name, _), intervals in groups.items():
+        out.setdefault(name, []).append(_merged(intervals))
+    return out
+
+
+def _length(intervals: list[tuple[float, float]]) -> float:
+    return sum(end - start for start, end in intervals)
 
 
 def trace_ranges_device_ms(events: list[dict[str, Any]], names: tuple[str, ...] = RANGE_NAMES) -> dict[str, float]:
-    """GPU-timeline span (ms) of each named range: the length of the union of its device-side mirrors, over every
-    stream and occurrence (:func:`_range_intervals`)."""
-    return {name: sum(end - start for start, end in iv) / 1e3 for name, iv in _range_intervals(events, names).items()}
+    """GPU-timeline span (ms) of each named range: per host occurrence the union of its device-side mirrors over the
+    streams it ran on, summed over occurrences (:func:`_range_occurrences`)."""
+    occurrences = _range_occurrences(events, names)
+    return {name: sum(_length(iv) for iv in occ) / 1e3 for name, occ in occurrences.items()}
 
 
 def run_profiler_pass(
@@ -393,18 +407,21 @@ def run_profiler_pass(
 def gpu_ranges_ms(trace_gz: Path, names: tuple[str, ...] = RANGE_NAMES) -> dict[str, tuple[float, float]]:
     """Per named range: (GPU-side span, kernel busy time inside it) in ms.
 
-    The span is the union of the range's device-side mirrors over streams and occurrences (what a CUDA-event pair
-    on the stream measures; :func:`_range_intervals`).  The busy time is how long at least one kernel that lies
-    wholly inside that union was running (concurrent kernels on two streams count once), so busy / span is the GPU
-    utilisation and never exceeds 1.
+    The span is per host occurrence the union of the range's device-side mirrors over the streams it ran on, summed
+    over occurrences (what a CUDA-event pair around each occurrence measures; :func:`_range_occurrences`).  The busy
+    time is, per occurrence, how long at least one kernel lying wholly inside its span was running (concurrent
+    kernels on two streams count once), so busy / span is the GPU utilisation and never exceeds 1.
     """
     with gzip.open(trace_gz, "rt") as fh:
         trace = json.load(fh)
     events = trace.get("traceEvents", [])
     kernels = [(float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))) for e in events if e.get("cat") == "kernel"]
     out: dict[str, tuple[float, float]] = {}
-    for name, intervals in _range_intervals(events, names).items():
-        inside = [(k0, k1) for k0, k1 in kernels if any(r0 <= k0 and k1 <= r1 for r0, r1 in intervals)]
-        busy = sum(k1 - k0 for k0, k1 in _merged(inside))
-        out[name] = (sum(r1 - r0 for r0, r1 in intervals) / 1e3, busy / 1e3)
+    for name, occurrences in _range_occurrences(events, names).items():
+        span = busy = 0.0
+        for intervals in occurrences:
+            inside = [(k0, k1) for k0, k1 in kernels if any(r0 <= k0 and k1 <= r1 for r0, r1 in intervals)]
+            span += _length(intervals)
+            busy += _length(_merged(inside))
+        out[name] = (span / 1e3, busy / 1e3)
     return out

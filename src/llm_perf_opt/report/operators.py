@@ -42,7 +42,8 @@ def render_operators(s: RunSummary) -> str:
         lines.append("## Cross-check: CUDA-event stage times vs the trace's GPU timeline\n")
         lines.append(
             "Our CUDA events (recorded on the stream at stage edges) against the same ranges' extent on the "
-            "trace's GPU timeline (the union over the streams the range's work ran on); kernel busy = the time at "
+            "trace's GPU timeline (per occurrence the union over the streams its work ran on, occurrences summed "
+            "as the events are); kernel busy = the time at "
             "least one kernel was running inside the range (busy ÷ span = GPU utilisation). "
             "The GPU span starts at the range's first kernel, the events at the moment the host enqueued the "
             "marker: for ranges shorter than a kernel launch (the projector) the difference is launch latency, "

@@ -342,8 +342,8 @@ class ProfileSummary:
     range_ms: dict[str, float] = attrs.field(factory=dict)  # host wall time of each named range
     trace_file: str | None = None
     range_checks: list[RangeCheck] = attrs.field(factory=list)
-    # GPU-timeline span of each named range (CUDA only): the union of the host range's device-side mirrors, one
-    # per stream and occurrence (overlapping streams counted once)
+    # GPU-timeline span of each named range (CUDA only): per host occurrence the union of its device-side mirrors
+    # (one per stream), summed over occurrences
     range_device_ms: dict[str, float] = attrs.field(factory=dict)
     kernels: KernelAttribution | None = None
     kernels_reason: str | None = None  # why ``kernels`` is absent

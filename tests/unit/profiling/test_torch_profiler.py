@@ -308,29 +308,39 @@ def test_range_device_spans_from_the_trace() -> None:
 
 
 def test_a_range_on_two_streams_spans_the_union_of_its_mirrors(tmp_path: Path) -> None:
-    """Kineto writes one device-side mirror per range and *stream*: the fast prefill's side-stream work gave a second,
-    overlapping "prefill" mirror, and adding the two read 17.7 ms against 16.2 ms of CUDA events (round 22).  The
-    span is their union (hand-computed below); occurrences one after another still add up."""
+    """Kineto writes one device-side mirror per host occurrence (its ``External id``) and *stream*: the fast
+    prefill's side-stream work gave a second, overlapping "prefill" mirror, and adding the two read 17.7 ms against
+    16.2 ms of CUDA events (round 22).  One occurrence spans the union of its mirrors; occurrences add up, as a
+    CUDA-event pair around each of them does, even where two run at once (SAM on two view chains, each timed by its
+    own hook).  Every figure below by hand."""
+
+    def mirror(name: str, ts: int, dur: int, tid: int, occurrence: int | None) -> dict[str, object]:
+        args = {} if occurrence is None else {"args": {"External id": occurrence}}
+        return {"cat": "gpu_user_annotation", "name": name, "ts": ts, "dur": dur, "pid": 0, "tid": tid, **args}
+
     events = [
-        # prefill on the main stream (tid 7) and, inside it, 1.55 ms on a side stream (tid 9)
-        {"cat": "gpu_user_annotation", "name": "prefill", "ts": 0, "dur": 16_000, "pid": 0, "tid": 7},
-        {"cat": "gpu_user_annotation", "name": "prefill", "ts": 2_000, "dur": 1_550, "pid": 0, "tid": 9},
-        # SAM: the tiles on stream 7 (0-1000) and 9 (800-1500, overlapping), then the global view (3000-3500)
-        {"cat": "gpu_user_annotation", "name": "sam", "ts": 0, "dur": 1_000, "pid": 0, "tid": 7},
-        {"cat": "gpu_user_annotation", "name": "sam", "ts": 800, "dur": 700, "pid": 0, "tid": 9},
-        {"cat": "gpu_user_annotation", "name": "sam", "ts": 3_000, "dur": 500, "pid": 0, "tid": 7},
-        # two kernels at once on the two streams inside SAM's first stretch: busy 100-400 = 300 µs, not 200 + 200
+        # prefill (one occurrence) on the main stream (tid 7) and, inside it, 1.55 ms on a side stream (tid 9)
+        mirror("prefill", 0, 16_000, 7, 1),
+        mirror("prefill", 2_000, 1_550, 9, 1),
+        # SAM on the tiles' chain (stream 7, 0-1000) and on the global view's (stream 9, 800-1500): two occurrences
+        mirror("sam", 0, 1_000, 7, 10),
+        mirror("sam", 800, 700, 9, 11),
+        # mirrors without an External id: each an occurrence of its own
+        mirror("decode", 9_000, 250, 7, None),
+        mirror("decode", 9_100, 100, 9, None),
+        # two kernels at once on the two streams: busy 100-400 = 300 µs, not 200 + 200
         {"cat": "kernel", "name": "a", "ts": 100, "dur": 200, "pid": 0, "tid": 7},
         {"cat": "kernel", "name": "b", "ts": 200, "dur": 200, "pid": 0, "tid": 9},
         {"cat": "kernel", "name": "c", "ts": 3_100, "dur": 100, "pid": 0, "tid": 7},
     ]
-    assert torch_profiler.trace_ranges_device_ms(events) == {"prefill": pytest.approx(16.0), "sam": pytest.approx(2.0)}
+    spans = torch_profiler.trace_ranges_device_ms(events)
+    assert spans == {"prefill": pytest.approx(16.0), "sam": pytest.approx(1.7), "decode": pytest.approx(0.35)}
     path = tmp_path / "trace.json.gz"
     with gzip.open(path, "wt") as fh:
         json.dump({"traceEvents": events}, fh)
     out = torch_profiler.gpu_ranges_ms(path)
     assert out["prefill"] == (pytest.approx(16.0), pytest.approx(0.4))  # a-b's union 0.3 + c 0.1
-    assert out["sam"] == (pytest.approx(2.0), pytest.approx(0.4))
+    assert out["sam"] == (pytest.approx(1.7), pytest.approx(0.3))  # a-b inside the tiles' chain, nothing in 800-1500
 
 
 def test_overlapping_kernels_on_a_stream_count_from_the_end_of_the_one_before() -> None:
