@@ -9,7 +9,7 @@ allows it; the host loop finishes whatever is left (everything, when the device 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import torch
@@ -18,6 +18,10 @@ from llm_perf_opt.errors import RunInterrupted
 from llm_perf_opt.models.deepseek_ocr.generation import NoRepeatNGram
 from llm_perf_opt.profiling.ranges import RangeMarker
 from llm_perf_opt.profiling.timers import DeviceClock
+
+if TYPE_CHECKING:
+    from llm_perf_opt.models.deepseek_ocr.fast import FastModel
+    from llm_perf_opt.models.deepseek_ocr.protocol import OCRModel
 
 
 @attrs.define
@@ -44,7 +48,7 @@ def _interrupted(page_id: str, n: int) -> RunInterrupted:
 
 
 def decode_on_device(
-    model: Any,
+    model: FastModel,
     cache: Any,
     prompt_ids: torch.Tensor,
     state: DecodeState,
@@ -76,7 +80,7 @@ def decode_on_device(
 
 
 def decode_on_host(
-    model: Any,
+    model: OCRModel,
     cache: Any,
     state: DecodeState,
     max_new_tokens: int,

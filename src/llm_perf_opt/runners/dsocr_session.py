@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import torch
@@ -30,6 +30,7 @@ from llm_perf_opt.errors import ConfigError
 from llm_perf_opt.models.deepseek_ocr import weights
 from llm_perf_opt.models.deepseek_ocr.generation import NoRepeatNGram
 from llm_perf_opt.models.deepseek_ocr.kv_cache import StaticKVCache
+from llm_perf_opt.models.deepseek_ocr.protocol import OCRModel
 from llm_perf_opt.models.deepseek_ocr.weights import resolve_device
 from llm_perf_opt.profiling.hooks import StageHooks
 from llm_perf_opt.profiling.ranges import RangeMarker
@@ -42,6 +43,9 @@ from llm_perf_opt.runners.page_record import PageMeasurements, PageRun, build_pa
 from llm_perf_opt.runners.settings import InferSettings, RunSettings
 
 __all__ = ["DeepSeekOCRSession", "PageRun", "resolve_device"]
+
+if TYPE_CHECKING:
+    from llm_perf_opt.models.deepseek_ocr.fast import FastModel
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +79,17 @@ class DeepSeekOCRSession:
         from llm_perf_opt.profiling.hooks import module_named
 
         self.backend = backend
-        self.model: Any = backend.model
+        # the model the page runs through: the backend's, or on the fast path its wrapper (``fast_model``, the same
+        # object, for what only the fast path has: its decoder, kernels, graph-capture errors, fallbacks)
+        self.model: OCRModel = backend.model
+        self.fast_model: FastModel | None = None
         self.device = device
         self.dtype = dtype
         self.infer = infer
         self.clock = DeviceClock(device)
         self.ranges = RangeMarker(use_nvtx=use_nvtx and device.type == "cuda")
         self.hooks = StageHooks(
-            {name: module_named(self.model, dotted) for name, dotted in backend.hook_targets.items()},
+            {name: module_named(backend.model, dotted) for name, dotted in backend.hook_targets.items()},
             self.clock,
             self.ranges,
         )
@@ -109,7 +116,7 @@ class DeepSeekOCRSession:
         # the fast path's switches (None: eager); device-adjusted already (RunSettings.resolved)
         self.fast = infer.fast.switches if infer.fast.enabled else None
         if self.fast is not None:
-            self.model = backend.fast_model(self.fast)
+            self.model = self.fast_model = backend.fast_model(self.fast)
         # the no-repeat-ngram rule: the reference's (HF, whole sequence) or vLLM's (window, exempt ids, output)
         self.ngram_rule = infer.ngram_rule
         self.prompt = prompt
@@ -130,16 +137,16 @@ class DeepSeekOCRSession:
     def optimisations(self) -> dict[str, bool]:
         """What the report lists as active: the eager path always has the static, preallocated KV cache; on the
         fast path every boolean switch of FastConfig, the Triton decode kernels and CLIP's Triton attention."""
-        f = self.fast
+        f, fast = self.fast, self.fast_model
         out = {"static_kv_cache": not self.backend.owns_kv_cache}
-        if f is None:
+        if f is None or fast is None:
             out.update(grouped_moe=False, fused_qkv=False, cuda_graphs=False)
             return out
         out.update({k: v for k, v in attrs.asdict(f).items() if isinstance(v, bool)})
-        out["decode_kernels_triton"] = self.model.decode_kernels == "triton"  # what runs (CPU: torch)
-        vision = getattr(self.model, "vision", None)  # a model without CLIP (DeepSeek-OCR-2) has no merged form
-        out["clip_merged_views"] = bool(f.clip_merged_views and getattr(vision, "merges_views", False))
-        out["clip_attention_triton"] = getattr(vision, "clip_attention", None) == "triton"  # what runs (CPU: SDPA)
+        out["decode_kernels_triton"] = fast.decode_kernels == "triton"  # what runs (CPU: torch)
+        vision = fast.vision  # DeepSeek-OCR-2's encoder: no merged form, no CLIP attention (None)
+        out["clip_merged_views"] = bool(f.clip_merged_views and vision.merges_views)
+        out["clip_attention_triton"] = vision.clip_attention == "triton"  # what runs (CPU: SDPA)
         return out
 
     def _setup_count(self) -> int:
@@ -149,14 +156,14 @@ class DeepSeekOCRSession:
     def _page_cache(self, needed: int, reserve: int | None = None) -> Any:
         """A KV cache for ``needed`` positions: the backend's per page (eager), or one reused bucketed cache
         (fast) sized for at least ``reserve`` positions."""
-        if self.fast is None:
+        if self.fast_model is None:
             return self.backend.new_cache(needed)
         if self._cache is None or self._cache.max_len < needed:
             want = max(needed, reserve or 0)
             bucket = -(-want // 256) * 256  # keep the slack small: the torch decode step attends over all of it
             self._cache = StaticKVCache.for_model(self.model, batch=1, max_len=bucket)
         self._cache.reset()
-        self.model.decoder_for(self._cache, self._device_ngram()).prepare()
+        self.fast_model.decoder_for(self._cache, self._device_ngram()).prepare()
         return self._cache
 
     def _device_ngram(self) -> NoRepeatNGram | None:
@@ -280,7 +287,8 @@ class DeepSeekOCRSession:
                 hint="set infer.batch_size=1",
             )
         if self._batched is None:
-            self._batched = BatchedGenerator(self.model, clock=self.clock)
+            target = self.fast_model if self.fast_model is not None else self.backend.model
+            self._batched = BatchedGenerator(target, clock=self.clock)
         return self._batched
 
     def warm_batched_vision(self, prepared: list[Any]) -> int:
@@ -410,9 +418,15 @@ class DeepSeekOCRSession:
             pre = self._prefill(prepared, cache, state, choose)
             with self.ranges.range("decode"):
                 device_ngram = self._device_ngram()
-                if device_ngram is not None and len(state.generated) < cap and not done(state.last):
+                fast = self.fast_model
+                if (
+                    device_ngram is not None
+                    and fast is not None
+                    and len(state.generated) < cap
+                    and not done(state.last)
+                ):
                     decode_on_device(
-                        self.model, cache, pre.ids, state, cap - 1, device_ngram,
+                        fast, cache, pre.ids, state, cap - 1, device_ngram,
                         None if ignore_eos else eos_id, self.clock, page.page_id, should_stop,
                     )  # fmt: skip
                 # the host loop: every step when tokens are picked on the host (nothing left after the device loop)

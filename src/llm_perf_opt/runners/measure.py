@@ -110,7 +110,7 @@ def compute_efficiency(
 def graph_capture_notes(session: DeepSeekOCRSession) -> list[str]:
     """One note per fast-path part whose CUDA-graph capture failed: it ran un-graphed, so its times are not the
     graphed path's (the Setup table lists the switches as configured, not what ran)."""
-    errors = session.model.graph_capture_errors() if session.fast is not None else {}
+    errors = session.fast_model.graph_capture_errors() if session.fast_model is not None else {}
     return [
         f"CUDA-graph capture failed for the {part} ({why[:300]}): it ran un-graphed, so its times include the"
         " launch overhead a graph removes"
@@ -121,7 +121,7 @@ def graph_capture_notes(session: DeepSeekOCRSession) -> list[str]:
 def fallback_notes(session: DeepSeekOCRSession) -> list[str]:
     """One note per configured fast-path switch that did not apply on this GPU, and why (the Setup table lists
     the switches as configured)."""
-    fallbacks = session.model.fallbacks() if session.fast is not None else {}
+    fallbacks = session.fast_model.fallbacks() if session.fast_model is not None else {}
     return [f"infer.fast.{switch} was configured but did not apply: {why[:300]}" for switch, why in fallbacks.items()]
 
 

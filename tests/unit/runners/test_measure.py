@@ -44,12 +44,12 @@ def test_failed_graph_captures_become_report_notes() -> None:
     from llm_perf_opt.runners.measure import graph_capture_notes
 
     errors = {"decode step": "RuntimeError: operation not permitted when stream is capturing"}
-    fast = SimpleNamespace(fast=object(), model=SimpleNamespace(graph_capture_errors=lambda: errors))
+    fast = SimpleNamespace(fast=object(), fast_model=SimpleNamespace(graph_capture_errors=lambda: errors))
     (note,) = graph_capture_notes(fast)  # type: ignore[arg-type]
     assert note.startswith("CUDA-graph capture failed for the decode step (RuntimeError: operation not permitted")
     assert "ran un-graphed" in note
-    clean = SimpleNamespace(fast=object(), model=SimpleNamespace(graph_capture_errors=dict))
-    eager = SimpleNamespace(fast=None, model=None)
+    clean = SimpleNamespace(fast=object(), fast_model=SimpleNamespace(graph_capture_errors=dict))
+    eager = SimpleNamespace(fast=None, fast_model=None)
     assert graph_capture_notes(clean) == [] and graph_capture_notes(eager) == []  # type: ignore[arg-type]
 
 
@@ -79,11 +79,11 @@ def test_switches_that_did_not_apply_become_report_notes() -> None:
     from llm_perf_opt.runners.measure import fallback_notes
 
     why = {"pdl": "infer.fast.pdl needs an sm_90+ GPU (Hopper: programmatic dependent launches); this one is sm_80"}
-    fast = SimpleNamespace(fast=object(), model=SimpleNamespace(fallbacks=lambda: why))
+    fast = SimpleNamespace(fast=object(), fast_model=SimpleNamespace(fallbacks=lambda: why))
     (note,) = fallback_notes(fast)  # type: ignore[arg-type]
     assert note == f"infer.fast.pdl was configured but did not apply: {why['pdl']}"
-    clean = SimpleNamespace(fast=object(), model=SimpleNamespace(fallbacks=dict))
-    eager = SimpleNamespace(fast=None, model=None)
+    clean = SimpleNamespace(fast=object(), fast_model=SimpleNamespace(fallbacks=dict))
+    eager = SimpleNamespace(fast=None, fast_model=None)
     assert fallback_notes(clean) == [] and fallback_notes(eager) == []  # type: ignore[arg-type]
 
 

@@ -19,7 +19,7 @@ from llm_perf_opt.errors import ConfigError
 
 if TYPE_CHECKING:
     from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig
-    from llm_perf_opt.models.deepseek_ocr.fast import FastConfig
+    from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, FastModel
     from llm_perf_opt.models.deepseek_ocr.preprocess import PreprocessConfig
     from llm_perf_opt.runners.settings import ModelSettings
 
@@ -77,7 +77,7 @@ class Backend(abc.ABC):
 
         return preprocess_page(image, self.preprocess_cfg, self.config, text_ids, uint8=uint8)
 
-    def fast_model(self, switches: FastConfig) -> Any:
+    def fast_model(self, switches: FastConfig) -> FastModel:
         """The model on the fast path (``infer.fast.enabled=true``); the settings allow it on native backends only."""
         raise ConfigError(f"model.backend={self.name} has no fast path", hint="set infer.fast.enabled=false")
 

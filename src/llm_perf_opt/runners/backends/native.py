@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from llm_perf_opt.errors import ConfigError, ModelLoadError
 from llm_perf_opt.runners.backends.base import Backend
 from llm_perf_opt.runners.settings import ModelSettings
+
+if TYPE_CHECKING:
+    from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, FastModel
 
 
 class NativeBackend(Backend):
@@ -86,7 +89,7 @@ class NativeBackend(Backend):
     def kv_cache_bytes(self, cache: Any) -> int:
         return int(cache.nbytes)
 
-    def fast_model(self, switches: Any) -> Any:
+    def fast_model(self, switches: FastConfig) -> FastModel:
         from llm_perf_opt.models.deepseek_ocr.fast import apply_fast_path
 
         return apply_fast_path(self.model, switches)

@@ -11,7 +11,7 @@ metrics.json keys stay those of v1); ``stage_names`` records that mapping for th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -19,6 +19,9 @@ from llm_perf_opt.errors import ConfigError
 from llm_perf_opt.models.deepseek_ocr2.config import DeepseekOCR2Config
 from llm_perf_opt.runners.backends.native import NativeBackend, config_json_path
 from llm_perf_opt.runners.settings import ModelSettings
+
+if TYPE_CHECKING:
+    from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, FastModel
 
 
 class NativeV2Backend(NativeBackend):
@@ -58,7 +61,7 @@ class NativeV2Backend(NativeBackend):
     def preprocess(cls, settings: ModelSettings) -> Any:
         return preprocess_config_v2(settings)
 
-    def fast_model(self, switches: Any) -> Any:
+    def fast_model(self, switches: FastConfig) -> FastModel:
         """v1's fast path for the language model and SAM, with the encoder's (fused layers, graphs per view)."""
         from llm_perf_opt.models.deepseek_ocr2.fast import apply_fast_path_v2
 
