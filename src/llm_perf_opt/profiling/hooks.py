@@ -70,12 +70,13 @@ class StageHooks:
         self._handles.clear()
 
 
-def module_named(root: nn.Module, dotted: str) -> nn.Module:
-    """``model.model.sam_model`` style lookup with an error naming what exists."""
-    mod: nn.Module = root
+def module_named(root: object, dotted: str) -> nn.Module:
+    """``model.model.sam_model`` style lookup with an error naming what exists (``root``: a model, typed by the
+    session's protocol rather than as a module)."""
+    mod: object = root
     for part in dotted.split("."):
         if not hasattr(mod, part):
-            children = ", ".join(n for n, _ in mod.named_children())
+            children = ", ".join(n for n, _ in mod.named_children()) if isinstance(mod, nn.Module) else "none"
             raise AttributeError(f"module has no '{part}' (in '{dotted}'); children: {children}")
         mod = getattr(mod, part)
     if not isinstance(mod, nn.Module):

@@ -287,8 +287,17 @@ class DeepSeekOCRSession:
                 hint="set infer.batch_size=1",
             )
         if self._batched is None:
-            target = self.fast_model if self.fast_model is not None else self.backend.model
-            self._batched = BatchedGenerator(target, clock=self.clock)
+            from llm_perf_opt.models.deepseek_ocr.model import DeepseekOCRForCausalLM
+
+            eager = self.backend.model
+            if self.fast_model is not None:
+                self._batched = BatchedGenerator(self.fast_model, clock=self.clock)
+            elif isinstance(eager, DeepseekOCRForCausalLM):  # supports_batching: the native backend's model
+                self._batched = BatchedGenerator(eager, clock=self.clock)
+            else:
+                raise ConfigError(
+                    f"model.backend={self.backend.name} has no batched phase", hint="set infer.batch_size=1"
+                )
         return self._batched
 
     def warm_batched_vision(self, prepared: list[Any]) -> int:

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig
     from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, FastModel
     from llm_perf_opt.models.deepseek_ocr.preprocess import PreprocessConfig
+    from llm_perf_opt.models.deepseek_ocr.protocol import OCRModel
     from llm_perf_opt.runners.settings import ModelSettings
 
 # model.backend -> "module:Class"; imported on use, so the vendor backend's imports stay out of native runs
@@ -48,7 +49,7 @@ class Backend(abc.ABC):
     # that stage carries the model's name, its time fills the slot (metrics.json keys stay v1's)
     stage_names: ClassVar[dict[str, str]] = {}
 
-    model: Any
+    model: OCRModel
     config: DeepseekOCRConfig
     preprocess_cfg: PreprocessConfig
     tokenizer: Any

@@ -21,6 +21,7 @@ import importlib.util
 import inspect
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -134,28 +135,39 @@ class HfNativeSessionModel(nn.Module):
         return [sum(1 for c in counts if c) for counts in self.tokens_per_expert().values()]
 
     @property
+    def setup_count(self) -> int:
+        """transformers' eager modules: no compiles or graph captures."""
+        return 0
+
+    @property
     def _inner(self) -> Any:
         return self.hf.model
 
     @torch.no_grad()
-    def encode_images(self, crops: torch.Tensor, ori: torch.Tensor, spatial: Any) -> torch.Tensor:
+    def encode_images(
+        self, images_crop: torch.Tensor, images_ori: torch.Tensor, images_spatial_crop: Any
+    ) -> torch.Tensor:
         """transformers' ``get_image_features``: global view, then the tiles (when the page has a grid), each
         through SAM → encoder → projector; its layout is tiles, global view, separator — the native one."""
+        spatial = images_spatial_crop
         grid = [int(v) for v in (spatial.flatten().tolist() if torch.is_tensor(spatial) else spatial)]
         tiles = grid[0] * grid[1] if len(grid) == 2 and (grid[0] > 1 or grid[1] > 1) else 0
         out = self._inner.get_image_features(
-            pixel_values=ori,
-            pixel_values_local=crops if tiles else None,
+            pixel_values=images_ori,
+            pixel_values_local=images_crop if tiles else None,
             num_local_patches=[tiles] if tiles else None,
             return_dict=True,
         )
         feats: torch.Tensor = out.pooler_output[0]
         return feats
 
-    def embed_prompt(self, ids: torch.Tensor, mask: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
+    def embed_prompt(
+        self, input_ids: torch.Tensor, images_seq_mask: torch.Tensor, image_features: Sequence[torch.Tensor]
+    ) -> torch.Tensor:
         """Token embeddings with the image rows scattered into the image-token positions, as transformers'
         forward does (``masked_scatter``)."""
-        embeds = self._inner.get_input_embeddings()(ids)
+        mask, feats = images_seq_mask, image_features
+        embeds = self._inner.get_input_embeddings()(input_ids)
         for b, f in enumerate(feats):
             n = int(mask[b].sum())
             if n != f.shape[0]:
@@ -163,7 +175,7 @@ class HfNativeSessionModel(nn.Module):
                     f"the prompt has {n} image tokens but transformers' vision made {f.shape[0]}",
                     hint="preprocess geometry (base_size/image_size/crop_mode) must be DeepSeek-OCR-2's",
                 )
-        rows = torch.cat(feats, dim=0).to(embeds.dtype)
+        rows = torch.cat(list(feats), dim=0).to(embeds.dtype)
         return embeds.masked_scatter(mask.bool().unsqueeze(-1), rows)
 
     def _lm(self, cache: HfNativeCache, **inputs: Any) -> torch.Tensor:
@@ -176,22 +188,24 @@ class HfNativeSessionModel(nn.Module):
         return hidden
 
     @torch.no_grad()
-    def prefill(self, embeds: torch.Tensor, cache: HfNativeCache, logits_positions: str = "last") -> torch.Tensor:
+    def prefill(
+        self, inputs_embeds: torch.Tensor, cache: HfNativeCache, logits_positions: str = "last"
+    ) -> torch.Tensor:
         """The first LM forward over the prompt -> logits of the last position ([1, vocab]), or of every position
         ([1, len, vocab]) with ``logits_positions="all"`` (for comparisons)."""
         if cache.length:
             raise RuntimeError("prefill on a cache that already holds a page; take a new_cache per page")
         self._counts.clear()
-        hidden = self._lm(cache, inputs_embeds=embeds)
+        hidden = self._lm(cache, inputs_embeds=inputs_embeds)
         if logits_positions == "all":
             return self.hf.lm_head(hidden).float()  # type: ignore[operator]
         return self.hf.lm_head(hidden[:, -1, :]).float()  # type: ignore[operator]
 
     @torch.no_grad()
-    def decode_step(self, token: torch.Tensor, cache: HfNativeCache) -> torch.Tensor:
+    def decode_step(self, token_ids: torch.Tensor, cache: HfNativeCache) -> torch.Tensor:
         if not cache.length:
             raise RuntimeError("decode_step before prefill on this cache")
-        hidden = self._lm(cache, input_ids=token)
+        hidden = self._lm(cache, input_ids=token_ids)
         return self.hf.lm_head(hidden[:, -1, :]).float()  # type: ignore[operator]
 
 
@@ -207,6 +221,7 @@ class HfNativeBackend(NativeV2Backend):
         "projector": "hf.model.multi_modal_projector",
     }
     stage_names: ClassVar[dict[str, str]] = {"clip": "encoder"}
+    model: HfNativeSessionModel
 
     @classmethod
     def load(
@@ -214,6 +229,7 @@ class HfNativeBackend(NativeV2Backend):
     ) -> HfNativeBackend:
         hf_cls = hf_native_class()
         native = NativeV2Backend.load(settings, device, dtype, seed, project_root)
+        assert isinstance(native.model, nn.Module)  # NativeV2Backend builds a DeepseekOCR2ForCausalLM
         hf = hf_from_native(hf_cls, native.model, dtype, device)
         return cls(HfNativeSessionModel(hf).eval(), native.config, native.preprocess_cfg, native.tokenizer,
                    native.weights_desc)  # fmt: skip
@@ -221,7 +237,8 @@ class HfNativeBackend(NativeV2Backend):
     def new_cache(self, max_len: int) -> HfNativeCache:
         from transformers import DynamicCache
 
-        return HfNativeCache(DynamicCache(config=self.model.hf.config))
+        config: Any = self.model.hf.config  # transformers' PreTrainedConfig
+        return HfNativeCache(DynamicCache(config=config))
 
     def kv_cache_bytes(self, cache: Any) -> int:
         return int(cache.nbytes)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -142,8 +143,22 @@ class VendorSessionModel(nn.Module):
             return 0
         return _tensor_bytes(self._state.past)
 
-    def encode_images(self, crops: torch.Tensor, ori: torch.Tensor, spatial: Any) -> _Images:
+    @property
+    def setup_count(self) -> int:
+        """The vendor's eager code: no compiles or graph captures."""
+        return 0
+
+    def tokens_per_expert(self) -> None:
+        """Not counted: the vendor code has no routing counters."""
+        return None
+
+    def experts_hit_per_layer(self) -> None:
+        """Not counted: the vendor code has no routing counters."""
+        return None
+
+    def encode_images(self, images_crop: torch.Tensor, images_ori: torch.Tensor, images_spatial_crop: Any) -> _Images:
         """The vendor forward's vision block on a placeholder sequence that is all image tokens."""
+        crops, ori, spatial = images_crop, images_ori, images_spatial_crop
         inner: Any = self.model
         grid = tuple(int(v) for v in (spatial.flatten().tolist() if torch.is_tensor(spatial) else spatial))
         spatial_t = torch.tensor([list(grid)], dtype=torch.long, device=ori.device)
@@ -165,10 +180,13 @@ class VendorSessionModel(nn.Module):
             handle.remove()
         raise RuntimeError("the vendor forward never reached its first decoder layer")
 
-    def embed_prompt(self, ids: torch.Tensor, mask: torch.Tensor, feats: list[_Images]) -> torch.Tensor:
+    def embed_prompt(
+        self, input_ids: torch.Tensor, images_seq_mask: torch.Tensor, image_features: Sequence[_Images]
+    ) -> torch.Tensor:
         """The vendor's embedding + ``masked_scatter_`` of the image rows into the image-token positions."""
+        mask, feats = images_seq_mask, image_features
         inner: Any = self.model
-        embeds = inner.get_input_embeddings()(ids)
+        embeds = inner.get_input_embeddings()(input_ids)
         for b, f in enumerate(feats):
             if int(mask[b].sum()) != f.rows.shape[0]:
                 raise ModelLoadError(
@@ -183,7 +201,8 @@ class VendorSessionModel(nn.Module):
         base: Any = type(inner).__mro__[1]  # DeepseekV2Model: what the vendor forward calls via super()
         return base.forward(inner, input_ids=None, inputs_embeds=embeds, use_cache=True, return_dict=True)
 
-    def prefill(self, embeds: torch.Tensor, cache: Any) -> torch.Tensor:
+    def prefill(self, inputs_embeds: torch.Tensor, cache: Any) -> torch.Tensor:
+        embeds = inputs_embeds
         out = self._lm(embeds)
         vendor: Any = self.vendor
         logits = vendor.lm_head(out.last_hidden_state).float()  # all positions, as the vendor forward does
@@ -191,10 +210,10 @@ class VendorSessionModel(nn.Module):
         self._cache_id = id(cache)
         return logits[:, -1, :]
 
-    def decode_step(self, token: torch.Tensor, cache: Any) -> torch.Tensor:
+    def decode_step(self, token_ids: torch.Tensor, cache: Any) -> torch.Tensor:
         if self._state is None or self._cache_id != id(cache):
             raise RuntimeError("decode_step before prefill on this cache")
-        return _vendor_decode(self.vendor, token, self._state)
+        return _vendor_decode(self.vendor, token_ids, self._state)
 
 
 def _vendor_decode(vendor: Any, token: torch.Tensor, state: HfRemoteState) -> torch.Tensor:
@@ -233,6 +252,7 @@ class HfRemoteBackend(Backend):
     # The vendor code grows its own cache per step: the session must not preallocate one for it.
     owns_kv_cache: ClassVar[bool] = True
     hook_targets: ClassVar[dict[str, str]] = HF_HOOKS
+    model: VendorSessionModel
 
     def __init__(self, settings: ModelSettings, device: torch.device, dtype: torch.dtype, project_root: Path) -> None:
         from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig

@@ -13,6 +13,8 @@ from llm_perf_opt.runners.settings import ModelSettings
 
 if TYPE_CHECKING:
     from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, FastModel
+    from llm_perf_opt.models.deepseek_ocr.model import DeepseekOCRForCausalLM
+    from llm_perf_opt.models.deepseek_ocr.protocol import OCRModel
 
 
 class NativeBackend(Backend):
@@ -26,7 +28,7 @@ class NativeBackend(Backend):
         "projector": "model.projector",
     }
 
-    def __init__(self, model: Any, config: Any, preprocess_cfg: Any, tokenizer: Any, weights_desc: str) -> None:
+    def __init__(self, model: OCRModel, config: Any, preprocess_cfg: Any, tokenizer: Any, weights_desc: str) -> None:
         self.model = model
         self.config = config
         self.preprocess_cfg = preprocess_cfg
@@ -66,7 +68,9 @@ class NativeBackend(Backend):
         return DeepseekOCRConfig.from_json(path)
 
     @classmethod
-    def build(cls, config: Any, device: torch.device, dtype: torch.dtype, weights: str | Path, seed: int) -> Any:
+    def build(
+        cls, config: Any, device: torch.device, dtype: torch.dtype, weights: str | Path, seed: int
+    ) -> DeepseekOCRForCausalLM:
         """The model on ``device`` in eval mode: checkpoint weights, or seeded dummy weights of the real shapes."""
         from llm_perf_opt.models.deepseek_ocr import build_model
 
@@ -91,7 +95,10 @@ class NativeBackend(Backend):
 
     def fast_model(self, switches: FastConfig) -> FastModel:
         from llm_perf_opt.models.deepseek_ocr.fast import apply_fast_path
+        from llm_perf_opt.models.deepseek_ocr.model import DeepseekOCRForCausalLM
 
+        if not isinstance(self.model, DeepseekOCRForCausalLM):  # a subclass's own model class (hf_native)
+            raise ConfigError(f"model.backend={self.name} has no fast path", hint="set infer.fast.enabled=false")
         return apply_fast_path(self.model, switches)
 
     def routing_counts(self, model: Any) -> tuple[list[int] | None, dict[int, list[int]] | None]:

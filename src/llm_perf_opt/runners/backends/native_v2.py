@@ -22,6 +22,7 @@ from llm_perf_opt.runners.settings import ModelSettings
 
 if TYPE_CHECKING:
     from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, FastModel
+    from llm_perf_opt.models.deepseek_ocr2.model import DeepseekOCR2ForCausalLM
 
 
 class NativeV2Backend(NativeBackend):
@@ -45,7 +46,9 @@ class NativeV2Backend(NativeBackend):
         return DeepseekOCR2Config.from_json(path)
 
     @classmethod
-    def build(cls, config: Any, device: torch.device, dtype: torch.dtype, weights: str | Path, seed: int) -> Any:
+    def build(
+        cls, config: Any, device: torch.device, dtype: torch.dtype, weights: str | Path, seed: int
+    ) -> DeepseekOCR2ForCausalLM:
         from llm_perf_opt.models.deepseek_ocr2 import build_model_v2
 
         return build_model_v2(config, device=device, dtype=dtype, weights=weights, seed=seed)
@@ -64,7 +67,10 @@ class NativeV2Backend(NativeBackend):
     def fast_model(self, switches: FastConfig) -> FastModel:
         """v1's fast path for the language model and SAM, with the encoder's (fused layers, graphs per view)."""
         from llm_perf_opt.models.deepseek_ocr2.fast import apply_fast_path_v2
+        from llm_perf_opt.models.deepseek_ocr2.model import DeepseekOCR2ForCausalLM
 
+        if not isinstance(self.model, DeepseekOCR2ForCausalLM):  # a subclass's own model class (hf_native)
+            raise ConfigError(f"model.backend={self.name} has no fast path", hint="set infer.fast.enabled=false")
         return apply_fast_path_v2(self.model, switches)
 
     def prepare_page(self, image: Any, text_ids: list[int], uint8: bool = False) -> Any:
