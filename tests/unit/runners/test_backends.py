@@ -49,6 +49,17 @@ def test_native_backend_from_settings_delegates_to_its_model(compose_cfg: Callab
     assert backend.text_is_meaningful is False  # dummy weights, stand-in tokenizer
 
 
+def test_a_native_backend_with_another_model_class_has_no_fast_path() -> None:
+    """A native backend's fast path needs the native model class; a subclass's own model (``hf_native``'s
+    transformers wrapper) gets one ConfigError naming the backend, not an error deep in ``apply_fast_path``."""
+    from llm_perf_opt.models.deepseek_ocr.fast import FastConfig
+    from llm_perf_opt.runners.backends.hf_native import HfNativeBackend
+
+    other = HfNativeBackend(torch.nn.Identity(), None, None, None, "dummy")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"model\.backend=hf_native has no fast path"):
+        other.fast_model(FastConfig())
+
+
 def test_dummy_native_weights_need_a_config_json() -> None:
     with pytest.raises(ConfigError, match="config_json"):
         ModelSettings(weights="dummy", config_json=None)
