@@ -842,16 +842,16 @@ def prompt_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[s
     gemm.update(P="i32", N="i32", K="i32")
     hid, inter = lang.hidden_size, lang.moe_intermediate_size
     for which, n, kk, gather in (("up", inter, hid, True), ("down", hid, inter, False)):
-        bm, bn, bk, warps, stages = prompt_moe.gemm_blocks(which, interpreter=False)
+        blocks = prompt_moe.gemm_blocks(which, interpreter=False)
+        bm, bn, bk, warps, stages = blocks
         consts = dict(E=n_experts, TOP_K=k, GATHER=gather, SWIGLU=gather, BLOCK_E=1 << (n_experts - 1).bit_length())
         consts.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=kk % bk == 0, EVEN_N=n % bn == 0)
         consts.update(PRECISION="tf32", UPCAST=False, NUM_STAGES=stages)
         specs.append(("prompt_moe._grouped_gemm_kernel", gemm, {**consts, "W_TMA": False}, warps))
-        # a float32 model's launch: the same blocks, the stages fitted to the block's shared memory (fit_stages, as
-        # _launch_gemm does; round 21's four-stage float32 up GEMM asked for 294,912 bytes on the GPU)
-        tile_bytes = (bm * bk + (2 if gather else 1) * bn * bk) * 4
+        # a float32 model's launch: the same blocks, the stages fitted to the block's shared memory as _launch_gemm
+        # fits them (round 21's four-stage float32 up GEMM asked for 294,912 bytes on the GPU)
         f32 = {**gemm, **{arg: "*fp32" for arg in ("a_ptr", "w_ptr", "w_desc", "out_ptr")}}
-        fitted = prompt_moe.fit_stages(stages, tile_bytes, SM90_MAX_SHARED)
+        fitted = prompt_moe.gemm_stages(blocks, gather, 4, SM90_MAX_SHARED)
         f32_consts = {**consts, "PRECISION": "ieee", "NUM_STAGES": fitted, "W_TMA": False, "ROLE": "float32"}
         specs.append(("prompt_moe._grouped_gemm_kernel", f32, f32_consts, warps))
         # prompt_moe.W_TMA: the weight tiles through a tensor descriptor (the launcher passes one of [bn, bk] blocks)

@@ -85,8 +85,9 @@ def profiled_page(
 
 
 def _range_edges(trace: Path, name: str, n: int = 4) -> str:
-    """Where a range's GPU span comes from, for a failure message: its device-side mirrors (start, duration) and
-    the first and last ``n`` device events inside them (µs from the first mirror's start, duration, stream, name).
+    """Where a range's GPU span comes from, for a failure message: its device-side mirrors (start, duration, stream,
+    host occurrence) and the first and last ``n`` device events inside them (µs from the first mirror's start,
+    duration, stream, name).
     Round 22: the fast prefill's span read ~1.55 ms over its CUDA events in two device calls and agreed in two
     others (one of them a fresh machine).  Round 23 (no GPU): Kineto writes one mirror per range *and stream*, and
     the span added the mirrors' lengths, so work on a second stream was counted twice; an occurrence's span is now
@@ -95,9 +96,12 @@ def _range_edges(trace: Path, name: str, n: int = 4) -> str:
     with gzip.open(trace, "rt") as fh:
         events = json.load(fh)["traceEvents"]
     mirrors = sorted(
-        (float(e["ts"]), float(e.get("dur", 0)))
-        for e in events
-        if e.get("cat") == "gpu_user_annotation" and e.get("name") == name
+        (
+            (float(e["ts"]), float(e.get("dur", 0)), e.get("tid"), (e.get("args") or {}).get("External id"))
+            for e in events
+            if e.get("cat") == "gpu_user_annotation" and e.get("name") == name
+        ),
+        key=lambda m: m[0],  # by time only: stream ids need not compare
     )
     if not mirrors:
         return f"no device-side mirror of {name!r} in the trace"
@@ -107,12 +111,13 @@ def _range_edges(trace: Path, name: str, n: int = 4) -> str:
             (float(e["ts"]) - t0, float(e.get("dur", 0)), e.get("tid"), str(e.get("name"))[:60])
             for e in events
             if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
-            and any(s <= float(e["ts"]) <= s + d for s, d in mirrors)
+            and any(s <= float(e["ts"]) <= s + d for s, d, *_ in mirrors)
         ),
         key=lambda r: (r[0], r[1]),  # by time only: stream ids need not compare
     )
     rows = [*inside[:n], (float("nan"), 0.0, "...", "..."), *inside[-n:]] if len(inside) > 2 * n else inside
-    return f"mirrors {[(round(s - t0, 1), round(d, 1)) for s, d in mirrors]} us; edges " + "; ".join(
+    listed = [f"{s - t0:.1f}+{d:.1f} us stream {tid} occurrence {occ}" for s, d, tid, occ in mirrors]
+    return f"mirrors {listed}; edges " + "; ".join(
         f"{ts:.1f}+{dur:.1f} us stream {tid} {nm}" for ts, dur, tid, nm in rows
     )
 

@@ -58,6 +58,7 @@ __all__ = [
     "align_ref",
     "fit_stages",
     "gemm_blocks",
+    "gemm_stages",
     "grouped_down",
     "grouped_down_ref",
     "grouped_swiglu",
@@ -433,6 +434,14 @@ def fit_stages(stages: int, stage_bytes: int, limit: int) -> int:
     return max(1, stages)
 
 
+def gemm_stages(blocks: GemmBlocks, swiglu: bool, element_size: int, limit: int) -> int:
+    """``blocks``' pipeline stages fitted to ``limit`` bytes of shared memory (:func:`fit_stages`) for operands of
+    ``element_size`` bytes: a stage holds one [block_m, block_k] tile of A and one [block_n, block_k] tile of W, two
+    with ``swiglu`` (gate and up).  The blocks are sized for bf16; float32 operands take twice the bytes."""
+    bm, bn, bk, _, stages = blocks
+    return fit_stages(stages, (bm * bk + (2 if swiglu else 1) * bn * bk) * element_size, limit)
+
+
 def _launch_gemm(
     a: Tensor,
     order: Tensor,
@@ -452,9 +461,8 @@ def _launch_gemm(
         raise ValueError(f"tl.dot needs blocks of at least 16, got {blocks}")
     interpreter = a.device.type != "cuda"
     precision = "ieee" if a.dtype == torch.float32 or interpreter else "tf32"
-    if not interpreter:  # the blocks are sized for bf16: float32 operands take twice the shared memory a stage
-        tile_bytes = (bm * bk + (2 if swiglu else 1) * bn * bk) * a.element_size()
-        stages = fit_stages(stages, tile_bytes, _max_shared(a.device.index or 0))
+    if not interpreter:
+        stages = gemm_stages(blocks, swiglu, a.element_size(), _max_shared(a.device.index or 0))
     grid = (row_tiles(n_pairs, n_experts, bm), -(-n // bn))
     w_tma = W_TMA and n % bn == 0 and k % bk == 0
     if w_tma:

@@ -98,7 +98,7 @@ class NativeBackend(Backend):
         from llm_perf_opt.models.deepseek_ocr.model import DeepseekOCRForCausalLM
 
         if not isinstance(self.model, DeepseekOCRForCausalLM):  # a subclass's own model class (hf_native)
-            raise ConfigError(f"model.backend={self.name} has no fast path", hint="set infer.fast.enabled=false")
+            return Backend.fast_model(self, switches)  # the base's refusal
         return apply_fast_path(self.model, switches)
 
     def routing_counts(self, model: Any) -> tuple[list[int] | None, dict[int, list[int]] | None]:

@@ -17,6 +17,7 @@ import torch
 
 from llm_perf_opt.errors import ConfigError
 from llm_perf_opt.models.deepseek_ocr2.config import DeepseekOCR2Config
+from llm_perf_opt.runners.backends.base import Backend
 from llm_perf_opt.runners.backends.native import NativeBackend, config_json_path
 from llm_perf_opt.runners.settings import ModelSettings
 
@@ -70,7 +71,7 @@ class NativeV2Backend(NativeBackend):
         from llm_perf_opt.models.deepseek_ocr2.model import DeepseekOCR2ForCausalLM
 
         if not isinstance(self.model, DeepseekOCR2ForCausalLM):  # a subclass's own model class (hf_native)
-            raise ConfigError(f"model.backend={self.name} has no fast path", hint="set infer.fast.enabled=false")
+            return Backend.fast_model(self, switches)  # the base's refusal
         return apply_fast_path_v2(self.model, switches)
 
     def prepare_page(self, image: Any, text_ids: list[int], uint8: bool = False) -> Any:

@@ -87,6 +87,10 @@ def test_fit_stages_keeps_the_pipeline_within_shared_memory() -> None:
     assert PM.fit_stages(4, (128 * 64 * 2) * 4, h200) == 4
     assert PM.fit_stages(3, 10**6, h200) == 1  # nothing fits: a plain loop
     assert PM.fit_stages(1, 10**6, 0) == 1
+    # gemm_stages: the same stage bytes from a launch's blocks (gate and up W tiles with the SwiGLU)
+    up = PM.GemmBlocks(128, 128, 64, 8, 4)
+    assert PM.gemm_stages(up, True, 2, h200) == 4 and PM.gemm_stages(up, True, 4, h200) == 3
+    assert PM.gemm_stages(up, False, 4, h200) == 4
 
 
 def test_row_tiles_bounds_every_routing() -> None:
