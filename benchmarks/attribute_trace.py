@@ -46,7 +46,9 @@ def main() -> None:
         name = k.name if len(k.name) <= 80 else k.name[:79] + "…"
         print(f"| `{name}` | {k.calls:,} | {k.device_ms:,.3f} | {k.mean_device_us:,.2f} | {k.pct_of_device:.2f} |")
     spans = trace_ranges_device_ms(events)
-    print("\nGPU span of each range (ms): " + ", ".join(f"{n} {v:,.3f}" for n, v in sorted(spans.items())))
+    print("\n| range | GPU span ms | kernel busy ms |\n|---|---:|---:|")
+    for n, (span, busy) in sorted(spans.items()):
+        print(f"| {n} | {span:,.3f} | {busy:,.3f} |")
 
 
 if __name__ == "__main__":

@@ -336,11 +336,26 @@ def _length(intervals: list[tuple[float, float]]) -> float:
     return sum(end - start for start, end in intervals)
 
 
-def trace_ranges_device_ms(events: list[dict[str, Any]], names: tuple[str, ...] = RANGE_NAMES) -> dict[str, float]:
-    """GPU-timeline span (ms) of each named range: per host occurrence the union of its device-side mirrors over the
-    streams it ran on, summed over occurrences (:func:`_range_occurrences`)."""
-    occurrences = _range_occurrences(events, names)
-    return {name: sum(_length(iv) for iv in occ) / 1e3 for name, occ in occurrences.items()}
+def trace_ranges_device_ms(
+    events: list[dict[str, Any]], names: tuple[str, ...] = RANGE_NAMES
+) -> dict[str, tuple[float, float]]:
+    """Per named range: (GPU-side span, kernel busy time inside it) in ms, from the trace's events.
+
+    The span is per host occurrence the union of the range's device-side mirrors over the streams it ran on, summed
+    over occurrences (what a CUDA-event pair around each occurrence measures; :func:`_range_occurrences`).  The busy
+    time is, per occurrence, how long at least one kernel lying wholly inside its span was running (concurrent
+    kernels on two streams count once), so busy / span is the GPU utilisation and never exceeds 1.
+    """
+    kernels = [(float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))) for e in events if e.get("cat") == "kernel"]
+    out: dict[str, tuple[float, float]] = {}
+    for name, occurrences in _range_occurrences(events, names).items():
+        span = busy = 0.0
+        for intervals in occurrences:
+            inside = [(k0, k1) for k0, k1 in kernels if any(r0 <= k0 and k1 <= r1 for r0, r1 in intervals)]
+            span += _length(intervals)
+            busy += _length(_merged(inside))
+        out[name] = (span / 1e3, busy / 1e3)
+    return out
 
 
 def run_profiler_pass(
@@ -382,6 +397,7 @@ def run_profiler_pass(
             trace_file = "trace.json.gz"
         raw.unlink()
     attribution = kernel_attribution(events, top_k) if on_device else None
+    ranges = trace_ranges_device_ms(events)
     if attribution is not None:
         kernels_reason = None
     elif on_device:
@@ -396,32 +412,10 @@ def run_profiler_pass(
         operators=rows,
         range_ms=range_times_ms(prof),
         trace_file=trace_file,
-        range_device_ms=trace_ranges_device_ms(events),
+        range_device_ms={name: span for name, (span, _) in ranges.items()},
+        range_busy_ms={name: busy for name, (_, busy) in ranges.items()},
         kernels=attribution,
         kernels_reason=kernels_reason,
         total_note=note,
     )
     return summary, result
-
-
-def gpu_ranges_ms(trace_gz: Path, names: tuple[str, ...] = RANGE_NAMES) -> dict[str, tuple[float, float]]:
-    """Per named range: (GPU-side span, kernel busy time inside it) in ms.
-
-    The span is per host occurrence the union of the range's device-side mirrors over the streams it ran on, summed
-    over occurrences (what a CUDA-event pair around each occurrence measures; :func:`_range_occurrences`).  The busy
-    time is, per occurrence, how long at least one kernel lying wholly inside its span was running (concurrent
-    kernels on two streams count once), so busy / span is the GPU utilisation and never exceeds 1.
-    """
-    with gzip.open(trace_gz, "rt") as fh:
-        trace = json.load(fh)
-    events = trace.get("traceEvents", [])
-    kernels = [(float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))) for e in events if e.get("cat") == "kernel"]
-    out: dict[str, tuple[float, float]] = {}
-    for name, occurrences in _range_occurrences(events, names).items():
-        span = busy = 0.0
-        for intervals in occurrences:
-            inside = [(k0, k1) for k0, k1 in kernels if any(r0 <= k0 and k1 <= r1 for r0, r1 in intervals)]
-            span += _length(intervals)
-            busy += _length(_merged(inside))
-        out[name] = (span / 1e3, busy / 1e3)
-    return out

@@ -345,6 +345,9 @@ class ProfileSummary:
     # GPU-timeline span of each named range (CUDA only): per host occurrence the union of its device-side mirrors
     # (one per stream), summed over occurrences
     range_device_ms: dict[str, float] = attrs.field(factory=dict)
+    # how long at least one kernel lying wholly inside each range's span was running (CUDA only), per occurrence,
+    # summed: busy / span is the range's GPU utilisation
+    range_busy_ms: dict[str, float] = attrs.field(factory=dict)
     kernels: KernelAttribution | None = None
     kernels_reason: str | None = None  # why ``kernels`` is absent
     total_note: str | None = None  # when operator rows and the kernels' total disagree, by how much and why

@@ -11,7 +11,6 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import attrs
@@ -327,19 +326,19 @@ def profile_pass(run: Stage1Run, pages: list[Page], progress: Any) -> None:
         return
     finally:
         progress.advance(task)
-    run.profile = _with_range_checks(summary, result, run.out)
+    run.profile = _with_range_checks(summary, result)
 
 
-def _with_range_checks(summary: ProfileSummary, result: PageRun, out: Path) -> ProfileSummary:
-    """On CUDA, compare the pass's own CUDA-event stage times with the trace's GPU-side ranges."""
+def _with_range_checks(summary: ProfileSummary, result: PageRun) -> ProfileSummary:
+    """On CUDA, compare the pass's own CUDA-event stage times with the ranges' spans on the trace's GPU timeline
+    (computed by the pass from the events it had in memory: no trace file needed, none re-read)."""
     import attrs
 
-    from llm_perf_opt.profiling.torch_profiler import gpu_ranges_ms
     from llm_perf_opt.results.types import RangeCheck
 
-    if summary.sort_key != "self_device_ms" or summary.trace_file is None:
+    if summary.sort_key != "self_device_ms":
         return summary
-    spans = gpu_ranges_ms(out / summary.trace_file)
+    spans = summary.range_device_ms
     rec = result.record
     events = {
         "prefill": rec.prefill_ms,
@@ -349,8 +348,8 @@ def _with_range_checks(summary: ProfileSummary, result: PageRun, out: Path) -> P
         "projector": rec.projector_ms,
     }
     checks = [
-        RangeCheck(name, ev, spans[name][0], spans[name][1], ev / spans[name][0] - 1.0)
+        RangeCheck(name, ev, spans[name], summary.range_busy_ms.get(name, 0.0), ev / spans[name] - 1.0)
         for name, ev in events.items()
-        if ev is not None and name in spans and spans[name][0] > 0
+        if ev is not None and spans.get(name, 0.0) > 0
     ]
     return attrs.evolve(summary, range_checks=checks)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -19,6 +20,7 @@ from llm_perf_opt.profiling.torch_profiler import (
     stream_busy_us,
     stream_shares_us,
 )
+from tests.unit.builders import make_profile
 
 PRESET = OmegaConf.create({"activities": ["cpu"], "record_shapes": False, "profile_memory": False, "with_stack": False})
 
@@ -124,7 +126,7 @@ def test_no_trace_when_export_disabled(tmp_path: Path) -> None:
     assert s.total_self_ms > 0
 
 
-def test_gpu_ranges_span_and_busy_from_synthetic_trace(tmp_path: Path) -> None:
+def test_gpu_ranges_span_and_busy_from_synthetic_trace() -> None:
     trace = {
         "traceEvents": [
             {"cat": "gpu_user_annotation", "name": "prefill", "ts": 100, "dur": 1000},
@@ -136,10 +138,7 @@ def test_gpu_ranges_span_and_busy_from_synthetic_trace(tmp_path: Path) -> None:
             {"cat": "kernel", "name": "k4", "ts": 2100, "dur": 300},
         ]
     }
-    path = tmp_path / "trace.json.gz"
-    with gzip.open(path, "wt") as fh:
-        json.dump(trace, fh)
-    out = torch_profiler.gpu_ranges_ms(path)
+    out = torch_profiler.trace_ranges_device_ms(trace["traceEvents"])
     assert set(out) == {"prefill", "decode"}
     assert out["prefill"] == (pytest.approx(1.0), pytest.approx(0.35))
     assert out["decode"] == (pytest.approx(0.5), pytest.approx(0.3))
@@ -304,10 +303,11 @@ def test_range_device_spans_from_the_trace() -> None:
         {"cat": "user_annotation", "name": "sam", "ts": 0, "dur": 99999},  # host side: not a GPU span
         {"cat": "gpu_user_annotation", "name": "decode", "ts": 9000, "dur": 250},
     ]
-    assert torch_profiler.trace_ranges_device_ms(events) == {"sam": pytest.approx(2.0), "decode": pytest.approx(0.25)}
+    spans = torch_profiler.trace_ranges_device_ms(events)
+    assert spans == {"sam": (pytest.approx(2.0), 0.0), "decode": (pytest.approx(0.25), 0.0)}  # no kernel: not busy
 
 
-def test_a_range_on_two_streams_spans_the_union_of_its_mirrors(tmp_path: Path) -> None:
+def test_a_range_on_two_streams_spans_the_union_of_its_mirrors() -> None:
     """Kineto writes one device-side mirror per host occurrence (its ``External id``) and *stream*: the fast
     prefill's side-stream work gave a second, overlapping "prefill" mirror, and adding the two read 17.7 ms against
     16.2 ms of CUDA events (round 22).  One occurrence spans the union of its mirrors; occurrences add up, as a
@@ -333,12 +333,8 @@ def test_a_range_on_two_streams_spans_the_union_of_its_mirrors(tmp_path: Path) -
         {"cat": "kernel", "name": "b", "ts": 200, "dur": 200, "pid": 0, "tid": 9},
         {"cat": "kernel", "name": "c", "ts": 3_100, "dur": 100, "pid": 0, "tid": 7},
     ]
-    spans = torch_profiler.trace_ranges_device_ms(events)
-    assert spans == {"prefill": pytest.approx(16.0), "sam": pytest.approx(1.7), "decode": pytest.approx(0.35)}
-    path = tmp_path / "trace.json.gz"
-    with gzip.open(path, "wt") as fh:
-        json.dump({"traceEvents": events}, fh)
-    out = torch_profiler.gpu_ranges_ms(path)
+    out = torch_profiler.trace_ranges_device_ms(events)
+    assert out["decode"] == (pytest.approx(0.35), 0.0)  # two mirrors without an id: two occurrences, no kernel
     assert out["prefill"] == (pytest.approx(16.0), pytest.approx(0.4))  # a-b's union 0.3 + c 0.1
     assert out["sam"] == (pytest.approx(1.7), pytest.approx(0.3))  # a-b inside the tiles' chain, nothing in 800-1500
 
@@ -394,3 +390,29 @@ def test_stream_shares_split_each_stream_into_busy_and_idle_time() -> None:
     shares = stream_shares_us([c, a, x, b])  # any order: each stream is walked by start time
     assert shares == {id(a): (10.0, 0.0), id(b): (5.0, 0.0), id(c): (5.0, 5.0), id(x): (4.0, 0.0)}
     assert stream_busy_us([c, a, x, b]) == {id(a): 10.0, id(b): 5.0, id(c): 5.0, id(x): 4.0}
+
+
+def test_range_checks_come_from_the_pass_without_a_trace_file() -> None:
+    """The cross-check reads the spans the pass computed from its events in memory: a CUDA pass run with
+    ``export_trace=false`` (no trace file) still gets it, and nothing re-reads a file.  Hand figures: prefill events
+    10.5 ms over a 10 ms span → +5 %; decode 4 ms over 5 ms → -20 %, busy 4.5 of it; SAM (no event) is left out;
+    CLIP has an event but no span, so it is left out rather than divided by zero."""
+    from types import SimpleNamespace
+
+    from llm_perf_opt.runners.phases import _with_range_checks
+
+    record = SimpleNamespace(prefill_ms=10.5, decode_ms=4.0, sam_ms=None, clip_ms=2.0, projector_ms=None)
+    summary = attrs.evolve(
+        make_profile(),
+        sort_key="self_device_ms",
+        trace_file=None,
+        range_device_ms={"prefill": 10.0, "decode": 5.0, "sam": 3.0},
+        range_busy_ms={"prefill": 9.0, "decode": 4.5, "sam": 2.0},
+    )
+    checks = {c.name: c for c in _with_range_checks(summary, SimpleNamespace(record=record)).range_checks}  # type: ignore[arg-type]
+    assert set(checks) == {"prefill", "decode"}
+    assert (checks["prefill"].gpu_span_ms, checks["prefill"].kernel_busy_ms) == (10.0, 9.0)
+    assert checks["prefill"].rel_diff == pytest.approx(0.05)
+    assert (checks["decode"].kernel_busy_ms, checks["decode"].rel_diff) == (4.5, pytest.approx(-0.2))
+    cpu = attrs.evolve(summary, sort_key="self_cpu_ms")  # no device timeline: no check
+    assert _with_range_checks(cpu, SimpleNamespace(record=record)).range_checks == []  # type: ignore[arg-type]
