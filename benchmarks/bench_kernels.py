@@ -848,12 +848,16 @@ def prompt_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[s
         consts.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=kk % bk == 0, EVEN_N=n % bn == 0)
         consts.update(PRECISION="tf32", UPCAST=False, NUM_STAGES=stages)
         specs.append(("prompt_moe._grouped_gemm_kernel", gemm, {**consts, "W_TMA": False}, warps))
-        # a float32 model's launch: the same blocks, the stages fitted to the block's shared memory as _launch_gemm
-        # fits them (round 21's four-stage float32 up GEMM asked for 294,912 bytes on the GPU)
+        # a float32 model's launch: its own blocks (prompt_moe.FLOAT32_UP_BLOCKS), the stages fitted to the block's
+        # shared memory as _launch_gemm fits them (round 21's four-stage float32 up GEMM asked for 294,912 bytes on
+        # the GPU)
         f32 = {**gemm, **{arg: "*fp32" for arg in ("a_ptr", "w_ptr", "w_desc", "out_ptr")}}
-        fitted = prompt_moe.gemm_stages(blocks, gather, 4, SM90_MAX_SHARED)
+        f32_blocks = prompt_moe.gemm_blocks(which, interpreter=False, float32=True)
+        fitted = prompt_moe.gemm_stages(f32_blocks, gather, 4, SM90_MAX_SHARED)
         f32_consts = {**consts, "PRECISION": "ieee", "NUM_STAGES": fitted, "W_TMA": False, "ROLE": "float32"}
-        specs.append(("prompt_moe._grouped_gemm_kernel", f32, f32_consts, warps))
+        fm, fn, fk, f_warps, _ = f32_blocks
+        f32_consts.update(BLOCK_M=fm, BLOCK_N=fn, BLOCK_K=fk, EVEN_K=kk % fk == 0, EVEN_N=n % fn == 0)
+        specs.append(("prompt_moe._grouped_gemm_kernel", f32, f32_consts, f_warps))
         # prompt_moe.W_TMA: the weight tiles through a tensor descriptor (the launcher passes one of [bn, bk] blocks)
         tma = {**gemm, "w_desc": f"tensordesc<bf16[{bn},{bk}]>"}
         specs.append(("prompt_moe._grouped_gemm_kernel", tma, {**consts, "W_TMA": True}, warps))

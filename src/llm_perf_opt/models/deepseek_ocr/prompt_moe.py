@@ -118,6 +118,12 @@ class GemmBlocks(NamedTuple):
 # the dummy routing, 3.74 -> 3.61, 3.51 -> 3.46 and 3.37 -> 3.34 with the routing spread (bench_fast calls 3, 4, 7).
 UP_BLOCKS = GemmBlocks(128, 128, 64, 8, 4)
 DOWN_BLOCKS = GemmBlocks(128, 128, 64, 8, 3)
+# A float32 model's up GEMM (gate and up, IEEE float32 on the CUDA cores): at the bf16 blocks its two [128, 128]
+# float32 accumulators and float32 operand tiles need more than 255 registers a thread, and sm_90's ptxas spilled
+# 34,360 bytes a thread (bench_kernels --sm90-check, round 23).  At [64, 128] tiles and 32-wide K steps it compiles
+# to 244 registers without a spill (80 KB of shared memory at three stages).  The down GEMM fits at its bf16 blocks
+# (255 registers, no spill; its stages fitted to shared memory by gemm_stages).  A correctness path, not timed.
+FLOAT32_UP_BLOCKS = GemmBlocks(64, 128, 32, 8, 3)
 # The down GEMM of infer.fast.prefill_experts=triton on a GPU where torch has grouped GEMMs: "triton"
 # (:func:`grouped_down`) or "torch" (``torch._grouped_mm`` over the same sorted rows and offsets).  H200 (bench_fast,
 # round 13, call 3, the graphed LM prefill on dummy routing): 3.69 ms with triton, 3.85 with torch.
@@ -132,13 +138,16 @@ DOWN_GEMM = "triton"
 W_TMA = False
 
 
-def gemm_blocks(which: str, interpreter: bool) -> GemmBlocks:
-    """The default :class:`GemmBlocks` of ``which`` ("up" or "down") on a GPU, or under the interpreter."""
+def gemm_blocks(which: str, interpreter: bool, float32: bool = False) -> GemmBlocks:
+    """The default :class:`GemmBlocks` of ``which`` ("up" or "down") on a GPU (``float32``: for float32 operands),
+    or under the interpreter."""
     if which not in ("up", "down"):
         raise ValueError(f"which must be 'up' or 'down', got {which!r}")
     if interpreter:
         return GemmBlocks(32, 64, 64, 4, 1)
-    return UP_BLOCKS if which == "up" else DOWN_BLOCKS
+    if which == "up":
+        return FLOAT32_UP_BLOCKS if float32 else UP_BLOCKS
+    return DOWN_BLOCKS
 
 
 def row_tiles(n_pairs: int, n_experts: int, block_m: int) -> int:
@@ -529,7 +538,7 @@ def grouped_swiglu(
         raise ValueError(f"order holds {order.numel()} pairs, expected tokens x k = {x.shape[0] * top_k}")
     inter = two_i // 2
     out = torch.empty((order.numel(), inter), dtype=x.dtype, device=x.device)
-    blocks = blocks or gemm_blocks("up", x.device.type != "cuda")
+    blocks = blocks or gemm_blocks("up", x.device.type != "cuda", x.dtype == torch.float32)
     return _launch_gemm(x, order, offs, w13, out, inter, top_k, True, True, blocks)
 
 
@@ -544,5 +553,5 @@ def grouped_down(act: Tensor, offs: Tensor, w2: Tensor, blocks: GemmBlocks | Non
     if offs.dtype != torch.int32 or offs.shape != (n_experts + 1,):
         raise ValueError(f"offs must be int32 [{n_experts + 1}], got {offs.dtype} {tuple(offs.shape)}")
     out = torch.empty((act.shape[0], hidden), dtype=act.dtype, device=act.device)
-    blocks = blocks or gemm_blocks("down", act.device.type != "cuda")
+    blocks = blocks or gemm_blocks("down", act.device.type != "cuda", act.dtype == torch.float32)
     return _launch_gemm(act, offs, offs, w2, out, hidden, 1, False, False, blocks)

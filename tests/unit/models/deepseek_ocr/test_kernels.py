@@ -1367,14 +1367,15 @@ def sm90() -> list[dict[str, Any]]:
 
 
 def test_compiles_for_sm90(sm90: list[dict[str, Any]]) -> None:
-    """Each kernel compiles for sm_90 without register spills (moe kernels at T=1 and T=8 block sizes); the
+    """Each kernel compiles for sm_90 without register spills (moe kernels at T=1 and T=8 block sizes; a float32
+    model's grouped GEMMs too: at the bf16 blocks its up GEMM spilled 34,360 bytes a thread); the
     kernels streaming weights or K/V use 16-byte loads (scalar loads would cost several x in bandwidth)."""
     kernels = {r["kernel"] for r in sm90}
     assert kernels >= {"_add_rms_norm_kernel", "_rope_kv_write_kernel", "_attn_combine_kernel", *STREAMING}
     assert kernels >= {"_pick_partial_kernel", "_pick_final_kernel"}
     for r in sm90:
         assert not r["error"], (r["kernel"], r["error"])
-        if r["role"] != "launch":  # a float32 model's, a GPU test's or the probe's setting: held to shared memory
+        if r["role"] not in ("launch", "float32"):  # a GPU test's or the probe's setting: held to shared memory
             continue
         assert r["spill_bytes"] in (0, None), r  # None: this Triton's ptxas was not found (cubin still built)
         if r["kernel"] in STREAMING:  # 16-byte loads, or 16-byte async copies where the loop is pipelined

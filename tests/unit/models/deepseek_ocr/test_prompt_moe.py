@@ -91,6 +91,14 @@ def test_fit_stages_keeps_the_pipeline_within_shared_memory() -> None:
     up = PM.GemmBlocks(128, 128, 64, 8, 4)
     assert PM.gemm_stages(up, True, 2, h200) == 4 and PM.gemm_stages(up, True, 4, h200) == 3
     assert PM.gemm_stages(up, False, 4, h200) == 4
+    # a float32 model's up GEMM has its own blocks (the bf16 ones spill on sm_90): [64, 128, 32] tiles are
+    # (64·32 + 2·128·32)·4 = 40,960 bytes a stage, so its three stages keep 81,920 in flight
+    f32_up = PM.gemm_blocks("up", interpreter=False, float32=True)
+    assert (f32_up.block_m, f32_up.block_n, f32_up.block_k) == (64, 128, 32)
+    assert PM.gemm_stages(f32_up, True, 4, h200) == 3 and PM.gemm_stages(f32_up, True, 4, 81_920) == 3
+    assert PM.gemm_stages(f32_up, True, 4, 81_919) == 2
+    assert PM.gemm_blocks("up", interpreter=False) == PM.UP_BLOCKS  # bf16 keeps the timed blocks
+    assert PM.gemm_blocks("down", interpreter=False, float32=True) == PM.DOWN_BLOCKS
 
 
 def test_row_tiles_bounds_every_routing() -> None:
@@ -130,6 +138,7 @@ def _pair_oracle(
         (torch.float32, 64, 48, PM.GemmBlocks(16, 32, 32, 4, 1), PM.GemmBlocks(16, 32, 16, 4, 1)),  # ragged N, K
         (torch.bfloat16, 96, 32, PM.GemmBlocks(16, 16, 64, 4, 1), PM.GemmBlocks(32, 64, 32, 4, 1)),
         (torch.bfloat16, 64, 32, None, None),  # the interpreter's default blocks
+        (torch.float32, 64, 128, PM.FLOAT32_UP_BLOCKS, PM.DOWN_BLOCKS),  # a float32 model's blocks on a GPU
     ],
 )
 def test_grouped_gemms_match_the_per_pair_oracle(
