@@ -94,3 +94,36 @@ def test_drain_narrowing_under_graphs(fast: FastModel, pages: list[PreparedPage]
     assert narrow.tokens == wide.tokens == plain.tokens
     again = gen.run_continuous(_requests(pages), 12, eos_token_id=None, no_repeat_ngram_size=NGRAM)
     assert again.graph_capture_s == 0.0 and again.tokens == narrow.tokens  # the narrower graphs kept and replayed
+
+
+@pytest.fixture(scope="module")
+def graphed_vision() -> FastModel:
+    """The tiny model with the vision towers replayed from CUDA graphs (static buffers shared by every call): what
+    the second stream's vision must not race with."""
+    cfg = DeepseekOCRConfig.from_json(TINY / "config.json")
+    model = build_model(cfg, "cuda", torch.float32, weights=TINY / "weights.safetensors")
+    return apply_fast_path(model, FastConfig(sam_compile=False, clip_compile=False, vision_graphs=True))
+
+
+@pytest.mark.parametrize("ahead", [1, 2])
+def test_vision_ahead_on_a_second_stream_changes_nothing(
+    graphed_vision: FastModel, pages: list[PreparedPage], ahead: int
+) -> None:
+    """Vision run ahead on a second stream, beside graph-replayed decode steps, gives every page the tokens of the
+    plain run (graphs, vision in the refills); with kept logits (un-graphed steps, the same second stream) each
+    chosen token's logits are those of the plain run's bit for bit: the same kernels on the same inputs."""
+    plain = _gen(graphed_vision).run_continuous(_requests(pages), SLOTS, eos_token_id=None, no_repeat_ngram_size=NGRAM)
+    run = _gen(graphed_vision).run_continuous(
+        _requests(pages), SLOTS, eos_token_id=None, no_repeat_ngram_size=NGRAM, vision_ahead=ahead
+    )
+    assert run.decode_path == "graph" and run.tokens == plain.tokens
+    assert run.pages_ahead == (5 if ahead == 2 else 4) and run.vision_ahead_s > 0
+    reqs = _requests(pages)
+    kept = [
+        _gen(graphed_vision).run_continuous(reqs, SLOTS, eos_token_id=None, keep_logits=True, vision_ahead=n)
+        for n in (0, ahead)
+    ]
+    assert kept[0].tokens == kept[1].tokens
+    assert kept[0].logits is not None and kept[1].logits is not None
+    for a, b in zip(kept[0].logits, kept[1].logits, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))

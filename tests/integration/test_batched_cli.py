@@ -186,3 +186,22 @@ def test_continuous_batching_without_narrowing(tmp_path: Path) -> None:
     assert b.output_tokens == sum(TARGETS.values())
     report = (run_dir / "report.md").read_text()
     assert "4 decode steps, 0 of them on a narrower batch" in report
+
+
+def test_continuous_batching_with_vision_ahead(tmp_path: Path) -> None:
+    """``infer.refill_vision_ahead=1``: the run's schedule is the plain one (the same 7 steps, drain and narrowed
+    step), and the pages whose vision ran ahead are counted and timed apart.  By hand: the first fill takes a and b,
+    c's vision runs ahead; a ends after step 1 and c fills its slot from ahead (d runs ahead), c ends after step 3
+    and d fills from ahead: 2 pages ahead."""
+    run_dir = tmp_path / "run"
+    result = run_cli([*_continuous_args(tmp_path), "repeats=1", "infer.refill_vision_ahead=1"], run_dir=run_dir)
+    assert result.returncode == 0, result.describe()
+    (b,) = read_summary(run_dir / "metrics.json").batches
+    assert (b.decode_steps, b.drain_steps, b.drain_tokens, b.narrowed_steps) == (7, 4, 7, 1)
+    assert b.output_tokens == sum(TARGETS.values()) and b.fills == 3
+    assert b.pages_ahead == 2 and b.vision_ahead_ms is not None and b.vision_ahead_ms > 0
+    report = (run_dir / "report.md").read_text()
+    assert "pages whose vision ran ahead of their refill (infer.refill_vision_ahead)" in report
+    assert "vision that held the slots up (fills, and enqueueing the vision run ahead" in report
+    config = (run_dir / "config.yaml").read_text()
+    assert "refill_vision_ahead: 1" in config

@@ -19,6 +19,15 @@ def test_mixed_table_has_the_steady_state_column() -> None:
     assert "| continuous | 4.000 | 17.0 | 12.5 | 75.0 % | 1.000 |" in text
     assert "continuous / static = 2.00× output tok/s" in text
     assert "median 4, min 2, max 7 tokens" in text
+    ahead = {**rows[1], "batching": "continuous, vision 2 ahead", "output_tok_per_s": 21.25, "vision_ahead_s": 0.25,
+             "pages_ahead": 2}  # fmt: skip
+    text = mixed_table([*rows, ahead], [3, 7, 2, 5])
+    assert "| continuous, vision 2 ahead | 4.000 | 21.2 |" in text
+    # 21.25 / 17.0 = 1.25 by hand
+    assert (
+        "- continuous, vision 2 ahead / continuous = 1.25× output tok/s (vision run ahead: 0.250 s over 2 pages, "
+        "on a second stream on CUDA; what held the slots up is in the stage time, on CPU all of it)" in text
+    )
 
 
 def test_table_shows_the_expert_slots_read_or_why_not() -> None:

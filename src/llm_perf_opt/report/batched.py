@@ -32,7 +32,13 @@ def render_batches(s: RunSummary) -> str:
     )
     rows += [
         stat_row(prefill_label, agg.get("prefill_ms"), "ms"),
-        stat_row(f"  vision (all pages of the {unit})", agg.get("vision_ms"), "ms"),
+        stat_row(
+            "  vision that held the slots up (fills, and enqueueing the vision run ahead: all of it on CPU)"
+            if "pages_ahead" in agg
+            else f"  vision (all pages of the {unit})",
+            agg.get("vision_ms"),
+            "ms",
+        ),
         stat_row("TPOT per sequence", agg.get("tpot_ms"), "ms/token",
                  reason="no decode step: every sequence ended at its first token"),
     ]  # fmt: skip
@@ -42,6 +48,11 @@ def render_batches(s: RunSummary) -> str:
     if continuous:
         rows.append(stat_row("refills per run (prefill rounds after the first fill)", agg.get("refills"), "fills",
                               digits=1, reason="no continuous run"))  # fmt: skip
+        if "pages_ahead" in agg:  # infer.refill_vision_ahead: what held the slots up is in the vision row
+            rows.append(stat_row("  pages whose vision ran ahead of their refill (infer.refill_vision_ahead)",
+                                  agg.get("pages_ahead"), "pages", digits=1))  # fmt: skip
+            rows.append(stat_row("  their vision's own time (on CUDA a second stream, beside the decode steps)",
+                                  agg.get("vision_ahead_ms"), "ms"))  # fmt: skip
     requested = max((b.requested_batch or 0) for b in s.batches)
     filled = max(min(b.batch, len(b.page_ids)) for b in s.batches)  # continuous: slots beyond the pages stay empty
     warning = (

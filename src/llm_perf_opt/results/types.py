@@ -165,6 +165,11 @@ class BatchRecord:
     drain_steps: int | None = None
     drain_ms: float | None = None
     drain_tokens: int | None = None
+    # continuous with infer.refill_vision_ahead: the own time of the vision run ahead of the refills (on CUDA on a
+    # second stream, beside the decode steps; what of it held the slots up is in ``vision_ms``, on CPU all of it)
+    # and how many pages it covered; None when nothing ran ahead
+    vision_ahead_ms: float | None = None
+    pages_ahead: int | None = None
     # continuous only: decode steps run on a narrower step than ``batch`` rows (the drain, once at most half the
     # slots held a sequence); None for static batches and old records
     narrowed_steps: int | None = None

@@ -334,6 +334,7 @@ class DeepSeekOCRSession:
                 eos_token_id=None if ignore_eos else self.backend.config.language.eos_token_id,
                 no_repeat_ngram_size=self.infer.no_repeat_ngram_size,
                 narrow_drain=self.infer.narrow_drain,
+                vision_ahead=self.infer.refill_vision_ahead,
             )
         wait_ms = res.page_wait_s * 1e3
         total_s = res.total_s
@@ -371,6 +372,8 @@ class DeepSeekOCRSession:
             drain_tokens=drain_tokens,
             narrowed_steps=sum(1 for rows in res.step_rows if rows < slots),
             row_steps=sum(res.step_rows),
+            vision_ahead_ms=res.vision_ahead_s * 1e3 if res.pages_ahead else None,
+            pages_ahead=res.pages_ahead or None,
         )
 
     def simulated_target(self, page: Page) -> int | None:

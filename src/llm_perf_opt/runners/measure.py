@@ -177,6 +177,8 @@ def batch_aggregates(batches: Sequence[BatchRecord]) -> dict[str, Stats]:
         "tpot_ms": [t for b in batches for t in b.tpot_ms],
         "slot_occupancy": [b.slot_occupancy for b in batches if b.slot_occupancy is not None],
         "refills": [float(b.fills - 1) for b in batches if b.batching == "continuous"],
+        "vision_ahead_ms": [b.vision_ahead_ms for b in batches if b.vision_ahead_ms is not None],
+        "pages_ahead": [float(b.pages_ahead) for b in batches if b.pages_ahead is not None],
     }
     out = {}
     for name, values in series.items():

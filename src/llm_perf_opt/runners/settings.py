@@ -366,6 +366,9 @@ class InferSettings:
     # with a step over the power of two of rows covering them (same tokens, fewer rows per kernel); false keeps
     # the full width to the end (to measure what narrowing saves)
     narrow_drain: bool = attrs.field(default=True, validator=_boolean)
+    # Continuous batching: pages past the filled slots whose vision runs ahead on a second CUDA stream, beside the
+    # decode steps, instead of in the refill that needs them (0 = off: each page's vision in its refill)
+    refill_vision_ahead: int = attrs.field(default=0, validator=_integer(0, example="1"))
     fast: FastSettings = attrs.field(factory=FastSettings)
     # name of the vendor resolution mode this preset stands for (a label; its geometry is preprocess_override)
     mode: str | None = attrs.field(default=None, validator=_text(optional=True))
@@ -406,6 +409,12 @@ class InferSettings:
                 f"the batched phase applies the plain no-repeat-ngram rule only, not {self.ngram_rule.describe()}",
                 hint="set infer.batch_size=1, or infer.no_repeat_ngram_window=null "
                 "infer.no_repeat_ngram_exempt_ids=[] infer.no_repeat_ngram_scope=sequence",
+            )
+        if self.refill_vision_ahead and (self.batch_size < 2 or self.batching != "continuous"):
+            raise ConfigError(
+                f"infer.refill_vision_ahead={self.refill_vision_ahead} applies to continuous batching's refills, but "
+                f"this run has infer.batch_size={self.batch_size} and infer.batching={self.batching}",
+                hint="add infer.batch_size=8 infer.batching=continuous, or set infer.refill_vision_ahead=0",
             )
 
     @property

@@ -265,6 +265,7 @@ class BatchedGenerator:
         no_repeat_ngram_size: int = 0,
         keep_logits: bool = False,
         narrow_drain: bool = True,
+        vision_ahead: int = 0,
     ) -> ContinuousResult:
         """Every page of ``source`` through ``slots`` continuously refilled sequence slots
         (:mod:`~llm_perf_opt.models.deepseek_ocr.continuous`); the static-batching :meth:`run` is kept beside it."""
@@ -277,6 +278,7 @@ class BatchedGenerator:
             no_repeat_ngram_size=no_repeat_ngram_size,
             keep_logits=keep_logits,
             narrow_drain=narrow_drain,
+            vision_ahead=vision_ahead,
         )
 
     def release_static(self) -> None:

@@ -32,7 +32,20 @@ width, below).
   warmed power-of-two chunks (``batched_vision.view_chunks``) that reason is gone, and batching a refill's views
   is the untried, unmeasured alternative.  It would change little: in the H200 goals run (256 pages, 64
   slots) the 192 pages after the first fill came in 184 refills (185 fills in all), 1.04 pages each.  The
-  refills' cost is that they run between decode steps, not beside them.
+  refills' cost is that they run between decode steps, not beside them (there: vision 5.7 s and LM prefill + K/V
+  insertion 6.3 s of a 33.2 s run).
+* **Vision ahead** (``vision_ahead`` = N > 0): after every fill the next N pages are taken from the source and
+  their vision runs at once on a second CUDA stream, so it overlaps the decode steps enqueued after it instead of
+  stalling every slot in the refill that needs the page.  The refill then waits on the device for that page's
+  vision (an event; nothing waits on the host) and runs only its LM prefill and K/V insertion.  Every vision call
+  is ordered after the one before it whichever stream it ran on (the second stream first waits for the main one,
+  a vision call on the main stream for the second), since the fast path's graphed towers keep static buffers;
+  the features are handed to the main stream's allocator (``record_stream``).  The same pages, in the same order,
+  get the same features, so tokens and logits do not change.  On CPU (no streams) the pages' vision simply runs
+  ahead of their refill.  ``vision_s`` is then the vision time on the main stream: what held the slots up, i.e.
+  a fill's wait for a page's vision that had not finished, and the main stream's time while the host enqueued
+  the vision run ahead (on CPU, where nothing overlaps, all of that vision).  ``vision_ahead_s`` is the run-ahead
+  vision's own time (on CUDA on the second stream, beside the decode steps; the steps it slowed show in theirs).
 * **The drain**: once the source is dry, slots only empty; a step over 64 rows of which a few still decode
   still routes 64 tokens through the experts and runs every kernel over 64 rows.  When at most half the rows
   hold a sequence, the run goes on with a step over the first ``n`` rows of the same cache (``n`` the power of
@@ -52,6 +65,8 @@ resolved once at the end; the host time spent waiting for the source's next page
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import math
 import time
 import warnings
@@ -120,6 +135,10 @@ class ContinuousResult:
     first_step: list[int] = attrs.field(factory=list)
     # per decode step: the rows of the step that ran it (``slots``, or fewer once the drain narrowed the batch)
     step_rows: list[int] = attrs.field(factory=list)
+    # the run-ahead vision's own time (``vision_ahead``; on CUDA on a second stream beside the decode steps); what of
+    # it held the slots up is in ``vision_s`` (on CPU all of it: nothing overlaps)
+    vision_ahead_s: float = 0.0
+    pages_ahead: int = 0  # pages whose vision ran ahead (the rest ran theirs in their fill)
 
     @property
     def pages(self) -> int:
@@ -414,6 +433,16 @@ def cache_len_for(need: int) -> int:
     return int(math.ceil(need / LEN_QUANTUM) * LEN_QUANTUM)
 
 
+@attrs.frozen
+class _Ahead:
+    """A page taken from the source whose vision ran ahead of its fill: its features and, on CUDA, the event
+    recorded on the vision stream after them (None on CPU)."""
+
+    request: SlotRequest
+    features: list[Tensor]
+    done: torch.cuda.Event | None
+
+
 class _Run:
     """One continuous run's host bookkeeping (see :func:`run_continuous`)."""
 
@@ -442,6 +471,9 @@ class _Run:
         self.fills = 0
         self.first_step: list[int] = []
         self.step_rows: list[int] = []  # the width of the step each decode step ran (narrower in the drain)
+        self.ahead: collections.deque[_Ahead] = collections.deque()  # pages taken, vision run ahead, not filled
+        self.ahead_marks: list[tuple[object, object]] = []  # each page's vision run ahead (second stream)
+        self.ahead_stalls: list[tuple[object, object]] = []  # main stream, around each run-ahead (see run_ahead)
 
     def take(self, n: int) -> list[SlotRequest]:
         got: list[SlotRequest] = []
@@ -465,6 +497,7 @@ def run_continuous(
     no_repeat_ngram_size: int = 0,
     keep_logits: bool = False,
     narrow_drain: bool = True,
+    vision_ahead: int = 0,
 ) -> ContinuousResult:
     """Decode every page of ``source`` greedily through ``slots`` continuously refilled slots (module doc).
 
@@ -472,9 +505,13 @@ def run_continuous(
     token's float32 logits row on the host; it reads the device after every step and never uses a graph.
     ``narrow_drain``: once the source is dry and at most half the step's rows hold a sequence, go on with a
     step half as wide or narrower (:meth:`SlotDecodeStep.narrowed`); False keeps the full width to the end.
+    ``vision_ahead``: how many pages past the filled slots have their vision run ahead, on a second CUDA stream
+    beside the decode steps (module doc); 0 runs each page's vision in its fill.
     """
     if slots < 1:
         raise ConfigError(f"continuous batching needs at least one slot, got {slots}")
+    if vision_ahead < 0:
+        raise ConfigError(f"vision_ahead must be >= 0 pages, got {vision_ahead}")
     if no_repeat_ngram_size < 0:
         raise ConfigError(f"no_repeat_ngram_size must be >= 0, got {no_repeat_ngram_size}")
     path = gen.decode_path_for([no_repeat_ngram_size], False)
@@ -486,9 +523,39 @@ def run_continuous(
     wall0 = time.perf_counter()
     step: SlotDecodeStep | None = None
 
+    device = gen.base.device
+    main = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    side = torch.cuda.Stream(device) if vision_ahead and main is not None else None
+
+    def encode_here(pages: list[PreparedPage]) -> list[Tensor]:
+        """Vision on the main stream, after every vision call run ahead (the towers' static buffers)."""
+        if side is not None and main is not None:
+            main.wait_stream(side)
+        return [f for p in pages for f in gen.encode_pages([p])]
+
+    def run_ahead() -> None:
+        """Take pages until ``vision_ahead`` wait with their vision done or enqueued on the second stream.  Two
+        marks on the main stream around it time what it held the slots up: on CPU (no second stream) the whole
+        vision, on CUDA the main stream's idle time while the host enqueued it; that goes into ``vision_s``."""
+        stall = clock.mark()
+        for req in run.take(vision_ahead - len(run.ahead)):
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                if side is not None and main is not None:
+                    side.wait_stream(main)  # after the fill before it (and any vision it ran)
+                a = clock.mark()
+                features = gen.encode_pages([req.prepared])
+                b = clock.mark()
+                done = torch.cuda.Event() if side is not None else None
+                if done is not None:
+                    done.record(side)
+            run.ahead_marks.append((a, b))
+            run.ahead.append(_Ahead(req, features, done))
+        run.ahead_stalls.append((stall, clock.mark()))
+
     def fill(rows: list[int]) -> None:
         nonlocal step
-        reqs = run.take(len(rows))
+        early = [run.ahead.popleft() for _ in range(min(len(rows), len(run.ahead)))]
+        reqs = [a.request for a in early] + run.take(len(rows) - len(early))
         if not reqs:
             return
         rows = rows[: len(reqs)]
@@ -502,9 +569,19 @@ def run_continuous(
             step = run.root = _step_for(gen, step, slots, cache_len_for(need), path == "graph", no_repeat_ngram_size)
         t0 = clock.mark()
         # the first fill batches its views across pages; a refill (usually a few pages) runs vision page by page
-        # (see the module doc: measured this way, the batched alternative is not)
+        # (see the module doc: measured this way, the batched alternative is not); pages whose vision ran ahead
+        # come first (they were taken first), waited for on the device
         first_fill = run.fills == 0
-        features = gen.encode_pages(pages) if first_fill else [f for p in pages for f in gen.encode_pages([p])]
+        features: list[Tensor] = []
+        for a in early:
+            if a.done is not None and main is not None:
+                main.wait_event(a.done)
+                for f in a.features:
+                    f.record_stream(main)
+            features += a.features
+        rest = pages[len(early) :]
+        if rest:
+            features += gen.encode_pages(rest) if first_fill else encode_here(rest)
         run.fills += 1
         t1 = clock.mark()
         length = max(lens)
@@ -536,6 +613,8 @@ def run_continuous(
         if kept is not None:
             kept.clear()
         fill(list(range(slots)))
+        if vision_ahead and not run.exhausted:
+            run_ahead()
         while any(p is not None for p in run.slot_page):
             assert step is not None
             step.set_eos(eos)
@@ -546,10 +625,12 @@ def run_continuous(
                 for b in finished:
                     run.slot_page[b] = None
                 fill(finished)
+                if vision_ahead and not run.exhausted:
+                    run_ahead()
                 unfilled = [b for b in finished if run.slot_page[b] is None]
                 if unfilled:
                     step.empty(unfilled)
-                    if narrow_drain and run.exhausted:
+                    if narrow_drain and run.exhausted and not run.ahead:
                         step = _narrow(run, step)
                 continue
             # rows whose cap allows more tokens (with eos some of them may already be done on the device: they
@@ -592,6 +673,8 @@ def run_continuous(
     gen._slots = run.root  # the full-width step (its narrower ones hang on it), kept for the next run
     tokens = [t if isinstance(t, list) else [int(x) for x in t.tolist()] for t in run.tokens]
     vision_ms = sum(clock.elapsed_ms(a, b) for a, b, _ in run.fill_marks)
+    vision_ms += sum(clock.elapsed_ms(a, b) for a, b in run.ahead_stalls)
+    ahead_ms = sum(clock.elapsed_ms(a, b) for a, b in run.ahead_marks)
     prefill_ms = sum(clock.elapsed_ms(b, c) for _, b, c in run.fill_marks)
     step_ms = [ms for marks in run.step_runs for ms in clock.intervals_ms(marks)]
     return ContinuousResult(
@@ -612,6 +695,8 @@ def run_continuous(
         logits=run.logits,
         first_step=run.first_step,
         step_rows=run.step_rows,
+        vision_ahead_s=ahead_ms / 1e3,
+        pages_ahead=len(run.ahead_marks),
     )
 
 

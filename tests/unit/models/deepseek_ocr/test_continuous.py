@@ -235,6 +235,52 @@ def test_bad_arguments(model: DeepseekOCRForCausalLM, pages: list[PreparedPage])
         gen.run_continuous([SlotRequest(pages[0], 0)], 1, eos_token_id=None)
     with torch.inference_mode(), pytest.raises(ConfigError):
         gen.run_continuous(requests(pages), 2, eos_token_id=None, no_repeat_ngram_size=-1)
+    with pytest.raises(ConfigError, match="vision_ahead must be >= 0"):
+        gen.run_continuous(requests(pages), 2, eos_token_id=None, vision_ahead=-1)
+
+
+@pytest.mark.parametrize(("ahead", "pages_ahead"), [(1, 4), (2, 5)])
+def test_vision_ahead_keeps_every_page_as_alone(
+    model: DeepseekOCRForCausalLM,
+    pages: list[PreparedPage],
+    monkeypatch: pytest.MonkeyPatch,
+    ahead: int,
+    pages_ahead: int,
+) -> None:
+    """Pages whose vision ran ahead of their refill get their own features, in arrival order: tokens and logits
+    stay those of each page alone, the schedule is the plain run's, and every page is encoded once.  By hand (the
+    schedule of test_without_kept_logits_same_tokens: refills of pages 3 | 4, 5, then 6 | 7): with 2 ahead all
+    five refill pages ran ahead; with 1 ahead the refill of two pages at step 8 takes page 4 from ahead and page 5
+    from the source (4 pages ahead), so an ahead page and a fresh one share a fill."""
+    gen = BatchedGenerator(model)
+    encoded: list[int] = []
+    encode = gen.encode_pages
+
+    def spy(batch: list[PreparedPage]) -> list[torch.Tensor]:
+        encoded.extend(id(p) for p in batch)
+        return encode(batch)
+
+    monkeypatch.setattr(gen, "encode_pages", spy)
+    res = gen.run_continuous(requests(pages), SLOTS, eos_token_id=None, keep_logits=True, vision_ahead=ahead)
+    assert_matches_alone(model, pages, res, None, 0)
+    assert res.first_step == [0, 0, 0, 3, 8, 8, 8, 12] and res.fills == 5
+    assert res.pages_ahead == pages_ahead and res.vision_ahead_s > 0
+    assert sorted(encoded) == sorted(id(pages[i]) for i, _ in WORKLOAD)  # every page once (two share a fixture)
+
+
+def test_vision_ahead_times_with_a_scripted_clock(model: DeepseekOCRForCausalLM, pages: list[PreparedPage]) -> None:
+    """The vision run ahead is timed on its own (two marks a page: 1 ms each), and what it held the main stream up
+    (two marks around each run-ahead, after each fill until the source is found dry) is vision time of the run: on
+    CPU all of it, since nothing overlaps, so no rate gains from moving it.  By hand: run-aheads after the first
+    fill and the refills at steps 3, 8 and 8 (the page that ended at its prefill) take 2, 1, 2 and 0 pages (the
+    last finds the source dry; no more run), so their main-stream intervals are 1 + 2k ms: 5 + 3 + 5 + 1 = 14 ms;
+    with the fills' 5 ms, vision is 19 ms."""
+    gen = BatchedGenerator(model, clock=ScriptedClock())
+    res = gen.run_continuous(requests(pages), SLOTS, eos_token_id=None, vision_ahead=2)
+    assert (res.pages_ahead, res.vision_ahead_s) == (5, pytest.approx(5e-3))
+    assert res.fills == 5 and res.vision_s == pytest.approx(19e-3)
+    assert res.step_ms == [1.0] * 18
+    assert res.total_s == pytest.approx((19 + 5 + 18) * 1e-3)
 
 
 class ScriptedClock:
