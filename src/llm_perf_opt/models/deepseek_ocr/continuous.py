@@ -536,9 +536,13 @@ def run_continuous(
     def run_ahead() -> None:
         """Take pages until ``vision_ahead`` wait with their vision done or enqueued on the second stream.  Two
         marks on the main stream around it time what it held the slots up: on CPU (no second stream) the whole
-        vision, on CUDA the main stream's idle time while the host enqueued it; that goes into ``vision_s``."""
+        vision, on CUDA the main stream's idle time while the host enqueued it; that goes into ``vision_s``.  The
+        pages are taken first, so a wait for the source stays page wait (``page_wait_s``), outside every stage."""
+        reqs = run.take(vision_ahead - len(run.ahead))
+        if not reqs:
+            return
         stall = clock.mark()
-        for req in run.take(vision_ahead - len(run.ahead)):
+        for req in reqs:
             with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
                 if side is not None and main is not None:
                     side.wait_stream(main)  # after the fill before it (and any vision it ran)

@@ -10,6 +10,7 @@ continuous batching must give the same greedy tokens and every chosen token's lo
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 
 import attrs
 import pytest
@@ -273,14 +274,22 @@ def test_vision_ahead_times_with_a_scripted_clock(model: DeepseekOCRForCausalLM,
     (two marks around each run-ahead, after each fill until the source is found dry) is vision time of the run: on
     CPU all of it, since nothing overlaps, so no rate gains from moving it.  By hand: run-aheads after the first
     fill and the refills at steps 3, 8 and 8 (the page that ended at its prefill) take 2, 1, 2 and 0 pages (the
-    last finds the source dry; no more run), so their main-stream intervals are 1 + 2k ms: 5 + 3 + 5 + 1 = 14 ms;
-    with the fills' 5 ms, vision is 19 ms."""
-    gen = BatchedGenerator(model, clock=ScriptedClock())
-    res = gen.run_continuous(requests(pages), SLOTS, eos_token_id=None, vision_ahead=2)
+    last finds the source dry: no marks, no more run-aheads), so their main-stream intervals are 1 + 2k ms:
+    5 + 3 + 5 = 13 ms; with the fills' 5 ms, vision is 18 ms.  The source's pages arrive 100 ms late each on the
+    same clock: that is page wait, taken before any mark, so no stage time holds it."""
+    clock = ScriptedClock()
+
+    def slow_source() -> Iterator[SlotRequest]:  # each page arrives 100 ms late: page wait, in no stage time
+        for req in requests(pages):
+            clock.now_ns += 100_000_000
+            yield req
+
+    gen = BatchedGenerator(model, clock=clock)
+    res = gen.run_continuous(slow_source(), SLOTS, eos_token_id=None, vision_ahead=2)
     assert (res.pages_ahead, res.vision_ahead_s) == (5, pytest.approx(5e-3))
-    assert res.fills == 5 and res.vision_s == pytest.approx(19e-3)
+    assert res.fills == 5 and res.vision_s == pytest.approx(18e-3)
     assert res.step_ms == [1.0] * 18
-    assert res.total_s == pytest.approx((19 + 5 + 18) * 1e-3)
+    assert res.total_s == pytest.approx((18 + 5 + 18) * 1e-3)
 
 
 class ScriptedClock:
