@@ -14,7 +14,7 @@ import gzip
 import json
 from pathlib import Path
 
-from llm_perf_opt.profiling.torch_profiler import kernel_attribution, trace_ranges_device_ms
+from llm_perf_opt.profiling.torch_profiler import kernel_attribution, trace_range_spans_ms
 
 
 def main() -> None:
@@ -45,7 +45,7 @@ def main() -> None:
     for k in att.kernels:
         name = k.name if len(k.name) <= 80 else k.name[:79] + "…"
         print(f"| `{name}` | {k.calls:,} | {k.device_ms:,.3f} | {k.mean_device_us:,.2f} | {k.pct_of_device:.2f} |")
-    spans = trace_ranges_device_ms(events)
+    spans = trace_range_spans_ms(events)
     print("\n| range | GPU span ms | kernel busy ms |\n|---|---:|---:|")
     for n, (span, busy) in sorted(spans.items()):
         print(f"| {n} | {span:,.3f} | {busy:,.3f} |")

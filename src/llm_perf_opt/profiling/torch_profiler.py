@@ -117,7 +117,7 @@ def range_times_ms(prof: Any) -> dict[str, float]:
 
     On CUDA the profiler also lists each range's mirror on the GPU timeline under the same name, with zero
     host time; letting that entry overwrite the host one reported 0 ms for every range with device work.
-    The mirrors' GPU spans come from the trace (``trace_ranges_device_ms``).
+    The mirrors' GPU spans come from the trace (``trace_range_spans_ms``).
     """
     from torch.autograd import DeviceType
 
@@ -336,7 +336,7 @@ def _length(intervals: list[tuple[float, float]]) -> float:
     return sum(end - start for start, end in intervals)
 
 
-def trace_ranges_device_ms(
+def trace_range_spans_ms(
     events: list[dict[str, Any]], names: tuple[str, ...] = RANGE_NAMES
 ) -> dict[str, tuple[float, float]]:
     """Per named range: (GPU-side span, kernel busy time inside it) in ms, from the trace's events.
@@ -397,7 +397,7 @@ def run_profiler_pass(
             trace_file = "trace.json.gz"
         raw.unlink()
     attribution = kernel_attribution(events, top_k) if on_device else None
-    ranges = trace_ranges_device_ms(events)
+    ranges = trace_range_spans_ms(events)
     if attribution is not None:
         kernels_reason = None
     elif on_device:

@@ -138,7 +138,7 @@ def test_gpu_ranges_span_and_busy_from_synthetic_trace() -> None:
             {"cat": "kernel", "name": "k4", "ts": 2100, "dur": 300},
         ]
     }
-    out = torch_profiler.trace_ranges_device_ms(trace["traceEvents"])
+    out = torch_profiler.trace_range_spans_ms(trace["traceEvents"])
     assert set(out) == {"prefill", "decode"}
     assert out["prefill"] == (pytest.approx(1.0), pytest.approx(0.35))
     assert out["decode"] == (pytest.approx(0.5), pytest.approx(0.3))
@@ -303,7 +303,7 @@ def test_range_device_spans_from_the_trace() -> None:
         {"cat": "user_annotation", "name": "sam", "ts": 0, "dur": 99999},  # host side: not a GPU span
         {"cat": "gpu_user_annotation", "name": "decode", "ts": 9000, "dur": 250},
     ]
-    spans = torch_profiler.trace_ranges_device_ms(events)
+    spans = torch_profiler.trace_range_spans_ms(events)
     assert spans == {"sam": (pytest.approx(2.0), 0.0), "decode": (pytest.approx(0.25), 0.0)}  # no kernel: not busy
 
 
@@ -333,7 +333,7 @@ def test_a_range_on_two_streams_spans_the_union_of_its_mirrors() -> None:
         {"cat": "kernel", "name": "b", "ts": 200, "dur": 200, "pid": 0, "tid": 9},
         {"cat": "kernel", "name": "c", "ts": 3_100, "dur": 100, "pid": 0, "tid": 7},
     ]
-    out = torch_profiler.trace_ranges_device_ms(events)
+    out = torch_profiler.trace_range_spans_ms(events)
     assert out["decode"] == (pytest.approx(0.35), 0.0)  # two mirrors without an id: two occurrences, no kernel
     assert out["prefill"] == (pytest.approx(16.0), pytest.approx(0.4))  # a-b's union 0.3 + c 0.1
     assert out["sam"] == (pytest.approx(1.7), pytest.approx(0.3))  # a-b inside the tiles' chain, nothing in 800-1500
