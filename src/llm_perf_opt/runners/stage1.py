@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +47,12 @@ def prepare_run_dir(settings: RunSettings) -> Path:
         out = PROJECT_ROOT / out
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-probe"
-        probe.write_text("ok")
-        probe.unlink()
+        # a probe of this process's own (two runs started into one dir probe at once: with one shared name, one
+        # run's unlink removed the other's probe, and the other failed as "not writable"; claim_run_dir then
+        # refuses the second writer with its own message)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as exc:
         raise OutputError(
             f"run directory {out} is not writable: {exc.strerror or exc}",

@@ -162,3 +162,38 @@ def test_fifo_weight_file_is_refused_before_opening(tmp_path: Path) -> None:
     files = find_weight_files(tmp_path)
     with pytest.raises(ModelLoadError, match=r"x.safetensors is not a regular file \(a FIFO"):
         _read_headers(files)  # safe_open on the FIFO would block forever
+
+
+def test_write_probe_is_this_processs_own(tmp_path: Path) -> None:
+    """Two runs started into one dir probe it at once (the CLI test of two concurrent writers once failed in CI-like
+    load as "not writable: No such file or directory": with one shared probe name one run's unlink removed the
+    other's probe).  Another process's probe is left alone, ours leaves nothing behind, and many probes at once (8
+    threads, file calls release the GIL) never fail."""
+    import threading
+    from types import SimpleNamespace
+
+    from llm_perf_opt.runners.stage1 import prepare_run_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    foreign = out / ".write-probe"  # the old shared name, as another process's probe in flight
+    foreign.write_text("theirs")
+    settings = SimpleNamespace(output=SimpleNamespace(dir=str(out)))
+    assert prepare_run_dir(settings) == out  # type: ignore[arg-type]
+    assert sorted(p.name for p in out.iterdir()) == [".write-probe"] and foreign.read_text() == "theirs"
+    errors: list[BaseException] = []
+
+    def probe_many() -> None:
+        try:
+            for _ in range(50):
+                prepare_run_dir(settings)  # type: ignore[arg-type]
+        except BaseException as exc:  # collected for the assertion below, not swallowed
+            errors.append(exc)
+
+    threads = [threading.Thread(target=probe_many) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sorted(p.name for p in out.iterdir()) == [".write-probe"]
