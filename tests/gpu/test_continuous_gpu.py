@@ -19,6 +19,7 @@ from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, build_model
 from llm_perf_opt.models.deepseek_ocr.batched import BatchedGenerator
 from llm_perf_opt.models.deepseek_ocr.continuous import LEN_QUANTUM, SlotRequest
 from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, FastModel, apply_fast_path
+from llm_perf_opt.models.deepseek_ocr.graphs import default_capture_stream
 from llm_perf_opt.models.deepseek_ocr.preprocess import PreparedPage
 from llm_perf_opt.profiling.timers import DeviceClock
 from tests.conftest import TINY, requires_cuda, tiny_case_pages
@@ -118,6 +119,10 @@ def test_vision_ahead_on_a_second_stream_changes_nothing(
     )
     assert run.decode_path == "graph" and run.tokens == plain.tokens
     assert run.pages_ahead == (5 if ahead == 2 else 4) and run.vision_ahead_s > 0
+    # the vision graphs are captured apart from the steps' graphs (torch's shared capture stream): one cuBLAS
+    # workspace per capture stream, and the two replay side by side here
+    handles = [s.cuda_stream for s in graphed_vision.vision.capture_streams]
+    assert len(handles) == 2 and default_capture_stream().cuda_stream not in handles
     reqs = _requests(pages)
     kept = [
         _gen(graphed_vision).run_continuous(reqs, SLOTS, eos_token_id=None, keep_logits=True, vision_ahead=n)

@@ -40,7 +40,9 @@ width, below).
   vision (an event; nothing waits on the host) and runs only its LM prefill and K/V insertion.  Every vision call
   is ordered after the one before it whichever stream it ran on (the second stream first waits for the main one,
   a vision call on the main stream for the second), since the fast path's graphed towers keep static buffers;
-  the features are handed to the main stream's allocator (``record_stream``).  The same pages, in the same order,
+  the features are handed to the main stream's allocator (``record_stream``).  The second stream is drawn apart
+  from the main one and from the capture streams of the steps' and the vision's graphs (one cuBLAS workspace per
+  stream, baked into a graph captured on it: ``graphs.stream_apart``).  The same pages, in the same order,
   get the same features, so tokens and logits do not change.  On CPU (no streams) the pages' vision simply runs
   ahead of their refill.  ``vision_s`` is then the vision time on the main stream: what held the slots up, i.e.
   a fill's wait for a page's vision that had not finished, and the main stream's time while the host enqueued
@@ -82,7 +84,7 @@ from llm_perf_opt.errors import ConfigError
 from llm_perf_opt.models.deepseek_ocr.batched_decode import DecodeRows
 from llm_perf_opt.models.deepseek_ocr.context import decode_key_mask
 from llm_perf_opt.models.deepseek_ocr.generation import banned_ngram_mask
-from llm_perf_opt.models.deepseek_ocr.graphs import capture_graph, first_argmax
+from llm_perf_opt.models.deepseek_ocr.graphs import capture_graph, default_capture_stream, first_argmax, stream_apart
 from llm_perf_opt.models.deepseek_ocr.kv_cache import StaticKVCache
 from llm_perf_opt.models.deepseek_ocr.model import DeepseekOCRForCausalLM
 from llm_perf_opt.models.deepseek_ocr.preprocess import PreparedPage
@@ -525,7 +527,12 @@ def run_continuous(
 
     device = gen.base.device
     main = torch.cuda.current_stream(device) if device.type == "cuda" else None
-    side = torch.cuda.Stream(device) if vision_ahead and main is not None else None
+    side: torch.cuda.Stream | None = None
+    if vision_ahead and main is not None:
+        # not the capture stream of the step's graphs (torch's shared one) nor the vision graphs': their cuBLAS
+        # workspaces are baked in, and the vision's own GEMMs on this stream run beside the steps' replays
+        vision_streams = gen.fast.vision.capture_streams if gen.fast is not None else ()
+        side = stream_apart(lambda: torch.cuda.Stream(device), [default_capture_stream(), main, *vision_streams])
 
     def encode_here(pages: list[PreparedPage]) -> list[Tensor]:
         """Vision on the main stream, after every vision call run ahead (the towers' static buffers)."""

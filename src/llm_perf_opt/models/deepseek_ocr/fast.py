@@ -87,7 +87,13 @@ from llm_perf_opt.models.deepseek_ocr.decoder import EXPERT_IMPLS, DecoderLayer,
 from llm_perf_opt.models.deepseek_ocr.fast_decoder import TRITON_MAX_ROWS, FastDecoder
 from llm_perf_opt.models.deepseek_ocr.fast_layers import GroupedMoE, convert_layer, fuse_linears
 from llm_perf_opt.models.deepseek_ocr.generation import NoRepeatNGram
-from llm_perf_opt.models.deepseek_ocr.graphs import ShapeGraphs, capture_graph, first_argmax
+from llm_perf_opt.models.deepseek_ocr.graphs import (
+    ShapeGraphs,
+    capture_graph,
+    default_capture_stream,
+    first_argmax,
+    stream_apart,
+)
 from llm_perf_opt.models.deepseek_ocr.kv_cache import StaticKVCache
 from llm_perf_opt.models.deepseek_ocr.model import DEFAULT_SDPA_BACKENDS, DeepseekOCRForCausalLM
 from llm_perf_opt.models.deepseek_ocr.sam import SAM_ATTENTION, SamEncoder, sam_block_fast
@@ -364,18 +370,19 @@ class VisionFast:
         # v1's CLIP attention that runs (ClipVisionFast): cfg.clip_attention, or "sdpa" where its kernel cannot
         self.clip_attention: str | None = None
         self.clip_attention_note: str | None = None
-        # vision_streams (CUDA): the global view's stream, and one capture stream per view chain (the chains' graphs
-        # replay concurrently, so they must not share the cuBLAS workspace of one capture stream: capture_graph)
+        # vision_streams (CUDA): the global view's stream.  On CUDA, one capture stream per view chain: the chains'
+        # graphs replay concurrently with vision_streams, so they must not share the cuBLAS workspace of one capture
+        # stream (capture_graph); and neither is torch's shared capture stream, where the decode steps' graphs are
+        # captured, since continuous batching's refill vision can run beside those (run_continuous's vision_ahead)
         self.view_stream: torch.cuda.Stream | None = None
         self._capture_streams: tuple[torch.cuda.Stream, torch.cuda.Stream] | None = None
         device = sam.pos_embed.device
-        if cfg.vision_streams and device.type == "cuda":
-            self.view_stream = torch.cuda.Stream(device)
-            # torch hands out pool streams round-robin: draw until the crops' chain has a stream of its own
-            own = torch.cuda.Stream(device)
-            crops = torch.cuda.Stream(device)
-            while crops.cuda_stream == own.cuda_stream:
-                crops = torch.cuda.Stream(device)
+        if device.type == "cuda":
+            if cfg.vision_streams:
+                self.view_stream = torch.cuda.Stream(device)
+            shared = default_capture_stream()
+            own = stream_apart(lambda: torch.cuda.Stream(device), [shared])
+            crops = stream_apart(lambda: torch.cuda.Stream(device), [shared, own])
             self._capture_streams = (own, crops)
 
     def _set_tower(self, name: str, module: Any, layer_fast: Any, views_fast: Any = None, **bound: Any) -> None:
@@ -402,10 +409,17 @@ class VisionFast:
             self.graphs[name] = ShapeGraphs(fn, None if self._capture_streams is None else self._capture_stream)
         return self.graphs[name]
 
+    @property
+    def capture_streams(self) -> tuple[torch.cuda.Stream, ...]:
+        """The streams this vision's graphs are captured on (none off CUDA): work beside a replay must avoid them."""
+        return self._capture_streams or ()
+
     def _capture_stream(self) -> torch.cuda.Stream | None:
         """The capture stream of the view chain running now: the global view's on ``view_stream``, else the crops'."""
-        if self._capture_streams is None or self.view_stream is None:
+        if self._capture_streams is None:
             return None
+        if self.view_stream is None:
+            return self._capture_streams[1]
         current = torch.cuda.current_stream(self.view_stream.device)
         return self._capture_streams[0 if current.cuda_stream == self.view_stream.cuda_stream else 1]
 

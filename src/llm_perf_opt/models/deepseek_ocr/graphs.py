@@ -11,13 +11,22 @@ from __future__ import annotations
 import contextlib
 import gc
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["SDPA_POLICIES", "ResizedTables", "ShapeGraphs", "capture_graph", "check_sdpa_policy", "first_argmax"]
+__all__ = [
+    "SDPA_POLICIES",
+    "ResizedTables",
+    "ShapeGraphs",
+    "capture_graph",
+    "check_sdpa_policy",
+    "default_capture_stream",
+    "first_argmax",
+    "stream_apart",
+]
 
 # The vision towers' SDPA backend policies (``FastConfig.vision_sdpa``).  The SDPA backend of a compiled block is
 # chosen while Dynamo traces it, from the backend flags the policy's context sets, and Dynamo does not guard on
@@ -31,6 +40,30 @@ def check_sdpa_policy(policy: str) -> None:
     """Refuse an unknown SDPA policy name (and, inside a compiled block, key the compiled graph on it)."""
     if policy not in SDPA_POLICIES:
         raise ValueError(f"unknown vision SDPA policy {policy!r}; expected one of {', '.join(SDPA_POLICIES)}")
+
+
+def default_capture_stream() -> torch.cuda.Stream:
+    """torch's shared capture stream: where :func:`capture_graph` captures without a ``stream`` (the decode and prefill
+    graphs).  ``torch.cuda.graph``'s constructor makes it once (a pool stream); constructing one here makes sure it
+    exists, so a stream drawn to differ from it (:func:`stream_apart`) cannot be handed out as it later."""
+    torch.cuda.graph(torch.cuda.CUDAGraph())  # constructed, not entered: nothing is captured
+    stream = torch.cuda.graph.default_capture_stream
+    assert stream is not None
+    return stream
+
+
+def stream_apart(make: Callable[[], Any], avoid: Iterable[Any], tries: int = 64) -> Any:
+    """A stream from ``make`` (e.g. ``lambda: torch.cuda.Stream(device)``) whose handle (``cuda_stream``) is none of
+    ``avoid``'s.  torch hands out pool streams round-robin, so a new stream can be one already in use.  Work that
+    runs *concurrently* must not use one cuBLAS workspace, and cuBLAS keeps one per (handle, stream), which a graph
+    captured on a stream bakes in (:func:`capture_graph`): the streams of work that overlaps, and the capture streams
+    of graphs that replay beside it, must differ."""
+    taken = {s.cuda_stream for s in avoid if s is not None}
+    for _ in range(tries):
+        stream = make()
+        if stream.cuda_stream not in taken:
+            return stream
+    raise RuntimeError(f"no stream apart from {len(taken)} in use after {tries} draws")
 
 
 def capture_graph(

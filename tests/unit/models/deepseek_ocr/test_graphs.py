@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from collections.abc import Iterator
+import itertools
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -112,3 +113,22 @@ def test_a_given_stream_takes_the_warm_up_and_the_capture() -> None:
     (warm, fresh), (capture, default) = streams_used
     assert (warm, capture, default) == ("warm-up", "capture", None)
     assert isinstance(fresh, _Stream) and fresh is not own
+
+
+def test_stream_apart_skips_streams_in_use() -> None:
+    """torch's stream pool hands streams out round-robin, so a new stream can be one in use: ``stream_apart`` draws
+    until the handle differs from every avoided one (None entries ignored), and says so when it cannot.  Fake
+    streams stand in for a pool of four handles, 1 2 3 4 1 2 ..."""
+    from types import SimpleNamespace
+
+    from llm_perf_opt.models.deepseek_ocr.graphs import stream_apart
+
+    def pool() -> Callable[[], SimpleNamespace]:
+        handles = itertools.cycle([1, 2, 3, 4])
+        return lambda: SimpleNamespace(cuda_stream=next(handles))
+
+    used = [SimpleNamespace(cuda_stream=h) for h in (1, 2)]
+    assert stream_apart(pool(), [*used, None]).cuda_stream == 3  # 1 and 2 in use: the third draw
+    assert stream_apart(pool(), []).cuda_stream == 1
+    with pytest.raises(RuntimeError, match="no stream apart from 4 in use after 8 draws"):
+        stream_apart(pool(), [SimpleNamespace(cuda_stream=h) for h in (1, 2, 3, 4)], tries=8)
