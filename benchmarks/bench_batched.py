@@ -42,6 +42,7 @@ Imports only torch/attrs/safetensors/pillow code paths (no hydra).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import statistics
@@ -64,6 +65,7 @@ from llm_perf_opt.profiling.timers import DeviceClock
 from llm_perf_opt.runners.prefetch import Prefetcher
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmath next to this script, also under `python -m`
+from bench_fast import spread_routing
 from benchmath import batched_goal, batched_speedups, p90_ms
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,6 +161,38 @@ def measure(
         "capture_error": gen.capture_error,
         "peak_gib": peak,
     }
+
+
+def routing(
+    args: argparse.Namespace, cfg: DeepseekOCRConfig, rows: int
+) -> contextlib.AbstractContextManager[list[int]]:
+    """With ``--spread-routing``: the ``rows``-row router calls (a decode step of that many sequences) spread at random
+    after the router (``bench_fast.spread_routing``); else the dummy model's own routing.  Yields the calls spread."""
+    if not args.spread_routing:
+        return contextlib.nullcontext([])
+    lang = cfg.language
+    return spread_routing(rows, lang.n_routed_experts, lang.num_experts_per_tok, args.seed, args.device)
+
+
+def routing_note(requested: bool, unapplied: list[int]) -> str:
+    """The report's routing line: what the decode steps' experts read."""
+    if not requested:
+        return (
+            "Routing: the dummy model's own. Its rows greedily repeat one token, so they share a few experts and a "
+            "step reads far fewer expert weights than real pages would (the expert slots read column says how "
+            "many); `--spread-routing` reads every expert, as real pages do."
+        )
+    note = (
+        "Routing: each decode step's picks spread at random after the router (every expert of every layer read, as "
+        "on real pages; the router still runs), at a batch's full width"
+    )
+    if unapplied:
+        sizes = ", ".join(str(n) for n in unapplied)
+        note += (
+            f"; not applied at batch {sizes}: no Triton router ran at that row count, so the dummy model's own "
+            "routing ran there"
+        )
+    return note + "."
 
 
 def mixed_workload(
@@ -383,6 +417,13 @@ def main() -> None:
         help="--mixed-pages: also run continuous batching with this many pages' vision run ahead of their refills "
         "on a second CUDA stream (infer.refill_vision_ahead), printed as a ratio to the plain continuous run",
     )
+    ap.add_argument(
+        "--spread-routing",
+        action="store_true",
+        help="spread each decode step's routing at random after the router (every expert read, as on real pages; "
+        "the dummy model's rows repeat one token and share a few experts); a benchmark double: tokens are not the "
+        "model's",
+    )
     ap.add_argument("--check-every", type=int, default=16, help="static loop: steps between eos checks")
     ap.add_argument("--mode", default="base", help="PreprocessConfig.for_mode name")
     ap.add_argument(
@@ -428,12 +469,17 @@ def main() -> None:
     loops = DECODE_LOOPS[args.decode]
 
     rows: list[dict[str, Any]] = []
+    unspread: list[int] = []  # batch sizes --spread-routing could not reach (no Triton router at that row count)
     for bsz in batches:
-        read = experts_read(target, pages[:bsz], 8, eos, args) if args.model == "fast" else None
+        with routing(args, cfg, bsz) as spread:
+            read = experts_read(target, pages[:bsz], 8, eos, args) if args.model == "fast" else None
+        if args.spread_routing and not spread:
+            unspread.append(bsz)
         print(f"batch {bsz}: {_opt(read, 1)} expert slots read per MoE layer per decode step", flush=True)
         for ngram, loop in [(n, loop) for n in args.ngram for loop in loops]:
             gen = generator(target, loop, args)
-            row = measure(gen, pages[:bsz], args.tokens, eos, warmup_tokens, ngram)
+            with routing(args, cfg, bsz):
+                row = measure(gen, pages[:bsz], args.tokens, eos, warmup_tokens, ngram)
             gen.release_decode_state()  # free the kept graph and cache before the next loop / batch size
             row["experts_read"] = read
             rows.append(row)
@@ -466,7 +512,7 @@ def main() -> None:
         f"(eos check every {args.check_every} steps); warm-up run of each shape first ({warmup_tokens} tokens), "
         f"capture excluded from the timed run.\n"
     )
-    report = f"{header}\n{table(rows)}\n"
+    report = f"{header}\n{routing_note(args.spread_routing, unspread)}\n\n{table(rows)}\n"
     if args.preprocess_workers:
         pp = preprocess_rates(cfg, max(batches), args.mode, args.preprocess_workers)
         report += (
@@ -479,7 +525,10 @@ def main() -> None:
         gen = generator(target, "graph" if device.type == "cuda" else "static", args)
         mixed_pages, caps = mixed_workload(cfg, args.mixed_pages, args.mode, args.mixed_median, args.mixed_sigma,
                                            args.seed)  # fmt: skip
-        mixed = static_vs_continuous(gen, mixed_pages, caps, max(batches), args.ngram_mixed, args.vision_ahead)
+        with routing(args, cfg, max(batches)) as spread:
+            mixed = static_vs_continuous(gen, mixed_pages, caps, max(batches), args.ngram_mixed, args.vision_ahead)
+        if args.spread_routing and not spread and max(batches) not in unspread:
+            unspread.append(max(batches))
         del gen
         report += "\n" + mixed_table(mixed, caps) + "\n"
         rows_mixed: list[dict[str, Any]] = mixed

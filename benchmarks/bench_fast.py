@@ -202,13 +202,14 @@ SPREAD_LABEL = "routing spread at random after the router (every expert of every
 
 
 @contextlib.contextmanager
-def spread_routing(tokens: int, n_experts: int, top_k: int, seed: int = 0, device: str = "cuda") -> Iterator[None]:
+def spread_routing(tokens: int, n_experts: int, top_k: int, seed: int = 0, device: str = "cuda") -> Iterator[list[int]]:
     """Inside the block, a ``tokens``-row call of the Triton prefill's router (``kernels.moe_route_rows``, or
     ``kernels.moe_route`` with ``triton_layers.ROWS_ROUTER="cublas"``) runs as usual and then returns fixed random
     picks instead of its ids: each token's ``top_k`` distinct experts drawn uniformly (seeded), so the sort and
     grouped GEMMs that follow read every expert's weights, as a real checkpoint's spread routing does.  The router's
     own cost stays in the time; other row counts (decode) are left alone.  A benchmark double only: the logits are
-    then not the model's."""
+    then not the model's.  Yields a list that gets the row count of every call it spread (empty: nothing ran the
+    Triton routers at ``tokens`` rows, so the routing stayed the model's)."""
     from llm_perf_opt.models.deepseek_ocr import kernels
 
     gen = torch.Generator().manual_seed(seed)
@@ -216,17 +217,22 @@ def spread_routing(tokens: int, n_experts: int, top_k: int, seed: int = 0, devic
     names = ("moe_route", "moe_route_rows")
     real = {name: getattr(kernels, name) for name in names}
 
+    applied: list[int] = []
+
     def spread(router: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> Callable[..., Any]:
         def route(x: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
             idx, weights = router(x, *args, **kwargs)
-            return (picks.to(idx.dtype), weights) if x.shape[0] == tokens else (idx, weights)
+            if x.shape[0] != tokens:
+                return idx, weights
+            applied.append(tokens)
+            return picks.to(idx.dtype), weights
 
         return route
 
     try:
         for name in names:
             setattr(kernels, name, spread(real[name]))
-        yield
+        yield applied
     finally:
         for name in names:
             setattr(kernels, name, real[name])

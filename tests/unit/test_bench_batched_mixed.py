@@ -41,3 +41,19 @@ def test_table_shows_the_expert_slots_read_or_why_not() -> None:
     assert "| expert slots read per MoE layer-step |" in text
     assert "| 32 | graph | - | 1.000 | 2.0 | 3.0 | 0.500 | 1.25 | n/a | 0.100 | n/a | 41.2 |" in text
     assert "| 1 | graph | - | 1.000 | 2.0 | 3.0 | 0.500 | 1.25 | n/a | 0.100 | n/a | n/a |" in text
+
+
+def test_routing_note_says_what_the_steps_read() -> None:
+    """The report's routing line: the dummy model's own routing (and why it flatters a step), spread at every batch
+    size, or spread except where no Triton router ran at that row count."""
+    from benchmarks.bench_batched import routing_note
+
+    assert routing_note(False, []).startswith("Routing: the dummy model's own. Its rows greedily repeat one token")
+    spread = routing_note(True, [])
+    assert spread.startswith("Routing: each decode step's picks spread at random after the router") and spread.endswith(
+        "at a batch's full width."
+    )
+    assert routing_note(True, [1, 8]).endswith(
+        "; not applied at batch 1, 8: no Triton router ran at that row count, so the dummy model's own routing ran "
+        "there."
+    )

@@ -37,10 +37,11 @@ def test_spread_routing_replaces_the_prompt_picks_only(name: str, route: Any, mo
     gate = torch.randn(experts, hidden, generator=gen)
     real = getattr(kernels, name)
     idx_real, w_real = route(x, gate, top_k)
-    with spread_routing(tokens, experts, top_k, device="cpu"):
+    with spread_routing(tokens, experts, top_k, device="cpu") as applied:
         idx, w = route(x, gate, top_k)
         one_idx, _ = route(x[:1], gate, top_k)  # another row count: untouched
     assert getattr(kernels, name) is real
+    assert applied == [tokens]  # the one call at the page's rows, not the one-row call
     assert idx.shape == (tokens, top_k) and idx.dtype == idx_real.dtype
     assert all(len(set(row)) == top_k for row in idx.tolist())  # distinct experts per token
     assert set(idx.flatten().tolist()) == set(range(experts))  # every expert read, unlike correlated dummy routing
