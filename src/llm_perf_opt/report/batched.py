@@ -205,4 +205,10 @@ def _batch_paths(s: RunSummary) -> str:
     idle = sum(b.idle_steps for b in s.batches)
     if idle:
         text += f" {idle} idle step(s) after all sequences had finished (eos checked every k steps)."
+    if s.model.weights == "dummy":
+        text += (
+            " Dummy weights: every sequence greedily repeats one token, so the rows of a decode step route to the "
+            "same few experts and read far fewer expert weights than real pages would; these batched rates flatter "
+            "real pages (`benchmarks/bench_batched.py --spread-routing` times steps that read every expert)."
+        )
     return text + "\n"

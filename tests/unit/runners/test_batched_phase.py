@@ -159,3 +159,20 @@ def test_prepared_pages_skip_failures_and_stop_at_each_limit() -> None:
             assert pages.ended
     assert notes == ["batched throughput: page bad left out (cannot decode)"]  # once, not per repeat
     assert pages.wait_s >= 0
+
+
+def test_batched_section_says_dummy_routing_flatters_the_rates() -> None:
+    """Dummy weights repeat one token per sequence, so a batched step's rows share a few experts: the section says
+    its rates flatter real pages; with a checkpoint's weights it does not."""
+    import attrs
+
+    from llm_perf_opt.report.batched import render_batches
+    from tests.unit.builders import make_summary
+
+    dummy = make_summary()
+    assert dummy.model.weights == "dummy"
+    dummy = attrs.evolve(dummy, batches=[record(4, 40, 10, 4, (20.0, 50.0))])
+    real = attrs.evolve(dummy, model=attrs.evolve(dummy.model, weights="models/deepseek-ocr"))
+    sentence = "these batched rates flatter real pages (`benchmarks/bench_batched.py --spread-routing`"
+    assert sentence in render_batches(dummy)
+    assert "Dummy weights" not in render_batches(real)
