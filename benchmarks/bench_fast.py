@@ -203,13 +203,14 @@ SPREAD_LABEL = "routing spread at random after the router (every expert of every
 
 @contextlib.contextmanager
 def spread_routing(tokens: int, n_experts: int, top_k: int, seed: int = 0, device: str = "cuda") -> Iterator[list[int]]:
-    """Inside the block, a ``tokens``-row call of the Triton prefill's router (``kernels.moe_route_rows``, or
-    ``kernels.moe_route`` with ``triton_layers.ROWS_ROUTER="cublas"``) runs as usual and then returns fixed random
-    picks instead of its ids: each token's ``top_k`` distinct experts drawn uniformly (seeded), so the sort and
-    grouped GEMMs that follow read every expert's weights, as a real checkpoint's spread routing does.  The router's
-    own cost stays in the time; other row counts (decode) are left alone.  A benchmark double only: the logits are
-    then not the model's.  Yields a list that gets the row count of every call it spread (empty: nothing ran the
-    Triton routers at ``tokens`` rows, so the routing stayed the model's)."""
+    """Inside the block, a ``tokens``-row call of the Triton routers (``kernels.moe_route_rows``, or
+    ``kernels.moe_route``: the prefill's at a page's rows, or a batched decode step's at its batch's rows) runs as
+    usual and then returns fixed random picks instead of its ids: each token's ``top_k`` distinct experts drawn
+    uniformly (seeded), so the expert kernels that follow read every expert's weights, as a real checkpoint's spread
+    routing does.  The router's own cost stays in the time; other row counts are left alone.  The picks are one
+    tensor, so a CUDA graph captured inside the block reads it: replay such a graph only inside the block.  A
+    benchmark double only: the logits are then not the model's.  Yields a list that gets the row count of every call
+    it spread (empty: nothing ran the Triton routers at ``tokens`` rows, so the routing stayed the model's)."""
     from llm_perf_opt.models.deepseek_ocr import kernels
 
     gen = torch.Generator().manual_seed(seed)
