@@ -46,6 +46,7 @@ if HAVE_TRITON:
     from llm_perf_opt.models.deepseek_ocr.kernels import _dependent_launch, _round
 
 __all__ = [
+    "ALIGN_MAX_CHUNK",
     "ALIGN_MAX_CHUNKS",
     "DOWN_GEMM",
     "DOWN_GEMMS",
@@ -72,6 +73,12 @@ INTERPRETED: bool = HAVE_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "
 
 # The place kernel loads every chunk's histogram at once ([chunks, experts] int32): at most this many chunks.
 ALIGN_MAX_CHUNKS = 256
+# The largest chunk the place kernel takes: its scan of a chunk's one-hot rows ([chunk, 128] int32 for 64 experts)
+# must fit a block's shared memory.  H200 (round 24, bench_batched's first fill of 64 Base pages: 108,672 pairs,
+# 512-pair chunks): "out of resource: shared memory, Required: 262144, Hardware limit: 232448".  Past
+# ALIGN_MAX_CHUNKS x this many pairs (~10,900 tokens at top-6: a batched prefill of many pages) :func:`align` sorts
+# with torch (:func:`align_ref`, the same Alignment bit for bit; it reads the routing's size on the host).
+ALIGN_MAX_CHUNK = 256
 
 
 def unavailable_reason(device: torch.device | str) -> str:
@@ -371,6 +378,8 @@ def align(idx: Tensor, n_experts: int, counts: Tensor | None = None) -> Alignmen
     n_pairs = idx.numel()
     dev = idx.device
     chunk = _align_chunk(n_pairs)
+    if chunk > ALIGN_MAX_CHUNK:  # the place kernel's scan would not fit a block's shared memory
+        return align_ref(idx, n_experts, counts)
     chunks = max(1, -(-n_pairs // chunk))
     block_e = kernels._pow2(n_experts + 1)  # room for offs[E]
     hist = torch.empty((chunks, block_e), dtype=torch.int32, device=dev)

@@ -75,6 +75,39 @@ def test_align_chunks_grow_to_stay_within_the_place_kernels_budget() -> None:
     assert PM._align_chunk(1000 * PM.ALIGN_MAX_CHUNKS) == 1024
 
 
+def test_align_past_the_largest_chunk_sorts_with_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A routing too large for the place kernel's chunk (a batched prefill of many pages: round 24's first fill of
+    64 Base pages asked an H200 for 262,144 bytes of shared memory) is sorted by :func:`align_ref`, the oracle the
+    kernels match bit for bit, and no kernel is launched.  By hand: 256 chunks of 256 pairs is the most the kernel
+    takes; one pair more needs 512-pair chunks."""
+    launched: list[str] = []
+    monkeypatch.setattr(PM, "_align_hist_kernel", _Spy("hist", launched))
+    monkeypatch.setattr(PM, "_align_place_kernel", _Spy("place", launched))
+    assert PM._align_chunk(PM.ALIGN_MAX_CHUNK * PM.ALIGN_MAX_CHUNKS) == PM.ALIGN_MAX_CHUNK == 256
+    assert PM._align_chunk(PM.ALIGN_MAX_CHUNK * PM.ALIGN_MAX_CHUNKS + 1) == 512
+    n_experts, top_k = 64, 6
+    tokens = PM.ALIGN_MAX_CHUNK * PM.ALIGN_MAX_CHUNKS // top_k + 1  # 65,538 pairs
+    idx = _routing(tokens, n_experts, top_k, seed=5)
+    counts = torch.zeros(n_experts, dtype=torch.int64)
+    got = PM.align(idx, n_experts, counts)
+    want_counts = torch.zeros(n_experts, dtype=torch.int64)
+    want = PM.align_ref(idx, n_experts, want_counts)
+    assert launched == []
+    assert torch.equal(got.order, want.order) and torch.equal(got.inverse, want.inverse)
+    assert torch.equal(got.offs, want.offs) and torch.equal(counts, want_counts)
+    assert int(counts.sum()) == tokens * top_k
+
+
+class _Spy:
+    """A kernel stand-in that records its launch (``kernel[grid](...)``)."""
+
+    def __init__(self, name: str, launched: list[str]) -> None:
+        self.name, self.launched = name, launched
+
+    def __getitem__(self, grid: object) -> object:
+        return lambda *args, **kwargs: self.launched.append(self.name)
+
+
 def test_fit_stages_keeps_the_pipeline_within_shared_memory() -> None:
     """By hand, an H200's 232,448 bytes a block: the up GEMM's [128, 128, 64] tiles (one A tile, gate and up W
     tiles) are 48 KB a stage in bf16, so four stages (three in flight, 144 KB) fit; in float32 96 KB a stage,
