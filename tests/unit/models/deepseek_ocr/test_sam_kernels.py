@@ -173,7 +173,10 @@ def test_bias_in_mma_arguments_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
     assert SK._term_forms(64, 41, 40, tiles)["FULL"] is False  # 41 key rows: the last patch row holds one
     assert SK._term_forms(64, 10, 10, SK.Blocks(64, 32, 6, 4, 2, 5))["FULL"] is False  # 6 x 5 = 30 of 32 columns
     assert SK._term_forms(64, 4, 16, SK.Blocks(64, 32, 2, 4, 2))["FULL"] is True  # two whole 16-wide rows
-    assert SK._term_forms(64, 14, 14, SK.Blocks(64, 16, 1, 4, 2)) == off  # one key row a step: the round-21 form
+    # one key row a step: the round-21 form, its rel_h term in the row's max (ROW_TERM_IN_MAX, on since round 24)
+    assert SK._term_forms(64, 14, 14, SK.Blocks(64, 16, 1, 4, 2)) == {**off, "ROW_SHIFT": True}
+    monkeypatch.setattr(SK, "ROW_TERM_IN_MAX", False)
+    assert SK._term_forms(64, 14, 14, SK.Blocks(64, 16, 1, 4, 2)) == off
     monkeypatch.setattr(SK, "BIAS_IN_MMA", False)
     assert SK._term_forms(64, 40, 40, tiles) == off
     monkeypatch.setattr(SK, "ROW_TERM_IN_MAX", True)  # one-row steps only
@@ -183,7 +186,7 @@ def test_bias_in_mma_arguments_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_row_term_in_max_reaches_one_row_launches_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """``ROW_TERM_IN_MAX`` launches the shift form on one-row steps (it has no meaning where a step holds several
-    key rows), off by default; the float64 comparisons above run every form."""
+    key rows), on by default since round 24; the float64 comparisons above run every form."""
     real = SK._rel_pos_attention_kernel
     seen: list[tuple[int, int, bool]] = []
 
@@ -197,6 +200,7 @@ def test_row_term_in_max_reaches_one_row_launches_only(monkeypatch: pytest.Monke
 
     monkeypatch.setattr(SK, "_rel_pos_attention_kernel", Spy())
     q, k, v, rel_h, rel_w = _case((4, 16), 16, torch.float32, seed=3)
+    monkeypatch.setattr(SK, "ROW_TERM_IN_MAX", False)
     SK.rel_pos_triton_attention(q, k, v, rel_h, rel_w, (4, 16))
     monkeypatch.setattr(SK, "ROW_TERM_IN_MAX", True)
     SK.rel_pos_triton_attention(q, k, v, rel_h, rel_w, (4, 16))
