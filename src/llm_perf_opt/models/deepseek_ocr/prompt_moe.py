@@ -455,7 +455,8 @@ def fit_stages(stages: int, stage_bytes: int, limit: int) -> int:
 def gemm_stages(blocks: GemmBlocks, swiglu: bool, element_size: int, limit: int) -> int:
     """``blocks``' pipeline stages fitted to ``limit`` bytes of shared memory (:func:`fit_stages`) for operands of
     ``element_size`` bytes: a stage holds one [block_m, block_k] tile of A and one [block_n, block_k] tile of W, two
-    with ``swiglu`` (gate and up).  The blocks are sized for bf16; float32 operands take twice the bytes."""
+    with ``swiglu`` (gate and up).  Float32 operands take twice bf16's bytes a stage (a float32 model's up GEMM has
+    blocks of its own, ``FLOAT32_UP_BLOCKS``, which fit at their three stages)."""
     bm, bn, bk, _, stages = blocks
     return fit_stages(stages, (bm * bk + (2 if swiglu else 1) * bn * bk) * element_size, limit)
 
