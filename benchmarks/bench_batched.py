@@ -205,17 +205,25 @@ def mixed_workload(
 
 
 def static_vs_continuous(
-    gen: BatchedGenerator, pages: list[PreparedPage], caps: list[int], slots: int, ngram: int, vision_ahead: int = 0
+    gen: BatchedGenerator,
+    pages: list[PreparedPage],
+    caps: list[int],
+    slots: int,
+    ngram: int,
+    vision_ahead: int = 0,
+    prefill_ahead: bool = False,
 ) -> list[dict[str, Any]]:
     """The same mixed-length workload through static batches of ``slots`` pages (each until its longest sequence
     ends) and through ``slots`` continuously refilled slots; with ``vision_ahead`` > 0 a third run has that many
-    pages' vision run ahead of their refills on a second stream (``run_continuous(vision_ahead=...)``).  Each mode
+    pages' vision run ahead of their refills on a second stream (``run_continuous(vision_ahead=...)``), and with
+    ``prefill_ahead`` a fourth has their LM prefill run ahead too (``prefill_ahead=True``).  Each mode
     runs twice (the first run pays graph captures and the vision shapes of its refills), the second is timed; rates
     are over stage time (vision + prefill + decode, captures excluded, preprocessing excluded: the pages are
     prepared beforehand; of the vision run ahead, what held the main stream up is stage time: on CPU all of it)."""
     dev = gen.device
     rows = []
     modes = ["static", "continuous"] + ([f"continuous, vision {vision_ahead} ahead"] if vision_ahead else [])
+    modes += [f"continuous, vision + prefill {vision_ahead} ahead"] if vision_ahead and prefill_ahead else []
     for mode in modes:
         for timed in (False, True):
             _sync(dev)
@@ -232,7 +240,7 @@ def static_vs_continuous(
                     slot_steps += len(res.step_ms) * res.batch
                 occupancy = decode_tokens / slot_steps if slot_steps else None
                 steady: float | None = None  # a static batch has no drain: each ends with its longest sequence
-                ahead_s, pages_ahead = 0.0, 0
+                ahead_s, pages_ahead, prefill_ahead_s = 0.0, 0, 0.0
             else:
                 cont = gen.run_continuous(
                     [SlotRequest(p, c) for p, c in zip(pages, caps, strict=True)],
@@ -240,9 +248,11 @@ def static_vs_continuous(
                     eos_token_id=None,
                     no_repeat_ngram_size=ngram,
                     vision_ahead=vision_ahead if mode != "continuous" else 0,
+                    prefill_ahead="prefill" in mode,
                 )
                 stage_s, tokens, occupancy = cont.total_s, cont.output_tokens, cont.slot_occupancy
                 ahead_s, pages_ahead = cont.vision_ahead_s, cont.pages_ahead
+                prefill_ahead_s = cont.prefill_ahead_s
                 _, drain_ms, drain_tokens = cont.drain  # slots emptying after the last page started decoding
                 steady_s = stage_s - drain_ms / 1e3
                 steady = (tokens - drain_tokens) / steady_s if steady_s > 0 else None
@@ -262,6 +272,7 @@ def static_vs_continuous(
                         "ngram": ngram,
                         "vision_ahead_s": ahead_s,
                         "pages_ahead": pages_ahead,
+                        "prefill_ahead_s": prefill_ahead_s,
                     }
                 )
         gen.release_decode_state()
@@ -299,7 +310,8 @@ def mixed_table(rows: list[dict[str, Any]], lengths: list[int]) -> str:
             lines.append(
                 f"- {name} / continuous = {r['output_tok_per_s'] / by['continuous']['output_tok_per_s']:.2f}× output "
                 f"tok/s (vision run ahead: {r['vision_ahead_s']:.3f} s over {r['pages_ahead']} pages, on a second "
-                "stream on CUDA; what held the slots up is in the stage time, on CPU all of it)"
+                "stream on CUDA; what held the slots up is in the stage time, on CPU all of it"
+                + (f"; their LM prefill run ahead: {r['prefill_ahead_s']:.3f} s)" if "prefill" in name else ")")
             )
     return "\n".join(lines)
 
@@ -418,6 +430,12 @@ def main() -> None:
         "on a second CUDA stream (infer.refill_vision_ahead), printed as a ratio to the plain continuous run",
     )
     ap.add_argument(
+        "--prefill-ahead",
+        action="store_true",
+        help="with --vision-ahead: also run continuous batching with those pages' LM prefill run ahead as well "
+        "(infer.refill_prefill_ahead), printed as a ratio to the plain continuous run",
+    )
+    ap.add_argument(
         "--spread-routing",
         action="store_true",
         help="spread each decode step's routing at random after the router (every expert read, as on real pages; "
@@ -526,7 +544,9 @@ def main() -> None:
         mixed_pages, caps = mixed_workload(cfg, args.mixed_pages, args.mode, args.mixed_median, args.mixed_sigma,
                                            args.seed)  # fmt: skip
         with routing(args, cfg, max(batches)) as spread:
-            mixed = static_vs_continuous(gen, mixed_pages, caps, max(batches), args.ngram_mixed, args.vision_ahead)
+            mixed = static_vs_continuous(
+                gen, mixed_pages, caps, max(batches), args.ngram_mixed, args.vision_ahead, args.prefill_ahead
+            )
         if args.spread_routing and not spread and max(batches) not in unspread:
             unspread.append(max(batches))
         del gen

@@ -22,7 +22,7 @@ from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, FastModel, apply_f
 from llm_perf_opt.models.deepseek_ocr.graphs import default_capture_stream
 from llm_perf_opt.models.deepseek_ocr.preprocess import PreparedPage
 from llm_perf_opt.profiling.timers import DeviceClock
-from tests.conftest import TINY, requires_cuda, tiny_case_pages
+from tests.conftest import TINY, rel_err, requires_cuda, tiny_case_pages
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
 
@@ -132,3 +132,31 @@ def test_vision_ahead_on_a_second_stream_changes_nothing(
     assert kept[0].logits is not None and kept[1].logits is not None
     for a, b in zip(kept[0].logits, kept[1].logits, strict=True):
         assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("ahead", [1, 2])
+def test_prefill_ahead_on_a_second_stream_keeps_every_token(
+    graphed_vision: FastModel, pages: list[PreparedPage], ahead: int
+) -> None:
+    """Vision and LM prefill run ahead on a second stream (each page prefilled alone into its own cache), beside
+    graph-replayed decode steps: every page gets the plain run's tokens.  With kept logits, each chosen token's
+    logits are within float32 rounding of the plain run's (a page prefilled alone, not in a left-padded batch, may
+    meet other GEMM tilings: equal within 1e-4 relative, not bit for bit)."""
+    plain = _gen(graphed_vision).run_continuous(_requests(pages), SLOTS, eos_token_id=None, no_repeat_ngram_size=NGRAM)
+    run = _gen(graphed_vision).run_continuous(
+        _requests(pages), SLOTS, eos_token_id=None, no_repeat_ngram_size=NGRAM, vision_ahead=ahead, prefill_ahead=True
+    )
+    assert run.decode_path == "graph" and run.tokens == plain.tokens
+    n_ahead = 5 if ahead == 2 else 4
+    assert (run.pages_ahead, run.pages_prefilled_ahead) == (n_ahead, n_ahead) and run.prefill_ahead_s > 0
+    reqs = _requests(pages)
+    kept = [
+        _gen(graphed_vision).run_continuous(
+            reqs, SLOTS, eos_token_id=None, keep_logits=True, vision_ahead=n, prefill_ahead=n > 0
+        )
+        for n in (0, ahead)
+    ]
+    assert kept[0].tokens == kept[1].tokens
+    assert kept[0].logits is not None and kept[1].logits is not None
+    for a, b in zip(kept[0].logits, kept[1].logits, strict=True):
+        assert all(rel_err(y, x) < 1e-4 for x, y in zip(a, b, strict=True))

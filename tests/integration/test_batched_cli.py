@@ -205,3 +205,21 @@ def test_continuous_batching_with_vision_ahead(tmp_path: Path) -> None:
     assert "vision that held the slots up (fills, and enqueueing the vision run ahead" in report
     config = (run_dir / "config.yaml").read_text()
     assert "refill_vision_ahead: 1" in config
+
+
+def test_continuous_batching_with_prefill_ahead(tmp_path: Path) -> None:
+    """``infer.refill_prefill_ahead=true`` beside ``refill_vision_ahead=1``: the same schedule and tokens as the
+    plain run (test_continuous_batching_with_vision_ahead's, by hand), and the two pages run ahead have their LM
+    prefill counted and timed apart in the record and in the report."""
+    run_dir = tmp_path / "run"
+    args = [*_continuous_args(tmp_path), "repeats=1", "infer.refill_vision_ahead=1", "infer.refill_prefill_ahead=true"]
+    result = run_cli(args, run_dir=run_dir)
+    assert result.returncode == 0, result.describe()
+    (b,) = read_summary(run_dir / "metrics.json").batches
+    assert (b.decode_steps, b.drain_steps, b.drain_tokens, b.narrowed_steps) == (7, 4, 7, 1)
+    assert b.output_tokens == sum(TARGETS.values()) and b.fills == 3
+    assert b.pages_ahead == 2 and b.pages_prefilled_ahead == 2
+    assert b.prefill_ahead_ms is not None and b.prefill_ahead_ms > 0
+    report = (run_dir / "report.md").read_text()
+    assert "pages whose LM prefill ran ahead of their refill (infer.refill_prefill_ahead)" in report
+    assert "refill_prefill_ahead: true" in (run_dir / "config.yaml").read_text()

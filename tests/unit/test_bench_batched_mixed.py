@@ -28,6 +28,15 @@ def test_mixed_table_has_the_steady_state_column() -> None:
         "- continuous, vision 2 ahead / continuous = 1.25× output tok/s (vision run ahead: 0.250 s over 2 pages, "
         "on a second stream on CUDA; what held the slots up is in the stage time, on CPU all of it)" in text
     )
+    both = {**ahead, "batching": "continuous, vision + prefill 2 ahead", "output_tok_per_s": 25.5,
+            "prefill_ahead_s": 0.125}  # fmt: skip
+    text = mixed_table([*rows, ahead, both], [3, 7, 2, 5])
+    # 25.5 / 17.0 = 1.5 by hand
+    assert (
+        "- continuous, vision + prefill 2 ahead / continuous = 1.50× output tok/s (vision run ahead: 0.250 s over 2 "
+        "pages, on a second stream on CUDA; what held the slots up is in the stage time, on CPU all of it; their LM "
+        "prefill run ahead: 0.125 s)" in text
+    )
 
 
 def test_table_shows_the_expert_slots_read_or_why_not() -> None:

@@ -53,6 +53,11 @@ def render_batches(s: RunSummary) -> str:
                                   agg.get("pages_ahead"), "pages", digits=1))  # fmt: skip
             rows.append(stat_row("  their vision's own time (on CUDA a second stream, beside the decode steps)",
                                   agg.get("vision_ahead_ms"), "ms"))  # fmt: skip
+        if "pages_prefilled_ahead" in agg:  # infer.refill_prefill_ahead: what held the slots up is in the fills' row
+            rows.append(stat_row("  pages whose LM prefill ran ahead of their refill (infer.refill_prefill_ahead)",
+                                  agg.get("pages_prefilled_ahead"), "pages", digits=1))  # fmt: skip
+            rows.append(stat_row("  their LM prefill's own time (on CUDA the second stream, beside the decode steps)",
+                                  agg.get("prefill_ahead_ms"), "ms"))  # fmt: skip
     requested = max((b.requested_batch or 0) for b in s.batches)
     filled = max(min(b.batch, len(b.page_ids)) for b in s.batches)  # continuous: slots beyond the pages stay empty
     warning = (

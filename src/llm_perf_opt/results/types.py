@@ -170,6 +170,10 @@ class BatchRecord:
     # and how many pages it covered; None when nothing ran ahead
     vision_ahead_ms: float | None = None
     pages_ahead: int | None = None
+    # with infer.refill_prefill_ahead as well: the LM prefill run ahead, its own time and its pages (what of it held
+    # the slots up is in ``prefill_ms``, on CPU all of it); None when no prefill ran ahead
+    prefill_ahead_ms: float | None = None
+    pages_prefilled_ahead: int | None = None
     # continuous only: decode steps run on a narrower step than ``batch`` rows (the drain, once at most half the
     # slots held a sequence); None for static batches and old records
     narrowed_steps: int | None = None

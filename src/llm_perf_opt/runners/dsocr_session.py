@@ -335,6 +335,7 @@ class DeepSeekOCRSession:
                 no_repeat_ngram_size=self.infer.no_repeat_ngram_size,
                 narrow_drain=self.infer.narrow_drain,
                 vision_ahead=self.infer.refill_vision_ahead,
+                prefill_ahead=self.infer.refill_prefill_ahead,
             )
         wait_ms = res.page_wait_s * 1e3
         total_s = res.total_s
@@ -374,6 +375,8 @@ class DeepSeekOCRSession:
             row_steps=sum(res.step_rows),
             vision_ahead_ms=res.vision_ahead_s * 1e3 if res.pages_ahead else None,
             pages_ahead=res.pages_ahead or None,
+            prefill_ahead_ms=res.prefill_ahead_s * 1e3 if res.pages_prefilled_ahead else None,
+            pages_prefilled_ahead=res.pages_prefilled_ahead or None,
         )
 
     def simulated_target(self, page: Page) -> int | None:

@@ -179,6 +179,10 @@ def batch_aggregates(batches: Sequence[BatchRecord]) -> dict[str, Stats]:
         "refills": [float(b.fills - 1) for b in batches if b.batching == "continuous"],
         "vision_ahead_ms": [b.vision_ahead_ms for b in batches if b.vision_ahead_ms is not None],
         "pages_ahead": [float(b.pages_ahead) for b in batches if b.pages_ahead is not None],
+        "prefill_ahead_ms": [b.prefill_ahead_ms for b in batches if b.prefill_ahead_ms is not None],
+        "pages_prefilled_ahead": [
+            float(b.pages_prefilled_ahead) for b in batches if b.pages_prefilled_ahead is not None
+        ],
     }
     out = {}
     for name, values in series.items():

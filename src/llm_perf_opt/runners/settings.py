@@ -369,6 +369,9 @@ class InferSettings:
     # Continuous batching: pages past the filled slots whose vision runs ahead on a second CUDA stream, beside the
     # decode steps, instead of in the refill that needs them (0 = off: each page's vision in its refill)
     refill_vision_ahead: int = attrs.field(default=0, validator=_integer(0, example="1"))
+    # with refill_vision_ahead: those pages' LM prefill runs ahead on the second stream too, each page into a cache
+    # of its own, so their refill only copies the K/V into the slot's rows and loads the slot
+    refill_prefill_ahead: bool = attrs.field(default=False, validator=_boolean)
     fast: FastSettings = attrs.field(factory=FastSettings)
     # name of the vendor resolution mode this preset stands for (a label; its geometry is preprocess_override)
     mode: str | None = attrs.field(default=None, validator=_text(optional=True))
@@ -415,6 +418,12 @@ class InferSettings:
                 f"infer.refill_vision_ahead={self.refill_vision_ahead} applies to continuous batching's refills, but "
                 f"this run has infer.batch_size={self.batch_size} and infer.batching={self.batching}",
                 hint="add infer.batch_size=8 infer.batching=continuous, or set infer.refill_vision_ahead=0",
+            )
+        if self.refill_prefill_ahead and not self.refill_vision_ahead:
+            raise ConfigError(
+                "infer.refill_prefill_ahead=true runs the LM prefill of the pages whose vision runs ahead, but "
+                "infer.refill_vision_ahead=0",
+                hint="add infer.refill_vision_ahead=2, or set infer.refill_prefill_ahead=false",
             )
 
     @property

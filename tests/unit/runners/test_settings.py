@@ -73,6 +73,8 @@ def settings_of(compose_cfg: Callable[..., DictConfig]) -> Callable[..., RunSett
         ("dataset.target_sigma=-0.5", "dataset.target_sigma"),
         ("infer.refill_vision_ahead=-1", "infer.refill_vision_ahead"),
         ("infer.refill_vision_ahead=1", "infer.refill_vision_ahead"),  # batch_size 1: no refill to run ahead of
+        ("infer.refill_prefill_ahead=true", "infer.refill_vision_ahead=0"),  # no page runs ahead to prefill
+        ("infer.refill_prefill_ahead=maybe", "infer.refill_prefill_ahead"),
     ],
 )
 def test_bad_value_is_one_config_error_with_a_hint(
@@ -231,5 +233,11 @@ def test_batching_mode_default_and_did_you_mean(settings_of: Callable[..., RunSe
     with pytest.raises(ConfigError, match=r"infer\.batching=static") as info:
         settings_of("infer.batch_size=4", "infer.batching=static", "infer.refill_vision_ahead=1")
     assert info.value.hint == "add infer.batch_size=8 infer.batching=continuous, or set infer.refill_vision_ahead=0"
+    assert settings_of().infer.refill_prefill_ahead is False
+    both = settings_of("infer.batch_size=4", "infer.refill_vision_ahead=2", "infer.refill_prefill_ahead=true").infer
+    assert (both.refill_vision_ahead, both.refill_prefill_ahead) == (2, True)
+    with pytest.raises(ConfigError, match=r"infer\.refill_vision_ahead=0") as info:
+        settings_of("infer.batch_size=4", "infer.refill_prefill_ahead=true")
+    assert info.value.hint == "add infer.refill_vision_ahead=2, or set infer.refill_prefill_ahead=false"
     ds = settings_of("dataset.target_lengths=lognormal", "dataset.target_median_tokens=1000").dataset
     assert (ds.target_lengths, ds.target_median_tokens, ds.target_sigma) == ("lognormal", 1000, 0.5)

@@ -266,6 +266,7 @@ class BatchedGenerator:
         keep_logits: bool = False,
         narrow_drain: bool = True,
         vision_ahead: int = 0,
+        prefill_ahead: bool = False,
     ) -> ContinuousResult:
         """Every page of ``source`` through ``slots`` continuously refilled sequence slots
         (:mod:`~llm_perf_opt.models.deepseek_ocr.continuous`); the static-batching :meth:`run` is kept beside it."""
@@ -279,6 +280,7 @@ class BatchedGenerator:
             keep_logits=keep_logits,
             narrow_drain=narrow_drain,
             vision_ahead=vision_ahead,
+            prefill_ahead=prefill_ahead,
         )
 
     def release_static(self) -> None:

@@ -48,6 +48,14 @@ width, below).
   a fill's wait for a page's vision that had not finished, and the main stream's time while the host enqueued
   the vision run ahead (on CPU, where nothing overlaps, all of that vision).  ``vision_ahead_s`` is the run-ahead
   vision's own time (on CUDA on the second stream, beside the decode steps; the steps it slowed show in theirs).
+* **Prefill ahead** (``prefill_ahead``, with ``vision_ahead``): after their vision, the pages run ahead also get
+  their LM prefill on the second stream, each page alone into a cache of its own (no pads: column = position,
+  the function the page computes alone), so the refill that takes such a page waits on the device for its
+  prefill, copies its K/V into the slot's rows and loads the slot with its logits.  Only one prefill runs at a
+  time: a fill's own prefill (of pages that did not run ahead) comes after its waits for every page run ahead,
+  and the second stream's next work waits for the fill, since the prompt path's kernels keep counters across
+  calls.  ``prefill_s`` then counts what held the slots up (those waits, the copies, and the main stream's idle
+  time while the host enqueued the prefills: on CPU all of it), ``prefill_ahead_s`` the prefills' own time.
 * **The drain**: once the source is dry, slots only empty; a step over 64 rows of which a few still decode
   still routes 64 tokens through the experts and runs every kernel over 64 rows.  When at most half the rows
   hold a sequence, the run goes on with a step over the first ``n`` rows of the same cache (``n`` the power of
@@ -141,6 +149,10 @@ class ContinuousResult:
     # it held the slots up is in ``vision_s`` (on CPU all of it: nothing overlaps)
     vision_ahead_s: float = 0.0
     pages_ahead: int = 0  # pages whose vision ran ahead (the rest ran theirs in their fill)
+    # with ``prefill_ahead``: the LM prefill run ahead, its own time (on CUDA on the second stream) and its pages;
+    # what of it held the slots up is in ``prefill_s`` (on CPU all of it)
+    prefill_ahead_s: float = 0.0
+    pages_prefilled_ahead: int = 0
 
     @property
     def pages(self) -> int:
@@ -438,11 +450,31 @@ def cache_len_for(need: int) -> int:
 @attrs.frozen
 class _Ahead:
     """A page taken from the source whose vision ran ahead of its fill: its features and, on CUDA, the event
-    recorded on the vision stream after them (None on CPU)."""
+    recorded on the second stream after them (None on CPU); with the LM prefill run ahead too, the page's own
+    cache (its prompt's K/V at columns ``0 .. len - 1``), its float32 logits [1, V] and the event recorded after
+    those."""
 
     request: SlotRequest
     features: list[Tensor]
     done: torch.cuda.Event | None
+    cache: StaticKVCache | None = None
+    logits: Tensor | None = None
+    prefilled: torch.cuda.Event | None = None
+
+    def vision_to(self, stream: torch.cuda.Stream | None) -> None:
+        """Wait on ``stream`` for the vision run ahead, then hand the features to ``stream``'s allocator (they were
+        allocated on the second stream: without this their memory could be reused there while ``stream`` reads)."""
+        if self.done is not None and stream is not None:
+            stream.wait_event(self.done)
+            for t in self.features:
+                t.record_stream(stream)
+
+    def prefill_to(self, stream: torch.cuda.Stream | None) -> None:
+        """The same for the LM prefill run ahead: its cache and logits."""
+        if self.prefilled is not None and stream is not None and self.cache is not None and self.logits is not None:
+            stream.wait_event(self.prefilled)
+            for t in (self.cache.k, self.cache.v, self.logits):
+                t.record_stream(stream)
 
 
 class _Run:
@@ -476,6 +508,8 @@ class _Run:
         self.ahead: collections.deque[_Ahead] = collections.deque()  # pages taken, vision run ahead, not filled
         self.ahead_marks: list[tuple[object, object]] = []  # each page's vision run ahead (second stream)
         self.ahead_stalls: list[tuple[object, object]] = []  # main stream, around each run-ahead (see run_ahead)
+        self.prefill_ahead_marks: list[tuple[object, object]] = []  # each page's LM prefill run ahead (second stream)
+        self.prefill_stalls: list[tuple[object, object]] = []  # main stream, around enqueueing those prefills
 
     def take(self, n: int) -> list[SlotRequest]:
         got: list[SlotRequest] = []
@@ -500,6 +534,7 @@ def run_continuous(
     keep_logits: bool = False,
     narrow_drain: bool = True,
     vision_ahead: int = 0,
+    prefill_ahead: bool = False,
 ) -> ContinuousResult:
     """Decode every page of ``source`` greedily through ``slots`` continuously refilled slots (module doc).
 
@@ -508,12 +543,19 @@ def run_continuous(
     ``narrow_drain``: once the source is dry and at most half the step's rows hold a sequence, go on with a
     step half as wide or narrower (:meth:`SlotDecodeStep.narrowed`); False keeps the full width to the end.
     ``vision_ahead``: how many pages past the filled slots have their vision run ahead, on a second CUDA stream
-    beside the decode steps (module doc); 0 runs each page's vision in its fill.
+    beside the decode steps (module doc); 0 runs each page's vision in its fill.  ``prefill_ahead`` (needs
+    ``vision_ahead``): those pages' LM prefill runs ahead as well, each page into a cache of its own, so their fill
+    only waits for it and copies the K/V into the slot's rows (module doc).
     """
     if slots < 1:
         raise ConfigError(f"continuous batching needs at least one slot, got {slots}")
     if vision_ahead < 0:
         raise ConfigError(f"vision_ahead must be >= 0 pages, got {vision_ahead}")
+    if prefill_ahead and not vision_ahead:
+        raise ConfigError(
+            "prefill_ahead runs the LM prefill of the pages whose vision runs ahead, but vision_ahead is 0",
+            hint="set vision_ahead >= 1 (infer.refill_vision_ahead=2), or prefill_ahead off",
+        )
     if no_repeat_ngram_size < 0:
         raise ConfigError(f"no_repeat_ngram_size must be >= 0, got {no_repeat_ngram_size}")
     path = gen.decode_path_for([no_repeat_ngram_size], False)
@@ -540,17 +582,22 @@ def run_continuous(
             main.wait_stream(side)
         return [f for p in pages for f in gen.encode_pages([p])]
 
+    def on_side() -> contextlib.AbstractContextManager[object]:
+        return torch.cuda.stream(side) if side is not None else contextlib.nullcontext()
+
     def run_ahead() -> None:
-        """Take pages until ``vision_ahead`` wait with their vision done or enqueued on the second stream.  Two
-        marks on the main stream around it time what it held the slots up: on CPU (no second stream) the whole
-        vision, on CUDA the main stream's idle time while the host enqueued it; that goes into ``vision_s``.  The
-        pages are taken first, so a wait for the source stays page wait (``page_wait_s``), outside every stage."""
+        """Take pages until ``vision_ahead`` wait with their vision (and with ``prefill_ahead`` their LM prefill)
+        done or enqueued on the second stream.  Marks on the main stream around it time what it held the slots
+        up: on CPU (no second stream) all of that work, on CUDA the main stream's idle time while the host
+        enqueued it; the vision part goes into ``vision_s``, the prefill part into ``prefill_s``.  The pages are
+        taken first, so a wait for the source stays page wait (``page_wait_s``), outside every stage."""
         reqs = run.take(vision_ahead - len(run.ahead))
         if not reqs:
             return
         stall = clock.mark()
+        encoded: list[tuple[SlotRequest, list[Tensor], torch.cuda.Event | None]] = []
         for req in reqs:
-            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            with on_side():
                 if side is not None and main is not None:
                     side.wait_stream(main)  # after the fill before it (and any vision it ran)
                 a = clock.mark()
@@ -560,8 +607,24 @@ def run_continuous(
                 if done is not None:
                     done.record(side)
             run.ahead_marks.append((a, b))
-            run.ahead.append(_Ahead(req, features, done))
-        run.ahead_stalls.append((stall, clock.mark()))
+            encoded.append((req, features, done))
+        mid = clock.mark()
+        run.ahead_stalls.append((stall, mid))
+        for req, features, done in encoded:
+            cache = logits = prefilled = None
+            if prefill_ahead:  # the page alone into its own cache: no pads, columns = positions
+                with on_side():
+                    n = int(req.prepared.input_ids.shape[-1])
+                    a = clock.mark()
+                    cache = gen.base.new_cache(1, n)
+                    logits = gen._prefill([req.prepared], features, [n], cache)
+                    run.prefill_ahead_marks.append((a, clock.mark()))
+                    prefilled = torch.cuda.Event() if side is not None else None
+                    if prefilled is not None:
+                        prefilled.record(side)
+            run.ahead.append(_Ahead(req, features, done, cache, logits, prefilled))
+        if prefill_ahead:
+            run.prefill_stalls.append((mid, clock.mark()))
 
     def fill(rows: list[int]) -> None:
         nonlocal step
@@ -583,24 +646,37 @@ def run_continuous(
         # (see the module doc: measured this way, the batched alternative is not); pages whose vision ran ahead
         # come first (they were taken first), waited for on the device
         first_fill = run.fills == 0
+        # pages whose LM prefill ran ahead bring their own cache and logits; the others are prefilled here, together
+        # (with prefill_ahead every page run ahead has its cache, without it none: they lead ``pages`` either way)
+        done_ahead = [a for a in early if a.cache is not None]
         features: list[Tensor] = []
         for a in early:
-            if a.done is not None and main is not None:
-                main.wait_event(a.done)
-                for f in a.features:
-                    f.record_stream(main)
-            features += a.features
+            if a.cache is None:  # its features are read here; a page prefilled ahead needs only its cache
+                a.vision_to(main)
+                features += a.features
         rest = pages[len(early) :]
         if rest:
             features += gen.encode_pages(rest) if first_fill else encode_here(rest)
         run.fills += 1
         t1 = clock.mark()
-        length = max(lens)
-        tmp = gen.base.new_cache(len(pages), length)
-        logits = gen._prefill(pages, features, lens, tmp)
-        for i, (row, n) in enumerate(zip(rows, lens, strict=True)):  # drop the left pads: column = position
-            step.cache.k[:, row, :, :n].copy_(tmp.k[:, i, :, length - n :])
-            step.cache.v[:, row, :, :n].copy_(tmp.v[:, i, :, length - n :])
+        parts: list[Tensor] = []
+        for i, (a, row) in enumerate(zip(done_ahead, rows, strict=False)):  # columns = positions already
+            n = lens[i]
+            assert a.cache is not None and a.logits is not None
+            a.prefill_to(main)  # a wait for a prefill not yet done counts as prefill (t1 .. t2)
+            parts.append(a.logits)
+            step.cache.k[:, row, :, :n].copy_(a.cache.k[:, 0, :, :n])
+            step.cache.v[:, row, :, :n].copy_(a.cache.v[:, 0, :, :n])
+        here = len(done_ahead)
+        if here < len(pages):
+            here_lens = lens[here:]
+            length = max(here_lens)
+            tmp = gen.base.new_cache(len(pages) - here, length)
+            parts.append(gen._prefill(pages[here:], features, here_lens, tmp))
+            for i, (row, n) in enumerate(zip(rows[here:], here_lens, strict=True)):  # drop the left pads
+                step.cache.k[:, row, :, :n].copy_(tmp.k[:, i, :, length - n :])
+                step.cache.v[:, row, :, :n].copy_(tmp.v[:, i, :, length - n :])
+        logits = parts[0] if len(parts) == 1 else torch.cat(parts)
         step.load_slots(rows, [p.input_ids for p in pages], logits, [r.max_new_tokens for r in reqs])
         t2 = clock.mark()
         run.fill_marks.append((t0, t1, t2))
@@ -687,6 +763,8 @@ def run_continuous(
     vision_ms += sum(clock.elapsed_ms(a, b) for a, b in run.ahead_stalls)
     ahead_ms = sum(clock.elapsed_ms(a, b) for a, b in run.ahead_marks)
     prefill_ms = sum(clock.elapsed_ms(b, c) for _, b, c in run.fill_marks)
+    prefill_ms += sum(clock.elapsed_ms(a, b) for a, b in run.prefill_stalls)
+    prefill_ahead_ms = sum(clock.elapsed_ms(a, b) for a, b in run.prefill_ahead_marks)
     step_ms = [ms for marks in run.step_runs for ms in clock.intervals_ms(marks)]
     return ContinuousResult(
         tokens=tokens,
@@ -708,6 +786,8 @@ def run_continuous(
         step_rows=run.step_rows,
         vision_ahead_s=ahead_ms / 1e3,
         pages_ahead=len(run.ahead_marks),
+        prefill_ahead_s=prefill_ahead_ms / 1e3,
+        pages_prefilled_ahead=len(run.prefill_ahead_marks),
     )
 
 

@@ -238,6 +238,8 @@ def test_bad_arguments(model: DeepseekOCRForCausalLM, pages: list[PreparedPage])
         gen.run_continuous(requests(pages), 2, eos_token_id=None, no_repeat_ngram_size=-1)
     with pytest.raises(ConfigError, match="vision_ahead must be >= 0"):
         gen.run_continuous(requests(pages), 2, eos_token_id=None, vision_ahead=-1)
+    with pytest.raises(ConfigError, match=r"prefill_ahead runs the LM prefill .* but vision_ahead is 0"):
+        gen.run_continuous(requests(pages), 2, eos_token_id=None, prefill_ahead=True)
 
 
 @pytest.mark.parametrize(("ahead", "pages_ahead"), [(1, 4), (2, 5)])
@@ -290,6 +292,55 @@ def test_vision_ahead_times_with_a_scripted_clock(model: DeepseekOCRForCausalLM,
     assert res.fills == 5 and res.vision_s == pytest.approx(18e-3)
     assert res.step_ms == [1.0] * 18
     assert res.total_s == pytest.approx((18 + 5 + 18) * 1e-3)
+
+
+@pytest.mark.parametrize(("ahead", "pages_ahead"), [(1, 4), (2, 5)])
+def test_prefill_ahead_keeps_every_page_as_alone(
+    model: DeepseekOCRForCausalLM,
+    pages: list[PreparedPage],
+    monkeypatch: pytest.MonkeyPatch,
+    ahead: int,
+    pages_ahead: int,
+) -> None:
+    """Pages whose LM prefill ran ahead (each alone, into its own cache) give each page's tokens and logits alone,
+    on the plain run's schedule, every page prefilled exactly once.  By hand (test_vision_ahead_keeps_every_page_
+    as_alone's schedule): the first fill prefills pages 0-2 together; with 2 ahead the five refill pages are each
+    prefilled alone, ahead; with 1 ahead the refill at step 8 takes page 4 prefilled ahead and prefills page 5
+    (taken fresh) in the fill, beside it."""
+    gen = BatchedGenerator(model)
+    prefilled: list[list[int]] = []
+    prefill = gen._prefill
+
+    def spy(batch: list[PreparedPage], *args: object) -> torch.Tensor:
+        prefilled.append([id(p) for p in batch])
+        return prefill(batch, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(gen, "_prefill", spy)
+    res = gen.run_continuous(
+        requests(pages), SLOTS, eos_token_id=None, keep_logits=True, vision_ahead=ahead, prefill_ahead=True
+    )
+    assert_matches_alone(model, pages, res, None, 0)
+    assert res.first_step == [0, 0, 0, 3, 8, 8, 8, 12] and res.fills == 5
+    assert (res.pages_ahead, res.pages_prefilled_ahead) == (pages_ahead, pages_ahead) and res.prefill_ahead_s > 0
+    assert sorted(i for call in prefilled for i in call) == sorted(id(pages[i]) for i, _ in WORKLOAD)
+    # the first fill's three pages together, then every refill page alone (ahead, or the one fresh page of a fill)
+    assert [len(call) for call in prefilled] == [3, 1, 1, 1, 1, 1]
+
+
+def test_prefill_ahead_times_with_a_scripted_clock(model: DeepseekOCRForCausalLM, pages: list[PreparedPage]) -> None:
+    """The LM prefill run ahead is timed on its own (two marks a page), and what it held the main stream up (a mark
+    after the run-ahead's vision to one after its prefills) is prefill time of the run: on CPU all of it.  By hand
+    (test_vision_ahead_times_with_a_scripted_clock's schedule): the run-aheads take 2, 1 and 2 pages; each of k
+    pages is a mark before, two marks a page of vision, a mark between, two a page of prefill and a mark after, so
+    the vision interval is 2k + 1 ms and so is the prefill one: 5 + 3 + 5 = 13 ms each.  With the fills' 5 ms
+    each, vision and prefill are 18 ms; the vision and prefill run ahead 5 ms each (1 ms a page)."""
+    gen = BatchedGenerator(model, clock=ScriptedClock())
+    res = gen.run_continuous(requests(pages), SLOTS, eos_token_id=None, vision_ahead=2, prefill_ahead=True)
+    assert (res.pages_ahead, res.vision_ahead_s) == (5, pytest.approx(5e-3))
+    assert (res.pages_prefilled_ahead, res.prefill_ahead_s) == (5, pytest.approx(5e-3))
+    assert res.fills == 5 and res.vision_s == pytest.approx(18e-3) and res.prefill_s == pytest.approx(18e-3)
+    assert res.step_ms == [1.0] * 18
+    assert res.total_s == pytest.approx((18 + 18 + 18) * 1e-3)
 
 
 class ScriptedClock:
