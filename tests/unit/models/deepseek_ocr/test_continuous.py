@@ -242,33 +242,49 @@ def test_bad_arguments(model: DeepseekOCRForCausalLM, pages: list[PreparedPage])
         gen.run_continuous(requests(pages), 2, eos_token_id=None, prefill_ahead=True)
 
 
+@pytest.mark.parametrize("prefill", [False, True], ids=["vision", "vision+prefill"])
 @pytest.mark.parametrize(("ahead", "pages_ahead"), [(1, 4), (2, 5)])
-def test_vision_ahead_keeps_every_page_as_alone(
+def test_work_run_ahead_keeps_every_page_as_alone(
     model: DeepseekOCRForCausalLM,
     pages: list[PreparedPage],
     monkeypatch: pytest.MonkeyPatch,
     ahead: int,
     pages_ahead: int,
+    prefill: bool,
 ) -> None:
-    """Pages whose vision ran ahead of their refill get their own features, in arrival order: tokens and logits
-    stay those of each page alone, the schedule is the plain run's, and every page is encoded once.  By hand (the
-    schedule of test_without_kept_logits_same_tokens: refills of pages 3 | 4, 5, then 6 | 7): with 2 ahead all
-    five refill pages ran ahead; with 1 ahead the refill of two pages at step 8 takes page 4 from ahead and page 5
-    from the source (4 pages ahead), so an ahead page and a fresh one share a fill."""
+    """Pages whose vision (and with ``prefill_ahead`` their LM prefill, each alone into its own cache) ran ahead of
+    their refill get their own features, in arrival order: tokens and logits stay those of each page alone, the
+    schedule is the plain run's, and every page is encoded and prefilled exactly once.  By hand (the schedule of
+    test_without_kept_logits_same_tokens: refills of pages 3 | 4, 5 | 6, the last after page 4 ended at its
+    prefill, then 7): with 2 ahead all five refill pages ran ahead; with 1 ahead the refill of two pages at step 8
+    takes page 4 from ahead and page 5 from the source (4 pages ahead), so an ahead page and a fresh one share a
+    fill.  Prefill calls: the first fill's three pages together, then the refills' [1], [2], [1], [1] pages; with
+    the prefill ahead every refill page alone (ahead, or the one fresh page of a fill)."""
     gen = BatchedGenerator(model)
     encoded: list[int] = []
-    encode = gen.encode_pages
+    prefilled: list[list[int]] = []
+    encode, prefill_fn = gen.encode_pages, gen._prefill
 
-    def spy(batch: list[PreparedPage]) -> list[torch.Tensor]:
+    def encode_spy(batch: list[PreparedPage]) -> list[torch.Tensor]:
         encoded.extend(id(p) for p in batch)
         return encode(batch)
 
-    monkeypatch.setattr(gen, "encode_pages", spy)
-    res = gen.run_continuous(requests(pages), SLOTS, eos_token_id=None, keep_logits=True, vision_ahead=ahead)
+    def prefill_spy(batch: list[PreparedPage], *args: object) -> torch.Tensor:
+        prefilled.append([id(p) for p in batch])
+        return prefill_fn(batch, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(gen, "encode_pages", encode_spy)
+    monkeypatch.setattr(gen, "_prefill", prefill_spy)
+    res = gen.run_continuous(
+        requests(pages), SLOTS, eos_token_id=None, keep_logits=True, vision_ahead=ahead, prefill_ahead=prefill
+    )
     assert_matches_alone(model, pages, res, None, 0)
     assert res.first_step == [0, 0, 0, 3, 8, 8, 8, 12] and res.fills == 5
     assert res.pages_ahead == pages_ahead and res.vision_ahead_s > 0
-    assert sorted(encoded) == sorted(id(pages[i]) for i, _ in WORKLOAD)  # every page once (two share a fixture)
+    assert res.pages_prefilled_ahead == (pages_ahead if prefill else 0) and (res.prefill_ahead_s > 0) == prefill
+    every_page = sorted(id(pages[i]) for i, _ in WORKLOAD)  # every page once (two share a fixture)
+    assert sorted(encoded) == every_page and sorted(i for call in prefilled for i in call) == every_page
+    assert [len(call) for call in prefilled] == ([3, 1, 1, 1, 1, 1] if prefill else [3, 1, 2, 1, 1])
 
 
 def test_vision_ahead_times_with_a_scripted_clock(model: DeepseekOCRForCausalLM, pages: list[PreparedPage]) -> None:
@@ -292,39 +308,6 @@ def test_vision_ahead_times_with_a_scripted_clock(model: DeepseekOCRForCausalLM,
     assert res.fills == 5 and res.vision_s == pytest.approx(18e-3)
     assert res.step_ms == [1.0] * 18
     assert res.total_s == pytest.approx((18 + 5 + 18) * 1e-3)
-
-
-@pytest.mark.parametrize(("ahead", "pages_ahead"), [(1, 4), (2, 5)])
-def test_prefill_ahead_keeps_every_page_as_alone(
-    model: DeepseekOCRForCausalLM,
-    pages: list[PreparedPage],
-    monkeypatch: pytest.MonkeyPatch,
-    ahead: int,
-    pages_ahead: int,
-) -> None:
-    """Pages whose LM prefill ran ahead (each alone, into its own cache) give each page's tokens and logits alone,
-    on the plain run's schedule, every page prefilled exactly once.  By hand (test_vision_ahead_keeps_every_page_
-    as_alone's schedule): the first fill prefills pages 0-2 together; with 2 ahead the five refill pages are each
-    prefilled alone, ahead; with 1 ahead the refill at step 8 takes page 4 prefilled ahead and prefills page 5
-    (taken fresh) in the fill, beside it."""
-    gen = BatchedGenerator(model)
-    prefilled: list[list[int]] = []
-    prefill = gen._prefill
-
-    def spy(batch: list[PreparedPage], *args: object) -> torch.Tensor:
-        prefilled.append([id(p) for p in batch])
-        return prefill(batch, *args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(gen, "_prefill", spy)
-    res = gen.run_continuous(
-        requests(pages), SLOTS, eos_token_id=None, keep_logits=True, vision_ahead=ahead, prefill_ahead=True
-    )
-    assert_matches_alone(model, pages, res, None, 0)
-    assert res.first_step == [0, 0, 0, 3, 8, 8, 8, 12] and res.fills == 5
-    assert (res.pages_ahead, res.pages_prefilled_ahead) == (pages_ahead, pages_ahead) and res.prefill_ahead_s > 0
-    assert sorted(i for call in prefilled for i in call) == sorted(id(pages[i]) for i, _ in WORKLOAD)
-    # the first fill's three pages together, then every refill page alone (ahead, or the one fresh page of a fill)
-    assert [len(call) for call in prefilled] == [3, 1, 1, 1, 1, 1]
 
 
 def test_prefill_ahead_times_with_a_scripted_clock(model: DeepseekOCRForCausalLM, pages: list[PreparedPage]) -> None:
