@@ -370,7 +370,9 @@ class InferSettings:
     # decode steps, instead of in the refill that needs them (0 = off: each page's vision in its refill)
     refill_vision_ahead: int = attrs.field(default=0, validator=_integer(0, example="1"))
     # with refill_vision_ahead: those pages' LM prefill runs ahead on the second stream too, each page into a cache
-    # of its own, so their refill only copies the K/V into the slot's rows and loads the slot
+    # of its own, so their refill only copies the K/V into the slot's rows and loads the slot.  Off: on an H200 it
+    # was slower on Base (0.93x, 0.87x the plain continuous run) and 1.03x on Gundam (round 25): the eager prefill's
+    # host time keeps the host from enqueueing decode steps
     refill_prefill_ahead: bool = attrs.field(default=False, validator=_boolean)
     fast: FastSettings = attrs.field(factory=FastSettings)
     # name of the vendor resolution mode this preset stands for (a label; its geometry is preprocess_override)
