@@ -66,7 +66,7 @@ from llm_perf_opt.runners.prefetch import Prefetcher
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmath next to this script, also under `python -m`
 from bench_fast import spread_routing
-from benchmath import batched_goal, batched_speedups, p90_ms
+from benchmath import batched_goal, batched_speedups, p90_ms, paired_ab
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
@@ -212,11 +212,15 @@ def static_vs_continuous(
     ngram: int,
     vision_ahead: int = 0,
     prefill_ahead: bool = False,
+    rounds: int = 0,
 ) -> list[dict[str, Any]]:
     """The same mixed-length workload through static batches of ``slots`` pages (each until its longest sequence
     ends) and through ``slots`` continuously refilled slots; with ``vision_ahead`` > 0 a third run has that many
     pages' vision run ahead of their refills on a second stream (``run_continuous(vision_ahead=...)``), and with
-    ``prefill_ahead`` a fourth has their LM prefill run ahead too (``prefill_ahead=True``).  Each mode
+    ``prefill_ahead`` a fourth has their LM prefill run ahead too (``prefill_ahead=True``); with ``rounds`` > 0
+    each run-ahead mode is then also paired with the plain continuous run over that many alternating rounds
+    (``benchmath.paired_ab`` on the stage time: one run of each a round), so its ratio comes with the sign test's
+    verdict (``paired_vs_continuous``).  Each mode
     runs twice (the first run pays graph captures and the vision shapes of its refills), the second is timed; rates
     are over stage time (vision + prefill + decode, captures excluded, preprocessing excluded: the pages are
     prepared beforehand; of the vision run ahead, what held the main stream up is stage time: on CPU all of it)."""
@@ -224,6 +228,17 @@ def static_vs_continuous(
     rows = []
     modes = ["static", "continuous"] + ([f"continuous, vision {vision_ahead} ahead"] if vision_ahead else [])
     modes += [f"continuous, vision + prefill {vision_ahead} ahead"] if vision_ahead and prefill_ahead else []
+
+    def continuous(mode: str) -> Any:
+        return gen.run_continuous(
+            [SlotRequest(p, c) for p, c in zip(pages, caps, strict=True)],
+            slots,
+            eos_token_id=None,
+            no_repeat_ngram_size=ngram,
+            vision_ahead=vision_ahead if mode != "continuous" else 0,
+            prefill_ahead="prefill" in mode,
+        )
+
     for mode in modes:
         for timed in (False, True):
             _sync(dev)
@@ -242,14 +257,7 @@ def static_vs_continuous(
                 steady: float | None = None  # a static batch has no drain: each ends with its longest sequence
                 ahead_s, pages_ahead, prefill_ahead_s = 0.0, 0, 0.0
             else:
-                cont = gen.run_continuous(
-                    [SlotRequest(p, c) for p, c in zip(pages, caps, strict=True)],
-                    slots,
-                    eos_token_id=None,
-                    no_repeat_ngram_size=ngram,
-                    vision_ahead=vision_ahead if mode != "continuous" else 0,
-                    prefill_ahead="prefill" in mode,
-                )
+                cont = continuous(mode)
                 stage_s, tokens, occupancy = cont.total_s, cont.output_tokens, cont.slot_occupancy
                 ahead_s, pages_ahead = cont.vision_ahead_s, cont.pages_ahead
                 prefill_ahead_s = cont.prefill_ahead_s
@@ -275,6 +283,17 @@ def static_vs_continuous(
                         "prefill_ahead_s": prefill_ahead_s,
                     }
                 )
+        if rounds and mode not in ("static", "continuous"):
+
+            def stage_ms(m: str) -> float:
+                _sync(dev)
+                res = continuous(m)
+                _sync(dev)
+                return float(res.total_s * 1e3)
+
+            rows[-1]["paired_vs_continuous"] = paired_ab(
+                lambda: stage_ms("continuous"), lambda m=mode: stage_ms(m), rounds
+            ).cell()
         gen.release_decode_state()
     return rows
 
@@ -312,6 +331,7 @@ def mixed_table(rows: list[dict[str, Any]], lengths: list[int]) -> str:
                 f"tok/s (vision run ahead: {r['vision_ahead_s']:.3f} s over {r['pages_ahead']} pages, on a second "
                 "stream on CUDA; what held the slots up is in the stage time, on CPU all of it"
                 + (f"; their LM prefill run ahead: {r['prefill_ahead_s']:.3f} s)" if "prefill" in name else ")")
+                + (f"; stage time paired with it: {r['paired_vs_continuous']}" if "paired_vs_continuous" in r else "")
             )
     return "\n".join(lines)
 
@@ -436,6 +456,14 @@ def main() -> None:
         "(infer.refill_prefill_ahead), printed as a ratio to the plain continuous run",
     )
     ap.add_argument(
+        "--mixed-rounds",
+        type=int,
+        default=0,
+        help="with --vision-ahead: also pair each run-ahead mode with the plain continuous run over this many "
+        "alternating rounds (one run of each a round; the sign test says whether the stage times differ; 6 rounds "
+        "that agree give p = 0.031; 0: single timed runs only)",
+    )
+    ap.add_argument(
         "--spread-routing",
         action="store_true",
         help="spread each decode step's routing at random after the router (every expert read, as on real pages; "
@@ -545,7 +573,14 @@ def main() -> None:
                                            args.seed)  # fmt: skip
         with routing(args, cfg, max(batches)) as spread:
             mixed = static_vs_continuous(
-                gen, mixed_pages, caps, max(batches), args.ngram_mixed, args.vision_ahead, args.prefill_ahead
+                gen,
+                mixed_pages,
+                caps,
+                max(batches),
+                args.ngram_mixed,
+                args.vision_ahead,
+                args.prefill_ahead,
+                args.mixed_rounds,
             )
         if args.spread_routing and not spread and max(batches) not in unspread:
             unspread.append(max(batches))

@@ -10,7 +10,9 @@
 #   cli     the profiler through the real CLI, eager and fast, full-size dummy weights, and `compare`
 #   cbatch  quick check of continuous batching: its GPU tests and bench_batched static vs continuous (Base, batch 64;
 #           VISION_AHEAD=N adds continuous with N pages' vision run ahead of their refills, PREFILL_AHEAD=1 with their
-#           LM prefill too; SPREAD=1 spreads the decode steps' routing, every expert read as on real pages)
+#           LM prefill too; MIXED_ROUNDS=6 pairs each with the plain run over 6 alternating rounds (sign test);
+#           SPREAD=1 spreads the decode steps' routing, every expert read as on real pages; CBATCH_ARGS adds options,
+#           e.g. --mode gundam)
 #   goals18 issue 18's goals run through the real CLI: Gundam, no_repeat_ngram_size=20, mixed page sizes, log-normal
 #           output lengths (median 1,000), batch 64, preprocessing included; continuous then static, and `compare`
 #           (G18_MODES="continuous continuous-wide" measures the drain's narrowing: on vs infer.narrow_drain=false)
@@ -90,7 +92,7 @@ if has cbatch; then
   tail -3 "$OUT/gpu_tests_cbatch.txt"
   python3 benchmarks/bench_batched.py --out "$OUT" --batches 64 --tokens 64 --decode graph --ngram 20 \
     --mixed-pages ${MIXED_PAGES:-128} --mixed-median ${MIXED_MEDIAN:-256} --vision-ahead ${VISION_AHEAD:-0} \
-    ${PREFILL_AHEAD:+--prefill-ahead} ${SPREAD:+--spread-routing} 2>&1 | tail -20
+    ${PREFILL_AHEAD:+--prefill-ahead} --mixed-rounds ${MIXED_ROUNDS:-0} ${SPREAD:+--spread-routing} ${CBATCH_ARGS:-} 2>&1 | tail -20
 fi
 if has goals18; then
   # 256 Gundam pages of six sizes (1 to 9 tiles), output lengths log-normal around 1,000 tokens (simulated eos on

@@ -1,8 +1,9 @@
 """benchmarks/bench_batched.py's mixed-workload table: the steady-state column (drain left out) on hand-written
-rows; a static row has no drain and says so."""
+rows; a static row has no drain and says so.  The run-ahead modes' paired rounds on a scripted generator."""
 
 from __future__ import annotations
 
+import torch
 from benchmarks.bench_batched import mixed_table
 
 
@@ -66,3 +67,59 @@ def test_routing_note_says_what_the_steps_read() -> None:
         "; not applied at batch 1, 8: no Triton router ran at that row count, so the dummy model's own routing ran "
         "there."
     )
+
+
+class _Result:
+    """The fields static_vs_continuous reads of a static batch or a continuous run."""
+
+    def __init__(self, total_s: float, batch: int = 2) -> None:
+        self.total_s, self.output_tokens, self.batch = total_s, 10, batch
+        self.step_ms, self.slot_occupancy, self.drain = [1.0] * 4, 0.5, (0, 0.0, 0)
+        self.vision_ahead_s, self.pages_ahead, self.prefill_ahead_s = 0.0, 0, 0.0
+
+
+class _ScriptedGenerator:
+    """A generator whose runs take scripted stage times: static batches 1 s, the plain continuous run 1.0 s and a
+    run with vision ahead 0.9 s, every time (CPU device: no sync)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, bool]] = []
+
+    def run(self, pages: list[object], caps: list[int], **kw: object) -> _Result:
+        return _Result(1.0)
+
+    def run_continuous(self, reqs: list[object], slots: int, **kw: object) -> _Result:
+        ahead, prefill = kw["vision_ahead"], kw["prefill_ahead"]
+        assert isinstance(ahead, int) and isinstance(prefill, bool)
+        self.calls.append((ahead, prefill))
+        return _Result(0.9 if ahead else 1.0)
+
+    def release_decode_state(self) -> None:
+        return None
+
+
+def test_mixed_rounds_pair_each_run_ahead_mode_with_the_plain_run() -> None:
+    """``rounds`` > 0: each run-ahead mode is paired with the plain continuous run round by round, on the stage
+    time.  By hand: every round reads 1,000 ms plain and 900 ms ahead, so the median Δ is -100 ms; six rounds
+    that agree give the sign test's p = 2 / 2**6 = 0.03125 ("b faster"), two give p = 0.5 ("within noise")."""
+    from benchmarks.bench_batched import static_vs_continuous
+
+    gen = _ScriptedGenerator()
+    rows = static_vs_continuous(gen, [object()] * 4, [3, 3, 3, 3], 2, 0, vision_ahead=2, rounds=6)  # type: ignore[arg-type]
+    by = {r["batching"]: r for r in rows}
+    assert set(by) == {"static", "continuous", "continuous, vision 2 ahead"}
+    assert "paired_vs_continuous" not in by["continuous"]
+    assert by["continuous, vision 2 ahead"]["paired_vs_continuous"] == (
+        "Δ -100.000 ms [-100.000, -100.000] over 6 rounds, sign test p = 0.0312: b faster"
+    )
+    # two runs per mode (warm-up, timed), then the six rounds' pairs: plain first in even rounds, ahead first in odd
+    assert gen.calls[:4] == [(0, False), (0, False), (2, False), (2, False)]
+    assert gen.calls[4:] == [(0, False), (2, False), (2, False), (0, False)] * 3
+    text = mixed_table(rows, [3, 3, 3, 3])
+    assert "; stage time paired with it: Δ -100.000 ms [-100.000, -100.000] over 6 rounds" in text
+    two = static_vs_continuous(_ScriptedGenerator(), [object()] * 4, [3] * 4, 2, 0, vision_ahead=2, rounds=2)  # type: ignore[arg-type]
+    assert two[-1]["paired_vs_continuous"].endswith("sign test p = 0.5: within noise")
+    single = static_vs_continuous(_ScriptedGenerator(), [object()] * 4, [3] * 4, 2, 0, vision_ahead=2)  # type: ignore[arg-type]
+    assert all("paired_vs_continuous" not in r for r in single)
