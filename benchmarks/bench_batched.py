@@ -492,6 +492,12 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--out", default=None, help="directory for the .md / .json report")
     args = ap.parse_args()
+    if (args.prefill_ahead or args.mixed_rounds) and not (args.mixed_pages and args.vision_ahead > 0):
+        ap.error(
+            "--prefill-ahead and --mixed-rounds apply to the run-ahead modes: add --mixed-pages N --vision-ahead 2"
+        )
+    if args.mixed_rounds < 0:
+        ap.error(f"--mixed-rounds must be >= 0, got {args.mixed_rounds}")
     if args.vision_batch is None:
         args.vision_batch = 0 if args.model == "fast" else 8
 
