@@ -466,19 +466,23 @@ class _Ahead:
     prefilled: torch.cuda.Event | None = None
 
     def vision_to(self, stream: torch.cuda.Stream | None) -> None:
-        """Wait on ``stream`` for the vision run ahead, then hand the features to ``stream``'s allocator (they were
-        allocated on the second stream: without this their memory could be reused there while ``stream`` reads)."""
-        if self.done is not None and stream is not None:
-            stream.wait_event(self.done)
-            for t in self.features:
-                t.record_stream(stream)
+        """Wait on ``stream`` for the vision run ahead and hand it the features (:func:`_hand_over`)."""
+        _hand_over(stream, self.done, self.features)
 
     def prefill_to(self, stream: torch.cuda.Stream | None) -> None:
         """The same for the LM prefill run ahead: its cache and logits."""
-        if self.prefilled is not None and stream is not None and self.cache is not None and self.logits is not None:
-            stream.wait_event(self.prefilled)
-            for t in (self.cache.k, self.cache.v, self.logits):
-                t.record_stream(stream)
+        if self.cache is not None and self.logits is not None:
+            _hand_over(stream, self.prefilled, [self.cache.k, self.cache.v, self.logits])
+
+
+def _hand_over(stream: torch.cuda.Stream | None, done: torch.cuda.Event | None, tensors: list[Tensor]) -> None:
+    """Make ``stream`` wait for ``done`` (recorded on the second stream after ``tensors`` were made), then hand the
+    tensors to ``stream``'s allocator: they were allocated on the second stream, and without this their memory could
+    be reused there while ``stream`` reads them.  Nothing on CPU (no event, no stream)."""
+    if done is not None and stream is not None:
+        stream.wait_event(done)
+        for t in tensors:
+            t.record_stream(stream)
 
 
 class _Run:
@@ -589,6 +593,14 @@ def run_continuous(
     def on_side() -> contextlib.AbstractContextManager[object]:
         return torch.cuda.stream(side) if side is not None else contextlib.nullcontext()
 
+    def side_event() -> torch.cuda.Event | None:
+        """An event recorded on the second stream now (None on CPU): what the fill that takes the page waits for."""
+        if side is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(side)
+        return event
+
     def run_ahead() -> None:
         """Take pages until ``vision_ahead`` wait with their vision (and with ``prefill_ahead`` their LM prefill)
         done or enqueued on the second stream.  Marks on the main stream around it time what it held the slots
@@ -607,9 +619,7 @@ def run_continuous(
                 a = clock.mark()
                 features = gen.encode_pages([req.prepared])
                 b = clock.mark()
-                done = torch.cuda.Event() if side is not None else None
-                if done is not None:
-                    done.record(side)
+                done = side_event()
             run.ahead_marks.append((a, b))
             encoded.append((req, features, done))
         mid = clock.mark()
@@ -623,9 +633,7 @@ def run_continuous(
                     cache = gen.base.new_cache(1, n)
                     logits = gen._prefill([req.prepared], features, [n], cache)
                     run.prefill_ahead_marks.append((a, clock.mark()))
-                    prefilled = torch.cuda.Event() if side is not None else None
-                    if prefilled is not None:
-                        prefilled.record(side)
+                    prefilled = side_event()
             run.ahead.append(_Ahead(req, features, done, cache, logits, prefilled))
         if prefill_ahead:
             run.prefill_stalls.append((mid, clock.mark()))
