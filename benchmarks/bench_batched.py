@@ -204,6 +204,10 @@ def mixed_workload(
     return pages, [lognormal_target_tokens(seed + i, median, sigma) for i in range(n)]
 
 
+# the mode of static_vs_continuous whose refills are prefilled page by page (infer.refill_prefill=per_page)
+PER_PAGE = "continuous, refills prefilled page by page"
+
+
 def static_vs_continuous(
     gen: BatchedGenerator,
     pages: list[PreparedPage],
@@ -213,21 +217,24 @@ def static_vs_continuous(
     vision_ahead: int = 0,
     prefill_ahead: bool = False,
     rounds: int = 0,
+    per_page_prefill: bool = False,
 ) -> list[dict[str, Any]]:
     """The same mixed-length workload through static batches of ``slots`` pages (each until its longest sequence
     ends) and through ``slots`` continuously refilled slots; with ``vision_ahead`` > 0 a third run has that many
     pages' vision run ahead of their refills on a second stream (``run_continuous(vision_ahead=...)``), and with
-    ``prefill_ahead`` a fourth has their LM prefill run ahead too (``prefill_ahead=True``); with ``rounds`` > 0
-    each run-ahead mode is then also paired with the plain continuous run over that many alternating rounds
-    (``benchmath.paired_ab`` on the stage time: one run of each a round), so its ratio comes with the sign test's
-    verdict (``paired_vs_continuous``).  Each mode
-    runs twice (the first run pays graph captures and the vision shapes of its refills), the second is timed; rates
-    are over stage time (vision + prefill + decode, captures excluded, preprocessing excluded: the pages are
+    ``prefill_ahead`` a fourth has their LM prefill run ahead too (``prefill_ahead=True``); with
+    ``per_page_prefill`` one more prefills each refill's pages one at a time (``prefill_per_page=True``: on the fast
+    path graph replays per prompt length); with ``rounds`` > 0 each of these modes is then also paired with the
+    plain continuous run over that many alternating rounds (``benchmath.paired_ab`` on the stage time: one run of
+    each a round), so its ratio comes with the sign test's verdict (``paired_vs_continuous``).  Each mode runs twice
+    (the first run pays graph captures and the vision shapes of its refills), the second is timed; rates are over
+    stage time (vision + prefill + decode, captures excluded, preprocessing excluded: the pages are
     prepared beforehand; of the vision run ahead, what held the main stream up is stage time: on CPU all of it)."""
     dev = gen.device
     rows = []
     modes = ["static", "continuous"] + ([f"continuous, vision {vision_ahead} ahead"] if vision_ahead else [])
     modes += [f"continuous, vision + prefill {vision_ahead} ahead"] if vision_ahead and prefill_ahead else []
+    modes += [PER_PAGE] if per_page_prefill else []
 
     def continuous(mode: str) -> Any:
         return gen.run_continuous(
@@ -235,8 +242,9 @@ def static_vs_continuous(
             slots,
             eos_token_id=None,
             no_repeat_ngram_size=ngram,
-            vision_ahead=vision_ahead if mode != "continuous" else 0,
-            prefill_ahead="prefill" in mode,
+            vision_ahead=vision_ahead if "ahead" in mode else 0,
+            prefill_ahead="prefill" in mode and "ahead" in mode,
+            prefill_per_page=mode == PER_PAGE,
         )
 
     for mode in modes:
@@ -331,6 +339,13 @@ def mixed_table(rows: list[dict[str, Any]], lengths: list[int]) -> str:
                 f"tok/s (vision run ahead: {r['vision_ahead_s']:.3f} s over {r['pages_ahead']} pages, on a second "
                 "stream on CUDA; what held the slots up is in the stage time, on CPU all of it"
                 + (f"; their LM prefill run ahead: {r['prefill_ahead_s']:.3f} s)" if "prefill" in name else ")")
+                + (f"; stage time paired with it: {r['paired_vs_continuous']}" if "paired_vs_continuous" in r else "")
+            )
+        if name == PER_PAGE and "continuous" in by:
+            lines.append(
+                f"- {name} / continuous = {r['output_tok_per_s'] / by['continuous']['output_tok_per_s']:.2f}× output "
+                "tok/s (each refill page's LM prefill alone through the per-page prefill: on the fast path a graph "
+                "replay per prompt length, captured before the fills and left out)"
                 + (f"; stage time paired with it: {r['paired_vs_continuous']}" if "paired_vs_continuous" in r else "")
             )
     return "\n".join(lines)
@@ -456,10 +471,18 @@ def main() -> None:
         "(infer.refill_prefill_ahead), printed as a ratio to the plain continuous run",
     )
     ap.add_argument(
+        "--per-page-prefill",
+        action="store_true",
+        help="--mixed-pages: also run continuous batching with each refill's pages prefilled one at a time "
+        "(infer.refill_prefill=per_page: graph replays per prompt length on the fast path), printed as a ratio to "
+        "the plain continuous run",
+    )
+    ap.add_argument(
         "--mixed-rounds",
         type=int,
         default=0,
-        help="with --vision-ahead: also pair each run-ahead mode with the plain continuous run over this many "
+        help="with --vision-ahead or --per-page-prefill: also pair each such mode with the plain continuous run over "
+        "this many "
         "alternating rounds (one run of each a round; the sign test says whether the stage times differ; 6 rounds "
         "that agree give p = 0.031; 0: single timed runs only)",
     )
@@ -492,9 +515,14 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--out", default=None, help="directory for the .md / .json report")
     args = ap.parse_args()
-    if (args.prefill_ahead or args.mixed_rounds) and not (args.mixed_pages and args.vision_ahead > 0):
+    if args.prefill_ahead and not (args.mixed_pages and args.vision_ahead > 0):
+        ap.error("--prefill-ahead applies to the run-ahead modes: add --mixed-pages N --vision-ahead 2")
+    if args.per_page_prefill and not args.mixed_pages:
+        ap.error("--per-page-prefill applies to the mixed-length workload: add --mixed-pages N")
+    if args.mixed_rounds and not (args.mixed_pages and (args.vision_ahead > 0 or args.per_page_prefill)):
         ap.error(
-            "--prefill-ahead and --mixed-rounds apply to the run-ahead modes: add --mixed-pages N --vision-ahead 2"
+            "--mixed-rounds pairs the run-ahead and per-page-prefill modes with the plain continuous run: add "
+            "--mixed-pages N and --vision-ahead 2 or --per-page-prefill"
         )
     if args.mixed_rounds < 0:
         ap.error(f"--mixed-rounds must be >= 0, got {args.mixed_rounds}")
@@ -587,6 +615,7 @@ def main() -> None:
                 args.vision_ahead,
                 args.prefill_ahead,
                 args.mixed_rounds,
+                args.per_page_prefill,
             )
         if args.spread_routing and not spread and max(batches) not in unspread:
             unspread.append(max(batches))

@@ -10,12 +10,14 @@
 #   cli     the profiler through the real CLI, eager and fast, full-size dummy weights, and `compare`
 #   cbatch  quick check of continuous batching: its GPU tests and bench_batched static vs continuous (Base, batch 64;
 #           VISION_AHEAD=N adds continuous with N pages' vision run ahead of their refills, PREFILL_AHEAD=1 with their
-#           LM prefill too; MIXED_ROUNDS=6 pairs each with the plain run over 6 alternating rounds (sign test);
+#           LM prefill too; PER_PAGE_PREFILL=1 adds continuous with each refill page prefilled alone (graph
+#           replays per prompt length); MIXED_ROUNDS=6 pairs each with the plain run over 6 alternating rounds (sign test);
 #           SPREAD=1 spreads the decode steps' routing, every expert read as on real pages; CBATCH_ARGS adds options,
 #           e.g. --mode gundam)
 #   goals18 issue 18's goals run through the real CLI: Gundam, no_repeat_ngram_size=20, mixed page sizes, log-normal
 #           output lengths (median 1,000), batch 64, preprocessing included; continuous then static, and `compare`
-#           (G18_MODES="continuous continuous-wide" measures the drain's narrowing: on vs infer.narrow_drain=false)
+#           (G18_MODES="continuous continuous-wide" measures the drain's narrowing: on vs infer.narrow_drain=false;
+#           "continuous continuous-perpage" the refills prefilled page by page: infer.refill_prefill=per_page)
 #   samattn benchmarks/bench_sam_attention.py (SAM's rel-pos attention: augmented flash vs the Triton kernel, op and
 #           tower; SAMATTN_ARGS="--sweep --flex" adds the Triton launch sweep and FlexAttention)
 #   v1v2    benchmarks/bench_v1_v2.py (v1 Gundam vs DeepSeek-OCR-2 per stage, transformers' native class as the
@@ -92,7 +94,7 @@ if has cbatch; then
   tail -3 "$OUT/gpu_tests_cbatch.txt"
   python3 benchmarks/bench_batched.py --out "$OUT" --batches 64 --tokens 64 --decode graph --ngram 20 \
     --mixed-pages ${MIXED_PAGES:-128} --mixed-median ${MIXED_MEDIAN:-256} --vision-ahead ${VISION_AHEAD:-0} \
-    ${PREFILL_AHEAD:+--prefill-ahead} --mixed-rounds ${MIXED_ROUNDS:-0} ${SPREAD:+--spread-routing} ${CBATCH_ARGS:-} 2>&1 | tail -20
+    ${PREFILL_AHEAD:+--prefill-ahead} ${PER_PAGE_PREFILL:+--per-page-prefill} --mixed-rounds ${MIXED_ROUNDS:-0} ${SPREAD:+--spread-routing} ${CBATCH_ARGS:-} 2>&1 | tail -20
 fi
 if has goals18; then
   # 256 Gundam pages of six sizes (1 to 9 tiles), output lengths log-normal around 1,000 tokens (simulated eos on
@@ -104,11 +106,13 @@ if has goals18; then
        'dataset.sizes=[[1224,1584],[1700,2200],[850,1100],[1584,1224],[2480,3508],[595,842]]'
        dataset.target_lengths=lognormal dataset.target_median_tokens=1000 infer.max_new_tokens=4096
        repeats=1 per_page_pages=2 profiling.rep_max_new_tokens=32 progress=false)
-  rm -rf /tmp/goals18-continuous /tmp/goals18-static /tmp/goals18-continuous-wide
-  # modes: continuous, static, and continuous-wide (continuous without the drain's narrowing: what it saves)
+  rm -rf /tmp/goals18-continuous /tmp/goals18-static /tmp/goals18-continuous-wide /tmp/goals18-continuous-perpage
+  # modes: continuous, static, continuous-wide (continuous without the drain's narrowing: what it saves) and
+  # continuous-perpage (each refill page's LM prefill alone, graph replays per prompt length)
   for mode in ${G18_MODES:-continuous static}; do
-    MODE_ARGS=(infer.batching=${mode%-wide})
+    MODE_ARGS=(infer.batching=${mode%-*})
     [ "$mode" = continuous-wide ] && MODE_ARGS+=(infer.narrow_drain=false)
+    [ "$mode" = continuous-perpage ] && MODE_ARGS+=(infer.refill_prefill=per_page)
     python3 -m llm_perf_opt.runners.llm_profile_runner "${G18[@]}" "${MODE_ARGS[@]}" \
       hydra.run.dir=/tmp/goals18-$mode 2>&1 | tail -3
     cp /tmp/goals18-$mode/report.md "$OUT/goals18-$mode-report.md"
@@ -119,6 +123,9 @@ if has goals18; then
   [ -d /tmp/goals18-continuous-wide ] && [ -d /tmp/goals18-continuous ] &&
     python3 -m llm_perf_opt.cli compare /tmp/goals18-continuous-wide /tmp/goals18-continuous \
       -o "$OUT/goals18-compare-narrowing.md" > /dev/null
+  [ -d /tmp/goals18-continuous-perpage ] && [ -d /tmp/goals18-continuous ] &&
+    python3 -m llm_perf_opt.cli compare /tmp/goals18-continuous /tmp/goals18-continuous-perpage \
+      -o "$OUT/goals18-compare-perpage.md" > /dev/null
 fi
 if has samattn; then
   python3 benchmarks/bench_sam_attention.py --out "$OUT" ${SAMATTN_ARGS:-} 2>&1 | grep -v '^\[' | tail -40

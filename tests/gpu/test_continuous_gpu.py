@@ -160,3 +160,35 @@ def test_prefill_ahead_on_a_second_stream_keeps_every_token(
     assert kept[0].logits is not None and kept[1].logits is not None
     for a, b in zip(kept[0].logits, kept[1].logits, strict=True):
         assert all(rel_err(y, x) < 1e-4 for x, y in zip(a, b, strict=True))
+
+
+def test_refills_prefilled_page_by_page_replay_graphs(graphed_vision: FastModel, pages: list[PreparedPage]) -> None:
+    """``prefill_per_page`` on the fast path: each refill page's LM prefill is a replay of the graph kept per prompt
+    length (three lengths among the five refill pages: three captures, before the fills), beside graph-replayed
+    decode steps: every page gets the plain run's tokens, and with kept logits each chosen token's logits are within
+    1e-4 of the plain run's (a page prefilled alone, not in a left-padded batch, may meet other GEMM tilings).  A
+    second run on the same generator captures nothing: the caches, and so their graphs, are kept."""
+    plain = _gen(graphed_vision).run_continuous(_requests(pages), SLOTS, eos_token_id=None, no_repeat_ngram_size=NGRAM)
+    gen = _gen(graphed_vision)
+    assert gen.page_prefill_graphed
+    setups = graphed_vision.setup_count
+    run = gen.run_continuous(
+        _requests(pages), SLOTS, eos_token_id=None, no_repeat_ngram_size=NGRAM, prefill_per_page=True
+    )
+    assert run.decode_path == "graph" and run.tokens == plain.tokens
+    assert run.pages_prefilled_per_page == 5 and graphed_vision.setup_count - setups == 3
+    again = gen.run_continuous(
+        _requests(pages), SLOTS, eos_token_id=None, no_repeat_ngram_size=NGRAM, prefill_per_page=True
+    )
+    assert again.tokens == plain.tokens and again.graph_capture_s == 0.0
+    assert graphed_vision.setup_count - setups == 3
+    kept = [
+        _gen(graphed_vision).run_continuous(
+            _requests(pages), SLOTS, eos_token_id=None, keep_logits=True, prefill_per_page=per_page
+        )
+        for per_page in (False, True)
+    ]
+    assert kept[0].tokens == kept[1].tokens
+    assert kept[0].logits is not None and kept[1].logits is not None
+    for a, b in zip(kept[0].logits, kept[1].logits, strict=True):
+        assert all(rel_err(y, x) < 1e-4 for x, y in zip(a, b, strict=True))

@@ -223,3 +223,19 @@ def test_continuous_batching_with_prefill_ahead(tmp_path: Path) -> None:
     report = (run_dir / "report.md").read_text()
     assert "pages whose LM prefill ran ahead of their refill (infer.refill_prefill_ahead)" in report
     assert "refill_prefill_ahead: true" in (run_dir / "config.yaml").read_text()
+
+
+def test_continuous_batching_with_refills_prefilled_page_by_page(tmp_path: Path) -> None:
+    """``infer.refill_prefill=per_page``: the plain run's schedule and tokens (test_continuous_batching_phase's, by
+    hand: a and b fill the slots, then c and d come one refill each), with the two refill pages counted as prefilled
+    page by page, in the record and in the report; the setting is recorded in config.yaml."""
+    run_dir = tmp_path / "run"
+    result = run_cli([*_continuous_args(tmp_path), "repeats=1", "infer.refill_prefill=per_page"], run_dir=run_dir)
+    assert result.returncode == 0, result.describe()
+    (b,) = read_summary(run_dir / "metrics.json").batches
+    assert (b.decode_steps, b.drain_steps, b.drain_tokens, b.narrowed_steps) == (7, 4, 7, 1)
+    assert b.output_tokens == sum(TARGETS.values()) and b.fills == 3
+    assert b.pages_prefilled_per_page == 2 and b.pages_ahead is None
+    report = (run_dir / "report.md").read_text()
+    assert "refill pages prefilled page by page (infer.refill_prefill=per_page" in report
+    assert "refill_prefill: per_page" in (run_dir / "config.yaml").read_text()

@@ -79,22 +79,24 @@ class _Result:
 
 
 class _ScriptedGenerator:
-    """A generator whose runs take scripted stage times: static batches 1 s, the plain continuous run 1.0 s and a
-    run with vision ahead 0.9 s, every time (CPU device: no sync)."""
+    """A generator whose runs take scripted stage times: static batches 1 s, the plain continuous run 1.0 s, a run
+    with vision ahead 0.9 s and one with its refills prefilled page by page 0.8 s, every time (CPU: no sync)."""
 
     device = torch.device("cpu")
 
     def __init__(self) -> None:
         self.calls: list[tuple[int, bool]] = []
+        self.per_page: list[bool] = []
 
     def run(self, pages: list[object], caps: list[int], **kw: object) -> _Result:
         return _Result(1.0)
 
     def run_continuous(self, reqs: list[object], slots: int, **kw: object) -> _Result:
-        ahead, prefill = kw["vision_ahead"], kw["prefill_ahead"]
-        assert isinstance(ahead, int) and isinstance(prefill, bool)
+        ahead, prefill, per_page = kw["vision_ahead"], kw["prefill_ahead"], kw["prefill_per_page"]
+        assert isinstance(ahead, int) and isinstance(prefill, bool) and isinstance(per_page, bool)
         self.calls.append((ahead, prefill))
-        return _Result(0.9 if ahead else 1.0)
+        self.per_page.append(per_page)
+        return _Result(0.8 if per_page else 0.9 if ahead else 1.0)
 
     def release_decode_state(self) -> None:
         return None
@@ -123,3 +125,28 @@ def test_mixed_rounds_pair_each_run_ahead_mode_with_the_plain_run() -> None:
     assert two[-1]["paired_vs_continuous"].endswith("sign test p = 0.5: within noise")
     single = static_vs_continuous(_ScriptedGenerator(), [object()] * 4, [3] * 4, 2, 0, vision_ahead=2)  # type: ignore[arg-type]
     assert all("paired_vs_continuous" not in r for r in single)
+
+
+def test_per_page_prefill_mode_paired_with_the_plain_run() -> None:
+    """``per_page_prefill``: one more continuous mode, run with ``prefill_per_page=True`` and nothing ahead, paired
+    round by round with the plain run.  By hand: 800 ms against 1,000 ms every round, so Δ -200 ms and p = 0.03125
+    over six rounds; its table line gives 17.0 / 13.6 = 1.25× (hand-written rates)."""
+    from benchmarks.bench_batched import PER_PAGE, static_vs_continuous
+
+    gen = _ScriptedGenerator()
+    rows = static_vs_continuous(gen, [object()] * 4, [3] * 4, 2, 0, rounds=6, per_page_prefill=True)  # type: ignore[arg-type]
+    by = {r["batching"]: r for r in rows}
+    assert set(by) == {"static", "continuous", PER_PAGE}
+    assert by[PER_PAGE]["paired_vs_continuous"] == (
+        "Δ -200.000 ms [-200.000, -200.000] over 6 rounds, sign test p = 0.0312: b faster"
+    )
+    assert all(call == (0, False) for call in gen.calls)  # nothing runs ahead in either mode
+    assert gen.per_page[:4] == [False, False, True, True]
+    assert gen.per_page[4:] == [False, True, True, False] * 3
+    base = {"slots": 2, "pages": 4, "output_tokens": 17, "stage_s": 1.0, "pages_per_s": 4.0,
+            "slot_occupancy": 0.75, "steady_output_tok_per_s": None, "ngram": 20}  # fmt: skip
+    text = mixed_table(
+        [{**base, "batching": "continuous", "output_tok_per_s": 13.6},
+         {**base, "batching": PER_PAGE, "output_tok_per_s": 17.0}], [3, 7, 2, 5]
+    )  # fmt: skip
+    assert f"- {PER_PAGE} / continuous = 1.25× output tok/s (each refill page's LM prefill alone" in text

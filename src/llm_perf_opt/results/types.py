@@ -174,6 +174,9 @@ class BatchRecord:
     # the slots up is in ``prefill_ms``, on CPU all of it); None when no prefill ran ahead
     prefill_ahead_ms: float | None = None
     pages_prefilled_ahead: int | None = None
+    # continuous with infer.refill_prefill=per_page: the refills' pages prefilled one at a time through the model's
+    # per-page prefill (on the fast path graph replays); None when none was
+    pages_prefilled_per_page: int | None = None
     # continuous only: decode steps run on a narrower step than ``batch`` rows (the drain, once at most half the
     # slots held a sequence); None for static batches and old records
     narrowed_steps: int | None = None

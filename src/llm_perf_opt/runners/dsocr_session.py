@@ -336,6 +336,7 @@ class DeepSeekOCRSession:
                 narrow_drain=self.infer.narrow_drain,
                 vision_ahead=self.infer.refill_vision_ahead,
                 prefill_ahead=self.infer.refill_prefill_ahead,
+                prefill_per_page=self.infer.refill_prefill == "per_page",
             )
         wait_ms = res.page_wait_s * 1e3
         total_s = res.total_s
@@ -377,6 +378,7 @@ class DeepSeekOCRSession:
             pages_ahead=res.pages_ahead or None,
             prefill_ahead_ms=res.prefill_ahead_s * 1e3 if res.pages_prefilled_ahead else None,
             pages_prefilled_ahead=res.pages_prefilled_ahead or None,
+            pages_prefilled_per_page=res.pages_prefilled_per_page or None,
         )
 
     def simulated_target(self, page: Page) -> int | None:

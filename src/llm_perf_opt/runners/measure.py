@@ -183,6 +183,9 @@ def batch_aggregates(batches: Sequence[BatchRecord]) -> dict[str, Stats]:
         "pages_prefilled_ahead": [
             float(b.pages_prefilled_ahead) for b in batches if b.pages_prefilled_ahead is not None
         ],
+        "pages_prefilled_per_page": [
+            float(b.pages_prefilled_per_page) for b in batches if b.pages_prefilled_per_page is not None
+        ],
     }
     out = {}
     for name, values in series.items():

@@ -374,6 +374,10 @@ class InferSettings:
     # was slower on Base (0.93x, 0.87x the plain continuous run) and 1.03x on Gundam (round 25): the eager prefill's
     # host time keeps the host from enqueueing decode steps
     refill_prefill_ahead: bool = attrs.field(default=False, validator=_boolean)
+    # Continuous batching: how a refill's pages get their LM prefill: batched = one left-padded forward over them
+    # (eager); per_page = one page at a time through the model's per-page prefill into a cache kept per prompt
+    # length (on the fast path a CUDA-graph replay per length, captured before the fill, outside the stages)
+    refill_prefill: str = attrs.field(default="batched", validator=_choice(("batched", "per_page")))
     fast: FastSettings = attrs.field(factory=FastSettings)
     # name of the vendor resolution mode this preset stands for (a label; its geometry is preprocess_override)
     mode: str | None = attrs.field(default=None, validator=_text(optional=True))
@@ -420,6 +424,12 @@ class InferSettings:
                 f"infer.refill_vision_ahead={self.refill_vision_ahead} applies to continuous batching's refills, but "
                 f"this run has infer.batch_size={self.batch_size} and infer.batching={self.batching}",
                 hint="add infer.batch_size=8 infer.batching=continuous, or set infer.refill_vision_ahead=0",
+            )
+        if self.refill_prefill == "per_page" and (self.batch_size < 2 or self.batching != "continuous"):
+            raise ConfigError(
+                "infer.refill_prefill=per_page applies to continuous batching's refills, but this run has "
+                f"infer.batch_size={self.batch_size} and infer.batching={self.batching}",
+                hint="add infer.batch_size=8 infer.batching=continuous, or set infer.refill_prefill=batched",
             )
         if self.refill_prefill_ahead and not self.refill_vision_ahead:
             raise ConfigError(

@@ -75,6 +75,8 @@ def settings_of(compose_cfg: Callable[..., DictConfig]) -> Callable[..., RunSett
         ("infer.refill_vision_ahead=1", "infer.refill_vision_ahead"),  # batch_size 1: no refill to run ahead of
         ("infer.refill_prefill_ahead=true", "infer.refill_vision_ahead=0"),  # no page runs ahead to prefill
         ("infer.refill_prefill_ahead=maybe", "infer.refill_prefill_ahead"),
+        ("infer.refill_prefill=graphed", "infer.refill_prefill"),
+        ("infer.refill_prefill=per_page", "infer.refill_prefill=per_page"),  # batch_size 1: no refill
     ],
 )
 def test_bad_value_is_one_config_error_with_a_hint(
@@ -239,5 +241,10 @@ def test_batching_mode_default_and_did_you_mean(settings_of: Callable[..., RunSe
     with pytest.raises(ConfigError, match=r"infer\.refill_vision_ahead=0") as info:
         settings_of("infer.batch_size=4", "infer.refill_prefill_ahead=true")
     assert info.value.hint == "add infer.refill_vision_ahead=2, or set infer.refill_prefill_ahead=false"
+    assert settings_of().infer.refill_prefill == "batched"
+    assert settings_of("infer.batch_size=4", "infer.refill_prefill=per_page").infer.refill_prefill == "per_page"
+    with pytest.raises(ConfigError, match=r"infer\.batching=static") as info:
+        settings_of("infer.batch_size=4", "infer.batching=static", "infer.refill_prefill=per_page")
+    assert info.value.hint == "add infer.batch_size=8 infer.batching=continuous, or set infer.refill_prefill=batched"
     ds = settings_of("dataset.target_lengths=lognormal", "dataset.target_median_tokens=1000").dataset
     assert (ds.target_lengths, ds.target_median_tokens, ds.target_sigma) == ("lognormal", 1000, 0.5)

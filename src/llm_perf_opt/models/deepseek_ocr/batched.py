@@ -81,7 +81,13 @@ from llm_perf_opt.models.deepseek_ocr.batched_decode import StaticBatchStep
 from llm_perf_opt.models.deepseek_ocr.batched_vision import encode_pages, layout_page_features, warm_view_chunks
 from llm_perf_opt.models.deepseek_ocr.clock import Clock, HostClock
 from llm_perf_opt.models.deepseek_ocr.context import ForwardContext, padded_prefill_mask
-from llm_perf_opt.models.deepseek_ocr.continuous import ContinuousResult, SlotDecodeStep, SlotRequest, run_continuous
+from llm_perf_opt.models.deepseek_ocr.continuous import (
+    ContinuousResult,
+    PageCaches,
+    SlotDecodeStep,
+    SlotRequest,
+    run_continuous,
+)
 from llm_perf_opt.models.deepseek_ocr.decoder import EXPERT_IMPLS, MoE, apply_experts_eager
 from llm_perf_opt.models.deepseek_ocr.fast import FastModel
 from llm_perf_opt.models.deepseek_ocr.fast_layers import GroupedMoE
@@ -155,6 +161,7 @@ class BatchedGenerator:
         self._static: StaticBatchStep | None = None  # the last static-step shape: its cache, buffers and graph
         self._slots: SlotDecodeStep | None = None  # the last continuous-batching step: its cache, buffers, graph
         self.capture_error: str | None = None  # why a CUDA-graph capture failed (then the step runs un-graphed)
+        self._page_caches: PageCaches | None = None  # continuous refills prefilled page by page: caches per length
 
     @property
     def device(self) -> torch.device:
@@ -233,6 +240,7 @@ class BatchedGenerator:
         """Drop the kept static / slot steps' caches, buffers and CUDA graphs (the next run rebuilds them)."""
         self._static = None
         self._slots = None
+        self._page_caches = None
 
     def _static_for(self, bsz: int, max_len: int, use_graph: bool, ngram: int = 0) -> StaticBatchStep:
         """The kept static step for (``bsz``, ``max_len``), built on first use of that shape.
@@ -267,6 +275,7 @@ class BatchedGenerator:
         narrow_drain: bool = True,
         vision_ahead: int = 0,
         prefill_ahead: bool = False,
+        prefill_per_page: bool = False,
     ) -> ContinuousResult:
         """Every page of ``source`` through ``slots`` continuously refilled sequence slots
         (:mod:`~llm_perf_opt.models.deepseek_ocr.continuous`); the static-batching :meth:`run` is kept beside it."""
@@ -281,6 +290,7 @@ class BatchedGenerator:
             narrow_drain=narrow_drain,
             vision_ahead=vision_ahead,
             prefill_ahead=prefill_ahead,
+            prefill_per_page=prefill_per_page,
         )
 
     def release_static(self) -> None:
@@ -364,6 +374,31 @@ class BatchedGenerator:
         ctx = self._context(cos_table[positions], sin_table[positions], mask, cache, real_rows)
         hidden = self._forward(embeds, ctx)
         return self.lm.logits(hidden[:, -1])
+
+    def prefill_page(self, page: PreparedPage, features: Tensor, cache: StaticKVCache) -> Tensor:
+        """One page's prompt alone (no pads: column = position) through the model's own per-page prefill into
+        ``cache`` (batch 1, length 0); float32 logits [1, V] of its last position.  Where
+        :attr:`page_prefill_graphed`, a replay of the CUDA graph the fast path keeps per (prompt length, cache): the
+        first call per pair captures it, so a caller that keeps one cache per length pays one capture a length."""
+        embeds = self.base.embed_prompt(page.input_ids.reshape(1, -1), page.images_seq_mask.reshape(1, -1), [features])
+        return self.lm.prefill(embeds.to(self.dtype), cache)
+
+    def page_caches(self) -> PageCaches:
+        """The batch-1 caches kept per prompt length for refills prefilled page by page (made on first use, kept
+        across runs with their prefill graphs, as many lengths as the model keeps graphs; 8 without graphs)."""
+        if self._page_caches is None:
+            self._page_caches = PageCaches(self.page_prefill_graphs or 8)
+        return self._page_caches
+
+    @property
+    def page_prefill_graphed(self) -> bool:
+        """Whether :meth:`prefill_page` replays a CUDA graph (the fast path's ``prefill_graphs``, on CUDA)."""
+        return self.fast is not None and self.fast.prefill_graphs_on(self.device)
+
+    @property
+    def page_prefill_graphs(self) -> int:
+        """How many (prompt length, cache) prefill graphs the model keeps (least recently used dropped first)."""
+        return self.fast.MAX_PREFILL_GRAPHS if self.fast is not None else 0
 
     def _decode_host(
         self,

@@ -60,6 +60,16 @@ width, below).
   run (Base), 1.00x (Gundam); with the prefill ahead 0.93x / 0.87x (Base), 1.03x (Gundam).  The prefill run ahead
   is this generator's eager one, bound by the host: while the host enqueues it, no decode step is enqueued, and
   the main stream runs dry.  Replaying a graph per prompt length instead is the untried alternative.
+* **Refills prefilled page by page** (``prefill_per_page``): a refill's pages (those not prefilled ahead) go
+  through the model's own per-page prefill one at a time, each into a batch-1 cache kept per prompt length
+  (:class:`PageCaches`), and their K/V are copied into the slots' rows, instead of one left-padded eager forward
+  over the refill's pages.  On the fast path with ``prefill_graphs`` (CUDA) each is a replay of the graph kept per
+  (prompt length, cache): a few launches for the host instead of ~700, the lever the eager refill prefill lacks
+  (above).  A length's graph is captured before the fill that first needs it, outside its marks, and its time
+  goes to ``graph_capture_s`` like the steps' captures.  The first fill stays one batched forward (many pages
+  at once); so does a fill needing more lengths than the model keeps graphs for.  The graphs replay on the main
+  stream only: they were captured on the decode steps' capture stream and share its cuBLAS workspace, so they
+  must not run beside the steps (the run-ahead prefill keeps its eager forward).  Untimed so far: off by default.
 * **The drain**: once the source is dry, slots only empty; a step over 64 rows of which a few still decode
   still routes 64 tokens through the experts and runs every kernel over 64 rows.  When at most half the rows
   hold a sequence, the run goes on with a step over the first ``n`` rows of the same cache (``n`` the power of
@@ -157,6 +167,8 @@ class ContinuousResult:
     # what of it held the slots up is in ``prefill_s`` (on CPU all of it)
     prefill_ahead_s: float = 0.0
     pages_prefilled_ahead: int = 0
+    # with ``prefill_per_page``: the refills' pages prefilled one at a time (their time is in ``prefill_s``)
+    pages_prefilled_per_page: int = 0
 
     @property
     def pages(self) -> int:
@@ -485,6 +497,57 @@ def _hand_over(stream: torch.cuda.Stream | None, done: torch.cuda.Event | None, 
             t.record_stream(stream)
 
 
+class PageCaches:
+    """Batch-1 caches kept per prompt length for refills prefilled page by page (``prefill_per_page``).
+
+    The fast path keeps a prefill graph per (prompt length, cache), so a cache kept per length makes every later page
+    of that length one replay; at most ``limit`` lengths are kept (the least recently used dropped, its graph with
+    it), as many as the model keeps graphs.  :meth:`prepare` makes the caches (and, where the prefill replays a
+    graph, captures it with a page of zeros) before a fill's marks; :meth:`get` hands out an emptied one.  The
+    generator keeps them across runs (:meth:`BatchedGenerator.page_caches`), so a repeat captures nothing again."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.caches: collections.OrderedDict[int, StaticKVCache] = collections.OrderedDict()
+
+    def fits(self, lens: list[int]) -> bool:
+        """Whether a fill's prompt lengths can all have kept caches at once."""
+        return len(set(lens)) <= self.limit
+
+    def prepare(self, gen: BatchedGenerator, lens: list[int]) -> float:
+        """Make the caches of ``lens`` that are not kept (the fill's lengths kept most recent, so none of them is
+        dropped); where :attr:`BatchedGenerator.page_prefill_graphed`, capture each new one's graph by a prefill of
+        zeros.  Returns the host seconds of those captures (device synced around them: a one-time setup, left out
+        of every stage, as the steps' captures are); 0 where nothing was captured."""
+        wanted = list(dict.fromkeys(lens))
+        for n in wanted:
+            if n in self.caches:
+                self.caches.move_to_end(n)
+        new = [n for n in wanted if n not in self.caches]
+        graphed = bool(new) and gen.page_prefill_graphed
+        if graphed:
+            gen.clock.synchronize()
+        t0 = time.perf_counter()
+        for n in new:
+            while len(self.caches) >= self.limit:
+                self.caches.popitem(last=False)
+            cache = self.caches[n] = gen.base.new_cache(1, n)
+            if graphed:
+                hidden = gen.base.model.embed_tokens.embedding_dim
+                gen.lm.prefill(torch.zeros((1, n, hidden), device=gen.device, dtype=gen.dtype), cache)
+        if not graphed:
+            return 0.0
+        gen.clock.synchronize()
+        return time.perf_counter() - t0
+
+    def get(self, n: int) -> StaticKVCache:
+        """The kept cache of length ``n`` (made by :meth:`prepare`), emptied for the next page."""
+        cache = self.caches[n]
+        self.caches.move_to_end(n)
+        cache.length = 0
+        return cache
+
+
 class _Run:
     """One continuous run's host bookkeeping (see :func:`run_continuous`)."""
 
@@ -518,6 +581,7 @@ class _Run:
         self.ahead_stalls: list[tuple[object, object]] = []  # main stream, around each run-ahead (see run_ahead)
         self.prefill_ahead_marks: list[tuple[object, object]] = []  # each page's LM prefill run ahead (second stream)
         self.prefill_stalls: list[tuple[object, object]] = []  # main stream, around enqueueing those prefills
+        self.pages_per_page = 0  # refill pages prefilled one at a time (prefill_per_page)
 
     def take(self, n: int) -> list[SlotRequest]:
         got: list[SlotRequest] = []
@@ -543,6 +607,7 @@ def run_continuous(
     narrow_drain: bool = True,
     vision_ahead: int = 0,
     prefill_ahead: bool = False,
+    prefill_per_page: bool = False,
 ) -> ContinuousResult:
     """Decode every page of ``source`` greedily through ``slots`` continuously refilled slots (module doc).
 
@@ -553,7 +618,9 @@ def run_continuous(
     ``vision_ahead``: how many pages past the filled slots have their vision run ahead, on a second CUDA stream
     beside the decode steps (module doc); 0 runs each page's vision in its fill.  ``prefill_ahead`` (needs
     ``vision_ahead``): those pages' LM prefill runs ahead as well, each page into a cache of its own, so their fill
-    only waits for it and copies the K/V into the slot's rows (module doc).
+    only waits for it and copies the K/V into the slot's rows (module doc).  ``prefill_per_page``: a refill's pages
+    are prefilled one at a time through the model's per-page prefill (on the fast path a graph replay per prompt
+    length) into caches kept per length, instead of one batched forward (module doc).
     """
     if slots < 1:
         raise ConfigError(f"continuous batching needs at least one slot, got {slots}")
@@ -572,6 +639,7 @@ def run_continuous(
     clock = gen.clock
     gen.base.reset_routing_stats()
     run = _Run(gen, iter(source), slots, keep_logits)
+    page_caches = gen.page_caches() if prefill_per_page else None
     wall0 = time.perf_counter()
     step: SlotDecodeStep | None = None
 
@@ -653,14 +721,20 @@ def run_continuous(
         need = max(n + r.max_new_tokens for n, r in zip(lens, reqs, strict=True))
         if step is None or need > step.max_len:
             step = run.root = _step_for(gen, step, slots, cache_len_for(need), path == "graph", no_repeat_ngram_size)
+        first_fill = run.fills == 0
+        # pages whose LM prefill ran ahead bring their own cache and logits; the others are prefilled here, together
+        # (with prefill_ahead every page run ahead has its cache, without it none: they lead ``pages`` either way),
+        # or with prefill_per_page one at a time into caches kept per length, made (graphs captured) before the marks
+        here = sum(1 for a in early if a.cache is not None)
+        per_page = page_caches is not None and not first_fill and page_caches.fits(lens[here:])
+        if per_page:
+            assert page_caches is not None
+            run.capture_s += page_caches.prepare(gen, lens[here:])
         t0 = clock.mark()
         # the first fill batches its views across pages; a refill (usually a few pages) runs vision page by page
         # (see the module doc: measured this way, the batched alternative is not); pages whose vision ran ahead
         # come first (they were taken first), waited for on the device
-        first_fill = run.fills == 0
-        # pages whose LM prefill ran ahead bring their own cache and logits; the others are prefilled here, together
-        # (with prefill_ahead every page run ahead has its cache, without it none: they lead ``pages`` either way)
-        done_ahead = [a for a in early if a.cache is not None]
+        done_ahead = early[:here]
         features: list[Tensor] = []
         for a in early:
             if a.cache is None:  # its features are read here; a page prefilled ahead needs only its cache
@@ -679,8 +753,15 @@ def run_continuous(
             parts.append(a.logits)
             step.cache.k[:, row, :, :n].copy_(a.cache.k[:, 0, :, :n])
             step.cache.v[:, row, :, :n].copy_(a.cache.v[:, 0, :, :n])
-        here = len(done_ahead)
-        if here < len(pages):
+        if per_page:
+            assert page_caches is not None
+            for page, feats, row, n in zip(pages[here:], features, rows[here:], lens[here:], strict=True):
+                cache = page_caches.get(n)
+                parts.append(gen.prefill_page(page, feats, cache))
+                run.pages_per_page += 1
+                step.cache.k[:, row, :, :n].copy_(cache.k[:, 0, :, :n])
+                step.cache.v[:, row, :, :n].copy_(cache.v[:, 0, :, :n])
+        elif here < len(pages):
             here_lens = lens[here:]
             length = max(here_lens)
             tmp = gen.base.new_cache(len(pages) - here, length)
@@ -800,6 +881,7 @@ def run_continuous(
         pages_ahead=len(run.ahead_marks),
         prefill_ahead_s=prefill_ahead_ms / 1e3,
         pages_prefilled_ahead=len(run.prefill_ahead_marks),
+        pages_prefilled_per_page=run.pages_per_page,
     )
 
 

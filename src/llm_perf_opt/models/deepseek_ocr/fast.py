@@ -751,23 +751,32 @@ class FastModel:
         cache.check_room(length)
         start = cache.length
         hidden = inputs_embeds.to(device=base.device, dtype=base.dtype)
-        cfg = self.fast_config
-        graphable = (  # grouped_moe: the loop-over-experts MoE reads expert counts on the host (a sync)
-            cfg.cuda_graphs
-            and cfg.prefill_graphs
-            and cfg.grouped_moe
-            and hidden.device.type == "cuda"
+        graphable = (
+            self.prefill_graphs_on(hidden.device)
             and bsz == 1
             and start == 0
             and logits_positions == "last"
             and not torch.is_grad_enabled()
         )
-        if graphable and self._prefill_graph_error is None:
+        if graphable:
             logits = self._prefill_graphed(hidden, cache)
         else:
             logits = self._prefill_body(hidden, cache, start, logits_positions)
         cache.advance(length)
         return logits
+
+    def prefill_graphs_on(self, device: torch.device) -> bool:
+        """Whether a batch-1 prefill at position 0 with last-position logits on ``device`` replays a CUDA graph kept
+        per (prompt length, cache) (:meth:`prefill`), the first one per pair capturing it.  ``grouped_moe``: the
+        loop-over-experts MoE reads expert counts on the host (a sync); a capture that failed once turns it off."""
+        cfg = self.fast_config
+        return (
+            cfg.cuda_graphs
+            and cfg.prefill_graphs
+            and cfg.grouped_moe
+            and device.type == "cuda"
+            and self._prefill_graph_error is None
+        )
 
     def _prefill_body(self, hidden: Tensor, cache: StaticKVCache, start: int, logits_positions: str) -> Tensor:
         """The prefill computation (writes K/V at ``start``..; does not advance the cache's length)."""

@@ -67,3 +67,7 @@ class LanguageModel(Protocol):
     def logits(self, hidden: Tensor) -> Tensor:
         """float32 logits of normed hidden states."""
         ...
+
+    def prefill(self, inputs_embeds: Tensor, cache: Any) -> Tensor:
+        """One prompt per row at the cache's start, filling ``cache``; float32 logits [B, V] of the last position."""
+        ...

@@ -388,3 +388,90 @@ def test_dropped_steps_are_freed_without_a_garbage_collection(model: DeepseekOCR
     finally:
         if was:
             gc.enable()
+
+
+def _prefill_spies(gen: BatchedGenerator, monkeypatch: pytest.MonkeyPatch) -> tuple[list[list[int]], list[int]]:
+    """Record the batched prefill's pages per call and the per-page prefill's prompt length per call."""
+    batched: list[list[int]] = []
+    per_page: list[int] = []
+    batched_fn, page_fn = gen._prefill, gen.prefill_page
+
+    def batched_spy(batch: list[PreparedPage], *args: object) -> torch.Tensor:
+        batched.append([p.prompt_len for p in batch])
+        return batched_fn(batch, *args)  # type: ignore[arg-type]
+
+    def page_spy(page: PreparedPage, *args: object) -> torch.Tensor:
+        per_page.append(page.prompt_len)
+        return page_fn(page, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(gen, "_prefill", batched_spy)
+    monkeypatch.setattr(gen, "prefill_page", page_spy)
+    return batched, per_page
+
+
+def test_refills_prefilled_page_by_page_keep_every_page_as_alone(
+    model: DeepseekOCRForCausalLM, pages: list[PreparedPage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``prefill_per_page``: the first fill stays one batched forward over its three pages, and every refill page
+    (pages 3..7 of WORKLOAD: fixture pages 0, 1, 2, 1, 0, prompt lengths 29, 39, 59, 39, 29) is prefilled alone, once,
+    in arrival order, into a cache kept per length: three caches for five pages, each of one row and exactly its
+    prompt's length.  Tokens and every chosen token's logits stay those of each page alone, on the plain schedule."""
+    gen = BatchedGenerator(model)
+    batched, per_page = _prefill_spies(gen, monkeypatch)
+    made: list[tuple[int, int]] = []
+    new_cache = gen.base.new_cache
+
+    def cache_spy(batch: int, max_len: int) -> object:
+        made.append((batch, max_len))
+        return new_cache(batch, max_len)
+
+    monkeypatch.setattr(gen.base, "new_cache", cache_spy)
+    res = gen.run_continuous(requests(pages), SLOTS, eos_token_id=None, keep_logits=True, prefill_per_page=True)
+    assert_matches_alone(model, pages, res, None, 0)
+    assert res.first_step == [0, 0, 0, 3, 8, 8, 8, 12] and res.fills == 5
+    lens = [p.prompt_len for p in pages]
+    assert lens == [29, 39, 59]
+    assert batched == [[29, 39, 59]]
+    assert per_page == [29, 39, 59, 39, 29] and res.pages_prefilled_per_page == 5
+    assert [made.count((1, n)) for n in lens] == [1, 1, 1]  # one kept cache per length (the steps make others)
+    assert res.graph_capture_s == 0.0  # nothing is captured on the CPU
+
+
+def test_per_page_prefill_captures_before_the_marks(
+    model: DeepseekOCRForCausalLM, pages: list[PreparedPage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the per-page prefill replays a graph (scripted here on the CPU), each new prompt length is prepared by
+    one prefill of zeros before the fill that first needs it: three lengths, three extra calls, their host time in
+    ``graph_capture_s`` and none in the stages.  By the scripted clock (1 ms a mark, three marks a fill, one a step;
+    each capture moves it 100 ms on) vision and prefill stay 1 ms per fill and the steps 1 ms each, as in the plain
+    run: a capture inside a fill's or a step's marks would add 100 ms there.  With room for one length only, the
+    refill of two pages of different lengths (39 and 59, step 8) goes back to one batched forward, and the others
+    stay page by page."""
+    monkeypatch.setattr(BatchedGenerator, "page_prefill_graphed", property(lambda self: True))
+    prefills: list[tuple[int, float]] = []
+    prefill = model.prefill
+    clock = ScriptedClock()
+
+    def prefill_spy(embeds: torch.Tensor, cache: object) -> torch.Tensor:
+        total = float(embeds.abs().sum())
+        prefills.append((embeds.shape[1], total))
+        if total == 0.0:  # a capture: 100 ms on the scripted clock, which a stage would show if it held it
+            clock.now_ns += 100_000_000
+        return prefill(embeds, cache)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(model, "prefill", prefill_spy)
+    gen = BatchedGenerator(model, clock=clock)
+    res = gen.run_continuous(requests(pages), SLOTS, eos_token_id=None, keep_logits=True, prefill_per_page=True)
+    zeros = [n for n, total in prefills if total == 0.0]
+    assert zeros == [29, 39, 59] and len(prefills) == 3 + 5  # before the oracle below prefills too
+    assert_matches_alone(model, pages, res, None, 0)
+    assert res.graph_capture_s > 0
+    assert res.vision_s == pytest.approx(5e-3) and res.prefill_s == pytest.approx(5e-3)
+    assert res.step_ms == [1.0] * 18
+
+    monkeypatch.setattr(BatchedGenerator, "page_prefill_graphs", property(lambda self: 1))
+    gen = BatchedGenerator(model)
+    batched, per_page = _prefill_spies(gen, monkeypatch)
+    res = gen.run_continuous(requests(pages), SLOTS, eos_token_id=None, keep_logits=True, prefill_per_page=True)
+    assert_matches_alone(model, pages, res, None, 0)
+    assert batched == [[29, 39, 59], [39, 59]] and per_page == [29, 39, 29]
