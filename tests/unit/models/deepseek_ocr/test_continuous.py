@@ -409,13 +409,31 @@ def _prefill_spies(gen: BatchedGenerator, monkeypatch: pytest.MonkeyPatch) -> tu
     return batched, per_page
 
 
+@pytest.mark.parametrize(
+    ("ahead", "prefill_ahead", "want_batched", "want_per_page"),
+    [
+        (0, False, [[29, 39, 59]], [29, 39, 59, 39, 29]),
+        (2, False, [[29, 39, 59]], [29, 39, 59, 39, 29]),
+        (1, True, [[29, 39, 59], [29], [39], [39], [29]], [59]),
+    ],
+    ids=["plain", "vision-ahead", "prefill-ahead"],
+)
 def test_refills_prefilled_page_by_page_keep_every_page_as_alone(
-    model: DeepseekOCRForCausalLM, pages: list[PreparedPage], monkeypatch: pytest.MonkeyPatch
+    model: DeepseekOCRForCausalLM,
+    pages: list[PreparedPage],
+    monkeypatch: pytest.MonkeyPatch,
+    ahead: int,
+    prefill_ahead: bool,
+    want_batched: list[list[int]],
+    want_per_page: list[int],
 ) -> None:
     """``prefill_per_page``: the first fill stays one batched forward over its three pages, and every refill page
     (pages 3..7 of WORKLOAD: fixture pages 0, 1, 2, 1, 0, prompt lengths 29, 39, 59, 39, 29) is prefilled alone, once,
     in arrival order, into a cache kept per length: three caches for five pages, each of one row and exactly its
-    prompt's length.  Tokens and every chosen token's logits stay those of each page alone, on the plain schedule."""
+    prompt's length.  With the vision run ahead the same; with the LM prefill run ahead too (1 page ahead), the
+    pages run ahead (3, 4, 6, 7: 29, 39, 39, 29) keep their own one-page forward on the second stream, and only page 5
+    (59), taken fresh into the refill at step 8 beside page 4 from ahead, goes page by page.  Tokens and every chosen
+    token's logits stay those of each page alone, on the plain schedule."""
     gen = BatchedGenerator(model)
     batched, per_page = _prefill_spies(gen, monkeypatch)
     made: list[tuple[int, int]] = []
@@ -426,14 +444,23 @@ def test_refills_prefilled_page_by_page_keep_every_page_as_alone(
         return new_cache(batch, max_len)
 
     monkeypatch.setattr(gen.base, "new_cache", cache_spy)
-    res = gen.run_continuous(requests(pages), SLOTS, eos_token_id=None, keep_logits=True, prefill_per_page=True)
+    res = gen.run_continuous(
+        requests(pages),
+        SLOTS,
+        eos_token_id=None,
+        keep_logits=True,
+        vision_ahead=ahead,
+        prefill_ahead=prefill_ahead,
+        prefill_per_page=True,
+    )
     assert_matches_alone(model, pages, res, None, 0)
     assert res.first_step == [0, 0, 0, 3, 8, 8, 8, 12] and res.fills == 5
     lens = [p.prompt_len for p in pages]
     assert lens == [29, 39, 59]
-    assert batched == [[29, 39, 59]]
-    assert per_page == [29, 39, 59, 39, 29] and res.pages_prefilled_per_page == 5
-    assert [made.count((1, n)) for n in lens] == [1, 1, 1]  # one kept cache per length (the steps make others)
+    assert batched == want_batched
+    assert per_page == want_per_page and res.pages_prefilled_per_page == len(want_per_page)
+    kept = [made.count((1, n)) for n in lens]  # one kept cache per length used (the steps and run-ahead make others)
+    assert kept == [1, 1, 1] if not prefill_ahead else kept[2] == 1
     assert res.graph_capture_s == 0.0  # nothing is captured on the CPU
 
 
