@@ -67,7 +67,8 @@ width, below).
   (prompt length, cache): a few launches for the host instead of ~700, the lever the eager refill prefill lacks
   (above).  A length's graph is captured before the fill that first needs it, outside its marks, and its time
   goes to ``graph_capture_s`` like the steps' captures.  The first fill stays one batched forward (many pages
-  at once); so does a fill needing more lengths than the model keeps graphs for.  The graphs replay on the main
+  at once); so does a fill whose lengths would take the kept lengths past as many as the model keeps graphs for
+  (none is dropped, so every capture stays one-time).  The graphs replay on the main
   stream only: they were captured on the decode steps' capture stream and share its cuBLAS workspace, so they
   must not run beside the steps (the run-ahead prefill keeps its eager forward).  Untimed so far: off by default.
 * **The drain**: once the source is dry, slots only empty; a step over 64 rows of which a few still decode
@@ -501,36 +502,36 @@ class PageCaches:
     """Batch-1 caches kept per prompt length for refills prefilled page by page (``prefill_per_page``).
 
     The fast path keeps a prefill graph per (prompt length, cache), so a cache kept per length makes every later page
-    of that length one replay; at most ``limit`` lengths are kept (the least recently used dropped, its graph with
-    it), as many as the model keeps graphs.  :meth:`prepare` makes the caches (and, where the prefill replays a
-    graph, captures it with a page of zeros) before a fill's marks; :meth:`get` hands out an emptied one.  The
-    generator keeps them across runs (:meth:`BatchedGenerator.page_caches`), so a repeat captures nothing again."""
+    of that length one replay.  At most ``limit`` lengths are kept, as many as the model keeps graphs, and none is
+    ever dropped: a fill that would need more goes back to the batched forward (:meth:`fits`), since a dropped length
+    would be captured again and again, a cost that is no longer one-time.  :meth:`prepare` makes the caches (and,
+    where the prefill replays a graph, captures it with a page of zeros) before a fill's marks; :meth:`get` hands out
+    an emptied one.  The generator keeps them across runs (:meth:`BatchedGenerator.page_caches`), so a repeat
+    captures nothing again."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.caches: collections.OrderedDict[int, StaticKVCache] = collections.OrderedDict()
+        self.caches: dict[int, StaticKVCache] = {}
 
     def fits(self, lens: list[int]) -> bool:
-        """Whether a fill's prompt lengths can all have kept caches at once."""
-        return len(set(lens)) <= self.limit
+        """Whether a fill's prompt lengths all have kept caches, or room for them."""
+        return len(self.caches.keys() | set(lens)) <= self.limit
 
     def prepare(self, gen: BatchedGenerator, lens: list[int]) -> float:
-        """Make the caches of ``lens`` that are not kept (the fill's lengths kept most recent, so none of them is
-        dropped); where :attr:`BatchedGenerator.page_prefill_graphed`, capture each new one's graph by a prefill of
-        zeros.  Returns the host seconds of those captures (device synced around them: a one-time setup, left out
-        of every stage, as the steps' captures are); 0 where nothing was captured."""
-        wanted = list(dict.fromkeys(lens))
-        for n in wanted:
-            if n in self.caches:
-                self.caches.move_to_end(n)
-        new = [n for n in wanted if n not in self.caches]
+        """Make the caches of ``lens`` that are not kept (:meth:`fits` them first); where
+        :attr:`BatchedGenerator.page_prefill_graphed`, capture each new one's graph by a prefill of zeros.  Returns the
+        host seconds of those captures (device synced around them: a one-time setup, left out of every stage, as the
+        steps' captures are); 0 where nothing was captured."""
+        if not self.fits(lens):
+            raise ValueError(
+                f"{len(self.caches.keys() | set(lens))} prompt lengths do not fit {self.limit} kept caches"
+            )
+        new = [n for n in dict.fromkeys(lens) if n not in self.caches]
         graphed = bool(new) and gen.page_prefill_graphed
         if graphed:
             gen.clock.synchronize()
         t0 = time.perf_counter()
         for n in new:
-            while len(self.caches) >= self.limit:
-                self.caches.popitem(last=False)
             cache = self.caches[n] = gen.base.new_cache(1, n)
             if graphed:
                 hidden = gen.base.model.embed_tokens.embedding_dim
@@ -543,7 +544,6 @@ class PageCaches:
     def get(self, n: int) -> StaticKVCache:
         """The kept cache of length ``n`` (made by :meth:`prepare`), emptied for the next page."""
         cache = self.caches[n]
-        self.caches.move_to_end(n)
         cache.length = 0
         return cache
 

@@ -471,9 +471,10 @@ def test_per_page_prefill_captures_before_the_marks(
     one prefill of zeros before the fill that first needs it: three lengths, three extra calls, their host time in
     ``graph_capture_s`` and none in the stages.  By the scripted clock (1 ms a mark, three marks a fill, one a step;
     each capture moves it 100 ms on) vision and prefill stay 1 ms per fill and the steps 1 ms each, as in the plain
-    run: a capture inside a fill's or a step's marks would add 100 ms there.  With room for one length only, the
-    refill of two pages of different lengths (39 and 59, step 8) goes back to one batched forward, and the others
-    stay page by page."""
+    run: a capture inside a fill's or a step's marks would add 100 ms there.  With room for one length only, kept
+    for good once taken (a dropped length would be captured again and again), page 3 (29, step 3) takes it; the
+    refill of pages 4 and 5 (39, 59, step 8) and then of page 6 (39) go back to one batched forward each, and page 7
+    (29, step 12) is a replay again."""
     monkeypatch.setattr(BatchedGenerator, "page_prefill_graphed", property(lambda self: True))
     prefills: list[tuple[int, float]] = []
     prefill = model.prefill
@@ -501,4 +502,4 @@ def test_per_page_prefill_captures_before_the_marks(
     batched, per_page = _prefill_spies(gen, monkeypatch)
     res = gen.run_continuous(requests(pages), SLOTS, eos_token_id=None, keep_logits=True, prefill_per_page=True)
     assert_matches_alone(model, pages, res, None, 0)
-    assert batched == [[29, 39, 59], [39, 59]] and per_page == [29, 39, 29]
+    assert batched == [[29, 39, 59], [39, 59], [39]] and per_page == [29, 29]
