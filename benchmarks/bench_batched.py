@@ -60,6 +60,9 @@ from llm_perf_opt.models.deepseek_ocr.continuous import SlotRequest
 from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, apply_fast_path
 from llm_perf_opt.models.deepseek_ocr.preprocess import PreparedPage, PreprocessConfig, preprocess_page
 from llm_perf_opt.models.deepseek_ocr.tokenizer import load_tokenizer
+from llm_perf_opt.models.deepseek_ocr2 import DeepseekOCR2Config, build_model_v2
+from llm_perf_opt.models.deepseek_ocr2.fast import apply_fast_path_v2
+from llm_perf_opt.models.deepseek_ocr2.preprocess import preprocess_config_v2, preprocess_page_v2
 from llm_perf_opt.profiling.bench_meta import benchmark_header, gpu_tag
 from llm_perf_opt.profiling.timers import DeviceClock
 from llm_perf_opt.runners.prefetch import Prefetcher
@@ -73,6 +76,11 @@ CONFIGS = {
     "full": ROOT / "src/llm_perf_opt/models/deepseek_ocr/configs/deepseek-ocr.json",
     "tiny": ROOT / "tests/fixtures/deepseek_ocr_tiny/config.json",  # CPU smoke checks of this script
 }
+# --family v2: DeepSeek-OCR-2's configs (the same names)
+CONFIGS_V2 = {
+    "full": ROOT / "src/llm_perf_opt/models/deepseek_ocr2/configs/deepseek-ocr2.json",
+    "tiny": ROOT / "tests/fixtures/deepseek_ocr2_tiny/config.json",
+}
 PROMPT = "<image>\n<|grounding|>Convert the document to markdown."
 PAGE_SIZES = [(1224, 1584), (1700, 2200), (850, 1100), (1584, 1224), (2480, 3508)]
 DECODE_LOOPS = {"graph": ["graph"], "static": ["static"], "host": ["host"], "both": ["graph", "host"]}
@@ -84,21 +92,33 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_pages(cfg: DeepseekOCRConfig, n: int, mode: str) -> list[PreparedPage]:
+def page_preparer(cfg: Any, mode: str) -> Any:
+    """``prepare(image, uint8) -> PreparedPage`` for the model family of ``cfg``: v1's ``preprocess_page`` at a
+    vendor mode (``PreprocessConfig.for_mode``), or v2's ``preprocess_page_v2`` at a v2 mode (default / 1024 / 768).
+    The prompt's ids come from the real tokenizer (v2's files are v1's)."""
+    if isinstance(cfg, DeepseekOCR2Config):
+        v1_ids = DeepseekOCRConfig(language=cfg.language, image_token_id=cfg.image_token_id)
+        ids = load_tokenizer(None, v1_ids).encode_prompt(PROMPT)
+        pre_v2 = preprocess_config_v2(mode)
+        return lambda image, uint8: preprocess_page_v2(image, pre_v2, cfg, ids, uint8=uint8)
     ids = load_tokenizer(None, cfg).encode_prompt(PROMPT)
     pre = PreprocessConfig.for_mode(mode)
-    return [preprocess_page(synthetic_page(PAGE_SIZES[i % len(PAGE_SIZES)], i), pre, cfg, ids) for i in range(n)]
+    return lambda image, uint8: preprocess_page(image, pre, cfg, ids, uint8=uint8)
 
 
-def preprocess_rates(cfg: DeepseekOCRConfig, n: int, mode: str, workers: int) -> dict[str, float]:
+def make_pages(cfg: Any, n: int, mode: str) -> list[PreparedPage]:
+    prepare = page_preparer(cfg, mode)
+    return [prepare(synthetic_page(PAGE_SIZES[i % len(PAGE_SIZES)], i), False) for i in range(n)]
+
+
+def preprocess_rates(cfg: Any, n: int, mode: str, workers: int) -> dict[str, float]:
     """Host preparation of ``n`` synthetic pages: serial with host normalisation (the old path) vs the pool of
     ``workers`` threads with uint8 views (the batched phase's path; normalisation moves to the device)."""
-    ids = load_tokenizer(None, cfg).encode_prompt(PROMPT)
-    pre = PreprocessConfig.for_mode(mode)
     pages = [Page(f"p{i}", synthetic_size=PAGE_SIZES[i % len(PAGE_SIZES)], seed=i) for i in range(n)]
+    prepare_image = page_preparer(cfg, mode)
 
     def prepare(page: Page, uint8: bool) -> PreparedPage:
-        return preprocess_page(page.load(), pre, cfg, ids, uint8=uint8)
+        return prepare_image(page.load(), uint8)  # type: ignore[no-any-return]
 
     t0 = time.perf_counter()
     for p in pages:
@@ -163,9 +183,7 @@ def measure(
     }
 
 
-def routing(
-    args: argparse.Namespace, cfg: DeepseekOCRConfig, rows: int
-) -> contextlib.AbstractContextManager[list[int]]:
+def routing(args: argparse.Namespace, cfg: Any, rows: int) -> contextlib.AbstractContextManager[list[int]]:
     """With ``--spread-routing``: the ``rows``-row router calls (a decode step of that many sequences) spread at random
     after the router (``bench_fast.spread_routing``); else the dummy model's own routing.  Yields the calls spread."""
     if not args.spread_routing:
@@ -196,7 +214,7 @@ def routing_note(requested: bool, unapplied: list[int]) -> str:
 
 
 def mixed_workload(
-    cfg: DeepseekOCRConfig, n: int, mode: str, median: int, sigma: float, seed: int
+    cfg: Any, n: int, mode: str, median: int, sigma: float, seed: int
 ) -> tuple[list[PreparedPage], list[int]]:
     """``n`` pages of mixed sizes with per-page output lengths drawn log-normal around ``median`` (the synthetic
     dataset's ``target_lengths=lognormal`` recipe, seeded), where each sequence ends (simulated eos)."""
@@ -420,6 +438,13 @@ def _batches(values: list[str]) -> list[int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="full", help=f"{' / '.join(CONFIGS)} or a config.json path")
+    ap.add_argument(
+        "--family",
+        choices=["v1", "v2"],
+        default="v1",
+        help="v1: DeepSeek-OCR; v2: DeepSeek-OCR-2 (its config of the same name, its page geometry: --mode default "
+        "| 1024 | 768)",
+    )
     ap.add_argument("--batches", nargs="+", default=["1,8,32,64"], help="batch sizes: 1 8 32 64 or 1,8,32,64")
     ap.add_argument("--tokens", type=int, default=256, help="new tokens per sequence (ignore_eos)")
     ap.add_argument(
@@ -494,7 +519,9 @@ def main() -> None:
         "model's",
     )
     ap.add_argument("--check-every", type=int, default=16, help="static loop: steps between eos checks")
-    ap.add_argument("--mode", default="base", help="PreprocessConfig.for_mode name")
+    ap.add_argument(
+        "--mode", default=None, help="PreprocessConfig.for_mode name (v1; default base) or a v2 mode (default default)"
+    )
     ap.add_argument(
         "--vision-batch",
         type=int,
@@ -526,6 +553,8 @@ def main() -> None:
         )
     if args.mixed_rounds < 0:
         ap.error(f"--mixed-rounds must be >= 0, got {args.mixed_rounds}")
+    if args.mode is None:
+        args.mode = "default" if args.family == "v2" else "base"
     if args.vision_batch is None:
         args.vision_batch = 0 if args.model == "fast" else 8
 
@@ -535,14 +564,16 @@ def main() -> None:
     batches = _batches(args.batches)
     warmup_tokens = args.tokens if args.warmup_tokens is None else args.warmup_tokens
     torch.manual_seed(args.seed)
-    cfg = DeepseekOCRConfig.from_json(CONFIGS.get(args.config, Path(args.config)))
-    model = build_model(cfg, device, args.dtype, "dummy", seed=args.seed)
+    v2 = args.family == "v2"
+    config_path = (CONFIGS_V2 if v2 else CONFIGS).get(args.config, Path(args.config))
+    cfg: Any = DeepseekOCR2Config.from_json(config_path) if v2 else DeepseekOCRConfig.from_json(config_path)
+    model = (build_model_v2 if v2 else build_model)(cfg, device, args.dtype, "dummy", seed=args.seed)
     target: Any = model
     fast_cfg: FastConfig | None = None
     if args.model == "fast":
         on_gpu = device.type == "cuda"  # off CUDA: no torch.compile of the vision blocks, no vision graphs
         fast_cfg = FastConfig(sam_compile=on_gpu, clip_compile=on_gpu, vision_graphs=on_gpu)
-        target = apply_fast_path(model, fast_cfg)
+        target = (apply_fast_path_v2 if v2 else apply_fast_path)(model, fast_cfg)
     eos = int(cfg.language.eos_token_id)
     pages = make_pages(cfg, max(batches), args.mode)
     env = benchmark_header(device)
@@ -584,7 +615,7 @@ def main() -> None:
         else f"eager modules (experts {args.expert_impl})"
     )
     header = (
-        f"# DeepSeek-OCR batched throughput — {env['gpu']}\n\n"
+        f"# {'DeepSeek-OCR-2' if v2 else 'DeepSeek-OCR'} batched throughput — {env['gpu']}\n\n"
         f"{env['date']}; driver {env['driver']}; torch {env['torch']} (CUDA {env['cuda']}); "
         f"{args.dtype}, dummy weights (config {args.config}); "
         f"mode {args.mode}, {args.tokens} tokens/sequence (ignore_eos), prompt length {rows[0]['prompt_len']}; "

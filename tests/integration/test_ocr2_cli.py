@@ -143,3 +143,25 @@ def test_v2_fast_path_runs_through_the_cli(v2_run: tuple[Path, dict], tmp_path: 
     assert 0 < page["clip_ms"] <= page["vision_ms"] and 0 < page["sam_ms"] <= page["vision_ms"]
     assert _token_ids(run_dir) == _token_ids(eager_dir)
     assert len(_token_ids(run_dir)[0]) == eager["pages"][0]["generated_tokens"]
+
+
+def test_v2_batched_phase_through_the_cli(tmp_path: Path) -> None:
+    """``infer.batch_size=2`` on the v2 model (it used to be refused): three pages of three tile grids through two
+    continuously refilled slots.  The oracle is the same run's per-page phase, the single-page path: the batched
+    phase ends every page where that path ended it (the same token count per page, at its cap or its simulated
+    eos), and its record names the three pages in order."""
+    run_dir = tmp_path / "run"
+    sizes = "dataset.sizes=[[1600,800],[900,1400],[1600,1200]]"
+    args = [*V2_TINY, *SMALL, sizes, "dataset.num_pages=3", "infer.batch_size=2", "infer.max_new_tokens=6"]
+    result = run_cli(args, run_dir, timeout=400)
+    assert result.returncode == 0, result.describe()
+    m = read_metrics(run_dir)
+    assert m["run"]["status"] == "complete" and m["model"]["family"] == "deepseek_ocr2"
+    pages = m["pages"]
+    assert len(pages) == 3 and len({tuple(p["crop_grid"]) for p in pages}) == 3
+    (batch,) = m["batches"]
+    assert batch["batching"] == "continuous" and batch["batch"] == 2
+    assert batch["page_ids"] == [p["page_id"] for p in pages]
+    assert batch["output_tokens"] == sum(p["generated_tokens"] for p in pages)
+    assert batch["fills"] == 2  # the first fill's two pages, then one refill
+    assert "## Batched throughput (batch size 2)" in (run_dir / "report.md").read_text()

@@ -548,15 +548,12 @@ class RunSettings:
             self._check_v2()
 
     def _check_v2(self) -> None:
-        """DeepSeek-OCR-2 runs on the native backend (eager or fast) or on transformers' class (hf_native, eager),
-        one page at a time, at its own view sizes."""
+        """DeepSeek-OCR-2 runs on the native backend (eager or fast; batched phase included) or on transformers'
+        class (hf_native, eager, one page at a time), at its own view sizes."""
         if self.model.backend not in ("native", "hf_native"):
             raise ConfigError(f"model.family=deepseek_ocr2 runs on model.backend=native or hf_native, got "
                               f"{self.model.backend}",
                               hint="set model.backend=native (or hf_native: transformers' own class)")  # fmt: skip
-        if self.infer.batch_size > 1:
-            raise ConfigError("infer.batch_size > 1 is not available for DeepSeek-OCR-2 (the batched phase is v1's)",
-                              hint="set infer.batch_size=1")  # fmt: skip
         pre: PreprocessSettings | PreprocessOverride = self.infer.preprocess_override or self.model.preprocess
         views = [("base_size", pre.base_size)] + [("image_size", pre.image_size)] * pre.crop_mode
         for key, px in views:

@@ -116,16 +116,21 @@ def test_v1_modes_with_other_view_sizes_refuse_a_v2_model(compose_cfg, mode: str
         )
 
 
-@pytest.mark.parametrize(
-    ("override", "match"),
-    [
-        ("infer.batch_size=4", "infer.batch_size > 1 is not available for DeepSeek-OCR-2"),
-        ("model.backend=hf_remote", "runs on model.backend=native or hf_native"),
-    ],
-)
-def test_v2_refuses_what_only_v1_has(compose_cfg, override: str, match: str) -> None:
-    with pytest.raises(ConfigError, match=match):
-        load_settings(compose_cfg(["model/deepseek_ocr/arch=deepseek_ocr2.dummy", override, OUT]))
+def test_v2_refuses_what_only_v1_has(compose_cfg) -> None:
+    with pytest.raises(ConfigError, match=r"runs on model\.backend=native or hf_native"):
+        load_settings(compose_cfg(["model/deepseek_ocr/arch=deepseek_ocr2.dummy", "model.backend=hf_remote", OUT]))
+
+
+def test_v2_takes_the_batched_phase(compose_cfg) -> None:
+    """The batched phase applies to DeepSeek-OCR-2 on the native backend (it used to be refused here); on
+    transformers' class it stays refused, as for every backend but native."""
+    s = load_settings(
+        compose_cfg(["model/deepseek_ocr/arch=deepseek_ocr2.dummy", "infer.batch_size=4", "infer.batching=static", OUT])
+    )
+    assert s.model.family == "deepseek_ocr2" and (s.infer.batch_size, s.infer.batching) == (4, "static")
+    hf_native = ["model/deepseek_ocr/arch=deepseek_ocr2.dummy", "model.backend=hf_native", "infer.batch_size=4", OUT]
+    with pytest.raises(ConfigError, match=r"batch_size > 1 needs model\.backend=native"):
+        load_settings(compose_cfg(hf_native))
 
 
 def test_v2_takes_the_fast_path(compose_cfg) -> None:

@@ -9,11 +9,11 @@ decoder forward (``lm_forward``: the eager layers, or a FastModel's fused ones) 
 :mod:`~llm_perf_opt.models.deepseek_ocr.batched_decode`, the result
 :mod:`~llm_perf_opt.models.deepseek_ocr.batch_result`.
 
-* **Vision** — views of the same pixel size are batched across pages: all tiles of all pages in one
-  SAM → CLIP → projector pass (the three modules are called as modules, so forward hooks fire once per
-  pass), all global views in another (``vision_batch`` caps views per pass).  Each page's features are
-  then laid out exactly as :meth:`DeepseekOCRForCausalLM.encode_images` lays them out (tile grid with
-  ``image_newline`` per row, global view with newlines, ``view_seperator``).
+* **Vision** — views of the same pixel size are batched across pages: all tiles of all pages in one pass of
+  the model's view encoder (SAM → CLIP → projector; DeepSeek-OCR-2: SAM → encoder → projector; the modules are
+  called as modules, so forward hooks fire once per pass), all global views in another (``vision_batch`` caps
+  views per pass).  Each page's features are then laid out exactly as the model's ``encode_images`` lays them
+  out (its ``layout_features``).
 * **Prefill** — prompts are LEFT-padded to the longest length ``L`` (``pad_b = L − len_b``) and run in
   one decoder forward over ``[B, L]``.  RoPE positions are per sequence (``index − pad_b``), the additive
   mask is causal and hides pad keys.  A pad query row attends only to itself (so no row is fully masked
@@ -78,7 +78,7 @@ from torch import Tensor
 from llm_perf_opt.errors import ConfigError, InputError
 from llm_perf_opt.models.deepseek_ocr.batch_result import BatchResult, StageMarks
 from llm_perf_opt.models.deepseek_ocr.batched_decode import StaticBatchStep
-from llm_perf_opt.models.deepseek_ocr.batched_vision import encode_pages, layout_page_features, warm_view_chunks
+from llm_perf_opt.models.deepseek_ocr.batched_vision import encode_pages, warm_view_chunks
 from llm_perf_opt.models.deepseek_ocr.clock import Clock, HostClock
 from llm_perf_opt.models.deepseek_ocr.context import ForwardContext, padded_prefill_mask
 from llm_perf_opt.models.deepseek_ocr.continuous import (
@@ -97,7 +97,7 @@ from llm_perf_opt.models.deepseek_ocr.model import DeepseekOCRForCausalLM
 from llm_perf_opt.models.deepseek_ocr.preprocess import PreparedPage
 from llm_perf_opt.models.deepseek_ocr.protocol import LanguageModel
 
-__all__ = ["BatchResult", "BatchedGenerator", "layout_page_features"]
+__all__ = ["BatchResult", "BatchedGenerator"]
 
 
 class BatchedGenerator:

@@ -1,9 +1,11 @@
 """Vision for several pages at once: views of the same pixel size batched across pages, features laid out per page.
 
-All tiles of all pages go through one SAM → CLIP → projector pass (the three modules are called as modules, so
-forward hooks fire once per pass), all global views through another (``vision_batch`` caps views per pass).
-Each page's features are then laid out exactly as :meth:`DeepseekOCRForCausalLM.encode_images` lays them out
-(tile grid with ``image_newline`` per row, global view with newlines, ``view_seperator``).
+All tiles of all pages go through one pass of the model's view encoder (``_encode_views``: SAM → CLIP → projector
+for DeepSeek-OCR, SAM → encoder → projector for DeepSeek-OCR-2; the modules are called as modules, so forward
+hooks fire once per pass), all global views through another (``vision_batch`` caps views per pass).  Each page's
+features are then laid out exactly as the model's ``encode_images`` lays them out (``layout_features``: v1's tile
+grid with ``image_newline`` per row, global view with newlines, ``view_seperator``; v2's tiles, global view,
+``view_seperator``).
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ from torch import Tensor
 
 from llm_perf_opt.errors import InputError
 from llm_perf_opt.models.deepseek_ocr.fast import VISION_SDPA, FastModel
-from llm_perf_opt.models.deepseek_ocr.model import DeepseekOCRForCausalLM, layout_page_features, parse_spatial_crop
+from llm_perf_opt.models.deepseek_ocr.model import DeepseekOCRForCausalLM, parse_spatial_crop
 from llm_perf_opt.models.deepseek_ocr.preprocess import PreparedPage
 
-__all__ = ["VIEW_CHUNK_MAX", "encode_pages", "layout_page_features", "view_chunks", "warm_view_chunks"]
+__all__ = ["VIEW_CHUNK_MAX", "encode_pages", "view_chunks", "warm_view_chunks"]
 
 # With the fast path a view batch is cut into power-of-two chunks of at most this many views: every chunk size is
 # one compiled and graphed shape per view size, so refills of any number of pages (continuous batching refills 1-3
@@ -71,18 +73,13 @@ def _vision_context(base: DeepseekOCRForCausalLM, fast: FastModel | None) -> Ite
 
 
 def _encode_views(base: DeepseekOCRForCausalLM, pixels: Tensor, vision_batch: int | None, pow2: bool) -> Tensor:
-    """SAM → CLIP(SAM features) → projector for same-size views -> [n, h·w, hidden] (as the model does), in the
-    chunks of :func:`view_chunks`."""
-    m = base.model
+    """The model's own view encoder (``_encode_views``) over same-size views -> [n, tokens, hidden], in the chunks
+    of :func:`view_chunks`."""
     outs: list[Tensor] = []
     begin = 0
     for size in view_chunks(int(pixels.shape[0]), vision_batch, pow2):
-        chunk = pixels[begin : begin + size]
+        outs.append(base._encode_views(pixels[begin : begin + size]))
         begin += size
-        sam = m.sam_model(chunk)
-        clip = m.vision_model(chunk, sam)
-        feats = torch.cat((clip[:, 1:], sam.flatten(2).permute(0, 2, 1)), dim=-1)
-        outs.append(m.projector(feats))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
@@ -128,14 +125,11 @@ def encode_pages(
                 (local if kind == "tile" else glob)[i] = feats[begin : begin + n]
                 begin += n
 
-    m = base.model
-    newline = m.image_newline.to(dtype)
-    separator = m.view_seperator.to(dtype)
     out: list[Tensor] = []
     for i, grid in enumerate(grids):
         g = glob[i]
         assert g is not None
-        out.append(layout_page_features(local[i], g, grid, newline, separator))
+        out.append(base.layout_features(local[i], g, grid))
     return out
 
 

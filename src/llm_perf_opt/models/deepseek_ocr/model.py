@@ -349,15 +349,18 @@ class DeepseekOCRForCausalLM(nn.Module):
         big grid (grid_h·q rows of grid_w·q tokens, each row + ``image_newline``), then the global view
         (q_b rows of q_b tokens, each + ``image_newline``), then one ``view_seperator``.
         """
-        m = self.model
         grid_w, grid_h = parse_spatial_crop(images_spatial_crop)
         if images_ori.dim() != 4 or images_ori.shape[0] != 1:
             raise InputError(f"images_ori must be [1, 3, H, W] for one page, got {tuple(images_ori.shape)}")
-        dtype = self.dtype
         local, glob = self._encode_page_views(self._page_crops(images_crop, grid_w, grid_h), images_ori)
-        return layout_page_features(
-            local, glob, (grid_w, grid_h), m.image_newline.to(dtype), m.view_seperator.to(dtype)
-        )
+        return self.layout_features(local, glob, (grid_w, grid_h))
+
+    def layout_features(self, local: Tensor | None, glob: Tensor, grid: tuple[int, int]) -> Tensor:
+        """One page's view features in sequence order (:func:`layout_page_features`, this model's ``image_newline``
+        and ``view_seperator``) -> [n_image_tokens, hidden]: what :meth:`encode_images` returns, and what the
+        batched phase lays out after encoding many pages' views together."""
+        m, dtype = self.model, self.dtype
+        return layout_page_features(local, glob, grid, m.image_newline.to(dtype), m.view_seperator.to(dtype))
 
     # ------------------------------------------------------------------ stage 2: embeddings
     @torch.no_grad()

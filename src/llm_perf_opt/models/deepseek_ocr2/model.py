@@ -111,14 +111,18 @@ class DeepseekOCR2ForCausalLM(DeepseekOCRForCausalLM):
         ``images_crop`` [n_tiles, 3, s, s] (ignored for a 1×1 grid, e.g. the zeros placeholder),
         ``images_ori`` [1, 3, base, base], ``images_spatial_crop`` = (grid_w, grid_h).
         """
-        m = self.model
         grid_w, grid_h = parse_spatial_crop(images_spatial_crop)
         if images_ori.dim() != 4 or images_ori.shape[0] != 1:
             raise InputError(f"images_ori must be [1, 3, H, W] for one page, got {tuple(images_ori.shape)}")
-        dtype = self.dtype
-        hidden = m.view_seperator.shape[0]
         local, glob = self._encode_page_views(self._page_crops(images_crop, grid_w, grid_h), images_ori)
+        return self.layout_features(local, glob, (grid_w, grid_h))
+
+    def layout_features(self, local: Tensor | None, glob: Tensor, grid: tuple[int, int]) -> Tensor:
+        """v2's layout: every tile's tokens (tile after tile, row-major over the grid; ``local`` [tiles, q², hidden],
+        None without tiles), the global view's, one ``view_seperator``; no ``image_newline`` -> [n, hidden]."""
+        m = self.model
+        hidden = m.view_seperator.shape[0]
         parts = [] if local is None else [local.reshape(-1, hidden)]
         parts.append(glob.reshape(-1, hidden))
-        parts.append(m.view_seperator.to(dtype)[None, :])
+        parts.append(m.view_seperator.to(self.dtype)[None, :])
         return torch.cat(parts, dim=0)

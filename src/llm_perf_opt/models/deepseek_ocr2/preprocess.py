@@ -30,6 +30,7 @@ from llm_perf_opt.models.deepseek_ocr.preprocess import (
     global_view,
     normalize,
     rgb_page,
+    to_uint8,
 )
 from llm_perf_opt.models.deepseek_ocr2.config import DeepseekOCR2Config
 from llm_perf_opt.models.deepseek_ocr2.model import num_image_tokens_v2
@@ -76,20 +77,31 @@ def _check_view(model: DeepseekOCR2Config, view_px: int, what: str) -> None:
 
 
 def preprocess_page_v2(
-    image: Image.Image, cfg: PreprocessConfig, model: DeepseekOCR2Config, prompt_ids: Sequence[int]
+    image: Image.Image,
+    cfg: PreprocessConfig,
+    model: DeepseekOCR2Config,
+    prompt_ids: Sequence[int],
+    *,
+    uint8: bool = False,
 ) -> PreparedPage:
     """Views, tile grid, normalised tensors and the v2 token layout for one page (``prompt_ids``: as in v1's
-    ``build_prompt_ids``: one image-token id marks ``<image>``, none puts the image first)."""
+    ``build_prompt_ids``: one image-token id marks ``<image>``, none puts the image first).  ``uint8=True`` keeps
+    the views as uint8 pixels (``pixel_norm`` set) for normalisation on the device after the upload (the batched
+    phase; the same float32 values, as in v1's ``preprocess_page``)."""
     _check_view(model, cfg.base_size, "the global view")
     if cfg.crop_mode:
         _check_view(model, cfg.image_size, "a tile")
     image, (width, height) = rgb_page(image)
 
     grid = choose_crop_grid(width, height, cfg)
-    ori = normalize(global_view(image, cfg), cfg.mean, cfg.std).unsqueeze(0)
+
+    def pixels(view: Image.Image) -> torch.Tensor:
+        return to_uint8(view) if uint8 else normalize(view, cfg.mean, cfg.std)
+
+    ori = pixels(global_view(image, cfg)).unsqueeze(0)
     has_tiles = grid[0] > 1 or grid[1] > 1
     if has_tiles:
-        crops = torch.stack([normalize(t, cfg.mean, cfg.std) for t in crop_tiles(image, grid, cfg.image_size)])
+        crops = torch.stack([pixels(t) for t in crop_tiles(image, grid, cfg.image_size)])
     else:
         crops = ori.new_zeros((1, 3, cfg.base_size, cfg.base_size))
     n_tiles = grid[0] * grid[1] if has_tiles else 0
@@ -105,4 +117,5 @@ def preprocess_page_v2(
         images_seq_mask=mask,
         prompt_len=int(input_ids.shape[1]),
         page_size=(width, height),
+        pixel_norm=(cfg.mean, cfg.std) if uint8 else None,
     )

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from llm_perf_opt.errors import ConfigError
 from llm_perf_opt.models.deepseek_ocr2.config import DeepseekOCR2Config
 from llm_perf_opt.runners.backends.base import Backend
 from llm_perf_opt.runners.backends.native import NativeBackend, config_json_path
@@ -29,8 +28,9 @@ if TYPE_CHECKING:
 class NativeV2Backend(NativeBackend):
     """DeepSeek-OCR-2 from its checkpoint (the checkpoint's own keys) or seeded dummy weights of a config."""
 
-    # the batched-throughput phase drives v1's layout; RunSettings refuses batch_size > 1 for v2 before loading
-    supports_batching: ClassVar[bool] = False
+    # the batched-throughput phase drives v2 too: its vision batches views through the model's own view encoder
+    # and layout (``_encode_views`` / ``layout_features``), and the language model is v1's
+    supports_batching: ClassVar[bool] = True
     hook_targets: ClassVar[dict[str, str]] = {
         "sam": "model.sam_model",
         "encoder": "model.qwen2_model",
@@ -77,10 +77,7 @@ class NativeV2Backend(NativeBackend):
     def prepare_page(self, image: Any, text_ids: list[int], uint8: bool = False) -> Any:
         from llm_perf_opt.models.deepseek_ocr2.preprocess import preprocess_page_v2
 
-        if uint8:  # only the batched phase asks for uint8 views, and settings refuse batching for v2
-            raise ConfigError("DeepSeek-OCR-2 has no batched phase", hint="run it with infer.batch_size=1")
-
-        return preprocess_page_v2(image, self.preprocess_cfg, self.config, text_ids)
+        return preprocess_page_v2(image, self.preprocess_cfg, self.config, text_ids, uint8=uint8)
 
 
 def preprocess_config_v2(settings: ModelSettings) -> Any:
