@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from llm_perf_opt.results.serialize import read_summary
+from llm_perf_opt.results.types import BatchRecord
 from tests.integration.conftest import SMALL, read_jsonl, run_cli
 
 
@@ -188,17 +189,25 @@ def test_continuous_batching_without_narrowing(tmp_path: Path) -> None:
     assert "4 decode steps, 0 of them on a narrower batch" in report
 
 
+def _plain_schedule_run(tmp_path: Path, *overrides: str) -> tuple[BatchRecord, Path]:
+    """One repeat of the continuous workload with ``overrides`` through the CLI: its one record, checked to follow
+    the plain run's schedule by hand (7 decode steps, 4 of them the drain with 7 tokens, one narrowed; every target
+    reached; 3 fills), and the run dir."""
+    run_dir = tmp_path / "run"
+    result = run_cli([*_continuous_args(tmp_path), "repeats=1", *overrides], run_dir=run_dir)
+    assert result.returncode == 0, result.describe()
+    (b,) = read_summary(run_dir / "metrics.json").batches
+    assert (b.decode_steps, b.drain_steps, b.drain_tokens, b.narrowed_steps) == (7, 4, 7, 1)
+    assert b.output_tokens == sum(TARGETS.values()) and b.fills == 3
+    return b, run_dir
+
+
 def test_continuous_batching_with_vision_ahead(tmp_path: Path) -> None:
     """``infer.refill_vision_ahead=1``: the run's schedule is the plain one (the same 7 steps, drain and narrowed
     step), and the pages whose vision ran ahead are counted and timed apart.  By hand: the first fill takes a and b,
     c's vision runs ahead; a ends after step 1 and c fills its slot from ahead (d runs ahead), c ends after step 3
     and d fills from ahead: 2 pages ahead."""
-    run_dir = tmp_path / "run"
-    result = run_cli([*_continuous_args(tmp_path), "repeats=1", "infer.refill_vision_ahead=1"], run_dir=run_dir)
-    assert result.returncode == 0, result.describe()
-    (b,) = read_summary(run_dir / "metrics.json").batches
-    assert (b.decode_steps, b.drain_steps, b.drain_tokens, b.narrowed_steps) == (7, 4, 7, 1)
-    assert b.output_tokens == sum(TARGETS.values()) and b.fills == 3
+    b, run_dir = _plain_schedule_run(tmp_path, "infer.refill_vision_ahead=1")
     assert b.pages_ahead == 2 and b.vision_ahead_ms is not None and b.vision_ahead_ms > 0
     report = (run_dir / "report.md").read_text()
     assert "pages whose vision ran ahead of their refill (infer.refill_vision_ahead)" in report
@@ -211,13 +220,7 @@ def test_continuous_batching_with_prefill_ahead(tmp_path: Path) -> None:
     """``infer.refill_prefill_ahead=true`` beside ``refill_vision_ahead=1``: the same schedule and tokens as the
     plain run (test_continuous_batching_with_vision_ahead's, by hand), and the two pages run ahead have their LM
     prefill counted and timed apart in the record and in the report."""
-    run_dir = tmp_path / "run"
-    args = [*_continuous_args(tmp_path), "repeats=1", "infer.refill_vision_ahead=1", "infer.refill_prefill_ahead=true"]
-    result = run_cli(args, run_dir=run_dir)
-    assert result.returncode == 0, result.describe()
-    (b,) = read_summary(run_dir / "metrics.json").batches
-    assert (b.decode_steps, b.drain_steps, b.drain_tokens, b.narrowed_steps) == (7, 4, 7, 1)
-    assert b.output_tokens == sum(TARGETS.values()) and b.fills == 3
+    b, run_dir = _plain_schedule_run(tmp_path, "infer.refill_vision_ahead=1", "infer.refill_prefill_ahead=true")
     assert b.pages_ahead == 2 and b.pages_prefilled_ahead == 2
     assert b.prefill_ahead_ms is not None and b.prefill_ahead_ms > 0
     report = (run_dir / "report.md").read_text()
@@ -229,12 +232,7 @@ def test_continuous_batching_with_refills_prefilled_page_by_page(tmp_path: Path)
     """``infer.refill_prefill=per_page``: the plain run's schedule and tokens (test_continuous_batching_phase's, by
     hand: a and b fill the slots, then c and d come one refill each), with the two refill pages counted as prefilled
     page by page, in the record and in the report; the setting is recorded in config.yaml."""
-    run_dir = tmp_path / "run"
-    result = run_cli([*_continuous_args(tmp_path), "repeats=1", "infer.refill_prefill=per_page"], run_dir=run_dir)
-    assert result.returncode == 0, result.describe()
-    (b,) = read_summary(run_dir / "metrics.json").batches
-    assert (b.decode_steps, b.drain_steps, b.drain_tokens, b.narrowed_steps) == (7, 4, 7, 1)
-    assert b.output_tokens == sum(TARGETS.values()) and b.fills == 3
+    b, run_dir = _plain_schedule_run(tmp_path, "infer.refill_prefill=per_page")
     assert b.pages_prefilled_per_page == 2 and b.pages_ahead is None
     report = (run_dir / "report.md").read_text()
     assert "refill pages prefilled page by page (infer.refill_prefill=per_page" in report
