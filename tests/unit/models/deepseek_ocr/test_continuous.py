@@ -503,3 +503,21 @@ def test_per_page_prefill_captures_before_the_marks(
     res = gen.run_continuous(requests(pages), SLOTS, eos_token_id=None, keep_logits=True, prefill_per_page=True)
     assert_matches_alone(model, pages, res, None, 0)
     assert batched == [[29, 39, 59], [39, 59], [39]] and per_page == [29, 29]
+
+
+def test_per_page_refills_on_the_fast_model(model: DeepseekOCRForCausalLM, pages: list[PreparedPage]) -> None:
+    """The fast model (its own copy of the tiny weights: the fast path re-points modules to fused storage) prefills
+    each refill page through ``FastModel.prefill``, un-graphed on the CPU (no capture, nothing prepared): every page
+    still gives the eager model's tokens alone, and every chosen token's logits within 1e-4."""
+    from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, build_model
+    from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, apply_fast_path
+    from tests.conftest import TINY
+
+    own = build_model(DeepseekOCRConfig.from_json(TINY / "config.json"), "cpu", torch.float32, weights=TINY)
+    cpu = FastConfig(cuda_graphs=False, sam_compile=False, clip_compile=False, vision_graphs=False)
+    fast = apply_fast_path(own, cpu)
+    gen = BatchedGenerator(fast)
+    assert not gen.page_prefill_graphed
+    res = gen.run_continuous(requests(pages), SLOTS, eos_token_id=None, keep_logits=True, prefill_per_page=True)
+    assert res.pages_prefilled_per_page == 5 and res.graph_capture_s == 0.0
+    assert_matches_alone(model, pages, res, None, 0)
