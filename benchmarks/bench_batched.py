@@ -64,6 +64,7 @@ from llm_perf_opt.models.deepseek_ocr2 import DeepseekOCR2Config, build_model_v2
 from llm_perf_opt.models.deepseek_ocr2.fast import apply_fast_path_v2
 from llm_perf_opt.models.deepseek_ocr2.preprocess import preprocess_config_v2, preprocess_page_v2
 from llm_perf_opt.profiling.bench_meta import benchmark_header, gpu_tag
+from llm_perf_opt.profiling.peaks import match_peak
 from llm_perf_opt.profiling.timers import DeviceClock
 from llm_perf_opt.runners.prefetch import Prefetcher
 
@@ -371,19 +372,25 @@ def mixed_table(rows: list[dict[str, Any]], lengths: list[int]) -> str:
 
 def experts_read(
     target: Any, pages: list[PreparedPage], tokens: int, eos: int, args: argparse.Namespace
-) -> float | None:
+) -> tuple[float | None, float | None]:
     """Mean expert slots each MoE layer's decode step reads (distinct routed experts + the shared-expert slots), over
     ``tokens`` un-graphed steps of ``pages`` (an untimed run): what a step's expert kernels stream, so a TPOT here
-    can be set beside ``bench_kernels.py``'s step (random hidden states: ~62 slots at 32 rows).  None when the
-    decode step does not run the Triton expert kernels (eager model, torch decode kernels)."""
+    can be set beside ``bench_kernels.py``'s step (random hidden states: ~62 slots at 32 rows); and the mean distinct
+    routed experts alone over the calls that route (the MoE layers: the dense MLP's call has no routed column), for
+    the step's floor (:func:`step_floor`).  (None, None) when the decode step does not run the Triton expert kernels
+    (eager model, torch decode kernels)."""
     from llm_perf_opt.models.deepseek_ocr import kernels
 
     seen: list[int] = []
+    routed: list[int] = []
     real = {name: getattr(kernels, name) for name in ("moe_experts", "moe_experts_grouped")}
 
     def spy(name: str) -> Any:
         def run(x: torch.Tensor, idx: torch.Tensor, *rest: Any, **kw: Any) -> torch.Tensor:
-            seen.append(int(torch.unique(idx).numel()) + int(kw.get("n_always", 0)))
+            distinct = int(torch.unique(idx).numel())
+            seen.append(distinct + int(kw.get("n_always", 0)))
+            if idx.numel():
+                routed.append(distinct)
             return real[name](x, idx, *rest, **kw)
 
         return run
@@ -397,16 +404,37 @@ def experts_read(
         for name, fn in real.items():
             setattr(kernels, name, fn)
         gen.release_decode_state()
-    return statistics.fmean(seen) if seen else None
+    return (statistics.fmean(seen) if seen else None), (statistics.fmean(routed) if routed else None)
+
+
+def step_floor(cfg: Any, row: dict[str, Any], tokens: int, bandwidth: float | None) -> tuple[float | None, str | None]:
+    """The floor of ``row``'s decode step: the bytes a step must move (``flops.decode_bytes_per_step``: every weight
+    once, the routed experts the untimed run's steps read in each MoE layer, each sequence's K/V at the run's mean
+    context, prompt + ``tokens`` / 2) at ``bandwidth`` (the datasheet's, bytes/s), in ms; or None and why not."""
+    from llm_perf_opt.profiling.flops import decode_bytes_per_step
+
+    if bandwidth is None:
+        return None, "no datasheet bandwidth for this device"
+    routed = row.get("routed_read")
+    if routed is None:
+        return None, "no step ran the Triton expert kernels (routed experts read not counted)"
+    lang = cfg.language
+    moe_layers = lang.num_hidden_layers - lang.first_k_dense_replace
+    context = row["prompt_len"] + tokens // 2
+    need = decode_bytes_per_step(cfg, context, 2, [round(routed)] * moe_layers, batch=row["batch"]).total_bytes
+    return need / bandwidth * 1e3, None
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| batch | decode | no-repeat n | pages/s | output tok/s | decode tok/s | TTFT s | TPOT p50 ms | TPOT p90 ms "
-        "| capture s | peak memory GiB | expert slots read per MoE layer-step |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| capture s | peak memory GiB | expert slots read per MoE layer-step | step floor ms | floor / TPOT p50 |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        floor = r.get("floor_ms")
+        share = "n/a" if floor is None else f"{floor / r['tpot_p50_ms']:.0%}"
+        floor_cell = f"{floor:.3f}" if floor is not None else f"n/a ({r.get('floor_unavailable', 'not computed')})"
         capture = f"{r['warmup_capture_s']:.3f}" if r["decode"] == "graph" else "-"
         if r["timed_capture_s"] > 0:
             capture += f" (+{r['timed_capture_s']:.3f} in the timed run)"
@@ -414,7 +442,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {r['batch']} | {r['decode']} | {r['ngram'] or '-'} | {r['pages_per_s']:.3f} "
             f"| {r['output_tok_per_s']:.1f} "
             f"| {r['decode_tok_per_s']:.1f} | {r['ttft_s']:.3f} | {r['tpot_p50_ms']:.2f} | {_opt(r['tpot_p90_ms'])} "
-            f"| {capture} | {_gib(r['peak_gib'])} | {_opt(r.get('experts_read'), 1)} |"
+            f"| {capture} | {_gib(r['peak_gib'])} | {_opt(r.get('experts_read'), 1)} | {floor_cell} | {share} |"
         )
     return "\n".join(lines)
 
@@ -578,12 +606,14 @@ def main() -> None:
     pages = make_pages(cfg, max(batches), args.mode)
     env = benchmark_header(device)
     loops = DECODE_LOOPS[args.decode]
+    spec = match_peak(env["gpu"]) if device.type == "cuda" else None
+    bandwidth = None if spec is None else spec.mem_bw_bytes_per_s
 
     rows: list[dict[str, Any]] = []
     unspread: list[int] = []  # batch sizes --spread-routing could not reach (no Triton router at that row count)
     for bsz in batches:
         with routing(args, cfg, bsz) as spread:
-            read = experts_read(target, pages[:bsz], 8, eos, args) if args.model == "fast" else None
+            read, routed = experts_read(target, pages[:bsz], 8, eos, args) if args.model == "fast" else (None, None)
         if args.spread_routing and not spread:
             unspread.append(bsz)
         print(f"batch {bsz}: {_opt(read, 1)} expert slots read per MoE layer per decode step", flush=True)
@@ -593,6 +623,8 @@ def main() -> None:
                 row = measure(gen, pages[:bsz], args.tokens, eos, warmup_tokens, ngram)
             gen.release_decode_state()  # free the kept graph and cache before the next loop / batch size
             row["experts_read"] = read
+            row["routed_read"] = routed
+            row["floor_ms"], row["floor_unavailable"] = step_floor(cfg, row, args.tokens, bandwidth)
             rows.append(row)
             flag = " (TIMED RUN CAPTURED)" if row["timed_capture_s"] > 0 else ""
             print(
@@ -623,7 +655,14 @@ def main() -> None:
         f"(eos check every {args.check_every} steps); warm-up run of each shape first ({warmup_tokens} tokens), "
         f"capture excluded from the timed run.\n"
     )
-    report = f"{header}\n{routing_note(args.spread_routing, unspread)}\n\n{table(rows)}\n"
+    floor_note = (
+        "Step floor: the bytes a decode step must move (every weight once, the routed experts the untimed run's steps "
+        "read per MoE layer, each sequence's K/V at the run's mean context) at the datasheet bandwidth"
+        + (f" ({bandwidth / 1e12:.2f} TB/s, {spec.name})" if spec is not None and bandwidth is not None else "")
+        + "; floor / TPOT p50 is the share of that bandwidth the step reaches (a device-to-device copy reaches "
+        "about 90 % of it)."
+    )
+    report = f"{header}\n{routing_note(args.spread_routing, unspread)}\n\n{table(rows)}\n\n{floor_note}\n"
     if args.preprocess_workers:
         pp = preprocess_rates(cfg, max(batches), args.mode, args.preprocess_workers)
         report += (

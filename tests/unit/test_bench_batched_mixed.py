@@ -41,16 +41,41 @@ def test_mixed_table_has_the_steady_state_column() -> None:
 
 
 def test_table_shows_the_expert_slots_read_or_why_not() -> None:
-    """The step table's last column: expert slots read per MoE layer-step, n/a where none were recorded."""
+    """The step table's last columns: expert slots read per MoE layer-step, the step's floor and its share of the
+    measured TPOT, n/a (with the reason) where none were recorded."""
     from benchmarks.bench_batched import table
 
     base = {"decode": "graph", "ngram": 0, "pages_per_s": 1.0, "output_tok_per_s": 2.0, "decode_tok_per_s": 3.0,
             "ttft_s": 0.5, "tpot_p50_ms": 1.25, "tpot_p90_ms": None, "warmup_capture_s": 0.1,
             "timed_capture_s": 0.0, "peak_gib": None}  # fmt: skip
-    text = table([{**base, "batch": 32, "experts_read": 41.25}, {**base, "batch": 1, "experts_read": None}])
-    assert "| expert slots read per MoE layer-step |" in text
-    assert "| 32 | graph | - | 1.000 | 2.0 | 3.0 | 0.500 | 1.25 | n/a | 0.100 | n/a | 41.2 |" in text
-    assert "| 1 | graph | - | 1.000 | 2.0 | 3.0 | 0.500 | 1.25 | n/a | 0.100 | n/a | n/a |" in text
+    text = table(
+        [{**base, "batch": 32, "experts_read": 41.25, "floor_ms": 0.75},
+         {**base, "batch": 1, "experts_read": None, "floor_ms": None, "floor_unavailable": "no datasheet bandwidth"}]
+    )  # fmt: skip
+    assert "| expert slots read per MoE layer-step | step floor ms | floor / TPOT p50 |" in text
+    # 0.75 / 1.25 = 60 % by hand
+    assert "| 32 | graph | - | 1.000 | 2.0 | 3.0 | 0.500 | 1.25 | n/a | 0.100 | n/a | 41.2 | 0.750 | 60% |" in text
+    assert "| 1 | graph | - | 1.000 | 2.0 | 3.0 | 0.500 | 1.25 | n/a | 0.100 | n/a | n/a | n/a (no datasheet" in text
+
+
+def test_step_floor_is_the_steps_bytes_at_the_bandwidth() -> None:
+    """``step_floor``: the full-size model at batch 64, prompt 283, 64 tokens (mean context 315), 64 routed experts
+    read in each of the 11 MoE layers, at 4.8 TB/s.  Oracles: the byte model (``decode_bytes_per_step``, tested on its
+    own) for the bytes, and a hand lower bound: the routed experts' weights (11 layers × 64 experts × 3 matrices of
+    1280 × 896 bf16) and the K/V read (64 rows × 12 layers × K and V × 315 positions × 1280 channels × 2 bytes)."""
+    from benchmarks.bench_batched import CONFIGS, step_floor
+
+    from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig
+    from llm_perf_opt.profiling.flops import decode_bytes_per_step
+
+    cfg = DeepseekOCRConfig.from_json(CONFIGS["full"])
+    row = {"batch": 64, "prompt_len": 283, "routed_read": 63.8}
+    floor, why = step_floor(cfg, row, 64, 4.8e12)
+    need = decode_bytes_per_step(cfg, 315, 2, [64] * 11, batch=64).total_bytes
+    assert why is None and floor == need / 4.8e12 * 1e3
+    assert need > 11 * 64 * 3 * 1280 * 896 * 2 + 64 * 12 * 2 * 315 * 1280 * 2
+    assert step_floor(cfg, row, 64, None) == (None, "no datasheet bandwidth for this device")
+    assert step_floor(cfg, {**row, "routed_read": None}, 64, 4.8e12)[1].startswith("no step ran the Triton expert")
 
 
 def test_routing_note_says_what_the_steps_read() -> None:
