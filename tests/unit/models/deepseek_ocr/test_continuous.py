@@ -521,3 +521,21 @@ def test_per_page_refills_on_the_fast_model(model: DeepseekOCRForCausalLM, pages
     res = gen.run_continuous(requests(pages), SLOTS, eos_token_id=None, keep_logits=True, prefill_per_page=True)
     assert res.pages_prefilled_per_page == 5 and res.graph_capture_s == 0.0
     assert_matches_alone(model, pages, res, None, 0)
+
+
+def test_per_page_refills_with_eos_and_a_growing_cache(
+    model: DeepseekOCRForCausalLM, pages: list[PreparedPage]
+) -> None:
+    """Refills prefilled page by page where eos ends slots (384: the 3rd greedy token of page 0, the 9th of page 1),
+    and where a refill's page needs a longer cache than the first fill's (test_cache_grows_for_a_longer_page's
+    requests): the kept per-length caches are the refill's own, so every page still gives its tokens alone."""
+    res = BatchedGenerator(model).run_continuous(
+        requests(pages), SLOTS, eos_token_id=384, keep_logits=True, prefill_per_page=True
+    )
+    assert_matches_alone(model, pages, res, 384, 0)
+    assert any(res.stopped_by_eos) and res.pages_prefilled_per_page == len(WORKLOAD) - SLOTS
+    long_cap = LEN_QUANTUM + 5
+    reqs = [SlotRequest(pages[0], 2), SlotRequest(pages[2], long_cap)]
+    grown = BatchedGenerator(model).run_continuous(reqs, 1, eos_token_id=None, prefill_per_page=True)
+    assert grown.pages_prefilled_per_page == 1
+    assert grown.tokens[1] == generate_alone(model, pages[2], long_cap).tokens
