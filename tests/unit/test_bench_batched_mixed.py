@@ -18,6 +18,8 @@ def test_mixed_table_has_the_steady_state_column() -> None:
     assert "| batching | pages/s | output tok/s | steady-state output tok/s | slot occupancy | stage s |" in text
     assert "| static | 2.000 | 8.5 | n/a (no drain) | 50.0 % | 2.000 |" in text
     assert "| continuous | 4.000 | 17.0 | 12.5 | 75.0 % | 1.000 |" in text
+    captured = mixed_table([rows[0], {**rows[1], "timed_capture_s": 0.25}], [3, 7, 2, 5])
+    assert "| 75.0 % | 1.000 (+0.250 s of captures in the timed run, left out) |" in captured
     assert "continuous / static = 2.00× output tok/s" in text
     assert "median 4, min 2, max 7 tokens" in text
     ahead = {**rows[1], "batching": "continuous, vision 2 ahead", "output_tok_per_s": 21.25, "vision_ahead_s": 0.25,
@@ -99,7 +101,7 @@ class _Result:
 
     def __init__(self, total_s: float, batch: int = 2) -> None:
         self.total_s, self.output_tokens, self.batch = total_s, 10, batch
-        self.step_ms, self.slot_occupancy, self.drain = [1.0] * 4, 0.5, (0, 0.0, 0)
+        self.step_ms, self.slot_occupancy, self.drain, self.graph_capture_s = [1.0] * 4, 0.5, (0, 0.0, 0), 0.0
         self.vision_ahead_s, self.pages_ahead, self.prefill_ahead_s = 0.0, 0, 0.0
 
 
