@@ -108,6 +108,8 @@ def test_v2_report_names_the_encoder(v2_run: tuple[Path, dict]) -> None:
     assert "vision (SAM + encoder + projector + layout)" in report
     assert "CLIP" not in report
     assert "| encoder |" in (run_dir / "static_compute.md").read_text()
+    for brief in ("stakeholder_summary.md", "assumptions.md"):  # they said CLIP for v2 before round 26
+        assert "CLIP" not in (run_dir / brief).read_text(), brief
 
 
 def test_v2_checkpoint_missing_is_one_clear_error(tmp_path: Path) -> None:

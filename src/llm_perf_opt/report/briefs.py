@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from llm_perf_opt.report.format import stage_label
 from llm_perf_opt.results.types import RunSummary, Stats
 
 NA = "n/a"
@@ -35,7 +36,7 @@ def stage_shares(s: RunSummary) -> list[tuple[str, float]]:
     pre, vis, pref, dec = mean("preprocess_ms"), mean("vision_ms"), mean("prefill_ms"), mean("decode_ms")
     parts = {
         "host preprocessing": pre,
-        "vision (SAM + CLIP + projector)": vis,
+        stage_label(s, "vision (SAM + CLIP + projector)"): vis,
         "prefill LM (first token)": None if pref is None or vis is None else max(pref - vis, 0.0),
         "decode (tokens 2..N)": dec,
     }
@@ -114,8 +115,9 @@ def render_assumptions(s: RunSummary) -> str:
         (
             "Timing",
             [
-                "Prefill (TTFT) = vision (SAM, CLIP, projector) + the first language-model forward, ending when "
-                "token 1 exists; host preprocessing (image decode, resize, tiling) is timed separately, not in TTFT.",
+                stage_label(s, "Prefill (TTFT) = vision (SAM, CLIP, projector)")
+                + " + the first language-model forward, ending when token 1 exists; host preprocessing (image "
+                "decode, resize, tiling) is timed separately, not in TTFT.",
                 "Decode = tokens 2..N, one forward each on the KV cache; TPOT = decode time ÷ (tokens − 1).",
                 f"Clock: {clock}; "
                 f"{prof.get('warmup_rounds', 'n/a')} warm-up round(s) before the timed repeats; the profiler pass is "

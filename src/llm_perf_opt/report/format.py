@@ -6,7 +6,7 @@ and the statistics row (median first, then the mean where it means something).
 
 from __future__ import annotations
 
-from llm_perf_opt.results.types import Stats
+from llm_perf_opt.results.types import RunSummary, Stats
 
 NA = "n/a"
 
@@ -118,3 +118,10 @@ def fmt_bytes_dec(value: float | None) -> str:
         if abs(value) >= scale:
             return f"{value / scale:,.2f} {unit}"
     return f"{value:,.0f} B"
+
+
+def stage_label(s: RunSummary, label: str) -> str:
+    """``label`` with the model's stage names: DeepSeek-OCR-2's ``clip_ms`` slot holds its encoder's time, so its
+    "CLIP" reads "encoder" there."""
+    name = s.model.stage_names.get("clip")
+    return label.replace("CLIP", name) if name else label

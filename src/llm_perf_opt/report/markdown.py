@@ -23,6 +23,7 @@ from llm_perf_opt.report.format import (
     fmt_rate_bytes,
     md_escape,
     na,
+    stage_label,
     stat_row,
     table,
 )
@@ -107,12 +108,6 @@ def _ngram_extras(cfg: dict[str, Any]) -> str:
     return f" ({', '.join(extras)})" if extras else ""
 
 
-def _stage_label(s: RunSummary, label: str) -> str:
-    """A row label with the model's stage names: DeepSeek-OCR-2's ``clip_ms`` slot holds its encoder's time."""
-    name = s.model.stage_names.get("clip")
-    return label.replace("CLIP", name) if name else label
-
-
 def render_report(s: RunSummary, plots: dict[str, str] | None = None) -> str:
     plots = plots or {}
     r = s.run
@@ -185,7 +180,7 @@ def render_report(s: RunSummary, plots: dict[str, str] | None = None) -> str:
 
     out.append("## Latency and throughput\n")
     rows = [
-        stat_row(_stage_label(s, label), s.aggregates.get(key), unit, reason=missing_reason(s, key))
+        stat_row(stage_label(s, label), s.aggregates.get(key), unit, reason=missing_reason(s, key))
         for label, key, unit in LATENCY_ROWS
     ]
     out.append(table(STAT_HEADER, rows) + "\n")
@@ -199,7 +194,8 @@ def render_report(s: RunSummary, plots: dict[str, str] | None = None) -> str:
         )
     elif s.model.optimisations.get("vision_streams"):
         out.append(
-            "SAM, CLIP and projector overlap: with `infer.fast.vision_streams` a page's global view runs on a second "
+            stage_label(s, "SAM, CLIP and projector overlap")
+            + ": with `infer.fast.vision_streams` a page's global view runs on a second "
             "CUDA stream beside its crops, so each stage's time (its crops' and its global view's intervals) "
             "includes time the two views shared the GPU. The three can sum to more than the vision time, and "
             "per-stage MFU reads low; `infer.fast.vision_streams=false` times the views one after the other.\n"

@@ -92,3 +92,16 @@ def test_context_len_mode_validation() -> None:
         InferSettings(context_len_mode="longest")
     with pytest.raises(ConfigError, match=r"needs infer\.context_len_fixed"):
         InferSettings(context_len_mode="fixed")
+
+
+def test_v2_briefs_name_the_encoder_not_clip() -> None:
+    """DeepSeek-OCR-2's ``clip_ms`` slot holds its encoder's time (``model.stage_names``): the summary's stage and the
+    assumptions' TTFT line name the encoder, as report.md does, and never CLIP."""
+    v1 = _summary()
+    v2 = attrs.evolve(v1, model=attrs.evolve(v1.model, stage_names={"clip": "encoder"}))
+    assert ("vision (SAM + encoder + projector)", 17.0) in stage_shares(v2)
+    assert "vision (SAM + CLIP + projector)" in render_stakeholder_summary(v1)
+    summary, assumptions = render_stakeholder_summary(v2), render_assumptions(v2)
+    assert "vision (SAM + encoder + projector): 17.0 ms" in summary
+    assert "Prefill (TTFT) = vision (SAM, encoder, projector) + the first language-model forward" in assumptions
+    assert "CLIP" not in summary and "CLIP" not in assumptions
