@@ -89,7 +89,10 @@ def render_stakeholder_summary(s: RunSummary) -> str:
             f"the token cap or looped, taking {_pct(rw.share_of_decode_time)} of decode time."
         )
     if s.model.weights == "dummy":
-        lines.append("\nWeights are random (dummy): timings and FLOPs are those of the real shapes, the text is not.")
+        lines.append(
+            f"\nWeights are random (dummy): timings and FLOPs are those of this model's shapes "
+            f"({s.model.params_total:,} parameters), its decoded text and stopping points are not a trained model's."
+        )
     if s.failed_pages:
         lines.append(f"\n{len(s.failed_pages)} page run(s) failed; see report.md.")
     return "\n".join(lines) + "\n"
@@ -175,8 +178,9 @@ def render_assumptions(s: RunSummary) -> str:
         (
             "Model and weights",
             [
-                f"Weights: {s.model.weights} ({s.model.dtype}). Dummy (random) weights give the real shapes and FLOPs "
-                "but not the real text, stopping points or expert routing.",
+                f"Weights: {s.model.weights} ({s.model.dtype}). Dummy (random) weights give this model's shapes and "
+                f"FLOPs ({s.model.params_total:,} parameters) but not a trained model's text, stopping points or "
+                "expert routing.",
                 f"Decoding: temperature {infer.get('temperature')}, no_repeat_ngram_size "
                 f"{infer.get('no_repeat_ngram_size')}, ignore_eos {infer.get('ignore_eos')}.",
             ],

@@ -105,3 +105,16 @@ def test_v2_briefs_name_the_encoder_not_clip() -> None:
     assert "vision (SAM + encoder + projector): 17.0 ms" in summary
     assert "Prefill (TTFT) = vision (SAM, encoder, projector) + the first language-model forward" in assumptions
     assert "CLIP" not in summary and "CLIP" not in assumptions
+
+
+def test_dummy_weights_line_names_this_models_size() -> None:
+    """Random weights give the shapes of the model that ran, which for the tiny model are not DeepSeek-OCR's: the
+    summary and the assumptions give its parameter count instead of calling its shapes the real ones."""
+    s = _summary()
+    dummy = attrs.evolve(s, model=attrs.evolve(s.model, weights="dummy", params_total=463_328))
+    summary, assumptions = render_stakeholder_summary(dummy), render_assumptions(dummy)
+    assert "timings and FLOPs are those of this model's shapes (463,328 parameters)" in summary
+    assert "Dummy (random) weights give this model's shapes and FLOPs (463,328 parameters)" in assumptions
+    assert "those of the real shapes" not in summary and "give the real shapes" not in assumptions  # as they said
+    trained = attrs.evolve(s, model=attrs.evolve(s.model, weights="models/deepseek-ocr", params_total=463_328))
+    assert "Weights are random" not in render_stakeholder_summary(trained)
