@@ -90,11 +90,12 @@ if has cli; then
 fi
 if has cbatch; then
   python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_continuous_gpu.py tests/gpu/test_batched_gpu.py \
-    --tb=short 2>&1 | tail -30 > "$OUT/gpu_tests_cbatch.txt"
+    tests/gpu/test_ocr2_batched_gpu.py --tb=short 2>&1 | tail -30 > "$OUT/gpu_tests_cbatch.txt"
   tail -3 "$OUT/gpu_tests_cbatch.txt"
   python3 benchmarks/bench_batched.py --out "$OUT" --batches 64 --tokens 64 --decode graph --ngram 20 \
     --mixed-pages ${MIXED_PAGES:-128} --mixed-median ${MIXED_MEDIAN:-256} --vision-ahead ${VISION_AHEAD:-0} \
-    ${PREFILL_AHEAD:+--prefill-ahead} ${PER_PAGE_PREFILL:+--per-page-prefill} --mixed-rounds ${MIXED_ROUNDS:-0} ${SPREAD:+--spread-routing} ${CBATCH_ARGS:-} 2>&1 | tail -20
+    ${PREFILL_AHEAD:+--prefill-ahead} ${PER_PAGE_PREFILL:+--per-page-prefill} --mixed-rounds ${MIXED_ROUNDS:-0} \
+    ${SPREAD:+--spread-routing} ${CBATCH_ARGS:-} 2>&1 | tail -20
 fi
 if has goals18; then
   # 256 Gundam pages of six sizes (1 to 9 tiles), output lengths log-normal around 1,000 tokens (simulated eos on
