@@ -29,6 +29,9 @@ KEY_METRICS = [
     ("e2e_ms", "mean", "e2e ms"),
     ("peak_mem_allocated_bytes", "max", "peak alloc GiB"),
 ]
+# the batched phase end to end (``RunSummary.batched_phase``), as columns only where some job ran one (a sweep over
+# infer.batch_size or the refill settings): pages/s and output tok/s with page preparation included
+BATCHED_METRICS = [("pages_per_s", "batched pages/s e2e"), ("output_tok_s", "batched tok/s e2e")]
 
 
 def _swept(job_dir: Path) -> dict[str, str]:
@@ -65,6 +68,8 @@ def _row(job_dir: Path) -> dict[str, Any]:
         row[label] = value
     for e in s.efficiency:
         row[f"MFU {e.stage}"] = e.mfu
+    for key, label in BATCHED_METRICS:
+        row[label] = None if s.batched_phase is None else getattr(s.batched_phase, key)
     if s.quality is not None:
         row["quality"] = s.quality.verdict
         row["quality_reasons"] = list(s.quality.reasons)
@@ -85,7 +90,8 @@ def summarize_sweep(root: Path) -> list[dict[str, Any]]:
     keys = [k for k in all_keys if len({r["swept"].get(k) for r in rows}) > 1] or all_keys
     # MFU columns only where some job has a figure (a CPU sweep has none: one line says why instead).
     mfu_cols = sorted({k for r in rows for k in r if k.startswith("MFU ") and r[k] is not None})
-    metric_cols = [label for _, _, label in KEY_METRICS] + mfu_cols
+    batched_cols = [label for _, label in BATCHED_METRICS if any(r.get(label) is not None for r in rows)]
+    metric_cols = [label for _, _, label in KEY_METRICS] + mfu_cols + batched_cols
     header = ["job", *keys, "status", "quality", *metric_cols]
     lines = [
         f"# Sweep summary — {root.name}\n",
@@ -102,7 +108,9 @@ def summarize_sweep(root: Path) -> list[dict[str, Any]]:
         ]
         for col in metric_cols:
             v = r.get(col)
-            if v is None:
+            if v is None and col in batched_cols and r["status"] != "failed":
+                cells.append("n/a (no batched phase in this job: see its report)")
+            elif v is None:
                 cells.append("n/a (failed)" if r["status"] == "failed" else "n/a (not measured: see the job's report)")
             elif col.startswith("MFU"):
                 cells.append(f"{100 * v:.2f} %")

@@ -212,3 +212,31 @@ def test_jobs_on_one_host_speed_get_one_line(tmp_path: Path) -> None:
         write_job_dir(tmp_path, job, [f"repeats={job}"], _probed(_job_summary(10.0, 5.0), probe))
     summarize_sweep(tmp_path)
     assert "every job within ±15 % of it." in (tmp_path / "sweep.md").read_text()
+
+
+def test_batched_phase_columns_where_a_job_ran_one(tmp_path: Path) -> None:
+    """A sweep over the batched settings: the jobs' batched phases end to end (pages/s, output tok/s, preparation
+    included) as two columns; a job without one says so.  A sweep where no job ran one has no such columns."""
+    from llm_perf_opt.results.types import BatchedPhase
+
+    phase = BatchedPhase(batching="continuous", slots=8, batches=1, pages=64, output_tokens=12_800, wall_ms=8_000.0,
+                         stage_ms=7_000.0, page_wait_ms=500.0, other_ms=500.0, pages_per_s=8.0, output_tok_s=1_600.0,
+                         slot_occupancy=0.75, gpu_busy_share=None)  # fmt: skip
+    root = tmp_path / "multirun"
+    root.mkdir()
+    with_phase = attrs.evolve(_job_summary(20.0, 10.0), batched_phase=phase)
+    write_job_dir(root, "0", ["infer.batch_size=8"], with_phase)
+    write_job_dir(root, "1", ["infer.batch_size=1"], _job_summary(20.0, 10.0))
+    rows = summarize_sweep(root)
+    assert rows[0]["batched pages/s e2e"] == 8.0 and rows[0]["batched tok/s e2e"] == 1_600.0
+    assert rows[1]["batched pages/s e2e"] is None
+    md = (root / "sweep.md").read_text()
+    assert "| batched pages/s e2e | batched tok/s e2e |" in md
+    assert "| 8.000 | 1,600.000 |" in md
+    assert "n/a (no batched phase in this job: see its report) |" in md
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    write_job_dir(plain, "0", ["repeats=2"], _job_summary(20.0, 10.0))
+    write_job_dir(plain, "1", ["repeats=3"], _job_summary(21.0, 10.0))
+    summarize_sweep(plain)
+    assert "batched" not in (plain / "sweep.md").read_text()
