@@ -385,9 +385,9 @@ class BatchedGenerator:
 
     def page_caches(self) -> PageCaches:
         """The batch-1 caches kept per prompt length for refills prefilled page by page (made on first use, kept
-        across runs with their prefill graphs, as many lengths as the model keeps graphs; 8 without graphs)."""
+        across runs with their prefill graphs, as many lengths as the model keeps graphs)."""
         if self._page_caches is None:
-            self._page_caches = PageCaches(self.page_prefill_graphs or 8)
+            self._page_caches = PageCaches(self.page_prefill_graphs)
         return self._page_caches
 
     @property
@@ -397,8 +397,9 @@ class BatchedGenerator:
 
     @property
     def page_prefill_graphs(self) -> int:
-        """How many (prompt length, cache) prefill graphs the model keeps (least recently used dropped first)."""
-        return self.fast.MAX_PREFILL_GRAPHS if self.fast is not None else 0
+        """How many (prompt length, cache) prefill graphs the fast path keeps (least recently used dropped first): the
+        number of prompt lengths whose caches the per-page refills keep, graphed or not."""
+        return FastModel.MAX_PREFILL_GRAPHS if self.fast is None else self.fast.MAX_PREFILL_GRAPHS
 
     def _decode_host(
         self,

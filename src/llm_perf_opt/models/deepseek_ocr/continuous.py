@@ -302,6 +302,12 @@ class SlotDecodeStep(DecodeRows):
         return state if self.hist is None else [*state, self.hist]
 
     # ------------------------------------------------------------------ slots
+    def insert_kv(self, row: int, src: StaticKVCache, src_row: int, begin: int, n: int) -> None:
+        """Copy one prompt's K/V, columns ``begin .. begin + n - 1`` of ``src``'s row ``src_row`` (past any left pads),
+        into slot ``row``'s columns ``0 .. n - 1``: column = position, as the slot's step reads them."""
+        self.cache.k[:, row, :, :n].copy_(src.k[:, src_row, :, begin : begin + n])
+        self.cache.v[:, row, :, :n].copy_(src.v[:, src_row, :, begin : begin + n])
+
     def load_slots(self, rows: list[int], prompts: list[Tensor], logits: Tensor, caps: list[int]) -> None:
         """Start page i of ``prompts`` in slot ``rows[i]``: its first token chosen from ``logits`` [n, V] (the rule
         over its prompt), recorded and fed at column ``len_i``; its K/V must already be in the slot's rows."""
@@ -531,10 +537,10 @@ class PageCaches:
         if graphed:
             gen.clock.synchronize()
         t0 = time.perf_counter()
+        hidden = gen.base.model.embed_tokens.embedding_dim
         for n in new:
             cache = self.caches[n] = gen.base.new_cache(1, n)
             if graphed:
-                hidden = gen.base.model.embed_tokens.embedding_dim
                 gen.lm.prefill(torch.zeros((1, n, hidden), device=gen.device, dtype=gen.dtype), cache)
         if not graphed:
             return 0.0
@@ -751,24 +757,21 @@ def run_continuous(
             assert a.cache is not None and a.logits is not None
             a.prefill_to(main)  # a wait for a prefill not yet done counts as prefill (t1 .. t2)
             parts.append(a.logits)
-            step.cache.k[:, row, :, :n].copy_(a.cache.k[:, 0, :, :n])
-            step.cache.v[:, row, :, :n].copy_(a.cache.v[:, 0, :, :n])
+            step.insert_kv(row, a.cache, 0, 0, n)
         if per_page:
             assert page_caches is not None
             for page, feats, row, n in zip(pages[here:], features, rows[here:], lens[here:], strict=True):
                 cache = page_caches.get(n)
                 parts.append(gen.prefill_page(page, feats, cache))
                 run.pages_per_page += 1
-                step.cache.k[:, row, :, :n].copy_(cache.k[:, 0, :, :n])
-                step.cache.v[:, row, :, :n].copy_(cache.v[:, 0, :, :n])
+                step.insert_kv(row, cache, 0, 0, n)
         elif here < len(pages):
             here_lens = lens[here:]
             length = max(here_lens)
             tmp = gen.base.new_cache(len(pages) - here, length)
             parts.append(gen._prefill(pages[here:], features, here_lens, tmp))
             for i, (row, n) in enumerate(zip(rows[here:], here_lens, strict=True)):  # drop the left pads
-                step.cache.k[:, row, :, :n].copy_(tmp.k[:, i, :, length - n :])
-                step.cache.v[:, row, :, :n].copy_(tmp.v[:, i, :, length - n :])
+                step.insert_kv(row, tmp, i, length - n, n)
         logits = parts[0] if len(parts) == 1 else torch.cat(parts)
         step.load_slots(rows, [p.input_ids for p in pages], logits, [r.max_new_tokens for r in reqs])
         t2 = clock.mark()
