@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Final
 
-import torch
 from PIL import Image
 
 from llm_perf_opt.errors import ConfigError
@@ -26,11 +25,8 @@ from llm_perf_opt.models.deepseek_ocr.preprocess import (
     PreprocessConfig,
     build_prompt_ids,
     choose_crop_grid,
-    crop_tiles,
-    global_view,
-    normalize,
+    page_views,
     rgb_page,
-    to_uint8,
 )
 from llm_perf_opt.models.deepseek_ocr2.config import DeepseekOCR2Config
 from llm_perf_opt.models.deepseek_ocr2.model import num_image_tokens_v2
@@ -94,17 +90,8 @@ def preprocess_page_v2(
     image, (width, height) = rgb_page(image)
 
     grid = choose_crop_grid(width, height, cfg)
-
-    def pixels(view: Image.Image) -> torch.Tensor:
-        return to_uint8(view) if uint8 else normalize(view, cfg.mean, cfg.std)
-
-    ori = pixels(global_view(image, cfg)).unsqueeze(0)
-    has_tiles = grid[0] > 1 or grid[1] > 1
-    if has_tiles:
-        crops = torch.stack([pixels(t) for t in crop_tiles(image, grid, cfg.image_size)])
-    else:
-        crops = ori.new_zeros((1, 3, cfg.base_size, cfg.base_size))
-    n_tiles = grid[0] * grid[1] if has_tiles else 0
+    ori, crops = page_views(image, cfg, grid, uint8)
+    n_tiles = grid[0] * grid[1] if grid[0] > 1 or grid[1] > 1 else 0
     count = num_image_tokens_v2(model, n_tiles, base_size=cfg.base_size, image_size=cfg.image_size)
     input_ids, mask = build_prompt_ids(prompt_ids, count, model.image_token_id, model.language.bos_token_id)
     return PreparedPage(
