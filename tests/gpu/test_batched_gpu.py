@@ -128,6 +128,24 @@ def test_graph_equals_ungraphed_step_and_is_reused(
     assert got.idle_steps < gen.check_every
 
 
+@pytest.mark.parametrize("kind", ["base", "fast"])
+def test_one_decode_step_is_captured_inside_its_cache(
+    model: DeepseekOCRForCausalLM, fast: FastModel, pages: list[PreparedPage], kind: str
+) -> None:
+    """Caps of 2: one decode step, a cache with one column past the prompt.  The capture's two warm-up steps must
+    stay inside it (round 27: they read and wrote column L + 1, a device-side assert that poisoned the process);
+    the graphed run gives the un-graphed step's tokens, and the CUDA context is healthy for the next run."""
+    gen = _generator(model, fast, kind)
+    eager = _generator(model, fast, kind, cuda_graphs=False)
+    res = gen.run(pages, 2, eos_token_id=None)
+    torch.cuda.synchronize()  # an out-of-bounds index would surface here
+    assert res.decode_path == "graph" and res.graph_capture_s > 0, gen.capture_error
+    assert res.tokens == eager.run(pages, 2, eos_token_id=None).tokens
+    assert all(len(t) == 2 for t in res.tokens)
+    longer = gen.run(pages, 6, eos_token_id=None)
+    assert longer.tokens == eager.run(pages, 6, eos_token_id=None).tokens
+
+
 @pytest.mark.parametrize("ngram", [3, 20])
 def test_graph_with_device_ngram_rule_matches_ungraphed_step(
     model: DeepseekOCRForCausalLM, fast: FastModel, pages: list[PreparedPage], ngram: int

@@ -212,13 +212,18 @@ class StaticBatchStep(DecodeRows):
             self.hist[:, length : length + 1].copy_(first)
 
     def _advance(self, nxt: Tensor) -> None:
-        """Record ``nxt`` (:meth:`_record`), then move the shared cache column and every row's position on."""
+        """Record ``nxt`` (:meth:`_record`), then move the shared cache column and every row's position on,
+        clamped to the last column as the batch-1 and continuous steps clamp theirs.  A run's own steps never
+        reach the clamp (the cache holds exactly their columns); the capture's second warm-up step does when the
+        run has one decode step (its cache has no column ``L + 1``: unclamped, the rotary lookup and the K/V write
+        went past the end, a device-side assert on an H100 in round 27)."""
         self._record(nxt)
         if self.hist is not None:  # the fed token is the sequence's next entry (finished rows: ignored)
             col = (self.slot + 1).clamp(max=self.hist.shape[1] - 1).expand(self.batch).unsqueeze(1)
             self.hist.scatter_(1, col, self.tokens)
-        self.slot.add_(1)
-        self.pos.add_(1)
+        last = self.cache.max_len - 1
+        self.slot.add_(1).clamp_(max=last)
+        self.pos.add_(1).clamp_(max=last)
 
     # ------------------------------------------------------------------ the step
     def _body(self) -> None:
@@ -238,8 +243,9 @@ class StaticBatchStep(DecodeRows):
         """Capture the step as a CUDA graph; host seconds it took (synchronised before and after).
 
         Two eager warm-up steps on a side stream first (cuBLAS handles, lazy inits, expert stacks); they
-        advance the state and write K/V at slots ``L`` and ``L + 1``, so the caller reloads the state (the
-        slots are rewritten by the real steps before any row reads them).  A capture that raises leaves the
+        advance the state and write K/V at slots ``L`` and ``L + 1`` (``L`` again when that is past the cache:
+        :meth:`_advance` clamps), so the caller reloads the state (the slots are rewritten by the real steps
+        before any row reads them).  A capture that raises leaves the
         step un-graphed: the error is kept in ``capture_error`` and warned about.
         """
         dev = self.cache.device

@@ -241,3 +241,25 @@ def test_uint8_pages_normalised_on_the_device_give_the_same_features_and_tokens(
     for a, b in zip(gen.encode_pages(raw), gen.encode_pages(host), strict=True):
         assert torch.equal(a, b)
     assert gen.run(raw, 6, eos_token_id=None).tokens == gen.run(host, 6, eos_token_id=None).tokens
+
+
+def test_capture_warm_up_steps_stay_inside_a_one_step_cache(
+    model: DeepseekOCRForCausalLM, pages: list[PreparedPage]
+) -> None:
+    """A run with caps of 2 has one decode step, so its cache ends at column L (the padded prompt length, 59).
+    A CUDA capture first runs the step twice (``graphs.capture_graph``'s warm-up): the second of those used to
+    read rotary row L + 1 and write K/V at column L + 1, past the end (a device-side assert on an H100).  Here the
+    same two steps run un-graphed: positions stop at the last column, and the next run still gives the host
+    loop's tokens."""
+    gen = BatchedGenerator(model)
+    res = gen.run(pages, 2, eos_token_id=None)
+    assert res.decode_path == "static" and res.tokens == host_run(model, pages, 2, None).tokens
+    static = gen._static
+    assert static is not None and static.cache.max_len == 60  # columns 0..59: the prompt's 0..58, one step's 59
+    with torch.inference_mode(), model._sdpa_policy():  # the run's buffers are inference tensors
+        static.load(static.out[:, :1].clone(), res.prompt_lens, [2, 2, 2], None)
+        static._body()
+        static._body()  # unclamped: rotary row 60 of a 60-row table
+    assert static.slot.flatten().tolist() == [59]
+    assert static.pos.tolist() == [29 + 2, 39 + 2, 59]  # each row's prompt length + 2, the last one held at 59
+    assert gen.run(pages, 2, eos_token_id=None).tokens == res.tokens
