@@ -13,7 +13,7 @@
 #           LM prefill too; PER_PAGE_PREFILL=1 adds continuous with each refill page prefilled alone (graph
 #           replays per prompt length); MIXED_ROUNDS=6 pairs each with the plain run over 6 alternating rounds (sign test);
 #           SPREAD=1 spreads the decode steps' routing, every expert read as on real pages; CBATCH_ARGS adds options,
-#           e.g. --mode gundam)
+#           e.g. --mode gundam; CBATCH_TIMEOUT bounds the benchmark)
 #   goals18 issue 18's goals run through the real CLI: Gundam, no_repeat_ngram_size=20, mixed page sizes, log-normal
 #           output lengths (median 1,000), batch 64, preprocessing included; continuous then static, and `compare`
 #           (G18_MODES="continuous continuous-wide" measures the drain's narrowing: on vs infer.narrow_drain=false;
@@ -72,7 +72,7 @@ if has fast; then
     | grep -v '^variants:\|^fast:\|^eager:' | tail -80
 fi
 if has batched; then
-  python3 benchmarks/bench_batched.py --out "$OUT" 2>&1 | tail -30
+  python3 benchmarks/bench_batched.py --out "$OUT" 2>&1 | tee "$OUT/bench_batched.log" | tail -30
 fi
 if has hooks; then
   python3 benchmarks/hook_overhead.py model/deepseek_ocr/arch=deepseek_ocr.dummy device=cuda:0 \
@@ -92,10 +92,12 @@ if has cbatch; then
   python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_continuous_gpu.py tests/gpu/test_batched_gpu.py \
     tests/gpu/test_ocr2_batched_gpu.py --tb=short 2>&1 | tail -30 > "$OUT/gpu_tests_cbatch.txt"
   tail -3 "$OUT/gpu_tests_cbatch.txt"
-  python3 benchmarks/bench_batched.py --out "$OUT" --batches 64 --tokens 64 --decode graph --ngram 20 \
+  # CBATCH_TIMEOUT bounds the benchmark (0: none); it prints each figure as it goes (kept in bench_batched_cbatch.log)
+  # and writes its report before the mixed workload, so a run cut short keeps what it measured
+  timeout "${CBATCH_TIMEOUT:-0}" python3 benchmarks/bench_batched.py --out "$OUT" --batches 64 --tokens 64 --decode graph --ngram 20 \
     --mixed-pages ${MIXED_PAGES:-128} --mixed-median ${MIXED_MEDIAN:-256} --vision-ahead ${VISION_AHEAD:-0} \
     ${PREFILL_AHEAD:+--prefill-ahead} ${PER_PAGE_PREFILL:+--per-page-prefill} --mixed-rounds ${MIXED_ROUNDS:-0} \
-    ${SPREAD:+--spread-routing} ${CBATCH_ARGS:-} 2>&1 | tail -20
+    ${SPREAD:+--spread-routing} ${CBATCH_ARGS:-} 2>&1 | tee "$OUT/bench_batched_cbatch.log" | tail -20
 fi
 if has goals18; then
   # 256 Gundam pages of six sizes (1 to 9 tiles), output lengths log-normal around 1,000 tokens (simulated eos on

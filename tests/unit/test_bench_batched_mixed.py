@@ -1,8 +1,14 @@
 """benchmarks/bench_batched.py's mixed-workload table: the steady-state column (drain left out) on hand-written
-rows; a static row has no drain and says so.  The run-ahead modes' paired rounds on a scripted generator."""
+rows; a static row has no drain and says so.  The run-ahead modes' paired rounds on a scripted generator; a run cut
+short keeps its batch rows."""
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 from benchmarks.bench_batched import mixed_table
 
@@ -177,3 +183,28 @@ def test_per_page_prefill_mode_paired_with_the_plain_run() -> None:
          {**base, "batching": PER_PAGE, "output_tok_per_s": 17.0}], [3, 7, 2, 5]
     )  # fmt: skip
     assert f"- {PER_PAGE} / continuous = 1.25× output tok/s (each refill page's LM prefill alone" in text
+
+
+def test_a_run_cut_short_in_the_mixed_workload_keeps_its_batch_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Round 27: two device runs were killed by their time limit inside the mixed workload and left no figure.  The
+    report is now written before it (the batch row, saying it was cut short) and each mixed run is printed as it
+    ends.  Here the mixed workload is interrupted on the tiny model on the CPU."""
+    import benchmarks.bench_batched as bb
+
+    def interrupted(*_: object, **__: object) -> list[dict[str, object]]:
+        print("mixed static: 1.0 output tok/s", flush=True)  # what the real one prints before being killed
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bb, "static_vs_continuous", interrupted)
+    argv = ["bench_batched.py", "--device", "cpu", "--config", "tiny", "--batches", "1", "--tokens", "2"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--mixed-pages", "2", "--out", str(tmp_path)])
+    with pytest.raises(KeyboardInterrupt):
+        bb.main()
+    (md,) = tmp_path.glob("*-batched.md")
+    text = md.read_text()
+    assert "| 1 | static |" in text and "**Cut short**: the mixed-length workload did not finish." in text
+    saved = json.loads(md.with_suffix(".json").read_text())
+    assert {r["batch"] for r in saved["rows"]} == {1} and saved["mixed"] == []
+    assert "mixed static: 1.0 output tok/s" in capsys.readouterr().out
