@@ -54,7 +54,8 @@ if has tests; then
   # written to a file as it runs (not through a pipe), so a suite cut short by a caller's time limit still leaves
   # what it reported (round 11: a fresh machine's first suite took more than 250 s); TESTS_TIMEOUT bounds it here
   # TESTS_PATHS narrows the run (default: every GPU test); -v names each test as it ends, so a run cut short by its
-  # limit says which ones passed (round 16: two cut runs left only dots), and --durations shows where the time went
+  # limit says which ones passed (round 16: two cut runs left only dots), and --durations shows where the time went;
+  # a test that leaves the CUDA context unusable (a device-side assert) stops the run, named (tests/gpu/conftest.py)
   timeout "${TESTS_TIMEOUT:-540}" python3 -m pytest -v -p no:cacheprovider -m gpu ${TESTS_PATHS:-tests/gpu} --tb=short --durations=25 \
     > "$OUT/gpu_tests_full.txt" 2>&1
   echo "pytest exit $?" >> "$OUT/gpu_tests_full.txt"
