@@ -102,3 +102,73 @@ def compose_cfg() -> Callable[..., DictConfig]:
             return compose(config_name="config", overrides=overrides or [], return_hydra_config=True)
 
     return _compose
+
+
+def _copy_into(static: Any, new: Any) -> None:
+    """Write ``new``'s tensors into ``static``'s (same structure: a tensor, a tuple / list of them, or None)."""
+    if isinstance(static, torch.Tensor):
+        static.copy_(new)
+    elif isinstance(static, (tuple, list)):
+        for a, b in zip(static, new, strict=True):
+            _copy_into(a, b)
+
+
+class CpuGraph:
+    """A stand-in for a captured CUDA graph on the CPU: ``replay`` runs the captured function again under the
+    context it was captured in and, as a graph's replay rewrites its static outputs, copies what it returns into
+    the outputs the capture handed out (see :func:`cpu_graphs`)."""
+
+    def __init__(self, fn: Callable[[], Any], context: Callable[[], Any], out: Any) -> None:
+        self.fn, self.context, self.out, self.replays = fn, context, out, 0
+
+    def replay(self) -> None:
+        self.replays += 1
+        with self.context():
+            _copy_into(self.out, self.fn())
+
+
+@pytest.fixture
+def cpu_graphs(monkeypatch: pytest.MonkeyPatch) -> list[CpuGraph]:
+    """The decode steps' CUDA-graph paths run on the CPU, so a CPU test reaches the code that only a GPU run reaches
+    otherwise: the capture (``graphs.capture_graph``: two eager warm-up calls that advance the step's state, then
+    a capture that runs nothing), the state reloaded after it, and every later step a replay.  The static batched
+    step, the continuous step and the batch-1 fast decoder take their graph path (``decode_path`` "graph").
+
+    What it checks: the steps' state handling and bounds around a capture (round 27: a one-step batched run's second
+    warm-up wrote past its cache, a device-side assert on an H100 that no CPU test could meet).  What it cannot:
+    what a real capture freezes (host values read while capturing, memory allocated in it) and kernel timing.
+    Returns the graphs captured, in order."""
+    from llm_perf_opt.models.deepseek_ocr import batched_decode, continuous, fast_decoder
+    from llm_perf_opt.models.deepseek_ocr.batched import BatchedGenerator
+
+    captured: list[CpuGraph] = []
+
+    def capture(
+        fn: Callable[[], Any], device: Any, context: Callable[[], Any] = contextlib.nullcontext, stream: Any = None
+    ) -> tuple[CpuGraph, Any]:
+        with context():
+            for _ in range(2):  # the warm-up of graphs.capture_graph
+                out = fn()
+        captured.append(CpuGraph(fn, context, out))  # out: the static outputs every replay rewrites
+        return captured[-1], out
+
+    for module in (batched_decode, continuous, fast_decoder):
+        monkeypatch.setattr(module, "capture_graph", capture)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *_, **__: None)
+    for cls in (batched_decode.DecodeRows, fast_decoder.FastDecoder):
+        init = cls.__init__
+
+        def keep_graph(self: Any, *args: Any, _init: Any = init, **kw: Any) -> None:
+            _init(self, *args, **kw)
+            self.use_graph = bool(kw.get("use_graph", True))  # the CPU would have turned it off
+
+        monkeypatch.setattr(cls, "__init__", keep_graph)
+    decode_path_for = BatchedGenerator.decode_path_for
+
+    def graph_path(self: Any, ngrams: Any, keep_logits: bool) -> str:
+        path = decode_path_for(self, ngrams, keep_logits)
+        on_gpu = path == "static" and self.cuda_graphs and self.graph_safe() and self.capture_error is None
+        return "graph" if on_gpu else path  # decode_path_for's answer on CUDA
+
+    monkeypatch.setattr(BatchedGenerator, "decode_path_for", graph_path)
+    return captured

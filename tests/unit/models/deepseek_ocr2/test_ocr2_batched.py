@@ -21,7 +21,7 @@ from llm_perf_opt.models.deepseek_ocr.continuous import SlotRequest
 from llm_perf_opt.models.deepseek_ocr.preprocess import PreparedPage
 from llm_perf_opt.models.deepseek_ocr2 import DeepseekOCR2Config, DeepseekOCR2ForCausalLM, build_model_v2
 from llm_perf_opt.models.deepseek_ocr2.preprocess import preprocess_config_v2, preprocess_page_v2
-from tests.conftest import generate_alone, rel_err
+from tests.conftest import CpuGraph, generate_alone, rel_err
 
 TINY = Path(__file__).resolve().parents[3] / "fixtures" / "deepseek_ocr2_tiny"
 TOL = 1e-4
@@ -118,3 +118,19 @@ def test_continuous_batching_is_every_page_alone(
         assert ref.logits is not None and len(res.logits[i]) == cap
         for got, want in zip(res.logits[i], ref.logits, strict=True):
             assert rel_err(got, want.reshape(-1)) < TOL, f"request {i}"
+
+
+def test_graph_paths_on_the_cpu_are_every_page_alone(
+    model: DeepseekOCR2ForCausalLM, pages: list[PreparedPage], cpu_graphs: list[CpuGraph]
+) -> None:
+    """``tests/gpu/test_ocr2_batched_gpu.py`` on the CPU: each page alone through the static step, then the workload
+    through continuous batching, both on their CUDA-graph path (``cpu_graphs``: captured with the warm-up steps,
+    replayed).  Its first GPU run failed at the second page alone (caps 2: the capture's warm-up wrote past the
+    one-step cache); this test fails there too without the static step's clamp."""
+    gen = BatchedGenerator(model, cuda_graphs=True, expert_impl="grouped")
+    alone = [gen.run([pages[p]], cap, eos_token_id=None) for p, cap in WORKLOAD]
+    assert all(r.decode_path == "graph" for r in alone)
+    want = [generate_alone(model, pages[p], cap).tokens for p, cap in WORKLOAD]
+    assert [r.tokens[0] for r in alone] == want
+    res = gen.run_continuous([SlotRequest(pages[p], cap) for p, cap in WORKLOAD], SLOTS, eos_token_id=None)
+    assert res.decode_path == "graph" and res.tokens == want and cpu_graphs

@@ -1,0 +1,110 @@
+"""The decode steps' CUDA-graph paths on the CPU (``cpu_graphs`` in tests/conftest.py): capture with its two warm-up
+steps, the state reloaded, every later step a replay.  Each path against its CPU oracle: the static batched step
+against the host loop (tokens), continuous batching against every page alone (tokens), the batch-1 fast decoder
+against the eager model (tokens and every step's logits).  The caps include 1 and 2, where a capture's warm-up
+has no room or one column: round 27's GPU fault (the static step's second warm-up wrote past a one-step cache)
+fails ``test_static_graph_path_matches_the_host_loop`` here with ``IndexError`` when the clamp is taken out."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, DeepseekOCRForCausalLM, build_model, generate
+from llm_perf_opt.models.deepseek_ocr.batched import BatchedGenerator
+from llm_perf_opt.models.deepseek_ocr.continuous import SlotRequest
+from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, FastModel, apply_fast_path
+from llm_perf_opt.models.deepseek_ocr.preprocess import PreparedPage
+from tests.conftest import TINY, CpuGraph, generate_alone, rel_err, tiny_case_pages
+
+
+@pytest.fixture(scope="module")
+def model(tiny_reference_model: DeepseekOCRForCausalLM) -> DeepseekOCRForCausalLM:
+    return tiny_reference_model
+
+
+def graphed(model: DeepseekOCRForCausalLM) -> BatchedGenerator:
+    """A generator whose decode step can be captured (grouped experts: no host read of the routing), as on CUDA."""
+    return BatchedGenerator(model, cuda_graphs=True, expert_impl="grouped")
+
+
+@pytest.fixture(scope="module")
+def pages(model: DeepseekOCRForCausalLM) -> list[PreparedPage]:
+    return tiny_case_pages(model.config)  # prompt lengths 29, 39, 59
+
+
+@pytest.mark.parametrize("caps", [1, 2, 3, [2, 5, 3]], ids=["caps1", "caps2", "caps3", "mixed"])
+def test_static_graph_path_matches_the_host_loop(
+    model: DeepseekOCRForCausalLM, pages: list[PreparedPage], cpu_graphs: list[CpuGraph], caps: int | list[int]
+) -> None:
+    gen = graphed(model)
+    got = gen.run(pages, caps, eos_token_id=None)
+    want = BatchedGenerator(model, static_decode=False).run(pages, caps, eos_token_id=None)
+    assert got.tokens == want.tokens
+    steps = max(caps) - 1 if isinstance(caps, list) else caps - 1
+    if steps == 0:  # no decode step: nothing to capture
+        assert got.decode_path == "graph" and cpu_graphs == []
+        return
+    assert got.decode_path == "graph" and len(cpu_graphs) == 1 and cpu_graphs[0].replays == steps
+    again = gen.run(pages, caps, eos_token_id=None)  # same shape: the kept graph, reloaded state
+    assert again.tokens == want.tokens and len(cpu_graphs) == 1 and cpu_graphs[0].replays == 2 * steps
+
+
+def test_static_graph_path_with_eos_and_the_no_repeat_rule(
+    model: DeepseekOCRForCausalLM, pages: list[PreparedPage], cpu_graphs: list[CpuGraph]
+) -> None:
+    """eos hit by one row (row 0's 3rd host token, 384: ``test_batched_static.EXPECTED_FIRST_HIT``) and the
+    device no-repeat rule inside the step; the host loop applies both on the host."""
+    host = BatchedGenerator(model, static_decode=False)
+    for eos, ngram in [(384, 0), (None, 3)]:
+        got = graphed(model).run(pages, 12, eos_token_id=eos, no_repeat_ngram_size=ngram)
+        want = host.run(pages, 12, eos_token_id=eos, no_repeat_ngram_size=ngram)
+        assert got.decode_path == "graph" and got.tokens == want.tokens and got.stopped_by_eos == want.stopped_by_eos
+    assert len(cpu_graphs) == 2
+
+
+@pytest.mark.parametrize("per_page", [False, True], ids=["batched-refills", "per-page-refills"])
+def test_continuous_graph_path_is_every_page_alone(
+    model: DeepseekOCRForCausalLM, pages: list[PreparedPage], cpu_graphs: list[CpuGraph], per_page: bool
+) -> None:
+    """Seven requests through two slots, caps 1 to 6 (slots end and refill at different steps, one page ends at
+    its prefill); the oracle is each page alone through the eager single-page path."""
+    caps = [5, 2, 4, 1, 3, 2, 6]
+    reqs = [SlotRequest(pages[i % 3], c) for i, c in enumerate(caps)]
+    res = graphed(model).run_continuous(reqs, 2, eos_token_id=None, prefill_per_page=per_page)
+    assert res.decode_path == "graph" and cpu_graphs
+    assert res.tokens == [generate_alone(model, r.prepared, r.max_new_tokens).tokens for r in reqs]
+
+
+@pytest.fixture(scope="module")
+def fast_model() -> FastModel:
+    """Its own copy of the tiny model (the fast path re-points the module weights), graphs asked for."""
+    cfg = DeepseekOCRConfig.from_json(TINY / "config.json")
+    own = build_model(cfg, "cpu", torch.float32, weights=TINY / "weights.safetensors")
+    return apply_fast_path(
+        own, FastConfig(cuda_graphs=True, sam_compile=False, clip_compile=False, vision_graphs=False)
+    )
+
+
+@pytest.mark.parametrize("cap", [1, 2, 6])
+def test_fast_decoder_graph_path_matches_the_eager_model(
+    model: DeepseekOCRForCausalLM,
+    fast_model: FastModel,
+    pages: list[PreparedPage],
+    cpu_graphs: list[CpuGraph],
+    cap: int,
+) -> None:
+    """The batch-1 fast decoder captured (warm-up at the prompt's end) and replayed: the eager model's tokens and
+    every step's logits within 1e-4 relative (float32; the fast path's fused weights reorder sums)."""
+    fast_model._decoder = None  # a decoder per test: each captures under this test's stand-in
+    page = pages[2]
+    want = generate_alone(model, page, cap)
+    feats = fast_model.base.encode_images(page.images_crop, page.images_ori, page.images_spatial_crop)
+    embeds = fast_model.base.embed_prompt(page.input_ids, page.images_seq_mask, [feats])
+    got = generate(fast_model, embeds, page.input_ids[0].tolist(), cap, keep_logits=True)
+    assert got.tokens == want.tokens
+    assert got.logits is not None and want.logits is not None
+    for a, b in zip(got.logits, want.logits, strict=True):
+        assert rel_err(a, b) < 1e-4
+    assert len(cpu_graphs) == (0 if cap == 1 else 1)
+    assert cap == 1 or cpu_graphs[0].replays == cap - 1
