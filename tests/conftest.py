@@ -127,18 +127,22 @@ class CpuGraph:
             _copy_into(self.out, self.fn())
 
 
+CUDA = torch.device("cuda")  # only compared against: nothing is allocated on it
+
+
 @pytest.fixture
 def cpu_graphs(monkeypatch: pytest.MonkeyPatch) -> list[CpuGraph]:
     """The decode steps' CUDA-graph paths run on the CPU, so a CPU test reaches the code that only a GPU run reaches
     otherwise: the capture (``graphs.capture_graph``: two eager warm-up calls that advance the step's state, then
     a capture that runs nothing), the state reloaded after it, and every later step a replay.  The static batched
-    step, the continuous step and the batch-1 fast decoder take their graph path (``decode_path`` "graph").
+    step, the continuous step and the batch-1 fast decoder take their graph path (``decode_path`` "graph"), and a
+    FastModel's batch-1 prefill its graph per (prompt length, cache).
 
     What it checks: the steps' state handling and bounds around a capture (round 27: a one-step batched run's second
     warm-up wrote past its cache, a device-side assert on an H100 that no CPU test could meet).  What it cannot:
     what a real capture freezes (host values read while capturing, memory allocated in it) and kernel timing.
     Returns the graphs captured, in order."""
-    from llm_perf_opt.models.deepseek_ocr import batched_decode, continuous, fast_decoder
+    from llm_perf_opt.models.deepseek_ocr import batched_decode, continuous, fast, fast_decoder
     from llm_perf_opt.models.deepseek_ocr.batched import BatchedGenerator
 
     captured: list[CpuGraph] = []
@@ -152,8 +156,10 @@ def cpu_graphs(monkeypatch: pytest.MonkeyPatch) -> list[CpuGraph]:
         captured.append(CpuGraph(fn, context, out))  # out: the static outputs every replay rewrites
         return captured[-1], out
 
-    for module in (batched_decode, continuous, fast_decoder):
+    for module in (batched_decode, continuous, fast_decoder, fast):
         monkeypatch.setattr(module, "capture_graph", capture)
+    prefill_graphs_on = fast.FastModel.prefill_graphs_on  # every other condition of it still applies
+    monkeypatch.setattr(fast.FastModel, "prefill_graphs_on", lambda self, _: prefill_graphs_on(self, CUDA))
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *_, **__: None)
     for cls in (batched_decode.DecodeRows, fast_decoder.FastDecoder):
         init = cls.__init__

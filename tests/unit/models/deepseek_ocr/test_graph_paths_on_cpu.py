@@ -94,8 +94,9 @@ def test_fast_decoder_graph_path_matches_the_eager_model(
     cpu_graphs: list[CpuGraph],
     cap: int,
 ) -> None:
-    """The batch-1 fast decoder captured (warm-up at the prompt's end) and replayed: the eager model's tokens and
-    every step's logits within 1e-4 relative (float32; the fast path's fused weights reorder sums)."""
+    """The fast path's prefill graph and its batch-1 decoder captured (the decoder's warm-up at the prompt's end) and
+    replayed: the eager model's tokens and every step's logits within 1e-4 relative (float32; the fast path's fused
+    weights reorder sums)."""
     fast_model._decoder = None  # a decoder per test: each captures under this test's stand-in
     page = pages[2]
     want = generate_alone(model, page, cap)
@@ -106,5 +107,27 @@ def test_fast_decoder_graph_path_matches_the_eager_model(
     assert got.logits is not None and want.logits is not None
     for a, b in zip(got.logits, want.logits, strict=True):
         assert rel_err(a, b) < 1e-4
-    assert len(cpu_graphs) == (0 if cap == 1 else 1)
-    assert cap == 1 or cpu_graphs[0].replays == cap - 1
+    # the prefill's graph (this test's cache: captured, replayed once), then the decoder's with a decode step
+    assert len(cpu_graphs) == (1 if cap == 1 else 2) and cpu_graphs[0].replays == 1
+    assert cap == 1 or cpu_graphs[1].replays == cap - 1
+
+
+def test_per_page_refills_replay_a_prefill_graph_per_length(
+    model: DeepseekOCRForCausalLM, fast_model: FastModel, pages: list[PreparedPage], cpu_graphs: list[CpuGraph]
+) -> None:
+    """The twin of the GPU test ``test_refills_prefilled_page_by_page_replay_graphs``: seven requests through two
+    slots on the fast path, the refills prefilled page by page.  By hand: the first fill is requests 0 and 1, the
+    five refills are pages 2, 0, 1, 2, 0 (prompt lengths 59, 29, 39, 59, 29), so three prefill graphs are
+    captured, one per length, and a second run on the same generator captures none.  Every page's tokens are its
+    tokens alone on the eager model."""
+    caps = [5, 2, 4, 1, 3, 2, 6]
+    reqs = [SlotRequest(pages[i % 3], c) for i, c in enumerate(caps)]
+    gen = BatchedGenerator(fast_model, cuda_graphs=True)
+    assert gen.page_prefill_graphed
+    setups = fast_model.setup_count
+    run = gen.run_continuous(reqs, 2, eos_token_id=None, prefill_per_page=True)
+    want = [generate_alone(model, r.prepared, r.max_new_tokens).tokens for r in reqs]
+    assert run.decode_path == "graph" and run.tokens == want
+    assert run.pages_prefilled_per_page == 5 and fast_model.setup_count - setups == 3
+    again = gen.run_continuous(reqs, 2, eos_token_id=None, prefill_per_page=True)
+    assert again.tokens == want and fast_model.setup_count - setups == 3 and again.graph_capture_s == 0.0
