@@ -109,6 +109,9 @@ class RotaryEmbedding(nn.Module):
         self.theta = float(theta)
         self.max_positions = int(max_positions)
         self._tables: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+        # tables outgrown by a longer one, kept: a CUDA graph captured earlier (the fast path's prefill graphs hold
+        # no reference to the table) still reads their rows by address, and a freed table's memory is reused
+        self._outgrown: list[tuple[Tensor, Tensor]] = []
 
     def _build(self, n: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
@@ -129,6 +132,7 @@ class RotaryEmbedding(nn.Module):
             size = max(self.max_positions, end)
             if table is not None:
                 size = max(size, 2 * table[0].shape[0])
+                self._outgrown.append(table)
             table = self._build(size, device, dtype)
             self._tables[key] = table
         return table[0][start:end], table[1][start:end]

@@ -139,7 +139,10 @@ class ShapeGraphs:
     The graph reads the weights in place, so it stays valid while parameters are updated in place; it is
     tied to the SDPA backend policy active at capture.  CPU tensors, grad mode, or a failed capture run
     ``fn`` directly (the failure is kept in ``capture_error`` and warned about once).  A graph's key is
-    (shape, dtype, device) for one input, a tuple of those for several.
+    (shape, dtype, device) for one input, a tuple of those for several, and with ``capture_stream`` the stream it
+    picks now: a shape met by two view chains gets a graph per chain, so no graph replays beside others captured on
+    its stream (round 27: a global view first met on the crops' chain, a 1x1 page's, was replayed on the view
+    stream beside the crops' graphs, all with the crops' capture stream's cuBLAS workspace).
     """
 
     def __init__(self, fn: Any, capture_stream: Callable[[], torch.cuda.Stream | None] | None = None) -> None:
@@ -154,7 +157,10 @@ class ShapeGraphs:
         if xs[0].device.type != "cuda" or torch.is_grad_enabled() or self.capture_error is not None:
             return self.fn(*xs)
         keys = tuple((tuple(x.shape), x.dtype, x.device) for x in xs)
-        key = keys[0] if len(keys) == 1 else keys
+        key: tuple[Any, ...] = keys[0] if len(keys) == 1 else keys
+        if self.capture_stream is not None:  # one graph per capture stream too (see the class doc)
+            stream = self.capture_stream()
+            key = (*key, None if stream is None else stream.cuda_stream)  # key[0] stays the first input's
         entry = self.graphs.get(key)
         if entry is None:
             try:

@@ -7,8 +7,13 @@ fails ``test_static_graph_path_matches_the_host_loop`` here with ``IndexError`` 
 
 from __future__ import annotations
 
+import gc
+import weakref
+from typing import Any
+
 import pytest
 import torch
+from torch import Tensor
 
 from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, DeepseekOCRForCausalLM, build_model, generate
 from llm_perf_opt.models.deepseek_ocr.batched import BatchedGenerator
@@ -131,3 +136,42 @@ def test_per_page_refills_replay_a_prefill_graph_per_length(
     assert run.pages_prefilled_per_page == 5 and fast_model.setup_count - setups == 3
     again = gen.run_continuous(reqs, 2, eos_token_id=None, prefill_per_page=True)
     assert again.tokens == want and fast_model.setup_count - setups == 3 and again.graph_capture_s == 0.0
+
+
+def test_a_prefill_graphs_rotary_table_outlives_a_longer_one(
+    cpu_graphs: list[CpuGraph], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prefill graph reads its rotary rows by address from the model's shared table, and its kept entry holds no
+    reference to it.  A later step longer than the table (the tiny model's 512 rows; 8,192 on the real one, e.g. a
+    continuous step grown past it) rebuilds the table; the old one must stay alive, or the next replay of the kept
+    graph (same prompt length, same cache: no recapture) reads freed memory on the GPU.  Found by reading (round
+    27).  The oracle: the table the capture read is still alive after the rebuild and a collection."""
+    from llm_perf_opt.models.deepseek_ocr import fast
+
+    cfg = DeepseekOCRConfig.from_json(TINY / "config.json")
+    base = build_model(cfg, "cpu", torch.float32, weights=TINY / "weights.safetensors")
+    model = apply_fast_path(base, FastConfig(cuda_graphs=True, sam_compile=False, clip_compile=False))
+    rotary, key = base.model.rotary, (base.device, base.dtype)
+    read: list[weakref.ref[Tensor]] = []
+    capture = fast.capture_graph  # cpu_graphs' stand-in
+
+    def capture_and_note_the_table(fn: Any, device: Any, *args: Any, **kw: Any) -> Any:
+        out = capture(fn, device, *args, **kw)
+        read.append(weakref.ref(rotary._tables[key][0]))
+        return out
+
+    monkeypatch.setattr(fast, "capture_graph", capture_and_note_the_table)
+    cache = model.new_cache(1, 40)
+    embeds = torch.randn(1, 40, cfg.language.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        model.prefill(embeds, cache)
+    rows = rotary._tables[key][0].shape[0]
+    assert len(read) == 1 and rows == cfg.language.max_position_embeddings == 512
+    rotary(0, rows + 100, base.device, base.dtype)  # a longer step's table
+    assert rotary._tables[key][0].shape[0] > rows
+    gc.collect()
+    assert read[0]() is not None, "the table the prefill graph reads was freed"
+    cache.reset()
+    with torch.inference_mode():
+        model.prefill(embeds, cache)  # the kept graph: replayed, not recaptured
+    assert len(read) == 1 and cpu_graphs[0].replays == 2

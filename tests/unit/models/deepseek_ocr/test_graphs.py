@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
+from torch import Tensor
 
 from llm_perf_opt.models.deepseek_ocr.graphs import capture_graph
 
@@ -132,3 +133,76 @@ def test_stream_apart_skips_streams_in_use() -> None:
     assert stream_apart(pool(), []).cuda_stream == 1
     with pytest.raises(RuntimeError, match="no stream apart from 4 in use after 8 draws"):
         stream_apart(pool(), [SimpleNamespace(cuda_stream=h) for h in (1, 2, 3, 4)], tries=8)
+
+
+class _Dev:
+    type = "cuda"
+
+
+class _FakeStream:
+    def __init__(self, name: str, handle: int) -> None:
+        self.name, self.cuda_stream, self.device = name, handle, _Dev()
+
+
+class _FakeCudaInput:
+    """What ShapeGraphs reads of an input: shape, dtype, device, clone, copy_ (no CUDA here)."""
+
+    dtype = torch.bfloat16
+    device = _Dev()
+
+    def __init__(self, *shape: int) -> None:
+        self.shape = torch.Size(shape)
+
+    def clone(self) -> _FakeCudaInput:
+        return _FakeCudaInput(*self.shape)
+
+    def copy_(self, other: object) -> _FakeCudaInput:
+        return self
+
+
+def test_a_shape_met_by_both_view_chains_gets_a_graph_on_each_chains_capture_stream(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``vision_streams``: the global view runs on ``view_stream`` and the crops on the current stream, each chain's
+    graphs captured on its own stream.  A 1x1 page meets the global view's shape on the current stream first (so on
+    the crops' capture stream); a later page with crops runs it on ``view_stream`` beside the crops' graphs.  That
+    page must get a graph captured on the global chain's stream, not replay the crops' chain one (round 27, found by
+    reading: the two would share one cuBLAS workspace while replaying concurrently).  The real
+    ``VisionFast._capture_stream`` and ``ShapeGraphs`` on fake CUDA inputs and streams; the capture only records."""
+    from llm_perf_opt.models.deepseek_ocr import graphs
+    from llm_perf_opt.models.deepseek_ocr.fast import VisionFast
+
+    main, view = _FakeStream("main", 1), _FakeStream("view", 2)
+    own, crops = _FakeStream("global chain", 3), _FakeStream("crops chain", 4)
+    current = [main]
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])
+    captured_on: list[tuple[tuple[int, ...], str]] = []
+
+    class _Graph:
+        def replay(self) -> None:
+            pass
+
+    def record(self: graphs.ShapeGraphs, xs: tuple[_FakeCudaInput, ...]) -> tuple[_Graph, tuple[object, ...], Tensor]:
+        stream = self.capture_stream() if self.capture_stream is not None else None
+        assert stream is not None
+        captured_on.append((tuple(xs[0].shape), stream.name))
+        return _Graph(), tuple(x.clone() for x in xs), torch.zeros(1)
+
+    monkeypatch.setattr(graphs.ShapeGraphs, "_capture", record)
+    vision = object.__new__(VisionFast)  # only what graphed() and _capture_stream read
+    vision.graphs, vision.view_stream, vision._capture_streams = {}, view, (own, crops)  # type: ignore[assignment]
+    sam = vision.graphed("sam", lambda x: torch.zeros(1))
+    glob, tiles = _FakeCudaInput(1, 3, 1024, 1024), _FakeCudaInput(6, 3, 640, 640)
+    with torch.no_grad():
+        sam(glob)  # page 1, grid 1x1: the global view on the current stream
+        current[0] = view
+        sam(glob)  # page 2: its global view on view_stream ...
+        current[0] = main
+        sam(tiles)  # ... beside its crops on the current stream
+        current[0] = view
+        sam(glob)  # page 3: both graphs exist, nothing more is captured
+    assert captured_on == [
+        ((1, 3, 1024, 1024), "crops chain"),
+        ((1, 3, 1024, 1024), "global chain"),
+        ((6, 3, 640, 640), "crops chain"),
+    ]
