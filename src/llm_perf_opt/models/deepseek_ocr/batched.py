@@ -485,6 +485,8 @@ class BatchedGenerator:
         t_decode = t_prefill
         if n_steps > 0 and static.use_graph and static.graph is None:
             capture_s = static.capture()
+            if static.capture_error is not None:  # this model's step cannot be captured: later runs go un-graphed
+                self.capture_error = static.capture_error  # (decode_path_for), as continuous batching's do
             static.load(first, lens, caps, eos)  # the capture's warm-up steps advanced the state
             t_decode = clock.mark()
 

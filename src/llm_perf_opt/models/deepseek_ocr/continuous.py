@@ -525,22 +525,32 @@ class PageCaches:
 
     def prepare(self, gen: BatchedGenerator, lens: list[int]) -> float:
         """Make the caches of ``lens`` that are not kept (:meth:`fits` them first); where
-        :attr:`BatchedGenerator.page_prefill_graphed`, capture each new one's graph by a prefill of zeros.  Returns the
-        host seconds of those captures (device synced around them: a one-time setup, left out of every stage, as the
-        steps' captures are); 0 where nothing was captured."""
+        :attr:`BatchedGenerator.page_prefill_graphed`, capture the graph of each one the model does not keep now (a
+        new cache's, or a kept cache's whose graph the model dropped since for prefills into other caches: the
+        session's own per-page prefills share its ``MAX_PREFILL_GRAPHS``) by a prefill of zeros, so no fill's prefill
+        captures inside its marks.  Returns the host seconds of those captures (device synced around them: a
+        one-time setup, left out of every stage, as the steps' captures are); 0 where nothing was captured."""
         if not self.fits(lens):
             raise ValueError(
                 f"{len(self.caches.keys() | set(lens))} prompt lengths do not fit {self.limit} kept caches"
             )
-        new = [n for n in dict.fromkeys(lens) if n not in self.caches]
-        graphed = bool(new) and gen.page_prefill_graphed
+        fast = gen.fast if gen.page_prefill_graphed else None
+        missing = [
+            n
+            for n in dict.fromkeys(lens)
+            if n not in self.caches or (fast is not None and not fast.prefill_graph_kept(n, self.caches[n]))
+        ]
+        graphed = bool(missing) and gen.page_prefill_graphed
         if graphed:
             gen.clock.synchronize()
         t0 = time.perf_counter()
         hidden = gen.base.model.embed_tokens.embedding_dim
-        for n in new:
-            cache = self.caches[n] = gen.base.new_cache(1, n)
+        for n in missing:
+            cache = self.caches.get(n)
+            if cache is None:
+                cache = self.caches[n] = gen.base.new_cache(1, n)
             if graphed:
+                cache.length = 0
                 gen.lm.prefill(torch.zeros((1, n, hidden), device=gen.device, dtype=gen.dtype), cache)
         if not graphed:
             return 0.0

@@ -790,8 +790,20 @@ class FastModel:
         logits: Tensor = base.lm_head(hidden).float()
         return logits
 
+    @staticmethod
+    def _prefill_key(shape: tuple[int, ...], cache: StaticKVCache) -> tuple[Any, ...]:
+        return (shape, cache.k.data_ptr(), cache.v.data_ptr(), tuple(cache.k.shape))
+
+    def prefill_graph_kept(self, length: int, cache: StaticKVCache) -> bool:
+        """Whether a batch-1 prefill of ``length`` tokens into ``cache`` would replay a kept graph, not capture one:
+        the graphs are kept least recently used first (``MAX_PREFILL_GRAPHS``), so one a caller made earlier may have
+        been dropped since by prefills into other caches."""
+        hidden = self.base.model.embed_tokens.embedding_dim
+        entry = self._prefill_graphs.get(self._prefill_key((1, length, hidden), cache))
+        return entry is not None and entry[3]() is cache
+
     def _prefill_graphed(self, hidden: Tensor, cache: StaticKVCache) -> Tensor:
-        key = (tuple(hidden.shape), cache.k.data_ptr(), cache.v.data_ptr(), tuple(cache.k.shape))
+        key = self._prefill_key(tuple(hidden.shape), cache)
         entry = self._prefill_graphs.pop(key, None)
         if entry is not None and entry[3]() is not cache:  # captured for a cache that is gone (same addresses)
             entry = None

@@ -175,3 +175,75 @@ def test_a_prefill_graphs_rotary_table_outlives_a_longer_one(
     with torch.inference_mode():
         model.prefill(embeds, cache)  # the kept graph: replayed, not recaptured
     assert len(read) == 1 and cpu_graphs[0].replays == 2
+
+
+def test_per_page_refills_recapture_a_dropped_graph_before_the_fill(
+    model: DeepseekOCRForCausalLM,
+    pages: list[PreparedPage],
+    cpu_graphs: list[CpuGraph],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fast path keeps ``MAX_PREFILL_GRAPHS`` (8) prefill graphs, least recently used dropped first, shared with
+    every other batch-1 prefill (the session's per-page phase).  After the kept caches' three graphs are pushed out
+    by eight prefills into other caches, the next run must capture them again before its fills (in ``prepare``,
+    outside the marks), never inside a fill's prefill (found by reading, round 27: ``prepare`` only looked for
+    lengths it had no cache for).  The oracle: no setup happens inside any ``prefill_page`` call."""
+    cfg = DeepseekOCRConfig.from_json(TINY / "config.json")
+    own = build_model(cfg, "cpu", torch.float32, weights=TINY / "weights.safetensors")
+    fast = apply_fast_path(own, FastConfig(cuda_graphs=True, sam_compile=False, clip_compile=False))
+    gen = BatchedGenerator(fast, cuda_graphs=True)
+    inside: list[int] = []
+    prefill_page = BatchedGenerator.prefill_page
+
+    def watched(self: BatchedGenerator, *args: Any) -> Tensor:
+        before = fast.setup_count
+        out = prefill_page(self, *args)
+        inside.append(fast.setup_count - before)
+        return out
+
+    monkeypatch.setattr(BatchedGenerator, "prefill_page", watched)
+    caps = [5, 2, 4, 1, 3, 2, 6]
+    reqs = [SlotRequest(pages[i % 3], c) for i, c in enumerate(caps)]
+    want = [generate_alone(model, r.prepared, r.max_new_tokens).tokens for r in reqs]
+    assert gen.run_continuous(reqs, 2, eos_token_id=None, prefill_per_page=True).tokens == want
+    assert fast.setup_count == 3 and inside == [0] * 5
+    hidden = cfg.language.hidden_size
+    with torch.inference_mode():
+        for n in range(20, 28):  # eight other (length, cache) graphs: the three kept ones are dropped
+            fast.prefill(torch.zeros(1, n, hidden), fast.new_cache(1, n))
+    assert fast.setup_count == 11
+    again = gen.run_continuous(reqs, 2, eos_token_id=None, prefill_per_page=True)
+    assert again.tokens == want and fast.setup_count == 14  # the three captured again ...
+    assert inside == [0] * 10 and again.graph_capture_s > 0  # ... before the fills, and accounted as captures
+
+
+def test_a_failed_static_capture_is_not_tried_again(
+    model: DeepseekOCRForCausalLM,
+    pages: list[PreparedPage],
+    cpu_graphs: list[CpuGraph],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A step that cannot be captured runs un-graphed with the reason recorded, and a run of another shape does not
+    try again (each try costs the warm-up steps and a warning), as continuous batching already did."""
+    from llm_perf_opt.models.deepseek_ocr import batched_decode
+
+    tries: list[int] = []
+
+    def refuse(*_: Any, **__: Any) -> Any:
+        tries.append(1)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(batched_decode, "capture_graph", refuse)
+    gen = graphed(model)
+    host = BatchedGenerator(model, static_decode=False)
+    with pytest.warns(UserWarning, match="capture failed"):
+        first = gen.run(pages, 6, eos_token_id=None)
+    assert (
+        first.decode_path == "static"
+        and first.graph_capture_error is not None
+        and "stream is capturing" in (gen.capture_error or "")
+    )
+    other = gen.run(pages, 9, eos_token_id=None)  # another cache length: a new step, not captured
+    assert other.decode_path == "static" and tries == [1]
+    assert first.tokens == host.run(pages, 6, eos_token_id=None).tokens
+    assert other.tokens == host.run(pages, 9, eos_token_id=None).tokens
