@@ -156,6 +156,28 @@ def test_vision_streams_give_the_serial_features_and_time_each_view(model: objec
     assert model.view_stream is None  # type: ignore[attr-defined]  # restored after each call
 
 
+def test_a_global_view_met_first_without_crops_gets_its_own_graph_on_the_view_stream(model: object) -> None:
+    """``vision_streams``: a 1x1 page meets the global view's shape on the current stream first (captured on the crops'
+    capture stream); a later page with crops runs its global view on ``view_stream`` beside the crops' graphs.  It
+    must get a graph of its own captured on the global chain's stream (round 27, found by reading: it replayed the
+    crops' chain's graph, both sharing that stream's cuBLAS workspace while replaying concurrently).  The cropped
+    page's features equal the serial path's bit for bit, replay after replay."""
+    gen = torch.Generator(device="cpu").manual_seed(2)
+    crops = torch.randn(6, 3, 640, 640, generator=gen).cuda().bfloat16()
+    ori = torch.randn(1, 3, 1024, 1024, generator=gen).cuda().bfloat16()
+    placeholder = torch.zeros(1, 3, 640, 640, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        ref = apply_fast_path(model, FastConfig(vision_streams=False)).encode_images(crops, ori, [2, 3]).clone()  # type: ignore[arg-type]
+        fast = apply_fast_path(model, FastConfig(vision_streams=True))  # type: ignore[arg-type]
+        fast.encode_images(placeholder, ori, [1, 1])  # the 1x1 page: the global view on the current stream
+        sam = fast.vision.graphs["sam"]
+        assert [k[0] for k in sam.graphs] == [(1, 3, 1024, 1024)]
+        for _ in range(3):
+            assert torch.equal(fast.encode_images(crops, ori, [2, 3]), ref)
+        globals_ = [k for k in sam.graphs if k[0] == (1, 3, 1024, 1024)]
+        assert len(globals_) == 2 and len({k[-1] for k in globals_}) == 2  # one per chain's capture stream
+
+
 def test_prefill_graph_matches_ungraphed_and_is_reused(model: object) -> None:
     """The graphed LM prefill gives the un-graphed logits and K/V; a second prompt of the same length replays
     (no new capture), a new length captures once more."""
