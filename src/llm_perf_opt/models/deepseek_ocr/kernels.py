@@ -796,7 +796,10 @@ if HAVE_TRITON:
             kmask = kk < H
             xt = tl.load(x_ptr + rows[:, None] * H + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
             # [E, K] rows, contiguous along K, transposed for the product
-            gt = tl.trans(tl.load(gate_ptr + e[:, None] * H + kk[None, :], mask=emask[:, None] & kmask[None, :]))
+            # other=0.0: a hidden size that is no multiple of BLOCK_K would otherwise leave undefined gate values
+            # in the K tail, and undefined × 0 can be NaN in a real expert's logit (the real models' 1,280 divides)
+            gate = tl.load(gate_ptr + e[:, None] * H + kk[None, :], mask=emask[:, None] & kmask[None, :], other=0.0)
+            gt = tl.trans(gate)
             if gt.dtype == tl.float32 or UPCAST:  # (Triton's interpreter computes bf16 tl.dot wrongly)
                 logits = tl.dot(xt.to(tl.float32), gt.to(tl.float32), logits, input_precision="ieee")
             else:
