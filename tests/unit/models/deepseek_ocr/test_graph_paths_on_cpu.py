@@ -247,3 +247,34 @@ def test_a_failed_static_capture_is_not_tried_again(
     assert other.decode_path == "static" and tries == [1]
     assert first.tokens == host.run(pages, 6, eos_token_id=None).tokens
     assert other.tokens == host.run(pages, 9, eos_token_id=None).tokens
+
+
+@pytest.mark.parametrize(("cap", "ngram"), [(2, 0), (6, 0), (6, 3)])
+def test_fast_decoders_on_device_loop_matches_the_eager_model(
+    model: DeepseekOCRForCausalLM,
+    fast_model: FastModel,
+    pages: list[PreparedPage],
+    cpu_graphs: list[CpuGraph],
+    cap: int,
+    ngram: int,
+) -> None:
+    """The session's decode loop on the fast path (``FastDecoder.greedy``: each step ends on the device, the token fed
+    back, no host read) captured and replayed, in a cache with exactly the run's columns (prompt + cap - 1, so a
+    capture's warm-up meets the last column at cap 2): the eager model's tokens, with and without the no-repeat
+    rule on the device."""
+    from llm_perf_opt.models.deepseek_ocr.generation import NoRepeatNGram
+
+    fast_model._decoder = None
+    page = pages[1]
+    want = generate_alone(model, page, cap, ngram=ngram).tokens
+    prompt = page.input_ids[0]
+    feats = fast_model.base.encode_images(page.images_crop, page.images_ori, page.images_spatial_crop)
+    embeds = fast_model.base.embed_prompt(page.input_ids, page.images_seq_mask, [feats])
+    cache = fast_model.new_cache(1, prompt.numel() + cap - 1)
+    with torch.inference_mode():
+        fast_model.prefill(embeds, cache)
+        dec = fast_model.decoder_for(cache, ngram)
+        dec.set_history(NoRepeatNGram.of(ngram).device_history(prompt.reshape(1, -1)))
+        got = dec.greedy(torch.tensor([[want[0]]]), cap - 1)[0]
+    assert [want[0], *got] == want
+    assert dec.graph is not None and dec.graph.replays == cap - 1  # type: ignore[attr-defined]  # every step a replay
