@@ -135,14 +135,15 @@ def cpu_graphs(monkeypatch: pytest.MonkeyPatch) -> list[CpuGraph]:
     """The decode steps' CUDA-graph paths run on the CPU, so a CPU test reaches the code that only a GPU run reaches
     otherwise: the capture (``graphs.capture_graph``: two eager warm-up calls that advance the step's state, then
     a capture that runs nothing), the state reloaded after it, and every later step a replay.  The static batched
-    step, the continuous step and the batch-1 fast decoder take their graph path (``decode_path`` "graph"), and a
-    FastModel's batch-1 prefill its graph per (prompt length, cache).
+    step, the continuous step and the batch-1 fast decoder take their graph path (``decode_path`` "graph"), a
+    FastModel's batch-1 prefill its graph per (prompt length, cache), and the vision towers their graph per input
+    shape (``ShapeGraphs``, with ``vision_graphs``).
 
     What it checks: the steps' state handling and bounds around a capture (round 27: a one-step batched run's second
     warm-up wrote past its cache, a device-side assert on an H100 that no CPU test could meet).  What it cannot:
     what a real capture freezes (host values read while capturing, memory allocated in it) and kernel timing.
     Returns the graphs captured, in order."""
-    from llm_perf_opt.models.deepseek_ocr import batched_decode, continuous, fast, fast_decoder
+    from llm_perf_opt.models.deepseek_ocr import batched_decode, continuous, fast, fast_decoder, graphs
     from llm_perf_opt.models.deepseek_ocr.batched import BatchedGenerator
 
     captured: list[CpuGraph] = []
@@ -156,8 +157,9 @@ def cpu_graphs(monkeypatch: pytest.MonkeyPatch) -> list[CpuGraph]:
         captured.append(CpuGraph(fn, context, out))  # out: the static outputs every replay rewrites
         return captured[-1], out
 
-    for module in (batched_decode, continuous, fast_decoder, fast):
+    for module in (batched_decode, continuous, fast_decoder, fast, graphs):
         monkeypatch.setattr(module, "capture_graph", capture)
+    monkeypatch.setattr(graphs.ShapeGraphs, "graph_devices", ("cuda", "cpu"))
     prefill_graphs_on = fast.FastModel.prefill_graphs_on  # every other condition of it still applies
     monkeypatch.setattr(fast.FastModel, "prefill_graphs_on", lambda self, _: prefill_graphs_on(self, CUDA))
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *_, **__: None)

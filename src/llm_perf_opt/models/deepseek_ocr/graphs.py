@@ -145,6 +145,10 @@ class ShapeGraphs:
     stream beside the crops' graphs, all with the crops' capture stream's cuBLAS workspace).
     """
 
+    # device types whose inputs are captured (tests/conftest.py's ``cpu_graphs`` adds the CPU's, with a stand-in
+    # capture, to run this class's bookkeeping there)
+    graph_devices: tuple[str, ...] = ("cuda",)
+
     def __init__(self, fn: Any, capture_stream: Callable[[], torch.cuda.Stream | None] | None = None) -> None:
         self.fn = fn
         # which stream to capture a new shape on, asked at capture time (None: capture_graph's default); see
@@ -154,7 +158,7 @@ class ShapeGraphs:
         self.capture_error: str | None = None
 
     def __call__(self, *xs: Tensor) -> Any:
-        if xs[0].device.type != "cuda" or torch.is_grad_enabled() or self.capture_error is not None:
+        if xs[0].device.type not in self.graph_devices or torch.is_grad_enabled() or self.capture_error is not None:
             return self.fn(*xs)
         keys = tuple((tuple(x.shape), x.dtype, x.device) for x in xs)
         key: tuple[Any, ...] = keys[0] if len(keys) == 1 else keys

@@ -150,7 +150,9 @@ def test_a_prefill_graphs_rotary_table_outlives_a_longer_one(
 
     cfg = DeepseekOCRConfig.from_json(TINY / "config.json")
     base = build_model(cfg, "cpu", torch.float32, weights=TINY / "weights.safetensors")
-    model = apply_fast_path(base, FastConfig(cuda_graphs=True, sam_compile=False, clip_compile=False))
+    model = apply_fast_path(
+        base, FastConfig(cuda_graphs=True, sam_compile=False, clip_compile=False, vision_graphs=False)
+    )
     rotary, key = base.model.rotary, (base.device, base.dtype)
     read: list[weakref.ref[Tensor]] = []
     capture = fast.capture_graph  # cpu_graphs' stand-in
@@ -190,7 +192,9 @@ def test_per_page_refills_recapture_a_dropped_graph_before_the_fill(
     lengths it had no cache for).  The oracle: no setup happens inside any ``prefill_page`` call."""
     cfg = DeepseekOCRConfig.from_json(TINY / "config.json")
     own = build_model(cfg, "cpu", torch.float32, weights=TINY / "weights.safetensors")
-    fast = apply_fast_path(own, FastConfig(cuda_graphs=True, sam_compile=False, clip_compile=False))
+    fast = apply_fast_path(
+        own, FastConfig(cuda_graphs=True, sam_compile=False, clip_compile=False, vision_graphs=False)
+    )
     gen = BatchedGenerator(fast, cuda_graphs=True)
     inside: list[int] = []
     prefill_page = BatchedGenerator.prefill_page
@@ -278,3 +282,26 @@ def test_fast_decoders_on_device_loop_matches_the_eager_model(
         got = dec.greedy(torch.tensor([[want[0]]]), cap - 1)[0]
     assert [want[0], *got] == want
     assert dec.graph is not None and dec.graph.replays == cap - 1  # type: ignore[attr-defined]  # every step a replay
+
+
+def test_vision_graphs_per_shape_warmed_between_graphed_pages(
+    model: DeepseekOCRForCausalLM, pages: list[PreparedPage], cpu_graphs: list[CpuGraph]
+) -> None:
+    """The twin of the GPU test ``test_vision_chunks_warmed_in_inference_mode_after_graphed_pages``: pages encoded
+    under inference mode (the graphs' static inputs become inference tensors), then every chunk shape warmed, then
+    the pages again; the vision replays one graph per (tower, input shape).  Oracle: the eager model's features per
+    page within 1e-4 (float32), and the same features before and after the warm-up."""
+    cfg = DeepseekOCRConfig.from_json(TINY / "config.json")
+    own = build_model(cfg, "cpu", torch.float32, weights=TINY / "weights.safetensors")
+    fast = apply_fast_path(own, FastConfig(sam_compile=False, clip_compile=False, vision_graphs=True))
+    gen = BatchedGenerator(fast)
+    with torch.inference_mode():
+        before = gen.encode_pages(pages)
+    assert cpu_graphs and gen.warm_vision(pages) == 12  # tile and global side × chunk sizes 1..32
+    shapes = len(cpu_graphs)
+    with torch.inference_mode():
+        after = gen.encode_pages(pages)
+    assert len(cpu_graphs) == shapes  # every shape the pages meet was captured by then: replays only
+    for page, a, b in zip(pages, before, after, strict=True):
+        ref = model.encode_images(page.images_crop, page.images_ori, page.images_spatial_crop)
+        assert torch.equal(a, b) and rel_err(a, ref) < 1e-4
