@@ -119,8 +119,9 @@ def test_ignore_eos_runs_to_the_caps(model: DeepseekOCRForCausalLM, pages: list[
 
 
 def test_reuse_across_runs(model: DeepseekOCRForCausalLM, pages: list[PreparedPage]) -> None:
-    """The kept cache and buffers serve the next run of the same shape: stale K/V stays masked, the state
-    is reloaded (other pads, other eos), and a new shape replaces them."""
+    """The kept cache and buffers serve every later run they fit: stale K/V stays masked, the state is reloaded
+    (other pads, other eos, fewer steps: its columns past the run's last stay masked), and only a longer run
+    replaces them (with a graph, a shorter batch must not capture again: round 27)."""
     gen = BatchedGenerator(model)
     first = gen.run(pages, 12, eos_token_id=384)
     entry = gen._static
@@ -134,8 +135,10 @@ def test_reuse_across_runs(model: DeepseekOCRForCausalLM, pages: list[PreparedPa
     assert again.tokens == first.tokens and again.stopped_by_eos == first.stopped_by_eos
     assert again.idle_steps == first.idle_steps
 
-    gen.run(pages, 5, eos_token_id=None)  # another max_len: a new cache
-    assert gen._static is not entry and gen._static is not None and gen._static.cache.max_len == 59 + 4
+    short = gen.run(pages, 5, eos_token_id=None)  # fewer columns than the kept cache's 59 + 11: it fits
+    assert gen._static is entry and short.tokens == host_run(model, pages, 5, None).tokens
+    gen.run(pages, 20, eos_token_id=None)  # more: a new cache
+    assert gen._static is not entry and gen._static is not None and gen._static.cache.max_len == 59 + 19
     assert gen.run(pages, 12, eos_token_id=384).tokens == first.tokens
     gen.release_decode_state()
     assert gen._static is None
@@ -263,3 +266,28 @@ def test_capture_warm_up_steps_stay_inside_a_one_step_cache(
     assert static.slot.flatten().tolist() == [59]
     assert static.pos.tolist() == [29 + 2, 39 + 2, 59]  # each row's prompt length + 2, the last one held at 59
     assert gen.run(pages, 2, eos_token_id=None).tokens == res.tokens
+
+
+def test_a_new_shape_is_made_before_the_marks(
+    model: DeepseekOCRForCausalLM, pages: list[PreparedPage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new (batch, length) step's cache and buffers are made before the batch's marks, as continuous batching's
+    are: one-time setup, not prefill.  Scripted clock, 1 ms a mark (three before decode: start, vision, prefill);
+    making a step moves it 100 ms on.  Batches A (longest prompt 39), A, B (59: a new step), A (fits B's): the
+    prefill reads 1 ms each time (it read 101 ms for every new step, round 27)."""
+    from llm_perf_opt.models.deepseek_ocr.batched_decode import StaticBatchStep
+    from tests.unit.models.deepseek_ocr.test_continuous import ScriptedClock
+
+    clock = ScriptedClock()
+    init = StaticBatchStep.__init__
+
+    def slow_init(self: StaticBatchStep, *args: object, **kw: object) -> None:
+        init(self, *args, **kw)  # type: ignore[arg-type]
+        clock.now_ns += 100_000_000
+
+    monkeypatch.setattr(StaticBatchStep, "__init__", slow_init)
+    gen = BatchedGenerator(model, clock=clock)  # type: ignore[arg-type]
+    a, b = [pages[0], pages[1]], [pages[0], pages[2]]
+    runs = [gen.run(batch, 4, eos_token_id=None) for batch in (a, a, b, a)]
+    assert [r.prefill_s * 1e3 for r in runs] == pytest.approx([1.0] * 4)
+    assert [r.vision_s * 1e3 for r in runs] == pytest.approx([1.0] * 4)

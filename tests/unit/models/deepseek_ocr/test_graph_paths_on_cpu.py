@@ -305,3 +305,35 @@ def test_vision_graphs_per_shape_warmed_between_graphed_pages(
     for page, a, b in zip(pages, before, after, strict=True):
         ref = model.encode_images(page.images_crop, page.images_ori, page.images_spatial_crop)
         assert torch.equal(a, b) and rel_err(a, ref) < 1e-4
+
+
+def test_static_batches_of_other_lengths_reuse_the_kept_graph(
+    model: DeepseekOCRForCausalLM, pages: list[PreparedPage], cpu_graphs: list[CpuGraph]
+) -> None:
+    """Batches of two pages, caps 4, longest prompts 39 (A) and 59 (B), in the order A, B, A, B (a repeat over mixed
+    pages).  By hand: A captures (42 columns), B is longer and captures (62), then A and B both fit B's: 2 captures,
+    not 4 (round 27, found by reading: each was a capture left out of the wall time as one-time).  Every batch gets
+    the host loop's tokens."""
+    gen = graphed(model)
+    host = BatchedGenerator(model, static_decode=False)
+    a, b = [pages[0], pages[1]], [pages[0], pages[2]]
+    results = [gen.run(batch, 4, eos_token_id=None) for batch in (a, b, a, b)]
+    assert [r.graph_capture_s > 0 for r in results] == [True, True, False, False] and len(cpu_graphs) == 2
+    for batch, r in zip((a, b, a, b), results, strict=True):
+        assert r.decode_path == "graph" and r.tokens == host.run(batch, 4, eos_token_id=None).tokens
+
+
+def test_a_continuous_repeat_after_its_cache_grew_captures_nothing(
+    model: DeepseekOCRForCausalLM, pages: list[PreparedPage], cpu_graphs: list[CpuGraph]
+) -> None:
+    """One slot, a short page then one whose cap grows the cache past the first fill's size.  The run keeps the grown
+    step; the same workload again (a repeat) must reuse it and its graphs, not build a smaller step and capture
+    every graph again (round 27, found by reading)."""
+    gen = graphed(model)
+    reqs = [SlotRequest(pages[0], 2), SlotRequest(pages[2], 300)]
+    first = gen.run_continuous(reqs, 1, eos_token_id=None)
+    captured = len(cpu_graphs)
+    second = gen.run_continuous(reqs, 1, eos_token_id=None)
+    assert captured > 0 and len(cpu_graphs) == captured and second.graph_capture_s == 0.0
+    assert first.decode_path == second.decode_path == "graph"
+    assert second.tokens == first.tokens == [generate_alone(model, r.prepared, r.max_new_tokens).tokens for r in reqs]
