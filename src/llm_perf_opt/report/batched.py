@@ -192,6 +192,15 @@ def _batch_paths(s: RunSummary) -> str:
         )
     if captures:
         text += f" Graph captures: {len(captures)}, {fmt(sum(captures), 1)} ms in all (outside the stage times)."
+    inside = [(b.repeat, b.timed_setups) for b in s.batches if b.timed_setups]
+    if inside:  # not one-time in the figures: a compile or capture the warm-up did not cover, inside timed stages
+        where = ", ".join(f"repeat {r}: {n}" for r, n in inside[:8]) + (", ..." if len(inside) > 8 else "")
+        text += (
+            f" **Timed setups:** {sum(n for _, n in inside)} one-time setup(s) of the fast path (a vision shape"
+            f" compiled / captured, a prefill length captured) happened inside timed batched runs ({where}): their"
+            " time is in those runs' stage times, so their rates read low. The warm-up met no page of that view size"
+            " or prompt length; a first batch that covers them removes this."
+        )
     waits = [b.page_wait_ms for b in s.batches if b.page_wait_ms is not None]
     if len(waits) == len(s.batches):
         model_ms = sum(b.prefill_ms + b.decode_ms for b in s.batches)  # prefill_ms includes vision

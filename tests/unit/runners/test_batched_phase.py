@@ -176,3 +176,15 @@ def test_batched_section_says_dummy_routing_flatters_the_rates() -> None:
     sentence = "these batched rates flatter real pages (`benchmarks/bench_batched.py --spread-routing`"
     assert sentence in render_batches(dummy)
     assert "Dummy weights" not in render_batches(real)
+
+
+def test_report_names_setups_inside_timed_batched_runs() -> None:
+    """A compile or capture the warm-up did not cover, inside a timed batched run, is not one-time in the figures: the
+    decode-path line counts them per repeat (2 + 1 by hand) and says their time is in the stages; none, no line."""
+    clean = record(4, 40, 10, 4, (100.0, 300.0), decode_path="graph", timed_setups=0)
+    summary = attrs.evolve(make_summary(pages=[make_page("p0")]), batches=[clean])
+    assert "Timed setups" not in render_report(summary)
+    setups = [attrs.evolve(clean, repeat=0, timed_setups=2), attrs.evolve(clean, repeat=1, timed_setups=1)]
+    md = render_report(attrs.evolve(summary, batches=[*setups, attrs.evolve(clean, repeat=2)]))
+    assert "**Timed setups:** 3 one-time setup(s) of the fast path" in md
+    assert "(repeat 0: 2, repeat 1: 1): their time is in those runs' stage times" in md

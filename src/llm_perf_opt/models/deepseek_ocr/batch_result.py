@@ -27,7 +27,9 @@ class BatchResult:
     (host-driven loop).  ``graph_capture_s`` is the host wall time of this run's one-time graph capture
     (warm-up steps + capture, synchronised), 0.0 when the graph was reused or none was captured; it is in
     none of the stage times (``total_s`` excludes it).  ``graph_capture_error`` says why a capture failed (the
-    step then ran un-graphed: ``decode_path`` "static"), None when none did.
+    step then ran un-graphed: ``decode_path`` "static"), None when none did.  ``timed_setups``: one-time setups of
+    the fast path (a vision shape compiled / captured, a prefill length captured: ``FastModel.setup_count``) that
+    happened inside this run's stage marks, so their time is in its stages (0 without a FastModel).
     """
 
     tokens: list[list[int]]
@@ -43,6 +45,7 @@ class BatchResult:
     graph_capture_s: float = 0.0
     idle_steps: int = 0
     graph_capture_error: str | None = None
+    timed_setups: int = 0
 
     @property
     def batch(self) -> int:

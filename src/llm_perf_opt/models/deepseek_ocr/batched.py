@@ -72,6 +72,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+import attrs
 import torch
 from torch import Tensor
 
@@ -344,6 +345,7 @@ class BatchedGenerator:
         if path != "host":  # a new shape's cache and buffers are made before the marks (one-time setup, not prefill)
             static = self._static_for(bsz, max_len, use_graph=path == "graph", ngram=ngrams[0])
 
+        setups = self.setup_count
         t_start = clock.mark()
         features = self.encode_pages(pages)
         t_vision = clock.mark()
@@ -356,9 +358,17 @@ class BatchedGenerator:
         logits = self._prefill(pages, features, lens, cache)
         marks = StageMarks(clock, t_start, t_vision)
         if path == "host":
-            return self._decode_host(pages, logits, lens, caps, ngrams, eos, keep_logits, cache, marks)
-        static.load_prompts([p.input_ids for p in pages])
-        return self._decode_static(static, logits, lens, caps, eos, marks)
+            res = self._decode_host(pages, logits, lens, caps, ngrams, eos, keep_logits, cache, marks)
+        else:
+            static.load_prompts([p.input_ids for p in pages])
+            res = self._decode_static(static, logits, lens, caps, eos, marks)
+        return attrs.evolve(res, timed_setups=self.setup_count - setups)  # the decode graph's capture is not one
+
+    @property
+    def setup_count(self) -> int:
+        """The fast path's one-time setups so far (``FastModel.setup_count``: vision shapes compiled / captured,
+        prefill lengths captured); 0 without a FastModel."""
+        return 0 if self.fast is None else int(self.fast.setup_count)
 
     def _prefill(
         self, pages: Sequence[PreparedPage], features: Sequence[Tensor], lens: list[int], cache: StaticKVCache

@@ -170,6 +170,9 @@ class ContinuousResult:
     pages_prefilled_ahead: int = 0
     # with ``prefill_per_page``: the refills' pages prefilled one at a time (their time is in ``prefill_s``)
     pages_prefilled_per_page: int = 0
+    # the fast path's one-time setups (vision shapes compiled / captured, prefill lengths captured) inside the run's
+    # marks, so their time is in its stages; those made before a fill (the per-page refills' captures) are not
+    timed_setups: int = 0
 
     @property
     def pages(self) -> int:
@@ -598,6 +601,7 @@ class _Run:
         self.prefill_ahead_marks: list[tuple[object, object]] = []  # each page's LM prefill run ahead (second stream)
         self.prefill_stalls: list[tuple[object, object]] = []  # main stream, around enqueueing those prefills
         self.pages_per_page = 0  # refill pages prefilled one at a time (prefill_per_page)
+        self.setups_outside = 0  # one-time setups made before a fill's marks (the per-page refills' captures)
 
     def take(self, n: int) -> list[SlotRequest]:
         got: list[SlotRequest] = []
@@ -657,6 +661,7 @@ def run_continuous(
     run = _Run(gen, iter(source), slots, keep_logits)
     page_caches = gen.page_caches() if prefill_per_page else None
     wall0 = time.perf_counter()
+    setups = gen.setup_count
     step: SlotDecodeStep | None = None
 
     device = gen.base.device
@@ -745,7 +750,9 @@ def run_continuous(
         per_page = page_caches is not None and not first_fill and page_caches.fits(lens[here:])
         if per_page:
             assert page_caches is not None
+            before = gen.setup_count
             run.capture_s += page_caches.prepare(gen, lens[here:])
+            run.setups_outside += gen.setup_count - before
         t0 = clock.mark()
         # the first fill batches its views across pages; a refill (usually a few pages) runs vision page by page
         # (see the module doc: measured this way, the batched alternative is not); pages whose vision ran ahead
@@ -895,6 +902,7 @@ def run_continuous(
         prefill_ahead_s=prefill_ahead_ms / 1e3,
         pages_prefilled_ahead=len(run.prefill_ahead_marks),
         pages_prefilled_per_page=run.pages_per_page,
+        timed_setups=gen.setup_count - setups - run.setups_outside,
     )
 
 

@@ -337,3 +337,26 @@ def test_a_continuous_repeat_after_its_cache_grew_captures_nothing(
     assert captured > 0 and len(cpu_graphs) == captured and second.graph_capture_s == 0.0
     assert first.decode_path == second.decode_path == "graph"
     assert second.tokens == first.tokens == [generate_alone(model, r.prepared, r.max_new_tokens).tokens for r in reqs]
+
+
+def test_setups_inside_timed_runs_are_counted_and_those_before_a_fill_are_not(
+    pages: list[PreparedPage], cpu_graphs: list[CpuGraph]
+) -> None:
+    """``timed_setups``: the fast path's compiles / captures inside a run's stage marks.  Unwarmed, the first run's
+    vision captures its shapes inside the fills (> 0); after ``warm_vision`` the same workload has none (0).  The
+    per-page refills' prefill graphs are captured in ``prepare``, before a fill's marks: three lengths, so the
+    model's setup count rises by 3 during that run, and none of them is counted."""
+    cfg = DeepseekOCRConfig.from_json(TINY / "config.json")
+    own = build_model(cfg, "cpu", torch.float32, weights=TINY / "weights.safetensors")
+    fast = apply_fast_path(own, FastConfig(sam_compile=False, clip_compile=False, vision_graphs=True))
+    caps = [5, 2, 4, 1, 3, 2, 6]
+    reqs = [SlotRequest(pages[i % 3], c) for i, c in enumerate(caps)]
+    gen = BatchedGenerator(fast, cuda_graphs=True)
+    assert gen.run_continuous(reqs, 2, eos_token_id=None).timed_setups > 0
+    assert gen.run([pages[0], pages[1]], 3, eos_token_id=None).timed_setups == 0  # every shape met by now
+    fresh = BatchedGenerator(apply_fast_path(own, FastConfig(sam_compile=False, clip_compile=False)), cuda_graphs=True)
+    assert fresh.warm_vision(pages) > 0
+    before = fresh.setup_count
+    run = fresh.run_continuous(reqs, 2, eos_token_id=None, prefill_per_page=True)
+    assert fresh.setup_count - before == 3 and run.timed_setups == 0
+    assert fresh.run(pages, 3, eos_token_id=None).timed_setups == 0
