@@ -77,6 +77,19 @@ def generate_alone(model: Any, page: Any, cap: int, eos: int | None = None, ngra
     )
 
 
+def tiny_fast_model(**switches: Any) -> Any:
+    """A FastModel over its own copy of the tiny fixture model in float32 on the CPU (the fast path re-points the
+    module weights to fused storage, so it must not share the reference model's), SAM / CLIP not compiled;
+    ``switches`` are further ``FastConfig`` fields."""
+    from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, build_model
+    from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, apply_fast_path
+
+    own = build_model(
+        DeepseekOCRConfig.from_json(TINY / "config.json"), "cpu", torch.float32, weights=TINY / "weights.safetensors"
+    )
+    return apply_fast_path(own, FastConfig(sam_compile=False, clip_compile=False, **switches))
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max |expected|: the tolerance metric of fixtures/deepseek_ocr_tiny/README.md."""
     return float((actual.float() - expected.float()).abs().max() / expected.float().abs().max())

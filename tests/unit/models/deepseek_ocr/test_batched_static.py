@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from llm_perf_opt.errors import ConfigError
-from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, DeepseekOCRForCausalLM, build_model
+from llm_perf_opt.models.deepseek_ocr import DeepseekOCRForCausalLM
 from llm_perf_opt.models.deepseek_ocr.batched import BatchedGenerator, BatchResult
-from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, FastModel, apply_fast_path
+from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, FastModel
 from llm_perf_opt.models.deepseek_ocr.preprocess import PreparedPage
-from tests.conftest import TINY, tiny_case_pages
+from tests.conftest import tiny_case_pages, tiny_fast_model
 
 STEPS = 24
 # Greedy tokens of the three pages (host loop, no eos): 384 is row 0's 3rd and row 1's 9th token and never
@@ -47,11 +47,7 @@ def host_tokens(model: DeepseekOCRForCausalLM, pages: list[PreparedPage]) -> lis
 @pytest.fixture(scope="module")
 def fast_model() -> FastModel:
     """Its own copy of the tiny model: the fast path re-points the module weights to fused storage."""
-    cfg = DeepseekOCRConfig.from_json(TINY / "config.json")
-    own = build_model(cfg, "cpu", torch.float32, weights=TINY / "weights.safetensors")
-    return apply_fast_path(
-        own, FastConfig(cuda_graphs=False, sam_compile=False, clip_compile=False, vision_graphs=False)
-    )
+    return tiny_fast_model(cuda_graphs=False, vision_graphs=False)  # type: ignore[no-any-return]
 
 
 def host_run(model: object, pages: list[PreparedPage], caps: int | list[int], eos: int | None) -> BatchResult:

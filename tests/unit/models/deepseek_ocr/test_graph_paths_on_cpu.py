@@ -15,12 +15,12 @@ import pytest
 import torch
 from torch import Tensor
 
-from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, DeepseekOCRForCausalLM, build_model, generate
+from llm_perf_opt.models.deepseek_ocr import DeepseekOCRForCausalLM, generate
 from llm_perf_opt.models.deepseek_ocr.batched import BatchedGenerator
 from llm_perf_opt.models.deepseek_ocr.continuous import SlotRequest
-from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, FastModel, apply_fast_path
+from llm_perf_opt.models.deepseek_ocr.fast import FastModel
 from llm_perf_opt.models.deepseek_ocr.preprocess import PreparedPage
-from tests.conftest import TINY, CpuGraph, generate_alone, rel_err, tiny_case_pages
+from tests.conftest import CpuGraph, generate_alone, rel_err, tiny_case_pages, tiny_fast_model
 
 
 @pytest.fixture(scope="module")
@@ -84,11 +84,7 @@ def test_continuous_graph_path_is_every_page_alone(
 @pytest.fixture(scope="module")
 def fast_model() -> FastModel:
     """Its own copy of the tiny model (the fast path re-points the module weights), graphs asked for."""
-    cfg = DeepseekOCRConfig.from_json(TINY / "config.json")
-    own = build_model(cfg, "cpu", torch.float32, weights=TINY / "weights.safetensors")
-    return apply_fast_path(
-        own, FastConfig(cuda_graphs=True, sam_compile=False, clip_compile=False, vision_graphs=False)
-    )
+    return tiny_fast_model(cuda_graphs=True, vision_graphs=False)  # type: ignore[no-any-return]
 
 
 @pytest.mark.parametrize("cap", [1, 2, 6])
@@ -148,11 +144,8 @@ def test_a_prefill_graphs_rotary_table_outlives_a_longer_one(
     27).  The oracle: the table the capture read is still alive after the rebuild and a collection."""
     from llm_perf_opt.models.deepseek_ocr import fast
 
-    cfg = DeepseekOCRConfig.from_json(TINY / "config.json")
-    base = build_model(cfg, "cpu", torch.float32, weights=TINY / "weights.safetensors")
-    model = apply_fast_path(
-        base, FastConfig(cuda_graphs=True, sam_compile=False, clip_compile=False, vision_graphs=False)
-    )
+    model = tiny_fast_model(cuda_graphs=True, vision_graphs=False)
+    base, cfg = model.base, model.base.config
     rotary, key = base.model.rotary, (base.device, base.dtype)
     read: list[weakref.ref[Tensor]] = []
     capture = fast.capture_graph  # cpu_graphs' stand-in
@@ -190,11 +183,8 @@ def test_per_page_refills_recapture_a_dropped_graph_before_the_fill(
     by eight prefills into other caches, the next run must capture them again before its fills (in ``prepare``,
     outside the marks), never inside a fill's prefill (found by reading, round 27: ``prepare`` only looked for
     lengths it had no cache for).  The oracle: no setup happens inside any ``prefill_page`` call."""
-    cfg = DeepseekOCRConfig.from_json(TINY / "config.json")
-    own = build_model(cfg, "cpu", torch.float32, weights=TINY / "weights.safetensors")
-    fast = apply_fast_path(
-        own, FastConfig(cuda_graphs=True, sam_compile=False, clip_compile=False, vision_graphs=False)
-    )
+    fast = tiny_fast_model(cuda_graphs=True, vision_graphs=False)
+    cfg = fast.base.config
     gen = BatchedGenerator(fast, cuda_graphs=True)
     inside: list[int] = []
     prefill_page = BatchedGenerator.prefill_page
@@ -291,10 +281,7 @@ def test_vision_graphs_per_shape_warmed_between_graphed_pages(
     under inference mode (the graphs' static inputs become inference tensors), then every chunk shape warmed, then
     the pages again; the vision replays one graph per (tower, input shape).  Oracle: the eager model's features per
     page within 1e-4 (float32), and the same features before and after the warm-up."""
-    cfg = DeepseekOCRConfig.from_json(TINY / "config.json")
-    own = build_model(cfg, "cpu", torch.float32, weights=TINY / "weights.safetensors")
-    fast = apply_fast_path(own, FastConfig(sam_compile=False, clip_compile=False, vision_graphs=True))
-    gen = BatchedGenerator(fast)
+    gen = BatchedGenerator(tiny_fast_model(vision_graphs=True))
     with torch.inference_mode():
         before = gen.encode_pages(pages)
     assert cpu_graphs and gen.warm_vision(pages) == 12  # tile and global side × chunk sizes 1..32
@@ -346,15 +333,13 @@ def test_setups_inside_timed_runs_are_counted_and_those_before_a_fill_are_not(
     vision captures its shapes inside the fills (> 0); after ``warm_vision`` the same workload has none (0).  The
     per-page refills' prefill graphs are captured in ``prepare``, before a fill's marks: three lengths, so the
     model's setup count rises by 3 during that run, and none of them is counted."""
-    cfg = DeepseekOCRConfig.from_json(TINY / "config.json")
-    own = build_model(cfg, "cpu", torch.float32, weights=TINY / "weights.safetensors")
-    fast = apply_fast_path(own, FastConfig(sam_compile=False, clip_compile=False, vision_graphs=True))
+    fast = tiny_fast_model(vision_graphs=True)
     caps = [5, 2, 4, 1, 3, 2, 6]
     reqs = [SlotRequest(pages[i % 3], c) for i, c in enumerate(caps)]
     gen = BatchedGenerator(fast, cuda_graphs=True)
     assert gen.run_continuous(reqs, 2, eos_token_id=None).timed_setups > 0
     assert gen.run([pages[0], pages[1]], 3, eos_token_id=None).timed_setups == 0  # every shape met by now
-    fresh = BatchedGenerator(apply_fast_path(own, FastConfig(sam_compile=False, clip_compile=False)), cuda_graphs=True)
+    fresh = BatchedGenerator(tiny_fast_model(), cuda_graphs=True)
     assert fresh.warm_vision(pages) > 0
     before = fresh.setup_count
     run = fresh.run_continuous(reqs, 2, eos_token_id=None, prefill_per_page=True)
