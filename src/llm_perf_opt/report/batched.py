@@ -129,7 +129,8 @@ def _render_phase(p: BatchedPhase) -> str:
         ["  stages: vision + prefill + decode", f"{fmt(p.stage_ms, 1)} ms ({share(p.stage_ms)})"],
         ["  waiting for pages (host blocked on the prefetcher)",
          f"{fmt(p.page_wait_ms, 1)} ms ({share(p.page_wait_ms)})"],
-        ["  other host work (token reads, refill bookkeeping, scheduling)", other],
+        ["  other work outside the stages (token reads, refill bookkeeping, scheduling; on CUDA also device work "
+         "between them: narrowing the slots' K/V, copying a grown cache)", other],
     ]  # fmt: skip
     return "\n".join(
         [
@@ -222,7 +223,10 @@ def _batch_paths(s: RunSummary) -> str:
         )
     idle = sum(b.idle_steps for b in s.batches)
     if idle:
-        text += f" {idle} idle step(s) after all sequences had finished (eos checked every k steps)."
+        text += (
+            f" {idle} idle step(s): decode steps in which every sequence then in the batch had already finished"
+            " (eos is read every k steps)."
+        )
     if s.model.weights == "dummy":
         text += (
             " Dummy weights: every sequence greedily repeats one token, so the rows of a decode step route to the "
