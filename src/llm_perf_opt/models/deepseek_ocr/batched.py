@@ -501,7 +501,7 @@ class BatchedGenerator:
         first = static.first_token(logits, max(lens))  # [B, 1], first index on ties like the host's argmax
         static.load(first, lens, caps, eos)
         t_prefill = clock.mark()
-        n_steps = max(caps) - 1  # the cache holds exactly this many decode slots
+        n_steps = max(caps) - 1  # the run's decode steps (a kept, longer cache holds more slots: masked)
         capture_s = 0.0
         t_decode = t_prefill
         if n_steps > 0 and static.use_graph and static.graph is None:
