@@ -253,13 +253,7 @@ class BatchedGenerator:
         The cost: a shorter batch's step attends over the kept step's masked columns too.
         """
         entry = self._static
-        fits = (
-            entry is not None
-            and entry.key[0] == bsz
-            and entry.key[1] >= max_len
-            and entry.key[2:] == (use_graph, ngram)
-        )
-        if entry is None or not fits:
+        if entry is None or not entry.serves(bsz, max_len, use_graph, ngram):
             self._static = None  # free the old cache and graph pool before allocating the new ones
             entry = self._static = StaticBatchStep(
                 self.lm,

@@ -76,6 +76,13 @@ class DecodeRows:
         self.use_graph = bool(use_graph) and dev.type == "cuda"
         self.capture_error: str | None = None
 
+    def serves(self, rows: int, max_len: int, use_graph: bool, no_repeat_ngram: int) -> bool:
+        """Whether this step (and its graphs) can run a batch of ``rows`` needing ``max_len`` cache columns: the same
+        rows, graph use and n-gram size, and at least as many columns (those past a run's last stay masked)."""
+        return (
+            self.key[0] == rows and self.key[1] >= max_len and self.key[2:] == (bool(use_graph), int(no_repeat_ngram))
+        )
+
     def _logits(self, slot: Tensor, key_len: int, mask: Tensor) -> Tensor:
         """float32 logits [B, V] of one decoder forward of ``tokens``, each row rotated at its own ``pos``, K/V
         written at ``slot`` and attention over the first ``key_len`` columns under ``mask``."""

@@ -537,13 +537,14 @@ class PageCaches:
             raise ValueError(
                 f"{len(self.caches.keys() | set(lens))} prompt lengths do not fit {self.limit} kept caches"
             )
-        fast = gen.fast if gen.page_prefill_graphed else None
+        graphed_path = gen.page_prefill_graphed
+        fast = gen.fast if graphed_path else None
         missing = [
             n
             for n in dict.fromkeys(lens)
             if n not in self.caches or (fast is not None and not fast.prefill_graph_kept(n, self.caches[n]))
         ]
-        graphed = bool(missing) and gen.page_prefill_graphed
+        graphed = bool(missing) and graphed_path
         if graphed:
             gen.clock.synchronize()
         t0 = time.perf_counter()
@@ -961,7 +962,7 @@ def _step_for(
     # a kept step at least as long serves the run: a repeat after its cache grew finds the grown one (attention covers
     # key_len, not max_len, so the longer cache costs nothing); a new step would capture every graph again, each
     # capture then left out of the wall time as one-time (round 27, found by reading)
-    if kept is not None and kept.key[0] == slots and kept.key[1] >= max_len and kept.key[2:] == (use_graph, ngram):
+    if kept is not None and kept.serves(slots, max_len, use_graph, ngram):
         return kept
     gen._slots = None  # free the old cache and graph pool before allocating the new ones
     return SlotDecodeStep(
