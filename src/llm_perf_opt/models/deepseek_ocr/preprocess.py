@@ -360,18 +360,18 @@ def build_prompt_ids(
 
 def page_views(
     image: Image.Image, cfg: PreprocessConfig, grid: tuple[int, int], uint8: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A page's pixels for the vision towers -> (global view [1, 3, base, base], tiles [k, 3, s, s]): normalised
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A page's pixels for the vision towers -> (global view [1, 3, base, base], tiles [k, 3, s, s], k): normalised
     float32, or with ``uint8`` the bytes as they are (normalised on the device after the upload).  A 1×1 grid
-    (``min_crops=1``) adds no tiles, as in the reference: the tiles are then one zero placeholder view."""
+    (``min_crops=1``) adds no tiles, as in the reference: the tiles are then one zero placeholder view and k is 0."""
 
     def pixels(view: Image.Image) -> torch.Tensor:
         return to_uint8(view) if uint8 else normalize(view, cfg.mean, cfg.std)
 
     ori = pixels(global_view(image, cfg)).unsqueeze(0)
     if grid[0] > 1 or grid[1] > 1:
-        return ori, torch.stack([pixels(t) for t in crop_tiles(image, grid, cfg.image_size)])
-    return ori, torch.zeros((1, 3, cfg.base_size, cfg.base_size), dtype=ori.dtype)
+        return ori, torch.stack([pixels(t) for t in crop_tiles(image, grid, cfg.image_size)]), grid[0] * grid[1]
+    return ori, torch.zeros((1, 3, cfg.base_size, cfg.base_size), dtype=ori.dtype), 0
 
 
 def _prepare(
@@ -389,8 +389,7 @@ def _prepare(
     image, (width, height) = rgb_page(image)
 
     grid = choose_crop_grid(width, height, cfg)
-    ori, crops = page_views(image, cfg, grid, uint8)
-    n_crops = grid[0] * grid[1] if grid[0] > 1 or grid[1] > 1 else 0
+    ori, crops, n_crops = page_views(image, cfg, grid, uint8)
 
     count = image_token_count(grid, q_global, q_tile)
     input_ids, mask = build_prompt_ids(prompt_ids, count, image_token_id, bos_id)

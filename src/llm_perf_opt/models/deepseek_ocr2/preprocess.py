@@ -90,8 +90,7 @@ def preprocess_page_v2(
     image, (width, height) = rgb_page(image)
 
     grid = choose_crop_grid(width, height, cfg)
-    ori, crops = page_views(image, cfg, grid, uint8)
-    n_tiles = grid[0] * grid[1] if grid[0] > 1 or grid[1] > 1 else 0
+    ori, crops, n_tiles = page_views(image, cfg, grid, uint8)
     count = num_image_tokens_v2(model, n_tiles, base_size=cfg.base_size, image_size=cfg.image_size)
     input_ids, mask = build_prompt_ids(prompt_ids, count, model.image_token_id, model.language.bos_token_id)
     return PreparedPage(
