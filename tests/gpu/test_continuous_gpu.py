@@ -12,12 +12,14 @@ Skipped without CUDA; on the device machine: ``pytest -m gpu tests/gpu/test_cont
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
 from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, build_model
 from llm_perf_opt.models.deepseek_ocr.batched import BatchedGenerator
-from llm_perf_opt.models.deepseek_ocr.continuous import LEN_QUANTUM, SlotRequest
+from llm_perf_opt.models.deepseek_ocr.continuous import LEN_QUANTUM, ContinuousResult, SlotRequest
 from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, FastModel, apply_fast_path
 from llm_perf_opt.models.deepseek_ocr.graphs import default_capture_stream
 from llm_perf_opt.models.deepseek_ocr.preprocess import PreparedPage
@@ -160,6 +162,43 @@ def test_prefill_ahead_on_a_second_stream_keeps_every_token(
     assert kept[0].logits is not None and kept[1].logits is not None
     for a, b in zip(kept[0].logits, kept[1].logits, strict=True):
         assert all(rel_err(y, x) < 1e-4 for x, y in zip(a, b, strict=True))
+
+
+def test_a_wait_for_a_prefill_run_ahead_is_prefill_time_not_vision(
+    graphed_vision: FastModel, pages: list[PreparedPage]
+) -> None:
+    """Every LM prefill made ~25 ms longer (a device sleep before it, on whichever stream it runs): the run's vision
+    time stays the plain run's, within half a sleep.  The refill at step 8 takes the page prefilled ahead and runs
+    one page's vision of its own while that prefill still sleeps on the second stream; its vision used to wait for
+    the whole second stream, so the sleep showed up as vision (round 28's fix: the fill waits for its prefills
+    first, as prefill time, and its vision waits for the last vision run ahead only).  The first fill's own
+    prefill sleeps on the main stream, so the prefill time grows by at least one sleep: the patch took effect."""
+    cycles = 50_000_000
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    end.synchronize()
+    sleep_s = start.elapsed_time(end) / 1e3
+
+    def run(slow: bool) -> ContinuousResult:
+        gen = _gen(graphed_vision)
+        if slow:
+            real = gen._prefill
+
+            def slow_prefill(*args: Any, **kwargs: Any) -> torch.Tensor:
+                torch.cuda._sleep(cycles)
+                return real(*args, **kwargs)
+
+            gen._prefill = slow_prefill  # type: ignore[method-assign]
+        return gen.run_continuous(
+            _requests(pages), SLOTS, eos_token_id=None, no_repeat_ngram_size=NGRAM, vision_ahead=1, prefill_ahead=True
+        )
+
+    plain, slowed = run(False), run(True)
+    assert slowed.tokens == plain.tokens and slowed.pages_prefilled_ahead == plain.pages_prefilled_ahead == 4
+    assert slowed.prefill_s - plain.prefill_s > sleep_s
+    assert slowed.vision_s - plain.vision_s < 0.5 * sleep_s, (slowed.vision_s, plain.vision_s, sleep_s)
 
 
 def test_refills_prefilled_page_by_page_replay_graphs(graphed_vision: FastModel, pages: list[PreparedPage]) -> None:

@@ -55,7 +55,10 @@ width, below).
   time: a fill's own prefill (of pages that did not run ahead) comes after its waits for every page run ahead,
   and the second stream's next work waits for the fill, since the prompt path's kernels keep counters across
   calls.  ``prefill_s`` then counts what held the slots up (those waits, the copies, and the main stream's idle
-  time while the host enqueued the prefills: on CPU all of it), ``prefill_ahead_s`` the prefills' own time.
+  time while the host enqueued the prefills: on CPU all of it), ``prefill_ahead_s`` the prefills' own time.  A
+  fill waits for its pages' prefills before any vision of its own, and that vision waits only for the last
+  vision run ahead, so a wait for a prefill is never counted as vision (until round 28 it was: the vision waited
+  for the whole second stream, prefills included).
   Measured on an H200 (128 mixed pages, 64 slots, every expert read): the vision ahead 1.00x / 0.99x the plain
   run (Base), 1.00x (Gundam); with the prefill ahead 0.93x / 0.87x (Base), 1.03x (Gundam).  The prefill run ahead
   is this generator's eager one, bound by the host: while the host enqueues it, no decode step is enqueued, and
@@ -586,7 +589,8 @@ class _Run:
         self.by_eos: list[bool] = []
         self.prompt_lens: list[int] = []
         self.logits: list[list[Tensor]] | None = [] if keep_logits else None
-        self.fill_marks: list[tuple[object, object, object]] = []
+        # each fill's marks: start, after its waits for the prefills run ahead (= start when none), after vision, end
+        self.fill_marks: list[tuple[object, object, object, object]] = []
         self.step_runs: list[list[object]] = []
         self.capture_s = 0.0
         self.capture_error: str | None = None
@@ -598,6 +602,7 @@ class _Run:
         self.step_rows: list[int] = []  # the width of the step each decode step ran (narrower in the drain)
         self.ahead: collections.deque[_Ahead] = collections.deque()  # pages taken, vision run ahead, not filled
         self.ahead_marks: list[tuple[object, object]] = []  # each page's vision run ahead (second stream)
+        self.last_vision: torch.cuda.Event | None = None  # recorded after the latest vision run ahead (CUDA)
         self.ahead_stalls: list[tuple[object, object]] = []  # main stream, around each run-ahead (see run_ahead)
         self.prefill_ahead_marks: list[tuple[object, object]] = []  # each page's LM prefill run ahead (second stream)
         self.prefill_stalls: list[tuple[object, object]] = []  # main stream, around enqueueing those prefills
@@ -675,9 +680,11 @@ def run_continuous(
         side = stream_apart(lambda: torch.cuda.Stream(device), [default_capture_stream(), main, *vision_streams])
 
     def encode_here(pages: list[PreparedPage]) -> list[Tensor]:
-        """Vision on the main stream, after every vision call run ahead (the towers' static buffers)."""
-        if side is not None and main is not None:
-            main.wait_stream(side)
+        """Vision on the main stream, after every vision call run ahead (the towers' static buffers): a wait for the
+        last one's event, not for the whole second stream, whose LM prefills run ahead (``prefill_ahead``) are no
+        vision; a fill waits for those of its pages first, in its prefill time (``fill``)."""
+        if run.last_vision is not None and main is not None:
+            main.wait_event(run.last_vision)
         return [f for p in pages for f in gen.encode_pages([p])]
 
     def on_side() -> contextlib.AbstractContextManager[object]:
@@ -709,7 +716,7 @@ def run_continuous(
                 a = clock.mark()
                 features = gen.encode_pages([req.prepared])
                 b = clock.mark()
-                done = side_event()
+                done = run.last_vision = side_event()
             run.ahead_marks.append((a, b))
             encoded.append((req, features, done))
         mid = clock.mark()
@@ -755,10 +762,17 @@ def run_continuous(
             run.capture_s += page_caches.prepare(gen, lens[here:])
             run.setups_outside += gen.setup_count - before
         t0 = clock.mark()
+        # pages whose LM prefill ran ahead: the main stream waits for those prefills first, and that wait is prefill
+        # time (t0 .. tv).  Waited for inside the vision below, it was counted as vision: on CUDA the second stream
+        # runs them after the vision ahead.  When this fill runs vision of its own, every page still ahead is among
+        # these (a fill takes the pages ahead first), so the vision's wait below then covers vision only
+        done_ahead = early[:here]
+        for a in done_ahead:
+            a.prefill_to(main)
+        tv = clock.mark() if done_ahead else t0
         # the first fill batches its views across pages; a refill (usually a few pages) runs vision page by page
         # (see the module doc: measured this way, the batched alternative is not); pages whose vision ran ahead
         # come first (they were taken first), waited for on the device
-        done_ahead = early[:here]
         features: list[Tensor] = []
         for a in early:
             if a.cache is None:  # its features are read here; a page prefilled ahead needs only its cache
@@ -772,8 +786,7 @@ def run_continuous(
         parts: list[Tensor] = []
         for i, (a, row) in enumerate(zip(done_ahead, rows, strict=False)):  # columns = positions already
             n = lens[i]
-            assert a.cache is not None and a.logits is not None
-            a.prefill_to(main)  # a wait for a prefill not yet done counts as prefill (t1 .. t2)
+            assert a.cache is not None and a.logits is not None  # its prefill was waited for at t0 .. tv
             parts.append(a.logits)
             step.insert_kv(row, a.cache, 0, 0, n)
         if per_page:
@@ -793,7 +806,7 @@ def run_continuous(
         logits = parts[0] if len(parts) == 1 else torch.cat(parts)
         step.load_slots(rows, [p.input_ids for p in pages], logits, [r.max_new_tokens for r in reqs])
         t2 = clock.mark()
-        run.fill_marks.append((t0, t1, t2))
+        run.fill_marks.append((t0, tv, t1, t2))
         for row, r, n in zip(rows, reqs, lens, strict=True):
             run.slot_page[row] = len(run.tokens)
             run.slot_cap[row] = r.max_new_tokens
@@ -873,10 +886,10 @@ def run_continuous(
     wall_s = time.perf_counter() - wall0 - run.capture_s
     gen._slots = run.root  # the full-width step (its narrower ones hang on it), kept for the next run
     tokens = [t if isinstance(t, list) else [int(x) for x in t.tolist()] for t in run.tokens]
-    vision_ms = sum(clock.elapsed_ms(a, b) for a, b, _ in run.fill_marks)
+    vision_ms = sum(clock.elapsed_ms(v, b) for _, v, b, _ in run.fill_marks)
     vision_ms += sum(clock.elapsed_ms(a, b) for a, b in run.ahead_stalls)
     ahead_ms = sum(clock.elapsed_ms(a, b) for a, b in run.ahead_marks)
-    prefill_ms = sum(clock.elapsed_ms(b, c) for _, b, c in run.fill_marks)
+    prefill_ms = sum(clock.elapsed_ms(a, v) + clock.elapsed_ms(b, c) for a, v, b, c in run.fill_marks)
     prefill_ms += sum(clock.elapsed_ms(a, b) for a, b in run.prefill_stalls)
     prefill_ahead_ms = sum(clock.elapsed_ms(a, b) for a, b in run.prefill_ahead_marks)
     step_ms = [ms for marks in run.step_runs for ms in clock.intervals_ms(marks)]

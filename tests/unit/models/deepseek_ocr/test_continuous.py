@@ -315,15 +315,18 @@ def test_prefill_ahead_times_with_a_scripted_clock(model: DeepseekOCRForCausalLM
     after the run-ahead's vision to one after its prefills) is prefill time of the run: on CPU all of it.  By hand
     (test_vision_ahead_times_with_a_scripted_clock's schedule): the run-aheads take 2, 1 and 2 pages; each of k
     pages is a mark before, two marks a page of vision, a mark between, two a page of prefill and a mark after, so
-    the vision interval is 2k + 1 ms and so is the prefill one: 5 + 3 + 5 = 13 ms each.  With the fills' 5 ms
-    each, vision and prefill are 18 ms; the vision and prefill run ahead 5 ms each (1 ms a page)."""
+    the vision interval is 2k + 1 ms and so is the prefill one: 5 + 3 + 5 = 13 ms each.  Each of the four
+    refills takes a page prefilled ahead (the five refill pages are the five run ahead) and waits for those
+    prefills between a mark at its start and one after the waits (1 ms), before its vision: prefill time, not
+    vision.  With the fills' 5 ms each, vision is 18 ms and prefill 18 + 4 = 22 ms; the vision and prefill run
+    ahead 5 ms each (1 ms a page)."""
     gen = BatchedGenerator(model, clock=ScriptedClock())
     res = gen.run_continuous(requests(pages), SLOTS, eos_token_id=None, vision_ahead=2, prefill_ahead=True)
     assert (res.pages_ahead, res.vision_ahead_s) == (5, pytest.approx(5e-3))
     assert (res.pages_prefilled_ahead, res.prefill_ahead_s) == (5, pytest.approx(5e-3))
-    assert res.fills == 5 and res.vision_s == pytest.approx(18e-3) and res.prefill_s == pytest.approx(18e-3)
+    assert res.fills == 5 and res.vision_s == pytest.approx(18e-3) and res.prefill_s == pytest.approx(22e-3)
     assert res.step_ms == [1.0] * 18
-    assert res.total_s == pytest.approx((18 + 18 + 18) * 1e-3)
+    assert res.total_s == pytest.approx((18 + 22 + 18) * 1e-3)
 
 
 class ScriptedClock:
