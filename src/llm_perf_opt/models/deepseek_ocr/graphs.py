@@ -115,19 +115,36 @@ class ResizedTables:
     bits; it is made again when ``table`` is another tensor object or was written in place since (its version
     counter; an inference tensor, made under ``torch.inference_mode``, has none, so only a new tensor re-makes its
     tables).
+
+    A table made again is written into the kept one's memory where it fits (same shape, dtype and device): a vision
+    graph captured earlier reads the kept table by address, so it then reads the new values, as it reads weights
+    updated in place.  One that does not fit is a new tensor, and the old one stays alive with this object (a graph
+    may still read it; it then reads the old values, as it would old weights of another shape).
     """
 
     def __init__(self, resize: Callable[[Tensor, tuple[int, int]], Tensor]) -> None:
         self._resize = resize
         # per grid: the source table (held, so no later tensor can take its address), its version, the resized table
         self._kept: dict[tuple[int, int], tuple[Tensor, int, Tensor]] = {}
+        self._retired: list[Tensor] = []  # resized tables replaced by one of another layout (graphs may read them)
 
     def __call__(self, table: Tensor, hw: tuple[int, int]) -> Tensor:
         version = -1 if table.is_inference() else table._version
         kept = self._kept.get(hw)
         if kept is None or kept[0] is not table or kept[1] != version:
             with torch.no_grad():
-                kept = self._kept[hw] = (table, version, self._resize(table, hw))
+                fresh = self._resize(table, hw)
+            out = fresh
+            if kept is not None:
+                old = kept[2]
+                if (old.shape, old.dtype, old.device) == (fresh.shape, fresh.dtype, fresh.device):
+                    # an inference tensor is written in place only inside inference mode
+                    with torch.inference_mode() if old.is_inference() else torch.no_grad():
+                        old.copy_(fresh)
+                    out = old
+                else:
+                    self._retired.append(old)
+            kept = self._kept[hw] = (table, version, out)
         return kept[2]
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import gc
 import itertools
 import math
+import weakref
 from pathlib import Path
 
 import pytest
@@ -187,6 +189,34 @@ def test_resized_tables_take_an_inference_tensor() -> None:
     other = torch.ones(6)
     assert torch.equal(tables(other, (2, 2)), torch.full((4,), 2.0))
     assert calls == [(2, 2), (2, 2)]
+
+
+def test_a_table_made_again_keeps_the_memory_a_graph_reads() -> None:
+    """A vision graph reads a kept table by address.  Written in place (or replaced by another tensor of the same
+    layout), the source is resized again into the kept table's own memory, so what an earlier graph reads is the new
+    table, never freed memory; one of another layout gets new memory, and the old table stays alive."""
+    tables = ResizedTables(lambda t, hw: t[: hw[0] * hw[1]] * 2.0)
+    table = torch.arange(6.0)
+    first = tables(table, (2, 2))
+    address = first.data_ptr()
+    table.add_(1.0)  # written in place: made again, into the same memory
+    assert tables(table, (2, 2)).data_ptr() == address
+    assert torch.equal(first, torch.tensor([2.0, 4.0, 6.0, 8.0]))  # what a graph captured on it now reads
+    assert tables(torch.ones(6), (2, 2)).data_ptr() == address  # another tensor of the same layout
+    assert torch.equal(first, torch.full((4,), 2.0))
+    alive = weakref.ref(first)
+    del first
+    wider = tables(torch.ones(6, dtype=torch.float64), (2, 2))  # another dtype: new memory
+    gc.collect()
+    assert wider.data_ptr() != address and wider.dtype == torch.float64
+    kept = alive()
+    assert kept is not None and torch.equal(kept, torch.full((4,), 2.0))  # the old table, alive and unchanged
+    with torch.inference_mode():  # a kept inference tensor is written in place too, outside inference mode
+        frozen = tables(torch.arange(6.0), (3, 1))
+    assert frozen.is_inference()
+    assert tables(torch.ones(6), (3, 1)).data_ptr() == frozen.data_ptr()
+    with torch.inference_mode():
+        assert torch.equal(frozen, torch.full((3,), 2.0))
 
 
 def test_clip_layer_fn_matches_modules() -> None:
