@@ -100,7 +100,12 @@ class PairedAB:
 
     @property
     def verdict(self) -> str:
-        """ "b faster" / "b slower" when the rounds agree in sign at p <= ``AB_ALPHA``, else "within noise"."""
+        """ "b faster" / "b slower" when the rounds agree in sign at p <= ``AB_ALPHA``, else "within noise"; with
+        fewer than ``AB_MIN_ROUNDS`` rounds, where even rounds that all agree cannot reach ``AB_ALPHA``, it says
+        so instead of calling a difference noise it could never have shown."""
+        if self.rounds < AB_MIN_ROUNDS:
+            need = AB_MIN_ROUNDS
+            return f"no verdict: {self.rounds} rounds cannot reach p <= {AB_ALPHA} (the sign test needs {need})"
         if self.p_value > AB_ALPHA or self.delta_ms == 0:
             return "within noise"
         return "b faster" if self.delta_ms < 0 else "b slower"
@@ -115,6 +120,8 @@ class PairedAB:
 
 # The sign test's level for a paired A/B verdict: six rounds that all agree in sign give p = 2 / 2**6 = 0.031
 AB_ALPHA = 0.05
+# the fewest rounds whose unanimous signs reach AB_ALPHA (2 / 2**n <= AB_ALPHA): 6; five that agree give p = 0.0625
+AB_MIN_ROUNDS = math.ceil(math.log2(2 / AB_ALPHA))
 
 
 def sign_test_p(deltas: Sequence[float]) -> float:

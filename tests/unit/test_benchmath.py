@@ -310,10 +310,21 @@ def test_paired_ab_drift_is_not_a_difference() -> None:
     assert sum(b_block) / 3 - sum(a_block) / 3 == pytest.approx(0.3)  # what back-to-back blocks would claim
 
 
+def test_paired_ab_with_too_few_rounds_gives_no_verdict() -> None:
+    """Four rounds that all put b 0.5 ms behind: the sign test's p is 2 / 2**4 = 0.125, the least four rounds can
+    give, so no difference could ever pass at 0.05; the verdict says that, not "within noise".  Five agreeing rounds
+    give 0.0625, six 0.031: six is the fewest that can pass."""
+    r = paired_ab(lambda: 1.0, lambda: 1.5, rounds=4)
+    assert r.p_value == pytest.approx(0.125) and r.delta_ms == pytest.approx(0.5)
+    assert r.verdict == "no verdict: 4 rounds cannot reach p <= 0.05 (the sign test needs 6)"
+    assert paired_ab(lambda: 1.0, lambda: 1.5, rounds=5).verdict.startswith("no verdict: 5 rounds")
+    assert paired_ab(lambda: 1.0, lambda: 1.5, rounds=6).verdict == "b slower"
+
+
 def test_paired_ab_slower_and_refusals() -> None:
     r = paired_ab(lambda: 1.0, iter([1.5, 1.4, 1.6, 1.5, 1.5, 1.5]).__next__, rounds=6)
     assert r.verdict == "b slower" and r.delta_ms == pytest.approx(0.5)
-    same = paired_ab(lambda: 1.0, lambda: 1.0, rounds=4)
+    same = paired_ab(lambda: 1.0, lambda: 1.0, rounds=6)
     assert same.delta_ms == 0.0 and same.verdict == "within noise" and same.p_value == 1.0
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         paired_ab(lambda: 1.0, lambda: 1.0, rounds=0)
