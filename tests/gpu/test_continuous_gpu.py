@@ -167,7 +167,7 @@ def test_prefill_ahead_on_a_second_stream_keeps_every_token(
 def test_a_wait_for_a_prefill_run_ahead_is_prefill_time_not_vision(
     graphed_vision: FastModel, pages: list[PreparedPage]
 ) -> None:
-    """Every LM prefill made ~25 ms longer (a device sleep before it, on whichever stream it runs): the run's vision
+    """Every LM prefill made ~25 ms longer (a device sleep after it, on whichever stream it runs): the run's vision
     time stays the plain run's, within half a sleep.  The refill at step 8 takes the page prefilled ahead and runs
     one page's vision of its own while that prefill still sleeps on the second stream; its vision used to wait for
     the whole second stream, so the sleep showed up as vision (round 28's fix: the fill waits for its prefills
@@ -187,8 +187,11 @@ def test_a_wait_for_a_prefill_run_ahead_is_prefill_time_not_vision(
             real = gen._prefill
 
             def slow_prefill(*args: Any, **kwargs: Any) -> torch.Tensor:
+                # after the prefill, not before: the prefill waits on the host for its stream (its lengths are read
+                # back), so a sleep before it would end on the host inside the run-ahead, leaving nothing to wait for
+                out = real(*args, **kwargs)
                 torch.cuda._sleep(cycles)
-                return real(*args, **kwargs)
+                return out
 
             gen._prefill = slow_prefill  # type: ignore[method-assign]
         return gen.run_continuous(

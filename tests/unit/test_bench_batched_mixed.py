@@ -155,7 +155,10 @@ def test_mixed_rounds_pair_each_run_ahead_mode_with_the_plain_run() -> None:
     text = mixed_table(rows, [3, 3, 3, 3])
     assert "; stage time paired with it: Δ -100.000 ms [-100.000, -100.000] over 6 rounds" in text
     two = static_vs_continuous(_ScriptedGenerator(), [object()] * 4, [3] * 4, 2, 0, vision_ahead=2, rounds=2)  # type: ignore[arg-type]
-    assert two[-1]["paired_vs_continuous"].endswith("sign test p = 0.5: within noise")
+    # two rounds that agree: p = 2 / 2**2 = 0.5, and no two rounds could do better, so no verdict (not "noise")
+    assert two[-1]["paired_vs_continuous"].endswith(
+        "sign test p = 0.5: no verdict: 2 rounds cannot reach p <= 0.05 (the sign test needs 6)"
+    )
     single = static_vs_continuous(_ScriptedGenerator(), [object()] * 4, [3] * 4, 2, 0, vision_ahead=2)  # type: ignore[arg-type]
     assert all("paired_vs_continuous" not in r for r in single)
 

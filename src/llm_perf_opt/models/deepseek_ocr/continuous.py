@@ -681,8 +681,8 @@ def run_continuous(
 
     def encode_here(pages: list[PreparedPage]) -> list[Tensor]:
         """Vision on the main stream, after every vision call run ahead (the towers' static buffers): a wait for the
-        last one's event, not for the whole second stream, whose LM prefills run ahead (``prefill_ahead``) are no
-        vision; a fill waits for those of its pages first, in its prefill time (``fill``)."""
+        last one's event.  By then the fill has waited for every LM prefill run ahead, first, in its prefill time
+        (``fill``): that reordering is what keeps those waits out of the vision marks."""
         if run.last_vision is not None and main is not None:
             main.wait_event(run.last_vision)
         return [f for p in pages for f in gen.encode_pages([p])]
@@ -779,6 +779,10 @@ def run_continuous(
                 a.vision_to(main)
                 features += a.features
         rest = pages[len(early) :]
+        # a fill with pages of its own took every page still ahead (``early``), so the main stream has waited for
+        # every prefill run ahead: this fill's vision and own prefill never run beside one (the prompt kernels'
+        # counters), and no such wait lands in the vision marks
+        assert not rest or not run.ahead, "a fill took fresh pages while pages run ahead were still waiting"
         if rest:
             features += gen.encode_pages(rest) if first_fill else encode_here(rest)
         run.fills += 1

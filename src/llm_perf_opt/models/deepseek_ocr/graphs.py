@@ -112,40 +112,52 @@ class ResizedTables:
     The towers fit their absolute position tables to each view's grid with a bicubic antialiased resize (55 us a
     call for the 640-px tiles on an H200, inside the forward's graph), though the result depends only on the
     weights and the grid.  ``resize(table, hw)`` is the reference's own function, so a kept table holds the same
-    bits; it is made again when ``table`` is another tensor object or was written in place since (its version
-    counter; an inference tensor, made under ``torch.inference_mode``, has none, so only a new tensor re-makes its
-    tables).
+    bits; it is made again when ``table`` is another tensor object, was written in place since (its version
+    counter; an inference tensor, made under ``torch.inference_mode``, has none) or moved (its address, dtype or
+    device: ``module.to`` keeps the object and its version).  Where the grid is the table's own, ``resize`` returns
+    the table itself, and that is what is kept: the live weights, never copied or written.
 
-    A table made again is written into the kept one's memory where it fits (same shape, dtype and device): a vision
-    graph captured earlier reads the kept table by address, so it then reads the new values, as it reads weights
-    updated in place.  One that does not fit is a new tensor, and the old one stays alive with this object (a graph
-    may still read it; it then reads the old values, as it would old weights of another shape).
+    A vision graph reads a kept table by address, and its replays do not call this object.  So a table made again
+    (by a call outside a graph: a new shape's capture, an un-graphed call) is written into the kept one's memory
+    where that memory is its own (made by ``resize``) and the layout fits: graphs captured earlier for that grid then
+    read the new values, not freed memory (until round 28 the old table was dropped, and such a graph read freed
+    memory).  Otherwise the old one stays alive with this object, and graphs captured on it read its old values.
+    Replays alone never see weights written in place after their capture: a model is built, then its fast path.
     """
 
     def __init__(self, resize: Callable[[Tensor, tuple[int, int]], Tensor]) -> None:
         self._resize = resize
-        # per grid: the source table (held, so no later tensor can take its address), its version, the resized table
-        self._kept: dict[tuple[int, int], tuple[Tensor, int, Tensor]] = {}
-        self._retired: list[Tensor] = []  # resized tables replaced by one of another layout (graphs may read them)
+        # per grid: the source table (held, so no later tensor can take its address), its stamp (version, address,
+        # dtype, device), the resized table
+        self._kept: dict[tuple[int, int], tuple[Tensor, tuple[Any, ...], Tensor]] = {}
+        self._retired: list[Tensor] = []  # tables a graph captured earlier may still read (see the class doc)
 
     def __call__(self, table: Tensor, hw: tuple[int, int]) -> Tensor:
-        version = -1 if table.is_inference() else table._version
+        stamp = (-1 if table.is_inference() else table._version, table.data_ptr(), table.dtype, table.device)
         kept = self._kept.get(hw)
-        if kept is None or kept[0] is not table or kept[1] != version:
-            with torch.no_grad():
-                fresh = self._resize(table, hw)
-            out = fresh
-            if kept is not None:
-                old = kept[2]
-                if (old.shape, old.dtype, old.device) == (fresh.shape, fresh.dtype, fresh.device):
-                    # an inference tensor is written in place only inside inference mode
-                    with torch.inference_mode() if old.is_inference() else torch.no_grad():
-                        old.copy_(fresh)
-                    out = old
-                else:
-                    self._retired.append(old)
-            kept = self._kept[hw] = (table, version, out)
-        return kept[2]
+        if kept is not None and kept[0] is table and kept[1] == stamp:
+            return kept[2]
+        with torch.no_grad():
+            fresh = self._resize(table, hw)
+        out = fresh
+        if kept is not None:
+            source, _, old = kept
+            own = not _same_memory(old, source)  # made by the resize, not the weights themselves
+            fits = (old.shape, old.dtype, old.device) == (fresh.shape, fresh.dtype, fresh.device)
+            if own and fits and not _same_memory(fresh, table):
+                # an inference tensor is written in place only inside inference mode
+                with torch.inference_mode() if old.is_inference() else torch.no_grad():
+                    old.copy_(fresh)
+                out = old
+            elif not _same_memory(old, out):
+                self._retired.append(old)
+        self._kept[hw] = (table, stamp, out)
+        return out
+
+
+def _same_memory(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` are views of one storage (the same device memory)."""
+    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 class ShapeGraphs:
@@ -153,7 +165,8 @@ class ShapeGraphs:
     or several: e.g. a page's views); the output (a tensor or a tuple of them) is a fresh copy.
 
     Capture (on first sight of a shape) runs ``fn`` twice on a side stream first (cuBLAS / compile warm-up).
-    The graph reads the weights in place, so it stays valid while parameters are updated in place; it is
+    The graph reads the weights in place, so it stays valid while parameters are updated in place (not the towers'
+    resized position tables, made once per grid outside the replays: :class:`ResizedTables`); it is
     tied to the SDPA backend policy active at capture.  CPU tensors, grad mode, or a failed capture run
     ``fn`` directly (the failure is kept in ``capture_error`` and warned about once).  A graph's key is
     (shape, dtype, device) for one input, a tuple of those for several, and with ``capture_stream`` the stream it

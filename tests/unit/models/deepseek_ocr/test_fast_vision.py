@@ -21,6 +21,7 @@ from llm_perf_opt.models.deepseek_ocr.model import DeepseekOCRForCausalLM
 from llm_perf_opt.models.deepseek_ocr.sam import (
     SamEncoder,
     decomposed_rel_pos_bias,
+    interpolate_sam_pos_embed,
     rel_pos_attention,
     rel_pos_flex_attention,
 )
@@ -217,6 +218,37 @@ def test_a_table_made_again_keeps_the_memory_a_graph_reads() -> None:
     assert tables(torch.ones(6), (3, 1)).data_ptr() == frozen.data_ptr()
     with torch.inference_mode():
         assert torch.equal(frozen, torch.full((3,), 2.0))
+
+
+def test_a_table_at_its_own_grid_is_the_weights_never_written() -> None:
+    """At the table's own grid SAM's resize returns the table itself: that is kept, and never written.  Written in
+    place, it is resized (returned) once, not on every later call; replaced by another parameter, the old one keeps
+    its values (the caller's weights; a graph captured on it reads it, alive); moved to another dtype (``.to`` keeps
+    the object and its version), the table is made again in that dtype."""
+    calls: list[tuple[int, int]] = []
+
+    def spy(t: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        calls.append(hw)
+        return interpolate_sam_pos_embed(t, hw)
+
+    module = torch.nn.Module()
+    module.pos = torch.nn.Parameter(torch.zeros(1, 4, 4, 3))
+    tables = ResizedTables(spy)
+    assert tables(module.pos, (4, 4)) is module.pos
+    with torch.no_grad():
+        module.pos.add_(1.0)
+    for _ in range(3):
+        assert tables(module.pos, (4, 4)) is module.pos
+    assert calls == [(4, 4), (4, 4)]  # made again once after the write, not on every call
+    old = module.pos
+    module.pos = torch.nn.Parameter(torch.full((1, 4, 4, 3), 5.0))
+    assert tables(module.pos, (4, 4)) is module.pos
+    assert torch.equal(old, torch.ones(1, 4, 4, 3))  # the replaced weights are not overwritten
+    smaller = tables(module.pos, (2, 2))  # a resized grid of the same weights
+    module.to(torch.float64)
+    moved = tables(module.pos, (2, 2))
+    assert moved.dtype == torch.float64 and smaller.dtype == torch.float32
+    assert calls == [(4, 4), (4, 4), (4, 4), (2, 2), (2, 2)]
 
 
 def test_clip_layer_fn_matches_modules() -> None:
