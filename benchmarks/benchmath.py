@@ -104,8 +104,9 @@ class PairedAB:
         fewer than ``AB_MIN_ROUNDS`` rounds, where even rounds that all agree cannot reach ``AB_ALPHA``, it says
         so instead of calling a difference noise it could never have shown."""
         if self.rounds < AB_MIN_ROUNDS:
-            need = AB_MIN_ROUNDS
-            return f"no verdict: {self.rounds} rounds cannot reach p <= {AB_ALPHA} (the sign test needs {need})"
+            return (
+                f"no verdict: {self.rounds} rounds cannot reach p <= {AB_ALPHA} (the sign test needs {AB_MIN_ROUNDS})"
+            )
         if self.p_value > AB_ALPHA or self.delta_ms == 0:
             return "within noise"
         return "b faster" if self.delta_ms < 0 else "b slower"

@@ -171,7 +171,7 @@ def test_a_wait_for_a_prefill_run_ahead_is_prefill_time_not_vision(
     time stays the plain run's, within half a sleep.  The refill at step 8 takes the page prefilled ahead and runs
     one page's vision of its own while that prefill still sleeps on the second stream; its vision used to wait for
     the whole second stream, so the sleep showed up as vision (round 28's fix: the fill waits for its prefills
-    first, as prefill time, and its vision waits for the last vision run ahead only).  The first fill's own
+    first, as prefill time, so its vision's wait for the second stream holds none).  The first fill's own
     prefill sleeps on the main stream, so the prefill time grows by at least one sleep: the patch took effect."""
     cycles = 50_000_000
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
