@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 
+from llm_perf_opt.errors import ConfigError
 from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, build_model
 from llm_perf_opt.models.deepseek_ocr.batched import BatchedGenerator
 from llm_perf_opt.models.deepseek_ocr.continuous import LEN_QUANTUM, ContinuousResult, SlotRequest
@@ -202,6 +203,43 @@ def test_a_wait_for_a_prefill_run_ahead_is_prefill_time_not_vision(
     assert slowed.tokens == plain.tokens and slowed.pages_prefilled_ahead == plain.pages_prefilled_ahead == 4
     assert slowed.prefill_s - plain.prefill_s > sleep_s
     assert slowed.vision_s - plain.vision_s < 0.5 * sleep_s, (slowed.vision_s, plain.vision_s, sleep_s)
+
+
+def test_a_run_stopped_by_an_error_leaves_no_work_ahead_unwaited(fast: FastModel, pages: list[PreparedPage]) -> None:
+    """A page with a cap of 0 taken by the run-ahead: the refill that takes it raises ``ConfigError`` while that
+    page's vision (with a ~0.5 s device sleep after it) is still on the second stream.  The main stream must wait
+    for it before the error leaves the run (before round 29 nothing did: the next run's first fill ran vision on
+    the main stream beside it).  Oracle: an event recorded after the sleep on the second stream is complete once an
+    event recorded on the main stream after the error is.  The next run on the same generator gets the plain run's
+    tokens."""
+    gen = _gen(fast)
+    plain = gen.run_continuous(_requests(pages), SLOTS, eos_token_id=None, no_repeat_ngram_size=NGRAM)
+    main = torch.cuda.current_stream()
+    slept: list[tuple[torch.cuda.Stream, torch.cuda.Event]] = []
+    real = gen.encode_pages
+
+    def slow_encode(batch: Any) -> list[torch.Tensor]:
+        out = real(batch)
+        stream = torch.cuda.current_stream()
+        if stream != main:  # the run-ahead's vision only
+            torch.cuda._sleep(1_000_000_000)
+            done = torch.cuda.Event()
+            done.record(stream)
+            slept.append((stream, done))
+        return out
+
+    gen.encode_pages = slow_encode  # type: ignore[method-assign]
+    bad = [SlotRequest(pages[i], cap) for i, cap in WORKLOAD[:SLOTS]] + [SlotRequest(pages[0], 0)]
+    with pytest.raises(ConfigError, match="max_new_tokens must be >= 1"):
+        gen.run_continuous(bad, SLOTS, eos_token_id=None, no_repeat_ngram_size=NGRAM, vision_ahead=1)
+    after = torch.cuda.Event()
+    after.record(main)
+    after.synchronize()
+    assert len(slept) == 1 and slept[0][0] != main
+    assert slept[0][1].query(), "the main stream did not wait for the vision run ahead of the failed fill"
+    gen.encode_pages = real  # type: ignore[method-assign]
+    again = gen.run_continuous(_requests(pages), SLOTS, eos_token_id=None, no_repeat_ngram_size=NGRAM)
+    assert again.tokens == plain.tokens
 
 
 def test_refills_prefilled_page_by_page_replay_graphs(graphed_vision: FastModel, pages: list[PreparedPage]) -> None:

@@ -243,6 +243,22 @@ def test_bad_arguments(model: DeepseekOCRForCausalLM, pages: list[PreparedPage])
 
 
 @pytest.mark.parametrize("prefill", [False, True], ids=["vision", "vision+prefill"])
+def test_a_bad_page_run_ahead_stops_the_run_and_the_next_run_is_whole(
+    model: DeepseekOCRForCausalLM, pages: list[PreparedPage], plain: ContinuousResult, prefill: bool
+) -> None:
+    """A cap of 0 on the page the run-ahead takes (the 4th, after the first fill's 3): the refill that takes it
+    raises one ``ConfigError`` naming the cap, after its vision (and prefill) ran ahead; the same generator's next
+    run gives every page the plain run's tokens.  (On CUDA the main stream then waits for the second stream's
+    work: ``tests/gpu/test_continuous_gpu.py``.)"""
+    gen = BatchedGenerator(model)
+    bad = [SlotRequest(pages[i], cap) for i, cap in WORKLOAD[:SLOTS]] + [SlotRequest(pages[0], 0)]
+    with pytest.raises(ConfigError, match="max_new_tokens must be >= 1, got 0"):
+        gen.run_continuous(bad, SLOTS, eos_token_id=None, vision_ahead=1, prefill_ahead=prefill)
+    again = gen.run_continuous(requests(pages), SLOTS, eos_token_id=None, keep_logits=True)
+    assert again.tokens == plain.tokens
+
+
+@pytest.mark.parametrize("prefill", [False, True], ids=["vision", "vision+prefill"])
 @pytest.mark.parametrize(("ahead", "pages_ahead"), [(1, 4), (2, 5)])
 def test_work_run_ahead_keeps_every_page_as_alone(
     model: DeepseekOCRForCausalLM,
