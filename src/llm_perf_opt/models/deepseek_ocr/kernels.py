@@ -417,10 +417,11 @@ if HAVE_TRITON:
         is_k = ((h >= HQ) & (h < HQ + HK))[:, None]
         is_v = ((h >= HQ + HK) & (h < n_heads))[:, None]
         tl.store(q_ptr + (row * HQ + h[:, None]) * D + d[None, :], rot, mask=mask & is_q)
-        # this layer's cache [B, HK, max_len, D]: head hk's column start + pos
-        k_rows = (b * HK + (h - HQ)) * max_len + start + pos
+        # this layer's cache [B, HK, max_len, D]: head hk's column start + pos (int64: B·HK·max_len·D passes 2**31
+        # elements at 64 rows and ~26k columns)
+        k_rows = (b.to(tl.int64) * HK + (h - HQ)) * max_len + start + pos
         tl.store(k_ptr + k_rows[:, None] * D + d[None, :], rot.to(k_ptr.dtype.element_ty), mask=mask & is_k)
-        v_rows = (b * HK + (h - HQ - HK)) * max_len + start + pos
+        v_rows = (b.to(tl.int64) * HK + (h - HQ - HK)) * max_len + start + pos
         tl.store(v_ptr + v_rows[:, None] * D + d[None, :], x.to(v_ptr.dtype.element_ty), mask=mask & is_v)
 
     @triton.jit
@@ -460,9 +461,9 @@ if HAVE_TRITON:
         is_k = (hv >= HQ) & (hv < HQ + HK)
         is_v = hv >= HQ + HK
         tl.store(q_ptr + (b * HQ + h) * D + d, rot, mask=dmask & is_q)
-        kv_row = (b * HK + (h - HQ)) * max_len + pos
+        kv_row = (b.to(tl.int64) * HK + (h - HQ)) * max_len + pos  # int64: see _prompt_rope_kv_kernel
         tl.store(k_ptr + kv_row * D + d, rot, mask=dmask & is_k)
-        v_row = (b * HK + (h - HQ - HK)) * max_len + pos
+        v_row = (b.to(tl.int64) * HK + (h - HQ - HK)) * max_len + pos
         tl.store(v_ptr + v_row * D + d, x.to(v_ptr.dtype.element_ty), mask=dmask & is_v)
 
     @triton.jit
@@ -504,12 +505,16 @@ if HAVE_TRITON:
         split = tl.program_id(1)
         b = bh // HQ
         kvh = (bh % HQ) // (HQ // HK)
-        kv_base = (b * HK + kvh) * max_len * D
+        # this (row, kv head)'s cache rows: the base in int64 (B·HK·max_len·D passes 2**31 elements at 64 rows and
+        # ~26k columns), the offsets within it (max_len·D) in int32, so the loop's address math stays 32-bit
+        kv_base = (b.to(tl.int64) * HK + kvh) * max_len * D
+        k_head = k_ptr + kv_base
+        v_head = v_ptr + kv_base
         if PF_KV:
             pf_lo, pf_hi = _split_keys(pos_ptr, b, POS_STRIDE, key_limit, N_SPLITS, BLOCK_N, split)
             pf_n = tl.maximum(pf_hi - pf_lo, 0) * D
-            _prefetch_l2(k_ptr + kv_base + pf_lo * D, pf_n, PF_LANES)
-            _prefetch_l2(v_ptr + kv_base + pf_lo * D, pf_n, PF_LANES)
+            _prefetch_l2(k_head + pf_lo * D, pf_n, PF_LANES)
+            _prefetch_l2(v_head + pf_lo * D, pf_n, PF_LANES)
         if USE_GDC:
             _dependent_launch()
         lo, hi = _split_keys(pos_ptr, b, POS_STRIDE, key_limit, N_SPLITS, BLOCK_N, split)
@@ -522,12 +527,12 @@ if HAVE_TRITON:
         for start in range(lo, hi, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
             nmask = n < hi
-            offs = kv_base + n[:, None] * D + d[None, :]
+            offs = n[:, None] * D + d[None, :]
             tile_mask = nmask[:, None] & dmask[None, :]
-            k = tl.load(k_ptr + offs, mask=tile_mask, other=0.0).to(tl.float32)
+            k = tl.load(k_head + offs, mask=tile_mask, other=0.0).to(tl.float32)
             # the values are loaded with the keys, not after the softmax: one memory round trip per block, not two
             # (at batch 1 each split holds one block, so the trip is most of a program's time)
-            v = tl.load(v_ptr + offs, mask=tile_mask, other=0.0).to(tl.float32)
+            v = tl.load(v_head + offs, mask=tile_mask, other=0.0).to(tl.float32)
             s = tl.sum(k * q[None, :], axis=1)
             if HAS_MASK:  # additive (natural-log scale, like the torch mask), in the log2 domain of the scores
                 s += tl.load(mask_ptr + b * mask_stride + n, mask=nmask, other=0.0).to(tl.float32) * 1.4426950408889634
@@ -1446,10 +1451,10 @@ if HAVE_TRITON:
         q_row = q_ptr + (t * HQ + h) * D
         tl.store(q_row + j, rot_lo, mask=is_q)
         tl.store(q_row + j + D // 2, rot_hi, mask=is_q)
-        k_row = k_ptr + ((t * HK + (h - HQ)) * max_len + pos) * D
+        k_row = k_ptr + ((t.to(tl.int64) * HK + (h - HQ)) * max_len + pos) * D  # int64: see _prompt_rope_kv_kernel
         tl.store(k_row + j, rot_lo, mask=is_k)
         tl.store(k_row + j + D // 2, rot_hi, mask=is_k)
-        v_row = v_ptr + ((t * HK + (h - HQ - HK)) * max_len + pos) * D
+        v_row = v_ptr + ((t.to(tl.int64) * HK + (h - HQ - HK)) * max_len + pos) * D
         vt = v_ptr.dtype.element_ty
         tl.store(v_row + j, lo.to(vt), mask=is_v)
         tl.store(v_row + j + D // 2, hi.to(vt), mask=is_v)

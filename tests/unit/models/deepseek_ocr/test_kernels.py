@@ -617,6 +617,42 @@ def test_qkv_rope_rejects_per_row_positions_and_bad_shapes() -> None:
         K.qkv_rope(x, w[:-1], cos, sin, torch.tensor([1]), k, v, 2, 2, 16)
 
 
+# ------------------------------------------------------------------------------------------ caches past int32
+def test_caches_past_2_31_elements_are_addressed_in_int64() -> None:
+    """Caches of 2 rows x 8 heads x 5,242,880 columns x 32 (2.7e9 elements each; the real model passes 2**31 at
+    64 rows and ~26k columns): the heads whose rows start past 2**31 elements (row 1, heads 5..7) must be written
+    and read where a small cache holding the same columns has them.  Before round 29 the kernels' cache offsets
+    were int32 and wrapped there.  A prompt of 3 tokens (prompt_rope_kv_write), a decode token at column 3
+    (rope_kv_write) and one at column 4 (qkv_rope), then decode_attention over columns 0..4.  The big caches come
+    from ``torch.empty``: the columns never touched are never committed, so they cost a few pages."""
+    b, h, d, n = 2, 8, 32, 5 * 2**20
+    assert (b * h - 1) * n * d > 2**31 > (b * h // 2) * n * d  # row 1's last heads start past int32, row 0's not
+    bf16 = torch.bfloat16
+    gen = torch.Generator().manual_seed(29)
+    k_big, v_big = torch.empty(b, h, n, d, dtype=bf16), torch.empty(b, h, n, d, dtype=bf16)
+    k_small, v_small = torch.zeros(b, h, 8, d, dtype=bf16), torch.zeros(b, h, 8, d, dtype=bf16)
+    cos, sin = _rotary_tables(8, d, bf16)
+    qkv = torch.randn(b, 3, 3 * h * d, generator=gen).to(bf16)
+    q_big = K.prompt_rope_kv_write(qkv, cos[:3][None], sin[:3][None], k_big, v_big, 0, h, h, d)
+    q_small = K.prompt_rope_kv_write_ref(qkv, cos[:3][None], sin[:3][None], k_small, v_small, 0, h, h, d)
+    assert torch.equal(q_big, q_small)
+    qkv = torch.randn(b, 3 * h * d, generator=gen).to(bf16)
+    q_big = K.rope_kv_write(qkv, cos, sin, torch.tensor([3]), k_big, v_big, h, h, d)
+    q_small = K.rope_kv_write_ref(qkv, cos, sin, torch.tensor([3]), k_small, v_small, h, h, d)
+    assert torch.equal(q_big, q_small)
+    x = torch.randn(b, 64, generator=gen).to(bf16)
+    w = (torch.randn(3 * h * d, 64, generator=gen) / 8).to(bf16)
+    q_big = K.qkv_rope(x, w, cos, sin, torch.tensor([4]), k_big, v_big, h, h, d)
+    q_small = K.rope_kv_write_ref(F.linear(x, w).view(b, -1), cos, sin, torch.tensor([4]), k_small, v_small, h, h, d)
+    _close(q_big, q_small)
+    assert torch.equal(k_big[:, :, :4], k_small[:, :, :4]) and torch.equal(v_big[:, :, :4], v_small[:, :, :4])
+    _close(k_big[:, :, 4], k_small[:, :, 4])
+    _close(v_big[:, :, 4], v_small[:, :, 4])
+    k_small[:, :, 4], v_small[:, :, 4] = k_big[:, :, 4], v_big[:, :, 4]  # the attention's oracle reads the same keys
+    out = K.decode_attention(q_big, k_big, v_big, torch.tensor([4]), d**-0.5, n_splits=1)
+    _close(out, K.decode_attention_ref(q_big, k_small, v_small, torch.tensor([4]), d**-0.5))
+
+
 # ------------------------------------------------------------------------------------------ moe_route
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
