@@ -887,12 +887,20 @@ def run_continuous(
                         run.left[b] -= n_steps
                     run.steps_done += n_steps
             clock.synchronize()
-    finally:
+    except BaseException as exc:
         # a run that stops early (a ConfigError in a fill, an error from the source) may leave vision or prefill
         # run ahead enqueued on the second stream: the main stream waits for it, so the next run's work (its first
-        # fill's vision on the main stream reuses the towers' static buffers) never runs beside it
+        # fill's vision on the main stream reuses the towers' static buffers) never runs beside it.  (A run that
+        # ends normally synchronised the device above.)  A wait that fails itself (a sticky CUDA error) is noted
+        # on the error that stopped the run, which is the one raised
         if side is not None and main is not None:
-            main.wait_stream(side)
+            try:
+                main.wait_stream(side)
+            except RuntimeError as wait_error:
+                exc.add_note(
+                    f"the main stream could not wait for the work run ahead on the second stream: {wait_error}"
+                )
+        raise
     wall_s = time.perf_counter() - wall0 - run.capture_s
     gen._slots = run.root  # the full-width step (its narrower ones hang on it), kept for the next run
     tokens = [t if isinstance(t, list) else [int(x) for x in t.tolist()] for t in run.tokens]

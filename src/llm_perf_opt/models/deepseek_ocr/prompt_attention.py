@@ -185,8 +185,9 @@ if HAVE_TRITON:
             if UPCAST:
                 q = q.to(tl.float32)
             q_pos = start + tl.minimum(rows, L - 1)  # padding rows see what the last real query sees
-            k_base = k_ptr + b * s_kb + kv_head * s_kh
-            v_base = v_ptr + b * s_vb + kv_head * s_vh
+            # int64: a cache's batch stride (heads x columns x D) times 63 passes 2**31 elements at ~26k columns
+            k_base = k_ptr + b.to(tl.int64) * s_kb + kv_head * s_kh
+            v_base = v_ptr + b.to(tl.int64) * s_vb + kv_head * s_vh
             m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
             l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
             acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)

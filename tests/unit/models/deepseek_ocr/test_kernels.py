@@ -621,10 +621,12 @@ def test_qkv_rope_rejects_per_row_positions_and_bad_shapes() -> None:
 def test_caches_past_2_31_elements_are_addressed_in_int64() -> None:
     """Caches of 2 rows x 8 heads x 5,242,880 columns x 32 (2.7e9 elements each; the real model passes 2**31 at
     64 rows and ~26k columns): the heads whose rows start past 2**31 elements (row 1, heads 5..7) must be written
-    and read where a small cache holding the same columns has them.  Before round 29 the kernels' cache offsets
-    were int32 and wrapped there.  A prompt of 3 tokens (prompt_rope_kv_write), a decode token at column 3
-    (rope_kv_write) and one at column 4 (qkv_rope), then decode_attention over columns 0..4.  The big caches come
-    from ``torch.empty``: the columns never touched are never committed, so they cost a few pages."""
+    and read where a small cache holding the same columns has them.  A prompt of 3 tokens (prompt_rope_kv_write),
+    a decode token at column 3 (rope_kv_write) and one at column 4 (qkv_rope), then decode_attention over columns
+    0..4.  Before round 29 prompt_rope_kv_write's and decode_attention's offsets were int32 and wrapped there (a
+    segfault under the interpreter); rope_kv_write's and qkv_rope's were already promoted by the int64 position
+    they add (now int64 from the row index on).  The big caches come from ``torch.empty``: the columns never
+    touched are never committed, so they cost a few pages (this relies on the host's default memory overcommit)."""
     b, h, d, n = 2, 8, 32, 5 * 2**20
     assert (b * h - 1) * n * d > 2**31 > (b * h // 2) * n * d  # row 1's last heads start past int32, row 0's not
     bf16 = torch.bfloat16

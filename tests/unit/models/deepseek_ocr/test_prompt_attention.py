@@ -108,6 +108,25 @@ def test_split_form_matches_the_float64_causal_attention(length: int, start: int
     assert torch.equal(again, out)
 
 
+def test_a_batch_stride_past_2_31_elements_is_addressed_in_int64() -> None:
+    """k / v views of one storage with a batch stride of 2**30 + 2**20 elements (below 2**31, so Triton passes it
+    as int32), 3 rows: row 2's base, 2.15e9 elements in, wrapped in int32 before round 29 (the cache of 64 rows at
+    ~26k columns).  Only the viewed elements are touched (``torch.empty``: the rest is never committed)."""
+    stride, heads, cols, dim = 2**30 + 2**20, 2, 8, 16
+    assert stride < 2**31 < 2 * stride
+    gen = torch.Generator().manual_seed(29)
+    views = []
+    for _ in range(2):
+        storage = torch.empty(2 * stride + heads * cols * dim, dtype=torch.bfloat16)  # 4.3 GB, a few pages touched
+        view = storage.as_strided((3, heads, cols, dim), (stride, cols * dim, dim, 1))
+        view.copy_(torch.randn(3, heads, cols, dim, generator=gen))
+        views.append(view)
+    k, v = views
+    q = torch.randn(3, 5, heads, dim, generator=gen).bfloat16()
+    out = PA.prompt_attention(q, k, v, 2)
+    torch.testing.assert_close(out.double(), _oracle(q, k, v, 2), rtol=2e-2, atol=2e-2)  # bf16 P, as above
+
+
 def test_split_form_refusals() -> None:
     q = torch.randn(1, 40, 2, 16)
     k = v = torch.randn(1, 2, 48, 16)
