@@ -157,6 +157,7 @@ def test_continuous_batching_phase(tmp_path: Path) -> None:
         assert b.narrowed_steps == 1
         assert b.row_steps == 6 * 2 + 1 * 1  # the narrowed step computed one row
         assert b.page_wait_ms is not None and b.page_wait_ms >= 0
+        assert b.pages_prefilled_per_page is None  # infer.refill_prefill=auto on the CPU (no graphs): batched
     assert any("page e.png left out" in n for n in s.notes)
     p = s.batched_phase
     assert p is not None and p.batching == "continuous" and p.slots == 2 and p.pages == 8
@@ -235,5 +236,5 @@ def test_continuous_batching_with_refills_prefilled_page_by_page(tmp_path: Path)
     b, run_dir = _plain_schedule_run(tmp_path, "infer.refill_prefill=per_page")
     assert b.pages_prefilled_per_page == 2 and b.pages_ahead is None
     report = (run_dir / "report.md").read_text()
-    assert "refill pages prefilled page by page (infer.refill_prefill=per_page" in report
+    assert "refill pages prefilled page by page (infer.refill_prefill=per_page, or auto" in report
     assert "refill_prefill: per_page" in (run_dir / "config.yaml").read_text()

@@ -59,8 +59,8 @@ def render_batches(s: RunSummary) -> str:
             rows.append(stat_row("  their LM prefill's own time (on CUDA the second stream, beside the decode steps)",
                                   agg.get("prefill_ahead_ms"), "ms"))  # fmt: skip
         if "pages_prefilled_per_page" in agg:  # infer.refill_prefill=per_page: their time is in the fills' row
-            rows.append(stat_row("  refill pages prefilled page by page (infer.refill_prefill=per_page; graph "
-                                  "replays on the fast path, captures left out)",
+            rows.append(stat_row("  refill pages prefilled page by page (infer.refill_prefill=per_page, or auto on "
+                                  "the fast path on CUDA; graph replays there, captures left out)",
                                   agg.get("pages_prefilled_per_page"), "pages", digits=1))  # fmt: skip
     requested = max((b.requested_batch or 0) for b in s.batches)
     filled = max(min(b.batch, len(b.page_ids)) for b in s.batches)  # continuous: slots beyond the pages stay empty

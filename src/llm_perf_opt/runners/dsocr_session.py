@@ -40,7 +40,7 @@ from llm_perf_opt.results.types import BatchRecord, Prediction
 from llm_perf_opt.runners.backends import Backend, build_backend
 from llm_perf_opt.runners.decode_loop import DecodeState, decode_on_device, decode_on_host
 from llm_perf_opt.runners.page_record import PageMeasurements, PageRun, build_page_record
-from llm_perf_opt.runners.settings import InferSettings, RunSettings
+from llm_perf_opt.runners.settings import InferSettings, RunSettings, refill_per_page
 
 __all__ = ["DeepSeekOCRSession", "PageRun", "resolve_device"]
 
@@ -337,7 +337,7 @@ class DeepSeekOCRSession:
                 narrow_drain=self.infer.narrow_drain,
                 vision_ahead=self.infer.refill_vision_ahead,
                 prefill_ahead=self.infer.refill_prefill_ahead,
-                prefill_per_page=self.infer.refill_prefill == "per_page",
+                prefill_per_page=refill_per_page(self.infer.refill_prefill, generator.page_prefill_graphed),
             )
         wait_ms = res.page_wait_s * 1e3
         total_s = res.total_s

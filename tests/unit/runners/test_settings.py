@@ -241,10 +241,26 @@ def test_batching_mode_default_and_did_you_mean(settings_of: Callable[..., RunSe
     with pytest.raises(ConfigError, match=r"infer\.refill_vision_ahead=0") as info:
         settings_of("infer.batch_size=4", "infer.refill_prefill_ahead=true")
     assert info.value.hint == "add infer.refill_vision_ahead=2, or set infer.refill_prefill_ahead=false"
-    assert settings_of().infer.refill_prefill == "batched"
+    assert settings_of().infer.refill_prefill == "auto"  # valid at batch 1 too: it only picks, where it applies
+    assert settings_of("infer.batch_size=4", "infer.refill_prefill=batched").infer.refill_prefill == "batched"
     assert settings_of("infer.batch_size=4", "infer.refill_prefill=per_page").infer.refill_prefill == "per_page"
     with pytest.raises(ConfigError, match=r"infer\.batching=static") as info:
         settings_of("infer.batch_size=4", "infer.batching=static", "infer.refill_prefill=per_page")
     assert info.value.hint == "add infer.batch_size=8 infer.batching=continuous, or set infer.refill_prefill=batched"
     ds = settings_of("dataset.target_lengths=lognormal", "dataset.target_median_tokens=1000").dataset
     assert (ds.target_lengths, ds.target_median_tokens, ds.target_sigma) == ("lognormal", 1000, 0.5)
+
+
+def test_refill_prefill_auto_is_per_page_where_its_prefill_is_a_graph_replay() -> None:
+    """``infer.refill_prefill``: an explicit choice holds either way; auto picks per_page only where the per-page
+    prefill replays a CUDA graph (an eager per-page prefill pays the forward's launches per page)."""
+    from llm_perf_opt.runners.settings import refill_per_page
+
+    assert [refill_per_page(s, g) for s in ("auto", "batched", "per_page") for g in (True, False)] == [
+        True,
+        False,
+        False,
+        False,
+        True,
+        True,
+    ]
