@@ -192,7 +192,12 @@ def _batch_paths(s: RunSummary) -> str:
             " un-graphed from there on: its decode times include the launch overhead a graph removes."
         )
     if captures:
-        text += f" Graph captures: {len(captures)}, {fmt(sum(captures), 1)} ms in all (outside the stage times)."
+        counts = [b.graph_captures for b in s.batches if b.graph_capture_ms > 0]
+        graphs = "" if any(c is None for c in counts) else f"{sum(c or 0 for c in counts):,} graph(s) "
+        text += (
+            f" Graph captures: {graphs}in {len(captures)} of {len(s.batches)} run(s), {fmt(sum(captures), 1)} ms in"
+            " all, outside the stage times and the wall time below (a first run waits that long on top)."
+        )
     inside = [(b.repeat, b.timed_setups) for b in s.batches if b.timed_setups]
     if inside:  # not one-time in the figures: a compile or capture the warm-up did not cover, inside timed stages
         where = ", ".join(f"repeat {r}: {n}" for r, n in inside[:8]) + (", ..." if len(inside) > 8 else "")

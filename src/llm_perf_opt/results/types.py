@@ -14,7 +14,8 @@ import attrs
 # 1.1: Stats gains the median interval and outliers; quality, runaway pages, per-page repetition loops, batch
 # preprocessing time (all optional: 1.0 files still read).  1.3: BatchRecord.graph_capture_error (optional).
 # 1.4: KernelAttribution.stream_overlap_ms (optional: kernels then count from the end of the one before them).
-SCHEMA_VERSION = "1.4"
+# 1.5: BatchRecord.graph_captures (optional: how many graphs ``graph_capture_ms`` captured).
+SCHEMA_VERSION = "1.5"
 
 # Name of the synthetic operator row that holds device time the profiler could not attribute to any operator
 # (CUDA-graph replays, kernels launched outside torch ops): the profiler writes it, the report explains it.
@@ -138,6 +139,9 @@ class BatchRecord:
     decode_path: str = "host"
     graph_capture_ms: float = 0.0  # one-time warm-up + capture of the decode graph (not in any stage time)
     graph_capture_error: str | None = None  # why the decode graph's capture failed (the step then ran un-graphed)
+    # graphs those ms captured: 1 for a static batch's step; continuous: the step's per (width, key-length bucket)
+    # and the per-page refills' prefill graphs per prompt length; None in records written before it was counted
+    graph_captures: int | None = None
     idle_steps: int = 0  # steps after every sequence had finished (eos is checked every k steps)
     preprocess_ms: float | None = None  # host preprocessing of the batch's pages (decode + resize + tiling)
     # The same rates with the host preprocessing of the batch added to its time (pages_per_s leaves it out).

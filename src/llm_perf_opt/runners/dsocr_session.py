@@ -258,6 +258,7 @@ class DeepSeekOCRSession:
             decode_path=res.decode_path,
             graph_capture_ms=res.graph_capture_s * 1e3,
             graph_capture_error=res.graph_capture_error,
+            graph_captures=int(res.graph_capture_s > 0 and res.graph_capture_error is None),  # the step, once
             idle_steps=res.idle_steps,
             preprocess_ms=preprocess_ms,
             pages_per_s_with_preprocess=None
@@ -357,6 +358,7 @@ class DeepSeekOCRSession:
             decode_path=res.decode_path,
             graph_capture_ms=res.graph_capture_s * 1e3,
             graph_capture_error=res.graph_capture_error,
+            graph_captures=res.graph_captures,
             idle_steps=res.idle_steps,
             preprocess_ms=wait_ms,
             pages_per_s_with_preprocess=res.pages / (total_s + res.page_wait_s) if total_s > 0 else None,

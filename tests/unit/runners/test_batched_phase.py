@@ -140,6 +140,20 @@ def test_report_says_why_the_decode_step_ran_ungraphed() -> None:
     assert "Decode path: graph (CUDA-graph step" in md and "; static (static step, un-graphed)." in md
 
 
+def test_report_counts_the_graphs_its_captures_made() -> None:
+    """Two continuous repeats, the first capturing 37 graphs in 14,000 ms, the second none: the line names the
+    graphs, the runs and their ms (not the number of records, which read "1" for 37 graphs before round 29); a
+    record written before graphs were counted drops the count, not the ms."""
+    first = record(8, 80, 30, 4, (100.0, 300.0), decode_path="graph", graph_capture_ms=14_000.0, graph_captures=37)
+    second = attrs.evolve(first, repeat=1, graph_capture_ms=0.0, graph_captures=0)
+    summary = attrs.evolve(make_summary(pages=[make_page("p0")]), batches=[first, second])
+    md = render_report(summary)
+    assert "Graph captures: 37 graph(s) in 1 of 2 run(s), 14,000.0 ms in all, outside the stage times" in md
+    old = attrs.evolve(first, graph_captures=None)
+    md = render_report(attrs.evolve(summary, batches=[old, second]))
+    assert "Graph captures: in 1 of 2 run(s), 14,000.0 ms in all" in md
+
+
 def _prepare(page: Page) -> str:
     if page.page_id == "bad":
         raise InputError("cannot decode")

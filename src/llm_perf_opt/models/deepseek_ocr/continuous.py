@@ -157,6 +157,9 @@ class ContinuousResult:
     wall_s: float
     decode_path: str
     graph_capture_s: float = 0.0
+    # graphs captured in this run: the decode step's, one per (step width, key-length bucket) met, and with
+    # ``prefill_per_page`` the refills' prefill graphs, one per prompt length (their time is in ``graph_capture_s``)
+    graph_captures: int = 0
     graph_capture_error: str | None = None  # why a capture of the step failed (that step then ran un-graphed)
     logits: list[list[Tensor]] | None = None  # only with keep_logits: float32 host rows, row 0 from the prefill
     # per page: the index in ``step_ms`` of the step that produced its second token (its slot's first step)
@@ -593,6 +596,7 @@ class _Run:
         self.fill_marks: list[tuple[object, object, object, object]] = []
         self.step_runs: list[list[object]] = []
         self.capture_s = 0.0
+        self.captures = 0  # graphs captured (see ContinuousResult.graph_captures)
         self.capture_error: str | None = None
         # the full-width step of the run (its narrower steps link to it weakly): held here for the whole run
         self.root: SlotDecodeStep | None = None
@@ -760,6 +764,7 @@ def run_continuous(
             before = gen.setup_count
             run.capture_s += page_caches.prepare(gen, lens[here:])
             run.setups_outside += gen.setup_count - before
+            run.captures += gen.setup_count - before
         t0 = clock.mark()
         # pages whose LM prefill ran ahead: the main stream waits for those prefills first, and that wait is prefill
         # time (t0 .. tv).  Waited for inside the vision below, it was counted as vision: on CUDA the second stream
@@ -868,6 +873,7 @@ def run_continuous(
                     step.key_len = min(step.max_len, cache_len_for(_reach(run, occupied, n_steps) + 1))
                     if step.use_graph and step.graph is None:
                         run.capture_s += step.capture()
+                        run.captures += step.capture_error is None
                         if step.capture_error is not None:  # the run's record (its report says why), the generator's
                             run.capture_error = gen.capture_error = step.capture_error  # (later runs: un-graphed)
                     marks = [clock.mark()]
@@ -925,6 +931,7 @@ def run_continuous(
         wall_s=wall_s,
         decode_path="graph" if step is not None and step.graphs else "static",
         graph_capture_s=run.capture_s,
+        graph_captures=run.captures,
         graph_capture_error=run.capture_error,
         logits=run.logits,
         first_step=run.first_step,

@@ -130,8 +130,12 @@ def test_per_page_refills_replay_a_prefill_graph_per_length(
     want = [generate_alone(model, r.prepared, r.max_new_tokens).tokens for r in reqs]
     assert run.decode_path == "graph" and run.tokens == want
     assert run.pages_prefilled_per_page == 5 and fast_model.setup_count - setups == 3
+    # graphs counted by the run: the 3 prefill lengths, the 2-row step and the 1-row step of the drain (all in one
+    # 256-column key bucket; the first fill's prefill is one batched eager forward), as many as the stand-in saw
+    assert run.graph_captures == 5 == len(cpu_graphs)
     again = gen.run_continuous(reqs, 2, eos_token_id=None, prefill_per_page=True)
     assert again.tokens == want and fast_model.setup_count - setups == 3 and again.graph_capture_s == 0.0
+    assert again.graph_captures == 0
 
 
 def test_a_prefill_graphs_rotary_table_outlives_a_longer_one(
