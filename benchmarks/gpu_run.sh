@@ -17,7 +17,8 @@
 #   goals18 issue 18's goals run through the real CLI: Gundam, no_repeat_ngram_size=20, mixed page sizes, log-normal
 #           output lengths (median 1,000), batch 64, preprocessing included; continuous then static, and `compare`
 #           (G18_MODES="continuous continuous-wide" measures the drain's narrowing: on vs infer.narrow_drain=false;
-#           "continuous continuous-perpage" the refills prefilled page by page: infer.refill_prefill=per_page)
+#           "continuous-batchedrefill continuous" the refills' prefill: infer.refill_prefill=batched vs the default
+#           auto, page by page on the fast path on CUDA (round 29); continuous-perpage forces per_page)
 #   samattn benchmarks/bench_sam_attention.py (SAM's rel-pos attention: augmented flash vs the Triton kernel, op and
 #           tower; SAMATTN_ARGS="--sweep --flex" adds the Triton launch sweep and FlexAttention)
 #   v1v2    benchmarks/bench_v1_v2.py (v1 Gundam vs DeepSeek-OCR-2 per stage, transformers' native class as the
@@ -123,13 +124,16 @@ if has goals18; then
        'dataset.sizes=[[1224,1584],[1700,2200],[850,1100],[1584,1224],[2480,3508],[595,842]]'
        dataset.target_lengths=lognormal dataset.target_median_tokens=1000 infer.max_new_tokens=4096
        repeats=1 per_page_pages=2 profiling.rep_max_new_tokens=32 progress=false)
-  rm -rf /tmp/goals18-continuous /tmp/goals18-static /tmp/goals18-continuous-wide /tmp/goals18-continuous-perpage
-  # modes: continuous, static, continuous-wide (continuous without the drain's narrowing: what it saves) and
-  # continuous-perpage (each refill page's LM prefill alone, graph replays per prompt length)
+  rm -rf /tmp/goals18-continuous /tmp/goals18-static /tmp/goals18-continuous-wide /tmp/goals18-continuous-perpage \
+    /tmp/goals18-continuous-batchedrefill
+  # modes: continuous (the defaults: refills prefilled page by page here, infer.refill_prefill=auto), static,
+  # continuous-wide (continuous without the drain's narrowing: what it saves), continuous-batchedrefill (each
+  # refill's pages in one left-padded eager prefill) and continuous-perpage (page by page, forced)
   for mode in ${G18_MODES:-continuous static}; do
     MODE_ARGS=(infer.batching=${mode%-*})
     [ "$mode" = continuous-wide ] && MODE_ARGS+=(infer.narrow_drain=false)
     [ "$mode" = continuous-perpage ] && MODE_ARGS+=(infer.refill_prefill=per_page)
+    [ "$mode" = continuous-batchedrefill ] && MODE_ARGS+=(infer.refill_prefill=batched)
     python3 -m llm_perf_opt.runners.llm_profile_runner "${G18[@]}" "${MODE_ARGS[@]}" \
       hydra.run.dir=/tmp/goals18-$mode 2>&1 | tail -3
     cp /tmp/goals18-$mode/report.md "$OUT/goals18-$mode-report.md"
@@ -140,6 +144,9 @@ if has goals18; then
   [ -d /tmp/goals18-continuous-wide ] && [ -d /tmp/goals18-continuous ] &&
     python3 -m llm_perf_opt.cli compare /tmp/goals18-continuous-wide /tmp/goals18-continuous \
       -o "$OUT/goals18-compare-narrowing.md" > /dev/null
+  [ -d /tmp/goals18-continuous-batchedrefill ] && [ -d /tmp/goals18-continuous ] &&
+    python3 -m llm_perf_opt.cli compare /tmp/goals18-continuous-batchedrefill /tmp/goals18-continuous \
+      -o "$OUT/goals18-compare-refills.md" > /dev/null
   [ -d /tmp/goals18-continuous-perpage ] && [ -d /tmp/goals18-continuous ] &&
     python3 -m llm_perf_opt.cli compare /tmp/goals18-continuous /tmp/goals18-continuous-perpage \
       -o "$OUT/goals18-compare-perpage.md" > /dev/null

@@ -157,7 +157,9 @@ def test_continuous_batching_phase(tmp_path: Path) -> None:
         assert b.narrowed_steps == 1
         assert b.row_steps == 6 * 2 + 1 * 1  # the narrowed step computed one row
         assert b.page_wait_ms is not None and b.page_wait_ms >= 0
-        assert b.pages_prefilled_per_page is None  # infer.refill_prefill=auto on the CPU (no graphs): batched
+        # infer.refill_prefill=auto on the CPU (no graph replays): batched, recorded as resolved
+        assert b.pages_prefilled_per_page is None and b.refill_prefill == "batched"
+    assert "Refills' LM prefill: batched (one left-padded forward" in (run_dir / "report.md").read_text()
     assert any("page e.png left out" in n for n in s.notes)
     p = s.batched_phase
     assert p is not None and p.batching == "continuous" and p.slots == 2 and p.pages == 8
@@ -234,7 +236,8 @@ def test_continuous_batching_with_refills_prefilled_page_by_page(tmp_path: Path)
     hand: a and b fill the slots, then c and d come one refill each), with the two refill pages counted as prefilled
     page by page, in the record and in the report; the setting is recorded in config.yaml."""
     b, run_dir = _plain_schedule_run(tmp_path, "infer.refill_prefill=per_page")
-    assert b.pages_prefilled_per_page == 2 and b.pages_ahead is None
+    assert b.pages_prefilled_per_page == 2 and b.pages_ahead is None and b.refill_prefill == "per_page"
     report = (run_dir / "report.md").read_text()
     assert "refill pages prefilled page by page (infer.refill_prefill=per_page, or auto" in report
+    assert "Refills' LM prefill: page by page (the model's per-page prefill" in report
     assert "refill_prefill: per_page" in (run_dir / "config.yaml").read_text()

@@ -191,9 +191,15 @@ def _batch_paths(s: RunSummary) -> str:
             f" The decode step's CUDA-graph capture failed ({'; '.join(e[:300] for e in failed)}), so the step ran"
             " un-graphed from there on: its decode times include the launch overhead a graph removes."
         )
+    refills = sorted({b.refill_prefill for b in s.batches if b.refill_prefill})
+    if refills:  # continuous: how the refills' LM prefill ran (infer.refill_prefill as resolved, auto included)
+        how = {"per_page": "page by page (the model's per-page prefill; graph replays on the fast path on CUDA)",
+               "batched": "batched (one left-padded forward over each refill's pages)"}  # fmt: skip
+        text += " Refills' LM prefill: " + "; ".join(how.get(r, r) for r in refills) + "."
     if captures:
         counts = [b.graph_captures for b in s.batches if b.graph_capture_ms > 0]
-        graphs = "" if any(c is None for c in counts) else f"{sum(c or 0 for c in counts):,} graph(s) "
+        total = sum(c or 0 for c in counts)
+        graphs = "" if any(c is None for c in counts) or not total else f"{total:,} graph(s) "
         text += (
             f" Graph captures: {graphs}in {len(captures)} of {len(s.batches)} run(s), {fmt(sum(captures), 1)} ms in"
             " all, outside the stage times and the wall time below (a first run waits that long on top)."

@@ -14,7 +14,7 @@ import attrs
 # 1.1: Stats gains the median interval and outliers; quality, runaway pages, per-page repetition loops, batch
 # preprocessing time (all optional: 1.0 files still read).  1.3: BatchRecord.graph_capture_error (optional).
 # 1.4: KernelAttribution.stream_overlap_ms (optional: kernels then count from the end of the one before them).
-# 1.5: BatchRecord.graph_captures (optional: how many graphs ``graph_capture_ms`` captured).
+# 1.5: BatchRecord.graph_captures (optional: how many graphs ``graph_capture_ms`` captured) and refill_prefill.
 SCHEMA_VERSION = "1.5"
 
 # Name of the synthetic operator row that holds device time the profiler could not attribute to any operator
@@ -181,6 +181,9 @@ class BatchRecord:
     # continuous with infer.refill_prefill=per_page: the refills' pages prefilled one at a time through the model's
     # per-page prefill (on the fast path graph replays); None when none was
     pages_prefilled_per_page: int | None = None
+    # continuous only: how the refills' LM prefill ran, as ``infer.refill_prefill`` resolved for this run ("batched"
+    # or "per_page"; auto picks per_page where that prefill is a graph replay); None for static batches, old records
+    refill_prefill: str | None = None
     # continuous only: decode steps run on a narrower step than ``batch`` rows (the drain, once at most half the
     # slots held a sequence); None for static batches and old records
     narrowed_steps: int | None = None

@@ -329,6 +329,7 @@ class DeepSeekOCRSession:
                 yield SlotRequest(prepared, max_new_tokens if target is None else min(max_new_tokens, target))
 
         ignore_eos = self.infer.ignore_eos
+        per_page = refill_per_page(self.infer.refill_prefill, generator.page_prefill_graphed)
         with torch.inference_mode():
             res = generator.run_continuous(
                 requests(),
@@ -338,7 +339,7 @@ class DeepSeekOCRSession:
                 narrow_drain=self.infer.narrow_drain,
                 vision_ahead=self.infer.refill_vision_ahead,
                 prefill_ahead=self.infer.refill_prefill_ahead,
-                prefill_per_page=refill_per_page(self.infer.refill_prefill, generator.page_prefill_graphed),
+                prefill_per_page=per_page,
             )
         wait_ms = res.page_wait_s * 1e3
         total_s = res.total_s
@@ -383,6 +384,7 @@ class DeepSeekOCRSession:
             prefill_ahead_ms=res.prefill_ahead_s * 1e3 if res.pages_prefilled_ahead else None,
             pages_prefilled_ahead=res.pages_prefilled_ahead or None,
             pages_prefilled_per_page=res.pages_prefilled_per_page or None,
+            refill_prefill="per_page" if per_page else "batched",
         )
 
     def simulated_target(self, page: Page) -> int | None:

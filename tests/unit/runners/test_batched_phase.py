@@ -152,6 +152,9 @@ def test_report_counts_the_graphs_its_captures_made() -> None:
     old = attrs.evolve(first, graph_captures=None)
     md = render_report(attrs.evolve(summary, batches=[old, second]))
     assert "Graph captures: in 1 of 2 run(s), 14,000.0 ms in all" in md
+    failed = attrs.evolve(first, graph_captures=0, decode_path="static", graph_capture_error="RuntimeError: x")
+    md = render_report(attrs.evolve(summary, batches=[failed]))  # a capture that failed: its ms, no count of 0
+    assert "Graph captures: in 1 of 1 run(s), 14,000.0 ms in all" in md
 
 
 def _prepare(page: Page) -> str:
