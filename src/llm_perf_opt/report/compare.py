@@ -516,15 +516,22 @@ PHASE_ROWS = [
 ]
 
 
+def _refills(s: RunSummary) -> str:
+    """How a continuous run's refills were prefilled, as ``infer.refill_prefill`` resolved (``auto`` differs by
+    device), e.g. " (refills prefilled per_page)"; empty for static batches and records from before it was kept."""
+    modes = sorted({r.refill_prefill for r in s.batches if r.refill_prefill})
+    return f" (refills prefilled {' / '.join(modes)})" if modes else ""
+
+
 def _batched_phase_rows(a: RunSummary, b: RunSummary) -> list[str]:
     """The batched phases end to end (e.g. static vs continuous batching) when both runs have one."""
     pa, pb = a.batched_phase, b.batched_phase
     if pa is None or pb is None:
         return []
     lines = [
-        f"\n## Batched phase end to end\n\nA: {pa.batching} batching, {pa.slots} slots, {pa.pages} pages; B: "
-        f"{pb.batching} batching, {pb.slots} slots, {pb.pages} pages. One value per run (no samples): shown with "
-        "the ratio B / A, not judged.\n",
+        f"\n## Batched phase end to end\n\nA: {pa.batching} batching{_refills(a)}, {pa.slots} slots, {pa.pages} "
+        f"pages; B: {pb.batching} batching{_refills(b)}, {pb.slots} slots, {pb.pages} pages. One value per run (no "
+        "samples): shown with the ratio B / A, not judged.\n",
         "| quantity | A | B | B / A |",
         "|---|---|---|---|",
     ]

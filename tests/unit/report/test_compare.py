@@ -267,7 +267,7 @@ def test_a_stage_that_times_other_modules_is_named_and_never_judged() -> None:
 
 
 def test_batched_phases_shown_side_by_side_with_ratios() -> None:
-    from llm_perf_opt.results.types import BatchedPhase
+    from llm_perf_opt.results.types import BatchedPhase, BatchRecord
 
     def phase(batching: str, pages_per_s: float, busy: float | None) -> BatchedPhase:
         return BatchedPhase(batching, 64, 4, 256, 280_000, 20_000.0, 18_000.0, 500.0, 1_500.0, pages_per_s,
@@ -280,6 +280,17 @@ def test_batched_phases_shown_side_by_side_with_ratios() -> None:
     assert "| pages/s, end to end | 4.00 | 10.00 | 2.50× |" in text  # 10 / 4 by hand
     assert "| GPU busy share | 0.800 | n/a | n/a (absent in B) |" in text  # B on CPU: no ratio claimed
     assert "## Batched phase" not in render(Path("a"), a, Path("b"), _run(prefill_ms=BASE))  # one side only
+    # how each side's refills ran, as infer.refill_prefill resolved (auto reads the same in both configs)
+    refill = BatchRecord(repeat=0, page_ids=["p"], batch=64, padded_prompt_tokens=9, output_tokens=9, vision_ms=1.0,
+                         prefill_ms=2.0, decode_ms=3.0, pages_per_s=None, output_tok_s=None, tpot_ms=[],
+                         batching="continuous", refill_prefill="per_page")  # fmt: skip
+    b = attrs.evolve(b, batches=[refill])
+    a = attrs.evolve(
+        a, batched_phase=phase("continuous", 4.0, 0.8), batches=[attrs.evolve(refill, refill_prefill="batched")]
+    )
+    text = render(Path("a"), a, Path("b"), b)
+    assert "A: continuous batching (refills prefilled batched), 64 slots" in text
+    assert "B: continuous batching (refills prefilled per_page), 64 slots" in text
 
 
 # ------------------------------------------------------------------------------------------ host speed probe
