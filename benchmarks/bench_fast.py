@@ -273,19 +273,22 @@ def profile_decode_step(m: FastModel, embeds: torch.Tensor, out: Path, compile_m
 
 def profile_graphed_decode_step(m: FastModel, embeds: torch.Tensor, out: Path, steps: int = 20) -> dict[str, Any]:
     """Where the graphed decode step's time goes (``m``'s own config: CUDA graph, dependent launches): ``steps``
-    replays under the profiler, which records each kernel of a graph replay; per kernel its busy and idle-before µs
-    per step (:func:`benchmath.step_timeline`), written to ``fast_decode_timeline.md``.  The un-graphed profile
-    (:func:`profile_decode_step`) counts kernels as launched one by one; this one is the step as it runs."""
+    replays of the on-device greedy loop (:meth:`FastDecoder.greedy`, what the session and ``greedy_device`` run:
+    replay after replay, nothing between) under the profiler, which records each kernel of a graph replay; per
+    kernel its busy and idle-before µs per step (:func:`benchmath.step_timeline`), written to
+    ``fast_decode_timeline.md``.  The un-graphed profile (:func:`profile_decode_step`) counts kernels as launched
+    one by one; this one is the step as it runs.  Until round 29 it profiled ``decode_step`` instead, whose host
+    sets the position and copies the token in before each replay: two more kernels and ~30 µs more idle a step
+    on an H100 (round 29), which the on-device loop does not pay."""
     from torch.profiler import ProfilerActivity, profile
 
-    cache = m.new_cache(batch=1, max_len=embeds.shape[1] + steps + 8)
-    tok = m.prefill(embeds, cache).argmax(-1, keepdim=True)
-    for _ in range(3):  # capture, then replays
-        m.decode_step(tok, cache)
+    cache = m.new_cache(batch=1, max_len=embeds.shape[1] + steps + 16)
+    first = m.prefill(embeds, cache).argmax(-1, keepdim=True)
+    dec = m.decoder_for(cache)
+    dec.greedy(first, 3)  # capture, then replays (their tokens are not used)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            m.decode_step(tok, cache)
+        dec.greedy(first, steps)  # one read-back at its end (a copy of the chosen tokens), no sync between steps
         torch.cuda.synchronize()
     kernels = [
         (e.name, float(e.time_range.start), float(e.device_time), e.device_resource_id)
@@ -294,7 +297,8 @@ def profile_graphed_decode_step(m: FastModel, embeds: torch.Tensor, out: Path, s
     ]
     tl = step_timeline(kernels, steps)
     lines = [
-        f"Graphed decode step, {steps} replays (batch 1, the page's prompt, each step's token fed back unchanged):"
+        f"Graphed decode step, {steps} replays of the on-device greedy loop (batch 1, the page's prompt; one"
+        " read-back of the tokens at the end):"
         f" busy {tl['busy_us_per_step']:.1f} µs + idle {tl['idle_us_per_step']:.1f} µs = span"
         f" {tl['span_us_per_step']:.1f} µs per step on the device, {len(kernels) / steps:.0f} kernels per step.",
         "",
