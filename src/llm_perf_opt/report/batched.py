@@ -191,7 +191,7 @@ def _batch_paths(s: RunSummary) -> str:
             f" The decode step's CUDA-graph capture failed ({'; '.join(e[:300] for e in failed)}), so the step ran"
             " un-graphed from there on: its decode times include the launch overhead a graph removes."
         )
-    refills = sorted({b.refill_prefill for b in s.batches if b.refill_prefill})
+    refills = s.refill_modes
     if refills:  # continuous: how the refills' LM prefill ran (infer.refill_prefill as resolved, auto included)
         how = {"per_page": "page by page (the model's per-page prefill; graph replays on the fast path on CUDA)",
                "batched": "batched (one left-padded forward over each refill's pages)"}  # fmt: skip

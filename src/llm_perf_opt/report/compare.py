@@ -519,8 +519,7 @@ PHASE_ROWS = [
 def _refills(s: RunSummary) -> str:
     """How a continuous run's refills were prefilled, as ``infer.refill_prefill`` resolved (``auto`` differs by
     device), e.g. " (refills prefilled per_page)"; empty for static batches and records from before it was kept."""
-    modes = sorted({r.refill_prefill for r in s.batches if r.refill_prefill})
-    return f" (refills prefilled {' / '.join(modes)})" if modes else ""
+    return f" (refills prefilled {' / '.join(s.refill_modes)})" if s.refill_modes else ""
 
 
 def _batched_phase_rows(a: RunSummary, b: RunSummary) -> list[str]:

@@ -500,3 +500,9 @@ class RunSummary:
     @property
     def failed_pages(self) -> list[PageRecord]:
         return [p for p in self.pages if p.status == "failed"]
+
+    @property
+    def refill_modes(self) -> list[str]:
+        """How the continuous records' refills were prefilled (``BatchRecord.refill_prefill``), sorted; empty for
+        static batches and records from before it was kept."""
+        return sorted({b.refill_prefill for b in self.batches if b.refill_prefill})

@@ -763,8 +763,9 @@ def run_continuous(
             assert page_caches is not None
             before = gen.setup_count
             run.capture_s += page_caches.prepare(gen, lens[here:])
-            run.setups_outside += gen.setup_count - before
-            run.captures += gen.setup_count - before
+            captured = gen.setup_count - before
+            run.setups_outside += captured
+            run.captures += captured
         t0 = clock.mark()
         # pages whose LM prefill ran ahead: the main stream waits for those prefills first, and that wait is prefill
         # time (t0 .. tv).  Waited for inside the vision below, it was counted as vision: on CUDA the second stream
@@ -830,83 +831,68 @@ def run_continuous(
             run.logits.extend([[host[i].clone()] for i in range(len(reqs))])
 
     eos = eos_token_id
-    try:
-        with torch.inference_mode():
-            kept = gen._slots
-            if kept is not None:
-                kept.clear()
-            fill(list(range(slots)))
-            if vision_ahead and not run.exhausted:
-                run_ahead()
-            while any(p is not None for p in run.slot_page):
-                assert step is not None
-                step.set_eos(eos)
-                occupied = [b for b in range(step.slots) if run.slot_page[b] is not None]
-                # slots that ended (at their cap, eos, or at once after their prefill) are refilled before any step
-                finished = _finished(run, step, occupied, eos is not None)
-                if finished:
-                    for b in finished:
-                        run.slot_page[b] = None
-                    fill(finished)
-                    if vision_ahead and not run.exhausted:
-                        run_ahead()
-                    unfilled = [b for b in finished if run.slot_page[b] is None]
-                    if unfilled:
-                        step.empty(unfilled)
-                        if narrow_drain and run.exhausted and not run.ahead:
-                            step = _narrow(run, step)
-                    continue
-                # rows whose cap allows more tokens (with eos some of them may already be done on the device: they
-                # idle until the next check reads the flags)
-                live = [b for b in occupied if run.left[b] > 0]
-                if live:
-                    n_steps = min(run.left[b] for b in live)
-                    if eos is not None and not keep_logits:
-                        n_steps = min(n_steps, gen.check_every)
-                    if keep_logits:
-                        n_steps = 1
+    with torch.inference_mode(), _second_stream_waited_on_error(main, side):
+        kept = gen._slots
+        if kept is not None:
+            kept.clear()
+        fill(list(range(slots)))
+        if vision_ahead and not run.exhausted:
+            run_ahead()
+        while any(p is not None for p in run.slot_page):
+            assert step is not None
+            step.set_eos(eos)
+            occupied = [b for b in range(step.slots) if run.slot_page[b] is not None]
+            # slots that ended (at their cap, eos, or at once after their prefill) are refilled before any step
+            finished = _finished(run, step, occupied, eos is not None)
+            if finished:
+                for b in finished:
+                    run.slot_page[b] = None
+                fill(finished)
+                if vision_ahead and not run.exhausted:
+                    run_ahead()
+                unfilled = [b for b in finished if run.slot_page[b] is None]
+                if unfilled:
+                    step.empty(unfilled)
+                    if narrow_drain and run.exhausted and not run.ahead:
+                        step = _narrow(run, step)
+                continue
+            # rows whose cap allows more tokens (with eos some of them may already be done on the device: they
+            # idle until the next check reads the flags)
+            live = [b for b in occupied if run.left[b] > 0]
+            if live:
+                n_steps = min(run.left[b] for b in live)
+                if eos is not None and not keep_logits:
+                    n_steps = min(n_steps, gen.check_every)
+                if keep_logits:
+                    n_steps = 1
 
-                    # attention covers the columns every slot can reach by the end of these steps, in buckets; a run
-                    # of steps stops where the furthest slot would cross into the next bucket
-                    now = _reach(run, occupied, 0)
-                    n_steps = min(n_steps, max(1, cache_len_for(now + 1) - 1 - now))
-                    step.key_len = min(step.max_len, cache_len_for(_reach(run, occupied, n_steps) + 1))
-                    if step.use_graph and step.graph is None:
-                        run.capture_s += step.capture()
-                        run.captures += step.capture_error is None
-                        if step.capture_error is not None:  # the run's record (its report says why), the generator's
-                            run.capture_error = gen.capture_error = step.capture_error  # (later runs: un-graphed)
-                    marks = [clock.mark()]
-                    for _ in range(n_steps):
-                        before = step.done.logical_not().tolist() if keep_logits else None
-                        step.step()
-                        marks.append(clock.mark())
-                        if before is not None and run.logits is not None and step.last_logits is not None:
-                            host = step.last_logits.float().cpu()
-                            for b in range(step.slots):
-                                page = run.slot_page[b]
-                                if before[b] and page is not None:
-                                    run.logits[page].append(host[b].clone())
-                    run.step_runs.append(marks)
-                    run.step_rows += [step.slots] * n_steps
-                    for b in live:
-                        run.left[b] -= n_steps
-                    run.steps_done += n_steps
-            clock.synchronize()
-    except BaseException as exc:
-        # a run that stops early (a ConfigError in a fill, an error from the source) may leave vision or prefill
-        # run ahead enqueued on the second stream: the main stream waits for it, so the next run's work (its first
-        # fill's vision on the main stream reuses the towers' static buffers) never runs beside it.  (A run that
-        # ends normally synchronised the device above.)  A wait that fails itself (a sticky CUDA error) is noted
-        # on the error that stopped the run, which is the one raised
-        if side is not None and main is not None:
-            try:
-                main.wait_stream(side)
-            except RuntimeError as wait_error:
-                exc.add_note(
-                    f"the main stream could not wait for the work run ahead on the second stream: {wait_error}"
-                )
-        raise
+                # attention covers the columns every slot can reach by the end of these steps, in buckets; a run
+                # of steps stops where the furthest slot would cross into the next bucket
+                now = _reach(run, occupied, 0)
+                n_steps = min(n_steps, max(1, cache_len_for(now + 1) - 1 - now))
+                step.key_len = min(step.max_len, cache_len_for(_reach(run, occupied, n_steps) + 1))
+                if step.use_graph and step.graph is None:
+                    run.capture_s += step.capture()
+                    run.captures += step.capture_error is None
+                    if step.capture_error is not None:  # the run's record (its report says why), the generator's
+                        run.capture_error = gen.capture_error = step.capture_error  # (later runs: un-graphed)
+                marks = [clock.mark()]
+                for _ in range(n_steps):
+                    before = step.done.logical_not().tolist() if keep_logits else None
+                    step.step()
+                    marks.append(clock.mark())
+                    if before is not None and run.logits is not None and step.last_logits is not None:
+                        host = step.last_logits.float().cpu()
+                        for b in range(step.slots):
+                            page = run.slot_page[b]
+                            if before[b] and page is not None:
+                                run.logits[page].append(host[b].clone())
+                run.step_runs.append(marks)
+                run.step_rows += [step.slots] * n_steps
+                for b in live:
+                    run.left[b] -= n_steps
+                run.steps_done += n_steps
+        clock.synchronize()
     wall_s = time.perf_counter() - wall0 - run.capture_s
     gen._slots = run.root  # the full-width step (its narrower ones hang on it), kept for the next run
     tokens = [t if isinstance(t, list) else [int(x) for x in t.tolist()] for t in run.tokens]
@@ -943,6 +929,26 @@ def run_continuous(
         pages_prefilled_per_page=run.pages_per_page,
         timed_setups=gen.setup_count - setups - run.setups_outside,
     )
+
+
+@contextlib.contextmanager
+def _second_stream_waited_on_error(main: torch.cuda.Stream | None, side: torch.cuda.Stream | None) -> Iterator[None]:
+    """A run that stops early (a ConfigError in a fill, an error from the source) may leave vision or prefill run
+    ahead enqueued on the second stream: on the way out the main stream waits for it, so the next run's work (its
+    first fill's vision on the main stream reuses the towers' static buffers) never runs beside it.  (A run that
+    ends normally synchronised the device.)  A wait that fails itself (a sticky CUDA error) is noted on the error
+    that stopped the run, which is the one raised."""
+    try:
+        yield
+    except BaseException as exc:
+        if side is not None and main is not None:
+            try:
+                main.wait_stream(side)
+            except RuntimeError as wait_error:
+                exc.add_note(
+                    f"the main stream could not wait for the work run ahead on the second stream: {wait_error}"
+                )
+        raise
 
 
 def _narrow(run: _Run, step: SlotDecodeStep) -> SlotDecodeStep:
