@@ -77,17 +77,19 @@ def capture_graph(
     buffers the graph rewrites on every replay).  ``context`` is entered around the warm-up and the capture
     (e.g. an SDPA backend policy, which the graph is then tied to).
 
-    Python's garbage collector is run first and kept off until the capture ends: an unreachable graph held in
+    Python's garbage collector is kept off from the warm-up until the capture ends: an unreachable graph held in
     a reference cycle, destroyed by an automatic collection in the middle of a capture, resets itself there,
-    which invalidates the capture ("operation not permitted when stream is capturing"; torch no longer collects
-    before a capture by default).  Seen on an H200 when continuous decode steps were such cycles (they no
-    longer are); this keeps any other cycle from doing the same.
+    which invalidates the capture ("operation not permitted when stream is capturing").  Seen on an H200 when
+    continuous decode steps were such cycles (they no longer are); this keeps any other cycle from doing the
+    same.  Dead cycles are not collected first (until round 30 they were): with collections off they are freed
+    by the first automatic collection after the capture, outside it, and a full collection costs ~0.2-0.5 s in
+    a profiling process (hundreds of thousands of objects), paid once per graph: a continuous run captures
+    dozens (torch dropped its own collection before a capture for the same reason).
 
     ``stream``: warm up and capture on it (default: a pool stream for the warm-up, torch's shared capture stream
     for the capture).  cuBLAS keeps one workspace per (handle, stream) and a graph bakes in the workspace of the
     stream it was captured on, so graphs that will replay *concurrently* must be captured on different streams
     (the vision's two view chains, ``vision_streams``), or they scribble over one workspace."""
-    gc.collect()
     was_enabled = gc.isenabled()
     gc.disable()
     try:
