@@ -8,6 +8,7 @@ reasons, which report.md, metrics.json, sweep.md and ``compare`` all show.
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import statistics
@@ -35,6 +36,12 @@ THROTTLE_NOISY = {
     "hw_thermal_slowdown",
     "hw_power_brake_slowdown",
 }
+# The kernel's 1-minute load average decays by exp(-t / LOAD_TAU_S) and is updated every 5 s, so a run's readings
+# mostly repeat the minute before it (a ~5 s default run: all of it; round 30, a fresh clone's first run was called
+# noisy for the install step before it).  The run queue *during* the run is backed out of readings at least
+# LOAD_WINDOW_S apart (:func:`run_queue_estimates`); a run shorter than that is not judged by the load average.
+LOAD_TAU_S = 60.0
+LOAD_WINDOW_S = 30.0
 # The host speed probe: a fixed CPU workload timed in two windows, when the run starts and when it ends.  On the
 # shared 2-core box a window's trials agree within ~2 % and fresh processes within ~9 % of each other, but about
 # one window in ten falls in a burst of other work (everything 1.7× slower for ~50-100 ms): a window reports its
@@ -126,6 +133,31 @@ def host_probe_ms(timer: Callable[[], float] = time.perf_counter, trials: int = 
     return min(times)
 
 
+def run_queue_estimates(
+    readings: Sequence[tuple[float, float]], window_s: float = LOAD_WINDOW_S, tau_s: float = LOAD_TAU_S
+) -> list[float]:
+    """The mean run queue (runnable + uninterruptible threads, ours included) in consecutive windows of at least
+    ``window_s``, from 1-minute load average readings ``(time s, load)``, the first taken when the run starts.
+
+    Over a window of length dt the kernel's average moves as ``L1 = L0 * d + n * (1 - d)`` with ``d =
+    exp(-dt / tau)``, where ``n`` is the run queue averaged over the window (weighted towards its end), so
+    ``n = (L1 - L0 * d) / (1 - d)``: the minute before the window is backed out.  The kernel updates the average
+    every 5 s, so a reading may be up to 5 s stale: windows of 30 s keep that error to a fraction of a thread
+    unless the load before was several times the cores (then the run is likely noisy anyway).  Each window
+    starts where the last one ended; a run shorter than ``window_s`` gives none."""
+    out: list[float] = []
+    if not readings:
+        return out
+    t0, l0 = readings[0]
+    for t, load in readings[1:]:
+        dt = t - t0
+        if dt >= window_s:
+            d = math.exp(-dt / tau_s)
+            out.append(max((load - l0 * d) / (1 - d), 0.0))
+            t0, l0 = t, load
+    return out
+
+
 class HostLoadSampler:
     """Samples load average and other processes' CPU share on our cores every ``interval_s`` (a thread), and
     times the host speed probe when it starts and when it stops (``probe=None``: no probe)."""
@@ -138,6 +170,7 @@ class HostLoadSampler:
             self.cpus = set(range(os.cpu_count() or 1))
         self.clk_tck = float(os.sysconf("SC_CLK_TCK")) if hasattr(os, "sysconf") else 100.0
         self.load_1m: list[float] = []
+        self.load_readings: list[tuple[float, float]] = []  # (perf_counter s, load): the start's, then each sample's
         self.other_share: list[float] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -153,6 +186,7 @@ class HostLoadSampler:
         while not self._stop.wait(self.interval_s):
             if hasattr(os, "getloadavg"):
                 self.load_1m.append(os.getloadavg()[0])
+                self.load_readings.append((time.perf_counter(), self.load_1m[-1]))
             now = (time.perf_counter(), proc_stat_busy_s(self.cpus, self.clk_tck), _own_cpu_s())
             if now[1] is not None and prev[1] is not None:
                 wall = now[0] - prev[0]
@@ -162,6 +196,8 @@ class HostLoadSampler:
             prev = now
 
     def start(self) -> HostLoadSampler:
+        if hasattr(os, "getloadavg"):  # the window's start, before the probe's own load
+            self.load_readings.append((time.perf_counter(), os.getloadavg()[0]))
         if self.probe is not None:
             self.probe_ms_start = self.probe()
         self._thread = threading.Thread(target=self._sample_loop, name="host-load", daemon=True)
@@ -178,6 +214,7 @@ class HostLoadSampler:
     def summary(self) -> HostLoad | None:
         if not self.load_1m and not self.other_share and self.probe_ms_start is None:
             return None
+        queue = run_queue_estimates(self.load_readings)
         return HostLoad(
             usable_cores=len(self.cpus),
             samples=max(len(self.load_1m), len(self.other_share)),
@@ -190,6 +227,9 @@ class HostLoadSampler:
             probe_ms_start=self.probe_ms_start,
             probe_ms_end=self.probe_ms_end,
             probe_work=PROBE_WORK if self.probe_ms_start is not None else None,
+            run_queue_mean=statistics.fmean(queue) if queue else None,
+            run_queue_max=max(queue) if queue else None,
+            load_span_s=self.load_readings[-1][0] - self.load_readings[0][0] if self.load_readings else None,
         )
 
 
@@ -257,7 +297,19 @@ def assess_quality(
                 f"other processes used {100 * host.other_cpu_share_mean:.0f} % of this run's "
                 f"{host.usable_cores} usable cores (mean; max {100 * (host.other_cpu_share_max or 0):.0f} %)"
             )
-        if host.load_1m_mean is not None and host.load_1m_mean > host.usable_cores:
+        if host.run_queue_mean is not None:
+            if host.run_queue_mean > host.usable_cores:
+                reasons.append(
+                    f"run queue {host.run_queue_mean:.1f} > {host.usable_cores} usable cores (mean over the run, "
+                    "backed out of the 1-minute load average)"
+                )
+        elif host.load_span_s is not None:
+            unchecked.append(
+                f"run queue (the load average was read over {host.load_span_s:.0f} s, under the "
+                f"{LOAD_WINDOW_S:.0f} s that tell the run apart from the minute before it)"
+            )
+        elif host.load_1m_mean is not None and host.load_1m_mean > host.usable_cores:
+            # a record written before round 30 (no span): its own criterion, the average read during the run
             reasons.append(f"load average {host.load_1m_mean:.1f} > {host.usable_cores} usable cores")
     bad = sorted(set(throttle_reasons) & THROTTLE_NOISY)
     if bad:

@@ -15,7 +15,8 @@ import attrs
 # preprocessing time (all optional: 1.0 files still read).  1.3: BatchRecord.graph_capture_error (optional).
 # 1.4: KernelAttribution.stream_overlap_ms (optional: kernels then count from the end of the one before them).
 # 1.5: BatchRecord.graph_captures (optional: how many graphs ``graph_capture_ms`` captured) and refill_prefill.
-SCHEMA_VERSION = "1.5"
+# 1.6: HostLoad.run_queue_mean / run_queue_max / load_span_s (optional: the run queue during the run).
+SCHEMA_VERSION = "1.6"
 
 # Name of the synthetic operator row that holds device time the profiler could not attribute to any operator
 # (CUDA-graph replays, kernels launched outside torch ops): the profiler writes it, the report explains it.
@@ -423,6 +424,13 @@ class HostLoad:
     probe_ms_start: float | None = None
     probe_ms_end: float | None = None
     probe_work: str | None = None
+    # The run queue during the run (runnable threads, ours included), backed out of load average readings at least
+    # 30 s apart (profiling/noise.py ``run_queue_estimates``): mean and max over those windows; None when the
+    # readings spanned less (``load_span_s``, the seconds from the first reading to the last).  The quality verdict
+    # judges this, not the load average itself, which mostly repeats the minute before a short run.
+    run_queue_mean: float | None = None
+    run_queue_max: float | None = None
+    load_span_s: float | None = None
 
     @property
     def probe_ms(self) -> float | None:

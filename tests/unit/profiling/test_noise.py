@@ -3,6 +3,7 @@ the CPU thread choice, the repetition-loop detector and the runaway-page summary
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from llm_perf_opt.profiling.noise import (
     pick_cpu_threads,
     proc_stat_busy_s,
     repetition_period,
+    run_queue_estimates,
     runaway_summary,
     stage_spread,
     usable_cores,
@@ -57,6 +59,54 @@ def test_ttft_outlier_and_busy_host_make_it_noisy() -> None:
     assert "other processes used 60 % of this run's 2 usable cores" in text
     assert "load average 7.2 > 2 usable cores" in text
     assert "GPU clocks lowered during the run: sw_power_cap" in text and "gpu_idle" not in text
+
+
+def test_run_queue_backs_the_minute_before_out_of_the_load_average() -> None:
+    # Hand-computed with L1 = L0 * exp(-dt / 60) + n * (1 - exp(-dt / 60)).
+    # An idle run after an install left the average at 6.0: it decays, n = 0 in every window.
+    idle = [(t, 6.0 * math.exp(-t / 60)) for t in (0.0, 10.0, 30.0, 45.0, 60.0)]
+    assert run_queue_estimates(idle) == pytest.approx([0.0, 0.0], abs=1e-9)  # windows 0-30 s and 30-60 s
+    # Two busy threads from an average of 0: L(40) = 2 (1 - e^(-2/3)) = 0.97317, L(80) = 2 (1 - e^(-4/3)) = 1.47281.
+    busy = [(0.0, 0.0), (40.0, 0.97317), (80.0, 1.47281)]
+    assert run_queue_estimates(busy) == pytest.approx([2.0, 2.0], abs=1e-4)
+    # From 4.0, one thread for 45 s: 4 e^-0.75 + (1 - e^-0.75) = 1.88946 + 0.52763 = 2.41709, read as 2.42
+    # (/proc/loadavg's two decimals): (2.42 - 1.88946) / 0.52763 = 1.0055.
+    assert run_queue_estimates([(0.0, 4.0), (45.0, 2.42)]) == pytest.approx([1.0055], abs=1e-4)
+    assert run_queue_estimates([(0.0, 4.0), (29.0, 2.42)]) == []  # under the 30 s window: nothing to back out
+    assert run_queue_estimates([]) == []
+
+
+def _host(**kw: object) -> HostLoad:
+    return attrs.evolve(QUIET_HOST, **kw)
+
+
+def test_quality_judges_the_run_queue_not_the_minute_before() -> None:
+    after_install = _host(load_1m_mean=5.6, load_1m_max=6.0, run_queue_mean=0.4, run_queue_max=0.6, load_span_s=45.0)
+    q = assess_quality(_steady(), after_install)
+    assert q.verdict == "good" and q.reasons == [] and q.not_checked == []
+    crowded = _host(load_1m_mean=3.0, load_1m_max=3.5, run_queue_mean=3.1, run_queue_max=4.2, load_span_s=45.0)
+    q = assess_quality(_steady(), crowded)
+    assert q.verdict == "noisy"
+    assert q.reasons == ["run queue 3.1 > 2 usable cores (mean over the run, backed out of the 1-minute load average)"]
+    short = _host(load_1m_mean=5.6, load_1m_max=6.0, load_span_s=5.2)  # a 5 s run: no window to back out
+    q = assess_quality(_steady(), short)
+    assert q.verdict == "good"
+    assert q.not_checked == [
+        "run queue (the load average was read over 5 s, under the 30 s that tell the run apart from the minute "
+        "before it)"
+    ]
+
+
+def test_sampler_summary_carries_the_run_queue_windows() -> None:
+    sampler = HostLoadSampler(probe=None)
+    sampler.load_readings = [(100.0, 4.0), (145.0, 2.42), (160.0, 2.3), (180.0, 2.0)]
+    sampler.load_1m = [2.42, 2.3, 2.0]
+    host = sampler.summary()
+    assert host is not None
+    # windows 100-145 s (1.0055, above) and 145-180 s: (2.0 - 2.42 e^(-35/60)) / (1 - e^(-35/60)) = 1.4697
+    assert host.run_queue_mean == pytest.approx((1.0055 + 1.4697) / 2, abs=1e-3)
+    assert host.run_queue_max == pytest.approx(1.4697, abs=1e-3)
+    assert host.load_span_s == pytest.approx(80.0)
 
 
 def test_decode_step_outliers_counted_per_page_run() -> None:
