@@ -8,7 +8,7 @@ reasons, which report.md, metrics.json, sweep.md and ``compare`` all show.
 
 from __future__ import annotations
 
-import math
+import itertools
 import os
 import resource
 import statistics
@@ -36,12 +36,15 @@ THROTTLE_NOISY = {
     "hw_thermal_slowdown",
     "hw_power_brake_slowdown",
 }
-# The kernel's 1-minute load average decays by exp(-t / LOAD_TAU_S) and is updated every 5 s, so a run's readings
-# mostly repeat the minute before it (a ~5 s default run: all of it; round 30, a fresh clone's first run was called
-# noisy for the install step before it).  The run queue *during* the run is backed out of readings at least
-# LOAD_WINDOW_S apart (:func:`run_queue_estimates`); a run shorter than that is not judged by the load average.
-LOAD_TAU_S = 60.0
-LOAD_WINDOW_S = 30.0
+# The kernel's 1-minute load average: every LOAD_UPDATE_S it becomes ``L * LOAD_EXP + n * (1 - LOAD_EXP)``, ``n``
+# the run queue at that tick (runnable + uninterruptible threads on every CPU of the host, ours included) and
+# LOAD_EXP = 1884 / 2048 (exp(-5 / 60) in the kernel's fixed point).  Read during a run it mostly repeats the
+# minute before (a ~5 s default run: all of it; round 30, a fresh clone's first run was called noisy for the
+# install step before it), so the verdict judges the run queue backed out of it (:func:`run_queue_windows`), once
+# the average has been seen to update at least LOAD_MIN_UPDATES times.
+LOAD_UPDATE_S = 5.0
+LOAD_EXP = 1884 / 2048
+LOAD_MIN_UPDATES = 3
 # The host speed probe: a fixed CPU workload timed in two windows, when the run starts and when it ends.  On the
 # shared 2-core box a window's trials agree within ~2 % and fresh processes within ~9 % of each other, but about
 # one window in ten falls in a burst of other work (everything 1.7× slower for ~50-100 ms): a window reports its
@@ -133,29 +136,33 @@ def host_probe_ms(timer: Callable[[], float] = time.perf_counter, trials: int = 
     return min(times)
 
 
-def run_queue_estimates(
-    readings: Sequence[tuple[float, float]], window_s: float = LOAD_WINDOW_S, tau_s: float = LOAD_TAU_S
-) -> list[float]:
-    """The mean run queue (runnable + uninterruptible threads, ours included) in consecutive windows of at least
-    ``window_s``, from 1-minute load average readings ``(time s, load)``, the first taken when the run starts.
+def run_queue_windows(
+    readings: Sequence[tuple[float, float]], update_s: float = LOAD_UPDATE_S
+) -> list[tuple[int, float]]:
+    """``(k, n)`` per window of the 1-minute load average readings ``(time s, load)``: ``k`` kernel updates of the
+    average and ``n`` the run queue they saw (their mean, weighted towards the window's end).
 
-    Over a window of length dt the kernel's average moves as ``L1 = L0 * d + n * (1 - d)`` with ``d =
-    exp(-dt / tau)``, where ``n`` is the run queue averaged over the window (weighted towards its end), so
-    ``n = (L1 - L0 * d) / (1 - d)``: the minute before the window is backed out.  The kernel updates the average
-    every 5 s, so a reading may be up to 5 s stale: windows of 30 s keep that error to a fraction of a thread
-    unless the load before was several times the cores (then the run is likely noisy anyway).  Each window
-    starts where the last one ended; a run shorter than ``window_s`` gives none."""
-    out: list[float] = []
-    if not readings:
-        return out
-    t0, l0 = readings[0]
-    for t, load in readings[1:]:
-        dt = t - t0
-        if dt >= window_s:
-            d = math.exp(-dt / tau_s)
-            out.append(max((load - l0 * d) / (1 - d), 0.0))
-            t0, l0 = t, load
+    A window runs between two readings at which the average had just changed (each taken within a sampling
+    interval of an update), so it spans whole updates: ``k = round(dt / update_s)``, and after ``k`` updates
+    ``L1 = L0 * d + n * (1 - d)`` with ``d = LOAD_EXP ** k``, so ``n = (L1 - L0 * d) / (1 - d)``: what was before
+    the window is backed out.  A reading's two decimals put each window's ``n`` within 0.12 of the truth (0.005
+    (1 + d) / (1 - d) at ``k = 1``).  An update that leaves the two decimals unchanged just lengthens a window."""
+    marks = [cur for prev, cur in itertools.pairwise(readings) if cur[1] != prev[1]]
+    out: list[tuple[int, float]] = []
+    for (t0, l0), (t1, l1) in itertools.pairwise(marks):
+        k = round((t1 - t0) / update_s)
+        if k >= 1:
+            d = LOAD_EXP**k
+            out.append((k, max((l1 - l0 * d) / (1 - d), 0.0)))
     return out
+
+
+def _load_1m() -> float | None:
+    """The 1-minute load average, or None where the host gives none (no ``getloadavg``, or it fails)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 class HostLoadSampler:
@@ -184,9 +191,10 @@ class HostLoadSampler:
         if prev[1] is None:
             self.reason = "no /proc/stat (not Linux): other processes' CPU share not sampled"
         while not self._stop.wait(self.interval_s):
-            if hasattr(os, "getloadavg"):
-                self.load_1m.append(os.getloadavg()[0])
-                self.load_readings.append((time.perf_counter(), self.load_1m[-1]))
+            load = _load_1m()
+            if load is not None:
+                self.load_1m.append(load)
+                self.load_readings.append((time.perf_counter(), load))
             now = (time.perf_counter(), proc_stat_busy_s(self.cpus, self.clk_tck), _own_cpu_s())
             if now[1] is not None and prev[1] is not None:
                 wall = now[0] - prev[0]
@@ -196,8 +204,9 @@ class HostLoadSampler:
             prev = now
 
     def start(self) -> HostLoadSampler:
-        if hasattr(os, "getloadavg"):  # the window's start, before the probe's own load
-            self.load_readings.append((time.perf_counter(), os.getloadavg()[0]))
+        load = _load_1m()  # before the probe's own load: an update during the probe is a change seen
+        if load is not None:
+            self.load_readings.append((time.perf_counter(), load))
         if self.probe is not None:
             self.probe_ms_start = self.probe()
         self._thread = threading.Thread(target=self._sample_loop, name="host-load", daemon=True)
@@ -214,7 +223,13 @@ class HostLoadSampler:
     def summary(self) -> HostLoad | None:
         if not self.load_1m and not self.other_share and self.probe_ms_start is None:
             return None
-        queue = run_queue_estimates(self.load_readings)
+        windows = run_queue_windows(list(self.load_readings))  # one copy: the sampler may still be appending
+        updates = sum(k for k, _ in windows)
+        queue = (
+            (sum(k * n for k, n in windows) / updates, max(n for _, n in windows))
+            if updates >= LOAD_MIN_UPDATES
+            else (None, None)
+        )
         return HostLoad(
             usable_cores=len(self.cpus),
             samples=max(len(self.load_1m), len(self.other_share)),
@@ -227,9 +242,10 @@ class HostLoadSampler:
             probe_ms_start=self.probe_ms_start,
             probe_ms_end=self.probe_ms_end,
             probe_work=PROBE_WORK if self.probe_ms_start is not None else None,
-            run_queue_mean=statistics.fmean(queue) if queue else None,
-            run_queue_max=max(queue) if queue else None,
-            load_span_s=self.load_readings[-1][0] - self.load_readings[0][0] if self.load_readings else None,
+            run_queue_mean=queue[0],
+            run_queue_max=queue[1],
+            run_queue_updates=updates if self.load_readings else None,
+            load_cpus=os.cpu_count(),
         )
 
 
@@ -297,20 +313,23 @@ def assess_quality(
                 f"other processes used {100 * host.other_cpu_share_mean:.0f} % of this run's "
                 f"{host.usable_cores} usable cores (mean; max {100 * (host.other_cpu_share_max or 0):.0f} %)"
             )
-        if host.run_queue_mean is not None:
-            if host.run_queue_mean > host.usable_cores:
-                reasons.append(
-                    f"run queue {host.run_queue_mean:.1f} > {host.usable_cores} usable cores (mean over the run, "
-                    "backed out of the 1-minute load average)"
+        if host.run_queue_updates is not None:  # a record from round 30 on: judge the run queue
+            cpus = host.load_cpus or host.usable_cores
+            if host.run_queue_mean is None:
+                unchecked.append(
+                    f"run queue (the load average updated {host.run_queue_updates} time(s) between the readings "
+                    f"that saw it change; {LOAD_MIN_UPDATES} are needed to back the minute before the run out)"
                 )
-        elif host.load_span_s is not None:
-            unchecked.append(
-                f"run queue (the load average was read over {host.load_span_s:.0f} s, under the "
-                f"{LOAD_WINDOW_S:.0f} s that tell the run apart from the minute before it)"
-            )
+            elif host.run_queue_mean > cpus:
+                reasons.append(
+                    f"run queue {host.run_queue_mean:.1f} > {cpus} host CPUs (mean of the load average's "
+                    f"{host.run_queue_updates} updates during the run, the minute before backed out)"
+                )
         elif host.load_1m_mean is not None and host.load_1m_mean > host.usable_cores:
-            # a record written before round 30 (no span): its own criterion, the average read during the run
+            # a record written before round 30: its own criterion, the average as read during the run
             reasons.append(f"load average {host.load_1m_mean:.1f} > {host.usable_cores} usable cores")
+        elif host.load_1m_mean is None:
+            unchecked.append("run queue (no load average on this host)")
     bad = sorted(set(throttle_reasons) & THROTTLE_NOISY)
     if bad:
         reasons.append("GPU clocks lowered during the run: " + ", ".join(bad))

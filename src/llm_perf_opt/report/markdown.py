@@ -328,11 +328,12 @@ def _host_line(s: RunSummary) -> str:
         load = f"load average (1 min) {fmt(h.load_1m_mean)} mean, {fmt(h.load_1m_max)} max"
         if h.run_queue_mean is not None:
             load += (
-                f", run queue during the run {fmt(h.run_queue_mean)} mean, {fmt(h.run_queue_max)} max (the minute "
-                "before backed out)"
+                f", run queue during the run {fmt(h.run_queue_mean)} mean, {fmt(h.run_queue_max)} max over "
+                f"{h.run_queue_updates} updates of the average (the minute before backed out; "
+                f"{h.load_cpus or h.usable_cores} host CPUs)"
             )
-        elif h.load_span_s is not None:
-            load += f" (read over {h.load_span_s:.0f} s: mostly the minute before the run)"
+        elif h.run_queue_updates is not None:
+            load += f" (updated {h.run_queue_updates} time(s) in the run: mostly the minute before it)"
         other = (
             f"other processes {100 * h.other_cpu_share_mean:.0f} % of the cores "
             f"(max {100 * (h.other_cpu_share_max or 0):.0f} %)"

@@ -15,7 +15,7 @@ import attrs
 # preprocessing time (all optional: 1.0 files still read).  1.3: BatchRecord.graph_capture_error (optional).
 # 1.4: KernelAttribution.stream_overlap_ms (optional: kernels then count from the end of the one before them).
 # 1.5: BatchRecord.graph_captures (optional: how many graphs ``graph_capture_ms`` captured) and refill_prefill.
-# 1.6: HostLoad.run_queue_mean / run_queue_max / load_span_s (optional: the run queue during the run).
+# 1.6: HostLoad.run_queue_mean / run_queue_max / run_queue_updates / load_cpus (optional: the run queue in the run).
 SCHEMA_VERSION = "1.6"
 
 # Name of the synthetic operator row that holds device time the profiler could not attribute to any operator
@@ -424,13 +424,15 @@ class HostLoad:
     probe_ms_start: float | None = None
     probe_ms_end: float | None = None
     probe_work: str | None = None
-    # The run queue during the run (runnable threads, ours included), backed out of load average readings at least
-    # 30 s apart (profiling/noise.py ``run_queue_estimates``): mean and max over those windows; None when the
-    # readings spanned less (``load_span_s``, the seconds from the first reading to the last).  The quality verdict
-    # judges this, not the load average itself, which mostly repeats the minute before a short run.
+    # The run queue during the run (runnable + uninterruptible threads on the host's CPUs, ours included), backed
+    # out of the 1-minute load average at each of its updates (profiling/noise.py ``run_queue_windows``): the mean
+    # and max over the windows, None when fewer than 3 updates were seen (``run_queue_updates``, None when no load
+    # average was read).  The verdict judges it against ``load_cpus`` (the host's CPUs, which the load average
+    # counts), not the load average itself, which mostly repeats the minute before a short run.
     run_queue_mean: float | None = None
     run_queue_max: float | None = None
-    load_span_s: float | None = None
+    run_queue_updates: int | None = None
+    load_cpus: int | None = None
 
     @property
     def probe_ms(self) -> float | None:

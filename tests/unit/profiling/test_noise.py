@@ -3,7 +3,6 @@ the CPU thread choice, the repetition-loop detector and the runaway-page summary
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from llm_perf_opt.profiling.noise import (
     pick_cpu_threads,
     proc_stat_busy_s,
     repetition_period,
-    run_queue_estimates,
+    run_queue_windows,
     runaway_summary,
     stage_spread,
     usable_cores,
@@ -61,19 +60,52 @@ def test_ttft_outlier_and_busy_host_make_it_noisy() -> None:
     assert "GPU clocks lowered during the run: sw_power_cap" in text and "gpu_idle" not in text
 
 
+def _kernel_readings(before: float, queue: list[int], phase_s: float, seconds: float) -> list[tuple[float, float]]:
+    """What the sampler reads (every 0.5 s from t = 0, two decimals) of a simulated kernel load average: ``before``
+    at t = 0, then updated every 5.004 s (LOAD_FREQ = 5 HZ + 1 ticks at HZ = 250) from ``phase_s`` on with the run
+    queue ``queue[j]`` at update j, as the kernel does: L = L * 1884/2048 + n * (1 - 1884/2048)."""
+    exp = 1884 / 2048
+    updates = [phase_s + 5.004 * j for j in range(len(queue))]
+    out = []
+    for i in range(int(seconds / 0.5) + 1):
+        t = 0.5 * i
+        load = before
+        for j, when in enumerate(updates):
+            if when <= t:
+                load = load * exp + queue[j] * (1 - exp)
+        out.append((t, round(load, 2)))
+    return out
+
+
+def _mean_queue(windows: list[tuple[int, float]]) -> float:
+    return sum(k * n for k, n in windows) / sum(k for k, _ in windows)
+
+
 def test_run_queue_backs_the_minute_before_out_of_the_load_average() -> None:
-    # Hand-computed with L1 = L0 * exp(-dt / 60) + n * (1 - exp(-dt / 60)).
-    # An idle run after an install left the average at 6.0: it decays, n = 0 in every window.
-    idle = [(t, 6.0 * math.exp(-t / 60)) for t in (0.0, 10.0, 30.0, 45.0, 60.0)]
-    assert run_queue_estimates(idle) == pytest.approx([0.0, 0.0], abs=1e-9)  # windows 0-30 s and 30-60 s
-    # Two busy threads from an average of 0: L(40) = 2 (1 - e^(-2/3)) = 0.97317, L(80) = 2 (1 - e^(-4/3)) = 1.47281.
-    busy = [(0.0, 0.0), (40.0, 0.97317), (80.0, 1.47281)]
-    assert run_queue_estimates(busy) == pytest.approx([2.0, 2.0], abs=1e-4)
-    # From 4.0, one thread for 45 s: 4 e^-0.75 + (1 - e^-0.75) = 1.88946 + 0.52763 = 2.41709, read as 2.42
-    # (/proc/loadavg's two decimals): (2.42 - 1.88946) / 0.52763 = 1.0055.
-    assert run_queue_estimates([(0.0, 4.0), (45.0, 2.42)]) == pytest.approx([1.0055], abs=1e-4)
-    assert run_queue_estimates([(0.0, 4.0), (29.0, 2.42)]) == []  # under the 30 s window: nothing to back out
-    assert run_queue_estimates([]) == []
+    # An idle run right after an install that left the average at 6.0: the average reads 6.0 -> 2.6 over the
+    # run (6 d^10), but the run queue at every update was 0.
+    idle = _kernel_readings(6.0, [0] * 10, phase_s=2.3, seconds=50.0)
+    assert sum(load for _, load in idle) / len(idle) > 2  # what the old criterion judged: > 2 cores, noisy
+    windows = run_queue_windows(idle)
+    assert sum(k for k, _ in windows) == 9  # 10 updates seen change: 9 between the first and the last
+    assert max(n for _, n in windows) <= 0.12  # two decimals: within 0.005 (1 + d) / (1 - d) of 0 per window
+    # Two threads busy at every update, from the same 6.0: the old criterion and this agree only by chance.
+    windows = run_queue_windows(_kernel_readings(6.0, [2] * 10, phase_s=0.7, seconds=50.0))
+    assert _mean_queue(windows) == pytest.approx(2.0, abs=0.05)
+    # One thread for 5 updates, then three: the mean over the updates the windows span.
+    windows = run_queue_windows(_kernel_readings(0.5, [1] * 5 + [3] * 5, phase_s=4.9, seconds=55.0))
+    assert [k for k, _ in windows] == [1] * 9  # every update changed the two decimals
+    assert [round(n) for _, n in windows] == [1] * 4 + [3] * 5  # the first update seen is the first window's start
+
+
+def test_run_queue_window_spans_updates_that_left_the_two_decimals_unchanged() -> None:
+    # Hand-computed: d = 1884/2048 = 0.919921875. A change seen at t = 1.0 (4.00), none at t = 6.0 (an update that
+    # kept 4.00 is impossible here, but a window may span two updates), the next at t = 11.0: k = 2,
+    # d^2 = 0.846256, 4.00 -> 3.54 means n = (3.54 - 4 * 0.846256) / (1 - 0.846256) = 1.0080.
+    readings = [(0.0, 4.01), (1.0, 4.0), (6.0, 4.0), (11.0, 3.54), (11.5, 3.54)]
+    assert run_queue_windows(readings) == [(2, pytest.approx(1.0080, abs=1e-4))]
+    assert run_queue_windows(readings[:3]) == []  # one change seen: no window
+    assert run_queue_windows([]) == []
 
 
 def _host(**kw: object) -> HostLoad:
@@ -81,32 +113,58 @@ def _host(**kw: object) -> HostLoad:
 
 
 def test_quality_judges_the_run_queue_not_the_minute_before() -> None:
-    after_install = _host(load_1m_mean=5.6, load_1m_max=6.0, run_queue_mean=0.4, run_queue_max=0.6, load_span_s=45.0)
+    after_install = _host(load_1m_mean=5.6, load_1m_max=6.0, run_queue_mean=0.4, run_queue_max=0.6,
+                          run_queue_updates=9, load_cpus=2)  # fmt: skip
     q = assess_quality(_steady(), after_install)
     assert q.verdict == "good" and q.reasons == [] and q.not_checked == []
-    crowded = _host(load_1m_mean=3.0, load_1m_max=3.5, run_queue_mean=3.1, run_queue_max=4.2, load_span_s=45.0)
+    crowded = _host(load_1m_mean=1.7, load_1m_max=2.3, run_queue_mean=3.3, run_queue_max=4.2,
+                    run_queue_updates=9, load_cpus=2)  # fmt: skip
     q = assess_quality(_steady(), crowded)
     assert q.verdict == "noisy"
-    assert q.reasons == ["run queue 3.1 > 2 usable cores (mean over the run, backed out of the 1-minute load average)"]
-    short = _host(load_1m_mean=5.6, load_1m_max=6.0, load_span_s=5.2)  # a 5 s run: no window to back out
+    assert q.reasons == [
+        "run queue 3.3 > 2 host CPUs (mean of the load average's 9 updates during the run, the minute before "
+        "backed out)"
+    ]
+    # the load average counts the whole host: 3.3 threads on 4 CPUs do not crowd them
+    assert assess_quality(_steady(), attrs.evolve(crowded, load_cpus=4)).verdict == "good"
+    short = _host(load_1m_mean=5.6, load_1m_max=6.0, run_queue_updates=1, load_cpus=2)  # a 5 s run
     q = assess_quality(_steady(), short)
     assert q.verdict == "good"
     assert q.not_checked == [
-        "run queue (the load average was read over 5 s, under the 30 s that tell the run apart from the minute "
-        "before it)"
+        "run queue (the load average updated 1 time(s) between the readings that saw it change; 3 are needed to "
+        "back the minute before the run out)"
     ]
+    q = assess_quality(_steady(), _host(load_1m_mean=None, load_1m_max=None))
+    assert q.not_checked == ["run queue (no load average on this host)"]
 
 
-def test_sampler_summary_carries_the_run_queue_windows() -> None:
+def test_sampler_summary_carries_the_run_queue(monkeypatch: pytest.MonkeyPatch) -> None:
     sampler = HostLoadSampler(probe=None)
-    sampler.load_readings = [(100.0, 4.0), (145.0, 2.42), (160.0, 2.3), (180.0, 2.0)]
-    sampler.load_1m = [2.42, 2.3, 2.0]
+    sampler.load_readings = _kernel_readings(6.0, [1] * 4 + [2] * 4, phase_s=2.3, seconds=40.0)
+    sampler.load_1m = [load for _, load in sampler.load_readings[1:]]
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
     host = sampler.summary()
     assert host is not None
-    # windows 100-145 s (1.0055, above) and 145-180 s: (2.0 - 2.42 e^(-35/60)) / (1 - e^(-35/60)) = 1.4697
-    assert host.run_queue_mean == pytest.approx((1.0055 + 1.4697) / 2, abs=1e-3)
-    assert host.run_queue_max == pytest.approx(1.4697, abs=1e-3)
-    assert host.load_span_s == pytest.approx(80.0)
+    assert host.run_queue_updates == 7  # 8 updates seen change, 7 between the first and the last
+    assert host.run_queue_mean == pytest.approx((3 * 1 + 4 * 2) / 7, abs=0.05)  # the first update opens the windows
+    assert host.run_queue_max == pytest.approx(2.0, abs=0.12)
+    assert host.load_cpus == 8
+    sampler.load_readings = sampler.load_readings[:17]  # 8 s: two updates seen, one window
+    host = sampler.summary()
+    assert host is not None and host.run_queue_updates == 1 and host.run_queue_mean is None
+
+
+def test_sampler_survives_a_load_average_that_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_load() -> tuple[float, float, float]:
+        raise OSError("load average unobtainable")
+
+    monkeypatch.setattr(os, "getloadavg", no_load)
+    sampler = HostLoadSampler(interval_s=0.01, probe=None).start()
+    time.sleep(0.05)
+    sampler.stop()
+    assert sampler.load_readings == [] and sampler.load_1m == []
+    host = sampler.summary()
+    assert host is not None and host.run_queue_updates is None and host.load_1m_mean is None
 
 
 def test_decode_step_outliers_counted_per_page_run() -> None:
