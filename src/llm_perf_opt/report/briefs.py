@@ -172,8 +172,8 @@ def render_assumptions(s: RunSummary) -> str:
             [
                 "Noisy when a stage varies > 15 % (CV) between repeats of a page, > 1 % of decode steps (or any "
                 "repeat of another stage) exceed 3× their page's median, other processes use > 25 % of the usable "
-                "cores, the run queue during the run exceeds them (backed out of the 1-minute load average over "
-                "windows of at least 30 s: the minute before the run is not counted), or NVML saw the GPU clocks "
+                "cores, the run queue during the run exceeds the host's CPUs (backed out of the 1-minute load "
+                "average's 5-s updates: the minute before the run is not counted), or NVML saw the GPU clocks "
                 "lowered (power/thermal).",
             ],
         ),
