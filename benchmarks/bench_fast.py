@@ -310,6 +310,17 @@ def profile_graphed_decode_step(m: FastModel, embeds: torch.Tensor, out: Path, s
         f" {r['idle_us_before_per_step']:.1f} | {r['raw_us_per_call']:.2f} |"
         for r in tl["rows"]
     ]
+    lines += [
+        "",
+        "Where the idle time sits (the kernel whose end the stream waited from → the kernel that then started):",
+        "",
+        "| after | before | gaps/step | idle µs/step |",
+        "| --- | --- | ---: | ---: |",
+    ]
+    lines += [
+        f"| `{g['after'][:60]}` | `{g['before'][:60]}` | {g['gaps_per_step']:.1f} | {g['idle_us_per_step']:.1f} |"
+        for g in tl["gaps"][:8]
+    ]
     (out / "fast_decode_timeline.md").write_text("\n".join(lines) + "\n")
     return tl
 

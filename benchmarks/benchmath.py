@@ -398,10 +398,37 @@ def step_timeline(kernels: Sequence[tuple[str, float, float, Any]], steps: int) 
     table.sort(key=lambda r: -(r["busy_us_per_step"] + r["idle_us_before_per_step"]))
     return {
         "rows": table,
+        "gaps": _idle_gaps(events, steps),
         "busy_us_per_step": busy_total / steps,
         "idle_us_per_step": idle_total / steps,
         "span_us_per_step": (busy_total + idle_total) / steps,
     }
+
+
+def _idle_gaps(events: Sequence[dict[str, Any]], steps: int) -> list[dict[str, Any]]:
+    """The idle time of :func:`step_timeline` by where it sits: per (kernel whose end the stream waited from, kernel
+    that then started) the gaps and their idle µs per step, largest first.  Tells a wait at a graph replay's start
+    (after the last kernel of a step, before the first of the next) from one inside the step."""
+    pairs: dict[tuple[str, str], list[float]] = {}
+    by_stream: dict[Any, list[dict[str, Any]]] = {}
+    for e in events:
+        by_stream.setdefault(e["tid"], []).append(e)
+    for stream_events in by_stream.values():
+        stream_events.sort(key=lambda e: e["ts"])
+        end, last = stream_events[0]["ts"] + stream_events[0]["dur"], stream_events[0]["name"]
+        for e in stream_events[1:]:
+            if e["ts"] > end:
+                pair = pairs.setdefault((last, e["name"]), [0.0, 0.0])
+                pair[0] += 1
+                pair[1] += e["ts"] - end
+            if e["ts"] + e["dur"] > end:
+                end, last = e["ts"] + e["dur"], e["name"]
+    gaps = [
+        {"after": a, "before": b, "gaps_per_step": n / steps, "idle_us_per_step": idle / steps}
+        for (a, b), (n, idle) in pairs.items()
+    ]
+    gaps.sort(key=lambda g: -g["idle_us_per_step"])
+    return gaps
 
 
 def p90_ms(step_ms: Sequence[float]) -> float | None:

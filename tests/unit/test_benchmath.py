@@ -199,6 +199,12 @@ def test_step_timeline_splits_each_stream_into_busy_and_idle_time_per_kernel() -
     assert tl["busy_us_per_step"] == (10 + 5 + 5 + 10 + 5 + 5 + 4) / 2
     assert tl["idle_us_per_step"] == (5 + 5 + 5) / 2
     assert tl["span_us_per_step"] == tl["busy_us_per_step"] + tl["idle_us_per_step"]
+    # where the idle sits: twice after b (whose end at 15, then 45, is the frontier) before c, 5 µs each; once
+    # after c (ends 25) before the next step's a (30)
+    assert tl["gaps"] == [
+        {"after": "b", "before": "c", "gaps_per_step": 1.0, "idle_us_per_step": 5.0},
+        {"after": "c", "before": "a", "gaps_per_step": 0.5, "idle_us_per_step": 2.5},
+    ]
     with pytest.raises(ValueError, match="steps"):
         step_timeline(kernels, steps=0)
 
