@@ -172,11 +172,12 @@ def decode_loop(m: Any, embeds: torch.Tensor, steps: int, keep: int) -> dict[str
     }
 
 
-def greedy_device(m: FastModel, embeds: torch.Tensor, steps: int) -> dict[str, Any]:
-    """Prefill, then ``steps`` on-device greedy steps (graph replays, no per-token host sync)."""
+def greedy_device(m: FastModel, embeds: torch.Tensor, steps: int, ngram: int = 0) -> dict[str, Any]:
+    """Prefill, then ``steps`` on-device greedy steps (graph replays, no per-token host sync); ``ngram``: under
+    the no-repeat-ngram rule of that size (the default config's is 20; 0: none, the goals' rows)."""
     cache = m.new_cache(batch=1, max_len=embeds.shape[1] + steps + 1)
     first = m.prefill(embeds, cache).argmax(-1, keepdim=True)
-    dec = m.decoder_for(cache)
+    dec = m.decoder_for(cache, ngram)
     if m.fast_config.cuda_graphs:
         dec._capture()
     torch.cuda.synchronize()
@@ -869,6 +870,30 @@ def main() -> None:
                 up = prompt_moe.UP_BLOCKS
                 other_up = up._replace(num_stages=3 if up.num_stages == 4 else 4)
                 time_prompt_setting("UP_BLOCKS", other_up, str(tuple(other_up)))
+            # the default config's no-repeat-ngram rule (size 20), which the goals' decode rows leave out: its ban
+            # built by generation.banned_ngram_mask's ~20 torch kernels (the default) or by kernels.ngram_ban's one
+            # (FastConfig.ngram_kernel, staged in round 30), paired, with the tokens compared
+            ngram = 20
+            rule_key = f"decode no_repeat_ngram_size={ngram}"
+            kernel_key = f"{rule_key}, ngram_kernel=True"
+            try:
+                nk = apply_fast_path(model, attrs.evolve(fast.fast_config, ngram_kernel=True))
+                g_rule = greedy_device(fast, embeds, steps, ngram)
+                g_kernel = greedy_device(nk, embeds, steps, ngram)
+                var[f"{rule_key} (the default config) (device greedy) ms/token"] = g_rule["ms_per_token"]
+                var[f"{kernel_key} (device greedy) ms/token"] = g_kernel["ms_per_token"]
+                rt, kt = g_rule["tokens"][: keep + 1], g_kernel["tokens"][: keep + 1]
+                var[f"{kernel_key}: tokens == the torch mask's, {keep} steps"] = (
+                    f"{rt == kt} (first divergence {first_divergence(rt, kt)})"
+                )
+                paired(
+                    kernel_key,
+                    lambda: greedy_device(fast, embeds, steps, ngram)["ms_per_token"],
+                    lambda: greedy_device(nk, embeds, steps, ngram)["ms_per_token"],
+                )
+                del nk
+            except Exception as exc:  # a kernel compile failure must not lose the rest of the report
+                var[kernel_key] = f"failed: {type(exc).__name__}: {exc}"[:300]
         checkpoint("the torch decode kernels, the ungraphed decode and the vision SDPA policies")
         if "other" in parts:
             other_kernels = "torch" if fast.fast_config.decode_kernels == "triton" else "triton"

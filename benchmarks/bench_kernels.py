@@ -54,6 +54,8 @@ from llm_perf_opt.models.deepseek_ocr.graphs import first_argmax
 from llm_perf_opt.models.deepseek_ocr.kernels import (
     DOWN_SPLIT_STAGES,
     KEYS_PER_SPLIT,
+    NGRAM_BLOCK_S,
+    NGRAM_BLOCK_V,
     PICK_BLOCK,
     UP_STAGES,
     add_rms_norm,
@@ -722,6 +724,11 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
     final.update(chosen_ptr=i64, pos_ptr=i64, V="i32", N_CHUNKS="i32", ROWS="i32", SLOTS="i32")
     for feed in (False, True):  # the decoder's step ends in it (feed) or not
         specs.append(("_pick_final_kernel", final, dict(BLOCK_C=1 << (n_chunks - 1).bit_length(), FEED=feed), 1))
+    ban = dict(hist_ptr=i64, len_ptr=i64, out_ptr="*u8", W="i32", hist_stride="i32", V="i32", len_offset="i32")
+    ban.update(window="i32")
+    for n, has_window in ((1, False), (20, False), (30, True)):  # the default rule, vLLM Gundam's (30, window 90)
+        ban_consts = dict(LEN_STRIDE=0, N=n, HAS_WINDOW=has_window, BLOCK_V=NGRAM_BLOCK_V, BLOCK_S=NGRAM_BLOCK_S)
+        specs.append(("_ngram_ban_kernel", ban, ban_consts, 4))
     linear = dict(x_ptr=bf, w_ptr=bf, y_ptr=bf, N="i32")
     for _, n_out in projections(lang):  # as linear_rows launches them on an H100
         bn, bk = linear_block_sizes(n_out, hid, H100_SMS)

@@ -8,6 +8,7 @@ With dummy weights the logits are nearly flat (top-2 gaps of ~1e-2 happen), and 
 
 from __future__ import annotations
 
+import attrs
 import pytest
 import torch
 
@@ -244,23 +245,25 @@ def test_pinned_page_upload() -> None:
     assert torch.equal(pinned.images_crop, page.images_crop) and pinned.n_crops == page.n_crops
 
 
-@pytest.mark.parametrize("ngram", [0, 20])
-def test_fused_pick_gives_the_same_graphed_greedy_tokens(model: object, ngram: int) -> None:
-    """``fused_pick`` under graph capture at full size: the device greedy tokens of the default pick, step for
-    step (the logits are the same kernels' in both, so this is exact), with the vendor's n-gram rule too."""
+@pytest.mark.parametrize(("switch", "ngram"), [("fused_pick", 0), ("fused_pick", 20), ("ngram_kernel", 20)])
+def test_pick_switches_give_the_same_graphed_greedy_tokens(model: object, switch: str, ngram: int) -> None:
+    """``fused_pick`` and ``ngram_kernel`` (the n-gram ban in one kernel) under graph capture at full size: the
+    device greedy tokens with the switch off and on, step for step (the logits are the same kernels' in both, so
+    this is exact), with the vendor's n-gram rule (random weights repeat one id, so from step ~20 the 20-gram ban
+    steers the tokens)."""
     gen = torch.Generator(device="cpu").manual_seed(1)
     out = []
     with torch.inference_mode():
         ids = torch.randint(0, 129280, (1, 300), generator=gen).cuda()
         embeds = model.model.embed_tokens(ids)  # type: ignore[attr-defined]
-        for fused in (False, True):
-            fast = apply_fast_path(model, FastConfig(fused_pick=fused))  # type: ignore[arg-type]
+        for on in (False, True):
+            fast = apply_fast_path(model, attrs.evolve(FastConfig(), **{switch: on}))  # type: ignore[arg-type]
             assert fast.decode_kernels == "triton", fast.decode_kernels_note
             cache = fast.new_cache(batch=1, max_len=embeds.shape[1] + STEPS + 1)
             first = fast.prefill(embeds, cache).argmax(-1, keepdim=True)
             dec = fast.decoder_for(cache, ngram)
             out.append(dec.greedy(first, STEPS))
-            assert dec.fused_pick == fused and dec.graph is not None and not bool(dec.nonfinite)
+            assert getattr(dec, switch) == on and dec.graph is not None and not bool(dec.nonfinite)
     assert out[0] == out[1]
 
 

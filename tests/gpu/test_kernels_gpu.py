@@ -530,3 +530,31 @@ def test_dense_mlp_on_the_expert_kernels_at_the_real_width() -> None:
         graph.replay()
         torch.cuda.synchronize()
     assert torch.equal(static, out)
+
+
+@pytest.mark.parametrize(("rows", "n", "window"), [(1, 20, None), (64, 20, None), (64, 30, 90), (8, 1, None)])
+def test_ngram_ban_is_the_torch_mask_at_the_real_vocabulary(rows: int, n: int, window: int | None) -> None:
+    """``ngram_ban`` compiled (one program per row: the mask cleared, a barrier, the bans set) == the torch device
+    mask bit for bit at V = 129,280 over 4,096-long histories with per-row lengths, repeats planted, and again
+    under a CUDA graph replayed after the lengths and histories changed on the device."""
+    from llm_perf_opt.models.deepseek_ocr.generation import NoRepeatNGram, banned_ngram_mask
+
+    gen = torch.Generator(device="cpu").manual_seed(5 + rows + n)
+    vocab, width = 129280, 4096
+    hist = (torch.randint(0, 40, (rows, width), generator=gen) * 3001).cuda()  # a small alphabet: repeats by chance
+    hist[:, 3000:3100] = hist[:, 100:200].clone()  # and a long planted one
+    lengths = torch.randint(n, width, (rows,), generator=gen).cuda()
+    lengths[0] = 3100
+    rule = NoRepeatNGram(n=n, window=window)
+    got = K.ngram_ban(hist, lengths, n, vocab, window=window)
+    assert torch.equal(got, banned_ngram_mask(hist, lengths, rule, vocab))
+    assert got[0].any()
+    graph = torch.cuda.CUDAGraph()
+    static = K.ngram_ban(hist, lengths, n, vocab, window=window)  # warm-up: compiled before the capture
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        static = K.ngram_ban(hist, lengths, n, vocab, window=window)
+    hist.copy_(torch.roll(hist, 7, dims=1))
+    lengths.sub_(3).clamp_(min=1)
+    graph.replay()
+    assert torch.equal(static, banned_ngram_mask(hist, lengths, rule, vocab))

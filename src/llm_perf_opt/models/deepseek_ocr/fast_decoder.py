@@ -78,6 +78,7 @@ class FastDecoder:
         self._compiled = fast.compiled_step()
         self.kernels = fast.decode_kernels if self.batch <= TRITON_MAX_ROWS else "torch"
         self.fused_pick = self.kernels == "triton" and fast.fast_config.fused_pick
+        self.ngram_kernel = self.kernels == "triton" and fast.fast_config.ngram_kernel
         # On-device token choice: every row's tokens by position (prompt via set_history, then each fed token
         # written at its position by the step), the no-repeat-ngram ban applied before the argmax, and a
         # sticky flag for non-finite logits (read once, after the loop).
@@ -95,12 +96,19 @@ class FastDecoder:
         """Next token per row on the device: argmax (first index on ties) after the no-repeat-ngram ban, then the
         step's end (:func:`kernels.feed_back`); with ``fused_pick`` (Triton step only) the flag, ban, argmax and
         the step's end in :func:`kernels.pick_token`'s two launches."""
-        from llm_perf_opt.models.deepseek_ocr.kernels import feed_back, pick_token
+        from llm_perf_opt.models.deepseek_ocr.kernels import feed_back, ngram_ban, pick_token
 
         banned = None
         if self.history is not None:
             self.history.index_copy_(1, self.pos, self.tokens)  # the fed token joins the history
-            banned = banned_ngram_mask(self.history, self.pos + 1, self.ngram, logits.shape[-1])
+            if self.ngram_kernel:
+                rule = self.ngram
+                with self.fast.triton_launches():
+                    banned = ngram_ban(
+                        self.history, self.pos, rule.n, logits.shape[-1], rule.window, rule.exempt_ids, length_offset=1
+                    )
+            else:
+                banned = banned_ngram_mask(self.history, self.pos + 1, self.ngram, logits.shape[-1])
         feed = (self.tokens, self.chosen, self.pos)
         if self.fused_pick:
             with self.fast.triton_launches():

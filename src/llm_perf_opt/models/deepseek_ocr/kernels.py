@@ -63,7 +63,7 @@ import contextvars
 import functools
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -95,6 +95,8 @@ __all__ = [
     "HAVE_TRITON",
     "INTERPRETED",
     "KEYS_PER_SPLIT",
+    "NGRAM_BLOCK_S",
+    "NGRAM_BLOCK_V",
     "KernelUnavailableError",
     "add_rms_norm",
     "add_rms_norm_f32",
@@ -124,6 +126,7 @@ __all__ = [
     "moe_route",
     "moe_route_ref",
     "moe_route_rows",
+    "ngram_ban",
     "pick_token",
     "pick_token_ref",
     "prompt_rope_kv_write",
@@ -1545,6 +1548,64 @@ if HAVE_TRITON:
                 tl.store(chosen_ptr + row * SLOTS + pos, tok)
         if FEED:
             tl.store(pos_ptr, tl.minimum(pos + 1, SLOTS - 1))
+
+    @triton.jit
+    def _ngram_ban_kernel(
+        hist_ptr,
+        len_ptr,
+        out_ptr,
+        W,
+        hist_stride,
+        V,
+        len_offset,
+        window,
+        LEN_STRIDE: tl.constexpr,
+        N: tl.constexpr,
+        HAS_WINDOW: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        USE_GDC: tl.constexpr = False,
+    ):
+        """One row of :func:`ngram_ban`: its mask cleared, then (after a barrier: another thread of the program
+        may set what this one clears) every window of ``N - 1`` tokens inside the history compared with the
+        row's last ``N - 1``, the token after each match banned (``N == 1``: every token in the history)."""
+        if USE_GDC:
+            _dependent_launch()
+        row = tl.program_id(0)
+        out_row = out_ptr + row * V
+        for v0 in range(0, V, BLOCK_V):
+            offs = v0 + tl.arange(0, BLOCK_V)
+            tl.store(out_row + offs, tl.zeros((BLOCK_V,), dtype=tl.uint8), mask=offs < V)
+        tl.debug_barrier()
+        hist_row = hist_ptr + row.to(tl.int64) * hist_stride
+        length = tl.minimum(tl.load(len_ptr + row * LEN_STRIDE) + len_offset, W)  # never past the history
+        one = tl.full((BLOCK_S,), 1, dtype=tl.uint8)
+        if N == 1:
+            n_pos = tl.minimum(length, W)
+            for p0 in range(0, n_pos, BLOCK_S):
+                p = p0 + tl.arange(0, BLOCK_S)
+                seen = p < n_pos
+                if HAS_WINDOW:
+                    seen = seen & (p >= length - window)
+                tok = tl.load(hist_row + p, mask=seen, other=-1)
+                seen = seen & (tok >= 0) & (tok < V)
+                tl.store(out_row + tok, one, mask=seen)
+        else:
+            # windows i = 0 .. length - N lie inside the history (their last token at i + N - 1 <= length - 1)
+            n_win = tl.minimum(length - N + 1, W - N + 1)
+            if length + 1 >= N:
+                for s0 in range(0, n_win, BLOCK_S):
+                    i = s0 + tl.arange(0, BLOCK_S)
+                    match = i < n_win
+                    if HAS_WINDOW:
+                        match = match & (i >= length - window)
+                    for j in tl.static_range(N - 1):
+                        suffix = tl.load(hist_row + tl.maximum(length - (N - 1) + j, 0))
+                        tok = tl.load(hist_row + i + j, mask=match, other=0)
+                        match = match & (tok == suffix)
+                    last = tl.load(hist_row + i + (N - 1), mask=match, other=-1)
+                    match = match & (last >= 0) & (last < V)
+                    tl.store(out_row + last, one, mask=match)
 
 
 # ======================================================================================== add_rms_norm
@@ -3047,6 +3108,64 @@ def pick_token(
         **_pdl(),
     )
     return out
+
+
+# ======================================================================================== ngram_ban
+# window positions per ngram_ban loop step (each compares N - 1 tokens of BLOCK_S windows) and vocabulary entries per
+# clearing step; one program per row
+NGRAM_BLOCK_S = 256
+NGRAM_BLOCK_V = 4096
+
+
+def ngram_ban(
+    history: Tensor,
+    length: Tensor,
+    n: int,
+    vocab: int,
+    window: int | None = None,
+    exempt_ids: Iterable[int] = (),
+    length_offset: int = 0,
+) -> Tensor:
+    """:func:`~llm_perf_opt.models.deepseek_ocr.generation.banned_ngram_mask` in one launch (plus a fill per exempt
+    id) instead of its ~20 small torch kernels: bool [B, vocab], True where appending the token would repeat an
+    ``n``-gram already in the row.  ``history`` int64 [B, W] (unit column stride; negative ids never match as a
+    banned token), ``length`` int64 [1] or [B] on the device (plus ``length_offset``: the decoder passes its
+    position and 1, saving the add; a length past ``W`` counts as ``W``), ``window`` / ``exempt_ids`` as
+    :class:`~llm_perf_opt.models.deepseek_ocr.generation.NoRepeatNGram`'s.  The same comparisons as the torch mask,
+    so the same bits.  CUDA-graph capturable."""
+    _require("ngram_ban", history.device)
+    if history.dim() != 2 or history.dtype != torch.int64 or history.stride(1) != 1:
+        raise ValueError(
+            f"history must be int64 [B, W] with unit column stride, got {history.dtype} {tuple(history.shape)}"
+        )
+    bsz, width = history.shape
+    if length.dtype != torch.int64 or length.numel() not in (1, bsz):
+        raise ValueError(f"length must be int64 with 1 or {bsz} entries, got {length.dtype} {tuple(length.shape)}")
+    mask = torch.empty((bsz, vocab), device=history.device, dtype=torch.bool)
+    if n <= 0:
+        return mask.zero_()
+    interp = INTERPRETED
+    _ngram_ban_kernel[(bsz,)](
+        history,
+        length.reshape(-1),
+        mask.view(torch.uint8),
+        width,
+        history.stride(0),
+        vocab,
+        length_offset,
+        0 if window is None else window,
+        LEN_STRIDE=0 if length.numel() == 1 else 1,
+        N=n,
+        HAS_WINDOW=window is not None,
+        BLOCK_V=INTERPRETER_TILE_ELEMS if interp else NGRAM_BLOCK_V,
+        BLOCK_S=INTERPRETER_TILE_ELEMS if interp else NGRAM_BLOCK_S,
+        num_warps=4,
+        **_pdl(),
+    )
+    for token in exempt_ids:  # python ints: a fill per id, nothing copied from the host
+        if 0 <= token < vocab:
+            mask[:, token] = False
+    return mask
 
 
 # ======================================================================================== linear_rows

@@ -29,6 +29,7 @@ from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, build_model  # n
 from llm_perf_opt.models.deepseek_ocr import triton_layers as TL  # noqa: E402
 from llm_perf_opt.models.deepseek_ocr.batched import BatchedGenerator  # noqa: E402
 from llm_perf_opt.models.deepseek_ocr.fast import TRITON_MAX_ROWS, FastConfig, apply_fast_path  # noqa: E402
+from llm_perf_opt.models.deepseek_ocr.generation import NoRepeatNGram  # noqa: E402
 from llm_perf_opt.models.deepseek_ocr.model import DeepseekOCRForCausalLM  # noqa: E402
 from tests.conftest import TINY, rel_err, tiny_case_pages  # noqa: E402
 
@@ -94,16 +95,23 @@ def _off_and_on(
     return runs
 
 
-@pytest.mark.parametrize("batch", [1, 2, 12])  # 12 rows: torch attention, Triton norms + grouped-GEMM experts
-def test_triton_decode_step_matches_torch_step(batch: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    grouped_rows: list[int] = []
-    grouped = kernels.moe_experts_grouped
+def _rows_of_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
+    """``kernels.<name>`` wrapped to record the rows of its first argument at every call (the list it fills)."""
+    rows: list[int] = []
+    real = getattr(kernels, name)
 
     def counted(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        grouped_rows.append(x.shape[0])
-        return grouped(x, *args, **kwargs)  # type: ignore[arg-type]
+        rows.append(x.shape[0])
+        out: torch.Tensor = real(x, *args, **kwargs)
+        return out
 
-    monkeypatch.setattr(kernels, "moe_experts_grouped", counted)
+    monkeypatch.setattr(kernels, name, counted)
+    return rows
+
+
+@pytest.mark.parametrize("batch", [1, 2, 12])  # 12 rows: torch attention, Triton norms + grouped-GEMM experts
+def test_triton_decode_step_matches_torch_step(batch: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    grouped_rows = _rows_of_calls(monkeypatch, "moe_experts_grouped")
     masked = _count_masked_attention(monkeypatch)
     model = _model(seed=3)
     embeds = torch.randn(batch, 9, model.config.language.hidden_size)
@@ -216,6 +224,26 @@ def test_fused_pick_gives_the_torch_greedy_tokens(ngram: int, monkeypatch: pytes
     assert out[0] == out[1]
     assert calls == [2] * 20  # every step's pick, on both rows, by the kernel
     assert ngram == 0 or any(len(set(row)) > 2 for row in out[0])  # the ban really steered the tokens
+
+
+@pytest.mark.parametrize("rule", [2, NoRepeatNGram(3, window=6, exempt_ids={5})])
+def test_ngram_kernel_gives_the_torch_masks_greedy_tokens(
+    rule: int | NoRepeatNGram, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ngram_kernel``: the same greedy tokens as the torch mask's (``generation.banned_ngram_mask``) step after
+    step on two rows, with the vLLM-style window and exempt id too; the kernel really built every step's ban."""
+    calls = _rows_of_calls(monkeypatch, "ngram_ban")
+    model = _model(seed=8)
+    embeds = torch.randn(2, 7, model.config.language.hidden_size)
+    out = []
+    for on in (False, True):
+        fast = apply_fast_path(model, FastConfig(cuda_graphs=False, decode_kernels="triton", ngram_kernel=on))
+        cache = fast.new_cache(batch=2, max_len=7 + 24)
+        first = fast.prefill(embeds, cache).argmax(dim=-1, keepdim=True)
+        out.append(fast.decoder_for(cache, rule).greedy(first, 20))
+    assert out[0] == out[1]
+    assert calls == [2] * 20  # every step of the kernel's run; none of the torch mask's
+    assert any(len(set(row)) > 2 for row in out[0])  # the ban really steered the tokens
 
 
 def test_norm_router_f32_gives_the_same_logits_without_the_casts(monkeypatch: pytest.MonkeyPatch) -> None:

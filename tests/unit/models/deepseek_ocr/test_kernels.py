@@ -1410,7 +1410,7 @@ def test_compiles_for_sm90(sm90: list[dict[str, Any]]) -> None:
     kernels streaming weights or K/V use 16-byte loads (scalar loads would cost several x in bandwidth)."""
     kernels = {r["kernel"] for r in sm90}
     assert kernels >= {"_add_rms_norm_kernel", "_rope_kv_write_kernel", "_attn_combine_kernel", *STREAMING}
-    assert kernels >= {"_pick_partial_kernel", "_pick_final_kernel"}
+    assert kernels >= {"_pick_partial_kernel", "_pick_final_kernel", "_ngram_ban_kernel"}
     for r in sm90:
         assert not r["error"], (r["kernel"], r["error"])
         if r["role"] not in ("launch", "float32"):  # a GPU test's or the probe's setting: held to shared memory
@@ -1589,3 +1589,64 @@ def test_prompt_kernels_compile_pipelined_for_sm90(sm90: list[dict[str, Any]]) -
     assert {r["constexprs"]["W_TMA"] for r in gemms} == {False, True}
     for r in gemms:
         assert (r["tma_copies"] > 0) == r["constexprs"]["W_TMA"], r
+
+
+# ------------------------------------------------------------------------------------------ ngram_ban
+def _planted_history(gen: torch.Generator, rows: int, width: int, vocab: int, n: int) -> torch.Tensor:
+    """Random ids from a small alphabet (so short n-grams repeat by chance) with the first ``n + 1`` ids copied to
+    the row's end (so the full row repeats an ``n``-gram whatever ``n``)."""
+    hist = torch.randint(0, 6, (rows, width), generator=gen) * (vocab // 6)
+    hist[:, width - n - 1 :] = hist[:, : n + 1].clone()
+    return hist
+
+
+@pytest.mark.parametrize(("n", "window"), [(1, None), (2, None), (3, None), (3, 9), (20, None), (1, 7)])
+def test_ngram_ban_is_the_host_rule_and_the_torch_mask(n: int, window: int | None) -> None:
+    """Per row, the banned ids are the host rule's (``banned_ngram_tokens`` over the row's first ``length`` ids:
+    the HF semantics) and the mask is the torch device mask's bit for bit; lengths per row and shared, the
+    decoder's ``length_offset``, a length too short for the rule, and the exempt ids."""
+    from llm_perf_opt.models.deepseek_ocr.generation import NoRepeatNGram, banned_ngram_mask, banned_ngram_tokens
+
+    gen = torch.Generator().manual_seed(11 + n)
+    vocab, width = 600, 48
+    hist = _planted_history(gen, 4, width, vocab, n)
+    lengths = torch.tensor([48, 30, n - 1 if n > 1 else 0, 41])  # row 2: one short of the rule (nothing banned)
+    got = K.ngram_ban(hist, lengths, n, vocab, window=window)
+    for r in range(4):
+        length = int(lengths[r])
+        expected = banned_ngram_tokens(hist[r, :length].tolist(), n, window=window)
+        assert got[r].nonzero().view(-1).tolist() == expected, r
+    rule = NoRepeatNGram(n=n, window=window)
+    assert torch.equal(got, banned_ngram_mask(hist, lengths, rule, vocab))
+    assert not got[2].any()  # the short row: nothing
+    # the planted copy: the row's last n - 1 ids are ids 2 .. n, which ids 2 .. n + 1 continued with id n + 1
+    assert window is not None or bool(got[0, int(hist[0, n + 1])])
+    shared = K.ngram_ban(hist, torch.tensor([39]), n, vocab, window=window, length_offset=1)  # the decoder's pos + 1
+    assert torch.equal(shared, banned_ngram_mask(hist, torch.tensor([40]), rule, vocab))
+    ids = [int(i) for i in got[0].nonzero().view(-1)[:2]]
+    some = (*ids, vocab + 5)  # an id past the vocabulary is ignored
+    exempt = K.ngram_ban(hist, lengths, n, vocab, window=window, exempt_ids=some)
+    assert torch.equal(
+        exempt, banned_ngram_mask(hist, lengths, NoRepeatNGram(n=n, window=window, exempt_ids=some), vocab)
+    )
+    assert not exempt[:, ids].any()
+
+
+def test_ngram_ban_leaves_ids_outside_the_scope_unbanned() -> None:
+    """Negative ids (positions outside the rule's scope: the prompt under scope ``output``) are never banned, and a
+    window holding them matches only where the torch mask's comparison does; n = 0 bans nothing."""
+    from llm_perf_opt.models.deepseek_ocr.generation import banned_ngram_mask
+
+    hist = torch.tensor([[-1, -1, -1, 4, 5, 4, 5, 4, -1, 4]])
+    for n in (1, 2, 3):
+        got = K.ngram_ban(hist, torch.tensor([10]), n, 8)
+        assert torch.equal(got, banned_ngram_mask(hist, torch.tensor([10]), n, 8)), n
+    # by hand, n = 2 over [.., 4, 5, 4, 5, 4, -1, 4]: the last token 4 was followed by 5 (twice) and by -1 (not an id)
+    assert K.ngram_ban(hist, torch.tensor([10]), 2, 8)[0].nonzero().view(-1).tolist() == [5]
+    assert not K.ngram_ban(hist, torch.tensor([10]), 0, 8).any()
+    # a length past the history's width reads as the width (no read past the row)
+    assert torch.equal(K.ngram_ban(hist, torch.tensor([50]), 2, 8), K.ngram_ban(hist, torch.tensor([10]), 2, 8))
+    with pytest.raises(ValueError, match="history must be int64"):
+        K.ngram_ban(hist.int(), torch.tensor([10]), 2, 8)
+    with pytest.raises(ValueError, match="length must be int64"):
+        K.ngram_ban(hist, torch.tensor([10, 10]), 2, 8)
