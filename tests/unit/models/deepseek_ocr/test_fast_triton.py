@@ -114,14 +114,19 @@ def test_triton_decode_step_matches_torch_step(batch: int, monkeypatch: pytest.M
     grouped_rows = _rows_of_calls(monkeypatch, "moe_experts_grouped")
     masked = _count_masked_attention(monkeypatch)
     model = _model(seed=3)
-    embeds = torch.randn(batch, 9, model.config.language.hidden_size)
+    # a seeded prompt: unseeded, the draw followed the process's RNG use before it, and one draw in a few put a
+    # logit 1.6e-4 (2.7e-4 of the largest) off, past the old 1e-4 absolute bound (round 30)
+    gen = torch.Generator().manual_seed(batch)
+    embeds = torch.randn(batch, 9, model.config.language.hidden_size, generator=gen)
     ref = apply_fast_path(model, FastConfig(cuda_graphs=False, decode_kernels="torch"))
     tri = apply_fast_path(model, FastConfig(cuda_graphs=False, decode_kernels="triton"))
     assert tri.decode_kernels == "triton" and tri.decode_kernels_note is None
     ref_tokens, ref_rows = _decode(ref, embeds, None, 5)
     _, rows = _decode(tri, embeds, ref_tokens, 5)  # teacher-forced: one near-tie cannot derail the rest
     for want, got in zip(ref_rows, rows, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        # float32 sums in another order through 12 layers of weights scaled x10: within 1e-3 of the largest logit
+        # (4 prompts x 5 steps at 12 rows measured 1.6e-6 .. 9.8e-5 of it); a wrong kernel is off by O(1)
+        assert rel_err(got, want) <= 1e-3, rel_err(got, want)
     assert all(torch.equal(got.argmax(-1), want.argmax(-1)) for got, want in zip(rows, ref_rows, strict=True))
     # routing counts: prefill (batch x 9 tokens) + 5 steps, top-k picks each, in every MoE layer
     k = model.config.language.num_experts_per_tok
