@@ -174,7 +174,9 @@ def decode_loop(m: Any, embeds: torch.Tensor, steps: int, keep: int) -> dict[str
 
 def greedy_device(m: FastModel, embeds: torch.Tensor, steps: int, ngram: int = 0) -> dict[str, Any]:
     """Prefill, then ``steps`` on-device greedy steps (graph replays, no per-token host sync); ``ngram``: under
-    the no-repeat-ngram rule of that size (the default config's is 20; 0: none, the goals' rows)."""
+    the no-repeat-ngram rule of that size (the default config's is 20; 0: none, the goals' rows).  The rule's
+    history holds zeros at the prompt's positions (only its embeddings are here, not its ids): the same work per
+    step as the CLI's, and the same input for both sides of an A/B."""
     cache = m.new_cache(batch=1, max_len=embeds.shape[1] + steps + 1)
     first = m.prefill(embeds, cache).argmax(-1, keepdim=True)
     dec = m.decoder_for(cache, ngram)

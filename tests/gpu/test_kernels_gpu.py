@@ -536,13 +536,15 @@ def test_dense_mlp_on_the_expert_kernels_at_the_real_width() -> None:
 def test_ngram_ban_is_the_torch_mask_at_the_real_vocabulary(rows: int, n: int, window: int | None) -> None:
     """``ngram_ban`` compiled (one program per row: the mask cleared, a barrier, the bans set) == the torch device
     mask bit for bit at V = 129,280 over 4,096-long histories with per-row lengths, repeats planted, and again
-    under a CUDA graph replayed after the lengths and histories changed on the device."""
+    under a CUDA graph replayed after the lengths and histories changed on the device.  Row 0 holds a planted
+    repeat: its last ids 3,050 .. 3,099 copy 3,000 .. 3,049, so the window starting at 3,050 - (n - 1) (inside the
+    last 90 positions) matches and bans id 3,050's."""
     from llm_perf_opt.models.deepseek_ocr.generation import NoRepeatNGram, banned_ngram_mask
 
     gen = torch.Generator(device="cpu").manual_seed(5 + rows + n)
     vocab, width = 129280, 4096
     hist = (torch.randint(0, 40, (rows, width), generator=gen) * 3001).cuda()  # a small alphabet: repeats by chance
-    hist[:, 3000:3100] = hist[:, 100:200].clone()  # and a long planted one
+    hist[:, 3050:3100] = hist[:, 3000:3050].clone()  # and a long planted one, inside vLLM's 90-position window
     lengths = torch.randint(n, width, (rows,), generator=gen).cuda()
     lengths[0] = 3100
     rule = NoRepeatNGram(n=n, window=window)
@@ -558,3 +560,4 @@ def test_ngram_ban_is_the_torch_mask_at_the_real_vocabulary(rows: int, n: int, w
     lengths.sub_(3).clamp_(min=1)
     graph.replay()
     assert torch.equal(static, banned_ngram_mask(hist, lengths, rule, vocab))
+    assert static[0].any()  # row 0 (3,097 ids now) still repeats the planted n-gram, shifted by 7

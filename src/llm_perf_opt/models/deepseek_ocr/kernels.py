@@ -1596,14 +1596,15 @@ if HAVE_TRITON:
             if length + 1 >= N:
                 for s0 in range(0, n_win, BLOCK_S):
                     i = s0 + tl.arange(0, BLOCK_S)
-                    match = i < n_win
+                    inside = i < n_win
                     if HAS_WINDOW:
-                        match = match & (i >= length - window)
-                    for j in tl.static_range(N - 1):
+                        inside = inside & (i >= length - window)
+                    match = inside
+                    for j in tl.static_range(N - 1):  # loads masked by the windows alone: none waits on another
                         suffix = tl.load(hist_row + tl.maximum(length - (N - 1) + j, 0))
-                        tok = tl.load(hist_row + i + j, mask=match, other=0)
+                        tok = tl.load(hist_row + i + j, mask=inside, other=0)
                         match = match & (tok == suffix)
-                    last = tl.load(hist_row + i + (N - 1), mask=match, other=-1)
+                    last = tl.load(hist_row + i + (N - 1), mask=inside, other=-1)
                     match = match & (last >= 0) & (last < V)
                     tl.store(out_row + last, one, mask=match)
 
@@ -3125,6 +3126,7 @@ def ngram_ban(
     window: int | None = None,
     exempt_ids: Iterable[int] = (),
     length_offset: int = 0,
+    blocks: tuple[int, int] | None = None,
 ) -> Tensor:
     """:func:`~llm_perf_opt.models.deepseek_ocr.generation.banned_ngram_mask` in one launch (plus a fill per exempt
     id) instead of its ~20 small torch kernels: bool [B, vocab], True where appending the token would repeat an
@@ -3132,7 +3134,8 @@ def ngram_ban(
     banned token), ``length`` int64 [1] or [B] on the device (plus ``length_offset``: the decoder passes its
     position and 1, saving the add; a length past ``W`` counts as ``W``), ``window`` / ``exempt_ids`` as
     :class:`~llm_perf_opt.models.deepseek_ocr.generation.NoRepeatNGram`'s.  The same comparisons as the torch mask,
-    so the same bits.  CUDA-graph capturable."""
+    so the same bits.  CUDA-graph capturable.  ``blocks`` (tests): the (window, vocabulary) block sizes, small to
+    run the loops over several blocks under the interpreter (its default blocks cover a test's row at once)."""
     _require("ngram_ban", history.device)
     if history.dim() != 2 or history.dtype != torch.int64 or history.stride(1) != 1:
         raise ValueError(
@@ -3144,10 +3147,12 @@ def ngram_ban(
     mask = torch.empty((bsz, vocab), device=history.device, dtype=torch.bool)
     if n <= 0:
         return mask.zero_()
-    interp = INTERPRETED
+    block_s, block_v = blocks or (
+        (INTERPRETER_TILE_ELEMS, INTERPRETER_TILE_ELEMS) if INTERPRETED else (NGRAM_BLOCK_S, NGRAM_BLOCK_V)
+    )
     _ngram_ban_kernel[(bsz,)](
         history,
-        length.reshape(-1),
+        length.reshape(-1).contiguous(),  # the kernel steps one entry a row
         mask.view(torch.uint8),
         width,
         history.stride(0),
@@ -3157,8 +3162,8 @@ def ngram_ban(
         LEN_STRIDE=0 if length.numel() == 1 else 1,
         N=n,
         HAS_WINDOW=window is not None,
-        BLOCK_V=INTERPRETER_TILE_ELEMS if interp else NGRAM_BLOCK_V,
-        BLOCK_S=INTERPRETER_TILE_ELEMS if interp else NGRAM_BLOCK_S,
+        BLOCK_V=block_v,
+        BLOCK_S=block_s,
         num_warps=4,
         **_pdl(),
     )

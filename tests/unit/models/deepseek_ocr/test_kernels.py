@@ -1610,11 +1610,17 @@ def test_ngram_ban_is_the_host_rule_and_the_torch_mask(n: int, window: int | Non
     gen = torch.Generator().manual_seed(11 + n)
     vocab, width = 600, 48
     hist = _planted_history(gen, 4, width, vocab, n)
+    hist[3, 20:] = vocab  # batched_decode's history fill past a row's ids: never a token to ban
     lengths = torch.tensor([48, 30, n - 1 if n > 1 else 0, 41])  # row 2: one short of the rule (nothing banned)
     got = K.ngram_ban(hist, lengths, n, vocab, window=window)
+    # the loops over several blocks (the interpreter's default blocks take a test's row at once), and a strided length
+    assert torch.equal(K.ngram_ban(hist, lengths, n, vocab, window=window, blocks=(4, 64)), got)
+    strided = torch.stack([lengths, torch.zeros_like(lengths)], dim=1)[:, 0]
+    assert torch.equal(K.ngram_ban(hist, strided, n, vocab, window=window, blocks=(4, 64)), got)
     for r in range(4):
         length = int(lengths[r])
-        expected = banned_ngram_tokens(hist[r, :length].tolist(), n, window=window)
+        # ids past the vocabulary (row 3's fill) are no token: the mask has no column for them
+        expected = [t for t in banned_ngram_tokens(hist[r, :length].tolist(), n, window=window) if t < vocab]
         assert got[r].nonzero().view(-1).tolist() == expected, r
     rule = NoRepeatNGram(n=n, window=window)
     assert torch.equal(got, banned_ngram_mask(hist, lengths, rule, vocab))
@@ -1630,6 +1636,26 @@ def test_ngram_ban_is_the_host_rule_and_the_torch_mask(n: int, window: int | Non
         exempt, banned_ngram_mask(hist, lengths, NoRepeatNGram(n=n, window=window, exempt_ids=some), vocab)
     )
     assert not exempt[:, ids].any()
+
+
+@pytest.mark.parametrize(
+    ("ids", "n", "window", "banned"),
+    [
+        ([1, 2, 3, 3], 2, None, [3]),  # the last window (3, 3) counts: greedy's commonest loop, "x x" bans x
+        ([5, 6, 1, 2, 5], 2, 5, [6]),  # the window starting exactly `window` positions back counts
+        ([5, 6, 1, 2, 5], 2, 4, []),  # one position short: it does not
+        ([7, 8, 9, 7, 8], 3, None, [9]),
+        ([7, 8, 9, 7, 8], 3, 2, []),
+    ],
+)
+def test_ngram_ban_at_the_edges_by_hand(ids: list[int], n: int, window: int | None, banned: list[int]) -> None:
+    """Hand-worked edges of the windows (the last one, the first inside ``window``), checked against the host
+    rule too."""
+    from llm_perf_opt.models.deepseek_ocr.generation import banned_ngram_tokens
+
+    assert banned_ngram_tokens(ids, n, window=window) == banned
+    got = K.ngram_ban(torch.tensor([ids]), torch.tensor([len(ids)]), n, 12, window=window, blocks=(2, 4))
+    assert got[0].nonzero().view(-1).tolist() == banned
 
 
 def test_ngram_ban_leaves_ids_outside_the_scope_unbanned() -> None:
