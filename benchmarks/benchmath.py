@@ -21,7 +21,7 @@ from typing import Any
 
 import attrs
 
-from llm_perf_opt.profiling.torch_profiler import stream_busy_us, stream_shares_us
+from llm_perf_opt.profiling.torch_profiler import stream_busy_us, stream_walk
 
 
 @attrs.frozen
@@ -369,22 +369,28 @@ def step_timeline(kernels: Sequence[tuple[str, float, float, Any]], steps: int) 
     stream)`` of ``steps`` steps: per kernel name its calls, busy µs (its duration from the later of its start and
     the end of the work before it on its stream: the rule of :func:`decode_step_profile`) and idle µs before it (from
     that end to its start, when it starts later: the stream waited, e.g. on a launch) per step, and its raw µs per
-    call; and the totals per step (busy, idle, their sum: the stream's span).  A stream's first kernel has no idle
+    call; the totals per step (busy, idle, their sum: the stream's span); and where the idle time sits (``gaps``).  A stream's first kernel has no idle
     time before it.  Rows are sorted by busy + idle time, largest first."""
     if steps <= 0:
         raise ValueError(f"steps must be >= 1, got {steps}")
     events = [{"ts": start, "dur": dur, "pid": 0, "tid": stream, "name": name} for name, start, dur, stream in kernels]
-    shares = stream_shares_us(events)
     rows: dict[str, dict[str, float]] = {}
-    for e in events:
-        busy, idle = shares[id(e)]
+    # the idle time by where it sits: per (kernel whose end the stream waited from, kernel that then started) the
+    # gaps and their idle µs; tells a wait at a graph replay's start from one inside the step
+    pairs: dict[tuple[str, str], list[float]] = {}
+    busy_total = idle_total = 0.0
+    for e, busy, idle, waited_from in stream_walk(events):
         row = rows.setdefault(e["name"], {"calls": 0.0, "busy": 0.0, "idle": 0.0, "raw": 0.0})
         row["calls"] += 1
         row["busy"] += busy
         row["idle"] += idle
         row["raw"] += float(e["dur"])
-    busy_total = sum(busy for busy, _ in shares.values())
-    idle_total = sum(idle for _, idle in shares.values())
+        busy_total += busy
+        idle_total += idle
+        if idle > 0 and waited_from is not None:
+            pair = pairs.setdefault((waited_from["name"], e["name"]), [0.0, 0.0])
+            pair[0] += 1
+            pair[1] += idle
     table = [
         {
             "kernel": name,
@@ -398,37 +404,17 @@ def step_timeline(kernels: Sequence[tuple[str, float, float, Any]], steps: int) 
     table.sort(key=lambda r: -(r["busy_us_per_step"] + r["idle_us_before_per_step"]))
     return {
         "rows": table,
-        "gaps": _idle_gaps(events, steps),
+        "gaps": sorted(
+            (
+                {"after": a, "before": b, "gaps_per_step": n / steps, "idle_us_per_step": idle / steps}
+                for (a, b), (n, idle) in pairs.items()
+            ),
+            key=lambda g: -g["idle_us_per_step"],
+        ),
         "busy_us_per_step": busy_total / steps,
         "idle_us_per_step": idle_total / steps,
         "span_us_per_step": (busy_total + idle_total) / steps,
     }
-
-
-def _idle_gaps(events: Sequence[dict[str, Any]], steps: int) -> list[dict[str, Any]]:
-    """The idle time of :func:`step_timeline` by where it sits: per (kernel whose end the stream waited from, kernel
-    that then started) the gaps and their idle µs per step, largest first.  Tells a wait at a graph replay's start
-    (after the last kernel of a step, before the first of the next) from one inside the step."""
-    pairs: dict[tuple[str, str], list[float]] = {}
-    by_stream: dict[Any, list[dict[str, Any]]] = {}
-    for e in events:
-        by_stream.setdefault(e["tid"], []).append(e)
-    for stream_events in by_stream.values():
-        stream_events.sort(key=lambda e: e["ts"])
-        end, last = stream_events[0]["ts"] + stream_events[0]["dur"], stream_events[0]["name"]
-        for e in stream_events[1:]:
-            if e["ts"] > end:
-                pair = pairs.setdefault((last, e["name"]), [0.0, 0.0])
-                pair[0] += 1
-                pair[1] += e["ts"] - end
-            if e["ts"] + e["dur"] > end:
-                end, last = e["ts"] + e["dur"], e["name"]
-    gaps = [
-        {"after": a, "before": b, "gaps_per_step": n / steps, "idle_us_per_step": idle / steps}
-        for (a, b), (n, idle) in pairs.items()
-    ]
-    gaps.sort(key=lambda g: -g["idle_us_per_step"])
-    return gaps
 
 
 def p90_ms(step_ms: Sequence[float]) -> float | None:

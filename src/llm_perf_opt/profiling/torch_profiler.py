@@ -11,7 +11,7 @@ import gzip
 import json
 import math
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -171,21 +171,26 @@ def stream_shares_us(kernels: list[dict[str, Any]]) -> dict[int, tuple[float, fl
     counts it; idle from the end of everything before it on the same stream to its start, when it starts later
     (the stream waited: on a launch, on the host), 0 for a stream's first event.  Per stream, busy + idle add up
     to the span from its first start to its last end."""
+    return {id(e): (busy, idle) for e, busy, idle, _ in stream_walk(kernels)}
+
+
+def stream_walk(kernels: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], float, float, dict[str, Any] | None]]:
+    """Each stream's device events in start order, each as (event, busy µs, idle µs, the event whose end the
+    stream had reached before it: the latest-ending one so far, None for a stream's first) — the walk behind
+    :func:`stream_shares_us`, with what an idle gap waited after (e.g. the last kernel of a graph replay)."""
     by_stream: dict[tuple[Any, Any], list[dict[str, Any]]] = {}
     for k in kernels:
         by_stream.setdefault((k.get("pid"), k.get("tid")), []).append(k)
-    out: dict[int, tuple[float, float]] = {}
     for evs in by_stream.values():
         frontier = -math.inf
+        last: dict[str, Any] | None = None
         for e in sorted(evs, key=lambda e: float(e["ts"])):
             start = float(e["ts"])
             end = start + float(e.get("dur", 0))
-            out[id(e)] = (
-                max(0.0, end - max(start, frontier)),
-                max(0.0, start - frontier) if frontier > -math.inf else 0.0,
-            )
-            frontier = max(frontier, end)
-    return out
+            busy = max(0.0, end - max(start, frontier))
+            yield e, busy, (max(0.0, start - frontier) if frontier > -math.inf else 0.0), last
+            if end > frontier:
+                frontier, last = end, e
 
 
 def kernel_attribution(events: list[dict[str, Any]], top_k: int) -> KernelAttribution | None:
