@@ -369,8 +369,9 @@ def step_timeline(kernels: Sequence[tuple[str, float, float, Any]], steps: int) 
     stream)`` of ``steps`` steps: per kernel name its calls, busy µs (its duration from the later of its start and
     the end of the work before it on its stream: the rule of :func:`decode_step_profile`) and idle µs before it (from
     that end to its start, when it starts later: the stream waited, e.g. on a launch) per step, and its raw µs per
-    call; the totals per step (busy, idle, their sum: the stream's span); and where the idle time sits (``gaps``).  A stream's first kernel has no idle
-    time before it.  Rows are sorted by busy + idle time, largest first."""
+    call; the totals per step (busy, idle, their sum: the stream's span); and where the idle time sits (``gaps``,
+    largest first).  A stream's first kernel has no idle time before it.  Rows are sorted by busy + idle time,
+    largest first."""
     if steps <= 0:
         raise ValueError(f"steps must be >= 1, got {steps}")
     events = [{"ts": start, "dur": dur, "pid": 0, "tid": stream, "name": name} for name, start, dur, stream in kernels]
