@@ -114,10 +114,16 @@ def banned_ngram_mask(history: Tensor, length: Tensor, n: int | NoRepeatNGram, v
             match &= starts >= lengths - rule.window
         last = windows[:, :, n - 1]
         mask.scatter_(1, torch.where(match & (last >= 0), last, vocab), True)
-    for token in rule.exempt_ids:  # python ints: a view + fill per id, nothing copied from the host
-        if 0 <= token < vocab:
+    return unban_exempt(mask[:, :vocab], rule.exempt_ids)
+
+
+def unban_exempt(mask: Tensor, exempt_ids: Iterable[int]) -> Tensor:
+    """``mask`` [B, vocab] with the columns of ``exempt_ids`` cleared (ids outside the vocabulary ignored), in
+    place: python ints, a view + fill per id, nothing copied from the host (CUDA-graph capturable)."""
+    for token in exempt_ids:
+        if 0 <= token < mask.shape[1]:
             mask[:, token] = False
-    return mask[:, :vocab]
+    return mask
 
 
 _SCOPES = ("sequence", "output")

@@ -76,6 +76,7 @@ from llm_perf_opt.models.deepseek_ocr.experts import (
     route_tokens,
     silu_gate_up,
 )
+from llm_perf_opt.models.deepseek_ocr.generation import unban_exempt
 
 try:
     import triton
@@ -3167,10 +3168,7 @@ def ngram_ban(
         num_warps=4,
         **_pdl(),
     )
-    for token in exempt_ids:  # python ints: a fill per id, nothing copied from the host
-        if 0 <= token < vocab:
-            mask[:, token] = False
-    return mask
+    return unban_exempt(mask, exempt_ids)
 
 
 # ======================================================================================== linear_rows
