@@ -176,8 +176,8 @@ class HostLoadSampler:
         except AttributeError:
             self.cpus = set(range(os.cpu_count() or 1))
         self.clk_tck = float(os.sysconf("SC_CLK_TCK")) if hasattr(os, "sysconf") else 100.0
-        self.load_1m: list[float] = []
-        self.load_readings: list[tuple[float, float]] = []  # (perf_counter s, load): the start's, then each sample's
+        self.load_start: tuple[float, float] | None = None  # (perf_counter s, load) when the run started
+        self.load_readings: list[tuple[float, float]] = []  # (perf_counter s, load) at each sample
         self.other_share: list[float] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -193,7 +193,6 @@ class HostLoadSampler:
         while not self._stop.wait(self.interval_s):
             load = _load_1m()
             if load is not None:
-                self.load_1m.append(load)
                 self.load_readings.append((time.perf_counter(), load))
             now = (time.perf_counter(), proc_stat_busy_s(self.cpus, self.clk_tck), _own_cpu_s())
             if now[1] is not None and prev[1] is not None:
@@ -206,7 +205,7 @@ class HostLoadSampler:
     def start(self) -> HostLoadSampler:
         load = _load_1m()  # before the probe's own load: an update during the probe is a change seen
         if load is not None:
-            self.load_readings.append((time.perf_counter(), load))
+            self.load_start = (time.perf_counter(), load)
         if self.probe is not None:
             self.probe_ms_start = self.probe()
         self._thread = threading.Thread(target=self._sample_loop, name="host-load", daemon=True)
@@ -221,9 +220,11 @@ class HostLoadSampler:
             self.probe_ms_end = self.probe()
 
     def summary(self) -> HostLoad | None:
-        if not self.load_1m and not self.other_share and self.probe_ms_start is None:
+        readings = list(self.load_readings)  # one copy: the sampler may still be appending
+        loads = [load for _, load in readings]
+        if not loads and not self.other_share and self.probe_ms_start is None:
             return None
-        windows = run_queue_windows(list(self.load_readings))  # one copy: the sampler may still be appending
+        windows = run_queue_windows([self.load_start, *readings] if self.load_start else readings)
         updates = sum(k for k, _ in windows)
         queue = (
             (sum(k * n for k, n in windows) / updates, max(n for _, n in windows))
@@ -232,10 +233,10 @@ class HostLoadSampler:
         )
         return HostLoad(
             usable_cores=len(self.cpus),
-            samples=max(len(self.load_1m), len(self.other_share)),
+            samples=max(len(loads), len(self.other_share)),
             interval_s=self.interval_s,
-            load_1m_mean=statistics.fmean(self.load_1m) if self.load_1m else None,
-            load_1m_max=max(self.load_1m) if self.load_1m else None,
+            load_1m_mean=statistics.fmean(loads) if loads else None,
+            load_1m_max=max(loads) if loads else None,
             other_cpu_share_mean=statistics.fmean(self.other_share) if self.other_share else None,
             other_cpu_share_max=max(self.other_share) if self.other_share else None,
             note=self.reason,
@@ -244,7 +245,7 @@ class HostLoadSampler:
             probe_work=PROBE_WORK if self.probe_ms_start is not None else None,
             run_queue_mean=queue[0],
             run_queue_max=queue[1],
-            run_queue_updates=updates if self.load_readings else None,
+            run_queue_updates=updates if readings or self.load_start else None,
             load_cpus=os.cpu_count(),
         )
 

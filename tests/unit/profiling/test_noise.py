@@ -140,8 +140,7 @@ def test_quality_judges_the_run_queue_not_the_minute_before() -> None:
 
 def test_sampler_summary_carries_the_run_queue(monkeypatch: pytest.MonkeyPatch) -> None:
     sampler = HostLoadSampler(probe=None)
-    sampler.load_readings = _kernel_readings(6.0, [1] * 4 + [2] * 4, phase_s=2.3, seconds=40.0)
-    sampler.load_1m = [load for _, load in sampler.load_readings[1:]]
+    sampler.load_start, *sampler.load_readings = _kernel_readings(6.0, [1] * 4 + [2] * 4, phase_s=2.3, seconds=40.0)
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
     host = sampler.summary()
     assert host is not None
@@ -149,7 +148,7 @@ def test_sampler_summary_carries_the_run_queue(monkeypatch: pytest.MonkeyPatch) 
     assert host.run_queue_mean == pytest.approx((3 * 1 + 4 * 2) / 7, abs=0.05)  # the first update opens the windows
     assert host.run_queue_max == pytest.approx(2.0, abs=0.12)
     assert host.load_cpus == 8
-    sampler.load_readings = sampler.load_readings[:17]  # 8 s: two updates seen, one window
+    sampler.load_readings = sampler.load_readings[:16]  # 8 s: two updates seen, one window
     host = sampler.summary()
     assert host is not None and host.run_queue_updates == 1 and host.run_queue_mean is None
 
@@ -162,7 +161,7 @@ def test_sampler_survives_a_load_average_that_fails(monkeypatch: pytest.MonkeyPa
     sampler = HostLoadSampler(interval_s=0.01, probe=None).start()
     time.sleep(0.05)
     sampler.stop()
-    assert sampler.load_readings == [] and sampler.load_1m == []
+    assert sampler.load_readings == [] and sampler.load_start is None
     host = sampler.summary()
     assert host is not None and host.run_queue_updates is None and host.load_1m_mean is None
 
