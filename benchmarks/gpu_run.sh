@@ -125,15 +125,17 @@ if has goals18; then
        dataset.target_lengths=lognormal dataset.target_median_tokens=1000 infer.max_new_tokens=4096
        repeats=1 per_page_pages=2 profiling.rep_max_new_tokens=32 progress=false)
   rm -rf /tmp/goals18-continuous /tmp/goals18-static /tmp/goals18-continuous-wide /tmp/goals18-continuous-perpage \
-    /tmp/goals18-continuous-batchedrefill
+    /tmp/goals18-continuous-batchedrefill /tmp/goals18-continuous-torchban
   # modes: continuous (the defaults: refills prefilled page by page here, infer.refill_prefill=auto), static,
   # continuous-wide (continuous without the drain's narrowing: what it saves), continuous-batchedrefill (each
-  # refill's pages in one left-padded eager prefill) and continuous-perpage (page by page, forced)
+  # refill's pages in one left-padded eager prefill), continuous-perpage (page by page, forced) and
+  # continuous-torchban (the n-gram ban from the torch mask's ~20 kernels instead of kernels.ngram_ban)
   for mode in ${G18_MODES:-continuous static}; do
     MODE_ARGS=(infer.batching=${mode%-*})
     [ "$mode" = continuous-wide ] && MODE_ARGS+=(infer.narrow_drain=false)
     [ "$mode" = continuous-perpage ] && MODE_ARGS+=(infer.refill_prefill=per_page)
     [ "$mode" = continuous-batchedrefill ] && MODE_ARGS+=(infer.refill_prefill=batched)
+    [ "$mode" = continuous-torchban ] && MODE_ARGS+=(infer.fast.ngram_kernel=false)
     python3 -m llm_perf_opt.runners.llm_profile_runner "${G18[@]}" "${MODE_ARGS[@]}" \
       hydra.run.dir=/tmp/goals18-$mode 2>&1 | tail -3
     cp /tmp/goals18-$mode/report.md "$OUT/goals18-$mode-report.md"
@@ -147,6 +149,9 @@ if has goals18; then
   [ -d /tmp/goals18-continuous-batchedrefill ] && [ -d /tmp/goals18-continuous ] &&
     python3 -m llm_perf_opt.cli compare /tmp/goals18-continuous-batchedrefill /tmp/goals18-continuous \
       -o "$OUT/goals18-compare-refills.md" > /dev/null
+  [ -d /tmp/goals18-continuous-torchban ] && [ -d /tmp/goals18-continuous ] &&
+    python3 -m llm_perf_opt.cli compare /tmp/goals18-continuous-torchban /tmp/goals18-continuous \
+      -o "$OUT/goals18-compare-ngram.md" > /dev/null
   [ -d /tmp/goals18-continuous-perpage ] && [ -d /tmp/goals18-continuous ] &&
     python3 -m llm_perf_opt.cli compare /tmp/goals18-continuous /tmp/goals18-continuous-perpage \
       -o "$OUT/goals18-compare-perpage.md" > /dev/null

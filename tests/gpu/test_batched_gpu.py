@@ -161,6 +161,31 @@ def test_graph_with_device_ngram_rule_matches_ungraphed_step(
     assert res.graph_capture_s > 0 and res.tokens == ref.tokens
 
 
+@pytest.mark.parametrize("ngram", [3, 20])
+def test_ngram_kernel_in_the_graphed_batched_and_continuous_steps(
+    model: DeepseekOCRForCausalLM, fast: FastModel, pages: list[PreparedPage], ngram: int
+) -> None:
+    """``ngram_kernel`` (the default) inside the captured static and continuous steps: the same tokens as the same
+    steps with the torch mask (``ngram_kernel=False``); the kernel equals the torch mask bit for bit at the real
+    vocabulary (test_kernels_gpu), so the tokens must be equal, not merely close."""
+    import attrs
+
+    from llm_perf_opt.models.deepseek_ocr.continuous import SlotRequest
+
+    masked = apply_fast_path(model, attrs.evolve(fast.fast_config, ngram_kernel=False))
+    kernel_gen, mask_gen = _generator(model, fast, "fast"), _generator(model, masked, "fast")
+    assert kernel_gen.ngram_kernel and not mask_gen.ngram_kernel
+    caps = [STEPS, STEPS, 12, 7]
+    res = kernel_gen.run(pages, caps, eos_token_id=None, no_repeat_ngram_size=ngram)
+    ref = mask_gen.run(pages, caps, eos_token_id=None, no_repeat_ngram_size=ngram)
+    assert res.decode_path == ref.decode_path == "graph", kernel_gen.capture_error
+    assert res.tokens == ref.tokens
+    reqs = [SlotRequest(p, cap) for p, cap in zip([*pages, *pages], [STEPS, 9, 12, 7, 5, STEPS, 3, 11], strict=True)]
+    got = kernel_gen.run_continuous(reqs, 3, eos_token_id=None, no_repeat_ngram_size=ngram)
+    want = mask_gen.run_continuous(reqs, 3, eos_token_id=None, no_repeat_ngram_size=ngram)
+    assert got.tokens == want.tokens
+
+
 def test_vision_chunks_warmed_in_inference_mode_after_graphed_pages(model: DeepseekOCRForCausalLM) -> None:
     """The batched phase's order on the device: pages encoded under inference_mode (the vision graphs' static
     input buffers become inference tensors), then ``warm_vision`` for every chunk shape, then pages again.  The

@@ -209,6 +209,29 @@ def test_step_timeline_splits_each_stream_into_busy_and_idle_time_per_kernel() -
         step_timeline(kernels, steps=0)
 
 
+def test_step_timeline_leaves_a_loops_set_up_and_read_back_out_of_the_steps() -> None:
+    """A loop of two steps (a opens a step, c closes it) with its set-up before (s0 at 0..1, s1 at 1..2, then the
+    first a only at 100: 98 µs idle, the profiler's first launch) and a read-back r after (142..143, 2 µs after
+    the last c's end at 140).  By hand, in the steps: a 100..110, c 115..120 (5 idle), a 125..135 (5 idle), c
+    135..140: busy 30, idle 10 over 2 steps; outside: s0, s1, r (3 events, busy 1 each, idle 2 before r) and the
+    98 µs before the first a."""
+    kernels = [
+        ("s0", 0.0, 1.0, 7), ("s1", 1.0, 1.0, 7),
+        ("a", 100.0, 10.0, 7), ("c", 115.0, 5.0, 7),
+        ("a", 125.0, 10.0, 7), ("c", 135.0, 5.0, 7),
+        ("r", 142.0, 1.0, 7),
+    ]  # fmt: skip
+    tl = step_timeline(kernels, steps=2, first="a", last="c")
+    assert tl["outside"] == {"events": 3, "busy_us": 3.0, "idle_us": 98.0 + 2.0}
+    assert tl["busy_us_per_step"] == (10 + 5 + 10 + 5) / 2
+    assert tl["idle_us_per_step"] == (5 + 5 + 0) / 2  # a→c 5 µs twice; c→a 5 µs once (120 → 125)
+    rows = {r["kernel"]: r for r in tl["rows"]}
+    assert set(rows) == {"a", "c"} and rows["a"]["idle_us_before_per_step"] == 2.5
+    assert step_timeline(kernels, steps=2)["idle_us_per_step"] == (98 + 5 + 5 + 2) / 2  # without: all of it
+    with pytest.raises(ValueError, match="no kernel named 'z'"):
+        step_timeline(kernels, steps=2, first="z")
+
+
 def test_p90_of_decode_steps() -> None:
     # statistics.quantiles(n=10), exclusive method: position 0.9·(n+1) = 9.9 of 1..10 → 9 + 0.9·(10 − 9)
     assert p90_ms([float(v) for v in range(10, 0, -1)]) == pytest.approx(9.9)

@@ -378,7 +378,8 @@ class InferSettings:
     # (eager); per_page = one page at a time through the model's per-page prefill into a cache kept per prompt
     # length (on the fast path a CUDA-graph replay per length, captured before the fill, outside the stages);
     # auto = per_page where that prefill is a graph replay (the fast path on CUDA: 1.07x / 1.10x the output tok/s
-    # of batched on an H100, Gundam, round 29), else batched (:func:`refill_per_page`)
+    # of batched on an H100, Gundam, round 29; Base 1.17x, round 30; DeepSeek-OCR-2 1.05x, round 31, each paired
+    # over 6 rounds, p = 0.031), else batched (:func:`refill_per_page`)
     refill_prefill: str = attrs.field(default="auto", validator=_choice(("auto", "batched", "per_page")))
     fast: FastSettings = attrs.field(factory=FastSettings)
     # name of the vendor resolution mode this preset stands for (a label; its geometry is preprocess_override)

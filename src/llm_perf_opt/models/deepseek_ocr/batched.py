@@ -177,6 +177,16 @@ class BatchedGenerator:
         """Whether the decode steps attend with two GEMMs (the FastModel's ``decode_attention="matmul"``)."""
         return self.fast is not None and self.fast.fast_config.decode_attention == "matmul"
 
+    @property
+    def ngram_kernel(self) -> bool:
+        """Whether the decode steps build the no-repeat ban with :func:`kernels.ngram_ban` (the FastModel's
+        ``ngram_kernel``, where Triton kernels run on this device) instead of the torch mask's ~20 kernels."""
+        if self.fast is None or not self.fast.fast_config.ngram_kernel:
+            return False
+        from llm_perf_opt.models.deepseek_ocr.kernels import unavailable_reason
+
+        return not unavailable_reason(self.device)
+
     def warm_vision(self, pages: Sequence[PreparedPage]) -> int:
         """With a FastModel: compile and capture every vision chunk shape the pages' view sizes can meet
         (:func:`batched_vision.warm_view_chunks`), outside any timed region; returns the shapes run (0 without)."""
@@ -264,6 +274,7 @@ class BatchedGenerator:
                 matmul_attention=self.matmul_attention,
                 expert_impl=self.expert_impl,
                 no_repeat_ngram=ngram,
+                ngram_kernel=self.ngram_kernel,
             )
         return entry
 

@@ -48,6 +48,7 @@ class DecodeRows:
         matmul_attention: bool,
         expert_impl: str | None,
         no_repeat_ngram: int,
+        ngram_kernel: bool = False,
         cache: StaticKVCache | None = None,
     ) -> None:
         dev, dtype = base.device, base.dtype
@@ -66,6 +67,8 @@ class DecodeRows:
         self.ngram = int(no_repeat_ngram)
         self.vocab = int(base.lm_head.out_features)
         self.hist = torch.full((rows, max_len + 1), self.vocab, dtype=torch.long, device=dev) if self.ngram else None
+        # the ban as kernels.ngram_ban's one launch instead of banned_ngram_mask's ~20 torch kernels (the same bits)
+        self.ngram_kernel = bool(ngram_kernel) and self.ngram > 0
         self.key_pos = torch.arange(max_len, device=dev)
         self.mask_zero = torch.zeros((), dtype=dtype, device=dev)
         self.mask_neg = torch.full((), float("-inf"), dtype=dtype, device=dev)
@@ -82,6 +85,15 @@ class DecodeRows:
         return (
             self.key[0] == rows and self.key[1] >= max_len and self.key[2:] == (bool(use_graph), int(no_repeat_ngram))
         )
+
+    def _ban(self, hist: Tensor, length: Tensor) -> Tensor:
+        """bool [rows of ``hist``, V]: the ids the no-repeat rule bans after each row's first ``length`` entries
+        ([1] or one per row): :func:`kernels.ngram_ban` with ``ngram_kernel``, else the torch mask."""
+        if self.ngram_kernel:
+            from llm_perf_opt.models.deepseek_ocr import kernels
+
+            return kernels.ngram_ban(hist, length, self.ngram, self.vocab)
+        return banned_ngram_mask(hist, length, self.ngram, self.vocab)
 
     def _logits(self, slot: Tensor, key_len: int, mask: Tensor) -> Tensor:
         """float32 logits [B, V] of one decoder forward of ``tokens``, each row rotated at its own ``pos``, K/V
@@ -153,6 +165,7 @@ class StaticBatchStep(DecodeRows):
         matmul_attention: bool,
         expert_impl: str | None,
         no_repeat_ngram: int = 0,
+        ngram_kernel: bool = False,
     ) -> None:
         super().__init__(
             lm,
@@ -163,6 +176,7 @@ class StaticBatchStep(DecodeRows):
             matmul_attention=matmul_attention,
             expert_impl=expert_impl,
             no_repeat_ngram=no_repeat_ngram,
+            ngram_kernel=ngram_kernel,
         )
         dev = base.device
         self.batch = bsz
@@ -191,7 +205,7 @@ class StaticBatchStep(DecodeRows):
         """bool [B, V]: the tokens the no-repeat rule bans given ``hist_len`` [1] columns; None without a rule."""
         if self.hist is None:
             return None
-        return banned_ngram_mask(self.hist, hist_len.clamp(max=self.hist.shape[1]), self.ngram, self.vocab)
+        return self._ban(self.hist, hist_len.clamp(max=self.hist.shape[1]))
 
     def _choose(self, logits: Tensor, hist_len: Tensor) -> Tensor:
         """Greedy [B, 1] on the device, first index on ties; banned tokens masked first (as the host loop)."""

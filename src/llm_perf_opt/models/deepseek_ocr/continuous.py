@@ -17,7 +17,8 @@ width, below).
   ``pos`` [B], caps, eos, done flags, token counts and the output buffer all live in device buffers, so on CUDA
   it is captured once per (slots, max_len, n-gram size) and replayed.  A finished (or empty) row keeps running
   (static shapes) with its position frozen; it records nothing.  The vendor no-repeat-ngram rule runs on the
-  device with one history length per row (:func:`~llm_perf_opt.models.deepseek_ocr.generation.banned_ngram_mask`).
+  device with one history length per row (:func:`~llm_perf_opt.models.deepseek_ocr.generation.banned_ngram_mask`,
+  or :func:`~llm_perf_opt.models.deepseek_ocr.kernels.ngram_ban`'s one launch with the fast path's ``ngram_kernel``).
 * **When slots are refilled**: without eos the host knows when every row ends (its cap), so it runs exactly
   the steps until the next row ends, then refills; no device value is read until the end.  With eos it also
   reads the done flags every ``check_every`` steps (one sync each), so a row ended by eos may idle up to
@@ -111,7 +112,6 @@ from torch import Tensor
 from llm_perf_opt.errors import ConfigError
 from llm_perf_opt.models.deepseek_ocr.batched_decode import DecodeRows
 from llm_perf_opt.models.deepseek_ocr.context import decode_key_mask
-from llm_perf_opt.models.deepseek_ocr.generation import banned_ngram_mask
 from llm_perf_opt.models.deepseek_ocr.graphs import capture_graph, default_capture_stream, first_argmax, stream_apart
 from llm_perf_opt.models.deepseek_ocr.kv_cache import StaticKVCache
 from llm_perf_opt.models.deepseek_ocr.model import DeepseekOCRForCausalLM
@@ -262,6 +262,7 @@ class SlotDecodeStep(DecodeRows):
         matmul_attention: bool,
         expert_impl: str | None,
         no_repeat_ngram: int = 0,
+        ngram_kernel: bool = False,
         cache: StaticKVCache | None = None,
     ) -> None:
         super().__init__(
@@ -273,6 +274,7 @@ class SlotDecodeStep(DecodeRows):
             matmul_attention=matmul_attention,
             expert_impl=expert_impl,
             no_repeat_ngram=no_repeat_ngram,
+            ngram_kernel=ngram_kernel,
             cache=cache,
         )
         dev = base.device
@@ -332,7 +334,7 @@ class SlotDecodeStep(DecodeRows):
             for i, ids in enumerate(prompts):
                 hist[i, : ids.numel()] = ids.reshape(-1).cpu()
             hist_d = hist.to(dev)
-            banned = banned_ngram_mask(hist_d, lens_d, self.ngram, self.vocab)
+            banned = self._ban(hist_d, lens_d)
             logits = logits.masked_fill(banned, float("-inf"))
         first = first_argmax(logits)  # [n, 1]
         if self.hist is not None:
@@ -370,7 +372,7 @@ class SlotDecodeStep(DecodeRows):
     def _choose(self, logits: Tensor) -> Tensor:
         if self.hist is not None:
             hist_len = (self.pos + 1).clamp(max=self.hist.shape[1])  # prompt + tokens up to the one fed now
-            logits = logits.masked_fill(banned_ngram_mask(self.hist, hist_len, self.ngram, self.vocab), float("-inf"))
+            logits = logits.masked_fill(self._ban(self.hist, hist_len), float("-inf"))
         return first_argmax(logits)
 
     def _body(self) -> None:
@@ -424,6 +426,7 @@ class SlotDecodeStep(DecodeRows):
             matmul_attention=self.matmul_attention,
             expert_impl=self.expert_impl,
             no_repeat_ngram=self.ngram,
+            ngram_kernel=self.ngram_kernel,
             cache=cache,
         )
 
@@ -1020,4 +1023,5 @@ def _step_for(
         matmul_attention=gen.matmul_attention,
         expert_impl=gen.expert_impl,
         no_repeat_ngram=ngram,
+        ngram_kernel=gen.ngram_kernel,
     )

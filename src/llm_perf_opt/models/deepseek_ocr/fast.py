@@ -230,11 +230,12 @@ class FastConfig:
     # first argmax) as kernels.pick_token's two launches instead of ~6 torch kernels.  On an H200 (bench_fast,
     # 2026-12-02 r7): 0.854 -> 0.819 ms/token with the same 64 greedy tokens; the pick itself 34.4 -> 3.1 us.
     fused_pick: bool = True
-    # with the Triton decode step: the no-repeat-ngram ban (the default config's no_repeat_ngram_size=20) as one
-    # kernel (kernels.ngram_ban: the mask cleared, every window compared, the banned ids set) instead of
-    # generation.banned_ngram_mask's ~20 small torch kernels a step.  The same mask bit for bit (interpreter tests
-    # against the torch mask and the host rule); compiles for sm_90.  Staged, off: not yet run on a GPU (round 30)
-    ngram_kernel: bool = False
+    # the no-repeat-ngram ban (the default config's no_repeat_ngram_size=20) as one kernel (kernels.ngram_ban: the
+    # mask cleared, every window compared, the banned ids set) instead of generation.banned_ngram_mask's ~20 small
+    # torch kernels a step: in the batch-1 Triton decode step and in the batched and continuous steps (where Triton
+    # runs).  The same mask bit for bit (interpreter and GPU tests against the torch mask).  On an H100 (bench_fast,
+    # round 31, 6 paired rounds): batch-1 decode under the rule 0.744 -> 0.712 ms/token, the same 64 greedy tokens
+    ngram_kernel: bool = True
     # with the Triton decode step: each MoE layer's post-attention norm kernel also writes the router's float32
     # input (the same values as ``normed.float()``), saving one cast launch per MoE layer.  On an H200
     # (bench_fast, 2026-12-02 r7): 0.854 -> 0.827 ms/token, bit-identical logits (GPU and interpreter tests).

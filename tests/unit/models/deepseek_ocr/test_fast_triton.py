@@ -251,6 +251,39 @@ def test_ngram_kernel_gives_the_torch_masks_greedy_tokens(
     assert any(len(set(row)) > 2 for row in out[0])  # the ban really steered the tokens
 
 
+@pytest.mark.parametrize("ngram", [2, 3])
+def test_ngram_kernel_in_the_batched_and_continuous_steps(ngram: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ngram_kernel`` in the static batched step and continuous batching's slot step: the host loop's tokens
+    (its rule: ``banned_ngram_tokens`` per sequence, no kernel) from the static step, and the torch mask's tokens
+    from the continuous one, with the kernel building every ban (one row per sequence or slot, each step and each
+    refill's first token); the rule really steered the tokens."""
+    from llm_perf_opt.models.deepseek_ocr.continuous import SlotRequest
+
+    calls = _rows_of_calls(monkeypatch, "ngram_ban")
+    model = build_model(
+        DeepseekOCRConfig.from_json(TINY / "config.json"), "cpu", torch.float32, TINY / "weights.safetensors"
+    )
+    pages = tiny_case_pages(model.config)  # prompt lengths 29, 39, 59
+    common = dict(NO_GRAPHS_PLAIN_VISION, decode_kernels="torch")  # only the ban's kernel runs interpreted
+    torch_mask = BatchedGenerator(apply_fast_path(model, FastConfig(ngram_kernel=False, **common)))  # type: ignore[arg-type]
+    kernel = BatchedGenerator(apply_fast_path(model, FastConfig(ngram_kernel=True, **common)))  # type: ignore[arg-type]
+    assert kernel.ngram_kernel and not torch_mask.ngram_kernel
+    host = BatchedGenerator(model, static_decode=False).run(pages, 10, eos_token_id=None, no_repeat_ngram_size=ngram)
+    free = BatchedGenerator(model, static_decode=False).run(pages, 10, eos_token_id=None)
+    assert host.tokens != free.tokens  # the rule decides tokens here
+    assert not calls
+    static = kernel.run(pages, 10, eos_token_id=None, no_repeat_ngram_size=ngram)
+    assert static.decode_path == "static" and static.tokens == host.tokens
+    assert calls == [len(pages)] * 10  # the first token's ban, then one per decode step, every row
+    calls.clear()
+    reqs = [SlotRequest(pages[i], cap) for i, cap in ((0, 6), (1, 9), (2, 4), (0, 7))]
+    ref = torch_mask.run_continuous(reqs, 2, eos_token_id=None, no_repeat_ngram_size=ngram)
+    assert not calls
+    res = kernel.run_continuous(reqs, 2, eos_token_id=None, no_repeat_ngram_size=ngram)
+    assert res.tokens == ref.tokens
+    assert calls and set(calls) <= {1, 2}  # slot steps (2 rows) and refills' first tokens (1 or 2 pages)
+
+
 def test_norm_router_f32_gives_the_same_logits_without_the_casts(monkeypatch: pytest.MonkeyPatch) -> None:
     """``norm_router_f32``: the router reads the norm kernel's float32 copy (no ``.float()`` of the normed rows)
     and every logit is bit-identical to the step without it (the router's input values are the same)."""
