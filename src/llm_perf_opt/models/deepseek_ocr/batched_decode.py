@@ -67,8 +67,14 @@ class DecodeRows:
         self.ngram = int(no_repeat_ngram)
         self.vocab = int(base.lm_head.out_features)
         self.hist = torch.full((rows, max_len + 1), self.vocab, dtype=torch.long, device=dev) if self.ngram else None
-        # the ban as kernels.ngram_ban's one launch instead of banned_ngram_mask's ~20 torch kernels (the same bits)
+        # the ban as kernels.ngram_ban's one launch instead of banned_ngram_mask's ~20 torch kernels (the same bits),
+        # its two length layouts (one for every row, one per row) run once here, so a kernel compile lands in the
+        # step's set-up, not in a timed fill or step
         self.ngram_kernel = bool(ngram_kernel) and self.ngram > 0
+        if self.ngram_kernel:
+            assert self.hist is not None
+            for n_len in {1, rows}:
+                self._ban(self.hist, torch.zeros(n_len, dtype=torch.long, device=dev))
         self.key_pos = torch.arange(max_len, device=dev)
         self.mask_zero = torch.zeros((), dtype=dtype, device=dev)
         self.mask_neg = torch.full((), float("-inf"), dtype=dtype, device=dev)

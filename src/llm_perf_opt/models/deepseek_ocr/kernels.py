@@ -1550,7 +1550,10 @@ if HAVE_TRITON:
         if FEED:
             tl.store(pos_ptr, tl.minimum(pos + 1, SLOTS - 1))
 
-    @triton.jit
+    # one compile per rule (N, window or not) and length layout: the history's width and row stride change with
+    # every cache and refill, and a specialisation per value (== 1, divisible by 16) compiled again inside a
+    # continuous run's timed fills (round 31: a GPU test's prefill time held a compile)
+    @triton.jit(do_not_specialize=["W", "hist_stride", "V", "len_offset", "window"])
     def _ngram_ban_kernel(
         hist_ptr,
         len_ptr,
@@ -3160,7 +3163,7 @@ def ngram_ban(
         vocab,
         length_offset,
         0 if window is None else window,
-        LEN_STRIDE=0 if length.numel() == 1 else 1,
+        LEN_STRIDE=1 if length.numel() == bsz else 0,  # one row with one length: the per-row form (one compile)
         N=n,
         HAS_WINDOW=window is not None,
         BLOCK_V=block_v,
