@@ -303,7 +303,8 @@ def profile_graphed_decode_step(m: FastModel, embeds: torch.Tensor, out: Path, s
 
     # one replay alone names the kernels that open and close a step: the loop's set-up before its first replay
     # (the token and position written, the profiler's first launch) and its read-back after the last are then
-    # totalled apart, not spread over the steps (round 30's table put a 1.7 ms set-up gap at 86 µs a step)
+    # totalled apart, not spread over the steps (round 31's first table, on round 30's tree, put a 1.7 ms set-up
+    # gap at 86 µs a step)
     assert dec.graph is not None, dec.capture_error
     with profile(activities=[ProfilerActivity.CUDA]) as one:
         dec.graph.replay()
@@ -315,13 +316,19 @@ def profile_graphed_decode_step(m: FastModel, embeds: torch.Tensor, out: Path, s
     kernels = device_kernels(prof)
     tl = step_timeline(kernels, steps, first=replay[0][0], last=replay[-1][0])
     out_ = tl["outside"]
+    window_note = (
+        ""
+        if tl["events_in_steps"] == steps * len(replay)
+        else f" **Check the window**: {tl['events_in_steps']} kernels fell between the first and the last replay's"
+        f" opening and closing kernels, not {steps} × {len(replay)} (a set-up kernel named like a step's first?)."
+    )
     lines = [
         f"Graphed decode step, {steps} replays of the on-device greedy loop (batch 1, the page's prompt; one"
         " read-back of the tokens at the end):"
         f" busy {tl['busy_us_per_step']:.1f} µs + idle {tl['idle_us_per_step']:.1f} µs = span"
         f" {tl['span_us_per_step']:.1f} µs per step on the device, {len(replay)} kernels per step (one replay"
         f" profiled alone). Left out, once per loop: {out_['events']} kernels before the first replay or after the"
-        f" last (set-up, read-back), {out_['busy_us']:.1f} µs busy + {out_['idle_us']:.1f} µs idle.",
+        f" last (set-up, read-back), {out_['busy_us']:.1f} µs busy + {out_['idle_us']:.1f} µs idle.{window_note}",
         "",
         "| kernel | calls/step | busy µs/step | idle µs before it/step | raw µs/call |",
         "| --- | ---: | ---: | ---: | ---: |",
@@ -896,27 +903,27 @@ def main() -> None:
             ngram = 20
             on = fast.fast_config.ngram_kernel
             rule_key = f"decode no_repeat_ngram_size={ngram}"
-            kernel_key = f"{rule_key}, ngram_kernel={not on}"
+            other_key = f"{rule_key}, ngram_kernel={not on}"
             try:
-                nk = apply_fast_path(model, attrs.evolve(fast.fast_config, ngram_kernel=not on))
-                g_rule = greedy_device(fast, embeds, steps, ngram)
-                g_kernel = greedy_device(nk, embeds, steps, ngram)
-                var[f"{rule_key} (the default config, ngram_kernel={on}) (device greedy) ms/token"] = g_rule[
+                other = apply_fast_path(model, attrs.evolve(fast.fast_config, ngram_kernel=not on))
+                g_default = greedy_device(fast, embeds, steps, ngram)
+                g_other = greedy_device(other, embeds, steps, ngram)
+                var[f"{rule_key} (the default config, ngram_kernel={on}) (device greedy) ms/token"] = g_default[
                     "ms_per_token"
                 ]
-                var[f"{kernel_key} (device greedy) ms/token"] = g_kernel["ms_per_token"]
-                rt, kt = g_rule["tokens"][: keep + 1], g_kernel["tokens"][: keep + 1]
-                var[f"{kernel_key}: tokens == the default's, {keep} steps"] = (
-                    f"{rt == kt} (first divergence {first_divergence(rt, kt)})"
+                var[f"{other_key} (device greedy) ms/token"] = g_other["ms_per_token"]
+                dt_, ot = g_default["tokens"][: keep + 1], g_other["tokens"][: keep + 1]
+                var[f"{other_key}: tokens == the default's, {keep} steps"] = (
+                    f"{dt_ == ot} (first divergence {first_divergence(dt_, ot)})"
                 )
                 paired(
-                    kernel_key,
+                    other_key,
                     lambda: greedy_device(fast, embeds, steps, ngram)["ms_per_token"],
-                    lambda: greedy_device(nk, embeds, steps, ngram)["ms_per_token"],
+                    lambda: greedy_device(other, embeds, steps, ngram)["ms_per_token"],
                 )
-                del nk
+                del other
             except Exception as exc:  # a kernel compile failure must not lose the rest of the report
-                var[kernel_key] = f"failed: {type(exc).__name__}: {exc}"[:300]
+                var[other_key] = f"failed: {type(exc).__name__}: {exc}"[:300]
         checkpoint("the torch decode kernels, the ungraphed decode and the vision SDPA policies")
         if "other" in parts:
             other_kernels = "torch" if fast.fast_config.decode_kernels == "triton" else "triton"

@@ -561,3 +561,37 @@ def test_ngram_ban_is_the_torch_mask_at_the_real_vocabulary(rows: int, n: int, w
     graph.replay()
     assert torch.equal(static, banned_ngram_mask(hist, lengths, rule, vocab))
     assert static[0].any()  # row 0 (3,097 ids now) still repeats the planted n-gram, shifted by 7
+
+
+def test_ngram_ban_compiles_once_per_length_layout_whatever_the_history() -> None:
+    """A continuous run's histories change width with every cache and its refills change row counts: after one call
+    per length layout (one length for every row, one per row; what each batched step's construction runs), calls
+    with other widths (odd, divisible by 16, 1), row strides, row counts and lengths compile nothing more, so no
+    compile lands inside a timed fill (round 31: a GPU test's prefill time held one).  Oracle: the kernel's own
+    cache of compiled variants (Triton's ``device_caches``), counted before and after, and the torch mask."""
+    from llm_perf_opt.models.deepseek_ocr.generation import banned_ngram_mask
+
+    caches = getattr(K._ngram_ban_kernel, "device_caches", None)
+    if caches is None:
+        pytest.skip("this Triton keeps its compiled variants elsewhere (no JITFunction.device_caches)")
+
+    def compiled() -> int:
+        return sum(len(entry[0]) for entry in caches.values())
+
+    vocab, n = 129280, 20
+    gen = torch.Generator(device="cpu").manual_seed(3)
+
+    def hist(rows: int, width: int) -> torch.Tensor:
+        return (torch.randint(0, 5, (rows, width), generator=gen) * 7).cuda()
+
+    base = hist(8, 513)
+    K.ngram_ban(base, torch.full((1,), 300, dtype=torch.long, device="cuda"), n, vocab)
+    K.ngram_ban(base, torch.full((8,), 300, dtype=torch.long, device="cuda"), n, vocab)
+    before = compiled()
+    wide = hist(8, 2000)[:, :1025]  # a row stride of 2,000 with 1,025 columns
+    for h in (hist(8, 1024), hist(3, 257), hist(1, 4096), wide, hist(64, 1), hist(1, 20)):
+        for lengths in (torch.tensor([h.shape[1]]), torch.randint(1, h.shape[1] + 1, (h.shape[0],), generator=gen)):
+            lengths = lengths.cuda()
+            got = K.ngram_ban(h, lengths, n, vocab)
+            assert torch.equal(got, banned_ngram_mask(h, lengths, n, vocab))
+    assert compiled() == before

@@ -228,8 +228,18 @@ def test_step_timeline_leaves_a_loops_set_up_and_read_back_out_of_the_steps() ->
     rows = {r["kernel"]: r for r in tl["rows"]}
     assert set(rows) == {"a", "c"} and rows["a"]["idle_us_before_per_step"] == 2.5
     assert step_timeline(kernels, steps=2)["idle_us_per_step"] == (98 + 5 + 5 + 2) / 2  # without: all of it
+    assert tl["events_in_steps"] == 4
     with pytest.raises(ValueError, match="no kernel named 'z'"):
         step_timeline(kernels, steps=2, first="z")
+    with pytest.raises(ValueError, match="starts before the first"):
+        step_timeline(kernels, steps=1, first="c", last="s1")
+    # a zero-length closing kernel (c at 140, no duration) is the step's, not the read-back's; a second stream's
+    # wait into its first kernel inside the window (its set-up kernel t ends at 10, u starts at 112) is set-up too
+    edge = [*kernels[:5], ("c", 140.0, 0.0, 7), ("t", 5.0, 5.0, 9), ("u", 112.0, 2.0, 9), ("u", 127.0, 2.0, 9)]
+    tl = step_timeline(edge, steps=2, first="a", last="c")
+    assert tl["events_in_steps"] == 6 and tl["outside"] == {"events": 3, "busy_us": 7.0, "idle_us": 98.0 + 102.0}
+    assert tl["busy_us_per_step"] == (10 + 5 + 10 + 0 + 2 + 2) / 2
+    assert tl["idle_us_per_step"] == (5 + 5 + 5 + 13) / 2  # stream 7: c, a, then c 5 after 135; stream 9: u 114→127
 
 
 def test_p90_of_decode_steps() -> None:

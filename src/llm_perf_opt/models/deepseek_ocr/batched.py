@@ -179,13 +179,11 @@ class BatchedGenerator:
 
     @property
     def ngram_kernel(self) -> bool:
-        """Whether the decode steps build the no-repeat ban with :func:`kernels.ngram_ban` (the FastModel's
-        ``ngram_kernel``, where Triton kernels run on this device) instead of the torch mask's ~20 kernels."""
-        if self.fast is None or not self.fast.fast_config.ngram_kernel:
-            return False
-        from llm_perf_opt.models.deepseek_ocr.kernels import unavailable_reason
-
-        return not unavailable_reason(self.device)
+        """Whether the decode steps build the no-repeat ban with :func:`kernels.ngram_ban` instead of the torch
+        mask's ~20 kernels: the FastModel's ``ngram_kernel`` with its Triton decode step (``decode_kernels`` resolved
+        to ``triton``: Triton runs on this device), as at batch 1; ``decode_kernels=torch`` keeps Triton out of the
+        decode."""
+        return self.fast is not None and self.fast.fast_config.ngram_kernel and self.fast.decode_kernels == "triton"
 
     def warm_vision(self, pages: Sequence[PreparedPage]) -> int:
         """With a FastModel: compile and capture every vision chunk shape the pages' view sizes can meet

@@ -153,7 +153,8 @@ class StaticBatchStep(DecodeRows):
     ``"eager"``, which is why those are never graphed).
 
     With ``no_repeat_ngram`` n > 0 the step also applies the no-repeat-ngram rule on the device
-    (:func:`~llm_perf_opt.models.deepseek_ocr.generation.banned_ngram_mask`, static shapes) before the argmax:
+    (:func:`~llm_perf_opt.models.deepseek_ocr.generation.banned_ngram_mask`, or with ``ngram_kernel``
+    :func:`~llm_perf_opt.models.deepseek_ocr.kernels.ngram_ban`'s one launch; static shapes) before the argmax:
     ``hist`` [B, max_len + 1] holds every row's sequence aligned with the cache columns (prompt left-padded,
     pads hold ``vocab``, a value no token has, so no window that touches a pad matches a row's suffix and a
     match never bans a pad), so one ``length`` (``slot + 1``) serves every row.  One n for the whole batch (it

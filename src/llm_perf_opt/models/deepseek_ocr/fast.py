@@ -232,9 +232,10 @@ class FastConfig:
     fused_pick: bool = True
     # the no-repeat-ngram ban (the default config's no_repeat_ngram_size=20) as one kernel (kernels.ngram_ban: the
     # mask cleared, every window compared, the banned ids set) instead of generation.banned_ngram_mask's ~20 small
-    # torch kernels a step: in the batch-1 Triton decode step and in the batched and continuous steps (where Triton
-    # runs).  The same mask bit for bit (interpreter and GPU tests against the torch mask).  On an H100 (bench_fast,
-    # round 31, 6 paired rounds): batch-1 decode under the rule 0.744 -> 0.712 ms/token, the same 64 greedy tokens
+    # torch kernels a step, with the Triton decode step: at batch 1 and in the batched and continuous steps.  The
+    # same mask bit for bit (interpreter and GPU tests against the torch mask).  On an H100 (round 31, 6 paired
+    # rounds): batch-1 decode under the rule 0.744 -> 0.712 ms/token, the same 64 greedy tokens; issue 18's goals
+    # run (64 slots, continuous) 1.05-1.06x the output tok/s
     ngram_kernel: bool = True
     # with the Triton decode step: each MoE layer's post-attention norm kernel also writes the router's float32
     # input (the same values as ``normed.float()``), saving one cast launch per MoE layer.  On an H200

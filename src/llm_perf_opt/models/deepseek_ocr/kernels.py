@@ -1550,10 +1550,12 @@ if HAVE_TRITON:
         if FEED:
             tl.store(pos_ptr, tl.minimum(pos + 1, SLOTS - 1))
 
-    # one compile per rule (N, window or not) and length layout: the history's width and row stride change with
-    # every cache and refill, and a specialisation per value (== 1, divisible by 16) compiled again inside a
-    # continuous run's timed fills (round 31: a GPU test's prefill time held a compile)
-    @triton.jit(do_not_specialize=["W", "hist_stride", "V", "len_offset", "window"])
+    # one compile per rule (N, window or not), length layout, offset and launch mode (plain or PDL): the history's
+    # width and row stride change with every cache and refill, and a specialisation per value (== 1, divisible by
+    # 16) compiled again inside a continuous run's timed fills (round 31: a GPU test's prefill time held a
+    # compile).  The vocabulary stays specialised: it is one value per model, and its divisibility by 16 keeps the
+    # mask's row starts aligned for wide stores
+    @triton.jit(do_not_specialize=["W", "hist_stride"])
     def _ngram_ban_kernel(
         hist_ptr,
         len_ptr,

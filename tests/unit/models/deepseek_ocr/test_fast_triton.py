@@ -54,8 +54,11 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(autouse=True)
 def _interpreter(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The interpreter's switch is read again at launch: set it only while these tests run."""
+    """The interpreter's switch is read again at launch: set it only while these tests run.  The global RNG is
+    seeded per test: a prompt drawn from it otherwise follows whatever ran before, and one draw in a few put a
+    comparison near its bound (round 30: a flaky logit bound)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch.manual_seed(0)
     yield
 
 
@@ -251,12 +254,13 @@ def test_ngram_kernel_gives_the_torch_masks_greedy_tokens(
     assert any(len(set(row)) > 2 for row in out[0])  # the ban really steered the tokens
 
 
-@pytest.mark.parametrize("ngram", [2, 3])
-def test_ngram_kernel_in_the_batched_and_continuous_steps(ngram: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ngram_kernel_in_the_batched_and_continuous_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     """``ngram_kernel`` in the static batched step and continuous batching's slot step: the host loop's tokens
     (its rule: ``banned_ngram_tokens`` per sequence, no kernel) from the static step, and the torch mask's tokens
     from the continuous one, with the kernel building every ban (one row per sequence or slot, each step and each
-    refill's first token); the rule really steered the tokens."""
+    refill's first token); the rule really steered the tokens (bigrams: n = 2; the kernel's own tests cover the
+    other sizes)."""
+    ngram = 2
     from llm_perf_opt.models.deepseek_ocr.continuous import SlotRequest
 
     calls: list[tuple[int, int]] = []  # (history rows, lengths) of every ngram_ban call
@@ -271,10 +275,14 @@ def test_ngram_kernel_in_the_batched_and_continuous_steps(ngram: int, monkeypatc
         DeepseekOCRConfig.from_json(TINY / "config.json"), "cpu", torch.float32, TINY / "weights.safetensors"
     )
     pages = tiny_case_pages(model.config)  # prompt lengths 29, 39, 59
-    common = dict(NO_GRAPHS_PLAIN_VISION, decode_kernels="torch")  # only the ban's kernel runs interpreted
+    common = NO_GRAPHS_PLAIN_VISION
     torch_mask = BatchedGenerator(apply_fast_path(model, FastConfig(ngram_kernel=False, **common)))  # type: ignore[arg-type]
     kernel = BatchedGenerator(apply_fast_path(model, FastConfig(ngram_kernel=True, **common)))  # type: ignore[arg-type]
     assert kernel.ngram_kernel and not torch_mask.ngram_kernel
+    # with the torch decode step the batched steps keep Triton out of the decode, ban included (as at batch 1)
+    assert not BatchedGenerator(
+        apply_fast_path(model, FastConfig(ngram_kernel=True, decode_kernels="torch", **common))  # type: ignore[arg-type]
+    ).ngram_kernel
     host = BatchedGenerator(model, static_decode=False).run(pages, 10, eos_token_id=None, no_repeat_ngram_size=ngram)
     free = BatchedGenerator(model, static_decode=False).run(pages, 10, eos_token_id=None)
     assert host.tokens != free.tokens  # the rule decides tokens here
@@ -286,11 +294,12 @@ def test_ngram_kernel_in_the_batched_and_continuous_steps(ngram: int, monkeypatc
     rows = len(pages)
     assert sorted(calls[:2]) == [(rows, 1), (rows, rows)] and calls[2:] == [(rows, 1)] * 10
     calls.clear()
-    reqs = [SlotRequest(pages[i], cap) for i, cap in ((0, 6), (1, 9), (2, 4), (0, 7))]
+    reqs = [SlotRequest(pages[i], cap) for i, cap in ((0, 12), (1, 9), (2, 10), (0, 7))]
     ref = torch_mask.run_continuous(reqs, 2, eos_token_id=None, no_repeat_ngram_size=ngram)
     assert not calls
     res = kernel.run_continuous(reqs, 2, eos_token_id=None, no_repeat_ngram_size=ngram)
     assert res.tokens == ref.tokens
+    assert res.tokens != kernel.run_continuous(reqs, 2, eos_token_id=None).tokens  # the rule decided tokens here
     # set-up (2 slots: one length, one per slot), then slot steps (a length per slot) and refills (1 or 2 pages)
     assert sorted(calls[:2]) == [(2, 1), (2, 2)] and set(calls[2:]) <= {(1, 1), (2, 2)} and (2, 2) in calls[2:]
 
