@@ -4,6 +4,10 @@ A device-side assert (an out-of-bounds index in a kernel), an illegal address or
 later CUDA call in the process raises the same error.  Round 27's first full run on an H100 turned one such fault
 into 43 failures and 20 errors in tests that had nothing wrong with them.  After such a test the session stops
 (as ``-x`` would) and says which test it was and how to run the rest in a fresh process.
+
+Each failure's traceback is also written the moment the test fails, not only in pytest's summary at the end:
+the device runs the suite under a time limit, and round 31's run was cut before its summary, so the one failure
+it had left only its name.
 """
 
 from __future__ import annotations
@@ -42,3 +46,26 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> 
             "a new process"
         )
     return report
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """A failed test's traceback, written as soon as it fails (between ``-v``'s result lines)."""
+    if not report.failed or _config is None:
+        return
+    # looked up here: the terminal reporter registers itself in its own pytest_configure, after this conftest's
+    reporter = _config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None:
+        return
+    reporter.write_line("")
+    reporter.write_line(f"---- {report.nodeid} failed ({report.when}) ----")
+    for line in report.longreprtext.splitlines():
+        reporter.write_line(line)
+    reporter.write_line(f"---- end of {report.nodeid} ----")
+
+
+_config: pytest.Config | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _config
+    _config = config

@@ -29,7 +29,10 @@ def test_sticky_errors_are_recognised() -> None:
 
 
 def _run(tmp_path: Path, body: str) -> subprocess.CompletedProcess[str]:
-    (tmp_path / "conftest.py").write_text("from tests.gpu.conftest import pytest_runtest_makereport  # noqa: F401\n")
+    (tmp_path / "conftest.py").write_text(
+        "from tests.gpu.conftest import pytest_configure, pytest_runtest_logreport, pytest_runtest_makereport"
+        "  # noqa: F401\n"
+    )
     (tmp_path / "test_scratch.py").write_text(body)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run(
@@ -59,3 +62,19 @@ def test_an_ordinary_failure_does_not_stop_the_suite(tmp_path: Path) -> None:
     proc = _run(tmp_path, "def test_fails():\n    assert 1 == 2\ndef test_after():\n    pass\n")
     assert proc.returncode == pytest.ExitCode.TESTS_FAILED and "1 failed, 1 passed" in proc.stdout, proc.stdout
     assert "CUDA context" not in proc.stdout
+
+
+def test_a_failures_traceback_is_written_when_it_fails_not_only_at_the_end(tmp_path: Path) -> None:
+    """Round 31: the suite's time limit cut pytest before its summary, and the one failure left only its name.
+    The traceback must sit between the failing test and the next one in the output."""
+    proc = _run(
+        tmp_path,
+        "def test_fails():\n    assert 1 == 2, 'the message'\n"
+        "def test_after():\n    print('AFTER')\n    assert 0, 'second'\n",
+    )
+    out = proc.stdout
+    first = out.index("---- test_scratch.py::test_fails failed (call) ----")
+    end = out.index("---- end of test_scratch.py::test_fails ----")
+    assert first < out.index("the message", first) < end  # the message inside the early block
+    assert end < out.index("---- test_scratch.py::test_after failed (call) ----")  # before the next test's
+    assert end < out.index("short test summary info")  # and before pytest's own summary
