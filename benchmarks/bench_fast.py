@@ -249,6 +249,18 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
     return None
 
 
+def device_kernels(prof: Any) -> list[tuple[str, float, float, Any]]:
+    """A torch profiler's device events as (name, start µs, duration µs, stream), in start order."""
+    return sorted(
+        (
+            (e.name, float(e.time_range.start), float(e.device_time), e.device_resource_id)
+            for e in prof.events()
+            if e.device_type.name == "CUDA"
+        ),
+        key=lambda k: k[1],
+    )
+
+
 def profile_decode_step(m: FastModel, embeds: torch.Tensor, out: Path, compile_mode: str = "none") -> dict[str, Any]:
     """Kernels of un-graphed fast decode steps: count and GPU time per step (what the graph replays)."""
     from torch.profiler import ProfilerActivity, profile
@@ -266,12 +278,10 @@ def profile_decode_step(m: FastModel, embeds: torch.Tensor, out: Path, compile_m
         for _ in range(n):
             fm.decode_step(tok, cache)
         torch.cuda.synchronize()
-    events = [e for e in prof.events() if e.device_type.name == "CUDA"]
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
     suffix = "" if compile_mode == "none" else f"_compile_{compile_mode}"
     (out / f"fast_decode_profile{suffix}.txt").write_text(table)
-    spans = [(float(e.time_range.start), float(e.device_time), e.device_resource_id) for e in events]
-    return decode_step_profile(spans, n)
+    return decode_step_profile([(start, dur, stream) for _, start, dur, stream in device_kernels(prof)], n)
 
 
 def profile_graphed_decode_step(m: FastModel, embeds: torch.Tensor, out: Path, steps: int = 20) -> dict[str, Any]:
@@ -290,16 +300,6 @@ def profile_graphed_decode_step(m: FastModel, embeds: torch.Tensor, out: Path, s
     dec = m.decoder_for(cache)
     dec.greedy(first, 3)  # capture, then replays (their tokens are not used)
     torch.cuda.synchronize()
-
-    def device_kernels(prof: Any) -> list[tuple[str, float, float, Any]]:
-        return sorted(
-            (
-                (e.name, float(e.time_range.start), float(e.device_time), e.device_resource_id)
-                for e in prof.events()
-                if e.device_type.name == "CUDA"
-            ),
-            key=lambda k: k[1],
-        )
 
     # one replay alone names the kernels that open and close a step: the loop's set-up before its first replay
     # (the token and position written, the profiler's first launch) and its read-back after the last are then
