@@ -199,10 +199,66 @@ def test_a_wait_for_a_prefill_run_ahead_is_prefill_time_not_vision(
             _requests(pages), SLOTS, eos_token_id=None, no_repeat_ngram_size=NGRAM, vision_ahead=1, prefill_ahead=True
         )
 
+    run(False)  # every vision shape and stream met once: neither timed run below holds a capture
     plain, slowed = run(False), run(True)
+    assert (plain.timed_setups, slowed.timed_setups) == (0, 0)
     assert slowed.tokens == plain.tokens and slowed.pages_prefilled_ahead == plain.pages_prefilled_ahead == 4
     assert slowed.prefill_s - plain.prefill_s > sleep_s
     assert slowed.vision_s - plain.vision_s < 0.5 * sleep_s, (slowed.vision_s, plain.vision_s, sleep_s)
+
+
+def _draws_until(handle: int) -> int:
+    """Pool streams drawn until one with ``handle`` comes (that one included)."""
+    for n in range(1, 1025):
+        if torch.cuda.Stream(torch.device("cuda")).cuda_stream == handle:
+            return n
+    raise AssertionError(f"stream {handle:#x} never came back from torch's stream pool")
+
+
+def _next_draw_is(handle: int) -> None:
+    """Leave torch's round-robin stream pool so that its next stream is ``handle``'s (a stream of that pool)."""
+    _draws_until(handle)
+    cycle = _draws_until(handle)  # the pool's size, whatever torch's build makes it
+    for _ in range(cycle - 1):
+        torch.cuda.Stream(torch.device("cuda"))
+
+
+def test_the_run_ahead_stream_is_none_the_fast_path_holds(graphed_vision: FastModel, pages: list[PreparedPage]) -> None:
+    """Round 32: torch hands out pool streams round-robin, and the run-ahead's second stream, drawn apart from the
+    capture streams only, came out as the global view's stream in the GPU suite.  Vision run there is taken for the
+    global view's chain, whose graphs are keyed by another capture stream: four graphs were captured inside the
+    timed fills.  Here the pool is left so that its next stream is the view stream (then, in a second run, the
+    prompt's shared-experts stream): a run whose every shape was met before must capture nothing, and the vision
+    graphs' keys stay those of the warm run."""
+    held = [s for s in (*graphed_vision.vision.streams, graphed_vision.prompt_stream) if s is not None]
+    assert graphed_vision.vision.view_stream is not None  # the default vision_streams: what the draw must avoid
+    handles = [s.cuda_stream for s in (default_capture_stream(), *held)]
+    assert len(set(handles)) == len(handles), "the fast path's own streams collide"
+    gen = _gen(graphed_vision)
+    kwargs: dict[str, Any] = {"eos_token_id": None, "no_repeat_ngram_size": NGRAM, "vision_ahead": 1}
+    warm = gen.run_continuous(_requests(pages), SLOTS, prefill_ahead=True, **kwargs)
+    keys = {name: set(g.graphs) for name, g in graphed_vision.vision.graphs.items()}
+    for stream in held:
+        _next_draw_is(stream.cuda_stream)
+        run = gen.run_continuous(_requests(pages), SLOTS, prefill_ahead=True, **kwargs)
+        assert run.tokens == warm.tokens and run.pages_ahead == warm.pages_ahead > 0
+        assert run.timed_setups == 0, f"{run.timed_setups} captures in the timed fills with {stream} drawn next"
+        assert {name: set(g.graphs) for name, g in graphed_vision.vision.graphs.items()} == keys
+
+
+def test_the_fast_paths_streams_are_drawn_apart_from_the_shared_capture_stream() -> None:
+    """A fast path built when the pool's next stream is torch's shared capture stream (where the decode and prefill
+    graphs are captured): before round 32 the global view's stream was drawn as it came, so it would have been that
+    stream.  Every stream the fast path holds is apart from it and from the others."""
+    cfg = DeepseekOCRConfig.from_json(TINY / "config.json")
+    model = build_model(cfg, "cuda", torch.float32, weights=TINY / "weights.safetensors")
+    shared = default_capture_stream()
+    _next_draw_is(shared.cuda_stream)
+    fast = apply_fast_path(model, FastConfig(sam_compile=False, clip_compile=False))
+    held = [s for s in (*fast.vision.streams, fast.prompt_stream) if s is not None]
+    assert fast.vision.view_stream is not None and len(held) >= 3
+    handles = [s.cuda_stream for s in (shared, *held)]
+    assert len(set(handles)) == len(handles), handles
 
 
 def test_a_run_stopped_by_an_error_leaves_no_work_ahead_unwaited(fast: FastModel, pages: list[PreparedPage]) -> None:

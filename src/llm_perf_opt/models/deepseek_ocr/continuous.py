@@ -683,9 +683,13 @@ def run_continuous(
     side: torch.cuda.Stream | None = None
     if vision_ahead and main is not None:
         # not the capture stream of the step's graphs (torch's shared one) nor the vision graphs': their cuBLAS
-        # workspaces are baked in, and the vision's own GEMMs on this stream run beside the steps' replays
-        vision_streams = gen.fast.vision.capture_streams if gen.fast is not None else ()
-        side = stream_apart(lambda: torch.cuda.Stream(device), [default_capture_stream(), main, *vision_streams])
+        # workspaces are baked in, and the vision's own GEMMs on this stream run beside the steps' replays; not the
+        # global view's stream (vision there is taken for that view's chain: other graphs, captured in a timed fill,
+        # round 32) nor the prompt's shared-experts stream (the main stream's prefill would wait for the run-ahead)
+        held: tuple[torch.cuda.Stream | None, ...] = ()
+        if gen.fast is not None:
+            held = (*gen.fast.vision.streams, gen.fast.prompt_stream)
+        side = stream_apart(lambda: torch.cuda.Stream(device), [default_capture_stream(), main, *held])
 
     def encode_here(pages: list[PreparedPage]) -> list[Tensor]:
         """Vision on the main stream, after every vision call run ahead (the towers' static buffers).  By then the

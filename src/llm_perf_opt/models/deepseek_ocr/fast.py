@@ -385,11 +385,13 @@ class VisionFast:
         self._capture_streams: tuple[torch.cuda.Stream, torch.cuda.Stream] | None = None
         device = sam.pos_embed.device
         if device.type == "cuda":
-            if cfg.vision_streams:
-                self.view_stream = torch.cuda.Stream(device)
+            # drawn apart from each other and from torch's shared capture stream: pool streams are handed out
+            # round-robin, so a stream made later in a process can be one made earlier (stream_apart)
             shared = default_capture_stream()
-            own = stream_apart(lambda: torch.cuda.Stream(device), [shared])
-            crops = stream_apart(lambda: torch.cuda.Stream(device), [shared, own])
+            if cfg.vision_streams:
+                self.view_stream = stream_apart(lambda: torch.cuda.Stream(device), [shared])
+            own = stream_apart(lambda: torch.cuda.Stream(device), [shared, self.view_stream])
+            crops = stream_apart(lambda: torch.cuda.Stream(device), [shared, self.view_stream, own])
             self._capture_streams = (own, crops)
 
     def _set_tower(self, name: str, module: Any, layer_fast: Any, views_fast: Any = None, **bound: Any) -> None:
@@ -420,6 +422,15 @@ class VisionFast:
     def capture_streams(self) -> tuple[torch.cuda.Stream, ...]:
         """The streams this vision's graphs are captured on (none off CUDA): work beside a replay must avoid them."""
         return self._capture_streams or ()
+
+    @property
+    def streams(self) -> tuple[torch.cuda.Stream, ...]:
+        """Every stream this vision holds (none off CUDA): the global view's (``vision_streams``) and the capture
+        streams.  A stream made for other work must be none of them (:func:`stream_apart`): work on the view stream
+        is taken for the global view's chain (its graphs are keyed by the capture stream it picks), and a capture
+        stream's cuBLAS workspace is baked into the graphs captured on it."""
+        view = () if self.view_stream is None else (self.view_stream,)
+        return (*view, *self.capture_streams)
 
     def _capture_stream(self) -> torch.cuda.Stream | None:
         """The capture stream of the view chain running now: the global view's on ``view_stream``, else the crops'."""
@@ -563,12 +574,18 @@ class FastModel:
         # the prefill's (and any other multi-position forward's) layers: the fast layers, or with triton_prefill
         # the same weights with their elementwise work on Triton kernels (triton_layers.triton_prompt_layers)
         self._prompt_layers: tuple[list[DecoderLayer], RMSNorm] = (self.layers, self.norm)
+        # the stream the prompt's shared experts run on beside its routed ones (prefill_shared_stream), else None
+        self.prompt_stream: torch.cuda.Stream | None = None
         if self.decode_kernels == "triton" and cfg.triton_prefill:
             from llm_perf_opt.models.deepseek_ocr.triton_layers import triton_prompt_layers
 
-            side = None
             if cfg.prefill_shared_stream and cfg.prefill_experts == "triton" and model.device.type == "cuda":
-                side = torch.cuda.Stream(model.device)
+                # its eager GEMMs run beside graph replays: not the decode / prefill graphs' capture stream (torch's
+                # shared one) nor any of the vision's (VisionFast.streams)
+                self.prompt_stream = stream_apart(
+                    lambda: torch.cuda.Stream(model.device), [default_capture_stream(), *self.vision.streams]
+                )
+            side = self.prompt_stream
             self._prompt_layers = triton_prompt_layers(
                 self.layers, self.norm, cfg.prefill_experts, cfg.prefill_attention, side
             )
