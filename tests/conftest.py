@@ -158,13 +158,14 @@ def cpu_graphs(monkeypatch: pytest.MonkeyPatch) -> list[CpuGraph]:
     Returns the graphs captured, in order."""
     from llm_perf_opt.models.deepseek_ocr import batched_decode, continuous, fast, fast_decoder, graphs
     from llm_perf_opt.models.deepseek_ocr.batched import BatchedGenerator
+    from llm_perf_opt.models.deepseek_ocr.compiles import WATCH
 
     captured: list[CpuGraph] = []
 
     def capture(
         fn: Callable[[], Any], device: Any, context: Callable[[], Any] = contextlib.nullcontext, stream: Any = None
     ) -> tuple[CpuGraph, Any]:
-        with context():
+        with context(), WATCH.capturing():  # as graphs.capture_graph: the warm-up's compiles are the capture's
             for _ in range(2):  # the warm-up of graphs.capture_graph
                 out = fn()
         captured.append(CpuGraph(fn, context, out))  # out: the static outputs every replay rewrites

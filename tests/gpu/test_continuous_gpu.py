@@ -308,17 +308,17 @@ def test_refills_prefilled_page_by_page_replay_graphs(graphed_vision: FastModel,
     plain = _gen(graphed_vision).run_continuous(_requests(pages), SLOTS, eos_token_id=None, no_repeat_ngram_size=NGRAM)
     gen = _gen(graphed_vision)
     assert gen.page_prefill_graphed
-    setups = graphed_vision.setup_count
+    setups = graphed_vision.capture_count
     run = gen.run_continuous(
         _requests(pages), SLOTS, eos_token_id=None, no_repeat_ngram_size=NGRAM, prefill_per_page=True
     )
     assert run.decode_path == "graph" and run.tokens == plain.tokens
-    assert run.pages_prefilled_per_page == 5 and graphed_vision.setup_count - setups == 3
+    assert run.pages_prefilled_per_page == 5 and graphed_vision.capture_count - setups == 3
     again = gen.run_continuous(
         _requests(pages), SLOTS, eos_token_id=None, no_repeat_ngram_size=NGRAM, prefill_per_page=True
     )
     assert again.tokens == plain.tokens and again.graph_capture_s == 0.0
-    assert graphed_vision.setup_count - setups == 3
+    assert graphed_vision.capture_count - setups == 3
     kept = [
         _gen(graphed_vision).run_continuous(
             _requests(pages), SLOTS, eos_token_id=None, keep_logits=True, prefill_per_page=per_page

@@ -191,7 +191,7 @@ def test_prefill_graph_matches_ungraphed_and_is_reused(model: object) -> None:
     c_plain, c_graph = plain.new_cache(1, 320), graphed.new_cache(1, 320)
     ref = plain.prefill(embeds, c_plain)
     out = graphed.prefill(embeds, c_graph)
-    assert graphed._prefill_graph_error is None and graphed.setup_count == 1
+    assert graphed._prefill_graph_error is None and graphed.capture_count == 1
     assert c_graph.length == c_plain.length == 300
     torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)  # same kernels; a graph may pick other algos
     torch.testing.assert_close(c_graph.k[:, :, :, :300], c_plain.k[:, :, :, :300], rtol=1e-2, atol=1e-2)
@@ -199,10 +199,10 @@ def test_prefill_graph_matches_ungraphed_and_is_reused(model: object) -> None:
     again = graphed.prefill(embeds * 0.5, c_graph)
     c_plain.reset()
     torch.testing.assert_close(again, plain.prefill(embeds * 0.5, c_plain), rtol=1e-3, atol=1e-3)
-    assert graphed.setup_count == 1  # replayed
+    assert graphed.capture_count == 1  # replayed
     c_graph.reset()
     graphed.prefill(embeds[:, :200], c_graph)
-    assert graphed.setup_count == 2
+    assert graphed.capture_count == 2
 
 
 @pytest.mark.parametrize("graphs", [True, False])

@@ -69,9 +69,8 @@ def build_page_record(page: Page, repeat: int, prepared: Any, m: PageMeasurement
         tpot = None if decode_ms <= 0 else tpot
     if m.one_time_setup:
         flags.append(
-            "one_time_setup: a new view shape or prompt length made the fast path compile/capture its vision "
-            "or prefill graphs inside "
-            "this page's prefill; its vision and prefill times are not steady-state"
+            "one_time_setup: the fast path captured graphs (a new view shape or prompt length) or compiled a "
+            "kernel variant met for the first time inside this page's run; its times are not steady-state"
         )
     pct = percentiles(steps) if steps else None
     grid = tuple(int(v) for v in prepared.images_spatial_crop)

@@ -28,7 +28,8 @@ class BatchResult:
     (warm-up steps + capture, synchronised), 0.0 when the graph was reused or none was captured; it is in
     none of the stage times (``total_s`` excludes it).  ``graph_capture_error`` says why a capture failed (the
     step then ran un-graphed: ``decode_path`` "static"), None when none did.  ``timed_setups``: one-time setups of
-    the fast path (a vision shape compiled / captured, a prefill length captured: ``FastModel.setup_count``) that
+    the fast path (a vision shape compiled / captured, a prefill length captured, a kernel variant compiled
+    outside a capture: ``FastModel.setup_count``) that
     happened inside this run's stage marks, so their time is in its stages (0 without a FastModel).
     """
 

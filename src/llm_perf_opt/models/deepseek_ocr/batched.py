@@ -370,7 +370,7 @@ class BatchedGenerator:
     @property
     def setup_count(self) -> int:
         """The fast path's one-time setups so far (``FastModel.setup_count``: vision shapes compiled / captured,
-        prefill lengths captured); 0 without a FastModel."""
+        prefill lengths captured, kernel variants compiled outside a capture); 0 without a FastModel."""
         return 0 if self.fast is None else int(self.fast.setup_count)
 
     def _prefill(

@@ -178,8 +178,9 @@ class ContinuousResult:
     pages_prefilled_ahead: int = 0
     # with ``prefill_per_page``: the refills' pages prefilled one at a time (their time is in ``prefill_s``)
     pages_prefilled_per_page: int = 0
-    # the fast path's one-time setups (vision shapes compiled / captured, prefill lengths captured) inside the run's
-    # marks, so their time is in its stages; those made before a fill (the per-page refills' captures) are not
+    # the fast path's one-time setups (vision shapes compiled / captured, prefill lengths captured, kernel variants
+    # compiled outside a capture: FastModel.setup_count) inside the run's marks, so their time is in its stages;
+    # those made outside them (the per-page refills' captures, a new or narrower step's warm-up) are not
     timed_setups: int = 0
 
     @property
@@ -615,7 +616,9 @@ class _Run:
         self.prefill_ahead_marks: list[tuple[object, object]] = []  # each page's LM prefill run ahead (second stream)
         self.prefill_stalls: list[tuple[object, object]] = []  # main stream, around enqueueing those prefills
         self.pages_per_page = 0  # refill pages prefilled one at a time (prefill_per_page)
-        self.setups_outside = 0  # one-time setups made before a fill's marks (the per-page refills' captures)
+        # one-time setups made outside the marks: the per-page refills' captures before a fill, a new or narrower
+        # step's warm-up (kernel variants compiled) between them
+        self.setups_outside = 0
 
     def take(self, n: int) -> list[SlotRequest]:
         got: list[SlotRequest] = []
@@ -761,7 +764,9 @@ def run_continuous(
         lens = [int(p.input_ids.shape[-1]) for p in pages]
         need = max(n + r.max_new_tokens for n, r in zip(lens, reqs, strict=True))
         if step is None or need > step.max_len:
+            setups_then = gen.setup_count  # a new step's warm-up (kernel variants compiled) is before the marks
             step = run.root = _step_for(gen, step, slots, cache_len_for(need), path == "graph", no_repeat_ngram_size)
+            run.setups_outside += gen.setup_count - setups_then
         first_fill = run.fills == 0
         # pages whose LM prefill ran ahead bring their own cache and logits; the others are prefilled here, together
         # (with prefill_ahead every page run ahead has its cache, without it none: they lead ``pages`` either way),
@@ -863,7 +868,9 @@ def run_continuous(
                 if unfilled:
                     step.empty(unfilled)
                     if narrow_drain and run.exhausted and not run.ahead:
+                        setups_then = gen.setup_count  # a narrower step's warm-up: between the marks, not in them
                         step = _narrow(run, step)
+                        run.setups_outside += gen.setup_count - setups_then
                 continue
             # rows whose cap allows more tokens (with eos some of them may already be done on the device: they
             # idle until the next check reads the flags)

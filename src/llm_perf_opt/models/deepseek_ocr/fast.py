@@ -81,6 +81,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from llm_perf_opt.errors import InputError
 from llm_perf_opt.models.deepseek_ocr.clip import CLIP_ATTENTION, clip_block_fast, clip_block_views
+from llm_perf_opt.models.deepseek_ocr.compiles import WATCH
 from llm_perf_opt.models.deepseek_ocr.config import DeepseekOCRConfig
 from llm_perf_opt.models.deepseek_ocr.context import ForwardContext
 from llm_perf_opt.models.deepseek_ocr.decoder import EXPERT_IMPLS, DecoderLayer, MoE, RMSNorm, run_decoder
@@ -545,6 +546,7 @@ class FastModel:
         ] = {}
         self._prefill_graph_error: str | None = None
         self._prefill_setups = 0
+        WATCH.install()  # from here on, a JIT compile outside a capture is a setup (setup_count)
         self._counts: dict[int, Tensor] = {
             layer.layer_idx: layer.mlp.counts
             for layer in self.layers
@@ -866,10 +868,17 @@ class FastModel:
                 self._counts[i].copy_(c)
 
     @property
-    def setup_count(self) -> int:
-        """One-time setups done so far (vision graphs per view shape, prefill graphs per prompt length): a rise
-        during a page means that page's timings include a compile or capture."""
+    def capture_count(self) -> int:
+        """Graphs captured so far: the vision's per view shape, the prefill's per prompt length (each capture
+        compiles what it runs first: those compiles are its own)."""
         return self.vision_graph_count + self._prefill_setups
+
+    @property
+    def setup_count(self) -> int:
+        """One-time setups done so far: :attr:`capture_count`, plus the process's JIT compiles outside captures
+        (a Triton kernel variant or a ``torch.compile`` frame met for the first time: :mod:`compiles`).  A rise
+        during a page or a fill means its timings include a capture or a compile."""
+        return self.capture_count + WATCH.count
 
     # ------------------------------------------------------------------ stage 4: decode
     def compiled_step(self) -> Any:

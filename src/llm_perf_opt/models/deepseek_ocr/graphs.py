@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from llm_perf_opt.models.deepseek_ocr.compiles import WATCH
+
 __all__ = [
     "SDPA_POLICIES",
     "ResizedTables",
@@ -96,18 +98,26 @@ def capture_graph(
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        warm = stream if stream is not None else torch.cuda.Stream(device)
-        warm.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(warm), context():
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream(device).wait_stream(warm)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream), context():
-            out = fn()
+        with WATCH.capturing():  # what the warm-up compiles is this capture's setup (compiles.py)
+            return _capture(fn, device, context, stream)
     finally:
         if was_enabled:
             gc.enable()
+
+
+def _capture(
+    fn: Callable[[], Any], device: torch.device, context: Callable[[], Any], stream: torch.cuda.Stream | None
+) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """:func:`capture_graph`'s warm-up and capture (the collector already off)."""
+    warm = stream if stream is not None else torch.cuda.Stream(device)
+    warm.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(warm), context():
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(warm)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream), context():
+        out = fn()
     return graph, out
 
 

@@ -125,16 +125,16 @@ def test_per_page_refills_replay_a_prefill_graph_per_length(
     reqs = [SlotRequest(pages[i % 3], c) for i, c in enumerate(caps)]
     gen = BatchedGenerator(fast_model, cuda_graphs=True)
     assert gen.page_prefill_graphed
-    setups = fast_model.setup_count
+    setups = fast_model.capture_count
     run = gen.run_continuous(reqs, 2, eos_token_id=None, prefill_per_page=True)
     want = [generate_alone(model, r.prepared, r.max_new_tokens).tokens for r in reqs]
     assert run.decode_path == "graph" and run.tokens == want
-    assert run.pages_prefilled_per_page == 5 and fast_model.setup_count - setups == 3
+    assert run.pages_prefilled_per_page == 5 and fast_model.capture_count - setups == 3
     # graphs counted by the run: the 3 prefill lengths, the 2-row step and the 1-row step of the drain (all in one
     # 256-column key bucket; the first fill's prefill is one batched eager forward), as many as the stand-in saw
     assert run.graph_captures == 5 == len(cpu_graphs)
     again = gen.run_continuous(reqs, 2, eos_token_id=None, prefill_per_page=True)
-    assert again.tokens == want and fast_model.setup_count - setups == 3 and again.graph_capture_s == 0.0
+    assert again.tokens == want and fast_model.capture_count - setups == 3 and again.graph_capture_s == 0.0
     assert again.graph_captures == 0
 
 
@@ -204,14 +204,14 @@ def test_per_page_refills_recapture_a_dropped_graph_before_the_fill(
     reqs = [SlotRequest(pages[i % 3], c) for i, c in enumerate(caps)]
     want = [generate_alone(model, r.prepared, r.max_new_tokens).tokens for r in reqs]
     assert gen.run_continuous(reqs, 2, eos_token_id=None, prefill_per_page=True).tokens == want
-    assert fast.setup_count == 3 and inside == [0] * 5
+    assert fast.capture_count == 3 and inside == [0] * 5
     hidden = cfg.language.hidden_size
     with torch.inference_mode():
         for n in range(20, 28):  # eight other (length, cache) graphs: the three kept ones are dropped
             fast.prefill(torch.zeros(1, n, hidden), fast.new_cache(1, n))
-    assert fast.setup_count == 11
+    assert fast.capture_count == 11
     again = gen.run_continuous(reqs, 2, eos_token_id=None, prefill_per_page=True)
-    assert again.tokens == want and fast.setup_count == 14  # the three captured again ...
+    assert again.tokens == want and fast.capture_count == 14  # the three captured again ...
     assert inside == [0] * 10 and again.graph_capture_s > 0  # ... before the fills, and accounted as captures
 
 
@@ -345,7 +345,7 @@ def test_setups_inside_timed_runs_are_counted_and_those_before_a_fill_are_not(
     assert gen.run([pages[0], pages[1]], 3, eos_token_id=None).timed_setups == 0  # every shape met by now
     fresh = BatchedGenerator(tiny_fast_model(), cuda_graphs=True)
     assert fresh.warm_vision(pages) > 0
-    before = fresh.setup_count
+    before = fresh.fast.capture_count
     run = fresh.run_continuous(reqs, 2, eos_token_id=None, prefill_per_page=True)
-    assert fresh.setup_count - before == 3 and run.timed_setups == 0
+    assert fresh.fast.capture_count - before == 3 and run.timed_setups == 0
     assert fresh.run(pages, 3, eos_token_id=None).timed_setups == 0
