@@ -141,14 +141,24 @@ _ONE_HOT: dict[tuple[int, int, torch.device, torch.dtype], Tensor] = {}
 
 
 def _key_one_hot(h: int, w: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """[h·w, h + w]: row n has a 1 at its key row ``n // w`` and at ``h + n % w`` (cached per shape)."""
+    """[h·w, h + w]: row n has a 1 at its key row ``n // w`` and at ``h + n % w`` (cached per shape when eager).
+
+    Inside ``torch.compile`` it is built in the graph: a lookup of the module's cache there is guarded on, and
+    the first call's miss fills the cache, so the second call failed the guard and compiled the block again
+    (found by compiles.WATCH in round 32: every SAM block kind compiled twice with ``vision_graphs`` off, the second
+    time inside a timed page)."""
+    if torch.compiler.is_compiling():
+        return _one_hot_table(h, w, device, dtype)
     key = (h, w, device, dtype)
     table = _ONE_HOT.get(key)
     if table is None:
-        n = torch.arange(h * w, device=device)
-        table = torch.cat((F.one_hot(n // w, h), F.one_hot(n % w, w)), dim=-1).to(dtype)
-        _ONE_HOT[key] = table
+        table = _ONE_HOT[key] = _one_hot_table(h, w, device, dtype)
     return table
+
+
+def _one_hot_table(h: int, w: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    n = torch.arange(h * w, device=device)
+    return torch.cat((F.one_hot(n // w, h), F.one_hot(n % w, w)), dim=-1).to(dtype)
 
 
 def rel_pos_attention(

@@ -117,3 +117,24 @@ def test_a_compile_in_a_new_steps_warm_up_is_outside_the_continuous_runs_marks(
     monkeypatch.setattr(continuous, "_step_for", step_for)
     run = gen.run_continuous(reqs, 2, eos_token_id=None)
     assert run.timed_setups == len({tuple(x.shape) for r in reqs for x in gen.encode_pages([r.prepared])}) > 0
+
+
+def test_sams_rel_pos_attention_compiles_once_for_repeated_calls() -> None:
+    """Round 32's finding through the watch: the augmented rel-pos attention looked its key one-hot table up in a
+    module cache inside the compiled block, so the second call failed Dynamo's guard on that cache (the first call
+    had filled it) and compiled again.  Two calls at one shape, each on a fresh table size: one compile."""
+    from llm_perf_opt.models.deepseek_ocr import sam
+
+    hw = (5, 7)  # a grid no other test uses: the cache holds no table for it when this starts
+    assert (*hw, torch.device("cpu"), torch.float32) not in sam._ONE_HOT
+    fn = torch.compile(eval("lambda *a: sam.rel_pos_attention(*a)", {"sam": sam}), backend="eager", dynamic=False)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 35, 8, generator=g) for _ in range(3))
+    rel_h, rel_w = torch.randn(9, 8, generator=g), torch.randn(13, 8, generator=g)
+    WATCH.install()
+    before = WATCH.count
+    first = fn(q, k, v, rel_h, rel_w, hw)
+    second = fn(q, k, v, rel_h, rel_w, hw)
+    assert WATCH.count - before == 1
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+    torch.testing.assert_close(first, sam.rel_pos_attention(q, k, v, rel_h, rel_w, hw), rtol=1e-5, atol=1e-6)
