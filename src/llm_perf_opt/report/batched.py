@@ -209,9 +209,10 @@ def _batch_paths(s: RunSummary) -> str:
         where = ", ".join(f"repeat {r}: {n}" for r, n in inside[:8]) + (", ..." if len(inside) > 8 else "")
         text += (
             f" **Timed setups:** {sum(n for _, n in inside)} one-time setup(s) of the fast path (a vision shape"
-            f" compiled / captured, a prefill length captured) happened inside timed batched runs ({where}): their"
-            " time is in those runs' stage times, so their rates read low. The warm-up met no page of that view size"
-            " or prompt length; a first batch that covers them removes this."
+            " compiled / captured, a prefill length captured, a kernel variant compiled outside a capture) happened"
+            f" inside timed batched runs ({where}): their time is in those runs' stage times, so their rates read low."
+            " The warm-up met no page of that view size or prompt length, or no run of that shape; a first batch"
+            " that covers them removes this."
         )
     waits = [b.page_wait_ms for b in s.batches if b.page_wait_ms is not None]
     if len(waits) == len(s.batches):

@@ -188,7 +188,8 @@ class BatchRecord:
     # continuous only: decode steps run on a narrower step than ``batch`` rows (the drain, once at most half the
     # slots held a sequence); None for static batches and old records
     narrowed_steps: int | None = None
-    # the fast path's one-time setups (a vision shape compiled / captured, a prefill length captured) inside this
+    # the fast path's one-time setups (a vision shape compiled / captured, a prefill length captured, from round 32
+    # a kernel variant or torch.compile frame compiled outside a capture) inside this
     # record's timed stages, so their time is in them; 0 without the fast path, None in records written before
     timed_setups: int | None = None
     # rows the decode steps computed, summed over the steps (decode_steps × batch for a static batch; a narrowed
