@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from llm_perf_opt.errors import ConfigError
-from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, build_model
+from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, build_model, continuous
 from llm_perf_opt.models.deepseek_ocr.batched import BatchedGenerator
 from llm_perf_opt.models.deepseek_ocr.continuous import LEN_QUANTUM, ContinuousResult, SlotRequest
 from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, FastModel, apply_fast_path
@@ -223,13 +223,15 @@ def _next_draw_is(handle: int) -> None:
         torch.cuda.Stream(torch.device("cuda"))
 
 
-def test_the_run_ahead_stream_is_none_the_fast_path_holds(graphed_vision: FastModel, pages: list[PreparedPage]) -> None:
+def test_the_run_ahead_stream_is_none_the_fast_path_holds(
+    graphed_vision: FastModel, pages: list[PreparedPage], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Round 32: torch hands out pool streams round-robin, and the run-ahead's second stream, drawn apart from the
     capture streams only, came out as the global view's stream in the GPU suite.  Vision run there is taken for the
     global view's chain, whose graphs are keyed by another capture stream: four graphs were captured inside the
-    timed fills.  Here the pool is left so that its next stream is the view stream (then, in a second run, the
-    prompt's shared-experts stream): a run whose every shape was met before must capture nothing, and the vision
-    graphs' keys stay those of the warm run."""
+    timed fills.  Here the pool is left so that its next stream is each stream the fast path holds in turn (the
+    view stream, the capture streams, the prompt's shared-experts stream): the run's second stream is none of
+    them, the run captures nothing (every shape was met before) and the vision graphs' keys stay the warm run's."""
     held = [s for s in (*graphed_vision.vision.streams, graphed_vision.prompt_stream) if s is not None]
     assert graphed_vision.vision.view_stream is not None  # the default vision_streams: what the draw must avoid
     handles = [s.cuda_stream for s in (default_capture_stream(), *held)]
@@ -238,9 +240,19 @@ def test_the_run_ahead_stream_is_none_the_fast_path_holds(graphed_vision: FastMo
     kwargs: dict[str, Any] = {"eos_token_id": None, "no_repeat_ngram_size": NGRAM, "vision_ahead": 1}
     warm = gen.run_continuous(_requests(pages), SLOTS, prefill_ahead=True, **kwargs)
     keys = {name: set(g.graphs) for name, g in graphed_vision.vision.graphs.items()}
+    drawn: list[int] = []
+    stream_apart = continuous.stream_apart
+
+    def recorded(*args: Any, **kw: Any) -> Any:
+        stream = stream_apart(*args, **kw)
+        drawn.append(stream.cuda_stream)
+        return stream
+
+    monkeypatch.setattr(continuous, "stream_apart", recorded)
     for stream in held:
         _next_draw_is(stream.cuda_stream)
         run = gen.run_continuous(_requests(pages), SLOTS, prefill_ahead=True, **kwargs)
+        assert len(drawn) == 1 and drawn.pop() not in handles  # the run's second stream
         assert run.tokens == warm.tokens and run.pages_ahead == warm.pages_ahead > 0
         assert run.timed_setups == 0, f"{run.timed_setups} captures in the timed fills with {stream} drawn next"
         assert {name: set(g.graphs) for name, g in graphed_vision.vision.graphs.items()} == keys

@@ -70,8 +70,8 @@ def test_fast_vision_matches_eager_under_graphs(
             rel = float((out - ref).norm() / ref.norm())
             assert rel < 2e-2, (i, rel)
             if i == 0:
-                captured = fast.setup_count  # type: ignore[attr-defined]
-        assert fast.setup_count == captured  # type: ignore[attr-defined]  # the second call replayed
+                captured = fast.capture_count  # type: ignore[attr-defined]
+        assert fast.capture_count == captured  # type: ignore[attr-defined]  # the second call replayed
     graphs = fast.vision.graphs  # type: ignore[attr-defined]
     assert set(graphs) == {"sam", "encoder"}
     assert all(g.capture_error is None for g in graphs.values())
@@ -132,13 +132,13 @@ def test_prefill_graph_of_a_freed_cache_is_not_replayed(fast: object) -> None:
     with torch.inference_mode():
         first = fast.new_cache(1, 320)  # type: ignore[attr-defined]
         fast.prefill(embeds, first)  # type: ignore[attr-defined]
-        before, k_ptr = fast.setup_count, first.k.data_ptr()  # type: ignore[attr-defined]
+        before, k_ptr = fast.capture_count, first.k.data_ptr()  # type: ignore[attr-defined]
         del first
         second = fast.new_cache(1, 320)  # type: ignore[attr-defined]  # same size: the allocator reuses the blocks
         if second.k.data_ptr() != k_ptr:
             pytest.skip("the allocator did not reuse the freed cache's storage (the case under test)")
         out = fast.prefill(embeds, second)  # type: ignore[attr-defined]
-        assert fast.setup_count == before + 1  # type: ignore[attr-defined]  # captured again, for this cache
+        assert fast.capture_count == before + 1  # type: ignore[attr-defined]  # captured again, for this cache
         plain = apply_fast_path_v2(fast.base, FastConfig(prefill_graphs=False))  # type: ignore[attr-defined]
         ref_cache = plain.new_cache(1, 320)
         ref = plain.prefill(embeds, ref_cache)

@@ -150,7 +150,8 @@ class DeepSeekOCRSession:
         return out
 
     def _setup_count(self) -> int:
-        """Compiles/captures the fast path has done so far (the eager model does none)."""
+        """One-time setups so far (``FastModel.setup_count``: its graph captures and the process's JIT compiles
+        outside captures); the eager model does none."""
         return int(self.model.setup_count) if self.fast is not None else 0
 
     def _page_cache(self, needed: int, reserve: int | None = None) -> Any:

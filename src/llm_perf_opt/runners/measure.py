@@ -66,7 +66,7 @@ def compute_efficiency(
     context = (infer.context_len_mode, run.settings.token_cap, infer.context_len_fixed)
     section = E.compute_efficiency(cfg, ok, run.hardware, dtype_bytes, context)
     unavailable = list(section.unavailable)
-    notes: list[str] = graph_capture_notes(session) + fallback_notes(session)
+    notes: list[str] = graph_capture_notes(session) + fallback_notes(session) + compile_watch_notes(session)
 
     power = None
     if session.nvml is not None and session.nvml.available:
@@ -115,6 +115,19 @@ def graph_capture_notes(session: DeepSeekOCRSession) -> list[str]:
         f"CUDA-graph capture failed for the {part} ({why[:300]}): it ran un-graphed, so its times include the"
         " launch overhead a graph removes"
         for part, why in errors.items()
+    ]
+
+
+def compile_watch_notes(session: DeepSeekOCRSession) -> list[str]:
+    """With the fast path: one note per compiler whose compiles cannot be counted here (``compiles.WATCH``), so a
+    page whose timing holds one of them is not flagged ``one_time_setup``."""
+    if session.fast_model is None:
+        return []
+    from llm_perf_opt.models.deepseek_ocr.compiles import WATCH
+
+    return [
+        f"{name} compiles are not counted ({why}): a page whose timing holds one is not flagged one_time_setup"
+        for name, why in WATCH.install().unwatched.items()
     ]
 
 

@@ -3,7 +3,7 @@
 Kept apart from the session so the rules (what a flag means, when TPOT is absent) read in one place:
 ``nonfinite_logits`` (NaN/Inf in the logits), ``single_token`` (no decode step to time), ``nonpositive_timing``
 (a clock that saw nothing: rates left out), ``one_time_setup`` (the fast path compiled or captured inside the
-page).
+page run).
 """
 
 from __future__ import annotations
@@ -119,8 +119,9 @@ SETUP_FLAG = "one_time_setup"
 
 
 def split_setup_runs(records: list[PageRecord]) -> tuple[list[PageRecord], list[PageRecord]]:
-    """(steady-state runs, runs flagged ``one_time_setup``): a page whose prefill compiled or captured graphs
-    measured the setup, not the model, so its times stay in the per-page table but never in the aggregates."""
+    """(steady-state runs, runs flagged ``one_time_setup``): a page during which the fast path captured graphs or
+    compiled a kernel variant measured the setup, not the model, so its times stay in the per-page table but never in
+    the aggregates."""
     setup = [r for r in records if any(f.startswith(SETUP_FLAG) for f in r.flags)]
     steady = [r for r in records if not any(f.startswith(SETUP_FLAG) for f in r.flags)]
     return steady, setup

@@ -368,6 +368,11 @@ class BatchedGenerator:
         return attrs.evolve(res, timed_setups=self.setup_count - setups)  # the decode graph's capture is not one
 
     @property
+    def capture_count(self) -> int:
+        """The fast path's graph captures so far (``FastModel.capture_count``); 0 without a FastModel."""
+        return 0 if self.fast is None else int(self.fast.capture_count)
+
+    @property
     def setup_count(self) -> int:
         """The fast path's one-time setups so far (``FastModel.setup_count``: vision shapes compiled / captured,
         prefill lengths captured, kernel variants compiled outside a capture); 0 without a FastModel."""

@@ -28,8 +28,9 @@ __all__ = ["WATCH", "CompileWatch"]
 
 class CompileWatch:
     """Process-wide counts of JIT compiles (``triton``, ``dynamo``) made outside :meth:`capturing`; the compiles
-    made inside it go to ``in_captures``.  Hooks are installed on the first :meth:`install` (idempotent) and chain
-    to any hook installed before them."""
+    made inside it go to ``in_captures``.  :meth:`install` puts the hooks in place, chained to any hook installed
+    before them, and puts them back where something has taken them out since (``torch._dynamo.reset`` clears
+    Dynamo's callbacks; a later assignment to Triton's knob replaces ours)."""
 
     def __init__(self) -> None:
         self.triton = 0
@@ -37,9 +38,11 @@ class CompileWatch:
         self.in_captures = 0
         # compiler -> why its compiles are not counted (a release without the hook)
         self.unwatched: dict[str, str] = {}
-        self._installed = False
+        self._in_capture_by: dict[str, int] = {}  # in_captures by compiler (to hand back a failed capture's)
         self._lock = threading.Lock()
         self._capturing = threading.local()
+        self._triton_hook: Callable[..., Any] | None = None
+        self._dynamo_callback: Callable[..., None] | None = None
 
     @property
     def count(self) -> int:
@@ -47,21 +50,29 @@ class CompileWatch:
         return self.triton + self.dynamo
 
     def install(self) -> CompileWatch:
-        """Install the compilers' hooks once (both Triton and Dynamo are imported by then)."""
+        """Put the compilers' hooks in place where they are not (cheap when they are: two identity checks)."""
         with self._lock:
-            if not self._installed:
-                self._installed = True
-                self._install_triton()
-                self._install_dynamo()
+            self._install_triton()
+            self._install_dynamo()
         return self
 
     @contextlib.contextmanager
     def capturing(self) -> Iterator[None]:
-        """Within: compiles are a graph capture's (counted in ``in_captures``, not ``count``)."""
+        """Within: compiles are a graph capture's (counted in ``in_captures``, not ``count``).  A capture that
+        raises is not counted as one (its caller runs un-graphed), so what it compiled goes back to ``count``."""
         depth = getattr(self._capturing, "depth", 0)
         self._capturing.depth = depth + 1
+        triton, dynamo = self._in_capture_by.get("triton", 0), self._in_capture_by.get("dynamo", 0)
         try:
             yield
+        except BaseException:
+            with self._lock:
+                for name, before in (("triton", triton), ("dynamo", dynamo)):
+                    moved = self._in_capture_by.get(name, 0) - before
+                    self._in_capture_by[name] = before
+                    self.in_captures -= moved
+                    setattr(self, name, getattr(self, name) + moved)
+            raise
         finally:
             self._capturing.depth = depth
 
@@ -70,12 +81,15 @@ class CompileWatch:
         with self._lock:
             if getattr(self._capturing, "depth", 0):
                 self.in_captures += 1
+                self._in_capture_by[compiler] = self._in_capture_by.get(compiler, 0) + 1
             elif compiler == "triton":
                 self.triton += 1
             else:
                 self.dynamo += 1
 
     def _install_triton(self) -> None:
+        if self._triton_hook is not None and self._triton_hook_in_place():
+            return
         try:
             from triton import knobs
         except ImportError as exc:  # no Triton (or one older than 3.4, which has no knobs): nothing of it compiles
@@ -91,7 +105,12 @@ class CompileWatch:
             self.on_compile("triton")
             return before(*args, **kwargs) if before is not None else None
 
-        runtime.jit_post_compile_hook = hook
+        runtime.jit_post_compile_hook = self._triton_hook = hook
+
+    def _triton_hook_in_place(self) -> bool:
+        from triton import knobs
+
+        return knobs.runtime.jit_post_compile_hook is self._triton_hook
 
     def _install_dynamo(self) -> None:
         try:
@@ -99,7 +118,15 @@ class CompileWatch:
         except ImportError as exc:
             self.unwatched["dynamo"] = f"torch._dynamo.callback is not importable ({exc})"
             return
-        callback_handler.register_end_callback(lambda _args: self.on_compile("dynamo"))
+        registered = getattr(callback_handler, "end_callbacks", [])
+        if self._dynamo_callback is not None and self._dynamo_callback in registered:
+            return
+
+        def callback(*_args: Any) -> None:  # torch < 2.7 calls it with no argument, later ones with CallbackArgs
+            self.on_compile("dynamo")
+
+        self._dynamo_callback = callback
+        callback_handler.register_end_callback(callback)
 
 
 # the process's watch: its counts are shared by every model (compiled kernels are process-wide)

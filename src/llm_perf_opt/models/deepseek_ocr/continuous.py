@@ -775,11 +775,10 @@ def run_continuous(
         per_page = page_caches is not None and not first_fill and page_caches.fits(lens[here:])
         if per_page:
             assert page_caches is not None
-            before = gen.setup_count
+            before, graphs_before = gen.setup_count, gen.capture_count
             run.capture_s += page_caches.prepare(gen, lens[here:])
-            captured = gen.setup_count - before
-            run.setups_outside += captured
-            run.captures += captured
+            run.setups_outside += gen.setup_count - before
+            run.captures += gen.capture_count - graphs_before  # graphs only (setup_count holds compiles too)
         t0 = clock.mark()
         # pages whose LM prefill ran ahead: the main stream waits for those prefills first, and that wait is prefill
         # time (t0 .. tv).  Waited for inside the vision below, it was counted as vision: on CUDA the second stream

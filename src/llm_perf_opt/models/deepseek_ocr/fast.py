@@ -878,7 +878,7 @@ class FastModel:
         """One-time setups done so far: :attr:`capture_count`, plus the process's JIT compiles outside captures
         (a Triton kernel variant or a ``torch.compile`` frame met for the first time: :mod:`compiles`).  A rise
         during a page or a fill means its timings include a capture or a compile."""
-        return self.capture_count + WATCH.count
+        return self.capture_count + WATCH.install().count  # (install: hooks put back if taken out since)
 
     # ------------------------------------------------------------------ stage 4: decode
     def compiled_step(self) -> Any:

@@ -106,6 +106,11 @@ _ONES: dict[tuple[int, torch.device], Tensor] = {}
 
 
 def _ones_like_ids(ids: Tensor) -> Tensor:
+    """int64 ones, one per routed id (cached per size when eager; made in the graph under ``torch.compile``, where
+    a lookup of the cache is guarded on and the first call's miss made the second call compile again, as SAM's
+    key one-hot table did: round 32)."""
+    if torch.compiler.is_compiling():
+        return torch.ones(ids.numel(), device=ids.device, dtype=torch.int64)
     key = (ids.numel(), ids.device)
     ones = _ONES.get(key)
     if ones is None:

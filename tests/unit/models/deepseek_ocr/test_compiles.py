@@ -43,6 +43,32 @@ def test_dynamo_compiles_are_counted_once_per_shape_and_not_inside_a_capture() -
     assert WATCH.count - before == 2 and WATCH.in_captures - in_captures == 1
 
 
+def test_a_failed_capture_hands_its_compiles_back() -> None:
+    """A capture that raises is no capture (its caller runs un-graphed, inside the timed run): what its warm-up
+    compiled counts as a compile outside captures."""
+    WATCH.install()
+    f = _compiled()
+    before, in_captures = WATCH.count, WATCH.in_captures
+    with pytest.raises(RuntimeError, match="stand-in"), WATCH.capturing():
+        f(torch.ones(3))
+        raise RuntimeError("stand-in for a capture that failed")
+    assert (WATCH.count - before, WATCH.in_captures - in_captures) == (1, 0)
+    with WATCH.capturing():
+        f(torch.ones(4))
+    assert (WATCH.count - before, WATCH.in_captures - in_captures) == (1, 1)
+
+
+def test_the_hooks_are_put_back_after_a_dynamo_reset() -> None:
+    """``torch._dynamo.reset()`` clears Dynamo's callbacks: the next ``setup_count`` read puts the watch's back, so
+    a compile after it counts again."""
+    fast = tiny_fast_model()
+    torch._dynamo.reset()
+    f = _compiled()
+    before = fast.setup_count  # reinstalls
+    f(torch.ones(3))
+    assert fast.setup_count - before == 1
+
+
 def test_the_triton_hook_counts_and_chains_to_the_one_installed_before(monkeypatch: pytest.MonkeyPatch) -> None:
     """Triton's hook is called with keyword arguments, once per variant compiled; the hook found installed keeps
     being called with them, and its result is passed back."""
