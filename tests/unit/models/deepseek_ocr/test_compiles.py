@@ -164,3 +164,18 @@ def test_sams_rel_pos_attention_compiles_once_for_repeated_calls() -> None:
     assert WATCH.count - before == 1
     torch.testing.assert_close(second, first, rtol=0, atol=0)
     torch.testing.assert_close(first, sam.rel_pos_attention(q, k, v, rel_h, rel_w, hw), rtol=1e-5, atol=1e-6)
+
+
+def test_the_moe_ones_table_compiles_once_for_repeated_calls() -> None:
+    """The same guard recompile in the grouped MoE's routing counts (``fast_layers._ones_like_ids``, reached by
+    ``decode_compile``): two calls at a size the cache does not hold yet, one compile."""
+    from llm_perf_opt.models.deepseek_ocr import fast_layers
+
+    ids = torch.arange(37)  # a size no other test routes
+    assert (37, ids.device) not in fast_layers._ONES
+    fn = torch.compile(eval("lambda t: fl._ones_like_ids(t) * 2", {"fl": fast_layers}), backend="eager", dynamic=False)
+    WATCH.install()
+    before = WATCH.count
+    assert fn(ids).tolist() == [2] * 37
+    assert fn(ids).tolist() == [2] * 37
+    assert WATCH.count - before == 1
