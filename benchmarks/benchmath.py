@@ -69,20 +69,50 @@ def module_setting(module: ModuleType, name: str, value: Any) -> Iterator[Any]:
 
 
 def cuda_ms(fn: Any, warmup: int = 1, reps: int = 5) -> float:
-    """Median milliseconds of ``fn`` over ``reps`` runs, CUDA events around each, after ``warmup`` runs."""
+    """Median milliseconds of ``fn`` over ``reps`` runs, CUDA events around each, after ``warmup`` runs; measured
+    again where a JIT compile landed among the runs (:func:`without_compiles`)."""
     import torch  # here, not at the top: the rest of this module is plain arithmetic, tested without torch
+
+    from llm_perf_opt.models.deepseek_ocr.compiles import WATCH
 
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+
+    def measure() -> float:
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+
+    return without_compiles(measure, lambda: WATCH.install().count)
+
+
+class CompileInTimingError(RuntimeError):
+    """Every measurement :func:`without_compiles` allowed held a JIT compile."""
+
+
+def without_compiles(measure: Callable[[], float], compiles: Callable[[], int], tries: int = 3) -> float:
+    """``measure()``, taken again while the process's count of JIT compiles (``compiles``: e.g. ``compiles.WATCH``)
+    rose during it: a Triton variant or a ``torch.compile`` frame the warm-up did not meet (a median over a few
+    runs hides one slow run, but not a compile in each) is then compiled, and the next measurement is of the work
+    alone.  Raises :class:`CompileInTimingError` when all ``tries`` measurements held one: the timed function
+    compiles on every call, which no figure of it can leave out."""
+    if tries < 1:
+        raise ValueError(f"tries must be >= 1, got {tries}")
+    for _ in range(tries):
+        before = compiles()
+        value = measure()
+        if compiles() == before:
+            return value
+    raise CompileInTimingError(
+        f"each of {tries} measurements held a JIT compile: the timed function compiles on every call (a guard that"
+        " fails each time, or a kernel specialised on a value that changes per call); fix that before timing it"
+    )
 
 
 @attrs.frozen

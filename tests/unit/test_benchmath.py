@@ -367,3 +367,38 @@ def test_paired_ab_slower_and_refusals() -> None:
     assert same.delta_ms == 0.0 and same.verdict == "within noise" and same.p_value == 1.0
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         paired_ab(lambda: 1.0, lambda: 1.0, rounds=0)
+
+
+def test_a_measurement_that_held_a_compile_is_taken_again() -> None:
+    """Scripted: the compile count rises during the first measurement only; the second is returned."""
+    from benchmarks.benchmath import without_compiles
+
+    count = [0]
+    values = iter([9.0, 2.0, 3.0])
+
+    def measure() -> float:
+        value = next(values)
+        if value == 9.0:
+            count[0] += 1  # a compile inside this measurement
+        return value
+
+    assert without_compiles(measure, lambda: count[0]) == 2.0
+    assert next(values) == 3.0  # measured twice, not three times
+
+
+def test_a_function_that_compiles_on_every_call_is_refused() -> None:
+    from benchmarks.benchmath import CompileInTimingError, without_compiles
+
+    count = [0]
+    calls = [0]
+
+    def measure() -> float:
+        calls[0] += 1
+        count[0] += 1
+        return 1.0
+
+    with pytest.raises(CompileInTimingError, match="each of 3 measurements held a JIT compile"):
+        without_compiles(measure, lambda: count[0])
+    assert calls[0] == 3
+    with pytest.raises(ValueError, match="tries must be >= 1"):
+        without_compiles(measure, lambda: count[0], tries=0)
