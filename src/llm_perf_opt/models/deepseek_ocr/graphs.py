@@ -91,10 +91,10 @@ def capture_graph(
     collects only under ``torch.compiler.config.force_cudagraph_gc`` in the releases in use (2.11 on the device,
     2.13 here); a release that still collects unconditionally would keep part of this cost.
 
-    ``stream``: warm up and capture on it (default: a pool stream for the warm-up, torch's shared capture stream
-    for the capture).  cuBLAS keeps one workspace per (handle, stream) and a graph bakes in the workspace of the
-    stream it was captured on, so graphs that will replay *concurrently* must be captured on different streams
-    (the vision's two view chains, ``vision_streams``), or they scribble over one workspace."""
+    ``stream``: warm up and capture on it (default: torch's shared capture stream for both).  cuBLAS keeps one
+    workspace per (handle, stream) and a graph bakes in the workspace of the stream it was captured on, so graphs
+    that will replay *concurrently* must be captured on different streams (the vision's two view chains,
+    ``vision_streams``), or they scribble over one workspace."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -109,7 +109,12 @@ def _capture(
     fn: Callable[[], Any], device: torch.device, context: Callable[[], Any], stream: torch.cuda.Stream | None
 ) -> tuple[torch.cuda.CUDAGraph, Any]:
     """:func:`capture_graph`'s warm-up and capture (the collector already off)."""
-    warm = stream if stream is not None else torch.cuda.Stream(device)
+    # without a stream, the warm-up runs where the capture will (torch's shared capture stream), not on a new pool
+    # stream: pool streams come round-robin, so a new one can be a stream whose work runs beside this warm-up (the
+    # run-ahead's vision graphs, captured on the vision's streams with their cuBLAS workspaces baked in), and every
+    # draw shifts which streams later draws get (round 32); the shared capture stream is one every other stream the
+    # fast path makes is drawn apart from
+    warm = stream if stream is not None else default_capture_stream()
     warm.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(warm), context():
         for _ in range(2):
