@@ -116,10 +116,12 @@ def _capture(
     # fast path makes is drawn apart from
     warm = stream if stream is not None else default_capture_stream()
     warm.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(warm), context():
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(warm)
+    try:
+        with torch.cuda.stream(warm), context():
+            for _ in range(2):
+                fn()
+    finally:  # also when the warm-up raises: the caller's un-graphed fallback must not run beside its kernels
+        torch.cuda.current_stream(device).wait_stream(warm)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=stream), context():
         out = fn()

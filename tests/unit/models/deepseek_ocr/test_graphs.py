@@ -25,7 +25,7 @@ class _Stream:
         pass
 
     def wait_stream(self, other: object) -> None:
-        pass
+        EVENTS.append(("wait", self is CURRENT, other is SHARED))
 
 
 class _Doomed:
@@ -52,13 +52,14 @@ def _graph(graph: object, stream: object = None) -> Iterator[None]:
 
 
 SHARED = _Stream()  # torch's shared capture stream (``torch.cuda.graph.default_capture_stream``)
+CURRENT = _Stream()  # the caller's stream
 _graph.default_capture_stream = SHARED  # type: ignore[attr-defined]
 
 
 @pytest.fixture(autouse=True)
 def scripted_cuda(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(torch.cuda, "Stream", _Stream)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _Stream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: CURRENT)
     monkeypatch.setattr(torch.cuda, "stream", lambda s: streams_used.append(("warm-up", s)) or contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
     monkeypatch.setattr(torch.cuda, "graph", _graph)
@@ -86,8 +87,10 @@ def test_no_collection_inside_the_capture_and_none_forced_before_it() -> None:
     assert gc.isenabled()  # switched back on
     gc.collect()  # if the steps' garbage has not already set off an automatic one since
     assert EVENTS == [  # the dead cycle freed after the capture, by a collection outside it
+        ("wait", False, False),  # the warm-up stream after the caller's
         ("step", False),
         ("step", False),
+        ("wait", True, True),  # the caller's after the warm-up
         "capture begins",
         ("step", False),
         "capture ends",
@@ -103,6 +106,8 @@ def test_collector_state_restored_when_the_step_fails() -> None:
     with pytest.raises(RuntimeError, match="cannot be captured"):
         capture_graph(failing, torch.device("cpu"))
     assert gc.isenabled()
+    # the caller's stream waited for the failed warm-up: its un-graphed fallback never runs beside those kernels
+    assert EVENTS[-1] == ("wait", True, True)
     gc.disable()  # a caller that had it off keeps it off
     capture_graph(_step, torch.device("cpu"))
     assert not gc.isenabled()
