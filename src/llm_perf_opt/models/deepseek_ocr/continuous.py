@@ -620,6 +620,17 @@ class _Run:
         # step's warm-up (kernel variants compiled) between them
         self.setups_outside = 0
 
+    @contextlib.contextmanager
+    def outside_marks(self, gen: BatchedGenerator) -> Iterator[None]:
+        """Within: one-time setups made outside the marks (``setups_outside``, not the run's timed setups), and the
+        prefill / vision graphs among them (``captures``)."""
+        setups, graphs = gen.setup_count, gen.capture_count
+        try:
+            yield
+        finally:
+            self.setups_outside += gen.setup_count - setups
+            self.captures += gen.capture_count - graphs  # graphs only (setup_count holds compiles too)
+
     def take(self, n: int) -> list[SlotRequest]:
         got: list[SlotRequest] = []
         while len(got) < n and not self.exhausted:
@@ -764,9 +775,10 @@ def run_continuous(
         lens = [int(p.input_ids.shape[-1]) for p in pages]
         need = max(n + r.max_new_tokens for n, r in zip(lens, reqs, strict=True))
         if step is None or need > step.max_len:
-            setups_then = gen.setup_count  # a new step's warm-up (kernel variants compiled) is before the marks
-            step = run.root = _step_for(gen, step, slots, cache_len_for(need), path == "graph", no_repeat_ngram_size)
-            run.setups_outside += gen.setup_count - setups_then
+            with run.outside_marks(gen):  # a new step's warm-up (kernel variants compiled) is before the marks
+                step = run.root = _step_for(
+                    gen, step, slots, cache_len_for(need), path == "graph", no_repeat_ngram_size
+                )
         first_fill = run.fills == 0
         # pages whose LM prefill ran ahead bring their own cache and logits; the others are prefilled here, together
         # (with prefill_ahead every page run ahead has its cache, without it none: they lead ``pages`` either way),
@@ -775,10 +787,8 @@ def run_continuous(
         per_page = page_caches is not None and not first_fill and page_caches.fits(lens[here:])
         if per_page:
             assert page_caches is not None
-            before, graphs_before = gen.setup_count, gen.capture_count
-            run.capture_s += page_caches.prepare(gen, lens[here:])
-            run.setups_outside += gen.setup_count - before
-            run.captures += gen.capture_count - graphs_before  # graphs only (setup_count holds compiles too)
+            with run.outside_marks(gen):
+                run.capture_s += page_caches.prepare(gen, lens[here:])
         t0 = clock.mark()
         # pages whose LM prefill ran ahead: the main stream waits for those prefills first, and that wait is prefill
         # time (t0 .. tv).  Waited for inside the vision below, it was counted as vision: on CUDA the second stream
@@ -867,9 +877,8 @@ def run_continuous(
                 if unfilled:
                     step.empty(unfilled)
                     if narrow_drain and run.exhausted and not run.ahead:
-                        setups_then = gen.setup_count  # a narrower step's warm-up: between the marks, not in them
-                        step = _narrow(run, step)
-                        run.setups_outside += gen.setup_count - setups_then
+                        with run.outside_marks(gen):  # a narrower step's warm-up: between the marks, not in them
+                            step = _narrow(run, step)
                 continue
             # rows whose cap allows more tokens (with eos some of them may already be done on the device: they
             # idle until the next check reads the flags)

@@ -546,7 +546,6 @@ class FastModel:
         ] = {}
         self._prefill_graph_error: str | None = None
         self._prefill_setups = 0
-        WATCH.install()  # from here on, a JIT compile outside a capture is a setup (setup_count)
         self._counts: dict[int, Tensor] = {
             layer.layer_idx: layer.mlp.counts
             for layer in self.layers
