@@ -50,3 +50,35 @@ def test_grouped_expert_step_matches_host_loop(monkeypatch: pytest.MonkeyPatch) 
     assert_tokens_match(res, ref)
     plain = BatchedGenerator(fast, clock=clock, cuda_graphs=False).run(pages, STEPS, eos_token_id=None)
     assert plain.decode_path == "static" and plain.tokens == res.tokens
+
+
+def test_the_steps_count_the_routed_experts_they_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``routed_experts_read``: the graphed step's device count equals, per MoE layer, the mean number of distinct
+    experts each grouped call's routing picked, counted by a spy (``torch.unique``) in the same steps run
+    un-graphed (the same kernels on the same inputs: the same routing); the capture's warm-up steps are not
+    counted (``grouped_steps`` is the run's decode steps)."""
+    from llm_perf_opt.models.deepseek_ocr import kernels
+
+    picked: list[int] = []
+    grouped = kernels.moe_experts_grouped
+
+    def spy(x: torch.Tensor, idx: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        picked.append(int(torch.unique(idx).numel()))
+        return grouped(x, idx, *args, **kwargs)  # type: ignore[arg-type]
+
+    cfg = DeepseekOCRConfig.from_json(TINY / "config.json")
+    model = build_model(cfg, "cuda", torch.bfloat16, weights=TINY / "weights.safetensors")
+    fast = apply_fast_path(model, FastConfig(sam_compile=False, clip_compile=False, vision_graphs=False))
+    assert fast.decode_kernels == "triton", fast.decode_kernels_note
+    pages = tiny_case_pages(model.config) * 4
+    clock = DeviceClock(model.device)
+    res = BatchedGenerator(fast, clock=clock).run(pages, STEPS, eos_token_id=None)
+    assert res.decode_path == "graph" and res.grouped_steps == STEPS - 1  # the capture's warm-ups not counted
+    monkeypatch.setattr(kernels, "moe_experts_grouped", spy)
+    plain = BatchedGenerator(fast, clock=clock, cuda_graphs=False).run(pages, STEPS, eos_token_id=None)
+    assert plain.decode_path == "static" and plain.tokens == res.tokens
+    layers = len(picked) // (STEPS - 1)
+    assert layers == len(res.routed_experts_read or []) > 0 and len(picked) == layers * (STEPS - 1)
+    expected = [sum(picked[i::layers]) / (STEPS - 1) for i in range(layers)]
+    assert plain.routed_experts_read == expected and plain.grouped_steps == STEPS - 1
+    assert res.routed_experts_read == expected

@@ -195,6 +195,12 @@ class BatchRecord:
     # rows the decode steps computed, summed over the steps (decode_steps × batch for a static batch; a narrowed
     # drain step counts its own width); None in records written before it was counted
     row_steps: int | None = None
+    # per MoE layer: the mean number of distinct routed experts a decode step read (their weights), counted on the
+    # device by the grouped expert kernels over ``grouped_steps`` steps, of ``routed_experts`` a layer holds; None
+    # where no step ran those kernels (the torch decode step, no Triton, 8 rows or fewer) and in older records
+    routed_experts_read: list[float] | None = None
+    grouped_steps: int | None = None
+    routed_experts: int | None = None
 
 
 @attrs.frozen

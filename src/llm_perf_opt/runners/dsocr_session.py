@@ -278,7 +278,18 @@ class DeepSeekOCRSession:
             slot_occupancy=slot_occupancy(res.tokens, len(res.step_ms), res.batch),
             decode_steps=len(res.step_ms),
             row_steps=len(res.step_ms) * res.batch,
+            **self._expert_reads(res.routed_experts_read, res.grouped_steps),
         )
+
+    def _expert_reads(self, read: list[float] | None, steps: int) -> dict[str, Any]:
+        """A batched record's routed-expert reads (None where nothing counted them) and the experts a layer holds."""
+        if read is None:
+            return {}
+        return {
+            "routed_experts_read": read,
+            "grouped_steps": steps,
+            "routed_experts": self.backend.config.language.n_routed_experts,
+        }
 
     def _generator(self) -> Any:
         """The BatchedGenerator of the throughput phase (built on first use, then kept with its graphs)."""
@@ -380,6 +391,7 @@ class DeepSeekOCRSession:
             drain_tokens=drain_tokens,
             narrowed_steps=sum(1 for rows in res.step_rows if rows < slots),
             row_steps=sum(res.step_rows),
+            **self._expert_reads(res.routed_experts_read, res.grouped_steps),
             vision_ahead_ms=res.vision_ahead_s * 1e3 if res.pages_ahead else None,
             pages_ahead=res.pages_ahead or None,
             prefill_ahead_ms=res.prefill_ahead_s * 1e3 if res.pages_prefilled_ahead else None,

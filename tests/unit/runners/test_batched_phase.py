@@ -205,3 +205,23 @@ def test_report_names_setups_inside_timed_batched_runs() -> None:
     md = render_report(attrs.evolve(summary, batches=[*setups, attrs.evolve(clean, repeat=2)]))
     assert "**Timed setups:** 3 one-time setup(s) of the fast path" in md
     assert "(repeat 0: 2, repeat 1: 1): their time is in those runs' stage times" in md
+
+
+def test_report_gives_the_routed_experts_the_steps_read() -> None:
+    """The experts read per MoE layer, weighted by each record's counted steps (by hand: layer 0 (10·30 + 5·20)/15
+    = 26.67, layer 1 (10·40 + 5·50)/15 = 43.33, mean 35.0 of 64 = 54.7 %), over the counted of all decode steps
+    (15 of 18: a third record ran no grouped step); without any count, the section says why there is none."""
+    counted = [
+        record(4, 40, 10, 16, (20.0, 50.0), routed_experts_read=[30.0, 40.0], grouped_steps=10, routed_experts=64),
+        record(4, 40, 5, 16, (20.0, 50.0), routed_experts_read=[20.0, 50.0], grouped_steps=5, routed_experts=64),
+        record(2, 6, 3, 4, (20.0, 50.0)),
+    ]
+    summary = attrs.evolve(make_summary(pages=[make_page("p0")]), batches=counted)
+    md = render_report(summary)
+    assert (
+        "Routed experts read per decode step (counted on the device by the grouped expert kernels over 15 of 18 decode"
+        " steps): a mean of 35.0 of 64 (54.7 % of the routed expert weights a step could read) per MoE layer,"
+        " 26.7–43.3 across layers." in md
+    )
+    none = render_report(attrs.evolve(summary, batches=[counted[2]]))
+    assert "Routed experts read per decode step: not counted (no decode step ran the grouped expert kernels" in none

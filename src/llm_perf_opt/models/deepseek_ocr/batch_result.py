@@ -10,7 +10,7 @@ from torch import Tensor
 
 from llm_perf_opt.models.deepseek_ocr.clock import Clock
 
-__all__ = ["BatchResult", "StageMarks"]
+__all__ = ["BatchResult", "StageMarks", "routed_experts_read"]
 
 
 @attrs.frozen
@@ -31,6 +31,9 @@ class BatchResult:
     the fast path (a vision shape compiled / captured, a prefill length captured, a kernel variant compiled
     outside a capture: ``FastModel.setup_count``) that
     happened inside this run's stage marks, so their time is in its stages (0 without a FastModel).
+    ``routed_experts_read``: per MoE layer, the mean number of distinct routed experts a decode step read, counted
+    on the device by the grouped expert kernels (:func:`routed_experts_read`) over ``grouped_steps`` steps; None
+    where no step ran them (the torch decode step, no Triton, 8 rows or fewer).
     """
 
     tokens: list[list[int]]
@@ -47,6 +50,8 @@ class BatchResult:
     idle_steps: int = 0
     graph_capture_error: str | None = None
     timed_setups: int = 0
+    routed_experts_read: list[float] | None = None
+    grouped_steps: int = 0
 
     @property
     def batch(self) -> int:
@@ -135,3 +140,20 @@ class StageMarks:
             idle_steps=idle_steps,
             graph_capture_error=graph_capture_error,
         )
+
+
+def routed_experts_read(before: Tensor | None, after: Tensor | None) -> tuple[list[float] | None, int]:
+    """(per MoE layer the mean distinct routed experts a grouped decode call read, the calls per layer) between
+    two snapshots of ``FastModel.expert_reads`` (int64 [layers, 2]: experts read summed over calls, calls), the
+    later one taken after a sync; (None, 0) where nothing counts them or no grouped call ran in between.  Every
+    decode step calls each MoE layer once, so the calls are the steps that ran the grouped kernels."""
+    if before is None or after is None:
+        return None, 0
+    delta = (after - before).tolist()
+    calls = {int(n) for _, n in delta}
+    if len(calls) != 1:
+        raise RuntimeError(f"the MoE layers' grouped expert calls differ between snapshots ({sorted(calls)})")
+    n = calls.pop()
+    if n <= 0:
+        return None, 0
+    return [read / n for read, _ in delta], n

@@ -77,7 +77,7 @@ import torch
 from torch import Tensor
 
 from llm_perf_opt.errors import ConfigError, InputError
-from llm_perf_opt.models.deepseek_ocr.batch_result import BatchResult, StageMarks
+from llm_perf_opt.models.deepseek_ocr.batch_result import BatchResult, StageMarks, routed_experts_read
 from llm_perf_opt.models.deepseek_ocr.batched_decode import StaticBatchStep
 from llm_perf_opt.models.deepseek_ocr.batched_vision import encode_pages, warm_view_chunks
 from llm_perf_opt.models.deepseek_ocr.clock import Clock, HostClock
@@ -372,6 +372,11 @@ class BatchedGenerator:
         """The fast path's graph captures so far (``FastModel.capture_count``); 0 without a FastModel."""
         return 0 if self.fast is None else int(self.fast.capture_count)
 
+    def expert_reads(self) -> Tensor | None:
+        """A device copy of the decode steps' grouped expert counters (``FastModel.expert_reads``); None without
+        them."""
+        return None if self.fast is None else self.fast.expert_reads()
+
     @property
     def setup_count(self) -> int:
         """The fast path's one-time setups so far (``FastModel.setup_count``: vision shapes compiled / captured,
@@ -508,6 +513,7 @@ class BatchedGenerator:
         clock = marks.clock
         first = static.first_token(logits, max(lens))  # [B, 1], first index on ties like the host's argmax
         static.load(first, lens, caps, eos)
+        reads_before = self.expert_reads()  # a device copy (one small kernel, at the end of the prefill), no sync
         t_prefill = clock.mark()
         n_steps = max(caps) - 1  # the run's decode steps (a kept, longer cache holds more slots: masked)
         capture_s = 0.0
@@ -536,7 +542,8 @@ class BatchedGenerator:
         out = static.out.tolist()
         tokens = [row[:n] for row, n in zip(out, n_gen, strict=True)]
         busy = max(n_gen) - 1  # steps that produced a token for some sequence
-        return marks.result(
+        read, grouped = routed_experts_read(reads_before, self.expert_reads())
+        res = marks.result(
             tokens=tokens,
             stopped_by_eos=[bool(x) for x in static.by_eos.tolist()],
             lens=lens,
@@ -548,6 +555,7 @@ class BatchedGenerator:
             idle_steps=steps - busy,
             graph_capture_error=static.capture_error,
         )
+        return attrs.evolve(res, routed_experts_read=read, grouped_steps=grouped)
 
     @staticmethod
     def _choose(

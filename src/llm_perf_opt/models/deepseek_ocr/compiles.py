@@ -49,6 +49,12 @@ class CompileWatch:
         """Compiles outside captures so far (0 until :meth:`install`)."""
         return self.triton + self.dynamo
 
+    @property
+    def in_capture(self) -> bool:
+        """Whether the calling thread is inside :meth:`capturing` (``graphs.capture_graph``: its warm-up calls or
+        its capture)."""
+        return getattr(self._capturing, "depth", 0) > 0
+
     def install(self) -> CompileWatch:
         """Put the compilers' hooks in place where they are not (cheap when they are: two identity checks)."""
         with self._lock:

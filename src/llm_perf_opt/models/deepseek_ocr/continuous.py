@@ -110,6 +110,7 @@ import torch
 from torch import Tensor
 
 from llm_perf_opt.errors import ConfigError
+from llm_perf_opt.models.deepseek_ocr.batch_result import routed_experts_read
 from llm_perf_opt.models.deepseek_ocr.batched_decode import DecodeRows
 from llm_perf_opt.models.deepseek_ocr.context import decode_key_mask
 from llm_perf_opt.models.deepseek_ocr.graphs import capture_graph, default_capture_stream, first_argmax, stream_apart
@@ -182,6 +183,10 @@ class ContinuousResult:
     # compiled outside a capture: FastModel.setup_count) inside the run's marks, so their time is in its stages;
     # those made outside them (the per-page refills' captures, a new or narrower step's warm-up) are not
     timed_setups: int = 0
+    # per MoE layer: the mean distinct routed experts a decode step read, counted on the device by the grouped expert
+    # kernels over ``grouped_steps`` steps (batch_result.routed_experts_read); None where none ran them
+    routed_experts_read: list[float] | None = None
+    grouped_steps: int = 0
 
     @property
     def pages(self) -> int:
@@ -858,6 +863,7 @@ def run_continuous(
         kept = gen._slots
         if kept is not None:
             kept.clear()
+        reads_before = gen.expert_reads()  # a device copy before the first mark (no sync): the decode steps' reads
         fill(list(range(slots)))
         if vision_ahead and not run.exhausted:
             run_ahead()
@@ -917,6 +923,7 @@ def run_continuous(
                     run.left[b] -= n_steps
                 run.steps_done += n_steps
         clock.synchronize()
+        read, grouped = routed_experts_read(reads_before, gen.expert_reads())
     wall_s = time.perf_counter() - wall0 - run.capture_s
     gen._slots = run.root  # the full-width step (its narrower ones hang on it), kept for the next run
     tokens = [t if isinstance(t, list) else [int(x) for x in t.tolist()] for t in run.tokens]
@@ -952,6 +959,8 @@ def run_continuous(
         pages_prefilled_ahead=len(run.prefill_ahead_marks),
         pages_prefilled_per_page=run.pages_per_page,
         timed_setups=gen.setup_count - setups - run.setups_outside,
+        routed_experts_read=read,
+        grouped_steps=grouped,
     )
 
 

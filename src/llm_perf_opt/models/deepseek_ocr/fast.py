@@ -647,6 +647,17 @@ class FastModel:
     def experts_hit_per_layer(self) -> list[int]:
         return [sum(1 for c in counts if c) for counts in self.tokens_per_expert().values()]
 
+    def expert_reads(self) -> Tensor | None:
+        """The batched decode steps' grouped expert counters, one row per MoE layer: [distinct routed experts read,
+        summed over the layer's grouped calls; those calls] (int64 [layers, 2], a device copy made now, no sync).
+        None without the Triton row layers (``decode_kernels`` torch, or no Triton here): nothing counts them."""
+        if self._triton_rows is None:
+            return None
+        from llm_perf_opt.models.deepseek_ocr.triton_layers import TritonMoE
+
+        moes = [layer.mlp for layer in self._triton_rows[0] if isinstance(layer.mlp, TritonMoE)]
+        return torch.stack([m.expert_reads for m in moes]) if moes else None
+
     # ------------------------------------------------------------------ stages 1/2: delegated
     def _vision_policy(self) -> contextlib.AbstractContextManager[None]:
         backends = VISION_SDPA[self.fast_config.vision_sdpa]

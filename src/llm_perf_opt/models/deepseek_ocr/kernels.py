@@ -1092,17 +1092,21 @@ if HAVE_TRITON:
         ids_ptr,
         order_ptr,
         offs_ptr,
+        reads_ptr,
         P,
         E: tl.constexpr,
         BLOCK_P: tl.constexpr,
         BLOCK_ALL: tl.constexpr,
         BLOCK_E: tl.constexpr,
+        HAS_READS: tl.constexpr,
         USE_GDC: tl.constexpr = False,
     ):
         """Counting sort of the P (token, pick) pairs by expert, stable: ``order[pos] = pair``, ``offs[e]`` = first
         sorted position of expert e (``offs[E] = P``).  A pair's position is the number of pairs with a smaller
         expert id plus the earlier pairs with the same id: every program loads all P ids at once (P <= BLOCK_ALL)
-        and places its BLOCK_P pairs with one [BLOCK_P, BLOCK_ALL] comparison; the last program writes ``offs``."""
+        and places its BLOCK_P pairs with one [BLOCK_P, BLOCK_ALL] comparison; the last program writes ``offs``
+        and, with ``HAS_READS``, adds the number of distinct experts the pairs picked (the routed experts whose
+        weights this call reads) to ``reads[0]`` and 1 to ``reads[1]`` (int64 counters)."""
         if USE_GDC:
             _dependent_launch()
         pb = tl.program_id(0)
@@ -1115,10 +1119,17 @@ if HAVE_TRITON:
             before = (idq[None, :] < idp[:, None]) | ((idq[None, :] == idp[:, None]) & (q[None, :] < p[:, None]))
             tl.store(order_ptr + tl.sum(before.to(tl.int32), axis=1), p, mask=pmask)
         else:
+            used = tl.zeros([BLOCK_P], dtype=tl.int64)
             for e0 in tl.static_range(0, BLOCK_E, BLOCK_P):
                 e = e0 + tl.arange(0, BLOCK_P)
                 first = tl.sum((idq[None, :] < e[:, None]).to(tl.int32), axis=1)
                 tl.store(offs_ptr + e, first, mask=e <= E)
+                if HAS_READS:
+                    picked = tl.sum((idq[None, :] == e[:, None]).to(tl.int32), axis=1)
+                    used += ((picked > 0) & (e < E)).to(tl.int64)
+            if HAS_READS:
+                tl.atomic_add(reads_ptr, tl.sum(used, axis=0))
+                tl.atomic_add(reads_ptr + 1, tl.full([], 1, tl.int64))
 
     @triton.jit
     def _gmm_rows(order_ptr, offs_ptr, slot, P, T, TOP_K: tl.constexpr, N_ROUTED):
@@ -2815,6 +2826,7 @@ def moe_experts_grouped(
     block_k_down: int | None = None,
     num_warps: int = 4,
     num_stages: int | None = None,
+    reads: Tensor | None = None,
 ) -> Tensor:
     """:func:`moe_experts` for 9..64+ tokens: a grouped GEMM that reads each used expert's weights once.
 
@@ -2833,6 +2845,11 @@ def moe_experts_grouped(
 
     Every launch reads only what it needs, so the bytes are: the used experts' weights once (while an expert
     has at most ``block_m`` rows), T rows of x and the small scratch ([P + n_always·T] rows of I bf16 and H fp32).
+
+    ``reads`` (int64 [2] on x's device, or None): the align program adds the number of distinct routed experts
+    the pairs picked to ``reads[0]`` and 1 to ``reads[1]``, so a caller that keeps it across calls (and in a CUDA
+    graph: the graph holds its address) reads how many routed experts' weights its calls read, on average, with
+    no host sync and no launch of its own (the batched decode steps' ``routed_experts_read``).
     """
     _require("moe_experts_grouped", x.device)
     x = _contig(x, "x")
@@ -2863,17 +2880,24 @@ def moe_experts_grouped(
     y = torch.empty((rows, hidden), device=x.device, dtype=torch.float32)
     out = torch.empty_like(x)
     idx = _contig(idx, "idx")
+    if reads is not None and (reads.shape != (2,) or reads.dtype != torch.int64 or reads.device != x.device):
+        raise ValueError(
+            f"reads must be an int64 [2] counter on {x.device}, got {reads.dtype} {tuple(reads.shape)} on "
+            f"{reads.device}"
+        )
     block_p = 16  # [16, pow2(P)] comparisons per program: P = 384 (64 tokens) -> 24 programs + 1 for offs
     block_e = max(block_p, _pow2(n_routed + 1))
     _moe_align_kernel[(triton.cdiv(n_pairs, block_p) + 1,)](
         idx,
         order,
         offs,
+        offs if reads is None else reads,
         n_pairs,
         E=n_routed,
         BLOCK_P=block_p,
         BLOCK_ALL=_pow2(n_pairs),
         BLOCK_E=block_e,
+        HAS_READS=reads is not None,
         num_warps=4,
         **_pdl(),
     )

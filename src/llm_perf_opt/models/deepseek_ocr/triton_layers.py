@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from llm_perf_opt.models.deepseek_ocr import kernels as K
 from llm_perf_opt.models.deepseek_ocr import prompt_attention as PA
 from llm_perf_opt.models.deepseek_ocr import prompt_moe as PM
+from llm_perf_opt.models.deepseek_ocr.compiles import WATCH
 from llm_perf_opt.models.deepseek_ocr.context import ForwardContext
 from llm_perf_opt.models.deepseek_ocr.decoder import Attention, DecoderLayer, MoE, RMSNorm
 from llm_perf_opt.models.deepseek_ocr.experts import apply_experts_grouped, grouped_experts_stacked
@@ -335,6 +336,12 @@ class TritonMoE(MoE):
         object.__setattr__(self, "router_input", router_input)
         if moe.stacked is None:
             raise ValueError("the Triton MoE needs stacked expert weights (grouped_moe)")
+        # the grouped expert kernels' counters (kernels.moe_experts_grouped's ``reads``): distinct routed experts
+        # read, summed over calls, and the calls, on the device; a CUDA graph captured over this block holds their
+        # address, so its replays count too.  A capture's warm-up calls (no decode step) count into the scratch pair
+        device = moe.stacked[0].device
+        self.expert_reads = torch.zeros(2, dtype=torch.int64, device=device)
+        self._warmup_reads = torch.zeros(2, dtype=torch.int64, device=device)
         self.gate_w32 = moe.gate_w32
         self.gate_bf16 = K.exact_bf16(moe.gate_w32)  # the many-row router's operand (route_rows), when exact
         self.counts = moe.counts
@@ -374,6 +381,13 @@ class TritonMoE(MoE):
         post.keep_summed, nxt.ahead = True, True
         object.__setattr__(self, "_norms", (post, nxt))  # the layers own the norms; this block only reads them
 
+    def _reads_for(self, flat: Tensor) -> Tensor:
+        """The counters this grouped call adds its expert reads to: ``expert_reads``, except in a graph capture's
+        warm-up calls (``graphs.capture_graph`` runs the step twice before it captures; those are no decode step),
+        which add to a scratch pair.  The capture itself adds to ``expert_reads``, so every replay does."""
+        capturing = flat.is_cuda and torch.cuda.is_current_stream_capturing()
+        return self._warmup_reads if WATCH.in_capture and not capturing else self.expert_reads
+
     def _f32(self, flat: Tensor) -> Tensor:
         norm = self.__dict__["router_input"]
         return flat.float() if norm is None else norm.f32_of(flat)
@@ -383,7 +397,8 @@ class TritonMoE(MoE):
         used expert read once); shared experts in the same launches when the stacks carry them."""
         stacks, n_always = (self.all_stacks, self.n_always) if self.all_stacks is not None else (self.stacked, 0)
         if flat.shape[0] >= K.GROUPED_MIN_ROWS:
-            return K.moe_experts_grouped(flat, topk_idx, topk_weight, *stacks, n_always=n_always)
+            reads = self._reads_for(flat)
+            return K.moe_experts_grouped(flat, topk_idx, topk_weight, *stacks, n_always=n_always, reads=reads)
         if self.down == "split":
             hidden, dev = flat.shape[1], flat.device
             counters = _kept_counters(

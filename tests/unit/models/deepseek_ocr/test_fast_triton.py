@@ -192,6 +192,43 @@ def test_triton_batched_step_matches_torch_host_loop(copies: int, router: str, m
     assert decode_rows == ([len(pages)] * (steps * n_moe) if copies == 4 and router == "kernel" else [])
 
 
+def test_the_batched_step_counts_the_routed_experts_its_grouped_calls_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``BatchResult.routed_experts_read``: per MoE layer, the mean distinct experts of each decode step's routing,
+    counted by the align kernel on the device; oracle: the same calls' routing counted by a spy (a set per call),
+    12 rows over 7 decode steps.  A graph capture's warm-up calls count into a scratch pair, the capture itself
+    (and so its replays) into the layer's counters."""
+    from llm_perf_opt.models.deepseek_ocr.compiles import WATCH
+
+    picked: list[int] = []
+    grouped = kernels.moe_experts_grouped
+
+    def spy(x: torch.Tensor, idx: torch.Tensor, *args: object, **kw: object) -> torch.Tensor:
+        picked.append(len(set(idx.flatten().tolist())))
+        return grouped(x, idx, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kernels, "moe_experts_grouped", spy)
+    model = build_model(
+        DeepseekOCRConfig.from_json(TINY / "config.json"), "cpu", torch.float32, TINY / "weights.safetensors"
+    )
+    pages = tiny_case_pages(model.config) * 4
+    tri_fast = apply_fast_path(model, FastConfig(decode_kernels="triton", **NO_GRAPHS_PLAIN_VISION))  # type: ignore[arg-type]
+    res = BatchedGenerator(tri_fast).run(pages, 8, eos_token_id=None)
+    assert res.decode_path == "static" and res.grouped_steps == 7
+    layers = len(picked) // 7
+    assert layers > 0 and len(picked) == 7 * layers
+    assert res.routed_experts_read == [sum(picked[i::layers]) / 7 for i in range(layers)]
+    moe = next(layer.mlp for layer in tri_fast._triton_rows[0] if isinstance(layer.mlp, TL.TritonMoE))  # type: ignore[index]
+    rows = torch.zeros(12, model.config.language.hidden_size)
+    assert moe._reads_for(rows) is moe.expert_reads
+    with WATCH.capturing():  # a capture's warm-up (no stream is capturing on the CPU)
+        assert moe._reads_for(rows) is moe._warmup_reads
+    # without the Triton row layers nothing counts the reads: no figure
+    plain = apply_fast_path(model, FastConfig(decode_kernels="torch", **NO_GRAPHS_PLAIN_VISION))  # type: ignore[arg-type]
+    assert plain.expert_reads() is None
+    again = BatchedGenerator(plain).run(pages, 3, eos_token_id=None)
+    assert again.routed_experts_read is None and again.grouped_steps == 0
+
+
 def test_triton_device_greedy_matches_torch_greedy() -> None:
     model = _model(seed=4)
     embeds = torch.randn(1, 7, model.config.language.hidden_size)

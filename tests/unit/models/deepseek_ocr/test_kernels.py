@@ -1196,6 +1196,26 @@ def test_moe_experts_grouped_real_sizes_bf16() -> None:
     _close(out, expected)
 
 
+def test_moe_experts_grouped_counts_the_routed_experts_it_reads() -> None:
+    """``reads``: each call adds the number of distinct routed experts its pairs picked and 1, on the device.
+    Oracle: the picks counted by hand (experts 2 and 5 never picked, then a routing that picks only experts 1
+    and 6); the shared slots are not routed experts and are not counted; the output is unchanged."""
+    c = _moe_case(12, 64, 32, 8, 3, torch.float32, seed=5)
+    idx, weights = _ragged_routing(c["x"], 8, 3, seed=5)
+    picked = len(set(idx.flatten().tolist()))
+    assert picked <= 6  # experts 2 and 5 never picked
+    reads = torch.zeros(2, dtype=torch.int64)
+    args = (c["x"], idx, weights, c["w13"], c["w2"])
+    out = K.moe_experts_grouped(*args, n_always=2, residual=c["res"], reads=reads)
+    assert reads.tolist() == [picked, 1]
+    _close(out, K.moe_experts_grouped(*args, n_always=2, residual=c["res"]))
+    two = torch.tensor([[1, 6, 1]] * 6 + [[6, 1, 6]] * 6)  # a routing of two experts only (repeats included)
+    K.moe_experts_grouped(c["x"], two, weights, c["w13"], c["w2"], n_always=2, reads=reads)
+    assert reads.tolist() == [picked + 2, 2]
+    with pytest.raises(ValueError, match="int64 \\[2\\] counter"):
+        K.moe_experts_grouped(*args, n_always=2, reads=torch.zeros(2, dtype=torch.int32))
+
+
 def test_moe_experts_grouped_rejects_bad_input() -> None:
     c = _moe_case(9, 64, 32, 4, 2, torch.float32)
     x, w13, w2 = c["x"], c["w13"], c["w2"]
