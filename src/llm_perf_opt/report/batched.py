@@ -250,27 +250,17 @@ def _batch_paths(s: RunSummary) -> str:
 
 
 def _experts_read(s: RunSummary) -> str:
-    """The routed experts the decode steps read per MoE layer, counted on the device (weighted by each record's
-    counted steps), or why there is no count."""
-    counted = [b for b in s.batches if b.routed_experts_read and b.grouped_steps]
-    steps = sum(b.decode_steps or 0 for b in s.batches)
-    if not counted:
+    """The routed experts the decode steps read per MoE layer, counted on the device, or why there is no count."""
+    read = s.experts_read
+    if read is None:
         return (
             " Routed experts read per decode step: not counted (no decode step ran the grouped expert kernels: the"
             " torch decode step, no Triton on this device, or 8 rows or fewer)."
         )
-    n = sum(b.grouped_steps or 0 for b in counted)
-    layers = len(counted[0].routed_experts_read or [])
-    if any(len(b.routed_experts_read or []) != layers for b in counted):
-        return " Routed experts read per decode step: the records disagree on the number of MoE layers."
-    per_layer = [
-        sum((b.routed_experts_read or [])[i] * (b.grouped_steps or 0) for b in counted) / n for i in range(layers)
-    ]
-    mean = sum(per_layer) / layers
-    of = counted[0].routed_experts
-    share = f" of {of} ({fmt(100 * mean / of, 1)} % of the routed expert weights a step could read)" if of else ""
+    of = read.routed_experts
+    share = f" of {of} ({fmt(100 * read.mean / of, 1)} % of the routed expert weights a step could read)" if of else ""
     return (
-        f" Routed experts read per decode step (counted on the device by the grouped expert kernels over {n:,} of"
-        f" {steps:,} decode steps): a mean of {fmt(mean, 1)}{share} per MoE layer, {fmt(min(per_layer), 1)}–"
-        f"{fmt(max(per_layer), 1)} across layers."
+        f" Routed experts read per decode step (counted on the device by the grouped expert kernels over"
+        f" {read.counted_steps:,} of {read.decode_steps:,} decode steps): a mean of {fmt(read.mean, 1)}{share} per"
+        f" MoE layer, {fmt(min(read.per_layer), 1)}–{fmt(max(read.per_layer), 1)} across layers."
     )

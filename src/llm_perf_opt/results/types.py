@@ -7,6 +7,7 @@ Units are in the field names.  ``None`` means "not measured"; the reason is in `
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import attrs
@@ -16,7 +17,9 @@ import attrs
 # 1.4: KernelAttribution.stream_overlap_ms (optional: kernels then count from the end of the one before them).
 # 1.5: BatchRecord.graph_captures (optional: how many graphs ``graph_capture_ms`` captured) and refill_prefill.
 # 1.6: HostLoad.run_queue_mean / run_queue_max / run_queue_updates / load_cpus (optional: the run queue in the run).
-SCHEMA_VERSION = "1.6"
+# 1.7: BatchRecord.routed_experts_read / grouped_steps / routed_experts, BatchedPhase.routed_experts_read (optional:
+# the routed experts the batched decode steps read, counted on the device).
+SCHEMA_VERSION = "1.7"
 
 # Name of the synthetic operator row that holds device time the profiler could not attribute to any operator
 # (CUDA-graph replays, kernels launched outside torch ops): the profiler writes it, the report explains it.
@@ -204,6 +207,42 @@ class BatchRecord:
 
 
 @attrs.frozen
+class ExpertsRead:
+    """The routed experts the batched decode steps read: per MoE layer the mean over ``counted_steps`` (the steps
+    the grouped expert kernels counted, of ``decode_steps``), of ``routed_experts`` per layer (None: not known)."""
+
+    per_layer: list[float]
+    counted_steps: int
+    decode_steps: int
+    routed_experts: int | None
+
+    @property
+    def mean(self) -> float:
+        return sum(self.per_layer) / len(self.per_layer)
+
+
+def experts_read_of(batches: Sequence[BatchRecord]) -> ExpertsRead | None:
+    """The routed experts the batched decode steps read per MoE layer (``BatchRecord.routed_experts_read``),
+    weighted by each record's counted steps; None where no record counted them, or where they disagree on the
+    number of MoE layers (records of different models)."""
+    counted = [b for b in batches if b.routed_experts_read and b.grouped_steps]
+    layers = {len(b.routed_experts_read or []) for b in counted}
+    if not counted or len(layers) != 1:
+        return None
+    steps = sum(b.grouped_steps or 0 for b in counted)
+    per_layer = [
+        sum((b.routed_experts_read or [])[i] * (b.grouped_steps or 0) for b in counted) / steps
+        for i in range(layers.pop())
+    ]
+    return ExpertsRead(
+        per_layer=per_layer,
+        counted_steps=steps,
+        decode_steps=sum(b.decode_steps or 0 for b in batches),
+        routed_experts=counted[0].routed_experts,
+    )
+
+
+@attrs.frozen
 class BatchedPhase:
     """The batched phase end to end: host wall time with page preparation included, and where it went.
 
@@ -241,6 +280,9 @@ class BatchedPhase:
     # decode tokens over the rows the steps computed (``row_steps``): the share of the GPU's decode rows that
     # produced a token.  Above slot_occupancy once the drain narrows (its empty slots are no longer computed)
     row_occupancy: float | None = None
+    # the routed experts a decode step read per MoE layer, the mean over layers and counted steps
+    # (``RunSummary.experts_read``); None where nothing counted them
+    routed_experts_read: float | None = None
 
 
 @attrs.frozen
@@ -517,6 +559,11 @@ class RunSummary:
     @property
     def failed_pages(self) -> list[PageRecord]:
         return [p for p in self.pages if p.status == "failed"]
+
+    @property
+    def experts_read(self) -> ExpertsRead | None:
+        """The routed experts the batched decode steps read (:func:`experts_read_of` over ``batches``)."""
+        return experts_read_of(self.batches)
 
     @property
     def refill_modes(self) -> list[str]:

@@ -19,7 +19,7 @@ import torch
 from llm_perf_opt.data.datasets import Page
 from llm_perf_opt.errors import LlmPerfOptError, RunInterrupted
 from llm_perf_opt.results.serialize import append_jsonl
-from llm_perf_opt.results.types import BatchedPhase, BatchRecord, ProfileSummary, Unavailable
+from llm_perf_opt.results.types import BatchedPhase, BatchRecord, ProfileSummary, Unavailable, experts_read_of
 from llm_perf_opt.runners.dsocr_session import DeepSeekOCRSession, PageRun
 from llm_perf_opt.runners.prefetch import Prefetcher
 from llm_perf_opt.runners.run_state import Stage1Run
@@ -186,6 +186,7 @@ def batched_phase_summary(batches: list[BatchRecord], wall_s: float, device_type
     drain_ms = sum(ms for ms, _ in known) if len(known) == len(drains) else None
     steady_ms = wall_ms - drain_ms if drain_ms is not None else 0.0
     steady_tokens = tokens - sum(n for _, n in known)
+    read = experts_read_of(batches)
     return BatchedPhase(
         batching=batches[0].batching,
         slots=max(b.batch for b in batches),
@@ -205,6 +206,7 @@ def batched_phase_summary(batches: list[BatchRecord], wall_s: float, device_type
         drain_steps=_total([b.drain_steps for b in batches]),
         narrowed_steps=_total([b.narrowed_steps for b in batches]),
         row_occupancy=decode_tokens / row_steps if row_steps else None,
+        routed_experts_read=None if read is None else read.mean,
         gpu_busy_share=stage_ms / wall_ms if gpu and wall_ms > 0 else None,
         gpu_busy_unavailable=None
         if gpu

@@ -291,6 +291,11 @@ def test_batched_phases_shown_side_by_side_with_ratios() -> None:
     text = render(Path("a"), a, Path("b"), b)
     assert "A: continuous batching (refills prefilled batched), 64 slots" in text
     assert "B: continuous batching (refills prefilled per_page), 64 slots" in text
+    # the routed experts a decode step read (dummy weights' few vs spread routing's ~all): 62.5 / 4.0 by hand
+    a = attrs.evolve(a, batched_phase=attrs.evolve(phase("static", 4.0, 0.8), routed_experts_read=4.0))
+    b = attrs.evolve(b, batched_phase=attrs.evolve(phase("static", 4.0, 0.8), routed_experts_read=62.5))
+    text = render(Path("a"), a, Path("b"), b)
+    assert "| routed experts read per MoE layer and decode step | 4.0 | 62.5 | 15.62× |" in text
 
 
 # ------------------------------------------------------------------------------------------ host speed probe

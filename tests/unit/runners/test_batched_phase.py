@@ -223,5 +223,9 @@ def test_report_gives_the_routed_experts_the_steps_read() -> None:
         " steps): a mean of 35.0 of 64 (54.7 % of the routed expert weights a step could read) per MoE layer,"
         " 26.7–43.3 across layers." in md
     )
+    # the phase's one figure (compare's row): the same weighted mean over layers, (26.67 + 43.33) / 2 = 35.0
+    phase = batched_phase_summary(counted, 1.0, "cuda")
+    assert phase.routed_experts_read == pytest.approx(35.0)
+    assert batched_phase_summary(counted[2:], 1.0, "cuda").routed_experts_read is None
     none = render_report(attrs.evolve(summary, batches=[counted[2]]))
     assert "Routed experts read per decode step: not counted (no decode step ran the grouped expert kernels" in none
