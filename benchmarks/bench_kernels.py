@@ -582,6 +582,35 @@ class Bench:
         note = f"{distinct} distinct slots; vs torch path max |Δ| {err_torch:.3g}; {used}"
         return Row("moe_experts_grouped", tokens, t_us, k_us, moved, err, note, _expert_flops(lang, tokens))
 
+    def grouped_reads_cost(self, tokens: int) -> Row:
+        """What counting the routed experts read costs (``moe_experts_grouped(reads=)``, on in every batched decode
+        step): the "torch" column is the same grouped kernels without the count, the "triton" column with it; the
+        outputs must be bit-identical (the count writes only its counter)."""
+        lang = self.lang
+        hid, inter = lang.hidden_size, lang.moe_intermediate_size
+        n_always = lang.n_shared_experts
+        layers, _ = self._moe(tokens)
+        counters = [torch.zeros(2, dtype=torch.int64, device=self.dev) for _ in layers]
+        t_us, k_us = self.time(
+            [lambda c=c: moe_experts_grouped(*c[:5], n_always, c[5]) for c in layers],
+            [
+                lambda c=c, r=r: moe_experts_grouped(*c[:5], n_always, c[5], reads=r)
+                for c, r in zip(layers, counters, strict=True)
+            ],
+        )
+        x, idx, w, w13, w2, res = layers[0]
+        reads = torch.zeros(2, dtype=torch.int64, device=self.dev)
+        with_count = moe_experts_grouped(x, idx, w, w13, w2, n_always, res, reads=reads)
+        same = torch.equal(with_count, moe_experts_grouped(x, idx, w, w13, w2, n_always, res))
+        distinct = int(torch.unique(idx).numel())
+        counted = reads.tolist()
+        moved = (distinct + n_always) * (2 * inter * hid + hid * inter) * 2 + 3 * tokens * hid * 2
+        note = (
+            f"torch column: the same kernels without the count; outputs {'bit-identical' if same else 'DIFFERENT'};"
+            f" counted {counted[0]} experts in {counted[1]} call (torch.unique: {distinct})"
+        )
+        return Row("moe_experts_grouped (reads counted)", tokens, t_us, k_us, moved, 0.0, note)
+
 
 def _expert_flops(lang: LanguageConfig, tokens: int) -> int:
     """Useful FLOPs of routed + shared experts for ``tokens`` rows: 3 GEMMs of I x H per (row, slot), 2 per MAC."""
@@ -699,8 +728,9 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
         with_norm = {**split, "nres_ptr": bf, "nw_ptr": bf, "normed_ptr": bf, "nsum_ptr": bf, "row_count_ptr": "*i32"}
         with_norm["eps"] = "fp32"
         specs.append(("_moe_down_split_kernel", with_norm, {**split_consts, "HAS_NORM": True, "BLOCK_R": 2048}, 4))
-    ids = dict(ids_ptr=i64, order_ptr="*i32", offs_ptr="*i32", P="i32")
-    align = dict(E=lang.n_routed_experts, BLOCK_P=16, BLOCK_ALL=512, BLOCK_E=128)  # 64 tokens x top-6
+    ids = dict(ids_ptr=i64, order_ptr="*i32", offs_ptr="*i32", reads_ptr=i64, P="i32")
+    # 64 tokens x top-6, the routed experts read counted (as every batched decode step does)
+    align = dict(E=lang.n_routed_experts, BLOCK_P=16, BLOCK_ALL=512, BLOCK_E=128, HAS_READS=True)
     specs.append(("_moe_align_kernel", ids, align, 4))
     gmm = dict(order_ptr="*i32", offs_ptr="*i32", P="i32", T="i32", H="i32", INTER="i32", N_ROUTED="i32")
     for tokens in (32, 64):  # 16- and 32-row blocks
@@ -1485,6 +1515,8 @@ def main() -> None:
             if tokens <= 16:  # the GEMV kernels re-read weights per token: where the grouped kernels take over
                 rows.append(bench.experts(tokens))
             rows.append(bench.experts_grouped(tokens))
+            if tokens >= 32:
+                rows.append(bench.grouped_reads_cost(tokens))
         print(render(rows, env, args, [], peaks), flush=True)  # the op rows first, in case a later part fails
         split_lines = [] if args.only_grouped else bench.attention_split_rules()
         # ...and written, marked partial, so a call cut short during the batched step keeps them (rewritten below)

@@ -254,8 +254,9 @@ def _experts_read(s: RunSummary) -> str:
     read = s.experts_read
     if read is None:
         return (
-            " Routed experts read per decode step: not counted (no decode step ran the grouped expert kernels: the"
-            " torch decode step, no Triton on this device, or 8 rows or fewer)."
+            " Routed experts read per decode step: not counted (only the Triton decode step's grouped expert kernels"
+            " count them, from 9 rows on; these steps ran the torch decode step, the host loop, no Triton on this"
+            " device or 8 rows or fewer, or the records predate the count, schema < 1.7)."
         )
     of = read.routed_experts
     share = f" of {of} ({fmt(100 * read.mean / of, 1)} % of the routed expert weights a step could read)" if of else ""

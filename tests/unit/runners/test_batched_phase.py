@@ -228,4 +228,4 @@ def test_report_gives_the_routed_experts_the_steps_read() -> None:
     assert phase.routed_experts_read == pytest.approx(35.0)
     assert batched_phase_summary(counted[2:], 1.0, "cuda").routed_experts_read is None
     none = render_report(attrs.evolve(summary, batches=[counted[2]]))
-    assert "Routed experts read per decode step: not counted (no decode step ran the grouped expert kernels" in none
+    assert "Routed experts read per decode step: not counted (only the Triton decode step's grouped expert" in none

@@ -923,8 +923,8 @@ def run_continuous(
                     run.left[b] -= n_steps
                 run.steps_done += n_steps
         clock.synchronize()
-        read, grouped = routed_experts_read(reads_before, gen.expert_reads())
     wall_s = time.perf_counter() - wall0 - run.capture_s
+    read, grouped = routed_experts_read(reads_before, gen.expert_reads())  # after the sync: no wait, and no wall
     gen._slots = run.root  # the full-width step (its narrower ones hang on it), kept for the next run
     tokens = [t if isinstance(t, list) else [int(x) for x in t.tolist()] for t in run.tokens]
     vision_ms = sum(clock.elapsed_ms(v, b) for _, v, b, _ in run.fill_marks)

@@ -21,7 +21,7 @@ def test_no_counters_or_no_grouped_call_gives_no_figure() -> None:
     assert routed_experts_read(same, same.clone()) == (None, 0)
 
 
-def test_layers_with_different_call_counts_are_refused() -> None:
+def test_layers_with_different_call_counts_give_no_figure_and_a_warning() -> None:
     before = torch.zeros(2, 2, dtype=torch.int64)
-    with pytest.raises(RuntimeError, match="grouped expert calls differ"):
-        routed_experts_read(before, torch.tensor([[4, 2], [3, 1]]))
+    with pytest.warns(UserWarning, match="grouped expert calls differ"):
+        assert routed_experts_read(before, torch.tensor([[4, 2], [3, 1]])) == (None, 0)

@@ -31,7 +31,7 @@ from llm_perf_opt.models.deepseek_ocr.batched import BatchedGenerator  # noqa: E
 from llm_perf_opt.models.deepseek_ocr.fast import TRITON_MAX_ROWS, FastConfig, apply_fast_path  # noqa: E402
 from llm_perf_opt.models.deepseek_ocr.generation import NoRepeatNGram  # noqa: E402
 from llm_perf_opt.models.deepseek_ocr.model import DeepseekOCRForCausalLM  # noqa: E402
-from tests.conftest import TINY, rel_err, tiny_case_pages  # noqa: E402
+from tests.conftest import TINY, CpuGraph, rel_err, tiny_case_pages  # noqa: E402
 
 # Switches of the tests below that run pages or decode steps on the CPU: no graphs or compiles, SAM's global and
 # windowed blocks on the augmented attention and CLIP's on SDPA (the interpreter would otherwise run the Triton SAM
@@ -227,6 +227,49 @@ def test_the_batched_step_counts_the_routed_experts_its_grouped_calls_read(monke
     assert plain.expert_reads() is None
     again = BatchedGenerator(plain).run(pages, 3, eos_token_id=None)
     assert again.routed_experts_read is None and again.grouped_steps == 0
+
+
+def test_graphed_steps_count_their_replays_not_their_capture_warm_ups(
+    cpu_graphs: list[CpuGraph], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The graph paths on the CPU (``cpu_graphs``: a capture's two warm-up steps, then every step a replay): the
+    counted steps are the decode steps of 9 rows or more (a static batch's 4; a continuous run's steps on its full
+    12-row step, not its drain's narrower ones), and the mean per layer is the spy's over the replays' calls only,
+    the warm-ups' calls (made inside the capture, ``WATCH.in_capture``) left out."""
+    from llm_perf_opt.models.deepseek_ocr.compiles import WATCH
+    from llm_perf_opt.models.deepseek_ocr.continuous import SlotRequest
+
+    calls: list[tuple[bool, int]] = []  # (a capture's warm-up, distinct experts picked)
+    grouped = kernels.moe_experts_grouped
+
+    def spy(x: torch.Tensor, idx: torch.Tensor, *args: object, **kw: object) -> torch.Tensor:
+        calls.append((WATCH.in_capture, len(set(idx.flatten().tolist()))))
+        return grouped(x, idx, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kernels, "moe_experts_grouped", spy)
+    model = build_model(
+        DeepseekOCRConfig.from_json(TINY / "config.json"), "cpu", torch.float32, TINY / "weights.safetensors"
+    )
+    pages = tiny_case_pages(model.config) * 4
+    cfg = FastConfig(decode_kernels="triton", **{**NO_GRAPHS_PLAIN_VISION, "cuda_graphs": True})  # type: ignore[arg-type]
+    gen = BatchedGenerator(apply_fast_path(model, cfg), cuda_graphs=True)
+
+    def expected(steps: int) -> list[float]:
+        replays = [n for warm, n in calls if not warm]
+        layers = len(replays) // steps
+        assert layers > 0 and len(replays) == layers * steps
+        return [sum(replays[i::layers]) / steps for i in range(layers)]
+
+    res = gen.run(pages, 5, eos_token_id=None)
+    assert res.decode_path == "graph" and len(cpu_graphs) == 1 and res.grouped_steps == 4
+    assert any(warm for warm, _ in calls)  # the warm-ups ran the grouped kernels too
+    assert res.routed_experts_read == expected(4)
+    calls.clear()
+    reqs = [SlotRequest(pages[i % 3], cap) for i, cap in enumerate([3, 4, 2, 5, 3, 4] * 2 + [6, 7])]
+    cont = gen.run_continuous(reqs, 12, eos_token_id=None)
+    wide = sum(1 for rows in cont.step_rows if rows >= kernels.GROUPED_MIN_ROWS)
+    assert cont.decode_path == "graph" and 0 < wide < len(cont.step_rows)  # the drain narrowed to 8 rows or fewer
+    assert cont.grouped_steps == wide and cont.routed_experts_read == expected(wide)
 
 
 def test_triton_device_greedy_matches_torch_greedy() -> None:
