@@ -13,7 +13,8 @@ import torch
 
 from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, build_model
 from llm_perf_opt.models.deepseek_ocr.batched import BatchedGenerator
-from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, apply_fast_path
+from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, FastModel, apply_fast_path
+from llm_perf_opt.models.deepseek_ocr.preprocess import PreparedPage
 from llm_perf_opt.profiling.timers import DeviceClock
 from tests.conftest import TINY, requires_cuda, tiny_case_pages
 from tests.gpu.test_batched_gpu import assert_tokens_match
@@ -21,6 +22,16 @@ from tests.gpu.test_batched_gpu import assert_tokens_match
 pytestmark = [pytest.mark.gpu, requires_cuda]
 
 STEPS = 24
+
+
+def _tiny_fast_pages() -> tuple[FastModel, list[PreparedPage], DeviceClock]:
+    """The tiny fixture model's fast path in bf16 with the Triton decode step, its 12 pages (the three tiny cases
+    four times: the step's MoE runs the grouped kernels) and a device clock."""
+    cfg = DeepseekOCRConfig.from_json(TINY / "config.json")
+    model = build_model(cfg, "cuda", torch.bfloat16, weights=TINY / "weights.safetensors")
+    fast = apply_fast_path(model, FastConfig(sam_compile=False, clip_compile=False, vision_graphs=False))
+    assert fast.decode_kernels == "triton", fast.decode_kernels_note
+    return fast, tiny_case_pages(model.config) * 4, DeviceClock(model.device)
 
 
 def test_grouped_expert_step_matches_host_loop(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -34,12 +45,7 @@ def test_grouped_expert_step_matches_host_loop(monkeypatch: pytest.MonkeyPatch) 
         return grouped(x, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(kernels, "moe_experts_grouped", counted)
-    cfg = DeepseekOCRConfig.from_json(TINY / "config.json")
-    model = build_model(cfg, "cuda", torch.bfloat16, weights=TINY / "weights.safetensors")
-    fast = apply_fast_path(model, FastConfig(sam_compile=False, clip_compile=False, vision_graphs=False))
-    assert fast.decode_kernels == "triton", fast.decode_kernels_note
-    pages = tiny_case_pages(model.config) * 4
-    clock = DeviceClock(model.device)
+    fast, pages, clock = _tiny_fast_pages()
     ref = BatchedGenerator(fast, clock=clock, static_decode=False).run(
         pages, STEPS, eos_token_id=None, keep_logits=True
     )
@@ -66,12 +72,7 @@ def test_the_steps_count_the_routed_experts_they_read(monkeypatch: pytest.Monkey
         picked.append(int(torch.unique(idx).numel()))
         return grouped(x, idx, *args, **kwargs)  # type: ignore[arg-type]
 
-    cfg = DeepseekOCRConfig.from_json(TINY / "config.json")
-    model = build_model(cfg, "cuda", torch.bfloat16, weights=TINY / "weights.safetensors")
-    fast = apply_fast_path(model, FastConfig(sam_compile=False, clip_compile=False, vision_graphs=False))
-    assert fast.decode_kernels == "triton", fast.decode_kernels_note
-    pages = tiny_case_pages(model.config) * 4
-    clock = DeviceClock(model.device)
+    fast, pages, clock = _tiny_fast_pages()
     res = BatchedGenerator(fast, clock=clock).run(pages, STEPS, eos_token_id=None)
     assert res.decode_path == "graph" and res.grouped_steps == STEPS - 1  # the capture's warm-ups not counted
     monkeypatch.setattr(kernels, "moe_experts_grouped", spy)
