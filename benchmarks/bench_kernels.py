@@ -564,7 +564,6 @@ class Bench:
     def experts_grouped(self, tokens: int, **blocks: Any) -> Row:
         """The grouped-GEMM kernels vs the torch path at batched-decode row counts (same inputs as ``experts``)."""
         lang = self.lang
-        hid, inter = lang.hidden_size, lang.moe_intermediate_size
         n_always = lang.n_shared_experts
         layers, prepared = self._moe(tokens)
         t_us, k_us = self.time(
@@ -575,8 +574,7 @@ class Bench:
         out = moe_experts_grouped(x, idx, w, w13, w2, n_always, res, **blocks)
         err = max_err(out, moe_experts_ref(x, idx, w, w13, w2, n_always, res))
         err_torch = max_err(out, torch_moe(*prepared[0], use_gmm=self.use_gmm))
-        distinct = int(torch.unique(idx).numel()) + n_always
-        moved = distinct * (2 * inter * hid + hid * inter) * 2 + 3 * tokens * hid * 2  # weights once; x, res, out
+        distinct, moved = _grouped_bytes(lang, idx, tokens)
         names = ("block_m", "block_n_up", "block_k_up", "block_n_down", "block_k_down")
         used = {**dict(zip(names, moe_grouped_block_sizes(tokens), strict=True)), **blocks}
         note = f"{distinct} distinct slots; vs torch path max |Δ| {err_torch:.3g}; {used}"
@@ -587,7 +585,6 @@ class Bench:
         step): the "torch" column is the same grouped kernels without the count, the "triton" column with it; the
         outputs must be bit-identical (the count writes only its counter)."""
         lang = self.lang
-        hid, inter = lang.hidden_size, lang.moe_intermediate_size
         n_always = lang.n_shared_experts
         layers, _ = self._moe(tokens)
         counters = [torch.zeros(2, dtype=torch.int64, device=self.dev) for _ in layers]
@@ -602,14 +599,21 @@ class Bench:
         reads = torch.zeros(2, dtype=torch.int64, device=self.dev)
         with_count = moe_experts_grouped(x, idx, w, w13, w2, n_always, res, reads=reads)
         same = torch.equal(with_count, moe_experts_grouped(x, idx, w, w13, w2, n_always, res))
-        distinct = int(torch.unique(idx).numel())
+        slots, moved = _grouped_bytes(lang, idx, tokens)
         counted = reads.tolist()
-        moved = (distinct + n_always) * (2 * inter * hid + hid * inter) * 2 + 3 * tokens * hid * 2
         note = (
             f"torch column: the same kernels without the count; outputs {'bit-identical' if same else 'DIFFERENT'};"
-            f" counted {counted[0]} experts in {counted[1]} call (torch.unique: {distinct})"
+            f" counted {counted[0]} experts in {counted[1]} call (torch.unique: {slots - n_always})"
         )
         return Row("moe_experts_grouped (reads counted)", tokens, t_us, k_us, moved, 0.0, note)
+
+
+def _grouped_bytes(lang: LanguageConfig, idx: torch.Tensor, tokens: int) -> tuple[int, int]:
+    """(slots the grouped kernels read: the distinct routed experts ``idx`` picks + the shared ones, the bytes they
+    move: those slots' weights once, and x, the residual and the output rows)."""
+    hid, inter = lang.hidden_size, lang.moe_intermediate_size
+    slots = int(torch.unique(idx).numel()) + lang.n_shared_experts
+    return slots, slots * (2 * inter * hid + hid * inter) * 2 + 3 * tokens * hid * 2
 
 
 def _expert_flops(lang: LanguageConfig, tokens: int) -> int:

@@ -27,6 +27,7 @@ __all__ = [
     "check_sdpa_policy",
     "default_capture_stream",
     "first_argmax",
+    "in_capture_warm_up",
     "stream_apart",
 ]
 
@@ -103,6 +104,13 @@ def capture_graph(
     finally:
         if was_enabled:
             gc.enable()
+
+
+def in_capture_warm_up(t: Tensor) -> bool:
+    """Whether the calling code runs in one of :func:`capture_graph`'s two warm-up calls (inside it, while no stream
+    is capturing), for work on ``t``'s device: work there is no step of the caller's, where the same code run by
+    the capture is, in each replay of the graph."""
+    return WATCH.in_capture and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def _capture(

@@ -23,12 +23,12 @@ from torch import Tensor, nn
 from llm_perf_opt.models.deepseek_ocr import kernels as K
 from llm_perf_opt.models.deepseek_ocr import prompt_attention as PA
 from llm_perf_opt.models.deepseek_ocr import prompt_moe as PM
-from llm_perf_opt.models.deepseek_ocr.compiles import WATCH
 from llm_perf_opt.models.deepseek_ocr.context import ForwardContext
 from llm_perf_opt.models.deepseek_ocr.decoder import Attention, DecoderLayer, MoE, RMSNorm
 from llm_perf_opt.models.deepseek_ocr.experts import apply_experts_grouped, grouped_experts_stacked
 from llm_perf_opt.models.deepseek_ocr.fast_decoder import TRITON_MAX_ROWS
 from llm_perf_opt.models.deepseek_ocr.fast_layers import FusedAttention, FusedMLP, GroupedMoE
+from llm_perf_opt.models.deepseek_ocr.graphs import in_capture_warm_up
 
 __all__ = [
     "TritonAttention",
@@ -385,8 +385,7 @@ class TritonMoE(MoE):
         """The counters this grouped call adds its expert reads to: ``expert_reads``, except in a graph capture's
         warm-up calls (``graphs.capture_graph`` runs the step twice before it captures; those are no decode step),
         which add to a scratch pair.  The capture itself adds to ``expert_reads``, so every replay does."""
-        capturing = flat.is_cuda and torch.cuda.is_current_stream_capturing()
-        return self._warmup_reads if WATCH.in_capture and not capturing else self.expert_reads
+        return self._warmup_reads if in_capture_warm_up(flat) else self.expert_reads
 
     def _f32(self, flat: Tensor) -> Tensor:
         norm = self.__dict__["router_input"]
