@@ -1104,9 +1104,10 @@ if HAVE_TRITON:
         """Counting sort of the P (token, pick) pairs by expert, stable: ``order[pos] = pair``, ``offs[e]`` = first
         sorted position of expert e (``offs[E] = P``).  A pair's position is the number of pairs with a smaller
         expert id plus the earlier pairs with the same id: every program loads all P ids at once (P <= BLOCK_ALL)
-        and places its BLOCK_P pairs with one [BLOCK_P, BLOCK_ALL] comparison; the last program writes ``offs``
-        and, with ``HAS_READS``, adds the number of distinct experts the pairs picked (the routed experts whose
-        weights this call reads) to ``reads[0]`` and 1 to ``reads[1]`` (int64 counters)."""
+        and places its BLOCK_P pairs with one [BLOCK_P, BLOCK_ALL] comparison; the last program counts the pairs
+        of each expert, writes ``offs`` as their running sum and, with ``HAS_READS``, adds the number of experts
+        with a pair (the routed experts whose weights this call reads) to ``reads[0]`` and 1 to ``reads[1]``
+        (int64 counters)."""
         if USE_GDC:
             _dependent_launch()
         pb = tl.program_id(0)
@@ -1120,12 +1121,13 @@ if HAVE_TRITON:
             tl.store(order_ptr + tl.sum(before.to(tl.int32), axis=1), p, mask=pmask)
         else:
             used = tl.zeros([BLOCK_P], dtype=tl.int64)
+            below = tl.zeros([], dtype=tl.int32)  # pairs with an expert id below this block's first
             for e0 in tl.static_range(0, BLOCK_E, BLOCK_P):
                 e = e0 + tl.arange(0, BLOCK_P)
-                first = tl.sum((idq[None, :] < e[:, None]).to(tl.int32), axis=1)
-                tl.store(offs_ptr + e, first, mask=e <= E)
-                if HAS_READS:
-                    picked = tl.sum((idq[None, :] == e[:, None]).to(tl.int32), axis=1)
+                picked = tl.sum((idq[None, :] == e[:, None]).to(tl.int32), axis=1)  # pairs per expert
+                tl.store(offs_ptr + e, below + tl.cumsum(picked, axis=0) - picked, mask=e <= E)
+                below += tl.sum(picked, axis=0)
+                if HAS_READS:  # the per-expert counts are already here: the count costs no comparison
                     used += ((picked > 0) & (e < E)).to(tl.int64)
             if HAS_READS:
                 tl.atomic_add(reads_ptr, tl.sum(used, axis=0))
