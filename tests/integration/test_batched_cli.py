@@ -156,6 +156,9 @@ def test_continuous_batching_phase(tmp_path: Path) -> None:
         # b ends after step 5 with no page left: d (one row of two) runs its last step 6 on a one-row step
         assert b.narrowed_steps == 1
         assert b.row_steps == 6 * 2 + 1 * 1  # the narrowed step computed one row
+        # a (1 step), b (6), c (2), d (4) attend over L + 1, ..., L + n keys in their n steps, L their prompt
+        # length (at most the longest, padded_prompt_tokens; test_continuous checks the sum by hand)
+        assert b.key_steps is not None and 13 + 35 < b.key_steps <= 13 * b.padded_prompt_tokens + 35
         assert b.page_wait_ms is not None and b.page_wait_ms >= 0
         # infer.refill_prefill=auto on the CPU (no graph replays): batched, recorded as resolved
         assert b.pages_prefilled_per_page is None and b.refill_prefill == "batched"
@@ -168,7 +171,12 @@ def test_continuous_batching_phase(tmp_path: Path) -> None:
     assert p.row_occupancy == 1.0  # 13 decode tokens from 13 computed rows: no row computed in vain
     assert p.gpu_busy_share is None and p.gpu_busy_unavailable is not None  # CPU: said why, never a number
     assert p.wall_ms >= p.stage_ms > 0
+    # the CPU step counts no routed experts (only the Triton grouped kernels do): a lower bound, and no peak
+    t = p.decode_traffic
+    assert t is not None and t.lower_bound and "counted on the device in 0 of 14 steps" in t.note
+    assert t.seconds == pytest.approx(sum(b.decode_ms for b in s.batches) / 1e3) and t.mbu is None
     report = (run_dir / "report.md").read_text()
+    assert "decode bandwidth achieved (traffic ÷ decode time) / MBU | ≥ " in report
     assert "Continuous batching: 2 run(s) (one per repeat) through 2 sequence slots" in report
     assert "### The batched phase end to end" in report
     assert "GPU busy share" in report and "no GPU (cpu)" in report

@@ -21,7 +21,15 @@ from llm_perf_opt.profiling.device import DeviceFacts, detect_device
 from llm_perf_opt.profiling.flops_ocr2 import page_flops_v2, stage_min_bytes_v2
 from llm_perf_opt.profiling.nvml import PowerSummary
 from llm_perf_opt.profiling.peaks import resolve_peak
-from llm_perf_opt.results.types import Efficiency, HardwareInfo, PageRecord, StageFlops, Unavailable
+from llm_perf_opt.results.types import (
+    BatchRecord,
+    DecodeTraffic,
+    Efficiency,
+    HardwareInfo,
+    PageRecord,
+    StageFlops,
+    Unavailable,
+)
 
 STAGES = ("sam", "clip", "projector", "vision", "prefill_lm", "prefill", "decode", "total")
 STAGE_NOTES = {
@@ -328,3 +336,66 @@ def routing_summary(
             "tokens_per_expert": counts,
         }
     return {"pages": len(pages), "tokens": total_tokens, "top_k": top_k, "layers": layers}
+
+
+def batched_decode_traffic(
+    cfg: DeepseekOCRConfig | DeepseekOCR2Config,
+    batches: Sequence[BatchRecord],
+    dtype_bytes: int,
+    hardware: HardwareInfo | None,
+) -> DecodeTraffic | Unavailable:
+    """The batched phase's decode steps: their minimum traffic (:func:`flops.batched_decode_bytes` per record: the
+    weights once per step, the routed experts counted on the device where they were, each row's K/V) over their
+    device time, and that rate against the peak bandwidth; or why it cannot be given."""
+    lang = _v1_language(cfg).language
+    old = [b for b in batches if b.decode_steps is None or b.row_steps is None or b.key_steps is None]
+    if old:
+        return Unavailable(
+            "batched.decode_traffic",
+            f"{len(old)} of {len(batches)} batched record(s) lack the decode steps' rows or keys (written before "
+            "schema 1.8)",
+        )
+    total: dict[str, int] = {}
+    counted = steps = 0
+    seconds = 0.0
+    for b in batches:
+        assert b.decode_steps is not None and b.row_steps is not None and b.key_steps is not None
+        if not b.decode_steps:
+            continue
+        reads = b.routed_experts_read if b.grouped_steps else None
+        n = (b.grouped_steps or 0) if reads is not None else 0
+        db = F.batched_decode_bytes(
+            lang,
+            b.decode_steps,
+            b.row_steps,
+            b.key_steps,
+            dtype_bytes,
+            experts_read=None if reads is None else round(sum(reads) * n),
+            counted_steps=n,
+        )
+        for k, v in db.components_bytes.items():
+            total[k] = total.get(k, 0) + v
+        counted += n
+        steps += b.decode_steps
+        seconds += b.decode_ms / 1e3
+    if steps == 0 or seconds <= 0:
+        return Unavailable("batched.decode_traffic", "no decode step ran in the batched phase")
+    moved = sum(total.values())
+    peak = hardware.peak_bw_bytes_per_s if hardware else None
+    mbu = M.mbu(moved, seconds, peak) if peak else None
+    why = None
+    if isinstance(mbu, M.Unavailable):
+        why, mbu = mbu.reason, None
+    elif peak is None:
+        why = (hardware.peak_bw_source if hardware else None) or "no peak bandwidth known"
+    return DecodeTraffic(
+        bytes_moved=moved,
+        seconds=seconds,
+        bytes_per_s=moved / seconds,
+        mbu=mbu,
+        lower_bound=counted < steps,
+        note=F.experts_read_note(counted, steps, lang.num_experts_per_tok),
+        weights_bytes=sum(v for k, v in total.items() if k.startswith("weights.")),
+        kv_bytes=total.get("kv.read", 0) + total.get("kv.write", 0),
+        mbu_unavailable=why,
+    )

@@ -44,6 +44,7 @@ __all__ = [
     "ParamCounts",
     "activated_params_per_token",
     "attention_flops",
+    "batched_decode_bytes",
     "causal_pairs",
     "clip_flops",
     "conv2d_flops",
@@ -52,6 +53,7 @@ __all__ = [
     "decode_bytes_per_step",
     "decode_flops",
     "decode_step_flops",
+    "experts_read_note",
     "gundam_views",
     "kv_cache_bytes",
     "linear_flops",
@@ -713,6 +715,56 @@ def decode_bytes(
     keys_sum = steps * prompt_len + steps * (steps + 1) // 2
     comps["kv.read"] = kv_cache_bytes(cfg.language, keys_sum, dtype_bytes)
     return DecodeBytes.of(comps, [*first.notes, f"{steps} decode steps"])
+
+
+def batched_decode_bytes(
+    lang: LanguageConfig,
+    steps: int,
+    row_steps: int,
+    key_steps: int,
+    dtype_bytes: int,
+    experts_read: int | None = None,
+    counted_steps: int = 0,
+) -> DecodeBytes:
+    """Minimum device-memory traffic of ``steps`` batched decode steps that computed ``row_steps`` rows in all
+    and attended over ``key_steps`` keys in all (each row's own context, summed over rows and steps).
+
+    Every step reads the weights once for all its rows: attention, norms, the dense MLP, router gates, shared
+    experts, the lm_head, and the distinct routed experts its rows picked.  ``experts_read`` is those routed
+    experts summed over MoE layers and over the ``counted_steps`` steps that counted them on the device; every
+    other step is taken to read ``top_k`` per MoE layer, the fewest any row can pick, so then the total is a
+    lower bound (a note says so).  Per row: one embedding row and the new token's K/V written; the K/V read is
+    ``key_steps`` positions.  Activations are left out (kilobytes per row).
+    """
+    _nonneg(steps=steps, row_steps=row_steps, key_steps=key_steps, counted_steps=counted_steps)
+    if dtype_bytes <= 0:
+        raise ValueError(f"dtype_bytes must be > 0, got {dtype_bytes}")
+    if counted_steps > steps or (experts_read is None) != (counted_steps == 0):
+        raise ValueError(
+            f"experts_read={experts_read} over counted_steps={counted_steps} of {steps} steps: a count needs its "
+            "steps (at most all of them), and counted steps need a count"
+        )
+    moe = len(_moe_layers(lang))
+    per_step = _activated_weight_params(lang, [0] * moe)
+    comps = {f"weights.{k}": steps * v * dtype_bytes for k, v in per_step.items() if k != "moe.routed"}
+    expert = 3 * lang.hidden_size * lang.moe_intermediate_size
+    uncounted = steps - counted_steps
+    comps["weights.moe.routed"] = ((experts_read or 0) + uncounted * moe * lang.num_experts_per_tok) * expert
+    comps["weights.moe.routed"] *= dtype_bytes
+    comps["weights.embed_row"] = row_steps * lang.hidden_size * dtype_bytes
+    comps["kv.read"] = kv_cache_bytes(lang, key_steps, dtype_bytes)
+    comps["kv.write"] = kv_cache_bytes(lang, row_steps, dtype_bytes)
+    return DecodeBytes.of(comps, [experts_read_note(counted_steps, steps, lang.num_experts_per_tok)])
+
+
+def experts_read_note(counted_steps: int, steps: int, top_k: int) -> str:
+    """How :func:`batched_decode_bytes` took the routed experts of ``steps`` steps, ``counted_steps`` counted."""
+    if counted_steps == steps:
+        return "routed experts read: counted on the device in every step"
+    return (
+        f"routed experts read: counted on the device in {counted_steps:,} of {steps:,} steps; the other "
+        f"{steps - counted_steps:,} taken as top_k={top_k} per MoE layer, the fewest a row picks (a lower bound)"
+    )
 
 
 def stage_min_bytes(cfg: DeepseekOCRConfig, views: Sequence[View], prompt_len: int, dtype_bytes: int) -> dict[str, int]:

@@ -3,7 +3,17 @@ preprocessing, slot occupancy, GPU busy share, page waits) and which decode path
 
 from __future__ import annotations
 
-from llm_perf_opt.report.format import NA, STAT_HEADER, fmt, fmt_pct, na, stat_row, table
+from llm_perf_opt.report.format import (
+    NA,
+    STAT_HEADER,
+    fmt,
+    fmt_bytes_dec,
+    fmt_pct,
+    fmt_rate_bytes,
+    na,
+    stat_row,
+    table,
+)
 from llm_perf_opt.results.types import BatchedPhase, RunSummary
 
 
@@ -125,6 +135,7 @@ def _render_phase(p: BatchedPhase) -> str:
         ["  row occupancy (share of the rows the decode steps computed that produced a token; a narrowed "
          "step counts its own width)",
          fmt_pct(p.row_occupancy) if p.row_occupancy is not None else na("rows per step not recorded")],
+        *_traffic_rows(p),
         ["GPU busy share (device-timed stages ÷ wall; gaps inside a stage count as busy)", busy],
         ["  stages: vision + prefill + decode", f"{fmt(p.stage_ms, 1)} ms ({share(p.stage_ms)})"],
         ["  waiting for pages (host blocked on the prefetcher)",
@@ -154,6 +165,27 @@ def _render_phase(p: BatchedPhase) -> str:
             "",
         ]
     )
+
+
+def _traffic_rows(p: BatchedPhase) -> list[list[str]]:
+    """The decode steps' minimum traffic and the bandwidth it was moved at, or why there is none."""
+    t = p.decode_traffic
+    if t is None:
+        return [["decode traffic (weights once per step, each row's K/V)", na(p.decode_traffic_unavailable or "?")]]
+    at_least = "≥ " if t.lower_bound else ""
+    mbu = fmt_pct(t.mbu) if t.mbu is not None else na(t.mbu_unavailable or "no peak bandwidth known")
+    return [
+        [
+            "decode traffic (the minimum: weights once per step with the routed experts the steps read, each row's "
+            f"K/V); {t.note}",
+            f"{at_least}{fmt_bytes_dec(t.bytes_moved)} (weights {fmt_bytes_dec(t.weights_bytes)}, K/V "
+            f"{fmt_bytes_dec(t.kv_bytes)}) in {fmt(1e3 * t.seconds, 1)} ms of decode steps",
+        ],
+        [
+            "  decode bandwidth achieved (traffic ÷ decode time) / MBU",
+            f"{at_least}{fmt_rate_bytes(t.bytes_per_s)} / {mbu}",
+        ],
+    ]
 
 
 def _steady_below(p: BatchedPhase) -> str:

@@ -512,6 +512,7 @@ PHASE_ROWS = [
     ("row_occupancy", "row occupancy (rows computed that produced a token)", 3),
     ("gpu_busy_share", "GPU busy share", 3),
     ("routed_experts_read", "routed experts read per MoE layer and decode step", 1),
+    ("decode_gb_per_s", "decode bandwidth achieved, GB/s (minimum traffic ÷ decode time)", 1),
     ("page_wait_ms", "waiting for pages (ms)", 1),
     ("wall_ms", "wall time (ms)", 1),
 ]

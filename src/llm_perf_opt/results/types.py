@@ -19,7 +19,8 @@ import attrs
 # 1.6: HostLoad.run_queue_mean / run_queue_max / run_queue_updates / load_cpus (optional: the run queue in the run).
 # 1.7: BatchRecord.routed_experts_read / grouped_steps / routed_experts, BatchedPhase.routed_experts_read (optional:
 # the routed experts the batched decode steps read, counted on the device).
-SCHEMA_VERSION = "1.7"
+# 1.8: BatchRecord.key_steps, BatchedPhase.decode_traffic (optional: the batched decode steps' bytes and bandwidth).
+SCHEMA_VERSION = "1.8"
 
 # Name of the synthetic operator row that holds device time the profiler could not attribute to any operator
 # (CUDA-graph replays, kernels launched outside torch ops): the profiler writes it, the report explains it.
@@ -198,6 +199,9 @@ class BatchRecord:
     # rows the decode steps computed, summed over the steps (decode_steps × batch for a static batch; a narrowed
     # drain step counts its own width); None in records written before it was counted
     row_steps: int | None = None
+    # keys the decode steps attended over: each row's own context (left pads and empty slots left out) summed over
+    # rows and steps, for the K/V bytes of the decode traffic; None in records written before it was counted
+    key_steps: int | None = None
     # per MoE layer: the mean number of distinct routed experts a decode step read (their weights), counted on the
     # device by the grouped expert kernels over ``grouped_steps`` steps, of ``routed_experts`` a layer holds; None
     # where no step ran those kernels (the torch decode step, no Triton, 8 rows or fewer) and in older records
@@ -243,6 +247,26 @@ def experts_read_of(batches: Sequence[BatchRecord]) -> ExpertsRead | None:
 
 
 @attrs.frozen
+class DecodeTraffic:
+    """The batched decode steps' minimum device-memory traffic (``flops.batched_decode_bytes``: the weights once per
+    step with the routed experts counted on the device, each row's K/V) over their device time.
+
+    ``lower_bound``: some steps' routed experts were not counted and were taken as the fewest a row picks, so the
+    bytes, the bandwidth and ``mbu`` are lower bounds.  ``mbu`` is None without a peak bandwidth, with the reason
+    in ``mbu_unavailable``.  ``note`` says how the experts were counted."""
+
+    bytes_moved: int
+    seconds: float
+    bytes_per_s: float
+    mbu: float | None
+    lower_bound: bool
+    note: str
+    weights_bytes: int  # of ``bytes_moved``: the weights (routed experts included)
+    kv_bytes: int  # of ``bytes_moved``: K/V read and written
+    mbu_unavailable: str | None = None
+
+
+@attrs.frozen
 class BatchedPhase:
     """The batched phase end to end: host wall time with page preparation included, and where it went.
 
@@ -283,6 +307,14 @@ class BatchedPhase:
     # the routed experts a decode step read per MoE layer, the mean over layers and counted steps
     # (``RunSummary.experts_read``); None where nothing counted them
     routed_experts_read: float | None = None
+    # the decode steps' bytes and achieved bandwidth; None with the reason in ``decode_traffic_unavailable``
+    decode_traffic: DecodeTraffic | None = None
+    decode_traffic_unavailable: str | None = None
+
+    @property
+    def decode_gb_per_s(self) -> float | None:
+        """The decode steps' achieved bandwidth, GB/s (a lower bound where ``decode_traffic.lower_bound``)."""
+        return None if self.decode_traffic is None else self.decode_traffic.bytes_per_s / 1e9
 
 
 @attrs.frozen

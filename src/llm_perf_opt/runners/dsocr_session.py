@@ -278,6 +278,7 @@ class DeepSeekOCRSession:
             slot_occupancy=slot_occupancy(res.tokens, len(res.step_ms), res.batch),
             decode_steps=len(res.step_ms),
             row_steps=len(res.step_ms) * res.batch,
+            key_steps=res.key_steps,
             **self._expert_reads(res.routed_experts_read, res.grouped_steps),
         )
 
@@ -391,6 +392,7 @@ class DeepSeekOCRSession:
             drain_tokens=drain_tokens,
             narrowed_steps=sum(1 for rows in res.step_rows if rows < slots),
             row_steps=sum(res.step_rows),
+            key_steps=res.key_steps,
             **self._expert_reads(res.routed_experts_read, res.grouped_steps),
             vision_ahead_ms=res.vision_ahead_s * 1e3 if res.pages_ahead else None,
             pages_ahead=res.pages_ahead or None,

@@ -18,8 +18,16 @@ import torch
 
 from llm_perf_opt.data.datasets import Page
 from llm_perf_opt.errors import LlmPerfOptError, RunInterrupted
+from llm_perf_opt.profiling.efficiency import batched_decode_traffic
 from llm_perf_opt.results.serialize import append_jsonl
-from llm_perf_opt.results.types import BatchedPhase, BatchRecord, ProfileSummary, Unavailable, experts_read_of
+from llm_perf_opt.results.types import (
+    BatchedPhase,
+    BatchRecord,
+    DecodeTraffic,
+    ProfileSummary,
+    Unavailable,
+    experts_read_of,
+)
 from llm_perf_opt.runners.dsocr_session import DeepSeekOCRSession, PageRun
 from llm_perf_opt.runners.prefetch import Prefetcher
 from llm_perf_opt.runners.run_state import Stage1Run
@@ -94,7 +102,9 @@ def throughput_phase(run: Stage1Run, pages: list[Page], progress: Any, stop: Sto
                 progress.advance(task)
     wall_s = time.perf_counter() - phase_t0
     if run.batches:
-        run.batched_phase = batched_phase_summary(run.batches, wall_s, session.device.type)
+        dtype_bytes = session.dtype.itemsize
+        traffic = batched_decode_traffic(session.backend.config, run.batches, dtype_bytes, run.hardware)
+        run.batched_phase = batched_phase_summary(run.batches, wall_s, session.device.type, traffic)
 
 
 def _record(run: Stage1Run, repeat: int, size: int, batch: Callable[[], BatchRecord]) -> None:
@@ -167,8 +177,14 @@ def warm_pages(session: DeepSeekOCRSession, pages: list[Page], size: int, notes:
     return out
 
 
-def batched_phase_summary(batches: list[BatchRecord], wall_s: float, device_type: str) -> BatchedPhase:
-    """The phase end to end from its records and its host wall time (one-time graph captures taken out)."""
+def batched_phase_summary(
+    batches: list[BatchRecord],
+    wall_s: float,
+    device_type: str,
+    traffic: DecodeTraffic | Unavailable | None = None,
+) -> BatchedPhase:
+    """The phase end to end from its records and its host wall time (one-time graph captures taken out), with the
+    decode steps' traffic (``efficiency.batched_decode_traffic``) where it was computed."""
     wall_ms = max(wall_s * 1e3 - sum(b.graph_capture_ms for b in batches), 0.0)
     stage_ms = sum(b.prefill_ms + b.decode_ms for b in batches)  # prefill_ms includes vision
     wait_ms = sum(b.page_wait_ms or 0.0 for b in batches)
@@ -207,6 +223,8 @@ def batched_phase_summary(batches: list[BatchRecord], wall_s: float, device_type
         narrowed_steps=_total([b.narrowed_steps for b in batches]),
         row_occupancy=decode_tokens / row_steps if row_steps else None,
         routed_experts_read=None if read is None else read.mean,
+        decode_traffic=traffic if isinstance(traffic, DecodeTraffic) else None,
+        decode_traffic_unavailable=traffic.reason if isinstance(traffic, Unavailable) else None,
         gpu_busy_share=stage_ms / wall_ms if gpu and wall_ms > 0 else None,
         gpu_busy_unavailable=None
         if gpu

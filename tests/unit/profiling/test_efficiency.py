@@ -8,7 +8,7 @@ from llm_perf_opt.models.deepseek_ocr.config import DeepseekOCRConfig
 from llm_perf_opt.profiling import efficiency as E
 from llm_perf_opt.profiling import flops as F
 from llm_perf_opt.profiling.nvml import PowerSummary
-from llm_perf_opt.results.types import HardwareInfo, PageRecord
+from llm_perf_opt.results.types import BatchRecord, HardwareInfo, PageRecord, Unavailable
 from tests.conftest import TINY
 
 VIEWS = [(1, 64, 64)]
@@ -120,3 +120,37 @@ def test_context_len_mode_max_counts_every_step_at_the_cap(tiny_cfg: DeepseekOCR
     dec = {s.stage: s for s in mx.efficiency}["decode"]
     assert dec.flops == pytest.approx(4 * F.decode_step_flops(tiny_cfg.language, 30 + 64).total_flops)
     assert dec.flops > {s.stage: s for s in auto.efficiency}["decode"].flops
+
+
+def _batch(ms: float, steps: int, rows: int, keys: int | None, read: list[float] | None = None, counted: int = 0):
+    return BatchRecord(0, ["a", "b"], 2, 30, 20, 1.0, 2.0, ms, None, None, [], decode_steps=steps, row_steps=rows,
+                       key_steps=keys, routed_experts_read=read, grouped_steps=counted or None)  # fmt: skip
+
+
+def test_batched_decode_traffic_by_hand(tiny_cfg: DeepseekOCRConfig) -> None:
+    """Two records: 4 steps of 2 rows over 150 keys in 8 ms with every step's experts counted (per MoE layer 3 and
+    5, mean 4), and 2 steps of 2 rows over 70 keys in 2 ms with none counted: 10 ms for the bytes of both."""
+    lang = tiny_cfg.language
+    moe = sum(1 for i in range(lang.num_hidden_layers) if lang.is_moe_layer(i))
+    read = [3.0, 5.0] if moe == 2 else [4.0] * moe
+    batches = [_batch(8.0, 4, 8, 150, read, 4), _batch(2.0, 2, 4, 70)]
+    t = E.batched_decode_traffic(tiny_cfg, batches, 2, _hardware(1e12, 1e11))
+    assert not isinstance(t, Unavailable)
+    first = F.batched_decode_bytes(lang, 4, 8, 150, 2, experts_read=4 * moe * 4, counted_steps=4)
+    second = F.batched_decode_bytes(lang, 2, 4, 70, 2)
+    assert t.bytes_moved == first.total_bytes + second.total_bytes
+    assert t.seconds == pytest.approx(0.010) and t.bytes_per_s == pytest.approx(t.bytes_moved / 0.010)
+    assert t.mbu == pytest.approx(t.bytes_moved / 0.010 / 1e11) and t.mbu_unavailable is None
+    assert t.lower_bound and "counted on the device in 4 of 6 steps; the other 2 taken as top_k" in t.note
+    kv = 2 * lang.num_hidden_layers * lang.num_key_value_heads * lang.head_dim * 2  # one position, bf16
+    assert t.kv_bytes == (150 + 70 + 8 + 4) * kv and t.weights_bytes == t.bytes_moved - t.kv_bytes
+    # no peak bandwidth: the bytes and the rate stay, the MBU is absent with the source's reason
+    hw = HardwareInfo("cpu", None, None, None, "t", "c", None, "none", None, "no bw for CPUs")
+    cpu = E.batched_decode_traffic(tiny_cfg, batches, 2, hw)
+    assert not isinstance(cpu, Unavailable)
+    assert cpu.mbu is None and cpu.mbu_unavailable == "no bw for CPUs" and cpu.bytes_moved == t.bytes_moved
+    # a record written before the keys were counted: no figure, and why
+    old = E.batched_decode_traffic(tiny_cfg, [*batches, _batch(1.0, 1, 2, None)], 2, _hardware(1e12, 1e11))
+    assert isinstance(old, Unavailable) and "1 of 3 batched record(s)" in old.reason
+    none = E.batched_decode_traffic(tiny_cfg, [_batch(0.0, 0, 0, 0)], 2, _hardware(1e12, 1e11))
+    assert isinstance(none, Unavailable) and "no decode step" in none.reason

@@ -461,6 +461,37 @@ def test_decode_bytes(real_cfg: DeepseekOCRConfig) -> None:
     assert run.total_bytes == sum(fl.decode_bytes_per_step(real_cfg, 913 + i, 2).total_bytes for i in range(1, 256))
 
 
+def test_batched_decode_bytes_by_hand(real_cfg: DeepseekOCRConfig) -> None:
+    """10 steps, 40 rows computed, 12,345 keys attended; the routed experts counted in 6 steps (20 per MoE layer
+    each), the other 4 taken as top_k = 6 per MoE layer.  Real sizes: 12 layers (11 MoE) of 10 K/V heads x 128,
+    experts of 3 x 1280 x 896, bf16."""
+    lang = real_cfg.language
+    kv_token = 2 * 12 * 10 * 128 * 2  # K and V of one position over every layer
+    expert = 3 * 1280 * 896 * 2
+    non_routed = 2 * fl.activated_params_per_token(real_cfg) - 11 * 6 * expert  # every weight a step reads once
+    got = fl.batched_decode_bytes(lang, 10, 40, 12_345, 2, experts_read=6 * 11 * 20, counted_steps=6)
+    c = got.components_bytes
+    assert c["weights.moe.routed"] == (6 * 11 * 20 + 4 * 11 * 6) * expert
+    assert sum(v for k, v in c.items() if k.startswith("weights.") and k != "weights.moe.routed") == (
+        10 * non_routed + 40 * 1280 * 2  # + one embedding row per row
+    )
+    assert c["kv.read"] == 12_345 * kv_token and c["kv.write"] == 40 * kv_token
+    assert got.notes == (
+        "routed experts read: counted on the device in 6 of 10 steps; the other 4 taken as top_k=6 per MoE "
+        "layer, the fewest a row picks (a lower bound)",
+    )
+    every = fl.batched_decode_bytes(lang, 10, 40, 12_345, 2, experts_read=10 * 11 * 20, counted_steps=10)
+    assert every.total_bytes - got.total_bytes == 4 * 11 * (20 - 6) * expert
+    assert every.notes == ("routed experts read: counted on the device in every step",)
+    # one row, one step, the experts not counted: the batch-1 step at the same context
+    one = fl.batched_decode_bytes(lang, 1, 1, 1000, 2)
+    assert one.total_bytes == fl.decode_bytes_per_step(real_cfg, 1000, 2).total_bytes
+    with pytest.raises(ValueError, match="counted steps need a count"):
+        fl.batched_decode_bytes(lang, 10, 40, 100, 2, counted_steps=3)
+    with pytest.raises(ValueError, match="at most all of them"):
+        fl.batched_decode_bytes(lang, 10, 40, 100, 2, experts_read=5, counted_steps=11)
+
+
 # ------------------------------------------------------------------------------------------------
 # Full-size sanity: the real config on the default Gundam page (1224x1584 -> 6 crops + global)
 # ------------------------------------------------------------------------------------------------

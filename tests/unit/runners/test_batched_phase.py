@@ -11,7 +11,7 @@ import pytest
 from llm_perf_opt.data.datasets import Page
 from llm_perf_opt.errors import InputError
 from llm_perf_opt.report.markdown import render_report
-from llm_perf_opt.results.types import BatchRecord
+from llm_perf_opt.results.types import BatchRecord, DecodeTraffic, Unavailable
 from llm_perf_opt.runners.phases import PreparedPages, batched_phase_summary
 from llm_perf_opt.runners.prefetch import Prefetcher
 from tests.unit.builders import make_page, make_summary
@@ -125,6 +125,28 @@ def test_report_section_renders_the_summary() -> None:
     assert phase.steady_output_tok_s == pytest.approx(50.0) and phase.output_tok_s == pytest.approx(80.0)
     md = render_report(attrs.evolve(summary, batches=fast_drain, batched_phase=phase))
     assert "Here the steady-state token rate is below the end-to-end one" in md
+
+
+def test_report_gives_the_decode_traffic_and_its_bandwidth() -> None:
+    """2.5 GB (2.0 GB of weights, 0.5 GB of K/V) in 300 ms of decode steps: 8.33 GB/s, 41.67 % of a 20 GB/s peak;
+    a lower bound reads "≥"; no peak: the rate stays, the MBU says why; no figure: the reason."""
+    batches = [record(4, 40, 10, 4, (100.0, 300.0))]
+    traffic = DecodeTraffic(2_500_000_000, 0.3, 2.5e9 / 0.3, 2.5e9 / 0.3 / 20e9, False, "counted in every step",
+                            2_000_000_000, 500_000_000)  # fmt: skip
+    phase = batched_phase_summary(batches, wall_s=0.5, device_type="cuda", traffic=traffic)
+    summary = attrs.evolve(make_summary(pages=[make_page("p0")]), batches=batches, batched_phase=phase)
+    md = render_report(summary)
+    label = "| decode traffic (the minimum: weights once per step with the routed experts the steps read, each row's "
+    assert f"{label}K/V); counted in every step | 2.50 GB (weights 2.00 GB, K/V 500.00 MB) in 300.0 ms" in md
+    assert "|   decode bandwidth achieved (traffic ÷ decode time) / MBU | 8.33 GB/s / 41.67 % |" in md
+    low = attrs.evolve(traffic, lower_bound=True, mbu=None, mbu_unavailable="no bw for CPUs")
+    md = render_report(attrs.evolve(summary, batched_phase=attrs.evolve(phase, decode_traffic=low)))
+    assert "| ≥ 2.50 GB (weights" in md and "| ≥ 8.33 GB/s / n/a (no bw for CPUs) |" in md
+    why = batched_phase_summary(batches, 0.5, "cuda", Unavailable("batched.decode_traffic", "records too old"))
+    assert why.decode_traffic is None and why.decode_gb_per_s is None
+    md = render_report(attrs.evolve(summary, batched_phase=why))
+    assert "| decode traffic (weights once per step, each row's K/V) | n/a (records too old) |" in md
+    assert phase.decode_gb_per_s == pytest.approx(2.5 / 0.3)
 
 
 def test_report_says_why_the_decode_step_ran_ungraphed() -> None:

@@ -98,6 +98,14 @@ class BatchResult:
         return out
 
     @property
+    def key_steps(self) -> int:
+        """Keys the decode steps attended over, each row's own context summed over rows and steps (its left pads
+        left out: they are masked): step s feeds the token that sequence b wrote at ``prompt_lens[b] + s``, so it
+        attends over ``prompt_lens[b] + s + 1`` keys; every row runs every step (finished ones included)."""
+        n = len(self.step_ms)
+        return sum(n * length + n * (n + 1) // 2 for length in self.prompt_lens)
+
+    @property
     def step_ms_p50(self) -> float:
         return statistics.median(self.step_ms) if self.step_ms else math.nan
 

@@ -169,6 +169,9 @@ class ContinuousResult:
     first_step: list[int] = attrs.field(factory=list)
     # per decode step: the rows of the step that ran it (``slots``, or fewer once the drain narrowed the batch)
     step_rows: list[int] = attrs.field(factory=list)
+    # keys the decode steps attended over, each occupied slot's own context summed over slots and steps (the
+    # position the host tracks for it, as ``_reach``; empty slots left out)
+    key_steps: int = 0
     # the run-ahead vision's own time (``vision_ahead``; on CUDA on a second stream beside the decode steps); what of
     # it held the slots up is in ``vision_s`` (on CPU all of it: nothing overlaps)
     vision_ahead_s: float = 0.0
@@ -615,6 +618,7 @@ class _Run:
         self.fills = 0
         self.first_step: list[int] = []
         self.step_rows: list[int] = []  # the width of the step each decode step ran (narrower in the drain)
+        self.key_steps = 0  # ContinuousResult.key_steps
         self.ahead: collections.deque[_Ahead] = collections.deque()  # pages taken, vision run ahead, not filled
         self.ahead_marks: list[tuple[object, object]] = []  # each page's vision run ahead (second stream)
         self.ahead_stalls: list[tuple[object, object]] = []  # main stream, around each run-ahead (see run_ahead)
@@ -919,6 +923,7 @@ def run_continuous(
                                 run.logits[page].append(host[b].clone())
                 run.step_runs.append(marks)
                 run.step_rows += [step.slots] * n_steps
+                run.key_steps += _keys(run, occupied, n_steps)
                 for b in live:
                     run.left[b] -= n_steps
                 run.steps_done += n_steps
@@ -953,6 +958,7 @@ def run_continuous(
         logits=run.logits,
         first_step=run.first_step,
         step_rows=run.step_rows,
+        key_steps=run.key_steps,
         vision_ahead_s=ahead_ms / 1e3,
         pages_ahead=len(run.ahead_marks),
         prefill_ahead_s=prefill_ahead_ms / 1e3,
@@ -1003,6 +1009,17 @@ def _reach(run: _Run, occupied: list[int], after: int) -> int:
     """The furthest cache column any occupied slot can have written ``after`` more steps from now (its prompt
     length + the steps since its fill, at most its cap)."""
     return max(run.slot_len[b] + min(run.steps_done + after - run.slot_step[b], run.slot_cap[b]) for b in occupied)
+
+
+def _keys(run: _Run, occupied: list[int], n_steps: int) -> int:
+    """Keys the next ``n_steps`` steps attend over in the occupied slots: at step i a slot has written the column
+    of :func:`_reach` (its prompt length + its steps since the fill, at most its cap) and attends over every column
+    up to it."""
+    return sum(
+        run.slot_len[b] + min(run.steps_done + i - run.slot_step[b], run.slot_cap[b]) + 1
+        for b in occupied
+        for i in range(n_steps)
+    )
 
 
 def _finished(run: _Run, step: SlotDecodeStep, occupied: list[int], eos_on: bool) -> list[int]:

@@ -62,6 +62,9 @@ def assert_same(static: BatchResult, host: BatchResult) -> None:
     # every step that produced a token is timed; idle steps (after the last finish) only trail them
     assert len(static.step_ms) - static.idle_steps == len(host.step_ms) == max(len(t) for t in host.tokens) - 1
     assert static.graph_capture_s == 0.0  # CPU: never graphed
+    # every row runs every step, finished or not: step s attends over row b's prompt + its s + 1 tokens
+    steps = len(static.step_ms)
+    assert static.key_steps == sum(n + s + 1 for n in static.prompt_lens for s in range(steps))
 
 
 def test_eos_ids_hit_where_expected(host_tokens: list[list[int]]) -> None:

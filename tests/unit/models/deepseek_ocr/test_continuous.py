@@ -89,6 +89,13 @@ def test_every_page_as_alone(model: DeepseekOCRForCausalLM, pages: list[Prepared
     assert [len(t) for t in plain.tokens] == [cap for _, cap in WORKLOAD]  # every cap honoured exactly
 
 
+def keys_by_hand(pages: list[PreparedPage]) -> int:
+    """Keys the decode steps attend over without eos: page i's j-th decode step (j < cap - 1) feeds the token it
+    wrote at column prompt_len + j, so it attends over prompt_len + j + 1 keys; a slot holds a page only while it
+    has steps left (ended slots are refilled before the next step, or left empty)."""
+    return sum(pages[p].prompt_len + j + 1 for p, cap in WORKLOAD for j in range(cap - 1))
+
+
 def test_slots_were_refilled(plain: ContinuousResult) -> None:
     # 8 pages, 3 slots: the first fill takes 3 pages; every later page came in a refill
     assert plain.fills >= 2 and plain.slots == SLOTS
@@ -140,6 +147,8 @@ def test_drain_narrowing_keeps_every_token(
     wide = gen.run_continuous(requests(pages), 12, eos_token_id=None, narrow_drain=False)
     assert wide.tokens == res.tokens == plain.tokens
     assert wide.step_rows == [12] * 12
+    # the keys attended are the sequences' own, however wide the step: the empty slots attend over nothing
+    assert res.key_steps == wide.key_steps == plain.key_steps == keys_by_hand(pages)
     again = gen.run_continuous(requests(pages), 12, eos_token_id=None)  # the kept narrower steps, reloaded
     assert again.tokens == plain.tokens and again.step_rows == res.step_rows
 
