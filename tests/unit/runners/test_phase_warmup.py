@@ -12,17 +12,23 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import torch
+
+from llm_perf_opt.models.deepseek_ocr.config import DeepseekOCRConfig
 from llm_perf_opt.results.types import BatchRecord
 from llm_perf_opt.runners.phases import throughput_phase
+from tests.conftest import TINY
 
 
 class ScriptedSession:
     """Prepares pages as their ids, fails the vision warm-up, returns one record per continuous run."""
 
     device = SimpleNamespace(type="cpu")
+    dtype = torch.float32
 
     def __init__(self) -> None:
         self.runs: list[list[str]] = []
+        self.backend = SimpleNamespace(config=DeepseekOCRConfig.from_json(TINY / "config.json"))
 
     def prepare_for_batch(self, page: Any) -> str:
         return str(page.page_id)
@@ -52,7 +58,7 @@ def test_failed_vision_warmup_is_a_note_and_the_phase_still_runs(tmp_path: Path)
     infer = SimpleNamespace(batch_size=2, batching="continuous", preprocess_workers=1)
     settings = SimpleNamespace(token_cap=8, repeats=1, infer=infer)
     run: Any = SimpleNamespace(session=session, settings=settings, notes=[], unavailable=[], batches=[],
-                               batched_phase=None, out=tmp_path)  # fmt: skip
+                               batched_phase=None, out=tmp_path, hardware=None)  # fmt: skip
     pages = [SimpleNamespace(page_id=f"p{i}") for i in range(3)]
     throughput_phase(run, pages, Progress(), lambda: False)
     assert run.unavailable == []
@@ -62,3 +68,5 @@ def test_failed_vision_warmup_is_a_note_and_the_phase_still_runs(tmp_path: Path)
     (note,) = [n for n in run.notes if "vision chunk shapes were not warmed" in n]
     assert "RuntimeError: Inplace update to inference tensor" in note
     assert run.batched_phase is not None and run.batched_phase.pages == 3
+    # the scripted record has no rows or keys per step: no traffic figure, and why
+    assert "lack the decode steps' rows or keys" in (run.batched_phase.decode_traffic_unavailable or "")
