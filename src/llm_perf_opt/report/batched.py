@@ -171,13 +171,14 @@ def _traffic_rows(p: BatchedPhase) -> list[list[str]]:
     """The decode steps' minimum traffic and the bandwidth it was moved at, or why there is none."""
     t = p.decode_traffic
     if t is None:
-        return [["decode traffic (weights once per step, each row's K/V)", na(p.decode_traffic_unavailable or "?")]]
+        why = p.decode_traffic_unavailable or "not computed: written before schema 1.8"
+        return [["decode traffic (weights once per step, each computed row's K/V)", na(why)]]
     at_least = "≥ " if t.lower_bound else ""
     mbu = fmt_pct(t.mbu) if t.mbu is not None else na(t.mbu_unavailable or "no peak bandwidth known")
     return [
         [
-            "decode traffic (the minimum: weights once per step with the routed experts the steps read, each row's "
-            f"K/V); {t.note}",
+            "decode traffic (the minimum: weights once per step with the routed experts the steps read, each computed "
+            f"row's K/V); {t.note}",
             f"{at_least}{fmt_bytes_dec(t.bytes_moved)} (weights {fmt_bytes_dec(t.weights_bytes)}, K/V "
             f"{fmt_bytes_dec(t.kv_bytes)}) in {fmt(1e3 * t.seconds, 1)} ms of decode steps",
         ],

@@ -136,8 +136,9 @@ def test_report_gives_the_decode_traffic_and_its_bandwidth() -> None:
     phase = batched_phase_summary(batches, wall_s=0.5, device_type="cuda", traffic=traffic)
     summary = attrs.evolve(make_summary(pages=[make_page("p0")]), batches=batches, batched_phase=phase)
     md = render_report(summary)
-    label = "| decode traffic (the minimum: weights once per step with the routed experts the steps read, each row's "
-    assert f"{label}K/V); counted in every step | 2.50 GB (weights 2.00 GB, K/V 500.00 MB) in 300.0 ms" in md
+    label = "| decode traffic (the minimum: weights once per step with the routed experts the steps read, each "
+    value = "2.50 GB (weights 2.00 GB, K/V 500.00 MB) in 300.0 ms"
+    assert f"{label}computed row's K/V); counted in every step | {value}" in md
     assert "|   decode bandwidth achieved (traffic ÷ decode time) / MBU | 8.33 GB/s / 41.67 % |" in md
     low = attrs.evolve(traffic, lower_bound=True, mbu=None, mbu_unavailable="no bw for CPUs")
     md = render_report(attrs.evolve(summary, batched_phase=attrs.evolve(phase, decode_traffic=low)))
@@ -145,8 +146,11 @@ def test_report_gives_the_decode_traffic_and_its_bandwidth() -> None:
     why = batched_phase_summary(batches, 0.5, "cuda", Unavailable("batched.decode_traffic", "records too old"))
     assert why.decode_traffic is None and why.decode_gb_per_s is None
     md = render_report(attrs.evolve(summary, batched_phase=why))
-    assert "| decode traffic (weights once per step, each row's K/V) | n/a (records too old) |" in md
+    assert "| decode traffic (weights once per step, each computed row's K/V) | n/a (records too old) |" in md
     assert phase.decode_gb_per_s == pytest.approx(2.5 / 0.3)
+    old = attrs.evolve(phase, decode_traffic=None, decode_traffic_unavailable=None)  # a metrics.json of schema 1.7
+    md = render_report(attrs.evolve(summary, batched_phase=old))
+    assert "K/V) | n/a (not computed: written before schema 1.8) |" in md
 
 
 def test_report_says_why_the_decode_step_ran_ungraphed() -> None:
