@@ -355,6 +355,13 @@ def batched_decode_traffic(
             f"{len(old)} of {len(batches)} batched record(s) lack the decode steps' rows or keys (written before "
             "schema 1.8)",
         )
+    over = [b for b in batches if (b.grouped_steps or 0) > (b.decode_steps or 0)]
+    if over:
+        return Unavailable(
+            "batched.decode_traffic",
+            f"{len(over)} batched record(s) count the routed experts over more steps than they ran "
+            f"({over[0].grouped_steps} of {over[0].decode_steps}): the counts cannot be placed",
+        )
     total: dict[str, int] = {}
     counted = steps = 0
     seconds = 0.0

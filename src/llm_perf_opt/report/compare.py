@@ -37,7 +37,7 @@ import cattrs
 from scipy import stats as sps
 
 from llm_perf_opt.results.serialize import SchemaError, read_summary
-from llm_perf_opt.results.types import RunSummary
+from llm_perf_opt.results.types import BatchedPhase, RunSummary
 
 MetricClass = Literal["latency", "throughput", "memory", "workload"]
 
@@ -542,11 +542,17 @@ def _batched_phase_rows(a: RunSummary, b: RunSummary) -> list[str]:
             ratio = f"n/a (absent in {'A' if va is None else 'B'})"
         else:
             ratio = f"{vb / va:.2f}×" if va else "n/a (A is 0)"
-        lines.append(
-            f"| {label} | {'n/a' if va is None else f'{va:,.{digits}f}'} | "
-            f"{'n/a' if vb is None else f'{vb:,.{digits}f}'} | {ratio} |"
-        )
+        lines.append(f"| {label} | {_phase_cell(pa, name, digits)} | {_phase_cell(pb, name, digits)} | {ratio} |")
     return lines
+
+
+def _phase_cell(p: BatchedPhase, name: str, digits: int) -> str:
+    """One run's value of a ``PHASE_ROWS`` row; the decode bandwidth marked "≥" where it is a lower bound."""
+    v = getattr(p, name)
+    if v is None:
+        return "n/a"
+    low = name == "decode_gb_per_s" and p.decode_traffic is not None and p.decode_traffic.lower_bound
+    return f"{'≥ ' if low else ''}{v:,.{digits}f}"
 
 
 def _cell(v: Any) -> str:

@@ -152,5 +152,7 @@ def test_batched_decode_traffic_by_hand(tiny_cfg: DeepseekOCRConfig) -> None:
     # a record written before the keys were counted: no figure, and why
     old = E.batched_decode_traffic(tiny_cfg, [*batches, _batch(1.0, 1, 2, None)], 2, _hardware(1e12, 1e11))
     assert isinstance(old, Unavailable) and "1 of 3 batched record(s)" in old.reason
+    odd = E.batched_decode_traffic(tiny_cfg, [_batch(8.0, 4, 8, 150, read, 5)], 2, _hardware(1e12, 1e11))
+    assert isinstance(odd, Unavailable) and "more steps than they ran (5 of 4)" in odd.reason  # never a raise
     none = E.batched_decode_traffic(tiny_cfg, [_batch(0.0, 0, 0, 0)], 2, _hardware(1e12, 1e11))
     assert isinstance(none, Unavailable) and "no decode step" in none.reason

@@ -296,6 +296,15 @@ def test_batched_phases_shown_side_by_side_with_ratios() -> None:
     b = attrs.evolve(b, batched_phase=attrs.evolve(phase("static", 4.0, 0.8), routed_experts_read=62.5))
     text = render(Path("a"), a, Path("b"), b)
     assert "| routed experts read per MoE layer and decode step | 4.0 | 62.5 | 15.62× |" in text
+    # the decode bandwidth: 2 TB in 1 s vs 3 TB in 2 s (1,500 / 2,000 GB/s by hand), B's a lower bound
+    from llm_perf_opt.results.types import DecodeTraffic
+
+    ta = DecodeTraffic(2 * 10**12, 1.0, 2e12, None, False, "all counted", 10**12, 10**12)
+    tb = DecodeTraffic(3 * 10**12, 2.0, 1.5e12, None, True, "some counted", 10**12, 2 * 10**12)
+    a = attrs.evolve(a, batched_phase=attrs.evolve(a.batched_phase, decode_traffic=ta))
+    b = attrs.evolve(b, batched_phase=attrs.evolve(b.batched_phase, decode_traffic=tb))
+    text = render(Path("a"), a, Path("b"), b)
+    assert "| decode bandwidth achieved, GB/s (minimum traffic ÷ decode time) | 2,000.0 | ≥ 1,500.0 | 0.75× |" in text
 
 
 # ------------------------------------------------------------------------------------------ host speed probe

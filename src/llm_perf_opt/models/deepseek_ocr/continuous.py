@@ -1042,6 +1042,10 @@ def _finished(run: _Run, step: SlotDecodeStep, occupied: list[int], eos_on: bool
         assert page is not None
         run.tokens[page] = [int(x) for x in step.out[b, : n_gen[b]].tolist()]
         run.by_eos[page] = bool(by_eos[b])
+        # ``_keys`` took the row on by one column a step; the device held it at its last column from its last
+        # token on: m steps after that token, it attended over 0, 1, ..., m - 1 keys fewer than counted
+        m = max(run.steps_done - run.slot_step[b] - (n_gen[b] - 1), 0)
+        run.key_steps -= m * (m - 1) // 2
     return ended
 
 

@@ -162,6 +162,26 @@ def test_eos_ends_slots_early(model: DeepseekOCRForCausalLM, pages: list[Prepare
     assert res_fast.tokens == res.tokens and res_fast.stopped_by_eos == res.stopped_by_eos
 
 
+def test_the_keys_counted_are_the_devices_with_eos_read_late(
+    model: DeepseekOCRForCausalLM, pages: list[PreparedPage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With eos read every k steps, a row that ended keeps running, held at its last column, until the next read:
+    the keys counted must be the device's own, every occupied row's position + 1 at every step (a spy reads them;
+    an empty slot sits at column 0)."""
+    seen: list[int] = []
+    step = SlotDecodeStep.step
+
+    def spy(self: SlotDecodeStep) -> None:
+        seen.append(sum(p + 1 for p in self.pos.tolist() if p > 0))
+        step(self)
+
+    monkeypatch.setattr(SlotDecodeStep, "step", spy)
+    for every in (1, 4, 8):
+        seen.clear()
+        res = BatchedGenerator(model, check_every=every).run_continuous(requests(pages), SLOTS, eos_token_id=384)
+        assert any(res.stopped_by_eos) and res.key_steps == sum(seen), every
+
+
 def test_no_repeat_ngram_on_the_device(model: DeepseekOCRForCausalLM, pages: list[PreparedPage]) -> None:
     res = continuous(model, pages, ngram=3)
     assert_matches_alone(model, pages, res, None, 3)

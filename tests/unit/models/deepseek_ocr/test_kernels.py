@@ -1216,6 +1216,31 @@ def test_moe_experts_grouped_counts_the_routed_experts_it_reads() -> None:
         K.moe_experts_grouped(*args, n_always=2, reads=torch.zeros(2, dtype=torch.int32))
 
 
+@pytest.mark.parametrize("n_experts", [1, 6, 15, 16, 17, 64])
+def test_moe_align_sorts_the_pairs_by_expert_and_counts_the_experts(n_experts: int) -> None:
+    """The align kernel alone: ``order`` = the pairs stably sorted by expert (``argsort(stable=True)``), ``offs`` =
+    the running count of pairs below each expert (``bincount``'s cumulative sum, ``offs[E]`` = every pair) and
+    the distinct experts added to ``reads``; expert counts at, below and above the 16-expert blocks, padding
+    past the pairs (P = 54 of 64), and routings of one expert, the first and last only, and at random."""
+    gen = torch.Generator().manual_seed(n_experts)
+    routings = [
+        torch.randint(0, n_experts, (54,), generator=gen),
+        torch.zeros(54, dtype=torch.long),
+        torch.tensor([0, n_experts - 1] * 27),
+    ]
+    for ids in routings:
+        order = torch.empty(54, dtype=torch.int32)
+        offs = torch.empty(n_experts + 1, dtype=torch.int32)
+        reads = torch.zeros(2, dtype=torch.int64)
+        block_e = max(16, 1 << n_experts.bit_length())  # the launch's: the power of two above E, at least 16
+        K._moe_align_kernel[(-(-54 // 16) + 1,)](ids, order, offs, reads, 54, E=n_experts, BLOCK_P=16,
+                                                 BLOCK_ALL=64, BLOCK_E=block_e, HAS_READS=True)  # fmt: skip
+        assert order.tolist() == torch.argsort(ids, stable=True).tolist()
+        want = torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(ids, minlength=n_experts).cumsum(0)])
+        assert offs.tolist() == want.tolist()
+        assert reads.tolist() == [len(set(ids.tolist())), 1]
+
+
 def test_moe_experts_grouped_rejects_bad_input() -> None:
     c = _moe_case(9, 64, 32, 4, 2, torch.float32)
     x, w13, w2 = c["x"], c["w13"], c["w2"]
