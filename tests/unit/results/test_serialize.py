@@ -304,3 +304,29 @@ def test_failed_append_leaves_no_partial_line(tmp_path: Path, monkeypatch: pytes
     assert path.read_bytes() == before
     append_journal(path, make_page("c"))
     assert [r.page_id for r in read_journal(path).records] == ["a", "c"]
+
+
+def test_a_batched_phase_with_its_traffic_round_trips_and_a_schema_1_7_file_still_reads(tmp_path: Path) -> None:
+    """A 1.8 summary carries the decode traffic (a nested record) and each batch's keys; a 1.7 file has neither
+    and reads back with both absent, and its report says why instead of a figure."""
+    import attrs
+
+    from llm_perf_opt.report.markdown import render_report
+    from llm_perf_opt.results.types import BatchedPhase, BatchRecord, DecodeTraffic
+
+    batch = BatchRecord(0, ["p0"], 1, 9, 9, 1.0, 2.0, 3.0, None, None, [], decode_steps=8, row_steps=8, key_steps=100)
+    traffic = DecodeTraffic(10**9, 0.003, 1e9 / 0.003, 0.1, True, "some counted", 8 * 10**8, 2 * 10**8, None)
+    phase = BatchedPhase("static", 1, 1, 1, 9, 10.0, 6.0, 1.0, 3.0, 100.0, 900.0, 1.0, 0.6, decode_traffic=traffic)
+    s = attrs.evolve(make_summary(pages=[make_page("p0")]), batches=[batch], batched_phase=phase)
+    path = tmp_path / "metrics.json"
+    write_summary(path, s)
+    assert read_summary(path) == s
+    raw = json.loads(path.read_text())
+    raw["schema_version"] = "1.7"
+    del raw["batched_phase"]["decode_traffic"], raw["batched_phase"]["decode_traffic_unavailable"]
+    del raw["batches"][0]["key_steps"]
+    path.write_text(json.dumps(raw))
+    old = read_summary(path)
+    assert old.batches[0].key_steps is None and old.batched_phase is not None
+    assert old.batched_phase.decode_traffic is None and old.batched_phase.decode_gb_per_s is None
+    assert "n/a (not computed: written before schema 1.8)" in render_report(old)
