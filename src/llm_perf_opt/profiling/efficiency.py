@@ -345,8 +345,8 @@ def batched_decode_traffic(
     hardware: HardwareInfo | None,
 ) -> DecodeTraffic | Unavailable:
     """The batched phase's decode steps: their minimum traffic (:func:`flops.batched_decode_bytes` per record: the
-    weights once per step, the routed experts counted on the device where they were, each row's K/V) over their
-    device time, and that rate against the peak bandwidth; or why it cannot be given."""
+    weights once per step, the routed experts counted on the device where they were, each computed row's K/V) over
+    their device time, and that rate against the peak bandwidth; or why it cannot be given."""
     lang = _v1_language(cfg).language
     old = [b for b in batches if b.decode_steps is None or b.row_steps is None or b.key_steps is None]
     if old:

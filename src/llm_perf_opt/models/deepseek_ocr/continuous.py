@@ -170,7 +170,8 @@ class ContinuousResult:
     # per decode step: the rows of the step that ran it (``slots``, or fewer once the drain narrowed the batch)
     step_rows: list[int] = attrs.field(factory=list)
     # keys the decode steps attended over, each occupied slot's own context summed over slots and steps (the
-    # position the host tracks for it, as ``_reach``; empty slots left out)
+    # position the host tracks for it, as ``_reach``, set right at each eos read for a row the device held at its
+    # last column once it ended; empty slots left out)
     key_steps: int = 0
     # the run-ahead vision's own time (``vision_ahead``; on CUDA on a second stream beside the decode steps); what of
     # it held the slots up is in ``vision_s`` (on CPU all of it: nothing overlaps)
