@@ -30,8 +30,14 @@ KEY_METRICS = [
     ("peak_mem_allocated_bytes", "max", "peak alloc GiB"),
 ]
 # the batched phase end to end (``RunSummary.batched_phase``), as columns only where some job ran one (a sweep over
-# infer.batch_size or the refill settings): pages/s and output tok/s with page preparation included
-BATCHED_METRICS = [("pages_per_s", "batched pages/s e2e"), ("output_tok_s", "batched tok/s e2e")]
+# infer.batch_size or the refill settings): pages/s and output tok/s with page preparation included, and the decode
+# steps' bandwidth (minimum traffic over decode time; "≥" where some steps' experts were not counted)
+BATCHED_METRICS = [
+    ("pages_per_s", "batched pages/s e2e"),
+    ("output_tok_s", "batched tok/s e2e"),
+    ("decode_gb_per_s", "batched decode GB/s"),
+]
+LOWER_BOUND = "batched decode GB/s is a lower bound"
 
 
 def _swept(job_dir: Path) -> dict[str, str]:
@@ -70,6 +76,9 @@ def _row(job_dir: Path) -> dict[str, Any]:
         row[f"MFU {e.stage}"] = e.mfu
     for key, label in BATCHED_METRICS:
         row[label] = None if s.batched_phase is None else getattr(s.batched_phase, key)
+    traffic = s.batched_phase.decode_traffic if s.batched_phase is not None else None
+    if traffic is not None and traffic.lower_bound:
+        row[LOWER_BOUND] = True
     if s.quality is not None:
         row["quality"] = s.quality.verdict
         row["quality_reasons"] = list(s.quality.reasons)
@@ -114,6 +123,8 @@ def summarize_sweep(root: Path) -> list[dict[str, Any]]:
                 cells.append("n/a (failed)" if r["status"] == "failed" else "n/a (not measured: see the job's report)")
             elif col.startswith("MFU"):
                 cells.append(f"{100 * v:.2f} %")
+            elif col == "batched decode GB/s":
+                cells.append(f"{'≥ ' if r.get(LOWER_BOUND) else ''}{v:,.1f}")
             else:
                 cells.append(f"{v:,.3f}")
         lines.append("| " + " | ".join(cells) + " |")

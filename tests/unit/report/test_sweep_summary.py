@@ -234,6 +234,21 @@ def test_batched_phase_columns_where_a_job_ran_one(tmp_path: Path) -> None:
     assert "| batched pages/s e2e | batched tok/s e2e |" in md
     assert "| 8.000 | 1,600.000 |" in md
     assert "n/a (no batched phase in this job: see its report) |" in md
+    assert "batched decode GB/s" not in md  # no job gave the decode traffic: no column
+    # with the decode traffic: 3 TB in 2 s = 1,500 GB/s, a lower bound in job 0, exact in job 1
+    from llm_perf_opt.results.types import DecodeTraffic
+
+    low = DecodeTraffic(3 * 10**12, 2.0, 1.5e12, None, True, "some counted", 10**12, 2 * 10**12)
+    traffic = tmp_path / "traffic"
+    traffic.mkdir()
+    for job, t in (("0", low), ("1", attrs.evolve(low, lower_bound=False))):
+        summary = attrs.evolve(_job_summary(20.0, 10.0), batched_phase=attrs.evolve(phase, decode_traffic=t))
+        write_job_dir(traffic, job, [f"infer.batch_size={8 * (int(job) + 1)}"], summary)
+    rows = summarize_sweep(traffic)
+    assert [r["batched decode GB/s"] for r in rows] == [1_500.0, 1_500.0]
+    md = (traffic / "sweep.md").read_text()
+    assert "| batched pages/s e2e | batched tok/s e2e | batched decode GB/s |" in md
+    assert "| 8.000 | 1,600.000 | ≥ 1,500.0 |" in md and "| 8.000 | 1,600.000 | 1,500.0 |" in md
     plain = tmp_path / "plain"
     plain.mkdir()
     write_job_dir(plain, "0", ["repeats=2"], _job_summary(20.0, 10.0))
