@@ -131,14 +131,18 @@ def test_batched_decode_traffic_by_hand(tiny_cfg: DeepseekOCRConfig) -> None:
     """Two records: 4 steps of 2 rows over 150 keys in 8 ms with every step's experts counted (per MoE layer 3 and
     5, mean 4), and 2 steps of 2 rows over 70 keys in 2 ms with none counted: 10 ms for the bytes of both."""
     lang = tiny_cfg.language
-    moe = sum(1 for i in range(lang.num_hidden_layers) if lang.is_moe_layer(i))
-    read = [3.0, 5.0] if moe == 2 else [4.0] * moe
+    read = [3.0, 5.0]  # per MoE layer, the mean over the 4 counted steps
     batches = [_batch(8.0, 4, 8, 150, read, 4), _batch(2.0, 2, 4, 70)]
     t = E.batched_decode_traffic(tiny_cfg, batches, 2, _hardware(1e12, 1e11))
     assert not isinstance(t, Unavailable)
-    first = F.batched_decode_bytes(lang, 4, 8, 150, 2, experts_read=4 * moe * 4, counted_steps=4)
-    second = F.batched_decode_bytes(lang, 2, 4, 70, 2)
-    assert t.bytes_moved == first.total_bytes + second.total_bytes
+    # by hand, tiny sizes (hidden 64, 3 layers of 4 heads x 16 (1 dense, 2 MoE), dense MLP 128, experts 32 wide,
+    # 8 routed + 2 shared, top_k 3, vocab 512), bf16.  Every step: attention 3 x 64 x 16 x 16 + norms 3 x 2 x 64 + 64
+    # + dense MLP 3 x 64 x 128 + gates 2 x 8 x 64 + shared 2 x 2 x 3 x 64 x 32 + lm_head 512 x 64 = 132,544 weights.
+    # Routed experts (3 x 64 x 32 each): 4 steps x (3 + 5) counted + 2 steps x 2 layers x 3 = 44.  Per row: an
+    # embedding row (64); K/V 2 x 3 x 4 x 16 per position, read over 150 + 70 keys, written for 8 + 4 rows
+    assert [lang.is_moe_layer(i) for i in range(3)] == [False, True, True]
+    weights = 6 * 132_544 + 44 * 6_144 + 12 * 64
+    assert t.bytes_moved == 2 * weights + 2 * 384 * (150 + 70 + 8 + 4) == 2_310_912
     assert t.seconds == pytest.approx(0.010) and t.bytes_per_s == pytest.approx(t.bytes_moved / 0.010)
     assert t.mbu == pytest.approx(t.bytes_moved / 0.010 / 1e11) and t.mbu_unavailable is None
     assert t.lower_bound and "counted on the device in 4 of 6 steps; the other 2 taken as top_k" in t.note

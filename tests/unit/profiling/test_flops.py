@@ -468,7 +468,10 @@ def test_batched_decode_bytes_by_hand(real_cfg: DeepseekOCRConfig) -> None:
     lang = real_cfg.language
     kv_token = 2 * 12 * 10 * 128 * 2  # K and V of one position over every layer
     expert = 3 * 1280 * 896 * 2
-    non_routed = 2 * fl.activated_params_per_token(real_cfg) - 11 * 6 * expert  # every weight a step reads once
+    # every other weight a step reads once: attention 12 x 1280 x 128 x (2 x 10 + 2 x 10), norms 12 x 2 x 1280 + 1280,
+    # the dense MLP 3 x 1280 x 6848, gates 11 x 64 x 1280, shared experts 11 x 2 x 3 x 1280 x 896, lm_head 129280 x 1280
+    non_routed = 2 * (78_643_200 + 32_000 + 26_296_320 + 901_120 + 75_694_080 + 165_478_400)
+    assert non_routed == 2 * fl.activated_params_per_token(real_cfg) - 11 * 6 * expert  # the batch-1 count agrees
     got = fl.batched_decode_bytes(lang, 10, 40, 12_345, 2, experts_read=6 * 11 * 20, counted_steps=6)
     c = got.components_bytes
     assert c["weights.moe.routed"] == (6 * 11 * 20 + 4 * 11 * 6) * expert
