@@ -1006,21 +1006,21 @@ def _narrow(run: _Run, step: SlotDecodeStep) -> SlotDecodeStep:
     return small
 
 
+def _column(run: _Run, b: int, after: int) -> int:
+    """The cache column slot ``b`` can have written ``after`` more steps from now (its prompt length + the steps
+    since its fill, at most its cap)."""
+    return run.slot_len[b] + min(run.steps_done + after - run.slot_step[b], run.slot_cap[b])
+
+
 def _reach(run: _Run, occupied: list[int], after: int) -> int:
-    """The furthest cache column any occupied slot can have written ``after`` more steps from now (its prompt
-    length + the steps since its fill, at most its cap)."""
-    return max(run.slot_len[b] + min(run.steps_done + after - run.slot_step[b], run.slot_cap[b]) for b in occupied)
+    """The furthest :func:`_column` of any occupied slot ``after`` more steps from now."""
+    return max(_column(run, b, after) for b in occupied)
 
 
 def _keys(run: _Run, occupied: list[int], n_steps: int) -> int:
-    """Keys the next ``n_steps`` steps attend over in the occupied slots: at step i a slot has written the column
-    of :func:`_reach` (its prompt length + its steps since the fill, at most its cap) and attends over every column
-    up to it."""
-    return sum(
-        run.slot_len[b] + min(run.steps_done + i - run.slot_step[b], run.slot_cap[b]) + 1
-        for b in occupied
-        for i in range(n_steps)
-    )
+    """Keys the next ``n_steps`` steps attend over in the occupied slots: at step i a slot attends over every
+    column up to its :func:`_column`."""
+    return sum(_column(run, b, i) + 1 for b in occupied for i in range(n_steps))
 
 
 def _finished(run: _Run, step: SlotDecodeStep, occupied: list[int], eos_on: bool) -> list[int]:
