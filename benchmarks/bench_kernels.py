@@ -652,7 +652,11 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
     attn = dict(HQ=hq, HK=hk, D=d, BLOCK_N=64, BLOCK_D=d)  # N_SPLITS is a runtime int
     two_launch = dict(out_ptr=None, count_ptr=None, BLOCK_S=1, FUSED_COMBINE=False)  # the combine kernel follows
     two_launch.update(PF_KV=False, PF_LANES=128)  # no K / V prefetch (kernels.ATTN_PREFETCH)
+    no_first = dict(first_ptr=None, FIRST_STRIDE=0, HAS_FIRST=False)  # every key from column 0 (no key_first)
+    two_launch.update(no_first)
     one_launch = {**attn, "mask_ptr": None, "HAS_MASK": False, "POS_STRIDE": 0, "BLOCK_S": 32, "FUSED_COMBINE": True}
+    one_launch.update(no_first)
+    static_first = {k: v for k, v in two_launch.items() if k != "first_ptr"} | dict(FIRST_STRIDE=1, HAS_FIRST=True)
     specs = [
         ("_add_rms_norm_kernel", norm, dict(HAS_RESIDUAL=True, BLOCK_H=2048, HAS_F32=False), 4),
         ("_add_rms_norm_kernel", norm, dict(HAS_RESIDUAL=True, BLOCK_H=2048, HAS_F32=True), 4),
@@ -668,6 +672,12 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
             "_attn_partial_kernel",
             {**partial, "mask_ptr": bf, "mask_stride": "i32", **tail},
             {**attn, "HAS_MASK": True, "POS_STRIDE": 1, **two_launch},
+            4,
+        ),
+        (  # the static batched step's: one last column, a mask, each row's first column (decode_attention(key_first=))
+            "_attn_partial_kernel",
+            {**partial, "mask_ptr": bf, "mask_stride": "i32", **tail, "first_ptr": i64},
+            {**attn, "HAS_MASK": True, "POS_STRIDE": 0, **static_first},
             4,
         ),
         (  # the one-launch form (decode_attention(counters=...)): the last split combines

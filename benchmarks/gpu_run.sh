@@ -18,7 +18,8 @@
 #           output lengths (median 1,000), batch 64, preprocessing included; continuous then static, and `compare`
 #           (G18_MODES="continuous continuous-wide" measures the drain's narrowing: on vs infer.narrow_drain=false;
 #           "continuous-batchedrefill continuous" the refills' prefill: infer.refill_prefill=batched vs the default
-#           auto, page by page on the fast path on CUDA (round 29); continuous-perpage forces per_page)
+#           auto, page by page on the fast path on CUDA (round 29); continuous-perpage forces per_page;
+#           "static-fullkeys static" what the static step's key skipping saves: infer.static_skip_keys=false vs on)
 #   samattn benchmarks/bench_sam_attention.py (SAM's rel-pos attention: augmented flash vs the Triton kernel, op and
 #           tower; SAMATTN_ARGS="--sweep --flex" adds the Triton launch sweep and FlexAttention)
 #   v1v2    benchmarks/bench_v1_v2.py (v1 Gundam vs DeepSeek-OCR-2 per stage, transformers' native class as the
@@ -125,17 +126,19 @@ if has goals18; then
        dataset.target_lengths=lognormal dataset.target_median_tokens=1000 infer.max_new_tokens=4096
        repeats=1 per_page_pages=2 profiling.rep_max_new_tokens=32 progress=false)
   rm -rf /tmp/goals18-continuous /tmp/goals18-static /tmp/goals18-continuous-wide /tmp/goals18-continuous-perpage \
-    /tmp/goals18-continuous-batchedrefill /tmp/goals18-continuous-torchban
+    /tmp/goals18-continuous-batchedrefill /tmp/goals18-continuous-torchban /tmp/goals18-static-fullkeys
   # modes: continuous (the defaults: refills prefilled page by page here, infer.refill_prefill=auto), static,
   # continuous-wide (continuous without the drain's narrowing: what it saves), continuous-batchedrefill (each
   # refill's pages in one left-padded eager prefill), continuous-perpage (page by page, forced) and
-  # continuous-torchban (the n-gram ban from the torch mask's ~20 kernels instead of kernels.ngram_ban)
+  # continuous-torchban (the n-gram ban from the torch mask's ~20 kernels instead of kernels.ngram_ban),
+  # static-fullkeys (static, every row's whole masked context read to the batch's end: infer.static_skip_keys=false)
   for mode in ${G18_MODES:-continuous static}; do
     MODE_ARGS=(infer.batching=${mode%-*})
     [ "$mode" = continuous-wide ] && MODE_ARGS+=(infer.narrow_drain=false)
     [ "$mode" = continuous-perpage ] && MODE_ARGS+=(infer.refill_prefill=per_page)
     [ "$mode" = continuous-batchedrefill ] && MODE_ARGS+=(infer.refill_prefill=batched)
     [ "$mode" = continuous-torchban ] && MODE_ARGS+=(infer.fast.ngram_kernel=false)
+    [ "$mode" = static-fullkeys ] && MODE_ARGS+=(infer.static_skip_keys=false)
     python3 -m llm_perf_opt.runners.llm_profile_runner "${G18[@]}" "${MODE_ARGS[@]}" \
       hydra.run.dir=/tmp/goals18-$mode 2>&1 | tail -3
     cp /tmp/goals18-$mode/report.md "$OUT/goals18-$mode-report.md"
@@ -152,6 +155,9 @@ if has goals18; then
   [ -d /tmp/goals18-continuous-torchban ] && [ -d /tmp/goals18-continuous ] &&
     python3 -m llm_perf_opt.cli compare /tmp/goals18-continuous-torchban /tmp/goals18-continuous \
       -o "$OUT/goals18-compare-ngram.md" > /dev/null
+  [ -d /tmp/goals18-static-fullkeys ] && [ -d /tmp/goals18-static ] &&
+    python3 -m llm_perf_opt.cli compare /tmp/goals18-static-fullkeys /tmp/goals18-static \
+      -o "$OUT/goals18-compare-skipkeys.md" > /dev/null
   [ -d /tmp/goals18-continuous-perpage ] && [ -d /tmp/goals18-continuous ] &&
     python3 -m llm_perf_opt.cli compare /tmp/goals18-continuous /tmp/goals18-continuous-perpage \
       -o "$OUT/goals18-compare-perpage.md" > /dev/null

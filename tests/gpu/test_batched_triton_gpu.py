@@ -83,3 +83,22 @@ def test_the_steps_count_the_routed_experts_they_read(monkeypatch: pytest.Monkey
     expected = [sum(picked[i::layers]) / (STEPS - 1) for i in range(layers)]
     assert plain.routed_experts_read == expected and plain.grouped_steps == STEPS - 1
     assert res.routed_experts_read == expected
+
+
+def test_skipping_pads_and_finished_rows_keys_keeps_the_graphed_tokens() -> None:
+    """``skip_keys`` (the default) against off, both graphed, caps mixed so rows finish at different steps: the
+    same tokens (the running rows' attention keeps its bits: the keys skipped were masked), and the host loop's
+    except after a near-tie; the keys counted by hand from each row's own steps."""
+    fast, pages, clock = _tiny_fast_pages()
+    caps = [3, STEPS, 9] * 4
+    ref = BatchedGenerator(fast, clock=clock, static_decode=False).run(pages, caps, eos_token_id=None, keep_logits=True)
+    on = BatchedGenerator(fast, clock=clock).run(pages, caps, eos_token_id=None)
+    off = BatchedGenerator(fast, clock=clock).run(pages, caps, eos_token_id=None, skip_keys=False)
+    assert on.decode_path == off.decode_path == "graph"
+    assert on.tokens == off.tokens
+    assert_tokens_match(on, ref)
+    steps = STEPS - 1
+    assert on.key_steps == sum(
+        n + s + 1 if s < cap - 1 else 1 for n, cap in zip(on.prompt_lens, caps, strict=True) for s in range(steps)
+    )
+    assert off.key_steps == sum(n + s + 1 for n in off.prompt_lens for s in range(steps))

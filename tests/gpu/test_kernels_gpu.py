@@ -206,6 +206,17 @@ def test_decode_attention_key_mask_and_row_rotary_at_batch_32() -> None:
     scores = torch.einsum("bhd,bhnd->bhn", q.float(), k_cache.float()) * HEAD_DIM**-0.5 + mask.float()[:, None]
     plain = torch.einsum("bhn,bhnd->bhd", scores.softmax(-1), v_cache.float()).reshape(batch, -1)
     assert rel_err(out, plain) <= 1e-2
+    # the static step's key_first (its pads; row 31 finished: its newest key only), with the keys before it NaN:
+    # the same bits as the mask alone (the blocks skipped were masked), and row 31 sees one key: its value
+    first = pads.clone()
+    first[-1] = slot
+    mask_first = torch.where((cols[None, :] >= first[:, None]) & (cols[None, :] <= slot), 0.0, float("-inf")).to(BF16)
+    want = K.decode_attention(q, k_cache, v_cache, pos, HEAD_DIM**-0.5, key_mask=mask_first)
+    hidden = (cols[None, :] < first[:, None])[:, None, :, None]
+    k_nan, v_nan = k_cache.masked_fill(hidden, float("nan")), v_cache.masked_fill(hidden, float("nan"))
+    skipped = K.decode_attention(q, k_nan, v_nan, pos, HEAD_DIM**-0.5, key_mask=mask_first, key_first=first)
+    assert torch.equal(skipped, want)
+    assert torch.equal(skipped[-1], v_cache[-1, :, slot].reshape(-1))
 
 
 @pytest.mark.parametrize("logits_in", [False, True])

@@ -243,6 +243,7 @@ class DeepSeekOCRSession:
                 eos_token_id=None if ignore_eos else self.backend.config.language.eos_token_id,
                 no_repeat_ngram_size=self.infer.no_repeat_ngram_size,
                 ignore_eos=ignore_eos,
+                skip_keys=self.infer.static_skip_keys,
             )
         return BatchRecord(
             repeat=repeat,

@@ -34,7 +34,9 @@ class BatchResult:
     happened inside this run's stage marks, so their time is in its stages (0 without a FastModel).
     ``routed_experts_read``: per MoE layer, the mean number of distinct routed experts a decode step read, counted
     on the device by the grouped expert kernels (:func:`routed_experts_read`) over ``grouped_steps`` steps; None
-    where no step ran them (the torch decode step, no Triton, 8 rows or fewer).
+    where no step ran them (the torch decode step, no Triton, 8 rows or fewer).  ``finished_rows_attend``: whether
+    a finished row went on attending over its whole context (the host loop; the static step with ``skip_keys``
+    off) or over its newest key only (:attr:`key_steps`).
     """
 
     tokens: list[list[int]]
@@ -53,6 +55,7 @@ class BatchResult:
     timed_setups: int = 0
     routed_experts_read: list[float] | None = None
     grouped_steps: int = 0
+    finished_rows_attend: bool = True
 
     @property
     def batch(self) -> int:
@@ -101,9 +104,15 @@ class BatchResult:
     def key_steps(self) -> int:
         """Keys the decode steps attended over, each row's own context summed over rows and steps (its left pads
         left out: they are masked): step s feeds the token that sequence b wrote at ``prompt_lens[b] + s``, so it
-        attends over ``prompt_lens[b] + s + 1`` keys; every row runs every step (finished ones included)."""
+        attends over ``prompt_lens[b] + s + 1`` keys.  Every row runs every step; a finished one (sequence b
+        from step ``len(tokens[b]) - 1`` on, idle steps included) over its whole context too when
+        ``finished_rows_attend``, else over one key."""
         n = len(self.step_ms)
-        return sum(n * length + n * (n + 1) // 2 for length in self.prompt_lens)
+        total = 0
+        for length, toks in zip(self.prompt_lens, self.tokens, strict=True):
+            live = n if self.finished_rows_attend else min(max(len(toks) - 1, 0), n)
+            total += live * length + live * (live + 1) // 2 + (n - live)
+        return total
 
     @property
     def step_ms_p50(self) -> float:

@@ -251,7 +251,9 @@ class BatchedGenerator:
         self._slots = None
         self._page_caches = None
 
-    def _static_for(self, bsz: int, max_len: int, use_graph: bool, ngram: int = 0) -> StaticBatchStep:
+    def _static_for(
+        self, bsz: int, max_len: int, use_graph: bool, ngram: int = 0, skip_keys: bool = True
+    ) -> StaticBatchStep:
         """The kept static step when it serves ``bsz`` rows and has at least ``max_len`` columns, else a new one.
 
         The prompt length, pads and caps live in device buffers, and columns past a run's last one stay masked, so a
@@ -261,7 +263,7 @@ class BatchedGenerator:
         The cost: a shorter batch's step attends over the kept step's masked columns too.
         """
         entry = self._static
-        if entry is None or not entry.serves(bsz, max_len, use_graph, ngram):
+        if entry is None or not entry.serves(bsz, max_len, use_graph, ngram, skip_keys):
             self._static = None  # free the old cache and graph pool before allocating the new ones
             entry = self._static = StaticBatchStep(
                 self.lm,
@@ -273,6 +275,7 @@ class BatchedGenerator:
                 expert_impl=self.expert_impl,
                 no_repeat_ngram=ngram,
                 ngram_kernel=self.ngram_kernel,
+                skip_keys=skip_keys,
             )
         return entry
 
@@ -320,11 +323,14 @@ class BatchedGenerator:
         no_repeat_ngram_size: int | Sequence[int] = 0,
         ignore_eos: bool = False,
         keep_logits: bool = False,
+        skip_keys: bool = True,
     ) -> BatchResult:
         """Generate greedily for every page of ``pages`` as one batch.
 
         ``max_new_tokens`` and ``no_repeat_ngram_size`` are one value for all sequences or one per sequence.
-        With ``ignore_eos`` (or ``eos_token_id=None``) a sequence runs to its cap.  Runs under
+        With ``ignore_eos`` (or ``eos_token_id=None``) a sequence runs to its cap.  ``skip_keys``: the static
+        step's attention reads no pad key and, of a finished row, its newest key only (``StaticBatchStep``; the
+        host loop reads them masked either way).  Runs under
         ``torch.inference_mode`` (the kept static buffers are inference tensors); kept logits are host copies.
         """
         bsz = len(pages)
@@ -346,7 +352,7 @@ class BatchedGenerator:
         length = max(lens)
         max_len = length + max(caps) - 1  # the last token is never fed back
         if path != "host":  # a new shape's cache and buffers are made before the marks (one-time setup, not prefill)
-            static = self._static_for(bsz, max_len, use_graph=path == "graph", ngram=ngrams[0])
+            static = self._static_for(bsz, max_len, use_graph=path == "graph", ngram=ngrams[0], skip_keys=skip_keys)
 
         setups = self.setup_count
         t_start = clock.mark()
@@ -555,7 +561,9 @@ class BatchedGenerator:
             idle_steps=steps - busy,
             graph_capture_error=static.capture_error,
         )
-        return attrs.evolve(res, routed_experts_read=read, grouped_steps=grouped)
+        return attrs.evolve(
+            res, routed_experts_read=read, grouped_steps=grouped, finished_rows_attend=not static.skip_keys
+        )
 
     @staticmethod
     def _choose(

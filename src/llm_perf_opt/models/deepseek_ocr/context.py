@@ -47,6 +47,9 @@ class ForwardContext:
     expert_impl: str | None = None  # decoder.EXPERT_IMPLS key overriding eager MoE layers' own
     record_routing: bool = True  # feed the fast path's device routing counters
     rope_tables: tuple[Tensor, Tensor] | None = None  # whole cos/sin tables, for kernels that gather at slot
+    # with slot and mask: device [B|1], the first cache column each row's mask lets it see; a kernel that can
+    # (kernels.decode_attention) reads no key before it, the torch attention reads them masked
+    key_first: Tensor | None = None
 
     @classmethod
     def causal(cls, cos_sin: tuple[Tensor, Tensor], cache: StaticKVCache | None, start: int) -> ForwardContext:

@@ -499,12 +499,20 @@ if HAVE_TRITON:
         USE_GDC: tl.constexpr = False,
         PF_KV: tl.constexpr = False,
         PF_LANES: tl.constexpr = 128,
+        first_ptr=None,
+        FIRST_STRIDE: tl.constexpr = 0,
+        HAS_FIRST: tl.constexpr = False,
     ):
         """``PF_KV`` (GPU only: :func:`_prefetch_l2`): before the dependent-launch wait, ask L2 for the K and V rows
         this program will read, by the position as it reads then.  Only a hint: the keys are loaded after the wait
         by the position read again, so a position the kernel before was still writing would cost a miss, not a
         value (the cache rows before it were written by earlier steps; row ``pos`` itself is written by the kernel
-        before, and a prefetch only moves lines into L2, where that write lands)."""
+        before, and a prefetch only moves lines into L2, where that write lands).
+
+        ``HAS_FIRST``: row b reads no key before ``first[b]`` (``first_ptr``, one per row or one for all): a split
+        starts at the block holding it, and the keys before it in that block are not loaded.  The blocks skipped
+        are the ones the splits' loops would have read at -inf scores only (the caller's mask hides them), which
+        change no running max, sum or accumulator, so the rows' outputs keep their bits."""
         bh = tl.program_id(0)
         split = tl.program_id(1)
         b = bh // HQ
@@ -514,14 +522,21 @@ if HAVE_TRITON:
         kv_base = (b.to(tl.int64) * HK + kvh) * max_len * D
         k_head = k_ptr + kv_base
         v_head = v_ptr + kv_base
+        first = 0
+        if HAS_FIRST:
+            first = tl.load(first_ptr + b * FIRST_STRIDE).to(tl.int32)
         if PF_KV:
             pf_lo, pf_hi = _split_keys(pos_ptr, b, POS_STRIDE, key_limit, N_SPLITS, BLOCK_N, split)
+            if HAS_FIRST:
+                pf_lo = tl.maximum(pf_lo, first)
             pf_n = tl.maximum(pf_hi - pf_lo, 0) * D
             _prefetch_l2(k_head + pf_lo * D, pf_n, PF_LANES)
             _prefetch_l2(v_head + pf_lo * D, pf_n, PF_LANES)
         if USE_GDC:
             _dependent_launch()
         lo, hi = _split_keys(pos_ptr, b, POS_STRIDE, key_limit, N_SPLITS, BLOCK_N, split)
+        if HAS_FIRST:  # from the block holding ``first``: the blocks start at the same columns, summed in one order
+            lo = tl.maximum(lo, first // BLOCK_N * BLOCK_N)
         d = tl.arange(0, BLOCK_D)
         dmask = d < D
         q = tl.load(q_ptr + bh * D + d, mask=dmask, other=0.0).to(tl.float32) * qk_scale  # scale * log2(e)
@@ -531,6 +546,8 @@ if HAVE_TRITON:
         for start in range(lo, hi, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
             nmask = n < hi
+            if HAS_FIRST:
+                nmask = nmask & (n >= first)
             offs = n[:, None] * D + d[None, :]
             tile_mask = nmask[:, None] & dmask[None, :]
             k = tl.load(k_head + offs, mask=tile_mask, other=0.0).to(tl.float32)
@@ -2038,6 +2055,7 @@ def decode_attention(
     key_mask: Tensor | None = None,
     counters: Tensor | None = None,
     prefetch: bool | None = None,
+    key_first: Tensor | None = None,
 ) -> Tensor:
     """Decode attention of ``q`` [B, hq, D] over keys ``0..pos`` of one layer's cache; returns [B, hq·D].
 
@@ -2062,6 +2080,11 @@ def decode_attention(
 
     ``prefetch`` (None: ``ATTN_PREFETCH``): as a dependent launch on a GPU, each program asks L2 for its K / V rows
     before the wait; no value changes, and elsewhere it does nothing.
+
+    ``key_first``: int64 [1] or [B] (device), the first column each row may see, ``<= pos``; the keys before it
+    are not read at all (the static batched step's left pads, and a finished row's whole context but its last
+    key).  It must agree with ``key_mask``: with those keys masked there, the outputs are the same bits as
+    without ``key_first``; without a mask, they are attention over keys ``first..pos``.
     """
     _require("decode_attention", q.device)
     bsz, hq, dim = q.shape
@@ -2078,6 +2101,14 @@ def decode_attention(
         stride = key_mask.stride(0) if key_mask.shape[0] == bsz and bsz > 1 else 0
         launch_args = dict(mask_ptr=key_mask, mask_stride=stride, HAS_MASK=True)
         key_limit = key_mask.shape[1]
+    if key_first is not None:
+        if key_first.dtype != torch.int64 or key_first.shape not in ((1,), (bsz,)):
+            raise ValueError(
+                f"key_first must be an int64 tensor of shape [1] or [{bsz}] (one first column per row), got"
+                f" {key_first.dtype} {tuple(key_first.shape)}"
+            )
+        stride_first = 0 if key_first.shape[0] == 1 else 1
+        launch_args.update(first_ptr=_contig(key_first, "key_first"), FIRST_STRIDE=stride_first, HAS_FIRST=True)
     if block_n is None:  # [64, D] K and V tiles: 64 elements per thread at 4 warps (D = 128), no spills
         block_n = 64 if q.device.type == "cuda" else 256
     splits = n_splits or attention_splits(bsz * hq, key_limit, block_n, _sm_count(q.device), keys_per_split)

@@ -313,7 +313,7 @@ class TritonRowAttention(nn.Module):
             qkv, cos, sin, ctx.slot, k_all, v_all, a.num_heads, a.num_kv_heads, a.head_dim, row_tables=True
         )
         mask = None if ctx.mask is None else ctx.mask.reshape(ctx.mask.shape[0], -1)
-        out = K.decode_attention(q, k_all, v_all, ctx.slot, a.head_dim**-0.5, key_mask=mask)
+        out = K.decode_attention(q, k_all, v_all, ctx.slot, a.head_dim**-0.5, key_mask=mask, key_first=ctx.key_first)
         o: Tensor = a.o_proj(out)
         return o.view(bsz, 1, -1)
 

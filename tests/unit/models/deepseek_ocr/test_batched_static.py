@@ -16,6 +16,7 @@ import torch
 from llm_perf_opt.errors import ConfigError
 from llm_perf_opt.models.deepseek_ocr import DeepseekOCRForCausalLM
 from llm_perf_opt.models.deepseek_ocr.batched import BatchedGenerator, BatchResult
+from llm_perf_opt.models.deepseek_ocr.context import ForwardContext
 from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, FastModel
 from llm_perf_opt.models.deepseek_ocr.preprocess import PreparedPage
 from tests.conftest import tiny_case_pages, tiny_fast_model
@@ -62,9 +63,13 @@ def assert_same(static: BatchResult, host: BatchResult) -> None:
     # every step that produced a token is timed; idle steps (after the last finish) only trail them
     assert len(static.step_ms) - static.idle_steps == len(host.step_ms) == max(len(t) for t in host.tokens) - 1
     assert static.graph_capture_s == 0.0  # CPU: never graphed
-    # every row runs every step, finished or not: step s attends over row b's prompt + its s + 1 tokens
+    # every row runs every step: while it runs (the host loop's tokens but its first: one step each) step s
+    # attends over row b's prompt + its s + 1 tokens; once it has finished, over its newest key only
     steps = len(static.step_ms)
-    assert static.key_steps == sum(n + s + 1 for n in static.prompt_lens for s in range(steps))
+    live = [len(t) - 1 for t in host.tokens]
+    rows = zip(static.prompt_lens, live, strict=True)
+    want = sum(n + s + 1 if s < run else 1 for n, run in rows for s in range(steps))
+    assert not static.finished_rows_attend and static.key_steps == want
 
 
 def test_eos_ids_hit_where_expected(host_tokens: list[list[int]]) -> None:
@@ -290,3 +295,37 @@ def test_a_new_shape_is_made_before_the_marks(
     runs = [gen.run(batch, 4, eos_token_id=None) for batch in (a, a, b, a)]
     assert [r.prefill_s * 1e3 for r in runs] == pytest.approx([1.0] * 4)
     assert [r.vision_s * 1e3 for r in runs] == pytest.approx([1.0] * 4)
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_finished_rows_see_only_their_newest_key(
+    model: DeepseekOCRForCausalLM, pages: list[PreparedPage], skip: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``skip_keys``: at step s row b sees columns from its pad count (59 - its prompt length) while it runs and
+    from the step's own column (59 + s) once it has finished; the mask agrees (a spy on the step's decoder
+    forward).  Caps 2, 5, 3 without eos: rows run 1, 4 and 2 steps.  Off: every row from its pads, to the end,
+    and the keys counted so.  The running rows' tokens are the host loop's either way."""
+    seen: list[tuple[list[int] | None, list[list[bool]]]] = []
+    gen = BatchedGenerator(model)
+    real = gen.lm.lm_forward
+
+    def spy(hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        if ctx.slot is not None:  # a decode step (the prefill has none)
+            first = None if ctx.key_first is None else ctx.key_first.tolist()
+            assert ctx.mask is not None
+            seen.append((first, (ctx.mask[:, 0, 0] == 0).tolist()))
+        return real(hidden, ctx)
+
+    monkeypatch.setattr(gen.lm, "lm_forward", spy)
+    caps = [2, 5, 3]
+    res = gen.run(pages, caps, eos_token_id=None, skip_keys=skip)
+    assert res.tokens == host_run(model, pages, caps, None).tokens
+    pads, length = [30, 20, 0], 59  # prompt lengths 29, 39, 59
+    assert len(seen) == 4 == len(res.step_ms)
+    for s, (first, visible) in enumerate(seen):
+        want = [length + s if skip and s >= cap - 1 else pad for pad, cap in zip(pads, caps, strict=True)]
+        assert first == (want if skip else None)
+        assert visible == [[want[b] <= j <= length + s for j in range(len(visible[b]))] for b in range(3)]
+    live = [cap - 1 if skip else 4 for cap in caps]
+    per_row = [sum(n + s + 1 if s < run else 1 for s in range(4)) for n, run in zip([29, 39, 59], live, strict=True)]
+    assert res.finished_rows_attend is not skip and res.key_steps == sum(per_row)

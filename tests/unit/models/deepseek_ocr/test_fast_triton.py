@@ -192,6 +192,37 @@ def test_triton_batched_step_matches_torch_host_loop(copies: int, router: str, m
     assert decode_rows == ([len(pages)] * (steps * n_moe) if copies == 4 and router == "kernel" else [])
 
 
+def test_triton_batched_step_reads_no_pad_and_one_key_of_a_finished_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``skip_keys`` (on by default): the row attention gets each row's first column, its pad count (59 minus its
+    prompt length: 30, 20, 0) while it runs and the step's own column (59 + s) once it has finished (caps 2, 6, 4:
+    rows 0 and 2 end after steps 0 and 2); off, none.  The host loop's tokens either way (float32, torch layers)."""
+    firsts: list[list[int] | None] = []
+    attention = kernels.decode_attention
+
+    def spy(q: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        if kwargs.get("key_mask") is not None:
+            first = kwargs.get("key_first")
+            firsts.append(None if first is None else first.tolist())  # type: ignore[attr-defined]
+        return attention(q, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kernels, "decode_attention", spy)
+    model = build_model(
+        DeepseekOCRConfig.from_json(TINY / "config.json"), "cpu", torch.float32, TINY / "weights.safetensors"
+    )
+    pages, caps = tiny_case_pages(model.config), [2, 6, 4]
+    ref_fast = apply_fast_path(model, FastConfig(decode_kernels="torch", **NO_GRAPHS_PLAIN_VISION))  # type: ignore[arg-type]
+    ref = BatchedGenerator(ref_fast, static_decode=False).run(pages, caps, eos_token_id=None)
+    tri_fast = apply_fast_path(model, FastConfig(decode_kernels="triton", **NO_GRAPHS_PLAIN_VISION))  # type: ignore[arg-type]
+    n_layers = model.config.language.num_hidden_layers
+    for skip in (True, False):
+        firsts.clear()
+        res = BatchedGenerator(tri_fast).run(pages, caps, eos_token_id=None, skip_keys=skip)
+        assert res.decode_path == "static" and res.tokens == ref.tokens
+        rows = list(zip([30, 20, 0], caps, strict=True))
+        want = [[59 + s if skip and s >= cap - 1 else pad for pad, cap in rows] for s in range(5)]
+        assert firsts == [w if skip else None for w in want for _ in range(n_layers)]
+
+
 def test_the_batched_step_counts_the_routed_experts_its_grouped_calls_read(monkeypatch: pytest.MonkeyPatch) -> None:
     """``BatchResult.routed_experts_read``: per MoE layer, the mean distinct experts of each decode step's routing,
     counted by the align kernel on the device; oracle: the same calls' routing counted by a spy (a set per call),

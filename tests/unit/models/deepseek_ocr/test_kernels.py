@@ -474,6 +474,57 @@ def test_decode_attention_key_mask_left_pads(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_attention_reads_no_key_before_each_rows_first(dtype: torch.dtype) -> None:
+    """``key_first``: the static batched step's pads and finished rows.  Every key before a row's first column is
+    NaN, so one load of it would poison the row; the outputs are finite and equal, bit for bit, the kernel's
+    without ``key_first`` on the same cache with those keys finite and masked (the skipped blocks change no sum),
+    and are within rounding of a softmax over each row's keys ``first..pos`` by hand.  A row whose first is
+    ``pos`` (a finished row) sees one key: its output is that key's value exactly.  Without a mask, ``key_first``
+    alone narrows the keys the same way; one first for every row ([1]) too."""
+    gen = torch.Generator().manual_seed(21)
+    batch, heads, dim, max_len, pos = 4, 2, 32, 96, 80
+    q = torch.randn(batch, heads, dim, generator=gen).to(dtype)
+    k_finite = torch.randn(batch, heads, max_len, dim, generator=gen).to(dtype)
+    v_finite = torch.randn(batch, heads, max_len, dim, generator=gen).to(dtype)
+    first = torch.tensor([0, 20, 53, pos])  # no pads; inside a 16-key block; a whole block and more; finished
+    cols = torch.arange(max_len)
+    before = cols[None, :] < first[:, None]  # [B, max_len]
+    k_nan = k_finite.masked_fill(before[:, None, :, None], float("nan"))
+    v_nan = v_finite.masked_fill(before[:, None, :, None], float("nan"))
+    mask = torch.where(before, float("-inf"), 0.0).to(dtype)
+    scale, position = dim**-0.5, torch.tensor([pos])
+    want = torch.cat(
+        [
+            _softmax_attention(q[b : b + 1], k_finite[b : b + 1, :, f:], v_finite[b : b + 1, :, f:], pos - f, scale)
+            for b, f in enumerate(first.tolist())
+        ]
+    )
+    for block_n, splits in [(16, None), (16, 4), (32, 2)]:
+        args = dict(block_n=block_n, n_splits=splits)
+        skipped = K.decode_attention(q, k_nan, v_nan, position, scale, key_mask=mask, key_first=first, **args)
+        masked = K.decode_attention(q, k_finite, v_finite, position, scale, key_mask=mask, **args)
+        assert torch.isfinite(skipped.float()).all()
+        assert torch.equal(skipped, masked), (block_n, splits)
+        _close(skipped, want.to(dtype))
+        assert torch.equal(skipped[3], v_finite[3, :, pos].reshape(-1))  # one key: weight 1, its value as stored
+        unmasked = K.decode_attention(q, k_nan, v_nan, position, scale, key_first=first, **args)
+        assert torch.equal(unmasked, skipped)
+    # one first column for every row: row 1's query and cache in each row, its first (20) shared
+    rows = [t[1:2].expand(batch, *t.shape[1:]).contiguous() for t in (q, k_nan, v_nan)]
+    shared = K.decode_attention(*rows, position, scale, block_n=16, key_first=first[1:2])
+    row1 = K.decode_attention(*rows, position, scale, block_n=16, key_first=first[1:2].expand(batch).contiguous())
+    assert torch.isfinite(shared.float()).all() and torch.equal(shared, row1)
+    _close(shared, want[1:2].expand(batch, -1).to(dtype))
+
+
+def test_decode_attention_refuses_a_bad_key_first() -> None:
+    q, cache = torch.zeros(2, 2, 8), torch.zeros(2, 2, 16, 8)
+    for bad in (torch.tensor([1, 2], dtype=torch.int32), torch.tensor([1, 2, 3]), torch.tensor(1)):
+        with pytest.raises(ValueError, match=r"key_first must be an int64 tensor of shape \[1\] or \[2\]"):
+            K.decode_attention(q, cache, cache, torch.tensor([5]), 1.0, key_first=bad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_attention_per_row_last_key(dtype: torch.dtype) -> None:
     """``pos`` [B]: row b attends over its own keys 0..pos[b] (the continuous-batching step) under a mask of
     key_len = 48 columns; keys past each row's pos (and past the mask) are NaN, so a single stray load would
