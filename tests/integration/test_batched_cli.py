@@ -30,9 +30,11 @@ def test_batched_throughput_phase(tmp_path: Path) -> None:
         # the default no_repeat_ngram_size runs on the device in the static step (CPU: un-graphed); it forced the
         # host loop before the rule moved into the step
         assert b.decode_path == "static"
+        assert b.finished_rows_attend is False  # infer.static_skip_keys (on by default)
     report = (run_dir / "report.md").read_text()
     assert "## Batched throughput (batch size 2)" in report
     assert "Decode path: static (static step" in report
+    assert "a finished sequence's attention reads its newest key only, and no step reads a left pad" in report
     # pages prepared by the pool (default 4 workers): every batch records its wait; the end-to-end line adds them
     assert all(b.page_wait_ms is not None and b.page_wait_ms >= 0 for b in s.batches)
     assert "End to end, preprocessing included" in report

@@ -87,7 +87,7 @@ def render_batches(s: RunSummary) -> str:
         if continuous
         else f"Static batching: {len(s.batches)} batches of up to {size} pages, one forward per step for the whole "
         "batch (vision batched across pages, left-padded prefill, finished sequences masked) until its longest "
-        "sequence ends. Statistics are over batches; TPOT over sequences."
+        f"sequence ends{_finished_rows(s)}. Statistics are over batches; TPOT over sequences."
     )
     return "\n".join(
         [
@@ -164,6 +164,21 @@ def _render_phase(p: BatchedPhase) -> str:
             ),
             "",
         ]
+    )
+
+
+def _finished_rows(s: RunSummary) -> str:
+    """What a static batch's finished rows read: "; a finished sequence's attention reads ..." (nothing for old
+    records)."""
+    attend = {b.finished_rows_attend for b in s.batches} - {None}
+    if not attend:
+        return ""
+    if attend == {False}:
+        return "; a finished sequence's attention reads its newest key only, and no step reads a left pad"
+    which = "every" if attend == {True} else "some"
+    return (
+        f"; in {which} batch a finished sequence's attention read its whole context until the batch ended "
+        "(the host loop, or infer.static_skip_keys=false)"
     )
 
 

@@ -280,6 +280,7 @@ class DeepSeekOCRSession:
             decode_steps=len(res.step_ms),
             row_steps=len(res.step_ms) * res.batch,
             key_steps=res.key_steps,
+            finished_rows_attend=res.finished_rows_attend,
             **self._expert_reads(res.routed_experts_read, res.grouped_steps),
         )
 

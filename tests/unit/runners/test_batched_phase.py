@@ -255,3 +255,20 @@ def test_report_gives_the_routed_experts_the_steps_read() -> None:
     assert batched_phase_summary(counted[2:], 1.0, "cuda").routed_experts_read is None
     none = render_report(attrs.evolve(summary, batches=[counted[2]]))
     assert "Routed experts read per decode step: not counted (only the Triton decode step's grouped expert" in none
+
+
+def test_report_says_what_a_static_batchs_finished_rows_read() -> None:
+    """``finished_rows_attend``: the static "how" sentence says a finished sequence reads its newest key only (the
+    default), or that every / some batch read whole contexts to its end; older records (None) add nothing."""
+    summary = make_summary(pages=[make_page("p0")])
+    skipped = record(4, 40, 10, 4, (100.0, 300.0), batching="static", finished_rows_attend=False)
+    whole = attrs.evolve(skipped, finished_rows_attend=True)
+    old = attrs.evolve(skipped, finished_rows_attend=None)
+    newest = "until its longest sequence ends; a finished sequence's attention reads its newest key only, and no step"
+    read = "batch a finished sequence's attention read its whole context until the batch ended (the host loop, or "
+    cases = [([skipped], newest), ([whole, whole], f"in every {read}"), ([skipped, whole], f"in some {read}")]
+    for batches, want in cases:
+        md = render_report(attrs.evolve(summary, batches=batches))
+        assert want in md, want
+    md = render_report(attrs.evolve(summary, batches=[old]))
+    assert "until its longest sequence ends. Statistics are over batches" in md
