@@ -36,7 +36,9 @@ decoder forward (``lm_forward``: the eager layers, or a FastModel's fused ones) 
     ``check_every − 1`` steps may run after the last sequence finished (``BatchResult.idle_steps``; their
     tokens are not recorded).  Finished sequences keep feeding their last
     token and keep running **through the MLP/MoE too** (static shapes): their outputs are ignored, and
-    routing statistics (``MoE.tokens_per_expert`` with eager experts, ``last_topk_idx``) include them.
+    routing statistics (``MoE.tokens_per_expert`` with eager experts, ``last_topk_idx``) include them.  Their
+    attention sees their newest key only, and no row sees (or, on the Triton row attention, reads) its left pads
+    (``skip_keys``, on by default: ``StaticBatchStep``).
     With a :class:`~llm_perf_opt.models.deepseek_ocr.fast.FastModel` the step uses its fused / grouped
     layer weights (``FastModel.layers``: fused QKV and gate/up, stacked experts; its ``decode_attention``);
     its device routing counters are not fed (``counts=None``), as in the host loop.
