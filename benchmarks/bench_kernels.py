@@ -53,6 +53,7 @@ from llm_perf_opt.models.deepseek_ocr.decoder import RMSNorm, RotaryEmbedding, g
 from llm_perf_opt.models.deepseek_ocr.graphs import first_argmax
 from llm_perf_opt.models.deepseek_ocr.kernels import (
     DOWN_SPLIT_STAGES,
+    GROUPED_MIN_ROWS,
     KEYS_PER_SPLIT,
     NGRAM_BLOCK_S,
     NGRAM_BLOCK_V,
@@ -580,32 +581,31 @@ class Bench:
         note = f"{distinct} distinct slots; vs torch path max |Δ| {err_torch:.3g}; {used}"
         return Row("moe_experts_grouped", tokens, t_us, k_us, moved, err, note, _expert_flops(lang, tokens))
 
-    def grouped_reads_cost(self, tokens: int) -> Row:
-        """What counting the routed experts read costs (``moe_experts_grouped(reads=)``, on in every batched decode
-        step): the "torch" column is the same grouped kernels without the count, the "triton" column with it; the
-        outputs must be bit-identical (the count writes only its counter)."""
+    def reads_cost(self, tokens: int) -> Row:
+        """What counting the routed experts read costs (``reads=``, on in every batched decode step): in the grouped
+        kernels from 9 rows, in the GEMV kernels (``moe_experts``) at 8 rows or fewer.  The "torch" column is the
+        same kernels without the count, the "triton" column with it; the outputs must be bit-identical (the count
+        writes only its counter)."""
         lang = self.lang
         n_always = lang.n_shared_experts
         layers, _ = self._moe(tokens)
+        experts = moe_experts if tokens < GROUPED_MIN_ROWS else moe_experts_grouped
         counters = [torch.zeros(2, dtype=torch.int64, device=self.dev) for _ in layers]
         t_us, k_us = self.time(
-            [lambda c=c: moe_experts_grouped(*c[:5], n_always, c[5]) for c in layers],
-            [
-                lambda c=c, r=r: moe_experts_grouped(*c[:5], n_always, c[5], reads=r)
-                for c, r in zip(layers, counters, strict=True)
-            ],
+            [lambda c=c: experts(*c[:5], n_always, c[5]) for c in layers],
+            [lambda c=c, r=r: experts(*c[:5], n_always, c[5], reads=r) for c, r in zip(layers, counters, strict=True)],
         )
         x, idx, w, w13, w2, res = layers[0]
         reads = torch.zeros(2, dtype=torch.int64, device=self.dev)
-        with_count = moe_experts_grouped(x, idx, w, w13, w2, n_always, res, reads=reads)
-        same = torch.equal(with_count, moe_experts_grouped(x, idx, w, w13, w2, n_always, res))
+        with_count = experts(x, idx, w, w13, w2, n_always, res, reads=reads)
+        same = torch.equal(with_count, experts(x, idx, w, w13, w2, n_always, res))
         slots, moved = _grouped_bytes(lang, idx, tokens)
         counted = reads.tolist()
         note = (
             f"torch column: the same kernels without the count; outputs {'bit-identical' if same else 'DIFFERENT'};"
             f" counted {counted[0]} experts in {counted[1]} call (torch.unique: {slots - n_always})"
         )
-        return Row("moe_experts_grouped (reads counted)", tokens, t_us, k_us, moved, 0.0, note)
+        return Row(f"{experts.__name__} (reads counted)", tokens, t_us, k_us, moved, 0.0, note)
 
 
 def _grouped_bytes(lang: LanguageConfig, idx: torch.Tensor, tokens: int) -> tuple[int, int]:
@@ -719,8 +719,12 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
         common = dict(TOP_K=k, N_ALWAYS=n_always)
         up_warps = 8 if tokens == 1 else 4  # moe_experts' defaults (the down kernel: 4 at every T)
         up_consts = {**common, "BLOCK_N": bn, "BLOCK_K": bku, "EVEN_K": hid % bku == 0, "STAGES": UP_STAGES}
-        specs.append(("_moe_up_kernel", up, up_consts, up_warps))  # as launched (pipelined), then the plain loop
-        specs.append(("_moe_up_kernel", up, {**up_consts, "STAGES": 0}, up_warps))
+        uncounted = {"reads_ptr": None, "HAS_READS": False, "BLOCK_PICKS": 1}
+        specs.append(("_moe_up_kernel", up, {**up_consts, **uncounted}, up_warps))  # as launched (pipelined), then
+        specs.append(("_moe_up_kernel", up, {**up_consts, **uncounted, "STAGES": 0}, up_warps))  # the plain loop
+        if tokens > 1:  # the batched steps' (the continuous drain's narrow steps): the experts read counted
+            counted_up = {**up_consts, "HAS_READS": True, "BLOCK_PICKS": 1 << (tokens * k - 1).bit_length()}
+            specs.append(("_moe_up_kernel", {**up, "reads_ptr": i64}, counted_up, up_warps))
         down_consts = {**common, "HAS_RESIDUAL": True, "BLOCK_H": bh, "BLOCK_K": bkd, "EVEN_K": inter % bkd == 0}
         specs.append(("_moe_down_kernel", down, down_consts, 4))
     # the split down form (moe_experts(down="split")) at one token and at more: as launched (pipelined), then the
@@ -1530,7 +1534,8 @@ def main() -> None:
                 rows.append(bench.experts(tokens))
             rows.append(bench.experts_grouped(tokens))
             if tokens >= 32:
-                rows.append(bench.grouped_reads_cost(tokens))
+                rows.append(bench.reads_cost(tokens))
+        rows.append(bench.reads_cost(8))  # the GEMV kernels' count: the continuous drain's widest narrow step
         print(render(rows, env, args, [], peaks), flush=True)  # the op rows first, in case a later part fails
         split_lines = [] if args.only_grouped else bench.attention_split_rules()
         # ...and written, marked partial, so a call cut short during the batched step keeps them (rewritten below)

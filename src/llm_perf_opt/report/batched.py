@@ -302,14 +302,14 @@ def _experts_read(s: RunSummary) -> str:
     read = s.experts_read
     if read is None:
         return (
-            " Routed experts read per decode step: not counted (only the Triton decode step's grouped expert kernels"
-            " count them, from 9 rows on; these steps ran the torch decode step, the host loop, no Triton on this"
-            " device or 8 rows or fewer, or the records predate the count, schema < 1.7)."
+            " Routed experts read per decode step: not counted (only the Triton decode step's expert kernels count"
+            " them; these steps ran the torch decode step, the host loop or no Triton on this device, or the records"
+            " predate the count: schema < 1.7, and before 1.9 no step of 8 rows or fewer was counted)."
         )
     of = read.routed_experts
     share = f" of {of} ({fmt(100 * read.mean / of, 1)} % of the routed expert weights a step could read)" if of else ""
     return (
-        f" Routed experts read per decode step (counted on the device by the grouped expert kernels over"
+        f" Routed experts read per decode step (counted on the device by the expert kernels over"
         f" {read.counted_steps:,} of {read.decode_steps:,} decode steps): a mean of {fmt(read.mean, 1)}{share} per"
         f" MoE layer, {fmt(min(read.per_layer), 1)}–{fmt(max(read.per_layer), 1)} across layers."
     )

@@ -20,7 +20,8 @@ import attrs
 # 1.7: BatchRecord.routed_experts_read / grouped_steps / routed_experts, BatchedPhase.routed_experts_read (optional:
 # the routed experts the batched decode steps read, counted on the device).
 # 1.8: BatchRecord.key_steps, BatchedPhase.decode_traffic (optional: the batched decode steps' bytes and bandwidth).
-# 1.9: BatchRecord.finished_rows_attend (optional: whether a static batch's finished rows read their whole context).
+# 1.9: BatchRecord.finished_rows_attend (optional: whether a static batch's finished rows read their whole context);
+# the batched steps of 8 rows or fewer count the routed experts they read too (``grouped_steps``: every Triton step).
 SCHEMA_VERSION = "1.9"
 
 # Name of the synthetic operator row that holds device time the profiler could not attribute to any operator
@@ -207,8 +208,9 @@ class BatchRecord:
     # host loop; infer.static_skip_keys=false) or its newest key only; None for continuous runs and older records
     finished_rows_attend: bool | None = None
     # per MoE layer: the mean number of distinct routed experts a decode step read (their weights), counted on the
-    # device by the grouped expert kernels over ``grouped_steps`` steps, of ``routed_experts`` a layer holds; None
-    # where no step ran those kernels (the torch decode step, no Triton, 8 rows or fewer) and in older records
+    # device by the expert kernels over ``grouped_steps`` steps (every Triton step from schema 1.9; before it, the
+    # grouped ones only: 9 rows or more), of ``routed_experts`` a layer holds; None where no step counted them (the
+    # torch decode step, no Triton) and in older records
     routed_experts_read: list[float] | None = None
     grouped_steps: int | None = None
     routed_experts: int | None = None
@@ -217,7 +219,7 @@ class BatchRecord:
 @attrs.frozen
 class ExpertsRead:
     """The routed experts the batched decode steps read: per MoE layer the mean over ``counted_steps`` (the steps
-    the grouped expert kernels counted, of ``decode_steps``), of ``routed_experts`` per layer (None: not known)."""
+    the expert kernels counted, of ``decode_steps``), of ``routed_experts`` per layer (None: not known)."""
 
     per_layer: list[float]
     counted_steps: int

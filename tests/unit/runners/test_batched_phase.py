@@ -245,8 +245,8 @@ def test_report_gives_the_routed_experts_the_steps_read() -> None:
     summary = attrs.evolve(make_summary(pages=[make_page("p0")]), batches=counted)
     md = render_report(summary)
     assert (
-        "Routed experts read per decode step (counted on the device by the grouped expert kernels over 15 of 18 decode"
-        " steps): a mean of 35.0 of 64 (54.7 % of the routed expert weights a step could read) per MoE layer,"
+        "Routed experts read per decode step (counted on the device by the expert kernels over 15 of 18 decode steps):"
+        " a mean of 35.0 of 64 (54.7 % of the routed expert weights a step could read) per MoE layer,"
         " 26.7–43.3 across layers." in md
     )
     # the phase's one figure (compare's row): the same weighted mean over layers, (26.67 + 43.33) / 2 = 35.0
@@ -254,7 +254,7 @@ def test_report_gives_the_routed_experts_the_steps_read() -> None:
     assert phase.routed_experts_read == pytest.approx(35.0)
     assert batched_phase_summary(counted[2:], 1.0, "cuda").routed_experts_read is None
     none = render_report(attrs.evolve(summary, batches=[counted[2]]))
-    assert "Routed experts read per decode step: not counted (only the Triton decode step's grouped expert" in none
+    assert "Routed experts read per decode step: not counted (only the Triton decode step's expert kernels" in none
 
 
 def test_report_says_what_a_static_batchs_finished_rows_read() -> None:

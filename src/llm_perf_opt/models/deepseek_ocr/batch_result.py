@@ -33,8 +33,9 @@ class BatchResult:
     outside a capture: ``FastModel.setup_count``) that
     happened inside this run's stage marks, so their time is in its stages (0 without a FastModel).
     ``routed_experts_read``: per MoE layer, the mean number of distinct routed experts a decode step read, counted
-    on the device by the grouped expert kernels (:func:`routed_experts_read`) over ``grouped_steps`` steps; None
-    where no step ran them (the torch decode step, no Triton, 8 rows or fewer).  ``finished_rows_attend``: whether
+    on the device by the batched steps' expert kernels (:func:`routed_experts_read`) over ``grouped_steps`` steps (the
+    name from when only the grouped ones counted); None where no step counted them (the torch decode step, no
+    Triton).  ``finished_rows_attend``: whether
     a finished row went on attending over its whole context (the host loop; the static step with ``skip_keys``
     off) or over its newest key only (:attr:`key_steps`).
     """
@@ -164,7 +165,7 @@ def routed_experts_read(before: Tensor | None, after: Tensor | None) -> tuple[li
     """(per MoE layer the mean distinct routed experts a grouped decode call read, the calls per layer) between
     two snapshots of ``FastModel.expert_reads`` (int64 [layers, 2]: experts read summed over calls, calls), the
     later one taken after a sync; (None, 0) where nothing counts them or no grouped call ran in between.  Every
-    decode step calls each MoE layer once, so the calls are the steps that ran the grouped kernels.  Layers whose
+    decode step calls each MoE layer once, so the calls are the steps that counted.  Layers whose
     call counts differ (no path does that) give no figure, with a warning: the run's other figures stand."""
     if before is None or after is None:
         return None, 0

@@ -187,8 +187,8 @@ class ContinuousResult:
     # compiled outside a capture: FastModel.setup_count) inside the run's marks, so their time is in its stages;
     # those made outside them (the per-page refills' captures, a new or narrower step's warm-up) are not
     timed_setups: int = 0
-    # per MoE layer: the mean distinct routed experts a decode step read, counted on the device by the grouped expert
-    # kernels over ``grouped_steps`` steps (batch_result.routed_experts_read); None where none ran them
+    # per MoE layer: the mean distinct routed experts a decode step read, counted on the device by the batched steps'
+    # expert kernels over ``grouped_steps`` steps (batch_result.routed_experts_read); None where none counted them
     routed_experts_read: list[float] | None = None
     grouped_steps: int = 0
 

@@ -648,8 +648,9 @@ class FastModel:
         return [sum(1 for c in counts if c) for counts in self.tokens_per_expert().values()]
 
     def expert_reads(self) -> Tensor | None:
-        """The batched decode steps' grouped expert counters, one row per MoE layer: [distinct routed experts read,
-        summed over the layer's grouped calls; those calls] (int64 [layers, 2], a device copy made now, no sync).
+        """The batched decode steps' expert counters, one row per MoE layer: [distinct routed experts read, summed
+        over the layer's calls (grouped, and GEMV at 8 rows or fewer); those calls] (int64 [layers, 2], a device
+        copy made now, no sync).
         None without the Triton row layers (``decode_kernels`` torch, or no Triton here): nothing counts them."""
         if self._triton_rows is None:
             return None

@@ -887,12 +887,26 @@ if HAVE_TRITON:
         EVEN_K: tl.constexpr,
         USE_GDC: tl.constexpr = False,
         STAGES: tl.constexpr = 0,
+        reads_ptr=None,
+        HAS_READS: tl.constexpr = False,
+        BLOCK_PICKS: tl.constexpr = 1,
     ):
+        """``HAS_READS``: the first column block of each routed slot adds 1 to ``reads_ptr[0]`` when no earlier pick
+        (in token-major order) chose its expert, so the picks' distinct experts are counted once; program (0, 0)
+        adds 1 to ``reads_ptr[1]`` (the calls).  ``BLOCK_PICKS``: a power of two >= T·k."""
         if USE_GDC:
             _dependent_launch()
         ts = tl.program_id(0)  # token * n_slots + slot
         nb = tl.program_id(1)
         t, e = _slot_expert(idx_ptr, ts, N_EXPERTS, TOP_K, N_ALWAYS)
+        if HAS_READS:
+            slot = ts % (TOP_K + N_ALWAYS)
+            pick = t * TOP_K + slot  # this slot's place among the picks (a routed slot's)
+            j = tl.arange(0, BLOCK_PICKS)
+            earlier = tl.load(idx_ptr + j, mask=j < pick, other=-1)
+            new = (nb == 0) & (slot < TOP_K) & (tl.sum((earlier == e).to(tl.int32), axis=0) == 0)
+            tl.atomic_add(reads_ptr, tl.full([], 1, tl.int64), mask=new, sem="relaxed")
+            tl.atomic_add(reads_ptr + 1, tl.full([], 1, tl.int64), mask=(ts == 0) & (nb == 0), sem="relaxed")
         n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = n < INTER
         gate_rows = w13_ptr + e * (2 * INTER * H) + n[:, None] * H
@@ -2659,6 +2673,7 @@ def moe_experts(
     counters: Tensor | None = None,
     stages_down: int | None = None,
     norm: tuple[Tensor, Tensor, float, Tensor, Tensor, Tensor] | None = None,
+    reads: Tensor | None = None,
 ) -> Tensor:
     """Routed + always-on experts for a few tokens, in two GEMV kernels: [T, H] in ``x.dtype``.
 
@@ -2704,6 +2719,10 @@ def moe_experts(
     no spills; I = 896 is not a power of two, so the down tile is masked); the keyword arguments override
     them (``bench_kernels.py --sweep``).  For larger T (prefill) the grouped-GEMM path
     (``grouped_experts_stacked``) reads each expert once and is the right one.
+
+    ``reads`` (int64 [2] on x's device, or None): as :func:`moe_experts_grouped`'s, the up kernel adds the number of
+    distinct routed experts the picks chose to ``reads[0]`` and 1 to ``reads[1]`` (the batched decode steps' count
+    at 8 rows or fewer: the continuous drain's narrow steps).
     """
     _require("moe_experts", x.device)
     x = _contig(x, "x")
@@ -2749,6 +2768,10 @@ def moe_experts(
     if top_k == 0:  # no routed picks (e.g. a dense MLP passed as always-on slots): valid dummies, never read
         idx = torch.zeros(1, device=x.device, dtype=torch.int64)
         weights = torch.zeros(1, device=x.device, dtype=torch.float32)
+    count: dict[str, Any] = {}
+    if reads is not None:
+        _check_reads(reads, x.device)
+        count = dict(reads_ptr=reads, HAS_READS=True, BLOCK_PICKS=_pow2(max(n_tokens * top_k, 1)))
     _moe_up_kernel[(n_tokens * n_slots, triton.cdiv(inter, block_n))](
         x,
         idx,
@@ -2764,6 +2787,7 @@ def moe_experts(
         EVEN_K=hidden % block_k_up == 0,
         num_warps=num_warps,
         STAGES=UP_STAGES if stages_up is None else stages_up,
+        **count,
         **_pdl(),
     )
     operands = (h, idx, weights, _contig(w2, "w2"), x if residual is None else _contig(residual, "residual"), out)
@@ -2787,6 +2811,14 @@ def moe_experts(
             *operands, **shapes, HAS_RESIDUAL=residual is not None, **blocks, **_pdl()
         )
     return out
+
+
+def _check_reads(reads: Tensor, device: torch.device) -> None:
+    """An expert-read counter (:func:`moe_experts_grouped`'s and :func:`moe_experts`' ``reads``): int64 [2] there."""
+    if reads.shape != (2,) or reads.dtype != torch.int64 or reads.device != device:
+        raise ValueError(
+            f"reads must be an int64 [2] counter on {device}, got {reads.dtype} {tuple(reads.shape)} on {reads.device}"
+        )
 
 
 def _down_norm_args(
@@ -2913,11 +2945,8 @@ def moe_experts_grouped(
     y = torch.empty((rows, hidden), device=x.device, dtype=torch.float32)
     out = torch.empty_like(x)
     idx = _contig(idx, "idx")
-    if reads is not None and (reads.shape != (2,) or reads.dtype != torch.int64 or reads.device != x.device):
-        raise ValueError(
-            f"reads must be an int64 [2] counter on {x.device}, got {reads.dtype} {tuple(reads.shape)} on "
-            f"{reads.device}"
-        )
+    if reads is not None:
+        _check_reads(reads, x.device)
     block_p = 16  # [16, pow2(P)] comparisons per program: P = 384 (64 tokens) -> 24 programs + 1 for offs
     block_e = max(block_p, _pow2(n_routed + 1))
     _moe_align_kernel[(triton.cdiv(n_pairs, block_p) + 1,)](

@@ -322,8 +322,13 @@ class TritonMoE(MoE):
     """A :class:`GroupedMoE`'s block with the router and the experts as kernels (shared experts in the expert
     kernel's extra slots when the stacks have them, else added by the block as usual)."""
 
-    def __init__(self, moe: GroupedMoE, router_input: TritonRMSNorm | None = None, down: str = "rows") -> None:
+    def __init__(
+        self, moe: GroupedMoE, router_input: TritonRMSNorm | None = None, down: str = "rows", count_all: bool = False
+    ) -> None:
         nn.Module.__init__(self)
+        # whether the GEMV kernels (8 rows or fewer) count the experts they read too, as the grouped ones always do:
+        # the batched steps' layers (the continuous drain's narrow steps); a single page's step counts nothing
+        self.count_all = count_all
         # the GEMV path's down kernel form (kernels.DOWN_FORMS); the split form's counters are kept here
         self.down = down
         self._down_counters: list[Tensor] = []
@@ -336,9 +341,10 @@ class TritonMoE(MoE):
         object.__setattr__(self, "router_input", router_input)
         if moe.stacked is None:
             raise ValueError("the Triton MoE needs stacked expert weights (grouped_moe)")
-        # the grouped expert kernels' counters (kernels.moe_experts_grouped's ``reads``): distinct routed experts
-        # read, summed over calls, and the calls, on the device; a CUDA graph captured over this block holds their
-        # address, so its replays count too.  A capture's warm-up calls (no decode step) count into the scratch pair
+        # the expert kernels' counters (kernels.moe_experts_grouped's and, with count_all, moe_experts' ``reads``):
+        # distinct routed experts read, summed over calls, and the calls, on the device; a CUDA graph captured over
+        # this block holds their address, so its replays count too.  A capture's warm-up calls (no decode step) count
+        # into the scratch pair
         device = moe.stacked[0].device
         self.expert_reads = torch.zeros(2, dtype=torch.int64, device=device)
         self._warmup_reads = torch.zeros(2, dtype=torch.int64, device=device)
@@ -420,7 +426,8 @@ class TritonMoE(MoE):
             if norm is not None:
                 nxt.expect(out, norm[0], norm[3], norm[4])
             return out
-        return K.moe_experts(flat, topk_idx, topk_weight, *stacks, n_always=n_always)
+        counter = self._reads_for(flat) if self.count_all else None
+        return K.moe_experts(flat, topk_idx, topk_weight, *stacks, n_always=n_always, reads=counter)
 
 
 class TritonDenseMLP(nn.Module):
@@ -459,6 +466,7 @@ def _triton_layer(
     fused_input_norm: bool = False,
     down: str = "rows",
     dense: bool = False,
+    count_all: bool = False,
 ) -> DecoderLayer:
     """``layer`` with Triton norms, ``attention`` around its attention and Triton experts for a grouped MoE
     (``router_f32``: its post-attention norm also writes the router's float32 input; ``fused_router``: that norm's
@@ -475,7 +483,7 @@ def _triton_layer(
     reads_norm = post.keep_f32 or post.router is not None
     new_mlp: nn.Module = mlp
     if isinstance(mlp, GroupedMoE):
-        new_mlp = TritonMoE(mlp, post if reads_norm else None, down)
+        new_mlp = TritonMoE(mlp, post if reads_norm else None, down, count_all)
     elif dense and isinstance(mlp, FusedMLP):
         new_mlp = TritonDenseMLP(mlp)
     new_attn = attention(attn)
@@ -530,7 +538,9 @@ def triton_row_layers(
     """The fast layers with Triton norms, router, experts and a row attention (:class:`TritonRowAttention`: per-row
     rotary positions and key masks over a padded cache) for decode steps over slot contexts: the batched step
     (and the torch step of more than 8 rows)."""
-    return [_triton_layer(layer, TritonRowAttention, router_f32) for layer in layers], TritonRMSNorm(norm)
+    return [_triton_layer(layer, TritonRowAttention, router_f32, count_all=True) for layer in layers], TritonRMSNorm(
+        norm
+    )
 
 
 class TritonPromptAttention(nn.Module):

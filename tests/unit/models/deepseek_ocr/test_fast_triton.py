@@ -223,11 +223,11 @@ def test_triton_batched_step_reads_no_pad_and_one_key_of_a_finished_row(monkeypa
         assert firsts == [w if skip else None for w in want for _ in range(n_layers)]
 
 
-def test_the_batched_step_counts_the_routed_experts_its_grouped_calls_read(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_batched_step_counts_the_routed_experts_its_expert_kernels_read(monkeypatch: pytest.MonkeyPatch) -> None:
     """``BatchResult.routed_experts_read``: per MoE layer, the mean distinct experts of each decode step's routing,
-    counted by the align kernel on the device; oracle: the same calls' routing counted by a spy (a set per call),
-    12 rows over 7 decode steps.  A graph capture's warm-up calls count into a scratch pair, the capture itself
-    (and so its replays) into the layer's counters."""
+    counted on the device by the align kernel (12 rows) or the GEMV up kernel (3 rows); oracle: the same calls'
+    routing counted by a spy (a set per call), over 7 decode steps.  A graph capture's warm-up calls count into a
+    scratch pair, the capture itself (and so its replays) into the layer's counters."""
     from llm_perf_opt.models.deepseek_ocr.compiles import WATCH
 
     picked: list[int] = []
@@ -237,17 +237,26 @@ def test_the_batched_step_counts_the_routed_experts_its_grouped_calls_read(monke
         picked.append(len(set(idx.flatten().tolist())))
         return grouped(x, idx, *args, **kw)  # type: ignore[arg-type]
 
+    def gemv_spy(x: torch.Tensor, idx: torch.Tensor, *args: object, **kw: object) -> torch.Tensor:
+        if kw.get("reads") is not None:
+            picked.append(len(set(idx.flatten().tolist())))
+        return gemv(x, idx, *args, **kw)  # type: ignore[arg-type]
+
+    gemv = kernels.moe_experts
     monkeypatch.setattr(kernels, "moe_experts_grouped", spy)
+    monkeypatch.setattr(kernels, "moe_experts", gemv_spy)
     model = build_model(
         DeepseekOCRConfig.from_json(TINY / "config.json"), "cpu", torch.float32, TINY / "weights.safetensors"
     )
-    pages = tiny_case_pages(model.config) * 4
     tri_fast = apply_fast_path(model, FastConfig(decode_kernels="triton", **NO_GRAPHS_PLAIN_VISION))  # type: ignore[arg-type]
-    res = BatchedGenerator(tri_fast).run(pages, 8, eos_token_id=None)
-    assert res.decode_path == "static" and res.grouped_steps == 7
-    layers = len(picked) // 7
-    assert layers > 0 and len(picked) == 7 * layers
-    assert res.routed_experts_read == [sum(picked[i::layers]) / 7 for i in range(layers)]
+    for copies in (4, 1):  # 12 rows: the grouped kernels; 3 rows: the GEMV kernels count too
+        picked.clear()
+        res = BatchedGenerator(tri_fast).run(tiny_case_pages(model.config) * copies, 8, eos_token_id=None)
+        assert res.decode_path == "static" and res.grouped_steps == 7
+        layers = len(picked) // 7
+        assert layers > 0 and len(picked) == 7 * layers
+        assert res.routed_experts_read == [sum(picked[i::layers]) / 7 for i in range(layers)]
+    pages = tiny_case_pages(model.config) * 4
     moe = next(layer.mlp for layer in tri_fast._triton_rows[0] if isinstance(layer.mlp, TL.TritonMoE))  # type: ignore[index]
     rows = torch.zeros(12, model.config.language.hidden_size)
     assert moe._reads_for(rows) is moe.expert_reads
@@ -263,21 +272,27 @@ def test_the_batched_step_counts_the_routed_experts_its_grouped_calls_read(monke
 def test_graphed_steps_count_their_replays_not_their_capture_warm_ups(
     cpu_graphs: list[CpuGraph], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The graph paths on the CPU (``cpu_graphs``: a capture's two warm-up steps, then every step a replay): the
-    counted steps are the decode steps of 9 rows or more (a static batch's 4; a continuous run's steps on its full
-    12-row step, not its drain's narrower ones), and the mean per layer is the spy's over the replays' calls only,
-    the warm-ups' calls (made inside the capture, ``WATCH.in_capture``) left out."""
+    """The graph paths on the CPU (``cpu_graphs``: a capture's two warm-up steps, then every step a replay): every
+    decode step counts (a static batch's 4; a continuous run's steps on its full 12-row step through the grouped
+    kernels and its drain's narrower ones through the GEMV kernels), and the mean per layer is the spies' over the
+    replays' calls only, the warm-ups' calls (made inside the capture, ``WATCH.in_capture``) left out."""
     from llm_perf_opt.models.deepseek_ocr.compiles import WATCH
     from llm_perf_opt.models.deepseek_ocr.continuous import SlotRequest
 
     calls: list[tuple[bool, int]] = []  # (a capture's warm-up, distinct experts picked)
-    grouped = kernels.moe_experts_grouped
+    grouped, gemv = kernels.moe_experts_grouped, kernels.moe_experts
 
     def spy(x: torch.Tensor, idx: torch.Tensor, *args: object, **kw: object) -> torch.Tensor:
         calls.append((WATCH.in_capture, len(set(idx.flatten().tolist()))))
         return grouped(x, idx, *args, **kw)  # type: ignore[arg-type]
 
+    def gemv_spy(x: torch.Tensor, idx: torch.Tensor, *args: object, **kw: object) -> torch.Tensor:
+        if kw.get("reads") is not None:  # the batched steps' calls (a single page's step counts nothing)
+            calls.append((WATCH.in_capture, len(set(idx.flatten().tolist()))))
+        return gemv(x, idx, *args, **kw)  # type: ignore[arg-type]
+
     monkeypatch.setattr(kernels, "moe_experts_grouped", spy)
+    monkeypatch.setattr(kernels, "moe_experts", gemv_spy)
     model = build_model(
         DeepseekOCRConfig.from_json(TINY / "config.json"), "cpu", torch.float32, TINY / "weights.safetensors"
     )
@@ -300,7 +315,8 @@ def test_graphed_steps_count_their_replays_not_their_capture_warm_ups(
     cont = gen.run_continuous(reqs, 12, eos_token_id=None)
     wide = sum(1 for rows in cont.step_rows if rows >= kernels.GROUPED_MIN_ROWS)
     assert cont.decode_path == "graph" and 0 < wide < len(cont.step_rows)  # the drain narrowed to 8 rows or fewer
-    assert cont.grouped_steps == wide and cont.routed_experts_read == expected(wide)
+    steps = len(cont.step_rows)
+    assert cont.grouped_steps == steps and cont.routed_experts_read == expected(steps)
 
 
 def test_triton_device_greedy_matches_torch_greedy() -> None:

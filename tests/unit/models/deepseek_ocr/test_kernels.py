@@ -1267,6 +1267,31 @@ def test_moe_experts_grouped_counts_the_routed_experts_it_reads() -> None:
         K.moe_experts_grouped(*args, n_always=2, reads=torch.zeros(2, dtype=torch.int32))
 
 
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+def test_moe_experts_counts_the_routed_experts_it_reads(tokens: int) -> None:
+    """``moe_experts(reads=)`` (the GEMV kernels, 8 rows or fewer: the continuous drain's narrow steps): each call
+    adds the distinct routed experts its picks chose and 1.  Oracle: the picks counted by hand, for a random
+    routing (repeats across tokens), every token on the same three experts, and each pick its own expert; the
+    shared slots are not counted; the outputs are the same bits as without the count, in both down forms."""
+    c = _moe_case(tokens, 64, 32, 24, 3, torch.float32, seed=tokens)
+    args = (c["x"], c["idx"], c["weights"], c["w13"], c["w2"])
+    reads = torch.zeros(2, dtype=torch.int64)
+    for down in ("rows", "split"):
+        plain = K.moe_experts(*args, n_always=2, residual=c["res"], down=down)
+        counted = K.moe_experts(*args, n_always=2, residual=c["res"], down=down, reads=reads)
+        assert torch.equal(counted, plain)
+    once = len(set(c["idx"].flatten().tolist()))
+    assert reads.tolist() == [2 * once, 2]
+    same = torch.tensor([[4, 9, 4]] * tokens)  # one token's picks may repeat an expert too
+    K.moe_experts(c["x"], same, c["weights"], c["w13"], c["w2"], n_always=2, reads=reads)
+    assert reads.tolist() == [2 * once + 2, 3]
+    own = torch.arange(3 * tokens).reshape(tokens, 3)  # every pick its own expert (24 routed experts here)
+    K.moe_experts(c["x"], own, c["weights"], c["w13"], c["w2"], n_always=2, reads=reads)
+    assert reads.tolist() == [2 * once + 2 + 3 * tokens, 4]
+    with pytest.raises(ValueError, match="int64 \\[2\\] counter"):
+        K.moe_experts(*args, n_always=2, reads=torch.zeros(3, dtype=torch.int64))
+
+
 @pytest.mark.parametrize("n_experts", [1, 6, 15, 16, 17, 64])
 def test_moe_align_sorts_the_pairs_by_expert_and_counts_the_experts(n_experts: int) -> None:
     """The align kernel alone: ``order`` = the pairs stably sorted by expert (``argsort(stable=True)``), ``offs`` =
