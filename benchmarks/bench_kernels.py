@@ -680,6 +680,12 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
             {**attn, "HAS_MASK": True, "POS_STRIDE": 0, **static_first},
             4,
         ),
+        (  # ...as it launches under dependent launches: K / V prefetched before the wait (kernels.ATTN_PREFETCH)
+            "_attn_partial_kernel",
+            {**partial, "mask_ptr": bf, "mask_stride": "i32", **tail, "first_ptr": i64},
+            {**attn, "HAS_MASK": True, "POS_STRIDE": 0, **static_first, "PF_KV": True, "USE_GDC": True},
+            4,
+        ),
         (  # the one-launch form (decode_attention(counters=...)): the last split combines
             "_attn_partial_kernel",
             {**partial, "mask_stride": "i32", **tail, "out_ptr": bf, "count_ptr": "*i32"},
@@ -722,9 +728,9 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
         uncounted = {"reads_ptr": None, "HAS_READS": False, "BLOCK_PICKS": 1}
         specs.append(("_moe_up_kernel", up, {**up_consts, **uncounted}, up_warps))  # as launched (pipelined), then
         specs.append(("_moe_up_kernel", up, {**up_consts, **uncounted, "STAGES": 0}, up_warps))  # the plain loop
-        if tokens > 1:  # the batched steps' (the continuous drain's narrow steps): the experts read counted
-            counted_up = {**up_consts, "HAS_READS": True, "BLOCK_PICKS": 1 << (tokens * k - 1).bit_length()}
-            specs.append(("_moe_up_kernel", {**up, "reads_ptr": i64}, counted_up, up_warps))
+        # the batched steps' of 8 rows or fewer (a drain's narrow steps, small static batches): the experts counted
+        counted_up = {**up_consts, "HAS_READS": True, "BLOCK_PICKS": 1 << (tokens * k - 1).bit_length()}
+        specs.append(("_moe_up_kernel", {**up, "reads_ptr": i64}, counted_up, up_warps))
         down_consts = {**common, "HAS_RESIDUAL": True, "BLOCK_H": bh, "BLOCK_K": bkd, "EVEN_K": inter % bkd == 0}
         specs.append(("_moe_down_kernel", down, down_consts, 4))
     # the split down form (moe_experts(down="split")) at one token and at more: as launched (pipelined), then the
@@ -984,7 +990,7 @@ def sm90_check(lang: LanguageConfig) -> list[dict[str, Any]]:
     base = sm90_specs(lang)
     dependent = {name for name, *_ in base if "USE_GDC" in kernel_fn(name).arg_names}
     specs = [
-        (name, sig, {**consts, "USE_GDC": False} if name in dependent else consts, warps)
+        (name, sig, {"USE_GDC": False, **consts} if name in dependent else consts, warps)  # a spec may set it
         for name, sig, consts, warps in base
     ]
     first: dict[str, tuple[str, dict[str, str], dict[str, Any], int]] = {}
@@ -1535,7 +1541,7 @@ def main() -> None:
             rows.append(bench.experts_grouped(tokens))
             if tokens >= 32:
                 rows.append(bench.reads_cost(tokens))
-        rows.append(bench.reads_cost(8))  # the GEMV kernels' count: the continuous drain's widest narrow step
+        rows.append(bench.reads_cost(8))  # the GEMV kernels' count: the widest batched step they run (a drain's)
         print(render(rows, env, args, [], peaks), flush=True)  # the op rows first, in case a later part fails
         split_lines = [] if args.only_grouped else bench.attention_split_rules()
         # ...and written, marked partial, so a call cut short during the batched step keeps them (rewritten below)

@@ -34,7 +34,7 @@ def test_batched_throughput_phase(tmp_path: Path) -> None:
     report = (run_dir / "report.md").read_text()
     assert "## Batched throughput (batch size 2)" in report
     assert "Decode path: static (static step" in report
-    assert "a finished sequence's attention reads its newest key only, and no step reads a left pad" in report
+    assert "a finished sequence's attention sees its newest key only and no row sees its left pads" in report
     # pages prepared by the pool (default 4 workers): every batch records its wait; the end-to-end line adds them
     assert all(b.page_wait_ms is not None and b.page_wait_ms >= 0 for b in s.batches)
     assert "End to end, preprocessing included" in report

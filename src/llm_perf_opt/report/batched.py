@@ -174,10 +174,13 @@ def _finished_rows(s: RunSummary) -> str:
     if not attend:
         return ""
     if attend == {False}:
-        return "; a finished sequence's attention reads its newest key only, and no step reads a left pad"
+        return (
+            "; a finished sequence's attention sees its newest key only and no row sees its left pads (the Triton "
+            "row attention reads no other key, the torch attention reads them masked)"
+        )
     which = "every" if attend == {True} else "some"
     return (
-        f"; in {which} batch a finished sequence's attention read its whole context until the batch ended "
+        f"; in {which} batch a finished sequence's attention saw its whole context until the batch ended "
         "(the host loop, or infer.static_skip_keys=false)"
     )
 

@@ -20,7 +20,7 @@ import attrs
 # 1.7: BatchRecord.routed_experts_read / grouped_steps / routed_experts, BatchedPhase.routed_experts_read (optional:
 # the routed experts the batched decode steps read, counted on the device).
 # 1.8: BatchRecord.key_steps, BatchedPhase.decode_traffic (optional: the batched decode steps' bytes and bandwidth).
-# 1.9: BatchRecord.finished_rows_attend (optional: whether a static batch's finished rows read their whole context);
+# 1.9: BatchRecord.finished_rows_attend (optional: whether a static batch's finished rows attended their whole context);
 # the batched steps of 8 rows or fewer count the routed experts they read too (``grouped_steps``: every Triton step).
 SCHEMA_VERSION = "1.9"
 
@@ -204,7 +204,7 @@ class BatchRecord:
     # keys the decode steps attended over: each row's own context (left pads and empty slots left out) summed over
     # rows and steps, for the K/V bytes of the decode traffic; None in records written before it was counted
     key_steps: int | None = None
-    # static batches: whether a finished row's attention went on reading its whole context to the batch's end (the
+    # static batches: whether a finished row's attention went on attending its whole context to the batch's end (the
     # host loop; infer.static_skip_keys=false) or its newest key only; None for continuous runs and older records
     finished_rows_attend: bool | None = None
     # per MoE layer: the mean number of distinct routed experts a decode step read (their weights), counted on the

@@ -366,9 +366,9 @@ class InferSettings:
     # with a step over the power of two of rows covering them (same tokens, fewer rows per kernel); false keeps
     # the full width to the end (to measure what narrowing saves)
     narrow_drain: bool = attrs.field(default=True, validator=_boolean)
-    # Static batching: the step's attention reads no left-pad key and, once a row has finished, only its newest key
-    # (running rows' outputs keep their bits; the Triton row attention skips the reads); false reads every row's whole
-    # masked context to the end (to measure what skipping saves)
+    # Static batching: the step's attention shows no row its left pads and a finished row only its newest key (running
+    # rows' outputs keep their bits; the Triton row attention skips reading the rest, the torch attention reads them
+    # masked); false shows every row its whole context to the end (to measure what skipping saves)
     static_skip_keys: bool = attrs.field(default=True, validator=_boolean)
     # Continuous batching: pages past the filled slots whose vision runs ahead on a second CUDA stream, beside the
     # decode steps, instead of in the refill that needs them (0 = off: each page's vision in its refill)

@@ -264,8 +264,8 @@ def test_report_says_what_a_static_batchs_finished_rows_read() -> None:
     skipped = record(4, 40, 10, 4, (100.0, 300.0), batching="static", finished_rows_attend=False)
     whole = attrs.evolve(skipped, finished_rows_attend=True)
     old = attrs.evolve(skipped, finished_rows_attend=None)
-    newest = "until its longest sequence ends; a finished sequence's attention reads its newest key only, and no step"
-    read = "batch a finished sequence's attention read its whole context until the batch ended (the host loop, or "
+    newest = "until its longest sequence ends; a finished sequence's attention sees its newest key only and no row sees"
+    read = "batch a finished sequence's attention saw its whole context until the batch ended (the host loop, or "
     cases = [([skipped], newest), ([whole, whole], f"in every {read}"), ([skipped, whole], f"in some {read}")]
     for batches, want in cases:
         md = render_report(attrs.evolve(summary, batches=batches))

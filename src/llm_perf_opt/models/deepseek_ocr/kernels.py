@@ -522,20 +522,19 @@ if HAVE_TRITON:
         kv_base = (b.to(tl.int64) * HK + kvh) * max_len * D
         k_head = k_ptr + kv_base
         v_head = v_ptr + kv_base
-        first = 0
-        if HAS_FIRST:
-            first = tl.load(first_ptr + b * FIRST_STRIDE).to(tl.int32)
         if PF_KV:
             pf_lo, pf_hi = _split_keys(pos_ptr, b, POS_STRIDE, key_limit, N_SPLITS, BLOCK_N, split)
-            if HAS_FIRST:
-                pf_lo = tl.maximum(pf_lo, first)
+            if HAS_FIRST:  # read again after the wait, like the position
+                pf_lo = tl.maximum(pf_lo, tl.load(first_ptr + b * FIRST_STRIDE).to(tl.int32))
             pf_n = tl.maximum(pf_hi - pf_lo, 0) * D
             _prefetch_l2(k_head + pf_lo * D, pf_n, PF_LANES)
             _prefetch_l2(v_head + pf_lo * D, pf_n, PF_LANES)
         if USE_GDC:
             _dependent_launch()
         lo, hi = _split_keys(pos_ptr, b, POS_STRIDE, key_limit, N_SPLITS, BLOCK_N, split)
+        first = 0
         if HAS_FIRST:  # from the block holding ``first``: the blocks start at the same columns, summed in one order
+            first = tl.load(first_ptr + b * FIRST_STRIDE).to(tl.int32)
             lo = tl.maximum(lo, first // BLOCK_N * BLOCK_N)
         d = tl.arange(0, BLOCK_D)
         dmask = d < D
@@ -622,7 +621,7 @@ if HAVE_TRITON:
         dmask = d < D
         base = bh * N_SPLITS
         m = tl.load(m_ptr + base + sp, mask=sp < N_SPLITS, other=float("-inf"), cache_modifier=".cg")
-        m_all = tl.max(m, axis=0)  # finite: split 0 always holds key 0 (a max is exact in any order)
+        m_all = tl.max(m, axis=0)  # finite: the split holding key pos is never empty (a max is exact in any order)
         den = 0.0
         out = tl.zeros([BLOCK_D], dtype=tl.float32)
         STEP: tl.constexpr = BLOCK_S if BLOCK_S < COMBINE_CHUNK else COMBINE_CHUNK  # no more than there are
@@ -903,7 +902,8 @@ if HAVE_TRITON:
             slot = ts % (TOP_K + N_ALWAYS)
             pick = t * TOP_K + slot  # this slot's place among the picks (a routed slot's)
             j = tl.arange(0, BLOCK_PICKS)
-            earlier = tl.load(idx_ptr + j, mask=j < pick, other=-1)
+            before = tl.where(slot < TOP_K, pick, 0)  # the picks before this one (a shared slot: none, read nothing)
+            earlier = tl.load(idx_ptr + j, mask=j < before, other=-1)
             new = (nb == 0) & (slot < TOP_K) & (tl.sum((earlier == e).to(tl.int32), axis=0) == 0)
             tl.atomic_add(reads_ptr, tl.full([], 1, tl.int64), mask=new, sem="relaxed")
             tl.atomic_add(reads_ptr + 1, tl.full([], 1, tl.int64), mask=(ts == 0) & (nb == 0), sem="relaxed")
@@ -2121,6 +2121,8 @@ def decode_attention(
                 f"key_first must be an int64 tensor of shape [1] or [{bsz}] (one first column per row), got"
                 f" {key_first.dtype} {tuple(key_first.shape)}"
             )
+        if key_first.device != q.device:
+            raise ValueError(f"key_first must be on {q.device} like q, got {key_first.device}")
         stride_first = 0 if key_first.shape[0] == 1 else 1
         launch_args.update(first_ptr=_contig(key_first, "key_first"), FIRST_STRIDE=stride_first, HAS_FIRST=True)
     if block_n is None:  # [64, D] K and V tiles: 64 elements per thread at 4 warps (D = 128), no spills
@@ -2722,7 +2724,7 @@ def moe_experts(
 
     ``reads`` (int64 [2] on x's device, or None): as :func:`moe_experts_grouped`'s, the up kernel adds the number of
     distinct routed experts the picks chose to ``reads[0]`` and 1 to ``reads[1]`` (the batched decode steps' count
-    at 8 rows or fewer: the continuous drain's narrow steps).
+    at 8 rows or fewer: the continuous drain's narrow steps, static batches of 8 pages or fewer).
     """
     _require("moe_experts", x.device)
     x = _contig(x, "x")

@@ -327,7 +327,8 @@ class TritonMoE(MoE):
     ) -> None:
         nn.Module.__init__(self)
         # whether the GEMV kernels (8 rows or fewer) count the experts they read too, as the grouped ones always do:
-        # the batched steps' layers (the continuous drain's narrow steps); a single page's step counts nothing
+        # the batched steps' layers (the continuous drain's narrow steps, static batches of 8 pages or fewer); a single
+        # page's step counts nothing
         self.count_all = count_all
         # the GEMV path's down kernel form (kernels.DOWN_FORMS); the split form's counters are kept here
         self.down = down
