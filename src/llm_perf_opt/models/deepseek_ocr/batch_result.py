@@ -35,9 +35,8 @@ class BatchResult:
     ``routed_experts_read``: per MoE layer, the mean number of distinct routed experts a decode step read, counted
     on the device by the batched steps' expert kernels (:func:`routed_experts_read`) over ``grouped_steps`` steps (the
     name from when only the grouped ones counted); None where no step counted them (the torch decode step, no
-    Triton).  ``finished_rows_attend``: whether
-    a finished row went on attending over its whole context (the host loop; the static step with ``skip_keys``
-    off) or over its newest key only (:attr:`key_steps`).
+    Triton).  ``finished_rows_attend``: whether a finished row went on attending over its whole context (the host
+    loop; the static step with ``skip_keys`` off) or over its newest key only (:attr:`key_steps`).
     """
 
     tokens: list[list[int]]

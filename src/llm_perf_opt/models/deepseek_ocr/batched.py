@@ -331,8 +331,8 @@ class BatchedGenerator:
 
         ``max_new_tokens`` and ``no_repeat_ngram_size`` are one value for all sequences or one per sequence.
         With ``ignore_eos`` (or ``eos_token_id=None``) a sequence runs to its cap.  ``skip_keys``: the static
-        step's attention reads no pad key and, of a finished row, its newest key only (``StaticBatchStep``; the
-        host loop reads them masked either way).  Runs under
+        step's attention shows no row its pads and a finished row its newest key only (``StaticBatchStep``: the
+        Triton row attention then reads none of the rest; the host loop shows them all, masked).  Runs under
         ``torch.inference_mode`` (the kept static buffers are inference tensors); kept logits are host copies.
         """
         bsz = len(pages)
