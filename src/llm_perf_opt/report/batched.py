@@ -168,7 +168,7 @@ def _render_phase(p: BatchedPhase) -> str:
 
 
 def _finished_rows(s: RunSummary) -> str:
-    """What a static batch's finished rows read: "; a finished sequence's attention reads ..." (nothing for old
+    """What a static batch's finished rows saw: "; a finished sequence's attention sees ..." (nothing for old
     records)."""
     attend = {b.finished_rows_attend for b in s.batches} - {None}
     if not attend:

@@ -539,9 +539,8 @@ def triton_row_layers(
     """The fast layers with Triton norms, router, experts and a row attention (:class:`TritonRowAttention`: per-row
     rotary positions and key masks over a padded cache) for decode steps over slot contexts: the batched step
     (and the torch step of more than 8 rows)."""
-    return [_triton_layer(layer, TritonRowAttention, router_f32, count_all=True) for layer in layers], TritonRMSNorm(
-        norm
-    )
+    rows = [_triton_layer(layer, TritonRowAttention, router_f32, count_all=True) for layer in layers]
+    return rows, TritonRMSNorm(norm)
 
 
 class TritonPromptAttention(nn.Module):
