@@ -102,3 +102,29 @@ def test_skipping_pads_and_finished_rows_keys_keeps_the_graphed_tokens() -> None
         n + s + 1 if s < cap - 1 else 1 for n, cap in zip(on.prompt_lens, caps, strict=True) for s in range(steps)
     )
     assert off.key_steps == sum(n + s + 1 for n in off.prompt_lens for s in range(steps))
+
+
+def test_continuous_rows_ended_by_eos_keep_the_graphed_tokens_with_one_key() -> None:
+    """Continuous batching, graphed, eos read every 8 steps: ``skip_keys`` (the default) against off give the same
+    tokens (a row ended by eos waits for the read, seeing its last column only; running rows keep their bits) and
+    the same as un-graphed; no more keys counted (fewer where an ended row waited: eos is the third token of the
+    first page, so its rows end early; the CPU test pins the count against the masks)."""
+    from llm_perf_opt.models.deepseek_ocr.continuous import SlotRequest
+
+    fast, pages, clock = _tiny_fast_pages()
+    reqs = [SlotRequest(p, cap) for p, cap in zip(pages, [STEPS, 9, 14] * 4, strict=True)]
+    free = BatchedGenerator(fast, clock=clock).run_continuous(reqs, 8, eos_token_id=None)
+    eos = free.tokens[0][2]
+    runs = {}
+    for skip in (True, False):
+        gen = BatchedGenerator(fast, clock=clock, check_every=8)
+        runs[skip] = gen.run_continuous(reqs, 8, eos_token_id=eos, skip_keys=skip)
+    plain = BatchedGenerator(fast, clock=clock, check_every=8, cuda_graphs=False).run_continuous(
+        reqs, 8, eos_token_id=eos
+    )
+    on, off = runs[True], runs[False]
+    assert on.decode_path == off.decode_path == "graph" and plain.decode_path == "static"
+    assert any(on.stopped_by_eos)
+    assert on.tokens == off.tokens == plain.tokens and on.key_steps == plain.key_steps
+    assert on.finished_rows_attend is False and off.finished_rows_attend is True
+    assert on.key_steps <= off.key_steps

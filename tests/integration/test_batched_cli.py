@@ -75,6 +75,8 @@ def test_batch_larger_than_dataset_warns_and_num_pages_fills_it(tmp_path: Path) 
     assert result.returncode == 0, result.describe()
     assert "**Warning:** infer.batch_size=3 but batches ran with at most 2 page(s)" in (
         tmp_path / "run-c" / "report.md").read_text()  # fmt: skip
+    # infer.continuous_skip_keys (on by default): a row ended by eos saw its newest key only, and the record says so
+    assert [b.finished_rows_attend for b in read_summary(tmp_path / "run-c" / "metrics.json").batches] == [False]
 
     run_dir = tmp_path / "run2"
     result = run_cli([*args, "dataset.num_pages=3", "repeats=1"], run_dir=run_dir)

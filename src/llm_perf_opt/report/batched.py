@@ -82,8 +82,8 @@ def render_batches(s: RunSummary) -> str:
     how = (
         f"Continuous batching: {len(s.batches)} run(s) (one per repeat) through {size} sequence slots; a slot "
         "whose sequence ends (eos, simulated eos, the cap) is refilled with the next page (its vision + prefill "
-        "run, its K/V inserted into the slot's rows), so the batch stays full with mixed lengths. Statistics "
-        "are over runs; TPOT over sequences."
+        f"run, its K/V inserted into the slot's rows), so the batch stays full with mixed lengths"
+        f"{_finished_rows(s, continuous=True)}. Statistics are over runs; TPOT over sequences."
         if continuous
         else f"Static batching: {len(s.batches)} batches of up to {size} pages, one forward per step for the whole "
         "batch (vision batched across pages, left-padded prefill, finished sequences masked) until its longest "
@@ -167,17 +167,22 @@ def _render_phase(p: BatchedPhase) -> str:
     )
 
 
-def _finished_rows(s: RunSummary) -> str:
-    """What a static batch's finished rows saw: "; a finished sequence's attention sees ..." (nothing for old
-    records)."""
+def _finished_rows(s: RunSummary, continuous: bool = False) -> str:
+    """What finished rows saw: "; a finished sequence's attention sees ..." (nothing for records without it).
+    Static: until its batch ended; continuous: a sequence ended by eos until the host read the done flags and
+    refilled its slot."""
     attend = {b.finished_rows_attend for b in s.batches} - {None}
     if not attend:
         return ""
+    triton = "the Triton row attention reads no other key, the torch attention reads them masked"
+    if continuous:
+        wait = "; a sequence ended by eos keeps its slot until the host next reads the done flags"
+        if attend == {False}:
+            return f"{wait}, its attention seeing its newest key only ({triton})"
+        which = "every" if attend == {True} else "some"
+        return f"{wait}, in {which} run its attention seeing its whole context (infer.continuous_skip_keys=false)"
     if attend == {False}:
-        return (
-            "; a finished sequence's attention sees its newest key only and no row sees its left pads (the Triton "
-            "row attention reads no other key, the torch attention reads them masked)"
-        )
+        return f"; a finished sequence's attention sees its newest key only and no row sees its left pads ({triton})"
     which = "every" if attend == {True} else "some"
     return (
         f"; in {which} batch a finished sequence's attention saw its whole context until the batch ended "

@@ -22,7 +22,9 @@ import attrs
 # 1.8: BatchRecord.key_steps, BatchedPhase.decode_traffic (optional: the batched decode steps' bytes and bandwidth).
 # 1.9: BatchRecord.finished_rows_attend (optional: whether a static batch's finished rows attended their whole context);
 # the batched steps of 8 rows or fewer count the routed experts they read too (``grouped_steps``: every Triton step).
-SCHEMA_VERSION = "1.9"
+# 1.10: BatchRecord.finished_rows_attend set for continuous runs too (a row ended by eos, until its slot's refill);
+# their key_steps count such a row's last column alone with infer.continuous_skip_keys (on by default).
+SCHEMA_VERSION = "1.10"
 
 # Name of the synthetic operator row that holds device time the profiler could not attribute to any operator
 # (CUDA-graph replays, kernels launched outside torch ops): the profiler writes it, the report explains it.
@@ -204,8 +206,9 @@ class BatchRecord:
     # keys the decode steps attended over: each row's own context (left pads and empty slots left out) summed over
     # rows and steps, for the K/V bytes of the decode traffic; None in records written before it was counted
     key_steps: int | None = None
-    # static batches: whether a finished row's attention went on attending its whole context to the batch's end (the
-    # host loop; infer.static_skip_keys=false) or its newest key only; None for continuous runs and older records
+    # whether a finished row's attention went on attending its whole context (static: to the batch's end, the host
+    # loop or infer.static_skip_keys=false; continuous, since 1.10: a row ended by eos until its slot was refilled,
+    # infer.continuous_skip_keys=false) or its newest key only; None in older records
     finished_rows_attend: bool | None = None
     # per MoE layer: the mean number of distinct routed experts a decode step read (their weights), counted on the
     # device by the expert kernels over ``grouped_steps`` steps (every Triton step from schema 1.9; before it, the

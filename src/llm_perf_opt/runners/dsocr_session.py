@@ -355,6 +355,7 @@ class DeepSeekOCRSession:
                 vision_ahead=self.infer.refill_vision_ahead,
                 prefill_ahead=self.infer.refill_prefill_ahead,
                 prefill_per_page=per_page,
+                skip_keys=self.infer.continuous_skip_keys,
             )
         wait_ms = res.page_wait_s * 1e3
         total_s = res.total_s
@@ -395,6 +396,7 @@ class DeepSeekOCRSession:
             narrowed_steps=sum(1 for rows in res.step_rows if rows < slots),
             row_steps=sum(res.step_rows),
             key_steps=res.key_steps,
+            finished_rows_attend=res.finished_rows_attend,
             **self._expert_reads(res.routed_experts_read, res.grouped_steps),
             vision_ahead_ms=res.vision_ahead_s * 1e3 if res.pages_ahead else None,
             pages_ahead=res.pages_ahead or None,

@@ -370,6 +370,10 @@ class InferSettings:
     # rows' outputs keep their bits; the Triton row attention skips reading the rest, the torch attention reads them
     # masked); false shows every row its whole context to the end (to measure what skipping saves)
     static_skip_keys: bool = attrs.field(default=True, validator=_boolean)
+    # Continuous batching: a sequence that ended by eos sees only its newest key until the host reads the done flags
+    # and refills its slot (up to check_every - 1 steps; the Triton row attention skips reading the rest, the torch
+    # attention reads them masked); false: its whole context until then (to measure what skipping saves)
+    continuous_skip_keys: bool = attrs.field(default=True, validator=_boolean)
     # Continuous batching: pages past the filled slots whose vision runs ahead on a second CUDA stream, beside the
     # decode steps, instead of in the refill that needs them (0 = off: each page's vision in its refill)
     refill_vision_ahead: int = attrs.field(default=0, validator=_integer(0, example="1"))

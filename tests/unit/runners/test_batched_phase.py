@@ -272,3 +272,24 @@ def test_report_says_what_a_static_batchs_finished_rows_read() -> None:
         assert want in md, want
     md = render_report(attrs.evolve(summary, batches=[old]))
     assert "until its longest sequence ends. Statistics are over batches" in md
+
+
+def test_report_says_what_a_continuous_runs_ended_rows_saw() -> None:
+    """A continuous run's "how" sentence: a sequence ended by eos keeps its slot until the next read of the done
+    flags, seeing its newest key only (``finished_rows_attend`` False, the default) or its whole context (every /
+    some run); records without the field add nothing."""
+    summary = make_summary(pages=[make_page("p0")])
+    skipped = record(4, 40, 10, 4, (100.0, 300.0), batching="continuous", finished_rows_attend=False)
+    whole = attrs.evolve(skipped, finished_rows_attend=True)
+    old = attrs.evolve(skipped, finished_rows_attend=None)
+    wait = "mixed lengths; a sequence ended by eos keeps its slot until the host next reads the done flags, "
+    cases = [
+        ([skipped], f"{wait}its attention seeing its newest key only (the Triton row attention reads no other key"),
+        ([whole, whole], f"{wait}in every run its attention seeing its whole context (infer.continuous_skip_keys"),
+        ([skipped, whole], f"{wait}in some run its attention seeing its whole context"),
+    ]
+    for batches, want in cases:
+        md = render_report(attrs.evolve(summary, batches=batches))
+        assert want in md, want
+    md = render_report(attrs.evolve(summary, batches=[old]))
+    assert "so the batch stays full with mixed lengths. Statistics are over runs" in md

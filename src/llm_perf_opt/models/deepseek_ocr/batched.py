@@ -294,6 +294,7 @@ class BatchedGenerator:
         vision_ahead: int = 0,
         prefill_ahead: bool = False,
         prefill_per_page: bool = False,
+        skip_keys: bool = True,
     ) -> ContinuousResult:
         """Every page of ``source`` through ``slots`` continuously refilled sequence slots
         (:mod:`~llm_perf_opt.models.deepseek_ocr.continuous`); the static-batching :meth:`run` is kept beside it."""
@@ -309,6 +310,7 @@ class BatchedGenerator:
             vision_ahead=vision_ahead,
             prefill_ahead=prefill_ahead,
             prefill_per_page=prefill_per_page,
+            skip_keys=skip_keys,
         )
 
     def release_static(self) -> None:

@@ -13,6 +13,8 @@ width, below).
   (:class:`~llm_perf_opt.models.deepseek_ocr.context.ForwardContext` with a per-row ``slot`` [B]: a scatter) and
   is rotated at that same position (no pads: column = position); its additive mask shows columns ``0 .. pos[b]``,
   so whatever a previous sequence left past ``pos[b]`` is never read (it is overwritten column by column first).
+  A row whose sequence ended but whose slot the host has not refilled yet sees its last column only
+  (``skip_keys``), as an empty slot does.
 * **The step** is the model's one decoder forward, like the static step's, with per-row positions: tokens [B, 1],
   ``pos`` [B], caps, eos, done flags, token counts and the output buffer all live in device buffers, so on CUDA
   it is captured once per (slots, max_len, n-gram size) and replayed.  A finished (or empty) row keeps running
@@ -171,7 +173,7 @@ class ContinuousResult:
     step_rows: list[int] = attrs.field(factory=list)
     # keys the decode steps attended over, each occupied slot's own context summed over slots and steps (the
     # position the host tracks for it, as ``_reach``, set right at each eos read for a row the device held at its
-    # last column once it ended; empty slots left out)
+    # last column once it ended: its whole context, or that one column with ``skip_keys``; empty slots left out)
     key_steps: int = 0
     # the run-ahead vision's own time (``vision_ahead``; on CUDA on a second stream beside the decode steps); what of
     # it held the slots up is in ``vision_s`` (on CPU all of it: nothing overlaps)
@@ -191,6 +193,9 @@ class ContinuousResult:
     # expert kernels over ``grouped_steps`` steps (batch_result.routed_experts_read); None where none counted them
     routed_experts_read: list[float] | None = None
     grouped_steps: int = 0
+    # whether a row that ended by eos attended over its whole context until its slot was refilled (``skip_keys``
+    # off), or over its last column alone (``key_steps`` counts whichever it did)
+    finished_rows_attend: bool = False
 
     @property
     def pages(self) -> int:
@@ -259,6 +264,11 @@ class SlotDecodeStep(DecodeRows):
     off); ``done`` / ``by_eos`` [B] bool (an empty slot is done); ``n_gen`` [B] tokens recorded; ``out`` [B,
     max_len] the recorded tokens; ``hist`` [B, max_len + 1] each row's prompt + output (no-repeat rule only;
     ``vocab`` past the end).  See the module doc for the step.
+
+    ``skip_keys`` (``infer.continuous_skip_keys``): a finished row (ended by eos on the device, not yet collected:
+    up to ``check_every - 1`` steps) sees only the key it writes at its last column, and the Triton row attention
+    (``ForwardContext.key_first``) reads nothing before it, where it read the row's whole context until collected.
+    Running rows see columns ``0 .. pos`` either way (same bits); finished rows' outputs are ignored.
     """
 
     def __init__(
@@ -274,6 +284,7 @@ class SlotDecodeStep(DecodeRows):
         no_repeat_ngram: int = 0,
         ngram_kernel: bool = False,
         cache: StaticKVCache | None = None,
+        skip_keys: bool = True,
     ) -> None:
         super().__init__(
             lm,
@@ -291,7 +302,8 @@ class SlotDecodeStep(DecodeRows):
         self.slots, self.max_len = slots, max_len
         self.caps = torch.ones(slots, dtype=torch.long, device=dev)
         self.done.fill_(True)  # every slot starts empty
-        self.first_col = torch.zeros(1, dtype=torch.long, device=dev)  # every row sees its keys from column 0
+        self.first_col = torch.zeros(1, dtype=torch.long, device=dev)  # a running row sees its keys from column 0
+        self.skip_keys = bool(skip_keys)
         # attention reads the first key_len cache columns only (a host value, so one graph per key_len): the host
         # sets it to the bucket that covers every slot's position for the coming steps (see run_continuous)
         self.key_len = max_len
@@ -303,6 +315,10 @@ class SlotDecodeStep(DecodeRows):
         # never in a later garbage collection that could land inside another graph's capture
         self._root: weakref.ref[SlotDecodeStep] | None = None
         self.narrower: dict[int, SlotDecodeStep] = {}
+
+    def serves(self, rows: int, max_len: int, use_graph: bool, no_repeat_ngram: int, skip_keys: bool = True) -> bool:
+        """:meth:`DecodeRows.serves`, with the same ``skip_keys`` (it is baked into the graphs)."""
+        return super().serves(rows, max_len, use_graph, no_repeat_ngram) and self.skip_keys == bool(skip_keys)
 
     @property
     def root(self) -> SlotDecodeStep:
@@ -386,8 +402,12 @@ class SlotDecodeStep(DecodeRows):
         return first_argmax(logits)
 
     def _body(self) -> None:
-        mask = decode_key_mask(self.key_pos[: self.key_len], self.first_col, self.pos, self.mask_zero, self.mask_neg)
-        logits = self._logits(self.pos, self.key_len, mask)  # each row writes its K/V at its own position
+        first: Tensor | None = None
+        if self.skip_keys:  # a finished row (eos read or not yet) sees only the key it writes now, at its last column
+            first = torch.where(self.done, self.pos, self.first_col)
+        shown = self.first_col if first is None else first
+        mask = decode_key_mask(self.key_pos[: self.key_len], shown, self.pos, self.mask_zero, self.mask_neg)
+        logits = self._logits(self.pos, self.key_len, mask, key_first=first)  # K/V written at each row's position
         self.last_logits = logits
         self._advance(self._choose(logits))
 
@@ -438,6 +458,7 @@ class SlotDecodeStep(DecodeRows):
             no_repeat_ngram=self.ngram,
             ngram_kernel=self.ngram_kernel,
             cache=cache,
+            skip_keys=self.skip_keys,
         )
 
     def narrowed(self, rows: list[int]) -> SlotDecodeStep:
@@ -666,6 +687,7 @@ def run_continuous(
     vision_ahead: int = 0,
     prefill_ahead: bool = False,
     prefill_per_page: bool = False,
+    skip_keys: bool = True,
 ) -> ContinuousResult:
     """Decode every page of ``source`` greedily through ``slots`` continuously refilled slots (module doc).
 
@@ -678,7 +700,9 @@ def run_continuous(
     ``vision_ahead``): those pages' LM prefill runs ahead as well, each page into a cache of its own, so their fill
     only waits for it and copies the K/V into the slot's rows (module doc).  ``prefill_per_page``: a refill's pages
     are prefilled one at a time through the model's per-page prefill (on the fast path a graph replay per prompt
-    length) into caches kept per length, instead of one batched forward (module doc).
+    length) into caches kept per length, instead of one batched forward (module doc).  ``skip_keys``: a row that
+    ended by eos sees only its last column until its slot is refilled (:class:`SlotDecodeStep`); False: its whole
+    context, as before round 36.
     """
     if slots < 1:
         raise ConfigError(f"continuous batching needs at least one slot, got {slots}")
@@ -787,7 +811,7 @@ def run_continuous(
         if step is None or need > step.max_len:
             with run.outside_marks(gen):  # a new step's warm-up (kernel variants compiled) is before the marks
                 step = run.root = _step_for(
-                    gen, step, slots, cache_len_for(need), path == "graph", no_repeat_ngram_size
+                    gen, step, slots, cache_len_for(need), path == "graph", no_repeat_ngram_size, skip_keys
                 )
         first_fill = run.fills == 0
         # pages whose LM prefill ran ahead bring their own cache and logits; the others are prefilled here, together
@@ -960,6 +984,7 @@ def run_continuous(
         first_step=run.first_step,
         step_rows=run.step_rows,
         key_steps=run.key_steps,
+        finished_rows_attend=not skip_keys,
         vision_ahead_s=ahead_ms / 1e3,
         pages_ahead=len(run.ahead_marks),
         prefill_ahead_s=prefill_ahead_ms / 1e3,
@@ -1043,15 +1068,23 @@ def _finished(run: _Run, step: SlotDecodeStep, occupied: list[int], eos_on: bool
         assert page is not None
         run.tokens[page] = [int(x) for x in step.out[b, : n_gen[b]].tolist()]
         run.by_eos[page] = bool(by_eos[b])
-        # ``_keys`` took the row on by one column a step; the device held it at its last column from its last
-        # token on: m steps after that token, it attended over 0, 1, ..., m - 1 keys fewer than counted
+        # ``_keys`` took the row on by one column a step over its context (``c`` keys at the first of the m steps
+        # after its last token, c + 1 at the next, ...); the device held it at its last column from that token on,
+        # attending over c keys each step, or over that column alone with ``skip_keys``
         m = max(run.steps_done - run.slot_step[b] - (n_gen[b] - 1), 0)
-        run.key_steps -= m * (m - 1) // 2
+        c = run.slot_len[b] + n_gen[b]
+        run.key_steps -= m * (m - 1) // 2 + (m * (c - 1) if step.skip_keys else 0)
     return ended
 
 
 def _step_for(
-    gen: BatchedGenerator, current: SlotDecodeStep | None, slots: int, max_len: int, use_graph: bool, ngram: int
+    gen: BatchedGenerator,
+    current: SlotDecodeStep | None,
+    slots: int,
+    max_len: int,
+    use_graph: bool,
+    ngram: int,
+    skip_keys: bool,
 ) -> SlotDecodeStep:
     """The step to run with: the current one grown, the generator's kept one when it fits, or a new one."""
     if current is not None:
@@ -1061,7 +1094,7 @@ def _step_for(
     # a kept step at least as long serves the run: a repeat after its cache grew finds the grown one (attention covers
     # key_len, not max_len, so the longer cache costs nothing); a new step would capture every graph again, each
     # capture then left out of the wall time as one-time (round 27, found by reading)
-    if kept is not None and kept.serves(slots, max_len, use_graph, ngram):
+    if kept is not None and kept.serves(slots, max_len, use_graph, ngram, skip_keys):
         return kept
     gen._slots = None  # free the old cache and graph pool before allocating the new ones
     return SlotDecodeStep(
@@ -1074,4 +1107,5 @@ def _step_for(
         expert_impl=gen.expert_impl,
         no_repeat_ngram=ngram,
         ngram_kernel=gen.ngram_kernel,
+        skip_keys=skip_keys,
     )

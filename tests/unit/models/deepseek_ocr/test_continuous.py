@@ -166,20 +166,35 @@ def test_the_keys_counted_are_the_devices_with_eos_read_late(
     model: DeepseekOCRForCausalLM, pages: list[PreparedPage], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With eos read every k steps, a row that ended keeps running, held at its last column, until the next read:
-    the keys counted must be the device's own, every occupied row's position + 1 at every step (a spy reads them;
-    an empty slot sits at column 0)."""
+    the keys counted must be the ones the attention saw, read off the mask each step hands it (the columns it
+    shows each occupied row; an empty slot sits at column 0 and is left out).  With ``skip_keys`` (the default) an
+    ended row sees its last column only, without it its whole context; running rows see ``0 .. pos`` either way,
+    so the tokens do not change."""
     seen: list[int] = []
-    step = SlotDecodeStep.step
+    idle: list[int] = []  # per step, the occupied rows shown one key only
+    logits = SlotDecodeStep._logits
 
-    def spy(self: SlotDecodeStep) -> None:
-        seen.append(sum(p + 1 for p in self.pos.tolist() if p > 0))
-        step(self)
+    def spy(self: SlotDecodeStep, slot: torch.Tensor, key_len: int, mask: torch.Tensor, **kw: object) -> torch.Tensor:
+        shown = (mask[:, 0, 0, :] == 0).sum(dim=1).tolist()
+        occupied = [n for n, p in zip(shown, self.pos.tolist(), strict=True) if p > 0]
+        seen.append(sum(occupied))
+        idle.append(sum(1 for n in occupied if n == 1))
+        return logits(self, slot, key_len, mask, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(SlotDecodeStep, "step", spy)
+    monkeypatch.setattr(SlotDecodeStep, "_logits", spy)
     for every in (1, 4, 8):
-        seen.clear()
-        res = BatchedGenerator(model, check_every=every).run_continuous(requests(pages), SLOTS, eos_token_id=384)
-        assert any(res.stopped_by_eos) and res.key_steps == sum(seen), every
+        totals = {}
+        for skip in (True, False):
+            seen.clear()
+            idle.clear()
+            gen = BatchedGenerator(model, check_every=every)
+            res = gen.run_continuous(requests(pages), SLOTS, eos_token_id=384, skip_keys=skip)
+            assert any(res.stopped_by_eos) and res.key_steps == sum(seen), (every, skip)
+            assert res.finished_rows_attend is not skip
+            assert (sum(idle) > 0) is (skip and every > 1), (every, skip)  # ended rows wait for a read of k > 1
+            totals[skip] = (res.tokens, res.key_steps)
+        assert totals[True][0] == totals[False][0]
+        assert (totals[True][1] < totals[False][1]) is (every > 1)
 
 
 def test_no_repeat_ngram_on_the_device(model: DeepseekOCRForCausalLM, pages: list[PreparedPage]) -> None:

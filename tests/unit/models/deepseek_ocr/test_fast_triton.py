@@ -223,6 +223,57 @@ def test_triton_batched_step_reads_no_pad_and_one_key_of_a_finished_row(monkeypa
         assert firsts == [w if skip else None for w in want for _ in range(n_layers)]
 
 
+def test_triton_continuous_step_reads_one_key_of_a_row_ended_by_eos(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Continuous batching with eos read every 8 steps: a row that ended waits for the read, and with ``skip_keys``
+    (the default) the row attention gets its last column as its first (the mask shows that column alone) while a
+    running row's first is 0 (the mask shows ``0 .. pos``); off, no first column.  The torch step's tokens
+    either way (float32; eos 384 ends pages 0 and 1 early, see test_batched_static.EOS)."""
+    from llm_perf_opt.models.deepseek_ocr.continuous import SlotRequest
+
+    calls: list[tuple[list[int] | None, list[int], list[int]]] = []  # (first, mask's first shown column, its count)
+    attention = kernels.decode_attention
+
+    def spy(q: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        mask = kwargs.get("key_mask")
+        if isinstance(mask, torch.Tensor):
+            shown = mask.reshape(mask.shape[0], -1) == 0
+            first = kwargs.get("key_first")
+            calls.append(
+                (
+                    None if first is None else first.tolist(),  # type: ignore[attr-defined]
+                    shown.int().argmax(dim=1).tolist(),
+                    shown.sum(dim=1).tolist(),
+                )
+            )
+        return attention(q, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kernels, "decode_attention", spy)
+    model = build_model(
+        DeepseekOCRConfig.from_json(TINY / "config.json"), "cpu", torch.float32, TINY / "weights.safetensors"
+    )
+    pages = tiny_case_pages(model.config)
+    reqs = [SlotRequest(pages[i], cap) for i, cap in ((0, 12), (1, 14), (2, 6), (0, 9))]
+    torch_fast = apply_fast_path(model, FastConfig(decode_kernels="torch", **NO_GRAPHS_PLAIN_VISION))  # type: ignore[arg-type]
+    ref = BatchedGenerator(torch_fast, check_every=8).run_continuous(reqs, 2, eos_token_id=384, skip_keys=False)
+    assert any(ref.stopped_by_eos) and not calls  # the torch step calls no Triton attention
+    tri_fast = apply_fast_path(model, FastConfig(decode_kernels="triton", **NO_GRAPHS_PLAIN_VISION))  # type: ignore[arg-type]
+    for skip in (True, False):
+        calls.clear()
+        res = BatchedGenerator(tri_fast, check_every=8).run_continuous(reqs, 2, eos_token_id=384, skip_keys=skip)
+        assert res.tokens == ref.tokens and res.stopped_by_eos == ref.stopped_by_eos
+        assert calls
+        ended = 0
+        for first, shown_from, count in calls:
+            if not skip:
+                assert first is None and shown_from == [0, 0]
+                continue
+            assert first == shown_from  # the kernel starts where the mask does
+            for f, n in zip(first, count, strict=True):
+                assert f == 0 or n == 1  # a running (or empty) row from column 0, an ended one its last column
+                ended += f > 0
+        assert (ended > 0) is skip  # some row did wait for the read with one key
+
+
 def test_the_batched_step_counts_the_routed_experts_its_expert_kernels_read(monkeypatch: pytest.MonkeyPatch) -> None:
     """``BatchResult.routed_experts_read``: per MoE layer, the mean distinct experts of each decode step's routing,
     counted on the device by the align kernel (12 rows) or the GEMV up kernel (3 rows); oracle: the same calls'
