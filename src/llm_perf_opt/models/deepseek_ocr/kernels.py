@@ -1748,10 +1748,11 @@ def _check_rope_args(
     _check_pos(pos, qkv.shape[0])
 
 
-def _check_pos(pos: Tensor, batch: int) -> None:
+def _check_pos(pos: Tensor, batch: int, name: str = "pos", what: str = "column") -> None:
+    """``pos`` must be int64 [1] (one ``what`` for all rows) or [``batch``] (one per row)."""
     if pos.dtype != torch.int64 or pos.shape not in ((1,), (batch,)):
         raise ValueError(
-            f"pos must be an int64 tensor of shape [1] (one column for all rows) or [{batch}] (one per row), got"
+            f"{name} must be an int64 tensor of shape [1] (one {what} for all rows) or [{batch}] (one per row), got"
             f" {pos.dtype} {tuple(pos.shape)}"
         )
 
@@ -2116,11 +2117,7 @@ def decode_attention(
         launch_args = dict(mask_ptr=key_mask, mask_stride=stride, HAS_MASK=True)
         key_limit = key_mask.shape[1]
     if key_first is not None:
-        if key_first.dtype != torch.int64 or key_first.shape not in ((1,), (bsz,)):
-            raise ValueError(
-                f"key_first must be an int64 tensor of shape [1] or [{bsz}] (one first column per row), got"
-                f" {key_first.dtype} {tuple(key_first.shape)}"
-            )
+        _check_pos(key_first, bsz, "key_first", "first column")
         if key_first.device != q.device:
             raise ValueError(f"key_first must be on {q.device} like q, got {key_first.device}")
         stride_first = 0 if key_first.shape[0] == 1 else 1

@@ -520,7 +520,8 @@ def test_decode_attention_reads_no_key_before_each_rows_first(dtype: torch.dtype
 def test_decode_attention_refuses_a_bad_key_first() -> None:
     q, cache = torch.zeros(2, 2, 8), torch.zeros(2, 2, 16, 8)
     for bad in (torch.tensor([1, 2], dtype=torch.int32), torch.tensor([1, 2, 3]), torch.tensor(1)):
-        with pytest.raises(ValueError, match=r"key_first must be an int64 tensor of shape \[1\] or \[2\]"):
+        want = r"key_first must be an int64 tensor of shape \[1\] \(one first column for all rows\) or \[2\]"
+        with pytest.raises(ValueError, match=want):
             K.decode_attention(q, cache, cache, torch.tensor([5]), 1.0, key_first=bad)
 
 
