@@ -1368,13 +1368,31 @@ def step_floor_lines(results: list[dict[str, Any]], bandwidth: float | None) -> 
     return lines
 
 
+STEP_VARIANTS = (
+    "torch",
+    "triton, torch attention",
+    "triton",
+    "triton, pdl",
+    "triton, pdl, no attention prefetch",
+    "triton, pdl, fused router",
+)
+# the variants as --step-variants names them (no spaces): "triton+pdl+fused router" -> "triton, pdl, fused router"
+STEP_VARIANT_NAMES = {v.replace(", ", "+").replace(" ", "-"): v for v in STEP_VARIANTS}
+
+
 def batched_steps(
-    batches: list[int], prompt_len: int, new_tokens: int, reps: int, bandwidth: float | None = None
+    batches: list[int],
+    prompt_len: int,
+    new_tokens: int,
+    reps: int,
+    bandwidth: float | None = None,
+    variants: tuple[str, ...] = STEP_VARIANTS,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """The batched decode step (``batched_decode.StaticBatchStep``, CUDA graph) of the full-size dummy model at
     each batch size, with the torch kernels and with ``decode_kernels="triton"`` (Triton norms, router and
     grouped-GEMM experts from 9 rows on), the Triton step again with its kernels as programmatic dependent launches
-    (``pdl``), plus the GPU time per kernel name of un-graphed steps."""
+    (``pdl``), without the attention's K/V prefetch, and with each MoE layer's rows routed in its norm's kernel
+    (``batched_fused_router``), plus the GPU time per kernel name of un-graphed steps (``variants``: which)."""
     from llm_perf_opt.models.deepseek_ocr import build_model
     from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, apply_fast_path
     from llm_perf_opt.models.deepseek_ocr.triton_layers import TritonRowAttention
@@ -1393,7 +1411,7 @@ def batched_steps(
     from llm_perf_opt.models.deepseek_ocr import kernels as triton_kernels
 
     no_prefetch = "triton, pdl, no attention prefetch"
-    for variant in ("torch", "triton, torch attention", "triton", "triton, pdl", no_prefetch):
+    for variant in variants:
         kern = variant.split(",")[0]
         # (the last: kernels.ATTN_PREFETCH flipped, the row attention's K / V prefetch before its wait)
         attn_prefetch = (variant == no_prefetch) != triton_kernels.ATTN_PREFETCH
@@ -1402,6 +1420,7 @@ def batched_steps(
             FastConfig(
                 decode_kernels=kern,
                 pdl="pdl" in variant,
+                batched_fused_router="fused router" in variant,
                 sam_compile=False,
                 clip_compile=False,
                 vision_graphs=False,
@@ -1472,6 +1491,11 @@ def main() -> None:
         default="32,64",
         help="batch sizes of the full-model batched decode step, torch vs triton kernels ('' to skip)",
     )
+    ap.add_argument(
+        "--step-variants",
+        default=",".join(STEP_VARIANT_NAMES),
+        help=f"batched step: which variants, comma-separated ({', '.join(STEP_VARIANT_NAMES)})",
+    )
     ap.add_argument("--step-prompt-len", type=int, default=283, help="batched step: prompt length (Base mode: 283)")
     ap.add_argument("--step-tokens", type=int, default=128, help="batched step: new tokens the cache holds")
     ap.add_argument("--step-reps", type=int, default=100, help="batched step: timed graph replays (median)")
@@ -1482,6 +1506,12 @@ def main() -> None:
     unknown = sorted(set(parts) - set(SWEEP_PARTS))
     if unknown:
         raise SystemExit(f"--sweep-parts: unknown {', '.join(unknown)}; choose from {', '.join(SWEEP_PARTS)}")
+    names = [n for n in args.step_variants.split(",") if n]
+    unknown_variants = sorted(set(names) - set(STEP_VARIANT_NAMES))
+    if unknown_variants:
+        raise SystemExit(
+            f"--step-variants: unknown {', '.join(unknown_variants)}; choose from {', '.join(STEP_VARIANT_NAMES)}"
+        )
     lang = DeepseekOCRConfig.from_json(CONFIG).language
     if args.sm90_check:
         results = sm90_check(lang)
@@ -1555,7 +1585,12 @@ def main() -> None:
         with torch.no_grad():
             bandwidth = None if peaks is None else peaks[0]
             step_rows, step_lines = batched_steps(
-                step_batches, args.step_prompt_len, args.step_tokens, args.step_reps, bandwidth
+                step_batches,
+                args.step_prompt_len,
+                args.step_tokens,
+                args.step_reps,
+                bandwidth,
+                tuple(STEP_VARIANT_NAMES[n] for n in names),
             )
     with torch.inference_mode():
         sweep: list[str] = []

@@ -24,12 +24,15 @@ pytestmark = [pytest.mark.gpu, requires_cuda]
 STEPS = 24
 
 
-def _tiny_fast_pages() -> tuple[FastModel, list[PreparedPage], DeviceClock]:
+def _tiny_fast_pages(batched_fused_router: bool = False) -> tuple[FastModel, list[PreparedPage], DeviceClock]:
     """The tiny fixture model's fast path in bf16 with the Triton decode step, its 12 pages (the three tiny cases
     four times: the step's MoE runs the grouped kernels) and a device clock."""
     cfg = DeepseekOCRConfig.from_json(TINY / "config.json")
     model = build_model(cfg, "cuda", torch.bfloat16, weights=TINY / "weights.safetensors")
-    fast = apply_fast_path(model, FastConfig(sam_compile=False, clip_compile=False, vision_graphs=False))
+    switches = FastConfig(
+        sam_compile=False, clip_compile=False, vision_graphs=False, batched_fused_router=batched_fused_router
+    )
+    fast = apply_fast_path(model, switches)
     assert fast.decode_kernels == "triton", fast.decode_kernels_note
     return fast, tiny_case_pages(model.config) * 4, DeviceClock(model.device)
 
@@ -128,3 +131,29 @@ def test_continuous_rows_ended_by_eos_keep_the_graphed_tokens_with_one_key() -> 
     assert on.tokens == off.tokens == plain.tokens and on.key_steps == plain.key_steps
     assert on.finished_rows_attend is False and off.finished_rows_attend is True
     assert on.key_steps <= off.key_steps
+
+
+@pytest.mark.parametrize("rows", [3, 12])  # the GEMV experts and the grouped ones
+def test_batched_fused_router_keeps_the_host_loops_tokens(rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``batched_fused_router``: the graphed step whose MoE layers route in the norm's kernel gives the host loop's
+    tokens (except after a near-tie) and the un-graphed step's exactly; the kernel ran at the batch's rows."""
+    from llm_perf_opt.models.deepseek_ocr import kernels
+
+    calls: list[int] = []
+    fused = kernels.add_rms_norm_route
+
+    def spy(x: torch.Tensor, *args: object, **kwargs: object) -> tuple[torch.Tensor, ...]:
+        calls.append(x.shape[0])
+        return fused(x, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kernels, "add_rms_norm_route", spy)
+    fast, pages, clock = _tiny_fast_pages(batched_fused_router=True)
+    pages = pages[:rows]
+    ref = BatchedGenerator(fast, clock=clock, static_decode=False).run(
+        pages, STEPS, eos_token_id=None, keep_logits=True
+    )
+    res = BatchedGenerator(fast, clock=clock).run(pages, STEPS, eos_token_id=None)
+    assert res.decode_path == "graph" and rows in calls
+    assert_tokens_match(res, ref)
+    plain = BatchedGenerator(fast, clock=clock, cuda_graphs=False).run(pages, STEPS, eos_token_id=None)
+    assert plain.decode_path == "static" and plain.tokens == res.tokens

@@ -264,6 +264,11 @@ class FastConfig:
     # cuBLAS's: ids equal except at float32 near-ties.  Replaces norm_router_f32 where it applies.  H200, round 9:
     # 0.722 -> 0.670 ms/token, the same 64 greedy tokens
     fused_router: bool = True
+    # with the Triton decode step: the batched and continuous steps' MoE layers route their rows in the post-attention
+    # norm's kernel too (kernels.add_rms_norm_route at any row count: grid rows x expert slices, the last program of
+    # a row routes it; no routing counts), one launch where the norm, cuBLAS's float32 logits GEMM and the top-k
+    # kernel are three.  Ids equal cuBLAS's except at float32 near-ties, as fused_router's.  Off until timed (round 36)
+    batched_fused_router: bool = False
     # with triton_linear: the rotary and the K/V cache writes in the QKV GEMV's epilogue (kernels.qkv_rope: each
     # program computes rotary pairs of one head), one launch fewer per layer; bit-identical to the two launches
     # (H200, round 9: 0.667 -> 0.661 ms/token)
@@ -571,7 +576,9 @@ class FastModel:
                 cfg.down_norm,
             )
             if cfg.decode_compile == "none":  # a compiled step traces the torch layers
-                self._triton_rows = triton_row_layers(self.layers, self.norm, cfg.norm_router_f32)
+                self._triton_rows = triton_row_layers(
+                    self.layers, self.norm, cfg.norm_router_f32, cfg.batched_fused_router
+                )
         # the prefill's (and any other multi-position forward's) layers: the fast layers, or with triton_prefill
         # the same weights with their elementwise work on Triton kernels (triton_layers.triton_prompt_layers)
         self._prompt_layers: tuple[list[DecoderLayer], RMSNorm] = (self.layers, self.norm)

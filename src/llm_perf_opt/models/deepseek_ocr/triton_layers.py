@@ -78,8 +78,11 @@ class Router:
     renormalize: bool
 
     @classmethod
-    def of(cls, moe: GroupedMoE) -> Router:
-        return cls(moe.gate_w32, moe.top_k, moe.counts, float(moe.routed_scaling_factor), bool(moe.norm_topk_prob))
+    def of(cls, moe: GroupedMoE, counted: bool = True) -> Router:
+        """``moe``'s router; ``counted``: the kernel adds its picks to ``moe.counts`` (the single-page step, which
+        records routing), else it counts nothing (the batched steps, which do not)."""
+        counts = moe.counts if counted else None
+        return cls(moe.gate_w32, moe.top_k, counts, float(moe.routed_scaling_factor), bool(moe.norm_topk_prob))
 
 
 class TritonRMSNorm(RMSNorm):
@@ -200,8 +203,8 @@ class TritonRMSNorm(RMSNorm):
 
     def routing_of(self, rows: Tensor) -> tuple[Tensor, Tensor]:
         """(expert ids, weights) the last :meth:`add_norm` computed for ``rows``, which must be its output: its
-        kernel has already counted those picks, so routing other rows here would count twice (the fused router
-        is built only for the single-page step, whose MoE blocks get the norm's output as it is)."""
+        kernel has already counted those picks (the single-page step's router), so routing other rows here would
+        count twice; every step built with the fused router gives its MoE blocks the norm's output as it is."""
         kept, self._routed = self._routed, None
         if kept is None or not self._is_output(rows, kept[0]):
             raise RuntimeError(
@@ -360,9 +363,12 @@ class TritonMoE(MoE):
     def select_experts(self, flat: Tensor, ctx: ForwardContext | None) -> tuple[Tensor, Tensor]:
         record = ctx is None or ctx.record_routing
         norm = self.__dict__["router_input"]
-        if norm is not None and norm.router is not None:  # routed (and counted) by the norm's kernel
-            if not record:
-                raise RuntimeError("the fused norm + router always counts its picks: it needs record_routing")
+        if norm is not None and norm.router is not None:  # routed (and, where it records routing, counted) by the norm
+            counted = norm.router.counts is not None
+            if counted and not record:
+                raise RuntimeError("this fused norm + router counts its picks: it needs record_routing")
+            if record and not counted and self.counts is not None:
+                raise RuntimeError("this fused norm + router (the batched steps') counts no picks: it cannot record")
             return norm.routing_of(flat)
         counts = self.counts if record else None
         if flat.shape[0] >= K.GROUPED_MIN_ROWS and BATCHED_ROUTER == "kernel":  # the batched step's rows
@@ -471,14 +477,16 @@ def _triton_layer(
 ) -> DecoderLayer:
     """``layer`` with Triton norms, ``attention`` around its attention and Triton experts for a grouped MoE
     (``router_f32``: its post-attention norm also writes the router's float32 input; ``fused_router``: that norm's
-    kernel routes the rows itself; ``fused_input_norm``: the input norm runs inside a fused-rope attention's QKV
-    kernel; ``dense``: a dense :class:`FusedMLP` on the expert kernels, :class:`TritonDenseMLP`)."""
+    kernel routes the rows itself, counting its picks unless ``count_all``; ``fused_input_norm``: the input norm runs
+    inside a fused-rope attention's QKV kernel; ``dense``: a dense :class:`FusedMLP` on the expert kernels,
+    :class:`TritonDenseMLP`; ``count_all``: the batched steps' layers, which record no routing and count the routed
+    experts every expert kernel reads)."""
     attn, mlp = layer.self_attn, layer.mlp
     assert isinstance(attn, Attention)
     in_norm, post_norm = layer.input_layernorm, layer.post_attention_layernorm
     assert isinstance(in_norm, RMSNorm) and isinstance(post_norm, RMSNorm)
     if isinstance(mlp, GroupedMoE) and fused_router:
-        post = TritonRMSNorm(post_norm, router=Router.of(mlp))
+        post = TritonRMSNorm(post_norm, router=Router.of(mlp, counted=not count_all))
     else:
         post = TritonRMSNorm(post_norm, keep_f32=router_f32 and isinstance(mlp, GroupedMoE))
     reads_norm = post.keep_f32 or post.router is not None
@@ -534,12 +542,14 @@ def triton_layers(
 
 
 def triton_row_layers(
-    layers: list[DecoderLayer], norm: RMSNorm, router_f32: bool = False
+    layers: list[DecoderLayer], norm: RMSNorm, router_f32: bool = False, fused_router: bool = False
 ) -> tuple[list[DecoderLayer], RMSNorm]:
     """The fast layers with Triton norms, router, experts and a row attention (:class:`TritonRowAttention`: per-row
     rotary positions and key masks over a padded cache) for decode steps over slot contexts: the batched step
-    (and the torch step of more than 8 rows)."""
-    rows = [_triton_layer(layer, TritonRowAttention, router_f32, count_all=True) for layer in layers]
+    (and the torch step of more than 8 rows).  ``fused_router``: each MoE layer's post-attention norm routes its
+    rows in the same launch (:func:`kernels.add_rms_norm_route`, counting no picks), at any row count, instead of
+    the norm, cuBLAS's float32 logits and the top-k (``BATCHED_ROUTER``'s forms)."""
+    rows = [_triton_layer(layer, TritonRowAttention, router_f32, fused_router, count_all=True) for layer in layers]
     return rows, TritonRMSNorm(norm)
 
 

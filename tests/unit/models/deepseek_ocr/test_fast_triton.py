@@ -156,22 +156,32 @@ def _count_masked_attention(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    ("copies", "router"), [(1, "kernel"), (4, "kernel"), (4, "cublas")]
-)  # 3 rows (GEMV experts) and 12 rows (grouped-GEMM experts, routed by TL.BATCHED_ROUTER's form)
+    ("copies", "router"), [(1, "kernel"), (4, "kernel"), (4, "cublas"), (1, "fused"), (4, "fused")]
+)  # 3 rows (GEMV experts) and 12 rows (grouped-GEMM experts, routed by TL.BATCHED_ROUTER's form or the norm)
 def test_triton_batched_step_matches_torch_host_loop(copies: int, router: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The batched static step with the Triton row layers (each row at its own position over the left-padded
     cache: prompt lengths 29, 39, 59) gives the host loop's tokens with the torch layers (float32); from 9 rows on
-    its MoE rows are routed by the one-launch router (``BATCHED_ROUTER="kernel"``) or cuBLAS's logits + top-k."""
+    its MoE rows are routed by the one-launch router (``BATCHED_ROUTER="kernel"``) or cuBLAS's logits + top-k, and
+    with ``batched_fused_router`` ("fused") by the post-attention norm's kernel at every row count, which then
+    routes every MoE layer's rows of every step (spied: one call per layer and step, the batch's rows) and adds
+    nothing to the routing counts (the batched steps record none)."""
     masked = _count_masked_attention(monkeypatch)
-    monkeypatch.setattr(TL, "BATCHED_ROUTER", router)
+    monkeypatch.setattr(TL, "BATCHED_ROUTER", "kernel" if router == "fused" else router)
     one_launch: list[int] = []
-    real_rows = kernels.moe_route_rows
+    fused: list[int] = []
+    real_rows, real_fused = kernels.moe_route_rows, kernels.add_rms_norm_route
 
     def rows_spy(x: torch.Tensor, *args: object, **kw: object) -> tuple[torch.Tensor, torch.Tensor]:
         one_launch.append(x.shape[0])
         return real_rows(x, *args, **kw)  # type: ignore[arg-type]
 
+    def fused_spy(x: torch.Tensor, *args: object, **kw: object) -> tuple[torch.Tensor, ...]:
+        counts = args[6] if len(args) > 6 else kw.get("counts")  # (residual, weight, eps, gate, top_k, flags, counts)
+        fused.append(x.shape[0] if counts is None else -x.shape[0])  # counted calls as negative rows
+        return real_fused(x, *args, **kw)  # type: ignore[arg-type]
+
     monkeypatch.setattr(kernels, "moe_route_rows", rows_spy)
+    monkeypatch.setattr(kernels, "add_rms_norm_route", fused_spy)
     model = build_model(
         DeepseekOCRConfig.from_json(TINY / "config.json"), "cpu", torch.float32, TINY / "weights.safetensors"
     )
@@ -179,8 +189,10 @@ def test_triton_batched_step_matches_torch_host_loop(copies: int, router: str, m
     common = NO_GRAPHS_PLAIN_VISION
     ref_fast = apply_fast_path(model, FastConfig(decode_kernels="torch", **common))  # type: ignore[arg-type]
     ref = BatchedGenerator(ref_fast, static_decode=False).run(pages, 8, eos_token_id=None)
-    tri_fast = apply_fast_path(model, FastConfig(decode_kernels="triton", **common))  # type: ignore[arg-type]
+    switch = {"batched_fused_router": router == "fused"}
+    tri_fast = apply_fast_path(model, FastConfig(decode_kernels="triton", **switch, **common))  # type: ignore[arg-type]
     assert tri_fast.decode_kernels == "triton"
+    fused.clear()
     res = BatchedGenerator(tri_fast).run(pages, 8, eos_token_id=None)
     assert ref.decode_path == "host" and res.decode_path == "static"
     assert res.tokens == ref.tokens
@@ -190,6 +202,8 @@ def test_triton_batched_step_matches_torch_host_loop(copies: int, router: str, m
     n_moe = sum(1 for layer in model.model.layers if layer.mlp.__class__.__name__ != "MLP")
     decode_rows = [n for n in one_launch if n == len(pages)]  # (the prompts' own routing has other row counts)
     assert decode_rows == ([len(pages)] * (steps * n_moe) if copies == 4 and router == "kernel" else [])
+    # every decode step's MoE layers, the batch's rows, no counts (a prompt's rows are not routed by a norm here)
+    assert fused == ([len(pages)] * (steps * n_moe) if router == "fused" else [])
 
 
 def test_triton_batched_step_reads_no_pad_and_one_key_of_a_finished_row(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -631,6 +645,40 @@ def test_fused_router_refuses_rows_it_did_not_route() -> None:
     second, _ = norm.add_norm(torch.randn(3, 64), None)
     idx, weights = norm.routing_of(second)
     assert idx.shape == weights.shape == (3, 2) and int(counts.sum()) == 3 * 2 * 3
+
+
+def test_batched_fused_router_counts_nothing_and_refuses_to_record() -> None:
+    """``batched_fused_router``: the row layers' norms route without counts; a MoE block asked to record routing
+    (the prefill's rule) from such a norm refuses, since its picks would go uncounted, while the single-page
+    layers' fused norms count."""
+    from llm_perf_opt.models.deepseek_ocr.context import ForwardContext
+    from llm_perf_opt.models.deepseek_ocr.triton_layers import TritonMoE, TritonRMSNorm
+
+    model = build_model(
+        DeepseekOCRConfig.from_json(TINY / "config.json"), "cpu", torch.float32, TINY / "weights.safetensors"
+    )
+    fast = apply_fast_path(model, FastConfig(batched_fused_router=True, **NO_GRAPHS_PLAIN_VISION))  # type: ignore[arg-type]
+    assert fast._triton_rows is not None and fast._triton is not None
+    rows = [layer for layer in fast._triton_rows[0] if isinstance(layer.mlp, TritonMoE)]
+    single = [layer for layer in fast._triton[0] if isinstance(layer.mlp, TritonMoE)]
+    assert rows and single
+    for layer in rows:
+        post = layer.post_attention_layernorm
+        assert isinstance(post, TritonRMSNorm) and post.router is not None and post.router.counts is None
+    for layer in single:
+        post = layer.post_attention_layernorm
+        assert isinstance(post, TritonRMSNorm) and post.router is not None and post.router.counts is not None
+    layer = rows[0]
+    post = layer.post_attention_layernorm
+    assert isinstance(post, TritonRMSNorm) and isinstance(layer.mlp, TritonMoE)
+    hidden = model.config.language.hidden_size
+    normed, _ = post.add_norm(torch.randn(3, hidden), torch.randn(3, hidden))
+    with pytest.raises(RuntimeError, match="counts no picks: it cannot record"):
+        layer.mlp.select_experts(normed, None)  # no context: routing is recorded
+    normed, _ = post.add_norm(torch.randn(3, hidden), torch.randn(3, hidden))
+    quiet = ForwardContext(cos=None, sin=None, record_routing=False)
+    idx, weights = layer.mlp.select_experts(normed, quiet)
+    assert idx.shape == weights.shape == (3, model.config.language.num_experts_per_tok)
 
 
 @pytest.mark.parametrize("pdl", [False, True])
