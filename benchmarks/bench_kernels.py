@@ -1571,7 +1571,9 @@ def main() -> None:
             rows.append(bench.experts_grouped(tokens))
             if tokens >= 32:
                 rows.append(bench.reads_cost(tokens))
+            rows.append(bench.norm_route(tokens))  # the batched steps' router in the norm (batched_fused_router)
         rows.append(bench.reads_cost(8))  # the GEMV kernels' count: the widest batched step they run (a drain's)
+        rows.append(bench.norm_route(8))
         print(render(rows, env, args, [], peaks), flush=True)  # the op rows first, in case a later part fails
         split_lines = [] if args.only_grouped else bench.attention_split_rules()
         # ...and written, marked partial, so a call cut short during the batched step keeps them (rewritten below)
