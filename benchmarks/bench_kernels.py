@@ -341,9 +341,11 @@ class Bench:
         name = "moe_route (logits in)" if logits_in else "moe_route"
         return Row(name, tokens, t_us, k_us, e * hid * 4, max_err(w, ref_w), note)
 
-    def norm_route(self, tokens: int) -> Row:
-        """A MoE layer's post-attention norm and router: in one launch (``add_rms_norm_route``) against the four
-        launches the step ran before (``add_rms_norm_f32``, cuBLAS float32 logits, ``moe_route``'s top-k)."""
+    def norm_route(self, tokens: int, counted: bool = True) -> Row:
+        """A MoE layer's post-attention norm and router: in one launch (``add_rms_norm_route``) against what the
+        step runs without it (``add_rms_norm_f32``, cuBLAS float32 logits: one kernel, or two at one row, then
+        ``moe_route``'s top-k).  ``counted``: both add their picks to routing counts, as the single-page step does;
+        else neither, as the batched steps (``batched_fused_router``)."""
         lang = self.lang
         e, hid, k, eps = lang.n_routed_experts, lang.hidden_size, lang.num_experts_per_tok, lang.rms_norm_eps
         bufs = [
@@ -355,7 +357,7 @@ class Bench:
             )
             for _ in range(self.layers)
         ]
-        counts = torch.zeros(e, device=self.dev, dtype=torch.int64)
+        counts = torch.zeros(e, device=self.dev, dtype=torch.int64) if counted else None
         flags = route_flags(tokens, self.dev)
 
         def unfused(b: Any) -> Any:
@@ -369,11 +371,12 @@ class Bench:
         b = bufs[0]
         normed, _, ids, w = fused(b)
         ref_normed, _, ref_ids, ref_w = add_rms_norm_route_ref(b[0], b[1], b[2], eps, b[3], k)
-        note = "vs add_rms_norm_f32 + cuBLAS logits + moe_route (4 launches); "
+        note = "vs add_rms_norm_f32 + cuBLAS logits + moe_route; " + ("counted; " if counted else "no counts; ")
         note += "ids identical" if torch.equal(ids, ref_ids) else "ids DIFFER"
         note += f"; normed max |Δ| vs torch {max_err(normed, ref_normed):.3g}"
         nbytes = e * hid * 4 + 3 * tokens * hid * 2 + hid * 2
-        return Row("add_rms_norm_route", tokens, t_us, k_us, nbytes, max_err(w, ref_w), note)
+        name = "add_rms_norm_route" if counted else "add_rms_norm_route (no counts)"
+        return Row(name, tokens, t_us, k_us, nbytes, max_err(w, ref_w), note)
 
     def route_rows(self, tokens: int, fp32: bool = False, **blocks: Any) -> Row:
         """The many-row router (``moe_route_rows``: logits + top-k in one launch) against what the prefill and the
@@ -1571,9 +1574,9 @@ def main() -> None:
             rows.append(bench.experts_grouped(tokens))
             if tokens >= 32:
                 rows.append(bench.reads_cost(tokens))
-            rows.append(bench.norm_route(tokens))  # the batched steps' router in the norm (batched_fused_router)
+            rows.append(bench.norm_route(tokens, counted=False))  # the batched steps' (batched_fused_router)
         rows.append(bench.reads_cost(8))  # the GEMV kernels' count: the widest batched step they run (a drain's)
-        rows.append(bench.norm_route(8))
+        rows.append(bench.norm_route(8, counted=False))
         print(render(rows, env, args, [], peaks), flush=True)  # the op rows first, in case a later part fails
         split_lines = [] if args.only_grouped else bench.attention_split_rules()
         # ...and written, marked partial, so a call cut short during the batched step keeps them (rewritten below)

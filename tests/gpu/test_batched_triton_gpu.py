@@ -110,8 +110,8 @@ def test_skipping_pads_and_finished_rows_keys_keeps_the_graphed_tokens() -> None
 def test_continuous_rows_ended_by_eos_keep_the_graphed_tokens_with_one_key() -> None:
     """Continuous batching, graphed, eos read every 8 steps: ``skip_keys`` (the default) against off give the same
     tokens (a row ended by eos waits for the read, seeing its last column only; running rows keep their bits) and
-    the same as un-graphed; no more keys counted (fewer where an ended row waited: eos is the third token of the
-    first page, so its rows end early; the CPU test pins the count against the masks)."""
+    the same as un-graphed (the tokens are this test's check; the keys counted are the host's arithmetic, which the
+    CPU test pins against the masks the attention got)."""
     from llm_perf_opt.models.deepseek_ocr.continuous import SlotRequest
 
     fast, pages, clock = _tiny_fast_pages()
@@ -128,7 +128,7 @@ def test_continuous_rows_ended_by_eos_keep_the_graphed_tokens_with_one_key() -> 
     on, off = runs[True], runs[False]
     assert on.decode_path == off.decode_path == "graph" and plain.decode_path == "static"
     assert any(on.stopped_by_eos)
-    assert on.tokens == off.tokens == plain.tokens and on.key_steps == plain.key_steps
+    assert on.tokens == off.tokens == plain.tokens
     assert on.finished_rows_attend is False and off.finished_rows_attend is True
     assert on.key_steps <= off.key_steps
 

@@ -208,7 +208,7 @@ class BatchRecord:
     key_steps: int | None = None
     # whether a finished row's attention went on attending its whole context (static: to the batch's end, the host
     # loop or infer.static_skip_keys=false; continuous, since 1.10: a row ended by eos until its slot was refilled,
-    # infer.continuous_skip_keys=false) or its newest key only; None in older records
+    # infer.continuous_skip_keys=false) or its newest key only; None in older records and continuous runs without eos
     finished_rows_attend: bool | None = None
     # per MoE layer: the mean number of distinct routed experts a decode step read (their weights), counted on the
     # device by the expert kernels over ``grouped_steps`` steps (every Triton step from schema 1.9; before it, the

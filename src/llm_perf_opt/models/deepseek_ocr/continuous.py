@@ -194,8 +194,8 @@ class ContinuousResult:
     routed_experts_read: list[float] | None = None
     grouped_steps: int = 0
     # whether a row that ended by eos attended over its whole context until its slot was refilled (``skip_keys``
-    # off), or over its last column alone (``key_steps`` counts whichever it did)
-    finished_rows_attend: bool = False
+    # off), or over its last column alone (``key_steps`` counts whichever it did); None without eos (no row waits)
+    finished_rows_attend: bool | None = None
 
     @property
     def pages(self) -> int:
@@ -984,7 +984,7 @@ def run_continuous(
         first_step=run.first_step,
         step_rows=run.step_rows,
         key_steps=run.key_steps,
-        finished_rows_attend=not skip_keys,
+        finished_rows_attend=None if eos is None else not skip_keys,
         vision_ahead_s=ahead_ms / 1e3,
         pages_ahead=len(run.ahead_marks),
         prefill_ahead_s=prefill_ahead_ms / 1e3,

@@ -264,10 +264,11 @@ class FastConfig:
     # cuBLAS's: ids equal except at float32 near-ties.  Replaces norm_router_f32 where it applies.  H200, round 9:
     # 0.722 -> 0.670 ms/token, the same 64 greedy tokens
     fused_router: bool = True
-    # with the Triton decode step: the batched and continuous steps' MoE layers route their rows in the post-attention
-    # norm's kernel too (kernels.add_rms_norm_route at any row count: grid rows x expert slices, the last program of
-    # a row routes it; no routing counts), one launch where the norm, cuBLAS's float32 logits GEMM and the top-k
-    # kernel are three.  Ids equal cuBLAS's except at float32 near-ties, as fused_router's.  Off until timed (round 36)
+    # with the Triton decode step: the row layers' MoE rows (the batched and continuous steps, and a single-page step of
+    # more than 8 rows, whose MoE block then counts the picks) routed in the post-attention norm's kernel too
+    # (kernels.add_rms_norm_route at any row count: grid rows x expert slices, the last program of a row routes it;
+    # no counts in the kernel), one launch where the norm, cuBLAS's float32 logits GEMM and the top-k kernel are
+    # three.  Ids equal cuBLAS's except at float32 near-ties, as fused_router's.  Off until timed (round 36)
     batched_fused_router: bool = False
     # with triton_linear: the rotary and the K/V cache writes in the QKV GEMV's epilogue (kernels.qkv_rope: each
     # program computes rotary pairs of one head), one launch fewer per layer; bit-identical to the two launches

@@ -363,13 +363,17 @@ class TritonMoE(MoE):
     def select_experts(self, flat: Tensor, ctx: ForwardContext | None) -> tuple[Tensor, Tensor]:
         record = ctx is None or ctx.record_routing
         norm = self.__dict__["router_input"]
-        if norm is not None and norm.router is not None:  # routed (and, where it records routing, counted) by the norm
+        if norm is not None and norm.router is not None:  # routed (the single-page step's: and counted) by the norm
             counted = norm.router.counts is not None
             if counted and not record:
                 raise RuntimeError("this fused norm + router counts its picks: it needs record_routing")
+            idx, weights = norm.routing_of(flat)
             if record and not counted and self.counts is not None:
-                raise RuntimeError("this fused norm + router (the batched steps') counts no picks: it cannot record")
-            return norm.routing_of(flat)
+                # the row layers' norm counts nothing (the batched steps record no routing), but the single-page
+                # step of more than 8 rows runs these layers and records: its picks are counted here
+                picks = idx.reshape(-1)
+                self.counts.index_add_(0, picks, torch.ones_like(picks, dtype=self.counts.dtype))
+            return idx, weights
         counts = self.counts if record else None
         if flat.shape[0] >= K.GROUPED_MIN_ROWS and BATCHED_ROUTER == "kernel":  # the batched step's rows
             if norm is not None:

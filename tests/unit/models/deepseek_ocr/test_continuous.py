@@ -108,6 +108,7 @@ def test_slots_were_refilled(plain: ContinuousResult) -> None:
         own = plain.step_ms[first : first + len(toks) - 1]
         assert (tpot == pytest.approx(sum(own) / len(own))) if own else tpot != tpot
     assert plain.idle_steps == 0  # without eos every step fed a live slot
+    assert plain.finished_rows_attend is None  # ...and no row waited for a read of the done flags
 
 
 def test_without_kept_logits_same_tokens(

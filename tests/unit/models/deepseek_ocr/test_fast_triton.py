@@ -112,9 +112,15 @@ def _rows_of_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
     return rows
 
 
-@pytest.mark.parametrize("batch", [1, 2, 12])  # 12 rows: torch attention, Triton norms + grouped-GEMM experts
-def test_triton_decode_step_matches_torch_step(batch: int, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("batch", "fused"), [(1, False), (2, False), (12, False), (12, True)]
+)  # 12 rows: torch attention, Triton norms + grouped-GEMM experts (routed in the norm with batched_fused_router)
+def test_triton_decode_step_matches_torch_step(batch: int, fused: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The single-page Triton step against the torch step, teacher-forced; from 9 rows on it runs the row layers,
+    whose norms route the rows with ``batched_fused_router`` (``fused``) without counting, so the MoE block counts
+    the picks itself: the routing counts stay every pick's."""
     grouped_rows = _rows_of_calls(monkeypatch, "moe_experts_grouped")
+    norm_routed = _rows_of_calls(monkeypatch, "add_rms_norm_route")
     masked = _count_masked_attention(monkeypatch)
     model = _model(seed=3)
     # a seeded prompt: unseeded, the draw followed the process's RNG use before it, and one draw in a few put a
@@ -122,7 +128,7 @@ def test_triton_decode_step_matches_torch_step(batch: int, monkeypatch: pytest.M
     gen = torch.Generator().manual_seed(batch)
     embeds = torch.randn(batch, 9, model.config.language.hidden_size, generator=gen)
     ref = apply_fast_path(model, FastConfig(cuda_graphs=False, decode_kernels="torch"))
-    tri = apply_fast_path(model, FastConfig(cuda_graphs=False, decode_kernels="triton"))
+    tri = apply_fast_path(model, FastConfig(cuda_graphs=False, decode_kernels="triton", batched_fused_router=fused))
     assert tri.decode_kernels == "triton" and tri.decode_kernels_note is None
     ref_tokens, ref_rows = _decode(ref, embeds, None, 5)
     _, rows = _decode(tri, embeds, ref_tokens, 5)  # teacher-forced: one near-tie cannot derail the rest
@@ -134,7 +140,11 @@ def test_triton_decode_step_matches_torch_step(batch: int, monkeypatch: pytest.M
     # routing counts: prefill (batch x 9 tokens) + 5 steps, top-k picks each, in every MoE layer
     k = model.config.language.num_experts_per_tok
     assert all(sum(c) == batch * (9 + 5) * k for c in tri.tokens_per_expert().values())
+    if fused:  # ...per expert as the torch step counted them (the same ids: no float32 near-tie here)
+        assert tri.tokens_per_expert() == ref.tokens_per_expert()
     n_moe = len(tri.tokens_per_expert())
+    # the norm routes the decode steps' rows at 1-2 rows (fused_router) and, with the switch, at 12 (the row layers)
+    assert [n for n in norm_routed if n == batch] == ([batch] * 5 * n_moe if batch <= 8 or fused else [])
     assert grouped_rows == ([batch] * 5 * n_moe if batch >= kernels.GROUPED_MIN_ROWS else [])
     # more than 8 rows: the torch step's slot context runs the row attention (one shared position, mask [1, n])
     n_layers = model.config.language.num_hidden_layers
@@ -647,10 +657,10 @@ def test_fused_router_refuses_rows_it_did_not_route() -> None:
     assert idx.shape == weights.shape == (3, 2) and int(counts.sum()) == 3 * 2 * 3
 
 
-def test_batched_fused_router_counts_nothing_and_refuses_to_record() -> None:
-    """``batched_fused_router``: the row layers' norms route without counts; a MoE block asked to record routing
-    (the prefill's rule) from such a norm refuses, since its picks would go uncounted, while the single-page
-    layers' fused norms count."""
+def test_batched_fused_router_counts_in_the_block_only_where_it_records() -> None:
+    """``batched_fused_router``: the row layers' norms route without counts, while the single-page layers' fused
+    norms count; a row-layer MoE block asked to record routing (the single-page step of more than 8 rows) counts
+    each pick once itself (by hand: a bincount of the ids it returns), and one that does not record adds nothing."""
     from llm_perf_opt.models.deepseek_ocr.context import ForwardContext
     from llm_perf_opt.models.deepseek_ocr.triton_layers import TritonMoE, TritonRMSNorm
 
@@ -672,13 +682,18 @@ def test_batched_fused_router_counts_nothing_and_refuses_to_record() -> None:
     post = layer.post_attention_layernorm
     assert isinstance(post, TritonRMSNorm) and isinstance(layer.mlp, TritonMoE)
     hidden = model.config.language.hidden_size
+    counts = layer.mlp.counts
+    assert counts is not None
+    before = counts.clone()
     normed, _ = post.add_norm(torch.randn(3, hidden), torch.randn(3, hidden))
-    with pytest.raises(RuntimeError, match="counts no picks: it cannot record"):
-        layer.mlp.select_experts(normed, None)  # no context: routing is recorded
+    idx, _ = layer.mlp.select_experts(normed, None)  # no context: routing is recorded
+    assert torch.equal(counts - before, torch.bincount(idx.reshape(-1), minlength=counts.numel()))
+    before = counts.clone()
     normed, _ = post.add_norm(torch.randn(3, hidden), torch.randn(3, hidden))
     quiet = ForwardContext(cos=None, sin=None, record_routing=False)
     idx, weights = layer.mlp.select_experts(normed, quiet)
     assert idx.shape == weights.shape == (3, model.config.language.num_experts_per_tok)
+    assert torch.equal(counts, before)
 
 
 @pytest.mark.parametrize("pdl", [False, True])
