@@ -50,10 +50,13 @@ class DecodeRows:
         no_repeat_ngram: int,
         ngram_kernel: bool = False,
         cache: StaticKVCache | None = None,
+        skip_keys: bool = True,
     ) -> None:
         dev, dtype = base.device, base.dtype
         self.lm, self.base = lm, base
         self.key = (rows, max_len, use_graph, no_repeat_ngram)
+        # a subclass's rule for which keys a finished row (and, static, a padded one) sees; baked into its graphs
+        self.skip_keys = bool(skip_keys)
         if cache is not None and (cache.batch, cache.max_len) != (rows, max_len):
             raise ValueError(f"cache of {cache.batch} rows x {cache.max_len} does not fit {rows} x {max_len}")
         self.cache = base.new_cache(rows, max_len) if cache is None else cache  # a given one: e.g. a view of rows
@@ -85,12 +88,12 @@ class DecodeRows:
         self.use_graph = bool(use_graph) and dev.type == "cuda"
         self.capture_error: str | None = None
 
-    def serves(self, rows: int, max_len: int, use_graph: bool, no_repeat_ngram: int) -> bool:
+    def serves(self, rows: int, max_len: int, use_graph: bool, no_repeat_ngram: int, skip_keys: bool = True) -> bool:
         """Whether this step (and its graphs) can run a batch of ``rows`` needing ``max_len`` cache columns: the same
-        rows, graph use and n-gram size, and at least as many columns (those past a run's last stay masked)."""
-        return (
-            self.key[0] == rows and self.key[1] >= max_len and self.key[2:] == (bool(use_graph), int(no_repeat_ngram))
-        )
+        rows, graph use, n-gram size and ``skip_keys``, and at least as many columns (those past a run's last stay
+        masked)."""
+        same = self.key[2:] == (bool(use_graph), int(no_repeat_ngram)) and self.skip_keys == bool(skip_keys)
+        return self.key[0] == rows and self.key[1] >= max_len and same
 
     def _ban(self, hist: Tensor, length: Tensor) -> Tensor:
         """bool [rows of ``hist``, V]: the ids the no-repeat rule bans after each row's first ``length`` entries
@@ -194,18 +197,14 @@ class StaticBatchStep(DecodeRows):
             expert_impl=expert_impl,
             no_repeat_ngram=no_repeat_ngram,
             ngram_kernel=ngram_kernel,
+            skip_keys=skip_keys,
         )
         dev = base.device
         self.batch = bsz
         self.slot = torch.zeros(1, dtype=torch.long, device=dev)
         self.meta = torch.zeros((3, bsz), dtype=torch.long, device=dev)
         self.caps, self.pads = self.meta[0], self.meta[1]
-        self.skip_keys = bool(skip_keys)
         self.graph: torch.cuda.CUDAGraph | None = None
-
-    def serves(self, rows: int, max_len: int, use_graph: bool, no_repeat_ngram: int, skip_keys: bool = True) -> bool:
-        """:meth:`DecodeRows.serves`, with the same ``skip_keys`` (it is baked into the graph)."""
-        return super().serves(rows, max_len, use_graph, no_repeat_ngram) and self.skip_keys == bool(skip_keys)
 
     # ------------------------------------------------------------------ state
     def load_prompts(self, prompts: list[Tensor]) -> None:

@@ -297,13 +297,13 @@ class SlotDecodeStep(DecodeRows):
             no_repeat_ngram=no_repeat_ngram,
             ngram_kernel=ngram_kernel,
             cache=cache,
+            skip_keys=skip_keys,
         )
         dev = base.device
         self.slots, self.max_len = slots, max_len
         self.caps = torch.ones(slots, dtype=torch.long, device=dev)
         self.done.fill_(True)  # every slot starts empty
         self.first_col = torch.zeros(1, dtype=torch.long, device=dev)  # a running row sees its keys from column 0
-        self.skip_keys = bool(skip_keys)
         # attention reads the first key_len cache columns only (a host value, so one graph per key_len): the host
         # sets it to the bucket that covers every slot's position for the coming steps (see run_continuous)
         self.key_len = max_len
@@ -315,10 +315,6 @@ class SlotDecodeStep(DecodeRows):
         # never in a later garbage collection that could land inside another graph's capture
         self._root: weakref.ref[SlotDecodeStep] | None = None
         self.narrower: dict[int, SlotDecodeStep] = {}
-
-    def serves(self, rows: int, max_len: int, use_graph: bool, no_repeat_ngram: int, skip_keys: bool = True) -> bool:
-        """:meth:`DecodeRows.serves`, with the same ``skip_keys`` (it is baked into the graphs)."""
-        return super().serves(rows, max_len, use_graph, no_repeat_ngram) and self.skip_keys == bool(skip_keys)
 
     @property
     def root(self) -> SlotDecodeStep:
