@@ -341,11 +341,12 @@ class Bench:
         name = "moe_route (logits in)" if logits_in else "moe_route"
         return Row(name, tokens, t_us, k_us, e * hid * 4, max_err(w, ref_w), note)
 
-    def norm_route(self, tokens: int, counted: bool = True) -> Row:
+    def norm_route(self, tokens: int, counted: bool = True, rows_per_program: int | None = None) -> Row:
         """A MoE layer's post-attention norm and router: in one launch (``add_rms_norm_route``) against what the
         step runs without it (``add_rms_norm_f32``, cuBLAS float32 logits: one kernel, or two at one row, then
         ``moe_route``'s top-k).  ``counted``: both add their picks to routing counts, as the single-page step does;
-        else neither, as the batched steps (``batched_fused_router``)."""
+        else neither, as the batched steps (``batched_fused_router``).  ``rows_per_program``: the kernel's
+        (None: its default)."""
         lang = self.lang
         e, hid, k, eps = lang.n_routed_experts, lang.hidden_size, lang.num_experts_per_tok, lang.rms_norm_eps
         bufs = [
@@ -365,7 +366,7 @@ class Bench:
             return normed, moe_route(normed, b[3], k, counts, logits=torch.nn.functional.linear(f32, b[3]))
 
         def fused(b: Any) -> Any:
-            return add_rms_norm_route(b[0], b[1], b[2], eps, b[3], k, flags, counts)
+            return add_rms_norm_route(b[0], b[1], b[2], eps, b[3], k, flags, counts, rows_per_program=rows_per_program)
 
         t_us, k_us = self.time([lambda b=b: unfused(b) for b in bufs], [lambda b=b: fused(b) for b in bufs])
         b = bufs[0]
@@ -376,6 +377,8 @@ class Bench:
         note += f"; normed max |Δ| vs torch {max_err(normed, ref_normed):.3g}"
         nbytes = e * hid * 4 + 3 * tokens * hid * 2 + hid * 2
         name = "add_rms_norm_route" if counted else "add_rms_norm_route (no counts)"
+        if rows_per_program is not None:
+            name += f" ({rows_per_program} rows a program)"
         return Row(name, tokens, t_us, k_us, nbytes, max_err(w, ref_w), note)
 
     def route_rows(self, tokens: int, fp32: bool = False, **blocks: Any) -> Row:
@@ -1378,6 +1381,7 @@ STEP_VARIANTS = (
     "triton, pdl",
     "triton, pdl, no attention prefetch",
     "triton, pdl, fused router",
+    "triton, pdl, fused router, 4 rows a program",
 )
 # the variants as --step-variants names them (no spaces): "triton+pdl+fused router" -> "triton, pdl, fused router"
 STEP_VARIANT_NAMES = {v.replace(", ", "+").replace(" ", "-"): v for v in STEP_VARIANTS}
@@ -1418,6 +1422,8 @@ def batched_steps(
         kern = variant.split(",")[0]
         # (the last: kernels.ATTN_PREFETCH flipped, the row attention's K / V prefetch before its wait)
         attn_prefetch = (variant == no_prefetch) != triton_kernels.ATTN_PREFETCH
+        # kernels.NORM_ROUTE_ROWS: the fused router's rows a program above 8 rows
+        route_rows = 4 if variant.endswith("4 rows a program") else triton_kernels.NORM_ROUTE_ROWS
         fast = apply_fast_path(
             model,
             FastConfig(
@@ -1435,7 +1441,10 @@ def batched_steps(
                     layer.self_attn = layer.self_attn.attn
         for bsz in batches:
             try:
-                with module_setting(triton_kernels, "ATTN_PREFETCH", attn_prefetch):  # read at the graph's capture
+                with (  # read at the graph's capture
+                    module_setting(triton_kernels, "ATTN_PREFETCH", attn_prefetch),
+                    module_setting(triton_kernels, "NORM_ROUTE_ROWS", route_rows),
+                ):
                     row = _measure_step(fast, model, bsz, prompt_len, new_tokens, reps)
             except Exception as exc:  # one failed point is reported with its error; the others still run
                 traceback.print_exc()
@@ -1575,6 +1584,8 @@ def main() -> None:
             if tokens >= 32:
                 rows.append(bench.reads_cost(tokens))
             rows.append(bench.norm_route(tokens, counted=False))  # the batched steps' (batched_fused_router)
+            if tokens >= 16:  # each program's router slice read once for several rows (kernels.NORM_ROUTE_ROWS)
+                rows += [bench.norm_route(tokens, counted=False, rows_per_program=r) for r in (2, 4, 8)]
         rows.append(bench.reads_cost(8))  # the GEMV kernels' count: the widest batched step they run (a drain's)
         rows.append(bench.norm_route(8, counted=False))
         print(render(rows, env, args, [], peaks), flush=True)  # the op rows first, in case a later part fails

@@ -233,6 +233,37 @@ def test_moe_route(tokens: int, logits_in: bool) -> None:
     assert torch.equal(counts, torch.bincount(ref_idx.reshape(-1), minlength=EXPERTS))
 
 
+@pytest.mark.parametrize("rows_per_program", [2, 4, 8])
+@pytest.mark.parametrize("rows", [32, 61])
+def test_add_rms_norm_route_several_rows_a_program_at_the_real_sizes(rows: int, rows_per_program: int) -> None:
+    """The fused norm + router compiled with several rows a program (the batched steps' form above 8 rows): bit for
+    bit the one-row-a-program launch (each row runs the same math), and the oracle's ids (the norm's rows routed by
+    ``route_tokens`` on float32 logits) wherever its top-7 logits are apart by more than summation noise; the row
+    counters back at zero after two calls."""
+    x, residual = _randn(rows, HIDDEN, seed=21), _randn(rows, HIDDEN, seed=22)
+    weight = (1 + 0.1 * _randn(HIDDEN, dtype=torch.float32, seed=23)).to(BF16)
+    gate = _randn(EXPERTS, HIDDEN, std=HIDDEN**-0.5, dtype=torch.float32, seed=24)
+    one = K.add_rms_norm_route(x, residual, weight, 1e-6, gate, TOP_K, K.route_flags(rows, DEV), rows_per_program=1)
+    flags = K.route_flags(rows, DEV)
+    for _ in range(2):
+        got = K.add_rms_norm_route(x, residual, weight, 1e-6, gate, TOP_K, flags, rows_per_program=rows_per_program)
+        torch.cuda.synchronize()
+        for a, b in zip(got, one, strict=True):
+            assert torch.equal(a, b)
+        assert int(flags.abs().sum()) == 0
+    normed, summed, idx, weights = got
+    ref_normed, ref_summed = K.add_rms_norm_ref(x, residual, weight, 1e-6)
+    assert torch.equal(summed, ref_summed)
+    _assert_bf16_close(normed, ref_normed)
+    logits = F.linear(normed.float(), gate)
+    ref_idx, ref_weights = route_tokens(logits, TOP_K)
+    top = logits.topk(TOP_K + 1, dim=1).values
+    clear = ((top[:, :-1] - top[:, 1:]) > 1e-4).all(dim=1)
+    assert int(clear.sum()) >= rows * 0.9
+    assert torch.equal(idx[clear], ref_idx[clear])
+    torch.testing.assert_close(weights[clear], ref_weights[clear], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("gate_dtype", [torch.float32, BF16])
 @pytest.mark.parametrize(
     "blocks", [{}, {"block_m": 16}, {"block_m": 32, "block_k": 64}, {"block_m": 64, "block_k": 32}]

@@ -268,8 +268,9 @@ class FastConfig:
     # more than 8 rows, whose MoE block then counts the picks) routed in the post-attention norm's kernel too
     # (kernels.add_rms_norm_route at any row count: grid rows x expert slices, the last program of a row routes it;
     # no counts in the kernel), one launch where the norm, cuBLAS's float32 logits GEMM and the top-k kernel are
-    # three.  Ids equal cuBLAS's except at float32 near-ties, as fused_router's.  Off until timed (round 36)
-    batched_fused_router: bool = False
+    # three.  Ids equal cuBLAS's except at float32 near-ties, as fused_router's.  H100, round 37 (bench_kernels, the
+    # graphed static step, one run): 8 rows 1.831 -> 1.819 ms, 32 rows 2.931 -> 2.886, 64 rows 3.514 -> 3.466
+    batched_fused_router: bool = True
     # with triton_linear: the rotary and the K/V cache writes in the QKV GEMV's epilogue (kernels.qkv_rope: each
     # program computes rotary pairs of one head), one launch fewer per layer; bit-identical to the two launches
     # (H200, round 9: 0.667 -> 0.661 ms/token)

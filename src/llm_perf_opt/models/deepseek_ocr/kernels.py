@@ -734,6 +734,7 @@ if HAVE_TRITON:
         idx_ptr,
         wout_ptr,
         counts_ptr,
+        T,
         H,
         eps,
         scaling,
@@ -746,43 +747,58 @@ if HAVE_TRITON:
         BLOCK_H: tl.constexpr,
         BLOCK_E: tl.constexpr,
         BLOCK_KSLOT: tl.constexpr,
+        ROWS: tl.constexpr = 1,
         USE_GDC: tl.constexpr = False,
     ):
-        t = tl.program_id(0)
         p = tl.program_id(1)
         n_progs = tl.num_programs(1)
         cols = tl.arange(0, BLOCK_H)
         cmask = cols < H
         ep = p * E_PER + tl.arange(0, E_PER)
         epmask = ep < E
-        # the router rows and the norm weight do not depend on the kernel before: loaded ahead of the wait
+        # the router rows and the norm weight do not depend on the kernel before: loaded ahead of the wait, once for
+        # the program's ROWS rows (each row's programs would otherwise re-read the whole router from L2)
         gw = tl.load(gate_ptr + ep[:, None] * H + cols[None, :], mask=epmask[:, None] & cmask[None, :], other=0.0)
         nw = tl.load(nw_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
         if USE_GDC:
             _dependent_launch()
         dt = x_ptr.dtype.element_ty
-        # every program normalises the whole row (the add_rms_norm kernel's math) and stores its slice of it
-        s, rstd = _add_rms(x_ptr + t * H, res_ptr + t * H, cols, cmask, H, eps, HAS_RESIDUAL, dt, False)
+        out_dt = normed_ptr.dtype.element_ty
         width = tl.cdiv(H, n_progs)
         mine = cmask & (cols >= p * width) & (cols < p * width + width)
-        if HAS_RESIDUAL:
-            tl.store(summed_ptr + t * H + cols, s.to(dt), mask=mine)
-        out_dt = normed_ptr.dtype.element_ty
-        out = _round(nw * _round(s * rstd, dt), out_dt)
-        tl.store(normed_ptr + t * H + cols, out.to(out_dt), mask=mine)
-        # this program's experts' float32 logits, then the last program of the row routes it
-        part = tl.sum(gw * out[None, :], axis=1)
-        tl.store(logits_ptr + t * E + ep, part, mask=epmask)
-        tl.debug_barrier()  # every thread's stores ahead of the release below (one thread's atomic)
-        done = tl.atomic_add(flag_ptr + t, 1, sem="acq_rel", scope="gpu")
-        tl.debug_barrier()  # ...and every thread's loads below behind its acquire
-        if done == n_progs - 1:
-            e = tl.arange(0, BLOCK_E)
-            logits = tl.load(logits_ptr + t * E + e, mask=e < E, other=0.0, cache_modifier=".cg")
-            _route_topk(
-                logits, t, idx_ptr, wout_ptr, counts_ptr, scaling, E, TOP_K, RENORM, HAS_COUNTS, BLOCK_E, BLOCK_KSLOT
-            )
-            tl.atomic_xchg(flag_ptr + t, 0, sem="relaxed", scope="gpu")
+        for i in tl.static_range(ROWS):  # one row after the other, each with the one-row math (the same bits)
+            t = tl.program_id(0) * ROWS + i
+            if t < T:
+                # every program normalises the whole row (the add_rms_norm kernel's math) and stores its slice
+                s, rstd = _add_rms(x_ptr + t * H, res_ptr + t * H, cols, cmask, H, eps, HAS_RESIDUAL, dt, False)
+                if HAS_RESIDUAL:
+                    tl.store(summed_ptr + t * H + cols, s.to(dt), mask=mine)
+                out = _round(nw * _round(s * rstd, dt), out_dt)
+                tl.store(normed_ptr + t * H + cols, out.to(out_dt), mask=mine)
+                # this program's experts' float32 logits, then the last program of the row routes it
+                part = tl.sum(gw * out[None, :], axis=1)
+                tl.store(logits_ptr + t * E + ep, part, mask=epmask)
+                tl.debug_barrier()  # every thread's stores ahead of the release below (one thread's atomic)
+                done = tl.atomic_add(flag_ptr + t, 1, sem="acq_rel", scope="gpu")
+                tl.debug_barrier()  # ...and every thread's loads below behind its acquire
+                if done == n_progs - 1:
+                    e = tl.arange(0, BLOCK_E)
+                    logits = tl.load(logits_ptr + t * E + e, mask=e < E, other=0.0, cache_modifier=".cg")
+                    _route_topk(
+                        logits,
+                        t,
+                        idx_ptr,
+                        wout_ptr,
+                        counts_ptr,
+                        scaling,
+                        E,
+                        TOP_K,
+                        RENORM,
+                        HAS_COUNTS,
+                        BLOCK_E,
+                        BLOCK_KSLOT,
+                    )
+                    tl.atomic_xchg(flag_ptr + t, 0, sem="relaxed", scope="gpu")
 
     @triton.jit
     def _route_rows_kernel(
@@ -2370,6 +2386,11 @@ def add_rms_norm_route_ref(
     return normed, summed, idx, weights
 
 
+# add_rms_norm_route's rows per program above 8 rows (the batched steps' norms with batched_fused_router): 1 until
+# timed (bench_kernels' norm_route rows at 2 / 4 / 8 rows a program, and the batched step's fused-router variants)
+NORM_ROUTE_ROWS = 1
+
+
 def route_flags(rows: int, device: torch.device | str) -> Tensor:
     """The zeroed per-row counters of :func:`add_rms_norm_route` (the kernel sets them back to zero)."""
     return torch.zeros(rows, dtype=torch.int32, device=device)
@@ -2388,6 +2409,7 @@ def add_rms_norm_route(
     renormalize: bool = False,
     *,
     experts_per_program: int = 4,
+    rows_per_program: int | None = None,
     num_warps: int = 4,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """A MoE layer's post-attention residual add + RMSNorm and its router in one launch:
@@ -2402,6 +2424,11 @@ def add_rms_norm_route(
     :func:`route_flags`) reads the row's logits and routes it as :func:`moe_route` does, then re-arms its
     counter.  The logits are summed in another order than cuBLAS's, so ids match the torch path's except where
     two scores tie to float32 rounding.
+
+    ``rows_per_program`` (None: 1 up to 8 rows, else ``NORM_ROUTE_ROWS``): each program loads its experts' router
+    rows once and takes that many rows one after the other, each with the one-row math, so the outputs keep their
+    bits; grid (ceil(T / rows_per_program), ceil(E / experts_per_program)).  With one row a program, 64 rows read
+    the float32 router (327 KB a layer) 64 times from L2.
     """
     _require("add_rms_norm_route", x.device)
     x = _contig(x, "x")
@@ -2412,13 +2439,16 @@ def add_rms_norm_route(
         raise ValueError(f"flags must be int32 [>= {rows}] (route_flags), got {flags.dtype} {tuple(flags.shape)}")
     if experts_per_program < 1 or experts_per_program & (experts_per_program - 1):
         raise ValueError(f"experts_per_program must be a power of two, got {experts_per_program}")
+    per_row = (1 if rows <= 8 else NORM_ROUTE_ROWS) if rows_per_program is None else rows_per_program
+    if per_row < 1:
+        raise ValueError(f"rows_per_program must be >= 1, got {per_row}")
     normed = torch.empty(x.shape, device=x.device, dtype=torch.promote_types(weight.dtype, x.dtype))
     summed = x if residual is None else torch.empty_like(x)
     logits = torch.empty((rows, n_experts), device=x.device, dtype=torch.float32)
     idx = torch.empty((rows, top_k), device=x.device, dtype=torch.int64)
     weights = torch.empty((rows, top_k), device=x.device, dtype=torch.float32)
     per = min(experts_per_program, _pow2(n_experts))
-    _norm_route_kernel[(rows, triton.cdiv(n_experts, per))](
+    _norm_route_kernel[(triton.cdiv(rows, per_row), triton.cdiv(n_experts, per))](
         x,
         x if residual is None else residual,
         _contig(weight, "weight"),
@@ -2430,6 +2460,7 @@ def add_rms_norm_route(
         idx,
         weights,
         idx if counts is None else counts,
+        rows,
         hidden,
         float(eps),
         float(scaling),
@@ -2442,6 +2473,7 @@ def add_rms_norm_route(
         BLOCK_H=_pow2(hidden),
         BLOCK_E=_pow2(n_experts),
         BLOCK_KSLOT=_pow2(top_k),
+        ROWS=per_row,
         num_warps=num_warps,
         **_pdl(),
     )

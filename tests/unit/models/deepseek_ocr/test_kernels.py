@@ -914,6 +914,62 @@ def test_add_rms_norm_route_matches_the_separate_kernels() -> None:
     assert torch.equal(idx, K.moe_route(plain_normed, gate_w32, 6)[0])
 
 
+@pytest.mark.parametrize("rows_per_program", [2, 3, 4, 16])
+def test_add_rms_norm_route_several_rows_a_program_keep_each_rows_bits(rows_per_program: int) -> None:
+    """``rows_per_program``: a program takes that many rows one after the other (the last program's rows may run
+    past T: 13 rows at 2, 3, 4 and 16 a program).  Oracle: the norm by decoder.RMSNorm's math and the routing of
+    the written rows by route_tokens; and the one-row-a-program launch's outputs, bit for bit, since each row runs
+    the same math.  Counters are back at zero and the routing counts grow by the picks, twice over."""
+    gen = torch.Generator().manual_seed(37 + rows_per_program)
+    rows, hidden, n_experts, top_k = 13, 256, 16, 3
+    x, residual = (torch.randn(rows, hidden, generator=gen).bfloat16() for _ in range(2))
+    weight = (1 + 0.3 * torch.randn(hidden, generator=gen)).bfloat16()
+    gate_w32 = torch.randn(n_experts, hidden, generator=gen) * hidden**-0.5
+    one = K.add_rms_norm_route(
+        x, residual, weight, 1e-6, gate_w32, top_k, K.route_flags(rows, "cpu"), None, 1.5, True, rows_per_program=1
+    )
+    ref_normed, ref_summed = K.add_rms_norm_ref(x, residual, weight, 1e-6)
+    flags = K.route_flags(rows, "cpu")
+    counts = torch.zeros(n_experts, dtype=torch.int64)
+    for call in (1, 2):
+        got = K.add_rms_norm_route(
+            x, residual, weight, 1e-6, gate_w32, top_k, flags, counts, 1.5, True, rows_per_program=rows_per_program
+        )
+        for a, b in zip(got, one, strict=True):
+            assert torch.equal(a, b)
+        normed, summed, idx, weights = got
+        assert torch.equal(summed, ref_summed)
+        _close(normed, ref_normed)
+        ref_idx, ref_weights = route_tokens(
+            F.linear(normed.float(), gate_w32), top_k, norm_topk_prob=True, routed_scaling_factor=1.5
+        )
+        assert torch.equal(idx, ref_idx)
+        torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-6)
+        assert torch.equal(counts, call * torch.bincount(ref_idx.reshape(-1), minlength=n_experts))
+        assert torch.equal(flags, torch.zeros_like(flags))
+
+
+@pytest.mark.parametrize(("rows", "setting", "programs"), [(8, 4, 8), (9, 4, 3), (64, 4, 16), (64, 1, 64)])
+def test_add_rms_norm_route_rows_a_program_by_default(
+    rows: int, setting: int, programs: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without ``rows_per_program``: one row a program up to 8 rows (the single-page step's launch stays as it
+    was), ``NORM_ROUTE_ROWS`` above; read off the grid's first dimension the kernel is launched with."""
+    grids: list[tuple[int, ...]] = []
+    real = K._norm_route_kernel
+
+    class Spy:
+        def __getitem__(self, grid: tuple[int, ...]) -> object:
+            grids.append(tuple(grid))
+            return real[grid]
+
+    monkeypatch.setattr(K, "_norm_route_kernel", Spy())
+    monkeypatch.setattr(K, "NORM_ROUTE_ROWS", setting)
+    x, weight, gate = torch.randn(rows, 64).bfloat16(), torch.ones(64).bfloat16(), torch.randn(8, 64)
+    K.add_rms_norm_route(x, None, weight, 1e-6, gate, 2, K.route_flags(rows, "cpu"))
+    assert grids == [(programs, 2)]  # 8 experts at 4 a program
+
+
 def test_add_rms_norm_route_rejects_bad_counters() -> None:
     x, weight, gate = torch.randn(3, 64), torch.ones(64), torch.randn(8, 64)
     with pytest.raises(ValueError, match="flags must be int32"):
@@ -922,6 +978,8 @@ def test_add_rms_norm_route_rejects_bad_counters() -> None:
         K.add_rms_norm_route(x, None, weight, 1e-6, gate, 2, torch.zeros(3, dtype=torch.int64))
     with pytest.raises(ValueError, match="power of two"):
         K.add_rms_norm_route(x, None, weight, 1e-6, gate, 2, K.route_flags(3, "cpu"), experts_per_program=3)
+    with pytest.raises(ValueError, match="rows_per_program must be >= 1, got 0"):
+        K.add_rms_norm_route(x, None, weight, 1e-6, gate, 2, K.route_flags(3, "cpu"), rows_per_program=0)
 
 
 # ------------------------------------------------------------------------------------------ moe_experts
