@@ -709,9 +709,14 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
     route_consts = dict(E=lang.n_routed_experts, TOP_K=k, RENORM=False, HAS_COUNTS=True, BLOCK_E=64, BLOCK_KSLOT=8)
     specs.append(("_moe_route_kernel", route, {**route_consts, "BLOCK_K": 128, "LOGITS_IN": False}, 8))
     norm_route = dict(x_ptr=bf, res_ptr=bf, nw_ptr=bf, normed_ptr=bf, summed_ptr=bf, gate_ptr=f32, logits_ptr=f32)
-    norm_route.update(flag_ptr="*i32", idx_ptr=i64, wout_ptr=f32, counts_ptr=i64, H="i32", eps="fp32", scaling="fp32")
+    norm_route.update(flag_ptr="*i32", idx_ptr=i64, wout_ptr=f32, counts_ptr=i64, T="i32", H="i32", eps="fp32")
+    norm_route["scaling"] = "fp32"
     fused_consts = dict(HAS_RESIDUAL=True, E_PER=4, BLOCK_H=2048)  # add_rms_norm_route's launch at E = 64
-    specs.append(("_norm_route_kernel", norm_route, {**route_consts, **fused_consts}, 4))
+    specs.append(("_norm_route_kernel", norm_route, {**route_consts, **fused_consts, "ROWS": 1}, 4))
+    # the batched steps' (no counts), one row a program and several (kernels.NORM_ROUTE_ROWS)
+    for rows_a_program in (1, 4):
+        batched = {**route_consts, **fused_consts, "HAS_COUNTS": False, "ROWS": rows_a_program}
+        specs.append(("_norm_route_kernel", norm_route, batched, 4))
     # the many-row router (moe_route_rows): bf16 operands on the tensor cores (the default blocks first), the batched
     # decode step's form (counts kept), then float32 operands (IEEE float32)
     rows = dict(x_ptr=bf, gate_ptr=bf, idx_ptr=i64, wout_ptr=f32, counts_ptr=i64, T="i32", H="i32", scaling="fp32")
