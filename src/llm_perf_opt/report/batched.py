@@ -124,8 +124,8 @@ def _render_phase(p: BatchedPhase) -> str:
             [
                 ["  drain (slots emptying after the last page started decoding)",
                  f"{fmt(p.drain_ms, 1)} ms ({share(p.drain_ms)}){_drain_steps(p)}"],
-                ["  steady state, drain left out: pages/s", fmt(p.steady_pages_per_s, 2)],
-                ["  steady state, drain left out: output tok/s", fmt(p.steady_output_tok_s, 1)],
+                ["  steady state, drain left out: pages/s", _steady(p.steady_pages_per_s, 2, p)],
+                ["  steady state, drain left out: output tok/s", _steady(p.steady_output_tok_s, 1, p)],
             ]
             if p.drain_ms is not None
             else []
@@ -210,6 +210,13 @@ def _traffic_rows(p: BatchedPhase) -> list[list[str]]:
             f"{at_least}{fmt_rate_bytes(t.bytes_per_s)} / {mbu}",
         ],
     ]
+
+
+def _steady(value: float | None, digits: int, p: BatchedPhase) -> str:
+    """A steady-state rate, or n/a with the reason the run has none."""
+    if value is None and p.steady_unavailable:
+        return na(p.steady_unavailable)
+    return fmt(value, digits)
 
 
 def _steady_below(p: BatchedPhase) -> str:

@@ -24,7 +24,9 @@ import attrs
 # the batched steps of 8 rows or fewer count the routed experts they read too (``grouped_steps``: every Triton step).
 # 1.10: BatchRecord.finished_rows_attend set for continuous runs too (a row ended by eos, until its slot's refill);
 # their key_steps count such a row's last column alone with infer.continuous_skip_keys (on by default).
-SCHEMA_VERSION = "1.10"
+# 1.11: BatchedPhase.steady_unavailable (optional: why a continuous run has no steady-state rates, e.g. every page
+# started in the first fill, so every decode step was in the drain).
+SCHEMA_VERSION = "1.11"
 
 # Name of the synthetic operator row that holds device time the profiler could not attribute to any operator
 # (CUDA-graph replays, kernels launched outside torch ops): the profiler writes it, the report explains it.
@@ -307,6 +309,8 @@ class BatchedPhase:
     drain_ms: float | None = None
     steady_pages_per_s: float | None = None
     steady_output_tok_s: float | None = None
+    # why the steady-state rates are absent where a continuous run has none (every decode step in the drain)
+    steady_unavailable: str | None = None
     # the drains' decode steps, and how many of them ran on a narrower step (None where a record lacks them)
     drain_steps: int | None = None
     narrowed_steps: int | None = None

@@ -202,6 +202,18 @@ def batched_phase_summary(
     drain_ms = sum(ms for ms, _ in known) if len(known) == len(drains) else None
     steady_ms = wall_ms - drain_ms if drain_ms is not None else 0.0
     steady_tokens = tokens - sum(n for _, n in known)
+    # no steady state where every decode step was in the drain: every page entered a slot in the first fill and no
+    # slot was refilled, so wall minus drain is the fill's vision and prefill alone (its tokens are the pages' first)
+    steady_unavailable = None
+    if drain_ms is not None and all(
+        b.drain_steps is not None and b.decode_steps is not None and b.drain_steps >= b.decode_steps for b in batches
+    ):
+        steady_ms = 0.0
+        steady_unavailable = (
+            f"every decode step was in the drain: the {pages} pages all started in the first fill of"
+            f" {max(b.batch for b in batches)} slots, so no slot was refilled and the run has no steady state (run"
+            " more pages than slots for one)"
+        )
     read = experts_read_of(batches)
     return BatchedPhase(
         batching=batches[0].batching,
@@ -219,6 +231,7 @@ def batched_phase_summary(
         drain_ms=drain_ms,
         steady_pages_per_s=1e3 * pages / steady_ms if steady_ms > 0 else None,
         steady_output_tok_s=1e3 * steady_tokens / steady_ms if steady_ms > 0 else None,
+        steady_unavailable=steady_unavailable,
         drain_steps=_total([b.drain_steps for b in batches]),
         narrowed_steps=_total([b.narrowed_steps for b in batches]),
         row_occupancy=decode_tokens / row_steps if row_steps else None,

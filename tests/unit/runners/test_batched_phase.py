@@ -78,6 +78,30 @@ def test_continuous_drain_and_steady_state_by_hand() -> None:
     assert static.drain_ms is None and static.steady_output_tok_s is None and static.steady_pages_per_s is None
 
 
+def test_one_fill_has_no_steady_state() -> None:
+    """A continuous run whose pages all started in the first fill (4 pages in 4 slots): the drain is every one of
+    its 10 decode steps, wall minus drain is the fill's vision and prefill alone, so the steady-state rates are
+    absent with that reason (round 37's 64 pages in 64 slots read "27.9 tok/s steady" beside 7,230 end to end).
+    One refill's worth of steps before the drain (9 of 10 in it) brings the rates back."""
+    one_fill = record(4, 40, 10, 4, (100.0, 300.0), batching="continuous", drain_steps=10, drain_ms=300.0,
+                      drain_tokens=36)  # fmt: skip
+    p = batched_phase_summary([one_fill], wall_s=0.5, device_type="cpu")
+    assert p.drain_ms == pytest.approx(300.0) and p.output_tok_s == pytest.approx(80.0)
+    assert p.steady_pages_per_s is None and p.steady_output_tok_s is None
+    assert p.steady_unavailable == (
+        "every decode step was in the drain: the 4 pages all started in the first fill of 4 slots, so no slot was"
+        " refilled and the run has no steady state (run more pages than slots for one)"
+    )
+    summary = attrs.evolve(make_summary(pages=[make_page("p0")]), batches=[one_fill], batched_phase=p)
+    md = render_report(summary)
+    assert f"|   steady state, drain left out: output tok/s | n/a ({p.steady_unavailable}) |" in md
+    assert "the steady-state token rate is below" not in md
+    refilled = attrs.evolve(one_fill, drain_steps=9)
+    q = batched_phase_summary([refilled], wall_s=0.5, device_type="cpu")
+    assert q.steady_unavailable is None
+    assert q.steady_output_tok_s == pytest.approx((40 - 36) / 0.2)  # 4 tokens outside the drain in 200 ms
+
+
 def test_summary_on_cpu_has_no_busy_share() -> None:
     p = batched_phase_summary([record(1, 5, 4, 1, (1.0, 2.0))], wall_s=0.01, device_type="cpu")
     assert p.gpu_busy_share is None and p.gpu_busy_unavailable and "no GPU" in p.gpu_busy_unavailable
