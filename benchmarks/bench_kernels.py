@@ -1307,20 +1307,28 @@ def _measure_step(fast: Any, model: Any, bsz: int, prompt_len: int, new_tokens: 
         torch.cuda.synchronize()
     # the routed experts each MoE layer reads, from the same steps run again outside the profile (the count's own
     # kernels are no part of a step)
-    hits: list[int] = []  # distinct routed experts per grouped expert call (a MoE layer of one step)
-    real_grouped = kernels.moe_experts_grouped
+    # distinct routed experts per expert call with routed picks (a MoE layer of one step): the grouped kernels from 9
+    # rows on, the GEMV kernels up to 8 (the dense first layer's GEMV call has no routed pick and is left out)
+    hits: list[int] = []
+    real = {name: getattr(kernels, name) for name in ("moe_experts_grouped", "moe_experts")}
 
-    def grouped_spy(x: torch.Tensor, idx: torch.Tensor, *rest: Any, **kw: Any) -> torch.Tensor:
-        hits.append(int(torch.unique(idx).numel()))
-        return real_grouped(x, idx, *rest, **kw)
+    def spy_of(fn: Any) -> Any:
+        def spy(x: torch.Tensor, idx: torch.Tensor, *rest: Any, **kw: Any) -> torch.Tensor:
+            if idx.numel():
+                hits.append(int(torch.unique(idx).numel()))
+            return fn(x, idx, *rest, **kw)
+
+        return spy
 
     reload()
-    kernels.moe_experts_grouped = grouped_spy
+    for name, fn in real.items():
+        setattr(kernels, name, spy_of(fn))
     try:
         for _ in range(n_prof):
             step.step()
     finally:
-        kernels.moe_experts_grouped = real_grouped
+        for name, fn in real.items():
+            setattr(kernels, name, fn)
     per_name: dict[str, list[float]] = {}
     for e in prof.events():
         if e.device_type.name == "CUDA":
@@ -1334,8 +1342,8 @@ def _measure_step(fast: Any, model: Any, bsz: int, prompt_len: int, new_tokens: 
         "step_ms_all": times,
         "capture_s": capture_s,
         "capture_error": step.capture_error,
-        # routed experts read per MoE layer, mean over the profiled steps (the grouped kernels' calls; none when the
-        # step runs other expert code), and the keys the middle profiled step attends
+        # routed experts read per MoE layer, mean over the profiled steps (the Triton expert kernels' calls; none
+        # when the step runs other expert code), and the keys the middle profiled step attends
         "routed_hit_per_layer": [statistics.fmean(hits[i :: len(hits) // n_prof]) for i in range(len(hits) // n_prof)],
         "context_len": prompt_len + 2,
         "kernels_per_step": sum(len(v) for v in per_name.values()) / n_prof,
@@ -1365,7 +1373,7 @@ def step_floor_lines(results: list[dict[str, Any]], bandwidth: float | None) -> 
         mine = [r for r in results if r["batch"] == bsz and "step_ms" in r]
         hit = next((r for r in mine if r.get("routed_hit_per_layer")), None)
         if not mine or hit is None or bandwidth is None:
-            why = "no step ran the grouped expert kernels" if hit is None else "no datasheet bandwidth for this GPU"
+            why = "no step ran the Triton expert kernels" if hit is None else "no datasheet bandwidth for this GPU"
             lines.append(f"| {bsz} | not computed: {why if mine else 'no step measured'} | | | | |")
             continue
         per_layer = [round(h) for h in hit["routed_hit_per_layer"]]

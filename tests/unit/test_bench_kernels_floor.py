@@ -35,7 +35,7 @@ def test_the_floor_is_the_steps_bytes_at_the_bandwidth() -> None:
 
 
 def test_no_floor_without_expert_reads_or_a_bandwidth() -> None:
-    assert "no step ran the grouped expert kernels" in step_floor_lines(_rows(32, None), 4.0e12)[-1]
+    assert "no step ran the Triton expert kernels" in step_floor_lines(_rows(32, None), 4.0e12)[-1]
     assert "no datasheet bandwidth for this GPU" in step_floor_lines(_rows(64, [61.0] * 11), None)[-1]
     failed = step_floor_lines([{"batch": 8, "error": "OOM"}], 4.0e12)[-1]
     assert failed.startswith("| 8 | not computed: no step measured")
