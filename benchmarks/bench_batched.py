@@ -283,6 +283,7 @@ def static_vs_continuous(
                     slot_steps += len(res.step_ms) * res.batch
                 occupancy = decode_tokens / slot_steps if slot_steps else None
                 steady: float | None = None  # a static batch has no drain: each ends with its longest sequence
+                steady_note = "n/a (no drain)"
                 ahead_s, pages_ahead, prefill_ahead_s = 0.0, 0, 0.0
             else:
                 cont = continuous(mode)
@@ -290,9 +291,14 @@ def static_vs_continuous(
                 capture_s = cont.graph_capture_s
                 ahead_s, pages_ahead = cont.vision_ahead_s, cont.pages_ahead
                 prefill_ahead_s = cont.prefill_ahead_s
-                _, drain_ms, drain_tokens = cont.drain  # slots emptying after the last page started decoding
+                drain_steps, drain_ms, drain_tokens = cont.drain  # slots emptying after the last page started
                 steady_s = stage_s - drain_ms / 1e3
                 steady = (tokens - drain_tokens) / steady_s if steady_s > 0 else None
+                steady_note = "n/a (no time outside the drain)"
+                if cont.step_ms and drain_steps >= len(cont.step_ms):
+                    # every page started decoding at the first step (no more pages than slots): the time outside
+                    # the drain is the fill's vision and prefill alone, no steady state
+                    steady, steady_note = None, "n/a (every step in the drain: one fill)"
             _sync(dev)
             if timed:
                 rows.append(
@@ -306,6 +312,7 @@ def static_vs_continuous(
                         "output_tok_per_s": tokens / stage_s,
                         "slot_occupancy": occupancy,
                         "steady_output_tok_per_s": steady,
+                        "steady_note": steady_note,  # what the table gives where the steady rate is None
                         "ngram": ngram,
                         "vision_ahead_s": ahead_s,
                         "pages_ahead": pages_ahead,
@@ -350,7 +357,7 @@ def mixed_table(rows: list[dict[str, Any]], lengths: list[int]) -> str:
     for r in rows:
         occ = "n/a" if r["slot_occupancy"] is None else f"{100 * r['slot_occupancy']:.1f} %"
         steady = r.get("steady_output_tok_per_s")
-        st = "n/a (no drain)" if steady is None else f"{steady:.1f}"
+        st = r.get("steady_note", "n/a (no drain)") if steady is None else f"{steady:.1f}"
         stage = f"{r['stage_s']:.3f}"
         if r.get("timed_capture_s"):  # left out of the stage time, but a timed run should meet no new shape
             stage += f" (+{r['timed_capture_s']:.3f} s of captures in the timed run, left out)"

@@ -207,7 +207,9 @@ SPREAD_LABEL = "routing spread at random after the router (every expert of every
 @contextlib.contextmanager
 def spread_routing(tokens: int, n_experts: int, top_k: int, seed: int = 0, device: str = "cuda") -> Iterator[list[int]]:
     """Inside the block, a ``tokens``-row call of the Triton routers (``kernels.moe_route_rows``, or
-    ``kernels.moe_route``: the prefill's at a page's rows, or a batched decode step's at its batch's rows) runs as
+    ``kernels.moe_route``: the prefill's at a page's rows, or a batched decode step's at its batch's rows; or
+    ``kernels.add_rms_norm_route``, the norm that routes the batched steps' rows with ``batched_fused_router``, whose
+    normed and summed rows are kept) runs as
     usual and then returns fixed random picks instead of its ids: each token's ``top_k`` distinct experts drawn
     uniformly (seeded), so the expert kernels that follow read every expert's weights, as a real checkpoint's spread
     routing does.  The router's own cost stays in the time; other row counts are left alone.  The picks are one
@@ -218,18 +220,19 @@ def spread_routing(tokens: int, n_experts: int, top_k: int, seed: int = 0, devic
 
     gen = torch.Generator().manual_seed(seed)
     picks = torch.rand(tokens, n_experts, generator=gen).argsort(dim=1)[:, :top_k].to(device)
-    names = ("moe_route", "moe_route_rows")
+    names = ("moe_route", "moe_route_rows", "add_rms_norm_route")
     real = {name: getattr(kernels, name) for name in names}
 
     applied: list[int] = []
 
-    def spread(router: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> Callable[..., Any]:
-        def route(x: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-            idx, weights = router(x, *args, **kwargs)
+    def spread(router: Callable[..., tuple[torch.Tensor, ...]]) -> Callable[..., Any]:
+        def route(x: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+            out = router(x, *args, **kwargs)  # (idx, weights), or (normed, summed, idx, weights) from the norm's
             if x.shape[0] != tokens:
-                return idx, weights
+                return out
             applied.append(tokens)
-            return picks.to(idx.dtype), weights
+            *kept, idx, weights = out
+            return (*kept, picks.to(idx.dtype), weights)
 
         return route
 

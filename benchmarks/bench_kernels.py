@@ -713,9 +713,9 @@ def sm90_specs(lang: LanguageConfig) -> list[tuple[str, dict[str, str], dict[str
     norm_route["scaling"] = "fp32"
     fused_consts = dict(HAS_RESIDUAL=True, E_PER=4, BLOCK_H=2048)  # add_rms_norm_route's launch at E = 64
     specs.append(("_norm_route_kernel", norm_route, {**route_consts, **fused_consts, "ROWS": 1}, 4))
-    # the batched steps' (no counts), one row a program and several (kernels.NORM_ROUTE_ROWS)
+    # the batched steps' (no counts, dependent launches), one row a program and several (kernels.NORM_ROUTE_ROWS)
     for rows_a_program in (1, 4):
-        batched = {**route_consts, **fused_consts, "HAS_COUNTS": False, "ROWS": rows_a_program}
+        batched = {**route_consts, **fused_consts, "HAS_COUNTS": False, "ROWS": rows_a_program, "USE_GDC": True}
         specs.append(("_norm_route_kernel", norm_route, batched, 4))
     # the many-row router (moe_route_rows): bf16 operands on the tensor cores (the default blocks first), the batched
     # decode step's form (counts kept), then float32 operands (IEEE float32)

@@ -24,14 +24,14 @@ pytestmark = [pytest.mark.gpu, requires_cuda]
 STEPS = 24
 
 
-def _tiny_fast_pages(batched_fused_router: bool = False) -> tuple[FastModel, list[PreparedPage], DeviceClock]:
+def _tiny_fast_pages(batched_fused_router: bool | None = None) -> tuple[FastModel, list[PreparedPage], DeviceClock]:
     """The tiny fixture model's fast path in bf16 with the Triton decode step, its 12 pages (the three tiny cases
-    four times: the step's MoE runs the grouped kernels) and a device clock."""
+    four times: the step's MoE runs the grouped kernels) and a device clock; ``batched_fused_router``: the fast
+    path's default unless a test asks for the other form."""
     cfg = DeepseekOCRConfig.from_json(TINY / "config.json")
     model = build_model(cfg, "cuda", torch.bfloat16, weights=TINY / "weights.safetensors")
-    switches = FastConfig(
-        sam_compile=False, clip_compile=False, vision_graphs=False, batched_fused_router=batched_fused_router
-    )
+    router = {} if batched_fused_router is None else {"batched_fused_router": batched_fused_router}
+    switches = FastConfig(sam_compile=False, clip_compile=False, vision_graphs=False, **router)
     fast = apply_fast_path(model, switches)
     assert fast.decode_kernels == "triton", fast.decode_kernels_note
     return fast, tiny_case_pages(model.config) * 4, DeviceClock(model.device)

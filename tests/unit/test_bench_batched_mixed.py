@@ -135,6 +135,31 @@ class _ScriptedGenerator:
         return None
 
 
+def test_a_continuous_run_all_in_its_drain_has_no_steady_rate() -> None:
+    """Every decode step in the drain (each page started at the first step: one fill) leaves only the fill outside
+    it, so the steady-state column says so instead of a fill-only rate; a drain of 1 of 4 steps keeps the rate, by
+    hand: (10 - 2) tokens over 1.0 s - 0.25 s."""
+    from benchmarks.bench_batched import mixed_table, static_vs_continuous
+
+    class _Drained(_ScriptedGenerator):
+        def __init__(self, drain: tuple[int, float, int]) -> None:
+            super().__init__()
+            self.drain = drain
+
+        def run_continuous(self, reqs: list[object], slots: int, **kw: object) -> _Result:
+            res = super().run_continuous(reqs, slots, **kw)
+            res.drain = self.drain
+            return res
+
+    one_fill = static_vs_continuous(_Drained((4, 3.0, 6)), [object()] * 2, [3, 3], 2, 0)  # type: ignore[arg-type]
+    cont = next(r for r in one_fill if r["batching"] == "continuous")
+    assert cont["steady_output_tok_per_s"] is None
+    assert "| continuous | 2.000 | 10.0 | n/a (every step in the drain: one fill) |" in mixed_table(one_fill, [3, 3])
+    refilled = static_vs_continuous(_Drained((1, 250.0, 2)), [object()] * 2, [3, 3], 2, 0)  # type: ignore[arg-type]
+    cont = next(r for r in refilled if r["batching"] == "continuous")
+    assert cont["steady_output_tok_per_s"] == pytest.approx(8 / 0.75)
+
+
 def test_mixed_rounds_pair_each_run_ahead_mode_with_the_plain_run() -> None:
     """``rounds`` > 0: each run-ahead mode is paired with the plain continuous run round by round, on the stage
     time.  By hand: every round reads 1,000 ms plain and 900 ms ahead, so the median Δ is -100 ms; six rounds

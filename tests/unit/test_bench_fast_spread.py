@@ -24,10 +24,26 @@ def _one_kernel_router(x: torch.Tensor, gate: torch.Tensor, top_k: int) -> tuple
     return kernels.moe_route_rows(x, gate, top_k)
 
 
-@pytest.mark.parametrize(("name", "route"), [("moe_route", _cublas_router), ("moe_route_rows", _one_kernel_router)])
+def _norm_router(x: torch.Tensor, gate: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batched steps' router with ``batched_fused_router``: the norm's kernel routes the rows; its normed and
+    summed rows must come back as the unpatched call's."""
+    weight = torch.ones(x.shape[1])
+    normed, summed, idx, weights = kernels.add_rms_norm_route(
+        x, x, weight, 1e-6, gate, top_k, kernels.route_flags(x.shape[0], "cpu")
+    )
+    ref_normed, ref_summed = kernels.add_rms_norm_ref(x, x, weight, 1e-6)
+    assert torch.equal(summed, ref_summed)
+    torch.testing.assert_close(normed, ref_normed)
+    return idx, weights
+
+
+@pytest.mark.parametrize(
+    ("name", "route"),
+    [("moe_route", _cublas_router), ("moe_route_rows", _one_kernel_router), ("add_rms_norm_route", _norm_router)],
+)
 def test_spread_routing_replaces_the_prompt_picks_only(name: str, route: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Either prompt router (the cuBLAS logits' top-k kernel, or the one-launch router) is spread at the page's row
-    count only, and restored."""
+    """Each Triton router (the cuBLAS logits' top-k kernel, the one-launch router, the norm that routes the batched
+    steps' rows) is spread at the page's row count only, and restored."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     from benchmarks.bench_fast import spread_routing
 

@@ -202,17 +202,19 @@ def batched_phase_summary(
     drain_ms = sum(ms for ms, _ in known) if len(known) == len(drains) else None
     steady_ms = wall_ms - drain_ms if drain_ms is not None else 0.0
     steady_tokens = tokens - sum(n for _, n in known)
-    # no steady state where every decode step was in the drain: every page entered a slot in the first fill and no
-    # slot was refilled, so wall minus drain is the fill's vision and prefill alone (its tokens are the pages' first)
+    # no steady state where every decode step was in the drain (each run's pages all started decoding at its first
+    # decode step, e.g. no more pages than slots): wall minus drain is then the fill's vision and prefill alone (its
+    # tokens are the pages' first); a run with no decode step at all has no drain to leave out and keeps its rates
     steady_unavailable = None
     if drain_ms is not None and all(
-        b.drain_steps is not None and b.decode_steps is not None and b.drain_steps >= b.decode_steps for b in batches
+        b.drain_steps is not None and b.decode_steps and b.drain_steps >= b.decode_steps for b in batches
     ):
         steady_ms = 0.0
+        runs = "each of the runs" if len(batches) > 1 else "the run"
         steady_unavailable = (
-            f"every decode step was in the drain: the {pages} pages all started in the first fill of"
-            f" {max(b.batch for b in batches)} slots, so no slot was refilled and the run has no steady state (run"
-            " more pages than slots for one)"
+            f"every decode step was in the drain: in {runs}, every page started decoding at the first decode step"
+            f" ({max(len(b.page_ids) for b in batches)} pages, {max(b.batch for b in batches)} slots), so there is"
+            " no steady state to measure (run more pages than slots for one)"
         )
     read = experts_read_of(batches)
     return BatchedPhase(

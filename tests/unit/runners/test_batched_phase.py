@@ -89,9 +89,19 @@ def test_one_fill_has_no_steady_state() -> None:
     assert p.drain_ms == pytest.approx(300.0) and p.output_tok_s == pytest.approx(80.0)
     assert p.steady_pages_per_s is None and p.steady_output_tok_s is None
     assert p.steady_unavailable == (
-        "every decode step was in the drain: the 4 pages all started in the first fill of 4 slots, so no slot was"
-        " refilled and the run has no steady state (run more pages than slots for one)"
+        "every decode step was in the drain: in the run, every page started decoding at the first decode step"
+        " (4 pages, 4 slots), so there is no steady state to measure (run more pages than slots for one)"
     )
+    # two repeats of that run: the pages of one run, not of both, and both runs named
+    two = batched_phase_summary([one_fill, attrs.evolve(one_fill, repeat=1)], wall_s=1.0, device_type="cpu")
+    assert two.steady_output_tok_s is None and two.steady_unavailable is not None
+    assert "in each of the runs, every page started decoding at the first decode step (4 pages, 4 slots)" in (
+        two.steady_unavailable
+    )
+    # no decode step at all (every cap one token): no drain to leave out, so the rates stay (here the end-to-end ones)
+    capped = record(4, 4, 0, 4, (100.0, 0.0), batching="continuous", drain_steps=0, drain_ms=0.0, drain_tokens=0)
+    c = batched_phase_summary([capped], wall_s=0.5, device_type="cpu")
+    assert c.steady_unavailable is None and c.steady_output_tok_s == pytest.approx(8.0)  # 4 tokens / 0.5 s
     summary = attrs.evolve(make_summary(pages=[make_page("p0")]), batches=[one_fill], batched_phase=p)
     md = render_report(summary)
     assert f"|   steady state, drain left out: output tok/s | n/a ({p.steady_unavailable}) |" in md
