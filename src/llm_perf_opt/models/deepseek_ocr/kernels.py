@@ -2416,8 +2416,8 @@ def add_rms_norm_route(
     (normed, summed, expert ids int64 [T, k], weights float32 [T, k]).
 
     Replaces :func:`add_rms_norm` followed by the router (cuBLAS float32 logits + :func:`moe_route`): four
-    launches, each a few microseconds of latency at one row.  Grid (T, ceil(E / experts_per_program)): every
-    program adds and normalises the whole row (:func:`add_rms_norm`'s math and rounding points; it stores its
+    launches, each a few microseconds of latency at one row.  Grid (T, ceil(E / experts_per_program)) at one row a
+    program (below for several): every program adds and normalises the whole row (:func:`add_rms_norm`'s math and rounding points; it stores its
     slice of ``normed`` and ``summed``), computes the float32 logits of its experts (router rows loaded before
     the dependent-launch wait, since they do not depend on the kernel before) and stores them to a scratch
     row; the program that finishes last (a per-row counter in ``flags``, int32 [>= T], zero between calls;
