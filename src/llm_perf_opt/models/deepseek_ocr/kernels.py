@@ -2416,14 +2416,14 @@ def add_rms_norm_route(
     (normed, summed, expert ids int64 [T, k], weights float32 [T, k]).
 
     Replaces :func:`add_rms_norm` followed by the router (cuBLAS float32 logits + :func:`moe_route`): four
-    launches, each a few microseconds of latency at one row.  Grid (T, ceil(E / experts_per_program)) at one row a
-    program (below for several): every program adds and normalises the whole row (:func:`add_rms_norm`'s math and rounding points; it stores its
-    slice of ``normed`` and ``summed``), computes the float32 logits of its experts (router rows loaded before
-    the dependent-launch wait, since they do not depend on the kernel before) and stores them to a scratch
-    row; the program that finishes last (a per-row counter in ``flags``, int32 [>= T], zero between calls;
-    :func:`route_flags`) reads the row's logits and routes it as :func:`moe_route` does, then re-arms its
-    counter.  The logits are summed in another order than cuBLAS's, so ids match the torch path's except where
-    two scores tie to float32 rounding.
+    launches, each a few microseconds of latency at one row.  Grid (T, ceil(E / experts_per_program)) at one row
+    a program (below for several): every program adds and normalises the whole row (:func:`add_rms_norm`'s math
+    and rounding points; it stores its slice of ``normed`` and ``summed``), computes the float32 logits of its
+    experts (router rows loaded before the dependent-launch wait, since they do not depend on the kernel before)
+    and stores them to a scratch row; the program that finishes last (a per-row counter in ``flags``, int32
+    [>= T], zero between calls; :func:`route_flags`) reads the row's logits and routes it as :func:`moe_route`
+    does, then re-arms its counter.  The logits are summed in another order than cuBLAS's, so ids match the torch
+    path's except where two scores tie to float32 rounding.
 
     ``rows_per_program`` (None: 1 up to 8 rows, else ``NORM_ROUTE_ROWS``): each program loads its experts' router
     rows once and takes that many rows one after the other, each with the one-row math, so the outputs keep their
