@@ -1699,15 +1699,18 @@ def test_split_down_orders_its_partials(sm90: list[dict[str, Any]]) -> None:
 def test_norm_route_orders_its_logits_and_reads_only_weights_early(sm90: list[dict[str, Any]]) -> None:
     """The fused norm + router: its counter add is acq_rel at GPU scope (the last program must see every other
     program's logits), it re-arms the counter and reads the logits past L1; as a dependent launch it loads the
-    router rows and norm weight before the wait (no kernel of the step writes them) and the rows after it."""
+    router rows and norm weight before the wait (no kernel of the step writes them) and the rows after it.  Four
+    forms: the single-page step's (counted), plain and dependent, and the batched steps' (no counts, dependent) at
+    one and four rows a program, each of those rows routed by the same atomics."""
     rows = [r for r in sm90 if r["kernel"] == "_norm_route_kernel"]
-    assert len(rows) == 2
+    forms = {(r["constexprs"]["HAS_COUNTS"], r["constexprs"]["ROWS"], r["constexprs"]["USE_GDC"]) for r in rows}
+    assert len(rows) == 4 and forms == {(True, 1, False), (True, 1, True), (False, 1, True), (False, 4, True)}
     for r in rows:
         assert "gpu.acq_rel.add.u32" in r["atomics"] and "gpu.relaxed.exch.b32" in r["atomics"], r
         assert r["cg_loads"] >= 1, r
-    (pdl,) = [r for r in rows if r["constexprs"].get("USE_GDC", False)]
-    # 4 router rows x 2,048 (1,280 live) float32 + 2,048 bf16 at 4 warps: 16-byte loads, several per thread
-    assert pdl["loads_before_wait"] >= 4, pdl
+    for pdl in [r for r in rows if r["constexprs"]["USE_GDC"]]:
+        # 4 router rows x 2,048 (1,280 live) float32 + 2,048 bf16 at 4 warps: 16-byte loads, several per thread
+        assert pdl["loads_before_wait"] >= 4, pdl
 
 
 def test_dependent_launch_variants_wait_before_they_read(sm90: list[dict[str, Any]]) -> None:
