@@ -56,7 +56,7 @@ import torch
 from llm_perf_opt.data.datasets import Page, lognormal_target_tokens, synthetic_page
 from llm_perf_opt.models.deepseek_ocr import DeepseekOCRConfig, build_model
 from llm_perf_opt.models.deepseek_ocr.batched import BatchedGenerator
-from llm_perf_opt.models.deepseek_ocr.continuous import SlotRequest
+from llm_perf_opt.models.deepseek_ocr.continuous import SlotRequest, drain_is_whole_run
 from llm_perf_opt.models.deepseek_ocr.fast import FastConfig, apply_fast_path
 from llm_perf_opt.models.deepseek_ocr.preprocess import PreparedPage, PreprocessConfig, preprocess_page
 from llm_perf_opt.models.deepseek_ocr.tokenizer import load_tokenizer
@@ -295,7 +295,7 @@ def static_vs_continuous(
                 steady_s = stage_s - drain_ms / 1e3
                 steady = (tokens - drain_tokens) / steady_s if steady_s > 0 else None
                 steady_note = "n/a (no time outside the drain)"
-                if cont.step_ms and drain_steps >= len(cont.step_ms):
+                if drain_is_whole_run(drain_steps, len(cont.step_ms)):
                     # every page started decoding at the first step (no more pages than slots): the time outside
                     # the drain is the fill's vision and prefill alone, no steady state
                     steady, steady_note = None, "n/a (every step in the drain: one fill)"

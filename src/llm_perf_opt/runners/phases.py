@@ -202,12 +202,16 @@ def batched_phase_summary(
     drain_ms = sum(ms for ms, _ in known) if len(known) == len(drains) else None
     steady_ms = wall_ms - drain_ms if drain_ms is not None else 0.0
     steady_tokens = tokens - sum(n for _, n in known)
+    # imported here, as dsocr_session does: the module loads the model code, which this summary needs for one rule
+    from llm_perf_opt.models.deepseek_ocr.continuous import drain_is_whole_run
+
     # no steady state where every decode step was in the drain (each run's pages all started decoding at its first
     # decode step, e.g. no more pages than slots): wall minus drain is then the fill's vision and prefill alone (its
     # tokens are the pages' first); a run with no decode step at all has no drain to leave out and keeps its rates
     steady_unavailable = None
     if drain_ms is not None and all(
-        b.drain_steps is not None and b.decode_steps and b.drain_steps >= b.decode_steps for b in batches
+        b.drain_steps is not None and b.decode_steps is not None and drain_is_whole_run(b.drain_steps, b.decode_steps)
+        for b in batches
     ):
         steady_ms = 0.0
         runs = "each of the runs" if len(batches) > 1 else "the run"

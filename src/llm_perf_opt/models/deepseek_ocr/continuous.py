@@ -248,6 +248,14 @@ class ContinuousResult:
         return slot_occupancy(self.tokens, len(self.step_ms), self.slots)
 
 
+def drain_is_whole_run(drain_steps: int, decode_steps: int) -> bool:
+    """Whether a continuous run has no steady state: it took decode steps and every one was in its drain
+    (:attr:`ContinuousResult.drain`: each page started decoding at the first step, e.g. no more pages than slots),
+    so its time outside the drain is the first fill's vision and prefill alone.  A run without a decode step has no
+    drain to leave out."""
+    return decode_steps > 0 and drain_steps >= decode_steps
+
+
 def slot_occupancy(tokens: list[list[int]], steps: int, slots: int) -> float | None:
     """Tokens produced by decode steps (each sequence's first token comes from its prefill) over ``steps ×
     slots``: 1.0 when every slot did useful work in every step; None when no step ran."""
